@@ -1,0 +1,63 @@
+# Herald — the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+DEV_PORT  ?= 54329
+TEST_PORT ?= 54330
+HERALD    := .build/debug/herald
+
+# With DATABASE_URL unset, `make run` uses a private cluster under .data/dev.
+ifeq ($(strip $(DATABASE_URL)),)
+RUN_DB_UP := db-up
+export DATABASE_URL       := postgres://herald_app:herald_app@127.0.0.1:$(DEV_PORT)/herald
+export DATABASE_OWNER_URL := postgres://herald_owner:herald_owner@127.0.0.1:$(DEV_PORT)/herald
+endif
+
+help:
+	@echo "make run      install what is missing, build, start PostgreSQL, migrate, seed, serve"
+	@echo "make test     the whole suite against a private PostgreSQL it starts and stops"
+	@echo "make bench    benchmarks (see docs/benchmarks.md)"
+	@echo "make db-up | db-down | db-reset | fmt | spec"
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	swift build --product herald
+
+db-up:
+	@scripts/pg.sh up dev $(DEV_PORT)
+
+db-down:
+	@scripts/pg.sh down dev
+
+db-reset: db-up
+	@scripts/pg.sh recreate-db dev $(DEV_PORT) herald
+	$(HERALD) migrate
+
+jwt-key:
+	@ls .data/jwt/*.pem >/dev/null 2>&1 || $(HERALD) jwt-keygen --dir .data/jwt
+
+run: build $(RUN_DB_UP) jwt-key
+	$(HERALD) migrate
+	$(HERALD) seed-demo
+	HERALD_LOG_FORMAT=$${HERALD_LOG_FORMAT:-text} $(HERALD) serve
+
+# The suite needs a database it can create and drop: always a private cluster, stopped after.
+test: deps
+	swift build --build-tests
+	@scripts/pg.sh up test $(TEST_PORT)
+	@scripts/pg.sh recreate-db test $(TEST_PORT) herald_test
+	@set -e; trap 'scripts/pg.sh down test' EXIT; \
+	export HERALD_TEST_DATABASE_URL=postgres://herald_app:herald_app@127.0.0.1:$(TEST_PORT)/herald_test; \
+	export HERALD_TEST_OWNER_URL=postgres://herald_owner:herald_owner@127.0.0.1:$(TEST_PORT)/herald_test; \
+	DATABASE_OWNER_URL=$$HERALD_TEST_OWNER_URL $(HERALD) migrate; \
+	HERALD_SQL_DIR=$(CURDIR)/sql swift test --skip-build
+
+spec:
+	python3 -m openapi_spec_validator openapi.yaml
+
+fmt:
+	swift format --in-place --recursive Sources Tests Package.swift
+
+.PHONY: help deps build db-up db-down db-reset jwt-key run test spec fmt

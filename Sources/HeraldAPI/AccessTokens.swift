@@ -1,0 +1,142 @@
+import Foundation
+import JWTKit
+
+/// The claims of a Herald access token.
+struct AccessClaims: JWTPayload, Equatable {
+    var iss: IssuerClaim
+    var aud: AudienceClaim
+    var sub: SubjectClaim
+    var org: String
+    var exp: ExpirationClaim
+    var nbf: NotBeforeClaim
+    var iat: IssuedAtClaim
+    var jti: IDClaim
+
+    /// Time claims are checked by `AccessTokens.verify` with an injected clock and leeway;
+    /// nothing is left to jwt-kit's defaults.
+    func verify(using algorithm: some JWTAlgorithm) async throws {}
+}
+
+/// One configured signing key. Each key is tied to exactly one algorithm (RFC 8725 §3.1).
+public struct AccessTokenKey: Sendable {
+    public var id: String
+    public var privateKey: ES256PrivateKey
+    public static let algorithm = "ES256"
+
+    public init(id: String, privateKey: ES256PrivateKey) {
+        self.id = id
+        self.privateKey = privateKey
+    }
+
+    /// Loads every `<kid>.pem` in `directory`.
+    public static func load(directory: String) throws -> [AccessTokenKey] {
+        let files = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        return try files.filter { $0.hasSuffix(".pem") }.sorted().map { file in
+            let pem = try String(contentsOfFile: (directory as NSString).appendingPathComponent(file), encoding: .utf8)
+            return AccessTokenKey(id: String(file.dropLast(4)), privateKey: try ES256PrivateKey(pem: pem))
+        }
+    }
+}
+
+/// Why an access token was refused. The client only ever hears "not valid"; the reason is logged.
+enum AccessTokenRejection: Error, Equatable {
+    case malformed, algorithmNotAllowed(String), unknownKeyID, badSignature, expired, notYetValid, wrongIssuer, wrongAudience, badClaims
+}
+
+/// The verified content of an access token.
+struct VerifiedAccess: Sendable, Equatable {
+    var organisationID: UUID
+    var userID: UUID
+}
+
+/// Issues and verifies access JWTs following RFC 8725: the algorithm comes from the key, not
+/// the token; a `kid` must name a configured key (jwt-kit would fall back to a default key);
+/// `exp`, `nbf`, `iss` and `aud` are always checked, with a bounded leeway.
+public struct AccessTokens: Sendable {
+    let keys: JWTKeyCollection
+    let keyIDs: Set<String>
+    let activeKeyID: String
+    let publicKeys: [(id: String, key: ES256PublicKey)]
+    let issuer: String
+    let audience: String
+    let ttl: TimeInterval
+    let leeway: TimeInterval
+
+    public init(keys: [AccessTokenKey], activeKeyID: String?, issuer: String, audience: String, ttl: TimeInterval, leeway: TimeInterval) async throws {
+        guard let last = keys.last else { throw AccessTokenConfigurationError.noKeys }
+        let active = activeKeyID ?? last.id
+        guard keys.contains(where: { $0.id == active }) else { throw AccessTokenConfigurationError.unknownActiveKey(active) }
+        let collection = JWTKeyCollection()
+        for key in keys {
+            await collection.add(ecdsa: key.privateKey, kid: JWKIdentifier(string: key.id))
+        }
+        self.keys = collection
+        self.keyIDs = Set(keys.map(\.id))
+        self.activeKeyID = active
+        self.publicKeys = keys.map { ($0.id, $0.privateKey.publicKey) }
+        self.issuer = issuer
+        self.audience = audience
+        self.ttl = ttl
+        self.leeway = min(leeway, 60)
+    }
+
+    /// A signed access token for `userID` in `organisationID`.
+    public func issueAccessToken(organisationID: UUID, userID: UUID, now: Date) async throws -> String {
+        // Whole seconds: NumericDate may be fractional, but not every verifier accepts that.
+        let now = Date(timeIntervalSince1970: now.timeIntervalSince1970.rounded(.down))
+        let claims = AccessClaims(
+            iss: .init(value: issuer), aud: .init(value: [audience]), sub: .init(value: userID.uuidString.lowercased()),
+            org: organisationID.uuidString.lowercased(), exp: .init(value: now.addingTimeInterval(ttl)),
+            nbf: .init(value: now), iat: .init(value: now), jti: .init(value: UUID().uuidString.lowercased()))
+        return try await keys.sign(claims, kid: JWKIdentifier(string: activeKeyID))
+    }
+
+    /// The organisation and user of a valid token, or a rejection.
+    func verify(_ token: String, now: Date) async throws(AccessTokenRejection) -> VerifiedAccess {
+        let parts = token.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 3, let headerData = Data(base64URLEncoded: String(parts[0])),
+              let header = try? JSONDecoder().decode(Header.self, from: headerData) else { throw .malformed }
+        guard header.alg == AccessTokenKey.algorithm else { throw .algorithmNotAllowed(header.alg) }
+        guard let kid = header.kid, keyIDs.contains(kid) else { throw .unknownKeyID }
+        let claims: AccessClaims
+        do {
+            claims = try await keys.verify(token, as: AccessClaims.self)
+        } catch {
+            throw .badSignature
+        }
+        guard claims.iss.value == issuer else { throw .wrongIssuer }
+        guard claims.aud.value.contains(audience) else { throw .wrongAudience }
+        guard now < claims.exp.value.addingTimeInterval(leeway) else { throw .expired }
+        guard now >= claims.nbf.value.addingTimeInterval(-leeway) else { throw .notYetValid }
+        guard let org = UUID(uuidString: claims.org), let user = UUID(uuidString: claims.sub.value) else { throw .badClaims }
+        return VerifiedAccess(organisationID: org, userID: user)
+    }
+
+    /// The public half of every live key, as a JWKS document's entries.
+    var jwks: [(kid: String, x: String, y: String)] {
+        publicKeys.compactMap { entry in
+            guard let parameters = entry.key.parameters else { return nil }
+            return (entry.id, parameters.x, parameters.y)
+        }
+    }
+
+    var accessTTL: Int { Int(ttl) }
+
+    private struct Header: Decodable {
+        var alg: String
+        var kid: String?
+    }
+}
+
+/// The JWT keys in the configuration cannot be used.
+public enum AccessTokenConfigurationError: Error, CustomStringConvertible {
+    case noKeys
+    case unknownActiveKey(String)
+
+    public var description: String {
+        switch self {
+        case .noKeys: "no JWT signing keys: put ES256 <kid>.pem files in HERALD_JWT_KEYS_DIR (herald jwt-keygen makes one)"
+        case .unknownActiveKey(let kid): "HERALD_JWT_ACTIVE_KID=\(kid) names no key in HERALD_JWT_KEYS_DIR"
+        }
+    }
+}

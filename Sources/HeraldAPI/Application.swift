@@ -1,0 +1,85 @@
+import Foundation
+import HeraldStore
+import Hummingbird
+import Logging
+import OpenAPIHummingbird
+import OpenAPIRuntime
+import PostgresNIO
+import ServiceLifecycle
+
+/// Everything the server needs that is made once at start-up.
+public struct AppDependencies: Sendable {
+    public var database: Database
+    public var postgres: PostgresClient
+    public var tokens: AccessTokens
+    public var passwords: PasswordHasher
+    public var metrics: HTTPMetrics
+    public var expectedMigrations: [Int]
+    public var now: @Sendable () -> Date
+
+    public init(database: Database, postgres: PostgresClient, tokens: AccessTokens, passwords: PasswordHasher,
+                metrics: HTTPMetrics = HTTPMetrics(), expectedMigrations: [Int], now: @escaping @Sendable () -> Date = { Date() }) {
+        self.database = database
+        self.postgres = postgres
+        self.tokens = tokens
+        self.passwords = passwords
+        self.metrics = metrics
+        self.expectedMigrations = expectedMigrations
+        self.now = now
+    }
+}
+
+/// The router: the generated operations behind one request middleware.
+public func buildRouter(configuration: AppConfiguration, dependencies: AppDependencies) throws -> Router<HeraldRequestContext> {
+    let router = Router(context: HeraldRequestContext.self)
+    router.add(middleware: RequestMiddleware(
+        authenticator: Authenticator(database: dependencies.database, tokens: dependencies.tokens, now: dependencies.now),
+        maxBodyBytes: configuration.maxBodyBytes,
+        metrics: dependencies.metrics))
+    let service = HeraldService(
+        database: dependencies.database,
+        tokens: dependencies.tokens,
+        passwords: dependencies.passwords,
+        metrics: dependencies.metrics,
+        loginLimits: LoginLimits(
+            accountLimit: configuration.loginAttemptsPerAccount, addressLimit: configuration.loginAttemptsPerAddress,
+            window: configuration.loginWindow),
+        refreshTokenTTL: configuration.refreshTokenTTL,
+        decoyHash: dependencies.passwords.decoyHash(),
+        expectedMigrations: dependencies.expectedMigrations,
+        now: dependencies.now)
+    // Compact JSON with sorted keys: stable bytes for clients and tests, no pretty-printing cost.
+    try service.registerHandlers(
+        on: router, configuration: .init(jsonEncodingOptions: [.sortedKeys, .withoutEscapingSlashes]),
+        middlewares: [PermissionMiddleware()])
+    return router
+}
+
+/// The server application: the router plus the PostgreSQL client as a service of the same
+/// service group, so SIGTERM stops taking requests, drains, then closes the pool.
+public func buildApplication(configuration: AppConfiguration, dependencies: AppDependencies, logger: Logger) throws -> some ApplicationProtocol {
+    let router = try buildRouter(configuration: configuration, dependencies: dependencies)
+    return Application(
+        router: router,
+        configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: "herald"),
+        services: [dependencies.postgres],
+        logger: logger)
+}
+
+extension PostgresClient.Configuration {
+    /// Parses `postgres://user:password@host:port/database[?sslmode=disable|prefer|require]`.
+    public static func fromURL(_ text: String) throws -> PostgresClient.Configuration {
+        guard let url = URLComponents(string: text), ["postgres", "postgresql"].contains(url.scheme ?? ""),
+              let user = url.user else { throw ConfigurationError(variable: "DATABASE_URL", value: "(not a postgres:// URL)") }
+        let database = url.path.hasPrefix("/") ? String(url.path.dropFirst()) : url.path
+        let sslmode = url.queryItems?.first(where: { $0.name == "sslmode" })?.value ?? "disable"
+        let tls: PostgresClient.Configuration.TLS = switch sslmode {
+        case "require", "verify-full": .require(.makeClientConfiguration())
+        case "prefer": .prefer(.makeClientConfiguration())
+        default: .disable
+        }
+        return PostgresClient.Configuration(
+            host: url.host ?? "127.0.0.1", port: url.port ?? 5432, username: user.removingPercentEncoding ?? user,
+            password: url.password?.removingPercentEncoding, database: database.isEmpty ? nil : database, tls: tls)
+    }
+}

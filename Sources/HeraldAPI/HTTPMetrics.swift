@@ -1,0 +1,36 @@
+import Foundation
+import Prometheus
+
+/// Request counts and latencies, exposed on `/metrics`.
+public struct HTTPMetrics: Sendable {
+    /// The registry `/metrics` renders.
+    public let registry: PrometheusCollectorRegistry
+
+    public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
+        self.registry = registry
+    }
+
+    func record(method: String, route: String, status: Int, duration: Duration) {
+        let labels = [("method", method), ("route", route), ("status", String(status))]
+        registry.makeCounter(name: "herald_http_requests_total", labels: labels).increment()
+        registry.makeDurationHistogram(
+            name: "herald_http_request_duration_seconds", labels: [("method", method), ("route", route)],
+            buckets: [.milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
+                      .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5), .seconds(5)]
+        ).recordNanoseconds(duration.nanoseconds)
+    }
+
+    /// The exposition text.
+    func render() -> String {
+        var buffer: [UInt8] = []
+        registry.emit(into: &buffer)
+        return String(decoding: buffer, as: UTF8.self)
+    }
+}
+
+extension Duration {
+    var nanoseconds: Int64 {
+        let (seconds, attoseconds) = components
+        return seconds * 1_000_000_000 + attoseconds / 1_000_000_000
+    }
+}

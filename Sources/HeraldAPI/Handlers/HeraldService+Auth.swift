@@ -1,0 +1,94 @@
+import Logging
+import Foundation
+import HeraldCore
+import HeraldStore
+
+extension HeraldService {
+    /// Password login. Every failure answers the same 401 (no hint whether the organisation,
+    /// the email or the password was wrong) and takes about as long.
+    func createToken(_ input: Operations.CreateToken.Input) async throws -> Operations.CreateToken.Output {
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let scope = try RequestScope.get()
+        let account = "\(body.organisation.lowercased())|\(body.email.lowercased())"
+        try loginLimits.check(account: account, address: scope.clientAddress, now: now())
+        let refused = APIError.unauthorized("The organisation, email or password is not right.")
+
+        var credentials: UserCredentials?
+        let organisationID = try await database.organisationID(slug: body.organisation.lowercased())
+        if let organisationID {
+            credentials = try await database.withTenant(organisationID) { tx in try await tx.credentials(email: body.email) }
+        }
+        let hash = credentials?.passwordHash ?? decoyHash
+        let passwordMatches = try await passwords.verify(body.password, against: hash)
+        guard let organisationID, let credentials, credentials.active, credentials.passwordHash != nil, passwordMatches else {
+            loginLimits.recordFailure(account: account, address: scope.clientAddress, now: now())
+            scope.logger.notice("login refused", metadata: ["organisation": "\(body.organisation)"])
+            throw refused
+        }
+        loginLimits.recordSuccess(account: account)
+        let pair = try await issuePair(organisationID: organisationID, userID: credentials.id, familyID: UUID())
+        return .ok(.init(body: .json(pair)))
+    }
+
+    /// Refresh with rotation: each refresh token works once; a second use revokes its family.
+    func refreshToken(_ input: Operations.RefreshToken.Input) async throws -> Operations.RefreshToken.Output {
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let refused = APIError.unauthorized("The refresh token is not valid.")
+        guard let token = OpaqueToken(parsing: body.refreshToken, kind: .refresh) else { throw refused }
+        let now = now()
+        enum Outcome: Sendable { case rotate(userID: UUID, familyID: UUID), reused, invalid }
+        // Decide and record in one transaction; a reuse must commit its revocation before refusing.
+        let outcome: Outcome = try await database.withTenant(token.organisationID, requestID: RequestScope.get().requestID) { tx in
+            guard let stored = try await tx.lockRefreshToken(token.id),
+                  constantTimeEqual(stored.secretHash, token.secretHash) else { return .invalid }
+            if stored.usedAt != nil {
+                try await tx.revokeRefreshFamily(stored.familyID, at: now)
+                return .reused
+            }
+            guard stored.revokedAt == nil, stored.expiresAt > now,
+                  try await tx.grant(forUser: stored.userID) != nil else { return .invalid }
+            try await tx.markRefreshTokenUsed(stored.id, at: now)
+            return .rotate(userID: stored.userID, familyID: stored.familyID)
+        }
+        switch outcome {
+        case .invalid:
+            throw refused
+        case .reused:
+            try RequestScope.get().logger.warning("refresh token reused; family revoked", metadata: ["token_id": "\(token.id)"])
+            throw refused
+        case .rotate(let userID, let familyID):
+            let pair = try await issuePair(organisationID: token.organisationID, userID: userID, familyID: familyID)
+            return .ok(.init(body: .json(pair)))
+        }
+    }
+
+    /// Ends the session the refresh token belongs to.
+    func logout(_ input: Operations.Logout.Input) async throws -> Operations.Logout.Output {
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        guard let token = OpaqueToken(parsing: body.refreshToken, kind: .refresh) else {
+            throw APIError.unauthorized("The refresh token is not valid.")
+        }
+        let now = now()
+        let revoked = try await database.withTenant(token.organisationID) { tx in
+            guard let stored = try await tx.lockRefreshToken(token.id),
+                  constantTimeEqual(stored.secretHash, token.secretHash) else { return false }
+            try await tx.revokeRefreshFamily(stored.familyID, at: now)
+            return true
+        }
+        guard revoked else { throw APIError.unauthorized("The refresh token is not valid.") }
+        return .noContent(.init())
+    }
+
+    /// A new access token and the next refresh token of `familyID`.
+    private func issuePair(organisationID: UUID, userID: UUID, familyID: UUID) async throws -> Components.Schemas.TokenPair {
+        let now = now()
+        let refresh = OpaqueToken(kind: .refresh, organisationID: organisationID)
+        try await database.withTenant(organisationID, actor: .user(userID)) { tx in
+            try await tx.insertRefreshToken(id: refresh.id, familyID: familyID, userID: userID, secretHash: refresh.secretHash,
+                                            expiresAt: now.addingTimeInterval(refreshTokenTTL))
+        }
+        let access = try await tokens.issueAccessToken(organisationID: organisationID, userID: userID, now: now)
+        return .init(accessToken: access, tokenType: .bearer, expiresIn: tokens.accessTTL,
+                     refreshToken: refresh.text, refreshExpiresIn: Int(refreshTokenTTL))
+    }
+}

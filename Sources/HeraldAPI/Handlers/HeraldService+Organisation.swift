@@ -1,0 +1,27 @@
+import HeraldStore
+import Logging
+import Foundation
+import HeraldCore
+
+extension HeraldService {
+    func getOrganisation(_ input: Operations.GetOrganisation.Input) async throws -> Operations.GetOrganisation.Output {
+        let organisation = try await tenant("organisation") { tx, _ in try await tx.organisation() }
+        return .ok(.init(body: .json(.init(organisation))))
+    }
+
+    func updateOrganisation(_ input: Operations.UpdateOrganisation.Input) async throws -> Operations.UpdateOrganisation.Output {
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let name = try body.name.map { name in try validated { () throws(ValidationError) in try Validate.text(name, field: "name") } }
+        let locale = try body.defaultLocale.map { v in try validated { () throws(ValidationError) in try Validate.locale(v, field: "default_locale") } }
+        let timezone = try body.defaultTimezone.map { v in try validated { () throws(ValidationError) in try Validate.timezone(v, field: "default_timezone") } }
+        let updated = try await tenant("organisation") { tx, _ in
+            let before = Components.Schemas.Organisation(try await tx.organisation())
+            let after = Components.Schemas.Organisation(
+                try await tx.updateOrganisation(name: name, defaultLocale: locale, defaultTimezone: timezone))
+            try await tx.audit(action: "organisation.update", targetType: "organisation", targetID: after.id,
+                               before: auditJSON(before), after: auditJSON(after))
+            return after
+        }
+        return .ok(.init(body: .json(updated)))
+    }
+}

@@ -1,0 +1,123 @@
+import Logging
+import Foundation
+import HeraldCore
+import HeraldStore
+
+extension HeraldService {
+    func listUsers(_ input: Operations.ListUsers.Input) async throws -> Operations.ListUsers.Output {
+        let limit = try validated { () throws(ValidationError) in try PageSize.clamp(input.query.limit) }
+        let cursor = try input.query.cursor.map { c in try validated { () throws(ValidationError) in try PageCursor(encoded: c) } }
+        let search = input.query.q.flatMap { $0.isEmpty ? nil : $0 }
+        let page = try await tenant("user") { tx, _ in
+            try await tx.users(search: search, active: input.query.active, limit: limit, after: cursor)
+        }
+        return .ok(.init(body: .json(.init(items: try page.items.map(Components.Schemas.User.init), nextCursor: page.next?.encoded))))
+    }
+
+    func createUser(_ input: Operations.CreateUser.Input) async throws -> Operations.CreateUser.Output {
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        var new = try validated { () throws(ValidationError) in
+            NewUser(
+                email: try Validate.email(body.email),
+                displayName: try Validate.text(body.displayName, field: "display_name"),
+                locale: try body.locale.map { v throws(ValidationError) in try Validate.locale(v) },
+                timezone: try body.timezone.map { v throws(ValidationError) in try Validate.timezone(v) })
+        }
+        if let attributes = body.attributes { new.attributesJSON = try encodeJSON(attributes) }
+        if let password = body.password {
+            let checked = try validated { () throws(ValidationError) in try Validate.password(password) }
+            new.passwordHash = try await passwords.hash(checked)
+        }
+        let created = try await tenant("user") { tx, _ in
+            let user = try Components.Schemas.User(try await tx.createUser(new))
+            try await tx.audit(action: "user.create", targetType: "user", targetID: user.id, before: nil, after: auditJSON(user))
+            return user
+        }
+        return .created(.init(body: .json(created)))
+    }
+
+    func getUser(_ input: Operations.GetUser.Input) async throws -> Operations.GetUser.Output {
+        let id = try id(input.path.userId, "user")
+        let user = try await tenant("user") { tx, _ in try Components.Schemas.User(try await tx.user(id)) }
+        return .ok(.init(body: .json(user)))
+    }
+
+    func updateUser(_ input: Operations.UpdateUser.Input) async throws -> Operations.UpdateUser.Output {
+        let id = try id(input.path.userId, "user")
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        var change = try validated { () throws(ValidationError) in
+            UserChange(
+                email: try body.email.map { v throws(ValidationError) in try Validate.email(v) },
+                displayName: try body.displayName.map { v throws(ValidationError) in try Validate.text(v, field: "display_name") },
+                // An empty string clears the field, so the organisation default applies.
+                locale: try body.locale.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.locale(v) },
+                timezone: try body.timezone.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.timezone(v) })
+        }
+        if let attributes = body.attributes { change.attributesJSON = try encodeJSON(attributes) }
+        let updated = try await tenant("user") { tx, _ in
+            let before = try Components.Schemas.User(try await tx.user(id))
+            let after = try Components.Schemas.User(try await tx.updateUser(id, change))
+            try await tx.audit(action: "user.update", targetType: "user", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
+            return after
+        }
+        return .ok(.init(body: .json(updated)))
+    }
+
+    func deactivateUser(_ input: Operations.DeactivateUser.Input) async throws -> Operations.DeactivateUser.Output {
+        .ok(.init(body: .json(try await setActive(input.path.userId, false))))
+    }
+
+    func reactivateUser(_ input: Operations.ReactivateUser.Input) async throws -> Operations.ReactivateUser.Output {
+        .ok(.init(body: .json(try await setActive(input.path.userId, true))))
+    }
+
+    private func setActive(_ rawID: String, _ active: Bool) async throws -> Components.Schemas.User {
+        let id = try id(rawID, "user")
+        return try await tenant("user") { tx, principal in
+            if !active, principal.actor.userID == id {
+                throw APIError.conflict("You cannot deactivate yourself.")
+            }
+            let before = try Components.Schemas.User(try await tx.user(id))
+            let after = try Components.Schemas.User(try await tx.setUserActive(id, active))
+            if !active { try await requireAnOwner(tx) }
+            try await tx.audit(action: active ? "user.reactivate" : "user.deactivate", targetType: "user", targetID: after.id,
+                               before: auditJSON(before), after: auditJSON(after))
+            return after
+        }
+    }
+
+    func setUserRoles(_ input: Operations.SetUserRoles.Input) async throws -> Operations.SetUserRoles.Output {
+        let id = try id(input.path.userId, "user")
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let roleIDs = try validated { () throws(ValidationError) in
+            try Array(Set(body.roleIds.map { v throws(ValidationError) in try Validate.uuid(v, field: "role_ids") }))
+        }
+        let updated = try await tenant("user") { tx, principal in
+            let before = try Components.Schemas.User(try await tx.user(id))
+            let roles: [Role]
+            do {
+                roles = try await tx.roles(roleIDs)
+            } catch StoreError.notFound {
+                throw APIError.unprocessable(ValidationError(field: "role_ids", message: "names a role that does not exist in your organisation."))
+            }
+            // Granting (or taking away) a role needs every permission it carries.
+            let removed = before.roles.compactMap { UUID(uuidString: $0.id) }.filter { !roleIDs.contains($0) }
+            let removedRoles = try await tx.roles(removed)
+            try requireHolds(roles.reduce(into: Set()) { $0.formUnion($1.permissions) }, principal)
+            try requireHolds(removedRoles.reduce(into: Set()) { $0.formUnion($1.permissions) }, principal)
+            let after = try Components.Schemas.User(try await tx.setUserRoles(id, roleIDs))
+            try await requireAnOwner(tx)
+            try await tx.audit(action: "user.roles.set", targetType: "user", targetID: after.id,
+                               before: auditJSON(before.roles), after: auditJSON(after.roles))
+            return after
+        }
+        return .ok(.init(body: .json(updated)))
+    }
+
+    /// An organisation must keep one active owner, or nobody can change its settings again.
+    private func requireAnOwner(_ tx: TenantTransaction) async throws {
+        guard try await tx.activeOwnerCount() > 0 else {
+            throw APIError.conflict("The organisation must keep at least one active owner.")
+        }
+    }
+}

@@ -1,0 +1,109 @@
+import Foundation
+import HeraldCore
+import HeraldStore
+import Logging
+import OpenAPIRuntime
+import Synchronization
+
+/// The implementation of every operation in `openapi.yaml`. One file per resource
+/// (`HeraldService+Users.swift`, …); this file holds what they share.
+struct HeraldService: APIProtocol {
+    let database: Database
+    let tokens: AccessTokens
+    let passwords: PasswordHasher
+    let metrics: HTTPMetrics
+    let loginLimits: LoginLimits
+    let refreshTokenTTL: TimeInterval
+    /// Verified when a login names no known account, so every refusal costs the same.
+    let decoyHash: String
+    /// Versions of the migrations this build ships; readiness compares them with the database.
+    let expectedMigrations: [Int]
+    let now: @Sendable () -> Date
+
+    /// Runs `body` in a transaction confined to the caller's organisation, acting as the caller.
+    /// Store errors become API errors here; `resource` names what a missing id was.
+    func tenant<Result: Sendable>(
+        _ resource: String,
+        _ body: (TenantTransaction, Principal) async throws -> Result
+    ) async throws -> Result {
+        let scope = try RequestScope.get()
+        let principal = try scope.requirePrincipal()
+        do {
+            return try await database.withTenant(principal.organisationID, actor: principal.actor, requestID: scope.requestID) { tx in
+                try await body(tx, principal)
+            }
+        } catch let error as StoreError {
+            throw APIError.from(error, resource: resource)
+        }
+    }
+
+    /// A path id; one that is not a UUID is as missing as one that does not exist.
+    func id(_ text: String, _ resource: String) throws -> UUID {
+        guard let id = UUID(uuidString: text) else { throw APIError.notFound(resource: resource) }
+        return id
+    }
+
+    /// Refuses to hand out permissions the caller does not hold (no privilege escalation
+    /// through roles or API keys).
+    func requireHolds(_ permissions: Set<Permission>, _ principal: Principal) throws {
+        if let missing = permissions.subtracting(principal.permissions).sorted().first {
+            throw APIError.forbidden(missing)
+        }
+    }
+}
+
+/// Failed-login counters per account and per client address, shared by all requests of this
+/// instance (see docs/decisions.md on why they are per instance).
+final class LoginLimits: Sendable {
+    private let perAccount: Mutex<AttemptLimiter>
+    private let perAddress: Mutex<AttemptLimiter>
+
+    init(accountLimit: Int, addressLimit: Int, window: TimeInterval) {
+        perAccount = Mutex(AttemptLimiter(limit: accountLimit, window: window))
+        perAddress = Mutex(AttemptLimiter(limit: addressLimit, window: window))
+    }
+
+    /// 429 when either the account or the address has failed too often.
+    func check(account: String, address: String?, now: Date) throws {
+        if let wait = perAccount.withLock({ $0.retryAfter(account, now: now) }) {
+            throw APIError.tooManyRequests("Too many failed logins for this account; try again later.", retryAfter: Int(wait.rounded(.up)))
+        }
+        if let address, let wait = perAddress.withLock({ $0.retryAfter(address, now: now) }) {
+            throw APIError.tooManyRequests("Too many failed logins from this address; try again later.", retryAfter: Int(wait.rounded(.up)))
+        }
+    }
+
+    func recordFailure(account: String, address: String?, now: Date) {
+        perAccount.withLock { $0.record(account, now: now) }
+        if let address { perAddress.withLock { $0.record(address, now: now) } }
+    }
+
+    func recordSuccess(account: String) {
+        perAccount.withLock { $0.reset(account) }
+    }
+}
+
+/// JSON text for the audit log, keys sorted so entries compare.
+func auditJSON(_ value: some Encodable) -> String? {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.sortedKeys]
+    encoder.dateEncodingStrategy = .iso8601
+    return (try? encoder.encode(value)).map { String(decoding: $0, as: UTF8.self) }
+}
+
+/// Decodes JSON text kept by the store into a generated schema type.
+func decodeJSON<T: Decodable>(_ text: String, as type: T.Type = T.self) throws -> T {
+    try JSONDecoder().decode(T.self, from: Data(text.utf8))
+}
+
+/// Encodes a generated schema value as JSON text for the store.
+func encodeJSON(_ value: some Encodable) throws -> String {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.sortedKeys]
+    return String(decoding: try encoder.encode(value), as: UTF8.self)
+}
+
+/// Validation errors become 422 problems.
+func validated<T>(_ body: () throws(ValidationError) -> T) throws -> T {
+    do { return try body() } catch { throw APIError.unprocessable(error) }
+}

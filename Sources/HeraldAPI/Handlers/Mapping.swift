@@ -1,0 +1,58 @@
+import HeraldStore
+import Logging
+import Foundation
+import HeraldCore
+
+// Domain values → the generated API schemas. The only place that knows both shapes.
+
+extension Components.Schemas.Organisation {
+    init(_ o: Organisation) {
+        self.init(id: o.id.lowercased, slug: o.slug, name: o.name, defaultLocale: o.defaultLocale,
+                  defaultTimezone: o.defaultTimezone, createdAt: o.createdAt, updatedAt: o.updatedAt)
+    }
+}
+
+extension Components.Schemas.User {
+    init(_ u: User) throws {
+        self.init(id: u.id.lowercased, email: u.email, displayName: u.displayName, locale: u.locale, timezone: u.timezone,
+                  active: u.active, attributes: try decodeJSON(u.attributesJSON),
+                  roles: u.roles.map { .init(id: $0.id.lowercased, key: $0.key) }, createdAt: u.createdAt, updatedAt: u.updatedAt)
+    }
+}
+
+extension Components.Schemas.Role {
+    init(_ r: Role) {
+        self.init(id: r.id.lowercased, key: r.key, name: r.name, description: r.description, builtin: r.builtin,
+                  permissions: r.permissions.sorted().map(\.rawValue), createdAt: r.createdAt, updatedAt: r.updatedAt)
+    }
+}
+
+extension Components.Schemas.Group {
+    init(_ g: Group) {
+        self.init(id: g.id.lowercased, key: g.key, name: g.name, description: g.description, memberCount: g.memberCount,
+                  createdAt: g.createdAt, updatedAt: g.updatedAt)
+    }
+}
+
+extension Components.Schemas.ApiKey {
+    init(_ k: ApiKey, organisationID: UUID) {
+        self.init(id: k.id.lowercased, name: k.name, roleId: k.roleID.lowercased,
+                  prefix: OpaqueToken.prefix(kind: .apiKey, organisationID: organisationID, id: k.id),
+                  createdAt: k.createdAt, lastUsedAt: k.lastUsedAt, expiresAt: k.expiresAt, revokedAt: k.revokedAt)
+    }
+}
+
+extension Components.Schemas.AuditEntry {
+    init(_ e: AuditEntry) throws {
+        self.init(id: e.id.lowercased, occurredAt: e.occurredAt,
+                  actorType: .init(rawValue: e.actorType) ?? .system, actorId: e.actorID?.lowercased,
+                  action: e.action, targetType: e.targetType, targetId: e.targetID,
+                  before: try e.beforeJSON.map { try decodeJSON($0) }, after: try e.afterJSON.map { try decodeJSON($0) },
+                  requestId: e.requestID)
+    }
+}
+
+extension UUID {
+    /// The lowercase text form the API uses everywhere.
+    var lowercased: String { uuidString.lowercased() }
+}

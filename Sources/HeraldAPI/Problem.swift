@@ -1,0 +1,132 @@
+import Foundation
+import HTTPTypes
+import HeraldCore
+import HeraldStore
+import Logging
+
+/// Every error the API answers with. Each knows its status, its RFC 9457 type and how loudly
+/// to log it; `ProblemMiddleware` turns it into `application/problem+json` at one boundary.
+public enum APIError: Error, Sendable, Equatable {
+    case badRequest(String)
+    case unauthorized(String)
+    case forbidden(Permission)
+    case notFound(resource: String)
+    case noRoute(method: String, path: String)
+    case conflict(String)
+    case unprocessable(ValidationError)
+    case tooManyRequests(String, retryAfter: Int)
+    case contentTooLarge(limit: Int)
+    case notReady(String)
+    case internalError
+
+    var status: HTTPResponse.Status {
+        switch self {
+        case .badRequest: .badRequest
+        case .unauthorized: .unauthorized
+        case .forbidden: .forbidden
+        case .notFound, .noRoute: .notFound
+        case .conflict: .conflict
+        case .unprocessable: .unprocessableContent
+        case .tooManyRequests: .tooManyRequests
+        case .contentTooLarge: .contentTooLarge
+        case .notReady: .serviceUnavailable
+        case .internalError: .internalServerError
+        }
+    }
+
+    var problemType: String {
+        let slug = switch self {
+        case .badRequest: "bad-request"
+        case .unauthorized: "unauthorized"
+        case .forbidden: "forbidden"
+        case .notFound, .noRoute: "not-found"
+        case .conflict: "conflict"
+        case .unprocessable: "validation"
+        case .tooManyRequests: "rate-limited"
+        case .contentTooLarge: "content-too-large"
+        case .notReady: "not-ready"
+        case .internalError: "internal"
+        }
+        return "https://herald.dev/problems/\(slug)"
+    }
+
+    var detail: String {
+        switch self {
+        case .badRequest(let detail), .unauthorized(let detail), .conflict(let detail), .notReady(let detail):
+            detail
+        case .forbidden(let permission):
+            "This operation needs the permission \"\(permission.rawValue)\"."
+        case .notFound(let resource):
+            // Never echo the id: another organisation's id must answer byte for byte like a missing one.
+            "No \(resource) with this id exists in your organisation."
+        case .noRoute(let method, let path):
+            "There is no operation \(method) \(path); openapi.yaml lists them."
+        case .unprocessable(let error):
+            "\(error.field): \(error.message)"
+        case .tooManyRequests(let detail, _):
+            detail
+        case .contentTooLarge(let limit):
+            "The request body is larger than \(limit) bytes."
+        case .internalError:
+            "Something went wrong on our side. The request id in the X-Request-Id header helps us find it."
+        }
+    }
+
+    var logLevel: Logger.Level {
+        switch self {
+        case .internalError, .notReady: .error
+        case .unauthorized, .forbidden, .tooManyRequests: .notice
+        default: .debug
+        }
+    }
+
+    var headers: HTTPFields {
+        var fields: HTTPFields = [.contentType: "application/problem+json"]
+        switch self {
+        case .unauthorized: fields[.wwwAuthenticate] = "Bearer"
+        case .tooManyRequests(_, let seconds): fields[.retryAfter] = String(seconds)
+        default: break
+        }
+        return fields
+    }
+
+    /// The RFC 9457 body, keys in a fixed order so equal problems are equal bytes.
+    var body: Data {
+        let title = status.reasonPhrase
+        return Data("{\"type\":\(jsonQuoted(problemType)),\"title\":\(jsonQuoted(title)),\"status\":\(status.code),\"detail\":\(jsonQuoted(detail))}".utf8)
+    }
+
+    /// Maps store errors to API errors; `resource` names what a `notFound` was about.
+    static func from(_ error: StoreError, resource: String) -> APIError {
+        switch error {
+        case .notFound:
+            return .notFound(resource: resource)
+        case .conflict(let constraint):
+            return .conflict(conflictMessages[constraint] ?? "This change conflicts with an existing \(resource).")
+        case .invalidReference(let constraint):
+            return .unprocessable(ValidationError(field: referenceFields[constraint] ?? "body", message: "refers to something that does not exist in your organisation."))
+        case .checkViolation(let constraint):
+            return .unprocessable(ValidationError(field: constraint, message: "has a value Herald does not accept."))
+        }
+    }
+
+    private static let conflictMessages = [
+        "users_email": "A user with this email already exists in your organisation.",
+        "roles_organisation_id_key_key": "A role with this key already exists in your organisation.",
+        "groups_organisation_id_key_key": "A group with this key already exists in your organisation.",
+        "organisations_slug_key": "An organisation with this slug already exists.",
+        "api_keys_organisation_id_role_id_fkey": "An API key still holds this role; revoke or delete the key first.",
+    ]
+
+    private static let referenceFields = [
+        "user_roles_organisation_id_role_id_fkey": "role_ids",
+        "api_keys_organisation_id_role_id_fkey": "role_id",
+    ]
+}
+
+func jsonQuoted(_ value: String) -> String {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.withoutEscapingSlashes]
+    let data = (try? encoder.encode(value)) ?? Data("\"\"".utf8)
+    return String(decoding: data, as: UTF8.self)
+}

@@ -1,0 +1,13 @@
+import Hummingbird
+import NIOCore
+
+/// Hummingbird's per-request context, plus the peer address (login limits are per address).
+public struct HeraldRequestContext: RequestContext, RemoteAddressRequestContext {
+    public var coreContext: CoreRequestContextStorage
+    public let remoteAddress: SocketAddress?
+
+    public init(source: ApplicationRequestContextSource) {
+        self.coreContext = .init(source: source)
+        self.remoteAddress = source.channel.remoteAddress
+    }
+}

@@ -1,0 +1,68 @@
+import HeraldCore
+
+/// What an operation needs from the caller.
+enum AccessRule: Sendable, Equatable {
+    /// No credential at all (health, login, JWKS).
+    case `public`
+    /// Any valid credential of the organisation.
+    case authenticated
+    /// A credential holding this permission.
+    case permission(Permission)
+}
+
+/// Operation → the rule it needs. Every operation in `openapi.yaml` has exactly one entry
+/// (a test checks it against the spec's `x-permission`); an operation missing here is refused.
+///
+/// | operation | rule |
+/// |---|---|
+/// | getHealth, getReadiness, getMetrics, getJWKS, createToken, refreshToken, logout | public |
+/// | getMe, listPermissions, getOrganisation | authenticated |
+/// | updateOrganisation | organisation.manage |
+/// | listUsers, getUser | users.read |
+/// | createUser, updateUser, deactivateUser, reactivateUser | users.manage |
+/// | listRoles, getRole | roles.read |
+/// | createRole, updateRole, deleteRole, setUserRoles | roles.manage |
+/// | listGroups, getGroup, listGroupMembers | groups.read |
+/// | createGroup, updateGroup, deleteGroup, addGroupMember, removeGroupMember | groups.manage |
+/// | listApiKeys, createApiKey, getApiKey, revokeApiKey | apikeys.manage |
+/// | listAuditEntries | audit.read |
+enum RoutePermissions {
+    static let table: [String: AccessRule] = [
+        "getHealth": .public,
+        "getReadiness": .public,
+        "getMetrics": .public,
+        "getJWKS": .public,
+        "createToken": .public,
+        "refreshToken": .public,
+        "logout": .public,
+        "getMe": .authenticated,
+        "listPermissions": .authenticated,
+        "getOrganisation": .authenticated,
+        "updateOrganisation": .permission(.organisationManage),
+        "listUsers": .permission(.usersRead),
+        "getUser": .permission(.usersRead),
+        "createUser": .permission(.usersManage),
+        "updateUser": .permission(.usersManage),
+        "deactivateUser": .permission(.usersManage),
+        "reactivateUser": .permission(.usersManage),
+        "setUserRoles": .permission(.rolesManage),
+        "listRoles": .permission(.rolesRead),
+        "getRole": .permission(.rolesRead),
+        "createRole": .permission(.rolesManage),
+        "updateRole": .permission(.rolesManage),
+        "deleteRole": .permission(.rolesManage),
+        "listGroups": .permission(.groupsRead),
+        "getGroup": .permission(.groupsRead),
+        "listGroupMembers": .permission(.groupsRead),
+        "createGroup": .permission(.groupsManage),
+        "updateGroup": .permission(.groupsManage),
+        "deleteGroup": .permission(.groupsManage),
+        "addGroupMember": .permission(.groupsManage),
+        "removeGroupMember": .permission(.groupsManage),
+        "listApiKeys": .permission(.apikeysManage),
+        "createApiKey": .permission(.apikeysManage),
+        "getApiKey": .permission(.apikeysManage),
+        "revokeApiKey": .permission(.apikeysManage),
+        "listAuditEntries": .permission(.auditRead),
+    ]
+}

@@ -1,0 +1,95 @@
+import Foundation
+
+/// A value a client sent that Herald will not store. `field` names it the way the API does.
+public struct ValidationError: Error, Sendable, Equatable {
+    public var field: String
+    public var message: String
+    public init(field: String, message: String) {
+        self.field = field
+        self.message = message
+    }
+}
+
+/// Checks on client input that need no database. Each returns the normalised value or throws.
+public enum Validate {
+    /// A plausible email address (one `@`, no spaces, a dot in the domain), lowercased domain kept as sent.
+    public static func email(_ value: String, field: String = "email") throws(ValidationError) -> String {
+        let trimmed = value.trimmingCharacters(in: .whitespaces)
+        let parts = trimmed.split(separator: "@", omittingEmptySubsequences: false)
+        guard trimmed.count <= 320, parts.count == 2, !parts[0].isEmpty, parts[1].contains("."),
+              !parts[1].hasPrefix("."), !parts[1].hasSuffix("."),
+              !trimmed.contains(where: { $0.isWhitespace || $0.isNewline })
+        else { throw ValidationError(field: field, message: "\"\(value)\" is not an email address.") }
+        return trimmed
+    }
+
+    /// A BCP 47 language tag of the common shapes: `en`, `fr-CA`, `zh-Hant-TW`.
+    public static func locale(_ value: String, field: String = "locale") throws(ValidationError) -> String {
+        let pattern = #"^[A-Za-z]{2,3}(-[A-Za-z]{4})?(-([A-Za-z]{2}|[0-9]{3}))?$"#
+        guard value.range(of: pattern, options: .regularExpression) != nil else {
+            throw ValidationError(field: field, message: "\"\(value)\" is not a language tag such as \"en\" or \"fr-CA\".")
+        }
+        return value
+    }
+
+    /// An IANA time zone known to this system, such as `Europe/Paris`.
+    public static func timezone(_ value: String, field: String = "timezone") throws(ValidationError) -> String {
+        guard TimeZone(identifier: value) != nil, value.count <= 64 else {
+            throw ValidationError(field: field, message: "\"\(value)\" is not an IANA time zone.")
+        }
+        return value
+    }
+
+    /// A machine key: lowercase letters, digits, `-` and `_`, 2 to 64 characters.
+    public static func key(_ value: String, field: String = "key") throws(ValidationError) -> String {
+        guard value.range(of: #"^[a-z0-9][a-z0-9_-]{1,63}$"#, options: .regularExpression) != nil else {
+            throw ValidationError(field: field, message: "\"\(value)\" must be 2 to 64 lowercase letters, digits, '-' or '_'.")
+        }
+        return value
+    }
+
+    /// An organisation slug: lowercase letters, digits and `-`, 2 to 63 characters.
+    public static func slug(_ value: String, field: String = "slug") throws(ValidationError) -> String {
+        guard value.range(of: #"^[a-z0-9][a-z0-9-]{1,62}$"#, options: .regularExpression) != nil else {
+            throw ValidationError(field: field, message: "\"\(value)\" must be 2 to 63 lowercase letters, digits or '-'.")
+        }
+        return value
+    }
+
+    /// Non-empty text with at most `max` characters, trimmed.
+    public static func text(_ value: String, field: String, max: Int = 200) throws(ValidationError) -> String {
+        let trimmed = value.trimmingCharacters(in: .whitespacesAndNewlines)
+        guard !trimmed.isEmpty, trimmed.count <= max else {
+            throw ValidationError(field: field, message: "must be 1 to \(max) characters.")
+        }
+        return trimmed
+    }
+
+    /// A password of 12 to 1024 characters (NIST SP 800-63B: length over composition rules).
+    public static func password(_ value: String, field: String = "password") throws(ValidationError) -> String {
+        guard value.count >= 12, value.count <= 1024 else {
+            throw ValidationError(field: field, message: "must be 12 to 1024 characters.")
+        }
+        return value
+    }
+
+    /// Permission keys from the catalogue, de-duplicated.
+    public static func permissions(_ values: [String], field: String = "permissions") throws(ValidationError) -> Set<Permission> {
+        var result = Set<Permission>()
+        for value in values {
+            guard let permission = Permission(rawValue: value) else {
+                throw ValidationError(field: field, message: "\"\(value)\" is not a permission; GET /v1/permissions lists them.")
+            }
+            result.insert(permission)
+        }
+        return result
+    }
+
+    /// A UUID in its canonical text form.
+    public static func uuid(_ value: String, field: String) throws(ValidationError) -> UUID {
+        guard let id = UUID(uuidString: value) else {
+            throw ValidationError(field: field, message: "\"\(value)\" is not a UUID.")
+        }
+        return id
+    }
+}

@@ -1,0 +1,46 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+
+extension TenantTransaction {
+    /// Records an admin change in the same transaction as the change itself.
+    /// `before` and `after` are JSON objects (the API representation of the target).
+    public func audit(action: String, targetType: String, targetID: String?, before: String?, after: String?) async throws {
+        try await query(
+            """
+            INSERT INTO audit_log (organisation_id, actor_type, actor_id, action, target_type, target_id, before, after, request_id)
+            VALUES (\(organisationID), \(actor.kind), \(actor.id), \(action), \(targetType), \(targetID),
+                    \(before)::jsonb, \(after)::jsonb, \(requestID))
+            """)
+    }
+
+    /// Audit entries, newest first, after `cursor`.
+    public func auditEntries(action: String?, targetID: String?, limit: Int, after cursor: PageCursor?) async throws -> Page<AuditEntry> {
+        let rows = try await query(
+            """
+            SELECT id, occurred_at, actor_type, actor_id, action, target_type, target_id, before::text, after::text, request_id
+            FROM audit_log
+            WHERE (\(action)::text IS NULL OR action = \(action))
+              AND (\(targetID)::text IS NULL OR target_id = \(targetID))
+              AND (\(cursor?.micros)::bigint IS NULL
+                   OR (occurred_at, id) < ('epoch'::timestamptz + \(cursor?.micros) * interval '1 microsecond', \(cursor?.id)))
+            ORDER BY occurred_at DESC, id DESC
+            LIMIT \(limit + 1)
+            """)
+        var entries: [AuditEntry] = []
+        for row in rows {
+            let (id, at, actorType, actorID, action, targetType, targetID, before, after, requestID) =
+                try row.decode((UUID, Date, String, UUID?, String, String, String?, String?, String?, String?).self)
+            entries.append(AuditEntry(id: id, occurredAt: at, actorType: actorType, actorID: actorID, action: action,
+                                      targetType: targetType, targetID: targetID, beforeJSON: before, afterJSON: after, requestID: requestID))
+        }
+        return paginate(entries, limit: limit) { PageCursor(time: $0.occurredAt, id: $0.id) }
+    }
+}
+
+/// Cuts the extra row fetched to know whether another page exists.
+func paginate<Item>(_ items: [Item], limit: Int, cursor: (Item) -> PageCursor) -> Page<Item> {
+    guard items.count > limit else { return Page(items: items, next: nil) }
+    let page = Array(items.prefix(limit))
+    return Page(items: page, next: page.last.map(cursor))
+}

@@ -1,0 +1,145 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+
+/// A refresh token as stored: only the hash of its secret.
+public struct StoredRefreshToken: Sendable {
+    public var id: UUID
+    public var familyID: UUID
+    public var userID: UUID
+    public var secretHash: Data
+    public var expiresAt: Date
+    public var usedAt: Date?
+    public var revokedAt: Date?
+}
+
+/// What an API key or a user may do: their permissions, if the credential is live.
+public struct Grant: Sendable, Equatable {
+    public var permissions: Set<Permission>
+    public init(permissions: Set<Permission>) { self.permissions = permissions }
+}
+
+extension TenantTransaction {
+    // MARK: Principals
+
+    /// The permissions of an active user, or nil when the user is missing or deactivated.
+    public func grant(forUser id: UUID) async throws -> Grant? {
+        let rows = try await query(
+            """
+            SELECT u.active,
+                   coalesce((SELECT array_agg(DISTINCT p.permission) FROM user_roles ur
+                             JOIN role_permissions p ON p.organisation_id = ur.organisation_id AND p.role_id = ur.role_id
+                             WHERE ur.organisation_id = u.organisation_id AND ur.user_id = u.id), '{}')
+            FROM users u WHERE u.id = \(id)
+            """)
+        guard let row = rows.first else { return nil }
+        let (active, permissions) = try row.decode((Bool, [String]).self)
+        guard active else { return nil }
+        return Grant(permissions: Set(permissions.compactMap(Permission.init(rawValue:))))
+    }
+
+    /// The permissions of a live API key whose secret hashes to `secretHash`, or nil.
+    /// Marks the key used (at most once a minute, to keep reads cheap).
+    public func grant(forApiKey id: UUID, secretHash: Data, now: Date) async throws -> Grant? {
+        let rows = try await query(
+            """
+            SELECT k.secret_hash, k.expires_at, k.revoked_at,
+                   coalesce((SELECT array_agg(p.permission) FROM role_permissions p
+                             WHERE p.organisation_id = k.organisation_id AND p.role_id = k.role_id), '{}')
+            FROM api_keys k WHERE k.id = \(id)
+            """)
+        guard let row = rows.first else { return nil }
+        let (stored, expires, revoked, permissions) = try row.decode((Data, Date?, Date?, [String]).self)
+        guard constantTimeEqual(stored, secretHash), revoked == nil, expires.map({ $0 > now }) ?? true else { return nil }
+        try await query(
+            """
+            UPDATE api_keys SET last_used_at = \(now)
+            WHERE id = \(id) AND (last_used_at IS NULL OR last_used_at < \(now) - interval '1 minute')
+            """)
+        return Grant(permissions: Set(permissions.compactMap(Permission.init(rawValue:))))
+    }
+
+    // MARK: API keys
+
+    /// Every API key of the organisation, newest first.
+    public func apiKeys() async throws -> [ApiKey] {
+        let rows = try await query("SELECT \(unescaped: apiKeyColumns) FROM api_keys ORDER BY created_at DESC, id")
+        return try rows.map(decodeApiKey)
+    }
+
+    /// The API key with this id.
+    public func apiKey(_ id: UUID) async throws -> ApiKey {
+        let rows = try await query("SELECT \(unescaped: apiKeyColumns) FROM api_keys WHERE id = \(id)")
+        guard let row = rows.first else { throw StoreError.notFound }
+        return try decodeApiKey(row)
+    }
+
+    /// Stores a new API key with the hash of its secret.
+    public func createApiKey(id: UUID, name: String, roleID: UUID, secretHash: Data, expiresAt: Date?) async throws -> ApiKey {
+        try await query(
+            """
+            INSERT INTO api_keys (organisation_id, id, name, role_id, secret_hash, created_by_user_id, expires_at)
+            VALUES (\(organisationID), \(id), \(name), \(roleID), \(secretHash), \(actor.userID), \(expiresAt))
+            """)
+        return try await apiKey(id)
+    }
+
+    /// Revokes an API key (idempotent).
+    public func revokeApiKey(_ id: UUID) async throws -> ApiKey {
+        let rows = try await query("UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = \(id) RETURNING id")
+        guard !rows.isEmpty else { throw StoreError.notFound }
+        return try await apiKey(id)
+    }
+
+    // MARK: Refresh tokens
+
+    /// Stores a refresh token (the first of a family at login, or a successor at refresh).
+    public func insertRefreshToken(id: UUID, familyID: UUID, userID: UUID, secretHash: Data, expiresAt: Date) async throws {
+        try await query(
+            """
+            INSERT INTO refresh_tokens (organisation_id, id, family_id, user_id, secret_hash, expires_at)
+            VALUES (\(organisationID), \(id), \(familyID), \(userID), \(secretHash), \(expiresAt))
+            """)
+    }
+
+    /// The refresh token with this id, locked for the rest of the transaction so that two
+    /// concurrent refreshes with the same token cannot both succeed.
+    public func lockRefreshToken(_ id: UUID) async throws -> StoredRefreshToken? {
+        let rows = try await query(
+            """
+            SELECT id, family_id, user_id, secret_hash, expires_at, used_at, revoked_at
+            FROM refresh_tokens WHERE id = \(id) FOR UPDATE
+            """)
+        guard let row = rows.first else { return nil }
+        let (id, family, user, hash, expires, used, revoked) = try row.decode((UUID, UUID, UUID, Data, Date, Date?, Date?).self)
+        return StoredRefreshToken(id: id, familyID: family, userID: user, secretHash: hash, expiresAt: expires, usedAt: used, revokedAt: revoked)
+    }
+
+    /// Marks a refresh token used.
+    public func markRefreshTokenUsed(_ id: UUID, at now: Date) async throws {
+        try await query("UPDATE refresh_tokens SET used_at = \(now) WHERE id = \(id)")
+    }
+
+    /// Revokes every token of a family; returns how many were still live.
+    @discardableResult
+    public func revokeRefreshFamily(_ familyID: UUID, at now: Date) async throws -> Int {
+        let rows = try await query(
+            "UPDATE refresh_tokens SET revoked_at = \(now) WHERE family_id = \(familyID) AND revoked_at IS NULL RETURNING id")
+        return rows.count
+    }
+}
+
+/// Compares two hashes without an early exit, so timing says nothing about where they differ.
+public func constantTimeEqual(_ a: Data, _ b: Data) -> Bool {
+    guard a.count == b.count else { return false }
+    var difference: UInt8 = 0
+    for (x, y) in zip(a, b) { difference |= x ^ y }
+    return difference == 0
+}
+
+private let apiKeyColumns = "id, name, role_id, created_at, last_used_at, expires_at, revoked_at"
+
+private func decodeApiKey(_ row: PostgresRow) throws -> ApiKey {
+    let (id, name, role, created, used, expires, revoked) = try row.decode((UUID, String, UUID, Date, Date?, Date?, Date?).self)
+    return ApiKey(id: id, name: name, roleID: role, createdAt: created, lastUsedAt: used, expiresAt: expires, revokedAt: revoked)
+}

@@ -1,0 +1,81 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+
+extension Database {
+    /// Creates an organisation with its built-in roles, in one transaction under its own context.
+    public func createOrganisation(slug: String, name: String, defaultLocale: String = "en", defaultTimezone: String = "UTC") async throws -> Organisation {
+        let id = UUID()
+        return try await withTenant(id) { tx in
+            try await tx.query(
+                """
+                INSERT INTO organisations (id, slug, name, default_locale, default_timezone)
+                VALUES (\(id), \(slug), \(name), \(defaultLocale), \(defaultTimezone))
+                """)
+            try await tx.ensureBuiltinRoles()
+            try await tx.audit(action: "organisation.create", targetType: "organisation", targetID: id.uuidString,
+                               before: nil, after: "{\"slug\": \(jsonString(slug))}")
+            return try await tx.organisation()
+        }
+    }
+
+    /// Every organisation id the owner role can see (the owner's slug policy allows it).
+    /// Used by `herald migrate` to bring built-in roles up to date in each organisation.
+    public func allOrganisationIDs() async throws -> [UUID] {
+        var ids: [UUID] = []
+        let rows = try await client.query("SELECT id FROM organisations ORDER BY created_at", logger: logger)
+        for try await id in rows.decode(UUID.self) { ids.append(id) }
+        return ids
+    }
+}
+
+extension TenantTransaction {
+    /// The current organisation.
+    public func organisation() async throws -> Organisation {
+        let rows = try await query(
+            """
+            SELECT id, slug, name, default_locale, default_timezone, created_at, updated_at
+            FROM organisations WHERE id = \(organisationID)
+            """)
+        guard let row = rows.first else { throw StoreError.notFound }
+        let (id, slug, name, locale, timezone, created, updated) = try row.decode((UUID, String, String, String, String, Date, Date).self)
+        return Organisation(id: id, slug: slug, name: name, defaultLocale: locale, defaultTimezone: timezone, createdAt: created, updatedAt: updated)
+    }
+
+    /// Changes the fields given; nil leaves a field as it is.
+    public func updateOrganisation(name: String?, defaultLocale: String?, defaultTimezone: String?) async throws -> Organisation {
+        let rows = try await query(
+            """
+            UPDATE organisations SET
+                name = coalesce(\(name), name),
+                default_locale = coalesce(\(defaultLocale), default_locale),
+                default_timezone = coalesce(\(defaultTimezone), default_timezone),
+                updated_at = now()
+            WHERE id = \(organisationID)
+            RETURNING id
+            """)
+        guard !rows.isEmpty else { throw StoreError.notFound }
+        return try await organisation()
+    }
+
+    /// Creates the built-in roles if missing and sets their permissions to what this build defines.
+    public func ensureBuiltinRoles() async throws {
+        for role in BuiltinRole.allCases {
+            let rows = try await query(
+                """
+                INSERT INTO roles (organisation_id, key, name, description, builtin)
+                VALUES (\(organisationID), \(role.rawValue), \(role.name), \(role.summary), true)
+                ON CONFLICT (organisation_id, key) DO UPDATE SET builtin = true, name = excluded.name, description = excluded.description
+                RETURNING id
+                """)
+            let roleID = try rows[0].decode(UUID.self)
+            try await setRolePermissions(roleID, role.permissions)
+        }
+    }
+}
+
+/// A JSON string literal for `value`.
+func jsonString(_ value: String) -> String {
+    let data = try? JSONEncoder().encode(value)
+    return data.flatMap { String(data: $0, encoding: .utf8) } ?? "\"\""
+}

@@ -1,0 +1,105 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+
+extension TenantTransaction {
+    /// Every role of the organisation, built-in first.
+    public func roles() async throws -> [Role] {
+        let rows = try await query("SELECT \(unescaped: roleColumns) FROM roles r ORDER BY r.builtin DESC, r.key")
+        return try rows.map(decodeRole)
+    }
+
+    /// The role with this id.
+    public func role(_ id: UUID) async throws -> Role {
+        let rows = try await query("SELECT \(unescaped: roleColumns) FROM roles r WHERE r.id = \(id)")
+        guard let row = rows.first else { throw StoreError.notFound }
+        return try decodeRole(row)
+    }
+
+    /// The roles with these ids; throws `notFound` if any is missing from this organisation.
+    public func roles(_ ids: [UUID]) async throws -> [Role] {
+        let rows = try await query("SELECT \(unescaped: roleColumns) FROM roles r WHERE r.id = ANY(\(ids)::uuid[])")
+        let roles = try rows.map(decodeRole)
+        guard Set(roles.map(\.id)) == Set(ids) else { throw StoreError.notFound }
+        return roles
+    }
+
+    /// The built-in role with this key.
+    public func builtinRole(_ role: BuiltinRole) async throws -> Role {
+        let rows = try await query("SELECT \(unescaped: roleColumns) FROM roles r WHERE r.key = \(role.rawValue) AND r.builtin")
+        guard let row = rows.first else { throw StoreError.notFound }
+        return try decodeRole(row)
+    }
+
+    /// Creates a custom role.
+    public func createRole(key: String, name: String, description: String, permissions: Set<Permission>) async throws -> Role {
+        let rows = try await query(
+            """
+            INSERT INTO roles (organisation_id, key, name, description)
+            VALUES (\(organisationID), \(key), \(name), \(description))
+            RETURNING id
+            """)
+        let id = try rows[0].decode(UUID.self)
+        try await setRolePermissions(id, permissions)
+        return try await role(id)
+    }
+
+    /// Changes a custom role's name, description or permissions (nil leaves a field as it is).
+    public func updateRole(_ id: UUID, name: String?, description: String?, permissions: Set<Permission>?) async throws -> Role {
+        let rows = try await query(
+            """
+            UPDATE roles SET name = coalesce(\(name), name), description = coalesce(\(description), description), updated_at = now()
+            WHERE id = \(id) AND NOT builtin
+            RETURNING id
+            """)
+        guard !rows.isEmpty else { throw StoreError.notFound }
+        if let permissions { try await setRolePermissions(id, permissions) }
+        return try await role(id)
+    }
+
+    /// Deletes a custom role. API keys hold exactly one role, so a role that a live key uses cannot go.
+    public func deleteRole(_ id: UUID) async throws {
+        let rows = try await query("DELETE FROM roles WHERE id = \(id) AND NOT builtin RETURNING id")
+        guard !rows.isEmpty else { throw StoreError.notFound }
+    }
+
+    /// Replaces a role's permissions.
+    func setRolePermissions(_ id: UUID, _ permissions: Set<Permission>) async throws {
+        let keys = permissions.map(\.rawValue).sorted()
+        try await query("DELETE FROM role_permissions WHERE role_id = \(id) AND permission <> ALL(\(keys)::text[])")
+        try await query(
+            """
+            INSERT INTO role_permissions (organisation_id, role_id, permission)
+            SELECT \(organisationID), \(id), p FROM unnest(\(keys)::text[]) AS p
+            ON CONFLICT DO NOTHING
+            """)
+    }
+}
+
+private let roleColumns = """
+    r.id, r.key, r.name, r.description, r.builtin,
+    coalesce((SELECT array_agg(p.permission ORDER BY p.permission) FROM role_permissions p
+              WHERE p.organisation_id = r.organisation_id AND p.role_id = r.id), '{}'),
+    r.created_at, r.updated_at
+    """
+
+private func decodeRole(_ row: PostgresRow) throws -> Role {
+    let (id, key, name, description, builtin, permissions, created, updated) =
+        try row.decode((UUID, String, String, String, Bool, [String], Date, Date).self)
+    return Role(id: id, key: key, name: name, description: description, builtin: builtin,
+                permissions: Set(permissions.compactMap(Permission.init(rawValue:))), createdAt: created, updatedAt: updated)
+}
+
+extension TenantTransaction {
+    /// Active users holding the built-in owner role.
+    public func activeOwnerCount() async throws -> Int {
+        let rows = try await query(
+            """
+            SELECT count(*) FROM users u
+            JOIN user_roles ur ON ur.organisation_id = u.organisation_id AND ur.user_id = u.id
+            JOIN roles r ON r.organisation_id = ur.organisation_id AND r.id = ur.role_id
+            WHERE r.builtin AND r.key = \(BuiltinRole.owner.rawValue) AND u.active
+            """)
+        return try rows[0].decode(Int.self)
+    }
+}

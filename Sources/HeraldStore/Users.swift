@@ -1,0 +1,183 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+
+/// Fields of a new user, already validated.
+public struct NewUser: Sendable {
+    public var email: String
+    public var displayName: String
+    public var locale: String?
+    public var timezone: String?
+    public var attributesJSON: String
+    public var passwordHash: String?
+
+    public init(email: String, displayName: String, locale: String? = nil, timezone: String? = nil, attributesJSON: String = "{}", passwordHash: String? = nil) {
+        self.email = email
+        self.displayName = displayName
+        self.locale = locale
+        self.timezone = timezone
+        self.attributesJSON = attributesJSON
+        self.passwordHash = passwordHash
+    }
+}
+
+/// A change to a user's profile. A nil field stays as it is; `.some(nil)` clears a nullable one.
+public struct UserChange: Sendable {
+    public var email: String?
+    public var displayName: String?
+    public var locale: String??
+    public var timezone: String??
+    public var attributesJSON: String?
+
+    public init(email: String? = nil, displayName: String? = nil, locale: String?? = nil, timezone: String?? = nil, attributesJSON: String? = nil) {
+        self.email = email
+        self.displayName = displayName
+        self.locale = locale
+        self.timezone = timezone
+        self.attributesJSON = attributesJSON
+    }
+}
+
+/// What login needs to know about a user.
+public struct UserCredentials: Sendable {
+    public var id: UUID
+    public var active: Bool
+    public var passwordHash: String?
+}
+
+extension TenantTransaction {
+    /// The user with this id, with their roles.
+    public func user(_ id: UUID) async throws -> User {
+        let rows = try await query(
+            """
+            SELECT \(unescaped: userColumns) FROM users u WHERE u.id = \(id)
+            """)
+        guard let row = rows.first else { throw StoreError.notFound }
+        return try decodeUser(row)
+    }
+
+    /// Users in creation order after `cursor`, optionally filtered by a search term or state.
+    public func users(search: String?, active: Bool?, limit: Int, after cursor: PageCursor?) async throws -> Page<User> {
+        let pattern = search.map { "%" + $0.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "%", with: "\\%").replacingOccurrences(of: "_", with: "\\_") + "%" }
+        let rows = try await query(
+            """
+            SELECT \(unescaped: userColumns) FROM users u
+            WHERE (\(pattern)::text IS NULL OR u.email ILIKE \(pattern) OR u.display_name ILIKE \(pattern))
+              AND (\(active)::boolean IS NULL OR u.active = \(active))
+              AND (\(cursor?.micros)::bigint IS NULL
+                   OR (u.created_at, u.id) > ('epoch'::timestamptz + \(cursor?.micros) * interval '1 microsecond', \(cursor?.id)))
+            ORDER BY u.created_at, u.id
+            LIMIT \(limit + 1)
+            """)
+        return paginate(try rows.map(decodeUser), limit: limit) { PageCursor(time: $0.createdAt, id: $0.id) }
+    }
+
+    /// Members of a group in the order they were created.
+    public func groupMembers(_ groupID: UUID, limit: Int, after cursor: PageCursor?) async throws -> Page<User> {
+        _ = try await group(groupID)
+        let rows = try await query(
+            """
+            SELECT \(unescaped: userColumns) FROM users u
+            JOIN group_members m ON m.organisation_id = u.organisation_id AND m.user_id = u.id
+            WHERE m.group_id = \(groupID)
+              AND (\(cursor?.micros)::bigint IS NULL
+                   OR (u.created_at, u.id) > ('epoch'::timestamptz + \(cursor?.micros) * interval '1 microsecond', \(cursor?.id)))
+            ORDER BY u.created_at, u.id
+            LIMIT \(limit + 1)
+            """)
+        return paginate(try rows.map(decodeUser), limit: limit) { PageCursor(time: $0.createdAt, id: $0.id) }
+    }
+
+    /// Creates a user in the current organisation.
+    public func createUser(_ new: NewUser) async throws -> User {
+        let rows = try await query(
+            """
+            INSERT INTO users (organisation_id, email, display_name, locale, timezone, attributes, password_hash)
+            VALUES (\(organisationID), \(new.email), \(new.displayName), \(new.locale), \(new.timezone),
+                    \(new.attributesJSON)::jsonb, \(new.passwordHash))
+            RETURNING id
+            """)
+        return try await user(rows[0].decode(UUID.self))
+    }
+
+    /// Applies `change` to the user's profile.
+    public func updateUser(_ id: UUID, _ change: UserChange) async throws -> User {
+        let rows = try await query(
+            """
+            UPDATE users SET
+                email = coalesce(\(change.email), email),
+                display_name = coalesce(\(change.displayName), display_name),
+                locale = CASE WHEN \(change.locale != nil) THEN \(change.locale ?? nil) ELSE locale END,
+                timezone = CASE WHEN \(change.timezone != nil) THEN \(change.timezone ?? nil) ELSE timezone END,
+                attributes = coalesce(\(change.attributesJSON)::jsonb, attributes),
+                updated_at = now()
+            WHERE id = \(id)
+            RETURNING id
+            """)
+        guard !rows.isEmpty else { throw StoreError.notFound }
+        return try await user(id)
+    }
+
+    /// Activates or deactivates a user. Deactivation also ends every session of theirs.
+    public func setUserActive(_ id: UUID, _ active: Bool) async throws -> User {
+        let rows = try await query(
+            """
+            UPDATE users SET active = \(active),
+                deactivated_at = CASE WHEN \(active) THEN NULL ELSE coalesce(deactivated_at, now()) END,
+                updated_at = now()
+            WHERE id = \(id)
+            RETURNING id
+            """)
+        guard !rows.isEmpty else { throw StoreError.notFound }
+        if !active {
+            try await query("UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = \(id) AND revoked_at IS NULL")
+        }
+        return try await user(id)
+    }
+
+    /// Replaces the user's roles with `roleIDs`. A role id outside this organisation is an invalid reference.
+    public func setUserRoles(_ id: UUID, _ roleIDs: [UUID]) async throws -> User {
+        _ = try await user(id)
+        try await query("DELETE FROM user_roles WHERE user_id = \(id)")
+        if !roleIDs.isEmpty {
+            try await query(
+                """
+                INSERT INTO user_roles (organisation_id, user_id, role_id)
+                SELECT \(organisationID), \(id), r FROM unnest(\(roleIDs)::uuid[]) AS r
+                """)
+        }
+        try await query("UPDATE users SET updated_at = now() WHERE id = \(id)")
+        return try await user(id)
+    }
+
+    /// The password hash and state of the user with this email, for login.
+    public func credentials(email: String) async throws -> UserCredentials? {
+        let rows = try await query(
+            "SELECT id, active, password_hash FROM users WHERE lower(email) = lower(\(email))")
+        guard let row = rows.first else { return nil }
+        let (id, active, hash) = try row.decode((UUID, Bool, String?).self)
+        return UserCredentials(id: id, active: active, passwordHash: hash)
+    }
+
+    /// Sets a new password hash.
+    public func setPasswordHash(_ id: UUID, _ hash: String) async throws {
+        let rows = try await query("UPDATE users SET password_hash = \(hash), updated_at = now() WHERE id = \(id) RETURNING id")
+        guard !rows.isEmpty else { throw StoreError.notFound }
+    }
+}
+
+private let userColumns = """
+    u.id, u.email, u.display_name, u.locale, u.timezone, u.active, u.attributes::text,
+    coalesce((SELECT json_agg(json_build_object('id', r.id, 'key', r.key) ORDER BY r.key)::text
+              FROM user_roles ur JOIN roles r ON r.organisation_id = ur.organisation_id AND r.id = ur.role_id
+              WHERE ur.organisation_id = u.organisation_id AND ur.user_id = u.id), '[]'),
+    u.created_at, u.updated_at
+    """
+
+private func decodeUser(_ row: PostgresRow) throws -> User {
+    let (id, email, name, locale, timezone, active, attributes, rolesJSON, created, updated) =
+        try row.decode((UUID, String, String, String?, String?, Bool, String, String, Date, Date).self)
+    let roles = try JSONDecoder().decode([RoleRef].self, from: Data(rolesJSON.utf8))
+    return User(id: id, email: email, displayName: name, locale: locale, timezone: timezone, active: active,
+                attributesJSON: attributes, roles: roles, createdAt: created, updatedAt: updated)
+}

@@ -1,0 +1,248 @@
+import ArgumentParser
+import Foundation
+import HeraldAPI
+import HeraldCore
+import HeraldStore
+import Hummingbird
+import JWTKit
+import Logging
+import Metrics
+import PostgresNIO
+import Prometheus
+
+@main
+struct Herald: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Herald, the multi-tenant notification service.",
+        subcommands: [Serve.self, Migrate.self, SeedDemo.self, OrganisationCommand.self, JWTKeygen.self])
+}
+
+/// `herald serve`: the HTTP API.
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Serve the HTTP API until SIGTERM or SIGINT.")
+
+    func run() async throws {
+        let config = try AppConfiguration.fromEnvironment()
+        bootstrapLogging(config)
+        let registry = PrometheusCollectorRegistry()
+        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        let logger = Logger(label: "herald")
+        let postgres = PostgresClient(configuration: try poolConfiguration(config), backgroundLogger: logger)
+        let dependencies = AppDependencies(
+            database: Database(client: postgres, logger: logger), postgres: postgres,
+            tokens: try await accessTokens(config), passwords: passwordHasher(config),
+            metrics: HTTPMetrics(registry: registry), expectedMigrations: try migrations().map(\.version))
+        let app = try buildApplication(configuration: config, dependencies: dependencies, logger: logger)
+        logger.info("herald listening", metadata: ["address": "\(config.host):\(config.port)"])
+        try await app.runService()
+    }
+}
+
+/// `herald migrate`: applies pending migrations as the owner role, then brings every
+/// organisation's built-in roles up to date with this build.
+struct Migrate: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Apply pending migrations (as the owner role, DATABASE_OWNER_URL).")
+
+    func run() async throws {
+        let env = ProcessInfo.processInfo.environment
+        guard let url = env["DATABASE_OWNER_URL"], !url.isEmpty else {
+            throw ValidationError("DATABASE_OWNER_URL is not set: migrations run as the schema owner, not as the application role.")
+        }
+        let logger = Logger(label: "herald.migrate")
+        let all = try migrations()
+        print("migrate: \(all.count) migration file(s) in \(sqlDirectory)/migrations")
+        try await withPostgres(url: url, logger: logger) { client in
+            let applied = try await Migrator(client: client, logger: logger).migrate(all) { print("migrate: \($0)") }
+            print("migrate: \(applied.count) applied, \(all.count - applied.count) already current")
+            let database = Database(client: client, logger: logger)
+            let organisations = try await database.allOrganisationIDs()
+            for id in organisations {
+                try await database.withTenant(id) { tx in try await tx.ensureBuiltinRoles() }
+            }
+            print("migrate: built-in roles current in \(organisations.count) organisation(s)")
+        }
+    }
+}
+
+/// `herald seed-demo`: a demo organisation with an owner, a member and an API key, and
+/// ready-to-paste curl examples.
+struct SeedDemo: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "seed-demo", abstract: "Create the demo organisation and print tokens and curl examples.")
+
+    @Option(help: "Base URL printed in the examples.") var baseURL = "http://127.0.0.1:8080"
+
+    func run() async throws {
+        let config = try AppConfiguration.fromEnvironment()
+        let logger = Logger(label: "herald.seed")
+        let tokens = try await accessTokens(config)
+        let hasher = passwordHasher(config)
+        let adminPassword = "demo-admin-password", memberPassword = "demo-member-password"
+        try await withPostgres(url: config.databaseURL, logger: logger) { client in
+            let database = Database(client: client, logger: logger)
+            let organisationID: UUID
+            if let existing = try await database.organisationID(slug: "demo") {
+                organisationID = existing
+                print("seed-demo: organisation 'demo' exists (\(existing.uuidString.lowercased()))")
+            } else {
+                organisationID = try await database.createOrganisation(
+                    slug: "demo", name: "Demo Clinic", defaultLocale: "en", defaultTimezone: "Europe/Paris").id
+                print("seed-demo: created organisation 'demo' (\(organisationID.uuidString.lowercased()))")
+            }
+            let adminHash = try await hasher.hash(adminPassword)
+            let memberHash = try await hasher.hash(memberPassword)
+            let (adminID, memberID, apiKey) = try await database.withTenant(organisationID) { tx in
+                let admin = try await ensureUser(tx, email: "admin@demo.example", name: "Demo Admin", role: .owner, passwordHash: adminHash)
+                let member = try await ensureUser(tx, email: "member@demo.example", name: "Demo Member", role: .member, passwordHash: memberHash)
+                let service = try await tx.builtinRole(.service)
+                let token = OpaqueToken(kind: .apiKey, organisationID: organisationID)
+                _ = try await tx.createApiKey(id: token.id, name: "seed-demo", roleID: service.id, secretHash: token.secretHash, expiresAt: nil)
+                try await tx.audit(action: "apikey.create", targetType: "api_key", targetID: token.id.uuidString.lowercased(), before: nil, after: nil)
+                return (admin, member, token.text)
+            }
+            print("seed-demo: users admin@demo.example (owner) and member@demo.example (member) are ready")
+            let now = Date()
+            let adminToken = try await tokens.issueAccessToken(organisationID: organisationID, userID: adminID, now: now)
+            let memberToken = try await tokens.issueAccessToken(organisationID: organisationID, userID: memberID, now: now)
+            print("""
+
+            Herald demo organisation 'demo'
+              admin  admin@demo.example  / \(adminPassword)
+              member member@demo.example / \(memberPassword)
+
+            Tokens (access tokens last \(Int(config.accessTokenTTL / 60)) minutes; log in again for more):
+              export ADMIN_TOKEN=\(adminToken)
+              export MEMBER_TOKEN=\(memberToken)
+              export API_KEY=\(apiKey)
+
+            Try:
+              curl -s \(baseURL)/healthz
+              curl -s -X POST \(baseURL)/v1/auth/token -H 'content-type: application/json' \\
+                   -d '{"organisation":"demo","email":"admin@demo.example","password":"\(adminPassword)"}'
+              curl -s \(baseURL)/v1/me -H "authorization: Bearer $ADMIN_TOKEN"
+              curl -s \(baseURL)/v1/users -H "authorization: Bearer $ADMIN_TOKEN"
+              curl -s -X POST \(baseURL)/v1/users -H "authorization: Bearer $API_KEY" -H 'content-type: application/json' \\
+                   -d '{"email":"dr.bob@demo.example","display_name":"Dr Bob","timezone":"Europe/Paris"}'
+              curl -s \(baseURL)/v1/audit-log -H "authorization: Bearer $ADMIN_TOKEN"
+              curl -s \(baseURL)/v1/users -H "authorization: Bearer $MEMBER_TOKEN"    # 403: members cannot list users
+
+            """)
+        }
+    }
+
+    private func ensureUser(_ tx: TenantTransaction, email: String, name: String, role: BuiltinRole, passwordHash: String) async throws -> UUID {
+        let id: UUID
+        if let existing = try await tx.credentials(email: email) {
+            id = existing.id
+            try await tx.setPasswordHash(id, passwordHash)
+        } else {
+            id = try await tx.createUser(NewUser(email: email, displayName: name, passwordHash: passwordHash)).id
+        }
+        _ = try await tx.setUserRoles(id, [try await tx.builtinRole(role).id])
+        return id
+    }
+}
+
+/// `herald organisation create`: an operator creates a tenant and its first owner.
+struct OrganisationCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "organisation", abstract: "Manage organisations (operators only).", subcommands: [Create.self])
+
+    struct Create: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create an organisation with its built-in roles and an owner.")
+
+        @Option(help: "URL-safe identifier used at login, e.g. acme-clinic.") var slug: String
+        @Option(help: "Display name.") var name: String
+        @Option(help: "Email of the first owner.") var ownerEmail: String
+        @Option(help: "Default locale.") var locale = "en"
+        @Option(help: "Default IANA time zone.") var timezone = "UTC"
+
+        func run() async throws {
+            let config = try AppConfiguration.fromEnvironment()
+            guard let password = ProcessInfo.processInfo.environment["HERALD_OWNER_PASSWORD"], !password.isEmpty else {
+                throw ValidationError("Set HERALD_OWNER_PASSWORD to the first owner's password (kept out of the shell history and ps).")
+            }
+            let checked: (String, String, String, String, String)
+            do {
+                checked = (try Validate.slug(slug), try Validate.email(ownerEmail), try Validate.password(password),
+                           try Validate.locale(locale), try Validate.timezone(timezone))
+            } catch {
+                throw ValidationError("\(error.field): \(error.message)")
+            }
+            let logger = Logger(label: "herald.organisation")
+            let hash = try await passwordHasher(config).hash(checked.2)
+            try await withPostgres(url: config.databaseURL, logger: logger) { client in
+                let database = Database(client: client, logger: logger)
+                let organisation = try await database.createOrganisation(slug: checked.0, name: name, defaultLocale: checked.3, defaultTimezone: checked.4)
+                print("organisation: created \(organisation.slug) (\(organisation.id.uuidString.lowercased()))")
+                try await database.withTenant(organisation.id) { tx in
+                    let owner = try await tx.createUser(NewUser(email: checked.1, displayName: checked.1, passwordHash: hash))
+                    _ = try await tx.setUserRoles(owner.id, [try await tx.builtinRole(.owner).id])
+                    print("organisation: owner \(owner.email) (\(owner.id.uuidString.lowercased()))")
+                }
+            }
+        }
+    }
+}
+
+/// `herald jwt-keygen`: a new ES256 signing key for access tokens.
+struct JWTKeygen: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "jwt-keygen", abstract: "Write a new ES256 private key as <dir>/<kid>.pem.")
+
+    @Option(help: "Directory of signing keys.") var dir = ".data/jwt"
+    @Option(help: "Key id; default: the current UTC time.") var kid: String?
+
+    func run() async throws {
+        let kid = kid ?? Date().formatted(.iso8601.year().month().day().time(includingFractionalSeconds: false)).replacingOccurrences(of: ":", with: "")
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let path = (dir as NSString).appendingPathComponent("\(kid).pem")
+        guard !FileManager.default.fileExists(atPath: path) else { throw ValidationError("\(path) exists already") }
+        let key = ES256PrivateKey()
+        FileManager.default.createFile(atPath: path, contents: Data(key.pemRepresentation.utf8), attributes: [.posixPermissions: 0o600])
+        print("jwt-keygen: wrote \(path) (kid \(kid))")
+    }
+}
+
+// MARK: Shared set-up
+
+let sqlDirectory = ProcessInfo.processInfo.environment["HERALD_SQL_DIR"] ?? "sql"
+
+func migrations() throws -> [Migration] {
+    try Migration.load(from: URL(fileURLWithPath: sqlDirectory).appendingPathComponent("migrations"))
+}
+
+func bootstrapLogging(_ config: AppConfiguration) {
+    LoggingSystem.bootstrap { label in
+        if config.logFormat == "json" { return JSONLogHandler(label: label, level: config.logLevel) }
+        var handler = StreamLogHandler.standardError(label: label)
+        handler.logLevel = config.logLevel
+        return handler
+    }
+}
+
+func poolConfiguration(_ config: AppConfiguration) throws -> PostgresClient.Configuration {
+    var pool = try PostgresClient.Configuration.fromURL(config.databaseURL)
+    pool.options.maximumConnections = config.databasePoolSize
+    return pool
+}
+
+func accessTokens(_ config: AppConfiguration) async throws -> AccessTokens {
+    try await AccessTokens(
+        keys: try AccessTokenKey.load(directory: config.jwtKeysDirectory), activeKeyID: config.jwtActiveKeyID,
+        issuer: config.jwtIssuer, audience: config.jwtAudience, ttl: config.accessTokenTTL, leeway: config.jwtLeeway)
+}
+
+func passwordHasher(_ config: AppConfiguration) -> PasswordHasher {
+    PasswordHasher(iterations: config.argon2Iterations, memoryKiB: config.argon2MemoryKiB, parallelism: config.argon2Parallelism)
+}
+
+/// Runs `body` with a connected client, then shuts the client down.
+func withPostgres<T: Sendable>(url: String, logger: Logger, _ body: @Sendable (PostgresClient) async throws -> T) async throws -> T {
+    var background = logger
+    background.logLevel = .error  // the pool's start-up chatter is not news to a CLI user
+    let client = PostgresClient(configuration: try PostgresClient.Configuration.fromURL(url), backgroundLogger: background)
+    return try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { await client.run() }
+        defer { group.cancelAll() }
+        return try await body(client)
+    }
+}
