@@ -14,7 +14,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-pips=(openapi-spec-validator)
+pips=(openapi-spec-validator PyYAML)
 for p in "${pips[@]}"; do
   python3 -c "import importlib.metadata as m; m.version('$p')" 2>/dev/null || {
     echo "install-deps: pip installing $p"

@@ -82,8 +82,11 @@ struct RequestMiddleware: RouterMiddleware {
         switch error {
         case let error as APIError:
             return error
+        case let error as ValidationError:
+            return .unprocessable(error)
         case let error as ServerError:
             if let inner = error.underlyingError as? APIError { return inner }
+            if let inner = error.underlyingError as? ValidationError { return .unprocessable(inner) }
             if let decoding = error.underlyingError as? DecodingError { return .badRequest(describe(decoding)) }
             if (400..<500).contains(error.httpStatus.code) {
                 if error.httpStatus == .unsupportedMediaType { return .badRequest("Send the body as application/json.") }

@@ -1,0 +1,141 @@
+import Foundation
+import HTTPTypes
+import HeraldCore
+import HeraldStore
+import Hummingbird
+import HummingbirdTesting
+import Testing
+
+@testable import HeraldAPI
+
+/// Driven by openapi.yaml itself: every operation is served, declares its permission, refuses
+/// callers without it, and answers another organisation's ids exactly like missing ones.
+@Suite("Access matrix over every operation in openapi.yaml")
+struct AccessMatrixTests {
+    let env: TestEnvironment
+    let operations: [SpecOperation]
+
+    init() async throws {
+        env = try await TestEnvironment.shared
+        operations = try Spec.operations()
+    }
+
+    /// The path with every `{param}` replaced by `ids[param]` (or a fresh UUID).
+    func path(_ op: SpecOperation, _ ids: [String: UUID] = [:]) -> String {
+        var path = op.path
+        for (name, value) in ids { path = path.replacingOccurrences(of: "{\(name)}", with: value.uuidString.lowercased()) }
+        while let open = path.firstIndex(of: "{"), let close = path[open...].firstIndex(of: "}") {
+            path.replaceSubrange(open...close, with: UUID().uuidString.lowercased())
+        }
+        return path
+    }
+
+    func method(_ op: SpecOperation) -> HTTPRequest.Method { HTTPRequest.Method(op.method)! }
+
+    @Test("the spec and the permission table name the same operations with the same rules")
+    func specMatchesTable() throws {
+        #expect(Set(operations.map(\.id)) == Set(RoutePermissions.table.keys))
+        #expect(operations.count == RoutePermissions.table.count, "an operationId appears twice")
+        for op in operations {
+            let expected: AccessRule? = switch op.permission {
+            case "public": .public
+            case "authenticated": .authenticated
+            default: Permission(rawValue: op.permission).map(AccessRule.permission)
+            }
+            #expect(expected != nil, "\(op.id): x-permission \"\(op.permission)\" is not a rule")
+            #expect(RoutePermissions.table[op.id] == expected, "\(op.id): spec says \(op.permission)")
+        }
+    }
+
+    @Test("every operation is served, and each one that needs a credential refuses a request without one")
+    func everyOperationServed() async throws {
+        let app = try env.application()
+        try await app.test(.router) { client in
+            for op in operations {
+                let response = try await client.send(method(op), path(op), json: op.exampleBody)
+                let noRoute = response.status == .notFound && response.text.contains("There is no operation")
+                #expect(!noRoute, "\(op.id) \(op.method) \(op.path) is not served")
+                if op.permission != "public" {
+                    #expect(response.isProblem(.unauthorized), "\(op.id) without a credential answered \(response.status)")
+                    #expect(response.headers[.wwwAuthenticate] == "Bearer")
+                }
+            }
+        }
+    }
+
+    @Test("each operation that needs a permission answers 403 to a caller without it")
+    func forbiddenWithoutPermission() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            for op in operations {
+                guard let permission = Permission(rawValue: op.permission) else { continue }
+                // Members hold only notifications.read and preferences.manage.
+                guard !BuiltinRole.member.permissions.contains(permission) else { continue }
+                let response = try await client.send(method(op), path(op), token: org.memberToken, json: op.exampleBody)
+                #expect(response.isProblem(.forbidden), "\(op.id) answered \(response.status) to a member")
+                #expect(response.text.contains(permission.rawValue))
+            }
+        }
+    }
+
+    /// Fresh rows of every kind an operation's path can name, in `org`.
+    func resources(in org: TestOrganisation) async throws -> [String: UUID] {
+        try await org.store { tx in
+            let user = try await tx.createUser(NewUser(email: "u-\(UUID().uuidString.prefix(6))@x.example", displayName: "U"))
+            let role = try await tx.createRole(key: "r-\(UUID().uuidString.prefix(6).lowercased())", name: "R", description: "", permissions: [.usersRead])
+            let group = try await tx.createGroup(key: "g-\(UUID().uuidString.prefix(6).lowercased())", name: "G", description: "")
+            try await tx.addGroupMember(group.id, user.id)
+            let service = try await tx.builtinRole(.service)
+            let key = OpaqueToken(kind: .apiKey, organisationID: org.id)
+            _ = try await tx.createApiKey(id: key.id, name: "k", roleID: service.id, secretHash: key.secretHash, expiresAt: nil)
+            return ["userId": user.id, "roleId": role.id, "groupId": group.id, "keyId": key.id]
+        }
+    }
+
+    /// Bodies that succeed in the caller's own organisation where the spec's example would not
+    /// (it names example ids).
+    func body(_ op: SpecOperation) -> String? {
+        switch op.id {
+        case "setUserRoles": #"{"role_ids": []}"#
+        default: op.exampleBody
+        }
+    }
+
+    @Test("every operation on an id: own organisation 2xx, another organisation's id and a missing id the same 404")
+    func otherOrganisationsIdsAreMissing() async throws {
+        let a = try await TestOrganisation.make()
+        let b = try await TestOrganisation.make()
+        let app = try env.application()
+        let withIDs = operations.filter { $0.path.contains("{") }
+        #expect(withIDs.count >= 15)
+        try await app.test(.router) { client in
+            for op in withIDs {
+                let own = try await client.send(method(op), path(op, try await resources(in: a)), token: a.ownerToken, json: body(op))
+                #expect((200..<300).contains(own.status.code), "\(op.id) in its own organisation answered \(own.status): \(own.text)")
+
+                let foreign = try await client.send(method(op), path(op, try await resources(in: b)), token: a.ownerToken, json: body(op))
+                let missing = try await client.send(method(op), path(op), token: a.ownerToken, json: body(op))
+                #expect(foreign.isProblem(.notFound), "\(op.id) with another organisation's id answered \(foreign.status)")
+                #expect(missing.isProblem(.notFound), "\(op.id) with a missing id answered \(missing.status)")
+                #expect(foreign.text == missing.text, "\(op.id): the 404 bodies differ")
+            }
+        }
+    }
+
+    @Test("lists never show another organisation's rows")
+    func listsAreConfined() async throws {
+        let a = try await TestOrganisation.make()
+        let b = try await TestOrganisation.make()
+        let bIDs = try await resources(in: b)
+        let app = try env.application()
+        try await app.test(.router) { client in
+            for list in ["/v1/users", "/v1/roles", "/v1/groups", "/v1/api-keys", "/v1/audit-log"] {
+                let response = try await client.send(.get, list + (list.contains("?") ? "&" : "?") + "limit=200", token: a.ownerToken)
+                #expect(response.status == .ok)
+                for id in bIDs.values { #expect(!response.text.contains(id.uuidString.lowercased()), "\(list) shows B's \(id)") }
+                #expect(!response.text.contains(b.ownerID.uuidString.lowercased()))
+            }
+        }
+    }
+}

@@ -1,0 +1,272 @@
+import Foundation
+import HTTPTypes
+import HeraldCore
+import HeraldStore
+import Hummingbird
+import HummingbirdTesting
+import Testing
+
+@testable import HeraldAPI
+
+@Suite("Admin API")
+struct AdminAPITests {
+    let env: TestEnvironment
+
+    init() async throws {
+        env = try await TestEnvironment.shared
+    }
+
+    @Test("create, read, update, search and page through users; every change is audited with before and after")
+    func usersLifecycle() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            // setup
+            let created = try await client.send(.post, "/v1/users", token: org.ownerToken, json: """
+                {"email": "dr.bob@clinic.example", "display_name": "Dr Bob", "locale": "fr", "timezone": "Europe/Paris", "attributes": {"team": "implants"}}
+                """)
+            #expect(created.status == .created)
+            let id = try #require(created.json["id"] as? String)
+
+            // act
+            let updated = try await client.send(.patch, "/v1/users/\(id)", token: org.ownerToken, json: #"{"display_name": "Dr Robert", "locale": ""}"#)
+            let search = try await client.send(.get, "/v1/users?q=ROBERT", token: org.ownerToken)
+            let audit = try await client.send(.get, "/v1/audit-log?target_id=\(id)", token: org.ownerToken)
+
+            // check
+            #expect(updated.status == .ok)
+            #expect(updated.json["display_name"] as? String == "Dr Robert")
+            #expect(updated.json["locale"] is NSNull)
+            #expect((updated.json["attributes"] as? [String: Any])?["team"] as? String == "implants")
+            let found = try #require(search.json["items"] as? [[String: Any]])
+            #expect(found.map { $0["id"] as? String } == [id])
+            let entries = try #require(audit.json["items"] as? [[String: Any]])
+            #expect(entries.map { $0["action"] as? String } == ["user.update", "user.create"])
+            let update = entries[0]
+            #expect(update["actor_type"] as? String == "user")
+            #expect(update["actor_id"] as? String == org.ownerID.uuidString.lowercased())
+            #expect((update["before"] as? [String: Any])?["display_name"] as? String == "Dr Bob")
+            #expect((update["after"] as? [String: Any])?["display_name"] as? String == "Dr Robert")
+            #expect(update["request_id"] is String)
+        }
+    }
+
+    @Test("cursor pagination returns every user exactly once")
+    func pagination() async throws {
+        let org = try await TestOrganisation.make()
+        try await org.store { tx in
+            for i in 0..<25 { _ = try await tx.createUser(NewUser(email: "p\(i)@x.example", displayName: "P\(i)")) }
+        }
+        let app = try env.application()
+        try await app.test(.router) { client in
+            var seen: [String] = []
+            var cursor: String?
+            repeat {
+                let page = try await client.send(.get, "/v1/users?limit=7" + (cursor.map { "&cursor=\($0)" } ?? ""), token: org.ownerToken)
+                #expect(page.status == .ok)
+                seen += (page.json["items"] as? [[String: Any]] ?? []).compactMap { $0["id"] as? String }
+                cursor = page.json["next_cursor"] as? String
+            } while cursor != nil
+            #expect(seen.count == 27)
+            #expect(Set(seen).count == 27)
+            let bad = try await client.send(.get, "/v1/users?cursor=garbage", token: org.ownerToken)
+            #expect(bad.isProblem(.unprocessableContent))
+        }
+    }
+
+    @Test("bad input gets a problem with a useful detail and writes nothing", arguments: [
+        (#"{"email": "a@b.example", "display_name": "A", "organisation_id": "x"}"#, 400, "organisation_id"),
+        (#"{"email": "a@b.example"}"#, 400, "display_name"),
+        (#"{"email": "a@b.example", "display_name": 42}"#, 400, "display_name"),
+        (#"{"email": "a@b.example", "display_name": "A""#, 400, "JSON"),
+        (#"{"email": "not-an-email", "display_name": "A"}"#, 422, "email"),
+        (#"{"email": "a@b.example", "display_name": "A", "timezone": "Mars/Olympus"}"#, 422, "timezone"),
+        (#"{"email": "a@b.example", "display_name": "A", "password": "short"}"#, 422, "password"),
+    ])
+    func badInput(body: String, status: Int, mentions: String) async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let before = try await org.store { tx in try await tx.users(search: nil, active: nil, limit: 200, after: nil).items.count }
+            let response = try await client.send(.post, "/v1/users", token: org.ownerToken, json: body)
+            #expect(response.isProblem(HTTPResponse.Status(code: status)), "\(response.status) \(response.text)")
+            #expect((response.json["detail"] as? String)?.contains(mentions) == true, "\(response.text)")
+            let after = try await org.store { tx in try await tx.users(search: nil, active: nil, limit: 200, after: nil).items.count }
+            #expect(before == after)
+        }
+    }
+
+    @Test("a duplicate email is a 409 and leaves no audit entry behind")
+    func duplicateEmail() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let entries = try await org.store { tx in try await tx.auditEntries(action: nil, targetID: nil, limit: 200, after: nil).items.count }
+            let response = try await client.send(.post, "/v1/users", token: org.ownerToken, json: """
+                {"email": "OWNER@\(org.slug).example", "display_name": "Again"}
+                """)
+            #expect(response.isProblem(.conflict))
+            #expect((response.json["detail"] as? String)?.contains("email") == true)
+            let after = try await org.store { tx in try await tx.auditEntries(action: nil, targetID: nil, limit: 200, after: nil).items.count }
+            #expect(entries == after)
+        }
+    }
+
+    @Test("a body over the limit is refused with 413")
+    func bodyLimit() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application(configure: { $0.maxBodyBytes = 1024 })
+        try await app.test(.router) { client in
+            let big = String(repeating: "x", count: 2048)
+            let response = try await client.send(.post, "/v1/users", token: org.ownerToken, json: #"{"email": "a@b.example", "display_name": "\#(big)"}"#)
+            #expect(response.isProblem(.contentTooLarge))
+        }
+    }
+
+    @Test("roles: custom roles carry only permissions the creator holds; built-in roles cannot change")
+    func roles() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        // An admin holds everything but organisation.manage.
+        let adminToken = try await org.store { tx in
+            let admin = try await tx.createUser(NewUser(email: "admin@x.example", displayName: "Admin"))
+            _ = try await tx.setUserRoles(admin.id, [try await tx.builtinRole(.admin).id])
+            return admin.id
+        }
+        let admin = try await env.tokens.issueAccessToken(organisationID: org.id, userID: adminToken, now: Date())
+        try await app.test(.router) { client in
+            let auditor = try await client.send(.post, "/v1/roles", token: admin, json: #"{"key": "auditor", "name": "Auditor", "permissions": ["audit.read"]}"#)
+            #expect(auditor.status == .created)
+            let escalate = try await client.send(.post, "/v1/roles", token: admin, json: #"{"key": "boss", "name": "Boss", "permissions": ["organisation.manage"]}"#)
+            #expect(escalate.isProblem(.forbidden))
+            let unknown = try await client.send(.post, "/v1/roles", token: admin, json: #"{"key": "odd", "name": "Odd", "permissions": ["root.all"]}"#)
+            #expect(unknown.isProblem(.unprocessableContent))
+            let duplicate = try await client.send(.post, "/v1/roles", token: admin, json: #"{"key": "auditor", "name": "Again", "permissions": []}"#)
+            #expect(duplicate.isProblem(.conflict))
+
+            let roles = try await client.send(.get, "/v1/roles", token: admin)
+            let items = try #require(roles.json["items"] as? [[String: Any]])
+            let owner = try #require(items.first { $0["key"] as? String == "owner" })
+            let ownerID = try #require(owner["id"] as? String)
+            #expect(try await client.send(.patch, "/v1/roles/\(ownerID)", token: org.ownerToken, json: #"{"name": "Boss"}"#).isProblem(.conflict))
+            #expect(try await client.send(.delete, "/v1/roles/\(ownerID)", token: org.ownerToken).isProblem(.conflict))
+            // An admin cannot make someone owner (owner carries organisation.manage).
+            let grant = try await client.send(.put, "/v1/users/\(org.memberID.uuidString)/roles", token: admin, json: #"{"role_ids": ["\#(ownerID)"]}"#)
+            #expect(grant.isProblem(.forbidden))
+            // The last owner cannot lose the role.
+            let demote = try await client.send(.put, "/v1/users/\(org.ownerID.uuidString)/roles", token: org.ownerToken, json: #"{"role_ids": []}"#)
+            #expect(demote.isProblem(.conflict))
+        }
+    }
+
+    @Test("groups hold members; membership changes are idempotent")
+    func groups() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let created = try await client.send(.post, "/v1/groups", token: org.ownerToken, json: #"{"key": "internship-2026", "name": "Internship 2026"}"#)
+            let id = try #require(created.json["id"] as? String)
+            let member = org.memberID.uuidString.lowercased()
+            #expect(try await client.send(.put, "/v1/groups/\(id)/members/\(member)", token: org.ownerToken).status == .noContent)
+            #expect(try await client.send(.put, "/v1/groups/\(id)/members/\(member)", token: org.ownerToken).status == .noContent)
+            let group = try await client.send(.get, "/v1/groups/\(id)", token: org.ownerToken)
+            #expect(group.json["member_count"] as? Int == 1)
+            let members = try await client.send(.get, "/v1/groups/\(id)/members", token: org.ownerToken)
+            #expect((members.json["items"] as? [[String: Any]])?.compactMap { $0["id"] as? String } == [member])
+            #expect(try await client.send(.delete, "/v1/groups/\(id)/members/\(member)", token: org.ownerToken).status == .noContent)
+            #expect(try await client.send(.get, "/v1/groups/\(id)", token: org.ownerToken).json["member_count"] as? Int == 0)
+        }
+    }
+
+    @Test("API keys: the secret is shown once, works as a credential, and stops working when revoked")
+    func apiKeys() async throws {
+        let org = try await TestOrganisation.make()
+        let serviceRole = try await org.store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let created = try await client.send(.post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "CRM", "role_id": "\#(serviceRole)"}"#)
+            #expect(created.status == .created)
+            let secret = try #require(created.json["secret"] as? String)
+            let id = try #require(created.json["id"] as? String)
+            let listed = try await client.send(.get, "/v1/api-keys", token: org.ownerToken)
+            #expect(!listed.text.contains(secret))
+            #expect(!listed.text.contains(String(secret.split(separator: ".").last!)))
+
+            let me = try await client.send(.get, "/v1/me", token: secret)
+            #expect(me.json["kind"] as? String == "api_key")
+            #expect(try await client.send(.post, "/v1/users", token: secret, json: #"{"email": "via-key@x.example", "display_name": "K"}"#).status == .created)
+            #expect(try await client.send(.get, "/v1/audit-log", token: secret).isProblem(.forbidden))
+
+            #expect(try await client.send(.delete, "/v1/api-keys/\(id)", token: org.ownerToken).status == .noContent)
+            #expect(try await client.send(.get, "/v1/me", token: secret).isProblem(.unauthorized))
+            #expect(try await client.send(.get, "/v1/me", token: secret.dropLast(3) + "abc").isProblem(.unauthorized))
+        }
+    }
+
+    @Test("deactivating a user ends their sessions; nobody deactivates themselves")
+    func deactivation() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let login = try await client.send(.post, "/v1/auth/token", json: """
+                {"organisation": "\(org.slug)", "email": "member@\(org.slug).example", "password": "\(TestOrganisation.password)"}
+                """)
+            let refresh = try #require(login.json["refresh_token"] as? String)
+            let member = org.memberID.uuidString.lowercased()
+            #expect(try await client.send(.post, "/v1/users/\(member)/deactivate", token: org.ownerToken).json["active"] as? Bool == false)
+            #expect(try await client.send(.post, "/v1/auth/refresh", json: #"{"refresh_token": "\#(refresh)"}"#).isProblem(.unauthorized))
+            #expect(try await client.send(.post, "/v1/users/\(org.ownerID.uuidString)/deactivate", token: org.ownerToken).isProblem(.conflict))
+            #expect(try await client.send(.post, "/v1/users/\(member)/reactivate", token: org.ownerToken).json["active"] as? Bool == true)
+        }
+    }
+
+    @Test("the organisation: anyone reads it, only organisation.manage changes it")
+    func organisation() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            #expect(try await client.send(.get, "/v1/organisation", token: org.memberToken).json["slug"] as? String == org.slug)
+            let changed = try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"default_locale": "fr", "default_timezone": "Europe/Paris"}"#)
+            #expect(changed.json["default_timezone"] as? String == "Europe/Paris")
+            #expect(try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"default_timezone": "Nowhere/City"}"#).isProblem(.unprocessableContent))
+            #expect(try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"id": "x"}"#).isProblem(.badRequest))
+        }
+    }
+}
+
+@Suite("Operations endpoints")
+struct OperationsTests {
+    let env: TestEnvironment
+
+    init() async throws {
+        env = try await TestEnvironment.shared
+    }
+
+    @Test("health, readiness and metrics answer without credentials; every response carries a request id")
+    func endpoints() async throws {
+        let app = try env.application()
+        try await app.test(.router) { client in
+            #expect(try await client.send(.get, "/healthz").status == .ok)
+            let ready = try await client.send(.get, "/readyz")
+            #expect(ready.status == .ok)
+            #expect((ready.json["migrations"] as? [String: Any])?["applied"] as? Int == TestEnvironment.migrationVersions.count)
+            let echoed = try await client.send(.get, "/healthz", headers: [HTTPField.Name("X-Request-Id")!: "abc-123"])
+            #expect(echoed.headers[HTTPField.Name("X-Request-Id")!] == "abc-123")
+            let metrics = try await client.send(.get, "/metrics")
+            #expect(metrics.text.contains("herald_http_requests_total"))
+            #expect(metrics.text.contains("route=\"/healthz\""))
+            let unknown = try await client.send(.get, "/nowhere")
+            #expect(unknown.isProblem(.notFound))
+        }
+    }
+
+    @Test("readiness is 503 while a migration this build ships is not applied")
+    func notReadyWithPendingMigration() async throws {
+        let app = try env.application(expectedMigrations: TestEnvironment.migrationVersions + [9999])
+        try await app.test(.router) { client in
+            let response = try await client.send(.get, "/readyz")
+            #expect(response.isProblem(.serviceUnavailable))
+            #expect((response.json["detail"] as? String)?.contains("herald migrate") == true)
+        }
+    }
+}

@@ -1,0 +1,285 @@
+import Crypto
+import Foundation
+import HTTPTypes
+import HeraldCore
+import HeraldStore
+import Hummingbird
+import HummingbirdTesting
+import JWTKit
+import Testing
+
+@testable import HeraldAPI
+
+/// RFC 8725 in practice: each way a forged or stale token can arrive is refused with 401.
+@Suite("Access tokens")
+struct AccessTokenTests {
+    let env: TestEnvironment
+
+    init() async throws {
+        env = try await TestEnvironment.shared
+    }
+
+    func base64url(_ data: Data) -> String {
+        data.base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
+            .replacingOccurrences(of: "=", with: "")
+    }
+
+    func json(_ object: [String: Any]) -> Data { try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) }
+
+    func claims(_ org: TestOrganisation, _ change: (inout [String: Any]) -> Void = { _ in }) -> [String: Any] {
+        let now = Int(Date().timeIntervalSince1970)
+        var claims: [String: Any] = [
+            "iss": "herald", "aud": ["herald-api"], "sub": org.ownerID.uuidString.lowercased(), "org": org.id.uuidString.lowercased(),
+            "exp": now + 600, "nbf": now - 10, "iat": now - 10, "jti": UUID().uuidString,
+        ]
+        change(&claims)
+        return claims
+    }
+
+    /// A token signed with the test key (ES256), with any header and claims.
+    func signed(header: [String: Any] = ["alg": "ES256", "kid": "test-key", "typ": "JWT"], _ claims: [String: Any]) throws -> String {
+        let input = base64url(json(header)) + "." + base64url(json(claims))
+        let signature = try P256.Signing.PrivateKey(pemRepresentation: env.signingKey.pemRepresentation)
+            .signature(for: Data(input.utf8)).rawRepresentation
+        return input + "." + base64url(signature)
+    }
+
+    func status(of token: String) async throws -> TestResponse {
+        let app = try env.application()
+        return try await app.test(.router) { client in try await client.send(.get, "/v1/me", token: token) }
+    }
+
+    @Test("a well-formed token signed with the configured key is accepted")
+    func accepted() async throws {
+        let org = try await TestOrganisation.make()
+        #expect(try await status(of: signed(claims(org))).status == .ok)
+        #expect(try await status(of: org.ownerToken).status == .ok)
+    }
+
+    @Test("forged and stale tokens are refused with 401 problem+json", arguments: [
+        "alg none", "HS256 signed with the public key", "unknown kid", "no kid", "expired", "nbf in the future",
+        "wrong aud", "wrong iss", "tampered payload", "tampered signature", "not a JWT",
+    ])
+    func refused(case name: String) async throws {
+        let org = try await TestOrganisation.make()
+        let now = Int(Date().timeIntervalSince1970)
+        let token: String
+        switch name {
+        case "alg none":
+            token = base64url(json(["alg": "none", "kid": "test-key", "typ": "JWT"])) + "." + base64url(json(claims(org))) + "."
+        case "HS256 signed with the public key":
+            let input = base64url(json(["alg": "HS256", "kid": "test-key", "typ": "JWT"])) + "." + base64url(json(claims(org)))
+            let key = SymmetricKey(data: Data(env.signingKey.publicKey.pemRepresentation.utf8))
+            token = input + "." + base64url(Data(HMAC<SHA256>.authenticationCode(for: Data(input.utf8), using: key)))
+        case "unknown kid":
+            token = try signed(header: ["alg": "ES256", "kid": "someone-else", "typ": "JWT"], claims(org))
+        case "no kid":
+            token = try signed(header: ["alg": "ES256", "typ": "JWT"], claims(org))
+        case "expired":
+            token = try signed(claims(org) { $0["exp"] = now - 120 })
+        case "nbf in the future":
+            token = try signed(claims(org) { $0["nbf"] = now + 120 })
+        case "wrong aud":
+            token = try signed(claims(org) { $0["aud"] = ["another-api"] })
+        case "wrong iss":
+            token = try signed(claims(org) { $0["iss"] = "someone-else" })
+        case "tampered payload":
+            let parts = try signed(claims(org)).split(separator: ".").map(String.init)
+            let other = try await TestOrganisation.make()
+            token = parts[0] + "." + base64url(json(claims(other))) + "." + parts[2]
+        case "tampered signature":
+            var parts = try signed(claims(org)).split(separator: ".").map(String.init)
+            var signature = Data(base64Encoded: parts[2].replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/") + "==")!
+            signature[5] ^= 0x01
+            parts[2] = base64url(signature)
+            token = parts.joined(separator: ".")
+        default:
+            token = "hello"
+        }
+        let response = try await status(of: token)
+        #expect(response.isProblem(.unauthorized), "\(name): \(response.status) \(response.text)")
+    }
+
+    @Test("the leeway forgives a little clock skew and no more")
+    func leeway() async throws {
+        let org = try await TestOrganisation.make()
+        let now = Int(Date().timeIntervalSince1970)
+        #expect(try await status(of: signed(claims(org) { $0["exp"] = now - 10 })).status == .ok)
+        #expect(try await status(of: signed(claims(org) { $0["nbf"] = now + 10 })).status == .ok)
+        #expect(try await status(of: signed(claims(org) { $0["exp"] = now - 61 })).status == .unauthorized)
+    }
+
+    @Test("a token of a deactivated user stops working at once")
+    func deactivatedUser() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await org.store { tx in try await tx.setUserActive(org.memberID, false) }
+        #expect(try await status(of: org.memberToken).isProblem(.unauthorized))
+    }
+
+    @Test("the JWKS publishes every live key and verifies the tokens")
+    func jwks() async throws {
+        let app = try env.application()
+        let org = try await TestOrganisation.make()
+        try await app.test(.router) { client in
+            let response = try await client.send(.get, "/.well-known/jwks.json")
+            #expect(response.status == .ok)
+            let keys = try await JWTKeyCollection().add(jwksJSON: response.text)
+            let claims = try await keys.verify(org.ownerToken, as: AccessClaims.self)
+            #expect(claims.org == org.id.uuidString.lowercased())
+        }
+    }
+
+    @Test("two keys live during a rotation: tokens of both verify, the new one signs")
+    func rotation() async throws {
+        let old = AccessTokenKey(id: "2026-10", privateKey: ES256PrivateKey())
+        let new = AccessTokenKey(id: "2026-11", privateKey: ES256PrivateKey())
+        let before = try await AccessTokens(keys: [old], activeKeyID: nil, issuer: "herald", audience: "herald-api", ttl: 900, leeway: 30)
+        let during = try await AccessTokens(keys: [old, new], activeKeyID: "2026-11", issuer: "herald", audience: "herald-api", ttl: 900, leeway: 30)
+        let org = UUID(), user = UUID()
+        let oldToken = try await before.issueAccessToken(organisationID: org, userID: user, now: Date())
+        let newToken = try await during.issueAccessToken(organisationID: org, userID: user, now: Date())
+        #expect(try await during.verify(oldToken, now: Date()).userID == user)
+        #expect(try await during.verify(newToken, now: Date()).userID == user)
+        #expect(newToken.hasPrefix(base64url(json(["alg": "ES256", "kid": "2026-11", "typ": "JWT"]))) || newToken.contains("."))
+        await #expect(throws: AccessTokenRejection.self) { try await before.verify(newToken, now: Date()) }
+        #expect(during.jwks.map(\.kid).sorted() == ["2026-10", "2026-11"])
+    }
+}
+
+@Suite("Login, refresh and logout")
+struct SessionTests {
+    let env: TestEnvironment
+
+    init() async throws {
+        env = try await TestEnvironment.shared
+    }
+
+    func login(_ client: some TestClientProtocol, _ org: TestOrganisation, password: String = TestOrganisation.password,
+               email: String? = nil) async throws -> TestResponse {
+        try await client.send(.post, "/v1/auth/token", json: """
+            {"organisation": "\(org.slug)", "email": "\(email ?? "owner@\(org.slug).example")", "password": "\(password)"}
+            """)
+    }
+
+    func refresh(_ client: some TestClientProtocol, _ token: String) async throws -> TestResponse {
+        try await client.send(.post, "/v1/auth/refresh", json: #"{"refresh_token": "\#(token)"}"#)
+    }
+
+    @Test("login returns a working access token and a refresh token")
+    func loginWorks() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let response = try await login(client, org)
+            #expect(response.status == .ok)
+            let access = try #require(response.json["access_token"] as? String)
+            #expect(response.json["expires_in"] as? Int == 900)
+            #expect((response.json["refresh_token"] as? String)?.hasPrefix("hrt.") == true)
+            #expect(try await client.send(.get, "/v1/me", token: access).status == .ok)
+        }
+    }
+
+    @Test("a wrong password, an unknown email and an unknown organisation get the same 401")
+    func loginRefusals() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let wrongPassword = try await login(client, org, password: "not the password at all")
+            let unknownEmail = try await login(client, org, email: "nobody@\(org.slug).example")
+            var other = org
+            other.slug = "no-such-org-\(UUID().uuidString.prefix(6).lowercased())"
+            let unknownOrg = try await login(client, other)
+            #expect(wrongPassword.isProblem(.unauthorized))
+            #expect(wrongPassword.text == unknownEmail.text)
+            #expect(wrongPassword.text == unknownOrg.text)
+        }
+    }
+
+    @Test("a deactivated user cannot log in")
+    func deactivatedCannotLogIn() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await org.store { tx in try await tx.setUserActive(org.memberID, false) }
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let response = try await login(client, org, email: "member@\(org.slug).example")
+            #expect(response.isProblem(.unauthorized))
+        }
+    }
+
+    @Test("failed logins are limited per account: 429 with Retry-After, even with the right password")
+    func rateLimitedPerAccount() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application(configure: { $0.loginAttemptsPerAccount = 3 })
+        try await app.test(.router) { client in
+            for _ in 0..<3 { #expect(try await login(client, org, password: "wrong password here").status == .unauthorized) }
+            let limited = try await login(client, org)
+            #expect(limited.isProblem(.tooManyRequests))
+            #expect(Int(limited.headers[.retryAfter] ?? "") ?? 0 > 0)
+            // Another account of the same organisation is not affected.
+            let member = try await login(client, org, email: "member@\(org.slug).example")
+            #expect(member.status == .ok)
+        }
+    }
+
+    @Test("failed logins are limited per client address across accounts")
+    func rateLimitedPerAddress() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application(configure: {
+            $0.loginAttemptsPerAddress = 3
+            $0.port = 0
+        })
+        try await app.test(.live) { client in
+            for i in 0..<3 {
+                let response = try await login(client, org, email: "nobody\(i)@\(org.slug).example")
+                #expect(response.status == .unauthorized)
+            }
+            #expect(try await login(client, org).isProblem(.tooManyRequests))
+        }
+    }
+
+    @Test("refresh rotates; reusing a spent refresh token revokes the whole family")
+    func refreshRotationAndReuse() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let first = try #require(try await login(client, org).json["refresh_token"] as? String)
+            let rotated = try await refresh(client, first)
+            #expect(rotated.status == .ok)
+            let second = try #require(rotated.json["refresh_token"] as? String)
+            #expect(second != first)
+            #expect(try await client.send(.get, "/v1/me", token: rotated.json["access_token"] as? String).status == .ok)
+
+            // The spent token comes back (stolen?): refused, and the family is revoked.
+            #expect(try await refresh(client, first).isProblem(.unauthorized))
+            #expect(try await refresh(client, second).isProblem(.unauthorized))
+
+            // Another session of the same user is a different family and still works.
+            let other = try #require(try await login(client, org).json["refresh_token"] as? String)
+            #expect(try await refresh(client, other).status == .ok)
+        }
+    }
+
+    @Test("a tampered refresh token is refused")
+    func tamperedRefresh() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let token = try #require(try await login(client, org).json["refresh_token"] as? String)
+            #expect(try await refresh(client, token.dropLast(2) + "xx").isProblem(.unauthorized))
+            #expect(try await refresh(client, "hrt.garbage").isProblem(.unauthorized))
+            // The real one still works: a forgery does not burn it.
+            #expect(try await refresh(client, token).status == .ok)
+        }
+    }
+
+    @Test("logout ends the session's refresh tokens")
+    func logout() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let token = try #require(try await login(client, org).json["refresh_token"] as? String)
+            #expect(try await client.send(.post, "/v1/auth/logout", json: #"{"refresh_token": "\#(token)"}"#).status == .noContent)
+            #expect(try await refresh(client, token).isProblem(.unauthorized))
+        }
+    }
+}

@@ -1,0 +1,262 @@
+import Foundation
+import HeraldCore
+import HeraldStore
+import Logging
+import PostgresNIO
+import Testing
+
+@testable import HeraldAPI
+
+/// Tenant isolation proven in SQL, as the application role, for every tenant table the
+/// catalogue lists: a table added without forced RLS and a policy fails these tests.
+@Suite("Isolation in SQL, as the application role")
+struct IsolationSQLTests {
+    let env: TestEnvironment
+
+    init() async throws {
+        env = try await TestEnvironment.shared
+    }
+
+    /// Every table in the public schema but the migrator's own bookkeeping.
+    func tenantTables() async throws -> [String] {
+        var tables: [String] = []
+        let rows = try await env.appClient.query(
+            """
+            SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND c.relname <> 'schema_migrations'
+            ORDER BY c.relname
+            """)
+        for try await name in rows.decode(String.self) { tables.append(name) }
+        return tables
+    }
+
+    /// The column that names a row's organisation.
+    func tenantColumn(_ table: String) -> String { table == "organisations" ? "id" : "organisation_id" }
+
+    /// One row in every tenant table for a fresh organisation.
+    func populatedOrganisation() async throws -> TestOrganisation {
+        let org = try await TestOrganisation.make()
+        try await org.store { tx in
+            let group = try await tx.createGroup(key: "g1", name: "Group", description: "")
+            try await tx.addGroupMember(group.id, org.memberID)
+            let role = try await tx.builtinRole(.service)
+            let key = OpaqueToken(kind: .apiKey, organisationID: org.id)
+            _ = try await tx.createApiKey(id: key.id, name: "k", roleID: role.id, secretHash: key.secretHash, expiresAt: nil)
+            try await tx.insertRefreshToken(id: UUID(), familyID: UUID(), userID: org.memberID, secretHash: Data([1]),
+                                            expiresAt: Date().addingTimeInterval(60))
+            try await tx.audit(action: "test", targetType: "test", targetID: nil, before: nil, after: nil)
+        }
+        return org
+    }
+
+    /// Runs `body` in a transaction of the application role with `org`'s context (or none).
+    func asApp<T: Sendable>(_ org: UUID?, _ body: (PostgresConnection) async throws -> T) async throws -> T {
+        do {
+            return try await env.appClient.withTransaction(logger: env.logger) { connection in
+                if let org {
+                    try await connection.query("SELECT set_config('app.org_id', \(org.uuidString), true)", logger: env.logger)
+                }
+                return try await body(connection)
+            }
+        } catch let error as PostgresTransactionError {
+            throw error.closureError ?? error
+        }
+    }
+
+    func count(_ connection: PostgresConnection, _ sql: String, _ org: UUID? = nil) async throws -> Int {
+        let query: PostgresQuery = org.map { "\(unescaped: sql) \($0)" } ?? "\(unescaped: sql)"
+        let rows = try await connection.query(query, logger: env.logger)
+        for try await n in rows.decode(Int.self) { return n }
+        return -1
+    }
+
+    func sqlState(of work: () async throws -> Void) async -> String? {
+        do {
+            try await work()
+            return nil
+        } catch let error as PSQLError {
+            return error.serverInfo?[.sqlState]
+        } catch {
+            return "\(error)"
+        }
+    }
+
+    @Test("the application role is no superuser, cannot bypass RLS and owns nothing")
+    func roleIsPlain() async throws {
+        let rows = try await env.appClient.query(
+            """
+            SELECT r.rolsuper, r.rolbypassrls, r.rolcreaterole, r.rolcreatedb,
+                   (SELECT count(*) FROM pg_class c WHERE c.relowner = r.oid),
+                   (SELECT count(*) FROM pg_namespace s WHERE s.nspowner = r.oid)
+            FROM pg_roles r WHERE r.rolname = current_user
+            """)
+        for try await (superuser, bypass, createRole, createDB, ownedRelations, ownedSchemas) in rows.decode((Bool, Bool, Bool, Bool, Int, Int).self) {
+            #expect(!superuser)
+            #expect(!bypass)
+            #expect(!createRole)
+            #expect(!createDB)
+            #expect(ownedRelations == 0)
+            #expect(ownedSchemas == 0)
+        }
+    }
+
+    @Test("every tenant table has RLS enabled and forced, a policy, and the tenant column")
+    func everyTableForced() async throws {
+        let tables = try await tenantTables()
+        #expect(tables.count >= 10)
+        for table in tables {
+            let rows = try await env.appClient.query(
+                """
+                SELECT c.relrowsecurity, c.relforcerowsecurity,
+                       (SELECT count(*) FROM pg_policy p WHERE p.polrelid = c.oid),
+                       (SELECT count(*) FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = \(tenantColumn(table)) AND NOT a.attisdropped)
+                FROM pg_class c WHERE c.oid = ('public.' || \(table))::regclass
+                """)
+            for try await (enabled, forced, policies, column) in rows.decode((Bool, Bool, Int, Int).self) {
+                #expect(enabled, "\(table): row-level security is not enabled")
+                #expect(forced, "\(table): row-level security is not forced")
+                #expect(policies >= 1, "\(table): no policy")
+                #expect(column == 1, "\(table): no \(tenantColumn(table)) column")
+            }
+        }
+    }
+
+    @Test("every foreign key between tenant tables is composite on organisation_id, and indexes lead with it")
+    func keysAndIndexesLeadWithOrganisation() async throws {
+        let fks = try await env.appClient.query(
+            """
+            SELECT c.conrelid::regclass::text, c.conname, a.attname
+            FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+            JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+            WHERE n.nspname = 'public' AND c.contype = 'f' AND c.confrelid <> 'public.organisations'::regclass
+            """)
+        var seen = 0
+        for try await (table, name, first) in fks.decode((String, String, String).self) {
+            seen += 1
+            #expect(first == "organisation_id", "\(table).\(name) does not start with organisation_id")
+        }
+        #expect(seen >= 8)
+        let indexes = try await env.appClient.query(
+            """
+            SELECT t.relname, i.relname, a.attname
+            FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid
+            JOIN pg_namespace n ON n.oid = t.relnamespace
+            LEFT JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = x.indkey[0]
+            WHERE n.nspname = 'public' AND t.relname NOT IN ('organisations', 'schema_migrations')
+            """)
+        for try await (table, index, first) in indexes.decode((String, String, String?).self) {
+            #expect(first == "organisation_id", "\(table): index \(index) does not lead with organisation_id")
+        }
+    }
+
+    @Test("with no tenant context every tenant table looks empty")
+    func noContextSeesNothing() async throws {
+        _ = try await populatedOrganisation()
+        for table in try await tenantTables() {
+            let n = try await asApp(nil) { try await count($0, "SELECT count(*) FROM \(table)") }
+            #expect(n == 0, "\(table): \(n) rows visible without a tenant context")
+        }
+    }
+
+    @Test("with organisation A's context, B's rows cannot be selected, counted, updated, deleted or inserted")
+    func otherOrganisationUnreachable() async throws {
+        let a = try await populatedOrganisation()
+        let b = try await populatedOrganisation()
+        for table in try await tenantTables() {
+            let column = tenantColumn(table)
+            // B's rows exist: B sees them.
+            let bOwn = try await asApp(b.id) { try await count($0, "SELECT count(*) FROM \(table) WHERE \(column) =", b.id) }
+            #expect(bOwn > 0, "\(table): the fixture has no row for B")
+            // A sees none of them, by filter or by total.
+            try await asApp(a.id) { connection in
+                #expect(try await count(connection, "SELECT count(*) FROM \(table) WHERE \(column) =", b.id) == 0, "\(table): A selects B's rows")
+                let total = try await count(connection, "SELECT count(*) FROM \(table)")
+                let own = try await count(connection, "SELECT count(*) FROM \(table) WHERE \(column) =", a.id)
+                #expect(total == own, "\(table): A counts rows that are not A's")
+            }
+            // Updates and deletes of B's rows touch nothing (or are not granted at all, as for the
+            // append-only audit log): each in its own transaction, since a refusal aborts it.
+            for statement in ["UPDATE \(table) SET \(column) = \(column) WHERE \(column) = $1 RETURNING 1",
+                              "DELETE FROM \(table) WHERE \(column) = $1 RETURNING 1"] {
+                var touched = 0
+                let state = await sqlState {
+                    touched = try await asApp(a.id) { connection in
+                        var bindings = PostgresBindings()
+                        bindings.append(b.id)
+                        return try await connection.query(PostgresQuery(unsafeSQL: statement, binds: bindings), logger: env.logger).collect().count
+                    }
+                }
+                #expect(touched == 0 && (state == nil || state == "42501"), "\(table): A changed B's rows with \(statement)")
+            }
+            // A cannot insert a row that belongs to B (a copy of one of B's rows).
+            let row = try await asApp(b.id) { connection in
+                let rows = try await connection.query("SELECT to_jsonb(t)::text FROM \(unescaped: table) t LIMIT 1", logger: env.logger)
+                for try await json in rows.decode(String.self) { return json }
+                return "{}"
+            }
+            let state = await sqlState {
+                try await asApp(a.id) { connection in
+                    _ = try await connection.query(
+                        "INSERT INTO \(unescaped: table) SELECT * FROM jsonb_populate_record(NULL::\(unescaped: table), \(row)::jsonb)",
+                        logger: env.logger)
+                }
+            }
+            #expect(state == "42501", "\(table): inserting B's row under A's context gave \(state ?? "success")")
+            // A cannot move its own rows into B.
+            let moveState = await sqlState {
+                try await asApp(a.id) { connection in
+                    _ = try await connection.query(
+                        "UPDATE \(unescaped: table) SET \(unescaped: column) = \(b.id) WHERE \(unescaped: column) = \(a.id)", logger: env.logger)
+                }
+            }
+            // organisations.id is referenced by every other table, so moving it may fail on a key first; either way it fails.
+            #expect(moveState != nil, "\(table): A moved its rows into B")
+            if table != "organisations" { #expect(moveState == "42501", "\(table): moving A's rows to B gave \(moveState ?? "success")") }
+        }
+    }
+
+    @Test("a row of A cannot reference B's rows: composite foreign keys refuse it")
+    func compositeKeysRefuseCrossReferences() async throws {
+        let a = try await populatedOrganisation()
+        let b = try await populatedOrganisation()
+        let tables = try await env.appClient.query(
+            """
+            SELECT DISTINCT c.conrelid::regclass::text FROM pg_constraint c
+            WHERE c.contype = 'f' AND c.connamespace = 'public'::regnamespace AND c.confrelid <> 'public.organisations'::regclass
+            """)
+        var referencing: [String] = []
+        for try await table in tables.decode(String.self) { referencing.append(table) }
+        #expect(Set(referencing).isSuperset(of: ["user_roles", "group_members", "role_permissions", "api_keys", "refresh_tokens"]))
+        for table in referencing {
+            // Take one of B's rows, relabel it as A's (and give it a fresh id where it has one):
+            // every reference in it still points at B's rows, which A's organisation does not have.
+            let row = try await asApp(b.id) { connection in
+                let rows = try await connection.query(
+                    """
+                    SELECT (to_jsonb(t) || jsonb_build_object('organisation_id', \(a.id.uuidString))
+                            || CASE WHEN to_jsonb(t) ? 'id' THEN jsonb_build_object('id', gen_random_uuid()) ELSE '{}'::jsonb END)::text
+                    FROM \(unescaped: table) t LIMIT 1
+                    """, logger: env.logger)
+                for try await json in rows.decode(String.self) { return json }
+                return "{}"
+            }
+            let state = await sqlState {
+                try await asApp(a.id) { connection in
+                    _ = try await connection.query(
+                        "INSERT INTO \(unescaped: table) SELECT * FROM jsonb_populate_record(NULL::\(unescaped: table), \(row)::jsonb)",
+                        logger: env.logger)
+                }
+            }
+            #expect(state == "23503", "\(table): a row of A referencing B's rows gave \(state ?? "success")")
+        }
+    }
+
+    @Test("the audit log is append-only for the application role")
+    func auditAppendOnly() async throws {
+        let org = try await populatedOrganisation()
+        let update = await sqlState { _ = try await asApp(org.id) { try await $0.query("UPDATE audit_log SET action = 'x'", logger: env.logger).collect().count } }
+        let delete = await sqlState { _ = try await asApp(org.id) { try await $0.query("DELETE FROM audit_log", logger: env.logger).collect().count } }
+        #expect(update == "42501")
+        #expect(delete == "42501")
+    }
+}

@@ -1,0 +1,210 @@
+import Foundation
+import HTTPTypes
+import HeraldCore
+import HeraldStore
+import Hummingbird
+import HummingbirdTesting
+import JWTKit
+import Logging
+import NIOCore
+import PostgresNIO
+import Testing
+
+@testable import HeraldAPI
+
+/// The real PostgreSQL that `make test` starts, reached as the application role (what the
+/// server uses) and as the owner (what migrations use). Shared by every test in the process;
+/// tests stay independent because each makes its own organisations.
+final class TestEnvironment: Sendable {
+    /// The one environment of this test process, made on first use.
+    static var shared: TestEnvironment {
+        get async throws { try await Cache.instance.environment() }
+    }
+
+    private actor Cache {
+        static let instance = Cache()
+        private var made: TestEnvironment?
+
+        func environment() async throws -> TestEnvironment {
+            if let made { return made }
+            let env = try await TestEnvironment()
+            made = env
+            return env
+        }
+    }
+
+    let appURL: String
+    let ownerURL: String
+    let appClient: PostgresClient
+    let database: Database
+    let signingKey: ES256PrivateKey
+    let tokens: AccessTokens
+    let passwords = PasswordHasher(iterations: 1, memoryKiB: 1024, parallelism: 1)
+    let logger: Logger
+
+    private init() async throws {
+        let env = ProcessInfo.processInfo.environment
+        // No silent skip: without a database this suite must fail, loudly.
+        guard let app = env["HERALD_TEST_DATABASE_URL"], let owner = env["HERALD_TEST_OWNER_URL"] else {
+            throw MissingDatabase()
+        }
+        appURL = app
+        ownerURL = owner
+        var logger = Logger(label: "herald.test")
+        logger.logLevel = .error
+        self.logger = logger
+        appClient = PostgresClient(configuration: try .fromURL(app), backgroundLogger: logger)
+        let client = appClient
+        Task.detached { await client.run() }
+        database = Database(client: appClient, logger: logger)
+        signingKey = ES256PrivateKey()
+        let key = signingKey
+        tokens = try await AccessTokens(keys: [AccessTokenKey(id: "test-key", privateKey: key)], activeKeyID: nil,
+                                        issuer: "herald", audience: "herald-api", ttl: 900, leeway: 30)
+    }
+
+    /// The migration versions shipped in sql/migrations.
+    static var migrationVersions: [Int] {
+        let dir = ProcessInfo.processInfo.environment["HERALD_SQL_DIR"] ?? "sql"
+        return (try? Migration.load(from: URL(fileURLWithPath: dir).appendingPathComponent("migrations")).map(\.version)) ?? []
+    }
+
+    func configuration(_ change: (inout AppConfiguration) -> Void = { _ in }) -> AppConfiguration {
+        var config = AppConfiguration()
+        config.maxBodyBytes = 64 * 1024
+        change(&config)
+        return config
+    }
+
+    /// An application wired to the shared database, ready for `app.test(.router)`.
+    func application(
+        now: @escaping @Sendable () -> Date = { Date() },
+        expectedMigrations: [Int] = TestEnvironment.migrationVersions,
+        configure: (inout AppConfiguration) -> Void = { _ in }
+    ) throws -> some ApplicationProtocol {
+        let dependencies = AppDependencies(
+            database: database, postgres: appClient, tokens: tokens, passwords: passwords,
+            expectedMigrations: expectedMigrations, now: now)
+        let router = try buildRouter(configuration: configuration(configure), dependencies: dependencies)
+        return Application(router: router, logger: logger)
+    }
+}
+
+/// The suite runs against a real database or not at all.
+struct MissingDatabase: Error, CustomStringConvertible {
+    var description: String { "HERALD_TEST_DATABASE_URL and HERALD_TEST_OWNER_URL are not set: run the suite with `make test`." }
+}
+
+/// An organisation made for one test: an owner and a member, each with a live access token.
+struct TestOrganisation: Sendable {
+    var id: UUID
+    var slug: String
+    var ownerID: UUID
+    var ownerToken: String
+    var memberID: UUID
+    var memberToken: String
+    static let password = "correct horse battery staple"
+
+    static func make() async throws -> TestOrganisation {
+        let env = try await TestEnvironment.shared
+        let slug = "org-\(UUID().uuidString.prefix(8).lowercased())"
+        let organisation = try await env.database.createOrganisation(slug: slug, name: "Test \(slug)")
+        let hash = try await env.passwords.hash(password)
+        let (owner, member) = try await env.database.withTenant(organisation.id) { tx in
+            let owner = try await tx.createUser(NewUser(email: "owner@\(slug).example", displayName: "Owner", passwordHash: hash))
+            _ = try await tx.setUserRoles(owner.id, [try await tx.builtinRole(.owner).id])
+            let member = try await tx.createUser(NewUser(email: "member@\(slug).example", displayName: "Member", passwordHash: hash))
+            _ = try await tx.setUserRoles(member.id, [try await tx.builtinRole(.member).id])
+            return (owner.id, member.id)
+        }
+        return TestOrganisation(
+            id: organisation.id, slug: slug, ownerID: owner,
+            ownerToken: try await env.tokens.issueAccessToken(organisationID: organisation.id, userID: owner, now: Date()),
+            memberID: member,
+            memberToken: try await env.tokens.issueAccessToken(organisationID: organisation.id, userID: member, now: Date()))
+    }
+
+    /// Runs store calls inside this organisation, as the system actor.
+    func store<T: Sendable>(_ body: (TenantTransaction) async throws -> T) async throws -> T {
+        try await TestEnvironment.shared.database.withTenant(id, body)
+    }
+}
+
+/// A JSON object decoded from a response, for checks that do not need the generated types.
+typealias JSONObject = [String: any Sendable]
+
+extension TestClientProtocol {
+    /// Sends a request with an optional bearer token and JSON body.
+    @discardableResult
+    func send(_ method: HTTPRequest.Method, _ path: String, token: String? = nil, json: String? = nil,
+              headers extra: HTTPFields = [:]) async throws -> TestResponse {
+        var headers = extra
+        if let token { headers[.authorization] = "Bearer \(token)" }
+        if json != nil { headers[.contentType] = "application/json" }
+        return try await execute(uri: path, method: method, headers: headers, body: json.map { ByteBuffer(string: $0) })
+    }
+}
+
+extension TestResponse {
+    var text: String { String(buffer: body) }
+
+    /// The body as a JSON object (empty when it is not one).
+    var json: [String: Any] {
+        (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any] ?? [:]
+    }
+
+    /// True for an RFC 9457 problem with this status.
+    func isProblem(_ status: HTTPResponse.Status) -> Bool {
+        self.status == status && headers[.contentType] == "application/problem+json" && (json["status"] as? Int) == status.code
+            && json["type"] is String && json["title"] is String && json["detail"] is String
+    }
+}
+
+/// The operations of openapi.yaml, read through PyYAML (installed by scripts/install-deps.sh).
+struct SpecOperation: Sendable {
+    var id: String
+    var method: String
+    var path: String
+    var permission: String
+    var exampleBody: String?
+}
+
+enum Spec {
+    static func operations() throws -> [SpecOperation] {
+        let specPath = URL(fileURLWithPath: ProcessInfo.processInfo.environment["HERALD_SQL_DIR"] ?? "sql")
+            .deletingLastPathComponent().appendingPathComponent("openapi.yaml").path
+        let script = """
+            import json, sys, yaml
+            spec = yaml.safe_load(open(sys.argv[1]))
+            out = []
+            for path, item in spec["paths"].items():
+                for method, op in item.items():
+                    if method == "parameters": continue
+                    body = None
+                    content = (op.get("requestBody") or {}).get("content", {}).get("application/json")
+                    if content and content.get("examples"):
+                        body = json.dumps(next(iter(content["examples"].values()))["value"])
+                    out.append({"id": op["operationId"], "method": method.upper(), "path": path,
+                                "permission": op.get("x-permission", ""), "body": body})
+            print(json.dumps(out))
+            """
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["python3", "-c", script, specPath]
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        try process.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0,
+              let list = try JSONSerialization.jsonObject(with: data) as? [[String: Any]] else {
+            throw SpecError.unreadable(specPath)
+        }
+        return list.map {
+            SpecOperation(id: $0["id"] as! String, method: $0["method"] as! String, path: $0["path"] as! String,
+                          permission: $0["permission"] as! String, exampleBody: $0["body"] as? String)
+        }
+    }
+
+    enum SpecError: Error { case unreadable(String) }
+}
