@@ -31,7 +31,8 @@ struct Authenticator: Sendable {
             access = try await tokens.verify(token, now: now())
         } catch {
             logger.notice("access token refused", metadata: ["reason": "\(error)"])
-            throw APIError.unauthorized("The access token is not valid.")
+            // Saying "expired" tells a client to refresh; any other reason stays unexplained.
+            throw APIError.unauthorized(error == .expired ? "The access token has expired; refresh it." : "The access token is not valid.")
         }
         let grant = try await database.withTenant(access.organisationID, actor: .user(access.userID)) { tx in
             try await tx.grant(forUser: access.userID)

@@ -36,7 +36,7 @@ struct AdminAPITests {
             // check
             #expect(updated.status == .ok)
             #expect(updated.json["display_name"] as? String == "Dr Robert")
-            #expect(updated.json["locale"] is NSNull)
+            #expect(updated.json["locale"] == nil)
             #expect((updated.json["attributes"] as? [String: Any])?["team"] as? String == "implants")
             let found = try #require(search.json["items"] as? [[String: Any]])
             #expect(found.map { $0["id"] as? String } == [id])
