@@ -16,7 +16,6 @@ endif
 help:
 	@echo "make run      install what is missing, build, start PostgreSQL, migrate, seed, serve"
 	@echo "make test     the whole suite against a private PostgreSQL it starts and stops"
-	@echo "make bench    benchmarks (see docs/benchmarks.md)"
 	@echo "make db-up | db-down | db-reset | fmt | spec"
 
 deps:

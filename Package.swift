@@ -27,12 +27,13 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/hummingbird-project/swift-mustache.git", from: "2.1.1"),
     ],
     targets: [
-        // Pure core: no I/O. Permissions, validation, pagination cursors, policies.
+        // Pure core: no I/O. Permissions, validation, cursors, targeting, preferences, rendering.
         .target(
             name: "HeraldCore",
-            dependencies: [],
+            dependencies: [.product(name: "Mustache", package: "swift-mustache")],
             swiftSettings: swiftSettings
         ),
         // libargon2 from Debian's libargon2-dev.

@@ -45,7 +45,7 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
             accountLimit: configuration.loginAttemptsPerAccount, addressLimit: configuration.loginAttemptsPerAddress,
             window: configuration.loginWindow),
         refreshTokenTTL: configuration.refreshTokenTTL,
-        decoyHash: dependencies.passwords.decoyHash(),
+        decoyHash: try dependencies.passwords.decoyHash(),
         expectedMigrations: dependencies.expectedMigrations,
         now: dependencies.now)
     // Compact JSON with sorted keys: stable bytes for clients and tests, no pretty-printing cost.
@@ -73,10 +73,12 @@ extension PostgresClient.Configuration {
               let user = url.user else { throw ConfigurationError(variable: "DATABASE_URL", value: "(not a postgres:// URL)") }
         let database = url.path.hasPrefix("/") ? String(url.path.dropFirst()) : url.path
         let sslmode = url.queryItems?.first(where: { $0.name == "sslmode" })?.value ?? "disable"
-        let tls: PostgresClient.Configuration.TLS = switch sslmode {
-        case "require", "verify-full": .require(.makeClientConfiguration())
-        case "prefer": .prefer(.makeClientConfiguration())
-        default: .disable
+        let tls: PostgresClient.Configuration.TLS
+        switch sslmode {
+        case "require", "verify-ca", "verify-full": tls = .require(.makeClientConfiguration())
+        case "prefer", "allow": tls = .prefer(.makeClientConfiguration())
+        case "disable": tls = .disable
+        default: throw ConfigurationError(variable: "DATABASE_URL", value: "sslmode=\(sslmode)")
         }
         return PostgresClient.Configuration(
             host: url.host ?? "127.0.0.1", port: url.port ?? 5432, username: user.removingPercentEncoding ?? user,

@@ -34,8 +34,9 @@ public struct PasswordHasher: Sendable {
 
     /// A hash of nothing in particular, verified when an account does not exist so that a
     /// login for an unknown email takes as long as one for a known email.
-    public func decoyHash() -> String {
-        (try? hashNow("herald-decoy-password")) ?? ""
+    /// Throws when the configured cost is one libargon2 refuses, so that shows at start-up.
+    public func decoyHash() throws -> String {
+        try hashNow("herald-decoy-password")
     }
 
     private func hashNow(_ password: String) throws -> String {

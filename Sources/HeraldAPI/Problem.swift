@@ -115,7 +115,6 @@ public enum APIError: Error, Sendable, Equatable {
         "roles_organisation_id_key_key": "A role with this key already exists in your organisation.",
         "groups_organisation_id_key_key": "A group with this key already exists in your organisation.",
         "organisations_slug_key": "An organisation with this slug already exists.",
-        "api_keys_organisation_id_role_id_fkey": "An API key still holds this role; revoke or delete the key first.",
     ]
 
     private static let referenceFields = [

@@ -26,6 +26,17 @@ enum AccessRule: Sendable, Equatable {
 /// | createGroup, updateGroup, deleteGroup, addGroupMember, removeGroupMember | groups.manage |
 /// | listApiKeys, createApiKey, getApiKey, revokeApiKey | apikeys.manage |
 /// | listAuditEntries | audit.read |
+/// | listCategories, getCategory | authenticated |
+/// | create/update/deleteCategory, list/get/create/update/deleteNotificationType, put/deleteTemplate | templates.manage |
+/// | get/replacePreferenceDefaults | organisation.manage |
+/// | getMyPreferences, replaceMyPreferences, getMyResolvedPreferences | preferences.manage |
+/// | getUserPreferences, replaceUserPreferences | users.manage |
+/// | getUserResolvedPreferences | users.read |
+/// | sendEvent, cancelEvent | events.send |
+/// | listEvents, getEvent | events.read |
+/// | dryRunEvent, explainEvent, debugNotifications | debug.explain |
+/// | getNotificationStats | stats.read |
+/// | every /v1/me/notifications operation | notifications.read |
 enum RoutePermissions {
     static let table: [String: AccessRule] = [
         "getHealth": .public,
@@ -64,5 +75,43 @@ enum RoutePermissions {
         "getApiKey": .permission(.apikeysManage),
         "revokeApiKey": .permission(.apikeysManage),
         "listAuditEntries": .permission(.auditRead),
+        "listCategories": .authenticated,
+        "getCategory": .authenticated,
+        "createCategory": .permission(.templatesManage),
+        "updateCategory": .permission(.templatesManage),
+        "deleteCategory": .permission(.templatesManage),
+        "listNotificationTypes": .permission(.templatesManage),
+        "getNotificationType": .permission(.templatesManage),
+        "createNotificationType": .permission(.templatesManage),
+        "updateNotificationType": .permission(.templatesManage),
+        "deleteNotificationType": .permission(.templatesManage),
+        "putTemplate": .permission(.templatesManage),
+        "deleteTemplate": .permission(.templatesManage),
+        "getPreferenceDefaults": .permission(.organisationManage),
+        "replacePreferenceDefaults": .permission(.organisationManage),
+        "getMyPreferences": .permission(.preferencesManage),
+        "replaceMyPreferences": .permission(.preferencesManage),
+        "getMyResolvedPreferences": .permission(.preferencesManage),
+        "getUserPreferences": .permission(.usersManage),
+        "replaceUserPreferences": .permission(.usersManage),
+        "getUserResolvedPreferences": .permission(.usersRead),
+        "sendEvent": .permission(.eventsSend),
+        "listEvents": .permission(.eventsRead),
+        "getEvent": .permission(.eventsRead),
+        "cancelEvent": .permission(.eventsSend),
+        "dryRunEvent": .permission(.debugExplain),
+        "explainEvent": .permission(.debugExplain),
+        "debugNotifications": .permission(.debugExplain),
+        "getNotificationStats": .permission(.statsRead),
+        "listMyNotifications": .permission(.notificationsRead),
+        "clearMyNotifications": .permission(.notificationsRead),
+        "getMyUnreadCount": .permission(.notificationsRead),
+        "markNotificationsRead": .permission(.notificationsRead),
+        "getMyNotificationStats": .permission(.notificationsRead),
+        "getMyNotification": .permission(.notificationsRead),
+        "deleteMyNotification": .permission(.notificationsRead),
+        "markNotificationRead": .permission(.notificationsRead),
+        "markNotificationUnread": .permission(.notificationsRead),
+        "archiveNotification": .permission(.notificationsRead),
     ]
 }

@@ -7,10 +7,14 @@ public struct Organisation: Sendable, Equatable {
     public var name: String
     public var defaultLocale: String
     public var defaultTimezone: String
+    /// Most notifications per user, per category, per minute; nil when unlimited.
+    public var throttlePerMinute: Int?
     public var createdAt: Date
     public var updatedAt: Date
 
-    public init(id: UUID, slug: String, name: String, defaultLocale: String, defaultTimezone: String, createdAt: Date, updatedAt: Date) {
+    public init(id: UUID, slug: String, name: String, defaultLocale: String, defaultTimezone: String, throttlePerMinute: Int? = nil,
+                createdAt: Date, updatedAt: Date) {
+        self.throttlePerMinute = throttlePerMinute
         self.id = id
         self.slug = slug
         self.name = name

@@ -11,6 +11,8 @@ public enum Permission: String, CaseIterable, Sendable, Codable, Comparable {
     case apikeysManage = "apikeys.manage"
     case auditRead = "audit.read"
     case eventsSend = "events.send"
+    case eventsRead = "events.read"
+    case statsRead = "stats.read"
     case notificationsRead = "notifications.read"
     case preferencesManage = "preferences.manage"
     case deliveriesRead = "deliveries.read"
@@ -31,7 +33,9 @@ public enum Permission: String, CaseIterable, Sendable, Codable, Comparable {
         case .groupsManage: "Create, change and delete groups; add and remove members."
         case .apikeysManage: "Create, list and revoke API keys."
         case .auditRead: "Read the audit log."
-        case .eventsSend: "Send events to the notification engine."
+        case .eventsSend: "Send and cancel events."
+        case .eventsRead: "List and read events."
+        case .statsRead: "Read notification statistics of any user or the whole organisation."
         case .notificationsRead: "Read one's own in-app feed."
         case .preferencesManage: "Edit one's own notification preferences."
         case .deliveriesRead: "Read delivery status."
@@ -43,6 +47,10 @@ public enum Permission: String, CaseIterable, Sendable, Codable, Comparable {
     }
 
     public static func < (lhs: Permission, rhs: Permission) -> Bool { lhs.rawValue < rhs.rawValue }
+
+    /// Permissions over one's own rows only (the feed, one's preferences). Holding them gives
+    /// no power over anyone else, so they do not count when comparing who holds more.
+    public var concernsOnlyTheHolder: Bool { self == .notificationsRead || self == .preferencesManage }
 }
 
 /// The roles every organisation starts with. They cannot be changed or deleted.
@@ -76,8 +84,8 @@ public enum BuiltinRole: String, CaseIterable, Sendable {
         case .member:
             [.notificationsRead, .preferencesManage]
         case .service:
-            [.eventsSend, .usersRead, .usersManage, .groupsRead, .groupsManage, .rolesRead,
-             .templatesManage, .endpointsManage, .deliveriesRead]
+            [.eventsSend, .eventsRead, .usersRead, .usersManage, .groupsRead, .groupsManage, .rolesRead,
+             .templatesManage, .endpointsManage, .deliveriesRead, .statsRead]
         }
     }
 }

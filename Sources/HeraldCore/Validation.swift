@@ -12,7 +12,7 @@ public struct ValidationError: Error, Sendable, Equatable {
 
 /// Checks on client input that need no database. Each returns the normalised value or throws.
 public enum Validate {
-    /// A plausible email address (one `@`, no spaces, a dot in the domain), lowercased domain kept as sent.
+    /// A plausible email address (one `@`, no spaces, a dot in the domain), trimmed, otherwise as sent.
     public static func email(_ value: String, field: String = "email") throws(ValidationError) -> String {
         let trimmed = value.trimmingCharacters(in: .whitespaces)
         let parts = trimmed.split(separator: "@", omittingEmptySubsequences: false)
@@ -44,6 +44,14 @@ public enum Validate {
     public static func key(_ value: String, field: String = "key") throws(ValidationError) -> String {
         guard value.range(of: #"^[a-z0-9][a-z0-9_-]{1,63}$"#, options: .regularExpression) != nil else {
             throw ValidationError(field: field, message: "\"\(value)\" must be 2 to 64 lowercase letters, digits, '-' or '_'.")
+        }
+        return value
+    }
+
+    /// A notification type key: letters, digits, `_`, `.` and `-`, 2 to 100 characters (`ISQ_CRITICAL`).
+    public static func typeKey(_ value: String, field: String = "key") throws(ValidationError) -> String {
+        guard value.range(of: #"^[A-Za-z0-9][A-Za-z0-9_.-]{1,99}$"#, options: .regularExpression) != nil else {
+            throw ValidationError(field: field, message: "\"\(value)\" must be 2 to 100 letters, digits, '_', '.' or '-'.")
         }
         return value
     }

@@ -38,6 +38,17 @@ extension TenantTransaction {
         return Grant(permissions: Set(permissions.compactMap(Permission.init(rawValue:))))
     }
 
+    /// Every permission the user's roles carry, active or not.
+    public func permissions(ofUser id: UUID) async throws -> Set<Permission> {
+        let rows = try await query(
+            """
+            SELECT coalesce(array_agg(DISTINCT p.permission), '{}') FROM user_roles ur
+            JOIN role_permissions p ON p.organisation_id = ur.organisation_id AND p.role_id = ur.role_id
+            WHERE ur.user_id = \(id)
+            """)
+        return Set(try rows[0].decode([String].self).compactMap(Permission.init(rawValue:)))
+    }
+
     /// The permissions of a live API key whose secret hashes to `secretHash`, or nil.
     /// Marks the key used (at most once a minute, to keep reads cheap).
     public func grant(forApiKey id: UUID, secretHash: Data, now: Date) async throws -> Grant? {

@@ -31,10 +31,14 @@ public struct Database: Sendable {
     ///
     /// `set_config(..., true)` scopes the settings to the transaction, so a pooled connection
     /// (or a transaction-mode pooler) never carries one organisation's context into another's.
+    ///
+    /// `recipient` confines in-app rows to one user as well (the feed endpoints set it), so a
+    /// user's feed cannot show another user's rows even within one organisation.
     public func withTenant<Result: Sendable>(
         _ organisationID: UUID,
         actor: Actor = .system,
         requestID: String? = nil,
+        recipient: UUID? = nil,
         _ body: (TenantTransaction) async throws -> Result
     ) async throws -> Result {
         do {
@@ -42,7 +46,8 @@ public struct Database: Sendable {
                 try await connection.query(
                     """
                     SELECT set_config('app.org_id', \(organisationID.uuidString), true),
-                           set_config('app.user_id', \(Self.userSetting(actor)), true)
+                           set_config('app.user_id', \(Self.userSetting(actor)), true),
+                           set_config('app.recipient_id', \(recipient?.uuidString ?? ""), true)
                     """,
                     logger: logger
                 )
@@ -107,8 +112,14 @@ public struct TenantTransaction: Sendable {
     public let requestID: String?
     let logger: Logger
 
+    /// Runs one statement. Constraint violations surface here as `StoreError`, so a caller
+    /// can react to them inside the transaction (which PostgreSQL then aborts).
     @discardableResult
     func query(_ query: PostgresQuery) async throws -> [PostgresRow] {
-        try await connection.query(query, logger: logger).collect()
+        do {
+            return try await connection.query(query, logger: logger).collect()
+        } catch {
+            throw Database.translate(error)
+        }
     }
 }

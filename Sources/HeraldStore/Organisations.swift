@@ -4,7 +4,12 @@ import PostgresNIO
 
 extension Database {
     /// Creates an organisation with its built-in roles, in one transaction under its own context.
-    public func createOrganisation(slug: String, name: String, defaultLocale: String = "en", defaultTimezone: String = "UTC") async throws -> Organisation {
+    /// `then` runs in the same transaction (e.g. to create the first owner), so a failure there
+    /// leaves no organisation behind.
+    public func createOrganisation(
+        slug: String, name: String, defaultLocale: String = "en", defaultTimezone: String = "UTC",
+        then: (TenantTransaction) async throws -> Void = { _ in }
+    ) async throws -> Organisation {
         let id = UUID()
         return try await withTenant(id) { tx in
             try await tx.query(
@@ -15,6 +20,7 @@ extension Database {
             try await tx.ensureBuiltinRoles()
             try await tx.audit(action: "organisation.create", targetType: "organisation", targetID: id.uuidString,
                                before: nil, after: "{\"slug\": \(jsonString(slug))}")
+            try await then(tx)
             return try await tx.organisation()
         }
     }
@@ -34,12 +40,13 @@ extension TenantTransaction {
     public func organisation() async throws -> Organisation {
         let rows = try await query(
             """
-            SELECT id, slug, name, default_locale, default_timezone, created_at, updated_at
+            SELECT id, slug, name, default_locale, default_timezone, (settings->>'throttle_per_minute')::int, created_at, updated_at
             FROM organisations WHERE id = \(organisationID)
             """)
         guard let row = rows.first else { throw StoreError.notFound }
-        let (id, slug, name, locale, timezone, created, updated) = try row.decode((UUID, String, String, String, String, Date, Date).self)
-        return Organisation(id: id, slug: slug, name: name, defaultLocale: locale, defaultTimezone: timezone, createdAt: created, updatedAt: updated)
+        let (id, slug, name, locale, timezone, throttle, created, updated) = try row.decode((UUID, String, String, String, String, Int?, Date, Date).self)
+        return Organisation(id: id, slug: slug, name: name, defaultLocale: locale, defaultTimezone: timezone, throttlePerMinute: throttle,
+                            createdAt: created, updatedAt: updated)
     }
 
     /// Changes the fields given; nil leaves a field as it is.

@@ -57,8 +57,10 @@ extension TenantTransaction {
         return try await role(id)
     }
 
-    /// Deletes a custom role. API keys hold exactly one role, so a role that a live key uses cannot go.
+    /// Deletes a custom role; users holding it lose it. An API key holds exactly one role, so a
+    /// live key blocks the deletion (`invalidReference`); revoked keys of the role go with it.
     public func deleteRole(_ id: UUID) async throws {
+        try await query("DELETE FROM api_keys WHERE role_id = \(id) AND revoked_at IS NOT NULL")
         let rows = try await query("DELETE FROM roles WHERE id = \(id) AND NOT builtin RETURNING id")
         guard !rows.isEmpty else { throw StoreError.notFound }
     }

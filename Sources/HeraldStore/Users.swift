@@ -181,3 +181,11 @@ private func decodeUser(_ row: PostgresRow) throws -> User {
     return User(id: id, email: email, displayName: name, locale: locale, timezone: timezone, active: active,
                 attributesJSON: attributes, roles: roles, createdAt: created, updatedAt: updated)
 }
+
+extension TenantTransaction {
+    /// The users with these ids (missing ones are left out).
+    public func users(ids: [UUID]) async throws -> [User] {
+        guard !ids.isEmpty else { return [] }
+        return try await query("SELECT \(unescaped: userColumns) FROM users u WHERE u.id = ANY(\(ids)::uuid[])").map(decodeUser)
+    }
+}

@@ -94,6 +94,9 @@ struct SeedDemo: AsyncParsableCommand {
                 let admin = try await ensureUser(tx, email: "admin@demo.example", name: "Demo Admin", role: .owner, passwordHash: adminHash)
                 let member = try await ensureUser(tx, email: "member@demo.example", name: "Demo Member", role: .member, passwordHash: memberHash)
                 let service = try await tx.builtinRole(.service)
+                for old in try await tx.apiKeys() where old.name == "seed-demo" && old.revokedAt == nil {
+                    _ = try await tx.revokeApiKey(old.id)
+                }
                 let token = OpaqueToken(kind: .apiKey, organisationID: organisationID)
                 _ = try await tx.createApiKey(id: token.id, name: "seed-demo", roleID: service.id, secretHash: token.secretHash, expiresAt: nil)
                 try await tx.audit(action: "apikey.create", targetType: "api_key", targetID: token.id.uuidString.lowercased(), before: nil, after: nil)
@@ -172,13 +175,16 @@ struct OrganisationCommand: AsyncParsableCommand {
             let hash = try await passwordHasher(config).hash(checked.2)
             try await withPostgres(url: config.databaseURL, logger: logger) { client in
                 let database = Database(client: client, logger: logger)
-                let organisation = try await database.createOrganisation(slug: checked.0, name: name, defaultLocale: checked.3, defaultTimezone: checked.4)
-                print("organisation: created \(organisation.slug) (\(organisation.id.uuidString.lowercased()))")
-                try await database.withTenant(organisation.id) { tx in
+                let organisation = try await database.createOrganisation(
+                    slug: checked.0, name: name, defaultLocale: checked.3, defaultTimezone: checked.4
+                ) { tx in
                     let owner = try await tx.createUser(NewUser(email: checked.1, displayName: checked.1, passwordHash: hash))
                     _ = try await tx.setUserRoles(owner.id, [try await tx.builtinRole(.owner).id])
+                    try await tx.audit(action: "user.create", targetType: "user", targetID: owner.id.uuidString.lowercased(),
+                                       before: nil, after: "{\"email\": \"\(owner.email)\", \"roles\": [\"owner\"]}")
                     print("organisation: owner \(owner.email) (\(owner.id.uuidString.lowercased()))")
                 }
+                print("organisation: created \(organisation.slug) (\(organisation.id.uuidString.lowercased()))")
             }
         }
     }

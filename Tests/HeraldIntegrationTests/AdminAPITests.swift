@@ -203,6 +203,38 @@ struct AdminAPITests {
         }
     }
 
+    @Test("a role held by a live API key cannot be deleted; once the key is revoked it can")
+    func roleHeldByKey() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let role = try await client.send(.post, "/v1/roles", token: org.ownerToken, json: #"{"key": "integrator", "name": "Integrator", "permissions": ["users.read"]}"#)
+            let roleID = try #require(role.json["id"] as? String)
+            let key = try await client.send(.post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "k", "role_id": "\#(roleID)"}"#)
+            let keyID = try #require(key.json["id"] as? String)
+            let blocked = try await client.send(.delete, "/v1/roles/\(roleID)", token: org.ownerToken)
+            #expect(blocked.isProblem(.conflict), "\(blocked.text)")
+            #expect(try await client.send(.delete, "/v1/api-keys/\(keyID)", token: org.ownerToken).status == .noContent)
+            #expect(try await client.send(.delete, "/v1/roles/\(roleID)", token: org.ownerToken).status == .noContent)
+        }
+    }
+
+    @Test("a caller cannot change or deactivate someone who holds more than it does")
+    func noEscalationThroughUserChanges() async throws {
+        let org = try await TestOrganisation.make()
+        let serviceRole = try await org.store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let key = try await client.send(.post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "svc", "role_id": "\#(serviceRole)"}"#)
+            let secret = try #require(key.json["secret"] as? String)
+            let owner = org.ownerID.uuidString.lowercased()
+            #expect(try await client.send(.post, "/v1/users/\(owner)/deactivate", token: secret).isProblem(.forbidden))
+            #expect(try await client.send(.patch, "/v1/users/\(owner)", token: secret, json: #"{"email": "evil@x.example"}"#).isProblem(.forbidden))
+            // A member holds less than the service role: that is allowed.
+            #expect(try await client.send(.patch, "/v1/users/\(org.memberID.uuidString)", token: secret, json: #"{"display_name": "M"}"#).status == .ok)
+        }
+    }
+
     @Test("deactivating a user ends their sessions; nobody deactivates themselves")
     func deactivation() async throws {
         let org = try await TestOrganisation.make()

@@ -48,6 +48,7 @@ extension HeraldService {
         let id = try id(input.path.keyId, "API key")
         try await tenant("API key") { tx, principal in
             let before = Components.Schemas.ApiKey(try await tx.apiKey(id), organisationID: principal.organisationID)
+            guard before.revokedAt == nil else { return }
             let after = Components.Schemas.ApiKey(try await tx.revokeApiKey(id), organisationID: principal.organisationID)
             try await tx.audit(action: "apikey.revoke", targetType: "api_key", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
         }

@@ -16,6 +16,7 @@ extension HeraldService {
         let timezone = try body.defaultTimezone.map { v in try validated { () throws(ValidationError) in try Validate.timezone(v, field: "default_timezone") } }
         let updated = try await tenant("organisation") { tx, _ in
             let before = Components.Schemas.Organisation(try await tx.organisation())
+            if let throttle = body.throttlePerMinute { try await tx.setThrottle(perMinute: throttle) }
             let after = Components.Schemas.Organisation(
                 try await tx.updateOrganisation(name: name, defaultLocale: locale, defaultTimezone: timezone))
             try await tx.audit(action: "organisation.update", targetType: "organisation", targetID: after.id,

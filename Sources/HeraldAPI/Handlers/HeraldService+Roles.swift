@@ -59,7 +59,7 @@ extension HeraldService {
             do {
                 try await tx.deleteRole(id)
             } catch StoreError.invalidReference {
-                throw APIError.conflict("An API key still holds this role; revoke the key or give it another role first.")
+                throw APIError.conflict("A live API key holds this role; revoke the key first.")
             }
             try await tx.audit(action: "role.delete", targetType: "role", targetID: id.lowercased,
                                before: auditJSON(Components.Schemas.Role(existing)), after: nil)

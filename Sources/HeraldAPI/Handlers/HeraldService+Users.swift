@@ -54,8 +54,9 @@ extension HeraldService {
                 timezone: try body.timezone.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.timezone(v) })
         }
         if let attributes = body.attributes { change.attributesJSON = try encodeJSON(attributes) }
-        let updated = try await tenant("user") { tx, _ in
+        let updated = try await tenant("user") { tx, principal in
             let before = try Components.Schemas.User(try await tx.user(id))
+            try requireHolds(try await tx.permissions(ofUser: id).filter { !$0.concernsOnlyTheHolder }, principal)
             let after = try Components.Schemas.User(try await tx.updateUser(id, change))
             try await tx.audit(action: "user.update", targetType: "user", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
             return after
@@ -78,6 +79,8 @@ extension HeraldService {
                 throw APIError.conflict("You cannot deactivate yourself.")
             }
             let before = try Components.Schemas.User(try await tx.user(id))
+            // Changing someone needs every permission they hold: a service key cannot lock out an owner.
+            try requireHolds(try await tx.permissions(ofUser: id).filter { !$0.concernsOnlyTheHolder }, principal)
             let after = try Components.Schemas.User(try await tx.setUserActive(id, active))
             if !active { try await requireAnOwner(tx) }
             try await tx.audit(action: active ? "user.reactivate" : "user.deactivate", targetType: "user", targetID: after.id,

@@ -43,8 +43,8 @@ struct HeraldService: APIProtocol {
         return id
     }
 
-    /// Refuses to hand out permissions the caller does not hold (no privilege escalation
-    /// through roles or API keys).
+    /// Refuses to hand out permissions the caller does not hold, or to act on someone who holds
+    /// more than the caller (no privilege escalation through roles, API keys or user changes).
     func requireHolds(_ permissions: Set<Permission>, _ principal: Principal) throws {
         if let missing = permissions.subtracting(principal.permissions).sorted().first {
             throw APIError.forbidden(missing)

@@ -8,7 +8,7 @@ import HeraldCore
 extension Components.Schemas.Organisation {
     init(_ o: Organisation) {
         self.init(id: o.id.lowercased, slug: o.slug, name: o.name, defaultLocale: o.defaultLocale,
-                  defaultTimezone: o.defaultTimezone, createdAt: o.createdAt, updatedAt: o.updatedAt)
+                  defaultTimezone: o.defaultTimezone, throttlePerMinute: o.throttlePerMinute, createdAt: o.createdAt, updatedAt: o.updatedAt)
     }
 }
 
@@ -50,6 +50,33 @@ extension Components.Schemas.AuditEntry {
                   before: try e.beforeJSON.map { try decodeJSON($0) }, after: try e.afterJSON.map { try decodeJSON($0) },
                   requestId: e.requestID)
     }
+}
+
+extension Components.Schemas.Category {
+    init(_ c: HeraldStore.Category) {
+        self.init(id: c.id.lowercased, key: c.key, name: c.name, description: c.description, critical: c.critical,
+                  createdAt: c.createdAt, updatedAt: c.updatedAt)
+    }
+}
+
+extension Components.Schemas.NotificationType {
+    init(_ t: HeraldStore.NotificationType) {
+        let templates = t.templates.sorted { $0.key < $1.key }.flatMap { channel, byLocale in
+            byLocale.sorted { $0.key < $1.key }.map { locale, content in
+                Components.Schemas.Template(channel: .init(rawValue: channel.rawValue)!, locale: locale, subject: content.subject,
+                                            body: content.body, html: content.html)
+            }
+        }
+        self.init(id: t.id.lowercased, key: t.key, category: t.categoryKey, name: t.name, description: t.description,
+                  defaultSeverity: .init(rawValue: t.defaultSeverity.rawValue)!, defaultPriority: .init(rawValue: t.defaultPriority.rawValue)!,
+                  defaultChannels: t.defaultChannels.compactMap { .init(rawValue: $0.rawValue) }, templates: templates,
+                  createdAt: t.createdAt, updatedAt: t.updatedAt)
+    }
+}
+
+/// Re-reads a value of one Codable shape as another with the same JSON (API schema ↔ core type).
+func convert<T: Decodable>(_ value: some Encodable, to type: T.Type = T.self) throws -> T {
+    try JSONDecoder().decode(T.self, from: try JSONEncoder().encode(value))
 }
 
 extension UUID {

@@ -1,0 +1,165 @@
+import Foundation
+import HeraldCore
+import HeraldStore
+import Logging
+
+extension HeraldService {
+    // MARK: Categories
+
+    func listCategories(_ input: Operations.ListCategories.Input) async throws -> Operations.ListCategories.Output {
+        let categories = try await tenant("category") { tx, _ in try await tx.categories() }
+        return .ok(.init(body: .json(.init(items: categories.map(Components.Schemas.Category.init)))))
+    }
+
+    func getCategory(_ input: Operations.GetCategory.Input) async throws -> Operations.GetCategory.Output {
+        let id = try id(input.path.categoryId, "category")
+        let category = try await tenant("category") { tx, _ in try await tx.category(id) }
+        return .ok(.init(body: .json(.init(category))))
+    }
+
+    func createCategory(_ input: Operations.CreateCategory.Input) async throws -> Operations.CreateCategory.Output {
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let (key, name) = try validated { () throws(ValidationError) in (try Validate.key(body.key), try Validate.text(body.name, field: "name")) }
+        let created = try await tenant("category") { tx, _ in
+            let category = Components.Schemas.Category(
+                try await tx.createCategory(key: key, name: name, description: body.description ?? "", critical: body.critical ?? false))
+            try await tx.audit(action: "category.create", targetType: "category", targetID: category.id, before: nil, after: auditJSON(category))
+            return category
+        }
+        return .created(.init(body: .json(created)))
+    }
+
+    func updateCategory(_ input: Operations.UpdateCategory.Input) async throws -> Operations.UpdateCategory.Output {
+        let id = try id(input.path.categoryId, "category")
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let name = try body.name.map { v in try validated { () throws(ValidationError) in try Validate.text(v, field: "name") } }
+        let updated = try await tenant("category") { tx, _ in
+            let before = Components.Schemas.Category(try await tx.category(id))
+            let after = Components.Schemas.Category(try await tx.updateCategory(id, name: name, description: body.description, critical: body.critical))
+            try await tx.audit(action: "category.update", targetType: "category", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
+            return after
+        }
+        return .ok(.init(body: .json(updated)))
+    }
+
+    func deleteCategory(_ input: Operations.DeleteCategory.Input) async throws -> Operations.DeleteCategory.Output {
+        let id = try id(input.path.categoryId, "category")
+        try await tenant("category") { tx, _ in
+            let before = Components.Schemas.Category(try await tx.category(id))
+            do {
+                try await tx.deleteCategory(id)
+            } catch StoreError.invalidReference {
+                throw APIError.conflict("Notification types still use this category; move or delete them first.")
+            }
+            try await tx.audit(action: "category.delete", targetType: "category", targetID: before.id, before: auditJSON(before), after: nil)
+        }
+        return .noContent(.init())
+    }
+
+    // MARK: Notification types
+
+    func listNotificationTypes(_ input: Operations.ListNotificationTypes.Input) async throws -> Operations.ListNotificationTypes.Output {
+        let types = try await tenant("notification type") { tx, _ in try await tx.notificationTypes() }
+        return .ok(.init(body: .json(.init(items: types.map(Components.Schemas.NotificationType.init)))))
+    }
+
+    func getNotificationType(_ input: Operations.GetNotificationType.Input) async throws -> Operations.GetNotificationType.Output {
+        let id = try id(input.path.typeId, "notification type")
+        let type = try await tenant("notification type") { tx, _ in try await tx.notificationType(id) }
+        return .ok(.init(body: .json(.init(type))))
+    }
+
+    func createNotificationType(_ input: Operations.CreateNotificationType.Input) async throws -> Operations.CreateNotificationType.Output {
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let (key, name) = try validated { () throws(ValidationError) in (try Validate.typeKey(body.key), try Validate.text(body.name, field: "name")) }
+        let created = try await tenant("notification type") { tx, _ in
+            let category = try await categoryID(key: body.category, tx)
+            let fields = NotificationTypeFields(
+                key: key, categoryID: category, name: name, description: body.description ?? "",
+                defaultSeverity: Severity(rawValue: body.defaultSeverity?.rawValue ?? "INFO") ?? .info,
+                defaultPriority: Priority(rawValue: body.defaultPriority?.rawValue ?? "normal") ?? .normal,
+                defaultChannels: (body.defaultChannels ?? [.inApp]).compactMap { NotificationChannel(rawValue: $0.rawValue) })
+            let type = Components.Schemas.NotificationType(try await tx.createNotificationType(fields))
+            try await tx.audit(action: "notification_type.create", targetType: "notification_type", targetID: type.id, before: nil, after: auditJSON(type))
+            return type
+        }
+        return .created(.init(body: .json(created)))
+    }
+
+    func updateNotificationType(_ input: Operations.UpdateNotificationType.Input) async throws -> Operations.UpdateNotificationType.Output {
+        let id = try id(input.path.typeId, "notification type")
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let name = try body.name.map { v in try validated { () throws(ValidationError) in try Validate.text(v, field: "name") } }
+        let updated = try await tenant("notification type") { tx, _ in
+            let existing = try await tx.notificationType(id)
+            var fields = NotificationTypeFields(
+                key: existing.key, categoryID: existing.categoryID, name: name ?? existing.name,
+                description: body.description ?? existing.description,
+                defaultSeverity: body.defaultSeverity.flatMap { Severity(rawValue: $0.rawValue) } ?? existing.defaultSeverity,
+                defaultPriority: body.defaultPriority.flatMap { Priority(rawValue: $0.rawValue) } ?? existing.defaultPriority,
+                defaultChannels: body.defaultChannels.map { $0.compactMap { NotificationChannel(rawValue: $0.rawValue) } } ?? existing.defaultChannels)
+            if let category = body.category { fields.categoryID = try await categoryID(key: category, tx) }
+            let after = Components.Schemas.NotificationType(try await tx.updateNotificationType(id, fields))
+            try await tx.audit(action: "notification_type.update", targetType: "notification_type", targetID: after.id,
+                               before: auditJSON(Components.Schemas.NotificationType(existing)), after: auditJSON(after))
+            return after
+        }
+        return .ok(.init(body: .json(updated)))
+    }
+
+    func deleteNotificationType(_ input: Operations.DeleteNotificationType.Input) async throws -> Operations.DeleteNotificationType.Output {
+        let id = try id(input.path.typeId, "notification type")
+        try await tenant("notification type") { tx, _ in
+            let before = Components.Schemas.NotificationType(try await tx.notificationType(id))
+            do {
+                try await tx.deleteNotificationType(id)
+            } catch StoreError.invalidReference {
+                throw APIError.conflict("Events of this type exist; a type with history cannot be deleted.")
+            }
+            try await tx.audit(action: "notification_type.delete", targetType: "notification_type", targetID: before.id, before: auditJSON(before), after: nil)
+        }
+        return .noContent(.init())
+    }
+
+    func putTemplate(_ input: Operations.PutTemplate.Input) async throws -> Operations.PutTemplate.Output {
+        let id = try id(input.path.typeId, "notification type")
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let channel = NotificationChannel(rawValue: input.path.channel.rawValue) ?? .inApp
+        let content = TemplateContent(subject: body.subject ?? "", body: body.body, html: body.html)
+        let locale = try validated { () throws(ValidationError) in
+            try TemplateRenderer.validate(content.subject, field: "subject")
+            try TemplateRenderer.validate(content.body, field: "body")
+            if let html = content.html { try TemplateRenderer.validate(html, field: "html") }
+            return try Validate.locale(input.path.locale)
+        }
+        let updated = try await tenant("notification type") { tx, _ in
+            try await tx.putTemplate(typeID: id, channel: channel, locale: locale, content: content)
+            try await tx.audit(action: "template.put", targetType: "notification_type", targetID: id.lowercased, before: nil,
+                               after: auditJSON(Components.Schemas.Template(channel: .init(rawValue: channel.rawValue)!, locale: locale,
+                                                                             subject: content.subject, body: content.body, html: content.html)))
+            return Components.Schemas.NotificationType(try await tx.notificationType(id))
+        }
+        return .ok(.init(body: .json(updated)))
+    }
+
+    func deleteTemplate(_ input: Operations.DeleteTemplate.Input) async throws -> Operations.DeleteTemplate.Output {
+        let id = try id(input.path.typeId, "notification type")
+        let channel = NotificationChannel(rawValue: input.path.channel.rawValue) ?? .inApp
+        let locale = input.path.locale
+        try await tenant("notification type") { tx, _ in
+            if try await tx.deleteTemplate(typeID: id, channel: channel, locale: locale) {
+                try await tx.audit(action: "template.delete", targetType: "notification_type", targetID: id.lowercased,
+                                   before: auditJSON(["channel": channel.rawValue, "locale": locale]), after: nil)
+            }
+        }
+        return .noContent(.init())
+    }
+
+    /// A category named by key in a request body; an unknown key is a 422.
+    func categoryID(key: String, _ tx: TenantTransaction) async throws -> UUID {
+        guard let category = try await tx.category(key: key) else {
+            throw APIError.unprocessable(ValidationError(field: "category", message: "\"\(key)\" is not a category of your organisation."))
+        }
+        return category.id
+    }
+}

@@ -1,0 +1,218 @@
+import Crypto
+import Foundation
+import HeraldCore
+import HeraldStore
+import Logging
+import OpenAPIRuntime
+
+extension HeraldService {
+    /// notify: validate, honour the idempotency key, plan, write everything in one transaction.
+    func sendEvent(_ input: Operations.SendEvent.Input) async throws -> Operations.SendEvent.Output {
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let request = try eventRequest(body)
+        let key = input.headers.idempotencyKey
+        let hash = try requestHash(body)
+        let now = now()
+        enum Outcome: Sendable { case created(EventRecord), replayed(EventRecord) }
+        let outcome: Outcome = try await tenant("event") { tx, _ in
+            if let key {
+                guard try await tx.lockIdempotencyKey(key) else {
+                    throw APIError.conflict("A request with this Idempotency-Key is still being processed; retry later.")
+                }
+                if let first = try await tx.event(idempotencyKey: key) {
+                    guard first.requestHash == hash else {
+                        throw APIError.unprocessable(ValidationError(field: "Idempotency-Key", message: "was already used with a different body."))
+                    }
+                    return .replayed(first)
+                }
+            }
+            let planned = try await plan(request, tx, now: now, idempotencyKey: key, requestHash: hash)
+            try await tx.write(planned.event, type: planned.type, plan: planned.plan)
+            return .created(try await tx.event(planned.event.id))
+        }
+        switch outcome {
+        case .created(let event):
+            return .accepted(.init(headers: .init(idempotentReplayed: nil), body: .json(accepted(event))))
+        case .replayed(let event):
+            return .accepted(.init(headers: .init(idempotentReplayed: "true"), body: .json(accepted(event))))
+        }
+    }
+
+    func dryRunEvent(_ input: Operations.DryRunEvent.Input) async throws -> Operations.DryRunEvent.Output {
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let request = try eventRequest(body)
+        let limit = try validated { () throws(ValidationError) in try PageSize.clamp(input.query.limit) }
+        let explanation = try await tenant("event") { tx, _ in try await dryRun(request, tx, limit: limit) }
+        return .ok(.init(body: .json(explanation)))
+    }
+
+    func listEvents(_ input: Operations.ListEvents.Input) async throws -> Operations.ListEvents.Output {
+        let limit = try validated { () throws(ValidationError) in try PageSize.clamp(input.query.limit) }
+        let cursor = try input.query.cursor.map { c in try validated { () throws(ValidationError) in try PageCursor(encoded: c) } }
+        let page = try await tenant("event") { tx, _ in
+            var typeID: UUID?
+            if let key = input.query._type {
+                guard let type = try await tx.notificationType(key: key) else {
+                    throw APIError.unprocessable(ValidationError(field: "type", message: "\"\(key)\" is not a notification type of your organisation."))
+                }
+                typeID = type.id
+            }
+            return try await tx.events(typeID: typeID, limit: limit, after: cursor)
+        }
+        return .ok(.init(body: .json(.init(items: try page.items.map(Components.Schemas.Event.init), nextCursor: page.next?.encoded))))
+    }
+
+    func getEvent(_ input: Operations.GetEvent.Input) async throws -> Operations.GetEvent.Output {
+        let id = try id(input.path.eventId, "event")
+        let event = try await tenant("event") { tx, _ in try await tx.event(id) }
+        return .ok(.init(body: .json(try .init(event))))
+    }
+
+    func cancelEvent(_ input: Operations.CancelEvent.Input) async throws -> Operations.CancelEvent.Output {
+        let id = try id(input.path.eventId, "event")
+        let now = now()
+        let cancellation = try await tenant("event") { tx, _ in
+            guard let stopped = try await tx.cancelEvent(id, now: now) else {
+                throw APIError.conflict("The event is already cancelled.")
+            }
+            try await tx.audit(action: "event.cancel", targetType: "event", targetID: id.lowercased, before: nil,
+                               after: auditJSON(["deliveries": stopped.deliveries, "digest_items": stopped.digestItems, "notifications": stopped.notifications]))
+            return stopped
+        }
+        return .ok(.init(body: .json(.init(eventId: id.lowercased, status: .cancelled, deliveriesCancelled: cancellation.deliveries,
+                                           digestItemsCancelled: cancellation.digestItems, notificationsWithdrawn: cancellation.notifications))))
+    }
+
+    func explainEvent(_ input: Operations.ExplainEvent.Input) async throws -> Operations.ExplainEvent.Output {
+        let id = try id(input.path.eventId, "event")
+        let limit = try validated { () throws(ValidationError) in try PageSize.clamp(input.query.limit) }
+        let after = try input.query.cursor.map { c in try validated { () throws(ValidationError) in try PageCursor(encoded: c).id } }
+        let user = try input.query.userId.map { v in try validated { () throws(ValidationError) in try Validate.uuid(v, field: "user_id") } }
+        let explanation = try await tenant("event") { tx, _ in
+            try await explanationOf(try await tx.event(id), tx, userID: user, limit: limit, after: after)
+        }
+        return .ok(.init(body: .json(explanation)))
+    }
+
+    /// The form admins ask for first: the latest event of a type explained, or a dry run to everyone.
+    func debugNotifications(_ input: Operations.DebugNotifications.Input) async throws -> Operations.DebugNotifications.Output {
+        let limit = try validated { () throws(ValidationError) in try PageSize.clamp(input.query.limit) }
+        let after = try input.query.cursor.map { c in try validated { () throws(ValidationError) in try PageCursor(encoded: c).id } }
+        let user = try input.query.userId.map { v in try validated { () throws(ValidationError) in try Validate.uuid(v, field: "user_id") } }
+        let key = input.query.event
+        let explanation = try await tenant("notification type") { tx, _ in
+            guard let type = try await tx.notificationType(key: key) else {
+                throw APIError.unprocessable(ValidationError(field: "event", message: "\"\(key)\" is not a notification type of your organisation."))
+            }
+            if let latest = try await tx.latestEvent(typeID: type.id) {
+                return try await explanationOf(latest, tx, userID: user, limit: limit, after: after)
+            }
+            let audience = user.map { Audience(userIDs: [$0]) } ?? Audience(everyone: true)
+            return try await dryRun(EventRequest(typeKey: key, audience: audience, payload: .object([:])), tx, limit: limit)
+        }
+        return .ok(.init(body: .json(explanation)))
+    }
+
+    // MARK: Shared
+
+    private func plan(_ request: EventRequest, _ tx: TenantTransaction, now: Date, idempotencyKey: String? = nil, requestHash: String? = nil) async throws -> PlannedEvent {
+        do {
+            return try await tx.planEvent(request, eventID: UUID(), now: now, idempotencyKey: idempotencyKey, requestHash: requestHash)
+        } catch let unknown as UnknownNotificationType {
+            throw APIError.unprocessable(ValidationError(field: "type", message: "\"\(unknown.key)\" is not a notification type of your organisation."))
+        } catch let unknown as UnknownAudience {
+            let names = unknown.userIDs.map { "user \($0.lowercased)" } + unknown.roleKeys.map { "role \($0)" } + unknown.groupKeys.map { "group \($0)" }
+            throw APIError.unprocessable(ValidationError(field: "audience", message: "names what does not exist in your organisation: \(names.joined(separator: ", "))."))
+        }
+    }
+
+    private func dryRun(_ request: EventRequest, _ tx: TenantTransaction, limit: Int) async throws -> Components.Schemas.Explanation {
+        let planned = try await plan(request, tx, now: now())
+        let users = Dictionary(try await tx.users(ids: planned.plan.traces.prefix(limit).map(\.targeting.userID)).map { ($0.id, $0) },
+                               uniquingKeysWith: { a, _ in a })
+        let items = planned.plan.traces.prefix(limit).map { trace in
+            explained(ExplainedRecipient(
+                userID: trace.targeting.userID, email: users[trace.targeting.userID]?.email ?? "",
+                displayName: users[trace.targeting.userID]?.displayName ?? "", targeted: trace.targeting.targeted,
+                rule: trace.targeting.rule, reason: trace.targeting.reason,
+                // A dry run creates nothing, so it names no rows.
+                channels: trace.channels.map { TraceChannelRecord(decision: $0.decision) }, deliveryStatus: [:], digestStatus: [:]))
+        }
+        return .init(_type: request.typeKey, dryRun: true, counts: try convert(planned.plan.counts), items: items)
+    }
+
+    private func explanationOf(_ event: EventRecord, _ tx: TenantTransaction, userID: UUID?, limit: Int, after: UUID?) async throws -> Components.Schemas.Explanation {
+        let (items, next) = try await tx.explain(eventID: event.id, userID: userID, limit: limit, after: after)
+        return .init(eventId: event.id.lowercased, _type: event.typeKey, dryRun: false, counts: try convert(event.counts),
+                     items: items.map(explained), nextCursor: next.map { PageCursor(time: Date(timeIntervalSince1970: 0), id: $0).encoded })
+    }
+
+    private func explained(_ recipient: ExplainedRecipient) -> Components.Schemas.ExplainedUser {
+        .init(
+            userId: recipient.userID.lowercased, email: recipient.email, displayName: recipient.displayName, targeted: recipient.targeted,
+            rule: recipient.rule, reason: recipient.reason.rawValue, reasonText: recipient.reason.sentence,
+            channels: recipient.channels.map { channel in
+                .init(channel: .init(rawValue: channel.channel.rawValue)!, enabled: channel.enabled,
+                      frequency: .init(rawValue: channel.frequency.rawValue)!, conditions: (try? convert(channel.conditions)) ?? [],
+                      source: .init(rawValue: channel.source.rawValue)!, outcome: .init(rawValue: channel.outcome.rawValue)!,
+                      reason: channel.reason.rawValue, reasonText: channel.reason.sentence,
+                      notificationId: channel.notificationID?.lowercased, deliveryId: channel.deliveryID?.lowercased,
+                      deliveryStatus: channel.deliveryID.flatMap { recipient.deliveryStatus[$0] },
+                      digestItemId: channel.digestItemID?.lowercased,
+                      digestStatus: channel.digestItemID.flatMap { recipient.digestStatus[$0] }.flatMap { .init(rawValue: $0) })
+            })
+    }
+
+    /// Validates the body of notify (and of a dry run) into an engine request.
+    private func eventRequest(_ body: Components.Schemas.EventCreate) throws -> EventRequest {
+        let audience = try validated { () throws(ValidationError) in
+            Audience(
+                userIDs: try (body.audience.userIds ?? []).map { v throws(ValidationError) in try Validate.uuid(v, field: "audience.user_ids") },
+                roleKeys: body.audience.roles ?? [], groupKeys: body.audience.groups ?? [], everyone: body.audience.everyone ?? false,
+                excludeUserIDs: try (body.audience.excludeUserIds ?? []).map { v throws(ValidationError) in try Validate.uuid(v, field: "audience.exclude_user_ids") })
+        }
+        guard !audience.isEmpty else {
+            throw APIError.unprocessable(ValidationError(field: "audience", message: "names nobody: give user_ids, roles, groups or everyone."))
+        }
+        if let deliverAt = body.deliverAt, let expiresAt = body.expiresAt, expiresAt <= deliverAt {
+            throw APIError.unprocessable(ValidationError(field: "expires_at", message: "must be after deliver_at."))
+        }
+        if let expiresAt = body.expiresAt, expiresAt <= now() {
+            throw APIError.unprocessable(ValidationError(field: "expires_at", message: "must be in the future."))
+        }
+        return EventRequest(
+            typeKey: body._type, audience: audience, payload: try convert(body.payload ?? .init()),
+            sourceActor: try body.actor.map { try convert($0) }, subjectType: body.subject?._type, subjectID: body.subject?.id,
+            severity: body.severity.flatMap { Severity(rawValue: $0.rawValue) }, priority: body.priority.flatMap { Priority(rawValue: $0.rawValue) },
+            deliverAt: body.deliverAt, expiresAt: body.expiresAt)
+    }
+
+    /// SHA-256 of the body with sorted keys: the same request twice hashes the same.
+    private func requestHash(_ body: Components.Schemas.EventCreate) throws -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        encoder.dateEncodingStrategy = .iso8601
+        return SHA256.hash(data: try encoder.encode(body)).map { String(format: "%02x", $0) }.joined()
+    }
+
+    private func accepted(_ event: EventRecord) -> Components.Schemas.EventAccepted {
+        .init(eventId: event.id.lowercased, status: .init(rawValue: event.status)!, deliverAt: event.deliverAt,
+              counts: (try? convert(event.counts)) ?? .init(considered: 0, targeted: 0, notTargeted: 0, inApp: 0, immediate: 0, digest: 0, skipped: 0))
+    }
+}
+
+extension Components.Schemas.Event {
+    init(_ e: EventRecord) throws {
+        let audience = try JSONDecoder().decode(Audience.self, from: Data(e.audienceJSON.utf8))
+        self.init(
+            id: e.id.lowercased, _type: e.typeKey, status: .init(rawValue: e.status)!,
+            audience: .init(userIds: audience.userIDs.isEmpty ? nil : audience.userIDs.map(\.lowercased),
+                            roles: audience.roleKeys.isEmpty ? nil : audience.roleKeys,
+                            groups: audience.groupKeys.isEmpty ? nil : audience.groupKeys, everyone: audience.everyone ? true : nil,
+                            excludeUserIds: audience.excludeUserIDs.isEmpty ? nil : audience.excludeUserIDs.map(\.lowercased)),
+            payload: try decodeJSON(e.payloadJSON),
+            subject: e.subjectType.map { .init(_type: $0, id: e.subjectID ?? "") },
+            severity: .init(rawValue: e.severity.rawValue)!, priority: .init(rawValue: e.priority.rawValue)!,
+            deliverAt: e.deliverAt, expiresAt: e.expiresAt, counts: try convert(e.counts), createdAt: e.createdAt, cancelledAt: e.cancelledAt)
+    }
+}

@@ -1,0 +1,149 @@
+import Foundation
+import HeraldCore
+import HeraldStore
+import Logging
+
+/// The in-app feed of the calling user. Every transaction here is opened with the user as
+/// `recipient`, so row-level security confines it to their rows; the statements check it too.
+extension HeraldService {
+    func listMyNotifications(_ input: Operations.ListMyNotifications.Input) async throws -> Operations.ListMyNotifications.Output {
+        let user = try requireUser()
+        let q = input.query
+        let limit = try validated { () throws(ValidationError) in try PageSize.clamp(q.limit) }
+        let cursor = try q.cursor.map { c in try validated { () throws(ValidationError) in try FeedCursor(encoded: c) } }
+        let filter = FeedFilter(
+            typeKey: q._type, categoryKey: q.category, severity: q.severity.flatMap { Severity(rawValue: $0.rawValue) },
+            priority: q.priority.flatMap { Priority(rawValue: $0.rawValue) }, read: q.read, archived: q.archived ?? false,
+            since: q.since, search: q.q.flatMap { $0.trimmingCharacters(in: .whitespaces).isEmpty ? nil : $0 })
+        let now = now()
+        let page = try await feed(user) { tx in try await tx.feed(of: user, filter: filter, limit: limit, after: cursor, now: now) }
+        return .ok(.init(body: .json(.init(items: page.items.map(Components.Schemas.FeedItem.init), nextCursor: page.next?.encoded))))
+    }
+
+    func getMyUnreadCount(_ input: Operations.GetMyUnreadCount.Input) async throws -> Operations.GetMyUnreadCount.Output {
+        let user = try requireUser()
+        let now = now()
+        let count = try await feed(user) { tx in try await tx.unreadCount(of: user, now: now) }
+        return .ok(.init(body: .json(.init(total: count.total, byCategory: .init(additionalProperties: count.byCategory)))))
+    }
+
+    func getMyNotification(_ input: Operations.GetMyNotification.Input) async throws -> Operations.GetMyNotification.Output {
+        let (user, id) = (try requireUser(), try id(input.path.notificationId, "notification"))
+        let now = now()
+        let item = try await feed(user) { tx in try await tx.feedItem(id, of: user, now: now) }
+        return .ok(.init(body: .json(.init(item))))
+    }
+
+    func markNotificationRead(_ input: Operations.MarkNotificationRead.Input) async throws -> Operations.MarkNotificationRead.Output {
+        let (user, id) = (try requireUser(), try id(input.path.notificationId, "notification"))
+        let now = now()
+        let item = try await feed(user) { tx in try await tx.setRead(id, of: user, read: true, now: now) }
+        return .ok(.init(body: .json(.init(item))))
+    }
+
+    func markNotificationUnread(_ input: Operations.MarkNotificationUnread.Input) async throws -> Operations.MarkNotificationUnread.Output {
+        let (user, id) = (try requireUser(), try id(input.path.notificationId, "notification"))
+        let now = now()
+        let item = try await feed(user) { tx in try await tx.setRead(id, of: user, read: false, now: now) }
+        return .ok(.init(body: .json(.init(item))))
+    }
+
+    func archiveNotification(_ input: Operations.ArchiveNotification.Input) async throws -> Operations.ArchiveNotification.Output {
+        let (user, id) = (try requireUser(), try id(input.path.notificationId, "notification"))
+        let now = now()
+        let item = try await feed(user) { tx in try await tx.archive(id, of: user, now: now) }
+        return .ok(.init(body: .json(.init(item))))
+    }
+
+    func deleteMyNotification(_ input: Operations.DeleteMyNotification.Input) async throws -> Operations.DeleteMyNotification.Output {
+        let (user, id) = (try requireUser(), try id(input.path.notificationId, "notification"))
+        try await feed(user) { tx in try await tx.deleteNotification(id, of: user) }
+        return .noContent(.init())
+    }
+
+    func markNotificationsRead(_ input: Operations.MarkNotificationsRead.Input) async throws -> Operations.MarkNotificationsRead.Output {
+        let user = try requireUser()
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let all = body.all ?? false
+        guard all != (body.ids != nil) else {
+            throw APIError.unprocessable(ValidationError(field: "body", message: "give either ids or \"all\": true."))
+        }
+        let ids = try validated { () throws(ValidationError) in
+            try (body.ids ?? []).map { v throws(ValidationError) in try Validate.uuid(v, field: "ids") }
+        }
+        let now = now()
+        let count: Int? = try await feed(user) { tx in
+            if all {
+                // Everything visible now: the largest UUID v7 of this millisecond.
+                try await tx.markAllRead(of: user, through: TimeOrderedID.upperBound(at: now))
+                return nil
+            }
+            return try await tx.markRead(ids, of: user, now: now)
+        }
+        return .ok(.init(body: .json(.init(count: count))))
+    }
+
+    func clearMyNotifications(_ input: Operations.ClearMyNotifications.Input) async throws -> Operations.ClearMyNotifications.Output {
+        let user = try requireUser()
+        let count = try await feed(user) { tx in try await tx.clearFeed(of: user) }
+        return .ok(.init(body: .json(.init(count: count))))
+    }
+
+    func getMyNotificationStats(_ input: Operations.GetMyNotificationStats.Input) async throws -> Operations.GetMyNotificationStats.Output {
+        let user = try requireUser()
+        let stats = try await feed(user) { tx in try await tx.notificationStats(userID: user, since: input.query.since, until: input.query.until) }
+        return .ok(.init(body: .json(.init(stats))))
+    }
+
+    func getNotificationStats(_ input: Operations.GetNotificationStats.Input) async throws -> Operations.GetNotificationStats.Output {
+        let user = try input.query.userId.map { v in try validated { () throws(ValidationError) in try Validate.uuid(v, field: "user_id") } }
+        let stats = try await tenant("user") { tx, _ in
+            if let user { _ = try await tx.user(user) }
+            return try await tx.notificationStats(userID: user, since: input.query.since, until: input.query.until)
+        }
+        return .ok(.init(body: .json(.init(stats))))
+    }
+
+    /// A transaction confined to the caller's organisation and, through row-level security, to
+    /// the caller's own in-app rows.
+    private func feed<Result: Sendable>(_ user: UUID, _ body: (TenantTransaction) async throws -> Result) async throws -> Result {
+        let scope = try RequestScope.get()
+        let principal = try scope.requirePrincipal()
+        do {
+            return try await database.withTenant(principal.organisationID, actor: principal.actor, requestID: scope.requestID, recipient: user, body)
+        } catch let error as StoreError {
+            throw APIError.from(error, resource: "notification")
+        }
+    }
+}
+
+extension FeedCursor {
+    /// The cursor as a client sees it: base64url of a small JSON object.
+    var encoded: String {
+        ((try? JSONEncoder().encode(self)) ?? Data()).base64URLEncoded
+    }
+
+    init(encoded: String) throws(ValidationError) {
+        guard let data = Data(base64URLEncoded: encoded), let cursor = try? JSONDecoder().decode(FeedCursor.self, from: data) else {
+            throw ValidationError(field: "cursor", message: "is not a cursor returned by this API.")
+        }
+        self = cursor
+    }
+}
+
+extension Components.Schemas.FeedItem {
+    init(_ n: FeedItem) {
+        self.init(
+            id: n.id.lowercased, eventId: n.eventID.lowercased, _type: n.typeKey, category: n.categoryKey,
+            severity: .init(rawValue: n.severity.rawValue)!, priority: .init(rawValue: n.priority.rawValue)!, title: n.title, body: n.body,
+            subject: n.subjectType.map { .init(_type: $0, id: n.subjectID ?? "") }, read: n.read, archived: n.archived,
+            createdAt: n.createdAt, expiresAt: n.expiresAt)
+    }
+}
+
+extension Components.Schemas.Stats {
+    init(_ s: NotificationStats) {
+        self.init(total: s.total, byType: .init(additionalProperties: s.byType), byCategory: .init(additionalProperties: s.byCategory),
+                  byState: .init(additionalProperties: s.byState))
+    }
+}

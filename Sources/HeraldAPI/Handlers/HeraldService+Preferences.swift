@@ -1,0 +1,151 @@
+import Foundation
+import HeraldCore
+import HeraldStore
+import Logging
+
+extension HeraldService {
+    func getPreferenceDefaults(_ input: Operations.GetPreferenceDefaults.Input) async throws -> Operations.GetPreferenceDefaults.Output {
+        let list = try await tenant("organisation") { tx, _ in
+            try await preferenceList(try await tx.preferenceDefaults(), tx)
+        }
+        return .ok(.init(body: .json(list)))
+    }
+
+    func replacePreferenceDefaults(_ input: Operations.ReplacePreferenceDefaults.Input) async throws -> Operations.ReplacePreferenceDefaults.Output {
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let list = try await tenant("organisation") { tx, _ in
+            let before = try await preferenceList(try await tx.preferenceDefaults(), tx)
+            try await tx.replacePreferenceDefaults(with: try await cells(body, tx))
+            let after = try await preferenceList(try await tx.preferenceDefaults(), tx)
+            try await tx.audit(action: "preference_defaults.replace", targetType: "organisation", targetID: tx.organisationID.lowercased,
+                               before: auditJSON(before), after: auditJSON(after))
+            return after
+        }
+        return .ok(.init(body: .json(list)))
+    }
+
+    func getMyPreferences(_ input: Operations.GetMyPreferences.Input) async throws -> Operations.GetMyPreferences.Output {
+        let user = try requireUser()
+        let list = try await tenant("user") { tx, _ in try await preferenceList(try await tx.preferences(ofUser: user), tx) }
+        return .ok(.init(body: .json(list)))
+    }
+
+    func replaceMyPreferences(_ input: Operations.ReplaceMyPreferences.Input) async throws -> Operations.ReplaceMyPreferences.Output {
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        return .ok(.init(body: .json(try await replacePreferences(of: try requireUser(), body))))
+    }
+
+    func getMyResolvedPreferences(_ input: Operations.GetMyResolvedPreferences.Input) async throws -> Operations.GetMyResolvedPreferences.Output {
+        .ok(.init(body: .json(try await resolvedPreferences(of: try requireUser(), typeKey: input.query._type))))
+    }
+
+    func getUserPreferences(_ input: Operations.GetUserPreferences.Input) async throws -> Operations.GetUserPreferences.Output {
+        let id = try id(input.path.userId, "user")
+        let list = try await tenant("user") { tx, _ in
+            _ = try await tx.user(id)
+            return try await preferenceList(try await tx.preferences(ofUser: id), tx)
+        }
+        return .ok(.init(body: .json(list)))
+    }
+
+    func replaceUserPreferences(_ input: Operations.ReplaceUserPreferences.Input) async throws -> Operations.ReplaceUserPreferences.Output {
+        let id = try id(input.path.userId, "user")
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        return .ok(.init(body: .json(try await replacePreferences(of: id, body))))
+    }
+
+    func getUserResolvedPreferences(_ input: Operations.GetUserResolvedPreferences.Input) async throws -> Operations.GetUserResolvedPreferences.Output {
+        let id = try id(input.path.userId, "user")
+        return .ok(.init(body: .json(try await resolvedPreferences(of: id, typeKey: input.query._type))))
+    }
+
+    // MARK: Shared
+
+    /// The acting user; API keys have no feed or preferences of their own.
+    func requireUser() throws -> UUID {
+        let principal = try RequestScope.get().requirePrincipal()
+        guard let user = principal.actor.userID else {
+            throw APIError.badRequest("This operation concerns the calling user's own data; call it with a user's access token, not an API key.")
+        }
+        return user
+    }
+
+    private func replacePreferences(of userID: UUID, _ body: Components.Schemas.PreferenceList) async throws -> Components.Schemas.PreferenceList {
+        try await tenant("user") { tx, _ in
+            _ = try await tx.user(userID)
+            let before = try await preferenceList(try await tx.preferences(ofUser: userID), tx)
+            try await tx.replacePreferences(ofUser: userID, with: try await cells(body, tx))
+            let after = try await preferenceList(try await tx.preferences(ofUser: userID), tx)
+            try await tx.audit(action: "preferences.replace", targetType: "user", targetID: userID.lowercased,
+                               before: auditJSON(before), after: auditJSON(after))
+            return after
+        }
+    }
+
+    /// Every category × channel with its effective value and source. With a type, its default
+    /// channels decide the type default; without, a category defaults to in-app only.
+    private func resolvedPreferences(of userID: UUID, typeKey: String?) async throws -> Components.Schemas.ResolvedPreferences {
+        try await tenant("user") { tx, _ in
+            _ = try await tx.user(userID)
+            var typeChannels: Set<NotificationChannel> = [.inApp]
+            var categories = try await tx.categories()
+            if let typeKey {
+                guard let type = try await tx.notificationType(key: typeKey) else {
+                    throw APIError.unprocessable(ValidationError(field: "type", message: "\"\(typeKey)\" is not a notification type of your organisation."))
+                }
+                typeChannels = Set(type.defaultChannels)
+                categories = categories.filter { $0.id == type.categoryID }
+            }
+            let own = Dictionary(try await tx.preferences(ofUser: userID).map { ("\($0.categoryID)|\($0.channel.rawValue)", $0.setting) },
+                                 uniquingKeysWith: { a, _ in a })
+            let defaults = Dictionary(try await tx.preferenceDefaults().map { ("\($0.categoryID)|\($0.channel.rawValue)", $0.setting) },
+                                      uniquingKeysWith: { a, _ in a })
+            var items: [Components.Schemas.ResolvedPreference] = []
+            for category in categories {
+                for channel in NotificationChannel.allCases {
+                    let key = "\(category.id)|\(channel.rawValue)"
+                    let effective = PreferenceResolver.resolve(
+                        channel: channel, categoryIsCritical: category.critical, typeDefaultChannels: typeChannels,
+                        user: own[key], organisationDefault: defaults[key])
+                    items.append(.init(category: category.key, channel: .init(rawValue: channel.rawValue)!, enabled: effective.enabled,
+                                       frequency: .init(rawValue: effective.frequency.rawValue)!,
+                                       conditions: try convert(effective.conditions),
+                                       source: .init(rawValue: effective.source.rawValue)!))
+                }
+            }
+            return Components.Schemas.ResolvedPreferences(items: items)
+        }
+    }
+
+    /// Stored cells as the API shows them (category keys instead of ids).
+    private func preferenceList(_ cells: [PreferenceCell], _ tx: TenantTransaction) async throws -> Components.Schemas.PreferenceList {
+        let keys = Dictionary(try await tx.categories().map { ($0.id, $0.key) }, uniquingKeysWith: { a, _ in a })
+        return .init(items: try cells.compactMap { cell in
+            guard let key = keys[cell.categoryID] else { return nil }
+            return .init(category: key, channel: .init(rawValue: cell.channel.rawValue)!, enabled: cell.setting.enabled,
+                         frequency: .init(rawValue: cell.setting.frequency.rawValue)!, conditions: try convert(cell.setting.conditions))
+        }.sorted { ($0.category, $0.channel.rawValue) < ($1.category, $1.channel.rawValue) })
+    }
+
+    /// Validates a list of cells: known categories, one cell per category and channel, valid conditions.
+    private func cells(_ list: Components.Schemas.PreferenceList, _ tx: TenantTransaction) async throws -> [PreferenceCell] {
+        let categories = Dictionary(try await tx.categories().map { ($0.key, $0.id) }, uniquingKeysWith: { a, _ in a })
+        var seen = Set<String>()
+        return try list.items.enumerated().map { index, item in
+            let field = "items[\(index)]"
+            guard let category = categories[item.category] else {
+                throw APIError.unprocessable(ValidationError(field: "\(field).category", message: "\"\(item.category)\" is not a category of your organisation."))
+            }
+            guard seen.insert("\(item.category)|\(item.channel.rawValue)").inserted else {
+                throw APIError.unprocessable(ValidationError(field: field, message: "lists \(item.category) × \(item.channel.rawValue) twice."))
+            }
+            let conditions: [Condition] = try convert(item.conditions ?? [])
+            try validated { () throws(ValidationError) in
+                for (n, condition) in conditions.enumerated() { try condition.validate(field: "\(field).conditions[\(n)]") }
+            }
+            return PreferenceCell(
+                categoryID: category, channel: NotificationChannel(rawValue: item.channel.rawValue)!,
+                setting: PreferenceSetting(enabled: item.enabled, frequency: Frequency(rawValue: item.frequency.rawValue)!, conditions: conditions))
+        }
+    }
+}

@@ -1,0 +1,137 @@
+import Foundation
+
+/// A JSON value from an event payload or a preference condition.
+public indirect enum JSONValue: Sendable, Equatable, Codable, Hashable {
+    case string(String)
+    case number(Double)
+    case bool(Bool)
+    case null
+    case array([JSONValue])
+    case object([String: JSONValue])
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.singleValueContainer()
+        if container.decodeNil() { self = .null }
+        else if let value = try? container.decode(Bool.self) { self = .bool(value) }
+        else if let value = try? container.decode(Double.self) { self = .number(value) }
+        else if let value = try? container.decode(String.self) { self = .string(value) }
+        else if let value = try? container.decode([JSONValue].self) { self = .array(value) }
+        else { self = .object(try container.decode([String: JSONValue].self)) }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        switch self {
+        case .string(let v): try container.encode(v)
+        case .number(let v): try container.encode(v)
+        case .bool(let v): try container.encode(v)
+        case .null: try container.encodeNil()
+        case .array(let v): try container.encode(v)
+        case .object(let v): try container.encode(v)
+        }
+    }
+
+    /// The value at a dot-separated path (`visit.location.city`), if there is one.
+    public func value(at path: String) -> JSONValue? {
+        var current = self
+        for key in path.split(separator: ".") {
+            guard case .object(let object) = current, let next = object[String(key)] else { return nil }
+            current = next
+        }
+        return current
+    }
+
+    /// A plain Swift value (for template rendering).
+    public var plain: Any {
+        switch self {
+        case .string(let v): v
+        case .number(let v): v.rounded() == v && abs(v) < 1e15 ? Int(v) as Any : v as Any
+        case .bool(let v): v
+        case .null: Optional<String>.none as Any
+        case .array(let v): v.map(\.plain)
+        case .object(let v): v.mapValues(\.plain)
+        }
+    }
+}
+
+/// A condition a preference puts on events: "only outings of these activity types starting on
+/// Saturday or Sunday" is two conditions, both of which must hold.
+public struct Condition: Sendable, Equatable, Codable {
+    public enum Operator: String, Sendable, Codable, CaseIterable {
+        /// The payload field equals `value`.
+        case equals
+        /// The payload field is one of `values`.
+        case `in`
+        /// The payload field is none of `values` (a missing field passes).
+        case notIn = "not_in"
+        /// The payload field is a date (or date-time) whose weekday is one of `values`
+        /// (`monday` … `sunday`), in the recipient's time zone for date-times.
+        case weekdayIn = "weekday_in"
+    }
+
+    public var field: String
+    public var op: Operator
+    public var value: JSONValue?
+    public var values: [JSONValue]?
+
+    public init(field: String, op: Operator, value: JSONValue? = nil, values: [JSONValue]? = nil) {
+        self.field = field
+        self.op = op
+        self.value = value
+        self.values = values
+    }
+
+    enum CodingKeys: String, CodingKey { case field, op, value, values }
+
+    static let weekdays = ["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"]
+
+    /// Refuses a condition that can never be evaluated.
+    public func validate(field name: String = "conditions") throws(ValidationError) {
+        guard !field.isEmpty, field.count <= 200 else { throw ValidationError(field: name, message: "a condition needs a payload field.") }
+        switch op {
+        case .equals:
+            guard value != nil else { throw ValidationError(field: name, message: "\"equals\" needs a value.") }
+        case .in, .notIn:
+            guard let values, !values.isEmpty else { throw ValidationError(field: name, message: "\"\(op.rawValue)\" needs a non-empty values list.") }
+        case .weekdayIn:
+            guard let values, !values.isEmpty, values.allSatisfy({ if case .string(let d) = $0 { Self.weekdays.contains(d.lowercased()) } else { false } }) else {
+                throw ValidationError(field: name, message: "\"weekday_in\" needs weekday names such as \"saturday\".")
+            }
+        }
+    }
+
+    /// Whether `payload` meets the condition for a recipient in `timeZone`.
+    public func isMet(by payload: JSONValue, timeZone: TimeZone) -> Bool {
+        let actual = payload.value(at: field)
+        switch op {
+        case .equals:
+            return actual != nil && actual == value
+        case .in:
+            guard let actual else { return false }
+            return values?.contains(actual) ?? false
+        case .notIn:
+            guard let actual else { return true }
+            return !(values?.contains(actual) ?? false)
+        case .weekdayIn:
+            guard case .string(let text) = actual, let weekday = Self.weekday(of: text, in: timeZone) else { return false }
+            return values?.contains(.string(weekday)) ?? false
+        }
+    }
+
+    /// `monday` … `sunday` for an ISO 8601 date (`2026-11-21`) or date-time.
+    static func weekday(of text: String, in timeZone: TimeZone) -> String? {
+        var calendar = Calendar(identifier: .gregorian)
+        calendar.timeZone = timeZone
+        if text.count == 10 {
+            let parts = text.split(separator: "-").compactMap { Int($0) }
+            guard parts.count == 3 else { return nil }
+            calendar.timeZone = TimeZone(identifier: "UTC")!
+            guard let date = calendar.date(from: DateComponents(year: parts[0], month: parts[1], day: parts[2])) else { return nil }
+            return weekdays[calendar.component(.weekday, from: date) - 1]
+        }
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        guard let date = formatter.date(from: text) ?? ISO8601DateFormatter().date(from: text) else { return nil }
+        return weekdays[calendar.component(.weekday, from: date) - 1]
+    }
+}

@@ -1,0 +1,265 @@
+import Foundation
+
+/// A notification type as the engine needs it, with its category.
+public struct TypeProfile: Sendable, Equatable {
+    public var id: UUID
+    public var key: String
+    public var name: String
+    public var categoryID: UUID
+    public var categoryKey: String
+    public var categoryIsCritical: Bool
+    public var defaultChannels: Set<NotificationChannel>
+    public var defaultSeverity: Severity
+    public var defaultPriority: Priority
+    /// Templates by channel, then locale.
+    public var templates: [NotificationChannel: [String: TemplateContent]]
+
+    public init(id: UUID, key: String, name: String, categoryID: UUID, categoryKey: String, categoryIsCritical: Bool,
+                defaultChannels: Set<NotificationChannel>, defaultSeverity: Severity, defaultPriority: Priority,
+                templates: [NotificationChannel: [String: TemplateContent]]) {
+        self.id = id
+        self.key = key
+        self.name = name
+        self.categoryID = categoryID
+        self.categoryKey = categoryKey
+        self.categoryIsCritical = categoryIsCritical
+        self.defaultChannels = defaultChannels
+        self.defaultSeverity = defaultSeverity
+        self.defaultPriority = defaultPriority
+        self.templates = templates
+    }
+}
+
+/// A user the audience reached, with what rendering and decisions need.
+public struct RecipientProfile: Sendable, Equatable {
+    public var candidate: Candidate
+    public var email: String
+    public var displayName: String
+    public var locale: String?
+    public var timezone: String?
+    public var attributes: JSONValue
+
+    public init(candidate: Candidate, email: String, displayName: String, locale: String?, timezone: String?, attributes: JSONValue) {
+        self.candidate = candidate
+        self.email = email
+        self.displayName = displayName
+        self.locale = locale
+        self.timezone = timezone
+        self.attributes = attributes
+    }
+}
+
+/// Everything one call of notify decides from, gathered by the store.
+public struct PlanInput: Sendable {
+    public var eventID: UUID
+    public var type: TypeProfile
+    public var severity: Severity
+    public var priority: Priority
+    public var payload: JSONValue
+    public var subjectType: String?
+    public var subjectID: String?
+    public var deliverAt: Date
+    public var organisationName: String
+    public var organisationSlug: String
+    public var organisationLocale: String
+    public var organisationTimezone: String
+    /// Per user, per category, per minute; nil switches the throttle off.
+    public var throttlePerMinute: Int?
+    public var recipients: [RecipientProfile]
+    public var excluded: Set<UUID>
+    public var userPreferences: [UUID: [NotificationChannel: PreferenceSetting]]
+    public var organisationDefaults: [NotificationChannel: PreferenceSetting]
+    /// Notified events of this category per user in the last minute.
+    public var recentCounts: [UUID: Int]
+    /// Channels that have somewhere to go besides the user's own email (webhook and chat
+    /// endpoints); email always has the user's address, in-app always has the feed.
+    public var channelsWithEndpoints: Set<NotificationChannel>
+    /// Who caused the event in the tenant's domain; templates see it as `actor`.
+    public var sourceActor: JSONValue?
+
+    public init(eventID: UUID, type: TypeProfile, severity: Severity, priority: Priority, payload: JSONValue,
+                subjectType: String?, subjectID: String?, deliverAt: Date, organisationName: String, organisationSlug: String,
+                organisationLocale: String, organisationTimezone: String, throttlePerMinute: Int?, recipients: [RecipientProfile],
+                excluded: Set<UUID>, userPreferences: [UUID: [NotificationChannel: PreferenceSetting]],
+                organisationDefaults: [NotificationChannel: PreferenceSetting], recentCounts: [UUID: Int], channelsWithEndpoints: Set<NotificationChannel>,
+                sourceActor: JSONValue? = nil) {
+        self.sourceActor = sourceActor
+        self.eventID = eventID
+        self.type = type
+        self.severity = severity
+        self.priority = priority
+        self.payload = payload
+        self.subjectType = subjectType
+        self.subjectID = subjectID
+        self.deliverAt = deliverAt
+        self.organisationName = organisationName
+        self.organisationSlug = organisationSlug
+        self.organisationLocale = organisationLocale
+        self.organisationTimezone = organisationTimezone
+        self.throttlePerMinute = throttlePerMinute
+        self.recipients = recipients
+        self.excluded = excluded
+        self.userPreferences = userPreferences
+        self.organisationDefaults = organisationDefaults
+        self.recentCounts = recentCounts
+        self.channelsWithEndpoints = channelsWithEndpoints
+    }
+}
+
+/// One channel of one recipient in the trace, with the rows it produced.
+public struct TracedChannel: Sendable, Equatable, Codable {
+    public var decision: ChannelDecision
+    public var notificationID: UUID?
+    public var deliveryID: UUID?
+    public var digestItemID: UUID?
+
+    public init(decision: ChannelDecision, notificationID: UUID? = nil, deliveryID: UUID? = nil, digestItemID: UUID? = nil) {
+        self.decision = decision
+        self.notificationID = notificationID
+        self.deliveryID = deliveryID
+        self.digestItemID = digestItemID
+    }
+}
+
+/// The trace of one user the engine considered.
+public struct RecipientTrace: Sendable, Equatable {
+    public var targeting: TargetingDecision
+    public var channels: [TracedChannel]
+
+    /// Whether any channel produced something (counts toward the throttle).
+    public var notified: Bool { channels.contains { $0.decision.outcome != .skipped } }
+}
+
+/// An in-app row to write.
+public struct PlannedNotification: Sendable, Equatable {
+    public var id: UUID
+    public var userID: UUID
+    public var title: String
+    public var body: String
+}
+
+/// An outbox row to write.
+public struct PlannedDelivery: Sendable, Equatable {
+    public var id: UUID
+    public var userID: UUID
+    public var channel: NotificationChannel
+    public var destination: String
+}
+
+/// A digest item to write.
+public struct PlannedDigestItem: Sendable, Equatable {
+    public var id: UUID
+    public var userID: UUID
+    public var channel: NotificationChannel
+    public var frequency: Frequency
+}
+
+/// What notify answers with: how many of each decision.
+public struct DecisionCounts: Sendable, Equatable, Codable {
+    public var considered = 0
+    public var targeted = 0
+    public var notTargeted = 0
+    public var inApp = 0
+    public var immediate = 0
+    public var digest = 0
+    public var skipped = 0
+
+    public init() {}
+
+    enum CodingKeys: String, CodingKey {
+        case considered, targeted, inApp = "in_app", immediate, digest, skipped
+        case notTargeted = "not_targeted"
+    }
+}
+
+/// Everything notify writes, decided before anything is written (and all a dry run shows).
+public struct Plan: Sendable {
+    public var traces: [RecipientTrace]
+    public var notifications: [PlannedNotification]
+    public var deliveries: [PlannedDelivery]
+    public var digestItems: [PlannedDigestItem]
+    public var counts: DecisionCounts
+}
+
+/// The engine's decisions for one event, as a pure function of its inputs.
+public enum NotificationPlanner {
+    public static func plan(_ input: PlanInput) -> Plan {
+        let targeting = AudienceResolver.decide(input.recipients.map(\.candidate), excluding: input.excluded)
+        let profiles = Dictionary(input.recipients.map { ($0.candidate.userID, $0) }, uniquingKeysWith: { first, _ in first })
+        var plan = Plan(traces: [], notifications: [], deliveries: [], digestItems: [], counts: DecisionCounts())
+        for target in targeting {
+            plan.counts.considered += 1
+            guard target.targeted, let profile = profiles[target.userID] else {
+                plan.counts.notTargeted += 1
+                plan.traces.append(RecipientTrace(targeting: target, channels: []))
+                continue
+            }
+            plan.counts.targeted += 1
+            let timeZone = TimeZone(identifier: profile.timezone ?? input.organisationTimezone) ?? .gmt
+            let throttled = input.throttlePerMinute.map { (input.recentCounts[target.userID] ?? 0) >= $0 } ?? false
+            var channels: [TracedChannel] = []
+            for channel in NotificationChannel.allCases {
+                let preference = PreferenceResolver.resolve(
+                    channel: channel, categoryIsCritical: input.type.categoryIsCritical,
+                    typeDefaultChannels: input.type.defaultChannels,
+                    user: input.userPreferences[target.userID]?[channel], organisationDefault: input.organisationDefaults[channel])
+                let hasDestination = channel == .inApp || channel == .email || input.channelsWithEndpoints.contains(channel)
+                let decision = ChannelDecider.decide(
+                    channel: channel, preference: preference, payload: input.payload, timeZone: timeZone,
+                    throttled: throttled, hasDestination: hasDestination)
+                var traced = TracedChannel(decision: decision)
+                switch decision.outcome {
+                case .inApp:
+                    let content = render(input, profile, channel: .inApp)
+                    let id = TimeOrderedID.make(at: input.deliverAt)
+                    plan.notifications.append(PlannedNotification(id: id, userID: target.userID, title: content.subject, body: content.body))
+                    traced.notificationID = id
+                    plan.counts.inApp += 1
+                case .immediate:
+                    let id = UUID()
+                    plan.deliveries.append(PlannedDelivery(id: id, userID: target.userID, channel: channel,
+                                                           destination: channel == .email ? profile.email : channel.rawValue))
+                    traced.deliveryID = id
+                    plan.counts.immediate += 1
+                case .digest:
+                    let id = UUID()
+                    plan.digestItems.append(PlannedDigestItem(id: id, userID: target.userID, channel: channel, frequency: preference.frequency))
+                    traced.digestItemID = id
+                    plan.counts.digest += 1
+                case .skipped:
+                    plan.counts.skipped += 1
+                }
+                channels.append(traced)
+            }
+            plan.traces.append(RecipientTrace(targeting: target, channels: channels))
+        }
+        return plan
+    }
+
+    /// The rendering context a template sees: `payload`, `recipient`, `organisation`, `event`.
+    public static func context(_ input: PlanInput, _ profile: RecipientProfile) -> [String: Any] {
+        [
+            "payload": input.payload.plain,
+            "recipient": [
+                "display_name": profile.displayName, "email": profile.email,
+                "locale": profile.locale ?? input.organisationLocale, "timezone": profile.timezone ?? input.organisationTimezone,
+                "attributes": profile.attributes.plain,
+            ] as [String: Any],
+            "organisation": ["name": input.organisationName, "slug": input.organisationSlug],
+            "actor": input.sourceActor?.plain ?? [String: Any](),
+            "event": [
+                "id": input.eventID.uuidString.lowercased(), "type": input.type.key, "severity": input.severity.rawValue,
+                "priority": input.priority.rawValue, "subject_type": input.subjectType ?? "", "subject_id": input.subjectID ?? "",
+            ],
+        ]
+    }
+
+    /// The recipient's content for `channel`: the template in their locale, or the type's name.
+    public static func render(_ input: PlanInput, _ profile: RecipientProfile, channel: NotificationChannel) -> TemplateContent {
+        guard let picked = TemplateRenderer.pick(input.type.templates[channel] ?? [:], userLocale: profile.locale,
+                                                 organisationLocale: input.organisationLocale) else {
+            return TemplateContent(subject: input.type.name, body: "")
+        }
+        return TemplateRenderer.render(picked.value, context(input, profile))
+    }
+}

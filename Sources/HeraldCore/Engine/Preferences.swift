@@ -1,0 +1,112 @@
+import Foundation
+
+/// One setting for a category on a channel, as a user or the organisation stores it.
+public struct PreferenceSetting: Sendable, Equatable, Codable {
+    public var enabled: Bool
+    public var frequency: Frequency
+    public var conditions: [Condition]
+
+    public init(enabled: Bool, frequency: Frequency, conditions: [Condition] = []) {
+        self.enabled = enabled
+        self.frequency = frequency
+        self.conditions = conditions
+    }
+}
+
+/// The preference that applies, with where it came from.
+public struct EffectivePreference: Sendable, Equatable, Codable {
+    public var enabled: Bool
+    public var frequency: Frequency
+    public var conditions: [Condition]
+    public var source: PreferenceSource
+
+    public init(enabled: Bool, frequency: Frequency, conditions: [Condition], source: PreferenceSource) {
+        self.enabled = enabled
+        self.frequency = frequency
+        self.conditions = conditions
+        self.source = source
+    }
+}
+
+/// Resolves the effective preference of one cell (user × category × channel).
+///
+/// Precedence, first match wins:
+/// 1. a critical category on the in-app channel is always on, immediately (critical override);
+/// 2. the user's own setting;
+/// 3. the organisation's default for the category and channel;
+/// 4. the type's default: on and immediate for its default channels, off elsewhere.
+public enum PreferenceResolver {
+    public static func resolve(
+        channel: NotificationChannel,
+        categoryIsCritical: Bool,
+        typeDefaultChannels: Set<NotificationChannel>,
+        user: PreferenceSetting?,
+        organisationDefault: PreferenceSetting?
+    ) -> EffectivePreference {
+        if categoryIsCritical, channel == .inApp {
+            return EffectivePreference(enabled: true, frequency: .immediate, conditions: [], source: .criticalOverride)
+        }
+        if let user {
+            return EffectivePreference(enabled: user.enabled, frequency: user.frequency, conditions: user.conditions, source: .user)
+        }
+        if let organisationDefault {
+            return EffectivePreference(enabled: organisationDefault.enabled, frequency: organisationDefault.frequency,
+                                       conditions: organisationDefault.conditions, source: .organisationDefault)
+        }
+        let on = typeDefaultChannels.contains(channel)
+        return EffectivePreference(enabled: on, frequency: on ? .immediate : .none, conditions: [], source: .typeDefault)
+    }
+
+    /// Resolution without a notification type (the "resolved preferences" view of a user): a
+    /// category's default is on and immediate for in-app only.
+    public static func resolve(channel: NotificationChannel, categoryIsCritical: Bool, user: PreferenceSetting?, organisationDefault: PreferenceSetting?) -> EffectivePreference {
+        resolve(channel: channel, categoryIsCritical: categoryIsCritical, typeDefaultChannels: [.inApp], user: user, organisationDefault: organisationDefault)
+    }
+}
+
+/// What the engine decided for one recipient on one channel, and why.
+public struct ChannelDecision: Sendable, Equatable, Codable {
+    public var channel: NotificationChannel
+    public var preference: EffectivePreference
+    public var outcome: ChannelOutcome
+    public var reason: ReasonCode
+
+    public init(channel: NotificationChannel, preference: EffectivePreference, outcome: ChannelOutcome, reason: ReasonCode) {
+        self.channel = channel
+        self.preference = preference
+        self.outcome = outcome
+        self.reason = reason
+    }
+}
+
+/// Decides each channel for one targeted recipient. Pure: the caller supplies the
+/// preferences, whether the user is throttled, and which channels have somewhere to go.
+public enum ChannelDecider {
+    public static func decide(
+        channel: NotificationChannel,
+        preference: EffectivePreference,
+        payload: JSONValue,
+        timeZone: TimeZone,
+        throttled: Bool,
+        hasDestination: Bool
+    ) -> ChannelDecision {
+        func skip(_ reason: ReasonCode) -> ChannelDecision {
+            ChannelDecision(channel: channel, preference: preference, outcome: .skipped, reason: reason)
+        }
+        guard preference.enabled else { return skip(.channelDisabled) }
+        guard preference.frequency != .none else { return skip(.frequencyNone) }
+        guard preference.conditions.allSatisfy({ $0.isMet(by: payload, timeZone: timeZone) }) else { return skip(.conditionNotMet) }
+        // A critical override is never throttled: a critical alert always reaches the bell.
+        if throttled, preference.source != .criticalOverride { return skip(.throttled) }
+        guard hasDestination else { return skip(.noDestination) }
+        if channel == .inApp {
+            return ChannelDecision(channel: channel, preference: preference, outcome: .inApp, reason: .inAppCreated)
+        }
+        switch preference.frequency {
+        case .daily, .weekly:
+            return ChannelDecision(channel: channel, preference: preference, outcome: .digest, reason: .digestQueued)
+        default:
+            return ChannelDecision(channel: channel, preference: preference, outcome: .immediate, reason: .deliveryQueued)
+        }
+    }
+}

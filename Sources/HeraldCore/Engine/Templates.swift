@@ -1,0 +1,55 @@
+import Foundation
+import Mustache
+
+/// A message template for one channel and locale, in Mustache. `subject` is the in-app title
+/// or the email subject; `body` the text; `html` the email's HTML part.
+public struct TemplateContent: Sendable, Equatable, Codable {
+    public var subject: String
+    public var body: String
+    public var html: String?
+
+    public init(subject: String, body: String, html: String? = nil) {
+        self.subject = subject
+        self.body = body
+        self.html = html
+    }
+}
+
+/// Mustache templates: validated when saved, rendered with the event payload, the recipient
+/// and the organisation. Values are HTML-escaped unless a template uses `{{{triple}}}`.
+public enum TemplateRenderer {
+    /// Parses `source`; a broken template is a validation error that names the line.
+    public static func validate(_ source: String, field: String) throws(ValidationError) {
+        do {
+            _ = try MustacheTemplate(string: source)
+        } catch let error as MustacheTemplate.ParserError {
+            throw ValidationError(field: field, message: "line \(error.context.lineNumber), column \(error.context.columnNumber): \(error.error) near \"\(error.context.line.trimmingCharacters(in: .whitespaces))\".")
+        } catch {
+            throw ValidationError(field: field, message: "is not a valid Mustache template: \(error).")
+        }
+    }
+
+    /// Renders a template that passed `validate`; an unparsable one renders as its source.
+    public static func render(_ source: String, _ context: [String: Any]) -> String {
+        guard let template = try? MustacheTemplate(string: source) else { return source }
+        return template.render(context)
+    }
+
+    /// Renders every part of `content`.
+    public static func render(_ content: TemplateContent, _ context: [String: Any]) -> TemplateContent {
+        TemplateContent(subject: render(content.subject, context), body: render(content.body, context), html: content.html.map { render($0, context) })
+    }
+
+    /// The template to use for a recipient: their locale, its language, the organisation's
+    /// default, its language, then `en`.
+    public static func pick<T>(_ byLocale: [String: T], userLocale: String?, organisationLocale: String) -> (locale: String, value: T)? {
+        var order: [String] = []
+        for locale in [userLocale, organisationLocale].compactMap({ $0 }) {
+            order.append(locale)
+            if let language = locale.split(separator: "-").first.map(String.init), language != locale { order.append(language) }
+        }
+        order.append("en")
+        for locale in order { if let value = byLocale[locale] { return (locale, value) } }
+        return nil
+    }
+}

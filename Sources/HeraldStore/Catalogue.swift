@@ -1,0 +1,205 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+
+/// A category of notifications, e.g. alerts or activity; critical ones are always shown in-app.
+public struct Category: Sendable, Equatable {
+    public var id: UUID
+    public var key: String
+    public var name: String
+    public var description: String
+    public var critical: Bool
+    public var createdAt: Date
+    public var updatedAt: Date
+}
+
+/// A notification type, e.g. `ISQ_CRITICAL`, with its defaults and templates.
+public struct NotificationType: Sendable, Equatable {
+    public var id: UUID
+    public var key: String
+    public var categoryID: UUID
+    public var categoryKey: String
+    public var name: String
+    public var description: String
+    public var defaultSeverity: Severity
+    public var defaultPriority: Priority
+    public var defaultChannels: [NotificationChannel]
+    /// Templates by channel, then locale.
+    public var templates: [NotificationChannel: [String: TemplateContent]]
+    public var createdAt: Date
+    public var updatedAt: Date
+}
+
+/// Fields of a notification type as written.
+public struct NotificationTypeFields: Sendable {
+    public var key: String
+    public var categoryID: UUID
+    public var name: String
+    public var description: String
+    public var defaultSeverity: Severity
+    public var defaultPriority: Priority
+    public var defaultChannels: [NotificationChannel]
+
+    public init(key: String, categoryID: UUID, name: String, description: String, defaultSeverity: Severity,
+                defaultPriority: Priority, defaultChannels: [NotificationChannel]) {
+        self.key = key
+        self.categoryID = categoryID
+        self.name = name
+        self.description = description
+        self.defaultSeverity = defaultSeverity
+        self.defaultPriority = defaultPriority
+        self.defaultChannels = defaultChannels
+    }
+}
+
+extension TenantTransaction {
+    // MARK: Categories
+
+    public func categories() async throws -> [Category] {
+        try await query("SELECT \(unescaped: categoryColumns) FROM categories ORDER BY key").map(decodeCategory)
+    }
+
+    public func category(_ id: UUID) async throws -> Category {
+        guard let row = try await query("SELECT \(unescaped: categoryColumns) FROM categories WHERE id = \(id)").first else {
+            throw StoreError.notFound
+        }
+        return try decodeCategory(row)
+    }
+
+    public func category(key: String) async throws -> Category? {
+        try await query("SELECT \(unescaped: categoryColumns) FROM categories WHERE key = \(key)").first.map(decodeCategory)
+    }
+
+    public func createCategory(key: String, name: String, description: String, critical: Bool) async throws -> Category {
+        let rows = try await query(
+            """
+            INSERT INTO categories (organisation_id, key, name, description, critical)
+            VALUES (\(organisationID), \(key), \(name), \(description), \(critical)) RETURNING id
+            """)
+        return try await category(rows[0].decode(UUID.self))
+    }
+
+    public func updateCategory(_ id: UUID, name: String?, description: String?, critical: Bool?) async throws -> Category {
+        let rows = try await query(
+            """
+            UPDATE categories SET name = coalesce(\(name), name), description = coalesce(\(description), description),
+                critical = coalesce(\(critical), critical), updated_at = now()
+            WHERE id = \(id) RETURNING id
+            """)
+        guard !rows.isEmpty else { throw StoreError.notFound }
+        return try await category(id)
+    }
+
+    /// Deletes a category; a notification type still in it blocks the deletion (`invalidReference`).
+    public func deleteCategory(_ id: UUID) async throws {
+        guard !(try await query("DELETE FROM categories WHERE id = \(id) RETURNING id")).isEmpty else { throw StoreError.notFound }
+    }
+
+    // MARK: Notification types
+
+    public func notificationTypes() async throws -> [NotificationType] {
+        let rows = try await query("SELECT \(unescaped: typeColumns) FROM notification_types t ORDER BY t.key")
+        return try await withTemplates(try rows.map(decodeType))
+    }
+
+    public func notificationType(_ id: UUID) async throws -> NotificationType {
+        guard let row = try await query("SELECT \(unescaped: typeColumns) FROM notification_types t WHERE t.id = \(id)").first else {
+            throw StoreError.notFound
+        }
+        return try await withTemplates([try decodeType(row)])[0]
+    }
+
+    public func notificationType(key: String) async throws -> NotificationType? {
+        guard let row = try await query("SELECT \(unescaped: typeColumns) FROM notification_types t WHERE t.key = \(key)").first else {
+            return nil
+        }
+        return try await withTemplates([try decodeType(row)])[0]
+    }
+
+    public func createNotificationType(_ fields: NotificationTypeFields) async throws -> NotificationType {
+        let rows = try await query(
+            """
+            INSERT INTO notification_types (organisation_id, key, category_id, name, description, default_severity, default_priority, default_channels)
+            VALUES (\(organisationID), \(fields.key), \(fields.categoryID), \(fields.name), \(fields.description),
+                    \(fields.defaultSeverity.rawValue), \(fields.defaultPriority.rawValue), \(fields.defaultChannels.map(\.rawValue))::text[])
+            RETURNING id
+            """)
+        return try await notificationType(rows[0].decode(UUID.self))
+    }
+
+    public func updateNotificationType(_ id: UUID, _ fields: NotificationTypeFields) async throws -> NotificationType {
+        let rows = try await query(
+            """
+            UPDATE notification_types SET category_id = \(fields.categoryID), name = \(fields.name), description = \(fields.description),
+                default_severity = \(fields.defaultSeverity.rawValue), default_priority = \(fields.defaultPriority.rawValue),
+                default_channels = \(fields.defaultChannels.map(\.rawValue))::text[], updated_at = now()
+            WHERE id = \(id) RETURNING id
+            """)
+        guard !rows.isEmpty else { throw StoreError.notFound }
+        return try await notificationType(id)
+    }
+
+    /// Deletes a type and its templates; a type with events blocks the deletion (`invalidReference`).
+    public func deleteNotificationType(_ id: UUID) async throws {
+        guard !(try await query("DELETE FROM notification_types WHERE id = \(id) RETURNING id")).isEmpty else { throw StoreError.notFound }
+    }
+
+    /// Creates or replaces the template of a type for a channel and locale.
+    public func putTemplate(typeID: UUID, channel: NotificationChannel, locale: String, content: TemplateContent) async throws {
+        _ = try await notificationType(typeID)
+        try await query(
+            """
+            INSERT INTO templates (organisation_id, type_id, channel, locale, subject, body, html)
+            VALUES (\(organisationID), \(typeID), \(channel.rawValue), \(locale), \(content.subject), \(content.body), \(content.html))
+            ON CONFLICT (organisation_id, type_id, channel, locale)
+            DO UPDATE SET subject = excluded.subject, body = excluded.body, html = excluded.html, updated_at = now()
+            """)
+    }
+
+    /// Deletes a template; returns false when there was none.
+    @discardableResult
+    public func deleteTemplate(typeID: UUID, channel: NotificationChannel, locale: String) async throws -> Bool {
+        _ = try await notificationType(typeID)
+        return !(try await query(
+            "DELETE FROM templates WHERE type_id = \(typeID) AND channel = \(channel.rawValue) AND locale = \(locale) RETURNING locale"
+        )).isEmpty
+    }
+
+    private func withTemplates(_ types: [NotificationType]) async throws -> [NotificationType] {
+        guard !types.isEmpty else { return types }
+        let rows = try await query(
+            "SELECT type_id, channel, locale, subject, body, html FROM templates WHERE type_id = ANY(\(types.map(\.id))::uuid[])")
+        var byType: [UUID: [NotificationChannel: [String: TemplateContent]]] = [:]
+        for row in rows {
+            let (typeID, channel, locale, subject, body, html) = try row.decode((UUID, String, String, String, String, String?).self)
+            guard let channel = NotificationChannel(rawValue: channel) else { continue }
+            byType[typeID, default: [:]][channel, default: [:]][locale] = TemplateContent(subject: subject, body: body, html: html)
+        }
+        return types.map { type in
+            var type = type
+            type.templates = byType[type.id] ?? [:]
+            return type
+        }
+    }
+}
+
+private let categoryColumns = "id, key, name, description, critical, created_at, updated_at"
+
+private func decodeCategory(_ row: PostgresRow) throws -> Category {
+    let (id, key, name, description, critical, created, updated) = try row.decode((UUID, String, String, String, Bool, Date, Date).self)
+    return Category(id: id, key: key, name: name, description: description, critical: critical, createdAt: created, updatedAt: updated)
+}
+
+private let typeColumns = """
+    t.id, t.key, t.category_id, (SELECT c.key FROM categories c WHERE c.organisation_id = t.organisation_id AND c.id = t.category_id),
+    t.name, t.description, t.default_severity, t.default_priority, t.default_channels, t.created_at, t.updated_at
+    """
+
+private func decodeType(_ row: PostgresRow) throws -> NotificationType {
+    let (id, key, categoryID, categoryKey, name, description, severity, priority, channels, created, updated) =
+        try row.decode((UUID, String, UUID, String, String, String, String, String, [String], Date, Date).self)
+    return NotificationType(
+        id: id, key: key, categoryID: categoryID, categoryKey: categoryKey, name: name, description: description,
+        defaultSeverity: Severity(rawValue: severity) ?? .info, defaultPriority: Priority(rawValue: priority) ?? .normal,
+        defaultChannels: channels.compactMap(NotificationChannel.init(rawValue:)), templates: [:], createdAt: created, updatedAt: updated)
+}

@@ -1,0 +1,81 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+
+/// What a caller asked notify to do, validated.
+public struct EventRequest: Sendable {
+    public var typeKey: String
+    public var audience: Audience
+    public var payload: JSONValue
+    public var sourceActor: JSONValue?
+    public var subjectType: String?
+    public var subjectID: String?
+    public var severity: Severity?
+    public var priority: Priority?
+    public var deliverAt: Date?
+    public var expiresAt: Date?
+
+    public init(typeKey: String, audience: Audience, payload: JSONValue, sourceActor: JSONValue? = nil, subjectType: String? = nil,
+                subjectID: String? = nil, severity: Severity? = nil, priority: Priority? = nil, deliverAt: Date? = nil, expiresAt: Date? = nil) {
+        self.typeKey = typeKey
+        self.audience = audience
+        self.payload = payload
+        self.sourceActor = sourceActor
+        self.subjectType = subjectType
+        self.subjectID = subjectID
+        self.severity = severity
+        self.priority = priority
+        self.deliverAt = deliverAt
+        self.expiresAt = expiresAt
+    }
+}
+
+/// A notification type key that does not exist in the organisation.
+public struct UnknownNotificationType: Error, Sendable, Equatable {
+    public var key: String
+}
+
+/// The engine's decisions for a request, with what notify needs to write them.
+public struct PlannedEvent: Sendable {
+    public var event: NewEvent
+    public var type: TypeProfile
+    public var plan: Plan
+}
+
+extension TenantTransaction {
+    /// Gathers everything the planner needs in a few set-based queries and runs it. Writes
+    /// nothing: notify writes the result with `write`, a dry run just shows it.
+    public func planEvent(_ request: EventRequest, eventID: UUID, now: Date, idempotencyKey: String? = nil, requestHash: String? = nil) async throws -> PlannedEvent {
+        guard let type = try await notificationType(key: request.typeKey) else { throw UnknownNotificationType(key: request.typeKey) }
+        let category = try await category(type.categoryID)
+        let settings = try await engineSettings()
+        let profile = TypeProfile(
+            id: type.id, key: type.key, name: type.name, categoryID: category.id, categoryKey: category.key,
+            categoryIsCritical: category.critical, defaultChannels: Set(type.defaultChannels), defaultSeverity: type.defaultSeverity,
+            defaultPriority: type.defaultPriority, templates: type.templates)
+        let recipients = try await recipients(for: request.audience)
+        let deliverAt = max(request.deliverAt ?? now, now)
+        let severity = request.severity ?? type.defaultSeverity
+        let priority = request.priority ?? type.defaultPriority
+        let input = PlanInput(
+            eventID: eventID, type: profile, severity: severity, priority: priority, payload: request.payload,
+            subjectType: request.subjectType, subjectID: request.subjectID, deliverAt: deliverAt,
+            organisationName: settings.name, organisationSlug: settings.slug, organisationLocale: settings.defaultLocale,
+            organisationTimezone: settings.defaultTimezone, throttlePerMinute: settings.throttlePerMinute, recipients: recipients,
+            excluded: Set(request.audience.excludeUserIDs), userPreferences: try await preferences(forCategory: category.id),
+            organisationDefaults: try await preferenceDefaults(forCategory: category.id),
+            recentCounts: settings.throttlePerMinute == nil ? [:] : try await recentNotifiedCounts(categoryID: category.id, now: now),
+            // Webhook and chat endpoints arrive with the delivery issue; until then those channels have nowhere to go.
+            channelsWithEndpoints: [], sourceActor: request.sourceActor)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let event = NewEvent(
+            id: eventID, typeID: type.id,
+            sourceActorJSON: try request.sourceActor.map { String(decoding: try encoder.encode($0), as: UTF8.self) },
+            audienceJSON: String(decoding: try encoder.encode(request.audience), as: UTF8.self),
+            payloadJSON: String(decoding: try encoder.encode(request.payload), as: UTF8.self),
+            subjectType: request.subjectType, subjectID: request.subjectID, severity: severity, priority: priority,
+            deliverAt: deliverAt, expiresAt: request.expiresAt, idempotencyKey: idempotencyKey, requestHash: requestHash)
+        return PlannedEvent(event: event, type: profile, plan: NotificationPlanner.plan(input))
+    }
+}

@@ -1,0 +1,363 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+
+/// A stored event: one call of notify.
+public struct EventRecord: Sendable, Equatable {
+    public var id: UUID
+    public var typeID: UUID
+    public var typeKey: String
+    public var actorType: String
+    public var actorID: UUID?
+    public var audienceJSON: String
+    public var payloadJSON: String
+    public var subjectType: String?
+    public var subjectID: String?
+    public var severity: Severity
+    public var priority: Priority
+    public var deliverAt: Date
+    public var expiresAt: Date?
+    public var status: String
+    public var idempotencyKey: String?
+    public var requestHash: String?
+    public var counts: DecisionCounts
+    public var createdAt: Date
+    public var cancelledAt: Date?
+}
+
+/// What notify stores about the event itself, beside the plan.
+public struct NewEvent: Sendable {
+    public var id: UUID
+    public var typeID: UUID
+    /// Who caused the event in the tenant's domain (free-form JSON object), if given.
+    public var sourceActorJSON: String?
+    public var audienceJSON: String
+    public var payloadJSON: String
+    public var subjectType: String?
+    public var subjectID: String?
+    public var severity: Severity
+    public var priority: Priority
+    public var deliverAt: Date
+    public var expiresAt: Date?
+    public var idempotencyKey: String?
+    public var requestHash: String?
+
+    public init(id: UUID, typeID: UUID, sourceActorJSON: String?, audienceJSON: String, payloadJSON: String, subjectType: String?, subjectID: String?,
+                severity: Severity, priority: Priority, deliverAt: Date, expiresAt: Date?, idempotencyKey: String?, requestHash: String?) {
+        self.id = id
+        self.typeID = typeID
+        self.sourceActorJSON = sourceActorJSON
+        self.audienceJSON = audienceJSON
+        self.payloadJSON = payloadJSON
+        self.subjectType = subjectType
+        self.subjectID = subjectID
+        self.severity = severity
+        self.priority = priority
+        self.deliverAt = deliverAt
+        self.expiresAt = expiresAt
+        self.idempotencyKey = idempotencyKey
+        self.requestHash = requestHash
+    }
+}
+
+/// Names in an audience that do not exist in the organisation.
+public struct UnknownAudience: Error, Sendable, Equatable {
+    public var userIDs: [UUID]
+    public var roleKeys: [String]
+    public var groupKeys: [String]
+}
+
+/// What a cancellation stopped.
+public struct Cancellation: Sendable, Equatable {
+    public var deliveries: Int
+    public var digestItems: Int
+    public var notifications: Int
+}
+
+/// The organisation's settings the engine reads.
+public struct EngineSettings: Sendable {
+    public var name: String
+    public var slug: String
+    public var defaultLocale: String
+    public var defaultTimezone: String
+    public var throttlePerMinute: Int?
+}
+
+extension TenantTransaction {
+    // MARK: Gathering what the planner needs
+
+    /// The organisation's name, defaults and throttle.
+    public func engineSettings() async throws -> EngineSettings {
+        guard let row = try await query(
+            """
+            SELECT name, slug, default_locale, default_timezone, (settings->>'throttle_per_minute')::int
+            FROM organisations WHERE id = \(organisationID)
+            """).first else { throw StoreError.notFound }
+        let (name, slug, locale, timezone, throttle) = try row.decode((String, String, String, String, Int?).self)
+        return EngineSettings(name: name, slug: slug, defaultLocale: locale, defaultTimezone: timezone, throttlePerMinute: throttle)
+    }
+
+    /// Sets the per-user, per-category throttle (nil or 0 switches it off).
+    public func setThrottle(perMinute: Int?) async throws {
+        try await query(
+            """
+            UPDATE organisations SET settings = CASE WHEN coalesce(\(perMinute), 0) = 0 THEN settings - 'throttle_per_minute'
+                ELSE settings || jsonb_build_object('throttle_per_minute', \(perMinute)) END, updated_at = now()
+            WHERE id = \(organisationID)
+            """)
+    }
+
+    /// Every user the audience reaches, with how they matched. Unknown names are an error.
+    public func recipients(for audience: Audience) async throws -> [RecipientProfile] {
+        try await checkAudienceNames(audience)
+        let rows = try await query(
+            """
+            WITH by_role AS (
+                SELECT ur.user_id, array_agg(DISTINCT r.key) AS keys FROM user_roles ur
+                JOIN roles r ON r.organisation_id = ur.organisation_id AND r.id = ur.role_id
+                WHERE r.key = ANY(\(audience.roleKeys)::text[]) GROUP BY ur.user_id
+            ), by_group AS (
+                SELECT m.user_id, array_agg(DISTINCT g.key) AS keys FROM group_members m
+                JOIN groups g ON g.organisation_id = m.organisation_id AND g.id = m.group_id
+                WHERE g.key = ANY(\(audience.groupKeys)::text[]) GROUP BY m.user_id
+            )
+            SELECT u.id, u.active, u.email, u.display_name, u.locale, u.timezone, u.attributes::text,
+                   u.id = ANY(\(audience.userIDs)::uuid[]), coalesce(br.keys, '{}'), coalesce(bg.keys, '{}')
+            FROM users u
+            LEFT JOIN by_role br ON br.user_id = u.id
+            LEFT JOIN by_group bg ON bg.user_id = u.id
+            WHERE \(audience.everyone) OR u.id = ANY(\(audience.userIDs)::uuid[]) OR br.user_id IS NOT NULL OR bg.user_id IS NOT NULL
+            ORDER BY u.id
+            """)
+        let decoder = JSONDecoder()
+        return try rows.map { row in
+            let (id, active, email, name, locale, timezone, attributes, byUser, byRoles, byGroups) =
+                try row.decode((UUID, Bool, String, String, String?, String?, String, Bool, [String], [String]).self)
+            return RecipientProfile(
+                candidate: Candidate(userID: id, active: active, byUser: byUser, byRoles: byRoles, byGroups: byGroups, byEveryone: audience.everyone),
+                email: email, displayName: name, locale: locale, timezone: timezone,
+                attributes: (try? decoder.decode(JSONValue.self, from: Data(attributes.utf8))) ?? .object([:]))
+        }
+    }
+
+    private func checkAudienceNames(_ audience: Audience) async throws {
+        let rows = try await query(
+            """
+            SELECT
+              ARRAY(SELECT x FROM unnest(\(audience.userIDs)::uuid[]) x WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = x)),
+              ARRAY(SELECT x FROM unnest(\(audience.roleKeys)::text[]) x WHERE NOT EXISTS (SELECT 1 FROM roles r WHERE r.key = x)),
+              ARRAY(SELECT x FROM unnest(\(audience.groupKeys)::text[]) x WHERE NOT EXISTS (SELECT 1 FROM groups g WHERE g.key = x))
+            """)
+        let (users, roles, groups) = try rows[0].decode(([UUID], [String], [String]).self)
+        if !users.isEmpty || !roles.isEmpty || !groups.isEmpty {
+            throw UnknownAudience(userIDs: users, roleKeys: roles, groupKeys: groups)
+        }
+    }
+
+    /// Users' own settings for one category, by user and channel.
+    public func preferences(forCategory categoryID: UUID) async throws -> [UUID: [NotificationChannel: PreferenceSetting]] {
+        let rows = try await query(
+            "SELECT user_id, channel, enabled, frequency, conditions::text FROM preferences WHERE category_id = \(categoryID)")
+        var result: [UUID: [NotificationChannel: PreferenceSetting]] = [:]
+        let decoder = JSONDecoder()
+        for row in rows {
+            let (user, channel, enabled, frequency, conditions) = try row.decode((UUID, String, Bool, String, String).self)
+            guard let channel = NotificationChannel(rawValue: channel), let frequency = Frequency(rawValue: frequency) else { continue }
+            result[user, default: [:]][channel] = PreferenceSetting(
+                enabled: enabled, frequency: frequency, conditions: try decoder.decode([Condition].self, from: Data(conditions.utf8)))
+        }
+        return result
+    }
+
+    /// The organisation's defaults for one category, by channel.
+    public func preferenceDefaults(forCategory categoryID: UUID) async throws -> [NotificationChannel: PreferenceSetting] {
+        Dictionary(try await preferenceDefaults().filter { $0.categoryID == categoryID }.map { ($0.channel, $0.setting) },
+                   uniquingKeysWith: { first, _ in first })
+    }
+
+    /// How many notified events of the category each user had in the last minute.
+    public func recentNotifiedCounts(categoryID: UUID, now: Date) async throws -> [UUID: Int] {
+        let rows = try await query(
+            """
+            SELECT user_id, count(*)::int FROM event_recipients
+            WHERE category_id = \(categoryID) AND notified AND created_at > \(now) - interval '1 minute'
+            GROUP BY user_id
+            """)
+        return Dictionary(uniqueKeysWithValues: try rows.map { try $0.decode((UUID, Int).self) })
+    }
+
+    // MARK: Writing an event and its plan
+
+    /// Serialises notify calls that share an idempotency key. False when another transaction
+    /// holds it, i.e. the first request with this key is still running.
+    public func lockIdempotencyKey(_ key: String) async throws -> Bool {
+        let rows = try await query(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended(\(organisationID.uuidString + "|" + key), 0))")
+        return try rows[0].decode(Bool.self)
+    }
+
+    /// The event an idempotency key already produced.
+    public func event(idempotencyKey: String) async throws -> EventRecord? {
+        try await query("SELECT \(unescaped: eventColumns) FROM events e WHERE e.idempotency_key = \(idempotencyKey)").first.map(decodeEvent)
+    }
+
+    /// Writes the event, its in-app rows, deliveries, digest items and decision trace, and
+    /// wakes listeners when the transaction commits.
+    public func write(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws {
+        let countsJSON = String(decoding: try JSONEncoder().encode(plan.counts), as: UTF8.self)
+        try await query(
+            """
+            INSERT INTO events (organisation_id, id, type_id, actor_type, actor_id, source_actor, audience, payload, subject_type, subject_id,
+                                severity, priority, deliver_at, expires_at, idempotency_key, request_hash, counts)
+            VALUES (\(organisationID), \(event.id), \(event.typeID), \(actor.kind), \(actor.id), \(event.sourceActorJSON)::jsonb, \(event.audienceJSON)::jsonb,
+                    \(event.payloadJSON)::jsonb, \(event.subjectType), \(event.subjectID), \(event.severity.rawValue),
+                    \(event.priority.rawValue), \(event.deliverAt), \(event.expiresAt), \(event.idempotencyKey), \(event.requestHash),
+                    \(countsJSON)::jsonb)
+            """)
+        if !plan.notifications.isEmpty {
+            let n = plan.notifications
+            try await query(
+                """
+                INSERT INTO notifications (organisation_id, id, event_id, user_id, type_id, category_id, severity, priority,
+                                           title, body, visible_at, expires_at)
+                SELECT \(organisationID), id, \(event.id), user_id, \(type.id), \(type.categoryID), \(event.severity.rawValue),
+                       \(event.priority.rawValue), title, body, \(event.deliverAt), \(event.expiresAt)
+                FROM unnest(\(n.map(\.id))::uuid[], \(n.map(\.userID))::uuid[], \(n.map(\.title))::text[], \(n.map(\.body))::text[])
+                     AS row(id, user_id, title, body)
+                """)
+        }
+        if !plan.deliveries.isEmpty {
+            let d = plan.deliveries
+            try await query(
+                """
+                INSERT INTO deliveries (organisation_id, id, event_id, user_id, channel, destination, next_attempt_at)
+                SELECT \(organisationID), id, \(event.id), user_id, channel, destination, \(event.deliverAt)
+                FROM unnest(\(d.map(\.id))::uuid[], \(d.map(\.userID))::uuid[], \(d.map(\.channel.rawValue))::text[], \(d.map(\.destination))::text[])
+                     AS row(id, user_id, channel, destination)
+                """)
+        }
+        if !plan.digestItems.isEmpty {
+            let g = plan.digestItems
+            try await query(
+                """
+                INSERT INTO digest_items (organisation_id, id, event_id, user_id, category_id, channel, frequency, due_after)
+                SELECT \(organisationID), id, \(event.id), user_id, \(type.categoryID), channel, frequency, \(event.deliverAt)
+                FROM unnest(\(g.map(\.id))::uuid[], \(g.map(\.userID))::uuid[], \(g.map(\.channel.rawValue))::text[], \(g.map(\.frequency.rawValue))::text[])
+                     AS row(id, user_id, channel, frequency)
+                """)
+        }
+        if !plan.traces.isEmpty {
+            let t = plan.traces
+            let encoder = JSONEncoder()
+            let channels = try t.map { String(decoding: try encoder.encode($0.channels.map(TraceChannelRecord.init)), as: UTF8.self) }
+            try await query(
+                """
+                INSERT INTO event_recipients (organisation_id, event_id, user_id, category_id, targeted, rule, reason, notified, channels)
+                SELECT \(organisationID), \(event.id), user_id, \(type.categoryID), targeted, rule, reason, notified, channels::jsonb
+                FROM unnest(\(t.map(\.targeting.userID))::uuid[], \(t.map(\.targeting.targeted))::boolean[], \(t.map(\.targeting.rule))::text[],
+                            \(t.map(\.targeting.reason.rawValue))::text[], \(t.map(\.notified))::boolean[], \(channels)::text[])
+                     AS row(user_id, targeted, rule, reason, notified, channels)
+                """)
+        }
+        // Delivered at commit, never for a rolled-back transaction.
+        try await query("SELECT pg_notify('herald_events', \(organisationID.uuidString.lowercased() + ":" + event.id.uuidString.lowercased()))")
+    }
+
+    // MARK: Reading and cancelling events
+
+    public func event(_ id: UUID) async throws -> EventRecord {
+        guard let row = try await query("SELECT \(unescaped: eventColumns) FROM events e WHERE e.id = \(id)").first else {
+            throw StoreError.notFound
+        }
+        return try decodeEvent(row)
+    }
+
+    /// The newest event of a type, if any.
+    public func latestEvent(typeID: UUID) async throws -> EventRecord? {
+        try await query(
+            "SELECT \(unescaped: eventColumns) FROM events e WHERE e.type_id = \(typeID) ORDER BY e.created_at DESC, e.id DESC LIMIT 1"
+        ).first.map(decodeEvent)
+    }
+
+    /// Events newest first, optionally of one type.
+    public func events(typeID: UUID?, limit: Int, after cursor: PageCursor?) async throws -> Page<EventRecord> {
+        let rows = try await query(
+            """
+            SELECT \(unescaped: eventColumns) FROM events e
+            WHERE (\(typeID)::uuid IS NULL OR e.type_id = \(typeID))
+              AND (\(cursor?.micros)::bigint IS NULL
+                   OR (e.created_at, e.id) < ('epoch'::timestamptz + \(cursor?.micros) * interval '1 microsecond', \(cursor?.id)))
+            ORDER BY e.created_at DESC, e.id DESC
+            LIMIT \(limit + 1)
+            """)
+        return paginate(try rows.map(decodeEvent), limit: limit) { PageCursor(time: $0.createdAt, id: $0.id) }
+    }
+
+    /// Stops what has not gone out: pending deliveries, unsent digest items, in-app rows not yet
+    /// visible. What already went out stays. Returns nil when the event was already cancelled.
+    public func cancelEvent(_ id: UUID, now: Date) async throws -> Cancellation? {
+        _ = try await event(id)
+        let updated = try await query(
+            "UPDATE events SET status = 'CANCELLED', cancelled_at = \(now) WHERE id = \(id) AND status = 'ACCEPTED' RETURNING id")
+        guard !updated.isEmpty else { return nil }
+        let deliveries = try await query(
+            "UPDATE deliveries SET status = 'CANCELLED', updated_at = \(now) WHERE event_id = \(id) AND status = 'PENDING' RETURNING id").count
+        let digest = try await query(
+            "UPDATE digest_items SET cancelled_at = \(now) WHERE event_id = \(id) AND sent_at IS NULL AND cancelled_at IS NULL RETURNING id").count
+        let notifications = try await query(
+            "DELETE FROM notifications WHERE event_id = \(id) AND visible_at > \(now) RETURNING id").count
+        return Cancellation(deliveries: deliveries, digestItems: digest, notifications: notifications)
+    }
+}
+
+/// One channel of the trace as stored in `event_recipients.channels`.
+public struct TraceChannelRecord: Codable, Sendable, Equatable {
+    public var channel: NotificationChannel
+    public var enabled: Bool
+    public var frequency: Frequency
+    public var conditions: [Condition]
+    public var source: PreferenceSource
+    public var outcome: ChannelOutcome
+    public var reason: ReasonCode
+    public var notificationID: UUID?
+    public var deliveryID: UUID?
+    public var digestItemID: UUID?
+
+    init(_ traced: TracedChannel) {
+        channel = traced.decision.channel
+        enabled = traced.decision.preference.enabled
+        frequency = traced.decision.preference.frequency
+        conditions = traced.decision.preference.conditions
+        source = traced.decision.preference.source
+        outcome = traced.decision.outcome
+        reason = traced.decision.reason
+        notificationID = traced.notificationID
+        deliveryID = traced.deliveryID
+        digestItemID = traced.digestItemID
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case channel, enabled, frequency, conditions, source, outcome, reason
+        case notificationID = "notification_id", deliveryID = "delivery_id", digestItemID = "digest_item_id"
+    }
+}
+
+private let eventColumns = """
+    e.id, e.type_id, (SELECT t.key FROM notification_types t WHERE t.organisation_id = e.organisation_id AND t.id = e.type_id),
+    e.actor_type, e.actor_id, e.audience::text, e.payload::text, e.subject_type, e.subject_id, e.severity, e.priority,
+    e.deliver_at, e.expires_at, e.status, e.idempotency_key, e.request_hash, e.counts::text, e.created_at, e.cancelled_at
+    """
+
+private func decodeEvent(_ row: PostgresRow) throws -> EventRecord {
+    let (id, typeID, typeKey, actorType, actorID, audience, payload, subjectType, subjectID, severity, priority,
+         deliverAt, expiresAt, status, key, hash, counts, created, cancelled) =
+        try row.decode((UUID, UUID, String, String, UUID?, String, String, String?, String?, String, String,
+                        Date, Date?, String, String?, String?, String, Date, Date?).self)
+    return EventRecord(
+        id: id, typeID: typeID, typeKey: typeKey, actorType: actorType, actorID: actorID, audienceJSON: audience, payloadJSON: payload,
+        subjectType: subjectType, subjectID: subjectID, severity: Severity(rawValue: severity) ?? .info,
+        priority: Priority(rawValue: priority) ?? .normal, deliverAt: deliverAt, expiresAt: expiresAt, status: status,
+        idempotencyKey: key, requestHash: hash,
+        counts: (try? JSONDecoder().decode(DecisionCounts.self, from: Data(counts.utf8))) ?? DecisionCounts(),
+        createdAt: created, cancelledAt: cancelled)
+}

@@ -1,0 +1,88 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+
+/// One user of an event's trace, with the live state of what the engine created.
+public struct ExplainedRecipient: Sendable, Equatable {
+    public var userID: UUID
+    public var email: String
+    public var displayName: String
+    public var targeted: Bool
+    public var rule: String
+    public var reason: ReasonCode
+    public var channels: [TraceChannelRecord]
+    /// Current status of each delivery the engine queued (PENDING, SENT, CANCELLED, …).
+    public var deliveryStatus: [UUID: String]
+    /// Current state of each digest item (pending, sent, cancelled).
+    public var digestStatus: [UUID: String]
+
+    public init(userID: UUID, email: String, displayName: String, targeted: Bool, rule: String, reason: ReasonCode,
+                channels: [TraceChannelRecord], deliveryStatus: [UUID: String], digestStatus: [UUID: String]) {
+        self.userID = userID
+        self.email = email
+        self.displayName = displayName
+        self.targeted = targeted
+        self.rule = rule
+        self.reason = reason
+        self.channels = channels
+        self.deliveryStatus = deliveryStatus
+        self.digestStatus = digestStatus
+    }
+}
+
+extension TraceChannelRecord {
+    public init(decision: ChannelDecision) {
+        self.init(TracedChannel(decision: decision))
+    }
+}
+
+extension TenantTransaction {
+    /// The trace of an event, by user id, optionally for one user.
+    public func explain(eventID: UUID, userID: UUID?, limit: Int, after: UUID?) async throws -> (items: [ExplainedRecipient], next: UUID?) {
+        _ = try await event(eventID)
+        let rows = try await query(
+            """
+            SELECT r.user_id, u.email, u.display_name, r.targeted, r.rule, r.reason, r.channels::text
+            FROM event_recipients r JOIN users u ON u.organisation_id = r.organisation_id AND u.id = r.user_id
+            WHERE r.event_id = \(eventID) AND (\(userID)::uuid IS NULL OR r.user_id = \(userID))
+              AND (\(after)::uuid IS NULL OR r.user_id > \(after))
+            ORDER BY r.user_id
+            LIMIT \(limit + 1)
+            """)
+        let decoder = JSONDecoder()
+        var items: [ExplainedRecipient] = try rows.prefix(limit).map { row in
+            let (user, email, name, targeted, rule, reason, channels) = try row.decode((UUID, String, String, Bool, String, String, String).self)
+            return ExplainedRecipient(
+                userID: user, email: email, displayName: name, targeted: targeted, rule: rule,
+                reason: ReasonCode(rawValue: reason) ?? .notTargeted,
+                channels: try decoder.decode([TraceChannelRecord].self, from: Data(channels.utf8)), deliveryStatus: [:], digestStatus: [:])
+        }
+        let deliveryIDs = items.flatMap { $0.channels.compactMap(\.deliveryID) }
+        let digestIDs = items.flatMap { $0.channels.compactMap(\.digestItemID) }
+        var deliveries: [UUID: String] = [:]
+        if !deliveryIDs.isEmpty {
+            for row in try await query("SELECT id, status FROM deliveries WHERE id = ANY(\(deliveryIDs)::uuid[])") {
+                let (id, status) = try row.decode((UUID, String).self)
+                deliveries[id] = status
+            }
+        }
+        var digests: [UUID: String] = [:]
+        if !digestIDs.isEmpty {
+            for row in try await query(
+                """
+                SELECT id, CASE WHEN cancelled_at IS NOT NULL THEN 'CANCELLED' WHEN sent_at IS NOT NULL THEN 'SENT' ELSE 'PENDING' END
+                FROM digest_items WHERE id = ANY(\(digestIDs)::uuid[])
+                """) {
+                let (id, status) = try row.decode((UUID, String).self)
+                digests[id] = status
+            }
+        }
+        for index in items.indices {
+            for channel in items[index].channels {
+                if let id = channel.deliveryID { items[index].deliveryStatus[id] = deliveries[id] }
+                if let id = channel.digestItemID { items[index].digestStatus[id] = digests[id] }
+            }
+        }
+        return (items, rows.count > limit ? items.last?.userID : nil)
+    }
+}

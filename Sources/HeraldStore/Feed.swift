@@ -1,0 +1,251 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+
+/// One in-app notification as its recipient sees it.
+public struct FeedItem: Sendable, Equatable {
+    public var id: UUID
+    public var eventID: UUID
+    public var typeKey: String
+    public var categoryKey: String
+    public var severity: Severity
+    public var priority: Priority
+    public var title: String
+    public var body: String
+    public var subjectType: String?
+    public var subjectID: String?
+    public var read: Bool
+    public var archived: Bool
+    public var createdAt: Date
+    public var expiresAt: Date?
+}
+
+/// Filters of the feed; nil means no filter.
+public struct FeedFilter: Sendable {
+    public var typeKey: String?
+    public var categoryKey: String?
+    public var severity: Severity?
+    public var priority: Priority?
+    public var read: Bool?
+    /// false (default): archived rows are hidden; true: only archived rows.
+    public var archived: Bool
+    public var since: Date?
+    public var search: String?
+
+    public init(typeKey: String? = nil, categoryKey: String? = nil, severity: Severity? = nil, priority: Priority? = nil,
+                read: Bool? = nil, archived: Bool = false, since: Date? = nil, search: String? = nil) {
+        self.typeKey = typeKey
+        self.categoryKey = categoryKey
+        self.severity = severity
+        self.priority = priority
+        self.read = read
+        self.archived = archived
+        self.since = since
+        self.search = search
+    }
+}
+
+/// Where a feed page ends: the row's read flag (unread first) and its id.
+public struct FeedCursor: Sendable, Equatable, Codable {
+    public var read: Bool
+    public var id: UUID
+
+    public init(read: Bool, id: UUID) {
+        self.read = read
+        self.id = id
+    }
+}
+
+/// Counts for the bell.
+public struct UnreadCount: Sendable, Equatable {
+    public var total: Int
+    public var byCategory: [String: Int]
+}
+
+/// Counts of notifications by type, category and state.
+public struct NotificationStats: Sendable, Equatable {
+    public var total: Int
+    public var byType: [String: Int]
+    public var byCategory: [String: Int]
+    public var byState: [String: Int]
+}
+
+/// The feed endpoints run in a transaction opened with `recipient:` set, so row-level
+/// security confines them to the user's own rows; the statements also say `user_id = me`.
+extension TenantTransaction {
+    /// A page of the user's feed, unread first, newest first within each.
+    public func feed(of userID: UUID, filter: FeedFilter, limit: Int, after cursor: FeedCursor?, now: Date) async throws -> (items: [FeedItem], next: FeedCursor?) {
+        let rows = try await query(
+            """
+            WITH state AS (SELECT read_through FROM feed_state WHERE user_id = \(userID)),
+            rows AS (
+              SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, n.title, n.body,
+                     e.subject_type, e.subject_id,
+                     (NOT n.unread_pinned AND (n.read_at IS NOT NULL OR n.id <= coalesce((SELECT read_through FROM state), '00000000-0000-0000-0000-000000000000'))) AS read,
+                     n.archived_at IS NOT NULL AS archived, n.visible_at, n.expires_at
+              FROM notifications n
+              JOIN events e ON e.organisation_id = n.organisation_id AND e.id = n.event_id
+              JOIN notification_types t ON t.organisation_id = n.organisation_id AND t.id = n.type_id
+              JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
+              WHERE n.user_id = \(userID) AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
+                AND (n.archived_at IS NOT NULL) = \(filter.archived)
+                AND (\(filter.typeKey)::text IS NULL OR t.key = \(filter.typeKey))
+                AND (\(filter.categoryKey)::text IS NULL OR c.key = \(filter.categoryKey))
+                AND (\(filter.severity?.rawValue)::text IS NULL OR n.severity = \(filter.severity?.rawValue))
+                AND (\(filter.priority?.rawValue)::text IS NULL OR n.priority = \(filter.priority?.rawValue))
+                AND (\(filter.since)::timestamptz IS NULL OR n.visible_at >= \(filter.since))
+                AND (\(filter.search)::text IS NULL OR n.search @@ websearch_to_tsquery('simple', \(filter.search)))
+            )
+            SELECT id, event_id, type_key, category_key, severity, priority, title, body, subject_type, subject_id, read, archived, visible_at, expires_at
+            FROM rows
+            WHERE (\(filter.read)::boolean IS NULL OR read = \(filter.read))
+              AND (\(cursor?.id)::uuid IS NULL OR read > \(cursor?.read) OR (read = \(cursor?.read) AND id < \(cursor?.id)))
+            ORDER BY read, id DESC
+            LIMIT \(limit + 1)
+            """)
+        let items = try rows.map(decodeFeedItem)
+        guard items.count > limit else { return (items, nil) }
+        let page = Array(items.prefix(limit))
+        return (page, page.last.map { FeedCursor(read: $0.read, id: $0.id) })
+    }
+
+    /// Unread, visible, unexpired, unarchived rows: in all and per category.
+    public func unreadCount(of userID: UUID, now: Date) async throws -> UnreadCount {
+        let rows = try await query(
+            """
+            SELECT c.key, count(*)::int FROM notifications n
+            JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
+            WHERE n.user_id = \(userID) AND n.read_at IS NULL AND n.archived_at IS NULL
+              AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
+              AND (n.unread_pinned OR n.id > coalesce((SELECT read_through FROM feed_state WHERE user_id = \(userID)), '00000000-0000-0000-0000-000000000000'))
+            GROUP BY c.key
+            """)
+        var byCategory: [String: Int] = [:]
+        for row in rows {
+            let (key, count) = try row.decode((String, Int).self)
+            byCategory[key] = count
+        }
+        return UnreadCount(total: byCategory.values.reduce(0, +), byCategory: byCategory)
+    }
+
+    /// One row of the user's feed.
+    public func feedItem(_ id: UUID, of userID: UUID, now: Date) async throws -> FeedItem {
+        let (items, _) = try await feedRow(id, of: userID, now: now)
+        guard let item = items.first else { throw StoreError.notFound }
+        return item
+    }
+
+    private func feedRow(_ id: UUID, of userID: UUID, now: Date) async throws -> ([FeedItem], Void) {
+        let rows = try await query(
+            """
+            SELECT n.id, n.event_id, t.key, c.key, n.severity, n.priority, n.title, n.body, e.subject_type, e.subject_id,
+                   (NOT n.unread_pinned AND (n.read_at IS NOT NULL OR n.id <= coalesce((SELECT read_through FROM feed_state WHERE user_id = \(userID)), '00000000-0000-0000-0000-000000000000'))),
+                   n.archived_at IS NOT NULL, n.visible_at, n.expires_at
+            FROM notifications n
+            JOIN events e ON e.organisation_id = n.organisation_id AND e.id = n.event_id
+            JOIN notification_types t ON t.organisation_id = n.organisation_id AND t.id = n.type_id
+            JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
+            WHERE n.id = \(id) AND n.user_id = \(userID) AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
+            """)
+        return (try rows.map(decodeFeedItem), ())
+    }
+
+    /// Marks one row read or unread. An explicit unread survives a later "all read" watermark
+    /// only until the next "all read" (which covers it again).
+    public func setRead(_ id: UUID, of userID: UUID, read: Bool, now: Date) async throws -> FeedItem {
+        let rows = try await query(
+            """
+            UPDATE notifications SET read_at = CASE WHEN \(read) THEN coalesce(read_at, \(now)) ELSE NULL END, unread_pinned = NOT \(read)
+            WHERE id = \(id) AND user_id = \(userID) AND visible_at <= \(now) RETURNING id
+            """)
+        guard !rows.isEmpty else { throw StoreError.notFound }
+        return try await feedItem(id, of: userID, now: now)
+    }
+
+    /// Archives one row (it leaves the default feed and the unread count).
+    public func archive(_ id: UUID, of userID: UUID, now: Date) async throws -> FeedItem {
+        let rows = try await query(
+            "UPDATE notifications SET archived_at = coalesce(archived_at, \(now)) WHERE id = \(id) AND user_id = \(userID) AND visible_at <= \(now) RETURNING id")
+        guard !rows.isEmpty else { throw StoreError.notFound }
+        return try await feedItem(id, of: userID, now: now)
+    }
+
+    /// Marks the listed rows read; returns how many of them are the user's.
+    public func markRead(_ ids: [UUID], of userID: UUID, now: Date) async throws -> Int {
+        try await query(
+            """
+            UPDATE notifications SET read_at = coalesce(read_at, \(now)), unread_pinned = false
+            WHERE id = ANY(\(ids)::uuid[]) AND user_id = \(userID) AND visible_at <= \(now) RETURNING id
+            """).count
+    }
+
+    /// Marks everything up to `watermark` read in one statement, whatever the feed's size: the
+    /// watermark moves forward, and only rows explicitly marked unread are touched.
+    public func markAllRead(of userID: UUID, through watermark: UUID) async throws {
+        try await query(
+            """
+            WITH mark AS (
+                INSERT INTO feed_state (organisation_id, user_id, read_through) VALUES (\(organisationID), \(userID), \(watermark))
+                ON CONFLICT (organisation_id, user_id) DO UPDATE
+                SET read_through = greatest(feed_state.read_through, excluded.read_through), updated_at = now()
+                RETURNING read_through
+            )
+            UPDATE notifications SET unread_pinned = false
+            WHERE user_id = \(userID) AND unread_pinned AND id <= (SELECT read_through FROM mark)
+            """)
+    }
+
+    /// Deletes one row.
+    public func deleteNotification(_ id: UUID, of userID: UUID) async throws {
+        guard !(try await query("DELETE FROM notifications WHERE id = \(id) AND user_id = \(userID) RETURNING id")).isEmpty else {
+            throw StoreError.notFound
+        }
+    }
+
+    /// Deletes every row of the user's feed; returns how many.
+    public func clearFeed(of userID: UUID) async throws -> Int {
+        try await query("DELETE FROM notifications WHERE user_id = \(userID) RETURNING 1").count
+    }
+
+    /// Counts by type, category and state for one user or (nil) the whole organisation.
+    public func notificationStats(userID: UUID?, since: Date?, until: Date?) async throws -> NotificationStats {
+        let rows = try await query(
+            """
+            SELECT t.key, c.key,
+                   CASE WHEN n.archived_at IS NOT NULL THEN 'archived'
+                        WHEN NOT n.unread_pinned AND (n.read_at IS NOT NULL OR n.id <= coalesce(fs.read_through, '00000000-0000-0000-0000-000000000000')) THEN 'read'
+                        ELSE 'unread' END,
+                   count(*)::int
+            FROM notifications n
+            JOIN notification_types t ON t.organisation_id = n.organisation_id AND t.id = n.type_id
+            JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
+            LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
+            WHERE (\(userID)::uuid IS NULL OR n.user_id = \(userID))
+              AND (\(since)::timestamptz IS NULL OR n.visible_at >= \(since))
+              AND (\(until)::timestamptz IS NULL OR n.visible_at < \(until))
+            GROUP BY 1, 2, 3
+            """)
+        var stats = NotificationStats(total: 0, byType: [:], byCategory: [:], byState: ["unread": 0, "read": 0, "archived": 0])
+        for row in rows {
+            let (type, category, state, count) = try row.decode((String, String, String, Int).self)
+            stats.total += count
+            stats.byType[type, default: 0] += count
+            stats.byCategory[category, default: 0] += count
+            stats.byState[state, default: 0] += count
+        }
+        return stats
+    }
+
+    /// Deletes rows whose expiry has passed; returns how many.
+    public func purgeExpiredNotifications(now: Date) async throws -> Int {
+        try await query("DELETE FROM notifications WHERE expires_at <= \(now) RETURNING 1").count
+    }
+}
+
+private func decodeFeedItem(_ row: PostgresRow) throws -> FeedItem {
+    let (id, event, type, category, severity, priority, title, body, subjectType, subjectID, read, archived, created, expires) =
+        try row.decode((UUID, UUID, String, String, String, String, String, String, String?, String?, Bool, Bool, Date, Date?).self)
+    return FeedItem(id: id, eventID: event, typeKey: type, categoryKey: category, severity: Severity(rawValue: severity) ?? .info,
+                    priority: Priority(rawValue: priority) ?? .normal, title: title, body: body, subjectType: subjectType,
+                    subjectID: subjectID, read: read, archived: archived, createdAt: created, expiresAt: expires)
+}

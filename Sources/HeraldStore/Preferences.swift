@@ -1,0 +1,71 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+
+/// One stored preference cell: a category on a channel.
+public struct PreferenceCell: Sendable, Equatable {
+    public var categoryID: UUID
+    public var channel: NotificationChannel
+    public var setting: PreferenceSetting
+
+    public init(categoryID: UUID, channel: NotificationChannel, setting: PreferenceSetting) {
+        self.categoryID = categoryID
+        self.channel = channel
+        self.setting = setting
+    }
+}
+
+extension TenantTransaction {
+    /// The user's own settings (cells not listed inherit).
+    public func preferences(ofUser userID: UUID) async throws -> [PreferenceCell] {
+        try await query(
+            "SELECT category_id, channel, enabled, frequency, conditions::text FROM preferences WHERE user_id = \(userID) ORDER BY category_id, channel"
+        ).compactMap(decodeCell)
+    }
+
+    /// Replaces the user's settings with `cells` (a cell not listed inherits again).
+    public func replacePreferences(ofUser userID: UUID, with cells: [PreferenceCell]) async throws {
+        try await query("DELETE FROM preferences WHERE user_id = \(userID)")
+        guard !cells.isEmpty else { return }
+        try await query(
+            """
+            INSERT INTO preferences (organisation_id, user_id, category_id, channel, enabled, frequency, conditions)
+            SELECT \(organisationID), \(userID), c, ch, e, f, cond::jsonb
+            FROM unnest(\(cells.map(\.categoryID))::uuid[], \(cells.map(\.channel.rawValue))::text[], \(cells.map(\.setting.enabled))::boolean[],
+                        \(cells.map(\.setting.frequency.rawValue))::text[], \(try cells.map { try conditionsJSON($0.setting.conditions) })::text[])
+                 AS cell(c, ch, e, f, cond)
+            """)
+    }
+
+    /// The organisation's defaults.
+    public func preferenceDefaults() async throws -> [PreferenceCell] {
+        try await query(
+            "SELECT category_id, channel, enabled, frequency, conditions::text FROM preference_defaults ORDER BY category_id, channel"
+        ).compactMap(decodeCell)
+    }
+
+    /// Replaces the organisation's defaults with `cells`.
+    public func replacePreferenceDefaults(with cells: [PreferenceCell]) async throws {
+        try await query("DELETE FROM preference_defaults")
+        guard !cells.isEmpty else { return }
+        try await query(
+            """
+            INSERT INTO preference_defaults (organisation_id, category_id, channel, enabled, frequency, conditions)
+            SELECT \(organisationID), c, ch, e, f, cond::jsonb
+            FROM unnest(\(cells.map(\.categoryID))::uuid[], \(cells.map(\.channel.rawValue))::text[], \(cells.map(\.setting.enabled))::boolean[],
+                        \(cells.map(\.setting.frequency.rawValue))::text[], \(try cells.map { try conditionsJSON($0.setting.conditions) })::text[])
+                 AS cell(c, ch, e, f, cond)
+            """)
+    }
+}
+
+func conditionsJSON(_ conditions: [Condition]) throws -> String {
+    String(decoding: try JSONEncoder().encode(conditions), as: UTF8.self)
+}
+
+private func decodeCell(_ row: PostgresRow) throws -> PreferenceCell? {
+    let (category, channel, enabled, frequency, conditions) = try row.decode((UUID, String, Bool, String, String).self)
+    guard let channel = NotificationChannel(rawValue: channel), let frequency = Frequency(rawValue: frequency) else { return nil }
+    let parsed = try JSONDecoder().decode([Condition].self, from: Data(conditions.utf8))
+    return PreferenceCell(categoryID: category, channel: channel, setting: PreferenceSetting(enabled: enabled, frequency: frequency, conditions: parsed))
+}
