@@ -20,10 +20,13 @@ struct AccessMatrixTests {
         operations = try Spec.operations()
     }
 
-    /// The path with every `{param}` replaced by `ids[param]` (or a fresh UUID).
-    func path(_ op: SpecOperation, _ ids: [String: UUID] = [:]) -> String {
+    /// The path with every `{param}` replaced by `ids[param]` (or a fresh UUID; a channel and a
+    /// locale, which are not ids, get valid values).
+    func path(_ op: SpecOperation, _ ids: [String: String] = [:]) -> String {
         var path = op.path
-        for (name, value) in ids { path = path.replacingOccurrences(of: "{\(name)}", with: value.uuidString.lowercased()) }
+        for (name, value) in ids.merging(["channel": "in_app", "locale": "en"], uniquingKeysWith: { a, _ in a }) {
+            path = path.replacingOccurrences(of: "{\(name)}", with: value)
+        }
         while let open = path.firstIndex(of: "{"), let close = path[open...].firstIndex(of: "}") {
             path.replaceSubrange(open...close, with: UUID().uuidString.lowercased())
         }
@@ -79,9 +82,19 @@ struct AccessMatrixTests {
         }
     }
 
-    /// Fresh rows of every kind an operation's path can name, in `org`.
-    func resources(in org: TestOrganisation) async throws -> [String: UUID] {
-        try await org.store { tx in
+    /// Fresh rows of every kind an operation's path can name, in `org` (which has the test
+    /// catalogue); the notification belongs to the organisation's owner.
+    func resources(in org: TestOrganisation) async throws -> [String: String] {
+        let (event, plan) = try await org.notify(EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: [org.ownerID]),
+                                                              payload: .object(["title": .string("Review")])))
+        let notification = try #require(plan.notifications.first { $0.userID == org.ownerID }).id
+        let ids: [String: UUID] = try await org.store { tx in
+            let suffix = UUID().uuidString.prefix(6).lowercased()
+            let category = try await tx.createCategory(key: "c-\(suffix)", name: "C", description: "", critical: false)
+            let type = try await tx.createNotificationType(NotificationTypeFields(
+                key: "T_\(suffix)", categoryID: try #require(try await tx.category(key: "activity")).id, name: "T", description: "",
+                defaultSeverity: .info, defaultPriority: .normal, defaultChannels: [.inApp]))
+            try await tx.putTemplate(typeID: type.id, channel: .inApp, locale: "en", content: TemplateContent(subject: "s", body: "b"))
             let user = try await tx.createUser(NewUser(email: "u-\(UUID().uuidString.prefix(6))@x.example", displayName: "U"))
             let role = try await tx.createRole(key: "r-\(UUID().uuidString.prefix(6).lowercased())", name: "R", description: "", permissions: [.usersRead])
             let group = try await tx.createGroup(key: "g-\(UUID().uuidString.prefix(6).lowercased())", name: "G", description: "")
@@ -89,8 +102,10 @@ struct AccessMatrixTests {
             let service = try await tx.builtinRole(.service)
             let key = OpaqueToken(kind: .apiKey, organisationID: org.id)
             _ = try await tx.createApiKey(id: key.id, name: "k", roleID: service.id, secretHash: key.secretHash, expiresAt: nil)
-            return ["userId": user.id, "roleId": role.id, "groupId": group.id, "keyId": key.id]
+            return ["userId": user.id, "roleId": role.id, "groupId": group.id, "keyId": key.id, "categoryId": category.id,
+                    "typeId": type.id, "eventId": event.id, "notificationId": notification]
         }
+        return ids.mapValues { $0.uuidString.lowercased() }
     }
 
     /// Bodies that succeed in the caller's own organisation where the spec's example would not
@@ -106,6 +121,8 @@ struct AccessMatrixTests {
     func otherOrganisationsIdsAreMissing() async throws {
         let a = try await TestOrganisation.make()
         let b = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: a)
+        _ = try await TestCatalogue.make(in: b)
         let app = try env.application()
         let withIDs = operations.filter { $0.path.contains("{") }
         #expect(withIDs.count >= 15)
@@ -127,13 +144,15 @@ struct AccessMatrixTests {
     func listsAreConfined() async throws {
         let a = try await TestOrganisation.make()
         let b = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: b)
         let bIDs = try await resources(in: b)
         let app = try env.application()
         try await app.test(.router) { client in
-            for list in ["/v1/users", "/v1/roles", "/v1/groups", "/v1/api-keys", "/v1/audit-log"] {
+            for list in ["/v1/users", "/v1/roles", "/v1/groups", "/v1/api-keys", "/v1/audit-log", "/v1/categories",
+                         "/v1/notification-types", "/v1/events", "/v1/me/notifications"] {
                 let response = try await client.send(.get, list + (list.contains("?") ? "&" : "?") + "limit=200", token: a.ownerToken)
                 #expect(response.status == .ok)
-                for id in bIDs.values { #expect(!response.text.contains(id.uuidString.lowercased()), "\(list) shows B's \(id)") }
+                for id in bIDs.values { #expect(!response.text.contains(id), "\(list) shows B's \(id)") }
                 #expect(!response.text.contains(b.ownerID.uuidString.lowercased()))
             }
         }

@@ -208,3 +208,54 @@ enum Spec {
 
     enum SpecError: Error { case unreadable(String) }
 }
+
+/// The medical-alert catalogue of the brief, made in a test organisation: categories `alerts`
+/// (critical), `activity` and `outings`; types `ISQ_CRITICAL` (in-app + email) and
+/// `TASK_ASSIGNED` (in-app); a `clinician` role held by the owner and the member.
+struct TestCatalogue: Sendable {
+    var alerts: UUID
+    var activity: UUID
+    var outings: UUID
+    var isqCritical: UUID
+    var taskAssigned: UUID
+    var clinicianRole: UUID
+
+    static func make(in org: TestOrganisation) async throws -> TestCatalogue {
+        try await org.store { tx in
+            let alerts = try await tx.createCategory(key: "alerts", name: "Alerts", description: "Clinical alerts", critical: true)
+            let activity = try await tx.createCategory(key: "activity", name: "Activity", description: "", critical: false)
+            let outings = try await tx.createCategory(key: "outings", name: "Outings", description: "", critical: false)
+            let isq = try await tx.createNotificationType(NotificationTypeFields(
+                key: "ISQ_CRITICAL", categoryID: alerts.id, name: "Critical ISQ reading", description: "",
+                defaultSeverity: .critical, defaultPriority: .critical, defaultChannels: [.inApp, .email]))
+            try await tx.putTemplate(typeID: isq.id, channel: .inApp, locale: "en", content: TemplateContent(
+                subject: "Critical ISQ {{payload.isq}}", body: "Implant {{payload.implant}}: stability {{payload.isq}} is below {{payload.threshold}}."))
+            try await tx.putTemplate(typeID: isq.id, channel: .inApp, locale: "fr", content: TemplateContent(
+                subject: "ISQ critique {{payload.isq}}", body: "Implant {{payload.implant}} : stabilité {{payload.isq}} sous {{payload.threshold}}."))
+            let task = try await tx.createNotificationType(NotificationTypeFields(
+                key: "TASK_ASSIGNED", categoryID: activity.id, name: "Task assigned", description: "",
+                defaultSeverity: .info, defaultPriority: .normal, defaultChannels: [.inApp]))
+            try await tx.putTemplate(typeID: task.id, channel: .inApp, locale: "en", content: TemplateContent(
+                subject: "{{payload.title}}", body: "Assigned to {{recipient.display_name}}"))
+            let clinician = try await tx.createRole(key: "clinician", name: "Clinician", description: "", permissions: [.notificationsRead])
+            for user in [org.ownerID, org.memberID] {
+                let current = try await tx.user(user).roles.map(\.id)
+                _ = try await tx.setUserRoles(user, current + [clinician.id])
+            }
+            return TestCatalogue(alerts: alerts.id, activity: activity.id, outings: outings.id, isqCritical: isq.id,
+                                 taskAssigned: task.id, clinicianRole: clinician.id)
+        }
+    }
+}
+
+extension TestOrganisation {
+    /// Runs notify through the store, as the system: what `POST /v1/events` does after validation.
+    @discardableResult
+    func notify(_ request: EventRequest) async throws -> (event: EventRecord, plan: Plan) {
+        try await store { tx in
+            let planned = try await tx.planEvent(request, eventID: UUID(), now: Date())
+            try await tx.write(planned.event, type: planned.type, plan: planned.plan)
+            return (try await tx.event(planned.event.id), planned.plan)
+        }
+    }
+}
