@@ -1,4 +1,3 @@
-import Crypto
 import Foundation
 import JWTKit
 
@@ -53,13 +52,9 @@ struct VerifiedAccess: Sendable, Equatable {
 /// Issues and verifies access JWTs following RFC 8725: the algorithm comes from the key, not
 /// the token; a `kid` must name a configured key (jwt-kit would fall back to a default key);
 /// `exp`, `nbf`, `iss` and `aud` are always checked, with a bounded leeway.
-///
-/// Signing and verifying use swift-crypto's P-256 directly on the compact serialisation, so
-/// every byte that is signed or checked is visible here; jwt-kit supplies the key types (PEM,
-/// JWK coordinates). See docs/decisions.md.
 public struct AccessTokens: Sendable {
-    let signingKeys: [String: P256.Signing.PrivateKey]
-    let verifyingKeys: [String: P256.Signing.PublicKey]
+    let keys: JWTKeyCollection
+    let keyIDs: Set<String>
     let activeKeyID: String
     let publicKeys: [(id: String, key: ES256PublicKey)]
     let issuer: String
@@ -71,12 +66,12 @@ public struct AccessTokens: Sendable {
         guard let last = keys.last else { throw AccessTokenConfigurationError.noKeys }
         let active = activeKeyID ?? last.id
         guard keys.contains(where: { $0.id == active }) else { throw AccessTokenConfigurationError.unknownActiveKey(active) }
-        var signing: [String: P256.Signing.PrivateKey] = [:]
+        let collection = JWTKeyCollection()
         for key in keys {
-            signing[key.id] = try P256.Signing.PrivateKey(pemRepresentation: key.privateKey.pemRepresentation)
+            await collection.add(ecdsa: key.privateKey, kid: JWKIdentifier(string: key.id))
         }
-        self.signingKeys = signing
-        self.verifyingKeys = signing.mapValues(\.publicKey)
+        self.keys = collection
+        self.keyIDs = Set(keys.map(\.id))
         self.activeKeyID = active
         self.publicKeys = keys.map { ($0.id, $0.privateKey.publicKey) }
         self.issuer = issuer
@@ -93,30 +88,22 @@ public struct AccessTokens: Sendable {
             iss: .init(value: issuer), aud: .init(value: [audience]), sub: .init(value: userID.uuidString.lowercased()),
             org: organisationID.uuidString.lowercased(), exp: .init(value: now.addingTimeInterval(ttl)),
             nbf: .init(value: now), iat: .init(value: now), jti: .init(value: UUID().uuidString.lowercased()))
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        encoder.dateEncodingStrategy = .secondsSince1970
-        let header = Header(alg: AccessTokenKey.algorithm, kid: activeKeyID, typ: "JWT")
-        let input = try encoder.encode(header).base64URLEncoded + "." + encoder.encode(claims).base64URLEncoded
-        guard let key = signingKeys[activeKeyID] else { throw AccessTokenConfigurationError.unknownActiveKey(activeKeyID) }
-        let signature = try key.signature(for: Data(input.utf8)).rawRepresentation
-        return input + "." + signature.base64URLEncoded
+        return try await keys.sign(claims, kid: JWKIdentifier(string: activeKeyID))
     }
 
     /// The organisation and user of a valid token, or a rejection.
     func verify(_ token: String, now: Date) async throws(AccessTokenRejection) -> VerifiedAccess {
         let parts = token.split(separator: ".", omittingEmptySubsequences: false)
         guard parts.count == 3, let headerData = Data(base64URLEncoded: String(parts[0])),
-              let header = try? JSONDecoder().decode(Header.self, from: headerData),
-              let payload = Data(base64URLEncoded: String(parts[1])),
-              let signatureBytes = Data(base64URLEncoded: String(parts[2])) else { throw .malformed }
+              let header = try? JSONDecoder().decode(Header.self, from: headerData) else { throw .malformed }
         guard header.alg == AccessTokenKey.algorithm else { throw .algorithmNotAllowed(header.alg) }
-        guard let kid = header.kid, let key = verifyingKeys[kid] else { throw .unknownKeyID }
-        guard let signature = try? P256.Signing.ECDSASignature(rawRepresentation: signatureBytes),
-              key.isValidSignature(signature, for: Data((parts[0] + "." + parts[1]).utf8)) else { throw .badSignature }
-        let decoder = JSONDecoder()
-        decoder.dateDecodingStrategy = .secondsSince1970
-        guard let claims = try? decoder.decode(AccessClaims.self, from: payload) else { throw .badClaims }
+        guard let kid = header.kid, keyIDs.contains(kid) else { throw .unknownKeyID }
+        let claims: AccessClaims
+        do {
+            claims = try await keys.verify(token, as: AccessClaims.self)
+        } catch {
+            throw .badSignature
+        }
         guard claims.iss.value == issuer else { throw .wrongIssuer }
         guard claims.aud.value.contains(audience) else { throw .wrongAudience }
         guard now < claims.exp.value.addingTimeInterval(leeway) else { throw .expired }
@@ -135,12 +122,12 @@ public struct AccessTokens: Sendable {
 
     var accessTTL: Int { Int(ttl) }
 
-    private struct Header: Codable {
+    private struct Header: Decodable {
         var alg: String
         var kid: String?
-        var typ: String?
     }
 }
+
 
 /// The JWT keys in the configuration cannot be used.
 public enum AccessTokenConfigurationError: Error, CustomStringConvertible {

@@ -30,6 +30,11 @@ public struct ExplainedRecipient: Sendable, Equatable {
     }
 }
 
+/// A stored trace names a reason this build does not know (an older build reading newer rows).
+public struct UnknownReasonCode: Error, Sendable {
+    public var code: String
+}
+
 extension TraceChannelRecord {
     public init(decision: ChannelDecision) {
         self.init(TracedChannel(decision: decision))
@@ -52,9 +57,10 @@ extension TenantTransaction {
         let decoder = JSONDecoder()
         var items: [ExplainedRecipient] = try rows.prefix(limit).map { row in
             let (user, email, name, targeted, rule, reason, channels) = try row.decode((UUID, String, String, Bool, String, String, String).self)
+            guard let reason = ReasonCode(rawValue: reason) else { throw UnknownReasonCode(code: reason) }
             return ExplainedRecipient(
                 userID: user, email: email, displayName: name, targeted: targeted, rule: rule,
-                reason: ReasonCode(rawValue: reason) ?? .notTargeted,
+                reason: reason,
                 channels: try decoder.decode([TraceChannelRecord].self, from: Data(channels.utf8)), deliveryStatus: [:], digestStatus: [:])
         }
         let deliveryIDs = items.flatMap { $0.channels.compactMap(\.deliveryID) }

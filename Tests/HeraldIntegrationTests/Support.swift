@@ -21,15 +21,18 @@ final class TestEnvironment: Sendable {
         get async throws { try await Cache.instance.environment() }
     }
 
+    /// One task makes the environment; every caller awaits that same task. (Checking a stored
+    /// value across an `await` would let two concurrent first callers each make one, with
+    /// different signing keys: tokens of one would fail in the other.)
     private actor Cache {
         static let instance = Cache()
-        private var made: TestEnvironment?
+        private var making: Task<TestEnvironment, any Error>?
 
         func environment() async throws -> TestEnvironment {
-            if let made { return made }
-            let env = try await TestEnvironment()
-            made = env
-            return env
+            if let making { return try await making.value }
+            let task = Task { try await TestEnvironment() }
+            making = task
+            return try await task.value
         }
     }
 
@@ -51,7 +54,7 @@ final class TestEnvironment: Sendable {
         appURL = app
         ownerURL = owner
         var logger = Logger(label: "herald.test")
-        logger.logLevel = .error
+        logger.logLevel = env["HERALD_TEST_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .error
         self.logger = logger
         appClient = PostgresClient(configuration: try .fromURL(app), backgroundLogger: logger)
         let client = appClient

@@ -63,7 +63,6 @@ public enum ReasonCode: String, CaseIterable, Sendable, Codable {
     case conditionNotMet = "CONDITION_NOT_MET"
     case throttled = "THROTTLED"
     case noDestination = "NO_DESTINATION"
-    case notTargeted = "NOT_TARGETED"
 
     /// The reason in a sentence an admin can read.
     public var sentence: String {
@@ -82,7 +81,6 @@ public enum ReasonCode: String, CaseIterable, Sendable, Codable {
         case .conditionNotMet: "The event does not meet the conditions of the preference."
         case .throttled: "The user already received the most notifications of this category allowed in a minute."
         case .noDestination: "There is nowhere to send this channel for this user (no endpoint configured)."
-        case .notTargeted: "The user was not targeted, so no channel was considered."
         }
     }
 }

@@ -1,0 +1,297 @@
+import Foundation
+import HTTPTypes
+import HeraldCore
+import HeraldStore
+import Hummingbird
+import HummingbirdTesting
+import PostgresNIO
+import Testing
+
+@testable import HeraldAPI
+
+/// The medical-alert use case of the brief, through the API on the real stack.
+@Suite("Notify: the medical alert")
+struct MedicalAlertTests {
+    let env: TestEnvironment
+
+    init() async throws {
+        env = try await TestEnvironment.shared
+    }
+
+    /// A clinic: the owner and the member are clinicians; three more clinicians with different
+    /// preferences; a receptionist who is no clinician.
+    struct Clinic {
+        var org: TestOrganisation
+        var catalogue: TestCatalogue
+        var emailOff: UUID
+        var digest: UUID
+        var switchedOff: UUID
+        var receptionist: UUID
+        var memberToken: String
+    }
+
+    func clinic() async throws -> Clinic {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        let (emailOff, digest, switchedOff, receptionist) = try await org.store { tx in
+            func clinician(_ name: String) async throws -> UUID {
+                let user = try await tx.createUser(NewUser(email: "\(name)@clinic.example", displayName: name))
+                _ = try await tx.setUserRoles(user.id, [catalogue.clinicianRole])
+                return user.id
+            }
+            let emailOff = try await clinician("email-off")
+            let digest = try await clinician("digest")
+            let switchedOff = try await clinician("switched-off")
+            let receptionist = try await tx.createUser(NewUser(email: "desk@clinic.example", displayName: "Desk")).id
+            try await tx.replacePreferences(ofUser: emailOff, with: [
+                PreferenceCell(categoryID: catalogue.alerts, channel: .email, setting: PreferenceSetting(enabled: false, frequency: .none))])
+            try await tx.replacePreferences(ofUser: digest, with: [
+                PreferenceCell(categoryID: catalogue.alerts, channel: .email, setting: PreferenceSetting(enabled: true, frequency: .daily))])
+            try await tx.replacePreferences(ofUser: switchedOff, with: NotificationChannel.allCases.map {
+                PreferenceCell(categoryID: catalogue.alerts, channel: $0, setting: PreferenceSetting(enabled: false, frequency: .none))
+            })
+            return (emailOff, digest, switchedOff, receptionist)
+        }
+        return Clinic(org: org, catalogue: catalogue, emailOff: emailOff, digest: digest, switchedOff: switchedOff,
+                      receptionist: receptionist, memberToken: org.memberToken)
+    }
+
+    static let reading = #"{"type": "ISQ_CRITICAL", "audience": {"roles": ["clinician"]}, "payload": {"isq": 25, "threshold": 55, "implant": "IMP-19", "patient_name": "Jane Doe"}, "subject": {"type": "implant", "id": "IMP-19"}}"#
+
+    @Test("a critical reading reaches every clinician of the organisation, each as their preferences say, and no one else")
+    func criticalReading() async throws {
+        // setup
+        let clinic = try await clinic()
+        let other = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: other)
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let before = try await client.send(.get, "/v1/me/notifications/unread-count", token: clinic.memberToken)
+            #expect(before.json["total"] as? Int == 0)
+
+            // act
+            let sent = try await client.send(.post, "/v1/events", token: clinic.org.ownerToken, json: Self.reading)
+
+            // check: the answer counts each decision
+            #expect(sent.status == .accepted, "\(sent.text)")
+            let counts = try #require(sent.json["counts"] as? [String: Int])
+            #expect(counts["considered"] == 5)   // five clinicians; the receptionist is not in the audience
+            #expect(counts["targeted"] == 5)
+            #expect(counts["in_app"] == 5)       // critical: in-app even for the one who switched everything off
+            #expect(counts["immediate"] == 2)    // owner and member: email + immediate by the type's default
+            #expect(counts["digest"] == 1)
+            let eventID = try #require(sent.json["event_id"] as? String)
+
+            // The bell: visible at once, unread count up.
+            let after = try await client.send(.get, "/v1/me/notifications/unread-count", token: clinic.memberToken)
+            #expect(after.json["total"] as? Int == 1)
+            #expect((after.json["by_category"] as? [String: Int])?["alerts"] == 1)
+            let feed = try await client.send(.get, "/v1/me/notifications", token: clinic.memberToken)
+            let item = try #require((feed.json["items"] as? [[String: Any]])?.first)
+            #expect(item["title"] as? String == "Critical ISQ 25")
+            #expect(item["severity"] as? String == "CRITICAL")
+            #expect((item["subject"] as? [String: Any])?["id"] as? String == "IMP-19")
+            #expect(!feed.text.contains("Jane Doe"), "a payload field the template did not ask for reached the feed")
+
+            // Nobody of the other organisation was considered.
+            let otherCount = try await client.send(.get, "/v1/me/notifications/unread-count", token: other.memberToken)
+            #expect(otherCount.json["total"] as? Int == 0)
+
+            // Explain: each case with its reason.
+            let explain = try await client.send(.get, "/v1/events/\(eventID)/explain", token: clinic.org.ownerToken)
+            #expect(explain.status == .ok)
+            let users = try #require(explain.json["items"] as? [[String: Any]])
+            func channel(_ user: UUID, _ name: String) -> [String: Any]? {
+                let entry = users.first { $0["user_id"] as? String == user.uuidString.lowercased() }
+                return (entry?["channels"] as? [[String: Any]])?.first { $0["channel"] as? String == name }
+            }
+            #expect(users.count == 5)
+            #expect(users.allSatisfy { $0["rule"] as? String == "role:clinician" && $0["reason"] as? String == "TARGETED_ROLE" })
+            #expect(channel(clinic.org.memberID, "email")?["reason"] as? String == "DELIVERY_QUEUED")
+            #expect(channel(clinic.org.memberID, "email")?["delivery_status"] as? String == "PENDING")
+            #expect(channel(clinic.org.memberID, "email")?["source"] as? String == "type_default")
+            #expect(channel(clinic.emailOff, "email")?["reason"] as? String == "CHANNEL_DISABLED")
+            #expect(channel(clinic.emailOff, "email")?["source"] as? String == "user")
+            #expect(channel(clinic.emailOff, "in_app")?["reason"] as? String == "IN_APP_CREATED")
+            #expect(channel(clinic.digest, "email")?["reason"] as? String == "DIGEST_QUEUED")
+            #expect(channel(clinic.digest, "email")?["digest_status"] as? String == "PENDING")
+            #expect(channel(clinic.digest, "email")?["delivery_id"] == nil)
+            #expect(channel(clinic.switchedOff, "in_app")?["source"] as? String == "critical_override")
+            #expect(channel(clinic.switchedOff, "email")?["reason"] as? String == "CHANNEL_DISABLED")
+            #expect(channel(clinic.switchedOff, "webhook")?["reason"] as? String == "CHANNEL_DISABLED")
+        }
+    }
+
+    @Test("a non-critical category switched off means nothing at all, with the reason")
+    func categoryOff() async throws {
+        let clinic = try await clinic()
+        try await clinic.org.store { tx in
+            try await tx.replacePreferences(ofUser: clinic.org.memberID, with: NotificationChannel.allCases.map {
+                PreferenceCell(categoryID: clinic.catalogue.activity, channel: $0, setting: PreferenceSetting(enabled: false, frequency: .none))
+            })
+        }
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let sent = try await client.send(.post, "/v1/events", token: clinic.org.ownerToken, json: """
+                {"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\(clinic.org.memberID.uuidString)"]}, "payload": {"title": "Review"}}
+                """)
+            #expect(sent.status == .accepted)
+            #expect((sent.json["counts"] as? [String: Int])?["in_app"] == 0)
+            #expect(try await client.send(.get, "/v1/me/notifications/unread-count", token: clinic.memberToken).json["total"] as? Int == 0)
+            let eventID = try #require(sent.json["event_id"] as? String)
+            let explain = try await client.send(.get, "/v1/events/\(eventID)/explain?user_id=\(clinic.org.memberID.uuidString)", token: clinic.org.ownerToken)
+            let channels = try #require(((explain.json["items"] as? [[String: Any]])?.first?["channels"]) as? [[String: Any]])
+            #expect(channels.count == 4)
+            #expect(channels.allSatisfy { $0["reason"] as? String == "CHANNEL_DISABLED" && $0["reason_text"] is String })
+        }
+    }
+
+    @Test("switching email off through the API leaves in-app only; DAILY makes a digest item, no email")
+    func preferencesThroughAPI() async throws {
+        let clinic = try await clinic()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let put = try await client.send(.put, "/v1/me/preferences", token: clinic.memberToken, json: #"{"items": [{"category": "alerts", "channel": "email", "enabled": false, "frequency": "NONE"}]}"#)
+            #expect(put.status == .ok)
+            let resolved = try await client.send(.get, "/v1/me/preferences/resolved?type=ISQ_CRITICAL", token: clinic.memberToken)
+            let cells = try #require(resolved.json["items"] as? [[String: Any]])
+            #expect(cells.first { $0["channel"] as? String == "email" }?["source"] as? String == "user")
+            #expect(cells.first { $0["channel"] as? String == "in_app" }?["source"] as? String == "critical_override")
+            let onlyMember = Self.reading.replacingOccurrences(of: #""roles": ["clinician"]"#, with: #""user_ids": ["\#(clinic.org.memberID.uuidString)"]"#)
+            let first = try await client.send(.post, "/v1/events", token: clinic.org.ownerToken, json: onlyMember)
+            #expect((first.json["counts"] as? [String: Int])?["immediate"] == 0)
+            #expect((first.json["counts"] as? [String: Int])?["in_app"] == 1)
+
+            _ = try await client.send(.put, "/v1/me/preferences", token: clinic.memberToken, json: #"{"items": [{"category": "alerts", "channel": "email", "enabled": true, "frequency": "DAILY"}]}"#)
+            let second = try await client.send(.post, "/v1/events", token: clinic.org.ownerToken, json: onlyMember)
+            #expect((second.json["counts"] as? [String: Int])?["digest"] == 1)
+            #expect((second.json["counts"] as? [String: Int])?["immediate"] == 0)
+        }
+    }
+
+    @Test("bad events are refused and write nothing")
+    func badEvents() async throws {
+        let clinic = try await clinic()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let cases = [
+                (#"{"type": "NOPE", "audience": {"everyone": true}}"#, HTTPResponse.Status.unprocessableContent, "type"),
+                (#"{"type": "ISQ_CRITICAL", "audience": {}}"#, .unprocessableContent, "audience"),
+                (#"{"type": "ISQ_CRITICAL", "audience": {"roles": ["astronaut"]}}"#, .unprocessableContent, "astronaut"),
+                (#"{"type": "ISQ_CRITICAL", "audience": {"user_ids": ["\#(UUID().uuidString)"]}}"#, .unprocessableContent, "user"),
+                (#"{"type": "ISQ_CRITICAL", "audience": {"everyone": true}, "expires_at": "2020-01-01T00:00:00Z"}"#, .unprocessableContent, "expires_at"),
+                (#"{"type": "ISQ_CRITICAL", "audience": {"everyone": true}, "organisation_id": "x"}"#, .badRequest, "organisation_id"),
+            ]
+            for (body, status, mention) in cases {
+                let response = try await client.send(.post, "/v1/events", token: clinic.org.ownerToken, json: body)
+                #expect(response.isProblem(status), "\(body) → \(response.status) \(response.text)")
+                #expect((response.json["detail"] as? String)?.contains(mention) == true, "\(response.text)")
+            }
+            let events = try await clinic.org.store { tx in try await tx.events(typeID: nil, limit: 10, after: nil).items.count }
+            #expect(events == 0)
+        }
+    }
+
+    @Test("a scheduled event stays out of the feed until its time; cancelling withdraws what has not gone out")
+    func scheduledAndCancelled() async throws {
+        let clinic = try await clinic()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let later = ISO8601DateFormatter().string(from: Date().addingTimeInterval(3600))
+            let body = Self.reading.replacingOccurrences(of: #""subject""#, with: #""deliver_at": "\#(later)", "subject""#)
+            let sent = try await client.send(.post, "/v1/events", token: clinic.org.ownerToken, json: body)
+            #expect(sent.status == .accepted)
+            let id = try #require(sent.json["event_id"] as? String)
+            #expect(try await client.send(.get, "/v1/me/notifications/unread-count", token: clinic.memberToken).json["total"] as? Int == 0)
+            let cancelled = try await client.send(.post, "/v1/events/\(id)/cancel", token: clinic.org.ownerToken)
+            #expect(cancelled.status == .ok)
+            #expect(cancelled.json["deliveries_cancelled"] as? Int == 2)
+            #expect(cancelled.json["digest_items_cancelled"] as? Int == 1)
+            #expect(cancelled.json["notifications_withdrawn"] as? Int == 5)
+            #expect(try await client.send(.post, "/v1/events/\(id)/cancel", token: clinic.org.ownerToken).isProblem(.conflict))
+            let explain = try await client.send(.get, "/v1/events/\(id)/explain?user_id=\(clinic.org.memberID.uuidString)", token: clinic.org.ownerToken)
+            let email = ((explain.json["items"] as? [[String: Any]])?.first?["channels"] as? [[String: Any]])?.first { $0["channel"] as? String == "email" }
+            #expect(email?["delivery_status"] as? String == "CANCELLED")
+        }
+    }
+}
+
+@Suite("Notify: idempotency")
+struct IdempotencyTests {
+    let env: TestEnvironment
+
+    init() async throws {
+        env = try await TestEnvironment.shared
+    }
+
+    func send(_ client: some TestClientProtocol, _ org: TestOrganisation, key: String, isq: Int = 25) async throws -> TestResponse {
+        try await client.send(.post, "/v1/events", token: org.ownerToken,
+                              json: #"{"type": "ISQ_CRITICAL", "audience": {"roles": ["clinician"]}, "payload": {"isq": \#(isq)}}"#,
+                              headers: [HTTPField.Name("Idempotency-Key")!: key])
+    }
+
+    @Test("the same key and body answer the first response again, and write nothing more")
+    func replay() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let first = try await send(client, org, key: "reading-1")
+            let second = try await send(client, org, key: "reading-1")
+            #expect(first.status == .accepted && second.status == .accepted)
+            #expect(first.text == second.text)
+            #expect(second.headers[HTTPField.Name("Idempotent-Replayed")!] == "true")
+            #expect(first.headers[HTTPField.Name("Idempotent-Replayed")!] == nil)
+            #expect(try await org.store { tx in try await tx.events(typeID: nil, limit: 10, after: nil).items.count } == 1)
+        }
+    }
+
+    @Test("the same key with another body is 422")
+    func differentBody() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let app = try env.application()
+        try await app.test(.router) { client in
+            #expect(try await send(client, org, key: "reading-2").status == .accepted)
+            let other = try await send(client, org, key: "reading-2", isq: 30)
+            #expect(other.isProblem(.unprocessableContent))
+            #expect((other.json["detail"] as? String)?.contains("Idempotency-Key") == true)
+        }
+    }
+
+    @Test("the same key while the first request still runs is 409")
+    func stillRunning() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let app = try env.application()
+        // Hold the key's lock the way a running first request does.
+        try await env.database.withTenant(org.id) { tx in
+            #expect(try await tx.lockIdempotencyKey("reading-3"))
+            try await app.test(.router) { client in
+                let response = try await send(client, org, key: "reading-3")
+                #expect(response.isProblem(.conflict))
+            }
+        }
+        // Once the first is done, the key works.
+        try await app.test(.router) { client in
+            let response = try await send(client, org, key: "reading-3")
+            #expect(response.status == .accepted)
+        }
+    }
+
+    @Test("keys are scoped per organisation")
+    func perOrganisation() async throws {
+        let a = try await TestOrganisation.make()
+        let b = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: a)
+        _ = try await TestCatalogue.make(in: b)
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let first = try await send(client, a, key: "shared-key")
+            let second = try await send(client, b, key: "shared-key")
+            #expect(first.status == .accepted && second.status == .accepted)
+            #expect(first.json["event_id"] as? String != second.json["event_id"] as? String)
+            #expect(second.headers[HTTPField.Name("Idempotent-Replayed")!] == nil)
+        }
+    }
+}
