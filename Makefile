@@ -16,6 +16,7 @@ endif
 help:
 	@echo "make run      install what is missing, build, start PostgreSQL, migrate, seed, serve"
 	@echo "make test     the whole suite against a private PostgreSQL it starts and stops"
+	@echo "make bench    benchmarks against a private cluster and a release build (docs/benchmarks.md)"
 	@echo "make db-up | db-down | db-reset | fmt | spec"
 
 deps:
@@ -53,10 +54,13 @@ test: deps
 	DATABASE_OWNER_URL=$$HERALD_TEST_OWNER_URL $(HERALD) migrate; \
 	HERALD_SQL_DIR=$(CURDIR)/sql swift test --skip-build
 
+bench: deps
+	@scripts/bench.sh
+
 spec:
 	python3 -m openapi_spec_validator openapi.yaml
 
 fmt:
 	swift format --in-place --recursive Sources Tests Package.swift
 
-.PHONY: help deps build db-up db-down db-reset jwt-key run test spec fmt
+.PHONY: help deps build db-up db-down db-reset jwt-key run test bench spec fmt

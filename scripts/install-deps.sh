@@ -2,7 +2,7 @@
 # Installs what Herald needs and the machine lacks: Debian packages, then PyPI packages.
 # Safe to run again; it only installs what is missing.
 set -euo pipefail
-debs=(postgresql postgresql-contrib libargon2-dev libcurl4-openssl-dev libssl-dev wrk)
+debs=(postgresql postgresql-contrib libargon2-dev libcurl4-openssl-dev libssl-dev wrk bc)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

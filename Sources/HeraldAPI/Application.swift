@@ -50,7 +50,8 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
         now: dependencies.now)
     // Compact JSON with sorted keys: stable bytes for clients and tests, no pretty-printing cost.
     try service.registerHandlers(
-        on: router, configuration: .init(jsonEncodingOptions: [.sortedKeys, .withoutEscapingSlashes]),
+        on: router,
+        configuration: .init(dateTranscoder: FlexibleISO8601(), jsonEncodingOptions: [.sortedKeys, .withoutEscapingSlashes]),
         middlewares: [PermissionMiddleware()])
     return router
 }
@@ -83,5 +84,19 @@ extension PostgresClient.Configuration {
         return PostgresClient.Configuration(
             host: url.host ?? "127.0.0.1", port: url.port ?? 5432, username: user.removingPercentEncoding ?? user,
             password: url.password?.removingPercentEncoding, database: database.isEmpty ? nil : database, tls: tls)
+    }
+}
+
+/// RFC 3339 date-times with or without fractional seconds (JavaScript's `toISOString()` sends
+/// milliseconds); Herald writes whole seconds.
+struct FlexibleISO8601: DateTranscoder {
+    func encode(_ date: Date) throws -> String {
+        date.formatted(.iso8601)
+    }
+
+    func decode(_ text: String) throws -> Date {
+        if let date = try? Date(text, strategy: .iso8601) { return date }
+        if let date = try? Date(text, strategy: Date.ISO8601FormatStyle(includingFractionalSeconds: true)) { return date }
+        throw DecodingError.dataCorrupted(.init(codingPath: [], debugDescription: "\"\(text)\" is not an RFC 3339 date-time."))
     }
 }

@@ -30,8 +30,7 @@ enum AccessRule: Sendable, Equatable {
 /// | create/update/deleteCategory, list/get/create/update/deleteNotificationType, put/deleteTemplate | templates.manage |
 /// | get/replacePreferenceDefaults | organisation.manage |
 /// | getMyPreferences, replaceMyPreferences, getMyResolvedPreferences | preferences.manage |
-/// | getUserPreferences, replaceUserPreferences | users.manage |
-/// | getUserResolvedPreferences | users.read |
+/// | getUserPreferences, replaceUserPreferences, getUserResolvedPreferences | users.manage |
 /// | sendEvent, cancelEvent | events.send |
 /// | listEvents, getEvent | events.read |
 /// | dryRunEvent, explainEvent, debugNotifications | debug.explain |
@@ -94,7 +93,7 @@ enum RoutePermissions {
         "getMyResolvedPreferences": .permission(.preferencesManage),
         "getUserPreferences": .permission(.usersManage),
         "replaceUserPreferences": .permission(.usersManage),
-        "getUserResolvedPreferences": .permission(.usersRead),
+        "getUserResolvedPreferences": .permission(.usersManage),
         "sendEvent": .permission(.eventsSend),
         "listEvents": .permission(.eventsRead),
         "getEvent": .permission(.eventsRead),

@@ -23,13 +23,18 @@ public enum Validate {
         return trimmed
     }
 
-    /// A BCP 47 language tag of the common shapes: `en`, `fr-CA`, `zh-Hant-TW`.
+    /// A BCP 47 language tag of the common shapes (`en`, `fr-CA`, `zh-Hant-TW`), in canonical
+    /// case (`fr-ca` becomes `fr-CA`) so that templates and users match.
     public static func locale(_ value: String, field: String = "locale") throws(ValidationError) -> String {
         let pattern = #"^[A-Za-z]{2,3}(-[A-Za-z]{4})?(-([A-Za-z]{2}|[0-9]{3}))?$"#
         guard value.range(of: pattern, options: .regularExpression) != nil else {
             throw ValidationError(field: field, message: "\"\(value)\" is not a language tag such as \"en\" or \"fr-CA\".")
         }
-        return value
+        return value.split(separator: "-").enumerated().map { index, part in
+            if index == 0 { return part.lowercased() }
+            if part.count == 4 { return part.prefix(1).uppercased() + part.dropFirst().lowercased() }
+            return part.uppercased()
+        }.joined(separator: "-")
     }
 
     /// An IANA time zone known to this system, such as `Europe/Paris`.

@@ -90,8 +90,12 @@ extension TenantTransaction {
         return try await category(id)
     }
 
-    /// Deletes a category; a notification type still in it blocks the deletion (`invalidReference`).
+    /// Deletes a category; a notification type still in it, or in-app rows of it, block the
+    /// deletion (`invalidReference`).
     public func deleteCategory(_ id: UUID) async throws {
+        guard try await query("SELECT 1 FROM notifications WHERE category_id = \(id) LIMIT 1").isEmpty else {
+            throw StoreError.invalidReference(constraint: "notifications_category")
+        }
         guard !(try await query("DELETE FROM categories WHERE id = \(id) RETURNING id")).isEmpty else { throw StoreError.notFound }
     }
 

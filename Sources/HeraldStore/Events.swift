@@ -110,6 +110,8 @@ extension TenantTransaction {
     /// Every user the audience reaches, with how they matched. Unknown names are an error.
     public func recipients(for audience: Audience) async throws -> [RecipientProfile] {
         try await checkAudienceNames(audience)
+        // Candidate ids first (each source by its own index), then users by primary key: a
+        // one-user event does not scan the organisation's users.
         let rows = try await query(
             """
             WITH by_role AS (
@@ -120,13 +122,18 @@ extension TenantTransaction {
                 SELECT m.user_id, array_agg(DISTINCT g.key) AS keys FROM group_members m
                 JOIN groups g ON g.organisation_id = m.organisation_id AND g.id = m.group_id
                 WHERE g.key = ANY(\(audience.groupKeys)::text[]) GROUP BY m.user_id
+            ), candidates AS (
+                SELECT id AS user_id FROM users WHERE \(audience.everyone)
+                UNION SELECT unnest(\(audience.userIDs)::uuid[])
+                UNION SELECT user_id FROM by_role
+                UNION SELECT user_id FROM by_group
             )
             SELECT u.id, u.active, u.email, u.display_name, u.locale, u.timezone, u.attributes::text,
                    u.id = ANY(\(audience.userIDs)::uuid[]), coalesce(br.keys, '{}'), coalesce(bg.keys, '{}')
-            FROM users u
+            FROM candidates c
+            JOIN users u ON u.organisation_id = \(organisationID) AND u.id = c.user_id
             LEFT JOIN by_role br ON br.user_id = u.id
             LEFT JOIN by_group bg ON bg.user_id = u.id
-            WHERE \(audience.everyone) OR u.id = ANY(\(audience.userIDs)::uuid[]) OR br.user_id IS NOT NULL OR bg.user_id IS NOT NULL
             ORDER BY u.id
             """)
         let decoder = JSONDecoder()

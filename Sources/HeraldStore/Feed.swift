@@ -77,11 +77,11 @@ extension TenantTransaction {
     public func feed(of userID: UUID, filter: FeedFilter, limit: Int, after cursor: FeedCursor?, now: Date) async throws -> (items: [FeedItem], next: FeedCursor?) {
         let rows = try await query(
             """
-            WITH state AS (SELECT read_through FROM feed_state WHERE user_id = \(userID)),
+            WITH state AS (SELECT read_through, read_xmin FROM feed_state WHERE user_id = \(userID)),
             rows AS (
               SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, n.title, n.body,
                      e.subject_type, e.subject_id,
-                     (NOT n.unread_pinned AND (n.read_at IS NOT NULL OR n.id <= coalesce((SELECT read_through FROM state), '00000000-0000-0000-0000-000000000000'))) AS read,
+                     (NOT n.unread_pinned AND (n.read_at IS NOT NULL OR (n.id <= (SELECT read_through FROM state) AND n.created_xid < (SELECT read_xmin FROM state)))) IS TRUE AS read,
                      n.archived_at IS NOT NULL AS archived, n.visible_at, n.expires_at
               FROM notifications n
               JOIN events e ON e.organisation_id = n.organisation_id AND e.id = n.event_id
@@ -117,7 +117,8 @@ extension TenantTransaction {
             JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
             WHERE n.user_id = \(userID) AND n.read_at IS NULL AND n.archived_at IS NULL
               AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
-              AND (n.unread_pinned OR n.id > coalesce((SELECT read_through FROM feed_state WHERE user_id = \(userID)), '00000000-0000-0000-0000-000000000000'))
+              AND NOT coalesce((SELECT n.id <= fs.read_through AND n.created_xid < fs.read_xmin AND NOT n.unread_pinned
+                                FROM feed_state fs WHERE fs.user_id = \(userID)), false)
             GROUP BY c.key
             """)
         var byCategory: [String: Int] = [:]
@@ -139,7 +140,8 @@ extension TenantTransaction {
         let rows = try await query(
             """
             SELECT n.id, n.event_id, t.key, c.key, n.severity, n.priority, n.title, n.body, e.subject_type, e.subject_id,
-                   (NOT n.unread_pinned AND (n.read_at IS NOT NULL OR n.id <= coalesce((SELECT read_through FROM feed_state WHERE user_id = \(userID)), '00000000-0000-0000-0000-000000000000'))),
+                   coalesce(NOT n.unread_pinned AND (n.read_at IS NOT NULL OR (SELECT n.id <= fs.read_through AND n.created_xid < fs.read_xmin
+                                                                                    FROM feed_state fs WHERE fs.user_id = \(userID))), false),
                    n.archived_at IS NOT NULL, n.visible_at, n.expires_at
             FROM notifications n
             JOIN events e ON e.organisation_id = n.organisation_id AND e.id = n.event_id
@@ -180,31 +182,34 @@ extension TenantTransaction {
     }
 
     /// Marks everything up to `watermark` read in one statement, whatever the feed's size: the
-    /// watermark moves forward, and only rows explicitly marked unread are touched.
+    /// watermark moves forward with the snapshot's xmin (rows still being written stay unread),
+    /// and only rows explicitly marked unread are touched.
     public func markAllRead(of userID: UUID, through watermark: UUID) async throws {
         try await query(
             """
             WITH mark AS (
-                INSERT INTO feed_state (organisation_id, user_id, read_through) VALUES (\(organisationID), \(userID), \(watermark))
+                INSERT INTO feed_state (organisation_id, user_id, read_through, read_xmin)
+                VALUES (\(organisationID), \(userID), \(watermark), pg_snapshot_xmin(pg_current_snapshot()))
                 ON CONFLICT (organisation_id, user_id) DO UPDATE
-                SET read_through = greatest(feed_state.read_through, excluded.read_through), updated_at = now()
-                RETURNING read_through
+                SET read_through = greatest(feed_state.read_through, excluded.read_through),
+                    read_xmin = greatest(feed_state.read_xmin, excluded.read_xmin), updated_at = now()
+                RETURNING read_through, read_xmin
             )
             UPDATE notifications SET unread_pinned = false
-            WHERE user_id = \(userID) AND unread_pinned AND id <= (SELECT read_through FROM mark)
+            WHERE user_id = \(userID) AND unread_pinned AND id <= (SELECT read_through FROM mark) AND created_xid < (SELECT read_xmin FROM mark)
             """)
     }
 
     /// Deletes one row.
     public func deleteNotification(_ id: UUID, of userID: UUID) async throws {
-        guard !(try await query("DELETE FROM notifications WHERE id = \(id) AND user_id = \(userID) RETURNING id")).isEmpty else {
+        guard !(try await query("DELETE FROM notifications WHERE id = \(id) AND user_id = \(userID) AND visible_at <= now() RETURNING id")).isEmpty else {
             throw StoreError.notFound
         }
     }
 
     /// Deletes every row of the user's feed; returns how many.
     public func clearFeed(of userID: UUID) async throws -> Int {
-        try await query("DELETE FROM notifications WHERE user_id = \(userID) RETURNING 1").count
+        try await query("DELETE FROM notifications WHERE user_id = \(userID) AND visible_at <= now() RETURNING 1").count
     }
 
     /// Counts by type, category and state for one user or (nil) the whole organisation.
@@ -213,14 +218,14 @@ extension TenantTransaction {
             """
             SELECT t.key, c.key,
                    CASE WHEN n.archived_at IS NOT NULL THEN 'archived'
-                        WHEN NOT n.unread_pinned AND (n.read_at IS NOT NULL OR n.id <= coalesce(fs.read_through, '00000000-0000-0000-0000-000000000000')) THEN 'read'
+                        WHEN NOT n.unread_pinned AND (n.read_at IS NOT NULL OR (n.id <= fs.read_through AND n.created_xid < fs.read_xmin)) THEN 'read'
                         ELSE 'unread' END,
                    count(*)::int
             FROM notifications n
             JOIN notification_types t ON t.organisation_id = n.organisation_id AND t.id = n.type_id
             JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
             LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
-            WHERE (\(userID)::uuid IS NULL OR n.user_id = \(userID))
+            WHERE (\(userID)::uuid IS NULL OR n.user_id = \(userID)) AND n.visible_at <= now()
               AND (\(since)::timestamptz IS NULL OR n.visible_at >= \(since))
               AND (\(until)::timestamptz IS NULL OR n.visible_at < \(until))
             GROUP BY 1, 2, 3

@@ -14,7 +14,7 @@ import Prometheus
 struct Herald: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Herald, the multi-tenant notification service.",
-        subcommands: [Serve.self, Migrate.self, SeedDemo.self, OrganisationCommand.self, JWTKeygen.self])
+        subcommands: [Serve.self, Migrate.self, SeedDemo.self, OrganisationCommand.self, JWTKeygen.self, PurgeExpired.self])
 }
 
 /// `herald serve`: the HTTP API.
@@ -100,9 +100,11 @@ struct SeedDemo: AsyncParsableCommand {
                 let token = OpaqueToken(kind: .apiKey, organisationID: organisationID)
                 _ = try await tx.createApiKey(id: token.id, name: "seed-demo", roleID: service.id, secretHash: token.secretHash, expiresAt: nil)
                 try await tx.audit(action: "apikey.create", targetType: "api_key", targetID: token.id.uuidString.lowercased(), before: nil, after: nil)
+                let types = try await DemoCatalogue.ensure(tx, clinicians: [admin, member])
+                print("seed-demo: catalogue ready (\(types) notification types: medical alerts, club outings, CRM events)")
                 return (admin, member, token.text)
             }
-            print("seed-demo: users admin@demo.example (owner) and member@demo.example (member) are ready")
+            print("seed-demo: users admin@demo.example (owner, clinician) and member@demo.example (member, clinician) are ready")
             let now = Date()
             let adminToken = try await tokens.issueAccessToken(organisationID: organisationID, userID: adminID, now: now)
             let memberToken = try await tokens.issueAccessToken(organisationID: organisationID, userID: memberID, now: now)
@@ -128,6 +130,17 @@ struct SeedDemo: AsyncParsableCommand {
               curl -s \(baseURL)/v1/audit-log -H "authorization: Bearer $ADMIN_TOKEN"
               curl -s \(baseURL)/v1/users -H "authorization: Bearer $MEMBER_TOKEN"    # 403: members cannot list users
 
+            The engine: a critical implant reading for every clinician, then the member's bell and feed, then why.
+              curl -s -X POST \(baseURL)/v1/events -H "authorization: Bearer $API_KEY" -H 'content-type: application/json' \\
+                   -H 'Idempotency-Key: reading-8813' \\
+                   -d '{"type":"ISQ_CRITICAL","audience":{"roles":["clinician"]},"payload":{"isq":25,"threshold":55,"implant":"IMP-19"}}'
+              curl -s \(baseURL)/v1/me/notifications/unread-count -H "authorization: Bearer $MEMBER_TOKEN"
+              curl -s \(baseURL)/v1/me/notifications -H "authorization: Bearer $MEMBER_TOKEN"
+              curl -s '\(baseURL)/v1/notifications/debug?event=ISQ_CRITICAL' -H "authorization: Bearer $ADMIN_TOKEN"
+              curl -s -X PUT \(baseURL)/v1/me/preferences -H "authorization: Bearer $MEMBER_TOKEN" -H 'content-type: application/json' \\
+                   -d '{"items":[{"category":"alerts","channel":"email","enabled":true,"frequency":"DAILY"}]}'
+              curl -s '\(baseURL)/v1/me/preferences/resolved?type=ISQ_CRITICAL' -H "authorization: Bearer $MEMBER_TOKEN"
+
             """)
         }
     }
@@ -142,6 +155,30 @@ struct SeedDemo: AsyncParsableCommand {
         }
         _ = try await tx.setUserRoles(id, [try await tx.builtinRole(role).id])
         return id
+    }
+}
+
+/// `herald purge-expired`: deletes in-app notifications past their expiry, organisation by
+/// organisation (as the owner role, which can list organisations), printing what it removed.
+struct PurgeExpired: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "purge-expired", abstract: "Delete in-app notifications whose expiry has passed.")
+
+    func run() async throws {
+        guard let url = ProcessInfo.processInfo.environment["DATABASE_OWNER_URL"], !url.isEmpty else {
+            throw ValidationError("DATABASE_OWNER_URL is not set: purging walks every organisation, which only the owner role can list.")
+        }
+        let logger = Logger(label: "herald.purge")
+        try await withPostgres(url: url, logger: logger) { client in
+            let database = Database(client: client, logger: logger)
+            let organisations = try await database.allOrganisationIDs()
+            var total = 0
+            for id in organisations {
+                let removed = try await database.withTenant(id) { tx in try await tx.purgeExpiredNotifications(now: Date()) }
+                if removed > 0 { print("purge-expired: \(removed) from organisation \(id.uuidString.lowercased())") }
+                total += removed
+            }
+            print("purge-expired: \(total) notification(s) removed across \(organisations.count) organisation(s)")
+        }
     }
 }
 

@@ -185,6 +185,40 @@ struct FeedTests {
         #expect(owner == 1)
     }
 
+    @Test("mark all read during a notify that has not committed yet leaves that notify's rows unread")
+    func markAllDuringFanOut() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        try await task(org, to: [org.memberID], title: "earlier")
+        let earlier = try await env.database.withTenant(org.id, recipient: org.memberID) { tx in
+            try await tx.feed(of: org.memberID, filter: FeedFilter(), limit: 1, after: nil, now: Date()).items[0]
+        }
+        let (inserted, insertedSignal) = AsyncStream.makeStream(of: Void.self)
+        let (marked, markedSignal) = AsyncStream.makeStream(of: Void.self)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            // A notify transaction that stamped its row's id a moment ago and commits only after the click.
+            group.addTask {
+                try await env.database.withTenant(org.id) { tx in
+                    try await tx.duplicateFeedForTest(userID: org.memberID, copies: 1, from: earlier.id)
+                    insertedSignal.yield()
+                    for await _ in marked { break }
+                }
+            }
+            group.addTask {
+                for await _ in inserted { break }
+                try await env.database.withTenant(org.id, recipient: org.memberID) { tx in
+                    try await tx.markAllRead(of: org.memberID, through: TimeOrderedID.upperBound(at: Date()))
+                }
+                markedSignal.yield()
+            }
+            try await group.waitForAll()
+        }
+        let unread = try await env.database.withTenant(org.id, recipient: org.memberID) { tx in
+            try await tx.unreadCount(of: org.memberID, now: Date()).total
+        }
+        #expect(unread == 1, "the row committed after the click must arrive unread")
+    }
+
     @Test("mark all read at 100 000 rows is one statement that touches none of them")
     func readAllAtScale() async throws {
         let org = try await TestOrganisation.make()
@@ -212,8 +246,8 @@ struct FeedTests {
 }
 
 extension TenantTransaction {
-    /// Test fixture: `copies` copies of the user's newest row, with fresh time-ordered ids.
-    func duplicateFeedForTest(userID: UUID, copies: Int) async throws {
+    /// Test fixture: `copies` copies of the user's newest row (or of `source`), with fresh time-ordered ids.
+    func duplicateFeedForTest(userID: UUID, copies: Int, from source: UUID? = nil) async throws {
         try await connection.query(
             """
             INSERT INTO notifications (organisation_id, id, event_id, user_id, type_id, category_id, severity, priority, title, body, visible_at)
@@ -222,7 +256,8 @@ extension TenantTransaction {
                    encode(overlay(uuid_send(gen_random_uuid()) PLACING substring(int8send((extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3) FROM 1 FOR 6), 'hex')::uuid,
                    n.event_id, n.user_id, n.type_id, n.category_id, n.severity, n.priority,
                    n.title || ' ' || g, n.body, n.visible_at - interval '1 second'
-            FROM (SELECT * FROM notifications WHERE user_id = \(userID) ORDER BY id DESC LIMIT 1) n, generate_series(1, \(copies)) g
+            FROM (SELECT * FROM notifications WHERE user_id = \(userID) AND (\(source)::uuid IS NULL OR id = \(source)) ORDER BY id DESC LIMIT 1) n,
+                 generate_series(1, \(copies)) g
             """, logger: logger)
     }
 }

@@ -93,6 +93,18 @@ struct IsolationSQLTests {
         return "*"
     }
 
+    /// The SQLSTATE of inserting `row` (a JSON object) into `table` under `organisation`'s context, nil on success.
+    func insertState(_ table: String, row: String, as organisation: UUID) async -> String? {
+        guard let columns = try? await insertableColumns(table) else { return "no columns" }
+        return await sqlState {
+            try await asApp(organisation) { connection in
+                _ = try await connection.query(
+                    "INSERT INTO \(unescaped: table) (\(unescaped: columns)) SELECT \(unescaped: columns) FROM jsonb_populate_record(NULL::\(unescaped: table), \(row)::jsonb)",
+                    logger: env.logger)
+            }
+        }
+    }
+
     func sqlState(of work: () async throws -> Void) async -> String? {
         do {
             try await work()
@@ -217,14 +229,7 @@ struct IsolationSQLTests {
                 for try await json in rows.decode(String.self) { return json }
                 return "{}"
             }
-            let columns = try await insertableColumns(table)
-            let state = await sqlState {
-                try await asApp(a.id) { connection in
-                    _ = try await connection.query(
-                        "INSERT INTO \(unescaped: table) (\(unescaped: columns)) SELECT \(unescaped: columns) FROM jsonb_populate_record(NULL::\(unescaped: table), \(row)::jsonb)",
-                        logger: env.logger)
-                }
-            }
+            let state = await insertState(table, row: row, as: a.id)
             #expect(state == "42501", "\(table): inserting B's row under A's context gave \(state ?? "success")")
             // A cannot move its own rows into B.
             let moveState = await sqlState {
@@ -265,14 +270,7 @@ struct IsolationSQLTests {
                 for try await json in rows.decode(String.self) { return json }
                 return "{}"
             }
-            let columns = try await insertableColumns(table)
-            let state = await sqlState {
-                try await asApp(a.id) { connection in
-                    _ = try await connection.query(
-                        "INSERT INTO \(unescaped: table) (\(unescaped: columns)) SELECT \(unescaped: columns) FROM jsonb_populate_record(NULL::\(unescaped: table), \(row)::jsonb)",
-                        logger: env.logger)
-                }
-            }
+            let state = await insertState(table, row: row, as: a.id)
             #expect(state == "23503", "\(table): a row of A referencing B's rows gave \(state ?? "success")")
         }
     }

@@ -108,8 +108,11 @@ CREATE INDEX events_type_time ON events (organisation_id, type_id, created_at DE
 CREATE INDEX events_time ON events (organisation_id, created_at DESC, id DESC);
 
 -- The in-app feed. Ids are UUID v7 taken at the moment the row becomes visible, so the feed
--- pages by id. Read state: a row is read when read_at is set, or when its id is at or below
--- the user's feed_state.read_through watermark and it was not explicitly marked unread.
+-- pages by id. Read state: a row is read when read_at is set, or when it is covered by the
+-- user's "all read" watermark (feed_state) and was not explicitly marked unread. Covered means
+-- its id is at or below read_through AND the transaction that wrote it had finished when the
+-- watermark was set (created_xid below read_xmin): a row of a fan-out still committing then
+-- arrives unread, even though its id was stamped before the click.
 CREATE TABLE notifications (
     organisation_id uuid NOT NULL,
     id              uuid NOT NULL,
@@ -126,6 +129,7 @@ CREATE TABLE notifications (
     read_at         timestamptz,
     unread_pinned   boolean NOT NULL DEFAULT false,
     archived_at     timestamptz,
+    created_xid     xid8 NOT NULL DEFAULT pg_current_xact_id(),
     search          tsvector GENERATED ALWAYS AS (to_tsvector('simple', title || ' ' || body)) STORED,
     PRIMARY KEY (organisation_id, id),
     FOREIGN KEY (organisation_id, event_id) REFERENCES events (organisation_id, id) ON DELETE CASCADE,
@@ -133,6 +137,7 @@ CREATE TABLE notifications (
 );
 CREATE INDEX notifications_feed ON notifications (organisation_id, user_id, id DESC);
 CREATE INDEX notifications_unread ON notifications (organisation_id, user_id, id) WHERE read_at IS NULL;
+CREATE INDEX notifications_pinned ON notifications (organisation_id, user_id, id) WHERE unread_pinned;
 CREATE INDEX notifications_event ON notifications (organisation_id, event_id);
 CREATE INDEX notifications_search ON notifications USING gin (organisation_id, user_id, search);
 CREATE INDEX notifications_expiry ON notifications (organisation_id, expires_at) WHERE expires_at IS NOT NULL;
@@ -141,6 +146,7 @@ CREATE TABLE feed_state (
     organisation_id uuid NOT NULL,
     user_id         uuid NOT NULL,
     read_through    uuid NOT NULL,
+    read_xmin       xid8 NOT NULL,
     updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (organisation_id, user_id),
     FOREIGN KEY (organisation_id, user_id) REFERENCES users (organisation_id, id) ON DELETE CASCADE
@@ -205,7 +211,7 @@ CREATE TABLE event_recipients (
     FOREIGN KEY (organisation_id, user_id) REFERENCES users (organisation_id, id) ON DELETE CASCADE
 );
 -- The per-user, per-category throttle counts recent rows here.
-CREATE INDEX event_recipients_throttle ON event_recipients (organisation_id, user_id, category_id, created_at) WHERE notified;
+CREATE INDEX event_recipients_throttle ON event_recipients (organisation_id, category_id, created_at) INCLUDE (user_id) WHERE notified;
 
 ALTER TABLE categories ENABLE ROW LEVEL SECURITY;
 ALTER TABLE categories FORCE ROW LEVEL SECURITY;

@@ -49,7 +49,7 @@ extension HeraldService {
             do {
                 try await tx.deleteCategory(id)
             } catch StoreError.invalidReference {
-                throw APIError.conflict("Notification types still use this category; move or delete them first.")
+                throw APIError.conflict("Notification types or in-app notifications still use this category; move or delete them first.")
             }
             try await tx.audit(action: "category.delete", targetType: "category", targetID: before.id, before: auditJSON(before), after: nil)
         }

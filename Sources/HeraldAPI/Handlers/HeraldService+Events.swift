@@ -11,6 +11,9 @@ extension HeraldService {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         let request = try eventRequest(body)
         let key = input.headers.idempotencyKey
+        if let key, !(1...255).contains(key.utf8.count) {
+            throw APIError.unprocessable(ValidationError(field: "Idempotency-Key", message: "must be 1 to 255 bytes."))
+        }
         let hash = try requestHash(body)
         let now = now()
         enum Outcome: Sendable { case created(EventRecord), replayed(EventRecord) }
@@ -26,6 +29,8 @@ extension HeraldService {
                     return .replayed(first)
                 }
             }
+            // Checked after the replay: retrying a stored request later still gets its first answer.
+            try checkTimes(body)
             let planned = try await plan(request, tx, now: now, idempotencyKey: key, requestHash: hash)
             try await tx.write(planned.event, type: planned.type, plan: planned.plan)
             return .created(try await tx.event(planned.event.id))
@@ -41,14 +46,14 @@ extension HeraldService {
     func dryRunEvent(_ input: Operations.DryRunEvent.Input) async throws -> Operations.DryRunEvent.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         let request = try eventRequest(body)
+        try checkTimes(body)
         let limit = try validated { () throws(ValidationError) in try PageSize.clamp(input.query.limit) }
         let explanation = try await tenant("event") { tx, _ in try await dryRun(request, tx, limit: limit) }
         return .ok(.init(body: .json(explanation)))
     }
 
     func listEvents(_ input: Operations.ListEvents.Input) async throws -> Operations.ListEvents.Output {
-        let limit = try validated { () throws(ValidationError) in try PageSize.clamp(input.query.limit) }
-        let cursor = try input.query.cursor.map { c in try validated { () throws(ValidationError) in try PageCursor(encoded: c) } }
+        let (limit, cursor) = try page(input.query.limit, input.query.cursor)
         let page = try await tenant("event") { tx, _ in
             var typeID: UUID?
             if let key = input.query._type {
@@ -177,9 +182,6 @@ extension HeraldService {
         if let deliverAt = body.deliverAt, let expiresAt = body.expiresAt, expiresAt <= deliverAt {
             throw APIError.unprocessable(ValidationError(field: "expires_at", message: "must be after deliver_at."))
         }
-        if let expiresAt = body.expiresAt, expiresAt <= now() {
-            throw APIError.unprocessable(ValidationError(field: "expires_at", message: "must be in the future."))
-        }
         return EventRequest(
             typeKey: body._type, audience: audience, payload: try convert(body.payload ?? .init()),
             sourceActor: try body.actor.map { try convert($0) }, subjectType: body.subject?._type, subjectID: body.subject?.id,
@@ -187,16 +189,24 @@ extension HeraldService {
             deliverAt: body.deliverAt, expiresAt: body.expiresAt)
     }
 
+    /// Checks that depend on the time of the request (not part of what a replay compares).
+    private func checkTimes(_ body: Components.Schemas.EventCreate) throws {
+        if let expiresAt = body.expiresAt, expiresAt <= now() {
+            throw APIError.unprocessable(ValidationError(field: "expires_at", message: "must be in the future."))
+        }
+    }
+
     /// SHA-256 of the body with sorted keys: the same request twice hashes the same.
     private func requestHash(_ body: Components.Schemas.EventCreate) throws -> String {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
-        encoder.dateEncodingStrategy = .iso8601
+        encoder.dateEncodingStrategy = .millisecondsSince1970
         return SHA256.hash(data: try encoder.encode(body)).map { String(format: "%02x", $0) }.joined()
     }
 
     private func accepted(_ event: EventRecord) -> Components.Schemas.EventAccepted {
-        .init(eventId: event.id.lowercased, status: .init(rawValue: event.status)!, deliverAt: event.deliverAt,
+        // Always the answer notify first gave (a later cancellation shows on GET /v1/events/{id}).
+        .init(eventId: event.id.lowercased, status: .accepted, deliverAt: event.deliverAt,
               counts: (try? convert(event.counts)) ?? .init(considered: 0, targeted: 0, notTargeted: 0, inApp: 0, immediate: 0, digest: 0, skipped: 0))
     }
 }

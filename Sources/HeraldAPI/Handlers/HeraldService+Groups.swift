@@ -5,8 +5,7 @@ import HeraldStore
 
 extension HeraldService {
     func listGroups(_ input: Operations.ListGroups.Input) async throws -> Operations.ListGroups.Output {
-        let limit = try validated { () throws(ValidationError) in try PageSize.clamp(input.query.limit) }
-        let cursor = try input.query.cursor.map { c in try validated { () throws(ValidationError) in try PageCursor(encoded: c) } }
+        let (limit, cursor) = try page(input.query.limit, input.query.cursor)
         let page = try await tenant("group") { tx, _ in try await tx.groups(limit: limit, after: cursor) }
         return .ok(.init(body: .json(.init(items: page.items.map(Components.Schemas.Group.init), nextCursor: page.next?.encoded))))
     }
@@ -53,8 +52,7 @@ extension HeraldService {
 
     func listGroupMembers(_ input: Operations.ListGroupMembers.Input) async throws -> Operations.ListGroupMembers.Output {
         let id = try id(input.path.groupId, "group")
-        let limit = try validated { () throws(ValidationError) in try PageSize.clamp(input.query.limit) }
-        let cursor = try input.query.cursor.map { c in try validated { () throws(ValidationError) in try PageCursor(encoded: c) } }
+        let (limit, cursor) = try page(input.query.limit, input.query.cursor)
         let page = try await tenant("group") { tx, _ in try await tx.groupMembers(id, limit: limit, after: cursor) }
         return .ok(.init(body: .json(.init(items: try page.items.map(Components.Schemas.User.init), nextCursor: page.next?.encoded))))
     }

@@ -13,6 +13,9 @@ extension HeraldService {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         let name = try body.name.map { name in try validated { () throws(ValidationError) in try Validate.text(name, field: "name") } }
         let locale = try body.defaultLocale.map { v in try validated { () throws(ValidationError) in try Validate.locale(v, field: "default_locale") } }
+        if let throttle = body.throttlePerMinute, !(0...100_000).contains(throttle) {
+            throw APIError.unprocessable(ValidationError(field: "throttle_per_minute", message: "must be between 0 (off) and 100000."))
+        }
         let timezone = try body.defaultTimezone.map { v in try validated { () throws(ValidationError) in try Validate.timezone(v, field: "default_timezone") } }
         let updated = try await tenant("organisation") { tx, _ in
             let before = Components.Schemas.Organisation(try await tx.organisation())

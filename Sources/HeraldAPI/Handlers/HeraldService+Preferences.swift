@@ -71,8 +71,12 @@ extension HeraldService {
     }
 
     private func replacePreferences(of userID: UUID, _ body: Components.Schemas.PreferenceList) async throws -> Components.Schemas.PreferenceList {
-        try await tenant("user") { tx, _ in
+        try await tenant("user") { tx, principal in
             _ = try await tx.user(userID)
+            // An admin changing someone else's settings needs every permission that user holds.
+            if principal.actor.userID != userID {
+                try requireHolds(try await tx.permissions(ofUser: userID).filter { !$0.concernsOnlyTheHolder }, principal)
+            }
             let before = try await preferenceList(try await tx.preferences(ofUser: userID), tx)
             try await tx.replacePreferences(ofUser: userID, with: try await cells(body, tx))
             let after = try await preferenceList(try await tx.preferences(ofUser: userID), tx)

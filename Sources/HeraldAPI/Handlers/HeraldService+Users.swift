@@ -5,8 +5,7 @@ import HeraldStore
 
 extension HeraldService {
     func listUsers(_ input: Operations.ListUsers.Input) async throws -> Operations.ListUsers.Output {
-        let limit = try validated { () throws(ValidationError) in try PageSize.clamp(input.query.limit) }
-        let cursor = try input.query.cursor.map { c in try validated { () throws(ValidationError) in try PageCursor(encoded: c) } }
+        let (limit, cursor) = try page(input.query.limit, input.query.cursor)
         let search = input.query.q.flatMap { $0.isEmpty ? nil : $0 }
         let page = try await tenant("user") { tx, _ in
             try await tx.users(search: search, active: input.query.active, limit: limit, after: cursor)

@@ -37,6 +37,11 @@ struct HeraldService: APIProtocol {
         }
     }
 
+    /// A page size and a cursor from the query, validated (422 for either out of range).
+    func page(_ limit: Int?, _ cursor: String?) throws -> (Int, PageCursor?) {
+        try validated { () throws(ValidationError) in (try PageSize.clamp(limit), try cursor.map { c throws(ValidationError) in try PageCursor(encoded: c) }) }
+    }
+
     /// A path id; one that is not a UUID is as missing as one that does not exist.
     func id(_ text: String, _ resource: String) throws -> UUID {
         guard let id = UUID(uuidString: text) else { throw APIError.notFound(resource: resource) }

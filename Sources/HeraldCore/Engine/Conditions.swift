@@ -114,7 +114,7 @@ public struct Condition: Sendable, Equatable, Codable {
             return !(values?.contains(actual) ?? false)
         case .weekdayIn:
             guard case .string(let text) = actual, let weekday = Self.weekday(of: text, in: timeZone) else { return false }
-            return values?.contains(.string(weekday)) ?? false
+            return values?.contains { if case .string(let day) = $0 { day.lowercased() == weekday } else { false } } ?? false
         }
     }
 

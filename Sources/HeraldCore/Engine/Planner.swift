@@ -187,6 +187,8 @@ public enum NotificationPlanner {
         let targeting = AudienceResolver.decide(input.recipients.map(\.candidate), excluding: input.excluded)
         let profiles = Dictionary(input.recipients.map { ($0.candidate.userID, $0) }, uniquingKeysWith: { first, _ in first })
         var plan = Plan(traces: [], notifications: [], deliveries: [], digestItems: [], counts: DecisionCounts())
+        // Each template is parsed once, not once per recipient.
+        let parsed = input.type.templates.mapValues { $0.mapValues(ParsedTemplate.init) }
         for target in targeting {
             plan.counts.considered += 1
             guard target.targeted, let profile = profiles[target.userID] else {
@@ -210,7 +212,7 @@ public enum NotificationPlanner {
                 var traced = TracedChannel(decision: decision)
                 switch decision.outcome {
                 case .inApp:
-                    let content = render(input, profile, channel: .inApp)
+                    let content = render(input, profile, channel: .inApp, parsed: parsed)
                     let id = TimeOrderedID.make(at: input.deliverAt)
                     plan.notifications.append(PlannedNotification(id: id, userID: target.userID, title: content.subject, body: content.body))
                     traced.notificationID = id
@@ -255,11 +257,13 @@ public enum NotificationPlanner {
     }
 
     /// The recipient's content for `channel`: the template in their locale, or the type's name.
-    public static func render(_ input: PlanInput, _ profile: RecipientProfile, channel: NotificationChannel) -> TemplateContent {
-        guard let picked = TemplateRenderer.pick(input.type.templates[channel] ?? [:], userLocale: profile.locale,
+    public static func render(_ input: PlanInput, _ profile: RecipientProfile, channel: NotificationChannel,
+                              parsed: [NotificationChannel: [String: ParsedTemplate]]? = nil) -> TemplateContent {
+        let templates = parsed ?? input.type.templates.mapValues { $0.mapValues(ParsedTemplate.init) }
+        guard let picked = TemplateRenderer.pick(templates[channel] ?? [:], userLocale: profile.locale,
                                                  organisationLocale: input.organisationLocale) else {
             return TemplateContent(subject: input.type.name, body: "")
         }
-        return TemplateRenderer.render(picked.value, context(input, profile))
+        return picked.value.render(context(input, profile))
     }
 }

@@ -37,8 +37,32 @@ public enum TemplateRenderer {
 
     /// Renders every part of `content`.
     public static func render(_ content: TemplateContent, _ context: [String: Any]) -> TemplateContent {
-        TemplateContent(subject: render(content.subject, context), body: render(content.body, context), html: content.html.map { render($0, context) })
+        ParsedTemplate(content).render(context)
     }
+}
+
+/// A template parsed once, rendered for many recipients.
+public struct ParsedTemplate: Sendable {
+    let subject: MustacheTemplate?
+    let body: MustacheTemplate?
+    let html: MustacheTemplate?
+    let source: TemplateContent
+
+    public init(_ content: TemplateContent) {
+        source = content
+        subject = try? MustacheTemplate(string: content.subject)
+        body = try? MustacheTemplate(string: content.body)
+        html = content.html.flatMap { try? MustacheTemplate(string: $0) }
+    }
+
+    /// The content for one recipient (a part that does not parse renders as its source).
+    public func render(_ context: [String: Any]) -> TemplateContent {
+        TemplateContent(subject: subject?.render(context) ?? source.subject, body: body?.render(context) ?? source.body,
+                        html: source.html.map { html?.render(context) ?? $0 })
+    }
+}
+
+extension TemplateRenderer {
 
     /// The template to use for a recipient: their locale, its language, the organisation's
     /// default, its language, then `en`.

@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# Herald benchmarks (make bench). Everything runs on this machine against a private cluster
+# (.data/bench, port 54331) and a release build of the server on 127.0.0.1:18080.
+#
+#   1. notify fan-out to 10 000 and 100 000 members: time to commit and rows per second,
+#      beside a plain INSERT … SELECT of the same rows in one transaction as the same role;
+#   2. the feed read (unread count, first page) under wrk, beside pgbench running the same SQL
+#      (authentication transaction + handler transaction) at the same concurrency.
+# Results go to .bench/results.md; docs/benchmarks.md records them with this command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PORT=54331
+HTTP=18080
+CONC=${BENCH_CONCURRENCY:-32}
+DURATION=${BENCH_DURATION:-20}
+SIZES=${BENCH_SIZES:-"10000 100000"}
+mkdir -p .bench
+OUT=.bench/results.md
+export PGPASSWORD=postgres
+bindir=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+APP_URL=postgres://herald_app:herald_app@127.0.0.1:$PORT/herald_bench
+OWNER_URL=postgres://herald_owner:herald_owner@127.0.0.1:$PORT/herald_bench
+psql_app() { PGPASSWORD=herald_app "$bindir/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p $PORT -U herald_app -d herald_bench "$@"; }
+now() { date +%s.%N; }
+say() { echo "bench: $*"; }
+
+say "building the release server (the first time takes several minutes)"
+swift build -c release --product herald 2>&1 | tail -1
+HERALD=.build/release/herald
+
+say "fresh database on 127.0.0.1:$PORT"
+scripts/pg.sh up bench $PORT >/dev/null
+scripts/pg.sh recreate-db bench $PORT herald_bench >/dev/null
+DATABASE_OWNER_URL=$OWNER_URL $HERALD migrate >/dev/null
+rm -rf .bench/jwt && $HERALD jwt-keygen --dir .bench/jwt >/dev/null
+
+say "organisation, catalogue and $(echo $SIZES | tr ' ' '/') members"
+HERALD_OWNER_PASSWORD=bench-owner-password DATABASE_URL=$APP_URL HERALD_ARGON2_MEMORY_KIB=8192 \
+  $HERALD organisation create --slug bench --name Bench --owner-email owner@bench.example >/dev/null
+ORG=$(psql_app -tAc "SELECT organisation_id_for_slug('bench')")
+OWNER=$(psql_app -tAc "SELECT set_config('app.org_id', '$ORG', false); SELECT id FROM users WHERE email = 'owner@bench.example'" | tail -1)
+psql_app <<SQL
+SELECT set_config('app.org_id', '$ORG', false);
+INSERT INTO categories (organisation_id, key, name) VALUES ('$ORG', 'alerts', 'Alerts');
+INSERT INTO notification_types (organisation_id, key, category_id, name, default_channels)
+  SELECT '$ORG', 'BENCH', id, 'Bench', '{in_app,email}' FROM categories WHERE key = 'alerts';
+INSERT INTO templates (organisation_id, type_id, channel, locale, subject, body)
+  SELECT '$ORG', id, 'in_app', 'en', 'Reading {{payload.isq}}', 'Hello {{recipient.display_name}}, reading {{payload.isq}}.' FROM notification_types;
+SQL
+for N in $SIZES; do
+  psql_app <<SQL
+SELECT set_config('app.org_id', '$ORG', false);
+INSERT INTO users (organisation_id, email, display_name) SELECT '$ORG', 'm$N-' || g || '@bench.example', 'Member ' || g FROM generate_series(1, $N) g;
+INSERT INTO groups (organisation_id, key, name) VALUES ('$ORG', 'g$N', 'Group of $N');
+INSERT INTO group_members (organisation_id, group_id, user_id)
+  SELECT '$ORG', (SELECT id FROM groups WHERE key = 'g$N'), id FROM users WHERE email LIKE 'm$N-%';
+SQL
+done
+psql_app -c "VACUUM ANALYZE" >/dev/null 2>&1 || true
+
+SECRET=benchsecret$RANDOM$RANDOM
+KEYID=$(cat /proc/sys/kernel/random/uuid)
+HASH=$(printf '%s' "$SECRET" | sha256sum | cut -d' ' -f1)
+psql_app <<SQL
+SELECT set_config('app.org_id', '$ORG', false);
+INSERT INTO api_keys (organisation_id, id, name, role_id, secret_hash)
+  SELECT '$ORG', '$KEYID', 'bench', id, decode('$HASH', 'hex') FROM roles WHERE key = 'service';
+SQL
+APIKEY="hk.$ORG.$KEYID.$SECRET"
+
+say "starting the release server on :$HTTP"
+DATABASE_URL=$APP_URL HERALD_PORT=$HTTP HERALD_JWT_KEYS_DIR=.bench/jwt HERALD_LOG_LEVEL=warning HERALD_ACCESS_TOKEN_TTL=3600 \
+  HERALD_DATABASE_POOL_SIZE=$CONC HERALD_SQL_DIR=sql $HERALD serve > .bench/server.log 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; scripts/pg.sh down bench >/dev/null' EXIT
+for _ in $(seq 50); do curl -sf localhost:$HTTP/readyz >/dev/null && break; sleep 0.2; done
+
+{
+echo "# Benchmark run $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+echo
+echo "Machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB; PostgreSQL $($bindir/postgres --version | awk '{print $3}'); command: \`make bench\`."
+echo
+echo "## notify fan-out (one POST /v1/events to a group; in-app row + email delivery + trace row per member)"
+echo
+echo "| members | notify: time to commit | rows/s (notify) | plain INSERT … SELECT of the same rows | rows/s (plain) | ratio |"
+echo "|---|---|---|---|---|---|"
+} > $OUT
+
+for N in $SIZES; do
+  say "fan-out to $N members"
+  T=$(curl -s -o .bench/notify-$N.json -w '%{time_total}' -X POST localhost:$HTTP/v1/events -H "authorization: Bearer $APIKEY" \
+      -H 'content-type: application/json' -d "{\"type\":\"BENCH\",\"audience\":{\"groups\":[\"g$N\"]},\"payload\":{\"isq\":25}}")
+  grep -q "\"in_app\":$N" .bench/notify-$N.json || { echo "bench: unexpected answer: $(cat .bench/notify-$N.json)"; exit 1; }
+  # The same rows, written by PostgreSQL alone: event, N in-app rows with the same text shape,
+  # N deliveries, N trace rows, as the application role under forced RLS.
+  EV=$(cat /proc/sys/kernel/random/uuid)
+  S=$(now)
+  psql_app <<SQL
+BEGIN;
+SELECT set_config('app.org_id', '$ORG', true);
+INSERT INTO events (organisation_id, id, type_id, actor_type, audience, severity, priority, deliver_at)
+  SELECT '$ORG', '$EV', id, 'system', '{}', 'INFO', 'normal', now() FROM notification_types WHERE key = 'BENCH';
+INSERT INTO notifications (organisation_id, id, event_id, user_id, type_id, category_id, severity, priority, title, body, visible_at)
+  SELECT '$ORG', gen_random_uuid(), '$EV', m.user_id, t.id, t.category_id, 'INFO', 'normal', 'Reading 25', 'Hello ' || u.display_name || ', reading 25.', now()
+  FROM group_members m JOIN users u ON u.organisation_id = m.organisation_id AND u.id = m.user_id, notification_types t
+  WHERE m.group_id = (SELECT id FROM groups WHERE key = 'g$N') AND t.key = 'BENCH';
+INSERT INTO deliveries (organisation_id, id, event_id, user_id, channel, destination, next_attempt_at)
+  SELECT '$ORG', gen_random_uuid(), '$EV', m.user_id, 'email', u.email, now()
+  FROM group_members m JOIN users u ON u.organisation_id = m.organisation_id AND u.id = m.user_id WHERE m.group_id = (SELECT id FROM groups WHERE key = 'g$N');
+INSERT INTO event_recipients (organisation_id, event_id, user_id, category_id, targeted, rule, reason, notified, channels)
+  SELECT '$ORG', '$EV', m.user_id, t.category_id, true, 'group:g$N', 'TARGETED_GROUP', true, '[{"channel":"in_app","outcome":"IN_APP"}]'
+  FROM group_members m, notification_types t WHERE m.group_id = (SELECT id FROM groups WHERE key = 'g$N') AND t.key = 'BENCH';
+COMMIT;
+SQL
+  P=$(echo "$(now) - $S" | bc)
+  ROWS=$((3 * N + 1))
+  printf '| %s | %.2f s | %.0f | %.2f s | %.0f | %.2f |\n' $N $T $(echo "$ROWS / $T" | bc -l) $P $(echo "$ROWS / $P" | bc -l) $(echo "$P / $T" | bc -l) >> $OUT
+done
+
+say "feed: 300 notifications for the reader"
+for i in $(seq 300); do
+  curl -s -o /dev/null -X POST localhost:$HTTP/v1/events -H "authorization: Bearer $APIKEY" -H 'content-type: application/json' \
+    -d "{\"type\":\"BENCH\",\"audience\":{\"user_ids\":[\"$OWNER\"]},\"payload\":{\"isq\":$i}}"
+done
+TOKEN=$(curl -s -X POST localhost:$HTTP/v1/auth/token -H 'content-type: application/json' \
+  -d '{"organisation":"bench","email":"owner@bench.example","password":"bench-owner-password"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+
+# The SQL the server runs for one feed request: the authentication transaction, then the handler's.
+AUTH_SQL="BEGIN;
+SELECT set_config('app.org_id', :org, true), set_config('app.user_id', :usr, true), set_config('app.recipient_id', '', true);
+SELECT u.active, coalesce((SELECT array_agg(DISTINCT p.permission) FROM user_roles ur JOIN role_permissions p ON p.organisation_id = ur.organisation_id AND p.role_id = ur.role_id WHERE ur.organisation_id = u.organisation_id AND ur.user_id = u.id), '{}') FROM users u WHERE u.id = :usr::uuid;
+COMMIT;
+BEGIN;
+SELECT set_config('app.org_id', :org, true), set_config('app.user_id', :usr, true), set_config('app.recipient_id', :usr, true);"
+cat > .bench/unread.sql <<SQL
+$AUTH_SQL
+SELECT c.key, count(*)::int FROM notifications n JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
+WHERE n.user_id = :usr::uuid AND n.read_at IS NULL AND n.archived_at IS NULL AND n.visible_at <= now() AND (n.expires_at IS NULL OR n.expires_at > now())
+  AND (n.unread_pinned OR n.id > coalesce((SELECT read_through FROM feed_state WHERE user_id = :usr::uuid), '00000000-0000-0000-0000-000000000000'))
+GROUP BY c.key;
+COMMIT;
+SQL
+cat > .bench/page.sql <<SQL
+$AUTH_SQL
+WITH state AS (SELECT read_through FROM feed_state WHERE user_id = :usr::uuid),
+rows AS (
+  SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, n.title, n.body, e.subject_type, e.subject_id,
+         (NOT n.unread_pinned AND (n.read_at IS NOT NULL OR n.id <= coalesce((SELECT read_through FROM state), '00000000-0000-0000-0000-000000000000'))) AS read,
+         n.archived_at IS NOT NULL AS archived, n.visible_at, n.expires_at
+  FROM notifications n
+  JOIN events e ON e.organisation_id = n.organisation_id AND e.id = n.event_id
+  JOIN notification_types t ON t.organisation_id = n.organisation_id AND t.id = n.type_id
+  JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
+  WHERE n.user_id = :usr::uuid AND n.visible_at <= now() AND (n.expires_at IS NULL OR n.expires_at > now()) AND (n.archived_at IS NOT NULL) = false)
+SELECT * FROM rows ORDER BY read, id DESC LIMIT 21;
+COMMIT;
+SQL
+
+{
+echo
+echo "## feed read, $CONC connections, ${DURATION}s each (wrk -t2 -c$CONC; pgbench -c$CONC -j2 -M extended running the same two transactions)"
+echo
+echo "| request | Herald (wrk, requests/s) | pgbench, same SQL (tps) | ratio |"
+echo "|---|---|---|---|"
+} >> $OUT
+for what in unread page; do
+  case $what in
+    unread) URL="/v1/me/notifications/unread-count"; NAME="unread count";;
+    page) URL="/v1/me/notifications?limit=20"; NAME="first page (20 of 300)";;
+  esac
+  say "wrk $NAME"
+  RPS=$(wrk -t2 -c$CONC -d${DURATION}s -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$HTTP$URL" | awk '/Requests\/sec/ {print $2}')
+  say "pgbench $NAME"
+  TPS=$(PGPASSWORD=herald_app "$bindir/pgbench" -n -h 127.0.0.1 -p $PORT -U herald_app -c $CONC -j 2 -T $DURATION -M extended \
+        -D org=$ORG -D usr=$OWNER -f .bench/$what.sql herald_bench 2>/dev/null | awk '/^tps/ {print $3; exit}')
+  printf '| %s | %.0f | %.0f | %.2f |\n' "$NAME" $RPS $TPS $(echo "$RPS / $TPS" | bc -l) >> $OUT
+done
+say "done: $OUT"
+cat $OUT
