@@ -36,6 +36,8 @@ enum AccessRule: Sendable, Equatable {
 /// | dryRunEvent, explainEvent, debugNotifications | debug.explain |
 /// | getNotificationStats | stats.read |
 /// | every /v1/me/notifications operation | notifications.read |
+/// | listDeliveries, getDeliveryStats, getDelivery | deliveries.read |
+/// | retryDelivery, cancelDelivery | deliveries.retry |
 enum RoutePermissions {
     static let table: [String: AccessRule] = [
         "getHealth": .public,
@@ -112,5 +114,10 @@ enum RoutePermissions {
         "markNotificationRead": .permission(.notificationsRead),
         "markNotificationUnread": .permission(.notificationsRead),
         "archiveNotification": .permission(.notificationsRead),
+        "listDeliveries": .permission(.deliveriesRead),
+        "getDeliveryStats": .permission(.deliveriesRead),
+        "getDelivery": .permission(.deliveriesRead),
+        "retryDelivery": .permission(.deliveriesRetry),
+        "cancelDelivery": .permission(.deliveriesRetry),
     ]
 }

@@ -308,7 +308,7 @@ extension TenantTransaction {
             "UPDATE events SET status = 'CANCELLED', cancelled_at = \(now) WHERE id = \(id) AND status = 'ACCEPTED' RETURNING id")
         guard !updated.isEmpty else { return nil }
         let deliveries = try await query(
-            "UPDATE deliveries SET status = 'CANCELLED', updated_at = \(now) WHERE event_id = \(id) AND status = 'PENDING' RETURNING id").count
+            "UPDATE deliveries SET status = 'CANCELLED', updated_at = \(now) WHERE event_id = \(id) AND status IN ('PENDING', 'FAILED') RETURNING id").count
         let digest = try await query(
             "UPDATE digest_items SET cancelled_at = \(now) WHERE event_id = \(id) AND sent_at IS NULL AND cancelled_at IS NULL RETURNING id").count
         let notifications = try await query(

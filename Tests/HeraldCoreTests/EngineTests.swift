@@ -213,3 +213,35 @@ struct PlannerTests {
         #expect(TemplateRenderer.pick(["es": "es"], userLocale: "fr", organisationLocale: "it") == nil)
     }
 }
+
+@Suite("Retry policy")
+struct RetryPolicyTests {
+    let policy = RetryPolicy(baseDelay: 10, factor: 2, maximumDelay: 300, maximumAttempts: 6, jitter: 0.2)
+    let now = Date(timeIntervalSince1970: 1_000_000)
+
+    @Test("exponential, capped", arguments: [(1, 10.0), (2, 20.0), (3, 40.0), (5, 160.0), (6, 300.0), (20, 300.0)])
+    func delays(attempt: Int, expected: Double) {
+        #expect(policy.delay(after: attempt) == expected)
+    }
+
+    @Test("jitter stays within its share of the delay")
+    func jitter() {
+        let low = policy.nextAttempt(after: 3, failedAt: now, random: 0)!.timeIntervalSince(now)
+        let high = policy.nextAttempt(after: 3, failedAt: now, random: 0.999_999)!.timeIntervalSince(now)
+        #expect(abs(low - 32) < 0.001)
+        #expect(high > 39.99 && high <= 40)
+    }
+
+    @Test("a receiver's Retry-After wins when longer, within the cap")
+    func retryAfter() {
+        #expect(policy.nextAttempt(after: 1, failedAt: now, retryAfter: 120, random: 0.5)!.timeIntervalSince(now) == 120)
+        #expect(policy.nextAttempt(after: 1, failedAt: now, retryAfter: 5, random: 0.5)!.timeIntervalSince(now) == 9)
+        #expect(policy.nextAttempt(after: 1, failedAt: now, retryAfter: 99_999, random: 0.5)!.timeIntervalSince(now) == 300)
+    }
+
+    @Test("no next attempt after the last one: the delivery goes DEAD")
+    func dead() {
+        #expect(policy.nextAttempt(after: 5, failedAt: now, random: 0.5) != nil)
+        #expect(policy.nextAttempt(after: 6, failedAt: now, random: 0.5) == nil)
+    }
+}

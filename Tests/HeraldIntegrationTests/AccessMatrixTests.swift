@@ -84,10 +84,13 @@ struct AccessMatrixTests {
 
     /// Fresh rows of every kind an operation's path can name, in `org` (which has the test
     /// catalogue); the notification belongs to the organisation's owner.
-    func resources(in org: TestOrganisation) async throws -> [String: String] {
-        let (event, plan) = try await org.notify(EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: [org.ownerID]),
-                                                              payload: .object(["title": .string("Review")])))
+    func resources(in org: TestOrganisation, for operation: String = "") async throws -> [String: String] {
+        let (event, plan) = try await org.notify(EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.ownerID]),
+                                                              payload: .object(["isq": .number(20)])))
         let notification = try #require(plan.notifications.first { $0.userID == org.ownerID }).id
+        let delivery = try #require(plan.deliveries.first).id
+        // A retry needs a delivery that has stopped; a cancel one that has not gone out.
+        if operation == "retryDelivery" { _ = try await org.store { tx in try await tx.cancelDelivery(delivery) } }
         let ids: [String: UUID] = try await org.store { tx in
             let suffix = UUID().uuidString.prefix(6).lowercased()
             let category = try await tx.createCategory(key: "c-\(suffix)", name: "C", description: "", critical: false)
@@ -103,7 +106,7 @@ struct AccessMatrixTests {
             let key = OpaqueToken(kind: .apiKey, organisationID: org.id)
             _ = try await tx.createApiKey(id: key.id, name: "k", roleID: service.id, secretHash: key.secretHash, expiresAt: nil)
             return ["userId": user.id, "roleId": role.id, "groupId": group.id, "keyId": key.id, "categoryId": category.id,
-                    "typeId": type.id, "eventId": event.id, "notificationId": notification]
+                    "typeId": type.id, "eventId": event.id, "notificationId": notification, "deliveryId": delivery]
         }
         return ids.mapValues { $0.uuidString.lowercased() }
     }
@@ -128,10 +131,10 @@ struct AccessMatrixTests {
         #expect(withIDs.count >= 15)
         try await app.test(.router) { client in
             for op in withIDs {
-                let own = try await client.send(method(op), path(op, try await resources(in: a)), token: a.ownerToken, json: body(op))
+                let own = try await client.send(method(op), path(op, try await resources(in: a, for: op.id)), token: a.ownerToken, json: body(op))
                 #expect((200..<300).contains(own.status.code), "\(op.id) in its own organisation answered \(own.status): \(own.text)")
 
-                let foreign = try await client.send(method(op), path(op, try await resources(in: b)), token: a.ownerToken, json: body(op))
+                let foreign = try await client.send(method(op), path(op, try await resources(in: b, for: op.id)), token: a.ownerToken, json: body(op))
                 let missing = try await client.send(method(op), path(op), token: a.ownerToken, json: body(op))
                 #expect(foreign.isProblem(.notFound), "\(op.id) with another organisation's id answered \(foreign.status)")
                 #expect(missing.isProblem(.notFound), "\(op.id) with a missing id answered \(missing.status)")
@@ -149,7 +152,7 @@ struct AccessMatrixTests {
         let app = try env.application()
         try await app.test(.router) { client in
             for list in ["/v1/users", "/v1/roles", "/v1/groups", "/v1/api-keys", "/v1/audit-log", "/v1/categories",
-                         "/v1/notification-types", "/v1/events", "/v1/me/notifications"] {
+                         "/v1/notification-types", "/v1/events", "/v1/me/notifications", "/v1/deliveries"] {
                 let response = try await client.send(.get, list + (list.contains("?") ? "&" : "?") + "limit=200", token: a.ownerToken)
                 #expect(response.status == .ok)
                 for id in bIDs.values { #expect(!response.text.contains(id), "\(list) shows B's \(id)") }

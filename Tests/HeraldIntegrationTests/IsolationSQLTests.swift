@@ -1,6 +1,6 @@
 import Foundation
 import HeraldCore
-import HeraldStore
+@testable import HeraldStore
 import Logging
 import PostgresNIO
 import Testing
@@ -58,6 +58,14 @@ struct IsolationSQLTests {
                                                             payload: .object(["isq": .number(25)])))
         #expect(!plan.deliveries.isEmpty && !plan.digestItems.isEmpty && !plan.notifications.isEmpty)
         try await org.store { tx in try await tx.markAllRead(of: org.ownerID, through: TimeOrderedID.upperBound(at: Date())) }
+        // An attempt in the outbox's log: claim this organisation's deliveries and complete one.
+        try await org.store { tx in
+            for delivery in try await tx.deliveries(DeliveryFilter(), limit: 10, after: nil).items {
+                try await tx.query("UPDATE deliveries SET status = 'SENDING', attempts = 1, lease_owner = 'fixture' WHERE id = \(delivery.id)")
+                _ = try await tx.completeDelivery(ClaimedDelivery(organisationID: org.id, deliveryID: delivery.id, attempt: 1),
+                                                  worker: "fixture", startedAt: Date(), result: .sent(responseCode: 250))
+            }
+        }
         return org
     }
 
@@ -180,6 +188,9 @@ struct IsolationSQLTests {
             WHERE n.nspname = 'public' AND t.relname NOT IN ('organisations', 'schema_migrations')
             """)
         for try await (table, index, first) in indexes.decode((String, String, String?).self) {
+            // The outbox's claim indexes find due work across organisations, for the one
+            // SECURITY DEFINER claim function (sql/migrations/0003_outbox.sql); they are named *_claim.
+            if index.hasSuffix("_claim") { continue }
             #expect(first == "organisation_id", "\(table): index \(index) does not lead with organisation_id")
         }
     }

@@ -110,9 +110,9 @@ CREATE INDEX events_time ON events (organisation_id, created_at DESC, id DESC);
 -- The in-app feed. Ids are UUID v7 taken at the moment the row becomes visible, so the feed
 -- pages by id. Read state: a row is read when read_at is set, or when it is covered by the
 -- user's "all read" watermark (feed_state) and was not explicitly marked unread. Covered means
--- its id is at or below read_through AND the transaction that wrote it had finished when the
--- watermark was set (created_xid below read_xmin): a row of a fan-out still committing then
--- arrives unread, even though its id was stamped before the click.
+-- its id is at or below read_through AND the transaction that wrote it had committed when the
+-- watermark was set (created_xid visible in read_snapshot): a row of a fan-out still committing
+-- then arrives unread, even though its id was stamped before the click.
 CREATE TABLE notifications (
     organisation_id uuid NOT NULL,
     id              uuid NOT NULL,
@@ -146,7 +146,7 @@ CREATE TABLE feed_state (
     organisation_id uuid NOT NULL,
     user_id         uuid NOT NULL,
     read_through    uuid NOT NULL,
-    read_xmin       xid8 NOT NULL,
+    read_snapshot   pg_snapshot NOT NULL,
     updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (organisation_id, user_id),
     FOREIGN KEY (organisation_id, user_id) REFERENCES users (organisation_id, id) ON DELETE CASCADE

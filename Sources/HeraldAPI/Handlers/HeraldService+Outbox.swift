@@ -1,0 +1,76 @@
+import Foundation
+import HeraldCore
+import HeraldStore
+import Logging
+
+extension HeraldService {
+    func listDeliveries(_ input: Operations.ListDeliveries.Input) async throws -> Operations.ListDeliveries.Output {
+        let q = input.query
+        let (limit, cursor) = try page(q.limit, q.cursor)
+        let filter = try validated { () throws(ValidationError) in
+            DeliveryFilter(
+                status: q.status?.rawValue, channel: q.channel?.rawValue,
+                userID: try q.userId.map { v throws(ValidationError) in try Validate.uuid(v, field: "user_id") },
+                eventID: try q.eventId.map { v throws(ValidationError) in try Validate.uuid(v, field: "event_id") }, since: q.since)
+        }
+        let page = try await tenant("delivery") { tx, _ in try await tx.deliveries(filter, limit: limit, after: cursor) }
+        return .ok(.init(body: .json(.init(items: page.items.map { .init($0, attempts: nil) }, nextCursor: page.next?.encoded))))
+    }
+
+    func getDeliveryStats(_ input: Operations.GetDeliveryStats.Input) async throws -> Operations.GetDeliveryStats.Output {
+        let now = now()
+        let stats = try await tenant("delivery") { tx, _ in try await tx.outboxStats(now: now) }
+        return .ok(.init(body: .json(.init(byStatus: .init(additionalProperties: stats.byStatus), byChannel: .init(additionalProperties: stats.byChannel),
+                                           oldestPendingAgeSeconds: stats.oldestPendingAge))))
+    }
+
+    func getDelivery(_ input: Operations.GetDelivery.Input) async throws -> Operations.GetDelivery.Output {
+        let id = try id(input.path.deliveryId, "delivery")
+        let delivery = try await tenant("delivery") { tx, _ in
+            Components.Schemas.Delivery(try await tx.delivery(id), attempts: try await tx.deliveryAttempts(id))
+        }
+        return .ok(.init(body: .json(delivery)))
+    }
+
+    func retryDelivery(_ input: Operations.RetryDelivery.Input) async throws -> Operations.RetryDelivery.Output {
+        let id = try id(input.path.deliveryId, "delivery")
+        let delivery = try await tenant("delivery") { tx, _ in
+            let before = try await tx.delivery(id)
+            guard let after = try await tx.retryDelivery(id) else {
+                throw APIError.conflict("Only a FAILED, DEAD or CANCELLED delivery can be retried; this one is \(before.status).")
+            }
+            try await tx.audit(action: "delivery.retry", targetType: "delivery", targetID: id.lowercased,
+                               before: auditJSON(["status": before.status]), after: auditJSON(["status": after.status]))
+            return Components.Schemas.Delivery(after, attempts: try await tx.deliveryAttempts(id))
+        }
+        return .ok(.init(body: .json(delivery)))
+    }
+
+    func cancelDelivery(_ input: Operations.CancelDelivery.Input) async throws -> Operations.CancelDelivery.Output {
+        let id = try id(input.path.deliveryId, "delivery")
+        let delivery = try await tenant("delivery") { tx, _ in
+            let before = try await tx.delivery(id)
+            guard let after = try await tx.cancelDelivery(id) else {
+                throw APIError.conflict("Only a PENDING or FAILED delivery can be cancelled; this one is \(before.status).")
+            }
+            try await tx.audit(action: "delivery.cancel", targetType: "delivery", targetID: id.lowercased,
+                               before: auditJSON(["status": before.status]), after: auditJSON(["status": after.status]))
+            return Components.Schemas.Delivery(after, attempts: try await tx.deliveryAttempts(id))
+        }
+        return .ok(.init(body: .json(delivery)))
+    }
+}
+
+extension Components.Schemas.Delivery {
+    init(_ d: Delivery, attempts: [DeliveryAttempt]?) {
+        self.init(
+            id: d.id.lowercased, eventId: d.eventID.lowercased, userId: d.userID.lowercased, channel: .init(rawValue: d.channel) ?? .email,
+            destination: d.destination, status: .init(rawValue: d.status) ?? .pending, attempts: d.attempts, maxAttempts: d.maxAttempts,
+            nextAttemptAt: d.nextAttemptAt, lastError: d.lastError, lastResponseCode: d.lastResponseCode, sentAt: d.sentAt,
+            createdAt: d.createdAt, updatedAt: d.updatedAt,
+            attemptLog: attempts?.map {
+                .init(attempt: $0.attempt, worker: $0.worker, startedAt: $0.startedAt, finishedAt: $0.finishedAt,
+                      outcome: .init(rawValue: $0.outcome) ?? .failed, responseCode: $0.responseCode, error: $0.error)
+            })
+    }
+}

@@ -1,0 +1,213 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+
+/// One outbox row.
+public struct Delivery: Sendable, Equatable {
+    public var id: UUID
+    public var eventID: UUID
+    public var userID: UUID
+    public var channel: String
+    public var destination: String
+    public var status: String
+    public var attempts: Int
+    public var maxAttempts: Int
+    public var nextAttemptAt: Date
+    public var leaseOwner: String?
+    public var leaseExpiresAt: Date?
+    public var lastError: String?
+    public var lastResponseCode: Int?
+    public var sentAt: Date?
+    public var createdAt: Date
+    public var updatedAt: Date
+}
+
+/// One logged attempt of a delivery.
+public struct DeliveryAttempt: Sendable, Equatable {
+    public var attempt: Int
+    public var worker: String
+    public var startedAt: Date
+    public var finishedAt: Date
+    public var outcome: String
+    public var responseCode: Int?
+    public var error: String?
+}
+
+/// A delivery a worker holds the lease of.
+public struct ClaimedDelivery: Sendable, Equatable, Hashable {
+    public var organisationID: UUID
+    public var deliveryID: UUID
+    public var attempt: Int
+}
+
+/// How an attempt ended.
+public enum AttemptResult: Sendable, Equatable {
+    case sent(responseCode: Int?)
+    /// Try again at `retryAt`.
+    case failed(responseCode: Int?, error: String, retryAt: Date)
+    /// No more attempts.
+    case dead(responseCode: Int?, error: String)
+}
+
+/// Filters of the outbox listing.
+public struct DeliveryFilter: Sendable {
+    public var status: String?
+    public var channel: String?
+    public var userID: UUID?
+    public var eventID: UUID?
+    public var since: Date?
+
+    public init(status: String? = nil, channel: String? = nil, userID: UUID? = nil, eventID: UUID? = nil, since: Date? = nil) {
+        self.status = status
+        self.channel = channel
+        self.userID = userID
+        self.eventID = eventID
+        self.since = since
+    }
+}
+
+/// Counts of the outbox for an organisation.
+public struct OutboxStats: Sendable, Equatable {
+    public var byStatus: [String: Int]
+    public var byChannel: [String: Int]
+    /// Seconds since the oldest delivery still waiting became due, nil when none waits.
+    public var oldestPendingAge: Double?
+}
+
+extension Database {
+    /// Claims up to `limit` due deliveries across organisations (the one cross-tenant path, a
+    /// SECURITY DEFINER function): each comes back leased to `worker` with its attempt number.
+    /// `organisation` confines the claim to one organisation.
+    public func claimDeliveries(worker: String, limit: Int, leaseSeconds: Int, organisation: UUID? = nil) async throws -> [ClaimedDelivery] {
+        let rows = try await client.query(
+            "SELECT organisation_id, delivery_id, attempt FROM claim_deliveries(\(worker), \(limit)::integer, \(leaseSeconds)::integer, \(organisation)::uuid)", logger: logger)
+        var claimed: [ClaimedDelivery] = []
+        for try await (org, id, attempt) in rows.decode((UUID, UUID, Int).self) {
+            claimed.append(ClaimedDelivery(organisationID: org, deliveryID: id, attempt: attempt))
+        }
+        return claimed
+    }
+}
+
+extension TenantTransaction {
+    public func delivery(_ id: UUID) async throws -> Delivery {
+        guard let row = try await query("SELECT \(unescaped: deliveryColumns) FROM deliveries WHERE id = \(id)").first else {
+            throw StoreError.notFound
+        }
+        return try decodeDelivery(row)
+    }
+
+    public func deliveryAttempts(_ id: UUID) async throws -> [DeliveryAttempt] {
+        try await query(
+            """
+            SELECT attempt, worker, started_at, finished_at, outcome, response_code, error
+            FROM delivery_attempts WHERE delivery_id = \(id) ORDER BY attempt
+            """).map { row in
+            let (attempt, worker, started, finished, outcome, code, error) = try row.decode((Int, String, Date, Date, String, Int?, String?).self)
+            return DeliveryAttempt(attempt: attempt, worker: worker, startedAt: started, finishedAt: finished, outcome: outcome, responseCode: code, error: error)
+        }
+    }
+
+    /// Extends the lease of the worker's rows in this organisation (the heartbeat).
+    @discardableResult
+    public func extendLeases(worker: String, ids: [UUID], leaseSeconds: Int) async throws -> Int {
+        try await query(
+            """
+            UPDATE deliveries SET lease_expires_at = now() + make_interval(secs => \(leaseSeconds))
+            WHERE id = ANY(\(ids)::uuid[]) AND lease_owner = \(worker) AND status = 'SENDING'
+            """).count
+    }
+
+    /// Records how an attempt ended, fenced: only the worker holding the lease for exactly this
+    /// attempt can complete the row. Returns false when the fence refused (the lease expired and
+    /// the row moved on); the attempt is logged as FENCED then.
+    public func completeDelivery(_ claim: ClaimedDelivery, worker: String, startedAt: Date, result: AttemptResult) async throws -> Bool {
+        let (status, code, error, retryAt): (String, Int?, String?, Date?) = switch result {
+        case .sent(let code): ("SENT", code, nil, nil)
+        case .failed(let code, let error, let retryAt): ("FAILED", code, error, retryAt)
+        case .dead(let code, let error): ("DEAD", code, error, nil)
+        }
+        let rows = try await query(
+            """
+            UPDATE deliveries SET status = \(status), last_response_code = \(code), last_error = \(error),
+                next_attempt_at = coalesce(\(retryAt), next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
+                sent_at = CASE WHEN \(status) = 'SENT' THEN now() ELSE sent_at END, updated_at = now()
+            WHERE id = \(claim.deliveryID) AND lease_owner = \(worker) AND attempts = \(claim.attempt) AND status = 'SENDING'
+            RETURNING id
+            """)
+        let accepted = !rows.isEmpty
+        try await query(
+            """
+            INSERT INTO delivery_attempts (organisation_id, delivery_id, attempt, worker, started_at, outcome, response_code, error)
+            VALUES (\(organisationID), \(claim.deliveryID), \(claim.attempt), \(worker), \(startedAt), \(accepted ? status : "FENCED"), \(code), \(error))
+            ON CONFLICT DO NOTHING
+            """)
+        return accepted
+    }
+
+    /// Deliveries newest first.
+    public func deliveries(_ filter: DeliveryFilter, limit: Int, after cursor: PageCursor?) async throws -> Page<Delivery> {
+        let rows = try await query(
+            """
+            SELECT \(unescaped: deliveryColumns) FROM deliveries
+            WHERE (\(filter.status)::text IS NULL OR status = \(filter.status))
+              AND (\(filter.channel)::text IS NULL OR channel = \(filter.channel))
+              AND (\(filter.userID)::uuid IS NULL OR user_id = \(filter.userID))
+              AND (\(filter.eventID)::uuid IS NULL OR event_id = \(filter.eventID))
+              AND (\(filter.since)::timestamptz IS NULL OR created_at >= \(filter.since))
+              AND (\(cursor?.micros)::bigint IS NULL
+                   OR (created_at, id) < ('epoch'::timestamptz + \(cursor?.micros) * interval '1 microsecond', \(cursor?.id)))
+            ORDER BY created_at DESC, id DESC
+            LIMIT \(limit + 1)
+            """)
+        return paginate(try rows.map(decodeDelivery), limit: limit) { PageCursor(time: $0.createdAt, id: $0.id) }
+    }
+
+    /// Puts a FAILED, DEAD or CANCELLED delivery back in the queue now, with its attempts
+    /// budget extended by one. Nil when the delivery is in another state.
+    public func retryDelivery(_ id: UUID) async throws -> Delivery? {
+        _ = try await delivery(id)
+        let rows = try await query(
+            """
+            UPDATE deliveries SET status = 'PENDING', next_attempt_at = now(), max_attempts = greatest(max_attempts, attempts + 1),
+                last_error = NULL, updated_at = now()
+            WHERE id = \(id) AND status IN ('FAILED', 'DEAD', 'CANCELLED') RETURNING id
+            """)
+        return rows.isEmpty ? nil : try await delivery(id)
+    }
+
+    /// Cancels a delivery that has not gone out (PENDING or FAILED). Nil in any other state.
+    public func cancelDelivery(_ id: UUID) async throws -> Delivery? {
+        _ = try await delivery(id)
+        let rows = try await query(
+            "UPDATE deliveries SET status = 'CANCELLED', updated_at = now() WHERE id = \(id) AND status IN ('PENDING', 'FAILED') RETURNING id")
+        return rows.isEmpty ? nil : try await delivery(id)
+    }
+
+    /// Counts by status and channel, and how long the oldest due delivery has waited.
+    public func outboxStats(now: Date) async throws -> OutboxStats {
+        var stats = OutboxStats(byStatus: [:], byChannel: [:], oldestPendingAge: nil)
+        for row in try await query("SELECT status, channel, count(*)::int FROM deliveries GROUP BY 1, 2") {
+            let (status, channel, count) = try row.decode((String, String, Int).self)
+            stats.byStatus[status, default: 0] += count
+            stats.byChannel[channel, default: 0] += count
+        }
+        let oldest = try await query(
+            "SELECT min(next_attempt_at) FROM deliveries WHERE status IN ('PENDING', 'FAILED') AND next_attempt_at <= \(now)")
+        if let due = try oldest.first?.decode(Date?.self) { stats.oldestPendingAge = now.timeIntervalSince(due) }
+        return stats
+    }
+}
+
+private let deliveryColumns = """
+    id, event_id, user_id, channel, destination, status, attempts, max_attempts, next_attempt_at, lease_owner, lease_expires_at,
+    last_error, last_response_code, sent_at, created_at, updated_at
+    """
+
+private func decodeDelivery(_ row: PostgresRow) throws -> Delivery {
+    let (id, event, user, channel, destination, status, attempts, maxAttempts, next, owner, lease, error, code, sent, created, updated) =
+        try row.decode((UUID, UUID, UUID, String, String, String, Int, Int, Date, String?, Date?, String?, Int?, Date?, Date, Date).self)
+    return Delivery(id: id, eventID: event, userID: user, channel: channel, destination: destination, status: status, attempts: attempts,
+                    maxAttempts: maxAttempts, nextAttemptAt: next, leaseOwner: owner, leaseExpiresAt: lease, lastError: error,
+                    lastResponseCode: code, sentAt: sent, createdAt: created, updatedAt: updated)
+}

@@ -1,0 +1,204 @@
+import Foundation
+import HTTPTypes
+import HeraldCore
+import Hummingbird
+import HummingbirdTesting
+import PostgresNIO
+import Testing
+
+@testable import HeraldAPI
+@testable import HeraldStore
+
+/// The outbox's claim path on the real database: leases, fencing, rescue, retries, DEAD.
+/// (Sending over SMTP, webhooks and chat belongs to the delivery issue and is not built yet.)
+@Suite("Outbox: claim, lease, fence, retry")
+struct OutboxTests {
+    let env: TestEnvironment
+
+    init() async throws {
+        env = try await TestEnvironment.shared
+    }
+
+    /// An organisation with `count` pending email deliveries, due now.
+    func outbox(_ count: Int) async throws -> (TestOrganisation, [UUID]) {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let users = try await org.store { tx in
+            try await (0..<count).asyncMap { i in try await tx.createUser(NewUser(email: "r\(i)@x.example", displayName: "R\(i)")).id }
+        }
+        let (_, plan) = try await org.notify(EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: users), payload: .object([:])))
+        return (org, plan.deliveries.map(\.id))
+    }
+
+    /// Claims until nothing of `org` is left to claim (confined to `org`, so tests running in
+    /// parallel keep their rows).
+    func claimAll(_ org: TestOrganisation, worker: String, lease: Int = 30) async throws -> [ClaimedDelivery] {
+        var mine: [ClaimedDelivery] = []
+        while true {
+            let batch = try await env.database.claimDeliveries(worker: worker, limit: 7, leaseSeconds: lease, organisation: org.id)
+            if batch.isEmpty { break }
+            mine += batch
+        }
+        return mine
+    }
+
+    @Test("several workers claiming at once: each row is claimed once per attempt")
+    func oneClaimPerAttempt() async throws {
+        let (org, ids) = try await outbox(40)
+        let claims = try await withThrowingTaskGroup(of: [ClaimedDelivery].self) { group in
+            for worker in 0..<6 { group.addTask { try await claimAll(org, worker: "w\(worker)") } }
+            var all: [ClaimedDelivery] = []
+            for try await batch in group { all += batch }
+            return all
+        }
+        #expect(claims.count == ids.count)
+        #expect(Set(claims.map(\.deliveryID)) == Set(ids))
+        #expect(claims.allSatisfy { $0.attempt == 1 })
+        // Every claim completes; the attempt log has one row per (delivery, attempt).
+        for claim in claims {
+            let worker = try await org.store { tx in try await tx.delivery(claim.deliveryID).leaseOwner }
+            let done = try await org.store { tx in
+                try await tx.completeDelivery(claim, worker: try #require(worker), startedAt: Date(), result: .sent(responseCode: 250))
+            }
+            #expect(done)
+        }
+        let logged = try await org.store { tx in try await tx.query("SELECT count(*)::int, count(DISTINCT (delivery_id, attempt))::int FROM delivery_attempts") }
+        let (rows, distinct) = try logged[0].decode((Int, Int).self)
+        #expect(rows == ids.count && distinct == ids.count)
+    }
+
+    @Test("a worker whose lease expired cannot complete the row: the fence refuses, the rescuer's result stands")
+    func fenceAndRescue() async throws {
+        let (org, ids) = try await outbox(1)
+        let first = try await claimAll(org, worker: "crashed", lease: 1)
+        #expect(first.map(\.deliveryID) == ids)
+        try await Task.sleep(for: .milliseconds(1500))
+        // The lease expired: another worker rescues the row, as attempt 2.
+        let rescued = try await claimAll(org, worker: "rescuer")
+        #expect(rescued.map(\.attempt) == [2])
+        let rescuerDone = try await org.store { tx in
+            try await tx.completeDelivery(rescued[0], worker: "rescuer", startedAt: Date(), result: .sent(responseCode: 250))
+        }
+        // The crashed worker wakes up late and tries to complete attempt 1.
+        let lateDone = try await org.store { tx in
+            try await tx.completeDelivery(first[0], worker: "crashed", startedAt: Date(), result: .failed(responseCode: 500, error: "late", retryAt: Date()))
+        }
+        #expect(rescuerDone)
+        #expect(!lateDone)
+        let (delivery, attempts) = try await org.store { tx in (try await tx.delivery(ids[0]), try await tx.deliveryAttempts(ids[0])) }
+        #expect(delivery.status == "SENT")
+        #expect(attempts.map(\.outcome) == ["FENCED", "SENT"])
+    }
+
+    @Test("failures follow the retry schedule; the last attempt goes DEAD with every attempt logged")
+    func retriesThenDead() async throws {
+        let (org, ids) = try await outbox(1)
+        try await org.store { tx in try await tx.query("UPDATE deliveries SET max_attempts = 3 WHERE id = \(ids[0])") }
+        let policy = RetryPolicy(baseDelay: 60, factor: 2, maximumDelay: 3600, maximumAttempts: 3, jitter: 0)
+        var retryTimes: [Date] = []
+        for attempt in 1...3 {
+            let claims = try await claimAll(org, worker: "w")
+            let claim = try #require(claims.first)
+            #expect(claim.attempt == attempt)
+            let failedAt = Date()
+            let next = policy.nextAttempt(after: claim.attempt, failedAt: failedAt, random: 0.5)
+            let result: AttemptResult = next.map { .failed(responseCode: 503, error: "unavailable", retryAt: $0) } ?? .dead(responseCode: 503, error: "unavailable")
+            _ = try await org.store { tx in try await tx.completeDelivery(claim, worker: "w", startedAt: failedAt, result: result) }
+            guard let next else { break }
+            retryTimes.append(next)
+            // Scheduled on the policy's time and not claimable before it …
+            let stored = try await org.store { tx in try await tx.delivery(ids[0]) }
+            #expect(stored.status == "FAILED")
+            #expect(abs(stored.nextAttemptAt.timeIntervalSince(next)) < 0.001)
+            #expect(try await claimAll(org, worker: "early").isEmpty)
+            // … and claimable once it comes (the test moves the clock of the row, not the test's).
+            try await org.store { tx in try await tx.query("UPDATE deliveries SET next_attempt_at = now() WHERE id = \(ids[0])") }
+        }
+        let (delivery, attempts) = try await org.store { tx in (try await tx.delivery(ids[0]), try await tx.deliveryAttempts(ids[0])) }
+        #expect(delivery.status == "DEAD")
+        #expect(delivery.attempts == 3)
+        #expect(attempts.map(\.outcome) == ["FAILED", "FAILED", "DEAD"])
+        #expect(attempts.allSatisfy { $0.responseCode == 503 })
+        #expect(retryTimes.count == 2)
+        // 60 s, then 120 s: exponential.
+        #expect(abs(retryTimes[0].timeIntervalSince(attempts[0].startedAt) - 60) < 1)
+        #expect(abs(retryTimes[1].timeIntervalSince(attempts[1].startedAt) - 120) < 1)
+    }
+
+    @Test("retry and cancel through the API, with their states checked")
+    func retryAndCancelAPI() async throws {
+        let (org, ids) = try await outbox(2)
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let retryPending = try await client.send(.post, "/v1/deliveries/\(ids[0])/retry", token: org.ownerToken)
+            #expect(retryPending.isProblem(.conflict))
+            let cancelled = try await client.send(.post, "/v1/deliveries/\(ids[0])/cancel", token: org.ownerToken)
+            #expect(cancelled.json["status"] as? String == "CANCELLED")
+            #expect(try await client.send(.post, "/v1/deliveries/\(ids[0])/cancel", token: org.ownerToken).isProblem(.conflict))
+            let retried = try await client.send(.post, "/v1/deliveries/\(ids[0])/retry", token: org.ownerToken)
+            #expect(retried.json["status"] as? String == "PENDING")
+            let list = try await client.send(.get, "/v1/deliveries?status=PENDING&channel=email", token: org.ownerToken)
+            #expect(Set((list.json["items"] as? [[String: Any]] ?? []).compactMap { $0["id"] as? String }) == Set(ids.map(\.lowercased)))
+            let stats = try await client.send(.get, "/v1/deliveries/stats", token: org.ownerToken)
+            #expect((stats.json["by_status"] as? [String: Int])?["PENDING"] == 2)
+            #expect(stats.json["oldest_pending_age_seconds"] is Double)
+            let one = try await client.send(.get, "/v1/deliveries/\(ids[0])", token: org.ownerToken)
+            #expect(one.json["attempt_log"] is [Any])
+            #expect(try await client.send(.get, "/v1/deliveries", token: org.memberToken).isProblem(.forbidden))
+        }
+    }
+
+    @Test("rolling back a notify leaves no delivery; a committed one is announced on NOTIFY")
+    func rollbackAndNotify() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        struct Rollback: Error {}
+        await #expect(throws: Rollback.self) {
+            try await env.database.withTenant(org.id) { tx in
+                let planned = try await tx.planEvent(EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]), payload: .object([:])),
+                                                     eventID: UUID(), now: Date())
+                try await tx.write(planned.event, type: planned.type, plan: planned.plan)
+                throw Rollback()
+            }
+        }
+        #expect(try await org.store { tx in try await tx.deliveries(DeliveryFilter(), limit: 10, after: nil).items.isEmpty })
+        // A listener hears the committed event's id within a second (other tests notify on the
+        // same channel; only this organisation's announcement counts).
+        let listener = PostgresClient(configuration: try .fromURL(env.appURL), backgroundLogger: env.logger)
+        let heard = try await withThrowingTaskGroup(of: String?.self) { group in
+            group.addTask { await listener.run(); return nil }
+            group.addTask {
+                try await listener.withConnection { connection in
+                    let stream = try await connection.listen("herald_events")
+                    for try await notification in stream where notification.payload.hasPrefix(org.id.lowercased) { return notification.payload }
+                    return nil
+                }
+            }
+            group.addTask {
+                try await Task.sleep(for: .milliseconds(300))
+                let (event, _) = try await org.notify(EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+                return "sent:\(event.id.lowercased)"
+            }
+            group.addTask { try await Task.sleep(for: .seconds(3)); return "timeout" }
+            var results: [String] = []
+            for try await result in group {
+                if let result { results.append(result) }
+                if results.contains(where: { $0.hasPrefix("sent:") }) && results.contains(where: { !$0.hasPrefix("sent:") }) { break }
+            }
+            group.cancelAll()
+            return results
+        }
+        let sent = heard.first { $0.hasPrefix("sent:") }?.dropFirst(5)
+        let payload = heard.first { !$0.hasPrefix("sent:") }
+        #expect(payload != "timeout")
+        #expect(payload == "\(org.id.lowercased):\(sent ?? "")")
+    }
+}
+
+extension Sequence {
+    func asyncMap<T>(_ transform: (Element) async throws -> T) async rethrows -> [T] {
+        var result: [T] = []
+        for element in self { result.append(try await transform(element)) }
+        return result
+    }
+}
