@@ -77,11 +77,11 @@ extension TenantTransaction {
     public func feed(of userID: UUID, filter: FeedFilter, limit: Int, after cursor: FeedCursor?, now: Date) async throws -> (items: [FeedItem], next: FeedCursor?) {
         let rows = try await query(
             """
-            WITH state AS (SELECT read_through, read_snapshot FROM feed_state WHERE user_id = \(userID)),
+            WITH state AS (SELECT read_through, read_snapshot, read_settled FROM feed_state WHERE user_id = \(userID)),
             rows AS (
               SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, n.title, n.body,
                      e.subject_type, e.subject_id,
-                     (NOT n.unread_pinned AND (n.read_at IS NOT NULL OR (n.id <= (SELECT read_through FROM state) AND pg_visible_in_snapshot(n.created_xid, (SELECT read_snapshot FROM state))))) IS TRUE AS read,
+                     (NOT n.unread_pinned AND (n.read_at IS NOT NULL OR (n.id <= (SELECT read_settled FROM state) OR (n.id <= (SELECT read_through FROM state) AND pg_visible_in_snapshot(n.created_xid, (SELECT read_snapshot FROM state)))))) IS TRUE AS read,
                      n.archived_at IS NOT NULL AS archived, n.visible_at, n.expires_at
               FROM notifications n
               JOIN events e ON e.organisation_id = n.organisation_id AND e.id = n.event_id
@@ -109,16 +109,19 @@ extension TenantTransaction {
         return (page, page.last.map { FeedCursor(read: $0.read, id: $0.id) })
     }
 
-    /// Unread, visible, unexpired, unarchived rows: in all and per category.
+    /// Unread, visible, unexpired, unarchived rows: in all and per category. Only rows above the
+    /// settled watermark, or pinned unread, can be unread, so this reads recent rows only
+    /// (notifications_unread and notifications_pinned), whatever the size of the feed.
     public func unreadCount(of userID: UUID, now: Date) async throws -> UnreadCount {
         let rows = try await query(
             """
+            WITH fs AS (SELECT read_through, read_snapshot, read_settled FROM feed_state WHERE user_id = \(userID))
             SELECT c.key, count(*)::int FROM notifications n
             JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
             WHERE n.user_id = \(userID) AND n.read_at IS NULL AND n.archived_at IS NULL
               AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
-              AND NOT coalesce((SELECT n.id <= fs.read_through AND pg_visible_in_snapshot(n.created_xid, fs.read_snapshot) AND NOT n.unread_pinned
-                                FROM feed_state fs WHERE fs.user_id = \(userID)), false)
+              AND (n.unread_pinned OR n.id > coalesce((SELECT read_settled FROM fs), '00000000-0000-0000-0000-000000000000'))
+              AND (n.unread_pinned OR NOT coalesce((SELECT n.id <= fs.read_through AND pg_visible_in_snapshot(n.created_xid, fs.read_snapshot) FROM fs), false))
             GROUP BY c.key
             """)
         var byCategory: [String: Int] = [:]
@@ -140,7 +143,7 @@ extension TenantTransaction {
         let rows = try await query(
             """
             SELECT n.id, n.event_id, t.key, c.key, n.severity, n.priority, n.title, n.body, e.subject_type, e.subject_id,
-                   coalesce(NOT n.unread_pinned AND (n.read_at IS NOT NULL OR (SELECT n.id <= fs.read_through AND pg_visible_in_snapshot(n.created_xid, fs.read_snapshot)
+                   coalesce(NOT n.unread_pinned AND (n.read_at IS NOT NULL OR (SELECT n.id <= fs.read_settled OR (n.id <= fs.read_through AND pg_visible_in_snapshot(n.created_xid, fs.read_snapshot))
                                                                                     FROM feed_state fs WHERE fs.user_id = \(userID))), false),
                    n.archived_at IS NOT NULL, n.visible_at, n.expires_at
             FROM notifications n
@@ -184,23 +187,27 @@ extension TenantTransaction {
     /// Marks everything up to `watermark` read in one statement, whatever the feed's size: the
     /// watermark moves forward with this transaction's snapshot (rows of transactions still
     /// running stay unread), and only rows explicitly marked unread are touched.
-    public func markAllRead(of userID: UUID, through watermark: UUID) async throws {
+    /// `settled` is the id below which no notify transaction can still be running (15 minutes
+    /// before the click by default).
+    public func markAllRead(of userID: UUID, through watermark: UUID, settled: UUID? = nil) async throws {
+        let settled = settled ?? TimeOrderedID.upperBound(at: Date().addingTimeInterval(-TimeOrderedID.settlingTime))
         try await query(
             """
             WITH mark AS (
-                INSERT INTO feed_state (organisation_id, user_id, read_through, read_snapshot)
-                VALUES (\(organisationID), \(userID), \(watermark), pg_current_snapshot())
+                INSERT INTO feed_state (organisation_id, user_id, read_through, read_snapshot, read_settled)
+                VALUES (\(organisationID), \(userID), \(watermark), pg_current_snapshot(), least(\(settled), \(watermark)))
                 ON CONFLICT (organisation_id, user_id) DO UPDATE
-                SET (read_through, read_snapshot) = (SELECT excluded.read_through, excluded.read_snapshot
-                                                     WHERE excluded.read_through >= feed_state.read_through
-                                                     UNION ALL SELECT feed_state.read_through, feed_state.read_snapshot
-                                                     WHERE excluded.read_through < feed_state.read_through),
+                SET (read_through, read_snapshot, read_settled) =
+                    (SELECT excluded.read_through, excluded.read_snapshot, greatest(excluded.read_settled, feed_state.read_settled)
+                     WHERE excluded.read_through >= feed_state.read_through
+                     UNION ALL SELECT feed_state.read_through, feed_state.read_snapshot, feed_state.read_settled
+                     WHERE excluded.read_through < feed_state.read_through),
                     updated_at = now()
-                RETURNING read_through, read_snapshot
+                RETURNING read_through, read_snapshot, read_settled
             )
             UPDATE notifications SET unread_pinned = false
             WHERE user_id = \(userID) AND unread_pinned AND id <= (SELECT read_through FROM mark)
-              AND pg_visible_in_snapshot(created_xid, (SELECT read_snapshot FROM mark))
+              AND (id <= (SELECT read_settled FROM mark) OR pg_visible_in_snapshot(created_xid, (SELECT read_snapshot FROM mark)))
             """)
     }
 
@@ -222,7 +229,8 @@ extension TenantTransaction {
             """
             SELECT t.key, c.key,
                    CASE WHEN n.archived_at IS NOT NULL THEN 'archived'
-                        WHEN NOT n.unread_pinned AND (n.read_at IS NOT NULL OR (n.id <= fs.read_through AND pg_visible_in_snapshot(n.created_xid, fs.read_snapshot))) THEN 'read'
+                        WHEN NOT n.unread_pinned AND (n.read_at IS NOT NULL OR n.id <= fs.read_settled
+                             OR (n.id <= fs.read_through AND pg_visible_in_snapshot(n.created_xid, fs.read_snapshot))) THEN 'read'
                         ELSE 'unread' END,
                    count(*)::int
             FROM notifications n

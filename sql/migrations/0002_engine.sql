@@ -112,7 +112,9 @@ CREATE INDEX events_time ON events (organisation_id, created_at DESC, id DESC);
 -- user's "all read" watermark (feed_state) and was not explicitly marked unread. Covered means
 -- its id is at or below read_through AND the transaction that wrote it had committed when the
 -- watermark was set (created_xid visible in read_snapshot): a row of a fan-out still committing
--- then arrives unread, even though its id was stamped before the click.
+-- then arrives unread, even though its id was stamped before the click. Rows at or below
+-- read_settled (15 minutes before the click, far longer than any notify transaction) are
+-- covered without the snapshot check, so the unread count only ever reads recent rows.
 CREATE TABLE notifications (
     organisation_id uuid NOT NULL,
     id              uuid NOT NULL,
@@ -147,6 +149,7 @@ CREATE TABLE feed_state (
     user_id         uuid NOT NULL,
     read_through    uuid NOT NULL,
     read_snapshot   pg_snapshot NOT NULL,
+    read_settled    uuid NOT NULL,
     updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (organisation_id, user_id),
     FOREIGN KEY (organisation_id, user_id) REFERENCES users (organisation_id, id) ON DELETE CASCADE

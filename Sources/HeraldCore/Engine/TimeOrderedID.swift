@@ -17,6 +17,10 @@ public enum TimeOrderedID {
 }
 
 extension TimeOrderedID {
+    /// How long before "mark all read" every notify transaction is assumed finished (a 100 000
+    /// recipient fan-out commits in seconds); rows older than this are covered without checking.
+    public static let settlingTime: TimeInterval = 15 * 60
+
     /// The largest UUID v7 of the millisecond of `date`: every row made up to then sorts at or below it.
     public static func upperBound(at date: Date) -> UUID {
         let millis = UInt64(max(0, date.timeIntervalSince1970 * 1000))
