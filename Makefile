@@ -51,6 +51,7 @@ test: deps
 	@set -e; trap 'scripts/pg.sh down test' EXIT; \
 	export HERALD_TEST_DATABASE_URL=postgres://herald_app:herald_app@127.0.0.1:$(TEST_PORT)/herald_test; \
 	export HERALD_TEST_OWNER_URL=postgres://herald_owner:herald_owner@127.0.0.1:$(TEST_PORT)/herald_test; \
+	export HERALD_TEST_WORKER_URL=postgres://herald_worker:herald_worker@127.0.0.1:$(TEST_PORT)/herald_test; \
 	DATABASE_OWNER_URL=$$HERALD_TEST_OWNER_URL $(HERALD) migrate; \
 	HERALD_SQL_DIR=$(CURDIR)/sql swift test --skip-build
 

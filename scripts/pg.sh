@@ -52,7 +52,9 @@ CONF
     echo "pg.sh: starting PostgreSQL on 127.0.0.1:$port (.data/$name)"
     as_owner "$bindir/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null
   fi
-  psql_admin -d postgres -v owner_password=herald_owner -v app_password=herald_app -f sql/bootstrap/roles.sql
+  psql_admin -d postgres -v owner_password=herald_owner -v app_password=herald_app -v worker_password=herald_worker -f sql/bootstrap/roles.sql
+  # Clusters made before the worker role could log in get its login and password here.
+  psql_admin -d postgres -c "ALTER ROLE herald_worker LOGIN PASSWORD 'herald_worker'" >/dev/null
   if [ -z "$(psql_admin -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'herald'")" ]; then
     psql_admin -d postgres -c "CREATE DATABASE herald OWNER herald_owner"
     psql_admin -d herald -c "REVOKE CREATE ON SCHEMA public FROM PUBLIC; ALTER SCHEMA public OWNER TO herald_owner"

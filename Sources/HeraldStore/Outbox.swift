@@ -108,19 +108,23 @@ extension TenantTransaction {
         }
     }
 
-    /// Extends the lease of the worker's rows in this organisation (the heartbeat).
+    /// Extends the leases the worker still holds in this organisation (the heartbeat), fenced
+    /// like completion: same worker, same attempt.
     @discardableResult
-    public func extendLeases(worker: String, ids: [UUID], leaseSeconds: Int) async throws -> Int {
+    public func extendLeases(worker: String, claims: [ClaimedDelivery], leaseSeconds: Int) async throws -> Int {
         try await query(
             """
-            UPDATE deliveries SET lease_expires_at = now() + make_interval(secs => \(leaseSeconds))
-            WHERE id = ANY(\(ids)::uuid[]) AND lease_owner = \(worker) AND status = 'SENDING'
+            UPDATE deliveries d SET lease_expires_at = now() + make_interval(secs => \(leaseSeconds)::integer)
+            FROM unnest(\(claims.map(\.deliveryID))::uuid[], \(claims.map(\.attempt))::integer[]) AS c(id, attempt)
+            WHERE d.id = c.id AND d.attempts = c.attempt AND d.lease_owner = \(worker) AND d.status = 'SENDING'
+            RETURNING d.id
             """).count
     }
 
     /// Records how an attempt ended, fenced: only the worker holding the lease for exactly this
     /// attempt can complete the row. Returns false when the fence refused (the lease expired and
-    /// the row moved on); the attempt is logged as FENCED then.
+    /// the row moved on); the attempt is logged as FENCED then, unless the rescuing claim already
+    /// logged it as EXPIRED. A failure on the row's last allowed attempt is DEAD.
     public func completeDelivery(_ claim: ClaimedDelivery, worker: String, startedAt: Date, result: AttemptResult) async throws -> Bool {
         let (status, code, error, retryAt): (String, Int?, String?, Date?) = switch result {
         case .sent(let code): ("SENT", code, nil, nil)
@@ -129,20 +133,30 @@ extension TenantTransaction {
         }
         let rows = try await query(
             """
-            UPDATE deliveries SET status = \(status), last_response_code = \(code), last_error = \(error),
+            UPDATE deliveries SET
+                status = CASE WHEN \(status) = 'FAILED' AND attempts >= max_attempts THEN 'DEAD' ELSE \(status) END,
+                last_response_code = \(code), last_error = \(error),
                 next_attempt_at = coalesce(\(retryAt), next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
                 sent_at = CASE WHEN \(status) = 'SENT' THEN now() ELSE sent_at END, updated_at = now()
             WHERE id = \(claim.deliveryID) AND lease_owner = \(worker) AND attempts = \(claim.attempt) AND status = 'SENDING'
-            RETURNING id
+            RETURNING status
             """)
-        let accepted = !rows.isEmpty
+        guard let row = rows.first else {
+            try await query(
+                """
+                INSERT INTO delivery_attempts (organisation_id, delivery_id, attempt, worker, started_at, outcome, response_code, error)
+                VALUES (\(organisationID), \(claim.deliveryID), \(claim.attempt), \(worker), \(startedAt), 'FENCED', \(code), \(error))
+                ON CONFLICT DO NOTHING
+                """)
+            return false
+        }
+        let final = try row.decode(String.self)
         try await query(
             """
             INSERT INTO delivery_attempts (organisation_id, delivery_id, attempt, worker, started_at, outcome, response_code, error)
-            VALUES (\(organisationID), \(claim.deliveryID), \(claim.attempt), \(worker), \(startedAt), \(accepted ? status : "FENCED"), \(code), \(error))
-            ON CONFLICT DO NOTHING
+            VALUES (\(organisationID), \(claim.deliveryID), \(claim.attempt), \(worker), \(startedAt), \(final), \(code), \(error))
             """)
-        return accepted
+        return true
     }
 
     /// Deliveries newest first.
@@ -164,14 +178,17 @@ extension TenantTransaction {
     }
 
     /// Puts a FAILED, DEAD or CANCELLED delivery back in the queue now, with its attempts
-    /// budget extended by one. Nil when the delivery is in another state.
+    /// budget extended by one (up to 100). Nil when the delivery is in another state, has used
+    /// 100 attempts, or its event was cancelled.
     public func retryDelivery(_ id: UUID) async throws -> Delivery? {
         _ = try await delivery(id)
         let rows = try await query(
             """
-            UPDATE deliveries SET status = 'PENDING', next_attempt_at = now(), max_attempts = greatest(max_attempts, attempts + 1),
-                last_error = NULL, updated_at = now()
-            WHERE id = \(id) AND status IN ('FAILED', 'DEAD', 'CANCELLED') RETURNING id
+            UPDATE deliveries d SET status = 'PENDING', next_attempt_at = now(), max_attempts = greatest(d.max_attempts, d.attempts + 1),
+                last_error = NULL, last_response_code = NULL, updated_at = now()
+            WHERE d.id = \(id) AND d.status IN ('FAILED', 'DEAD', 'CANCELLED') AND d.attempts < 100
+              AND NOT EXISTS (SELECT 1 FROM events e WHERE e.organisation_id = d.organisation_id AND e.id = d.event_id AND e.status = 'CANCELLED')
+            RETURNING d.id
             """)
         return rows.isEmpty ? nil : try await delivery(id)
     }

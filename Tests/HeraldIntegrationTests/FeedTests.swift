@@ -205,11 +205,12 @@ struct FeedTests {
                 }
             }
             group.addTask {
+                // Always release the writer, even if marking fails, so the test cannot hang.
+                defer { markedSignal.yield(); markedSignal.finish() }
                 for await _ in inserted { break }
                 try await env.database.withTenant(org.id, recipient: org.memberID) { tx in
                     try await tx.markAllRead(of: org.memberID, through: TimeOrderedID.upperBound(at: Date()))
                 }
-                markedSignal.yield()
             }
             try await group.waitForAll()
         }

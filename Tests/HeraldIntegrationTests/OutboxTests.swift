@@ -35,7 +35,7 @@ struct OutboxTests {
     func claimAll(_ org: TestOrganisation, worker: String, lease: Int = 30) async throws -> [ClaimedDelivery] {
         var mine: [ClaimedDelivery] = []
         while true {
-            let batch = try await env.database.claimDeliveries(worker: worker, limit: 7, leaseSeconds: lease, organisation: org.id)
+            let batch = try await env.workerDatabase.claimDeliveries(worker: worker, limit: 7, leaseSeconds: lease, organisation: org.id)
             if batch.isEmpty { break }
             mine += batch
         }
@@ -57,54 +57,85 @@ struct OutboxTests {
         // Every claim completes; the attempt log has one row per (delivery, attempt).
         for claim in claims {
             let worker = try await org.store { tx in try await tx.delivery(claim.deliveryID).leaseOwner }
-            let done = try await org.store { tx in
+            let done = try await env.workerDatabase.withTenant(org.id) { tx in
                 try await tx.completeDelivery(claim, worker: try #require(worker), startedAt: Date(), result: .sent(responseCode: 250))
             }
             #expect(done)
         }
-        let logged = try await org.store { tx in try await tx.query("SELECT count(*)::int, count(DISTINCT (delivery_id, attempt))::int FROM delivery_attempts") }
-        let (rows, distinct) = try logged[0].decode((Int, Int).self)
-        #expect(rows == ids.count && distinct == ids.count)
+        let logged = try await org.store { tx in try await tx.query("SELECT count(*)::int, count(*) FILTER (WHERE attempt = 1 AND outcome = 'SENT')::int FROM delivery_attempts") }
+        let (rows, firstSent) = try logged[0].decode((Int, Int).self)
+        #expect(rows == ids.count && firstSent == ids.count)
     }
 
-    @Test("a worker whose lease expired cannot complete the row: the fence refuses, the rescuer's result stands")
+    @Test("a worker whose lease expired cannot complete the row: the rescue logs the lost attempt, the fence refuses the late result")
     func fenceAndRescue() async throws {
         let (org, ids) = try await outbox(1)
-        let first = try await claimAll(org, worker: "crashed", lease: 1)
+        let first = try await env.workerDatabase.claimDeliveries(worker: "crashed", limit: 10, leaseSeconds: 1, organisation: org.id)
         #expect(first.map(\.deliveryID) == ids)
+        #expect(try await env.workerDatabase.claimDeliveries(worker: "other", limit: 10, leaseSeconds: 30, organisation: org.id).isEmpty)
         try await Task.sleep(for: .milliseconds(1500))
-        // The lease expired: another worker rescues the row, as attempt 2.
-        let rescued = try await claimAll(org, worker: "rescuer")
+        // The lease expired: another worker's claim logs attempt 1 as EXPIRED and takes the row as attempt 2.
+        let rescued = try await env.workerDatabase.claimDeliveries(worker: "rescuer", limit: 10, leaseSeconds: 30, organisation: org.id)
         #expect(rescued.map(\.attempt) == [2])
-        let rescuerDone = try await org.store { tx in
+        let rescuerDone = try await env.workerDatabase.withTenant(org.id) { tx in
             try await tx.completeDelivery(rescued[0], worker: "rescuer", startedAt: Date(), result: .sent(responseCode: 250))
         }
-        // The crashed worker wakes up late and tries to complete attempt 1.
-        let lateDone = try await org.store { tx in
-            try await tx.completeDelivery(first[0], worker: "crashed", startedAt: Date(), result: .failed(responseCode: 500, error: "late", retryAt: Date()))
+        // The crashed worker wakes up late and tries to complete attempt 1, and to extend its lease.
+        let (lateDone, lateLease) = try await env.workerDatabase.withTenant(org.id) { tx in
+            (try await tx.completeDelivery(first[0], worker: "crashed", startedAt: Date(), result: .failed(responseCode: 500, error: "late", retryAt: Date())),
+             try await tx.extendLeases(worker: "crashed", claims: first, leaseSeconds: 30))
         }
         #expect(rescuerDone)
         #expect(!lateDone)
+        #expect(lateLease == 0)
         let (delivery, attempts) = try await org.store { tx in (try await tx.delivery(ids[0]), try await tx.deliveryAttempts(ids[0])) }
         #expect(delivery.status == "SENT")
-        #expect(attempts.map(\.outcome) == ["FENCED", "SENT"])
+        #expect(attempts.map(\.outcome) == ["EXPIRED", "SENT"])
+    }
+
+    @Test("a row whose worker keeps crashing goes DEAD at its last attempt instead of being claimed forever")
+    func crashLoopGoesDead() async throws {
+        let (org, ids) = try await outbox(1)
+        try await org.store { tx in try await tx.query("UPDATE deliveries SET max_attempts = 2 WHERE id = \(ids[0])") }
+        for _ in 0..<2 {
+            _ = try await env.workerDatabase.claimDeliveries(worker: "crashy", limit: 10, leaseSeconds: 1, organisation: org.id)
+            try await Task.sleep(for: .milliseconds(1200))
+        }
+        #expect(try await env.workerDatabase.claimDeliveries(worker: "next", limit: 10, leaseSeconds: 30, organisation: org.id).isEmpty)
+        let (delivery, attempts) = try await org.store { tx in (try await tx.delivery(ids[0]), try await tx.deliveryAttempts(ids[0])) }
+        #expect(delivery.status == "DEAD")
+        #expect(attempts.map(\.outcome) == ["EXPIRED", "EXPIRED"])
+    }
+
+    @Test("the API server's role cannot claim deliveries; the worker role cannot bypass the tenant policy")
+    func claimIsWorkersOnly() async throws {
+        let (org, _) = try await outbox(1)
+        await #expect(throws: PSQLError.self) {
+            _ = try await env.database.claimDeliveries(worker: "api", limit: 10, leaseSeconds: 30, organisation: org.id)
+        }
+        let rows = try await env.workerClient.query("SELECT count(*)::int FROM deliveries", logger: env.logger).collect()
+        #expect(try rows[0].decode(Int.self) == 0)
+        let role = try await env.workerClient.query("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user", logger: env.logger).collect()
+        #expect(try role[0].decode((Bool, Bool).self) == (false, false))
     }
 
     @Test("failures follow the retry schedule; the last attempt goes DEAD with every attempt logged")
     func retriesThenDead() async throws {
         let (org, ids) = try await outbox(1)
+        // The row allows three attempts; the policy would allow eight: the row decides.
         try await org.store { tx in try await tx.query("UPDATE deliveries SET max_attempts = 3 WHERE id = \(ids[0])") }
-        let policy = RetryPolicy(baseDelay: 60, factor: 2, maximumDelay: 3600, maximumAttempts: 3, jitter: 0)
+        let policy = RetryPolicy(baseDelay: 60, factor: 2, maximumDelay: 3600, maximumAttempts: 8, jitter: 0)
         var retryTimes: [Date] = []
         for attempt in 1...3 {
             let claims = try await claimAll(org, worker: "w")
             let claim = try #require(claims.first)
             #expect(claim.attempt == attempt)
             let failedAt = Date()
-            let next = policy.nextAttempt(after: claim.attempt, failedAt: failedAt, random: 0.5)
-            let result: AttemptResult = next.map { .failed(responseCode: 503, error: "unavailable", retryAt: $0) } ?? .dead(responseCode: 503, error: "unavailable")
-            _ = try await org.store { tx in try await tx.completeDelivery(claim, worker: "w", startedAt: failedAt, result: result) }
-            guard let next else { break }
+            let next = try #require(policy.nextAttempt(after: claim.attempt, failedAt: failedAt, random: 0.5))
+            _ = try await env.workerDatabase.withTenant(org.id) { tx in
+                try await tx.completeDelivery(claim, worker: "w", startedAt: failedAt, result: .failed(responseCode: 503, error: "unavailable", retryAt: next))
+            }
+            if attempt == 3 { break }
             retryTimes.append(next)
             // Scheduled on the policy's time and not claimable before it …
             let stored = try await org.store { tx in try await tx.delivery(ids[0]) }
@@ -167,15 +198,17 @@ struct OutboxTests {
         let listener = PostgresClient(configuration: try .fromURL(env.appURL), backgroundLogger: env.logger)
         let heard = try await withThrowingTaskGroup(of: String?.self) { group in
             group.addTask { await listener.run(); return nil }
+            let (listening, listeningSignal) = AsyncStream.makeStream(of: Void.self)
             group.addTask {
                 try await listener.withConnection { connection in
                     let stream = try await connection.listen("herald_events")
+                    listeningSignal.yield()
                     for try await notification in stream where notification.payload.hasPrefix(org.id.lowercased) { return notification.payload }
                     return nil
                 }
             }
             group.addTask {
-                try await Task.sleep(for: .milliseconds(300))
+                for await _ in listening { break }
                 let (event, _) = try await org.notify(EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
                 return "sent:\(event.id.lowercased)"
             }

@@ -40,6 +40,9 @@ final class TestEnvironment: Sendable {
     let ownerURL: String
     let appClient: PostgresClient
     let database: Database
+    /// The delivery workers' role: the only one that may claim across organisations.
+    let workerClient: PostgresClient
+    let workerDatabase: Database
     let signingKey: ES256PrivateKey
     let tokens: AccessTokens
     let passwords = PasswordHasher(iterations: 1, memoryKiB: 1024, parallelism: 1)
@@ -48,7 +51,7 @@ final class TestEnvironment: Sendable {
     private init() async throws {
         let env = ProcessInfo.processInfo.environment
         // No silent skip: without a database this suite must fail, loudly.
-        guard let app = env["HERALD_TEST_DATABASE_URL"], let owner = env["HERALD_TEST_OWNER_URL"] else {
+        guard let app = env["HERALD_TEST_DATABASE_URL"], let owner = env["HERALD_TEST_OWNER_URL"], let worker = env["HERALD_TEST_WORKER_URL"] else {
             throw MissingDatabase()
         }
         appURL = app
@@ -60,6 +63,10 @@ final class TestEnvironment: Sendable {
         let client = appClient
         Task.detached { await client.run() }
         database = Database(client: appClient, logger: logger)
+        workerClient = PostgresClient(configuration: try .fromURL(worker), backgroundLogger: logger)
+        let workers = workerClient
+        Task.detached { await workers.run() }
+        workerDatabase = Database(client: workerClient, logger: logger)
         signingKey = ES256PrivateKey()
         let key = signingKey
         tokens = try await AccessTokens(keys: [AccessTokenKey(id: "test-key", privateKey: key)], activeKeyID: nil,
@@ -95,7 +102,7 @@ final class TestEnvironment: Sendable {
 
 /// The suite runs against a real database or not at all.
 struct MissingDatabase: Error, CustomStringConvertible {
-    var description: String { "HERALD_TEST_DATABASE_URL and HERALD_TEST_OWNER_URL are not set: run the suite with `make test`." }
+    var description: String { "HERALD_TEST_DATABASE_URL, HERALD_TEST_OWNER_URL and HERALD_TEST_WORKER_URL are not set: run the suite with `make test`." }
 }
 
 /// An organisation made for one test: an owner and a member, each with a live access token.

@@ -37,7 +37,7 @@ extension HeraldService {
         let delivery = try await tenant("delivery") { tx, _ in
             let before = try await tx.delivery(id)
             guard let after = try await tx.retryDelivery(id) else {
-                throw APIError.conflict("Only a FAILED, DEAD or CANCELLED delivery can be retried; this one is \(before.status).")
+                throw APIError.conflict("Only a FAILED, DEAD or CANCELLED delivery of an event that is not cancelled, with fewer than 100 attempts, can be retried; this one is \(before.status).")
             }
             try await tx.audit(action: "delivery.retry", targetType: "delivery", targetID: id.lowercased,
                                before: auditJSON(["status": before.status]), after: auditJSON(["status": after.status]))
