@@ -14,11 +14,20 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-pips=(openapi-spec-validator PyYAML)
-for p in "${pips[@]}"; do
-  python3 -c "import importlib.metadata as m; m.version('$p')" 2>/dev/null || {
-    echo "install-deps: pip installing $p"
-    python3 -m pip install -q "$p"
-  }
-done
+# Python: the suite reads openapi.yaml with PyYAML; `make spec` uses openapi-spec-validator.
+# Debian's own package first (pip into the system Python is refused under PEP 668), then pip.
+pip_install() {
+  python3 -m pip install -q "$1" 2>/dev/null || python3 -m pip install -q --break-system-packages "$1"
+}
+if ! python3 -c 'import yaml' 2>/dev/null; then
+  echo "install-deps: installing PyYAML"
+  sudo_cmd=""
+  [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq python3-yaml >/dev/null 2>&1 || true
+  python3 -c 'import yaml' 2>/dev/null || pip_install PyYAML
+fi
+if ! python3 -c 'import openapi_spec_validator' 2>/dev/null; then
+  echo "install-deps: installing openapi-spec-validator (for make spec)"
+  pip_install openapi-spec-validator || echo "install-deps: openapi-spec-validator not installed; only 'make spec' needs it"
+fi
 command -v swift >/dev/null || { echo "install-deps: Swift 6.2 or newer is needed (https://www.swift.org/install/linux/)" >&2; exit 1; }
