@@ -15,6 +15,8 @@ public struct ExplainedRecipient: Sendable, Equatable {
     public var deliveryStatus: [UUID: String]
     /// Current state of each digest item (pending, sent, cancelled).
     public var digestStatus: [UUID: String]
+    /// Current state of each in-app row: UNREAD, READ, ARCHIVED, or DELETED when the user deleted it.
+    public var notificationStatus: [UUID: String] = [:]
 
     public init(userID: UUID, email: String, displayName: String, targeted: Bool, rule: String, reason: ReasonCode,
                 channels: [TraceChannelRecord], deliveryStatus: [UUID: String], digestStatus: [UUID: String]) {
@@ -63,6 +65,22 @@ extension TenantTransaction {
                 reason: reason,
                 channels: try decoder.decode([TraceChannelRecord].self, from: Data(channels.utf8)), deliveryStatus: [:], digestStatus: [:])
         }
+        let notificationIDs = items.flatMap { $0.channels.compactMap(\.notificationID) }
+        var notifications: [UUID: String] = [:]
+        if !notificationIDs.isEmpty {
+            for row in try await query(
+                """
+                SELECT n.id, CASE WHEN n.archived_at IS NOT NULL THEN 'ARCHIVED'
+                                  WHEN NOT n.unread_pinned AND (n.read_at IS NOT NULL OR n.id <= fs.read_settled
+                                       OR (n.id <= fs.read_through AND pg_visible_in_snapshot(n.created_xid, fs.read_snapshot))) THEN 'READ'
+                                  ELSE 'UNREAD' END
+                FROM notifications n LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
+                WHERE n.id = ANY(\(notificationIDs)::uuid[])
+                """) {
+                let (id, status) = try row.decode((UUID, String).self)
+                notifications[id] = status
+            }
+        }
         let deliveryIDs = items.flatMap { $0.channels.compactMap(\.deliveryID) }
         let digestIDs = items.flatMap { $0.channels.compactMap(\.digestItemID) }
         var deliveries: [UUID: String] = [:]
@@ -87,6 +105,7 @@ extension TenantTransaction {
             for channel in items[index].channels {
                 if let id = channel.deliveryID { items[index].deliveryStatus[id] = deliveries[id] }
                 if let id = channel.digestItemID { items[index].digestStatus[id] = digests[id] }
+                if let id = channel.notificationID { items[index].notificationStatus[id] = notifications[id] ?? "DELETED" }
             }
         }
         return (items, rows.count > limit ? items.last?.userID : nil)

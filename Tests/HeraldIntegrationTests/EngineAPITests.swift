@@ -113,12 +113,21 @@ struct MedicalAlertTests {
             #expect(channel(clinic.emailOff, "email")?["reason"] as? String == "CHANNEL_DISABLED")
             #expect(channel(clinic.emailOff, "email")?["source"] as? String == "user")
             #expect(channel(clinic.emailOff, "in_app")?["reason"] as? String == "IN_APP_CREATED")
+            #expect(channel(clinic.org.memberID, "in_app")?["notification_status"] as? String == "UNREAD")
             #expect(channel(clinic.digest, "email")?["reason"] as? String == "DIGEST_QUEUED")
             #expect(channel(clinic.digest, "email")?["digest_status"] as? String == "PENDING")
             #expect(channel(clinic.digest, "email")?["delivery_id"] == nil)
             #expect(channel(clinic.switchedOff, "in_app")?["source"] as? String == "critical_override")
             #expect(channel(clinic.switchedOff, "email")?["reason"] as? String == "CHANNEL_DISABLED")
             #expect(channel(clinic.switchedOff, "webhook")?["reason"] as? String == "CHANNEL_DISABLED")
+
+            // Explain follows the in-app row's life: read, then deleted by its user.
+            let notificationID = try #require(channel(clinic.org.memberID, "in_app")?["notification_id"] as? String)
+            _ = try await client.send(.post, "/v1/me/notifications/\(notificationID)/read", token: clinic.memberToken)
+            _ = try await client.send(.delete, "/v1/me/notifications/\(notificationID)", token: clinic.memberToken)
+            let again = try await client.send(.get, "/v1/events/\(eventID)/explain?user_id=\(clinic.org.memberID.uuidString)", token: clinic.org.ownerToken)
+            let inApp = ((again.json["items"] as? [[String: Any]])?.first?["channels"] as? [[String: Any]])?.first { $0["channel"] as? String == "in_app" }
+            #expect(inApp?["notification_status"] as? String == "DELETED")
         }
     }
 

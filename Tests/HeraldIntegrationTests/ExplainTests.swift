@@ -115,6 +115,15 @@ struct ExplainTests {
             }
             #expect(reasons(dry) == reasons(explained))
             #expect(!reasons(dry).isEmpty)
+            // A dry run pages like explain: one user per page here, every user once.
+            var users: [String] = []
+            var cursor: String?
+            repeat {
+                let page = try await client.send(.post, "/v1/events/dry-run?limit=1" + (cursor.map { "&cursor=\($0)" } ?? ""), token: org.ownerToken, json: body)
+                users += (page.json["items"] as? [[String: Any]] ?? []).compactMap { $0["user_id"] as? String }
+                cursor = page.json["next_cursor"] as? String
+            } while cursor != nil
+            #expect(users.count == 2 && Set(users).count == 2)
         }
     }
 

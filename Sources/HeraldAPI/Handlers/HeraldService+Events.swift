@@ -48,7 +48,8 @@ extension HeraldService {
         let request = try eventRequest(body)
         try checkTimes(body)
         let limit = try validated { () throws(ValidationError) in try PageSize.clamp(input.query.limit) }
-        let explanation = try await tenant("event") { tx, _ in try await dryRun(request, tx, limit: limit) }
+        let after = try input.query.cursor.map { c in try validated { () throws(ValidationError) in try PageCursor(encoded: c).id } }
+        let explanation = try await tenant("event") { tx, _ in try await dryRun(request, tx, limit: limit, after: after) }
         return .ok(.init(body: .json(explanation)))
     }
 
@@ -113,7 +114,7 @@ extension HeraldService {
                 return try await explanationOf(latest, tx, userID: user, limit: limit, after: after)
             }
             let audience = user.map { Audience(userIDs: [$0]) } ?? Audience(everyone: true)
-            return try await dryRun(EventRequest(typeKey: key, audience: audience, payload: .object([:])), tx, limit: limit)
+            return try await dryRun(EventRequest(typeKey: key, audience: audience, payload: .object([:])), tx, limit: limit, after: after)
         }
         return .ok(.init(body: .json(explanation)))
     }
@@ -131,11 +132,16 @@ extension HeraldService {
         }
     }
 
-    private func dryRun(_ request: EventRequest, _ tx: TenantTransaction, limit: Int) async throws -> Components.Schemas.Explanation {
+    /// The planner's decisions, a page of users at a time (by user id, like explain); the counts
+    /// cover the whole audience.
+    private func dryRun(_ request: EventRequest, _ tx: TenantTransaction, limit: Int, after: UUID? = nil) async throws -> Components.Schemas.Explanation {
         let planned = try await plan(request, tx, now: now())
-        let users = Dictionary(try await tx.users(ids: planned.plan.traces.prefix(limit).map(\.targeting.userID)).map { ($0.id, $0) },
+        let ordered = planned.plan.traces.sorted { $0.targeting.userID.uuidString < $1.targeting.userID.uuidString }
+            .filter { after == nil || $0.targeting.userID.uuidString > after!.uuidString }
+        let page = ordered.prefix(limit)
+        let users = Dictionary(try await tx.users(ids: page.map(\.targeting.userID)).map { ($0.id, $0) },
                                uniquingKeysWith: { a, _ in a })
-        let items = planned.plan.traces.prefix(limit).map { trace in
+        let items = page.map { trace in
             explained(ExplainedRecipient(
                 userID: trace.targeting.userID, email: users[trace.targeting.userID]?.email ?? "",
                 displayName: users[trace.targeting.userID]?.displayName ?? "", targeted: trace.targeting.targeted,
@@ -143,7 +149,8 @@ extension HeraldService {
                 // A dry run creates nothing, so it names no rows.
                 channels: trace.channels.map { TraceChannelRecord(decision: $0.decision) }, deliveryStatus: [:], digestStatus: [:]))
         }
-        return .init(_type: request.typeKey, dryRun: true, counts: try convert(planned.plan.counts), items: items)
+        let next = ordered.count > limit ? page.last.map { PageCursor(time: Date(timeIntervalSince1970: 0), id: $0.targeting.userID).encoded } : nil
+        return .init(_type: request.typeKey, dryRun: true, counts: try convert(planned.plan.counts), items: items, nextCursor: next)
     }
 
     private func explanationOf(_ event: EventRecord, _ tx: TenantTransaction, userID: UUID?, limit: Int, after: UUID?) async throws -> Components.Schemas.Explanation {
@@ -161,7 +168,9 @@ extension HeraldService {
                       frequency: .init(rawValue: channel.frequency.rawValue)!, conditions: (try? convert(channel.conditions)) ?? [],
                       source: .init(rawValue: channel.source.rawValue)!, outcome: .init(rawValue: channel.outcome.rawValue)!,
                       reason: channel.reason.rawValue, reasonText: channel.reason.sentence,
-                      notificationId: channel.notificationID?.lowercased, deliveryId: channel.deliveryID?.lowercased,
+                      notificationId: channel.notificationID?.lowercased,
+                      notificationStatus: channel.notificationID.flatMap { recipient.notificationStatus[$0] }.flatMap { .init(rawValue: $0) },
+                      deliveryId: channel.deliveryID?.lowercased,
                       deliveryStatus: channel.deliveryID.flatMap { recipient.deliveryStatus[$0] },
                       digestItemId: channel.digestItemID?.lowercased,
                       digestStatus: channel.digestItemID.flatMap { recipient.digestStatus[$0] }.flatMap { .init(rawValue: $0) })
