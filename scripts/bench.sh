@@ -135,25 +135,24 @@ SELECT set_config('app.org_id', :org, true), set_config('app.user_id', :usr, tru
 cat > .bench/unread.sql <<SQL
 $AUTH_SQL
 SELECT c.key, count(*)::int FROM notifications n JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
+LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
 WHERE n.user_id = :usr::uuid AND n.read_at IS NULL AND n.archived_at IS NULL AND n.visible_at <= now() AND (n.expires_at IS NULL OR n.expires_at > now())
   AND (n.unread_pinned OR n.id > coalesce((SELECT read_settled FROM feed_state WHERE user_id = :usr::uuid), '00000000-0000-0000-0000-000000000000'))
-  AND (n.unread_pinned OR NOT coalesce((SELECT n.id <= fs.read_through AND pg_visible_in_snapshot(n.created_xid, fs.read_snapshot) FROM feed_state fs WHERE fs.user_id = :usr::uuid), false))
+  AND NOT notification_read(n, fs)
 GROUP BY c.key;
 COMMIT;
 SQL
 cat > .bench/page.sql <<SQL
 $AUTH_SQL
-WITH state AS (SELECT read_through, read_snapshot, read_settled FROM feed_state WHERE user_id = :usr::uuid),
-rows AS (
-  SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, n.title, n.body, e.subject_type, e.subject_id,
-         (NOT n.unread_pinned AND (n.read_at IS NOT NULL OR (n.id <= (SELECT read_settled FROM state) OR (n.id <= (SELECT read_through FROM state) AND pg_visible_in_snapshot(n.created_xid, (SELECT read_snapshot FROM state)))))) IS TRUE AS read,
-         n.archived_at IS NOT NULL AS archived, n.visible_at, n.expires_at
-  FROM notifications n
-  JOIN events e ON e.organisation_id = n.organisation_id AND e.id = n.event_id
-  JOIN notification_types t ON t.organisation_id = n.organisation_id AND t.id = n.type_id
-  JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
-  WHERE n.user_id = :usr::uuid AND n.visible_at <= now() AND (n.expires_at IS NULL OR n.expires_at > now()) AND (n.archived_at IS NOT NULL) = false)
-SELECT * FROM rows ORDER BY read, id DESC LIMIT 21;
+SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, n.title, n.body,
+       e.subject_type, e.subject_id, notification_read(n, fs) AS read, n.archived_at IS NOT NULL AS archived, n.visible_at, n.expires_at
+FROM notifications n
+JOIN events e ON e.organisation_id = n.organisation_id AND e.id = n.event_id
+JOIN notification_types t ON t.organisation_id = n.organisation_id AND t.id = n.type_id
+JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
+LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
+WHERE n.user_id = :usr::uuid AND n.visible_at <= now() AND (n.expires_at IS NULL OR n.expires_at > now()) AND n.archived_at IS NULL
+ORDER BY read, id DESC LIMIT 21;
 COMMIT;
 SQL
 

@@ -1,4 +1,5 @@
 import Foundation
+import HeraldCore
 import JWTKit
 
 /// The claims of a Herald access token.

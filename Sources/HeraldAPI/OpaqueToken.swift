@@ -1,5 +1,6 @@
 import Crypto
 import Foundation
+import HeraldCore
 
 /// A credential Herald hands out as `prefix.organisation.id.secret`: API keys (`hk`) and
 /// refresh tokens (`hrt`). The organisation id lets the server set the tenant context before
@@ -47,18 +48,4 @@ public struct OpaqueToken: Sendable, Equatable {
 
     /// SHA-256 of the secret: what the database keeps.
     public var secretHash: Data { Data(SHA256.hash(data: Data(secret.utf8))) }
-}
-
-extension Data {
-    /// Base64url without padding (RFC 4648 §5).
-    var base64URLEncoded: String {
-        base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
-            .replacingOccurrences(of: "=", with: "")
-    }
-
-    init?(base64URLEncoded text: String) {
-        var base64 = text.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
-        while base64.count % 4 != 0 { base64 += "=" }
-        self.init(base64Encoded: base64)
-    }
 }

@@ -122,10 +122,3 @@ public enum APIError: Error, Sendable, Equatable {
         "api_keys_organisation_id_role_id_fkey": "role_id",
     ]
 }
-
-func jsonQuoted(_ value: String) -> String {
-    let encoder = JSONEncoder()
-    encoder.outputFormatting = [.withoutEscapingSlashes]
-    let data = (try? encoder.encode(value)) ?? Data("\"\"".utf8)
-    return String(decoding: data, as: UTF8.self)
-}

@@ -20,18 +20,12 @@ public struct PageCursor: Sendable, Equatable, Codable {
 
     /// The cursor as a client sees it.
     public var encoded: String {
-        let data = (try? JSONEncoder().encode(self)) ?? Data()
-        return data.base64EncodedString()
-            .replacingOccurrences(of: "+", with: "-")
-            .replacingOccurrences(of: "/", with: "_")
-            .replacingOccurrences(of: "=", with: "")
+        ((try? JSONEncoder().encode(self)) ?? Data()).base64URLEncoded
     }
 
     /// Parses a cursor a client sent back; throws a validation error for anything else.
     public init(encoded: String) throws(ValidationError) {
-        var base64 = encoded.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
-        while base64.count % 4 != 0 { base64 += "=" }
-        guard let data = Data(base64Encoded: base64), let cursor = try? JSONDecoder().decode(PageCursor.self, from: data) else {
+        guard let data = Data(base64URLEncoded: encoded), let cursor = try? JSONDecoder().decode(PageCursor.self, from: data) else {
             throw ValidationError(field: "cursor", message: "is not a cursor returned by this API.")
         }
         self = cursor

@@ -46,7 +46,7 @@ public struct Database: Sendable {
                 try await connection.query(
                     """
                     SELECT set_config('app.org_id', \(organisationID.uuidString), true),
-                           set_config('app.user_id', \(Self.userSetting(actor)), true),
+                           set_config('app.user_id', \(actor.userID?.uuidString ?? ""), true),
                            set_config('app.recipient_id', \(recipient?.uuidString ?? ""), true)
                     """,
                     logger: logger
@@ -81,11 +81,6 @@ public struct Database: Sendable {
         let rows = try await client.query("SELECT version FROM schema_migrations ORDER BY version", logger: logger)
         for try await version in rows.decode(Int.self) { versions.append(version) }
         return versions
-    }
-
-    static func userSetting(_ actor: Actor) -> String {
-        if case .user(let id) = actor { return id.uuidString }
-        return ""
     }
 
     /// Maps PostgreSQL's SQLSTATE codes to `StoreError`; anything else passes through.

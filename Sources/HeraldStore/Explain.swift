@@ -70,10 +70,7 @@ extension TenantTransaction {
         if !notificationIDs.isEmpty {
             for row in try await query(
                 """
-                SELECT n.id, CASE WHEN n.archived_at IS NOT NULL THEN 'ARCHIVED'
-                                  WHEN NOT n.unread_pinned AND (n.read_at IS NOT NULL OR n.id <= fs.read_settled
-                                       OR (n.id <= fs.read_through AND pg_visible_in_snapshot(n.created_xid, fs.read_snapshot))) THEN 'READ'
-                                  ELSE 'UNREAD' END
+                SELECT n.id, CASE WHEN n.archived_at IS NOT NULL THEN 'ARCHIVED' WHEN notification_read(n, fs) THEN 'READ' ELSE 'UNREAD' END
                 FROM notifications n LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
                 WHERE n.id = ANY(\(notificationIDs)::uuid[])
                 """) {

@@ -77,16 +77,8 @@ extension TenantTransaction {
     public func feed(of userID: UUID, filter: FeedFilter, limit: Int, after cursor: FeedCursor?, now: Date) async throws -> (items: [FeedItem], next: FeedCursor?) {
         let rows = try await query(
             """
-            WITH state AS (SELECT read_through, read_snapshot, read_settled FROM feed_state WHERE user_id = \(userID)),
-            rows AS (
-              SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, n.title, n.body,
-                     e.subject_type, e.subject_id,
-                     (NOT n.unread_pinned AND (n.read_at IS NOT NULL OR (n.id <= (SELECT read_settled FROM state) OR (n.id <= (SELECT read_through FROM state) AND pg_visible_in_snapshot(n.created_xid, (SELECT read_snapshot FROM state)))))) IS TRUE AS read,
-                     n.archived_at IS NOT NULL AS archived, n.visible_at, n.expires_at
-              FROM notifications n
-              JOIN events e ON e.organisation_id = n.organisation_id AND e.id = n.event_id
-              JOIN notification_types t ON t.organisation_id = n.organisation_id AND t.id = n.type_id
-              JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
+            WITH rows AS (
+              \(unescaped: feedSelect)
               WHERE n.user_id = \(userID) AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
                 AND (n.archived_at IS NOT NULL) = \(filter.archived)
                 AND (\(filter.typeKey)::text IS NULL OR t.key = \(filter.typeKey))
@@ -96,8 +88,7 @@ extension TenantTransaction {
                 AND (\(filter.since)::timestamptz IS NULL OR n.visible_at >= \(filter.since))
                 AND (\(filter.search)::text IS NULL OR n.search @@ websearch_to_tsquery('simple', \(filter.search)))
             )
-            SELECT id, event_id, type_key, category_key, severity, priority, title, body, subject_type, subject_id, read, archived, visible_at, expires_at
-            FROM rows
+            SELECT * FROM rows
             WHERE (\(filter.read)::boolean IS NULL OR read = \(filter.read))
               AND (\(cursor?.id)::uuid IS NULL OR read > \(cursor?.read) OR (read = \(cursor?.read) AND id < \(cursor?.id)))
             ORDER BY read, id DESC
@@ -115,13 +106,13 @@ extension TenantTransaction {
     public func unreadCount(of userID: UUID, now: Date) async throws -> UnreadCount {
         let rows = try await query(
             """
-            WITH fs AS (SELECT read_through, read_snapshot, read_settled FROM feed_state WHERE user_id = \(userID))
             SELECT c.key, count(*)::int FROM notifications n
             JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
+            LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
             WHERE n.user_id = \(userID) AND n.read_at IS NULL AND n.archived_at IS NULL
               AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
-              AND (n.unread_pinned OR n.id > coalesce((SELECT read_settled FROM fs), '00000000-0000-0000-0000-000000000000'))
-              AND (n.unread_pinned OR NOT coalesce((SELECT n.id <= fs.read_through AND pg_visible_in_snapshot(n.created_xid, fs.read_snapshot) FROM fs), false))
+              AND (n.unread_pinned OR n.id > coalesce((SELECT read_settled FROM feed_state WHERE user_id = \(userID)), '00000000-0000-0000-0000-000000000000'))
+              AND NOT notification_read(n, fs)
             GROUP BY c.key
             """)
         var byCategory: [String: Int] = [:]
@@ -134,25 +125,13 @@ extension TenantTransaction {
 
     /// One row of the user's feed.
     public func feedItem(_ id: UUID, of userID: UUID, now: Date) async throws -> FeedItem {
-        let (items, _) = try await feedRow(id, of: userID, now: now)
-        guard let item = items.first else { throw StoreError.notFound }
-        return item
-    }
-
-    private func feedRow(_ id: UUID, of userID: UUID, now: Date) async throws -> ([FeedItem], Void) {
         let rows = try await query(
             """
-            SELECT n.id, n.event_id, t.key, c.key, n.severity, n.priority, n.title, n.body, e.subject_type, e.subject_id,
-                   coalesce(NOT n.unread_pinned AND (n.read_at IS NOT NULL OR (SELECT n.id <= fs.read_settled OR (n.id <= fs.read_through AND pg_visible_in_snapshot(n.created_xid, fs.read_snapshot))
-                                                                                    FROM feed_state fs WHERE fs.user_id = \(userID))), false),
-                   n.archived_at IS NOT NULL, n.visible_at, n.expires_at
-            FROM notifications n
-            JOIN events e ON e.organisation_id = n.organisation_id AND e.id = n.event_id
-            JOIN notification_types t ON t.organisation_id = n.organisation_id AND t.id = n.type_id
-            JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
+            \(unescaped: feedSelect)
             WHERE n.id = \(id) AND n.user_id = \(userID) AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
             """)
-        return (try rows.map(decodeFeedItem), ())
+        guard let row = rows.first else { throw StoreError.notFound }
+        return try decodeFeedItem(row)
     }
 
     /// Marks one row read or unread. An explicit unread survives a later "all read" watermark
@@ -228,10 +207,7 @@ extension TenantTransaction {
         let rows = try await query(
             """
             SELECT t.key, c.key,
-                   CASE WHEN n.archived_at IS NOT NULL THEN 'archived'
-                        WHEN NOT n.unread_pinned AND (n.read_at IS NOT NULL OR n.id <= fs.read_settled
-                             OR (n.id <= fs.read_through AND pg_visible_in_snapshot(n.created_xid, fs.read_snapshot))) THEN 'read'
-                        ELSE 'unread' END,
+                   CASE WHEN n.archived_at IS NOT NULL THEN 'archived' WHEN notification_read(n, fs) THEN 'read' ELSE 'unread' END,
                    count(*)::int
             FROM notifications n
             JOIN notification_types t ON t.organisation_id = n.organisation_id AND t.id = n.type_id
@@ -258,6 +234,18 @@ extension TenantTransaction {
         try await query("DELETE FROM notifications WHERE expires_at <= \(now) RETURNING 1").count
     }
 }
+
+/// What a feed row shows, with its read flag; callers add the WHERE clause.
+private let feedSelect = """
+    SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, n.title, n.body,
+           e.subject_type, e.subject_id, notification_read(n, fs) AS read, n.archived_at IS NOT NULL AS archived,
+           n.visible_at, n.expires_at
+    FROM notifications n
+    JOIN events e ON e.organisation_id = n.organisation_id AND e.id = n.event_id
+    JOIN notification_types t ON t.organisation_id = n.organisation_id AND t.id = n.type_id
+    JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
+    LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
+    """
 
 private func decodeFeedItem(_ row: PostgresRow) throws -> FeedItem {
     let (id, event, type, category, severity, priority, title, body, subjectType, subjectID, read, archived, created, expires) =

@@ -19,7 +19,7 @@ extension Database {
                 """)
             try await tx.ensureBuiltinRoles()
             try await tx.audit(action: "organisation.create", targetType: "organisation", targetID: id.uuidString,
-                               before: nil, after: "{\"slug\": \(jsonString(slug))}")
+                               before: nil, after: "{\"slug\": \(jsonQuoted(slug))}")
             try await then(tx)
             return try await tx.organisation()
         }
@@ -79,10 +79,4 @@ extension TenantTransaction {
             try await setRolePermissions(roleID, role.permissions)
         }
     }
-}
-
-/// A JSON string literal for `value`.
-func jsonString(_ value: String) -> String {
-    let data = try? JSONEncoder().encode(value)
-    return data.flatMap { String(data: $0, encoding: .utf8) } ?? "\"\""
 }

@@ -155,6 +155,15 @@ CREATE TABLE feed_state (
     FOREIGN KEY (organisation_id, user_id) REFERENCES users (organisation_id, id) ON DELETE CASCADE
 );
 
+-- Whether a row is read for its recipient, given their feed_state row (NULL when they never
+-- marked all read): the one definition every feed statement uses. Not pinned unread, and either
+-- marked read, or below the settled watermark, or below the watermark and written by a
+-- transaction that had committed at the click.
+CREATE FUNCTION notification_read(n notifications, fs feed_state) RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $$ SELECT NOT n.unread_pinned AND (n.read_at IS NOT NULL OR coalesce(
+              n.id <= fs.read_settled OR (n.id <= fs.read_through AND pg_visible_in_snapshot(n.created_xid, fs.read_snapshot)), false)) $$;
+
 -- The outbox: one row per message to send (email, webhook, chat). Written PENDING by notify;
 -- delivered by the worker pool (issue 4).
 CREATE TABLE deliveries (
