@@ -4,6 +4,12 @@ SHELL := /bin/bash
 
 DEV_PORT  ?= 54329
 TEST_PORT ?= 54330
+# The test peers (scripts/peers.py): SMTP and an HTTP receiver; `make run` starts a pair too,
+# as a local mail catcher and webhook receiver.
+TEST_SMTP_PORT ?= 54325
+TEST_HTTP_PORT ?= 54326
+DEV_SMTP_PORT  ?= 2525
+DEV_HTTP_PORT  ?= 2526
 HERALD    := .build/debug/herald
 
 # With DATABASE_URL unset, `make run` uses a private cluster under .data/dev.
@@ -11,6 +17,7 @@ ifeq ($(strip $(DATABASE_URL)),)
 RUN_DB_UP := db-up
 export DATABASE_URL       := postgres://herald_app:herald_app@127.0.0.1:$(DEV_PORT)/herald
 export DATABASE_OWNER_URL := postgres://herald_owner:herald_owner@127.0.0.1:$(DEV_PORT)/herald
+export DATABASE_WORKER_URL := postgres://herald_worker:herald_worker@127.0.0.1:$(DEV_PORT)/herald
 endif
 
 help:
@@ -37,10 +44,18 @@ db-reset: db-up
 
 jwt-key:
 	@ls .data/jwt/*.pem >/dev/null 2>&1 || $(HERALD) jwt-keygen --dir .data/jwt
+	@test -s .data/link-keys || (umask 077; echo "k1:$$(head -c 32 /dev/urandom | base64 -w0)" > .data/link-keys)
 
+# Email goes to a local catcher (GET http://127.0.0.1:$(DEV_HTTP_PORT)/_mail lists it) unless
+# HERALD_SMTP_URL says otherwise; webhooks to 127.0.0.1 are allowed for the walkthrough.
 run: build $(RUN_DB_UP) jwt-key
 	$(HERALD) migrate
 	$(HERALD) seed-demo
+	@python3 scripts/peers.py --smtp 127.0.0.1:$(DEV_SMTP_PORT) --http 127.0.0.1:$(DEV_HTTP_PORT) --pidfile .data/peers.pid >/dev/null & \
+	trap 'kill $$(cat .data/peers.pid 2>/dev/null) 2>/dev/null' EXIT; \
+	HERALD_LINK_KEYS=$${HERALD_LINK_KEYS:-$$(cat .data/link-keys)} \
+	HERALD_SMTP_URL=$${HERALD_SMTP_URL:-smtp://127.0.0.1:$(DEV_SMTP_PORT)} \
+	HERALD_DESTINATIONS_ALLOW=$${HERALD_DESTINATIONS_ALLOW:-127.0.0.1/32} \
 	HERALD_LOG_FORMAT=$${HERALD_LOG_FORMAT:-text} $(HERALD) serve
 
 # The suite needs a database it can create and drop: always a private cluster, stopped after.
@@ -48,7 +63,13 @@ test: deps
 	swift build --build-tests
 	@scripts/pg.sh up test $(TEST_PORT)
 	@scripts/pg.sh recreate-db test $(TEST_PORT) herald_test
-	@set -e; trap 'scripts/pg.sh down test' EXIT; \
+	@set -e; rm -f .data/test-peers.pid; python3 scripts/peers.py --smtp 127.0.0.1:$(TEST_SMTP_PORT) --http 127.0.0.1:$(TEST_HTTP_PORT) \
+	    --smtp-fail-rcpt-prefix fail- --pidfile .data/test-peers.pid >/dev/null & \
+	trap 'kill $$(cat .data/test-peers.pid 2>/dev/null) 2>/dev/null; scripts/pg.sh down test' EXIT; \
+	for i in $$(seq 50); do test -s .data/test-peers.pid && break; sleep 0.1; done; \
+	export HERALD_TEST_SMTP_URL=smtp://127.0.0.1:$(TEST_SMTP_PORT); \
+	export HERALD_TEST_RECEIVER_URL=http://127.0.0.1:$(TEST_HTTP_PORT); \
+	export HERALD_TEST_BINARY=$(CURDIR)/$(HERALD); \
 	export HERALD_TEST_DATABASE_URL=postgres://herald_app:herald_app@127.0.0.1:$(TEST_PORT)/herald_test; \
 	export HERALD_TEST_OWNER_URL=postgres://herald_owner:herald_owner@127.0.0.1:$(TEST_PORT)/herald_test; \
 	export HERALD_TEST_WORKER_URL=postgres://herald_worker:herald_worker@127.0.0.1:$(TEST_PORT)/herald_test; \

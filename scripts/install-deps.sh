@@ -26,6 +26,13 @@ if ! python3 -c 'import yaml' 2>/dev/null; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq python3-yaml >/dev/null 2>&1 || true
   python3 -c 'import yaml' 2>/dev/null || pip_install PyYAML
 fi
+# The test peers: a real SMTP server (aiosmtpd) and an independent Standard Webhooks verifier.
+for module in aiosmtpd:aiosmtpd standardwebhooks:standardwebhooks; do
+  if ! python3 -c "import ${module%%:*}" 2>/dev/null; then
+    echo "install-deps: installing ${module##*:}"
+    pip_install "${module##*:}"
+  fi
+done
 if ! python3 -c 'import openapi_spec_validator' 2>/dev/null; then
   echo "install-deps: installing openapi-spec-validator (for make spec)"
   pip_install openapi-spec-validator || echo "install-deps: openapi-spec-validator not installed; only 'make spec' needs it"

@@ -1,4 +1,5 @@
 import Foundation
+import HeraldCore
 import HeraldStore
 import Hummingbird
 import Logging
@@ -15,10 +16,18 @@ public struct AppDependencies: Sendable {
     public var passwords: PasswordHasher
     public var metrics: HTTPMetrics
     public var expectedMigrations: [Int]
+    /// Verifies signed links; the delivery workers sign with the same ring.
+    public var linkKeys: LinkKeyRing
+    /// Services that run beside the HTTP server (the PostgreSQL pools, the delivery workers),
+    /// started in order and stopped in reverse after the server.
+    public var services: [any Service]
     public var now: @Sendable () -> Date
 
     public init(database: Database, postgres: PostgresClient, tokens: AccessTokens, passwords: PasswordHasher,
-                metrics: HTTPMetrics = HTTPMetrics(), expectedMigrations: [Int], now: @escaping @Sendable () -> Date = { Date() }) {
+                metrics: HTTPMetrics = HTTPMetrics(), expectedMigrations: [Int], linkKeys: LinkKeyRing = .ephemeral(),
+                services: [any Service] = [], now: @escaping @Sendable () -> Date = { Date() }) {
+        self.linkKeys = linkKeys
+        self.services = services
         self.database = database
         self.postgres = postgres
         self.tokens = tokens
@@ -47,6 +56,8 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
         refreshTokenTTL: configuration.refreshTokenTTL,
         decoyHash: try dependencies.passwords.decoyHash(),
         expectedMigrations: dependencies.expectedMigrations,
+        linkKeys: dependencies.linkKeys,
+        destinations: try configuration.destinationGuard(),
         now: dependencies.now)
     // Compact JSON with sorted keys: stable bytes for clients and tests, no pretty-printing cost.
     try service.registerHandlers(
@@ -63,7 +74,7 @@ public func buildApplication(configuration: AppConfiguration, dependencies: AppD
     return Application(
         router: router,
         configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: "herald"),
-        services: [dependencies.postgres],
+        services: [dependencies.postgres] + dependencies.services,
         logger: logger)
 }
 

@@ -1,4 +1,5 @@
 import Foundation
+import HeraldCore
 import Logging
 
 /// Everything the server reads from its environment. `docs/configuration.md` lists each variable.
@@ -32,6 +33,38 @@ public struct AppConfiguration: Sendable {
     public var logLevel: Logger.Level = .info
     /// `json` (production) or `text`.
     public var logFormat = "json"
+
+    // MARK: Delivery
+    /// The worker role's connection URL (`herald_worker`); the delivery workers need it.
+    public var workerDatabaseURL: String?
+    /// Delivery workers in this process (`herald serve` and `herald worker`); 0 switches them off.
+    public var workers = 16
+    public var workerBatchSize = 32
+    public var workerLeaseSeconds = 60
+    public var workerPollMilliseconds = 1000
+    /// Confines this process's workers to one organisation (a dedicated worker); nil: all.
+    public var workerOrganisation: UUID?
+    /// Retry schedule: base delay, factor, cap, jitter share.
+    public var retryBaseSeconds: Double = 10
+    public var retryFactor: Double = 2
+    public var retryMaxSeconds: Double = 3600
+    public var retryJitter: Double = 0.2
+    /// Where links in messages point (tracked links, unsubscribe); default http://host:port.
+    public var publicURL: String?
+    /// `kid:base64secret,...`: the first signs links, all verify (rotation). When unset, a
+    /// key is made at start-up and links die with the process.
+    public var linkKeys: String?
+    /// `smtp://host:port` (STARTTLS when `?starttls=required`) or `smtps://host:port`.
+    public var smtpURL = "smtp://127.0.0.1:2525"
+    public var smtpUsername: String?
+    public var smtpPassword: String?
+    /// The From address when the organisation has not set one.
+    public var smtpFrom = "herald@localhost"
+    public var smtpTimeout: Double = 30
+    /// CIDR ranges that webhook and chat targets may resolve to although private (e.g.
+    /// `127.0.0.1/32` for a local receiver). Empty: only public addresses.
+    public var destinationsAllowed: [String] = []
+    public var webhookTimeout: Double = 10
 
     public init() {}
 
@@ -67,6 +100,33 @@ public struct AppConfiguration: Sendable {
             guard let level = Logger.Level(rawValue: v) else { throw ConfigurationError(variable: "HERALD_LOG_LEVEL", value: v) }
             c.logLevel = level
         }
+        c.workerDatabaseURL = value("DATABASE_WORKER_URL")
+        try number("HERALD_WORKERS", &c.workers)
+        try number("HERALD_WORKER_BATCH", &c.workerBatchSize)
+        try number("HERALD_WORKER_LEASE_SECONDS", &c.workerLeaseSeconds)
+        try number("HERALD_WORKER_POLL_MS", &c.workerPollMilliseconds)
+        if let v = value("HERALD_WORKER_ORGANISATION") {
+            guard let id = UUID(uuidString: v) else { throw ConfigurationError(variable: "HERALD_WORKER_ORGANISATION", value: v) }
+            c.workerOrganisation = id
+        }
+        try number("HERALD_RETRY_BASE_SECONDS", &c.retryBaseSeconds)
+        try number("HERALD_RETRY_FACTOR", &c.retryFactor)
+        try number("HERALD_RETRY_MAX_SECONDS", &c.retryMaxSeconds)
+        try number("HERALD_RETRY_JITTER", &c.retryJitter)
+        guard (0...1).contains(c.retryJitter) else { throw ConfigurationError(variable: "HERALD_RETRY_JITTER", value: "\(c.retryJitter) (0 to 1)") }
+        guard (1...1000).contains(c.workerBatchSize) else { throw ConfigurationError(variable: "HERALD_WORKER_BATCH", value: "\(c.workerBatchSize) (1 to 1000)") }
+        guard (1...3600).contains(c.workerLeaseSeconds) else {
+            throw ConfigurationError(variable: "HERALD_WORKER_LEASE_SECONDS", value: "\(c.workerLeaseSeconds) (1 to 3600)")
+        }
+        c.publicURL = value("HERALD_PUBLIC_URL")
+        c.linkKeys = value("HERALD_LINK_KEYS")
+        if let v = value("HERALD_SMTP_URL") { c.smtpURL = v }
+        c.smtpUsername = value("HERALD_SMTP_USERNAME")
+        c.smtpPassword = value("HERALD_SMTP_PASSWORD")
+        if let v = value("HERALD_SMTP_FROM") { c.smtpFrom = v }
+        try number("HERALD_SMTP_TIMEOUT", &c.smtpTimeout)
+        if let v = value("HERALD_DESTINATIONS_ALLOW") { c.destinationsAllowed = v.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
+        try number("HERALD_WEBHOOK_TIMEOUT", &c.webhookTimeout)
         if let v = value("HERALD_LOG_FORMAT") {
             guard ["json", "text"].contains(v) else { throw ConfigurationError(variable: "HERALD_LOG_FORMAT", value: v) }
             c.logFormat = v
@@ -75,9 +135,34 @@ public struct AppConfiguration: Sendable {
     }
 }
 
+extension AppConfiguration {
+    /// Where links in messages point.
+    public var linkBaseURL: String { publicURL ?? "http://\(host):\(port)" }
+
+    /// The link key ring from `HERALD_LINK_KEYS`, or a fresh key for this process.
+    public func linkKeyRing() throws -> LinkKeyRing {
+        guard let linkKeys else { return LinkKeyRing.ephemeral() }
+        do { return try LinkKeyRing(configuration: linkKeys) } catch { throw ConfigurationError(variable: "HERALD_LINK_KEYS", value: "(\(error))") }
+    }
+
+    /// The SSRF guard with the configured allowances.
+    public func destinationGuard() throws -> DestinationGuard {
+        let allowed = try destinationsAllowed.map { cidr in
+            guard let network = IPNetwork(cidr) else { throw ConfigurationError(variable: "HERALD_DESTINATIONS_ALLOW", value: cidr) }
+            return network
+        }
+        return DestinationGuard(allowed: allowed)
+    }
+}
+
 /// An environment variable whose value Herald cannot use.
 public struct ConfigurationError: Error, CustomStringConvertible {
     public var variable: String
     public var value: String
     public var description: String { "\(variable)=\(value) is not a valid value" }
+
+    public init(variable: String, value: String) {
+        self.variable = variable
+        self.value = value
+    }
 }

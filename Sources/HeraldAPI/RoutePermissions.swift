@@ -16,6 +16,8 @@ enum AccessRule: Sendable, Equatable {
 /// | operation | rule |
 /// |---|---|
 /// | getHealth, getReadiness, getMetrics, getJWKS, createToken, refreshToken, logout | public |
+/// | followLink, showUnsubscribe, unsubscribe (the signed token is the credential) | public |
+/// | list/create/get/update/deleteEndpoint, rotateEndpointSecret | endpoints.manage |
 /// | getMe, listPermissions, getOrganisation | authenticated |
 /// | updateOrganisation | organisation.manage |
 /// | listUsers, getUser | users.read |
@@ -47,6 +49,15 @@ enum RoutePermissions {
         "createToken": .public,
         "refreshToken": .public,
         "logout": .public,
+        "followLink": .public,
+        "showUnsubscribe": .public,
+        "unsubscribe": .public,
+        "listEndpoints": .permission(.endpointsManage),
+        "createEndpoint": .permission(.endpointsManage),
+        "getEndpoint": .permission(.endpointsManage),
+        "updateEndpoint": .permission(.endpointsManage),
+        "deleteEndpoint": .permission(.endpointsManage),
+        "rotateEndpointSecret": .permission(.endpointsManage),
         "getMe": .authenticated,
         "listPermissions": .authenticated,
         "getOrganisation": .authenticated,

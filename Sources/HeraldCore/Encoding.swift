@@ -22,3 +22,8 @@ public func jsonQuoted(_ value: String) -> String {
     let data = (try? encoder.encode(value)) ?? Data("\"\"".utf8)
     return String(decoding: data, as: UTF8.self)
 }
+
+extension UUID {
+    /// The canonical lower-case text form, as the API and the logs write ids.
+    public var lowercased: String { uuidString.lowercased() }
+}

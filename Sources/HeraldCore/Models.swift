@@ -9,12 +9,19 @@ public struct Organisation: Sendable, Equatable {
     public var defaultTimezone: String
     /// Most notifications per user, per category, per minute; nil when unlimited.
     public var throttlePerMinute: Int?
+    /// The sender of the organisation's email (Herald's default when nil), its display name, and Reply-To.
+    public var emailFrom: String?
+    public var emailFromName: String?
+    public var emailReplyTo: String?
     public var createdAt: Date
     public var updatedAt: Date
 
     public init(id: UUID, slug: String, name: String, defaultLocale: String, defaultTimezone: String, throttlePerMinute: Int? = nil,
-                createdAt: Date, updatedAt: Date) {
+                emailFrom: String? = nil, emailFromName: String? = nil, emailReplyTo: String? = nil, createdAt: Date, updatedAt: Date) {
         self.throttlePerMinute = throttlePerMinute
+        self.emailFrom = emailFrom
+        self.emailFromName = emailFromName
+        self.emailReplyTo = emailReplyTo
         self.id = id
         self.slug = slug
         self.name = name

@@ -105,4 +105,17 @@ public enum Validate {
         }
         return id
     }
+
+    /// An absolute http or https URL with a host, no spaces or control characters, at most
+    /// 2048 characters: where a notification leads.
+    public static func linkURL(_ value: String, field: String) throws(ValidationError) -> String {
+        guard value.count <= 2048 else { throw ValidationError(field: field, message: "must be at most 2048 characters.") }
+        guard !value.unicodeScalars.contains(where: { $0.properties.isWhitespace || $0.value < 0x20 || $0.value == 0x7F }),
+              let url = URLComponents(string: value), let scheme = url.scheme?.lowercased(), scheme == "https" || scheme == "http",
+              let host = url.host, !host.isEmpty
+        else {
+            throw ValidationError(field: field, message: "must be an absolute http or https URL.")
+        }
+        return value
+    }
 }

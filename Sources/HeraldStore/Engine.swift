@@ -14,9 +14,12 @@ public struct EventRequest: Sendable {
     public var priority: Priority?
     public var deliverAt: Date?
     public var expiresAt: Date?
+    public var url: String?
 
     public init(typeKey: String, audience: Audience, payload: JSONValue, sourceActor: JSONValue? = nil, subjectType: String? = nil,
-                subjectID: String? = nil, severity: Severity? = nil, priority: Priority? = nil, deliverAt: Date? = nil, expiresAt: Date? = nil) {
+                subjectID: String? = nil, severity: Severity? = nil, priority: Priority? = nil, deliverAt: Date? = nil, expiresAt: Date? = nil,
+                url: String? = nil) {
+        self.url = url
         self.typeKey = typeKey
         self.audience = audience
         self.payload = payload
@@ -65,8 +68,7 @@ extension TenantTransaction {
             excluded: Set(request.audience.excludeUserIDs), userPreferences: try await preferences(forCategory: category.id),
             organisationDefaults: try await preferenceDefaults(forCategory: category.id),
             recentCounts: settings.throttlePerMinute == nil ? [:] : try await recentNotifiedCounts(categoryID: category.id, now: now),
-            // Webhook and chat endpoints arrive with the delivery issue; until then those channels have nowhere to go.
-            channelsWithEndpoints: [], sourceActor: request.sourceActor)
+            endpoints: try await endpointTargets(typeKey: type.key), sourceActor: request.sourceActor)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         let event = NewEvent(
@@ -75,7 +77,8 @@ extension TenantTransaction {
             audienceJSON: String(decoding: try encoder.encode(request.audience), as: UTF8.self),
             payloadJSON: String(decoding: try encoder.encode(request.payload), as: UTF8.self),
             subjectType: request.subjectType, subjectID: request.subjectID, severity: severity, priority: priority,
-            deliverAt: deliverAt, expiresAt: request.expiresAt, idempotencyKey: idempotencyKey, requestHash: requestHash)
+            deliverAt: deliverAt, expiresAt: request.expiresAt, idempotencyKey: idempotencyKey, requestHash: requestHash,
+            url: request.url)
         return PlannedEvent(event: event, type: profile, plan: NotificationPlanner.plan(input))
     }
 }

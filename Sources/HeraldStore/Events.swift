@@ -41,9 +41,13 @@ public struct NewEvent: Sendable {
     public var expiresAt: Date?
     public var idempotencyKey: String?
     public var requestHash: String?
+    /// Where the notification leads (tracked links redirect only here).
+    public var url: String?
 
     public init(id: UUID, typeID: UUID, sourceActorJSON: String?, audienceJSON: String, payloadJSON: String, subjectType: String?, subjectID: String?,
-                severity: Severity, priority: Priority, deliverAt: Date, expiresAt: Date?, idempotencyKey: String?, requestHash: String?) {
+                severity: Severity, priority: Priority, deliverAt: Date, expiresAt: Date?, idempotencyKey: String?, requestHash: String?,
+                url: String? = nil) {
+        self.url = url
         self.id = id
         self.typeID = typeID
         self.sourceActorJSON = sourceActorJSON
@@ -215,11 +219,11 @@ extension TenantTransaction {
         try await query(
             """
             INSERT INTO events (organisation_id, id, type_id, actor_type, actor_id, source_actor, audience, payload, subject_type, subject_id,
-                                severity, priority, deliver_at, expires_at, idempotency_key, request_hash, counts)
+                                severity, priority, deliver_at, expires_at, idempotency_key, request_hash, counts, url)
             VALUES (\(organisationID), \(event.id), \(event.typeID), \(actor.kind), \(actor.id), \(event.sourceActorJSON)::jsonb, \(event.audienceJSON)::jsonb,
                     \(event.payloadJSON)::jsonb, \(event.subjectType), \(event.subjectID), \(event.severity.rawValue),
                     \(event.priority.rawValue), \(event.deliverAt), \(event.expiresAt), \(event.idempotencyKey), \(event.requestHash),
-                    \(countsJSON)::jsonb)
+                    \(countsJSON)::jsonb, \(event.url))
             """)
         if !plan.notifications.isEmpty {
             let n = plan.notifications
@@ -237,10 +241,11 @@ extension TenantTransaction {
             let d = plan.deliveries
             try await query(
                 """
-                INSERT INTO deliveries (organisation_id, id, event_id, user_id, channel, destination, next_attempt_at)
-                SELECT \(organisationID), id, \(event.id), user_id, channel, destination, \(event.deliverAt)
-                FROM unnest(\(d.map(\.id))::uuid[], \(d.map(\.userID))::uuid[], \(d.map(\.channel.rawValue))::text[], \(d.map(\.destination))::text[])
-                     AS row(id, user_id, channel, destination)
+                INSERT INTO deliveries (organisation_id, id, event_id, user_id, channel, destination, endpoint_id, next_attempt_at)
+                SELECT \(organisationID), id, \(event.id), user_id, channel, destination, nullif(endpoint_id, '')::uuid, \(event.deliverAt)
+                FROM unnest(\(d.map(\.id))::uuid[], \(d.map(\.userID))::uuid[], \(d.map(\.channel.rawValue))::text[], \(d.map(\.destination))::text[],
+                            \(d.map { $0.endpointID?.uuidString ?? "" })::text[])
+                     AS row(id, user_id, channel, destination, endpoint_id)
                 """)
         }
         if !plan.digestItems.isEmpty {
@@ -327,8 +332,12 @@ public struct TraceChannelRecord: Codable, Sendable, Equatable {
     public var outcome: ChannelOutcome
     public var reason: ReasonCode
     public var notificationID: UUID?
-    public var deliveryID: UUID?
+    /// Every outbox row of the channel (webhook and chat: one per endpoint).
+    public var deliveryIDs: [UUID]
     public var digestItemID: UUID?
+
+    /// The first outbox row.
+    public var deliveryID: UUID? { deliveryIDs.first }
 
     init(_ traced: TracedChannel) {
         channel = traced.decision.channel
@@ -339,13 +348,13 @@ public struct TraceChannelRecord: Codable, Sendable, Equatable {
         outcome = traced.decision.outcome
         reason = traced.decision.reason
         notificationID = traced.notificationID
-        deliveryID = traced.deliveryID
+        deliveryIDs = traced.deliveryIDs
         digestItemID = traced.digestItemID
     }
 
     enum CodingKeys: String, CodingKey {
         case channel, enabled, frequency, conditions, source, outcome, reason
-        case notificationID = "notification_id", deliveryID = "delivery_id", digestItemID = "digest_item_id"
+        case notificationID = "notification_id", deliveryIDs = "delivery_ids", digestItemID = "digest_item_id"
     }
 }
 

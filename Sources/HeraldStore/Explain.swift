@@ -78,7 +78,7 @@ extension TenantTransaction {
                 notifications[id] = status
             }
         }
-        let deliveryIDs = items.flatMap { $0.channels.compactMap(\.deliveryID) }
+        let deliveryIDs = items.flatMap { $0.channels.flatMap(\.deliveryIDs) }
         let digestIDs = items.flatMap { $0.channels.compactMap(\.digestItemID) }
         var deliveries: [UUID: String] = [:]
         if !deliveryIDs.isEmpty {
@@ -100,7 +100,7 @@ extension TenantTransaction {
         }
         for index in items.indices {
             for channel in items[index].channels {
-                if let id = channel.deliveryID { items[index].deliveryStatus[id] = deliveries[id] }
+                for id in channel.deliveryIDs { items[index].deliveryStatus[id] = deliveries[id] }
                 if let id = channel.digestItemID { items[index].digestStatus[id] = digests[id] }
                 if let id = channel.notificationID { items[index].notificationStatus[id] = notifications[id] ?? "DELETED" }
             }

@@ -40,13 +40,28 @@ extension TenantTransaction {
     public func organisation() async throws -> Organisation {
         let rows = try await query(
             """
-            SELECT id, slug, name, default_locale, default_timezone, (settings->>'throttle_per_minute')::int, created_at, updated_at
+            SELECT id, slug, name, default_locale, default_timezone, (settings->>'throttle_per_minute')::int,
+                   settings->>'email_from', settings->>'email_from_name', settings->>'email_reply_to', created_at, updated_at
             FROM organisations WHERE id = \(organisationID)
             """)
         guard let row = rows.first else { throw StoreError.notFound }
-        let (id, slug, name, locale, timezone, throttle, created, updated) = try row.decode((UUID, String, String, String, String, Int?, Date, Date).self)
+        let (id, slug, name, locale, timezone, throttle, from, fromName, replyTo, created, updated) =
+            try row.decode((UUID, String, String, String, String, Int?, String?, String?, String?, Date, Date).self)
         return Organisation(id: id, slug: slug, name: name, defaultLocale: locale, defaultTimezone: timezone, throttlePerMinute: throttle,
-                            createdAt: created, updatedAt: updated)
+                            emailFrom: from, emailFromName: fromName, emailReplyTo: replyTo, createdAt: created, updatedAt: updated)
+    }
+
+    /// Sets the email sender settings given; an empty string clears one, nil leaves it.
+    public func setEmailIdentity(from: String?, fromName: String?, replyTo: String?) async throws {
+        try await query(
+            """
+            UPDATE organisations SET settings = jsonb_strip_nulls(settings || jsonb_build_object(
+                'email_from', CASE WHEN \(from)::text IS NULL THEN settings->'email_from' ELSE to_jsonb(nullif(\(from)::text, '')) END,
+                'email_from_name', CASE WHEN \(fromName)::text IS NULL THEN settings->'email_from_name' ELSE to_jsonb(nullif(\(fromName)::text, '')) END,
+                'email_reply_to', CASE WHEN \(replyTo)::text IS NULL THEN settings->'email_reply_to' ELSE to_jsonb(nullif(\(replyTo)::text, '')) END)),
+                updated_at = now()
+            WHERE id = \(organisationID)
+            """)
     }
 
     /// Changes the fields given; nil leaves a field as it is.

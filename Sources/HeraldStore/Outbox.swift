@@ -9,6 +9,8 @@ public struct Delivery: Sendable, Equatable {
     public var userID: UUID
     public var channel: String
     public var destination: String
+    /// The webhook or chat endpoint; nil for email, or once the endpoint was deleted.
+    public var endpointID: UUID?
     public var status: String
     public var attempts: Int
     public var maxAttempts: Int
@@ -17,6 +19,8 @@ public struct Delivery: Sendable, Equatable {
     public var leaseExpiresAt: Date?
     public var lastError: String?
     public var lastResponseCode: Int?
+    /// The receiver's reply to the last attempt (the SMTP reply line, or the start of the HTTP body).
+    public var lastResponse: String?
     public var sentAt: Date?
     public var createdAt: Date
     public var updatedAt: Date
@@ -42,11 +46,39 @@ public struct ClaimedDelivery: Sendable, Equatable, Hashable {
 
 /// How an attempt ended.
 public enum AttemptResult: Sendable, Equatable {
-    case sent(responseCode: Int?)
+    case sent(responseCode: Int?, response: String? = nil)
     /// Try again at `retryAt`.
     case failed(responseCode: Int?, error: String, retryAt: Date)
     /// No more attempts.
     case dead(responseCode: Int?, error: String)
+}
+
+/// The organisation's sender identity for email.
+public struct EmailIdentity: Sendable, Equatable {
+    public var from: String?
+    public var fromName: String?
+    public var replyTo: String?
+
+    public init(from: String? = nil, fromName: String? = nil, replyTo: String? = nil) {
+        self.from = from
+        self.fromName = fromName
+        self.replyTo = replyTo
+    }
+}
+
+/// Everything a worker needs to render and send one delivery, read under the tenant policy.
+public struct DeliveryWork: Sendable {
+    public var organisationID: UUID
+    public var delivery: Delivery
+    /// The event's inputs as notify planned from them (render with `NotificationPlanner.render`).
+    public var input: PlanInput
+    public var recipient: RecipientProfile
+    public var eventStatus: String
+    public var eventExpiresAt: Date?
+    /// Where the notification leads, if the event named it.
+    public var url: String?
+    public var email: EmailIdentity
+    public var endpoint: Endpoint?
 }
 
 /// Filters of the outbox listing.
@@ -90,6 +122,47 @@ extension Database {
 }
 
 extension TenantTransaction {
+    /// What sending `id` needs: the delivery, its event, type and templates, recipient,
+    /// organisation and endpoint. The worker calls this in the delivery's organisation.
+    public func deliveryWork(_ id: UUID) async throws -> DeliveryWork {
+        let delivery = try await delivery(id)
+        guard let row = try await query(
+            """
+            SELECT e.type_id, e.payload::text, e.source_actor::text, e.subject_type, e.subject_id, e.severity, e.priority, e.deliver_at,
+                   e.expires_at, e.status, e.url, u.email, u.display_name, u.locale, u.timezone, u.attributes::text, u.active,
+                   o.name, o.slug, o.default_locale, o.default_timezone,
+                   o.settings->>'email_from', o.settings->>'email_from_name', o.settings->>'email_reply_to'
+            FROM events e
+            JOIN users u ON u.organisation_id = e.organisation_id AND u.id = \(delivery.userID)
+            JOIN organisations o ON o.id = e.organisation_id
+            WHERE e.id = \(delivery.eventID)
+            """).first else { throw StoreError.notFound }
+        let (typeID, payload, actor, subjectType, subjectID, severity, priority, deliverAt, expiresAt, status, url,
+             email, name, locale, timezone, attributes, active, orgName, orgSlug, orgLocale, orgTimezone, from, fromName, replyTo) =
+            try row.decode((UUID, String, String?, String?, String?, String, String, Date, Date?, String, String?,
+                            String, String, String?, String?, String, Bool, String, String, String, String, String?, String?, String?).self)
+        let type = try await notificationType(typeID)
+        let category = try await category(type.categoryID)
+        let decoder = JSONDecoder()
+        let recipient = RecipientProfile(
+            candidate: Candidate(userID: delivery.userID, active: active, byUser: true), email: email, displayName: name,
+            locale: locale, timezone: timezone, attributes: try decoder.decode(JSONValue.self, from: Data(attributes.utf8)))
+        let profile = TypeProfile(
+            id: type.id, key: type.key, name: type.name, categoryID: category.id, categoryKey: category.key,
+            categoryIsCritical: category.critical, defaultChannels: Set(type.defaultChannels), defaultSeverity: type.defaultSeverity,
+            defaultPriority: type.defaultPriority, templates: type.templates)
+        let input = PlanInput(
+            eventID: delivery.eventID, type: profile, severity: Severity(rawValue: severity) ?? type.defaultSeverity,
+            priority: Priority(rawValue: priority) ?? type.defaultPriority, payload: try decoder.decode(JSONValue.self, from: Data(payload.utf8)),
+            subjectType: subjectType, subjectID: subjectID, deliverAt: deliverAt, organisationName: orgName, organisationSlug: orgSlug,
+            organisationLocale: orgLocale, organisationTimezone: orgTimezone, throttlePerMinute: nil, recipients: [recipient],
+            excluded: [], userPreferences: [:], organisationDefaults: [:], recentCounts: [:],
+            sourceActor: try actor.map { try decoder.decode(JSONValue.self, from: Data($0.utf8)) })
+        let endpoint = try await delivery.endpointID.asyncMap { try await self.endpoint($0) }
+        return DeliveryWork(organisationID: organisationID, delivery: delivery, input: input, recipient: recipient, eventStatus: status, eventExpiresAt: expiresAt,
+                            url: url, email: EmailIdentity(from: from, fromName: fromName, replyTo: replyTo), endpoint: endpoint)
+    }
+
     public func delivery(_ id: UUID) async throws -> Delivery {
         guard let row = try await query("SELECT \(unescaped: deliveryColumns) FROM deliveries WHERE id = \(id)").first else {
             throw StoreError.notFound
@@ -126,16 +199,16 @@ extension TenantTransaction {
     /// the row moved on); the attempt is logged as FENCED then, unless the rescuing claim already
     /// logged it as EXPIRED. A failure on the row's last allowed attempt is DEAD.
     public func completeDelivery(_ claim: ClaimedDelivery, worker: String, startedAt: Date, result: AttemptResult) async throws -> Bool {
-        let (status, code, error, retryAt): (String, Int?, String?, Date?) = switch result {
-        case .sent(let code): ("SENT", code, nil, nil)
-        case .failed(let code, let error, let retryAt): ("FAILED", code, error, retryAt)
-        case .dead(let code, let error): ("DEAD", code, error, nil)
+        let (status, code, error, retryAt, response): (String, Int?, String?, Date?, String?) = switch result {
+        case .sent(let code, let response): ("SENT", code, nil, nil, response)
+        case .failed(let code, let error, let retryAt): ("FAILED", code, error, retryAt, nil)
+        case .dead(let code, let error): ("DEAD", code, error, nil, nil)
         }
         let rows = try await query(
             """
             UPDATE deliveries SET
                 status = CASE WHEN \(status) = 'FAILED' AND attempts >= max_attempts THEN 'DEAD' ELSE \(status) END,
-                last_response_code = \(code), last_error = \(error),
+                last_response_code = \(code), last_error = \(error), last_response = \(response),
                 next_attempt_at = coalesce(\(retryAt), next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
                 sent_at = CASE WHEN \(status) = 'SENT' THEN now() ELSE sent_at END, updated_at = now()
             WHERE id = \(claim.deliveryID) AND lease_owner = \(worker) AND attempts = \(claim.attempt) AND status = 'SENDING'
@@ -217,14 +290,24 @@ extension TenantTransaction {
 }
 
 private let deliveryColumns = """
-    id, event_id, user_id, channel, destination, status, attempts, max_attempts, next_attempt_at, lease_owner, lease_expires_at,
-    last_error, last_response_code, sent_at, created_at, updated_at
+    id, event_id, user_id, channel, destination, endpoint_id, status, attempts, max_attempts, next_attempt_at, lease_owner, lease_expires_at,
+    last_error, last_response_code, last_response, sent_at, created_at, updated_at
     """
 
 private func decodeDelivery(_ row: PostgresRow) throws -> Delivery {
-    let (id, event, user, channel, destination, status, attempts, maxAttempts, next, owner, lease, error, code, sent, created, updated) =
-        try row.decode((UUID, UUID, UUID, String, String, String, Int, Int, Date, String?, Date?, String?, Int?, Date?, Date, Date).self)
-    return Delivery(id: id, eventID: event, userID: user, channel: channel, destination: destination, status: status, attempts: attempts,
-                    maxAttempts: maxAttempts, nextAttemptAt: next, leaseOwner: owner, leaseExpiresAt: lease, lastError: error,
-                    lastResponseCode: code, sentAt: sent, createdAt: created, updatedAt: updated)
+    let (id, event, user, channel, destination, endpoint, status, attempts, maxAttempts, next, owner, lease, error, code, response, sent,
+         created, updated) =
+        try row.decode((UUID, UUID, UUID, String, String, UUID?, String, Int, Int, Date, String?, Date?, String?, Int?, String?, Date?,
+                        Date, Date).self)
+    return Delivery(id: id, eventID: event, userID: user, channel: channel, destination: destination, endpointID: endpoint, status: status,
+                    attempts: attempts, maxAttempts: maxAttempts, nextAttemptAt: next, leaseOwner: owner, leaseExpiresAt: lease,
+                    lastError: error, lastResponseCode: code, lastResponse: response, sentAt: sent, createdAt: created, updatedAt: updated)
+}
+
+extension Optional {
+    /// `map` for an async transform.
+    func asyncMap<T>(_ transform: (Wrapped) async throws -> T) async rethrows -> T? {
+        guard let value = self else { return nil }
+        return try await transform(value)
+    }
 }

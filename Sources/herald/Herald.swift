@@ -14,7 +14,7 @@ import Prometheus
 struct Herald: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Herald, the multi-tenant notification service.",
-        subcommands: [Serve.self, Migrate.self, SeedDemo.self, OrganisationCommand.self, JWTKeygen.self, PurgeExpired.self])
+        subcommands: [Serve.self, Worker.self, Migrate.self, SeedDemo.self, OrganisationCommand.self, JWTKeygen.self, PurgeExpired.self])
 }
 
 /// `herald serve`: the HTTP API.
@@ -28,13 +28,17 @@ struct Serve: AsyncParsableCommand {
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
         let logger = Logger(label: "herald")
         let postgres = PostgresClient(configuration: try poolConfiguration(config), backgroundLogger: logger)
+        let linkKeys = try config.linkKeyRing()
+        let delivery = try DeliveryServices(config, linkKeys: linkKeys, logger: logger)
         let dependencies = AppDependencies(
             database: Database(client: postgres, logger: logger), postgres: postgres,
             tokens: try await accessTokens(config), passwords: passwordHasher(config),
-            metrics: HTTPMetrics(registry: registry), expectedMigrations: try migrations().map(\.version))
+            metrics: HTTPMetrics(registry: registry), expectedMigrations: try migrations().map(\.version),
+            linkKeys: linkKeys, services: delivery.services)
         let app = try buildApplication(configuration: config, dependencies: dependencies, logger: logger)
-        logger.info("herald listening", metadata: ["address": "\(config.host):\(config.port)"])
+        logger.info("herald listening", metadata: ["address": "\(config.host):\(config.port)", "workers": "\(delivery.workers)"])
         try await app.runService()
+        try await delivery.shutdown()
     }
 }
 

@@ -116,7 +116,8 @@ struct PlannerTests {
     }
 
     func input(_ recipients: [RecipientProfile], excluded: Set<UUID> = [], preferences: [UUID: [NotificationChannel: PreferenceSetting]] = [:],
-               throttle: Int? = nil, recent: [UUID: Int] = [:], critical: Bool = true) -> PlanInput {
+               throttle: Int? = nil, recent: [UUID: Int] = [:], critical: Bool = true,
+               endpoints: [NotificationChannel: [EndpointTarget]] = [:]) -> PlanInput {
         let type = TypeProfile(
             id: UUID(), key: "ISQ_CRITICAL", name: "Critical ISQ", categoryID: UUID(), categoryKey: "alerts", categoryIsCritical: critical,
             defaultChannels: [.inApp, .email], defaultSeverity: .critical, defaultPriority: .critical,
@@ -125,7 +126,7 @@ struct PlannerTests {
         return PlanInput(eventID: UUID(), type: type, severity: .critical, priority: .critical, payload: .object(["isq": .number(25)]),
                          subjectType: nil, subjectID: nil, deliverAt: Date(), organisationName: "Clinic", organisationSlug: "clinic",
                          organisationLocale: "en", organisationTimezone: "UTC", throttlePerMinute: throttle, recipients: recipients,
-                         excluded: excluded, userPreferences: preferences, organisationDefaults: [:], recentCounts: recent, channelsWithEndpoints: [])
+                         excluded: excluded, userPreferences: preferences, organisationDefaults: [:], recentCounts: recent, endpoints: endpoints)
     }
 
     @Test("targeting reports the most specific rule; exclusions and inactive users are considered, not targeted")
@@ -171,6 +172,23 @@ struct PlannerTests {
         #expect(plan.counts.digest == 1)
         #expect(plan.counts.inApp + plan.counts.immediate + plan.counts.digest + plan.counts.skipped == 4 * NotificationChannel.allCases.count)
         #expect(plan.deliveries.count == 2 && plan.digestItems.count == 1 && plan.notifications.count == 4)
+    }
+
+    @Test("webhook and chat: one delivery per recipient per matching endpoint, NO_DESTINATION without one")
+    func endpoints() {
+        let user = UUID()
+        let hooks = [EndpointTarget(id: UUID(), url: "https://a.example/hook"), EndpointTarget(id: UUID(), url: "https://b.example/hook")]
+        let preferences: [UUID: [NotificationChannel: PreferenceSetting]] = [
+            user: [.webhook: PreferenceSetting(enabled: true, frequency: .immediate), .chat: PreferenceSetting(enabled: true, frequency: .immediate)]]
+        let plan = NotificationPlanner.plan(input([profile(Candidate(userID: user, active: true, byUser: true))], preferences: preferences,
+                                                  endpoints: [.webhook: hooks]))
+        let webhook = plan.deliveries.filter { $0.channel == .webhook }
+        #expect(webhook.map(\.endpointID) == hooks.map(\.id))
+        #expect(webhook.map(\.destination) == hooks.map(\.url))
+        let channels = plan.traces[0].channels
+        #expect(channels.first { $0.decision.channel == .webhook }?.deliveryIDs == webhook.map(\.id))
+        #expect(channels.first { $0.decision.channel == .chat }?.decision.reason == .noDestination)
+        #expect(plan.counts.immediate == 3) // the email and two webhooks
     }
 
     @Test("the throttle skips a user at the limit, but never a critical in-app alert")

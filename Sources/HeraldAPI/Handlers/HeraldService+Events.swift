@@ -172,6 +172,9 @@ extension HeraldService {
                       notificationStatus: channel.notificationID.flatMap { recipient.notificationStatus[$0] }.flatMap { .init(rawValue: $0) },
                       deliveryId: channel.deliveryID?.lowercased,
                       deliveryStatus: channel.deliveryID.flatMap { recipient.deliveryStatus[$0] },
+                      deliveries: channel.deliveryIDs.isEmpty ? nil : channel.deliveryIDs.map { id in
+                          .init(id: id.lowercased, status: recipient.deliveryStatus[id].flatMap { .init(rawValue: $0) } ?? .pending)
+                      },
                       digestItemId: channel.digestItemID?.lowercased,
                       digestStatus: channel.digestItemID.flatMap { recipient.digestStatus[$0] }.flatMap { .init(rawValue: $0) })
             })
@@ -191,11 +194,12 @@ extension HeraldService {
         if let deliverAt = body.deliverAt, let expiresAt = body.expiresAt, expiresAt <= deliverAt {
             throw APIError.unprocessable(ValidationError(field: "expires_at", message: "must be after deliver_at."))
         }
+        let url = try body.url.map { url in try validated { () throws(ValidationError) in try Validate.linkURL(url, field: "url") } }
         return EventRequest(
             typeKey: body._type, audience: audience, payload: try convert(body.payload ?? .init()),
             sourceActor: try body.actor.map { try convert($0) }, subjectType: body.subject?._type, subjectID: body.subject?.id,
             severity: body.severity.flatMap { Severity(rawValue: $0.rawValue) }, priority: body.priority.flatMap { Priority(rawValue: $0.rawValue) },
-            deliverAt: body.deliverAt, expiresAt: body.expiresAt)
+            deliverAt: body.deliverAt, expiresAt: body.expiresAt, url: url)
     }
 
     /// Checks that depend on the time of the request (not part of what a replay compares).

@@ -17,9 +17,15 @@ extension HeraldService {
             throw APIError.unprocessable(ValidationError(field: "throttle_per_minute", message: "must be between 0 (off) and 100000."))
         }
         let timezone = try body.defaultTimezone.map { v in try validated { () throws(ValidationError) in try Validate.timezone(v, field: "default_timezone") } }
+        let (from, replyTo) = try validated { () throws(ValidationError) in
+            (try body.emailFrom.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.email(v, field: "email_from") },
+             try body.emailReplyTo.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.email(v, field: "email_reply_to") })
+        }
+        let fromName = try body.emailFromName.map { v in try validated { () throws(ValidationError) in v.isEmpty ? v : try Validate.text(v, field: "email_from_name") } }
         let updated = try await tenant("organisation") { tx, _ in
             let before = Components.Schemas.Organisation(try await tx.organisation())
             if let throttle = body.throttlePerMinute { try await tx.setThrottle(perMinute: throttle) }
+            if from != nil || fromName != nil || replyTo != nil { try await tx.setEmailIdentity(from: from, fromName: fromName, replyTo: replyTo) }
             let after = Components.Schemas.Organisation(
                 try await tx.updateOrganisation(name: name, defaultLocale: locale, defaultTimezone: timezone))
             try await tx.audit(action: "organisation.update", targetType: "organisation", targetID: after.id,

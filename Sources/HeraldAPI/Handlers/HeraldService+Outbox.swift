@@ -66,7 +66,8 @@ extension Components.Schemas.Delivery {
         self.init(
             id: d.id.lowercased, eventId: d.eventID.lowercased, userId: d.userID.lowercased, channel: .init(rawValue: d.channel) ?? .email,
             destination: d.destination, status: .init(rawValue: d.status) ?? .pending, attempts: d.attempts, maxAttempts: d.maxAttempts,
-            nextAttemptAt: d.nextAttemptAt, lastError: d.lastError, lastResponseCode: d.lastResponseCode, sentAt: d.sentAt,
+            nextAttemptAt: d.nextAttemptAt, lastError: d.lastError, lastResponseCode: d.lastResponseCode, lastResponse: d.lastResponse,
+            endpointId: d.endpointID?.lowercased, sentAt: d.sentAt,
             createdAt: d.createdAt, updatedAt: d.updatedAt,
             attemptLog: attempts?.map {
                 .init(attempt: $0.attempt, worker: $0.worker, startedAt: $0.startedAt, finishedAt: $0.finishedAt,

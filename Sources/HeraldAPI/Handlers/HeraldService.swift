@@ -18,6 +18,10 @@ struct HeraldService: APIProtocol {
     let decoyHash: String
     /// Versions of the migrations this build ships; readiness compares them with the database.
     let expectedMigrations: [Int]
+    /// Verifies signed links (click tracking, unsubscribe).
+    let linkKeys: LinkKeyRing
+    /// Refuses webhook and chat URLs that resolve to private, loopback or metadata addresses.
+    let destinations: DestinationGuard
     let now: @Sendable () -> Date
 
     /// Runs `body` in a transaction confined to the caller's organisation, acting as the caller.

@@ -8,7 +8,8 @@ import HeraldCore
 extension Components.Schemas.Organisation {
     init(_ o: Organisation) {
         self.init(id: o.id.lowercased, slug: o.slug, name: o.name, defaultLocale: o.defaultLocale,
-                  defaultTimezone: o.defaultTimezone, throttlePerMinute: o.throttlePerMinute, createdAt: o.createdAt, updatedAt: o.updatedAt)
+                  defaultTimezone: o.defaultTimezone, throttlePerMinute: o.throttlePerMinute, emailFrom: o.emailFrom,
+                  emailFromName: o.emailFromName, emailReplyTo: o.emailReplyTo, createdAt: o.createdAt, updatedAt: o.updatedAt)
     }
 }
 
@@ -77,9 +78,4 @@ extension Components.Schemas.NotificationType {
 /// Re-reads a value of one Codable shape as another with the same JSON (API schema ↔ core type).
 func convert<T: Decodable>(_ value: some Encodable, to type: T.Type = T.self) throws -> T {
     try JSONDecoder().decode(T.self, from: try JSONEncoder().encode(value))
-}
-
-extension UUID {
-    /// The lowercase text form the API uses everywhere.
-    var lowercased: String { uuidString.lowercased() }
 }

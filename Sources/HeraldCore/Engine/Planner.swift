@@ -71,9 +71,9 @@ public struct PlanInput: Sendable {
     public var organisationDefaults: [NotificationChannel: PreferenceSetting]
     /// Notified events of this category per user in the last minute.
     public var recentCounts: [UUID: Int]
-    /// Channels that have somewhere to go besides the user's own email (webhook and chat
-    /// endpoints); email always has the user's address, in-app always has the feed.
-    public var channelsWithEndpoints: Set<NotificationChannel>
+    /// The enabled webhook and chat endpoints that take this event's type, by channel; email
+    /// always has the user's address, in-app always has the feed.
+    public var endpoints: [NotificationChannel: [EndpointTarget]]
     /// Who caused the event in the tenant's domain; templates see it as `actor`.
     public var sourceActor: JSONValue?
 
@@ -81,7 +81,7 @@ public struct PlanInput: Sendable {
                 subjectType: String?, subjectID: String?, deliverAt: Date, organisationName: String, organisationSlug: String,
                 organisationLocale: String, organisationTimezone: String, throttlePerMinute: Int?, recipients: [RecipientProfile],
                 excluded: Set<UUID>, userPreferences: [UUID: [NotificationChannel: PreferenceSetting]],
-                organisationDefaults: [NotificationChannel: PreferenceSetting], recentCounts: [UUID: Int], channelsWithEndpoints: Set<NotificationChannel>,
+                organisationDefaults: [NotificationChannel: PreferenceSetting], recentCounts: [UUID: Int], endpoints: [NotificationChannel: [EndpointTarget]] = [:],
                 sourceActor: JSONValue? = nil) {
         self.sourceActor = sourceActor
         self.eventID = eventID
@@ -102,7 +102,7 @@ public struct PlanInput: Sendable {
         self.userPreferences = userPreferences
         self.organisationDefaults = organisationDefaults
         self.recentCounts = recentCounts
-        self.channelsWithEndpoints = channelsWithEndpoints
+        self.endpoints = endpoints
     }
 }
 
@@ -110,13 +110,17 @@ public struct PlanInput: Sendable {
 public struct TracedChannel: Sendable, Equatable, Codable {
     public var decision: ChannelDecision
     public var notificationID: UUID?
-    public var deliveryID: UUID?
+    /// The outbox rows: one for email, one per matching endpoint for webhook and chat.
+    public var deliveryIDs: [UUID]
     public var digestItemID: UUID?
 
-    public init(decision: ChannelDecision, notificationID: UUID? = nil, deliveryID: UUID? = nil, digestItemID: UUID? = nil) {
+    /// The first outbox row (the only one for email).
+    public var deliveryID: UUID? { deliveryIDs.first }
+
+    public init(decision: ChannelDecision, notificationID: UUID? = nil, deliveryIDs: [UUID] = [], digestItemID: UUID? = nil) {
         self.decision = decision
         self.notificationID = notificationID
-        self.deliveryID = deliveryID
+        self.deliveryIDs = deliveryIDs
         self.digestItemID = digestItemID
     }
 }
@@ -143,7 +147,29 @@ public struct PlannedDelivery: Sendable, Equatable {
     public var id: UUID
     public var userID: UUID
     public var channel: NotificationChannel
+    /// The email address, or the endpoint's URL for webhook and chat.
     public var destination: String
+    /// The webhook or chat endpoint; nil for email.
+    public var endpointID: UUID?
+
+    public init(id: UUID, userID: UUID, channel: NotificationChannel, destination: String, endpointID: UUID? = nil) {
+        self.id = id
+        self.userID = userID
+        self.channel = channel
+        self.destination = destination
+        self.endpointID = endpointID
+    }
+}
+
+/// A webhook or chat endpoint that takes this event's type.
+public struct EndpointTarget: Sendable, Equatable {
+    public var id: UUID
+    public var url: String
+
+    public init(id: UUID, url: String) {
+        self.id = id
+        self.url = url
+    }
 }
 
 /// A digest item to write.
@@ -205,7 +231,8 @@ public enum NotificationPlanner {
                     channel: channel, categoryIsCritical: input.type.categoryIsCritical,
                     typeDefaultChannels: input.type.defaultChannels,
                     user: input.userPreferences[target.userID]?[channel], organisationDefault: input.organisationDefaults[channel])
-                let hasDestination = channel == .inApp || channel == .email || input.channelsWithEndpoints.contains(channel)
+                let endpoints = input.endpoints[channel] ?? []
+                let hasDestination = channel == .inApp || channel == .email || !endpoints.isEmpty
                 let decision = ChannelDecider.decide(
                     channel: channel, preference: preference, payload: input.payload, timeZone: timeZone,
                     throttled: throttled, hasDestination: hasDestination)
@@ -218,11 +245,12 @@ public enum NotificationPlanner {
                     traced.notificationID = id
                     plan.counts.inApp += 1
                 case .immediate:
-                    let id = UUID()
-                    plan.deliveries.append(PlannedDelivery(id: id, userID: target.userID, channel: channel,
-                                                           destination: channel == .email ? profile.email : channel.rawValue))
-                    traced.deliveryID = id
-                    plan.counts.immediate += 1
+                    let planned = channel == .email
+                        ? [PlannedDelivery(id: UUID(), userID: target.userID, channel: channel, destination: profile.email)]
+                        : endpoints.map { PlannedDelivery(id: UUID(), userID: target.userID, channel: channel, destination: $0.url, endpointID: $0.id) }
+                    plan.deliveries += planned
+                    traced.deliveryIDs = planned.map(\.id)
+                    plan.counts.immediate += planned.count
                 case .digest:
                     let id = UUID()
                     plan.digestItems.append(PlannedDigestItem(id: id, userID: target.userID, channel: channel, frequency: preference.frequency))
@@ -239,8 +267,10 @@ public enum NotificationPlanner {
     }
 
     /// The rendering context a template sees: `payload`, `recipient`, `organisation`, `event`.
-    public static func context(_ input: PlanInput, _ profile: RecipientProfile) -> [String: Any] {
+    /// `links` (the tracked link and the unsubscribe link) exist only when a delivery is sent.
+    public static func context(_ input: PlanInput, _ profile: RecipientProfile, links: [String: String] = [:]) -> [String: Any] {
         [
+            "links": links,
             "payload": input.payload.plain,
             "recipient": [
                 "display_name": profile.displayName, "email": profile.email,
@@ -258,12 +288,12 @@ public enum NotificationPlanner {
 
     /// The recipient's content for `channel`: the template in their locale, or the type's name.
     public static func render(_ input: PlanInput, _ profile: RecipientProfile, channel: NotificationChannel,
-                              parsed: [NotificationChannel: [String: ParsedTemplate]]? = nil) -> TemplateContent {
+                              parsed: [NotificationChannel: [String: ParsedTemplate]]? = nil, links: [String: String] = [:]) -> TemplateContent {
         let templates = parsed ?? input.type.templates.mapValues { $0.mapValues(ParsedTemplate.init) }
         guard let picked = TemplateRenderer.pick(templates[channel] ?? [:], userLocale: profile.locale,
                                                  organisationLocale: input.organisationLocale) else {
             return TemplateContent(subject: input.type.name, body: "")
         }
-        return picked.value.render(context(input, profile))
+        return picked.value.render(context(input, profile, links: links))
     }
 }

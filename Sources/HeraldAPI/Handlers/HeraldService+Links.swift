@@ -1,0 +1,84 @@
+import Foundation
+import HeraldCore
+import HeraldStore
+import OpenAPIRuntime
+
+/// Signed links in messages. No login: the token (HMAC with a key id, scope and expiry) is the
+/// credential, and it names the organisation, so each request runs in that organisation's
+/// context as the user the message went to. Any bad token is the same 404.
+extension HeraldService {
+    func followLink(_ input: Operations.FollowLink.Input) async throws -> Operations.FollowLink.Output {
+        let claims = try verify(input.path.token, scope: .click)
+        guard let deliveryID = claims.deliveryID else { throw APIError.notFound(resource: "link") }
+        let click = try await linkTenant(claims) { tx in try await tx.recordClick(deliveryID: deliveryID, userID: claims.userID) }
+        guard let url = click.url else { throw APIError.notFound(resource: "link") }
+        return .found(.init(headers: .init(location: url)))
+    }
+
+    /// Changes nothing: mail scanners and link previews follow GET links.
+    func showUnsubscribe(_ input: Operations.ShowUnsubscribe.Input) async throws -> Operations.ShowUnsubscribe.Output {
+        let claims = try verify(input.path.token, scope: .unsubscribe)
+        let (category, channel) = try await unsubscribeTarget(claims)
+        let name = try await linkTenant(claims) { tx in try await tx.category(category).name }
+        let page = """
+            <!doctype html><html lang="en"><head><meta charset="utf-8"><title>Unsubscribe</title></head><body>
+            <p>Stop receiving <strong>\(htmlEscaped(name))</strong> notifications by \(channel.rawValue)?</p>
+            <form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click"><button type="submit">Unsubscribe</button></form>
+            </body></html>
+            """
+        return .ok(.init(body: .html(HTTPBody(page))))
+    }
+
+    /// RFC 8058 one-click: the body must say `List-Unsubscribe=One-Click`; no cookies, no login,
+    /// 200 without a redirect.
+    func unsubscribe(_ input: Operations.Unsubscribe.Input) async throws -> Operations.Unsubscribe.Output {
+        let claims = try verify(input.path.token, scope: .unsubscribe)
+        guard case .urlEncodedForm(let form) = input.body, form.listUnsubscribe == .oneClick else {
+            throw APIError.badRequest("The body must be List-Unsubscribe=One-Click (RFC 8058).")
+        }
+        let (category, channel) = try await unsubscribeTarget(claims)
+        let name = try await linkTenant(claims) { tx in
+            let before = try await tx.unsubscribe(userID: claims.userID, categoryID: category, channel: channel)
+            try await tx.audit(
+                action: "preference.unsubscribe", targetType: "user", targetID: claims.userID.lowercased,
+                before: auditJSON(["category_id": category.lowercased, "channel": channel.rawValue,
+                                   "enabled": before.map { String($0.enabled) } ?? "inherited"]),
+                after: auditJSON(["category_id": category.lowercased, "channel": channel.rawValue, "enabled": "false",
+                                  "via": "one-click unsubscribe, delivery \(claims.deliveryID?.lowercased ?? "-")"]))
+            return try await tx.category(category).name
+        }
+        let page = """
+            <!doctype html><html lang="en"><head><meta charset="utf-8"><title>Unsubscribed</title></head><body>
+            <p>You will no longer receive <strong>\(htmlEscaped(name))</strong> notifications by \(channel.rawValue).</p></body></html>
+            """
+        return .ok(.init(body: .html(HTTPBody(page))))
+    }
+
+    private func verify(_ token: String, scope: LinkScope) throws -> LinkClaims {
+        guard let claims = linkKeys.verify(token, scope: scope, now: now()) else { throw APIError.notFound(resource: "link") }
+        return claims
+    }
+
+    private func unsubscribeTarget(_ claims: LinkClaims) async throws -> (UUID, NotificationChannel) {
+        guard let category = claims.categoryID, let channel = claims.channel.flatMap(NotificationChannel.init(rawValue:)) else {
+            throw APIError.notFound(resource: "link")
+        }
+        return (category, channel)
+    }
+
+    /// A transaction in the link's organisation, acting as the user the message went to.
+    private func linkTenant<Result: Sendable>(_ claims: LinkClaims, _ body: (TenantTransaction) async throws -> Result) async throws -> Result {
+        do {
+            return try await database.withTenant(claims.organisationID, actor: .user(claims.userID), requestID: RequestScope.current?.requestID) { tx in
+                try await body(tx)
+            }
+        } catch StoreError.notFound {
+            throw APIError.notFound(resource: "link")
+        }
+    }
+}
+
+private func htmlEscaped(_ text: String) -> String {
+    text.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;")
+        .replacingOccurrences(of: ">", with: "&gt;").replacingOccurrences(of: "\"", with: "&quot;")
+}

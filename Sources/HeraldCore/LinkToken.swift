@@ -1,0 +1,269 @@
+import Crypto
+import Foundation
+
+// Signed link tokens for click tracking and one-click unsubscribe:
+//
+//     base64url(JSON claims) "." kid "." base64url(HMAC-SHA256(key, payloadB64 "." kid))
+//
+// base64url is RFC 4648 §5 without padding. The MAC covers the payload's text exactly as sent.
+
+/// One HMAC key, named by a short key ID that travels in the token so keys can rotate.
+public struct LinkKey: Sendable {
+    /// 1–16 characters of [A-Za-z0-9_-].
+    public let id: String
+    public let secret: SymmetricKey
+
+    public static let minimumSecretBytes = 32
+
+    public init(id: String, secret: [UInt8]) throws(LinkKeyRingError) {
+        guard Self.isValidID(id) else { throw .invalidKeyID(id) }
+        guard secret.count >= Self.minimumSecretBytes else { throw .secretTooShort(keyID: id, bytes: secret.count) }
+        self.id = id
+        self.secret = SymmetricKey(data: secret)
+    }
+
+    static func isValidID(_ id: some StringProtocol) -> Bool {
+        (1...16).contains(id.utf8.count) && id.utf8.allSatisfy { byte in
+            switch byte {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+                 UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "_"), UInt8(ascii: "-"): true
+            default: false
+            }
+        }
+    }
+}
+
+/// Configuration problems. Messages never include secret material.
+public enum LinkKeyRingError: Error, Sendable, Equatable, CustomStringConvertible {
+    case empty
+    /// Entry number (1-based) is not "kid:secret".
+    case malformedEntry(position: Int)
+    case invalidKeyID(String)
+    case invalidSecret(keyID: String)
+    case secretTooShort(keyID: String, bytes: Int)
+    case duplicateKeyID(String)
+
+    public var description: String {
+        switch self {
+        case .empty:
+            "The link key configuration is empty; expected \"kid:BASE64SECRET[,kid:BASE64SECRET…]\"."
+        case .malformedEntry(let position):
+            "Link key entry \(position) is not of the form \"kid:BASE64SECRET\"."
+        case .invalidKeyID(let id):
+            "Link key ID \"\(id)\" must be 1–16 characters of A–Z, a–z, 0–9, '_' or '-'."
+        case .invalidSecret(let id):
+            "The secret of link key \"\(id)\" is not valid base64."
+        case .secretTooShort(let id, let bytes):
+            "The secret of link key \"\(id)\" is \(bytes) bytes; at least \(LinkKey.minimumSecretBytes) are required."
+        case .duplicateKeyID(let id):
+            "Link key ID \"\(id)\" appears more than once."
+        }
+    }
+}
+
+/// The signing key plus every key that still verifies. The first configured key signs; later ones only
+/// verify, so a rotation is "prepend the new key, drop the old one once its links have expired".
+public struct LinkKeyRing: Sendable {
+    public let current: LinkKey
+    public let all: [String: LinkKey]
+
+    public init(keys: [LinkKey]) throws(LinkKeyRingError) {
+        guard let first = keys.first else { throw .empty }
+        var all: [String: LinkKey] = [:]
+        for key in keys {
+            guard all[key.id] == nil else { throw .duplicateKeyID(key.id) }
+            all[key.id] = key
+        }
+        self.current = first
+        self.all = all
+    }
+
+    /// Parses "kid1:BASE64SECRET,kid0:BASE64SECRET". Whitespace around entries is ignored; secrets may use
+    /// the standard or URL-safe base64 alphabet, with or without padding.
+    public init(configuration: String) throws(LinkKeyRingError) {
+        let text = configuration.trimmingCharacters(in: .whitespacesAndNewlines)
+        guard !text.isEmpty else { throw .empty }
+        var keys: [LinkKey] = []
+        for (index, entry) in text.split(separator: ",", omittingEmptySubsequences: false).enumerated() {
+            let parts = entry.trimmingCharacters(in: .whitespacesAndNewlines)
+                .split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
+            guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else { throw .malformedEntry(position: index + 1) }
+            let id = String(parts[0])
+            guard LinkKey.isValidID(id) else { throw .invalidKeyID(id) }
+            var base64 = parts[1].replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+            if !base64.hasSuffix("=") { base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4) }
+            guard let secret = Data(base64Encoded: base64) else { throw .invalidSecret(keyID: id) }
+            keys.append(try LinkKey(id: id, secret: Array(secret)))
+        }
+        try self.init(keys: keys)
+    }
+
+    /// A token for `claims`, signed with the current key.
+    public func sign(_ claims: LinkClaims) -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        // Encoding a struct of strings and integers cannot fail.
+        let json = (try? encoder.encode(claims)) ?? Data()
+        let signedPart = linkTokenBase64URLEncode(json) + "." + current.id
+        let mac = HMAC<SHA256>.authenticationCode(for: Data(signedPart.utf8), using: current.secret)
+        return signedPart + "." + linkTokenBase64URLEncode(mac)
+    }
+
+    /// The claims of a genuine, unexpired token of the expected scope; nil for anything else (malformed,
+    /// unknown key ID, bad MAC, wrong scope, expired). Deliberately no reason: callers answer one 404 for all.
+    public func verify(_ token: String, scope: LinkScope, now: Date) -> LinkClaims? {
+        guard token.utf8.count <= 4096 else { return nil }
+        let parts = token.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 3, let key = all[String(parts[1])],
+              let mac = linkTokenBase64URLDecode(parts[2]), mac.count == SHA256.byteCount
+        else { return nil }
+        let signedPart = Data(token.utf8.prefix(parts[0].utf8.count + 1 + parts[1].utf8.count))
+        // Constant-time comparison inside swift-crypto.
+        guard HMAC<SHA256>.isValidAuthenticationCode(mac, authenticating: signedPart, using: key.secret) else { return nil }
+        // Only authenticated bytes reach the JSON decoder.
+        guard let json = linkTokenBase64URLDecode(parts[0]),
+              let claims = try? JSONDecoder().decode(LinkClaims.self, from: Data(json)),
+              claims.scope == scope, now < claims.expiresAt
+        else { return nil }
+        return claims
+    }
+}
+
+public enum LinkScope: String, Sendable, Codable, Equatable {
+    case click
+    case unsubscribe = "unsub"
+}
+
+/// What a link token asserts. Encoded compactly: one-letter keys, UUIDs as 22-character base64url of their
+/// 16 bytes, `expiresAt` as integer Unix seconds, absent optionals omitted.
+public struct LinkClaims: Sendable, Equatable, Codable {
+    public var scope: LinkScope
+    public var organisationID: UUID
+    public var userID: UUID
+    public var deliveryID: UUID?
+    public var notificationID: UUID?
+    public var categoryID: UUID?
+    public var channel: String?
+    /// Whole seconds (rounded down on init) so claims survive a round trip unchanged.
+    public var expiresAt: Date
+
+    public init(
+        scope: LinkScope, organisationID: UUID, userID: UUID, deliveryID: UUID? = nil, notificationID: UUID? = nil,
+        categoryID: UUID? = nil, channel: String? = nil, expiresAt: Date
+    ) {
+        self.scope = scope
+        self.organisationID = organisationID
+        self.userID = userID
+        self.deliveryID = deliveryID
+        self.notificationID = notificationID
+        self.categoryID = categoryID
+        self.channel = channel
+        self.expiresAt = Date(timeIntervalSince1970: expiresAt.timeIntervalSince1970.rounded(.down))
+    }
+
+    private enum CodingKeys: String, CodingKey {
+        case scope = "s", organisationID = "o", userID = "u", deliveryID = "d", notificationID = "n"
+        case categoryID = "c", channel = "h", expiresAt = "e"
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        func uuid(_ key: CodingKeys) throws -> UUID? {
+            guard let text = try container.decodeIfPresent(String.self, forKey: key) else { return nil }
+            guard let bytes = linkTokenBase64URLDecode(Substring(text)), bytes.count == 16 else {
+                throw DecodingError.dataCorruptedError(forKey: key, in: container, debugDescription: "Not a compact UUID")
+            }
+            return UUID(uuid: (bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
+                               bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15]))
+        }
+        func required(_ key: CodingKeys) throws -> UUID {
+            guard let value = try uuid(key) else {
+                throw DecodingError.keyNotFound(key, .init(codingPath: container.codingPath, debugDescription: "Missing"))
+            }
+            return value
+        }
+        self.init(
+            scope: try container.decode(LinkScope.self, forKey: .scope),
+            organisationID: try required(.organisationID),
+            userID: try required(.userID),
+            deliveryID: try uuid(.deliveryID),
+            notificationID: try uuid(.notificationID),
+            categoryID: try uuid(.categoryID),
+            channel: try container.decodeIfPresent(String.self, forKey: .channel),
+            expiresAt: Date(timeIntervalSince1970: TimeInterval(try container.decode(Int64.self, forKey: .expiresAt)))
+        )
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        func compact(_ id: UUID) -> String { withUnsafeBytes(of: id.uuid) { linkTokenBase64URLEncode($0) } }
+        try container.encode(scope, forKey: .scope)
+        try container.encode(compact(organisationID), forKey: .organisationID)
+        try container.encode(compact(userID), forKey: .userID)
+        try container.encodeIfPresent(deliveryID.map(compact), forKey: .deliveryID)
+        try container.encodeIfPresent(notificationID.map(compact), forKey: .notificationID)
+        try container.encodeIfPresent(categoryID.map(compact), forKey: .categoryID)
+        try container.encodeIfPresent(channel, forKey: .channel)
+        try container.encode(Int64(expiresAt.timeIntervalSince1970.rounded(.down)), forKey: .expiresAt)
+    }
+}
+
+// MARK: - base64url (RFC 4648 §5, no padding). Named to stay clear of HeraldCore's `Data.base64URLEncoded`.
+
+private let base64URLAlphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".utf8)
+
+fileprivate func linkTokenBase64URLEncode(_ bytes: some Sequence<UInt8>) -> String {
+    let input = Array(bytes)
+    var output: [UInt8] = []
+    output.reserveCapacity((input.count * 4 + 2) / 3)
+    var index = 0
+    while index < input.count {
+        let chunk = input[index..<min(index + 3, input.count)]
+        let value = chunk.enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (16 - 8 * $1.offset) }
+        for position in 0...chunk.count {  // n bytes give n + 1 characters
+            output.append(base64URLAlphabet[Int((value >> (18 - 6 * position)) & 0x3F)])
+        }
+        index += 3
+    }
+    return String(decoding: output, as: UTF8.self)
+}
+
+/// Strict decoder: URL-safe alphabet only, no padding, and unused trailing bits must be zero — so every byte
+/// string has exactly one accepted encoding and a token cannot be altered without changing its bytes.
+fileprivate func linkTokenBase64URLDecode(_ text: Substring) -> [UInt8]? {
+    var output: [UInt8] = []
+    output.reserveCapacity(text.utf8.count * 3 / 4)
+    var buffer: UInt32 = 0
+    var bits = 0
+    for character in text.utf8 {
+        let sextet: UInt8
+        switch character {
+        case UInt8(ascii: "A")...UInt8(ascii: "Z"): sextet = character - UInt8(ascii: "A")
+        case UInt8(ascii: "a")...UInt8(ascii: "z"): sextet = character - UInt8(ascii: "a") + 26
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): sextet = character - UInt8(ascii: "0") + 52
+        case UInt8(ascii: "-"): sextet = 62
+        case UInt8(ascii: "_"): sextet = 63
+        default: return nil
+        }
+        buffer = buffer << 6 | UInt32(sextet)
+        bits += 6
+        if bits >= 8 {
+            bits -= 8
+            output.append(UInt8(truncatingIfNeeded: buffer >> UInt32(bits)))
+            buffer &= (1 << UInt32(bits)) - 1
+        }
+    }
+    // 6 leftover bits means a dangling character (length ≡ 1 mod 4); 2 or 4 must be zero padding bits.
+    guard bits < 6, buffer == 0 else { return nil }
+    return output
+}
+
+extension LinkKeyRing {
+    /// A ring of one random key, for a process started without `HERALD_LINK_KEYS`: its links
+    /// stop working when the process ends.
+    public static func ephemeral() -> LinkKeyRing {
+        let bytes = (0..<32).map { _ in UInt8.random(in: 0...255) }
+        // A fixed, valid key id and a 32-byte secret cannot fail validation.
+        return try! LinkKeyRing(keys: [try! LinkKey(id: "ephemeral", secret: bytes)])
+    }
+}

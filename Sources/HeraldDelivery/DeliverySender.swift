@@ -1,0 +1,198 @@
+import Foundation
+import HeraldCore
+import HeraldStore
+import Logging
+
+/// What one attempt to hand a delivery over came to.
+public enum SendOutcome: Sendable, Equatable {
+    /// The receiver took it (SMTP 250, HTTP 2xx), with its reply.
+    case accepted(code: Int?, response: String?)
+    /// The receiver refused or could not be reached. `permanent` ends the delivery (SMTP 5xx,
+    /// a destination the guard refuses); otherwise it is retried, not before `retryAfter`.
+    case refused(code: Int?, error: String, permanent: Bool, retryAfter: TimeInterval?)
+    /// HTTP 410: the receiver is gone for good; the delivery ends and the endpoint is disabled.
+    case gone(code: Int, error: String)
+    /// Nothing was sent and nothing will be: the event was cancelled or expired, the recipient
+    /// deactivated, the endpoint deleted or disabled.
+    case notSent(reason: String)
+
+    /// The attempt's record: retried on the policy's schedule while attempts remain.
+    public func result(attempt: Int, maxAttempts: Int, policy: RetryPolicy, now: Date,
+                       random: Double = Double.random(in: 0..<1)) -> AttemptResult {
+        switch self {
+        case .accepted(let code, let response):
+            return .sent(responseCode: code, response: response)
+        case .gone(let code, let error):
+            return .dead(responseCode: code, error: error)
+        case .refused(let code, let error, let permanent, let retryAfter):
+            var policy = policy
+            policy.maximumAttempts = maxAttempts
+            guard !permanent, let next = policy.nextAttempt(after: attempt, failedAt: now, retryAfter: retryAfter, random: random) else {
+                return .dead(responseCode: code, error: error)
+            }
+            return .failed(responseCode: code, error: error, retryAt: next)
+        case .notSent(let reason):
+            return .dead(responseCode: nil, error: reason)
+        }
+    }
+}
+
+/// Renders a delivery for its channel and hands it to the transport.
+public struct DeliverySender: Sendable {
+    let email: EmailTransport
+    let http: HTTPTransport
+    let links: LinkBuilder
+
+    public init(email: EmailTransport, http: HTTPTransport, links: LinkBuilder) {
+        self.email = email
+        self.http = http
+        self.links = links
+    }
+
+    public func send(_ work: DeliveryWork, attempt: Int, logger: Logger, now: Date = Date()) async -> SendOutcome {
+        if work.eventStatus == "CANCELLED" { return .notSent(reason: "Not sent: the event was cancelled.") }
+        if let expiry = work.eventExpiresAt, expiry <= now { return .notSent(reason: "Not sent: the event expired first.") }
+        if !work.recipient.candidate.active { return .notSent(reason: "Not sent: the recipient was deactivated.") }
+        switch NotificationChannel(rawValue: work.delivery.channel) {
+        case .email:
+            return await sendEmail(work, now: now)
+        case .webhook, .chat:
+            guard let endpoint = work.endpoint else { return .notSent(reason: "Not sent: the endpoint was deleted.") }
+            guard endpoint.enabled else {
+                return .notSent(reason: "Not sent: the endpoint is disabled\(endpoint.disabledReason.map { " (\($0))" } ?? "").")
+            }
+            if endpoint.channel == .webhook {
+                let body = WebhookMessage.body(work, content: content(work, channel: .webhook), url: links.open(work, now: now))
+                let headers = WebhookSigner.headers(id: "msg_\(work.delivery.id.lowercased)", timestamp: now, body: body,
+                                                    secrets: endpoint.signingSecrets(at: now).compactMap(WebhookSecret.init))
+                return await http.post(endpoint.url, headers: headers + [("content-type", "application/json")], body: body)
+            }
+            let body = ChatMessage.body(format: endpoint.format, content: content(work, channel: .chat), url: links.open(work, now: now))
+            return await http.post(endpoint.url, headers: [("content-type", "application/json")], body: body)
+        case .inApp, nil:
+            return .notSent(reason: "Not sent: \(work.delivery.channel) is not an outbox channel.")
+        }
+    }
+
+    /// The recipient's content for `channel`, from that channel's template, or the in-app one
+    /// when the type has none for it. Templates see `links.open` and `links.unsubscribe`.
+    func content(_ work: DeliveryWork, channel: NotificationChannel, links: [String: String] = [:]) -> TemplateContent {
+        let own = !(work.input.type.templates[channel] ?? [:]).isEmpty
+        return NotificationPlanner.render(work.input, work.recipient, channel: own ? channel : .inApp, links: links)
+    }
+
+    private func sendEmail(_ work: DeliveryWork, now: Date) async -> SendOutcome {
+        let unsubscribe = links.unsubscribe(work, now: now)
+        var linkValues = ["unsubscribe": unsubscribe]
+        if let open = links.open(work, now: now) { linkValues["open"] = open }
+        let content = content(work, channel: .email, links: linkValues)
+        let from = work.email.from ?? email.defaultFrom
+        let message: [UInt8]
+        do {
+            message = try MIMEMessage(
+                from: .init(from, name: work.email.fromName ?? work.input.organisationName),
+                replyTo: work.email.replyTo.map { .init($0) },
+                to: .init(work.recipient.email, name: work.recipient.displayName),
+                subject: content.subject, textBody: content.body, htmlBody: content.html,
+                messageID: "\(work.delivery.id.lowercased)@\(from.split(separator: "@").last.map(String.init) ?? "herald")",
+                date: now,
+                extraHeaders: [("List-Unsubscribe", "<\(unsubscribe)>"), ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]
+            ).encoded()
+        } catch {
+            return .refused(code: nil, error: "The message could not be built: \(error)", permanent: true, retryAfter: nil)
+        }
+        return await email.send(from: from, to: work.recipient.email, message: message)
+    }
+}
+
+/// The JSON body of a webhook: Standard Webhooks' `type`, `timestamp`, `data`. It carries the
+/// rendered content and ids, never the raw event payload (a template decides what leaves).
+enum WebhookMessage {
+    struct Body: Encodable {
+        var type: String
+        var timestamp: Date
+        var data: Data
+    }
+
+    struct Data: Encodable {
+        var event_id: String
+        var delivery_id: String
+        var notification_type: String
+        var category: String
+        var severity: String
+        var priority: String
+        var recipient: Recipient
+        var subject: Subject?
+        var title: String
+        var body: String
+        var url: String?
+    }
+
+    struct Recipient: Encodable {
+        var id: String
+        var email: String
+        var display_name: String
+    }
+
+    struct Subject: Encodable {
+        var type: String
+        var id: String
+    }
+
+    static func body(_ work: DeliveryWork, content: TemplateContent, url: String?) -> [UInt8] {
+        let input = work.input
+        let body = Body(
+            type: "notification.created", timestamp: input.deliverAt,
+            data: Data(
+                event_id: input.eventID.lowercased, delivery_id: work.delivery.id.lowercased, notification_type: input.type.key,
+                category: input.type.categoryKey, severity: input.severity.rawValue, priority: input.priority.rawValue,
+                recipient: Recipient(id: work.recipient.candidate.userID.lowercased, email: work.recipient.email,
+                                     display_name: work.recipient.displayName),
+                subject: input.subjectType.map { Subject(type: $0, id: input.subjectID ?? "") },
+                title: content.subject, body: content.body, url: url))
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        encoder.dateEncodingStrategy = .iso8601
+        return Array((try? encoder.encode(body)) ?? Foundation.Data())
+    }
+}
+
+/// A Slack or Mattermost incoming-webhook message: both take `text` with their Markdown.
+enum ChatMessage {
+    static func body(format: String, content: TemplateContent, url: String?) -> [UInt8] {
+        var lines = [format == "slack" ? "*\(content.subject)*" : "**\(content.subject)**"]
+        if !content.body.isEmpty { lines.append(content.body) }
+        if let url { lines.append(format == "slack" ? "<\(url)|Open>" : "[Open](\(url))") }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return Array((try? encoder.encode(["text": lines.joined(separator: "\n")])) ?? Foundation.Data())
+    }
+}
+
+/// Signed links for a delivery: the tracked link (only when the event names a URL) and the
+/// one-click unsubscribe link.
+public struct LinkBuilder: Sendable {
+    public var baseURL: String
+    public var keys: LinkKeyRing
+    public var clickLifetime: TimeInterval = 90 * 24 * 3600
+    public var unsubscribeLifetime: TimeInterval = 365 * 24 * 3600
+
+    public init(baseURL: String, keys: LinkKeyRing) {
+        self.baseURL = baseURL.hasSuffix("/") ? String(baseURL.dropLast()) : baseURL
+        self.keys = keys
+    }
+
+    func open(_ work: DeliveryWork, now: Date) -> String? {
+        guard work.url != nil else { return nil }
+        let claims = LinkClaims(scope: .click, organisationID: work.organisationID, userID: work.recipient.candidate.userID,
+                                deliveryID: work.delivery.id, expiresAt: now.addingTimeInterval(clickLifetime))
+        return "\(baseURL)/v1/links/\(keys.sign(claims))"
+    }
+
+    func unsubscribe(_ work: DeliveryWork, now: Date) -> String {
+        let claims = LinkClaims(scope: .unsubscribe, organisationID: work.organisationID, userID: work.recipient.candidate.userID,
+                                deliveryID: work.delivery.id, categoryID: work.input.type.categoryID, channel: work.delivery.channel,
+                                expiresAt: now.addingTimeInterval(unsubscribeLifetime))
+        return "\(baseURL)/v1/unsubscribe/\(keys.sign(claims))"
+    }
+}

@@ -1,0 +1,93 @@
+import AsyncHTTPClient
+import Foundation
+import HeraldCore
+import NIOCore
+import NIOHTTP1
+
+/// Posts webhook and chat messages: no redirects followed, bounded time, a capped read of the
+/// reply, and the destination guard applied again just before connecting.
+public final class HTTPTransport: Sendable {
+    let client: HTTPClient
+    let destinations: DestinationGuard
+    let timeout: TimeAmount
+    /// Most bytes of a reply read (and kept, up to 500 characters, as the attempt's response).
+    let maxResponseBytes: Int
+
+    public init(destinations: DestinationGuard, timeout: TimeAmount = .seconds(10), maxResponseBytes: Int = 16 * 1024) {
+        var configuration = HTTPClient.Configuration(
+            redirectConfiguration: .disallow,
+            timeout: .init(connect: .seconds(5), read: timeout))
+        configuration.httpVersion = .http1Only
+        client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+        self.destinations = destinations
+        self.timeout = timeout
+        self.maxResponseBytes = maxResponseBytes
+    }
+
+    public func shutdown() async throws {
+        try await client.shutdown()
+    }
+
+    public func post(_ url: String, headers: [(String, String)], body: [UInt8]) async -> SendOutcome {
+        let vetted: VettedDestination
+        switch await destinations.vetInBackground(url: url) {
+        case .success(let destination): vetted = destination
+        case .failure(let refusal): return .refused(code: nil, error: refusal.detail, permanent: true, retryAfter: nil)
+        }
+        var request = HTTPClientRequest(url: pinned(url, vetted))
+        request.method = .POST
+        for (name, value) in headers { request.headers.add(name: name, value: value) }
+        if request.url != url { request.headers.replaceOrAdd(name: "host", value: vetted.hostHeader) }
+        request.headers.replaceOrAdd(name: "user-agent", value: "Herald-Webhooks/1")
+        request.body = .bytes(ByteBuffer(bytes: body))
+        do {
+            let response = try await client.execute(request, timeout: timeout + .seconds(5))
+            let code = Int(response.status.code)
+            let reply = try await read(response.body)
+            switch code {
+            case 200..<300:
+                return .accepted(code: code, response: reply)
+            case 410:
+                return .gone(code: code, error: "The receiver answered 410 Gone; the endpoint is now disabled.")
+            default:
+                return .refused(code: code, error: "The receiver answered \(code)\(reply.isEmpty ? "" : ": \(reply)")", permanent: false,
+                                retryAfter: response.headers.first(name: "retry-after").flatMap { RetryAfter.seconds($0, now: Date()) })
+            }
+        } catch {
+            return .refused(code: nil, error: "The request failed: \(error)", permanent: false, retryAfter: nil)
+        }
+    }
+
+    /// For plain http the connection goes to the address the guard vetted, so a name that
+    /// resolves differently a moment later (DNS rebinding) cannot redirect it. https keeps the
+    /// name, for the certificate check; the guard ran just before, which narrows that window.
+    private func pinned(_ url: String, _ vetted: VettedDestination) -> String {
+        guard vetted.scheme == "http", let address = vetted.addresses.first, var components = URLComponents(string: url) else { return url }
+        components.host = address.urlHost
+        return components.string ?? url
+    }
+
+    /// The start of the reply, read up to the cap and kept as text.
+    private func read(_ body: HTTPClientResponse.Body) async throws -> String {
+        var buffer = ByteBuffer()
+        for try await chunk in body {
+            buffer.writeImmutableBuffer(chunk.getSlice(at: chunk.readerIndex, length: min(chunk.readableBytes, maxResponseBytes - buffer.readableBytes)) ?? ByteBuffer())
+            if buffer.readableBytes >= maxResponseBytes { break }
+        }
+        return String(String(decoding: buffer.readableBytesView, as: UTF8.self).prefix(500))
+    }
+}
+
+/// `Retry-After` (RFC 9110 §10.2.3): a number of seconds or an HTTP date.
+public enum RetryAfter {
+    public static func seconds(_ value: String, now: Date) -> TimeInterval? {
+        let trimmed = value.trimmingCharacters(in: .whitespaces)
+        if let seconds = Int(trimmed) { return seconds >= 0 ? TimeInterval(seconds) : nil }
+        let formatter = DateFormatter()
+        formatter.locale = Locale(identifier: "en_US_POSIX")
+        formatter.timeZone = TimeZone(identifier: "GMT")
+        formatter.dateFormat = "EEE, dd MMM yyyy HH:mm:ss zzz"
+        guard let date = formatter.date(from: trimmed) else { return nil }
+        return max(0, date.timeIntervalSince(now))
+    }
+}

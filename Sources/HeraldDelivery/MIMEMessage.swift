@@ -1,0 +1,303 @@
+import Foundation
+
+/// One email, rendered to RFC 5322 / MIME bytes ready for `SMTPConnection.send`.
+///
+/// With an HTML body the result is `multipart/alternative` (text first, then HTML);
+/// without one it is a single `text/plain` part. Bodies are UTF-8 in quoted-printable;
+/// non-ASCII subjects and display names become RFC 2047 encoded words. Every header value
+/// is checked: CR, LF and other control characters are refused, never passed through.
+public struct MIMEMessage: Sendable {
+    /// An address with an optional display name, e.g. `"Ada Lovelace" <ada@example.org>`.
+    public struct Mailbox: Sendable, Equatable {
+        /// The bare address (ASCII), e.g. `ada@example.org`.
+        public var address: String
+        /// Display name; any Unicode.
+        public var name: String?
+
+        /// A mailbox with an optional display name.
+        public init(_ address: String, name: String? = nil) {
+            self.address = address
+            self.name = name
+        }
+    }
+
+    /// Author (`From`).
+    public var from: Mailbox
+    /// Where replies should go (`Reply-To`), if not the author.
+    public var replyTo: Mailbox?
+    /// The single recipient (`To`).
+    public var to: Mailbox
+    /// Subject; any Unicode.
+    public var subject: String
+    /// Plain-text body; any line endings.
+    public var textBody: String
+    /// Optional HTML alternative of the same content.
+    public var htmlBody: String?
+    /// Message-ID without angle brackets, e.g. `0190c1d2@herald.example.org`.
+    public var messageID: String
+    /// Origination date (`Date`).
+    public var date: Date
+    /// Further ASCII headers in order, e.g. `("List-Unsubscribe", "<https://…>")`.
+    public var extraHeaders: [(name: String, value: String)]
+
+    /// A message; nothing is validated until `encoded()`.
+    public init(
+        from: Mailbox,
+        replyTo: Mailbox? = nil,
+        to: Mailbox,
+        subject: String,
+        textBody: String,
+        htmlBody: String? = nil,
+        messageID: String,
+        date: Date,
+        extraHeaders: [(name: String, value: String)] = []
+    ) {
+        self.from = from
+        self.replyTo = replyTo
+        self.to = to
+        self.subject = subject
+        self.textBody = textBody
+        self.htmlBody = htmlBody
+        self.messageID = messageID
+        self.date = date
+        self.extraHeaders = extraHeaders
+    }
+
+    /// The complete message: headers and body, CRLF line endings throughout.
+    public func encoded() throws(MIMEError) -> [UInt8] {
+        var headers: [(String, String)] = [
+            ("Date", Self.rfc5322Date(date)),
+            ("From", try Self.mailbox(from, header: "From")),
+        ]
+        if let replyTo { headers.append(("Reply-To", try Self.mailbox(replyTo, header: "Reply-To"))) }
+        headers.append(("To", try Self.mailbox(to, header: "To")))
+        headers.append(("Subject", try Self.unstructured(subject, header: "Subject")))
+        headers.append(("Message-ID", "<\(try Self.messageIDValue(messageID))>"))
+        for (name, value) in extraHeaders {
+            try Self.validateExtraHeader(name: name, value: value)
+            headers.append((name, value))
+        }
+        headers.append(("MIME-Version", "1.0"))
+
+        let text = QuotedPrintable.encode(Self.utf8Lines(textBody))
+        var out = ""
+        func emit(_ headers: [(String, String)]) {
+            for (name, value) in headers { out += "\(name): \(value)\r\n" }
+            out += "\r\n"
+        }
+
+        if let htmlBody {
+            let html = QuotedPrintable.encode(Self.utf8Lines(htmlBody))
+            // QP output never contains "=_" (a literal "=" is always encoded), so this
+            // boundary cannot occur in either body; the loop is belt and braces.
+            var boundary: String
+            repeat {
+                boundary = "=_Herald_" + UUID().uuidString.replacingOccurrences(of: "-", with: "")
+            } while text.contains(boundary) || html.contains(boundary)
+
+            // Folded so the line stays under 78 characters.
+            headers.append(("Content-Type", "multipart/alternative;\r\n boundary=\"\(boundary)\""))
+            emit(headers)
+            // The CRLF before each "--boundary" belongs to the delimiter, not the part.
+            for (subtype, body) in [("plain", text), ("html", html)] {
+                out += "--\(boundary)\r\n"
+                emit([
+                    ("Content-Type", "text/\(subtype); charset=utf-8"),
+                    ("Content-Transfer-Encoding", "quoted-printable"),
+                ])
+                out += body + "\r\n"
+            }
+            out += "--\(boundary)--\r\n"
+        } else {
+            headers.append(("Content-Type", "text/plain; charset=utf-8"))
+            headers.append(("Content-Transfer-Encoding", "quoted-printable"))
+            emit(headers)
+            out += text
+            if !out.hasSuffix("\r\n") { out += "\r\n" }
+        }
+        return Array(out.utf8)
+    }
+
+    // MARK: - Header values
+
+    /// Headers this type writes itself; callers may not add a second copy.
+    private static let generatedHeaders: Set<String> = [
+        "date", "from", "reply-to", "to", "subject", "message-id",
+        "mime-version", "content-type", "content-transfer-encoding",
+    ]
+
+    /// RFC 5322 section 3.3, always in UTC: `Tue, 01 Jul 2025 09:05:00 +0000`.
+    static func rfc5322Date(_ date: Date) -> String {
+        var calendar = Calendar(identifier: .gregorian)
+        calendar.timeZone = TimeZone(secondsFromGMT: 0)!
+        let c = calendar.dateComponents([.year, .month, .day, .hour, .minute, .second, .weekday], from: date)
+        let days = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"]
+        let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+        func two(_ n: Int?) -> String { n.map { $0 < 10 ? "0\($0)" : "\($0)" } ?? "00" }
+        return "\(days[c.weekday! - 1]), \(two(c.day)) \(months[c.month! - 1]) \(c.year!) "
+            + "\(two(c.hour)):\(two(c.minute)):\(two(c.second)) +0000"
+    }
+
+    /// `"Display Name" <address>` or just `address`.
+    private static func mailbox(_ mailbox: Mailbox, header: String) throws(MIMEError) -> String {
+        let address = mailbox.address
+        let badAddress = address.isEmpty || !address.contains("@") || address.unicodeScalars.contains {
+            !$0.isASCII || $0.value <= 0x20 || $0.value == 0x7F || "<>,;\"".unicodeScalars.contains($0)
+        }
+        if badAddress { throw .invalidHeader(name: header, reason: "invalid address \(address.debugDescription)") }
+        guard let name = mailbox.name, !name.isEmpty else { return address }
+        try refuseControlCharacters(name, header: header)
+        if name.unicodeScalars.allSatisfy(\.isASCII) {
+            let escaped = name.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
+            return "\"\(escaped)\" <\(address)>"
+        }
+        return "\(EncodedWord.encode(name)) <\(address)>"
+    }
+
+    /// Free text such as Subject: ASCII is folded at spaces, anything else is RFC 2047 encoded.
+    private static func unstructured(_ value: String, header: String) throws(MIMEError) -> String {
+        try refuseControlCharacters(value, header: header)
+        // "=?" in plain text could be misread as an encoded word, so encode those too.
+        guard value.unicodeScalars.allSatisfy(\.isASCII), !value.contains("=?") else {
+            return EncodedWord.encode(value)
+        }
+        // Fold before a space once a line would pass 78 characters (RFC 5322 2.1.1).
+        var folded = ""
+        var lineLength = header.count + 2
+        for (index, word) in value.split(separator: " ", omittingEmptySubsequences: false).enumerated() {
+            if index > 0 {
+                if lineLength + 1 + word.count > 78 && lineLength > header.count + 2 {
+                    folded += "\r\n"
+                    lineLength = 0
+                }
+                folded += " "
+                lineLength += 1
+            }
+            folded += word
+            lineLength += word.count
+        }
+        return folded
+    }
+
+    private static func messageIDValue(_ id: String) throws(MIMEError) -> String {
+        try refuseControlCharacters(id, header: "Message-ID")
+        let valid = id.contains("@") && id.unicodeScalars.allSatisfy {
+            $0.isASCII && $0.value > 0x20 && $0.value != 0x7F && $0 != "<" && $0 != ">"
+        }
+        guard valid else { throw .invalidHeader(name: "Message-ID", reason: "expected id-left@id-right, got \(id.debugDescription)") }
+        return id
+    }
+
+    private static func validateExtraHeader(name: String, value: String) throws(MIMEError) {
+        let validName = !name.isEmpty && name.unicodeScalars.allSatisfy { $0.value >= 33 && $0.value <= 126 && $0 != ":" }
+        guard validName else { throw .invalidHeader(name: name, reason: "invalid header name") }
+        guard !generatedHeaders.contains(name.lowercased()) else {
+            throw .invalidHeader(name: name, reason: "header is generated by MIMEMessage")
+        }
+        try refuseControlCharacters(value, header: name)
+        guard value.unicodeScalars.allSatisfy(\.isASCII) else {
+            throw .invalidHeader(name: name, reason: "extra header values must be ASCII")
+        }
+        guard name.utf8.count + 2 + value.utf8.count <= 998 else {
+            throw .invalidHeader(name: name, reason: "header line longer than 998 characters")
+        }
+    }
+
+    /// CR/LF would let a caller start a new header (header injection); other C0 controls
+    /// and DEL have no business in a header either. Tab is allowed.
+    private static func refuseControlCharacters(_ value: String, header: String) throws(MIMEError) {
+        for scalar in value.unicodeScalars where (scalar.value < 0x20 && scalar != "\t") || scalar.value == 0x7F {
+            let reason = scalar == "\r" || scalar == "\n" ? "CR/LF in header value" : "control character in header value"
+            throw .invalidHeader(name: header, reason: reason)
+        }
+    }
+
+    /// Body text split into lines of UTF-8 bytes; CRLF, CR and LF all end a line.
+    static func utf8Lines(_ text: String) -> [ArraySlice<UInt8>] {
+        let bytes = Array(text.utf8)
+        var lines: [ArraySlice<UInt8>] = []
+        var start = 0
+        var i = 0
+        while i < bytes.count {
+            if bytes[i] == 0x0D || bytes[i] == 0x0A {
+                lines.append(bytes[start..<i])
+                if bytes[i] == 0x0D, i + 1 < bytes.count, bytes[i + 1] == 0x0A { i += 1 }
+                start = i + 1
+            }
+            i += 1
+        }
+        lines.append(bytes[start...])
+        return lines
+    }
+}
+
+/// Why a message could not be rendered.
+public enum MIMEError: Error, Sendable, Equatable {
+    /// A header value or name supplied by the caller is unsafe or malformed.
+    case invalidHeader(name: String, reason: String)
+}
+
+/// Quoted-printable body encoding (RFC 2045 section 6.7).
+enum QuotedPrintable {
+    private static let hex = Array("0123456789ABCDEF".utf8)
+
+    /// Encodes lines (without their line breaks); the result joins them with CRLF.
+    /// Encoded lines are at most 76 characters, soft breaks ("=" CRLF) included.
+    static func encode(_ lines: [ArraySlice<UInt8>]) -> String {
+        var out: [UInt8] = []
+        for (lineIndex, line) in lines.enumerated() {
+            if lineIndex > 0 { out += [0x0D, 0x0A] }
+            var lineLength = 0
+            for (offset, byte) in zip(line.indices, line) {
+                let isLastByte = offset == line.index(before: line.endIndex)
+                let isWhitespace = byte == 0x20 || byte == 0x09
+                // Literal: printable ASCII except "=", and space/tab unless they end the line
+                // (trailing whitespace may be stripped in transit).
+                let literal = (byte >= 33 && byte <= 126 && byte != 0x3D) || (isWhitespace && !isLastByte)
+                let token: [UInt8] = literal ? [byte] : [0x3D, hex[Int(byte >> 4)], hex[Int(byte & 0x0F)]]
+                // A soft break costs one "=": keep 75 characters before it. The line's
+                // final token may use the 76th column since no "=" follows it.
+                let limit = isLastByte ? 76 : 75
+                if lineLength + token.count > limit {
+                    out += [0x3D, 0x0D, 0x0A]
+                    lineLength = 0
+                }
+                out += token
+                lineLength += token.count
+            }
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+}
+
+/// RFC 2047 "B" encoded words for header text.
+enum EncodedWord {
+    /// UTF-8 bytes per word: 39 bytes → 52 base64 characters → a 64-character word,
+    /// which leaves room for a header name on the first line within 76 characters.
+    private static let maxBytesPerWord = 39
+
+    /// One or more `=?UTF-8?B?…?=` words separated by folding whitespace (ignored between
+    /// encoded words when decoded). Never splits a character, so each word is valid UTF-8.
+    static func encode(_ text: String) -> String {
+        var chunks: [[UInt8]] = []
+        var current: [UInt8] = []
+        func add(_ bytes: some Collection<UInt8>) {
+            if current.count + bytes.count > maxBytesPerWord, !current.isEmpty {
+                chunks.append(current)
+                current = []
+            }
+            current += bytes
+        }
+        for character in text {
+            let bytes = Array(character.utf8)
+            if bytes.count <= maxBytesPerWord {
+                add(bytes)
+            } else {
+                // A huge grapheme cluster (e.g. a long emoji sequence): split between scalars.
+                for scalar in character.unicodeScalars { add(Array(String(scalar).utf8)) }
+            }
+        }
+        if !current.isEmpty || chunks.isEmpty { chunks.append(current) }
+        return chunks.map { "=?UTF-8?B?\(Data($0).base64EncodedString())?=" }.joined(separator: "\r\n ")
+    }
+}
