@@ -45,6 +45,11 @@ struct RequestMiddleware: RouterMiddleware {
             response = Self.problemResponse(for: error, request: request, logger: logger)
         }
         response.headers[.requestID] = requestID
+        // The generated code percent-encodes header values (URI "simple" style), which turns a
+        // redirect's absolute URL into one opaque token; Location is a URI already (RFC 9110).
+        if let location = response.headers[.location], location.contains("%3A%2F%2F") {
+            response.headers[.location] = location.removingPercentEncoding ?? location
+        }
         let elapsed = ContinuousClock.now - started
         let route = context.endpointPath ?? "unmatched"
         metrics.record(method: request.method.rawValue, route: route, status: response.status.code, duration: elapsed)

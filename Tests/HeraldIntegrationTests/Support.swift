@@ -38,6 +38,7 @@ final class TestEnvironment: Sendable {
 
     let appURL: String
     let ownerURL: String
+    let workerURL: String
     let appClient: PostgresClient
     let database: Database
     /// The delivery workers' role: the only one that may claim across organisations.
@@ -56,6 +57,7 @@ final class TestEnvironment: Sendable {
         }
         appURL = app
         ownerURL = owner
+        workerURL = worker
         var logger = Logger(label: "herald.test")
         logger.logLevel = env["HERALD_TEST_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .error
         self.logger = logger
@@ -63,7 +65,10 @@ final class TestEnvironment: Sendable {
         let client = appClient
         Task.detached { await client.run() }
         database = Database(client: appClient, logger: logger)
-        workerClient = PostgresClient(configuration: try .fromURL(worker), backgroundLogger: logger)
+        // Every delivery test runs its own worker pool (one LISTEN connection each, plus sends).
+        var workerConfiguration = try PostgresClient.Configuration.fromURL(worker)
+        workerConfiguration.options.maximumConnections = 40
+        workerClient = PostgresClient(configuration: workerConfiguration, backgroundLogger: logger)
         let workers = workerClient
         Task.detached { await workers.run() }
         workerDatabase = Database(client: workerClient, logger: logger)
@@ -72,6 +77,9 @@ final class TestEnvironment: Sendable {
         tokens = try await AccessTokens(keys: [AccessTokenKey(id: "test-key", privateKey: key)], activeKeyID: nil,
                                         issuer: "herald", audience: "herald-api", ttl: 900, leeway: 30)
     }
+
+    /// The link keys the test applications verify and the test workers sign with.
+    static let linkKeys = LinkKeyRing.ephemeral()
 
     /// The migration versions shipped in sql/migrations.
     static var migrationVersions: [Int] {
@@ -94,7 +102,7 @@ final class TestEnvironment: Sendable {
     ) throws -> some ApplicationProtocol {
         let dependencies = AppDependencies(
             database: database, postgres: appClient, tokens: tokens, passwords: passwords,
-            expectedMigrations: expectedMigrations, now: now)
+            expectedMigrations: expectedMigrations, linkKeys: TestEnvironment.linkKeys, now: now)
         let router = try buildRouter(configuration: configuration(configure), dependencies: dependencies)
         return Application(router: router, logger: logger)
     }

@@ -1,0 +1,93 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+@testable import HeraldStore
+import Testing
+
+/// The published crash test: two `herald worker` processes deliver 10 000 webhooks; one is
+/// killed with SIGKILL in the middle and started again. Every row ends SENT or DEAD, none is
+/// lost, and a message the receiver saw twice carries the same `webhook-id` and body.
+@Suite("Crash")
+struct CrashTests {
+    static let rows = 10_000
+
+    @Test("SIGKILL in the middle of 10 000 deliveries: none lost, duplicates share their webhook-id")
+    func sigkill() async throws {
+        let env = try await TestEnvironment.shared
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
+        try await org.addUsers(Self.rows - 2)
+        let hook = Peers.hook("crash")
+        try await Peers.configure(hook.name, ["delay_ms": 2])
+        _ = try await org.store { tx in
+            try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+        }
+        let (event, _) = try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(everyone: true), payload: .object([:])))
+        #expect(try await org.deliveries(DeliveryFilter(eventID: event.id)).count == Self.rows)
+
+        let first = try WorkerProcess(organisation: org.id, workerURL: env.workerURL)
+        let second = try WorkerProcess(organisation: org.id, workerURL: env.workerURL)
+        // Kill the first in the middle of the run.
+        #expect(try await eventually(timeout: .seconds(120)) { (try await Peers.ids(hook.name)["total"] as? Int ?? 0) >= Self.rows / 4 })
+        first.kill()
+        let killedAt = try await Peers.ids(hook.name)["total"] as? Int ?? 0
+        let restarted = try WorkerProcess(organisation: org.id, workerURL: env.workerURL)
+        let deliveries = try await org.settled(timeout: .seconds(240))
+        second.stop()
+        restarted.stop()
+        #expect(second.exitStatus == 0 && restarted.exitStatus == 0, "SIGTERM drains and exits cleanly")
+
+        let statuses = Dictionary(grouping: deliveries, by: \.status).mapValues(\.count)
+        #expect(deliveries.count == Self.rows)
+        #expect(statuses["SENT", default: 0] + statuses["DEAD", default: 0] == Self.rows, "\(statuses)")
+        let ids = try await Peers.ids(hook.name)
+        let unique = ids["unique"] as? Int ?? 0
+        #expect(unique == statuses["SENT", default: 0], "every SENT row reached the receiver")
+        #expect((ids["inconsistent"] as? [Any])?.isEmpty == true, "a duplicate carries the same webhook-id and body")
+        #expect((ids["missing"] as? Int ?? 0) == 0)
+        let rescued = try await org.store { tx in
+            try await tx.connection.query("SELECT count(*)::int FROM delivery_attempts WHERE outcome = 'EXPIRED'", logger: tx.logger)
+                .collect()[0].decode(Int.self)
+        }
+        print("crash test: killed after \(killedAt) received; \(ids["total"] ?? 0) requests for \(unique) messages; \(rescued) leases rescued; \(statuses)")
+        #expect(rescued >= 1, "the killed worker's leases were rescued")
+    }
+}
+
+/// `herald worker` as a separate process, confined to one organisation.
+final class WorkerProcess: @unchecked Sendable {
+    let process = Process()
+
+    init(organisation: UUID, workerURL: String) throws {
+        let env = ProcessInfo.processInfo.environment
+        process.executableURL = URL(fileURLWithPath: env["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
+        process.arguments = ["worker"]
+        process.environment = env.merging([
+            "DATABASE_WORKER_URL": workerURL,
+            "HERALD_WORKER_ORGANISATION": organisation.uuidString,
+            "HERALD_WORKERS": "16",
+            "HERALD_WORKER_LEASE_SECONDS": "3",
+            "HERALD_WORKER_POLL_MS": "200",
+            "HERALD_RETRY_BASE_SECONDS": "0.5",
+            "HERALD_DESTINATIONS_ALLOW": "127.0.0.1/32",
+            "HERALD_SMTP_URL": Peers.smtpURL,
+            "HERALD_LOG_LEVEL": "error",
+        ]) { _, new in new }
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+    }
+
+    func kill() {
+        Glibc.kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+
+    /// SIGTERM, then wait: the pool drains what is in flight and exits.
+    func stop() {
+        process.terminate()
+        process.waitUntilExit()
+    }
+
+    var exitStatus: Int32 { process.terminationStatus }
+}

@@ -1,0 +1,167 @@
+import AsyncHTTPClient
+import Foundation
+import HeraldCore
+@testable import HeraldDelivery
+@testable import HeraldStore
+import Logging
+import NIOCore
+import NIOHTTP1
+import Testing
+
+/// The peers `make test` starts (scripts/peers.py): an SMTP server that keeps every message
+/// and an HTTP receiver whose behaviour each test configures by name.
+enum Peers {
+    static var receiverURL: String { ProcessInfo.processInfo.environment["HERALD_TEST_RECEIVER_URL"] ?? "http://127.0.0.1:54326" }
+    static var smtpURL: String { ProcessInfo.processInfo.environment["HERALD_TEST_SMTP_URL"] ?? "smtp://127.0.0.1:54325" }
+
+    /// A fresh receiver name and its URL.
+    static func hook(_ prefix: String = "hook") -> (name: String, url: String) {
+        let name = "\(prefix)-\(UUID().uuidString.prefix(12).lowercased())"
+        return (name, "\(receiverURL)/hooks/\(name)")
+    }
+
+    static func configure(_ name: String, _ settings: [String: any Sendable]) async throws {
+        _ = try await request(.PUT, "/_config/\(name)", json: settings)
+    }
+
+    static func requests(_ name: String) async throws -> [[String: Any]] {
+        try await request(.GET, "/_requests/\(name)") as? [[String: Any]] ?? []
+    }
+
+    static func ids(_ name: String) async throws -> [String: Any] {
+        try await request(.GET, "/_ids/\(name)") as? [String: Any] ?? [:]
+    }
+
+    /// Verifies every request the receiver got under `name` with the `standardwebhooks` package.
+    static func verify(_ name: String, secret: String) async throws -> (verified: Int, failed: [Any]) {
+        let answer = try await request(.POST, "/_verify", json: ["name": name, "secret": secret]) as? [String: Any] ?? [:]
+        return (answer["verified"] as? Int ?? -1, answer["failed"] as? [Any] ?? [])
+    }
+
+    static func mail(to address: String) async throws -> [[String: Any]] {
+        let query = address.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? address
+        return try await request(.GET, "/_mail?rcpt=\(query)") as? [[String: Any]] ?? []
+    }
+
+    @discardableResult
+    static func request(_ method: HTTPMethod, _ path: String, json: [String: any Sendable]? = nil) async throws -> Any {
+        var request = HTTPClientRequest(url: receiverURL + path)
+        request.method = method
+        if let json {
+            request.headers.add(name: "content-type", value: "application/json")
+            request.body = .bytes(ByteBuffer(bytes: try JSONSerialization.data(withJSONObject: json)))
+        }
+        let response = try await HTTPClient.shared.execute(request, timeout: .seconds(30))
+        let body = try await response.body.collect(upTo: 64 << 20)
+        return try JSONSerialization.jsonObject(with: Data(body.readableBytesView), options: [.fragmentsAllowed])
+    }
+}
+
+/// Worker pools in the test process, confined to one organisation so parallel tests never take
+/// each other's deliveries.
+enum TestWorkers {
+    struct Settings {
+        var concurrency = 4
+        var retry = RetryPolicy(baseDelay: 0.3, factor: 2, maximumDelay: 5, jitter: 0)
+        var pollInterval: Duration = .milliseconds(200)
+        var leaseSeconds = 10
+        /// The receiver is on loopback; the SSRF guard allows exactly its address.
+        var allowed = ["127.0.0.1/32"]
+        var pools = 1
+    }
+
+    static func run<T: Sendable>(_ organisation: UUID, _ settings: Settings = Settings(),
+                                 _ body: @Sendable () async throws -> T) async throws -> T {
+        let env = try await TestEnvironment.shared
+        let http = HTTPTransport(destinations: DestinationGuard(allowed: settings.allowed.compactMap { IPNetwork($0) }), timeout: .seconds(5))
+        let sender = DeliverySender(
+            email: EmailTransport(settings: EmailTransport.settings(url: Peers.smtpURL, username: nil, password: nil, timeout: 10)!,
+                                  defaultFrom: "herald@herald.test"),
+            http: http, links: LinkBuilder(baseURL: "http://herald.test", keys: TestEnvironment.linkKeys))
+        let pools = (0..<settings.pools).map { index in
+            var configuration = WorkerPoolConfiguration(name: "test-\(index)-\(UUID().uuidString.prefix(6))")
+            configuration.organisation = organisation
+            configuration.concurrency = settings.concurrency
+            configuration.retry = settings.retry
+            configuration.pollInterval = settings.pollInterval
+            configuration.leaseSeconds = settings.leaseSeconds
+            return DeliveryWorkerPool(configuration: configuration, database: env.workerDatabase, listenClient: env.workerClient,
+                                      sender: sender, logger: env.logger)
+        }
+        let result = try await withThrowingTaskGroup(of: T?.self) { group in
+            for pool in pools { group.addTask { try await pool.run(); return nil } }
+            let value = try await body()
+            group.cancelAll()
+            for try await _ in group {}
+            return value
+        }
+        try await http.shutdown()
+        return result
+    }
+}
+
+/// Polls `condition` until it holds or `timeout` passes; returns whether it held.
+func eventually(timeout: Duration = .seconds(30), every interval: Duration = .milliseconds(100),
+                _ condition: () async throws -> Bool) async throws -> Bool {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        if try await condition() { return true }
+        try await Task.sleep(for: interval)
+    }
+    return try await condition()
+}
+
+extension TestOrganisation {
+    /// Every delivery of the organisation (up to 20 000), newest first.
+    func deliveries(_ filter: DeliveryFilter = DeliveryFilter()) async throws -> [Delivery] {
+        try await store { tx in try await tx.deliveries(filter, limit: 20_000, after: nil).items }
+    }
+
+    /// Waits until no delivery of the organisation is PENDING, SENDING or FAILED.
+    func settled(timeout: Duration = .seconds(60)) async throws -> [Delivery] {
+        _ = try await eventually(timeout: timeout) {
+            try await deliveries().allSatisfy { ["SENT", "DEAD", "CANCELLED"].contains($0.status) }
+        }
+        return try await deliveries()
+    }
+
+    /// A notification type in the activity category that goes to `channels` by default.
+    func deliveryType(_ key: String, category: UUID, channels: [NotificationChannel], templates: [NotificationChannel: TemplateContent] = [:]) async throws {
+        try await store { tx in
+            let type = try await tx.createNotificationType(NotificationTypeFields(
+                key: key, categoryID: category, name: "Type \(key)", description: "", defaultSeverity: .info, defaultPriority: .normal,
+                defaultChannels: channels))
+            for (channel, content) in templates { try await tx.putTemplate(typeID: type.id, channel: channel, locale: "en", content: content) }
+        }
+    }
+}
+
+/// A raw RFC 5322 message parsed by Python's `email` package (an independent parser): the
+/// headers as received and each MIME part decoded.
+struct ParsedMail {
+    var headers: [String: String]
+    var parts: [String: String]
+
+    init(_ raw: String) throws {
+        let script = """
+            import email, email.policy, json, sys
+            m = email.message_from_string(sys.stdin.read(), policy=email.policy.default)
+            parts = {p.get_content_type(): p.get_content() for p in m.walk() if not p.is_multipart()}
+            print(json.dumps({"headers": {k: str(v) for k, v in m.items()}, "parts": parts, "defects": [str(d) for d in m.defects]}))
+            """
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["python3", "-c", script]
+        let input = Pipe(), output = Pipe()
+        process.standardInput = input
+        process.standardOutput = output
+        try process.run()
+        input.fileHandleForWriting.write(Data(raw.utf8))
+        try input.fileHandleForWriting.close()
+        let data = output.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        let json = try JSONSerialization.jsonObject(with: data) as? [String: Any] ?? [:]
+        headers = json["headers"] as? [String: String] ?? [:]
+        parts = json["parts"] as? [String: String] ?? [:]
+    }
+}

@@ -1,0 +1,349 @@
+import Foundation
+import HTTPTypes
+import HeraldCore
+@testable import HeraldDelivery
+@testable import HeraldStore
+import Hummingbird
+import HummingbirdTesting
+import NIOCore
+import PostgresNIO
+import Testing
+
+@testable import HeraldAPI
+
+/// Delivery over real protocols: the SMTP server and HTTP receiver `make test` starts, the
+/// worker pool, and the signed links in the messages.
+@Suite("Delivery")
+struct DeliveryTests {
+    @Test("email: both parts, sender identity, Message-ID, both unsubscribe headers, rendered content and no payload field the template did not ask for")
+    func email() async throws {
+        let env = try await TestEnvironment.shared
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.store { tx in
+            try await tx.putTemplate(typeID: catalogue.isqCritical, channel: .email, locale: "en", content: TemplateContent(
+                subject: "Critical ISQ {{payload.isq}} for implant {{payload.implant}}",
+                body: "Stability {{payload.isq}} is below {{payload.threshold}}.\nOpen: {{{links.open}}}\nUnsubscribe: {{{links.unsubscribe}}}",
+                html: "<p>Stability <b>{{payload.isq}}</b> is below {{payload.threshold}}.</p><a href=\"{{{links.open}}}\">Open</a>"))
+            try await tx.setEmailIdentity(from: "alerts@clinic.example", fromName: "Clinic Alerts", replyTo: "desk@clinic.example")
+        }
+        try await org.notify(EventRequest(
+            typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]),
+            payload: .object(["isq": .number(25), "implant": .string("A-12"), "threshold": .number(60), "patient_secret": .string("SECRET-7731")]),
+            url: "https://ward.example.org/patients/7"))
+        let deliveries = try await TestWorkers.run(org.id) { try await org.settled() }
+        let delivery = try #require(deliveries.first { $0.channel == "email" })
+        #expect(delivery.status == "SENT")
+        #expect(delivery.lastResponseCode == 250)
+        #expect(delivery.lastResponse?.hasPrefix("250") == true)
+
+        let mails = try await Peers.mail(to: "member@\(org.slug).example")
+        try #require(mails.count == 1)
+        let raw = try #require(mails[0]["data"] as? String)
+        let mail = try ParsedMail(raw)
+        #expect(mail.headers["Subject"] == "Critical ISQ 25 for implant A-12")
+        #expect(mail.headers["From"] == "Clinic Alerts <alerts@clinic.example>")
+        #expect(mail.headers["Reply-To"] == "desk@clinic.example")
+        #expect(mail.headers["Message-ID"] == "<\(delivery.id.lowercased)@clinic.example>")
+        #expect(mail.headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click")
+        let unsubscribe = try #require(mail.headers["List-Unsubscribe"])
+        #expect(unsubscribe.hasPrefix("<http://herald.test/v1/unsubscribe/") && unsubscribe.hasSuffix(">"))
+        let text = try #require(mail.parts["text/plain"])
+        let html = try #require(mail.parts["text/html"])
+        #expect(text.contains("Stability 25 is below 60."))
+        #expect(html.contains("<b>25</b>"))
+        #expect(!raw.contains("SECRET-7731") && !text.contains("SECRET-7731") && !html.contains("SECRET-7731"))
+
+        // The links in the message: the tracked link redirects to the event's URL only, and
+        // one-click unsubscribe works without a login.
+        let open = try #require(text.firstMatch(of: /http:\/\/herald\.test(\/v1\/links\/[A-Za-z0-9._-]+)/)).1
+        let unsubscribePath = String(unsubscribe.dropFirst("<http://herald.test".count).dropLast())
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let click = try await client.send(.get, String(open))
+            #expect(click.status == .found)
+            #expect(click.headers[.location] == "https://ward.example.org/patients/7")
+            #expect(try await org.store { tx in try await tx.clickCount(deliveryID: delivery.id) } == 1)
+
+            let page = try await client.send(.get, unsubscribePath)
+            #expect(page.status == .ok && page.text.contains("Unsubscribe"))
+            let untouched = try await org.store { tx in try await tx.preferences(ofUser: org.memberID) }
+            #expect(untouched.isEmpty, "GET changes nothing")
+
+            let tampered = try await client.send(.get, String(unsubscribePath.dropLast()) + (unsubscribePath.hasSuffix("A") ? "B" : "A"))
+            #expect(tampered.isProblem(.notFound))
+            let wrongScope = try await client.execute(
+                uri: String(open).replacingOccurrences(of: "/v1/links/", with: "/v1/unsubscribe/"), method: .post,
+                headers: [.contentType: "application/x-www-form-urlencoded"], body: ByteBuffer(string: "List-Unsubscribe=One-Click"))
+            #expect(wrongScope.isProblem(.notFound), "a click token cannot unsubscribe")
+
+            let oneClick = try await client.execute(
+                uri: unsubscribePath, method: .post, headers: [.contentType: "application/x-www-form-urlencoded"],
+                body: ByteBuffer(string: "List-Unsubscribe=One-Click"))
+            #expect(oneClick.status == .ok)
+            #expect(oneClick.headers[.location] == nil)
+        }
+        let cells = try await org.store { tx in try await tx.preferences(ofUser: org.memberID) }
+        #expect(cells == [PreferenceCell(categoryID: catalogue.alerts, channel: .email, setting: PreferenceSetting(enabled: false, frequency: .none))])
+        let audited = try await org.store { tx in
+            try await tx.connection.query("SELECT count(*)::int FROM audit_log WHERE action = 'preference.unsubscribe'", logger: tx.logger)
+                .collect()[0].decode(Int.self)
+        }
+        #expect(audited == 1)
+        let (_, next) = try await org.notify(EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+        #expect(next.traces[0].channels.first { $0.decision.channel == .email }?.decision.reason == .channelDisabled)
+    }
+
+    @Test("webhook: a receiver that fails twice gets three attempts on schedule, each signed (verified by the standardwebhooks package) with one webhook-id")
+    func webhookRetries() async throws {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook],
+                                   templates: [.webhook: TemplateContent(subject: "Ward {{payload.ward}}", body: "Bed {{payload.bed}}")])
+        let hook = Peers.hook()
+        try await Peers.configure(hook.name, ["fail_times": 2, "fail_status": 503])
+        let secret = WebhookSecret.generate().string
+        let endpoint = try await org.store { tx in
+            try await tx.createEndpoint(channel: .webhook, format: "standard", name: "ward", url: hook.url, eventTypes: ["WARD_ALERT"], secret: secret)
+        }
+        try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]),
+                                          payload: .object(["ward": .string("3B"), "bed": .number(12), "hidden": .string("NOPE-99")])))
+        let delivery = try #require(try await TestWorkers.run(org.id) { try await org.settled() }.first)
+        #expect(delivery.status == "SENT" && delivery.attempts == 3 && delivery.endpointID == endpoint.id)
+        let log = try await org.store { tx in try await tx.deliveryAttempts(delivery.id) }
+        #expect(log.map(\.outcome) == ["FAILED", "FAILED", "SENT"])
+        #expect(log.map(\.responseCode) == [503, 503, 200])
+
+        let received = try await Peers.requests(hook.name)
+        try #require(received.count == 3)
+        let ids = Set(received.compactMap { ($0["headers"] as? [String: String])?["webhook-id"] })
+        #expect(ids == ["msg_\(delivery.id.lowercased)"])
+        let times = received.compactMap { $0["time"] as? Double }
+        // The schedule: 0.3 s, then 0.6 s (base 0.3, factor 2, no jitter).
+        #expect(times[1] - times[0] >= 0.25 && times[2] - times[1] >= 0.55)
+        let verification = try await Peers.verify(hook.name, secret: secret)
+        #expect(verification.verified == 3 && verification.failed.isEmpty)
+        let body = try #require(received.last?["body"] as? String)
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any])
+        let data = try #require(json["data"] as? [String: Any])
+        #expect(json["type"] as? String == "notification.created")
+        #expect(data["title"] as? String == "Ward 3B" && data["body"] as? String == "Bed 12")
+        #expect(!body.contains("NOPE-99"))
+    }
+
+    @Test("webhook: Retry-After is honoured")
+    func retryAfter() async throws {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
+        let hook = Peers.hook()
+        try await Peers.configure(hook.name, ["fail_times": 1, "fail_status": 429, "retry_after": "2"])
+        _ = try await org.store { tx in
+            try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+        }
+        try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+        var settings = TestWorkers.Settings()
+        settings.retry = RetryPolicy(baseDelay: 0.1, factor: 1, maximumDelay: 60, jitter: 0)
+        let delivery = try #require(try await TestWorkers.run(org.id, settings) { try await org.settled() }.first)
+        #expect(delivery.status == "SENT" && delivery.attempts == 2)
+        let times = try await Peers.requests(hook.name).compactMap { $0["time"] as? Double }
+        try #require(times.count == 2)
+        #expect(times[1] - times[0] >= 1.95, "the retry waited for Retry-After (2 s), not the 0.1 s schedule")
+    }
+
+    @Test("webhook: a receiver that always fails ends DEAD with every attempt logged")
+    func alwaysFailing() async throws {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
+        let hook = Peers.hook()
+        try await Peers.configure(hook.name, ["status": 500])
+        _ = try await org.store { tx in
+            try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+        }
+        try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+        var settings = TestWorkers.Settings()
+        settings.retry = RetryPolicy(baseDelay: 0.05, factor: 1, maximumDelay: 1, jitter: 0)
+        let delivery = try #require(try await TestWorkers.run(org.id, settings) { try await org.settled() }.first)
+        #expect(delivery.status == "DEAD" && delivery.attempts == delivery.maxAttempts)
+        let log = try await org.store { tx in try await tx.deliveryAttempts(delivery.id) }
+        #expect(log.map(\.attempt) == Array(1...delivery.maxAttempts))
+        #expect(log.map(\.outcome) == Array(repeating: "FAILED", count: delivery.maxAttempts - 1) + ["DEAD"])
+        #expect(log.allSatisfy { $0.responseCode == 500 && $0.error?.contains("500") == true })
+        #expect(try await Peers.requests(hook.name).count == delivery.maxAttempts)
+    }
+
+    @Test("webhook: 410 Gone ends the delivery and disables the endpoint; later events find no destination")
+    func gone() async throws {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
+        let hook = Peers.hook()
+        try await Peers.configure(hook.name, ["status": 410])
+        let endpoint = try await org.store { tx in
+            try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+        }
+        try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+        let delivery = try #require(try await TestWorkers.run(org.id) { try await org.settled() }.first)
+        #expect(delivery.status == "DEAD" && delivery.attempts == 1 && delivery.lastResponseCode == 410)
+        let after = try await org.store { tx in try await tx.endpoint(endpoint.id) }
+        #expect(!after.enabled && after.disabledReason?.contains("410") == true)
+        let (_, plan) = try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+        #expect(plan.traces[0].channels.first { $0.decision.channel == .webhook }?.decision.reason == .noDestination)
+    }
+
+    @Test("webhook: during a secret rotation both secrets sign, and each verifies independently")
+    func rotation() async throws {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
+        let hook = Peers.hook()
+        let old = WebhookSecret.generate().string, new = WebhookSecret.generate().string
+        try await org.store { tx in
+            let endpoint = try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: old)
+            _ = try await tx.rotateEndpointSecret(endpoint.id, newSecret: new, overlapUntil: Date().addingTimeInterval(3600))
+        }
+        try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+        _ = try await TestWorkers.run(org.id) { try await org.settled() }
+        let received = try await Peers.requests(hook.name)
+        try #require(received.count == 1)
+        let signature = try #require((received[0]["headers"] as? [String: String])?["webhook-signature"])
+        #expect(signature.split(separator: " ").filter { $0.hasPrefix("v1,") }.count == 2)
+        #expect(try await Peers.verify(hook.name, secret: old).verified == 1)
+        #expect(try await Peers.verify(hook.name, secret: new).verified == 1)
+    }
+
+    @Test("chat: a Slack incoming webhook gets the type's chat template as text")
+    func chat() async throws {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.chat],
+                                   templates: [.chat: TemplateContent(subject: "Ward {{payload.ward}}", body: "Bed {{payload.bed}} needs a nurse")])
+        let hook = Peers.hook("slack")
+        _ = try await org.store { tx in
+            try await tx.createEndpoint(channel: .chat, format: "slack", name: "#ward", url: hook.url, eventTypes: [], secret: nil)
+        }
+        try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]),
+                                          payload: .object(["ward": .string("3B"), "bed": .number(12)])))
+        let delivery = try #require(try await TestWorkers.run(org.id) { try await org.settled() }.first)
+        #expect(delivery.status == "SENT" && delivery.channel == "chat")
+        let body = try #require(try await Peers.requests(hook.name).first?["body"] as? String)
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: String])
+        #expect(json == ["text": "*Ward 3B*\nBed 12 needs a nurse"])
+    }
+
+    @Test("SSRF: private, loopback, link-local, metadata and disguised addresses are refused at creation and again at connect time")
+    func ssrf() async throws {
+        let env = try await TestEnvironment.shared
+        let org = try await TestOrganisation.make()
+        let refused = [
+            "http://169.254.169.254/latest/meta-data", "http://10.0.0.5/hook", "http://172.16.3.4/hook", "http://192.168.1.1/hook",
+            "http://[::1]/hook", "http://[fd00:ec2::254]/hook", "http://[fe80::1]/hook", "http://[::ffff:127.0.0.1]/hook",
+            "http://2130706433/hook", "http://0x7f000001/hook", "http://0177.0.0.1/hook", "http://127.1/hook", "http://localhost/hook",
+            "http://0.0.0.0/hook", "http://127.0.0.1:54326/hooks/x",
+        ]
+        // The API server here allows no private range at all (the default).
+        let app = try env.application()
+        try await app.test(.router) { client in
+            for url in refused {
+                let response = try await client.send(.post, "/v1/endpoints", token: org.ownerToken,
+                                                     json: #"{"channel": "webhook", "name": "x", "url": "\#(url)"}"#)
+                #expect(response.isProblem(.unprocessableContent), "\(url) was not refused: \(response.status)")
+                #expect((response.json["detail"] as? String)?.contains("Herald does not send") == true, "\(url): \(response.text)")
+            }
+            let created = try await client.send(.post, "/v1/endpoints", token: org.ownerToken,
+                                                json: #"{"channel": "webhook", "name": "public", "url": "https://93.184.216.34/hook"}"#)
+            #expect(created.status == .created)
+            #expect((created.json["secret"] as? String)?.hasPrefix("whsec_") == true)
+            let id = try #require(created.json["id"] as? String)
+            let read = try await client.send(.get, "/v1/endpoints/\(id)", token: org.ownerToken)
+            #expect(read.status == .ok && read.json["secret"] == nil, "the secret is shown once")
+        }
+        #expect(try await org.store { tx in try await tx.endpoints(limit: 100, after: nil).items.count } == 1)
+
+        // Connect time: an endpoint that reached the table (here directly) is checked again
+        // before every connection, by workers that allow no private range.
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
+        let hook = Peers.hook()
+        try await org.store { tx in
+            for endpoint in try await tx.endpoints(limit: 100, after: nil).items { try await tx.deleteEndpoint(endpoint.id) }
+            _ = try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+        }
+        try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+        var settings = TestWorkers.Settings()
+        settings.allowed = []
+        let delivery = try #require(try await TestWorkers.run(org.id, settings) { try await org.settled() }.first)
+        #expect(delivery.status == "DEAD" && delivery.attempts == 1)
+        #expect(delivery.lastError?.contains("loopback") == true)
+        #expect(try await Peers.requests(hook.name).isEmpty)
+    }
+
+    @Test("a committed notify wakes the workers through NOTIFY, long before their next poll")
+    func notifyWakes() async throws {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
+        let hook = Peers.hook()
+        _ = try await org.store { tx in
+            try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+        }
+        var settings = TestWorkers.Settings()
+        settings.pollInterval = .seconds(600)
+        let waited = try await TestWorkers.run(org.id, settings) {
+            try await Task.sleep(for: .seconds(1)) // the pool's first look finds nothing and it waits
+            let clock = ContinuousClock()
+            let start = clock.now
+            try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+            let sent = try await eventually(timeout: .seconds(10), every: .milliseconds(20)) {
+                try await org.deliveries().first?.status == "SENT"
+            }
+            #expect(sent)
+            return clock.now - start
+        }
+        // With a 10-minute poll, only the notification can have woken the pool.
+        #expect(waited < .seconds(10))
+        print("notify → SENT through NOTIFY in \(waited)")
+    }
+
+    @Test("several pools with many workers: one claim per row per attempt, every row sent once")
+    func manyWorkers() async throws {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
+        try await org.addUsers(300)
+        let hook = Peers.hook()
+        _ = try await org.store { tx in
+            try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+        }
+        try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(everyone: true), payload: .object([:])))
+        var settings = TestWorkers.Settings()
+        settings.pools = 3
+        settings.concurrency = 8
+        let deliveries = try await TestWorkers.run(org.id, settings) { try await org.settled() }
+        #expect(deliveries.count == 302)
+        #expect(deliveries.allSatisfy { $0.status == "SENT" && $0.attempts == 1 })
+        let attempts = try await org.store { tx in
+            try await tx.connection.query("SELECT count(*)::int, count(DISTINCT (delivery_id, attempt))::int, count(DISTINCT worker)::int FROM delivery_attempts",
+                                          logger: tx.logger).collect()[0].decode((Int, Int, Int).self)
+        }
+        #expect(attempts.0 == 302 && attempts.1 == 302)
+        #expect(attempts.2 > 1, "the pools shared the work")
+        let ids = try await Peers.ids(hook.name)
+        #expect(ids["total"] as? Int == 302 && ids["unique"] as? Int == 302)
+    }
+}
+
+extension TestOrganisation {
+    /// Adds `count` active users (no roles), in one statement.
+    func addUsers(_ count: Int) async throws {
+        try await store { tx in
+            _ = try await tx.connection.query(
+                """
+                INSERT INTO users (organisation_id, id, email, display_name)
+                SELECT \(id), gen_random_uuid(), 'user' || g || '@' || \(slug) || '.example', 'User ' || g
+                FROM generate_series(1, \(count)::integer) g
+                """, logger: tx.logger)
+        }
+    }
+}
