@@ -203,7 +203,11 @@ class Handler(BaseHTTPRequestHandler):
                 parts.append(self.rfile.read(size))
                 self.rfile.readline(65537)              # CRLF after chunk
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
+        body = self.rfile.read(length) if length > 0 else b""
+        if len(body) < length:
+            # The sender went away mid-request (e.g. killed): nothing was delivered, record nothing.
+            raise ConnectionResetError("request body cut short")
+        return body
 
     def _reply(self, status: int, body: bytes | str = b"",
                ctype: str = "text/plain; charset=utf-8",

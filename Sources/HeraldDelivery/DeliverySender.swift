@@ -61,13 +61,15 @@ public struct DeliverySender: Sendable {
             guard endpoint.enabled else {
                 return .notSent(reason: "Not sent: the endpoint is disabled\(endpoint.disabledReason.map { " (\($0))" } ?? "").")
             }
+            let open = links.open(work, now: now)
+            let linkValues = open.map { ["open": $0] } ?? [:]
             if endpoint.channel == .webhook {
-                let body = WebhookMessage.body(work, content: content(work, channel: .webhook), url: links.open(work, now: now))
+                let body = WebhookMessage.body(work, content: content(work, channel: .webhook, links: linkValues), url: open)
                 let headers = WebhookSigner.headers(id: "msg_\(work.delivery.id.lowercased)", timestamp: now, body: body,
                                                     secrets: endpoint.signingSecrets(at: now).compactMap(WebhookSecret.init))
                 return await http.post(endpoint.url, headers: headers + [("content-type", "application/json")], body: body)
             }
-            let body = ChatMessage.body(format: endpoint.format, content: content(work, channel: .chat), url: links.open(work, now: now))
+            let body = ChatMessage.body(format: endpoint.format, content: content(work, channel: .chat, links: linkValues), url: open)
             return await http.post(endpoint.url, headers: [("content-type", "application/json")], body: body)
         case .inApp, nil:
             return .notSent(reason: "Not sent: \(work.delivery.channel) is not an outbox channel.")

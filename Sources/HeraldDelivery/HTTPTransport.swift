@@ -32,7 +32,10 @@ public final class HTTPTransport: Sendable {
         let vetted: VettedDestination
         switch await destinations.vetInBackground(url: url) {
         case .success(let destination): vetted = destination
-        case .failure(let refusal): return .refused(code: nil, error: refusal.detail, permanent: true, retryAfter: nil)
+        case .failure(let refusal):
+            // A name that does not resolve now may resolve later; an address the guard refuses will not change.
+            if case .unresolvable = refusal.reason { return .refused(code: nil, error: refusal.detail, permanent: false, retryAfter: nil) }
+            return .refused(code: nil, error: refusal.detail, permanent: true, retryAfter: nil)
         }
         var request = HTTPClientRequest(url: pinned(url, vetted))
         request.method = .POST

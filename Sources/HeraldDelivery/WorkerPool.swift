@@ -174,7 +174,8 @@ public final class DeliveryWorkerPool: Service, Sendable {
                 return completed
             }
             let duration = Date().timeIntervalSince(started)
-            Counter(label: "herald_delivery_attempts_total", dimensions: [("channel", work.delivery.channel), ("outcome", result.status)]).increment()
+            Counter(label: "herald_delivery_attempts_total",
+                    dimensions: [("channel", work.delivery.channel), ("outcome", completed ? result.status : "FENCED")]).increment()
             Timer(label: "herald_delivery_attempt_seconds", dimensions: [("channel", work.delivery.channel)]).recordSeconds(duration)
             logger.info("delivery attempt", metadata: [
                 "channel": .string(work.delivery.channel), "outcome": .string(completed ? result.status : "FENCED"),

@@ -23,6 +23,9 @@ struct Worker: AsyncParsableCommand {
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: PrometheusCollectorRegistry()))
         let logger = Logger(label: "herald.worker")
         let delivery = try DeliveryServices(config, linkKeys: try config.linkKeyRing(), logger: logger)
+        guard delivery.workers > 0 else {
+            throw ValidationError("DATABASE_WORKER_URL is not set: the workers connect as the worker role (herald_worker).")
+        }
         let group = ServiceGroup(configuration: .init(
             services: delivery.services.map { .init(service: $0) }, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         logger.info("herald worker started", metadata: ["workers": "\(delivery.workers)"])

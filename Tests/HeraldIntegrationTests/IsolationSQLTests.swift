@@ -58,6 +58,15 @@ struct IsolationSQLTests {
                                                             payload: .object(["isq": .number(25)])))
         #expect(!plan.deliveries.isEmpty && !plan.digestItems.isEmpty && !plan.notifications.isEmpty)
         try await org.store { tx in try await tx.markAllRead(of: org.ownerID, through: TimeOrderedID.upperBound(at: Date())) }
+        // A webhook endpoint with a delivery that names it, and a click on that delivery's link.
+        try await org.deliveryType("HOOKED", category: catalogue.activity, channels: [.webhook])
+        try await org.store { tx in
+            _ = try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: "https://93.184.216.34/hook", eventTypes: [],
+                                            secret: WebhookSecret.generate().string)
+        }
+        let (_, hooked) = try await org.notify(EventRequest(typeKey: "HOOKED", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+        let webhook = try #require(hooked.deliveries.first)
+        _ = try await org.store { tx in try await tx.recordClick(deliveryID: webhook.id, userID: org.memberID) }
         // An attempt in the outbox's log: claim this organisation's deliveries and complete one.
         try await org.store { tx in
             for delivery in try await tx.deliveries(DeliveryFilter(), limit: 10, after: nil).items {
