@@ -5,7 +5,11 @@
 #   1. notify fan-out to 10 000 and 100 000 members: time to commit and rows per second,
 #      beside a plain INSERT … SELECT of the same rows in one transaction as the same role;
 #   2. the feed read (unread count, first page) under wrk, beside pgbench running the same SQL
-#      (authentication transaction + handler transaction) at the same concurrency.
+#      (authentication transaction + handler transaction) at the same concurrency;
+#   3. delivery: 10 000 webhooks to a local receiver and 10 000 emails to a local SMTP server
+#      (scripts/peers.py) by one `herald worker`, beside each receiver's own ceiling (wrk
+#      posting the same body to the receiver; smtplib sending the same message over 4
+#      connections) measured in the same run.
 # Results go to .bench/results.md; docs/benchmarks.md records them with this command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -175,5 +179,89 @@ for what in unread page; do
         -D org=$ORG -D usr=$OWNER -f .bench/$what.sql herald_bench 2>/dev/null | awk '/^tps/ {print $3; exit}')
   printf '| %s | %.0f | %.0f | %.2f |\n' "$NAME" $RPS $TPS $(echo "$RPS / $TPS" | bc -l) >> $OUT
 done
+# 3. Delivery. The fan-out above left pending emails behind: cancel them, so the worker sends
+# only what is measured here.
+say "delivery: peers and ceilings"
+psql_app -c "SELECT set_config('app.org_id', '$ORG', false)" -c "UPDATE deliveries SET status = 'CANCELLED' WHERE status IN ('PENDING', 'FAILED')" >/dev/null
+SMTP_PORT=54335; RECV_PORT=54336
+rm -f .bench/peers.pid
+python3 scripts/peers.py --smtp 127.0.0.1:$SMTP_PORT --http 127.0.0.1:$RECV_PORT --pidfile .bench/peers.pid >/dev/null &
+for _ in $(seq 50); do test -s .bench/peers.pid && break; sleep 0.1; done
+WORKER=""
+trap 'kill $SERVER 2>/dev/null || true; kill $(cat .bench/peers.pid 2>/dev/null) 2>/dev/null || true; [ -z "$WORKER" ] || kill $WORKER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; scripts/pg.sh down bench >/dev/null' EXIT
+N=${BENCH_DELIVERIES:-10000}
+WORKERS=${BENCH_WORKERS:-32}
+# A webhook body of the size Herald sends, posted by wrk to the receiver's counting route.
+python3 - > .bench/hook-body.json <<'PY'
+import json
+print(json.dumps({"type": "notification.created", "timestamp": "2026-11-21T10:00:00Z", "data": {"event_id": "0" * 36, "delivery_id": "1" * 36,
+  "notification_type": "BENCH_HOOK", "category": "alerts", "severity": "INFO", "priority": "normal",
+  "recipient": {"id": "2" * 36, "email": "m10000-1@bench.example", "display_name": "Member 1"}, "title": "Type BENCH_HOOK", "body": ""}}))
+PY
+cat > .bench/post.lua <<LUA
+wrk.method = "POST"
+wrk.headers["content-type"] = "application/json"
+wrk.headers["webhook-id"] = "msg_bench"
+wrk.headers["webhook-timestamp"] = "1800000000"
+wrk.headers["webhook-signature"] = "v1,$(head -c 32 /dev/urandom | base64 -w0)"
+wrk.body = [[$(cat .bench/hook-body.json)]]
+LUA
+HOOK_CEILING=$(wrk -t2 -c$WORKERS -d$((DURATION / 2))s -s .bench/post.lua "http://127.0.0.1:$RECV_PORT/sink" | awk '/Requests\/sec/ {print $2}')
+SMTP_CEILING=$(python3 - $SMTP_PORT $N <<'PY'
+import smtplib, sys, threading, time
+port, total = int(sys.argv[1]), int(sys.argv[2])
+body = ("From: Bench <herald@localhost>\r\nTo: m@bench.example\r\nSubject: Reading 25\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n\r\n" + ("Hello Member, reading 25.\r\n" * 60))
+def run(k):
+    with smtplib.SMTP("127.0.0.1", port) as s:
+        for _ in range(k): s.sendmail("herald@localhost", ["m@bench.example"], body)
+start = time.time()
+threads = [threading.Thread(target=run, args=(total // 4,)) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(f"{total / (time.time() - start):.0f}")
+PY
+)
+say "delivery: one herald worker ($WORKERS concurrent sends)"
+HOOK_SECRET="whsec_$(head -c 32 /dev/urandom | base64 -w0)"
+psql_app <<SQL
+SELECT set_config('app.org_id', '$ORG', false);
+INSERT INTO notification_types (organisation_id, key, category_id, name, default_channels)
+  SELECT '$ORG', 'BENCH_HOOK', id, 'Bench webhook', '{webhook}' FROM categories WHERE key = 'alerts';
+INSERT INTO endpoints (organisation_id, id, channel, format, name, url, event_types, secret)
+  VALUES ('$ORG', gen_random_uuid(), 'webhook', 'standard', 'bench', 'http://127.0.0.1:$RECV_PORT/sink', '{BENCH_HOOK}', '$HOOK_SECRET');
+SQL
+DATABASE_WORKER_URL=postgres://herald_worker:herald_worker@127.0.0.1:$PORT/herald_bench HERALD_WORKERS=$WORKERS HERALD_WORKER_BATCH=$WORKERS \
+  HERALD_DESTINATIONS_ALLOW=127.0.0.1/32 HERALD_SMTP_URL=smtp://127.0.0.1:$SMTP_PORT HERALD_LOG_LEVEL=warning \
+  $HERALD worker > .bench/worker.log 2>&1 &
+WORKER=$!
+sleep 1
+deliver() { # type channel → seconds from notify to every delivery of the event settled
+  local body event start
+  start=$(now)
+  body=$(curl -s -X POST localhost:$HTTP/v1/events -H "authorization: Bearer $APIKEY" -H 'content-type: application/json' \
+         -d "{\"type\":\"$1\",\"audience\":{\"groups\":[\"g$N\"]},\"payload\":{\"isq\":25}}")
+  event=$(echo "$body" | python3 -c 'import json,sys; print(json.load(sys.stdin)["event_id"])')
+  while true; do
+    left=$(psql_app -tAc "SELECT set_config('app.org_id', '$ORG', false); SELECT count(*) FROM deliveries WHERE event_id = '$event' AND channel = '$2' AND status NOT IN ('SENT', 'DEAD')" | tail -1)
+    [ "$left" = 0 ] && break
+    sleep 0.2
+  done
+  sent=$(psql_app -tAc "SELECT set_config('app.org_id', '$ORG', false); SELECT count(*) FROM deliveries WHERE event_id = '$event' AND channel = '$2' AND status = 'SENT'" | tail -1)
+  [ "$sent" = "$N" ] || { echo "bench: only $sent of $N $2 deliveries were SENT"; exit 1; }
+  echo "$(now) - $start" | bc
+}
+HOOK_T=$(deliver BENCH_HOOK webhook)
+MAIL_T=$(deliver BENCH email)
+kill -TERM $WORKER; wait $WORKER 2>/dev/null || true
+{
+echo
+echo "## delivery: $N messages by one \`herald worker\` ($WORKERS concurrent sends), from notify to every row SENT"
+echo
+echo "| channel | Herald (deliveries/s) | the receiver's own ceiling | ratio |"
+echo "|---|---|---|---|"
+printf '| webhook (Standard Webhooks, signed) | %.0f | %.0f requests/s (wrk -c%s, same body) | %.2f |\n' $(echo "$N / $HOOK_T" | bc -l) $HOOK_CEILING $WORKERS $(echo "$N / $HOOK_T / $HOOK_CEILING" | bc -l)
+printf '| email (SMTP via libcurl, multipart) | %.0f | %.0f messages/s (smtplib, 4 connections) | %.2f |\n' $(echo "$N / $MAIL_T" | bc -l) $SMTP_CEILING $(echo "$N / $MAIL_T / $SMTP_CEILING" | bc -l)
+} >> $OUT
 say "done: $OUT"
 cat $OUT
