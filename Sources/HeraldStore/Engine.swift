@@ -45,6 +45,16 @@ public struct PlannedEvent: Sendable {
     public var plan: Plan
 }
 
+extension TypeProfile {
+    /// A stored type with its category, as the engine plans and the workers render from it.
+    init(_ type: NotificationType, category: Category) {
+        self.init(
+            id: type.id, key: type.key, name: type.name, categoryID: category.id, categoryKey: category.key,
+            categoryIsCritical: category.critical, defaultChannels: Set(type.defaultChannels), defaultSeverity: type.defaultSeverity,
+            defaultPriority: type.defaultPriority, templates: type.templates)
+    }
+}
+
 extension TenantTransaction {
     /// Gathers everything the planner needs in a few set-based queries and runs it. Writes
     /// nothing: notify writes the result with `write`, a dry run just shows it.
@@ -52,10 +62,7 @@ extension TenantTransaction {
         guard let type = try await notificationType(key: request.typeKey) else { throw UnknownNotificationType(key: request.typeKey) }
         let category = try await category(type.categoryID)
         let settings = try await engineSettings()
-        let profile = TypeProfile(
-            id: type.id, key: type.key, name: type.name, categoryID: category.id, categoryKey: category.key,
-            categoryIsCritical: category.critical, defaultChannels: Set(type.defaultChannels), defaultSeverity: type.defaultSeverity,
-            defaultPriority: type.defaultPriority, templates: type.templates)
+        let profile = TypeProfile(type, category: category)
         let recipients = try await recipients(for: request.audience)
         let deliverAt = max(request.deliverAt ?? now, now)
         let severity = request.severity ?? type.defaultSeverity

@@ -147,10 +147,7 @@ extension TenantTransaction {
         let recipient = RecipientProfile(
             candidate: Candidate(userID: delivery.userID, active: active, byUser: true), email: email, displayName: name,
             locale: locale, timezone: timezone, attributes: try decoder.decode(JSONValue.self, from: Data(attributes.utf8)))
-        let profile = TypeProfile(
-            id: type.id, key: type.key, name: type.name, categoryID: category.id, categoryKey: category.key,
-            categoryIsCritical: category.critical, defaultChannels: Set(type.defaultChannels), defaultSeverity: type.defaultSeverity,
-            defaultPriority: type.defaultPriority, templates: type.templates)
+        let profile = TypeProfile(type, category: category)
         let input = PlanInput(
             eventID: delivery.eventID, type: profile, severity: Severity(rawValue: severity) ?? type.defaultSeverity,
             priority: Priority(rawValue: priority) ?? type.defaultPriority, payload: try decoder.decode(JSONValue.self, from: Data(payload.utf8)),
