@@ -59,6 +59,7 @@ run: build $(RUN_DB_UP) jwt-key
 	HERALD_LOG_FORMAT=$${HERALD_LOG_FORMAT:-text} $(HERALD) serve
 
 # The suite needs a database it can create and drop: always a private cluster, stopped after.
+# Then scripts/contract.sh serves a freshly seeded database and checks it against openapi.yaml.
 test: deps
 	swift build --build-tests
 	@scripts/pg.sh up test $(TEST_PORT)
@@ -74,13 +75,18 @@ test: deps
 	export HERALD_TEST_OWNER_URL=postgres://herald_owner:herald_owner@127.0.0.1:$(TEST_PORT)/herald_test; \
 	export HERALD_TEST_WORKER_URL=postgres://herald_worker:herald_worker@127.0.0.1:$(TEST_PORT)/herald_test; \
 	DATABASE_OWNER_URL=$$HERALD_TEST_OWNER_URL $(HERALD) migrate; \
-	HERALD_SQL_DIR=$(CURDIR)/sql swift test --skip-build
+	HERALD_SQL_DIR=$(CURDIR)/sql swift test --skip-build; \
+	scripts/pg.sh recreate-db test $(TEST_PORT) herald_contract; \
+	DATABASE_URL=postgres://herald_app:herald_app@127.0.0.1:$(TEST_PORT)/herald_contract \
+	DATABASE_OWNER_URL=postgres://herald_owner:herald_owner@127.0.0.1:$(TEST_PORT)/herald_contract \
+	HERALD=$(HERALD) scripts/contract.sh --serve
 
 bench: deps
 	@scripts/bench.sh
 
 spec:
 	python3 -m openapi_spec_validator openapi.yaml
+	python3 scripts/spec-routes.py
 
 fmt:
 	swift format --in-place --recursive Sources Tests Package.swift

@@ -37,4 +37,10 @@ if ! python3 -c 'import openapi_spec_validator' 2>/dev/null; then
   echo "install-deps: installing openapi-spec-validator (for make spec)"
   pip_install openapi-spec-validator || echo "install-deps: openapi-spec-validator not installed; only 'make spec' needs it"
 fi
+# schemathesis checks the live server against openapi.yaml at the end of `make test`
+# (scripts/contract.sh); its CLI is the 4.x one.
+if ! python3 -c 'import schemathesis, sys; sys.exit(int(schemathesis.__version__.split(".")[0]) < 4)' 2>/dev/null; then
+  echo "install-deps: installing schemathesis 4 (for the contract check in make test)"
+  pip_install 'schemathesis>=4,<5'
+fi
 command -v swift >/dev/null || { echo "install-deps: Swift 6.2 or newer is needed (https://www.swift.org/install/linux/)" >&2; exit 1; }

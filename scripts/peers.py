@@ -162,6 +162,7 @@ class MailHandler:
         msg = {
             "mail_from": envelope.mail_from,
             "rcpt_tos": list(envelope.rcpt_tos),
+            "mail_options": list(envelope.mail_options),  # e.g. SMTPUTF8
             "data": _decode(raw),
             "received_at": time.time(),
         }

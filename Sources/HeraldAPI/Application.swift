@@ -63,7 +63,7 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
     try service.registerHandlers(
         on: router,
         configuration: .init(dateTranscoder: FlexibleISO8601(), jsonEncodingOptions: [.sortedKeys, .withoutEscapingSlashes]),
-        middlewares: [PermissionMiddleware()])
+        middlewares: [PermissionMiddleware(), RequestValuesMiddleware(maxBodyBytes: configuration.maxBodyBytes)])
     return router
 }
 
@@ -98,16 +98,15 @@ extension PostgresClient.Configuration {
     }
 }
 
-/// RFC 3339 date-times with or without fractional seconds (JavaScript's `toISOString()` sends
-/// milliseconds); Herald writes whole seconds.
+/// Every RFC 3339 date-time, with or without fractional seconds (JavaScript's `toISOString()`
+/// sends milliseconds), with any offset (`RFC3339`); Herald writes whole seconds in UTC.
 struct FlexibleISO8601: DateTranscoder {
     func encode(_ date: Date) throws -> String {
         date.formatted(.iso8601)
     }
 
     func decode(_ text: String) throws -> Date {
-        if let date = try? Date(text, strategy: .iso8601) { return date }
-        if let date = try? Date(text, strategy: Date.ISO8601FormatStyle(includingFractionalSeconds: true)) { return date }
+        if let date = RFC3339.date(from: text) { return date }
         throw DecodingError.dataCorrupted(.init(codingPath: [], debugDescription: "\"\(text)\" is not an RFC 3339 date-time."))
     }
 }

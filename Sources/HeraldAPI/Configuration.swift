@@ -65,6 +65,17 @@ public struct AppConfiguration: Sendable {
     /// `127.0.0.1/32` for a local receiver). Empty: only public addresses.
     public var destinationsAllowed: [String] = []
     public var webhookTimeout: Double = 10
+    /// Seconds one database call may take before it is abandoned (issue 8, item 11).
+    public var databaseTimeout: Double = 10
+    /// Seconds from SIGTERM/SIGINT to exit, whatever still hangs: in-flight work drains for
+    /// most of it, is cancelled, and at the end the process exits anyway.
+    public var shutdownSeconds: Double = 25
+    /// Webhook/chat sends in flight at once to one endpoint, per process.
+    public var endpointConcurrency = 4
+    /// Attempts in a row without an answer that open an endpoint's circuit breaker.
+    public var circuitFailures = 5
+    /// Seconds an open circuit breaker pauses an endpoint before a trial delivery.
+    public var circuitCooldownSeconds: Double = 60
 
     public init() {}
 
@@ -127,6 +138,20 @@ public struct AppConfiguration: Sendable {
         try number("HERALD_SMTP_TIMEOUT", &c.smtpTimeout)
         if let v = value("HERALD_DESTINATIONS_ALLOW") { c.destinationsAllowed = v.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
         try number("HERALD_WEBHOOK_TIMEOUT", &c.webhookTimeout)
+        try number("HERALD_DATABASE_TIMEOUT", &c.databaseTimeout)
+        try number("HERALD_SHUTDOWN_SECONDS", &c.shutdownSeconds)
+        try number("HERALD_ENDPOINT_CONCURRENCY", &c.endpointConcurrency)
+        try number("HERALD_CIRCUIT_FAILURES", &c.circuitFailures)
+        try number("HERALD_CIRCUIT_COOLDOWN_SECONDS", &c.circuitCooldownSeconds)
+        guard c.databaseTimeout >= 0.1 else { throw ConfigurationError(variable: "HERALD_DATABASE_TIMEOUT", value: "\(c.databaseTimeout) (at least 0.1)") }
+        guard c.shutdownSeconds >= 1 else { throw ConfigurationError(variable: "HERALD_SHUTDOWN_SECONDS", value: "\(c.shutdownSeconds) (at least 1)") }
+        guard (1...1000).contains(c.endpointConcurrency) else {
+            throw ConfigurationError(variable: "HERALD_ENDPOINT_CONCURRENCY", value: "\(c.endpointConcurrency) (1 to 1000)")
+        }
+        guard c.circuitFailures >= 1 else { throw ConfigurationError(variable: "HERALD_CIRCUIT_FAILURES", value: "\(c.circuitFailures) (at least 1)") }
+        guard c.circuitCooldownSeconds >= 0 else {
+            throw ConfigurationError(variable: "HERALD_CIRCUIT_COOLDOWN_SECONDS", value: "\(c.circuitCooldownSeconds) (0 or more)")
+        }
         if let v = value("HERALD_LOG_FORMAT") {
             guard ["json", "text"].contains(v) else { throw ConfigurationError(variable: "HERALD_LOG_FORMAT", value: v) }
             c.logFormat = v

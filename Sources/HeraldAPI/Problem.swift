@@ -12,10 +12,12 @@ public enum APIError: Error, Sendable, Equatable {
     case forbidden(Permission)
     case notFound(resource: String)
     case noRoute(method: String, path: String)
+    /// The path exists with other methods (RFC 9110 §15.5.6: 405 with `Allow`).
+    case methodNotAllowed(method: String, allowed: [String])
     case conflict(String)
     case unprocessable(ValidationError)
     case tooManyRequests(String, retryAfter: Int)
-    case contentTooLarge(limit: Int)
+    case contentTooLarge(limit: Int?)
     case notReady(String)
     case internalError
 
@@ -25,6 +27,7 @@ public enum APIError: Error, Sendable, Equatable {
         case .unauthorized: .unauthorized
         case .forbidden: .forbidden
         case .notFound, .noRoute: .notFound
+        case .methodNotAllowed: .methodNotAllowed
         case .conflict: .conflict
         case .unprocessable: .unprocessableContent
         case .tooManyRequests: .tooManyRequests
@@ -40,6 +43,7 @@ public enum APIError: Error, Sendable, Equatable {
         case .unauthorized: "unauthorized"
         case .forbidden: "forbidden"
         case .notFound, .noRoute: "not-found"
+        case .methodNotAllowed: "method-not-allowed"
         case .conflict: "conflict"
         case .unprocessable: "validation"
         case .tooManyRequests: "rate-limited"
@@ -61,12 +65,14 @@ public enum APIError: Error, Sendable, Equatable {
             "No \(resource) with this id exists in your organisation."
         case .noRoute(let method, let path):
             "There is no operation \(method) \(path); openapi.yaml lists them."
+        case .methodNotAllowed(let method, let allowed):
+            "This path does not take \(method); it takes \(allowed.joined(separator: ", "))."
         case .unprocessable(let error):
             "\(error.field): \(error.message)"
         case .tooManyRequests(let detail, _):
             detail
         case .contentTooLarge(let limit):
-            "The request body is larger than \(limit) bytes."
+            limit.map { "The request body is larger than \($0) bytes." } ?? "The request body is too large."
         case .internalError:
             "Something went wrong on our side. The request id in the X-Request-Id header helps us find it."
         }
@@ -85,6 +91,7 @@ public enum APIError: Error, Sendable, Equatable {
         switch self {
         case .unauthorized: fields[.wwwAuthenticate] = "Bearer"
         case .tooManyRequests(_, let seconds): fields[.retryAfter] = String(seconds)
+        case .methodNotAllowed(_, let allowed): fields[.allow] = allowed.joined(separator: ", ")
         default: break
         }
         return fields
@@ -101,6 +108,8 @@ public enum APIError: Error, Sendable, Equatable {
         switch error {
         case .notFound:
             return .notFound(resource: resource)
+        case .missing(let what):
+            return .notFound(resource: what)
         case .conflict(let constraint):
             return .conflict(conflictMessages[constraint] ?? "This change conflicts with an existing \(resource).")
         case .invalidReference(let constraint):

@@ -5,6 +5,8 @@ import Hummingbird
 import Logging
 import NIOCore
 import OpenAPIRuntime
+import PostgresNIO
+import HeraldStore
 
 /// The one boundary every request crosses: request id, body limit, authentication, the
 /// task-local scope the handlers read, problem+json for every error, one log line, metrics.
@@ -28,6 +30,9 @@ struct RequestMiddleware: RouterMiddleware {
             }
             do {
                 _ = try await request.collectBody(upTo: maxBodyBytes)
+            } catch is NIOTooManyBytesError {
+                // A chunked body (no Content-Length) crossed the limit while being read.
+                throw APIError.contentTooLarge(limit: maxBodyBytes)
             } catch let error as HTTPError where error.status == .contentTooLarge {
                 throw APIError.contentTooLarge(limit: maxBodyBytes)
             }
@@ -45,6 +50,12 @@ struct RequestMiddleware: RouterMiddleware {
             response = Self.problemResponse(for: error, request: request, logger: logger)
         }
         response.headers[.requestID] = requestID
+        if response.status == .contentTooLarge {
+            // Reading the rest of a refused body (to keep the connection) would take as long and
+            // as much as accepting it: answer, then close instead (RFC 9110 §15.5.14).
+            response.headers[.connection] = "close"
+            context.channel.close(mode: .input, promise: nil)
+        }
         // The generated code percent-encodes header values (URI "simple" style), which turns a
         // redirect's absolute URL into one opaque token; Location is a URI already (RFC 9110).
         if let location = response.headers[.location], location.contains("%3A%2F%2F") {
@@ -72,9 +83,16 @@ struct RequestMiddleware: RouterMiddleware {
     /// Maps any error to a problem+json response. Internal details go to the log, never the client.
     static func problemResponse(for error: any Error, request: Request, logger: Logger) -> Response {
         var problem = apiError(for: error)
-        if problem == .notFound(resource: "route") { problem = .noRoute(method: request.method.rawValue, path: request.uri.path) }
+        if problem == .notFound(resource: "route") {
+            let allowed = SpecRoutes.allowedMethods(path: request.uri.path)
+            problem = allowed.isEmpty || allowed.contains(request.method.rawValue)
+                ? .noRoute(method: request.method.rawValue, path: request.uri.path)
+                : .methodNotAllowed(method: request.method.rawValue, allowed: allowed)
+        }
         if problem == .internalError {
-            logger.error("request failed", metadata: ["error": "\(String(reflecting: error))"])
+            // Never the error's reflection: it carries the request's headers (credentials) and
+            // its decoded body (event payloads). The request id ties this line to the request.
+            logger.error("request failed", metadata: ["error": "\(redacted(error))"])
         } else {
             logger.log(level: problem.logLevel, "request refused", metadata: ["problem": "\(problem.problemType)", "detail": "\(problem.detail)"])
         }
@@ -92,7 +110,11 @@ struct RequestMiddleware: RouterMiddleware {
         case let error as ServerError:
             if let inner = error.underlyingError as? APIError { return inner }
             if let inner = error.underlyingError as? ValidationError { return .unprocessable(inner) }
-            if let decoding = error.underlyingError as? DecodingError { return .badRequest(describe(decoding)) }
+            // Only a request the generated code could not decode is the client's fault; a
+            // decoding failure inside a handler (stored data) is ours.
+            if let decoding = error.underlyingError as? DecodingError {
+                return error.operationInput == nil ? .badRequest(describe(decoding)) : .internalError
+            }
             if (400..<500).contains(error.httpStatus.code) {
                 if error.httpStatus == .unsupportedMediaType { return .badRequest("Send the body as application/json.") }
                 return .badRequest(error.causeDescription)
@@ -101,12 +123,39 @@ struct RequestMiddleware: RouterMiddleware {
         case let error as HTTPError:
             switch error.status {
             case .notFound: return .notFound(resource: "route")
-            case .methodNotAllowed: return .badRequest("This method is not allowed on this path.")
-            case .contentTooLarge: return .internalError
+            case .methodNotAllowed: return .notFound(resource: "route")
+            case .contentTooLarge: return .contentTooLarge(limit: nil)
             default: return error.status.code < 500 ? .badRequest(error.body ?? error.status.reasonPhrase) : .internalError
             }
         default:
             return .internalError
+        }
+    }
+
+    /// What a log line may say about a failure: its kind and where it happened, never a value
+    /// that came from the request (headers, body, query) or a credential.
+    static func redacted(_ error: any Error) -> String {
+        switch error {
+        case let error as ServerError:
+            return "operation \(error.operationID): \(redacted(error.underlyingError))"
+        case let error as PostgresTransactionError:
+            return redacted(error.closureError ?? error.beginError ?? error.commitError ?? error.rollbackError ?? CancellationError())
+        case let error as PSQLError:
+            let state = error.serverInfo?[.sqlState] ?? "-"
+            let message = error.serverInfo?[.message] ?? ""
+            return "PostgreSQL \(error.code) sqlstate=\(state) \(message)"
+        case let error as DecodingError:
+            let path: DecodingError.Context? = switch error {
+            case .keyNotFound(_, let c), .typeMismatch(_, let c), .valueNotFound(_, let c), .dataCorrupted(let c): c
+            @unknown default: nil
+            }
+            return "DecodingError at \(path?.codingPath.map(\.stringValue).joined(separator: ".") ?? "?")"
+        case let error as UnmappableValue:
+            return "\(error)"
+        case let error as StoredValueError:
+            return "\(error)"
+        default:
+            return "\(type(of: error))"
         }
     }
 

@@ -29,7 +29,7 @@ enum AccessRule: Sendable, Equatable {
 /// | listApiKeys, createApiKey, getApiKey, revokeApiKey | apikeys.manage |
 /// | listAuditEntries | audit.read |
 /// | listCategories, getCategory | authenticated |
-/// | create/update/deleteCategory, list/get/create/update/deleteNotificationType, put/deleteTemplate | templates.manage |
+/// | create/update/deleteCategory, list/get/create/update/deleteNotificationType, put/deleteTemplate, export/importCatalogue | templates.manage (import with preference_defaults: also organisation.manage) |
 /// | get/replacePreferenceDefaults | organisation.manage |
 /// | getMyPreferences, replaceMyPreferences, getMyResolvedPreferences | preferences.manage |
 /// | getUserPreferences, replaceUserPreferences, getUserResolvedPreferences | users.manage |
@@ -99,6 +99,8 @@ enum RoutePermissions {
         "deleteNotificationType": .permission(.templatesManage),
         "putTemplate": .permission(.templatesManage),
         "deleteTemplate": .permission(.templatesManage),
+        "exportCatalogue": .permission(.templatesManage),
+        "importCatalogue": .permission(.templatesManage),
         "getPreferenceDefaults": .permission(.organisationManage),
         "replacePreferenceDefaults": .permission(.organisationManage),
         "getMyPreferences": .permission(.preferencesManage),

@@ -59,17 +59,26 @@ public enum IPAddress: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
-    /// The IPv4 address an IPv6 address stands for when connecting to it: IPv4-mapped (::ffff:0:0/96),
-    /// IPv4-compatible (::/96, except :: and ::1), NAT64 (64:ff9b::/96) and 6to4 (2002::/16).
+    /// The IPv4 address an IPv6 address stands for when connecting to it, in every form that embeds
+    /// one (issue 8 item 8): IPv4-mapped (::ffff:0:0/96), IPv4-compatible (::/96, deprecated; except ::
+    /// and ::1), IPv4-translated (::ffff:0:0:0/96, RFC 2765), NAT64 well-known (64:ff9b::/96) and
+    /// local-use (64:ff9b:1::/48, RFC 8215; read as a /96 translator, the IPv4 in the last 32 bits),
+    /// 6to4 (2002::/16), Teredo (2001::/32, the client address stored inverted, RFC 4380) and ISATAP
+    /// interface ids (…:0:5efe:a.b.c.d or …:200:5efe:a.b.c.d under any prefix, RFC 5214).
     public var embeddedIPv4: IPAddress? {
         guard case .v6(let b) = self, b.count == 16 else { return nil }
         let low = Array(b[12..<16])
-        if b[0..<10].allSatisfy({ $0 == 0 }) && b[10] == 0xFF && b[11] == 0xFF { return .v4(low) }  // ::ffff:a.b.c.d
-        if b[0..<12].allSatisfy({ $0 == 0 }) {  // ::a.b.c.d (deprecated); :: and ::1 are themselves
+        func zero(_ range: Range<Int>) -> Bool { b[range].allSatisfy { $0 == 0 } }
+        if zero(0..<10) && b[10] == 0xFF && b[11] == 0xFF { return .v4(low) }  // ::ffff:a.b.c.d
+        if zero(0..<12) {  // ::a.b.c.d (deprecated); :: and ::1 are themselves
             return low[0..<3].allSatisfy({ $0 == 0 }) && low[3] <= 1 ? nil : .v4(low)
         }
+        if zero(0..<8) && b[8] == 0xFF && b[9] == 0xFF && zero(10..<12) { return .v4(low) }  // ::ffff:0:a.b.c.d
         if b[0..<12] == [0x00, 0x64, 0xFF, 0x9B, 0, 0, 0, 0, 0, 0, 0, 0] { return .v4(low) }  // 64:ff9b::a.b.c.d
+        if b[0..<6] == [0x00, 0x64, 0xFF, 0x9B, 0x00, 0x01] { return .v4(low) }  // 64:ff9b:1:…:a.b.c.d
         if b[0] == 0x20 && b[1] == 0x02 { return .v4(Array(b[2..<6])) }  // 2002:aabb:ccdd::/48
+        if b[0..<4] == [0x20, 0x01, 0x00, 0x00] { return .v4(low.map { ~$0 }) }  // Teredo client, obfuscated
+        if (b[8] == 0x00 || b[8] == 0x02) && b[9] == 0x00 && b[10] == 0x5E && b[11] == 0xFE { return .v4(low) }  // ISATAP
         return nil
     }
 }
@@ -242,6 +251,7 @@ public struct DestinationGuard: Sendable {
         ("fec0::/10", .siteLocal),  // deprecated, still routed internally by some networks
         ("ff00::/8", .multicast),
         ("2001:db8::/32", .documentation),
+        ("3fff::/20", .documentation),  // RFC 9637
         ("2001::/32", .tunnel),  // Teredo: the real IPv4 endpoint is obfuscated inside
         ("100::/64", .discard),
     ].map { text, kind in
@@ -250,18 +260,21 @@ public struct DestinationGuard: Sendable {
     }
 
     /// Why `address` is blocked, ignoring `allowed`; nil for a public address. IPv6 forms that embed an
-    /// IPv4 address (mapped, compatible, NAT64, 6to4) are judged by that IPv4 address.
+    /// IPv4 address (see `IPAddress.embeddedIPv4`) are judged by that IPv4 address first, then by their
+    /// own range (so Teredo stays refused even when its client address is public).
     public static func blockedKind(of address: IPAddress) -> BlockedAddressKind? {
         if let embedded = address.embeddedIPv4, let kind = blockedKind(of: embedded) { return kind }
         return blockedRanges.first { $0.0.contains(address) }?.1
     }
 
     /// Why `address` is refused under this guard, or nil if it may be used. An allowance matches the address
-    /// itself or the IPv4 address it embeds (so 127.0.0.1/32 also admits ::ffff:127.0.0.1).
+    /// itself or the IPv4 address it embeds (so 127.0.0.1/32 also admits ::ffff:127.0.0.1), but never through
+    /// a tunnel form that is refused in its own right (Teredo).
     public func refusal(for address: IPAddress) -> BlockedAddressKind? {
         guard let kind = Self.blockedKind(of: address) else { return nil }
+        let ownRangeBlocked = Self.blockedRanges.contains { $0.0.contains(address) }
         let isAllowed = allowed.contains { network in
-            network.contains(address) || address.embeddedIPv4.map(network.contains) == true
+            network.contains(address) || (!ownRangeBlocked && address.embeddedIPv4.map(network.contains) == true)
         }
         return isAllowed ? nil : kind
     }

@@ -9,6 +9,8 @@ public struct Organisation: Sendable, Equatable {
     public var defaultTimezone: String
     /// Most notifications per user, per category, per minute; nil when unlimited.
     public var throttlePerMinute: Int?
+    /// Most notifications per user per minute across all categories; nil when unlimited.
+    public var userThrottlePerMinute: Int? = nil
     /// The sender of the organisation's email (Herald's default when nil), its display name, and Reply-To.
     public var emailFrom: String?
     public var emailFromName: String?

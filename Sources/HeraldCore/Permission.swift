@@ -71,7 +71,7 @@ public enum BuiltinRole: String, CaseIterable, Sendable {
         case .owner: "Everything, including the organisation's settings."
         case .admin: "Everything but the organisation's settings."
         case .member: "Reads their own feed and edits their own preferences."
-        case .service: "An integrator's backend: sends events, manages users, groups and the catalogue."
+        case .service: "An integrator's backend: sends events, manages users, groups and the catalogue, asks why someone was or was not told."
         }
     }
 
@@ -85,7 +85,7 @@ public enum BuiltinRole: String, CaseIterable, Sendable {
             [.notificationsRead, .preferencesManage]
         case .service:
             [.eventsSend, .eventsRead, .usersRead, .usersManage, .groupsRead, .groupsManage, .rolesRead,
-             .templatesManage, .endpointsManage, .deliveriesRead, .statsRead]
+             .templatesManage, .endpointsManage, .deliveriesRead, .statsRead, .debugExplain]
         }
     }
 }

@@ -98,6 +98,15 @@ public enum Validate {
         return result
     }
 
+    /// A `key:value` tag (`team:sales`): a key of 1–32 lowercase letters, digits, `_`, `.`, `-`
+    /// and a value of 1–64 characters without spaces or commas.
+    public static func tag(_ value: String, field: String = "tags") throws(ValidationError) -> String {
+        guard value.range(of: #"^[a-z0-9_.-]{1,32}:[^\s,]{1,64}$"#, options: .regularExpression) != nil else {
+            throw ValidationError(field: field, message: "\"\(value)\" is not a tag such as \"team:sales\" (key: 1-32 of a-z 0-9 _ . -; value: 1-64 characters, no spaces or commas).")
+        }
+        return value
+    }
+
     /// A UUID in its canonical text form.
     public static func uuid(_ value: String, field: String) throws(ValidationError) -> UUID {
         guard let id = UUID(uuidString: value) else {

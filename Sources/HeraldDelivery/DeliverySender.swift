@@ -12,6 +12,9 @@ public enum SendOutcome: Sendable, Equatable {
     case refused(code: Int?, error: String, permanent: Bool, retryAfter: TimeInterval?)
     /// HTTP 410: the receiver is gone for good; the delivery ends and the endpoint is disabled.
     case gone(code: Int, error: String)
+    /// Nothing was sent, for a reason of this process and not of the receiver (no connection
+    /// was free): the delivery is given back without counting an attempt.
+    case deferred(reason: String)
     /// Nothing was sent and nothing will be: the event was cancelled or expired, the recipient
     /// deactivated, the endpoint deleted or disabled.
     case notSent(reason: String)
@@ -33,6 +36,22 @@ public enum SendOutcome: Sendable, Equatable {
             return .failed(responseCode: code, error: error, retryAt: next)
         case .notSent(let reason):
             return .dead(responseCode: nil, error: reason)
+        case .deferred(let reason):
+            // Only reached when a caller records a deferral as an attempt; the pool releases instead.
+            guard let next = policy.nextAttempt(after: attempt, failedAt: now, retryAfter: nil, random: random) else {
+                return .dead(responseCode: nil, error: "Not sent: \(reason).")
+            }
+            return .failed(responseCode: nil, error: "Not sent: \(reason).", retryAt: next)
+        }
+    }
+
+    /// The receiver gave no answer at all (timed out, refused or reset the connection): what
+    /// the circuit breaker counts. Nil when the outcome says nothing about the receiver.
+    var receiverAnswered: Bool? {
+        switch self {
+        case .accepted, .gone: true
+        case .refused(let code, _, let permanent, _): permanent ? nil : code != nil
+        case .deferred, .notSent: nil
         }
     }
 }

@@ -39,18 +39,25 @@ public final class EmailTransport: Sendable {
         }
     }
 
+    /// The outcome's `error` is `SMTPError.description`: a sentence for the tenant admin, never a dump.
     private func sendBlocking(from: String, to recipient: String, message: [UInt8]) -> SendOutcome {
+        var connection: SMTPConnection?
         do throws(SMTPError) {
-            let connection: SMTPConnection
-            if let reused = idle.withLock({ $0.popLast() }) { connection = reused } else { connection = try SMTPConnection(settings: settings) }
-            let reply = try connection.send(from: from, to: [recipient], message: message)
-            idle.withLock { $0.append(connection) }
+            let used: SMTPConnection
+            if let reused = idle.withLock({ $0.popLast() }) { used = reused } else { used = try SMTPConnection(settings: settings) }
+            connection = used
+            let reply = try used.send(from: from, to: [recipient], message: message)
+            idle.withLock { $0.append(used) }
             return .accepted(code: reply.code, response: "\(reply.code) \(reply.text)")
         } catch {
             switch error {
-            case .refused(let code, _):
+            case .refused(let code, _, _):
                 return .refused(code: code, error: error.description, permanent: error.isPermanent, retryAfter: nil)
-            default:
+            case .smtputf8Unsupported, .invalidEnvelope:
+                // Refused before any transfer: the connection is still good.
+                if let connection { idle.withLock { $0.append(connection) } }
+                return .refused(code: nil, error: error.description, permanent: true, retryAfter: nil)
+            case .transport:
                 return .refused(code: nil, error: error.description, permanent: error.isPermanent, retryAfter: nil)
             }
         }

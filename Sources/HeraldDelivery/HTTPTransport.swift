@@ -13,11 +13,17 @@ public final class HTTPTransport: Sendable {
     /// Most bytes of a reply read (and kept, up to 500 characters, as the attempt's response).
     let maxResponseBytes: Int
 
-    public init(destinations: DestinationGuard, timeout: TimeAmount = .seconds(10), maxResponseBytes: Int = 16 * 1024) {
+    /// `connectionsPerHost` should be at least the sends this process runs at once (its worker
+    /// slots): then no send ever waits for a pooled connection, and endpoints that share a host
+    /// (or an address) cannot starve each other (issue 8, item 13). The per-endpoint send limit
+    /// is what bounds one endpoint.
+    public init(destinations: DestinationGuard, timeout: TimeAmount = .seconds(10), maxResponseBytes: Int = 16 * 1024,
+                connectionsPerHost: Int = 16) {
         var configuration = HTTPClient.Configuration(
             redirectConfiguration: .disallow,
             timeout: .init(connect: .seconds(5), read: timeout))
         configuration.httpVersion = .http1Only
+        configuration.connectionPool.concurrentHTTP1ConnectionsPerHostSoftLimit = max(8, connectionsPerHost)
         client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
         self.destinations = destinations
         self.timeout = timeout
@@ -56,6 +62,9 @@ public final class HTTPTransport: Sendable {
                 return .refused(code: code, error: "The receiver answered \(code)\(reply.isEmpty ? "" : ": \(reply)")", permanent: false,
                                 retryAfter: response.headers.first(name: "retry-after").flatMap { RetryAfter.seconds($0, now: Date()) })
             }
+        } catch let error as HTTPClientError where error == .getConnectionFromPoolTimeout {
+            // Waiting for a connection says nothing about the receiver: not an attempt.
+            return .deferred(reason: "no connection to the receiver's host was free")
         } catch {
             return .refused(code: nil, error: "The request failed: \(error)", permanent: false, retryAfter: nil)
         }

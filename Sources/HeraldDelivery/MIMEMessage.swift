@@ -1,4 +1,5 @@
 import Foundation
+import HeraldCore
 
 /// One email, rendered to RFC 5322 / MIME bytes ready for `SMTPConnection.send`.
 ///
@@ -6,10 +7,13 @@ import Foundation
 /// without one it is a single `text/plain` part. Bodies are UTF-8 in quoted-printable;
 /// non-ASCII subjects and display names become RFC 2047 encoded words. Every header value
 /// is checked: CR, LF and other control characters are refused, never passed through.
+/// Addresses must be ones `EmailAddress` accepts. An internationalised From or To address
+/// (RFC 6531) makes the message internationalised: addresses and the Message-ID may then carry
+/// UTF-8 as RFC 6532 allows, and the transport sends it only to a server that offers SMTPUTF8.
 public struct MIMEMessage: Sendable {
     /// An address with an optional display name, e.g. `"Ada Lovelace" <ada@example.org>`.
     public struct Mailbox: Sendable, Equatable {
-        /// The bare address (ASCII), e.g. `ada@example.org`.
+        /// The bare address, e.g. `ada@example.org` (or `dr.müller@clinic.example`, see the type's notes).
         public var address: String
         /// Display name; any Unicode.
         public var name: String?
@@ -65,14 +69,17 @@ public struct MIMEMessage: Sendable {
 
     /// The complete message: headers and body, CRLF line endings throughout.
     public func encoded() throws(MIMEError) -> [UInt8] {
+        // libcurl announces SMTPUTF8 only when an envelope address (From or To) is non-ASCII, so
+        // UTF-8 may appear in header fields only then.
+        let utf8 = isInternationalised
         var headers: [(String, String)] = [
             ("Date", Self.rfc5322Date(date)),
-            ("From", try Self.mailbox(from, header: "From")),
+            ("From", try Self.mailbox(from, header: "From", utf8: utf8)),
         ]
-        if let replyTo { headers.append(("Reply-To", try Self.mailbox(replyTo, header: "Reply-To"))) }
-        headers.append(("To", try Self.mailbox(to, header: "To")))
+        if let replyTo { headers.append(("Reply-To", try Self.mailbox(replyTo, header: "Reply-To", utf8: utf8))) }
+        headers.append(("To", try Self.mailbox(to, header: "To", utf8: utf8)))
         headers.append(("Subject", try Self.unstructured(subject, header: "Subject")))
-        headers.append(("Message-ID", "<\(try Self.messageIDValue(messageID))>"))
+        headers.append(("Message-ID", "<\(try Self.messageIDValue(messageID, utf8: utf8))>"))
         for (name, value) in extraHeaders {
             try Self.validateExtraHeader(name: name, value: value)
             headers.append((name, value))
@@ -118,6 +125,11 @@ public struct MIMEMessage: Sendable {
         return Array(out.utf8)
     }
 
+    /// Whether the From or To address is non-ASCII, so the message needs SMTPUTF8 (RFC 6531).
+    public var isInternationalised: Bool {
+        !EmailAddress.isASCII(from.address) || !EmailAddress.isASCII(to.address)
+    }
+
     // MARK: - Header values
 
     /// Headers this type writes itself; callers may not add a second copy.
@@ -139,12 +151,16 @@ public struct MIMEMessage: Sendable {
     }
 
     /// `"Display Name" <address>` or just `address`.
-    private static func mailbox(_ mailbox: Mailbox, header: String) throws(MIMEError) -> String {
+    private static func mailbox(_ mailbox: Mailbox, header: String, utf8: Bool) throws(MIMEError) -> String {
         let address = mailbox.address
-        let badAddress = address.isEmpty || !address.contains("@") || address.unicodeScalars.contains {
-            !$0.isASCII || $0.value <= 0x20 || $0.value == 0x7F || "<>,;\"".unicodeScalars.contains($0)
+        // Written exactly as given once valid: the envelope uses the same string.
+        var problem: String? = address.trimmingCharacters(in: .whitespaces) == address ? nil : "it has spaces around it"
+        do throws(EmailAddressError) { _ = try EmailAddress(address) } catch { problem = error.reason }
+        if let problem { throw .invalidAddress(header: header, address: address, reason: problem) }
+        if !utf8 && !EmailAddress.isASCII(address) {
+            throw .invalidAddress(header: header, address: address,
+                                  reason: "an internationalised \(header) address needs an internationalised sender or recipient address")
         }
-        if badAddress { throw .invalidHeader(name: header, reason: "invalid address \(address.debugDescription)") }
         guard let name = mailbox.name, !name.isEmpty else { return address }
         try refuseControlCharacters(name, header: header)
         if name.unicodeScalars.allSatisfy(\.isASCII) {
@@ -179,27 +195,29 @@ public struct MIMEMessage: Sendable {
         return folded
     }
 
-    private static func messageIDValue(_ id: String) throws(MIMEError) -> String {
+    /// RFC 5322 msg-id without the brackets; UTF-8 (RFC 6532) only in an internationalised message,
+    /// where it comes from an internationalised sender domain.
+    private static func messageIDValue(_ id: String, utf8: Bool) throws(MIMEError) -> String {
         try refuseControlCharacters(id, header: "Message-ID")
         let valid = id.contains("@") && id.unicodeScalars.allSatisfy {
-            $0.isASCII && $0.value > 0x20 && $0.value != 0x7F && $0 != "<" && $0 != ">"
+            ($0.isASCII || utf8) && $0.value > 0x20 && $0.value != 0x7F && !$0.properties.isWhitespace && $0 != "<" && $0 != ">"
         }
-        guard valid else { throw .invalidHeader(name: "Message-ID", reason: "expected id-left@id-right, got \(id.debugDescription)") }
+        guard valid else { throw .invalidHeader(name: "Message-ID", reason: "it is not of the form id@domain (\(id.debugDescription))") }
         return id
     }
 
     private static func validateExtraHeader(name: String, value: String) throws(MIMEError) {
         let validName = !name.isEmpty && name.unicodeScalars.allSatisfy { $0.value >= 33 && $0.value <= 126 && $0 != ":" }
-        guard validName else { throw .invalidHeader(name: name, reason: "invalid header name") }
+        guard validName else { throw .invalidHeader(name: name, reason: "the header name is not valid") }
         guard !generatedHeaders.contains(name.lowercased()) else {
-            throw .invalidHeader(name: name, reason: "header is generated by MIMEMessage")
+            throw .invalidHeader(name: name, reason: "Herald writes this header itself")
         }
         try refuseControlCharacters(value, header: name)
         guard value.unicodeScalars.allSatisfy(\.isASCII) else {
-            throw .invalidHeader(name: name, reason: "extra header values must be ASCII")
+            throw .invalidHeader(name: name, reason: "its value contains non-ASCII characters")
         }
         guard name.utf8.count + 2 + value.utf8.count <= 998 else {
-            throw .invalidHeader(name: name, reason: "header line longer than 998 characters")
+            throw .invalidHeader(name: name, reason: "the line is longer than 998 characters")
         }
     }
 
@@ -207,7 +225,7 @@ public struct MIMEMessage: Sendable {
     /// and DEL have no business in a header either. Tab is allowed.
     private static func refuseControlCharacters(_ value: String, header: String) throws(MIMEError) {
         for scalar in value.unicodeScalars where (scalar.value < 0x20 && scalar != "\t") || scalar.value == 0x7F {
-            let reason = scalar == "\r" || scalar == "\n" ? "CR/LF in header value" : "control character in header value"
+            let reason = scalar == "\r" || scalar == "\n" ? "it contains a line break" : "it contains a control character"
             throw .invalidHeader(name: header, reason: reason)
         }
     }
@@ -231,10 +249,27 @@ public struct MIMEMessage: Sendable {
     }
 }
 
-/// Why a message could not be rendered.
-public enum MIMEError: Error, Sendable, Equatable {
-    /// A header value or name supplied by the caller is unsafe or malformed.
+/// Why a message could not be rendered. `description` is a clause a tenant admin can read
+/// after "The message could not be built: " (it ends up as a delivery's DEAD reason).
+public enum MIMEError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// A header value or name supplied by the caller is unsafe or malformed; `reason` is a clause.
     case invalidHeader(name: String, reason: String)
+    /// A From, Reply-To or To address Herald cannot send to; `reason` is a clause.
+    case invalidAddress(header: String, address: String, reason: String)
+
+    public var description: String {
+        switch self {
+        case .invalidHeader(let name, let reason):
+            return "the \(name) header cannot be written: \(reason)."
+        case .invalidAddress(let header, let address, let reason):
+            let role = switch header {
+            case "From": "sender"
+            case "To": "recipient"
+            default: header
+            }
+            return "the \(role) address \(address.debugDescription) cannot be used: \(reason)."
+        }
+    }
 }
 
 /// Quoted-printable body encoding (RFC 2045 section 6.7).

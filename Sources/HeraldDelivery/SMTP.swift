@@ -67,12 +67,15 @@ public struct SMTPReply: Sendable, Equatable {
 
 /// Why a send failed.
 public enum SMTPError: Error, Sendable, Equatable {
-    /// The server answered a command with a 4xx/5xx reply (MAIL, RCPT, DATA, end of DATA or AUTH).
-    case refused(code: Int, text: String)
+    /// The server answered a command with a 4xx/5xx reply; `command` is the verb it answered
+    /// (`MAIL`, `RCPT`, `DATA` for DATA and the end of the message, `AUTH`, `EHLO`…; "" for the greeting).
+    case refused(code: Int, text: String, command: String)
     /// The exchange failed below the SMTP dialogue: DNS, TCP, TLS, timeout, protocol breakage.
     case transport(curlCode: Int, message: String, detail: String)
-    /// The caller's envelope cannot be sent (e.g. CR/LF or non-ASCII in an address).
+    /// The caller's envelope cannot be sent (e.g. CR/LF or a space in an address); a clause.
     case invalidEnvelope(String)
+    /// The envelope has an internationalised address (RFC 6531) and the server does not offer SMTPUTF8.
+    case smtputf8Unsupported(address: String)
 
     /// Retrying the same message cannot help: 5xx replies, a bad envelope, or a
     /// configuration failure (credentials, certificate, no STARTTLS). Always `!isTransient`.
@@ -81,11 +84,11 @@ public enum SMTPError: Error, Sendable, Equatable {
     /// Whether a later retry may succeed (4xx replies, network trouble, timeouts).
     public var isTransient: Bool {
         switch self {
-        case .refused(let code, _):
+        case .refused(let code, _, _):
             return (400..<500).contains(code)
         case .transport(let curlCode, _, _):
             return Self.transientCurlCodes.contains(curlCode)
-        case .invalidEnvelope:
+        case .invalidEnvelope, .smtputf8Unsupported:
             return false
         }
     }
@@ -106,15 +109,40 @@ public enum SMTPError: Error, Sendable, Equatable {
 }
 
 extension SMTPError: CustomStringConvertible {
-    /// Human-readable summary for logs.
+    /// A sentence a tenant admin understands; it becomes the delivery's error and DEAD reason
+    /// (issue 8 item 9), so it never carries a Swift type or enum dump. The server's own reply or
+    /// libcurl's message follows in parentheses for whoever runs the mail server.
     public var description: String {
         switch self {
-        case .refused(let code, let text):
-            "SMTP server refused: \(code) \(text)"
+        case .refused(let code, let text, let command):
+            let reply = text.isEmpty ? "\(code)" : "\(code) \(text)"
+            let what = switch command {
+            case "RCPT": "the recipient address"
+            case "MAIL": "the sender address"
+            case "DATA": "the message"
+            case "AUTH": "Herald's login; check the SMTP user name and password"
+            default: "the connection"
+            }
+            let later = (400..<500).contains(code) ? "temporarily " : ""
+            return "The mail server \(later)refused \(what) (\(reply))."
         case .transport(let curlCode, let message, let detail):
-            "SMTP transport failure (curl \(curlCode)): \(message)" + (detail.isEmpty ? "" : " — \(detail)")
+            let cause = detail.isEmpty || detail == message ? message : detail
+            let sentence = switch curlCode {
+            case 5, 6: "Herald could not find the mail server (DNS lookup failed)"
+            case 7: "Herald could not connect to the mail server"
+            case 28: "The mail server did not answer in time"
+            case 8, 52, 55, 56: "The connection to the mail server broke off"
+            case 60: "The mail server's TLS certificate could not be verified"
+            case 35, 58, 59, 66, 80, 83, 90, 91: "The TLS connection to the mail server failed"
+            case 64: "The mail server does not offer STARTTLS, which Herald's SMTP settings require"
+            case 67: "The mail server refused Herald's login; check the SMTP user name and password"
+            default: "Sending to the mail server failed"
+            }
+            return "\(sentence) (\(cause))."
         case .invalidEnvelope(let reason):
-            "Invalid SMTP envelope: \(reason)"
+            return "The email cannot be sent: \(reason)."
+        case .smtputf8Unsupported(let address):
+            return "The mail server does not support internationalised email addresses (SMTPUTF8), so Herald cannot send to \(address.debugDescription)."
         }
     }
 }

@@ -21,6 +21,9 @@ public final class SMTPConnection: @unchecked Sendable {
     private let handle: UnsafeMutableRawPointer  // CURL *
     private let errorBuffer: UnsafeMutablePointer<CChar>
     private let transcript = ReplyTranscript()
+    /// EHLO keywords of the server, upper-cased, from the last EHLO seen; nil until then (a reused
+    /// connection sends no EHLO, so this outlives one transfer).
+    private var extensions: Set<String>?
 
     /// Prepares a handle for `settings`; connects lazily on the first `send`.
     public init(settings: SMTPSettings) throws(SMTPError) {
@@ -47,13 +50,22 @@ public final class SMTPConnection: @unchecked Sendable {
 
     /// Submits `message` (complete RFC 5322 bytes, CRLF line endings) for the given envelope
     /// and returns the server's reply to the end of DATA. Blocks; see the type's notes.
+    ///
+    /// A non-ASCII envelope address (RFC 6531) is sent only to a server that offers SMTPUTF8:
+    /// libcurl then adds `SMTPUTF8` to MAIL FROM by itself (and writes an IDN domain as its
+    /// A-label). On a fresh connection the server's extensions are learnt first with a NOOP.
     public func send(from: String, to recipients: [String], message: [UInt8]) throws(SMTPError) -> SMTPReply {
         try Self.validateEnvelopeAddress(from, allowEmpty: true)
-        guard !recipients.isEmpty else { throw .invalidEnvelope("no recipients") }
+        guard !recipients.isEmpty else { throw .invalidEnvelope("it has no recipient") }
         for recipient in recipients { try Self.validateEnvelopeAddress(recipient, allowEmpty: false) }
 
         lock.lock()
         defer { lock.unlock() }
+
+        if let international = ([from] + recipients).first(where: { !$0.unicodeScalars.allSatisfy(\.isASCII) }) {
+            let known = try knownExtensions()
+            guard known.contains("SMTPUTF8") else { throw .smtputf8Unsupported(address: international) }
+        }
 
         // Per-send options: envelope and body. The recipient list must outlive the
         // transfer and is detached from the handle before it is freed.
@@ -79,19 +91,61 @@ public final class SMTPConnection: @unchecked Sendable {
         transcript.reset()
         let result = withExtendedLifetime(body) { curl_easy_perform(handle) }
 
+        if let seen = transcript.ehloKeywords() { extensions = seen }
+
         var responseCode = 0
         _ = herald_curl_getinfo_long(handle, CURLINFO_RESPONSE_CODE, &responseCode)
         // The transcript may end with the 221 reply to QUIT (libcurl closes the connection
         // after a failure); RESPONSE_CODE excludes QUIT, so pick the last reply with that code.
-        let text = transcript.lastText(withCode: responseCode) ?? ""
+        let reply = transcript.lastReply(withCode: responseCode)
+        let text = reply?.text ?? ""
 
         guard result == CURLE_OK else {
             if (400..<600).contains(responseCode) {
-                throw .refused(code: responseCode, text: text)
+                throw .refused(code: responseCode, text: text, command: reply?.command ?? "")
             }
             throw .transport(result, detail: String(cString: errorBuffer))
         }
         return SMTPReply(code: responseCode, text: text)
+    }
+
+    /// Whether the server offers SMTPUTF8 (RFC 6531), asking it if no EHLO has been seen yet.
+    public func supportsSMTPUTF8() throws(SMTPError) -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        return try knownExtensions().contains("SMTPUTF8")
+    }
+
+    /// `extensions`, probing for them first if unknown. Call with `lock` held.
+    private func knownExtensions() throws(SMTPError) -> Set<String> {
+        if let extensions { return extensions }
+        return try probeExtensions()
+    }
+
+    /// Connects (or reuses the connection), lets libcurl say EHLO, sends NOOP and returns the
+    /// EHLO keywords; the connection stays open for the send that follows. Call with `lock` held.
+    private func probeExtensions() throws(SMTPError) -> Set<String> {
+        try check(herald_curl_setopt_long(handle, CURLOPT_UPLOAD, 0))
+        try check(herald_curl_setopt_string(handle, CURLOPT_CUSTOMREQUEST, "NOOP"))
+        defer {
+            _ = herald_curl_setopt_string(handle, CURLOPT_CUSTOMREQUEST, nil)
+            _ = herald_curl_setopt_long(handle, CURLOPT_UPLOAD, 1)
+        }
+        errorBuffer[0] = 0
+        transcript.reset()
+        let result = curl_easy_perform(handle)
+        // A server that answered EHLO with a bare 250 (or only HELO) offers no extension.
+        let seen = transcript.ehloKeywords() ?? []
+        guard result == CURLE_OK else {
+            var responseCode = 0
+            _ = herald_curl_getinfo_long(handle, CURLINFO_RESPONSE_CODE, &responseCode)
+            if (400..<600).contains(responseCode), let reply = transcript.lastReply(withCode: responseCode) {
+                throw .refused(code: responseCode, text: reply.text, command: reply.command)
+            }
+            throw .transport(result, detail: String(cString: errorBuffer))
+        }
+        extensions = seen
+        return seen
     }
 
     // MARK: - Setup
@@ -111,6 +165,8 @@ public final class SMTPConnection: @unchecked Sendable {
         try check(herald_curl_setopt_long(handle, CURLOPT_TIMEOUT_MS, timeoutMS))
         try check(herald_curl_setopt_long(handle, CURLOPT_UPLOAD, 1))
         try check(herald_curl_setopt_readfn(handle, CURLOPT_READFUNCTION, Callbacks.read))
+        // The reply to NOOP (see `probeExtensions`) arrives as body data; libcurl's default prints it.
+        try check(herald_curl_setopt_writefn(handle, CURLOPT_WRITEFUNCTION, Callbacks.discard))
 
         let useSSL = settings.security == .startTLS ? CURLUSESSL_ALL : CURLUSESSL_NONE
         try check(herald_curl_setopt_long(handle, CURLOPT_USE_SSL, Int(useSSL.rawValue)))
@@ -134,16 +190,25 @@ public final class SMTPConnection: @unchecked Sendable {
     }
 
     /// Envelope addresses go on the wire verbatim inside `<...>`: refuse anything that
-    /// could break out of the command line. Non-ASCII would need SMTPUTF8, not supported.
+    /// could break out of the command line. Non-ASCII letters are fine (SMTPUTF8, see `send`);
+    /// non-ASCII spaces, controls and format characters are not.
     private static func validateEnvelopeAddress(_ address: String, allowEmpty: Bool) throws(SMTPError) {
         if address.isEmpty {
             if allowEmpty { return }  // null reverse-path "<>" for bounces
-            throw .invalidEnvelope("empty recipient address")
+            throw .invalidEnvelope("the recipient address is empty")
         }
         let forbidden = address.unicodeScalars.contains { scalar in
-            !scalar.isASCII || scalar.value < 0x21 || scalar.value == 0x7F || scalar == "<" || scalar == ">"
+            if scalar.isASCII { return scalar.value < 0x21 || scalar.value == 0x7F || scalar == "<" || scalar == ">" }
+            switch scalar.properties.generalCategory {
+            case .control, .format, .spaceSeparator, .lineSeparator, .paragraphSeparator, .surrogate, .privateUse, .unassigned:
+                return true
+            default:
+                return false
+            }
         }
-        if forbidden { throw .invalidEnvelope("unsupported character in address \(address.debugDescription)") }
+        if forbidden {
+            throw .invalidEnvelope("the address \(address.debugDescription) contains a space, line break or other character that cannot be sent")
+        }
     }
 }
 
@@ -165,11 +230,14 @@ private enum Callbacks {
     }
 
     static let debug: curl_debug_callback = { _, type, data, size, userData in
-        guard type == CURLINFO_HEADER_IN, let data, let userData else { return 0 }
+        guard type == CURLINFO_HEADER_IN || type == CURLINFO_HEADER_OUT, let data, let userData else { return 0 }
         let transcript = Unmanaged<ReplyTranscript>.fromOpaque(userData).takeUnretainedValue()
-        transcript.append(UnsafeRawBufferPointer(start: data, count: size))
+        let bytes = UnsafeRawBufferPointer(start: data, count: size)
+        if type == CURLINFO_HEADER_OUT { transcript.command(bytes) } else { transcript.append(bytes) }
         return 0
     }
+
+    static let discard: curl_write_callback = { _, size, count, _ in size * count }
 }
 
 /// Feeds the message bytes to libcurl's read callback.
@@ -191,20 +259,41 @@ private final class MessageReader {
 }
 
 /// Collects the server replies seen during one transfer (libcurl hands them to the debug
-/// callback as CURLINFO_HEADER_IN, normally one line per call).
+/// callback as CURLINFO_HEADER_IN, normally one line per call), each tagged with the verb of
+/// the command it answers (from CURLINFO_HEADER_OUT; only the verb is kept, never AUTH data).
 private final class ReplyTranscript {
     private struct Reply {
         var code: Int
         var lines: [String]
         var isComplete: Bool
+        var command: String
     }
 
     private var replies: [Reply] = []
     private var partialLine: [UInt8] = []
+    private var lastCommand = ""
 
     func reset() {
         replies.removeAll(keepingCapacity: true)
         partialLine.removeAll(keepingCapacity: true)
+        lastCommand = ""
+    }
+
+    /// Notes a command line sent to the server: its verb (`EHLO`, `MAIL`, `RCPT`, `DATA`, …).
+    func command(_ bytes: UnsafeRawBufferPointer) {
+        let verb = bytes.prefix { $0 != UInt8(ascii: " ") && $0 != UInt8(ascii: "\r") && $0 != UInt8(ascii: "\n") }.prefix(8)
+        lastCommand = String(decoding: verb, as: UTF8.self).uppercased()
+    }
+
+    /// The keywords of the last complete positive EHLO reply (first line, the server's name, skipped).
+    func ehloKeywords() -> Set<String>? {
+        guard let reply = replies.last(where: { $0.command == "EHLO" && $0.code == 250 && $0.isComplete }) else { return nil }
+        return Set(reply.lines.dropFirst().compactMap { $0.split(separator: " ").first.map { $0.uppercased() } })
+    }
+
+    /// Text (multi-line replies joined with spaces) and command of the last reply with `code`.
+    func lastReply(withCode code: Int) -> (text: String, command: String)? {
+        replies.last { $0.code == code }.map { ($0.lines.joined(separator: " "), $0.command) }
     }
 
     func append(_ bytes: UnsafeRawBufferPointer) {
@@ -218,11 +307,6 @@ private final class ReplyTranscript {
         }
     }
 
-    /// Text of the last reply with `code`; multi-line replies are joined with spaces.
-    func lastText(withCode code: Int) -> String? {
-        replies.last { $0.code == code }?.lines.joined(separator: " ")
-    }
-
     /// Parses `NNN-text` (continuation) or `NNN text` (last line of a reply).
     private func addLine(_ line: String) {
         let utf8 = Array(line.utf8)
@@ -233,7 +317,7 @@ private final class ReplyTranscript {
             replies[replies.count - 1].lines.append(text)
             replies[replies.count - 1].isComplete = isLast
         } else {
-            replies.append(Reply(code: code, lines: [text], isComplete: isLast))
+            replies.append(Reply(code: code, lines: [text], isComplete: isLast, command: lastCommand))
         }
     }
 }

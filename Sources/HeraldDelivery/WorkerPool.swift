@@ -17,6 +17,20 @@ public struct WorkerPoolConfiguration: Sendable {
     public var leaseSeconds = 60
     /// How often to look for due work without a notification (retries come due this way).
     public var pollInterval: Duration = .seconds(1)
+    /// The most one attempt may take, from reading the delivery to recording the result. Past
+    /// it the attempt is abandoned: its lease is no longer extended, so it expires and the next
+    /// claim rescues the row (issue 8, item 11). Keep it above the database deadline three
+    /// times over plus the transport's timeout.
+    public var attemptDeadline: Duration = .seconds(90)
+    /// Sends in flight at once to one endpoint in this process, so a slow or dead receiver only
+    /// slows itself (issue 8, item 13). A delivery that finds its endpoint full is given back
+    /// without counting an attempt, due again after `endpointBusyDelay`.
+    public var endpointConcurrency = 4
+    public var endpointBusyDelay: TimeInterval = 2
+    /// The circuit breaker: this many attempts in a row without an answer pause the endpoint
+    /// for `circuitCooldown`; then one delivery is sent as a trial.
+    public var circuitFailures = 5
+    public var circuitCooldown: TimeInterval = 60
     public var retry = RetryPolicy()
     /// Confines the pool to one organisation (tests); nil serves every organisation.
     public var organisation: UUID?
@@ -48,7 +62,10 @@ public final class DeliveryWorkerPool: Service, Sendable {
     let listenClient: PostgresClient
     let sender: DeliverySender
     let logger: Logger
-    private let inFlight = Mutex<Set<ClaimedDelivery>>([])
+    /// Each delivery in flight with its attempt's deadline; the heartbeat skips those past it.
+    private let inFlight = Mutex<[ClaimedDelivery: ContinuousClock.Instant]>([:])
+    /// Sends in flight per endpoint.
+    private let endpointSends = Mutex<[UUID: Int]>([:])
     private let stopping = Atomic<Bool>(false)
 
     /// `database` and `listenClient` connect as the worker role (`herald_worker`).
@@ -97,10 +114,10 @@ public final class DeliveryWorkerPool: Service, Sendable {
                     }
                 }
                 for claim in claims {
-                    inFlight.withLock { _ = $0.insert(claim) }
+                    inFlight.withLock { $0[claim] = .now + configuration.attemptDeadline }
                     sends.addTask {
-                        await self.process(claim)
-                        self.inFlight.withLock { _ = $0.remove(claim) }
+                        await self.processWithinDeadline(claim)
+                        self.inFlight.withLock { _ = $0.removeValue(forKey: claim) }
                         wake.yield()
                     }
                 }
@@ -138,11 +155,14 @@ public final class DeliveryWorkerPool: Service, Sendable {
         }
     }
 
-    /// Extends the leases of every delivery in flight, per organisation, every third of a lease.
+    /// Extends the leases of every delivery in flight, per organisation, every third of a lease;
+    /// not those past their attempt's deadline, whose leases must expire so they are rescued.
     private func heartbeat() async {
         while !Task.isCancelled {
             try? await Task.sleep(for: .seconds(max(1, configuration.leaseSeconds / 3)))
-            let byOrganisation = Dictionary(grouping: inFlight.withLock { $0 }, by: \.organisationID)
+            let now = ContinuousClock.now
+            let live = inFlight.withLock { $0.filter { $0.value > now }.map(\.key) }
+            let byOrganisation = Dictionary(grouping: live, by: \.organisationID)
             for (organisation, claims) in byOrganisation {
                 do {
                     try await database.withTenant(organisation) { tx in
@@ -155,6 +175,66 @@ public final class DeliveryWorkerPool: Service, Sendable {
         }
     }
 
+    /// `process` raced against the attempt's deadline. Past it the attempt is abandoned: the
+    /// heartbeat already skips it, and cancelling it ends a send or a wait for a connection.
+    private func processWithinDeadline(_ claim: ClaimedDelivery) async {
+        await withTaskGroup(of: Bool.self) { group in
+            group.addTask { await self.process(claim); return true }
+            group.addTask { (try? await Task.sleep(for: self.configuration.attemptDeadline)) != nil ? false : true }
+            if await group.next() == false {
+                Counter(label: "herald_delivery_abandoned_total").increment()
+                logger.error("delivery attempt abandoned at its deadline; its lease will expire and the row be rescued", metadata: [
+                    "organisation_id": .string(claim.organisationID.lowercased), "delivery_id": .string(claim.deliveryID.lowercased),
+                    "attempt": "\(claim.attempt)", "deadline": "\(configuration.attemptDeadline)",
+                ])
+            }
+            group.cancelAll()
+        }
+    }
+
+    /// Takes a send slot of `endpoint`, or says until when to give the delivery back: while its
+    /// circuit is open, while another worker runs the half-open trial, or while its slots are full.
+    private func admit(_ endpoint: Endpoint, _ claim: ClaimedDelivery, now: Date) async throws -> (until: Date, why: String)? {
+        let busy = now.addingTimeInterval(configuration.endpointBusyDelay + Double.random(in: 0..<1))
+        let state = endpoint.circuit.state(at: now)
+        if state == .open, let retryAt = endpoint.circuit.retryAt {
+            return (retryAt, "circuit open")
+        }
+        let limit = configuration.endpointConcurrency
+        let entered = endpointSends.withLock { sends in
+            guard sends[endpoint.id, default: 0] < limit else { return false }
+            sends[endpoint.id, default: 0] += 1
+            return true
+        }
+        guard entered else { return (busy, "endpoint busy") }
+        if state == .halfOpen {
+            let trial = try await database.withTenant(claim.organisationID) { tx in
+                try await tx.takeCircuitTrial(endpoint.id, cooldown: configuration.circuitCooldown)
+            }
+            if !trial {
+                leave(endpoint.id)
+                return (busy, "circuit trial running")
+            }
+        }
+        return nil
+    }
+
+    private func leave(_ endpoint: UUID) {
+        endpointSends.withLock { sends in
+            sends[endpoint, default: 1] -= 1
+            if sends[endpoint] == 0 { sends[endpoint] = nil }
+        }
+    }
+
+    /// Gives the delivery back, not counted as an attempt.
+    private func release(_ claim: ClaimedDelivery, until: Date, why: String, logger: Logger) async throws {
+        try await database.withTenant(claim.organisationID) { tx in
+            try await tx.releaseDelivery(claim, worker: configuration.name, until: until)
+        }
+        Counter(label: "herald_delivery_released_total", dimensions: [("reason", why)]).increment()
+        logger.debug("delivery given back", metadata: ["reason": .string(why), "due": .string(until.formatted(.iso8601))])
+    }
+
     /// One attempt: read (in the delivery's organisation), send, complete (fenced).
     func process(_ claim: ClaimedDelivery) async {
         let started = Date()
@@ -164,12 +244,32 @@ public final class DeliveryWorkerPool: Service, Sendable {
         logger[metadataKey: "attempt"] = "\(claim.attempt)"
         do {
             let work = try await database.withTenant(claim.organisationID) { tx in try await tx.deliveryWork(claim.deliveryID) }
+            var slot: UUID?
+            defer { if let slot { leave(slot) } }
+            if let endpoint = work.endpoint, endpoint.enabled {
+                if let (until, why) = try await admit(endpoint, claim, now: Date()) {
+                    return try await release(claim, until: until, why: why, logger: logger)
+                }
+                slot = endpoint.id
+            }
             let outcome = await sender.send(work, attempt: claim.attempt, logger: logger)
+            if case .deferred(let why) = outcome {
+                return try await release(claim, until: Date().addingTimeInterval(configuration.endpointBusyDelay), why: why, logger: logger)
+            }
             let result = outcome.result(attempt: claim.attempt, maxAttempts: work.delivery.maxAttempts, policy: configuration.retry, now: Date())
             let completed = try await database.withTenant(claim.organisationID) { tx in
                 let completed = try await tx.completeDelivery(claim, worker: configuration.name, startedAt: started, result: result)
                 if completed, case .gone = outcome, let endpoint = work.endpoint {
                     try await tx.disableEndpoint(endpoint.id, reason: "The receiver answered 410 Gone on \(Date().formatted(.iso8601)).")
+                }
+                if completed, let endpoint = work.endpoint, slot != nil, let answered = outcome.receiverAnswered {
+                    if answered {
+                        try await tx.recordEndpointAnswer(endpoint.id)
+                    } else if try await tx.recordEndpointNoAnswer(
+                        endpoint.id, threshold: configuration.circuitFailures, cooldown: configuration.circuitCooldown,
+                        reason: "\(configuration.circuitFailures) attempts in a row got no answer; the last: \(result.error ?? "no answer")") {
+                        logger.warning("endpoint circuit opened", metadata: ["endpoint_id": .string(endpoint.id.lowercased)])
+                    }
                 }
                 return completed
             }

@@ -204,6 +204,6 @@ private func decodeType(_ row: PostgresRow) throws -> NotificationType {
         try row.decode((UUID, String, UUID, String, String, String, String, String, [String], Date, Date).self)
     return NotificationType(
         id: id, key: key, categoryID: categoryID, categoryKey: categoryKey, name: name, description: description,
-        defaultSeverity: Severity(rawValue: severity) ?? .info, defaultPriority: Priority(rawValue: priority) ?? .normal,
-        defaultChannels: channels.compactMap(NotificationChannel.init(rawValue:)), templates: [:], createdAt: created, updatedAt: updated)
+        defaultSeverity: try stored(severity, "severity"), defaultPriority: try stored(priority, "priority"),
+        defaultChannels: try channels.map { try stored($0, "default_channels") }, templates: [:], createdAt: created, updatedAt: updated)
 }

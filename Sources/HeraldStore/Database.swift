@@ -2,11 +2,15 @@ import Foundation
 import HeraldCore
 import Logging
 import PostgresNIO
+import Synchronization
 
 /// Errors the store reports in the product's terms. The HTTP layer maps them to problems.
 public enum StoreError: Error, Sendable, Equatable {
     /// No row with this id in the current organisation (another organisation's id looks the same).
     case notFound
+    /// A row this operation names besides its own target is missing (the group or the user
+    /// of a membership, a role of a role list): the word says which.
+    case missing(String)
     /// A unique key already holds this value (the constraint name says which).
     case conflict(constraint: String)
     /// A reference to a row that does not exist in the current organisation.
@@ -21,10 +25,15 @@ public enum StoreError: Error, Sendable, Equatable {
 public struct Database: Sendable {
     let client: PostgresClient
     let logger: Logger
+    /// The most one call may take: waiting for a pooled connection, every statement, COMMIT.
+    /// PostgresNIO neither times out nor cancels a query in flight, and after a PostgreSQL
+    /// restart one can wait for ever (issue 8, item 11), so every call here has this deadline.
+    public let deadline: Duration
 
-    public init(client: PostgresClient, logger: Logger) {
+    public init(client: PostgresClient, logger: Logger, deadline: Duration = .seconds(10)) {
         self.client = client
         self.logger = logger
+        self.deadline = deadline
     }
 
     /// Runs `body` in one transaction with the tenant context set.
@@ -42,7 +51,9 @@ public struct Database: Sendable {
         _ body: (TenantTransaction) async throws -> Result
     ) async throws -> Result {
         do {
-            return try await client.withTransaction(logger: logger) { connection in
+            return try await withDeadline { held in
+                try await client.withTransaction(logger: logger) { connection in
+                held.hold(connection)
                 try await connection.query(
                     """
                     SELECT set_config('app.org_id', \(organisationID.uuidString), true),
@@ -55,6 +66,7 @@ public struct Database: Sendable {
                     connection: connection, organisationID: organisationID, actor: actor,
                     requestID: requestID, logger: logger)
                 return try await body(tx)
+                }
             }
         } catch let error as PostgresTransactionError {
             throw Self.translate(error.closureError ?? error.beginError ?? error.commitError ?? error)
@@ -65,22 +77,64 @@ public struct Database: Sendable {
 
     /// The organisation with this slug, through the one function that may look across tenants.
     public func organisationID(slug: String) async throws -> UUID? {
-        let rows = try await client.query("SELECT organisation_id_for_slug(\(slug))", logger: logger)
-        for try await id in rows.decode(UUID?.self) { return id }
-        return nil
+        try await query("SELECT organisation_id_for_slug(\(slug))").first?.decode(UUID?.self)
     }
 
     /// A trivial round trip, for readiness.
     public func ping() async throws {
-        _ = try await client.query("SELECT 1", logger: logger).collect()
+        try await query("SELECT 1")
     }
 
     /// Versions recorded in `schema_migrations`.
     public func appliedMigrationVersions() async throws -> [Int] {
-        var versions: [Int] = []
-        let rows = try await client.query("SELECT version FROM schema_migrations ORDER BY version", logger: logger)
-        for try await version in rows.decode(Int.self) { versions.append(version) }
-        return versions
+        try await query("SELECT version FROM schema_migrations ORDER BY version").map { try $0.decode(Int.self) }
+    }
+
+    /// One statement outside a tenant transaction (cross-tenant functions, readiness), under the deadline.
+    @discardableResult
+    func query(_ query: PostgresQuery) async throws -> [PostgresRow] {
+        do {
+            return try await withDeadline { held in
+                try await client.withConnection { connection in
+                    held.hold(connection)
+                    return try await connection.query(query, logger: logger).collect()
+                }
+            }
+        } catch {
+            throw Self.translate(error)
+        }
+    }
+
+    /// Runs `body` under `deadline`. When it passes, the task is cancelled (which ends a wait
+    /// for a pooled connection) and the connection `body` holds is closed (which fails a query
+    /// in flight: PostgresNIO does not cancel one), and the call throws `DatabaseUnavailable`.
+    /// The pool replaces a closed connection, so it recovers once the server is back.
+    func withDeadline<R: Sendable>(_ body: (HeldConnection) async throws -> R) async throws -> R {
+        let held = HeldConnection()
+        let deadline = self.deadline
+        return try await withoutActuallyEscaping(body) { body in
+            let work = UncheckedSendable(body)
+            return try await withThrowingTaskGroup(of: R?.self) { group in
+                group.addTask { try await work.value(held) }
+                group.addTask {
+                    try await Task.sleep(for: deadline)
+                    return nil
+                }
+                defer { group.cancelAll() }
+                do {
+                    if let first = try await group.next(), let result = first { return result }
+                } catch is CancellationError where held.expired {
+                    // the body saw its own cancellation after the deadline: report the deadline
+                } catch {
+                    if held.expired { throw DatabaseUnavailable(deadline: deadline, underlying: "\(error)") }
+                    throw error
+                }
+                held.expire()
+                group.cancelAll()
+                logger.warning("database call abandoned at its deadline", metadata: ["deadline": "\(deadline)"])
+                throw DatabaseUnavailable(deadline: deadline, underlying: nil)
+            }
+        }
     }
 
     /// Maps PostgreSQL's SQLSTATE codes to `StoreError`; anything else passes through.
@@ -94,6 +148,47 @@ public struct Database: Sendable {
         default: return error
         }
     }
+}
+
+/// A database call that did not finish within `Database.deadline` and was abandoned.
+public struct DatabaseUnavailable: Error, CustomStringConvertible, Sendable {
+    public var deadline: Duration
+    var underlying: String?
+    public var description: String {
+        "The database did not answer within \(deadline.components.seconds) s\(underlying.map { " (\($0))" } ?? "")."
+    }
+}
+
+/// The connection a call under a deadline holds, so the deadline can close it.
+final class HeldConnection: Sendable {
+    private let state = Mutex<(connection: PostgresConnection?, expired: Bool)>((nil, false))
+
+    var expired: Bool { state.withLock { $0.expired } }
+
+    /// Records the connection; closes it at once when the deadline already passed.
+    func hold(_ connection: PostgresConnection) {
+        let late = state.withLock { state in
+            state.connection = connection
+            return state.expired
+        }
+        if late { connection.close().whenComplete { _ in } }
+    }
+
+    /// The deadline passed: close the held connection, which fails whatever waits on it.
+    func expire() {
+        let connection = state.withLock { state in
+            state.expired = true
+            return state.connection
+        }
+        connection?.close().whenComplete { _ in }
+    }
+}
+
+/// Lets a non-escaping, non-Sendable closure run in a child task of a group that the caller
+/// awaits before returning (so it never outlives the closure's scope).
+struct UncheckedSendable<Value>: @unchecked Sendable {
+    let value: Value
+    init(_ value: Value) { self.value = value }
 }
 
 /// One transaction with the tenant context set. Only the store can reach its connection.

@@ -21,6 +21,8 @@ public struct Endpoint: Sendable, Equatable {
     public var previousSecretExpiresAt: Date?
     public var createdAt: Date
     public var updatedAt: Date
+    /// The circuit breaker: consecutive attempts that got no answer, and when (and why) it opened.
+    public var circuit = EndpointCircuit()
 
     /// The secrets that sign a message sent at `now`: the current one, and the previous one
     /// during a rotation's overlap.
@@ -28,6 +30,40 @@ public struct Endpoint: Sendable, Equatable {
         guard let secret else { return [] }
         guard let previousSecret, let until = previousSecretExpiresAt, until > now else { return [secret] }
         return [secret, previousSecret]
+    }
+}
+
+/// An endpoint's circuit breaker as stored (issue 8, item 13).
+public struct EndpointCircuit: Sendable, Equatable {
+    /// Attempts in a row that got no answer (timed out, connection refused or reset).
+    public var failures = 0
+    /// When the breaker opened; nil while closed.
+    public var openedAt: Date?
+    /// When the cool-down ends and a trial delivery may go.
+    public var retryAt: Date?
+    /// Why it opened.
+    public var reason: String?
+
+    public init(failures: Int = 0, openedAt: Date? = nil, retryAt: Date? = nil, reason: String? = nil) {
+        self.failures = failures
+        self.openedAt = openedAt
+        self.retryAt = retryAt
+        self.reason = reason
+    }
+
+    /// What the breaker lets through at `now`.
+    public enum State: String, Sendable {
+        /// Deliveries are sent.
+        case closed
+        /// Deliveries wait until the cool-down ends.
+        case open
+        /// The cool-down ended: the next delivery is a trial.
+        case halfOpen = "half_open"
+    }
+
+    public func state(at now: Date) -> State {
+        guard openedAt != nil else { return .closed }
+        return now < (retryAt ?? .distantPast) ? .open : .halfOpen
     }
 }
 
@@ -87,6 +123,10 @@ extension TenantTransaction {
                 event_types = coalesce(\(fields.eventTypes)::text[], event_types),
                 enabled = coalesce(\(fields.enabled)::boolean, enabled),
                 disabled_reason = CASE WHEN \(fields.enabled)::boolean THEN NULL ELSE disabled_reason END,
+                circuit_failures = CASE WHEN \(fields.enabled)::boolean THEN 0 ELSE circuit_failures END,
+                circuit_opened_at = CASE WHEN \(fields.enabled)::boolean THEN NULL ELSE circuit_opened_at END,
+                circuit_retry_at = CASE WHEN \(fields.enabled)::boolean THEN NULL ELSE circuit_retry_at END,
+                circuit_reason = CASE WHEN \(fields.enabled)::boolean THEN NULL ELSE circuit_reason END,
                 updated_at = now()
             WHERE id = \(id) RETURNING id
             """)
@@ -114,6 +154,43 @@ extension TenantTransaction {
         try await query("UPDATE endpoints SET enabled = false, disabled_reason = \(reason), updated_at = now() WHERE id = \(id) AND enabled")
     }
 
+    /// Counts an attempt that got no answer; at `threshold` in a row the breaker opens (again,
+    /// after a failed trial) for `cooldown` seconds with `reason`. True when it is open now.
+    @discardableResult
+    public func recordEndpointNoAnswer(_ id: UUID, threshold: Int, cooldown: TimeInterval, reason: String) async throws -> Bool {
+        let rows = try await query(
+            """
+            UPDATE endpoints SET circuit_failures = circuit_failures + 1,
+                circuit_opened_at = CASE WHEN circuit_failures + 1 >= \(threshold)::integer THEN coalesce(circuit_opened_at, now())
+                                         ELSE circuit_opened_at END,
+                circuit_retry_at = CASE WHEN circuit_failures + 1 >= \(threshold)::integer
+                                        THEN now() + make_interval(secs => \(cooldown)::double precision) ELSE circuit_retry_at END,
+                circuit_reason = CASE WHEN circuit_failures + 1 >= \(threshold)::integer THEN \(reason) ELSE circuit_reason END
+            WHERE id = \(id) RETURNING circuit_failures >= \(threshold)::integer
+            """)
+        return try rows.first?.decode(Bool.self) ?? false
+    }
+
+    /// The receiver answered (whatever the status): the breaker closes.
+    public func recordEndpointAnswer(_ id: UUID) async throws {
+        try await query(
+            """
+            UPDATE endpoints SET circuit_failures = 0, circuit_opened_at = NULL, circuit_retry_at = NULL, circuit_reason = NULL
+            WHERE id = \(id) AND (circuit_failures > 0 OR circuit_opened_at IS NOT NULL)
+            """)
+    }
+
+    /// Takes the half-open breaker's one trial: moves the end of the cool-down on so other
+    /// deliveries keep waiting while the trial runs. False when another worker took it first.
+    public func takeCircuitTrial(_ id: UUID, cooldown: TimeInterval) async throws -> Bool {
+        try await !query(
+            """
+            UPDATE endpoints SET circuit_retry_at = now() + make_interval(secs => \(cooldown)::double precision)
+            WHERE id = \(id) AND circuit_opened_at IS NOT NULL AND circuit_retry_at <= now()
+            RETURNING id
+            """).isEmpty
+    }
+
     /// The enabled endpoints that take notifications of `typeKey`, by channel.
     func endpointTargets(typeKey: String) async throws -> [NotificationChannel: [EndpointTarget]] {
         var targets: [NotificationChannel: [EndpointTarget]] = [:]
@@ -133,13 +210,16 @@ extension TenantTransaction {
 
 private let endpointColumns = """
     id, channel, format, name, url, event_types, enabled, disabled_reason, secret, previous_secret, previous_secret_expires_at,
-    created_at, updated_at
+    created_at, updated_at, circuit_failures, circuit_opened_at, circuit_retry_at, circuit_reason
     """
 
 func decodeEndpoint(_ row: PostgresRow) throws -> Endpoint {
-    let (id, channel, format, name, url, types, enabled, reason, secret, previous, previousUntil, created, updated) =
-        try row.decode((UUID, String, String, String, String, [String], Bool, String?, String?, String?, Date?, Date, Date).self)
-    return Endpoint(id: id, channel: NotificationChannel(rawValue: channel) ?? .webhook, format: format, name: name, url: url,
+    let (id, channel, format, name, url, types, enabled, reason, secret, previous, previousUntil, created, updated, failures, openedAt,
+         retryAt, circuitReason) =
+        try row.decode((UUID, String, String, String, String, [String], Bool, String?, String?, String?, Date?, Date, Date, Int, Date?,
+                        Date?, String?).self)
+    return Endpoint(id: id, channel: try stored(channel, "channel"), format: format, name: name, url: url,
                     eventTypes: types, enabled: enabled, disabledReason: reason, secret: secret, previousSecret: previous,
-                    previousSecretExpiresAt: previousUntil, createdAt: created, updatedAt: updated)
+                    previousSecretExpiresAt: previousUntil, createdAt: created, updatedAt: updated,
+                    circuit: EndpointCircuit(failures: failures, openedAt: openedAt, retryAt: retryAt, reason: circuitReason))
 }

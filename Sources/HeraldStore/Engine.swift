@@ -15,11 +15,14 @@ public struct EventRequest: Sendable {
     public var deliverAt: Date?
     public var expiresAt: Date?
     public var url: String?
+    /// Short `key:value` labels (`team:sales`), stored once on the event; the feed filters by them.
+    public var tags: [String]
 
     public init(typeKey: String, audience: Audience, payload: JSONValue, sourceActor: JSONValue? = nil, subjectType: String? = nil,
                 subjectID: String? = nil, severity: Severity? = nil, priority: Priority? = nil, deliverAt: Date? = nil, expiresAt: Date? = nil,
-                url: String? = nil) {
+                url: String? = nil, tags: [String] = []) {
         self.url = url
+        self.tags = tags
         self.typeKey = typeKey
         self.audience = audience
         self.payload = payload
@@ -75,7 +78,9 @@ extension TenantTransaction {
             excluded: Set(request.audience.excludeUserIDs), userPreferences: try await preferences(forCategory: category.id),
             organisationDefaults: try await preferenceDefaults(forCategory: category.id),
             recentCounts: settings.throttlePerMinute == nil ? [:] : try await recentNotifiedCounts(categoryID: category.id, now: now),
-            endpoints: try await endpointTargets(typeKey: type.key), sourceActor: request.sourceActor)
+            endpoints: try await endpointTargets(typeKey: type.key), sourceActor: request.sourceActor,
+            userThrottlePerMinute: settings.userThrottlePerMinute,
+            recentTotals: settings.userThrottlePerMinute == nil ? [:] : try await recentNotifiedTotals(now: now))
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         let event = NewEvent(
@@ -85,7 +90,7 @@ extension TenantTransaction {
             payloadJSON: String(decoding: try encoder.encode(request.payload), as: UTF8.self),
             subjectType: request.subjectType, subjectID: request.subjectID, severity: severity, priority: priority,
             deliverAt: deliverAt, expiresAt: request.expiresAt, idempotencyKey: idempotencyKey, requestHash: requestHash,
-            url: request.url)
+            url: request.url, tags: request.tags)
         return PlannedEvent(event: event, type: profile, plan: NotificationPlanner.plan(input))
     }
 }

@@ -23,6 +23,7 @@ public struct EventRecord: Sendable, Equatable {
     public var counts: DecisionCounts
     public var createdAt: Date
     public var cancelledAt: Date?
+    public var tags: [String] = []
 }
 
 /// What notify stores about the event itself, beside the plan.
@@ -43,11 +44,13 @@ public struct NewEvent: Sendable {
     public var requestHash: String?
     /// Where the notification leads (tracked links redirect only here).
     public var url: String?
+    public var tags: [String]
 
     public init(id: UUID, typeID: UUID, sourceActorJSON: String?, audienceJSON: String, payloadJSON: String, subjectType: String?, subjectID: String?,
                 severity: Severity, priority: Priority, deliverAt: Date, expiresAt: Date?, idempotencyKey: String?, requestHash: String?,
-                url: String? = nil) {
+                url: String? = nil, tags: [String] = []) {
         self.url = url
+        self.tags = tags
         self.id = id
         self.typeID = typeID
         self.sourceActorJSON = sourceActorJSON
@@ -85,6 +88,8 @@ public struct EngineSettings: Sendable {
     public var defaultLocale: String
     public var defaultTimezone: String
     public var throttlePerMinute: Int?
+    /// Most notifications per user per minute across all categories; nil: no such limit.
+    public var userThrottlePerMinute: Int?
 }
 
 extension TenantTransaction {
@@ -94,11 +99,23 @@ extension TenantTransaction {
     public func engineSettings() async throws -> EngineSettings {
         guard let row = try await query(
             """
-            SELECT name, slug, default_locale, default_timezone, (settings->>'throttle_per_minute')::int
+            SELECT name, slug, default_locale, default_timezone, (settings->>'throttle_per_minute')::int,
+                   (settings->>'user_throttle_per_minute')::int
             FROM organisations WHERE id = \(organisationID)
             """).first else { throw StoreError.notFound }
-        let (name, slug, locale, timezone, throttle) = try row.decode((String, String, String, String, Int?).self)
-        return EngineSettings(name: name, slug: slug, defaultLocale: locale, defaultTimezone: timezone, throttlePerMinute: throttle)
+        let (name, slug, locale, timezone, throttle, userThrottle) = try row.decode((String, String, String, String, Int?, Int?).self)
+        return EngineSettings(name: name, slug: slug, defaultLocale: locale, defaultTimezone: timezone, throttlePerMinute: throttle,
+                              userThrottlePerMinute: userThrottle)
+    }
+
+    /// Sets the per-user throttle across all categories (nil or 0 switches it off).
+    public func setUserThrottle(perMinute: Int?) async throws {
+        try await query(
+            """
+            UPDATE organisations SET settings = CASE WHEN coalesce(\(perMinute), 0) = 0 THEN settings - 'user_throttle_per_minute'
+                ELSE settings || jsonb_build_object('user_throttle_per_minute', \(perMinute)) END, updated_at = now()
+            WHERE id = \(organisationID)
+            """)
     }
 
     /// Sets the per-user, per-category throttle (nil or 0 switches it off).
@@ -140,14 +157,13 @@ extension TenantTransaction {
             LEFT JOIN by_group bg ON bg.user_id = u.id
             ORDER BY u.id
             """)
-        let decoder = JSONDecoder()
         return try rows.map { row in
             let (id, active, email, name, locale, timezone, attributes, byUser, byRoles, byGroups) =
                 try row.decode((UUID, Bool, String, String, String?, String?, String, Bool, [String], [String]).self)
             return RecipientProfile(
                 candidate: Candidate(userID: id, active: active, byUser: byUser, byRoles: byRoles, byGroups: byGroups, byEveryone: audience.everyone),
                 email: email, displayName: name, locale: locale, timezone: timezone,
-                attributes: (try? decoder.decode(JSONValue.self, from: Data(attributes.utf8))) ?? .object([:]))
+                attributes: try storedJSON(attributes, "users.attributes"))
         }
     }
 
@@ -197,6 +213,17 @@ extension TenantTransaction {
         return Dictionary(uniqueKeysWithValues: try rows.map { try $0.decode((UUID, Int).self) })
     }
 
+    /// How many notified events of any category each user had in the last minute.
+    public func recentNotifiedTotals(now: Date) async throws -> [UUID: Int] {
+        let rows = try await query(
+            """
+            SELECT user_id, count(*)::int FROM event_recipients
+            WHERE organisation_id = \(organisationID) AND notified AND created_at > \(now) - interval '1 minute'
+            GROUP BY user_id
+            """)
+        return Dictionary(uniqueKeysWithValues: try rows.map { try $0.decode((UUID, Int).self) })
+    }
+
     // MARK: Writing an event and its plan
 
     /// Serialises notify calls that share an idempotency key. False when another transaction
@@ -219,11 +246,11 @@ extension TenantTransaction {
         try await query(
             """
             INSERT INTO events (organisation_id, id, type_id, actor_type, actor_id, source_actor, audience, payload, subject_type, subject_id,
-                                severity, priority, deliver_at, expires_at, idempotency_key, request_hash, counts, url)
+                                severity, priority, deliver_at, expires_at, idempotency_key, request_hash, counts, url, tags)
             VALUES (\(organisationID), \(event.id), \(event.typeID), \(actor.kind), \(actor.id), \(event.sourceActorJSON)::jsonb, \(event.audienceJSON)::jsonb,
                     \(event.payloadJSON)::jsonb, \(event.subjectType), \(event.subjectID), \(event.severity.rawValue),
                     \(event.priority.rawValue), \(event.deliverAt), \(event.expiresAt), \(event.idempotencyKey), \(event.requestHash),
-                    \(countsJSON)::jsonb, \(event.url))
+                    \(countsJSON)::jsonb, \(event.url), \(event.tags)::text[])
             """)
         if !plan.notifications.isEmpty {
             let n = plan.notifications
@@ -361,19 +388,19 @@ public struct TraceChannelRecord: Codable, Sendable, Equatable {
 private let eventColumns = """
     e.id, e.type_id, (SELECT t.key FROM notification_types t WHERE t.organisation_id = e.organisation_id AND t.id = e.type_id),
     e.actor_type, e.actor_id, e.audience::text, e.payload::text, e.subject_type, e.subject_id, e.severity, e.priority,
-    e.deliver_at, e.expires_at, e.status, e.idempotency_key, e.request_hash, e.counts::text, e.created_at, e.cancelled_at
+    e.deliver_at, e.expires_at, e.status, e.idempotency_key, e.request_hash, e.counts::text, e.created_at, e.cancelled_at, e.tags
     """
 
 private func decodeEvent(_ row: PostgresRow) throws -> EventRecord {
     let (id, typeID, typeKey, actorType, actorID, audience, payload, subjectType, subjectID, severity, priority,
-         deliverAt, expiresAt, status, key, hash, counts, created, cancelled) =
+         deliverAt, expiresAt, status, key, hash, counts, created, cancelled, tags) =
         try row.decode((UUID, UUID, String, String, UUID?, String, String, String?, String?, String, String,
-                        Date, Date?, String, String?, String?, String, Date, Date?).self)
+                        Date, Date?, String, String?, String?, String, Date, Date?, [String]).self)
     return EventRecord(
         id: id, typeID: typeID, typeKey: typeKey, actorType: actorType, actorID: actorID, audienceJSON: audience, payloadJSON: payload,
-        subjectType: subjectType, subjectID: subjectID, severity: Severity(rawValue: severity) ?? .info,
-        priority: Priority(rawValue: priority) ?? .normal, deliverAt: deliverAt, expiresAt: expiresAt, status: status,
+        subjectType: subjectType, subjectID: subjectID, severity: try stored(severity, "severity"),
+        priority: try stored(priority, "priority"), deliverAt: deliverAt, expiresAt: expiresAt, status: status,
         idempotencyKey: key, requestHash: hash,
-        counts: (try? JSONDecoder().decode(DecisionCounts.self, from: Data(counts.utf8))) ?? DecisionCounts(),
-        createdAt: created, cancelledAt: cancelled)
+        counts: try storedJSON(counts, "events.counts"),
+        createdAt: created, cancelledAt: cancelled, tags: tags)
 }

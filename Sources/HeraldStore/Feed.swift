@@ -18,6 +18,8 @@ public struct FeedItem: Sendable, Equatable {
     public var archived: Bool
     public var createdAt: Date
     public var expiresAt: Date?
+    /// The event's tags (`team:sales`).
+    public var tags: [String] = []
 }
 
 /// Filters of the feed; nil means no filter.
@@ -31,9 +33,12 @@ public struct FeedFilter: Sendable {
     public var archived: Bool
     public var since: Date?
     public var search: String?
+    /// Rows whose event carries every one of these tags.
+    public var tags: [String]?
 
     public init(typeKey: String? = nil, categoryKey: String? = nil, severity: Severity? = nil, priority: Priority? = nil,
-                read: Bool? = nil, archived: Bool = false, since: Date? = nil, search: String? = nil) {
+                read: Bool? = nil, archived: Bool = false, since: Date? = nil, search: String? = nil, tags: [String]? = nil) {
+        self.tags = tags
         self.typeKey = typeKey
         self.categoryKey = categoryKey
         self.severity = severity
@@ -87,6 +92,7 @@ extension TenantTransaction {
                 AND (\(filter.priority?.rawValue)::text IS NULL OR n.priority = \(filter.priority?.rawValue))
                 AND (\(filter.since)::timestamptz IS NULL OR n.visible_at >= \(filter.since))
                 AND (\(filter.search)::text IS NULL OR n.search @@ websearch_to_tsquery('simple', \(filter.search)))
+                AND (\(filter.tags)::text[] IS NULL OR e.tags @> \(filter.tags)::text[])
             )
             SELECT * FROM rows
             WHERE (\(filter.read)::boolean IS NULL OR read = \(filter.read))
@@ -239,7 +245,7 @@ extension TenantTransaction {
 private let feedSelect = """
     SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, n.title, n.body,
            e.subject_type, e.subject_id, notification_read(n, fs) AS read, n.archived_at IS NOT NULL AS archived,
-           n.visible_at, n.expires_at
+           n.visible_at, n.expires_at, e.tags
     FROM notifications n
     JOIN events e ON e.organisation_id = n.organisation_id AND e.id = n.event_id
     JOIN notification_types t ON t.organisation_id = n.organisation_id AND t.id = n.type_id
@@ -248,9 +254,9 @@ private let feedSelect = """
     """
 
 private func decodeFeedItem(_ row: PostgresRow) throws -> FeedItem {
-    let (id, event, type, category, severity, priority, title, body, subjectType, subjectID, read, archived, created, expires) =
-        try row.decode((UUID, UUID, String, String, String, String, String, String, String?, String?, Bool, Bool, Date, Date?).self)
-    return FeedItem(id: id, eventID: event, typeKey: type, categoryKey: category, severity: Severity(rawValue: severity) ?? .info,
-                    priority: Priority(rawValue: priority) ?? .normal, title: title, body: body, subjectType: subjectType,
-                    subjectID: subjectID, read: read, archived: archived, createdAt: created, expiresAt: expires)
+    let (id, event, type, category, severity, priority, title, body, subjectType, subjectID, read, archived, created, expires, tags) =
+        try row.decode((UUID, UUID, String, String, String, String, String, String, String?, String?, Bool, Bool, Date, Date?, [String]).self)
+    return FeedItem(id: id, eventID: event, typeKey: type, categoryKey: category, severity: try stored(severity, "severity"),
+                    priority: try stored(priority, "priority"), title: title, body: body, subjectType: subjectType,
+                    subjectID: subjectID, read: read, archived: archived, createdAt: created, expiresAt: expires, tags: tags)
 }

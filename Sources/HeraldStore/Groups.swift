@@ -6,7 +6,7 @@ extension TenantTransaction {
     /// The group with this id.
     public func group(_ id: UUID) async throws -> Group {
         let rows = try await query("SELECT \(unescaped: groupColumns) FROM groups g WHERE g.id = \(id)")
-        guard let row = rows.first else { throw StoreError.notFound }
+        guard let row = rows.first else { throw StoreError.missing("group") }
         return try decodeGroup(row)
     }
 

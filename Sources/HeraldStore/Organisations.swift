@@ -41,14 +41,18 @@ extension TenantTransaction {
         let rows = try await query(
             """
             SELECT id, slug, name, default_locale, default_timezone, (settings->>'throttle_per_minute')::int,
-                   settings->>'email_from', settings->>'email_from_name', settings->>'email_reply_to', created_at, updated_at
+                   settings->>'email_from', settings->>'email_from_name', settings->>'email_reply_to', created_at, updated_at,
+                   (settings->>'user_throttle_per_minute')::int
             FROM organisations WHERE id = \(organisationID)
             """)
         guard let row = rows.first else { throw StoreError.notFound }
-        let (id, slug, name, locale, timezone, throttle, from, fromName, replyTo, created, updated) =
-            try row.decode((UUID, String, String, String, String, Int?, String?, String?, String?, Date, Date).self)
-        return Organisation(id: id, slug: slug, name: name, defaultLocale: locale, defaultTimezone: timezone, throttlePerMinute: throttle,
-                            emailFrom: from, emailFromName: fromName, emailReplyTo: replyTo, createdAt: created, updatedAt: updated)
+        let (id, slug, name, locale, timezone, throttle, from, fromName, replyTo, created, updated, userThrottle) =
+            try row.decode((UUID, String, String, String, String, Int?, String?, String?, String?, Date, Date, Int?).self)
+        var organisation = Organisation(
+            id: id, slug: slug, name: name, defaultLocale: locale, defaultTimezone: timezone, throttlePerMinute: throttle,
+            emailFrom: from, emailFromName: fromName, emailReplyTo: replyTo, createdAt: created, updatedAt: updated)
+        organisation.userThrottlePerMinute = userThrottle
+        return organisation
     }
 
     /// Sets the email sender settings given; an empty string clears one, nil leaves it.

@@ -111,13 +111,12 @@ extension Database {
     /// SECURITY DEFINER function): each comes back leased to `worker` with its attempt number.
     /// `organisation` confines the claim to one organisation.
     public func claimDeliveries(worker: String, limit: Int, leaseSeconds: Int, organisation: UUID? = nil) async throws -> [ClaimedDelivery] {
-        let rows = try await client.query(
-            "SELECT organisation_id, delivery_id, attempt FROM claim_deliveries(\(worker), \(limit)::integer, \(leaseSeconds)::integer, \(organisation)::uuid)", logger: logger)
-        var claimed: [ClaimedDelivery] = []
-        for try await (org, id, attempt) in rows.decode((UUID, UUID, Int).self) {
-            claimed.append(ClaimedDelivery(organisationID: org, deliveryID: id, attempt: attempt))
+        try await query(
+            "SELECT organisation_id, delivery_id, attempt FROM claim_deliveries(\(worker), \(limit)::integer, \(leaseSeconds)::integer, \(organisation)::uuid)"
+        ).map { row in
+            let (org, id, attempt) = try row.decode((UUID, UUID, Int).self)
+            return ClaimedDelivery(organisationID: org, deliveryID: id, attempt: attempt)
         }
-        return claimed
     }
 }
 
@@ -149,8 +148,8 @@ extension TenantTransaction {
             locale: locale, timezone: timezone, attributes: try decoder.decode(JSONValue.self, from: Data(attributes.utf8)))
         let profile = TypeProfile(type, category: category)
         let input = PlanInput(
-            eventID: delivery.eventID, type: profile, severity: Severity(rawValue: severity) ?? type.defaultSeverity,
-            priority: Priority(rawValue: priority) ?? type.defaultPriority, payload: try decoder.decode(JSONValue.self, from: Data(payload.utf8)),
+            eventID: delivery.eventID, type: profile, severity: try stored(severity, "severity"),
+            priority: try stored(priority, "priority"), payload: try decoder.decode(JSONValue.self, from: Data(payload.utf8)),
             subjectType: subjectType, subjectID: subjectID, deliverAt: deliverAt, organisationName: orgName, organisationSlug: orgSlug,
             organisationLocale: orgLocale, organisationTimezone: orgTimezone, throttlePerMinute: nil, recipients: [recipient],
             excluded: [], userPreferences: [:], organisationDefaults: [:], recentCounts: [:],
@@ -227,6 +226,20 @@ extension TenantTransaction {
             VALUES (\(organisationID), \(claim.deliveryID), \(claim.attempt), \(worker), \(startedAt), \(final), \(code), \(error))
             """)
         return true
+    }
+
+    /// Gives a claimed delivery back without counting an attempt: the worker did not send it
+    /// (no send slot for its endpoint, the endpoint's circuit is open, no pooled connection).
+    /// Fenced like completion; the row is due again at `until`. Nothing is logged as an attempt.
+    @discardableResult
+    public func releaseDelivery(_ claim: ClaimedDelivery, worker: String, until: Date) async throws -> Bool {
+        try await !query(
+            """
+            UPDATE deliveries SET status = CASE WHEN attempts <= 1 THEN 'PENDING' ELSE 'FAILED' END, attempts = attempts - 1,
+                next_attempt_at = \(until), lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+            WHERE id = \(claim.deliveryID) AND lease_owner = \(worker) AND attempts = \(claim.attempt) AND status = 'SENDING'
+            RETURNING id
+            """).isEmpty
     }
 
     /// Deliveries newest first.

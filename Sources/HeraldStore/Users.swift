@@ -52,7 +52,7 @@ extension TenantTransaction {
             """
             SELECT \(unescaped: userColumns) FROM users u WHERE u.id = \(id)
             """)
-        guard let row = rows.first else { throw StoreError.notFound }
+        guard let row = rows.first else { throw StoreError.missing("user") }
         return try decodeUser(row)
     }
 

@@ -31,13 +31,13 @@ struct Serve: AsyncParsableCommand {
         let linkKeys = try config.linkKeyRing()
         let delivery = try DeliveryServices(config, linkKeys: linkKeys, logger: logger)
         let dependencies = AppDependencies(
-            database: Database(client: postgres, logger: logger), postgres: postgres,
+            database: config.database(postgres, logger: logger), postgres: postgres,
             tokens: try await accessTokens(config), passwords: passwordHasher(config),
             metrics: HTTPMetrics(registry: registry), expectedMigrations: try migrations().map(\.version),
             linkKeys: linkKeys, services: delivery.services)
         let app = try buildApplication(configuration: config, dependencies: dependencies, logger: logger)
         logger.info("herald listening", metadata: ["address": "\(config.host):\(config.port)", "workers": "\(delivery.workers)"])
-        try await app.runService()
+        try await runUntilSignalled([app], shutdownSeconds: config.shutdownSeconds, logger: logger)
         try await delivery.shutdown()
     }
 }
@@ -192,18 +192,32 @@ struct OrganisationCommand: AsyncParsableCommand {
         commandName: "organisation", abstract: "Manage organisations (operators only).", subcommands: [Create.self])
 
     struct Create: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Create an organisation with its built-in roles and an owner.")
+        static let configuration = CommandConfiguration(
+            abstract: "Create an organisation with its built-in roles and an owner.",
+            discussion: """
+                The first owner's password is read from HERALD_OWNER_PASSWORD (12 to 1024 characters), \
+                so it stays out of the shell history and the process list. DATABASE_URL says where.
+
+                With --catalogue demo the organisation starts with the demo catalogue (categories, \
+                notification types with templates, preference defaults and a clinician role) and can \
+                send its first event at once. Any other catalogue is applied with PUT /v1/catalogue \
+                (docs/api.md): GET /v1/catalogue exports one to keep in a repository.
+                """)
 
         @Option(help: "URL-safe identifier used at login, e.g. acme-clinic.") var slug: String
         @Option(help: "Display name.") var name: String
         @Option(help: "Email of the first owner.") var ownerEmail: String
         @Option(help: "Default locale.") var locale = "en"
         @Option(help: "Default IANA time zone.") var timezone = "UTC"
+        @Option(help: "Start with a catalogue: `demo` (the demo catalogue) or `none`.") var catalogue = "none"
 
         func run() async throws {
             let config = try AppConfiguration.fromEnvironment()
             guard let password = ProcessInfo.processInfo.environment["HERALD_OWNER_PASSWORD"], !password.isEmpty else {
                 throw ValidationError("Set HERALD_OWNER_PASSWORD to the first owner's password (kept out of the shell history and ps).")
+            }
+            guard ["demo", "none"].contains(catalogue) else {
+                throw ValidationError("--catalogue: \"\(catalogue)\" is not `demo` or `none`; apply other catalogues with PUT /v1/catalogue.")
             }
             let checked: (String, String, String, String, String)
             do {
@@ -224,6 +238,10 @@ struct OrganisationCommand: AsyncParsableCommand {
                     try await tx.audit(action: "user.create", targetType: "user", targetID: owner.id.uuidString.lowercased(),
                                        before: nil, after: "{\"email\": \"\(owner.email)\", \"roles\": [\"owner\"]}")
                     print("organisation: owner \(owner.email) (\(owner.id.uuidString.lowercased()))")
+                    if catalogue == "demo" {
+                        let types = try await DemoCatalogue.ensure(tx, clinicians: [])
+                        print("organisation: demo catalogue with \(DemoCatalogue.categories.count) categories and \(types) notification types")
+                    }
                 }
                 print("organisation: created \(organisation.slug) (\(organisation.id.uuidString.lowercased()))")
             }

@@ -26,10 +26,8 @@ struct Worker: AsyncParsableCommand {
         guard delivery.workers > 0 else {
             throw ValidationError("DATABASE_WORKER_URL is not set: the workers connect as the worker role (herald_worker).")
         }
-        let group = ServiceGroup(configuration: .init(
-            services: delivery.services.map { .init(service: $0) }, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         logger.info("herald worker started", metadata: ["workers": "\(delivery.workers)"])
-        try await group.run()
+        try await runUntilSignalled(delivery.services, shutdownSeconds: config.shutdownSeconds, logger: logger)
         try await delivery.shutdown()
     }
 }
@@ -55,19 +53,27 @@ struct DeliveryServices {
         // One connection per send in flight, one for LISTEN, one for claims and heartbeats.
         pool.options.maximumConnections = config.workers + 2
         let postgres = PostgresClient(configuration: pool, backgroundLogger: logger)
-        let http = HTTPTransport(destinations: try config.destinationGuard(), timeout: .milliseconds(Int64(config.webhookTimeout * 1000)))
+        // As many connections per host as sends in flight: no send waits for a connection.
+        let http = HTTPTransport(destinations: try config.destinationGuard(), timeout: .milliseconds(Int64(config.webhookTimeout * 1000)),
+                                 connectionsPerHost: config.workers)
         var worker = WorkerPoolConfiguration()
         worker.concurrency = config.workers
         worker.batchSize = config.workerBatchSize
         worker.leaseSeconds = config.workerLeaseSeconds
         worker.pollInterval = .milliseconds(config.workerPollMilliseconds)
         worker.organisation = config.workerOrganisation
+        // Reading, sending and recording: three database calls and a send, with room to spare.
+        let send = max(config.webhookTimeout + 5, config.smtpTimeout)
+        worker.attemptDeadline = .milliseconds(Int64((3 * config.databaseTimeout + send + 10) * 1000))
+        worker.endpointConcurrency = config.endpointConcurrency
+        worker.circuitFailures = config.circuitFailures
+        worker.circuitCooldown = config.circuitCooldownSeconds
         worker.retry = RetryPolicy(baseDelay: config.retryBaseSeconds, factor: config.retryFactor, maximumDelay: config.retryMaxSeconds,
                                    jitter: config.retryJitter)
         let sender = DeliverySender(
             email: EmailTransport(settings: smtp, defaultFrom: config.smtpFrom), http: http,
             links: LinkBuilder(baseURL: config.linkBaseURL, keys: linkKeys))
-        services = [postgres, DeliveryWorkerPool(configuration: worker, database: Database(client: postgres, logger: logger),
+        services = [postgres, DeliveryWorkerPool(configuration: worker, database: config.database(postgres, logger: logger),
                                                  listenClient: postgres, sender: sender, logger: logger)]
         workers = config.workers
         transport = http
@@ -75,5 +81,41 @@ struct DeliveryServices {
 
     func shutdown() async throws {
         try await transport?.shutdown()
+    }
+}
+
+extension AppConfiguration {
+    /// The store over `client`, with the configured deadline on every call.
+    func database(_ client: PostgresClient, logger: Logger) -> Database {
+        Database(client: client, logger: logger, deadline: .milliseconds(Int64(databaseTimeout * 1000)))
+    }
+}
+
+/// Runs `services` until SIGTERM or SIGINT, and exits within `shutdownSeconds` of the signal
+/// whatever hangs (issue 8, item 11): four fifths of it for a graceful drain, then the
+/// services are cancelled, and at the end the process exits with status 2.
+func runUntilSignalled(_ services: [any Service], shutdownSeconds: Double, logger: Logger) async throws {
+    var configuration = ServiceGroupConfiguration(
+        services: (services + [ShutdownDeadline(seconds: shutdownSeconds, logger: logger)]).map { .init(service: $0) },
+        gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+    configuration.maximumGracefulShutdownDuration = .milliseconds(Int64(shutdownSeconds * 800))
+    try await ServiceGroup(configuration: configuration).run()
+}
+
+/// The last resort of a bounded shutdown. Listed last, it hears of the shutdown first (a
+/// group shuts its services down in reverse order), starts a timer on a thread of its own
+/// (the cooperative pool may be the thing that is stuck) and returns at once.
+struct ShutdownDeadline: Service {
+    let seconds: Double
+    let logger: Logger
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        let seconds = seconds, logger = logger
+        Thread.detachNewThread {
+            Thread.sleep(forTimeInterval: seconds)
+            logger.critical("shutdown did not finish in time; exiting", metadata: ["shutdown_seconds": "\(seconds)"])
+            exit(2)
+        }
     }
 }

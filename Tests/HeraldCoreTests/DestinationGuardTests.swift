@@ -37,6 +37,18 @@ import Testing
         ("http://192.0.2.1/", .documentation),
         ("http://[2001:db8::1]/", .documentation),
         ("http://198.18.0.1/", .benchmarking),
+        ("http://[3fff::1]/", .documentation),
+        // Every IPv6 form that embeds an IPv4 address is judged by that address (issue 8 item 8).
+        ("http://[::ffff:0:169.254.169.254]/", .metadata),  // IPv4-translated, RFC 2765
+        ("http://[::ffff:0:a00:1]/", .private),
+        ("http://[::a9fe:a9fe]/", .metadata),  // IPv4-compatible (deprecated)
+        ("http://[64:ff9b:1::a00:1]/", .private),  // local-use NAT64, RFC 8215
+        ("http://[64:ff9b:1:abcd::7f00:1]/", .loopback),
+        ("http://[2002:a9fe:a9fe::1]/", .metadata),  // 6to4
+        ("http://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/", .private),  // Teredo, client 10.0.0.1 inverted
+        ("http://[2001:0:4136:e378:8000:63bf:a247:27dd]/", .tunnel),  // Teredo, public client: still a tunnel
+        ("http://[2606:4700:1::5efe:a00:1]/", .private),  // ISATAP interface id
+        ("http://[2606:4700:1::200:5efe:c0a8:101]/", .private),
     ])
     func refusesNonPublicAddresses(url: String, kind: BlockedAddressKind) {
         #expect {
@@ -83,6 +95,23 @@ import Testing
         #expect(vetted.addresses == [IPAddress("93.184.216.34")!])
         #expect(try strict.vet(url: "https://[2606:4700:4700::1111]/").addresses == [IPAddress("2606:4700:4700::1111")!])
         #expect(try strict.vet(url: "http://[::ffff:93.184.216.34]/").addresses.count == 1)
+        // Translation forms of a public IPv4 address stay usable.
+        for url in ["http://[::ffff:0:5db8:d822]/", "http://[64:ff9b::5db8:d822]/", "http://[64:ff9b:1::5db8:d822]/",
+                    "http://[2002:5db8:d822::1]/", "http://[2606:4700:1::200:5efe:5db8:d822]/"] {
+            #expect(throws: Never.self, "\(url)") { try strict.vet(url: url) }
+        }
+    }
+
+    @Test func embeddedIPv4Forms() {
+        let forms: [(String, String?)] = [
+            ("::ffff:10.0.0.1", "10.0.0.1"), ("::10.0.0.1", "10.0.0.1"), ("::ffff:0:10.0.0.1", "10.0.0.1"),
+            ("64:ff9b::10.0.0.1", "10.0.0.1"), ("64:ff9b:1:2:3:4:a00:1", "10.0.0.1"), ("2002:a00:1::", "10.0.0.1"),
+            ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "10.0.0.1"), ("fe80::5efe:a00:1", "10.0.0.1"),
+            ("::", nil), ("::1", nil), ("2606:4700::1111", nil), ("64:ff9b:2::a00:1", nil),
+        ]
+        for (text, embedded) in forms {
+            #expect(IPAddress(text)?.embeddedIPv4 == embedded.flatMap { IPAddress($0) }, "\(text)")
+        }
     }
 
     @Test func explicitAllowance() throws {
@@ -92,6 +121,9 @@ import Testing
         #expect(throws: DestinationRefusal.self) { try permissive.vet(url: "http://127.0.0.2/") }
         #expect(throws: DestinationRefusal.self) { try permissive.vet(url: "http://[::1]/") }
         #expect(throws: DestinationRefusal.self) { try permissive.vet(url: "http://10.0.0.1/") }
+        // The allowance reaches through translation forms, but not through a tunnel refused in its own right.
+        #expect(throws: Never.self) { try permissive.vet(url: "http://[::ffff:0:127.0.0.1]/") }
+        #expect(throws: DestinationRefusal.self) { try permissive.vet(url: "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/") }
     }
 
     @Test func anyBlockedAddressRefusesTheName() throws {

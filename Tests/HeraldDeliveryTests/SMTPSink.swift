@@ -9,6 +9,7 @@ import Darwin
 /// A real SMTP server for tests: aiosmtpd's Controller in a python3 child process that
 /// stores each accepted message as `NNN.eml` (raw DATA bytes) plus `NNN.json` (envelope and
 /// client port) in a temporary directory. Recipients starting with "reject" get a 550.
+/// SMTPUTF8 (RFC 6531) is offered only when asked for, as with many real servers.
 final class SMTPSink {
     let port: Int
     let directory: URL
@@ -20,6 +21,7 @@ final class SMTPSink {
     from aiosmtpd.controller import Controller
 
     out_dir = sys.argv[1]
+    smtputf8 = sys.argv[2] == "1"
 
     class Handler:
         count = 0
@@ -37,27 +39,28 @@ final class SMTPSink {
                 f.write(envelope.original_content)
             with open(base + ".json", "w") as f:
                 json.dump({"clientPort": session.peer[1], "mailFrom": envelope.mail_from,
-                           "rcptTos": envelope.rcpt_tos}, f)
+                           "rcptTos": envelope.rcpt_tos, "mailOptions": envelope.mail_options}, f)
             return "250 2.0.0 Ok: queued as %d" % Handler.count
 
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    controller = Controller(Handler(), hostname="127.0.0.1", port=port, server_hostname="sink.test")
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port, server_hostname="sink.test",
+                            enable_SMTPUTF8=smtputf8)
     controller.start()
     print("READY", port, flush=True)
     sys.stdin.read()  # serve until the test closes stdin (or exits)
     controller.stop()
     """#
 
-    /// Starts the server and waits until it listens.
-    init() throws {
+    /// Starts the server and waits until it listens; `smtputf8` makes it offer SMTPUTF8.
+    init(smtputf8: Bool = false) throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("smtp-sink-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["python3", "-c", Self.script, directory.path]
+        process.arguments = ["python3", "-c", Self.script, directory.path, smtputf8 ? "1" : "0"]
         stdin = Pipe()
         let stdout = Pipe()
         process.standardInput = stdin
@@ -94,6 +97,7 @@ final class SMTPSink {
         var clientPort: Int
         var mailFrom: String
         var rcptTos: [String]
+        var mailOptions: [String]
     }
 
     func envelope(_ n: Int) throws -> Envelope {

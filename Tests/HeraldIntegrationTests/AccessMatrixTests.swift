@@ -156,7 +156,9 @@ struct AccessMatrixTests {
         try await app.test(.router) { client in
             for list in ["/v1/users", "/v1/roles", "/v1/groups", "/v1/api-keys", "/v1/audit-log", "/v1/categories",
                          "/v1/notification-types", "/v1/events", "/v1/me/notifications", "/v1/deliveries"] {
-                let response = try await client.send(.get, list + (list.contains("?") ? "&" : "?") + "limit=200", token: a.ownerToken)
+                // The largest page where the list is paged (an undeclared parameter is a 400).
+                let paged = SpecRoutes.operations.contains { $0.method == "GET" && $0.path == list && $0.query.contains("limit") }
+                let response = try await client.send(.get, list + (paged ? "?limit=200" : ""), token: a.ownerToken)
                 #expect(response.status == .ok)
                 for id in bIDs.values { #expect(!response.text.contains(id), "\(list) shows B's \(id)") }
                 #expect(!response.text.contains(b.ownerID.uuidString.lowercased()))

@@ -241,6 +241,8 @@ struct DeliveryTests {
             "http://[::1]/hook", "http://[fd00:ec2::254]/hook", "http://[fe80::1]/hook", "http://[::ffff:127.0.0.1]/hook",
             "http://2130706433/hook", "http://0x7f000001/hook", "http://0177.0.0.1/hook", "http://127.1/hook", "http://localhost/hook",
             "http://0.0.0.0/hook", "http://127.0.0.1:54326/hooks/x",
+            // IPv4-translated (RFC 2765) and local-use NAT64 (RFC 8215) forms (issue 8 item 8).
+            "http://[::ffff:0:169.254.169.254]/", "http://[64:ff9b:1::a00:1]/",
         ]
         // The API server here allows no private range at all (the default).
         let app = try env.application()
@@ -331,6 +333,86 @@ struct DeliveryTests {
         #expect(attempts.2 > 1, "the pools shared the work")
         let ids = try await Peers.ids(hook.name)
         #expect(ids["total"] as? Int == 302 && ids["unique"] as? Int == 302)
+    }
+
+    @Test("addresses Herald can never send to are refused with a 422 naming the field; internationalised ones are accepted (issue 8 item 9)")
+    func undeliverableAddressesAreRefused() async throws {
+        let env = try await TestEnvironment.shared
+        let org = try await TestOrganisation.make()
+        let bad = [
+            ("dr.x@clinic..example", "the domain contains two dots in a row"),
+            ("dr..x@clinic.example", "the part before the @ contains two dots in a row"),
+            (".dr@clinic.example", "the part before the @ starts or ends with a dot"),
+            ("dr x@clinic.example", "the part before the @ contains a space"),
+            ("dr@localhost", "the domain has no dot"),
+            ("dr@[192.0.2.1]", "address literals"),
+            ("dr@clinic_1.example", "not allowed in a host name"),
+            (String(repeating: "d", count: 65) + "@clinic.example", "longer than 64 bytes"),
+        ]
+        let app = try env.application()
+        try await app.test(.router) { client in
+            for (address, reason) in bad {
+                let created = try await client.send(.post, "/v1/users", token: org.ownerToken,
+                                                    json: #"{"email": "\#(address)", "display_name": "Dr X"}"#)
+                #expect(created.isProblem(.unprocessableContent), "\(address): \(created.status)")
+                let detail = created.json["detail"] as? String ?? ""
+                #expect(detail.hasPrefix("email: ") && detail.contains(reason), "\(address): \(detail)")
+                let updated = try await client.send(.patch, "/v1/users/\(org.memberID.lowercased)", token: org.ownerToken,
+                                                    json: #"{"email": "\#(address)"}"#)
+                #expect(updated.isProblem(.unprocessableContent) && (updated.json["detail"] as? String)?.hasPrefix("email: ") == true,
+                        "\(address): \(updated.text)")
+            }
+            for field in ["email_from", "email_reply_to"] {
+                let response = try await client.send(.patch, "/v1/organisation", token: org.ownerToken,
+                                                     json: #"{"\#(field)": "alerts@clinic..example"}"#)
+                #expect(response.isProblem(.unprocessableContent))
+                #expect((response.json["detail"] as? String)?.hasPrefix("\(field): ") == true, "\(response.text)")
+            }
+            let international = try await client.send(.post, "/v1/users", token: org.ownerToken,
+                                                       json: #"{"email": "dr.müller@clinic.example", "display_name": "Dr Müller"}"#)
+            #expect(international.status == .created, "\(international.text)")
+            #expect(international.json["email"] as? String == "dr.müller@clinic.example")
+        }
+        let emails = try await org.store { tx in try await tx.users(search: nil, active: nil, limit: 100, after: nil).items.map(\.email) }
+        #expect(Set(emails) == ["owner@\(org.slug).example", "member@\(org.slug).example", "dr.müller@clinic.example"], "nothing bad was written")
+    }
+
+    @Test("email: an internationalised address goes out with SMTPUTF8; every DEAD reason is a sentence, never a Swift dump (issue 8 item 9)")
+    func deadReasonsAreSentences() async throws {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("WARD_MAIL", category: catalogue.activity, channels: [.email],
+                                   templates: [.email: TemplateContent(subject: "Ward 3B", body: "Bed 12 needs a nurse", html: nil)])
+        let (müller, refused, malformed) = try await org.store { tx in
+            (try await tx.createUser(NewUser(email: "dr.müller@\(org.slug).example", displayName: "Dr Müller")).id,
+             try await tx.createUser(NewUser(email: "fail-dr@\(org.slug).example", displayName: "Dr Fail")).id,
+             // Stored before addresses were validated on the way in.
+             try await tx.createUser(NewUser(email: "dr.x@clinic..example", displayName: "Dr X")).id)
+        }
+        try await org.notify(EventRequest(typeKey: "WARD_MAIL", audience: Audience(userIDs: [müller, refused, malformed]), payload: .object([:])))
+        let deliveries = try await TestWorkers.run(org.id) { try await org.settled() }
+        func delivery(_ user: UUID) throws -> Delivery { try #require(deliveries.first { $0.userID == user }) }
+
+        #expect(try delivery(müller).status == "SENT")
+        let mails = try await Peers.mail(to: "dr.müller@\(org.slug).example")
+        try #require(mails.count == 1)
+        #expect((mails[0]["mail_options"] as? [String])?.contains("SMTPUTF8") == true)
+        let mail = try ParsedMail(try #require(mails[0]["data"] as? String))
+        #expect(mail.headers["To"]?.contains("<dr.müller@\(org.slug).example>") == true)
+
+        #expect(try delivery(refused).status == "DEAD")
+        #expect(try delivery(refused).lastError == "The mail server refused the recipient address (550 5.1.1 mailbox unavailable).")
+        #expect(try delivery(malformed).status == "DEAD")
+        #expect(try delivery(malformed).lastError
+                == "The message could not be built: the recipient address \"dr.x@clinic..example\" cannot be used: the domain contains two dots in a row.")
+        for id in [refused, malformed] {
+            let dead = try delivery(id)
+            let attempts = try await org.store { tx in try await tx.deliveryAttempts(dead.id) }
+            #expect(attempts.count == 1 && attempts.first?.error == dead.lastError)
+            for text in [dead.lastError ?? ""] + attempts.map({ $0.error ?? "" }) {
+                #expect(!text.contains("(name:") && !text.contains("Error") && !text.contains("reason:"), "\(text)")
+            }
+        }
     }
 }
 

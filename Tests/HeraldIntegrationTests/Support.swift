@@ -8,6 +8,7 @@ import JWTKit
 import Logging
 import NIOCore
 import PostgresNIO
+import Synchronization
 import Testing
 
 @testable import HeraldAPI
@@ -98,13 +99,14 @@ final class TestEnvironment: Sendable {
     func application(
         now: @escaping @Sendable () -> Date = { Date() },
         expectedMigrations: [Int] = TestEnvironment.migrationVersions,
+        logger: Logger? = nil,
         configure: (inout AppConfiguration) -> Void = { _ in }
     ) throws -> some ApplicationProtocol {
         let dependencies = AppDependencies(
             database: database, postgres: appClient, tokens: tokens, passwords: passwords,
             expectedMigrations: expectedMigrations, linkKeys: TestEnvironment.linkKeys, now: now)
         let router = try buildRouter(configuration: configuration(configure), dependencies: dependencies)
-        return Application(router: router, logger: logger)
+        return Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)), logger: logger ?? self.logger)
     }
 }
 
@@ -274,6 +276,36 @@ extension TestOrganisation {
             let planned = try await tx.planEvent(request, eventID: UUID(), now: Date())
             try await tx.write(planned.event, type: planned.type, plan: planned.plan)
             return (try await tx.event(planned.event.id), planned.plan)
+        }
+    }
+}
+
+/// Every line a logger wrote, with its metadata, for tests that read the logs.
+final class CapturedLog: Sendable {
+    private let lines = Mutex<[String]>([])
+
+    var text: String { lines.withLock { $0.joined(separator: "\n") } }
+
+    /// A logger that writes here (and nowhere else) at `level` and above.
+    func logger(level: Logger.Level = .trace) -> Logger {
+        var logger = Logger(label: "herald.captured") { _ in Handler(log: self) }
+        logger.logLevel = level
+        return logger
+    }
+
+    fileprivate func append(_ line: String) { lines.withLock { $0.append(line) } }
+
+    private struct Handler: LogHandler {
+        let log: CapturedLog
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .trace
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+        func log(level: Logger.Level, message: Logger.Message, metadata extra: Logger.Metadata?, source: String, file: String, function: String, line: UInt) {
+            let all = self.metadata.merging(extra ?? [:]) { _, new in new }
+            log.append("\(level) \(message) \(all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))")
         }
     }
 }

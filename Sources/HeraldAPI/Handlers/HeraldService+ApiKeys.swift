@@ -39,7 +39,9 @@ extension HeraldService {
                 try await tx.createApiKey(id: token.id, name: name, roleID: role.id, secretHash: token.secretHash, expiresAt: body.expiresAt),
                 organisationID: principal.organisationID)
             try await tx.audit(action: "apikey.create", targetType: "api_key", targetID: key.id, before: nil, after: auditJSON(key))
-            return Components.Schemas.ApiKeyCreated(value1: key, value2: .init(secret: token.text))
+            return Components.Schemas.ApiKeyCreated(
+                id: key.id, name: key.name, roleId: key.roleId, prefix: key.prefix, createdAt: key.createdAt,
+                lastUsedAt: key.lastUsedAt, expiresAt: key.expiresAt, revokedAt: key.revokedAt, secret: token.text)
         }
         return .created(.init(body: .json(created)))
     }

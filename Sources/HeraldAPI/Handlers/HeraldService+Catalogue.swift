@@ -60,13 +60,13 @@ extension HeraldService {
 
     func listNotificationTypes(_ input: Operations.ListNotificationTypes.Input) async throws -> Operations.ListNotificationTypes.Output {
         let types = try await tenant("notification type") { tx, _ in try await tx.notificationTypes() }
-        return .ok(.init(body: .json(.init(items: types.map(Components.Schemas.NotificationType.init)))))
+        return .ok(.init(body: .json(.init(items: try types.map(Components.Schemas.NotificationType.init)))))
     }
 
     func getNotificationType(_ input: Operations.GetNotificationType.Input) async throws -> Operations.GetNotificationType.Output {
         let id = try id(input.path.typeId, "notification type")
         let type = try await tenant("notification type") { tx, _ in try await tx.notificationType(id) }
-        return .ok(.init(body: .json(.init(type))))
+        return .ok(.init(body: .json(try .init(type))))
     }
 
     func createNotificationType(_ input: Operations.CreateNotificationType.Input) async throws -> Operations.CreateNotificationType.Output {
@@ -76,10 +76,10 @@ extension HeraldService {
             let category = try await categoryID(key: body.category, tx)
             let fields = NotificationTypeFields(
                 key: key, categoryID: category, name: name, description: body.description ?? "",
-                defaultSeverity: Severity(rawValue: body.defaultSeverity?.rawValue ?? "INFO") ?? .info,
-                defaultPriority: Priority(rawValue: body.defaultPriority?.rawValue ?? "normal") ?? .normal,
-                defaultChannels: (body.defaultChannels ?? [.inApp]).compactMap { NotificationChannel(rawValue: $0.rawValue) })
-            let type = Components.Schemas.NotificationType(try await tx.createNotificationType(fields))
+                defaultSeverity: try body.defaultSeverity.map { try mapped($0, to: Severity.self) } ?? .info,
+                defaultPriority: try body.defaultPriority.map { try mapped($0, to: Priority.self) } ?? .normal,
+                defaultChannels: try (body.defaultChannels ?? [.inApp]).map { try mapped($0, to: NotificationChannel.self) })
+            let type = try Components.Schemas.NotificationType(try await tx.createNotificationType(fields))
             try await tx.audit(action: "notification_type.create", targetType: "notification_type", targetID: type.id, before: nil, after: auditJSON(type))
             return type
         }
@@ -95,13 +95,13 @@ extension HeraldService {
             var fields = NotificationTypeFields(
                 key: existing.key, categoryID: existing.categoryID, name: name ?? existing.name,
                 description: body.description ?? existing.description,
-                defaultSeverity: body.defaultSeverity.flatMap { Severity(rawValue: $0.rawValue) } ?? existing.defaultSeverity,
-                defaultPriority: body.defaultPriority.flatMap { Priority(rawValue: $0.rawValue) } ?? existing.defaultPriority,
-                defaultChannels: body.defaultChannels.map { $0.compactMap { NotificationChannel(rawValue: $0.rawValue) } } ?? existing.defaultChannels)
+                defaultSeverity: try body.defaultSeverity.map { try mapped($0, to: Severity.self) } ?? existing.defaultSeverity,
+                defaultPriority: try body.defaultPriority.map { try mapped($0, to: Priority.self) } ?? existing.defaultPriority,
+                defaultChannels: try body.defaultChannels.map { try $0.map { try mapped($0, to: NotificationChannel.self) } } ?? existing.defaultChannels)
             if let category = body.category { fields.categoryID = try await categoryID(key: category, tx) }
-            let after = Components.Schemas.NotificationType(try await tx.updateNotificationType(id, fields))
+            let after = try Components.Schemas.NotificationType(try await tx.updateNotificationType(id, fields))
             try await tx.audit(action: "notification_type.update", targetType: "notification_type", targetID: after.id,
-                               before: auditJSON(Components.Schemas.NotificationType(existing)), after: auditJSON(after))
+                               before: auditJSON(try Components.Schemas.NotificationType(existing)), after: auditJSON(after))
             return after
         }
         return .ok(.init(body: .json(updated)))
@@ -110,7 +110,7 @@ extension HeraldService {
     func deleteNotificationType(_ input: Operations.DeleteNotificationType.Input) async throws -> Operations.DeleteNotificationType.Output {
         let id = try id(input.path.typeId, "notification type")
         try await tenant("notification type") { tx, _ in
-            let before = Components.Schemas.NotificationType(try await tx.notificationType(id))
+            let before = try Components.Schemas.NotificationType(try await tx.notificationType(id))
             do {
                 try await tx.deleteNotificationType(id)
             } catch StoreError.invalidReference {
@@ -124,7 +124,7 @@ extension HeraldService {
     func putTemplate(_ input: Operations.PutTemplate.Input) async throws -> Operations.PutTemplate.Output {
         let id = try id(input.path.typeId, "notification type")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let channel = NotificationChannel(rawValue: input.path.channel.rawValue) ?? .inApp
+        let channel = try mapped(input.path.channel, to: NotificationChannel.self)
         let content = TemplateContent(subject: body.subject ?? "", body: body.body, html: body.html)
         let locale = try validated { () throws(ValidationError) in
             try TemplateRenderer.validate(content.subject, field: "subject")
@@ -135,16 +135,16 @@ extension HeraldService {
         let updated = try await tenant("notification type") { tx, _ in
             try await tx.putTemplate(typeID: id, channel: channel, locale: locale, content: content)
             try await tx.audit(action: "template.put", targetType: "notification_type", targetID: id.lowercased, before: nil,
-                               after: auditJSON(Components.Schemas.Template(channel: .init(rawValue: channel.rawValue)!, locale: locale,
+                               after: auditJSON(Components.Schemas.Template(channel: try mapped(channel), locale: locale,
                                                                              subject: content.subject, body: content.body, html: content.html)))
-            return Components.Schemas.NotificationType(try await tx.notificationType(id))
+            return try Components.Schemas.NotificationType(try await tx.notificationType(id))
         }
         return .ok(.init(body: .json(updated)))
     }
 
     func deleteTemplate(_ input: Operations.DeleteTemplate.Input) async throws -> Operations.DeleteTemplate.Output {
         let id = try id(input.path.typeId, "notification type")
-        let channel = NotificationChannel(rawValue: input.path.channel.rawValue) ?? .inApp
+        let channel = try mapped(input.path.channel, to: NotificationChannel.self)
         let locale = input.path.locale
         try await tenant("notification type") { tx, _ in
             if try await tx.deleteTemplate(typeID: id, channel: channel, locale: locale) {

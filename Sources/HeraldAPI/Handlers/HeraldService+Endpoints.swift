@@ -6,13 +6,13 @@ extension HeraldService {
     func listEndpoints(_ input: Operations.ListEndpoints.Input) async throws -> Operations.ListEndpoints.Output {
         let (limit, cursor) = try page(input.query.limit, input.query.cursor)
         let page = try await tenant("endpoint") { tx, _ in try await tx.endpoints(limit: limit, after: cursor) }
-        return .ok(.init(body: .json(.init(items: page.items.map { .init($0) }, nextCursor: page.next?.encoded))))
+        return .ok(.init(body: .json(.init(items: try page.items.map { try .init($0) }, nextCursor: page.next?.encoded))))
     }
 
     func getEndpoint(_ input: Operations.GetEndpoint.Input) async throws -> Operations.GetEndpoint.Output {
         let id = try id(input.path.endpointId, "endpoint")
         let endpoint = try await tenant("endpoint") { tx, _ in try await tx.endpoint(id) }
-        return .ok(.init(body: .json(.init(endpoint))))
+        return .ok(.init(body: .json(try .init(endpoint))))
     }
 
     /// A webhook endpoint's secret is in this answer only.
@@ -35,7 +35,7 @@ extension HeraldService {
                                after: auditJSON(Components.Schemas.Endpoint(endpoint)))
             return endpoint
         }
-        return .created(.init(body: .json(.init(created, showingSecret: true))))
+        return .created(.init(body: .json(try .init(created, showingSecret: true))))
     }
 
     func updateEndpoint(_ input: Operations.UpdateEndpoint.Input) async throws -> Operations.UpdateEndpoint.Output {
@@ -57,7 +57,7 @@ extension HeraldService {
                                before: auditJSON(Components.Schemas.Endpoint(before)), after: auditJSON(Components.Schemas.Endpoint(after)))
             return after
         }
-        return .ok(.init(body: .json(.init(endpoint))))
+        return .ok(.init(body: .json(try .init(endpoint))))
     }
 
     func deleteEndpoint(_ input: Operations.DeleteEndpoint.Input) async throws -> Operations.DeleteEndpoint.Output {
@@ -81,15 +81,16 @@ extension HeraldService {
         let until = now().addingTimeInterval(TimeInterval(overlap))
         let endpoint = try await tenant("endpoint") { tx, _ in
             let before = try await tx.endpoint(id)
+            // The endpoint's state, not the request, is in the way: 409, as for a cancelled event.
             guard before.channel == .webhook else {
-                throw APIError.unprocessable(ValidationError(field: "endpoint", message: "is a chat endpoint; only webhook endpoints have a secret."))
+                throw APIError.conflict("This is a chat endpoint; only webhook endpoints have a secret.")
             }
             let after = try await tx.rotateEndpointSecret(id, newSecret: WebhookSecret.generate().string, overlapUntil: until)
             try await tx.audit(action: "endpoint.rotate_secret", targetType: "endpoint", targetID: id.lowercased,
                                before: auditJSON(Components.Schemas.Endpoint(before)), after: auditJSON(Components.Schemas.Endpoint(after)))
             return after
         }
-        return .ok(.init(body: .json(.init(endpoint, showingSecret: true))))
+        return .ok(.init(body: .json(try .init(endpoint, showingSecret: true))))
     }
 
     /// The URL as given, once the destination guard accepts it (syntax, scheme, and every
@@ -105,11 +106,24 @@ extension HeraldService {
 
 extension Components.Schemas.Endpoint {
     /// The endpoint as the API shows it; the secret only when just created or rotated.
-    init(_ e: Endpoint, showingSecret: Bool = false) {
+    init(_ e: Endpoint, showingSecret: Bool = false) throws {
         self.init(
-            id: e.id.lowercased, channel: e.channel == .webhook ? .webhook : .chat, format: .init(rawValue: e.format) ?? .standard,
+            id: e.id.lowercased, channel: e.channel == .webhook ? .webhook : .chat, format: try mapped(stored: e.format),
             name: e.name, url: e.url, eventTypes: e.eventTypes, enabled: e.enabled, disabledReason: e.disabledReason,
             secret: showingSecret ? e.secret : nil, previousSecretExpiresAt: e.previousSecret == nil ? nil : e.previousSecretExpiresAt,
-            createdAt: e.createdAt, updatedAt: e.updatedAt)
+            circuit: .init(e.circuit, now: Date()), createdAt: e.createdAt, updatedAt: e.updatedAt)
+    }
+}
+
+extension Components.Schemas.EndpointCircuit {
+    /// The breaker as the API shows it at `now` (issue 8, item 13).
+    init(_ c: EndpointCircuit, now: Date) {
+        let state: StatePayload = switch c.state(at: now) {
+        case .closed: .closed
+        case .open: .open
+        case .halfOpen: .halfOpen
+        }
+        let closed = c.openedAt == nil
+        self.init(state: state, failures: c.failures, openedAt: c.openedAt, retryAt: closed ? nil : c.retryAt, reason: closed ? nil : c.reason)
     }
 }

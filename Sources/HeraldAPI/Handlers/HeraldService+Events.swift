@@ -33,13 +33,20 @@ extension HeraldService {
             try checkTimes(body)
             let planned = try await plan(request, tx, now: now, idempotencyKey: key, requestHash: hash)
             try await tx.write(planned.event, type: planned.type, plan: planned.plan)
-            return .created(try await tx.event(planned.event.id))
+            let event = try await tx.event(planned.event.id)
+            if case .user = tx.actor {
+                // A person sending by hand is audited, as a CRM's `notification.send_manual` is;
+                // the payload stays out of the audit log.
+                try await tx.audit(action: "event.send_manual", targetType: "event", targetID: event.id.lowercased, before: nil,
+                                   after: auditJSON(EventSendAudit(type: event.typeKey, audience: body.audience, counts: try convert(event.counts))))
+            }
+            return .created(event)
         }
         switch outcome {
         case .created(let event):
-            return .accepted(.init(headers: .init(idempotentReplayed: nil), body: .json(accepted(event))))
+            return .accepted(.init(headers: .init(idempotentReplayed: nil), body: .json(try accepted(event))))
         case .replayed(let event):
-            return .accepted(.init(headers: .init(idempotentReplayed: "true"), body: .json(accepted(event))))
+            return .accepted(.init(headers: .init(idempotentReplayed: "true"), body: .json(try accepted(event))))
         }
     }
 
@@ -141,8 +148,8 @@ extension HeraldService {
         let page = ordered.prefix(limit)
         let users = Dictionary(try await tx.users(ids: page.map(\.targeting.userID)).map { ($0.id, $0) },
                                uniquingKeysWith: { a, _ in a })
-        let items = page.map { trace in
-            explained(ExplainedRecipient(
+        let items = try page.map { trace in
+            try explained(ExplainedRecipient(
                 userID: trace.targeting.userID, email: users[trace.targeting.userID]?.email ?? "",
                 displayName: users[trace.targeting.userID]?.displayName ?? "", targeted: trace.targeting.targeted,
                 rule: trace.targeting.rule, reason: trace.targeting.reason,
@@ -156,27 +163,27 @@ extension HeraldService {
     private func explanationOf(_ event: EventRecord, _ tx: TenantTransaction, userID: UUID?, limit: Int, after: UUID?) async throws -> Components.Schemas.Explanation {
         let (items, next) = try await tx.explain(eventID: event.id, userID: userID, limit: limit, after: after)
         return .init(eventId: event.id.lowercased, _type: event.typeKey, dryRun: false, counts: try convert(event.counts),
-                     items: items.map(explained), nextCursor: next.map { PageCursor(time: Date(timeIntervalSince1970: 0), id: $0).encoded })
+                     items: try items.map(explained), nextCursor: next.map { PageCursor(time: Date(timeIntervalSince1970: 0), id: $0).encoded })
     }
 
-    private func explained(_ recipient: ExplainedRecipient) -> Components.Schemas.ExplainedUser {
+    private func explained(_ recipient: ExplainedRecipient) throws -> Components.Schemas.ExplainedUser {
         .init(
             userId: recipient.userID.lowercased, email: recipient.email, displayName: recipient.displayName, targeted: recipient.targeted,
             rule: recipient.rule, reason: recipient.reason.rawValue, reasonText: recipient.reason.sentence,
-            channels: recipient.channels.map { channel in
-                .init(channel: .init(rawValue: channel.channel.rawValue)!, enabled: channel.enabled,
-                      frequency: .init(rawValue: channel.frequency.rawValue)!, conditions: (try? convert(channel.conditions)) ?? [],
-                      source: .init(rawValue: channel.source.rawValue)!, outcome: .init(rawValue: channel.outcome.rawValue)!,
+            channels: try recipient.channels.map { channel in
+                .init(channel: try mapped(channel.channel), enabled: channel.enabled,
+                      frequency: try mapped(channel.frequency), conditions: try convert(channel.conditions),
+                      source: try mapped(channel.source), outcome: try mapped(channel.outcome),
                       reason: channel.reason.rawValue, reasonText: channel.reason.sentence,
                       notificationId: channel.notificationID?.lowercased,
-                      notificationStatus: channel.notificationID.flatMap { recipient.notificationStatus[$0] }.flatMap { .init(rawValue: $0) },
+                      notificationStatus: try channel.notificationID.flatMap { recipient.notificationStatus[$0] }.map { try mapped(stored: $0) },
                       deliveryId: channel.deliveryID?.lowercased,
                       deliveryStatus: channel.deliveryID.flatMap { recipient.deliveryStatus[$0] },
-                      deliveries: channel.deliveryIDs.isEmpty ? nil : channel.deliveryIDs.map { id in
-                          .init(id: id.lowercased, status: recipient.deliveryStatus[id].flatMap { .init(rawValue: $0) } ?? .pending)
+                      deliveries: channel.deliveryIDs.isEmpty ? nil : try channel.deliveryIDs.map { id in
+                          .init(id: id.lowercased, status: try recipient.deliveryStatus[id].map { try mapped(stored: $0) } ?? .pending)
                       },
                       digestItemId: channel.digestItemID?.lowercased,
-                      digestStatus: channel.digestItemID.flatMap { recipient.digestStatus[$0] }.flatMap { .init(rawValue: $0) })
+                      digestStatus: try channel.digestItemID.flatMap { recipient.digestStatus[$0] }.map { try mapped(stored: $0) })
             })
     }
 
@@ -195,11 +202,14 @@ extension HeraldService {
             throw APIError.unprocessable(ValidationError(field: "expires_at", message: "must be after deliver_at."))
         }
         let url = try body.url.map { url in try validated { () throws(ValidationError) in try Validate.linkURL(url, field: "url") } }
+        let tags = try validated { () throws(ValidationError) in
+            try Array(Set(try (body.tags ?? []).map { v throws(ValidationError) in try Validate.tag(v) })).sorted()
+        }
         return EventRequest(
             typeKey: body._type, audience: audience, payload: try convert(body.payload ?? .init()),
             sourceActor: try body.actor.map { try convert($0) }, subjectType: body.subject?._type, subjectID: body.subject?.id,
-            severity: body.severity.flatMap { Severity(rawValue: $0.rawValue) }, priority: body.priority.flatMap { Priority(rawValue: $0.rawValue) },
-            deliverAt: body.deliverAt, expiresAt: body.expiresAt, url: url)
+            severity: try body.severity.map { try mapped($0, to: Severity.self) }, priority: try body.priority.map { try mapped($0, to: Priority.self) },
+            deliverAt: body.deliverAt, expiresAt: body.expiresAt, url: url, tags: tags)
     }
 
     /// Checks that depend on the time of the request (not part of what a replay compares).
@@ -217,10 +227,10 @@ extension HeraldService {
         return SHA256.hash(data: try encoder.encode(body)).map { String(format: "%02x", $0) }.joined()
     }
 
-    private func accepted(_ event: EventRecord) -> Components.Schemas.EventAccepted {
+    private func accepted(_ event: EventRecord) throws -> Components.Schemas.EventAccepted {
         // Always the answer notify first gave (a later cancellation shows on GET /v1/events/{id}).
         .init(eventId: event.id.lowercased, status: .accepted, deliverAt: event.deliverAt,
-              counts: (try? convert(event.counts)) ?? .init(considered: 0, targeted: 0, notTargeted: 0, inApp: 0, immediate: 0, digest: 0, skipped: 0))
+              counts: try convert(event.counts))
     }
 }
 
@@ -228,14 +238,22 @@ extension Components.Schemas.Event {
     init(_ e: EventRecord) throws {
         let audience = try JSONDecoder().decode(Audience.self, from: Data(e.audienceJSON.utf8))
         self.init(
-            id: e.id.lowercased, _type: e.typeKey, status: .init(rawValue: e.status)!,
+            id: e.id.lowercased, _type: e.typeKey, status: try mapped(stored: e.status),
             audience: .init(userIds: audience.userIDs.isEmpty ? nil : audience.userIDs.map(\.lowercased),
                             roles: audience.roleKeys.isEmpty ? nil : audience.roleKeys,
                             groups: audience.groupKeys.isEmpty ? nil : audience.groupKeys, everyone: audience.everyone ? true : nil,
                             excludeUserIds: audience.excludeUserIDs.isEmpty ? nil : audience.excludeUserIDs.map(\.lowercased)),
             payload: try decodeJSON(e.payloadJSON),
             subject: e.subjectType.map { .init(_type: $0, id: e.subjectID ?? "") },
-            severity: .init(rawValue: e.severity.rawValue)!, priority: .init(rawValue: e.priority.rawValue)!,
-            deliverAt: e.deliverAt, expiresAt: e.expiresAt, counts: try convert(e.counts), createdAt: e.createdAt, cancelledAt: e.cancelledAt)
+            severity: try mapped(e.severity), priority: try mapped(e.priority),
+            deliverAt: e.deliverAt, expiresAt: e.expiresAt, counts: try convert(e.counts), createdAt: e.createdAt, cancelledAt: e.cancelledAt,
+            sentBy: .init(_type: try mapped(stored: e.actorType), id: e.actorID?.lowercased), tags: e.tags)
     }
+}
+
+/// What the audit log keeps of a manual send: the type, the audience and what the engine did.
+private struct EventSendAudit: Encodable {
+    var type: String
+    var audience: Components.Schemas.AudienceSpec
+    var counts: Components.Schemas.DecisionCounts
 }

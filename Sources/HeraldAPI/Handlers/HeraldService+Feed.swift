@@ -12,12 +12,15 @@ extension HeraldService {
         let limit = try validated { () throws(ValidationError) in try PageSize.clamp(q.limit) }
         let cursor = try q.cursor.map { c in try validated { () throws(ValidationError) in try FeedCursor(encoded: c) } }
         let filter = FeedFilter(
-            typeKey: q._type, categoryKey: q.category, severity: q.severity.flatMap { Severity(rawValue: $0.rawValue) },
-            priority: q.priority.flatMap { Priority(rawValue: $0.rawValue) }, read: q.read, archived: q.archived ?? false,
-            since: q.since, search: q.q.flatMap { $0.trimmingCharacters(in: .whitespaces).isEmpty ? nil : $0 })
+            typeKey: q._type, categoryKey: q.category, severity: try q.severity.map { try mapped($0, to: Severity.self) },
+            priority: try q.priority.map { try mapped($0, to: Priority.self) }, read: q.read, archived: q.archived ?? false,
+            since: q.since, search: q.q.flatMap { $0.trimmingCharacters(in: .whitespaces).isEmpty ? nil : $0 },
+            tags: try q.tag.flatMap { tags in
+                try validated { () throws(ValidationError) in tags.isEmpty ? nil : try tags.map { v throws(ValidationError) in try Validate.tag(v, field: "tag") } }
+            })
         let now = now()
         let page = try await feed(user) { tx in try await tx.feed(of: user, filter: filter, limit: limit, after: cursor, now: now) }
-        return .ok(.init(body: .json(.init(items: page.items.map(Components.Schemas.FeedItem.init), nextCursor: page.next?.encoded))))
+        return .ok(.init(body: .json(.init(items: try page.items.map(Components.Schemas.FeedItem.init), nextCursor: page.next?.encoded))))
     }
 
     func getMyUnreadCount(_ input: Operations.GetMyUnreadCount.Input) async throws -> Operations.GetMyUnreadCount.Output {
@@ -31,28 +34,28 @@ extension HeraldService {
         let (user, id) = (try requireUser(), try id(input.path.notificationId, "notification"))
         let now = now()
         let item = try await feed(user) { tx in try await tx.feedItem(id, of: user, now: now) }
-        return .ok(.init(body: .json(.init(item))))
+        return .ok(.init(body: .json(try .init(item))))
     }
 
     func markNotificationRead(_ input: Operations.MarkNotificationRead.Input) async throws -> Operations.MarkNotificationRead.Output {
         let (user, id) = (try requireUser(), try id(input.path.notificationId, "notification"))
         let now = now()
         let item = try await feed(user) { tx in try await tx.setRead(id, of: user, read: true, now: now) }
-        return .ok(.init(body: .json(.init(item))))
+        return .ok(.init(body: .json(try .init(item))))
     }
 
     func markNotificationUnread(_ input: Operations.MarkNotificationUnread.Input) async throws -> Operations.MarkNotificationUnread.Output {
         let (user, id) = (try requireUser(), try id(input.path.notificationId, "notification"))
         let now = now()
         let item = try await feed(user) { tx in try await tx.setRead(id, of: user, read: false, now: now) }
-        return .ok(.init(body: .json(.init(item))))
+        return .ok(.init(body: .json(try .init(item))))
     }
 
     func archiveNotification(_ input: Operations.ArchiveNotification.Input) async throws -> Operations.ArchiveNotification.Output {
         let (user, id) = (try requireUser(), try id(input.path.notificationId, "notification"))
         let now = now()
         let item = try await feed(user) { tx in try await tx.archive(id, of: user, now: now) }
-        return .ok(.init(body: .json(.init(item))))
+        return .ok(.init(body: .json(try .init(item))))
     }
 
     func deleteMyNotification(_ input: Operations.DeleteMyNotification.Input) async throws -> Operations.DeleteMyNotification.Output {
@@ -64,10 +67,11 @@ extension HeraldService {
     func markNotificationsRead(_ input: Operations.MarkNotificationsRead.Input) async throws -> Operations.MarkNotificationsRead.Output {
         let user = try requireUser()
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let all = body.all ?? false
-        guard all != (body.ids != nil) else {
+        // Exactly one of the two (the schema's min/maxProperties); `"all": false` marks nothing, as `"ids": []` does.
+        guard (body.all == nil) != (body.ids == nil) else {
             throw APIError.unprocessable(ValidationError(field: "body", message: "give either ids or \"all\": true."))
         }
+        let all = body.all ?? false
         let ids = try validated { () throws(ValidationError) in
             try (body.ids ?? []).map { v throws(ValidationError) in try Validate.uuid(v, field: "ids") }
         }
@@ -132,12 +136,12 @@ extension FeedCursor {
 }
 
 extension Components.Schemas.FeedItem {
-    init(_ n: FeedItem) {
+    init(_ n: FeedItem) throws {
         self.init(
             id: n.id.lowercased, eventId: n.eventID.lowercased, _type: n.typeKey, category: n.categoryKey,
-            severity: .init(rawValue: n.severity.rawValue)!, priority: .init(rawValue: n.priority.rawValue)!, title: n.title, body: n.body,
+            severity: try mapped(n.severity), priority: try mapped(n.priority), title: n.title, body: n.body,
             subject: n.subjectType.map { .init(_type: $0, id: n.subjectID ?? "") }, read: n.read, archived: n.archived,
-            createdAt: n.createdAt, expiresAt: n.expiresAt)
+            createdAt: n.createdAt, expiresAt: n.expiresAt, tags: n.tags.isEmpty ? nil : n.tags)
     }
 }
 

@@ -70,7 +70,7 @@ extension HeraldService {
     private func changeMembership(group rawGroup: String, user rawUser: String, add: Bool) async throws {
         let groupID = try id(rawGroup, "group")
         let userID = try id(rawUser, "user")
-        try await tenant("group or user") { tx, _ in
+        try await tenant("group") { tx, _ in
             let changed = add ? try await tx.addGroupMember(groupID, userID) : try await tx.removeGroupMember(groupID, userID)
             if changed {
                 try await tx.audit(action: add ? "group.member.add" : "group.member.remove", targetType: "group",

@@ -74,6 +74,8 @@ extension HeraldService {
             }
         } catch StoreError.notFound {
             throw APIError.notFound(resource: "link")
+        } catch StoreError.missing {
+            throw APIError.notFound(resource: "link")
         }
     }
 }

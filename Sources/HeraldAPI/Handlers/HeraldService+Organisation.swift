@@ -16,15 +16,19 @@ extension HeraldService {
         if let throttle = body.throttlePerMinute, !(0...100_000).contains(throttle) {
             throw APIError.unprocessable(ValidationError(field: "throttle_per_minute", message: "must be between 0 (off) and 100000."))
         }
+        if let throttle = body.userThrottlePerMinute, !(0...100_000).contains(throttle) {
+            throw APIError.unprocessable(ValidationError(field: "user_throttle_per_minute", message: "must be between 0 (off) and 100000."))
+        }
         let timezone = try body.defaultTimezone.map { v in try validated { () throws(ValidationError) in try Validate.timezone(v, field: "default_timezone") } }
         let (from, replyTo) = try validated { () throws(ValidationError) in
-            (try body.emailFrom.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.email(v, field: "email_from") },
-             try body.emailReplyTo.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.email(v, field: "email_reply_to") })
+            (try body.emailFrom.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.emailAddress(v, field: "email_from") },
+             try body.emailReplyTo.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.emailAddress(v, field: "email_reply_to") })
         }
         let fromName = try body.emailFromName.map { v in try validated { () throws(ValidationError) in v.isEmpty ? v : try Validate.text(v, field: "email_from_name") } }
         let updated = try await tenant("organisation") { tx, _ in
             let before = Components.Schemas.Organisation(try await tx.organisation())
             if let throttle = body.throttlePerMinute { try await tx.setThrottle(perMinute: throttle) }
+            if let throttle = body.userThrottlePerMinute { try await tx.setUserThrottle(perMinute: throttle) }
             if from != nil || fromName != nil || replyTo != nil { try await tx.setEmailIdentity(from: from, fromName: fromName, replyTo: replyTo) }
             let after = Components.Schemas.Organisation(
                 try await tx.updateOrganisation(name: name, defaultLocale: locale, defaultTimezone: timezone))

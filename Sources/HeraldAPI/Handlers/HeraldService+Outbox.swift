@@ -14,7 +14,7 @@ extension HeraldService {
                 eventID: try q.eventId.map { v throws(ValidationError) in try Validate.uuid(v, field: "event_id") }, since: q.since)
         }
         let page = try await tenant("delivery") { tx, _ in try await tx.deliveries(filter, limit: limit, after: cursor) }
-        return .ok(.init(body: .json(.init(items: page.items.map { .init($0, attempts: nil) }, nextCursor: page.next?.encoded))))
+        return .ok(.init(body: .json(.init(items: try page.items.map { try .init($0, attempts: nil) }, nextCursor: page.next?.encoded))))
     }
 
     func getDeliveryStats(_ input: Operations.GetDeliveryStats.Input) async throws -> Operations.GetDeliveryStats.Output {
@@ -27,7 +27,7 @@ extension HeraldService {
     func getDelivery(_ input: Operations.GetDelivery.Input) async throws -> Operations.GetDelivery.Output {
         let id = try id(input.path.deliveryId, "delivery")
         let delivery = try await tenant("delivery") { tx, _ in
-            Components.Schemas.Delivery(try await tx.delivery(id), attempts: try await tx.deliveryAttempts(id))
+            try Components.Schemas.Delivery(try await tx.delivery(id), attempts: try await tx.deliveryAttempts(id))
         }
         return .ok(.init(body: .json(delivery)))
     }
@@ -41,7 +41,7 @@ extension HeraldService {
             }
             try await tx.audit(action: "delivery.retry", targetType: "delivery", targetID: id.lowercased,
                                before: auditJSON(["status": before.status]), after: auditJSON(["status": after.status]))
-            return Components.Schemas.Delivery(after, attempts: try await tx.deliveryAttempts(id))
+            return try Components.Schemas.Delivery(after, attempts: try await tx.deliveryAttempts(id))
         }
         return .ok(.init(body: .json(delivery)))
     }
@@ -55,23 +55,23 @@ extension HeraldService {
             }
             try await tx.audit(action: "delivery.cancel", targetType: "delivery", targetID: id.lowercased,
                                before: auditJSON(["status": before.status]), after: auditJSON(["status": after.status]))
-            return Components.Schemas.Delivery(after, attempts: try await tx.deliveryAttempts(id))
+            return try Components.Schemas.Delivery(after, attempts: try await tx.deliveryAttempts(id))
         }
         return .ok(.init(body: .json(delivery)))
     }
 }
 
 extension Components.Schemas.Delivery {
-    init(_ d: Delivery, attempts: [DeliveryAttempt]?) {
+    init(_ d: Delivery, attempts: [DeliveryAttempt]?) throws {
         self.init(
-            id: d.id.lowercased, eventId: d.eventID.lowercased, userId: d.userID.lowercased, channel: .init(rawValue: d.channel) ?? .email,
-            destination: d.destination, status: .init(rawValue: d.status) ?? .pending, attempts: d.attempts, maxAttempts: d.maxAttempts,
+            id: d.id.lowercased, eventId: d.eventID.lowercased, userId: d.userID.lowercased, channel: try mapped(stored: d.channel),
+            destination: d.destination, status: try mapped(stored: d.status), attempts: d.attempts, maxAttempts: d.maxAttempts,
             nextAttemptAt: d.nextAttemptAt, lastError: d.lastError, lastResponseCode: d.lastResponseCode, lastResponse: d.lastResponse,
             endpointId: d.endpointID?.lowercased, sentAt: d.sentAt,
             createdAt: d.createdAt, updatedAt: d.updatedAt,
-            attemptLog: attempts?.map {
+            attemptLog: try attempts?.map {
                 .init(attempt: $0.attempt, worker: $0.worker, startedAt: $0.startedAt, finishedAt: $0.finishedAt,
-                      outcome: .init(rawValue: $0.outcome) ?? .failed, responseCode: $0.responseCode, error: $0.error)
+                      outcome: try mapped(stored: $0.outcome), responseCode: $0.responseCode, error: $0.error)
             })
     }
 }

@@ -111,10 +111,10 @@ extension HeraldService {
                     let effective = PreferenceResolver.resolve(
                         channel: channel, categoryIsCritical: category.critical, typeDefaultChannels: typeChannels,
                         user: own[key], organisationDefault: defaults[key])
-                    items.append(.init(category: category.key, channel: .init(rawValue: channel.rawValue)!, enabled: effective.enabled,
-                                       frequency: .init(rawValue: effective.frequency.rawValue)!,
+                    items.append(.init(category: category.key, channel: try mapped(channel), enabled: effective.enabled,
+                                       frequency: try mapped(effective.frequency),
                                        conditions: try convert(effective.conditions),
-                                       source: .init(rawValue: effective.source.rawValue)!))
+                                       source: try mapped(effective.source)))
                 }
             }
             return Components.Schemas.ResolvedPreferences(items: items)
@@ -122,17 +122,17 @@ extension HeraldService {
     }
 
     /// Stored cells as the API shows them (category keys instead of ids).
-    private func preferenceList(_ cells: [PreferenceCell], _ tx: TenantTransaction) async throws -> Components.Schemas.PreferenceList {
+    func preferenceList(_ cells: [PreferenceCell], _ tx: TenantTransaction) async throws -> Components.Schemas.PreferenceList {
         let keys = Dictionary(try await tx.categories().map { ($0.id, $0.key) }, uniquingKeysWith: { a, _ in a })
         return .init(items: try cells.compactMap { cell in
             guard let key = keys[cell.categoryID] else { return nil }
-            return .init(category: key, channel: .init(rawValue: cell.channel.rawValue)!, enabled: cell.setting.enabled,
-                         frequency: .init(rawValue: cell.setting.frequency.rawValue)!, conditions: try convert(cell.setting.conditions))
+            return .init(category: key, channel: try mapped(cell.channel), enabled: cell.setting.enabled,
+                         frequency: try mapped(cell.setting.frequency), conditions: try convert(cell.setting.conditions))
         }.sorted { ($0.category, $0.channel.rawValue) < ($1.category, $1.channel.rawValue) })
     }
 
     /// Validates a list of cells: known categories, one cell per category and channel, valid conditions.
-    private func cells(_ list: Components.Schemas.PreferenceList, _ tx: TenantTransaction) async throws -> [PreferenceCell] {
+    func cells(_ list: Components.Schemas.PreferenceList, _ tx: TenantTransaction) async throws -> [PreferenceCell] {
         let categories = Dictionary(try await tx.categories().map { ($0.key, $0.id) }, uniquingKeysWith: { a, _ in a })
         var seen = Set<String>()
         return try list.items.enumerated().map { index, item in
@@ -148,8 +148,8 @@ extension HeraldService {
                 for (n, condition) in conditions.enumerated() { try condition.validate(field: "\(field).conditions[\(n)]") }
             }
             return PreferenceCell(
-                categoryID: category, channel: NotificationChannel(rawValue: item.channel.rawValue)!,
-                setting: PreferenceSetting(enabled: item.enabled, frequency: Frequency(rawValue: item.frequency.rawValue)!, conditions: conditions))
+                categoryID: category, channel: try mapped(item.channel, to: NotificationChannel.self),
+                setting: PreferenceSetting(enabled: item.enabled, frequency: try mapped(item.frequency, to: Frequency.self), conditions: conditions))
         }
     }
 }

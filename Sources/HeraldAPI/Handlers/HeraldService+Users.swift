@@ -17,7 +17,7 @@ extension HeraldService {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         var new = try validated { () throws(ValidationError) in
             NewUser(
-                email: try Validate.email(body.email),
+                email: try Validate.emailAddress(body.email),
                 displayName: try Validate.text(body.displayName, field: "display_name"),
                 locale: try body.locale.map { v throws(ValidationError) in try Validate.locale(v) },
                 timezone: try body.timezone.map { v throws(ValidationError) in try Validate.timezone(v) })
@@ -46,7 +46,7 @@ extension HeraldService {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         var change = try validated { () throws(ValidationError) in
             UserChange(
-                email: try body.email.map { v throws(ValidationError) in try Validate.email(v) },
+                email: try body.email.map { v throws(ValidationError) in try Validate.emailAddress(v) },
                 displayName: try body.displayName.map { v throws(ValidationError) in try Validate.text(v, field: "display_name") },
                 // An empty string clears the field, so the organisation default applies.
                 locale: try body.locale.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.locale(v) },

@@ -8,7 +8,8 @@ import HeraldCore
 extension Components.Schemas.Organisation {
     init(_ o: Organisation) {
         self.init(id: o.id.lowercased, slug: o.slug, name: o.name, defaultLocale: o.defaultLocale,
-                  defaultTimezone: o.defaultTimezone, throttlePerMinute: o.throttlePerMinute, emailFrom: o.emailFrom,
+                  defaultTimezone: o.defaultTimezone, throttlePerMinute: o.throttlePerMinute,
+                  userThrottlePerMinute: o.userThrottlePerMinute, emailFrom: o.emailFrom,
                   emailFromName: o.emailFromName, emailReplyTo: o.emailReplyTo, createdAt: o.createdAt, updatedAt: o.updatedAt)
     }
 }
@@ -46,7 +47,7 @@ extension Components.Schemas.ApiKey {
 extension Components.Schemas.AuditEntry {
     init(_ e: AuditEntry) throws {
         self.init(id: e.id.lowercased, occurredAt: e.occurredAt,
-                  actorType: .init(rawValue: e.actorType) ?? .system, actorId: e.actorID?.lowercased,
+                  actorType: try mapped(stored: e.actorType), actorId: e.actorID?.lowercased,
                   action: e.action, targetType: e.targetType, targetId: e.targetID,
                   before: try e.beforeJSON.map { try decodeJSON($0) }, after: try e.afterJSON.map { try decodeJSON($0) },
                   requestId: e.requestID)
@@ -61,16 +62,16 @@ extension Components.Schemas.Category {
 }
 
 extension Components.Schemas.NotificationType {
-    init(_ t: HeraldStore.NotificationType) {
-        let templates = t.templates.sorted { $0.key < $1.key }.flatMap { channel, byLocale in
-            byLocale.sorted { $0.key < $1.key }.map { locale, content in
-                Components.Schemas.Template(channel: .init(rawValue: channel.rawValue)!, locale: locale, subject: content.subject,
+    init(_ t: HeraldStore.NotificationType) throws {
+        let templates = try t.templates.sorted { $0.key < $1.key }.flatMap { channel, byLocale in
+            try byLocale.sorted { $0.key < $1.key }.map { locale, content in
+                Components.Schemas.Template(channel: try mapped(channel), locale: locale, subject: content.subject,
                                             body: content.body, html: content.html)
             }
         }
         self.init(id: t.id.lowercased, key: t.key, category: t.categoryKey, name: t.name, description: t.description,
-                  defaultSeverity: .init(rawValue: t.defaultSeverity.rawValue)!, defaultPriority: .init(rawValue: t.defaultPriority.rawValue)!,
-                  defaultChannels: t.defaultChannels.compactMap { .init(rawValue: $0.rawValue) }, templates: templates,
+                  defaultSeverity: try mapped(t.defaultSeverity), defaultPriority: try mapped(t.defaultPriority),
+                  defaultChannels: try t.defaultChannels.map { try mapped($0) }, templates: templates,
                   createdAt: t.createdAt, updatedAt: t.updatedAt)
     }
 }
@@ -78,4 +79,25 @@ extension Components.Schemas.NotificationType {
 /// Re-reads a value of one Codable shape as another with the same JSON (API schema ↔ core type).
 func convert<T: Decodable>(_ value: some Encodable, to type: T.Type = T.self) throws -> T {
     try JSONDecoder().decode(T.self, from: try JSONEncoder().encode(value))
+}
+
+/// A stored value the API has no word for. It is this server's fault, never the client's: the
+/// request fails with a logged 500 and the process goes on.
+struct UnmappableValue: Error, CustomStringConvertible {
+    var type: String
+    var value: String
+    var description: String { "no \(type) case for the stored value \"\(value)\"" }
+}
+
+/// One string vocabulary to another with the same words (store ↔ generated API schema).
+func mapped<Target: RawRepresentable>(_ value: some RawRepresentable<String>, to: Target.Type = Target.self) throws -> Target
+where Target.RawValue == String {
+    try mapped(stored: value.rawValue)
+}
+
+/// A word read from the database into a vocabulary type.
+func mapped<Target: RawRepresentable>(stored value: String, to: Target.Type = Target.self) throws -> Target
+where Target.RawValue == String {
+    guard let target = Target(rawValue: value) else { throw UnmappableValue(type: "\(Target.self)", value: value) }
+    return target
 }

@@ -71,6 +71,10 @@ public struct PlanInput: Sendable {
     public var organisationDefaults: [NotificationChannel: PreferenceSetting]
     /// Notified events of this category per user in the last minute.
     public var recentCounts: [UUID: Int]
+    /// Per user across every category, per minute; nil switches this throttle off.
+    public var userThrottlePerMinute: Int?
+    /// Notified events of any category per user in the last minute.
+    public var recentTotals: [UUID: Int]
     /// The enabled webhook and chat endpoints that take this event's type, by channel; email
     /// always has the user's address, in-app always has the feed.
     public var endpoints: [NotificationChannel: [EndpointTarget]]
@@ -82,8 +86,10 @@ public struct PlanInput: Sendable {
                 organisationLocale: String, organisationTimezone: String, throttlePerMinute: Int?, recipients: [RecipientProfile],
                 excluded: Set<UUID>, userPreferences: [UUID: [NotificationChannel: PreferenceSetting]],
                 organisationDefaults: [NotificationChannel: PreferenceSetting], recentCounts: [UUID: Int], endpoints: [NotificationChannel: [EndpointTarget]] = [:],
-                sourceActor: JSONValue? = nil) {
+                sourceActor: JSONValue? = nil, userThrottlePerMinute: Int? = nil, recentTotals: [UUID: Int] = [:]) {
         self.sourceActor = sourceActor
+        self.userThrottlePerMinute = userThrottlePerMinute
+        self.recentTotals = recentTotals
         self.eventID = eventID
         self.type = type
         self.severity = severity
@@ -224,7 +230,9 @@ public enum NotificationPlanner {
             }
             plan.counts.targeted += 1
             let timeZone = TimeZone(identifier: profile.timezone ?? input.organisationTimezone) ?? .gmt
+            // Either limit stops a non-critical notification: the category's or the user's total.
             let throttled = input.throttlePerMinute.map { (input.recentCounts[target.userID] ?? 0) >= $0 } ?? false
+                || input.userThrottlePerMinute.map { (input.recentTotals[target.userID] ?? 0) >= $0 } ?? false
             var channels: [TracedChannel] = []
             for channel in NotificationChannel.allCases {
                 let preference = PreferenceResolver.resolve(

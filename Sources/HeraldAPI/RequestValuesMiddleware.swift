@@ -1,0 +1,75 @@
+import Foundation
+import HTTPTypes
+import OpenAPIRuntime
+
+/// What the generated decoders cannot see, checked before them (issue 8 item 10):
+/// - A request without content has no body. The transport hands over an empty body, which the
+///   generated code fails to decode as JSON, so an optional body (`rotate-secret`) could not be
+///   left out. A required body that is missing is still refused by the generated code.
+/// - `null` is refused for Herald's own fields (400): the decoders read it as "absent", so a
+///   `PATCH` with `"locale": null` would silently change nothing. Inside free-form JSON (payload,
+///   actor, attributes, condition values) `null` is an ordinary value. See docs/decisions.md.
+/// - Text with U+0000 is refused (400): PostgreSQL cannot store it in `text` or `jsonb`, so it
+///   used to end as a 500.
+struct RequestValuesMiddleware: ServerMiddleware {
+    let maxBodyBytes: Int
+
+    /// Request members whose value is the client's own JSON, where `null` is allowed.
+    static let freeForm: Set<String> = ["payload", "actor", "attributes", "value", "values"]
+
+    func intercept(
+        _ request: HTTPRequest,
+        body: HTTPBody?,
+        metadata: ServerRequestMetadata,
+        operationID: String,
+        next: @Sendable (HTTPRequest, HTTPBody?, ServerRequestMetadata) async throws -> (HTTPResponse, HTTPBody?)
+    ) async throws -> (HTTPResponse, HTTPBody?) {
+        if let query = request.path?.split(separator: "?", maxSplits: 1).dropFirst().first, query.lowercased().contains("%00") {
+            throw APIError.badRequest("A query parameter contains the character U+0000, which Herald does not accept in text.")
+        }
+        let hasContent = request.headerFields[.transferEncoding] != nil
+            || (request.headerFields[.contentLength].flatMap { Int($0) } ?? 0) > 0
+        guard let body, hasContent, body.length != .known(0) else {
+            return try await next(request, nil, metadata)
+        }
+        guard request.headerFields[.contentType]?.lowercased().hasPrefix("application/json") == true else {
+            return try await next(request, body, metadata)
+        }
+        let data = try await Data(collecting: body, upTo: maxBodyBytes)
+        if Self.mayHoldNull(data), let json = try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]) {
+            if let problem = Self.problem(in: json, at: "") { throw APIError.badRequest(problem) }
+        }
+        return try await next(request, HTTPBody(data), metadata)
+    }
+
+    /// Whether the raw bytes contain `null` or `\u0000` at all: most bodies need no parse here.
+    static func mayHoldNull(_ data: Data) -> Bool {
+        data.range(of: Data("null".utf8)) != nil || data.range(of: Data("u0000".utf8)) != nil
+    }
+
+    /// The first `null` field or U+0000 in `value`, as a sentence naming where it is.
+    static func problem(in value: Any, at path: String, freeForm: Bool = false) -> String? {
+        switch value {
+        case is NSNull:
+            return freeForm ? nil : "\(path.isEmpty ? "body" : path): null is not accepted; leave the field out instead."
+        case let text as String:
+            return text.unicodeScalars.contains("\u{0}") ? "\(path.isEmpty ? "body" : path): contains the character U+0000, which Herald does not accept in text." : nil
+        case let object as [String: Any]:
+            for (key, member) in object.sorted(by: { $0.key < $1.key }) {
+                let here = path.isEmpty ? key : "\(path).\(key)"
+                if key.unicodeScalars.contains("\u{0}") { return "\(path.isEmpty ? "body" : path): a key contains the character U+0000." }
+                if let found = problem(in: member, at: here, freeForm: freeForm || (Self.freeForm.contains(key) && !(member is NSNull))) {
+                    return found
+                }
+            }
+            return nil
+        case let array as [Any]:
+            for (index, item) in array.enumerated() {
+                if let found = problem(in: item, at: "\(path)[\(index)]", freeForm: freeForm) { return found }
+            }
+            return nil
+        default:
+            return nil
+        }
+    }
+}

@@ -1,0 +1,90 @@
+import Foundation
+import HeraldCore
+
+/// One operation of `openapi.yaml` as the request boundary needs it (see `SpecRoutes`).
+struct SpecRoute: Sendable {
+    var operationID: String
+    var method: String
+    /// The path template, e.g. `/v1/groups/{groupId}/members/{userId}`.
+    var path: String
+    /// The query parameters the operation declares; any other is refused (400).
+    var query: Set<String>
+    /// JSON path → the most characters (or, for `path#items`, items) the contract allows there.
+    var limits: [String: Int] = [:]
+
+    /// True when `path` (no query string) fits this template, each `{…}` one segment.
+    func matches(path candidate: Substring) -> Bool {
+        let template = path.split(separator: "/", omittingEmptySubsequences: false)
+        let parts = candidate.split(separator: "/", omittingEmptySubsequences: false)
+        guard template.count == parts.count else { return false }
+        return zip(template, parts).allSatisfy { t, p in (t.hasPrefix("{") && t.hasSuffix("}") && !p.isEmpty) || t == p }
+    }
+}
+
+extension SpecRoutes {
+    static let byOperationID: [String: SpecRoute] = Dictionary(operations.map { ($0.operationID, $0) }, uniquingKeysWith: { a, _ in a })
+
+    /// The methods the contract serves on this path, for 405's `Allow`; empty for an unknown path.
+    static func allowedMethods(path: String) -> [String] {
+        let bare = path.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
+        let methods = Set(operations.filter { $0.matches(path: bare) }.map(\.method))
+        return methods.sorted()
+    }
+
+    /// The first query parameter this operation does not declare, if any.
+    static func undeclaredQueryParameter(operationID: String, path: String) -> String? {
+        guard let route = byOperationID[operationID],
+              let query = path.split(separator: "?", maxSplits: 1).dropFirst().first else { return nil }
+        for pair in query.split(separator: "&") where !pair.isEmpty {
+            let rawName = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)[0]
+            let name = String(rawName).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(rawName)
+            if !route.query.contains(name) { return name }
+        }
+        return nil
+    }
+}
+
+extension SpecRoute {
+    /// The first value of `json` longer than the contract allows, as a 422's field and message.
+    /// Lengths count Unicode code points, as JSON Schema's `maxLength` does.
+    func lengthViolation(in json: Any) -> ValidationError? {
+        for (path, limit) in limits.sorted(by: { $0.key < $1.key }) {
+            let items = path.hasSuffix("#items")
+            let bare = items ? String(path.dropLast("#items".count)) : path
+            let segments = bare == "$" ? [] : bare.split(separator: ".").map(String.init)
+            if let violation = Self.find(json, segments[...], label: "", limit: limit, items: items) { return violation }
+        }
+        return nil
+    }
+
+    private static func find(_ value: Any, _ segments: ArraySlice<String>, label: String, limit: Int, items: Bool) -> ValidationError? {
+        guard var name = segments.first else {
+            let field = label.isEmpty ? "body" : label
+            if items, let array = value as? [Any], array.count > limit {
+                return ValidationError(field: field, message: "must have at most \(limit) items.")
+            }
+            if !items, let text = value as? String, text.unicodeScalars.count > limit {
+                return ValidationError(field: field, message: "must be at most \(limit) characters.")
+            }
+            return nil
+        }
+        var depth = 0
+        while name.hasSuffix("[]") { name.removeLast(2); depth += 1 }
+        let rest = segments.dropFirst()
+        func descend(_ child: Any, _ depth: Int, _ label: String) -> ValidationError? {
+            guard depth > 0 else { return find(child, rest, label: label, limit: limit, items: items) }
+            guard let array = child as? [Any] else { return nil }
+            for (index, element) in array.enumerated() {
+                if let found = descend(element, depth - 1, "\(label)[\(index)]") { return found }
+            }
+            return nil
+        }
+        if name.isEmpty { return descend(value, depth, label) }
+        guard let object = value as? [String: Any] else { return nil }
+        let children: [(String, Any)] = name == "*" ? object.sorted { $0.key < $1.key }.map { ($0.key, $0.value) } : object[name].map { [(name, $0)] } ?? []
+        for (key, child) in children {
+            if let found = descend(child, depth, label.isEmpty ? key : "\(label).\(key)") { return found }
+        }
+        return nil
+    }
+}

@@ -1,0 +1,426 @@
+import AsyncHTTPClient
+import Foundation
+import HTTPTypes
+import HeraldCore
+@testable import HeraldStore
+import Hummingbird
+import HummingbirdTesting
+import Logging
+import NIOCore
+import NIOHTTP1
+import PostgresNIO
+import Testing
+
+@testable import HeraldAPI
+
+/// Issue 8: defects found by using Herald as an integrator, a frontend and an admin would, at
+/// the request boundary (errors, logs, contract) and in the engine's gaps.
+@Suite("Issue 8: the request boundary")
+struct BoundaryDefectTests {
+    let env: TestEnvironment
+
+    init() async throws {
+        env = try await TestEnvironment.shared
+    }
+
+    @Test("a chunked body over the limit is a 413 problem on every JSON operation, also without login")
+    func chunkedBodyOverLimit() async throws {
+        // setup
+        let app = try env.application()
+        try await app.test(.live) { client in
+            let http = HTTPClient(eventLoopGroupProvider: .singleton)
+            defer { _ = http.shutdown() }
+            for path in ["/v1/auth/refresh", "/v1/auth/logout", "/v1/auth/token"] {
+                // act: 1 MiB in 64 KiB chunks with no Content-Length (the test limit is 64 KiB)
+                var request = HTTPClientRequest(url: "http://127.0.0.1:\(client.port!)\(path)")
+                request.method = .POST
+                request.headers.add(name: "Content-Type", value: "application/json")
+                let (chunks, writer) = AsyncStream.makeStream(of: ByteBuffer.self)
+                for _ in 0..<16 { writer.yield(ByteBuffer(repeating: UInt8(ascii: " "), count: 64 * 1024)) }
+                writer.finish()
+                request.body = .stream(chunks, length: .unknown)
+                let response = try await http.execute(request, timeout: .seconds(30))
+                let body = try await response.body.collect(upTo: 1 << 20)
+                // check
+                #expect(response.status == .payloadTooLarge, "\(path)")
+                #expect(response.headers.first(name: "Content-Type") == "application/problem+json")
+                #expect(String(buffer: body).contains("larger than 65536 bytes"))
+            }
+        }
+    }
+
+    @Test("the audit log lists entries whose before/after are arrays (role assignments), also by target")
+    func auditLogWithArrays() async throws {
+        // setup: assigning roles writes before/after as JSON arrays
+        let org = try await TestOrganisation.make()
+        let member = org.memberID.uuidString.lowercased()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let admin = try await org.store { tx in try await tx.builtinRole(.admin).id.uuidString.lowercased() }
+            #expect(try await client.send(.put, "/v1/users/\(member)/roles", token: org.ownerToken, json: #"{"role_ids": ["\#(admin)"]}"#).status == .ok)
+            // act
+            let all = try await client.send(.get, "/v1/audit-log", token: org.ownerToken)
+            let byTarget = try await client.send(.get, "/v1/audit-log?target_id=\(member)", token: org.ownerToken)
+            // check
+            #expect(all.status == .ok)
+            #expect(byTarget.status == .ok)
+            let items = try #require(byTarget.json["items"] as? [[String: Any]])
+            let set = try #require(items.first { $0["action"] as? String == "user.roles.set" })
+            #expect((set["after"] as? [[String: Any]])?.first?["key"] as? String == "admin")
+            #expect(set["before"] is [Any])
+        }
+    }
+
+    @Test("a stored value Herald cannot read fails that request with a logged 500; the log holds no credential and no payload")
+    func storedValueFaultIsA500WithoutSecrets() async throws {
+        // setup
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let key = try await org.serviceKey()
+        let log = CapturedLog()
+        let app = try env.application(logger: log.logger())
+        try await app.test(.router) { client in
+            let sent = try await client.send(.post, "/v1/events", token: key, json: #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "ok"}}"#)
+            let eventID = try #require(sent.json["event_id"] as? String)
+            // act: one unreadable value in each of two places
+            try await org.store { tx in
+                try await tx.query("UPDATE events SET counts = '[1, 2]'::jsonb WHERE id = \(UUID(uuidString: eventID)!)")
+                try await tx.query(#"UPDATE organisations SET settings = settings || '{"throttle_per_minute": "oops"}'::jsonb WHERE id = \#(org.id)"#)
+            }
+            let read = try await client.send(.get, "/v1/events/\(eventID)", token: key)
+            let notify = try await client.send(.post, "/v1/events", token: org.ownerToken,
+                                               json: #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "PAYLOAD-SECRET-4411"}}"#)
+            let still = try await client.send(.get, "/v1/events", token: key)
+            // check: 500s (not all-zero counts, not a 4xx), the process goes on, the logs say
+            // which request failed and why without any credential or payload value
+            #expect(read.isProblem(.internalServerError))
+            #expect(notify.isProblem(.internalServerError))
+            #expect(still.status == .internalServerError || still.status == .ok)
+            let text = log.text
+            #expect(text.contains("request failed"))
+            #expect(text.contains("events.counts"))
+            #expect(!text.contains(key))
+            #expect(!text.contains(String(key.split(separator: ".").last!)))
+            #expect(!text.contains(org.ownerToken))
+            #expect(!text.contains("PAYLOAD-SECRET-4411"))
+            #expect(!text.lowercased().contains("authorization"))
+        }
+    }
+
+    @Test("what openapi.yaml declares as a maximum length, the server enforces (422 naming the field)")
+    func declaredMaxLengths() async throws {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        let long = String(repeating: "x", count: 1001)
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let cases: [(HTTPRequest.Method, String, String, String)] = [
+                (.post, "/v1/roles", #"{"key": "r1", "name": "R", "description": "\#(long)", "permissions": []}"#, "description"),
+                (.post, "/v1/groups", #"{"key": "g1", "name": "G", "description": "\#(long)"}"#, "description"),
+                (.post, "/v1/categories", #"{"key": "c1", "name": "C", "description": "\#(long)"}"#, "description"),
+                (.patch, "/v1/categories/\(catalogue.activity.uuidString)", #"{"description": "\#(long)"}"#, "description"),
+                (.post, "/v1/notification-types", #"{"key": "T1", "category": "activity", "name": "T", "description": "\#(long)"}"#, "description"),
+                (.patch, "/v1/notification-types/\(catalogue.taskAssigned.uuidString)", #"{"description": "\#(long)"}"#, "description"),
+                (.put, "/v1/notification-types/\(catalogue.taskAssigned.uuidString)/templates/in_app/en", #"{"subject": "\#(long)", "body": "b"}"#, "subject"),
+                (.put, "/v1/notification-types/\(catalogue.taskAssigned.uuidString)/templates/email/en",
+                 #"{"subject": "s", "body": "\#(String(repeating: "y", count: 20001))"}"#, "body"),
+            ]
+            for (method, path, json, field) in cases {
+                let response = try await client.send(method, path, token: org.ownerToken, json: json)
+                #expect(response.isProblem(.unprocessableContent), "\(method) \(path)")
+                #expect((response.json["detail"] as? String)?.hasPrefix("\(field):") == true, "\(method) \(path): \(response.text.prefix(300))")
+            }
+            // exactly at the limit is accepted
+            let atLimit = try await client.send(.post, "/v1/groups", token: org.ownerToken,
+                                                json: #"{"key": "g2", "name": "G", "description": "\#(String(repeating: "é", count: 1000))"}"#)
+            #expect(atLimit.status == .created)
+        }
+    }
+
+    @Test("unknown query parameters are refused (400 naming them); declared ones work")
+    func unknownQueryParameters() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let typo = try await client.send(.get, "/v1/me/notifications?team=sales", token: org.memberToken)
+            #expect(typo.isProblem(.badRequest))
+            #expect((typo.json["detail"] as? String)?.contains("\"team\"") == true)
+            #expect(try await client.send(.get, "/v1/me/notifications?read=false&limit=5", token: org.memberToken).status == .ok)
+            #expect(try await client.send(.get, "/v1/users?bogus=1", token: org.ownerToken).isProblem(.badRequest))
+            #expect(try await client.send(.get, "/v1/me?x=1", token: org.ownerToken).isProblem(.badRequest))
+        }
+    }
+
+    @Test("an id parameter that is not a UUID is 422 everywhere, the audit log's target_id included")
+    func auditTargetIDMustBeAUUID() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let response = try await client.send(.get, "/v1/audit-log?target_id=not-a-uuid", token: org.ownerToken)
+            #expect(response.isProblem(.unprocessableContent))
+            #expect((response.json["detail"] as? String)?.hasPrefix("target_id:") == true)
+        }
+    }
+
+    @Test("group membership: a malformed and a missing group give one body; a missing user says user")
+    func membershipNotFoundBodies() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let group = try await client.send(.post, "/v1/groups", token: org.ownerToken, json: #"{"key": "ward", "name": "Ward"}"#)
+            let groupID = try #require(group.json["id"] as? String)
+            let user = org.memberID.uuidString.lowercased()
+            for method in [HTTPRequest.Method.put, .delete] {
+                let malformed = try await client.send(method, "/v1/groups/not-a-uuid/members/\(user)", token: org.ownerToken)
+                let missing = try await client.send(method, "/v1/groups/\(UUID().uuidString.lowercased())/members/\(user)", token: org.ownerToken)
+                #expect(malformed.isProblem(.notFound))
+                #expect(malformed.text == missing.text)
+                #expect(malformed.text.contains("No group with this id"))
+                let noUser = try await client.send(method, "/v1/groups/\(groupID)/members/\(UUID().uuidString.lowercased())", token: org.ownerToken)
+                #expect(noUser.isProblem(.notFound))
+                #expect(noUser.text.contains("No user with this id"))
+            }
+        }
+    }
+
+    @Test("an undeclared method on a known path is 405 with Allow; an unknown path stays 404")
+    func methodNotAllowed() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let trace = try await client.send(.init("TRACE")!, "/v1/me", token: org.ownerToken)
+            #expect(trace.isProblem(.methodNotAllowed))
+            #expect(trace.headers[.allow] == "GET")
+            let put = try await client.send(.put, "/v1/events", token: org.ownerToken, json: "{}")
+            #expect(put.isProblem(.methodNotAllowed))
+            #expect(put.headers[.allow] == "GET, POST")
+            #expect(try await client.send(.get, "/v1/nothing-here", token: org.ownerToken).isProblem(.notFound))
+        }
+    }
+
+    @Test("the route table the boundary uses is generated from the current openapi.yaml")
+    func specRoutesAreCurrent() throws {
+        let root = URL(fileURLWithPath: ProcessInfo.processInfo.environment["HERALD_SQL_DIR"] ?? "sql").deletingLastPathComponent()
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["python3", root.appendingPathComponent("scripts/spec-routes.py").path, "--stdout"]
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        try process.run()
+        let generated = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        let committed = try Data(contentsOf: root.appendingPathComponent("Sources/HeraldAPI/SpecRoutes.swift"))
+        #expect(process.terminationStatus == 0)
+        #expect(generated == committed, "Sources/HeraldAPI/SpecRoutes.swift is stale: run `make spec`")
+    }
+}
+
+@Suite("Issue 8: what a CRM integrator needs")
+struct IntegratorGapTests {
+    let env: TestEnvironment
+
+    init() async throws {
+        env = try await TestEnvironment.shared
+    }
+
+    @Test("events say who sent them; a user's manual send is audited, a key's is not")
+    func sender() async throws {
+        // setup
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let key = try await org.serviceKey()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let body = #"{"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(org.memberID.uuidString.lowercased())"]}, "payload": {"title": "t"}}"#
+            // act
+            let byUser = try #require(try await client.send(.post, "/v1/events", token: org.ownerToken, json: body).json["event_id"] as? String)
+            let byKey = try #require(try await client.send(.post, "/v1/events", token: key, json: body).json["event_id"] as? String)
+            // check
+            let one = try await client.send(.get, "/v1/events/\(byUser)", token: org.ownerToken).json
+            #expect((one["sent_by"] as? [String: Any])?["type"] as? String == "user")
+            #expect((one["sent_by"] as? [String: Any])?["id"] as? String == org.ownerID.uuidString.lowercased())
+            let list = try #require(try await client.send(.get, "/v1/events", token: org.ownerToken).json["items"] as? [[String: Any]])
+            #expect((list.first { $0["id"] as? String == byKey }?["sent_by"] as? [String: Any])?["type"] as? String == "api_key")
+            let audit = try #require(try await client.send(.get, "/v1/audit-log?action=event.send_manual", token: org.ownerToken).json["items"] as? [[String: Any]])
+            #expect(audit.map { $0["target_id"] as? String } == [byUser])
+            #expect(!(audit.first.map { "\($0)" } ?? "").contains("payload"))
+        }
+    }
+
+    @Test("a throttle across all of a user's notifications; critical in-app alerts still pass")
+    func userThrottle() async throws {
+        // setup
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let member = org.memberID.uuidString.lowercased()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let set = try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"user_throttle_per_minute": 2}"#)
+            #expect(set.json["user_throttle_per_minute"] as? Int == 2)
+            #expect(try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"user_throttle_per_minute": -1}"#)
+                .isProblem(.unprocessableContent))
+            // act: two categories (activity and alerts), three events to the member
+            func send(_ type: String) async throws -> [String: Any] {
+                try await client.send(.post, "/v1/events", token: org.ownerToken,
+                                      json: #"{"type": "\#(type)", "audience": {"user_ids": ["\#(member)"]}, "payload": {"title": "t"}}"#).json
+            }
+            let first = try await send("TASK_ASSIGNED")
+            let second = try await send("TASK_ASSIGNED")
+            let third = try await send("TASK_ASSIGNED")
+            let critical = try await send("ISQ_CRITICAL")
+            // check
+            #expect((first["counts"] as? [String: Any])?["in_app"] as? Int == 1)
+            #expect((second["counts"] as? [String: Any])?["in_app"] as? Int == 1)
+            #expect((third["counts"] as? [String: Any])?["in_app"] as? Int == 0)
+            #expect((critical["counts"] as? [String: Any])?["in_app"] as? Int == 1)
+            let id = try #require(third["event_id"] as? String)
+            let explained = try await client.send(.get, "/v1/events/\(id)/explain", token: org.ownerToken).text
+            #expect(explained.contains("THROTTLED"))
+        }
+    }
+
+    @Test("events carry tags, feed items show them, and the feed filters by them (ANDed)")
+    func tags() async throws {
+        // setup
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let member = org.memberID.uuidString.lowercased()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            func send(_ tags: String) async throws -> TestResponse {
+                try await client.send(.post, "/v1/events", token: org.ownerToken,
+                                      json: #"{"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(member)"]}, "payload": {"title": "t"}, "tags": \#(tags)}"#)
+            }
+            #expect(try await send(#"["team:sales", "region:north"]"#).status == .accepted)
+            #expect(try await send(#"["team:sales"]"#).status == .accepted)
+            #expect(try await send(#"["team:support"]"#).status == .accepted)
+            #expect(try await send(#"["Not A Tag"]"#).isProblem(.unprocessableContent))
+            // act
+            let sales = try #require(try await client.send(.get, "/v1/me/notifications?tag=team:sales", token: org.memberToken).json["items"] as? [[String: Any]])
+            let both = try #require(try await client.send(.get, "/v1/me/notifications?tag=team:sales&tag=region:north", token: org.memberToken)
+                .json["items"] as? [[String: Any]])
+            let all = try #require(try await client.send(.get, "/v1/me/notifications", token: org.memberToken).json["items"] as? [[String: Any]])
+            // check
+            #expect(sales.count == 2)
+            #expect(both.count == 1)
+            #expect(both.first?["tags"] as? [String] == ["region:north", "team:sales"])
+            #expect(all.count == 3)
+            #expect(try await client.send(.get, "/v1/me/notifications?tag=bad", token: org.memberToken).isProblem(.unprocessableContent))
+        }
+    }
+
+    @Test("the service role's key can ask why a user was or was not told")
+    func serviceMayExplain() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let key = try await org.serviceKey()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let sent = try await client.send(.post, "/v1/events", token: key, json: #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "t"}}"#)
+            let id = try #require(sent.json["event_id"] as? String)
+            #expect(try await client.send(.get, "/v1/events/\(id)/explain", token: key).status == .ok)
+            #expect(try await client.send(.get, "/v1/notifications/debug?event=TASK_ASSIGNED", token: key).status == .ok)
+        }
+    }
+}
+
+extension TestOrganisation {
+    /// A new API key of the built-in service role (an integrator's backend), made by the owner.
+    func serviceKey() async throws -> String {
+        let env = try await TestEnvironment.shared
+        let service = try await store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
+        let app = try env.application()
+        return try await app.test(.router) { client in
+            let created = try await client.send(.post, "/v1/api-keys", token: ownerToken, json: #"{"name": "CRM", "role_id": "\#(service)"}"#)
+            return try #require(created.json["secret"] as? String)
+        }
+    }
+}
+
+@Suite("Issue 8: an organisation set up from a file")
+struct CatalogueDocumentTests {
+    let env: TestEnvironment
+
+    init() async throws {
+        env = try await TestEnvironment.shared
+    }
+
+    @Test("export, import into an empty organisation, import again: the same catalogue, one audit entry, events work")
+    func exportImport() async throws {
+        // setup: A has the test catalogue and a preference default, B is empty
+        let a = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: a)
+        let b = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            #expect(try await client.send(.put, "/v1/organisation/preference-defaults", token: a.ownerToken,
+                                          json: #"{"items": [{"category": "activity", "channel": "email", "enabled": true, "frequency": "DAILY"}]}"#).status == .ok)
+            let exported = try await client.send(.get, "/v1/catalogue", token: a.ownerToken)
+            #expect(exported.status == .ok)
+            #expect(exported.text.contains("ISQ_CRITICAL") && exported.text.contains("Critical ISQ {{payload.isq}}"))
+            // act
+            let first = try await client.send(.put, "/v1/catalogue", token: b.ownerToken, json: exported.text)
+            let second = try await client.send(.put, "/v1/catalogue", token: b.ownerToken, json: exported.text)
+            // check: B now has exactly A's catalogue, the second import changed nothing
+            #expect(first.status == .ok)
+            #expect(first.text == exported.text)
+            #expect(second.text == exported.text)
+            #expect(try await client.send(.get, "/v1/catalogue", token: b.ownerToken).text == exported.text)
+            let audit = try #require(try await client.send(.get, "/v1/audit-log?action=catalogue.import", token: b.ownerToken).json["items"] as? [Any])
+            #expect(audit.count == 1)
+            let sent = try await client.send(.post, "/v1/events", token: b.ownerToken,
+                                             json: #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "first"}}"#)
+            #expect(sent.status == .accepted)
+            #expect(try await client.send(.get, "/v1/catalogue", token: b.memberToken).isProblem(.forbidden))
+        }
+    }
+
+    @Test("an invalid part refuses the whole document (422 naming it) and nothing is written")
+    func invalidDocumentWritesNothing() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let document = #"""
+                {"categories": [{"key": "news", "name": "News"}],
+                 "types": [{"key": "NEWS", "category": "news", "name": "News", "templates": [{"channel": "in_app", "locale": "en", "subject": "ok", "body": "ok"}]},
+                           {"key": "BROKEN", "category": "news", "name": "Broken", "templates": [{"channel": "email", "locale": "en", "subject": "s", "body": "{{#open}} never closed"}]}]}
+                """#
+            let refused = try await client.send(.put, "/v1/catalogue", token: org.ownerToken, json: document)
+            #expect(refused.isProblem(.unprocessableContent))
+            #expect((refused.json["detail"] as? String)?.hasPrefix("types[1].templates[0].body") == true)
+            let after = try await client.send(.get, "/v1/catalogue", token: org.ownerToken).json
+            #expect((after["categories"] as? [Any])?.isEmpty == true)
+            #expect((after["types"] as? [Any])?.isEmpty == true)
+            let unknownCategory = #"{"categories": [], "types": [{"key": "X1", "category": "nowhere", "name": "X"}]}"#
+            let missing = try await client.send(.put, "/v1/catalogue", token: org.ownerToken, json: unknownCategory)
+            #expect(missing.isProblem(.unprocessableContent))
+            #expect((missing.json["detail"] as? String)?.hasPrefix("types[0].category") == true)
+        }
+    }
+
+    @Test("herald organisation create --catalogue demo: a new organisation that can send at once")
+    func organisationWithDemoCatalogue() async throws {
+        // setup
+        let slug = "cli-\(UUID().uuidString.prefix(8).lowercased())"
+        let process = Process()
+        let environment = ProcessInfo.processInfo.environment
+        process.executableURL = URL(fileURLWithPath: environment["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
+        process.arguments = ["organisation", "create", "--slug", slug, "--name", "CLI Clinic", "--owner-email", "owner@\(slug).example",
+                             "--catalogue", "demo"]
+        process.environment = environment.merging([
+            "DATABASE_URL": env.appURL, "HERALD_OWNER_PASSWORD": "a long enough passphrase", "HERALD_ARGON2_ITERATIONS": "1",
+        ]) { _, new in new }
+        let output = Pipe()
+        process.standardOutput = output
+        // act
+        try process.run()
+        let printed = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        // check
+        #expect(process.terminationStatus == 0, "\(printed)")
+        #expect(printed.contains("demo catalogue"))
+        let id = try #require(try await env.database.organisationID(slug: slug))
+        let types = try await env.database.withTenant(id) { tx in try await tx.notificationTypes().map(\.key) }
+        #expect(types.contains("ISQ_CRITICAL") && types.contains("TASK_ASSIGNED"))
+    }
+}

@@ -1,0 +1,449 @@
+import AsyncHTTPClient
+import Foundation
+import HTTPTypes
+import HeraldCore
+@testable import HeraldDelivery
+@testable import HeraldStore
+import Hummingbird
+import HummingbirdTesting
+import Logging
+import NIOCore
+import NIOHTTP1
+import PostgresNIO
+import Synchronization
+import Testing
+
+@testable import HeraldAPI
+
+/// Faults of the database and of receivers (issue 8, items 11 and 13). The PostgreSQL restart
+/// test runs processes on a cluster of its own: see `PostgresFaultTests`.
+@Suite("Faults")
+struct FaultTests {
+    /// A statement that does not answer (here `pg_sleep`, as a query hung after a PostgreSQL
+    /// restart would) ends at the database deadline with `DatabaseUnavailable`, and the pool
+    /// still serves the next call.
+    @Test("A database call that does not answer ends at its deadline; the pool serves the next")
+    func databaseDeadline() async throws {
+        // setup
+        let env = try await TestEnvironment.shared
+        let org = try await TestOrganisation.make()
+        let database = Database(client: env.appClient, logger: env.logger, deadline: .milliseconds(500))
+
+        // act
+        let started = ContinuousClock.now
+        var failure: (any Error)?
+        do {
+            try await database.withTenant(org.id) { tx in try await tx.query("SELECT pg_sleep(20)") }
+        } catch {
+            failure = error
+        }
+        let took = ContinuousClock.now - started
+
+        // check
+        #expect(failure is DatabaseUnavailable, "\(String(describing: failure))")
+        #expect(took < .seconds(10), "abandoned at the deadline, not when the statement ended (\(took))")
+        let users = try await database.withTenant(org.id) { tx in try await tx.query("SELECT count(*)::int FROM users")[0].decode(Int.self) }
+        #expect(users == 2)
+        let ready = try await database.appliedMigrationVersions()
+        #expect(!ready.isEmpty)
+    }
+
+    /// Many deliveries to an endpoint that never answers and some to a healthy endpoint on the
+    /// same host (same address and port): the healthy ones go out at once, each at attempt 1.
+    /// Before: the hanging ones took every worker slot and every pooled connection to the host,
+    /// and the healthy ones waited or failed with getConnectionFromPoolTimeout.
+    @Test("A hanging receiver does not hold up another endpoint on the same host")
+    func hangingEndpoint() async throws {
+        // setup
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
+        try await org.addUsers(38)  // 40 recipients
+        let hanging = Peers.hook("hang"), healthy = Peers.hook("healthy")
+        try await Peers.configure(hanging.name, ["delay_ms": 120_000])
+        let (hangingEndpoint, healthyEndpoint) = try await org.store { tx in
+            (try await tx.createEndpoint(channel: .webhook, format: "standard", name: "hanging", url: hanging.url, eventTypes: [],
+                                         secret: WebhookSecret.generate().string).id,
+             try await tx.createEndpoint(channel: .webhook, format: "standard", name: "healthy", url: healthy.url, eventTypes: [],
+                                         secret: WebhookSecret.generate().string).id)
+        }
+        try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(everyone: true), payload: .object([:])))
+
+        // act
+        var configured = FaultWorkers.Settings()
+        configured.sendTimeout = .seconds(60)
+        let settings = configured
+        try await FaultWorkers.run(org.id, settings) {
+            // check
+            let sent = try await eventually(timeout: .seconds(45)) {
+                try await org.deliveries().filter { $0.endpointID == healthyEndpoint && $0.status == "SENT" }.count == 40
+            }
+            let deliveries = try await org.deliveries()
+            let toHealthy = deliveries.filter { $0.endpointID == healthyEndpoint }
+            let toHanging = deliveries.filter { $0.endpointID == hangingEndpoint }
+            #expect(sent, "\(Dictionary(grouping: toHealthy, by: \.status).mapValues(\.count))")
+            #expect(toHealthy.allSatisfy { $0.attempts == 1 }, "the healthy endpoint's deliveries each took one attempt")
+            #expect(toHanging.filter { $0.status == "SENDING" }.count <= settings.endpointConcurrency,
+                    "at most the per-endpoint limit hangs at once")
+            #expect(toHanging.allSatisfy { $0.attempts <= 1 }, "waiting for a send slot is not an attempt")
+        }
+        try await Peers.configure(hanging.name, [:])
+    }
+
+    /// An endpoint that keeps timing out is paused: its circuit opens, shows on the endpoint, and
+    /// its deliveries wait without using attempts.
+    @Test("An endpoint that keeps timing out is paused by its circuit breaker, visible on the endpoint")
+    func circuitBreaker() async throws {
+        // setup
+        let env = try await TestEnvironment.shared
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
+        try await org.addUsers(18)  // 20 recipients
+        let hanging = Peers.hook("slow")
+        try await Peers.configure(hanging.name, ["delay_ms": 30_000])
+        let endpoint = try await org.store { tx in
+            try await tx.createEndpoint(channel: .webhook, format: "standard", name: "slow", url: hanging.url, eventTypes: [],
+                                        secret: WebhookSecret.generate().string).id
+        }
+        try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(everyone: true), payload: .object([:])))
+
+        // act
+        var configured = FaultWorkers.Settings()
+        configured.sendTimeout = .seconds(1)
+        configured.circuitFailures = 3
+        let settings = configured
+        try await FaultWorkers.run(org.id, settings) {
+            let opened = try await eventually(timeout: .seconds(60)) {
+                try await org.store { tx in try await tx.endpoint(endpoint) }.circuit.openedAt != nil
+            }
+            #expect(opened)
+            // Let the workers run on a little: nothing more goes to the paused endpoint.
+            let before = try await Peers.requests(hanging.name).count
+            try await Task.sleep(for: .seconds(3))
+            let after = try await Peers.requests(hanging.name).count
+            #expect(after - before <= settings.endpointConcurrency, "the open circuit stops new sends (\(before) then \(after))")
+        }
+
+        // check
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let read = try await client.send(.get, "/v1/endpoints/\(endpoint.lowercased)", token: org.ownerToken)
+            #expect(read.status == .ok)
+            let circuit = read.json["circuit"] as? [String: Any] ?? [:]
+            #expect(circuit["state"] as? String == "open", "\(read.text)")
+            #expect((circuit["failures"] as? Int ?? 0) >= 3)
+            #expect((circuit["reason"] as? String)?.contains("no answer") == true, "\(read.text)")
+            #expect(circuit["opened_at"] is String && circuit["retry_at"] is String)
+            let list = try await client.send(.get, "/v1/endpoints", token: org.ownerToken)
+            let items = list.json["items"] as? [[String: Any]] ?? []
+            #expect((items.first?["circuit"] as? [String: Any])?["state"] as? String == "open")
+            // Enabling the endpoint again closes the breaker.
+            let enabled = try await client.send(.patch, "/v1/endpoints/\(endpoint.lowercased)", token: org.ownerToken, json: #"{"enabled": true}"#)
+            #expect((enabled.json["circuit"] as? [String: Any])?["state"] as? String == "closed", "\(enabled.text)")
+        }
+        let deliveries = try await org.deliveries()
+        #expect(deliveries.allSatisfy { $0.attempts <= 2 }, "paused deliveries keep their attempts: \(deliveries.map(\.attempts))")
+        try await Peers.configure(hanging.name, [:])
+    }
+}
+
+/// In-process worker pools with the fault settings (send timeout, per-endpoint limit, breaker).
+enum FaultWorkers {
+    struct Settings {
+        var concurrency = 16
+        var endpointConcurrency = 4
+        var sendTimeout: TimeAmount = .seconds(5)
+        var circuitFailures = 5
+        var circuitCooldown: TimeInterval = 60
+    }
+
+    static func run<T: Sendable>(_ organisation: UUID, _ settings: Settings, _ body: @Sendable () async throws -> T) async throws -> T {
+        let env = try await TestEnvironment.shared
+        let http = HTTPTransport(destinations: DestinationGuard(allowed: [IPNetwork("127.0.0.1/32")!]), timeout: settings.sendTimeout,
+                                 connectionsPerHost: settings.concurrency)
+        let sender = DeliverySender(
+            email: EmailTransport(settings: EmailTransport.settings(url: Peers.smtpURL, username: nil, password: nil, timeout: 10)!,
+                                  defaultFrom: "herald@herald.test"),
+            http: http, links: LinkBuilder(baseURL: "http://herald.test", keys: TestEnvironment.linkKeys))
+        var configuration = WorkerPoolConfiguration(name: "fault-\(UUID().uuidString.prefix(6))")
+        configuration.organisation = organisation
+        configuration.concurrency = settings.concurrency
+        configuration.pollInterval = .milliseconds(200)
+        configuration.leaseSeconds = 10
+        configuration.retry = RetryPolicy(baseDelay: 0.3, factor: 2, maximumDelay: 2, jitter: 0)
+        configuration.endpointConcurrency = settings.endpointConcurrency
+        configuration.endpointBusyDelay = 0.5
+        configuration.circuitFailures = settings.circuitFailures
+        configuration.circuitCooldown = settings.circuitCooldown
+        let pool = DeliveryWorkerPool(configuration: configuration, database: env.workerDatabase, listenClient: env.workerClient,
+                                      sender: sender, logger: env.logger)
+        let result = try await withThrowingTaskGroup(of: T?.self) { group in
+            group.addTask { try await pool.run(); return nil }
+            let value = try await body()
+            group.cancelAll()
+            for try await _ in group {}
+            return value
+        }
+        try await http.shutdown()
+        return result
+    }
+}
+
+/// PostgreSQL restarted twice and stopped for 10 s under notify and delivery load, with two
+/// `herald serve` processes (API and workers), on a cluster of the test's own (.data/faults,
+/// port 54340) so no other suite is disturbed (issue 8, item 11). Afterwards every request got
+/// an answer (a 5xx during the outage is an answer; a hang is not), nothing is SENDING past its
+/// lease, both processes claim again, and SIGTERM ends each within the bound.
+@Suite("PostgreSQL faults", .serialized)
+struct PostgresFaultTests {
+    static let port = 54340
+    static let appURL = "postgres://herald_app:herald_app@127.0.0.1:\(port)/herald"
+    static let ownerURL = "postgres://herald_owner:herald_owner@127.0.0.1:\(port)/herald"
+    static let workerURL = "postgres://herald_worker:herald_worker@127.0.0.1:\(port)/herald"
+
+    @Test("PostgreSQL restarted twice and stopped for 10 s under load: no hang, no stuck lease, bounded SIGTERM")
+    func restarts() async throws {
+        // setup: the cluster, the schema, an organisation with an API key, 10 recipients and a webhook endpoint
+        try shell("scripts/pg.sh", "up", "faults", "\(Self.port)")
+        try shell("scripts/pg.sh", "recreate-db", "faults", "\(Self.port)", "herald")
+        try herald(["migrate"], env: ["DATABASE_OWNER_URL": Self.ownerURL])
+        let keys = FileManager.default.temporaryDirectory.appendingPathComponent("herald-faults-\(UUID().uuidString.prefix(8))").path
+        try herald(["jwt-keygen", "--dir", keys])
+        var logger = Logger(label: "herald.faults")
+        logger.logLevel = .error
+        let client = PostgresClient(configuration: try .fromURL(Self.appURL), backgroundLogger: logger)
+        let hook = Peers.hook("faults")
+        try await Peers.configure(hook.name, ["delay_ms": 20])
+        let (organisation, apiKey) = try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { await client.run() }
+            defer { group.cancelAll() }
+            let database = Database(client: client, logger: logger)
+            let organisation = try await database.createOrganisation(slug: "faults", name: "Faults")
+            let key = try await database.withTenant(organisation.id) { tx in
+                for index in 0..<10 { _ = try await tx.createUser(NewUser(email: "user\(index)@faults.example", displayName: "User \(index)")) }
+                let category = try await tx.createCategory(key: "activity", name: "Activity", description: "", critical: false)
+                _ = try await tx.createNotificationType(NotificationTypeFields(
+                    key: "WARD_ALERT", categoryID: category.id, name: "Ward alert", description: "", defaultSeverity: .info,
+                    defaultPriority: .normal, defaultChannels: [.webhook]))
+                _ = try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [],
+                                                secret: WebhookSecret.generate().string)
+                let token = OpaqueToken(kind: .apiKey, organisationID: organisation.id)
+                _ = try await tx.createApiKey(id: token.id, name: "faults", roleID: try await tx.builtinRole(.service).id,
+                                              secretHash: token.secretHash, expiresAt: nil)
+                return token.text
+            }
+            return (organisation.id, key)
+        }
+        let servers = try [55090, 55091].map { try ServeProcess(port: $0, keys: keys) }
+        defer { servers.forEach { $0.kill() } }
+        for server in servers { #expect(try await eventually(timeout: .seconds(60)) { await server.ready() }, "serve on \(server.port) started") }
+
+        // act: load on both processes while PostgreSQL restarts twice and then stops for 10 s
+        let load = Load(servers: servers, apiKey: apiKey)
+        let loading = Task { await load.run() }
+        try await Task.sleep(for: .seconds(4))
+        for _ in 0..<2 {
+            try shell("scripts/pg.sh", "down", "faults")
+            try shell("scripts/pg.sh", "up", "faults", "\(Self.port)")
+            try await Task.sleep(for: .seconds(6))
+        }
+        try shell("scripts/pg.sh", "down", "faults")
+        try await Task.sleep(for: .seconds(10))
+        try shell("scripts/pg.sh", "up", "faults", "\(Self.port)")
+        let recovered = Date()
+        try await Task.sleep(for: .seconds(8))
+        load.stop()
+        await loading.value
+
+        // check
+        let counts = load.counts
+        print("postgres faults: \(counts)")
+        #expect(counts.hung == 0, "every request got an answer: \(counts)")
+        #expect(counts.answered > 20, "\(counts)")
+        #expect(counts.okAfterRecovery > 0, "the API answers again after the outage: \(counts)")
+        let state = try await withThrowingTaskGroup(of: Void.self) { group in
+            let client = PostgresClient(configuration: try .fromURL(Self.appURL), backgroundLogger: logger)
+            group.addTask { await client.run() }
+            defer { group.cancelAll() }
+            let database = Database(client: client, logger: logger)
+            func count(_ sql: PostgresQuery) async throws -> Int {
+                try await database.withTenant(organisation) { tx in try await tx.query(sql)[0].decode(Int.self) }
+            }
+            // Leases are 3 s; once one expires the next claim rescues the row.
+            let settled = try await eventually(timeout: .seconds(45), every: .milliseconds(500)) {
+                try await count("SELECT count(*)::int FROM deliveries WHERE status IN ('PENDING', 'FAILED', 'SENDING')") == 0
+            }
+            let stuck = try await count("SELECT count(*)::int FROM deliveries WHERE status = 'SENDING' AND lease_expires_at < now()")
+            return try await database.withTenant(organisation) { tx in
+                let workers = Set(try await tx.query(
+                    "SELECT DISTINCT split_part(worker, ':', 2) FROM delivery_attempts WHERE finished_at > \(recovered)").map { try $0.decode(String.self) })
+                let statuses = try await tx.query("SELECT status || '=' || count(*) FROM deliveries GROUP BY status").map { try $0.decode(String.self) }
+                return (settled, workers, stuck, statuses)
+            }
+        }
+        print("postgres faults: deliveries \(state.3), claiming after recovery: \(state.1)")
+        #expect(state.0, "the outbox drained after the outage: \(state.3)")
+        #expect(state.2 == 0, "nothing is SENDING past its lease")
+        #expect(state.1 == Set(servers.map { "\($0.pid)" }), "both processes claimed after the outage: \(state.1)")
+        for server in servers {
+            let took = server.terminate()
+            print("postgres faults: SIGTERM to exit on \(server.port): \(took)")
+            #expect(took < .seconds(30), "SIGTERM ends the process within the bound (\(took))")
+        }
+        try shell("scripts/pg.sh", "down", "faults")
+    }
+
+    /// Runs a command from the package directory and waits for it.
+    private func shell(_ arguments: String...) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = arguments
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else { throw ShellFailure(command: arguments.joined(separator: " ")) }
+    }
+
+    private func herald(_ arguments: [String], env: [String: String] = [:]) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: ProcessInfo.processInfo.environment["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
+        process.arguments = arguments
+        process.environment = ProcessInfo.processInfo.environment.merging(env) { _, new in new }
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else { throw ShellFailure(command: "herald " + arguments.joined(separator: " ")) }
+    }
+
+    struct ShellFailure: Error { var command: String }
+}
+
+/// `herald serve` with delivery workers, against the fault cluster.
+final class ServeProcess: @unchecked Sendable {
+    let process = Process()
+    let port: Int
+
+    init(port: Int, keys: String) throws {
+        self.port = port
+        let env = ProcessInfo.processInfo.environment
+        process.executableURL = URL(fileURLWithPath: env["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
+        process.arguments = ["serve"]
+        process.environment = env.merging([
+            "DATABASE_URL": PostgresFaultTests.appURL,
+            "DATABASE_WORKER_URL": PostgresFaultTests.workerURL,
+            "HERALD_PORT": "\(port)",
+            "HERALD_JWT_KEYS_DIR": keys,
+            "HERALD_WORKERS": "8",
+            "HERALD_WORKER_LEASE_SECONDS": "3",
+            "HERALD_WORKER_POLL_MS": "200",
+            "HERALD_DATABASE_TIMEOUT": "3",
+            "HERALD_WEBHOOK_TIMEOUT": "3",
+            "HERALD_SHUTDOWN_SECONDS": "20",
+            "HERALD_RETRY_BASE_SECONDS": "0.5",
+            "HERALD_RETRY_MAX_SECONDS": "2",
+            "HERALD_DESTINATIONS_ALLOW": "127.0.0.1/32",
+            "HERALD_SMTP_URL": Peers.smtpURL,
+            "HERALD_LOG_LEVEL": "error",
+            "HERALD_LOG_FORMAT": "text",
+        ]) { _, new in new }
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        if let path = env["HERALD_TEST_FAULT_LOG"] {
+            FileManager.default.createFile(atPath: "\(path).\(port)", contents: nil)
+            process.standardError = FileHandle(forWritingAtPath: "\(path).\(port)")
+        }
+        try process.run()
+    }
+
+    var pid: Int32 { process.processIdentifier }
+    var url: String { "http://127.0.0.1:\(port)" }
+
+    func ready() async -> Bool {
+        guard let response = try? await HTTPClient.shared.execute(HTTPClientRequest(url: url + "/healthz"), timeout: .seconds(2)) else { return false }
+        return response.status == .ok
+    }
+
+    /// SIGTERM, and how long until the process exited.
+    func terminate() -> Duration {
+        let started = ContinuousClock.now
+        process.terminate()
+        process.waitUntilExit()
+        return ContinuousClock.now - started
+    }
+
+    func kill() {
+        guard process.isRunning else { return }
+        Glibc.kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+}
+
+/// POST /v1/events and GET /readyz against both processes, four at a time, each request with
+/// a client deadline far above the server's: a request that reaches it hung.
+final class Load: Sendable {
+    struct Counts: Sendable, CustomStringConvertible {
+        var answered = 0, hung = 0, ok = 0, failed = 0, okAfterRecovery = 0
+        var description: String { "answered \(answered) (2xx \(ok), other \(failed)), hung \(hung), 2xx in the last seconds \(okAfterRecovery)" }
+    }
+
+    let servers: [ServeProcess]
+    let apiKey: String
+    private let state = Mutex<(counts: Counts, stopping: Bool, recentFrom: ContinuousClock.Instant?)>((Counts(), false, nil))
+
+    init(servers: [ServeProcess], apiKey: String) {
+        self.servers = servers
+        self.apiKey = apiKey
+    }
+
+    var counts: Counts { state.withLock { $0.counts } }
+
+    func stop() { state.withLock { $0.stopping = true } }
+
+    func run() async {
+        let started = ContinuousClock.now
+        await withTaskGroup(of: Void.self) { group in
+            for lane in 0..<4 {
+                group.addTask {
+                    var index = lane
+                    while !self.state.withLock({ $0.stopping }) {
+                        let server = self.servers[index % self.servers.count]
+                        await self.one(server, readiness: index % 4 == 3, started: started)
+                        index += 1
+                        try? await Task.sleep(for: .milliseconds(100))
+                    }
+                }
+            }
+        }
+    }
+
+    private func one(_ server: ServeProcess, readiness: Bool, started: ContinuousClock.Instant) async {
+        var request = HTTPClientRequest(url: server.url + (readiness ? "/readyz" : "/v1/events"))
+        if !readiness {
+            request.method = .POST
+            request.headers.add(name: "authorization", value: "Bearer \(apiKey)")
+            request.headers.add(name: "content-type", value: "application/json")
+            request.body = .bytes(ByteBuffer(string: #"{"type": "WARD_ALERT", "audience": {"everyone": true}, "payload": {}}"#))
+        }
+        let sent = ContinuousClock.now
+        do {
+            let response = try await HTTPClient.shared.execute(request, timeout: .seconds(40))
+            _ = try? await response.body.collect(upTo: 1 << 20)
+            state.withLock { state in
+                state.counts.answered += 1
+                if (200..<300).contains(response.status.code) {
+                    state.counts.ok += 1
+                    // the last 5 s of the run (8 s after PostgreSQL came back)
+                    if sent - started > .seconds(33) { state.counts.okAfterRecovery += 1 }
+                } else {
+                    state.counts.failed += 1
+                }
+            }
+        } catch {
+            // A refused connection would be an answer of sorts; a deadline is a hang.
+            state.withLock { state in
+                if ContinuousClock.now - sent >= .seconds(39) { state.counts.hung += 1 } else { state.counts.failed += 1; state.counts.answered += 1 }
+            }
+        }
+    }
+}

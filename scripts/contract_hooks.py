@@ -1,0 +1,187 @@
+"""schemathesis hooks for scripts/contract.sh: test data the schema cannot describe.
+
+Some values are valid only if they name something that exists in the organisation (a category,
+a notification type, a role, a user) or that the server can reach (a webhook URL), or if the
+server handed them out (a page cursor). No schema can say that, so a drawn value is rightly
+refused with 422. Before each call such a value is replaced by a real one from the seeded
+organisation (CONTRACT_FIXTURES, JSON written by contract.sh); everything else in the request is
+sent as drawn, so its shape is still checked. The fixtures the run depends on (its own API key,
+the owner it logs in as) are kept out of destructive calls.
+"""
+
+import base64
+import json
+import os
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import schemathesis
+
+FIXTURES = json.loads(os.environ.get("CONTRACT_FIXTURES") or "{}")
+ZERO = "00000000-0000-0000-0000-000000000000"
+TIME_ZONES = ["Europe/Paris", "UTC", "America/New_York", "Asia/Tokyo"]
+
+
+def _encoded(value: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+# Cursors of the shape the server hands out, pointing at the start: the feed orders by
+# (read, id), every other list by (time, id).
+FEED_CURSOR = _encoded({"read": False, "id": ZERO})
+PAGE_CURSOR = _encoded({"t": 0, "i": ZERO})
+
+
+def _pick(values: list, drawn):
+    """`drawn` if it is one of `values`, else one of them chosen by the drawn value (repeatable)."""
+    if not values or drawn in values:
+        return drawn
+    return values[len(str(drawn)) % len(values)]
+
+
+def _fix_category(holder: dict) -> None:
+    if isinstance(holder, dict) and isinstance(holder.get("category"), str):
+        holder["category"] = _pick(FIXTURES.get("categories", []), holder["category"])
+
+
+def _fix_query(case) -> None:
+    query = case.query
+    if not isinstance(query, dict):
+        return
+    if "cursor" in query:
+        query["cursor"] = FEED_CURSOR if case.operation.path == "/v1/me/notifications" else PAGE_CURSOR
+    if case.operation.path in ("/v1/events", "/v1/me/preferences/resolved", "/v1/users/{userId}/preferences/resolved") and "type" in query:
+        query["type"] = _pick(FIXTURES.get("types", []), query["type"])
+    if case.operation.path == "/v1/notifications/debug":
+        if "event" in query:
+            query["event"] = _pick(FIXTURES.get("types", []), query["event"])
+        if "user_id" in query:
+            query["user_id"] = _pick(FIXTURES.get("users", []), query["user_id"])
+
+
+def _instant(text):
+    if not isinstance(text, str):
+        return None
+    try:
+        instant = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        return instant if instant.tzinfo else None
+    except (ValueError, OverflowError):
+        return None
+
+
+WEEKDAYS = {"monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"}
+
+
+def _fix_condition(condition) -> None:
+    """What each operator needs (HeraldCore Condition.validate): a value, or a non-empty list."""
+    if not isinstance(condition, dict):
+        return
+    op = condition.get("op")
+    if op == "equals" and condition.get("value") is None:
+        condition["value"] = "x"
+    if op in ("in", "not_in") and not condition.get("values"):
+        condition["values"] = ["x"]
+    if op == "weekday_in":
+        values = condition.get("values")
+        if not values or not all(isinstance(v, str) and v.lower() in WEEKDAYS for v in values):
+            condition["values"] = ["monday"]
+
+
+def _later(text: str) -> str:
+    """An instant after `text` (or after now), in the same RFC 3339 form the server reads."""
+    base = _instant(text) or datetime.now(timezone.utc)
+    try:
+        return (base.astimezone(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except OverflowError:
+        return (datetime.now(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _fix_body(case) -> None:
+    body, path, method = case.body, case.operation.path, case.method.upper()
+    if not isinstance(body, dict):
+        return
+    for field in ("timezone", "default_timezone"):
+        if isinstance(body.get(field), str) and body[field] != "":
+            body[field] = _pick(TIME_ZONES, body[field])
+    if isinstance(body.get("permissions"), list):
+        known = FIXTURES.get("permissions", [])
+        body["permissions"] = [_pick(known, p) for p in body["permissions"]]
+    if path == "/v1/api-keys" and "role_id" in body:
+        body["role_id"] = _pick(FIXTURES.get("role_ids", []), body["role_id"])
+    # A key cannot expire in the past; an event cannot expire before it is delivered.
+    if path == "/v1/api-keys" and isinstance(body.get("expires_at"), str):
+        instant = _instant(body["expires_at"])
+        if instant is None or instant <= datetime.now(timezone.utc):
+            body["expires_at"] = _later("")
+    if path in ("/v1/events", "/v1/events/dry-run") and isinstance(body.get("expires_at"), str):
+        start = max(_instant(body.get("deliver_at")) or datetime.min.replace(tzinfo=timezone.utc), datetime.now(timezone.utc))
+        end = _instant(body["expires_at"])
+        if end is not None and end <= start:
+            body["expires_at"] = _later(start.isoformat())
+    if path == "/v1/users/{userId}/roles" and isinstance(body.get("role_ids"), list):
+        body["role_ids"] = [_pick(FIXTURES.get("role_ids", []), r) for r in body["role_ids"]]
+    if path.startswith("/v1/notification-types"):
+        _fix_category(body)
+    if isinstance(body.get("items"), list) and "/preference" in path:
+        seen = set()
+        for item in body["items"]:
+            _fix_category(item)
+            if isinstance(item, dict) and isinstance(item.get("conditions"), list):
+                for condition in item["conditions"]:
+                    _fix_condition(condition)
+        # One cell per category and channel (the categories above may now repeat).
+        cells = []
+        for item in body["items"]:
+            cell = (item.get("category"), item.get("channel")) if isinstance(item, dict) else None
+            if cell is None or cell not in seen:
+                cells.append(item)
+                seen.add(cell)
+        body["items"] = cells
+    if path in ("/v1/events", "/v1/events/dry-run"):
+        if "type" in body:
+            body["type"] = _pick(FIXTURES.get("types", []), body["type"])
+        if "audience" in body:
+            # Someone who exists, by role key; exclusions are kept as drawn.
+            audience = {"roles": [_pick(FIXTURES.get("role_keys", []), "member")]}
+            if isinstance(body["audience"], dict) and "exclude_user_ids" in body["audience"]:
+                audience["exclude_user_ids"] = body["audience"]["exclude_user_ids"]
+            body["audience"] = audience
+    if path.startswith("/v1/endpoints") and method in ("POST", "PATCH"):
+        if "url" in body and FIXTURES.get("receiver"):
+            body["url"] = FIXTURES["receiver"]
+        if isinstance(body.get("event_types"), list):
+            body["event_types"] = [_pick(FIXTURES.get("types", []), t) for t in body["event_types"]]
+        # A webhook speaks the standard format, chat Slack's or Mattermost's.
+        if body.get("channel") == "webhook" and "format" in body:
+            body["format"] = "standard"
+        if body.get("channel") == "chat" and body.get("format") == "standard":
+            body["format"] = "slack"
+
+
+def _fix_headers(case) -> None:
+    """An Idempotency-Key is unique per event: a drawn one may already name another body (422)."""
+    headers = case.headers
+    if headers is None:
+        return
+    for name in list(headers.keys()):
+        if name.lower() == "idempotency-key" and isinstance(headers[name], str):
+            headers[name] = uuid.uuid4().hex
+
+
+def _protect_fixtures(case) -> None:
+    """The run's own key and the owner it acts as are never revoked, deactivated or demoted."""
+    params = case.path_parameters
+    if not isinstance(params, dict):
+        return
+    protected = set(FIXTURES.get("protect", []))
+    for name, value in list(params.items()):
+        if isinstance(value, str) and value.lower() in protected:
+            params[name] = str(uuid.UUID(int=uuid.UUID(value).int ^ 1))
+
+
+@schemathesis.hook
+def before_call(context, case, kwargs):
+    _protect_fixtures(case)
+    _fix_headers(case)
+    _fix_query(case)
+    _fix_body(case)
