@@ -96,10 +96,49 @@ def _later(text: str) -> str:
         return (datetime.now(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _fix_conditions(value) -> None:
+    """Every list of conditions in the body, wherever it is (preferences, catalogue documents)."""
+    if isinstance(value, dict):
+        for key, member in value.items():
+            if key == "conditions" and isinstance(member, list):
+                for condition in member:
+                    _fix_condition(condition)
+            else:
+                _fix_conditions(member)
+    elif isinstance(value, list):
+        for item in value:
+            _fix_conditions(item)
+
+
+# What a list may name only once: a key; a preference cell; a template's channel and locale.
+UNIQUE_BY = [("key",), ("category", "channel"), ("channel", "locale")]
+
+
+def _one_cell_each(value) -> None:
+    """Drops repeats from lists that must name each thing once (the categories above may now repeat)."""
+    if isinstance(value, dict):
+        for key, member in value.items():
+            fields = next((f for f in UNIQUE_BY if isinstance(member, list) and member
+                           and all(isinstance(i, dict) and all(n in i for n in f) for i in member)), None)
+            if fields is not None:
+                seen, cells = set(), []
+                for item in member:
+                    cell = repr(tuple(item[n] for n in fields))
+                    if cell not in seen:
+                        seen.add(cell)
+                        cells.append(item)
+                value[key] = cells
+            _one_cell_each(value[key])
+    elif isinstance(value, list):
+        for item in value:
+            _one_cell_each(item)
+
+
 def _fix_body(case) -> None:
     body, path, method = case.body, case.operation.path, case.method.upper()
     if not isinstance(body, dict):
         return
+    _fix_conditions(body)
     for field in ("timezone", "default_timezone"):
         if isinstance(body.get(field), str) and body[field] != "":
             body[field] = _pick(TIME_ZONES, body[field])
@@ -122,21 +161,18 @@ def _fix_body(case) -> None:
         body["role_ids"] = [_pick(FIXTURES.get("role_ids", []), r) for r in body["role_ids"]]
     if path.startswith("/v1/notification-types"):
         _fix_category(body)
+    if path == "/v1/catalogue":
+        # A catalogue document may name its own categories or the organisation's.
+        own = [c.get("key") for c in body.get("categories") or [] if isinstance(c, dict)]
+        known = FIXTURES.get("categories", []) + [k for k in own if isinstance(k, str)]
+        for member in ("types", "preference_defaults"):
+            for item in body.get(member) or []:
+                if isinstance(item, dict) and isinstance(item.get("category"), str):
+                    item["category"] = _pick(known, item["category"])
     if isinstance(body.get("items"), list) and "/preference" in path:
-        seen = set()
         for item in body["items"]:
             _fix_category(item)
-            if isinstance(item, dict) and isinstance(item.get("conditions"), list):
-                for condition in item["conditions"]:
-                    _fix_condition(condition)
-        # One cell per category and channel (the categories above may now repeat).
-        cells = []
-        for item in body["items"]:
-            cell = (item.get("category"), item.get("channel")) if isinstance(item, dict) else None
-            if cell is None or cell not in seen:
-                cells.append(item)
-                seen.add(cell)
-        body["items"] = cells
+    _one_cell_each(body)
     if path in ("/v1/events", "/v1/events/dry-run"):
         if "type" in body:
             body["type"] = _pick(FIXTURES.get("types", []), body["type"])

@@ -63,7 +63,7 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
     try service.registerHandlers(
         on: router,
         configuration: .init(dateTranscoder: FlexibleISO8601(), jsonEncodingOptions: [.sortedKeys, .withoutEscapingSlashes]),
-        middlewares: [PermissionMiddleware(), RequestValuesMiddleware(maxBodyBytes: configuration.maxBodyBytes)])
+        middlewares: [PermissionMiddleware(), ContractMiddleware(maxBodyBytes: configuration.maxBodyBytes)])
     return router
 }
 

@@ -66,12 +66,12 @@ public struct AppConfiguration: Sendable {
     public var destinationsAllowed: [String] = []
     public var webhookTimeout: Double = 10
     /// Seconds one database call may take before it is abandoned (issue 8, item 11).
-    public var databaseTimeout: Double = 10
+    public var databaseTimeout: Double = 30
     /// Seconds from SIGTERM/SIGINT to exit, whatever still hangs: in-flight work drains for
     /// most of it, is cancelled, and at the end the process exits anyway.
     public var shutdownSeconds: Double = 25
     /// Webhook/chat sends in flight at once to one endpoint, per process.
-    public var endpointConcurrency = 4
+    public var endpointConcurrency = 8
     /// Attempts in a row without an answer that open an endpoint's circuit breaker.
     public var circuitFailures = 5
     /// Seconds an open circuit breaker pauses an endpoint before a trial delivery.

@@ -64,8 +64,11 @@ struct RequestMiddleware: RouterMiddleware {
         let elapsed = ContinuousClock.now - started
         let route = context.endpointPath ?? "unmatched"
         metrics.record(method: request.method.rawValue, route: route, status: response.status.code, duration: elapsed)
+        // A signed link's token is a credential (one-click unsubscribe): such paths are logged
+        // as their route only.
+        let path = route.contains("token") ? route : request.uri.path
         logger.info("request", metadata: [
-            "method": "\(request.method.rawValue)", "path": "\(request.uri.path)", "route": "\(route)",
+            "method": "\(request.method.rawValue)", "path": "\(path)", "route": "\(route)",
             "status": "\(response.status.code)", "duration_ms": "\(Double(elapsed.nanoseconds) / 1_000_000)",
         ])
         return response
@@ -175,6 +178,8 @@ struct RequestMiddleware: RouterMiddleware {
             if context.underlyingError != nil, context.codingPath.isEmpty {
                 return "The request body is not valid JSON."
             }
+            // A value decoder (dates) knows the value, not where it stood: its message says it all.
+            if context.codingPath.isEmpty { return context.debugDescription }
             return "\(path(context)): \(context.debugDescription)"
         @unknown default:
             return "The request body is not valid."

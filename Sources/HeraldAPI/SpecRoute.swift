@@ -12,6 +12,9 @@ struct SpecRoute: Sendable {
     /// JSON path → the most characters (or, for `path#items`, items) the contract allows there.
     var limits: [String: Int] = [:]
 
+    /// How many segments of the template are fixed words, not `{…}` parameters.
+    var literalSegments: Int { path.split(separator: "/").filter { !$0.hasPrefix("{") }.count }
+
     /// True when `path` (no query string) fits this template, each `{…}` one segment.
     func matches(path candidate: Substring) -> Bool {
         let template = path.split(separator: "/", omittingEmptySubsequences: false)
@@ -27,8 +30,11 @@ extension SpecRoutes {
     /// The methods the contract serves on this path, for 405's `Allow`; empty for an unknown path.
     static func allowedMethods(path: String) -> [String] {
         let bare = path.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
-        let methods = Set(operations.filter { $0.matches(path: bare) }.map(\.method))
-        return methods.sorted()
+        // A fixed segment wins over a template one (`mark-read` over `{notificationId}`), as
+        // OpenAPI path matching says.
+        let matching = operations.filter { $0.matches(path: bare) }
+        let best = matching.map(\.literalSegments).max() ?? 0
+        return Set(matching.filter { $0.literalSegments == best }.map(\.method)).sorted()
     }
 
     /// The first query parameter this operation does not declare, if any.

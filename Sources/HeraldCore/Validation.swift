@@ -12,17 +12,6 @@ public struct ValidationError: Error, Sendable, Equatable {
 
 /// Checks on client input that need no database. Each returns the normalised value or throws.
 public enum Validate {
-    /// A plausible email address (one `@`, no spaces, a dot in the domain), trimmed, otherwise as sent.
-    public static func email(_ value: String, field: String = "email") throws(ValidationError) -> String {
-        let trimmed = value.trimmingCharacters(in: .whitespaces)
-        let parts = trimmed.split(separator: "@", omittingEmptySubsequences: false)
-        guard trimmed.count <= 320, parts.count == 2, !parts[0].isEmpty, parts[1].contains("."),
-              !parts[1].hasPrefix("."), !parts[1].hasSuffix("."),
-              !trimmed.contains(where: { $0.isWhitespace || $0.isNewline })
-        else { throw ValidationError(field: field, message: "\"\(value)\" is not an email address.") }
-        return trimmed
-    }
-
     /// A BCP 47 language tag of the common shapes (`en`, `fr-CA`, `zh-Hant-TW`), in canonical
     /// case (`fr-ca` becomes `fr-CA`) so that templates and users match.
     public static func locale(_ value: String, field: String = "locale") throws(ValidationError) -> String {

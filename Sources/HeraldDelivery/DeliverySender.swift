@@ -119,8 +119,11 @@ public struct DeliverySender: Sendable {
                 date: now,
                 extraHeaders: [("List-Unsubscribe", "<\(unsubscribe)>"), ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]
             ).encoded()
+        } catch let error as MIMEError {
+            // A sentence a tenant admin can read (MIMEError describes itself in words).
+            return .refused(code: nil, error: "The message could not be built: \(error.description)", permanent: true, retryAfter: nil)
         } catch {
-            return .refused(code: nil, error: "The message could not be built: \(error)", permanent: true, retryAfter: nil)
+            return .refused(code: nil, error: "The message could not be built.", permanent: true, retryAfter: nil)
         }
         return await email.send(from: from, to: work.recipient.email, message: message)
     }

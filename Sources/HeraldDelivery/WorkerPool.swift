@@ -25,7 +25,7 @@ public struct WorkerPoolConfiguration: Sendable {
     /// Sends in flight at once to one endpoint in this process, so a slow or dead receiver only
     /// slows itself (issue 8, item 13). A delivery that finds its endpoint full is given back
     /// without counting an attempt, due again after `endpointBusyDelay`.
-    public var endpointConcurrency = 4
+    public var endpointConcurrency = 8
     public var endpointBusyDelay: TimeInterval = 2
     /// The circuit breaker: this many attempts in a row without an answer pause the endpoint
     /// for `circuitCooldown`; then one delivery is sent as a trial.

@@ -30,7 +30,7 @@ public struct Database: Sendable {
     /// restart one can wait for ever (issue 8, item 11), so every call here has this deadline.
     public let deadline: Duration
 
-    public init(client: PostgresClient, logger: Logger, deadline: Duration = .seconds(10)) {
+    public init(client: PostgresClient, logger: Logger, deadline: Duration = .seconds(30)) {
         self.client = client
         self.logger = logger
         self.deadline = deadline
@@ -51,21 +51,31 @@ public struct Database: Sendable {
         _ body: (TenantTransaction) async throws -> Result
     ) async throws -> Result {
         do {
+            let until = ContinuousClock.now + deadline
             return try await withDeadline { held in
-                try await client.withTransaction(logger: logger) { connection in
-                held.hold(connection)
-                try await connection.query(
-                    """
-                    SELECT set_config('app.org_id', \(organisationID.uuidString), true),
-                           set_config('app.user_id', \(actor.userID?.uuidString ?? ""), true),
-                           set_config('app.recipient_id', \(recipient?.uuidString ?? ""), true)
-                    """,
-                    logger: logger
-                )
-                let tx = TenantTransaction(
-                    connection: connection, organisationID: organisationID, actor: actor,
-                    requestID: requestID, logger: logger)
-                return try await body(tx)
+                // Held before BEGIN, so the deadline can close it whichever statement hangs.
+                try await client.withConnection { connection in
+                    held.hold(connection)
+                    let tx = TenantTransaction(
+                        connection: connection, organisationID: organisationID, actor: actor,
+                        requestID: requestID, logger: logger, deadline: until)
+                    // BEGIN and COMMIT by hand, so each is abandonable like every statement.
+                    try await tx.run("BEGIN")
+                    let result: Result
+                    do {
+                        try await tx.run(
+                            """
+                            SELECT set_config('app.org_id', \(organisationID.uuidString), true),
+                                   set_config('app.user_id', \(actor.userID?.uuidString ?? ""), true),
+                                   set_config('app.recipient_id', \(recipient?.uuidString ?? ""), true)
+                            """)
+                        result = try await body(tx)
+                    } catch {
+                        _ = try? await tx.run("ROLLBACK")
+                        throw error
+                    }
+                    try await tx.run("COMMIT")
+                    return result
                 }
             }
         } catch let error as PostgresTransactionError {
@@ -94,10 +104,11 @@ public struct Database: Sendable {
     @discardableResult
     func query(_ query: PostgresQuery) async throws -> [PostgresRow] {
         do {
+            let until = ContinuousClock.now + deadline
             return try await withDeadline { held in
                 try await client.withConnection { connection in
                     held.hold(connection)
-                    return try await connection.query(query, logger: logger).collect()
+                    return try await Self.statement(query, on: connection, logger: logger, until: until)
                 }
             }
         } catch {
@@ -137,6 +148,34 @@ public struct Database: Sendable {
         }
     }
 
+    /// Runs one statement, abandoned at `until`. A statement in flight when PostgreSQL drops
+    /// its connections can wait for ever with no error, even once the connection is closed
+    /// (FACTS: PostgreSQL restarts), and a task awaiting it cannot be cancelled; so the
+    /// statement runs in a task of its own that is left behind at the deadline, its connection
+    /// closed so the pool does not lend it again.
+    static func statement(_ query: PostgresQuery, on connection: PostgresConnection, logger: Logger,
+                          until: ContinuousClock.Instant) async throws -> [PostgresRow] {
+        let wait = StatementWait()
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { continuation in
+                wait.start(continuation)
+                Task {
+                    let result: Swift.Result<[PostgresRow], any Error>
+                    do { result = .success(try await connection.query(query, logger: logger).collect()) } catch { result = .failure(error) }
+                    wait.finish(result)
+                }
+                wait.arm(Task {
+                    guard (try? await Task.sleep(until: until)) != nil else { return }
+                    wait.finish(.failure(DatabaseUnavailable(deadline: .zero, underlying: "a statement was abandoned at the call's deadline")),
+                                closing: connection)
+                })
+            }
+        } onCancel: {
+            // The caller gave up (its deadline passed): stop waiting now.
+            wait.finish(.failure(CancellationError()), closing: connection)
+        }
+    }
+
     /// Maps PostgreSQL's SQLSTATE codes to `StoreError`; anything else passes through.
     static func translate(_ error: any Error) -> any Error {
         guard let psql = error as? PSQLError, let state = psql.serverInfo?[.sqlState] else { return error }
@@ -155,7 +194,7 @@ public struct DatabaseUnavailable: Error, CustomStringConvertible, Sendable {
     public var deadline: Duration
     var underlying: String?
     public var description: String {
-        "The database did not answer within \(deadline.components.seconds) s\(underlying.map { " (\($0))" } ?? "")."
+        "The database did not answer in time\(deadline == .zero ? "" : " (\(deadline))")\(underlying.map { ": \($0)" } ?? "")."
     }
 }
 
@@ -184,6 +223,50 @@ final class HeldConnection: Sendable {
     }
 }
 
+/// Who resumes a statement's caller first: the statement, its deadline or a cancellation.
+final class StatementWait: Sendable {
+    private let state = Mutex<(continuation: CheckedContinuation<[PostgresRow], any Error>?, timer: Task<Void, Never>?, done: Bool)>(
+        (nil, nil, false))
+
+    func start(_ continuation: CheckedContinuation<[PostgresRow], any Error>) {
+        let cancelled = state.withLock { state in
+            if !state.done { state.continuation = continuation }
+            return state.done
+        }
+        if cancelled { continuation.resume(throwing: CancellationError()) }
+    }
+
+    func arm(_ timer: Task<Void, Never>) {
+        let cancel = state.withLock { state in
+            state.timer = timer
+            return state.done
+        }
+        if cancel { timer.cancel() }
+    }
+
+    /// Resumes the caller unless something did already; true when this call did. With
+    /// `closing`, the connection is closed first and the caller resumed once it is: resumed
+    /// earlier, the caller would hand the connection back to the pool, which could lend it to
+    /// another request just before the close kills that request's statement.
+    @discardableResult
+    func finish(_ result: Swift.Result<[PostgresRow], any Error>, closing connection: PostgresConnection? = nil) -> Bool {
+        let (continuation, timer) = state.withLock { state in
+            let taken = (state.continuation, state.timer)
+            state.continuation = nil
+            state.done = true
+            return taken
+        }
+        timer?.cancel()
+        guard let continuation else { return false }
+        if let connection {
+            connection.close().whenComplete { _ in continuation.resume(with: result) }
+        } else {
+            continuation.resume(with: result)
+        }
+        return true
+    }
+}
+
 /// Lets a non-escaping, non-Sendable closure run in a child task of a group that the caller
 /// awaits before returning (so it never outlives the closure's scope).
 struct UncheckedSendable<Value>: @unchecked Sendable {
@@ -201,13 +284,21 @@ public struct TenantTransaction: Sendable {
     /// The request that caused this transaction, for the audit log.
     public let requestID: String?
     let logger: Logger
+    /// When the enclosing call's deadline passes.
+    let deadline: ContinuousClock.Instant
+
+    /// One statement without translation, abandoned at the deadline.
+    @discardableResult
+    func run(_ query: PostgresQuery) async throws -> [PostgresRow] {
+        try await Database.statement(query, on: connection, logger: logger, until: deadline)
+    }
 
     /// Runs one statement. Constraint violations surface here as `StoreError`, so a caller
     /// can react to them inside the transaction (which PostgreSQL then aborts).
     @discardableResult
     func query(_ query: PostgresQuery) async throws -> [PostgresRow] {
         do {
-            return try await connection.query(query, logger: logger).collect()
+            return try await run(query)
         } catch {
             throw Database.translate(error)
         }

@@ -221,7 +221,7 @@ struct OrganisationCommand: AsyncParsableCommand {
             }
             let checked: (String, String, String, String, String)
             do {
-                checked = (try Validate.slug(slug), try Validate.email(ownerEmail), try Validate.password(password),
+                checked = (try Validate.slug(slug), try Validate.emailAddress(ownerEmail, field: "owner-email"), try Validate.password(password),
                            try Validate.locale(locale), try Validate.timezone(timezone))
             } catch {
                 throw ValidationError("\(error.field): \(error.message)")

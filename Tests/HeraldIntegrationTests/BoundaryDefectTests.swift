@@ -107,6 +107,21 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test("signed-link tokens (credentials) never reach the log")
+    func linkTokensAreNotLogged() async throws {
+        let log = CapturedLog()
+        let app = try env.application(logger: log.logger())
+        let token = "v1.k1.SECRETLINKTOKEN0123456789abcdef.signature"
+        try await app.test(.router) { client in
+            let click = try await client.send(.get, "/v1/links/\(token)")
+            let unsubscribe = try await client.send(.get, "/v1/unsubscribe/\(token)")
+            #expect(click.isProblem(.notFound))
+            #expect(unsubscribe.isProblem(.notFound))
+        }
+        #expect(log.text.contains("request"))
+        #expect(!log.text.contains("SECRETLINKTOKEN"))
+    }
+
     @Test("what openapi.yaml declares as a maximum length, the server enforces (422 naming the field)")
     func declaredMaxLengths() async throws {
         let org = try await TestOrganisation.make()
@@ -194,6 +209,12 @@ struct BoundaryDefectTests {
             let put = try await client.send(.put, "/v1/events", token: org.ownerToken, json: "{}")
             #expect(put.isProblem(.methodNotAllowed))
             #expect(put.headers[.allow] == "GET, POST")
+            // A fixed path beside a templated one answers with its own methods.
+            let markRead = try await client.send(.get, "/v1/me/notifications/mark-read", token: org.memberToken)
+            #expect(markRead.isProblem(.methodNotAllowed))
+            #expect(markRead.headers[.allow] == "POST")
+            let unread = try await client.send(.post, "/v1/me/notifications/unread-count", token: org.memberToken)
+            #expect(unread.headers[.allow] == "GET")
             #expect(try await client.send(.get, "/v1/nothing-here", token: org.ownerToken).isProblem(.notFound))
         }
     }

@@ -82,6 +82,9 @@ enum TestWorkers {
             var configuration = WorkerPoolConfiguration(name: "test-\(index)-\(UUID().uuidString.prefix(6))")
             configuration.organisation = organisation
             configuration.concurrency = settings.concurrency
+            // These tests are about one endpoint at a time: every slot may serve it (the
+            // per-endpoint limit has its own tests in FaultTests).
+            configuration.endpointConcurrency = settings.concurrency
             configuration.retry = settings.retry
             configuration.pollInterval = settings.pollInterval
             configuration.leaseSeconds = settings.leaseSeconds

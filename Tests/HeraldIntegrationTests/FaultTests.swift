@@ -42,10 +42,31 @@ struct FaultTests {
         // check
         #expect(failure is DatabaseUnavailable, "\(String(describing: failure))")
         #expect(took < .seconds(10), "abandoned at the deadline, not when the statement ended (\(took))")
-        let users = try await database.withTenant(org.id) { tx in try await tx.query("SELECT count(*)::int FROM users")[0].decode(Int.self) }
+        // The same pool, with the usual deadline (a new connection may take longer than 0.5 s to open).
+        let users = try await env.database.withTenant(org.id) { tx in try await tx.query("SELECT count(*)::int FROM users")[0].decode(Int.self) }
         #expect(users == 2)
-        let ready = try await database.appliedMigrationVersions()
+        let ready = try await env.database.appliedMigrationVersions()
         #expect(!ready.isEmpty)
+    }
+
+    /// With no server at all, a call waits for a connection the pool cannot make: that wait
+    /// ends at the deadline too.
+    @Test("A database call with no server to connect to ends at its deadline")
+    func noServer() async throws {
+        var logger = Logger(label: "herald.faults")
+        logger.logLevel = .critical
+        let client = PostgresClient(configuration: try .fromURL("postgres://herald_app:herald_app@127.0.0.1:54349/herald"), backgroundLogger: logger)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { await client.run() }
+            defer { group.cancelAll() }
+            let database = Database(client: client, logger: logger, deadline: .seconds(1))
+            for _ in 0..<3 {
+                let started = ContinuousClock.now
+                await #expect(throws: (any Error).self) { try await database.withTenant(UUID()) { tx in try await tx.query("SELECT 1") } }
+                await #expect(throws: (any Error).self) { try await database.ping() }
+                #expect(ContinuousClock.now - started < .seconds(10))
+            }
+        }
     }
 
     /// Many deliveries to an endpoint that never answers and some to a healthy endpoint on the
@@ -83,8 +104,8 @@ struct FaultTests {
             let toHanging = deliveries.filter { $0.endpointID == hangingEndpoint }
             #expect(sent, "\(Dictionary(grouping: toHealthy, by: \.status).mapValues(\.count))")
             #expect(toHealthy.allSatisfy { $0.attempts == 1 }, "the healthy endpoint's deliveries each took one attempt")
-            #expect(toHanging.filter { $0.status == "SENDING" }.count <= settings.endpointConcurrency,
-                    "at most the per-endpoint limit hangs at once")
+            let arrived = try await Peers.requests(hanging.name).count
+            #expect(arrived >= 1 && arrived <= settings.endpointConcurrency, "at most the per-endpoint limit hangs at once (\(arrived))")
             #expect(toHanging.allSatisfy { $0.attempts <= 1 }, "waiting for a send slot is not an attempt")
         }
         try await Peers.configure(hanging.name, [:])
@@ -221,7 +242,7 @@ struct PostgresFaultTests {
             let database = Database(client: client, logger: logger)
             let organisation = try await database.createOrganisation(slug: "faults", name: "Faults")
             let key = try await database.withTenant(organisation.id) { tx in
-                for index in 0..<10 { _ = try await tx.createUser(NewUser(email: "user\(index)@faults.example", displayName: "User \(index)")) }
+                for index in 0..<5 { _ = try await tx.createUser(NewUser(email: "user\(index)@faults.example", displayName: "User \(index)")) }
                 let category = try await tx.createCategory(key: "activity", name: "Activity", description: "", critical: false)
                 _ = try await tx.createNotificationType(NotificationTypeFields(
                     key: "WARD_ALERT", categoryID: category.id, name: "Ward alert", description: "", defaultSeverity: .info,
@@ -252,7 +273,9 @@ struct PostgresFaultTests {
         try await Task.sleep(for: .seconds(10))
         try shell("scripts/pg.sh", "up", "faults", "\(Self.port)")
         let recovered = Date()
-        try await Task.sleep(for: .seconds(8))
+        try await Task.sleep(for: .seconds(3))
+        load.recovered()
+        try await Task.sleep(for: .seconds(6))
         load.stop()
         await loading.value
 
@@ -294,15 +317,22 @@ struct PostgresFaultTests {
         try shell("scripts/pg.sh", "down", "faults")
     }
 
-    /// Runs a command from the package directory and waits for it.
+    /// Runs a command from the package directory and waits for it. (posix_spawn and waitpid:
+    /// Foundation's `Process` did not notice the exit of `pg.sh up`, whose server lives on.)
     private func shell(_ arguments: String...) throws {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = arguments
-        process.standardOutput = FileHandle.nullDevice
-        try process.run()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else { throw ShellFailure(command: arguments.joined(separator: " ")) }
+        let argv = (["/usr/bin/env"] + arguments).map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        var pid: pid_t = 0
+        guard posix_spawn(&pid, "/usr/bin/env", &actions, nil, argv, environ) == 0 else {
+            throw ShellFailure(command: arguments.joined(separator: " "))
+        }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) == -1 && errno == EINTR {}
+        guard status == 0 else { throw ShellFailure(command: arguments.joined(separator: " ")) }
     }
 
     private func herald(_ arguments: [String], env: [String: String] = [:]) throws {
@@ -344,7 +374,7 @@ final class ServeProcess: @unchecked Sendable {
             "HERALD_RETRY_MAX_SECONDS": "2",
             "HERALD_DESTINATIONS_ALLOW": "127.0.0.1/32",
             "HERALD_SMTP_URL": Peers.smtpURL,
-            "HERALD_LOG_LEVEL": "error",
+            "HERALD_LOG_LEVEL": env["HERALD_TEST_FAULT_LOG_LEVEL"] ?? "error",
             "HERALD_LOG_FORMAT": "text",
         ]) { _, new in new }
         process.standardOutput = FileHandle.nullDevice
@@ -379,7 +409,7 @@ final class ServeProcess: @unchecked Sendable {
     }
 }
 
-/// POST /v1/events and GET /readyz against both processes, four at a time, each request with
+/// POST /v1/events and GET /readyz against both processes, two at a time, each request with
 /// a client deadline far above the server's: a request that reaches it hung.
 final class Load: Sendable {
     struct Counts: Sendable, CustomStringConvertible {
@@ -389,7 +419,7 @@ final class Load: Sendable {
 
     let servers: [ServeProcess]
     let apiKey: String
-    private let state = Mutex<(counts: Counts, stopping: Bool, recentFrom: ContinuousClock.Instant?)>((Counts(), false, nil))
+    private let state = Mutex<(counts: Counts, stopping: Bool, recovered: Bool)>((Counts(), false, false))
 
     init(servers: [ServeProcess], apiKey: String) {
         self.servers = servers
@@ -400,17 +430,20 @@ final class Load: Sendable {
 
     func stop() { state.withLock { $0.stopping = true } }
 
+    /// From now on a 2xx counts as one after the recovery.
+    func recovered() { state.withLock { $0.recovered = true } }
+
     func run() async {
         let started = ContinuousClock.now
         await withTaskGroup(of: Void.self) { group in
-            for lane in 0..<4 {
+            for lane in 0..<2 {
                 group.addTask {
                     var index = lane
                     while !self.state.withLock({ $0.stopping }) {
                         let server = self.servers[index % self.servers.count]
-                        await self.one(server, readiness: index % 4 == 3, started: started)
+                        await self.one(server, readiness: index % 4 >= 2, started: started)
                         index += 1
-                        try? await Task.sleep(for: .milliseconds(100))
+                        try? await Task.sleep(for: .milliseconds(150))
                     }
                 }
             }
@@ -433,8 +466,7 @@ final class Load: Sendable {
                 state.counts.answered += 1
                 if (200..<300).contains(response.status.code) {
                     state.counts.ok += 1
-                    // the last 5 s of the run (8 s after PostgreSQL came back)
-                    if sent - started > .seconds(33) { state.counts.okAfterRecovery += 1 }
+                    if state.recovered { state.counts.okAfterRecovery += 1 }
                 } else {
                     state.counts.failed += 1
                 }

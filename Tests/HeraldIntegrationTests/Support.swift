@@ -66,9 +66,10 @@ final class TestEnvironment: Sendable {
         let client = appClient
         Task.detached { await client.run() }
         database = Database(client: appClient, logger: logger)
-        // Every delivery test runs its own worker pool (one LISTEN connection each, plus sends).
+        // Every delivery test runs its own worker pools (one LISTEN connection each, plus sends,
+        // heartbeats and claims), several suites at once: a starved pool delays heartbeats.
         var workerConfiguration = try PostgresClient.Configuration.fromURL(worker)
-        workerConfiguration.options.maximumConnections = 40
+        workerConfiguration.options.maximumConnections = 100
         workerClient = PostgresClient(configuration: workerConfiguration, backgroundLogger: logger)
         let workers = workerClient
         Task.detached { await workers.run() }

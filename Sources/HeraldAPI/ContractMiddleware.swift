@@ -2,7 +2,11 @@ import Foundation
 import HTTPTypes
 import OpenAPIRuntime
 
-/// What the generated decoders cannot see, checked before them (issue 8 item 10):
+/// What the generated decoders cannot see, checked before them against the contract (issue 8):
+/// - A query parameter the operation does not declare is refused (400 naming it): a mistyped
+///   filter must not silently return everything.
+/// - Every `maxLength`/`maxItems` `openapi.yaml` declares under the body is enforced (422 naming
+///   the field), from the table `scripts/spec-routes.py` generates (`SpecRoutes`).
 /// - A request without content has no body. The transport hands over an empty body, which the
 ///   generated code fails to decode as JSON, so an optional body (`rotate-secret`) could not be
 ///   left out. A required body that is missing is still refused by the generated code.
@@ -11,11 +15,13 @@ import OpenAPIRuntime
 ///   actor, attributes, condition values) `null` is an ordinary value. See docs/decisions.md.
 /// - Text with U+0000 is refused (400): PostgreSQL cannot store it in `text` or `jsonb`, so it
 ///   used to end as a 500.
-struct RequestValuesMiddleware: ServerMiddleware {
+struct ContractMiddleware: ServerMiddleware {
     let maxBodyBytes: Int
 
-    /// Request members whose value is the client's own JSON, where `null` is allowed.
-    static let freeForm: Set<String> = ["payload", "actor", "attributes", "value", "values"]
+    /// Request members holding the client's own JSON objects: `null` is allowed inside them.
+    static let freeForm: Set<String> = ["payload", "actor", "attributes"]
+    /// Request members that may be any JSON value, `null` included (a condition's operands).
+    static let anyValue: Set<String> = ["value", "values"]
 
     func intercept(
         _ request: HTTPRequest,
@@ -27,6 +33,11 @@ struct RequestValuesMiddleware: ServerMiddleware {
         if let query = request.path?.split(separator: "?", maxSplits: 1).dropFirst().first, query.lowercased().contains("%00") {
             throw APIError.badRequest("A query parameter contains the character U+0000, which Herald does not accept in text.")
         }
+        if let name = SpecRoutes.undeclaredQueryParameter(operationID: operationID, path: request.path ?? "") {
+            let accepted = SpecRoutes.byOperationID[operationID]?.query.sorted() ?? []
+            throw APIError.badRequest("Unknown query parameter \"\(name)\". "
+                + (accepted.isEmpty ? "This operation takes none." : "This operation takes: \(accepted.joined(separator: ", "))."))
+        }
         let hasContent = request.headerFields[.transferEncoding] != nil
             || (request.headerFields[.contentLength].flatMap { Int($0) } ?? 0) > 0
         guard let body, hasContent, body.length != .known(0) else {
@@ -36,8 +47,11 @@ struct RequestValuesMiddleware: ServerMiddleware {
             return try await next(request, body, metadata)
         }
         let data = try await Data(collecting: body, upTo: maxBodyBytes)
-        if Self.mayHoldNull(data), let json = try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]) {
+        let route = SpecRoutes.byOperationID[operationID]
+        let needsLimits = !(route?.limits.isEmpty ?? true)
+        if needsLimits || Self.mayHoldNull(data), let json = try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]) {
             if let problem = Self.problem(in: json, at: "") { throw APIError.badRequest(problem) }
+            if let violation = route?.lengthViolation(in: json) { throw APIError.unprocessable(violation) }
         }
         return try await next(request, HTTPBody(data), metadata)
     }
@@ -58,7 +72,8 @@ struct RequestValuesMiddleware: ServerMiddleware {
             for (key, member) in object.sorted(by: { $0.key < $1.key }) {
                 let here = path.isEmpty ? key : "\(path).\(key)"
                 if key.unicodeScalars.contains("\u{0}") { return "\(path.isEmpty ? "body" : path): a key contains the character U+0000." }
-                if let found = problem(in: member, at: here, freeForm: freeForm || (Self.freeForm.contains(key) && !(member is NSNull))) {
+                let ownJSON = Self.anyValue.contains(key) || (Self.freeForm.contains(key) && !(member is NSNull))
+                if let found = problem(in: member, at: here, freeForm: freeForm || ownJSON) {
                     return found
                 }
             }
