@@ -7,8 +7,9 @@
 --                     next delivery is a trial that closes the breaker on an answer or opens it
 --                     again on another failure (a worker taking the trial moves retry_at on)
 --   circuit_reason    why it opened, in words a tenant admin understands
-ALTER TABLE endpoints
-    ADD COLUMN circuit_failures  integer NOT NULL DEFAULT 0 CHECK (circuit_failures >= 0),
-    ADD COLUMN circuit_opened_at timestamptz,
-    ADD COLUMN circuit_retry_at  timestamptz,
-    ADD COLUMN circuit_reason    text;
+-- One change per statement and named constraints, as a distributed PostgreSQL (Citus) needs.
+ALTER TABLE endpoints ADD COLUMN circuit_failures integer NOT NULL DEFAULT 0;
+ALTER TABLE endpoints ADD CONSTRAINT endpoints_circuit_failures_check CHECK (circuit_failures >= 0);
+ALTER TABLE endpoints ADD COLUMN circuit_opened_at timestamptz;
+ALTER TABLE endpoints ADD COLUMN circuit_retry_at timestamptz;
+ALTER TABLE endpoints ADD COLUMN circuit_reason text;
