@@ -59,7 +59,7 @@ public struct AppConfiguration: Sendable {
     public var smtpUsername: String?
     public var smtpPassword: String?
     /// The From address when the organisation has not set one.
-    public var smtpFrom = "herald@localhost"
+    public var smtpFrom = "herald@herald.localhost"
     public var smtpTimeout: Double = 30
     /// CIDR ranges that webhook and chat targets may resolve to although private (e.g.
     /// `127.0.0.1/32` for a local receiver). Empty: only public addresses.
@@ -135,6 +135,10 @@ public struct AppConfiguration: Sendable {
         c.smtpUsername = value("HERALD_SMTP_USERNAME")
         c.smtpPassword = value("HERALD_SMTP_PASSWORD")
         if let v = value("HERALD_SMTP_FROM") { c.smtpFrom = v }
+        // Refused now rather than as a DEAD reason on every email.
+        do { c.smtpFrom = try Validate.emailAddress(c.smtpFrom, field: "HERALD_SMTP_FROM") } catch {
+            throw ConfigurationError(variable: "HERALD_SMTP_FROM", value: "\(c.smtpFrom) (\(error.message))")
+        }
         try number("HERALD_SMTP_TIMEOUT", &c.smtpTimeout)
         if let v = value("HERALD_DESTINATIONS_ALLOW") { c.destinationsAllowed = v.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
         try number("HERALD_WEBHOOK_TIMEOUT", &c.webhookTimeout)

@@ -107,6 +107,15 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test("the default sender address is one Herald accepts; a bad HERALD_SMTP_FROM stops the start, not every email")
+    func senderAddressIsCheckedAtStart() throws {
+        let configuration = try AppConfiguration.fromEnvironment(["DATABASE_URL": "postgres://u@127.0.0.1/db"])
+        #expect((try? Validate.emailAddress(configuration.smtpFrom)) != nil)
+        #expect(throws: ConfigurationError.self) {
+            try AppConfiguration.fromEnvironment(["DATABASE_URL": "postgres://u@127.0.0.1/db", "HERALD_SMTP_FROM": "herald@localhost"])
+        }
+    }
+
     @Test("signed-link tokens (credentials) never reach the log")
     func linkTokensAreNotLogged() async throws {
         let log = CapturedLog()
