@@ -68,12 +68,19 @@ enum TestWorkers {
         /// The receiver is on loopback; the SSRF guard allows exactly its address.
         var allowed = ["127.0.0.1/32"]
         var pools = 1
+        var sendTimeout: TimeAmount = .seconds(5)
+        /// Sends in flight to one endpoint per pool; nil: every slot may serve one endpoint.
+        var endpointConcurrency: Int?
+        var endpointBusyDelay: TimeInterval?
+        var circuitFailures: Int?
+        var circuitCooldown: TimeInterval?
     }
 
     static func run<T: Sendable>(_ organisation: UUID, _ settings: Settings = Settings(),
                                  _ body: @Sendable () async throws -> T) async throws -> T {
         let env = try await TestEnvironment.shared
-        let http = HTTPTransport(destinations: DestinationGuard(allowed: settings.allowed.compactMap { IPNetwork($0) }), timeout: .seconds(5))
+        let http = HTTPTransport(destinations: DestinationGuard(allowed: settings.allowed.compactMap { IPNetwork($0) }), timeout: settings.sendTimeout,
+                                 connectionsPerHost: settings.concurrency)
         let sender = DeliverySender(
             email: EmailTransport(settings: EmailTransport.settings(url: Peers.smtpURL, username: nil, password: nil, timeout: 10)!,
                                   defaultFrom: "herald@herald.test"),
@@ -82,9 +89,12 @@ enum TestWorkers {
             var configuration = WorkerPoolConfiguration(name: "test-\(index)-\(UUID().uuidString.prefix(6))")
             configuration.organisation = organisation
             configuration.concurrency = settings.concurrency
-            // These tests are about one endpoint at a time: every slot may serve it (the
-            // per-endpoint limit has its own tests in FaultTests).
-            configuration.endpointConcurrency = settings.concurrency
+            // Most tests are about one endpoint at a time: every slot may serve it (the
+            // per-endpoint limit and the breaker have their own tests in FaultTests).
+            configuration.endpointConcurrency = settings.endpointConcurrency ?? settings.concurrency
+            if let delay = settings.endpointBusyDelay { configuration.endpointBusyDelay = delay }
+            if let failures = settings.circuitFailures { configuration.circuitFailures = failures }
+            if let cooldown = settings.circuitCooldown { configuration.circuitCooldown = cooldown }
             configuration.retry = settings.retry
             configuration.pollInterval = settings.pollInterval
             configuration.leaseSeconds = settings.leaseSeconds

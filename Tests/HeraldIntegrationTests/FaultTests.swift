@@ -179,35 +179,17 @@ enum FaultWorkers {
         var circuitCooldown: TimeInterval = 60
     }
 
+    /// The shared test pools (`TestWorkers`) with these fault settings.
     static func run<T: Sendable>(_ organisation: UUID, _ settings: Settings, _ body: @Sendable () async throws -> T) async throws -> T {
-        let env = try await TestEnvironment.shared
-        let http = HTTPTransport(destinations: DestinationGuard(allowed: [IPNetwork("127.0.0.1/32")!]), timeout: settings.sendTimeout,
-                                 connectionsPerHost: settings.concurrency)
-        let sender = DeliverySender(
-            email: EmailTransport(settings: EmailTransport.settings(url: Peers.smtpURL, username: nil, password: nil, timeout: 10)!,
-                                  defaultFrom: "herald@herald.test"),
-            http: http, links: LinkBuilder(baseURL: "http://herald.test", keys: TestEnvironment.linkKeys))
-        var configuration = WorkerPoolConfiguration(name: "fault-\(UUID().uuidString.prefix(6))")
-        configuration.organisation = organisation
-        configuration.concurrency = settings.concurrency
-        configuration.pollInterval = .milliseconds(200)
-        configuration.leaseSeconds = 10
-        configuration.retry = RetryPolicy(baseDelay: 0.3, factor: 2, maximumDelay: 2, jitter: 0)
-        configuration.endpointConcurrency = settings.endpointConcurrency
-        configuration.endpointBusyDelay = 0.5
-        configuration.circuitFailures = settings.circuitFailures
-        configuration.circuitCooldown = settings.circuitCooldown
-        let pool = DeliveryWorkerPool(configuration: configuration, database: env.workerDatabase, listenClient: env.workerClient,
-                                      sender: sender, logger: env.logger)
-        let result = try await withThrowingTaskGroup(of: T?.self) { group in
-            group.addTask { try await pool.run(); return nil }
-            let value = try await body()
-            group.cancelAll()
-            for try await _ in group {}
-            return value
-        }
-        try await http.shutdown()
-        return result
+        var workers = TestWorkers.Settings()
+        workers.concurrency = settings.concurrency
+        workers.retry = RetryPolicy(baseDelay: 0.3, factor: 2, maximumDelay: 2, jitter: 0)
+        workers.sendTimeout = settings.sendTimeout
+        workers.endpointConcurrency = settings.endpointConcurrency
+        workers.endpointBusyDelay = 0.5
+        workers.circuitFailures = settings.circuitFailures
+        workers.circuitCooldown = settings.circuitCooldown
+        return try await TestWorkers.run(organisation, workers, body)
     }
 }
 
