@@ -48,6 +48,13 @@ full_page_writes = off
 log_min_messages = warning
 CONF
   fi
+  # pg_stat_statements lets the isolation suite see every statement the application sends
+  # (one transaction per request; every tenant statement names its organisation).
+  if ! grep -q '^shared_preload_libraries' "$dir/postgresql.conf"; then
+    echo "shared_preload_libraries = 'pg_stat_statements'" >> "$dir/postgresql.conf"
+    echo "pg_stat_statements.track_utility = on" >> "$dir/postgresql.conf"
+    as_owner "$bindir/pg_ctl" -D "$dir" status >/dev/null 2>&1 && as_owner "$bindir/pg_ctl" -D "$dir" -m fast -w restart -l "$dir/server.log" >/dev/null
+  fi
   if ! as_owner "$bindir/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
     echo "pg.sh: starting PostgreSQL on 127.0.0.1:$port (.data/$name)"
     as_owner "$bindir/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null
@@ -55,6 +62,8 @@ CONF
   psql_admin -d postgres -v owner_password=herald_owner -v app_password=herald_app -v worker_password=herald_worker -f sql/bootstrap/roles.sql
   # Clusters made before the worker role could log in get its login and password here.
   psql_admin -d postgres -c "ALTER ROLE herald_worker LOGIN PASSWORD 'herald_worker'" >/dev/null
+  # The owner may read every role's statement statistics (tests and operators, not the app).
+  psql_admin -d postgres -c "GRANT pg_read_all_stats TO herald_owner" >/dev/null
   if [ -z "$(psql_admin -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'herald'")" ]; then
     psql_admin -d postgres -c "CREATE DATABASE herald OWNER herald_owner"
     psql_admin -d herald -c "REVOKE CREATE ON SCHEMA public FROM PUBLIC; ALTER SCHEMA public OWNER TO herald_owner"
@@ -71,6 +80,7 @@ recreate-db)
   psql_admin -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"
   psql_admin -d postgres -c "CREATE DATABASE $db OWNER herald_owner"
   psql_admin -d "$db" -c "REVOKE CREATE ON SCHEMA public FROM PUBLIC; ALTER SCHEMA public OWNER TO herald_owner"
+  psql_admin -d "$db" -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" >/dev/null
   ;;
 *)
   echo "usage: pg.sh up|down|recreate-db NAME [PORT] [DB]" >&2; exit 2 ;;
