@@ -42,7 +42,7 @@ public struct AppDependencies: Sendable {
 public func buildRouter(configuration: AppConfiguration, dependencies: AppDependencies) throws -> Router<HeraldRequestContext> {
     let router = Router(context: HeraldRequestContext.self)
     router.add(middleware: RequestMiddleware(
-        authenticator: Authenticator(database: dependencies.database, tokens: dependencies.tokens, now: dependencies.now),
+        authenticator: Authenticator(tokens: dependencies.tokens, now: dependencies.now),
         maxBodyBytes: configuration.maxBodyBytes,
         metrics: dependencies.metrics))
     let service = HeraldService(
@@ -63,7 +63,11 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
     try service.registerHandlers(
         on: router,
         configuration: .init(dateTranscoder: FlexibleISO8601(), jsonEncodingOptions: [.sortedKeys, .withoutEscapingSlashes]),
-        middlewares: [PermissionMiddleware(), ContractMiddleware(maxBodyBytes: configuration.maxBodyBytes)])
+        middlewares: [
+            TenantBoundary(database: dependencies.database, authenticator: Authenticator(tokens: dependencies.tokens, now: dependencies.now),
+                           linkKeys: dependencies.linkKeys, now: dependencies.now),
+            ContractMiddleware(maxBodyBytes: configuration.maxBodyBytes),
+        ])
     return router
 }
 

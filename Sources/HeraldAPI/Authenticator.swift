@@ -3,52 +3,71 @@ import HeraldCore
 import HeraldStore
 import Logging
 
-/// Turns an `Authorization` header into a principal: an access JWT for a user, or an API key
-/// (`hk.…`). Permissions are read from the database on each request, so a revoked role, a
-/// revoked key or a deactivated user stops working at once rather than when a token expires.
+/// A credential from the `Authorization` header whose form (and, for a JWT, signature and
+/// expiry) has been checked; what it may do is read from the database by `principal(for:in:)`.
+enum Credential: Sendable {
+    case accessToken(VerifiedAccess)
+    case apiKey(OpaqueToken)
+
+    var organisationID: UUID {
+        switch self {
+        case .accessToken(let access): access.organisationID
+        case .apiKey(let key): key.organisationID
+        }
+    }
+
+    var actor: Actor {
+        switch self {
+        case .accessToken(let access): .user(access.userID)
+        case .apiKey(let key): .apiKey(key.id)
+        }
+    }
+}
+
+/// Turns an `Authorization` header into a principal, in two steps: `credential(from:)` checks
+/// the header without the database (every request, so a bad credential is a 401 anywhere), and
+/// `principal(for:in:)` reads the grant inside the request's one tenant transaction. Grants are
+/// read on each request, so a revoked role, a revoked key or a deactivated user stops working
+/// at once rather than when a token expires.
 struct Authenticator: Sendable {
-    let database: Database
     let tokens: AccessTokens
     let now: @Sendable () -> Date
 
-    /// The principal, nil without an `Authorization` header, or 401 for a bad credential.
-    func authenticate(authorization: String?, logger: Logger) async throws -> Principal? {
+    /// The credential, nil without an `Authorization` header, or 401 for a bad one.
+    func credential(from authorization: String?, logger: Logger) async throws -> Credential? {
         guard let authorization else { return nil }
         let parts = authorization.split(separator: " ", maxSplits: 1)
         guard parts.count == 2, parts[0].lowercased() == "bearer" else {
             throw APIError.unauthorized("Use the Bearer scheme with an access token or an API key.")
         }
-        let credential = String(parts[1]).trimmingCharacters(in: .whitespaces)
-        if credential.hasPrefix(OpaqueToken.Kind.apiKey.rawValue + ".") {
-            return try await apiKeyPrincipal(credential)
+        let text = String(parts[1]).trimmingCharacters(in: .whitespaces)
+        if text.hasPrefix(OpaqueToken.Kind.apiKey.rawValue + ".") {
+            guard let key = OpaqueToken(parsing: text, kind: .apiKey) else { throw APIError.unauthorized("The API key is not valid.") }
+            return .apiKey(key)
         }
-        return try await userPrincipal(credential, logger: logger)
-    }
-
-    private func userPrincipal(_ token: String, logger: Logger) async throws -> Principal {
-        let access: VerifiedAccess
         do {
-            access = try await tokens.verify(token, now: now())
+            return .accessToken(try await tokens.verify(text, now: now()))
         } catch {
             logger.notice("access token refused", metadata: ["reason": "\(error)"])
             // Saying "expired" tells a client to refresh; any other reason stays unexplained.
             throw APIError.unauthorized(error == .expired ? "The access token has expired; refresh it." : "The access token is not valid.")
         }
-        let grant = try await database.withTenant(access.organisationID, actor: .user(access.userID)) { tx in
-            try await tx.grant(forUser: access.userID)
-        }
-        guard let grant else { throw APIError.unauthorized("The access token is not valid.") }
-        return Principal(organisationID: access.organisationID, actor: .user(access.userID), permissions: grant.permissions)
     }
 
-    private func apiKeyPrincipal(_ text: String) async throws -> Principal {
-        guard let key = OpaqueToken(parsing: text, kind: .apiKey) else {
-            throw APIError.unauthorized("The API key is not valid.")
+    /// What the credential may do, read in `tx` (the credential's organisation); 401 when the
+    /// user is gone or inactive, or the key revoked, expired or wrong.
+    func principal(for credential: Credential, in tx: TenantTransaction) async throws -> Principal {
+        switch credential {
+        case .accessToken(let access):
+            guard let grant = try await tx.grant(forUser: access.userID) else {
+                throw APIError.unauthorized("The access token is not valid.")
+            }
+            return Principal(organisationID: access.organisationID, actor: credential.actor, permissions: grant.permissions)
+        case .apiKey(let key):
+            guard let grant = try await tx.grant(forApiKey: key.id, secretHash: key.secretHash, now: now()) else {
+                throw APIError.unauthorized("The API key is not valid.")
+            }
+            return Principal(organisationID: key.organisationID, actor: credential.actor, permissions: grant.permissions)
         }
-        let grant = try await database.withTenant(key.organisationID, actor: .apiKey(key.id)) { tx in
-            try await tx.grant(forApiKey: key.id, secretHash: key.secretHash, now: now())
-        }
-        guard let grant else { throw APIError.unauthorized("The API key is not valid.") }
-        return Principal(organisationID: key.organisationID, actor: .apiKey(key.id), permissions: grant.permissions)
     }
 }

@@ -103,20 +103,31 @@ public enum APIError: Error, Sendable, Equatable {
         return Data("{\"type\":\(jsonQuoted(problemType)),\"title\":\(jsonQuoted(title)),\"status\":\(status.code),\"detail\":\(jsonQuoted(detail))}".utf8)
     }
 
-    /// Maps store errors to API errors; `resource` names what a `notFound` was about.
-    static func from(_ error: StoreError, resource: String) -> APIError {
+    /// Maps store errors to API errors: the store says what was missing or which constraint
+    /// refused, this table says it in the client's words.
+    static func from(_ error: StoreError) -> APIError {
         switch error {
-        case .notFound:
+        case .notFound(let resource):
             return .notFound(resource: resource)
-        case .missing(let what):
-            return .notFound(resource: what)
+        case .unknownReference(let field, let resource):
+            return .unprocessable(ValidationError(field: field, message: "names a \(resource) that does not exist in your organisation."))
         case .conflict(let constraint):
-            return .conflict(conflictMessages[constraint] ?? "This change conflicts with an existing \(resource).")
+            return .conflict(conflictMessages[constraint] ?? "This change conflicts with an existing \(resource(of: constraint)).")
         case .invalidReference(let constraint):
             return .unprocessable(ValidationError(field: referenceFields[constraint] ?? "body", message: "refers to something that does not exist in your organisation."))
+        case .stillReferenced(let constraint):
+            return .conflict(stillReferencedMessages[constraint] ?? "Other data still refers to this \(resource(of: constraint)); remove it first.")
         case .checkViolation(let constraint):
             return .unprocessable(ValidationError(field: constraint, message: "has a value Herald does not accept."))
         }
+    }
+
+    /// The resource a constraint belongs to, from its table (constraint names start with it).
+    private static func resource(of constraint: String) -> String {
+        let tables = [("notification_types", "notification type"), ("api_keys", "API key"), ("categories", "category"),
+                      ("organisations", "organisation"), ("endpoints", "endpoint"), ("templates", "template"),
+                      ("groups", "group"), ("roles", "role"), ("users", "user"), ("events", "event")]
+        return tables.first { constraint.hasPrefix($0.0) }?.1 ?? "record"
     }
 
     private static let conflictMessages = [
@@ -124,6 +135,14 @@ public enum APIError: Error, Sendable, Equatable {
         "roles_organisation_id_key_key": "A role with this key already exists in your organisation.",
         "groups_organisation_id_key_key": "A group with this key already exists in your organisation.",
         "organisations_slug_key": "An organisation with this slug already exists.",
+    ]
+
+    /// A delete refused because this (foreign key or rule) still refers to the row.
+    private static let stillReferencedMessages = [
+        "api_keys_organisation_id_role_id_fkey": "A live API key holds this role; revoke the key first.",
+        "notifications_category": "Notification types or in-app notifications still use this category; move or delete them first.",
+        "notification_types_organisation_id_category_id_fkey": "Notification types or in-app notifications still use this category; move or delete them first.",
+        "events_organisation_id_type_id_fkey": "Events of this type exist; a type with history cannot be deleted.",
     ]
 
     private static let referenceFields = [

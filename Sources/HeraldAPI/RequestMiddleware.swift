@@ -8,8 +8,9 @@ import OpenAPIRuntime
 import PostgresNIO
 import HeraldStore
 
-/// The one boundary every request crosses: request id, body limit, authentication, the
-/// task-local scope the handlers read, problem+json for every error, one log line, metrics.
+/// The one boundary every request crosses: request id, body limit, the credential's form, the
+/// task-local scope the handlers read, problem+json for every error (the one place errors are
+/// translated), one log line, metrics. `TenantBoundary` then opens the request's transaction.
 struct RequestMiddleware: RouterMiddleware {
     typealias Context = HeraldRequestContext
 
@@ -36,13 +37,13 @@ struct RequestMiddleware: RouterMiddleware {
             } catch let error as HTTPError where error.status == .contentTooLarge {
                 throw APIError.contentTooLarge(limit: maxBodyBytes)
             }
-            let principal = try await authenticator.authenticate(authorization: request.headers[.authorization], logger: logger)
-            if let principal {
-                logger[metadataKey: "organisation_id"] = "\(principal.organisationID.uuidString.lowercased())"
-                logger[metadataKey: "actor"] = "\(principal.actor.kind):\(principal.actor.id?.uuidString.lowercased() ?? "-")"
+            let credential = try await authenticator.credential(from: request.headers[.authorization], logger: logger)
+            if let credential {
+                logger[metadataKey: "organisation_id"] = "\(credential.organisationID.uuidString.lowercased())"
+                logger[metadataKey: "actor"] = "\(credential.actor.kind):\(credential.actor.id?.uuidString.lowercased() ?? "-")"
             }
             let scope = RequestScope(
-                requestID: requestID, clientAddress: context.remoteAddress?.ipAddress, principal: principal, logger: logger)
+                requestID: requestID, clientAddress: context.remoteAddress?.ipAddress, credential: credential, logger: logger)
             response = try await RequestScope.$current.withValue(scope) {
                 try await next(request, context)
             }
@@ -110,9 +111,12 @@ struct RequestMiddleware: RouterMiddleware {
             return error
         case let error as ValidationError:
             return .unprocessable(error)
+        case let error as StoreError:
+            return .from(error)
         case let error as ServerError:
             if let inner = error.underlyingError as? APIError { return inner }
             if let inner = error.underlyingError as? ValidationError { return .unprocessable(inner) }
+            if let inner = error.underlyingError as? StoreError { return .from(inner) }
             // Only a request the generated code could not decode is the client's fault; a
             // decoding failure inside a handler (stored data) is ours.
             if let decoding = error.underlyingError as? DecodingError {

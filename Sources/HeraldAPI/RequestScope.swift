@@ -11,13 +11,23 @@ public struct Principal: Sendable, Equatable {
 }
 
 /// What the HTTP layer knows about the request being served. The generated handlers do not
-/// see Hummingbird's context, so `RequestMiddleware` binds this task-local around them.
+/// see Hummingbird's context, so the boundary binds this task-local around them:
+/// `RequestMiddleware` with the request id and the credential, `TenantBoundary` with the
+/// principal and the request's one tenant transaction.
 struct RequestScope: Sendable {
     @TaskLocal static var current: RequestScope?
 
     var requestID: String
     var clientAddress: String?
+    /// The checked `Authorization` credential (signature, form), before the database has
+    /// said what it may do; nil without the header.
+    var credential: Credential?
+    /// The credential resolved in the request's transaction; nil on public operations.
     var principal: Principal?
+    /// The claims of a signed link, on the link operations.
+    var link: LinkClaims?
+    /// The request's one tenant transaction, on operations that have a credential.
+    var transaction: TransactionLoan?
     var logger: Logger
 
     /// The scope of the request this task serves; only missing outside a request (a bug).

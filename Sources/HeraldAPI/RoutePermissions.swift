@@ -41,6 +41,20 @@ enum AccessRule: Sendable, Equatable {
 /// | listDeliveries, getDeliveryStats, getDelivery | deliveries.read |
 /// | retryDelivery, cancelDelivery | deliveries.retry |
 enum RoutePermissions {
+    /// Public operations whose credential is a signed link in the path (`{token}`), and the
+    /// scope the link must carry; `TenantBoundary` opens their transaction.
+    static let signedLinks: [String: LinkScope] = [
+        "followLink": .click,
+        "showUnsubscribe": .unsubscribe,
+        "unsubscribe": .unsubscribe,
+    ]
+
+    /// The caller's own feed (`/v1/me/notifications…`): its transaction is confined to the
+    /// caller's in-app rows, and an API key (no user) is refused.
+    static func isOwnFeed(_ operationID: String) -> Bool {
+        SpecRoutes.byOperationID[operationID]?.path.hasPrefix("/v1/me/notifications") ?? false
+    }
+
     static let table: [String: AccessRule] = [
         "getHealth": .public,
         "getReadiness": .public,

@@ -61,7 +61,7 @@ extension TenantTransaction {
 
     public func category(_ id: UUID) async throws -> Category {
         guard let row = try await query("SELECT \(unescaped: categoryColumns) FROM categories WHERE id = \(id)").first else {
-            throw StoreError.notFound
+            throw StoreError.notFound("category")
         }
         return try decodeCategory(row)
     }
@@ -86,7 +86,7 @@ extension TenantTransaction {
                 critical = coalesce(\(critical), critical), updated_at = now()
             WHERE id = \(id) RETURNING id
             """)
-        guard !rows.isEmpty else { throw StoreError.notFound }
+        guard !rows.isEmpty else { throw StoreError.notFound("category") }
         return try await category(id)
     }
 
@@ -94,9 +94,9 @@ extension TenantTransaction {
     /// deletion (`invalidReference`).
     public func deleteCategory(_ id: UUID) async throws {
         guard try await query("SELECT 1 FROM notifications WHERE category_id = \(id) LIMIT 1").isEmpty else {
-            throw StoreError.invalidReference(constraint: "notifications_category")
+            throw StoreError.stillReferenced(constraint: "notifications_category")
         }
-        guard !(try await query("DELETE FROM categories WHERE id = \(id) RETURNING id")).isEmpty else { throw StoreError.notFound }
+        guard !(try await query("DELETE FROM categories WHERE id = \(id) RETURNING id")).isEmpty else { throw StoreError.notFound("category") }
     }
 
     // MARK: Notification types
@@ -108,7 +108,7 @@ extension TenantTransaction {
 
     public func notificationType(_ id: UUID) async throws -> NotificationType {
         guard let row = try await query("SELECT \(unescaped: typeColumns) FROM notification_types t WHERE t.id = \(id)").first else {
-            throw StoreError.notFound
+            throw StoreError.notFound("notification type")
         }
         return try await withTemplates([try decodeType(row)])[0]
     }
@@ -139,13 +139,13 @@ extension TenantTransaction {
                 default_channels = \(fields.defaultChannels.map(\.rawValue))::text[], updated_at = now()
             WHERE id = \(id) RETURNING id
             """)
-        guard !rows.isEmpty else { throw StoreError.notFound }
+        guard !rows.isEmpty else { throw StoreError.notFound("notification type") }
         return try await notificationType(id)
     }
 
     /// Deletes a type and its templates; a type with events blocks the deletion (`invalidReference`).
     public func deleteNotificationType(_ id: UUID) async throws {
-        guard !(try await query("DELETE FROM notification_types WHERE id = \(id) RETURNING id")).isEmpty else { throw StoreError.notFound }
+        guard !(try await query("DELETE FROM notification_types WHERE id = \(id) RETURNING id")).isEmpty else { throw StoreError.notFound("notification type") }
     }
 
     /// Creates or replaces the template of a type for a channel and locale.

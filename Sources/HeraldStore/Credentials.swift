@@ -81,7 +81,7 @@ extension TenantTransaction {
     /// The API key with this id.
     public func apiKey(_ id: UUID) async throws -> ApiKey {
         let rows = try await query("SELECT \(unescaped: apiKeyColumns) FROM api_keys WHERE id = \(id)")
-        guard let row = rows.first else { throw StoreError.notFound }
+        guard let row = rows.first else { throw StoreError.notFound("API key") }
         return try decodeApiKey(row)
     }
 
@@ -98,7 +98,7 @@ extension TenantTransaction {
     /// Revokes an API key (idempotent).
     public func revokeApiKey(_ id: UUID) async throws -> ApiKey {
         let rows = try await query("UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = \(id) RETURNING id")
-        guard !rows.isEmpty else { throw StoreError.notFound }
+        guard !rows.isEmpty else { throw StoreError.notFound("API key") }
         return try await apiKey(id)
     }
 

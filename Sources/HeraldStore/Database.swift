@@ -4,17 +4,22 @@ import Logging
 import PostgresNIO
 import Synchronization
 
-/// Errors the store reports in the product's terms. The HTTP layer maps them to problems.
+/// Errors the store reports in the product's terms. `RequestMiddleware.apiError` maps them to
+/// problems, in one place; each case carries what the client needs to hear.
 public enum StoreError: Error, Sendable, Equatable {
-    /// No row with this id in the current organisation (another organisation's id looks the same).
-    case notFound
-    /// A row this operation names besides its own target is missing (the group or the user
-    /// of a membership, a role of a role list): the word says which.
-    case missing(String)
+    /// No such row in the current organisation (another organisation's id looks the same): the
+    /// word says what ("user", "group", "notification"). A 404.
+    case notFound(String)
+    /// A field of the request names a row that does not exist in the current organisation
+    /// (a role of `role_ids`): a 422 on that field.
+    case unknownReference(field: String, resource: String)
     /// A unique key already holds this value (the constraint name says which).
     case conflict(constraint: String)
     /// A reference to a row that does not exist in the current organisation.
     case invalidReference(constraint: String)
+    /// The row is still referenced by others (the constraint or rule says by what), so it
+    /// cannot be deleted.
+    case stillReferenced(constraint: String)
     /// A CHECK constraint refused the value.
     case checkViolation(constraint: String)
 }
@@ -36,13 +41,21 @@ public struct Database: Sendable {
         self.deadline = deadline
     }
 
-    /// Runs `body` in one transaction with the tenant context set.
+    /// Runs `body` in one transaction with the tenant context set. This is the one place the
+    /// context is set.
     ///
-    /// `set_config(..., true)` scopes the settings to the transaction, so a pooled connection
-    /// (or a transaction-mode pooler) never carries one organisation's context into another's.
+    /// `SET LOCAL` scopes the settings to the transaction, so a pooled connection (or a
+    /// transaction-mode pooler) never carries one organisation's context into another's; unlike
+    /// `set_config(…, true)` it also reaches the worker nodes of a distributed PostgreSQL
+    /// (Citus). A setting takes no bind parameter, so the values are UUIDs written by
+    /// `UUID.uuidString` (hex digits and hyphens only), never text from a request.
     ///
-    /// `recipient` confines in-app rows to one user as well (the feed endpoints set it), so a
-    /// user's feed cannot show another user's rows even within one organisation.
+    /// `recipient` confines in-app rows to one user as well (the feed), so a user's feed cannot
+    /// show another user's rows even within one organisation.
+    ///
+    /// `TenantTransaction` is not `Sendable`: it cannot be stored or captured by another task,
+    /// so it never outlives `body` (a kept handle could run on a pooled connection that another
+    /// tenant's transaction has by then).
     public func withTenant<Result: Sendable>(
         _ organisationID: UUID,
         actor: Actor = .system,
@@ -63,12 +76,10 @@ public struct Database: Sendable {
                     try await tx.run("BEGIN")
                     let result: Result
                     do {
-                        try await tx.run(
-                            """
-                            SELECT set_config('app.org_id', \(organisationID.uuidString), true),
-                                   set_config('app.user_id', \(actor.userID?.uuidString ?? ""), true),
-                                   set_config('app.recipient_id', \(recipient?.uuidString ?? ""), true)
-                            """)
+                        try await tx.run(PostgresQuery(unsafeSQL: "SET LOCAL app.org_id = '\(organisationID.uuidString)'"))
+                        if let recipient {
+                            try await tx.run(PostgresQuery(unsafeSQL: "SET LOCAL app.recipient_id = '\(recipient.uuidString)'"))
+                        }
                         result = try await body(tx)
                     } catch {
                         _ = try? await tx.run("ROLLBACK")
@@ -182,7 +193,11 @@ public struct Database: Sendable {
         let constraint = psql.serverInfo?[.constraintName] ?? ""
         switch state {
         case "23505": return StoreError.conflict(constraint: constraint)
-        case "23503": return StoreError.invalidReference(constraint: constraint)
+        case "23503":
+            // The same foreign key refuses an insert naming a missing row and a delete of a row
+            // still referenced; PostgreSQL's message says which side this was.
+            let deleting = psql.serverInfo?[.message]?.hasPrefix("update or delete on table") ?? false
+            return deleting ? StoreError.stillReferenced(constraint: constraint) : StoreError.invalidReference(constraint: constraint)
         case "23514": return StoreError.checkViolation(constraint: constraint)
         default: return error
         }
@@ -275,7 +290,8 @@ struct UncheckedSendable<Value>: @unchecked Sendable {
 }
 
 /// One transaction with the tenant context set. Only the store can reach its connection.
-public struct TenantTransaction: Sendable {
+/// Deliberately not `Sendable` (see `Database.withTenant`).
+public struct TenantTransaction {
     let connection: PostgresConnection
     /// The organisation every statement in this transaction is confined to.
     public let organisationID: UUID
@@ -303,4 +319,62 @@ public struct TenantTransaction: Sendable {
             throw Database.translate(error)
         }
     }
+
+    /// Lends this transaction to code that cannot take it as an argument (the generated
+    /// handlers, which only see a task-local), for as long as `body` runs. The loan is
+    /// `Sendable` so it can sit in a task-local, but it gives out the transaction only inside
+    /// `TransactionLoan.run`, and not at all once `body` has returned.
+    public func lend<Result>(_ body: (TransactionLoan) async throws -> Result) async throws -> Result {
+        let loan = TransactionLoan(self)
+        defer { loan.close() }
+        return try await body(loan)
+    }
+}
+
+/// A tenant transaction lent by `TenantTransaction.lend` for the length of one closure.
+public final class TransactionLoan: Sendable {
+    private struct Parts: Sendable {
+        let connection: PostgresConnection
+        let organisationID: UUID
+        let actor: Actor
+        let requestID: String?
+        let logger: Logger
+        let deadline: ContinuousClock.Instant
+    }
+
+    /// The transaction's parts while it is open and not in use; nil once closed.
+    private let state: Mutex<(parts: Parts?, busy: Bool)>
+
+    fileprivate init(_ tx: TenantTransaction) {
+        state = Mutex((Parts(connection: tx.connection, organisationID: tx.organisationID, actor: tx.actor,
+                             requestID: tx.requestID, logger: tx.logger, deadline: tx.deadline), false))
+    }
+
+    fileprivate func close() {
+        state.withLock { $0.parts = nil }
+    }
+
+    /// The organisation of the lent transaction.
+    public var organisationID: UUID? { state.withLock { $0.parts?.organisationID } }
+
+    /// Runs `body` on the lent transaction. Throws `TransactionLoanError` once the lender's
+    /// closure has returned (the connection may belong to another request by then) or while
+    /// another `run` of the same loan is in progress (one statement at a time per connection).
+    public func run<Result>(_ body: (TenantTransaction) async throws -> Result) async throws -> Result {
+        let parts = try state.withLock { state throws(TransactionLoanError) -> Parts in
+            guard let parts = state.parts else { throw .closed }
+            guard !state.busy else { throw .busy }
+            state.busy = true
+            return parts
+        }
+        defer { state.withLock { $0.busy = false } }
+        let tx = TenantTransaction(connection: parts.connection, organisationID: parts.organisationID, actor: parts.actor,
+                                   requestID: parts.requestID, logger: parts.logger, deadline: parts.deadline)
+        return try await body(tx)
+    }
+}
+
+/// A lent transaction used after its lender returned, or by two callers at once: a bug.
+public enum TransactionLoanError: Error, Sendable {
+    case closed, busy
 }

@@ -96,7 +96,7 @@ extension TenantTransaction {
 
     public func endpoint(_ id: UUID) async throws -> Endpoint {
         guard let row = try await query("SELECT \(unescaped: endpointColumns) FROM endpoints WHERE id = \(id)").first else {
-            throw StoreError.notFound
+            throw StoreError.notFound("endpoint")
         }
         return try decodeEndpoint(row)
     }
@@ -130,12 +130,12 @@ extension TenantTransaction {
                 updated_at = now()
             WHERE id = \(id) RETURNING id
             """)
-        guard !rows.isEmpty else { throw StoreError.notFound }
+        guard !rows.isEmpty else { throw StoreError.notFound("endpoint") }
         return try await endpoint(id)
     }
 
     public func deleteEndpoint(_ id: UUID) async throws {
-        guard try await !query("DELETE FROM endpoints WHERE id = \(id) RETURNING id").isEmpty else { throw StoreError.notFound }
+        guard try await !query("DELETE FROM endpoints WHERE id = \(id) RETURNING id").isEmpty else { throw StoreError.notFound("endpoint") }
     }
 
     /// Replaces a webhook endpoint's secret; the old one keeps signing until `overlapUntil`.
@@ -145,7 +145,7 @@ extension TenantTransaction {
             UPDATE endpoints SET previous_secret = secret, previous_secret_expires_at = \(overlapUntil), secret = \(newSecret), updated_at = now()
             WHERE id = \(id) AND channel = 'webhook' RETURNING id
             """)
-        guard !rows.isEmpty else { throw StoreError.notFound }
+        guard !rows.isEmpty else { throw StoreError.notFound("endpoint") }
         return try await endpoint(id)
     }
 

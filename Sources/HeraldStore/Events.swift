@@ -102,7 +102,7 @@ extension TenantTransaction {
             SELECT name, slug, default_locale, default_timezone, (settings->>'throttle_per_minute')::int,
                    (settings->>'user_throttle_per_minute')::int
             FROM organisations WHERE id = \(organisationID)
-            """).first else { throw StoreError.notFound }
+            """).first else { throw StoreError.notFound("organisation") }
         let (name, slug, locale, timezone, throttle, userThrottle) = try row.decode((String, String, String, String, Int?, Int?).self)
         return EngineSettings(name: name, slug: slug, defaultLocale: locale, defaultTimezone: timezone, throttlePerMinute: throttle,
                               userThrottlePerMinute: userThrottle)
@@ -306,7 +306,7 @@ extension TenantTransaction {
 
     public func event(_ id: UUID) async throws -> EventRecord {
         guard let row = try await query("SELECT \(unescaped: eventColumns) FROM events e WHERE e.id = \(id)").first else {
-            throw StoreError.notFound
+            throw StoreError.notFound("event")
         }
         return try decodeEvent(row)
     }

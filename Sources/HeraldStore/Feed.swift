@@ -136,7 +136,7 @@ extension TenantTransaction {
             \(unescaped: feedSelect)
             WHERE n.id = \(id) AND n.user_id = \(userID) AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
             """)
-        guard let row = rows.first else { throw StoreError.notFound }
+        guard let row = rows.first else { throw StoreError.notFound("notification") }
         return try decodeFeedItem(row)
     }
 
@@ -148,7 +148,7 @@ extension TenantTransaction {
             UPDATE notifications SET read_at = CASE WHEN \(read) THEN coalesce(read_at, \(now)) ELSE NULL END, unread_pinned = NOT \(read)
             WHERE id = \(id) AND user_id = \(userID) AND visible_at <= \(now) RETURNING id
             """)
-        guard !rows.isEmpty else { throw StoreError.notFound }
+        guard !rows.isEmpty else { throw StoreError.notFound("notification") }
         return try await feedItem(id, of: userID, now: now)
     }
 
@@ -156,7 +156,7 @@ extension TenantTransaction {
     public func archive(_ id: UUID, of userID: UUID, now: Date) async throws -> FeedItem {
         let rows = try await query(
             "UPDATE notifications SET archived_at = coalesce(archived_at, \(now)) WHERE id = \(id) AND user_id = \(userID) AND visible_at <= \(now) RETURNING id")
-        guard !rows.isEmpty else { throw StoreError.notFound }
+        guard !rows.isEmpty else { throw StoreError.notFound("notification") }
         return try await feedItem(id, of: userID, now: now)
     }
 
@@ -199,7 +199,7 @@ extension TenantTransaction {
     /// Deletes one row.
     public func deleteNotification(_ id: UUID, of userID: UUID) async throws {
         guard !(try await query("DELETE FROM notifications WHERE id = \(id) AND user_id = \(userID) AND visible_at <= now() RETURNING id")).isEmpty else {
-            throw StoreError.notFound
+            throw StoreError.notFound("notification")
         }
     }
 

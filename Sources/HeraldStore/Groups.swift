@@ -6,7 +6,7 @@ extension TenantTransaction {
     /// The group with this id.
     public func group(_ id: UUID) async throws -> Group {
         let rows = try await query("SELECT \(unescaped: groupColumns) FROM groups g WHERE g.id = \(id)")
-        guard let row = rows.first else { throw StoreError.missing("group") }
+        guard let row = rows.first else { throw StoreError.notFound("group") }
         return try decodeGroup(row)
     }
 
@@ -41,14 +41,14 @@ extension TenantTransaction {
             UPDATE groups SET name = coalesce(\(name), name), description = coalesce(\(description), description), updated_at = now()
             WHERE id = \(id) RETURNING id
             """)
-        guard !rows.isEmpty else { throw StoreError.notFound }
+        guard !rows.isEmpty else { throw StoreError.notFound("group") }
         return try await group(id)
     }
 
     /// Deletes a group and its memberships.
     public func deleteGroup(_ id: UUID) async throws {
         let rows = try await query("DELETE FROM groups WHERE id = \(id) RETURNING id")
-        guard !rows.isEmpty else { throw StoreError.notFound }
+        guard !rows.isEmpty else { throw StoreError.notFound("group") }
     }
 
     /// Adds a member; returns false when they already were one.

@@ -16,7 +16,7 @@ extension TenantTransaction {
             """
             SELECT e.url FROM deliveries d JOIN events e ON e.organisation_id = d.organisation_id AND e.id = d.event_id
             WHERE d.id = \(deliveryID) AND d.user_id = \(userID)
-            """).first else { throw StoreError.notFound }
+            """).first else { throw StoreError.notFound("link") }
         try await query("INSERT INTO link_clicks (organisation_id, delivery_id, user_id) VALUES (\(organisationID), \(deliveryID), \(userID))")
         try await query("UPDATE users SET last_engaged_at = now() WHERE id = \(userID)")
         return Click(url: try row.decode(String?.self))

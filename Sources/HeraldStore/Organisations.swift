@@ -45,7 +45,7 @@ extension TenantTransaction {
                    (settings->>'user_throttle_per_minute')::int
             FROM organisations WHERE id = \(organisationID)
             """)
-        guard let row = rows.first else { throw StoreError.notFound }
+        guard let row = rows.first else { throw StoreError.notFound("organisation") }
         let (id, slug, name, locale, timezone, throttle, from, fromName, replyTo, created, updated, userThrottle) =
             try row.decode((UUID, String, String, String, String, Int?, String?, String?, String?, Date, Date, Int?).self)
         var organisation = Organisation(
@@ -80,7 +80,7 @@ extension TenantTransaction {
             WHERE id = \(organisationID)
             RETURNING id
             """)
-        guard !rows.isEmpty else { throw StoreError.notFound }
+        guard !rows.isEmpty else { throw StoreError.notFound("organisation") }
         return try await organisation()
     }
 

@@ -135,7 +135,7 @@ extension TenantTransaction {
             JOIN users u ON u.organisation_id = e.organisation_id AND u.id = \(delivery.userID)
             JOIN organisations o ON o.id = e.organisation_id
             WHERE e.id = \(delivery.eventID)
-            """).first else { throw StoreError.notFound }
+            """).first else { throw StoreError.notFound("delivery") }
         let (typeID, payload, actor, subjectType, subjectID, severity, priority, deliverAt, expiresAt, status, url,
              email, name, locale, timezone, attributes, active, orgName, orgSlug, orgLocale, orgTimezone, from, fromName, replyTo) =
             try row.decode((UUID, String, String?, String?, String?, String, String, Date, Date?, String, String?,
@@ -161,7 +161,7 @@ extension TenantTransaction {
 
     public func delivery(_ id: UUID) async throws -> Delivery {
         guard let row = try await query("SELECT \(unescaped: deliveryColumns) FROM deliveries WHERE id = \(id)").first else {
-            throw StoreError.notFound
+            throw StoreError.notFound("delivery")
         }
         return try decodeDelivery(row)
     }

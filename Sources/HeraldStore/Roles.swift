@@ -9,25 +9,29 @@ extension TenantTransaction {
         return try rows.map(decodeRole)
     }
 
-    /// The role with this id.
-    public func role(_ id: UUID) async throws -> Role {
+    /// The role with this id. `field` names the request field that referred to it, when the
+    /// role is not the operation's target (a missing one is then that field's fault, a 422).
+    public func role(_ id: UUID, referencedBy field: String? = nil) async throws -> Role {
         let rows = try await query("SELECT \(unescaped: roleColumns) FROM roles r WHERE r.id = \(id)")
-        guard let row = rows.first else { throw StoreError.notFound }
+        guard let row = rows.first else {
+            throw field.map { StoreError.unknownReference(field: $0, resource: "role") } ?? StoreError.notFound("role")
+        }
         return try decodeRole(row)
     }
 
-    /// The roles with these ids; throws `notFound` if any is missing from this organisation.
-    public func roles(_ ids: [UUID]) async throws -> [Role] {
+    /// The roles with these ids, which the request field `field` names; a missing one is that
+    /// field's fault (422).
+    public func roles(_ ids: [UUID], referencedBy field: String) async throws -> [Role] {
         let rows = try await query("SELECT \(unescaped: roleColumns) FROM roles r WHERE r.id = ANY(\(ids)::uuid[])")
         let roles = try rows.map(decodeRole)
-        guard Set(roles.map(\.id)) == Set(ids) else { throw StoreError.notFound }
+        guard Set(roles.map(\.id)) == Set(ids) else { throw StoreError.unknownReference(field: field, resource: "role") }
         return roles
     }
 
     /// The built-in role with this key.
     public func builtinRole(_ role: BuiltinRole) async throws -> Role {
         let rows = try await query("SELECT \(unescaped: roleColumns) FROM roles r WHERE r.key = \(role.rawValue) AND r.builtin")
-        guard let row = rows.first else { throw StoreError.notFound }
+        guard let row = rows.first else { throw StoreError.notFound("role") }
         return try decodeRole(row)
     }
 
@@ -52,7 +56,7 @@ extension TenantTransaction {
             WHERE id = \(id) AND NOT builtin
             RETURNING id
             """)
-        guard !rows.isEmpty else { throw StoreError.notFound }
+        guard !rows.isEmpty else { throw StoreError.notFound("role") }
         if let permissions { try await setRolePermissions(id, permissions) }
         return try await role(id)
     }
@@ -62,7 +66,7 @@ extension TenantTransaction {
     public func deleteRole(_ id: UUID) async throws {
         try await query("DELETE FROM api_keys WHERE role_id = \(id) AND revoked_at IS NOT NULL")
         let rows = try await query("DELETE FROM roles WHERE id = \(id) AND NOT builtin RETURNING id")
-        guard !rows.isEmpty else { throw StoreError.notFound }
+        guard !rows.isEmpty else { throw StoreError.notFound("role") }
     }
 
     /// Replaces a role's permissions.

@@ -52,7 +52,7 @@ extension TenantTransaction {
             """
             SELECT \(unescaped: userColumns) FROM users u WHERE u.id = \(id)
             """)
-        guard let row = rows.first else { throw StoreError.missing("user") }
+        guard let row = rows.first else { throw StoreError.notFound("user") }
         return try decodeUser(row)
     }
 
@@ -114,7 +114,7 @@ extension TenantTransaction {
             WHERE id = \(id)
             RETURNING id
             """)
-        guard !rows.isEmpty else { throw StoreError.notFound }
+        guard !rows.isEmpty else { throw StoreError.notFound("user") }
         return try await user(id)
     }
 
@@ -128,7 +128,7 @@ extension TenantTransaction {
             WHERE id = \(id)
             RETURNING id
             """)
-        guard !rows.isEmpty else { throw StoreError.notFound }
+        guard !rows.isEmpty else { throw StoreError.notFound("user") }
         if !active {
             try await query("UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = \(id) AND revoked_at IS NULL")
         }
@@ -162,7 +162,7 @@ extension TenantTransaction {
     /// Sets a new password hash.
     public func setPasswordHash(_ id: UUID, _ hash: String) async throws {
         let rows = try await query("UPDATE users SET password_hash = \(hash), updated_at = now() WHERE id = \(id) RETURNING id")
-        guard !rows.isEmpty else { throw StoreError.notFound }
+        guard !rows.isEmpty else { throw StoreError.notFound("user") }
     }
 }
 

@@ -101,10 +101,11 @@ final class TestEnvironment: Sendable {
         now: @escaping @Sendable () -> Date = { Date() },
         expectedMigrations: [Int] = TestEnvironment.migrationVersions,
         logger: Logger? = nil,
+        database: Database? = nil,
         configure: (inout AppConfiguration) -> Void = { _ in }
     ) throws -> some ApplicationProtocol {
         let dependencies = AppDependencies(
-            database: database, postgres: appClient, tokens: tokens, passwords: passwords,
+            database: database ?? self.database, postgres: appClient, tokens: tokens, passwords: passwords,
             expectedMigrations: expectedMigrations, linkKeys: TestEnvironment.linkKeys, now: now)
         let router = try buildRouter(configuration: configuration(configure), dependencies: dependencies)
         return Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)), logger: logger ?? self.logger)

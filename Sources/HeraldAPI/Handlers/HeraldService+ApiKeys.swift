@@ -5,13 +5,13 @@ import HeraldStore
 
 extension HeraldService {
     func listApiKeys(_ input: Operations.ListApiKeys.Input) async throws -> Operations.ListApiKeys.Output {
-        let (keys, org) = try await tenant("API key") { tx, principal in (try await tx.apiKeys(), principal.organisationID) }
+        let (keys, org) = try await tenant { tx, principal in (try await tx.apiKeys(), principal.organisationID) }
         return .ok(.init(body: .json(.init(items: keys.map { .init($0, organisationID: org) }))))
     }
 
     func getApiKey(_ input: Operations.GetApiKey.Input) async throws -> Operations.GetApiKey.Output {
         let id = try id(input.path.keyId, "API key")
-        let key = try await tenant("API key") { tx, principal in
+        let key = try await tenant { tx, principal in
             Components.Schemas.ApiKey(try await tx.apiKey(id), organisationID: principal.organisationID)
         }
         return .ok(.init(body: .json(key)))
@@ -20,19 +20,12 @@ extension HeraldService {
     /// The secret is in this answer only; the database keeps its SHA-256.
     func createApiKey(_ input: Operations.CreateApiKey.Input) async throws -> Operations.CreateApiKey.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let (name, roleID) = try validated { () throws(ValidationError) in
-            (try Validate.text(body.name, field: "name"), try Validate.uuid(body.roleId, field: "role_id"))
-        }
+        let (name, roleID) = try (try Validate.text(body.name, field: "name"), try Validate.uuid(body.roleId, field: "role_id"))
         if let expires = body.expiresAt, expires <= now() {
             throw APIError.unprocessable(ValidationError(field: "expires_at", message: "must be in the future."))
         }
-        let created = try await tenant("API key") { tx, principal in
-            let role: Role
-            do {
-                role = try await tx.role(roleID)
-            } catch StoreError.notFound {
-                throw APIError.unprocessable(ValidationError(field: "role_id", message: "names a role that does not exist in your organisation."))
-            }
+        let created = try await tenant { tx, principal in
+            let role = try await tx.role(roleID, referencedBy: "role_id")
             try requireHolds(role.permissions, principal)
             let token = OpaqueToken(kind: .apiKey, organisationID: principal.organisationID)
             let key = Components.Schemas.ApiKey(
@@ -48,7 +41,7 @@ extension HeraldService {
 
     func revokeApiKey(_ input: Operations.RevokeApiKey.Input) async throws -> Operations.RevokeApiKey.Output {
         let id = try id(input.path.keyId, "API key")
-        try await tenant("API key") { tx, principal in
+        try await tenant { tx, principal in
             let before = Components.Schemas.ApiKey(try await tx.apiKey(id), organisationID: principal.organisationID)
             guard before.revokedAt == nil else { return }
             let after = Components.Schemas.ApiKey(try await tx.revokeApiKey(id), organisationID: principal.organisationID)

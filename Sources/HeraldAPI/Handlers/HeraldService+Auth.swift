@@ -16,7 +16,7 @@ extension HeraldService {
         var credentials: UserCredentials?
         let organisationID = try await database.organisationID(slug: body.organisation.lowercased())
         if let organisationID {
-            credentials = try await database.withTenant(organisationID) { tx in try await tx.credentials(email: body.email) }
+            credentials = try await transaction(in: organisationID) { tx in try await tx.credentials(email: body.email) }
         }
         let hash = credentials?.passwordHash ?? decoyHash
         let passwordMatches = try await passwords.verify(body.password, against: hash)
@@ -26,7 +26,10 @@ extension HeraldService {
             throw refused
         }
         loginLimits.recordSuccess(account: account)
-        let pair = try await issuePair(organisationID: organisationID, userID: credentials.id, familyID: UUID())
+        // A second transaction: the password check (about 0.2 s of argon2) holds no connection.
+        let pair = try await transaction(in: organisationID, actor: .user(credentials.id)) { tx in
+            try await issuePair(tx, userID: credentials.id, familyID: UUID())
+        }
         return .ok(.init(body: .json(pair)))
     }
 
@@ -36,9 +39,9 @@ extension HeraldService {
         let refused = APIError.unauthorized("The refresh token is not valid.")
         guard let token = OpaqueToken(parsing: body.refreshToken, kind: .refresh) else { throw refused }
         let now = now()
-        enum Outcome: Sendable { case rotate(userID: UUID, familyID: UUID), reused, invalid }
-        // Decide and record in one transaction; a reuse must commit its revocation before refusing.
-        let outcome: Outcome = try await database.withTenant(token.organisationID, requestID: RequestScope.get().requestID) { tx in
+        enum Outcome: Sendable { case rotate(Components.Schemas.TokenPair), reused, invalid }
+        // Decide, record and issue in one transaction; a reuse must commit its revocation before refusing.
+        let outcome: Outcome = try await transaction(in: token.organisationID) { tx in
             guard let stored = try await tx.lockRefreshToken(token.id),
                   constantTimeEqual(stored.secretHash, token.secretHash) else { return .invalid }
             if stored.usedAt != nil {
@@ -48,7 +51,7 @@ extension HeraldService {
             guard stored.revokedAt == nil, stored.expiresAt > now,
                   try await tx.grant(forUser: stored.userID) != nil else { return .invalid }
             try await tx.markRefreshTokenUsed(stored.id, at: now)
-            return .rotate(userID: stored.userID, familyID: stored.familyID)
+            return .rotate(try await issuePair(tx, userID: stored.userID, familyID: stored.familyID))
         }
         switch outcome {
         case .invalid:
@@ -56,8 +59,7 @@ extension HeraldService {
         case .reused:
             try RequestScope.get().logger.warning("refresh token reused; family revoked", metadata: ["token_id": "\(token.id)"])
             throw refused
-        case .rotate(let userID, let familyID):
-            let pair = try await issuePair(organisationID: token.organisationID, userID: userID, familyID: familyID)
+        case .rotate(let pair):
             return .ok(.init(body: .json(pair)))
         }
     }
@@ -69,7 +71,7 @@ extension HeraldService {
             throw APIError.unauthorized("The refresh token is not valid.")
         }
         let now = now()
-        let revoked = try await database.withTenant(token.organisationID) { tx in
+        let revoked = try await transaction(in: token.organisationID) { tx in
             guard let stored = try await tx.lockRefreshToken(token.id),
                   constantTimeEqual(stored.secretHash, token.secretHash) else { return false }
             try await tx.revokeRefreshFamily(stored.familyID, at: now)
@@ -79,15 +81,13 @@ extension HeraldService {
         return .noContent(.init())
     }
 
-    /// A new access token and the next refresh token of `familyID`.
-    private func issuePair(organisationID: UUID, userID: UUID, familyID: UUID) async throws -> Components.Schemas.TokenPair {
+    /// A new access token and the next refresh token of `familyID`, recorded in `tx`.
+    private func issuePair(_ tx: TenantTransaction, userID: UUID, familyID: UUID) async throws -> Components.Schemas.TokenPair {
         let now = now()
-        let refresh = OpaqueToken(kind: .refresh, organisationID: organisationID)
-        try await database.withTenant(organisationID, actor: .user(userID)) { tx in
-            try await tx.insertRefreshToken(id: refresh.id, familyID: familyID, userID: userID, secretHash: refresh.secretHash,
-                                            expiresAt: now.addingTimeInterval(refreshTokenTTL))
-        }
-        let access = try await tokens.issueAccessToken(organisationID: organisationID, userID: userID, now: now)
+        let refresh = OpaqueToken(kind: .refresh, organisationID: tx.organisationID)
+        try await tx.insertRefreshToken(id: refresh.id, familyID: familyID, userID: userID, secretHash: refresh.secretHash,
+                                        expiresAt: now.addingTimeInterval(refreshTokenTTL))
+        let access = try await tokens.issueAccessToken(organisationID: tx.organisationID, userID: userID, now: now)
         return .init(accessToken: access, tokenType: .bearer, expiresIn: tokens.accessTTL,
                      refreshToken: refresh.text, refreshExpiresIn: Int(refreshTokenTTL))
     }

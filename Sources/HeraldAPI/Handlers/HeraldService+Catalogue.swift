@@ -7,20 +7,20 @@ extension HeraldService {
     // MARK: Categories
 
     func listCategories(_ input: Operations.ListCategories.Input) async throws -> Operations.ListCategories.Output {
-        let categories = try await tenant("category") { tx, _ in try await tx.categories() }
+        let categories = try await tenant { tx, _ in try await tx.categories() }
         return .ok(.init(body: .json(.init(items: categories.map(Components.Schemas.Category.init)))))
     }
 
     func getCategory(_ input: Operations.GetCategory.Input) async throws -> Operations.GetCategory.Output {
         let id = try id(input.path.categoryId, "category")
-        let category = try await tenant("category") { tx, _ in try await tx.category(id) }
+        let category = try await tenant { tx, _ in try await tx.category(id) }
         return .ok(.init(body: .json(.init(category))))
     }
 
     func createCategory(_ input: Operations.CreateCategory.Input) async throws -> Operations.CreateCategory.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let (key, name) = try validated { () throws(ValidationError) in (try Validate.key(body.key), try Validate.text(body.name, field: "name")) }
-        let created = try await tenant("category") { tx, _ in
+        let (key, name) = try (try Validate.key(body.key), try Validate.text(body.name, field: "name"))
+        let created = try await tenant { tx, _ in
             let category = Components.Schemas.Category(
                 try await tx.createCategory(key: key, name: name, description: body.description ?? "", critical: body.critical ?? false))
             try await tx.audit(action: "category.create", targetType: "category", targetID: category.id, before: nil, after: auditJSON(category))
@@ -32,8 +32,8 @@ extension HeraldService {
     func updateCategory(_ input: Operations.UpdateCategory.Input) async throws -> Operations.UpdateCategory.Output {
         let id = try id(input.path.categoryId, "category")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let name = try body.name.map { v in try validated { () throws(ValidationError) in try Validate.text(v, field: "name") } }
-        let updated = try await tenant("category") { tx, _ in
+        let name = try body.name.map { v in try Validate.text(v, field: "name") }
+        let updated = try await tenant { tx, _ in
             let before = Components.Schemas.Category(try await tx.category(id))
             let after = Components.Schemas.Category(try await tx.updateCategory(id, name: name, description: body.description, critical: body.critical))
             try await tx.audit(action: "category.update", targetType: "category", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
@@ -44,13 +44,9 @@ extension HeraldService {
 
     func deleteCategory(_ input: Operations.DeleteCategory.Input) async throws -> Operations.DeleteCategory.Output {
         let id = try id(input.path.categoryId, "category")
-        try await tenant("category") { tx, _ in
+        try await tenant { tx, _ in
             let before = Components.Schemas.Category(try await tx.category(id))
-            do {
-                try await tx.deleteCategory(id)
-            } catch StoreError.invalidReference {
-                throw APIError.conflict("Notification types or in-app notifications still use this category; move or delete them first.")
-            }
+            try await tx.deleteCategory(id)
             try await tx.audit(action: "category.delete", targetType: "category", targetID: before.id, before: auditJSON(before), after: nil)
         }
         return .noContent(.init())
@@ -59,20 +55,20 @@ extension HeraldService {
     // MARK: Notification types
 
     func listNotificationTypes(_ input: Operations.ListNotificationTypes.Input) async throws -> Operations.ListNotificationTypes.Output {
-        let types = try await tenant("notification type") { tx, _ in try await tx.notificationTypes() }
+        let types = try await tenant { tx, _ in try await tx.notificationTypes() }
         return .ok(.init(body: .json(.init(items: try types.map(Components.Schemas.NotificationType.init)))))
     }
 
     func getNotificationType(_ input: Operations.GetNotificationType.Input) async throws -> Operations.GetNotificationType.Output {
         let id = try id(input.path.typeId, "notification type")
-        let type = try await tenant("notification type") { tx, _ in try await tx.notificationType(id) }
+        let type = try await tenant { tx, _ in try await tx.notificationType(id) }
         return .ok(.init(body: .json(try .init(type))))
     }
 
     func createNotificationType(_ input: Operations.CreateNotificationType.Input) async throws -> Operations.CreateNotificationType.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let (key, name) = try validated { () throws(ValidationError) in (try Validate.typeKey(body.key), try Validate.text(body.name, field: "name")) }
-        let created = try await tenant("notification type") { tx, _ in
+        let (key, name) = try (try Validate.typeKey(body.key), try Validate.text(body.name, field: "name"))
+        let created = try await tenant { tx, _ in
             let category = try await categoryID(key: body.category, tx)
             let fields = NotificationTypeFields(
                 key: key, categoryID: category, name: name, description: body.description ?? "",
@@ -89,8 +85,8 @@ extension HeraldService {
     func updateNotificationType(_ input: Operations.UpdateNotificationType.Input) async throws -> Operations.UpdateNotificationType.Output {
         let id = try id(input.path.typeId, "notification type")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let name = try body.name.map { v in try validated { () throws(ValidationError) in try Validate.text(v, field: "name") } }
-        let updated = try await tenant("notification type") { tx, _ in
+        let name = try body.name.map { v in try Validate.text(v, field: "name") }
+        let updated = try await tenant { tx, _ in
             let existing = try await tx.notificationType(id)
             var fields = NotificationTypeFields(
                 key: existing.key, categoryID: existing.categoryID, name: name ?? existing.name,
@@ -109,13 +105,9 @@ extension HeraldService {
 
     func deleteNotificationType(_ input: Operations.DeleteNotificationType.Input) async throws -> Operations.DeleteNotificationType.Output {
         let id = try id(input.path.typeId, "notification type")
-        try await tenant("notification type") { tx, _ in
+        try await tenant { tx, _ in
             let before = try Components.Schemas.NotificationType(try await tx.notificationType(id))
-            do {
-                try await tx.deleteNotificationType(id)
-            } catch StoreError.invalidReference {
-                throw APIError.conflict("Events of this type exist; a type with history cannot be deleted.")
-            }
+            try await tx.deleteNotificationType(id)
             try await tx.audit(action: "notification_type.delete", targetType: "notification_type", targetID: before.id, before: auditJSON(before), after: nil)
         }
         return .noContent(.init())
@@ -126,13 +118,9 @@ extension HeraldService {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         let channel = try mapped(input.path.channel, to: NotificationChannel.self)
         let content = TemplateContent(subject: body.subject ?? "", body: body.body, html: body.html)
-        let locale = try validated { () throws(ValidationError) in
-            try TemplateRenderer.validate(content.subject, field: "subject")
-            try TemplateRenderer.validate(content.body, field: "body")
-            if let html = content.html { try TemplateRenderer.validate(html, field: "html") }
-            return try Validate.locale(input.path.locale)
-        }
-        let updated = try await tenant("notification type") { tx, _ in
+        try content.validate(at: nil)
+        let locale = try Validate.locale(input.path.locale)
+        let updated = try await tenant { tx, _ in
             try await tx.putTemplate(typeID: id, channel: channel, locale: locale, content: content)
             try await tx.audit(action: "template.put", targetType: "notification_type", targetID: id.lowercased, before: nil,
                                after: auditJSON(Components.Schemas.Template(channel: try mapped(channel), locale: locale,
@@ -146,7 +134,7 @@ extension HeraldService {
         let id = try id(input.path.typeId, "notification type")
         let channel = try mapped(input.path.channel, to: NotificationChannel.self)
         let locale = input.path.locale
-        try await tenant("notification type") { tx, _ in
+        try await tenant { tx, _ in
             if try await tx.deleteTemplate(typeID: id, channel: channel, locale: locale) {
                 try await tx.audit(action: "template.delete", targetType: "notification_type", targetID: id.lowercased,
                                    before: auditJSON(["channel": channel.rawValue, "locale": locale]), after: nil)
@@ -161,5 +149,15 @@ extension HeraldService {
             throw APIError.unprocessable(ValidationError(field: "category", message: "\"\(key)\" is not a category of your organisation."))
         }
         return category.id
+    }
+}
+
+extension TemplateContent {
+    /// Every part of the template parses (422 naming the part, under `at` when given).
+    func validate(at prefix: String?) throws(ValidationError) {
+        let field = { (part: String) in prefix.map { "\($0).\(part)" } ?? part }
+        try TemplateRenderer.validate(subject, field: field("subject"))
+        try TemplateRenderer.validate(body, field: field("body"))
+        if let html { try TemplateRenderer.validate(html, field: field("html")) }
     }
 }

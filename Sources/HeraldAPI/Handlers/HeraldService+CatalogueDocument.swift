@@ -6,14 +6,14 @@ import HeraldStore
 /// tenant's repository, applied in one transaction, idempotent.
 extension HeraldService {
     func exportCatalogue(_ input: Operations.ExportCatalogue.Input) async throws -> Operations.ExportCatalogue.Output {
-        let document = try await tenant("catalogue") { tx, _ in try await catalogueDocument(tx) }
+        let document = try await tenant { tx, _ in try await catalogueDocument(tx) }
         return .ok(.init(body: .json(document)))
     }
 
     func importCatalogue(_ input: Operations.ImportCatalogue.Input) async throws -> Operations.ImportCatalogue.Output {
         guard case .json(let document) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         let plan = try CataloguePlan(document)
-        let after = try await tenant("catalogue") { tx, principal in
+        let after = try await tenant { tx, principal in
             if document.preferenceDefaults != nil { try requireHolds([.organisationManage], principal) }
             let before = try await catalogueDocument(tx)
             let summary = try await apply(plan, document, tx)
@@ -113,10 +113,8 @@ private struct CataloguePlan {
         var categoryKeys = Set<String>()
         for (index, c) in document.categories.enumerated() {
             let field = "categories[\(index)]"
-            let item = try validated { () throws(ValidationError) in
-                CategoryItem(key: try Validate.key(c.key, field: "\(field).key"), name: try Validate.text(c.name, field: "\(field).name"),
-                             description: c.description ?? "", critical: c.critical ?? false)
-            }
+            let item = try CategoryItem(key: try Validate.key(c.key, field: "\(field).key"), name: try Validate.text(c.name, field: "\(field).name"),
+                         description: c.description ?? "", critical: c.critical ?? false)
             guard categoryKeys.insert(item.key).inserted else {
                 throw APIError.unprocessable(ValidationError(field: "\(field).key", message: "\"\(item.key)\" is named twice."))
             }
@@ -125,9 +123,7 @@ private struct CataloguePlan {
         var typeKeys = Set<String>()
         for (index, t) in document.types.enumerated() {
             let field = "types[\(index)]"
-            let (key, name) = try validated { () throws(ValidationError) in
-                (try Validate.typeKey(t.key, field: "\(field).key"), try Validate.text(t.name, field: "\(field).name"))
-            }
+            let (key, name) = try (try Validate.typeKey(t.key, field: "\(field).key"), try Validate.text(t.name, field: "\(field).name"))
             guard typeKeys.insert(key).inserted else {
                 throw APIError.unprocessable(ValidationError(field: "\(field).key", message: "\"\(key)\" is named twice."))
             }
@@ -135,12 +131,8 @@ private struct CataloguePlan {
             let templates = try (t.templates ?? []).enumerated().map { n, template in
                 let at = "\(field).templates[\(n)]"
                 let content = TemplateContent(subject: template.subject ?? "", body: template.body, html: template.html)
-                let locale = try validated { () throws(ValidationError) in
-                    try TemplateRenderer.validate(content.subject, field: "\(at).subject")
-                    try TemplateRenderer.validate(content.body, field: "\(at).body")
-                    if let html = content.html { try TemplateRenderer.validate(html, field: "\(at).html") }
-                    return try Validate.locale(template.locale, field: "\(at).locale")
-                }
+                try content.validate(at: at)
+                let locale = try Validate.locale(template.locale, field: "\(at).locale")
                 let channel = try mapped(template.channel, to: NotificationChannel.self)
                 guard seen.insert("\(channel.rawValue)|\(locale)").inserted else {
                     throw APIError.unprocessable(ValidationError(field: at, message: "names \(channel.rawValue) in \(locale) twice."))

@@ -5,13 +5,13 @@ import HeraldStore
 extension HeraldService {
     func listEndpoints(_ input: Operations.ListEndpoints.Input) async throws -> Operations.ListEndpoints.Output {
         let (limit, cursor) = try page(input.query.limit, input.query.cursor)
-        let page = try await tenant("endpoint") { tx, _ in try await tx.endpoints(limit: limit, after: cursor) }
+        let page = try await tenant { tx, _ in try await tx.endpoints(limit: limit, after: cursor) }
         return .ok(.init(body: .json(.init(items: try page.items.map { try .init($0) }, nextCursor: page.next?.encoded))))
     }
 
     func getEndpoint(_ input: Operations.GetEndpoint.Input) async throws -> Operations.GetEndpoint.Output {
         let id = try id(input.path.endpointId, "endpoint")
-        let endpoint = try await tenant("endpoint") { tx, _ in try await tx.endpoint(id) }
+        let endpoint = try await tenant { tx, _ in try await tx.endpoint(id) }
         return .ok(.init(body: .json(try .init(endpoint))))
     }
 
@@ -24,12 +24,10 @@ extension HeraldService {
             throw APIError.unprocessable(ValidationError(
                 field: "format", message: channel == .webhook ? "must be standard for a webhook." : "must be slack or mattermost for chat."))
         }
-        let (name, eventTypes) = try validated { () throws(ValidationError) in
-            (try Validate.text(body.name, field: "name"), try (body.eventTypes ?? []).map { v throws(ValidationError) in try Validate.typeKey(v, field: "event_types") })
-        }
+        let (name, eventTypes) = try (try Validate.text(body.name, field: "name"), try (body.eventTypes ?? []).map { v throws(ValidationError) in try Validate.typeKey(v, field: "event_types") })
         let url = try await vetted(body.url)
         let secret = channel == .webhook ? WebhookSecret.generate().string : nil
-        let created = try await tenant("endpoint") { tx, _ in
+        let created = try await tenant { tx, _ in
             let endpoint = try await tx.createEndpoint(channel: channel, format: format, name: name, url: url, eventTypes: eventTypes, secret: secret)
             try await tx.audit(action: "endpoint.create", targetType: "endpoint", targetID: endpoint.id.lowercased, before: nil,
                                after: auditJSON(Components.Schemas.Endpoint(endpoint)))
@@ -44,13 +42,13 @@ extension HeraldService {
         var url: String?
         if let given = body.url { url = try await vetted(given) }
         let fields = EndpointFields(
-            name: try body.name.map { name in try validated { () throws(ValidationError) in try Validate.text(name, field: "name") } },
+            name: try body.name.map { name in try Validate.text(name, field: "name") },
             url: url,
             eventTypes: try body.eventTypes.map { types in
-                try validated { () throws(ValidationError) in try types.map { v throws(ValidationError) in try Validate.typeKey(v, field: "event_types") } }
+                try types.map { v throws(ValidationError) in try Validate.typeKey(v, field: "event_types") }
             },
             enabled: body.enabled)
-        let endpoint = try await tenant("endpoint") { tx, _ in
+        let endpoint = try await tenant { tx, _ in
             let before = try await tx.endpoint(id)
             let after = try await tx.updateEndpoint(id, fields)
             try await tx.audit(action: "endpoint.update", targetType: "endpoint", targetID: id.lowercased,
@@ -62,7 +60,7 @@ extension HeraldService {
 
     func deleteEndpoint(_ input: Operations.DeleteEndpoint.Input) async throws -> Operations.DeleteEndpoint.Output {
         let id = try id(input.path.endpointId, "endpoint")
-        try await tenant("endpoint") { tx, _ in
+        try await tenant { tx, _ in
             let before = try await tx.endpoint(id)
             try await tx.deleteEndpoint(id)
             try await tx.audit(action: "endpoint.delete", targetType: "endpoint", targetID: id.lowercased,
@@ -79,7 +77,7 @@ extension HeraldService {
             throw APIError.unprocessable(ValidationError(field: "overlap_seconds", message: "must be 0 to 604800 (7 days)."))
         }
         let until = now().addingTimeInterval(TimeInterval(overlap))
-        let endpoint = try await tenant("endpoint") { tx, _ in
+        let endpoint = try await tenant { tx, _ in
             let before = try await tx.endpoint(id)
             // The endpoint's state, not the request, is in the way: 409, as for a cancelled event.
             guard before.channel == .webhook else {
@@ -96,7 +94,7 @@ extension HeraldService {
     /// The URL as given, once the destination guard accepts it (syntax, scheme, and every
     /// address its host resolves to). The worker checks again before each connection.
     private func vetted(_ url: String) async throws -> String {
-        _ = try validated { () throws(ValidationError) in try Validate.linkURL(url, field: "url") }
+        _ = try Validate.linkURL(url, field: "url")
         if case .failure(let refusal) = await destinations.vetInBackground(url: url) {
             throw APIError.unprocessable(ValidationError(field: "url", message: refusal.detail))
         }

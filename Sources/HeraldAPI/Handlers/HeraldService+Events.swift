@@ -17,7 +17,7 @@ extension HeraldService {
         let hash = try requestHash(body)
         let now = now()
         enum Outcome: Sendable { case created(EventRecord), replayed(EventRecord) }
-        let outcome: Outcome = try await tenant("event") { tx, _ in
+        let outcome: Outcome = try await tenant { tx, _ in
             if let key {
                 guard try await tx.lockIdempotencyKey(key) else {
                     throw APIError.conflict("A request with this Idempotency-Key is still being processed; retry later.")
@@ -54,15 +54,15 @@ extension HeraldService {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         let request = try eventRequest(body)
         try checkTimes(body)
-        let limit = try validated { () throws(ValidationError) in try PageSize.clamp(input.query.limit) }
-        let after = try input.query.cursor.map { c in try validated { () throws(ValidationError) in try PageCursor(encoded: c).id } }
-        let explanation = try await tenant("event") { tx, _ in try await dryRun(request, tx, limit: limit, after: after) }
+        let limit = try PageSize.clamp(input.query.limit)
+        let after = try input.query.cursor.map { c in try PageCursor(encoded: c).id }
+        let explanation = try await tenant { tx, _ in try await dryRun(request, tx, limit: limit, after: after) }
         return .ok(.init(body: .json(explanation)))
     }
 
     func listEvents(_ input: Operations.ListEvents.Input) async throws -> Operations.ListEvents.Output {
         let (limit, cursor) = try page(input.query.limit, input.query.cursor)
-        let page = try await tenant("event") { tx, _ in
+        let page = try await tenant { tx, _ in
             var typeID: UUID?
             if let key = input.query._type {
                 guard let type = try await tx.notificationType(key: key) else {
@@ -77,14 +77,14 @@ extension HeraldService {
 
     func getEvent(_ input: Operations.GetEvent.Input) async throws -> Operations.GetEvent.Output {
         let id = try id(input.path.eventId, "event")
-        let event = try await tenant("event") { tx, _ in try await tx.event(id) }
+        let event = try await tenant { tx, _ in try await tx.event(id) }
         return .ok(.init(body: .json(try .init(event))))
     }
 
     func cancelEvent(_ input: Operations.CancelEvent.Input) async throws -> Operations.CancelEvent.Output {
         let id = try id(input.path.eventId, "event")
         let now = now()
-        let cancellation = try await tenant("event") { tx, _ in
+        let cancellation = try await tenant { tx, _ in
             guard let stopped = try await tx.cancelEvent(id, now: now) else {
                 throw APIError.conflict("The event is already cancelled.")
             }
@@ -98,10 +98,10 @@ extension HeraldService {
 
     func explainEvent(_ input: Operations.ExplainEvent.Input) async throws -> Operations.ExplainEvent.Output {
         let id = try id(input.path.eventId, "event")
-        let limit = try validated { () throws(ValidationError) in try PageSize.clamp(input.query.limit) }
-        let after = try input.query.cursor.map { c in try validated { () throws(ValidationError) in try PageCursor(encoded: c).id } }
-        let user = try input.query.userId.map { v in try validated { () throws(ValidationError) in try Validate.uuid(v, field: "user_id") } }
-        let explanation = try await tenant("event") { tx, _ in
+        let limit = try PageSize.clamp(input.query.limit)
+        let after = try input.query.cursor.map { c in try PageCursor(encoded: c).id }
+        let user = try input.query.userId.map { v in try Validate.uuid(v, field: "user_id") }
+        let explanation = try await tenant { tx, _ in
             try await explanationOf(try await tx.event(id), tx, userID: user, limit: limit, after: after)
         }
         return .ok(.init(body: .json(explanation)))
@@ -109,11 +109,11 @@ extension HeraldService {
 
     /// The form admins ask for first: the latest event of a type explained, or a dry run to everyone.
     func debugNotifications(_ input: Operations.DebugNotifications.Input) async throws -> Operations.DebugNotifications.Output {
-        let limit = try validated { () throws(ValidationError) in try PageSize.clamp(input.query.limit) }
-        let after = try input.query.cursor.map { c in try validated { () throws(ValidationError) in try PageCursor(encoded: c).id } }
-        let user = try input.query.userId.map { v in try validated { () throws(ValidationError) in try Validate.uuid(v, field: "user_id") } }
+        let limit = try PageSize.clamp(input.query.limit)
+        let after = try input.query.cursor.map { c in try PageCursor(encoded: c).id }
+        let user = try input.query.userId.map { v in try Validate.uuid(v, field: "user_id") }
         let key = input.query.event
-        let explanation = try await tenant("notification type") { tx, _ in
+        let explanation = try await tenant { tx, _ in
             guard let type = try await tx.notificationType(key: key) else {
                 throw APIError.unprocessable(ValidationError(field: "event", message: "\"\(key)\" is not a notification type of your organisation."))
             }
@@ -189,22 +189,18 @@ extension HeraldService {
 
     /// Validates the body of notify (and of a dry run) into an engine request.
     private func eventRequest(_ body: Components.Schemas.EventCreate) throws -> EventRequest {
-        let audience = try validated { () throws(ValidationError) in
-            Audience(
-                userIDs: try (body.audience.userIds ?? []).map { v throws(ValidationError) in try Validate.uuid(v, field: "audience.user_ids") },
-                roleKeys: body.audience.roles ?? [], groupKeys: body.audience.groups ?? [], everyone: body.audience.everyone ?? false,
-                excludeUserIDs: try (body.audience.excludeUserIds ?? []).map { v throws(ValidationError) in try Validate.uuid(v, field: "audience.exclude_user_ids") })
-        }
+        let audience = try Audience(
+            userIDs: try (body.audience.userIds ?? []).map { v throws(ValidationError) in try Validate.uuid(v, field: "audience.user_ids") },
+            roleKeys: body.audience.roles ?? [], groupKeys: body.audience.groups ?? [], everyone: body.audience.everyone ?? false,
+            excludeUserIDs: try (body.audience.excludeUserIds ?? []).map { v throws(ValidationError) in try Validate.uuid(v, field: "audience.exclude_user_ids") })
         guard !audience.isEmpty else {
             throw APIError.unprocessable(ValidationError(field: "audience", message: "names nobody: give user_ids, roles, groups or everyone."))
         }
         if let deliverAt = body.deliverAt, let expiresAt = body.expiresAt, expiresAt <= deliverAt {
             throw APIError.unprocessable(ValidationError(field: "expires_at", message: "must be after deliver_at."))
         }
-        let url = try body.url.map { url in try validated { () throws(ValidationError) in try Validate.linkURL(url, field: "url") } }
-        let tags = try validated { () throws(ValidationError) in
-            try Array(Set(try (body.tags ?? []).map { v throws(ValidationError) in try Validate.tag(v) })).sorted()
-        }
+        let url = try body.url.map { url in try Validate.linkURL(url, field: "url") }
+        let tags = try Array(Set(try (body.tags ?? []).map { v throws(ValidationError) in try Validate.tag(v) })).sorted()
         return EventRequest(
             typeKey: body._type, audience: audience, payload: try convert(body.payload ?? .init()),
             sourceActor: try body.actor.map { try convert($0) }, subjectType: body.subject?._type, subjectID: body.subject?.id,

@@ -3,64 +3,65 @@ import HeraldCore
 import HeraldStore
 import Logging
 
-/// The in-app feed of the calling user. Every transaction here is opened with the user as
-/// `recipient`, so row-level security confines it to their rows; the statements check it too.
+/// The in-app feed of the calling user. `TenantBoundary` opens every transaction here with the
+/// user as `recipient`, so row-level security confines it to their rows; the statements check
+/// it too.
 extension HeraldService {
     func listMyNotifications(_ input: Operations.ListMyNotifications.Input) async throws -> Operations.ListMyNotifications.Output {
         let user = try requireUser()
         let q = input.query
-        let limit = try validated { () throws(ValidationError) in try PageSize.clamp(q.limit) }
-        let cursor = try q.cursor.map { c in try validated { () throws(ValidationError) in try FeedCursor(encoded: c) } }
+        let limit = try PageSize.clamp(q.limit)
+        let cursor = try q.cursor.map { c in try FeedCursor(encoded: c) }
         let filter = FeedFilter(
             typeKey: q._type, categoryKey: q.category, severity: try q.severity.map { try mapped($0, to: Severity.self) },
             priority: try q.priority.map { try mapped($0, to: Priority.self) }, read: q.read, archived: q.archived ?? false,
             since: q.since, search: q.q.flatMap { $0.trimmingCharacters(in: .whitespaces).isEmpty ? nil : $0 },
             tags: try q.tag.flatMap { tags in
-                try validated { () throws(ValidationError) in tags.isEmpty ? nil : try tags.map { v throws(ValidationError) in try Validate.tag(v, field: "tag") } }
+                try tags.isEmpty ? nil : try tags.map { v throws(ValidationError) in try Validate.tag(v, field: "tag") }
             })
         let now = now()
-        let page = try await feed(user) { tx in try await tx.feed(of: user, filter: filter, limit: limit, after: cursor, now: now) }
+        let page = try await tenant { tx, _ in try await tx.feed(of: user, filter: filter, limit: limit, after: cursor, now: now) }
         return .ok(.init(body: .json(.init(items: try page.items.map(Components.Schemas.FeedItem.init), nextCursor: page.next?.encoded))))
     }
 
     func getMyUnreadCount(_ input: Operations.GetMyUnreadCount.Input) async throws -> Operations.GetMyUnreadCount.Output {
         let user = try requireUser()
         let now = now()
-        let count = try await feed(user) { tx in try await tx.unreadCount(of: user, now: now) }
+        let count = try await tenant { tx, _ in try await tx.unreadCount(of: user, now: now) }
         return .ok(.init(body: .json(.init(total: count.total, byCategory: .init(additionalProperties: count.byCategory)))))
     }
 
     func getMyNotification(_ input: Operations.GetMyNotification.Input) async throws -> Operations.GetMyNotification.Output {
         let (user, id) = (try requireUser(), try id(input.path.notificationId, "notification"))
         let now = now()
-        let item = try await feed(user) { tx in try await tx.feedItem(id, of: user, now: now) }
+        let item = try await tenant { tx, _ in try await tx.feedItem(id, of: user, now: now) }
         return .ok(.init(body: .json(try .init(item))))
     }
 
     func markNotificationRead(_ input: Operations.MarkNotificationRead.Input) async throws -> Operations.MarkNotificationRead.Output {
         let (user, id) = (try requireUser(), try id(input.path.notificationId, "notification"))
         let now = now()
-        let item = try await feed(user) { tx in try await tx.setRead(id, of: user, read: true, now: now) }
+        let item = try await tenant { tx, _ in try await tx.setRead(id, of: user, read: true, now: now) }
         return .ok(.init(body: .json(try .init(item))))
     }
 
     func markNotificationUnread(_ input: Operations.MarkNotificationUnread.Input) async throws -> Operations.MarkNotificationUnread.Output {
         let (user, id) = (try requireUser(), try id(input.path.notificationId, "notification"))
         let now = now()
-        let item = try await feed(user) { tx in try await tx.setRead(id, of: user, read: false, now: now) }
+        let item = try await tenant { tx, _ in try await tx.setRead(id, of: user, read: false, now: now) }
         return .ok(.init(body: .json(try .init(item))))
     }
 
     func archiveNotification(_ input: Operations.ArchiveNotification.Input) async throws -> Operations.ArchiveNotification.Output {
         let (user, id) = (try requireUser(), try id(input.path.notificationId, "notification"))
         let now = now()
-        let item = try await feed(user) { tx in try await tx.archive(id, of: user, now: now) }
+        let item = try await tenant { tx, _ in try await tx.archive(id, of: user, now: now) }
         return .ok(.init(body: .json(try .init(item))))
     }
 
     func deleteMyNotification(_ input: Operations.DeleteMyNotification.Input) async throws -> Operations.DeleteMyNotification.Output {
         let (user, id) = (try requireUser(), try id(input.path.notificationId, "notification"))
-        try await feed(user) { tx in try await tx.deleteNotification(id, of: user) }
+        try await tenant { tx, _ in try await tx.deleteNotification(id, of: user) }
         return .noContent(.init())
     }
 
@@ -72,11 +73,9 @@ extension HeraldService {
             throw APIError.unprocessable(ValidationError(field: "body", message: "give either ids or \"all\": true."))
         }
         let all = body.all ?? false
-        let ids = try validated { () throws(ValidationError) in
-            try (body.ids ?? []).map { v throws(ValidationError) in try Validate.uuid(v, field: "ids") }
-        }
+        let ids = try (body.ids ?? []).map { v throws(ValidationError) in try Validate.uuid(v, field: "ids") }
         let now = now()
-        let count: Int? = try await feed(user) { tx in
+        let count: Int? = try await tenant { tx, _ in
             if all {
                 // Everything visible now: the largest UUID v7 of this millisecond.
                 try await tx.markAllRead(of: user, through: TimeOrderedID.upperBound(at: now))
@@ -89,35 +88,23 @@ extension HeraldService {
 
     func clearMyNotifications(_ input: Operations.ClearMyNotifications.Input) async throws -> Operations.ClearMyNotifications.Output {
         let user = try requireUser()
-        let count = try await feed(user) { tx in try await tx.clearFeed(of: user) }
+        let count = try await tenant { tx, _ in try await tx.clearFeed(of: user) }
         return .ok(.init(body: .json(.init(count: count))))
     }
 
     func getMyNotificationStats(_ input: Operations.GetMyNotificationStats.Input) async throws -> Operations.GetMyNotificationStats.Output {
         let user = try requireUser()
-        let stats = try await feed(user) { tx in try await tx.notificationStats(userID: user, since: input.query.since, until: input.query.until) }
+        let stats = try await tenant { tx, _ in try await tx.notificationStats(userID: user, since: input.query.since, until: input.query.until) }
         return .ok(.init(body: .json(.init(stats))))
     }
 
     func getNotificationStats(_ input: Operations.GetNotificationStats.Input) async throws -> Operations.GetNotificationStats.Output {
-        let user = try input.query.userId.map { v in try validated { () throws(ValidationError) in try Validate.uuid(v, field: "user_id") } }
-        let stats = try await tenant("user") { tx, _ in
+        let user = try input.query.userId.map { v in try Validate.uuid(v, field: "user_id") }
+        let stats = try await tenant { tx, _ in
             if let user { _ = try await tx.user(user) }
             return try await tx.notificationStats(userID: user, since: input.query.since, until: input.query.until)
         }
         return .ok(.init(body: .json(.init(stats))))
-    }
-
-    /// A transaction confined to the caller's organisation and, through row-level security, to
-    /// the caller's own in-app rows.
-    private func feed<Result: Sendable>(_ user: UUID, _ body: (TenantTransaction) async throws -> Result) async throws -> Result {
-        let scope = try RequestScope.get()
-        let principal = try scope.requirePrincipal()
-        do {
-            return try await database.withTenant(principal.organisationID, actor: principal.actor, requestID: scope.requestID, recipient: user, body)
-        } catch let error as StoreError {
-            throw APIError.from(error, resource: "notification")
-        }
     }
 }
 

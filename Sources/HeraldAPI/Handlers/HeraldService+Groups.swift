@@ -6,20 +6,20 @@ import HeraldStore
 extension HeraldService {
     func listGroups(_ input: Operations.ListGroups.Input) async throws -> Operations.ListGroups.Output {
         let (limit, cursor) = try page(input.query.limit, input.query.cursor)
-        let page = try await tenant("group") { tx, _ in try await tx.groups(limit: limit, after: cursor) }
+        let page = try await tenant { tx, _ in try await tx.groups(limit: limit, after: cursor) }
         return .ok(.init(body: .json(.init(items: page.items.map(Components.Schemas.Group.init), nextCursor: page.next?.encoded))))
     }
 
     func getGroup(_ input: Operations.GetGroup.Input) async throws -> Operations.GetGroup.Output {
         let id = try id(input.path.groupId, "group")
-        let group = try await tenant("group") { tx, _ in try await tx.group(id) }
+        let group = try await tenant { tx, _ in try await tx.group(id) }
         return .ok(.init(body: .json(.init(group))))
     }
 
     func createGroup(_ input: Operations.CreateGroup.Input) async throws -> Operations.CreateGroup.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let (key, name) = try validated { () throws(ValidationError) in (try Validate.key(body.key), try Validate.text(body.name, field: "name")) }
-        let created = try await tenant("group") { tx, _ in
+        let (key, name) = try (try Validate.key(body.key), try Validate.text(body.name, field: "name"))
+        let created = try await tenant { tx, _ in
             let group = Components.Schemas.Group(try await tx.createGroup(key: key, name: name, description: body.description ?? ""))
             try await tx.audit(action: "group.create", targetType: "group", targetID: group.id, before: nil, after: auditJSON(group))
             return group
@@ -30,8 +30,8 @@ extension HeraldService {
     func updateGroup(_ input: Operations.UpdateGroup.Input) async throws -> Operations.UpdateGroup.Output {
         let id = try id(input.path.groupId, "group")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let name = try body.name.map { v in try validated { () throws(ValidationError) in try Validate.text(v, field: "name") } }
-        let updated = try await tenant("group") { tx, _ in
+        let name = try body.name.map { v in try Validate.text(v, field: "name") }
+        let updated = try await tenant { tx, _ in
             let before = Components.Schemas.Group(try await tx.group(id))
             let after = Components.Schemas.Group(try await tx.updateGroup(id, name: name, description: body.description))
             try await tx.audit(action: "group.update", targetType: "group", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
@@ -42,7 +42,7 @@ extension HeraldService {
 
     func deleteGroup(_ input: Operations.DeleteGroup.Input) async throws -> Operations.DeleteGroup.Output {
         let id = try id(input.path.groupId, "group")
-        try await tenant("group") { tx, _ in
+        try await tenant { tx, _ in
             let before = Components.Schemas.Group(try await tx.group(id))
             try await tx.deleteGroup(id)
             try await tx.audit(action: "group.delete", targetType: "group", targetID: before.id, before: auditJSON(before), after: nil)
@@ -53,7 +53,7 @@ extension HeraldService {
     func listGroupMembers(_ input: Operations.ListGroupMembers.Input) async throws -> Operations.ListGroupMembers.Output {
         let id = try id(input.path.groupId, "group")
         let (limit, cursor) = try page(input.query.limit, input.query.cursor)
-        let page = try await tenant("group") { tx, _ in try await tx.groupMembers(id, limit: limit, after: cursor) }
+        let page = try await tenant { tx, _ in try await tx.groupMembers(id, limit: limit, after: cursor) }
         return .ok(.init(body: .json(.init(items: try page.items.map(Components.Schemas.User.init), nextCursor: page.next?.encoded))))
     }
 
@@ -70,7 +70,7 @@ extension HeraldService {
     private func changeMembership(group rawGroup: String, user rawUser: String, add: Bool) async throws {
         let groupID = try id(rawGroup, "group")
         let userID = try id(rawUser, "user")
-        try await tenant("group") { tx, _ in
+        try await tenant { tx, _ in
             let changed = add ? try await tx.addGroupMember(groupID, userID) : try await tx.removeGroupMember(groupID, userID)
             if changed {
                 try await tx.audit(action: add ? "group.member.add" : "group.member.remove", targetType: "group",

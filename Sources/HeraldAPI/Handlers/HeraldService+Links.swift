@@ -4,22 +4,22 @@ import HeraldStore
 import OpenAPIRuntime
 
 /// Signed links in messages. No login: the token (HMAC with a key id, scope and expiry) is the
-/// credential, and it names the organisation, so each request runs in that organisation's
-/// context as the user the message went to. Any bad token is the same 404.
+/// credential, and it names the organisation, so `TenantBoundary` runs each request in that
+/// organisation's context as the user the message went to. Any bad token is the same 404.
 extension HeraldService {
     func followLink(_ input: Operations.FollowLink.Input) async throws -> Operations.FollowLink.Output {
-        let claims = try verify(input.path.token, scope: .click)
+        let claims = try verifiedLink()
         guard let deliveryID = claims.deliveryID else { throw APIError.notFound(resource: "link") }
-        let click = try await linkTenant(claims) { tx in try await tx.recordClick(deliveryID: deliveryID, userID: claims.userID) }
+        let click = try await transaction { tx in try await tx.recordClick(deliveryID: deliveryID, userID: claims.userID) }
         guard let url = click.url else { throw APIError.notFound(resource: "link") }
         return .found(.init(headers: .init(location: url)))
     }
 
     /// Changes nothing: mail scanners and link previews follow GET links.
     func showUnsubscribe(_ input: Operations.ShowUnsubscribe.Input) async throws -> Operations.ShowUnsubscribe.Output {
-        let claims = try verify(input.path.token, scope: .unsubscribe)
+        let claims = try verifiedLink()
         let (category, channel) = try await unsubscribeTarget(claims)
-        let name = try await linkTenant(claims) { tx in try await tx.category(category).name }
+        let name = try await transaction { tx in try await tx.category(category).name }
         let page = """
             <!doctype html><html lang="en"><head><meta charset="utf-8"><title>Unsubscribe</title></head><body>
             <p>Stop receiving <strong>\(htmlEscaped(name))</strong> notifications by \(channel.rawValue)?</p>
@@ -32,12 +32,12 @@ extension HeraldService {
     /// RFC 8058 one-click: the body must say `List-Unsubscribe=One-Click`; no cookies, no login,
     /// 200 without a redirect.
     func unsubscribe(_ input: Operations.Unsubscribe.Input) async throws -> Operations.Unsubscribe.Output {
-        let claims = try verify(input.path.token, scope: .unsubscribe)
+        let claims = try verifiedLink()
         guard case .urlEncodedForm(let form) = input.body, form.listUnsubscribe == .oneClick else {
             throw APIError.badRequest("The body must be List-Unsubscribe=One-Click (RFC 8058).")
         }
         let (category, channel) = try await unsubscribeTarget(claims)
-        let name = try await linkTenant(claims) { tx in
+        let name = try await transaction { tx in
             let before = try await tx.unsubscribe(userID: claims.userID, categoryID: category, channel: channel)
             try await tx.audit(
                 action: "preference.unsubscribe", targetType: "user", targetID: claims.userID.lowercased,
@@ -54,8 +54,10 @@ extension HeraldService {
         return .ok(.init(body: .html(HTTPBody(page))))
     }
 
-    private func verify(_ token: String, scope: LinkScope) throws -> LinkClaims {
-        guard let claims = linkKeys.verify(token, scope: scope, now: now()) else { throw APIError.notFound(resource: "link") }
+    /// The link's claims, verified by `TenantBoundary` (which also opened the transaction in
+    /// the link's organisation, acting as the user the message went to).
+    private func verifiedLink() throws -> LinkClaims {
+        guard let claims = try RequestScope.get().link else { throw APIError.notFound(resource: "link") }
         return claims
     }
 
@@ -64,19 +66,6 @@ extension HeraldService {
             throw APIError.notFound(resource: "link")
         }
         return (category, channel)
-    }
-
-    /// A transaction in the link's organisation, acting as the user the message went to.
-    private func linkTenant<Result: Sendable>(_ claims: LinkClaims, _ body: (TenantTransaction) async throws -> Result) async throws -> Result {
-        do {
-            return try await database.withTenant(claims.organisationID, actor: .user(claims.userID), requestID: RequestScope.current?.requestID) { tx in
-                try await body(tx)
-            }
-        } catch StoreError.notFound {
-            throw APIError.notFound(resource: "link")
-        } catch StoreError.missing {
-            throw APIError.notFound(resource: "link")
-        }
     }
 }
 

@@ -5,27 +5,25 @@ import HeraldCore
 
 extension HeraldService {
     func getOrganisation(_ input: Operations.GetOrganisation.Input) async throws -> Operations.GetOrganisation.Output {
-        let organisation = try await tenant("organisation") { tx, _ in try await tx.organisation() }
+        let organisation = try await tenant { tx, _ in try await tx.organisation() }
         return .ok(.init(body: .json(.init(organisation))))
     }
 
     func updateOrganisation(_ input: Operations.UpdateOrganisation.Input) async throws -> Operations.UpdateOrganisation.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let name = try body.name.map { name in try validated { () throws(ValidationError) in try Validate.text(name, field: "name") } }
-        let locale = try body.defaultLocale.map { v in try validated { () throws(ValidationError) in try Validate.locale(v, field: "default_locale") } }
+        let name = try body.name.map { name in try Validate.text(name, field: "name") }
+        let locale = try body.defaultLocale.map { v in try Validate.locale(v, field: "default_locale") }
         if let throttle = body.throttlePerMinute, !(0...100_000).contains(throttle) {
             throw APIError.unprocessable(ValidationError(field: "throttle_per_minute", message: "must be between 0 (off) and 100000."))
         }
         if let throttle = body.userThrottlePerMinute, !(0...100_000).contains(throttle) {
             throw APIError.unprocessable(ValidationError(field: "user_throttle_per_minute", message: "must be between 0 (off) and 100000."))
         }
-        let timezone = try body.defaultTimezone.map { v in try validated { () throws(ValidationError) in try Validate.timezone(v, field: "default_timezone") } }
-        let (from, replyTo) = try validated { () throws(ValidationError) in
-            (try body.emailFrom.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.emailAddress(v, field: "email_from") },
-             try body.emailReplyTo.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.emailAddress(v, field: "email_reply_to") })
-        }
-        let fromName = try body.emailFromName.map { v in try validated { () throws(ValidationError) in v.isEmpty ? v : try Validate.text(v, field: "email_from_name") } }
-        let updated = try await tenant("organisation") { tx, _ in
+        let timezone = try body.defaultTimezone.map { v in try Validate.timezone(v, field: "default_timezone") }
+        let (from, replyTo) = try (try body.emailFrom.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.emailAddress(v, field: "email_from") },
+         try body.emailReplyTo.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.emailAddress(v, field: "email_reply_to") })
+        let fromName = try body.emailFromName.map { v in try v.isEmpty ? v : try Validate.text(v, field: "email_from_name") }
+        let updated = try await tenant { tx, _ in
             let before = Components.Schemas.Organisation(try await tx.organisation())
             if let throttle = body.throttlePerMinute { try await tx.setThrottle(perMinute: throttle) }
             if let throttle = body.userThrottlePerMinute { try await tx.setUserThrottle(perMinute: throttle) }

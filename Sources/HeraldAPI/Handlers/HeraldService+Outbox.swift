@@ -7,26 +7,24 @@ extension HeraldService {
     func listDeliveries(_ input: Operations.ListDeliveries.Input) async throws -> Operations.ListDeliveries.Output {
         let q = input.query
         let (limit, cursor) = try page(q.limit, q.cursor)
-        let filter = try validated { () throws(ValidationError) in
-            DeliveryFilter(
-                status: q.status?.rawValue, channel: q.channel?.rawValue,
-                userID: try q.userId.map { v throws(ValidationError) in try Validate.uuid(v, field: "user_id") },
-                eventID: try q.eventId.map { v throws(ValidationError) in try Validate.uuid(v, field: "event_id") }, since: q.since)
-        }
-        let page = try await tenant("delivery") { tx, _ in try await tx.deliveries(filter, limit: limit, after: cursor) }
+        let filter = try DeliveryFilter(
+            status: q.status?.rawValue, channel: q.channel?.rawValue,
+            userID: try q.userId.map { v throws(ValidationError) in try Validate.uuid(v, field: "user_id") },
+            eventID: try q.eventId.map { v throws(ValidationError) in try Validate.uuid(v, field: "event_id") }, since: q.since)
+        let page = try await tenant { tx, _ in try await tx.deliveries(filter, limit: limit, after: cursor) }
         return .ok(.init(body: .json(.init(items: try page.items.map { try .init($0, attempts: nil) }, nextCursor: page.next?.encoded))))
     }
 
     func getDeliveryStats(_ input: Operations.GetDeliveryStats.Input) async throws -> Operations.GetDeliveryStats.Output {
         let now = now()
-        let stats = try await tenant("delivery") { tx, _ in try await tx.outboxStats(now: now) }
+        let stats = try await tenant { tx, _ in try await tx.outboxStats(now: now) }
         return .ok(.init(body: .json(.init(byStatus: .init(additionalProperties: stats.byStatus), byChannel: .init(additionalProperties: stats.byChannel),
                                            oldestPendingAgeSeconds: stats.oldestPendingAge))))
     }
 
     func getDelivery(_ input: Operations.GetDelivery.Input) async throws -> Operations.GetDelivery.Output {
         let id = try id(input.path.deliveryId, "delivery")
-        let delivery = try await tenant("delivery") { tx, _ in
+        let delivery = try await tenant { tx, _ in
             try Components.Schemas.Delivery(try await tx.delivery(id), attempts: try await tx.deliveryAttempts(id))
         }
         return .ok(.init(body: .json(delivery)))
@@ -34,7 +32,7 @@ extension HeraldService {
 
     func retryDelivery(_ input: Operations.RetryDelivery.Input) async throws -> Operations.RetryDelivery.Output {
         let id = try id(input.path.deliveryId, "delivery")
-        let delivery = try await tenant("delivery") { tx, _ in
+        let delivery = try await tenant { tx, _ in
             let before = try await tx.delivery(id)
             guard let after = try await tx.retryDelivery(id) else {
                 throw APIError.conflict("Only a FAILED, DEAD or CANCELLED delivery of an event that is not cancelled, with fewer than 100 attempts, can be retried; this one is \(before.status).")
@@ -48,7 +46,7 @@ extension HeraldService {
 
     func cancelDelivery(_ input: Operations.CancelDelivery.Input) async throws -> Operations.CancelDelivery.Output {
         let id = try id(input.path.deliveryId, "delivery")
-        let delivery = try await tenant("delivery") { tx, _ in
+        let delivery = try await tenant { tx, _ in
             let before = try await tx.delivery(id)
             guard let after = try await tx.cancelDelivery(id) else {
                 throw APIError.conflict("Only a PENDING or FAILED delivery can be cancelled; this one is \(before.status).")

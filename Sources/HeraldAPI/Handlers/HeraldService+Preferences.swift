@@ -5,7 +5,7 @@ import Logging
 
 extension HeraldService {
     func getPreferenceDefaults(_ input: Operations.GetPreferenceDefaults.Input) async throws -> Operations.GetPreferenceDefaults.Output {
-        let list = try await tenant("organisation") { tx, _ in
+        let list = try await tenant { tx, _ in
             try await preferenceList(try await tx.preferenceDefaults(), tx)
         }
         return .ok(.init(body: .json(list)))
@@ -13,7 +13,7 @@ extension HeraldService {
 
     func replacePreferenceDefaults(_ input: Operations.ReplacePreferenceDefaults.Input) async throws -> Operations.ReplacePreferenceDefaults.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let list = try await tenant("organisation") { tx, _ in
+        let list = try await tenant { tx, _ in
             let before = try await preferenceList(try await tx.preferenceDefaults(), tx)
             try await tx.replacePreferenceDefaults(with: try await cells(body, tx))
             let after = try await preferenceList(try await tx.preferenceDefaults(), tx)
@@ -26,7 +26,7 @@ extension HeraldService {
 
     func getMyPreferences(_ input: Operations.GetMyPreferences.Input) async throws -> Operations.GetMyPreferences.Output {
         let user = try requireUser()
-        let list = try await tenant("user") { tx, _ in try await preferenceList(try await tx.preferences(ofUser: user), tx) }
+        let list = try await tenant { tx, _ in try await preferenceList(try await tx.preferences(ofUser: user), tx) }
         return .ok(.init(body: .json(list)))
     }
 
@@ -41,7 +41,7 @@ extension HeraldService {
 
     func getUserPreferences(_ input: Operations.GetUserPreferences.Input) async throws -> Operations.GetUserPreferences.Output {
         let id = try id(input.path.userId, "user")
-        let list = try await tenant("user") { tx, _ in
+        let list = try await tenant { tx, _ in
             _ = try await tx.user(id)
             return try await preferenceList(try await tx.preferences(ofUser: id), tx)
         }
@@ -71,7 +71,7 @@ extension HeraldService {
     }
 
     private func replacePreferences(of userID: UUID, _ body: Components.Schemas.PreferenceList) async throws -> Components.Schemas.PreferenceList {
-        try await tenant("user") { tx, principal in
+        try await tenant { tx, principal in
             _ = try await tx.user(userID)
             // An admin changing someone else's settings needs every permission that user holds.
             if principal.actor.userID != userID {
@@ -89,7 +89,7 @@ extension HeraldService {
     /// Every category × channel with its effective value and source. With a type, its default
     /// channels decide the type default; without, a category defaults to in-app only.
     private func resolvedPreferences(of userID: UUID, typeKey: String?) async throws -> Components.Schemas.ResolvedPreferences {
-        try await tenant("user") { tx, _ in
+        try await tenant { tx, _ in
             _ = try await tx.user(userID)
             var typeChannels: Set<NotificationChannel> = [.inApp]
             var categories = try await tx.categories()
@@ -144,9 +144,7 @@ extension HeraldService {
                 throw APIError.unprocessable(ValidationError(field: field, message: "lists \(item.category) × \(item.channel.rawValue) twice."))
             }
             let conditions: [Condition] = try convert(item.conditions ?? [])
-            try validated { () throws(ValidationError) in
-                for (n, condition) in conditions.enumerated() { try condition.validate(field: "\(field).conditions[\(n)]") }
-            }
+            for (n, condition) in conditions.enumerated() { try condition.validate(field: "\(field).conditions[\(n)]") }
             return PreferenceCell(
                 categoryID: category, channel: try mapped(item.channel, to: NotificationChannel.self),
                 setting: PreferenceSetting(enabled: item.enabled, frequency: try mapped(item.frequency, to: Frequency.self), conditions: conditions))

@@ -5,23 +5,21 @@ import HeraldStore
 
 extension HeraldService {
     func listRoles(_ input: Operations.ListRoles.Input) async throws -> Operations.ListRoles.Output {
-        let roles = try await tenant("role") { tx, _ in try await tx.roles() }
+        let roles = try await tenant { tx, _ in try await tx.roles() }
         return .ok(.init(body: .json(.init(items: roles.map(Components.Schemas.Role.init)))))
     }
 
     func getRole(_ input: Operations.GetRole.Input) async throws -> Operations.GetRole.Output {
         let id = try id(input.path.roleId, "role")
-        let role = try await tenant("role") { tx, _ in try await tx.role(id) }
+        let role = try await tenant { tx, _ in try await tx.role(id) }
         return .ok(.init(body: .json(.init(role))))
     }
 
     func createRole(_ input: Operations.CreateRole.Input) async throws -> Operations.CreateRole.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let (key, name, permissions) = try validated { () throws(ValidationError) in
-            (try Validate.key(body.key), try Validate.text(body.name, field: "name"), try Validate.permissions(body.permissions))
-        }
+        let (key, name, permissions) = try (try Validate.key(body.key), try Validate.text(body.name, field: "name"), try Validate.permissions(body.permissions))
         let description = body.description ?? ""
-        let created = try await tenant("role") { tx, principal in
+        let created = try await tenant { tx, principal in
             try requireHolds(permissions, principal)
             let role = Components.Schemas.Role(try await tx.createRole(key: key, name: name, description: description, permissions: permissions))
             try await tx.audit(action: "role.create", targetType: "role", targetID: role.id, before: nil, after: auditJSON(role))
@@ -33,9 +31,9 @@ extension HeraldService {
     func updateRole(_ input: Operations.UpdateRole.Input) async throws -> Operations.UpdateRole.Output {
         let id = try id(input.path.roleId, "role")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let name = try body.name.map { v in try validated { () throws(ValidationError) in try Validate.text(v, field: "name") } }
-        let permissions = try body.permissions.map { v in try validated { () throws(ValidationError) in try Validate.permissions(v) } }
-        let updated = try await tenant("role") { tx, principal in
+        let name = try body.name.map { v in try Validate.text(v, field: "name") }
+        let permissions = try body.permissions.map { v in try Validate.permissions(v) }
+        let updated = try await tenant { tx, principal in
             let existing = try await tx.role(id)
             guard !existing.builtin else { throw APIError.conflict("Built-in roles cannot be changed; create a custom role instead.") }
             if let permissions {
@@ -52,15 +50,11 @@ extension HeraldService {
 
     func deleteRole(_ input: Operations.DeleteRole.Input) async throws -> Operations.DeleteRole.Output {
         let id = try id(input.path.roleId, "role")
-        try await tenant("role") { tx, principal in
+        try await tenant { tx, principal in
             let existing = try await tx.role(id)
             guard !existing.builtin else { throw APIError.conflict("Built-in roles cannot be deleted.") }
             try requireHolds(existing.permissions, principal)
-            do {
-                try await tx.deleteRole(id)
-            } catch StoreError.invalidReference {
-                throw APIError.conflict("A live API key holds this role; revoke the key first.")
-            }
+            try await tx.deleteRole(id)
             try await tx.audit(action: "role.delete", targetType: "role", targetID: id.lowercased,
                                before: auditJSON(Components.Schemas.Role(existing)), after: nil)
         }

@@ -7,7 +7,7 @@ extension HeraldService {
     func listUsers(_ input: Operations.ListUsers.Input) async throws -> Operations.ListUsers.Output {
         let (limit, cursor) = try page(input.query.limit, input.query.cursor)
         let search = input.query.q.flatMap { $0.isEmpty ? nil : $0 }
-        let page = try await tenant("user") { tx, _ in
+        let page = try await tenant { tx, _ in
             try await tx.users(search: search, active: input.query.active, limit: limit, after: cursor)
         }
         return .ok(.init(body: .json(.init(items: try page.items.map(Components.Schemas.User.init), nextCursor: page.next?.encoded))))
@@ -15,19 +15,17 @@ extension HeraldService {
 
     func createUser(_ input: Operations.CreateUser.Input) async throws -> Operations.CreateUser.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        var new = try validated { () throws(ValidationError) in
-            NewUser(
-                email: try Validate.emailAddress(body.email),
-                displayName: try Validate.text(body.displayName, field: "display_name"),
-                locale: try body.locale.map { v throws(ValidationError) in try Validate.locale(v) },
-                timezone: try body.timezone.map { v throws(ValidationError) in try Validate.timezone(v) })
-        }
+        var new = try NewUser(
+            email: try Validate.emailAddress(body.email),
+            displayName: try Validate.text(body.displayName, field: "display_name"),
+            locale: try body.locale.map { v throws(ValidationError) in try Validate.locale(v) },
+            timezone: try body.timezone.map { v throws(ValidationError) in try Validate.timezone(v) })
         if let attributes = body.attributes { new.attributesJSON = try encodeJSON(attributes) }
         if let password = body.password {
-            let checked = try validated { () throws(ValidationError) in try Validate.password(password) }
+            let checked = try Validate.password(password)
             new.passwordHash = try await passwords.hash(checked)
         }
-        let created = try await tenant("user") { tx, _ in
+        let created = try await tenant { tx, _ in
             let user = try Components.Schemas.User(try await tx.createUser(new))
             try await tx.audit(action: "user.create", targetType: "user", targetID: user.id, before: nil, after: auditJSON(user))
             return user
@@ -37,23 +35,21 @@ extension HeraldService {
 
     func getUser(_ input: Operations.GetUser.Input) async throws -> Operations.GetUser.Output {
         let id = try id(input.path.userId, "user")
-        let user = try await tenant("user") { tx, _ in try Components.Schemas.User(try await tx.user(id)) }
+        let user = try await tenant { tx, _ in try Components.Schemas.User(try await tx.user(id)) }
         return .ok(.init(body: .json(user)))
     }
 
     func updateUser(_ input: Operations.UpdateUser.Input) async throws -> Operations.UpdateUser.Output {
         let id = try id(input.path.userId, "user")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        var change = try validated { () throws(ValidationError) in
-            UserChange(
-                email: try body.email.map { v throws(ValidationError) in try Validate.emailAddress(v) },
-                displayName: try body.displayName.map { v throws(ValidationError) in try Validate.text(v, field: "display_name") },
-                // An empty string clears the field, so the organisation default applies.
-                locale: try body.locale.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.locale(v) },
-                timezone: try body.timezone.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.timezone(v) })
-        }
+        var change = try UserChange(
+            email: try body.email.map { v throws(ValidationError) in try Validate.emailAddress(v) },
+            displayName: try body.displayName.map { v throws(ValidationError) in try Validate.text(v, field: "display_name") },
+            // An empty string clears the field, so the organisation default applies.
+            locale: try body.locale.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.locale(v) },
+            timezone: try body.timezone.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.timezone(v) })
         if let attributes = body.attributes { change.attributesJSON = try encodeJSON(attributes) }
-        let updated = try await tenant("user") { tx, principal in
+        let updated = try await tenant { tx, principal in
             let before = try Components.Schemas.User(try await tx.user(id))
             try requireHolds(try await tx.permissions(ofUser: id).filter { !$0.concernsOnlyTheHolder }, principal)
             let after = try Components.Schemas.User(try await tx.updateUser(id, change))
@@ -73,7 +69,7 @@ extension HeraldService {
 
     private func setActive(_ rawID: String, _ active: Bool) async throws -> Components.Schemas.User {
         let id = try id(rawID, "user")
-        return try await tenant("user") { tx, principal in
+        return try await tenant { tx, principal in
             if !active, principal.actor.userID == id {
                 throw APIError.conflict("You cannot deactivate yourself.")
             }
@@ -91,20 +87,13 @@ extension HeraldService {
     func setUserRoles(_ input: Operations.SetUserRoles.Input) async throws -> Operations.SetUserRoles.Output {
         let id = try id(input.path.userId, "user")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let roleIDs = try validated { () throws(ValidationError) in
-            try Array(Set(body.roleIds.map { v throws(ValidationError) in try Validate.uuid(v, field: "role_ids") }))
-        }
-        let updated = try await tenant("user") { tx, principal in
+        let roleIDs = try Array(Set(body.roleIds.map { v throws(ValidationError) in try Validate.uuid(v, field: "role_ids") }))
+        let updated = try await tenant { tx, principal in
             let before = try Components.Schemas.User(try await tx.user(id))
-            let roles: [Role]
-            do {
-                roles = try await tx.roles(roleIDs)
-            } catch StoreError.notFound {
-                throw APIError.unprocessable(ValidationError(field: "role_ids", message: "names a role that does not exist in your organisation."))
-            }
+            let roles = try await tx.roles(roleIDs, referencedBy: "role_ids")
             // Granting (or taking away) a role needs every permission it carries.
             let removed = before.roles.compactMap { UUID(uuidString: $0.id) }.filter { !roleIDs.contains($0) }
-            let removedRoles = try await tx.roles(removed)
+            let removedRoles = try await tx.roles(removed, referencedBy: "role_ids")
             try requireHolds(roles.reduce(into: Set()) { $0.formUnion($1.permissions) }, principal)
             try requireHolds(removedRoles.reduce(into: Set()) { $0.formUnion($1.permissions) }, principal)
             let after = try Components.Schemas.User(try await tx.setUserRoles(id, roleIDs))

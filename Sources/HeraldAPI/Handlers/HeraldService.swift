@@ -24,26 +24,35 @@ struct HeraldService: APIProtocol {
     let destinations: DestinationGuard
     let now: @Sendable () -> Date
 
-    /// Runs `body` in a transaction confined to the caller's organisation, acting as the caller.
-    /// Store errors become API errors here; `resource` names what a missing id was.
-    func tenant<Result: Sendable>(
-        _ resource: String,
-        _ body: (TenantTransaction, Principal) async throws -> Result
-    ) async throws -> Result {
+    /// Runs `body` in the request's one tenant transaction (opened by `TenantBoundary` in the
+    /// caller's organisation, acting as the caller), with the caller's principal.
+    func tenant<Result>(_ body: (TenantTransaction, Principal) async throws -> Result) async throws -> Result {
         let scope = try RequestScope.get()
         let principal = try scope.requirePrincipal()
-        do {
-            return try await database.withTenant(principal.organisationID, actor: principal.actor, requestID: scope.requestID) { tx in
-                try await body(tx, principal)
-            }
-        } catch let error as StoreError {
-            throw APIError.from(error, resource: resource)
+        return try await transaction { tx in try await body(tx, principal) }
+    }
+
+    /// Runs `body` in the request's one tenant transaction (a credential's or a signed link's).
+    func transaction<Result>(_ body: (TenantTransaction) async throws -> Result) async throws -> Result {
+        let scope = try RequestScope.get()
+        guard let loan = scope.transaction else {
+            scope.logger.critical("an operation without a credential asked for its transaction")
+            throw APIError.internalError
         }
+        return try await loan.run(body)
+    }
+
+    /// A transaction for a credential that arrives in the body (a login, a refresh token),
+    /// which the boundary cannot read before the operation decodes it.
+    func transaction<Result: Sendable>(
+        in organisationID: UUID, actor: Actor = .system, _ body: (TenantTransaction) async throws -> Result
+    ) async throws -> Result {
+        try await database.withTenant(organisationID, actor: actor, requestID: RequestScope.current?.requestID, body)
     }
 
     /// A page size and a cursor from the query, validated (422 for either out of range).
     func page(_ limit: Int?, _ cursor: String?) throws -> (Int, PageCursor?) {
-        try validated { () throws(ValidationError) in (try PageSize.clamp(limit), try cursor.map { c throws(ValidationError) in try PageCursor(encoded: c) }) }
+        (try PageSize.clamp(limit), try cursor.map { c throws(ValidationError) in try PageCursor(encoded: c) })
     }
 
     /// A path id; one that is not a UUID is as missing as one that does not exist.
@@ -110,9 +119,4 @@ func encodeJSON(_ value: some Encodable) throws -> String {
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.sortedKeys]
     return String(decoding: try encoder.encode(value), as: UTF8.self)
-}
-
-/// Validation errors become 422 problems.
-func validated<T>(_ body: () throws(ValidationError) -> T) throws -> T {
-    do { return try body() } catch { throw APIError.unprocessable(error) }
 }

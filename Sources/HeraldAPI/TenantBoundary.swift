@@ -1,0 +1,92 @@
+import Foundation
+import HTTPTypes
+import HeraldCore
+import HeraldStore
+import Logging
+import OpenAPIRuntime
+
+/// The request boundary of every generated operation, before its body is decoded:
+///
+/// 1. the operation's rule from `RoutePermissions.table` (none → refused: a new route cannot
+///    go out unprotected by accident);
+/// 2. for a credential (`Authorization`, or a signed link in the path), ONE tenant transaction
+///    in the credential's organisation: the grant is read in it, the permission checked, and
+///    the handler's statements run in it (`HeraldService.tenant`), committed when the handler
+///    returns and rolled back when it throws;
+/// 3. on `/v1/me/notifications…` the transaction is confined to the caller's own in-app rows
+///    (row-level security on `app.recipient_id`), so no feed handler can forget it.
+///
+/// Errors are not translated here: `RequestMiddleware` maps every error to problem+json.
+struct TenantBoundary: ServerMiddleware {
+    let database: Database
+    let authenticator: Authenticator
+    let linkKeys: LinkKeyRing
+    let now: @Sendable () -> Date
+
+    func intercept(
+        _ request: HTTPRequest,
+        body: HTTPBody?,
+        metadata: ServerRequestMetadata,
+        operationID: String,
+        next: @Sendable (HTTPRequest, HTTPBody?, ServerRequestMetadata) async throws -> (HTTPResponse, HTTPBody?)
+    ) async throws -> (HTTPResponse, HTTPBody?) {
+        let scope = try RequestScope.get()
+        guard let rule = RoutePermissions.table[operationID] else {
+            scope.logger.critical("operation has no access rule", metadata: ["operation": "\(operationID)"])
+            throw APIError.internalError
+        }
+        if case .public = rule {
+            if let linkScope = RoutePermissions.signedLinks[operationID] {
+                return try await signedLink(linkScope, scope: scope, metadata: metadata) { try await next(request, body, metadata) }
+            }
+            return try await next(request, body, metadata)
+        }
+        guard let credential = scope.credential else {
+            throw APIError.unauthorized("This operation needs a bearer token or an API key.")
+        }
+        let ownFeed = RoutePermissions.isOwnFeed(operationID)
+        return try await database.withTenant(
+            credential.organisationID, actor: credential.actor, requestID: scope.requestID,
+            recipient: ownFeed ? credential.actor.userID : nil
+        ) { tx in
+            let principal = try await authenticator.principal(for: credential, in: tx)
+            if case .permission(let permission) = rule, !principal.permissions.contains(permission) {
+                throw APIError.forbidden(permission)
+            }
+            // An API key has no feed: refused before any handler could run unconfined.
+            if ownFeed, credential.actor.userID == nil {
+                throw APIError.badRequest("This operation concerns the calling user's own data; call it with a user's access token, not an API key.")
+            }
+            return try await tx.lend { loan in
+                var bound = scope
+                bound.principal = principal
+                bound.transaction = loan
+                return try await RequestScope.$current.withValue(bound) { try await next(request, body, metadata) }
+            }
+        }
+    }
+
+    /// A signed link's token is the credential: it names the organisation and the user the
+    /// message went to. Any failure (bad token, a row gone since) is the same 404.
+    private func signedLink(
+        _ linkScope: LinkScope, scope: RequestScope, metadata: ServerRequestMetadata,
+        _ next: () async throws -> (HTTPResponse, HTTPBody?)
+    ) async throws -> (HTTPResponse, HTTPBody?) {
+        guard let token = metadata.pathParameters["token"],
+              let claims = linkKeys.verify(String(token), scope: linkScope, now: now()) else {
+            throw APIError.notFound(resource: "link")
+        }
+        do {
+            return try await database.withTenant(claims.organisationID, actor: .user(claims.userID), requestID: scope.requestID) { tx in
+                try await tx.lend { loan in
+                    var bound = scope
+                    bound.link = claims
+                    bound.transaction = loan
+                    return try await RequestScope.$current.withValue(bound) { try await next() }
+                }
+            }
+        } catch StoreError.notFound {
+            throw APIError.notFound(resource: "link")
+        }
+    }
+}
