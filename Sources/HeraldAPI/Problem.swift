@@ -119,15 +119,16 @@ public enum APIError: Error, Sendable, Equatable {
         }
     }
 
+    // Constraint names as sql/migrations/0007_citus_ready.sql gives them (users_email is an index).
     private static let conflictMessages = [
         "users_email": "A user with this email already exists in your organisation.",
-        "roles_organisation_id_key_key": "A role with this key already exists in your organisation.",
-        "groups_organisation_id_key_key": "A group with this key already exists in your organisation.",
-        "organisations_slug_key": "An organisation with this slug already exists.",
+        "roles_key_unique": "A role with this key already exists in your organisation.",
+        "groups_key_unique": "A group with this key already exists in your organisation.",
+        "organisations_slug_unique": "An organisation with this slug already exists.",
     ]
 
     private static let referenceFields = [
-        "user_roles_organisation_id_role_id_fkey": "role_ids",
-        "api_keys_organisation_id_role_id_fkey": "role_id",
+        "user_roles_role_id_fk": "role_ids",
+        "api_keys_role_id_fk": "role_id",
     ]
 }

@@ -134,8 +134,14 @@ extension TenantTransaction {
         return try await endpoint(id)
     }
 
+    /// Deletes an endpoint. Its deliveries keep their history and are left with nowhere to go
+    /// (a worker ends them DEAD): the column is cleared here, not by an `ON DELETE SET NULL`
+    /// foreign key, which a distributed PostgreSQL refuses on a key that includes organisation_id.
     public func deleteEndpoint(_ id: UUID) async throws {
-        guard try await !query("DELETE FROM endpoints WHERE id = \(id) RETURNING id").isEmpty else { throw StoreError.notFound }
+        try await query("UPDATE deliveries SET endpoint_id = NULL WHERE organisation_id = \(organisationID) AND endpoint_id = \(id)")
+        guard try await !query("DELETE FROM endpoints WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id").isEmpty else {
+            throw StoreError.notFound
+        }
     }
 
     /// Replaces a webhook endpoint's secret; the old one keeps signing until `overlapUntil`.
