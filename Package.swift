@@ -70,11 +70,21 @@ let package = Package(
             name: "CArgon2",
             providers: [.apt(["libargon2-dev"])]
         ),
+        // The migrations as a resource of the build (sql/migrations stays the reviewed source;
+        // sql/bootstrap is run by scripts/pg.sh, not shipped).
+        .target(
+            name: "HeraldMigrations",
+            path: "sql",
+            exclude: ["bootstrap"],
+            resources: [.copy("migrations")],
+            swiftSettings: swiftSettings
+        ),
         // The store: owns every SQL statement, migrations and the tenant transaction helper.
         .target(
             name: "HeraldStore",
             dependencies: [
                 "HeraldCore",
+                "HeraldMigrations",
                 .product(name: "PostgresNIO", package: "postgres-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Crypto", package: "swift-crypto"),

@@ -130,23 +130,24 @@ public enum APIError: Error, Sendable, Equatable {
         return tables.first { constraint.hasPrefix($0.0) }?.1 ?? "record"
     }
 
+    // Constraint names as sql/migrations/0007_citus_ready.sql gives them (users_email is an index).
     private static let conflictMessages = [
         "users_email": "A user with this email already exists in your organisation.",
-        "roles_organisation_id_key_key": "A role with this key already exists in your organisation.",
-        "groups_organisation_id_key_key": "A group with this key already exists in your organisation.",
-        "organisations_slug_key": "An organisation with this slug already exists.",
+        "roles_key_unique": "A role with this key already exists in your organisation.",
+        "groups_key_unique": "A group with this key already exists in your organisation.",
+        "organisations_slug_unique": "An organisation with this slug already exists.",
     ]
 
     /// A delete refused because this (foreign key or rule) still refers to the row.
     private static let stillReferencedMessages = [
-        "api_keys_organisation_id_role_id_fkey": "A live API key holds this role; revoke the key first.",
+        "api_keys_role_id_fk": "A live API key holds this role; revoke the key first.",
         "notifications_category": "Notification types or in-app notifications still use this category; move or delete them first.",
-        "notification_types_organisation_id_category_id_fkey": "Notification types or in-app notifications still use this category; move or delete them first.",
-        "events_organisation_id_type_id_fkey": "Events of this type exist; a type with history cannot be deleted.",
+        "notification_types_category_id_fk": "Notification types or in-app notifications still use this category; move or delete them first.",
+        "events_type_id_fk": "Events of this type exist; a type with history cannot be deleted.",
     ]
 
     private static let referenceFields = [
-        "user_roles_organisation_id_role_id_fkey": "role_ids",
-        "api_keys_organisation_id_role_id_fkey": "role_id",
+        "user_roles_role_id_fk": "role_ids",
+        "api_keys_role_id_fk": "role_id",
     ]
 }

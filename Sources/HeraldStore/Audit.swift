@@ -20,7 +20,8 @@ extension TenantTransaction {
             """
             SELECT id, occurred_at, actor_type, actor_id, action, target_type, target_id, before::text, after::text, request_id
             FROM audit_log
-            WHERE (\(action)::text IS NULL OR action = \(action))
+            WHERE organisation_id = \(organisationID)
+              AND (\(action)::text IS NULL OR action = \(action))
               AND (\(targetID)::text IS NULL OR target_id = \(targetID))
               AND (\(cursor?.micros)::bigint IS NULL
                    OR (occurred_at, id) < ('epoch'::timestamptz + \(cursor?.micros) * interval '1 microsecond', \(cursor?.id)))

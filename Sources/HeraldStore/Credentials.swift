@@ -30,7 +30,7 @@ extension TenantTransaction {
                    coalesce((SELECT array_agg(DISTINCT p.permission) FROM user_roles ur
                              JOIN role_permissions p ON p.organisation_id = ur.organisation_id AND p.role_id = ur.role_id
                              WHERE ur.organisation_id = u.organisation_id AND ur.user_id = u.id), '{}')
-            FROM users u WHERE u.id = \(id)
+            FROM users u WHERE u.organisation_id = \(organisationID) AND u.id = \(id)
             """)
         guard let row = rows.first else { return nil }
         let (active, permissions) = try row.decode((Bool, [String]).self)
@@ -44,7 +44,7 @@ extension TenantTransaction {
             """
             SELECT coalesce(array_agg(DISTINCT p.permission), '{}') FROM user_roles ur
             JOIN role_permissions p ON p.organisation_id = ur.organisation_id AND p.role_id = ur.role_id
-            WHERE ur.user_id = \(id)
+            WHERE ur.organisation_id = \(organisationID) AND ur.user_id = \(id)
             """)
         return Set(try rows[0].decode([String].self).compactMap(Permission.init(rawValue:)))
     }
@@ -57,7 +57,7 @@ extension TenantTransaction {
             SELECT k.secret_hash, k.expires_at, k.revoked_at,
                    coalesce((SELECT array_agg(p.permission) FROM role_permissions p
                              WHERE p.organisation_id = k.organisation_id AND p.role_id = k.role_id), '{}')
-            FROM api_keys k WHERE k.id = \(id)
+            FROM api_keys k WHERE k.organisation_id = \(organisationID) AND k.id = \(id)
             """)
         guard let row = rows.first else { return nil }
         let (stored, expires, revoked, permissions) = try row.decode((Data, Date?, Date?, [String]).self)
@@ -65,7 +65,7 @@ extension TenantTransaction {
         try await query(
             """
             UPDATE api_keys SET last_used_at = \(now)
-            WHERE id = \(id) AND (last_used_at IS NULL OR last_used_at < \(now) - interval '1 minute')
+            WHERE organisation_id = \(organisationID) AND id = \(id) AND (last_used_at IS NULL OR last_used_at < \(now) - interval '1 minute')
             """)
         return Grant(permissions: Set(permissions.compactMap(Permission.init(rawValue:))))
     }
@@ -74,13 +74,13 @@ extension TenantTransaction {
 
     /// Every API key of the organisation, newest first.
     public func apiKeys() async throws -> [ApiKey] {
-        let rows = try await query("SELECT \(unescaped: apiKeyColumns) FROM api_keys ORDER BY created_at DESC, id")
+        let rows = try await query("SELECT \(unescaped: apiKeyColumns) FROM api_keys WHERE organisation_id = \(organisationID) ORDER BY created_at DESC, id")
         return try rows.map(decodeApiKey)
     }
 
     /// The API key with this id.
     public func apiKey(_ id: UUID) async throws -> ApiKey {
-        let rows = try await query("SELECT \(unescaped: apiKeyColumns) FROM api_keys WHERE id = \(id)")
+        let rows = try await query("SELECT \(unescaped: apiKeyColumns) FROM api_keys WHERE organisation_id = \(organisationID) AND id = \(id)")
         guard let row = rows.first else { throw StoreError.notFound("API key") }
         return try decodeApiKey(row)
     }
@@ -97,7 +97,7 @@ extension TenantTransaction {
 
     /// Revokes an API key (idempotent).
     public func revokeApiKey(_ id: UUID) async throws -> ApiKey {
-        let rows = try await query("UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = \(id) RETURNING id")
+        let rows = try await query("UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id")
         guard !rows.isEmpty else { throw StoreError.notFound("API key") }
         return try await apiKey(id)
     }
@@ -119,7 +119,7 @@ extension TenantTransaction {
         let rows = try await query(
             """
             SELECT id, family_id, user_id, secret_hash, expires_at, used_at, revoked_at
-            FROM refresh_tokens WHERE id = \(id) FOR UPDATE
+            FROM refresh_tokens WHERE organisation_id = \(organisationID) AND id = \(id) FOR UPDATE
             """)
         guard let row = rows.first else { return nil }
         let (id, family, user, hash, expires, used, revoked) = try row.decode((UUID, UUID, UUID, Data, Date, Date?, Date?).self)
@@ -128,14 +128,14 @@ extension TenantTransaction {
 
     /// Marks a refresh token used.
     public func markRefreshTokenUsed(_ id: UUID, at now: Date) async throws {
-        try await query("UPDATE refresh_tokens SET used_at = \(now) WHERE id = \(id)")
+        try await query("UPDATE refresh_tokens SET used_at = \(now) WHERE organisation_id = \(organisationID) AND id = \(id)")
     }
 
     /// Revokes every token of a family; returns how many were still live.
     @discardableResult
     public func revokeRefreshFamily(_ familyID: UUID, at now: Date) async throws -> Int {
         let rows = try await query(
-            "UPDATE refresh_tokens SET revoked_at = \(now) WHERE family_id = \(familyID) AND revoked_at IS NULL RETURNING id")
+            "UPDATE refresh_tokens SET revoked_at = \(now) WHERE organisation_id = \(organisationID) AND family_id = \(familyID) AND revoked_at IS NULL RETURNING id")
         return rows.count
     }
 }

@@ -95,7 +95,7 @@ extension TenantTransaction {
     }
 
     public func endpoint(_ id: UUID) async throws -> Endpoint {
-        guard let row = try await query("SELECT \(unescaped: endpointColumns) FROM endpoints WHERE id = \(id)").first else {
+        guard let row = try await query("SELECT \(unescaped: endpointColumns) FROM endpoints WHERE organisation_id = \(organisationID) AND id = \(id)").first else {
             throw StoreError.notFound("endpoint")
         }
         return try decodeEndpoint(row)
@@ -106,8 +106,9 @@ extension TenantTransaction {
         let rows = try await query(
             """
             SELECT \(unescaped: endpointColumns) FROM endpoints
-            WHERE \(cursor?.micros)::bigint IS NULL
-               OR (created_at, id) > ('epoch'::timestamptz + \(cursor?.micros) * interval '1 microsecond', \(cursor?.id))
+            WHERE organisation_id = \(organisationID)
+              AND (\(cursor?.micros)::bigint IS NULL
+                   OR (created_at, id) > ('epoch'::timestamptz + \(cursor?.micros) * interval '1 microsecond', \(cursor?.id)))
             ORDER BY created_at, id
             LIMIT \(limit + 1)
             """)
@@ -128,14 +129,20 @@ extension TenantTransaction {
                 circuit_retry_at = CASE WHEN \(fields.enabled)::boolean THEN NULL ELSE circuit_retry_at END,
                 circuit_reason = CASE WHEN \(fields.enabled)::boolean THEN NULL ELSE circuit_reason END,
                 updated_at = now()
-            WHERE id = \(id) RETURNING id
+            WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id
             """)
         guard !rows.isEmpty else { throw StoreError.notFound("endpoint") }
         return try await endpoint(id)
     }
 
+    /// Deletes an endpoint. Its deliveries keep their history and are left with nowhere to go
+    /// (a worker ends them DEAD): the column is cleared here, not by an `ON DELETE SET NULL`
+    /// foreign key, which a distributed PostgreSQL refuses on a key that includes organisation_id.
     public func deleteEndpoint(_ id: UUID) async throws {
-        guard try await !query("DELETE FROM endpoints WHERE id = \(id) RETURNING id").isEmpty else { throw StoreError.notFound("endpoint") }
+        try await query("UPDATE deliveries SET endpoint_id = NULL WHERE organisation_id = \(organisationID) AND endpoint_id = \(id)")
+        guard try await !query("DELETE FROM endpoints WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id").isEmpty else {
+            throw StoreError.notFound("endpoint")
+        }
     }
 
     /// Replaces a webhook endpoint's secret; the old one keeps signing until `overlapUntil`.
@@ -143,7 +150,7 @@ extension TenantTransaction {
         let rows = try await query(
             """
             UPDATE endpoints SET previous_secret = secret, previous_secret_expires_at = \(overlapUntil), secret = \(newSecret), updated_at = now()
-            WHERE id = \(id) AND channel = 'webhook' RETURNING id
+            WHERE organisation_id = \(organisationID) AND id = \(id) AND channel = 'webhook' RETURNING id
             """)
         guard !rows.isEmpty else { throw StoreError.notFound("endpoint") }
         return try await endpoint(id)
@@ -151,7 +158,7 @@ extension TenantTransaction {
 
     /// Switches an endpoint off (a receiver answered 410 Gone), saying why.
     public func disableEndpoint(_ id: UUID, reason: String) async throws {
-        try await query("UPDATE endpoints SET enabled = false, disabled_reason = \(reason), updated_at = now() WHERE id = \(id) AND enabled")
+        try await query("UPDATE endpoints SET enabled = false, disabled_reason = \(reason), updated_at = now() WHERE organisation_id = \(organisationID) AND id = \(id) AND enabled")
     }
 
     /// Counts an attempt that got no answer; at `threshold` in a row the breaker opens (again,
@@ -166,7 +173,7 @@ extension TenantTransaction {
                 circuit_retry_at = CASE WHEN circuit_failures + 1 >= \(threshold)::integer
                                         THEN now() + make_interval(secs => \(cooldown)::double precision) ELSE circuit_retry_at END,
                 circuit_reason = CASE WHEN circuit_failures + 1 >= \(threshold)::integer THEN \(reason) ELSE circuit_reason END
-            WHERE id = \(id) RETURNING circuit_failures >= \(threshold)::integer
+            WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING circuit_failures >= \(threshold)::integer
             """)
         return try rows.first?.decode(Bool.self) ?? false
     }
@@ -176,7 +183,7 @@ extension TenantTransaction {
         try await query(
             """
             UPDATE endpoints SET circuit_failures = 0, circuit_opened_at = NULL, circuit_retry_at = NULL, circuit_reason = NULL
-            WHERE id = \(id) AND (circuit_failures > 0 OR circuit_opened_at IS NOT NULL)
+            WHERE organisation_id = \(organisationID) AND id = \(id) AND (circuit_failures > 0 OR circuit_opened_at IS NOT NULL)
             """)
     }
 
@@ -186,7 +193,7 @@ extension TenantTransaction {
         try await !query(
             """
             UPDATE endpoints SET circuit_retry_at = now() + make_interval(secs => \(cooldown)::double precision)
-            WHERE id = \(id) AND circuit_opened_at IS NOT NULL AND circuit_retry_at <= now()
+            WHERE organisation_id = \(organisationID) AND id = \(id) AND circuit_opened_at IS NOT NULL AND circuit_retry_at <= now()
             RETURNING id
             """).isEmpty
     }
@@ -197,7 +204,7 @@ extension TenantTransaction {
         for row in try await query(
             """
             SELECT channel, id, url FROM endpoints
-            WHERE enabled AND (event_types = '{}' OR \(typeKey) = ANY(event_types))
+            WHERE organisation_id = \(organisationID) AND enabled AND (event_types = '{}' OR \(typeKey) = ANY(event_types))
             ORDER BY created_at, id
             """) {
             let (channel, id, url) = try row.decode((String, UUID, String).self)

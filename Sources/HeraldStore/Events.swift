@@ -138,13 +138,13 @@ extension TenantTransaction {
             WITH by_role AS (
                 SELECT ur.user_id, array_agg(DISTINCT r.key) AS keys FROM user_roles ur
                 JOIN roles r ON r.organisation_id = ur.organisation_id AND r.id = ur.role_id
-                WHERE r.key = ANY(\(audience.roleKeys)::text[]) GROUP BY ur.user_id
+                WHERE ur.organisation_id = \(organisationID) AND r.key = ANY(\(audience.roleKeys)::text[]) GROUP BY ur.user_id
             ), by_group AS (
                 SELECT m.user_id, array_agg(DISTINCT g.key) AS keys FROM group_members m
                 JOIN groups g ON g.organisation_id = m.organisation_id AND g.id = m.group_id
-                WHERE g.key = ANY(\(audience.groupKeys)::text[]) GROUP BY m.user_id
+                WHERE m.organisation_id = \(organisationID) AND g.key = ANY(\(audience.groupKeys)::text[]) GROUP BY m.user_id
             ), candidates AS (
-                SELECT id AS user_id FROM users WHERE \(audience.everyone)
+                SELECT id AS user_id FROM users WHERE organisation_id = \(organisationID) AND \(audience.everyone)
                 UNION SELECT unnest(\(audience.userIDs)::uuid[])
                 UNION SELECT user_id FROM by_role
                 UNION SELECT user_id FROM by_group
@@ -171,9 +171,9 @@ extension TenantTransaction {
         let rows = try await query(
             """
             SELECT
-              ARRAY(SELECT x FROM unnest(\(audience.userIDs)::uuid[]) x WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = x)),
-              ARRAY(SELECT x FROM unnest(\(audience.roleKeys)::text[]) x WHERE NOT EXISTS (SELECT 1 FROM roles r WHERE r.key = x)),
-              ARRAY(SELECT x FROM unnest(\(audience.groupKeys)::text[]) x WHERE NOT EXISTS (SELECT 1 FROM groups g WHERE g.key = x))
+              ARRAY(SELECT x FROM unnest(\(audience.userIDs)::uuid[]) x WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.organisation_id = \(organisationID) AND u.id = x)),
+              ARRAY(SELECT x FROM unnest(\(audience.roleKeys)::text[]) x WHERE NOT EXISTS (SELECT 1 FROM roles r WHERE r.organisation_id = \(organisationID) AND r.key = x)),
+              ARRAY(SELECT x FROM unnest(\(audience.groupKeys)::text[]) x WHERE NOT EXISTS (SELECT 1 FROM groups g WHERE g.organisation_id = \(organisationID) AND g.key = x))
             """)
         let (users, roles, groups) = try rows[0].decode(([UUID], [String], [String]).self)
         if !users.isEmpty || !roles.isEmpty || !groups.isEmpty {
@@ -184,7 +184,7 @@ extension TenantTransaction {
     /// Users' own settings for one category, by user and channel.
     public func preferences(forCategory categoryID: UUID) async throws -> [UUID: [NotificationChannel: PreferenceSetting]] {
         let rows = try await query(
-            "SELECT user_id, channel, enabled, frequency, conditions::text FROM preferences WHERE category_id = \(categoryID)")
+            "SELECT user_id, channel, enabled, frequency, conditions::text FROM preferences WHERE organisation_id = \(organisationID) AND category_id = \(categoryID)")
         var result: [UUID: [NotificationChannel: PreferenceSetting]] = [:]
         let decoder = JSONDecoder()
         for row in rows {
@@ -207,7 +207,7 @@ extension TenantTransaction {
         let rows = try await query(
             """
             SELECT user_id, count(*)::int FROM event_recipients
-            WHERE category_id = \(categoryID) AND notified AND created_at > \(now) - interval '1 minute'
+            WHERE organisation_id = \(organisationID) AND category_id = \(categoryID) AND notified AND created_at > \(now) - interval '1 minute'
             GROUP BY user_id
             """)
         return Dictionary(uniqueKeysWithValues: try rows.map { try $0.decode((UUID, Int).self) })
@@ -236,7 +236,7 @@ extension TenantTransaction {
 
     /// The event an idempotency key already produced.
     public func event(idempotencyKey: String) async throws -> EventRecord? {
-        try await query("SELECT \(unescaped: eventColumns) FROM events e WHERE e.idempotency_key = \(idempotencyKey)").first.map(decodeEvent)
+        try await query("SELECT \(unescaped: eventColumns) FROM events e WHERE e.organisation_id = \(organisationID) AND e.idempotency_key = \(idempotencyKey)").first.map(decodeEvent)
     }
 
     /// Writes the event, its in-app rows, deliveries, digest items and decision trace, and
@@ -305,7 +305,7 @@ extension TenantTransaction {
     // MARK: Reading and cancelling events
 
     public func event(_ id: UUID) async throws -> EventRecord {
-        guard let row = try await query("SELECT \(unescaped: eventColumns) FROM events e WHERE e.id = \(id)").first else {
+        guard let row = try await query("SELECT \(unescaped: eventColumns) FROM events e WHERE e.organisation_id = \(organisationID) AND e.id = \(id)").first else {
             throw StoreError.notFound("event")
         }
         return try decodeEvent(row)
@@ -314,7 +314,7 @@ extension TenantTransaction {
     /// The newest event of a type, if any.
     public func latestEvent(typeID: UUID) async throws -> EventRecord? {
         try await query(
-            "SELECT \(unescaped: eventColumns) FROM events e WHERE e.type_id = \(typeID) ORDER BY e.created_at DESC, e.id DESC LIMIT 1"
+            "SELECT \(unescaped: eventColumns) FROM events e WHERE e.organisation_id = \(organisationID) AND e.type_id = \(typeID) ORDER BY e.created_at DESC, e.id DESC LIMIT 1"
         ).first.map(decodeEvent)
     }
 
@@ -323,7 +323,8 @@ extension TenantTransaction {
         let rows = try await query(
             """
             SELECT \(unescaped: eventColumns) FROM events e
-            WHERE (\(typeID)::uuid IS NULL OR e.type_id = \(typeID))
+            WHERE e.organisation_id = \(organisationID)
+              AND (\(typeID)::uuid IS NULL OR e.type_id = \(typeID))
               AND (\(cursor?.micros)::bigint IS NULL
                    OR (e.created_at, e.id) < ('epoch'::timestamptz + \(cursor?.micros) * interval '1 microsecond', \(cursor?.id)))
             ORDER BY e.created_at DESC, e.id DESC
@@ -337,14 +338,14 @@ extension TenantTransaction {
     public func cancelEvent(_ id: UUID, now: Date) async throws -> Cancellation? {
         _ = try await event(id)
         let updated = try await query(
-            "UPDATE events SET status = 'CANCELLED', cancelled_at = \(now) WHERE id = \(id) AND status = 'ACCEPTED' RETURNING id")
+            "UPDATE events SET status = 'CANCELLED', cancelled_at = \(now) WHERE organisation_id = \(organisationID) AND id = \(id) AND status = 'ACCEPTED' RETURNING id")
         guard !updated.isEmpty else { return nil }
         let deliveries = try await query(
-            "UPDATE deliveries SET status = 'CANCELLED', updated_at = \(now) WHERE event_id = \(id) AND status IN ('PENDING', 'FAILED') RETURNING id").count
+            "UPDATE deliveries SET status = 'CANCELLED', updated_at = \(now) WHERE organisation_id = \(organisationID) AND event_id = \(id) AND status IN ('PENDING', 'FAILED') RETURNING id").count
         let digest = try await query(
-            "UPDATE digest_items SET cancelled_at = \(now) WHERE event_id = \(id) AND sent_at IS NULL AND cancelled_at IS NULL RETURNING id").count
+            "UPDATE digest_items SET cancelled_at = \(now) WHERE organisation_id = \(organisationID) AND event_id = \(id) AND sent_at IS NULL AND cancelled_at IS NULL RETURNING id").count
         let notifications = try await query(
-            "DELETE FROM notifications WHERE event_id = \(id) AND visible_at > \(now) RETURNING id").count
+            "DELETE FROM notifications WHERE organisation_id = \(organisationID) AND event_id = \(id) AND visible_at > \(now) RETURNING id").count
         return Cancellation(deliveries: deliveries, digestItems: digest, notifications: notifications)
     }
 }

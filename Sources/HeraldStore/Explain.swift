@@ -51,7 +51,7 @@ extension TenantTransaction {
             """
             SELECT r.user_id, u.email, u.display_name, r.targeted, r.rule, r.reason, r.channels::text
             FROM event_recipients r JOIN users u ON u.organisation_id = r.organisation_id AND u.id = r.user_id
-            WHERE r.event_id = \(eventID) AND (\(userID)::uuid IS NULL OR r.user_id = \(userID))
+            WHERE r.organisation_id = \(organisationID) AND r.event_id = \(eventID) AND (\(userID)::uuid IS NULL OR r.user_id = \(userID))
               AND (\(after)::uuid IS NULL OR r.user_id > \(after))
             ORDER BY r.user_id
             LIMIT \(limit + 1)
@@ -72,7 +72,7 @@ extension TenantTransaction {
                 """
                 SELECT n.id, CASE WHEN n.archived_at IS NOT NULL THEN 'ARCHIVED' WHEN notification_read(n, fs) THEN 'READ' ELSE 'UNREAD' END
                 FROM notifications n LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
-                WHERE n.id = ANY(\(notificationIDs)::uuid[])
+                WHERE n.organisation_id = \(organisationID) AND n.id = ANY(\(notificationIDs)::uuid[])
                 """) {
                 let (id, status) = try row.decode((UUID, String).self)
                 notifications[id] = status
@@ -82,7 +82,7 @@ extension TenantTransaction {
         let digestIDs = items.flatMap { $0.channels.compactMap(\.digestItemID) }
         var deliveries: [UUID: String] = [:]
         if !deliveryIDs.isEmpty {
-            for row in try await query("SELECT id, status FROM deliveries WHERE id = ANY(\(deliveryIDs)::uuid[])") {
+            for row in try await query("SELECT id, status FROM deliveries WHERE organisation_id = \(organisationID) AND id = ANY(\(deliveryIDs)::uuid[])") {
                 let (id, status) = try row.decode((UUID, String).self)
                 deliveries[id] = status
             }
@@ -92,7 +92,7 @@ extension TenantTransaction {
             for row in try await query(
                 """
                 SELECT id, CASE WHEN cancelled_at IS NOT NULL THEN 'CANCELLED' WHEN sent_at IS NOT NULL THEN 'SENT' ELSE 'PENDING' END
-                FROM digest_items WHERE id = ANY(\(digestIDs)::uuid[])
+                FROM digest_items WHERE organisation_id = \(organisationID) AND id = ANY(\(digestIDs)::uuid[])
                 """) {
                 let (id, status) = try row.decode((UUID, String).self)
                 digests[id] = status

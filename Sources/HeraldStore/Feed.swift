@@ -84,7 +84,7 @@ extension TenantTransaction {
             """
             WITH rows AS (
               \(unescaped: feedSelect)
-              WHERE n.user_id = \(userID) AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
+              WHERE n.organisation_id = \(organisationID) AND n.user_id = \(userID) AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
                 AND (n.archived_at IS NOT NULL) = \(filter.archived)
                 AND (\(filter.typeKey)::text IS NULL OR t.key = \(filter.typeKey))
                 AND (\(filter.categoryKey)::text IS NULL OR c.key = \(filter.categoryKey))
@@ -115,9 +115,9 @@ extension TenantTransaction {
             SELECT c.key, count(*)::int FROM notifications n
             JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
             LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
-            WHERE n.user_id = \(userID) AND n.read_at IS NULL AND n.archived_at IS NULL
+            WHERE n.organisation_id = \(organisationID) AND n.user_id = \(userID) AND n.read_at IS NULL AND n.archived_at IS NULL
               AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
-              AND (n.unread_pinned OR n.id > coalesce((SELECT read_settled FROM feed_state WHERE user_id = \(userID)), '00000000-0000-0000-0000-000000000000'))
+              AND (n.unread_pinned OR n.id > coalesce((SELECT read_settled FROM feed_state WHERE organisation_id = \(organisationID) AND user_id = \(userID)), '00000000-0000-0000-0000-000000000000'))
               AND NOT notification_read(n, fs)
             GROUP BY c.key
             """)
@@ -134,7 +134,7 @@ extension TenantTransaction {
         let rows = try await query(
             """
             \(unescaped: feedSelect)
-            WHERE n.id = \(id) AND n.user_id = \(userID) AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
+            WHERE n.organisation_id = \(organisationID) AND n.id = \(id) AND n.user_id = \(userID) AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
             """)
         guard let row = rows.first else { throw StoreError.notFound("notification") }
         return try decodeFeedItem(row)
@@ -146,7 +146,7 @@ extension TenantTransaction {
         let rows = try await query(
             """
             UPDATE notifications SET read_at = CASE WHEN \(read) THEN coalesce(read_at, \(now)) ELSE NULL END, unread_pinned = NOT \(read)
-            WHERE id = \(id) AND user_id = \(userID) AND visible_at <= \(now) RETURNING id
+            WHERE organisation_id = \(organisationID) AND id = \(id) AND user_id = \(userID) AND visible_at <= \(now) RETURNING id
             """)
         guard !rows.isEmpty else { throw StoreError.notFound("notification") }
         return try await feedItem(id, of: userID, now: now)
@@ -155,7 +155,7 @@ extension TenantTransaction {
     /// Archives one row (it leaves the default feed and the unread count).
     public func archive(_ id: UUID, of userID: UUID, now: Date) async throws -> FeedItem {
         let rows = try await query(
-            "UPDATE notifications SET archived_at = coalesce(archived_at, \(now)) WHERE id = \(id) AND user_id = \(userID) AND visible_at <= \(now) RETURNING id")
+            "UPDATE notifications SET archived_at = coalesce(archived_at, \(now)) WHERE organisation_id = \(organisationID) AND id = \(id) AND user_id = \(userID) AND visible_at <= \(now) RETURNING id")
         guard !rows.isEmpty else { throw StoreError.notFound("notification") }
         return try await feedItem(id, of: userID, now: now)
     }
@@ -165,7 +165,7 @@ extension TenantTransaction {
         try await query(
             """
             UPDATE notifications SET read_at = coalesce(read_at, \(now)), unread_pinned = false
-            WHERE id = ANY(\(ids)::uuid[]) AND user_id = \(userID) AND visible_at <= \(now) RETURNING id
+            WHERE organisation_id = \(organisationID) AND id = ANY(\(ids)::uuid[]) AND user_id = \(userID) AND visible_at <= \(now) RETURNING id
             """).count
     }
 
@@ -191,21 +191,21 @@ extension TenantTransaction {
                 RETURNING read_through, read_snapshot, read_settled
             )
             UPDATE notifications SET unread_pinned = false
-            WHERE user_id = \(userID) AND unread_pinned AND id <= (SELECT read_through FROM mark)
+            WHERE organisation_id = \(organisationID) AND user_id = \(userID) AND unread_pinned AND id <= (SELECT read_through FROM mark)
               AND (id <= (SELECT read_settled FROM mark) OR pg_visible_in_snapshot(created_xid, (SELECT read_snapshot FROM mark)))
             """)
     }
 
     /// Deletes one row.
     public func deleteNotification(_ id: UUID, of userID: UUID) async throws {
-        guard !(try await query("DELETE FROM notifications WHERE id = \(id) AND user_id = \(userID) AND visible_at <= now() RETURNING id")).isEmpty else {
+        guard !(try await query("DELETE FROM notifications WHERE organisation_id = \(organisationID) AND id = \(id) AND user_id = \(userID) AND visible_at <= now() RETURNING id")).isEmpty else {
             throw StoreError.notFound("notification")
         }
     }
 
     /// Deletes every row of the user's feed; returns how many.
     public func clearFeed(of userID: UUID) async throws -> Int {
-        try await query("DELETE FROM notifications WHERE user_id = \(userID) AND visible_at <= now() RETURNING 1").count
+        try await query("DELETE FROM notifications WHERE organisation_id = \(organisationID) AND user_id = \(userID) AND visible_at <= now() RETURNING 1").count
     }
 
     /// Counts by type, category and state for one user or (nil) the whole organisation.
@@ -219,7 +219,7 @@ extension TenantTransaction {
             JOIN notification_types t ON t.organisation_id = n.organisation_id AND t.id = n.type_id
             JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
             LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
-            WHERE (\(userID)::uuid IS NULL OR n.user_id = \(userID)) AND n.visible_at <= now()
+            WHERE n.organisation_id = \(organisationID) AND (\(userID)::uuid IS NULL OR n.user_id = \(userID)) AND n.visible_at <= now()
               AND (\(since)::timestamptz IS NULL OR n.visible_at >= \(since))
               AND (\(until)::timestamptz IS NULL OR n.visible_at < \(until))
             GROUP BY 1, 2, 3
@@ -237,7 +237,7 @@ extension TenantTransaction {
 
     /// Deletes rows whose expiry has passed; returns how many.
     public func purgeExpiredNotifications(now: Date) async throws -> Int {
-        try await query("DELETE FROM notifications WHERE expires_at <= \(now) RETURNING 1").count
+        try await query("DELETE FROM notifications WHERE organisation_id = \(organisationID) AND expires_at <= \(now) RETURNING 1").count
     }
 }
 

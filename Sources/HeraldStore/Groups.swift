@@ -5,7 +5,7 @@ import PostgresNIO
 extension TenantTransaction {
     /// The group with this id.
     public func group(_ id: UUID) async throws -> Group {
-        let rows = try await query("SELECT \(unescaped: groupColumns) FROM groups g WHERE g.id = \(id)")
+        let rows = try await query("SELECT \(unescaped: groupColumns) FROM groups g WHERE g.organisation_id = \(organisationID) AND g.id = \(id)")
         guard let row = rows.first else { throw StoreError.notFound("group") }
         return try decodeGroup(row)
     }
@@ -15,8 +15,9 @@ extension TenantTransaction {
         let rows = try await query(
             """
             SELECT \(unescaped: groupColumns) FROM groups g
-            WHERE \(cursor?.micros)::bigint IS NULL
-               OR (g.created_at, g.id) > ('epoch'::timestamptz + \(cursor?.micros) * interval '1 microsecond', \(cursor?.id))
+            WHERE g.organisation_id = \(organisationID)
+              AND (\(cursor?.micros)::bigint IS NULL
+                   OR (g.created_at, g.id) > ('epoch'::timestamptz + \(cursor?.micros) * interval '1 microsecond', \(cursor?.id)))
             ORDER BY g.created_at, g.id
             LIMIT \(limit + 1)
             """)
@@ -39,7 +40,7 @@ extension TenantTransaction {
         let rows = try await query(
             """
             UPDATE groups SET name = coalesce(\(name), name), description = coalesce(\(description), description), updated_at = now()
-            WHERE id = \(id) RETURNING id
+            WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id
             """)
         guard !rows.isEmpty else { throw StoreError.notFound("group") }
         return try await group(id)
@@ -47,7 +48,7 @@ extension TenantTransaction {
 
     /// Deletes a group and its memberships.
     public func deleteGroup(_ id: UUID) async throws {
-        let rows = try await query("DELETE FROM groups WHERE id = \(id) RETURNING id")
+        let rows = try await query("DELETE FROM groups WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id")
         guard !rows.isEmpty else { throw StoreError.notFound("group") }
     }
 
@@ -69,7 +70,7 @@ extension TenantTransaction {
     public func removeGroupMember(_ groupID: UUID, _ userID: UUID) async throws -> Bool {
         _ = try await group(groupID)
         _ = try await user(userID)
-        let rows = try await query("DELETE FROM group_members WHERE group_id = \(groupID) AND user_id = \(userID) RETURNING user_id")
+        let rows = try await query("DELETE FROM group_members WHERE organisation_id = \(organisationID) AND group_id = \(groupID) AND user_id = \(userID) RETURNING user_id")
         return !rows.isEmpty
     }
 }

@@ -1,5 +1,6 @@
 import Crypto
 import HeraldCore
+import HeraldMigrations
 import Foundation
 import Logging
 import PostgresNIO
@@ -19,6 +20,20 @@ public struct Migration: Sendable, Equatable {
         self.version = version
         self.name = name
         self.sql = sql
+    }
+
+    /// Where the migrations of this build are: `$HERALD_SQL_DIR/migrations` when that is set
+    /// (an override for development), otherwise the copy shipped with the build as a resource.
+    public static func shippedDirectory(environment: [String: String] = ProcessInfo.processInfo.environment) -> URL {
+        if let override = environment["HERALD_SQL_DIR"], !override.isEmpty {
+            return URL(fileURLWithPath: override).appendingPathComponent("migrations", isDirectory: true)
+        }
+        return ShippedMigrations.directory
+    }
+
+    /// The migrations of this build (see `shippedDirectory`), in version order.
+    public static func shipped(environment: [String: String] = ProcessInfo.processInfo.environment) throws -> [Migration] {
+        try load(from: shippedDirectory(environment: environment))
     }
 
     /// Reads every `NNNN_name.sql` in `directory`, in version order.

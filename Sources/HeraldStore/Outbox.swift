@@ -134,7 +134,7 @@ extension TenantTransaction {
             FROM events e
             JOIN users u ON u.organisation_id = e.organisation_id AND u.id = \(delivery.userID)
             JOIN organisations o ON o.id = e.organisation_id
-            WHERE e.id = \(delivery.eventID)
+            WHERE e.organisation_id = \(organisationID) AND e.id = \(delivery.eventID)
             """).first else { throw StoreError.notFound("delivery") }
         let (typeID, payload, actor, subjectType, subjectID, severity, priority, deliverAt, expiresAt, status, url,
              email, name, locale, timezone, attributes, active, orgName, orgSlug, orgLocale, orgTimezone, from, fromName, replyTo) =
@@ -160,7 +160,7 @@ extension TenantTransaction {
     }
 
     public func delivery(_ id: UUID) async throws -> Delivery {
-        guard let row = try await query("SELECT \(unescaped: deliveryColumns) FROM deliveries WHERE id = \(id)").first else {
+        guard let row = try await query("SELECT \(unescaped: deliveryColumns) FROM deliveries WHERE organisation_id = \(organisationID) AND id = \(id)").first else {
             throw StoreError.notFound("delivery")
         }
         return try decodeDelivery(row)
@@ -170,7 +170,7 @@ extension TenantTransaction {
         try await query(
             """
             SELECT attempt, worker, started_at, finished_at, outcome, response_code, error
-            FROM delivery_attempts WHERE delivery_id = \(id) ORDER BY attempt
+            FROM delivery_attempts WHERE organisation_id = \(organisationID) AND delivery_id = \(id) ORDER BY attempt
             """).map { row in
             let (attempt, worker, started, finished, outcome, code, error) = try row.decode((Int, String, Date, Date, String, Int?, String?).self)
             return DeliveryAttempt(attempt: attempt, worker: worker, startedAt: started, finishedAt: finished, outcome: outcome, responseCode: code, error: error)
@@ -185,7 +185,7 @@ extension TenantTransaction {
             """
             UPDATE deliveries d SET lease_expires_at = now() + make_interval(secs => \(leaseSeconds)::integer)
             FROM unnest(\(claims.map(\.deliveryID))::uuid[], \(claims.map(\.attempt))::integer[]) AS c(id, attempt)
-            WHERE d.id = c.id AND d.attempts = c.attempt AND d.lease_owner = \(worker) AND d.status = 'SENDING'
+            WHERE d.organisation_id = \(organisationID) AND d.id = c.id AND d.attempts = c.attempt AND d.lease_owner = \(worker) AND d.status = 'SENDING'
             RETURNING d.id
             """).count
     }
@@ -207,7 +207,7 @@ extension TenantTransaction {
                 last_response_code = \(code), last_error = \(error), last_response = \(response),
                 next_attempt_at = coalesce(\(retryAt), next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
                 sent_at = CASE WHEN \(status) = 'SENT' THEN now() ELSE sent_at END, updated_at = now()
-            WHERE id = \(claim.deliveryID) AND lease_owner = \(worker) AND attempts = \(claim.attempt) AND status = 'SENDING'
+            WHERE organisation_id = \(organisationID) AND id = \(claim.deliveryID) AND lease_owner = \(worker) AND attempts = \(claim.attempt) AND status = 'SENDING'
             RETURNING status
             """)
         guard let row = rows.first else {
@@ -237,7 +237,7 @@ extension TenantTransaction {
             """
             UPDATE deliveries SET status = CASE WHEN attempts <= 1 THEN 'PENDING' ELSE 'FAILED' END, attempts = attempts - 1,
                 next_attempt_at = \(until), lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-            WHERE id = \(claim.deliveryID) AND lease_owner = \(worker) AND attempts = \(claim.attempt) AND status = 'SENDING'
+            WHERE organisation_id = \(organisationID) AND id = \(claim.deliveryID) AND lease_owner = \(worker) AND attempts = \(claim.attempt) AND status = 'SENDING'
             RETURNING id
             """).isEmpty
     }
@@ -247,7 +247,8 @@ extension TenantTransaction {
         let rows = try await query(
             """
             SELECT \(unescaped: deliveryColumns) FROM deliveries
-            WHERE (\(filter.status)::text IS NULL OR status = \(filter.status))
+            WHERE organisation_id = \(organisationID)
+              AND (\(filter.status)::text IS NULL OR status = \(filter.status))
               AND (\(filter.channel)::text IS NULL OR channel = \(filter.channel))
               AND (\(filter.userID)::uuid IS NULL OR user_id = \(filter.userID))
               AND (\(filter.eventID)::uuid IS NULL OR event_id = \(filter.eventID))
@@ -269,7 +270,7 @@ extension TenantTransaction {
             """
             UPDATE deliveries d SET status = 'PENDING', next_attempt_at = now(), max_attempts = greatest(d.max_attempts, d.attempts + 1),
                 last_error = NULL, last_response_code = NULL, updated_at = now()
-            WHERE d.id = \(id) AND d.status IN ('FAILED', 'DEAD', 'CANCELLED') AND d.attempts < 100
+            WHERE d.organisation_id = \(organisationID) AND d.id = \(id) AND d.status IN ('FAILED', 'DEAD', 'CANCELLED') AND d.attempts < 100
               AND NOT EXISTS (SELECT 1 FROM events e WHERE e.organisation_id = d.organisation_id AND e.id = d.event_id AND e.status = 'CANCELLED')
             RETURNING d.id
             """)
@@ -280,20 +281,20 @@ extension TenantTransaction {
     public func cancelDelivery(_ id: UUID) async throws -> Delivery? {
         _ = try await delivery(id)
         let rows = try await query(
-            "UPDATE deliveries SET status = 'CANCELLED', updated_at = now() WHERE id = \(id) AND status IN ('PENDING', 'FAILED') RETURNING id")
+            "UPDATE deliveries SET status = 'CANCELLED', updated_at = now() WHERE organisation_id = \(organisationID) AND id = \(id) AND status IN ('PENDING', 'FAILED') RETURNING id")
         return rows.isEmpty ? nil : try await delivery(id)
     }
 
     /// Counts by status and channel, and how long the oldest due delivery has waited.
     public func outboxStats(now: Date) async throws -> OutboxStats {
         var stats = OutboxStats(byStatus: [:], byChannel: [:], oldestPendingAge: nil)
-        for row in try await query("SELECT status, channel, count(*)::int FROM deliveries GROUP BY 1, 2") {
+        for row in try await query("SELECT status, channel, count(*)::int FROM deliveries WHERE organisation_id = \(organisationID) GROUP BY 1, 2") {
             let (status, channel, count) = try row.decode((String, String, Int).self)
             stats.byStatus[status, default: 0] += count
             stats.byChannel[channel, default: 0] += count
         }
         let oldest = try await query(
-            "SELECT min(next_attempt_at) FROM deliveries WHERE status IN ('PENDING', 'FAILED') AND next_attempt_at <= \(now)")
+            "SELECT min(next_attempt_at) FROM deliveries WHERE organisation_id = \(organisationID) AND status IN ('PENDING', 'FAILED') AND next_attempt_at <= \(now)")
         if let due = try oldest.first?.decode(Date?.self) { stats.oldestPendingAge = now.timeIntervalSince(due) }
         return stats
     }

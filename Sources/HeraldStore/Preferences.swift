@@ -19,13 +19,13 @@ extension TenantTransaction {
     /// The user's own settings (cells not listed inherit).
     public func preferences(ofUser userID: UUID) async throws -> [PreferenceCell] {
         try await query(
-            "SELECT category_id, channel, enabled, frequency, conditions::text FROM preferences WHERE user_id = \(userID) ORDER BY category_id, channel"
+            "SELECT category_id, channel, enabled, frequency, conditions::text FROM preferences WHERE organisation_id = \(organisationID) AND user_id = \(userID) ORDER BY category_id, channel"
         ).compactMap(decodeCell)
     }
 
     /// Replaces the user's settings with `cells` (a cell not listed inherits again).
     public func replacePreferences(ofUser userID: UUID, with cells: [PreferenceCell]) async throws {
-        try await query("DELETE FROM preferences WHERE user_id = \(userID)")
+        try await query("DELETE FROM preferences WHERE organisation_id = \(organisationID) AND user_id = \(userID)")
         guard !cells.isEmpty else { return }
         try await query(
             """
@@ -40,13 +40,13 @@ extension TenantTransaction {
     /// The organisation's defaults.
     public func preferenceDefaults() async throws -> [PreferenceCell] {
         try await query(
-            "SELECT category_id, channel, enabled, frequency, conditions::text FROM preference_defaults ORDER BY category_id, channel"
+            "SELECT category_id, channel, enabled, frequency, conditions::text FROM preference_defaults WHERE organisation_id = \(organisationID) ORDER BY category_id, channel"
         ).compactMap(decodeCell)
     }
 
     /// Replaces the organisation's defaults with `cells`.
     public func replacePreferenceDefaults(with cells: [PreferenceCell]) async throws {
-        try await query("DELETE FROM preference_defaults")
+        try await query("DELETE FROM preference_defaults WHERE organisation_id = \(organisationID)")
         guard !cells.isEmpty else { return }
         try await query(
             """

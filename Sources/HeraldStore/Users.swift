@@ -50,7 +50,7 @@ extension TenantTransaction {
     public func user(_ id: UUID) async throws -> User {
         let rows = try await query(
             """
-            SELECT \(unescaped: userColumns) FROM users u WHERE u.id = \(id)
+            SELECT \(unescaped: userColumns) FROM users u WHERE u.organisation_id = \(organisationID) AND u.id = \(id)
             """)
         guard let row = rows.first else { throw StoreError.notFound("user") }
         return try decodeUser(row)
@@ -62,7 +62,8 @@ extension TenantTransaction {
         let rows = try await query(
             """
             SELECT \(unescaped: userColumns) FROM users u
-            WHERE (\(pattern)::text IS NULL OR u.email ILIKE \(pattern) OR u.display_name ILIKE \(pattern))
+            WHERE u.organisation_id = \(organisationID)
+              AND (\(pattern)::text IS NULL OR u.email ILIKE \(pattern) OR u.display_name ILIKE \(pattern))
               AND (\(active)::boolean IS NULL OR u.active = \(active))
               AND (\(cursor?.micros)::bigint IS NULL
                    OR (u.created_at, u.id) > ('epoch'::timestamptz + \(cursor?.micros) * interval '1 microsecond', \(cursor?.id)))
@@ -79,7 +80,7 @@ extension TenantTransaction {
             """
             SELECT \(unescaped: userColumns) FROM users u
             JOIN group_members m ON m.organisation_id = u.organisation_id AND m.user_id = u.id
-            WHERE m.group_id = \(groupID)
+            WHERE u.organisation_id = \(organisationID) AND m.group_id = \(groupID)
               AND (\(cursor?.micros)::bigint IS NULL
                    OR (u.created_at, u.id) > ('epoch'::timestamptz + \(cursor?.micros) * interval '1 microsecond', \(cursor?.id)))
             ORDER BY u.created_at, u.id
@@ -111,7 +112,7 @@ extension TenantTransaction {
                 timezone = CASE WHEN \(change.timezone != nil) THEN \(change.timezone ?? nil) ELSE timezone END,
                 attributes = coalesce(\(change.attributesJSON)::jsonb, attributes),
                 updated_at = now()
-            WHERE id = \(id)
+            WHERE organisation_id = \(organisationID) AND id = \(id)
             RETURNING id
             """)
         guard !rows.isEmpty else { throw StoreError.notFound("user") }
@@ -125,12 +126,12 @@ extension TenantTransaction {
             UPDATE users SET active = \(active),
                 deactivated_at = CASE WHEN \(active) THEN NULL ELSE coalesce(deactivated_at, now()) END,
                 updated_at = now()
-            WHERE id = \(id)
+            WHERE organisation_id = \(organisationID) AND id = \(id)
             RETURNING id
             """)
         guard !rows.isEmpty else { throw StoreError.notFound("user") }
         if !active {
-            try await query("UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = \(id) AND revoked_at IS NULL")
+            try await query("UPDATE refresh_tokens SET revoked_at = now() WHERE organisation_id = \(organisationID) AND user_id = \(id) AND revoked_at IS NULL")
         }
         return try await user(id)
     }
@@ -138,7 +139,7 @@ extension TenantTransaction {
     /// Replaces the user's roles with `roleIDs`. A role id outside this organisation is an invalid reference.
     public func setUserRoles(_ id: UUID, _ roleIDs: [UUID]) async throws -> User {
         _ = try await user(id)
-        try await query("DELETE FROM user_roles WHERE user_id = \(id)")
+        try await query("DELETE FROM user_roles WHERE organisation_id = \(organisationID) AND user_id = \(id)")
         if !roleIDs.isEmpty {
             try await query(
                 """
@@ -146,14 +147,14 @@ extension TenantTransaction {
                 SELECT \(organisationID), \(id), r FROM unnest(\(roleIDs)::uuid[]) AS r
                 """)
         }
-        try await query("UPDATE users SET updated_at = now() WHERE id = \(id)")
+        try await query("UPDATE users SET updated_at = now() WHERE organisation_id = \(organisationID) AND id = \(id)")
         return try await user(id)
     }
 
     /// The password hash and state of the user with this email, for login.
     public func credentials(email: String) async throws -> UserCredentials? {
         let rows = try await query(
-            "SELECT id, active, password_hash FROM users WHERE lower(email) = lower(\(email))")
+            "SELECT id, active, password_hash FROM users WHERE organisation_id = \(organisationID) AND lower(email) = lower(\(email))")
         guard let row = rows.first else { return nil }
         let (id, active, hash) = try row.decode((UUID, Bool, String?).self)
         return UserCredentials(id: id, active: active, passwordHash: hash)
@@ -161,7 +162,7 @@ extension TenantTransaction {
 
     /// Sets a new password hash.
     public func setPasswordHash(_ id: UUID, _ hash: String) async throws {
-        let rows = try await query("UPDATE users SET password_hash = \(hash), updated_at = now() WHERE id = \(id) RETURNING id")
+        let rows = try await query("UPDATE users SET password_hash = \(hash), updated_at = now() WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id")
         guard !rows.isEmpty else { throw StoreError.notFound("user") }
     }
 }
@@ -186,6 +187,6 @@ extension TenantTransaction {
     /// The users with these ids (missing ones are left out).
     public func users(ids: [UUID]) async throws -> [User] {
         guard !ids.isEmpty else { return [] }
-        return try await query("SELECT \(unescaped: userColumns) FROM users u WHERE u.id = ANY(\(ids)::uuid[])").map(decodeUser)
+        return try await query("SELECT \(unescaped: userColumns) FROM users u WHERE u.organisation_id = \(organisationID) AND u.id = ANY(\(ids)::uuid[])").map(decodeUser)
     }
 }

@@ -54,7 +54,7 @@ struct Migrate: AsyncParsableCommand {
         }
         let logger = Logger(label: "herald.migrate")
         let all = try migrations()
-        print("migrate: \(all.count) migration file(s) in \(sqlDirectory)/migrations")
+        print("migrate: \(all.count) migration file(s) in \(Migration.shippedDirectory().path)")
         try await withPostgres(url: url, logger: logger) { client in
             let applied = try await Migrator(client: client, logger: logger).migrate(all) { print("migrate: \($0)") }
             print("migrate: \(applied.count) applied, \(all.count - applied.count) already current")
@@ -269,10 +269,9 @@ struct JWTKeygen: AsyncParsableCommand {
 
 // MARK: Shared set-up
 
-let sqlDirectory = ProcessInfo.processInfo.environment["HERALD_SQL_DIR"] ?? "sql"
-
+/// The migrations this build ships (a package resource), or `$HERALD_SQL_DIR/migrations`.
 func migrations() throws -> [Migration] {
-    try Migration.load(from: URL(fileURLWithPath: sqlDirectory).appendingPathComponent("migrations"))
+    try Migration.shipped()
 }
 
 func bootstrapLogging(_ config: AppConfiguration) {

@@ -6,6 +6,7 @@ import HeraldCore
 import Logging
 import NIOCore
 import NIOHTTP1
+import PostgresNIO
 import Testing
 
 /// The peers `make test` starts (scripts/peers.py): an SMTP server that keeps every message
@@ -76,7 +77,10 @@ enum TestWorkers {
         var circuitCooldown: TimeInterval?
     }
 
+    /// Runs pools for `organisation` while `body` runs. `database` and `listenClient` (the
+    /// worker role's) default to the shared test database's.
     static func run<T: Sendable>(_ organisation: UUID, _ settings: Settings = Settings(),
+                                 database: Database? = nil, listenClient: PostgresClient? = nil,
                                  _ body: @Sendable () async throws -> T) async throws -> T {
         let env = try await TestEnvironment.shared
         let http = HTTPTransport(destinations: DestinationGuard(allowed: settings.allowed.compactMap { IPNetwork($0) }), timeout: settings.sendTimeout,
@@ -98,7 +102,8 @@ enum TestWorkers {
             configuration.retry = settings.retry
             configuration.pollInterval = settings.pollInterval
             configuration.leaseSeconds = settings.leaseSeconds
-            return DeliveryWorkerPool(configuration: configuration, database: env.workerDatabase, listenClient: env.workerClient,
+            return DeliveryWorkerPool(configuration: configuration, database: database ?? env.workerDatabase,
+                                      listenClient: listenClient ?? env.workerClient,
                                       sender: sender, logger: env.logger)
         }
         let result = try await withThrowingTaskGroup(of: T?.self) { group in

@@ -94,9 +94,21 @@ struct MigrationTests {
         }
     }
 
+    @Test("the build ships exactly the repository's migrations, whatever the working directory")
+    func shippedMatchRepository() throws {
+        // setup: the resource copy (no override) and the reviewed files in sql/migrations
+        let shipped = try Migration.shipped(environment: [:])
+        let repository = try Migration.load(from: URL(fileURLWithPath: #filePath)
+            .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("sql/migrations"))
+        // check
+        #expect(!shipped.isEmpty)
+        #expect(shipped == repository, "the build's copy of sql/migrations is stale: rebuild")
+    }
+
     @Test("the repository's migrations apply to an empty database")
     func repositoryMigrations() async throws {
-        let all = try Migration.load(from: URL(fileURLWithPath: ProcessInfo.processInfo.environment["HERALD_SQL_DIR"] ?? "sql").appendingPathComponent("migrations"))
+        let all = try Migration.shipped()
         #expect(!all.isEmpty)
         try await withScratchDatabase { client in
             let applied = try await Migrator(client: client, logger: env.logger).migrate(all)

@@ -52,8 +52,7 @@ struct RequestBoundaryTests {
         ownerURL.path = "/" + name
         var appURL = URLComponents(string: env.appURL)!
         appURL.path = "/" + name
-        let dir = ProcessInfo.processInfo.environment["HERALD_SQL_DIR"] ?? "sql"
-        let migrations = try Migration.load(from: URL(fileURLWithPath: dir).appendingPathComponent("migrations"))
+        let migrations = try Migration.shipped()
         try await client(ownerURL.string!) { client in
             _ = try await Migrator(client: client, logger: env.logger).migrate(migrations)
         }

@@ -83,10 +83,9 @@ final class TestEnvironment: Sendable {
     /// The link keys the test applications verify and the test workers sign with.
     static let linkKeys = LinkKeyRing.ephemeral()
 
-    /// The migration versions shipped in sql/migrations.
+    /// The migration versions this build ships (sql/migrations, a package resource).
     static var migrationVersions: [Int] {
-        let dir = ProcessInfo.processInfo.environment["HERALD_SQL_DIR"] ?? "sql"
-        return (try? Migration.load(from: URL(fileURLWithPath: dir).appendingPathComponent("migrations")).map(\.version)) ?? []
+        (try? Migration.shipped().map(\.version)) ?? []
     }
 
     func configuration(_ change: (inout AppConfiguration) -> Void = { _ in }) -> AppConfiguration {
