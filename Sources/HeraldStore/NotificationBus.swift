@@ -110,10 +110,12 @@ public final class NotificationBus: Service, Sendable {
         await cancelWhenGracefulShutdown {
             await self.listenUntilCancelled()
         }
-        subscribers.withLock { subscribers in
-            for subscriber in subscribers.values { subscriber.continuation.finish() }
-            subscribers.removeAll()
+        // Finished outside the lock: finishing runs `onTermination`, which takes it.
+        let ending = subscribers.withLock { subscribers in
+            defer { subscribers.removeAll() }
+            return subscribers.values.map(\.continuation)
         }
+        for continuation in ending { continuation.finish() }
     }
 
     private func listenUntilCancelled() async {
