@@ -31,6 +31,8 @@ struct BusTests {
         #expect(rows.count == 5)
         try await withBus(organisation: a.id) { bus, heardByA in
             let heardByAll = Received(bus.subscribe())
+            // The first marker says LISTEN is in place: what follows is heard.
+            #expect(try await eventually { heardByA.messages.contains(.missedMessages) })
             // act: three rows read in one statement, then all read, in A; all read in B; then a
             // last change in A that tells the check all of A's messages have arrived (one
             // channel, one connection: messages come in commit order)
