@@ -29,12 +29,15 @@ struct Serve: AsyncParsableCommand {
         let logger = Logger(label: "herald")
         let postgres = PostgresClient(configuration: try poolConfiguration(config), backgroundLogger: logger)
         let linkKeys = try config.linkKeyRing()
-        let delivery = try DeliveryServices(config, linkKeys: linkKeys, logger: logger)
+        // The process's one notification bus, on the API's pool: the workers wake on it (and
+        // live feed streams will follow it).
+        let bus = NotificationBus(client: postgres, logger: logger)
+        let delivery = try DeliveryServices(config, linkKeys: linkKeys, bus: bus, logger: logger)
         let dependencies = AppDependencies(
             database: config.database(postgres, logger: logger), postgres: postgres,
             tokens: try await accessTokens(config), passwords: passwordHasher(config),
             metrics: HTTPMetrics(registry: registry), expectedMigrations: try migrations().map(\.version),
-            linkKeys: linkKeys, services: delivery.services)
+            linkKeys: linkKeys, services: [bus] + delivery.services)
         let app = try buildApplication(configuration: config, dependencies: dependencies, logger: logger)
         logger.info("herald listening", metadata: ["address": "\(config.host):\(config.port)", "workers": "\(delivery.workers)"])
         try await runUntilSignalled([app], shutdownSeconds: config.shutdownSeconds, logger: logger)
@@ -285,7 +288,8 @@ func bootstrapLogging(_ config: AppConfiguration) {
 
 func poolConfiguration(_ config: AppConfiguration) throws -> PostgresClient.Configuration {
     var pool = try PostgresClient.Configuration.fromURL(config.databaseURL)
-    pool.options.maximumConnections = config.databasePoolSize
+    // One more than configured: the notification bus holds one for its LISTEN.
+    pool.options.maximumConnections = config.databasePoolSize + 1
     return pool
 }
 

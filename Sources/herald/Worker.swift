@@ -22,7 +22,8 @@ struct Worker: AsyncParsableCommand {
         bootstrapLogging(config)
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: PrometheusCollectorRegistry()))
         let logger = Logger(label: "herald.worker")
-        let delivery = try DeliveryServices(config, linkKeys: try config.linkKeyRing(), logger: logger)
+        // No bus given: the workers' own pool lends one connection to the process's bus.
+        let delivery = try DeliveryServices(config, linkKeys: try config.linkKeyRing(), bus: nil, logger: logger)
         guard delivery.workers > 0 else {
             throw ValidationError("DATABASE_WORKER_URL is not set: the workers connect as the worker role (herald_worker).")
         }
@@ -33,13 +34,15 @@ struct Worker: AsyncParsableCommand {
 }
 
 /// The worker role's PostgreSQL pool and the delivery worker pool, as services; empty when
-/// `HERALD_WORKERS=0` or no worker database URL is configured.
+/// `HERALD_WORKERS=0` or no worker database URL is configured. The workers wake on `bus`, the
+/// process's one notification bus; without one (`herald worker`) they bring their own, over
+/// the worker role's pool, listed between that pool and the workers so it stops after them.
 struct DeliveryServices {
     var services: [any Service] = []
     var workers = 0
     private var transport: HTTPTransport?
 
-    init(_ config: AppConfiguration, linkKeys: LinkKeyRing, logger: Logger) throws {
+    init(_ config: AppConfiguration, linkKeys: LinkKeyRing, bus: NotificationBus?, logger: Logger) throws {
         guard config.workers > 0 else { return }
         guard let url = config.workerDatabaseURL else {
             logger.warning("DATABASE_WORKER_URL is not set: no delivery workers in this process")
@@ -50,7 +53,7 @@ struct DeliveryServices {
             throw ConfigurationError(variable: "HERALD_SMTP_URL", value: config.smtpURL)
         }
         var pool = try PostgresClient.Configuration.fromURL(url)
-        // One connection per send in flight, one for LISTEN, one for claims and heartbeats.
+        // One connection per send in flight, one for the bus's LISTEN (when it is ours), one for claims and heartbeats.
         pool.options.maximumConnections = config.workers + 2
         let postgres = PostgresClient(configuration: pool, backgroundLogger: logger)
         // As many connections per host as sends in flight: no send waits for a connection.
@@ -73,8 +76,17 @@ struct DeliveryServices {
         let sender = DeliverySender(
             email: EmailTransport(settings: smtp, defaultFrom: config.smtpFrom), http: http,
             links: LinkBuilder(baseURL: config.linkBaseURL, keys: linkKeys))
-        services = [postgres, DeliveryWorkerPool(configuration: worker, database: config.database(postgres, logger: logger),
-                                                 listenClient: postgres, sender: sender, logger: logger)]
+        var ownBus: [any Service] = []
+        let processBus: NotificationBus
+        if let bus {
+            processBus = bus
+        } else {
+            processBus = NotificationBus(client: postgres, logger: logger)
+            ownBus = [processBus]
+        }
+        let deliveryPool = DeliveryWorkerPool(configuration: worker, database: config.database(postgres, logger: logger),
+                                              bus: processBus, sender: sender, logger: logger)
+        services = [postgres] + ownBus + [deliveryPool]
         workers = config.workers
         transport = http
     }

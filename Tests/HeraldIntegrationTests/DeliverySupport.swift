@@ -89,6 +89,8 @@ enum TestWorkers {
             email: EmailTransport(settings: EmailTransport.settings(url: Peers.smtpURL, username: nil, password: nil, timeout: 10)!,
                                   defaultFrom: "herald@herald.test"),
             http: http, links: LinkBuilder(baseURL: "http://herald.test", keys: TestEnvironment.linkKeys))
+        // The pools share one bus, as the workers of one process do.
+        let bus = NotificationBus(client: listenClient ?? env.workerClient, logger: env.logger)
         let pools = (0..<settings.pools).map { index in
             var configuration = WorkerPoolConfiguration(name: "test-\(index)-\(UUID().uuidString.prefix(6))")
             configuration.organisation = organisation
@@ -102,11 +104,10 @@ enum TestWorkers {
             configuration.retry = settings.retry
             configuration.pollInterval = settings.pollInterval
             configuration.leaseSeconds = settings.leaseSeconds
-            return DeliveryWorkerPool(configuration: configuration, database: database ?? env.workerDatabase,
-                                      listenClient: listenClient ?? env.workerClient,
-                                      sender: sender, logger: env.logger)
+            return DeliveryWorkerPool(configuration: configuration, database: database ?? env.workerDatabase, bus: bus, sender: sender, logger: env.logger)
         }
         let result = try await withThrowingTaskGroup(of: T?.self) { group in
+            group.addTask { try await bus.run(); return nil }
             for pool in pools { group.addTask { try await pool.run(); return nil } }
             let value = try await body()
             group.cancelAll()

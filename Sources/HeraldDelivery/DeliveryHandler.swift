@@ -1,0 +1,113 @@
+import Foundation
+import HeraldCore
+import HeraldStore
+import Logging
+import Metrics
+import Synchronization
+
+/// Sends one claimed delivery: reads it in its organisation, takes a send slot of its endpoint
+/// (or gives it back while the endpoint is full or its circuit open), sends, and says how the
+/// attempt ended. The runner records that through `OutboxQueue`.
+public final class DeliveryHandler: WorkHandler, Sendable {
+    let database: Database
+    let sender: DeliverySender
+    /// Sends in flight at once to one endpoint in this process (issue 8, item 13).
+    let endpointConcurrency: Int
+    /// How long a delivery given back for a full endpoint waits.
+    let endpointBusyDelay: TimeInterval
+    let circuitCooldown: TimeInterval
+    let retry: RetryPolicy
+    /// Sends in flight per endpoint.
+    private let endpointSends = Mutex<[UUID: Int]>([:])
+    /// The endpoint slot each delivery holds, left once its attempt is recorded.
+    private let slots = Mutex<[ClaimedDelivery: UUID]>([:])
+
+    public init(database: Database, sender: DeliverySender, endpointConcurrency: Int, endpointBusyDelay: TimeInterval,
+                circuitCooldown: TimeInterval, retry: RetryPolicy) {
+        self.database = database
+        self.sender = sender
+        self.endpointConcurrency = endpointConcurrency
+        self.endpointBusyDelay = endpointBusyDelay
+        self.circuitCooldown = circuitCooldown
+        self.retry = retry
+    }
+
+    public func handle(_ claim: ClaimedDelivery, logger: Logger) async throws -> WorkDisposition<DeliveryAttemptRecord> {
+        let work = try await database.withTenant(claim.organisationID) { tx in try await tx.deliveryWork(claim.deliveryID) }
+        var slot: UUID?
+        if let endpoint = work.endpoint, endpoint.enabled {
+            if let (until, why) = try await admit(endpoint, claim, now: Date()) {
+                return .giveBack(until: until, reason: why)
+            }
+            slot = endpoint.id
+            slots.withLock { $0[claim] = endpoint.id }
+        }
+        let outcome = await sender.send(work, attempt: claim.attempt, logger: logger)
+        if case .deferred(let why) = outcome {
+            return .giveBack(until: Date().addingTimeInterval(endpointBusyDelay), reason: why)
+        }
+        let result = outcome.result(attempt: claim.attempt, maxAttempts: work.delivery.maxAttempts, policy: retry, now: Date())
+        var record = DeliveryAttemptRecord(channel: work.delivery.channel, result: result)
+        if case .gone = outcome, let endpoint = work.endpoint { record.goneEndpoint = endpoint.id }
+        if let slot, let answered = outcome.receiverAnswered { record.endpointAnswered = (slot, answered) }
+        return .done(record)
+    }
+
+    /// Leaves the endpoint's send slot (held until the attempt is recorded, as the breaker's
+    /// state is), and counts and logs the attempt.
+    public func finished(_ claim: ClaimedDelivery, disposition: WorkDisposition<DeliveryAttemptRecord>?, recorded: Bool?,
+                         duration: Duration, logger: Logger) {
+        if let slot = slots.withLock({ $0.removeValue(forKey: claim) }) { leave(slot) }
+        guard case .done(let record)? = disposition, let recorded else { return }
+        let result = record.result
+        let outcome = recorded ? result.status : "FENCED"
+        let seconds = Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
+        Counter(label: "herald_delivery_attempts_total", dimensions: [("channel", record.channel), ("outcome", outcome)]).increment()
+        Timer(label: "herald_delivery_attempt_seconds", dimensions: [("channel", record.channel)]).recordSeconds(seconds)
+        logger.info("delivery attempt", metadata: [
+            "channel": .string(record.channel), "outcome": .string(outcome),
+            "duration_ms": "\(Int(seconds * 1000))", "response_code": "\(result.responseCode.map(String.init) ?? "-")",
+            "error": .string(result.error ?? ""),
+        ])
+    }
+
+    /// Takes a send slot of `endpoint`, or says until when to give the delivery back: while its
+    /// circuit is open, while another worker runs the half-open trial, or while its slots are full.
+    private func admit(_ endpoint: Endpoint, _ claim: ClaimedDelivery, now: Date) async throws -> (until: Date, why: String)? {
+        let busy = now.addingTimeInterval(endpointBusyDelay + Double.random(in: 0..<1))
+        let state = endpoint.circuit.state(at: now)
+        if state == .open, let retryAt = endpoint.circuit.retryAt {
+            return (retryAt, "circuit open")
+        }
+        let limit = endpointConcurrency
+        let entered = endpointSends.withLock { sends in
+            guard sends[endpoint.id, default: 0] < limit else { return false }
+            sends[endpoint.id, default: 0] += 1
+            return true
+        }
+        guard entered else { return (busy, "endpoint busy") }
+        if state == .halfOpen {
+            let trial: Bool
+            do {
+                trial = try await database.withTenant(claim.organisationID) { tx in
+                    try await tx.takeCircuitTrial(endpoint.id, cooldown: circuitCooldown)
+                }
+            } catch {
+                leave(endpoint.id)
+                throw error
+            }
+            if !trial {
+                leave(endpoint.id)
+                return (busy, "circuit trial running")
+            }
+        }
+        return nil
+    }
+
+    private func leave(_ endpoint: UUID) {
+        endpointSends.withLock { sends in
+            sends[endpoint, default: 1] -= 1
+            if sends[endpoint] == 0 { sends[endpoint] = nil }
+        }
+    }
+}
