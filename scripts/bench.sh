@@ -140,8 +140,8 @@ cat > .bench/unread.sql <<SQL
 $AUTH_SQL
 SELECT c.key, count(*)::int FROM notifications n JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
 LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
-WHERE n.user_id = :usr::uuid AND n.read_at IS NULL AND n.archived_at IS NULL AND n.visible_at <= now() AND (n.expires_at IS NULL OR n.expires_at > now())
-  AND (n.unread_pinned OR n.id > coalesce((SELECT read_settled FROM feed_state WHERE user_id = :usr::uuid), '00000000-0000-0000-0000-000000000000'))
+WHERE n.organisation_id = :org::uuid AND n.user_id = :usr::uuid AND n.read_at IS NULL AND n.archived_at IS NULL AND n.visible_at <= now() AND (n.expires_at IS NULL OR n.expires_at > now())
+  AND (n.unread_pinned OR n.id > coalesce((SELECT read_settled FROM feed_state WHERE organisation_id = :org::uuid AND user_id = :usr::uuid), '00000000-0000-0000-0000-000000000000'))
   AND NOT notification_read(n, fs)
 GROUP BY c.key;
 COMMIT;
@@ -155,7 +155,7 @@ JOIN events e ON e.organisation_id = n.organisation_id AND e.id = n.event_id
 JOIN notification_types t ON t.organisation_id = n.organisation_id AND t.id = n.type_id
 JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
 LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
-WHERE n.user_id = :usr::uuid AND n.visible_at <= now() AND (n.expires_at IS NULL OR n.expires_at > now()) AND n.archived_at IS NULL
+WHERE n.organisation_id = :org::uuid AND n.user_id = :usr::uuid AND n.visible_at <= now() AND (n.expires_at IS NULL OR n.expires_at > now()) AND n.archived_at IS NULL
 ORDER BY read, id DESC LIMIT 21;
 COMMIT;
 SQL
