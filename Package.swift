@@ -139,7 +139,7 @@ let package = Package(
         ),
         .testTarget(
             name: "HeraldDeliveryTests",
-            dependencies: ["HeraldDelivery", "HeraldCore"],
+            dependencies: ["HeraldDelivery", "HeraldCore", "HeraldStore"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -56,15 +56,21 @@ public enum SendOutcome: Sendable, Equatable {
     }
 }
 
-/// Renders a delivery for its channel and hands it to the transport.
+/// Checks that a delivery still qualifies, then hands it to its channel's transport.
 public struct DeliverySender: Sendable {
-    let email: EmailTransport
-    let http: HTTPTransport
+    let transports: ChannelTransports
     let links: LinkBuilder
 
+    /// A sender over these transports, one per outbox channel (`ChannelTransports` refuses two
+    /// for one channel).
+    public init(transports: [any ChannelTransport], links: LinkBuilder) throws {
+        self.transports = try ChannelTransports(transports)
+        self.links = links
+    }
+
+    /// The standard registration: email over SMTP, webhooks and chat over HTTP.
     public init(email: EmailTransport, http: HTTPTransport, links: LinkBuilder) {
-        self.email = email
-        self.http = http
+        self.transports = ChannelTransports.standard(email: email, http: http)
         self.links = links
     }
 
@@ -72,60 +78,16 @@ public struct DeliverySender: Sendable {
         if work.eventStatus == "CANCELLED" { return .notSent(reason: "Not sent: the event was cancelled.") }
         if let expiry = work.eventExpiresAt, expiry <= now { return .notSent(reason: "Not sent: the event expired first.") }
         if !work.recipient.candidate.active { return .notSent(reason: "Not sent: the recipient was deactivated.") }
-        switch NotificationChannel(rawValue: work.delivery.channel) {
-        case .email:
-            return await sendEmail(work, now: now)
-        case .webhook, .chat:
+        guard let channel = NotificationChannel(rawValue: work.delivery.channel), let transport = transports[channel] else {
+            return .notSent(reason: "Not sent: \(work.delivery.channel) is not an outbox channel.")
+        }
+        if channel.reach == .endpoints {
             guard let endpoint = work.endpoint else { return .notSent(reason: "Not sent: the endpoint was deleted.") }
             guard endpoint.enabled else {
                 return .notSent(reason: "Not sent: the endpoint is disabled\(endpoint.disabledReason.map { " (\($0))" } ?? "").")
             }
-            let open = links.open(work, now: now)
-            let linkValues = open.map { ["open": $0] } ?? [:]
-            if endpoint.channel == .webhook {
-                let body = WebhookMessage.body(work, content: content(work, channel: .webhook, links: linkValues), url: open)
-                let headers = WebhookSigner.headers(id: "msg_\(work.delivery.id.lowercased)", timestamp: now, body: body,
-                                                    secrets: endpoint.signingSecrets(at: now).compactMap(WebhookSecret.init))
-                return await http.post(endpoint.url, headers: headers + [("content-type", "application/json")], body: body)
-            }
-            let body = ChatMessage.body(format: endpoint.format, content: content(work, channel: .chat, links: linkValues), url: open)
-            return await http.post(endpoint.url, headers: [("content-type", "application/json")], body: body)
-        case .inApp, nil:
-            return .notSent(reason: "Not sent: \(work.delivery.channel) is not an outbox channel.")
         }
-    }
-
-    /// The recipient's content for `channel`, from that channel's template, or the in-app one
-    /// when the type has none for it. Templates see `links.open` and `links.unsubscribe`.
-    func content(_ work: DeliveryWork, channel: NotificationChannel, links: [String: String] = [:]) -> TemplateContent {
-        let own = !(work.input.type.templates[channel] ?? [:]).isEmpty
-        return NotificationPlanner.render(work.input, work.recipient, channel: own ? channel : .inApp, links: links)
-    }
-
-    private func sendEmail(_ work: DeliveryWork, now: Date) async -> SendOutcome {
-        let unsubscribe = links.unsubscribe(work, now: now)
-        var linkValues = ["unsubscribe": unsubscribe]
-        if let open = links.open(work, now: now) { linkValues["open"] = open }
-        let content = content(work, channel: .email, links: linkValues)
-        let from = work.email.from ?? email.defaultFrom
-        let message: [UInt8]
-        do {
-            message = try MIMEMessage(
-                from: .init(from, name: work.email.fromName ?? work.input.organisationName),
-                replyTo: work.email.replyTo.map { .init($0) },
-                to: .init(work.recipient.email, name: work.recipient.displayName),
-                subject: content.subject, textBody: content.body, htmlBody: content.html,
-                messageID: "\(work.delivery.id.lowercased)@\(from.split(separator: "@").last.map(String.init) ?? "herald")",
-                date: now,
-                extraHeaders: [("List-Unsubscribe", "<\(unsubscribe)>"), ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]
-            ).encoded()
-        } catch let error as MIMEError {
-            // A sentence a tenant admin can read (MIMEError describes itself in words).
-            return .refused(code: nil, error: "The message could not be built: \(error.description)", permanent: true, retryAfter: nil)
-        } catch {
-            return .refused(code: nil, error: "The message could not be built.", permanent: true, retryAfter: nil)
-        }
-        return await email.send(from: from, to: work.recipient.email, message: message)
+        return await transport.send(work, links: links, now: now)
     }
 }
 

@@ -239,11 +239,10 @@ public enum NotificationPlanner {
                     channel: channel, categoryIsCritical: input.type.categoryIsCritical,
                     typeDefaultChannels: input.type.defaultChannels,
                     user: input.userPreferences[target.userID]?[channel], organisationDefault: input.organisationDefaults[channel])
-                let endpoints = input.endpoints[channel] ?? []
-                let hasDestination = channel == .inApp || channel == .email || !endpoints.isEmpty
+                let destinations = channel.destinations(for: profile, endpoints: input.endpoints[channel] ?? [])
                 let decision = ChannelDecider.decide(
                     channel: channel, preference: preference, payload: input.payload, timeZone: timeZone,
-                    throttled: throttled, hasDestination: hasDestination)
+                    throttled: throttled, hasDestination: !destinations.isEmpty)
                 var traced = TracedChannel(decision: decision)
                 switch decision.outcome {
                 case .inApp:
@@ -253,9 +252,9 @@ public enum NotificationPlanner {
                     traced.notificationID = id
                     plan.counts.inApp += 1
                 case .immediate:
-                    let planned = channel == .email
-                        ? [PlannedDelivery(id: UUID(), userID: target.userID, channel: channel, destination: profile.email)]
-                        : endpoints.map { PlannedDelivery(id: UUID(), userID: target.userID, channel: channel, destination: $0.url, endpointID: $0.id) }
+                    let planned = destinations.map {
+                        PlannedDelivery(id: UUID(), userID: target.userID, channel: channel, destination: $0.address, endpointID: $0.endpointID)
+                    }
                     plan.deliveries += planned
                     traced.deliveryIDs = planned.map(\.id)
                     plan.counts.immediate += planned.count

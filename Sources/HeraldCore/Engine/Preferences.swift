@@ -43,7 +43,7 @@ public enum PreferenceResolver {
         user: PreferenceSetting?,
         organisationDefault: PreferenceSetting?
     ) -> EffectivePreference {
-        if categoryIsCritical, channel == .inApp {
+        if categoryIsCritical, channel.reach == .feed {
             return EffectivePreference(enabled: true, frequency: .immediate, conditions: [], source: .criticalOverride)
         }
         if let user {
@@ -99,7 +99,7 @@ public enum ChannelDecider {
         // A critical override is never throttled: a critical alert always reaches the bell.
         if throttled, preference.source != .criticalOverride { return skip(.throttled) }
         guard hasDestination else { return skip(.noDestination) }
-        if channel == .inApp {
+        if channel.reach == .feed {
             return ChannelDecision(channel: channel, preference: preference, outcome: .inApp, reason: .inAppCreated)
         }
         switch preference.frequency {

@@ -1,0 +1,39 @@
+import Foundation
+import HeraldCore
+import HeraldStore
+
+/// Email: a multipart MIME message over SMTP, with RFC 8058 one-click unsubscribe.
+public struct EmailChannel: ChannelTransport {
+    public let transport: EmailTransport
+    public var channel: NotificationChannel { .email }
+
+    public init(transport: EmailTransport) {
+        self.transport = transport
+    }
+
+    public func send(_ work: DeliveryWork, links: LinkBuilder, now: Date) async -> SendOutcome {
+        let unsubscribe = links.unsubscribe(work, now: now)
+        var linkValues = ["unsubscribe": unsubscribe]
+        if let open = links.open(work, now: now) { linkValues["open"] = open }
+        let content = content(work, links: linkValues)
+        let from = work.email.from ?? transport.defaultFrom
+        let message: [UInt8]
+        do {
+            message = try MIMEMessage(
+                from: .init(from, name: work.email.fromName ?? work.input.organisationName),
+                replyTo: work.email.replyTo.map { .init($0) },
+                to: .init(work.recipient.email, name: work.recipient.displayName),
+                subject: content.subject, textBody: content.body, htmlBody: content.html,
+                messageID: "\(work.delivery.id.lowercased)@\(from.split(separator: "@").last.map(String.init) ?? "herald")",
+                date: now,
+                extraHeaders: [("List-Unsubscribe", "<\(unsubscribe)>"), ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]
+            ).encoded()
+        } catch let error as MIMEError {
+            // A sentence a tenant admin can read (MIMEError describes itself in words).
+            return .refused(code: nil, error: "The message could not be built: \(error.description)", permanent: true, retryAfter: nil)
+        } catch {
+            return .refused(code: nil, error: "The message could not be built.", permanent: true, retryAfter: nil)
+        }
+        return await transport.send(from: from, to: work.recipient.email, message: message)
+    }
+}
