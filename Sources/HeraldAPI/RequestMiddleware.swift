@@ -161,6 +161,9 @@ struct RequestMiddleware: RouterMiddleware {
             return "\(error)"
         case let error as StoredValueError:
             return "\(error)"
+        case let error as PostgresDecodingError:
+            // The column and the Swift type, never `postgresData` (tenant data).
+            return "PostgresDecodingError \(error.code) column=\(error.columnName) as \(error.targetType)"
         default:
             return "\(type(of: error))"
         }

@@ -125,7 +125,7 @@ extension TenantTransaction {
             """
             INSERT INTO notification_types (organisation_id, key, category_id, name, description, default_severity, default_priority, default_channels)
             VALUES (\(organisationID), \(fields.key), \(fields.categoryID), \(fields.name), \(fields.description),
-                    \(fields.defaultSeverity.rawValue), \(fields.defaultPriority.rawValue), \(fields.defaultChannels.map(\.rawValue))::text[])
+                    \(fields.defaultSeverity), \(fields.defaultPriority), \(fields.defaultChannels))
             RETURNING id
             """)
         return try await notificationType(rows[0].decode(UUID.self))
@@ -135,8 +135,8 @@ extension TenantTransaction {
         let rows = try await query(
             """
             UPDATE notification_types SET category_id = \(fields.categoryID), name = \(fields.name), description = \(fields.description),
-                default_severity = \(fields.defaultSeverity.rawValue), default_priority = \(fields.defaultPriority.rawValue),
-                default_channels = \(fields.defaultChannels.map(\.rawValue))::text[], updated_at = now()
+                default_severity = \(fields.defaultSeverity), default_priority = \(fields.defaultPriority),
+                default_channels = \(fields.defaultChannels), updated_at = now()
             WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id
             """)
         guard !rows.isEmpty else { throw StoreError.notFound("notification type") }
@@ -154,7 +154,7 @@ extension TenantTransaction {
         try await query(
             """
             INSERT INTO templates (organisation_id, type_id, channel, locale, subject, body, html)
-            VALUES (\(organisationID), \(typeID), \(channel.rawValue), \(locale), \(content.subject), \(content.body), \(content.html))
+            VALUES (\(organisationID), \(typeID), \(channel), \(locale), \(content.subject), \(content.body), \(content.html))
             ON CONFLICT (organisation_id, type_id, channel, locale)
             DO UPDATE SET subject = excluded.subject, body = excluded.body, html = excluded.html, updated_at = now()
             """)
@@ -165,7 +165,7 @@ extension TenantTransaction {
     public func deleteTemplate(typeID: UUID, channel: NotificationChannel, locale: String) async throws -> Bool {
         _ = try await notificationType(typeID)
         return !(try await query(
-            "DELETE FROM templates WHERE organisation_id = \(organisationID) AND type_id = \(typeID) AND channel = \(channel.rawValue) AND locale = \(locale) RETURNING locale"
+            "DELETE FROM templates WHERE organisation_id = \(organisationID) AND type_id = \(typeID) AND channel = \(channel) AND locale = \(locale) RETURNING locale"
         )).isEmpty
     }
 
@@ -201,9 +201,10 @@ private let typeColumns = """
 
 private func decodeType(_ row: PostgresRow) throws -> NotificationType {
     let (id, key, categoryID, categoryKey, name, description, severity, priority, channels, created, updated) =
-        try row.decode((UUID, String, UUID, String, String, String, String, String, [String], Date, Date).self)
+        try row.decode((UUID, String, UUID, String, String, String, Severity, Priority, [NotificationChannel], Date, Date).self,
+                       table: "notification_types")
     return NotificationType(
         id: id, key: key, categoryID: categoryID, categoryKey: categoryKey, name: name, description: description,
-        defaultSeverity: try stored(severity, "severity"), defaultPriority: try stored(priority, "priority"),
-        defaultChannels: try channels.map { try stored($0, "default_channels") }, templates: [:], createdAt: created, updatedAt: updated)
+        defaultSeverity: severity, defaultPriority: priority,
+        defaultChannels: channels, templates: [:], createdAt: created, updatedAt: updated)
 }

@@ -89,7 +89,7 @@ extension TenantTransaction {
         try await query(
             """
             INSERT INTO endpoints (organisation_id, id, channel, format, name, url, event_types, secret)
-            VALUES (\(organisationID), \(id), \(channel.rawValue), \(format), \(name), \(url), \(eventTypes)::text[], \(secret))
+            VALUES (\(organisationID), \(id), \(channel), \(format), \(name), \(url), \(eventTypes)::text[], \(secret))
             """)
         return try await endpoint(id)
     }
@@ -223,9 +223,9 @@ private let endpointColumns = """
 func decodeEndpoint(_ row: PostgresRow) throws -> Endpoint {
     let (id, channel, format, name, url, types, enabled, reason, secret, previous, previousUntil, created, updated, failures, openedAt,
          retryAt, circuitReason) =
-        try row.decode((UUID, String, String, String, String, [String], Bool, String?, String?, String?, Date?, Date, Date, Int, Date?,
-                        Date?, String?).self)
-    return Endpoint(id: id, channel: try stored(channel, "channel"), format: format, name: name, url: url,
+        try row.decode((UUID, NotificationChannel, String, String, String, [String], Bool, String?, String?, String?, Date?, Date, Date, Int, Date?,
+                        Date?, String?).self, table: "endpoints")
+    return Endpoint(id: id, channel: channel, format: format, name: name, url: url,
                     eventTypes: types, enabled: enabled, disabledReason: reason, secret: secret, previousSecret: previous,
                     previousSecretExpiresAt: previousUntil, createdAt: created, updatedAt: updated,
                     circuit: EndpointCircuit(failures: failures, openedAt: openedAt, retryAt: retryAt, reason: circuitReason))

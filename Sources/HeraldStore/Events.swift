@@ -2,6 +2,8 @@ import Foundation
 import HeraldCore
 import PostgresNIO
 
+extension DecisionCounts: StoredDocument {}
+
 /// A stored event: one call of notify.
 public struct EventRecord: Sendable, Equatable {
     public var id: UUID
@@ -17,7 +19,7 @@ public struct EventRecord: Sendable, Equatable {
     public var priority: Priority
     public var deliverAt: Date
     public var expiresAt: Date?
-    public var status: String
+    public var status: EventStatus
     public var idempotencyKey: String?
     public var requestHash: String?
     public var counts: DecisionCounts
@@ -149,7 +151,7 @@ extension TenantTransaction {
                 UNION SELECT user_id FROM by_role
                 UNION SELECT user_id FROM by_group
             )
-            SELECT u.id, u.active, u.email, u.display_name, u.locale, u.timezone, u.attributes::text,
+            SELECT u.id, u.active, u.email, u.display_name, u.locale, u.timezone, u.attributes,
                    u.id = ANY(\(audience.userIDs)::uuid[]), coalesce(br.keys, '{}'), coalesce(bg.keys, '{}')
             FROM candidates c
             JOIN users u ON u.organisation_id = \(organisationID) AND u.id = c.user_id
@@ -159,11 +161,11 @@ extension TenantTransaction {
             """)
         return try rows.map { row in
             let (id, active, email, name, locale, timezone, attributes, byUser, byRoles, byGroups) =
-                try row.decode((UUID, Bool, String, String, String?, String?, String, Bool, [String], [String]).self)
+                try row.decode((UUID, Bool, String, String, String?, String?, JSONDocument<JSONValue>, Bool, [String], [String]).self, table: "users")
             return RecipientProfile(
                 candidate: Candidate(userID: id, active: active, byUser: byUser, byRoles: byRoles, byGroups: byGroups, byEveryone: audience.everyone),
                 email: email, displayName: name, locale: locale, timezone: timezone,
-                attributes: try storedJSON(attributes, "users.attributes"))
+                attributes: attributes.value)
         }
     }
 
@@ -184,14 +186,12 @@ extension TenantTransaction {
     /// Users' own settings for one category, by user and channel.
     public func preferences(forCategory categoryID: UUID) async throws -> [UUID: [NotificationChannel: PreferenceSetting]] {
         let rows = try await query(
-            "SELECT user_id, channel, enabled, frequency, conditions::text FROM preferences WHERE organisation_id = \(organisationID) AND category_id = \(categoryID)")
+            "SELECT user_id, channel, enabled, frequency, conditions FROM preferences WHERE organisation_id = \(organisationID) AND category_id = \(categoryID)")
         var result: [UUID: [NotificationChannel: PreferenceSetting]] = [:]
-        let decoder = JSONDecoder()
         for row in rows {
-            let (user, channel, enabled, frequency, conditions) = try row.decode((UUID, String, Bool, String, String).self)
-            guard let channel = NotificationChannel(rawValue: channel), let frequency = Frequency(rawValue: frequency) else { continue }
-            result[user, default: [:]][channel] = PreferenceSetting(
-                enabled: enabled, frequency: frequency, conditions: try decoder.decode([Condition].self, from: Data(conditions.utf8)))
+            let (user, channel, enabled, frequency, conditions) =
+                try row.decode((UUID, NotificationChannel, Bool, Frequency, JSONDocument<[Condition]>).self, table: "preferences")
+            result[user, default: [:]][channel] = PreferenceSetting(enabled: enabled, frequency: frequency, conditions: conditions.value)
         }
         return result
     }
@@ -242,15 +242,14 @@ extension TenantTransaction {
     /// Writes the event, its in-app rows, deliveries, digest items and decision trace, and
     /// wakes listeners when the transaction commits.
     public func write(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws {
-        let countsJSON = String(decoding: try JSONEncoder().encode(plan.counts), as: UTF8.self)
         try await query(
             """
             INSERT INTO events (organisation_id, id, type_id, actor_type, actor_id, source_actor, audience, payload, subject_type, subject_id,
                                 severity, priority, deliver_at, expires_at, idempotency_key, request_hash, counts, url, tags)
             VALUES (\(organisationID), \(event.id), \(event.typeID), \(actor.kind), \(actor.id), \(event.sourceActorJSON)::jsonb, \(event.audienceJSON)::jsonb,
-                    \(event.payloadJSON)::jsonb, \(event.subjectType), \(event.subjectID), \(event.severity.rawValue),
-                    \(event.priority.rawValue), \(event.deliverAt), \(event.expiresAt), \(event.idempotencyKey), \(event.requestHash),
-                    \(countsJSON)::jsonb, \(event.url), \(event.tags)::text[])
+                    \(event.payloadJSON)::jsonb, \(event.subjectType), \(event.subjectID), \(event.severity),
+                    \(event.priority), \(event.deliverAt), \(event.expiresAt), \(event.idempotencyKey), \(event.requestHash),
+                    \(plan.counts), \(event.url), \(event.tags)::text[])
             """)
         if !plan.notifications.isEmpty {
             let n = plan.notifications
@@ -258,8 +257,8 @@ extension TenantTransaction {
                 """
                 INSERT INTO notifications (organisation_id, id, event_id, user_id, type_id, category_id, severity, priority,
                                            title, body, visible_at, expires_at)
-                SELECT \(organisationID), id, \(event.id), user_id, \(type.id), \(type.categoryID), \(event.severity.rawValue),
-                       \(event.priority.rawValue), title, body, \(event.deliverAt), \(event.expiresAt)
+                SELECT \(organisationID), id, \(event.id), user_id, \(type.id), \(type.categoryID), \(event.severity),
+                       \(event.priority), title, body, \(event.deliverAt), \(event.expiresAt)
                 FROM unnest(\(n.map(\.id))::uuid[], \(n.map(\.userID))::uuid[], \(n.map(\.title))::text[], \(n.map(\.body))::text[])
                      AS row(id, user_id, title, body)
                 """)
@@ -270,7 +269,7 @@ extension TenantTransaction {
                 """
                 INSERT INTO deliveries (organisation_id, id, event_id, user_id, channel, destination, endpoint_id, next_attempt_at)
                 SELECT \(organisationID), id, \(event.id), user_id, channel, destination, nullif(endpoint_id, '')::uuid, \(event.deliverAt)
-                FROM unnest(\(d.map(\.id))::uuid[], \(d.map(\.userID))::uuid[], \(d.map(\.channel.rawValue))::text[], \(d.map(\.destination))::text[],
+                FROM unnest(\(d.map(\.id))::uuid[], \(d.map(\.userID))::uuid[], \(d.map(\.channel))::text[], \(d.map(\.destination))::text[],
                             \(d.map { $0.endpointID?.uuidString ?? "" })::text[])
                      AS row(id, user_id, channel, destination, endpoint_id)
                 """)
@@ -281,20 +280,19 @@ extension TenantTransaction {
                 """
                 INSERT INTO digest_items (organisation_id, id, event_id, user_id, category_id, channel, frequency, due_after)
                 SELECT \(organisationID), id, \(event.id), user_id, \(type.categoryID), channel, frequency, \(event.deliverAt)
-                FROM unnest(\(g.map(\.id))::uuid[], \(g.map(\.userID))::uuid[], \(g.map(\.channel.rawValue))::text[], \(g.map(\.frequency.rawValue))::text[])
+                FROM unnest(\(g.map(\.id))::uuid[], \(g.map(\.userID))::uuid[], \(g.map(\.channel))::text[], \(g.map(\.frequency))::text[])
                      AS row(id, user_id, channel, frequency)
                 """)
         }
         if !plan.traces.isEmpty {
             let t = plan.traces
-            let encoder = JSONEncoder()
-            let channels = try t.map { String(decoding: try encoder.encode($0.channels.map(TraceChannelRecord.init)), as: UTF8.self) }
+            let channels = t.map { JSONDocument($0.channels.map(TraceChannelRecord.init)) }
             try await query(
                 """
                 INSERT INTO event_recipients (organisation_id, event_id, user_id, category_id, targeted, rule, reason, notified, channels)
-                SELECT \(organisationID), \(event.id), user_id, \(type.categoryID), targeted, rule, reason, notified, channels::jsonb
+                SELECT \(organisationID), \(event.id), user_id, \(type.categoryID), targeted, rule, reason, notified, channels
                 FROM unnest(\(t.map(\.targeting.userID))::uuid[], \(t.map(\.targeting.targeted))::boolean[], \(t.map(\.targeting.rule))::text[],
-                            \(t.map(\.targeting.reason.rawValue))::text[], \(t.map(\.notified))::boolean[], \(channels)::text[])
+                            \(t.map(\.targeting.reason))::text[], \(t.map(\.notified))::boolean[], \(channels)::jsonb[])
                      AS row(user_id, targeted, rule, reason, notified, channels)
                 """)
         }
@@ -389,19 +387,19 @@ public struct TraceChannelRecord: Codable, Sendable, Equatable {
 private let eventColumns = """
     e.id, e.type_id, (SELECT t.key FROM notification_types t WHERE t.organisation_id = e.organisation_id AND t.id = e.type_id),
     e.actor_type, e.actor_id, e.audience::text, e.payload::text, e.subject_type, e.subject_id, e.severity, e.priority,
-    e.deliver_at, e.expires_at, e.status, e.idempotency_key, e.request_hash, e.counts::text, e.created_at, e.cancelled_at, e.tags
+    e.deliver_at, e.expires_at, e.status, e.idempotency_key, e.request_hash, e.counts, e.created_at, e.cancelled_at, e.tags
     """
 
 private func decodeEvent(_ row: PostgresRow) throws -> EventRecord {
     let (id, typeID, typeKey, actorType, actorID, audience, payload, subjectType, subjectID, severity, priority,
          deliverAt, expiresAt, status, key, hash, counts, created, cancelled, tags) =
-        try row.decode((UUID, UUID, String, String, UUID?, String, String, String?, String?, String, String,
-                        Date, Date?, String, String?, String?, String, Date, Date?, [String]).self)
+        try row.decode((UUID, UUID, String, String, UUID?, String, String, String?, String?, Severity, Priority,
+                        Date, Date?, EventStatus, String?, String?, DecisionCounts, Date, Date?, [String]).self, table: "events")
     return EventRecord(
         id: id, typeID: typeID, typeKey: typeKey, actorType: actorType, actorID: actorID, audienceJSON: audience, payloadJSON: payload,
-        subjectType: subjectType, subjectID: subjectID, severity: try stored(severity, "severity"),
-        priority: try stored(priority, "priority"), deliverAt: deliverAt, expiresAt: expiresAt, status: status,
+        subjectType: subjectType, subjectID: subjectID, severity: severity,
+        priority: priority, deliverAt: deliverAt, expiresAt: expiresAt, status: status,
         idempotencyKey: key, requestHash: hash,
-        counts: try storedJSON(counts, "events.counts"),
+        counts: counts,
         createdAt: created, cancelledAt: cancelled, tags: tags)
 }

@@ -12,14 +12,14 @@ public struct ExplainedRecipient: Sendable, Equatable {
     public var reason: ReasonCode
     public var channels: [TraceChannelRecord]
     /// Current status of each delivery the engine queued (PENDING, SENT, CANCELLED, …).
-    public var deliveryStatus: [UUID: String]
+    public var deliveryStatus: [UUID: DeliveryStatus]
     /// Current state of each digest item (pending, sent, cancelled).
     public var digestStatus: [UUID: String]
     /// Current state of each in-app row: UNREAD, READ, ARCHIVED, or DELETED when the user deleted it.
     public var notificationStatus: [UUID: String] = [:]
 
     public init(userID: UUID, email: String, displayName: String, targeted: Bool, rule: String, reason: ReasonCode,
-                channels: [TraceChannelRecord], deliveryStatus: [UUID: String], digestStatus: [UUID: String]) {
+                channels: [TraceChannelRecord], deliveryStatus: [UUID: DeliveryStatus], digestStatus: [UUID: String]) {
         self.userID = userID
         self.email = email
         self.displayName = displayName
@@ -30,11 +30,6 @@ public struct ExplainedRecipient: Sendable, Equatable {
         self.deliveryStatus = deliveryStatus
         self.digestStatus = digestStatus
     }
-}
-
-/// A stored trace names a reason this build does not know (an older build reading newer rows).
-public struct UnknownReasonCode: Error, Sendable {
-    public var code: String
 }
 
 extension TraceChannelRecord {
@@ -49,21 +44,19 @@ extension TenantTransaction {
         _ = try await event(eventID)
         let rows = try await query(
             """
-            SELECT r.user_id, u.email, u.display_name, r.targeted, r.rule, r.reason, r.channels::text
+            SELECT r.user_id, u.email, u.display_name, r.targeted, r.rule, r.reason, r.channels
             FROM event_recipients r JOIN users u ON u.organisation_id = r.organisation_id AND u.id = r.user_id
             WHERE r.organisation_id = \(organisationID) AND r.event_id = \(eventID) AND (\(userID)::uuid IS NULL OR r.user_id = \(userID))
               AND (\(after)::uuid IS NULL OR r.user_id > \(after))
             ORDER BY r.user_id
             LIMIT \(limit + 1)
             """)
-        let decoder = JSONDecoder()
         var items: [ExplainedRecipient] = try rows.prefix(limit).map { row in
-            let (user, email, name, targeted, rule, reason, channels) = try row.decode((UUID, String, String, Bool, String, String, String).self)
-            guard let reason = ReasonCode(rawValue: reason) else { throw UnknownReasonCode(code: reason) }
+            let (user, email, name, targeted, rule, reason, channels) =
+                try row.decode((UUID, String, String, Bool, String, ReasonCode, JSONDocument<[TraceChannelRecord]>).self, table: "event_recipients")
             return ExplainedRecipient(
                 userID: user, email: email, displayName: name, targeted: targeted, rule: rule,
-                reason: reason,
-                channels: try decoder.decode([TraceChannelRecord].self, from: Data(channels.utf8)), deliveryStatus: [:], digestStatus: [:])
+                reason: reason, channels: channels.value, deliveryStatus: [:], digestStatus: [:])
         }
         let notificationIDs = items.flatMap { $0.channels.compactMap(\.notificationID) }
         var notifications: [UUID: String] = [:]
@@ -80,10 +73,10 @@ extension TenantTransaction {
         }
         let deliveryIDs = items.flatMap { $0.channels.flatMap(\.deliveryIDs) }
         let digestIDs = items.flatMap { $0.channels.compactMap(\.digestItemID) }
-        var deliveries: [UUID: String] = [:]
+        var deliveries: [UUID: DeliveryStatus] = [:]
         if !deliveryIDs.isEmpty {
             for row in try await query("SELECT id, status FROM deliveries WHERE organisation_id = \(organisationID) AND id = ANY(\(deliveryIDs)::uuid[])") {
-                let (id, status) = try row.decode((UUID, String).self)
+                let (id, status) = try row.decode((UUID, DeliveryStatus).self, table: "deliveries")
                 deliveries[id] = status
             }
         }

@@ -88,8 +88,8 @@ extension TenantTransaction {
                 AND (n.archived_at IS NOT NULL) = \(filter.archived)
                 AND (\(filter.typeKey)::text IS NULL OR t.key = \(filter.typeKey))
                 AND (\(filter.categoryKey)::text IS NULL OR c.key = \(filter.categoryKey))
-                AND (\(filter.severity?.rawValue)::text IS NULL OR n.severity = \(filter.severity?.rawValue))
-                AND (\(filter.priority?.rawValue)::text IS NULL OR n.priority = \(filter.priority?.rawValue))
+                AND (\(filter.severity)::text IS NULL OR n.severity = \(filter.severity))
+                AND (\(filter.priority)::text IS NULL OR n.priority = \(filter.priority))
                 AND (\(filter.since)::timestamptz IS NULL OR n.visible_at >= \(filter.since))
                 AND (\(filter.search)::text IS NULL OR n.search @@ websearch_to_tsquery('simple', \(filter.search)))
                 AND (\(filter.tags)::text[] IS NULL OR e.tags @> \(filter.tags)::text[])
@@ -255,8 +255,9 @@ private let feedSelect = """
 
 private func decodeFeedItem(_ row: PostgresRow) throws -> FeedItem {
     let (id, event, type, category, severity, priority, title, body, subjectType, subjectID, read, archived, created, expires, tags) =
-        try row.decode((UUID, UUID, String, String, String, String, String, String, String?, String?, Bool, Bool, Date, Date?, [String]).self)
-    return FeedItem(id: id, eventID: event, typeKey: type, categoryKey: category, severity: try stored(severity, "severity"),
-                    priority: try stored(priority, "priority"), title: title, body: body, subjectType: subjectType,
+        try row.decode((UUID, UUID, String, String, Severity, Priority, String, String, String?, String?, Bool, Bool, Date, Date?, [String]).self,
+                       table: "notifications")
+    return FeedItem(id: id, eventID: event, typeKey: type, categoryKey: category, severity: severity,
+                    priority: priority, title: title, body: body, subjectType: subjectType,
                     subjectID: subjectID, read: read, archived: archived, createdAt: created, expiresAt: expires, tags: tags)
 }

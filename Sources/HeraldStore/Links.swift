@@ -30,7 +30,7 @@ extension TenantTransaction {
         try await query(
             """
             INSERT INTO preferences (organisation_id, user_id, category_id, channel, enabled, frequency)
-            VALUES (\(organisationID), \(userID), \(categoryID), \(channel.rawValue), false, 'NONE')
+            VALUES (\(organisationID), \(userID), \(categoryID), \(channel), false, \(Frequency.none))
             ON CONFLICT (organisation_id, user_id, category_id, channel) DO UPDATE SET enabled = false, updated_at = now()
             """)
         return before

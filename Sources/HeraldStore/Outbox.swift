@@ -83,13 +83,13 @@ public struct DeliveryWork: Sendable {
 
 /// Filters of the outbox listing.
 public struct DeliveryFilter: Sendable {
-    public var status: String?
-    public var channel: String?
+    public var status: DeliveryStatus?
+    public var channel: NotificationChannel?
     public var userID: UUID?
     public var eventID: UUID?
     public var since: Date?
 
-    public init(status: String? = nil, channel: String? = nil, userID: UUID? = nil, eventID: UUID? = nil, since: Date? = nil) {
+    public init(status: DeliveryStatus? = nil, channel: NotificationChannel? = nil, userID: UUID? = nil, eventID: UUID? = nil, since: Date? = nil) {
         self.status = status
         self.channel = channel
         self.userID = userID
@@ -127,8 +127,8 @@ extension TenantTransaction {
         let delivery = try await delivery(id)
         guard let row = try await query(
             """
-            SELECT e.type_id, e.payload::text, e.source_actor::text, e.subject_type, e.subject_id, e.severity, e.priority, e.deliver_at,
-                   e.expires_at, e.status, e.url, u.email, u.display_name, u.locale, u.timezone, u.attributes::text, u.active,
+            SELECT e.type_id, e.payload, e.source_actor, e.subject_type, e.subject_id, e.severity, e.priority, e.deliver_at,
+                   e.expires_at, e.status, e.url, u.email, u.display_name, u.locale, u.timezone, u.attributes, u.active,
                    o.name, o.slug, o.default_locale, o.default_timezone,
                    o.settings->>'email_from', o.settings->>'email_from_name', o.settings->>'email_reply_to'
             FROM events e
@@ -138,22 +138,22 @@ extension TenantTransaction {
             """).first else { throw StoreError.notFound("delivery") }
         let (typeID, payload, actor, subjectType, subjectID, severity, priority, deliverAt, expiresAt, status, url,
              email, name, locale, timezone, attributes, active, orgName, orgSlug, orgLocale, orgTimezone, from, fromName, replyTo) =
-            try row.decode((UUID, String, String?, String?, String?, String, String, Date, Date?, String, String?,
-                            String, String, String?, String?, String, Bool, String, String, String, String, String?, String?, String?).self)
+            try row.decode((UUID, JSONDocument<JSONValue>, JSONDocument<JSONValue>?, String?, String?, Severity, Priority, Date, Date?, String, String?,
+                            String, String, String?, String?, JSONDocument<JSONValue>, Bool, String, String, String, String, String?, String?, String?).self,
+                           table: "events")
         let type = try await notificationType(typeID)
         let category = try await category(type.categoryID)
-        let decoder = JSONDecoder()
         let recipient = RecipientProfile(
             candidate: Candidate(userID: delivery.userID, active: active, byUser: true), email: email, displayName: name,
-            locale: locale, timezone: timezone, attributes: try decoder.decode(JSONValue.self, from: Data(attributes.utf8)))
+            locale: locale, timezone: timezone, attributes: attributes.value)
         let profile = TypeProfile(type, category: category)
         let input = PlanInput(
-            eventID: delivery.eventID, type: profile, severity: try stored(severity, "severity"),
-            priority: try stored(priority, "priority"), payload: try decoder.decode(JSONValue.self, from: Data(payload.utf8)),
+            eventID: delivery.eventID, type: profile, severity: severity,
+            priority: priority, payload: payload.value,
             subjectType: subjectType, subjectID: subjectID, deliverAt: deliverAt, organisationName: orgName, organisationSlug: orgSlug,
             organisationLocale: orgLocale, organisationTimezone: orgTimezone, throttlePerMinute: nil, recipients: [recipient],
             excluded: [], userPreferences: [:], organisationDefaults: [:], recentCounts: [:],
-            sourceActor: try actor.map { try decoder.decode(JSONValue.self, from: Data($0.utf8)) })
+            sourceActor: actor?.value)
         let endpoint = try await delivery.endpointID.asyncMap { try await self.endpoint($0) }
         return DeliveryWork(organisationID: organisationID, delivery: delivery, input: input, recipient: recipient, eventStatus: status, eventExpiresAt: expiresAt,
                             url: url, email: EmailIdentity(from: from, fromName: fromName, replyTo: replyTo), endpoint: endpoint)
@@ -195,10 +195,10 @@ extension TenantTransaction {
     /// the row moved on); the attempt is logged as FENCED then, unless the rescuing claim already
     /// logged it as EXPIRED. A failure on the row's last allowed attempt is DEAD.
     public func completeDelivery(_ claim: ClaimedDelivery, worker: String, startedAt: Date, result: AttemptResult) async throws -> Bool {
-        let (status, code, error, retryAt, response): (String, Int?, String?, Date?, String?) = switch result {
-        case .sent(let code, let response): ("SENT", code, nil, nil, response)
-        case .failed(let code, let error, let retryAt): ("FAILED", code, error, retryAt, nil)
-        case .dead(let code, let error): ("DEAD", code, error, nil, nil)
+        let (status, code, error, retryAt, response): (DeliveryStatus, Int?, String?, Date?, String?) = switch result {
+        case .sent(let code, let response): (.sent, code, nil, nil, response)
+        case .failed(let code, let error, let retryAt): (.failed, code, error, retryAt, nil)
+        case .dead(let code, let error): (.dead, code, error, nil, nil)
         }
         let rows = try await query(
             """
@@ -219,7 +219,7 @@ extension TenantTransaction {
                 """)
             return false
         }
-        let final = try row.decode(String.self)
+        let final = try row.decode(DeliveryStatus.self)
         try await query(
             """
             INSERT INTO delivery_attempts (organisation_id, delivery_id, attempt, worker, started_at, outcome, response_code, error)

@@ -19,8 +19,8 @@ extension TenantTransaction {
     /// The user's own settings (cells not listed inherit).
     public func preferences(ofUser userID: UUID) async throws -> [PreferenceCell] {
         try await query(
-            "SELECT category_id, channel, enabled, frequency, conditions::text FROM preferences WHERE organisation_id = \(organisationID) AND user_id = \(userID) ORDER BY category_id, channel"
-        ).compactMap(decodeCell)
+            "SELECT category_id, channel, enabled, frequency, conditions FROM preferences WHERE organisation_id = \(organisationID) AND user_id = \(userID) ORDER BY category_id, channel"
+        ).map(decodeCell)
     }
 
     /// Replaces the user's settings with `cells` (a cell not listed inherits again).
@@ -30,9 +30,9 @@ extension TenantTransaction {
         try await query(
             """
             INSERT INTO preferences (organisation_id, user_id, category_id, channel, enabled, frequency, conditions)
-            SELECT \(organisationID), \(userID), c, ch, e, f, cond::jsonb
-            FROM unnest(\(cells.map(\.categoryID))::uuid[], \(cells.map(\.channel.rawValue))::text[], \(cells.map(\.setting.enabled))::boolean[],
-                        \(cells.map(\.setting.frequency.rawValue))::text[], \(try cells.map { try conditionsJSON($0.setting.conditions) })::text[])
+            SELECT \(organisationID), \(userID), c, ch, e, f, cond
+            FROM unnest(\(cells.map(\.categoryID))::uuid[], \(cells.map(\.channel))::text[], \(cells.map(\.setting.enabled))::boolean[],
+                        \(cells.map(\.setting.frequency))::text[], \(cells.map { JSONDocument($0.setting.conditions) })::jsonb[])
                  AS cell(c, ch, e, f, cond)
             """)
     }
@@ -40,8 +40,8 @@ extension TenantTransaction {
     /// The organisation's defaults.
     public func preferenceDefaults() async throws -> [PreferenceCell] {
         try await query(
-            "SELECT category_id, channel, enabled, frequency, conditions::text FROM preference_defaults WHERE organisation_id = \(organisationID) ORDER BY category_id, channel"
-        ).compactMap(decodeCell)
+            "SELECT category_id, channel, enabled, frequency, conditions FROM preference_defaults WHERE organisation_id = \(organisationID) ORDER BY category_id, channel"
+        ).map(decodeCell)
     }
 
     /// Replaces the organisation's defaults with `cells`.
@@ -51,21 +51,19 @@ extension TenantTransaction {
         try await query(
             """
             INSERT INTO preference_defaults (organisation_id, category_id, channel, enabled, frequency, conditions)
-            SELECT \(organisationID), c, ch, e, f, cond::jsonb
-            FROM unnest(\(cells.map(\.categoryID))::uuid[], \(cells.map(\.channel.rawValue))::text[], \(cells.map(\.setting.enabled))::boolean[],
-                        \(cells.map(\.setting.frequency.rawValue))::text[], \(try cells.map { try conditionsJSON($0.setting.conditions) })::text[])
+            SELECT \(organisationID), c, ch, e, f, cond
+            FROM unnest(\(cells.map(\.categoryID))::uuid[], \(cells.map(\.channel))::text[], \(cells.map(\.setting.enabled))::boolean[],
+                        \(cells.map(\.setting.frequency))::text[], \(cells.map { JSONDocument($0.setting.conditions) })::jsonb[])
                  AS cell(c, ch, e, f, cond)
             """)
     }
 }
 
-func conditionsJSON(_ conditions: [Condition]) throws -> String {
-    String(decoding: try JSONEncoder().encode(conditions), as: UTF8.self)
-}
-
-private func decodeCell(_ row: PostgresRow) throws -> PreferenceCell? {
-    let (category, channel, enabled, frequency, conditions) = try row.decode((UUID, String, Bool, String, String).self)
-    guard let channel = NotificationChannel(rawValue: channel), let frequency = Frequency(rawValue: frequency) else { return nil }
-    let parsed = try JSONDecoder().decode([Condition].self, from: Data(conditions.utf8))
-    return PreferenceCell(categoryID: category, channel: channel, setting: PreferenceSetting(enabled: enabled, frequency: frequency, conditions: parsed))
+/// A stored cell. A channel or frequency Herald does not know fails the read (a logged 500)
+/// rather than dropping the cell: a dropped opt-out would answer something false.
+private func decodeCell(_ row: PostgresRow) throws -> PreferenceCell {
+    let (category, channel, enabled, frequency, conditions) =
+        try row.decode((UUID, NotificationChannel, Bool, Frequency, JSONDocument<[Condition]>).self, table: "preferences")
+    return PreferenceCell(categoryID: category, channel: channel,
+                          setting: PreferenceSetting(enabled: enabled, frequency: frequency, conditions: conditions.value))
 }

@@ -71,7 +71,7 @@ extension TenantTransaction {
 
     /// Replaces a role's permissions.
     func setRolePermissions(_ id: UUID, _ permissions: Set<Permission>) async throws {
-        let keys = permissions.map(\.rawValue).sorted()
+        let keys = permissions.sorted()
         try await query("DELETE FROM role_permissions WHERE organisation_id = \(organisationID) AND role_id = \(id) AND permission <> ALL(\(keys)::text[])")
         try await query(
             """

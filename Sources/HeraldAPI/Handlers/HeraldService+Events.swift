@@ -178,9 +178,9 @@ extension HeraldService {
                       notificationId: channel.notificationID?.lowercased,
                       notificationStatus: try channel.notificationID.flatMap { recipient.notificationStatus[$0] }.map { try mapped(stored: $0) },
                       deliveryId: channel.deliveryID?.lowercased,
-                      deliveryStatus: channel.deliveryID.flatMap { recipient.deliveryStatus[$0] },
+                      deliveryStatus: channel.deliveryID.flatMap { recipient.deliveryStatus[$0]?.rawValue },
                       deliveries: channel.deliveryIDs.isEmpty ? nil : try channel.deliveryIDs.map { id in
-                          .init(id: id.lowercased, status: try recipient.deliveryStatus[id].map { try mapped(stored: $0) } ?? .pending)
+                          .init(id: id.lowercased, status: try recipient.deliveryStatus[id].map { try mapped($0) } ?? .pending)
                       },
                       digestItemId: channel.digestItemID?.lowercased,
                       digestStatus: try channel.digestItemID.flatMap { recipient.digestStatus[$0] }.map { try mapped(stored: $0) })
@@ -234,7 +234,7 @@ extension Components.Schemas.Event {
     init(_ e: EventRecord) throws {
         let audience = try JSONDecoder().decode(Audience.self, from: Data(e.audienceJSON.utf8))
         self.init(
-            id: e.id.lowercased, _type: e.typeKey, status: try mapped(stored: e.status),
+            id: e.id.lowercased, _type: e.typeKey, status: try mapped(e.status),
             audience: .init(userIds: audience.userIDs.isEmpty ? nil : audience.userIDs.map(\.lowercased),
                             roles: audience.roleKeys.isEmpty ? nil : audience.roleKeys,
                             groups: audience.groupKeys.isEmpty ? nil : audience.groupKeys, everyone: audience.everyone ? true : nil,

@@ -8,7 +8,7 @@ extension HeraldService {
         let q = input.query
         let (limit, cursor) = try page(q.limit, q.cursor)
         let filter = try DeliveryFilter(
-            status: q.status?.rawValue, channel: q.channel?.rawValue,
+            status: try q.status.map { try mapped($0, to: DeliveryStatus.self) }, channel: try q.channel.map { try mapped($0, to: NotificationChannel.self) },
             userID: try q.userId.map { v throws(ValidationError) in try Validate.uuid(v, field: "user_id") },
             eventID: try q.eventId.map { v throws(ValidationError) in try Validate.uuid(v, field: "event_id") }, since: q.since)
         let page = try await tenant { tx, _ in try await tx.deliveries(filter, limit: limit, after: cursor) }
