@@ -65,8 +65,8 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
         configuration: .init(dateTranscoder: FlexibleISO8601(), jsonEncodingOptions: [.sortedKeys, .withoutEscapingSlashes]),
         middlewares: [
             TenantBoundary(database: dependencies.database, authenticator: Authenticator(tokens: dependencies.tokens, now: dependencies.now),
-                           linkKeys: dependencies.linkKeys, now: dependencies.now),
-            ContractMiddleware(maxBodyBytes: configuration.maxBodyBytes),
+                           linkKeys: dependencies.linkKeys, contract: ContractChecks(maxBodyBytes: configuration.maxBodyBytes),
+                           now: dependencies.now)
         ])
     return router
 }

@@ -15,7 +15,10 @@ import OpenAPIRuntime
 ///   actor, attributes, condition values) `null` is an ordinary value. See docs/decisions.md.
 /// - Text with U+0000 is refused (400): PostgreSQL cannot store it in `text` or `jsonb`, so it
 ///   used to end as a 500.
-struct ContractMiddleware: ServerMiddleware {
+///
+/// `TenantBoundary` runs these checks once the caller may call the operation, so a stranger
+/// learns nothing of the contract before a 401 or 403.
+struct ContractChecks: Sendable {
     let maxBodyBytes: Int
 
     /// Request members holding the client's own JSON objects: `null` is allowed inside them.
@@ -23,13 +26,8 @@ struct ContractMiddleware: ServerMiddleware {
     /// Request members that may be any JSON value, `null` included (a condition's operands).
     static let anyValue: Set<String> = ["value", "values"]
 
-    func intercept(
-        _ request: HTTPRequest,
-        body: HTTPBody?,
-        metadata: ServerRequestMetadata,
-        operationID: String,
-        next: @Sendable (HTTPRequest, HTTPBody?, ServerRequestMetadata) async throws -> (HTTPResponse, HTTPBody?)
-    ) async throws -> (HTTPResponse, HTTPBody?) {
+    /// The body the operation should see (nil when the request has no content), or a 400/422.
+    func checked(_ request: HTTPRequest, body: HTTPBody?, operationID: String) async throws -> HTTPBody? {
         if let query = request.path?.split(separator: "?", maxSplits: 1).dropFirst().first, query.lowercased().contains("%00") {
             throw APIError.badRequest("A query parameter contains the character U+0000, which Herald does not accept in text.")
         }
@@ -40,12 +38,8 @@ struct ContractMiddleware: ServerMiddleware {
         }
         let hasContent = request.headerFields[.transferEncoding] != nil
             || (request.headerFields[.contentLength].flatMap { Int($0) } ?? 0) > 0
-        guard let body, hasContent, body.length != .known(0) else {
-            return try await next(request, nil, metadata)
-        }
-        guard request.headerFields[.contentType]?.lowercased().hasPrefix("application/json") == true else {
-            return try await next(request, body, metadata)
-        }
+        guard let body, hasContent, body.length != .known(0) else { return nil }
+        guard request.headerFields[.contentType]?.lowercased().hasPrefix("application/json") == true else { return body }
         let data = try await Data(collecting: body, upTo: maxBodyBytes)
         let route = SpecRoutes.byOperationID[operationID]
         let needsLimits = !(route?.limits.isEmpty ?? true)
@@ -53,7 +47,7 @@ struct ContractMiddleware: ServerMiddleware {
             if let problem = Self.problem(in: json, at: "") { throw APIError.badRequest(problem) }
             if let violation = route?.lengthViolation(in: json) { throw APIError.unprocessable(violation) }
         }
-        return try await next(request, HTTPBody(data), metadata)
+        return HTTPBody(data)
     }
 
     /// Whether the raw bytes contain `null` or `\u0000` at all: most bodies need no parse here.

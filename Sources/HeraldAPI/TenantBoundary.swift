@@ -14,13 +14,16 @@ import OpenAPIRuntime
 ///    the handler's statements run in it (`HeraldService.tenant`), committed when the handler
 ///    returns and rolled back when it throws;
 /// 3. on `/v1/me/notifications…` the transaction is confined to the caller's own in-app rows
-///    (row-level security on `app.recipient_id`), so no feed handler can forget it.
+///    (row-level security on `app.recipient_id`), so no feed handler can forget it;
+/// 4. the contract's checks (`ContractChecks`: query parameters, lengths, nulls), then the
+///    operation.
 ///
 /// Errors are not translated here: `RequestMiddleware` maps every error to problem+json.
 struct TenantBoundary: ServerMiddleware {
     let database: Database
     let authenticator: Authenticator
     let linkKeys: LinkKeyRing
+    let contract: ContractChecks
     let now: @Sendable () -> Date
 
     func intercept(
@@ -31,15 +34,19 @@ struct TenantBoundary: ServerMiddleware {
         next: @Sendable (HTTPRequest, HTTPBody?, ServerRequestMetadata) async throws -> (HTTPResponse, HTTPBody?)
     ) async throws -> (HTTPResponse, HTTPBody?) {
         let scope = try RequestScope.get()
+        // The operation, after the contract's checks (`ContractChecks`) on the request.
+        func proceed() async throws -> (HTTPResponse, HTTPBody?) {
+            try await next(request, try await contract.checked(request, body: body, operationID: operationID), metadata)
+        }
         guard let rule = RoutePermissions.table[operationID] else {
             scope.logger.critical("operation has no access rule", metadata: ["operation": "\(operationID)"])
             throw APIError.internalError
         }
         if case .public = rule {
             if let linkScope = RoutePermissions.signedLinks[operationID] {
-                return try await signedLink(linkScope, scope: scope, metadata: metadata) { try await next(request, body, metadata) }
+                return try await signedLink(linkScope, scope: scope, metadata: metadata, proceed)
             }
-            return try await next(request, body, metadata)
+            return try await proceed()
         }
         guard let credential = scope.credential else {
             throw APIError.unauthorized("This operation needs a bearer token or an API key.")
@@ -61,7 +68,7 @@ struct TenantBoundary: ServerMiddleware {
                 var bound = scope
                 bound.principal = principal
                 bound.transaction = loan
-                return try await RequestScope.$current.withValue(bound) { try await next(request, body, metadata) }
+                return try await RequestScope.$current.withValue(bound) { try await proceed() }
             }
         }
     }

@@ -36,24 +36,23 @@ public enum Validate {
 
     /// A machine key: lowercase letters, digits, `-` and `_`, 2 to 64 characters.
     public static func key(_ value: String, field: String = "key") throws(ValidationError) -> String {
-        guard value.range(of: #"^[a-z0-9][a-z0-9_-]{1,63}$"#, options: .regularExpression) != nil else {
-            throw ValidationError(field: field, message: "\"\(value)\" must be 2 to 64 lowercase letters, digits, '-' or '_'.")
-        }
-        return value
+        try matching(value, #"^[a-z0-9][a-z0-9_-]{1,63}$"#, field, "must be 2 to 64 lowercase letters, digits, '-' or '_'.")
     }
 
     /// A notification type key: letters, digits, `_`, `.` and `-`, 2 to 100 characters (`ISQ_CRITICAL`).
     public static func typeKey(_ value: String, field: String = "key") throws(ValidationError) -> String {
-        guard value.range(of: #"^[A-Za-z0-9][A-Za-z0-9_.-]{1,99}$"#, options: .regularExpression) != nil else {
-            throw ValidationError(field: field, message: "\"\(value)\" must be 2 to 100 letters, digits, '_', '.' or '-'.")
-        }
-        return value
+        try matching(value, #"^[A-Za-z0-9][A-Za-z0-9_.-]{1,99}$"#, field, "must be 2 to 100 letters, digits, '_', '.' or '-'.")
     }
 
     /// An organisation slug: lowercase letters, digits and `-`, 2 to 63 characters.
     public static func slug(_ value: String, field: String = "slug") throws(ValidationError) -> String {
-        guard value.range(of: #"^[a-z0-9][a-z0-9-]{1,62}$"#, options: .regularExpression) != nil else {
-            throw ValidationError(field: field, message: "\"\(value)\" must be 2 to 63 lowercase letters, digits or '-'.")
+        try matching(value, #"^[a-z0-9][a-z0-9-]{1,62}$"#, field, "must be 2 to 63 lowercase letters, digits or '-'.")
+    }
+
+    /// `value` when the whole of it matches `pattern`; else 422 quoting it, then `rule`.
+    private static func matching(_ value: String, _ pattern: String, _ field: String, _ rule: String) throws(ValidationError) -> String {
+        guard value.range(of: pattern, options: .regularExpression) != nil else {
+            throw ValidationError(field: field, message: "\"\(value)\" \(rule)")
         }
         return value
     }
@@ -90,10 +89,8 @@ public enum Validate {
     /// A `key:value` tag (`team:sales`): a key of 1–32 lowercase letters, digits, `_`, `.`, `-`
     /// and a value of 1–64 characters without spaces or commas.
     public static func tag(_ value: String, field: String = "tags") throws(ValidationError) -> String {
-        guard value.range(of: #"^[a-z0-9_.-]{1,32}:[^\s,]{1,64}$"#, options: .regularExpression) != nil else {
-            throw ValidationError(field: field, message: "\"\(value)\" is not a tag such as \"team:sales\" (key: 1-32 of a-z 0-9 _ . -; value: 1-64 characters, no spaces or commas).")
-        }
-        return value
+        try matching(value, #"^[a-z0-9_.-]{1,32}:[^\s,]{1,64}$"#, field,
+                     "is not a tag such as \"team:sales\" (key: 1-32 of a-z 0-9 _ . -; value: 1-64 characters, no spaces or commas).")
     }
 
     /// A UUID in its canonical text form.

@@ -7,7 +7,7 @@ import HeraldStore
 /// Where a channel's messages go is the engine's business (`NotificationChannel.reach`).
 ///
 /// A new channel (SMS, web push) is one file with a type conforming to this, its registration
-/// where the sender is built (`herald/Worker.swift`, `ChannelTransports.standard`), its case in
+/// in `ChannelTransports.standard`, its case in
 /// `NotificationChannel` and the spec's enum, and a migration adding it to the SQL domain.
 public protocol ChannelTransport: Sendable {
     /// The channel this transport sends for.
@@ -40,9 +40,10 @@ public struct ChannelTransports: Sendable {
         self.byChannel = byChannel
     }
 
-    /// Email over SMTP, webhooks (Standard Webhooks) and chat (Slack, Mattermost) over HTTP.
+    /// The registration: email over SMTP, webhooks (Standard Webhooks) and chat (Slack,
+    /// Mattermost) over HTTP.
     public static func standard(email: EmailTransport, http: HTTPTransport) -> ChannelTransports {
-        ChannelTransports(uncheckedDistinct: [EmailChannel(transport: email), WebhookChannel(http: http), ChatChannel(http: http)])
+        ChannelTransports(uncheckedDistinct: [EmailChannel(transport: email), EndpointChannel.webhook(http: http), EndpointChannel.chat(http: http)])
     }
 
     private init(uncheckedDistinct transports: [any ChannelTransport]) {

@@ -3,15 +3,11 @@ import HeraldCore
 import HeraldStore
 
 /// Email: a multipart MIME message over SMTP, with RFC 8058 one-click unsubscribe.
-public struct EmailChannel: ChannelTransport {
-    public let transport: EmailTransport
-    public var channel: NotificationChannel { .email }
+struct EmailChannel: ChannelTransport {
+    let transport: EmailTransport
+    var channel: NotificationChannel { .email }
 
-    public init(transport: EmailTransport) {
-        self.transport = transport
-    }
-
-    public func send(_ work: DeliveryWork, links: LinkBuilder, now: Date) async -> SendOutcome {
+    func send(_ work: DeliveryWork, links: LinkBuilder, now: Date) async -> SendOutcome {
         let unsubscribe = links.unsubscribe(work, now: now)
         var linkValues = ["unsubscribe": unsubscribe]
         if let open = links.open(work, now: now) { linkValues["open"] = open }

@@ -2,39 +2,37 @@ import Foundation
 import HeraldCore
 import HeraldStore
 
-/// Webhooks: a Standard Webhooks POST, signed with the endpoint's secrets (both during a
-/// rotation's overlap). An HTTP 410 disables the endpoint (`SendOutcome.gone`).
-public struct WebhookChannel: ChannelTransport {
-    public let http: HTTPTransport
-    public var channel: NotificationChannel { .webhook }
+/// The channels that POST to an organisation's endpoints: one transport, two request shapes.
+/// An HTTP 410 disables the endpoint (`SendOutcome.gone`).
+struct EndpointChannel: ChannelTransport {
+    let channel: NotificationChannel
+    let http: HTTPTransport
+    /// The request's headers and body for one delivery to `endpoint`.
+    let request: @Sendable (_ work: DeliveryWork, _ endpoint: Endpoint, _ content: TemplateContent, _ open: String?, _ now: Date)
+        -> (headers: [(String, String)], body: [UInt8])
 
-    public init(http: HTTPTransport) {
-        self.http = http
-    }
-
-    public func send(_ work: DeliveryWork, links: LinkBuilder, now: Date) async -> SendOutcome {
+    func send(_ work: DeliveryWork, links: LinkBuilder, now: Date) async -> SendOutcome {
         guard let endpoint = work.endpoint else { return .notSent(reason: "Not sent: the endpoint was deleted.") }
         let open = links.open(work, now: now)
-        let body = WebhookMessage.body(work, content: content(work, links: open.map { ["open": $0] } ?? [:]), url: open)
-        let headers = WebhookSigner.headers(id: "msg_\(work.delivery.id.lowercased)", timestamp: now, body: body,
-                                            secrets: endpoint.signingSecrets(at: now).compactMap(WebhookSecret.init))
+        let (headers, body) = request(work, endpoint, content(work, links: open.map { ["open": $0] } ?? [:]), open, now)
         return await http.post(endpoint.url, headers: headers + [("content-type", "application/json")], body: body)
     }
-}
 
-/// Chat: a Slack or Mattermost incoming-webhook message.
-public struct ChatChannel: ChannelTransport {
-    public let http: HTTPTransport
-    public var channel: NotificationChannel { .chat }
-
-    public init(http: HTTPTransport) {
-        self.http = http
+    /// Webhooks: a Standard Webhooks POST, signed with the endpoint's secrets (both during a
+    /// rotation's overlap).
+    static func webhook(http: HTTPTransport) -> EndpointChannel {
+        EndpointChannel(channel: .webhook, http: http) { work, endpoint, content, open, now in
+            let body = WebhookMessage.body(work, content: content, url: open)
+            let headers = WebhookSigner.headers(id: "msg_\(work.delivery.id.lowercased)", timestamp: now, body: body,
+                                                secrets: endpoint.signingSecrets(at: now).compactMap(WebhookSecret.init))
+            return (headers, body)
+        }
     }
 
-    public func send(_ work: DeliveryWork, links: LinkBuilder, now: Date) async -> SendOutcome {
-        guard let endpoint = work.endpoint else { return .notSent(reason: "Not sent: the endpoint was deleted.") }
-        let open = links.open(work, now: now)
-        let body = ChatMessage.body(format: endpoint.format, content: content(work, links: open.map { ["open": $0] } ?? [:]), url: open)
-        return await http.post(endpoint.url, headers: [("content-type", "application/json")], body: body)
+    /// Chat: a Slack or Mattermost incoming-webhook message.
+    static func chat(http: HTTPTransport) -> EndpointChannel {
+        EndpointChannel(channel: .chat, http: http) { _, endpoint, content, open, _ in
+            ([], ChatMessage.body(format: endpoint.format, content: content, url: open))
+        }
     }
 }
