@@ -24,7 +24,7 @@ help:
 	@echo "make run      install what is missing, build, start PostgreSQL, migrate, seed, serve"
 	@echo "make test     the whole suite against a private PostgreSQL it starts and stops"
 	@echo "make bench    benchmarks against a private cluster and a release build (docs/benchmarks.md)"
-	@echo "make db-up | db-down | db-reset | fmt | spec"
+	@echo "make db-up | db-down | db-reset | fmt | lint | spec"
 
 deps:
 	@scripts/install-deps.sh
@@ -60,7 +60,7 @@ run: build $(RUN_DB_UP) jwt-key
 
 # The suite needs a database it can create and drop: always a private cluster, stopped after.
 # Then scripts/contract.sh serves a freshly seeded database and checks it against openapi.yaml.
-test: deps
+test: deps lint
 	swift build --build-tests
 	@scripts/pg.sh up test $(TEST_PORT)
 	@scripts/pg.sh recreate-db test $(TEST_PORT) herald_test
@@ -88,7 +88,12 @@ spec:
 	python3 -m openapi_spec_validator openapi.yaml
 	python3 scripts/spec-routes.py
 
+# The style is .swift-format's; `make test` fails on any difference, `make fmt` applies it.
+FORMATTED := Sources Tests Package.swift sql/HeraldMigrations.swift
 fmt:
-	swift format --in-place --recursive Sources Tests Package.swift
+	swift format format --in-place --recursive $(FORMATTED)
 
-.PHONY: help deps build db-up db-down db-reset jwt-key run test bench spec fmt
+lint:
+	swift format lint --strict --recursive $(FORMATTED)
+
+.PHONY: help deps build db-up db-down db-reset jwt-key run test bench spec fmt lint

@@ -63,7 +63,9 @@ public struct AccessTokens: Sendable {
     let ttl: TimeInterval
     let leeway: TimeInterval
 
-    public init(keys: [AccessTokenKey], activeKeyID: String?, issuer: String, audience: String, ttl: TimeInterval, leeway: TimeInterval) async throws {
+    public init(
+        keys: [AccessTokenKey], activeKeyID: String?, issuer: String, audience: String, ttl: TimeInterval, leeway: TimeInterval
+    ) async throws {
         guard let last = keys.last else { throw AccessTokenConfigurationError.noKeys }
         let active = activeKeyID ?? last.id
         guard keys.contains(where: { $0.id == active }) else { throw AccessTokenConfigurationError.unknownActiveKey(active) }
@@ -96,7 +98,8 @@ public struct AccessTokens: Sendable {
     func verify(_ token: String, now: Date) async throws(AccessTokenRejection) -> VerifiedAccess {
         let parts = token.split(separator: ".", omittingEmptySubsequences: false)
         guard parts.count == 3, let headerData = Data(base64URLEncoded: String(parts[0])),
-              let header = try? JSONDecoder().decode(Header.self, from: headerData) else { throw .malformed }
+            let header = try? JSONDecoder().decode(Header.self, from: headerData)
+        else { throw .malformed }
         guard header.alg == AccessTokenKey.algorithm else { throw .algorithmNotAllowed(header.alg) }
         guard let kid = header.kid, keyIDs.contains(kid) else { throw .unknownKeyID }
         let claims: AccessClaims
@@ -128,7 +131,6 @@ public struct AccessTokens: Sendable {
         var kid: String?
     }
 }
-
 
 /// The JWT keys in the configuration cannot be used.
 public enum AccessTokenConfigurationError: Error, CustomStringConvertible {

@@ -23,9 +23,11 @@ public struct AppDependencies: Sendable {
     public var services: [any Service]
     public var now: @Sendable () -> Date
 
-    public init(database: Database, postgres: PostgresClient, tokens: AccessTokens, passwords: PasswordHasher,
-                metrics: HTTPMetrics = HTTPMetrics(), expectedMigrations: [Int], linkKeys: LinkKeyRing = .ephemeral(),
-                services: [any Service] = [], now: @escaping @Sendable () -> Date = { Date() }) {
+    public init(
+        database: Database, postgres: PostgresClient, tokens: AccessTokens, passwords: PasswordHasher,
+        metrics: HTTPMetrics = HTTPMetrics(), expectedMigrations: [Int], linkKeys: LinkKeyRing = .ephemeral(),
+        services: [any Service] = [], now: @escaping @Sendable () -> Date = { Date() }
+    ) {
         self.linkKeys = linkKeys
         self.services = services
         self.database = database
@@ -41,10 +43,11 @@ public struct AppDependencies: Sendable {
 /// The router: the generated operations behind one request middleware.
 public func buildRouter(configuration: AppConfiguration, dependencies: AppDependencies) throws -> Router<HeraldRequestContext> {
     let router = Router(context: HeraldRequestContext.self)
-    router.add(middleware: RequestMiddleware(
-        authenticator: Authenticator(tokens: dependencies.tokens, now: dependencies.now),
-        maxBodyBytes: configuration.maxBodyBytes,
-        metrics: dependencies.metrics))
+    router.add(
+        middleware: RequestMiddleware(
+            authenticator: Authenticator(tokens: dependencies.tokens, now: dependencies.now),
+            maxBodyBytes: configuration.maxBodyBytes,
+            metrics: dependencies.metrics))
     let service = HeraldService(
         database: dependencies.database,
         tokens: dependencies.tokens,
@@ -64,16 +67,19 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
         on: router,
         configuration: .init(dateTranscoder: FlexibleISO8601(), jsonEncodingOptions: [.sortedKeys, .withoutEscapingSlashes]),
         middlewares: [
-            TenantBoundary(database: dependencies.database, authenticator: Authenticator(tokens: dependencies.tokens, now: dependencies.now),
-                           linkKeys: dependencies.linkKeys, contract: ContractChecks(maxBodyBytes: configuration.maxBodyBytes),
-                           now: dependencies.now)
+            TenantBoundary(
+                database: dependencies.database, authenticator: Authenticator(tokens: dependencies.tokens, now: dependencies.now),
+                linkKeys: dependencies.linkKeys, contract: ContractChecks(maxBodyBytes: configuration.maxBodyBytes),
+                now: dependencies.now)
         ])
     return router
 }
 
 /// The server application: the router plus the PostgreSQL client as a service of the same
 /// service group, so SIGTERM stops taking requests, drains, then closes the pool.
-public func buildApplication(configuration: AppConfiguration, dependencies: AppDependencies, logger: Logger) throws -> some ApplicationProtocol {
+public func buildApplication(
+    configuration: AppConfiguration, dependencies: AppDependencies, logger: Logger
+) throws -> some ApplicationProtocol {
     let router = try buildRouter(configuration: configuration, dependencies: dependencies)
     return Application(
         router: router,
@@ -86,7 +92,8 @@ extension PostgresClient.Configuration {
     /// Parses `postgres://user:password@host:port/database[?sslmode=disable|prefer|require]`.
     public static func fromURL(_ text: String) throws -> PostgresClient.Configuration {
         guard let url = URLComponents(string: text), ["postgres", "postgresql"].contains(url.scheme ?? ""),
-              let user = url.user else { throw ConfigurationError(variable: "DATABASE_URL", value: "(not a postgres:// URL)") }
+            let user = url.user
+        else { throw ConfigurationError(variable: "DATABASE_URL", value: "(not a postgres:// URL)") }
         let database = url.path.hasPrefix("/") ? String(url.path.dropFirst()) : url.path
         let sslmode = url.queryItems?.first(where: { $0.name == "sslmode" })?.value ?? "disable"
         let tls: PostgresClient.Configuration.TLS

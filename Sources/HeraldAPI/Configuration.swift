@@ -99,7 +99,9 @@ public struct AppConfiguration: Sendable {
         try number("HERALD_ACCESS_TOKEN_TTL", &c.accessTokenTTL)
         try number("HERALD_REFRESH_TOKEN_TTL", &c.refreshTokenTTL)
         try number("HERALD_JWT_LEEWAY", &c.jwtLeeway)
-        guard (0...60).contains(c.jwtLeeway) else { throw ConfigurationError(variable: "HERALD_JWT_LEEWAY", value: "\(c.jwtLeeway) (0 to 60)") }
+        guard (0...60).contains(c.jwtLeeway) else {
+            throw ConfigurationError(variable: "HERALD_JWT_LEEWAY", value: "\(c.jwtLeeway) (0 to 60)")
+        }
         try number("HERALD_ARGON2_ITERATIONS", &c.argon2Iterations)
         try number("HERALD_ARGON2_MEMORY_KIB", &c.argon2MemoryKiB)
         try number("HERALD_ARGON2_PARALLELISM", &c.argon2Parallelism)
@@ -124,8 +126,12 @@ public struct AppConfiguration: Sendable {
         try number("HERALD_RETRY_FACTOR", &c.retryFactor)
         try number("HERALD_RETRY_MAX_SECONDS", &c.retryMaxSeconds)
         try number("HERALD_RETRY_JITTER", &c.retryJitter)
-        guard (0...1).contains(c.retryJitter) else { throw ConfigurationError(variable: "HERALD_RETRY_JITTER", value: "\(c.retryJitter) (0 to 1)") }
-        guard (1...1000).contains(c.workerBatchSize) else { throw ConfigurationError(variable: "HERALD_WORKER_BATCH", value: "\(c.workerBatchSize) (1 to 1000)") }
+        guard (0...1).contains(c.retryJitter) else {
+            throw ConfigurationError(variable: "HERALD_RETRY_JITTER", value: "\(c.retryJitter) (0 to 1)")
+        }
+        guard (1...1000).contains(c.workerBatchSize) else {
+            throw ConfigurationError(variable: "HERALD_WORKER_BATCH", value: "\(c.workerBatchSize) (1 to 1000)")
+        }
         guard (1...3600).contains(c.workerLeaseSeconds) else {
             throw ConfigurationError(variable: "HERALD_WORKER_LEASE_SECONDS", value: "\(c.workerLeaseSeconds) (1 to 3600)")
         }
@@ -140,19 +146,27 @@ public struct AppConfiguration: Sendable {
             throw ConfigurationError(variable: "HERALD_SMTP_FROM", value: "\(c.smtpFrom) (\(error.message))")
         }
         try number("HERALD_SMTP_TIMEOUT", &c.smtpTimeout)
-        if let v = value("HERALD_DESTINATIONS_ALLOW") { c.destinationsAllowed = v.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
+        if let v = value("HERALD_DESTINATIONS_ALLOW") {
+            c.destinationsAllowed = v.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+        }
         try number("HERALD_WEBHOOK_TIMEOUT", &c.webhookTimeout)
         try number("HERALD_DATABASE_TIMEOUT", &c.databaseTimeout)
         try number("HERALD_SHUTDOWN_SECONDS", &c.shutdownSeconds)
         try number("HERALD_ENDPOINT_CONCURRENCY", &c.endpointConcurrency)
         try number("HERALD_CIRCUIT_FAILURES", &c.circuitFailures)
         try number("HERALD_CIRCUIT_COOLDOWN_SECONDS", &c.circuitCooldownSeconds)
-        guard c.databaseTimeout >= 0.1 else { throw ConfigurationError(variable: "HERALD_DATABASE_TIMEOUT", value: "\(c.databaseTimeout) (at least 0.1)") }
-        guard c.shutdownSeconds >= 1 else { throw ConfigurationError(variable: "HERALD_SHUTDOWN_SECONDS", value: "\(c.shutdownSeconds) (at least 1)") }
+        guard c.databaseTimeout >= 0.1 else {
+            throw ConfigurationError(variable: "HERALD_DATABASE_TIMEOUT", value: "\(c.databaseTimeout) (at least 0.1)")
+        }
+        guard c.shutdownSeconds >= 1 else {
+            throw ConfigurationError(variable: "HERALD_SHUTDOWN_SECONDS", value: "\(c.shutdownSeconds) (at least 1)")
+        }
         guard (1...1000).contains(c.endpointConcurrency) else {
             throw ConfigurationError(variable: "HERALD_ENDPOINT_CONCURRENCY", value: "\(c.endpointConcurrency) (1 to 1000)")
         }
-        guard c.circuitFailures >= 1 else { throw ConfigurationError(variable: "HERALD_CIRCUIT_FAILURES", value: "\(c.circuitFailures) (at least 1)") }
+        guard c.circuitFailures >= 1 else {
+            throw ConfigurationError(variable: "HERALD_CIRCUIT_FAILURES", value: "\(c.circuitFailures) (at least 1)")
+        }
         guard c.circuitCooldownSeconds >= 0 else {
             throw ConfigurationError(variable: "HERALD_CIRCUIT_COOLDOWN_SECONDS", value: "\(c.circuitCooldownSeconds) (0 or more)")
         }
@@ -171,7 +185,9 @@ extension AppConfiguration {
     /// The link key ring from `HERALD_LINK_KEYS`, or a fresh key for this process.
     public func linkKeyRing() throws -> LinkKeyRing {
         guard let linkKeys else { return LinkKeyRing.ephemeral() }
-        do { return try LinkKeyRing(configuration: linkKeys) } catch { throw ConfigurationError(variable: "HERALD_LINK_KEYS", value: "(\(error))") }
+        do { return try LinkKeyRing(configuration: linkKeys) } catch {
+            throw ConfigurationError(variable: "HERALD_LINK_KEYS", value: "(\(error))")
+        }
     }
 
     /// The SSRF guard with the configured allowances.

@@ -33,10 +33,12 @@ struct ContractChecks: Sendable {
         }
         if let name = SpecRoutes.undeclaredQueryParameter(operationID: operationID, path: request.path ?? "") {
             let accepted = SpecRoutes.byOperationID[operationID]?.query.sorted() ?? []
-            throw APIError.badRequest("Unknown query parameter \"\(name)\". "
-                + (accepted.isEmpty ? "This operation takes none." : "This operation takes: \(accepted.joined(separator: ", "))."))
+            throw APIError.badRequest(
+                "Unknown query parameter \"\(name)\". "
+                    + (accepted.isEmpty ? "This operation takes none." : "This operation takes: \(accepted.joined(separator: ", "))."))
         }
-        let hasContent = request.headerFields[.transferEncoding] != nil
+        let hasContent =
+            request.headerFields[.transferEncoding] != nil
             || (request.headerFields[.contentLength].flatMap { Int($0) } ?? 0) > 0
         guard let body, hasContent, body.length != .known(0) else { return nil }
         guard request.headerFields[.contentType]?.lowercased().hasPrefix("application/json") == true else { return body }
@@ -61,7 +63,8 @@ struct ContractChecks: Sendable {
         case is NSNull:
             return freeForm ? nil : "\(path.isEmpty ? "body" : path): null is not accepted; leave the field out instead."
         case let text as String:
-            return text.unicodeScalars.contains("\u{0}") ? "\(path.isEmpty ? "body" : path): contains the character U+0000, which Herald does not accept in text." : nil
+            return text.unicodeScalars.contains("\u{0}")
+                ? "\(path.isEmpty ? "body" : path): contains the character U+0000, which Herald does not accept in text." : nil
         case let object as [String: Any]:
             for (key, member) in object.sorted(by: { $0.key < $1.key }) {
                 let here = path.isEmpty ? key : "\(path).\(key)"

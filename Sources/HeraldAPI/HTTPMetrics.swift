@@ -11,18 +11,23 @@ public struct HTTPMetrics: Sendable {
     }
 
     static var requests: MetricNameDescriptor {
-        MetricNameDescriptor(namespace: "herald", subsystem: "http", metricName: "requests", unitName: "total",
-                             helpText: "HTTP requests by method, route and status.")
+        MetricNameDescriptor(
+            namespace: "herald", subsystem: "http", metricName: "requests", unitName: "total",
+            helpText: "HTTP requests by method, route and status.")
     }
     static var latency: MetricNameDescriptor {
-        MetricNameDescriptor(namespace: "herald", subsystem: "http", metricName: "request_duration", unitName: "seconds",
-                             helpText: "HTTP request latency by method and route.")
+        MetricNameDescriptor(
+            namespace: "herald", subsystem: "http", metricName: "request_duration", unitName: "seconds",
+            helpText: "HTTP request latency by method and route.")
     }
-    static let buckets: [Duration] = [.milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
-                                      .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5), .seconds(5)]
+    static let buckets: [Duration] = [
+        .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
+        .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5), .seconds(5),
+    ]
 
     func record(method: String, route: String, status: Int, duration: Duration) {
-        registry.makeCounter(descriptor: Self.requests, labels: [("method", method), ("route", route), ("status", String(status))]).increment()
+        registry.makeCounter(descriptor: Self.requests, labels: [("method", method), ("route", route), ("status", String(status))])
+            .increment()
         registry.makeDurationHistogram(descriptor: Self.latency, labels: [("method", method), ("route", route)], buckets: Self.buckets)
             .recordNanoseconds(duration.nanoseconds)
     }

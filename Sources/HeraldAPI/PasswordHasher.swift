@@ -47,8 +47,9 @@ public struct PasswordHasher: Sendable {
         let length = argon2_encodedlen(iterations, memoryKiB, parallelism, UInt32(salt.count), 32, Argon2_id)
         var encoded = [CChar](repeating: 0, count: length)
         let result = pwd.withUnsafeBytes { pwdBuffer in
-            argon2id_hash_encoded(iterations, memoryKiB, parallelism, pwdBuffer.baseAddress, pwdBuffer.count,
-                                  salt, salt.count, 32, &encoded, length)
+            argon2id_hash_encoded(
+                iterations, memoryKiB, parallelism, pwdBuffer.baseAddress, pwdBuffer.count,
+                salt, salt.count, 32, &encoded, length)
         }
         guard result == ARGON2_OK.rawValue else { throw PasswordHashError(code: result) }
         return String(cString: encoded)

@@ -38,19 +38,20 @@ public enum APIError: Error, Sendable, Equatable {
     }
 
     var problemType: String {
-        let slug = switch self {
-        case .badRequest: "bad-request"
-        case .unauthorized: "unauthorized"
-        case .forbidden: "forbidden"
-        case .notFound, .noRoute: "not-found"
-        case .methodNotAllowed: "method-not-allowed"
-        case .conflict: "conflict"
-        case .unprocessable: "validation"
-        case .tooManyRequests: "rate-limited"
-        case .contentTooLarge: "content-too-large"
-        case .notReady: "not-ready"
-        case .internalError: "internal"
-        }
+        let slug =
+            switch self {
+            case .badRequest: "bad-request"
+            case .unauthorized: "unauthorized"
+            case .forbidden: "forbidden"
+            case .notFound, .noRoute: "not-found"
+            case .methodNotAllowed: "method-not-allowed"
+            case .conflict: "conflict"
+            case .unprocessable: "validation"
+            case .tooManyRequests: "rate-limited"
+            case .contentTooLarge: "content-too-large"
+            case .notReady: "not-ready"
+            case .internalError: "internal"
+            }
         return "https://herald.dev/problems/\(slug)"
     }
 
@@ -100,7 +101,9 @@ public enum APIError: Error, Sendable, Equatable {
     /// The RFC 9457 body, keys in a fixed order so equal problems are equal bytes.
     var body: Data {
         let title = status.reasonPhrase
-        return Data("{\"type\":\(jsonQuoted(problemType)),\"title\":\(jsonQuoted(title)),\"status\":\(status.code),\"detail\":\(jsonQuoted(detail))}".utf8)
+        return Data(
+            "{\"type\":\(jsonQuoted(problemType)),\"title\":\(jsonQuoted(title)),\"status\":\(status.code),\"detail\":\(jsonQuoted(detail))}"
+                .utf8)
     }
 
     /// Maps store errors to API errors: the store says what was missing or which constraint
@@ -114,9 +117,12 @@ public enum APIError: Error, Sendable, Equatable {
         case .conflict(let constraint):
             return .conflict(conflictMessages[constraint] ?? "This change conflicts with an existing \(resource(of: constraint)).")
         case .invalidReference(let constraint):
-            return .unprocessable(ValidationError(field: referenceFields[constraint] ?? "body", message: "refers to something that does not exist in your organisation."))
+            return .unprocessable(
+                ValidationError(
+                    field: referenceFields[constraint] ?? "body", message: "refers to something that does not exist in your organisation."))
         case .stillReferenced(let constraint):
-            return .conflict(stillReferencedMessages[constraint] ?? "Other data still refers to this \(resource(of: constraint)); remove it first.")
+            return .conflict(
+                stillReferencedMessages[constraint] ?? "Other data still refers to this \(resource(of: constraint)); remove it first.")
         case .checkViolation(let constraint):
             return .unprocessable(ValidationError(field: constraint, message: "has a value Herald does not accept."))
         }
@@ -124,9 +130,11 @@ public enum APIError: Error, Sendable, Equatable {
 
     /// The resource a constraint belongs to, from its table (constraint names start with it).
     private static func resource(of constraint: String) -> String {
-        let tables = [("notification_types", "notification type"), ("api_keys", "API key"), ("categories", "category"),
-                      ("organisations", "organisation"), ("endpoints", "endpoint"), ("templates", "template"),
-                      ("groups", "group"), ("roles", "role"), ("users", "user"), ("events", "event")]
+        let tables = [
+            ("notification_types", "notification type"), ("api_keys", "API key"), ("categories", "category"),
+            ("organisations", "organisation"), ("endpoints", "endpoint"), ("templates", "template"),
+            ("groups", "group"), ("roles", "role"), ("users", "user"), ("events", "event"),
+        ]
         return tables.first { constraint.hasPrefix($0.0) }?.1 ?? "record"
     }
 
@@ -142,7 +150,8 @@ public enum APIError: Error, Sendable, Equatable {
     private static let stillReferencedMessages = [
         "api_keys_role_id_fk": "A live API key holds this role; revoke the key first.",
         "notifications_category": "Notification types or in-app notifications still use this category; move or delete them first.",
-        "notification_types_category_id_fk": "Notification types or in-app notifications still use this category; move or delete them first.",
+        "notification_types_category_id_fk":
+            "Notification types or in-app notifications still use this category; move or delete them first.",
         "events_type_id_fk": "Events of this type exist; a type with history cannot be deleted.",
     ]
 

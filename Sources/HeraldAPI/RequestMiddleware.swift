@@ -1,12 +1,12 @@
 import Foundation
 import HTTPTypes
 import HeraldCore
+import HeraldStore
 import Hummingbird
 import Logging
 import NIOCore
 import OpenAPIRuntime
 import PostgresNIO
-import HeraldStore
 
 /// The one boundary every request crosses: request id, body limit, the credential's form, the
 /// task-local scope the handlers read, problem+json for every error (the one place errors are
@@ -68,17 +68,20 @@ struct RequestMiddleware: RouterMiddleware {
         // A signed link's token is a credential (one-click unsubscribe): such paths are logged
         // as their route only.
         let path = route.contains("token") ? route : request.uri.path
-        logger.info("request", metadata: [
-            "method": "\(request.method.rawValue)", "path": "\(path)", "route": "\(route)",
-            "status": "\(response.status.code)", "duration_ms": "\(Double(elapsed.nanoseconds) / 1_000_000)",
-        ])
+        logger.info(
+            "request",
+            metadata: [
+                "method": "\(request.method.rawValue)", "path": "\(path)", "route": "\(route)",
+                "status": "\(response.status.code)", "duration_ms": "\(Double(elapsed.nanoseconds) / 1_000_000)",
+            ])
         return response
     }
 
     /// A client's `X-Request-Id` if it is short and plain, else a fresh one.
     static func requestID(from header: String?) -> String {
         if let header, (1...64).contains(header.count),
-           header.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "_") }) {
+            header.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "_") })
+        {
             return header
         }
         return UUID().uuidString.lowercased()
@@ -89,7 +92,8 @@ struct RequestMiddleware: RouterMiddleware {
         var problem = apiError(for: error)
         if problem == .notFound(resource: "route") {
             let allowed = SpecRoutes.allowedMethods(path: request.uri.path)
-            problem = allowed.isEmpty || allowed.contains(request.method.rawValue)
+            problem =
+                allowed.isEmpty || allowed.contains(request.method.rawValue)
                 ? .noRoute(method: request.method.rawValue, path: request.uri.path)
                 : .methodNotAllowed(method: request.method.rawValue, allowed: allowed)
         }
@@ -98,7 +102,8 @@ struct RequestMiddleware: RouterMiddleware {
             // its decoded body (event payloads). The request id ties this line to the request.
             logger.error("request failed", metadata: ["error": "\(redacted(error))"])
         } else {
-            logger.log(level: problem.logLevel, "request refused", metadata: ["problem": "\(problem.problemType)", "detail": "\(problem.detail)"])
+            logger.log(
+                level: problem.logLevel, "request refused", metadata: ["problem": "\(problem.problemType)", "detail": "\(problem.detail)"])
         }
         var headers = problem.headers
         headers[.contentLength] = String(problem.body.count)
@@ -152,10 +157,11 @@ struct RequestMiddleware: RouterMiddleware {
             let message = error.serverInfo?[.message] ?? ""
             return "PostgreSQL \(error.code) sqlstate=\(state) \(message)"
         case let error as DecodingError:
-            let path: DecodingError.Context? = switch error {
-            case .keyNotFound(_, let c), .typeMismatch(_, let c), .valueNotFound(_, let c), .dataCorrupted(let c): c
-            @unknown default: nil
-            }
+            let path: DecodingError.Context? =
+                switch error {
+                case .keyNotFound(_, let c), .typeMismatch(_, let c), .valueNotFound(_, let c), .dataCorrupted(let c): c
+                @unknown default: nil
+                }
             return "DecodingError at \(path?.codingPath.map(\.stringValue).joined(separator: ".") ?? "?")"
         case let error as UnmappableValue:
             return "\(error)"

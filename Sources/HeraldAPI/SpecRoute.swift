@@ -40,7 +40,8 @@ extension SpecRoutes {
     /// The first query parameter this operation does not declare, if any.
     static func undeclaredQueryParameter(operationID: String, path: String) -> String? {
         guard let route = byOperationID[operationID],
-              let query = path.split(separator: "?", maxSplits: 1).dropFirst().first else { return nil }
+            let query = path.split(separator: "?", maxSplits: 1).dropFirst().first
+        else { return nil }
         for pair in query.split(separator: "&") where !pair.isEmpty {
             let rawName = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)[0]
             let name = String(rawName).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(rawName)
@@ -87,7 +88,8 @@ extension SpecRoute {
         }
         if name.isEmpty { return descend(value, depth, label) }
         guard let object = value as? [String: Any] else { return nil }
-        let children: [(String, Any)] = name == "*" ? object.sorted { $0.key < $1.key }.map { ($0.key, $0.value) } : object[name].map { [(name, $0)] } ?? []
+        let children: [(String, Any)] =
+            name == "*" ? object.sorted { $0.key < $1.key }.map { ($0.key, $0.value) } : object[name].map { [(name, $0)] } ?? []
         for (key, child) in children {
             if let found = descend(child, depth, label.isEmpty ? key : "\(label).\(key)") { return found }
         }

@@ -62,7 +62,8 @@ struct TenantBoundary: ServerMiddleware {
             }
             // An API key has no feed: refused before any handler could run unconfined.
             if ownFeed, credential.actor.userID == nil {
-                throw APIError.badRequest("This operation concerns the calling user's own data; call it with a user's access token, not an API key.")
+                throw APIError.badRequest(
+                    "This operation concerns the calling user's own data; call it with a user's access token, not an API key.")
             }
             return try await tx.lend { loan in
                 var bound = scope
@@ -80,7 +81,8 @@ struct TenantBoundary: ServerMiddleware {
         _ next: () async throws -> (HTTPResponse, HTTPBody?)
     ) async throws -> (HTTPResponse, HTTPBody?) {
         guard let token = metadata.pathParameters["token"],
-              let claims = linkKeys.verify(String(token), scope: linkScope, now: now()) else {
+            let claims = linkKeys.verify(String(token), scope: linkScope, now: now())
+        else {
             throw APIError.notFound(resource: "link")
         }
         do {

@@ -1,9 +1,9 @@
 import Foundation
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Darwin)
-import Darwin
+    import Darwin
 #endif
 
 // MARK: - IPAddress
@@ -69,16 +69,16 @@ public enum IPAddress: Sendable, Hashable, CustomStringConvertible {
         guard case .v6(let b) = self, b.count == 16 else { return nil }
         let low = Array(b[12..<16])
         func zero(_ range: Range<Int>) -> Bool { b[range].allSatisfy { $0 == 0 } }
-        if zero(0..<10) && b[10] == 0xFF && b[11] == 0xFF { return .v4(low) }  // ::ffff:a.b.c.d
-        if zero(0..<12) {  // ::a.b.c.d (deprecated); :: and ::1 are themselves
+        if zero(0..<10) && b[10] == 0xFF && b[11] == 0xFF { return .v4(low) } // ::ffff:a.b.c.d
+        if zero(0..<12) { // ::a.b.c.d (deprecated); :: and ::1 are themselves
             return low[0..<3].allSatisfy({ $0 == 0 }) && low[3] <= 1 ? nil : .v4(low)
         }
-        if zero(0..<8) && b[8] == 0xFF && b[9] == 0xFF && zero(10..<12) { return .v4(low) }  // ::ffff:0:a.b.c.d
-        if b[0..<12] == [0x00, 0x64, 0xFF, 0x9B, 0, 0, 0, 0, 0, 0, 0, 0] { return .v4(low) }  // 64:ff9b::a.b.c.d
-        if b[0..<6] == [0x00, 0x64, 0xFF, 0x9B, 0x00, 0x01] { return .v4(low) }  // 64:ff9b:1:…:a.b.c.d
-        if b[0] == 0x20 && b[1] == 0x02 { return .v4(Array(b[2..<6])) }  // 2002:aabb:ccdd::/48
-        if b[0..<4] == [0x20, 0x01, 0x00, 0x00] { return .v4(low.map { ~$0 }) }  // Teredo client, obfuscated
-        if (b[8] == 0x00 || b[8] == 0x02) && b[9] == 0x00 && b[10] == 0x5E && b[11] == 0xFE { return .v4(low) }  // ISATAP
+        if zero(0..<8) && b[8] == 0xFF && b[9] == 0xFF && zero(10..<12) { return .v4(low) } // ::ffff:0:a.b.c.d
+        if b[0..<12] == [0x00, 0x64, 0xFF, 0x9B, 0, 0, 0, 0, 0, 0, 0, 0] { return .v4(low) } // 64:ff9b::a.b.c.d
+        if b[0..<6] == [0x00, 0x64, 0xFF, 0x9B, 0x00, 0x01] { return .v4(low) } // 64:ff9b:1:…:a.b.c.d
+        if b[0] == 0x20 && b[1] == 0x02 { return .v4(Array(b[2..<6])) } // 2002:aabb:ccdd::/48
+        if b[0..<4] == [0x20, 0x01, 0x00, 0x00] { return .v4(low.map { ~$0 }) } // Teredo client, obfuscated
+        if (b[8] == 0x00 || b[8] == 0x02) && b[9] == 0x00 && b[10] == 0x5E && b[11] == 0xFE { return .v4(low) } // ISATAP
         return nil
     }
 }
@@ -99,7 +99,7 @@ public struct IPNetwork: Sendable, Hashable, CustomStringConvertible {
         if parts.count == 2 {
             // Digits only: Int("+8") would otherwise be accepted.
             guard !parts[1].isEmpty, parts[1].count <= 3, parts[1].allSatisfy(\.isASCII), parts[1].allSatisfy(\.isNumber),
-                  let parsed = Int(parts[1]), parsed <= maximum
+                let parsed = Int(parts[1]), parsed <= maximum
             else { return nil }
             length = parsed
         }
@@ -222,11 +222,11 @@ public struct DestinationGuard: Sendable {
     /// Blocked ranges, most specific first so the sentence names e.g. "metadata" rather than "link-local".
     static let blockedRanges: [(IPNetwork, BlockedAddressKind)] = [
         // Well-known instance metadata endpoints (all inside ranges below; listed for the wording).
-        ("169.254.169.254/32", .metadata),  // AWS, GCP, Azure, OCI, DigitalOcean…
-        ("169.254.170.2/32", .metadata),  // AWS ECS task metadata
-        ("100.100.100.200/32", .metadata),  // Alibaba Cloud
-        ("192.0.0.192/32", .metadata),  // Oracle Cloud (legacy)
-        ("fd00:ec2::254/128", .metadata),  // AWS IMDS over IPv6
+        ("169.254.169.254/32", .metadata), // AWS, GCP, Azure, OCI, DigitalOcean…
+        ("169.254.170.2/32", .metadata), // AWS ECS task metadata
+        ("100.100.100.200/32", .metadata), // Alibaba Cloud
+        ("192.0.0.192/32", .metadata), // Oracle Cloud (legacy)
+        ("fd00:ec2::254/128", .metadata), // AWS IMDS over IPv6
         ("255.255.255.255/32", .broadcast),
         // IPv4
         ("0.0.0.0/8", .unspecified),
@@ -235,7 +235,7 @@ public struct DestinationGuard: Sendable {
         ("127.0.0.0/8", .loopback),
         ("169.254.0.0/16", .linkLocal),
         ("172.16.0.0/12", .private),
-        ("192.0.0.0/24", .reserved),  // IETF protocol assignments
+        ("192.0.0.0/24", .reserved), // IETF protocol assignments
         ("192.0.2.0/24", .documentation),
         ("192.168.0.0/16", .private),
         ("198.18.0.0/15", .benchmarking),
@@ -248,11 +248,11 @@ public struct DestinationGuard: Sendable {
         ("::1/128", .loopback),
         ("fc00::/7", .uniqueLocal),
         ("fe80::/10", .linkLocal),
-        ("fec0::/10", .siteLocal),  // deprecated, still routed internally by some networks
+        ("fec0::/10", .siteLocal), // deprecated, still routed internally by some networks
         ("ff00::/8", .multicast),
         ("2001:db8::/32", .documentation),
-        ("3fff::/20", .documentation),  // RFC 9637
-        ("2001::/32", .tunnel),  // Teredo: the real IPv4 endpoint is obfuscated inside
+        ("3fff::/20", .documentation), // RFC 9637
+        ("2001::/32", .tunnel), // Teredo: the real IPv4 endpoint is obfuscated inside
         ("100::/64", .discard),
     ].map { text, kind in
         guard let network = IPNetwork(text) else { preconditionFailure("bad built-in network \(text)") }
@@ -282,7 +282,7 @@ public struct DestinationGuard: Sendable {
     /// Syntactic checks only (no DNS): absolute URL with an allowed scheme, a host, no userinfo, port 1–65535.
     public func check(url text: String) throws(DestinationRefusal) -> DestinationURL {
         guard let url = URL(string: text), let rawScheme = url.scheme,
-              let components = URLComponents(url: url, resolvingAgainstBaseURL: false)
+            let components = URLComponents(url: url, resolvingAgainstBaseURL: false)
         else { throw Self.invalidURL("The URL is not a valid absolute URL.") }
         let scheme = rawScheme.lowercased()
         guard allowedSchemes.contains(scheme) else {
@@ -329,9 +329,9 @@ public struct DestinationGuard: Sendable {
         var hints = addrinfo()
         hints.ai_family = AF_UNSPEC
         #if canImport(Glibc)
-        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+            hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
         #else
-        hints.ai_socktype = SOCK_STREAM
+            hints.ai_socktype = SOCK_STREAM
         #endif
         hints.ai_flags = AI_NUMERICSERV
         var list: UnsafeMutablePointer<addrinfo>?

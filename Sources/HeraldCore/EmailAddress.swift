@@ -71,7 +71,8 @@ public struct EmailAddress: Sendable, Hashable, CustomStringConvertible {
         for label in labels {
             guard label.utf8.count <= 63 else { throw .init("a label of the domain is longer than 63 bytes") }
             for scalar in label.unicodeScalars {
-                let allowed = scalar.isASCII
+                let allowed =
+                    scalar.isASCII
                     ? (("a"..."z").contains(scalar) || ("A"..."Z").contains(scalar) || ("0"..."9").contains(scalar) || scalar == "-")
                     : isWordLike(scalar)
                 guard allowed else { throw .init("the domain contains \(describe(scalar)), which is not allowed in a host name") }
@@ -88,7 +89,7 @@ public struct EmailAddress: Sendable, Hashable, CustomStringConvertible {
     private static func isWordLike(_ scalar: Unicode.Scalar) -> Bool {
         switch scalar.properties.generalCategory {
         case .uppercaseLetter, .lowercaseLetter, .titlecaseLetter, .modifierLetter, .otherLetter,
-             .nonspacingMark, .spacingMark, .enclosingMark, .decimalNumber:
+            .nonspacingMark, .spacingMark, .enclosingMark, .decimalNumber:
             true
         default:
             false
@@ -129,7 +130,8 @@ extension Validate {
             return try EmailAddress(value).description
         } catch {
             let shown = value.count > 80 ? String(value.prefix(80)) + "…" : value
-            throw ValidationError(field: field, message: "\(shown.debugDescription) is not an email address Herald can send to: \(error.reason).")
+            throw ValidationError(
+                field: field, message: "\(shown.debugDescription) is not an email address Herald can send to: \(error.reason).")
         }
     }
 }

@@ -23,13 +23,15 @@ public struct LinkKey: Sendable {
     }
 
     static func isValidID(_ id: some StringProtocol) -> Bool {
-        (1...16).contains(id.utf8.count) && id.utf8.allSatisfy { byte in
-            switch byte {
-            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
-                 UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "_"), UInt8(ascii: "-"): true
-            default: false
+        (1...16).contains(id.utf8.count)
+            && id.utf8.allSatisfy { byte in
+                switch byte {
+                case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+                    UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "_"), UInt8(ascii: "-"):
+                    true
+                default: false
+                }
             }
-        }
     }
 }
 
@@ -115,15 +117,15 @@ public struct LinkKeyRing: Sendable {
         guard token.utf8.count <= 4096 else { return nil }
         let parts = token.split(separator: ".", omittingEmptySubsequences: false)
         guard parts.count == 3, let key = all[String(parts[1])],
-              let mac = linkTokenBase64URLDecode(parts[2]), mac.count == SHA256.byteCount
+            let mac = linkTokenBase64URLDecode(parts[2]), mac.count == SHA256.byteCount
         else { return nil }
         let signedPart = Data(token.utf8.prefix(parts[0].utf8.count + 1 + parts[1].utf8.count))
         // Constant-time comparison inside swift-crypto.
         guard HMAC<SHA256>.isValidAuthenticationCode(mac, authenticating: signedPart, using: key.secret) else { return nil }
         // Only authenticated bytes reach the JSON decoder.
         guard let json = linkTokenBase64URLDecode(parts[0]),
-              let claims = try? JSONDecoder().decode(LinkClaims.self, from: Data(json)),
-              claims.scope == scope, now < claims.expiresAt
+            let claims = try? JSONDecoder().decode(LinkClaims.self, from: Data(json)),
+            claims.scope == scope, now < claims.expiresAt
         else { return nil }
         return claims
     }
@@ -173,8 +175,11 @@ public struct LinkClaims: Sendable, Equatable, Codable {
             guard let bytes = linkTokenBase64URLDecode(Substring(text)), bytes.count == 16 else {
                 throw DecodingError.dataCorruptedError(forKey: key, in: container, debugDescription: "Not a compact UUID")
             }
-            return UUID(uuid: (bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
-                               bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15]))
+            return UUID(
+                uuid: (
+                    bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
+                    bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15]
+                ))
         }
         func required(_ key: CodingKeys) throws -> UUID {
             guard let value = try uuid(key) else {
@@ -212,7 +217,7 @@ public struct LinkClaims: Sendable, Equatable, Codable {
 
 private let base64URLAlphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".utf8)
 
-fileprivate func linkTokenBase64URLEncode(_ bytes: some Sequence<UInt8>) -> String {
+private func linkTokenBase64URLEncode(_ bytes: some Sequence<UInt8>) -> String {
     let input = Array(bytes)
     var output: [UInt8] = []
     output.reserveCapacity((input.count * 4 + 2) / 3)
@@ -220,7 +225,7 @@ fileprivate func linkTokenBase64URLEncode(_ bytes: some Sequence<UInt8>) -> Stri
     while index < input.count {
         let chunk = input[index..<min(index + 3, input.count)]
         let value = chunk.enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (16 - 8 * $1.offset) }
-        for position in 0...chunk.count {  // n bytes give n + 1 characters
+        for position in 0...chunk.count { // n bytes give n + 1 characters
             output.append(base64URLAlphabet[Int((value >> (18 - 6 * position)) & 0x3F)])
         }
         index += 3
@@ -230,7 +235,7 @@ fileprivate func linkTokenBase64URLEncode(_ bytes: some Sequence<UInt8>) -> Stri
 
 /// Strict decoder: URL-safe alphabet only, no padding, and unused trailing bits must be zero — so every byte
 /// string has exactly one accepted encoding and a token cannot be altered without changing its bytes.
-fileprivate func linkTokenBase64URLDecode(_ text: Substring) -> [UInt8]? {
+private func linkTokenBase64URLDecode(_ text: Substring) -> [UInt8]? {
     var output: [UInt8] = []
     output.reserveCapacity(text.utf8.count * 3 / 4)
     var buffer: UInt32 = 0

@@ -18,8 +18,10 @@ public struct Organisation: Sendable, Equatable {
     public var createdAt: Date
     public var updatedAt: Date
 
-    public init(id: UUID, slug: String, name: String, defaultLocale: String, defaultTimezone: String, throttlePerMinute: Int? = nil,
-                emailFrom: String? = nil, emailFromName: String? = nil, emailReplyTo: String? = nil, createdAt: Date, updatedAt: Date) {
+    public init(
+        id: UUID, slug: String, name: String, defaultLocale: String, defaultTimezone: String, throttlePerMinute: Int? = nil,
+        emailFrom: String? = nil, emailFromName: String? = nil, emailReplyTo: String? = nil, createdAt: Date, updatedAt: Date
+    ) {
         self.throttlePerMinute = throttlePerMinute
         self.emailFrom = emailFrom
         self.emailFromName = emailFromName
@@ -48,8 +50,10 @@ public struct User: Sendable, Equatable {
     public var createdAt: Date
     public var updatedAt: Date
 
-    public init(id: UUID, email: String, displayName: String, locale: String?, timezone: String?, active: Bool,
-                attributesJSON: String, roles: [RoleRef], createdAt: Date, updatedAt: Date) {
+    public init(
+        id: UUID, email: String, displayName: String, locale: String?, timezone: String?, active: Bool,
+        attributesJSON: String, roles: [RoleRef], createdAt: Date, updatedAt: Date
+    ) {
         self.id = id
         self.email = email
         self.displayName = displayName
@@ -84,7 +88,10 @@ public struct Role: Sendable, Equatable {
     public var createdAt: Date
     public var updatedAt: Date
 
-    public init(id: UUID, key: String, name: String, description: String, builtin: Bool, permissions: Set<Permission>, createdAt: Date, updatedAt: Date) {
+    public init(
+        id: UUID, key: String, name: String, description: String, builtin: Bool, permissions: Set<Permission>, createdAt: Date,
+        updatedAt: Date
+    ) {
         self.id = id
         self.key = key
         self.name = name
@@ -173,8 +180,10 @@ public struct AuditEntry: Sendable, Equatable {
     public var afterJSON: String?
     public var requestID: String?
 
-    public init(id: UUID, occurredAt: Date, actorType: String, actorID: UUID?, action: String, targetType: String,
-                targetID: String?, beforeJSON: String?, afterJSON: String?, requestID: String?) {
+    public init(
+        id: UUID, occurredAt: Date, actorType: String, actorID: UUID?, action: String, targetType: String,
+        targetID: String?, beforeJSON: String?, afterJSON: String?, requestID: String?
+    ) {
         self.id = id
         self.occurredAt = occurredAt
         self.actorType = actorType

@@ -71,7 +71,8 @@ public enum BuiltinRole: String, CaseIterable, Sendable {
         case .owner: "Everything, including the organisation's settings."
         case .admin: "Everything but the organisation's settings."
         case .member: "Reads their own feed and edits their own preferences."
-        case .service: "An integrator's backend: sends events, manages users, groups and the catalogue, asks why someone was or was not told."
+        case .service:
+            "An integrator's backend: sends events, manages users, groups and the catalogue, asks why someone was or was not told."
         }
     }
 
@@ -84,8 +85,10 @@ public enum BuiltinRole: String, CaseIterable, Sendable {
         case .member:
             [.notificationsRead, .preferencesManage]
         case .service:
-            [.eventsSend, .eventsRead, .usersRead, .usersManage, .groupsRead, .groupsManage, .rolesRead,
-             .templatesManage, .endpointsManage, .deliveriesRead, .statsRead, .debugExplain]
+            [
+                .eventsSend, .eventsRead, .usersRead, .usersManage, .groupsRead, .groupsManage, .rolesRead,
+                .templatesManage, .endpointsManage, .deliveriesRead, .statsRead, .debugExplain,
+            ]
         }
     }
 }

@@ -83,7 +83,9 @@ public enum SQLScript {
     /// `$tag$` or `$$` starting at `index`, if there is one.
     private static func dollarTag(_ chars: [Unicode.Scalar], at index: Int) -> String? {
         var j = index + 1
-        while j < chars.count, chars[j] == "_" || chars[j].properties.isAlphabetic || (j > index + 1 && chars[j].properties.numericType != nil) {
+        while j < chars.count,
+            chars[j] == "_" || chars[j].properties.isAlphabetic || (j > index + 1 && chars[j].properties.numericType != nil)
+        {
             j += 1
         }
         guard j < chars.count, chars[j] == "$" else { return nil }
@@ -95,7 +97,8 @@ extension String {
     func trimmingWhitespace() -> String {
         let scalars = unicodeScalars
         guard let start = scalars.firstIndex(where: { !$0.properties.isWhitespace }),
-              let end = scalars.lastIndex(where: { !$0.properties.isWhitespace }) else { return "" }
+            let end = scalars.lastIndex(where: { !$0.properties.isWhitespace })
+        else { return "" }
         return String(scalars[start...end])
     }
 }

@@ -89,8 +89,9 @@ public enum Validate {
     /// A `key:value` tag (`team:sales`): a key of 1–32 lowercase letters, digits, `_`, `.`, `-`
     /// and a value of 1–64 characters without spaces or commas.
     public static func tag(_ value: String, field: String = "tags") throws(ValidationError) -> String {
-        try matching(value, #"^[a-z0-9_.-]{1,32}:[^\s,]{1,64}$"#, field,
-                     "is not a tag such as \"team:sales\" (key: 1-32 of a-z 0-9 _ . -; value: 1-64 characters, no spaces or commas).")
+        try matching(
+            value, #"^[a-z0-9_.-]{1,32}:[^\s,]{1,64}$"#, field,
+            "is not a tag such as \"team:sales\" (key: 1-32 of a-z 0-9 _ . -; value: 1-64 characters, no spaces or commas).")
     }
 
     /// A UUID in its canonical text form.
@@ -106,8 +107,8 @@ public enum Validate {
     public static func linkURL(_ value: String, field: String) throws(ValidationError) -> String {
         guard value.count <= 2048 else { throw ValidationError(field: field, message: "must be at most 2048 characters.") }
         guard !value.unicodeScalars.contains(where: { $0.properties.isWhitespace || $0.value < 0x20 || $0.value == 0x7F }),
-              let url = URLComponents(string: value), let scheme = url.scheme?.lowercased(), scheme == "https" || scheme == "http",
-              let host = url.host, !host.isEmpty
+            let url = URLComponents(string: value), let scheme = url.scheme?.lowercased(), scheme == "https" || scheme == "http",
+            let host = url.host, !host.isEmpty
         else {
             throw ValidationError(field: field, message: "must be an absolute http or https URL.")
         }

@@ -11,8 +11,8 @@ public struct WebhookSecret: Sendable, Equatable, CustomStringConvertible {
 
     public init?(string: String) {
         guard string.hasPrefix(Self.prefix),
-              let data = Data(base64Encoded: String(string.dropFirst(Self.prefix.count))),
-              (24...64).contains(data.count)
+            let data = Data(base64Encoded: String(string.dropFirst(Self.prefix.count))),
+            (24...64).contains(data.count)
         else { return nil }
         keyBytes = Array(data)
     }

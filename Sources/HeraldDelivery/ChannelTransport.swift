@@ -43,7 +43,9 @@ public struct ChannelTransports: Sendable {
     /// The registration: email over SMTP, webhooks (Standard Webhooks) and chat (Slack,
     /// Mattermost) over HTTP.
     public static func standard(email: EmailTransport, http: HTTPTransport) -> ChannelTransports {
-        ChannelTransports(uncheckedDistinct: [EmailChannel(transport: email), EndpointChannel.webhook(http: http), EndpointChannel.chat(http: http)])
+        ChannelTransports(uncheckedDistinct: [
+            EmailChannel(transport: email), EndpointChannel.webhook(http: http), EndpointChannel.chat(http: http),
+        ])
     }
 
     private init(uncheckedDistinct transports: [any ChannelTransport]) {

@@ -22,8 +22,10 @@ public final class DeliveryHandler: WorkHandler, Sendable {
     /// The endpoint slot each delivery holds, left once its attempt is recorded.
     private let slots = Mutex<[ClaimedDelivery: UUID]>([:])
 
-    public init(database: Database, sender: DeliverySender, endpointConcurrency: Int, endpointBusyDelay: TimeInterval,
-                circuitCooldown: TimeInterval, retry: RetryPolicy) {
+    public init(
+        database: Database, sender: DeliverySender, endpointConcurrency: Int, endpointBusyDelay: TimeInterval,
+        circuitCooldown: TimeInterval, retry: RetryPolicy
+    ) {
         self.database = database
         self.sender = sender
         self.endpointConcurrency = endpointConcurrency
@@ -55,8 +57,10 @@ public final class DeliveryHandler: WorkHandler, Sendable {
 
     /// Leaves the endpoint's send slot (held until the attempt is recorded, as the breaker's
     /// state is), and counts and logs the attempt.
-    public func finished(_ claim: ClaimedDelivery, disposition: WorkDisposition<DeliveryAttemptRecord>?, recorded: Bool?,
-                         duration: Duration, logger: Logger) {
+    public func finished(
+        _ claim: ClaimedDelivery, disposition: WorkDisposition<DeliveryAttemptRecord>?, recorded: Bool?,
+        duration: Duration, logger: Logger
+    ) {
         if let slot = slots.withLock({ $0.removeValue(forKey: claim) }) { leave(slot) }
         guard case .done(let record)? = disposition, let recorded else { return }
         let result = record.result
@@ -64,11 +68,13 @@ public final class DeliveryHandler: WorkHandler, Sendable {
         let seconds = Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
         Counter(label: "herald_delivery_attempts_total", dimensions: [("channel", record.channel), ("outcome", outcome)]).increment()
         Timer(label: "herald_delivery_attempt_seconds", dimensions: [("channel", record.channel)]).recordSeconds(seconds)
-        logger.info("delivery attempt", metadata: [
-            "channel": .string(record.channel), "outcome": .string(outcome),
-            "duration_ms": "\(Int(seconds * 1000))", "response_code": "\(result.responseCode.map(String.init) ?? "-")",
-            "error": .string(result.error ?? ""),
-        ])
+        logger.info(
+            "delivery attempt",
+            metadata: [
+                "channel": .string(record.channel), "outcome": .string(outcome),
+                "duration_ms": "\(Int(seconds * 1000))", "response_code": "\(result.responseCode.map(String.init) ?? "-")",
+                "error": .string(result.error ?? ""),
+            ])
     }
 
     /// Takes a send slot of `endpoint`, or says until when to give the delivery back: while its

@@ -20,8 +20,10 @@ public enum SendOutcome: Sendable, Equatable {
     case notSent(reason: String)
 
     /// The attempt's record: retried on the policy's schedule while attempts remain.
-    public func result(attempt: Int, maxAttempts: Int, policy: RetryPolicy, now: Date,
-                       random: Double = Double.random(in: 0..<1)) -> AttemptResult {
+    public func result(
+        attempt: Int, maxAttempts: Int, policy: RetryPolicy, now: Date,
+        random: Double = Double.random(in: 0..<1)
+    ) -> AttemptResult {
         switch self {
         case .accepted(let code, let response):
             return .sent(responseCode: code, response: response)
@@ -132,8 +134,9 @@ enum WebhookMessage {
             data: Data(
                 event_id: input.eventID.lowercased, delivery_id: work.delivery.id.lowercased, notification_type: input.type.key,
                 category: input.type.categoryKey, severity: input.severity.rawValue, priority: input.priority.rawValue,
-                recipient: Recipient(id: work.recipient.candidate.userID.lowercased, email: work.recipient.email,
-                                     display_name: work.recipient.displayName),
+                recipient: Recipient(
+                    id: work.recipient.candidate.userID.lowercased, email: work.recipient.email,
+                    display_name: work.recipient.displayName),
                 subject: input.subjectType.map { Subject(type: $0, id: input.subjectID ?? "") },
                 title: content.subject, body: content.body, url: url))
         let encoder = JSONEncoder()
@@ -170,15 +173,17 @@ public struct LinkBuilder: Sendable {
 
     func open(_ work: DeliveryWork, now: Date) -> String? {
         guard work.url != nil else { return nil }
-        let claims = LinkClaims(scope: .click, organisationID: work.organisationID, userID: work.recipient.candidate.userID,
-                                deliveryID: work.delivery.id, expiresAt: now.addingTimeInterval(clickLifetime))
+        let claims = LinkClaims(
+            scope: .click, organisationID: work.organisationID, userID: work.recipient.candidate.userID,
+            deliveryID: work.delivery.id, expiresAt: now.addingTimeInterval(clickLifetime))
         return "\(baseURL)/v1/links/\(keys.sign(claims))"
     }
 
     func unsubscribe(_ work: DeliveryWork, now: Date) -> String {
-        let claims = LinkClaims(scope: .unsubscribe, organisationID: work.organisationID, userID: work.recipient.candidate.userID,
-                                deliveryID: work.delivery.id, categoryID: work.input.type.categoryID, channel: work.delivery.channel,
-                                expiresAt: now.addingTimeInterval(unsubscribeLifetime))
+        let claims = LinkClaims(
+            scope: .unsubscribe, organisationID: work.organisationID, userID: work.recipient.candidate.userID,
+            deliveryID: work.delivery.id, categoryID: work.input.type.categoryID, channel: work.delivery.channel,
+            expiresAt: now.addingTimeInterval(unsubscribeLifetime))
         return "\(baseURL)/v1/unsubscribe/\(keys.sign(claims))"
     }
 }

@@ -19,7 +19,9 @@ public final class EmailTransport: Sendable {
 
     /// `smtp://host:port` (plain; `?starttls=required` upgrades) or `smtps://host:port` (implicit TLS).
     public static func settings(url: String, username: String?, password: String?, timeout: TimeInterval) -> SMTPSettings? {
-        guard let components = URLComponents(string: url), let host = components.host, let scheme = components.scheme?.lowercased() else { return nil }
+        guard let components = URLComponents(string: url), let host = components.host, let scheme = components.scheme?.lowercased() else {
+            return nil
+        }
         let starttls = components.queryItems?.first { $0.name == "starttls" }?.value == "required"
         let security: SMTPSettings.Security
         switch scheme {
@@ -27,8 +29,9 @@ public final class EmailTransport: Sendable {
         case "smtp": security = starttls ? .startTLS : .plain
         default: return nil
         }
-        return SMTPSettings(host: host, port: components.port ?? (scheme == "smtps" ? 465 : 25), security: security,
-                            username: username, password: password, timeout: timeout)
+        return SMTPSettings(
+            host: host, port: components.port ?? (scheme == "smtps" ? 465 : 25), security: security,
+            username: username, password: password, timeout: timeout)
     }
 
     public func send(from: String, to recipient: String, message: [UInt8]) async -> SendOutcome {

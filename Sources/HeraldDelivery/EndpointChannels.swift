@@ -8,8 +8,9 @@ struct EndpointChannel: ChannelTransport {
     let channel: NotificationChannel
     let http: HTTPTransport
     /// The request's headers and body for one delivery to `endpoint`.
-    let request: @Sendable (_ work: DeliveryWork, _ endpoint: Endpoint, _ content: TemplateContent, _ open: String?, _ now: Date)
-        -> (headers: [(String, String)], body: [UInt8])
+    let request:
+        @Sendable (_ work: DeliveryWork, _ endpoint: Endpoint, _ content: TemplateContent, _ open: String?, _ now: Date)
+            -> (headers: [(String, String)], body: [UInt8])
 
     func send(_ work: DeliveryWork, links: LinkBuilder, now: Date) async -> SendOutcome {
         guard let endpoint = work.endpoint else { return .notSent(reason: "Not sent: the endpoint was deleted.") }
@@ -23,8 +24,9 @@ struct EndpointChannel: ChannelTransport {
     static func webhook(http: HTTPTransport) -> EndpointChannel {
         EndpointChannel(channel: .webhook, http: http) { work, endpoint, content, open, now in
             let body = WebhookMessage.body(work, content: content, url: open)
-            let headers = WebhookSigner.headers(id: "msg_\(work.delivery.id.lowercased)", timestamp: now, body: body,
-                                                secrets: endpoint.signingSecrets(at: now).compactMap(WebhookSecret.init))
+            let headers = WebhookSigner.headers(
+                id: "msg_\(work.delivery.id.lowercased)", timestamp: now, body: body,
+                secrets: endpoint.signingSecrets(at: now).compactMap(WebhookSecret.init))
             return (headers, body)
         }
     }

@@ -17,8 +17,10 @@ public final class HTTPTransport: Sendable {
     /// slots): then no send ever waits for a pooled connection, and endpoints that share a host
     /// (or an address) cannot starve each other (issue 8, item 13). The per-endpoint send limit
     /// is what bounds one endpoint.
-    public init(destinations: DestinationGuard, timeout: TimeAmount = .seconds(10), maxResponseBytes: Int = 16 * 1024,
-                connectionsPerHost: Int = 16) {
+    public init(
+        destinations: DestinationGuard, timeout: TimeAmount = .seconds(10), maxResponseBytes: Int = 16 * 1024,
+        connectionsPerHost: Int = 16
+    ) {
         var configuration = HTTPClient.Configuration(
             redirectConfiguration: .disallow,
             timeout: .init(connect: .seconds(5), read: timeout))
@@ -59,8 +61,9 @@ public final class HTTPTransport: Sendable {
             case 410:
                 return .gone(code: code, error: "The receiver answered 410 Gone; the endpoint is now disabled.")
             default:
-                return .refused(code: code, error: "The receiver answered \(code)\(reply.isEmpty ? "" : ": \(reply)")", permanent: false,
-                                retryAfter: response.headers.first(name: "retry-after").flatMap { RetryAfter.seconds($0, now: Date()) })
+                return .refused(
+                    code: code, error: "The receiver answered \(code)\(reply.isEmpty ? "" : ": \(reply)")", permanent: false,
+                    retryAfter: response.headers.first(name: "retry-after").flatMap { RetryAfter.seconds($0, now: Date()) })
             }
         } catch let error as HTTPClientError where error == .getConnectionFromPoolTimeout {
             // Waiting for a connection says nothing about the receiver: not an attempt.
@@ -83,7 +86,9 @@ public final class HTTPTransport: Sendable {
     private func read(_ body: HTTPClientResponse.Body) async throws -> String {
         var buffer = ByteBuffer()
         for try await chunk in body {
-            buffer.writeImmutableBuffer(chunk.getSlice(at: chunk.readerIndex, length: min(chunk.readableBytes, maxResponseBytes - buffer.readableBytes)) ?? ByteBuffer())
+            buffer.writeImmutableBuffer(
+                chunk.getSlice(at: chunk.readerIndex, length: min(chunk.readableBytes, maxResponseBytes - buffer.readableBytes))
+                    ?? ByteBuffer())
             if buffer.readableBytes >= maxResponseBytes { break }
         }
         return String(String(decoding: buffer.readableBytesView, as: UTF8.self).prefix(500))

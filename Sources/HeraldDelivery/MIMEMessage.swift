@@ -158,8 +158,9 @@ public struct MIMEMessage: Sendable {
         do throws(EmailAddressError) { _ = try EmailAddress(address) } catch { problem = error.reason }
         if let problem { throw .invalidAddress(header: header, address: address, reason: problem) }
         if !utf8 && !EmailAddress.isASCII(address) {
-            throw .invalidAddress(header: header, address: address,
-                                  reason: "an internationalised \(header) address needs an internationalised sender or recipient address")
+            throw .invalidAddress(
+                header: header, address: address,
+                reason: "an internationalised \(header) address needs an internationalised sender or recipient address")
         }
         guard let name = mailbox.name, !name.isEmpty else { return address }
         try refuseControlCharacters(name, header: header)
@@ -199,9 +200,11 @@ public struct MIMEMessage: Sendable {
     /// where it comes from an internationalised sender domain.
     private static func messageIDValue(_ id: String, utf8: Bool) throws(MIMEError) -> String {
         try refuseControlCharacters(id, header: "Message-ID")
-        let valid = id.contains("@") && id.unicodeScalars.allSatisfy {
-            ($0.isASCII || utf8) && $0.value > 0x20 && $0.value != 0x7F && !$0.properties.isWhitespace && $0 != "<" && $0 != ">"
-        }
+        let valid =
+            id.contains("@")
+            && id.unicodeScalars.allSatisfy {
+                ($0.isASCII || utf8) && $0.value > 0x20 && $0.value != 0x7F && !$0.properties.isWhitespace && $0 != "<" && $0 != ">"
+            }
         guard valid else { throw .invalidHeader(name: "Message-ID", reason: "it is not of the form id@domain (\(id.debugDescription))") }
         return id
     }
@@ -262,11 +265,12 @@ public enum MIMEError: Error, Sendable, Equatable, CustomStringConvertible {
         case .invalidHeader(let name, let reason):
             return "the \(name) header cannot be written: \(reason)."
         case .invalidAddress(let header, let address, let reason):
-            let role = switch header {
-            case "From": "sender"
-            case "To": "recipient"
-            default: header
-            }
+            let role =
+                switch header {
+                case "From": "sender"
+                case "To": "recipient"
+                default: header
+                }
             return "the \(role) address \(address.debugDescription) cannot be used: \(reason)."
         }
     }

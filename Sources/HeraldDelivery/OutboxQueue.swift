@@ -65,7 +65,9 @@ public struct OutboxQueue: WorkQueue {
         }
     }
 
-    public func complete(_ claim: ClaimedDelivery, worker: String, startedAt: Date, outcome: DeliveryAttemptRecord, logger: Logger) async throws -> Bool {
+    public func complete(
+        _ claim: ClaimedDelivery, worker: String, startedAt: Date, outcome: DeliveryAttemptRecord, logger: Logger
+    ) async throws -> Bool {
         let result = outcome.result
         return try await database.withTenant(claim.organisationID) { tx in
             let completed = try await tx.completeDelivery(claim, worker: worker, startedAt: startedAt, result: result)
@@ -78,7 +80,8 @@ public struct OutboxQueue: WorkQueue {
                     try await tx.recordEndpointAnswer(answer.endpoint)
                 } else if try await tx.recordEndpointNoAnswer(
                     answer.endpoint, threshold: circuit.failures, cooldown: circuit.cooldown,
-                    reason: "\(circuit.failures) attempts in a row got no answer; the last: \(result.error ?? "no answer")") {
+                    reason: "\(circuit.failures) attempts in a row got no answer; the last: \(result.error ?? "no answer")")
+                {
                     logger.warning("endpoint circuit opened", metadata: ["endpoint_id": .string(answer.endpoint.lowercased)])
                 }
             }

@@ -96,10 +96,10 @@ public enum SMTPError: Error, Sendable, Equatable {
     /// libcurl codes caused by the network or the server's state rather than by our
     /// configuration (bad URL, bad credentials, certificate problems, no STARTTLS offered).
     private static let transientCurlCodes: Set<Int> = [
-        5,  // CURLE_COULDNT_RESOLVE_PROXY
-        6,  // CURLE_COULDNT_RESOLVE_HOST
-        7,  // CURLE_COULDNT_CONNECT
-        8,  // CURLE_WEIRD_SERVER_REPLY (e.g. greeting garbled, connection cut mid-reply)
+        5, // CURLE_COULDNT_RESOLVE_PROXY
+        6, // CURLE_COULDNT_RESOLVE_HOST
+        7, // CURLE_COULDNT_CONNECT
+        8, // CURLE_WEIRD_SERVER_REPLY (e.g. greeting garbled, connection cut mid-reply)
         28, // CURLE_OPERATION_TIMEDOUT
         35, // CURLE_SSL_CONNECT_ERROR (handshake cut off)
         52, // CURLE_GOT_NOTHING
@@ -116,33 +116,36 @@ extension SMTPError: CustomStringConvertible {
         switch self {
         case .refused(let code, let text, let command):
             let reply = text.isEmpty ? "\(code)" : "\(code) \(text)"
-            let what = switch command {
-            case "RCPT": "the recipient address"
-            case "MAIL": "the sender address"
-            case "DATA": "the message"
-            case "AUTH": "Herald's login; check the SMTP user name and password"
-            default: "the connection"
-            }
+            let what =
+                switch command {
+                case "RCPT": "the recipient address"
+                case "MAIL": "the sender address"
+                case "DATA": "the message"
+                case "AUTH": "Herald's login; check the SMTP user name and password"
+                default: "the connection"
+                }
             let later = (400..<500).contains(code) ? "temporarily " : ""
             return "The mail server \(later)refused \(what) (\(reply))."
         case .transport(let curlCode, let message, let detail):
             let cause = detail.isEmpty || detail == message ? message : detail
-            let sentence = switch curlCode {
-            case 5, 6: "Herald could not find the mail server (DNS lookup failed)"
-            case 7: "Herald could not connect to the mail server"
-            case 28: "The mail server did not answer in time"
-            case 8, 52, 55, 56: "The connection to the mail server broke off"
-            case 60: "The mail server's TLS certificate could not be verified"
-            case 35, 58, 59, 66, 80, 83, 90, 91: "The TLS connection to the mail server failed"
-            case 64: "The mail server does not offer STARTTLS, which Herald's SMTP settings require"
-            case 67: "The mail server refused Herald's login; check the SMTP user name and password"
-            default: "Sending to the mail server failed"
-            }
+            let sentence =
+                switch curlCode {
+                case 5, 6: "Herald could not find the mail server (DNS lookup failed)"
+                case 7: "Herald could not connect to the mail server"
+                case 28: "The mail server did not answer in time"
+                case 8, 52, 55, 56: "The connection to the mail server broke off"
+                case 60: "The mail server's TLS certificate could not be verified"
+                case 35, 58, 59, 66, 80, 83, 90, 91: "The TLS connection to the mail server failed"
+                case 64: "The mail server does not offer STARTTLS, which Herald's SMTP settings require"
+                case 67: "The mail server refused Herald's login; check the SMTP user name and password"
+                default: "Sending to the mail server failed"
+                }
             return "\(sentence) (\(cause))."
         case .invalidEnvelope(let reason):
             return "The email cannot be sent: \(reason)."
         case .smtputf8Unsupported(let address):
-            return "The mail server does not support internationalised email addresses (SMTPUTF8), so Herald cannot send to \(address.debugDescription)."
+            return
+                "The mail server does not support internationalised email addresses (SMTPUTF8), so Herald cannot send to \(address.debugDescription)."
         }
     }
 }

@@ -18,7 +18,7 @@ public final class SMTPConnection: @unchecked Sendable {
 
     // All mutable state below is only touched while holding `lock` (or in init/deinit).
     private let lock = NSLock()
-    private let handle: UnsafeMutableRawPointer  // CURL *
+    private let handle: UnsafeMutableRawPointer // CURL *
     private let errorBuffer: UnsafeMutablePointer<CChar>
     private let transcript = ReplyTranscript()
     /// EHLO keywords of the server, upper-cased, from the last EHLO seen; nil until then (a reused
@@ -84,7 +84,7 @@ public final class SMTPConnection: @unchecked Sendable {
         let body = MessageReader(message)
         try check(herald_curl_setopt_string(handle, CURLOPT_MAIL_FROM, "<\(from)>"))
         try check(herald_curl_setopt_slist(handle, CURLOPT_MAIL_RCPT, recipientList))
-        try check(herald_curl_setopt_long(handle, CURLOPT_INFILESIZE, message.count))  // SIZE= if offered
+        try check(herald_curl_setopt_long(handle, CURLOPT_INFILESIZE, message.count)) // SIZE= if offered
         try check(herald_curl_setopt_pointer(handle, CURLOPT_READDATA, Unmanaged.passUnretained(body).toOpaque()))
 
         errorBuffer[0] = 0
@@ -156,11 +156,11 @@ public final class SMTPConnection: @unchecked Sendable {
         let host = settings.host.contains(":") ? "[\(settings.host)]" : settings.host
         // The URL path is the EHLO name; libcurl uses "localhost" when it is empty.
         let url = "\(scheme)://\(host):\(settings.port)/\(settings.clientName ?? "")"
-        let timeoutMS = Int((min(max(settings.timeout, 0.001), 86_400) * 1000).rounded())  // NaN/inf-safe
+        let timeoutMS = Int((min(max(settings.timeout, 0.001), 86_400) * 1000).rounded()) // NaN/inf-safe
 
         try check(herald_curl_setopt_pointer(handle, CURLOPT_ERRORBUFFER, errorBuffer))
         try check(herald_curl_setopt_string(handle, CURLOPT_URL, url))
-        try check(herald_curl_setopt_long(handle, CURLOPT_NOSIGNAL, 1))  // no SIGALRM in a threaded server
+        try check(herald_curl_setopt_long(handle, CURLOPT_NOSIGNAL, 1)) // no SIGALRM in a threaded server
         try check(herald_curl_setopt_long(handle, CURLOPT_CONNECTTIMEOUT_MS, timeoutMS))
         try check(herald_curl_setopt_long(handle, CURLOPT_TIMEOUT_MS, timeoutMS))
         try check(herald_curl_setopt_long(handle, CURLOPT_UPLOAD, 1))
@@ -194,7 +194,7 @@ public final class SMTPConnection: @unchecked Sendable {
     /// non-ASCII spaces, controls and format characters are not.
     private static func validateEnvelopeAddress(_ address: String, allowEmpty: Bool) throws(SMTPError) {
         if address.isEmpty {
-            if allowEmpty { return }  // null reverse-path "<>" for bounces
+            if allowEmpty { return } // null reverse-path "<>" for bounces
             throw .invalidEnvelope("the recipient address is empty")
         }
         let forbidden = address.unicodeScalars.contains { scalar in
@@ -207,7 +207,8 @@ public final class SMTPConnection: @unchecked Sendable {
             }
         }
         if forbidden {
-            throw .invalidEnvelope("the address \(address.debugDescription) contains a space, line break or other character that cannot be sent")
+            throw .invalidEnvelope(
+                "the address \(address.debugDescription) contains a space, line break or other character that cannot be sent")
         }
     }
 }
@@ -249,7 +250,7 @@ private final class MessageReader {
 
     func read(into buffer: UnsafeMutablePointer<CChar>, capacity: Int) -> Int {
         let count = min(capacity, bytes.count - offset)
-        guard count > 0 else { return 0 }  // 0 = end of message
+        guard count > 0 else { return 0 } // 0 = end of message
         bytes.withUnsafeBytes { source in
             UnsafeMutableRawPointer(buffer).copyMemory(from: source.baseAddress! + offset, byteCount: count)
         }

@@ -198,8 +198,9 @@ where Handler.Claim == Queue.Claim, Handler.Outcome == Queue.Outcome {
             let live = inFlight.withLock { $0.filter { $0.value > now }.map(\.key) }
             for (organisation, claims) in Dictionary(grouping: live, by: \.organisationID) {
                 do {
-                    try await queue.heartbeat(worker: configuration.name, organisation: organisation, claims: claims,
-                                              leaseSeconds: configuration.leaseSeconds)
+                    try await queue.heartbeat(
+                        worker: configuration.name, organisation: organisation, claims: claims,
+                        leaseSeconds: configuration.leaseSeconds)
                 } catch {
                     logger.warning("extending leases failed", metadata: ["error": "\(String(reflecting: error))"])
                 }
@@ -217,12 +218,15 @@ where Handler.Claim == Queue.Claim, Handler.Outcome == Queue.Outcome {
     /// already skips it, and cancelling it ends a send or a wait for a connection.
     private func runWithinDeadline(_ claim: Queue.Claim) async {
         await withTaskGroup(of: Bool.self) { group in
-            group.addTask { await self.perform(claim); return true }
+            group.addTask {
+                await self.perform(claim); return true
+            }
             group.addTask { (try? await Task.sleep(for: self.configuration.attemptDeadline)) != nil ? false : true }
             if await group.next() == false {
                 Counter(label: "herald_\(queue.kind)_abandoned_total").increment()
-                logger.error("\(queue.kind) attempt abandoned at its deadline; its lease will expire and the item be rescued",
-                             metadata: claim.logMetadata.merging(["deadline": "\(configuration.attemptDeadline)"]) { $1 })
+                logger.error(
+                    "\(queue.kind) attempt abandoned at its deadline; its lease will expire and the item be rescued",
+                    metadata: claim.logMetadata.merging(["deadline": "\(configuration.attemptDeadline)"]) { $1 })
             }
             group.cancelAll()
         }

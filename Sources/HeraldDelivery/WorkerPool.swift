@@ -69,9 +69,10 @@ public final class DeliveryWorkerPool: Service, Sendable {
         self.runner = WorkRunner(
             configuration: runner,
             queue: OutboxQueue(database: database, organisation: configuration.organisation, circuit: circuit),
-            handler: DeliveryHandler(database: database, sender: sender, endpointConcurrency: configuration.endpointConcurrency,
-                                     endpointBusyDelay: configuration.endpointBusyDelay, circuitCooldown: configuration.circuitCooldown,
-                                     retry: configuration.retry),
+            handler: DeliveryHandler(
+                database: database, sender: sender, endpointConcurrency: configuration.endpointConcurrency,
+                endpointBusyDelay: configuration.endpointBusyDelay, circuitCooldown: configuration.circuitCooldown,
+                retry: configuration.retry),
             bus: bus, logger: logger)
     }
 

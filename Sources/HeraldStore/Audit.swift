@@ -32,8 +32,10 @@ extension TenantTransaction {
         for row in rows {
             let (id, at, actorType, actorID, action, targetType, targetID, before, after, requestID) =
                 try row.decode((UUID, Date, String, UUID?, String, String, String?, String?, String?, String?).self)
-            entries.append(AuditEntry(id: id, occurredAt: at, actorType: actorType, actorID: actorID, action: action,
-                                      targetType: targetType, targetID: targetID, beforeJSON: before, afterJSON: after, requestID: requestID))
+            entries.append(
+                AuditEntry(
+                    id: id, occurredAt: at, actorType: actorType, actorID: actorID, action: action,
+                    targetType: targetType, targetID: targetID, beforeJSON: before, afterJSON: after, requestID: requestID))
         }
         return paginate(entries, limit: limit) { PageCursor(time: $0.occurredAt, id: $0.id) }
     }

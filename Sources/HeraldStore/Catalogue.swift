@@ -40,8 +40,10 @@ public struct NotificationTypeFields: Sendable {
     public var defaultPriority: Priority
     public var defaultChannels: [NotificationChannel]
 
-    public init(key: String, categoryID: UUID, name: String, description: String, defaultSeverity: Severity,
-                defaultPriority: Priority, defaultChannels: [NotificationChannel]) {
+    public init(
+        key: String, categoryID: UUID, name: String, description: String, defaultSeverity: Severity,
+        defaultPriority: Priority, defaultChannels: [NotificationChannel]
+    ) {
         self.key = key
         self.categoryID = categoryID
         self.name = name
@@ -56,18 +58,24 @@ extension TenantTransaction {
     // MARK: Categories
 
     public func categories() async throws -> [Category] {
-        try await query("SELECT \(unescaped: categoryColumns) FROM categories WHERE organisation_id = \(organisationID) ORDER BY key").map(decodeCategory)
+        try await query("SELECT \(unescaped: categoryColumns) FROM categories WHERE organisation_id = \(organisationID) ORDER BY key").map(
+            decodeCategory)
     }
 
     public func category(_ id: UUID) async throws -> Category {
-        guard let row = try await query("SELECT \(unescaped: categoryColumns) FROM categories WHERE organisation_id = \(organisationID) AND id = \(id)").first else {
+        guard
+            let row = try await query(
+                "SELECT \(unescaped: categoryColumns) FROM categories WHERE organisation_id = \(organisationID) AND id = \(id)"
+            ).first
+        else {
             throw StoreError.notFound("category")
         }
         return try decodeCategory(row)
     }
 
     public func category(key: String) async throws -> Category? {
-        try await query("SELECT \(unescaped: categoryColumns) FROM categories WHERE organisation_id = \(organisationID) AND key = \(key)").first.map(decodeCategory)
+        try await query("SELECT \(unescaped: categoryColumns) FROM categories WHERE organisation_id = \(organisationID) AND key = \(key)")
+            .first.map(decodeCategory)
     }
 
     public func createCategory(key: String, name: String, description: String, critical: Bool) async throws -> Category {
@@ -93,28 +101,40 @@ extension TenantTransaction {
     /// Deletes a category; a notification type still in it, or in-app rows of it, block the
     /// deletion (`stillReferenced`).
     public func deleteCategory(_ id: UUID) async throws {
-        guard try await query("SELECT 1 FROM notifications WHERE organisation_id = \(organisationID) AND category_id = \(id) LIMIT 1").isEmpty else {
+        guard
+            try await query("SELECT 1 FROM notifications WHERE organisation_id = \(organisationID) AND category_id = \(id) LIMIT 1").isEmpty
+        else {
             throw StoreError.stillReferenced(constraint: "notifications_category")
         }
-        guard !(try await query("DELETE FROM categories WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id")).isEmpty else { throw StoreError.notFound("category") }
+        guard !(try await query("DELETE FROM categories WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id")).isEmpty
+        else { throw StoreError.notFound("category") }
     }
 
     // MARK: Notification types
 
     public func notificationTypes() async throws -> [NotificationType] {
-        let rows = try await query("SELECT \(unescaped: typeColumns) FROM notification_types t WHERE t.organisation_id = \(organisationID) ORDER BY t.key")
+        let rows = try await query(
+            "SELECT \(unescaped: typeColumns) FROM notification_types t WHERE t.organisation_id = \(organisationID) ORDER BY t.key")
         return try await withTemplates(try rows.map(decodeType))
     }
 
     public func notificationType(_ id: UUID) async throws -> NotificationType {
-        guard let row = try await query("SELECT \(unescaped: typeColumns) FROM notification_types t WHERE t.organisation_id = \(organisationID) AND t.id = \(id)").first else {
+        guard
+            let row = try await query(
+                "SELECT \(unescaped: typeColumns) FROM notification_types t WHERE t.organisation_id = \(organisationID) AND t.id = \(id)"
+            ).first
+        else {
             throw StoreError.notFound("notification type")
         }
         return try await withTemplates([try decodeType(row)])[0]
     }
 
     public func notificationType(key: String) async throws -> NotificationType? {
-        guard let row = try await query("SELECT \(unescaped: typeColumns) FROM notification_types t WHERE t.organisation_id = \(organisationID) AND t.key = \(key)").first else {
+        guard
+            let row = try await query(
+                "SELECT \(unescaped: typeColumns) FROM notification_types t WHERE t.organisation_id = \(organisationID) AND t.key = \(key)"
+            ).first
+        else {
             return nil
         }
         return try await withTemplates([try decodeType(row)])[0]
@@ -145,7 +165,10 @@ extension TenantTransaction {
 
     /// Deletes a type and its templates; a type with events blocks the deletion (`stillReferenced`).
     public func deleteNotificationType(_ id: UUID) async throws {
-        guard !(try await query("DELETE FROM notification_types WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id")).isEmpty else { throw StoreError.notFound("notification type") }
+        guard
+            !(try await query("DELETE FROM notification_types WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id"))
+                .isEmpty
+        else { throw StoreError.notFound("notification type") }
     }
 
     /// Creates or replaces the template of a type for a channel and locale.
@@ -164,15 +187,17 @@ extension TenantTransaction {
     @discardableResult
     public func deleteTemplate(typeID: UUID, channel: NotificationChannel, locale: String) async throws -> Bool {
         _ = try await notificationType(typeID)
-        return !(try await query(
-            "DELETE FROM templates WHERE organisation_id = \(organisationID) AND type_id = \(typeID) AND channel = \(channel) AND locale = \(locale) RETURNING locale"
-        )).isEmpty
+        return
+            !(try await query(
+                "DELETE FROM templates WHERE organisation_id = \(organisationID) AND type_id = \(typeID) AND channel = \(channel) AND locale = \(locale) RETURNING locale"
+            )).isEmpty
     }
 
     private func withTemplates(_ types: [NotificationType]) async throws -> [NotificationType] {
         guard !types.isEmpty else { return types }
         let rows = try await query(
-            "SELECT type_id, channel, locale, subject, body, html FROM templates WHERE organisation_id = \(organisationID) AND type_id = ANY(\(types.map(\.id))::uuid[])")
+            "SELECT type_id, channel, locale, subject, body, html FROM templates WHERE organisation_id = \(organisationID) AND type_id = ANY(\(types.map(\.id))::uuid[])"
+        )
         var byType: [UUID: [NotificationChannel: [String: TemplateContent]]] = [:]
         for row in rows {
             let (typeID, channel, locale, subject, body, html) = try row.decode((UUID, String, String, String, String, String?).self)
@@ -201,8 +226,9 @@ private let typeColumns = """
 
 private func decodeType(_ row: PostgresRow) throws -> NotificationType {
     let (id, key, categoryID, categoryKey, name, description, severity, priority, channels, created, updated) =
-        try row.decode((UUID, String, UUID, String, String, String, Severity, Priority, [NotificationChannel], Date, Date).self,
-                       table: "notification_types")
+        try row.decode(
+            (UUID, String, UUID, String, String, String, Severity, Priority, [NotificationChannel], Date, Date).self,
+            table: "notification_types")
     return NotificationType(
         id: id, key: key, categoryID: categoryID, categoryKey: categoryKey, name: name, description: description,
         defaultSeverity: severity, defaultPriority: priority,

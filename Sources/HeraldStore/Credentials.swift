@@ -74,13 +74,15 @@ extension TenantTransaction {
 
     /// Every API key of the organisation, newest first.
     public func apiKeys() async throws -> [ApiKey] {
-        let rows = try await query("SELECT \(unescaped: apiKeyColumns) FROM api_keys WHERE organisation_id = \(organisationID) ORDER BY created_at DESC, id")
+        let rows = try await query(
+            "SELECT \(unescaped: apiKeyColumns) FROM api_keys WHERE organisation_id = \(organisationID) ORDER BY created_at DESC, id")
         return try rows.map(decodeApiKey)
     }
 
     /// The API key with this id.
     public func apiKey(_ id: UUID) async throws -> ApiKey {
-        let rows = try await query("SELECT \(unescaped: apiKeyColumns) FROM api_keys WHERE organisation_id = \(organisationID) AND id = \(id)")
+        let rows = try await query(
+            "SELECT \(unescaped: apiKeyColumns) FROM api_keys WHERE organisation_id = \(organisationID) AND id = \(id)")
         guard let row = rows.first else { throw StoreError.notFound("API key") }
         return try decodeApiKey(row)
     }
@@ -97,7 +99,9 @@ extension TenantTransaction {
 
     /// Revokes an API key (idempotent).
     public func revokeApiKey(_ id: UUID) async throws -> ApiKey {
-        let rows = try await query("UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id")
+        let rows = try await query(
+            "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id"
+        )
         guard !rows.isEmpty else { throw StoreError.notFound("API key") }
         return try await apiKey(id)
     }
@@ -123,7 +127,8 @@ extension TenantTransaction {
             """)
         guard let row = rows.first else { return nil }
         let (id, family, user, hash, expires, used, revoked) = try row.decode((UUID, UUID, UUID, Data, Date, Date?, Date?).self)
-        return StoredRefreshToken(id: id, familyID: family, userID: user, secretHash: hash, expiresAt: expires, usedAt: used, revokedAt: revoked)
+        return StoredRefreshToken(
+            id: id, familyID: family, userID: user, secretHash: hash, expiresAt: expires, usedAt: used, revokedAt: revoked)
     }
 
     /// Marks a refresh token used.
@@ -135,7 +140,8 @@ extension TenantTransaction {
     @discardableResult
     public func revokeRefreshFamily(_ familyID: UUID, at now: Date) async throws -> Int {
         let rows = try await query(
-            "UPDATE refresh_tokens SET revoked_at = \(now) WHERE organisation_id = \(organisationID) AND family_id = \(familyID) AND revoked_at IS NULL RETURNING id")
+            "UPDATE refresh_tokens SET revoked_at = \(now) WHERE organisation_id = \(organisationID) AND family_id = \(familyID) AND revoked_at IS NULL RETURNING id"
+        )
         return rows.count
     }
 }

@@ -164,8 +164,10 @@ public struct Database: Sendable {
     /// (FACTS: PostgreSQL restarts), and a task awaiting it cannot be cancelled; so the
     /// statement runs in a task of its own that is left behind at the deadline, its connection
     /// closed so the pool does not lend it again.
-    static func statement(_ query: PostgresQuery, on connection: PostgresConnection, logger: Logger,
-                          until: ContinuousClock.Instant) async throws -> [PostgresRow] {
+    static func statement(
+        _ query: PostgresQuery, on connection: PostgresConnection, logger: Logger,
+        until: ContinuousClock.Instant
+    ) async throws -> [PostgresRow] {
         let wait = StatementWait()
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { continuation in
@@ -175,11 +177,13 @@ public struct Database: Sendable {
                     do { result = .success(try await connection.query(query, logger: logger).collect()) } catch { result = .failure(error) }
                     wait.finish(result)
                 }
-                wait.arm(Task {
-                    guard (try? await Task.sleep(until: until)) != nil else { return }
-                    wait.finish(.failure(DatabaseUnavailable(deadline: .zero, underlying: "a statement was abandoned at the call's deadline")),
-                                closing: connection)
-                })
+                wait.arm(
+                    Task {
+                        guard (try? await Task.sleep(until: until)) != nil else { return }
+                        wait.finish(
+                            .failure(DatabaseUnavailable(deadline: .zero, underlying: "a statement was abandoned at the call's deadline")),
+                            closing: connection)
+                    })
             }
         } onCancel: {
             // The caller gave up (its deadline passed): stop waiting now.
@@ -346,8 +350,12 @@ public final class TransactionLoan: Sendable {
     private let state: Mutex<(parts: Parts?, busy: Bool)>
 
     fileprivate init(_ tx: TenantTransaction) {
-        state = Mutex((Parts(connection: tx.connection, organisationID: tx.organisationID, actor: tx.actor,
-                             requestID: tx.requestID, logger: tx.logger, deadline: tx.deadline), false))
+        state = Mutex(
+            (
+                Parts(
+                    connection: tx.connection, organisationID: tx.organisationID, actor: tx.actor,
+                    requestID: tx.requestID, logger: tx.logger, deadline: tx.deadline), false
+            ))
     }
 
     fileprivate func close() {
@@ -368,8 +376,9 @@ public final class TransactionLoan: Sendable {
             return parts
         }
         defer { state.withLock { $0.busy = false } }
-        let tx = TenantTransaction(connection: parts.connection, organisationID: parts.organisationID, actor: parts.actor,
-                                   requestID: parts.requestID, logger: parts.logger, deadline: parts.deadline)
+        let tx = TenantTransaction(
+            connection: parts.connection, organisationID: parts.organisationID, actor: parts.actor,
+            requestID: parts.requestID, logger: parts.logger, deadline: parts.deadline)
         return try await body(tx)
     }
 }

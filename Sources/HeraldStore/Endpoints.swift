@@ -83,8 +83,10 @@ public struct EndpointFields: Sendable {
 }
 
 extension TenantTransaction {
-    public func createEndpoint(channel: NotificationChannel, format: String, name: String, url: String, eventTypes: [String],
-                               secret: String?) async throws -> Endpoint {
+    public func createEndpoint(
+        channel: NotificationChannel, format: String, name: String, url: String, eventTypes: [String],
+        secret: String?
+    ) async throws -> Endpoint {
         let id = UUID()
         try await query(
             """
@@ -95,7 +97,11 @@ extension TenantTransaction {
     }
 
     public func endpoint(_ id: UUID) async throws -> Endpoint {
-        guard let row = try await query("SELECT \(unescaped: endpointColumns) FROM endpoints WHERE organisation_id = \(organisationID) AND id = \(id)").first else {
+        guard
+            let row = try await query(
+                "SELECT \(unescaped: endpointColumns) FROM endpoints WHERE organisation_id = \(organisationID) AND id = \(id)"
+            ).first
+        else {
             throw StoreError.notFound("endpoint")
         }
         return try decodeEndpoint(row)
@@ -158,7 +164,9 @@ extension TenantTransaction {
 
     /// Switches an endpoint off (a receiver answered 410 Gone), saying why.
     public func disableEndpoint(_ id: UUID, reason: String) async throws {
-        try await query("UPDATE endpoints SET enabled = false, disabled_reason = \(reason), updated_at = now() WHERE organisation_id = \(organisationID) AND id = \(id) AND enabled")
+        try await query(
+            "UPDATE endpoints SET enabled = false, disabled_reason = \(reason), updated_at = now() WHERE organisation_id = \(organisationID) AND id = \(id) AND enabled"
+        )
     }
 
     /// Counts an attempt that got no answer; at `threshold` in a row the breaker opens (again,
@@ -195,7 +203,8 @@ extension TenantTransaction {
             UPDATE endpoints SET circuit_retry_at = now() + make_interval(secs => \(cooldown)::double precision)
             WHERE organisation_id = \(organisationID) AND id = \(id) AND circuit_opened_at IS NOT NULL AND circuit_retry_at <= now()
             RETURNING id
-            """).isEmpty
+            """
+        ).isEmpty
     }
 
     /// The enabled endpoints that take notifications of `typeKey`, by channel.
@@ -206,7 +215,8 @@ extension TenantTransaction {
             SELECT channel, id, url FROM endpoints
             WHERE organisation_id = \(organisationID) AND enabled AND (event_types = '{}' OR \(typeKey) = ANY(event_types))
             ORDER BY created_at, id
-            """) {
+            """)
+        {
             let (channel, id, url) = try row.decode((String, UUID, String).self)
             guard let channel = NotificationChannel(rawValue: channel) else { continue }
             targets[channel, default: []].append(EndpointTarget(id: id, url: url))
@@ -221,12 +231,18 @@ private let endpointColumns = """
     """
 
 func decodeEndpoint(_ row: PostgresRow) throws -> Endpoint {
-    let (id, channel, format, name, url, types, enabled, reason, secret, previous, previousUntil, created, updated, failures, openedAt,
-         retryAt, circuitReason) =
-        try row.decode((UUID, NotificationChannel, String, String, String, [String], Bool, String?, String?, String?, Date?, Date, Date, Int, Date?,
-                        Date?, String?).self, table: "endpoints")
-    return Endpoint(id: id, channel: channel, format: format, name: name, url: url,
-                    eventTypes: types, enabled: enabled, disabledReason: reason, secret: secret, previousSecret: previous,
-                    previousSecretExpiresAt: previousUntil, createdAt: created, updatedAt: updated,
-                    circuit: EndpointCircuit(failures: failures, openedAt: openedAt, retryAt: retryAt, reason: circuitReason))
+    let (
+        id, channel, format, name, url, types, enabled, reason, secret, previous, previousUntil, created, updated, failures, openedAt,
+        retryAt, circuitReason
+    ) =
+        try row.decode(
+            (
+                UUID, NotificationChannel, String, String, String, [String], Bool, String?, String?, String?, Date?, Date, Date, Int, Date?,
+                Date?, String?
+            ).self, table: "endpoints")
+    return Endpoint(
+        id: id, channel: channel, format: format, name: name, url: url,
+        eventTypes: types, enabled: enabled, disabledReason: reason, secret: secret, previousSecret: previous,
+        previousSecretExpiresAt: previousUntil, createdAt: created, updatedAt: updated,
+        circuit: EndpointCircuit(failures: failures, openedAt: openedAt, retryAt: retryAt, reason: circuitReason))
 }

@@ -18,9 +18,11 @@ public struct EventRequest: Sendable {
     /// Short `key:value` labels (`team:sales`), stored once on the event; the feed filters by them.
     public var tags: [String]
 
-    public init(typeKey: String, audience: Audience, payload: JSONValue, sourceActor: JSONValue? = nil, subjectType: String? = nil,
-                subjectID: String? = nil, severity: Severity? = nil, priority: Priority? = nil, deliverAt: Date? = nil, expiresAt: Date? = nil,
-                url: String? = nil, tags: [String] = []) {
+    public init(
+        typeKey: String, audience: Audience, payload: JSONValue, sourceActor: JSONValue? = nil, subjectType: String? = nil,
+        subjectID: String? = nil, severity: Severity? = nil, priority: Priority? = nil, deliverAt: Date? = nil, expiresAt: Date? = nil,
+        url: String? = nil, tags: [String] = []
+    ) {
         self.url = url
         self.tags = tags
         self.typeKey = typeKey
@@ -61,7 +63,9 @@ extension TypeProfile {
 extension TenantTransaction {
     /// Gathers everything the planner needs in a few set-based queries and runs it. Writes
     /// nothing: notify writes the result with `write`, a dry run just shows it.
-    public func planEvent(_ request: EventRequest, eventID: UUID, now: Date, idempotencyKey: String? = nil, requestHash: String? = nil) async throws -> PlannedEvent {
+    public func planEvent(
+        _ request: EventRequest, eventID: UUID, now: Date, idempotencyKey: String? = nil, requestHash: String? = nil
+    ) async throws -> PlannedEvent {
         guard let type = try await notificationType(key: request.typeKey) else { throw UnknownNotificationType(key: request.typeKey) }
         let category = try await category(type.categoryID)
         let settings = try await engineSettings()

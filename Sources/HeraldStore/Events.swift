@@ -48,9 +48,12 @@ public struct NewEvent: Sendable {
     public var url: String?
     public var tags: [String]
 
-    public init(id: UUID, typeID: UUID, sourceActorJSON: String?, audienceJSON: String, payloadJSON: String, subjectType: String?, subjectID: String?,
-                severity: Severity, priority: Priority, deliverAt: Date, expiresAt: Date?, idempotencyKey: String?, requestHash: String?,
-                url: String? = nil, tags: [String] = []) {
+    public init(
+        id: UUID, typeID: UUID, sourceActorJSON: String?, audienceJSON: String, payloadJSON: String, subjectType: String?,
+        subjectID: String?,
+        severity: Severity, priority: Priority, deliverAt: Date, expiresAt: Date?, idempotencyKey: String?, requestHash: String?,
+        url: String? = nil, tags: [String] = []
+    ) {
         self.url = url
         self.tags = tags
         self.id = id
@@ -99,15 +102,19 @@ extension TenantTransaction {
 
     /// The organisation's name, defaults and throttle.
     public func engineSettings() async throws -> EngineSettings {
-        guard let row = try await query(
-            """
-            SELECT name, slug, default_locale, default_timezone, (settings->>'throttle_per_minute')::int,
-                   (settings->>'user_throttle_per_minute')::int
-            FROM organisations WHERE id = \(organisationID)
-            """).first else { throw StoreError.notFound("organisation") }
+        guard
+            let row = try await query(
+                """
+                SELECT name, slug, default_locale, default_timezone, (settings->>'throttle_per_minute')::int,
+                       (settings->>'user_throttle_per_minute')::int
+                FROM organisations WHERE id = \(organisationID)
+                """
+            ).first
+        else { throw StoreError.notFound("organisation") }
         let (name, slug, locale, timezone, throttle, userThrottle) = try row.decode((String, String, String, String, Int?, Int?).self)
-        return EngineSettings(name: name, slug: slug, defaultLocale: locale, defaultTimezone: timezone, throttlePerMinute: throttle,
-                              userThrottlePerMinute: userThrottle)
+        return EngineSettings(
+            name: name, slug: slug, defaultLocale: locale, defaultTimezone: timezone, throttlePerMinute: throttle,
+            userThrottlePerMinute: userThrottle)
     }
 
     /// Sets the per-user throttle across all categories (nil or 0 switches it off).
@@ -161,9 +168,11 @@ extension TenantTransaction {
             """)
         return try rows.map { row in
             let (id, active, email, name, locale, timezone, attributes, byUser, byRoles, byGroups) =
-                try row.decode((UUID, Bool, String, String, String?, String?, JSONDocument<JSONValue>, Bool, [String], [String]).self, table: "users")
+                try row.decode(
+                    (UUID, Bool, String, String, String?, String?, JSONDocument<JSONValue>, Bool, [String], [String]).self, table: "users")
             return RecipientProfile(
-                candidate: Candidate(userID: id, active: active, byUser: byUser, byRoles: byRoles, byGroups: byGroups, byEveryone: audience.everyone),
+                candidate: Candidate(
+                    userID: id, active: active, byUser: byUser, byRoles: byRoles, byGroups: byGroups, byEveryone: audience.everyone),
                 email: email, displayName: name, locale: locale, timezone: timezone,
                 attributes: attributes.value)
         }
@@ -186,7 +195,8 @@ extension TenantTransaction {
     /// Users' own settings for one category, by user and channel.
     public func preferences(forCategory categoryID: UUID) async throws -> [UUID: [NotificationChannel: PreferenceSetting]] {
         let rows = try await query(
-            "SELECT user_id, channel, enabled, frequency, conditions FROM preferences WHERE organisation_id = \(organisationID) AND category_id = \(categoryID)")
+            "SELECT user_id, channel, enabled, frequency, conditions FROM preferences WHERE organisation_id = \(organisationID) AND category_id = \(categoryID)"
+        )
         var result: [UUID: [NotificationChannel: PreferenceSetting]] = [:]
         for row in rows {
             let (user, channel, enabled, frequency, conditions) =
@@ -198,8 +208,9 @@ extension TenantTransaction {
 
     /// The organisation's defaults for one category, by channel.
     public func preferenceDefaults(forCategory categoryID: UUID) async throws -> [NotificationChannel: PreferenceSetting] {
-        Dictionary(try await preferenceDefaults().filter { $0.categoryID == categoryID }.map { ($0.channel, $0.setting) },
-                   uniquingKeysWith: { first, _ in first })
+        Dictionary(
+            try await preferenceDefaults().filter { $0.categoryID == categoryID }.map { ($0.channel, $0.setting) },
+            uniquingKeysWith: { first, _ in first })
     }
 
     /// How many notified events of the category each user had in the last minute.
@@ -236,7 +247,9 @@ extension TenantTransaction {
 
     /// The event an idempotency key already produced.
     public func event(idempotencyKey: String) async throws -> EventRecord? {
-        try await query("SELECT \(unescaped: eventColumns) FROM events e WHERE e.organisation_id = \(organisationID) AND e.idempotency_key = \(idempotencyKey)").first.map(decodeEvent)
+        try await query(
+            "SELECT \(unescaped: eventColumns) FROM events e WHERE e.organisation_id = \(organisationID) AND e.idempotency_key = \(idempotencyKey)"
+        ).first.map(decodeEvent)
     }
 
     /// Writes the event, its in-app rows, deliveries, digest items and decision trace, and
@@ -297,13 +310,18 @@ extension TenantTransaction {
                 """)
         }
         // Delivered at commit, never for a rolled-back transaction.
-        try await query("SELECT pg_notify('herald_events', \(organisationID.uuidString.lowercased() + ":" + event.id.uuidString.lowercased()))")
+        try await query(
+            "SELECT pg_notify('herald_events', \(organisationID.uuidString.lowercased() + ":" + event.id.uuidString.lowercased()))")
     }
 
     // MARK: Reading and cancelling events
 
     public func event(_ id: UUID) async throws -> EventRecord {
-        guard let row = try await query("SELECT \(unescaped: eventColumns) FROM events e WHERE e.organisation_id = \(organisationID) AND e.id = \(id)").first else {
+        guard
+            let row = try await query(
+                "SELECT \(unescaped: eventColumns) FROM events e WHERE e.organisation_id = \(organisationID) AND e.id = \(id)"
+            ).first
+        else {
             throw StoreError.notFound("event")
         }
         return try decodeEvent(row)
@@ -336,14 +354,18 @@ extension TenantTransaction {
     public func cancelEvent(_ id: UUID, now: Date) async throws -> Cancellation? {
         _ = try await event(id)
         let updated = try await query(
-            "UPDATE events SET status = 'CANCELLED', cancelled_at = \(now) WHERE organisation_id = \(organisationID) AND id = \(id) AND status = 'ACCEPTED' RETURNING id")
+            "UPDATE events SET status = 'CANCELLED', cancelled_at = \(now) WHERE organisation_id = \(organisationID) AND id = \(id) AND status = 'ACCEPTED' RETURNING id"
+        )
         guard !updated.isEmpty else { return nil }
         let deliveries = try await query(
-            "UPDATE deliveries SET status = 'CANCELLED', updated_at = \(now) WHERE organisation_id = \(organisationID) AND event_id = \(id) AND status IN ('PENDING', 'FAILED') RETURNING id").count
+            "UPDATE deliveries SET status = 'CANCELLED', updated_at = \(now) WHERE organisation_id = \(organisationID) AND event_id = \(id) AND status IN ('PENDING', 'FAILED') RETURNING id"
+        ).count
         let digest = try await query(
-            "UPDATE digest_items SET cancelled_at = \(now) WHERE organisation_id = \(organisationID) AND event_id = \(id) AND sent_at IS NULL AND cancelled_at IS NULL RETURNING id").count
+            "UPDATE digest_items SET cancelled_at = \(now) WHERE organisation_id = \(organisationID) AND event_id = \(id) AND sent_at IS NULL AND cancelled_at IS NULL RETURNING id"
+        ).count
         let notifications = try await query(
-            "DELETE FROM notifications WHERE organisation_id = \(organisationID) AND event_id = \(id) AND visible_at > \(now) RETURNING id").count
+            "DELETE FROM notifications WHERE organisation_id = \(organisationID) AND event_id = \(id) AND visible_at > \(now) RETURNING id"
+        ).count
         return Cancellation(deliveries: deliveries, digestItems: digest, notifications: notifications)
     }
 }
@@ -391,10 +413,15 @@ private let eventColumns = """
     """
 
 private func decodeEvent(_ row: PostgresRow) throws -> EventRecord {
-    let (id, typeID, typeKey, actorType, actorID, audience, payload, subjectType, subjectID, severity, priority,
-         deliverAt, expiresAt, status, key, hash, counts, created, cancelled, tags) =
-        try row.decode((UUID, UUID, String, String, UUID?, String, String, String?, String?, Severity, Priority,
-                        Date, Date?, EventStatus, String?, String?, DecisionCounts, Date, Date?, [String]).self, table: "events")
+    let (
+        id, typeID, typeKey, actorType, actorID, audience, payload, subjectType, subjectID, severity, priority,
+        deliverAt, expiresAt, status, key, hash, counts, created, cancelled, tags
+    ) =
+        try row.decode(
+            (
+                UUID, UUID, String, String, UUID?, String, String, String?, String?, Severity, Priority,
+                Date, Date?, EventStatus, String?, String?, DecisionCounts, Date, Date?, [String]
+            ).self, table: "events")
     return EventRecord(
         id: id, typeID: typeID, typeKey: typeKey, actorType: actorType, actorID: actorID, audienceJSON: audience, payloadJSON: payload,
         subjectType: subjectType, subjectID: subjectID, severity: severity,

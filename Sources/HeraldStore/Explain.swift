@@ -18,8 +18,10 @@ public struct ExplainedRecipient: Sendable, Equatable {
     /// Current state of each in-app row: UNREAD, READ, ARCHIVED, or DELETED when the user deleted it.
     public var notificationStatus: [UUID: String] = [:]
 
-    public init(userID: UUID, email: String, displayName: String, targeted: Bool, rule: String, reason: ReasonCode,
-                channels: [TraceChannelRecord], deliveryStatus: [UUID: DeliveryStatus], digestStatus: [UUID: String]) {
+    public init(
+        userID: UUID, email: String, displayName: String, targeted: Bool, rule: String, reason: ReasonCode,
+        channels: [TraceChannelRecord], deliveryStatus: [UUID: DeliveryStatus], digestStatus: [UUID: String]
+    ) {
         self.userID = userID
         self.email = email
         self.displayName = displayName
@@ -53,7 +55,8 @@ extension TenantTransaction {
             """)
         var items: [ExplainedRecipient] = try rows.prefix(limit).map { row in
             let (user, email, name, targeted, rule, reason, channels) =
-                try row.decode((UUID, String, String, Bool, String, ReasonCode, JSONDocument<[TraceChannelRecord]>).self, table: "event_recipients")
+                try row.decode(
+                    (UUID, String, String, Bool, String, ReasonCode, JSONDocument<[TraceChannelRecord]>).self, table: "event_recipients")
             return ExplainedRecipient(
                 userID: user, email: email, displayName: name, targeted: targeted, rule: rule,
                 reason: reason, channels: channels.value, deliveryStatus: [:], digestStatus: [:])
@@ -66,7 +69,8 @@ extension TenantTransaction {
                 SELECT n.id, CASE WHEN n.archived_at IS NOT NULL THEN 'ARCHIVED' WHEN notification_read(n, fs) THEN 'READ' ELSE 'UNREAD' END
                 FROM notifications n LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
                 WHERE n.organisation_id = \(organisationID) AND n.id = ANY(\(notificationIDs)::uuid[])
-                """) {
+                """)
+            {
                 let (id, status) = try row.decode((UUID, String).self)
                 notifications[id] = status
             }
@@ -75,7 +79,9 @@ extension TenantTransaction {
         let digestIDs = items.flatMap { $0.channels.compactMap(\.digestItemID) }
         var deliveries: [UUID: DeliveryStatus] = [:]
         if !deliveryIDs.isEmpty {
-            for row in try await query("SELECT id, status FROM deliveries WHERE organisation_id = \(organisationID) AND id = ANY(\(deliveryIDs)::uuid[])") {
+            for row in try await query(
+                "SELECT id, status FROM deliveries WHERE organisation_id = \(organisationID) AND id = ANY(\(deliveryIDs)::uuid[])")
+            {
                 let (id, status) = try row.decode((UUID, DeliveryStatus).self, table: "deliveries")
                 deliveries[id] = status
             }
@@ -86,7 +92,8 @@ extension TenantTransaction {
                 """
                 SELECT id, CASE WHEN cancelled_at IS NOT NULL THEN 'CANCELLED' WHEN sent_at IS NOT NULL THEN 'SENT' ELSE 'PENDING' END
                 FROM digest_items WHERE organisation_id = \(organisationID) AND id = ANY(\(digestIDs)::uuid[])
-                """) {
+                """)
+            {
                 let (id, status) = try row.decode((UUID, String).self)
                 digests[id] = status
             }

@@ -36,8 +36,10 @@ public struct FeedFilter: Sendable {
     /// Rows whose event carries every one of these tags.
     public var tags: [String]?
 
-    public init(typeKey: String? = nil, categoryKey: String? = nil, severity: Severity? = nil, priority: Priority? = nil,
-                read: Bool? = nil, archived: Bool = false, since: Date? = nil, search: String? = nil, tags: [String]? = nil) {
+    public init(
+        typeKey: String? = nil, categoryKey: String? = nil, severity: Severity? = nil, priority: Priority? = nil,
+        read: Bool? = nil, archived: Bool = false, since: Date? = nil, search: String? = nil, tags: [String]? = nil
+    ) {
         self.tags = tags
         self.typeKey = typeKey
         self.categoryKey = categoryKey
@@ -79,7 +81,9 @@ public struct NotificationStats: Sendable, Equatable {
 /// security confines them to the user's own rows; the statements also say `user_id = me`.
 extension TenantTransaction {
     /// A page of the user's feed, unread first, newest first within each.
-    public func feed(of userID: UUID, filter: FeedFilter, limit: Int, after cursor: FeedCursor?, now: Date) async throws -> (items: [FeedItem], next: FeedCursor?) {
+    public func feed(
+        of userID: UUID, filter: FeedFilter, limit: Int, after cursor: FeedCursor?, now: Date
+    ) async throws -> (items: [FeedItem], next: FeedCursor?) {
         let rows = try await query(
             """
             WITH rows AS (
@@ -155,7 +159,8 @@ extension TenantTransaction {
     /// Archives one row (it leaves the default feed and the unread count).
     public func archive(_ id: UUID, of userID: UUID, now: Date) async throws -> FeedItem {
         let rows = try await query(
-            "UPDATE notifications SET archived_at = coalesce(archived_at, \(now)) WHERE organisation_id = \(organisationID) AND id = \(id) AND user_id = \(userID) AND visible_at <= \(now) RETURNING id")
+            "UPDATE notifications SET archived_at = coalesce(archived_at, \(now)) WHERE organisation_id = \(organisationID) AND id = \(id) AND user_id = \(userID) AND visible_at <= \(now) RETURNING id"
+        )
         guard !rows.isEmpty else { throw StoreError.notFound("notification") }
         return try await feedItem(id, of: userID, now: now)
     }
@@ -166,7 +171,8 @@ extension TenantTransaction {
             """
             UPDATE notifications SET read_at = coalesce(read_at, \(now)), unread_pinned = false
             WHERE organisation_id = \(organisationID) AND id = ANY(\(ids)::uuid[]) AND user_id = \(userID) AND visible_at <= \(now) RETURNING id
-            """).count
+            """
+        ).count
     }
 
     /// Marks everything up to `watermark` read in one statement, whatever the feed's size: the
@@ -198,14 +204,20 @@ extension TenantTransaction {
 
     /// Deletes one row.
     public func deleteNotification(_ id: UUID, of userID: UUID) async throws {
-        guard !(try await query("DELETE FROM notifications WHERE organisation_id = \(organisationID) AND id = \(id) AND user_id = \(userID) AND visible_at <= now() RETURNING id")).isEmpty else {
+        guard
+            !(try await query(
+                "DELETE FROM notifications WHERE organisation_id = \(organisationID) AND id = \(id) AND user_id = \(userID) AND visible_at <= now() RETURNING id"
+            )).isEmpty
+        else {
             throw StoreError.notFound("notification")
         }
     }
 
     /// Deletes every row of the user's feed; returns how many.
     public func clearFeed(of userID: UUID) async throws -> Int {
-        try await query("DELETE FROM notifications WHERE organisation_id = \(organisationID) AND user_id = \(userID) AND visible_at <= now() RETURNING 1").count
+        try await query(
+            "DELETE FROM notifications WHERE organisation_id = \(organisationID) AND user_id = \(userID) AND visible_at <= now() RETURNING 1"
+        ).count
     }
 
     /// Counts by type, category and state for one user or (nil) the whole organisation.
@@ -255,9 +267,11 @@ private let feedSelect = """
 
 private func decodeFeedItem(_ row: PostgresRow) throws -> FeedItem {
     let (id, event, type, category, severity, priority, title, body, subjectType, subjectID, read, archived, created, expires, tags) =
-        try row.decode((UUID, UUID, String, String, Severity, Priority, String, String, String?, String?, Bool, Bool, Date, Date?, [String]).self,
-                       table: "notifications")
-    return FeedItem(id: id, eventID: event, typeKey: type, categoryKey: category, severity: severity,
-                    priority: priority, title: title, body: body, subjectType: subjectType,
-                    subjectID: subjectID, read: read, archived: archived, createdAt: created, expiresAt: expires, tags: tags)
+        try row.decode(
+            (UUID, UUID, String, String, Severity, Priority, String, String, String?, String?, Bool, Bool, Date, Date?, [String]).self,
+            table: "notifications")
+    return FeedItem(
+        id: id, eventID: event, typeKey: type, categoryKey: category, severity: severity,
+        priority: priority, title: title, body: body, subjectType: subjectType,
+        subjectID: subjectID, read: read, archived: archived, createdAt: created, expiresAt: expires, tags: tags)
 }

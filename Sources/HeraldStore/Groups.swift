@@ -5,7 +5,8 @@ import PostgresNIO
 extension TenantTransaction {
     /// The group with this id.
     public func group(_ id: UUID) async throws -> Group {
-        let rows = try await query("SELECT \(unescaped: groupColumns) FROM groups g WHERE g.organisation_id = \(organisationID) AND g.id = \(id)")
+        let rows = try await query(
+            "SELECT \(unescaped: groupColumns) FROM groups g WHERE g.organisation_id = \(organisationID) AND g.id = \(id)")
         guard let row = rows.first else { throw StoreError.notFound("group") }
         return try decodeGroup(row)
     }
@@ -70,7 +71,9 @@ extension TenantTransaction {
     public func removeGroupMember(_ groupID: UUID, _ userID: UUID) async throws -> Bool {
         _ = try await group(groupID)
         _ = try await user(userID)
-        let rows = try await query("DELETE FROM group_members WHERE organisation_id = \(organisationID) AND group_id = \(groupID) AND user_id = \(userID) RETURNING user_id")
+        let rows = try await query(
+            "DELETE FROM group_members WHERE organisation_id = \(organisationID) AND group_id = \(groupID) AND user_id = \(userID) RETURNING user_id"
+        )
         return !rows.isEmpty
     }
 }

@@ -12,12 +12,16 @@ extension TenantTransaction {
     /// Records a click on the tracked link of `deliveryID` (which must be `userID`'s), refreshes
     /// the user's engagement date, and returns the one target the notification carries.
     public func recordClick(deliveryID: UUID, userID: UUID) async throws -> Click {
-        guard let row = try await query(
-            """
-            SELECT e.url FROM deliveries d JOIN events e ON e.organisation_id = d.organisation_id AND e.id = d.event_id
-            WHERE d.organisation_id = \(organisationID) AND d.id = \(deliveryID) AND d.user_id = \(userID)
-            """).first else { throw StoreError.notFound("link") }
-        try await query("INSERT INTO link_clicks (organisation_id, delivery_id, user_id) VALUES (\(organisationID), \(deliveryID), \(userID))")
+        guard
+            let row = try await query(
+                """
+                SELECT e.url FROM deliveries d JOIN events e ON e.organisation_id = d.organisation_id AND e.id = d.event_id
+                WHERE d.organisation_id = \(organisationID) AND d.id = \(deliveryID) AND d.user_id = \(userID)
+                """
+            ).first
+        else { throw StoreError.notFound("link") }
+        try await query(
+            "INSERT INTO link_clicks (organisation_id, delivery_id, user_id) VALUES (\(organisationID), \(deliveryID), \(userID))")
         try await query("UPDATE users SET last_engaged_at = now() WHERE organisation_id = \(organisationID) AND id = \(userID)")
         return Click(url: try row.decode(String?.self))
     }
@@ -38,6 +42,8 @@ extension TenantTransaction {
 
     /// How many times a delivery's tracked link was followed.
     public func clickCount(deliveryID: UUID) async throws -> Int {
-        try await query("SELECT count(*)::int FROM link_clicks WHERE organisation_id = \(organisationID) AND delivery_id = \(deliveryID)")[0].decode(Int.self)
+        try await query("SELECT count(*)::int FROM link_clicks WHERE organisation_id = \(organisationID) AND delivery_id = \(deliveryID)")[
+            0
+        ].decode(Int.self)
     }
 }

@@ -1,7 +1,7 @@
 import Crypto
+import Foundation
 import HeraldCore
 import HeraldMigrations
-import Foundation
 import Logging
 import PostgresNIO
 
@@ -102,7 +102,9 @@ public struct Migrator: Sendable {
         }
     }
 
-    private func apply(_ migrations: [Migration], on connection: PostgresConnection, progress: @Sendable (String) -> Void) async throws -> [Migration] {
+    private func apply(
+        _ migrations: [Migration], on connection: PostgresConnection, progress: @Sendable (String) -> Void
+    ) async throws -> [Migration] {
         // The migrator's own bookkeeping: global, not tenant data, so it has no row-level security.
         try await connection.query(
             """

@@ -94,7 +94,8 @@ public final class NotificationBus: Service, Sendable {
     /// the oldest messages and is told so. Ending the iteration unsubscribes.
     public func subscribe(organisation: UUID? = nil) -> AsyncStream<BusMessage> {
         let id = nextSubscriber.add(1, ordering: .relaxed).newValue
-        let (stream, continuation) = AsyncStream.makeStream(of: BusMessage.self, bufferingPolicy: .bufferingNewest(configuration.bufferSize))
+        let (stream, continuation) = AsyncStream.makeStream(
+            of: BusMessage.self, bufferingPolicy: .bufferingNewest(configuration.bufferSize))
         continuation.onTermination = { [weak self] _ in
             _ = self?.subscribers.withLock { $0.removeValue(forKey: id) }
         }
@@ -134,9 +135,11 @@ public final class NotificationBus: Service, Sendable {
                 failures += 1
                 let delay = backoff(after: failures)
                 Counter(label: "herald_notification_bus_reconnects_total").increment()
-                logger.warning("notification bus lost its connection; reconnecting", metadata: [
-                    "error": "\(String(reflecting: error))", "retry_in": "\(delay)", "failures": "\(failures)",
-                ])
+                logger.warning(
+                    "notification bus lost its connection; reconnecting",
+                    metadata: [
+                        "error": "\(String(reflecting: error))", "retry_in": "\(delay)", "failures": "\(failures)",
+                    ])
                 try? await Task.sleep(for: delay)
             }
         }
@@ -160,8 +163,10 @@ public final class NotificationBus: Service, Sendable {
     }
 
     private func listen(on connection: PostgresConnection) async throws {
-        let pid = try await Database.statement("SELECT pg_backend_pid()", on: connection, logger: logger,
-                                               until: .now + configuration.probeDeadline).first?.decode(Int32.self)
+        let pid = try await Database.statement(
+            "SELECT pg_backend_pid()", on: connection, logger: logger,
+            until: .now + configuration.probeDeadline
+        ).first?.decode(Int32.self)
         try await connection.listen(on: Self.eventsChannel) { events in
             try await connection.listen(on: Self.feedChannel) { feed in
                 listener.withLock { $0 = pid ?? 0 }
@@ -183,7 +188,8 @@ public final class NotificationBus: Service, Sendable {
             if let message = BusMessage(channel: channel, payload: notification.payload) {
                 publish(message)
             } else {
-                logger.debug("notification not understood", metadata: ["channel": .string(channel), "payload": .string(notification.payload)])
+                logger.debug(
+                    "notification not understood", metadata: ["channel": .string(channel), "payload": .string(notification.payload)])
             }
         }
     }
@@ -194,8 +200,9 @@ public final class NotificationBus: Service, Sendable {
     private func probe(_ connection: PostgresConnection) async throws {
         let usage = Gauge(label: "herald_notification_queue_usage")
         while true {
-            let rows = try await Database.statement("SELECT pg_notification_queue_usage()", on: connection, logger: logger,
-                                                    until: .now + configuration.probeDeadline)
+            let rows = try await Database.statement(
+                "SELECT pg_notification_queue_usage()", on: connection, logger: logger,
+                until: .now + configuration.probeDeadline)
             if let fill = try rows.first?.decode(Double.self) { usage.record(fill) }
             try await Task.sleep(for: configuration.probeInterval)
         }
@@ -236,7 +243,8 @@ extension BusMessage {
         switch channel {
         case NotificationBus.eventsChannel:
             let parts = payload.split(separator: ":")
-            guard parts.count == 2, let organisation = UUID(uuidString: String(parts[0])), let event = UUID(uuidString: String(parts[1])) else {
+            guard parts.count == 2, let organisation = UUID(uuidString: String(parts[0])), let event = UUID(uuidString: String(parts[1]))
+            else {
                 return nil
             }
             self = .eventCommitted(organisationID: organisation, eventID: event)

@@ -18,8 +18,9 @@ extension Database {
                 VALUES (\(id), \(slug), \(name), \(defaultLocale), \(defaultTimezone))
                 """)
             try await tx.ensureBuiltinRoles()
-            try await tx.audit(action: "organisation.create", targetType: "organisation", targetID: id.uuidString,
-                               before: nil, after: "{\"slug\": \(jsonQuoted(slug))}")
+            try await tx.audit(
+                action: "organisation.create", targetType: "organisation", targetID: id.uuidString,
+                before: nil, after: "{\"slug\": \(jsonQuoted(slug))}")
             try await then(tx)
             return try await tx.organisation()
         }

@@ -89,7 +89,9 @@ public struct DeliveryFilter: Sendable {
     public var eventID: UUID?
     public var since: Date?
 
-    public init(status: DeliveryStatus? = nil, channel: NotificationChannel? = nil, userID: UUID? = nil, eventID: UUID? = nil, since: Date? = nil) {
+    public init(
+        status: DeliveryStatus? = nil, channel: NotificationChannel? = nil, userID: UUID? = nil, eventID: UUID? = nil, since: Date? = nil
+    ) {
         self.status = status
         self.channel = channel
         self.userID = userID
@@ -110,7 +112,8 @@ extension Database {
     /// Claims up to `limit` due deliveries across organisations (the one cross-tenant path, a
     /// SECURITY DEFINER function): each comes back leased to `worker` with its attempt number.
     /// `organisation` confines the claim to one organisation.
-    public func claimDeliveries(worker: String, limit: Int, leaseSeconds: Int, organisation: UUID? = nil) async throws -> [ClaimedDelivery] {
+    public func claimDeliveries(worker: String, limit: Int, leaseSeconds: Int, organisation: UUID? = nil) async throws -> [ClaimedDelivery]
+    {
         try await query(
             "SELECT organisation_id, delivery_id, attempt FROM claim_deliveries(\(worker), \(limit)::integer, \(leaseSeconds)::integer, \(organisation)::uuid)"
         ).map { row in
@@ -125,22 +128,32 @@ extension TenantTransaction {
     /// organisation and endpoint. The worker calls this in the delivery's organisation.
     public func deliveryWork(_ id: UUID) async throws -> DeliveryWork {
         let delivery = try await delivery(id)
-        guard let row = try await query(
-            """
-            SELECT e.type_id, e.payload, e.source_actor, e.subject_type, e.subject_id, e.severity, e.priority, e.deliver_at,
-                   e.expires_at, e.status, e.url, u.email, u.display_name, u.locale, u.timezone, u.attributes, u.active,
-                   o.name, o.slug, o.default_locale, o.default_timezone,
-                   o.settings->>'email_from', o.settings->>'email_from_name', o.settings->>'email_reply_to'
-            FROM events e
-            JOIN users u ON u.organisation_id = e.organisation_id AND u.id = \(delivery.userID)
-            JOIN organisations o ON o.id = e.organisation_id
-            WHERE e.organisation_id = \(organisationID) AND e.id = \(delivery.eventID)
-            """).first else { throw StoreError.notFound("delivery") }
-        let (typeID, payload, actor, subjectType, subjectID, severity, priority, deliverAt, expiresAt, status, url,
-             email, name, locale, timezone, attributes, active, orgName, orgSlug, orgLocale, orgTimezone, from, fromName, replyTo) =
-            try row.decode((UUID, JSONDocument<JSONValue>, JSONDocument<JSONValue>?, String?, String?, Severity, Priority, Date, Date?, String, String?,
-                            String, String, String?, String?, JSONDocument<JSONValue>, Bool, String, String, String, String, String?, String?, String?).self,
-                           table: "events")
+        guard
+            let row = try await query(
+                """
+                SELECT e.type_id, e.payload, e.source_actor, e.subject_type, e.subject_id, e.severity, e.priority, e.deliver_at,
+                       e.expires_at, e.status, e.url, u.email, u.display_name, u.locale, u.timezone, u.attributes, u.active,
+                       o.name, o.slug, o.default_locale, o.default_timezone,
+                       o.settings->>'email_from', o.settings->>'email_from_name', o.settings->>'email_reply_to'
+                FROM events e
+                JOIN users u ON u.organisation_id = e.organisation_id AND u.id = \(delivery.userID)
+                JOIN organisations o ON o.id = e.organisation_id
+                WHERE e.organisation_id = \(organisationID) AND e.id = \(delivery.eventID)
+                """
+            ).first
+        else { throw StoreError.notFound("delivery") }
+        let (
+            typeID, payload, actor, subjectType, subjectID, severity, priority, deliverAt, expiresAt, status, url,
+            email, name, locale, timezone, attributes, active, orgName, orgSlug, orgLocale, orgTimezone, from, fromName, replyTo
+        ) =
+            try row.decode(
+                (
+                    UUID, JSONDocument<JSONValue>, JSONDocument<JSONValue>?, String?, String?, Severity, Priority, Date, Date?, String,
+                    String?,
+                    String, String, String?, String?, JSONDocument<JSONValue>, Bool, String, String, String, String, String?, String?,
+                    String?
+                ).self,
+                table: "events")
         let type = try await notificationType(typeID)
         let category = try await category(type.categoryID)
         let recipient = RecipientProfile(
@@ -155,12 +168,18 @@ extension TenantTransaction {
             excluded: [], userPreferences: [:], organisationDefaults: [:], recentCounts: [:],
             sourceActor: actor?.value)
         let endpoint = try await delivery.endpointID.asyncMap { try await self.endpoint($0) }
-        return DeliveryWork(organisationID: organisationID, delivery: delivery, input: input, recipient: recipient, eventStatus: status, eventExpiresAt: expiresAt,
-                            url: url, email: EmailIdentity(from: from, fromName: fromName, replyTo: replyTo), endpoint: endpoint)
+        return DeliveryWork(
+            organisationID: organisationID, delivery: delivery, input: input, recipient: recipient, eventStatus: status,
+            eventExpiresAt: expiresAt,
+            url: url, email: EmailIdentity(from: from, fromName: fromName, replyTo: replyTo), endpoint: endpoint)
     }
 
     public func delivery(_ id: UUID) async throws -> Delivery {
-        guard let row = try await query("SELECT \(unescaped: deliveryColumns) FROM deliveries WHERE organisation_id = \(organisationID) AND id = \(id)").first else {
+        guard
+            let row = try await query(
+                "SELECT \(unescaped: deliveryColumns) FROM deliveries WHERE organisation_id = \(organisationID) AND id = \(id)"
+            ).first
+        else {
             throw StoreError.notFound("delivery")
         }
         return try decodeDelivery(row)
@@ -171,9 +190,13 @@ extension TenantTransaction {
             """
             SELECT attempt, worker, started_at, finished_at, outcome, response_code, error
             FROM delivery_attempts WHERE organisation_id = \(organisationID) AND delivery_id = \(id) ORDER BY attempt
-            """).map { row in
-            let (attempt, worker, started, finished, outcome, code, error) = try row.decode((Int, String, Date, Date, String, Int?, String?).self)
-            return DeliveryAttempt(attempt: attempt, worker: worker, startedAt: started, finishedAt: finished, outcome: outcome, responseCode: code, error: error)
+            """
+        ).map { row in
+            let (attempt, worker, started, finished, outcome, code, error) = try row.decode(
+                (Int, String, Date, Date, String, Int?, String?).self)
+            return DeliveryAttempt(
+                attempt: attempt, worker: worker, startedAt: started, finishedAt: finished, outcome: outcome, responseCode: code,
+                error: error)
         }
     }
 
@@ -187,7 +210,8 @@ extension TenantTransaction {
             FROM unnest(\(claims.map(\.deliveryID))::uuid[], \(claims.map(\.attempt))::integer[]) AS c(id, attempt)
             WHERE d.organisation_id = \(organisationID) AND d.id = c.id AND d.attempts = c.attempt AND d.lease_owner = \(worker) AND d.status = 'SENDING'
             RETURNING d.id
-            """).count
+            """
+        ).count
     }
 
     /// Records how an attempt ended, fenced: only the worker holding the lease for exactly this
@@ -195,11 +219,12 @@ extension TenantTransaction {
     /// the row moved on); the attempt is logged as FENCED then, unless the rescuing claim already
     /// logged it as EXPIRED. A failure on the row's last allowed attempt is DEAD.
     public func completeDelivery(_ claim: ClaimedDelivery, worker: String, startedAt: Date, result: AttemptResult) async throws -> Bool {
-        let (status, code, error, retryAt, response): (DeliveryStatus, Int?, String?, Date?, String?) = switch result {
-        case .sent(let code, let response): (.sent, code, nil, nil, response)
-        case .failed(let code, let error, let retryAt): (.failed, code, error, retryAt, nil)
-        case .dead(let code, let error): (.dead, code, error, nil, nil)
-        }
+        let (status, code, error, retryAt, response): (DeliveryStatus, Int?, String?, Date?, String?) =
+            switch result {
+            case .sent(let code, let response): (.sent, code, nil, nil, response)
+            case .failed(let code, let error, let retryAt): (.failed, code, error, retryAt, nil)
+            case .dead(let code, let error): (.dead, code, error, nil, nil)
+            }
         let rows = try await query(
             """
             UPDATE deliveries SET
@@ -239,7 +264,8 @@ extension TenantTransaction {
                 next_attempt_at = \(until), lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
             WHERE organisation_id = \(organisationID) AND id = \(claim.deliveryID) AND lease_owner = \(worker) AND attempts = \(claim.attempt) AND status = 'SENDING'
             RETURNING id
-            """).isEmpty
+            """
+        ).isEmpty
     }
 
     /// Deliveries newest first.
@@ -281,20 +307,24 @@ extension TenantTransaction {
     public func cancelDelivery(_ id: UUID) async throws -> Delivery? {
         _ = try await delivery(id)
         let rows = try await query(
-            "UPDATE deliveries SET status = 'CANCELLED', updated_at = now() WHERE organisation_id = \(organisationID) AND id = \(id) AND status IN ('PENDING', 'FAILED') RETURNING id")
+            "UPDATE deliveries SET status = 'CANCELLED', updated_at = now() WHERE organisation_id = \(organisationID) AND id = \(id) AND status IN ('PENDING', 'FAILED') RETURNING id"
+        )
         return rows.isEmpty ? nil : try await delivery(id)
     }
 
     /// Counts by status and channel, and how long the oldest due delivery has waited.
     public func outboxStats(now: Date) async throws -> OutboxStats {
         var stats = OutboxStats(byStatus: [:], byChannel: [:], oldestPendingAge: nil)
-        for row in try await query("SELECT status, channel, count(*)::int FROM deliveries WHERE organisation_id = \(organisationID) GROUP BY 1, 2") {
+        for row in try await query(
+            "SELECT status, channel, count(*)::int FROM deliveries WHERE organisation_id = \(organisationID) GROUP BY 1, 2")
+        {
             let (status, channel, count) = try row.decode((String, String, Int).self)
             stats.byStatus[status, default: 0] += count
             stats.byChannel[channel, default: 0] += count
         }
         let oldest = try await query(
-            "SELECT min(next_attempt_at) FROM deliveries WHERE organisation_id = \(organisationID) AND status IN ('PENDING', 'FAILED') AND next_attempt_at <= \(now)")
+            "SELECT min(next_attempt_at) FROM deliveries WHERE organisation_id = \(organisationID) AND status IN ('PENDING', 'FAILED') AND next_attempt_at <= \(now)"
+        )
         if let due = try oldest.first?.decode(Date?.self) { stats.oldestPendingAge = now.timeIntervalSince(due) }
         return stats
     }
@@ -306,13 +336,19 @@ private let deliveryColumns = """
     """
 
 private func decodeDelivery(_ row: PostgresRow) throws -> Delivery {
-    let (id, event, user, channel, destination, endpoint, status, attempts, maxAttempts, next, owner, lease, error, code, response, sent,
-         created, updated) =
-        try row.decode((UUID, UUID, UUID, String, String, UUID?, String, Int, Int, Date, String?, Date?, String?, Int?, String?, Date?,
-                        Date, Date).self)
-    return Delivery(id: id, eventID: event, userID: user, channel: channel, destination: destination, endpointID: endpoint, status: status,
-                    attempts: attempts, maxAttempts: maxAttempts, nextAttemptAt: next, leaseOwner: owner, leaseExpiresAt: lease,
-                    lastError: error, lastResponseCode: code, lastResponse: response, sentAt: sent, createdAt: created, updatedAt: updated)
+    let (
+        id, event, user, channel, destination, endpoint, status, attempts, maxAttempts, next, owner, lease, error, code, response, sent,
+        created, updated
+    ) =
+        try row.decode(
+            (
+                UUID, UUID, UUID, String, String, UUID?, String, Int, Int, Date, String?, Date?, String?, Int?, String?, Date?,
+                Date, Date
+            ).self)
+    return Delivery(
+        id: id, eventID: event, userID: user, channel: channel, destination: destination, endpointID: endpoint, status: status,
+        attempts: attempts, maxAttempts: maxAttempts, nextAttemptAt: next, leaseOwner: owner, leaseExpiresAt: lease,
+        lastError: error, lastResponseCode: code, lastResponse: response, sentAt: sent, createdAt: created, updatedAt: updated)
 }
 
 extension Optional {

@@ -64,6 +64,7 @@ extension TenantTransaction {
 private func decodeCell(_ row: PostgresRow) throws -> PreferenceCell {
     let (category, channel, enabled, frequency, conditions) =
         try row.decode((UUID, NotificationChannel, Bool, Frequency, JSONDocument<[Condition]>).self, table: "preferences")
-    return PreferenceCell(categoryID: category, channel: channel,
-                          setting: PreferenceSetting(enabled: enabled, frequency: frequency, conditions: conditions.value))
+    return PreferenceCell(
+        categoryID: category, channel: channel,
+        setting: PreferenceSetting(enabled: enabled, frequency: frequency, conditions: conditions.value))
 }

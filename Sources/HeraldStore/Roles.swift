@@ -5,14 +5,16 @@ import PostgresNIO
 extension TenantTransaction {
     /// Every role of the organisation, built-in first.
     public func roles() async throws -> [Role] {
-        let rows = try await query("SELECT \(unescaped: roleColumns) FROM roles r WHERE r.organisation_id = \(organisationID) ORDER BY r.builtin DESC, r.key")
+        let rows = try await query(
+            "SELECT \(unescaped: roleColumns) FROM roles r WHERE r.organisation_id = \(organisationID) ORDER BY r.builtin DESC, r.key")
         return try rows.map(decodeRole)
     }
 
     /// The role with this id. `field` names the request field that referred to it, when the
     /// role is not the operation's target (a missing one is then that field's fault, a 422).
     public func role(_ id: UUID, referencedBy field: String? = nil) async throws -> Role {
-        let rows = try await query("SELECT \(unescaped: roleColumns) FROM roles r WHERE r.organisation_id = \(organisationID) AND r.id = \(id)")
+        let rows = try await query(
+            "SELECT \(unescaped: roleColumns) FROM roles r WHERE r.organisation_id = \(organisationID) AND r.id = \(id)")
         guard let row = rows.first else {
             throw field.map { StoreError.unknownReference(field: $0, resource: "role") } ?? StoreError.notFound("role")
         }
@@ -22,7 +24,8 @@ extension TenantTransaction {
     /// The roles with these ids, which the request field `field` names; a missing one is that
     /// field's fault (422).
     public func roles(_ ids: [UUID], referencedBy field: String) async throws -> [Role] {
-        let rows = try await query("SELECT \(unescaped: roleColumns) FROM roles r WHERE r.organisation_id = \(organisationID) AND r.id = ANY(\(ids)::uuid[])")
+        let rows = try await query(
+            "SELECT \(unescaped: roleColumns) FROM roles r WHERE r.organisation_id = \(organisationID) AND r.id = ANY(\(ids)::uuid[])")
         let roles = try rows.map(decodeRole)
         guard Set(roles.map(\.id)) == Set(ids) else { throw StoreError.unknownReference(field: field, resource: "role") }
         return roles
@@ -30,7 +33,9 @@ extension TenantTransaction {
 
     /// The built-in role with this key.
     public func builtinRole(_ role: BuiltinRole) async throws -> Role {
-        let rows = try await query("SELECT \(unescaped: roleColumns) FROM roles r WHERE r.organisation_id = \(organisationID) AND r.key = \(role.rawValue) AND r.builtin")
+        let rows = try await query(
+            "SELECT \(unescaped: roleColumns) FROM roles r WHERE r.organisation_id = \(organisationID) AND r.key = \(role.rawValue) AND r.builtin"
+        )
         guard let row = rows.first else { throw StoreError.notFound("role") }
         return try decodeRole(row)
     }
@@ -65,14 +70,17 @@ extension TenantTransaction {
     /// live key blocks the deletion (`invalidReference`); revoked keys of the role go with it.
     public func deleteRole(_ id: UUID) async throws {
         try await query("DELETE FROM api_keys WHERE organisation_id = \(organisationID) AND role_id = \(id) AND revoked_at IS NOT NULL")
-        let rows = try await query("DELETE FROM roles WHERE organisation_id = \(organisationID) AND id = \(id) AND NOT builtin RETURNING id")
+        let rows = try await query(
+            "DELETE FROM roles WHERE organisation_id = \(organisationID) AND id = \(id) AND NOT builtin RETURNING id")
         guard !rows.isEmpty else { throw StoreError.notFound("role") }
     }
 
     /// Replaces a role's permissions.
     func setRolePermissions(_ id: UUID, _ permissions: Set<Permission>) async throws {
         let keys = permissions.sorted()
-        try await query("DELETE FROM role_permissions WHERE organisation_id = \(organisationID) AND role_id = \(id) AND permission <> ALL(\(keys)::text[])")
+        try await query(
+            "DELETE FROM role_permissions WHERE organisation_id = \(organisationID) AND role_id = \(id) AND permission <> ALL(\(keys)::text[])"
+        )
         try await query(
             """
             INSERT INTO role_permissions (organisation_id, role_id, permission)
@@ -92,8 +100,9 @@ private let roleColumns = """
 private func decodeRole(_ row: PostgresRow) throws -> Role {
     let (id, key, name, description, builtin, permissions, created, updated) =
         try row.decode((UUID, String, String, String, Bool, [String], Date, Date).self)
-    return Role(id: id, key: key, name: name, description: description, builtin: builtin,
-                permissions: Set(permissions.compactMap(Permission.init(rawValue:))), createdAt: created, updatedAt: updated)
+    return Role(
+        id: id, key: key, name: name, description: description, builtin: builtin,
+        permissions: Set(permissions.compactMap(Permission.init(rawValue:))), createdAt: created, updatedAt: updated)
 }
 
 extension TenantTransaction {

@@ -17,7 +17,8 @@ public struct StoredValueError: Error, Sendable, CustomStringConvertible {
 /// its raw value (`\(severity)`, arrays as `text[]`) and decodes through its cases: a word
 /// Herald does not know fails the decode with the column's name, never the value.
 public protocol StoredWord: PostgresNonThrowingEncodable, PostgresDecodable, PostgresArrayEncodable, PostgresArrayDecodable,
-    RawRepresentable, Codable where RawValue == String {}
+    RawRepresentable, Codable
+where RawValue == String {}
 
 extension StoredWord {
     public static var psqlType: PostgresDataType { .text }
@@ -28,8 +29,10 @@ extension StoredWord {
         byteBuffer.writeString(rawValue)
     }
 
-    public init<JSONDecoder: PostgresJSONDecoder>(from buffer: inout ByteBuffer, type: PostgresDataType, format: PostgresFormat,
-                                                  context: PostgresDecodingContext<JSONDecoder>) throws {
+    public init<JSONDecoder: PostgresJSONDecoder>(
+        from buffer: inout ByteBuffer, type: PostgresDataType, format: PostgresFormat,
+        context: PostgresDecodingContext<JSONDecoder>
+    ) throws {
         guard let word = Self(rawValue: try String(from: &buffer, type: type, format: format, context: context)) else {
             throw PostgresDecodingError.Code.failure
         }
@@ -52,8 +55,10 @@ extension EventStatus: StoredWord {}
 public protocol StoredDocument: PostgresEncodable, PostgresDecodable, Codable {}
 
 extension StoredDocument {
-    public init<JSONDecoder: PostgresJSONDecoder>(from buffer: inout ByteBuffer, type: PostgresDataType, format: PostgresFormat,
-                                                  context: PostgresDecodingContext<JSONDecoder>) throws {
+    public init<JSONDecoder: PostgresJSONDecoder>(
+        from buffer: inout ByteBuffer, type: PostgresDataType, format: PostgresFormat,
+        context: PostgresDecodingContext<JSONDecoder>
+    ) throws {
         if format == .binary, type == .jsonb {
             guard buffer.readInteger(as: UInt8.self) == 1 else { throw PostgresDecodingError.Code.failure }
         } else if type != .jsonb, type != .json {

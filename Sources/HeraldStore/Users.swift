@@ -11,7 +11,10 @@ public struct NewUser: Sendable {
     public var attributesJSON: String
     public var passwordHash: String?
 
-    public init(email: String, displayName: String, locale: String? = nil, timezone: String? = nil, attributesJSON: String = "{}", passwordHash: String? = nil) {
+    public init(
+        email: String, displayName: String, locale: String? = nil, timezone: String? = nil, attributesJSON: String = "{}",
+        passwordHash: String? = nil
+    ) {
         self.email = email
         self.displayName = displayName
         self.locale = locale
@@ -29,7 +32,9 @@ public struct UserChange: Sendable {
     public var timezone: String??
     public var attributesJSON: String?
 
-    public init(email: String? = nil, displayName: String? = nil, locale: String?? = nil, timezone: String?? = nil, attributesJSON: String? = nil) {
+    public init(
+        email: String? = nil, displayName: String? = nil, locale: String?? = nil, timezone: String?? = nil, attributesJSON: String? = nil
+    ) {
         self.email = email
         self.displayName = displayName
         self.locale = locale
@@ -58,7 +63,11 @@ extension TenantTransaction {
 
     /// Users in creation order after `cursor`, optionally filtered by a search term or state.
     public func users(search: String?, active: Bool?, limit: Int, after cursor: PageCursor?) async throws -> Page<User> {
-        let pattern = search.map { "%" + $0.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "%", with: "\\%").replacingOccurrences(of: "_", with: "\\_") + "%" }
+        let pattern = search.map {
+            "%"
+                + $0.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "%", with: "\\%").replacingOccurrences(
+                    of: "_", with: "\\_") + "%"
+        }
         let rows = try await query(
             """
             SELECT \(unescaped: userColumns) FROM users u
@@ -131,7 +140,9 @@ extension TenantTransaction {
             """)
         guard !rows.isEmpty else { throw StoreError.notFound("user") }
         if !active {
-            try await query("UPDATE refresh_tokens SET revoked_at = now() WHERE organisation_id = \(organisationID) AND user_id = \(id) AND revoked_at IS NULL")
+            try await query(
+                "UPDATE refresh_tokens SET revoked_at = now() WHERE organisation_id = \(organisationID) AND user_id = \(id) AND revoked_at IS NULL"
+            )
         }
         return try await user(id)
     }
@@ -162,7 +173,9 @@ extension TenantTransaction {
 
     /// Sets a new password hash.
     public func setPasswordHash(_ id: UUID, _ hash: String) async throws {
-        let rows = try await query("UPDATE users SET password_hash = \(hash), updated_at = now() WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id")
+        let rows = try await query(
+            "UPDATE users SET password_hash = \(hash), updated_at = now() WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id"
+        )
         guard !rows.isEmpty else { throw StoreError.notFound("user") }
     }
 }
@@ -179,14 +192,17 @@ private func decodeUser(_ row: PostgresRow) throws -> User {
     let (id, email, name, locale, timezone, active, attributes, rolesJSON, created, updated) =
         try row.decode((UUID, String, String, String?, String?, Bool, String, String, Date, Date).self)
     let roles = try JSONDecoder().decode([RoleRef].self, from: Data(rolesJSON.utf8))
-    return User(id: id, email: email, displayName: name, locale: locale, timezone: timezone, active: active,
-                attributesJSON: attributes, roles: roles, createdAt: created, updatedAt: updated)
+    return User(
+        id: id, email: email, displayName: name, locale: locale, timezone: timezone, active: active,
+        attributesJSON: attributes, roles: roles, createdAt: created, updatedAt: updated)
 }
 
 extension TenantTransaction {
     /// The users with these ids (missing ones are left out).
     public func users(ids: [UUID]) async throws -> [User] {
         guard !ids.isEmpty else { return [] }
-        return try await query("SELECT \(unescaped: userColumns) FROM users u WHERE u.organisation_id = \(organisationID) AND u.id = ANY(\(ids)::uuid[])").map(decodeUser)
+        return try await query(
+            "SELECT \(unescaped: userColumns) FROM users u WHERE u.organisation_id = \(organisationID) AND u.id = ANY(\(ids)::uuid[])"
+        ).map(decodeUser)
     }
 }

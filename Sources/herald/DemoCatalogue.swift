@@ -23,26 +23,63 @@ enum DemoCatalogue {
     ]
 
     static let types: [TypeSeed] = [
-        TypeSeed(key: "ISQ_CRITICAL", category: "alerts", name: "Critical implant stability reading", severity: .critical, priority: .critical,
-                 channels: [.inApp, .email], templates: [
-                    (.inApp, "en", TemplateContent(subject: "Critical ISQ {{payload.isq}}", body: "Implant {{payload.implant}}: stability {{payload.isq}} is below the threshold of {{payload.threshold}}.")),
-                    (.inApp, "fr", TemplateContent(subject: "ISQ critique {{payload.isq}}", body: "Implant {{payload.implant}} : stabilité {{payload.isq}} sous le seuil de {{payload.threshold}}.")),
-                    (.email, "en", TemplateContent(subject: "Critical implant stability reading", body: "Hello {{recipient.display_name}},\n\nA reading of {{payload.isq}} needs your attention. Open Herald to see it.",
-                                                   html: "<p>Hello {{recipient.display_name}},</p><p>A reading of <b>{{payload.isq}}</b> needs your attention.</p>")),
-                 ]),
-        TypeSeed(key: "OUTING_PUBLISHED", category: "outings", name: "New outing", severity: .info, priority: .normal,
-                 channels: [.inApp], templates: [
-                    (.inApp, "en", TemplateContent(subject: "New outing: {{payload.title}}", body: "{{payload.activity}} on {{payload.starts_on}} with {{actor.name}}.")),
-                    (.email, "en", TemplateContent(subject: "New outing: {{payload.title}}", body: "{{payload.activity}} on {{payload.starts_on}}.")),
-                 ]),
-        TypeSeed(key: "TASK_ASSIGNED", category: "activity", name: "Task assigned", severity: .info, priority: .normal,
-                 channels: [.inApp], templates: [(.inApp, "en", TemplateContent(subject: "{{actor.name}} assigned you: {{payload.title}}", body: "Due {{payload.due}}."))]),
-        TypeSeed(key: "MENTION", category: "activity", name: "Mention", severity: .info, priority: .high,
-                 channels: [.inApp, .email], templates: [(.inApp, "en", TemplateContent(subject: "{{actor.name}} mentioned you", body: "{{payload.excerpt}}"))]),
-        TypeSeed(key: "DOCUMENT_EXPIRING", category: "activity", name: "Document expiring", severity: .warning, priority: .high,
-                 channels: [.inApp, .email], templates: [(.inApp, "en", TemplateContent(subject: "{{payload.document}} expires on {{payload.expires_on}}", body: ""))]),
-        TypeSeed(key: "SYSTEM_ANNOUNCEMENT", category: "system", name: "System announcement", severity: .info, priority: .low,
-                 channels: [.inApp], templates: [(.inApp, "en", TemplateContent(subject: "{{payload.title}}", body: "{{payload.message}}"))]),
+        TypeSeed(
+            key: "ISQ_CRITICAL", category: "alerts", name: "Critical implant stability reading", severity: .critical, priority: .critical,
+            channels: [.inApp, .email],
+            templates: [
+                (
+                    .inApp, "en",
+                    TemplateContent(
+                        subject: "Critical ISQ {{payload.isq}}",
+                        body: "Implant {{payload.implant}}: stability {{payload.isq}} is below the threshold of {{payload.threshold}}.")
+                ),
+                (
+                    .inApp, "fr",
+                    TemplateContent(
+                        subject: "ISQ critique {{payload.isq}}",
+                        body: "Implant {{payload.implant}} : stabilité {{payload.isq}} sous le seuil de {{payload.threshold}}.")
+                ),
+                (
+                    .email, "en",
+                    TemplateContent(
+                        subject: "Critical implant stability reading",
+                        body:
+                            "Hello {{recipient.display_name}},\n\nA reading of {{payload.isq}} needs your attention. Open Herald to see it.",
+                        html: "<p>Hello {{recipient.display_name}},</p><p>A reading of <b>{{payload.isq}}</b> needs your attention.</p>")
+                ),
+            ]),
+        TypeSeed(
+            key: "OUTING_PUBLISHED", category: "outings", name: "New outing", severity: .info, priority: .normal,
+            channels: [.inApp],
+            templates: [
+                (
+                    .inApp, "en",
+                    TemplateContent(
+                        subject: "New outing: {{payload.title}}", body: "{{payload.activity}} on {{payload.starts_on}} with {{actor.name}}."
+                    )
+                ),
+                (
+                    .email, "en",
+                    TemplateContent(subject: "New outing: {{payload.title}}", body: "{{payload.activity}} on {{payload.starts_on}}.")
+                ),
+            ]),
+        TypeSeed(
+            key: "TASK_ASSIGNED", category: "activity", name: "Task assigned", severity: .info, priority: .normal,
+            channels: [.inApp],
+            templates: [
+                (.inApp, "en", TemplateContent(subject: "{{actor.name}} assigned you: {{payload.title}}", body: "Due {{payload.due}}."))
+            ]),
+        TypeSeed(
+            key: "MENTION", category: "activity", name: "Mention", severity: .info, priority: .high,
+            channels: [.inApp, .email],
+            templates: [(.inApp, "en", TemplateContent(subject: "{{actor.name}} mentioned you", body: "{{payload.excerpt}}"))]),
+        TypeSeed(
+            key: "DOCUMENT_EXPIRING", category: "activity", name: "Document expiring", severity: .warning, priority: .high,
+            channels: [.inApp, .email],
+            templates: [(.inApp, "en", TemplateContent(subject: "{{payload.document}} expires on {{payload.expires_on}}", body: ""))]),
+        TypeSeed(
+            key: "SYSTEM_ANNOUNCEMENT", category: "system", name: "System announcement", severity: .info, priority: .low,
+            channels: [.inApp], templates: [(.inApp, "en", TemplateContent(subject: "{{payload.title}}", body: "{{payload.message}}"))]),
     ]
 
     /// Creates what is missing; returns how many types the catalogue has. The clinicians get the
@@ -53,16 +90,18 @@ enum DemoCatalogue {
             if let existing = try await tx.category(key: c.key) {
                 categoryIDs[c.key] = existing.id
             } else {
-                categoryIDs[c.key] = try await tx.createCategory(key: c.key, name: c.name, description: c.description, critical: c.critical).id
+                categoryIDs[c.key] = try await tx.createCategory(key: c.key, name: c.name, description: c.description, critical: c.critical)
+                    .id
             }
         }
         for t in types {
             guard let categoryID = categoryIDs[t.category] else { continue }
             var type = try await tx.notificationType(key: t.key)
             if type == nil {
-                type = try await tx.createNotificationType(NotificationTypeFields(
-                    key: t.key, categoryID: categoryID, name: t.name, description: "", defaultSeverity: t.severity,
-                    defaultPriority: t.priority, defaultChannels: t.channels))
+                type = try await tx.createNotificationType(
+                    NotificationTypeFields(
+                        key: t.key, categoryID: categoryID, name: t.name, description: "", defaultSeverity: t.severity,
+                        defaultPriority: t.priority, defaultChannels: t.channels))
             }
             guard let type else { continue }
             for (channel, locale, content) in t.templates {
@@ -71,13 +110,14 @@ enum DemoCatalogue {
         }
         if let outings = categoryIDs["outings"] {
             try await tx.replacePreferenceDefaults(with: [
-                PreferenceCell(categoryID: outings, channel: .email, setting: PreferenceSetting(enabled: false, frequency: .none)),
+                PreferenceCell(categoryID: outings, channel: .email, setting: PreferenceSetting(enabled: false, frequency: .none))
             ])
         }
         let roles = try await tx.roles()
         var clinician = roles.first { $0.key == "clinician" }
         if clinician == nil {
-            clinician = try await tx.createRole(key: "clinician", name: "Clinician", description: "Receives clinical alerts.", permissions: [.notificationsRead])
+            clinician = try await tx.createRole(
+                key: "clinician", name: "Clinician", description: "Receives clinical alerts.", permissions: [.notificationsRead])
         }
         guard let clinician else { return types.count }
         for user in clinicians {

@@ -74,7 +74,8 @@ struct Migrate: AsyncParsableCommand {
 /// `herald seed-demo`: a demo organisation with an owner, a member and an API key, and
 /// ready-to-paste curl examples.
 struct SeedDemo: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "seed-demo", abstract: "Create the demo organisation and print tokens and curl examples.")
+    static let configuration = CommandConfiguration(
+        commandName: "seed-demo", abstract: "Create the demo organisation and print tokens and curl examples.")
 
     @Option(help: "Base URL printed in the examples.") var baseURL = "http://127.0.0.1:8080"
 
@@ -92,21 +93,25 @@ struct SeedDemo: AsyncParsableCommand {
                 print("seed-demo: organisation 'demo' exists (\(existing.uuidString.lowercased()))")
             } else {
                 organisationID = try await database.createOrganisation(
-                    slug: "demo", name: "Demo Clinic", defaultLocale: "en", defaultTimezone: "Europe/Paris").id
+                    slug: "demo", name: "Demo Clinic", defaultLocale: "en", defaultTimezone: "Europe/Paris"
+                ).id
                 print("seed-demo: created organisation 'demo' (\(organisationID.uuidString.lowercased()))")
             }
             let adminHash = try await hasher.hash(adminPassword)
             let memberHash = try await hasher.hash(memberPassword)
             let (adminID, memberID, apiKey) = try await database.withTenant(organisationID) { tx in
                 let admin = try await ensureUser(tx, email: "admin@demo.example", name: "Demo Admin", role: .owner, passwordHash: adminHash)
-                let member = try await ensureUser(tx, email: "member@demo.example", name: "Demo Member", role: .member, passwordHash: memberHash)
+                let member = try await ensureUser(
+                    tx, email: "member@demo.example", name: "Demo Member", role: .member, passwordHash: memberHash)
                 let service = try await tx.builtinRole(.service)
                 for old in try await tx.apiKeys() where old.name == "seed-demo" && old.revokedAt == nil {
                     _ = try await tx.revokeApiKey(old.id)
                 }
                 let token = OpaqueToken(kind: .apiKey, organisationID: organisationID)
-                _ = try await tx.createApiKey(id: token.id, name: "seed-demo", roleID: service.id, secretHash: token.secretHash, expiresAt: nil)
-                try await tx.audit(action: "apikey.create", targetType: "api_key", targetID: token.id.uuidString.lowercased(), before: nil, after: nil)
+                _ = try await tx.createApiKey(
+                    id: token.id, name: "seed-demo", roleID: service.id, secretHash: token.secretHash, expiresAt: nil)
+                try await tx.audit(
+                    action: "apikey.create", targetType: "api_key", targetID: token.id.uuidString.lowercased(), before: nil, after: nil)
                 let types = try await DemoCatalogue.ensure(tx, clinicians: [admin, member])
                 print("seed-demo: catalogue ready (\(types) notification types: medical alerts, club outings, CRM events)")
                 return (admin, member, token.text)
@@ -115,44 +120,47 @@ struct SeedDemo: AsyncParsableCommand {
             let now = Date()
             let adminToken = try await tokens.issueAccessToken(organisationID: organisationID, userID: adminID, now: now)
             let memberToken = try await tokens.issueAccessToken(organisationID: organisationID, userID: memberID, now: now)
-            print("""
+            print(
+                """
 
-            Herald demo organisation 'demo'
-              admin  admin@demo.example  / \(adminPassword)
-              member member@demo.example / \(memberPassword)
+                Herald demo organisation 'demo'
+                  admin  admin@demo.example  / \(adminPassword)
+                  member member@demo.example / \(memberPassword)
 
-            Tokens (access tokens last \(Int(config.accessTokenTTL / 60)) minutes; log in again for more):
-              export ADMIN_TOKEN=\(adminToken)
-              export MEMBER_TOKEN=\(memberToken)
-              export API_KEY=\(apiKey)
+                Tokens (access tokens last \(Int(config.accessTokenTTL / 60)) minutes; log in again for more):
+                  export ADMIN_TOKEN=\(adminToken)
+                  export MEMBER_TOKEN=\(memberToken)
+                  export API_KEY=\(apiKey)
 
-            Try:
-              curl -s \(baseURL)/healthz
-              curl -s -X POST \(baseURL)/v1/auth/token -H 'content-type: application/json' \\
-                   -d '{"organisation":"demo","email":"admin@demo.example","password":"\(adminPassword)"}'
-              curl -s \(baseURL)/v1/me -H "authorization: Bearer $ADMIN_TOKEN"
-              curl -s \(baseURL)/v1/users -H "authorization: Bearer $ADMIN_TOKEN"
-              curl -s -X POST \(baseURL)/v1/users -H "authorization: Bearer $API_KEY" -H 'content-type: application/json' \\
-                   -d '{"email":"dr.bob@demo.example","display_name":"Dr Bob","timezone":"Europe/Paris"}'
-              curl -s \(baseURL)/v1/audit-log -H "authorization: Bearer $ADMIN_TOKEN"
-              curl -s \(baseURL)/v1/users -H "authorization: Bearer $MEMBER_TOKEN"    # 403: members cannot list users
+                Try:
+                  curl -s \(baseURL)/healthz
+                  curl -s -X POST \(baseURL)/v1/auth/token -H 'content-type: application/json' \\
+                       -d '{"organisation":"demo","email":"admin@demo.example","password":"\(adminPassword)"}'
+                  curl -s \(baseURL)/v1/me -H "authorization: Bearer $ADMIN_TOKEN"
+                  curl -s \(baseURL)/v1/users -H "authorization: Bearer $ADMIN_TOKEN"
+                  curl -s -X POST \(baseURL)/v1/users -H "authorization: Bearer $API_KEY" -H 'content-type: application/json' \\
+                       -d '{"email":"dr.bob@demo.example","display_name":"Dr Bob","timezone":"Europe/Paris"}'
+                  curl -s \(baseURL)/v1/audit-log -H "authorization: Bearer $ADMIN_TOKEN"
+                  curl -s \(baseURL)/v1/users -H "authorization: Bearer $MEMBER_TOKEN"    # 403: members cannot list users
 
-            The engine: a critical implant reading for every clinician, then the member's bell and feed, then why.
-              curl -s -X POST \(baseURL)/v1/events -H "authorization: Bearer $API_KEY" -H 'content-type: application/json' \\
-                   -H 'Idempotency-Key: reading-8813' \\
-                   -d '{"type":"ISQ_CRITICAL","audience":{"roles":["clinician"]},"payload":{"isq":25,"threshold":55,"implant":"IMP-19"}}'
-              curl -s \(baseURL)/v1/me/notifications/unread-count -H "authorization: Bearer $MEMBER_TOKEN"
-              curl -s \(baseURL)/v1/me/notifications -H "authorization: Bearer $MEMBER_TOKEN"
-              curl -s '\(baseURL)/v1/notifications/debug?event=ISQ_CRITICAL' -H "authorization: Bearer $ADMIN_TOKEN"
-              curl -s -X PUT \(baseURL)/v1/me/preferences -H "authorization: Bearer $MEMBER_TOKEN" -H 'content-type: application/json' \\
-                   -d '{"items":[{"category":"alerts","channel":"email","enabled":true,"frequency":"DAILY"}]}'
-              curl -s '\(baseURL)/v1/me/preferences/resolved?type=ISQ_CRITICAL' -H "authorization: Bearer $MEMBER_TOKEN"
+                The engine: a critical implant reading for every clinician, then the member's bell and feed, then why.
+                  curl -s -X POST \(baseURL)/v1/events -H "authorization: Bearer $API_KEY" -H 'content-type: application/json' \\
+                       -H 'Idempotency-Key: reading-8813' \\
+                       -d '{"type":"ISQ_CRITICAL","audience":{"roles":["clinician"]},"payload":{"isq":25,"threshold":55,"implant":"IMP-19"}}'
+                  curl -s \(baseURL)/v1/me/notifications/unread-count -H "authorization: Bearer $MEMBER_TOKEN"
+                  curl -s \(baseURL)/v1/me/notifications -H "authorization: Bearer $MEMBER_TOKEN"
+                  curl -s '\(baseURL)/v1/notifications/debug?event=ISQ_CRITICAL' -H "authorization: Bearer $ADMIN_TOKEN"
+                  curl -s -X PUT \(baseURL)/v1/me/preferences -H "authorization: Bearer $MEMBER_TOKEN" -H 'content-type: application/json' \\
+                       -d '{"items":[{"category":"alerts","channel":"email","enabled":true,"frequency":"DAILY"}]}'
+                  curl -s '\(baseURL)/v1/me/preferences/resolved?type=ISQ_CRITICAL' -H "authorization: Bearer $MEMBER_TOKEN"
 
-            """)
+                """)
         }
     }
 
-    private func ensureUser(_ tx: TenantTransaction, email: String, name: String, role: BuiltinRole, passwordHash: String) async throws -> UUID {
+    private func ensureUser(
+        _ tx: TenantTransaction, email: String, name: String, role: BuiltinRole, passwordHash: String
+    ) async throws -> UUID {
         let id: UUID
         if let existing = try await tx.credentials(email: email) {
             id = existing.id
@@ -168,7 +176,8 @@ struct SeedDemo: AsyncParsableCommand {
 /// `herald purge-expired`: deletes in-app notifications past their expiry, organisation by
 /// organisation (as the owner role, which can list organisations), printing what it removed.
 struct PurgeExpired: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "purge-expired", abstract: "Delete in-app notifications whose expiry has passed.")
+    static let configuration = CommandConfiguration(
+        commandName: "purge-expired", abstract: "Delete in-app notifications whose expiry has passed.")
 
     func run() async throws {
         guard let url = ProcessInfo.processInfo.environment["DATABASE_OWNER_URL"], !url.isEmpty else {
@@ -220,12 +229,15 @@ struct OrganisationCommand: AsyncParsableCommand {
                 throw ValidationError("Set HERALD_OWNER_PASSWORD to the first owner's password (kept out of the shell history and ps).")
             }
             guard ["demo", "none"].contains(catalogue) else {
-                throw ValidationError("--catalogue: \"\(catalogue)\" is not `demo` or `none`; apply other catalogues with PUT /v1/catalogue.")
+                throw ValidationError(
+                    "--catalogue: \"\(catalogue)\" is not `demo` or `none`; apply other catalogues with PUT /v1/catalogue.")
             }
             let checked: (String, String, String, String, String)
             do {
-                checked = (try Validate.slug(slug), try Validate.emailAddress(ownerEmail, field: "owner-email"), try Validate.password(password),
-                           try Validate.locale(locale), try Validate.timezone(timezone))
+                checked = (
+                    try Validate.slug(slug), try Validate.emailAddress(ownerEmail, field: "owner-email"), try Validate.password(password),
+                    try Validate.locale(locale), try Validate.timezone(timezone)
+                )
             } catch {
                 throw ValidationError("\(error.field): \(error.message)")
             }
@@ -238,12 +250,15 @@ struct OrganisationCommand: AsyncParsableCommand {
                 ) { tx in
                     let owner = try await tx.createUser(NewUser(email: checked.1, displayName: checked.1, passwordHash: hash))
                     _ = try await tx.setUserRoles(owner.id, [try await tx.builtinRole(.owner).id])
-                    try await tx.audit(action: "user.create", targetType: "user", targetID: owner.id.uuidString.lowercased(),
-                                       before: nil, after: "{\"email\": \"\(owner.email)\", \"roles\": [\"owner\"]}")
+                    try await tx.audit(
+                        action: "user.create", targetType: "user", targetID: owner.id.uuidString.lowercased(),
+                        before: nil, after: "{\"email\": \"\(owner.email)\", \"roles\": [\"owner\"]}")
                     print("organisation: owner \(owner.email) (\(owner.id.uuidString.lowercased()))")
                     if catalogue == "demo" {
                         let types = try await DemoCatalogue.ensure(tx, clinicians: [])
-                        print("organisation: demo catalogue with \(DemoCatalogue.categories.count) categories and \(types) notification types")
+                        print(
+                            "organisation: demo catalogue with \(DemoCatalogue.categories.count) categories and \(types) notification types"
+                        )
                     }
                 }
                 print("organisation: created \(organisation.slug) (\(organisation.id.uuidString.lowercased()))")
@@ -254,13 +269,17 @@ struct OrganisationCommand: AsyncParsableCommand {
 
 /// `herald jwt-keygen`: a new ES256 signing key for access tokens.
 struct JWTKeygen: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "jwt-keygen", abstract: "Write a new ES256 private key as <dir>/<kid>.pem.")
+    static let configuration = CommandConfiguration(
+        commandName: "jwt-keygen", abstract: "Write a new ES256 private key as <dir>/<kid>.pem.")
 
     @Option(help: "Directory of signing keys.") var dir = ".data/jwt"
     @Option(help: "Key id; default: the current UTC time.") var kid: String?
 
     func run() async throws {
-        let kid = kid ?? Date().formatted(.iso8601.year().month().day().time(includingFractionalSeconds: false)).replacingOccurrences(of: ":", with: "")
+        let kid =
+            kid
+            ?? Date().formatted(.iso8601.year().month().day().time(includingFractionalSeconds: false)).replacingOccurrences(
+                of: ":", with: "")
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let path = (dir as NSString).appendingPathComponent("\(kid).pem")
         guard !FileManager.default.fileExists(atPath: path) else { throw ValidationError("\(path) exists already") }
@@ -306,7 +325,7 @@ func passwordHasher(_ config: AppConfiguration) -> PasswordHasher {
 /// Runs `body` with a connected client, then shuts the client down.
 func withPostgres<T: Sendable>(url: String, logger: Logger, _ body: @Sendable (PostgresClient) async throws -> T) async throws -> T {
     var background = logger
-    background.logLevel = .error  // the pool's start-up chatter is not news to a CLI user
+    background.logLevel = .error // the pool's start-up chatter is not news to a CLI user
     let client = PostgresClient(configuration: try PostgresClient.Configuration.fromURL(url), backgroundLogger: background)
     return try await withThrowingTaskGroup(of: Void.self) { group in
         group.addTask { await client.run() }

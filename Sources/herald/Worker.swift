@@ -48,8 +48,11 @@ struct DeliveryServices {
             logger.warning("DATABASE_WORKER_URL is not set: no delivery workers in this process")
             return
         }
-        guard let smtp = EmailTransport.settings(url: config.smtpURL, username: config.smtpUsername, password: config.smtpPassword,
-                                                 timeout: config.smtpTimeout) else {
+        guard
+            let smtp = EmailTransport.settings(
+                url: config.smtpURL, username: config.smtpUsername, password: config.smtpPassword,
+                timeout: config.smtpTimeout)
+        else {
             throw ConfigurationError(variable: "HERALD_SMTP_URL", value: config.smtpURL)
         }
         var pool = try PostgresClient.Configuration.fromURL(url)
@@ -57,8 +60,9 @@ struct DeliveryServices {
         pool.options.maximumConnections = config.workers + 2
         let postgres = PostgresClient(configuration: pool, backgroundLogger: logger)
         // As many connections per host as sends in flight: no send waits for a connection.
-        let http = HTTPTransport(destinations: try config.destinationGuard(), timeout: .milliseconds(Int64(config.webhookTimeout * 1000)),
-                                 connectionsPerHost: config.workers)
+        let http = HTTPTransport(
+            destinations: try config.destinationGuard(), timeout: .milliseconds(Int64(config.webhookTimeout * 1000)),
+            connectionsPerHost: config.workers)
         var worker = WorkerPoolConfiguration()
         worker.concurrency = config.workers
         worker.batchSize = config.workerBatchSize
@@ -71,8 +75,9 @@ struct DeliveryServices {
         worker.endpointConcurrency = config.endpointConcurrency
         worker.circuitFailures = config.circuitFailures
         worker.circuitCooldown = config.circuitCooldownSeconds
-        worker.retry = RetryPolicy(baseDelay: config.retryBaseSeconds, factor: config.retryFactor, maximumDelay: config.retryMaxSeconds,
-                                   jitter: config.retryJitter)
+        worker.retry = RetryPolicy(
+            baseDelay: config.retryBaseSeconds, factor: config.retryFactor, maximumDelay: config.retryMaxSeconds,
+            jitter: config.retryJitter)
         let sender = DeliverySender(
             email: EmailTransport(settings: smtp, defaultFrom: config.smtpFrom), http: http,
             links: LinkBuilder(baseURL: config.linkBaseURL, keys: linkKeys))
@@ -84,8 +89,9 @@ struct DeliveryServices {
             processBus = NotificationBus(client: postgres, logger: logger)
             ownBus = [processBus]
         }
-        let deliveryPool = DeliveryWorkerPool(configuration: worker, database: config.database(postgres, logger: logger),
-                                              bus: processBus, sender: sender, logger: logger)
+        let deliveryPool = DeliveryWorkerPool(
+            configuration: worker, database: config.database(postgres, logger: logger),
+            bus: processBus, sender: sender, logger: logger)
         services = [postgres] + ownBus + [deliveryPool]
         workers = config.workers
         transport = http

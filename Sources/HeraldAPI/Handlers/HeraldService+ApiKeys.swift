@@ -1,7 +1,7 @@
-import Logging
 import Foundation
 import HeraldCore
 import HeraldStore
+import Logging
 
 extension HeraldService {
     func listApiKeys(_ input: Operations.ListApiKeys.Input) async throws -> Operations.ListApiKeys.Output {
@@ -29,7 +29,8 @@ extension HeraldService {
             try requireHolds(role.permissions, principal)
             let token = OpaqueToken(kind: .apiKey, organisationID: principal.organisationID)
             let key = Components.Schemas.ApiKey(
-                try await tx.createApiKey(id: token.id, name: name, roleID: role.id, secretHash: token.secretHash, expiresAt: body.expiresAt),
+                try await tx.createApiKey(
+                    id: token.id, name: name, roleID: role.id, secretHash: token.secretHash, expiresAt: body.expiresAt),
                 organisationID: principal.organisationID)
             try await tx.audit(action: "apikey.create", targetType: "api_key", targetID: key.id, before: nil, after: auditJSON(key))
             return Components.Schemas.ApiKeyCreated(
@@ -45,7 +46,8 @@ extension HeraldService {
             let before = Components.Schemas.ApiKey(try await tx.apiKey(id), organisationID: principal.organisationID)
             guard before.revokedAt == nil else { return }
             let after = Components.Schemas.ApiKey(try await tx.revokeApiKey(id), organisationID: principal.organisationID)
-            try await tx.audit(action: "apikey.revoke", targetType: "api_key", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
+            try await tx.audit(
+                action: "apikey.revoke", targetType: "api_key", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
         }
         return .noContent(.init())
     }

@@ -1,7 +1,7 @@
-import Logging
 import Foundation
 import HeraldCore
 import HeraldStore
+import Logging
 
 extension HeraldService {
     /// Password login. Every failure answers the same 401 (no hint whether the organisation,
@@ -43,13 +43,15 @@ extension HeraldService {
         // Decide, record and issue in one transaction; a reuse must commit its revocation before refusing.
         let outcome: Outcome = try await transaction(in: token.organisationID) { tx in
             guard let stored = try await tx.lockRefreshToken(token.id),
-                  constantTimeEqual(stored.secretHash, token.secretHash) else { return .invalid }
+                constantTimeEqual(stored.secretHash, token.secretHash)
+            else { return .invalid }
             if stored.usedAt != nil {
                 try await tx.revokeRefreshFamily(stored.familyID, at: now)
                 return .reused
             }
             guard stored.revokedAt == nil, stored.expiresAt > now,
-                  try await tx.grant(forUser: stored.userID) != nil else { return .invalid }
+                try await tx.grant(forUser: stored.userID) != nil
+            else { return .invalid }
             try await tx.markRefreshTokenUsed(stored.id, at: now)
             return .rotate(try await issuePair(tx, userID: stored.userID, familyID: stored.familyID))
         }
@@ -73,7 +75,8 @@ extension HeraldService {
         let now = now()
         let revoked = try await transaction(in: token.organisationID) { tx in
             guard let stored = try await tx.lockRefreshToken(token.id),
-                  constantTimeEqual(stored.secretHash, token.secretHash) else { return false }
+                constantTimeEqual(stored.secretHash, token.secretHash)
+            else { return false }
             try await tx.revokeRefreshFamily(stored.familyID, at: now)
             return true
         }
@@ -85,10 +88,12 @@ extension HeraldService {
     private func issuePair(_ tx: TenantTransaction, userID: UUID, familyID: UUID) async throws -> Components.Schemas.TokenPair {
         let now = now()
         let refresh = OpaqueToken(kind: .refresh, organisationID: tx.organisationID)
-        try await tx.insertRefreshToken(id: refresh.id, familyID: familyID, userID: userID, secretHash: refresh.secretHash,
-                                        expiresAt: now.addingTimeInterval(refreshTokenTTL))
+        try await tx.insertRefreshToken(
+            id: refresh.id, familyID: familyID, userID: userID, secretHash: refresh.secretHash,
+            expiresAt: now.addingTimeInterval(refreshTokenTTL))
         let access = try await tokens.issueAccessToken(organisationID: tx.organisationID, userID: userID, now: now)
-        return .init(accessToken: access, tokenType: .bearer, expiresIn: tokens.accessTTL,
-                     refreshToken: refresh.text, refreshExpiresIn: Int(refreshTokenTTL))
+        return .init(
+            accessToken: access, tokenType: .bearer, expiresIn: tokens.accessTTL,
+            refreshToken: refresh.text, refreshExpiresIn: Int(refreshTokenTTL))
     }
 }

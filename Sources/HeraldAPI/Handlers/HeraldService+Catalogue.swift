@@ -23,7 +23,8 @@ extension HeraldService {
         let created = try await tenant { tx, _ in
             let category = Components.Schemas.Category(
                 try await tx.createCategory(key: key, name: name, description: body.description ?? "", critical: body.critical ?? false))
-            try await tx.audit(action: "category.create", targetType: "category", targetID: category.id, before: nil, after: auditJSON(category))
+            try await tx.audit(
+                action: "category.create", targetType: "category", targetID: category.id, before: nil, after: auditJSON(category))
             return category
         }
         return .created(.init(body: .json(created)))
@@ -35,8 +36,10 @@ extension HeraldService {
         let name = try body.name.map { v in try Validate.text(v, field: "name") }
         let updated = try await tenant { tx, _ in
             let before = Components.Schemas.Category(try await tx.category(id))
-            let after = Components.Schemas.Category(try await tx.updateCategory(id, name: name, description: body.description, critical: body.critical))
-            try await tx.audit(action: "category.update", targetType: "category", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
+            let after = Components.Schemas.Category(
+                try await tx.updateCategory(id, name: name, description: body.description, critical: body.critical))
+            try await tx.audit(
+                action: "category.update", targetType: "category", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
             return after
         }
         return .ok(.init(body: .json(updated)))
@@ -47,7 +50,8 @@ extension HeraldService {
         try await tenant { tx, _ in
             let before = Components.Schemas.Category(try await tx.category(id))
             try await tx.deleteCategory(id)
-            try await tx.audit(action: "category.delete", targetType: "category", targetID: before.id, before: auditJSON(before), after: nil)
+            try await tx.audit(
+                action: "category.delete", targetType: "category", targetID: before.id, before: auditJSON(before), after: nil)
         }
         return .noContent(.init())
     }
@@ -76,7 +80,8 @@ extension HeraldService {
                 defaultPriority: try body.defaultPriority.map { try mapped($0, to: Priority.self) } ?? .normal,
                 defaultChannels: try (body.defaultChannels ?? [.inApp]).map { try mapped($0, to: NotificationChannel.self) })
             let type = try Components.Schemas.NotificationType(try await tx.createNotificationType(fields))
-            try await tx.audit(action: "notification_type.create", targetType: "notification_type", targetID: type.id, before: nil, after: auditJSON(type))
+            try await tx.audit(
+                action: "notification_type.create", targetType: "notification_type", targetID: type.id, before: nil, after: auditJSON(type))
             return type
         }
         return .created(.init(body: .json(created)))
@@ -93,11 +98,13 @@ extension HeraldService {
                 description: body.description ?? existing.description,
                 defaultSeverity: try body.defaultSeverity.map { try mapped($0, to: Severity.self) } ?? existing.defaultSeverity,
                 defaultPriority: try body.defaultPriority.map { try mapped($0, to: Priority.self) } ?? existing.defaultPriority,
-                defaultChannels: try body.defaultChannels.map { try $0.map { try mapped($0, to: NotificationChannel.self) } } ?? existing.defaultChannels)
+                defaultChannels: try body.defaultChannels.map { try $0.map { try mapped($0, to: NotificationChannel.self) } }
+                    ?? existing.defaultChannels)
             if let category = body.category { fields.categoryID = try await categoryID(key: category, tx) }
             let after = try Components.Schemas.NotificationType(try await tx.updateNotificationType(id, fields))
-            try await tx.audit(action: "notification_type.update", targetType: "notification_type", targetID: after.id,
-                               before: auditJSON(try Components.Schemas.NotificationType(existing)), after: auditJSON(after))
+            try await tx.audit(
+                action: "notification_type.update", targetType: "notification_type", targetID: after.id,
+                before: auditJSON(try Components.Schemas.NotificationType(existing)), after: auditJSON(after))
             return after
         }
         return .ok(.init(body: .json(updated)))
@@ -108,7 +115,9 @@ extension HeraldService {
         try await tenant { tx, _ in
             let before = try Components.Schemas.NotificationType(try await tx.notificationType(id))
             try await tx.deleteNotificationType(id)
-            try await tx.audit(action: "notification_type.delete", targetType: "notification_type", targetID: before.id, before: auditJSON(before), after: nil)
+            try await tx.audit(
+                action: "notification_type.delete", targetType: "notification_type", targetID: before.id, before: auditJSON(before),
+                after: nil)
         }
         return .noContent(.init())
     }
@@ -122,9 +131,12 @@ extension HeraldService {
         let locale = try Validate.locale(input.path.locale)
         let updated = try await tenant { tx, _ in
             try await tx.putTemplate(typeID: id, channel: channel, locale: locale, content: content)
-            try await tx.audit(action: "template.put", targetType: "notification_type", targetID: id.lowercased, before: nil,
-                               after: auditJSON(Components.Schemas.Template(channel: try mapped(channel), locale: locale,
-                                                                             subject: content.subject, body: content.body, html: content.html)))
+            try await tx.audit(
+                action: "template.put", targetType: "notification_type", targetID: id.lowercased, before: nil,
+                after: auditJSON(
+                    Components.Schemas.Template(
+                        channel: try mapped(channel), locale: locale,
+                        subject: content.subject, body: content.body, html: content.html)))
             return try Components.Schemas.NotificationType(try await tx.notificationType(id))
         }
         return .ok(.init(body: .json(updated)))
@@ -136,8 +148,9 @@ extension HeraldService {
         let locale = input.path.locale
         try await tenant { tx, _ in
             if try await tx.deleteTemplate(typeID: id, channel: channel, locale: locale) {
-                try await tx.audit(action: "template.delete", targetType: "notification_type", targetID: id.lowercased,
-                                   before: auditJSON(["channel": channel.rawValue, "locale": locale]), after: nil)
+                try await tx.audit(
+                    action: "template.delete", targetType: "notification_type", targetID: id.lowercased,
+                    before: auditJSON(["channel": channel.rawValue, "locale": locale]), after: nil)
             }
         }
         return .noContent(.init())

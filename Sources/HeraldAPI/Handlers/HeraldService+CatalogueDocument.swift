@@ -19,8 +19,9 @@ extension HeraldService {
             let summary = try await apply(plan, document, tx)
             let after = try await catalogueDocument(tx)
             if after != before {
-                try await tx.audit(action: "catalogue.import", targetType: "organisation", targetID: tx.organisationID.lowercased,
-                                   before: nil, after: auditJSON(summary))
+                try await tx.audit(
+                    action: "catalogue.import", targetType: "organisation", targetID: tx.organisationID.lowercased,
+                    before: nil, after: auditJSON(summary))
             }
             return after
         }
@@ -35,28 +36,37 @@ extension HeraldService {
             categories: categories.map { .init(key: $0.key, name: $0.name, description: $0.description, critical: $0.critical) },
             types: try types.map { type in
                 let api = try Components.Schemas.NotificationType(type)
-                return .init(key: api.key, category: api.category, name: api.name, description: api.description,
-                             defaultSeverity: api.defaultSeverity, defaultPriority: api.defaultPriority, defaultChannels: api.defaultChannels,
-                             templates: api.templates.map { .init(channel: $0.channel, locale: $0.locale, subject: $0.subject, body: $0.body, html: $0.html) })
+                return .init(
+                    key: api.key, category: api.category, name: api.name, description: api.description,
+                    defaultSeverity: api.defaultSeverity, defaultPriority: api.defaultPriority, defaultChannels: api.defaultChannels,
+                    templates: api.templates.map {
+                        .init(channel: $0.channel, locale: $0.locale, subject: $0.subject, body: $0.body, html: $0.html)
+                    })
             },
             preferenceDefaults: try await preferenceList(try await tx.preferenceDefaults(), tx).items)
     }
 
     /// Writes the document: categories, then types and their templates, then defaults.
-    private func apply(_ plan: CataloguePlan, _ document: Components.Schemas.Catalogue, _ tx: TenantTransaction) async throws -> CatalogueSummary {
+    private func apply(
+        _ plan: CataloguePlan, _ document: Components.Schemas.Catalogue, _ tx: TenantTransaction
+    ) async throws -> CatalogueSummary {
         var summary = CatalogueSummary()
         for category in plan.categories {
             if let existing = try await tx.category(key: category.key) {
-                _ = try await tx.updateCategory(existing.id, name: category.name, description: category.description, critical: category.critical)
+                _ = try await tx.updateCategory(
+                    existing.id, name: category.name, description: category.description, critical: category.critical)
             } else {
-                _ = try await tx.createCategory(key: category.key, name: category.name, description: category.description, critical: category.critical)
+                _ = try await tx.createCategory(
+                    key: category.key, name: category.name, description: category.description, critical: category.critical)
             }
             summary.categories += 1
         }
         for (index, type) in plan.types.enumerated() {
             guard let category = try await tx.category(key: type.categoryKey) else {
-                throw APIError.unprocessable(ValidationError(field: "types[\(index)].category",
-                                                             message: "\"\(type.categoryKey)\" is not a category of this document or your organisation."))
+                throw APIError.unprocessable(
+                    ValidationError(
+                        field: "types[\(index)].category",
+                        message: "\"\(type.categoryKey)\" is not a category of this document or your organisation."))
             }
             var fields = type.fields
             fields.categoryID = category.id
@@ -113,8 +123,9 @@ private struct CataloguePlan {
         var categoryKeys = Set<String>()
         for (index, c) in document.categories.enumerated() {
             let field = "categories[\(index)]"
-            let item = try CategoryItem(key: try Validate.key(c.key, field: "\(field).key"), name: try Validate.text(c.name, field: "\(field).name"),
-                         description: c.description ?? "", critical: c.critical ?? false)
+            let item = try CategoryItem(
+                key: try Validate.key(c.key, field: "\(field).key"), name: try Validate.text(c.name, field: "\(field).name"),
+                description: c.description ?? "", critical: c.critical ?? false)
             guard categoryKeys.insert(item.key).inserted else {
                 throw APIError.unprocessable(ValidationError(field: "\(field).key", message: "\"\(item.key)\" is named twice."))
             }

@@ -21,16 +21,23 @@ extension HeraldService {
         let channel: NotificationChannel = body.channel == .webhook ? .webhook : .chat
         let format = body.format?.rawValue ?? (channel == .webhook ? "standard" : "slack")
         guard (channel == .webhook) == (format == "standard") else {
-            throw APIError.unprocessable(ValidationError(
-                field: "format", message: channel == .webhook ? "must be standard for a webhook." : "must be slack or mattermost for chat."))
+            throw APIError.unprocessable(
+                ValidationError(
+                    field: "format",
+                    message: channel == .webhook ? "must be standard for a webhook." : "must be slack or mattermost for chat."))
         }
-        let (name, eventTypes) = try (try Validate.text(body.name, field: "name"), try (body.eventTypes ?? []).map { v throws(ValidationError) in try Validate.typeKey(v, field: "event_types") })
+        let (name, eventTypes) = try (
+            try Validate.text(body.name, field: "name"),
+            try (body.eventTypes ?? []).map { v throws(ValidationError) in try Validate.typeKey(v, field: "event_types") }
+        )
         let url = try await vetted(body.url)
         let secret = channel == .webhook ? WebhookSecret.generate().string : nil
         let created = try await tenant { tx, _ in
-            let endpoint = try await tx.createEndpoint(channel: channel, format: format, name: name, url: url, eventTypes: eventTypes, secret: secret)
-            try await tx.audit(action: "endpoint.create", targetType: "endpoint", targetID: endpoint.id.lowercased, before: nil,
-                               after: auditJSON(Components.Schemas.Endpoint(endpoint)))
+            let endpoint = try await tx.createEndpoint(
+                channel: channel, format: format, name: name, url: url, eventTypes: eventTypes, secret: secret)
+            try await tx.audit(
+                action: "endpoint.create", targetType: "endpoint", targetID: endpoint.id.lowercased, before: nil,
+                after: auditJSON(Components.Schemas.Endpoint(endpoint)))
             return endpoint
         }
         return .created(.init(body: .json(try .init(created, showingSecret: true))))
@@ -51,8 +58,9 @@ extension HeraldService {
         let endpoint = try await tenant { tx, _ in
             let before = try await tx.endpoint(id)
             let after = try await tx.updateEndpoint(id, fields)
-            try await tx.audit(action: "endpoint.update", targetType: "endpoint", targetID: id.lowercased,
-                               before: auditJSON(Components.Schemas.Endpoint(before)), after: auditJSON(Components.Schemas.Endpoint(after)))
+            try await tx.audit(
+                action: "endpoint.update", targetType: "endpoint", targetID: id.lowercased,
+                before: auditJSON(Components.Schemas.Endpoint(before)), after: auditJSON(Components.Schemas.Endpoint(after)))
             return after
         }
         return .ok(.init(body: .json(try .init(endpoint))))
@@ -63,8 +71,9 @@ extension HeraldService {
         try await tenant { tx, _ in
             let before = try await tx.endpoint(id)
             try await tx.deleteEndpoint(id)
-            try await tx.audit(action: "endpoint.delete", targetType: "endpoint", targetID: id.lowercased,
-                               before: auditJSON(Components.Schemas.Endpoint(before)), after: nil)
+            try await tx.audit(
+                action: "endpoint.delete", targetType: "endpoint", targetID: id.lowercased,
+                before: auditJSON(Components.Schemas.Endpoint(before)), after: nil)
         }
         return .noContent(.init())
     }
@@ -84,8 +93,9 @@ extension HeraldService {
                 throw APIError.conflict("This is a chat endpoint; only webhook endpoints have a secret.")
             }
             let after = try await tx.rotateEndpointSecret(id, newSecret: WebhookSecret.generate().string, overlapUntil: until)
-            try await tx.audit(action: "endpoint.rotate_secret", targetType: "endpoint", targetID: id.lowercased,
-                               before: auditJSON(Components.Schemas.Endpoint(before)), after: auditJSON(Components.Schemas.Endpoint(after)))
+            try await tx.audit(
+                action: "endpoint.rotate_secret", targetType: "endpoint", targetID: id.lowercased,
+                before: auditJSON(Components.Schemas.Endpoint(before)), after: auditJSON(Components.Schemas.Endpoint(after)))
             return after
         }
         return .ok(.init(body: .json(try .init(endpoint, showingSecret: true))))
@@ -116,12 +126,14 @@ extension Components.Schemas.Endpoint {
 extension Components.Schemas.EndpointCircuit {
     /// The breaker as the API shows it at `now` (issue 8, item 13).
     init(_ c: EndpointCircuit, now: Date) {
-        let state: StatePayload = switch c.state(at: now) {
-        case .closed: .closed
-        case .open: .open
-        case .halfOpen: .halfOpen
-        }
+        let state: StatePayload =
+            switch c.state(at: now) {
+            case .closed: .closed
+            case .open: .open
+            case .halfOpen: .halfOpen
+            }
         let closed = c.openedAt == nil
-        self.init(state: state, failures: c.failures, openedAt: c.openedAt, retryAt: closed ? nil : c.retryAt, reason: closed ? nil : c.reason)
+        self.init(
+            state: state, failures: c.failures, openedAt: c.openedAt, retryAt: closed ? nil : c.retryAt, reason: closed ? nil : c.reason)
     }
 }

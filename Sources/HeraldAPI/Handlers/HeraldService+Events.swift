@@ -24,7 +24,8 @@ extension HeraldService {
                 }
                 if let first = try await tx.event(idempotencyKey: key) {
                     guard first.requestHash == hash else {
-                        throw APIError.unprocessable(ValidationError(field: "Idempotency-Key", message: "was already used with a different body."))
+                        throw APIError.unprocessable(
+                            ValidationError(field: "Idempotency-Key", message: "was already used with a different body."))
                     }
                     return .replayed(first)
                 }
@@ -37,8 +38,9 @@ extension HeraldService {
             if case .user = tx.actor {
                 // A person sending by hand is audited, as a CRM's `notification.send_manual` is;
                 // the payload stays out of the audit log.
-                try await tx.audit(action: "event.send_manual", targetType: "event", targetID: event.id.lowercased, before: nil,
-                                   after: auditJSON(EventSendAudit(type: event.typeKey, audience: body.audience, counts: try convert(event.counts))))
+                try await tx.audit(
+                    action: "event.send_manual", targetType: "event", targetID: event.id.lowercased, before: nil,
+                    after: auditJSON(EventSendAudit(type: event.typeKey, audience: body.audience, counts: try convert(event.counts))))
             }
             return .created(event)
         }
@@ -66,7 +68,8 @@ extension HeraldService {
             var typeID: UUID?
             if let key = input.query._type {
                 guard let type = try await tx.notificationType(key: key) else {
-                    throw APIError.unprocessable(ValidationError(field: "type", message: "\"\(key)\" is not a notification type of your organisation."))
+                    throw APIError.unprocessable(
+                        ValidationError(field: "type", message: "\"\(key)\" is not a notification type of your organisation."))
                 }
                 typeID = type.id
             }
@@ -88,12 +91,19 @@ extension HeraldService {
             guard let stopped = try await tx.cancelEvent(id, now: now) else {
                 throw APIError.conflict("The event is already cancelled.")
             }
-            try await tx.audit(action: "event.cancel", targetType: "event", targetID: id.lowercased, before: nil,
-                               after: auditJSON(["deliveries": stopped.deliveries, "digest_items": stopped.digestItems, "notifications": stopped.notifications]))
+            try await tx.audit(
+                action: "event.cancel", targetType: "event", targetID: id.lowercased, before: nil,
+                after: auditJSON([
+                    "deliveries": stopped.deliveries, "digest_items": stopped.digestItems, "notifications": stopped.notifications,
+                ]))
             return stopped
         }
-        return .ok(.init(body: .json(.init(eventId: id.lowercased, status: .cancelled, deliveriesCancelled: cancellation.deliveries,
-                                           digestItemsCancelled: cancellation.digestItems, notificationsWithdrawn: cancellation.notifications))))
+        return .ok(
+            .init(
+                body: .json(
+                    .init(
+                        eventId: id.lowercased, status: .cancelled, deliveriesCancelled: cancellation.deliveries,
+                        digestItemsCancelled: cancellation.digestItems, notificationsWithdrawn: cancellation.notifications))))
     }
 
     func explainEvent(_ input: Operations.ExplainEvent.Input) async throws -> Operations.ExplainEvent.Output {
@@ -115,7 +125,8 @@ extension HeraldService {
         let key = input.query.event
         let explanation = try await tenant { tx, _ in
             guard let type = try await tx.notificationType(key: key) else {
-                throw APIError.unprocessable(ValidationError(field: "event", message: "\"\(key)\" is not a notification type of your organisation."))
+                throw APIError.unprocessable(
+                    ValidationError(field: "event", message: "\"\(key)\" is not a notification type of your organisation."))
             }
             if let latest = try await tx.latestEvent(typeID: type.id) {
                 return try await explanationOf(latest, tx, userID: user, limit: limit, after: after)
@@ -128,42 +139,58 @@ extension HeraldService {
 
     // MARK: Shared
 
-    private func plan(_ request: EventRequest, _ tx: TenantTransaction, now: Date, idempotencyKey: String? = nil, requestHash: String? = nil) async throws -> PlannedEvent {
+    private func plan(
+        _ request: EventRequest, _ tx: TenantTransaction, now: Date, idempotencyKey: String? = nil, requestHash: String? = nil
+    ) async throws -> PlannedEvent {
         do {
             return try await tx.planEvent(request, eventID: UUID(), now: now, idempotencyKey: idempotencyKey, requestHash: requestHash)
         } catch let unknown as UnknownNotificationType {
-            throw APIError.unprocessable(ValidationError(field: "type", message: "\"\(unknown.key)\" is not a notification type of your organisation."))
+            throw APIError.unprocessable(
+                ValidationError(field: "type", message: "\"\(unknown.key)\" is not a notification type of your organisation."))
         } catch let unknown as UnknownAudience {
-            let names = unknown.userIDs.map { "user \($0.lowercased)" } + unknown.roleKeys.map { "role \($0)" } + unknown.groupKeys.map { "group \($0)" }
-            throw APIError.unprocessable(ValidationError(field: "audience", message: "names what does not exist in your organisation: \(names.joined(separator: ", "))."))
+            let names =
+                unknown.userIDs.map { "user \($0.lowercased)" } + unknown.roleKeys.map { "role \($0)" }
+                + unknown.groupKeys.map { "group \($0)" }
+            throw APIError.unprocessable(
+                ValidationError(
+                    field: "audience", message: "names what does not exist in your organisation: \(names.joined(separator: ", "))."))
         }
     }
 
     /// The planner's decisions, a page of users at a time (by user id, like explain); the counts
     /// cover the whole audience.
-    private func dryRun(_ request: EventRequest, _ tx: TenantTransaction, limit: Int, after: UUID? = nil) async throws -> Components.Schemas.Explanation {
+    private func dryRun(
+        _ request: EventRequest, _ tx: TenantTransaction, limit: Int, after: UUID? = nil
+    ) async throws -> Components.Schemas.Explanation {
         let planned = try await plan(request, tx, now: now())
         let ordered = planned.plan.traces.sorted { $0.targeting.userID.uuidString < $1.targeting.userID.uuidString }
             .filter { after == nil || $0.targeting.userID.uuidString > after!.uuidString }
         let page = ordered.prefix(limit)
-        let users = Dictionary(try await tx.users(ids: page.map(\.targeting.userID)).map { ($0.id, $0) },
-                               uniquingKeysWith: { a, _ in a })
+        let users = Dictionary(
+            try await tx.users(ids: page.map(\.targeting.userID)).map { ($0.id, $0) },
+            uniquingKeysWith: { a, _ in a })
         let items = try page.map { trace in
-            try explained(ExplainedRecipient(
-                userID: trace.targeting.userID, email: users[trace.targeting.userID]?.email ?? "",
-                displayName: users[trace.targeting.userID]?.displayName ?? "", targeted: trace.targeting.targeted,
-                rule: trace.targeting.rule, reason: trace.targeting.reason,
-                // A dry run creates nothing, so it names no rows.
-                channels: trace.channels.map { TraceChannelRecord(decision: $0.decision) }, deliveryStatus: [:], digestStatus: [:]))
+            try explained(
+                ExplainedRecipient(
+                    userID: trace.targeting.userID, email: users[trace.targeting.userID]?.email ?? "",
+                    displayName: users[trace.targeting.userID]?.displayName ?? "", targeted: trace.targeting.targeted,
+                    rule: trace.targeting.rule, reason: trace.targeting.reason,
+                    // A dry run creates nothing, so it names no rows.
+                    channels: trace.channels.map { TraceChannelRecord(decision: $0.decision) }, deliveryStatus: [:], digestStatus: [:]))
         }
-        let next = ordered.count > limit ? page.last.map { PageCursor(time: Date(timeIntervalSince1970: 0), id: $0.targeting.userID).encoded } : nil
+        let next =
+            ordered.count > limit
+            ? page.last.map { PageCursor(time: Date(timeIntervalSince1970: 0), id: $0.targeting.userID).encoded } : nil
         return .init(_type: request.typeKey, dryRun: true, counts: try convert(planned.plan.counts), items: items, nextCursor: next)
     }
 
-    private func explanationOf(_ event: EventRecord, _ tx: TenantTransaction, userID: UUID?, limit: Int, after: UUID?) async throws -> Components.Schemas.Explanation {
+    private func explanationOf(
+        _ event: EventRecord, _ tx: TenantTransaction, userID: UUID?, limit: Int, after: UUID?
+    ) async throws -> Components.Schemas.Explanation {
         let (items, next) = try await tx.explain(eventID: event.id, userID: userID, limit: limit, after: after)
-        return .init(eventId: event.id.lowercased, _type: event.typeKey, dryRun: false, counts: try convert(event.counts),
-                     items: try items.map(explained), nextCursor: next.map { PageCursor(time: Date(timeIntervalSince1970: 0), id: $0).encoded })
+        return .init(
+            eventId: event.id.lowercased, _type: event.typeKey, dryRun: false, counts: try convert(event.counts),
+            items: try items.map(explained), nextCursor: next.map { PageCursor(time: Date(timeIntervalSince1970: 0), id: $0).encoded })
     }
 
     private func explained(_ recipient: ExplainedRecipient) throws -> Components.Schemas.ExplainedUser {
@@ -171,30 +198,39 @@ extension HeraldService {
             userId: recipient.userID.lowercased, email: recipient.email, displayName: recipient.displayName, targeted: recipient.targeted,
             rule: recipient.rule, reason: recipient.reason.rawValue, reasonText: recipient.reason.sentence,
             channels: try recipient.channels.map { channel in
-                .init(channel: try mapped(channel.channel), enabled: channel.enabled,
-                      frequency: try mapped(channel.frequency), conditions: try convert(channel.conditions),
-                      source: try mapped(channel.source), outcome: try mapped(channel.outcome),
-                      reason: channel.reason.rawValue, reasonText: channel.reason.sentence,
-                      notificationId: channel.notificationID?.lowercased,
-                      notificationStatus: try channel.notificationID.flatMap { recipient.notificationStatus[$0] }.map { try mapped(stored: $0) },
-                      deliveryId: channel.deliveryID?.lowercased,
-                      deliveryStatus: channel.deliveryID.flatMap { recipient.deliveryStatus[$0]?.rawValue },
-                      deliveries: channel.deliveryIDs.isEmpty ? nil : try channel.deliveryIDs.map { id in
-                          .init(id: id.lowercased, status: try recipient.deliveryStatus[id].map { try mapped($0) } ?? .pending)
-                      },
-                      digestItemId: channel.digestItemID?.lowercased,
-                      digestStatus: try channel.digestItemID.flatMap { recipient.digestStatus[$0] }.map { try mapped(stored: $0) })
+                .init(
+                    channel: try mapped(channel.channel), enabled: channel.enabled,
+                    frequency: try mapped(channel.frequency), conditions: try convert(channel.conditions),
+                    source: try mapped(channel.source), outcome: try mapped(channel.outcome),
+                    reason: channel.reason.rawValue, reasonText: channel.reason.sentence,
+                    notificationId: channel.notificationID?.lowercased,
+                    notificationStatus: try channel.notificationID.flatMap { recipient.notificationStatus[$0] }.map {
+                        try mapped(stored: $0)
+                    },
+                    deliveryId: channel.deliveryID?.lowercased,
+                    deliveryStatus: channel.deliveryID.flatMap { recipient.deliveryStatus[$0]?.rawValue },
+                    deliveries: channel.deliveryIDs.isEmpty
+                        ? nil
+                        : try channel.deliveryIDs.map { id in
+                            .init(id: id.lowercased, status: try recipient.deliveryStatus[id].map { try mapped($0) } ?? .pending)
+                        },
+                    digestItemId: channel.digestItemID?.lowercased,
+                    digestStatus: try channel.digestItemID.flatMap { recipient.digestStatus[$0] }.map { try mapped(stored: $0) })
             })
     }
 
     /// Validates the body of notify (and of a dry run) into an engine request.
     private func eventRequest(_ body: Components.Schemas.EventCreate) throws -> EventRequest {
         let audience = try Audience(
-            userIDs: try (body.audience.userIds ?? []).map { v throws(ValidationError) in try Validate.uuid(v, field: "audience.user_ids") },
+            userIDs: try (body.audience.userIds ?? []).map { v throws(ValidationError) in try Validate.uuid(v, field: "audience.user_ids")
+            },
             roleKeys: body.audience.roles ?? [], groupKeys: body.audience.groups ?? [], everyone: body.audience.everyone ?? false,
-            excludeUserIDs: try (body.audience.excludeUserIds ?? []).map { v throws(ValidationError) in try Validate.uuid(v, field: "audience.exclude_user_ids") })
+            excludeUserIDs: try (body.audience.excludeUserIds ?? []).map { v throws(ValidationError) in
+                try Validate.uuid(v, field: "audience.exclude_user_ids")
+            })
         guard !audience.isEmpty else {
-            throw APIError.unprocessable(ValidationError(field: "audience", message: "names nobody: give user_ids, roles, groups or everyone."))
+            throw APIError.unprocessable(
+                ValidationError(field: "audience", message: "names nobody: give user_ids, roles, groups or everyone."))
         }
         if let deliverAt = body.deliverAt, let expiresAt = body.expiresAt, expiresAt <= deliverAt {
             throw APIError.unprocessable(ValidationError(field: "expires_at", message: "must be after deliver_at."))
@@ -204,7 +240,8 @@ extension HeraldService {
         return EventRequest(
             typeKey: body._type, audience: audience, payload: try convert(body.payload ?? .init()),
             sourceActor: try body.actor.map { try convert($0) }, subjectType: body.subject?._type, subjectID: body.subject?.id,
-            severity: try body.severity.map { try mapped($0, to: Severity.self) }, priority: try body.priority.map { try mapped($0, to: Priority.self) },
+            severity: try body.severity.map { try mapped($0, to: Severity.self) },
+            priority: try body.priority.map { try mapped($0, to: Priority.self) },
             deliverAt: body.deliverAt, expiresAt: body.expiresAt, url: url, tags: tags)
     }
 
@@ -225,8 +262,9 @@ extension HeraldService {
 
     private func accepted(_ event: EventRecord) throws -> Components.Schemas.EventAccepted {
         // Always the answer notify first gave (a later cancellation shows on GET /v1/events/{id}).
-        .init(eventId: event.id.lowercased, status: .accepted, deliverAt: event.deliverAt,
-              counts: try convert(event.counts))
+        .init(
+            eventId: event.id.lowercased, status: .accepted, deliverAt: event.deliverAt,
+            counts: try convert(event.counts))
     }
 }
 
@@ -235,14 +273,16 @@ extension Components.Schemas.Event {
         let audience = try JSONDecoder().decode(Audience.self, from: Data(e.audienceJSON.utf8))
         self.init(
             id: e.id.lowercased, _type: e.typeKey, status: try mapped(e.status),
-            audience: .init(userIds: audience.userIDs.isEmpty ? nil : audience.userIDs.map(\.lowercased),
-                            roles: audience.roleKeys.isEmpty ? nil : audience.roleKeys,
-                            groups: audience.groupKeys.isEmpty ? nil : audience.groupKeys, everyone: audience.everyone ? true : nil,
-                            excludeUserIds: audience.excludeUserIDs.isEmpty ? nil : audience.excludeUserIDs.map(\.lowercased)),
+            audience: .init(
+                userIds: audience.userIDs.isEmpty ? nil : audience.userIDs.map(\.lowercased),
+                roles: audience.roleKeys.isEmpty ? nil : audience.roleKeys,
+                groups: audience.groupKeys.isEmpty ? nil : audience.groupKeys, everyone: audience.everyone ? true : nil,
+                excludeUserIds: audience.excludeUserIDs.isEmpty ? nil : audience.excludeUserIDs.map(\.lowercased)),
             payload: try decodeJSON(e.payloadJSON),
             subject: e.subjectType.map { .init(_type: $0, id: e.subjectID ?? "") },
             severity: try mapped(e.severity), priority: try mapped(e.priority),
-            deliverAt: e.deliverAt, expiresAt: e.expiresAt, counts: try convert(e.counts), createdAt: e.createdAt, cancelledAt: e.cancelledAt,
+            deliverAt: e.deliverAt, expiresAt: e.expiresAt, counts: try convert(e.counts), createdAt: e.createdAt,
+            cancelledAt: e.cancelledAt,
             sentBy: .init(_type: try mapped(stored: e.actorType), id: e.actorID?.lowercased), tags: e.tags)
     }
 }

@@ -94,7 +94,9 @@ extension HeraldService {
 
     func getMyNotificationStats(_ input: Operations.GetMyNotificationStats.Input) async throws -> Operations.GetMyNotificationStats.Output {
         let user = try requireUser()
-        let stats = try await tenant { tx, _ in try await tx.notificationStats(userID: user, since: input.query.since, until: input.query.until) }
+        let stats = try await tenant { tx, _ in
+            try await tx.notificationStats(userID: user, since: input.query.since, until: input.query.until)
+        }
         return .ok(.init(body: .json(.init(stats))))
     }
 
@@ -134,7 +136,8 @@ extension Components.Schemas.FeedItem {
 
 extension Components.Schemas.Stats {
     init(_ s: NotificationStats) {
-        self.init(total: s.total, byType: .init(additionalProperties: s.byType), byCategory: .init(additionalProperties: s.byCategory),
-                  byState: .init(additionalProperties: s.byState))
+        self.init(
+            total: s.total, byType: .init(additionalProperties: s.byType), byCategory: .init(additionalProperties: s.byCategory),
+            byState: .init(additionalProperties: s.byState))
     }
 }

@@ -1,7 +1,7 @@
-import Logging
 import Foundation
 import HeraldCore
 import HeraldStore
+import Logging
 
 extension HeraldService {
     func listGroups(_ input: Operations.ListGroups.Input) async throws -> Operations.ListGroups.Output {
@@ -34,7 +34,8 @@ extension HeraldService {
         let updated = try await tenant { tx, _ in
             let before = Components.Schemas.Group(try await tx.group(id))
             let after = Components.Schemas.Group(try await tx.updateGroup(id, name: name, description: body.description))
-            try await tx.audit(action: "group.update", targetType: "group", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
+            try await tx.audit(
+                action: "group.update", targetType: "group", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
             return after
         }
         return .ok(.init(body: .json(updated)))
@@ -73,8 +74,9 @@ extension HeraldService {
         try await tenant { tx, _ in
             let changed = add ? try await tx.addGroupMember(groupID, userID) : try await tx.removeGroupMember(groupID, userID)
             if changed {
-                try await tx.audit(action: add ? "group.member.add" : "group.member.remove", targetType: "group",
-                                   targetID: groupID.lowercased, before: nil, after: auditJSON(["user_id": userID.lowercased]))
+                try await tx.audit(
+                    action: add ? "group.member.add" : "group.member.remove", targetType: "group",
+                    targetID: groupID.lowercased, before: nil, after: auditJSON(["user_id": userID.lowercased]))
             }
         }
     }

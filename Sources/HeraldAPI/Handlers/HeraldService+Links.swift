@@ -41,10 +41,14 @@ extension HeraldService {
             let before = try await tx.unsubscribe(userID: claims.userID, categoryID: category, channel: channel)
             try await tx.audit(
                 action: "preference.unsubscribe", targetType: "user", targetID: claims.userID.lowercased,
-                before: auditJSON(["category_id": category.lowercased, "channel": channel.rawValue,
-                                   "enabled": before.map { String($0.enabled) } ?? "inherited"]),
-                after: auditJSON(["category_id": category.lowercased, "channel": channel.rawValue, "enabled": "false",
-                                  "via": "one-click unsubscribe, delivery \(claims.deliveryID?.lowercased ?? "-")"]))
+                before: auditJSON([
+                    "category_id": category.lowercased, "channel": channel.rawValue,
+                    "enabled": before.map { String($0.enabled) } ?? "inherited",
+                ]),
+                after: auditJSON([
+                    "category_id": category.lowercased, "channel": channel.rawValue, "enabled": "false",
+                    "via": "one-click unsubscribe, delivery \(claims.deliveryID?.lowercased ?? "-")",
+                ]))
             return try await tx.category(category).name
         }
         let page = """

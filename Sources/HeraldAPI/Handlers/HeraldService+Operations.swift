@@ -1,7 +1,7 @@
-import HeraldStore
-import Logging
 import Foundation
 import HeraldCore
+import HeraldStore
+import Logging
 import OpenAPIRuntime
 
 extension HeraldService {
@@ -20,10 +20,16 @@ extension HeraldService {
         }
         let pending = Set(expectedMigrations).subtracting(applied)
         guard pending.isEmpty else {
-            throw APIError.notReady("Migrations pending: \(expectedMigrations.count - pending.count) of \(expectedMigrations.count) applied; run `herald migrate`.")
+            throw APIError.notReady(
+                "Migrations pending: \(expectedMigrations.count - pending.count) of \(expectedMigrations.count) applied; run `herald migrate`."
+            )
         }
-        return .ok(.init(body: .json(.init(status: .ready, database: .ok,
-                                           migrations: .init(applied: applied.count, expected: expectedMigrations.count)))))
+        return .ok(
+            .init(
+                body: .json(
+                    .init(
+                        status: .ready, database: .ok,
+                        migrations: .init(applied: applied.count, expected: expectedMigrations.count)))))
     }
 
     func getMetrics(_ input: Operations.GetMetrics.Input) async throws -> Operations.GetMetrics.Output {
@@ -42,9 +48,12 @@ extension HeraldService {
         let kind: Components.Schemas.Principal.KindPayload = if case .apiKey = principal.actor { .apiKey } else { .user }
         var apiKeyID: String?
         if case .apiKey(let id) = principal.actor { apiKeyID = id.lowercased }
-        return .ok(.init(body: .json(.init(
-            organisationId: principal.organisationID.lowercased, kind: kind, userId: principal.actor.userID?.lowercased,
-            apiKeyId: apiKeyID, permissions: principal.permissions.sorted().map(\.rawValue)))))
+        return .ok(
+            .init(
+                body: .json(
+                    .init(
+                        organisationId: principal.organisationID.lowercased, kind: kind, userId: principal.actor.userID?.lowercased,
+                        apiKeyId: apiKeyID, permissions: principal.permissions.sorted().map(\.rawValue)))))
     }
 
     func listPermissions(_ input: Operations.ListPermissions.Input) async throws -> Operations.ListPermissions.Output {

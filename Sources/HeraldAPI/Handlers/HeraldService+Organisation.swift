@@ -1,7 +1,7 @@
-import HeraldStore
-import Logging
 import Foundation
 import HeraldCore
+import HeraldStore
+import Logging
 
 extension HeraldService {
     func getOrganisation(_ input: Operations.GetOrganisation.Input) async throws -> Operations.GetOrganisation.Output {
@@ -20,18 +20,23 @@ extension HeraldService {
             throw APIError.unprocessable(ValidationError(field: "user_throttle_per_minute", message: "must be between 0 (off) and 100000."))
         }
         let timezone = try body.defaultTimezone.map { v in try Validate.timezone(v, field: "default_timezone") }
-        let (from, replyTo) = try (try body.emailFrom.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.emailAddress(v, field: "email_from") },
-         try body.emailReplyTo.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.emailAddress(v, field: "email_reply_to") })
+        let (from, replyTo) = try (
+            try body.emailFrom.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.emailAddress(v, field: "email_from") },
+            try body.emailReplyTo.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.emailAddress(v, field: "email_reply_to") }
+        )
         let fromName = try body.emailFromName.map { v in try v.isEmpty ? v : try Validate.text(v, field: "email_from_name") }
         let updated = try await tenant { tx, _ in
             let before = Components.Schemas.Organisation(try await tx.organisation())
             if let throttle = body.throttlePerMinute { try await tx.setThrottle(perMinute: throttle) }
             if let throttle = body.userThrottlePerMinute { try await tx.setUserThrottle(perMinute: throttle) }
-            if from != nil || fromName != nil || replyTo != nil { try await tx.setEmailIdentity(from: from, fromName: fromName, replyTo: replyTo) }
+            if from != nil || fromName != nil || replyTo != nil {
+                try await tx.setEmailIdentity(from: from, fromName: fromName, replyTo: replyTo)
+            }
             let after = Components.Schemas.Organisation(
                 try await tx.updateOrganisation(name: name, defaultLocale: locale, defaultTimezone: timezone))
-            try await tx.audit(action: "organisation.update", targetType: "organisation", targetID: after.id,
-                               before: auditJSON(before), after: auditJSON(after))
+            try await tx.audit(
+                action: "organisation.update", targetType: "organisation", targetID: after.id,
+                before: auditJSON(before), after: auditJSON(after))
             return after
         }
         return .ok(.init(body: .json(updated)))

@@ -8,7 +8,8 @@ extension HeraldService {
         let q = input.query
         let (limit, cursor) = try page(q.limit, q.cursor)
         let filter = try DeliveryFilter(
-            status: try q.status.map { try mapped($0, to: DeliveryStatus.self) }, channel: try q.channel.map { try mapped($0, to: NotificationChannel.self) },
+            status: try q.status.map { try mapped($0, to: DeliveryStatus.self) },
+            channel: try q.channel.map { try mapped($0, to: NotificationChannel.self) },
             userID: try q.userId.map { v throws(ValidationError) in try Validate.uuid(v, field: "user_id") },
             eventID: try q.eventId.map { v throws(ValidationError) in try Validate.uuid(v, field: "event_id") }, since: q.since)
         let page = try await tenant { tx, _ in try await tx.deliveries(filter, limit: limit, after: cursor) }
@@ -18,8 +19,12 @@ extension HeraldService {
     func getDeliveryStats(_ input: Operations.GetDeliveryStats.Input) async throws -> Operations.GetDeliveryStats.Output {
         let now = now()
         let stats = try await tenant { tx, _ in try await tx.outboxStats(now: now) }
-        return .ok(.init(body: .json(.init(byStatus: .init(additionalProperties: stats.byStatus), byChannel: .init(additionalProperties: stats.byChannel),
-                                           oldestPendingAgeSeconds: stats.oldestPendingAge))))
+        return .ok(
+            .init(
+                body: .json(
+                    .init(
+                        byStatus: .init(additionalProperties: stats.byStatus), byChannel: .init(additionalProperties: stats.byChannel),
+                        oldestPendingAgeSeconds: stats.oldestPendingAge))))
     }
 
     func getDelivery(_ input: Operations.GetDelivery.Input) async throws -> Operations.GetDelivery.Output {
@@ -35,10 +40,13 @@ extension HeraldService {
         let delivery = try await tenant { tx, _ in
             let before = try await tx.delivery(id)
             guard let after = try await tx.retryDelivery(id) else {
-                throw APIError.conflict("Only a FAILED, DEAD or CANCELLED delivery of an event that is not cancelled, with fewer than 100 attempts, can be retried; this one is \(before.status).")
+                throw APIError.conflict(
+                    "Only a FAILED, DEAD or CANCELLED delivery of an event that is not cancelled, with fewer than 100 attempts, can be retried; this one is \(before.status)."
+                )
             }
-            try await tx.audit(action: "delivery.retry", targetType: "delivery", targetID: id.lowercased,
-                               before: auditJSON(["status": before.status]), after: auditJSON(["status": after.status]))
+            try await tx.audit(
+                action: "delivery.retry", targetType: "delivery", targetID: id.lowercased,
+                before: auditJSON(["status": before.status]), after: auditJSON(["status": after.status]))
             return try Components.Schemas.Delivery(after, attempts: try await tx.deliveryAttempts(id))
         }
         return .ok(.init(body: .json(delivery)))
@@ -51,8 +59,9 @@ extension HeraldService {
             guard let after = try await tx.cancelDelivery(id) else {
                 throw APIError.conflict("Only a PENDING or FAILED delivery can be cancelled; this one is \(before.status).")
             }
-            try await tx.audit(action: "delivery.cancel", targetType: "delivery", targetID: id.lowercased,
-                               before: auditJSON(["status": before.status]), after: auditJSON(["status": after.status]))
+            try await tx.audit(
+                action: "delivery.cancel", targetType: "delivery", targetID: id.lowercased,
+                before: auditJSON(["status": before.status]), after: auditJSON(["status": after.status]))
             return try Components.Schemas.Delivery(after, attempts: try await tx.deliveryAttempts(id))
         }
         return .ok(.init(body: .json(delivery)))
@@ -68,8 +77,9 @@ extension Components.Schemas.Delivery {
             endpointId: d.endpointID?.lowercased, sentAt: d.sentAt,
             createdAt: d.createdAt, updatedAt: d.updatedAt,
             attemptLog: try attempts?.map {
-                .init(attempt: $0.attempt, worker: $0.worker, startedAt: $0.startedAt, finishedAt: $0.finishedAt,
-                      outcome: try mapped(stored: $0.outcome), responseCode: $0.responseCode, error: $0.error)
+                .init(
+                    attempt: $0.attempt, worker: $0.worker, startedAt: $0.startedAt, finishedAt: $0.finishedAt,
+                    outcome: try mapped(stored: $0.outcome), responseCode: $0.responseCode, error: $0.error)
             })
     }
 }

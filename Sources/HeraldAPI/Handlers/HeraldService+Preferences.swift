@@ -11,14 +11,17 @@ extension HeraldService {
         return .ok(.init(body: .json(list)))
     }
 
-    func replacePreferenceDefaults(_ input: Operations.ReplacePreferenceDefaults.Input) async throws -> Operations.ReplacePreferenceDefaults.Output {
+    func replacePreferenceDefaults(
+        _ input: Operations.ReplacePreferenceDefaults.Input
+    ) async throws -> Operations.ReplacePreferenceDefaults.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         let list = try await tenant { tx, _ in
             let before = try await preferenceList(try await tx.preferenceDefaults(), tx)
             try await tx.replacePreferenceDefaults(with: try await cells(body, tx))
             let after = try await preferenceList(try await tx.preferenceDefaults(), tx)
-            try await tx.audit(action: "preference_defaults.replace", targetType: "organisation", targetID: tx.organisationID.lowercased,
-                               before: auditJSON(before), after: auditJSON(after))
+            try await tx.audit(
+                action: "preference_defaults.replace", targetType: "organisation", targetID: tx.organisationID.lowercased,
+                before: auditJSON(before), after: auditJSON(after))
             return after
         }
         return .ok(.init(body: .json(list)))
@@ -35,7 +38,9 @@ extension HeraldService {
         return .ok(.init(body: .json(try await replacePreferences(of: try requireUser(), body))))
     }
 
-    func getMyResolvedPreferences(_ input: Operations.GetMyResolvedPreferences.Input) async throws -> Operations.GetMyResolvedPreferences.Output {
+    func getMyResolvedPreferences(
+        _ input: Operations.GetMyResolvedPreferences.Input
+    ) async throws -> Operations.GetMyResolvedPreferences.Output {
         .ok(.init(body: .json(try await resolvedPreferences(of: try requireUser(), typeKey: input.query._type))))
     }
 
@@ -54,7 +59,9 @@ extension HeraldService {
         return .ok(.init(body: .json(try await replacePreferences(of: id, body))))
     }
 
-    func getUserResolvedPreferences(_ input: Operations.GetUserResolvedPreferences.Input) async throws -> Operations.GetUserResolvedPreferences.Output {
+    func getUserResolvedPreferences(
+        _ input: Operations.GetUserResolvedPreferences.Input
+    ) async throws -> Operations.GetUserResolvedPreferences.Output {
         let id = try id(input.path.userId, "user")
         return .ok(.init(body: .json(try await resolvedPreferences(of: id, typeKey: input.query._type))))
     }
@@ -65,12 +72,15 @@ extension HeraldService {
     func requireUser() throws -> UUID {
         let principal = try RequestScope.get().requirePrincipal()
         guard let user = principal.actor.userID else {
-            throw APIError.badRequest("This operation concerns the calling user's own data; call it with a user's access token, not an API key.")
+            throw APIError.badRequest(
+                "This operation concerns the calling user's own data; call it with a user's access token, not an API key.")
         }
         return user
     }
 
-    private func replacePreferences(of userID: UUID, _ body: Components.Schemas.PreferenceList) async throws -> Components.Schemas.PreferenceList {
+    private func replacePreferences(
+        of userID: UUID, _ body: Components.Schemas.PreferenceList
+    ) async throws -> Components.Schemas.PreferenceList {
         try await tenant { tx, principal in
             _ = try await tx.user(userID)
             // An admin changing someone else's settings needs every permission that user holds.
@@ -80,8 +90,9 @@ extension HeraldService {
             let before = try await preferenceList(try await tx.preferences(ofUser: userID), tx)
             try await tx.replacePreferences(ofUser: userID, with: try await cells(body, tx))
             let after = try await preferenceList(try await tx.preferences(ofUser: userID), tx)
-            try await tx.audit(action: "preferences.replace", targetType: "user", targetID: userID.lowercased,
-                               before: auditJSON(before), after: auditJSON(after))
+            try await tx.audit(
+                action: "preferences.replace", targetType: "user", targetID: userID.lowercased,
+                before: auditJSON(before), after: auditJSON(after))
             return after
         }
     }
@@ -95,15 +106,18 @@ extension HeraldService {
             var categories = try await tx.categories()
             if let typeKey {
                 guard let type = try await tx.notificationType(key: typeKey) else {
-                    throw APIError.unprocessable(ValidationError(field: "type", message: "\"\(typeKey)\" is not a notification type of your organisation."))
+                    throw APIError.unprocessable(
+                        ValidationError(field: "type", message: "\"\(typeKey)\" is not a notification type of your organisation."))
                 }
                 typeChannels = Set(type.defaultChannels)
                 categories = categories.filter { $0.id == type.categoryID }
             }
-            let own = Dictionary(try await tx.preferences(ofUser: userID).map { ("\($0.categoryID)|\($0.channel.rawValue)", $0.setting) },
-                                 uniquingKeysWith: { a, _ in a })
-            let defaults = Dictionary(try await tx.preferenceDefaults().map { ("\($0.categoryID)|\($0.channel.rawValue)", $0.setting) },
-                                      uniquingKeysWith: { a, _ in a })
+            let own = Dictionary(
+                try await tx.preferences(ofUser: userID).map { ("\($0.categoryID)|\($0.channel.rawValue)", $0.setting) },
+                uniquingKeysWith: { a, _ in a })
+            let defaults = Dictionary(
+                try await tx.preferenceDefaults().map { ("\($0.categoryID)|\($0.channel.rawValue)", $0.setting) },
+                uniquingKeysWith: { a, _ in a })
             var items: [Components.Schemas.ResolvedPreference] = []
             for category in categories {
                 for channel in NotificationChannel.allCases {
@@ -111,10 +125,12 @@ extension HeraldService {
                     let effective = PreferenceResolver.resolve(
                         channel: channel, categoryIsCritical: category.critical, typeDefaultChannels: typeChannels,
                         user: own[key], organisationDefault: defaults[key])
-                    items.append(.init(category: category.key, channel: try mapped(channel), enabled: effective.enabled,
-                                       frequency: try mapped(effective.frequency),
-                                       conditions: try convert(effective.conditions),
-                                       source: try mapped(effective.source)))
+                    items.append(
+                        .init(
+                            category: category.key, channel: try mapped(channel), enabled: effective.enabled,
+                            frequency: try mapped(effective.frequency),
+                            conditions: try convert(effective.conditions),
+                            source: try mapped(effective.source)))
                 }
             }
             return Components.Schemas.ResolvedPreferences(items: items)
@@ -124,11 +140,13 @@ extension HeraldService {
     /// Stored cells as the API shows them (category keys instead of ids).
     func preferenceList(_ cells: [PreferenceCell], _ tx: TenantTransaction) async throws -> Components.Schemas.PreferenceList {
         let keys = Dictionary(try await tx.categories().map { ($0.id, $0.key) }, uniquingKeysWith: { a, _ in a })
-        return .init(items: try cells.compactMap { cell in
-            guard let key = keys[cell.categoryID] else { return nil }
-            return .init(category: key, channel: try mapped(cell.channel), enabled: cell.setting.enabled,
-                         frequency: try mapped(cell.setting.frequency), conditions: try convert(cell.setting.conditions))
-        }.sorted { ($0.category, $0.channel.rawValue) < ($1.category, $1.channel.rawValue) })
+        return .init(
+            items: try cells.compactMap { cell in
+                guard let key = keys[cell.categoryID] else { return nil }
+                return .init(
+                    category: key, channel: try mapped(cell.channel), enabled: cell.setting.enabled,
+                    frequency: try mapped(cell.setting.frequency), conditions: try convert(cell.setting.conditions))
+            }.sorted { ($0.category, $0.channel.rawValue) < ($1.category, $1.channel.rawValue) })
     }
 
     /// Validates a list of cells: known categories, one cell per category and channel, valid conditions.
@@ -138,16 +156,19 @@ extension HeraldService {
         return try list.items.enumerated().map { index, item in
             let field = "items[\(index)]"
             guard let category = categories[item.category] else {
-                throw APIError.unprocessable(ValidationError(field: "\(field).category", message: "\"\(item.category)\" is not a category of your organisation."))
+                throw APIError.unprocessable(
+                    ValidationError(field: "\(field).category", message: "\"\(item.category)\" is not a category of your organisation."))
             }
             guard seen.insert("\(item.category)|\(item.channel.rawValue)").inserted else {
-                throw APIError.unprocessable(ValidationError(field: field, message: "lists \(item.category) × \(item.channel.rawValue) twice."))
+                throw APIError.unprocessable(
+                    ValidationError(field: field, message: "lists \(item.category) × \(item.channel.rawValue) twice."))
             }
             let conditions: [Condition] = try convert(item.conditions ?? [])
             for (n, condition) in conditions.enumerated() { try condition.validate(field: "\(field).conditions[\(n)]") }
             return PreferenceCell(
                 categoryID: category, channel: try mapped(item.channel, to: NotificationChannel.self),
-                setting: PreferenceSetting(enabled: item.enabled, frequency: try mapped(item.frequency, to: Frequency.self), conditions: conditions))
+                setting: PreferenceSetting(
+                    enabled: item.enabled, frequency: try mapped(item.frequency, to: Frequency.self), conditions: conditions))
         }
     }
 }

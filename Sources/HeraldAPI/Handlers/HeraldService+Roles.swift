@@ -1,7 +1,7 @@
-import Logging
 import Foundation
 import HeraldCore
 import HeraldStore
+import Logging
 
 extension HeraldService {
     func listRoles(_ input: Operations.ListRoles.Input) async throws -> Operations.ListRoles.Output {
@@ -17,11 +17,14 @@ extension HeraldService {
 
     func createRole(_ input: Operations.CreateRole.Input) async throws -> Operations.CreateRole.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let (key, name, permissions) = try (try Validate.key(body.key), try Validate.text(body.name, field: "name"), try Validate.permissions(body.permissions))
+        let (key, name, permissions) = try (
+            try Validate.key(body.key), try Validate.text(body.name, field: "name"), try Validate.permissions(body.permissions)
+        )
         let description = body.description ?? ""
         let created = try await tenant { tx, principal in
             try requireHolds(permissions, principal)
-            let role = Components.Schemas.Role(try await tx.createRole(key: key, name: name, description: description, permissions: permissions))
+            let role = Components.Schemas.Role(
+                try await tx.createRole(key: key, name: name, description: description, permissions: permissions))
             try await tx.audit(action: "role.create", targetType: "role", targetID: role.id, before: nil, after: auditJSON(role))
             return role
         }
@@ -41,8 +44,9 @@ extension HeraldService {
                 try requireHolds(permissions.symmetricDifference(existing.permissions), principal)
             }
             let role = try await tx.updateRole(id, name: name, description: body.description, permissions: permissions)
-            try await tx.audit(action: "role.update", targetType: "role", targetID: id.lowercased,
-                               before: auditJSON(Components.Schemas.Role(existing)), after: auditJSON(Components.Schemas.Role(role)))
+            try await tx.audit(
+                action: "role.update", targetType: "role", targetID: id.lowercased,
+                before: auditJSON(Components.Schemas.Role(existing)), after: auditJSON(Components.Schemas.Role(role)))
             return role
         }
         return .ok(.init(body: .json(.init(updated))))
@@ -55,8 +59,9 @@ extension HeraldService {
             guard !existing.builtin else { throw APIError.conflict("Built-in roles cannot be deleted.") }
             try requireHolds(existing.permissions, principal)
             try await tx.deleteRole(id)
-            try await tx.audit(action: "role.delete", targetType: "role", targetID: id.lowercased,
-                               before: auditJSON(Components.Schemas.Role(existing)), after: nil)
+            try await tx.audit(
+                action: "role.delete", targetType: "role", targetID: id.lowercased,
+                before: auditJSON(Components.Schemas.Role(existing)), after: nil)
         }
         return .noContent(.init())
     }

@@ -1,7 +1,7 @@
-import Logging
 import Foundation
 import HeraldCore
 import HeraldStore
+import Logging
 
 extension HeraldService {
     func listUsers(_ input: Operations.ListUsers.Input) async throws -> Operations.ListUsers.Output {
@@ -53,7 +53,8 @@ extension HeraldService {
             let before = try Components.Schemas.User(try await tx.user(id))
             try requireHolds(try await tx.permissions(ofUser: id).filter { !$0.concernsOnlyTheHolder }, principal)
             let after = try Components.Schemas.User(try await tx.updateUser(id, change))
-            try await tx.audit(action: "user.update", targetType: "user", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
+            try await tx.audit(
+                action: "user.update", targetType: "user", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
             return after
         }
         return .ok(.init(body: .json(updated)))
@@ -78,8 +79,9 @@ extension HeraldService {
             try requireHolds(try await tx.permissions(ofUser: id).filter { !$0.concernsOnlyTheHolder }, principal)
             let after = try Components.Schemas.User(try await tx.setUserActive(id, active))
             if !active { try await requireAnOwner(tx) }
-            try await tx.audit(action: active ? "user.reactivate" : "user.deactivate", targetType: "user", targetID: after.id,
-                               before: auditJSON(before), after: auditJSON(after))
+            try await tx.audit(
+                action: active ? "user.reactivate" : "user.deactivate", targetType: "user", targetID: after.id,
+                before: auditJSON(before), after: auditJSON(after))
             return after
         }
     }
@@ -98,8 +100,9 @@ extension HeraldService {
             try requireHolds(removedRoles.reduce(into: Set()) { $0.formUnion($1.permissions) }, principal)
             let after = try Components.Schemas.User(try await tx.setUserRoles(id, roleIDs))
             try await requireAnOwner(tx)
-            try await tx.audit(action: "user.roles.set", targetType: "user", targetID: after.id,
-                               before: auditJSON(before.roles), after: auditJSON(after.roles))
+            try await tx.audit(
+                action: "user.roles.set", targetType: "user", targetID: after.id,
+                before: auditJSON(before.roles), after: auditJSON(after.roles))
             return after
         }
         return .ok(.init(body: .json(updated)))

@@ -8,7 +8,9 @@ public struct Audience: Sendable, Equatable, Codable {
     public var everyone: Bool
     public var excludeUserIDs: [UUID]
 
-    public init(userIDs: [UUID] = [], roleKeys: [String] = [], groupKeys: [String] = [], everyone: Bool = false, excludeUserIDs: [UUID] = []) {
+    public init(
+        userIDs: [UUID] = [], roleKeys: [String] = [], groupKeys: [String] = [], everyone: Bool = false, excludeUserIDs: [UUID] = []
+    ) {
         self.userIDs = userIDs
         self.roleKeys = roleKeys
         self.groupKeys = groupKeys
@@ -29,7 +31,8 @@ public struct Candidate: Sendable, Equatable {
     public var byGroups: [String]
     public var byEveryone: Bool
 
-    public init(userID: UUID, active: Bool, byUser: Bool = false, byRoles: [String] = [], byGroups: [String] = [], byEveryone: Bool = false) {
+    public init(userID: UUID, active: Bool, byUser: Bool = false, byRoles: [String] = [], byGroups: [String] = [], byEveryone: Bool = false)
+    {
         self.userID = userID
         self.active = active
         self.byUser = byUser
@@ -61,10 +64,11 @@ public enum AudienceResolver {
     public static func decide(_ candidates: [Candidate], excluding excluded: Set<UUID>) -> [TargetingDecision] {
         candidates.map { candidate in
             let (rule, reason): (String, ReasonCode) =
-                if candidate.byUser { ("user", .targetedUser) }
-                else if let role = candidate.byRoles.sorted().first { ("role:\(role)", .targetedRole) }
-                else if let group = candidate.byGroups.sorted().first { ("group:\(group)", .targetedGroup) }
-                else { ("everyone", .targetedEveryone) }
+                if candidate.byUser { ("user", .targetedUser) } else if let role = candidate.byRoles.sorted().first {
+                    ("role:\(role)", .targetedRole)
+                } else if let group = candidate.byGroups.sorted().first { ("group:\(group)", .targetedGroup) } else {
+                    ("everyone", .targetedEveryone)
+                }
             if excluded.contains(candidate.userID) {
                 return TargetingDecision(userID: candidate.userID, targeted: false, rule: rule, reason: .excluded)
             }

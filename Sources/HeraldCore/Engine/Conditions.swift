@@ -11,12 +11,19 @@ public indirect enum JSONValue: Sendable, Equatable, Codable, Hashable {
 
     public init(from decoder: any Decoder) throws {
         let container = try decoder.singleValueContainer()
-        if container.decodeNil() { self = .null }
-        else if let value = try? container.decode(Bool.self) { self = .bool(value) }
-        else if let value = try? container.decode(Double.self) { self = .number(value) }
-        else if let value = try? container.decode(String.self) { self = .string(value) }
-        else if let value = try? container.decode([JSONValue].self) { self = .array(value) }
-        else { self = .object(try container.decode([String: JSONValue].self)) }
+        if container.decodeNil() {
+            self = .null
+        } else if let value = try? container.decode(Bool.self) {
+            self = .bool(value)
+        } else if let value = try? container.decode(Double.self) {
+            self = .number(value)
+        } else if let value = try? container.decode(String.self) {
+            self = .string(value)
+        } else if let value = try? container.decode([JSONValue].self) {
+            self = .array(value)
+        } else {
+            self = .object(try container.decode([String: JSONValue].self))
+        }
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -92,9 +99,13 @@ public struct Condition: Sendable, Equatable, Codable {
         case .equals:
             guard value != nil else { throw ValidationError(field: name, message: "\"equals\" needs a value.") }
         case .in, .notIn:
-            guard let values, !values.isEmpty else { throw ValidationError(field: name, message: "\"\(op.rawValue)\" needs a non-empty values list.") }
+            guard let values, !values.isEmpty else {
+                throw ValidationError(field: name, message: "\"\(op.rawValue)\" needs a non-empty values list.")
+            }
         case .weekdayIn:
-            guard let values, !values.isEmpty, values.allSatisfy({ if case .string(let d) = $0 { Self.weekdays.contains(d.lowercased()) } else { false } }) else {
+            guard let values, !values.isEmpty,
+                values.allSatisfy({ if case .string(let d) = $0 { Self.weekdays.contains(d.lowercased()) } else { false } })
+            else {
                 throw ValidationError(field: name, message: "\"weekday_in\" needs weekday names such as \"saturday\".")
             }
         }

@@ -14,9 +14,11 @@ public struct TypeProfile: Sendable, Equatable {
     /// Templates by channel, then locale.
     public var templates: [NotificationChannel: [String: TemplateContent]]
 
-    public init(id: UUID, key: String, name: String, categoryID: UUID, categoryKey: String, categoryIsCritical: Bool,
-                defaultChannels: Set<NotificationChannel>, defaultSeverity: Severity, defaultPriority: Priority,
-                templates: [NotificationChannel: [String: TemplateContent]]) {
+    public init(
+        id: UUID, key: String, name: String, categoryID: UUID, categoryKey: String, categoryIsCritical: Bool,
+        defaultChannels: Set<NotificationChannel>, defaultSeverity: Severity, defaultPriority: Priority,
+        templates: [NotificationChannel: [String: TemplateContent]]
+    ) {
         self.id = id
         self.key = key
         self.name = name
@@ -81,12 +83,15 @@ public struct PlanInput: Sendable {
     /// Who caused the event in the tenant's domain; templates see it as `actor`.
     public var sourceActor: JSONValue?
 
-    public init(eventID: UUID, type: TypeProfile, severity: Severity, priority: Priority, payload: JSONValue,
-                subjectType: String?, subjectID: String?, deliverAt: Date, organisationName: String, organisationSlug: String,
-                organisationLocale: String, organisationTimezone: String, throttlePerMinute: Int?, recipients: [RecipientProfile],
-                excluded: Set<UUID>, userPreferences: [UUID: [NotificationChannel: PreferenceSetting]],
-                organisationDefaults: [NotificationChannel: PreferenceSetting], recentCounts: [UUID: Int], endpoints: [NotificationChannel: [EndpointTarget]] = [:],
-                sourceActor: JSONValue? = nil, userThrottlePerMinute: Int? = nil, recentTotals: [UUID: Int] = [:]) {
+    public init(
+        eventID: UUID, type: TypeProfile, severity: Severity, priority: Priority, payload: JSONValue,
+        subjectType: String?, subjectID: String?, deliverAt: Date, organisationName: String, organisationSlug: String,
+        organisationLocale: String, organisationTimezone: String, throttlePerMinute: Int?, recipients: [RecipientProfile],
+        excluded: Set<UUID>, userPreferences: [UUID: [NotificationChannel: PreferenceSetting]],
+        organisationDefaults: [NotificationChannel: PreferenceSetting], recentCounts: [UUID: Int],
+        endpoints: [NotificationChannel: [EndpointTarget]] = [:],
+        sourceActor: JSONValue? = nil, userThrottlePerMinute: Int? = nil, recentTotals: [UUID: Int] = [:]
+    ) {
         self.sourceActor = sourceActor
         self.userThrottlePerMinute = userThrottlePerMinute
         self.recentTotals = recentTotals
@@ -231,7 +236,8 @@ public enum NotificationPlanner {
             plan.counts.targeted += 1
             let timeZone = TimeZone(identifier: profile.timezone ?? input.organisationTimezone) ?? .gmt
             // Either limit stops a non-critical notification: the category's or the user's total.
-            let throttled = input.throttlePerMinute.map { (input.recentCounts[target.userID] ?? 0) >= $0 } ?? false
+            let throttled =
+                input.throttlePerMinute.map { (input.recentCounts[target.userID] ?? 0) >= $0 } ?? false
                 || input.userThrottlePerMinute.map { (input.recentTotals[target.userID] ?? 0) >= $0 } ?? false
             var channels: [TracedChannel] = []
             for channel in NotificationChannel.allCases {
@@ -248,19 +254,22 @@ public enum NotificationPlanner {
                 case .inApp:
                     let content = render(input, profile, channel: .inApp, parsed: parsed)
                     let id = TimeOrderedID.make(at: input.deliverAt)
-                    plan.notifications.append(PlannedNotification(id: id, userID: target.userID, title: content.subject, body: content.body))
+                    plan.notifications.append(
+                        PlannedNotification(id: id, userID: target.userID, title: content.subject, body: content.body))
                     traced.notificationID = id
                     plan.counts.inApp += 1
                 case .immediate:
                     let planned = destinations.map {
-                        PlannedDelivery(id: UUID(), userID: target.userID, channel: channel, destination: $0.address, endpointID: $0.endpointID)
+                        PlannedDelivery(
+                            id: UUID(), userID: target.userID, channel: channel, destination: $0.address, endpointID: $0.endpointID)
                     }
                     plan.deliveries += planned
                     traced.deliveryIDs = planned.map(\.id)
                     plan.counts.immediate += planned.count
                 case .digest:
                     let id = UUID()
-                    plan.digestItems.append(PlannedDigestItem(id: id, userID: target.userID, channel: channel, frequency: preference.frequency))
+                    plan.digestItems.append(
+                        PlannedDigestItem(id: id, userID: target.userID, channel: channel, frequency: preference.frequency))
                     traced.digestItemID = id
                     plan.counts.digest += 1
                 case .skipped:
@@ -294,11 +303,16 @@ public enum NotificationPlanner {
     }
 
     /// The recipient's content for `channel`: the template in their locale, or the type's name.
-    public static func render(_ input: PlanInput, _ profile: RecipientProfile, channel: NotificationChannel,
-                              parsed: [NotificationChannel: [String: ParsedTemplate]]? = nil, links: [String: String] = [:]) -> TemplateContent {
+    public static func render(
+        _ input: PlanInput, _ profile: RecipientProfile, channel: NotificationChannel,
+        parsed: [NotificationChannel: [String: ParsedTemplate]]? = nil, links: [String: String] = [:]
+    ) -> TemplateContent {
         let templates = parsed ?? input.type.templates.mapValues { $0.mapValues(ParsedTemplate.init) }
-        guard let picked = TemplateRenderer.pick(templates[channel] ?? [:], userLocale: profile.locale,
-                                                 organisationLocale: input.organisationLocale) else {
+        guard
+            let picked = TemplateRenderer.pick(
+                templates[channel] ?? [:], userLocale: profile.locale,
+                organisationLocale: input.organisationLocale)
+        else {
             return TemplateContent(subject: input.type.name, body: "")
         }
         return picked.value.render(context(input, profile, links: links))

@@ -50,8 +50,9 @@ public enum PreferenceResolver {
             return EffectivePreference(enabled: user.enabled, frequency: user.frequency, conditions: user.conditions, source: .user)
         }
         if let organisationDefault {
-            return EffectivePreference(enabled: organisationDefault.enabled, frequency: organisationDefault.frequency,
-                                       conditions: organisationDefault.conditions, source: .organisationDefault)
+            return EffectivePreference(
+                enabled: organisationDefault.enabled, frequency: organisationDefault.frequency,
+                conditions: organisationDefault.conditions, source: .organisationDefault)
         }
         let on = typeDefaultChannels.contains(channel)
         return EffectivePreference(enabled: on, frequency: on ? .immediate : .none, conditions: [], source: .typeDefault)
@@ -59,8 +60,12 @@ public enum PreferenceResolver {
 
     /// Resolution without a notification type (the "resolved preferences" view of a user): a
     /// category's default is on and immediate for in-app only.
-    public static func resolve(channel: NotificationChannel, categoryIsCritical: Bool, user: PreferenceSetting?, organisationDefault: PreferenceSetting?) -> EffectivePreference {
-        resolve(channel: channel, categoryIsCritical: categoryIsCritical, typeDefaultChannels: [.inApp], user: user, organisationDefault: organisationDefault)
+    public static func resolve(
+        channel: NotificationChannel, categoryIsCritical: Bool, user: PreferenceSetting?, organisationDefault: PreferenceSetting?
+    ) -> EffectivePreference {
+        resolve(
+            channel: channel, categoryIsCritical: categoryIsCritical, typeDefaultChannels: [.inApp], user: user,
+            organisationDefault: organisationDefault)
     }
 }
 

@@ -10,7 +10,9 @@ public struct RetryPolicy: Sendable, Equatable {
     /// Share of the delay that is randomised (0 = none, 1 = all of it).
     public var jitter: Double
 
-    public init(baseDelay: TimeInterval = 10, factor: Double = 2, maximumDelay: TimeInterval = 3600, maximumAttempts: Int = 8, jitter: Double = 0.2) {
+    public init(
+        baseDelay: TimeInterval = 10, factor: Double = 2, maximumDelay: TimeInterval = 3600, maximumAttempts: Int = 8, jitter: Double = 0.2
+    ) {
         self.baseDelay = baseDelay
         self.factor = factor
         self.maximumDelay = maximumDelay

@@ -23,7 +23,11 @@ public enum TemplateRenderer {
         do {
             _ = try MustacheTemplate(string: source)
         } catch let error as MustacheTemplate.ParserError {
-            throw ValidationError(field: field, message: "line \(error.context.lineNumber), column \(error.context.columnNumber): \(error.error) near \"\(error.context.line.trimmingCharacters(in: .whitespaces))\".")
+            throw ValidationError(
+                field: field,
+                message:
+                    "line \(error.context.lineNumber), column \(error.context.columnNumber): \(error.error) near \"\(error.context.line.trimmingCharacters(in: .whitespaces))\"."
+            )
         } catch {
             throw ValidationError(field: field, message: "is not a valid Mustache template: \(error).")
         }
@@ -57,8 +61,9 @@ public struct ParsedTemplate: Sendable {
 
     /// The content for one recipient (a part that does not parse renders as its source).
     public func render(_ context: [String: Any]) -> TemplateContent {
-        TemplateContent(subject: subject?.render(context) ?? source.subject, body: body?.render(context) ?? source.body,
-                        html: source.html.map { html?.render(context) ?? $0 })
+        TemplateContent(
+            subject: subject?.render(context) ?? source.subject, body: body?.render(context) ?? source.body,
+            html: source.html.map { html?.render(context) ?? $0 })
     }
 }
 

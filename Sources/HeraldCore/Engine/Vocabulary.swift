@@ -79,7 +79,8 @@ public enum ReasonCode: String, CaseIterable, Sendable, Codable {
         case .channelDisabled: "The preference for this category and channel is switched off."
         case .frequencyNone: "The preference's frequency is NONE."
         case .conditionNotMet: "The event does not meet the conditions of the preference."
-        case .throttled: "The user already received the most notifications allowed in a minute (the organisation's limit per category or per user)."
+        case .throttled:
+            "The user already received the most notifications allowed in a minute (the organisation's limit per category or per user)."
         case .noDestination: "There is nowhere to send this channel for this user (no endpoint configured)."
         }
     }
