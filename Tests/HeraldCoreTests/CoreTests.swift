@@ -12,10 +12,11 @@ struct SQLScriptTests {
             CREATE TABLE a (x text DEFAULT 'it''s; fine');
             /* block; comment */ CREATE TABLE "b;c" (y int);
             """
-        #expect(SQLScript.statements(script) == [
-            "CREATE TABLE a (x text DEFAULT 'it''s; fine')",
-            "CREATE TABLE \"b;c\" (y int)",
-        ])
+        #expect(
+            SQLScript.statements(script) == [
+                "CREATE TABLE a (x text DEFAULT 'it''s; fine')",
+                "CREATE TABLE \"b;c\" (y int)",
+            ])
     }
 
     @Test("keeps dollar-quoted bodies whole")
@@ -41,18 +42,28 @@ struct SQLScriptTests {
 
 @Suite("Validation")
 struct ValidationTests {
-    @Test("emails", arguments: [("a@b.co", true), ("first.last@clinic.example", true), ("no-at", false),
-                                ("two@@at.com", false), ("sp ace@x.com", false), ("a@nodot", false), ("@x.com", false)])
+    @Test(
+        "emails",
+        arguments: [
+            ("a@b.co", true), ("first.last@clinic.example", true), ("no-at", false),
+            ("two@@at.com", false), ("sp ace@x.com", false), ("a@nodot", false), ("@x.com", false),
+        ])
     func emails(value: String, valid: Bool) {
         #expect(((try? Validate.emailAddress(value)) != nil) == valid)
     }
 
-    @Test("locales", arguments: [("en", true), ("fr-CA", true), ("zh-Hant-TW", true), ("es-419", true), ("english", false), ("en_US", false), ("", false)])
+    @Test(
+        "locales",
+        arguments: [
+            ("en", true), ("fr-CA", true), ("zh-Hant-TW", true), ("es-419", true), ("english", false), ("en_US", false), ("", false),
+        ])
     func locales(value: String, valid: Bool) {
         #expect(((try? Validate.locale(value)) != nil) == valid)
     }
 
-    @Test("time zones", arguments: [("Europe/Paris", true), ("UTC", true), ("America/Argentina/Buenos_Aires", true), ("Mars/Olympus", false), ("", false)])
+    @Test(
+        "time zones",
+        arguments: [("Europe/Paris", true), ("UTC", true), ("America/Argentina/Buenos_Aires", true), ("Mars/Olympus", false), ("", false)])
     func timezones(value: String, valid: Bool) {
         #expect(((try? Validate.timezone(value)) != nil) == valid)
     }

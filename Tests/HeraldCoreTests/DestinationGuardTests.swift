@@ -16,9 +16,9 @@ import Testing
         ("http://[fe80::1]/", .linkLocal),
         ("http://[::ffff:127.0.0.1]/", .loopback),
         ("http://[::ffff:169.254.169.254]/", .metadata),
-        ("http://[64:ff9b::a00:1]/", .private),  // NAT64 of 10.0.0.1
-        ("http://[2002:7f00:1::1]/", .loopback),  // 6to4 of 127.0.0.1
-        ("http://2130706433/", .loopback),  // decimal 127.0.0.1
+        ("http://[64:ff9b::a00:1]/", .private), // NAT64 of 10.0.0.1
+        ("http://[2002:7f00:1::1]/", .loopback), // 6to4 of 127.0.0.1
+        ("http://2130706433/", .loopback), // decimal 127.0.0.1
         ("http://0x7f000001/", .loopback),
         ("http://0177.0.0.1/", .loopback),
         ("http://0x7f.1/", .loopback),
@@ -39,15 +39,15 @@ import Testing
         ("http://198.18.0.1/", .benchmarking),
         ("http://[3fff::1]/", .documentation),
         // Every IPv6 form that embeds an IPv4 address is judged by that address (issue 8 item 8).
-        ("http://[::ffff:0:169.254.169.254]/", .metadata),  // IPv4-translated, RFC 2765
+        ("http://[::ffff:0:169.254.169.254]/", .metadata), // IPv4-translated, RFC 2765
         ("http://[::ffff:0:a00:1]/", .private),
-        ("http://[::a9fe:a9fe]/", .metadata),  // IPv4-compatible (deprecated)
-        ("http://[64:ff9b:1::a00:1]/", .private),  // local-use NAT64, RFC 8215
+        ("http://[::a9fe:a9fe]/", .metadata), // IPv4-compatible (deprecated)
+        ("http://[64:ff9b:1::a00:1]/", .private), // local-use NAT64, RFC 8215
         ("http://[64:ff9b:1:abcd::7f00:1]/", .loopback),
-        ("http://[2002:a9fe:a9fe::1]/", .metadata),  // 6to4
-        ("http://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/", .private),  // Teredo, client 10.0.0.1 inverted
-        ("http://[2001:0:4136:e378:8000:63bf:a247:27dd]/", .tunnel),  // Teredo, public client: still a tunnel
-        ("http://[2606:4700:1::5efe:a00:1]/", .private),  // ISATAP interface id
+        ("http://[2002:a9fe:a9fe::1]/", .metadata), // 6to4
+        ("http://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/", .private), // Teredo, client 10.0.0.1 inverted
+        ("http://[2001:0:4136:e378:8000:63bf:a247:27dd]/", .tunnel), // Teredo, public client: still a tunnel
+        ("http://[2606:4700:1::5efe:a00:1]/", .private), // ISATAP interface id
         ("http://[2606:4700:1::200:5efe:c0a8:101]/", .private),
     ])
     func refusesNonPublicAddresses(url: String, kind: BlockedAddressKind) {
@@ -61,7 +61,10 @@ import Testing
 
     @Test func refusalSentence() throws {
         let error = #expect(throws: DestinationRefusal.self) { try strict.vet(url: "http://127.0.0.1/") }
-        #expect(error?.detail == "The URL's host is 127.0.0.1, a loopback address; Herald does not send to private, loopback, link-local or metadata addresses.")
+        #expect(
+            error?.detail
+                == "The URL's host is 127.0.0.1, a loopback address; Herald does not send to private, loopback, link-local or metadata addresses."
+        )
         let named = #expect(throws: DestinationRefusal.self) { try strict.vet(url: "http://2130706433/") }
         #expect(named?.detail.hasPrefix("The URL's host resolves to 127.0.0.1, a loopback address;") == true)
         let mapped = #expect(throws: DestinationRefusal.self) { try strict.vet(url: "http://[::ffff:127.0.0.1]/") }
@@ -76,8 +79,10 @@ import Testing
             let error = #expect(throws: DestinationRefusal.self) { try strict.check(url: url) }
             #expect(error?.reason == .credentialsInURL, "\(url)")
         }
-        for url in ["not a url", "/relative/path", "http:///path", "http://example.com:0/", "http://example.com:70000/",
-                    "http://ex%00ample.com/", "http://ex%2Fample.com/", "mailto:someone@example.com"] {
+        for url in [
+            "not a url", "/relative/path", "http:///path", "http://example.com:0/", "http://example.com:70000/",
+            "http://ex%00ample.com/", "http://ex%2Fample.com/", "mailto:someone@example.com",
+        ] {
             let error = #expect(throws: DestinationRefusal.self) { try strict.check(url: url) }
             #expect(error?.reason == .invalidURL || error?.reason == .scheme("mailto"), "\(url)")
         }
@@ -96,8 +101,10 @@ import Testing
         #expect(try strict.vet(url: "https://[2606:4700:4700::1111]/").addresses == [IPAddress("2606:4700:4700::1111")!])
         #expect(try strict.vet(url: "http://[::ffff:93.184.216.34]/").addresses.count == 1)
         // Translation forms of a public IPv4 address stay usable.
-        for url in ["http://[::ffff:0:5db8:d822]/", "http://[64:ff9b::5db8:d822]/", "http://[64:ff9b:1::5db8:d822]/",
-                    "http://[2002:5db8:d822::1]/", "http://[2606:4700:1::200:5efe:5db8:d822]/"] {
+        for url in [
+            "http://[::ffff:0:5db8:d822]/", "http://[64:ff9b::5db8:d822]/", "http://[64:ff9b:1::5db8:d822]/",
+            "http://[2002:5db8:d822::1]/", "http://[2606:4700:1::200:5efe:5db8:d822]/",
+        ] {
             #expect(throws: Never.self, "\(url)") { try strict.vet(url: url) }
         }
     }
@@ -151,14 +158,14 @@ import Testing
         let ten = IPNetwork("10.1.2.3/8")!
         #expect(ten.description == "10.0.0.0/8" && ten == IPNetwork("10.0.0.0/8"))
         #expect(ten.contains(IPAddress("10.255.0.1")!) && !ten.contains(IPAddress("11.0.0.1")!))
-        #expect(!ten.contains(IPAddress("::ffff:10.0.0.1")!))  // family-strict; the guard handles embedding
+        #expect(!ten.contains(IPAddress("::ffff:10.0.0.1")!)) // family-strict; the guard handles embedding
         #expect(IPNetwork("127.0.0.1")?.prefixLength == 32 && IPNetwork("::1")?.prefixLength == 128)
         #expect(IPNetwork("fc00::/7")!.contains(IPAddress("fd00:ec2::254")!))
         #expect(IPNetwork("0.0.0.0/0")!.contains(IPAddress("8.8.8.8")!))
         for bad in ["10.0.0.0/33", "::/129", "10.0.0.0/", "10.0.0.0/+8", "127.1", "0x7f.0.0.1", "[::1]", "nope", ""] {
             #expect(IPNetwork(bad) == nil, "\(bad)")
         }
-        #expect(IPAddress("0177.0.0.1") == nil)  // inet_pton rejects octal-looking forms
+        #expect(IPAddress("0177.0.0.1") == nil) // inet_pton rejects octal-looking forms
         #expect(IPAddress("::FFFF:7F00:1")?.description == "::ffff:127.0.0.1")
         #expect(IPAddress("2001:0db8:0:0:0:0:0:1")?.description == "2001:db8::1")
     }

@@ -38,16 +38,24 @@ import Testing
         ("x@-clinic.example", "a label of the domain starts or ends with a hyphen"),
         ("x@clinic-.example", "a label of the domain starts or ends with a hyphen"),
         ("x\r\nBcc: y@clinic.example", "the part before the @ contains a control character, which is not allowed"),
-        ("dr.m\u{00FC}ller\u{202E}@clinic.example", "the part before the @ contains an invisible formatting character, which is not allowed"),
+        (
+            "dr.m\u{00FC}ller\u{202E}@clinic.example",
+            "the part before the @ contains an invisible formatting character, which is not allowed"
+        ),
         ("x\u{00A0}y@clinic.example", "the part before the @ contains a space character, which is not allowed"),
         ("💌@clinic.example", "the part before the @ contains \"💌\", which is not allowed"),
         (String(repeating: "a", count: 65) + "@example.org", "the part before the @ is longer than 64 bytes"),
-        (String(repeating: "ü", count: 33) + "@example.org", "the part before the @ is longer than 64 bytes"),  // 66 bytes
+        (String(repeating: "ü", count: 33) + "@example.org", "the part before the @ is longer than 64 bytes"), // 66 bytes
         ("a@" + String(repeating: "b", count: 64) + ".example", "a label of the domain is longer than 63 bytes"),
-        ("a@" + Array(repeating: String(repeating: "b", count: 60), count: 5).joined(separator: ".") + ".example",
-         "the domain is longer than 253 bytes"),
-        (String(repeating: "a", count: 64) + "@" + Array(repeating: String(repeating: "b", count: 60), count: 3).joined(separator: ".") + ".example",
-         "it is longer than 254 bytes"),
+        (
+            "a@" + Array(repeating: String(repeating: "b", count: 60), count: 5).joined(separator: ".") + ".example",
+            "the domain is longer than 253 bytes"
+        ),
+        (
+            String(repeating: "a", count: 64) + "@" + Array(repeating: String(repeating: "b", count: 60), count: 3).joined(separator: ".")
+                + ".example",
+            "it is longer than 254 bytes"
+        ),
     ])
     func refuses(address: String, reason: String) {
         let error = #expect(throws: EmailAddressError.self) { try EmailAddress(address) }
@@ -60,9 +68,11 @@ import Testing
 
     @Test func validationErrorNamesTheFieldAndSaysWhy() {
         let error = #expect(throws: ValidationError.self) { try Validate.emailAddress("dr.x@clinic..example", field: "email_from") }
-        #expect(error == ValidationError(
-            field: "email_from",
-            message: "\"dr.x@clinic..example\" is not an email address Herald can send to: the domain contains two dots in a row."))
+        #expect(
+            error
+                == ValidationError(
+                    field: "email_from",
+                    message: "\"dr.x@clinic..example\" is not an email address Herald can send to: the domain contains two dots in a row."))
         #expect(throws: Never.self) { try Validate.emailAddress("dr.müller@clinic.example") }
     }
 }

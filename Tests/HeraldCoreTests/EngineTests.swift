@@ -24,28 +24,37 @@ struct PreferenceResolutionTests {
     static let weekly = PreferenceSetting(enabled: true, frequency: .weekly)
 
     static let cases: [Case] = [
-        Case(name: "type default channel, nothing set: on, immediate", channel: .email, critical: false, typeChannels: [.inApp, .email],
-             user: nil, organisation: nil, enabled: true, frequency: .immediate, source: .typeDefault),
-        Case(name: "channel outside the type's defaults: off", channel: .chat, critical: false, typeChannels: [.inApp],
-             user: nil, organisation: nil, enabled: false, frequency: .none, source: .typeDefault),
-        Case(name: "organisation default beats the type default", channel: .email, critical: false, typeChannels: [.inApp, .email],
-             user: nil, organisation: daily, enabled: true, frequency: .daily, source: .organisationDefault),
-        Case(name: "organisation default can switch a type channel off", channel: .email, critical: false, typeChannels: [.email],
-             user: nil, organisation: off, enabled: false, frequency: .none, source: .organisationDefault),
-        Case(name: "user setting beats the organisation default", channel: .email, critical: false, typeChannels: [.email],
-             user: weekly, organisation: daily, enabled: true, frequency: .weekly, source: .user),
-        Case(name: "user can switch email off", channel: .email, critical: true, typeChannels: [.inApp, .email],
-             user: off, organisation: nil, enabled: false, frequency: .none, source: .user),
-        Case(name: "critical category: in-app stays on whatever the user says", channel: .inApp, critical: true, typeChannels: [.email],
-             user: off, organisation: off, enabled: true, frequency: .immediate, source: .criticalOverride),
-        Case(name: "non-critical category: user can switch in-app off", channel: .inApp, critical: false, typeChannels: [.inApp],
-             user: off, organisation: nil, enabled: false, frequency: .none, source: .user),
+        Case(
+            name: "type default channel, nothing set: on, immediate", channel: .email, critical: false, typeChannels: [.inApp, .email],
+            user: nil, organisation: nil, enabled: true, frequency: .immediate, source: .typeDefault),
+        Case(
+            name: "channel outside the type's defaults: off", channel: .chat, critical: false, typeChannels: [.inApp],
+            user: nil, organisation: nil, enabled: false, frequency: .none, source: .typeDefault),
+        Case(
+            name: "organisation default beats the type default", channel: .email, critical: false, typeChannels: [.inApp, .email],
+            user: nil, organisation: daily, enabled: true, frequency: .daily, source: .organisationDefault),
+        Case(
+            name: "organisation default can switch a type channel off", channel: .email, critical: false, typeChannels: [.email],
+            user: nil, organisation: off, enabled: false, frequency: .none, source: .organisationDefault),
+        Case(
+            name: "user setting beats the organisation default", channel: .email, critical: false, typeChannels: [.email],
+            user: weekly, organisation: daily, enabled: true, frequency: .weekly, source: .user),
+        Case(
+            name: "user can switch email off", channel: .email, critical: true, typeChannels: [.inApp, .email],
+            user: off, organisation: nil, enabled: false, frequency: .none, source: .user),
+        Case(
+            name: "critical category: in-app stays on whatever the user says", channel: .inApp, critical: true, typeChannels: [.email],
+            user: off, organisation: off, enabled: true, frequency: .immediate, source: .criticalOverride),
+        Case(
+            name: "non-critical category: user can switch in-app off", channel: .inApp, critical: false, typeChannels: [.inApp],
+            user: off, organisation: nil, enabled: false, frequency: .none, source: .user),
     ]
 
     @Test("precedence: critical override, user, organisation default, type default", arguments: cases)
     func resolves(_ c: Case) {
-        let effective = PreferenceResolver.resolve(channel: c.channel, categoryIsCritical: c.critical, typeDefaultChannels: c.typeChannels,
-                                                   user: c.user, organisationDefault: c.organisation)
+        let effective = PreferenceResolver.resolve(
+            channel: c.channel, categoryIsCritical: c.critical, typeDefaultChannels: c.typeChannels,
+            user: c.user, organisationDefault: c.organisation)
         #expect(effective.enabled == c.enabled)
         #expect(effective.frequency == c.frequency)
         #expect(effective.source == c.source)
@@ -55,14 +64,21 @@ struct PreferenceResolutionTests {
 @Suite("Channel decisions and conditions")
 struct ChannelDecisionTests {
     let paris = TimeZone(identifier: "Europe/Paris")!
-    let outing: JSONValue = .object(["activity": .string("hiking"), "starts_on": .string("2026-11-21"), "level": .number(2),
-                                     "starts_at": .string("2026-11-22T23:30:00Z"), "place": .object(["city": .string("Lyon")])])
+    let outing: JSONValue = .object([
+        "activity": .string("hiking"), "starts_on": .string("2026-11-21"), "level": .number(2),
+        "starts_at": .string("2026-11-22T23:30:00Z"), "place": .object(["city": .string("Lyon")]),
+    ])
 
-    func decide(_ preference: EffectivePreference, channel: NotificationChannel = .email, throttled: Bool = false, destination: Bool = true) -> ChannelDecision {
-        ChannelDecider.decide(channel: channel, preference: preference, payload: outing, timeZone: paris, throttled: throttled, hasDestination: destination)
+    func decide(
+        _ preference: EffectivePreference, channel: NotificationChannel = .email, throttled: Bool = false, destination: Bool = true
+    ) -> ChannelDecision {
+        ChannelDecider.decide(
+            channel: channel, preference: preference, payload: outing, timeZone: paris, throttled: throttled, hasDestination: destination)
     }
 
-    func preference(_ enabled: Bool, _ frequency: Frequency, _ conditions: [Condition] = [], source: PreferenceSource = .user) -> EffectivePreference {
+    func preference(
+        _ enabled: Bool, _ frequency: Frequency, _ conditions: [Condition] = [], source: PreferenceSource = .user
+    ) -> EffectivePreference {
         EffectivePreference(enabled: enabled, frequency: frequency, conditions: conditions, source: source)
     }
 
@@ -80,20 +96,22 @@ struct ChannelDecisionTests {
         #expect(decide(preference(true, .immediate, source: .criticalOverride), channel: .inApp, throttled: true).reason == .inAppCreated)
     }
 
-    @Test("conditions: equals, in, not in, weekday, nested fields", arguments: [
-        (Condition(field: "activity", op: .equals, value: .string("hiking")), true),
-        (Condition(field: "activity", op: .equals, value: .string("climbing")), false),
-        (Condition(field: "activity", op: .in, values: [.string("climbing"), .string("hiking")]), true),
-        (Condition(field: "activity", op: .notIn, values: [.string("hiking")]), false),
-        (Condition(field: "missing", op: .notIn, values: [.string("x")]), true),
-        (Condition(field: "missing", op: .in, values: [.string("x")]), false),
-        (Condition(field: "level", op: .in, values: [.number(1), .number(2)]), true),
-        (Condition(field: "place.city", op: .equals, value: .string("Lyon")), true),
-        (Condition(field: "starts_on", op: .weekdayIn, values: [.string("saturday"), .string("sunday")]), true),
-        (Condition(field: "starts_on", op: .weekdayIn, values: [.string("monday")]), false),
-        // 23:30 UTC on Sunday is Monday 00:30 in Paris: the recipient's time zone decides.
-        (Condition(field: "starts_at", op: .weekdayIn, values: [.string("monday")]), true),
-    ])
+    @Test(
+        "conditions: equals, in, not in, weekday, nested fields",
+        arguments: [
+            (Condition(field: "activity", op: .equals, value: .string("hiking")), true),
+            (Condition(field: "activity", op: .equals, value: .string("climbing")), false),
+            (Condition(field: "activity", op: .in, values: [.string("climbing"), .string("hiking")]), true),
+            (Condition(field: "activity", op: .notIn, values: [.string("hiking")]), false),
+            (Condition(field: "missing", op: .notIn, values: [.string("x")]), true),
+            (Condition(field: "missing", op: .in, values: [.string("x")]), false),
+            (Condition(field: "level", op: .in, values: [.number(1), .number(2)]), true),
+            (Condition(field: "place.city", op: .equals, value: .string("Lyon")), true),
+            (Condition(field: "starts_on", op: .weekdayIn, values: [.string("saturday"), .string("sunday")]), true),
+            (Condition(field: "starts_on", op: .weekdayIn, values: [.string("monday")]), false),
+            // 23:30 UTC on Sunday is Monday 00:30 in Paris: the recipient's time zone decides.
+            (Condition(field: "starts_at", op: .weekdayIn, values: [.string("monday")]), true),
+        ])
     func conditions(_ condition: Condition, met: Bool) {
         #expect(condition.isMet(by: outing, timeZone: paris) == met)
         #expect(decide(preference(true, .weekly, [condition])).reason == (met ? .digestQueued : .conditionNotMet))
@@ -111,34 +129,43 @@ struct ChannelDecisionTests {
 @Suite("Audience and planning")
 struct PlannerTests {
     func profile(_ candidate: Candidate, locale: String? = nil) -> RecipientProfile {
-        RecipientProfile(candidate: candidate, email: "\(candidate.userID)@x.example", displayName: "Dr \(candidate.userID.uuidString.prefix(4))",
-                         locale: locale, timezone: nil, attributes: .object([:]))
+        RecipientProfile(
+            candidate: candidate, email: "\(candidate.userID)@x.example", displayName: "Dr \(candidate.userID.uuidString.prefix(4))",
+            locale: locale, timezone: nil, attributes: .object([:]))
     }
 
-    func input(_ recipients: [RecipientProfile], excluded: Set<UUID> = [], preferences: [UUID: [NotificationChannel: PreferenceSetting]] = [:],
-               throttle: Int? = nil, recent: [UUID: Int] = [:], critical: Bool = true,
-               endpoints: [NotificationChannel: [EndpointTarget]] = [:]) -> PlanInput {
+    func input(
+        _ recipients: [RecipientProfile], excluded: Set<UUID> = [], preferences: [UUID: [NotificationChannel: PreferenceSetting]] = [:],
+        throttle: Int? = nil, recent: [UUID: Int] = [:], critical: Bool = true,
+        endpoints: [NotificationChannel: [EndpointTarget]] = [:]
+    ) -> PlanInput {
         let type = TypeProfile(
             id: UUID(), key: "ISQ_CRITICAL", name: "Critical ISQ", categoryID: UUID(), categoryKey: "alerts", categoryIsCritical: critical,
             defaultChannels: [.inApp, .email], defaultSeverity: .critical, defaultPriority: .critical,
-            templates: [.inApp: ["en": TemplateContent(subject: "ISQ {{payload.isq}}", body: "For {{recipient.display_name}}"),
-                                 "fr": TemplateContent(subject: "ISQ critique {{payload.isq}}", body: "")]])
-        return PlanInput(eventID: UUID(), type: type, severity: .critical, priority: .critical, payload: .object(["isq": .number(25)]),
-                         subjectType: nil, subjectID: nil, deliverAt: Date(), organisationName: "Clinic", organisationSlug: "clinic",
-                         organisationLocale: "en", organisationTimezone: "UTC", throttlePerMinute: throttle, recipients: recipients,
-                         excluded: excluded, userPreferences: preferences, organisationDefaults: [:], recentCounts: recent, endpoints: endpoints)
+            templates: [
+                .inApp: [
+                    "en": TemplateContent(subject: "ISQ {{payload.isq}}", body: "For {{recipient.display_name}}"),
+                    "fr": TemplateContent(subject: "ISQ critique {{payload.isq}}", body: ""),
+                ]
+            ])
+        return PlanInput(
+            eventID: UUID(), type: type, severity: .critical, priority: .critical, payload: .object(["isq": .number(25)]),
+            subjectType: nil, subjectID: nil, deliverAt: Date(), organisationName: "Clinic", organisationSlug: "clinic",
+            organisationLocale: "en", organisationTimezone: "UTC", throttlePerMinute: throttle, recipients: recipients,
+            excluded: excluded, userPreferences: preferences, organisationDefaults: [:], recentCounts: recent, endpoints: endpoints)
     }
 
     @Test("targeting reports the most specific rule; exclusions and inactive users are considered, not targeted")
     func targeting() {
         let (a, b, c, d, e) = (UUID(), UUID(), UUID(), UUID(), UUID())
-        let decisions = AudienceResolver.decide([
-            Candidate(userID: a, active: true, byUser: true, byRoles: ["clinician"]),
-            Candidate(userID: b, active: true, byRoles: ["nurse", "clinician"]),
-            Candidate(userID: c, active: true, byGroups: ["night-shift"], byEveryone: true),
-            Candidate(userID: d, active: true, byEveryone: true),
-            Candidate(userID: e, active: false, byRoles: ["clinician"]),
-        ], excluding: [d])
+        let decisions = AudienceResolver.decide(
+            [
+                Candidate(userID: a, active: true, byUser: true, byRoles: ["clinician"]),
+                Candidate(userID: b, active: true, byRoles: ["nurse", "clinician"]),
+                Candidate(userID: c, active: true, byGroups: ["night-shift"], byEveryone: true),
+                Candidate(userID: d, active: true, byEveryone: true),
+                Candidate(userID: e, active: false, byRoles: ["clinician"]),
+            ], excluding: [d])
         #expect(decisions.map(\.rule) == ["user", "role:clinician", "group:night-shift", "everyone", "role:clinician"])
         #expect(decisions.map(\.reason) == [.targetedUser, .targetedRole, .targetedGroup, .excluded, .userInactive])
         #expect(decisions.map(\.targeted) == [true, true, true, false, false])
@@ -159,18 +186,22 @@ struct PlannerTests {
     @Test("counts add up: every channel of every targeted user is decided once")
     func counts() {
         let users = (0..<5).map { _ in UUID() }
-        let plan = NotificationPlanner.plan(input(
-            users.map { profile(Candidate(userID: $0, active: true, byRoles: ["clinician"])) },
-            excluded: [users[0]],
-            preferences: [users[1]: [.email: PreferenceSetting(enabled: false, frequency: .none)],
-                          users[2]: [.email: PreferenceSetting(enabled: true, frequency: .daily)]]))
+        let plan = NotificationPlanner.plan(
+            input(
+                users.map { profile(Candidate(userID: $0, active: true, byRoles: ["clinician"])) },
+                excluded: [users[0]],
+                preferences: [
+                    users[1]: [.email: PreferenceSetting(enabled: false, frequency: .none)],
+                    users[2]: [.email: PreferenceSetting(enabled: true, frequency: .daily)],
+                ]))
         #expect(plan.counts.considered == 5)
         #expect(plan.counts.targeted == 4)
         #expect(plan.counts.notTargeted == 1)
         #expect(plan.counts.inApp == 4)
         #expect(plan.counts.immediate == 2)
         #expect(plan.counts.digest == 1)
-        #expect(plan.counts.inApp + plan.counts.immediate + plan.counts.digest + plan.counts.skipped == 4 * NotificationChannel.allCases.count)
+        #expect(
+            plan.counts.inApp + plan.counts.immediate + plan.counts.digest + plan.counts.skipped == 4 * NotificationChannel.allCases.count)
         #expect(plan.deliveries.count == 2 && plan.digestItems.count == 1 && plan.notifications.count == 4)
     }
 
@@ -179,9 +210,15 @@ struct PlannerTests {
         let user = UUID()
         let hooks = [EndpointTarget(id: UUID(), url: "https://a.example/hook"), EndpointTarget(id: UUID(), url: "https://b.example/hook")]
         let preferences: [UUID: [NotificationChannel: PreferenceSetting]] = [
-            user: [.webhook: PreferenceSetting(enabled: true, frequency: .immediate), .chat: PreferenceSetting(enabled: true, frequency: .immediate)]]
-        let plan = NotificationPlanner.plan(input([profile(Candidate(userID: user, active: true, byUser: true))], preferences: preferences,
-                                                  endpoints: [.webhook: hooks]))
+            user: [
+                .webhook: PreferenceSetting(enabled: true, frequency: .immediate),
+                .chat: PreferenceSetting(enabled: true, frequency: .immediate),
+            ]
+        ]
+        let plan = NotificationPlanner.plan(
+            input(
+                [profile(Candidate(userID: user, active: true, byUser: true))], preferences: preferences,
+                endpoints: [.webhook: hooks]))
         let webhook = plan.deliveries.filter { $0.channel == .webhook }
         #expect(webhook.map(\.endpointID) == hooks.map(\.id))
         #expect(webhook.map(\.destination) == hooks.map(\.url))
@@ -194,7 +231,9 @@ struct PlannerTests {
     @Test("the throttle skips a user at the limit, but never a critical in-app alert")
     func throttle() {
         let busy = UUID(), calm = UUID()
-        let recipients = [profile(Candidate(userID: busy, active: true, byUser: true)), profile(Candidate(userID: calm, active: true, byUser: true))]
+        let recipients = [
+            profile(Candidate(userID: busy, active: true, byUser: true)), profile(Candidate(userID: calm, active: true, byUser: true)),
+        ]
         let critical = NotificationPlanner.plan(input(recipients, throttle: 20, recent: [busy: 20]))
         let trace = critical.traces.first { $0.targeting.userID == busy }!
         #expect(trace.channels.first { $0.decision.channel == .email }?.decision.reason == .throttled)

@@ -10,8 +10,9 @@ import Testing
     let now = Date(timeIntervalSince1970: 1_750_000_000)
 
     var claims: LinkClaims {
-        LinkClaims(scope: .unsubscribe, organisationID: UUID(), userID: UUID(), deliveryID: UUID(), notificationID: UUID(),
-                   categoryID: UUID(), channel: "email", expiresAt: now.addingTimeInterval(86_400.75))
+        LinkClaims(
+            scope: .unsubscribe, organisationID: UUID(), userID: UUID(), deliveryID: UUID(), notificationID: UUID(),
+            categoryID: UUID(), channel: "email", expiresAt: now.addingTimeInterval(86_400.75))
     }
 
     @Test func roundTrip() throws {
@@ -33,26 +34,26 @@ import Testing
         func flipFirst(_ s: String) -> String { (s.first == "A" ? "B" : "A") + String(s.dropFirst()) }
         let other = try LinkKeyRing(configuration: "k2:\(Data(repeating: 7, count: 32).base64EncodedString())")
         let bad = [
-            [flipFirst(parts[0]), parts[1], parts[2]].joined(separator: "."),  // tampered payload
-            [parts[0], parts[1], flipFirst(parts[2])].joined(separator: "."),  // tampered MAC
-            [parts[0], parts[1], flipLast(parts[2])].joined(separator: "."),  // tampered MAC (trailing bits)
-            [parts[0], "k1", parts[2]].joined(separator: "."),  // flipped kid
-            [parts[0], "k9", parts[2]].joined(separator: "."),  // unknown kid
+            [flipFirst(parts[0]), parts[1], parts[2]].joined(separator: "."), // tampered payload
+            [parts[0], parts[1], flipFirst(parts[2])].joined(separator: "."), // tampered MAC
+            [parts[0], parts[1], flipLast(parts[2])].joined(separator: "."), // tampered MAC (trailing bits)
+            [parts[0], "k1", parts[2]].joined(separator: "."), // flipped kid
+            [parts[0], "k9", parts[2]].joined(separator: "."), // unknown kid
             [parts[0], parts[1], parts[2] + "A"].joined(separator: "."),
             [parts[0], parts[1]].joined(separator: "."),
             token + ".", "", "...", "a.b.c",
         ]
         for candidate in bad { #expect(ring.verify(candidate, scope: .unsubscribe, now: now) == nil, "\(candidate)") }
-        #expect(other.verify(token, scope: .unsubscribe, now: now) == nil)  // same kid, different secret
-        #expect(ring.verify(token, scope: .click, now: now) == nil)  // wrong scope
-        #expect(ring.verify(token, scope: .unsubscribe, now: claims.expiresAt) == nil)  // expired (boundary)
+        #expect(other.verify(token, scope: .unsubscribe, now: now) == nil) // same kid, different secret
+        #expect(ring.verify(token, scope: .click, now: now) == nil) // wrong scope
+        #expect(ring.verify(token, scope: .unsubscribe, now: claims.expiresAt) == nil) // expired (boundary)
         #expect(ring.verify(token, scope: .unsubscribe, now: now.addingTimeInterval(86_400 * 2)) == nil)
     }
 
     @Test func rotation() throws {
         let old = try LinkKeyRing(configuration: "k1:\(Self.secretB)")
         let token = old.sign(claims)
-        #expect(ring.verify(token, scope: .unsubscribe, now: now) != nil)  // k1 still in the ring
+        #expect(ring.verify(token, scope: .unsubscribe, now: now) != nil) // k1 still in the ring
         let retired = try LinkKeyRing(configuration: "k2:\(Self.secretA)")
         #expect(retired.verify(token, scope: .unsubscribe, now: now) == nil)
         #expect(ring.current.id == "k2" && Set(ring.all.keys) == ["k1", "k2"])

@@ -38,12 +38,16 @@ struct ChannelTransportTests {
 
     @Test("where each channel reaches, as the planner sees it")
     func reach() {
-        let profile = RecipientProfile(candidate: Candidate(userID: UUID(), active: true), email: "a@b.example", displayName: "A",
-                                       locale: nil, timezone: nil, attributes: .object([:]))
+        let profile = RecipientProfile(
+            candidate: Candidate(userID: UUID(), active: true), email: "a@b.example", displayName: "A",
+            locale: nil, timezone: nil, attributes: .object([:]))
         let endpoint = EndpointTarget(id: UUID(), url: "https://hooks.example/x")
         #expect(NotificationChannel.inApp.destinations(for: profile, endpoints: []).count == 1)
         #expect(NotificationChannel.email.destinations(for: profile, endpoints: []).map(\.address) == ["a@b.example"])
         #expect(NotificationChannel.webhook.destinations(for: profile, endpoints: []).isEmpty)
-        #expect(NotificationChannel.chat.destinations(for: profile, endpoints: [endpoint]) == [ChannelDestination(address: endpoint.url, endpointID: endpoint.id)])
+        #expect(
+            NotificationChannel.chat.destinations(for: profile, endpoints: [endpoint]) == [
+                ChannelDestination(address: endpoint.url, endpointID: endpoint.id)
+            ])
     }
 }

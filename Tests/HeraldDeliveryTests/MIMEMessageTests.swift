@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import HeraldDelivery
 
 @Suite("MIME message rendering")
@@ -18,7 +19,7 @@ struct MIMEMessageTests {
             textBody: text,
             htmlBody: html,
             messageID: "0190c1d2-7e4f@herald.test",
-            date: Date(timeIntervalSince1970: 1_751_360_700),  // 2025-07-01 09:05:00 UTC
+            date: Date(timeIntervalSince1970: 1_751_360_700), // 2025-07-01 09:05:00 UTC
             extraHeaders: extraHeaders
         )
     }
@@ -32,19 +33,20 @@ struct MIMEMessageTests {
         // act
         let (headers, _) = split(try message.encoded())
         // check
-        #expect(headers == [
-            "Date: Tue, 01 Jul 2025 09:05:00 +0000",
-            "From: \"Herald\" <noreply@herald.test>",
-            "Reply-To: support@herald.test",
-            "To: \"Ada Lovelace\" <ada@example.org>",
-            "Subject: Your report is ready",
-            "Message-ID: <0190c1d2-7e4f@herald.test>",
-            "List-Unsubscribe: <https://herald.test/u/abc?sig=x>",
-            "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
-            "MIME-Version: 1.0",
-            headers.last!,  // Content-Type with the random boundary, checked below
-        ])
-        #expect(headers.last!.hasPrefix("Content-Type: multipart/alternative; boundary=\"=_Herald_"))  // unfolded
+        #expect(
+            headers == [
+                "Date: Tue, 01 Jul 2025 09:05:00 +0000",
+                "From: \"Herald\" <noreply@herald.test>",
+                "Reply-To: support@herald.test",
+                "To: \"Ada Lovelace\" <ada@example.org>",
+                "Subject: Your report is ready",
+                "Message-ID: <0190c1d2-7e4f@herald.test>",
+                "List-Unsubscribe: <https://herald.test/u/abc?sig=x>",
+                "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+                "MIME-Version: 1.0",
+                headers.last!, // Content-Type with the random boundary, checked below
+            ])
+        #expect(headers.last!.hasPrefix("Content-Type: multipart/alternative; boundary=\"=_Herald_")) // unfolded
     }
 
     @Test func dateIsRFC5322InUTC() {
@@ -63,8 +65,14 @@ struct MIMEMessageTests {
         let lines = body.components(separatedBy: "\r\n")
         #expect(lines.filter { $0 == "--\(boundary)" }.count == 2)
         #expect(body.hasSuffix("\r\n--\(boundary)--\r\n"))
-        #expect(body.contains("--\(boundary)\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nHello Ada,\r\n"))
-        #expect(body.contains("--\(boundary)\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n<p>Hello Ada,</p>\r\n"))
+        #expect(
+            body.contains(
+                "--\(boundary)\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nHello Ada,\r\n"
+            ))
+        #expect(
+            body.contains(
+                "--\(boundary)\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n<p>Hello Ada,</p>\r\n"
+            ))
     }
 
     @Test func withoutHTMLTheMessageIsASingleTextPart() throws {
@@ -189,11 +197,22 @@ struct MIMEMessageTests {
 
     // ... and every refusal reads as a sentence, never as a Swift enum dump.
     @Test(arguments: [
-        ("to", "dr.x@clinic..example", "the recipient address \"dr.x@clinic..example\" cannot be used: the domain contains two dots in a row."),
-        ("to", "ada@example", "the recipient address \"ada@example\" cannot be used: the domain has no dot (a name such as clinic.example is needed)."),
-        ("from", ".noreply@herald.test", "the sender address \".noreply@herald.test\" cannot be used: the part before the @ starts or ends with a dot."),
-        ("replyTo", "empfang@bücher.example",
-         "the Reply-To address \"empfang@bücher.example\" cannot be used: an internationalised Reply-To address needs an internationalised sender or recipient address."),
+        (
+            "to", "dr.x@clinic..example",
+            "the recipient address \"dr.x@clinic..example\" cannot be used: the domain contains two dots in a row."
+        ),
+        (
+            "to", "ada@example",
+            "the recipient address \"ada@example\" cannot be used: the domain has no dot (a name such as clinic.example is needed)."
+        ),
+        (
+            "from", ".noreply@herald.test",
+            "the sender address \".noreply@herald.test\" cannot be used: the part before the @ starts or ends with a dot."
+        ),
+        (
+            "replyTo", "empfang@bücher.example",
+            "the Reply-To address \"empfang@bücher.example\" cannot be used: an internationalised Reply-To address needs an internationalised sender or recipient address."
+        ),
         ("subject", "Hello\nBcc: x@y.example", "the Subject header cannot be written: it contains a line break."),
     ])
     func refusalsAreSentences(field: String, value: String, sentence: String) {

@@ -1,6 +1,6 @@
 import Foundation
-import Testing
 import HeraldDelivery
+import Testing
 
 @Suite("SMTP delivery against a real server")
 struct SMTPConnectionTests {
@@ -8,8 +8,9 @@ struct SMTPConnectionTests {
         // setup
         let sink = try SMTPSink()
         defer { sink.stop() }
-        let connection = try SMTPConnection(settings: SMTPSettings(
-            host: "127.0.0.1", port: sink.port, security: .plain, timeout: 10, clientName: "herald.test"))
+        let connection = try SMTPConnection(
+            settings: SMTPSettings(
+                host: "127.0.0.1", port: sink.port, security: .plain, timeout: 10, clientName: "herald.test"))
         let first = MIMEMessage(
             from: .init("noreply@herald.test", name: "Hôpital Herald"),
             to: .init("ada@example.org", name: "Ada Lovelace"),
@@ -64,7 +65,8 @@ struct SMTPConnectionTests {
         } throws: { error in
             guard let error = error as? SMTPError, case .refused(550, let text, "RCPT") = error else { return false }
             return text.contains("Recipient address rejected") && error.isPermanent && !error.isTransient
-                && error.description == "The mail server refused the recipient address (550 5.1.1 <reject@example.org>: Recipient address rejected)."
+                && error.description
+                    == "The mail server refused the recipient address (550 5.1.1 <reject@example.org>: Recipient address rejected)."
         }
         // ...and the connection object keeps working afterwards
         let thirdReply = try connection.send(from: "", to: ["ada@example.org"], message: secondBytes)
@@ -154,28 +156,49 @@ struct SMTPConnectionTests {
         let connection = try SMTPConnection(settings: SMTPSettings(host: "127.0.0.1", port: sink.port, security: .plain, timeout: 10))
         let message = try MIMEMessage(
             from: .init("noreply@herald.test"), to: .init("dr.müller@clinic.example"), subject: "x", textBody: "x",
-            messageID: "utf8-2@herald.test", date: Date()).encoded()
+            messageID: "utf8-2@herald.test", date: Date()
+        ).encoded()
         // act + check: refused before MAIL FROM, permanently, in words
         #expect(throws: SMTPError.smtputf8Unsupported(address: "dr.müller@clinic.example")) {
             _ = try connection.send(from: "noreply@herald.test", to: ["dr.müller@clinic.example"], message: message)
         }
         let error = SMTPError.smtputf8Unsupported(address: "dr.müller@clinic.example")
         #expect(error.isPermanent)
-        #expect(error.description == "The mail server does not support internationalised email addresses (SMTPUTF8), so Herald cannot send to \"dr.müller@clinic.example\".")
+        #expect(
+            error.description
+                == "The mail server does not support internationalised email addresses (SMTPUTF8), so Herald cannot send to \"dr.müller@clinic.example\"."
+        )
         #expect(try sink.storedMessageCount() == 0)
         #expect(try !connection.supportsSMTPUTF8())
         // ...and ASCII mail still goes out over the same connection
-        #expect(try connection.send(from: "noreply@herald.test", to: ["ada@example.org"], message: Array("Subject: x\r\n\r\nx\r\n".utf8)).code == 250)
+        #expect(
+            try connection.send(from: "noreply@herald.test", to: ["ada@example.org"], message: Array("Subject: x\r\n\r\nx\r\n".utf8)).code
+                == 250)
     }
 
     @Test func refusalsAndFailuresReadAsSentences() {
         let cases: [(SMTPError, String)] = [
-            (.refused(code: 553, text: "5.1.3 malformed address", command: "RCPT"), "The mail server refused the recipient address (553 5.1.3 malformed address)."),
-            (.refused(code: 451, text: "4.3.0 try again later", command: "RCPT"), "The mail server temporarily refused the recipient address (451 4.3.0 try again later)."),
-            (.refused(code: 553, text: "sender rejected", command: "MAIL"), "The mail server refused the sender address (553 sender rejected)."),
+            (
+                .refused(code: 553, text: "5.1.3 malformed address", command: "RCPT"),
+                "The mail server refused the recipient address (553 5.1.3 malformed address)."
+            ),
+            (
+                .refused(code: 451, text: "4.3.0 try again later", command: "RCPT"),
+                "The mail server temporarily refused the recipient address (451 4.3.0 try again later)."
+            ),
+            (
+                .refused(code: 553, text: "sender rejected", command: "MAIL"),
+                "The mail server refused the sender address (553 sender rejected)."
+            ),
             (.refused(code: 552, text: "message too big", command: "DATA"), "The mail server refused the message (552 message too big)."),
-            (.refused(code: 535, text: "5.7.8 bad credentials", command: "AUTH"), "The mail server refused Herald's login; check the SMTP user name and password (535 5.7.8 bad credentials)."),
-            (.transport(curlCode: 28, message: "Timeout was reached", detail: ""), "The mail server did not answer in time (Timeout was reached)."),
+            (
+                .refused(code: 535, text: "5.7.8 bad credentials", command: "AUTH"),
+                "The mail server refused Herald's login; check the SMTP user name and password (535 5.7.8 bad credentials)."
+            ),
+            (
+                .transport(curlCode: 28, message: "Timeout was reached", detail: ""),
+                "The mail server did not answer in time (Timeout was reached)."
+            ),
         ]
         for (error, sentence) in cases { #expect(error.description == sentence) }
     }

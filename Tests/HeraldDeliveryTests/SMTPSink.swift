@@ -1,9 +1,9 @@
 import Foundation
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Darwin)
-import Darwin
+    import Darwin
 #endif
 
 /// A real SMTP server for tests: aiosmtpd's Controller in a python3 child process that
@@ -17,42 +17,42 @@ final class SMTPSink {
     private let stdin: Pipe
 
     private static let script = #"""
-    import json, os, socket, sys
-    from aiosmtpd.controller import Controller
+        import json, os, socket, sys
+        from aiosmtpd.controller import Controller
 
-    out_dir = sys.argv[1]
-    smtputf8 = sys.argv[2] == "1"
+        out_dir = sys.argv[1]
+        smtputf8 = sys.argv[2] == "1"
 
-    class Handler:
-        count = 0
+        class Handler:
+            count = 0
 
-        async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-            if address.startswith("reject"):
-                return "550 5.1.1 <%s>: Recipient address rejected" % address
-            envelope.rcpt_tos.append(address)
-            return "250 OK"
+            async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+                if address.startswith("reject"):
+                    return "550 5.1.1 <%s>: Recipient address rejected" % address
+                envelope.rcpt_tos.append(address)
+                return "250 OK"
 
-        async def handle_DATA(self, server, session, envelope):
-            Handler.count += 1
-            base = os.path.join(out_dir, "%03d" % Handler.count)
-            with open(base + ".eml", "wb") as f:
-                f.write(envelope.original_content)
-            with open(base + ".json", "w") as f:
-                json.dump({"clientPort": session.peer[1], "mailFrom": envelope.mail_from,
-                           "rcptTos": envelope.rcpt_tos, "mailOptions": envelope.mail_options}, f)
-            return "250 2.0.0 Ok: queued as %d" % Handler.count
+            async def handle_DATA(self, server, session, envelope):
+                Handler.count += 1
+                base = os.path.join(out_dir, "%03d" % Handler.count)
+                with open(base + ".eml", "wb") as f:
+                    f.write(envelope.original_content)
+                with open(base + ".json", "w") as f:
+                    json.dump({"clientPort": session.peer[1], "mailFrom": envelope.mail_from,
+                               "rcptTos": envelope.rcpt_tos, "mailOptions": envelope.mail_options}, f)
+                return "250 2.0.0 Ok: queued as %d" % Handler.count
 
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    controller = Controller(Handler(), hostname="127.0.0.1", port=port, server_hostname="sink.test",
-                            enable_SMTPUTF8=smtputf8)
-    controller.start()
-    print("READY", port, flush=True)
-    sys.stdin.read()  # serve until the test closes stdin (or exits)
-    controller.stop()
-    """#
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        controller = Controller(Handler(), hostname="127.0.0.1", port=port, server_hostname="sink.test",
+                                enable_SMTPUTF8=smtputf8)
+        controller.start()
+        print("READY", port, flush=True)
+        sys.stdin.read()  # serve until the test closes stdin (or exits)
+        controller.stop()
+        """#
 
     /// Starts the server and waits until it listens; `smtputf8` makes it offer SMTPUTF8.
     init(smtputf8: Bool = false) throws {
@@ -157,21 +157,21 @@ struct ParsedMessage: Decodable {
     var defects: [String]
 
     private static let script = #"""
-    import email, email.policy, json, sys
-    with open(sys.argv[1], "rb") as f:
-        msg = email.message_from_binary_file(f, policy=email.policy.default)
-    leaves = list(msg.walk()) if msg.is_multipart() else [msg]
-    leaves = [p for p in leaves if not p.is_multipart()]
-    defects = [repr(d) for p in msg.walk() for d in p.defects]
-    print(json.dumps({
-        "headers": {k: str(v) for k, v in msg.items()},
-        "contentType": msg.get_content_type(),
-        "parts": [{"contentType": p.get_content_type(), "charset": p.get_content_charset(),
-                   "transferEncoding": p.get("Content-Transfer-Encoding"),
-                   "content": p.get_content()} for p in leaves],
-        "defects": defects,
-    }))
-    """#
+        import email, email.policy, json, sys
+        with open(sys.argv[1], "rb") as f:
+            msg = email.message_from_binary_file(f, policy=email.policy.default)
+        leaves = list(msg.walk()) if msg.is_multipart() else [msg]
+        leaves = [p for p in leaves if not p.is_multipart()]
+        defects = [repr(d) for p in msg.walk() for d in p.defects]
+        print(json.dumps({
+            "headers": {k: str(v) for k, v in msg.items()},
+            "contentType": msg.get_content_type(),
+            "parts": [{"contentType": p.get_content_type(), "charset": p.get_content_charset(),
+                       "transferEncoding": p.get("Content-Transfer-Encoding"),
+                       "content": p.get_content()} for p in leaves],
+            "defects": defects,
+        }))
+        """#
 
     static func parse(_ file: URL) throws -> ParsedMessage {
         let process = Process()

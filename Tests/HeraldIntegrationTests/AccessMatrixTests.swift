@@ -40,11 +40,12 @@ struct AccessMatrixTests {
         #expect(Set(operations.map(\.id)) == Set(RoutePermissions.table.keys))
         #expect(operations.count == RoutePermissions.table.count, "an operationId appears twice")
         for op in operations {
-            let expected: AccessRule? = switch op.permission {
-            case "public": .public
-            case "authenticated": .authenticated
-            default: Permission(rawValue: op.permission).map(AccessRule.permission)
-            }
+            let expected: AccessRule? =
+                switch op.permission {
+                case "public": .public
+                case "authenticated": .authenticated
+                default: Permission(rawValue: op.permission).map(AccessRule.permission)
+                }
             #expect(expected != nil, "\(op.id): x-permission \"\(op.permission)\" is not a rule")
             #expect(RoutePermissions.table[op.id] == expected, "\(op.id): spec says \(op.permission)")
         }
@@ -68,9 +69,7 @@ struct AccessMatrixTests {
 
     @Test("each operation that needs a permission answers 403 to a caller without it")
     func forbiddenWithoutPermission() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             for op in operations {
                 guard let permission = Permission(rawValue: op.permission) else { continue }
                 // Members hold only notifications.read and preferences.manage.
@@ -85,8 +84,10 @@ struct AccessMatrixTests {
     /// Fresh rows of every kind an operation's path can name, in `org` (which has the test
     /// catalogue); the notification belongs to the organisation's owner.
     func resources(in org: TestOrganisation, for operation: String = "") async throws -> [String: String] {
-        let (event, plan) = try await org.notify(EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.ownerID]),
-                                                              payload: .object(["isq": .number(20)])))
+        let (event, plan) = try await org.notify(
+            EventRequest(
+                typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.ownerID]),
+                payload: .object(["isq": .number(20)])))
         let notification = try #require(plan.notifications.first { $0.userID == org.ownerID }).id
         let delivery = try #require(plan.deliveries.first).id
         // A retry needs a delivery that has stopped; a cancel one that has not gone out.
@@ -94,21 +95,26 @@ struct AccessMatrixTests {
         let ids: [String: UUID] = try await org.store { tx in
             let suffix = UUID().uuidString.prefix(6).lowercased()
             let category = try await tx.createCategory(key: "c-\(suffix)", name: "C", description: "", critical: false)
-            let type = try await tx.createNotificationType(NotificationTypeFields(
-                key: "T_\(suffix)", categoryID: try #require(try await tx.category(key: "activity")).id, name: "T", description: "",
-                defaultSeverity: .info, defaultPriority: .normal, defaultChannels: [.inApp]))
+            let type = try await tx.createNotificationType(
+                NotificationTypeFields(
+                    key: "T_\(suffix)", categoryID: try #require(try await tx.category(key: "activity")).id, name: "T", description: "",
+                    defaultSeverity: .info, defaultPriority: .normal, defaultChannels: [.inApp]))
             try await tx.putTemplate(typeID: type.id, channel: .inApp, locale: "en", content: TemplateContent(subject: "s", body: "b"))
             let user = try await tx.createUser(NewUser(email: "u-\(UUID().uuidString.prefix(6))@x.example", displayName: "U"))
-            let role = try await tx.createRole(key: "r-\(UUID().uuidString.prefix(6).lowercased())", name: "R", description: "", permissions: [.usersRead])
+            let role = try await tx.createRole(
+                key: "r-\(UUID().uuidString.prefix(6).lowercased())", name: "R", description: "", permissions: [.usersRead])
             let group = try await tx.createGroup(key: "g-\(UUID().uuidString.prefix(6).lowercased())", name: "G", description: "")
             try await tx.addGroupMember(group.id, user.id)
             let service = try await tx.builtinRole(.service)
             let key = OpaqueToken(kind: .apiKey, organisationID: org.id)
             _ = try await tx.createApiKey(id: key.id, name: "k", roleID: service.id, secretHash: key.secretHash, expiresAt: nil)
-            let endpoint = try await tx.createEndpoint(channel: .webhook, format: "standard", name: "e", url: "https://93.184.216.34/hook",
-                                                       eventTypes: [], secret: WebhookSecret.generate().string)
-            return ["userId": user.id, "roleId": role.id, "groupId": group.id, "keyId": key.id, "categoryId": category.id,
-                    "typeId": type.id, "eventId": event.id, "notificationId": notification, "deliveryId": delivery, "endpointId": endpoint.id]
+            let endpoint = try await tx.createEndpoint(
+                channel: .webhook, format: "standard", name: "e", url: "https://93.184.216.34/hook",
+                eventTypes: [], secret: WebhookSecret.generate().string)
+            return [
+                "userId": user.id, "roleId": role.id, "groupId": group.id, "keyId": key.id, "categoryId": category.id,
+                "typeId": type.id, "eventId": event.id, "notificationId": notification, "deliveryId": delivery, "endpointId": endpoint.id,
+            ]
         }
         return ids.mapValues { $0.uuidString.lowercased() }
     }
@@ -134,10 +140,12 @@ struct AccessMatrixTests {
         #expect(withIDs.count >= 15)
         try await app.test(.router) { client in
             for op in withIDs {
-                let own = try await client.send(method(op), path(op, try await resources(in: a, for: op.id)), token: a.ownerToken, json: body(op))
+                let own = try await client.send(
+                    method(op), path(op, try await resources(in: a, for: op.id)), token: a.ownerToken, json: body(op))
                 #expect((200..<300).contains(own.status.code), "\(op.id) in its own organisation answered \(own.status): \(own.text)")
 
-                let foreign = try await client.send(method(op), path(op, try await resources(in: b, for: op.id)), token: a.ownerToken, json: body(op))
+                let foreign = try await client.send(
+                    method(op), path(op, try await resources(in: b, for: op.id)), token: a.ownerToken, json: body(op))
                 let missing = try await client.send(method(op), path(op), token: a.ownerToken, json: body(op))
                 #expect(foreign.isProblem(.notFound), "\(op.id) with another organisation's id answered \(foreign.status)")
                 #expect(missing.isProblem(.notFound), "\(op.id) with a missing id answered \(missing.status)")
@@ -154,8 +162,10 @@ struct AccessMatrixTests {
         let bIDs = try await resources(in: b)
         let app = try env.application()
         try await app.test(.router) { client in
-            for list in ["/v1/users", "/v1/roles", "/v1/groups", "/v1/api-keys", "/v1/audit-log", "/v1/categories",
-                         "/v1/notification-types", "/v1/events", "/v1/me/notifications", "/v1/deliveries"] {
+            for list in [
+                "/v1/users", "/v1/roles", "/v1/groups", "/v1/api-keys", "/v1/audit-log", "/v1/categories",
+                "/v1/notification-types", "/v1/events", "/v1/me/notifications", "/v1/deliveries",
+            ] {
                 // The largest page where the list is paged (an undeclared parameter is a 400).
                 let paged = SpecRoutes.operations.contains { $0.method == "GET" && $0.path == list && $0.query.contains("limit") }
                 let response = try await client.send(.get, list + (paged ? "?limit=200" : ""), token: a.ownerToken)

@@ -18,18 +18,19 @@ struct AdminAPITests {
 
     @Test("create, read, update, search and page through users; every change is audited with before and after")
     func usersLifecycle() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             // setup
-            let created = try await client.send(.post, "/v1/users", token: org.ownerToken, json: """
-                {"email": "dr.bob@clinic.example", "display_name": "Dr Bob", "locale": "fr", "timezone": "Europe/Paris", "attributes": {"team": "implants"}}
-                """)
+            let created = try await client.send(
+                .post, "/v1/users", token: org.ownerToken,
+                json: """
+                    {"email": "dr.bob@clinic.example", "display_name": "Dr Bob", "locale": "fr", "timezone": "Europe/Paris", "attributes": {"team": "implants"}}
+                    """)
             #expect(created.status == .created)
             let id = try #require(created.json["id"] as? String)
 
             // act
-            let updated = try await client.send(.patch, "/v1/users/\(id)", token: org.ownerToken, json: #"{"display_name": "Dr Robert", "locale": ""}"#)
+            let updated = try await client.send(
+                .patch, "/v1/users/\(id)", token: org.ownerToken, json: #"{"display_name": "Dr Robert", "locale": ""}"#)
             let search = try await client.send(.get, "/v1/users?q=ROBERT", token: org.ownerToken)
             let audit = try await client.send(.get, "/v1/audit-log?target_id=\(id)", token: org.ownerToken)
 
@@ -74,19 +75,19 @@ struct AdminAPITests {
         }
     }
 
-    @Test("bad input gets a problem with a useful detail and writes nothing", arguments: [
-        (#"{"email": "a@b.example", "display_name": "A", "organisation_id": "x"}"#, 400, "organisation_id"),
-        (#"{"email": "a@b.example"}"#, 400, "display_name"),
-        (#"{"email": "a@b.example", "display_name": 42}"#, 400, "display_name"),
-        (#"{"email": "a@b.example", "display_name": "A""#, 400, "JSON"),
-        (#"{"email": "not-an-email", "display_name": "A"}"#, 422, "email"),
-        (#"{"email": "a@b.example", "display_name": "A", "timezone": "Mars/Olympus"}"#, 422, "timezone"),
-        (#"{"email": "a@b.example", "display_name": "A", "password": "short"}"#, 422, "password"),
-    ])
+    @Test(
+        "bad input gets a problem with a useful detail and writes nothing",
+        arguments: [
+            (#"{"email": "a@b.example", "display_name": "A", "organisation_id": "x"}"#, 400, "organisation_id"),
+            (#"{"email": "a@b.example"}"#, 400, "display_name"),
+            (#"{"email": "a@b.example", "display_name": 42}"#, 400, "display_name"),
+            (#"{"email": "a@b.example", "display_name": "A""#, 400, "JSON"),
+            (#"{"email": "not-an-email", "display_name": "A"}"#, 422, "email"),
+            (#"{"email": "a@b.example", "display_name": "A", "timezone": "Mars/Olympus"}"#, 422, "timezone"),
+            (#"{"email": "a@b.example", "display_name": "A", "password": "short"}"#, 422, "password"),
+        ])
     func badInput(body: String, status: Int, mentions: String) async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             let before = try await org.store { tx in try await tx.users(search: nil, active: nil, limit: 200, after: nil).items.count }
             let response = try await client.send(.post, "/v1/users", token: org.ownerToken, json: body)
             #expect(response.isProblem(HTTPResponse.Status(code: status)), "\(response.status) \(response.text)")
@@ -98,27 +99,30 @@ struct AdminAPITests {
 
     @Test("a duplicate email is a 409 and leaves no audit entry behind")
     func duplicateEmail() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
-            let entries = try await org.store { tx in try await tx.auditEntries(action: nil, targetID: nil, limit: 200, after: nil).items.count }
-            let response = try await client.send(.post, "/v1/users", token: org.ownerToken, json: """
-                {"email": "OWNER@\(org.slug).example", "display_name": "Again"}
-                """)
+        try await withOrganisation { org, client in
+            let entries = try await org.store { tx in
+                try await tx.auditEntries(action: nil, targetID: nil, limit: 200, after: nil).items.count
+            }
+            let response = try await client.send(
+                .post, "/v1/users", token: org.ownerToken,
+                json: """
+                    {"email": "OWNER@\(org.slug).example", "display_name": "Again"}
+                    """)
             #expect(response.isProblem(.conflict))
             #expect((response.json["detail"] as? String)?.contains("email") == true)
-            let after = try await org.store { tx in try await tx.auditEntries(action: nil, targetID: nil, limit: 200, after: nil).items.count }
+            let after = try await org.store { tx in
+                try await tx.auditEntries(action: nil, targetID: nil, limit: 200, after: nil).items.count
+            }
             #expect(entries == after)
         }
     }
 
     @Test("a body over the limit is refused with 413")
     func bodyLimit() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application(configure: { $0.maxBodyBytes = 1024 })
-        try await app.test(.router) { client in
+        try await withOrganisation(configure: { $0.maxBodyBytes = 1024 }) { org, client in
             let big = String(repeating: "x", count: 2048)
-            let response = try await client.send(.post, "/v1/users", token: org.ownerToken, json: #"{"email": "a@b.example", "display_name": "\#(big)"}"#)
+            let response = try await client.send(
+                .post, "/v1/users", token: org.ownerToken, json: #"{"email": "a@b.example", "display_name": "\#(big)"}"#)
             #expect(response.isProblem(.contentTooLarge))
         }
     }
@@ -135,36 +139,43 @@ struct AdminAPITests {
         }
         let admin = try await env.tokens.issueAccessToken(organisationID: org.id, userID: adminToken, now: Date())
         try await app.test(.router) { client in
-            let auditor = try await client.send(.post, "/v1/roles", token: admin, json: #"{"key": "auditor", "name": "Auditor", "permissions": ["audit.read"]}"#)
+            let auditor = try await client.send(
+                .post, "/v1/roles", token: admin, json: #"{"key": "auditor", "name": "Auditor", "permissions": ["audit.read"]}"#)
             #expect(auditor.status == .created)
-            let escalate = try await client.send(.post, "/v1/roles", token: admin, json: #"{"key": "boss", "name": "Boss", "permissions": ["organisation.manage"]}"#)
+            let escalate = try await client.send(
+                .post, "/v1/roles", token: admin, json: #"{"key": "boss", "name": "Boss", "permissions": ["organisation.manage"]}"#)
             #expect(escalate.isProblem(.forbidden))
-            let unknown = try await client.send(.post, "/v1/roles", token: admin, json: #"{"key": "odd", "name": "Odd", "permissions": ["root.all"]}"#)
+            let unknown = try await client.send(
+                .post, "/v1/roles", token: admin, json: #"{"key": "odd", "name": "Odd", "permissions": ["root.all"]}"#)
             #expect(unknown.isProblem(.unprocessableContent))
-            let duplicate = try await client.send(.post, "/v1/roles", token: admin, json: #"{"key": "auditor", "name": "Again", "permissions": []}"#)
+            let duplicate = try await client.send(
+                .post, "/v1/roles", token: admin, json: #"{"key": "auditor", "name": "Again", "permissions": []}"#)
             #expect(duplicate.isProblem(.conflict))
 
             let roles = try await client.send(.get, "/v1/roles", token: admin)
             let items = try #require(roles.json["items"] as? [[String: Any]])
             let owner = try #require(items.first { $0["key"] as? String == "owner" })
             let ownerID = try #require(owner["id"] as? String)
-            #expect(try await client.send(.patch, "/v1/roles/\(ownerID)", token: org.ownerToken, json: #"{"name": "Boss"}"#).isProblem(.conflict))
+            #expect(
+                try await client.send(.patch, "/v1/roles/\(ownerID)", token: org.ownerToken, json: #"{"name": "Boss"}"#).isProblem(
+                    .conflict))
             #expect(try await client.send(.delete, "/v1/roles/\(ownerID)", token: org.ownerToken).isProblem(.conflict))
             // An admin cannot make someone owner (owner carries organisation.manage).
-            let grant = try await client.send(.put, "/v1/users/\(org.memberID.uuidString)/roles", token: admin, json: #"{"role_ids": ["\#(ownerID)"]}"#)
+            let grant = try await client.send(
+                .put, "/v1/users/\(org.memberID.uuidString)/roles", token: admin, json: #"{"role_ids": ["\#(ownerID)"]}"#)
             #expect(grant.isProblem(.forbidden))
             // The last owner cannot lose the role.
-            let demote = try await client.send(.put, "/v1/users/\(org.ownerID.uuidString)/roles", token: org.ownerToken, json: #"{"role_ids": []}"#)
+            let demote = try await client.send(
+                .put, "/v1/users/\(org.ownerID.uuidString)/roles", token: org.ownerToken, json: #"{"role_ids": []}"#)
             #expect(demote.isProblem(.conflict))
         }
     }
 
     @Test("groups hold members; membership changes are idempotent")
     func groups() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
-            let created = try await client.send(.post, "/v1/groups", token: org.ownerToken, json: #"{"key": "internship-2026", "name": "Internship 2026"}"#)
+        try await withOrganisation { org, client in
+            let created = try await client.send(
+                .post, "/v1/groups", token: org.ownerToken, json: #"{"key": "internship-2026", "name": "Internship 2026"}"#)
             let id = try #require(created.json["id"] as? String)
             let member = org.memberID.uuidString.lowercased()
             #expect(try await client.send(.put, "/v1/groups/\(id)/members/\(member)", token: org.ownerToken).status == .noContent)
@@ -184,7 +195,8 @@ struct AdminAPITests {
         let serviceRole = try await org.store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
         let app = try env.application()
         try await app.test(.router) { client in
-            let created = try await client.send(.post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "CRM", "role_id": "\#(serviceRole)"}"#)
+            let created = try await client.send(
+                .post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "CRM", "role_id": "\#(serviceRole)"}"#)
             #expect(created.status == .created)
             let secret = try #require(created.json["secret"] as? String)
             let id = try #require(created.json["id"] as? String)
@@ -194,7 +206,9 @@ struct AdminAPITests {
 
             let me = try await client.send(.get, "/v1/me", token: secret)
             #expect(me.json["kind"] as? String == "api_key")
-            #expect(try await client.send(.post, "/v1/users", token: secret, json: #"{"email": "via-key@x.example", "display_name": "K"}"#).status == .created)
+            #expect(
+                try await client.send(.post, "/v1/users", token: secret, json: #"{"email": "via-key@x.example", "display_name": "K"}"#)
+                    .status == .created)
             #expect(try await client.send(.get, "/v1/audit-log", token: secret).isProblem(.forbidden))
 
             #expect(try await client.send(.delete, "/v1/api-keys/\(id)", token: org.ownerToken).status == .noContent)
@@ -205,10 +219,10 @@ struct AdminAPITests {
 
     @Test("a role held by a live API key cannot be deleted; once the key is revoked it can")
     func roleHeldByKey() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
-            let role = try await client.send(.post, "/v1/roles", token: org.ownerToken, json: #"{"key": "integrator", "name": "Integrator", "permissions": ["users.read"]}"#)
+        try await withOrganisation { org, client in
+            let role = try await client.send(
+                .post, "/v1/roles", token: org.ownerToken,
+                json: #"{"key": "integrator", "name": "Integrator", "permissions": ["users.read"]}"#)
             let roleID = try #require(role.json["id"] as? String)
             let key = try await client.send(.post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "k", "role_id": "\#(roleID)"}"#)
             let keyID = try #require(key.json["id"] as? String)
@@ -225,42 +239,49 @@ struct AdminAPITests {
         let serviceRole = try await org.store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
         let app = try env.application()
         try await app.test(.router) { client in
-            let key = try await client.send(.post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "svc", "role_id": "\#(serviceRole)"}"#)
+            let key = try await client.send(
+                .post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "svc", "role_id": "\#(serviceRole)"}"#)
             let secret = try #require(key.json["secret"] as? String)
             let owner = org.ownerID.uuidString.lowercased()
             #expect(try await client.send(.post, "/v1/users/\(owner)/deactivate", token: secret).isProblem(.forbidden))
-            #expect(try await client.send(.patch, "/v1/users/\(owner)", token: secret, json: #"{"email": "evil@x.example"}"#).isProblem(.forbidden))
+            #expect(
+                try await client.send(.patch, "/v1/users/\(owner)", token: secret, json: #"{"email": "evil@x.example"}"#).isProblem(
+                    .forbidden))
             // A member holds less than the service role: that is allowed.
-            #expect(try await client.send(.patch, "/v1/users/\(org.memberID.uuidString)", token: secret, json: #"{"display_name": "M"}"#).status == .ok)
+            #expect(
+                try await client.send(.patch, "/v1/users/\(org.memberID.uuidString)", token: secret, json: #"{"display_name": "M"}"#).status
+                    == .ok)
         }
     }
 
     @Test("deactivating a user ends their sessions; nobody deactivates themselves")
     func deactivation() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
-            let login = try await client.send(.post, "/v1/auth/token", json: """
-                {"organisation": "\(org.slug)", "email": "member@\(org.slug).example", "password": "\(TestOrganisation.password)"}
-                """)
+        try await withOrganisation { org, client in
+            let login = try await client.send(
+                .post, "/v1/auth/token",
+                json: """
+                    {"organisation": "\(org.slug)", "email": "member@\(org.slug).example", "password": "\(TestOrganisation.password)"}
+                    """)
             let refresh = try #require(login.json["refresh_token"] as? String)
             let member = org.memberID.uuidString.lowercased()
             #expect(try await client.send(.post, "/v1/users/\(member)/deactivate", token: org.ownerToken).json["active"] as? Bool == false)
             #expect(try await client.send(.post, "/v1/auth/refresh", json: #"{"refresh_token": "\#(refresh)"}"#).isProblem(.unauthorized))
-            #expect(try await client.send(.post, "/v1/users/\(org.ownerID.uuidString)/deactivate", token: org.ownerToken).isProblem(.conflict))
+            #expect(
+                try await client.send(.post, "/v1/users/\(org.ownerID.uuidString)/deactivate", token: org.ownerToken).isProblem(.conflict))
             #expect(try await client.send(.post, "/v1/users/\(member)/reactivate", token: org.ownerToken).json["active"] as? Bool == true)
         }
     }
 
     @Test("the organisation: anyone reads it, only organisation.manage changes it")
     func organisation() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             #expect(try await client.send(.get, "/v1/organisation", token: org.memberToken).json["slug"] as? String == org.slug)
-            let changed = try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"default_locale": "fr", "default_timezone": "Europe/Paris"}"#)
+            let changed = try await client.send(
+                .patch, "/v1/organisation", token: org.ownerToken, json: #"{"default_locale": "fr", "default_timezone": "Europe/Paris"}"#)
             #expect(changed.json["default_timezone"] as? String == "Europe/Paris")
-            #expect(try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"default_timezone": "Nowhere/City"}"#).isProblem(.unprocessableContent))
+            #expect(
+                try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"default_timezone": "Nowhere/City"}"#)
+                    .isProblem(.unprocessableContent))
             #expect(try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"id": "x"}"#).isProblem(.badRequest))
         }
     }

@@ -58,10 +58,12 @@ struct AccessTokenTests {
         #expect(issued.status == .ok, "\(issued.text)")
     }
 
-    @Test("forged and stale tokens are refused with 401 problem+json", arguments: [
-        "alg none", "HS256 signed with the public key", "unknown kid", "no kid", "expired", "nbf in the future",
-        "wrong aud", "wrong iss", "tampered payload", "tampered signature", "not a JWT",
-    ])
+    @Test(
+        "forged and stale tokens are refused with 401 problem+json",
+        arguments: [
+            "alg none", "HS256 signed with the public key", "unknown kid", "no kid", "expired", "nbf in the future",
+            "wrong aud", "wrong iss", "tampered payload", "tampered signature", "not a JWT",
+        ])
     func refused(case name: String) async throws {
         let org = try await TestOrganisation.make()
         let now = Int(Date().timeIntervalSince1970)
@@ -91,7 +93,8 @@ struct AccessTokenTests {
             token = parts[0] + "." + base64url(json(claims(other))) + "." + parts[2]
         case "tampered signature":
             var parts = try signed(claims(org)).split(separator: ".").map(String.init)
-            var signature = Data(base64Encoded: parts[2].replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/") + "==")!
+            var signature = Data(
+                base64Encoded: parts[2].replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/") + "==")!
             signature[5] ^= 0x01
             parts[2] = base64url(signature)
             token = parts.joined(separator: ".")
@@ -149,13 +152,15 @@ struct AccessTokenTests {
         let old = AccessTokenKey(id: "2026-10", privateKey: ES256PrivateKey())
         let new = AccessTokenKey(id: "2026-11", privateKey: ES256PrivateKey())
         let before = try await AccessTokens(keys: [old], activeKeyID: nil, issuer: "herald", audience: "herald-api", ttl: 900, leeway: 30)
-        let during = try await AccessTokens(keys: [old, new], activeKeyID: "2026-11", issuer: "herald", audience: "herald-api", ttl: 900, leeway: 30)
+        let during = try await AccessTokens(
+            keys: [old, new], activeKeyID: "2026-11", issuer: "herald", audience: "herald-api", ttl: 900, leeway: 30)
         let org = UUID(), user = UUID()
         let oldToken = try await before.issueAccessToken(organisationID: org, userID: user, now: Date())
         let newToken = try await during.issueAccessToken(organisationID: org, userID: user, now: Date())
         #expect(try await during.verify(oldToken, now: Date()).userID == user)
         #expect(try await during.verify(newToken, now: Date()).userID == user)
-        let header = try JSONSerialization.jsonObject(with: Data(base64URLEncoded: String(newToken.split(separator: ".")[0]))!) as? [String: Any]
+        let header =
+            try JSONSerialization.jsonObject(with: Data(base64URLEncoded: String(newToken.split(separator: ".")[0]))!) as? [String: Any]
         #expect(header?["kid"] as? String == "2026-11")
         await #expect(throws: AccessTokenRejection.self) { try await before.verify(newToken, now: Date()) }
         #expect(during.jwks.map(\.kid).sorted() == ["2026-10", "2026-11"])
@@ -170,11 +175,15 @@ struct SessionTests {
         env = try await TestEnvironment.shared
     }
 
-    func login(_ client: some TestClientProtocol, _ org: TestOrganisation, password: String = TestOrganisation.password,
-               email: String? = nil) async throws -> TestResponse {
-        try await client.send(.post, "/v1/auth/token", json: """
-            {"organisation": "\(org.slug)", "email": "\(email ?? "owner@\(org.slug).example")", "password": "\(password)"}
-            """)
+    func login(
+        _ client: some TestClientProtocol, _ org: TestOrganisation, password: String = TestOrganisation.password,
+        email: String? = nil
+    ) async throws -> TestResponse {
+        try await client.send(
+            .post, "/v1/auth/token",
+            json: """
+                {"organisation": "\(org.slug)", "email": "\(email ?? "owner@\(org.slug).example")", "password": "\(password)"}
+                """)
     }
 
     func refresh(_ client: some TestClientProtocol, _ token: String) async throws -> TestResponse {
@@ -183,9 +192,7 @@ struct SessionTests {
 
     @Test("login returns a working access token and a refresh token")
     func loginWorks() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             let response = try await login(client, org)
             #expect(response.status == .ok)
             let access = try #require(response.json["access_token"] as? String)
@@ -197,9 +204,7 @@ struct SessionTests {
 
     @Test("a wrong password, an unknown email and an unknown organisation get the same 401")
     func loginRefusals() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             let wrongPassword = try await login(client, org, password: "not the password at all")
             let unknownEmail = try await login(client, org, email: "nobody@\(org.slug).example")
             var other = org
@@ -224,9 +229,7 @@ struct SessionTests {
 
     @Test("failed logins are limited per account: 429 with Retry-After, even with the right password")
     func rateLimitedPerAccount() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application(configure: { $0.loginAttemptsPerAccount = 3 })
-        try await app.test(.router) { client in
+        try await withOrganisation(configure: { $0.loginAttemptsPerAccount = 3 }) { org, client in
             for _ in 0..<3 { #expect(try await login(client, org, password: "wrong password here").status == .unauthorized) }
             let limited = try await login(client, org)
             #expect(limited.isProblem(.tooManyRequests))
@@ -255,9 +258,7 @@ struct SessionTests {
 
     @Test("refresh rotates; reusing a spent refresh token revokes the whole family")
     func refreshRotationAndReuse() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             let first = try #require(try await login(client, org).json["refresh_token"] as? String)
             let rotated = try await refresh(client, first)
             #expect(rotated.status == .ok)
@@ -277,9 +278,7 @@ struct SessionTests {
 
     @Test("a tampered refresh token is refused")
     func tamperedRefresh() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             let token = try #require(try await login(client, org).json["refresh_token"] as? String)
             #expect(try await refresh(client, token.dropLast(2) + "xx").isProblem(.unauthorized))
             #expect(try await refresh(client, "hrt.garbage").isProblem(.unauthorized))
@@ -290,9 +289,7 @@ struct SessionTests {
 
     @Test("logout ends the session's refresh tokens")
     func logout() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             let token = try #require(try await login(client, org).json["refresh_token"] as? String)
             #expect(try await client.send(.post, "/v1/auth/logout", json: #"{"refresh_token": "\#(token)"}"#).status == .noContent)
             #expect(try await refresh(client, token).isProblem(.unauthorized))

@@ -2,7 +2,6 @@ import AsyncHTTPClient
 import Foundation
 import HTTPTypes
 import HeraldCore
-@testable import HeraldStore
 import Hummingbird
 import HummingbirdTesting
 import Logging
@@ -12,6 +11,7 @@ import PostgresNIO
 import Testing
 
 @testable import HeraldAPI
+@testable import HeraldStore
 
 /// Issue 8: defects found by using Herald as an integrator, a frontend and an admin would, at
 /// the request boundary (errors, logs, contract) and in the engine's gaps.
@@ -57,7 +57,9 @@ struct BoundaryDefectTests {
         let app = try env.application()
         try await app.test(.router) { client in
             let admin = try await org.store { tx in try await tx.builtinRole(.admin).id.uuidString.lowercased() }
-            #expect(try await client.send(.put, "/v1/users/\(member)/roles", token: org.ownerToken, json: #"{"role_ids": ["\#(admin)"]}"#).status == .ok)
+            #expect(
+                try await client.send(.put, "/v1/users/\(member)/roles", token: org.ownerToken, json: #"{"role_ids": ["\#(admin)"]}"#)
+                    .status == .ok)
             // act
             let all = try await client.send(.get, "/v1/audit-log", token: org.ownerToken)
             let byTarget = try await client.send(.get, "/v1/audit-log?target_id=\(member)", token: org.ownerToken)
@@ -80,16 +82,20 @@ struct BoundaryDefectTests {
         let log = CapturedLog()
         let app = try env.application(logger: log.logger())
         try await app.test(.router) { client in
-            let sent = try await client.send(.post, "/v1/events", token: key, json: #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "ok"}}"#)
+            let sent = try await client.send(
+                .post, "/v1/events", token: key,
+                json: #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "ok"}}"#)
             let eventID = try #require(sent.json["event_id"] as? String)
             // act: one unreadable value in each of two places
             try await org.store { tx in
                 try await tx.query("UPDATE events SET counts = '[1, 2]'::jsonb WHERE id = \(UUID(uuidString: eventID)!)")
-                try await tx.query(#"UPDATE organisations SET settings = settings || '{"throttle_per_minute": "oops"}'::jsonb WHERE id = \#(org.id)"#)
+                try await tx.query(
+                    #"UPDATE organisations SET settings = settings || '{"throttle_per_minute": "oops"}'::jsonb WHERE id = \#(org.id)"#)
             }
             let read = try await client.send(.get, "/v1/events/\(eventID)", token: key)
-            let notify = try await client.send(.post, "/v1/events", token: org.ownerToken,
-                                               json: #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "PAYLOAD-SECRET-4411"}}"#)
+            let notify = try await client.send(
+                .post, "/v1/events", token: org.ownerToken,
+                json: #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "PAYLOAD-SECRET-4411"}}"#)
             let still = try await client.send(.get, "/v1/events", token: key)
             // check: 500s (not all-zero counts, not a 4xx), the process goes on, the logs say
             // which request failed and why without any credential or payload value
@@ -143,29 +149,37 @@ struct BoundaryDefectTests {
                 (.post, "/v1/groups", #"{"key": "g1", "name": "G", "description": "\#(long)"}"#, "description"),
                 (.post, "/v1/categories", #"{"key": "c1", "name": "C", "description": "\#(long)"}"#, "description"),
                 (.patch, "/v1/categories/\(catalogue.activity.uuidString)", #"{"description": "\#(long)"}"#, "description"),
-                (.post, "/v1/notification-types", #"{"key": "T1", "category": "activity", "name": "T", "description": "\#(long)"}"#, "description"),
+                (
+                    .post, "/v1/notification-types", #"{"key": "T1", "category": "activity", "name": "T", "description": "\#(long)"}"#,
+                    "description"
+                ),
                 (.patch, "/v1/notification-types/\(catalogue.taskAssigned.uuidString)", #"{"description": "\#(long)"}"#, "description"),
-                (.put, "/v1/notification-types/\(catalogue.taskAssigned.uuidString)/templates/in_app/en", #"{"subject": "\#(long)", "body": "b"}"#, "subject"),
-                (.put, "/v1/notification-types/\(catalogue.taskAssigned.uuidString)/templates/email/en",
-                 #"{"subject": "s", "body": "\#(String(repeating: "y", count: 20001))"}"#, "body"),
+                (
+                    .put, "/v1/notification-types/\(catalogue.taskAssigned.uuidString)/templates/in_app/en",
+                    #"{"subject": "\#(long)", "body": "b"}"#, "subject"
+                ),
+                (
+                    .put, "/v1/notification-types/\(catalogue.taskAssigned.uuidString)/templates/email/en",
+                    #"{"subject": "s", "body": "\#(String(repeating: "y", count: 20001))"}"#, "body"
+                ),
             ]
             for (method, path, json, field) in cases {
                 let response = try await client.send(method, path, token: org.ownerToken, json: json)
                 #expect(response.isProblem(.unprocessableContent), "\(method) \(path)")
-                #expect((response.json["detail"] as? String)?.hasPrefix("\(field):") == true, "\(method) \(path): \(response.text.prefix(300))")
+                #expect(
+                    (response.json["detail"] as? String)?.hasPrefix("\(field):") == true, "\(method) \(path): \(response.text.prefix(300))")
             }
             // exactly at the limit is accepted
-            let atLimit = try await client.send(.post, "/v1/groups", token: org.ownerToken,
-                                                json: #"{"key": "g2", "name": "G", "description": "\#(String(repeating: "é", count: 1000))"}"#)
+            let atLimit = try await client.send(
+                .post, "/v1/groups", token: org.ownerToken,
+                json: #"{"key": "g2", "name": "G", "description": "\#(String(repeating: "é", count: 1000))"}"#)
             #expect(atLimit.status == .created)
         }
     }
 
     @Test("unknown query parameters are refused (400 naming them); declared ones work")
     func unknownQueryParameters() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             let typo = try await client.send(.get, "/v1/me/notifications?team=sales", token: org.memberToken)
             #expect(typo.isProblem(.badRequest))
             #expect((typo.json["detail"] as? String)?.contains("\"team\"") == true)
@@ -177,9 +191,7 @@ struct BoundaryDefectTests {
 
     @Test("an id parameter that is not a UUID is 422 everywhere, the audit log's target_id included")
     func auditTargetIDMustBeAUUID() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             let response = try await client.send(.get, "/v1/audit-log?target_id=not-a-uuid", token: org.ownerToken)
             #expect(response.isProblem(.unprocessableContent))
             #expect((response.json["detail"] as? String)?.hasPrefix("target_id:") == true)
@@ -188,19 +200,19 @@ struct BoundaryDefectTests {
 
     @Test("group membership: a malformed and a missing group give one body; a missing user says user")
     func membershipNotFoundBodies() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             let group = try await client.send(.post, "/v1/groups", token: org.ownerToken, json: #"{"key": "ward", "name": "Ward"}"#)
             let groupID = try #require(group.json["id"] as? String)
             let user = org.memberID.uuidString.lowercased()
             for method in [HTTPRequest.Method.put, .delete] {
                 let malformed = try await client.send(method, "/v1/groups/not-a-uuid/members/\(user)", token: org.ownerToken)
-                let missing = try await client.send(method, "/v1/groups/\(UUID().uuidString.lowercased())/members/\(user)", token: org.ownerToken)
+                let missing = try await client.send(
+                    method, "/v1/groups/\(UUID().uuidString.lowercased())/members/\(user)", token: org.ownerToken)
                 #expect(malformed.isProblem(.notFound))
                 #expect(malformed.text == missing.text)
                 #expect(malformed.text.contains("No group with this id"))
-                let noUser = try await client.send(method, "/v1/groups/\(groupID)/members/\(UUID().uuidString.lowercased())", token: org.ownerToken)
+                let noUser = try await client.send(
+                    method, "/v1/groups/\(groupID)/members/\(UUID().uuidString.lowercased())", token: org.ownerToken)
                 #expect(noUser.isProblem(.notFound))
                 #expect(noUser.text.contains("No user with this id"))
             }
@@ -209,9 +221,7 @@ struct BoundaryDefectTests {
 
     @Test("an undeclared method on a known path is 405 with Allow; an unknown path stays 404")
     func methodNotAllowed() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             let trace = try await client.send(.init("TRACE")!, "/v1/me", token: org.ownerToken)
             #expect(trace.isProblem(.methodNotAllowed))
             #expect(trace.headers[.allow] == "GET")
@@ -261,9 +271,11 @@ struct IntegratorGapTests {
         let key = try await org.serviceKey()
         let app = try env.application()
         try await app.test(.router) { client in
-            let body = #"{"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(org.memberID.uuidString.lowercased())"]}, "payload": {"title": "t"}}"#
+            let body =
+                #"{"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(org.memberID.uuidString.lowercased())"]}, "payload": {"title": "t"}}"#
             // act
-            let byUser = try #require(try await client.send(.post, "/v1/events", token: org.ownerToken, json: body).json["event_id"] as? String)
+            let byUser = try #require(
+                try await client.send(.post, "/v1/events", token: org.ownerToken, json: body).json["event_id"] as? String)
             let byKey = try #require(try await client.send(.post, "/v1/events", token: key, json: body).json["event_id"] as? String)
             // check
             let one = try await client.send(.get, "/v1/events/\(byUser)", token: org.ownerToken).json
@@ -271,7 +283,9 @@ struct IntegratorGapTests {
             #expect((one["sent_by"] as? [String: Any])?["id"] as? String == org.ownerID.uuidString.lowercased())
             let list = try #require(try await client.send(.get, "/v1/events", token: org.ownerToken).json["items"] as? [[String: Any]])
             #expect((list.first { $0["id"] as? String == byKey }?["sent_by"] as? [String: Any])?["type"] as? String == "api_key")
-            let audit = try #require(try await client.send(.get, "/v1/audit-log?action=event.send_manual", token: org.ownerToken).json["items"] as? [[String: Any]])
+            let audit = try #require(
+                try await client.send(.get, "/v1/audit-log?action=event.send_manual", token: org.ownerToken).json["items"]
+                    as? [[String: Any]])
             #expect(audit.map { $0["target_id"] as? String } == [byUser])
             #expect(!(audit.first.map { "\($0)" } ?? "").contains("payload"))
         }
@@ -287,12 +301,15 @@ struct IntegratorGapTests {
         try await app.test(.router) { client in
             let set = try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"user_throttle_per_minute": 2}"#)
             #expect(set.json["user_throttle_per_minute"] as? Int == 2)
-            #expect(try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"user_throttle_per_minute": -1}"#)
-                .isProblem(.unprocessableContent))
+            #expect(
+                try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"user_throttle_per_minute": -1}"#)
+                    .isProblem(.unprocessableContent))
             // act: two categories (activity and alerts), three events to the member
             func send(_ type: String) async throws -> [String: Any] {
-                try await client.send(.post, "/v1/events", token: org.ownerToken,
-                                      json: #"{"type": "\#(type)", "audience": {"user_ids": ["\#(member)"]}, "payload": {"title": "t"}}"#).json
+                try await client.send(
+                    .post, "/v1/events", token: org.ownerToken,
+                    json: #"{"type": "\#(type)", "audience": {"user_ids": ["\#(member)"]}, "payload": {"title": "t"}}"#
+                ).json
             }
             let first = try await send("TASK_ASSIGNED")
             let second = try await send("TASK_ASSIGNED")
@@ -318,18 +335,25 @@ struct IntegratorGapTests {
         let app = try env.application()
         try await app.test(.router) { client in
             func send(_ tags: String) async throws -> TestResponse {
-                try await client.send(.post, "/v1/events", token: org.ownerToken,
-                                      json: #"{"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(member)"]}, "payload": {"title": "t"}, "tags": \#(tags)}"#)
+                try await client.send(
+                    .post, "/v1/events", token: org.ownerToken,
+                    json:
+                        #"{"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(member)"]}, "payload": {"title": "t"}, "tags": \#(tags)}"#
+                )
             }
             #expect(try await send(#"["team:sales", "region:north"]"#).status == .accepted)
             #expect(try await send(#"["team:sales"]"#).status == .accepted)
             #expect(try await send(#"["team:support"]"#).status == .accepted)
             #expect(try await send(#"["Not A Tag"]"#).isProblem(.unprocessableContent))
             // act
-            let sales = try #require(try await client.send(.get, "/v1/me/notifications?tag=team:sales", token: org.memberToken).json["items"] as? [[String: Any]])
-            let both = try #require(try await client.send(.get, "/v1/me/notifications?tag=team:sales&tag=region:north", token: org.memberToken)
-                .json["items"] as? [[String: Any]])
-            let all = try #require(try await client.send(.get, "/v1/me/notifications", token: org.memberToken).json["items"] as? [[String: Any]])
+            let sales = try #require(
+                try await client.send(.get, "/v1/me/notifications?tag=team:sales", token: org.memberToken).json["items"] as? [[String: Any]]
+            )
+            let both = try #require(
+                try await client.send(.get, "/v1/me/notifications?tag=team:sales&tag=region:north", token: org.memberToken)
+                    .json["items"] as? [[String: Any]])
+            let all = try #require(
+                try await client.send(.get, "/v1/me/notifications", token: org.memberToken).json["items"] as? [[String: Any]])
             // check
             #expect(sales.count == 2)
             #expect(both.count == 1)
@@ -346,7 +370,9 @@ struct IntegratorGapTests {
         let key = try await org.serviceKey()
         let app = try env.application()
         try await app.test(.router) { client in
-            let sent = try await client.send(.post, "/v1/events", token: key, json: #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "t"}}"#)
+            let sent = try await client.send(
+                .post, "/v1/events", token: key,
+                json: #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "t"}}"#)
             let id = try #require(sent.json["event_id"] as? String)
             #expect(try await client.send(.get, "/v1/events/\(id)/explain", token: key).status == .ok)
             #expect(try await client.send(.get, "/v1/notifications/debug?event=TASK_ASSIGNED", token: key).status == .ok)
@@ -361,7 +387,8 @@ extension TestOrganisation {
         let service = try await store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
         let app = try env.application()
         return try await app.test(.router) { client in
-            let created = try await client.send(.post, "/v1/api-keys", token: ownerToken, json: #"{"name": "CRM", "role_id": "\#(service)"}"#)
+            let created = try await client.send(
+                .post, "/v1/api-keys", token: ownerToken, json: #"{"name": "CRM", "role_id": "\#(service)"}"#)
             return try #require(created.json["secret"] as? String)
         }
     }
@@ -383,8 +410,11 @@ struct CatalogueDocumentTests {
         let b = try await TestOrganisation.make()
         let app = try env.application()
         try await app.test(.router) { client in
-            #expect(try await client.send(.put, "/v1/organisation/preference-defaults", token: a.ownerToken,
-                                          json: #"{"items": [{"category": "activity", "channel": "email", "enabled": true, "frequency": "DAILY"}]}"#).status == .ok)
+            #expect(
+                try await client.send(
+                    .put, "/v1/organisation/preference-defaults", token: a.ownerToken,
+                    json: #"{"items": [{"category": "activity", "channel": "email", "enabled": true, "frequency": "DAILY"}]}"#
+                ).status == .ok)
             let exported = try await client.send(.get, "/v1/catalogue", token: a.ownerToken)
             #expect(exported.status == .ok)
             #expect(exported.text.contains("ISQ_CRITICAL") && exported.text.contains("Critical ISQ {{payload.isq}}"))
@@ -396,10 +426,12 @@ struct CatalogueDocumentTests {
             #expect(first.text == exported.text)
             #expect(second.text == exported.text)
             #expect(try await client.send(.get, "/v1/catalogue", token: b.ownerToken).text == exported.text)
-            let audit = try #require(try await client.send(.get, "/v1/audit-log?action=catalogue.import", token: b.ownerToken).json["items"] as? [Any])
+            let audit = try #require(
+                try await client.send(.get, "/v1/audit-log?action=catalogue.import", token: b.ownerToken).json["items"] as? [Any])
             #expect(audit.count == 1)
-            let sent = try await client.send(.post, "/v1/events", token: b.ownerToken,
-                                             json: #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "first"}}"#)
+            let sent = try await client.send(
+                .post, "/v1/events", token: b.ownerToken,
+                json: #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "first"}}"#)
             #expect(sent.status == .accepted)
             #expect(try await client.send(.get, "/v1/catalogue", token: b.memberToken).isProblem(.forbidden))
         }
@@ -407,9 +439,7 @@ struct CatalogueDocumentTests {
 
     @Test("an invalid part refuses the whole document (422 naming it) and nothing is written")
     func invalidDocumentWritesNothing() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             let document = #"""
                 {"categories": [{"key": "news", "name": "News"}],
                  "types": [{"key": "NEWS", "category": "news", "name": "News", "templates": [{"channel": "in_app", "locale": "en", "subject": "ok", "body": "ok"}]},
@@ -435,8 +465,10 @@ struct CatalogueDocumentTests {
         let process = Process()
         let environment = ProcessInfo.processInfo.environment
         process.executableURL = URL(fileURLWithPath: environment["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
-        process.arguments = ["organisation", "create", "--slug", slug, "--name", "CLI Clinic", "--owner-email", "owner@\(slug).example",
-                             "--catalogue", "demo"]
+        process.arguments = [
+            "organisation", "create", "--slug", slug, "--name", "CLI Clinic", "--owner-email", "owner@\(slug).example",
+            "--catalogue", "demo",
+        ]
         process.environment = environment.merging([
             "DATABASE_URL": env.appURL, "HERALD_OWNER_PASSWORD": "a long enough passphrase", "HERALD_ARGON2_ITERATIONS": "1",
         ]) { _, new in new }

@@ -25,7 +25,10 @@ struct BusTests {
         let a = try await TestOrganisation.make(), b = try await TestOrganisation.make()
         for org in [a, b] {
             _ = try await TestCatalogue.make(in: org)
-            for _ in 0..<5 { try await org.notify(EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]), payload: .object([:]))) }
+            for _ in 0..<5 {
+                try await org.notify(
+                    EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+            }
         }
         let rows = try await a.notificationIDs(of: a.memberID)
         #expect(rows.count == 5)
@@ -43,11 +46,12 @@ struct BusTests {
             let last = BusMessage.feedChanged(organisationID: a.id, userID: a.memberID, kind: .archived)
             // check
             #expect(try await eventually(timeout: .seconds(20)) { heardByA.messages.contains(last) && heardByAll.messages.contains(last) })
-            #expect(heardByA.feedChanges == [
-                .feedChanged(organisationID: a.id, userID: a.memberID, kind: .read),
-                .feedChanged(organisationID: a.id, userID: a.memberID, kind: .allRead),
-                last,
-            ])
+            #expect(
+                heardByA.feedChanges == [
+                    .feedChanged(organisationID: a.id, userID: a.memberID, kind: .read),
+                    .feedChanged(organisationID: a.id, userID: a.memberID, kind: .allRead),
+                    last,
+                ])
             #expect(heardByA.messages.allSatisfy { $0.organisationID == nil || $0.organisationID == a.id })
             #expect(heardByAll.feedChanges.contains(.feedChanged(organisationID: b.id, userID: b.memberID, kind: .allRead)))
         }

@@ -1,7 +1,6 @@
 import Foundation
 import HTTPTypes
 import HeraldCore
-@testable import HeraldStore
 import Hummingbird
 import HummingbirdTesting
 import Logging
@@ -10,6 +9,7 @@ import PostgresNIO
 import Testing
 
 @testable import HeraldAPI
+@testable import HeraldStore
 
 /// Issue 9, part 6: ready for a distributed PostgreSQL (Citus, every tenant table distributed by
 /// organisation_id). A statement that names its organisation goes to one shard; one that does
@@ -34,7 +34,7 @@ struct CitusReadinessTests {
     static let exemptTables: [String: String] = [
         // Its key `id` is the organisation id itself: every statement on it filters `id = $org`.
         // On Citus it is the reference table the tenant tables point at.
-        "organisations": "keyed by id, which is the organisation id",
+        "organisations": "keyed by id, which is the organisation id"
     ]
 
     @Test("every statement the API and the workers send to a tenant table names organisation_id")
@@ -43,7 +43,9 @@ struct CitusReadinessTests {
         let name = "citus_ready_\(UUID().uuidString.prefix(8).lowercased())"
         try await withClient(env.ownerURL) { try await $0.query("CREATE DATABASE \(unescaped: name)", logger: env.logger) }
         let drop: () async -> Void = {
-            try? await withClient(env.ownerURL) { _ = try await $0.query("DROP DATABASE \(unescaped: name) WITH (FORCE)", logger: env.logger) }
+            try? await withClient(env.ownerURL) {
+                _ = try await $0.query("DROP DATABASE \(unescaped: name) WITH (FORCE)", logger: env.logger)
+            }
         }
         do {
             try await runAndCheck(database: name)
@@ -60,9 +62,12 @@ struct CitusReadinessTests {
         #expect(migrated.contains("applied"), "herald migrate from /tmp: \(migrated)")
         let slug = "citus-\(UUID().uuidString.prefix(6).lowercased())"
         let password = "correct horse battery staple"
-        _ = try herald(["organisation", "create", "--slug", slug, "--name", "Citus Clinic", "--owner-email", "owner@\(slug).example",
-                        "--catalogue", "demo"],
-                       ["DATABASE_URL": url(env.appURL, database: name), "HERALD_OWNER_PASSWORD": password])
+        _ = try herald(
+            [
+                "organisation", "create", "--slug", slug, "--name", "Citus Clinic", "--owner-email", "owner@\(slug).example",
+                "--catalogue", "demo",
+            ],
+            ["DATABASE_URL": url(env.appURL, database: name), "HERALD_OWNER_PASSWORD": password])
 
         // act: the workload, through the API and the workers, as herald_app and herald_worker
         var workerConfiguration = try PostgresClient.Configuration.fromURL(url(env.workerURL, database: name))
@@ -127,54 +132,95 @@ struct CitusReadinessTests {
         let dependencies = AppDependencies(
             database: database, postgres: appClient, tokens: env.tokens, passwords: env.passwords,
             expectedMigrations: TestEnvironment.migrationVersions, linkKeys: TestEnvironment.linkKeys)
-        let router = try buildRouter(configuration: env.configuration { $0.destinationsAllowed = ["127.0.0.1/32"] }, dependencies: dependencies)
+        let router = try buildRouter(
+            configuration: env.configuration { $0.destinationsAllowed = ["127.0.0.1/32"] }, dependencies: dependencies)
         let app = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)), logger: env.logger)
         let hook = Peers.hook("citus")
         try await app.test(.router) { client in
             // Sessions: login, refresh, logout.
-            let login = try ok(await client.send(.post, "/v1/auth/token", json: """
-                {"organisation": "\(slug)", "email": "owner@\(slug).example", "password": "\(password)"}
-                """), "login")
+            let login = try ok(
+                await client.send(
+                    .post, "/v1/auth/token",
+                    json: """
+                        {"organisation": "\(slug)", "email": "owner@\(slug).example", "password": "\(password)"}
+                        """), "login")
             let admin = try #require(login["access_token"] as? String)
-            let refreshed = try ok(await client.send(.post, "/v1/auth/refresh", json: #"{"refresh_token": "\#(login["refresh_token"] as? String ?? "")"}"#), "refresh")
-            _ = try ok(await client.send(.post, "/v1/auth/logout", json: #"{"refresh_token": "\#(refreshed["refresh_token"] as? String ?? "")"}"#), "logout")
+            let refreshed = try ok(
+                await client.send(.post, "/v1/auth/refresh", json: #"{"refresh_token": "\#(login["refresh_token"] as? String ?? "")"}"#),
+                "refresh")
+            _ = try ok(
+                await client.send(.post, "/v1/auth/logout", json: #"{"refresh_token": "\#(refreshed["refresh_token"] as? String ?? "")"}"#),
+                "logout")
             let me = try ok(await client.send(.get, "/v1/me", token: admin), "me")
             let ownerID = try #require(me["user_id"] as? String)
             let organisationID = try #require((me["organisation_id"] as? String).flatMap(UUID.init(uuidString:)))
             _ = try ok(await client.send(.get, "/v1/organisation", token: admin), "organisation")
             _ = try ok(await client.send(.get, "/v1/permissions", token: admin), "permissions")
-            _ = try ok(await client.send(.patch, "/v1/organisation", token: admin, json: #"{"default_timezone": "Europe/Paris"}"#), "update organisation")
+            _ = try ok(
+                await client.send(.patch, "/v1/organisation", token: admin, json: #"{"default_timezone": "Europe/Paris"}"#),
+                "update organisation")
 
             // Users and roles.
             let memberEmail = "member@\(slug).example"
-            let memberID = try #require(try ok(await client.send(.post, "/v1/users", token: admin, json: #"{"email": "\#(memberEmail)", "display_name": "Member"}"#), "create user")["id"] as? String)
-            let tempID = try #require(try ok(await client.send(.post, "/v1/users", token: admin, json: #"{"email": "temp@\#(slug).example", "display_name": "Temp"}"#), "create user")["id"] as? String)
-            _ = try ok(await client.send(.patch, "/v1/users/\(memberID)", token: admin, json: #"{"display_name": "Member M", "attributes": {"team": "implants"}}"#), "update user")
+            let memberID = try #require(
+                try ok(
+                    await client.send(.post, "/v1/users", token: admin, json: #"{"email": "\#(memberEmail)", "display_name": "Member"}"#),
+                    "create user")["id"] as? String)
+            let tempID = try #require(
+                try ok(
+                    await client.send(
+                        .post, "/v1/users", token: admin, json: #"{"email": "temp@\#(slug).example", "display_name": "Temp"}"#),
+                    "create user")["id"] as? String)
+            _ = try ok(
+                await client.send(
+                    .patch, "/v1/users/\(memberID)", token: admin,
+                    json: #"{"display_name": "Member M", "attributes": {"team": "implants"}}"#), "update user")
             _ = try ok(await client.send(.post, "/v1/users/\(tempID)/deactivate", token: admin), "deactivate")
             _ = try ok(await client.send(.post, "/v1/users/\(tempID)/reactivate", token: admin), "reactivate")
             _ = try ok(await client.send(.get, "/v1/users?q=member&active=true", token: admin), "search users")
             _ = try ok(await client.send(.get, "/v1/users/\(memberID)", token: admin), "user")
             let roles = try #require(try ok(await client.send(.get, "/v1/roles", token: admin), "roles")["items"] as? [[String: Any]])
-            func role(_ key: String) throws -> String { try #require(roles.first { $0["key"] as? String == key }?["id"] as? String, "role \(key)") }
-            let (memberRole, ownerRole, clinician, service) = (try role("member"), try role("owner"), try role("clinician"), try role("service"))
-            _ = try ok(await client.send(.put, "/v1/users/\(memberID)/roles", token: admin, json: #"{"role_ids": ["\#(memberRole)", "\#(clinician)"]}"#), "member roles")
-            _ = try ok(await client.send(.put, "/v1/users/\(ownerID)/roles", token: admin, json: #"{"role_ids": ["\#(ownerRole)", "\#(clinician)"]}"#), "owner roles")
-            let auditor = try #require(try ok(await client.send(.post, "/v1/roles", token: admin, json: #"{"key": "auditor", "name": "Auditor", "permissions": ["audit.read"]}"#), "create role")["id"] as? String)
-            _ = try ok(await client.send(.patch, "/v1/roles/\(auditor)", token: admin, json: #"{"name": "Auditors", "permissions": ["audit.read", "users.read"]}"#), "update role")
+            func role(_ key: String) throws -> String {
+                try #require(roles.first { $0["key"] as? String == key }?["id"] as? String, "role \(key)")
+            }
+            let (memberRole, ownerRole, clinician, service) = (
+                try role("member"), try role("owner"), try role("clinician"), try role("service")
+            )
+            _ = try ok(
+                await client.send(
+                    .put, "/v1/users/\(memberID)/roles", token: admin, json: #"{"role_ids": ["\#(memberRole)", "\#(clinician)"]}"#),
+                "member roles")
+            _ = try ok(
+                await client.send(
+                    .put, "/v1/users/\(ownerID)/roles", token: admin, json: #"{"role_ids": ["\#(ownerRole)", "\#(clinician)"]}"#),
+                "owner roles")
+            let auditor = try #require(
+                try ok(
+                    await client.send(
+                        .post, "/v1/roles", token: admin, json: #"{"key": "auditor", "name": "Auditor", "permissions": ["audit.read"]}"#),
+                    "create role")["id"] as? String)
+            _ = try ok(
+                await client.send(
+                    .patch, "/v1/roles/\(auditor)", token: admin,
+                    json: #"{"name": "Auditors", "permissions": ["audit.read", "users.read"]}"#), "update role")
             _ = try ok(await client.send(.get, "/v1/roles/\(auditor)", token: admin), "role")
             #expect(try await client.send(.delete, "/v1/roles/\(auditor)", token: admin).status == .noContent)
 
             // Groups.
-            let group = try #require(try ok(await client.send(.post, "/v1/groups", token: admin, json: #"{"key": "ward-7", "name": "Ward 7"}"#), "create group")["id"] as? String)
+            let group = try #require(
+                try ok(await client.send(.post, "/v1/groups", token: admin, json: #"{"key": "ward-7", "name": "Ward 7"}"#), "create group")[
+                    "id"] as? String)
             #expect(try await client.send(.put, "/v1/groups/\(group)/members/\(memberID)", token: admin).status == .noContent)
             #expect(try await client.send(.put, "/v1/groups/\(group)/members/\(tempID)", token: admin).status == .noContent)
             _ = try ok(await client.send(.get, "/v1/groups/\(group)/members", token: admin), "members")
-            _ = try ok(await client.send(.patch, "/v1/groups/\(group)", token: admin, json: #"{"description": "Night shift"}"#), "update group")
+            _ = try ok(
+                await client.send(.patch, "/v1/groups/\(group)", token: admin, json: #"{"description": "Night shift"}"#), "update group")
             _ = try ok(await client.send(.get, "/v1/groups", token: admin), "groups")
             #expect(try await client.send(.delete, "/v1/groups/\(group)/members/\(tempID)", token: admin).status == .noContent)
 
             // API keys: made, used, revoked.
-            let key = try ok(await client.send(.post, "/v1/api-keys", token: admin, json: #"{"name": "CRM", "role_id": "\#(service)"}"#), "create key")
+            let key = try ok(
+                await client.send(.post, "/v1/api-keys", token: admin, json: #"{"name": "CRM", "role_id": "\#(service)"}"#), "create key")
             let keyID = try #require(key["id"] as? String), secret = try #require(key["secret"] as? String)
             _ = try ok(await client.send(.get, "/v1/api-keys", token: admin), "keys")
             _ = try ok(await client.send(.get, "/v1/api-keys/\(keyID)", token: admin), "key")
@@ -182,20 +228,44 @@ struct CitusReadinessTests {
 
             // Catalogue: a category and a type with templates; the catalogue document round trip.
             _ = try ok(await client.send(.get, "/v1/categories", token: admin), "categories")
-            let wards = try #require(try ok(await client.send(.post, "/v1/categories", token: admin, json: #"{"key": "wards", "name": "Wards"}"#), "create category")["id"] as? String)
-            _ = try ok(await client.send(.patch, "/v1/categories/\(wards)", token: admin, json: #"{"description": "Ward systems"}"#), "update category")
-            let type = try #require(try ok(await client.send(.post, "/v1/notification-types", token: admin, json: """
-                {"key": "WARD_ALERT", "category": "wards", "name": "Ward alert", "default_channels": ["in_app", "email", "webhook"]}
-                """), "create type")["id"] as? String)
-            _ = try ok(await client.send(.put, "/v1/notification-types/\(type)/templates/in_app/en", token: admin, json: #"{"subject": "Ward {{payload.ward}}", "body": "Alert"}"#), "template")
-            _ = try ok(await client.send(.put, "/v1/notification-types/\(type)/templates/email/en", token: admin,
-                                         json: #"{"subject": "Ward {{payload.ward}}", "body": "Open: {{{links.open}}}"}"#), "template")
-            _ = try ok(await client.send(.put, "/v1/notification-types/\(type)/templates/in_app/fr", token: admin, json: #"{"subject": "Service", "body": "Alerte"}"#), "template")
+            let wards = try #require(
+                try ok(
+                    await client.send(.post, "/v1/categories", token: admin, json: #"{"key": "wards", "name": "Wards"}"#), "create category"
+                )["id"] as? String)
+            _ = try ok(
+                await client.send(.patch, "/v1/categories/\(wards)", token: admin, json: #"{"description": "Ward systems"}"#),
+                "update category")
+            let type = try #require(
+                try ok(
+                    await client.send(
+                        .post, "/v1/notification-types", token: admin,
+                        json: """
+                            {"key": "WARD_ALERT", "category": "wards", "name": "Ward alert", "default_channels": ["in_app", "email", "webhook"]}
+                            """), "create type")["id"] as? String)
+            _ = try ok(
+                await client.send(
+                    .put, "/v1/notification-types/\(type)/templates/in_app/en", token: admin,
+                    json: #"{"subject": "Ward {{payload.ward}}", "body": "Alert"}"#), "template")
+            _ = try ok(
+                await client.send(
+                    .put, "/v1/notification-types/\(type)/templates/email/en", token: admin,
+                    json: #"{"subject": "Ward {{payload.ward}}", "body": "Open: {{{links.open}}}"}"#), "template")
+            _ = try ok(
+                await client.send(
+                    .put, "/v1/notification-types/\(type)/templates/in_app/fr", token: admin,
+                    json: #"{"subject": "Service", "body": "Alerte"}"#), "template")
             #expect(try await client.send(.delete, "/v1/notification-types/\(type)/templates/in_app/fr", token: admin).status == .noContent)
             _ = try ok(await client.send(.get, "/v1/notification-types", token: admin), "types")
             _ = try ok(await client.send(.get, "/v1/notification-types/\(type)", token: admin), "type")
-            let scratch = try #require(try ok(await client.send(.post, "/v1/categories", token: admin, json: #"{"key": "scratch", "name": "Scratch"}"#), "create category")["id"] as? String)
-            let scratchType = try #require(try ok(await client.send(.post, "/v1/notification-types", token: admin, json: #"{"key": "SCRATCH", "category": "scratch", "name": "Scratch"}"#), "create type")["id"] as? String)
+            let scratch = try #require(
+                try ok(
+                    await client.send(.post, "/v1/categories", token: admin, json: #"{"key": "scratch", "name": "Scratch"}"#),
+                    "create category")["id"] as? String)
+            let scratchType = try #require(
+                try ok(
+                    await client.send(
+                        .post, "/v1/notification-types", token: admin,
+                        json: #"{"key": "SCRATCH", "category": "scratch", "name": "Scratch"}"#), "create type")["id"] as? String)
             #expect(try await client.send(.delete, "/v1/notification-types/\(scratchType)", token: admin).status == .noContent)
             #expect(try await client.send(.delete, "/v1/categories/\(scratch)", token: admin).status == .noContent)
             let document = try await client.send(.get, "/v1/catalogue", token: admin)
@@ -204,22 +274,36 @@ struct CitusReadinessTests {
 
             // Preferences: organisation defaults, the owner's own, the member's set by an admin.
             _ = try ok(await client.send(.get, "/v1/organisation/preference-defaults", token: admin), "defaults")
-            _ = try ok(await client.send(.put, "/v1/organisation/preference-defaults", token: admin,
-                                         json: #"{"items": [{"category": "activity", "channel": "email", "enabled": true, "frequency": "DAILY"}]}"#), "set defaults")
-            _ = try ok(await client.send(.put, "/v1/me/preferences", token: admin,
-                                         json: #"{"items": [{"category": "outings", "channel": "email", "enabled": true, "frequency": "WEEKLY"}]}"#), "my preferences")
+            _ = try ok(
+                await client.send(
+                    .put, "/v1/organisation/preference-defaults", token: admin,
+                    json: #"{"items": [{"category": "activity", "channel": "email", "enabled": true, "frequency": "DAILY"}]}"#),
+                "set defaults")
+            _ = try ok(
+                await client.send(
+                    .put, "/v1/me/preferences", token: admin,
+                    json: #"{"items": [{"category": "outings", "channel": "email", "enabled": true, "frequency": "WEEKLY"}]}"#),
+                "my preferences")
             _ = try ok(await client.send(.get, "/v1/me/preferences", token: admin), "my preferences")
             _ = try ok(await client.send(.get, "/v1/me/preferences/resolved", token: admin), "resolved")
-            _ = try ok(await client.send(.put, "/v1/users/\(memberID)/preferences", token: admin,
-                                         json: #"{"items": [{"category": "wards", "channel": "email", "enabled": true, "frequency": "IMMEDIATE"}]}"#), "user preferences")
+            _ = try ok(
+                await client.send(
+                    .put, "/v1/users/\(memberID)/preferences", token: admin,
+                    json: #"{"items": [{"category": "wards", "channel": "email", "enabled": true, "frequency": "IMMEDIATE"}]}"#),
+                "user preferences")
             _ = try ok(await client.send(.get, "/v1/users/\(memberID)/preferences", token: admin), "user preferences")
             _ = try ok(await client.send(.get, "/v1/users/\(memberID)/preferences/resolved?type=WARD_ALERT", token: admin), "resolved")
 
             // A webhook endpoint at the test receiver.
-            let endpoint = try #require(try ok(await client.send(.post, "/v1/endpoints", token: admin,
-                                                                  json: #"{"channel": "webhook", "name": "Ward system", "url": "\#(hook.url)"}"#), "endpoint")["id"] as? String)
+            let endpoint = try #require(
+                try ok(
+                    await client.send(
+                        .post, "/v1/endpoints", token: admin,
+                        json: #"{"channel": "webhook", "name": "Ward system", "url": "\#(hook.url)"}"#), "endpoint")["id"] as? String)
             _ = try ok(await client.send(.get, "/v1/endpoints", token: admin), "endpoints")
-            _ = try ok(await client.send(.patch, "/v1/endpoints/\(endpoint)", token: admin, json: #"{"name": "Ward system 7"}"#), "update endpoint")
+            _ = try ok(
+                await client.send(.patch, "/v1/endpoints/\(endpoint)", token: admin, json: #"{"name": "Ward system 7"}"#), "update endpoint"
+            )
             _ = try ok(await client.send(.post, "/v1/endpoints/\(endpoint)/rotate-secret", token: admin), "rotate")
             _ = try ok(await client.send(.get, "/v1/endpoints/\(endpoint)", token: admin), "endpoint")
 
@@ -227,21 +311,37 @@ struct CitusReadinessTests {
             let idempotency: HTTPFields = [HTTPField.Name("Idempotency-Key")!: "citus-1"]
             let isq = #"{"type": "ISQ_CRITICAL", "audience": {"roles": ["clinician"]}, "payload": {"isq": 25, "threshold": 55}}"#
             _ = try ok(await client.send(.post, "/v1/events/dry-run", token: admin, json: isq), "dry run")
-            let first = try #require(try ok(await client.send(.post, "/v1/events", token: admin, json: isq, headers: idempotency), "notify")["event_id"] as? String)
+            let first = try #require(
+                try ok(await client.send(.post, "/v1/events", token: admin, json: isq, headers: idempotency), "notify")["event_id"]
+                    as? String)
             _ = try ok(await client.send(.post, "/v1/events", token: admin, json: isq, headers: idempotency), "replay")
-            _ = try ok(await client.send(.post, "/v1/events", token: admin, json: """
-                {"type": "WARD_ALERT", "audience": {"user_ids": ["\(memberID)"]}, "payload": {"ward": "7"}, "url": "https://ward.example.org/7"}
-                """), "notify by user")
-            _ = try ok(await client.send(.post, "/v1/events", token: admin, json: """
-                {"type": "TASK_ASSIGNED", "audience": {"everyone": true, "groups": ["ward-7"]}, "payload": {"title": "Round", "due": "today"}}
-                """), "notify everyone")
+            _ = try ok(
+                await client.send(
+                    .post, "/v1/events", token: admin,
+                    json: """
+                        {"type": "WARD_ALERT", "audience": {"user_ids": ["\(memberID)"]}, "payload": {"ward": "7"}, "url": "https://ward.example.org/7"}
+                        """), "notify by user")
+            _ = try ok(
+                await client.send(
+                    .post, "/v1/events", token: admin,
+                    json: """
+                        {"type": "TASK_ASSIGNED", "audience": {"everyone": true, "groups": ["ward-7"]}, "payload": {"title": "Round", "due": "today"}}
+                        """), "notify everyone")
             let later = ISO8601DateFormatter().string(from: Date().addingTimeInterval(3600))
-            let future = try #require(try ok(await client.send(.post, "/v1/events", token: admin, json: """
-                {"type": "WARD_ALERT", "audience": {"user_ids": ["\(memberID)"]}, "payload": {"ward": "8"}, "deliver_at": "\(later)"}
-                """), "notify later")["event_id"] as? String)
-            let held = try #require(try ok(await client.send(.post, "/v1/events", token: admin, json: """
-                {"type": "WARD_ALERT", "audience": {"user_ids": ["\(ownerID)"]}, "payload": {"ward": "9"}, "deliver_at": "\(later)"}
-                """), "notify later")["event_id"] as? String)
+            let future = try #require(
+                try ok(
+                    await client.send(
+                        .post, "/v1/events", token: admin,
+                        json: """
+                            {"type": "WARD_ALERT", "audience": {"user_ids": ["\(memberID)"]}, "payload": {"ward": "8"}, "deliver_at": "\(later)"}
+                            """), "notify later")["event_id"] as? String)
+            let held = try #require(
+                try ok(
+                    await client.send(
+                        .post, "/v1/events", token: admin,
+                        json: """
+                            {"type": "WARD_ALERT", "audience": {"user_ids": ["\(ownerID)"]}, "payload": {"ward": "9"}, "deliver_at": "\(later)"}
+                            """), "notify later")["event_id"] as? String)
             _ = try ok(await client.send(.post, "/v1/events/\(future)/cancel", token: admin), "cancel event")
             _ = try ok(await client.send(.get, "/v1/events?type=ISQ_CRITICAL", token: admin), "events")
             _ = try ok(await client.send(.get, "/v1/events/\(first)", token: admin), "event")
@@ -254,13 +354,18 @@ struct CitusReadinessTests {
                 let settled = try await eventually(timeout: .seconds(60)) {
                     try await database.withTenant(organisationID) { tx in
                         try await tx.deliveries(DeliveryFilter(), limit: 1000, after: nil).items
-                            .allSatisfy { $0.status == "SENT" || $0.status == "DEAD" || $0.nextAttemptAt > Date().addingTimeInterval(60) || $0.status == "CANCELLED" }
+                            .allSatisfy {
+                                $0.status == "SENT" || $0.status == "DEAD" || $0.nextAttemptAt > Date().addingTimeInterval(60)
+                                    || $0.status == "CANCELLED"
+                            }
                     }
                 }
                 #expect(settled, "deliveries did not settle")
             }
-            let deliveries = try #require(try ok(await client.send(.get, "/v1/deliveries", token: admin), "deliveries")["items"] as? [[String: Any]])
-            #expect(deliveries.contains { $0["channel"] as? String == "webhook" && $0["status"] as? String == "SENT" }, "no webhook was sent")
+            let deliveries = try #require(
+                try ok(await client.send(.get, "/v1/deliveries", token: admin), "deliveries")["items"] as? [[String: Any]])
+            #expect(
+                deliveries.contains { $0["channel"] as? String == "webhook" && $0["status"] as? String == "SENT" }, "no webhook was sent")
             _ = try ok(await client.send(.get, "/v1/deliveries/stats", token: admin), "delivery stats")
             let waiting = try #require(deliveries.first { $0["status"] as? String == "PENDING" }?["id"] as? String, "the later delivery")
             _ = try ok(await client.send(.get, "/v1/deliveries/\(waiting)", token: admin), "delivery")
@@ -277,13 +382,16 @@ struct CitusReadinessTests {
             let unsubscribe = try #require(try ParsedMail(raw).headers["List-Unsubscribe"])
             let unsubscribePath = String(unsubscribe.dropFirst("<http://herald.test".count).dropLast())
             #expect(try await client.send(.get, unsubscribePath).status == .ok)
-            let oneClick = try await client.execute(uri: unsubscribePath, method: .post, headers: [.contentType: "application/x-www-form-urlencoded"],
-                                                    body: ByteBuffer(string: "List-Unsubscribe=One-Click"))
+            let oneClick = try await client.execute(
+                uri: unsubscribePath, method: .post, headers: [.contentType: "application/x-www-form-urlencoded"],
+                body: ByteBuffer(string: "List-Unsubscribe=One-Click"))
             #expect(oneClick.status == .ok)
 
             // The member's feed.
-            let member = try await env.tokens.issueAccessToken(organisationID: organisationID, userID: try #require(UUID(uuidString: memberID)), now: Date())
-            let feed = try #require(try ok(await client.send(.get, "/v1/me/notifications", token: member), "feed")["items"] as? [[String: Any]])
+            let member = try await env.tokens.issueAccessToken(
+                organisationID: organisationID, userID: try #require(UUID(uuidString: memberID)), now: Date())
+            let feed = try #require(
+                try ok(await client.send(.get, "/v1/me/notifications", token: member), "feed")["items"] as? [[String: Any]])
             let ids = feed.compactMap { $0["id"] as? String }
             try #require(ids.count >= 3, "the member's feed: \(feed)")
             _ = try ok(await client.send(.get, "/v1/me/notifications?read=false&q=ward&type=WARD_ALERT", token: member), "filtered feed")
@@ -293,7 +401,8 @@ struct CitusReadinessTests {
             _ = try ok(await client.send(.post, "/v1/me/notifications/\(ids[0])/read", token: member), "read")
             _ = try ok(await client.send(.post, "/v1/me/notifications/\(ids[0])/unread", token: member), "unread")
             _ = try ok(await client.send(.post, "/v1/me/notifications/\(ids[1])/archive", token: member), "archive")
-            _ = try ok(await client.send(.post, "/v1/me/notifications/mark-read", token: member, json: #"{"ids": ["\#(ids[2])"]}"#), "mark read")
+            _ = try ok(
+                await client.send(.post, "/v1/me/notifications/mark-read", token: member, json: #"{"ids": ["\#(ids[2])"]}"#), "mark read")
             _ = try ok(await client.send(.post, "/v1/me/notifications/mark-read", token: member, json: #"{"all": true}"#), "mark all read")
             _ = try ok(await client.send(.get, "/v1/me/notifications/unread-count", token: member), "unread count")
             _ = try ok(await client.send(.get, "/v1/events/\(first)/explain", token: admin), "explain after reading")
@@ -309,7 +418,8 @@ struct CitusReadinessTests {
 
     /// The JSON body of a 2xx (or 302) response; anything else fails the test with the body.
     func ok(_ response: TestResponse, _ what: String, sourceLocation: SourceLocation = #_sourceLocation) throws -> [String: Any] {
-        try #require((200..<400).contains(response.status.code), "\(what): \(response.status.code) \(response.text)", sourceLocation: sourceLocation)
+        try #require(
+            (200..<400).contains(response.status.code), "\(what): \(response.status.code) \(response.text)", sourceLocation: sourceLocation)
         return response.json
     }
 

@@ -21,11 +21,10 @@ struct ContractTests {
     @Test("an optional body may be left out (rotate-secret without a body reaches the endpoint lookup)")
     func optionalBodyLeftOut() async throws {
         // setup
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             // act
-            let response = try await client.send(.post, "/v1/endpoints/\(UUID().uuidString.lowercased())/rotate-secret", token: org.ownerToken)
+            let response = try await client.send(
+                .post, "/v1/endpoints/\(UUID().uuidString.lowercased())/rotate-secret", token: org.ownerToken)
             // check: 404 for the unknown endpoint, not 400 for an empty body
             #expect(response.isProblem(.notFound), "\(response.text)")
         }
@@ -40,7 +39,8 @@ struct ContractTests {
         try await app.test(.router) { client in
             // act
             let field = try await client.send(.patch, "/v1/users/\(member)", token: org.ownerToken, json: #"{"locale": null}"#)
-            let inside = try await client.send(.patch, "/v1/users/\(member)", token: org.ownerToken, json: #"{"attributes": {"team": null}}"#)
+            let inside = try await client.send(
+                .patch, "/v1/users/\(member)", token: org.ownerToken, json: #"{"attributes": {"team": null}}"#)
             // check
             #expect(field.isProblem(.badRequest) && field.text.contains("locale"), "\(field.text)")
             #expect(inside.status == .ok, "\(inside.text)")
@@ -50,9 +50,7 @@ struct ContractTests {
     @Test("text with U+0000 is refused with 400, in a query and in a body, instead of a 500 from PostgreSQL")
     func nulInText() async throws {
         // setup
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             // act
             let query = try await client.send(.get, "/v1/users?q=a%00b", token: org.ownerToken)
             let body = try await client.send(.post, "/v1/groups", token: org.ownerToken, json: #"{"key": "g1", "name": "a\u0000b"}"#)
@@ -65,9 +63,7 @@ struct ContractTests {
     @Test("every RFC 3339 offset is read, also beyond Foundation's ±18:00")
     func farOffsets() async throws {
         // setup
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             // act
             let response = try await client.send(.get, "/v1/me/notifications?since=1970-01-01T19:54:00%2B19:54", token: org.memberToken)
             // check
@@ -78,12 +74,11 @@ struct ContractTests {
     @Test("mark-read takes exactly one of ids and all; all: false marks nothing")
     func markReadAllFalse() async throws {
         // setup
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             // act
             let none = try await client.send(.post, "/v1/me/notifications/mark-read", token: org.memberToken, json: #"{"all": false}"#)
-            let both = try await client.send(.post, "/v1/me/notifications/mark-read", token: org.memberToken, json: #"{"all": true, "ids": []}"#)
+            let both = try await client.send(
+                .post, "/v1/me/notifications/mark-read", token: org.memberToken, json: #"{"all": true, "ids": []}"#)
             // check
             #expect(none.status == .ok, "\(none.text)")
             #expect(both.isProblem(.unprocessableContent), "\(both.text)")
@@ -93,12 +88,11 @@ struct ContractTests {
     @Test("the 201 of POST /v1/api-keys carries the secret beside the key's fields")
     func apiKeyCreatedHasSecret() async throws {
         // setup
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             let service = try await org.store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
             // act
-            let response = try await client.send(.post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "CRM", "role_id": "\#(service)"}"#)
+            let response = try await client.send(
+                .post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "CRM", "role_id": "\#(service)"}"#)
             // check: exactly the members of ApiKeyCreated
             #expect(response.status == .created)
             #expect(Set(response.json.keys) == ["id", "name", "role_id", "prefix", "created_at", "secret"], "\(response.text)")

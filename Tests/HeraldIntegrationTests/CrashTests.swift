@@ -1,8 +1,9 @@
 import Foundation
 import HeraldCore
 import PostgresNIO
-@testable import HeraldStore
 import Testing
+
+@testable import HeraldStore
 
 /// The published crash test: two `herald worker` processes deliver 10 000 webhooks; one is
 /// killed with SIGKILL in the middle and started again. Every row ends SENT or DEAD, none is
@@ -21,9 +22,11 @@ struct CrashTests {
         let hook = Peers.hook("crash")
         try await Peers.configure(hook.name, ["delay_ms": 2])
         _ = try await org.store { tx in
-            try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+            try await tx.createEndpoint(
+                channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
         }
-        let (event, _) = try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(everyone: true), payload: .object([:])))
+        let (event, _) = try await org.notify(
+            EventRequest(typeKey: "WARD_ALERT", audience: Audience(everyone: true), payload: .object([:])))
         #expect(try await org.deliveries(DeliveryFilter(eventID: event.id)).count == Self.rows)
 
         let first = try WorkerProcess(organisation: org.id, workerURL: env.workerURL)
@@ -50,7 +53,9 @@ struct CrashTests {
             try await tx.connection.query("SELECT count(*)::int FROM delivery_attempts WHERE outcome = 'EXPIRED'", logger: tx.logger)
                 .collect()[0].decode(Int.self)
         }
-        print("crash test: killed after \(killedAt) received; \(ids["total"] ?? 0) requests for \(unique) messages; \(rescued) leases rescued; \(statuses)")
+        print(
+            "crash test: killed after \(killedAt) received; \(ids["total"] ?? 0) requests for \(unique) messages; \(rescued) leases rescued; \(statuses)"
+        )
         #expect(rescued >= 1, "the killed worker's leases were rescued")
     }
 }

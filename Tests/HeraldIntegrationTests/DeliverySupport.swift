@@ -1,13 +1,14 @@
 import AsyncHTTPClient
 import Foundation
 import HeraldCore
-@testable import HeraldDelivery
-@testable import HeraldStore
 import Logging
 import NIOCore
 import NIOHTTP1
 import PostgresNIO
 import Testing
+
+@testable import HeraldDelivery
+@testable import HeraldStore
 
 /// The peers `make test` starts (scripts/peers.py): an SMTP server that keeps every message
 /// and an HTTP receiver whose behaviour each test configures by name.
@@ -79,15 +80,19 @@ enum TestWorkers {
 
     /// Runs pools for `organisation` while `body` runs. `database` and `listenClient` (the
     /// worker role's) default to the shared test database's.
-    static func run<T: Sendable>(_ organisation: UUID, _ settings: Settings = Settings(),
-                                 database: Database? = nil, listenClient: PostgresClient? = nil,
-                                 _ body: @Sendable () async throws -> T) async throws -> T {
+    static func run<T: Sendable>(
+        _ organisation: UUID, _ settings: Settings = Settings(),
+        database: Database? = nil, listenClient: PostgresClient? = nil,
+        _ body: @Sendable () async throws -> T
+    ) async throws -> T {
         let env = try await TestEnvironment.shared
-        let http = HTTPTransport(destinations: DestinationGuard(allowed: settings.allowed.compactMap { IPNetwork($0) }), timeout: settings.sendTimeout,
-                                 connectionsPerHost: settings.concurrency)
+        let http = HTTPTransport(
+            destinations: DestinationGuard(allowed: settings.allowed.compactMap { IPNetwork($0) }), timeout: settings.sendTimeout,
+            connectionsPerHost: settings.concurrency)
         let sender = DeliverySender(
-            email: EmailTransport(settings: EmailTransport.settings(url: Peers.smtpURL, username: nil, password: nil, timeout: 10)!,
-                                  defaultFrom: "herald@herald.test"),
+            email: EmailTransport(
+                settings: EmailTransport.settings(url: Peers.smtpURL, username: nil, password: nil, timeout: 10)!,
+                defaultFrom: "herald@herald.test"),
             http: http, links: LinkBuilder(baseURL: "http://herald.test", keys: TestEnvironment.linkKeys))
         // The pools share one bus, as the workers of one process do.
         let bus = NotificationBus(client: listenClient ?? env.workerClient, logger: env.logger)
@@ -104,11 +109,18 @@ enum TestWorkers {
             configuration.retry = settings.retry
             configuration.pollInterval = settings.pollInterval
             configuration.leaseSeconds = settings.leaseSeconds
-            return DeliveryWorkerPool(configuration: configuration, database: database ?? env.workerDatabase, bus: bus, sender: sender, logger: env.logger)
+            return DeliveryWorkerPool(
+                configuration: configuration, database: database ?? env.workerDatabase, bus: bus, sender: sender, logger: env.logger)
         }
         let result = try await withThrowingTaskGroup(of: T?.self) { group in
-            group.addTask { try await bus.run(); return nil }
-            for pool in pools { group.addTask { try await pool.run(); return nil } }
+            group.addTask {
+                try await bus.run(); return nil
+            }
+            for pool in pools {
+                group.addTask {
+                    try await pool.run(); return nil
+                }
+            }
             let value = try await body()
             group.cancelAll()
             for try await _ in group {}
@@ -120,8 +132,10 @@ enum TestWorkers {
 }
 
 /// Polls `condition` until it holds or `timeout` passes; returns whether it held.
-func eventually(timeout: Duration = .seconds(30), every interval: Duration = .milliseconds(100),
-                _ condition: () async throws -> Bool) async throws -> Bool {
+func eventually(
+    timeout: Duration = .seconds(30), every interval: Duration = .milliseconds(100),
+    _ condition: () async throws -> Bool
+) async throws -> Bool {
     let deadline = ContinuousClock.now + timeout
     while ContinuousClock.now < deadline {
         if try await condition() { return true }
@@ -145,12 +159,17 @@ extension TestOrganisation {
     }
 
     /// A notification type in the activity category that goes to `channels` by default.
-    func deliveryType(_ key: String, category: UUID, channels: [NotificationChannel], templates: [NotificationChannel: TemplateContent] = [:]) async throws {
+    func deliveryType(
+        _ key: String, category: UUID, channels: [NotificationChannel], templates: [NotificationChannel: TemplateContent] = [:]
+    ) async throws {
         try await store { tx in
-            let type = try await tx.createNotificationType(NotificationTypeFields(
-                key: key, categoryID: category, name: "Type \(key)", description: "", defaultSeverity: .info, defaultPriority: .normal,
-                defaultChannels: channels))
-            for (channel, content) in templates { try await tx.putTemplate(typeID: type.id, channel: channel, locale: "en", content: content) }
+            let type = try await tx.createNotificationType(
+                NotificationTypeFields(
+                    key: key, categoryID: category, name: "Type \(key)", description: "", defaultSeverity: .info, defaultPriority: .normal,
+                    defaultChannels: channels))
+            for (channel, content) in templates {
+                try await tx.putTemplate(typeID: type.id, channel: channel, locale: "en", content: content)
+            }
         }
     }
 }

@@ -1,8 +1,6 @@
 import Foundation
 import HTTPTypes
 import HeraldCore
-@testable import HeraldDelivery
-@testable import HeraldStore
 import Hummingbird
 import HummingbirdTesting
 import NIOCore
@@ -10,27 +8,37 @@ import PostgresNIO
 import Testing
 
 @testable import HeraldAPI
+@testable import HeraldDelivery
+@testable import HeraldStore
 
 /// Delivery over real protocols: the SMTP server and HTTP receiver `make test` starts, the
 /// worker pool, and the signed links in the messages.
 @Suite("Delivery")
 struct DeliveryTests {
-    @Test("email: both parts, sender identity, Message-ID, both unsubscribe headers, rendered content and no payload field the template did not ask for")
+    @Test(
+        "email: both parts, sender identity, Message-ID, both unsubscribe headers, rendered content and no payload field the template did not ask for"
+    )
     func email() async throws {
         let env = try await TestEnvironment.shared
         let org = try await TestOrganisation.make()
         let catalogue = try await TestCatalogue.make(in: org)
         try await org.store { tx in
-            try await tx.putTemplate(typeID: catalogue.isqCritical, channel: .email, locale: "en", content: TemplateContent(
-                subject: "Critical ISQ {{payload.isq}} for implant {{payload.implant}}",
-                body: "Stability {{payload.isq}} is below {{payload.threshold}}.\nOpen: {{{links.open}}}\nUnsubscribe: {{{links.unsubscribe}}}",
-                html: "<p>Stability <b>{{payload.isq}}</b> is below {{payload.threshold}}.</p><a href=\"{{{links.open}}}\">Open</a>"))
+            try await tx.putTemplate(
+                typeID: catalogue.isqCritical, channel: .email, locale: "en",
+                content: TemplateContent(
+                    subject: "Critical ISQ {{payload.isq}} for implant {{payload.implant}}",
+                    body:
+                        "Stability {{payload.isq}} is below {{payload.threshold}}.\nOpen: {{{links.open}}}\nUnsubscribe: {{{links.unsubscribe}}}",
+                    html: "<p>Stability <b>{{payload.isq}}</b> is below {{payload.threshold}}.</p><a href=\"{{{links.open}}}\">Open</a>"))
             try await tx.setEmailIdentity(from: "alerts@clinic.example", fromName: "Clinic Alerts", replyTo: "desk@clinic.example")
         }
-        try await org.notify(EventRequest(
-            typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]),
-            payload: .object(["isq": .number(25), "implant": .string("A-12"), "threshold": .number(60), "patient_secret": .string("SECRET-7731")]),
-            url: "https://ward.example.org/patients/7"))
+        try await org.notify(
+            EventRequest(
+                typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]),
+                payload: .object([
+                    "isq": .number(25), "implant": .string("A-12"), "threshold": .number(60), "patient_secret": .string("SECRET-7731"),
+                ]),
+                url: "https://ward.example.org/patients/7"))
         let deliveries = try await TestWorkers.run(org.id) { try await org.settled() }
         let delivery = try #require(deliveries.first { $0.channel == "email" })
         #expect(delivery.status == "SENT")
@@ -84,30 +92,40 @@ struct DeliveryTests {
             #expect(oneClick.headers[.location] == nil)
         }
         let cells = try await org.store { tx in try await tx.preferences(ofUser: org.memberID) }
-        #expect(cells == [PreferenceCell(categoryID: catalogue.alerts, channel: .email, setting: PreferenceSetting(enabled: false, frequency: .none))])
+        #expect(
+            cells == [
+                PreferenceCell(categoryID: catalogue.alerts, channel: .email, setting: PreferenceSetting(enabled: false, frequency: .none))
+            ])
         let audited = try await org.store { tx in
             try await tx.connection.query("SELECT count(*)::int FROM audit_log WHERE action = 'preference.unsubscribe'", logger: tx.logger)
                 .collect()[0].decode(Int.self)
         }
         #expect(audited == 1)
-        let (_, next) = try await org.notify(EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+        let (_, next) = try await org.notify(
+            EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
         #expect(next.traces[0].channels.first { $0.decision.channel == .email }?.decision.reason == .channelDisabled)
     }
 
-    @Test("webhook: a receiver that fails twice gets three attempts on schedule, each signed (verified by the standardwebhooks package) with one webhook-id")
+    @Test(
+        "webhook: a receiver that fails twice gets three attempts on schedule, each signed (verified by the standardwebhooks package) with one webhook-id"
+    )
     func webhookRetries() async throws {
         let org = try await TestOrganisation.make()
         let catalogue = try await TestCatalogue.make(in: org)
-        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook],
-                                   templates: [.webhook: TemplateContent(subject: "Ward {{payload.ward}}", body: "Bed {{payload.bed}}")])
+        try await org.deliveryType(
+            "WARD_ALERT", category: catalogue.activity, channels: [.webhook],
+            templates: [.webhook: TemplateContent(subject: "Ward {{payload.ward}}", body: "Bed {{payload.bed}}")])
         let hook = Peers.hook()
         try await Peers.configure(hook.name, ["fail_times": 2, "fail_status": 503])
         let secret = WebhookSecret.generate().string
         let endpoint = try await org.store { tx in
-            try await tx.createEndpoint(channel: .webhook, format: "standard", name: "ward", url: hook.url, eventTypes: ["WARD_ALERT"], secret: secret)
+            try await tx.createEndpoint(
+                channel: .webhook, format: "standard", name: "ward", url: hook.url, eventTypes: ["WARD_ALERT"], secret: secret)
         }
-        try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]),
-                                          payload: .object(["ward": .string("3B"), "bed": .number(12), "hidden": .string("NOPE-99")])))
+        try await org.notify(
+            EventRequest(
+                typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]),
+                payload: .object(["ward": .string("3B"), "bed": .number(12), "hidden": .string("NOPE-99")])))
         let delivery = try #require(try await TestWorkers.run(org.id) { try await org.settled() }.first)
         #expect(delivery.status == "SENT" && delivery.attempts == 3 && delivery.endpointID == endpoint.id)
         let log = try await org.store { tx in try await tx.deliveryAttempts(delivery.id) }
@@ -139,7 +157,8 @@ struct DeliveryTests {
         let hook = Peers.hook()
         try await Peers.configure(hook.name, ["fail_times": 1, "fail_status": 429, "retry_after": "2"])
         _ = try await org.store { tx in
-            try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+            try await tx.createEndpoint(
+                channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
         }
         try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
         var settings = TestWorkers.Settings()
@@ -159,7 +178,8 @@ struct DeliveryTests {
         let hook = Peers.hook()
         try await Peers.configure(hook.name, ["status": 500])
         _ = try await org.store { tx in
-            try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+            try await tx.createEndpoint(
+                channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
         }
         try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
         var settings = TestWorkers.Settings()
@@ -181,14 +201,16 @@ struct DeliveryTests {
         let hook = Peers.hook()
         try await Peers.configure(hook.name, ["status": 410])
         let endpoint = try await org.store { tx in
-            try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+            try await tx.createEndpoint(
+                channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
         }
         try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
         let delivery = try #require(try await TestWorkers.run(org.id) { try await org.settled() }.first)
         #expect(delivery.status == "DEAD" && delivery.attempts == 1 && delivery.lastResponseCode == 410)
         let after = try await org.store { tx in try await tx.endpoint(endpoint.id) }
         #expect(!after.enabled && after.disabledReason?.contains("410") == true)
-        let (_, plan) = try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+        let (_, plan) = try await org.notify(
+            EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
         #expect(plan.traces[0].channels.first { $0.decision.channel == .webhook }?.decision.reason == .noDestination)
     }
 
@@ -200,7 +222,8 @@ struct DeliveryTests {
         let hook = Peers.hook()
         let old = WebhookSecret.generate().string, new = WebhookSecret.generate().string
         try await org.store { tx in
-            let endpoint = try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: old)
+            let endpoint = try await tx.createEndpoint(
+                channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: old)
             _ = try await tx.rotateEndpointSecret(endpoint.id, newSecret: new, overlapUntil: Date().addingTimeInterval(3600))
         }
         try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
@@ -217,14 +240,17 @@ struct DeliveryTests {
     func chat() async throws {
         let org = try await TestOrganisation.make()
         let catalogue = try await TestCatalogue.make(in: org)
-        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.chat],
-                                   templates: [.chat: TemplateContent(subject: "Ward {{payload.ward}}", body: "Bed {{payload.bed}} needs a nurse")])
+        try await org.deliveryType(
+            "WARD_ALERT", category: catalogue.activity, channels: [.chat],
+            templates: [.chat: TemplateContent(subject: "Ward {{payload.ward}}", body: "Bed {{payload.bed}} needs a nurse")])
         let hook = Peers.hook("slack")
         _ = try await org.store { tx in
             try await tx.createEndpoint(channel: .chat, format: "slack", name: "#ward", url: hook.url, eventTypes: [], secret: nil)
         }
-        try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]),
-                                          payload: .object(["ward": .string("3B"), "bed": .number(12)])))
+        try await org.notify(
+            EventRequest(
+                typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]),
+                payload: .object(["ward": .string("3B"), "bed": .number(12)])))
         let delivery = try #require(try await TestWorkers.run(org.id) { try await org.settled() }.first)
         #expect(delivery.status == "SENT" && delivery.channel == "chat")
         let body = try #require(try await Peers.requests(hook.name).first?["body"] as? String)
@@ -248,13 +274,15 @@ struct DeliveryTests {
         let app = try env.application()
         try await app.test(.router) { client in
             for url in refused {
-                let response = try await client.send(.post, "/v1/endpoints", token: org.ownerToken,
-                                                     json: #"{"channel": "webhook", "name": "x", "url": "\#(url)"}"#)
+                let response = try await client.send(
+                    .post, "/v1/endpoints", token: org.ownerToken,
+                    json: #"{"channel": "webhook", "name": "x", "url": "\#(url)"}"#)
                 #expect(response.isProblem(.unprocessableContent), "\(url) was not refused: \(response.status)")
                 #expect((response.json["detail"] as? String)?.contains("Herald does not send") == true, "\(url): \(response.text)")
             }
-            let created = try await client.send(.post, "/v1/endpoints", token: org.ownerToken,
-                                                json: #"{"channel": "webhook", "name": "public", "url": "https://93.184.216.34/hook"}"#)
+            let created = try await client.send(
+                .post, "/v1/endpoints", token: org.ownerToken,
+                json: #"{"channel": "webhook", "name": "public", "url": "https://93.184.216.34/hook"}"#)
             #expect(created.status == .created)
             #expect((created.json["secret"] as? String)?.hasPrefix("whsec_") == true)
             let id = try #require(created.json["id"] as? String)
@@ -270,7 +298,8 @@ struct DeliveryTests {
         let hook = Peers.hook()
         try await org.store { tx in
             for endpoint in try await tx.endpoints(limit: 100, after: nil).items { try await tx.deleteEndpoint(endpoint.id) }
-            _ = try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+            _ = try await tx.createEndpoint(
+                channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
         }
         try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
         var settings = TestWorkers.Settings()
@@ -288,7 +317,8 @@ struct DeliveryTests {
         try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
         let hook = Peers.hook()
         _ = try await org.store { tx in
-            try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+            try await tx.createEndpoint(
+                channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
         }
         var settings = TestWorkers.Settings()
         settings.pollInterval = .seconds(600)
@@ -316,7 +346,8 @@ struct DeliveryTests {
         try await org.addUsers(300)
         let hook = Peers.hook()
         _ = try await org.store { tx in
-            try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+            try await tx.createEndpoint(
+                channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
         }
         try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(everyone: true), payload: .object([:])))
         var settings = TestWorkers.Settings()
@@ -326,8 +357,10 @@ struct DeliveryTests {
         #expect(deliveries.count == 302)
         #expect(deliveries.allSatisfy { $0.status == "SENT" && $0.attempts == 1 })
         let attempts = try await org.store { tx in
-            try await tx.connection.query("SELECT count(*)::int, count(DISTINCT (delivery_id, attempt))::int, count(DISTINCT worker)::int FROM delivery_attempts",
-                                          logger: tx.logger).collect()[0].decode((Int, Int, Int).self)
+            try await tx.connection.query(
+                "SELECT count(*)::int, count(DISTINCT (delivery_id, attempt))::int, count(DISTINCT worker)::int FROM delivery_attempts",
+                logger: tx.logger
+            ).collect()[0].decode((Int, Int, Int).self)
         }
         #expect(attempts.0 == 302 && attempts.1 == 302)
         #expect(attempts.2 > 1, "the pools shared the work")
@@ -335,7 +368,8 @@ struct DeliveryTests {
         #expect(ids["total"] as? Int == 302 && ids["unique"] as? Int == 302)
     }
 
-    @Test("addresses Herald can never send to are refused with a 422 naming the field; internationalised ones are accepted (issue 8 item 9)")
+    @Test(
+        "addresses Herald can never send to are refused with a 422 naming the field; internationalised ones are accepted (issue 8 item 9)")
     func undeliverableAddressesAreRefused() async throws {
         let env = try await TestEnvironment.shared
         let org = try await TestOrganisation.make()
@@ -352,44 +386,56 @@ struct DeliveryTests {
         let app = try env.application()
         try await app.test(.router) { client in
             for (address, reason) in bad {
-                let created = try await client.send(.post, "/v1/users", token: org.ownerToken,
-                                                    json: #"{"email": "\#(address)", "display_name": "Dr X"}"#)
+                let created = try await client.send(
+                    .post, "/v1/users", token: org.ownerToken,
+                    json: #"{"email": "\#(address)", "display_name": "Dr X"}"#)
                 #expect(created.isProblem(.unprocessableContent), "\(address): \(created.status)")
                 let detail = created.json["detail"] as? String ?? ""
                 #expect(detail.hasPrefix("email: ") && detail.contains(reason), "\(address): \(detail)")
-                let updated = try await client.send(.patch, "/v1/users/\(org.memberID.lowercased)", token: org.ownerToken,
-                                                    json: #"{"email": "\#(address)"}"#)
-                #expect(updated.isProblem(.unprocessableContent) && (updated.json["detail"] as? String)?.hasPrefix("email: ") == true,
-                        "\(address): \(updated.text)")
+                let updated = try await client.send(
+                    .patch, "/v1/users/\(org.memberID.lowercased)", token: org.ownerToken,
+                    json: #"{"email": "\#(address)"}"#)
+                #expect(
+                    updated.isProblem(.unprocessableContent) && (updated.json["detail"] as? String)?.hasPrefix("email: ") == true,
+                    "\(address): \(updated.text)")
             }
             for field in ["email_from", "email_reply_to"] {
-                let response = try await client.send(.patch, "/v1/organisation", token: org.ownerToken,
-                                                     json: #"{"\#(field)": "alerts@clinic..example"}"#)
+                let response = try await client.send(
+                    .patch, "/v1/organisation", token: org.ownerToken,
+                    json: #"{"\#(field)": "alerts@clinic..example"}"#)
                 #expect(response.isProblem(.unprocessableContent))
                 #expect((response.json["detail"] as? String)?.hasPrefix("\(field): ") == true, "\(response.text)")
             }
-            let international = try await client.send(.post, "/v1/users", token: org.ownerToken,
-                                                       json: #"{"email": "dr.müller@clinic.example", "display_name": "Dr Müller"}"#)
+            let international = try await client.send(
+                .post, "/v1/users", token: org.ownerToken,
+                json: #"{"email": "dr.müller@clinic.example", "display_name": "Dr Müller"}"#)
             #expect(international.status == .created, "\(international.text)")
             #expect(international.json["email"] as? String == "dr.müller@clinic.example")
         }
         let emails = try await org.store { tx in try await tx.users(search: nil, active: nil, limit: 100, after: nil).items.map(\.email) }
-        #expect(Set(emails) == ["owner@\(org.slug).example", "member@\(org.slug).example", "dr.müller@clinic.example"], "nothing bad was written")
+        #expect(
+            Set(emails) == ["owner@\(org.slug).example", "member@\(org.slug).example", "dr.müller@clinic.example"],
+            "nothing bad was written")
     }
 
-    @Test("email: an internationalised address goes out with SMTPUTF8; every DEAD reason is a sentence, never a Swift dump (issue 8 item 9)")
+    @Test(
+        "email: an internationalised address goes out with SMTPUTF8; every DEAD reason is a sentence, never a Swift dump (issue 8 item 9)")
     func deadReasonsAreSentences() async throws {
         let org = try await TestOrganisation.make()
         let catalogue = try await TestCatalogue.make(in: org)
-        try await org.deliveryType("WARD_MAIL", category: catalogue.activity, channels: [.email],
-                                   templates: [.email: TemplateContent(subject: "Ward 3B", body: "Bed 12 needs a nurse", html: nil)])
+        try await org.deliveryType(
+            "WARD_MAIL", category: catalogue.activity, channels: [.email],
+            templates: [.email: TemplateContent(subject: "Ward 3B", body: "Bed 12 needs a nurse", html: nil)])
         let (müller, refused, malformed) = try await org.store { tx in
-            (try await tx.createUser(NewUser(email: "dr.müller@\(org.slug).example", displayName: "Dr Müller")).id,
-             try await tx.createUser(NewUser(email: "fail-dr@\(org.slug).example", displayName: "Dr Fail")).id,
-             // Stored before addresses were validated on the way in.
-             try await tx.createUser(NewUser(email: "dr.x@clinic..example", displayName: "Dr X")).id)
+            (
+                try await tx.createUser(NewUser(email: "dr.müller@\(org.slug).example", displayName: "Dr Müller")).id,
+                try await tx.createUser(NewUser(email: "fail-dr@\(org.slug).example", displayName: "Dr Fail")).id,
+                // Stored before addresses were validated on the way in.
+                try await tx.createUser(NewUser(email: "dr.x@clinic..example", displayName: "Dr X")).id
+            )
         }
-        try await org.notify(EventRequest(typeKey: "WARD_MAIL", audience: Audience(userIDs: [müller, refused, malformed]), payload: .object([:])))
+        try await org.notify(
+            EventRequest(typeKey: "WARD_MAIL", audience: Audience(userIDs: [müller, refused, malformed]), payload: .object([:])))
         let deliveries = try await TestWorkers.run(org.id) { try await org.settled() }
         func delivery(_ user: UUID) throws -> Delivery { try #require(deliveries.first { $0.userID == user }) }
 
@@ -403,8 +449,10 @@ struct DeliveryTests {
         #expect(try delivery(refused).status == "DEAD")
         #expect(try delivery(refused).lastError == "The mail server refused the recipient address (550 5.1.1 mailbox unavailable).")
         #expect(try delivery(malformed).status == "DEAD")
-        #expect(try delivery(malformed).lastError
-                == "The message could not be built: the recipient address \"dr.x@clinic..example\" cannot be used: the domain contains two dots in a row.")
+        #expect(
+            try delivery(malformed).lastError
+                == "The message could not be built: the recipient address \"dr.x@clinic..example\" cannot be used: the domain contains two dots in a row."
+        )
         for id in [refused, malformed] {
             let dead = try delivery(id)
             let attempts = try await org.store { tx in try await tx.deliveryAttempts(dead.id) }

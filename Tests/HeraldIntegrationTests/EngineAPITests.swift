@@ -43,20 +43,32 @@ struct MedicalAlertTests {
             let digest = try await clinician("digest")
             let switchedOff = try await clinician("switched-off")
             let receptionist = try await tx.createUser(NewUser(email: "desk@clinic.example", displayName: "Desk")).id
-            try await tx.replacePreferences(ofUser: emailOff, with: [
-                PreferenceCell(categoryID: catalogue.alerts, channel: .email, setting: PreferenceSetting(enabled: false, frequency: .none))])
-            try await tx.replacePreferences(ofUser: digest, with: [
-                PreferenceCell(categoryID: catalogue.alerts, channel: .email, setting: PreferenceSetting(enabled: true, frequency: .daily))])
-            try await tx.replacePreferences(ofUser: switchedOff, with: NotificationChannel.allCases.map {
-                PreferenceCell(categoryID: catalogue.alerts, channel: $0, setting: PreferenceSetting(enabled: false, frequency: .none))
-            })
+            try await tx.replacePreferences(
+                ofUser: emailOff,
+                with: [
+                    PreferenceCell(
+                        categoryID: catalogue.alerts, channel: .email, setting: PreferenceSetting(enabled: false, frequency: .none))
+                ])
+            try await tx.replacePreferences(
+                ofUser: digest,
+                with: [
+                    PreferenceCell(
+                        categoryID: catalogue.alerts, channel: .email, setting: PreferenceSetting(enabled: true, frequency: .daily))
+                ])
+            try await tx.replacePreferences(
+                ofUser: switchedOff,
+                with: NotificationChannel.allCases.map {
+                    PreferenceCell(categoryID: catalogue.alerts, channel: $0, setting: PreferenceSetting(enabled: false, frequency: .none))
+                })
             return (emailOff, digest, switchedOff, receptionist)
         }
-        return Clinic(org: org, catalogue: catalogue, emailOff: emailOff, digest: digest, switchedOff: switchedOff,
-                      receptionist: receptionist, memberToken: org.memberToken)
+        return Clinic(
+            org: org, catalogue: catalogue, emailOff: emailOff, digest: digest, switchedOff: switchedOff,
+            receptionist: receptionist, memberToken: org.memberToken)
     }
 
-    static let reading = #"{"type": "ISQ_CRITICAL", "audience": {"roles": ["clinician"]}, "payload": {"isq": 25, "threshold": 55, "implant": "IMP-19", "patient_name": "Jane Doe"}, "subject": {"type": "implant", "id": "IMP-19"}}"#
+    static let reading =
+        #"{"type": "ISQ_CRITICAL", "audience": {"roles": ["clinician"]}, "payload": {"isq": 25, "threshold": 55, "implant": "IMP-19", "patient_name": "Jane Doe"}, "subject": {"type": "implant", "id": "IMP-19"}}"#
 
     @Test("a critical reading reaches every clinician of the organisation, each as their preferences say, and no one else")
     func criticalReading() async throws {
@@ -75,10 +87,10 @@ struct MedicalAlertTests {
             // check: the answer counts each decision
             #expect(sent.status == .accepted, "\(sent.text)")
             let counts = try #require(sent.json["counts"] as? [String: Int])
-            #expect(counts["considered"] == 5)   // five clinicians; the receptionist is not in the audience
+            #expect(counts["considered"] == 5) // five clinicians; the receptionist is not in the audience
             #expect(counts["targeted"] == 5)
-            #expect(counts["in_app"] == 5)       // critical: in-app even for the one who switched everything off
-            #expect(counts["immediate"] == 2)    // owner and member: email + immediate by the type's default
+            #expect(counts["in_app"] == 5) // critical: in-app even for the one who switched everything off
+            #expect(counts["immediate"] == 2) // owner and member: email + immediate by the type's default
             #expect(counts["digest"] == 1)
             let eventID = try #require(sent.json["event_id"] as? String)
 
@@ -125,8 +137,11 @@ struct MedicalAlertTests {
             let notificationID = try #require(channel(clinic.org.memberID, "in_app")?["notification_id"] as? String)
             _ = try await client.send(.post, "/v1/me/notifications/\(notificationID)/read", token: clinic.memberToken)
             _ = try await client.send(.delete, "/v1/me/notifications/\(notificationID)", token: clinic.memberToken)
-            let again = try await client.send(.get, "/v1/events/\(eventID)/explain?user_id=\(clinic.org.memberID.uuidString)", token: clinic.org.ownerToken)
-            let inApp = ((again.json["items"] as? [[String: Any]])?.first?["channels"] as? [[String: Any]])?.first { $0["channel"] as? String == "in_app" }
+            let again = try await client.send(
+                .get, "/v1/events/\(eventID)/explain?user_id=\(clinic.org.memberID.uuidString)", token: clinic.org.ownerToken)
+            let inApp = ((again.json["items"] as? [[String: Any]])?.first?["channels"] as? [[String: Any]])?.first {
+                $0["channel"] as? String == "in_app"
+            }
             #expect(inApp?["notification_status"] as? String == "DELETED")
         }
     }
@@ -135,20 +150,26 @@ struct MedicalAlertTests {
     func categoryOff() async throws {
         let clinic = try await clinic()
         try await clinic.org.store { tx in
-            try await tx.replacePreferences(ofUser: clinic.org.memberID, with: NotificationChannel.allCases.map {
-                PreferenceCell(categoryID: clinic.catalogue.activity, channel: $0, setting: PreferenceSetting(enabled: false, frequency: .none))
-            })
+            try await tx.replacePreferences(
+                ofUser: clinic.org.memberID,
+                with: NotificationChannel.allCases.map {
+                    PreferenceCell(
+                        categoryID: clinic.catalogue.activity, channel: $0, setting: PreferenceSetting(enabled: false, frequency: .none))
+                })
         }
         let app = try env.application()
         try await app.test(.router) { client in
-            let sent = try await client.send(.post, "/v1/events", token: clinic.org.ownerToken, json: """
-                {"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\(clinic.org.memberID.uuidString)"]}, "payload": {"title": "Review"}}
-                """)
+            let sent = try await client.send(
+                .post, "/v1/events", token: clinic.org.ownerToken,
+                json: """
+                    {"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\(clinic.org.memberID.uuidString)"]}, "payload": {"title": "Review"}}
+                    """)
             #expect(sent.status == .accepted)
             #expect((sent.json["counts"] as? [String: Int])?["in_app"] == 0)
             #expect(try await client.send(.get, "/v1/me/notifications/unread-count", token: clinic.memberToken).json["total"] as? Int == 0)
             let eventID = try #require(sent.json["event_id"] as? String)
-            let explain = try await client.send(.get, "/v1/events/\(eventID)/explain?user_id=\(clinic.org.memberID.uuidString)", token: clinic.org.ownerToken)
+            let explain = try await client.send(
+                .get, "/v1/events/\(eventID)/explain?user_id=\(clinic.org.memberID.uuidString)", token: clinic.org.ownerToken)
             let channels = try #require(((explain.json["items"] as? [[String: Any]])?.first?["channels"]) as? [[String: Any]])
             #expect(channels.count == 4)
             #expect(channels.allSatisfy { $0["reason"] as? String == "CHANNEL_DISABLED" && $0["reason_text"] is String })
@@ -160,18 +181,23 @@ struct MedicalAlertTests {
         let clinic = try await clinic()
         let app = try env.application()
         try await app.test(.router) { client in
-            let put = try await client.send(.put, "/v1/me/preferences", token: clinic.memberToken, json: #"{"items": [{"category": "alerts", "channel": "email", "enabled": false, "frequency": "NONE"}]}"#)
+            let put = try await client.send(
+                .put, "/v1/me/preferences", token: clinic.memberToken,
+                json: #"{"items": [{"category": "alerts", "channel": "email", "enabled": false, "frequency": "NONE"}]}"#)
             #expect(put.status == .ok)
             let resolved = try await client.send(.get, "/v1/me/preferences/resolved?type=ISQ_CRITICAL", token: clinic.memberToken)
             let cells = try #require(resolved.json["items"] as? [[String: Any]])
             #expect(cells.first { $0["channel"] as? String == "email" }?["source"] as? String == "user")
             #expect(cells.first { $0["channel"] as? String == "in_app" }?["source"] as? String == "critical_override")
-            let onlyMember = Self.reading.replacingOccurrences(of: #""roles": ["clinician"]"#, with: #""user_ids": ["\#(clinic.org.memberID.uuidString)"]"#)
+            let onlyMember = Self.reading.replacingOccurrences(
+                of: #""roles": ["clinician"]"#, with: #""user_ids": ["\#(clinic.org.memberID.uuidString)"]"#)
             let first = try await client.send(.post, "/v1/events", token: clinic.org.ownerToken, json: onlyMember)
             #expect((first.json["counts"] as? [String: Int])?["immediate"] == 0)
             #expect((first.json["counts"] as? [String: Int])?["in_app"] == 1)
 
-            _ = try await client.send(.put, "/v1/me/preferences", token: clinic.memberToken, json: #"{"items": [{"category": "alerts", "channel": "email", "enabled": true, "frequency": "DAILY"}]}"#)
+            _ = try await client.send(
+                .put, "/v1/me/preferences", token: clinic.memberToken,
+                json: #"{"items": [{"category": "alerts", "channel": "email", "enabled": true, "frequency": "DAILY"}]}"#)
             let second = try await client.send(.post, "/v1/events", token: clinic.org.ownerToken, json: onlyMember)
             #expect((second.json["counts"] as? [String: Int])?["digest"] == 1)
             #expect((second.json["counts"] as? [String: Int])?["immediate"] == 0)
@@ -188,7 +214,10 @@ struct MedicalAlertTests {
                 (#"{"type": "ISQ_CRITICAL", "audience": {}}"#, .unprocessableContent, "audience"),
                 (#"{"type": "ISQ_CRITICAL", "audience": {"roles": ["astronaut"]}}"#, .unprocessableContent, "astronaut"),
                 (#"{"type": "ISQ_CRITICAL", "audience": {"user_ids": ["\#(UUID().uuidString)"]}}"#, .unprocessableContent, "user"),
-                (#"{"type": "ISQ_CRITICAL", "audience": {"everyone": true}, "expires_at": "2020-01-01T00:00:00Z"}"#, .unprocessableContent, "expires_at"),
+                (
+                    #"{"type": "ISQ_CRITICAL", "audience": {"everyone": true}, "expires_at": "2020-01-01T00:00:00Z"}"#,
+                    .unprocessableContent, "expires_at"
+                ),
                 (#"{"type": "ISQ_CRITICAL", "audience": {"everyone": true}, "organisation_id": "x"}"#, .badRequest, "organisation_id"),
             ]
             for (body, status, mention) in cases {
@@ -218,8 +247,11 @@ struct MedicalAlertTests {
             #expect(cancelled.json["digest_items_cancelled"] as? Int == 1)
             #expect(cancelled.json["notifications_withdrawn"] as? Int == 5)
             #expect(try await client.send(.post, "/v1/events/\(id)/cancel", token: clinic.org.ownerToken).isProblem(.conflict))
-            let explain = try await client.send(.get, "/v1/events/\(id)/explain?user_id=\(clinic.org.memberID.uuidString)", token: clinic.org.ownerToken)
-            let email = ((explain.json["items"] as? [[String: Any]])?.first?["channels"] as? [[String: Any]])?.first { $0["channel"] as? String == "email" }
+            let explain = try await client.send(
+                .get, "/v1/events/\(id)/explain?user_id=\(clinic.org.memberID.uuidString)", token: clinic.org.ownerToken)
+            let email = ((explain.json["items"] as? [[String: Any]])?.first?["channels"] as? [[String: Any]])?.first {
+                $0["channel"] as? String == "email"
+            }
             #expect(email?["delivery_status"] as? String == "CANCELLED")
         }
     }
@@ -234,17 +266,15 @@ struct IdempotencyTests {
     }
 
     func send(_ client: some TestClientProtocol, _ org: TestOrganisation, key: String, isq: Int = 25) async throws -> TestResponse {
-        try await client.send(.post, "/v1/events", token: org.ownerToken,
-                              json: #"{"type": "ISQ_CRITICAL", "audience": {"roles": ["clinician"]}, "payload": {"isq": \#(isq)}}"#,
-                              headers: [HTTPField.Name("Idempotency-Key")!: key])
+        try await client.send(
+            .post, "/v1/events", token: org.ownerToken,
+            json: #"{"type": "ISQ_CRITICAL", "audience": {"roles": ["clinician"]}, "payload": {"isq": \#(isq)}}"#,
+            headers: [HTTPField.Name("Idempotency-Key")!: key])
     }
 
     @Test("the same key and body answer the first response again, and write nothing more")
     func replay() async throws {
-        let org = try await TestOrganisation.make()
-        _ = try await TestCatalogue.make(in: org)
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withCatalogue { org, _, client in
             let first = try await send(client, org, key: "reading-1")
             let second = try await send(client, org, key: "reading-1")
             #expect(first.status == .accepted && second.status == .accepted)
@@ -257,10 +287,7 @@ struct IdempotencyTests {
 
     @Test("the same key with another body is 422")
     func differentBody() async throws {
-        let org = try await TestOrganisation.make()
-        _ = try await TestCatalogue.make(in: org)
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withCatalogue { org, _, client in
             #expect(try await send(client, org, key: "reading-2").status == .accepted)
             let other = try await send(client, org, key: "reading-2", isq: 30)
             #expect(other.isProblem(.unprocessableContent))

@@ -2,8 +2,6 @@ import AsyncHTTPClient
 import Foundation
 import HTTPTypes
 import HeraldCore
-@testable import HeraldDelivery
-@testable import HeraldStore
 import Hummingbird
 import HummingbirdTesting
 import Logging
@@ -14,6 +12,8 @@ import Synchronization
 import Testing
 
 @testable import HeraldAPI
+@testable import HeraldDelivery
+@testable import HeraldStore
 
 /// Faults of the database and of receivers (issue 8, items 11 and 13). The PostgreSQL restart
 /// test runs processes on a cluster of its own: see `PostgresFaultTests`.
@@ -43,7 +43,9 @@ struct FaultTests {
         #expect(failure is DatabaseUnavailable, "\(String(describing: failure))")
         #expect(took < .seconds(10), "abandoned at the deadline, not when the statement ended (\(took))")
         // The same pool, with the usual deadline (a new connection may take longer than 0.5 s to open).
-        let users = try await env.database.withTenant(org.id) { tx in try await tx.query("SELECT count(*)::int FROM users")[0].decode(Int.self) }
+        let users = try await env.database.withTenant(org.id) { tx in
+            try await tx.query("SELECT count(*)::int FROM users")[0].decode(Int.self)
+        }
         #expect(users == 2)
         let ready = try await env.database.appliedMigrationVersions()
         #expect(!ready.isEmpty)
@@ -55,7 +57,8 @@ struct FaultTests {
     func noServer() async throws {
         var logger = Logger(label: "herald.faults")
         logger.logLevel = .critical
-        let client = PostgresClient(configuration: try .fromURL("postgres://herald_app:herald_app@127.0.0.1:54349/herald"), backgroundLogger: logger)
+        let client = PostgresClient(
+            configuration: try .fromURL("postgres://herald_app:herald_app@127.0.0.1:54349/herald"), backgroundLogger: logger)
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { await client.run() }
             defer { group.cancelAll() }
@@ -79,14 +82,20 @@ struct FaultTests {
         let org = try await TestOrganisation.make()
         let catalogue = try await TestCatalogue.make(in: org)
         try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
-        try await org.addUsers(38)  // 40 recipients
+        try await org.addUsers(38) // 40 recipients
         let hanging = Peers.hook("hang"), healthy = Peers.hook("healthy")
         try await Peers.configure(hanging.name, ["delay_ms": 120_000])
         let (hangingEndpoint, healthyEndpoint) = try await org.store { tx in
-            (try await tx.createEndpoint(channel: .webhook, format: "standard", name: "hanging", url: hanging.url, eventTypes: [],
-                                         secret: WebhookSecret.generate().string).id,
-             try await tx.createEndpoint(channel: .webhook, format: "standard", name: "healthy", url: healthy.url, eventTypes: [],
-                                         secret: WebhookSecret.generate().string).id)
+            (
+                try await tx.createEndpoint(
+                    channel: .webhook, format: "standard", name: "hanging", url: hanging.url, eventTypes: [],
+                    secret: WebhookSecret.generate().string
+                ).id,
+                try await tx.createEndpoint(
+                    channel: .webhook, format: "standard", name: "healthy", url: healthy.url, eventTypes: [],
+                    secret: WebhookSecret.generate().string
+                ).id
+            )
         }
         try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(everyone: true), payload: .object([:])))
 
@@ -120,12 +129,14 @@ struct FaultTests {
         let org = try await TestOrganisation.make()
         let catalogue = try await TestCatalogue.make(in: org)
         try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
-        try await org.addUsers(18)  // 20 recipients
+        try await org.addUsers(18) // 20 recipients
         let hanging = Peers.hook("slow")
         try await Peers.configure(hanging.name, ["delay_ms": 30_000])
         let endpoint = try await org.store { tx in
-            try await tx.createEndpoint(channel: .webhook, format: "standard", name: "slow", url: hanging.url, eventTypes: [],
-                                        secret: WebhookSecret.generate().string).id
+            try await tx.createEndpoint(
+                channel: .webhook, format: "standard", name: "slow", url: hanging.url, eventTypes: [],
+                secret: WebhookSecret.generate().string
+            ).id
         }
         try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(everyone: true), payload: .object([:])))
 
@@ -160,7 +171,8 @@ struct FaultTests {
             let items = list.json["items"] as? [[String: Any]] ?? []
             #expect((items.first?["circuit"] as? [String: Any])?["state"] as? String == "open")
             // Enabling the endpoint again closes the breaker.
-            let enabled = try await client.send(.patch, "/v1/endpoints/\(endpoint.lowercased)", token: org.ownerToken, json: #"{"enabled": true}"#)
+            let enabled = try await client.send(
+                .patch, "/v1/endpoints/\(endpoint.lowercased)", token: org.ownerToken, json: #"{"enabled": true}"#)
             #expect((enabled.json["circuit"] as? [String: Any])?["state"] as? String == "closed", "\(enabled.text)")
         }
         let deliveries = try await org.deliveries()
@@ -224,23 +236,30 @@ struct PostgresFaultTests {
             let database = Database(client: client, logger: logger)
             let organisation = try await database.createOrganisation(slug: "faults", name: "Faults")
             let key = try await database.withTenant(organisation.id) { tx in
-                for index in 0..<5 { _ = try await tx.createUser(NewUser(email: "user\(index)@faults.example", displayName: "User \(index)")) }
+                for index in 0..<5 {
+                    _ = try await tx.createUser(NewUser(email: "user\(index)@faults.example", displayName: "User \(index)"))
+                }
                 let category = try await tx.createCategory(key: "activity", name: "Activity", description: "", critical: false)
-                _ = try await tx.createNotificationType(NotificationTypeFields(
-                    key: "WARD_ALERT", categoryID: category.id, name: "Ward alert", description: "", defaultSeverity: .info,
-                    defaultPriority: .normal, defaultChannels: [.webhook]))
-                _ = try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [],
-                                                secret: WebhookSecret.generate().string)
+                _ = try await tx.createNotificationType(
+                    NotificationTypeFields(
+                        key: "WARD_ALERT", categoryID: category.id, name: "Ward alert", description: "", defaultSeverity: .info,
+                        defaultPriority: .normal, defaultChannels: [.webhook]))
+                _ = try await tx.createEndpoint(
+                    channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [],
+                    secret: WebhookSecret.generate().string)
                 let token = OpaqueToken(kind: .apiKey, organisationID: organisation.id)
-                _ = try await tx.createApiKey(id: token.id, name: "faults", roleID: try await tx.builtinRole(.service).id,
-                                              secretHash: token.secretHash, expiresAt: nil)
+                _ = try await tx.createApiKey(
+                    id: token.id, name: "faults", roleID: try await tx.builtinRole(.service).id,
+                    secretHash: token.secretHash, expiresAt: nil)
                 return token.text
             }
             return (organisation.id, key)
         }
         let servers = try [55090, 55091].map { try ServeProcess(port: $0, keys: keys) }
         defer { servers.forEach { $0.kill() } }
-        for server in servers { #expect(try await eventually(timeout: .seconds(60)) { await server.ready() }, "serve on \(server.port) started") }
+        for server in servers {
+            #expect(try await eventually(timeout: .seconds(60)) { await server.ready() }, "serve on \(server.port) started")
+        }
 
         // act: load on both processes while PostgreSQL restarts twice and then stops for 10 s
         let load = Load(servers: servers, apiKey: apiKey)
@@ -281,9 +300,13 @@ struct PostgresFaultTests {
             }
             let stuck = try await count("SELECT count(*)::int FROM deliveries WHERE status = 'SENDING' AND lease_expires_at < now()")
             return try await database.withTenant(organisation) { tx in
-                let workers = Set(try await tx.query(
-                    "SELECT DISTINCT split_part(worker, ':', 2) FROM delivery_attempts WHERE finished_at > \(recovered)").map { try $0.decode(String.self) })
-                let statuses = try await tx.query("SELECT status || '=' || count(*) FROM deliveries GROUP BY status").map { try $0.decode(String.self) }
+                let workers = Set(
+                    try await tx.query(
+                        "SELECT DISTINCT split_part(worker, ':', 2) FROM delivery_attempts WHERE finished_at > \(recovered)"
+                    ).map { try $0.decode(String.self) })
+                let statuses = try await tx.query("SELECT status || '=' || count(*) FROM deliveries GROUP BY status").map {
+                    try $0.decode(String.self)
+                }
                 return (settled, workers, stuck, statuses)
             }
         }
@@ -372,7 +395,9 @@ final class ServeProcess: @unchecked Sendable {
     var url: String { "http://127.0.0.1:\(port)" }
 
     func ready() async -> Bool {
-        guard let response = try? await HTTPClient.shared.execute(HTTPClientRequest(url: url + "/healthz"), timeout: .seconds(2)) else { return false }
+        guard let response = try? await HTTPClient.shared.execute(HTTPClientRequest(url: url + "/healthz"), timeout: .seconds(2)) else {
+            return false
+        }
         return response.status == .ok
     }
 
@@ -396,7 +421,9 @@ final class ServeProcess: @unchecked Sendable {
 final class Load: Sendable {
     struct Counts: Sendable, CustomStringConvertible {
         var answered = 0, hung = 0, ok = 0, failed = 0, okAfterRecovery = 0
-        var description: String { "answered \(answered) (2xx \(ok), other \(failed)), hung \(hung), 2xx in the last seconds \(okAfterRecovery)" }
+        var description: String {
+            "answered \(answered) (2xx \(ok), other \(failed)), hung \(hung), 2xx in the last seconds \(okAfterRecovery)"
+        }
     }
 
     let servers: [ServeProcess]
@@ -456,7 +483,11 @@ final class Load: Sendable {
         } catch {
             // A refused connection would be an answer of sorts; a deadline is a hang.
             state.withLock { state in
-                if ContinuousClock.now - sent >= .seconds(39) { state.counts.hung += 1 } else { state.counts.failed += 1; state.counts.answered += 1 }
+                if ContinuousClock.now - sent >= .seconds(39) {
+                    state.counts.hung += 1
+                } else {
+                    state.counts.failed += 1; state.counts.answered += 1
+                }
             }
         }
     }

@@ -1,13 +1,13 @@
 import Foundation
 import HTTPTypes
 import HeraldCore
-@testable import HeraldStore
 import Hummingbird
 import HummingbirdTesting
 import PostgresNIO
 import Testing
 
 @testable import HeraldAPI
+@testable import HeraldStore
 
 @Suite("In-app feed")
 struct FeedTests {
@@ -18,7 +18,8 @@ struct FeedTests {
     }
 
     func task(_ org: TestOrganisation, to users: [UUID], title: String) async throws {
-        try await org.notify(EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: users), payload: .object(["title": .string(title)])))
+        try await org.notify(
+            EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: users), payload: .object(["title": .string(title)])))
     }
 
     @Test("pagination returns every row exactly once while new rows keep arriving")
@@ -37,7 +38,8 @@ struct FeedTests {
             var cursor: String?
             var page = 0
             repeat {
-                let response = try await client.send(.get, "/v1/me/notifications?limit=7" + (cursor.map { "&cursor=\($0)" } ?? ""), token: org.memberToken)
+                let response = try await client.send(
+                    .get, "/v1/me/notifications?limit=7" + (cursor.map { "&cursor=\($0)" } ?? ""), token: org.memberToken)
                 #expect(response.status == .ok)
                 let items = response.json["items"] as? [[String: Any]] ?? []
                 seen += items.compactMap { $0["title"] as? String }
@@ -65,23 +67,32 @@ struct FeedTests {
             func unread() async throws -> Int? {
                 try await client.send(.get, "/v1/me/notifications/unread-count", token: org.memberToken).json["total"] as? Int
             }
-            let ids = try #require((try await client.send(.get, "/v1/me/notifications", token: org.memberToken).json["items"] as? [[String: Any]])?
-                .compactMap { $0["id"] as? String })
+            let ids = try #require(
+                (try await client.send(.get, "/v1/me/notifications", token: org.memberToken).json["items"] as? [[String: Any]])?
+                    .compactMap { $0["id"] as? String })
             #expect(ids.count == 5)
             #expect(try await unread() == 5)
-            #expect(try await client.send(.post, "/v1/me/notifications/\(ids[0])/read", token: org.memberToken).json["read"] as? Bool == true)
+            #expect(
+                try await client.send(.post, "/v1/me/notifications/\(ids[0])/read", token: org.memberToken).json["read"] as? Bool == true)
             #expect(try await unread() == 4)
-            let many = try await client.send(.post, "/v1/me/notifications/mark-read", token: org.memberToken, json: #"{"ids": ["\#(ids[1])", "\#(ids[2])"]}"#)
+            let many = try await client.send(
+                .post, "/v1/me/notifications/mark-read", token: org.memberToken, json: #"{"ids": ["\#(ids[1])", "\#(ids[2])"]}"#)
             #expect(many.json["count"] as? Int == 2)
             #expect(try await unread() == 2)
-            #expect(try await client.send(.post, "/v1/me/notifications/\(ids[3])/archive", token: org.memberToken).json["archived"] as? Bool == true)
+            #expect(
+                try await client.send(.post, "/v1/me/notifications/\(ids[3])/archive", token: org.memberToken).json["archived"] as? Bool
+                    == true)
             #expect(try await unread() == 1)
             let archived = try await client.send(.get, "/v1/me/notifications?archived=true", token: org.memberToken)
             #expect((archived.json["items"] as? [[String: Any]])?.count == 1)
-            #expect(try await client.send(.post, "/v1/me/notifications/mark-read", token: org.memberToken, json: #"{"all": true}"#).status == .ok)
+            #expect(
+                try await client.send(.post, "/v1/me/notifications/mark-read", token: org.memberToken, json: #"{"all": true}"#).status
+                    == .ok)
             #expect(try await unread() == 0)
             // Unread again after "all read": it stays unread until the next "all read".
-            #expect(try await client.send(.post, "/v1/me/notifications/\(ids[0])/unread", token: org.memberToken).json["read"] as? Bool == false)
+            #expect(
+                try await client.send(.post, "/v1/me/notifications/\(ids[0])/unread", token: org.memberToken).json["read"] as? Bool == false
+            )
             #expect(try await unread() == 1)
             let unreadOnly = try await client.send(.get, "/v1/me/notifications?read=false", token: org.memberToken)
             #expect((unreadOnly.json["items"] as? [[String: Any]])?.compactMap { $0["id"] as? String } == [ids[0]])
@@ -104,8 +115,10 @@ struct FeedTests {
         _ = try await TestCatalogue.make(in: org)
         try await task(org, to: [org.memberID], title: "Review the implant protocol")
         try await task(org, to: [org.memberID], title: "Order gloves")
-        try await org.notify(EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]),
-                                          payload: .object(["isq": .number(25), "threshold": .number(55), "implant": .string("IMP-7")])))
+        try await org.notify(
+            EventRequest(
+                typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]),
+                payload: .object(["isq": .number(25), "threshold": .number(55), "implant": .string("IMP-7")])))
         let app = try env.application()
         try await app.test(.router) { client in
             func titles(_ query: String) async throws -> [String] {
@@ -113,7 +126,7 @@ struct FeedTests {
                 #expect(response.status == .ok, "\(query): \(response.text)")
                 return (response.json["items"] as? [[String: Any]] ?? []).compactMap { $0["title"] as? String }
             }
-            #expect(try await titles("q=implant").count == 2)        // title of one, body of the alert
+            #expect(try await titles("q=implant").count == 2) // title of one, body of the alert
             #expect(try await titles("q=gloves") == ["Order gloves"])
             #expect(try await titles("type=ISQ_CRITICAL") == ["Critical ISQ 25"])
             #expect(try await titles("category=activity").count == 2)
@@ -140,16 +153,20 @@ struct FeedTests {
             let ownerID = try #require((owner.json["items"] as? [[String: Any]])?.first?["id"] as? String)
             let member = try await client.send(.get, "/v1/me/notifications", token: org.memberToken)
             #expect((member.json["items"] as? [[String: Any]])?.compactMap { $0["title"] as? String } == ["for the member"])
-            for (method, path) in [(HTTPRequest.Method.get, "/v1/me/notifications/\(ownerID)"), (.post, "/v1/me/notifications/\(ownerID)/read"),
-                                   (.post, "/v1/me/notifications/\(ownerID)/archive"), (.delete, "/v1/me/notifications/\(ownerID)")] {
+            for (method, path) in [
+                (HTTPRequest.Method.get, "/v1/me/notifications/\(ownerID)"), (.post, "/v1/me/notifications/\(ownerID)/read"),
+                (.post, "/v1/me/notifications/\(ownerID)/archive"), (.delete, "/v1/me/notifications/\(ownerID)"),
+            ] {
                 #expect(try await client.send(method, path, token: org.memberToken).isProblem(.notFound), "\(path)")
             }
-            let many = try await client.send(.post, "/v1/me/notifications/mark-read", token: org.memberToken, json: #"{"ids": ["\#(ownerID)"]}"#)
+            let many = try await client.send(
+                .post, "/v1/me/notifications/mark-read", token: org.memberToken, json: #"{"ids": ["\#(ownerID)"]}"#)
             #expect(many.json["count"] as? Int == 0)
             #expect(try await client.send(.get, "/v1/me/notifications/unread-count", token: org.ownerToken).json["total"] as? Int == 1)
             // API keys have no feed.
             let serviceRole = try await org.store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
-            let key = try await client.send(.post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "k", "role_id": "\#(serviceRole)"}"#)
+            let key = try await client.send(
+                .post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "k", "role_id": "\#(serviceRole)"}"#)
             let secret = try #require(key.json["secret"] as? String)
             #expect(try await client.send(.get, "/v1/me/notifications", token: secret).isProblem(.forbidden))
         }
@@ -162,18 +179,26 @@ struct FeedTests {
         try await task(org, to: [org.ownerID, org.memberID], title: "for both")
         // As the member: the owner's row is invisible even when asked for by user id.
         let counts = try await env.database.withTenant(org.id, actor: .user(org.memberID), recipient: org.memberID) { tx in
-            (try await tx.notificationStats(userID: org.ownerID, since: nil, until: nil).total,
-             try await tx.notificationStats(userID: nil, since: nil, until: nil).total,
-             try await tx.clearFeed(of: org.ownerID))
+            (
+                try await tx.notificationStats(userID: org.ownerID, since: nil, until: nil).total,
+                try await tx.notificationStats(userID: nil, since: nil, until: nil).total,
+                try await tx.clearFeed(of: org.ownerID)
+            )
         }
         #expect(counts.0 == 0)
         #expect(counts.1 == 1)
         #expect(counts.2 == 0)
         // Directly, as the application role with the feed's settings.
         let rows = try await env.appClient.withTransaction(logger: env.logger) { connection in
-            try await connection.query("SELECT set_config('app.org_id', \(org.id.uuidString), true), set_config('app.recipient_id', \(org.memberID.uuidString), true)", logger: env.logger)
-            let visible = try await connection.query("SELECT count(*)::int FROM notifications WHERE user_id = \(org.ownerID)", logger: env.logger).collect()
-            let updated = try await connection.query("UPDATE notifications SET read_at = now() WHERE user_id = \(org.ownerID) RETURNING 1", logger: env.logger).collect()
+            try await connection.query(
+                "SELECT set_config('app.org_id', \(org.id.uuidString), true), set_config('app.recipient_id', \(org.memberID.uuidString), true)",
+                logger: env.logger)
+            let visible = try await connection.query(
+                "SELECT count(*)::int FROM notifications WHERE user_id = \(org.ownerID)", logger: env.logger
+            ).collect()
+            let updated = try await connection.query(
+                "UPDATE notifications SET read_at = now() WHERE user_id = \(org.ownerID) RETURNING 1", logger: env.logger
+            ).collect()
             return (try visible[0].decode(Int.self), updated.count)
         }
         #expect(rows.0 == 0)
@@ -239,8 +264,9 @@ struct FeedTests {
     }
 
     func updatedTuples() async throws -> Int {
-        try await Task.sleep(for: .milliseconds(600))  // the statistics collector lags a little
-        let rows = try await env.appClient.query("SELECT n_tup_upd::int FROM pg_stat_user_tables WHERE relname = 'notifications'", logger: env.logger)
+        try await Task.sleep(for: .milliseconds(600)) // the statistics collector lags a little
+        let rows = try await env.appClient.query(
+            "SELECT n_tup_upd::int FROM pg_stat_user_tables WHERE relname = 'notifications'", logger: env.logger)
         for try await n in rows.decode(Int.self) { return n }
         return 0
     }

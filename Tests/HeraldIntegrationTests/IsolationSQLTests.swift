@@ -1,11 +1,11 @@
 import Foundation
 import HeraldCore
-@testable import HeraldStore
 import Logging
 import PostgresNIO
 import Testing
 
 @testable import HeraldAPI
+@testable import HeraldStore
 
 /// Tenant isolation proven in SQL, as the application role, for every tenant table the
 /// catalogue lists: a table added without forced RLS and a policy fails these tests.
@@ -42,37 +42,51 @@ struct IsolationSQLTests {
             let role = try await tx.builtinRole(.service)
             let key = OpaqueToken(kind: .apiKey, organisationID: org.id)
             _ = try await tx.createApiKey(id: key.id, name: "k", roleID: role.id, secretHash: key.secretHash, expiresAt: nil)
-            try await tx.insertRefreshToken(id: UUID(), familyID: UUID(), userID: org.memberID, secretHash: Data([1]),
-                                            expiresAt: Date().addingTimeInterval(60))
+            try await tx.insertRefreshToken(
+                id: UUID(), familyID: UUID(), userID: org.memberID, secretHash: Data([1]),
+                expiresAt: Date().addingTimeInterval(60))
             try await tx.audit(action: "test", targetType: "test", targetID: nil, before: nil, after: nil)
         }
         // The engine fills its own tables: events, in-app rows, deliveries, digest items, the trace.
         let catalogue = try await TestCatalogue.make(in: org)
         try await org.store { tx in
-            try await tx.replacePreferenceDefaults(with: [PreferenceCell(categoryID: catalogue.activity, channel: .email,
-                                                                         setting: PreferenceSetting(enabled: true, frequency: .weekly))])
-            try await tx.replacePreferences(ofUser: org.memberID, with: [PreferenceCell(
-                categoryID: catalogue.alerts, channel: .email, setting: PreferenceSetting(enabled: true, frequency: .daily))])
+            try await tx.replacePreferenceDefaults(with: [
+                PreferenceCell(
+                    categoryID: catalogue.activity, channel: .email,
+                    setting: PreferenceSetting(enabled: true, frequency: .weekly))
+            ])
+            try await tx.replacePreferences(
+                ofUser: org.memberID,
+                with: [
+                    PreferenceCell(
+                        categoryID: catalogue.alerts, channel: .email, setting: PreferenceSetting(enabled: true, frequency: .daily))
+                ])
         }
-        let (_, plan) = try await org.notify(EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(roleKeys: ["clinician"]),
-                                                            payload: .object(["isq": .number(25)])))
+        let (_, plan) = try await org.notify(
+            EventRequest(
+                typeKey: "ISQ_CRITICAL", audience: Audience(roleKeys: ["clinician"]),
+                payload: .object(["isq": .number(25)])))
         #expect(!plan.deliveries.isEmpty && !plan.digestItems.isEmpty && !plan.notifications.isEmpty)
         try await org.store { tx in try await tx.markAllRead(of: org.ownerID, through: TimeOrderedID.upperBound(at: Date())) }
         // A webhook endpoint with a delivery that names it, and a click on that delivery's link.
         try await org.deliveryType("HOOKED", category: catalogue.activity, channels: [.webhook])
         try await org.store { tx in
-            _ = try await tx.createEndpoint(channel: .webhook, format: "standard", name: "w", url: "https://93.184.216.34/hook", eventTypes: [],
-                                            secret: WebhookSecret.generate().string)
+            _ = try await tx.createEndpoint(
+                channel: .webhook, format: "standard", name: "w", url: "https://93.184.216.34/hook", eventTypes: [],
+                secret: WebhookSecret.generate().string)
         }
-        let (_, hooked) = try await org.notify(EventRequest(typeKey: "HOOKED", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+        let (_, hooked) = try await org.notify(
+            EventRequest(typeKey: "HOOKED", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
         let webhook = try #require(hooked.deliveries.first)
         _ = try await org.store { tx in try await tx.recordClick(deliveryID: webhook.id, userID: org.memberID) }
         // An attempt in the outbox's log: claim this organisation's deliveries and complete one.
         try await org.store { tx in
             for delivery in try await tx.deliveries(DeliveryFilter(), limit: 10, after: nil).items {
-                try await tx.query("UPDATE deliveries SET status = 'SENDING', attempts = 1, lease_owner = 'fixture' WHERE id = \(delivery.id)")
-                _ = try await tx.completeDelivery(ClaimedDelivery(organisationID: org.id, deliveryID: delivery.id, attempt: 1),
-                                                  worker: "fixture", startedAt: Date(), result: .sent(responseCode: 250))
+                try await tx.query(
+                    "UPDATE deliveries SET status = 'SENDING', attempts = 1, lease_owner = 'fixture' WHERE id = \(delivery.id)")
+                _ = try await tx.completeDelivery(
+                    ClaimedDelivery(organisationID: org.id, deliveryID: delivery.id, attempt: 1),
+                    worker: "fixture", startedAt: Date(), result: .sent(responseCode: 250))
             }
         }
         return org
@@ -142,7 +156,9 @@ struct IsolationSQLTests {
                    (SELECT count(*) FROM pg_namespace s WHERE s.nspowner = r.oid)
             FROM pg_roles r WHERE r.rolname = current_user
             """)
-        for try await (superuser, bypass, createRole, createDB, ownedRelations, ownedSchemas) in rows.decode((Bool, Bool, Bool, Bool, Int, Int).self) {
+        for try await (superuser, bypass, createRole, createDB, ownedRelations, ownedSchemas) in rows.decode(
+            (Bool, Bool, Bool, Bool, Int, Int).self)
+        {
             #expect(!superuser)
             #expect(!bypass)
             #expect(!createRole)
@@ -224,21 +240,26 @@ struct IsolationSQLTests {
             #expect(bOwn > 0, "\(table): the fixture has no row for B")
             // A sees none of them, by filter or by total.
             try await asApp(a.id) { connection in
-                #expect(try await count(connection, "SELECT count(*) FROM \(table) WHERE \(column) =", b.id) == 0, "\(table): A selects B's rows")
+                #expect(
+                    try await count(connection, "SELECT count(*) FROM \(table) WHERE \(column) =", b.id) == 0,
+                    "\(table): A selects B's rows")
                 let total = try await count(connection, "SELECT count(*) FROM \(table)")
                 let own = try await count(connection, "SELECT count(*) FROM \(table) WHERE \(column) =", a.id)
                 #expect(total == own, "\(table): A counts rows that are not A's")
             }
             // Updates and deletes of B's rows touch nothing (or are not granted at all, as for the
             // append-only audit log): each in its own transaction, since a refusal aborts it.
-            for statement in ["UPDATE \(table) SET \(column) = \(column) WHERE \(column) = $1 RETURNING 1",
-                              "DELETE FROM \(table) WHERE \(column) = $1 RETURNING 1"] {
+            for statement in [
+                "UPDATE \(table) SET \(column) = \(column) WHERE \(column) = $1 RETURNING 1",
+                "DELETE FROM \(table) WHERE \(column) = $1 RETURNING 1",
+            ] {
                 var touched = 0
                 let state = await sqlState {
                     touched = try await asApp(a.id) { connection in
                         var bindings = PostgresBindings()
                         bindings.append(b.id)
-                        return try await connection.query(PostgresQuery(unsafeSQL: statement, binds: bindings), logger: env.logger).collect().count
+                        return try await connection.query(PostgresQuery(unsafeSQL: statement, binds: bindings), logger: env.logger)
+                            .collect().count
                     }
                 }
                 #expect(touched == 0 && (state == nil || state == "42501"), "\(table): A changed B's rows with \(statement)")
@@ -255,7 +276,8 @@ struct IsolationSQLTests {
             let moveState = await sqlState {
                 try await asApp(a.id) { connection in
                     _ = try await connection.query(
-                        "UPDATE \(unescaped: table) SET \(unescaped: column) = \(b.id) WHERE \(unescaped: column) = \(a.id)", logger: env.logger)
+                        "UPDATE \(unescaped: table) SET \(unescaped: column) = \(b.id) WHERE \(unescaped: column) = \(a.id)",
+                        logger: env.logger)
                 }
             }
             // organisations.id is referenced by every other table, so moving it may fail on a key first; either way it fails.
@@ -298,8 +320,12 @@ struct IsolationSQLTests {
     @Test("the audit log is append-only for the application role")
     func auditAppendOnly() async throws {
         let org = try await populatedOrganisation()
-        let update = await sqlState { _ = try await asApp(org.id) { try await $0.query("UPDATE audit_log SET action = 'x'", logger: env.logger).collect().count } }
-        let delete = await sqlState { _ = try await asApp(org.id) { try await $0.query("DELETE FROM audit_log", logger: env.logger).collect().count } }
+        let update = await sqlState {
+            _ = try await asApp(org.id) { try await $0.query("UPDATE audit_log SET action = 'x'", logger: env.logger).collect().count }
+        }
+        let delete = await sqlState {
+            _ = try await asApp(org.id) { try await $0.query("DELETE FROM audit_log", logger: env.logger).collect().count }
+        }
         #expect(update == "42501")
         #expect(delete == "42501")
     }

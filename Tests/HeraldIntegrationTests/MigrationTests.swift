@@ -25,7 +25,9 @@ struct MigrationTests {
         do {
             try await withClient(url.string!, body)
         } catch {
-            try? await withClient(env.ownerURL) { _ = try await $0.query("DROP DATABASE \(unescaped: name) WITH (FORCE)", logger: env.logger) }
+            try? await withClient(env.ownerURL) {
+                _ = try await $0.query("DROP DATABASE \(unescaped: name) WITH (FORCE)", logger: env.logger)
+            }
             throw error
         }
         try await withClient(env.ownerURL) { _ = try await $0.query("DROP DATABASE \(unescaped: name) WITH (FORCE)", logger: env.logger) }
@@ -75,7 +77,8 @@ struct MigrationTests {
             let migrator = Migrator(client: client, logger: env.logger)
             let broken = [Migration(version: 1, name: "0001_broken", sql: "CREATE TABLE c (z int); SELECT no_such_function();")]
             await #expect(throws: (any Error).self) { try await migrator.migrate(broken) }
-            let rows = try await client.query("SELECT to_regclass('c') IS NULL, (SELECT count(*) FROM schema_migrations)", logger: env.logger)
+            let rows = try await client.query(
+                "SELECT to_regclass('c') IS NULL, (SELECT count(*) FROM schema_migrations)", logger: env.logger)
             for try await (absent, recorded) in rows.decode((Bool, Int).self) {
                 #expect(absent)
                 #expect(recorded == 0)
@@ -98,9 +101,10 @@ struct MigrationTests {
     func shippedMatchRepository() throws {
         // setup: the resource copy (no override) and the reviewed files in sql/migrations
         let shipped = try Migration.shipped(environment: [:])
-        let repository = try Migration.load(from: URL(fileURLWithPath: #filePath)
-            .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-            .appendingPathComponent("sql/migrations"))
+        let repository = try Migration.load(
+            from: URL(fileURLWithPath: #filePath)
+                .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+                .appendingPathComponent("sql/migrations"))
         // check
         #expect(!shipped.isEmpty)
         #expect(shipped == repository, "the build's copy of sql/migrations is stale: rebuild")

@@ -26,7 +26,8 @@ struct OutboxTests {
         let users = try await org.store { tx in
             try await (0..<count).asyncMap { i in try await tx.createUser(NewUser(email: "r\(i)@x.example", displayName: "R\(i)")).id }
         }
-        let (_, plan) = try await org.notify(EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: users), payload: .object([:])))
+        let (_, plan) = try await org.notify(
+            EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: users), payload: .object([:])))
         return (org, plan.deliveries.map(\.id))
     }
 
@@ -62,7 +63,9 @@ struct OutboxTests {
             }
             #expect(done)
         }
-        let logged = try await org.store { tx in try await tx.query("SELECT count(*)::int, count(*) FILTER (WHERE attempt = 1 AND outcome = 'SENT')::int FROM delivery_attempts") }
+        let logged = try await org.store { tx in
+            try await tx.query("SELECT count(*)::int, count(*) FILTER (WHERE attempt = 1 AND outcome = 'SENT')::int FROM delivery_attempts")
+        }
         let (rows, firstSent) = try logged[0].decode((Int, Int).self)
         #expect(rows == ids.count && firstSent == ids.count)
     }
@@ -82,8 +85,11 @@ struct OutboxTests {
         }
         // The crashed worker wakes up late and tries to complete attempt 1, and to extend its lease.
         let (lateDone, lateLease) = try await env.workerDatabase.withTenant(org.id) { tx in
-            (try await tx.completeDelivery(first[0], worker: "crashed", startedAt: Date(), result: .failed(responseCode: 500, error: "late", retryAt: Date())),
-             try await tx.extendLeases(worker: "crashed", claims: first, leaseSeconds: 30))
+            (
+                try await tx.completeDelivery(
+                    first[0], worker: "crashed", startedAt: Date(), result: .failed(responseCode: 500, error: "late", retryAt: Date())),
+                try await tx.extendLeases(worker: "crashed", claims: first, leaseSeconds: 30)
+            )
         }
         #expect(rescuerDone)
         #expect(!lateDone)
@@ -115,7 +121,9 @@ struct OutboxTests {
         }
         let rows = try await env.workerClient.query("SELECT count(*)::int FROM deliveries", logger: env.logger).collect()
         #expect(try rows[0].decode(Int.self) == 0)
-        let role = try await env.workerClient.query("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user", logger: env.logger).collect()
+        let role = try await env.workerClient.query(
+            "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user", logger: env.logger
+        ).collect()
         #expect(try role[0].decode((Bool, Bool).self) == (false, false))
     }
 
@@ -133,7 +141,8 @@ struct OutboxTests {
             let failedAt = Date()
             let next = try #require(policy.nextAttempt(after: claim.attempt, failedAt: failedAt, random: 0.5))
             _ = try await env.workerDatabase.withTenant(org.id) { tx in
-                try await tx.completeDelivery(claim, worker: "w", startedAt: failedAt, result: .failed(responseCode: 503, error: "unavailable", retryAt: next))
+                try await tx.completeDelivery(
+                    claim, worker: "w", startedAt: failedAt, result: .failed(responseCode: 503, error: "unavailable", retryAt: next))
             }
             if attempt == 3 { break }
             retryTimes.append(next)
@@ -186,8 +195,9 @@ struct OutboxTests {
         struct Rollback: Error {}
         await #expect(throws: Rollback.self) {
             try await env.database.withTenant(org.id) { tx in
-                let planned = try await tx.planEvent(EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]), payload: .object([:])),
-                                                     eventID: UUID(), now: Date())
+                let planned = try await tx.planEvent(
+                    EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]), payload: .object([:])),
+                    eventID: UUID(), now: Date())
                 try await tx.write(planned.event, type: planned.type, plan: planned.plan)
                 throw Rollback()
             }
@@ -197,22 +207,29 @@ struct OutboxTests {
         // same channel; only this organisation's announcement counts).
         let listener = PostgresClient(configuration: try .fromURL(env.appURL), backgroundLogger: env.logger)
         let heard = try await withThrowingTaskGroup(of: String?.self) { group in
-            group.addTask { await listener.run(); return nil }
+            group.addTask {
+                await listener.run(); return nil
+            }
             let (listening, listeningSignal) = AsyncStream.makeStream(of: Void.self)
             group.addTask {
                 try await listener.withConnection { connection in
                     let stream = try await connection.listen("herald_events")
                     listeningSignal.yield()
-                    for try await notification in stream where notification.payload.hasPrefix(org.id.lowercased) { return notification.payload }
+                    for try await notification in stream where notification.payload.hasPrefix(org.id.lowercased) {
+                        return notification.payload
+                    }
                     return nil
                 }
             }
             group.addTask {
                 for await _ in listening { break }
-                let (event, _) = try await org.notify(EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+                let (event, _) = try await org.notify(
+                    EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
                 return "sent:\(event.id.lowercased)"
             }
-            group.addTask { try await Task.sleep(for: .seconds(20)); return "timeout" }
+            group.addTask {
+                try await Task.sleep(for: .seconds(20)); return "timeout"
+            }
             var results: [String] = []
             for try await result in group {
                 if let result { results.append(result) }

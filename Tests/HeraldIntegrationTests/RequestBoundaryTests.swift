@@ -29,9 +29,12 @@ struct RequestBoundaryTests {
         func calls(_ prefix: String) async throws -> Int {
             let client = PostgresClient(configuration: try .fromURL(env.ownerURL), backgroundLogger: env.logger)
             return try await withThrowingTaskGroup(of: Int.self) { group in
-                group.addTask { await client.run(); return 0 }
+                group.addTask {
+                    await client.run(); return 0
+                }
                 defer { group.cancelAll() }
-                let rows = try await client.query("""
+                let rows = try await client.query(
+                    """
                     SELECT coalesce(sum(s.calls), 0)::bigint FROM pg_stat_statements s
                     JOIN pg_database d ON d.oid = s.dbid
                     WHERE d.datname = \(database) AND s.query LIKE \(prefix + "%")
@@ -72,11 +75,14 @@ struct RequestBoundaryTests {
             let app = try env.application(database: database)
             try await app.test(.router) { http in
                 let serviceRole = try await database.withTenant(organisation.id) { tx in try await tx.builtinRole(.service).id }
-                let key = try await http.send(.post, "/v1/api-keys", token: ownerToken, json: #"{"name": "CRM", "role_id": "\#(serviceRole)"}"#)
+                let key = try await http.send(
+                    .post, "/v1/api-keys", token: ownerToken, json: #"{"name": "CRM", "role_id": "\#(serviceRole)"}"#)
                 #expect(key.status == .created)
                 let apiKey = try #require(key.json["secret"] as? String)
 
-                let (begins, commits, contexts) = (try await counter.calls("BEGIN"), try await counter.calls("COMMIT"), try await counter.calls("SET LOCAL app.org_id"))
+                let (begins, commits, contexts) = (
+                    try await counter.calls("BEGIN"), try await counter.calls("COMMIT"), try await counter.calls("SET LOCAL app.org_id")
+                )
                 // Reads, a write, the feed (confined to the caller), an API key, a refusal.
                 let requests: [(HTTPRequest.Method, String, String, String?, HTTPResponse.Status)] = [
                     (.get, "/v1/users", ownerToken, nil, .ok),
@@ -117,14 +123,16 @@ struct RequestBoundaryTests {
         let org = try await TestOrganisation.make()
         let app = try env.application()
         try await app.test(.router) { http in
-            let missingRole = try await http.send(.put, "/v1/users/\(org.memberID)/roles", token: org.ownerToken,
-                                                  json: #"{"role_ids": ["\#(UUID())"]}"#)
+            let missingRole = try await http.send(
+                .put, "/v1/users/\(org.memberID)/roles", token: org.ownerToken,
+                json: #"{"role_ids": ["\#(UUID())"]}"#)
             #expect(missingRole.isProblem(.unprocessableContent))
             #expect((missingRole.json["detail"] as? String)?.hasPrefix("role_ids: names a role") == true, "\(missingRole.text)")
             let missingUser = try await http.send(.put, "/v1/users/\(UUID())/roles", token: org.ownerToken, json: #"{"role_ids": []}"#)
             #expect(missingUser.isProblem(.notFound))
             #expect((missingUser.json["detail"] as? String)?.contains("No user") == true, "\(missingUser.text)")
-            let missingKeyRole = try await http.send(.post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "K", "role_id": "\#(UUID())"}"#)
+            let missingKeyRole = try await http.send(
+                .post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "K", "role_id": "\#(UUID())"}"#)
             #expect(missingKeyRole.isProblem(.unprocessableContent))
             #expect((missingKeyRole.json["detail"] as? String)?.hasPrefix("role_id: names a role") == true, "\(missingKeyRole.text)")
         }

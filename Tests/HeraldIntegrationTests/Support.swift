@@ -53,7 +53,9 @@ final class TestEnvironment: Sendable {
     private init() async throws {
         let env = ProcessInfo.processInfo.environment
         // No silent skip: without a database this suite must fail, loudly.
-        guard let app = env["HERALD_TEST_DATABASE_URL"], let owner = env["HERALD_TEST_OWNER_URL"], let worker = env["HERALD_TEST_WORKER_URL"] else {
+        guard let app = env["HERALD_TEST_DATABASE_URL"], let owner = env["HERALD_TEST_OWNER_URL"],
+            let worker = env["HERALD_TEST_WORKER_URL"]
+        else {
             throw MissingDatabase()
         }
         appURL = app
@@ -76,8 +78,9 @@ final class TestEnvironment: Sendable {
         workerDatabase = Database(client: workerClient, logger: logger)
         signingKey = ES256PrivateKey()
         let key = signingKey
-        tokens = try await AccessTokens(keys: [AccessTokenKey(id: "test-key", privateKey: key)], activeKeyID: nil,
-                                        issuer: "herald", audience: "herald-api", ttl: 900, leeway: 30)
+        tokens = try await AccessTokens(
+            keys: [AccessTokenKey(id: "test-key", privateKey: key)], activeKeyID: nil,
+            issuer: "herald", audience: "herald-api", ttl: 900, leeway: 30)
     }
 
     /// The link keys the test applications verify and the test workers sign with.
@@ -113,7 +116,9 @@ final class TestEnvironment: Sendable {
 
 /// The suite runs against a real database or not at all.
 struct MissingDatabase: Error, CustomStringConvertible {
-    var description: String { "HERALD_TEST_DATABASE_URL, HERALD_TEST_OWNER_URL and HERALD_TEST_WORKER_URL are not set: run the suite with `make test`." }
+    var description: String {
+        "HERALD_TEST_DATABASE_URL, HERALD_TEST_OWNER_URL and HERALD_TEST_WORKER_URL are not set: run the suite with `make test`."
+    }
 }
 
 /// An organisation made for one test: an owner and a member, each with a live access token.
@@ -157,8 +162,10 @@ typealias JSONObject = [String: any Sendable]
 extension TestClientProtocol {
     /// Sends a request with an optional bearer token and JSON body.
     @discardableResult
-    func send(_ method: HTTPRequest.Method, _ path: String, token: String? = nil, json: String? = nil,
-              headers extra: HTTPFields = [:]) async throws -> TestResponse {
+    func send(
+        _ method: HTTPRequest.Method, _ path: String, token: String? = nil, json: String? = nil,
+        headers extra: HTTPFields = [:]
+    ) async throws -> TestResponse {
         var headers = extra
         if let token { headers[.authorization] = "Bearer \(token)" }
         if json != nil { headers[.contentType] = "application/json" }
@@ -218,12 +225,14 @@ enum Spec {
         let data = pipe.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
         guard process.terminationStatus == 0,
-              let list = try JSONSerialization.jsonObject(with: data) as? [[String: Any]] else {
+            let list = try JSONSerialization.jsonObject(with: data) as? [[String: Any]]
+        else {
             throw SpecError.unreadable(specPath)
         }
         return list.map {
-            SpecOperation(id: $0["id"] as! String, method: $0["method"] as! String, path: $0["path"] as! String,
-                          permission: $0["permission"] as! String, exampleBody: $0["body"] as? String)
+            SpecOperation(
+                id: $0["id"] as! String, method: $0["method"] as! String, path: $0["path"] as! String,
+                permission: $0["permission"] as! String, exampleBody: $0["body"] as? String)
         }
     }
 
@@ -246,25 +255,36 @@ struct TestCatalogue: Sendable {
             let alerts = try await tx.createCategory(key: "alerts", name: "Alerts", description: "Clinical alerts", critical: true)
             let activity = try await tx.createCategory(key: "activity", name: "Activity", description: "", critical: false)
             let outings = try await tx.createCategory(key: "outings", name: "Outings", description: "", critical: false)
-            let isq = try await tx.createNotificationType(NotificationTypeFields(
-                key: "ISQ_CRITICAL", categoryID: alerts.id, name: "Critical ISQ reading", description: "",
-                defaultSeverity: .critical, defaultPriority: .critical, defaultChannels: [.inApp, .email]))
-            try await tx.putTemplate(typeID: isq.id, channel: .inApp, locale: "en", content: TemplateContent(
-                subject: "Critical ISQ {{payload.isq}}", body: "Implant {{payload.implant}}: stability {{payload.isq}} is below {{payload.threshold}}."))
-            try await tx.putTemplate(typeID: isq.id, channel: .inApp, locale: "fr", content: TemplateContent(
-                subject: "ISQ critique {{payload.isq}}", body: "Implant {{payload.implant}} : stabilité {{payload.isq}} sous {{payload.threshold}}."))
-            let task = try await tx.createNotificationType(NotificationTypeFields(
-                key: "TASK_ASSIGNED", categoryID: activity.id, name: "Task assigned", description: "",
-                defaultSeverity: .info, defaultPriority: .normal, defaultChannels: [.inApp]))
-            try await tx.putTemplate(typeID: task.id, channel: .inApp, locale: "en", content: TemplateContent(
-                subject: "{{payload.title}}", body: "Assigned to {{recipient.display_name}}"))
+            let isq = try await tx.createNotificationType(
+                NotificationTypeFields(
+                    key: "ISQ_CRITICAL", categoryID: alerts.id, name: "Critical ISQ reading", description: "",
+                    defaultSeverity: .critical, defaultPriority: .critical, defaultChannels: [.inApp, .email]))
+            try await tx.putTemplate(
+                typeID: isq.id, channel: .inApp, locale: "en",
+                content: TemplateContent(
+                    subject: "Critical ISQ {{payload.isq}}",
+                    body: "Implant {{payload.implant}}: stability {{payload.isq}} is below {{payload.threshold}}."))
+            try await tx.putTemplate(
+                typeID: isq.id, channel: .inApp, locale: "fr",
+                content: TemplateContent(
+                    subject: "ISQ critique {{payload.isq}}",
+                    body: "Implant {{payload.implant}} : stabilité {{payload.isq}} sous {{payload.threshold}}."))
+            let task = try await tx.createNotificationType(
+                NotificationTypeFields(
+                    key: "TASK_ASSIGNED", categoryID: activity.id, name: "Task assigned", description: "",
+                    defaultSeverity: .info, defaultPriority: .normal, defaultChannels: [.inApp]))
+            try await tx.putTemplate(
+                typeID: task.id, channel: .inApp, locale: "en",
+                content: TemplateContent(
+                    subject: "{{payload.title}}", body: "Assigned to {{recipient.display_name}}"))
             let clinician = try await tx.createRole(key: "clinician", name: "Clinician", description: "", permissions: [.notificationsRead])
             for user in [org.ownerID, org.memberID] {
                 let current = try await tx.user(user).roles.map(\.id)
                 _ = try await tx.setUserRoles(user, current + [clinician.id])
             }
-            return TestCatalogue(alerts: alerts.id, activity: activity.id, outings: outings.id, isqCritical: isq.id,
-                                 taskAssigned: task.id, clinicianRole: clinician.id)
+            return TestCatalogue(
+                alerts: alerts.id, activity: activity.id, outings: outings.id, isqCritical: isq.id,
+                taskAssigned: task.id, clinicianRole: clinician.id)
         }
     }
 }
@@ -304,7 +324,10 @@ final class CapturedLog: Sendable {
             get { metadata[key] }
             set { metadata[key] = newValue }
         }
-        func log(level: Logger.Level, message: Logger.Message, metadata extra: Logger.Metadata?, source: String, file: String, function: String, line: UInt) {
+        func log(
+            level: Logger.Level, message: Logger.Message, metadata extra: Logger.Metadata?, source: String, file: String, function: String,
+            line: UInt
+        ) {
             let all = self.metadata.merging(extra ?? [:]) { _, new in new }
             log.append("\(level) \(message) \(all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))")
         }
