@@ -77,7 +77,7 @@ public struct DeliverySender: Sendable {
     }
 
     public func send(_ work: DeliveryWork, attempt: Int, logger: Logger, now: Date = Date()) async -> SendOutcome {
-        if work.eventStatus == "CANCELLED" { return .notSent(reason: "Not sent: the event was cancelled.") }
+        if work.eventStatus == .cancelled { return .notSent(reason: "Not sent: the event was cancelled.") }
         if let expiry = work.eventExpiresAt, expiry <= now { return .notSent(reason: "Not sent: the event expired first.") }
         if !work.recipient.candidate.active { return .notSent(reason: "Not sent: the recipient was deactivated.") }
         guard let channel = NotificationChannel(rawValue: work.delivery.channel), let transport = transports[channel] else {

@@ -73,7 +73,7 @@ public struct DeliveryWork: Sendable {
     /// The event's inputs as notify planned from them (render with `NotificationPlanner.render`).
     public var input: PlanInput
     public var recipient: RecipientProfile
-    public var eventStatus: String
+    public var eventStatus: EventStatus
     public var eventExpiresAt: Date?
     /// Where the notification leads, if the event named it.
     public var url: String?
@@ -148,7 +148,7 @@ extension TenantTransaction {
         ) =
             try row.decode(
                 (
-                    UUID, JSONDocument<JSONValue>, JSONDocument<JSONValue>?, String?, String?, Severity, Priority, Date, Date?, String,
+                    UUID, JSONDocument<JSONValue>, JSONDocument<JSONValue>?, String?, String?, Severity, Priority, Date, Date?, EventStatus,
                     String?,
                     String, String, String?, String?, JSONDocument<JSONValue>, Bool, String, String, String, String, String?, String?,
                     String?

@@ -73,21 +73,25 @@ struct OutboxTests {
     @Test("a worker whose lease expired cannot complete the row: the rescue logs the lost attempt, the fence refuses the late result")
     func fenceAndRescue() async throws {
         let (org, ids) = try await outbox(1)
-        let first = try await env.workerDatabase.claimDeliveries(worker: "crashed", limit: 10, leaseSeconds: 1, organisation: org.id)
+        // A lease of a few seconds: long enough that a loaded machine cannot let it lapse before
+        // the second claim, short enough to wait out.
+        let first = try await env.workerDatabase.claimDeliveries(worker: "crashed", limit: 10, leaseSeconds: 4, organisation: org.id)
         #expect(first.map(\.deliveryID) == ids)
+        let crashed = try #require(first.first)
         #expect(try await env.workerDatabase.claimDeliveries(worker: "other", limit: 10, leaseSeconds: 30, organisation: org.id).isEmpty)
-        try await Task.sleep(for: .milliseconds(1500))
+        try await Task.sleep(for: .milliseconds(4500))
         // The lease expired: another worker's claim logs attempt 1 as EXPIRED and takes the row as attempt 2.
         let rescued = try await env.workerDatabase.claimDeliveries(worker: "rescuer", limit: 10, leaseSeconds: 30, organisation: org.id)
         #expect(rescued.map(\.attempt) == [2])
+        let rescue = try #require(rescued.first)
         let rescuerDone = try await env.workerDatabase.withTenant(org.id) { tx in
-            try await tx.completeDelivery(rescued[0], worker: "rescuer", startedAt: Date(), result: .sent(responseCode: 250))
+            try await tx.completeDelivery(rescue, worker: "rescuer", startedAt: Date(), result: .sent(responseCode: 250))
         }
         // The crashed worker wakes up late and tries to complete attempt 1, and to extend its lease.
         let (lateDone, lateLease) = try await env.workerDatabase.withTenant(org.id) { tx in
             (
                 try await tx.completeDelivery(
-                    first[0], worker: "crashed", startedAt: Date(), result: .failed(responseCode: 500, error: "late", retryAt: Date())),
+                    crashed, worker: "crashed", startedAt: Date(), result: .failed(responseCode: 500, error: "late", retryAt: Date())),
                 try await tx.extendLeases(worker: "crashed", claims: first, leaseSeconds: 30)
             )
         }
