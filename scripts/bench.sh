@@ -73,7 +73,11 @@ SQL
 APIKEY="hk.$ORG.$KEYID.$SECRET"
 
 say "starting the release server on :$HTTP"
+# No delivery workers in the API process (part 3 measures one `herald worker`; `make` exports
+# DATABASE_WORKER_URL for the dev cluster), and a database deadline long enough for the largest
+# fan-out, which is one transaction (the 30 s default cuts a 100 000-member notify on a busy machine).
 DATABASE_URL=$APP_URL HERALD_PORT=$HTTP HERALD_JWT_KEYS_DIR=.bench/jwt HERALD_LOG_LEVEL=warning HERALD_ACCESS_TOKEN_TTL=3600 \
+  HERALD_WORKERS=0 HERALD_DATABASE_TIMEOUT=${BENCH_DATABASE_TIMEOUT:-300} \
   HERALD_DATABASE_POOL_SIZE=$CONC HERALD_SQL_DIR=sql $HERALD serve > .bench/server.log 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; scripts/pg.sh down bench >/dev/null' EXIT
