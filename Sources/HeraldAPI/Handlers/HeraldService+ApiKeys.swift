@@ -20,7 +20,7 @@ extension HeraldService {
     /// The secret is in this answer only; the database keeps its SHA-256.
     func createApiKey(_ input: Operations.CreateApiKey.Input) async throws -> Operations.CreateApiKey.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let (name, roleID) = try (try Validate.text(body.name, field: "name"), try Validate.uuid(body.roleId, field: "role_id"))
+        let (name, roleID) = (try Validate.text(body.name, field: "name"), try Validate.uuid(body.roleId, field: "role_id"))
         if let expires = body.expiresAt, expires <= now() {
             throw APIError.unprocessable(ValidationError(field: "expires_at", message: "must be in the future."))
         }

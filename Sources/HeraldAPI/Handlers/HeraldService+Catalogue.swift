@@ -19,7 +19,7 @@ extension HeraldService {
 
     func createCategory(_ input: Operations.CreateCategory.Input) async throws -> Operations.CreateCategory.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let (key, name) = try (try Validate.key(body.key), try Validate.text(body.name, field: "name"))
+        let (key, name) = (try Validate.key(body.key), try Validate.text(body.name, field: "name"))
         let created = try await tenant { tx, _ in
             let category = Components.Schemas.Category(
                 try await tx.createCategory(key: key, name: name, description: body.description ?? "", critical: body.critical ?? false))
@@ -71,7 +71,7 @@ extension HeraldService {
 
     func createNotificationType(_ input: Operations.CreateNotificationType.Input) async throws -> Operations.CreateNotificationType.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let (key, name) = try (try Validate.typeKey(body.key), try Validate.text(body.name, field: "name"))
+        let (key, name) = (try Validate.typeKey(body.key), try Validate.text(body.name, field: "name"))
         let created = try await tenant { tx, _ in
             let category = try await categoryID(key: body.category, tx)
             let fields = NotificationTypeFields(

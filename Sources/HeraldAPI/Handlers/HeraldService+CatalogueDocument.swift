@@ -123,7 +123,7 @@ private struct CataloguePlan {
         var categoryKeys = Set<String>()
         for (index, c) in document.categories.enumerated() {
             let field = "categories[\(index)]"
-            let item = try CategoryItem(
+            let item = CategoryItem(
                 key: try Validate.key(c.key, field: "\(field).key"), name: try Validate.text(c.name, field: "\(field).name"),
                 description: c.description ?? "", critical: c.critical ?? false)
             guard categoryKeys.insert(item.key).inserted else {
@@ -134,7 +134,7 @@ private struct CataloguePlan {
         var typeKeys = Set<String>()
         for (index, t) in document.types.enumerated() {
             let field = "types[\(index)]"
-            let (key, name) = try (try Validate.typeKey(t.key, field: "\(field).key"), try Validate.text(t.name, field: "\(field).name"))
+            let (key, name) = (try Validate.typeKey(t.key, field: "\(field).key"), try Validate.text(t.name, field: "\(field).name"))
             guard typeKeys.insert(key).inserted else {
                 throw APIError.unprocessable(ValidationError(field: "\(field).key", message: "\"\(key)\" is named twice."))
             }

@@ -26,7 +26,7 @@ extension HeraldService {
                     field: "format",
                     message: channel == .webhook ? "must be standard for a webhook." : "must be slack or mattermost for chat."))
         }
-        let (name, eventTypes) = try (
+        let (name, eventTypes) = (
             try Validate.text(body.name, field: "name"),
             try (body.eventTypes ?? []).map { v throws(ValidationError) in try Validate.typeKey(v, field: "event_types") }
         )

@@ -221,7 +221,7 @@ extension HeraldService {
 
     /// Validates the body of notify (and of a dry run) into an engine request.
     private func eventRequest(_ body: Components.Schemas.EventCreate) throws -> EventRequest {
-        let audience = try Audience(
+        let audience = Audience(
             userIDs: try (body.audience.userIds ?? []).map { v throws(ValidationError) in try Validate.uuid(v, field: "audience.user_ids")
             },
             roleKeys: body.audience.roles ?? [], groupKeys: body.audience.groups ?? [], everyone: body.audience.everyone ?? false,
@@ -236,7 +236,7 @@ extension HeraldService {
             throw APIError.unprocessable(ValidationError(field: "expires_at", message: "must be after deliver_at."))
         }
         let url = try body.url.map { url in try Validate.linkURL(url, field: "url") }
-        let tags = try Array(Set(try (body.tags ?? []).map { v throws(ValidationError) in try Validate.tag(v) })).sorted()
+        let tags = Array(Set(try (body.tags ?? []).map { v throws(ValidationError) in try Validate.tag(v) })).sorted()
         return EventRequest(
             typeKey: body._type, audience: audience, payload: try convert(body.payload ?? .init()),
             sourceActor: try body.actor.map { try convert($0) }, subjectType: body.subject?._type, subjectID: body.subject?.id,

@@ -17,7 +17,7 @@ extension HeraldService {
             priority: try q.priority.map { try mapped($0, to: Priority.self) }, read: q.read, archived: q.archived ?? false,
             since: q.since, search: q.q.flatMap { $0.trimmingCharacters(in: .whitespaces).isEmpty ? nil : $0 },
             tags: try q.tag.flatMap { tags in
-                try tags.isEmpty ? nil : try tags.map { v throws(ValidationError) in try Validate.tag(v, field: "tag") }
+                tags.isEmpty ? nil : try tags.map { v throws(ValidationError) in try Validate.tag(v, field: "tag") }
             })
         let now = now()
         let page = try await tenant { tx, _ in try await tx.feed(of: user, filter: filter, limit: limit, after: cursor, now: now) }

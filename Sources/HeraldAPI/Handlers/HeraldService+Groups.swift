@@ -18,7 +18,7 @@ extension HeraldService {
 
     func createGroup(_ input: Operations.CreateGroup.Input) async throws -> Operations.CreateGroup.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let (key, name) = try (try Validate.key(body.key), try Validate.text(body.name, field: "name"))
+        let (key, name) = (try Validate.key(body.key), try Validate.text(body.name, field: "name"))
         let created = try await tenant { tx, _ in
             let group = Components.Schemas.Group(try await tx.createGroup(key: key, name: name, description: body.description ?? ""))
             try await tx.audit(action: "group.create", targetType: "group", targetID: group.id, before: nil, after: auditJSON(group))

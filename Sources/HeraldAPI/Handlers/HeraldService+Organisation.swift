@@ -20,11 +20,11 @@ extension HeraldService {
             throw APIError.unprocessable(ValidationError(field: "user_throttle_per_minute", message: "must be between 0 (off) and 100000."))
         }
         let timezone = try body.defaultTimezone.map { v in try Validate.timezone(v, field: "default_timezone") }
-        let (from, replyTo) = try (
+        let (from, replyTo) = (
             try body.emailFrom.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.emailAddress(v, field: "email_from") },
             try body.emailReplyTo.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.emailAddress(v, field: "email_reply_to") }
         )
-        let fromName = try body.emailFromName.map { v in try v.isEmpty ? v : try Validate.text(v, field: "email_from_name") }
+        let fromName = try body.emailFromName.map { v in v.isEmpty ? v : try Validate.text(v, field: "email_from_name") }
         let updated = try await tenant { tx, _ in
             let before = Components.Schemas.Organisation(try await tx.organisation())
             if let throttle = body.throttlePerMinute { try await tx.setThrottle(perMinute: throttle) }

@@ -7,7 +7,7 @@ extension HeraldService {
     func listDeliveries(_ input: Operations.ListDeliveries.Input) async throws -> Operations.ListDeliveries.Output {
         let q = input.query
         let (limit, cursor) = try page(q.limit, q.cursor)
-        let filter = try DeliveryFilter(
+        let filter = DeliveryFilter(
             status: try q.status.map { try mapped($0, to: DeliveryStatus.self) },
             channel: try q.channel.map { try mapped($0, to: NotificationChannel.self) },
             userID: try q.userId.map { v throws(ValidationError) in try Validate.uuid(v, field: "user_id") },

@@ -17,7 +17,7 @@ extension HeraldService {
 
     func createRole(_ input: Operations.CreateRole.Input) async throws -> Operations.CreateRole.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let (key, name, permissions) = try (
+        let (key, name, permissions) = (
             try Validate.key(body.key), try Validate.text(body.name, field: "name"), try Validate.permissions(body.permissions)
         )
         let description = body.description ?? ""

@@ -15,7 +15,7 @@ extension HeraldService {
 
     func createUser(_ input: Operations.CreateUser.Input) async throws -> Operations.CreateUser.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        var new = try NewUser(
+        var new = NewUser(
             email: try Validate.emailAddress(body.email),
             displayName: try Validate.text(body.displayName, field: "display_name"),
             locale: try body.locale.map { v throws(ValidationError) in try Validate.locale(v) },
@@ -42,7 +42,7 @@ extension HeraldService {
     func updateUser(_ input: Operations.UpdateUser.Input) async throws -> Operations.UpdateUser.Output {
         let id = try id(input.path.userId, "user")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        var change = try UserChange(
+        var change = UserChange(
             email: try body.email.map { v throws(ValidationError) in try Validate.emailAddress(v) },
             displayName: try body.displayName.map { v throws(ValidationError) in try Validate.text(v, field: "display_name") },
             // An empty string clears the field, so the organisation default applies.
