@@ -43,9 +43,10 @@ public struct AppDependencies: Sendable {
 /// The router: the generated operations behind one request middleware.
 public func buildRouter(configuration: AppConfiguration, dependencies: AppDependencies) throws -> Router<HeraldRequestContext> {
     let router = Router(context: HeraldRequestContext.self)
+    let authenticator = Authenticator(tokens: dependencies.tokens, now: dependencies.now)
     router.add(
         middleware: RequestMiddleware(
-            authenticator: Authenticator(tokens: dependencies.tokens, now: dependencies.now),
+            authenticator: authenticator,
             maxBodyBytes: configuration.maxBodyBytes,
             metrics: dependencies.metrics))
     let service = HeraldService(
@@ -68,7 +69,7 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
         configuration: .init(dateTranscoder: FlexibleISO8601(), jsonEncodingOptions: [.sortedKeys, .withoutEscapingSlashes]),
         middlewares: [
             TenantBoundary(
-                database: dependencies.database, authenticator: Authenticator(tokens: dependencies.tokens, now: dependencies.now),
+                database: dependencies.database, authenticator: authenticator,
                 linkKeys: dependencies.linkKeys, contract: ContractChecks(maxBodyBytes: configuration.maxBodyBytes),
                 now: dependencies.now)
         ])

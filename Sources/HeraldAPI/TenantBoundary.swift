@@ -65,12 +65,9 @@ struct TenantBoundary: ServerMiddleware {
                 throw APIError.badRequest(
                     "This operation concerns the calling user's own data; call it with a user's access token, not an API key.")
             }
-            return try await tx.lend { loan in
-                var bound = scope
-                bound.principal = principal
-                bound.transaction = loan
-                return try await RequestScope.$current.withValue(bound) { try await proceed() }
-            }
+            var bound = scope
+            bound.principal = principal
+            return try await Self.run(proceed, in: tx, scope: bound)
         }
     }
 
@@ -87,15 +84,23 @@ struct TenantBoundary: ServerMiddleware {
         }
         do {
             return try await database.withTenant(claims.organisationID, actor: .user(claims.userID), requestID: scope.requestID) { tx in
-                try await tx.lend { loan in
-                    var bound = scope
-                    bound.link = claims
-                    bound.transaction = loan
-                    return try await RequestScope.$current.withValue(bound) { try await next() }
-                }
+                var bound = scope
+                bound.link = claims
+                return try await Self.run(next, in: tx, scope: bound)
             }
         } catch StoreError.notFound {
             throw APIError.notFound(resource: "link")
+        }
+    }
+
+    /// Runs the operation with `scope` bound and `tx` lent to it for as long as it runs.
+    private static func run(
+        _ operation: () async throws -> (HTTPResponse, HTTPBody?), in tx: TenantTransaction, scope: RequestScope
+    ) async throws -> (HTTPResponse, HTTPBody?) {
+        try await tx.lend { loan in
+            var bound = scope
+            bound.transaction = loan
+            return try await RequestScope.$current.withValue(bound) { try await operation() }
         }
     }
 }
