@@ -12,6 +12,9 @@ struct AccessClaims: JWTPayload, Equatable {
     var nbf: NotBeforeClaim
     var iat: IssuedAtClaim
     var jti: IDClaim
+    /// The session: the refresh-token family the token was issued with (absent for tokens
+    /// issued outside a login). A live stream opened with the token ends when it is revoked.
+    var sid: String?
 
     /// Time claims are checked by `AccessTokens.verify` with an injected clock and leeway;
     /// nothing is left to jwt-kit's defaults.
@@ -48,6 +51,7 @@ enum AccessTokenRejection: Error, Equatable {
 struct VerifiedAccess: Sendable, Equatable {
     var organisationID: UUID
     var userID: UUID
+    var sessionID: UUID? = nil
 }
 
 /// Issues and verifies access JWTs following RFC 8725: the algorithm comes from the key, not
@@ -84,13 +88,14 @@ public struct AccessTokens: Sendable {
     }
 
     /// A signed access token for `userID` in `organisationID`.
-    public func issueAccessToken(organisationID: UUID, userID: UUID, now: Date) async throws -> String {
+    public func issueAccessToken(organisationID: UUID, userID: UUID, sessionID: UUID? = nil, now: Date) async throws -> String {
         // Whole seconds: NumericDate may be fractional, but not every verifier accepts that.
         let now = Date(timeIntervalSince1970: now.timeIntervalSince1970.rounded(.down))
         let claims = AccessClaims(
             iss: .init(value: issuer), aud: .init(value: [audience]), sub: .init(value: userID.uuidString.lowercased()),
             org: organisationID.uuidString.lowercased(), exp: .init(value: now.addingTimeInterval(ttl)),
-            nbf: .init(value: now), iat: .init(value: now), jti: .init(value: UUID().uuidString.lowercased()))
+            nbf: .init(value: now), iat: .init(value: now), jti: .init(value: UUID().uuidString.lowercased()),
+            sid: sessionID?.uuidString.lowercased())
         return try await keys.sign(claims, kid: JWKIdentifier(string: activeKeyID))
     }
 
@@ -113,7 +118,12 @@ public struct AccessTokens: Sendable {
         guard now < claims.exp.value.addingTimeInterval(leeway) else { throw .expired }
         guard now >= claims.nbf.value.addingTimeInterval(-leeway) else { throw .notYetValid }
         guard let org = UUID(uuidString: claims.org), let user = UUID(uuidString: claims.sub.value) else { throw .badClaims }
-        return VerifiedAccess(organisationID: org, userID: user)
+        var session: UUID?
+        if let sid = claims.sid {
+            guard let parsed = UUID(uuidString: sid) else { throw .badClaims }
+            session = parsed
+        }
+        return VerifiedAccess(organisationID: org, userID: user, sessionID: session)
     }
 
     /// The public half of every live key, as a JWKS document's entries.

@@ -1,7 +1,9 @@
 import Foundation
+import HTTPTypes
 import HeraldCore
 import HeraldStore
 import Hummingbird
+import HummingbirdWebSocket
 import Logging
 import OpenAPIHummingbird
 import OpenAPIRuntime
@@ -21,13 +23,16 @@ public struct AppDependencies: Sendable {
     /// Services that run beside the HTTP server (the PostgreSQL pools, the delivery workers),
     /// started in order and stopped in reverse after the server.
     public var services: [any Service]
+    /// The live streams of this instance (issue 10); nil: the stream routes answer 503.
+    public var streams: StreamHub?
     public var now: @Sendable () -> Date
 
     public init(
         database: Database, postgres: PostgresClient, tokens: AccessTokens, passwords: PasswordHasher,
         metrics: HTTPMetrics = HTTPMetrics(), expectedMigrations: [Int], linkKeys: LinkKeyRing = .ephemeral(),
-        services: [any Service] = [], now: @escaping @Sendable () -> Date = { Date() }
+        services: [any Service] = [], streams: StreamHub? = nil, now: @escaping @Sendable () -> Date = { Date() }
     ) {
+        self.streams = streams
         self.linkKeys = linkKeys
         self.services = services
         self.database = database
@@ -62,10 +67,15 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
         expectedMigrations: dependencies.expectedMigrations,
         linkKeys: dependencies.linkKeys,
         destinations: try configuration.destinationGuard(),
+        streamTicketLifetime: configuration.streamTicketSeconds,
         now: dependencies.now)
     // Compact JSON with sorted keys: stable bytes for clients and tests, no pretty-printing cost.
+    // The live feed's two routes are hand-written (a stream is not a request/response pair).
+    StreamRoutes(hub: dependencies.streams, database: dependencies.database, authenticator: authenticator, now: dependencies.now)
+        .register(on: router)
+    if configuration.demoPages { DemoPages.register(on: router) }
     try service.registerHandlers(
-        on: router,
+        on: SkippingTransport(router: router, skipped: StreamRoutes.handWritten),
         configuration: .init(dateTranscoder: FlexibleISO8601(), jsonEncodingOptions: [.sortedKeys, .withoutEscapingSlashes]),
         middlewares: [
             TenantBoundary(
@@ -76,14 +86,34 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
     return router
 }
 
+/// The router as the generated code's transport, minus the operations served by hand-written
+/// routes (registering a path twice would stop the process).
+struct SkippingTransport: ServerTransport {
+    let router: Router<HeraldRequestContext>
+    let skipped: Set<String>
+
+    func register(
+        _ handler: @escaping @Sendable (HTTPRequest, HTTPBody?, ServerRequestMetadata) async throws -> (HTTPResponse, HTTPBody?),
+        method: HTTPRequest.Method, path: String
+    ) throws {
+        guard !skipped.contains(path) else { return }
+        try router.register(handler, method: method, path: path)
+    }
+}
+
 /// The server application: the router plus the PostgreSQL client as a service of the same
 /// service group, so SIGTERM stops taking requests, drains, then closes the pool.
 public func buildApplication(
     configuration: AppConfiguration, dependencies: AppDependencies, logger: Logger
 ) throws -> some ApplicationProtocol {
     let router = try buildRouter(configuration: configuration, dependencies: dependencies)
+    // The feed's WebSocket upgrades through a router of its own (StreamRoutes.webSocketRouter).
+    let sockets = StreamRoutes(
+        hub: dependencies.streams, database: dependencies.database,
+        authenticator: Authenticator(tokens: dependencies.tokens, now: dependencies.now), now: dependencies.now)
     return Application(
         router: router,
+        server: .http1WebSocketUpgrade(webSocketRouter: sockets.webSocketRouter()),
         configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: "herald"),
         services: [dependencies.postgres] + dependencies.services,
         logger: logger)

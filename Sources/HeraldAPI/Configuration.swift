@@ -76,6 +76,22 @@ public struct AppConfiguration: Sendable {
     public var circuitFailures = 5
     /// Seconds an open circuit breaker pauses an endpoint before a trial delivery.
     public var circuitCooldownSeconds: Double = 60
+    /// Live streams (issue 10, docs/realtime.md): seconds between heartbeats.
+    public var streamHeartbeatSeconds: Double = 20
+    /// Streams one user may hold at once on this instance; one more is a 429.
+    public var streamsPerUser = 5
+    /// Streams this instance holds at most; one more is a 503 with Retry-After.
+    public var streamsPerInstance = 20_000
+    /// Seconds a stream ticket stays usable.
+    public var streamTicketSeconds: Double = 60
+    /// How long the change log keeps a change: a client that reconnects later resynchronises.
+    public var streamRetentionSeconds: Double = 24 * 3600
+    /// Changes a stream may be behind before it is told to resynchronise and closed.
+    public var streamMaxBacklog = 1000
+    /// Seconds between sweeps that push rows whose deliver_at or expiry has come (0: none).
+    public var streamSweepSeconds: Double = 1
+    /// Serves the demo pages (`/demo/bell`); `make run` turns it on, production leaves it off.
+    public var demoPages = false
 
     public init() {}
 
@@ -169,6 +185,32 @@ public struct AppConfiguration: Sendable {
         }
         guard c.circuitCooldownSeconds >= 0 else {
             throw ConfigurationError(variable: "HERALD_CIRCUIT_COOLDOWN_SECONDS", value: "\(c.circuitCooldownSeconds) (0 or more)")
+        }
+        try number("HERALD_STREAM_HEARTBEAT_SECONDS", &c.streamHeartbeatSeconds)
+        try number("HERALD_STREAMS_PER_USER", &c.streamsPerUser)
+        try number("HERALD_STREAMS_PER_INSTANCE", &c.streamsPerInstance)
+        try number("HERALD_STREAM_TICKET_SECONDS", &c.streamTicketSeconds)
+        try number("HERALD_STREAM_RETENTION_SECONDS", &c.streamRetentionSeconds)
+        try number("HERALD_STREAM_MAX_BACKLOG", &c.streamMaxBacklog)
+        try number("HERALD_STREAM_SWEEP_SECONDS", &c.streamSweepSeconds)
+        guard (1...300).contains(c.streamHeartbeatSeconds) else {
+            throw ConfigurationError(variable: "HERALD_STREAM_HEARTBEAT_SECONDS", value: "\(c.streamHeartbeatSeconds) (1 to 300)")
+        }
+        guard c.streamsPerUser >= 1, c.streamsPerInstance >= 1 else {
+            throw ConfigurationError(variable: "HERALD_STREAMS_PER_USER", value: "\(c.streamsPerUser)/\(c.streamsPerInstance) (at least 1)")
+        }
+        guard (5...3600).contains(c.streamTicketSeconds) else {
+            throw ConfigurationError(variable: "HERALD_STREAM_TICKET_SECONDS", value: "\(c.streamTicketSeconds) (5 to 3600)")
+        }
+        guard c.streamRetentionSeconds >= 60 else {
+            throw ConfigurationError(variable: "HERALD_STREAM_RETENTION_SECONDS", value: "\(c.streamRetentionSeconds) (at least 60)")
+        }
+        guard (10...100_000).contains(c.streamMaxBacklog) else {
+            throw ConfigurationError(variable: "HERALD_STREAM_MAX_BACKLOG", value: "\(c.streamMaxBacklog) (10 to 100000)")
+        }
+        if let v = value("HERALD_DEMO_PAGES") {
+            guard ["0", "1", "true", "false"].contains(v) else { throw ConfigurationError(variable: "HERALD_DEMO_PAGES", value: v) }
+            c.demoPages = v == "1" || v == "true"
         }
         if let v = value("HERALD_LOG_FORMAT") {
             guard ["json", "text"].contains(v) else { throw ConfigurationError(variable: "HERALD_LOG_FORMAT", value: v) }

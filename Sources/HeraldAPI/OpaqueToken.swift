@@ -3,11 +3,11 @@ import Foundation
 import HeraldCore
 
 /// A credential Herald hands out as `prefix.organisation.id.secret`: API keys (`hk`) and
-/// refresh tokens (`hrt`). The organisation id lets the server set the tenant context before
+/// refresh tokens (`hrt`), stream tickets (`hst`). The organisation id lets the server set the tenant context before
 /// it looks the token up; only SHA-256 of the secret is stored (the secret is 256 random bits,
 /// so a slow hash adds nothing).
 public struct OpaqueToken: Sendable, Equatable {
-    public enum Kind: String, Sendable { case apiKey = "hk", refresh = "hrt" }
+    public enum Kind: String, Sendable { case apiKey = "hk", refresh = "hrt", streamTicket = "hst" }
 
     public var kind: Kind
     public var organisationID: UUID

@@ -141,6 +141,10 @@ enum RoutePermissions {
         "markNotificationRead": .permission(.notificationsRead),
         "markNotificationUnread": .permission(.notificationsRead),
         "archiveNotification": .permission(.notificationsRead),
+        "createStreamTicket": .permission(.notificationsRead),
+        // Hand-written routes (StreamRoutes): they check the same permission themselves.
+        "streamMyNotifications": .permission(.notificationsRead),
+        "openMyNotificationSocket": .permission(.notificationsRead),
         "listDeliveries": .permission(.deliveriesRead),
         "getDeliveryStats": .permission(.deliveriesRead),
         "getDelivery": .permission(.deliveriesRead),

@@ -254,7 +254,7 @@ extension TenantTransaction {
 }
 
 /// What a feed row shows, with its read flag; callers add the WHERE clause.
-private let feedSelect = """
+let feedSelect = """
     SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, n.title, n.body,
            e.subject_type, e.subject_id, notification_read(n, fs) AS read, n.archived_at IS NOT NULL AS archived,
            n.visible_at, n.expires_at, e.tags
@@ -265,7 +265,7 @@ private let feedSelect = """
     LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
     """
 
-private func decodeFeedItem(_ row: PostgresRow) throws -> FeedItem {
+func decodeFeedItem(_ row: PostgresRow) throws -> FeedItem {
     let (id, event, type, category, severity, priority, title, body, subjectType, subjectID, read, archived, created, expires, tags) =
         try row.decode(
             (UUID, UUID, String, String, Severity, Priority, String, String, String?, String?, Bool, Bool, Date, Date?, [String]).self,

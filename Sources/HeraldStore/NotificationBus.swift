@@ -22,6 +22,13 @@ public enum BusMessage: Sendable, Equatable {
     case eventCommitted(organisationID: UUID, eventID: UUID)
     /// A statement changed the feed of `userID`.
     case feedChanged(organisationID: UUID, userID: UUID, kind: FeedChange)
+    /// New numbered changes were logged for these users' feeds (migration 0010): live streams
+    /// read them. One message covers up to 150 users.
+    case streamsAdvanced(organisationID: UUID, userIDs: [UUID])
+    /// The user was deactivated: their streams end.
+    case userDeactivated(organisationID: UUID, userID: UUID)
+    /// The session (refresh-token family) was revoked: streams opened under it end.
+    case sessionRevoked(organisationID: UUID, sessionID: UUID)
     /// Messages may have been lost (the bus reconnected, or this subscriber fell behind):
     /// whatever the subscriber keeps must be read again from the database.
     case missedMessages
@@ -29,7 +36,9 @@ public enum BusMessage: Sendable, Equatable {
     /// The organisation the message is about; nil for `missedMessages`, which concerns all.
     public var organisationID: UUID? {
         switch self {
-        case .eventCommitted(let organisation, _), .feedChanged(let organisation, _, _): organisation
+        case .eventCommitted(let organisation, _), .feedChanged(let organisation, _, _),
+            .streamsAdvanced(let organisation, _), .userDeactivated(let organisation, _), .sessionRevoked(let organisation, _):
+            organisation
         case .missedMessages: nil
         }
     }
@@ -57,7 +66,8 @@ public struct NotificationBusConfiguration: Sendable {
 /// feed streams and cache invalidation next).
 ///
 /// Channels: `herald_events` (`'<organisation id>:<event id>'`, sent by notify) and
-/// `herald_feed` (JSON `{"org", "user", "kind"}`, sent by the feed tables' statement triggers).
+/// `herald_feed` (JSON `{"org", "user", "kind"}`, sent by the feed tables' statement triggers) and
+/// `herald_stream` (migration 0010: numbered feed changes, deactivations, revoked sessions).
 /// The bus carries every organisation; a subscriber names the one it wants.
 ///
 /// A notification sent while no connection listens is lost, so after every (re)connection the
@@ -66,6 +76,7 @@ public struct NotificationBusConfiguration: Sendable {
 public final class NotificationBus: Service, Sendable {
     static let eventsChannel = "herald_events"
     static let feedChannel = "herald_feed"
+    static let streamChannel = "herald_stream"
 
     let client: PostgresClient
     let configuration: NotificationBusConfiguration
@@ -169,15 +180,18 @@ public final class NotificationBus: Service, Sendable {
         ).first?.decode(Int32.self)
         try await connection.listen(on: Self.eventsChannel) { events in
             try await connection.listen(on: Self.feedChannel) { feed in
-                listener.withLock { $0 = pid ?? 0 }
-                logger.info("notification bus listening", metadata: ["backend_pid": "\(pid.map(String.init) ?? "-")"])
-                // Anything committed while nobody listened is lost: subscribers read again.
-                publish(.missedMessages)
-                try await withThrowingTaskGroup(of: Void.self) { group in
-                    group.addTask { try await self.forward(events, of: Self.eventsChannel) }
-                    group.addTask { try await self.forward(feed, of: Self.feedChannel) }
-                    _ = try await group.next()
-                    group.cancelAll()
+                try await connection.listen(on: Self.streamChannel) { stream in
+                    listener.withLock { $0 = pid ?? 0 }
+                    logger.info("notification bus listening", metadata: ["backend_pid": "\(pid.map(String.init) ?? "-")"])
+                    // Anything committed while nobody listened is lost: subscribers read again.
+                    publish(.missedMessages)
+                    try await withThrowingTaskGroup(of: Void.self) { group in
+                        group.addTask { try await self.forward(events, of: Self.eventsChannel) }
+                        group.addTask { try await self.forward(feed, of: Self.feedChannel) }
+                        group.addTask { try await self.forward(stream, of: Self.streamChannel) }
+                        _ = try await group.next()
+                        group.cancelAll()
+                    }
                 }
             }
         }
@@ -251,10 +265,29 @@ extension BusMessage {
         case NotificationBus.feedChannel:
             guard let decoded = try? JSONDecoder().decode(FeedPayload.self, from: Data(payload.utf8)) else { return nil }
             self = .feedChanged(organisationID: decoded.org, userID: decoded.user, kind: decoded.kind)
+        case NotificationBus.streamChannel:
+            guard let decoded = try? JSONDecoder().decode(StreamPayload.self, from: Data(payload.utf8)) else { return nil }
+            if let users = decoded.users {
+                self = .streamsAdvanced(organisationID: decoded.org, userIDs: users)
+            } else if let user = decoded.deactivated {
+                self = .userDeactivated(organisationID: decoded.org, userID: user)
+            } else if let session = decoded.session {
+                self = .sessionRevoked(organisationID: decoded.org, sessionID: session)
+            } else {
+                return nil
+            }
         default:
             return nil
         }
     }
+}
+
+/// A `herald_stream` payload (migration 0010): one of `users`, `deactivated`, `session`.
+private struct StreamPayload: Decodable {
+    var org: UUID
+    var users: [UUID]?
+    var deactivated: UUID?
+    var session: UUID?
 }
 
 /// A `herald_feed` payload (migration 0008).

@@ -29,15 +29,17 @@ struct Serve: AsyncParsableCommand {
         let logger = Logger(label: "herald")
         let postgres = PostgresClient(configuration: try poolConfiguration(config), backgroundLogger: logger)
         let linkKeys = try config.linkKeyRing()
-        // The process's one notification bus, on the API's pool: the workers wake on it (and
-        // live feed streams will follow it).
+        // The process's one notification bus, on the API's pool: the workers and the live feed
+        // streams wake on it.
         let bus = NotificationBus(client: postgres, logger: logger)
         let delivery = try DeliveryServices(config, linkKeys: linkKeys, bus: bus, logger: logger)
+        let database = config.database(postgres, logger: logger)
+        let streams = StreamHub(bus: bus, database: database, settings: StreamSettings(config), logger: logger)
         let dependencies = AppDependencies(
-            database: config.database(postgres, logger: logger), postgres: postgres,
+            database: database, postgres: postgres,
             tokens: try await accessTokens(config), passwords: passwordHasher(config),
             metrics: HTTPMetrics(registry: registry), expectedMigrations: try migrations().map(\.version),
-            linkKeys: linkKeys, services: [bus] + delivery.services)
+            linkKeys: linkKeys, services: [bus, streams] + delivery.services, streams: streams)
         let app = try buildApplication(configuration: config, dependencies: dependencies, logger: logger)
         logger.info("herald listening", metadata: ["address": "\(config.host):\(config.port)", "workers": "\(delivery.workers)"])
         try await runUntilSignalled([app], shutdownSeconds: config.shutdownSeconds, logger: logger)

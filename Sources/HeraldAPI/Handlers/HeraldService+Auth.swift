@@ -91,7 +91,7 @@ extension HeraldService {
         try await tx.insertRefreshToken(
             id: refresh.id, familyID: familyID, userID: userID, secretHash: refresh.secretHash,
             expiresAt: now.addingTimeInterval(refreshTokenTTL))
-        let access = try await tokens.issueAccessToken(organisationID: tx.organisationID, userID: userID, now: now)
+        let access = try await tokens.issueAccessToken(organisationID: tx.organisationID, userID: userID, sessionID: familyID, now: now)
         return .init(
             accessToken: access, tokenType: .bearer, expiresIn: tokens.accessTTL,
             refreshToken: refresh.text, refreshExpiresIn: Int(refreshTokenTTL))

@@ -22,6 +22,8 @@ struct HeraldService: APIProtocol {
     let linkKeys: LinkKeyRing
     /// Refuses webhook and chat URLs that resolve to private, loopback or metadata addresses.
     let destinations: DestinationGuard
+    /// Seconds a stream ticket stays usable.
+    let streamTicketLifetime: TimeInterval
     let now: @Sendable () -> Date
 
     /// Runs `body` in the request's one tenant transaction (opened by `TenantBoundary` in the

@@ -1,0 +1,162 @@
+import Foundation
+import HeraldCore
+import HeraldStore
+import Logging
+import Metrics
+
+/// One event of a live stream (docs/realtime.md). `id` is the number of the user's change it
+/// reports (an `unread_count` carries the number of the last change it includes).
+struct StreamEvent: Sendable, Equatable {
+    var id: Int64
+    var name: String
+    /// JSON.
+    var data: String
+
+    /// Server-Sent Events framing.
+    var sse: String { "id: \(id)\nevent: \(name)\ndata: \(data)\n\n" }
+
+    /// One WebSocket text message.
+    var websocket: String { "{\"id\":\(id),\"event\":\"\(name)\",\"data\":\(data)}" }
+}
+
+/// What a stream writes: events, heartbeats, and a last word when the server ends it.
+enum StreamOutput: Sendable, Equatable {
+    case retry(milliseconds: Int)
+    case event(StreamEvent)
+    case heartbeat
+}
+
+/// Where a stream starts: after a change the client has seen, or (nil) from now.
+struct StreamStart: Sendable {
+    var organisationID: UUID
+    var userID: UUID
+    var sessionID: UUID?
+    var since: Int64?
+}
+
+/// The loop behind one connection, whatever its transport: tell the client where it stands,
+/// replay what it missed, then read and send the user's new changes each time the hub wakes it.
+/// Live and replay are the same read (`feed_changes` after the last number sent), so a change
+/// is sent once whether it arrived before, during or after a reconnect.
+struct FeedStreamSession {
+    let hub: StreamHub
+    let registration: StreamRegistration
+    let start: StreamStart
+    let now: @Sendable () -> Date
+    let logger: Logger
+
+    static let pageSize = 200
+    static let events = Counter(label: "herald_stream_events_total")
+
+    /// Runs until the client goes (a write throws), the server ends the stream, or the client
+    /// must resynchronise. Always unregisters.
+    func run(write: (StreamOutput) async throws -> Void) async throws {
+        defer { hub.close(registration) }
+        let settings = hub.settings
+        try await write(.retry(milliseconds: settings.retryMilliseconds))
+        let position = try await read { tx in try await tx.feedStreamPosition(of: start.userID) }
+        var cursor = position.seq
+        if let since = start.since {
+            if since < position.purgedThrough || since > position.seq || position.seq - since > Int64(settings.maxBacklog) {
+                let reason = since > position.seq ? "unknown_position" : "too_far_behind"
+                try await resync(reason: reason, at: position.seq, write: write)
+                return
+            }
+            cursor = since
+        }
+        let count = try await read { tx in try await tx.unreadCount(of: start.userID, now: now()) }
+        try await write(.event(StreamEvent(id: cursor, name: "unread_count", data: try Self.json(count))))
+        var lastWrite = ContinuousClock.now
+        // The first wake is already pending (a registration starts dirty): it replays.
+        for await _ in registration.wakes {
+            let (dirty, ended) = registration.take()
+            if let ended {
+                try? await write(.retry(milliseconds: settings.retryMilliseconds))
+                try? await write(.event(StreamEvent(id: cursor, name: "end", data: "{\"reason\":\"\(ended.rawValue)\"}")))
+                return
+            }
+            if dirty {
+                var sent = 0
+                while true {
+                    let page = try await read { tx in
+                        let changes = try await tx.feedChanges(of: start.userID, after: cursor, limit: Self.pageSize, now: now())
+                        let count = changes.isEmpty ? nil : try await tx.unreadCount(of: start.userID, now: now())
+                        return (changes, count)
+                    }
+                    guard let last = page.0.last else { break }
+                    sent += page.0.count
+                    if sent > settings.maxBacklog {
+                        // Too far behind to catch up change by change: refetch instead.
+                        StreamHub.drops.increment()
+                        try await resync(reason: "too_far_behind", at: last.seq, write: write)
+                        return
+                    }
+                    for change in page.0 {
+                        if let event = try Self.event(for: change) {
+                            try await write(.event(event))
+                            Self.events.increment()
+                        }
+                        StreamHub.pushLatency.recordNanoseconds(
+                            Int64(max(0, Date().timeIntervalSince(change.loggedAt)) * 1_000_000_000))
+                        cursor = change.seq
+                    }
+                    if let count = page.1 {
+                        try await write(.event(StreamEvent(id: cursor, name: "unread_count", data: try Self.json(count))))
+                    }
+                    lastWrite = ContinuousClock.now
+                    if page.0.count < Self.pageSize { break }
+                }
+            }
+            if ContinuousClock.now - lastWrite >= settings.heartbeat {
+                try await write(.heartbeat)
+                lastWrite = ContinuousClock.now
+            }
+        }
+    }
+
+    private func resync(reason: String, at seq: Int64, write: (StreamOutput) async throws -> Void) async throws {
+        StreamHub.resyncs.increment()
+        logger.info("stream told to resynchronise", metadata: ["reason": "\(reason)"])
+        try await write(.event(StreamEvent(id: seq, name: "resync", data: "{\"reason\":\"\(reason)\"}")))
+    }
+
+    /// A short transaction confined to the user's rows.
+    private func read<Result: Sendable>(_ body: (TenantTransaction) async throws -> Result) async throws -> Result {
+        try await hub.database.withTenant(start.organisationID, actor: .user(start.userID), recipient: start.userID, body)
+    }
+
+    /// The event a change becomes; nil for a created row that is gone again (its removal
+    /// follows in the log) or not visible.
+    static func event(for change: LoggedFeedChange) throws -> StreamEvent? {
+        switch change.kind {
+        case .created:
+            guard let item = change.item else { return nil }
+            return StreamEvent(id: change.seq, name: "notification.created", data: try json(Components.Schemas.FeedItem(item)))
+        case .read, .unread, .archived, .deleted, .expired:
+            guard let id = change.notificationID else { return nil }
+            let item = try change.item.map(Components.Schemas.FeedItem.init)
+            let data =
+                "{\"change\":\"\(change.kind.rawValue)\",\"id\":\"\(id.uuidString.lowercased())\",\"notification\":\(try item.map(json) ?? "null")}"
+            return StreamEvent(id: change.seq, name: "notification.updated", data: data)
+        case .readAll:
+            return StreamEvent(id: change.seq, name: "feed.read_all", data: "{}")
+        case .cleared:
+            return StreamEvent(id: change.seq, name: "feed.cleared", data: "{}")
+        }
+    }
+
+    static func json(_ count: UnreadCount) throws -> String {
+        try json(Components.Schemas.UnreadCount(total: count.total, byCategory: .init(additionalProperties: count.byCategory)))
+    }
+
+    /// The same bytes the REST API writes: sorted keys, unescaped slashes, RFC 3339 dates.
+    static func json<Value: Encodable>(_ value: Value) throws -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        encoder.dateEncodingStrategy = .custom { date, encoder in
+            var container = encoder.singleValueContainer()
+            try container.encode(date.formatted(.iso8601))
+        }
+        return String(decoding: try encoder.encode(value), as: UTF8.self)
+    }
+}

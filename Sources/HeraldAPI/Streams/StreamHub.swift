@@ -1,0 +1,251 @@
+import Foundation
+import HeraldStore
+import Logging
+import Metrics
+import ServiceLifecycle
+import Synchronization
+
+/// How live streams behave (docs/realtime.md); from `AppConfiguration`.
+public struct StreamSettings: Sendable {
+    public var heartbeat: Duration = .seconds(20)
+    public var perUser = 5
+    public var perInstance = 20_000
+    public var ticketLifetime: TimeInterval = 60
+    public var retention: Duration = .seconds(24 * 3600)
+    public var maxBacklog = 1000
+    /// Between sweeps of rows whose deliver_at or expiry has come; nil: this instance does not sweep.
+    public var sweepInterval: Duration? = .seconds(1)
+    /// The retry hint (SSE `retry:`) sent at the start and when the server closes a stream.
+    public var retryMilliseconds = 2000
+
+    public init() {}
+
+    public init(_ configuration: AppConfiguration) {
+        heartbeat = .milliseconds(Int64(configuration.streamHeartbeatSeconds * 1000))
+        perUser = configuration.streamsPerUser
+        perInstance = configuration.streamsPerInstance
+        ticketLifetime = configuration.streamTicketSeconds
+        retention = .seconds(configuration.streamRetentionSeconds)
+        maxBacklog = configuration.streamMaxBacklog
+        sweepInterval = configuration.streamSweepSeconds > 0 ? .milliseconds(Int64(configuration.streamSweepSeconds * 1000)) : nil
+    }
+}
+
+/// Why a stream ended on the server's side; sent to the client as the `end` event's reason.
+enum StreamEnd: String, Sendable {
+    case shutdown
+    case userDeactivated = "user_deactivated"
+    case sessionRevoked = "session_revoked"
+}
+
+/// One open stream as the hub knows it: whom it serves, and how to wake it. The stream's own
+/// task does all the reading and writing; the hub only flags and wakes.
+final class StreamRegistration: Sendable {
+    let id: UInt64
+    let organisationID: UUID
+    let userID: UUID
+    let sessionID: UUID?
+    let wakes: AsyncStream<Void>
+    private let continuation: AsyncStream<Void>.Continuation
+    private let flags = Mutex<(dirty: Bool, ended: StreamEnd?)>((true, nil))
+
+    init(id: UInt64, organisationID: UUID, userID: UUID, sessionID: UUID?) {
+        self.id = id
+        self.organisationID = organisationID
+        self.userID = userID
+        self.sessionID = sessionID
+        // One pending wake is enough: the stream reads everything new whenever it wakes.
+        (wakes, continuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+    }
+
+    /// New changes may be waiting.
+    func changed() {
+        flags.withLock { $0.dirty = true }
+        continuation.yield()
+    }
+
+    /// Time for a heartbeat check.
+    func tick() { continuation.yield() }
+
+    func end(_ reason: StreamEnd) {
+        flags.withLock { if $0.ended == nil { $0.ended = reason } }
+        continuation.yield()
+    }
+
+    /// Takes the dirty flag (the stream reads the log after this) and the end reason.
+    func take() -> (dirty: Bool, ended: StreamEnd?) {
+        flags.withLock { flags in
+            defer { flags.dirty = false }
+            return flags
+        }
+    }
+
+    func finish() { continuation.finish() }
+}
+
+/// Refusals to open a stream.
+enum StreamRefusal: Error {
+    case tooManyForUser(limit: Int)
+    case instanceFull
+    case shuttingDown
+}
+
+/// Every stream open on this instance, woken through the notification bus: a change committed
+/// through any instance reaches a client connected to this one, with one `LISTEN` connection
+/// per process and no database connection per client (streams read the log in short
+/// transactions when woken). Also sweeps, about once a second, the rows whose deliver_at or
+/// expiry has come, so they are pushed when they become visible or leave the count.
+public final class StreamHub: Service, Sendable {
+    let bus: NotificationBus
+    let database: Database
+    let settings: StreamSettings
+    let logger: Logger
+    private let state = Mutex<State>(State())
+
+    private struct State {
+        var next: UInt64 = 0
+        var streams: [UInt64: StreamRegistration] = [:]
+        var byUser: [UserKey: Set<UInt64>] = [:]
+        var closing = false
+    }
+
+    struct UserKey: Hashable {
+        var organisationID: UUID
+        var userID: UUID
+    }
+
+    static let active = Gauge(label: "herald_streams_active")
+    static let resyncs = Counter(label: "herald_stream_resyncs_total")
+    static let drops = Counter(label: "herald_stream_drops_total")
+    static let refusals = Counter(label: "herald_stream_refusals_total")
+    static let pushLatency = Metrics.Timer(label: "herald_stream_push_latency_seconds", preferredDisplayUnit: .seconds)
+
+    public init(bus: NotificationBus, database: Database, settings: StreamSettings, logger: Logger) {
+        self.bus = bus
+        self.database = database
+        self.settings = settings
+        var logger = logger
+        logger[metadataKey: "component"] = "stream-hub"
+        self.logger = logger
+    }
+
+    /// Streams open now.
+    public var count: Int { state.withLock { $0.streams.count } }
+
+    /// Registers a stream of `userID`, within the per-user and per-instance limits.
+    func open(organisationID: UUID, userID: UUID, sessionID: UUID?) throws(StreamRefusal) -> StreamRegistration {
+        let result: Result<StreamRegistration, StreamRefusal> = state.withLock { state in
+            guard !state.closing else { return .failure(.shuttingDown) }
+            guard state.streams.count < settings.perInstance else { return .failure(.instanceFull) }
+            let key = UserKey(organisationID: organisationID, userID: userID)
+            guard state.byUser[key, default: []].count < settings.perUser else {
+                return .failure(.tooManyForUser(limit: settings.perUser))
+            }
+            state.next += 1
+            let registration = StreamRegistration(id: state.next, organisationID: organisationID, userID: userID, sessionID: sessionID)
+            state.streams[registration.id] = registration
+            state.byUser[key, default: []].insert(registration.id)
+            return .success(registration)
+        }
+        switch result {
+        case .success(let registration):
+            Self.active.record(count)
+            return registration
+        case .failure(let refusal):
+            Self.refusals.increment()
+            throw refusal
+        }
+    }
+
+    func close(_ registration: StreamRegistration) {
+        state.withLock { state in
+            state.streams[registration.id] = nil
+            let key = UserKey(organisationID: registration.organisationID, userID: registration.userID)
+            state.byUser[key]?.remove(registration.id)
+            if state.byUser[key]?.isEmpty == true { state.byUser[key] = nil }
+        }
+        registration.finish()
+        Self.active.record(count)
+    }
+
+    public func run() async throws {
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { await self.listen() }
+            group.addTask { await self.beat() }
+            if let interval = settings.sweepInterval {
+                group.addTask { await self.sweep(every: interval) }
+            }
+            // On SIGTERM: refuse new streams, end the open ones with a retry hint (clients
+            // reconnect, to another instance), then stop.
+            await withGracefulShutdownHandler {
+                while !Task.isCancelled {
+                    try? await Task.sleep(for: .seconds(3600))
+                }
+            } onGracefulShutdown: {
+                self.endAll(.shutdown)
+            }
+            group.cancelAll()
+        }
+        endAll(.shutdown)
+    }
+
+    /// Ends every open stream (shutdown) and refuses new ones.
+    func endAll(_ reason: StreamEnd) {
+        let streams = state.withLock { state in
+            state.closing = true
+            return Array(state.streams.values)
+        }
+        for stream in streams { stream.end(reason) }
+    }
+
+    private func listen() async {
+        for await message in bus.subscribe() {
+            if Task.isCancelled { return }
+            switch message {
+            case .streamsAdvanced(let organisationID, let userIDs):
+                let woken = state.withLock { state in
+                    userIDs.flatMap { user in
+                        (state.byUser[UserKey(organisationID: organisationID, userID: user)] ?? []).compactMap { state.streams[$0] }
+                    }
+                }
+                for stream in woken { stream.changed() }
+            case .userDeactivated(let organisationID, let userID):
+                let ended = state.withLock { state in
+                    (state.byUser[UserKey(organisationID: organisationID, userID: userID)] ?? []).compactMap { state.streams[$0] }
+                }
+                for stream in ended { stream.end(.userDeactivated) }
+            case .sessionRevoked(let organisationID, let sessionID):
+                let ended = state.withLock { state in
+                    state.streams.values.filter { $0.organisationID == organisationID && $0.sessionID == sessionID }
+                }
+                for stream in ended { stream.end(.sessionRevoked) }
+            case .missedMessages:
+                // The bus may have lost messages: every stream reads its log again.
+                for stream in state.withLock({ Array($0.streams.values) }) { stream.changed() }
+            case .eventCommitted, .feedChanged:
+                break
+            }
+        }
+    }
+
+    /// Wakes every stream once per heartbeat interval; each decides whether it owes one.
+    private func beat() async {
+        while !Task.isCancelled {
+            try? await Task.sleep(for: settings.heartbeat / 2)
+            for stream in state.withLock({ Array($0.streams.values) }) { stream.tick() }
+        }
+    }
+
+    private func sweep(every interval: Duration) async {
+        while !Task.isCancelled {
+            do {
+                let logged = try await database.sweepFeedStreams(limit: 10_000, retention: settings.retention)
+                // A full batch: more are due at once.
+                if logged >= 10_000 { continue }
+            } catch {
+                logger.warning("stream sweep failed", metadata: ["error": "\(String(reflecting: error))"])
+            }
+            try? await Task.sleep(for: interval)
+        }
+    }
+}

@@ -1,0 +1,151 @@
+import Foundation
+import HTTPTypes
+import HeraldCore
+import HeraldStore
+import Hummingbird
+import Logging
+import NIOCore
+
+/// The live feed's routes, written by hand because the generator cannot express a stream; they
+/// are in `openapi.yaml` all the same (`streamMyNotifications`, `openMyNotificationSocket`), and
+/// `SkippingTransport` keeps the generated stubs of those two operations off the router.
+///
+/// Authentication is the boundary's, with one more credential: a single-use ticket in the query
+/// (`?ticket=`, from `POST /v1/me/stream-tickets`) for browsers, whose `EventSource` and
+/// `WebSocket` cannot send a header. The path is logged without its query, so a ticket never is.
+struct StreamRoutes: Sendable {
+    static let streamPath = "/v1/me/notifications/stream"
+    static let socketPath = "/v1/me/notifications/socket"
+    /// The operations the generated router must leave to these routes.
+    static let handWritten: Set<String> = [streamPath, socketPath]
+
+    let hub: StreamHub?
+    let database: Database
+    let authenticator: Authenticator
+    let now: @Sendable () -> Date
+
+    func register(on router: Router<HeraldRequestContext>) {
+        router.get(RouterPath(stringLiteral: Self.streamPath)) { request, context in
+            try await self.serverSentEvents(request, context: context)
+        }
+        registerSocketFallback(on: router)
+    }
+
+    /// `GET /v1/me/notifications/stream`: `text/event-stream`.
+    func serverSentEvents(_ request: Request, context: HeraldRequestContext) async throws -> Response {
+        let hub = try runningHub()
+        let start = try await authenticate(
+            request, credential: RequestScope.current?.credential, lastEventID: request.headers[.lastEventID])
+        let registration = try openStream(start, on: hub)
+        let session = FeedStreamSession(hub: hub, registration: registration, start: start, now: now, logger: context.logger)
+        var headers = HTTPFields()
+        headers[.contentType] = "text/event-stream; charset=utf-8"
+        headers[.cacheControl] = "no-store"
+        // Proxies (nginx) must not buffer the stream.
+        headers[HTTPField.Name("X-Accel-Buffering")!] = "no"
+        return Response(
+            status: .ok, headers: headers,
+            body: ResponseBody { writer in
+                do {
+                    try await session.run { output in
+                        try await writer.write(ByteBuffer(string: output.sse))
+                    }
+                } catch {
+                    context.logger.debug("stream ended", metadata: ["error": "\(String(reflecting: error))"])
+                }
+                try? await writer.finish(nil)
+            })
+    }
+
+    func runningHub() throws -> StreamHub {
+        guard let hub else { throw APIError.notReady("Live streams are not running on this instance.") }
+        return hub
+    }
+
+    /// Registers the stream, or the problem the client gets instead.
+    func openStream(_ start: StreamStart, on hub: StreamHub) throws -> StreamRegistration {
+        do {
+            return try hub.open(organisationID: start.organisationID, userID: start.userID, sessionID: start.sessionID)
+        } catch .tooManyForUser(let limit) {
+            throw APIError.tooManyRequests(
+                "This user already has \(limit) open streams, the most allowed; close one (or reuse it across tabs).", retryAfter: 5)
+        } catch .instanceFull {
+            throw APIError.tooManyRequests("This instance holds as many streams as it may; try again shortly.", retryAfter: 5)
+        } catch .shuttingDown {
+            throw APIError.notReady("This instance is shutting down; reconnect.")
+        }
+    }
+
+    /// Who the stream is for and where it starts. `ticket` and `since` are the only query
+    /// parameters; `Last-Event-ID` (an EventSource reconnecting) wins over `since`.
+    func authenticate(_ request: Request, credential: Credential?, lastEventID: String?) async throws -> StreamStart {
+        let query = request.uri.queryParameters
+        let accepted: Set<String> = ["ticket", "since"]
+        if let unknown = query.map({ String($0.key) }).sorted().first(where: { !accepted.contains($0) }) {
+            throw APIError.badRequest("Unknown query parameter '\(unknown)'; this operation accepts: since, ticket.")
+        }
+        let since = try Self.since(lastEventID ?? query["since"].map(String.init))
+        let requestID = RequestScope.current?.requestID
+        if let text = query["ticket"].map(String.init) {
+            let refused = APIError.unauthorized("The stream ticket is not valid (each works once, for about a minute); ask for a new one.")
+            guard let ticket = OpaqueToken(parsing: text, kind: .streamTicket) else { throw refused }
+            return try await database.withTenant(ticket.organisationID, requestID: requestID) { tx in
+                guard let holder = try await tx.redeemStreamTicket(id: ticket.id, secretHash: ticket.secretHash, now: now()) else {
+                    throw refused
+                }
+                let access = VerifiedAccess(organisationID: ticket.organisationID, userID: holder.userID, sessionID: holder.sessionID)
+                try await check(access, in: tx)
+                return StreamStart(
+                    organisationID: ticket.organisationID, userID: holder.userID, sessionID: holder.sessionID, since: since)
+            }
+        }
+        guard let credential else {
+            throw APIError.unauthorized("This stream needs a bearer token, or a ticket (?ticket=) from POST /v1/me/stream-tickets.")
+        }
+        return try await database.withTenant(credential.organisationID, actor: credential.actor, requestID: requestID) { tx in
+            switch credential {
+            case .apiKey:
+                // The key is checked first, so a bad key is still a 401.
+                _ = try await authenticator.principal(for: credential, in: tx)
+                throw APIError.badRequest(
+                    "This operation concerns the calling user's own data; call it with a user's access token, not an API key.")
+            case .accessToken(let access):
+                try await check(access, in: tx)
+                return StreamStart(
+                    organisationID: access.organisationID, userID: access.userID, sessionID: access.sessionID, since: since)
+            }
+        }
+    }
+
+    /// The user may read their feed, and the session the credential came from is still live.
+    private func check(_ access: VerifiedAccess, in tx: TenantTransaction) async throws {
+        let principal = try await authenticator.principal(for: .accessToken(access), in: tx)
+        guard principal.permissions.contains(.notificationsRead) else { throw APIError.forbidden(.notificationsRead) }
+        if let session = access.sessionID, !(try await tx.sessionIsLive(session, of: access.userID, now: now())) {
+            throw APIError.unauthorized("The session behind this credential has ended; sign in again.")
+        }
+    }
+
+    static func since(_ text: String?) throws -> Int64? {
+        guard let text else { return nil }
+        guard let value = Int64(text.trimmingCharacters(in: .whitespaces)), value >= 0 else {
+            throw APIError.unprocessable(ValidationError(field: "since", message: "must be an event id this stream sent (a whole number, 0 or more)."))
+        }
+        return value
+    }
+}
+
+extension StreamOutput {
+    /// Server-Sent Events framing: `retry:` hints, events, and comment lines as heartbeats.
+    var sse: String {
+        switch self {
+        case .retry(let milliseconds): "retry: \(milliseconds)\n\n"
+        case .event(let event): event.sse
+        case .heartbeat: ": heartbeat\n\n"
+        }
+    }
+}
+
+extension HTTPField.Name {
+    static var lastEventID: Self { .init("Last-Event-ID")! }
+}

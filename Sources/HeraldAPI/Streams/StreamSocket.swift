@@ -1,0 +1,153 @@
+import Foundation
+import HTTPTypes
+import HeraldCore
+import HeraldStore
+import Hummingbird
+import HummingbirdWebSocket
+import Logging
+import NIOCore
+import NIOWebSocket
+
+/// The context of a WebSocket upgrade request (the socket has its own small router; a plain GET
+/// of the same path reaches the main router and is answered 426).
+struct StreamSocketContext: RequestContext, WebSocketRequestContext {
+    var coreContext: CoreRequestContextStorage
+    let webSocket: WebSocketHandlerReference<Self>
+
+    init(source: ApplicationRequestContextSource) {
+        coreContext = .init(source: source)
+        webSocket = .init()
+    }
+}
+
+/// A command a client sends on the socket (`StreamSocketCommand` in openapi.yaml).
+struct StreamSocketCommand: Decodable {
+    enum Name: String, Decodable {
+        case markRead = "mark_read"
+        case markUnread = "mark_unread"
+        case archive
+        case markAllRead = "mark_all_read"
+    }
+    var command: Name
+    var id: String?
+    var ref: String?
+}
+
+extension StreamRoutes {
+    /// The upgrade router: every upgrade of the socket path is accepted, and the credential is
+    /// checked on the socket, so that a refusal reaches a browser (which never sees the status
+    /// of a failed handshake) as an `error` message with the problem, then a close code of
+    /// 4000 + the HTTP status (4401, 4403, 4429, 4503).
+    func webSocketRouter() -> Router<StreamSocketContext> {
+        let router = Router(context: StreamSocketContext.self)
+        router.ws(RouterPath(stringLiteral: Self.socketPath)) { inbound, outbound, context in
+            await self.socket(request: context.request, inbound: inbound, outbound: outbound, logger: context.logger)
+        }
+        return router
+    }
+
+    /// A plain GET of the socket's path (no `Upgrade: websocket`).
+    func registerSocketFallback(on router: Router<HeraldRequestContext>) {
+        router.get(RouterPath(stringLiteral: Self.socketPath)) { _, _ -> Response in
+            var headers: HTTPFields = [.contentType: "application/problem+json", .upgrade: "websocket"]
+            let body = Data(
+                ("{\"type\":\"https://herald.dev/problems/upgrade-required\",\"title\":\"Upgrade Required\",\"status\":426,"
+                    + "\"detail\":\"This path is a WebSocket: send Upgrade: websocket (or use the Server-Sent Events stream at "
+                    + "\(Self.streamPath)).\"}").utf8)
+            headers[.contentLength] = String(body.count)
+            return Response(status: .upgradeRequired, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: body)))
+        }
+    }
+
+    func socket(request: Request, inbound: WebSocketInboundStream, outbound: WebSocketOutboundWriter, logger: Logger) async {
+        let session: FeedStreamSession
+        do {
+            let hub = try runningHub()
+            let credential = try await authenticator.credential(from: request.headers[.authorization], logger: logger)
+            let start = try await authenticate(request, credential: credential, lastEventID: nil)
+            session = FeedStreamSession(hub: hub, registration: try openStream(start, on: hub), start: start, now: now, logger: logger)
+        } catch {
+            let problem = RequestMiddleware.apiError(for: error)
+            if problem == .internalError { logger.error("socket refused", metadata: ["error": "\(String(reflecting: type(of: error)))"]) }
+            try? await outbound.write(.text("{\"event\":\"error\",\"problem\":\(String(decoding: problem.body, as: UTF8.self))}"))
+            try? await outbound.close(.unknown(4000 + UInt16(problem.status.code)), reason: String(problem.detail.prefix(120)))
+            return
+        }
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask {
+                do {
+                    try await session.run { output in
+                        switch output {
+                        case .event(let event): try await outbound.write(.text(event.websocket))
+                        case .heartbeat: try await outbound.write(.custom(.init(fin: true, opcode: .ping, data: ByteBuffer())))
+                        case .retry: break
+                        }
+                    }
+                } catch {
+                    logger.debug("socket stream ended", metadata: ["error": "\(String(reflecting: error))"])
+                }
+                try? await outbound.close(.normalClosure, reason: nil)
+            }
+            group.addTask {
+                do {
+                    for try await message in inbound.messages(maxSize: 16 * 1024) {
+                        guard case .text(let text) = message else { continue }
+                        let answer = await self.command(text, of: session.start)
+                        try await outbound.write(.text(answer))
+                    }
+                } catch {
+                    logger.debug("socket input ended", metadata: ["error": "\(String(reflecting: error))"])
+                }
+            }
+            // Either side ending ends the socket.
+            await group.next()
+            group.cancelAll()
+        }
+    }
+
+    /// Runs one command in a transaction confined to the user's rows; the answer is an `ack`
+    /// or an `error` with the problem, carrying the command's `ref`. The changes themselves
+    /// come back as events, on this socket and every other stream of the user.
+    func command(_ text: String, of start: StreamStart) async -> String {
+        var ref = "null"
+        do {
+            let command: StreamSocketCommand
+            do {
+                command = try JSONDecoder().decode(StreamSocketCommand.self, from: Data(text.utf8))
+            } catch {
+                throw APIError.badRequest(
+                    "A command is {\"command\": \"mark_read\"|\"mark_unread\"|\"archive\"|\"mark_all_read\", \"id\": \"<notification id>\", \"ref\": \"…\"}.")
+            }
+            if let given = command.ref {
+                guard given.count <= 100 else { throw APIError.unprocessable(ValidationError(field: "ref", message: "is longer than 100 characters.")) }
+                ref = try FeedStreamSession.json(given)
+            }
+            let now = now()
+            let target: UUID? = try command.id.map { text in
+                guard let id = UUID(uuidString: text) else { throw APIError.notFound(resource: "notification") }
+                return id
+            }
+            try await database.withTenant(start.organisationID, actor: .user(start.userID), recipient: start.userID) { tx in
+                switch (command.command, target) {
+                case (.markAllRead, _):
+                    try await tx.markAllRead(of: start.userID, through: TimeOrderedID.upperBound(at: now))
+                case (.markRead, let id?):
+                    _ = try await tx.setRead(id, of: start.userID, read: true, now: now)
+                case (.markUnread, let id?):
+                    _ = try await tx.setRead(id, of: start.userID, read: false, now: now)
+                case (.archive, let id?):
+                    _ = try await tx.archive(id, of: start.userID, now: now)
+                case (.markRead, nil), (.markUnread, nil), (.archive, nil):
+                    throw APIError.unprocessable(ValidationError(field: "id", message: "is required by \(command.command.rawValue)."))
+                }
+            }
+            return "{\"event\":\"ack\",\"ref\":\(ref)}"
+        } catch {
+            let problem = RequestMiddleware.apiError(for: error)
+            if problem == .internalError {
+                hub?.logger.error("socket command failed", metadata: ["error": "\(String(reflecting: type(of: error)))"])
+            }
+            return "{\"event\":\"error\",\"problem\":\(String(decoding: problem.body, as: UTF8.self)),\"ref\":\(ref)}"
+        }
+    }
+}
