@@ -53,7 +53,9 @@ extension TenantTransaction {
         return FeedStreamPosition(seq: seq, purgedThrough: purged)
     }
 
-    /// Up to `limit` changes after `seq`, oldest first, each with its row as it is at `now`.
+    /// Up to `limit` changes after `seq`, oldest first, each with its row as it is at `now`
+    /// (nil once expired or deleted). The log says when a row went on show (migration 0010), so
+    /// visible_at is not checked again: the notify clock may run a little ahead of this one.
     public func feedChanges(of userID: UUID, after seq: Int64, limit: Int, now: Date) async throws -> [LoggedFeedChange] {
         let changes = try await query(
             """
@@ -71,7 +73,7 @@ extension TenantTransaction {
             """
             \(unescaped: feedSelect)
             WHERE n.organisation_id = \(organisationID) AND n.user_id = \(userID) AND n.id = ANY(\(ids)::uuid[])
-              AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
+              AND (n.expires_at IS NULL OR n.expires_at > \(now))
             """)
         let items = Dictionary(uniqueKeysWithValues: try rows.map(decodeFeedItem).map { ($0.id, $0) })
         return changes.map { change in
@@ -117,10 +119,12 @@ extension TenantTransaction {
 }
 
 extension Database {
-    /// Logs the rows whose deliver_at or expiry has come and removes changes older than
+    /// Logs the rows whose deliver_at or expiry has come by `now` and removes changes older than
     /// `retention`, across organisations (`feed_stream_sweep`); returns how many rows it logged.
-    public func sweepFeedStreams(limit: Int, retention: Duration) async throws -> Int {
+    public func sweepFeedStreams(limit: Int, retention: Duration, now: Date) async throws -> Int {
         let seconds = Int(retention.components.seconds)
-        return try await query("SELECT feed_stream_sweep(\(limit), make_interval(secs => \(seconds)))").first?.decode(Int.self) ?? 0
+        return try await query(
+            "SELECT feed_stream_sweep(\(limit)::int, make_interval(secs => \(seconds)), \(now))"
+        ).first?.decode(Int.self) ?? 0
     }
 }

@@ -173,6 +173,9 @@ END
 $$;
 
 -- New rows: visible now → 'created'; visible later → due at visible_at; expiring → due at expires_at.
+-- "Now" is the server's clock give or take a second: notify stamps visible_at with the
+-- application's clock, which may run a few milliseconds ahead of the transaction's now(). The
+-- log, not visible_at, is what tells a stream a row is on show.
 CREATE FUNCTION log_feed_insert() RETURNS trigger
     LANGUAGE plpgsql
     SET search_path = pg_catalog, public
@@ -182,9 +185,9 @@ BEGIN
                              array_agg(user_id ORDER BY organisation_id, user_id, id),
                              array_agg('created'::text ORDER BY organisation_id, user_id, id),
                              array_agg(id ORDER BY organisation_id, user_id, id))
-    FROM added WHERE visible_at <= now();
+    FROM added WHERE visible_at <= now() + interval '1 second';
     INSERT INTO public.feed_due (organisation_id, notification_id, kind, user_id, due_at)
-    SELECT organisation_id, id, 'created', user_id, visible_at FROM added WHERE visible_at > now()
+    SELECT organisation_id, id, 'created', user_id, visible_at FROM added WHERE visible_at > now() + interval '1 second'
     UNION ALL
     SELECT organisation_id, id, 'expired', user_id, expires_at FROM added WHERE expires_at IS NOT NULL;
     RETURN NULL;
@@ -192,6 +195,7 @@ END
 $$;
 
 -- Updated rows: one change per row and kind (read, unread, archived), as 0008 announces them.
+-- (The feed's statements only touch rows on show, so every updated row was announced.)
 CREATE FUNCTION log_feed_update() RETURNS trigger
     LANGUAGE plpgsql
     SET search_path = pg_catalog, public
@@ -210,7 +214,7 @@ BEGIN
             (CASE WHEN NOT o.unread_pinned AND n.unread_pinned THEN 'unread' END),
             (CASE WHEN o.archived_at IS NULL AND n.archived_at IS NOT NULL THEN 'archived' END)
         ) AS k (kind)
-        WHERE k.kind IS NOT NULL AND n.visible_at <= now()
+        WHERE k.kind IS NOT NULL
     ) c;
     RETURN NULL;
 END
@@ -230,15 +234,15 @@ BEGIN
     FROM (
         SELECT o.organisation_id, o.user_id, o.id, 'deleted' AS kind
         FROM removed o
-        WHERE o.visible_at <= now() AND (o.expires_at IS NULL OR o.expires_at > now())
+        WHERE o.visible_at <= now() + interval '1 second' AND (o.expires_at IS NULL OR o.expires_at > now())
           AND EXISTS (SELECT 1 FROM public.notifications n
-                      WHERE n.organisation_id = o.organisation_id AND n.user_id = o.user_id AND n.visible_at <= now())
+                      WHERE n.organisation_id = o.organisation_id AND n.user_id = o.user_id AND n.visible_at <= now() + interval '1 second')
         UNION ALL
         SELECT DISTINCT o.organisation_id, o.user_id, NULL::uuid, 'cleared'
         FROM removed o
-        WHERE o.visible_at <= now() AND (o.expires_at IS NULL OR o.expires_at > now())
+        WHERE o.visible_at <= now() + interval '1 second' AND (o.expires_at IS NULL OR o.expires_at > now())
           AND NOT EXISTS (SELECT 1 FROM public.notifications n
-                          WHERE n.organisation_id = o.organisation_id AND n.user_id = o.user_id AND n.visible_at <= now())
+                          WHERE n.organisation_id = o.organisation_id AND n.user_id = o.user_id AND n.visible_at <= now() + interval '1 second')
     ) c;
     RETURN NULL;
 END
@@ -312,12 +316,12 @@ CREATE TRIGGER refresh_tokens_announce_revoked AFTER UPDATE ON refresh_tokens
     REFERENCING OLD TABLE AS changed_old NEW TABLE AS changed_new
     FOR EACH STATEMENT EXECUTE FUNCTION announce_session_revoked();
 
--- What time alone changes, across organisations, run by each serving instance about once a second:
--- rows whose deliver_at or expiry has come are logged ('created', 'expired'), up to p_limit of
+-- What time alone changes, across organisations, run by each serving instance about once a second
+-- with its clock (p_now; tests pass a controlled one): rows whose deliver_at or expiry has come are logged ('created', 'expired'), up to p_limit of
 -- them, claimed with SKIP LOCKED so that instances share the work and none logs a row twice;
 -- then up to p_limit changes older than p_retention are removed (feed_streams.purged_through
 -- remembers how far), and used or expired tickets. Returns the number of rows logged.
-CREATE FUNCTION feed_stream_sweep(p_limit integer, p_retention interval)
+CREATE FUNCTION feed_stream_sweep(p_limit integer, p_retention interval, p_now timestamptz DEFAULT now())
     RETURNS integer
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, public
@@ -325,14 +329,14 @@ AS $$
 DECLARE
     logged integer;
 BEGIN
-    IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 100000 OR p_retention IS NULL OR p_retention < interval '1 minute' THEN
+    IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 100000 OR p_retention IS NULL OR p_retention < interval '1 minute' OR p_now IS NULL THEN
         RAISE EXCEPTION 'feed_stream_sweep: limit must be 1 to 100000 and retention at least a minute';
     END IF;
     PERFORM set_config('herald.sweeping', 'on', true);
 
     WITH due AS (
         SELECT d.organisation_id, d.notification_id, d.kind FROM public.feed_due d
-        WHERE d.due_at <= now()
+        WHERE d.due_at <= p_now
         ORDER BY d.due_at
         LIMIT p_limit
         FOR UPDATE SKIP LOCKED
@@ -350,7 +354,7 @@ BEGIN
 
     WITH old AS (
         SELECT c.organisation_id, c.user_id, c.seq FROM public.feed_changes c
-        WHERE c.created_at < now() - p_retention
+        WHERE c.created_at < p_now - p_retention
         ORDER BY c.created_at
         LIMIT p_limit
         FOR UPDATE SKIP LOCKED
@@ -366,11 +370,11 @@ BEGIN
 
     DELETE FROM public.stream_tickets t
     WHERE (t.organisation_id, t.id) IN (
-        SELECT organisation_id, id FROM public.stream_tickets WHERE expires_at < now() - interval '1 hour' LIMIT p_limit);
+        SELECT organisation_id, id FROM public.stream_tickets WHERE expires_at < p_now - interval '1 hour' LIMIT p_limit);
 
     PERFORM set_config('herald.sweeping', '', true);
     RETURN logged;
 END
 $$;
-REVOKE ALL ON FUNCTION feed_stream_sweep(integer, interval) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION feed_stream_sweep(integer, interval) TO herald_app;
+REVOKE ALL ON FUNCTION feed_stream_sweep(integer, interval, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION feed_stream_sweep(integer, interval, timestamptz) TO herald_app;

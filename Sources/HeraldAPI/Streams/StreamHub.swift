@@ -100,6 +100,7 @@ public final class StreamHub: Service, Sendable {
     let database: Database
     let settings: StreamSettings
     let logger: Logger
+    let now: @Sendable () -> Date
     private let state = Mutex<State>(State())
 
     private struct State {
@@ -120,7 +121,11 @@ public final class StreamHub: Service, Sendable {
     static let refusals = Counter(label: "herald_stream_refusals_total")
     static let pushLatency = Metrics.Timer(label: "herald_stream_push_latency_seconds", preferredDisplayUnit: .seconds)
 
-    public init(bus: NotificationBus, database: Database, settings: StreamSettings, logger: Logger) {
+    public init(
+        bus: NotificationBus, database: Database, settings: StreamSettings, logger: Logger,
+        now: @escaping @Sendable () -> Date = { Date() }
+    ) {
+        self.now = now
         self.bus = bus
         self.database = database
         self.settings = settings
@@ -239,7 +244,7 @@ public final class StreamHub: Service, Sendable {
     private func sweep(every interval: Duration) async {
         while !Task.isCancelled {
             do {
-                let logged = try await database.sweepFeedStreams(limit: 10_000, retention: settings.retention)
+                let logged = try await database.sweepFeedStreams(limit: 10_000, retention: settings.retention, now: now())
                 // A full batch: more are due at once.
                 if logged >= 10_000 { continue }
             } catch {
