@@ -40,7 +40,7 @@ struct RequestMiddleware: RouterMiddleware {
             let credential = try await authenticator.credential(from: request.headers[.authorization], logger: logger)
             if let credential {
                 logger[metadataKey: "organisation_id"] = "\(credential.organisationID.uuidString.lowercased())"
-                logger[metadataKey: "actor"] = "\(credential.actor.kind):\(credential.actor.id?.uuidString.lowercased() ?? "-")"
+                logger[metadataKey: "actor"] = "\(credential.actor.kind.rawValue):\(credential.actor.id?.uuidString.lowercased() ?? "-")"
             }
             let scope = RequestScope(
                 requestID: requestID, clientAddress: context.remoteAddress?.ipAddress, credential: credential, logger: logger)

@@ -14,3 +14,36 @@ public enum EventStatus: String, CaseIterable, Sendable, Codable {
     case accepted = "ACCEPTED"
     case cancelled = "CANCELLED"
 }
+
+/// How one attempt of a delivery ended (`delivery_attempts.outcome`): the three ends of a send,
+/// a late completion the fence refused, or a lease that ran out and was rescued.
+public enum AttemptOutcome: String, CaseIterable, Sendable, Codable {
+    case sent = "SENT"
+    case failed = "FAILED"
+    case dead = "DEAD"
+    case fenced = "FENCED"
+    case expired = "EXPIRED"
+}
+
+/// Where a digest item stands: waiting for its run, sent in one, or cancelled with its event.
+public enum DigestItemStatus: String, CaseIterable, Sendable, Codable {
+    case pending = "PENDING"
+    case sent = "SENT"
+    case cancelled = "CANCELLED"
+}
+
+/// Where an in-app notification stands for its recipient; `deleted` once the user deleted it.
+public enum FeedItemStatus: String, CaseIterable, Sendable, Codable {
+    case unread = "UNREAD"
+    case read = "READ"
+    case archived = "ARCHIVED"
+    case deleted = "DELETED"
+}
+
+/// How a webhook or chat endpoint's messages are shaped: Standard Webhooks for a webhook, a
+/// chat service's markup for chat.
+public enum EndpointFormat: String, CaseIterable, Sendable, Codable {
+    case standard
+    case slack
+    case mattermost
+}

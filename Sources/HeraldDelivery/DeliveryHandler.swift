@@ -64,14 +64,15 @@ public final class DeliveryHandler: WorkHandler, Sendable {
         if let slot = slots.withLock({ $0.removeValue(forKey: claim) }) { leave(slot) }
         guard case .done(let record)? = disposition, let recorded else { return }
         let result = record.result
-        let outcome = recorded ? result.status : "FENCED"
+        let outcome = (recorded ? result.outcome : .fenced).rawValue
         let seconds = Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
-        Counter(label: "herald_delivery_attempts_total", dimensions: [("channel", record.channel), ("outcome", outcome)]).increment()
-        Timer(label: "herald_delivery_attempt_seconds", dimensions: [("channel", record.channel)]).recordSeconds(seconds)
+        Counter(label: "herald_delivery_attempts_total", dimensions: [("channel", record.channel.rawValue), ("outcome", outcome)])
+            .increment()
+        Timer(label: "herald_delivery_attempt_seconds", dimensions: [("channel", record.channel.rawValue)]).recordSeconds(seconds)
         logger.info(
             "delivery attempt",
             metadata: [
-                "channel": .string(record.channel), "outcome": .string(outcome),
+                "channel": .string(record.channel.rawValue), "outcome": .string(outcome),
                 "duration_ms": "\(Int(seconds * 1000))", "response_code": "\(result.responseCode.map(String.init) ?? "-")",
                 "error": .string(result.error ?? ""),
             ])

@@ -80,8 +80,9 @@ public struct DeliverySender: Sendable {
         if work.eventStatus == .cancelled { return .notSent(reason: "Not sent: the event was cancelled.") }
         if let expiry = work.eventExpiresAt, expiry <= now { return .notSent(reason: "Not sent: the event expired first.") }
         if !work.recipient.candidate.active { return .notSent(reason: "Not sent: the recipient was deactivated.") }
-        guard let channel = NotificationChannel(rawValue: work.delivery.channel), let transport = transports[channel] else {
-            return .notSent(reason: "Not sent: \(work.delivery.channel) is not an outbox channel.")
+        let channel = work.delivery.channel
+        guard let transport = transports[channel] else {
+            return .notSent(reason: "Not sent: \(channel.rawValue) is not an outbox channel.")
         }
         if channel.reach == .endpoints {
             guard let endpoint = work.endpoint else { return .notSent(reason: "Not sent: the endpoint was deleted.") }
@@ -148,10 +149,10 @@ enum WebhookMessage {
 
 /// A Slack or Mattermost incoming-webhook message: both take `text` with their Markdown.
 enum ChatMessage {
-    static func body(format: String, content: TemplateContent, url: String?) -> [UInt8] {
-        var lines = [format == "slack" ? "*\(content.subject)*" : "**\(content.subject)**"]
+    static func body(format: EndpointFormat, content: TemplateContent, url: String?) -> [UInt8] {
+        var lines = [format == .slack ? "*\(content.subject)*" : "**\(content.subject)**"]
         if !content.body.isEmpty { lines.append(content.body) }
-        if let url { lines.append(format == "slack" ? "<\(url)|Open>" : "[Open](\(url))") }
+        if let url { lines.append(format == .slack ? "<\(url)|Open>" : "[Open](\(url))") }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         return Array((try? encoder.encode(["text": lines.joined(separator: "\n")])) ?? Foundation.Data())
@@ -182,7 +183,7 @@ public struct LinkBuilder: Sendable {
     func unsubscribe(_ work: DeliveryWork, now: Date) -> String {
         let claims = LinkClaims(
             scope: .unsubscribe, organisationID: work.organisationID, userID: work.recipient.candidate.userID,
-            deliveryID: work.delivery.id, categoryID: work.input.type.categoryID, channel: work.delivery.channel,
+            deliveryID: work.delivery.id, categoryID: work.input.type.categoryID, channel: work.delivery.channel.rawValue,
             expiresAt: now.addingTimeInterval(unsubscribeLifetime))
         return "\(baseURL)/v1/unsubscribe/\(keys.sign(claims))"
     }

@@ -14,7 +14,7 @@ extension ClaimedDelivery: WorkClaim {
 /// its endpoint, all in one tenant transaction.
 public struct DeliveryAttemptRecord: Sendable {
     /// The delivery's channel (metric label).
-    public var channel: String
+    public var channel: NotificationChannel
     public var result: AttemptResult
     /// The receiver answered 410 Gone: the endpoint is disabled.
     public var goneEndpoint: UUID?

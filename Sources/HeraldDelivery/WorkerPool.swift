@@ -82,11 +82,12 @@ public final class DeliveryWorkerPool: Service, Sendable {
 }
 
 extension AttemptResult {
-    var status: String {
+    /// The attempt's outcome as `delivery_attempts` logs it.
+    var outcome: AttemptOutcome {
         switch self {
-        case .sent: "SENT"
-        case .failed: "FAILED"
-        case .dead: "DEAD"
+        case .sent: .sent
+        case .failed: .failed
+        case .dead: .dead
         }
     }
 

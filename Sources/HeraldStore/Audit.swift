@@ -2,6 +2,20 @@ import Foundation
 import HeraldCore
 import PostgresNIO
 
+/// One recorded admin change.
+public struct AuditEntry: Sendable, Equatable {
+    public var id: UUID
+    public var occurredAt: Date
+    public var actorType: ActorKind
+    public var actorID: UUID?
+    public var action: String
+    public var targetType: String
+    public var targetID: String?
+    public var beforeJSON: String?
+    public var afterJSON: String?
+    public var requestID: String?
+}
+
 extension TenantTransaction {
     /// Records an admin change in the same transaction as the change itself.
     /// `before` and `after` are JSON objects (the API representation of the target).
@@ -31,7 +45,7 @@ extension TenantTransaction {
         var entries: [AuditEntry] = []
         for row in rows {
             let (id, at, actorType, actorID, action, targetType, targetID, before, after, requestID) =
-                try row.decode((UUID, Date, String, UUID?, String, String, String?, String?, String?, String?).self)
+                try row.decode((UUID, Date, ActorKind, UUID?, String, String, String?, String?, String?, String?).self, table: "audit_log")
             entries.append(
                 AuditEntry(
                     id: id, occurredAt: at, actorType: actorType, actorID: actorID, action: action,

@@ -2,6 +2,17 @@ import Foundation
 import HeraldCore
 import PostgresNIO
 
+/// An integrator's credential. The secret is never stored, only its hash.
+public struct ApiKey: Sendable, Equatable {
+    public var id: UUID
+    public var name: String
+    public var roleID: UUID
+    public var createdAt: Date
+    public var lastUsedAt: Date?
+    public var expiresAt: Date?
+    public var revokedAt: Date?
+}
+
 /// A refresh token as stored: only the hash of its secret.
 public struct StoredRefreshToken: Sendable {
     public var id: UUID

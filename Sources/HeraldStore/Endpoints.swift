@@ -7,7 +7,7 @@ public struct Endpoint: Sendable, Equatable {
     public var id: UUID
     public var channel: NotificationChannel
     /// `standard` (Standard Webhooks) for webhooks; `slack` or `mattermost` for chat.
-    public var format: String
+    public var format: EndpointFormat
     public var name: String
     public var url: String
     /// Notification type keys this endpoint takes; empty = every type.
@@ -84,7 +84,7 @@ public struct EndpointFields: Sendable {
 
 extension TenantTransaction {
     public func createEndpoint(
-        channel: NotificationChannel, format: String, name: String, url: String, eventTypes: [String],
+        channel: NotificationChannel, format: EndpointFormat, name: String, url: String, eventTypes: [String],
         secret: String?
     ) async throws -> Endpoint {
         let id = UUID()
@@ -237,7 +237,8 @@ func decodeEndpoint(_ row: PostgresRow) throws -> Endpoint {
     ) =
         try row.decode(
             (
-                UUID, NotificationChannel, String, String, String, [String], Bool, String?, String?, String?, Date?, Date, Date, Int, Date?,
+                UUID, NotificationChannel, EndpointFormat, String, String, [String], Bool, String?, String?, String?, Date?, Date, Date,
+                Int, Date?,
                 Date?, String?
             ).self, table: "endpoints")
     return Endpoint(

@@ -85,16 +85,9 @@ extension TenantTransaction {
             endpoints: try await endpointTargets(typeKey: type.key), sourceActor: request.sourceActor,
             userThrottlePerMinute: settings.userThrottlePerMinute,
             recentTotals: settings.userThrottlePerMinute == nil ? [:] : try await recentNotifiedTotals(now: now))
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys]
         let event = NewEvent(
-            id: eventID, typeID: type.id,
-            sourceActorJSON: try request.sourceActor.map { String(decoding: try encoder.encode($0), as: UTF8.self) },
-            audienceJSON: String(decoding: try encoder.encode(request.audience), as: UTF8.self),
-            payloadJSON: String(decoding: try encoder.encode(request.payload), as: UTF8.self),
-            subjectType: request.subjectType, subjectID: request.subjectID, severity: severity, priority: priority,
-            deliverAt: deliverAt, expiresAt: request.expiresAt, idempotencyKey: idempotencyKey, requestHash: requestHash,
-            url: request.url, tags: request.tags)
+            id: eventID, typeID: type.id, request: request, severity: severity, priority: priority, deliverAt: deliverAt,
+            idempotencyKey: idempotencyKey, requestHash: requestHash)
         return PlannedEvent(event: event, type: profile, plan: NotificationPlanner.plan(input))
     }
 }

@@ -9,10 +9,10 @@ public struct EventRecord: Sendable, Equatable {
     public var id: UUID
     public var typeID: UUID
     public var typeKey: String
-    public var actorType: String
+    public var actorType: ActorKind
     public var actorID: UUID?
-    public var audienceJSON: String
-    public var payloadJSON: String
+    public var audience: Audience
+    public var payload: JSONValue
     public var subjectType: String?
     public var subjectID: String?
     public var severity: Severity
@@ -28,48 +28,17 @@ public struct EventRecord: Sendable, Equatable {
     public var tags: [String] = []
 }
 
-/// What notify stores about the event itself, beside the plan.
+/// What notify stores about the event itself, beside the plan: the request, with what planning
+/// settled (the type, severity and priority after defaults, when it is delivered).
 public struct NewEvent: Sendable {
     public var id: UUID
     public var typeID: UUID
-    /// Who caused the event in the tenant's domain (free-form JSON object), if given.
-    public var sourceActorJSON: String?
-    public var audienceJSON: String
-    public var payloadJSON: String
-    public var subjectType: String?
-    public var subjectID: String?
+    public var request: EventRequest
     public var severity: Severity
     public var priority: Priority
     public var deliverAt: Date
-    public var expiresAt: Date?
     public var idempotencyKey: String?
     public var requestHash: String?
-    /// Where the notification leads (tracked links redirect only here).
-    public var url: String?
-    public var tags: [String]
-
-    public init(
-        id: UUID, typeID: UUID, sourceActorJSON: String?, audienceJSON: String, payloadJSON: String, subjectType: String?,
-        subjectID: String?,
-        severity: Severity, priority: Priority, deliverAt: Date, expiresAt: Date?, idempotencyKey: String?, requestHash: String?,
-        url: String? = nil, tags: [String] = []
-    ) {
-        self.url = url
-        self.tags = tags
-        self.id = id
-        self.typeID = typeID
-        self.sourceActorJSON = sourceActorJSON
-        self.audienceJSON = audienceJSON
-        self.payloadJSON = payloadJSON
-        self.subjectType = subjectType
-        self.subjectID = subjectID
-        self.severity = severity
-        self.priority = priority
-        self.deliverAt = deliverAt
-        self.expiresAt = expiresAt
-        self.idempotencyKey = idempotencyKey
-        self.requestHash = requestHash
-    }
 }
 
 /// Names in an audience that do not exist in the organisation.
@@ -255,14 +224,15 @@ extension TenantTransaction {
     /// Writes the event, its in-app rows, deliveries, digest items and decision trace, and
     /// wakes listeners when the transaction commits.
     public func write(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws {
+        let request = event.request
         try await query(
             """
             INSERT INTO events (organisation_id, id, type_id, actor_type, actor_id, source_actor, audience, payload, subject_type, subject_id,
                                 severity, priority, deliver_at, expires_at, idempotency_key, request_hash, counts, url, tags)
-            VALUES (\(organisationID), \(event.id), \(event.typeID), \(actor.kind), \(actor.id), \(event.sourceActorJSON)::jsonb, \(event.audienceJSON)::jsonb,
-                    \(event.payloadJSON)::jsonb, \(event.subjectType), \(event.subjectID), \(event.severity),
-                    \(event.priority), \(event.deliverAt), \(event.expiresAt), \(event.idempotencyKey), \(event.requestHash),
-                    \(plan.counts), \(event.url), \(event.tags)::text[])
+            VALUES (\(organisationID), \(event.id), \(event.typeID), \(actor.kind), \(actor.id), \(request.sourceActor.map { JSONDocument($0) }),
+                    \(JSONDocument(request.audience)), \(JSONDocument(request.payload)), \(request.subjectType), \(request.subjectID),
+                    \(event.severity), \(event.priority), \(event.deliverAt), \(request.expiresAt), \(event.idempotencyKey), \(event.requestHash),
+                    \(plan.counts), \(request.url), \(request.tags)::text[])
             """)
         if !plan.notifications.isEmpty {
             let n = plan.notifications
@@ -271,7 +241,7 @@ extension TenantTransaction {
                 INSERT INTO notifications (organisation_id, id, event_id, user_id, type_id, category_id, severity, priority,
                                            title, body, visible_at, expires_at)
                 SELECT \(organisationID), id, \(event.id), user_id, \(type.id), \(type.categoryID), \(event.severity),
-                       \(event.priority), title, body, \(event.deliverAt), \(event.expiresAt)
+                       \(event.priority), title, body, \(event.deliverAt), \(request.expiresAt)
                 FROM unnest(\(n.map(\.id))::uuid[], \(n.map(\.userID))::uuid[], \(n.map(\.title))::text[], \(n.map(\.body))::text[])
                      AS row(id, user_id, title, body)
                 """)
@@ -408,7 +378,7 @@ public struct TraceChannelRecord: Codable, Sendable, Equatable {
 
 private let eventColumns = """
     e.id, e.type_id, (SELECT t.key FROM notification_types t WHERE t.organisation_id = e.organisation_id AND t.id = e.type_id),
-    e.actor_type, e.actor_id, e.audience::text, e.payload::text, e.subject_type, e.subject_id, e.severity, e.priority,
+    e.actor_type, e.actor_id, e.audience, e.payload, e.subject_type, e.subject_id, e.severity, e.priority,
     e.deliver_at, e.expires_at, e.status, e.idempotency_key, e.request_hash, e.counts, e.created_at, e.cancelled_at, e.tags
     """
 
@@ -419,11 +389,11 @@ private func decodeEvent(_ row: PostgresRow) throws -> EventRecord {
     ) =
         try row.decode(
             (
-                UUID, UUID, String, String, UUID?, String, String, String?, String?, Severity, Priority,
+                UUID, UUID, String, ActorKind, UUID?, JSONDocument<Audience>, JSONDocument<JSONValue>, String?, String?, Severity, Priority,
                 Date, Date?, EventStatus, String?, String?, DecisionCounts, Date, Date?, [String]
             ).self, table: "events")
     return EventRecord(
-        id: id, typeID: typeID, typeKey: typeKey, actorType: actorType, actorID: actorID, audienceJSON: audience, payloadJSON: payload,
+        id: id, typeID: typeID, typeKey: typeKey, actorType: actorType, actorID: actorID, audience: audience.value, payload: payload.value,
         subjectType: subjectType, subjectID: subjectID, severity: severity,
         priority: priority, deliverAt: deliverAt, expiresAt: expiresAt, status: status,
         idempotencyKey: key, requestHash: hash,

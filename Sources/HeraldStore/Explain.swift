@@ -13,30 +13,21 @@ public struct ExplainedRecipient: Sendable, Equatable {
     public var channels: [TraceChannelRecord]
     /// Current status of each delivery the engine queued (PENDING, SENT, CANCELLED, …).
     public var deliveryStatus: [UUID: DeliveryStatus]
-    /// Current state of each digest item (pending, sent, cancelled).
-    public var digestStatus: [UUID: String]
-    /// Current state of each in-app row: UNREAD, READ, ARCHIVED, or DELETED when the user deleted it.
-    public var notificationStatus: [UUID: String] = [:]
-
-    public init(
-        userID: UUID, email: String, displayName: String, targeted: Bool, rule: String, reason: ReasonCode,
-        channels: [TraceChannelRecord], deliveryStatus: [UUID: DeliveryStatus], digestStatus: [UUID: String]
-    ) {
-        self.userID = userID
-        self.email = email
-        self.displayName = displayName
-        self.targeted = targeted
-        self.rule = rule
-        self.reason = reason
-        self.channels = channels
-        self.deliveryStatus = deliveryStatus
-        self.digestStatus = digestStatus
-    }
+    /// Current state of each digest item.
+    public var digestStatus: [UUID: DigestItemStatus]
+    /// Current state of each in-app row, `deleted` once the user deleted it.
+    public var notificationStatus: [UUID: FeedItemStatus] = [:]
 }
 
-extension TraceChannelRecord {
-    public init(decision: ChannelDecision) {
-        self.init(TracedChannel(decision: decision))
+extension ExplainedRecipient {
+    /// A dry run's recipient: the planner's decisions for `trace`, naming no rows (a dry run
+    /// creates none).
+    public init(planned trace: RecipientTrace, user: User?) {
+        self.init(
+            userID: trace.targeting.userID, email: user?.email ?? "", displayName: user?.displayName ?? "",
+            targeted: trace.targeting.targeted, rule: trace.targeting.rule, reason: trace.targeting.reason,
+            channels: trace.channels.map { TraceChannelRecord(TracedChannel(decision: $0.decision)) }, deliveryStatus: [:],
+            digestStatus: [:])
     }
 }
 
@@ -62,7 +53,7 @@ extension TenantTransaction {
                 reason: reason, channels: channels.value, deliveryStatus: [:], digestStatus: [:])
         }
         let notificationIDs = items.flatMap { $0.channels.compactMap(\.notificationID) }
-        var notifications: [UUID: String] = [:]
+        var notifications: [UUID: FeedItemStatus] = [:]
         if !notificationIDs.isEmpty {
             for row in try await query(
                 """
@@ -71,7 +62,7 @@ extension TenantTransaction {
                 WHERE n.organisation_id = \(organisationID) AND n.id = ANY(\(notificationIDs)::uuid[])
                 """)
             {
-                let (id, status) = try row.decode((UUID, String).self)
+                let (id, status) = try row.decode((UUID, FeedItemStatus).self, table: "notifications")
                 notifications[id] = status
             }
         }
@@ -86,7 +77,7 @@ extension TenantTransaction {
                 deliveries[id] = status
             }
         }
-        var digests: [UUID: String] = [:]
+        var digests: [UUID: DigestItemStatus] = [:]
         if !digestIDs.isEmpty {
             for row in try await query(
                 """
@@ -94,7 +85,7 @@ extension TenantTransaction {
                 FROM digest_items WHERE organisation_id = \(organisationID) AND id = ANY(\(digestIDs)::uuid[])
                 """)
             {
-                let (id, status) = try row.decode((UUID, String).self)
+                let (id, status) = try row.decode((UUID, DigestItemStatus).self, table: "digest_items")
                 digests[id] = status
             }
         }
@@ -102,7 +93,7 @@ extension TenantTransaction {
             for channel in items[index].channels {
                 for id in channel.deliveryIDs { items[index].deliveryStatus[id] = deliveries[id] }
                 if let id = channel.digestItemID { items[index].digestStatus[id] = digests[id] }
-                if let id = channel.notificationID { items[index].notificationStatus[id] = notifications[id] ?? "DELETED" }
+                if let id = channel.notificationID { items[index].notificationStatus[id] = notifications[id] ?? .deleted }
             }
         }
         return (items, rows.count > limit ? items.last?.userID : nil)

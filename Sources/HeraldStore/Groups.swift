@@ -2,6 +2,17 @@ import Foundation
 import HeraldCore
 import PostgresNIO
 
+/// A named set of users, e.g. the participants of one internship.
+public struct Group: Sendable, Equatable {
+    public var id: UUID
+    public var key: String
+    public var name: String
+    public var description: String
+    public var memberCount: Int
+    public var createdAt: Date
+    public var updatedAt: Date
+}
+
 extension TenantTransaction {
     /// The group with this id.
     public func group(_ id: UUID) async throws -> Group {

@@ -2,6 +2,25 @@ import Foundation
 import HeraldCore
 import PostgresNIO
 
+/// A tenant of Herald.
+public struct Organisation: Sendable, Equatable {
+    public var id: UUID
+    public var slug: String
+    public var name: String
+    public var defaultLocale: String
+    public var defaultTimezone: String
+    /// Most notifications per user, per category, per minute; nil when unlimited.
+    public var throttlePerMinute: Int?
+    /// Most notifications per user per minute across all categories; nil when unlimited.
+    public var userThrottlePerMinute: Int?
+    /// The sender of the organisation's email (Herald's default when nil), its display name, and Reply-To.
+    public var emailFrom: String?
+    public var emailFromName: String?
+    public var emailReplyTo: String?
+    public var createdAt: Date
+    public var updatedAt: Date
+}
+
 extension Database {
     /// Creates an organisation with its built-in roles, in one transaction under its own context.
     /// `then` runs in the same transaction (e.g. to create the first owner), so a failure there
@@ -49,11 +68,10 @@ extension TenantTransaction {
         guard let row = rows.first else { throw StoreError.notFound("organisation") }
         let (id, slug, name, locale, timezone, throttle, from, fromName, replyTo, created, updated, userThrottle) =
             try row.decode((UUID, String, String, String, String, Int?, String?, String?, String?, Date, Date, Int?).self)
-        var organisation = Organisation(
+        return Organisation(
             id: id, slug: slug, name: name, defaultLocale: locale, defaultTimezone: timezone, throttlePerMinute: throttle,
-            emailFrom: from, emailFromName: fromName, emailReplyTo: replyTo, createdAt: created, updatedAt: updated)
-        organisation.userThrottlePerMinute = userThrottle
-        return organisation
+            userThrottlePerMinute: userThrottle, emailFrom: from, emailFromName: fromName, emailReplyTo: replyTo, createdAt: created,
+            updatedAt: updated)
     }
 
     /// Sets the email sender settings given; an empty string clears one, nil leaves it.

@@ -7,11 +7,11 @@ public struct Delivery: Sendable, Equatable {
     public var id: UUID
     public var eventID: UUID
     public var userID: UUID
-    public var channel: String
+    public var channel: NotificationChannel
     public var destination: String
     /// The webhook or chat endpoint; nil for email, or once the endpoint was deleted.
     public var endpointID: UUID?
-    public var status: String
+    public var status: DeliveryStatus
     public var attempts: Int
     public var maxAttempts: Int
     public var nextAttemptAt: Date
@@ -32,7 +32,7 @@ public struct DeliveryAttempt: Sendable, Equatable {
     public var worker: String
     public var startedAt: Date
     public var finishedAt: Date
-    public var outcome: String
+    public var outcome: AttemptOutcome
     public var responseCode: Int?
     public var error: String?
 }
@@ -193,7 +193,7 @@ extension TenantTransaction {
             """
         ).map { row in
             let (attempt, worker, started, finished, outcome, code, error) = try row.decode(
-                (Int, String, Date, Date, String, Int?, String?).self)
+                (Int, String, Date, Date, AttemptOutcome, Int?, String?).self, table: "delivery_attempts")
             return DeliveryAttempt(
                 attempt: attempt, worker: worker, startedAt: started, finishedAt: finished, outcome: outcome, responseCode: code,
                 error: error)
@@ -342,9 +342,10 @@ private func decodeDelivery(_ row: PostgresRow) throws -> Delivery {
     ) =
         try row.decode(
             (
-                UUID, UUID, UUID, String, String, UUID?, String, Int, Int, Date, String?, Date?, String?, Int?, String?, Date?,
-                Date, Date
-            ).self)
+                UUID, UUID, UUID, NotificationChannel, String, UUID?, DeliveryStatus, Int, Int, Date, String?, Date?, String?, Int?,
+                String?,
+                Date?, Date, Date
+            ).self, table: "deliveries")
     return Delivery(
         id: id, eventID: event, userID: user, channel: channel, destination: destination, endpointID: endpoint, status: status,
         attempts: attempts, maxAttempts: maxAttempts, nextAttemptAt: next, leaseOwner: owner, leaseExpiresAt: lease,

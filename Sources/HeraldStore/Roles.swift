@@ -2,6 +2,18 @@ import Foundation
 import HeraldCore
 import PostgresNIO
 
+/// A named set of permissions.
+public struct Role: Sendable, Equatable {
+    public var id: UUID
+    public var key: String
+    public var name: String
+    public var description: String
+    public var builtin: Bool
+    public var permissions: Set<Permission>
+    public var createdAt: Date
+    public var updatedAt: Date
+}
+
 extension TenantTransaction {
     /// Every role of the organisation, built-in first.
     public func roles() async throws -> [Role] {

@@ -48,6 +48,11 @@ extension ReasonCode: StoredWord {}
 extension Permission: StoredWord {}
 extension DeliveryStatus: StoredWord {}
 extension EventStatus: StoredWord {}
+extension AttemptOutcome: StoredWord {}
+extension DigestItemStatus: StoredWord {}
+extension FeedItemStatus: StoredWord {}
+extension EndpointFormat: StoredWord {}
+extension ActorKind: StoredWord {}
 
 /// A Codable value stored in a `jsonb` column. It binds as `jsonb` (`\(counts)`, no `::jsonb`
 /// round trip through a String) and decodes from `jsonb`/`json`; JSON of the wrong shape fails

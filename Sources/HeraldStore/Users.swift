@@ -2,6 +2,27 @@ import Foundation
 import HeraldCore
 import PostgresNIO
 
+/// A member of an organisation; also a recipient of notifications.
+public struct User: Sendable, Equatable {
+    public var id: UUID
+    public var email: String
+    public var displayName: String
+    public var locale: String?
+    public var timezone: String?
+    public var active: Bool
+    /// Free-form attributes as a JSON object, kept as text so no layer reinterprets it.
+    public var attributesJSON: String
+    public var roles: [RoleRef]
+    public var createdAt: Date
+    public var updatedAt: Date
+}
+
+/// A role as it appears on a user: id and key.
+public struct RoleRef: Sendable, Equatable, Codable {
+    public var id: UUID
+    public var key: String
+}
+
 /// Fields of a new user, already validated.
 public struct NewUser: Sendable {
     public var email: String
@@ -182,19 +203,18 @@ extension TenantTransaction {
 
 private let userColumns = """
     u.id, u.email, u.display_name, u.locale, u.timezone, u.active, u.attributes::text,
-    coalesce((SELECT json_agg(json_build_object('id', r.id, 'key', r.key) ORDER BY r.key)::text
+    coalesce((SELECT json_agg(json_build_object('id', r.id, 'key', r.key) ORDER BY r.key)
               FROM user_roles ur JOIN roles r ON r.organisation_id = ur.organisation_id AND r.id = ur.role_id
               WHERE ur.organisation_id = u.organisation_id AND ur.user_id = u.id), '[]'),
     u.created_at, u.updated_at
     """
 
 private func decodeUser(_ row: PostgresRow) throws -> User {
-    let (id, email, name, locale, timezone, active, attributes, rolesJSON, created, updated) =
-        try row.decode((UUID, String, String, String?, String?, Bool, String, String, Date, Date).self)
-    let roles = try JSONDecoder().decode([RoleRef].self, from: Data(rolesJSON.utf8))
+    let (id, email, name, locale, timezone, active, attributes, roles, created, updated) =
+        try row.decode((UUID, String, String, String?, String?, Bool, String, JSONDocument<[RoleRef]>, Date, Date).self, table: "users")
     return User(
         id: id, email: email, displayName: name, locale: locale, timezone: timezone, active: active,
-        attributesJSON: attributes, roles: roles, createdAt: created, updatedAt: updated)
+        attributesJSON: attributes, roles: roles.value, createdAt: created, updatedAt: updated)
 }
 
 extension TenantTransaction {

@@ -109,7 +109,7 @@ struct AccessMatrixTests {
             let key = OpaqueToken(kind: .apiKey, organisationID: org.id)
             _ = try await tx.createApiKey(id: key.id, name: "k", roleID: service.id, secretHash: key.secretHash, expiresAt: nil)
             let endpoint = try await tx.createEndpoint(
-                channel: .webhook, format: "standard", name: "e", url: "https://93.184.216.34/hook",
+                channel: .webhook, format: .standard, name: "e", url: "https://93.184.216.34/hook",
                 eventTypes: [], secret: WebhookSecret.generate().string)
             return [
                 "userId": user.id, "roleId": role.id, "groupId": group.id, "keyId": key.id, "categoryId": category.id,

@@ -355,8 +355,8 @@ struct CitusReadinessTests {
                     try await database.withTenant(organisationID) { tx in
                         try await tx.deliveries(DeliveryFilter(), limit: 1000, after: nil).items
                             .allSatisfy {
-                                $0.status == "SENT" || $0.status == "DEAD" || $0.nextAttemptAt > Date().addingTimeInterval(60)
-                                    || $0.status == "CANCELLED"
+                                $0.status == .sent || $0.status == .dead || $0.nextAttemptAt > Date().addingTimeInterval(60)
+                                    || $0.status == .cancelled
                             }
                     }
                 }

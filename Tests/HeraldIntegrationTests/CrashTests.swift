@@ -23,7 +23,7 @@ struct CrashTests {
         try await Peers.configure(hook.name, ["delay_ms": 2])
         _ = try await org.store { tx in
             try await tx.createEndpoint(
-                channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+                channel: .webhook, format: .standard, name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
         }
         let (event, _) = try await org.notify(
             EventRequest(typeKey: "WARD_ALERT", audience: Audience(everyone: true), payload: .object([:])))
@@ -43,10 +43,10 @@ struct CrashTests {
 
         let statuses = Dictionary(grouping: deliveries, by: \.status).mapValues(\.count)
         #expect(deliveries.count == Self.rows)
-        #expect(statuses["SENT", default: 0] + statuses["DEAD", default: 0] == Self.rows, "\(statuses)")
+        #expect(statuses[.sent, default: 0] + statuses[.dead, default: 0] == Self.rows, "\(statuses)")
         let ids = try await Peers.ids(hook.name)
         let unique = ids["unique"] as? Int ?? 0
-        #expect(unique == statuses["SENT", default: 0], "every SENT row reached the receiver")
+        #expect(unique == statuses[.sent, default: 0], "every SENT row reached the receiver")
         #expect((ids["inconsistent"] as? [Any])?.isEmpty == true, "a duplicate carries the same webhook-id and body")
         #expect((ids["missing"] as? Int ?? 0) == 0)
         let rescued = try await org.store { tx in

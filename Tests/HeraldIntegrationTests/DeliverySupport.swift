@@ -153,7 +153,7 @@ extension TestOrganisation {
     /// Waits until no delivery of the organisation is PENDING, SENDING or FAILED.
     func settled(timeout: Duration = .seconds(60)) async throws -> [Delivery] {
         _ = try await eventually(timeout: timeout) {
-            try await deliveries().allSatisfy { ["SENT", "DEAD", "CANCELLED"].contains($0.status) }
+            try await deliveries().allSatisfy { [DeliveryStatus.sent, .dead, .cancelled].contains($0.status) }
         }
         return try await deliveries()
     }

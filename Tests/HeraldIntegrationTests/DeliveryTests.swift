@@ -40,8 +40,8 @@ struct DeliveryTests {
                 ]),
                 url: "https://ward.example.org/patients/7"))
         let deliveries = try await TestWorkers.run(org.id) { try await org.settled() }
-        let delivery = try #require(deliveries.first { $0.channel == "email" })
-        #expect(delivery.status == "SENT")
+        let delivery = try #require(deliveries.first { $0.channel == .email })
+        #expect(delivery.status == .sent)
         #expect(delivery.lastResponseCode == 250)
         #expect(delivery.lastResponse?.hasPrefix("250") == true)
 
@@ -120,16 +120,16 @@ struct DeliveryTests {
         let secret = WebhookSecret.generate().string
         let endpoint = try await org.store { tx in
             try await tx.createEndpoint(
-                channel: .webhook, format: "standard", name: "ward", url: hook.url, eventTypes: ["WARD_ALERT"], secret: secret)
+                channel: .webhook, format: .standard, name: "ward", url: hook.url, eventTypes: ["WARD_ALERT"], secret: secret)
         }
         try await org.notify(
             EventRequest(
                 typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]),
                 payload: .object(["ward": .string("3B"), "bed": .number(12), "hidden": .string("NOPE-99")])))
         let delivery = try #require(try await TestWorkers.run(org.id) { try await org.settled() }.first)
-        #expect(delivery.status == "SENT" && delivery.attempts == 3 && delivery.endpointID == endpoint.id)
+        #expect(delivery.status == .sent && delivery.attempts == 3 && delivery.endpointID == endpoint.id)
         let log = try await org.store { tx in try await tx.deliveryAttempts(delivery.id) }
-        #expect(log.map(\.outcome) == ["FAILED", "FAILED", "SENT"])
+        #expect(log.map(\.outcome) == [.failed, .failed, .sent])
         #expect(log.map(\.responseCode) == [503, 503, 200])
 
         let received = try await Peers.requests(hook.name)
@@ -158,13 +158,13 @@ struct DeliveryTests {
         try await Peers.configure(hook.name, ["fail_times": 1, "fail_status": 429, "retry_after": "2"])
         _ = try await org.store { tx in
             try await tx.createEndpoint(
-                channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+                channel: .webhook, format: .standard, name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
         }
         try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
         var settings = TestWorkers.Settings()
         settings.retry = RetryPolicy(baseDelay: 0.1, factor: 1, maximumDelay: 60, jitter: 0)
         let delivery = try #require(try await TestWorkers.run(org.id, settings) { try await org.settled() }.first)
-        #expect(delivery.status == "SENT" && delivery.attempts == 2)
+        #expect(delivery.status == .sent && delivery.attempts == 2)
         let times = try await Peers.requests(hook.name).compactMap { $0["time"] as? Double }
         try #require(times.count == 2)
         #expect(times[1] - times[0] >= 1.95, "the retry waited for Retry-After (2 s), not the 0.1 s schedule")
@@ -179,16 +179,16 @@ struct DeliveryTests {
         try await Peers.configure(hook.name, ["status": 500])
         _ = try await org.store { tx in
             try await tx.createEndpoint(
-                channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+                channel: .webhook, format: .standard, name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
         }
         try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
         var settings = TestWorkers.Settings()
         settings.retry = RetryPolicy(baseDelay: 0.05, factor: 1, maximumDelay: 1, jitter: 0)
         let delivery = try #require(try await TestWorkers.run(org.id, settings) { try await org.settled() }.first)
-        #expect(delivery.status == "DEAD" && delivery.attempts == delivery.maxAttempts)
+        #expect(delivery.status == .dead && delivery.attempts == delivery.maxAttempts)
         let log = try await org.store { tx in try await tx.deliveryAttempts(delivery.id) }
         #expect(log.map(\.attempt) == Array(1...delivery.maxAttempts))
-        #expect(log.map(\.outcome) == Array(repeating: "FAILED", count: delivery.maxAttempts - 1) + ["DEAD"])
+        #expect(log.map(\.outcome) == Array(repeating: AttemptOutcome.failed, count: delivery.maxAttempts - 1) + [.dead])
         #expect(log.allSatisfy { $0.responseCode == 500 && $0.error?.contains("500") == true })
         #expect(try await Peers.requests(hook.name).count == delivery.maxAttempts)
     }
@@ -202,11 +202,11 @@ struct DeliveryTests {
         try await Peers.configure(hook.name, ["status": 410])
         let endpoint = try await org.store { tx in
             try await tx.createEndpoint(
-                channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+                channel: .webhook, format: .standard, name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
         }
         try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
         let delivery = try #require(try await TestWorkers.run(org.id) { try await org.settled() }.first)
-        #expect(delivery.status == "DEAD" && delivery.attempts == 1 && delivery.lastResponseCode == 410)
+        #expect(delivery.status == .dead && delivery.attempts == 1 && delivery.lastResponseCode == 410)
         let after = try await org.store { tx in try await tx.endpoint(endpoint.id) }
         #expect(!after.enabled && after.disabledReason?.contains("410") == true)
         let (_, plan) = try await org.notify(
@@ -223,7 +223,7 @@ struct DeliveryTests {
         let old = WebhookSecret.generate().string, new = WebhookSecret.generate().string
         try await org.store { tx in
             let endpoint = try await tx.createEndpoint(
-                channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: old)
+                channel: .webhook, format: .standard, name: "w", url: hook.url, eventTypes: [], secret: old)
             _ = try await tx.rotateEndpointSecret(endpoint.id, newSecret: new, overlapUntil: Date().addingTimeInterval(3600))
         }
         try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
@@ -245,14 +245,14 @@ struct DeliveryTests {
             templates: [.chat: TemplateContent(subject: "Ward {{payload.ward}}", body: "Bed {{payload.bed}} needs a nurse")])
         let hook = Peers.hook("slack")
         _ = try await org.store { tx in
-            try await tx.createEndpoint(channel: .chat, format: "slack", name: "#ward", url: hook.url, eventTypes: [], secret: nil)
+            try await tx.createEndpoint(channel: .chat, format: .slack, name: "#ward", url: hook.url, eventTypes: [], secret: nil)
         }
         try await org.notify(
             EventRequest(
                 typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]),
                 payload: .object(["ward": .string("3B"), "bed": .number(12)])))
         let delivery = try #require(try await TestWorkers.run(org.id) { try await org.settled() }.first)
-        #expect(delivery.status == "SENT" && delivery.channel == "chat")
+        #expect(delivery.status == .sent && delivery.channel == .chat)
         let body = try #require(try await Peers.requests(hook.name).first?["body"] as? String)
         let json = try #require(try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: String])
         #expect(json == ["text": "*Ward 3B*\nBed 12 needs a nurse"])
@@ -299,13 +299,13 @@ struct DeliveryTests {
         try await org.store { tx in
             for endpoint in try await tx.endpoints(limit: 100, after: nil).items { try await tx.deleteEndpoint(endpoint.id) }
             _ = try await tx.createEndpoint(
-                channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+                channel: .webhook, format: .standard, name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
         }
         try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
         var settings = TestWorkers.Settings()
         settings.allowed = []
         let delivery = try #require(try await TestWorkers.run(org.id, settings) { try await org.settled() }.first)
-        #expect(delivery.status == "DEAD" && delivery.attempts == 1)
+        #expect(delivery.status == .dead && delivery.attempts == 1)
         #expect(delivery.lastError?.contains("loopback") == true)
         #expect(try await Peers.requests(hook.name).isEmpty)
     }
@@ -318,7 +318,7 @@ struct DeliveryTests {
         let hook = Peers.hook()
         _ = try await org.store { tx in
             try await tx.createEndpoint(
-                channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+                channel: .webhook, format: .standard, name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
         }
         var settings = TestWorkers.Settings()
         settings.pollInterval = .seconds(600)
@@ -328,7 +328,7 @@ struct DeliveryTests {
             let start = clock.now
             try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
             let sent = try await eventually(timeout: .seconds(10), every: .milliseconds(20)) {
-                try await org.deliveries().first?.status == "SENT"
+                try await org.deliveries().first?.status == .sent
             }
             #expect(sent)
             return clock.now - start
@@ -347,7 +347,7 @@ struct DeliveryTests {
         let hook = Peers.hook()
         _ = try await org.store { tx in
             try await tx.createEndpoint(
-                channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+                channel: .webhook, format: .standard, name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
         }
         try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(everyone: true), payload: .object([:])))
         var settings = TestWorkers.Settings()
@@ -355,7 +355,7 @@ struct DeliveryTests {
         settings.concurrency = 8
         let deliveries = try await TestWorkers.run(org.id, settings) { try await org.settled() }
         #expect(deliveries.count == 302)
-        #expect(deliveries.allSatisfy { $0.status == "SENT" && $0.attempts == 1 })
+        #expect(deliveries.allSatisfy { $0.status == .sent && $0.attempts == 1 })
         let attempts = try await org.store { tx in
             try await tx.connection.query(
                 "SELECT count(*)::int, count(DISTINCT (delivery_id, attempt))::int, count(DISTINCT worker)::int FROM delivery_attempts",
@@ -439,16 +439,16 @@ struct DeliveryTests {
         let deliveries = try await TestWorkers.run(org.id) { try await org.settled() }
         func delivery(_ user: UUID) throws -> Delivery { try #require(deliveries.first { $0.userID == user }) }
 
-        #expect(try delivery(müller).status == "SENT")
+        #expect(try delivery(müller).status == .sent)
         let mails = try await Peers.mail(to: "dr.müller@\(org.slug).example")
         try #require(mails.count == 1)
         #expect((mails[0]["mail_options"] as? [String])?.contains("SMTPUTF8") == true)
         let mail = try ParsedMail(try #require(mails[0]["data"] as? String))
         #expect(mail.headers["To"]?.contains("<dr.müller@\(org.slug).example>") == true)
 
-        #expect(try delivery(refused).status == "DEAD")
+        #expect(try delivery(refused).status == .dead)
         #expect(try delivery(refused).lastError == "The mail server refused the recipient address (550 5.1.1 mailbox unavailable).")
-        #expect(try delivery(malformed).status == "DEAD")
+        #expect(try delivery(malformed).status == .dead)
         #expect(
             try delivery(malformed).lastError
                 == "The message could not be built: the recipient address \"dr.x@clinic..example\" cannot be used: the domain contains two dots in a row."

@@ -88,11 +88,11 @@ struct FaultTests {
         let (hangingEndpoint, healthyEndpoint) = try await org.store { tx in
             (
                 try await tx.createEndpoint(
-                    channel: .webhook, format: "standard", name: "hanging", url: hanging.url, eventTypes: [],
+                    channel: .webhook, format: .standard, name: "hanging", url: hanging.url, eventTypes: [],
                     secret: WebhookSecret.generate().string
                 ).id,
                 try await tx.createEndpoint(
-                    channel: .webhook, format: "standard", name: "healthy", url: healthy.url, eventTypes: [],
+                    channel: .webhook, format: .standard, name: "healthy", url: healthy.url, eventTypes: [],
                     secret: WebhookSecret.generate().string
                 ).id
             )
@@ -106,7 +106,7 @@ struct FaultTests {
         try await FaultWorkers.run(org.id, settings) {
             // check
             let sent = try await eventually(timeout: .seconds(45)) {
-                try await org.deliveries().filter { $0.endpointID == healthyEndpoint && $0.status == "SENT" }.count == 40
+                try await org.deliveries().filter { $0.endpointID == healthyEndpoint && $0.status == .sent }.count == 40
             }
             let deliveries = try await org.deliveries()
             let toHealthy = deliveries.filter { $0.endpointID == healthyEndpoint }
@@ -134,7 +134,7 @@ struct FaultTests {
         try await Peers.configure(hanging.name, ["delay_ms": 30_000])
         let endpoint = try await org.store { tx in
             try await tx.createEndpoint(
-                channel: .webhook, format: "standard", name: "slow", url: hanging.url, eventTypes: [],
+                channel: .webhook, format: .standard, name: "slow", url: hanging.url, eventTypes: [],
                 secret: WebhookSecret.generate().string
             ).id
         }
@@ -245,7 +245,7 @@ struct PostgresFaultTests {
                         key: "WARD_ALERT", categoryID: category.id, name: "Ward alert", description: "", defaultSeverity: .info,
                         defaultPriority: .normal, defaultChannels: [.webhook]))
                 _ = try await tx.createEndpoint(
-                    channel: .webhook, format: "standard", name: "w", url: hook.url, eventTypes: [],
+                    channel: .webhook, format: .standard, name: "w", url: hook.url, eventTypes: [],
                     secret: WebhookSecret.generate().string)
                 let token = OpaqueToken(kind: .apiKey, organisationID: organisation.id)
                 _ = try await tx.createApiKey(

@@ -72,7 +72,7 @@ struct IsolationSQLTests {
         try await org.deliveryType("HOOKED", category: catalogue.activity, channels: [.webhook])
         try await org.store { tx in
             _ = try await tx.createEndpoint(
-                channel: .webhook, format: "standard", name: "w", url: "https://93.184.216.34/hook", eventTypes: [],
+                channel: .webhook, format: .standard, name: "w", url: "https://93.184.216.34/hook", eventTypes: [],
                 secret: WebhookSecret.generate().string)
         }
         let (_, hooked) = try await org.notify(

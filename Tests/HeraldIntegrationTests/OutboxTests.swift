@@ -99,8 +99,8 @@ struct OutboxTests {
         #expect(!lateDone)
         #expect(lateLease == 0)
         let (delivery, attempts) = try await org.store { tx in (try await tx.delivery(ids[0]), try await tx.deliveryAttempts(ids[0])) }
-        #expect(delivery.status == "SENT")
-        #expect(attempts.map(\.outcome) == ["EXPIRED", "SENT"])
+        #expect(delivery.status == .sent)
+        #expect(attempts.map(\.outcome) == [.expired, .sent])
     }
 
     @Test("a row whose worker keeps crashing goes DEAD at its last attempt instead of being claimed forever")
@@ -113,8 +113,8 @@ struct OutboxTests {
         }
         #expect(try await env.workerDatabase.claimDeliveries(worker: "next", limit: 10, leaseSeconds: 30, organisation: org.id).isEmpty)
         let (delivery, attempts) = try await org.store { tx in (try await tx.delivery(ids[0]), try await tx.deliveryAttempts(ids[0])) }
-        #expect(delivery.status == "DEAD")
-        #expect(attempts.map(\.outcome) == ["EXPIRED", "EXPIRED"])
+        #expect(delivery.status == .dead)
+        #expect(attempts.map(\.outcome) == [.expired, .expired])
     }
 
     @Test("the API server's role cannot claim deliveries; the worker role cannot bypass the tenant policy")
@@ -152,16 +152,16 @@ struct OutboxTests {
             retryTimes.append(next)
             // Scheduled on the policy's time and not claimable before it …
             let stored = try await org.store { tx in try await tx.delivery(ids[0]) }
-            #expect(stored.status == "FAILED")
+            #expect(stored.status == .failed)
             #expect(abs(stored.nextAttemptAt.timeIntervalSince(next)) < 0.001)
             #expect(try await claimAll(org, worker: "early").isEmpty)
             // … and claimable once it comes (the test moves the clock of the row, not the test's).
             try await org.store { tx in try await tx.query("UPDATE deliveries SET next_attempt_at = now() WHERE id = \(ids[0])") }
         }
         let (delivery, attempts) = try await org.store { tx in (try await tx.delivery(ids[0]), try await tx.deliveryAttempts(ids[0])) }
-        #expect(delivery.status == "DEAD")
+        #expect(delivery.status == .dead)
         #expect(delivery.attempts == 3)
-        #expect(attempts.map(\.outcome) == ["FAILED", "FAILED", "DEAD"])
+        #expect(attempts.map(\.outcome) == [.failed, .failed, .dead])
         #expect(attempts.allSatisfy { $0.responseCode == 503 })
         #expect(retryTimes.count == 2)
         // 60 s, then 120 s: exponential.

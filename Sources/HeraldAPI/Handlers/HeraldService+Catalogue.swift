@@ -76,9 +76,9 @@ extension HeraldService {
             let category = try await categoryID(key: body.category, tx)
             let fields = NotificationTypeFields(
                 key: key, categoryID: category, name: name, description: body.description ?? "",
-                defaultSeverity: try body.defaultSeverity.map { try mapped($0, to: Severity.self) } ?? .info,
-                defaultPriority: try body.defaultPriority.map { try mapped($0, to: Priority.self) } ?? .normal,
-                defaultChannels: try (body.defaultChannels ?? [.inApp]).map { try mapped($0, to: NotificationChannel.self) })
+                defaultSeverity: body.defaultSeverity.map { mapped($0, to: Severity.self) } ?? .info,
+                defaultPriority: body.defaultPriority.map { mapped($0, to: Priority.self) } ?? .normal,
+                defaultChannels: (body.defaultChannels ?? [.inApp]).map { mapped($0, to: NotificationChannel.self) })
             let type = try Components.Schemas.NotificationType(try await tx.createNotificationType(fields))
             try await tx.audit(
                 action: "notification_type.create", targetType: "notification_type", targetID: type.id, before: nil, after: auditJSON(type))
@@ -96,9 +96,9 @@ extension HeraldService {
             var fields = NotificationTypeFields(
                 key: existing.key, categoryID: existing.categoryID, name: name ?? existing.name,
                 description: body.description ?? existing.description,
-                defaultSeverity: try body.defaultSeverity.map { try mapped($0, to: Severity.self) } ?? existing.defaultSeverity,
-                defaultPriority: try body.defaultPriority.map { try mapped($0, to: Priority.self) } ?? existing.defaultPriority,
-                defaultChannels: try body.defaultChannels.map { try $0.map { try mapped($0, to: NotificationChannel.self) } }
+                defaultSeverity: body.defaultSeverity.map { mapped($0, to: Severity.self) } ?? existing.defaultSeverity,
+                defaultPriority: body.defaultPriority.map { mapped($0, to: Priority.self) } ?? existing.defaultPriority,
+                defaultChannels: body.defaultChannels.map { $0.map { mapped($0, to: NotificationChannel.self) } }
                     ?? existing.defaultChannels)
             if let category = body.category { fields.categoryID = try await categoryID(key: category, tx) }
             let after = try Components.Schemas.NotificationType(try await tx.updateNotificationType(id, fields))
@@ -125,7 +125,7 @@ extension HeraldService {
     func putTemplate(_ input: Operations.PutTemplate.Input) async throws -> Operations.PutTemplate.Output {
         let id = try id(input.path.typeId, "notification type")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let channel = try mapped(input.path.channel, to: NotificationChannel.self)
+        let channel = mapped(input.path.channel, to: NotificationChannel.self)
         let content = TemplateContent(subject: body.subject ?? "", body: body.body, html: body.html)
         try content.validate(at: nil)
         let locale = try Validate.locale(input.path.locale)
@@ -135,7 +135,7 @@ extension HeraldService {
                 action: "template.put", targetType: "notification_type", targetID: id.lowercased, before: nil,
                 after: auditJSON(
                     Components.Schemas.Template(
-                        channel: try mapped(channel), locale: locale,
+                        channel: mapped(channel), locale: locale,
                         subject: content.subject, body: content.body, html: content.html)))
             return try Components.Schemas.NotificationType(try await tx.notificationType(id))
         }
@@ -144,7 +144,7 @@ extension HeraldService {
 
     func deleteTemplate(_ input: Operations.DeleteTemplate.Input) async throws -> Operations.DeleteTemplate.Output {
         let id = try id(input.path.typeId, "notification type")
-        let channel = try mapped(input.path.channel, to: NotificationChannel.self)
+        let channel = mapped(input.path.channel, to: NotificationChannel.self)
         let locale = input.path.locale
         try await tenant { tx, _ in
             if try await tx.deleteTemplate(typeID: id, channel: channel, locale: locale) {

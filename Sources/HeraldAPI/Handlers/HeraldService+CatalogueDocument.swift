@@ -144,7 +144,7 @@ private struct CataloguePlan {
                 let content = TemplateContent(subject: template.subject ?? "", body: template.body, html: template.html)
                 try content.validate(at: at)
                 let locale = try Validate.locale(template.locale, field: "\(at).locale")
-                let channel = try mapped(template.channel, to: NotificationChannel.self)
+                let channel = mapped(template.channel, to: NotificationChannel.self)
                 guard seen.insert("\(channel.rawValue)|\(locale)").inserted else {
                     throw APIError.unprocessable(ValidationError(field: at, message: "names \(channel.rawValue) in \(locale) twice."))
                 }
@@ -152,9 +152,9 @@ private struct CataloguePlan {
             }
             let fields = NotificationTypeFields(
                 key: key, categoryID: UUID(), name: name, description: t.description ?? "",
-                defaultSeverity: try t.defaultSeverity.map { try mapped($0, to: Severity.self) } ?? .info,
-                defaultPriority: try t.defaultPriority.map { try mapped($0, to: Priority.self) } ?? .normal,
-                defaultChannels: try (t.defaultChannels ?? [.inApp]).map { try mapped($0, to: NotificationChannel.self) })
+                defaultSeverity: t.defaultSeverity.map { mapped($0, to: Severity.self) } ?? .info,
+                defaultPriority: t.defaultPriority.map { mapped($0, to: Priority.self) } ?? .normal,
+                defaultChannels: (t.defaultChannels ?? [.inApp]).map { mapped($0, to: NotificationChannel.self) })
             types.append(TypeItem(categoryKey: t.category, fields: fields, templates: templates))
         }
     }

@@ -18,9 +18,9 @@ extension HeraldService {
     /// A webhook endpoint's secret is in this answer only.
     func createEndpoint(_ input: Operations.CreateEndpoint.Input) async throws -> Operations.CreateEndpoint.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        let channel: NotificationChannel = body.channel == .webhook ? .webhook : .chat
-        let format = body.format?.rawValue ?? (channel == .webhook ? "standard" : "slack")
-        guard (channel == .webhook) == (format == "standard") else {
+        let channel = mapped(body.channel, to: NotificationChannel.self)
+        let format = body.format.map { mapped($0, to: EndpointFormat.self) } ?? (channel == .webhook ? .standard : .slack)
+        guard (channel == .webhook) == (format == .standard) else {
             throw APIError.unprocessable(
                 ValidationError(
                     field: "format",
@@ -116,7 +116,7 @@ extension Components.Schemas.Endpoint {
     /// The endpoint as the API shows it; the secret only when just created or rotated.
     init(_ e: Endpoint, showingSecret: Bool = false) throws {
         self.init(
-            id: e.id.lowercased, channel: e.channel == .webhook ? .webhook : .chat, format: try mapped(stored: e.format),
+            id: e.id.lowercased, channel: try mapped(e.channel), format: mapped(e.format),
             name: e.name, url: e.url, eventTypes: e.eventTypes, enabled: e.enabled, disabledReason: e.disabledReason,
             secret: showingSecret ? e.secret : nil, previousSecretExpiresAt: e.previousSecret == nil ? nil : e.previousSecretExpiresAt,
             circuit: .init(e.circuit, now: Date()), createdAt: e.createdAt, updatedAt: e.updatedAt)

@@ -169,15 +169,7 @@ extension HeraldService {
         let users = Dictionary(
             try await tx.users(ids: page.map(\.targeting.userID)).map { ($0.id, $0) },
             uniquingKeysWith: { a, _ in a })
-        let items = try page.map { trace in
-            try explained(
-                ExplainedRecipient(
-                    userID: trace.targeting.userID, email: users[trace.targeting.userID]?.email ?? "",
-                    displayName: users[trace.targeting.userID]?.displayName ?? "", targeted: trace.targeting.targeted,
-                    rule: trace.targeting.rule, reason: trace.targeting.reason,
-                    // A dry run creates nothing, so it names no rows.
-                    channels: trace.channels.map { TraceChannelRecord(decision: $0.decision) }, deliveryStatus: [:], digestStatus: [:]))
-        }
+        let items = try page.map { trace in try explained(ExplainedRecipient(planned: trace, user: users[trace.targeting.userID])) }
         let next =
             ordered.count > limit
             ? page.last.map { PageCursor(time: Date(timeIntervalSince1970: 0), id: $0.targeting.userID).encoded } : nil
@@ -199,23 +191,21 @@ extension HeraldService {
             rule: recipient.rule, reason: recipient.reason.rawValue, reasonText: recipient.reason.sentence,
             channels: try recipient.channels.map { channel in
                 .init(
-                    channel: try mapped(channel.channel), enabled: channel.enabled,
-                    frequency: try mapped(channel.frequency), conditions: try convert(channel.conditions),
-                    source: try mapped(channel.source), outcome: try mapped(channel.outcome),
+                    channel: mapped(channel.channel), enabled: channel.enabled,
+                    frequency: mapped(channel.frequency), conditions: try convert(channel.conditions),
+                    source: mapped(channel.source), outcome: mapped(channel.outcome),
                     reason: channel.reason.rawValue, reasonText: channel.reason.sentence,
                     notificationId: channel.notificationID?.lowercased,
-                    notificationStatus: try channel.notificationID.flatMap { recipient.notificationStatus[$0] }.map {
-                        try mapped(stored: $0)
-                    },
+                    notificationStatus: channel.notificationID.flatMap { recipient.notificationStatus[$0] }.map { mapped($0) },
                     deliveryId: channel.deliveryID?.lowercased,
                     deliveryStatus: channel.deliveryID.flatMap { recipient.deliveryStatus[$0]?.rawValue },
                     deliveries: channel.deliveryIDs.isEmpty
                         ? nil
-                        : try channel.deliveryIDs.map { id in
-                            .init(id: id.lowercased, status: try recipient.deliveryStatus[id].map { try mapped($0) } ?? .pending)
+                        : channel.deliveryIDs.map { id in
+                            .init(id: id.lowercased, status: recipient.deliveryStatus[id].map { mapped($0) } ?? .pending)
                         },
                     digestItemId: channel.digestItemID?.lowercased,
-                    digestStatus: try channel.digestItemID.flatMap { recipient.digestStatus[$0] }.map { try mapped(stored: $0) })
+                    digestStatus: channel.digestItemID.flatMap { recipient.digestStatus[$0] }.map { mapped($0) })
             })
     }
 
@@ -240,8 +230,7 @@ extension HeraldService {
         return EventRequest(
             typeKey: body._type, audience: audience, payload: try convert(body.payload ?? .init()),
             sourceActor: try body.actor.map { try convert($0) }, subjectType: body.subject?._type, subjectID: body.subject?.id,
-            severity: try body.severity.map { try mapped($0, to: Severity.self) },
-            priority: try body.priority.map { try mapped($0, to: Priority.self) },
+            severity: body.severity.map { mapped($0, to: Severity.self) }, priority: body.priority.map { mapped($0, to: Priority.self) },
             deliverAt: body.deliverAt, expiresAt: body.expiresAt, url: url, tags: tags)
     }
 
@@ -270,20 +259,20 @@ extension HeraldService {
 
 extension Components.Schemas.Event {
     init(_ e: EventRecord) throws {
-        let audience = try JSONDecoder().decode(Audience.self, from: Data(e.audienceJSON.utf8))
+        let audience = e.audience
         self.init(
-            id: e.id.lowercased, _type: e.typeKey, status: try mapped(e.status),
+            id: e.id.lowercased, _type: e.typeKey, status: mapped(e.status),
             audience: .init(
                 userIds: audience.userIDs.isEmpty ? nil : audience.userIDs.map(\.lowercased),
                 roles: audience.roleKeys.isEmpty ? nil : audience.roleKeys,
                 groups: audience.groupKeys.isEmpty ? nil : audience.groupKeys, everyone: audience.everyone ? true : nil,
                 excludeUserIds: audience.excludeUserIDs.isEmpty ? nil : audience.excludeUserIDs.map(\.lowercased)),
-            payload: try decodeJSON(e.payloadJSON),
+            payload: try convert(e.payload),
             subject: e.subjectType.map { .init(_type: $0, id: e.subjectID ?? "") },
-            severity: try mapped(e.severity), priority: try mapped(e.priority),
+            severity: mapped(e.severity), priority: mapped(e.priority),
             deliverAt: e.deliverAt, expiresAt: e.expiresAt, counts: try convert(e.counts), createdAt: e.createdAt,
             cancelledAt: e.cancelledAt,
-            sentBy: .init(_type: try mapped(stored: e.actorType), id: e.actorID?.lowercased), tags: e.tags)
+            sentBy: .init(_type: mapped(e.actorType), id: e.actorID?.lowercased), tags: e.tags)
     }
 }
 

@@ -8,8 +8,8 @@ extension HeraldService {
         let q = input.query
         let (limit, cursor) = try page(q.limit, q.cursor)
         let filter = DeliveryFilter(
-            status: try q.status.map { try mapped($0, to: DeliveryStatus.self) },
-            channel: try q.channel.map { try mapped($0, to: NotificationChannel.self) },
+            status: q.status.map { mapped($0, to: DeliveryStatus.self) },
+            channel: q.channel.map { mapped($0, to: NotificationChannel.self) },
             userID: try q.userId.map { v throws(ValidationError) in try Validate.uuid(v, field: "user_id") },
             eventID: try q.eventId.map { v throws(ValidationError) in try Validate.uuid(v, field: "event_id") }, since: q.since)
         let page = try await tenant { tx, _ in try await tx.deliveries(filter, limit: limit, after: cursor) }
@@ -41,7 +41,7 @@ extension HeraldService {
             let before = try await tx.delivery(id)
             guard let after = try await tx.retryDelivery(id) else {
                 throw APIError.conflict(
-                    "Only a FAILED, DEAD or CANCELLED delivery of an event that is not cancelled, with fewer than 100 attempts, can be retried; this one is \(before.status)."
+                    "Only a FAILED, DEAD or CANCELLED delivery of an event that is not cancelled, with fewer than 100 attempts, can be retried; this one is \(before.status.rawValue)."
                 )
             }
             try await tx.audit(
@@ -57,7 +57,7 @@ extension HeraldService {
         let delivery = try await tenant { tx, _ in
             let before = try await tx.delivery(id)
             guard let after = try await tx.cancelDelivery(id) else {
-                throw APIError.conflict("Only a PENDING or FAILED delivery can be cancelled; this one is \(before.status).")
+                throw APIError.conflict("Only a PENDING or FAILED delivery can be cancelled; this one is \(before.status.rawValue).")
             }
             try await tx.audit(
                 action: "delivery.cancel", targetType: "delivery", targetID: id.lowercased,
@@ -71,15 +71,15 @@ extension HeraldService {
 extension Components.Schemas.Delivery {
     init(_ d: Delivery, attempts: [DeliveryAttempt]?) throws {
         self.init(
-            id: d.id.lowercased, eventId: d.eventID.lowercased, userId: d.userID.lowercased, channel: try mapped(stored: d.channel),
-            destination: d.destination, status: try mapped(stored: d.status), attempts: d.attempts, maxAttempts: d.maxAttempts,
+            id: d.id.lowercased, eventId: d.eventID.lowercased, userId: d.userID.lowercased, channel: try mapped(d.channel),
+            destination: d.destination, status: mapped(d.status), attempts: d.attempts, maxAttempts: d.maxAttempts,
             nextAttemptAt: d.nextAttemptAt, lastError: d.lastError, lastResponseCode: d.lastResponseCode, lastResponse: d.lastResponse,
             endpointId: d.endpointID?.lowercased, sentAt: d.sentAt,
             createdAt: d.createdAt, updatedAt: d.updatedAt,
-            attemptLog: try attempts?.map {
+            attemptLog: attempts?.map {
                 .init(
                     attempt: $0.attempt, worker: $0.worker, startedAt: $0.startedAt, finishedAt: $0.finishedAt,
-                    outcome: try mapped(stored: $0.outcome), responseCode: $0.responseCode, error: $0.error)
+                    outcome: mapped($0.outcome), responseCode: $0.responseCode, error: $0.error)
             })
     }
 }

@@ -127,10 +127,10 @@ extension HeraldService {
                         user: own[key], organisationDefault: defaults[key])
                     items.append(
                         .init(
-                            category: category.key, channel: try mapped(channel), enabled: effective.enabled,
-                            frequency: try mapped(effective.frequency),
+                            category: category.key, channel: mapped(channel), enabled: effective.enabled,
+                            frequency: mapped(effective.frequency),
                             conditions: try convert(effective.conditions),
-                            source: try mapped(effective.source)))
+                            source: mapped(effective.source)))
                 }
             }
             return Components.Schemas.ResolvedPreferences(items: items)
@@ -144,8 +144,8 @@ extension HeraldService {
             items: try cells.compactMap { cell in
                 guard let key = keys[cell.categoryID] else { return nil }
                 return .init(
-                    category: key, channel: try mapped(cell.channel), enabled: cell.setting.enabled,
-                    frequency: try mapped(cell.setting.frequency), conditions: try convert(cell.setting.conditions))
+                    category: key, channel: mapped(cell.channel), enabled: cell.setting.enabled,
+                    frequency: mapped(cell.setting.frequency), conditions: try convert(cell.setting.conditions))
             }.sorted { ($0.category, $0.channel.rawValue) < ($1.category, $1.channel.rawValue) })
     }
 
@@ -166,9 +166,9 @@ extension HeraldService {
             let conditions: [Condition] = try convert(item.conditions ?? [])
             for (n, condition) in conditions.enumerated() { try condition.validate(field: "\(field).conditions[\(n)]") }
             return PreferenceCell(
-                categoryID: category, channel: try mapped(item.channel, to: NotificationChannel.self),
+                categoryID: category, channel: mapped(item.channel, to: NotificationChannel.self),
                 setting: PreferenceSetting(
-                    enabled: item.enabled, frequency: try mapped(item.frequency, to: Frequency.self), conditions: conditions))
+                    enabled: item.enabled, frequency: mapped(item.frequency, to: Frequency.self), conditions: conditions))
         }
     }
 }

@@ -53,7 +53,7 @@ extension Components.Schemas.AuditEntry {
     init(_ e: AuditEntry) throws {
         self.init(
             id: e.id.lowercased, occurredAt: e.occurredAt,
-            actorType: try mapped(stored: e.actorType), actorId: e.actorID?.lowercased,
+            actorType: mapped(e.actorType), actorId: e.actorID?.lowercased,
             action: e.action, targetType: e.targetType, targetId: e.targetID,
             before: try e.beforeJSON.map { try decodeJSON($0) }, after: try e.afterJSON.map { try decodeJSON($0) },
             requestId: e.requestID)
@@ -70,17 +70,17 @@ extension Components.Schemas.Category {
 
 extension Components.Schemas.NotificationType {
     init(_ t: HeraldStore.NotificationType) throws {
-        let templates = try t.templates.sorted { $0.key < $1.key }.flatMap { channel, byLocale in
-            try byLocale.sorted { $0.key < $1.key }.map { locale, content in
+        let templates = t.templates.sorted { $0.key < $1.key }.flatMap { channel, byLocale in
+            byLocale.sorted { $0.key < $1.key }.map { locale, content in
                 Components.Schemas.Template(
-                    channel: try mapped(channel), locale: locale, subject: content.subject,
+                    channel: mapped(channel), locale: locale, subject: content.subject,
                     body: content.body, html: content.html)
             }
         }
         self.init(
             id: t.id.lowercased, key: t.key, category: t.categoryKey, name: t.name, description: t.description,
-            defaultSeverity: try mapped(t.defaultSeverity), defaultPriority: try mapped(t.defaultPriority),
-            defaultChannels: try t.defaultChannels.map { try mapped($0) }, templates: templates,
+            defaultSeverity: mapped(t.defaultSeverity), defaultPriority: mapped(t.defaultPriority),
+            defaultChannels: t.defaultChannels.map { mapped($0) }, templates: templates,
             createdAt: t.createdAt, updatedAt: t.updatedAt)
     }
 }
@@ -90,23 +90,286 @@ func convert<T: Decodable>(_ value: some Encodable, to type: T.Type = T.self) th
     try JSONDecoder().decode(T.self, from: try JSONEncoder().encode(value))
 }
 
-/// A stored value the API has no word for. It is this server's fault, never the client's: the
-/// request fails with a logged 500 and the process goes on.
+/// A stored value the API has no word for (an in-app channel where the spec lists only outbox
+/// channels). It is this server's fault, never the client's: the request fails with a logged
+/// 500 and the process goes on.
 struct UnmappableValue: Error, CustomStringConvertible {
     var type: String
     var value: String
     var description: String { "no \(type) case for the stored value \"\(value)\"" }
 }
 
-/// One string vocabulary to another with the same words (store ↔ generated API schema).
-func mapped<Target: RawRepresentable>(_ value: some RawRepresentable<String>, to: Target.Type = Target.self) throws -> Target
-where Target.RawValue == String {
-    try mapped(stored: value.rawValue)
+// Store vocabulary ↔ the spec's enums, one exhaustive switch each way: a word added on either
+// side does not compile until it is mapped here. The spec spells some vocabularies in more than
+// one generated enum; a protocol of their words lets one switch serve them all.
+
+func mapped(_ channel: NotificationChannel) -> Components.Schemas.ChannelName {
+    switch channel {
+    case .inApp: .inApp
+    case .email: .email
+    case .webhook: .webhook
+    case .chat: .chat
+    }
 }
 
-/// A word read from the database into a vocabulary type.
-func mapped<Target: RawRepresentable>(stored value: String, to: Target.Type = Target.self) throws -> Target
-where Target.RawValue == String {
-    guard let target = Target(rawValue: value) else { throw UnmappableValue(type: "\(Target.self)", value: value) }
-    return target
+/// An outbox row's channel: never in-app.
+func mapped(_ channel: NotificationChannel) throws -> Components.Schemas.Delivery.ChannelPayload {
+    switch channel {
+    case .email: .email
+    case .webhook: .webhook
+    case .chat: .chat
+    case .inApp: throw UnmappableValue(type: "Delivery.ChannelPayload", value: channel.rawValue)
+    }
+}
+
+/// An endpoint's channel: webhook or chat.
+func mapped(_ channel: NotificationChannel) throws -> Components.Schemas.Endpoint.ChannelPayload {
+    switch channel {
+    case .webhook: .webhook
+    case .chat: .chat
+    case .inApp, .email: throw UnmappableValue(type: "Endpoint.ChannelPayload", value: channel.rawValue)
+    }
+}
+
+func mapped(_ severity: Severity) -> Components.Schemas.SeverityName {
+    switch severity {
+    case .info: .info
+    case .warning: .warning
+    case .critical: .critical
+    }
+}
+
+func mapped(_ priority: Priority) -> Components.Schemas.PriorityName {
+    switch priority {
+    case .low: .low
+    case .normal: .normal
+    case .high: .high
+    case .critical: .critical
+    }
+}
+
+func mapped(_ frequency: Frequency) -> Components.Schemas.FrequencyName {
+    switch frequency {
+    case .immediate: .immediate
+    case .daily: .daily
+    case .weekly: .weekly
+    case .none: .none
+    }
+}
+
+/// The spec's words for where a preference came from (resolved preferences and explain).
+protocol PreferenceSourceWords {
+    static var user: Self { get }
+    static var organisationDefault: Self { get }
+    static var typeDefault: Self { get }
+    static var criticalOverride: Self { get }
+}
+extension Components.Schemas.ResolvedPreference.SourcePayload: PreferenceSourceWords {}
+extension Components.Schemas.ExplainedChannel.SourcePayload: PreferenceSourceWords {}
+
+func mapped<Word: PreferenceSourceWords>(_ source: PreferenceSource) -> Word {
+    switch source {
+    case .user: .user
+    case .organisationDefault: .organisationDefault
+    case .typeDefault: .typeDefault
+    case .criticalOverride: .criticalOverride
+    }
+}
+
+/// The spec's words for a delivery's status (the outbox and explain).
+protocol DeliveryStatusWords {
+    static var pending: Self { get }
+    static var sending: Self { get }
+    static var sent: Self { get }
+    static var failed: Self { get }
+    static var dead: Self { get }
+    static var cancelled: Self { get }
+}
+extension Components.Schemas.DeliveryStatus: DeliveryStatusWords {}
+extension Components.Schemas.ExplainedChannel.DeliveriesPayloadPayload.StatusPayload: DeliveryStatusWords {}
+
+func mapped<Word: DeliveryStatusWords>(_ status: DeliveryStatus) -> Word {
+    switch status {
+    case .pending: .pending
+    case .sending: .sending
+    case .sent: .sent
+    case .failed: .failed
+    case .dead: .dead
+    case .cancelled: .cancelled
+    }
+}
+
+/// The spec's words for who acted (the audit log and an event's sender).
+protocol ActorKindWords {
+    static var user: Self { get }
+    static var apiKey: Self { get }
+    static var system: Self { get }
+}
+extension Components.Schemas.AuditEntry.ActorTypePayload: ActorKindWords {}
+extension Components.Schemas.EventSender._TypePayload: ActorKindWords {}
+
+func mapped<Word: ActorKindWords>(_ kind: ActorKind) -> Word {
+    switch kind {
+    case .user: .user
+    case .apiKey: .apiKey
+    case .system: .system
+    }
+}
+
+func mapped(_ outcome: ChannelOutcome) -> Components.Schemas.ExplainedChannel.OutcomePayload {
+    switch outcome {
+    case .inApp: .inApp
+    case .immediate: .immediate
+    case .digest: .digest
+    case .skipped: .skipped
+    }
+}
+
+func mapped(_ status: FeedItemStatus) -> Components.Schemas.ExplainedChannel.NotificationStatusPayload {
+    switch status {
+    case .unread: .unread
+    case .read: .read
+    case .archived: .archived
+    case .deleted: .deleted
+    }
+}
+
+func mapped(_ status: DigestItemStatus) -> Components.Schemas.ExplainedChannel.DigestStatusPayload {
+    switch status {
+    case .pending: .pending
+    case .sent: .sent
+    case .cancelled: .cancelled
+    }
+}
+
+func mapped(_ status: EventStatus) -> Components.Schemas.Event.StatusPayload {
+    switch status {
+    case .accepted: .accepted
+    case .cancelled: .cancelled
+    }
+}
+
+func mapped(_ format: EndpointFormat) -> Components.Schemas.Endpoint.FormatPayload {
+    switch format {
+    case .standard: .standard
+    case .slack: .slack
+    case .mattermost: .mattermost
+    }
+}
+
+func mapped(_ outcome: AttemptOutcome) -> Components.Schemas.DeliveryAttempt.OutcomePayload {
+    switch outcome {
+    case .sent: .sent
+    case .failed: .failed
+    case .dead: .dead
+    case .fenced: .fenced
+    case .expired: .expired
+    }
+}
+
+// The request's words into the store's vocabulary.
+
+func mapped(_ channel: Components.Schemas.ChannelName, to: NotificationChannel.Type = NotificationChannel.self) -> NotificationChannel {
+    switch channel {
+    case .inApp: .inApp
+    case .email: .email
+    case .webhook: .webhook
+    case .chat: .chat
+    }
+}
+
+func mapped(_ channel: Components.Parameters.ChannelPath, to: NotificationChannel.Type = NotificationChannel.self) -> NotificationChannel {
+    switch channel {
+    case .inApp: .inApp
+    case .email: .email
+    case .webhook: .webhook
+    case .chat: .chat
+    }
+}
+
+func mapped(
+    _ channel: Operations.ListDeliveries.Input.Query.ChannelPayload, to: NotificationChannel.Type = NotificationChannel.self
+) -> NotificationChannel {
+    switch channel {
+    case .email: .email
+    case .webhook: .webhook
+    case .chat: .chat
+    }
+}
+
+func mapped(
+    _ channel: Components.Schemas.EndpointCreate.ChannelPayload, to: NotificationChannel.Type = NotificationChannel.self
+)
+    -> NotificationChannel
+{
+    switch channel {
+    case .webhook: .webhook
+    case .chat: .chat
+    }
+}
+
+func mapped(_ format: Components.Schemas.EndpointCreate.FormatPayload, to: EndpointFormat.Type = EndpointFormat.self) -> EndpointFormat {
+    switch format {
+    case .standard: .standard
+    case .slack: .slack
+    case .mattermost: .mattermost
+    }
+}
+
+func mapped(_ severity: Components.Schemas.SeverityName, to: Severity.Type = Severity.self) -> Severity {
+    switch severity {
+    case .info: .info
+    case .warning: .warning
+    case .critical: .critical
+    }
+}
+
+func mapped(_ priority: Components.Schemas.PriorityName, to: Priority.Type = Priority.self) -> Priority {
+    switch priority {
+    case .low: .low
+    case .normal: .normal
+    case .high: .high
+    case .critical: .critical
+    }
+}
+
+func mapped(_ frequency: Components.Schemas.FrequencyName, to: Frequency.Type = Frequency.self) -> Frequency {
+    switch frequency {
+    case .immediate: .immediate
+    case .daily: .daily
+    case .weekly: .weekly
+    case .none: .none
+    }
+}
+
+func mapped(_ status: Components.Schemas.DeliveryStatus, to: DeliveryStatus.Type = DeliveryStatus.self) -> DeliveryStatus {
+    switch status {
+    case .pending: .pending
+    case .sending: .sending
+    case .sent: .sent
+    case .failed: .failed
+    case .dead: .dead
+    case .cancelled: .cancelled
+    }
+}
+
+func mapped(
+    _ severity: Operations.ListMyNotifications.Input.Query.SeverityPayload, to: Severity.Type = Severity.self
+) -> Severity {
+    switch severity {
+    case .info: .info
+    case .warning: .warning
+    case .critical: .critical
+    }
+}
+
+func mapped(
+    _ priority: Operations.ListMyNotifications.Input.Query.PriorityPayload, to: Priority.Type = Priority.self
+) -> Priority {
+    switch priority {
+    case .low: .low
+    case .normal: .normal
+    case .high: .high
+    case .critical: .critical
+    }
 }
