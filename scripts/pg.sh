@@ -55,6 +55,12 @@ CONF
     echo "pg_stat_statements.track_utility = on" >> "$dir/postgresql.conf"
     as_owner "$bindir/pg_ctl" -D "$dir" status >/dev/null 2>&1 && as_owner "$bindir/pg_ctl" -D "$dir" -m fast -w restart -l "$dir/server.log" >/dev/null
   fi
+  # Room for every distinct statement of a whole test run (each SET LOCAL of a new organisation
+  # is one): at the default 5000 the least used entries are evicted while a suite reads them.
+  if ! grep -q '^pg_stat_statements.max' "$dir/postgresql.conf"; then
+    echo "pg_stat_statements.max = 50000" >> "$dir/postgresql.conf"
+    as_owner "$bindir/pg_ctl" -D "$dir" status >/dev/null 2>&1 && as_owner "$bindir/pg_ctl" -D "$dir" -m fast -w restart -l "$dir/server.log" >/dev/null
+  fi
   if ! as_owner "$bindir/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
     echo "pg.sh: starting PostgreSQL on 127.0.0.1:$port (.data/$name)"
     as_owner "$bindir/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null

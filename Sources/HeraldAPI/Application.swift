@@ -104,7 +104,8 @@ struct SkippingTransport: ServerTransport {
 /// The server application: the router plus the PostgreSQL client as a service of the same
 /// service group, so SIGTERM stops taking requests, drains, then closes the pool.
 public func buildApplication(
-    configuration: AppConfiguration, dependencies: AppDependencies, logger: Logger
+    configuration: AppConfiguration, dependencies: AppDependencies, logger: Logger,
+    onServerRunning: @escaping @Sendable (Int) async -> Void = { _ in }
 ) throws -> some ApplicationProtocol {
     let router = try buildRouter(configuration: configuration, dependencies: dependencies)
     // The feed's WebSocket upgrades through a router of its own (StreamRoutes.webSocketRouter).
@@ -116,6 +117,7 @@ public func buildApplication(
         server: .http1WebSocketUpgrade(webSocketRouter: sockets.webSocketRouter()),
         configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: "herald"),
         services: [dependencies.postgres] + dependencies.services,
+        onServerRunning: { channel in await onServerRunning(channel.localAddress?.port ?? configuration.port) },
         logger: logger)
 }
 

@@ -121,10 +121,11 @@ extension TenantTransaction {
 extension Database {
     /// Logs the rows whose deliver_at or expiry has come by `now` and removes changes older than
     /// `retention`, across organisations (`feed_stream_sweep`); returns how many rows it logged.
-    public func sweepFeedStreams(limit: Int, retention: Duration, now: Date) async throws -> Int {
+    /// `organisation` confines it to one organisation (tests).
+    public func sweepFeedStreams(limit: Int, retention: Duration, now: Date, organisation: UUID? = nil) async throws -> Int {
         let seconds = Int(retention.components.seconds)
         return try await query(
-            "SELECT feed_stream_sweep(\(limit)::int, make_interval(secs => \(seconds)), \(now))"
+            "SELECT feed_stream_sweep(\(limit)::int, make_interval(secs => \(seconds)), \(now), \(organisation))"
         ).first?.decode(Int.self) ?? 0
     }
 }

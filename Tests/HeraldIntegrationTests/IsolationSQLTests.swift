@@ -68,6 +68,16 @@ struct IsolationSQLTests {
                 payload: .object(["isq": .number(25)])))
         #expect(!plan.deliveries.isEmpty && !plan.digestItems.isEmpty && !plan.notifications.isEmpty)
         try await org.store { tx in try await tx.markAllRead(of: org.ownerID, through: TimeOrderedID.upperBound(at: Date())) }
+        // Live streams (0010): a row scheduled for next month waits in feed_due (the streams'
+        // sweep leaves it there until then), and a stream ticket.
+        try await org.notify(
+            EventRequest(
+                typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]), payload: .object(["isq": .number(30)]),
+                deliverAt: Date().addingTimeInterval(30 * 86400)))
+        try await org.store { tx in
+            try await tx.createStreamTicket(
+                id: UUID(), userID: org.memberID, sessionID: nil, secretHash: Data([2]), expiresAt: Date().addingTimeInterval(60))
+        }
         // A webhook endpoint with a delivery that names it, and a click on that delivery's link.
         try await org.deliveryType("HOOKED", category: catalogue.activity, channels: [.webhook])
         try await org.store { tx in
@@ -214,7 +224,8 @@ struct IsolationSQLTests {
             """)
         for try await (table, index, first) in indexes.decode((String, String, String?).self) {
             // The outbox's claim indexes find due work across organisations, for the one
-            // SECURITY DEFINER claim function (sql/migrations/0003_outbox.sql); they are named *_claim.
+            // SECURITY DEFINER claim function (sql/migrations/0003_outbox.sql), and so do the feed
+            // stream sweep's (0010); they are named *_claim.
             if index.hasSuffix("_claim") { continue }
             #expect(first == "organisation_id", "\(table): index \(index) does not lead with organisation_id")
         }

@@ -12,7 +12,7 @@
 --
 -- feed_changes is the log a stream reads: (user, number, kind, notification). It says what
 -- changed, not how the row looks; a stream reads the row's current state when it sends. Kinds:
---   created   a row became visible (at notify, or at deliver_at through feed_due)
+--   created   a row went on show (through feed_due: just after its notify committed, or at deliver_at)
 --   read, unread, archived     an UPDATE of one or more rows
 --   deleted   a visible row was deleted; expired rows leave as 'expired' first and are not
 --             logged again when purged; future rows of a cancelled event were never shown
@@ -50,8 +50,9 @@ CREATE TABLE feed_changes (
     CONSTRAINT feed_changes_kind_valid CHECK (kind IN ('created', 'read', 'unread', 'archived', 'deleted', 'cleared', 'expired', 'read_all')),
     CONSTRAINT feed_changes_user_id_fk FOREIGN KEY (organisation_id, user_id) REFERENCES users (organisation_id, id) ON DELETE CASCADE
 );
--- The retention sweep finds old changes across organisations.
-CREATE INDEX feed_changes_age ON feed_changes (created_at);
+-- The retention sweep finds old changes across organisations (a *_claim index, like the
+-- outbox's: the one cross-organisation path, through a SECURITY DEFINER function).
+CREATE INDEX feed_changes_purge_claim ON feed_changes (created_at);
 
 -- Moments a row's feed changes without a statement: it becomes visible (deliver_at) or expires.
 CREATE TABLE feed_due (
@@ -64,7 +65,7 @@ CREATE TABLE feed_due (
     CONSTRAINT feed_due_kind_valid CHECK (kind IN ('created', 'expired')),
     CONSTRAINT feed_due_notification_id_fk FOREIGN KEY (organisation_id, notification_id) REFERENCES notifications (organisation_id, id) ON DELETE CASCADE
 );
-CREATE INDEX feed_due_time ON feed_due (due_at);
+CREATE INDEX feed_due_claim ON feed_due (due_at);
 
 -- Single-use tickets for clients that cannot send a header (EventSource, WebSocket in a
 -- browser): about 60 s, bound to the user and the session (refresh-token family) that asked.
@@ -79,7 +80,7 @@ CREATE TABLE stream_tickets (
     CONSTRAINT stream_tickets_pkey PRIMARY KEY (organisation_id, id),
     CONSTRAINT stream_tickets_user_id_fk FOREIGN KEY (organisation_id, user_id) REFERENCES users (organisation_id, id) ON DELETE CASCADE
 );
-CREATE INDEX stream_tickets_expiry ON stream_tickets (expires_at);
+CREATE INDEX stream_tickets_purge_claim ON stream_tickets (expires_at);
 
 -- Same rules as the feed: the tenant's rows, and with a recipient set only that user's.
 ALTER TABLE feed_streams ENABLE ROW LEVEL SECURITY;
@@ -172,22 +173,19 @@ BEGIN
 END
 $$;
 
--- New rows: visible now → 'created'; visible later → due at visible_at; expiring → due at expires_at.
--- "Now" is the server's clock give or take a second: notify stamps visible_at with the
--- application's clock, which may run a few milliseconds ahead of the transaction's now(). The
--- log, not visible_at, is what tells a stream a row is on show.
+-- New rows are not numbered by notify itself: each goes to feed_due, due at visible_at (now, or
+-- its deliver_at), and feed_stream_sweep() numbers it in a short transaction of its own, at once
+-- when the bus announces the notify's commit, else within a second. Numbering inside notify would
+-- hold every recipient's feed_streams row locked until a fan-out commits (seconds at 100 000
+-- members): "mark all read" and every other change of those users would wait for it.
+-- Expiring rows are also due at expires_at.
 CREATE FUNCTION log_feed_insert() RETURNS trigger
     LANGUAGE plpgsql
     SET search_path = pg_catalog, public
 AS $$
 BEGIN
-    PERFORM log_feed_changes(array_agg(organisation_id ORDER BY organisation_id, user_id, id),
-                             array_agg(user_id ORDER BY organisation_id, user_id, id),
-                             array_agg('created'::text ORDER BY organisation_id, user_id, id),
-                             array_agg(id ORDER BY organisation_id, user_id, id))
-    FROM added WHERE visible_at <= now() + interval '1 second';
     INSERT INTO public.feed_due (organisation_id, notification_id, kind, user_id, due_at)
-    SELECT organisation_id, id, 'created', user_id, visible_at FROM added WHERE visible_at > now() + interval '1 second'
+    SELECT organisation_id, id, 'created', user_id, visible_at FROM added
     UNION ALL
     SELECT organisation_id, id, 'expired', user_id, expires_at FROM added WHERE expires_at IS NOT NULL;
     RETURN NULL;
@@ -321,7 +319,8 @@ CREATE TRIGGER refresh_tokens_announce_revoked AFTER UPDATE ON refresh_tokens
 -- them, claimed with SKIP LOCKED so that instances share the work and none logs a row twice;
 -- then up to p_limit changes older than p_retention are removed (feed_streams.purged_through
 -- remembers how far), and used or expired tickets. Returns the number of rows logged.
-CREATE FUNCTION feed_stream_sweep(p_limit integer, p_retention interval, p_now timestamptz DEFAULT now())
+-- p_organisation, when given, confines the sweep to one organisation (tests).
+CREATE FUNCTION feed_stream_sweep(p_limit integer, p_retention interval, p_now timestamptz DEFAULT now(), p_organisation uuid DEFAULT NULL)
     RETURNS integer
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, public
@@ -336,7 +335,7 @@ BEGIN
 
     WITH due AS (
         SELECT d.organisation_id, d.notification_id, d.kind FROM public.feed_due d
-        WHERE d.due_at <= p_now
+        WHERE d.due_at <= p_now AND (p_organisation IS NULL OR d.organisation_id = p_organisation)
         ORDER BY d.due_at
         LIMIT p_limit
         FOR UPDATE SKIP LOCKED
@@ -354,7 +353,7 @@ BEGIN
 
     WITH old AS (
         SELECT c.organisation_id, c.user_id, c.seq FROM public.feed_changes c
-        WHERE c.created_at < p_now - p_retention
+        WHERE c.created_at < p_now - p_retention AND (p_organisation IS NULL OR c.organisation_id = p_organisation)
         ORDER BY c.created_at
         LIMIT p_limit
         FOR UPDATE SKIP LOCKED
@@ -370,11 +369,12 @@ BEGIN
 
     DELETE FROM public.stream_tickets t
     WHERE (t.organisation_id, t.id) IN (
-        SELECT organisation_id, id FROM public.stream_tickets WHERE expires_at < p_now - interval '1 hour' LIMIT p_limit);
+        SELECT organisation_id, id FROM public.stream_tickets
+        WHERE expires_at < p_now - interval '1 hour' AND (p_organisation IS NULL OR organisation_id = p_organisation) LIMIT p_limit);
 
     PERFORM set_config('herald.sweeping', '', true);
     RETURN logged;
 END
 $$;
-REVOKE ALL ON FUNCTION feed_stream_sweep(integer, interval, timestamptz) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION feed_stream_sweep(integer, interval, timestamptz) TO herald_app;
+REVOKE ALL ON FUNCTION feed_stream_sweep(integer, interval, timestamptz, uuid) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION feed_stream_sweep(integer, interval, timestamptz, uuid) TO herald_app;

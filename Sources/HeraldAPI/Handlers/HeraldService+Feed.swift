@@ -13,8 +13,8 @@ extension HeraldService {
         let limit = try PageSize.clamp(q.limit)
         let cursor = try q.cursor.map { c in try FeedCursor(encoded: c) }
         let filter = FeedFilter(
-            typeKey: q._type, categoryKey: q.category, severity: try q.severity.map { try mapped($0, to: Severity.self) },
-            priority: try q.priority.map { try mapped($0, to: Priority.self) }, read: q.read, archived: q.archived ?? false,
+            typeKey: q._type, categoryKey: q.category, severity: q.severity.map { mapped($0, to: Severity.self) },
+            priority: q.priority.map { mapped($0, to: Priority.self) }, read: q.read, archived: q.archived ?? false,
             since: q.since, search: q.q.flatMap { $0.trimmingCharacters(in: .whitespaces).isEmpty ? nil : $0 },
             tags: try q.tag.flatMap { tags in
                 tags.isEmpty ? nil : try tags.map { v throws(ValidationError) in try Validate.tag(v, field: "tag") }

@@ -34,7 +34,9 @@ extension HeraldService {
         throw APIError.internalError
     }
 
-    func openMyNotificationSocket(_ input: Operations.OpenMyNotificationSocket.Input) async throws
+    func openMyNotificationSocket(
+        _ input: Operations.OpenMyNotificationSocket.Input
+    ) async throws
         -> Operations.OpenMyNotificationSocket.Output
     {
         throw APIError.internalError

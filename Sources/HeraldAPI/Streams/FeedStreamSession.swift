@@ -67,9 +67,12 @@ struct FeedStreamSession {
         let count = try await read { tx in try await tx.unreadCount(of: start.userID, now: now()) }
         try await write(.event(StreamEvent(id: cursor, name: "unread_count", data: try Self.json(count))))
         var lastWrite = ContinuousClock.now
-        // The first wake is already pending (a registration starts dirty): it replays.
+        // The first wake is already pending (a registration starts dirty): it replays. Push
+        // latency is measured on live changes only (a replay's are as old as the client's absence).
+        var live = false
         for await _ in registration.wakes {
             let (dirty, ended) = registration.take()
+            if ended == .clientGone { return }
             if let ended {
                 try? await write(.retry(milliseconds: settings.retryMilliseconds))
                 try? await write(.event(StreamEvent(id: cursor, name: "end", data: "{\"reason\":\"\(ended.rawValue)\"}")))
@@ -96,8 +99,10 @@ struct FeedStreamSession {
                             try await write(.event(event))
                             Self.events.increment()
                         }
-                        StreamHub.pushLatency.recordNanoseconds(
-                            Int64(max(0, Date().timeIntervalSince(change.loggedAt)) * 1_000_000_000))
+                        if live {
+                            StreamHub.pushLatency.recordNanoseconds(
+                                Int64(max(0, Date().timeIntervalSince(change.loggedAt)) * 1_000_000_000))
+                        }
                         cursor = change.seq
                     }
                     if let count = page.1 {
@@ -106,6 +111,7 @@ struct FeedStreamSession {
                     lastWrite = ContinuousClock.now
                     if page.0.count < Self.pageSize { break }
                 }
+                live = true
             }
             if ContinuousClock.now - lastWrite >= settings.heartbeat {
                 try await write(.heartbeat)

@@ -33,6 +33,8 @@ public struct StreamSettings: Sendable {
 
 /// Why a stream ended on the server's side; sent to the client as the `end` event's reason.
 enum StreamEnd: String, Sendable {
+    /// The client's connection closed (nothing is sent).
+    case clientGone = "client_gone"
     case shutdown
     case userDeactivated = "user_deactivated"
     case sessionRevoked = "session_revoked"
@@ -54,8 +56,10 @@ final class StreamRegistration: Sendable {
         self.organisationID = organisationID
         self.userID = userID
         self.sessionID = sessionID
-        // One pending wake is enough: the stream reads everything new whenever it wakes.
+        // One pending wake is enough: the stream reads everything new whenever it wakes. The
+        // first is there from the start: a stream replays before anything new arrives.
         (wakes, continuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        continuation.yield()
     }
 
     /// New changes may be waiting.
@@ -102,6 +106,8 @@ public final class StreamHub: Service, Sendable {
     let logger: Logger
     let now: @Sendable () -> Date
     private let state = Mutex<State>(State())
+    /// Set when a notify committed: the sweep numbers its rows at once instead of within a second.
+    private let sweepRequested = Mutex(false)
 
     private struct State {
         var next: UInt64 = 0
@@ -225,9 +231,13 @@ public final class StreamHub: Service, Sendable {
                 }
                 for stream in ended { stream.end(.sessionRevoked) }
             case .missedMessages:
-                // The bus may have lost messages: every stream reads its log again.
+                // The bus may have lost messages: sweep, and every stream reads its log again.
+                sweepRequested.withLock { $0 = true }
                 for stream in state.withLock({ Array($0.streams.values) }) { stream.changed() }
-            case .eventCommitted, .feedChanged:
+            case .eventCommitted:
+                // Its rows wait in feed_due: number them now.
+                sweepRequested.withLock { $0 = true }
+            case .feedChanged:
                 break
             }
         }
@@ -241,16 +251,23 @@ public final class StreamHub: Service, Sendable {
         }
     }
 
+    /// Numbers what is due (new rows, deliver_at and expiry reached) and trims the log: at once
+    /// when a notify commits, else every `interval`.
     private func sweep(every interval: Duration) async {
+        let batch = 10_000
         while !Task.isCancelled {
+            sweepRequested.withLock { $0 = false }
             do {
-                let logged = try await database.sweepFeedStreams(limit: 10_000, retention: settings.retention, now: now())
+                let logged = try await database.sweepFeedStreams(limit: batch, retention: settings.retention, now: now())
                 // A full batch: more are due at once.
-                if logged >= 10_000 { continue }
+                if logged >= batch { continue }
             } catch {
                 logger.warning("stream sweep failed", metadata: ["error": "\(String(reflecting: error))"])
             }
-            try? await Task.sleep(for: interval)
+            let next = ContinuousClock.now + interval
+            while ContinuousClock.now < next, !Task.isCancelled, !sweepRequested.withLock({ $0 }) {
+                try? await Task.sleep(for: .milliseconds(20))
+            }
         }
     }
 }

@@ -33,11 +33,21 @@ struct StreamRoutes: Sendable {
 
     /// `GET /v1/me/notifications/stream`: `text/event-stream`.
     func serverSentEvents(_ request: Request, context: HeraldRequestContext) async throws -> Response {
-        let hub = try runningHub()
         let start = try await authenticate(
             request, credential: RequestScope.current?.credential, lastEventID: request.headers[.lastEventID])
+        let hub = try runningHub()
         let registration = try openStream(start, on: hub)
         let session = FeedStreamSession(hub: hub, registration: registration, start: start, now: now, logger: context.logger)
+        // A client that goes away is noticed at once, not at the next heartbeat's write: its
+        // place (the per-user limit) is free again. The server allows half-closed connections,
+        // so a client's FIN does not close the channel: a handler at the front of the pipeline
+        // watches for it.
+        let channel = context.channel
+        channel.closeFuture.whenComplete { _ in registration.end(.clientGone) }
+        channel.eventLoop.execute {
+            try? channel.pipeline.syncOperations.addHandler(
+                ClientGoneHandler { registration.end(.clientGone) }, name: ClientGoneHandler.name, position: .first)
+        }
         var headers = HTTPFields()
         headers[.contentType] = "text/event-stream; charset=utf-8"
         headers[.cacheControl] = "no-store"
@@ -54,6 +64,7 @@ struct StreamRoutes: Sendable {
                     context.logger.debug("stream ended", metadata: ["error": "\(String(reflecting: error))"])
                 }
                 try? await writer.finish(nil)
+                channel.eventLoop.execute { _ = try? channel.pipeline.syncOperations.removeHandler(name: ClientGoneHandler.name) }
             })
     }
 
@@ -129,9 +140,29 @@ struct StreamRoutes: Sendable {
     static func since(_ text: String?) throws -> Int64? {
         guard let text else { return nil }
         guard let value = Int64(text.trimmingCharacters(in: .whitespaces)), value >= 0 else {
-            throw APIError.unprocessable(ValidationError(field: "since", message: "must be an event id this stream sent (a whole number, 0 or more)."))
+            throw APIError.unprocessable(
+                ValidationError(field: "since", message: "must be an event id this stream sent (a whole number, 0 or more)."))
         }
         return value
+    }
+}
+
+/// Tells a stream its client has gone: the input closed (a FIN) or the channel went inactive.
+final class ClientGoneHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    static let name = "herald-stream-client-gone"
+    let gone: @Sendable () -> Void
+
+    init(_ gone: @escaping @Sendable () -> Void) { self.gone = gone }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event { gone() }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        gone()
+        context.fireChannelInactive()
     }
 }
 

@@ -48,7 +48,11 @@ extension StreamRoutes {
 
     /// A plain GET of the socket's path (no `Upgrade: websocket`).
     func registerSocketFallback(on router: Router<HeraldRequestContext>) {
-        router.get(RouterPath(stringLiteral: Self.socketPath)) { _, _ -> Response in
+        router.get(RouterPath(stringLiteral: Self.socketPath)) { request, _ -> Response in
+            // Like every operation that needs a credential: none at all is a 401.
+            if RequestScope.current?.credential == nil, request.uri.queryParameters["ticket"] == nil {
+                throw APIError.unauthorized("This socket needs a bearer token, or a ticket (?ticket=) from POST /v1/me/stream-tickets.")
+            }
             var headers: HTTPFields = [.contentType: "application/problem+json", .upgrade: "websocket"]
             let body = Data(
                 ("{\"type\":\"https://herald.dev/problems/upgrade-required\",\"title\":\"Upgrade Required\",\"status\":426,"
@@ -116,10 +120,13 @@ extension StreamRoutes {
                 command = try JSONDecoder().decode(StreamSocketCommand.self, from: Data(text.utf8))
             } catch {
                 throw APIError.badRequest(
-                    "A command is {\"command\": \"mark_read\"|\"mark_unread\"|\"archive\"|\"mark_all_read\", \"id\": \"<notification id>\", \"ref\": \"…\"}.")
+                    "A command is {\"command\": \"mark_read\"|\"mark_unread\"|\"archive\"|\"mark_all_read\", \"id\": \"<notification id>\", \"ref\": \"…\"}."
+                )
             }
             if let given = command.ref {
-                guard given.count <= 100 else { throw APIError.unprocessable(ValidationError(field: "ref", message: "is longer than 100 characters.")) }
+                guard given.count <= 100 else {
+                    throw APIError.unprocessable(ValidationError(field: "ref", message: "is longer than 100 characters."))
+                }
                 ref = try FeedStreamSession.json(given)
             }
             let now = now()

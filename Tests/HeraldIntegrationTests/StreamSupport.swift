@@ -1,0 +1,298 @@
+import AsyncHTTPClient
+import Foundation
+import HeraldStore
+import Hummingbird
+import HummingbirdWSClient
+import HummingbirdWebSocket
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOWebSocket
+import PostgresNIO
+import Synchronization
+import Testing
+
+@testable import HeraldAPI
+
+/// Herald on a real port with live streams wired as `herald serve` wires them (its own
+/// notification bus and stream hub, the WebSocket upgrade router), on the shared database.
+/// Each instance has its own bus, so two of them are two listeners, as two processes are.
+struct StreamServer: Sendable {
+    let port: Int
+    let hub: StreamHub
+    var url: String { "http://127.0.0.1:\(port)" }
+
+    /// Runs `body` with a server (or several: `count`) on free ports, stopped afterwards.
+    static func with(
+        count: Int = 1,
+        now: @escaping @Sendable () -> Date = { Date() },
+        settings: @escaping @Sendable (inout StreamSettings) -> Void = { _ in },
+        _ body: ([StreamServer]) async throws -> Void
+    ) async throws {
+        let env = try await TestEnvironment.shared
+        var tasks: [Task<Void, any Error>] = []
+        var servers: [StreamServer] = []
+        defer { for task in tasks { task.cancel() } }
+        for _ in 0..<count {
+            // A client of its own: its bus's LISTEN connection is this instance's.
+            let postgres = PostgresClient(configuration: try .fromURL(env.appURL), backgroundLogger: env.logger)
+            let database = Database(client: postgres, logger: env.logger)
+            let bus = NotificationBus(client: postgres, logger: env.logger)
+            var streamSettings = StreamSettings()
+            settings(&streamSettings)
+            let hub = StreamHub(bus: bus, database: database, settings: streamSettings, logger: env.logger, now: now)
+            let dependencies = AppDependencies(
+                database: database, postgres: postgres, tokens: env.tokens, passwords: env.passwords,
+                expectedMigrations: TestEnvironment.migrationVersions, linkKeys: TestEnvironment.linkKeys,
+                services: [bus, hub], streams: hub, now: now)
+            let configuration = env.configuration { $0.port = 0 }
+            let listening = AsyncStream<Int>.makeStream()
+            let app = try buildApplication(
+                configuration: configuration, dependencies: dependencies, logger: env.logger,
+                onServerRunning: { port in
+                    listening.continuation.yield(port)
+                    listening.continuation.finish()
+                })
+            tasks.append(
+                Task {
+                    defer { listening.continuation.finish() }
+                    try await app.run()
+                })
+            var bound: Int?
+            for await port in listening.stream { bound = port }
+            guard let bound else { throw ServerDidNotStart() }
+            servers.append(StreamServer(port: bound, hub: hub))
+        }
+        // The bus says `missedMessages` once it listens; until then a notify could go unheard.
+        for server in servers { try await server.waitUntilListening() }
+        try await body(servers)
+    }
+
+    struct ServerDidNotStart: Error {}
+
+    func waitUntilListening() async throws {
+        let deadline = ContinuousClock.now + .seconds(10)
+        while hub.bus.listenerProcessID == nil {
+            guard ContinuousClock.now < deadline else { throw StreamTestTimeout(what: "the bus to listen") }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    /// A request; the status and the body.
+    func send(_ method: HTTPMethod, _ path: String, token: String? = nil, json: String? = nil) async throws -> (status: Int, text: String) {
+        var request = HTTPClientRequest(url: url + path)
+        request.method = method
+        if let token { request.headers.add(name: "Authorization", value: "Bearer \(token)") }
+        if let json {
+            request.headers.add(name: "Content-Type", value: "application/json")
+            request.body = .bytes(ByteBuffer(string: json))
+        }
+        let response = try await HTTPClient.shared.execute(request, timeout: .seconds(30))
+        return (Int(response.status.code), String(buffer: try await response.body.collect(upTo: 1 << 20)))
+    }
+
+    /// A fresh stream ticket's text.
+    func ticket(_ token: String) async throws -> String {
+        let (status, text) = try await send(.POST, "/v1/me/stream-tickets", token: token)
+        #expect(status == 201, "\(text)")
+        return try #require(json(text)["ticket"] as? String)
+    }
+}
+
+struct StreamTestTimeout: Error, CustomStringConvertible {
+    var what: String
+    var description: String { "timed out waiting for \(what)" }
+}
+
+func json(_ text: String) -> [String: Any] {
+    (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any] ?? [:]
+}
+
+/// One message of a stream, whatever the transport.
+struct StreamMessage: Sendable, CustomStringConvertible {
+    var id: Int64?
+    var event: String
+    var data: String
+    var object: [String: Any] { json(data) }
+    var description: String { "\(id.map(String.init) ?? "-") \(event) \(data)" }
+}
+
+enum StreamTransport: String, CaseIterable, Sendable, CustomTestStringConvertible {
+    case sse, socket
+    var testDescription: String { rawValue }
+}
+
+/// A test client of the live feed: an SSE response read as it arrives, or a WebSocket. What
+/// arrives is kept; `next(_:)` waits for the next message of a kind with a deadline.
+final class StreamProbe: Sendable {
+    let status: Int
+    /// The refusal's body, when `status` is not 200 (SSE) or the socket's error message.
+    let refusal: String
+    private let received = Mutex<[StreamMessage]>([])
+    private let consumed = Mutex<Int>(0)
+    private let closed = Mutex<Bool>(false)
+    private let reader = Mutex<Task<Void, Never>?>(nil)
+    private let commands = Mutex<AsyncStream<String>.Continuation?>(nil)
+
+    private init(status: Int, refusal: String) {
+        self.status = status
+        self.refusal = refusal
+    }
+
+    var isClosed: Bool { closed.withLock { $0 } }
+    var all: [StreamMessage] { received.withLock { $0 } }
+
+    /// Opens a stream. `query` is appended as is (`ticket=…&since=…`).
+    static func open(
+        _ transport: StreamTransport, on server: StreamServer, token: String? = nil, query: String = "", lastEventID: String? = nil
+    ) async throws -> StreamProbe {
+        switch transport {
+        case .sse: try await sse(on: server, token: token, query: query, lastEventID: lastEventID)
+        case .socket: try await socket(on: server, token: token, query: query)
+        }
+    }
+
+    static func sse(on server: StreamServer, token: String?, query: String, lastEventID: String?) async throws -> StreamProbe {
+        var request = HTTPClientRequest(url: server.url + StreamRoutes.streamPath + (query.isEmpty ? "" : "?\(query)"))
+        if let token { request.headers.add(name: "Authorization", value: "Bearer \(token)") }
+        if let lastEventID { request.headers.add(name: "Last-Event-ID", value: lastEventID) }
+        let response = try await HTTPClient.shared.execute(request, timeout: .seconds(600))
+        guard response.status == .ok else {
+            let body = try await response.body.collect(upTo: 1 << 16)
+            let probe = StreamProbe(status: Int(response.status.code), refusal: String(buffer: body))
+            probe.closed.withLock { $0 = true }
+            return probe
+        }
+        let probe = StreamProbe(status: 200, refusal: "")
+        let task = Task {
+            var pending = ""
+            do {
+                for try await chunk in response.body {
+                    pending += String(buffer: chunk)
+                    while let end = pending.range(of: "\n\n") {
+                        let block = String(pending[..<end.lowerBound])
+                        pending = String(pending[end.upperBound...])
+                        if let message = Self.parse(block) { probe.received.withLock { $0.append(message) } }
+                    }
+                }
+            } catch {}
+            probe.closed.withLock { $0 = true }
+        }
+        probe.reader.withLock { $0 = task }
+        return probe
+    }
+
+    /// An SSE block: `event:`/`data:`/`id:` lines; comments (heartbeats) and `retry:` become
+    /// messages named `:comment` and `:retry`.
+    static func parse(_ block: String) -> StreamMessage? {
+        var message = StreamMessage(id: nil, event: "message", data: "")
+        var sawField = false
+        for line in block.split(separator: "\n", omittingEmptySubsequences: false) {
+            if line.hasPrefix(":") { return StreamMessage(id: nil, event: ":comment", data: String(line.dropFirst())) }
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            let field = line[..<colon]
+            var value = line[line.index(after: colon)...]
+            if value.hasPrefix(" ") { value = value.dropFirst() }
+            sawField = true
+            switch field {
+            case "id": message.id = Int64(value)
+            case "event": message.event = String(value)
+            case "data": message.data += message.data.isEmpty ? String(value) : "\n" + value
+            case "retry": return StreamMessage(id: nil, event: ":retry", data: String(value))
+            default: break
+            }
+        }
+        return sawField ? message : nil
+    }
+
+    static func socket(on server: StreamServer, token: String?, query: String) async throws -> StreamProbe {
+        let probe = StreamProbe(status: 101, refusal: "")
+        let (commands, continuation) = AsyncStream.makeStream(of: String.self)
+        probe.commands.withLock { $0 = continuation }
+        var headers = HTTPFields()
+        if let token { headers[.authorization] = "Bearer \(token)" }
+        let url = "ws://127.0.0.1:\(server.port)\(StreamRoutes.socketPath)" + (query.isEmpty ? "" : "?\(query)")
+        let logger = Logger(label: "stream-probe")
+        let task = Task {
+            _ = try? await WebSocketClient.connect(
+                url: url, configuration: .init(additionalHeaders: headers), logger: logger
+            ) { inbound, outbound, _ in
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    group.addTask {
+                        for try await message in inbound.messages(maxSize: 1 << 20) {
+                            guard case .text(let text) = message else { continue }
+                            let object = json(text)
+                            let event = object["event"] as? String ?? "?"
+                            let data =
+                                object["data"].flatMap { try? JSONSerialization.data(withJSONObject: $0) }
+                                .map { String(decoding: $0, as: UTF8.self) } ?? text
+                            probe.received.withLock {
+                                $0.append(StreamMessage(id: (object["id"] as? NSNumber)?.int64Value, event: event, data: data))
+                            }
+                        }
+                    }
+                    group.addTask {
+                        for await command in commands { try await outbound.write(.text(command)) }
+                        try await outbound.close(.normalClosure, reason: nil)
+                    }
+                    try await group.next()
+                    group.cancelAll()
+                }
+            }
+            probe.closed.withLock { $0 = true }
+        }
+        probe.reader.withLock { $0 = task }
+        return probe
+    }
+
+    /// Sends a command on a socket.
+    func send(_ command: String) {
+        _ = commands.withLock { $0?.yield(command) }
+    }
+
+    /// The next message named `event` (after those already taken by `next`), within `limit`.
+    @discardableResult
+    func next(
+        _ event: String, within limit: Duration = .seconds(5), where accept: (StreamMessage) -> Bool = { _ in true }
+    )
+        async throws -> StreamMessage
+    {
+        let deadline = ContinuousClock.now + limit
+        while true {
+            let found: StreamMessage? = received.withLock { messages in
+                let start = consumed.withLock { $0 }
+                guard start < messages.count,
+                    let index = messages[start...].firstIndex(where: { $0.event == event && accept($0) })
+                else { return nil }
+                consumed.withLock { $0 = index + 1 }
+                return messages[index]
+            }
+            if let found { return found }
+            guard ContinuousClock.now < deadline else {
+                throw StreamTestTimeout(what: "\(event) (received: \(all.map(\.description).joined(separator: " | ")))")
+            }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+    }
+
+    /// Waits until the server has closed the stream.
+    func waitUntilClosed(within limit: Duration = .seconds(5)) async throws {
+        let deadline = ContinuousClock.now + limit
+        while !isClosed {
+            guard ContinuousClock.now < deadline else { throw StreamTestTimeout(what: "the stream to close") }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+    }
+
+    func close() async {
+        _ = commands.withLock { $0?.finish() }
+        let task = reader.withLock { $0 }
+        task?.cancel()
+        await task?.value
+    }
+
+    /// The ids of the `notification.created` events received.
+    var createdIDs: [String] {
+        all.filter { $0.event == "notification.created" }.compactMap { $0.object["id"] as? String }
+    }
+}

@@ -1,0 +1,361 @@
+import AsyncHTTPClient
+import Foundation
+import HeraldCore
+import HeraldStore
+import NIOCore
+import NIOHTTP1
+import Synchronization
+import Testing
+
+@testable import HeraldAPI
+
+/// Live feed streams (issue 10): Server-Sent Events and the WebSocket, against real servers
+/// listening on ports, with their own notification bus each.
+@Suite("Live feed streams")
+struct StreamTests {
+    func task(_ org: TestOrganisation, to users: [UUID], title: String, deliverAt: Date? = nil, expiresAt: Date? = nil) async throws {
+        try await org.notify(
+            EventRequest(
+                typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: users), payload: .object(["title": .string(title)]),
+                deliverAt: deliverAt, expiresAt: expiresAt))
+    }
+
+    func organisation() async throws -> TestOrganisation {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        return org
+    }
+
+    @Test("a notify reaches its recipient's streams with the exact count, and no other user's", arguments: StreamTransport.allCases)
+    func pushAndIsolation(_ transport: StreamTransport) async throws {
+        let (org, other) = (try await organisation(), try await organisation())
+        try await StreamServer.with { servers in
+            let server = servers[0]
+            let member = try await StreamProbe.open(transport, on: server, token: org.memberToken)
+            let owner = try await StreamProbe.open(transport, on: server, token: org.ownerToken)
+            let stranger = try await StreamProbe.open(transport, on: server, token: other.memberToken)
+            for probe in [member, owner, stranger] {
+                let start = try await probe.next("unread_count")
+                #expect(start.object["total"] as? Int == 0)
+            }
+            try await task(org, to: [org.memberID], title: "for the member")
+            let created = try await member.next("notification.created")
+            #expect(created.object["title"] as? String == "for the member")
+            #expect(created.object["read"] as? Bool == false)
+            let count = try await member.next("unread_count")
+            #expect(count.id == created.id)
+            #expect(count.object["total"] as? Int == 1)
+            #expect((count.object["by_category"] as? [String: Int]) == ["activity": 1])
+            // A row each for the others afterwards: each sees its own, and only its own.
+            try await task(org, to: [org.ownerID], title: "for the owner")
+            try await task(other, to: [other.memberID], title: "for the stranger")
+            #expect(try await owner.next("notification.created").object["title"] as? String == "for the owner")
+            #expect(try await stranger.next("notification.created").object["title"] as? String == "for the stranger")
+            try await Task.sleep(for: .milliseconds(200))
+            #expect(member.createdIDs.count == 1)
+            #expect(owner.createdIDs.count == 1)
+            #expect(stranger.createdIDs.count == 1)
+            for probe in [member, owner, stranger] { await probe.close() }
+        }
+    }
+
+    @Test("read, unread, archive, delete, mark all and clear reach every open tab of the user")
+    func readStateAcrossTabs() async throws {
+        let org = try await organisation()
+        try await StreamServer.with { servers in
+            let server = servers[0]
+            let tabs = [
+                try await StreamProbe.open(.sse, on: server, token: org.memberToken),
+                try await StreamProbe.open(.socket, on: server, token: org.memberToken),
+            ]
+            for tab in tabs { try await tab.next("unread_count") }
+            for i in 0..<3 { try await task(org, to: [org.memberID], title: "task \(i)") }
+            var ids: [String] = []
+            for tab in tabs {
+                for _ in 0..<3 { ids.append(try #require(try await tab.next("notification.created").object["id"] as? String)) }
+                try await tab.next("unread_count") { $0.object["total"] as? Int == 3 }
+            }
+            #expect(ids[0..<3] == ids[3..<6])
+            let first = ids[0]
+            #expect(try await server.send(.POST, "/v1/me/notifications/\(first)/read", token: org.memberToken).status == 200)
+            for tab in tabs {
+                let updated = try await tab.next("notification.updated")
+                #expect(updated.object["change"] as? String == "read")
+                #expect(updated.object["id"] as? String == first)
+                #expect((updated.object["notification"] as? [String: Any])?["read"] as? Bool == true)
+                try await tab.next("unread_count") { $0.object["total"] as? Int == 2 }
+            }
+            // A command on the socket: every tab hears the change, the socket gets its ack.
+            tabs[1].send("{\"command\":\"mark_unread\",\"id\":\"\(first)\",\"ref\":\"c1\"}")
+            try await tabs[1].next("ack") { $0.data.contains("c1") || $0.description.contains("ack") }
+            for tab in tabs {
+                try await tab.next("notification.updated") { $0.object["change"] as? String == "unread" }
+                try await tab.next("unread_count") { $0.object["total"] as? Int == 3 }
+            }
+            tabs[1].send("{\"command\":\"archive\",\"id\":\"\(ids[1])\",\"ref\":\"c2\"}")
+            for tab in tabs {
+                try await tab.next("notification.updated") { $0.object["change"] as? String == "archived" }
+                try await tab.next("unread_count") { $0.object["total"] as? Int == 2 }
+            }
+            #expect(try await server.send(.DELETE, "/v1/me/notifications/\(ids[2])", token: org.memberToken).status == 204)
+            for tab in tabs {
+                let deleted = try await tab.next("notification.updated") { $0.object["change"] as? String == "deleted" }
+                #expect(deleted.object["notification"] is NSNull)
+                try await tab.next("unread_count") { $0.object["total"] as? Int == 1 }
+            }
+            tabs[1].send("{\"command\":\"mark_all_read\",\"ref\":\"c3\"}")
+            for tab in tabs {
+                try await tab.next("feed.read_all")
+                try await tab.next("unread_count") { $0.object["total"] as? Int == 0 }
+            }
+            #expect(try await server.send(.DELETE, "/v1/me/notifications", token: org.memberToken).status == 200)
+            for tab in tabs { try await tab.next("feed.cleared") }
+            // A command that names another user's row is the same 404 as a missing one.
+            tabs[1].send("{\"command\":\"mark_read\",\"id\":\"\(UUID().uuidString)\",\"ref\":\"c4\"}")
+            let refused = try await tabs[1].next("error")
+            #expect(refused.description.contains("404"))
+            for tab in tabs { await tab.close() }
+        }
+    }
+
+    @Test("reconnecting with Last-Event-ID under concurrent notifies: every row exactly once, in order")
+    func replayUnderConcurrentInserts() async throws {
+        let org = try await organisation()
+        try await StreamServer.with { servers in
+            let server = servers[0]
+            let writer = Task {
+                for i in 0..<60 {
+                    try await task(org, to: [org.memberID], title: "row \(i)")
+                    if i % 7 == 0 { try await Task.sleep(for: .milliseconds(15)) }
+                }
+            }
+            var received: [String] = []
+            var lastID: Int64?
+            var previous: Int64 = -1
+            // Short connections one after the other, each resuming where the last stopped.
+            for round in 0..<40 {
+                let useSince = round % 2 == 1
+                let probe = try await StreamProbe.open(
+                    round % 3 == 2 ? .socket : .sse, on: server, token: org.memberToken,
+                    query: useSince ? (lastID.map { "since=\($0)" } ?? "") : "",
+                    lastEventID: useSince ? nil : lastID.map(String.init))
+                try await probe.next("unread_count")
+                try await Task.sleep(for: .milliseconds(30))
+                await probe.close()
+                for message in probe.all where message.event == "notification.created" {
+                    let id = try #require(message.id)
+                    #expect(id > previous, "ids increase")
+                    previous = id
+                    received.append(try #require(message.object["id"] as? String))
+                    lastID = id
+                }
+                // The start's count carries the position; with nothing new it is where we were.
+                if lastID == nil, let start = probe.all.first(where: { $0.event == "unread_count" }) { lastID = start.id }
+                if writer.isCancelled { break }
+            }
+            try await writer.value
+            // Drain: one more connection until everything written has arrived.
+            let last = try await StreamProbe.open(.sse, on: server, token: org.memberToken, lastEventID: lastID.map(String.init))
+            let stored = try await org.store { tx in
+                try await tx.feed(of: org.memberID, filter: FeedFilter(), limit: 100, after: nil, now: Date())
+            }
+            let expected = Set(stored.items.map { $0.id.uuidString.lowercased() })
+            #expect(expected.count == 60)
+            let deadline = ContinuousClock.now + .seconds(10)
+            while Set(received + last.createdIDs).count < 60, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            await last.close()
+            let all = received + last.createdIDs
+            #expect(all.count == 60, "every row once: \(all.count) received")
+            #expect(Set(all) == expected)
+        }
+    }
+
+    @Test("tickets: single use, short-lived, the user's own; bad parameters and credentials are problems")
+    func tickets() async throws {
+        let org = try await organisation()
+        let clock = Mutex(Date())
+        try await StreamServer.with(now: { clock.withLock { $0 } }) { servers in
+            let server = servers[0]
+            let ticket = try await server.ticket(org.memberToken)
+            let first = try await StreamProbe.open(.sse, on: server, query: "ticket=\(ticket)")
+            #expect(first.status == 200)
+            try await first.next("unread_count")
+            await first.close()
+            let again = try await StreamProbe.open(.sse, on: server, query: "ticket=\(ticket)")
+            #expect(again.status == 401)
+            #expect(again.refusal.contains("ask for a new one"))
+            // Past its minute, a ticket no longer opens anything.
+            let late = try await server.ticket(org.memberToken)
+            clock.withLock { $0 = $0.addingTimeInterval(61) }
+            #expect(try await StreamProbe.open(.sse, on: server, query: "ticket=\(late)").status == 401)
+            clock.withLock { $0 = Date() }
+            // A ticket works for the socket too, and only once.
+            let socketTicket = try await server.ticket(org.memberToken)
+            let socket = try await StreamProbe.open(.socket, on: server, query: "ticket=\(socketTicket)")
+            try await socket.next("unread_count")
+            await socket.close()
+            let reused = try await StreamProbe.open(.socket, on: server, query: "ticket=\(socketTicket)")
+            let error = try await reused.next("error")
+            #expect(error.description.contains("401"))
+            try await reused.waitUntilClosed()
+            // No credential, an API key, bad parameters.
+            let none = try await StreamProbe.open(.sse, on: server)
+            #expect(none.status == 401)
+            #expect(none.refusal.contains("\"status\":401"))
+            let key = OpaqueToken(kind: .apiKey, organisationID: org.id)
+            try await org.store { tx in
+                _ = try await tx.createApiKey(
+                    id: key.id, name: "k", roleID: try await tx.builtinRole(.service).id, secretHash: key.secretHash, expiresAt: nil)
+            }
+            let viaKey = try await StreamProbe.open(.sse, on: server, token: key.text)
+            #expect(viaKey.status == 400)
+            #expect(viaKey.refusal.contains("not an API key"))
+            #expect(try await StreamProbe.open(.sse, on: server, token: org.memberToken, query: "team=sales").status == 400)
+            #expect(try await StreamProbe.open(.sse, on: server, token: org.memberToken, query: "since=-1").status == 422)
+            #expect(try await server.send(.GET, StreamRoutes.socketPath, token: org.memberToken).status == 426)
+        }
+    }
+
+    @Test("at most N streams per user (429), shutdown ends streams with a retry hint and refuses new ones (503)")
+    func limitsAndShutdown() async throws {
+        let org = try await organisation()
+        try await StreamServer.with(settings: { $0.perUser = 2 }) { servers in
+            let server = servers[0]
+            let a = try await StreamProbe.open(.sse, on: server, token: org.memberToken)
+            let b = try await StreamProbe.open(.socket, on: server, token: org.memberToken)
+            try await a.next("unread_count")
+            try await b.next("unread_count")
+            let third = try await StreamProbe.open(.sse, on: server, token: org.memberToken)
+            #expect(third.status == 429)
+            #expect(third.refusal.contains("2 open streams"))
+            // Another user is not affected by the member's limit.
+            let owner = try await StreamProbe.open(.sse, on: server, token: org.ownerToken)
+            #expect(owner.status == 200)
+            // Closing one frees a place.
+            await a.close()
+            let deadline = ContinuousClock.now + .seconds(5)
+            var reopened = try await StreamProbe.open(.sse, on: server, token: org.memberToken)
+            while reopened.status == 429, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(50))
+                reopened = try await StreamProbe.open(.sse, on: server, token: org.memberToken)
+            }
+            #expect(reopened.status == 200)
+            server.hub.endAll(.shutdown)
+            for probe in [reopened, owner, b] {
+                let end = try await probe.next("end")
+                #expect(end.object["reason"] as? String == "shutdown")
+                try await probe.waitUntilClosed()
+            }
+            #expect(reopened.all.contains { $0.event == ":retry" })
+            #expect(try await StreamProbe.open(.sse, on: server, token: org.ownerToken).status == 503)
+        }
+    }
+
+    @Test("a revoked session and a deactivated user end their streams")
+    func sessionAndDeactivation() async throws {
+        let org = try await organisation()
+        try await StreamServer.with { servers in
+            let server = servers[0]
+            // A real login: its access token names the session.
+            let login = try await server.send(
+                .POST, "/v1/auth/token",
+                json:
+                    "{\"organisation\":\"\(org.slug)\",\"email\":\"member@\(org.slug).example\",\"password\":\"\(TestOrganisation.password)\"}"
+            )
+            #expect(login.status == 200, "\(login.text)")
+            let access = try #require(json(login.text)["access_token"] as? String)
+            let refresh = try #require(json(login.text)["refresh_token"] as? String)
+            let viaTicket = try await StreamProbe.open(.sse, on: server, query: "ticket=\(try await server.ticket(access))")
+            let viaHeader = try await StreamProbe.open(.socket, on: server, token: access)
+            let otherSession = try await StreamProbe.open(.sse, on: server, token: org.memberToken)
+            for probe in [viaTicket, viaHeader, otherSession] { try await probe.next("unread_count") }
+            #expect(try await server.send(.POST, "/v1/auth/logout", json: "{\"refresh_token\":\"\(refresh)\"}").status == 204)
+            for probe in [viaTicket, viaHeader] {
+                #expect(try await probe.next("end").object["reason"] as? String == "session_revoked")
+                try await probe.waitUntilClosed()
+            }
+            #expect(!otherSession.isClosed)
+            // A new stream of the ended session is refused.
+            #expect(try await StreamProbe.open(.sse, on: server, token: access).status == 401)
+            // Deactivating the user ends the rest.
+            let deactivated = try await server.send(
+                .POST, "/v1/users/\(org.memberID.uuidString.lowercased())/deactivate", token: org.ownerToken)
+            #expect(deactivated.status == 200, "\(deactivated.text)")
+            #expect(try await otherSession.next("end").object["reason"] as? String == "user_deactivated")
+            try await otherSession.waitUntilClosed()
+        }
+    }
+
+    @Test("scheduled rows are pushed when they become visible, expired ones leave the count (controlled clock)")
+    func scheduledAndExpired() async throws {
+        let org = try await organisation()
+        // The server's clock runs a little ahead, so rows notified now are on show to it.
+        let start = Date().addingTimeInterval(5)
+        let clock = Mutex(start)
+        try await StreamServer.with(now: { clock.withLock { $0 } }) { servers in
+            let server = servers[0]
+            let probe = try await StreamProbe.open(.sse, on: server, token: org.memberToken)
+            try await probe.next("unread_count")
+            try await task(org, to: [org.memberID], title: "later", deliverAt: start.addingTimeInterval(3600))
+            try await task(org, to: [org.memberID], title: "brief", expiresAt: start.addingTimeInterval(600))
+            let brief = try await probe.next("notification.created")
+            #expect(brief.object["title"] as? String == "brief")
+            try await probe.next("unread_count") { $0.object["total"] as? Int == 1 }
+            // Time passes: the sweep (as each instance runs it every second) with a later clock.
+            clock.withLock { $0 = start.addingTimeInterval(601) }
+            _ = try await server.hub.database.sweepFeedStreams(
+                limit: 1000, retention: .seconds(86400), now: start.addingTimeInterval(601), organisation: org.id)
+            let expired = try await probe.next("notification.updated")
+            #expect(expired.object["change"] as? String == "expired")
+            try await probe.next("unread_count") { $0.object["total"] as? Int == 0 }
+            #expect(probe.createdIDs.count == 1, "the scheduled row is not on show yet")
+            clock.withLock { $0 = start.addingTimeInterval(3601) }
+            _ = try await server.hub.database.sweepFeedStreams(
+                limit: 1000, retention: .seconds(86400), now: start.addingTimeInterval(3601), organisation: org.id)
+            #expect(try await probe.next("notification.created").object["title"] as? String == "later")
+            await probe.close()
+        }
+    }
+
+    @Test("a client too far behind, or with a position the log no longer has, is told to resynchronise")
+    func resync() async throws {
+        let org = try await organisation()
+        try await StreamServer.with(settings: { $0.maxBacklog = 10 }) { servers in
+            let server = servers[0]
+            for i in 0..<15 { try await task(org, to: [org.memberID], title: "row \(i)") }
+            let behind = try await StreamProbe.open(.sse, on: server, token: org.memberToken, query: "since=0")
+            #expect(try await behind.next("resync").object["reason"] as? String == "too_far_behind")
+            try await behind.waitUntilClosed()
+            let unknown = try await StreamProbe.open(.sse, on: server, token: org.memberToken, query: "since=999")
+            #expect(try await unknown.next("resync").object["reason"] as? String == "unknown_position")
+            // Within the window it replays.
+            let near = try await StreamProbe.open(.sse, on: server, token: org.memberToken, query: "since=10")
+            for _ in 0..<5 { try await near.next("notification.created") }
+            await near.close()
+            // The retention sweep removes old changes: the position is gone, so resync.
+            _ = try await server.hub.database.sweepFeedStreams(
+                limit: 1000, retention: .seconds(60), now: Date().addingTimeInterval(120), organisation: org.id)
+            let purged = try await StreamProbe.open(.sse, on: server, token: org.memberToken, query: "since=12")
+            #expect(try await purged.next("resync").object["reason"] as? String == "too_far_behind")
+        }
+    }
+
+    @Test("a notify through one instance reaches a stream held by another", arguments: StreamTransport.allCases)
+    func acrossInstances(_ transport: StreamTransport) async throws {
+        let org = try await organisation()
+        try await StreamServer.with(count: 2) { servers in
+            let probe = try await StreamProbe.open(transport, on: servers[1], token: org.memberToken)
+            try await probe.next("unread_count")
+            let sent = try await servers[0].send(
+                .POST, "/v1/events", token: org.ownerToken,
+                json:
+                    "{\"type\":\"TASK_ASSIGNED\",\"audience\":{\"user_ids\":[\"\(org.memberID.uuidString.lowercased())\"]},\"payload\":{\"title\":\"from A\"}}"
+            )
+            #expect(sent.status == 202, "\(sent.text)")
+            #expect(try await probe.next("notification.created", within: .seconds(2)).object["title"] as? String == "from A")
+            await probe.close()
+        }
+    }
+}
