@@ -56,6 +56,7 @@ run: build $(RUN_DB_UP) jwt-key
 	HERALD_LINK_KEYS=$${HERALD_LINK_KEYS:-$$(cat .data/link-keys)} \
 	HERALD_SMTP_URL=$${HERALD_SMTP_URL:-smtp://127.0.0.1:$(DEV_SMTP_PORT)} \
 	HERALD_DESTINATIONS_ALLOW=$${HERALD_DESTINATIONS_ALLOW:-127.0.0.1/32} \
+	HERALD_DEMO_PAGES=$${HERALD_DEMO_PAGES:-1} \
 	HERALD_LOG_FORMAT=$${HERALD_LOG_FORMAT:-text} $(HERALD) serve
 
 # The suite needs a database it can create and drop: always a private cluster, stopped after.

@@ -156,6 +156,10 @@ struct SeedDemo: AsyncParsableCommand {
                        -d '{"items":[{"category":"alerts","channel":"email","enabled":true,"frequency":"DAILY"}]}'
                   curl -s '\(baseURL)/v1/me/preferences/resolved?type=ISQ_CRITICAL' -H "authorization: Bearer $MEMBER_TOKEN"
 
+                Live: the member's feed as it changes (leave it open, send the event above again in another terminal).
+                  curl -N \(baseURL)/v1/me/notifications/stream -H "authorization: Bearer $MEMBER_TOKEN"
+                  The bell page (make run serves it): \(baseURL)/demo/bell  (sign in as member@demo.example / \(memberPassword))
+
                 """)
         }
     }
