@@ -2,7 +2,8 @@
 # Installs what Herald needs and the machine lacks: Debian packages, then PyPI packages.
 # Safe to run again; it only installs what is missing.
 set -euo pipefail
-debs=(postgresql postgresql-contrib libargon2-dev libcurl4-openssl-dev libssl-dev wrk bc)
+# chromium: the bell page's browser test (Tests/HeraldIntegrationTests/BellPageTests.swift).
+debs=(postgresql postgresql-contrib libargon2-dev libcurl4-openssl-dev libssl-dev wrk bc chromium)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -16,7 +16,7 @@ enum DemoPages {
 
     /// The page, read once from the bundle.
     static let bellPage: String = {
-        guard let url = Bundle.module.url(forResource: "Demo/bell", withExtension: "html"),
+        guard let url = Bundle.module.url(forResource: "bell", withExtension: "html", subdirectory: "Demo"),
             let text = try? String(contentsOf: url, encoding: .utf8)
         else { return "<!doctype html><title>Herald</title><p>The bell page is missing from this build.</p>" }
         return text
