@@ -9,6 +9,7 @@ import Logging
 import Metrics
 import PostgresNIO
 import Prometheus
+import ServiceLifecycle
 
 @main
 struct Herald: AsyncParsableCommand {
@@ -42,8 +43,20 @@ struct Serve: AsyncParsableCommand {
             linkKeys: linkKeys, services: [bus, streams] + delivery.services, streams: streams)
         let app = try buildApplication(configuration: config, dependencies: dependencies, logger: logger)
         logger.info("herald listening", metadata: ["address": "\(config.host):\(config.port)", "workers": "\(delivery.workers)"])
-        try await runUntilSignalled([app], shutdownSeconds: config.shutdownSeconds, logger: logger)
+        // Listed after the application, so it hears SIGTERM first: streams end (clients
+        // reconnect elsewhere) before the HTTP server drains its requests.
+        try await runUntilSignalled([app, EndStreamsOnShutdown(hub: streams)], shutdownSeconds: config.shutdownSeconds, logger: logger)
         try await delivery.shutdown()
+    }
+}
+
+/// Ends every live stream when a shutdown begins (see `Serve`).
+struct EndStreamsOnShutdown: Service {
+    let hub: StreamHub
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        hub.shutDown()
     }
 }
 

@@ -33,7 +33,7 @@ struct BellPageTests {
                     // Set once: still there at the end means no tab was reloaded.
                     try await tab.evaluate("window.sameDocument = true")
                 }
-                let signedIn = try await poll(until: ["connected", "connected"], within: .seconds(10)) { try await statuses(tabs) }
+                let signedIn = try await poll(until: ["connected", "connected"], within: .seconds(30)) { try await statuses(tabs) }
                 #expect(signedIn == ["connected", "connected"])
                 #expect(try await badges(tabs) == ["0", "0"])
 

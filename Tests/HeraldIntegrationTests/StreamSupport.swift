@@ -253,7 +253,7 @@ final class StreamProbe: Sendable {
     /// The next message named `event` (after those already taken by `next`), within `limit`.
     @discardableResult
     func next(
-        _ event: String, within limit: Duration = .seconds(5), where accept: (StreamMessage) -> Bool = { _ in true }
+        _ event: String, within limit: Duration = .seconds(10), where accept: (StreamMessage) -> Bool = { _ in true }
     )
         async throws -> StreamMessage
     {

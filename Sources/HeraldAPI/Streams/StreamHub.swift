@@ -179,26 +179,25 @@ public final class StreamHub: Service, Sendable {
         Self.active.record(count)
     }
 
+    /// Listens, beats and sweeps until a shutdown, then ends whatever streams are still open.
+    /// (`herald serve` ends them earlier, before the HTTP server drains: `shutDown()`.)
     public func run() async throws {
-        await withTaskGroup(of: Void.self) { group in
-            group.addTask { await self.listen() }
-            group.addTask { await self.beat() }
-            if let interval = settings.sweepInterval {
-                group.addTask { await self.sweep(every: interval) }
-            }
-            // On SIGTERM: refuse new streams, end the open ones with a retry hint (clients
-            // reconnect, to another instance), then stop.
-            await withGracefulShutdownHandler {
-                while !Task.isCancelled {
-                    try? await Task.sleep(for: .seconds(3600))
+        await cancelWhenGracefulShutdown {
+            await withTaskGroup(of: Void.self) { group in
+                group.addTask { await self.listen() }
+                group.addTask { await self.beat() }
+                if let interval = self.settings.sweepInterval {
+                    group.addTask { await self.sweep(every: interval) }
                 }
-            } onGracefulShutdown: {
-                self.endAll(.shutdown)
+                await group.waitForAll()
             }
-            group.cancelAll()
         }
         endAll(.shutdown)
     }
+
+    /// Ends every open stream with a retry hint and refuses new ones: the first step of a
+    /// shutdown, before the HTTP server drains (it would wait for ever on open streams).
+    public func shutDown() { endAll(.shutdown) }
 
     /// Ends every open stream (shutdown) and refuses new ones.
     func endAll(_ reason: StreamEnd) {
