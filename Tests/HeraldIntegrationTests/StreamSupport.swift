@@ -1,9 +1,11 @@
 import AsyncHTTPClient
 import Foundation
+import Glibc
 import HeraldStore
 import Hummingbird
 import HummingbirdWSClient
 import HummingbirdWebSocket
+import JWTKit
 import Logging
 import NIOCore
 import NIOHTTP1
@@ -17,10 +19,38 @@ import Testing
 /// Herald on a real port with live streams wired as `herald serve` wires them (its own
 /// notification bus and stream hub, the WebSocket upgrade router), on the shared database.
 /// Each instance has its own bus, so two of them are two listeners, as two processes are.
-struct StreamServer: Sendable {
+/// Something streams can be opened on: an in-process server or a `herald serve` process.
+protocol StreamHost: Sendable {
+    var port: Int { get }
+}
+
+extension StreamHost {
+    var url: String { "http://127.0.0.1:\(port)" }
+
+    /// A request; the status and the body.
+    func send(_ method: HTTPMethod, _ path: String, token: String? = nil, json: String? = nil) async throws -> (status: Int, text: String) {
+        var request = HTTPClientRequest(url: url + path)
+        request.method = method
+        if let token { request.headers.add(name: "Authorization", value: "Bearer \(token)") }
+        if let json {
+            request.headers.add(name: "Content-Type", value: "application/json")
+            request.body = .bytes(ByteBuffer(string: json))
+        }
+        let response = try await HTTPClient.shared.execute(request, timeout: .seconds(30))
+        return (Int(response.status.code), String(buffer: try await response.body.collect(upTo: 1 << 20)))
+    }
+
+    /// A fresh stream ticket's text.
+    func ticket(_ token: String) async throws -> String {
+        let (status, text) = try await send(.POST, "/v1/me/stream-tickets", token: token)
+        #expect(status == 201, "\(text)")
+        return try #require(json(text)["ticket"] as? String)
+    }
+}
+
+struct StreamServer: StreamHost {
     let port: Int
     let hub: StreamHub
-    var url: String { "http://127.0.0.1:\(port)" }
 
     /// Runs `body` with a server (or several: `count`) on free ports, stopped afterwards.
     static func with(
@@ -78,25 +108,6 @@ struct StreamServer: Sendable {
         }
     }
 
-    /// A request; the status and the body.
-    func send(_ method: HTTPMethod, _ path: String, token: String? = nil, json: String? = nil) async throws -> (status: Int, text: String) {
-        var request = HTTPClientRequest(url: url + path)
-        request.method = method
-        if let token { request.headers.add(name: "Authorization", value: "Bearer \(token)") }
-        if let json {
-            request.headers.add(name: "Content-Type", value: "application/json")
-            request.body = .bytes(ByteBuffer(string: json))
-        }
-        let response = try await HTTPClient.shared.execute(request, timeout: .seconds(30))
-        return (Int(response.status.code), String(buffer: try await response.body.collect(upTo: 1 << 20)))
-    }
-
-    /// A fresh stream ticket's text.
-    func ticket(_ token: String) async throws -> String {
-        let (status, text) = try await send(.POST, "/v1/me/stream-tickets", token: token)
-        #expect(status == 201, "\(text)")
-        return try #require(json(text)["ticket"] as? String)
-    }
 }
 
 struct StreamTestTimeout: Error, CustomStringConvertible {
@@ -144,7 +155,7 @@ final class StreamProbe: Sendable {
 
     /// Opens a stream. `query` is appended as is (`ticket=…&since=…`).
     static func open(
-        _ transport: StreamTransport, on server: StreamServer, token: String? = nil, query: String = "", lastEventID: String? = nil
+        _ transport: StreamTransport, on server: some StreamHost, token: String? = nil, query: String = "", lastEventID: String? = nil
     ) async throws -> StreamProbe {
         switch transport {
         case .sse: try await sse(on: server, token: token, query: query, lastEventID: lastEventID)
@@ -152,7 +163,7 @@ final class StreamProbe: Sendable {
         }
     }
 
-    static func sse(on server: StreamServer, token: String?, query: String, lastEventID: String?) async throws -> StreamProbe {
+    static func sse(on server: some StreamHost, token: String?, query: String, lastEventID: String?) async throws -> StreamProbe {
         var request = HTTPClientRequest(url: server.url + StreamRoutes.streamPath + (query.isEmpty ? "" : "?\(query)"))
         if let token { request.headers.add(name: "Authorization", value: "Bearer \(token)") }
         if let lastEventID { request.headers.add(name: "Last-Event-ID", value: lastEventID) }
@@ -205,7 +216,7 @@ final class StreamProbe: Sendable {
         return sawField ? message : nil
     }
 
-    static func socket(on server: StreamServer, token: String?, query: String) async throws -> StreamProbe {
+    static func socket(on server: some StreamHost, token: String?, query: String) async throws -> StreamProbe {
         let probe = StreamProbe(status: 101, refusal: "")
         let (commands, continuation) = AsyncStream.makeStream(of: String.self)
         probe.commands.withLock { $0 = continuation }
@@ -294,5 +305,80 @@ final class StreamProbe: Sendable {
     /// The ids of the `notification.created` events received.
     var createdIDs: [String] {
         all.filter { $0.event == "notification.created" }.compactMap { $0.object["id"] as? String }
+    }
+}
+
+/// `herald serve` as a process of its own (live streams and all), on the shared test database,
+/// trusting the test environment's signing key, so the test organisations' tokens work.
+final class StreamServeProcess: StreamHost, @unchecked Sendable {
+    let process = Process()
+    let port: Int
+
+    init(port: Int, keys: String) throws {
+        self.port = port
+        let env = ProcessInfo.processInfo.environment
+        process.executableURL = URL(fileURLWithPath: env["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
+        process.arguments = ["serve"]
+        process.environment = env.merging([
+            "DATABASE_URL": env["HERALD_TEST_DATABASE_URL"] ?? "",
+            "DATABASE_WORKER_URL": "",
+            "HERALD_PORT": "\(port)",
+            "HERALD_JWT_KEYS_DIR": keys,
+            "HERALD_WORKERS": "0",
+            "HERALD_SHUTDOWN_SECONDS": "20",
+            "HERALD_LOG_LEVEL": "error",
+            "HERALD_LOG_FORMAT": "text",
+        ]) { _, new in new }
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+    }
+
+    /// A directory with a fresh signing key, made by `herald jwt-keygen`.
+    static func keysDirectory() throws -> String {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("herald-streams-\(UUID().uuidString.prefix(8))").path
+        let keygen = Process()
+        keygen.executableURL = URL(fileURLWithPath: ProcessInfo.processInfo.environment["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
+        keygen.arguments = ["jwt-keygen", "--dir", directory]
+        keygen.standardOutput = FileHandle.nullDevice
+        try keygen.run()
+        keygen.waitUntilExit()
+        return directory
+    }
+
+    /// An access token from a password login (`TestOrganisation.password`).
+    func login(_ email: String, of org: TestOrganisation) async throws -> String {
+        let (status, text) = try await send(
+            .POST, "/v1/auth/token",
+            json: "{\"organisation\":\"\(org.slug)\",\"email\":\"\(email)\",\"password\":\"\(TestOrganisation.password)\"}")
+        #expect(status == 200, "\(text)")
+        return try #require(json(text)["access_token"] as? String)
+    }
+
+    func waitUntilReady(within limit: Duration = .seconds(60)) async throws {
+        let deadline = ContinuousClock.now + limit
+        while ContinuousClock.now < deadline {
+            if let response = try? await HTTPClient.shared.execute(HTTPClientRequest(url: url + "/readyz"), timeout: .seconds(2)),
+                response.status == .ok
+            {
+                return
+            }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        throw StreamTestTimeout(what: "herald serve on port \(port)")
+    }
+
+    /// SIGTERM, and how long until the process exited.
+    func terminate() -> Duration {
+        let started = ContinuousClock.now
+        process.terminate()
+        process.waitUntilExit()
+        return ContinuousClock.now - started
+    }
+
+    func kill() {
+        guard process.isRunning else { return }
+        Glibc.kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
     }
 }

@@ -134,9 +134,11 @@ struct StreamTests {
             var previous: Int64 = -1
             // Short connections one after the other, each resuming where the last stopped.
             for round in 0..<40 {
-                let useSince = round % 2 == 1
+                // A socket resumes with ?since= (it has no Last-Event-ID); SSE with either.
+                let transport: StreamTransport = round % 3 == 2 ? .socket : .sse
+                let useSince = round % 2 == 1 || transport == .socket
                 let probe = try await StreamProbe.open(
-                    round % 3 == 2 ? .socket : .sse, on: server, token: org.memberToken,
+                    transport, on: server, token: org.memberToken,
                     query: useSince ? (lastID.map { "since=\($0)" } ?? "") : "",
                     lastEventID: useSince ? nil : lastID.map(String.init))
                 try await probe.next("unread_count")
@@ -357,5 +359,33 @@ struct StreamTests {
             #expect(try await probe.next("notification.created", within: .seconds(5)).object["title"] as? String == "from A")
             await probe.close()
         }
+    }
+
+    @Test(
+        "two herald serve processes: a notify through one reaches a stream on the other; SIGTERM ends the stream at once with a retry hint")
+    func twoProcesses() async throws {
+        let org = try await organisation()
+        let keys = try StreamServeProcess.keysDirectory()
+        let base = Int.random(in: 41_000..<49_000)
+        let processes = try [base, base + 1].map { try StreamServeProcess(port: $0, keys: keys) }
+        defer { for process in processes { process.kill() } }
+        for process in processes { try await process.waitUntilReady() }
+        let member = try await processes[1].login("member@\(org.slug).example", of: org)
+        let owner = try await processes[0].login("owner@\(org.slug).example", of: org)
+        let probe = try await StreamProbe.open(.sse, on: processes[1], query: "ticket=\(try await processes[1].ticket(member))")
+        try await probe.next("unread_count")
+        let sent = try await processes[0].send(
+            .POST, "/v1/events", token: owner,
+            json:
+                "{\"type\":\"TASK_ASSIGNED\",\"audience\":{\"user_ids\":[\"\(org.memberID.uuidString.lowercased())\"]},\"payload\":{\"title\":\"through A\"}}"
+        )
+        #expect(sent.status == 202, "\(sent.text)")
+        #expect(try await probe.next("notification.created").object["title"] as? String == "through A")
+        // SIGTERM: the stream hears why and when to come back, and the process does not wait on it.
+        let took = processes[1].terminate()
+        #expect(took < .seconds(10), "exit took \(took)")
+        #expect(try await probe.next("end").object["reason"] as? String == "shutdown")
+        #expect(probe.all.filter { $0.event == ":retry" }.count == 2)
+        try await probe.waitUntilClosed()
     }
 }
