@@ -9,12 +9,25 @@
 #   3. delivery: 10 000 webhooks to a local receiver and 10 000 emails to a local SMTP server
 #      (scripts/peers.py) by one `herald worker`, beside each receiver's own ceiling (wrk
 #      posting the same body to the receiver; smtplib sending the same message over 4
-#      connections) measured in the same run.
+#      connections) measured in the same run;
+#   4. live feed streams (scripts/bench_streams.py), on a fresh `herald serve` of their own:
+#      10 000 idle SSE streams (server RSS per stream, CPU at idle), then one notify to a group
+#      whose 10 000 members all hold a stream: from the 202 until each client has its
+#      notification.created (p50, p99, last), beside a plain LISTEN connection (when the bus
+#      announced the rows) and the same client harness against a minimal asyncio SSE server
+#      pushing one event of the same size to 10 000 held connections.
 # Results go to .bench/results.md; docs/benchmarks.md records them with this command.
+#
+# BENCH_SECTIONS picks sections (default "notify feed delivery streams"; e.g.
+# BENCH_SECTIONS=streams); BENCH_BUILD=0 uses the release binary as it is, without building;
+# BENCH_HERALD names another binary (a debug build, when trying the script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PORT=54331
-HTTP=18080
+PORT=${BENCH_PG_PORT:-54331}
+CLUSTER=${BENCH_CLUSTER:-bench}
+HTTP=${BENCH_HTTP:-18080}
+SECTIONS=" ${BENCH_SECTIONS:-notify feed delivery streams} "
+want() { [[ $SECTIONS == *" $1 "* ]]; }
 CONC=${BENCH_CONCURRENCY:-32}
 DURATION=${BENCH_DURATION:-20}
 SIZES=${BENCH_SIZES:-"10000 100000"}
@@ -28,13 +41,15 @@ psql_app() { PGPASSWORD=herald_app "$bindir/psql" -X -q -v ON_ERROR_STOP=1 -h 12
 now() { date +%s.%N; }
 say() { echo "bench: $*"; }
 
-say "building the release server (the first time takes several minutes)"
-swift build -c release --product herald 2>&1 | tail -1
-HERALD=.build/release/herald
+if [ "${BENCH_BUILD:-1}" != 0 ]; then
+  say "building the release server (the first time takes several minutes)"
+  swift build -c release --product herald 2>&1 | tail -1
+fi
+HERALD=${BENCH_HERALD:-.build/release/herald}
 
 say "fresh database on 127.0.0.1:$PORT"
-scripts/pg.sh up bench $PORT >/dev/null
-scripts/pg.sh recreate-db bench $PORT herald_bench >/dev/null
+scripts/pg.sh up $CLUSTER $PORT >/dev/null
+scripts/pg.sh recreate-db $CLUSTER $PORT herald_bench >/dev/null
 DATABASE_OWNER_URL=$OWNER_URL $HERALD migrate >/dev/null
 rm -rf .bench/jwt && $HERALD jwt-keygen --dir .bench/jwt >/dev/null
 
@@ -51,6 +66,7 @@ INSERT INTO notification_types (organisation_id, key, category_id, name, default
 INSERT INTO templates (organisation_id, type_id, channel, locale, subject, body)
   SELECT '$ORG', id, 'in_app', 'en', 'Reading {{payload.isq}}', 'Hello {{recipient.display_name}}, reading {{payload.isq}}.' FROM notification_types;
 SQL
+want notify || want delivery || SIZES=""
 for N in $SIZES; do
   psql_app <<SQL
 SELECT set_config('app.org_id', '$ORG', false);
@@ -80,19 +96,23 @@ DATABASE_URL=$APP_URL HERALD_PORT=$HTTP HERALD_JWT_KEYS_DIR=.bench/jwt HERALD_LO
   HERALD_WORKERS=0 HERALD_DATABASE_TIMEOUT=${BENCH_DATABASE_TIMEOUT:-300} \
   HERALD_DATABASE_POOL_SIZE=$CONC HERALD_SQL_DIR=sql $HERALD serve > .bench/server.log 2>&1 &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; scripts/pg.sh down bench >/dev/null' EXIT
+trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; scripts/pg.sh down $CLUSTER >/dev/null' EXIT
 for _ in $(seq 50); do curl -sf localhost:$HTTP/readyz >/dev/null && break; sleep 0.2; done
 
 {
 echo "# Benchmark run $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 echo
-echo "Machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB; PostgreSQL $($bindir/postgres --version | awk '{print $3}'); command: \`make bench\`."
+echo "Machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB; PostgreSQL $($bindir/postgres --version | awk '{print $3}'); command: \`make bench\`${BENCH_SECTIONS:+ (BENCH_SECTIONS=\"$BENCH_SECTIONS\")}."
+} > $OUT
+
+if want notify; then
+{
 echo
 echo "## notify fan-out (one POST /v1/events to a group; in-app row + email delivery + trace row per member)"
 echo
 echo "| members | notify: time to commit | rows/s (notify) | plain INSERT … SELECT of the same rows | rows/s (plain) | ratio |"
 echo "|---|---|---|---|---|---|"
-} > $OUT
+} >> $OUT
 
 for N in $SIZES; do
   say "fan-out to $N members"
@@ -124,6 +144,9 @@ SQL
   ROWS=$((3 * N + 1))
   printf '| %s | %.2f s | %.0f | %.2f s | %.0f | %.2f |\n' $N $T $(echo "$ROWS / $T" | bc -l) $P $(echo "$ROWS / $P" | bc -l) $(echo "$P / $T" | bc -l) >> $OUT
 done
+fi
+
+if want feed; then
 
 say "feed: 300 notifications for the reader"
 for i in $(seq 300); do
@@ -183,6 +206,9 @@ for what in unread page; do
         -D org=$ORG -D usr=$OWNER -f .bench/$what.sql herald_bench 2>/dev/null | awk '/^tps/ {print $3; exit}')
   printf '| %s | %.0f | %.0f | %.2f |\n' "$NAME" $RPS $TPS $(echo "$RPS / $TPS" | bc -l) >> $OUT
 done
+fi
+
+if want delivery; then
 # 3. Delivery. The fan-out above left pending emails behind: cancel them, so the worker sends
 # only what is measured here.
 say "delivery: peers and ceilings"
@@ -192,7 +218,7 @@ rm -f .bench/peers.pid
 python3 scripts/peers.py --smtp 127.0.0.1:$SMTP_PORT --http 127.0.0.1:$RECV_PORT --pidfile .bench/peers.pid >/dev/null &
 for _ in $(seq 50); do test -s .bench/peers.pid && break; sleep 0.1; done
 WORKER=""
-trap 'kill $SERVER 2>/dev/null || true; kill $(cat .bench/peers.pid 2>/dev/null) 2>/dev/null || true; [ -z "$WORKER" ] || kill $WORKER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; scripts/pg.sh down bench >/dev/null' EXIT
+trap 'kill $SERVER 2>/dev/null || true; kill $(cat .bench/peers.pid 2>/dev/null) 2>/dev/null || true; [ -z "$WORKER" ] || kill $WORKER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; scripts/pg.sh down $CLUSTER >/dev/null' EXIT
 N=${BENCH_DELIVERIES:-10000}
 WORKERS=${BENCH_WORKERS:-32}
 # A webhook body of the size Herald sends, posted by wrk to the receiver's counting route.
@@ -267,5 +293,71 @@ echo "|---|---|---|---|"
 printf '| webhook (Standard Webhooks, signed) | %.0f | %.0f requests/s (wrk -c%s, same body) | %.2f |\n' $(echo "$N / $HOOK_T" | bc -l) $HOOK_CEILING $WORKERS $(echo "$N / $HOOK_T / $HOOK_CEILING" | bc -l)
 printf '| email (SMTP via libcurl, multipart) | %.0f | %.0f messages/s (smtplib, 4 connections) | %.2f |\n' $(echo "$N / $MAIL_T" | bc -l) $SMTP_CEILING $(echo "$N / $MAIL_T / $SMTP_CEILING" | bc -l)
 } >> $OUT
+fi
+
+if want streams; then
+  STREAMS=${BENCH_STREAMS:-10000}
+  SHTTP=$((HTTP + 1))
+  say "streams: $STREAMS members holding a stream, a type with in-app only"
+  psql_app <<SQL
+SELECT set_config('app.org_id', '$ORG', false);
+INSERT INTO categories (organisation_id, key, name) VALUES ('$ORG', 'live', 'Live') ON CONFLICT DO NOTHING;
+INSERT INTO notification_types (organisation_id, key, category_id, name, default_channels)
+  SELECT '$ORG', 'BENCH_LIVE', id, 'Bench live', '{in_app}' FROM categories WHERE key = 'live';
+INSERT INTO templates (organisation_id, type_id, channel, locale, subject, body)
+  SELECT '$ORG', id, 'in_app', 'en', 'Reading {{payload.isq}}', 'Hello {{recipient.display_name}}, reading {{payload.isq}}.'
+  FROM notification_types WHERE key = 'BENCH_LIVE';
+INSERT INTO users (organisation_id, email, display_name) SELECT '$ORG', 's' || g || '@bench.example', 'Streamer ' || g FROM generate_series(1, $STREAMS) g;
+INSERT INTO user_roles (organisation_id, user_id, role_id)
+  SELECT '$ORG', u.id, r.id FROM users u, roles r WHERE u.email LIKE 's%@bench.example' AND r.key = 'member';
+INSERT INTO groups (organisation_id, key, name) VALUES ('$ORG', 'live', 'Everyone with a stream');
+INSERT INTO group_members (organisation_id, group_id, user_id)
+  SELECT '$ORG', (SELECT id FROM groups WHERE key = 'live'), id FROM users WHERE email LIKE 's%@bench.example';
+SQL
+  psql_app -c "VACUUM ANALYZE" >/dev/null 2>&1 || true
+  psql_app -tA -F' ' -c "SELECT set_config('app.org_id', '$ORG', false)" \
+    -c "SELECT organisation_id, id FROM users WHERE email LIKE 's%@bench.example' ORDER BY email" | tail -n +2 > .bench/stream-users.txt
+  # A server of its own: RSS measured from a fresh process, nothing else in flight (the main
+  # server is stopped: its hub would share the sweep). Streams borrow a pooled connection only
+  # while they read, so the pool is small beside the streams; the client and the server each
+  # need about $STREAMS descriptors.
+  kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true
+  ulimit -n "$(ulimit -Hn)"
+  say "streams: a fresh release server on :$SHTTP"
+  DATABASE_URL=$APP_URL HERALD_PORT=$SHTTP HERALD_JWT_KEYS_DIR=.bench/jwt HERALD_LOG_LEVEL=${BENCH_LOG_LEVEL:-warning} \
+    HERALD_WORKERS=0 HERALD_DATABASE_TIMEOUT=${BENCH_DATABASE_TIMEOUT:-300} HERALD_DATABASE_POOL_SIZE=${BENCH_STREAM_POOL:-$CONC} \
+    HERALD_STREAMS_PER_INSTANCE=$((2 * STREAMS)) HERALD_SQL_DIR=sql $HERALD serve > .bench/stream-server.log 2>&1 &
+  SERVER=$!
+  for _ in $(seq 50); do curl -sf localhost:$SHTTP/readyz >/dev/null && break; sleep 0.2; done
+  python3 scripts/bench_streams.py herald --port $SHTTP --pid $SERVER --keys .bench/jwt --users .bench/stream-users.txt \
+    --streams $STREAMS --idle ${BENCH_IDLE_SECONDS:-30} --api-key "$APIKEY" --type BENCH_LIVE --group live \
+    --pg-port $PORT --pg-user herald_app:herald_app --pg-db herald_bench --out .bench/streams-herald.env --event-out .bench/stream-event.json
+  kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true
+  say "streams: the ceiling, a minimal asyncio SSE server"
+  python3 scripts/bench_streams.py ceiling --port $((HTTP + 2)) --streams $STREAMS --event .bench/stream-event.json --out .bench/streams-ceiling.env
+  # shellcheck disable=SC1091
+  source .bench/streams-herald.env; source .bench/streams-ceiling.env
+  ms() { printf '%.0f ms' "$(echo "$1 * 1000" | bc -l)"; }
+  {
+  echo
+  echo "## live feed streams: $STREAMS SSE clients (one Python asyncio process) on one \`herald serve\`"
+  echo
+  echo "| idle streams | server RSS before → with streams | per stream | CPU at idle (${IDLE_SECONDS%.*} s, one core = 100 %) | time to open all (500 at a time) |"
+  echo "|---|---|---|---|---|"
+  printf '| %s | %.0f → %.0f MiB | %.1f KiB | %.2f %% | %.1f s |\n' $STREAMS $(echo "$RSS_BEFORE_KIB / 1024" | bc -l) $(echo "$RSS_WITH_KIB / 1024" | bc -l) \
+    $KIB_PER_STREAM $IDLE_CPU_PERCENT $OPEN_SECONDS
+  echo
+  echo "Notify to a group of $STREAMS members who all hold a stream (a type with in-app only): times from the 202 of \`POST /v1/events\` (answered after $(ms $NOTIFY_SECONDS)) to each client's \`notification.created\`."
+  echo
+  echo "| fan-out | received | p50 | p99 | last | ratio of p99 (ceiling ÷ Herald) |"
+  echo "|---|---|---|---|---|---|"
+  printf '| Herald | %s of %s | %s | %s | %s | |\n' $HERALD_RECEIVED $HERALD_CLIENTS "$(ms $HERALD_P50)" "$(ms $HERALD_P99)" "$(ms $HERALD_LAST)"
+  printf '| ceiling: minimal asyncio SSE server, same harness, one %s-byte event each | %s of %s | %s | %s | %s | %.3f |\n' $CEILING_EVENT_BYTES \
+    $CEILING_RECEIVED $CEILING_CLIENTS "$(ms $CEILING_P50)" "$(ms $CEILING_P99)" "$(ms $CEILING_LAST)" $(echo "$CEILING_P99 / $HERALD_P99" | bc -l)
+  echo
+  printf 'The bus, from a plain LISTEN connection in the client process: the commit announced (herald_events) %s after the 202; the sweep'"'"'s %s herald_stream messages (naming %s users) from %s to %s. Clients that had their event before the client read the 202: %s.\n' \
+    "$(ms ${BUS_EVENT_ANNOUNCED:-0})" $BUS_MESSAGES $BUS_USERS_ANNOUNCED "$(ms ${BUS_FIRST:-0})" "$(ms ${BUS_LAST:-0})" $HERALD_BEFORE_202
+  } >> $OUT
+fi
 say "done: $OUT"
 cat $OUT
