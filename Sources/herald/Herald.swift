@@ -55,7 +55,8 @@ struct EndStreamsOnShutdown: Service {
     let hub: StreamHub
 
     func run() async throws {
-        try? await gracefulShutdown()
+        // Cancelled (the group ends for another reason) is not a shutdown to announce.
+        do { try await gracefulShutdown() } catch { return }
         hub.shutDown()
     }
 }

@@ -46,8 +46,10 @@ struct BellPageTests {
                 let raised = try await poll(until: ["1", "1"], within: .seconds(2)) { try await badges(tabs) }
                 #expect(raised == ["1", "1"])
                 let listed = ["Review the implant plan:false"]
-                let listedRows = try await poll(until: listed, within: .seconds(2)) { try await rows(tabs[1]) }
-                #expect(listedRows == listed)
+                for tab in tabs {
+                    let listedRows = try await poll(until: listed, within: .seconds(2)) { try await rows(tab) }
+                    #expect(listedRows == listed)
+                }
 
                 // act: read in the first tab
                 try await tabs[0].click("#feed li[data-read='false'] button.mark-read")
