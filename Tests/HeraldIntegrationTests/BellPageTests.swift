@@ -92,7 +92,7 @@ struct BellPageTests {
                 // The picture for docs/realtime.md: a critical alert on top of the two tasks.
                 let alert = try await server.send(.POST, "/v1/events", token: org.ownerToken, json: reading(for: org))
                 #expect(alert.status == 202, "\(alert.text)")
-                let alerted = try await poll(until: "2", within: .seconds(2)) { try await tabs[0].text("#badge") }
+                let alerted = try await poll(until: "2", within: .seconds(10)) { try await tabs[0].text("#badge") }
                 #expect(alerted == "2")
                 try await screenshot(tabs[0])
             }

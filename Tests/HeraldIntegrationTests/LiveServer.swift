@@ -5,6 +5,7 @@ import Hummingbird
 import Logging
 import NIOCore
 import NIOHTTP1
+import PostgresNIO
 import Synchronization
 
 @testable import HeraldAPI
@@ -84,12 +85,16 @@ final class LiveServer: Sendable {
         port: Int, configure: @Sendable (inout AppConfiguration) -> Void
     ) async throws -> (Task<Void, any Error>, Int) {
         let env = try await TestEnvironment.shared
-        let bus = NotificationBus(client: env.appClient, logger: env.logger)
-        let hub = StreamHub(bus: bus, database: env.database, settings: StreamSettings(), logger: env.logger)
+        // A PostgreSQL client of its own, as a process has: the suite's shared pool is busy with
+        // every other test, and a stream's reads must not queue behind them.
+        let postgres = PostgresClient(configuration: try .fromURL(env.appURL), backgroundLogger: env.logger)
+        let database = Database(client: postgres, logger: env.logger)
+        let bus = NotificationBus(client: postgres, logger: env.logger)
+        let hub = StreamHub(bus: bus, database: database, settings: StreamSettings(), logger: env.logger)
         let dependencies = AppDependencies(
-            database: env.database, postgres: env.appClient, tokens: env.tokens, passwords: env.passwords,
+            database: database, postgres: postgres, tokens: env.tokens, passwords: env.passwords,
             expectedMigrations: TestEnvironment.migrationVersions, linkKeys: TestEnvironment.linkKeys,
-            services: [bus, hub], streams: hub)
+            services: [postgres, bus, hub], streams: hub)
         let configuration = env.configuration {
             $0.demoPages = true
             $0.host = "127.0.0.1"
@@ -103,7 +108,6 @@ final class LiveServer: Sendable {
         let app = Application(
             router: try buildRouter(configuration: configuration, dependencies: dependencies),
             configuration: .init(address: .hostname(configuration.host, port: configuration.port)),
-            // The shared PostgreSQL client already runs; this instance adds only its bus and hub.
             services: dependencies.services,
             onServerRunning: { channel in
                 listening.continuation.yield(channel.localAddress?.port ?? 0)
