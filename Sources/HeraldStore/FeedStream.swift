@@ -67,12 +67,49 @@ extension TenantTransaction {
             let (seq, kind, notification, logged) = try row.decode((Int64, FeedChangeKind, UUID?, Date).self, table: "feed_changes")
             return LoggedFeedChange(seq: seq, kind: kind, notificationID: notification, item: nil, loggedAt: logged)
         }
+        return try await withItems(changes, of: [userID], now: now)
+    }
+
+    /// `feedChanges` for many users at once (the streams one bus message wakes): up to `limit`
+    /// changes of each user after that user's number, by user, oldest first. Without a
+    /// recipient context: every statement says which users, and each change keeps its user.
+    public func feedChanges(after positions: [UUID: Int64], limit: Int, now: Date) async throws -> [UUID: [LoggedFeedChange]] {
+        let users = Array(positions.keys)
+        let after = users.map { positions[$0] ?? 0 }
+        let rows = try await query(
+            """
+            SELECT user_id, seq, kind, notification_id, created_at FROM (
+              SELECT c.user_id, c.seq, c.kind, c.notification_id, c.created_at,
+                     row_number() OVER (PARTITION BY c.user_id ORDER BY c.seq) AS n
+              FROM feed_changes c
+              JOIN unnest(\(users)::uuid[], \(after)::bigint[]) AS w (user_id, after)
+                ON c.organisation_id = \(organisationID) AND c.user_id = w.user_id AND c.seq > w.after
+              WHERE c.organisation_id = \(organisationID)
+            ) page WHERE n <= \(limit) ORDER BY user_id, seq
+            """)
+        var all: [LoggedFeedChange] = []
+        var owners: [UUID] = []
+        for row in rows {
+            let (user, seq, kind, notification, logged) = try row.decode(
+                (UUID, Int64, FeedChangeKind, UUID?, Date).self, table: "feed_changes")
+            all.append(LoggedFeedChange(seq: seq, kind: kind, notificationID: notification, item: nil, loggedAt: logged))
+            owners.append(user)
+        }
+        // Items are attached by id; an id names one row, which is its recipient's.
+        let attached = try await withItems(all, of: users, now: now)
+        var byUser: [UUID: [LoggedFeedChange]] = [:]
+        for (user, change) in zip(owners, attached) { byUser[user, default: []].append(change) }
+        return byUser
+    }
+
+    /// The changes with the rows they name, as they are at `now` (nil once gone or expired).
+    private func withItems(_ changes: [LoggedFeedChange], of users: [UUID], now: Date) async throws -> [LoggedFeedChange] {
         let ids = Array(Set(changes.compactMap(\.notificationID)))
         guard !ids.isEmpty else { return changes }
         let rows = try await query(
             """
             \(unescaped: feedSelect)
-            WHERE n.organisation_id = \(organisationID) AND n.user_id = \(userID) AND n.id = ANY(\(ids)::uuid[])
+            WHERE n.organisation_id = \(organisationID) AND n.user_id = ANY(\(users)::uuid[]) AND n.id = ANY(\(ids)::uuid[])
               AND (n.expires_at IS NULL OR n.expires_at > \(now))
             """)
         let items = Dictionary(uniqueKeysWithValues: try rows.map(decodeFeedItem).map { ($0.id, $0) })
@@ -81,6 +118,28 @@ extension TenantTransaction {
             change.item = change.notificationID.flatMap { items[$0] }
             return change
         }
+    }
+
+    /// `unreadCount` for many users in one statement (a user with nothing unread counts 0).
+    public func unreadCounts(of users: [UUID], now: Date) async throws -> [UUID: UnreadCount] {
+        let rows = try await query(
+            """
+            SELECT n.user_id, c.key, count(*)::int FROM notifications n
+            JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
+            LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
+            WHERE n.organisation_id = \(organisationID) AND n.user_id = ANY(\(users)::uuid[]) AND n.read_at IS NULL AND n.archived_at IS NULL
+              AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
+              AND (n.unread_pinned OR n.id > coalesce(fs.read_settled, '00000000-0000-0000-0000-000000000000'))
+              AND NOT notification_read(n, fs)
+            GROUP BY n.user_id, c.key
+            """)
+        var counts = Dictionary(uniqueKeysWithValues: users.map { ($0, UnreadCount(total: 0, byCategory: [:])) })
+        for row in rows {
+            let (user, key, count) = try row.decode((UUID, String, Int).self)
+            counts[user, default: UnreadCount(total: 0, byCategory: [:])].byCategory[key] = count
+            counts[user]?.total += count
+        }
+        return counts
     }
 
     /// Records a ticket (only the hash of its secret) for `userID`, valid until `expiresAt`.

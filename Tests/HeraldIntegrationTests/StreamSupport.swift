@@ -368,14 +368,6 @@ final class StreamServeProcess: StreamHost, @unchecked Sendable {
         throw StreamTestTimeout(what: "herald serve on port \(port)")
     }
 
-    /// SIGTERM, and how long until the process exited.
-    func terminate() -> Duration {
-        let started = ContinuousClock.now
-        process.terminate()
-        process.waitUntilExit()
-        return ContinuousClock.now - started
-    }
-
     func kill() {
         guard process.isRunning else { return }
         Glibc.kill(process.processIdentifier, SIGKILL)

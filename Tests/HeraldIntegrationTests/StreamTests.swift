@@ -381,11 +381,44 @@ struct StreamTests {
         )
         #expect(sent.status == 202, "\(sent.text)")
         #expect(try await probe.next("notification.created").object["title"] as? String == "through A")
-        // SIGTERM: the stream hears why and when to come back, and the process does not wait on it.
-        let took = processes[1].terminate()
-        #expect(took < .seconds(10), "exit took \(took)")
-        #expect(try await probe.next("end").object["reason"] as? String == "shutdown")
+        // SIGTERM: the stream hears at once why and when to come back (before the HTTP server
+        // drains), and the process exits within its shutdown bound (HERALD_SHUTDOWN_SECONDS=20).
+        let signalled = ContinuousClock.now
+        processes[1].process.terminate()
+        #expect(try await probe.next("end", within: .seconds(5)).object["reason"] as? String == "shutdown")
         #expect(probe.all.filter { $0.event == ":retry" }.count == 2)
         try await probe.waitUntilClosed()
+        processes[1].process.waitUntilExit()
+        let took = ContinuousClock.now - signalled
+        #expect(took < .seconds(22), "exit took \(took)")
+    }
+
+    @Test("a fan-out woken by one bus message is read in one batch: each stream gets its own row and count, nothing else")
+    func batchedFanOut() async throws {
+        let org = try await organisation()
+        try await StreamServer.with { servers in
+            let server = servers[0]
+            let member = try await StreamProbe.open(.sse, on: server, token: org.memberToken)
+            let owner = try await StreamProbe.open(.socket, on: server, token: org.ownerToken)
+            for probe in [member, owner] { try await probe.next("unread_count") }
+            // The owner has one more unread row than the member before the fan-out.
+            try await task(org, to: [org.ownerID], title: "owner only")
+            try await owner.next("notification.created")
+            try await owner.next("unread_count") { $0.object["total"] as? Int == 1 }
+            try await task(org, to: [org.memberID, org.ownerID], title: "for both")
+            let toMember = try await member.next("notification.created")
+            let toOwner = try await owner.next("notification.created") { $0.object["title"] as? String == "for both" }
+            let memberRows = try await org.notificationIDs(of: org.memberID)
+            let ownerRows = try await org.notificationIDs(of: org.ownerID)
+            #expect(memberRows.map { $0.uuidString.lowercased() }.contains(toMember.object["id"] as? String ?? ""))
+            #expect(ownerRows.map { $0.uuidString.lowercased() }.contains(toOwner.object["id"] as? String ?? ""))
+            #expect(toMember.object["id"] as? String != toOwner.object["id"] as? String)
+            #expect(try await member.next("unread_count").object["total"] as? Int == 1)
+            #expect(try await owner.next("unread_count").object["total"] as? Int == 2)
+            try await Task.sleep(for: .milliseconds(200))
+            #expect(member.createdIDs.count == 1)
+            #expect(owner.createdIDs.count == 2)
+            for probe in [member, owner] { await probe.close() }
+        }
     }
 }

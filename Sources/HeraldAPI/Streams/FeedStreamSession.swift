@@ -81,10 +81,19 @@ struct FeedStreamSession {
             if dirty {
                 var sent = 0
                 while true {
-                    let page = try await read { tx in
-                        let changes = try await tx.feedChanges(of: start.userID, after: cursor, limit: Self.pageSize, now: now())
-                        let count = changes.isEmpty ? nil : try await tx.unreadCount(of: start.userID, now: now())
-                        return (changes, count)
+                    // A page the hub read in a batch (a fan-out), if it starts where this stream
+                    // stands; else this stream reads on its own.
+                    let page: ([LoggedFeedChange], UnreadCount?, complete: Bool)
+                    if let prefetched = registration.takePrefetched(after: cursor) {
+                        page = (prefetched.changes, prefetched.count, prefetched.complete)
+                    } else {
+                        registration.settle(at: nil)
+                        let read = try await read { tx in
+                            let changes = try await tx.feedChanges(of: start.userID, after: cursor, limit: Self.pageSize, now: now())
+                            let count = changes.isEmpty ? nil : try await tx.unreadCount(of: start.userID, now: now())
+                            return (changes, count)
+                        }
+                        page = (read.0, read.1, read.0.count < Self.pageSize)
                     }
                     guard let last = page.0.last else { break }
                     sent += page.0.count
@@ -109,9 +118,10 @@ struct FeedStreamSession {
                         try await write(.event(StreamEvent(id: cursor, name: "unread_count", data: try Self.json(count))))
                     }
                     lastWrite = ContinuousClock.now
-                    if page.0.count < Self.pageSize { break }
+                    if page.complete { break }
                 }
                 live = true
+                registration.settle(at: cursor)
             }
             if ContinuousClock.now - lastWrite >= settings.heartbeat {
                 try await write(.heartbeat)

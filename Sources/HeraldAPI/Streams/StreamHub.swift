@@ -50,6 +50,9 @@ final class StreamRegistration: Sendable {
     let wakes: AsyncStream<Void>
     private let continuation: AsyncStream<Void>.Continuation
     private let flags = Mutex<(dirty: Bool, ended: StreamEnd?)>((true, nil))
+    /// The number of the last change the stream wrote (nil until it has caught up once), and
+    /// a page the hub read for it in a batch, to be used if it still starts there.
+    private let position = Mutex<(cursor: Int64?, prefetched: PrefetchedPage?)>((nil, nil))
 
     init(id: UInt64, organisationID: UUID, userID: UUID, sessionID: UUID?) {
         self.id = id
@@ -85,6 +88,35 @@ final class StreamRegistration: Sendable {
     }
 
     func finish() { continuation.finish() }
+
+    /// Where the stream stands, for a batched read; nil while it replays or reads.
+    var cursor: Int64? { position.withLock { $0.cursor } }
+
+    /// The stream says where it stands (nil: it is reading on its own).
+    func settle(at cursor: Int64?) { position.withLock { $0.cursor = cursor } }
+
+    /// Hands the stream a page read in a batch, and wakes it.
+    func offer(_ page: PrefetchedPage) {
+        position.withLock { $0.prefetched = page }
+        changed()
+    }
+
+    /// The page read for the stream, if it was read from where the stream stands.
+    func takePrefetched(after cursor: Int64) -> PrefetchedPage? {
+        position.withLock { position in
+            defer { position.prefetched = nil }
+            return position.prefetched?.after == cursor ? position.prefetched : nil
+        }
+    }
+}
+
+/// A stream's next changes and count, read by the hub for many streams in one transaction.
+struct PrefetchedPage: Sendable {
+    var after: Int64
+    var changes: [LoggedFeedChange]
+    var count: UnreadCount
+    /// Fewer than a page: nothing more was waiting.
+    var complete: Bool
 }
 
 /// Refusals to open a stream.
@@ -218,7 +250,16 @@ public final class StreamHub: Service, Sendable {
                         (state.byUser[UserKey(organisationID: organisationID, userID: user)] ?? []).compactMap { state.streams[$0] }
                     }
                 }
-                for stream in woken { stream.changed() }
+                // A fan-out wakes many streams at once: one read for all of them instead of a
+                // transaction each (streams that are busy reading on their own are just woken).
+                let settled = woken.compactMap { stream in stream.cursor.map { (stream, $0) } }
+                if settled.count >= 2 {
+                    let busy = woken.filter { $0.cursor == nil }
+                    for stream in busy { stream.changed() }
+                    Task { await self.prefetch(settled, in: organisationID) }
+                } else {
+                    for stream in woken { stream.changed() }
+                }
             case .userDeactivated(let organisationID, let userID):
                 let ended = state.withLock { state in
                     (state.byUser[UserKey(organisationID: organisationID, userID: userID)] ?? []).compactMap { state.streams[$0] }
@@ -239,6 +280,33 @@ public final class StreamHub: Service, Sendable {
             case .feedChanged:
                 break
             }
+        }
+    }
+
+    /// Reads the next page of each stream in one transaction of their organisation and hands
+    /// it over; on failure the streams read on their own.
+    private func prefetch(_ streams: [(StreamRegistration, Int64)], in organisationID: UUID) async {
+        let pageSize = FeedStreamSession.pageSize
+        var positions: [UUID: Int64] = [:]
+        for (stream, cursor) in streams { positions[stream.userID] = min(positions[stream.userID] ?? cursor, cursor) }
+        do {
+            let now = now()
+            let (changes, counts) = try await database.withTenant(organisationID) { tx in
+                let changes = try await tx.feedChanges(after: positions, limit: pageSize, now: now)
+                let counts = try await tx.unreadCounts(of: Array(positions.keys), now: now)
+                return (changes, counts)
+            }
+            for (stream, cursor) in streams {
+                let mine = changes[stream.userID] ?? []
+                guard positions[stream.userID] == cursor, let count = counts[stream.userID] else {
+                    stream.changed()
+                    continue
+                }
+                stream.offer(PrefetchedPage(after: cursor, changes: mine, count: count, complete: mine.count < pageSize))
+            }
+        } catch {
+            logger.warning("batched stream read failed; streams read alone", metadata: ["error": "\(String(reflecting: error))"])
+            for (stream, _) in streams { stream.changed() }
         }
     }
 
