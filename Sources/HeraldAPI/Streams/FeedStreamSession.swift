@@ -83,9 +83,9 @@ struct FeedStreamSession {
                 while true {
                     // A page the hub read in a batch (a fan-out), if it starts where this stream
                     // stands; else this stream reads on its own.
-                    let page: ([LoggedFeedChange], UnreadCount?, complete: Bool)
+                    let page: ([LoggedFeedChange], UnreadCount?)
                     if let prefetched = registration.takePrefetched(after: cursor) {
-                        page = (prefetched.changes, prefetched.count, prefetched.complete)
+                        page = (prefetched.changes, prefetched.count)
                     } else {
                         registration.settle(at: nil)
                         let read = try await read { tx in
@@ -93,7 +93,7 @@ struct FeedStreamSession {
                             let count = changes.isEmpty ? nil : try await tx.unreadCount(of: start.userID, now: now())
                             return (changes, count)
                         }
-                        page = (read.0, read.1, read.0.count < Self.pageSize)
+                        page = read
                     }
                     guard let last = page.0.last else { break }
                     sent += page.0.count
@@ -118,7 +118,8 @@ struct FeedStreamSession {
                         try await write(.event(StreamEvent(id: cursor, name: "unread_count", data: try Self.json(count))))
                     }
                     lastWrite = ContinuousClock.now
-                    if page.complete { break }
+                    // Fewer than a page: nothing more was waiting.
+                    if page.0.count < Self.pageSize { break }
                 }
                 live = true
                 registration.settle(at: cursor)
@@ -166,13 +167,18 @@ struct FeedStreamSession {
     }
 
     /// The same bytes the REST API writes: sorted keys, unescaped slashes, RFC 3339 dates.
-    static func json<Value: Encodable>(_ value: Value) throws -> String {
+    /// Made once: every event of every stream goes through it.
+    private static let encoder: JSONEncoder = {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         encoder.dateEncodingStrategy = .custom { date, encoder in
             var container = encoder.singleValueContainer()
             try container.encode(date.formatted(.iso8601))
         }
-        return String(decoding: try encoder.encode(value), as: UTF8.self)
+        return encoder
+    }()
+
+    static func json<Value: Encodable>(_ value: Value) throws -> String {
+        String(decoding: try encoder.encode(value), as: UTF8.self)
     }
 }

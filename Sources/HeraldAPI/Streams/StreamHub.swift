@@ -115,8 +115,6 @@ struct PrefetchedPage: Sendable {
     var after: Int64
     var changes: [LoggedFeedChange]
     var count: UnreadCount
-    /// Fewer than a page: nothing more was waiting.
-    var complete: Bool
 }
 
 /// Refusals to open a stream.
@@ -302,7 +300,7 @@ public final class StreamHub: Service, Sendable {
                     stream.changed()
                     continue
                 }
-                stream.offer(PrefetchedPage(after: cursor, changes: mine, count: count, complete: mine.count < pageSize))
+                stream.offer(PrefetchedPage(after: cursor, changes: mine, count: count))
             }
         } catch {
             logger.warning("batched stream read failed; streams read alone", metadata: ["error": "\(String(reflecting: error))"])
