@@ -7,7 +7,7 @@ import Testing
 @testable import HeraldAPI
 
 /// The bell page (`GET /demo/bell`, issue 10) in a real browser: headless Chromium, two tabs
-/// signed in as the same user, against a live server with streams. What a clinic's acceptance
+/// signed in as the same user, against a `herald serve` process. What a clinic's acceptance
 /// case asks: the unread badge follows new notifications and reads in other tabs without a
 /// reload, and the page comes back by itself after the server goes away.
 @Suite("The bell page in a real browser")
@@ -22,80 +22,88 @@ struct BellPageTests {
         let env = try await TestEnvironment.shared
         let org = try await TestOrganisation.make()
         _ = try await TestCatalogue.make(in: org)
-        try await LiveServer.with { server in
-            try await Chromium.withBrowser { browser in
-                let tabs = [
-                    try await browser.open(server.url + "/demo/bell"),
-                    try await browser.open(server.url + "/demo/bell"),
-                ]
-                for tab in tabs {
-                    try await signIn(tab, as: "member@\(org.slug).example", of: org)
-                    // Set once: still there at the end means no tab was reloaded.
-                    try await tab.evaluate("window.sameDocument = true")
-                }
-                let signedIn = try await poll(until: ["connected", "connected"], within: .seconds(30)) { try await statuses(tabs) }
-                #expect(signedIn == ["connected", "connected"])
-                #expect(try await badges(tabs) == ["0", "0"])
-
-                // act: a notification for the user, through the API
-                let sent = try await server.send(
-                    .POST, "/v1/events", token: org.ownerToken, json: task(for: org, "Review the implant plan"))
-                #expect(sent.status == 202, "\(sent.text)")
-
-                // check: both badges within 2 s, and the row listed unread
-                let raised = try await poll(until: ["1", "1"], within: .seconds(2)) { try await badges(tabs) }
-                #expect(raised == ["1", "1"])
-                let listed = ["Review the implant plan:false"]
-                for tab in tabs {
-                    let listedRows = try await poll(until: listed, within: .seconds(2)) { try await rows(tab) }
-                    #expect(listedRows == listed)
-                }
-
-                // act: read in the first tab
-                try await tabs[0].click("#feed li[data-read='false'] button.mark-read")
-
-                // check: the second tab's badge goes down and its row shows read, within 2 s
-                let lowered = try await poll(until: "0", within: .seconds(2)) { try await tabs[1].text("#badge") }
-                #expect(lowered == "0")
-                let read = ["Review the implant plan:true"]
-                let readRows = try await poll(until: read, within: .seconds(2)) { try await rows(tabs[1]) }
-                #expect(readRows == read)
-                #expect(try await tabs[0].text("#badge") == "0")
-
-                // act: the server dies (every stream cut, no goodbye); a notification is sent
-                // through another instance's API while it is down; then it comes back
-                await server.stop()
-                let away = ["reconnecting", "reconnecting"]
-                let cut = try await poll(until: away, within: .seconds(5)) { try await statuses(tabs) }
-                #expect(cut == away)
-                let meanwhile = try await env.application().test(.router) { client in
-                    try await client.send(.post, "/v1/events", token: org.ownerToken, json: task(for: org, "Sent while you were away"))
-                }
-                #expect(meanwhile.status == .accepted, "\(meanwhile.text)")
-                try await server.start()
-
-                // check: each tab reconnects by itself and replays what it missed, once
-                let back = ["connected", "connected", "1", "1"]
-                let resumed = try await poll(until: back, within: .seconds(10)) { try await statuses(tabs) + badges(tabs) }
-                #expect(resumed == back)
-                let caughtUp = ["Sent while you were away:false", "Review the implant plan:true"]
-                for tab in tabs {
-                    let replayed = try await poll(until: caughtUp, within: .seconds(2)) { try await rows(tab) }
-                    let events = try await tab.evaluate("window.bellEvents") as? [String] ?? []
-                    #expect(replayed == caughtUp, "events the tab received: \(events)")
-                    // Caught up by replay from its last event, not by reading the list again.
-                    let reconnect = events.last { $0.hasPrefix("connect ") }
-                    #expect(reconnect?.hasPrefix("connect since=") == true && reconnect != "connect since=now", "\(events)")
-                    #expect(try await tab.evaluate("window.sameDocument") as? Bool == true, "the tab was reloaded")
-                }
-
-                // The picture for docs/realtime.md: a critical alert on top of the two tasks.
-                let alert = try await server.send(.POST, "/v1/events", token: org.ownerToken, json: reading(for: org))
-                #expect(alert.status == 202, "\(alert.text)")
-                let alerted = try await poll(until: "2", within: .seconds(10)) { try await tabs[0].text("#badge") }
-                #expect(alerted == "2")
-                try await screenshot(tabs[0])
+        // `herald serve` as a process of its own, so that "the server dies" is a real death
+        // (SIGKILL: the kernel cuts every connection, nothing says goodbye).
+        let keys = try StreamServeProcess.keysDirectory()
+        let port = Int.random(in: 36_000..<40_000)
+        var server = try StreamServeProcess(port: port, keys: keys)
+        defer { server.kill() }
+        try await server.waitUntilReady()
+        let owner = try await server.login("owner@\(org.slug).example", of: org)
+        try await Chromium.withBrowser { browser in
+            let tabs = [
+                try await browser.open(server.url + "/demo/bell"),
+                try await browser.open(server.url + "/demo/bell"),
+            ]
+            for tab in tabs {
+                try await signIn(tab, as: "member@\(org.slug).example", of: org)
+                // Set once: still there at the end means no tab was reloaded.
+                try await tab.evaluate("window.sameDocument = true")
             }
+            let signedIn = try await poll(until: ["connected", "connected"], within: .seconds(30)) { try await statuses(tabs) }
+            #expect(signedIn == ["connected", "connected"])
+            #expect(try await badges(tabs) == ["0", "0"])
+
+            // act: a notification for the user, through the API
+            let sent = try await server.send(.POST, "/v1/events", token: owner, json: task(for: org, "Review the implant plan"))
+            #expect(sent.status == 202, "\(sent.text)")
+
+            // check: both badges within 2 s, and the row listed unread
+            let raised = try await poll(until: ["1", "1"], within: .seconds(2)) { try await badges(tabs) }
+            #expect(raised == ["1", "1"])
+            let listed = ["Review the implant plan:false"]
+            for tab in tabs {
+                let listedRows = try await poll(until: listed, within: .seconds(2)) { try await rows(tab) }
+                #expect(listedRows == listed)
+            }
+
+            // act: read in the first tab
+            try await tabs[0].click("#feed li[data-read='false'] button.mark-read")
+
+            // check: the second tab's badge goes down and its row shows read, within 2 s
+            let lowered = try await poll(until: "0", within: .seconds(2)) { try await tabs[1].text("#badge") }
+            #expect(lowered == "0")
+            let read = ["Review the implant plan:true"]
+            let readRows = try await poll(until: read, within: .seconds(2)) { try await rows(tabs[1]) }
+            #expect(readRows == read)
+            #expect(try await tabs[0].text("#badge") == "0")
+
+            // act: the server dies (every stream cut, no goodbye); a notification is sent
+            // through another instance's API while it is down; then it comes back
+            server.kill()
+            let away = ["reconnecting", "reconnecting"]
+            let cut = try await poll(until: away, within: .seconds(5)) { try await statuses(tabs) }
+            let cutEvents = try await tabs[0].evaluate("window.bellEvents") as? [String] ?? []
+            #expect(cut == away, "events the first tab received: \(cutEvents)")
+            let meanwhile = try await env.application().test(.router) { client in
+                try await client.send(.post, "/v1/events", token: org.ownerToken, json: task(for: org, "Sent while you were away"))
+            }
+            #expect(meanwhile.status == .accepted, "\(meanwhile.text)")
+            server = try StreamServeProcess(port: port, keys: keys)
+            try await server.waitUntilReady()
+
+            // check: each tab reconnects by itself and replays what it missed, once
+            let back = ["connected", "connected", "1", "1"]
+            let resumed = try await poll(until: back, within: .seconds(10)) { try await statuses(tabs) + badges(tabs) }
+            #expect(resumed == back)
+            let caughtUp = ["Sent while you were away:false", "Review the implant plan:true"]
+            for tab in tabs {
+                let replayed = try await poll(until: caughtUp, within: .seconds(2)) { try await rows(tab) }
+                let events = try await tab.evaluate("window.bellEvents") as? [String] ?? []
+                #expect(replayed == caughtUp, "events the tab received: \(events)")
+                // Caught up by replay from its last event, not by reading the list again.
+                let reconnect = events.last { $0.hasPrefix("connect ") }
+                #expect(reconnect?.hasPrefix("connect since=") == true && reconnect != "connect since=now", "\(events)")
+                #expect(try await tab.evaluate("window.sameDocument") as? Bool == true, "the tab was reloaded")
+            }
+
+            // The picture for docs/realtime.md: a critical alert on top of the two tasks.
+            let ownerAgain = try await server.login("owner@\(org.slug).example", of: org)
+            let alert = try await server.send(.POST, "/v1/events", token: ownerAgain, json: reading(for: org))
+            #expect(alert.status == 202, "\(alert.text)")
+            let alerted = try await poll(until: "2", within: .seconds(10)) { try await tabs[0].text("#badge") }
+            #expect(alerted == "2")
+            try await screenshot(tabs[0])
         }
     }
 

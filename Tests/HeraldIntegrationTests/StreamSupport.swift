@@ -308,8 +308,8 @@ final class StreamProbe: Sendable {
     }
 }
 
-/// `herald serve` as a process of its own (live streams and all), on the shared test database,
-/// trusting the test environment's signing key, so the test organisations' tokens work.
+/// `herald serve` as a process of its own (live streams, demo pages and all) on the shared test
+/// database, signing with the keys of `keysDirectory()`: its tokens come from `login`.
 final class StreamServeProcess: StreamHost, @unchecked Sendable {
     let process = Process()
     let port: Int
@@ -325,6 +325,7 @@ final class StreamServeProcess: StreamHost, @unchecked Sendable {
             "HERALD_PORT": "\(port)",
             "HERALD_JWT_KEYS_DIR": keys,
             "HERALD_WORKERS": "0",
+            "HERALD_DEMO_PAGES": "1",
             "HERALD_SHUTDOWN_SECONDS": "20",
             "HERALD_LOG_LEVEL": "error",
             "HERALD_LOG_FORMAT": "text",
