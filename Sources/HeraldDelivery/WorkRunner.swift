@@ -221,7 +221,7 @@ where Handler.Claim == Queue.Claim, Handler.Outcome == Queue.Outcome {
             group.addTask {
                 await self.perform(claim); return true
             }
-            group.addTask { (try? await Task.sleep(for: self.configuration.attemptDeadline)) != nil ? false : true }
+            group.addTask { (try? await EventLoopTimer.sleep(for: self.configuration.attemptDeadline)) != nil ? false : true }
             if await group.next() == false {
                 Counter(label: "herald_\(queue.kind)_abandoned_total").increment()
                 logger.error(

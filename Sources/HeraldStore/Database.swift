@@ -1,6 +1,7 @@
 import Foundation
 import HeraldCore
 import Logging
+import NIOCore
 import PostgresNIO
 import Synchronization
 
@@ -139,7 +140,7 @@ public struct Database: Sendable {
             return try await withThrowingTaskGroup(of: R?.self) { group in
                 group.addTask { try await work.value(held) }
                 group.addTask {
-                    try await Task.sleep(for: deadline)
+                    try await EventLoopTimer.sleep(for: deadline)
                     return nil
                 }
                 defer { group.cancelAll() }
@@ -177,9 +178,10 @@ public struct Database: Sendable {
                     do { result = .success(try await connection.query(query, logger: logger).collect()) } catch { result = .failure(error) }
                     wait.finish(result)
                 }
+                // A timer on the connection's event loop, not a sleeping task: it is dropped the
+                // moment the statement finishes (see `EventLoopTimer`).
                 wait.arm(
-                    Task {
-                        guard (try? await Task.sleep(until: until)) != nil else { return }
+                    connection.eventLoop.scheduleTask(in: .nanoseconds((until - ContinuousClock.now).nanoseconds)) {
                         wait.finish(
                             .failure(DatabaseUnavailable(deadline: .zero, underlying: "a statement was abandoned at the call's deadline")),
                             closing: connection)
@@ -244,7 +246,7 @@ final class HeldConnection: Sendable {
 
 /// Who resumes a statement's caller first: the statement, its deadline or a cancellation.
 final class StatementWait: Sendable {
-    private let state = Mutex<(continuation: CheckedContinuation<[PostgresRow], any Error>?, timer: Task<Void, Never>?, done: Bool)>(
+    private let state = Mutex<(continuation: CheckedContinuation<[PostgresRow], any Error>?, timer: Scheduled<Void>?, done: Bool)>(
         (nil, nil, false))
 
     func start(_ continuation: CheckedContinuation<[PostgresRow], any Error>) {
@@ -255,7 +257,7 @@ final class StatementWait: Sendable {
         if cancelled { continuation.resume(throwing: CancellationError()) }
     }
 
-    func arm(_ timer: Task<Void, Never>) {
+    func arm(_ timer: Scheduled<Void>) {
         let cancel = state.withLock { state in
             state.timer = timer
             return state.done
