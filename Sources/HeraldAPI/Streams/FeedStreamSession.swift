@@ -34,11 +34,26 @@ struct StreamStart: Sendable {
     var since: Int64?
 }
 
+/// What one step of a stream produced: what to write, where the stream then stands, and
+/// whether it ends once that is written.
+struct StreamStep: Sendable {
+    var output: [StreamOutput] = []
+    var cursor: Int64
+    var finished = false
+    /// When each live change written was logged: push latency, recorded once it is written.
+    var logged: [Date] = []
+}
+
 /// The loop behind one connection, whatever its transport: tell the client where it stands,
 /// replay what it missed, then read and send the user's new changes each time the hub wakes it.
 /// Live and replay are the same read (`feed_changes` after the last number sent), so a change
 /// is sent once whether it arrived before, during or after a reconnect.
-struct FeedStreamSession {
+///
+/// The loop itself only waits and writes. Each read (the opening one, and one per wake) runs in
+/// a child task and hands back what to write: a task keeps the largest stack of frames it ever
+/// needed until it ends, and the reads' frames (transactions, rows, JSON) were most of an idle
+/// stream's memory when they ran in the stream's own task.
+struct FeedStreamSession: Sendable {
     let hub: StreamHub
     let registration: StreamRegistration
     let start: StreamStart
@@ -49,23 +64,15 @@ struct FeedStreamSession {
     static let events = Counter(label: "herald_stream_events_total")
 
     /// Runs until the client goes (a write throws), the server ends the stream, or the client
-    /// must resynchronise. Always unregisters.
-    func run(write: (StreamOutput) async throws -> Void) async throws {
+    /// must resynchronise. Each call of `write` gets the events of one step, to be sent
+    /// together. Always unregisters.
+    func run(write: ([StreamOutput]) async throws -> Void) async throws {
         defer { hub.close(registration) }
         let settings = hub.settings
-        try await write(.retry(milliseconds: settings.retryMilliseconds))
-        let position = try await read { tx in try await tx.feedStreamPosition(of: start.userID) }
-        var cursor = position.seq
-        if let since = start.since {
-            if since < position.purgedThrough || since > position.seq || position.seq - since > Int64(settings.maxBacklog) {
-                let reason = since > position.seq ? "unknown_position" : "too_far_behind"
-                try await resync(reason: reason, at: position.seq, write: write)
-                return
-            }
-            cursor = since
-        }
-        let count = try await read { tx in try await tx.unreadCount(of: start.userID, now: now()) }
-        try await write(.event(StreamEvent(id: cursor, name: "unread_count", data: try Self.json(count))))
+        let opened = try await inChildTask { try await self.open() }
+        try await write(opened.output)
+        if opened.finished { return }
+        var cursor = opened.cursor
         var lastWrite = ContinuousClock.now
         // The first wake is already pending (a registration starts dirty): it replays. Push
         // latency is measured on live changes only (a replay's are as old as the client's absence).
@@ -74,67 +81,103 @@ struct FeedStreamSession {
             let (dirty, ended) = registration.take()
             if ended == .clientGone { return }
             if let ended {
-                try? await write(.retry(milliseconds: settings.retryMilliseconds))
-                try? await write(.event(StreamEvent(id: cursor, name: "end", data: "{\"reason\":\"\(ended.rawValue)\"}")))
+                try? await write([
+                    .retry(milliseconds: settings.retryMilliseconds),
+                    .event(StreamEvent(id: cursor, name: "end", data: "{\"reason\":\"\(ended.rawValue)\"}")),
+                ])
                 return
             }
             if dirty {
-                var sent = 0
-                while true {
-                    // A page the hub read in a batch (a fan-out), if it starts where this stream
-                    // stands; else this stream reads on its own.
-                    let page: ([LoggedFeedChange], UnreadCount?)
-                    if let prefetched = registration.takePrefetched(after: cursor) {
-                        page = (prefetched.changes, prefetched.count)
-                    } else {
-                        registration.settle(at: nil)
-                        let read = try await read { tx in
-                            let changes = try await tx.feedChanges(of: start.userID, after: cursor, limit: Self.pageSize, now: now())
-                            let count = changes.isEmpty ? nil : try await tx.unreadCount(of: start.userID, now: now())
-                            return (changes, count)
-                        }
-                        page = read
-                    }
-                    guard let last = page.0.last else { break }
-                    sent += page.0.count
-                    if sent > settings.maxBacklog {
-                        // Too far behind to catch up change by change: refetch instead.
-                        StreamHub.drops.increment()
-                        try await resync(reason: "too_far_behind", at: last.seq, write: write)
-                        return
-                    }
-                    for change in page.0 {
-                        if let event = try Self.event(for: change) {
-                            try await write(.event(event))
-                            Self.events.increment()
-                        }
-                        if live {
-                            StreamHub.pushLatency.recordNanoseconds(
-                                Int64(max(0, Date().timeIntervalSince(change.loggedAt)) * 1_000_000_000))
-                        }
-                        cursor = change.seq
-                    }
-                    if let count = page.1 {
-                        try await write(.event(StreamEvent(id: cursor, name: "unread_count", data: try Self.json(count))))
-                    }
+                let step = try await inChildTask { [cursor, live] in try await self.catchUp(after: cursor, live: live) }
+                if !step.output.isEmpty {
+                    try await write(step.output)
                     lastWrite = ContinuousClock.now
-                    // Fewer than a page: nothing more was waiting.
-                    if page.0.count < Self.pageSize { break }
                 }
+                for logged in step.logged {
+                    StreamHub.pushLatency.recordNanoseconds(Int64(max(0, Date().timeIntervalSince(logged)) * 1_000_000_000))
+                }
+                if step.finished { return }
+                cursor = step.cursor
                 live = true
                 registration.settle(at: cursor)
             }
             if ContinuousClock.now - lastWrite >= settings.heartbeat {
-                try await write(.heartbeat)
+                try await write([.heartbeat])
                 lastWrite = ContinuousClock.now
             }
         }
     }
 
-    private func resync(reason: String, at seq: Int64, write: (StreamOutput) async throws -> Void) async throws {
+    /// The stream's first words: the retry hint and the unread count where it starts (now, or
+    /// after `since`), or `resync` when it cannot start there.
+    private func open() async throws -> StreamStep {
+        let settings = hub.settings
+        var step = StreamStep(output: [.retry(milliseconds: settings.retryMilliseconds)], cursor: 0)
+        let position = try await read { tx in try await tx.feedStreamPosition(of: start.userID) }
+        step.cursor = position.seq
+        if let since = start.since {
+            if since < position.purgedThrough || since > position.seq || position.seq - since > Int64(settings.maxBacklog) {
+                resync(&step, reason: since > position.seq ? "unknown_position" : "too_far_behind", at: position.seq)
+                return step
+            }
+            step.cursor = since
+        }
+        let count = try await read { tx in try await tx.unreadCount(of: start.userID, now: now()) }
+        step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: try Self.json(count))))
+        return step
+    }
+
+    /// Everything logged after `cursor`, page by page: the events and the unread count after
+    /// each page; `resync` when there is too much to catch up change by change.
+    private func catchUp(after cursor: Int64, live: Bool) async throws -> StreamStep {
+        let settings = hub.settings
+        var step = StreamStep(cursor: cursor)
+        var sent = 0
+        while true {
+            // A page the hub read in a batch (a fan-out), if it starts where this stream
+            // stands; else this stream reads on its own.
+            let page: ([LoggedFeedChange], UnreadCount?)
+            if let prefetched = registration.takePrefetched(after: step.cursor) {
+                page = (prefetched.changes, prefetched.count)
+            } else {
+                registration.settle(at: nil)
+                let after = step.cursor
+                page = try await read { tx in
+                    let changes = try await tx.feedChanges(of: start.userID, after: after, limit: Self.pageSize, now: now())
+                    let count = changes.isEmpty ? nil : try await tx.unreadCount(of: start.userID, now: now())
+                    return (changes, count)
+                }
+            }
+            guard let last = page.0.last else { break }
+            sent += page.0.count
+            if sent > settings.maxBacklog {
+                // Too far behind to catch up change by change: refetch instead.
+                StreamHub.drops.increment()
+                resync(&step, reason: "too_far_behind", at: last.seq)
+                return step
+            }
+            for change in page.0 {
+                if let event = try Self.event(for: change) {
+                    step.output.append(.event(event))
+                    Self.events.increment()
+                }
+                if live { step.logged.append(change.loggedAt) }
+                step.cursor = change.seq
+            }
+            if let count = page.1 {
+                step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: try Self.json(count))))
+            }
+            // Fewer than a page: nothing more was waiting.
+            if page.0.count < Self.pageSize { break }
+        }
+        return step
+    }
+
+    private func resync(_ step: inout StreamStep, reason: String, at seq: Int64) {
         StreamHub.resyncs.increment()
         logger.info("stream told to resynchronise", metadata: ["reason": "\(reason)"])
-        try await write(.event(StreamEvent(id: seq, name: "resync", data: "{\"reason\":\"\(reason)\"}")))
+        step.output.append(.event(StreamEvent(id: seq, name: "resync", data: "{\"reason\":\"\(reason)\"}")))
+        step.finished = true
     }
 
     /// A short transaction confined to the user's rows.
@@ -180,5 +223,17 @@ struct FeedStreamSession {
 
     static func json<Value: Encodable>(_ value: Value) throws -> String {
         String(decoding: try encoder.encode(value), as: UTF8.self)
+    }
+}
+
+/// Runs `body` in a child task and returns what it returns. For work done on behalf of a
+/// long-lived connection's task (a stream's reads, its authentication): a task keeps the
+/// largest stack of frames it ever needed until it ends, so deep work done in the connection's
+/// own task would stay in its memory for the life of the connection.
+func inChildTask<Value: Sendable>(_ body: @escaping @Sendable () async throws -> Value) async throws -> Value {
+    try await withThrowingTaskGroup(of: Value.self) { group in
+        group.addTask(operation: body)
+        guard let value = try await group.next() else { throw CancellationError() }
+        return value
     }
 }

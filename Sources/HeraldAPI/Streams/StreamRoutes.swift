@@ -33,8 +33,9 @@ struct StreamRoutes: Sendable {
 
     /// `GET /v1/me/notifications/stream`: `text/event-stream`.
     func serverSentEvents(_ request: Request, context: HeraldRequestContext) async throws -> Response {
-        let start = try await authenticate(
-            request, credential: RequestScope.current?.credential, lastEventID: request.headers[.lastEventID])
+        let credential = RequestScope.current?.credential
+        let lastEventID = request.headers[.lastEventID]
+        let start = try await inChildTask { try await self.authenticate(request, credential: credential, lastEventID: lastEventID) }
         let hub = try runningHub()
         let registration = try openStream(start, on: hub)
         let session = FeedStreamSession(hub: hub, registration: registration, start: start, now: now, logger: context.logger)
@@ -57,8 +58,11 @@ struct StreamRoutes: Sendable {
             status: .ok, headers: headers,
             body: ResponseBody { writer in
                 do {
-                    try await session.run { output in
-                        try await writer.write(ByteBuffer(string: output.sse))
+                    try await session.run { outputs in
+                        // One write (one flush) for everything a step produced.
+                        var buffer = ByteBuffer()
+                        for output in outputs { buffer.writeString(output.sse) }
+                        try await writer.write(buffer)
                     }
                 } catch {
                     context.logger.debug("stream ended", metadata: ["error": "\(String(reflecting: error))"])

@@ -67,8 +67,10 @@ extension StreamRoutes {
         let session: FeedStreamSession
         do {
             let hub = try runningHub()
-            let credential = try await authenticator.credential(from: request.headers[.authorization], logger: logger)
-            let start = try await authenticate(request, credential: credential, lastEventID: nil)
+            let start = try await inChildTask {
+                let credential = try await authenticator.credential(from: request.headers[.authorization], logger: logger)
+                return try await authenticate(request, credential: credential, lastEventID: nil)
+            }
             session = FeedStreamSession(hub: hub, registration: try openStream(start, on: hub), start: start, now: now, logger: logger)
         } catch {
             let problem = RequestMiddleware.apiError(for: error)
@@ -80,11 +82,13 @@ extension StreamRoutes {
         await withTaskGroup(of: Void.self) { group in
             group.addTask {
                 do {
-                    try await session.run { output in
-                        switch output {
-                        case .event(let event): try await outbound.write(.text(event.websocket))
-                        case .heartbeat: try await outbound.write(.custom(.init(fin: true, opcode: .ping, data: ByteBuffer())))
-                        case .retry: break
+                    try await session.run { outputs in
+                        for output in outputs {
+                            switch output {
+                            case .event(let event): try await outbound.write(.text(event.websocket))
+                            case .heartbeat: try await outbound.write(.custom(.init(fin: true, opcode: .ping, data: ByteBuffer())))
+                            case .retry: break
+                            }
                         }
                     }
                 } catch {
