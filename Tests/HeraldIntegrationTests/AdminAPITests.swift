@@ -10,12 +10,6 @@ import Testing
 
 @Suite("Admin API")
 struct AdminAPITests {
-    let env: TestEnvironment
-
-    init() async throws {
-        env = try await TestEnvironment.shared
-    }
-
     @Test("create, read, update, search and page through users; every change is audited with before and after")
     func usersLifecycle() async throws {
         try await withOrganisation { org, client in
@@ -54,12 +48,10 @@ struct AdminAPITests {
 
     @Test("cursor pagination returns every user exactly once")
     func pagination() async throws {
-        let org = try await TestOrganisation.make()
-        try await org.store { tx in
-            for i in 0..<25 { _ = try await tx.createUser(NewUser(email: "p\(i)@x.example", displayName: "P\(i)")) }
-        }
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
+            try await org.store { tx in
+                for i in 0..<25 { _ = try await tx.createUser(NewUser(email: "p\(i)@x.example", displayName: "P\(i)")) }
+            }
             var seen: [String] = []
             var cursor: String?
             repeat {
@@ -129,16 +121,14 @@ struct AdminAPITests {
 
     @Test("roles: custom roles carry only permissions the creator holds; built-in roles cannot change")
     func roles() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        // An admin holds everything but organisation.manage.
-        let adminToken = try await org.store { tx in
-            let admin = try await tx.createUser(NewUser(email: "admin@x.example", displayName: "Admin"))
-            _ = try await tx.setUserRoles(admin.id, [try await tx.builtinRole(.admin).id])
-            return admin.id
-        }
-        let admin = try await env.tokens.issueAccessToken(organisationID: org.id, userID: adminToken, now: Date())
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
+            // An admin holds everything but organisation.manage.
+            let adminToken = try await org.store { tx in
+                let admin = try await tx.createUser(NewUser(email: "admin@x.example", displayName: "Admin"))
+                _ = try await tx.setUserRoles(admin.id, [try await tx.builtinRole(.admin).id])
+                return admin.id
+            }
+            let admin = try await TestEnvironment.shared.tokens.issueAccessToken(organisationID: org.id, userID: adminToken, now: Date())
             let auditor = try await client.send(
                 .post, "/v1/roles", token: admin, json: #"{"key": "auditor", "name": "Auditor", "permissions": ["audit.read"]}"#)
             #expect(auditor.status == .created)
@@ -191,10 +181,8 @@ struct AdminAPITests {
 
     @Test("API keys: the secret is shown once, works as a credential, and stops working when revoked")
     func apiKeys() async throws {
-        let org = try await TestOrganisation.make()
-        let serviceRole = try await org.store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
+            let serviceRole = try await org.store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
             let created = try await client.send(
                 .post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "CRM", "role_id": "\#(serviceRole)"}"#)
             #expect(created.status == .created)
@@ -235,10 +223,8 @@ struct AdminAPITests {
 
     @Test("a caller cannot change or deactivate someone who holds more than it does")
     func noEscalationThroughUserChanges() async throws {
-        let org = try await TestOrganisation.make()
-        let serviceRole = try await org.store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
+            let serviceRole = try await org.store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
             let key = try await client.send(
                 .post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "svc", "role_id": "\#(serviceRole)"}"#)
             let secret = try #require(key.json["secret"] as? String)

@@ -123,9 +123,7 @@ struct AccessTokenTests {
 
     @Test("the JWKS publishes every live key, and its coordinates verify the tokens independently")
     func jwks() async throws {
-        let app = try env.application()
-        let org = try await TestOrganisation.make()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
             let response = try await client.send(.get, "/.well-known/jwks.json")
             #expect(response.status == .ok)
             let key = try #require((response.json["keys"] as? [[String: Any]])?.first)
@@ -218,10 +216,8 @@ struct SessionTests {
 
     @Test("a deactivated user cannot log in")
     func deactivatedCannotLogIn() async throws {
-        let org = try await TestOrganisation.make()
-        _ = try await org.store { tx in try await tx.setUserActive(org.memberID, false) }
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
+            _ = try await org.store { tx in try await tx.setUserActive(org.memberID, false) }
             let response = try await login(client, org, email: "member@\(org.slug).example")
             #expect(response.isProblem(.unauthorized))
         }

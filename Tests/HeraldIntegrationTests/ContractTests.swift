@@ -12,12 +12,6 @@ import Testing
 /// describe is refused with a 400 naming it. scripts/contract.sh checks the rest with schemathesis.
 @Suite("Issue 8: the contract")
 struct ContractTests {
-    let env: TestEnvironment
-
-    init() async throws {
-        env = try await TestEnvironment.shared
-    }
-
     @Test("an optional body may be left out (rotate-secret without a body reaches the endpoint lookup)")
     func optionalBodyLeftOut() async throws {
         // setup
@@ -33,10 +27,8 @@ struct ContractTests {
     @Test("a field sent as null is refused with 400 naming it; null inside the client's own JSON is a value")
     func nullFields() async throws {
         // setup
-        let org = try await TestOrganisation.make()
-        let member = org.memberID.uuidString.lowercased()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
+            let member = org.memberID.uuidString.lowercased()
             // act
             let field = try await client.send(.patch, "/v1/users/\(member)", token: org.ownerToken, json: #"{"locale": null}"#)
             let inside = try await client.send(
