@@ -52,10 +52,8 @@ struct BoundaryDefectTests {
     @Test("the audit log lists entries whose before/after are arrays (role assignments), also by target")
     func auditLogWithArrays() async throws {
         // setup: assigning roles writes before/after as JSON arrays
-        let org = try await TestOrganisation.make()
-        let member = org.memberID.uuidString.lowercased()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
+            let member = org.memberID.uuidString.lowercased()
             let admin = try await org.store { tx in try await tx.builtinRole(.admin).id.uuidString.lowercased() }
             #expect(
                 try await client.send(.put, "/v1/users/\(member)/roles", token: org.ownerToken, json: #"{"role_ids": ["\#(admin)"]}"#)
@@ -139,11 +137,8 @@ struct BoundaryDefectTests {
 
     @Test("what openapi.yaml declares as a maximum length, the server enforces (422 naming the field)")
     func declaredMaxLengths() async throws {
-        let org = try await TestOrganisation.make()
-        let catalogue = try await TestCatalogue.make(in: org)
-        let long = String(repeating: "x", count: 1001)
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withCatalogue { org, catalogue, client in
+            let long = String(repeating: "x", count: 1001)
             let cases: [(HTTPRequest.Method, String, String, String)] = [
                 (.post, "/v1/roles", #"{"key": "r1", "name": "R", "description": "\#(long)", "permissions": []}"#, "description"),
                 (.post, "/v1/groups", #"{"key": "g1", "name": "G", "description": "\#(long)"}"#, "description"),
@@ -257,20 +252,11 @@ struct BoundaryDefectTests {
 
 @Suite("Issue 8: what a CRM integrator needs")
 struct IntegratorGapTests {
-    let env: TestEnvironment
-
-    init() async throws {
-        env = try await TestEnvironment.shared
-    }
-
     @Test("events say who sent them; a user's manual send is audited, a key's is not")
     func sender() async throws {
         // setup
-        let org = try await TestOrganisation.make()
-        _ = try await TestCatalogue.make(in: org)
-        let key = try await org.serviceKey()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withCatalogue { org, _, client in
+            let key = try await org.serviceKey()
             let body =
                 #"{"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(org.memberID.uuidString.lowercased())"]}, "payload": {"title": "t"}}"#
             // act
@@ -294,11 +280,8 @@ struct IntegratorGapTests {
     @Test("a throttle across all of a user's notifications; critical in-app alerts still pass")
     func userThrottle() async throws {
         // setup
-        let org = try await TestOrganisation.make()
-        _ = try await TestCatalogue.make(in: org)
-        let member = org.memberID.uuidString.lowercased()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withCatalogue { org, _, client in
+            let member = org.memberID.uuidString.lowercased()
             let set = try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"user_throttle_per_minute": 2}"#)
             #expect(set.json["user_throttle_per_minute"] as? Int == 2)
             #expect(
@@ -329,11 +312,8 @@ struct IntegratorGapTests {
     @Test("events carry tags, feed items show them, and the feed filters by them (ANDed)")
     func tags() async throws {
         // setup
-        let org = try await TestOrganisation.make()
-        _ = try await TestCatalogue.make(in: org)
-        let member = org.memberID.uuidString.lowercased()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withCatalogue { org, _, client in
+            let member = org.memberID.uuidString.lowercased()
             func send(_ tags: String) async throws -> TestResponse {
                 try await client.send(
                     .post, "/v1/events", token: org.ownerToken,
@@ -365,11 +345,8 @@ struct IntegratorGapTests {
 
     @Test("the service role's key can ask why a user was or was not told")
     func serviceMayExplain() async throws {
-        let org = try await TestOrganisation.make()
-        _ = try await TestCatalogue.make(in: org)
-        let key = try await org.serviceKey()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withCatalogue { org, _, client in
+            let key = try await org.serviceKey()
             let sent = try await client.send(
                 .post, "/v1/events", token: key,
                 json: #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "t"}}"#)
