@@ -32,7 +32,11 @@ struct MedicalAlertTests {
 
     func clinic() async throws -> Clinic {
         let org = try await TestOrganisation.make()
-        let catalogue = try await TestCatalogue.make(in: org)
+        return try await clinic(org, try await TestCatalogue.make(in: org))
+    }
+
+    /// The clinic made in an organisation that has the test catalogue.
+    func clinic(_ org: TestOrganisation, _ catalogue: TestCatalogue) async throws -> Clinic {
         let (emailOff, digest, switchedOff, receptionist) = try await org.store { tx in
             func clinician(_ name: String) async throws -> UUID {
                 let user = try await tx.createUser(NewUser(email: "\(name)@clinic.example", displayName: name))
@@ -148,17 +152,17 @@ struct MedicalAlertTests {
 
     @Test("a non-critical category switched off means nothing at all, with the reason")
     func categoryOff() async throws {
-        let clinic = try await clinic()
-        try await clinic.org.store { tx in
-            try await tx.replacePreferences(
-                ofUser: clinic.org.memberID,
-                with: NotificationChannel.allCases.map {
-                    PreferenceCell(
-                        categoryID: clinic.catalogue.activity, channel: $0, setting: PreferenceSetting(enabled: false, frequency: .none))
-                })
-        }
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withCatalogue { org, catalogue, client in
+            let clinic = try await clinic(org, catalogue)
+            try await clinic.org.store { tx in
+                try await tx.replacePreferences(
+                    ofUser: clinic.org.memberID,
+                    with: NotificationChannel.allCases.map {
+                        PreferenceCell(
+                            categoryID: clinic.catalogue.activity, channel: $0, setting: PreferenceSetting(enabled: false, frequency: .none)
+                        )
+                    })
+            }
             let sent = try await client.send(
                 .post, "/v1/events", token: clinic.org.ownerToken,
                 json: """
@@ -178,9 +182,8 @@ struct MedicalAlertTests {
 
     @Test("switching email off through the API leaves in-app only; DAILY makes a digest item, no email")
     func preferencesThroughAPI() async throws {
-        let clinic = try await clinic()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withCatalogue { org, catalogue, client in
+            let clinic = try await clinic(org, catalogue)
             let put = try await client.send(
                 .put, "/v1/me/preferences", token: clinic.memberToken,
                 json: #"{"items": [{"category": "alerts", "channel": "email", "enabled": false, "frequency": "NONE"}]}"#)
@@ -206,9 +209,8 @@ struct MedicalAlertTests {
 
     @Test("bad events are refused and write nothing")
     func badEvents() async throws {
-        let clinic = try await clinic()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withCatalogue { org, catalogue, client in
+            let clinic = try await clinic(org, catalogue)
             let cases = [
                 (#"{"type": "NOPE", "audience": {"everyone": true}}"#, HTTPResponse.Status.unprocessableContent, "type"),
                 (#"{"type": "ISQ_CRITICAL", "audience": {}}"#, .unprocessableContent, "audience"),
@@ -232,9 +234,8 @@ struct MedicalAlertTests {
 
     @Test("a scheduled event stays out of the feed until its time; cancelling withdraws what has not gone out")
     func scheduledAndCancelled() async throws {
-        let clinic = try await clinic()
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withCatalogue { org, catalogue, client in
+            let clinic = try await clinic(org, catalogue)
             let later = ISO8601DateFormatter().string(from: Date().addingTimeInterval(3600))
             let body = Self.reading.replacingOccurrences(of: #""subject""#, with: #""deliver_at": "\#(later)", "subject""#)
             let sent = try await client.send(.post, "/v1/events", token: clinic.org.ownerToken, json: body)

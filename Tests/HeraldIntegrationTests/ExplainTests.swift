@@ -20,42 +20,40 @@ struct ExplainTests {
     @Test("explain covers every reason code the engine can emit")
     func everyReasonCode() async throws {
         // setup: one organisation where each situation occurs once
-        let org = try await TestOrganisation.make()
-        let catalogue = try await TestCatalogue.make(in: org)
-        let users = try await org.store { tx in
-            func user(_ name: String) async throws -> UUID {
-                try await tx.createUser(NewUser(email: "\(name)@x.example", displayName: name)).id
+        try await withCatalogue { org, catalogue, client in
+            let users = try await org.store { tx in
+                func user(_ name: String) async throws -> UUID {
+                    try await tx.createUser(NewUser(email: "\(name)@x.example", displayName: name)).id
+                }
+                let (grouped, everyone, excluded, inactive, picky, muted, none, webhook, digest) =
+                    (
+                        try await user("grouped"), try await user("everyone"), try await user("excluded"), try await user("inactive"),
+                        try await user("picky"), try await user("muted"), try await user("none"), try await user("webhook"),
+                        try await user("digest")
+                    )
+                let group = try await tx.createGroup(key: "night-shift", name: "Night shift", description: "")
+                try await tx.addGroupMember(group.id, grouped)
+                _ = try await tx.setUserActive(inactive, false)
+                func prefer(
+                    _ user: UUID, _ channel: NotificationChannel, _ enabled: Bool, _ frequency: Frequency, _ conditions: [Condition] = []
+                ) async throws {
+                    try await tx.replacePreferences(
+                        ofUser: user,
+                        with: [
+                            PreferenceCell(
+                                categoryID: catalogue.activity, channel: channel,
+                                setting: PreferenceSetting(enabled: enabled, frequency: frequency, conditions: conditions))
+                        ])
+                }
+                try await prefer(
+                    picky, .inApp, true, .immediate, [Condition(field: "title", op: .equals, value: .string("something else"))])
+                try await prefer(muted, .inApp, false, .none)
+                try await prefer(none, .inApp, true, .none)
+                try await prefer(webhook, .webhook, true, .immediate)
+                try await prefer(digest, .email, true, .daily)
+                try await prefer(org.memberID, .email, true, .immediate)
+                return (excluded, [grouped, everyone, excluded, inactive, picky, muted, none, webhook, digest])
             }
-            let (grouped, everyone, excluded, inactive, picky, muted, none, webhook, digest) =
-                (
-                    try await user("grouped"), try await user("everyone"), try await user("excluded"), try await user("inactive"),
-                    try await user("picky"), try await user("muted"), try await user("none"), try await user("webhook"),
-                    try await user("digest")
-                )
-            let group = try await tx.createGroup(key: "night-shift", name: "Night shift", description: "")
-            try await tx.addGroupMember(group.id, grouped)
-            _ = try await tx.setUserActive(inactive, false)
-            func prefer(
-                _ user: UUID, _ channel: NotificationChannel, _ enabled: Bool, _ frequency: Frequency, _ conditions: [Condition] = []
-            ) async throws {
-                try await tx.replacePreferences(
-                    ofUser: user,
-                    with: [
-                        PreferenceCell(
-                            categoryID: catalogue.activity, channel: channel,
-                            setting: PreferenceSetting(enabled: enabled, frequency: frequency, conditions: conditions))
-                    ])
-            }
-            try await prefer(picky, .inApp, true, .immediate, [Condition(field: "title", op: .equals, value: .string("something else"))])
-            try await prefer(muted, .inApp, false, .none)
-            try await prefer(none, .inApp, true, .none)
-            try await prefer(webhook, .webhook, true, .immediate)
-            try await prefer(digest, .email, true, .daily)
-            try await prefer(org.memberID, .email, true, .immediate)
-            return (excluded, [grouped, everyone, excluded, inactive, picky, muted, none, webhook, digest])
-        }
-        let app = try env.application()
-        let seen = try await app.test(.router) { client in
             var seen = Set<String>()
             // A throttle of one a minute: the second event throttles whoever the first one notified.
             _ = try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"throttle_per_minute": 1}"#)
@@ -80,12 +78,11 @@ struct ExplainTests {
                     cursor = page.json["next_cursor"] as? String
                 } while cursor != nil
             }
-            return seen
+            // check
+            let expected = Set(ReasonCode.allCases.map(\.rawValue))
+            #expect(expected.subtracting(seen).isEmpty, "never explained: \(expected.subtracting(seen).sorted())")
+            #expect(seen.subtracting(expected).isEmpty, "unknown codes: \(seen.subtracting(expected).sorted())")
         }
-        // check
-        let expected = Set(ReasonCode.allCases.map(\.rawValue))
-        #expect(expected.subtracting(seen).isEmpty, "never explained: \(expected.subtracting(seen).sorted())")
-        #expect(seen.subtracting(expected).isEmpty, "unknown codes: \(seen.subtracting(expected).sorted())")
     }
 
     /// Rows in every tenant table of the organisation.
@@ -108,11 +105,8 @@ struct ExplainTests {
 
     @Test("a dry run shows the same decisions as notify and writes nothing")
     func dryRunWritesNothing() async throws {
-        let org = try await TestOrganisation.make()
-        _ = try await TestCatalogue.make(in: org)
-        let app = try env.application()
-        let body = #"{"type": "ISQ_CRITICAL", "audience": {"roles": ["clinician"]}, "payload": {"isq": 25, "threshold": 55}}"#
-        try await app.test(.router) { client in
+        try await withCatalogue { org, _, client in
+            let body = #"{"type": "ISQ_CRITICAL", "audience": {"roles": ["clinician"]}, "payload": {"isq": 25, "threshold": 55}}"#
             let before = try await rowCounts(org)
             let dry = try await client.send(.post, "/v1/events/dry-run", token: org.ownerToken, json: body)
             let after = try await rowCounts(org)
