@@ -24,16 +24,13 @@ struct FeedTests {
 
     @Test("pagination returns every row exactly once while new rows keep arriving")
     func paginationUnderInserts() async throws {
-        let org = try await TestOrganisation.make()
-        _ = try await TestCatalogue.make(in: org)
-        for i in 0..<30 { try await task(org, to: [org.memberID], title: "before \(i)") }
-        try await org.store { tx in
-            // Some read, some unread: the unread-first order has two runs to page through.
-            let page = try await tx.feed(of: org.memberID, filter: FeedFilter(), limit: 10, after: nil, now: Date())
-            _ = try await tx.markRead(page.items.map(\.id), of: org.memberID, now: Date())
-        }
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withCatalogue { org, _, client in
+            for i in 0..<30 { try await task(org, to: [org.memberID], title: "before \(i)") }
+            try await org.store { tx in
+                // Some read, some unread: the unread-first order has two runs to page through.
+                let page = try await tx.feed(of: org.memberID, filter: FeedFilter(), limit: 10, after: nil, now: Date())
+                _ = try await tx.markRead(page.items.map(\.id), of: org.memberID, now: Date())
+            }
             var seen: [String] = []
             var cursor: String?
             var page = 0
@@ -59,11 +56,8 @@ struct FeedTests {
 
     @Test("read, unread, archive, delete, mark many, mark all, clear; the count follows")
     func readState() async throws {
-        let org = try await TestOrganisation.make()
-        _ = try await TestCatalogue.make(in: org)
-        for i in 0..<5 { try await task(org, to: [org.memberID], title: "t\(i)") }
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withCatalogue { org, _, client in
+            for i in 0..<5 { try await task(org, to: [org.memberID], title: "t\(i)") }
             func unread() async throws -> Int? {
                 try await client.send(.get, "/v1/me/notifications/unread-count", token: org.memberToken).json["total"] as? Int
             }
@@ -111,16 +105,13 @@ struct FeedTests {
 
     @Test("filters and full-text search in title and body")
     func filtersAndSearch() async throws {
-        let org = try await TestOrganisation.make()
-        _ = try await TestCatalogue.make(in: org)
-        try await task(org, to: [org.memberID], title: "Review the implant protocol")
-        try await task(org, to: [org.memberID], title: "Order gloves")
-        try await org.notify(
-            EventRequest(
-                typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]),
-                payload: .object(["isq": .number(25), "threshold": .number(55), "implant": .string("IMP-7")])))
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withCatalogue { org, _, client in
+            try await task(org, to: [org.memberID], title: "Review the implant protocol")
+            try await task(org, to: [org.memberID], title: "Order gloves")
+            try await org.notify(
+                EventRequest(
+                    typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]),
+                    payload: .object(["isq": .number(25), "threshold": .number(55), "implant": .string("IMP-7")])))
             func titles(_ query: String) async throws -> [String] {
                 let response = try await client.send(.get, "/v1/me/notifications?\(query)", token: org.memberToken)
                 #expect(response.status == .ok, "\(query): \(response.text)")
@@ -143,12 +134,9 @@ struct FeedTests {
 
     @Test("a user never sees another user's rows of the same organisation, through the API")
     func ownRowsOnlyThroughAPI() async throws {
-        let org = try await TestOrganisation.make()
-        _ = try await TestCatalogue.make(in: org)
-        try await task(org, to: [org.ownerID], title: "for the owner")
-        try await task(org, to: [org.memberID], title: "for the member")
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withCatalogue { org, _, client in
+            try await task(org, to: [org.ownerID], title: "for the owner")
+            try await task(org, to: [org.memberID], title: "for the member")
             let owner = try await client.send(.get, "/v1/me/notifications", token: org.ownerToken)
             let ownerID = try #require((owner.json["items"] as? [[String: Any]])?.first?["id"] as? String)
             let member = try await client.send(.get, "/v1/me/notifications", token: org.memberToken)

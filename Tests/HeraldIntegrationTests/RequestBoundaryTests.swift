@@ -120,9 +120,7 @@ struct RequestBoundaryTests {
 
     @Test("store errors say what was missing: a role of role_ids is a 422 on that field, a missing user a 404")
     func storeErrorsNameWhatWasMissing() async throws {
-        let org = try await TestOrganisation.make()
-        let app = try env.application()
-        try await app.test(.router) { http in
+        try await withOrganisation { org, http in
             let missingRole = try await http.send(
                 .put, "/v1/users/\(org.memberID)/roles", token: org.ownerToken,
                 json: #"{"role_ids": ["\#(UUID())"]}"#)
