@@ -19,55 +19,52 @@ struct DeliveryTests {
         "email: both parts, sender identity, Message-ID, both unsubscribe headers, rendered content and no payload field the template did not ask for"
     )
     func email() async throws {
-        let env = try await TestEnvironment.shared
-        let org = try await TestOrganisation.make()
-        let catalogue = try await TestCatalogue.make(in: org)
-        try await org.store { tx in
-            try await tx.putTemplate(
-                typeID: catalogue.isqCritical, channel: .email, locale: "en",
-                content: TemplateContent(
-                    subject: "Critical ISQ {{payload.isq}} for implant {{payload.implant}}",
-                    body:
-                        "Stability {{payload.isq}} is below {{payload.threshold}}.\nOpen: {{{links.open}}}\nUnsubscribe: {{{links.unsubscribe}}}",
-                    html: "<p>Stability <b>{{payload.isq}}</b> is below {{payload.threshold}}.</p><a href=\"{{{links.open}}}\">Open</a>"))
-            try await tx.setEmailIdentity(from: "alerts@clinic.example", fromName: "Clinic Alerts", replyTo: "desk@clinic.example")
-        }
-        try await org.notify(
-            EventRequest(
-                typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]),
-                payload: .object([
-                    "isq": .number(25), "implant": .string("A-12"), "threshold": .number(60), "patient_secret": .string("SECRET-7731"),
-                ]),
-                url: "https://ward.example.org/patients/7"))
-        let deliveries = try await TestWorkers.run(org.id) { try await org.settled() }
-        let delivery = try #require(deliveries.first { $0.channel == .email })
-        #expect(delivery.status == .sent)
-        #expect(delivery.lastResponseCode == 250)
-        #expect(delivery.lastResponse?.hasPrefix("250") == true)
+        try await withCatalogue { org, catalogue, client in
+            try await org.store { tx in
+                try await tx.putTemplate(
+                    typeID: catalogue.isqCritical, channel: .email, locale: "en",
+                    content: TemplateContent(
+                        subject: "Critical ISQ {{payload.isq}} for implant {{payload.implant}}",
+                        body:
+                            "Stability {{payload.isq}} is below {{payload.threshold}}.\nOpen: {{{links.open}}}\nUnsubscribe: {{{links.unsubscribe}}}",
+                        html: "<p>Stability <b>{{payload.isq}}</b> is below {{payload.threshold}}.</p><a href=\"{{{links.open}}}\">Open</a>"
+                    ))
+                try await tx.setEmailIdentity(from: "alerts@clinic.example", fromName: "Clinic Alerts", replyTo: "desk@clinic.example")
+            }
+            try await org.notify(
+                EventRequest(
+                    typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]),
+                    payload: .object([
+                        "isq": .number(25), "implant": .string("A-12"), "threshold": .number(60), "patient_secret": .string("SECRET-7731"),
+                    ]),
+                    url: "https://ward.example.org/patients/7"))
+            let deliveries = try await TestWorkers.run(org.id) { try await org.settled() }
+            let delivery = try #require(deliveries.first { $0.channel == .email })
+            #expect(delivery.status == .sent)
+            #expect(delivery.lastResponseCode == 250)
+            #expect(delivery.lastResponse?.hasPrefix("250") == true)
 
-        let mails = try await Peers.mail(to: "member@\(org.slug).example")
-        try #require(mails.count == 1)
-        let raw = try #require(mails[0]["data"] as? String)
-        let mail = try ParsedMail(raw)
-        #expect(mail.headers["Subject"] == "Critical ISQ 25 for implant A-12")
-        #expect(mail.headers["From"] == "Clinic Alerts <alerts@clinic.example>")
-        #expect(mail.headers["Reply-To"] == "desk@clinic.example")
-        #expect(mail.headers["Message-ID"] == "<\(delivery.id.lowercased)@clinic.example>")
-        #expect(mail.headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click")
-        let unsubscribe = try #require(mail.headers["List-Unsubscribe"])
-        #expect(unsubscribe.hasPrefix("<http://herald.test/v1/unsubscribe/") && unsubscribe.hasSuffix(">"))
-        let text = try #require(mail.parts["text/plain"])
-        let html = try #require(mail.parts["text/html"])
-        #expect(text.contains("Stability 25 is below 60."))
-        #expect(html.contains("<b>25</b>"))
-        #expect(!raw.contains("SECRET-7731") && !text.contains("SECRET-7731") && !html.contains("SECRET-7731"))
+            let mails = try await Peers.mail(to: "member@\(org.slug).example")
+            try #require(mails.count == 1)
+            let raw = try #require(mails[0]["data"] as? String)
+            let mail = try ParsedMail(raw)
+            #expect(mail.headers["Subject"] == "Critical ISQ 25 for implant A-12")
+            #expect(mail.headers["From"] == "Clinic Alerts <alerts@clinic.example>")
+            #expect(mail.headers["Reply-To"] == "desk@clinic.example")
+            #expect(mail.headers["Message-ID"] == "<\(delivery.id.lowercased)@clinic.example>")
+            #expect(mail.headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click")
+            let unsubscribe = try #require(mail.headers["List-Unsubscribe"])
+            #expect(unsubscribe.hasPrefix("<http://herald.test/v1/unsubscribe/") && unsubscribe.hasSuffix(">"))
+            let text = try #require(mail.parts["text/plain"])
+            let html = try #require(mail.parts["text/html"])
+            #expect(text.contains("Stability 25 is below 60."))
+            #expect(html.contains("<b>25</b>"))
+            #expect(!raw.contains("SECRET-7731") && !text.contains("SECRET-7731") && !html.contains("SECRET-7731"))
 
-        // The links in the message: the tracked link redirects to the event's URL only, and
-        // one-click unsubscribe works without a login.
-        let open = try #require(text.firstMatch(of: /http:\/\/herald\.test(\/v1\/links\/[A-Za-z0-9._-]+)/)).1
-        let unsubscribePath = String(unsubscribe.dropFirst("<http://herald.test".count).dropLast())
-        let app = try env.application()
-        try await app.test(.router) { client in
+            // The links in the message: the tracked link redirects to the event's URL only, and
+            // one-click unsubscribe works without a login.
+            let open = try #require(text.firstMatch(of: /http:\/\/herald\.test(\/v1\/links\/[A-Za-z0-9._-]+)/)).1
+            let unsubscribePath = String(unsubscribe.dropFirst("<http://herald.test".count).dropLast())
             let click = try await client.send(.get, String(open))
             #expect(click.status == .found)
             #expect(click.headers[.location] == "https://ward.example.org/patients/7")
@@ -90,20 +87,23 @@ struct DeliveryTests {
                 body: ByteBuffer(string: "List-Unsubscribe=One-Click"))
             #expect(oneClick.status == .ok)
             #expect(oneClick.headers[.location] == nil)
-        }
-        let cells = try await org.store { tx in try await tx.preferences(ofUser: org.memberID) }
-        #expect(
-            cells == [
-                PreferenceCell(categoryID: catalogue.alerts, channel: .email, setting: PreferenceSetting(enabled: false, frequency: .none))
-            ])
-        let audited = try await org.store { tx in
-            try await tx.connection.query("SELECT count(*)::int FROM audit_log WHERE action = 'preference.unsubscribe'", logger: tx.logger)
+            let cells = try await org.store { tx in try await tx.preferences(ofUser: org.memberID) }
+            #expect(
+                cells == [
+                    PreferenceCell(
+                        categoryID: catalogue.alerts, channel: .email, setting: PreferenceSetting(enabled: false, frequency: .none))
+                ])
+            let audited = try await org.store { tx in
+                try await tx.connection.query(
+                    "SELECT count(*)::int FROM audit_log WHERE action = 'preference.unsubscribe'", logger: tx.logger
+                )
                 .collect()[0].decode(Int.self)
+            }
+            #expect(audited == 1)
+            let (_, next) = try await org.notify(
+                EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+            #expect(next.traces[0].channels.first { $0.decision.channel == .email }?.decision.reason == .channelDisabled)
         }
-        #expect(audited == 1)
-        let (_, next) = try await org.notify(
-            EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
-        #expect(next.traces[0].channels.first { $0.decision.channel == .email }?.decision.reason == .channelDisabled)
     }
 
     @Test(
@@ -260,19 +260,16 @@ struct DeliveryTests {
 
     @Test("SSRF: private, loopback, link-local, metadata and disguised addresses are refused at creation and again at connect time")
     func ssrf() async throws {
-        let env = try await TestEnvironment.shared
-        let org = try await TestOrganisation.make()
-        let refused = [
-            "http://169.254.169.254/latest/meta-data", "http://10.0.0.5/hook", "http://172.16.3.4/hook", "http://192.168.1.1/hook",
-            "http://[::1]/hook", "http://[fd00:ec2::254]/hook", "http://[fe80::1]/hook", "http://[::ffff:127.0.0.1]/hook",
-            "http://2130706433/hook", "http://0x7f000001/hook", "http://0177.0.0.1/hook", "http://127.1/hook", "http://localhost/hook",
-            "http://0.0.0.0/hook", "http://127.0.0.1:54326/hooks/x",
-            // IPv4-translated (RFC 2765) and local-use NAT64 (RFC 8215) forms (issue 8 item 8).
-            "http://[::ffff:0:169.254.169.254]/", "http://[64:ff9b:1::a00:1]/",
-        ]
-        // The API server here allows no private range at all (the default).
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
+            let refused = [
+                "http://169.254.169.254/latest/meta-data", "http://10.0.0.5/hook", "http://172.16.3.4/hook", "http://192.168.1.1/hook",
+                "http://[::1]/hook", "http://[fd00:ec2::254]/hook", "http://[fe80::1]/hook", "http://[::ffff:127.0.0.1]/hook",
+                "http://2130706433/hook", "http://0x7f000001/hook", "http://0177.0.0.1/hook", "http://127.1/hook", "http://localhost/hook",
+                "http://0.0.0.0/hook", "http://127.0.0.1:54326/hooks/x",
+                // IPv4-translated (RFC 2765) and local-use NAT64 (RFC 8215) forms (issue 8 item 8).
+                "http://[::ffff:0:169.254.169.254]/", "http://[64:ff9b:1::a00:1]/",
+            ]
+            // The API server here allows no private range at all (the default).
             for url in refused {
                 let response = try await client.send(
                     .post, "/v1/endpoints", token: org.ownerToken,
@@ -288,26 +285,26 @@ struct DeliveryTests {
             let id = try #require(created.json["id"] as? String)
             let read = try await client.send(.get, "/v1/endpoints/\(id)", token: org.ownerToken)
             #expect(read.status == .ok && read.json["secret"] == nil, "the secret is shown once")
-        }
-        #expect(try await org.store { tx in try await tx.endpoints(limit: 100, after: nil).items.count } == 1)
+            #expect(try await org.store { tx in try await tx.endpoints(limit: 100, after: nil).items.count } == 1)
 
-        // Connect time: an endpoint that reached the table (here directly) is checked again
-        // before every connection, by workers that allow no private range.
-        let catalogue = try await TestCatalogue.make(in: org)
-        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
-        let hook = Peers.hook()
-        try await org.store { tx in
-            for endpoint in try await tx.endpoints(limit: 100, after: nil).items { try await tx.deleteEndpoint(endpoint.id) }
-            _ = try await tx.createEndpoint(
-                channel: .webhook, format: .standard, name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+            // Connect time: an endpoint that reached the table (here directly) is checked again
+            // before every connection, by workers that allow no private range.
+            let catalogue = try await TestCatalogue.make(in: org)
+            try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
+            let hook = Peers.hook()
+            try await org.store { tx in
+                for endpoint in try await tx.endpoints(limit: 100, after: nil).items { try await tx.deleteEndpoint(endpoint.id) }
+                _ = try await tx.createEndpoint(
+                    channel: .webhook, format: .standard, name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+            }
+            try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+            var settings = TestWorkers.Settings()
+            settings.allowed = []
+            let delivery = try #require(try await TestWorkers.run(org.id, settings) { try await org.settled() }.first)
+            #expect(delivery.status == .dead && delivery.attempts == 1)
+            #expect(delivery.lastError?.contains("loopback") == true)
+            #expect(try await Peers.requests(hook.name).isEmpty)
         }
-        try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
-        var settings = TestWorkers.Settings()
-        settings.allowed = []
-        let delivery = try #require(try await TestWorkers.run(org.id, settings) { try await org.settled() }.first)
-        #expect(delivery.status == .dead && delivery.attempts == 1)
-        #expect(delivery.lastError?.contains("loopback") == true)
-        #expect(try await Peers.requests(hook.name).isEmpty)
     }
 
     @Test("a committed notify wakes the workers through NOTIFY, long before their next poll")
@@ -371,20 +368,17 @@ struct DeliveryTests {
     @Test(
         "addresses Herald can never send to are refused with a 422 naming the field; internationalised ones are accepted (issue 8 item 9)")
     func undeliverableAddressesAreRefused() async throws {
-        let env = try await TestEnvironment.shared
-        let org = try await TestOrganisation.make()
-        let bad = [
-            ("dr.x@clinic..example", "the domain contains two dots in a row"),
-            ("dr..x@clinic.example", "the part before the @ contains two dots in a row"),
-            (".dr@clinic.example", "the part before the @ starts or ends with a dot"),
-            ("dr x@clinic.example", "the part before the @ contains a space"),
-            ("dr@localhost", "the domain has no dot"),
-            ("dr@[192.0.2.1]", "address literals"),
-            ("dr@clinic_1.example", "not allowed in a host name"),
-            (String(repeating: "d", count: 65) + "@clinic.example", "longer than 64 bytes"),
-        ]
-        let app = try env.application()
-        try await app.test(.router) { client in
+        try await withOrganisation { org, client in
+            let bad = [
+                ("dr.x@clinic..example", "the domain contains two dots in a row"),
+                ("dr..x@clinic.example", "the part before the @ contains two dots in a row"),
+                (".dr@clinic.example", "the part before the @ starts or ends with a dot"),
+                ("dr x@clinic.example", "the part before the @ contains a space"),
+                ("dr@localhost", "the domain has no dot"),
+                ("dr@[192.0.2.1]", "address literals"),
+                ("dr@clinic_1.example", "not allowed in a host name"),
+                (String(repeating: "d", count: 65) + "@clinic.example", "longer than 64 bytes"),
+            ]
             for (address, reason) in bad {
                 let created = try await client.send(
                     .post, "/v1/users", token: org.ownerToken,
@@ -411,11 +405,12 @@ struct DeliveryTests {
                 json: #"{"email": "dr.müller@clinic.example", "display_name": "Dr Müller"}"#)
             #expect(international.status == .created, "\(international.text)")
             #expect(international.json["email"] as? String == "dr.müller@clinic.example")
+            let emails = try await org.store { tx in try await tx.users(search: nil, active: nil, limit: 100, after: nil).items.map(\.email)
+            }
+            #expect(
+                Set(emails) == ["owner@\(org.slug).example", "member@\(org.slug).example", "dr.müller@clinic.example"],
+                "nothing bad was written")
         }
-        let emails = try await org.store { tx in try await tx.users(search: nil, active: nil, limit: 100, after: nil).items.map(\.email) }
-        #expect(
-            Set(emails) == ["owner@\(org.slug).example", "member@\(org.slug).example", "dr.müller@clinic.example"],
-            "nothing bad was written")
     }
 
     @Test(

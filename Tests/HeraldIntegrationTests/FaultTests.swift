@@ -125,41 +125,37 @@ struct FaultTests {
     @Test("An endpoint that keeps timing out is paused by its circuit breaker, visible on the endpoint")
     func circuitBreaker() async throws {
         // setup
-        let env = try await TestEnvironment.shared
-        let org = try await TestOrganisation.make()
-        let catalogue = try await TestCatalogue.make(in: org)
-        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
-        try await org.addUsers(18) // 20 recipients
-        let hanging = Peers.hook("slow")
-        try await Peers.configure(hanging.name, ["delay_ms": 30_000])
-        let endpoint = try await org.store { tx in
-            try await tx.createEndpoint(
-                channel: .webhook, format: .standard, name: "slow", url: hanging.url, eventTypes: [],
-                secret: WebhookSecret.generate().string
-            ).id
-        }
-        try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(everyone: true), payload: .object([:])))
-
-        // act
-        var configured = FaultWorkers.Settings()
-        configured.sendTimeout = .seconds(1)
-        configured.circuitFailures = 3
-        let settings = configured
-        try await FaultWorkers.run(org.id, settings) {
-            let opened = try await eventually(timeout: .seconds(60)) {
-                try await org.store { tx in try await tx.endpoint(endpoint) }.circuit.openedAt != nil
+        try await withCatalogue { org, catalogue, client in
+            try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
+            try await org.addUsers(18) // 20 recipients
+            let hanging = Peers.hook("slow")
+            try await Peers.configure(hanging.name, ["delay_ms": 30_000])
+            let endpoint = try await org.store { tx in
+                try await tx.createEndpoint(
+                    channel: .webhook, format: .standard, name: "slow", url: hanging.url, eventTypes: [],
+                    secret: WebhookSecret.generate().string
+                ).id
             }
-            #expect(opened)
-            // Let the workers run on a little: nothing more goes to the paused endpoint.
-            let before = try await Peers.requests(hanging.name).count
-            try await Task.sleep(for: .seconds(3))
-            let after = try await Peers.requests(hanging.name).count
-            #expect(after - before <= settings.endpointConcurrency, "the open circuit stops new sends (\(before) then \(after))")
-        }
+            try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(everyone: true), payload: .object([:])))
 
-        // check
-        let app = try env.application()
-        try await app.test(.router) { client in
+            // act
+            var configured = FaultWorkers.Settings()
+            configured.sendTimeout = .seconds(1)
+            configured.circuitFailures = 3
+            let settings = configured
+            try await FaultWorkers.run(org.id, settings) {
+                let opened = try await eventually(timeout: .seconds(60)) {
+                    try await org.store { tx in try await tx.endpoint(endpoint) }.circuit.openedAt != nil
+                }
+                #expect(opened)
+                // Let the workers run on a little: nothing more goes to the paused endpoint.
+                let before = try await Peers.requests(hanging.name).count
+                try await Task.sleep(for: .seconds(3))
+                let after = try await Peers.requests(hanging.name).count
+                #expect(after - before <= settings.endpointConcurrency, "the open circuit stops new sends (\(before) then \(after))")
+            }
+
+            // check
             let read = try await client.send(.get, "/v1/endpoints/\(endpoint.lowercased)", token: org.ownerToken)
             #expect(read.status == .ok)
             let circuit = read.json["circuit"] as? [String: Any] ?? [:]
@@ -174,10 +170,10 @@ struct FaultTests {
             let enabled = try await client.send(
                 .patch, "/v1/endpoints/\(endpoint.lowercased)", token: org.ownerToken, json: #"{"enabled": true}"#)
             #expect((enabled.json["circuit"] as? [String: Any])?["state"] as? String == "closed", "\(enabled.text)")
+            let deliveries = try await org.deliveries()
+            #expect(deliveries.allSatisfy { $0.attempts <= 2 }, "paused deliveries keep their attempts: \(deliveries.map(\.attempts))")
+            try await Peers.configure(hanging.name, [:])
         }
-        let deliveries = try await org.deliveries()
-        #expect(deliveries.allSatisfy { $0.attempts <= 2 }, "paused deliveries keep their attempts: \(deliveries.map(\.attempts))")
-        try await Peers.configure(hanging.name, [:])
     }
 }
 
