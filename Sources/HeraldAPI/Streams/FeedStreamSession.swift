@@ -225,15 +225,3 @@ struct FeedStreamSession: Sendable {
         String(decoding: try encoder.encode(value), as: UTF8.self)
     }
 }
-
-/// Runs `body` in a child task and returns what it returns. For work done on behalf of a
-/// long-lived connection's task (a stream's reads, its authentication): a task keeps the
-/// largest stack of frames it ever needed until it ends, so deep work done in the connection's
-/// own task would stay in its memory for the life of the connection.
-func inChildTask<Value: Sendable>(_ body: @escaping @Sendable () async throws -> Value) async throws -> Value {
-    try await withThrowingTaskGroup(of: Value.self) { group in
-        group.addTask(operation: body)
-        guard let value = try await group.next() else { throw CancellationError() }
-        return value
-    }
-}
