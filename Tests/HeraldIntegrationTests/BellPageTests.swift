@@ -25,10 +25,9 @@ struct BellPageTests {
         // `herald serve` as a process of its own, so that "the server dies" is a real death
         // (SIGKILL: the kernel cuts every connection, nothing says goodbye).
         let keys = try StreamServeProcess.keysDirectory()
-        let port = Int.random(in: 36_000..<40_000)
-        var server = try StreamServeProcess(port: port, keys: keys)
+        var server = try await StreamServeProcess.start(keys: keys)
         defer { server.kill() }
-        try await server.waitUntilReady()
+        let port = server.port
         let owner = try await server.login("owner@\(org.slug).example", of: org)
         try await Chromium.withBrowser { browser in
             let tabs = [

@@ -356,9 +356,25 @@ final class StreamServeProcess: StreamHost, @unchecked Sendable {
         return try #require(json(text)["access_token"] as? String)
     }
 
+    /// A process on a random port, started again on another port if it exits before it is
+    /// ready (the port was taken: the range is inside the kernel's ephemeral ports).
+    static func start(keys: String) async throws -> StreamServeProcess {
+        var attempt = 1
+        while true {
+            let server = try StreamServeProcess(port: Int.random(in: 41_000..<49_000), keys: keys)
+            do {
+                try await server.waitUntilReady()
+                return server
+            } catch is ServeExited where attempt < 3 {
+                attempt += 1
+            }
+        }
+    }
+
     func waitUntilReady(within limit: Duration = .seconds(60)) async throws {
         let deadline = ContinuousClock.now + limit
         while ContinuousClock.now < deadline {
+            guard process.isRunning else { throw ServeExited(port: port, status: process.terminationStatus) }
             if let response = try? await HTTPClient.shared.execute(HTTPClientRequest(url: url + "/readyz"), timeout: .seconds(2)),
                 response.status == .ok
             {
@@ -368,6 +384,8 @@ final class StreamServeProcess: StreamHost, @unchecked Sendable {
         }
         throw StreamTestTimeout(what: "herald serve on port \(port)")
     }
+
+    struct ServeExited: Error { var port: Int, status: Int32 }
 
     func kill() {
         guard process.isRunning else { return }
