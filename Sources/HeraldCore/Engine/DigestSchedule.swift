@@ -60,26 +60,7 @@ public struct DigestSchedule: Sendable, Equatable {
     /// The slot on a local calendar day, or nil when the cadence skips that day.
     func slot(on day: LocalDate) -> Date? {
         if case .weekly(let weekday) = cadence, day.isoWeekday != weekday { return nil }
-        // The wall time, or (in a skipped hour) the first minute after it that exists. A gap is
-        // at most a few hours; three cover every zone in the database.
-        for shift in 0..<(3 * 60) {
-            let total = hour * 60 + minute + shift
-            if let instant = firstInstant(of: day, minutes: total) { return instant }
-        }
-        preconditionFailure("no wall time within three hours of \(hour):\(minute) exists in \(timeZone.identifier)")
-    }
-
-    /// The earliest instant whose local wall time in the zone is `day` at `minutes` past
-    /// midnight (which may run into the next day); nil when that wall time does not exist.
-    private func firstInstant(of day: LocalDate, minutes: Int) -> Date? {
-        let wall = day.midnightUTC.addingTimeInterval(TimeInterval(minutes * 60))
-        // The offsets in force around that wall time: before and after any transition near it.
-        let offsets = Set([-86_400, 0, 86_400].map { timeZone.secondsFromGMT(for: wall.addingTimeInterval(TimeInterval($0))) })
-        return
-            offsets
-            .map { wall.addingTimeInterval(TimeInterval(-$0)) }
-            .filter { LocalDate.wallSeconds($0, in: timeZone) == LocalDate.wallSeconds(wall, in: .gmt) }
-            .min()
+        return day.instant(hour: hour, minute: minute, in: timeZone)
     }
 }
 
@@ -121,6 +102,30 @@ struct LocalDate: Sendable, Equatable {
     var isoWeekday: Int {
         let weekday = Self.utc.component(.weekday, from: midnightUTC) // 1 is Sunday
         return (weekday + 5) % 7 + 1
+    }
+
+    /// The instant this day's wall time `hour:minute` names in `zone`, by the daylight saving
+    /// rules of `DigestSchedule`: a time in a skipped hour moves to the next minute that exists
+    /// (the transition), a time in a repeated hour is the first of the two.
+    func instant(hour: Int, minute: Int, in zone: TimeZone) -> Date {
+        // A gap is at most a few hours; three cover every zone in the database.
+        for shift in 0..<(3 * 60) {
+            if let instant = firstInstant(minutes: hour * 60 + minute + shift, in: zone) { return instant }
+        }
+        preconditionFailure("no wall time within three hours of \(hour):\(minute) exists in \(zone.identifier)")
+    }
+
+    /// The earliest instant whose wall time in `zone` is this day at `minutes` past midnight
+    /// (which may run into the next day); nil when that wall time does not exist.
+    private func firstInstant(minutes: Int, in zone: TimeZone) -> Date? {
+        let wall = midnightUTC.addingTimeInterval(TimeInterval(minutes * 60))
+        // The offsets in force around that wall time: before and after any transition near it.
+        let offsets = Set([-86_400, 0, 86_400].map { zone.secondsFromGMT(for: wall.addingTimeInterval(TimeInterval($0))) })
+        return
+            offsets
+            .map { wall.addingTimeInterval(TimeInterval(-$0)) }
+            .filter { Self.wallSeconds($0, in: zone) == Int(wall.timeIntervalSince1970) }
+            .min()
     }
 
     /// Seconds since the epoch of `instant`'s wall clock in `zone`, to compare wall times.
