@@ -123,7 +123,7 @@ struct FeedStreamSession: Sendable {
             step.cursor = since
         }
         let count = try await read { tx in try await tx.unreadCount(of: start.userID, now: now()) }
-        step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: try Self.json(count))))
+        step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: Self.json(count))))
         return step
     }
 
@@ -157,7 +157,7 @@ struct FeedStreamSession: Sendable {
                 return step
             }
             for change in page.0 {
-                if let event = try Self.event(for: change) {
+                if let event = Self.event(for: change) {
                     step.output.append(.event(event))
                     Self.events.increment()
                 }
@@ -165,7 +165,7 @@ struct FeedStreamSession: Sendable {
                 step.cursor = change.seq
             }
             if let count = page.1 {
-                step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: try Self.json(count))))
+                step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: Self.json(count))))
             }
             // Fewer than a page: nothing more was waiting.
             if page.0.count < Self.pageSize { break }
@@ -187,16 +187,15 @@ struct FeedStreamSession: Sendable {
 
     /// The event a change becomes; nil for a created row that is gone again (its removal
     /// follows in the log) or not visible.
-    static func event(for change: LoggedFeedChange) throws -> StreamEvent? {
+    static func event(for change: LoggedFeedChange) -> StreamEvent? {
         switch change.kind {
         case .created:
             guard let item = change.item else { return nil }
-            return StreamEvent(id: change.seq, name: "notification.created", data: try json(Components.Schemas.FeedItem(item)))
+            return StreamEvent(id: change.seq, name: "notification.created", data: StreamJSON.feedItem(item))
         case .read, .unread, .archived, .deleted, .expired:
             guard let id = change.notificationID else { return nil }
-            let item = try change.item.map(Components.Schemas.FeedItem.init)
             let data =
-                "{\"change\":\"\(change.kind.rawValue)\",\"id\":\"\(id.uuidString.lowercased())\",\"notification\":\(try item.map(json) ?? "null")}"
+                "{\"change\":\"\(change.kind.rawValue)\",\"id\":\"\(id.uuidString.lowercased())\",\"notification\":\(change.item.map(StreamJSON.feedItem) ?? "null")}"
             return StreamEvent(id: change.seq, name: "notification.updated", data: data)
         case .readAll:
             return StreamEvent(id: change.seq, name: "feed.read_all", data: "{}")
@@ -205,9 +204,7 @@ struct FeedStreamSession: Sendable {
         }
     }
 
-    static func json(_ count: UnreadCount) throws -> String {
-        try json(Components.Schemas.UnreadCount(total: count.total, byCategory: .init(additionalProperties: count.byCategory)))
-    }
+    static func json(_ count: UnreadCount) -> String { StreamJSON.unreadCount(count) }
 
     /// The same bytes the REST API writes: sorted keys, unescaped slashes, RFC 3339 dates.
     /// Made once: every event of every stream goes through it.
