@@ -73,19 +73,22 @@ extension TenantTransaction {
     /// `feedChanges` for many users at once (the streams one bus message wakes): up to `limit`
     /// changes of each user after that user's number, by user, oldest first. Without a
     /// recipient context: every statement says which users, and each change keeps its user.
+    /// One index range per user (LATERAL), so the cost follows the users asked for, not the
+    /// organisation's log: a join the planner chose from stale statistics read the whole log
+    /// of the organisation once per batch (10 000 rows × 67 batches in a 10 000-user fan-out).
     public func feedChanges(after positions: [UUID: Int64], limit: Int, now: Date) async throws -> [UUID: [LoggedFeedChange]] {
         let users = Array(positions.keys)
         let after = users.map { positions[$0] ?? 0 }
         let rows = try await query(
             """
-            SELECT user_id, seq, kind, notification_id, created_at FROM (
-              SELECT c.user_id, c.seq, c.kind, c.notification_id, c.created_at,
-                     row_number() OVER (PARTITION BY c.user_id ORDER BY c.seq) AS n
-              FROM feed_changes c
-              JOIN unnest(\(users)::uuid[], \(after)::bigint[]) AS w (user_id, after)
-                ON c.organisation_id = \(organisationID) AND c.user_id = w.user_id AND c.seq > w.after
-              WHERE c.organisation_id = \(organisationID)
-            ) page WHERE n <= \(limit) ORDER BY user_id, seq
+            SELECT w.user_id, c.seq, c.kind, c.notification_id, c.created_at
+            FROM unnest(\(users)::uuid[], \(after)::bigint[]) AS w (user_id, after)
+            CROSS JOIN LATERAL (
+              SELECT f.seq, f.kind, f.notification_id, f.created_at FROM feed_changes f
+              WHERE f.organisation_id = \(organisationID) AND f.user_id = w.user_id AND f.seq > w.after
+              ORDER BY f.seq LIMIT \(limit)
+            ) c
+            ORDER BY w.user_id, c.seq
             """)
         var all: [LoggedFeedChange] = []
         var owners: [UUID] = []
