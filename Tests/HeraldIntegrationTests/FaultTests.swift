@@ -338,7 +338,7 @@ struct PostgresFaultTests {
 
     private func herald(_ arguments: [String], env: [String: String] = [:]) throws {
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: ProcessInfo.processInfo.environment["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
+        process.executableURL = HeraldServeProcess.binary
         process.arguments = arguments
         process.environment = ProcessInfo.processInfo.environment.merging(env) { _, new in new }
         process.standardOutput = FileHandle.nullDevice
@@ -351,64 +351,41 @@ struct PostgresFaultTests {
 }
 
 /// `herald serve` with delivery workers, against the fault cluster.
-final class ServeProcess: @unchecked Sendable {
-    let process = Process()
-    let port: Int
-
+final class ServeProcess: HeraldServeProcess, @unchecked Sendable {
     init(port: Int, keys: String) throws {
-        self.port = port
         let env = ProcessInfo.processInfo.environment
-        process.executableURL = URL(fileURLWithPath: env["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
-        process.arguments = ["serve"]
-        process.environment = env.merging([
-            "DATABASE_URL": PostgresFaultTests.appURL,
-            "DATABASE_WORKER_URL": PostgresFaultTests.workerURL,
-            "HERALD_PORT": "\(port)",
-            "HERALD_JWT_KEYS_DIR": keys,
-            "HERALD_WORKERS": "8",
-            "HERALD_WORKER_LEASE_SECONDS": "3",
-            "HERALD_WORKER_POLL_MS": "200",
-            "HERALD_DATABASE_TIMEOUT": "3",
-            "HERALD_WEBHOOK_TIMEOUT": "3",
-            "HERALD_SHUTDOWN_SECONDS": "20",
-            "HERALD_RETRY_BASE_SECONDS": "0.5",
-            "HERALD_RETRY_MAX_SECONDS": "2",
-            "HERALD_DESTINATIONS_ALLOW": "127.0.0.1/32",
-            "HERALD_SMTP_URL": Peers.smtpURL,
-            "HERALD_LOG_LEVEL": env["HERALD_TEST_FAULT_LOG_LEVEL"] ?? "error",
-            "HERALD_LOG_FORMAT": "text",
-        ]) { _, new in new }
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        var log = FileHandle.nullDevice
         if let path = env["HERALD_TEST_FAULT_LOG"] {
             FileManager.default.createFile(atPath: "\(path).\(port)", contents: nil)
-            process.standardError = FileHandle(forWritingAtPath: "\(path).\(port)")
+            log = FileHandle(forWritingAtPath: "\(path).\(port)") ?? log
         }
-        try process.run()
+        try super.init(
+            port: port,
+            environment: [
+                "DATABASE_URL": PostgresFaultTests.appURL,
+                "DATABASE_WORKER_URL": PostgresFaultTests.workerURL,
+                "HERALD_JWT_KEYS_DIR": keys,
+                "HERALD_WORKERS": "8",
+                "HERALD_WORKER_LEASE_SECONDS": "3",
+                "HERALD_WORKER_POLL_MS": "200",
+                "HERALD_DATABASE_TIMEOUT": "3",
+                "HERALD_WEBHOOK_TIMEOUT": "3",
+                "HERALD_SHUTDOWN_SECONDS": "20",
+                "HERALD_RETRY_BASE_SECONDS": "0.5",
+                "HERALD_RETRY_MAX_SECONDS": "2",
+                "HERALD_DESTINATIONS_ALLOW": "127.0.0.1/32",
+                "HERALD_SMTP_URL": Peers.smtpURL,
+                "HERALD_LOG_LEVEL": env["HERALD_TEST_FAULT_LOG_LEVEL"] ?? "error",
+                "HERALD_LOG_FORMAT": "text",
+            ],
+            standardError: log)
     }
-
-    var pid: Int32 { process.processIdentifier }
-    var url: String { "http://127.0.0.1:\(port)" }
 
     func ready() async -> Bool {
         guard let response = try? await HTTPClient.shared.execute(HTTPClientRequest(url: url + "/healthz"), timeout: .seconds(2)) else {
             return false
         }
         return response.status == .ok
-    }
-
-    /// SIGTERM, and how long until the process exited.
-    func terminate() -> Duration {
-        let started = ContinuousClock.now
-        process.terminate()
-        process.waitUntilExit()
-        return ContinuousClock.now - started
-    }
-
-    func kill() {
-        guard process.isRunning else { return }
-        Glibc.kill(process.processIdentifier, SIGKILL)
-        process.waitUntilExit()
     }
 }
 

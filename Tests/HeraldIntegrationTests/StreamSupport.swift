@@ -308,38 +308,70 @@ final class StreamProbe: Sendable {
     }
 }
 
-/// `herald serve` as a process of its own (live streams, demo pages and all) on the shared test
-/// database, signing with the keys of `keysDirectory()`: its tokens come from `login`.
-final class StreamServeProcess: StreamHost, @unchecked Sendable {
+/// `herald serve` as a process of its own, on the port given, with `environment` on top of the
+/// test run's own. Subclasses say which database and settings.
+class HeraldServeProcess: StreamHost, @unchecked Sendable {
+    /// The binary `make test` built.
+    static var binary: URL {
+        URL(fileURLWithPath: ProcessInfo.processInfo.environment["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
+    }
+
     let process = Process()
     let port: Int
 
-    init(port: Int, keys: String) throws {
+    init(port: Int, environment: [String: String], standardError: FileHandle = .nullDevice) throws {
         self.port = port
-        let env = ProcessInfo.processInfo.environment
-        process.executableURL = URL(fileURLWithPath: env["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
+        process.executableURL = Self.binary
         process.arguments = ["serve"]
-        process.environment = env.merging([
-            "DATABASE_URL": env["HERALD_TEST_DATABASE_URL"] ?? "",
-            "DATABASE_WORKER_URL": "",
-            "HERALD_PORT": "\(port)",
-            "HERALD_JWT_KEYS_DIR": keys,
-            "HERALD_WORKERS": "0",
-            "HERALD_DEMO_PAGES": "1",
-            "HERALD_SHUTDOWN_SECONDS": "20",
-            "HERALD_LOG_LEVEL": "error",
-            "HERALD_LOG_FORMAT": "text",
-        ]) { _, new in new }
+        var environment = environment
+        environment["HERALD_PORT"] = "\(port)"
+        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
         process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
+        process.standardError = standardError
         try process.run()
+    }
+
+    var pid: Int32 { process.processIdentifier }
+
+    /// SIGTERM, and how long until the process exited.
+    func terminate() -> Duration {
+        let started = ContinuousClock.now
+        process.terminate()
+        process.waitUntilExit()
+        return ContinuousClock.now - started
+    }
+
+    func kill() {
+        guard process.isRunning else { return }
+        Glibc.kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+}
+
+/// `herald serve` with live streams and the demo pages on the shared test database, signing
+/// with the keys of `keysDirectory()`: its tokens come from `login`.
+final class StreamServeProcess: HeraldServeProcess, @unchecked Sendable {
+    init(port: Int, keys: String) throws {
+        let env = ProcessInfo.processInfo.environment
+        try super.init(
+            port: port,
+            environment: [
+                "DATABASE_URL": env["HERALD_TEST_DATABASE_URL"] ?? "",
+                "DATABASE_WORKER_URL": "",
+                "HERALD_JWT_KEYS_DIR": keys,
+                "HERALD_WORKERS": "0",
+                "HERALD_DEMO_PAGES": "1",
+                "HERALD_SHUTDOWN_SECONDS": "20",
+                "HERALD_LOG_LEVEL": "error",
+                "HERALD_LOG_FORMAT": "text",
+            ])
     }
 
     /// A directory with a fresh signing key, made by `herald jwt-keygen`.
     static func keysDirectory() throws -> String {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("herald-streams-\(UUID().uuidString.prefix(8))").path
         let keygen = Process()
-        keygen.executableURL = URL(fileURLWithPath: ProcessInfo.processInfo.environment["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
+        keygen.executableURL = binary
         keygen.arguments = ["jwt-keygen", "--dir", directory]
         keygen.standardOutput = FileHandle.nullDevice
         try keygen.run()
@@ -386,10 +418,4 @@ final class StreamServeProcess: StreamHost, @unchecked Sendable {
     }
 
     struct ServeExited: Error { var port: Int, status: Int32 }
-
-    func kill() {
-        guard process.isRunning else { return }
-        Glibc.kill(process.processIdentifier, SIGKILL)
-        process.waitUntilExit()
-    }
 }
