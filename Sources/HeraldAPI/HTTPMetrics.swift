@@ -1,4 +1,5 @@
 import Foundation
+import HeraldStore
 import Prometheus
 
 /// Request counts and latencies, exposed on `/metrics`.
@@ -37,12 +38,5 @@ public struct HTTPMetrics: Sendable {
         var buffer: [UInt8] = []
         registry.emit(into: &buffer)
         return String(decoding: buffer, as: UTF8.self)
-    }
-}
-
-extension Duration {
-    var nanoseconds: Int64 {
-        let (seconds, attoseconds) = components
-        return seconds * 1_000_000_000 + attoseconds / 1_000_000_000
     }
 }

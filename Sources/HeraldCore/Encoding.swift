@@ -15,12 +15,28 @@ extension Data {
     }
 }
 
-/// `value` as a JSON string literal (quotes and escapes included, slashes left alone).
+/// `value` as a JSON string literal (quotes and escapes included, slashes left alone): the bytes
+/// `JSONEncoder` writes with `.withoutEscapingSlashes` (quote, backslash and control characters
+/// escaped, everything else as it is), without an encoder (live streams write one per field).
 public func jsonQuoted(_ value: String) -> String {
-    let encoder = JSONEncoder()
-    encoder.outputFormatting = [.withoutEscapingSlashes]
-    let data = (try? encoder.encode(value)) ?? Data("\"\"".utf8)
-    return String(decoding: data, as: UTF8.self)
+    guard value.utf8.contains(where: { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C }) else { return "\"" + value + "\"" }
+    var out = "\""
+    for scalar in value.unicodeScalars {
+        switch scalar {
+        case "\"": out += "\\\""
+        case "\\": out += "\\\\"
+        case "\n": out += "\\n"
+        case "\r": out += "\\r"
+        case "\t": out += "\\t"
+        case "\u{08}": out += "\\b"
+        case "\u{0C}": out += "\\f"
+        case _ where scalar.value < 0x20:
+            let hex = String(scalar.value, radix: 16)
+            out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+        default: out.unicodeScalars.append(scalar)
+        }
+    }
+    return out + "\""
 }
 
 extension UUID {

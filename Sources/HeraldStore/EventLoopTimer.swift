@@ -73,8 +73,8 @@ public enum EventLoopTimer {
 }
 
 extension Duration {
-    /// Whole nanoseconds, at least zero.
-    var nanoseconds: Int64 {
+    /// Whole nanoseconds, at least zero (metrics, timers).
+    public var nanoseconds: Int64 {
         let (seconds, attoseconds) = components
         if seconds >= Int64.max / 1_000_000_000 { return Int64.max }
         return max(0, seconds * 1_000_000_000 + attoseconds / 1_000_000_000)

@@ -154,3 +154,16 @@ struct BuiltinRoleTests {
         #expect(BuiltinRole.member.permissions == [.notificationsRead, .preferencesManage])
     }
 }
+
+@Suite("JSON string literals")
+struct JSONQuotedTests {
+    @Test("jsonQuoted writes JSONEncoder's bytes (slashes unescaped) for awkward strings")
+    func sameAsEncoder() throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.withoutEscapingSlashes]
+        let control = (0..<0x20).map { String(UnicodeScalar(UInt8($0))) }.joined()
+        for value in ["", "plain", "a/b", "quote \" backslash \\", control + "\u{7F}", "Ünïcödé 東京 🦷 \u{2028}\u{2029}"] {
+            #expect(jsonQuoted(value) == String(decoding: try encoder.encode(value), as: UTF8.self))
+        }
+    }
+}

@@ -123,7 +123,7 @@ struct FeedStreamSession: Sendable {
             step.cursor = since
         }
         let count = try await read { tx in try await tx.unreadCount(of: start.userID, now: now()) }
-        step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: Self.json(count))))
+        step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: StreamJSON.unreadCount(count))))
         return step
     }
 
@@ -165,7 +165,7 @@ struct FeedStreamSession: Sendable {
                 step.cursor = change.seq
             }
             if let count = page.1 {
-                step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: Self.json(count))))
+                step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: StreamJSON.unreadCount(count))))
             }
             // Fewer than a page: nothing more was waiting.
             if page.0.count < Self.pageSize { break }
@@ -203,8 +203,6 @@ struct FeedStreamSession: Sendable {
             return StreamEvent(id: change.seq, name: "feed.cleared", data: "{}")
         }
     }
-
-    static func json(_ count: UnreadCount) -> String { StreamJSON.unreadCount(count) }
 
     /// The same bytes the REST API writes: sorted keys, unescaped slashes, RFC 3339 dates.
     /// Made once: every event of every stream goes through it.

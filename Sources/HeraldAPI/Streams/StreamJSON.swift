@@ -13,13 +13,13 @@ enum StreamJSON {
         out.reserveCapacity(256 + item.title.utf8.count + item.body.utf8.count)
         out += item.archived ? "true" : "false"
         out += ",\"body\":"
-        string(item.body, into: &out)
+        out += jsonQuoted(item.body)
         out += ",\"category\":"
-        string(item.categoryKey, into: &out)
+        out += jsonQuoted(item.categoryKey)
         out += ",\"created_at\":\""
         out += timestamp(item.createdAt)
         out += "\",\"event_id\":\""
-        out += item.eventID.uuidString.lowercased()
+        out += item.eventID.lowercased
         out += "\""
         if let expires = item.expiresAt {
             out += ",\"expires_at\":\""
@@ -27,32 +27,32 @@ enum StreamJSON {
             out += "\""
         }
         out += ",\"id\":\""
-        out += item.id.uuidString.lowercased()
+        out += item.id.lowercased
         out += "\",\"priority\":"
-        string(item.priority.rawValue, into: &out)
+        out += jsonQuoted(item.priority.rawValue)
         out += ",\"read\":"
         out += item.read ? "true" : "false"
         out += ",\"severity\":"
-        string(item.severity.rawValue, into: &out)
+        out += jsonQuoted(item.severity.rawValue)
         if let type = item.subjectType {
             out += ",\"subject\":{\"id\":"
-            string(item.subjectID ?? "", into: &out)
+            out += jsonQuoted(item.subjectID ?? "")
             out += ",\"type\":"
-            string(type, into: &out)
+            out += jsonQuoted(type)
             out += "}"
         }
         if !item.tags.isEmpty {
             out += ",\"tags\":["
             for (index, tag) in item.tags.enumerated() {
                 if index > 0 { out += "," }
-                string(tag, into: &out)
+                out += jsonQuoted(tag)
             }
             out += "]"
         }
         out += ",\"title\":"
-        string(item.title, into: &out)
+        out += jsonQuoted(item.title)
         out += ",\"type\":"
-        string(item.typeKey, into: &out)
+        out += jsonQuoted(item.typeKey)
         out += "}"
         return out
     }
@@ -61,42 +61,11 @@ enum StreamJSON {
         var out = "{\"by_category\":{"
         for (index, key) in count.byCategory.keys.sorted().enumerated() {
             if index > 0 { out += "," }
-            string(key, into: &out)
+            out += jsonQuoted(key)
             out += ":\(count.byCategory[key] ?? 0)"
         }
         out += "},\"total\":\(count.total)}"
         return out
-    }
-
-    /// A JSON string as the encoder writes it: quote, backslash and control characters escaped,
-    /// everything else (slashes, non-ASCII) as it is.
-    static func string(_ value: String, into out: inout String) {
-        out += "\""
-        var plain = true
-        for unit in value.utf8 where unit < 0x20 || unit == 0x22 || unit == 0x5C {
-            plain = false
-            break
-        }
-        if plain {
-            out += value
-        } else {
-            for scalar in value.unicodeScalars {
-                switch scalar {
-                case "\"": out += "\\\""
-                case "\\": out += "\\\\"
-                case "\n": out += "\\n"
-                case "\r": out += "\\r"
-                case "\t": out += "\\t"
-                case "\u{08}": out += "\\b"
-                case "\u{0C}": out += "\\f"
-                case _ where scalar.value < 0x20:
-                    let hex = String(scalar.value, radix: 16)
-                    out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-                default: out.unicodeScalars.append(scalar)
-                }
-            }
-        }
-        out += "\""
     }
 
     /// `2026-11-21T10:00:00Z`: whole seconds (the fraction dropped), UTC.
