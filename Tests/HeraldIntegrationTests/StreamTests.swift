@@ -353,6 +353,39 @@ struct StreamTests {
         }
     }
 
+    @Test("the sweep passes over a user whose feed an open transaction holds and numbers everyone else's at once (0011)")
+    func sweepSkipsBusyUsers() async throws {
+        let org = try await organisation()
+        let database = try await TestEnvironment.shared.database
+        let sweep = { @Sendable (now: Date, retention: Duration) in
+            _ = try await database.sweepFeedStreams(limit: 1000, retention: retention, now: now, organisation: org.id)
+        }
+        let position = { @Sendable (user: UUID) in try await org.store { tx in try await tx.feedStreamPosition(of: user) } }
+        try await task(org, to: [org.memberID], title: "first")
+        try await sweep(Date(), .seconds(86400))
+        #expect(try await eventually(timeout: .seconds(10)) { try await position(org.memberID).seq == 1 })
+        let first = try #require(try await org.notificationIDs(of: org.memberID).first)
+        try await org.store { held in
+            // A request that marked the member's row read and has not committed: it holds the
+            // member's feed_streams row until it does.
+            #expect(try await held.markRead([first], of: org.memberID, now: Date()) == 1)
+            try await task(org, to: [org.memberID, org.ownerID], title: "second")
+            // The sweep runs beside it (unstructured: before 0011 it waited for this transaction).
+            let running = Task { try await sweep(Date(), .seconds(86400)) }
+            #expect(
+                try await eventually(timeout: .seconds(10)) { try await position(org.ownerID).seq == 1 },
+                "the owner's row is numbered while the member's feed is held")
+            try await running.value
+            // The purge passes over the held user too.
+            try await sweep(Date().addingTimeInterval(120), .seconds(60))
+            #expect(try await position(org.ownerID).purgedThrough == 1)
+            #expect(try await position(org.memberID) == FeedStreamPosition(seq: 1, purgedThrough: 0))
+        }
+        // Committed: the read took the next number, and the member's new row the one after it.
+        try await sweep(Date(), .seconds(86400))
+        #expect(try await eventually(timeout: .seconds(10)) { try await position(org.memberID).seq == 3 })
+    }
+
     @Test("a notify through one instance reaches a stream held by another", arguments: StreamTransport.allCases)
     func acrossInstances(_ transport: StreamTransport) async throws {
         let org = try await organisation()
