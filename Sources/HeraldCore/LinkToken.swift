@@ -143,6 +143,8 @@ public struct LinkClaims: Sendable, Equatable, Codable {
     public var organisationID: UUID
     public var userID: UUID
     public var deliveryID: UUID?
+    /// The digest item a click in a digest is recorded against (a digest has no delivery per item).
+    public var digestItemID: UUID?
     public var notificationID: UUID?
     public var categoryID: UUID?
     public var channel: String?
@@ -150,13 +152,14 @@ public struct LinkClaims: Sendable, Equatable, Codable {
     public var expiresAt: Date
 
     public init(
-        scope: LinkScope, organisationID: UUID, userID: UUID, deliveryID: UUID? = nil, notificationID: UUID? = nil,
-        categoryID: UUID? = nil, channel: String? = nil, expiresAt: Date
+        scope: LinkScope, organisationID: UUID, userID: UUID, deliveryID: UUID? = nil, digestItemID: UUID? = nil,
+        notificationID: UUID? = nil, categoryID: UUID? = nil, channel: String? = nil, expiresAt: Date
     ) {
         self.scope = scope
         self.organisationID = organisationID
         self.userID = userID
         self.deliveryID = deliveryID
+        self.digestItemID = digestItemID
         self.notificationID = notificationID
         self.categoryID = categoryID
         self.channel = channel
@@ -164,7 +167,7 @@ public struct LinkClaims: Sendable, Equatable, Codable {
     }
 
     private enum CodingKeys: String, CodingKey {
-        case scope = "s", organisationID = "o", userID = "u", deliveryID = "d", notificationID = "n"
+        case scope = "s", organisationID = "o", userID = "u", deliveryID = "d", digestItemID = "i", notificationID = "n"
         case categoryID = "c", channel = "h", expiresAt = "e"
     }
 
@@ -192,6 +195,7 @@ public struct LinkClaims: Sendable, Equatable, Codable {
             organisationID: try required(.organisationID),
             userID: try required(.userID),
             deliveryID: try uuid(.deliveryID),
+            digestItemID: try uuid(.digestItemID),
             notificationID: try uuid(.notificationID),
             categoryID: try uuid(.categoryID),
             channel: try container.decodeIfPresent(String.self, forKey: .channel),
@@ -206,6 +210,7 @@ public struct LinkClaims: Sendable, Equatable, Codable {
         try container.encode(compact(organisationID), forKey: .organisationID)
         try container.encode(compact(userID), forKey: .userID)
         try container.encodeIfPresent(deliveryID.map(compact), forKey: .deliveryID)
+        try container.encodeIfPresent(digestItemID.map(compact), forKey: .digestItemID)
         try container.encodeIfPresent(notificationID.map(compact), forKey: .notificationID)
         try container.encodeIfPresent(categoryID.map(compact), forKey: .categoryID)
         try container.encodeIfPresent(channel, forKey: .channel)

@@ -259,12 +259,19 @@ extension TenantTransaction {
         }
         if !plan.digestItems.isEmpty {
             let g = plan.digestItems
+            // Each item goes in its recipient's first slot after the event is due (migration 0012).
+            let slots = try await digestSlots(for: Array(Set(g.map(\.userID))), after: event.deliverAt)
+            let slotAt = try g.map { item in
+                guard let slots = slots[item.userID] else { throw StoreError.notFound("user") }
+                return slots.slot(item.frequency)
+            }
             try await query(
                 """
-                INSERT INTO digest_items (organisation_id, id, event_id, user_id, category_id, channel, frequency, due_after)
-                SELECT \(organisationID), id, \(event.id), user_id, \(type.categoryID), channel, frequency, \(event.deliverAt)
-                FROM unnest(\(g.map(\.id))::uuid[], \(g.map(\.userID))::uuid[], \(g.map(\.channel))::text[], \(g.map(\.frequency))::text[])
-                     AS row(id, user_id, channel, frequency)
+                INSERT INTO digest_items (organisation_id, id, event_id, user_id, category_id, channel, frequency, due_after, slot_at)
+                SELECT \(organisationID), id, \(event.id), user_id, \(type.categoryID), channel, frequency, \(event.deliverAt), slot_at
+                FROM unnest(\(g.map(\.id))::uuid[], \(g.map(\.userID))::uuid[], \(g.map(\.channel))::text[], \(g.map(\.frequency))::text[],
+                            \(slotAt)::timestamptz[])
+                     AS row(id, user_id, channel, frequency, slot_at)
                 """)
         }
         if !plan.traces.isEmpty {

@@ -26,6 +26,22 @@ extension TenantTransaction {
         return Click(url: try row.decode(String?.self))
     }
 
+    /// Records a click on the tracked link of an item in a digest, as `recordClick(deliveryID:)`.
+    public func recordClick(digestItemID: UUID, userID: UUID) async throws -> Click {
+        guard
+            let row = try await query(
+                """
+                SELECT e.url FROM digest_items i JOIN events e ON e.organisation_id = i.organisation_id AND e.id = i.event_id
+                WHERE i.organisation_id = \(organisationID) AND i.id = \(digestItemID) AND i.user_id = \(userID)
+                """
+            ).first
+        else { throw StoreError.notFound("link") }
+        try await query(
+            "INSERT INTO link_clicks (organisation_id, digest_item_id, user_id) VALUES (\(organisationID), \(digestItemID), \(userID))")
+        try await query("UPDATE users SET last_engaged_at = now() WHERE organisation_id = \(organisationID) AND id = \(userID)")
+        return Click(url: try row.decode(String?.self))
+    }
+
     /// Switches one preference cell (category × channel) of a user off, keeping any other cell
     /// as it is. Returns the cell as it was (nil when the user had no setting of their own).
     public func unsubscribe(userID: UUID, categoryID: UUID, channel: NotificationChannel) async throws -> PreferenceSetting? {

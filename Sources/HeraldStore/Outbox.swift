@@ -81,6 +81,18 @@ public struct DeliveryWork: Sendable {
     public var endpoint: Endpoint?
 }
 
+/// An event as a worker renders it for one recipient (`eventRendering`).
+public struct EventRendering: Sendable {
+    /// The event's inputs as notify planned from them (render with `NotificationPlanner.render`).
+    public var input: PlanInput
+    public var recipient: RecipientProfile
+    public var categoryName: String
+    public var eventStatus: EventStatus
+    public var eventExpiresAt: Date?
+    public var url: String?
+    public var email: EmailIdentity
+}
+
 /// Filters of the outbox listing.
 public struct DeliveryFilter: Sendable {
     public var status: DeliveryStatus?
@@ -128,6 +140,20 @@ extension TenantTransaction {
     /// organisation and endpoint. The worker calls this in the delivery's organisation.
     public func deliveryWork(_ id: UUID) async throws -> DeliveryWork {
         let delivery = try await delivery(id)
+        guard let rendering = try await eventRendering(delivery.eventID, for: delivery.userID) else {
+            throw StoreError.notFound("delivery")
+        }
+        let endpoint = try await delivery.endpointID.asyncMap { try await self.endpoint($0) }
+        return DeliveryWork(
+            organisationID: organisationID, delivery: delivery, input: rendering.input, recipient: rendering.recipient,
+            eventStatus: rendering.eventStatus, eventExpiresAt: rendering.eventExpiresAt, url: rendering.url, email: rendering.email,
+            endpoint: endpoint)
+    }
+
+    /// An event as a worker renders it for one recipient (a delivery, a digest item): its
+    /// inputs, type and templates, the recipient, and the organisation's name and sender. Nil
+    /// when the event or the user is not in this organisation.
+    public func eventRendering(_ eventID: UUID, for userID: UUID) async throws -> EventRendering? {
         guard
             let row = try await query(
                 """
@@ -136,12 +162,12 @@ extension TenantTransaction {
                        o.name, o.slug, o.default_locale, o.default_timezone,
                        o.settings->>'email_from', o.settings->>'email_from_name', o.settings->>'email_reply_to'
                 FROM events e
-                JOIN users u ON u.organisation_id = e.organisation_id AND u.id = \(delivery.userID)
+                JOIN users u ON u.organisation_id = e.organisation_id AND u.id = \(userID)
                 JOIN organisations o ON o.id = e.organisation_id
-                WHERE e.organisation_id = \(organisationID) AND e.id = \(delivery.eventID)
+                WHERE e.organisation_id = \(organisationID) AND e.id = \(eventID)
                 """
             ).first
-        else { throw StoreError.notFound("delivery") }
+        else { return nil }
         let (
             typeID, payload, actor, subjectType, subjectID, severity, priority, deliverAt, expiresAt, status, url,
             email, name, locale, timezone, attributes, active, orgName, orgSlug, orgLocale, orgTimezone, from, fromName, replyTo
@@ -157,21 +183,19 @@ extension TenantTransaction {
         let type = try await notificationType(typeID)
         let category = try await category(type.categoryID)
         let recipient = RecipientProfile(
-            candidate: Candidate(userID: delivery.userID, active: active, byUser: true), email: email, displayName: name,
+            candidate: Candidate(userID: userID, active: active, byUser: true), email: email, displayName: name,
             locale: locale, timezone: timezone, attributes: attributes.value)
         let profile = TypeProfile(type, category: category)
         let input = PlanInput(
-            eventID: delivery.eventID, type: profile, severity: severity,
+            eventID: eventID, type: profile, severity: severity,
             priority: priority, payload: payload.value,
             subjectType: subjectType, subjectID: subjectID, deliverAt: deliverAt, organisationName: orgName, organisationSlug: orgSlug,
             organisationLocale: orgLocale, organisationTimezone: orgTimezone, throttlePerMinute: nil, recipients: [recipient],
             excluded: [], userPreferences: [:], organisationDefaults: [:], recentCounts: [:],
             sourceActor: actor?.value)
-        let endpoint = try await delivery.endpointID.asyncMap { try await self.endpoint($0) }
-        return DeliveryWork(
-            organisationID: organisationID, delivery: delivery, input: input, recipient: recipient, eventStatus: status,
-            eventExpiresAt: expiresAt,
-            url: url, email: EmailIdentity(from: from, fromName: fromName, replyTo: replyTo), endpoint: endpoint)
+        return EventRendering(
+            input: input, recipient: recipient, categoryName: category.name, eventStatus: status, eventExpiresAt: expiresAt, url: url,
+            email: EmailIdentity(from: from, fromName: fromName, replyTo: replyTo))
     }
 
     public func delivery(_ id: UUID) async throws -> Delivery {

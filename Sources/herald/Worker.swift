@@ -57,7 +57,9 @@ struct DeliveryServices {
         }
         var pool = try PostgresClient.Configuration.fromURL(url)
         // One connection per send in flight, one for the bus's LISTEN (when it is ours), one for claims and heartbeats.
-        pool.options.maximumConnections = config.workers + 2
+        // Digest runs (issue 11) take a quarter of the sends in flight, at least one.
+        let digestConcurrency = max(1, config.workers / 4)
+        pool.options.maximumConnections = config.workers + digestConcurrency + 2
         let postgres = PostgresClient(configuration: pool, backgroundLogger: logger)
         // As many connections per host as sends in flight: no send waits for a connection.
         let http = HTTPTransport(
@@ -78,9 +80,9 @@ struct DeliveryServices {
         worker.retry = RetryPolicy(
             baseDelay: config.retryBaseSeconds, factor: config.retryFactor, maximumDelay: config.retryMaxSeconds,
             jitter: config.retryJitter)
-        let sender = DeliverySender(
-            email: EmailTransport(settings: smtp, defaultFrom: config.smtpFrom), http: http,
-            links: LinkBuilder(baseURL: config.linkBaseURL, keys: linkKeys))
+        let email = EmailTransport(settings: smtp, defaultFrom: config.smtpFrom)
+        let links = LinkBuilder(baseURL: config.linkBaseURL, keys: linkKeys)
+        let sender = DeliverySender(email: email, http: http, links: links)
         var ownBus: [any Service] = []
         let processBus: NotificationBus
         if let bus {
@@ -89,10 +91,20 @@ struct DeliveryServices {
             processBus = NotificationBus(client: postgres, logger: logger)
             ownBus = [processBus]
         }
-        let deliveryPool = DeliveryWorkerPool(
-            configuration: worker, database: config.database(postgres, logger: logger),
-            bus: processBus, sender: sender, logger: logger)
-        services = [postgres] + ownBus + [deliveryPool]
+        let database = config.database(postgres, logger: logger)
+        let deliveryPool = DeliveryWorkerPool(configuration: worker, database: database, bus: processBus, sender: sender, logger: logger)
+        // The second kind of work on the same runner: digest runs, due as their slots come.
+        var digestRunner = WorkRunnerConfiguration(name: worker.name + ":digest")
+        digestRunner.concurrency = digestConcurrency
+        digestRunner.batchSize = max(1, min(config.workerBatchSize, digestConcurrency * 2))
+        digestRunner.leaseSeconds = config.workerLeaseSeconds
+        digestRunner.pollInterval = .milliseconds(config.workerPollMilliseconds)
+        digestRunner.attemptDeadline = worker.attemptDeadline
+        let digests = WorkRunner(
+            configuration: digestRunner, queue: DigestQueue(database: database, organisation: config.workerOrganisation),
+            handler: DigestHandler(database: database, email: email, links: links, retry: worker.retry, worker: digestRunner.name),
+            bus: processBus, logger: logger)
+        services = [postgres] + ownBus + [deliveryPool, digests]
         workers = config.workers
         transport = http
     }

@@ -9,6 +9,7 @@ import PostgresNIO
 import Testing
 
 @testable import HeraldAPI
+@testable import HeraldDelivery
 @testable import HeraldStore
 
 /// Issue 9, part 6: ready for a distributed PostgreSQL (Citus, every tenant table distributed by
@@ -364,6 +365,24 @@ struct CitusReadinessTests {
                 }
                 #expect(settled, "deliveries did not settle")
             }
+            // The digests of the next week go out under the worker role too (issue 11): the
+            // daily activity digests of the round above.
+            let nextWeek: @Sendable () -> Date = { Date().addingTimeInterval(8 * 86400) }
+            let digestQueue = DigestQueue(database: workerDatabase, organisation: organisationID, now: nextWeek)
+            let digestRunner = WorkRunner(
+                configuration: WorkRunnerConfiguration(name: "citus-digest"), queue: digestQueue,
+                handler: DigestHandler(
+                    database: workerDatabase,
+                    email: EmailTransport(
+                        settings: EmailTransport.settings(url: Peers.smtpURL, username: nil, password: nil, timeout: 10)!,
+                        defaultFrom: "herald@herald.test"),
+                    links: LinkBuilder(baseURL: "http://herald.test", keys: TestEnvironment.linkKeys), retry: RetryPolicy(),
+                    worker: "citus-digest", now: nextWeek),
+                bus: NotificationBus(client: workerClient, logger: env.logger), logger: env.logger)
+            let digestClaims = try await digestQueue.claim(worker: "citus-digest", limit: 100, leaseSeconds: 60)
+            #expect(!digestClaims.isEmpty, "no digest run was due")
+            for claim in digestClaims { await digestRunner.perform(claim) }
+
             let deliveries = try #require(
                 try ok(await client.send(.get, "/v1/deliveries", token: admin), "deliveries")["items"] as? [[String: Any]])
             #expect(

@@ -9,8 +9,14 @@ import OpenAPIRuntime
 extension HeraldService {
     func followLink(_ input: Operations.FollowLink.Input) async throws -> Operations.FollowLink.Output {
         let claims = try verifiedLink()
-        guard let deliveryID = claims.deliveryID else { throw APIError.notFound(resource: "link") }
-        let click = try await transaction { tx in try await tx.recordClick(deliveryID: deliveryID, userID: claims.userID) }
+        let click: Click
+        if let deliveryID = claims.deliveryID {
+            click = try await transaction { tx in try await tx.recordClick(deliveryID: deliveryID, userID: claims.userID) }
+        } else if let itemID = claims.digestItemID {
+            click = try await transaction { tx in try await tx.recordClick(digestItemID: itemID, userID: claims.userID) }
+        } else {
+            throw APIError.notFound(resource: "link")
+        }
         guard let url = click.url else { throw APIError.notFound(resource: "link") }
         return .found(.init(headers: .init(location: url)))
     }

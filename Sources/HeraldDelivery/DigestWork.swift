@@ -1,0 +1,261 @@
+import Foundation
+import HeraldCore
+import HeraldStore
+import Logging
+import Metrics
+
+// Digest runs, the second kind of work on the runner (issue 11): `DigestQueue` claims due runs
+// (`claim_digest_runs` makes the runs of every slot that has come first), `DigestHandler`
+// readies one (attaches its items on the first attempt, drops what no longer qualifies),
+// renders it and hands it to the SMTP server. Completion marks the items sent, fenced, in one
+// transaction: an item is in one digest at most, and in none only if it was dropped.
+
+extension ClaimedDigestRun: WorkClaim {
+    public var logMetadata: Logger.Metadata {
+        ["organisation_id": .string(organisationID.lowercased), "digest_run_id": .string(runID.lowercased), "attempt": "\(attempt)"]
+    }
+}
+
+/// How one attempt to send a digest ended.
+public struct DigestAttemptRecord: Sendable {
+    public var result: AttemptResult
+    /// Every item was dropped at send time: nothing was sent, and the run ends EMPTY.
+    public var empty: Bool
+    public var items: Int
+}
+
+/// Digest runs as a `WorkQueue`. Due times follow `now` (tests inject a clock); leases run on
+/// the database's clock.
+public struct DigestQueue: WorkQueue {
+    let database: Database
+    let organisation: UUID?
+    let now: @Sendable () -> Date
+
+    public init(database: Database, organisation: UUID?, now: @escaping @Sendable () -> Date = { Date() }) {
+        self.database = database
+        self.organisation = organisation
+        self.now = now
+    }
+
+    public var kind: String { "digest" }
+
+    /// Digests come due with time, not with a notify: the runner's poll finds them.
+    public func wakes(on message: BusMessage) -> Bool { false }
+
+    public func claim(worker: String, limit: Int, leaseSeconds: Int) async throws -> [ClaimedDigestRun] {
+        try await database.claimDigestRuns(worker: worker, limit: limit, leaseSeconds: leaseSeconds, now: now(), organisation: organisation)
+    }
+
+    public func heartbeat(worker: String, organisation: UUID, claims: [ClaimedDigestRun], leaseSeconds: Int) async throws {
+        try await database.withTenant(organisation) { tx in
+            try await tx.extendDigestLeases(worker: worker, claims: claims, leaseSeconds: leaseSeconds)
+        }
+    }
+
+    public func complete(
+        _ claim: ClaimedDigestRun, worker: String, startedAt: Date, outcome: DigestAttemptRecord, logger: Logger
+    ) async throws -> Bool {
+        try await database.withTenant(claim.organisationID) { tx in
+            try await tx.completeDigestRun(claim, worker: worker, result: outcome.result, empty: outcome.empty)
+        }
+    }
+
+    public func release(_ claim: ClaimedDigestRun, worker: String, until: Date, reason: String) async throws -> Bool {
+        try await database.withTenant(claim.organisationID) { tx in
+            try await tx.releaseDigestRun(claim, worker: worker, until: until)
+        }
+    }
+
+    /// Nothing: the lease expires and the next claim puts the run back (or DEAD).
+    public func fail(_ claim: ClaimedDigestRun, worker: String, error: any Error) async throws {}
+
+    /// Nothing apart: `claim_digest_runs` rescues expired leases before each claim.
+    public func rescueExpired() async throws -> Int { 0 }
+}
+
+/// The fence refused a run before it was sent: another worker holds it now.
+struct DigestLeaseLost: Error, CustomStringConvertible {
+    var description: String { "the digest run's lease moved on before it was sent" }
+}
+
+/// Readies, renders and sends one digest run.
+public struct DigestHandler: WorkHandler {
+    let database: Database
+    let email: EmailTransport
+    let links: LinkBuilder
+    let retry: RetryPolicy
+    /// The runner's name: the lease owner the run is fenced on.
+    let worker: String
+    let now: @Sendable () -> Date
+
+    static let sent = Counter(label: "herald_digests_total", dimensions: [("outcome", "sent")])
+    static let empty = Counter(label: "herald_digests_total", dimensions: [("outcome", "empty")])
+    static let failed = Counter(label: "herald_digests_total", dimensions: [("outcome", "failed")])
+
+    public init(
+        database: Database, email: EmailTransport, links: LinkBuilder, retry: RetryPolicy, worker: String,
+        now: @escaping @Sendable () -> Date = { Date() }
+    ) {
+        self.database = database
+        self.email = email
+        self.links = links
+        self.retry = retry
+        self.worker = worker
+        self.now = now
+    }
+
+    public func handle(_ claim: ClaimedDigestRun, logger: Logger) async throws -> WorkDisposition<DigestAttemptRecord> {
+        let now = now()
+        guard
+            let work = try await database.withTenant(
+                claim.organisationID, { tx in try await tx.prepareDigest(claim, worker: worker, now: now) })
+        else { throw DigestLeaseLost() }
+        if !work.dropped.isEmpty {
+            logger.info(
+                "digest items dropped at send time",
+                metadata: ["dropped": "\(work.dropped.count)", "reasons": "\(Set(work.dropped.values.map(\.rawValue)).sorted())"])
+        }
+        guard let first = work.entries.first else {
+            return .done(DigestAttemptRecord(result: .sent(responseCode: nil, response: "Nothing left to send."), empty: true, items: 0))
+        }
+        let message: [UInt8]
+        let from = first.rendering.email.from ?? email.defaultFrom
+        do {
+            message = try DigestMessage(work: work, links: links, defaultFrom: email.defaultFrom, now: now).encoded()
+        } catch {
+            return .done(
+                DigestAttemptRecord(
+                    result: .dead(responseCode: nil, error: "The digest could not be built: \(error)"), empty: false,
+                    items: work.entries.count))
+        }
+        let outcome = await email.send(from: from, to: first.rendering.recipient.email, message: message)
+        if case .deferred(let reason) = outcome { return .giveBack(until: now.addingTimeInterval(2), reason: reason) }
+        let result = outcome.result(attempt: claim.attempt, maxAttempts: work.run.maxAttempts, policy: retry, now: now)
+        return .done(DigestAttemptRecord(result: result, empty: false, items: work.entries.count))
+    }
+
+    public func finished(
+        _ claim: ClaimedDigestRun, disposition: WorkDisposition<DigestAttemptRecord>?, recorded: Bool?, duration: Duration, logger: Logger
+    ) {
+        guard case .done(let record) = disposition, recorded == true else { return }
+        switch record.result {
+        case .sent where record.empty:
+            Self.empty.increment()
+            logger.info("digest empty at send time: nothing sent")
+        case .sent:
+            Self.sent.increment()
+            logger.info("digest sent", metadata: ["items": "\(record.items)"])
+        case .failed(_, let error, _), .dead(_, let error):
+            Self.failed.increment()
+            logger.warning("digest not sent", metadata: ["error": .string(error)])
+        }
+    }
+}
+
+/// The email of one digest run: the items grouped by category (in the order they first
+/// appear), each with its title, a short body and a tracked link when the event names a URL;
+/// HTML and text; `List-Unsubscribe` with one-click unsubscribe (RFC 8058) from this category's
+/// email (the first category when the digest has several). The Message-ID is the run's, so
+/// every retry sends the same message.
+struct DigestMessage {
+    let work: DigestWork
+    let links: LinkBuilder
+    let defaultFrom: String
+    let now: Date
+
+    /// At most this many characters of an item's body.
+    static let bodyLimit = 280
+
+    struct Item {
+        var title: String
+        var body: String
+        var link: String?
+    }
+
+    func sections() -> [(category: String, items: [Item])] {
+        var order: [String] = []
+        var byCategory: [String: [Item]] = [:]
+        for entry in work.entries {
+            let rendering = entry.rendering
+            let own = !(rendering.input.type.templates[.email] ?? [:]).isEmpty
+            let content = NotificationPlanner.render(rendering.input, rendering.recipient, channel: own ? .email : .inApp)
+            var body = content.body.trimmingCharacters(in: .whitespacesAndNewlines)
+            if body.count > Self.bodyLimit { body = String(body.prefix(Self.bodyLimit - 1)) + "…" }
+            let link = rendering.url.map { _ in click(entry) }
+            if byCategory[rendering.categoryName] == nil { order.append(rendering.categoryName) }
+            byCategory[rendering.categoryName, default: []].append(Item(title: content.subject, body: body, link: link))
+        }
+        return order.map { ($0, byCategory[$0] ?? []) }
+    }
+
+    /// The tracked link of an item: the click is recorded against the digest item.
+    func click(_ entry: DigestEntry) -> String {
+        let claims = LinkClaims(
+            scope: .click, organisationID: work.organisationID, userID: work.run.userID, digestItemID: entry.itemID,
+            expiresAt: now.addingTimeInterval(links.clickLifetime))
+        return "\(links.baseURL)/v1/links/\(links.keys.sign(claims))"
+    }
+
+    func unsubscribe() -> String {
+        let claims = LinkClaims(
+            scope: .unsubscribe, organisationID: work.organisationID, userID: work.run.userID,
+            categoryID: work.entries.first?.rendering.input.type.categoryID, channel: NotificationChannel.email.rawValue,
+            expiresAt: now.addingTimeInterval(links.unsubscribeLifetime))
+        return "\(links.baseURL)/v1/unsubscribe/\(links.keys.sign(claims))"
+    }
+
+    func encoded() throws -> [UInt8] {
+        let first = work.entries[0].rendering
+        let organisation = first.input.organisationName
+        let count = work.entries.count
+        let cadence = work.run.frequency == .weekly ? "weekly" : "daily"
+        let subject = "\(organisation): your \(cadence) digest (\(count) notification\(count == 1 ? "" : "s"))"
+        let unsubscribe = unsubscribe()
+        let sections = sections()
+        var text = "Hello \(first.recipient.displayName),\n\nHere is what happened since your last \(cadence) digest.\n"
+        var html =
+            "<p>Hello \(escaped(first.recipient.displayName)),</p><p>Here is what happened since your last \(cadence) digest.</p>"
+        for (category, items) in sections {
+            text += "\n\(category)\n"
+            html += "<h2>\(escaped(category))</h2><ul>"
+            for item in items {
+                text += "  - \(item.title)\n"
+                if !item.body.isEmpty { text += "    \(item.body.replacingOccurrences(of: "\n", with: "\n    "))\n" }
+                if let link = item.link { text += "    \(link)\n" }
+                let title = item.link.map { "<a href=\"\(escaped($0))\">\(escaped(item.title))</a>" } ?? escaped(item.title)
+                html += "<li><strong>\(title)</strong>"
+                if !item.body.isEmpty { html += "<br>\(escaped(item.body))" }
+                html += "</li>"
+            }
+            html += "</ul>"
+        }
+        text += "\n--\n\(organisation). Stop these emails: \(unsubscribe)\n"
+        html += "<hr><p>\(escaped(organisation)). <a href=\"\(escaped(unsubscribe))\">Stop these emails</a></p>"
+        let from = first.email.from ?? defaultFrom
+        return try MIMEMessage(
+            from: .init(from, name: first.email.fromName ?? organisation),
+            replyTo: first.email.replyTo.map { .init($0) },
+            to: .init(first.recipient.email, name: first.recipient.displayName),
+            subject: subject, textBody: text, htmlBody: html,
+            messageID: "digest-\(work.run.id.lowercased)@\(from.split(separator: "@").last.map(String.init) ?? "herald")",
+            date: now,
+            extraHeaders: [("List-Unsubscribe", "<\(unsubscribe)>"), ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]
+        ).encoded()
+    }
+
+    private func escaped(_ text: String) -> String {
+        var out = ""
+        out.reserveCapacity(text.utf8.count)
+        for character in text {
+            switch character {
+            case "&": out += "&amp;"
+            case "<": out += "&lt;"
+            case ">": out += "&gt;"
+            case "\"": out += "&quot;"
+            case "'": out += "&#39;"
+            default: out.append(character)
+            }
+        }
+        return out
+    }
+}

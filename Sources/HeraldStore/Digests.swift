@@ -1,0 +1,333 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+
+// Digests that are sent (issue 11, migration 0012): notify stamps each digest item with its
+// slot; `claim_digest_runs` makes a run per (user, frequency, slot) once the slot has come and
+// leases due runs; a run's first attempt attaches its items (fenced) and every attempt drops
+// those that no longer qualify; completion marks the items sent with the run, in one transaction.
+
+/// Where a digest run stands (`digest_runs.status`).
+public enum DigestRunStatus: String, Sendable, Codable, CaseIterable, StoredWord {
+    case pending = "PENDING"
+    case sending = "SENDING"
+    case failed = "FAILED"
+    case sent = "SENT"
+    case dead = "DEAD"
+    /// Every item was dropped at send time: nothing was sent.
+    case empty = "EMPTY"
+}
+
+/// A digest run a worker holds the lease of (`claim_digest_runs`).
+public struct ClaimedDigestRun: Sendable, Hashable {
+    public var organisationID: UUID
+    public var runID: UUID
+    public var attempt: Int
+
+    public init(organisationID: UUID, runID: UUID, attempt: Int) {
+        self.organisationID = organisationID
+        self.runID = runID
+        self.attempt = attempt
+    }
+}
+
+/// One digest of one user for one slot.
+public struct DigestRun: Sendable, Equatable {
+    public var id: UUID
+    public var userID: UUID
+    public var frequency: Frequency
+    /// The slot the run is named after (the window's end): unique per user and frequency.
+    public var slotAt: Date
+    public var status: DigestRunStatus
+    public var attempts: Int
+    public var maxAttempts: Int
+    public var nextAttemptAt: Date
+    /// When the first attempt attached the items; nil before.
+    public var frozenAt: Date?
+    public var itemCount: Int
+    public var lastError: String?
+    public var sentAt: Date?
+}
+
+/// Why an item attached to a run was left out of it when the run was sent.
+public enum DigestDrop: String, Sendable, Codable, CaseIterable {
+    case eventCancelled = "EVENT_CANCELLED"
+    case eventExpired = "EVENT_EXPIRED"
+    case userInactive = "USER_INACTIVE"
+    case channelDisabled = "CHANNEL_DISABLED"
+    case frequencyNone = "FREQUENCY_NONE"
+    case conditionNotMet = "CONDITION_NOT_MET"
+}
+
+/// One item of a digest as it is sent: the event rendered for its recipient.
+public struct DigestEntry: Sendable {
+    public var itemID: UUID
+    public var createdAt: Date
+    public var rendering: EventRendering
+}
+
+/// What sending a run needs: the run, its recipient, and the items that still qualify.
+public struct DigestWork: Sendable {
+    public var organisationID: UUID
+    public var run: DigestRun
+    public var entries: [DigestEntry]
+    /// Items left out at this attempt, with why.
+    public var dropped: [UUID: DigestDrop]
+}
+
+/// A user's digest slots after some instant: the next daily and the next weekly one.
+struct DigestSlots {
+    var daily: Date
+    var weekly: Date
+
+    func slot(_ frequency: Frequency) -> Date { frequency == .weekly ? weekly : daily }
+}
+
+extension Database {
+    /// Makes the runs of every slot that has come by `now`, then leases up to `limit` due runs
+    /// to `worker` across organisations (`claim_digest_runs`, SECURITY DEFINER).
+    public func claimDigestRuns(
+        worker: String, limit: Int, leaseSeconds: Int, now: Date, organisation: UUID? = nil
+    ) async throws
+        -> [ClaimedDigestRun]
+    {
+        try await query(
+            """
+            SELECT organisation_id, run_id, attempt
+            FROM claim_digest_runs(\(worker), \(limit)::integer, \(leaseSeconds)::integer, \(now)::timestamptz, \(organisation)::uuid)
+            """
+        ).map { row in
+            let (org, id, attempt) = try row.decode((UUID, UUID, Int).self)
+            return ClaimedDigestRun(organisationID: org, runID: id, attempt: attempt)
+        }
+    }
+}
+
+private let digestRunColumns = """
+    id, user_id, frequency, slot_at, status, attempts, max_attempts, next_attempt_at, frozen_at, item_count, last_error, sent_at
+    """
+
+private func decodeDigestRun(_ row: PostgresRow) throws -> DigestRun {
+    let (id, user, frequency, slot, status, attempts, maxAttempts, next, frozen, count, error, sent) = try row.decode(
+        (UUID, UUID, Frequency, Date, DigestRunStatus, Int, Int, Date, Date?, Int, String?, Date?).self, table: "digest_runs")
+    return DigestRun(
+        id: id, userID: user, frequency: frequency, slotAt: slot, status: status, attempts: attempts, maxAttempts: maxAttempts,
+        nextAttemptAt: next, frozenAt: frozen, itemCount: count, lastError: error, sentAt: sent)
+}
+
+extension TenantTransaction {
+    /// Each user's next daily and weekly slot strictly after `instant`: their own hour and
+    /// weekday, else the organisation's, in their time zone, else the organisation's.
+    func digestSlots(for users: [UUID], after instant: Date) async throws -> [UUID: DigestSlots] {
+        let rows = try await query(
+            """
+            SELECT u.id, coalesce(u.timezone, o.default_timezone), coalesce(u.digest_hour, o.digest_hour)::int,
+                   coalesce(u.digest_weekday, o.digest_weekday)::int
+            FROM users u JOIN organisations o ON o.id = u.organisation_id
+            WHERE u.organisation_id = \(organisationID) AND u.id = ANY(\(users)::uuid[])
+            """)
+        var slots: [UUID: DigestSlots] = [:]
+        for row in rows {
+            let (user, zone, hour, weekday) = try row.decode((UUID, String, Int, Int).self, table: "users")
+            let timeZone = TimeZone(identifier: zone) ?? .gmt
+            guard let daily = DigestSchedule(cadence: .daily, hour: hour, timeZone: timeZone),
+                let weekly = DigestSchedule(cadence: .weekly(weekday: weekday), hour: hour, timeZone: timeZone)
+            else { throw StoreError.notFound("digest schedule") }
+            slots[user] = DigestSlots(daily: daily.slot(after: instant), weekly: weekly.slot(after: instant))
+        }
+        return slots
+    }
+
+    public func digestRun(_ id: UUID) async throws -> DigestRun {
+        guard
+            let row = try await query(
+                "SELECT \(unescaped: digestRunColumns) FROM digest_runs WHERE organisation_id = \(organisationID) AND id = \(id)"
+            ).first
+        else { throw StoreError.notFound("digest run") }
+        return try decodeDigestRun(row)
+    }
+
+    /// A user's digest runs, newest slot first.
+    public func digestRuns(of userID: UUID, limit: Int = 50) async throws -> [DigestRun] {
+        try await query(
+            """
+            SELECT \(unescaped: digestRunColumns) FROM digest_runs
+            WHERE organisation_id = \(organisationID) AND user_id = \(userID) ORDER BY slot_at DESC LIMIT \(limit)
+            """
+        ).map(decodeDigestRun)
+    }
+
+    /// Readies a claimed run for sending, fenced on the lease: the first attempt attaches every
+    /// pending email item of the user and frequency up to the run's slot (later items wait for
+    /// the next slot); every attempt reads the attached items and drops, for good, those that no
+    /// longer qualify (event cancelled or expired, recipient deactivated, preference now off or
+    /// NONE, conditions no longer met). Nil when the fence refused.
+    public func prepareDigest(_ claim: ClaimedDigestRun, worker: String, now: Date) async throws -> DigestWork? {
+        guard
+            let row = try await query(
+                """
+                SELECT \(unescaped: digestRunColumns) FROM digest_runs
+                WHERE organisation_id = \(organisationID) AND id = \(claim.runID) AND lease_owner = \(worker)
+                  AND attempts = \(claim.attempt) AND status = 'SENDING'
+                FOR UPDATE
+                """
+            ).first
+        else { return nil }
+        var run = try decodeDigestRun(row)
+        if run.frozenAt == nil {
+            let attached = try await query(
+                """
+                UPDATE digest_items SET run_id = \(run.id)
+                WHERE organisation_id = \(organisationID) AND user_id = \(run.userID) AND frequency = \(run.frequency) AND channel = 'email'
+                  AND run_id IS NULL AND sent_at IS NULL AND cancelled_at IS NULL AND slot_at <= \(run.slotAt)
+                RETURNING id
+                """
+            ).count
+            let frozen = try await query(
+                """
+                UPDATE digest_runs SET frozen_at = now(), item_count = \(attached), updated_at = now()
+                WHERE organisation_id = \(organisationID) AND id = \(run.id) RETURNING frozen_at
+                """)
+            run.frozenAt = try frozen.first?.decode(Date.self)
+            run.itemCount = attached
+        }
+        let items = try await query(
+            """
+            SELECT i.id, i.event_id, i.category_id, i.created_at FROM digest_items i
+            WHERE i.organisation_id = \(organisationID) AND i.run_id = \(run.id) AND i.dropped_reason IS NULL
+            ORDER BY i.created_at, i.id
+            """
+        ).map { try $0.decode((UUID, UUID, UUID, Date).self, table: "digest_items") }
+        let preferences = try await emailPreferences(of: run.userID)
+        var entries: [DigestEntry] = []
+        var dropped: [UUID: DigestDrop] = [:]
+        for (itemID, eventID, categoryID, createdAt) in items {
+            guard let rendering = try await eventRendering(eventID, for: run.userID) else { continue }
+            if let drop = Self.drop(
+                rendering, user: preferences.user[categoryID], organisation: preferences.organisation[categoryID], now: now)
+            {
+                dropped[itemID] = drop
+            } else {
+                entries.append(DigestEntry(itemID: itemID, createdAt: createdAt, rendering: rendering))
+            }
+        }
+        if !dropped.isEmpty {
+            try await query(
+                """
+                UPDATE digest_items i SET dropped_reason = d.reason
+                FROM unnest(\(Array(dropped.keys))::uuid[], \(dropped.values.map(\.rawValue))::text[]) AS d (id, reason)
+                WHERE i.organisation_id = \(organisationID) AND i.id = d.id
+                """)
+        }
+        return DigestWork(organisationID: organisationID, run: run, entries: entries, dropped: dropped)
+    }
+
+    /// Why an item no longer belongs in a digest at `now`, if it does not: the same decision
+    /// notify made, taken again with today's event, recipient and preference.
+    static func drop(_ rendering: EventRendering, user: PreferenceSetting?, organisation: PreferenceSetting?, now: Date) -> DigestDrop? {
+        if rendering.eventStatus == .cancelled { return .eventCancelled }
+        if let expiry = rendering.eventExpiresAt, expiry <= now { return .eventExpired }
+        if !rendering.recipient.candidate.active { return .userInactive }
+        let input = rendering.input
+        let preference = PreferenceResolver.resolve(
+            channel: .email, categoryIsCritical: input.type.categoryIsCritical, typeDefaultChannels: input.type.defaultChannels,
+            user: user, organisationDefault: organisation)
+        let timeZone = TimeZone(identifier: rendering.recipient.timezone ?? input.organisationTimezone) ?? .gmt
+        let decision = ChannelDecider.decide(
+            channel: .email, preference: preference, payload: input.payload, timeZone: timeZone, throttled: false, hasDestination: true)
+        switch decision.reason {
+        case .channelDisabled: return .channelDisabled
+        case .frequencyNone: return .frequencyNone
+        case .conditionNotMet: return .conditionNotMet
+        default: return nil
+        }
+    }
+
+    /// The user's own email settings and the organisation's email defaults, by category.
+    private func emailPreferences(
+        of userID: UUID
+    ) async throws -> (
+        user: [UUID: PreferenceSetting], organisation: [UUID: PreferenceSetting]
+    ) {
+        let own = try await query(
+            """
+            SELECT category_id, enabled, frequency, conditions FROM preferences
+            WHERE organisation_id = \(organisationID) AND user_id = \(userID) AND channel = 'email'
+            """)
+        let defaults = try await query(
+            """
+            SELECT category_id, enabled, frequency, conditions FROM preference_defaults
+            WHERE organisation_id = \(organisationID) AND channel = 'email'
+            """)
+        func settings(_ rows: [PostgresRow]) throws -> [UUID: PreferenceSetting] {
+            var result: [UUID: PreferenceSetting] = [:]
+            for row in rows {
+                let (category, enabled, frequency, conditions) = try row.decode(
+                    (UUID, Bool, Frequency, JSONDocument<[Condition]>).self, table: "preferences")
+                result[category] = PreferenceSetting(enabled: enabled, frequency: frequency, conditions: conditions.value)
+            }
+            return result
+        }
+        return (try settings(own), try settings(defaults))
+    }
+
+    /// Extends the leases `worker` holds on `claims`.
+    public func extendDigestLeases(worker: String, claims: [ClaimedDigestRun], leaseSeconds: Int) async throws {
+        try await query(
+            """
+            UPDATE digest_runs r SET lease_expires_at = now() + make_interval(secs => \(leaseSeconds)::integer)
+            FROM unnest(\(claims.map(\.runID))::uuid[], \(claims.map(\.attempt))::integer[]) AS c(id, attempt)
+            WHERE r.organisation_id = \(organisationID) AND r.id = c.id AND r.attempts = c.attempt AND r.lease_owner = \(worker)
+              AND r.status = 'SENDING'
+            """)
+    }
+
+    /// Records how an attempt ended, fenced on (worker, attempt) like a delivery's. A sent run
+    /// marks its items sent in the same transaction; `empty` records a run whose items were all
+    /// dropped. False when the fence refused.
+    public func completeDigestRun(
+        _ claim: ClaimedDigestRun, worker: String, result: AttemptResult, empty: Bool = false
+    ) async throws
+        -> Bool
+    {
+        let (status, error, retryAt, response): (DigestRunStatus, String?, Date?, String?) =
+            switch result {
+            case .sent(_, let response): (empty ? .empty : .sent, nil, nil, response)
+            case .failed(_, let error, let retryAt): (.failed, error, retryAt, nil)
+            case .dead(_, let error): (.dead, error, nil, nil)
+            }
+        let rows = try await query(
+            """
+            UPDATE digest_runs SET
+                status = CASE WHEN \(status) = 'FAILED' AND attempts >= max_attempts THEN 'DEAD' ELSE \(status) END,
+                last_error = \(error), last_response = \(response), next_attempt_at = coalesce(\(retryAt), next_attempt_at),
+                lease_owner = NULL, lease_expires_at = NULL, sent_at = CASE WHEN \(status) = 'SENT' THEN now() ELSE sent_at END,
+                updated_at = now()
+            WHERE organisation_id = \(organisationID) AND id = \(claim.runID) AND lease_owner = \(worker) AND attempts = \(claim.attempt)
+              AND status = 'SENDING'
+            RETURNING status
+            """)
+        guard let row = rows.first else { return false }
+        if try row.decode(DigestRunStatus.self) == .sent {
+            try await query(
+                """
+                UPDATE digest_items SET sent_at = now()
+                WHERE organisation_id = \(organisationID) AND run_id = \(claim.runID) AND dropped_reason IS NULL AND sent_at IS NULL
+                """)
+        }
+        return true
+    }
+
+    /// Gives a claimed run back without counting an attempt, due again at `until`; fenced.
+    public func releaseDigestRun(_ claim: ClaimedDigestRun, worker: String, until: Date) async throws -> Bool {
+        try await !query(
+            """
+            UPDATE digest_runs SET status = CASE WHEN attempts <= 1 THEN 'PENDING' ELSE 'FAILED' END, attempts = attempts - 1,
+                next_attempt_at = \(until), lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+            WHERE organisation_id = \(organisationID) AND id = \(claim.runID) AND lease_owner = \(worker) AND attempts = \(claim.attempt)
+              AND status = 'SENDING'
+            RETURNING id
+            """
+        ).isEmpty
+    }
+}

@@ -1,0 +1,266 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+import Synchronization
+import Testing
+
+@testable import HeraldDelivery
+@testable import HeraldStore
+
+/// Digests that are sent (issue 11): digest runs on the work runner, against the real SMTP
+/// server, with a controlled clock (the runs' due times follow it; nothing sleeps until 08:00).
+@Suite("Digests")
+struct DigestTests {
+    /// An organisation whose member wants `activity` by email in a DAILY digest, in Paris.
+    func clubMember() async throws -> (TestOrganisation, TestCatalogue) {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.store { tx in
+            try await tx.query(
+                "UPDATE users SET timezone = 'Europe/Paris' WHERE organisation_id = \(org.id) AND id = \(org.memberID)")
+            try await tx.replacePreferences(
+                ofUser: org.memberID,
+                with: [
+                    PreferenceCell(
+                        categoryID: catalogue.activity, channel: .email, setting: PreferenceSetting(enabled: true, frequency: .daily))
+                ])
+        }
+        return (org, catalogue)
+    }
+
+    func task(
+        _ org: TestOrganisation, _ title: String, url: String? = nil, to users: [UUID]? = nil, expiresAt: Date? = nil
+    )
+        async throws -> UUID
+    {
+        try await org.notify(
+            EventRequest(
+                typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: users ?? [org.memberID]), payload: .object(["title": .string(title)]),
+                expiresAt: expiresAt, url: url)
+        ).event.id
+    }
+
+    /// The digest items of `user`, with their slot, run and state.
+    func items(_ org: TestOrganisation, of user: UUID) async throws -> [(slot: Date, run: UUID?, sent: Bool, dropped: String?)] {
+        try await org.store { tx in
+            try await tx.query(
+                """
+                SELECT slot_at, run_id, sent_at IS NOT NULL, dropped_reason FROM digest_items
+                WHERE organisation_id = \(org.id) AND user_id = \(user) ORDER BY created_at
+                """
+            ).map { try $0.decode((Date, UUID?, Bool, String?).self) }
+        }
+    }
+
+    /// Whether the member has `runs` digests: as many emails, and as many runs recorded SENT
+    /// (the acceptance is recorded just after the SMTP server answered).
+    func sent(_ org: TestOrganisation, _ address: String, runs: Int) async throws -> Bool {
+        let recorded = try await org.store { tx in try await tx.digestRuns(of: org.memberID) }.filter { $0.status == .sent }.count
+        return try await Peers.mail(to: address).count == runs && recorded == runs
+    }
+
+    /// Runs `runners` digest runners for `organisation` on the clock `now` while `body` runs.
+    func withDigestRunners<T: Sendable>(
+        _ organisation: UUID, count: Int = 1, now: @escaping @Sendable () -> Date, _ body: @Sendable () async throws -> T
+    ) async throws -> T {
+        let env = try await TestEnvironment.shared
+        let email = EmailTransport(
+            settings: EmailTransport.settings(url: Peers.smtpURL, username: nil, password: nil, timeout: 10)!,
+            defaultFrom: "herald@herald.test")
+        let links = LinkBuilder(baseURL: "http://herald.test", keys: TestEnvironment.linkKeys)
+        let bus = NotificationBus(client: env.workerClient, logger: env.logger)
+        let runners = (0..<count).map { index in
+            var configuration = WorkRunnerConfiguration(name: "digest-test-\(index)-\(UUID().uuidString.prefix(6))")
+            configuration.concurrency = 4
+            configuration.batchSize = 4
+            configuration.pollInterval = .milliseconds(100)
+            configuration.leaseSeconds = 10
+            return WorkRunner(
+                configuration: configuration, queue: DigestQueue(database: env.workerDatabase, organisation: organisation, now: now),
+                handler: DigestHandler(
+                    database: env.workerDatabase, email: email, links: links,
+                    retry: RetryPolicy(baseDelay: 0.3, factor: 2, maximumDelay: 5, jitter: 0), worker: configuration.name, now: now),
+                bus: bus, logger: env.logger)
+        }
+        return try await withThrowingTaskGroup(of: T?.self) { group in
+            group.addTask {
+                try await bus.run(); return nil
+            }
+            for runner in runners {
+                group.addTask {
+                    try await runner.run(); return nil
+                }
+            }
+            let value = try await body()
+            group.cancelAll()
+            for try await _ in group {}
+            return value
+        }
+    }
+
+    @Test(
+        "a DAILY digest goes once at the member's local 08:00, grouped, with tracked links and one-click unsubscribe; a late item goes in the next"
+    )
+    func dailyDigest() async throws {
+        let (org, _) = try await clubMember()
+        let address = "member@\(org.slug).example"
+        _ = try await task(org, "Outing on Saturday", url: "https://club.example/outings/42")
+        _ = try await task(org, "Outing on Sunday")
+        let pending = try await items(org, of: org.memberID)
+        try #require(pending.count == 2)
+        // The slot: the next 08:00 in Paris after now, the same for both items.
+        let slot = try #require(pending.first?.slot)
+        let paris = TimeZone(identifier: "Europe/Paris")!
+        let calendar = {
+            var calendar = Calendar(identifier: .gregorian)
+            calendar.timeZone = paris
+            return calendar
+        }()
+        #expect(calendar.component(.hour, from: slot) == 8 && calendar.component(.minute, from: slot) == 0)
+        #expect(slot > Date() && slot <= Date().addingTimeInterval(24 * 3600))
+        #expect(pending.allSatisfy { $0.slot == slot && $0.run == nil })
+
+        let clock = Mutex(slot.addingTimeInterval(-60))
+        try await withDigestRunners(org.id, now: { clock.withLock { $0 } }) { () async throws -> Void in
+            // A minute before the slot: nothing is made or sent.
+            try await Task.sleep(for: .milliseconds(500))
+            #expect(try await org.store { tx in try await tx.digestRuns(of: org.memberID) }.isEmpty)
+            // The slot comes: one email with both items.
+            clock.withLock { $0 = slot.addingTimeInterval(60) }
+            #expect(try await eventually(timeout: .seconds(20)) { try await sent(org, address, runs: 1) })
+            let runs = try await org.store { tx in try await tx.digestRuns(of: org.memberID) }
+            try #require(runs.count == 1)
+            #expect(runs[0].status == .sent && runs[0].itemCount == 2 && runs[0].slotAt == slot && runs[0].frequency == .daily)
+            #expect(try await items(org, of: org.memberID).allSatisfy { $0.sent && $0.run == runs[0].id })
+            let mail = try ParsedMail(try #require(try await Peers.mail(to: address).first?["data"] as? String))
+            #expect(mail.headers["Subject"]?.contains("your daily digest (2 notifications)") == true, "\(mail.headers)")
+            #expect(mail.headers["Message-ID"]?.contains("digest-\(runs[0].id.lowercased)@") == true)
+            #expect(mail.headers["List-Unsubscribe"]?.contains("http://herald.test/v1/unsubscribe/") == true)
+            #expect(mail.headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click")
+            let text = try #require(mail.parts["text/plain"]).replacingOccurrences(of: "\r\n", with: "\n")
+            #expect(text.contains("Activity\n  - Outing on Saturday") && text.contains("  - Outing on Sunday"), "\(text)")
+            #expect(text.contains("http://herald.test/v1/links/"), "a tracked link for the item with a URL")
+            #expect(mail.parts["text/html"]?.contains("<h2>Activity</h2>") == true)
+
+            // An item stamped with a slot whose run is already frozen (its notify began before
+            // the slot and committed after: here the real clock is still before the slot) goes
+            // in the next day's digest.
+            _ = try await task(org, "Late outing")
+            let nextSlot = try #require(calendar.date(byAdding: .day, value: 1, to: slot))
+            #expect(
+                try await eventually(timeout: .seconds(10)) {
+                    try await items(org, of: org.memberID).last?.slot == nextSlot
+                }, "the late item moves to the next slot")
+            try await Task.sleep(for: .milliseconds(300))
+            #expect(try await Peers.mail(to: address).count == 1, "nothing more before the next slot")
+            clock.withLock { $0 = nextSlot.addingTimeInterval(60) }
+            #expect(try await eventually(timeout: .seconds(20)) { try await sent(org, address, runs: 2) })
+            let second = try ParsedMail(try #require(try await Peers.mail(to: address).last?["data"] as? String))
+            #expect(second.headers["Subject"]?.contains("(1 notification)") == true)
+            #expect(second.parts["text/plain"]?.contains("Late outing") == true)
+            #expect(second.parts["text/plain"]?.contains("Saturday") == false, "never an item twice")
+        }
+    }
+
+    @Test("two runners at once: every member gets exactly one digest with every item; nothing twice, nothing lost")
+    func exactlyOnceAcrossRunners() async throws {
+        let (org, catalogue) = try await clubMember()
+        // Twelve more members with the same preference (the owner too).
+        let members = try await org.store { tx in
+            var ids: [UUID] = []
+            for index in 0..<12 {
+                let user = try await tx.createUser(
+                    NewUser(email: "m\(index)@\(org.slug).example", displayName: "M\(index)", passwordHash: nil))
+                try await tx.replacePreferences(
+                    ofUser: user.id,
+                    with: [
+                        PreferenceCell(
+                            categoryID: catalogue.activity, channel: .email, setting: PreferenceSetting(enabled: true, frequency: .daily))
+                    ])
+                ids.append(user.id)
+            }
+            return ids
+        }
+        for index in 0..<3 { _ = try await task(org, "Item \(index)", to: members) }
+        let slots = Set(try await members.asyncFlatMap { try await items(org, of: $0).map(\.slot) })
+        let latest = try #require(slots.max())
+        let clock = Mutex(latest.addingTimeInterval(60))
+        try await withDigestRunners(org.id, count: 2, now: { clock.withLock { $0 } }) { () async throws -> Void in
+            #expect(
+                try await eventually(timeout: .seconds(30)) {
+                    try await members.asyncAllSatisfy { member in
+                        try await items(org, of: member).allSatisfy(\.sent)
+                    }
+                })
+            // Both runners kept polling: still exactly one each.
+            try await Task.sleep(for: .milliseconds(500))
+        }
+        for (index, member) in members.enumerated() {
+            let mails = try await Peers.mail(to: "m\(index)@\(org.slug).example")
+            #expect(mails.count == 1, "member \(index) got \(mails.count) digests")
+            let text = try ParsedMail(try #require(mails.first?["data"] as? String)).parts["text/plain"] ?? ""
+            #expect((0..<3).allSatisfy { text.contains("Item \($0)") })
+            #expect(try await items(org, of: member).allSatisfy { $0.sent })
+        }
+        let runs = try await org.store { tx in
+            try await tx.query("SELECT count(*)::int, count(DISTINCT user_id)::int FROM digest_runs WHERE organisation_id = \(org.id)")
+                .first!.decode((Int, Int).self)
+        }
+        #expect(runs.0 == 12 && runs.1 == 12, "runs: \(runs.0), users with a run: \(runs.1)")
+    }
+
+    @Test("at send time: a cancelled event's item stays out, an expired one is dropped with its reason; a digest left empty is not sent")
+    func stillQualifiesAtSendTime() async throws {
+        let (org, _) = try await clubMember()
+        let address = "member@\(org.slug).example"
+        let cancelled = try await task(org, "Cancelled outing")
+        _ = try await task(org, "Expiring outing", expiresAt: Date().addingTimeInterval(30))
+        _ = try await task(org, "Kept outing")
+        let slot = try #require(try await items(org, of: org.memberID).first?.slot)
+        try await org.store { tx in _ = try await tx.cancelEvent(cancelled, now: Date()) }
+        let clock = Mutex(slot.addingTimeInterval(60))
+        try await withDigestRunners(org.id, now: { clock.withLock { $0 } }) { () async throws -> Void in
+            #expect(try await eventually(timeout: .seconds(20)) { try await sent(org, address, runs: 1) })
+        }
+        let text = try ParsedMail(try #require(try await Peers.mail(to: address).first?["data"] as? String)).parts["text/plain"] ?? ""
+        #expect(text.contains("Kept outing") && !text.contains("Cancelled outing") && !text.contains("Expiring outing"))
+        let states = try await items(org, of: org.memberID)
+        #expect(states[0].run == nil && !states[0].sent, "the cancelled item joined no run")
+        #expect(states[1].dropped == "EVENT_EXPIRED" && !states[1].sent)
+        #expect(states[2].dropped == nil && states[2].sent)
+
+        // Every item gone by the slot (the member switched email off): an EMPTY run, no email.
+        // (Notified before today's slot, after its run was frozen: it goes in tomorrow's.)
+        _ = try await task(org, "Tomorrow's outing")
+        var paris = Calendar(identifier: .gregorian)
+        paris.timeZone = TimeZone(identifier: "Europe/Paris")!
+        let next = try #require(paris.date(byAdding: .day, value: 1, to: slot))
+        try await org.store { tx in
+            try await tx.query(
+                "UPDATE preferences SET enabled = false WHERE organisation_id = \(org.id) AND user_id = \(org.memberID) AND channel = 'email'"
+            )
+        }
+        clock.withLock { $0 = next.addingTimeInterval(60) }
+        try await withDigestRunners(org.id, now: { clock.withLock { $0 } }) { () async throws -> Void in
+            #expect(
+                try await eventually(timeout: .seconds(20)) {
+                    try await org.store { tx in try await tx.digestRuns(of: org.memberID) }.first?.status == .empty
+                })
+        }
+        #expect(try await Peers.mail(to: address).count == 1)
+        #expect(try await items(org, of: org.memberID).last?.dropped == "CHANNEL_DISABLED")
+    }
+}
+
+extension Array where Element: Sendable {
+    func asyncFlatMap<T>(_ transform: (Element) async throws -> [T]) async rethrows -> [T] {
+        var result: [T] = []
+        for element in self { result += try await transform(element) }
+        return result
+    }
+
+    func asyncAllSatisfy(_ predicate: (Element) async throws -> Bool) async rethrows -> Bool {
+        for element in self where !(try await predicate(element)) { return false }
+        return true
+    }
+}
