@@ -25,11 +25,13 @@ public enum AttemptOutcome: String, CaseIterable, Sendable, Codable {
     case expired = "EXPIRED"
 }
 
-/// Where a digest item stands: waiting for its run, sent in one, or cancelled with its event.
+/// Where a digest item stands: waiting for its run, sent in one, cancelled with its event, or
+/// dropped from its run at send time because it no longer qualified.
 public enum DigestItemStatus: String, CaseIterable, Sendable, Codable {
     case pending = "PENDING"
     case sent = "SENT"
     case cancelled = "CANCELLED"
+    case dropped = "DROPPED"
 }
 
 /// Where an in-app notification stands for its recipient; `deleted` once the user deleted it.

@@ -15,8 +15,29 @@ public struct ExplainedRecipient: Sendable, Equatable {
     public var deliveryStatus: [UUID: DeliveryStatus]
     /// Current state of each digest item.
     public var digestStatus: [UUID: DigestItemStatus]
+    /// Each digest item's slot, run and drop reason.
+    public var digests: [UUID: ExplainedDigestItem] = [:]
     /// Current state of each in-app row, `deleted` once the user deleted it.
     public var notificationStatus: [UUID: FeedItemStatus] = [:]
+}
+
+/// A digest item as explain shows it: its state, the slot it is due at, why it was dropped, and
+/// the run it joined.
+public struct ExplainedDigestItem: Sendable, Equatable {
+    public var status: DigestItemStatus
+    public var dueAt: Date
+    public var droppedReason: DigestDrop?
+    public var run: DigestRunSummary?
+}
+
+/// The run a digest item joined.
+public struct DigestRunSummary: Sendable, Equatable {
+    public var id: UUID
+    public var status: DigestRunStatus
+    public var slotAt: Date
+    public var attempts: Int
+    public var sentAt: Date?
+    public var lastError: String?
 }
 
 extension ExplainedRecipient {
@@ -77,22 +98,37 @@ extension TenantTransaction {
                 deliveries[id] = status
             }
         }
-        var digests: [UUID: DigestItemStatus] = [:]
+        var digests: [UUID: ExplainedDigestItem] = [:]
         if !digestIDs.isEmpty {
             for row in try await query(
                 """
-                SELECT id, CASE WHEN cancelled_at IS NOT NULL THEN 'CANCELLED' WHEN sent_at IS NOT NULL THEN 'SENT' ELSE 'PENDING' END
-                FROM digest_items WHERE organisation_id = \(organisationID) AND id = ANY(\(digestIDs)::uuid[])
+                SELECT i.id, CASE WHEN i.cancelled_at IS NOT NULL THEN 'CANCELLED' WHEN i.sent_at IS NOT NULL THEN 'SENT'
+                                  WHEN i.dropped_reason IS NOT NULL THEN 'DROPPED' ELSE 'PENDING' END,
+                       i.slot_at, i.dropped_reason, r.id, r.status, r.slot_at, r.attempts, r.sent_at, r.last_error
+                FROM digest_items i
+                LEFT JOIN digest_runs r ON r.organisation_id = i.organisation_id AND r.id = i.run_id
+                WHERE i.organisation_id = \(organisationID) AND i.id = ANY(\(digestIDs)::uuid[])
                 """)
             {
-                let (id, status) = try row.decode((UUID, DigestItemStatus).self, table: "digest_items")
-                digests[id] = status
+                let (id, status, due, dropped, runID, runStatus, runSlot, attempts, sent, error) = try row.decode(
+                    (UUID, DigestItemStatus, Date, String?, UUID?, DigestRunStatus?, Date?, Int?, Date?, String?).self,
+                    table: "digest_items")
+                var run: DigestRunSummary?
+                if let runID, let runStatus, let runSlot {
+                    run = DigestRunSummary(
+                        id: runID, status: runStatus, slotAt: runSlot, attempts: attempts ?? 0, sentAt: sent, lastError: error)
+                }
+                digests[id] = ExplainedDigestItem(
+                    status: status, dueAt: due, droppedReason: dropped.flatMap(DigestDrop.init(rawValue:)), run: run)
             }
         }
         for index in items.indices {
             for channel in items[index].channels {
                 for id in channel.deliveryIDs { items[index].deliveryStatus[id] = deliveries[id] }
-                if let id = channel.digestItemID { items[index].digestStatus[id] = digests[id] }
+                if let id = channel.digestItemID {
+                    items[index].digestStatus[id] = digests[id]?.status
+                    items[index].digests[id] = digests[id]
+                }
                 if let id = channel.notificationID { items[index].notificationStatus[id] = notifications[id] ?? .deleted }
             }
         }

@@ -17,6 +17,9 @@ public struct Organisation: Sendable, Equatable {
     public var emailFrom: String?
     public var emailFromName: String?
     public var emailReplyTo: String?
+    /// When digests go: the local hour (0–23) and, for weekly ones, the ISO weekday (1–7).
+    public var digestHour: Int
+    public var digestWeekday: Int
     public var createdAt: Date
     public var updatedAt: Date
 }
@@ -62,16 +65,18 @@ extension TenantTransaction {
             """
             SELECT id, slug, name, default_locale, default_timezone, (settings->>'throttle_per_minute')::int,
                    settings->>'email_from', settings->>'email_from_name', settings->>'email_reply_to', created_at, updated_at,
-                   (settings->>'user_throttle_per_minute')::int
+                   (settings->>'user_throttle_per_minute')::int, digest_hour::int, digest_weekday::int
             FROM organisations WHERE id = \(organisationID)
             """)
         guard let row = rows.first else { throw StoreError.notFound("organisation") }
-        let (id, slug, name, locale, timezone, throttle, from, fromName, replyTo, created, updated, userThrottle) =
-            try row.decode((UUID, String, String, String, String, Int?, String?, String?, String?, Date, Date, Int?).self)
+        let (
+            id, slug, name, locale, timezone, throttle, from, fromName, replyTo, created, updated, userThrottle, digestHour, digestWeekday
+        ) =
+            try row.decode((UUID, String, String, String, String, Int?, String?, String?, String?, Date, Date, Int?, Int, Int).self)
         return Organisation(
             id: id, slug: slug, name: name, defaultLocale: locale, defaultTimezone: timezone, throttlePerMinute: throttle,
-            userThrottlePerMinute: userThrottle, emailFrom: from, emailFromName: fromName, emailReplyTo: replyTo, createdAt: created,
-            updatedAt: updated)
+            userThrottlePerMinute: userThrottle, emailFrom: from, emailFromName: fromName, emailReplyTo: replyTo, digestHour: digestHour,
+            digestWeekday: digestWeekday, createdAt: created, updatedAt: updated)
     }
 
     /// Sets the email sender settings given; an empty string clears one, nil leaves it.
@@ -88,13 +93,17 @@ extension TenantTransaction {
     }
 
     /// Changes the fields given; nil leaves a field as it is.
-    public func updateOrganisation(name: String?, defaultLocale: String?, defaultTimezone: String?) async throws -> Organisation {
+    public func updateOrganisation(
+        name: String?, defaultLocale: String?, defaultTimezone: String?, digestHour: Int? = nil, digestWeekday: Int? = nil
+    ) async throws -> Organisation {
         let rows = try await query(
             """
             UPDATE organisations SET
                 name = coalesce(\(name), name),
                 default_locale = coalesce(\(defaultLocale), default_locale),
                 default_timezone = coalesce(\(defaultTimezone), default_timezone),
+                digest_hour = coalesce(\(digestHour)::smallint, digest_hour),
+                digest_weekday = coalesce(\(digestWeekday)::smallint, digest_weekday),
                 updated_at = now()
             WHERE id = \(organisationID)
             RETURNING id

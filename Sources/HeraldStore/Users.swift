@@ -10,6 +10,9 @@ public struct User: Sendable, Equatable {
     public var locale: String?
     public var timezone: String?
     public var active: Bool
+    /// The user's own digest hour (0–23) and ISO weekday (1–7); nil: the organisation's.
+    public var digestHour: Int?
+    public var digestWeekday: Int?
     /// Free-form attributes as a JSON object, kept as text so no layer reinterprets it.
     public var attributesJSON: String
     public var roles: [RoleRef]
@@ -52,10 +55,15 @@ public struct UserChange: Sendable {
     public var locale: String??
     public var timezone: String??
     public var attributesJSON: String?
+    public var digestHour: Int??
+    public var digestWeekday: Int??
 
     public init(
-        email: String? = nil, displayName: String? = nil, locale: String?? = nil, timezone: String?? = nil, attributesJSON: String? = nil
+        email: String? = nil, displayName: String? = nil, locale: String?? = nil, timezone: String?? = nil, attributesJSON: String? = nil,
+        digestHour: Int?? = nil, digestWeekday: Int?? = nil
     ) {
+        self.digestHour = digestHour
+        self.digestWeekday = digestWeekday
         self.email = email
         self.displayName = displayName
         self.locale = locale
@@ -141,6 +149,8 @@ extension TenantTransaction {
                 locale = CASE WHEN \(change.locale != nil) THEN \(change.locale ?? nil) ELSE locale END,
                 timezone = CASE WHEN \(change.timezone != nil) THEN \(change.timezone ?? nil) ELSE timezone END,
                 attributes = coalesce(\(change.attributesJSON)::jsonb, attributes),
+                digest_hour = CASE WHEN \(change.digestHour != nil) THEN \(change.digestHour ?? nil)::smallint ELSE digest_hour END,
+                digest_weekday = CASE WHEN \(change.digestWeekday != nil) THEN \(change.digestWeekday ?? nil)::smallint ELSE digest_weekday END,
                 updated_at = now()
             WHERE organisation_id = \(organisationID) AND id = \(id)
             RETURNING id
@@ -206,15 +216,16 @@ private let userColumns = """
     coalesce((SELECT json_agg(json_build_object('id', r.id, 'key', r.key) ORDER BY r.key)
               FROM user_roles ur JOIN roles r ON r.organisation_id = ur.organisation_id AND r.id = ur.role_id
               WHERE ur.organisation_id = u.organisation_id AND ur.user_id = u.id), '[]'),
-    u.created_at, u.updated_at
+    u.created_at, u.updated_at, u.digest_hour::int, u.digest_weekday::int
     """
 
 private func decodeUser(_ row: PostgresRow) throws -> User {
-    let (id, email, name, locale, timezone, active, attributes, roles, created, updated) =
-        try row.decode((UUID, String, String, String?, String?, Bool, String, JSONDocument<[RoleRef]>, Date, Date).self, table: "users")
+    let (id, email, name, locale, timezone, active, attributes, roles, created, updated, digestHour, digestWeekday) =
+        try row.decode(
+            (UUID, String, String, String?, String?, Bool, String, JSONDocument<[RoleRef]>, Date, Date, Int?, Int?).self, table: "users")
     return User(
-        id: id, email: email, displayName: name, locale: locale, timezone: timezone, active: active,
-        attributesJSON: attributes, roles: roles.value, createdAt: created, updatedAt: updated)
+        id: id, email: email, displayName: name, locale: locale, timezone: timezone, active: active, digestHour: digestHour,
+        digestWeekday: digestWeekday, attributesJSON: attributes, roles: roles.value, createdAt: created, updatedAt: updated)
 }
 
 extension TenantTransaction {

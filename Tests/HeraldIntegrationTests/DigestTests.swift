@@ -1,5 +1,7 @@
 import Foundation
+import HTTPTypes
 import HeraldCore
+import HummingbirdTesting
 import PostgresNIO
 import Synchronization
 import Testing
@@ -249,6 +251,61 @@ struct DigestTests {
         }
         #expect(try await Peers.mail(to: address).count == 1)
         #expect(try await items(org, of: org.memberID).last?.dropped == "CHANNEL_DISABLED")
+    }
+}
+
+extension DigestTests {
+    @Test(
+        "the organisation's digest hour and weekday and a user's own, set through the API, decide the slots; explain shows the slot, the run and a drop"
+    )
+    func settingsAndExplain() async throws {
+        let (org, _) = try await clubMember()
+        let env = try await TestEnvironment.shared
+        let app = try env.application()
+        let member = org.memberID.uuidString.lowercased()
+        try await app.test(.router) { client in
+            // The organisation's digests at 18:00, weekly ones on Friday; bad values are 422s.
+            let changed = try await client.send(
+                .patch, "/v1/organisation", token: org.ownerToken, json: #"{"digest_hour": 18, "digest_weekday": 5}"#)
+            #expect(changed.status == .ok && changed.json["digest_hour"] as? Int == 18 && changed.json["digest_weekday"] as? Int == 5)
+            let bad = try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"digest_hour": 24}"#)
+            #expect(bad.isProblem(.unprocessableContent), "\(bad.text)")
+            // The member's own hour wins over the organisation's; -1 gives it back.
+            let own = try await client.send(.patch, "/v1/users/\(member)", token: org.ownerToken, json: #"{"digest_hour": 6}"#)
+            #expect(own.status == .ok && own.json["digest_hour"] as? Int == 6 && own.json["digest_weekday"] == nil, "\(own.text)")
+            let event = try await task(org, "Outing at dawn", expiresAt: Date().addingTimeInterval(3 * 86400))
+            let slot = try #require(try await items(org, of: org.memberID).last?.slot)
+            var paris = Calendar(identifier: .gregorian)
+            paris.timeZone = TimeZone(identifier: "Europe/Paris")!
+            #expect(paris.component(.hour, from: slot) == 6)
+            let back = try await client.send(.patch, "/v1/users/\(member)", token: org.ownerToken, json: #"{"digest_hour": -1}"#)
+            #expect(back.status == .ok && back.json["digest_hour"] == nil)
+            _ = try await task(org, "Outing at dusk")
+            #expect(paris.component(.hour, from: try #require(try await items(org, of: org.memberID).last?.slot)) == 18)
+
+            // Explain: before sending, the item, its slot and no run.
+            func digestChannel() async throws -> [String: Any] {
+                let explained = try await client.send(.get, "/v1/events/\(event.uuidString.lowercased())/explain", token: org.ownerToken)
+                let users = explained.json["items"] as? [[String: Any]] ?? []
+                let channels = users.first { $0["user_id"] as? String == member }?["channels"] as? [[String: Any]] ?? []
+                return channels.first { $0["channel"] as? String == "email" } ?? [:]
+            }
+            let before = try await digestChannel()
+            #expect(before["outcome"] as? String == "DIGEST" && before["digest_status"] as? String == "PENDING")
+            #expect((before["digest_due_at"] as? String).flatMap { try? Date($0, strategy: .iso8601) } == slot)
+            #expect(before["digest_run"] == nil)
+
+            // The event expires before its slot: the run drops it and, empty, sends nothing.
+            let clock = Mutex(slot.addingTimeInterval(3 * 86400))
+            try await withDigestRunners(org.id, now: { clock.withLock { $0 } }) { () async throws -> Void in
+                #expect(try await eventually(timeout: .seconds(20)) { try await items(org, of: org.memberID).first?.dropped != nil })
+            }
+            let after = try await digestChannel()
+            #expect(
+                after["digest_status"] as? String == "DROPPED" && after["digest_dropped_reason"] as? String == "EVENT_EXPIRED", "\(after)")
+            let run = try #require(after["digest_run"] as? [String: Any])
+            #expect(["EMPTY", "SENT"].contains(run["status"] as? String) && run["attempts"] as? Int == 1, "\(run)")
+        }
     }
 }
 

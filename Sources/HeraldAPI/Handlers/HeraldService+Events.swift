@@ -189,24 +189,37 @@ extension HeraldService {
         .init(
             userId: recipient.userID.lowercased, email: recipient.email, displayName: recipient.displayName, targeted: recipient.targeted,
             rule: recipient.rule, reason: recipient.reason.rawValue, reasonText: recipient.reason.sentence,
-            channels: try recipient.channels.map { channel in
-                .init(
-                    channel: mapped(channel.channel), enabled: channel.enabled,
-                    frequency: mapped(channel.frequency), conditions: try convert(channel.conditions),
-                    source: mapped(channel.source), outcome: mapped(channel.outcome),
-                    reason: channel.reason.rawValue, reasonText: channel.reason.sentence,
-                    notificationId: channel.notificationID?.lowercased,
-                    notificationStatus: channel.notificationID.flatMap { recipient.notificationStatus[$0] }.map { mapped($0) },
-                    deliveryId: channel.deliveryID?.lowercased,
-                    deliveryStatus: channel.deliveryID.flatMap { recipient.deliveryStatus[$0]?.rawValue },
-                    deliveries: channel.deliveryIDs.isEmpty
-                        ? nil
-                        : channel.deliveryIDs.map { id in
-                            .init(id: id.lowercased, status: recipient.deliveryStatus[id].map { mapped($0) } ?? .pending)
-                        },
-                    digestItemId: channel.digestItemID?.lowercased,
-                    digestStatus: channel.digestItemID.flatMap { recipient.digestStatus[$0] }.map { mapped($0) })
-            })
+            channels: try recipient.channels.map { channel in try explained(channel, of: recipient) })
+    }
+
+    private func explained(_ channel: TraceChannelRecord, of recipient: ExplainedRecipient) throws -> Components.Schemas.ExplainedChannel {
+        let digest = channel.digestItemID.flatMap { recipient.digests[$0] }
+        let run: Components.Schemas.ExplainedChannel.DigestRunPayload? = digest?.run.map { run in
+            .init(
+                id: run.id.lowercased, status: .init(rawValue: run.status.rawValue) ?? .pending, slotAt: run.slotAt,
+                attempts: run.attempts, sentAt: run.sentAt, lastError: run.lastError)
+        }
+        let deliveries: [Components.Schemas.ExplainedChannel.DeliveriesPayloadPayload]? =
+            channel.deliveryIDs.isEmpty
+            ? nil
+            : channel.deliveryIDs.map { id in
+                .init(id: id.lowercased, status: recipient.deliveryStatus[id].map { mapped($0) } ?? .pending)
+            }
+        return .init(
+            channel: mapped(channel.channel), enabled: channel.enabled,
+            frequency: mapped(channel.frequency), conditions: try convert(channel.conditions),
+            source: mapped(channel.source), outcome: mapped(channel.outcome),
+            reason: channel.reason.rawValue, reasonText: channel.reason.sentence,
+            notificationId: channel.notificationID?.lowercased,
+            notificationStatus: channel.notificationID.flatMap { recipient.notificationStatus[$0] }.map { mapped($0) },
+            deliveryId: channel.deliveryID?.lowercased,
+            deliveryStatus: channel.deliveryID.flatMap { recipient.deliveryStatus[$0]?.rawValue },
+            deliveries: deliveries,
+            digestItemId: channel.digestItemID?.lowercased,
+            digestStatus: digest.map { mapped($0.status) },
+            digestDueAt: digest?.dueAt,
+            digestDroppedReason: digest?.droppedReason.flatMap { .init(rawValue: $0.rawValue) },
+            digestRun: run)
     }
 
     /// Validates the body of notify (and of a dry run) into an engine request.

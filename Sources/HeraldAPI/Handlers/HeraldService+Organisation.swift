@@ -20,6 +20,13 @@ extension HeraldService {
             throw APIError.unprocessable(ValidationError(field: "user_throttle_per_minute", message: "must be between 0 (off) and 100000."))
         }
         let timezone = try body.defaultTimezone.map { v in try Validate.timezone(v, field: "default_timezone") }
+        if let hour = body.digestHour, !(0...23).contains(hour) {
+            throw APIError.unprocessable(ValidationError(field: "digest_hour", message: "must be an hour of the day, 0 to 23."))
+        }
+        if let weekday = body.digestWeekday, !(1...7).contains(weekday) {
+            throw APIError.unprocessable(
+                ValidationError(field: "digest_weekday", message: "must be an ISO weekday, 1 (Monday) to 7 (Sunday)."))
+        }
         let (from, replyTo) = (
             try body.emailFrom.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.emailAddress(v, field: "email_from") },
             try body.emailReplyTo.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.emailAddress(v, field: "email_reply_to") }
@@ -33,7 +40,9 @@ extension HeraldService {
                 try await tx.setEmailIdentity(from: from, fromName: fromName, replyTo: replyTo)
             }
             let after = Components.Schemas.Organisation(
-                try await tx.updateOrganisation(name: name, defaultLocale: locale, defaultTimezone: timezone))
+                try await tx.updateOrganisation(
+                    name: name, defaultLocale: locale, defaultTimezone: timezone, digestHour: body.digestHour,
+                    digestWeekday: body.digestWeekday))
             try await tx.audit(
                 action: "organisation.update", targetType: "organisation", targetID: after.id,
                 before: auditJSON(before), after: auditJSON(after))

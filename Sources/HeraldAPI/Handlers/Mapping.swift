@@ -11,7 +11,8 @@ extension Components.Schemas.Organisation {
             id: o.id.lowercased, slug: o.slug, name: o.name, defaultLocale: o.defaultLocale,
             defaultTimezone: o.defaultTimezone, throttlePerMinute: o.throttlePerMinute,
             userThrottlePerMinute: o.userThrottlePerMinute, emailFrom: o.emailFrom,
-            emailFromName: o.emailFromName, emailReplyTo: o.emailReplyTo, createdAt: o.createdAt, updatedAt: o.updatedAt)
+            emailFromName: o.emailFromName, emailReplyTo: o.emailReplyTo, digestHour: o.digestHour, digestWeekday: o.digestWeekday,
+            createdAt: o.createdAt, updatedAt: o.updatedAt)
     }
 }
 
@@ -19,7 +20,7 @@ extension Components.Schemas.User {
     init(_ u: User) throws {
         self.init(
             id: u.id.lowercased, email: u.email, displayName: u.displayName, locale: u.locale, timezone: u.timezone,
-            active: u.active, attributes: try decodeJSON(u.attributesJSON),
+            digestHour: u.digestHour, digestWeekday: u.digestWeekday, active: u.active, attributes: try decodeJSON(u.attributesJSON),
             roles: u.roles.map { .init(id: $0.id.lowercased, key: $0.key) }, createdAt: u.createdAt, updatedAt: u.updatedAt)
     }
 }
@@ -239,6 +240,7 @@ func mapped(_ status: DigestItemStatus) -> Components.Schemas.ExplainedChannel.D
     case .pending: .pending
     case .sent: .sent
     case .cancelled: .cancelled
+    case .dropped: .dropped
     }
 }
 
