@@ -96,3 +96,87 @@ final class WorkerProcess: @unchecked Sendable {
 
     var exitStatus: Int32 { process.terminationStatus }
 }
+
+/// The same for digests (issue 11): `herald worker` processes send 400 digests due in the same
+/// slot; one is killed with SIGKILL in the middle and started again. Every member ends with one
+/// run, every item is marked sent once, and a member who got the digest twice (killed between
+/// the SMTP server's acceptance and the commit) got the same message under the same Message-ID.
+@Suite("Crash: digests")
+struct DigestCrashTests {
+    static let members = 400
+
+    @Test("SIGKILL in the middle of 400 digests: one run per member, every item sent once, duplicates share their Message-ID")
+    func sigkill() async throws {
+        let env = try await TestEnvironment.shared
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.addUsers(Self.members - 2)
+        try await org.store { tx in
+            try await tx.replacePreferenceDefaults(with: [
+                PreferenceCell(
+                    categoryID: catalogue.activity, channel: .email, setting: PreferenceSetting(enabled: true, frequency: .daily))
+            ])
+        }
+        for index in 0..<3 {
+            try await org.notify(
+                EventRequest(
+                    typeKey: "TASK_ASSIGNED", audience: Audience(everyone: true), payload: .object(["title": .string("Round \(index)")])))
+        }
+        // Their slot has come (the process runs on the real clock).
+        let items = try await org.store { tx in
+            try await tx.query(
+                "UPDATE digest_items SET slot_at = now() - interval '1 minute' WHERE organisation_id = \(org.id) RETURNING id"
+            ).count
+        }
+        #expect(items == Self.members * 3)
+        let sentRuns = {
+            try await org.store { tx in
+                try await tx.query("SELECT count(*)::int FROM digest_runs WHERE organisation_id = \(org.id) AND status = 'SENT'")
+                    .first!.decode(Int.self)
+            }
+        }
+
+        let first = try WorkerProcess(organisation: org.id, workerURL: env.workerURL)
+        let second = try WorkerProcess(organisation: org.id, workerURL: env.workerURL)
+        #expect(try await eventually(timeout: .seconds(120)) { try await sentRuns() >= Self.members / 4 })
+        first.kill()
+        let killedAt = try await sentRuns()
+        let restarted = try WorkerProcess(organisation: org.id, workerURL: env.workerURL)
+        #expect(try await eventually(timeout: .seconds(240)) { try await sentRuns() == Self.members })
+        second.stop()
+        restarted.stop()
+        #expect(second.exitStatus == 0 && restarted.exitStatus == 0, "SIGTERM drains and exits cleanly")
+
+        let (runs, users, unsent) = try await org.store { tx in
+            try await tx.query(
+                """
+                SELECT (SELECT count(*)::int FROM digest_runs WHERE organisation_id = \(org.id)),
+                       (SELECT count(DISTINCT user_id)::int FROM digest_runs WHERE organisation_id = \(org.id)),
+                       (SELECT count(*)::int FROM digest_items WHERE organisation_id = \(org.id) AND sent_at IS NULL)
+                """
+            ).first!.decode((Int, Int, Int).self)
+        }
+        #expect(runs == Self.members && users == Self.members && unsent == 0, "runs \(runs), users \(users), unsent \(unsent)")
+        let addresses = try await org.store { tx in
+            try await tx.query("SELECT email FROM users WHERE organisation_id = \(org.id)").map { try $0.decode(String.self) }
+        }
+        var duplicated = 0
+        for address in addresses {
+            let mails = try await Peers.mail(to: address).compactMap { $0["data"] as? String }
+            #expect(!mails.isEmpty, "\(address) got no digest")
+            let ids = Set(
+                mails.map { raw in raw.split(separator: "\r\n").first { $0.lowercased().hasPrefix("message-id:") }.map(String.init) ?? "" })
+            #expect(ids.count == 1, "\(address): \(mails.count) digests with Message-IDs \(ids)")
+            let rounds = mails.first.map { raw in (0..<3).filter { raw.contains("Round \($0)") }.count } ?? 0
+            #expect(rounds == 3, "\(address): every item in the digest")
+            if mails.count > 1 { duplicated += 1 }
+        }
+        let rescued = try await org.store { tx in
+            try await tx.query("SELECT count(*)::int FROM digest_runs WHERE organisation_id = \(org.id) AND attempts > 1").first!.decode(
+                Int.self)
+        }
+        print(
+            "digest crash test: killed after \(killedAt) digests recorded; \(rescued) runs retried after their lease expired; \(duplicated) members got theirs twice (same Message-ID)"
+        )
+    }
+}
