@@ -232,6 +232,23 @@ where Handler.Claim == Queue.Claim, Handler.Outcome == Queue.Outcome {
         }
     }
 
+    /// Claims and runs whatever is due now, batch by batch, until nothing is; returns how many
+    /// items it ran. For operators who run the work from their own cron (`herald digests send`)
+    /// instead of a long-running process; `progress` hears each batch as it finishes.
+    public func runDue(progress: (_ batch: Int, _ total: Int) -> Void = { _, _ in }) async throws -> Int {
+        var total = 0
+        while true {
+            let claims = try await queue.claim(
+                worker: configuration.name, limit: configuration.batchSize, leaseSeconds: configuration.leaseSeconds)
+            if claims.isEmpty { return total }
+            await withTaskGroup(of: Void.self) { group in
+                for claim in claims { group.addTask { await self.runWithinDeadline(claim) } }
+            }
+            total += claims.count
+            progress(claims.count, total)
+        }
+    }
+
     /// One item: handle it, then record what came of it through the queue (fenced).
     func perform(_ claim: Queue.Claim) async {
         let clock = ContinuousClock()

@@ -331,3 +331,32 @@ extension TenantTransaction {
         ).isEmpty
     }
 }
+
+/// Digests whose slot has come and that no run has taken yet (`herald digests send --dry-run`).
+public struct DueDigest: Sendable, Equatable {
+    public var userID: UUID
+    public var email: String
+    public var frequency: Frequency
+    public var slotAt: Date
+    public var items: Int
+}
+
+extension TenantTransaction {
+    /// The organisation's pending email digest items whose slot is at or before `now`, by user,
+    /// frequency and slot: what the next claim would make runs of.
+    public func dueDigests(now: Date) async throws -> [DueDigest] {
+        try await query(
+            """
+            SELECT i.user_id, u.email, i.frequency, i.slot_at, count(*)::int FROM digest_items i
+            JOIN users u ON u.organisation_id = i.organisation_id AND u.id = i.user_id
+            WHERE i.organisation_id = \(organisationID) AND i.run_id IS NULL AND i.sent_at IS NULL AND i.cancelled_at IS NULL
+              AND i.channel = 'email' AND i.slot_at <= \(now)
+            GROUP BY i.user_id, u.email, i.frequency, i.slot_at
+            ORDER BY i.slot_at, u.email
+            """
+        ).map { row in
+            let (user, email, frequency, slot, items) = try row.decode((UUID, String, Frequency, Date, Int).self, table: "digest_items")
+            return DueDigest(userID: user, email: email, frequency: frequency, slotAt: slot, items: items)
+        }
+    }
+}

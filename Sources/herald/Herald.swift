@@ -15,7 +15,10 @@ import ServiceLifecycle
 struct Herald: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Herald, the multi-tenant notification service.",
-        subcommands: [Serve.self, Worker.self, Migrate.self, SeedDemo.self, OrganisationCommand.self, JWTKeygen.self, PurgeExpired.self])
+        subcommands: [
+            Serve.self, Worker.self, Migrate.self, SeedDemo.self, OrganisationCommand.self, JWTKeygen.self, PurgeExpired.self,
+            DigestsCommand.self,
+        ])
 }
 
 /// `herald serve`: the HTTP API.

@@ -517,21 +517,6 @@ struct CitusReadinessTests {
     /// Runs the herald binary from the temporary directory, without HERALD_SQL_DIR: what it
     /// needs must come with the build. Returns what it printed.
     func herald(_ arguments: [String], _ environment: [String: String]) throws -> String {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: ProcessInfo.processInfo.environment["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
-        process.arguments = arguments
-        process.currentDirectoryURL = FileManager.default.temporaryDirectory
-        var inherited = ProcessInfo.processInfo.environment
-        inherited["HERALD_SQL_DIR"] = nil
-        process.environment = inherited.merging(environment) { _, new in new }
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        try process.run()
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        let text = String(decoding: data, as: UTF8.self)
-        try #require(process.terminationStatus == 0, "herald \(arguments.joined(separator: " ")): \(text)")
-        return text
+        try runHerald(arguments, environment)
     }
 }

@@ -309,6 +309,43 @@ extension DigestTests {
     }
 }
 
+extension DigestTests {
+    @Test("herald digests send --dry-run lists what is due and sends nothing; herald digests send sends it, printing progress")
+    func command() async throws {
+        let (org, _) = try await clubMember()
+        let env = try await TestEnvironment.shared
+        let address = "member@\(org.slug).example"
+        _ = try await task(org, "Outing by the lake")
+        _ = try await task(org, "Outing in the hills")
+        // Their slot has come (the command runs on the real clock).
+        try await org.store { tx in
+            try await tx.query("UPDATE digest_items SET slot_at = now() - interval '1 minute' WHERE organisation_id = \(org.id)")
+        }
+        let listed = try runHerald(["digests", "send", "--dry-run"], ["DATABASE_OWNER_URL": env.ownerURL])
+        #expect(listed.contains("due: organisation \(org.id.uuidString.lowercased()) \(address) DAILY slot "), "\(listed)")
+        #expect(listed.contains("\(address) DAILY slot") && listed.contains(": 2 item(s)"))
+        #expect(listed.contains("nothing sent"))
+        #expect(try await Peers.mail(to: address).isEmpty)
+        #expect(try await org.store { tx in try await tx.digestRuns(of: org.memberID) }.isEmpty)
+
+        let sent = try runHerald(
+            ["digests", "send"],
+            [
+                "DATABASE_WORKER_URL": env.workerURL, "HERALD_WORKER_ORGANISATION": org.id.uuidString, "HERALD_SMTP_URL": Peers.smtpURL,
+                "HERALD_LOG_LEVEL": "error",
+            ])
+        #expect(sent.contains("digests send: 1 run(s) attempted"), "\(sent)")
+        #expect(try await Peers.mail(to: address).count == 1)
+        #expect(try await org.store { tx in try await tx.digestRuns(of: org.memberID) }.map(\.status) == [.sent])
+        // Nothing is due any more.
+        let again = try runHerald(
+            ["digests", "send"],
+            ["DATABASE_WORKER_URL": env.workerURL, "HERALD_WORKER_ORGANISATION": org.id.uuidString, "HERALD_SMTP_URL": Peers.smtpURL])
+        #expect(again.contains("0 run(s) attempted"), "\(again)")
+        #expect(try await Peers.mail(to: address).count == 1)
+    }
+}
+
 extension Array where Element: Sendable {
     func asyncFlatMap<T>(_ transform: (Element) async throws -> [T]) async rethrows -> [T] {
         var result: [T] = []

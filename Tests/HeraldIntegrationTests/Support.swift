@@ -333,3 +333,24 @@ final class CapturedLog: Sendable {
         }
     }
 }
+
+/// Runs the `herald` binary of this build (`HERALD_TEST_BINARY`) from the temporary directory
+/// with `environment` over the test's own, and returns what it printed; a non-zero exit fails.
+func runHerald(_ arguments: [String], _ environment: [String: String]) throws -> String {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: ProcessInfo.processInfo.environment["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
+    process.arguments = arguments
+    process.currentDirectoryURL = FileManager.default.temporaryDirectory
+    var inherited = ProcessInfo.processInfo.environment
+    inherited["HERALD_SQL_DIR"] = nil
+    process.environment = inherited.merging(environment) { _, new in new }
+    let output = Pipe()
+    process.standardOutput = output
+    process.standardError = output
+    try process.run()
+    let data = output.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    let text = String(decoding: data, as: UTF8.self)
+    try #require(process.terminationStatus == 0, "herald \(arguments.joined(separator: " ")): \(text)")
+    return text
+}

@@ -1,0 +1,86 @@
+import ArgumentParser
+import Foundation
+import HeraldAPI
+import HeraldCore
+import HeraldDelivery
+import HeraldStore
+import Logging
+import PostgresNIO
+
+/// `herald digests send`: sends every digest whose slot has come, for operators who run their
+/// own cron instead of a long-running `herald worker` (which sends them as they come due).
+struct DigestsCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "digests", abstract: "Send the digests that are due, or list them.", subcommands: [Send.self])
+
+    struct Send: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Send every digest whose slot has come, printing progress; --dry-run lists them and sends nothing.")
+
+        @Flag(help: "List what is due (organisation, user, frequency, slot, items) and send nothing.")
+        var dryRun = false
+
+        func run() async throws {
+            let config = try AppConfiguration.fromEnvironment()
+            let logger = Logger(label: "herald.digests")
+            if dryRun {
+                try await list(logger: logger)
+            } else {
+                try await send(config, logger: logger)
+            }
+        }
+
+        /// As the owner role, organisation by organisation (only it can list them), reading only.
+        func list(logger: Logger) async throws {
+            guard let url = ProcessInfo.processInfo.environment["DATABASE_OWNER_URL"], !url.isEmpty else {
+                throw ValidationError(
+                    "DATABASE_OWNER_URL is not set: listing walks every organisation, which only the owner role can list.")
+            }
+            try await withPostgres(url: url, logger: logger) { client in
+                let database = Database(client: client, logger: logger)
+                let now = Date()
+                var digests = 0
+                var items = 0
+                for organisation in try await database.allOrganisationIDs() {
+                    for due in try await database.withTenant(organisation, { tx in try await tx.dueDigests(now: now) }) {
+                        print(
+                            "due: organisation \(organisation.uuidString.lowercased()) \(due.email) \(due.frequency.rawValue) slot \(due.slotAt.formatted(.iso8601)): \(due.items) item(s)"
+                        )
+                        digests += 1
+                        items += due.items
+                    }
+                }
+                print("digests send --dry-run: \(digests) digest(s) due with \(items) item(s); nothing sent")
+            }
+        }
+
+        /// As the worker role, through the same claim, lease and fence as `herald worker`.
+        func send(_ config: AppConfiguration, logger: Logger) async throws {
+            guard let url = config.workerDatabaseURL else {
+                throw ValidationError("DATABASE_WORKER_URL is not set: digests are sent as the worker role (herald_worker).")
+            }
+            guard
+                let smtp = EmailTransport.settings(
+                    url: config.smtpURL, username: config.smtpUsername, password: config.smtpPassword, timeout: config.smtpTimeout)
+            else { throw ValidationError("HERALD_SMTP_URL is not an smtp:// or smtps:// URL: \(config.smtpURL)") }
+            let links = LinkBuilder(baseURL: config.linkBaseURL, keys: try config.linkKeyRing())
+            try await withPostgres(url: url, logger: logger) { client in
+                let database = config.database(client, logger: logger)
+                var runner = WorkRunnerConfiguration(name: "cli:" + WorkerPoolConfiguration.defaultName())
+                runner.leaseSeconds = config.workerLeaseSeconds
+                runner.batchSize = 16
+                let digests = WorkRunner(
+                    configuration: runner, queue: DigestQueue(database: database, organisation: config.workerOrganisation),
+                    handler: DigestHandler(
+                        database: database, email: EmailTransport(settings: smtp, defaultFrom: config.smtpFrom), links: links,
+                        retry: RetryPolicy(
+                            baseDelay: config.retryBaseSeconds, factor: config.retryFactor, maximumDelay: config.retryMaxSeconds,
+                            jitter: config.retryJitter), worker: runner.name),
+                    bus: NotificationBus(client: client, logger: logger), logger: logger)
+                print("digests send: sending what is due now")
+                let total = try await digests.runDue { batch, total in print("digests send: \(batch) run(s) done (\(total) so far)") }
+                print("digests send: \(total) run(s) attempted; see GET /v1/events/{id}/explain or the logs for each outcome")
+            }
+        }
+    }
+}
