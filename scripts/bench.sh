@@ -15,10 +15,13 @@
 #      whose 10 000 members all hold a stream: from the 202 until each client has its
 #      notification.created (p50, p99, last), beside a plain LISTEN connection (when the bus
 #      announced the rows) and the same client harness against a minimal asyncio SSE server
-#      pushing one event of the same size to 10 000 held connections.
+#      pushing one event of the same size to 10 000 held connections;
+#   5. digests: 100 000 members (BENCH_DIGEST_USERS) with 5 items each due in the same slot,
+#      sent by one `herald worker`, beside the SMTP server's ceiling for as many messages of
+#      the same size (smtplib, 4 connections), in the same run.
 # Results go to .bench/results.md; docs/benchmarks.md records them with this command.
 #
-# BENCH_SECTIONS picks sections (default "notify feed delivery streams"; e.g.
+# BENCH_SECTIONS picks sections (default "notify feed delivery digests streams"; e.g.
 # BENCH_SECTIONS=streams); BENCH_BUILD=0 uses the release binary as it is, without building;
 # BENCH_HERALD names another binary (a debug build, when trying the script).
 set -euo pipefail
@@ -26,7 +29,7 @@ cd "$(dirname "$0")/.."
 PORT=${BENCH_PG_PORT:-54331}
 CLUSTER=${BENCH_CLUSTER:-bench}
 HTTP=${BENCH_HTTP:-18080}
-SECTIONS=" ${BENCH_SECTIONS:-notify feed delivery streams} "
+SECTIONS=" ${BENCH_SECTIONS:-notify feed delivery digests streams} "
 want() { [[ $SECTIONS == *" $1 "* ]]; }
 CONC=${BENCH_CONCURRENCY:-32}
 DURATION=${BENCH_DURATION:-20}
@@ -293,6 +296,86 @@ echo "|---|---|---|---|"
 printf '| webhook (Standard Webhooks, signed) | %.0f | %.0f requests/s (wrk -c%s, same body) | %.2f |\n' $(echo "$N / $HOOK_T" | bc -l) $HOOK_CEILING $WORKERS $(echo "$N / $HOOK_T / $HOOK_CEILING" | bc -l)
 printf '| email (SMTP via libcurl, multipart) | %.0f | %.0f messages/s (smtplib, 4 connections) | %.2f |\n' $(echo "$N / $MAIL_T" | bc -l) $SMTP_CEILING $(echo "$N / $MAIL_T / $SMTP_CEILING" | bc -l)
 } >> $OUT
+fi
+
+if want digests; then
+  # 5. Digests (issue 11): members who each have 5 items in a DAILY email digest, all due in the
+  # same slot; one `herald worker` sends them. Time from its start until every run is SENT,
+  # beside the SMTP server's own ceiling for as many messages of the same size.
+  D=${BENCH_DIGEST_USERS:-100000}
+  DW=${BENCH_DIGEST_WORKERS:-16}
+  say "digests: $D members with 5 due items each"
+  DSMTP=54337; DRECV=54338
+  rm -f .bench/digest-peers.pid
+  python3 scripts/peers.py --smtp 127.0.0.1:$DSMTP --http 127.0.0.1:$DRECV --pidfile .bench/digest-peers.pid >/dev/null &
+  for _ in $(seq 50); do test -s .bench/digest-peers.pid && break; sleep 0.1; done
+  trap 'kill $SERVER 2>/dev/null || true; kill $(cat .bench/peers.pid .bench/digest-peers.pid 2>/dev/null) 2>/dev/null || true; [ -z "${WORKER:-}" ] || kill $WORKER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; scripts/pg.sh down $CLUSTER >/dev/null' EXIT
+  psql_app <<SQL >/dev/null
+SELECT set_config('app.org_id', '$ORG', false);
+INSERT INTO categories (organisation_id, key, name) VALUES ('$ORG', 'digest', 'Digest') ON CONFLICT DO NOTHING;
+INSERT INTO notification_types (organisation_id, key, category_id, name, default_channels)
+  SELECT '$ORG', 'BENCH_DIGEST', id, 'Bench digest', '{email}' FROM categories WHERE key = 'digest';
+INSERT INTO templates (organisation_id, type_id, channel, locale, subject, body)
+  SELECT '$ORG', id, 'in_app', 'en', 'Reading {{payload.isq}}', 'Hello {{recipient.display_name}}, reading {{payload.isq}} on implant {{payload.implant}}.'
+  FROM notification_types WHERE key = 'BENCH_DIGEST';
+INSERT INTO users (organisation_id, email, display_name) SELECT '$ORG', 'd' || g || '@bench.example', 'Digest member ' || g FROM generate_series(1, $D) g;
+SQL
+  # Five events through the API (to the owner alone), then each member's five items in SQL:
+  # what five notifies to all of them would have written, without timing those notifies here.
+  for i in 1 2 3 4 5; do
+    curl -sf -o /dev/null -X POST localhost:$HTTP/v1/events -H "authorization: Bearer $APIKEY" -H 'content-type: application/json' \
+      -d "{\"type\":\"BENCH_DIGEST\",\"audience\":{\"user_ids\":[\"$OWNER\"]},\"payload\":{\"isq\":$((20 + i)),\"implant\":\"IMP-$i\"},\"url\":\"https://clinic.example/implants/$i\"}"
+  done
+  psql_app <<SQL >/dev/null
+SELECT set_config('app.org_id', '$ORG', false);
+DELETE FROM deliveries WHERE event_id IN (SELECT e.id FROM events e JOIN notification_types t ON t.organisation_id = e.organisation_id AND t.id = e.type_id WHERE t.key = 'BENCH_DIGEST');
+INSERT INTO digest_items (organisation_id, id, event_id, user_id, category_id, channel, frequency, due_after, slot_at)
+  SELECT '$ORG', gen_random_uuid(), e.id, u.id, t.category_id, 'email', 'DAILY', now(), now() - interval '1 minute'
+  FROM users u CROSS JOIN events e JOIN notification_types t ON t.organisation_id = e.organisation_id AND t.id = e.type_id
+  WHERE u.organisation_id = '$ORG' AND e.organisation_id = '$ORG' AND u.email LIKE 'd%@bench.example' AND t.key = 'BENCH_DIGEST';
+SQL
+  psql_app -c "VACUUM ANALYZE" >/dev/null 2>&1 || true
+  say "digests: one herald worker, $DW digests in flight"
+  start=$(now)
+  DATABASE_WORKER_URL=postgres://herald_worker:herald_worker@127.0.0.1:$PORT/herald_bench HERALD_WORKERS=$DW HERALD_DIGEST_WORKERS=$DW \
+    HERALD_SMTP_URL=smtp://127.0.0.1:$DSMTP HERALD_LOG_LEVEL=warning HERALD_WORKER_POLL_MS=200 \
+    $HERALD worker > .bench/digest-worker.log 2>&1 &
+  WORKER=$!
+  while true; do
+    done_runs=$(psql_app -tAc "SELECT set_config('app.org_id', '$ORG', false); SELECT count(*) FROM digest_runs WHERE status IN ('SENT', 'DEAD', 'EMPTY')" | tail -1)
+    [ "$done_runs" -ge "$D" ] && break
+    sleep 0.5
+  done
+  DIGEST_T=$(echo "$(now) - $start" | bc)
+  kill -TERM $WORKER; wait $WORKER 2>/dev/null || true; WORKER=""
+  sent_runs=$(psql_app -tAc "SELECT set_config('app.org_id', '$ORG', false); SELECT count(*) FROM digest_runs WHERE status = 'SENT'" | tail -1)
+  [ "$sent_runs" = "$D" ] || { echo "bench: only $sent_runs of $D digests were SENT"; exit 1; }
+  # The ceiling: smtplib sending as many messages of the size of one of Herald's digests.
+  curl -s "http://127.0.0.1:$DRECV/_mail?rcpt=d1%40bench.example" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["data"])' > .bench/digest-message.txt
+  DIGEST_BYTES=$(wc -c < .bench/digest-message.txt)
+  DIGEST_CEILING=$(python3 - $DSMTP $D .bench/digest-message.txt <<'PY'
+import smtplib, sys, threading, time
+port, total, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+body = open(path, encoding="utf-8").read().replace("\r\n", "\n").replace("\n", "\r\n")
+def run(k):
+    with smtplib.SMTP("127.0.0.1", port) as s:
+        for _ in range(k): s.sendmail("herald@localhost", ["ceiling@bench.example"], body.encode())
+start = time.time()
+threads = [threading.Thread(target=run, args=(total // 4,)) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(f"{total / (time.time() - start):.0f}")
+PY
+)
+  {
+  echo
+  echo "## digests: $D members with 5 items each, due in the same slot, sent by one \`herald worker\` ($DW digests in flight)"
+  echo
+  echo "| | digests/s | time for all | the SMTP server's own ceiling (smtplib, 4 connections, $DIGEST_BYTES-byte message) | ratio |"
+  echo "|---|---|---|---|---|"
+  printf '| Herald: claim (makes the runs), attach, render, send, record | %.0f | %.1f s | %.0f messages/s | %.2f |\n' \
+    $(echo "$D / $DIGEST_T" | bc -l) $DIGEST_T $DIGEST_CEILING $(echo "$D / $DIGEST_T / $DIGEST_CEILING" | bc -l)
+  } >> $OUT
 fi
 
 if want streams; then

@@ -40,6 +40,8 @@ public struct AppConfiguration: Sendable {
     /// Delivery workers in this process (`herald serve` and `herald worker`); 0 switches them off.
     public var workers = 16
     public var workerBatchSize = 32
+    /// Digest runs in flight at once (issue 11); nil: a quarter of `workers`, at least one.
+    public var digestWorkers: Int?
     public var workerLeaseSeconds = 60
     public var workerPollMilliseconds = 1000
     /// Confines this process's workers to one organisation (a dedicated worker); nil: all.
@@ -132,6 +134,14 @@ public struct AppConfiguration: Sendable {
         c.workerDatabaseURL = value("DATABASE_WORKER_URL")
         try number("HERALD_WORKERS", &c.workers)
         try number("HERALD_WORKER_BATCH", &c.workerBatchSize)
+        if value("HERALD_DIGEST_WORKERS") != nil {
+            var digests = 0
+            try number("HERALD_DIGEST_WORKERS", &digests)
+            guard (1...1000).contains(digests) else {
+                throw ConfigurationError(variable: "HERALD_DIGEST_WORKERS", value: "\(digests) (1 to 1000)")
+            }
+            c.digestWorkers = digests
+        }
         try number("HERALD_WORKER_LEASE_SECONDS", &c.workerLeaseSeconds)
         try number("HERALD_WORKER_POLL_MS", &c.workerPollMilliseconds)
         if let v = value("HERALD_WORKER_ORGANISATION") {

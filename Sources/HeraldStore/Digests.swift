@@ -233,8 +233,13 @@ extension TenantTransaction {
             channel: .email, categoryIsCritical: input.type.categoryIsCritical, typeDefaultChannels: input.type.defaultChannels,
             user: user, organisationDefault: organisation)
         let timeZone = TimeZone(identifier: rendering.recipient.timezone ?? input.organisationTimezone) ?? .gmt
+        // The same conditions as at notify time, on the day the digest goes: a licence that has
+        // expired since drops the item.
+        let subject = ConditionSubject(
+            payload: input.payload, eventType: input.type.key, recipientAttributes: rendering.recipient.attributes, timeZone: timeZone,
+            now: now)
         let decision = ChannelDecider.decide(
-            channel: .email, preference: preference, payload: input.payload, timeZone: timeZone, throttled: false, hasDestination: true)
+            channel: .email, preference: preference, subject: subject, throttled: false, hasDestination: true)
         switch decision.reason {
         case .channelDisabled: return .channelDisabled
         case .frequencyNone: return .frequencyNone

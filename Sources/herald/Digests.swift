@@ -20,25 +20,37 @@ struct DigestsCommand: AsyncParsableCommand {
         @Flag(help: "List what is due (organisation, user, frequency, slot, items) and send nothing.")
         var dryRun = false
 
+        @Option(
+            help: ArgumentHelp(
+                "Act as if it were this instant (RFC 3339, e.g. 2026-12-03T08:01:00Z): send or list what is due by then.",
+                discussion: "For catching up after an outage, and for trying digests without waiting for their hour."))
+        var at: String?
+
         func run() async throws {
             let config = try AppConfiguration.fromEnvironment()
             let logger = Logger(label: "herald.digests")
+            var now = Date()
+            if let at {
+                guard let instant = try? Date(at, strategy: .iso8601) else {
+                    throw ValidationError("--at \(at) is not an RFC 3339 instant such as 2026-12-03T08:01:00Z.")
+                }
+                now = instant
+            }
             if dryRun {
-                try await list(logger: logger)
+                try await list(now: now, logger: logger)
             } else {
-                try await send(config, logger: logger)
+                try await send(config, now: now, logger: logger)
             }
         }
 
         /// As the owner role, organisation by organisation (only it can list them), reading only.
-        func list(logger: Logger) async throws {
+        func list(now: Date, logger: Logger) async throws {
             guard let url = ProcessInfo.processInfo.environment["DATABASE_OWNER_URL"], !url.isEmpty else {
                 throw ValidationError(
                     "DATABASE_OWNER_URL is not set: listing walks every organisation, which only the owner role can list.")
             }
             try await withPostgres(url: url, logger: logger) { client in
                 let database = Database(client: client, logger: logger)
-                let now = Date()
                 var digests = 0
                 var items = 0
                 for organisation in try await database.allOrganisationIDs() {
@@ -55,7 +67,7 @@ struct DigestsCommand: AsyncParsableCommand {
         }
 
         /// As the worker role, through the same claim, lease and fence as `herald worker`.
-        func send(_ config: AppConfiguration, logger: Logger) async throws {
+        func send(_ config: AppConfiguration, now: Date, logger: Logger) async throws {
             guard let url = config.workerDatabaseURL else {
                 throw ValidationError("DATABASE_WORKER_URL is not set: digests are sent as the worker role (herald_worker).")
             }
@@ -70,12 +82,12 @@ struct DigestsCommand: AsyncParsableCommand {
                 runner.leaseSeconds = config.workerLeaseSeconds
                 runner.batchSize = 16
                 let digests = WorkRunner(
-                    configuration: runner, queue: DigestQueue(database: database, organisation: config.workerOrganisation),
+                    configuration: runner, queue: DigestQueue(database: database, organisation: config.workerOrganisation, now: { now }),
                     handler: DigestHandler(
                         database: database, email: EmailTransport(settings: smtp, defaultFrom: config.smtpFrom), links: links,
                         retry: RetryPolicy(
                             baseDelay: config.retryBaseSeconds, factor: config.retryFactor, maximumDelay: config.retryMaxSeconds,
-                            jitter: config.retryJitter), worker: runner.name),
+                            jitter: config.retryJitter), worker: runner.name, now: { now }),
                     bus: NotificationBus(client: client, logger: logger), logger: logger)
                 print("digests send: sending what is due now")
                 let total = try await digests.runDue { batch, total in print("digests send: \(batch) run(s) done (\(total) so far)") }

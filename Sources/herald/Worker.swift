@@ -57,8 +57,8 @@ struct DeliveryServices {
         }
         var pool = try PostgresClient.Configuration.fromURL(url)
         // One connection per send in flight, one for the bus's LISTEN (when it is ours), one for claims and heartbeats.
-        // Digest runs (issue 11) take a quarter of the sends in flight, at least one.
-        let digestConcurrency = max(1, config.workers / 4)
+        // Digest runs (issue 11): HERALD_DIGEST_WORKERS, else a quarter of the sends in flight.
+        let digestConcurrency = config.digestWorkers ?? max(1, config.workers / 4)
         pool.options.maximumConnections = config.workers + digestConcurrency + 2
         let postgres = PostgresClient(configuration: pool, backgroundLogger: logger)
         // As many connections per host as sends in flight: no send waits for a connection.

@@ -117,12 +117,60 @@ struct ChannelDecisionTests {
         #expect(decide(preference(true, .weekly, [condition])).reason == (met ? .digestQueued : .conditionNotMet))
     }
 
+    @Test(
+        "conditions on the event type and the recipient's attributes; gte and lte on numbers, dates and today in the recipient's zone",
+        arguments: [
+            (Condition(field: "event.type", op: .in, values: [.string("OUTING_PUBLISHED")]), true),
+            (Condition(field: "event.type", op: .equals, value: .string("OUTING_CHANGED")), false),
+            (Condition(field: "recipient.attributes.section", op: .in, values: [.string("alpine"), .string("kayak")]), true),
+            (Condition(field: "recipient.attributes.section", op: .equals, value: .string("kayak")), false),
+            (Condition(field: "recipient.attributes.missing", op: .notIn, values: [.string("x")]), true),
+            (Condition(field: "payload.activity", op: .equals, value: .string("hiking")), true),
+            (Condition(field: "level", op: .atLeast, value: .number(2)), true),
+            (Condition(field: "level", op: .atLeast, value: .number(3)), false),
+            (Condition(field: "level", op: .atMost, value: .number(2)), true),
+            (Condition(field: "starts_on", op: .atLeast, value: .string("2026-11-21")), true),
+            (Condition(field: "starts_on", op: .atLeast, value: .string("2026-11-22")), false),
+            (Condition(field: "starts_on", op: .atMost, value: .string("2026-11-20")), false),
+            // At 2026-11-22T23:30Z it is already the 23rd in Paris: valid until the 22nd fails there.
+            (Condition(field: "recipient.attributes.licence_valid_until", op: .atLeast, value: .string("today")), false),
+            (Condition(field: "recipient.attributes.licence_valid_until", op: .atMost, value: .string("today")), true),
+            (Condition(field: "recipient.attributes.renewed", op: .atLeast, value: .string("today")), true),
+            (Condition(field: "recipient.attributes.missing", op: .atLeast, value: .string("today")), false),
+            (Condition(field: "level", op: .atLeast, value: .string("today")), false),
+        ])
+    func conditionsOnTypeAndRecipient(_ condition: Condition, met: Bool) throws {
+        try condition.validate()
+        let subject = ConditionSubject(
+            payload: outing, eventType: "OUTING_PUBLISHED",
+            recipientAttributes: .object([
+                "section": .string("alpine"), "licence_valid_until": .string("2026-11-22"), "renewed": .string("2026-11-23T09:00:00Z"),
+            ]),
+            timeZone: paris, now: try Date("2026-11-22T23:30:00Z", strategy: .iso8601))
+        #expect(condition.isMet(by: subject) == met)
+        #expect(
+            ChannelDecider.decide(
+                channel: .email, preference: preference(true, .weekly, [condition]), subject: subject, throttled: false,
+                hasDestination: true
+            ).reason == (met ? .digestQueued : .conditionNotMet))
+        // The same condition in UTC: 23:30 is still the 22nd.
+        if condition.field == "recipient.attributes.licence_valid_until", condition.op == .atLeast {
+            var utc = subject
+            utc.timeZone = .gmt
+            #expect(condition.isMet(by: utc))
+        }
+    }
+
     @Test("conditions that can never be evaluated are refused when saved")
     func invalidConditions() {
         #expect(throws: ValidationError.self) { try Condition(field: "a", op: .equals).validate() }
         #expect(throws: ValidationError.self) { try Condition(field: "a", op: .in, values: []).validate() }
         #expect(throws: ValidationError.self) { try Condition(field: "a", op: .weekdayIn, values: [.string("someday")]).validate() }
         #expect(throws: ValidationError.self) { try Condition(field: "", op: .equals, value: .bool(true)).validate() }
+        #expect(throws: ValidationError.self) { try Condition(field: "event.payload", op: .equals, value: .bool(true)).validate() }
+        #expect(throws: ValidationError.self) { try Condition(field: "recipient.email", op: .equals, value: .bool(true)).validate() }
+        #expect(throws: ValidationError.self) { try Condition(field: "level", op: .atLeast).validate() }
+        #expect(throws: ValidationError.self) { try Condition(field: "level", op: .atMost, value: .bool(true)).validate() }
     }
 }
 

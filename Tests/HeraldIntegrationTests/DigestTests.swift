@@ -2,6 +2,7 @@ import Foundation
 import HTTPTypes
 import HeraldCore
 import HummingbirdTesting
+import NIOCore
 import PostgresNIO
 import Synchronization
 import Testing
@@ -343,6 +344,116 @@ extension DigestTests {
             ["DATABASE_WORKER_URL": env.workerURL, "HERALD_WORKER_ORGANISATION": org.id.uuidString, "HERALD_SMTP_URL": Peers.smtpURL])
         #expect(again.contains("0 run(s) attempted"), "\(again)")
         #expect(try await Peers.mail(to: address).count == 1)
+    }
+}
+
+extension DigestTests {
+    @Test(
+        "the club: new outings only, while the licence is valid, checked again when the weekly digest goes; a click counts as engagement; one-click unsubscribe"
+    )
+    func club() async throws {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        var paris = Calendar(identifier: .gregorian)
+        paris.timeZone = TimeZone(identifier: "Europe/Paris")!
+        let parisToday = {
+            let parts = paris.dateComponents([.year, .month, .day], from: Date())
+            return String(format: "%04d-%02d-%02d", parts.year!, parts.month!, parts.day!)
+        }()
+        try await org.store { tx in
+            for key in ["OUTING_PUBLISHED", "OUTING_CHANGED"] {
+                let type = try await tx.createNotificationType(
+                    NotificationTypeFields(
+                        key: key, categoryID: catalogue.outings, name: key, description: "", defaultSeverity: .info,
+                        defaultPriority: .normal,
+                        defaultChannels: [.inApp]))
+                try await tx.putTemplate(
+                    typeID: type.id, channel: .inApp, locale: "en",
+                    content: TemplateContent(subject: "{{payload.title}}", body: "{{payload.where}}"))
+            }
+            // The member's licence runs out today; the owner's in 2099. Both want new outings
+            // (not changes) weekly, while their licence is valid.
+            for (user, licence) in [(org.memberID, parisToday), (org.ownerID, "2099-12-31")] {
+                try await tx.query(
+                    """
+                    UPDATE users SET timezone = 'Europe/Paris', attributes = jsonb_build_object('licence_valid_until', \(licence)::text)
+                    WHERE organisation_id = \(org.id) AND id = \(user)
+                    """)
+                try await tx.replacePreferences(
+                    ofUser: user,
+                    with: [
+                        PreferenceCell(
+                            categoryID: catalogue.outings, channel: .email,
+                            setting: PreferenceSetting(
+                                enabled: true, frequency: .weekly,
+                                conditions: [
+                                    Condition(field: "event.type", op: .in, values: [.string("OUTING_PUBLISHED")]),
+                                    Condition(field: "recipient.attributes.licence_valid_until", op: .atLeast, value: .string("today")),
+                                ]))
+                    ])
+            }
+        }
+        let both = Audience(userIDs: [org.memberID, org.ownerID])
+        try await org.notify(
+            EventRequest(
+                typeKey: "OUTING_PUBLISHED", audience: both,
+                payload: .object(["title": .string("Hike to the lake"), "where": .string("Annecy")]),
+                url: "https://club.example/outings/7"))
+        let (_, changed) = try await org.notify(
+            EventRequest(
+                typeKey: "OUTING_CHANGED", audience: both, payload: .object(["title": .string("Hike moved"), "where": .string("Annecy")])))
+        #expect(changed.digestItems.isEmpty, "changes to outings are not wanted")
+        #expect(changed.traces.allSatisfy { $0.channels.first { $0.decision.channel == .email }?.decision.reason == .conditionNotMet })
+        let memberItems = try await items(org, of: org.memberID)
+        let ownerItems = try await items(org, of: org.ownerID)
+        try #require(memberItems.count == 1 && ownerItems.count == 1, "valid today: both get the new outing in their digest")
+        // The weekly slot: Monday 08:00 in Paris. The digest goes a week late (a day the member's
+        // licence is no longer valid): it is checked again then.
+        let slot = try #require(memberItems.first?.slot)
+        #expect(paris.component(.weekday, from: slot) == 2 && paris.component(.hour, from: slot) == 8)
+        let clock = Mutex(slot.addingTimeInterval(7 * 86400 + 60))
+        let ownerAddress = "owner@\(org.slug).example"
+        try await withDigestRunners(org.id, now: { clock.withLock { $0 } }) { () async throws -> Void in
+            #expect(
+                try await eventually(timeout: .seconds(20)) {
+                    let member = try await items(org, of: org.memberID).first
+                    let owner = try await items(org, of: org.ownerID).first
+                    return member?.dropped != nil && owner?.sent == true
+                })
+        }
+        #expect(try await items(org, of: org.memberID).first?.dropped == "CONDITION_NOT_MET", "the licence expired before the digest")
+        #expect(try await Peers.mail(to: "member@\(org.slug).example").isEmpty)
+        let mail = try ParsedMail(try #require(try await Peers.mail(to: ownerAddress).first?["data"] as? String))
+        let text = (mail.parts["text/plain"] ?? "").replacingOccurrences(of: "\r\n", with: "\n")
+        #expect(
+            text.contains("your last weekly digest") && text.contains("Outings\n  - Hike to the lake") && !text.contains("Hike moved"),
+            "\(text)"
+        )
+
+        // The tracked link: a 302 to the outing, and the click counts as engagement.
+        let link = try #require(
+            text.split(separator: "\n").first { $0.contains("http://herald.test/v1/links/") }?.trimmingCharacters(in: .whitespaces))
+        let unsubscribe = try #require(mail.headers["List-Unsubscribe"]?.trimmingCharacters(in: CharacterSet(charactersIn: "<>")))
+        let env = try await TestEnvironment.shared
+        try await env.application().test(.router) { client in
+            let followed = try await client.send(.get, String(link.dropFirst("http://herald.test".count)))
+            #expect(followed.status == .found && followed.headers[.location] == "https://club.example/outings/7")
+            let engaged = try await org.store { tx in
+                try await tx.query("SELECT last_engaged_at FROM users WHERE organisation_id = \(org.id) AND id = \(org.ownerID)")
+                    .first?.decode(Date?.self)
+            }
+            #expect(engaged != nil, "the click refreshed the owner's engagement")
+            // One click (RFC 8058): the owner's outings email is off.
+            var headers = HTTPFields()
+            headers[.contentType] = "application/x-www-form-urlencoded"
+            let off = try await client.execute(
+                uri: String(unsubscribe.dropFirst("http://herald.test".count)), method: .post, headers: headers,
+                body: ByteBuffer(string: "List-Unsubscribe=One-Click"))
+            #expect(off.status == .ok)
+        }
+        let preference = try await org.store { tx in try await tx.preferences(ofUser: org.ownerID) }
+            .first { $0.categoryID == catalogue.outings && $0.channel == .email }
+        #expect(preference?.setting.enabled == false)
     }
 }
 

@@ -61,8 +61,52 @@ public indirect enum JSONValue: Sendable, Equatable, Codable, Hashable {
     }
 }
 
+/// What a condition looks at: the event (its payload and type) and its recipient (attributes,
+/// time zone), at an instant: notify's, and again the digest's when a digest is sent.
+public struct ConditionSubject: Sendable {
+    public var payload: JSONValue
+    /// The notification type key (`OUTING_PUBLISHED`).
+    public var eventType: String?
+    public var recipientAttributes: JSONValue
+    public var timeZone: TimeZone
+    /// `today` is the recipient's local date at this instant.
+    public var now: Date
+
+    public init(
+        payload: JSONValue, eventType: String? = nil, recipientAttributes: JSONValue = .object([:]), timeZone: TimeZone,
+        now: Date = Date()
+    ) {
+        self.payload = payload
+        self.eventType = eventType
+        self.recipientAttributes = recipientAttributes
+        self.timeZone = timeZone
+        self.now = now
+    }
+
+    /// The value a condition's field names: `event.type`, `recipient.attributes.<path>`,
+    /// `payload.<path>`, or a bare `<path>` in the payload.
+    func value(of field: String) -> JSONValue? {
+        if field == "event.type" { return eventType.map(JSONValue.string) }
+        if field.hasPrefix("recipient.attributes.") {
+            return recipientAttributes.value(at: String(field.dropFirst("recipient.attributes.".count)))
+        }
+        if field.hasPrefix("payload.") { return payload.value(at: String(field.dropFirst("payload.".count))) }
+        return payload.value(at: field)
+    }
+
+    /// The recipient's local date at `now`, as `YYYY-MM-DD`.
+    var today: String {
+        var calendar = Calendar(identifier: .gregorian)
+        calendar.timeZone = timeZone
+        let parts = calendar.dateComponents([.year, .month, .day], from: now)
+        return String(format: "%04d-%02d-%02d", parts.year ?? 0, parts.month ?? 0, parts.day ?? 0)
+    }
+}
+
 /// A condition a preference puts on events: "only outings of these activity types starting on
-/// Saturday or Sunday" is two conditions, both of which must hold.
+/// Saturday or Sunday" is two conditions, both of which must hold. A condition may also look at
+/// the event's type and the recipient's attributes ("only new outings", "only while my licence
+/// is valid"): see `ConditionSubject` and docs/engine.md.
 public struct Condition: Sendable, Equatable, Codable {
     public enum Operator: String, Sendable, Codable, CaseIterable {
         /// The payload field equals `value`.
@@ -74,6 +118,12 @@ public struct Condition: Sendable, Equatable, Codable {
         /// The payload field is a date (or date-time) whose weekday is one of `values`
         /// (`monday` … `sunday`), in the recipient's time zone for date-times.
         case weekdayIn = "weekday_in"
+        /// The field is at least `value`: numbers by value, text (ISO dates) in order; the value
+        /// `"today"` is the recipient's local date, compared with the field's date. A missing
+        /// field fails.
+        case atLeast = "gte"
+        /// The field is at most `value`, as `gte`.
+        case atMost = "lte"
     }
 
     public var field: String
@@ -95,9 +145,21 @@ public struct Condition: Sendable, Equatable, Codable {
     /// Refuses a condition that can never be evaluated.
     public func validate(field name: String = "conditions") throws(ValidationError) {
         guard !field.isEmpty, field.count <= 200 else { throw ValidationError(field: name, message: "a condition needs a payload field.") }
+        if field.hasPrefix("event."), field != "event.type" {
+            throw ValidationError(
+                field: name, message: "of the event, a condition can test \"event.type\" (other fields are in \"payload.\").")
+        }
+        if field == "recipient.attributes" || (field.hasPrefix("recipient.") && !field.hasPrefix("recipient.attributes.")) {
+            throw ValidationError(field: name, message: "of the recipient, a condition can test \"recipient.attributes.<name>\".")
+        }
         switch op {
         case .equals:
             guard value != nil else { throw ValidationError(field: name, message: "\"equals\" needs a value.") }
+        case .atLeast, .atMost:
+            switch value {
+            case .number, .string: break
+            default: throw ValidationError(field: name, message: "\"\(op.rawValue)\" needs a number, a date or \"today\".")
+            }
         case .in, .notIn:
             guard let values, !values.isEmpty else {
                 throw ValidationError(field: name, message: "\"\(op.rawValue)\" needs a non-empty values list.")
@@ -113,8 +175,17 @@ public struct Condition: Sendable, Equatable, Codable {
 
     /// Whether `payload` meets the condition for a recipient in `timeZone`.
     public func isMet(by payload: JSONValue, timeZone: TimeZone) -> Bool {
-        let actual = payload.value(at: field)
+        isMet(by: ConditionSubject(payload: payload, timeZone: timeZone))
+    }
+
+    /// Whether the event and recipient of `subject` meet the condition.
+    public func isMet(by subject: ConditionSubject) -> Bool {
+        let actual = subject.value(of: field)
+        let timeZone = subject.timeZone
         switch op {
+        case .atLeast, .atMost:
+            guard let actual, let order = Self.compare(actual, value, today: subject.today) else { return false }
+            return op == .atLeast ? order != .orderedAscending : order != .orderedDescending
         case .equals:
             return actual != nil && actual == value
         case .in:
@@ -126,6 +197,21 @@ public struct Condition: Sendable, Equatable, Codable {
         case .weekdayIn:
             guard case .string(let text) = actual, let weekday = Self.weekday(of: text, in: timeZone) else { return false }
             return values?.contains { if case .string(let day) = $0 { day.lowercased() == weekday } else { false } } ?? false
+        }
+    }
+
+    /// How `actual` compares with `bound`: numbers by value, text in order (ISO dates sort as
+    /// dates); `"today"` stands for the recipient's local date and is compared with the
+    /// field's first ten characters (its date). Nil when they cannot be compared.
+    static func compare(_ actual: JSONValue, _ bound: JSONValue?, today: String) -> ComparisonResult? {
+        switch (actual, bound) {
+        case (.number(let a), .number(let b)):
+            return a < b ? .orderedAscending : a > b ? .orderedDescending : .orderedSame
+        case (.string(let a), .string(let b)):
+            let (left, right) = b == "today" ? (String(a.prefix(10)), today) : (a, b)
+            return left < right ? .orderedAscending : left > right ? .orderedDescending : .orderedSame
+        default:
+            return nil
         }
     }
 

@@ -235,6 +235,11 @@ public enum NotificationPlanner {
             }
             plan.counts.targeted += 1
             let timeZone = TimeZone(identifier: profile.timezone ?? input.organisationTimezone) ?? .gmt
+            // Conditions see the payload, the type and the recipient's attributes, on the day the
+            // event is delivered.
+            let subject = ConditionSubject(
+                payload: input.payload, eventType: input.type.key, recipientAttributes: profile.attributes, timeZone: timeZone,
+                now: input.deliverAt)
             // Either limit stops a non-critical notification: the category's or the user's total.
             let throttled =
                 input.throttlePerMinute.map { (input.recentCounts[target.userID] ?? 0) >= $0 } ?? false
@@ -247,8 +252,8 @@ public enum NotificationPlanner {
                     user: input.userPreferences[target.userID]?[channel], organisationDefault: input.organisationDefaults[channel])
                 let destinations = channel.destinations(for: profile, endpoints: input.endpoints[channel] ?? [])
                 let decision = ChannelDecider.decide(
-                    channel: channel, preference: preference, payload: input.payload, timeZone: timeZone,
-                    throttled: throttled, hasDestination: !destinations.isEmpty)
+                    channel: channel, preference: preference, subject: subject, throttled: throttled,
+                    hasDestination: !destinations.isEmpty)
                 var traced = TracedChannel(decision: decision)
                 switch decision.outcome {
                 case .inApp:

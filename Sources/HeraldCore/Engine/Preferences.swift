@@ -95,12 +95,26 @@ public enum ChannelDecider {
         throttled: Bool,
         hasDestination: Bool
     ) -> ChannelDecision {
+        decide(
+            channel: channel, preference: preference, subject: ConditionSubject(payload: payload, timeZone: timeZone),
+            throttled: throttled, hasDestination: hasDestination)
+    }
+
+    /// The decision for the event and recipient of `subject` (conditions may test the event's
+    /// type and the recipient's attributes as well as the payload).
+    public static func decide(
+        channel: NotificationChannel,
+        preference: EffectivePreference,
+        subject: ConditionSubject,
+        throttled: Bool,
+        hasDestination: Bool
+    ) -> ChannelDecision {
         func skip(_ reason: ReasonCode) -> ChannelDecision {
             ChannelDecision(channel: channel, preference: preference, outcome: .skipped, reason: reason)
         }
         guard preference.enabled else { return skip(.channelDisabled) }
         guard preference.frequency != .none else { return skip(.frequencyNone) }
-        guard preference.conditions.allSatisfy({ $0.isMet(by: payload, timeZone: timeZone) }) else { return skip(.conditionNotMet) }
+        guard preference.conditions.allSatisfy({ $0.isMet(by: subject) }) else { return skip(.conditionNotMet) }
         // A critical override is never throttled: a critical alert always reaches the bell.
         if throttled, preference.source != .criticalOverride { return skip(.throttled) }
         guard hasDestination else { return skip(.noDestination) }
