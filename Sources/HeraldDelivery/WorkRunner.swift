@@ -11,9 +11,9 @@ import Synchronization
 //
 // Kinds of work, each a (queue, handler) pair on this same runner:
 // - deliveries: `OutboxQueue` + `DeliveryHandler` (`DeliveryWorkerPool` wires them);
-// - digest runs (next issue): a queue over due digest items claimed per (organisation, user,
-//   frequency) through their own SECURITY DEFINER claim function, and a handler that renders
-//   and enqueues one digest;
+// - digest runs: `DigestQueue` + `DigestHandler` (DigestWork.swift): `claim_digest_runs`
+//   makes a run per (user, frequency, slot) once its slot has come and leases due runs; the
+//   handler attaches the items, renders and sends one digest;
 // - scheduled jobs (next issue): a queue over a jobs table (claim, lease, fence as the outbox
 //   does), and a handler that runs one job by name.
 // A new kind writes those two conformances and one `WorkRunner(...)` in the process's service
