@@ -151,6 +151,8 @@ where Handler.Claim == Queue.Claim, Handler.Outcome == Queue.Outcome {
                 if room > 0 {
                     do {
                         claims = try await queue.claim(worker: configuration.name, limit: room, leaseSeconds: configuration.leaseSeconds)
+                    } catch is CancellationError {
+                        break // the runner is being cancelled: nothing failed
                     } catch {
                         logger.error("claiming \(queue.kind) work failed", metadata: ["error": "\(String(reflecting: error))"])
                     }

@@ -3,9 +3,9 @@ import HeraldCore
 import PostgresNIO
 
 // Digests that are sent (issue 11, migration 0012): notify stamps each digest item with its
-// slot; `claim_digest_runs` makes a run per (user, frequency, slot) once the slot has come and
-// leases due runs; a run's first attempt attaches its items (fenced) and every attempt drops
-// those that no longer qualify; completion marks the items sent with the run, in one transaction.
+// slot; `claim_digest_runs` makes a run per (user, frequency, slot) once the slot has come,
+// attaching its items, and leases due runs; every attempt drops the items that no longer
+// qualify; completion marks the items sent with the run, in one transaction.
 
 /// Where a digest run stands (`digest_runs.status`).
 public enum DigestRunStatus: String, Sendable, Codable, CaseIterable, StoredWord {
@@ -157,11 +157,11 @@ extension TenantTransaction {
         ).map(decodeDigestRun)
     }
 
-    /// Readies a claimed run for sending, fenced on the lease: the first attempt attaches every
-    /// pending email item of the user and frequency up to the run's slot (later items wait for
-    /// the next slot); every attempt reads the attached items and drops, for good, those that no
-    /// longer qualify (event cancelled or expired, recipient deactivated, preference now off or
-    /// NONE, conditions no longer met). Nil when the fence refused.
+    /// Readies a claimed run for sending, fenced on the lease: reads the items attached to it
+    /// (the claim attached them as it made the run; a run made without them is frozen here) and
+    /// drops, for good, those that no longer qualify (event cancelled or expired, recipient
+    /// deactivated, preference now off or NONE, conditions no longer met). Nil when the fence
+    /// refused.
     public func prepareDigest(_ claim: ClaimedDigestRun, worker: String, now: Date) async throws -> DigestWork? {
         guard
             let row = try await query(

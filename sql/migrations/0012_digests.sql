@@ -9,13 +9,12 @@
 -- in a repeated hour fires once).
 --
 -- Exactly once: a digest run is unique per (organisation, user, frequency, slot). Runs are made
--- by claim_digest_runs() for every slot that has come and has pending email items; a run's first
--- attempt attaches the items (run_id) in one tenant transaction, fenced on its lease, and freezes
--- the run (frozen_at): its retries send the same items under the same Message-ID. Items are
--- marked sent in the transaction that records the SMTP server's acceptance. An item committed
--- after its slot's run was frozen (its notify began before the slot and committed after the
--- attachment) moves to the user's next slot, so it goes in the next digest, never twice and
--- never lost. (That move adds one day or week in local time, in SQL: PostgreSQL reads a local
+-- by claim_digest_runs() for every slot that has come and has pending email items, and the
+-- items are attached to the run (run_id) in the statement that makes it, which freezes it
+-- (frozen_at): every attempt sends the same items under the same Message-ID. Items are marked
+-- sent in the transaction that records the SMTP server's acceptance. An item committed after its
+-- slot's run was made (its notify began before the slot and committed after) moves to the user's
+-- next slot, so it goes in the next digest, never twice and never lost. (That move adds one day or week in local time, in SQL: PostgreSQL reads a local
 -- time that a spring-forward skipped as one hour later, not as the transition minute, which only
 -- matters for a slot inside the skipped hour.)
 --
@@ -93,8 +92,8 @@ GRANT SELECT, UPDATE ON digest_runs TO herald_worker;
 GRANT SELECT, UPDATE ON digest_items TO herald_worker;
 GRANT SELECT ON preferences, preference_defaults TO herald_worker;
 
--- Makes the runs of every slot that has come (up to 1 000 a call), moves items that missed their
--- slot's frozen run to the next slot, puts runs whose lease expired back (or DEAD when no attempt
+-- Moves items that missed their slot's run to the next slot, makes the runs of every slot that has
+-- come (up to 1 000 a call, items attached), puts runs whose lease expired back (or DEAD when no attempt
 -- is left), then leases up to p_limit due runs to p_worker. p_now is the clock of due times (tests
 -- pass a controlled one); leases run on the database clock. p_organisation confines it to one
 -- organisation (tests).
@@ -124,16 +123,26 @@ BEGIN
       AND r.organisation_id = i.organisation_id AND r.user_id = i.user_id AND r.frequency = i.frequency AND r.slot_at = i.slot_at
       AND r.frozen_at IS NOT NULL;
 
-    -- A run per slot that has come and has pending email items (unique: made once).
-    INSERT INTO public.digest_runs (organisation_id, id, user_id, frequency, slot_at, next_attempt_at)
-    SELECT s.organisation_id, gen_random_uuid(), s.user_id, s.frequency, s.slot_at, s.slot_at
-    FROM (
-        SELECT DISTINCT i.organisation_id, i.user_id, i.frequency, i.slot_at FROM public.digest_items i
+    -- A run per slot that has come and has pending email items (unique: made once), with its
+    -- items attached in the same statement: the run is frozen as it is made. A claim that loses
+    -- the race for a run (ON CONFLICT) attaches nothing; the items were the winner's.
+    WITH slots AS (
+        SELECT i.organisation_id, i.user_id, i.frequency, i.slot_at, count(*)::integer AS items FROM public.digest_items i
         WHERE i.run_id IS NULL AND i.sent_at IS NULL AND i.cancelled_at IS NULL AND i.channel = 'email' AND i.slot_at <= p_now
           AND (p_organisation IS NULL OR i.organisation_id = p_organisation)
+        GROUP BY i.organisation_id, i.user_id, i.frequency, i.slot_at
         LIMIT 1000
-    ) s
-    ON CONFLICT ON CONSTRAINT digest_runs_slot_unique DO NOTHING;
+    ),
+    made AS (
+        INSERT INTO public.digest_runs AS r (organisation_id, id, user_id, frequency, slot_at, next_attempt_at, frozen_at, item_count)
+        SELECT s.organisation_id, gen_random_uuid(), s.user_id, s.frequency, s.slot_at, s.slot_at, now(), s.items FROM slots s
+        ON CONFLICT ON CONSTRAINT digest_runs_slot_unique DO NOTHING
+        RETURNING r.organisation_id, r.id, r.user_id, r.frequency, r.slot_at
+    )
+    UPDATE public.digest_items i SET run_id = m.id
+    FROM made m
+    WHERE i.organisation_id = m.organisation_id AND i.user_id = m.user_id AND i.frequency = m.frequency AND i.slot_at = m.slot_at
+      AND i.run_id IS NULL AND i.sent_at IS NULL AND i.cancelled_at IS NULL AND i.channel = 'email';
 
     UPDATE public.digest_runs r
     SET status = CASE WHEN r.attempts >= r.max_attempts THEN 'DEAD' ELSE 'FAILED' END,
