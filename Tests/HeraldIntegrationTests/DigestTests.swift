@@ -130,7 +130,7 @@ struct DigestTests {
             #expect(try await org.store { tx in try await tx.digestRuns(of: org.memberID) }.isEmpty)
             // The slot comes: one email with both items.
             clock.withLock { $0 = slot.addingTimeInterval(60) }
-            #expect(try await eventually(timeout: .seconds(20)) { try await sent(org, address, runs: 1) })
+            #expect(try await eventually(timeout: .seconds(30)) { try await sent(org, address, runs: 1) })
             let runs = try await org.store { tx in try await tx.digestRuns(of: org.memberID) }
             try #require(runs.count == 1)
             #expect(runs[0].status == .sent && runs[0].itemCount == 2 && runs[0].slotAt == slot && runs[0].frequency == .daily)
@@ -157,7 +157,7 @@ struct DigestTests {
             try await Task.sleep(for: .milliseconds(300))
             #expect(try await Peers.mail(to: address).count == 1, "nothing more before the next slot")
             clock.withLock { $0 = nextSlot.addingTimeInterval(60) }
-            #expect(try await eventually(timeout: .seconds(20)) { try await sent(org, address, runs: 2) })
+            #expect(try await eventually(timeout: .seconds(30)) { try await sent(org, address, runs: 2) })
             let second = try ParsedMail(try #require(try await Peers.mail(to: address).last?["data"] as? String))
             #expect(second.headers["Subject"]?.contains("(1 notification)") == true)
             #expect(second.parts["text/plain"]?.contains("Late outing") == true)
@@ -223,7 +223,7 @@ struct DigestTests {
         try await org.store { tx in _ = try await tx.cancelEvent(cancelled, now: Date()) }
         let clock = Mutex(slot.addingTimeInterval(60))
         try await withDigestRunners(org.id, now: { clock.withLock { $0 } }) { () async throws -> Void in
-            #expect(try await eventually(timeout: .seconds(20)) { try await sent(org, address, runs: 1) })
+            #expect(try await eventually(timeout: .seconds(30)) { try await sent(org, address, runs: 1) })
         }
         let text = try ParsedMail(try #require(try await Peers.mail(to: address).first?["data"] as? String)).parts["text/plain"] ?? ""
         #expect(text.contains("Kept outing") && !text.contains("Cancelled outing") && !text.contains("Expiring outing"))
@@ -246,7 +246,7 @@ struct DigestTests {
         clock.withLock { $0 = next.addingTimeInterval(60) }
         try await withDigestRunners(org.id, now: { clock.withLock { $0 } }) { () async throws -> Void in
             #expect(
-                try await eventually(timeout: .seconds(20)) {
+                try await eventually(timeout: .seconds(30)) {
                     try await org.store { tx in try await tx.digestRuns(of: org.memberID) }.first?.status == .empty
                 })
         }
@@ -299,7 +299,12 @@ extension DigestTests {
             // The event expires before its slot: the run drops it and, empty, sends nothing.
             let clock = Mutex(slot.addingTimeInterval(3 * 86400))
             try await withDigestRunners(org.id, now: { clock.withLock { $0 } }) { () async throws -> Void in
-                #expect(try await eventually(timeout: .seconds(20)) { try await items(org, of: org.memberID).first?.dropped != nil })
+                // Until the run is recorded (the drop is written before the run completes).
+                #expect(
+                    try await eventually(timeout: .seconds(30)) {
+                        let runs = try await org.store { tx in try await tx.digestRuns(of: org.memberID) }
+                        return runs.contains { $0.slotAt == slot && [.empty, .sent].contains($0.status) }
+                    })
             }
             let after = try await digestChannel()
             #expect(
@@ -415,7 +420,7 @@ extension DigestTests {
         let ownerAddress = "owner@\(org.slug).example"
         try await withDigestRunners(org.id, now: { clock.withLock { $0 } }) { () async throws -> Void in
             #expect(
-                try await eventually(timeout: .seconds(20)) {
+                try await eventually(timeout: .seconds(30)) {
                     let member = try await items(org, of: org.memberID).first
                     let owner = try await items(org, of: org.ownerID).first
                     return member?.dropped != nil && owner?.sent == true

@@ -262,9 +262,13 @@ final class StreamProbe: Sendable {
     }
 
     /// The next message named `event` (after those already taken by `next`), within `limit`.
+    /// The default is generous on purpose: it bounds a wait, it does not measure speed (the
+    /// benchmarks do). In a full suite on two cores the test process itself is sometimes so
+    /// busy that a sweep or a read runs seconds late (seen: a row numbered 7 s after its notify
+    /// committed, while dozens of the suite's own transactions sat idle waiting for it).
     @discardableResult
     func next(
-        _ event: String, within limit: Duration = .seconds(10), where accept: (StreamMessage) -> Bool = { _ in true }
+        _ event: String, within limit: Duration = .seconds(30), where accept: (StreamMessage) -> Bool = { _ in true }
     )
         async throws -> StreamMessage
     {

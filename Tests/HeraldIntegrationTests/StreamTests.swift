@@ -1,13 +1,14 @@
 import AsyncHTTPClient
 import Foundation
 import HeraldCore
-import HeraldStore
 import NIOCore
 import NIOHTTP1
+import PostgresNIO
 import Synchronization
 import Testing
 
 @testable import HeraldAPI
+@testable import HeraldStore
 
 /// Live feed streams (issue 10): Server-Sent Events and the WebSocket, against real servers
 /// listening on ports, with their own notification bus each.
@@ -18,6 +19,42 @@ struct StreamTests {
             EventRequest(
                 typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: users), payload: .object(["title": .string(title)]),
                 deliverAt: deliverAt, expiresAt: expiresAt))
+    }
+
+    /// Where a user's live-stream log stands, for a failure message: the counter, the changes,
+    /// the rows still waiting to be numbered, and the sessions waiting on a lock or idle in a
+    /// transaction.
+    func logState(_ org: TestOrganisation, user: UUID) async throws -> String {
+        let log = try await org.store { tx in
+            let streams = try await tx.query(
+                "SELECT seq, purged_through FROM feed_streams WHERE organisation_id = \(org.id) AND user_id = \(user)"
+            ).map { "\(try $0.decode((Int64, Int64).self))" }
+            let changes = try await tx.query(
+                "SELECT seq, kind, created_at FROM feed_changes WHERE organisation_id = \(org.id) AND user_id = \(user) ORDER BY seq"
+            ).map { "\(try $0.decode((Int64, String, Date).self))" }
+            let due = try await tx.query(
+                "SELECT kind, due_at FROM feed_due WHERE organisation_id = \(org.id) AND user_id = \(user)"
+            ).map { "\(try $0.decode((String, Date).self))" }
+            return "feed_streams \(streams), feed_changes \(changes), feed_due \(due) (now \(Date()))"
+        }
+        let env = try await TestEnvironment.shared
+        let client = PostgresClient(configuration: try .fromURL(env.ownerURL), backgroundLogger: env.logger)
+        let sessions = try await withThrowingTaskGroup(of: [String].self) { group in
+            group.addTask {
+                await client.run()
+                return []
+            }
+            let rows = try await client.query(
+                """
+                SELECT pid, state, coalesce(wait_event_type, ''), round(extract(epoch FROM now() - xact_start)::numeric, 1)::text,
+                       pg_blocking_pids(pid)::text, left(regexp_replace(query, '\\s+', ' ', 'g'), 120)
+                FROM pg_stat_activity WHERE datname = current_database() AND (wait_event_type = 'Lock' OR state LIKE 'idle in%')
+                """, logger: env.logger
+            ).collect().map { "\(try $0.decode((Int, String, String, String, String, String).self))" }
+            group.cancelAll()
+            return rows
+        }
+        return log + "; sessions waiting or idle in a transaction: \(sessions)"
     }
 
     func organisation() async throws -> TestOrganisation {
@@ -39,7 +76,14 @@ struct StreamTests {
                 #expect(start.object["total"] as? Int == 0)
             }
             try await task(org, to: [org.memberID], title: "for the member")
-            let created = try await member.next("notification.created")
+            let created: StreamMessage
+            do {
+                created = try await member.next("notification.created")
+            } catch {
+                // Seen once in a full suite (socket): say where the change was when it did not come.
+                Issue.record("\(error)\n\(try await logState(org, user: org.memberID))")
+                throw error
+            }
             #expect(created.object["title"] as? String == "for the member")
             #expect(created.object["read"] as? Bool == false)
             let count = try await member.next("unread_count")
@@ -363,7 +407,7 @@ struct StreamTests {
         let position = { @Sendable (user: UUID) in try await org.store { tx in try await tx.feedStreamPosition(of: user) } }
         try await task(org, to: [org.memberID], title: "first")
         try await sweep(Date(), .seconds(86400))
-        #expect(try await eventually(timeout: .seconds(10)) { try await position(org.memberID).seq == 1 })
+        #expect(try await eventually(timeout: .seconds(30)) { try await position(org.memberID).seq == 1 })
         let first = try #require(try await org.notificationIDs(of: org.memberID).first)
         try await org.store { held in
             // A request that marked the member's row read and has not committed: it holds the
@@ -373,7 +417,7 @@ struct StreamTests {
             // The sweep runs beside it (unstructured: before 0011 it waited for this transaction).
             let running = Task { try await sweep(Date(), .seconds(86400)) }
             #expect(
-                try await eventually(timeout: .seconds(10)) { try await position(org.ownerID).seq == 1 },
+                try await eventually(timeout: .seconds(30)) { try await position(org.ownerID).seq == 1 },
                 "the owner's row is numbered while the member's feed is held")
             try await running.value
             // The purge passes over the held user too.
@@ -383,7 +427,7 @@ struct StreamTests {
         }
         // Committed: the read took the next number, and the member's new row the one after it.
         try await sweep(Date(), .seconds(86400))
-        #expect(try await eventually(timeout: .seconds(10)) { try await position(org.memberID).seq == 3 })
+        #expect(try await eventually(timeout: .seconds(30)) { try await position(org.memberID).seq == 3 })
     }
 
     @Test("a notify through one instance reaches a stream held by another", arguments: StreamTransport.allCases)
