@@ -328,7 +328,7 @@ SQL
   done
   psql_app <<SQL >/dev/null
 SELECT set_config('app.org_id', '$ORG', false);
-DELETE FROM deliveries WHERE event_id IN (SELECT e.id FROM events e JOIN notification_types t ON t.organisation_id = e.organisation_id AND t.id = e.type_id WHERE t.key = 'BENCH_DIGEST');
+UPDATE deliveries SET status = 'CANCELLED' WHERE status IN ('PENDING', 'FAILED');
 INSERT INTO digest_items (organisation_id, id, event_id, user_id, category_id, channel, frequency, due_after, slot_at)
   SELECT '$ORG', gen_random_uuid(), e.id, u.id, t.category_id, 'email', 'DAILY', now(), now() - interval '1 minute'
   FROM users u CROSS JOIN events e JOIN notification_types t ON t.organisation_id = e.organisation_id AND t.id = e.type_id
