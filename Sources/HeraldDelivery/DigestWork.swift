@@ -3,6 +3,7 @@ import HeraldCore
 import HeraldStore
 import Logging
 import Metrics
+import Synchronization
 
 // Digest runs, the second kind of work on the runner (issue 11): `DigestQueue` claims due runs
 // (`claim_digest_runs` makes the runs of every slot that has come first), `DigestHandler`
@@ -26,10 +27,15 @@ public struct DigestAttemptRecord: Sendable {
 
 /// Digest runs as a `WorkQueue`. Due times follow `now` (tests inject a clock); leases run on
 /// the database's clock.
-public struct DigestQueue: WorkQueue {
+public final class DigestQueue: WorkQueue {
     let database: Database
     let organisation: UUID?
     let now: @Sendable () -> Date
+    /// When this queue last made runs: claims between two polls only lease (making runs looks
+    /// at every due item without a run, which costs far more than leasing).
+    private let lastMade = Mutex<ContinuousClock.Instant?>(nil)
+    /// How often a claim also makes runs.
+    static let makeEvery: Duration = .milliseconds(500)
 
     public init(database: Database, organisation: UUID?, now: @escaping @Sendable () -> Date = { Date() }) {
         self.database = database
@@ -43,7 +49,20 @@ public struct DigestQueue: WorkQueue {
     public func wakes(on message: BusMessage) -> Bool { false }
 
     public func claim(worker: String, limit: Int, leaseSeconds: Int) async throws -> [ClaimedDigestRun] {
-        try await database.claimDigestRuns(worker: worker, limit: limit, leaseSeconds: leaseSeconds, now: now(), organisation: organisation)
+        let make = lastMade.withLock { last in
+            let due = last.map { ContinuousClock.now - $0 >= Self.makeEvery } ?? true
+            if due { last = .now }
+            return due
+        }
+        let claims = try await database.claimDigestRuns(
+            worker: worker, limit: limit, leaseSeconds: leaseSeconds, now: now(), organisation: organisation, makeRuns: make)
+        // Nothing left to lease but runs may be waiting to be made: make them at once.
+        if claims.isEmpty, !make {
+            lastMade.withLock { $0 = .now }
+            return try await database.claimDigestRuns(
+                worker: worker, limit: limit, leaseSeconds: leaseSeconds, now: now(), organisation: organisation, makeRuns: true)
+        }
+        return claims
     }
 
     public func heartbeat(worker: String, organisation: UUID, claims: [ClaimedDigestRun], leaseSeconds: Int) async throws {

@@ -84,17 +84,17 @@ struct DigestSlots {
 }
 
 extension Database {
-    /// Makes the runs of every slot that has come by `now`, then leases up to `limit` due runs
-    /// to `worker` across organisations (`claim_digest_runs`, SECURITY DEFINER).
+    /// Makes the runs of every slot that has come by `now` (unless `makeRuns` is false), then
+    /// leases up to `limit` due runs to `worker` across organisations (`claim_digest_runs`,
+    /// SECURITY DEFINER).
     public func claimDigestRuns(
-        worker: String, limit: Int, leaseSeconds: Int, now: Date, organisation: UUID? = nil
-    ) async throws
-        -> [ClaimedDigestRun]
-    {
+        worker: String, limit: Int, leaseSeconds: Int, now: Date, organisation: UUID? = nil, makeRuns: Bool = true
+    ) async throws -> [ClaimedDigestRun] {
         try await query(
             """
             SELECT organisation_id, run_id, attempt
-            FROM claim_digest_runs(\(worker), \(limit)::integer, \(leaseSeconds)::integer, \(now)::timestamptz, \(organisation)::uuid)
+            FROM claim_digest_runs(\(worker), \(limit)::integer, \(leaseSeconds)::integer, \(now)::timestamptz, \(organisation)::uuid,
+                                   \(makeRuns)::boolean)
             """
         ).map { row in
             let (org, id, attempt) = try row.decode((UUID, UUID, Int).self)

@@ -97,7 +97,8 @@ GRANT SELECT ON preferences, preference_defaults TO herald_worker;
 -- is left), then leases up to p_limit due runs to p_worker. p_now is the clock of due times (tests
 -- pass a controlled one); leases run on the database clock. p_organisation confines it to one
 -- organisation (tests).
-CREATE FUNCTION claim_digest_runs(p_worker text, p_limit integer, p_lease_seconds integer, p_now timestamptz DEFAULT now(), p_organisation uuid DEFAULT NULL)
+CREATE FUNCTION claim_digest_runs(p_worker text, p_limit integer, p_lease_seconds integer, p_now timestamptz DEFAULT now(),
+                                  p_organisation uuid DEFAULT NULL, p_make boolean DEFAULT true)
     RETURNS TABLE (organisation_id uuid, run_id uuid, attempt integer)
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, public
@@ -111,6 +112,8 @@ BEGIN
     END IF;
     PERFORM set_config('herald.claiming', 'on', true);
 
+    -- p_make false: only lease (a worker makes runs about once per poll, not in every claim).
+    IF p_make THEN
     -- Late items: their slot's run was frozen before they committed.
     UPDATE public.digest_items i
     SET slot_at = ((r.slot_at AT TIME ZONE z.zone) + CASE r.frequency WHEN 'DAILY' THEN interval '1 day' ELSE interval '7 days' END) AT TIME ZONE z.zone
@@ -143,6 +146,7 @@ BEGIN
     FROM made m
     WHERE i.organisation_id = m.organisation_id AND i.user_id = m.user_id AND i.frequency = m.frequency AND i.slot_at = m.slot_at
       AND i.run_id IS NULL AND i.sent_at IS NULL AND i.cancelled_at IS NULL AND i.channel = 'email';
+    END IF;
 
     UPDATE public.digest_runs r
     SET status = CASE WHEN r.attempts >= r.max_attempts THEN 'DEAD' ELSE 'FAILED' END,
@@ -169,8 +173,8 @@ BEGIN
     PERFORM set_config('herald.claiming', '', true);
 END
 $$;
-REVOKE ALL ON FUNCTION claim_digest_runs(text, integer, integer, timestamptz, uuid) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION claim_digest_runs(text, integer, integer, timestamptz, uuid) TO herald_worker;
+REVOKE ALL ON FUNCTION claim_digest_runs(text, integer, integer, timestamptz, uuid, boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION claim_digest_runs(text, integer, integer, timestamptz, uuid, boolean) TO herald_worker;
 
 -- A digest's tracked links are recorded against its items (a digest has no delivery per item).
 ALTER TABLE link_clicks
