@@ -49,7 +49,7 @@ extension HeraldService {
             locale: try body.locale.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.locale(v) },
             timezone: try body.timezone.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.timezone(v) })
         if let attributes = body.attributes { change.attributesJSON = try encodeJSON(attributes) }
-        // -1 clears the user's own digest hour or weekday: the organisation's applies again.
+        // -1 clears the user's own digest hour: the organisation's applies again.
         if let hour = body.digestHour {
             guard hour == -1 || (0...23).contains(hour) else {
                 throw APIError.unprocessable(
@@ -57,12 +57,13 @@ extension HeraldService {
             }
             change.digestHour = .some(hour == -1 ? nil : hour)
         }
+        // 0 clears the user's own weekday (0 is no weekday; the hour uses -1, since 0 is midnight).
         if let weekday = body.digestWeekday {
-            guard weekday == -1 || (1...7).contains(weekday) else {
+            guard (0...7).contains(weekday) else {
                 throw APIError.unprocessable(
-                    ValidationError(field: "digest_weekday", message: "must be 1 (Monday) to 7 (Sunday), or -1 for the organisation's."))
+                    ValidationError(field: "digest_weekday", message: "must be 1 (Monday) to 7 (Sunday), or 0 for the organisation's."))
             }
-            change.digestWeekday = .some(weekday == -1 ? nil : weekday)
+            change.digestWeekday = .some(weekday == 0 ? nil : weekday)
         }
         let updated = try await tenant { tx, principal in
             let before = try Components.Schemas.User(try await tx.user(id))

@@ -140,6 +140,15 @@ public struct Condition: Sendable, Equatable, Codable {
 
     enum CodingKeys: String, CodingKey { case field, op, value, values }
 
+    /// `"value": null` is a value (`equals` null), not a missing one.
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        field = try container.decode(String.self, forKey: .field)
+        op = try container.decode(Operator.self, forKey: .op)
+        value = container.contains(.value) ? try container.decode(JSONValue.self, forKey: .value) : nil
+        values = try container.decodeIfPresent([JSONValue].self, forKey: .values)
+    }
+
     static let weekdays = ["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"]
 
     /// Refuses a condition that can never be evaluated.
