@@ -43,6 +43,23 @@ OWNER_URL=postgres://herald_owner:herald_owner@127.0.0.1:$PORT/herald_bench
 psql_app() { PGPASSWORD=herald_app "$bindir/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p $PORT -U herald_app -d herald_bench "$@"; }
 now() { date +%s.%N; }
 say() { echo "bench: $*"; }
+# The SMTP server's own ceiling: messages/s Python's smtplib reaches sending $2 copies of the
+# message in file $3 to 127.0.0.1:$1 over 4 reused connections.
+smtp_ceiling() {
+python3 - "$1" "$2" "$3" <<'PY'
+import smtplib, sys, threading, time
+port, total, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+body = open(path, encoding="utf-8").read().replace("\r\n", "\n").replace("\n", "\r\n").encode()
+def run(k):
+    with smtplib.SMTP("127.0.0.1", port) as s:
+        for _ in range(k): s.sendmail("herald@localhost", ["ceiling@bench.example"], body)
+start = time.time()
+threads = [threading.Thread(target=run, args=(total // 4,)) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(f"{total / (time.time() - start):.0f}")
+PY
+}
 
 if [ "${BENCH_BUILD:-1}" != 0 ]; then
   say "building the release server (the first time takes several minutes)"
@@ -240,21 +257,11 @@ wrk.headers["webhook-signature"] = "v1,$(head -c 32 /dev/urandom | base64 -w0)"
 wrk.body = [[$(cat .bench/hook-body.json)]]
 LUA
 HOOK_CEILING=$(wrk -t2 -c$WORKERS -d$((DURATION / 2))s -s .bench/post.lua "http://127.0.0.1:$RECV_PORT/sink" | awk '/Requests\/sec/ {print $2}')
-SMTP_CEILING=$(python3 - $SMTP_PORT $N <<'PY'
-import smtplib, sys, threading, time
-port, total = int(sys.argv[1]), int(sys.argv[2])
-body = ("From: Bench <herald@localhost>\r\nTo: m@bench.example\r\nSubject: Reading 25\r\nMIME-Version: 1.0\r\n"
-        "Content-Type: text/plain; charset=utf-8\r\n\r\n" + ("Hello Member, reading 25.\r\n" * 60))
-def run(k):
-    with smtplib.SMTP("127.0.0.1", port) as s:
-        for _ in range(k): s.sendmail("herald@localhost", ["m@bench.example"], body)
-start = time.time()
-threads = [threading.Thread(target=run, args=(total // 4,)) for _ in range(4)]
-for t in threads: t.start()
-for t in threads: t.join()
-print(f"{total / (time.time() - start):.0f}")
-PY
-)
+# An email of the size Herald sends for this type, for the SMTP server's ceiling.
+{ printf 'From: Bench <herald@localhost>\r\nTo: m@bench.example\r\nSubject: Reading 25\r\nMIME-Version: 1.0\r\n'
+  printf 'Content-Type: text/plain; charset=utf-8\r\n\r\n'
+  for _ in $(seq 60); do printf 'Hello Member, reading 25.\r\n'; done; } > .bench/email-message.txt
+SMTP_CEILING=$(smtp_ceiling $SMTP_PORT $N .bench/email-message.txt)
 say "delivery: one herald worker ($WORKERS concurrent sends)"
 HOOK_SECRET="whsec_$(head -c 32 /dev/urandom | base64 -w0)"
 psql_app <<SQL
@@ -353,20 +360,7 @@ SQL
   # The ceiling: smtplib sending as many messages of the size of one of Herald's digests.
   curl -s "http://127.0.0.1:$DRECV/_mail?rcpt=d1%40bench.example" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["data"])' > .bench/digest-message.txt
   DIGEST_BYTES=$(wc -c < .bench/digest-message.txt)
-  DIGEST_CEILING=$(python3 - $DSMTP $D .bench/digest-message.txt <<'PY'
-import smtplib, sys, threading, time
-port, total, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-body = open(path, encoding="utf-8").read().replace("\r\n", "\n").replace("\n", "\r\n")
-def run(k):
-    with smtplib.SMTP("127.0.0.1", port) as s:
-        for _ in range(k): s.sendmail("herald@localhost", ["ceiling@bench.example"], body.encode())
-start = time.time()
-threads = [threading.Thread(target=run, args=(total // 4,)) for _ in range(4)]
-for t in threads: t.start()
-for t in threads: t.join()
-print(f"{total / (time.time() - start):.0f}")
-PY
-)
+  DIGEST_CEILING=$(smtp_ceiling $DSMTP $D .bench/digest-message.txt)
   {
   echo
   echo "## digests: $D members with 5 items each, due in the same slot, sent by one \`herald worker\` ($DW digests in flight)"

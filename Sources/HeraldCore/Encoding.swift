@@ -15,6 +15,23 @@ extension Data {
     }
 }
 
+/// `text` safe inside HTML text and double-quoted attributes (`&`, `<`, `>`, `"`, `'`).
+public func htmlEscaped(_ text: String) -> String {
+    var out = ""
+    out.reserveCapacity(text.utf8.count)
+    for character in text {
+        switch character {
+        case "&": out += "&amp;"
+        case "<": out += "&lt;"
+        case ">": out += "&gt;"
+        case "\"": out += "&quot;"
+        case "'": out += "&#39;"
+        default: out.append(character)
+        }
+    }
+    return out
+}
+
 /// `value` as a JSON string literal (quotes and escapes included, slashes left alone): the bytes
 /// `JSONEncoder` writes with `.withoutEscapingSlashes` (quote, backslash and control characters
 /// escaped, everything else as it is), without an encoder (live streams write one per field).

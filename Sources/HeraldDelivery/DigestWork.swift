@@ -233,23 +233,23 @@ struct DigestMessage {
         let sections = sections()
         var text = "Hello \(first.recipient.displayName),\n\nHere is what happened since your last \(cadence) digest.\n"
         var html =
-            "<p>Hello \(escaped(first.recipient.displayName)),</p><p>Here is what happened since your last \(cadence) digest.</p>"
+            "<p>Hello \(htmlEscaped(first.recipient.displayName)),</p><p>Here is what happened since your last \(cadence) digest.</p>"
         for (category, items) in sections {
             text += "\n\(category)\n"
-            html += "<h2>\(escaped(category))</h2><ul>"
+            html += "<h2>\(htmlEscaped(category))</h2><ul>"
             for item in items {
                 text += "  - \(item.title)\n"
                 if !item.body.isEmpty { text += "    \(item.body.replacingOccurrences(of: "\n", with: "\n    "))\n" }
                 if let link = item.link { text += "    \(link)\n" }
-                let title = item.link.map { "<a href=\"\(escaped($0))\">\(escaped(item.title))</a>" } ?? escaped(item.title)
+                let title = item.link.map { "<a href=\"\(htmlEscaped($0))\">\(htmlEscaped(item.title))</a>" } ?? htmlEscaped(item.title)
                 html += "<li><strong>\(title)</strong>"
-                if !item.body.isEmpty { html += "<br>\(escaped(item.body))" }
+                if !item.body.isEmpty { html += "<br>\(htmlEscaped(item.body))" }
                 html += "</li>"
             }
             html += "</ul>"
         }
         text += "\n--\n\(organisation). Stop these emails: \(unsubscribe)\n"
-        html += "<hr><p>\(escaped(organisation)). <a href=\"\(escaped(unsubscribe))\">Stop these emails</a></p>"
+        html += "<hr><p>\(htmlEscaped(organisation)). <a href=\"\(htmlEscaped(unsubscribe))\">Stop these emails</a></p>"
         let from = first.email.from ?? defaultFrom
         return try MIMEMessage(
             from: .init(from, name: first.email.fromName ?? organisation),
@@ -260,21 +260,5 @@ struct DigestMessage {
             date: now,
             extraHeaders: [("List-Unsubscribe", "<\(unsubscribe)>"), ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]
         ).encoded()
-    }
-
-    private func escaped(_ text: String) -> String {
-        var out = ""
-        out.reserveCapacity(text.utf8.count)
-        for character in text {
-            switch character {
-            case "&": out += "&amp;"
-            case "<": out += "&lt;"
-            case ">": out += "&gt;"
-            case "\"": out += "&quot;"
-            case "'": out += "&#39;"
-            default: out.append(character)
-            }
-        }
-        return out
     }
 }

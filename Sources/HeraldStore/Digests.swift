@@ -158,8 +158,7 @@ extension TenantTransaction {
     }
 
     /// Readies a claimed run for sending, fenced on the lease: reads the items attached to it
-    /// (the claim attached them as it made the run; a run made without them is frozen here) and
-    /// drops, for good, those that no longer qualify (event cancelled or expired, recipient
+    /// (the claim attached them as it made the run) and drops, for good, those that no longer qualify (event cancelled or expired, recipient
     /// deactivated, preference now off or NONE, conditions no longer met). Nil when the fence
     /// refused.
     public func prepareDigest(_ claim: ClaimedDigestRun, worker: String, now: Date) async throws -> DigestWork? {
@@ -173,24 +172,7 @@ extension TenantTransaction {
                 """
             ).first
         else { return nil }
-        var run = try decodeDigestRun(row)
-        if run.frozenAt == nil {
-            let attached = try await query(
-                """
-                UPDATE digest_items SET run_id = \(run.id)
-                WHERE organisation_id = \(organisationID) AND user_id = \(run.userID) AND frequency = \(run.frequency) AND channel = 'email'
-                  AND run_id IS NULL AND sent_at IS NULL AND cancelled_at IS NULL AND slot_at <= \(run.slotAt)
-                RETURNING id
-                """
-            ).count
-            let frozen = try await query(
-                """
-                UPDATE digest_runs SET frozen_at = now(), item_count = \(attached), updated_at = now()
-                WHERE organisation_id = \(organisationID) AND id = \(run.id) RETURNING frozen_at
-                """)
-            run.frozenAt = try frozen.first?.decode(Date.self)
-            run.itemCount = attached
-        }
+        let run = try decodeDigestRun(row)
         let items = try await query(
             """
             SELECT i.id, i.event_id, i.category_id, i.created_at FROM digest_items i
@@ -254,26 +236,10 @@ extension TenantTransaction {
     ) async throws -> (
         user: [UUID: PreferenceSetting], organisation: [UUID: PreferenceSetting]
     ) {
-        let own = try await query(
-            """
-            SELECT category_id, enabled, frequency, conditions FROM preferences
-            WHERE organisation_id = \(organisationID) AND user_id = \(userID) AND channel = 'email'
-            """)
-        let defaults = try await query(
-            """
-            SELECT category_id, enabled, frequency, conditions FROM preference_defaults
-            WHERE organisation_id = \(organisationID) AND channel = 'email'
-            """)
-        func settings(_ rows: [PostgresRow]) throws -> [UUID: PreferenceSetting] {
-            var result: [UUID: PreferenceSetting] = [:]
-            for row in rows {
-                let (category, enabled, frequency, conditions) = try row.decode(
-                    (UUID, Bool, Frequency, JSONDocument<[Condition]>).self, table: "preferences")
-                result[category] = PreferenceSetting(enabled: enabled, frequency: frequency, conditions: conditions.value)
-            }
-            return result
+        func byCategory(_ cells: [PreferenceCell]) -> [UUID: PreferenceSetting] {
+            Dictionary(cells.filter { $0.channel == .email }.map { ($0.categoryID, $0.setting) }, uniquingKeysWith: { first, _ in first })
         }
-        return (try settings(own), try settings(defaults))
+        return (byCategory(try await preferences(ofUser: userID)), byCategory(try await preferenceDefaults()))
     }
 
     /// Extends the leases `worker` holds on `claims`.

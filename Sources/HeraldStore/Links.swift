@@ -8,36 +8,40 @@ public struct Click: Sendable, Equatable {
     public var url: String?
 }
 
-extension TenantTransaction {
-    /// Records a click on the tracked link of `deliveryID` (which must be `userID`'s), refreshes
-    /// the user's engagement date, and returns the one target the notification carries.
-    public func recordClick(deliveryID: UUID, userID: UUID) async throws -> Click {
-        guard
-            let row = try await query(
-                """
-                SELECT e.url FROM deliveries d JOIN events e ON e.organisation_id = d.organisation_id AND e.id = d.event_id
-                WHERE d.organisation_id = \(organisationID) AND d.id = \(deliveryID) AND d.user_id = \(userID)
-                """
-            ).first
-        else { throw StoreError.notFound("link") }
-        try await query(
-            "INSERT INTO link_clicks (organisation_id, delivery_id, user_id) VALUES (\(organisationID), \(deliveryID), \(userID))")
-        try await query("UPDATE users SET last_engaged_at = now() WHERE organisation_id = \(organisationID) AND id = \(userID)")
-        return Click(url: try row.decode(String?.self))
-    }
+/// What a tracked link was sent in: a delivery, or one item of a digest.
+public enum TrackedLink: Sendable, Equatable {
+    case delivery(UUID)
+    case digestItem(UUID)
+}
 
-    /// Records a click on the tracked link of an item in a digest, as `recordClick(deliveryID:)`.
-    public func recordClick(digestItemID: UUID, userID: UUID) async throws -> Click {
+extension TenantTransaction {
+    /// Records a click on a tracked link (which must be `userID`'s): a delivery's, or an item's
+    /// in a digest. Refreshes the user's engagement date and returns the one target the
+    /// notification carries.
+    public func recordClick(on link: TrackedLink, userID: UUID) async throws -> Click {
+        let (deliveryID, digestItemID): (UUID?, UUID?) =
+            switch link {
+            case .delivery(let id): (id, nil)
+            case .digestItem(let id): (nil, id)
+            }
         guard
             let row = try await query(
                 """
-                SELECT e.url FROM digest_items i JOIN events e ON e.organisation_id = i.organisation_id AND e.id = i.event_id
-                WHERE i.organisation_id = \(organisationID) AND i.id = \(digestItemID) AND i.user_id = \(userID)
+                SELECT e.url FROM events e
+                WHERE e.organisation_id = \(organisationID) AND e.id = (
+                    SELECT d.event_id FROM deliveries d
+                    WHERE d.organisation_id = \(organisationID) AND d.id = \(deliveryID) AND d.user_id = \(userID)
+                    UNION ALL
+                    SELECT i.event_id FROM digest_items i
+                    WHERE i.organisation_id = \(organisationID) AND i.id = \(digestItemID) AND i.user_id = \(userID))
                 """
             ).first
         else { throw StoreError.notFound("link") }
         try await query(
-            "INSERT INTO link_clicks (organisation_id, digest_item_id, user_id) VALUES (\(organisationID), \(digestItemID), \(userID))")
+            """
+            INSERT INTO link_clicks (organisation_id, delivery_id, digest_item_id, user_id)
+            VALUES (\(organisationID), \(deliveryID), \(digestItemID), \(userID))
+            """)
         try await query("UPDATE users SET last_engaged_at = now() WHERE organisation_id = \(organisationID) AND id = \(userID)")
         return Click(url: try row.decode(String?.self))
     }

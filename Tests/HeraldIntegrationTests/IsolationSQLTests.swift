@@ -91,7 +91,7 @@ struct IsolationSQLTests {
         let (_, hooked) = try await org.notify(
             EventRequest(typeKey: "HOOKED", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
         let webhook = try #require(hooked.deliveries.first)
-        _ = try await org.store { tx in try await tx.recordClick(deliveryID: webhook.id, userID: org.memberID) }
+        _ = try await org.store { tx in try await tx.recordClick(on: .delivery(webhook.id), userID: org.memberID) }
         // An attempt in the outbox's log: claim this organisation's deliveries and complete one.
         try await org.store { tx in
             for delivery in try await tx.deliveries(DeliveryFilter(), limit: 10, after: nil).items {

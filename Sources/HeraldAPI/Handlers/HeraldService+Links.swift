@@ -9,14 +9,10 @@ import OpenAPIRuntime
 extension HeraldService {
     func followLink(_ input: Operations.FollowLink.Input) async throws -> Operations.FollowLink.Output {
         let claims = try verifiedLink()
-        let click: Click
-        if let deliveryID = claims.deliveryID {
-            click = try await transaction { tx in try await tx.recordClick(deliveryID: deliveryID, userID: claims.userID) }
-        } else if let itemID = claims.digestItemID {
-            click = try await transaction { tx in try await tx.recordClick(digestItemID: itemID, userID: claims.userID) }
-        } else {
+        guard let link = claims.deliveryID.map(TrackedLink.delivery) ?? claims.digestItemID.map(TrackedLink.digestItem) else {
             throw APIError.notFound(resource: "link")
         }
+        let click = try await transaction { tx in try await tx.recordClick(on: link, userID: claims.userID) }
         guard let url = click.url else { throw APIError.notFound(resource: "link") }
         return .found(.init(headers: .init(location: url)))
     }
@@ -77,9 +73,4 @@ extension HeraldService {
         }
         return (category, channel)
     }
-}
-
-private func htmlEscaped(_ text: String) -> String {
-    text.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;")
-        .replacingOccurrences(of: ">", with: "&gt;").replacingOccurrences(of: "\"", with: "&quot;")
 }
