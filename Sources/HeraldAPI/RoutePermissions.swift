@@ -40,6 +40,8 @@ enum AccessRule: Sendable, Equatable {
 /// | every /v1/me/notifications operation | notifications.read |
 /// | listDeliveries, getDeliveryStats, getDelivery | deliveries.read |
 /// | retryDelivery, cancelDelivery | deliveries.retry |
+/// | listJobs, getJob, listJobRuns | jobs.read |
+/// | runJob | jobs.manage |
 enum RoutePermissions {
     /// Public operations whose credential is a signed link in the path (`{token}`), and the
     /// scope the link must carry; `TenantBoundary` opens their transaction.
@@ -150,5 +152,9 @@ enum RoutePermissions {
         "getDelivery": .permission(.deliveriesRead),
         "retryDelivery": .permission(.deliveriesRetry),
         "cancelDelivery": .permission(.deliveriesRetry),
+        "listJobs": .permission(.jobsRead),
+        "getJob": .permission(.jobsRead),
+        "listJobRuns": .permission(.jobsRead),
+        "runJob": .permission(.jobsManage),
     ]
 }

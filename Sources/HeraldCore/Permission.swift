@@ -20,6 +20,8 @@ public enum Permission: String, CaseIterable, Sendable, Codable, Comparable {
     case debugExplain = "debug.explain"
     case endpointsManage = "endpoints.manage"
     case templatesManage = "templates.manage"
+    case jobsRead = "jobs.read"
+    case jobsManage = "jobs.manage"
 
     /// What holding the permission allows, in one sentence.
     public var summary: String {
@@ -43,6 +45,8 @@ public enum Permission: String, CaseIterable, Sendable, Codable, Comparable {
         case .debugExplain: "Explain targeting decisions."
         case .endpointsManage: "Manage webhook and chat endpoints."
         case .templatesManage: "Manage categories, notification types and templates."
+        case .jobsRead: "See the scheduled jobs and their run history."
+        case .jobsManage: "Run a scheduled job now."
         }
     }
 

@@ -247,10 +247,6 @@ extension TenantTransaction {
         return stats
     }
 
-    /// Deletes rows whose expiry has passed; returns how many.
-    public func purgeExpiredNotifications(now: Date) async throws -> Int {
-        try await query("DELETE FROM notifications WHERE organisation_id = \(organisationID) AND expires_at <= \(now) RETURNING 1").count
-    }
 }
 
 /// What a feed row shows, with its read flag; callers add the WHERE clause.

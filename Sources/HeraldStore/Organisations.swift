@@ -20,6 +20,8 @@ public struct Organisation: Sendable, Equatable {
     /// When digests go: the local hour (0–23) and, for weekly ones, the ISO weekday (1–7).
     public var digestHour: Int
     public var digestWeekday: Int
+    /// How many days events and everything recorded about them are kept (the `retention` job).
+    public var retentionDays: Int
     public var createdAt: Date
     public var updatedAt: Date
 }
@@ -40,6 +42,7 @@ extension Database {
                 VALUES (\(id), \(slug), \(name), \(defaultLocale), \(defaultTimezone))
                 """)
             try await tx.ensureBuiltinRoles()
+            try await tx.ensureSystemJobs()
             try await tx.audit(
                 action: "organisation.create", targetType: "organisation", targetID: id.uuidString,
                 before: nil, after: "{\"slug\": \(jsonQuoted(slug))}")
@@ -65,18 +68,19 @@ extension TenantTransaction {
             """
             SELECT id, slug, name, default_locale, default_timezone, (settings->>'throttle_per_minute')::int,
                    settings->>'email_from', settings->>'email_from_name', settings->>'email_reply_to', created_at, updated_at,
-                   (settings->>'user_throttle_per_minute')::int, digest_hour::int, digest_weekday::int
+                   (settings->>'user_throttle_per_minute')::int, digest_hour::int, digest_weekday::int, retention_days
             FROM organisations WHERE id = \(organisationID)
             """)
         guard let row = rows.first else { throw StoreError.notFound("organisation") }
         let (
-            id, slug, name, locale, timezone, throttle, from, fromName, replyTo, created, updated, userThrottle, digestHour, digestWeekday
+            id, slug, name, locale, timezone, throttle, from, fromName, replyTo, created, updated, userThrottle, digestHour, digestWeekday,
+            retentionDays
         ) =
-            try row.decode((UUID, String, String, String, String, Int?, String?, String?, String?, Date, Date, Int?, Int, Int).self)
+            try row.decode((UUID, String, String, String, String, Int?, String?, String?, String?, Date, Date, Int?, Int, Int, Int).self)
         return Organisation(
             id: id, slug: slug, name: name, defaultLocale: locale, defaultTimezone: timezone, throttlePerMinute: throttle,
             userThrottlePerMinute: userThrottle, emailFrom: from, emailFromName: fromName, emailReplyTo: replyTo, digestHour: digestHour,
-            digestWeekday: digestWeekday, createdAt: created, updatedAt: updated)
+            digestWeekday: digestWeekday, retentionDays: retentionDays, createdAt: created, updatedAt: updated)
     }
 
     /// Sets the email sender settings given; an empty string clears one, nil leaves it.
@@ -94,8 +98,11 @@ extension TenantTransaction {
 
     /// Changes the fields given; nil leaves a field as it is.
     public func updateOrganisation(
-        name: String?, defaultLocale: String?, defaultTimezone: String?, digestHour: Int? = nil, digestWeekday: Int? = nil
+        name: String?, defaultLocale: String?, defaultTimezone: String?, digestHour: Int? = nil, digestWeekday: Int? = nil,
+        retentionDays: Int? = nil
     ) async throws -> Organisation {
+        let zoneBefore = try await query("SELECT default_timezone FROM organisations WHERE id = \(organisationID)").first?
+            .decode(String.self, table: "organisations")
         let rows = try await query(
             """
             UPDATE organisations SET
@@ -104,11 +111,14 @@ extension TenantTransaction {
                 default_timezone = coalesce(\(defaultTimezone), default_timezone),
                 digest_hour = coalesce(\(digestHour)::smallint, digest_hour),
                 digest_weekday = coalesce(\(digestWeekday)::smallint, digest_weekday),
+                retention_days = coalesce(\(retentionDays)::integer, retention_days),
                 updated_at = now()
             WHERE id = \(organisationID)
             RETURNING id
             """)
         guard !rows.isEmpty else { throw StoreError.notFound("organisation") }
+        // Jobs on cron follow the organisation's zone: their next run moves with it.
+        if let defaultTimezone, defaultTimezone != zoneBefore { try await rescheduleJobs(now: Date()) }
         return try await organisation()
     }
 

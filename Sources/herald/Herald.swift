@@ -16,7 +16,7 @@ struct Herald: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Herald, the multi-tenant notification service.",
         subcommands: [
-            Serve.self, Worker.self, Migrate.self, SeedDemo.self, OrganisationCommand.self, JWTKeygen.self, PurgeExpired.self,
+            Serve.self, Worker.self, Migrate.self, SeedDemo.self, OrganisationCommand.self, JWTKeygen.self, PurgeExpired.self, JobsCommand.self,
             DigestsCommand.self,
         ])
 }
@@ -65,7 +65,7 @@ struct EndStreamsOnShutdown: Service {
 }
 
 /// `herald migrate`: applies pending migrations as the owner role, then brings every
-/// organisation's built-in roles up to date with this build.
+/// organisation's built-in roles and system jobs up to date with this build.
 struct Migrate: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Apply pending migrations (as the owner role, DATABASE_OWNER_URL).")
 
@@ -83,9 +83,12 @@ struct Migrate: AsyncParsableCommand {
             let database = Database(client: client, logger: logger)
             let organisations = try await database.allOrganisationIDs()
             for id in organisations {
-                try await database.withTenant(id) { tx in try await tx.ensureBuiltinRoles() }
+                try await database.withTenant(id) { tx in
+                    try await tx.ensureBuiltinRoles()
+                    try await tx.ensureSystemJobs()
+                }
             }
-            print("migrate: built-in roles current in \(organisations.count) organisation(s)")
+            print("migrate: built-in roles and system jobs current in \(organisations.count) organisation(s)")
         }
     }
 }
@@ -212,7 +215,7 @@ struct PurgeExpired: AsyncParsableCommand {
             let organisations = try await database.allOrganisationIDs()
             var total = 0
             for id in organisations {
-                let removed = try await database.withTenant(id) { tx in try await tx.purgeExpiredNotifications(now: Date()) }
+                let removed = try await database.purgeExpired(organisation: id, now: Date(), batch: 5_000)
                 if removed > 0 { print("purge-expired: \(removed) from organisation \(id.uuidString.lowercased())") }
                 total += removed
             }

@@ -14,7 +14,7 @@ import UnixSignals
 /// `herald worker`: the delivery workers without the HTTP API.
 struct Worker: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Deliver the outbox (email, webhooks, chat) until SIGTERM or SIGINT, without serving the API.")
+        abstract: "Deliver the outbox (email, webhooks, chat), send digests and run scheduled jobs until SIGTERM or SIGINT, without serving the API.")
 
     func run() async throws {
         var config = try AppConfiguration.fromEnvironment()
@@ -41,6 +41,7 @@ struct DeliveryServices {
     var services: [any Service] = []
     var workers = 0
     private var transport: HTTPTransport?
+    static let jobConcurrency = 2
 
     init(_ config: AppConfiguration, linkKeys: LinkKeyRing, bus: NotificationBus?, logger: Logger) throws {
         guard config.workers > 0 else { return }
@@ -59,7 +60,8 @@ struct DeliveryServices {
         // One connection per send in flight, one for the bus's LISTEN (when it is ours), one for claims and heartbeats.
         // Digest runs (issue 11): HERALD_DIGEST_WORKERS, else a quarter of the sends in flight.
         let digestConcurrency = config.digestWorkers ?? max(1, config.workers / 4)
-        pool.options.maximumConnections = config.workers + digestConcurrency + 2
+        // Scheduled jobs (issue 11): two at a time, one connection each.
+        pool.options.maximumConnections = config.workers + digestConcurrency + 2 + Self.jobConcurrency
         let postgres = PostgresClient(configuration: pool, backgroundLogger: logger)
         // As many connections per host as sends in flight: no send waits for a connection.
         let http = HTTPTransport(
@@ -104,7 +106,18 @@ struct DeliveryServices {
             configuration: digestRunner, queue: DigestQueue(database: database, organisation: config.workerOrganisation),
             handler: DigestHandler(database: database, email: email, links: links, retry: worker.retry, worker: digestRunner.name),
             bus: processBus, logger: logger)
-        services = [postgres] + ownBus + [deliveryPool, digests]
+        // The third: scheduled jobs (retention, purge of expired rows), one instance per due run.
+        var jobRunner = WorkRunnerConfiguration(name: worker.name + ":job")
+        jobRunner.concurrency = Self.jobConcurrency
+        jobRunner.batchSize = Self.jobConcurrency
+        jobRunner.leaseSeconds = config.workerLeaseSeconds
+        jobRunner.pollInterval = .milliseconds(max(1_000, config.workerPollMilliseconds))
+        // Retention of a large organisation takes a while; its lease is extended all along.
+        jobRunner.attemptDeadline = .seconds(6 * 3600)
+        let jobs = WorkRunner(
+            configuration: jobRunner, queue: JobQueue(database: database, organisation: config.workerOrganisation),
+            handler: JobHandler(database: database), bus: processBus, logger: logger)
+        services = [postgres] + ownBus + [deliveryPool, digests, jobs]
         workers = config.workers
         transport = http
     }

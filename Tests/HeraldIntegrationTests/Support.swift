@@ -337,6 +337,13 @@ final class CapturedLog: Sendable {
 /// Runs the `herald` binary of this build (`HERALD_TEST_BINARY`) from the temporary directory
 /// with `environment` over the test's own, and returns what it printed; a non-zero exit fails.
 func runHerald(_ arguments: [String], _ environment: [String: String]) throws -> String {
+    let (status, text) = try runHeraldExit(arguments, environment)
+    try #require(status == 0, "herald \(arguments.joined(separator: " ")): \(text)")
+    return text
+}
+
+/// `runHerald` that returns the exit status with the output, for commands expected to fail.
+func runHeraldExit(_ arguments: [String], _ environment: [String: String]) throws -> (status: Int32, output: String) {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: ProcessInfo.processInfo.environment["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
     process.arguments = arguments
@@ -350,7 +357,5 @@ func runHerald(_ arguments: [String], _ environment: [String: String]) throws ->
     try process.run()
     let data = output.fileHandleForReading.readDataToEndOfFile()
     process.waitUntilExit()
-    let text = String(decoding: data, as: UTF8.self)
-    try #require(process.terminationStatus == 0, "herald \(arguments.joined(separator: " ")): \(text)")
-    return text
+    return (process.terminationStatus, String(decoding: data, as: UTF8.self))
 }

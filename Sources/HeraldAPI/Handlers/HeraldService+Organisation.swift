@@ -27,6 +27,9 @@ extension HeraldService {
             throw APIError.unprocessable(
                 ValidationError(field: "digest_weekday", message: "must be an ISO weekday, 1 (Monday) to 7 (Sunday)."))
         }
+        if let days = body.retentionDays, !(1...3650).contains(days) {
+            throw APIError.unprocessable(ValidationError(field: "retention_days", message: "must be 1 to 3650 days."))
+        }
         let (from, replyTo) = (
             try body.emailFrom.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.emailAddress(v, field: "email_from") },
             try body.emailReplyTo.map { v throws(ValidationError) in v.isEmpty ? v : try Validate.emailAddress(v, field: "email_reply_to") }
@@ -42,7 +45,7 @@ extension HeraldService {
             let after = Components.Schemas.Organisation(
                 try await tx.updateOrganisation(
                     name: name, defaultLocale: locale, defaultTimezone: timezone, digestHour: body.digestHour,
-                    digestWeekday: body.digestWeekday))
+                    digestWeekday: body.digestWeekday, retentionDays: body.retentionDays))
             try await tx.audit(
                 action: "organisation.update", targetType: "organisation", targetID: after.id,
                 before: auditJSON(before), after: auditJSON(after))

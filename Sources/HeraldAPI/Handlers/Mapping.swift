@@ -12,7 +12,7 @@ extension Components.Schemas.Organisation {
             defaultTimezone: o.defaultTimezone, throttlePerMinute: o.throttlePerMinute,
             userThrottlePerMinute: o.userThrottlePerMinute, emailFrom: o.emailFrom,
             emailFromName: o.emailFromName, emailReplyTo: o.emailReplyTo, digestHour: o.digestHour, digestWeekday: o.digestWeekday,
-            createdAt: o.createdAt, updatedAt: o.updatedAt)
+            retentionDays: o.retentionDays, createdAt: o.createdAt, updatedAt: o.updatedAt)
     }
 }
 

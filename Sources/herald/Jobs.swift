@@ -1,0 +1,117 @@
+import ArgumentParser
+import Foundation
+import HeraldAPI
+import HeraldCore
+import HeraldDelivery
+import HeraldStore
+import Logging
+import PostgresNIO
+
+/// `herald jobs list` and `herald jobs run NAME`: the scheduled jobs of every organisation, for
+/// operators (a long-running `herald serve` or `herald worker` runs them as they come due).
+/// Both walk every organisation, so both run as the owner role.
+struct JobsCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "jobs", abstract: "List the scheduled jobs, or run one now.", subcommands: [List.self, Run.self])
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "List every organisation's jobs: schedule, next run, and how the last run ended.")
+
+        @Option(help: "Only this organisation (its id or slug).") var organisation: String?
+
+        func run() async throws {
+            try await withOwnerDatabase { database, _, _ in
+                for id in try await organisations(database, only: organisation) {
+                    for job in try await database.withTenant(id, { tx in try await tx.jobs() }) {
+                        print(describe(job, organisation: id))
+                    }
+                }
+            }
+        }
+    }
+
+    struct Run: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Run a job now in every organisation (or one), printing progress; its schedule stays as it is.",
+            discussion: "Jobs: \(SystemJob.allCases.map(\.rawValue).joined(separator: ", ")).")
+
+        @Argument(help: "The job: \(SystemJob.allCases.map(\.rawValue).joined(separator: ", ")).") var name: String
+        @Option(help: "Only this organisation (its id or slug).") var organisation: String?
+
+        func run() async throws {
+            guard let job = SystemJob(rawValue: name) else {
+                throw ValidationError("No job is called '\(name)'; the jobs are \(SystemJob.allCases.map(\.rawValue).joined(separator: ", ")).")
+            }
+            let config = try AppConfiguration.fromEnvironment()
+            try await withOwnerDatabase { database, client, logger in
+                let targets = try await organisations(database, only: organisation)
+                for id in targets {
+                    try await database.withTenant(id) { tx in
+                        try await tx.ensureSystemJobs()
+                        _ = try await tx.requestJobRun(try await tx.job(named: job).id)
+                    }
+                }
+                print("jobs run \(job.rawValue): asked for a run in \(targets.count) organisation(s)")
+                var runner = WorkRunnerConfiguration(name: "cli:" + WorkerPoolConfiguration.defaultName())
+                runner.leaseSeconds = config.workerLeaseSeconds
+                runner.batchSize = 4
+                runner.attemptDeadline = .seconds(24 * 3600)
+                let jobs = WorkRunner(
+                    configuration: runner, queue: JobQueue(database: database, name: job),
+                    handler: JobHandler(database: database), bus: NotificationBus(client: client, logger: logger), logger: logger)
+                let total = try await jobs.runDue { batch, total in
+                    print("jobs run \(job.rawValue): \(batch) organisation(s) done (\(total) so far)")
+                }
+                for id in targets {
+                    if let run = try await database.withTenant(id, { tx in try await tx.job(named: job) }).lastRun {
+                        print("  organisation \(id.lowercased): \(describe(run))")
+                    }
+                }
+                print("jobs run \(job.rawValue): \(total) run(s) finished")
+            }
+        }
+    }
+}
+
+/// Runs `body` over the owner role's pool (DATABASE_OWNER_URL).
+private func withOwnerDatabase(
+    _ body: @Sendable (_ database: Database, _ client: PostgresClient, _ logger: Logger) async throws -> Void
+) async throws {
+    guard let url = ProcessInfo.processInfo.environment["DATABASE_OWNER_URL"], !url.isEmpty else {
+        throw ValidationError("DATABASE_OWNER_URL is not set: jobs walk every organisation, which only the owner role can list.")
+    }
+    let logger = Logger(label: "herald.jobs")
+    try await withPostgres(url: url, logger: logger) { client in
+        try await body(Database(client: client, logger: logger), client, logger)
+    }
+}
+
+/// Every organisation, or the one named by id or slug.
+private func organisations(_ database: Database, only: String?) async throws -> [UUID] {
+    guard let only else { return try await database.allOrganisationIDs() }
+    if let id = UUID(uuidString: only) { return [id] }
+    guard let id = try await database.organisationID(slug: only) else {
+        throw ValidationError("No organisation has the id or slug '\(only)'.")
+    }
+    return [id]
+}
+
+private func describe(_ job: Job, organisation: UUID) -> String {
+    let schedule = job.cron.map { "cron '\($0)' \(job.timeZone)" } ?? "every \(job.intervalSeconds ?? 0) s"
+    var line = "\(organisation.lowercased) \(job.name.rawValue): \(schedule), next \(job.nextRunAt.formatted(.iso8601))"
+    if job.paused { line += " (paused)" }
+    if job.status == .running { line += ", running now" }
+    if job.runRequestedAt != nil { line += ", a run is asked for" }
+    line += "; last run: " + (job.lastRun.map(describe) ?? "none")
+    return line
+}
+
+private func describe(_ run: JobRun) -> String {
+    var text = "\(run.status.rawValue) \(run.trigger.rawValue.lowercased()) at \(run.startedAt.formatted(.iso8601))"
+    if let milliseconds = run.durationMilliseconds { text += " in \(milliseconds) ms" }
+    let counts = run.counts.filter { $0.value > 0 }.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }
+    text += counts.isEmpty ? ", nothing to do" : ", " + counts.joined(separator: ", ")
+    if let error = run.error { text += ", error: \(error)" }
+    return text
+}
