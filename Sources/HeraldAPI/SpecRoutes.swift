@@ -65,7 +65,7 @@ enum SpecRoutes {
                   limits: ["event_types#items": 100, "event_types[]": 100, "name": 200, "url": 2048]),
         SpecRoute(operationID: "rotateEndpointSecret", method: "POST", path: "/v1/endpoints/{endpointId}/rotate-secret", query: [],
                   limits: [:]),
-        SpecRoute(operationID: "listEvents", method: "GET", path: "/v1/events", query: ["cursor", "limit", "type"],
+        SpecRoute(operationID: "listEvents", method: "GET", path: "/v1/events", query: ["cursor", "limit", "state", "type"],
                   limits: [:]),
         SpecRoute(operationID: "sendEvent", method: "POST", path: "/v1/events", query: [],
                   limits: ["audience.exclude_user_ids#items": 10000, "audience.groups#items": 100, "audience.roles#items": 100, "audience.user_ids#items": 10000, "subject.id": 200, "subject.type": 100, "tags#items": 20, "tags[]": 100, "type": 100, "url": 2048]),

@@ -5,6 +5,15 @@ import PostgresNIO
 extension DecisionCounts: StoredDocument {}
 
 /// A stored event: one call of notify.
+/// Where an event stands at some instant: still to be delivered (`deliver_at` in the future),
+/// delivered (its time has come: in-app rows visible, deliveries and digest items due), or
+/// cancelled.
+public enum EventState: String, Sendable, CaseIterable {
+    case scheduled = "SCHEDULED"
+    case delivered = "DELIVERED"
+    case cancelled = "CANCELLED"
+}
+
 public struct EventRecord: Sendable, Equatable {
     public var id: UUID
     public var typeID: UUID
@@ -26,6 +35,12 @@ public struct EventRecord: Sendable, Equatable {
     public var createdAt: Date
     public var cancelledAt: Date?
     public var tags: [String] = []
+
+    /// Where the event stands at `now`.
+    public func state(at now: Date) -> EventState {
+        if status == .cancelled { return .cancelled }
+        return deliverAt > now ? .scheduled : .delivered
+    }
 }
 
 /// What notify stores about the event itself, beside the plan: the request, with what planning
@@ -312,12 +327,19 @@ extension TenantTransaction {
     }
 
     /// Events newest first, optionally of one type.
-    public func events(typeID: UUID?, limit: Int, after cursor: PageCursor?) async throws -> Page<EventRecord> {
+    public func events(
+        typeID: UUID?, state: EventState? = nil, now: Date = Date(), limit: Int, after cursor: PageCursor?
+    ) async throws -> Page<EventRecord> {
         let rows = try await query(
             """
             SELECT \(unescaped: eventColumns) FROM events e
             WHERE e.organisation_id = \(organisationID)
               AND (\(typeID)::uuid IS NULL OR e.type_id = \(typeID))
+              AND CASE \(state?.rawValue)::text
+                  WHEN 'SCHEDULED' THEN e.status = 'ACCEPTED' AND e.deliver_at > \(now)
+                  WHEN 'DELIVERED' THEN e.status = 'ACCEPTED' AND e.deliver_at <= \(now)
+                  WHEN 'CANCELLED' THEN e.status = 'CANCELLED'
+                  ELSE true END
               AND (\(cursor?.micros)::bigint IS NULL
                    OR (e.created_at, e.id) < ('epoch'::timestamptz + \(cursor?.micros) * interval '1 microsecond', \(cursor?.id)))
             ORDER BY e.created_at DESC, e.id DESC

@@ -114,6 +114,7 @@ struct AccessMatrixTests {
             return [
                 "userId": user.id, "roleId": role.id, "groupId": group.id, "keyId": key.id, "categoryId": category.id,
                 "typeId": type.id, "eventId": event.id, "notificationId": notification, "deliveryId": delivery, "endpointId": endpoint.id,
+                "jobId": try await tx.job(named: .retention).id,
             ]
         }
         return ids.mapValues { $0.uuidString.lowercased() }

@@ -81,6 +81,10 @@ struct IsolationSQLTests {
         // Digest runs (0012): the claim makes the runs of every slot due by next week.
         _ = try await env.workerDatabase.claimDigestRuns(
             worker: "fixture", limit: 10, leaseSeconds: 60, now: Date().addingTimeInterval(8 * 86400), organisation: org.id)
+        // Scheduled jobs (0013): the organisation's jobs, and a run of one, claimed when due.
+        let purge = try await org.store { tx in try await tx.job(named: .purgeExpired) }
+        _ = try await env.workerDatabase.claimJobs(
+            worker: "fixture", limit: 1, leaseSeconds: 60, now: purge.nextRunAt, organisation: org.id, name: .purgeExpired)
         // A webhook endpoint with a delivery that names it, and a click on that delivery's link.
         try await org.deliveryType("HOOKED", category: catalogue.activity, channels: [.webhook])
         try await org.store { tx in

@@ -1,5 +1,6 @@
 import Foundation
 import HTTPTypes
+import HeraldAPI
 import HeraldCore
 import HummingbirdTesting
 import NIOCore
@@ -259,5 +260,53 @@ struct JobTests {
         // An unknown job is refused by name.
         let unknown = try runHeraldExit(["jobs", "run", "vacuum"], owner)
         #expect(unknown.status != 0 && unknown.output.contains("No job is called 'vacuum'"), "\(unknown.output)")
+    }
+
+    @Test("scheduled events are visible as such: GET /v1/events?state=scheduled, and each event's state on the injected clock")
+    func scheduledEvents() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let member = org.memberID.uuidString.lowercased()
+        let tomorrow = Date().addingTimeInterval(86_400)
+        @Sendable func task(_ title: String, at: Date? = nil) -> String {
+            let deliver = at.map { #", "deliver_at": "\#($0.formatted(.iso8601))""# } ?? ""
+            return #"{"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(member)"]}, "payload": {"title": "\#(title)"}\#(deliver)}"#
+        }
+        let app = try await TestEnvironment.shared.application()
+        let ids = try await app.test(.router) { client -> [String: String] in
+            var ids: [String: String] = [:]
+            for (name, at) in [("now", nil), ("tomorrow", tomorrow), ("cancelled", tomorrow)] as [(String, Date?)] {
+                let sent = try await client.send(.post, "/v1/events", token: org.ownerToken, json: task(name, at: at))
+                #expect(sent.status == .accepted || sent.status == .created, "\(sent.text)")
+                ids[name] = try #require(sent.json["event_id"] as? String)
+            }
+            #expect(try await client.send(.post, "/v1/events/\(ids["cancelled"]!)/cancel", token: org.ownerToken).status == .ok)
+            func listed(_ state: String) async throws -> [String: String] {
+                let page = try await client.send(.get, "/v1/events?state=\(state)", token: org.ownerToken)
+                #expect(page.status == .ok, "\(page.text)")
+                let items = page.json["items"] as? [[String: Any]] ?? []
+                return Dictionary(uniqueKeysWithValues: items.compactMap { item in
+                    (item["id"] as? String).map { ($0, item["state"] as? String ?? "") }
+                })
+            }
+            #expect(try await listed("scheduled") == [ids["tomorrow"]!: "SCHEDULED"])
+            #expect(try await listed("delivered") == [ids["now"]!: "DELIVERED"])
+            #expect(try await listed("cancelled") == [ids["cancelled"]!: "CANCELLED"])
+            let one = try await client.send(.get, "/v1/events/\(ids["tomorrow"]!)", token: org.ownerToken)
+            #expect(one.json["state"] as? String == "SCHEDULED" && one.json["status"] as? String == "ACCEPTED")
+            #expect(try await client.send(.get, "/v1/events?state=soon", token: org.ownerToken).isProblem(.badRequest))
+            return ids
+        }
+        // The day after, on the application's clock, the scheduled event has been delivered.
+        let env = try await TestEnvironment.shared
+        let then = tomorrow.addingTimeInterval(60)
+        let later = try env.application(now: { then })
+        let token = try await env.tokens.issueAccessToken(organisationID: org.id, userID: org.ownerID, now: then)
+        try await later.test(.router) { client in
+            let one = try await client.send(.get, "/v1/events/\(ids["tomorrow"]!)", token: token)
+            #expect(one.json["state"] as? String == "DELIVERED", "\(one.text)")
+            let scheduled = try await client.send(.get, "/v1/events?state=scheduled", token: token)
+            #expect((scheduled.json["items"] as? [Any])?.isEmpty == true, "\(scheduled.text)")
+        }
     }
 }

@@ -45,7 +45,7 @@ CREATE TABLE jobs (
 );
 -- Global claim indexes, as the outbox's: due jobs are found across organisations.
 CREATE INDEX jobs_claim ON jobs (next_run_at) WHERE status = 'IDLE' AND NOT paused;
-CREATE INDEX jobs_requested ON jobs (run_requested_at) WHERE status = 'IDLE' AND run_requested_at IS NOT NULL;
+CREATE INDEX jobs_requested_claim ON jobs (run_requested_at) WHERE status = 'IDLE' AND run_requested_at IS NOT NULL;
 CREATE INDEX jobs_lease_claim ON jobs (lease_expires_at) WHERE status = 'RUNNING';
 
 CREATE TABLE job_runs (

@@ -64,6 +64,7 @@ extension HeraldService {
 
     func listEvents(_ input: Operations.ListEvents.Input) async throws -> Operations.ListEvents.Output {
         let (limit, cursor) = try page(input.query.limit, input.query.cursor)
+        let now = now()
         let page = try await tenant { tx, _ in
             var typeID: UUID?
             if let key = input.query._type {
@@ -73,15 +74,16 @@ extension HeraldService {
                 }
                 typeID = type.id
             }
-            return try await tx.events(typeID: typeID, limit: limit, after: cursor)
+            let state = input.query.state.map { EventState(rawValue: $0.rawValue.uppercased()) ?? .delivered }
+            return try await tx.events(typeID: typeID, state: state, now: now, limit: limit, after: cursor)
         }
-        return .ok(.init(body: .json(.init(items: try page.items.map(Components.Schemas.Event.init), nextCursor: page.next?.encoded))))
+        return .ok(.init(body: .json(.init(items: try page.items.map { try .init($0, now: now) }, nextCursor: page.next?.encoded))))
     }
 
     func getEvent(_ input: Operations.GetEvent.Input) async throws -> Operations.GetEvent.Output {
         let id = try id(input.path.eventId, "event")
         let event = try await tenant { tx, _ in try await tx.event(id) }
-        return .ok(.init(body: .json(try .init(event))))
+        return .ok(.init(body: .json(try .init(event, now: now()))))
     }
 
     func cancelEvent(_ input: Operations.CancelEvent.Input) async throws -> Operations.CancelEvent.Output {
@@ -271,10 +273,11 @@ extension HeraldService {
 }
 
 extension Components.Schemas.Event {
-    init(_ e: EventRecord) throws {
+    init(_ e: EventRecord, now: Date) throws {
         let audience = e.audience
         self.init(
             id: e.id.lowercased, _type: e.typeKey, status: mapped(e.status),
+            state: .init(rawValue: e.state(at: now).rawValue) ?? .delivered,
             audience: .init(
                 userIds: audience.userIDs.isEmpty ? nil : audience.userIDs.map(\.lowercased),
                 roles: audience.roleKeys.isEmpty ? nil : audience.roleKeys,
