@@ -60,7 +60,8 @@ public struct JobQueue: WorkQueue {
 
     /// A job is never given back (its handler has no slot to wait for): the run ends FAILED.
     public func release(_ claim: ClaimedJob, worker: String, until: Date, reason: String) async throws -> Bool {
-        try await complete(claim, worker: worker, startedAt: Date(), outcome: JobOutcome(error: reason), logger: Logger(label: "herald.jobs"))
+        try await complete(
+            claim, worker: worker, startedAt: Date(), outcome: JobOutcome(error: reason), logger: Logger(label: "herald.jobs"))
     }
 
     /// The run could not be recorded: try once more to end it FAILED; if that fails too, the
@@ -121,7 +122,8 @@ public struct JobHandler: WorkHandler {
             logger.info(
                 "job run finished",
                 metadata: [
-                    "outcome": .string(outcome), "duration_ms": "\(duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000)",
+                    "outcome": .string(outcome),
+                    "duration_ms": "\(duration.milliseconds)",
                     "counts": "\(result.counts.filter { $0.value > 0 })", "recorded": "\(recorded.map(String.init) ?? "no")",
                 ])
         }

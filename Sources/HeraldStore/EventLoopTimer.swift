@@ -79,4 +79,7 @@ extension Duration {
         if seconds >= Int64.max / 1_000_000_000 { return Int64.max }
         return max(0, seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
     }
+
+    /// Whole milliseconds, at least zero (run durations).
+    public var milliseconds: Int64 { nanoseconds / 1_000_000 }
 }

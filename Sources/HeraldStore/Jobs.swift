@@ -174,13 +174,18 @@ private let jobFrom = """
     LEFT JOIN job_runs r ON r.organisation_id = j.organisation_id AND r.id = j.last_run_id
     """
 
-private let runColumns = "r.id, r.trigger, r.scheduled_for, r.attempt, r.worker, r.status, r.started_at, r.finished_at, r.duration_ms::int, r.counts, r.error"
+private let runColumns =
+    "r.id, r.trigger, r.scheduled_for, r.attempt, r.worker, r.status, r.started_at, r.finished_at, r.duration_ms::int, r.counts, r.error"
 
 private func decodeJob(_ row: PostgresRow) throws -> Job {
-    let (id, name, cron, zone, interval, paused, status, next, requested, created, runID, trigger, scheduled, attempt, worker, runStatus,
-        started, finished, duration, counts, error) = try row.decode(
-            (UUID, SystemJob, String?, String, Int?, Bool, JobStatus, Date, Date?, Date, UUID?, JobTrigger?, Date?, Int?, String?,
-                JobRunStatus?, Date?, Date?, Int?, JSONDocument<[String: Int]>?, String?).self, table: "jobs")
+    let (
+        id, name, cron, zone, interval, paused, status, next, requested, created, runID, trigger, scheduled, attempt, worker, runStatus,
+        started, finished, duration, counts, error
+    ) = try row.decode(
+        (
+            UUID, SystemJob, String?, String, Int?, Bool, JobStatus, Date, Date?, Date, UUID?, JobTrigger?, Date?, Int?, String?,
+            JobRunStatus?, Date?, Date?, Int?, JSONDocument<[String: Int]>?, String?
+        ).self, table: "jobs")
     var lastRun: JobRun?
     if let runID, let trigger, let scheduled, let attempt, let worker, let runStatus, let started {
         lastRun = JobRun(
@@ -304,7 +309,6 @@ extension TenantTransaction {
     public func completeJobRun(
         _ claim: ClaimedJob, worker: String, outcome: JobOutcome, duration: Duration, now: Date, nextRunAt: Date
     ) async throws -> Bool {
-        let milliseconds = Int(duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000)
         let rows = try await query(
             """
             WITH job AS (
@@ -315,7 +319,7 @@ extension TenantTransaction {
                 RETURNING id
             )
             UPDATE job_runs r SET status = \(outcome.error == nil ? JobRunStatus.succeeded : .failed), finished_at = now(),
-                duration_ms = \(milliseconds)::bigint, counts = \(JSONDocument(outcome.counts)), error = \(outcome.error)
+                duration_ms = \(duration.milliseconds)::bigint, counts = \(JSONDocument(outcome.counts)), error = \(outcome.error)
             FROM job WHERE r.organisation_id = \(organisationID) AND r.id = \(claim.runID) AND r.job_id = job.id
             RETURNING r.id
             """)

@@ -16,8 +16,8 @@ struct Herald: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Herald, the multi-tenant notification service.",
         subcommands: [
-            Serve.self, Worker.self, Migrate.self, SeedDemo.self, OrganisationCommand.self, JWTKeygen.self, PurgeExpired.self, JobsCommand.self,
-            DigestsCommand.self,
+            Serve.self, Worker.self, Migrate.self, SeedDemo.self, OrganisationCommand.self, JWTKeygen.self, PurgeExpired.self,
+            JobsCommand.self, DigestsCommand.self,
         ])
 }
 

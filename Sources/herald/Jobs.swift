@@ -41,7 +41,8 @@ struct JobsCommand: AsyncParsableCommand {
 
         func run() async throws {
             guard let job = SystemJob(rawValue: name) else {
-                throw ValidationError("No job is called '\(name)'; the jobs are \(SystemJob.allCases.map(\.rawValue).joined(separator: ", ")).")
+                throw ValidationError(
+                    "No job is called '\(name)'; the jobs are \(SystemJob.allCases.map(\.rawValue).joined(separator: ", ")).")
             }
             let config = try AppConfiguration.fromEnvironment()
             try await withOwnerDatabase { database, client, logger in

@@ -14,7 +14,9 @@ import UnixSignals
 /// `herald worker`: the delivery workers without the HTTP API.
 struct Worker: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Deliver the outbox (email, webhooks, chat), send digests and run scheduled jobs until SIGTERM or SIGINT, without serving the API.")
+        abstract:
+            "Deliver the outbox (email, webhooks, chat), send digests and run scheduled jobs until SIGTERM or SIGINT, without serving the API."
+    )
 
     func run() async throws {
         var config = try AppConfiguration.fromEnvironment()

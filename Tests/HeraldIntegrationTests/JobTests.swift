@@ -59,7 +59,8 @@ struct JobTests {
                         VALUES (\(org.id), \(deliveryID), 1, 'test', now(), 'SENT')
                         """)
                     try await tx.query(
-                        "INSERT INTO link_clicks (organisation_id, delivery_id, user_id) VALUES (\(org.id), \(deliveryID), \(org.memberID))")
+                        "INSERT INTO link_clicks (organisation_id, delivery_id, user_id) VALUES (\(org.id), \(deliveryID), \(org.memberID))"
+                    )
                 }
             }
         }
@@ -149,7 +150,9 @@ struct JobTests {
         #expect(try await org.store { tx in try await tx.job(job.id) }.nextRunAt == job.nextRunAt)
 
         // A shorter retention takes the 40-day-old event at the next run.
-        try await org.store { tx in _ = try await tx.updateOrganisation(name: nil, defaultLocale: nil, defaultTimezone: nil, retentionDays: 30) }
+        try await org.store { tx in
+            _ = try await tx.updateOrganisation(name: nil, defaultLocale: nil, defaultTimezone: nil, retentionDays: 30)
+        }
         _ = try await org.store { tx in try await tx.requestJobRun(job.id) }
         try await runDueJobs(org.id)
         #expect(try await rows(org, of: recent)["events"] == 0)
@@ -210,7 +213,9 @@ struct JobTests {
                 expiresAt: Date().addingTimeInterval(3600))
         ).event.id
         _ = try await org.store { tx in
-            try await tx.query("UPDATE notifications SET expires_at = now() - interval '1 day' WHERE organisation_id = \(org.id) AND event_id = \(expired)")
+            try await tx.query(
+                "UPDATE notifications SET expires_at = now() - interval '1 day' WHERE organisation_id = \(org.id) AND event_id = \(expired)"
+            )
         }
         let app = try await TestEnvironment.shared.application()
         try await app.test(.router) { client in
@@ -285,9 +290,10 @@ struct JobTests {
                 let page = try await client.send(.get, "/v1/events?state=\(state)", token: org.ownerToken)
                 #expect(page.status == .ok, "\(page.text)")
                 let items = page.json["items"] as? [[String: Any]] ?? []
-                return Dictionary(uniqueKeysWithValues: items.compactMap { item in
-                    (item["id"] as? String).map { ($0, item["state"] as? String ?? "") }
-                })
+                return Dictionary(
+                    uniqueKeysWithValues: items.compactMap { item in
+                        (item["id"] as? String).map { ($0, item["state"] as? String ?? "") }
+                    })
             }
             #expect(try await listed("scheduled") == [ids["tomorrow"]!: "SCHEDULED"])
             #expect(try await listed("delivered") == [ids["now"]!: "DELIVERED"])

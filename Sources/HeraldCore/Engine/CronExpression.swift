@@ -42,7 +42,8 @@ public struct CronExpression: Sendable, Equatable, CustomStringConvertible {
     public init(_ text: String) throws(Invalid) {
         let fields = text.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
         guard fields.count == 5 else {
-            throw Invalid(description: "a cron expression has five fields (minute hour day-of-month month day-of-week); got \(fields.count)")
+            throw Invalid(
+                description: "a cron expression has five fields (minute hour day-of-month month day-of-week); got \(fields.count)")
         }
         minutes = try Self.field(fields[0], "minute", 0...59)
         hours = try Self.field(fields[1], "hour", 0...23)
@@ -91,7 +92,9 @@ public struct CronExpression: Sendable, Equatable, CustomStringConvertible {
             guard pieces.count <= 2 else { throw Invalid(description: "\(name): '\(part)' has more than one step") }
             var step = 1
             if pieces.count == 2 {
-                guard let n = Int(pieces[1]), n >= 1 else { throw Invalid(description: "\(name): step '\(pieces[1])' is not a positive number") }
+                guard let n = Int(pieces[1]), n >= 1 else {
+                    throw Invalid(description: "\(name): step '\(pieces[1])' is not a positive number")
+                }
                 step = n
             }
             let bounds: ClosedRange<Int>
