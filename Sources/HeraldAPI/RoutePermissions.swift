@@ -16,7 +16,7 @@ enum AccessRule: Sendable, Equatable {
 /// | operation | rule |
 /// |---|---|
 /// | getHealth, getReadiness, getMetrics, getJWKS, createToken, refreshToken, logout | public |
-/// | followLink, showUnsubscribe, unsubscribe (the signed token is the credential) | public |
+/// | followLink, showUnsubscribe, unsubscribe, showKeepSubscribed, keepSubscribed (the signed token is the credential) | public |
 /// | list/create/get/update/deleteEndpoint, rotateEndpointSecret | endpoints.manage |
 /// | getMe, listPermissions, getOrganisation | authenticated |
 /// | updateOrganisation | organisation.manage |
@@ -49,6 +49,8 @@ enum RoutePermissions {
         "followLink": .click,
         "showUnsubscribe": .unsubscribe,
         "unsubscribe": .unsubscribe,
+        "showKeepSubscribed": .keep,
+        "keepSubscribed": .keep,
     ]
 
     /// The caller's own feed (`/v1/me/notifications…`): its transaction is confined to the
@@ -68,6 +70,8 @@ enum RoutePermissions {
         "followLink": .public,
         "showUnsubscribe": .public,
         "unsubscribe": .public,
+        "showKeepSubscribed": .public,
+        "keepSubscribed": .public,
         "listEndpoints": .permission(.endpointsManage),
         "createEndpoint": .permission(.endpointsManage),
         "getEndpoint": .permission(.endpointsManage),

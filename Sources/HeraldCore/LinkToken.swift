@@ -134,6 +134,8 @@ public struct LinkKeyRing: Sendable {
 public enum LinkScope: String, Sendable, Codable, Equatable {
     case click
     case unsubscribe = "unsub"
+    /// "Keep me subscribed" in an inactivity warning: following it is engagement.
+    case keep
 }
 
 /// What a link token asserts. Encoded compactly: one-letter keys, UUIDs as 22-character base64url of their

@@ -50,7 +50,9 @@ public struct JobQueue: WorkQueue {
     }
 
     public func complete(_ claim: ClaimedJob, worker: String, startedAt: Date, outcome: JobOutcome, logger: Logger) async throws -> Bool {
-        let now = now()
+        // A scheduled run moves the schedule on from the queue's clock; a run asked for by hand
+        // (perhaps `--at` a year ahead) only from the real one, when its time has really come.
+        let now = claim.trigger == .schedule ? now() : Date()
         let duration = Duration.milliseconds(Int64(max(0, Date().timeIntervalSince(startedAt)) * 1000))
         return try await database.withTenant(claim.organisationID) { tx in
             try await tx.completeJobRun(
@@ -83,9 +85,15 @@ public struct JobHandler: WorkHandler {
     let now: @Sendable () -> Date
     /// Most rows one retention statement deletes.
     let batch: Int
+    /// What the inactivity rule sends its warnings with; nil in a process without SMTP settings
+    /// (the inactivity job then fails, and says why, in an organisation whose rule is on).
+    let mailer: InactivityMailer?
 
-    public init(database: Database, batch: Int = 2_000, now: @escaping @Sendable () -> Date = { Date() }) {
+    public init(
+        database: Database, mailer: InactivityMailer? = nil, batch: Int = 2_000, now: @escaping @Sendable () -> Date = { Date() }
+    ) {
         self.database = database
+        self.mailer = mailer
         self.batch = batch
         self.now = now
     }
@@ -99,6 +107,8 @@ public struct JobHandler: WorkHandler {
                 counts = try await database.applyRetention(organisation: claim.organisationID, now: now, batch: batch) { counts = $0 }
             case .purgeExpired:
                 counts["notifications"] = try await database.purgeExpired(organisation: claim.organisationID, now: now, batch: batch)
+            case .inactivity:
+                counts = try await database.applyInactivity(organisation: claim.organisationID, now: now, mailer: mailer, logger: logger)
             }
             return .done(JobOutcome(counts: counts))
         } catch is CancellationError {

@@ -223,7 +223,7 @@ extension TenantTransaction {
         let decision = ChannelDecider.decide(
             channel: .email, preference: preference, subject: subject, throttled: false, hasDestination: true)
         switch decision.reason {
-        case .channelDisabled: return .channelDisabled
+        case .channelDisabled, .switchedOffInactive: return .channelDisabled
         case .frequencyNone: return .frequencyNone
         case .conditionNotMet: return .conditionNotMet
         default: return nil

@@ -179,13 +179,14 @@ extension TenantTransaction {
     /// Users' own settings for one category, by user and channel.
     public func preferences(forCategory categoryID: UUID) async throws -> [UUID: [NotificationChannel: PreferenceSetting]] {
         let rows = try await query(
-            "SELECT user_id, channel, enabled, frequency, conditions FROM preferences WHERE organisation_id = \(organisationID) AND category_id = \(categoryID)"
+            "SELECT user_id, channel, enabled, frequency, conditions, switched_off FROM preferences WHERE organisation_id = \(organisationID) AND category_id = \(categoryID)"
         )
         var result: [UUID: [NotificationChannel: PreferenceSetting]] = [:]
         for row in rows {
-            let (user, channel, enabled, frequency, conditions) =
-                try row.decode((UUID, NotificationChannel, Bool, Frequency, JSONDocument<[Condition]>).self, table: "preferences")
-            result[user, default: [:]][channel] = PreferenceSetting(enabled: enabled, frequency: frequency, conditions: conditions.value)
+            let (user, channel, enabled, frequency, conditions, switchedOff) =
+                try row.decode((UUID, NotificationChannel, Bool, Frequency, JSONDocument<[Condition]>, String?).self, table: "preferences")
+            result[user, default: [:]][channel] = PreferenceSetting(
+                enabled: enabled, frequency: frequency, conditions: conditions.value, switchedOff: switchedOff.flatMap(SwitchOff.init))
         }
         return result
     }

@@ -14,19 +14,23 @@ public enum SystemJob: String, CaseIterable, Sendable, Codable, StoredWord {
     case retention
     /// Deletes in-app notifications whose expiry has passed.
     case purgeExpired = "purge-expired"
+    /// The organisation's inactivity rule, when it is on: warns users who have not engaged for
+    /// its period, and switches off the email of those who did not engage after the warning.
+    case inactivity
 
     /// The schedule a new organisation's job starts with: a cron expression in the
     /// organisation's time zone, or an interval.
     public var defaultCron: String? {
         switch self {
         case .retention: "30 3 * * *"
+        case .inactivity: "30 4 * * *"
         case .purgeExpired: nil
         }
     }
 
     public var defaultIntervalSeconds: Int? {
         switch self {
-        case .retention: nil
+        case .retention, .inactivity: nil
         case .purgeExpired: 900
         }
     }
@@ -37,6 +41,8 @@ public enum SystemJob: String, CaseIterable, Sendable, Codable, StoredWord {
         case .retention:
             "Deletes events older than the organisation's retention with everything recorded about them, and old digest and job runs."
         case .purgeExpired: "Deletes in-app notifications whose expiry has passed."
+        case .inactivity:
+            "Warns users who have not engaged for the organisation's inactivity period, and switches off the email of those who did not engage after the warning (when the rule is on)."
         }
     }
 }

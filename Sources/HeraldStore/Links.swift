@@ -18,7 +18,7 @@ extension TenantTransaction {
     /// Records a click on a tracked link (which must be `userID`'s): a delivery's, or an item's
     /// in a digest. Refreshes the user's engagement date and returns the one target the
     /// notification carries.
-    public func recordClick(on link: TrackedLink, userID: UUID) async throws -> Click {
+    public func recordClick(on link: TrackedLink, userID: UUID, at now: Date = Date()) async throws -> Click {
         let (deliveryID, digestItemID): (UUID?, UUID?) =
             switch link {
             case .delivery(let id): (id, nil)
@@ -42,7 +42,7 @@ extension TenantTransaction {
             INSERT INTO link_clicks (organisation_id, delivery_id, digest_item_id, user_id)
             VALUES (\(organisationID), \(deliveryID), \(digestItemID), \(userID))
             """)
-        try await query("UPDATE users SET last_engaged_at = now() WHERE organisation_id = \(organisationID) AND id = \(userID)")
+        try await recordEngagement(of: userID, at: now)
         return Click(url: try row.decode(String?.self))
     }
 

@@ -22,8 +22,37 @@ public struct Organisation: Sendable, Equatable {
     public var digestWeekday: Int
     /// How many days events and everything recorded about them are kept (the `retention` job).
     public var retentionDays: Int
+    /// The inactivity rule (off by default).
+    public var inactivity: InactivityRule
     public var createdAt: Date
     public var updatedAt: Date
+}
+
+/// The inactivity rule of an organisation: after `days` without engagement a warning, `graceDays`
+/// later without engagement its email subscriptions to non-critical categories are switched off.
+public struct InactivityRule: Sendable, Equatable {
+    public var enabled: Bool
+    public var days: Int
+    public var graceDays: Int
+
+    public init(enabled: Bool, days: Int, graceDays: Int) {
+        self.enabled = enabled
+        self.days = days
+        self.graceDays = graceDays
+    }
+}
+
+/// A change to the inactivity rule; nil leaves a field as it is.
+public struct InactivityChange: Sendable, Equatable {
+    public var enabled: Bool?
+    public var days: Int?
+    public var graceDays: Int?
+
+    public init(enabled: Bool? = nil, days: Int? = nil, graceDays: Int? = nil) {
+        self.enabled = enabled
+        self.days = days
+        self.graceDays = graceDays
+    }
 }
 
 extension Database {
@@ -68,19 +97,25 @@ extension TenantTransaction {
             """
             SELECT id, slug, name, default_locale, default_timezone, (settings->>'throttle_per_minute')::int,
                    settings->>'email_from', settings->>'email_from_name', settings->>'email_reply_to', created_at, updated_at,
-                   (settings->>'user_throttle_per_minute')::int, digest_hour::int, digest_weekday::int, retention_days
+                   (settings->>'user_throttle_per_minute')::int, digest_hour::int, digest_weekday::int, retention_days,
+                   inactivity_enabled, inactivity_days, inactivity_grace_days
             FROM organisations WHERE id = \(organisationID)
             """)
         guard let row = rows.first else { throw StoreError.notFound("organisation") }
         let (
             id, slug, name, locale, timezone, throttle, from, fromName, replyTo, created, updated, userThrottle, digestHour, digestWeekday,
-            retentionDays
+            retentionDays, inactivityEnabled, inactivityDays, inactivityGraceDays
         ) =
-            try row.decode((UUID, String, String, String, String, Int?, String?, String?, String?, Date, Date, Int?, Int, Int, Int).self)
+            try row.decode(
+                (UUID, String, String, String, String, Int?, String?, String?, String?, Date, Date, Int?, Int, Int, Int, Bool, Int, Int)
+                    .self)
         return Organisation(
             id: id, slug: slug, name: name, defaultLocale: locale, defaultTimezone: timezone, throttlePerMinute: throttle,
             userThrottlePerMinute: userThrottle, emailFrom: from, emailFromName: fromName, emailReplyTo: replyTo, digestHour: digestHour,
-            digestWeekday: digestWeekday, retentionDays: retentionDays, createdAt: created, updatedAt: updated)
+            digestWeekday: digestWeekday, retentionDays: retentionDays,
+            inactivity: InactivityRule(enabled: inactivityEnabled, days: inactivityDays, graceDays: inactivityGraceDays),
+            createdAt: created,
+            updatedAt: updated)
     }
 
     /// Sets the email sender settings given; an empty string clears one, nil leaves it.
@@ -99,7 +134,7 @@ extension TenantTransaction {
     /// Changes the fields given; nil leaves a field as it is.
     public func updateOrganisation(
         name: String?, defaultLocale: String?, defaultTimezone: String?, digestHour: Int? = nil, digestWeekday: Int? = nil,
-        retentionDays: Int? = nil
+        retentionDays: Int? = nil, inactivity: InactivityChange = InactivityChange()
     ) async throws -> Organisation {
         let zoneBefore = try await query("SELECT default_timezone FROM organisations WHERE id = \(organisationID)").first?
             .decode(String.self, table: "organisations")
@@ -112,6 +147,9 @@ extension TenantTransaction {
                 digest_hour = coalesce(\(digestHour)::smallint, digest_hour),
                 digest_weekday = coalesce(\(digestWeekday)::smallint, digest_weekday),
                 retention_days = coalesce(\(retentionDays)::integer, retention_days),
+                inactivity_enabled = coalesce(\(inactivity.enabled)::boolean, inactivity_enabled),
+                inactivity_days = coalesce(\(inactivity.days)::integer, inactivity_days),
+                inactivity_grace_days = coalesce(\(inactivity.graceDays)::integer, inactivity_grace_days),
                 updated_at = now()
             WHERE id = \(organisationID)
             RETURNING id

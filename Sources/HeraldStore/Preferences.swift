@@ -19,7 +19,7 @@ extension TenantTransaction {
     /// The user's own settings (cells not listed inherit).
     public func preferences(ofUser userID: UUID) async throws -> [PreferenceCell] {
         try await query(
-            "SELECT category_id, channel, enabled, frequency, conditions FROM preferences WHERE organisation_id = \(organisationID) AND user_id = \(userID) ORDER BY category_id, channel"
+            "SELECT category_id, channel, enabled, frequency, conditions, switched_off FROM preferences WHERE organisation_id = \(organisationID) AND user_id = \(userID) ORDER BY category_id, channel"
         ).map(decodeCell)
     }
 
@@ -40,7 +40,7 @@ extension TenantTransaction {
     /// The organisation's defaults.
     public func preferenceDefaults() async throws -> [PreferenceCell] {
         try await query(
-            "SELECT category_id, channel, enabled, frequency, conditions FROM preference_defaults WHERE organisation_id = \(organisationID) ORDER BY category_id, channel"
+            "SELECT category_id, channel, enabled, frequency, conditions, NULL::text FROM preference_defaults WHERE organisation_id = \(organisationID) ORDER BY category_id, channel"
         ).map(decodeCell)
     }
 
@@ -62,9 +62,10 @@ extension TenantTransaction {
 /// A stored cell. A channel or frequency Herald does not know fails the read (a logged 500)
 /// rather than dropping the cell: a dropped opt-out would answer something false.
 private func decodeCell(_ row: PostgresRow) throws -> PreferenceCell {
-    let (category, channel, enabled, frequency, conditions) =
-        try row.decode((UUID, NotificationChannel, Bool, Frequency, JSONDocument<[Condition]>).self, table: "preferences")
+    let (category, channel, enabled, frequency, conditions, switchedOff) =
+        try row.decode((UUID, NotificationChannel, Bool, Frequency, JSONDocument<[Condition]>, String?).self, table: "preferences")
     return PreferenceCell(
         categoryID: category, channel: channel,
-        setting: PreferenceSetting(enabled: enabled, frequency: frequency, conditions: conditions.value))
+        setting: PreferenceSetting(
+            enabled: enabled, frequency: frequency, conditions: conditions.value, switchedOff: switchedOff.flatMap(SwitchOff.init)))
 }

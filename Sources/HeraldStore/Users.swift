@@ -13,6 +13,11 @@ public struct User: Sendable, Equatable {
     /// The user's own digest hour (0–23) and ISO weekday (1–7); nil: the organisation's.
     public var digestHour: Int?
     public var digestWeekday: Int?
+    /// The last tracked click, login or feed read (the inactivity rule's clock; recorded at most
+    /// hourly), and when the rule warned the user (cleared by engagement) or switched their email off.
+    public var lastEngagedAt: Date
+    public var inactivityWarnedAt: Date?
+    public var inactivitySwitchedOffAt: Date?
     /// Free-form attributes as a JSON object, kept as text so no layer reinterprets it.
     public var attributesJSON: String
     public var roles: [RoleRef]
@@ -216,16 +221,20 @@ private let userColumns = """
     coalesce((SELECT json_agg(json_build_object('id', r.id, 'key', r.key) ORDER BY r.key)
               FROM user_roles ur JOIN roles r ON r.organisation_id = ur.organisation_id AND r.id = ur.role_id
               WHERE ur.organisation_id = u.organisation_id AND ur.user_id = u.id), '[]'),
-    u.created_at, u.updated_at, u.digest_hour::int, u.digest_weekday::int
+    u.created_at, u.updated_at, u.digest_hour::int, u.digest_weekday::int, u.last_engaged_at, u.inactivity_warned_at,
+    u.inactivity_switched_off_at
     """
 
 private func decodeUser(_ row: PostgresRow) throws -> User {
-    let (id, email, name, locale, timezone, active, attributes, roles, created, updated, digestHour, digestWeekday) =
+    let (id, email, name, locale, timezone, active, attributes, roles, created, updated, digestHour, digestWeekday, engaged, warned, off) =
         try row.decode(
-            (UUID, String, String, String?, String?, Bool, String, JSONDocument<[RoleRef]>, Date, Date, Int?, Int?).self, table: "users")
+            (UUID, String, String, String?, String?, Bool, String, JSONDocument<[RoleRef]>, Date, Date, Int?, Int?, Date, Date?, Date?)
+                .self,
+            table: "users")
     return User(
         id: id, email: email, displayName: name, locale: locale, timezone: timezone, active: active, digestHour: digestHour,
-        digestWeekday: digestWeekday, attributesJSON: attributes, roles: roles.value, createdAt: created, updatedAt: updated)
+        digestWeekday: digestWeekday, lastEngagedAt: engaged, inactivityWarnedAt: warned, inactivitySwitchedOffAt: off,
+        attributesJSON: attributes, roles: roles.value, createdAt: created, updatedAt: updated)
 }
 
 extension TenantTransaction {

@@ -17,7 +17,7 @@ struct Herald: AsyncParsableCommand {
         abstract: "Herald, the multi-tenant notification service.",
         subcommands: [
             Serve.self, Worker.self, Migrate.self, SeedDemo.self, OrganisationCommand.self, JWTKeygen.self, PurgeExpired.self,
-            JobsCommand.self, DigestsCommand.self,
+            JobsCommand.self, MaintenanceCommand.self, DigestsCommand.self,
         ])
 }
 

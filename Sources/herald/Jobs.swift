@@ -44,34 +44,78 @@ struct JobsCommand: AsyncParsableCommand {
                 throw ValidationError(
                     "No job is called '\(name)'; the jobs are \(SystemJob.allCases.map(\.rawValue).joined(separator: ", ")).")
             }
-            let config = try AppConfiguration.fromEnvironment()
-            try await withOwnerDatabase { database, client, logger in
-                let targets = try await organisations(database, only: organisation)
-                for id in targets {
-                    try await database.withTenant(id) { tx in
-                        try await tx.ensureSystemJobs()
-                        _ = try await tx.requestJobRun(try await tx.job(named: job).id)
-                    }
+            try await runNow(job, organisation: organisation, label: "jobs run \(job.rawValue)")
+        }
+    }
+}
+
+/// `herald maintenance inactivity`: the inactivity sweep now, for operators who run their own cron.
+struct MaintenanceCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "maintenance", abstract: "Run a maintenance sweep now.", subcommands: [Inactivity.self])
+
+    struct Inactivity: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract:
+                "Warn users who have not engaged for their organisation's inactivity period, and switch off the email of those warned and still silent (organisations whose rule is on)."
+        )
+
+        @Option(help: "Only this organisation (its id or slug).") var organisation: String?
+        @Option(help: "Act as if it were this instant (RFC 3339), e.g. to try the rule without waiting a year.") var at: String?
+
+        func run() async throws {
+            var now = Date()
+            if let at {
+                guard let instant = try? Date(at, strategy: .iso8601) else {
+                    throw ValidationError("--at \(at) is not an RFC 3339 instant such as 2027-12-03T08:01:00Z.")
                 }
-                print("jobs run \(job.rawValue): asked for a run in \(targets.count) organisation(s)")
-                var runner = WorkRunnerConfiguration(name: "cli:" + WorkerPoolConfiguration.defaultName())
-                runner.leaseSeconds = config.workerLeaseSeconds
-                runner.batchSize = 4
-                runner.attemptDeadline = .seconds(24 * 3600)
-                let jobs = WorkRunner(
-                    configuration: runner, queue: JobQueue(database: database, name: job),
-                    handler: JobHandler(database: database), bus: NotificationBus(client: client, logger: logger), logger: logger)
-                let total = try await jobs.runDue { batch, total in
-                    print("jobs run \(job.rawValue): \(batch) organisation(s) done (\(total) so far)")
-                }
-                for id in targets {
-                    if let run = try await database.withTenant(id, { tx in try await tx.job(named: job) }).lastRun {
-                        print("  organisation \(id.lowercased): \(describe(run))")
-                    }
-                }
-                print("jobs run \(job.rawValue): \(total) run(s) finished")
+                now = instant
+            }
+            try await runNow(.inactivity, organisation: organisation, label: "maintenance inactivity", now: now)
+        }
+    }
+}
+
+/// Asks for a run of `job` in every organisation (or one) and runs them here, through the same
+/// claim, lease and fence as the workers, printing progress and each organisation's outcome.
+/// The inactivity rule's warnings go through HERALD_SMTP_URL, with links signed by HERALD_LINK_KEYS.
+private func runNow(_ job: SystemJob, organisation: String?, label: String, now: Date = Date()) async throws {
+    let config = try AppConfiguration.fromEnvironment()
+    var mailer: InactivityMailer?
+    if let smtp = EmailTransport.settings(
+        url: config.smtpURL, username: config.smtpUsername, password: config.smtpPassword, timeout: config.smtpTimeout),
+        let keys = try? config.linkKeyRing()
+    {
+        mailer = InactivityMailer(
+            email: EmailTransport(settings: smtp, defaultFrom: config.smtpFrom), links: LinkBuilder(baseURL: config.linkBaseURL, keys: keys)
+        )
+    }
+    try await withOwnerDatabase { [mailer] database, client, logger in
+        let targets = try await organisations(database, only: organisation)
+        for id in targets {
+            try await database.withTenant(id) { tx in
+                try await tx.ensureSystemJobs()
+                _ = try await tx.requestJobRun(try await tx.job(named: job).id)
             }
         }
+        print("\(label): asked for a run in \(targets.count) organisation(s)")
+        var runner = WorkRunnerConfiguration(name: "cli:" + WorkerPoolConfiguration.defaultName())
+        runner.leaseSeconds = config.workerLeaseSeconds
+        runner.batchSize = 4
+        runner.attemptDeadline = .seconds(24 * 3600)
+        let jobs = WorkRunner(
+            configuration: runner, queue: JobQueue(database: database, name: job, now: { now }),
+            handler: JobHandler(database: database, mailer: mailer, now: { now }), bus: NotificationBus(client: client, logger: logger),
+            logger: logger)
+        let total = try await jobs.runDue { batch, total in
+            print("\(label): \(batch) organisation(s) done (\(total) so far)")
+        }
+        for id in targets {
+            if let run = try await database.withTenant(id, { tx in try await tx.job(named: job) }).lastRun {
+                print("  organisation \(id.lowercased): \(describe(run))")
+            }
+        }
+        print("\(label): \(total) run(s) finished")
     }
 }
 

@@ -118,7 +118,7 @@ struct DeliveryServices {
         jobRunner.attemptDeadline = .seconds(6 * 3600)
         let jobs = WorkRunner(
             configuration: jobRunner, queue: JobQueue(database: database, organisation: config.workerOrganisation),
-            handler: JobHandler(database: database), bus: processBus, logger: logger)
+            handler: JobHandler(database: database, mailer: InactivityMailer(email: email, links: links)), bus: processBus, logger: logger)
         services = [postgres] + ownBus + [deliveryPool, digests, jobs]
         workers = config.workers
         transport = http

@@ -100,7 +100,7 @@ struct JobTests {
             let listed = try await client.send(.get, "/v1/jobs", token: org.ownerToken)
             #expect(listed.status == .ok, "\(listed.text)")
             let items = try #require(listed.json["items"] as? [[String: Any]])
-            #expect(items.compactMap { $0["name"] as? String } == ["purge-expired", "retention"])
+            #expect(items.compactMap { $0["name"] as? String } == ["inactivity", "purge-expired", "retention"])
             let retention = try #require(items.first { $0["name"] as? String == "retention" })
             #expect(retention["cron"] as? String == "30 3 * * *" && retention["time_zone"] as? String == "Europe/Paris")
             let next = try #require((retention["next_run_at"] as? String).flatMap { try? Date($0, strategy: .iso8601) })

@@ -27,8 +27,10 @@ extension HeraldService {
         }
         loginLimits.recordSuccess(account: account)
         // A second transaction: the password check (about 0.2 s of argon2) holds no connection.
+        let now = now()
         let pair = try await transaction(in: organisationID, actor: .user(credentials.id)) { tx in
-            try await issuePair(tx, userID: credentials.id, familyID: UUID())
+            try await tx.recordEngagement(of: credentials.id, at: now) // a login is engagement
+            return try await issuePair(tx, userID: credentials.id, familyID: UUID())
         }
         return .ok(.init(body: .json(pair)))
     }

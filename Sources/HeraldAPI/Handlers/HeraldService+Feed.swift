@@ -20,7 +20,11 @@ extension HeraldService {
                 tags.isEmpty ? nil : try tags.map { v throws(ValidationError) in try Validate.tag(v, field: "tag") }
             })
         let now = now()
-        let page = try await tenant { tx, _ in try await tx.feed(of: user, filter: filter, limit: limit, after: cursor, now: now) }
+        let page = try await tenant { tx, _ in
+            // Reading one's feed is engagement (the inactivity rule; written at most hourly).
+            try await tx.recordEngagement(of: user, at: now)
+            return try await tx.feed(of: user, filter: filter, limit: limit, after: cursor, now: now)
+        }
         return .ok(.init(body: .json(.init(items: try page.items.map(Components.Schemas.FeedItem.init), nextCursor: page.next?.encoded))))
     }
 

@@ -12,7 +12,9 @@ extension HeraldService {
         guard let link = claims.deliveryID.map(TrackedLink.delivery) ?? claims.digestItemID.map(TrackedLink.digestItem) else {
             throw APIError.notFound(resource: "link")
         }
-        let click = try await transaction { tx in try await tx.recordClick(on: link, userID: claims.userID) }
+        let now = now()
+        // A tracked click is engagement (the inactivity rule).
+        let click = try await transaction { tx in try await tx.recordClick(on: link, userID: claims.userID, at: now) }
         guard let url = click.url else { throw APIError.notFound(resource: "link") }
         return .found(.init(headers: .init(location: url)))
     }
@@ -56,6 +58,36 @@ extension HeraldService {
         let page = """
             <!doctype html><html lang="en"><head><meta charset="utf-8"><title>Unsubscribed</title></head><body>
             <p>You will no longer receive <strong>\(htmlEscaped(name))</strong> notifications by \(channel.rawValue).</p></body></html>
+            """
+        return .ok(.init(body: .html(HTTPBody(page))))
+    }
+
+    /// Changes nothing: mail scanners and link previews follow GET links.
+    func showKeepSubscribed(_ input: Operations.ShowKeepSubscribed.Input) async throws -> Operations.ShowKeepSubscribed.Output {
+        _ = try verifiedLink()
+        let name = try await transaction { tx in try await tx.organisation().name }
+        let page = """
+            <!doctype html><html lang="en"><head><meta charset="utf-8"><title>Keep me subscribed</title></head><body>
+            <p>Keep receiving <strong>\(htmlEscaped(name))</strong> notifications by email?</p>
+            <form method="post"><button type="submit">Keep me subscribed</button></form>
+            </body></html>
+            """
+        return .ok(.init(body: .html(HTTPBody(page))))
+    }
+
+    /// Engagement: the inactivity rule starts counting again and withdraws its warning.
+    func keepSubscribed(_ input: Operations.KeepSubscribed.Input) async throws -> Operations.KeepSubscribed.Output {
+        let claims = try verifiedLink()
+        let now = now()
+        let name = try await transaction { tx in
+            try await tx.recordEngagement(of: claims.userID, at: now)
+            try await tx.audit(
+                action: "user.keep_subscribed", targetType: "user", targetID: claims.userID.lowercased, before: nil, after: nil)
+            return try await tx.organisation().name
+        }
+        let page = """
+            <!doctype html><html lang="en"><head><meta charset="utf-8"><title>Subscribed</title></head><body>
+            <p>Thank you: you stay subscribed to <strong>\(htmlEscaped(name))</strong> notifications by email.</p></body></html>
             """
         return .ok(.init(body: .html(HTTPBody(page))))
     }

@@ -27,6 +27,12 @@ extension HeraldService {
             throw APIError.unprocessable(
                 ValidationError(field: "digest_weekday", message: "must be an ISO weekday, 1 (Monday) to 7 (Sunday)."))
         }
+        if let days = body.inactivityDays, !(7...3650).contains(days) {
+            throw APIError.unprocessable(ValidationError(field: "inactivity_days", message: "must be 7 to 3650 days."))
+        }
+        if let days = body.inactivityGraceDays, !(1...365).contains(days) {
+            throw APIError.unprocessable(ValidationError(field: "inactivity_grace_days", message: "must be 1 to 365 days."))
+        }
         if let days = body.retentionDays, !(1...3650).contains(days) {
             throw APIError.unprocessable(ValidationError(field: "retention_days", message: "must be 1 to 3650 days."))
         }
@@ -45,7 +51,9 @@ extension HeraldService {
             let after = Components.Schemas.Organisation(
                 try await tx.updateOrganisation(
                     name: name, defaultLocale: locale, defaultTimezone: timezone, digestHour: body.digestHour,
-                    digestWeekday: body.digestWeekday, retentionDays: body.retentionDays))
+                    digestWeekday: body.digestWeekday, retentionDays: body.retentionDays,
+                    inactivity: InactivityChange(
+                        enabled: body.inactivityEnabled, days: body.inactivityDays, graceDays: body.inactivityGraceDays)))
             try await tx.audit(
                 action: "organisation.update", targetType: "organisation", targetID: after.id,
                 before: auditJSON(before), after: auditJSON(after))

@@ -12,7 +12,8 @@ extension Components.Schemas.Organisation {
             defaultTimezone: o.defaultTimezone, throttlePerMinute: o.throttlePerMinute,
             userThrottlePerMinute: o.userThrottlePerMinute, emailFrom: o.emailFrom,
             emailFromName: o.emailFromName, emailReplyTo: o.emailReplyTo, digestHour: o.digestHour, digestWeekday: o.digestWeekday,
-            retentionDays: o.retentionDays, createdAt: o.createdAt, updatedAt: o.updatedAt)
+            retentionDays: o.retentionDays, inactivityEnabled: o.inactivity.enabled, inactivityDays: o.inactivity.days,
+            inactivityGraceDays: o.inactivity.graceDays, createdAt: o.createdAt, updatedAt: o.updatedAt)
     }
 }
 
@@ -21,7 +22,9 @@ extension Components.Schemas.User {
         self.init(
             id: u.id.lowercased, email: u.email, displayName: u.displayName, locale: u.locale, timezone: u.timezone,
             digestHour: u.digestHour, digestWeekday: u.digestWeekday, active: u.active, attributes: try decodeJSON(u.attributesJSON),
-            roles: u.roles.map { .init(id: $0.id.lowercased, key: $0.key) }, createdAt: u.createdAt, updatedAt: u.updatedAt)
+            roles: u.roles.map { .init(id: $0.id.lowercased, key: $0.key) }, lastEngagedAt: u.lastEngagedAt,
+            inactivityWarnedAt: u.inactivityWarnedAt, inactivitySwitchedOffAt: u.inactivitySwitchedOffAt, createdAt: u.createdAt,
+            updatedAt: u.updatedAt)
     }
 }
 

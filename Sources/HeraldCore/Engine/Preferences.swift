@@ -5,12 +5,21 @@ public struct PreferenceSetting: Sendable, Equatable, Codable {
     public var enabled: Bool
     public var frequency: Frequency
     public var conditions: [Condition]
+    /// Why Herald, not the user, switched this setting off (nil for the user's own settings).
+    public var switchedOff: SwitchOff?
 
-    public init(enabled: Bool, frequency: Frequency, conditions: [Condition] = []) {
+    public init(enabled: Bool, frequency: Frequency, conditions: [Condition] = [], switchedOff: SwitchOff? = nil) {
         self.enabled = enabled
         self.frequency = frequency
         self.conditions = conditions
+        self.switchedOff = switchedOff
     }
+}
+
+/// Why Herald switched a user's preference off.
+public enum SwitchOff: String, Sendable, Equatable, Codable {
+    /// The organisation's inactivity rule: no engagement for its period and grace after a warning.
+    case inactivity = "INACTIVITY"
 }
 
 /// The preference that applies, with where it came from.
@@ -19,12 +28,15 @@ public struct EffectivePreference: Sendable, Equatable, Codable {
     public var frequency: Frequency
     public var conditions: [Condition]
     public var source: PreferenceSource
+    /// Set when the user's setting is off because Herald switched it off.
+    public var switchedOff: SwitchOff?
 
-    public init(enabled: Bool, frequency: Frequency, conditions: [Condition], source: PreferenceSource) {
+    public init(enabled: Bool, frequency: Frequency, conditions: [Condition], source: PreferenceSource, switchedOff: SwitchOff? = nil) {
         self.enabled = enabled
         self.frequency = frequency
         self.conditions = conditions
         self.source = source
+        self.switchedOff = switchedOff
     }
 }
 
@@ -47,7 +59,9 @@ public enum PreferenceResolver {
             return EffectivePreference(enabled: true, frequency: .immediate, conditions: [], source: .criticalOverride)
         }
         if let user {
-            return EffectivePreference(enabled: user.enabled, frequency: user.frequency, conditions: user.conditions, source: .user)
+            return EffectivePreference(
+                enabled: user.enabled, frequency: user.frequency, conditions: user.conditions, source: .user,
+                switchedOff: user.enabled ? nil : user.switchedOff)
         }
         if let organisationDefault {
             return EffectivePreference(
@@ -112,7 +126,7 @@ public enum ChannelDecider {
         func skip(_ reason: ReasonCode) -> ChannelDecision {
             ChannelDecision(channel: channel, preference: preference, outcome: .skipped, reason: reason)
         }
-        guard preference.enabled else { return skip(.channelDisabled) }
+        guard preference.enabled else { return skip(preference.switchedOff == .inactivity ? .switchedOffInactive : .channelDisabled) }
         guard preference.frequency != .none else { return skip(.frequencyNone) }
         guard preference.conditions.allSatisfy({ $0.isMet(by: subject) }) else { return skip(.conditionNotMet) }
         // A critical override is never throttled: a critical alert always reaches the bell.

@@ -59,6 +59,7 @@ public enum ReasonCode: String, CaseIterable, Sendable, Codable {
     case deliveryQueued = "DELIVERY_QUEUED"
     case digestQueued = "DIGEST_QUEUED"
     case channelDisabled = "CHANNEL_DISABLED"
+    case switchedOffInactive = "SWITCHED_OFF_INACTIVE"
     case frequencyNone = "FREQUENCY_NONE"
     case conditionNotMet = "CONDITION_NOT_MET"
     case throttled = "THROTTLED"
@@ -77,6 +78,8 @@ public enum ReasonCode: String, CaseIterable, Sendable, Codable {
         case .deliveryQueued: "A delivery was queued for immediate sending."
         case .digestQueued: "The event was added to the user's next digest."
         case .channelDisabled: "The preference for this category and channel is switched off."
+        case .switchedOffInactive:
+            "Herald switched this email subscription off: the user did not engage for the organisation's inactivity period, nor after the warning. The user can switch it on again."
         case .frequencyNone: "The preference's frequency is NONE."
         case .conditionNotMet: "The event does not meet the conditions of the preference."
         case .throttled:
