@@ -52,7 +52,10 @@ struct ExplainTests {
                 try await prefer(webhook, .webhook, true, .immediate)
                 try await prefer(digest, .email, true, .daily)
                 try await prefer(org.memberID, .email, true, .immediate)
-                return (excluded, [grouped, everyone, excluded, inactive, picky, muted, none, webhook, digest])
+                // The inactivity rule switched this one's email off (SWITCHED_OFF_INACTIVE).
+                let dormant = try await user("dormant")
+                _ = try await tx.switchOffEmail(of: dormant, now: Date())
+                return (excluded, [grouped, everyone, excluded, inactive, picky, muted, none, webhook, digest, dormant])
             }
             var seen = Set<String>()
             // A throttle of one a minute: the second event throttles whoever the first one notified.
