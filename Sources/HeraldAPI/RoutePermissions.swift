@@ -40,6 +40,8 @@ enum AccessRule: Sendable, Equatable {
 /// | every /v1/me/notifications operation | notifications.read |
 /// | listDeliveries, getDeliveryStats, getDelivery | deliveries.read |
 /// | retryDelivery, cancelDelivery | deliveries.retry |
+/// | listSchedules, getSchedule | events.read |
+/// | createSchedule, deleteSchedule, pauseSchedule, resumeSchedule | events.send |
 /// | listJobs, getJob, listJobRuns | jobs.read |
 /// | runJob | jobs.manage |
 enum RoutePermissions {
@@ -156,6 +158,12 @@ enum RoutePermissions {
         "getDelivery": .permission(.deliveriesRead),
         "retryDelivery": .permission(.deliveriesRetry),
         "cancelDelivery": .permission(.deliveriesRetry),
+        "listSchedules": .permission(.eventsRead),
+        "getSchedule": .permission(.eventsRead),
+        "createSchedule": .permission(.eventsSend),
+        "deleteSchedule": .permission(.eventsSend),
+        "pauseSchedule": .permission(.eventsSend),
+        "resumeSchedule": .permission(.eventsSend),
         "listJobs": .permission(.jobsRead),
         "getJob": .permission(.jobsRead),
         "listJobRuns": .permission(.jobsRead),

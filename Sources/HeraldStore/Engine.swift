@@ -2,8 +2,9 @@ import Foundation
 import HeraldCore
 import PostgresNIO
 
-/// What a caller asked notify to do, validated.
-public struct EventRequest: Sendable {
+/// What a caller asked notify to do, validated. Codable: a recurring schedule stores the request
+/// each occurrence sends.
+public struct EventRequest: Sendable, Codable, Equatable {
     public var typeKey: String
     public var audience: Audience
     public var payload: JSONValue

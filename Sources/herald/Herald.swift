@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import HeraldAPI
 import HeraldCore
+import HeraldDelivery
 import HeraldStore
 import Hummingbird
 import JWTKit
@@ -39,11 +40,20 @@ struct Serve: AsyncParsableCommand {
         let delivery = try DeliveryServices(config, linkKeys: linkKeys, bus: bus, logger: logger)
         let database = config.database(postgres, logger: logger)
         let streams = StreamHub(bus: bus, database: database, settings: StreamSettings(config), logger: logger)
+        // Recurring schedules: each occurrence is a notify, so they run here, as the API's role.
+        var scheduleRunner = WorkRunnerConfiguration(name: WorkerPoolConfiguration.defaultName() + ":schedule")
+        scheduleRunner.concurrency = 4
+        scheduleRunner.batchSize = 4
+        scheduleRunner.leaseSeconds = config.workerLeaseSeconds
+        scheduleRunner.pollInterval = .milliseconds(max(1_000, config.workerPollMilliseconds))
+        let schedules = WorkRunner(
+            configuration: scheduleRunner, queue: ScheduleQueue(database: database),
+            handler: ScheduleHandler(database: database, worker: scheduleRunner.name), bus: bus, logger: logger)
         let dependencies = AppDependencies(
             database: database, postgres: postgres,
             tokens: try await accessTokens(config), passwords: passwordHasher(config),
             metrics: HTTPMetrics(registry: registry), expectedMigrations: try migrations().map(\.version),
-            linkKeys: linkKeys, services: [bus, streams] + delivery.services, streams: streams)
+            linkKeys: linkKeys, services: [bus, streams, schedules] + delivery.services, streams: streams)
         let app = try buildApplication(configuration: config, dependencies: dependencies, logger: logger)
         logger.info("herald listening", metadata: ["address": "\(config.host):\(config.port)", "workers": "\(delivery.workers)"])
         // Listed after the application, so it hears SIGTERM first: streams end (clients

@@ -115,6 +115,11 @@ struct AccessMatrixTests {
                 "userId": user.id, "roleId": role.id, "groupId": group.id, "keyId": key.id, "categoryId": category.id,
                 "typeId": type.id, "eventId": event.id, "notificationId": notification, "deliveryId": delivery, "endpointId": endpoint.id,
                 "jobId": try await tx.job(named: .retention).id,
+                "scheduleId": try await tx.createSchedule(
+                    id: UUID(), name: "s",
+                    event: EventRequest(typeKey: type.key, audience: Audience(userIDs: [user.id]), payload: .object([:])),
+                    rule: "FREQ=DAILY", timeZone: "UTC", startsAt: Date(), nextAt: Date().addingTimeInterval(86_400)
+                ).id,
             ]
         }
         return ids.mapValues { $0.uuidString.lowercased() }

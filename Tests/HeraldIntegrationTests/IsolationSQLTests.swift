@@ -81,6 +81,13 @@ struct IsolationSQLTests {
         // Digest runs (0012): the claim makes the runs of every slot due by next week.
         _ = try await env.workerDatabase.claimDigestRuns(
             worker: "fixture", limit: 10, leaseSeconds: 60, now: Date().addingTimeInterval(8 * 86400), organisation: org.id)
+        // A recurring schedule (0015) of the member's tasks.
+        try await org.store { tx in
+            _ = try await tx.createSchedule(
+                id: UUID(), name: "weekly",
+                event: EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: [org.memberID]), payload: .object([:])),
+                rule: "FREQ=WEEKLY", timeZone: "UTC", startsAt: Date(), nextAt: Date().addingTimeInterval(7 * 86_400))
+        }
         // Scheduled jobs (0013): the organisation's jobs, and a run of one, claimed when due.
         let purge = try await org.store { tx in try await tx.job(named: .purgeExpired) }
         _ = try await env.workerDatabase.claimJobs(

@@ -141,7 +141,7 @@ extension HeraldService {
 
     // MARK: Shared
 
-    private func plan(
+    func plan(
         _ request: EventRequest, _ tx: TenantTransaction, now: Date, idempotencyKey: String? = nil, requestHash: String? = nil
     ) async throws -> PlannedEvent {
         do {
@@ -225,7 +225,7 @@ extension HeraldService {
     }
 
     /// Validates the body of notify (and of a dry run) into an engine request.
-    private func eventRequest(_ body: Components.Schemas.EventCreate) throws -> EventRequest {
+    func eventRequest(_ body: Components.Schemas.EventCreate) throws -> EventRequest {
         let audience = Audience(
             userIDs: try (body.audience.userIds ?? []).map { v throws(ValidationError) in try Validate.uuid(v, field: "audience.user_ids")
             },
@@ -272,17 +272,23 @@ extension HeraldService {
     }
 }
 
+extension Components.Schemas.AudienceSpec {
+    init(_ audience: Audience) {
+        self.init(
+            userIds: audience.userIDs.isEmpty ? nil : audience.userIDs.map(\.lowercased),
+            roles: audience.roleKeys.isEmpty ? nil : audience.roleKeys,
+            groups: audience.groupKeys.isEmpty ? nil : audience.groupKeys, everyone: audience.everyone ? true : nil,
+            excludeUserIds: audience.excludeUserIDs.isEmpty ? nil : audience.excludeUserIDs.map(\.lowercased))
+    }
+}
+
 extension Components.Schemas.Event {
     init(_ e: EventRecord, now: Date) throws {
         let audience = e.audience
         self.init(
             id: e.id.lowercased, _type: e.typeKey, status: mapped(e.status),
             state: .init(rawValue: e.state(at: now).rawValue) ?? .delivered,
-            audience: .init(
-                userIds: audience.userIDs.isEmpty ? nil : audience.userIDs.map(\.lowercased),
-                roles: audience.roleKeys.isEmpty ? nil : audience.roleKeys,
-                groups: audience.groupKeys.isEmpty ? nil : audience.groupKeys, everyone: audience.everyone ? true : nil,
-                excludeUserIds: audience.excludeUserIDs.isEmpty ? nil : audience.excludeUserIDs.map(\.lowercased)),
+            audience: .init(audience),
             payload: try convert(e.payload),
             subject: e.subjectType.map { .init(_type: $0, id: e.subjectID ?? "") },
             severity: mapped(e.severity), priority: mapped(e.priority),

@@ -1,0 +1,107 @@
+import Foundation
+import HeraldCore
+import HeraldStore
+
+// Recurring schedules (issue 11): an event sent on an RRULE in a time zone; `herald serve`
+// sends each occurrence once (ScheduleQueue in HeraldDelivery).
+extension HeraldService {
+    func listSchedules(_ input: Operations.ListSchedules.Input) async throws -> Operations.ListSchedules.Output {
+        let (limit, cursor) = try page(input.query.limit, input.query.cursor)
+        let page = try await tenant { tx, _ in try await tx.schedules(limit: limit, after: cursor) }
+        return .ok(.init(body: .json(.init(items: try page.items.map(Components.Schemas.Schedule.init), nextCursor: page.next?.encoded))))
+    }
+
+    func getSchedule(_ input: Operations.GetSchedule.Input) async throws -> Operations.GetSchedule.Output {
+        let id = try id(input.path.scheduleId, "schedule")
+        let schedule = try await tenant { tx, _ in try await tx.schedule(id) }
+        return .ok(.init(body: .json(try .init(schedule))))
+    }
+
+    func createSchedule(_ input: Operations.CreateSchedule.Input) async throws -> Operations.CreateSchedule.Output {
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let name = try Validate.text(body.name, field: "name")
+        if body.event.deliverAt != nil {
+            throw APIError.unprocessable(
+                ValidationError(field: "event.deliver_at", message: "is each occurrence's own time; leave it out."))
+        }
+        if body.event.expiresAt != nil {
+            throw APIError.unprocessable(
+                ValidationError(field: "event.expires_at", message: "cannot be fixed for a recurring event; leave it out."))
+        }
+        let request = try eventRequest(body.event)
+        let zoneName = try body.timeZone.map { v in try Validate.timezone(v, field: "time_zone") }
+        let startsAt = body.startsAt ?? now()
+        let now = now()
+        let id = UUID()
+        let created = try await tenant { tx, _ in
+            var zone = zoneName ?? ""
+            if zoneName == nil { zone = try await tx.organisation().defaultTimezone }
+            let recurrence: Recurrence
+            do {
+                recurrence = try Recurrence(rule: body.rule, start: startsAt, timeZone: TimeZone(identifier: zone) ?? .gmt)
+            } catch let invalid as Recurrence.Invalid {
+                throw APIError.unprocessable(ValidationError(field: "rule", message: invalid.description))
+            }
+            // The type and the audience are checked as notify checks them (nothing is written).
+            _ = try await plan(request, tx, now: now)
+            let schedule = try await tx.createSchedule(
+                id: id, name: name, event: request, rule: body.rule, timeZone: zone, startsAt: startsAt,
+                nextAt: recurrence.occurrences(after: max(now, startsAt.addingTimeInterval(-1)), limit: 1).first)
+            try await tx.audit(
+                action: "schedule.create", targetType: "schedule", targetID: id.lowercased, before: nil,
+                after: auditJSON(["name": name, "type": request.typeKey, "rule": body.rule, "time_zone": zone]))
+            return schedule
+        }
+        return .created(.init(body: .json(try .init(created))))
+    }
+
+    func deleteSchedule(_ input: Operations.DeleteSchedule.Input) async throws -> Operations.DeleteSchedule.Output {
+        let id = try id(input.path.scheduleId, "schedule")
+        try await tenant { tx, _ in
+            let before = try await tx.schedule(id)
+            try await tx.deleteSchedule(id)
+            try await tx.audit(
+                action: "schedule.delete", targetType: "schedule", targetID: id.lowercased,
+                before: auditJSON(["name": before.name, "rule": before.rule]), after: nil)
+        }
+        return .noContent(.init())
+    }
+
+    func pauseSchedule(_ input: Operations.PauseSchedule.Input) async throws -> Operations.PauseSchedule.Output {
+        let id = try id(input.path.scheduleId, "schedule")
+        let schedule = try await tenant { tx, _ in
+            let paused = try await tx.setSchedulePaused(id, paused: true, resumeAt: nil)
+            try await tx.audit(action: "schedule.pause", targetType: "schedule", targetID: id.lowercased, before: nil, after: nil)
+            return paused
+        }
+        return .ok(.init(body: .json(try .init(schedule))))
+    }
+
+    func resumeSchedule(_ input: Operations.ResumeSchedule.Input) async throws -> Operations.ResumeSchedule.Output {
+        let id = try id(input.path.scheduleId, "schedule")
+        let now = now()
+        let schedule = try await tenant { tx, _ in
+            let current = try await tx.schedule(id)
+            let next = try current.recurrence().occurrences(after: now, limit: 1).first
+            let resumed = try await tx.setSchedulePaused(id, paused: false, resumeAt: next)
+            try await tx.audit(action: "schedule.resume", targetType: "schedule", targetID: id.lowercased, before: nil, after: nil)
+            return resumed
+        }
+        return .ok(.init(body: .json(try .init(schedule))))
+    }
+}
+
+extension Components.Schemas.Schedule {
+    init(_ schedule: Schedule) throws {
+        let state: StatePayload = schedule.nextAt == nil ? .finished : schedule.paused ? .paused : .active
+        var next: [Date] = []
+        if state == .active, let first = schedule.nextAt {
+            next = [first] + (try schedule.recurrence().occurrences(after: first, limit: 4))
+        }
+        self.init(
+            id: schedule.id.lowercased, name: schedule.name, _type: schedule.typeKey, audience: .init(schedule.event.audience),
+            payload: try convert(schedule.event.payload), rule: schedule.rule, timeZone: schedule.timeZone, startsAt: schedule.startsAt,
+            state: state, nextOccurrences: next, sent: schedule.sent, skipped: schedule.skipped, lastOccurrenceAt: schedule.lastAt,
+            lastEventId: schedule.lastEventID?.lowercased, lastError: schedule.lastError, createdAt: schedule.createdAt)
+    }
+}

@@ -1,0 +1,201 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+
+// Recurring schedules for integrators (issue 11, migration 0015): an event request sent on a
+// recurrence rule. `claim_schedules` leases a due schedule; sending an occurrence is one
+// transaction: the fence, notify (idempotency key schedule:<id>:<occurrence>) and the move to
+// the next occurrence commit together.
+
+/// A recurring schedule.
+public struct Schedule: Sendable, Equatable {
+    public var id: UUID
+    public var name: String
+    public var typeKey: String
+    /// What each occurrence sends (its times are the occurrence's).
+    public var event: EventRequest
+    public var rule: String
+    public var timeZone: String
+    public var startsAt: Date
+    public var paused: Bool
+    /// The next occurrence; nil once the rule has none left.
+    public var nextAt: Date?
+    /// Occurrences sent, and skipped (missed while no instance ran, or failed five times).
+    public var sent: Int
+    public var skipped: Int
+    public var lastAt: Date?
+    public var lastEventID: UUID?
+    public var lastError: String?
+    public var createdAt: Date
+    public var updatedAt: Date
+
+    /// The schedule's recurrence (it was valid when saved).
+    public func recurrence() throws -> Recurrence {
+        try Recurrence(rule: rule, start: startsAt, timeZone: TimeZone(identifier: timeZone) ?? .gmt)
+    }
+}
+
+/// A due occurrence a worker holds the lease of (`claim_schedules`).
+public struct ClaimedSchedule: Sendable, Hashable {
+    public var organisationID: UUID
+    public var scheduleID: UUID
+    public var attempt: Int
+    public var occurrence: Date
+}
+
+/// What sending one occurrence did.
+public enum OccurrenceOutcome: Sendable, Equatable {
+    /// Sent as this event (or found already sent under its idempotency key).
+    case sent(eventID: UUID, replayed: Bool)
+    /// The fence refused: another worker holds the schedule now.
+    case leaseLost
+}
+
+private let scheduleColumns = """
+    s.id, s.name, t.key, s.event, s.rule, s.time_zone, s.starts_at, s.paused, s.next_at, s.sent, s.skipped, s.last_at,
+    s.last_event_id, s.last_error, s.created_at, s.updated_at
+    """
+
+private let scheduleFrom = "FROM schedules s JOIN notification_types t ON t.organisation_id = s.organisation_id AND t.id = s.type_id"
+
+private func decodeSchedule(_ row: PostgresRow) throws -> Schedule {
+    let (id, name, key, event, rule, zone, starts, paused, next, sent, skipped, last, lastEvent, error, created, updated) = try row.decode(
+        (UUID, String, String, JSONDocument<EventRequest>, String, String, Date, Bool, Date?, Int, Int, Date?, UUID?, String?, Date, Date)
+            .self, table: "schedules")
+    return Schedule(
+        id: id, name: name, typeKey: key, event: event.value, rule: rule, timeZone: zone, startsAt: starts, paused: paused, nextAt: next,
+        sent: sent, skipped: skipped, lastAt: last, lastEventID: lastEvent, lastError: error, createdAt: created, updatedAt: updated)
+}
+
+extension Database {
+    /// Leases up to `limit` schedules whose next occurrence is due by `now`, across organisations.
+    public func claimSchedules(
+        worker: String, limit: Int, leaseSeconds: Int, now: Date, organisation: UUID? = nil
+    ) async throws -> [ClaimedSchedule] {
+        try await query(
+            """
+            SELECT organisation_id, schedule_id, attempt, occurrence
+            FROM claim_schedules(\(worker), \(limit)::integer, \(leaseSeconds)::integer, \(now)::timestamptz, \(organisation)::uuid)
+            """
+        ).map { row in
+            let (org, id, attempt, occurrence) = try row.decode((UUID, UUID, Int, Date).self, table: "schedules")
+            return ClaimedSchedule(organisationID: org, scheduleID: id, attempt: attempt, occurrence: occurrence)
+        }
+    }
+}
+
+extension TenantTransaction {
+    /// Saves a schedule whose first occurrence is `nextAt` (nil: the rule has none).
+    public func createSchedule(
+        id: UUID, name: String, event: EventRequest, rule: String, timeZone: String, startsAt: Date, nextAt: Date?
+    ) async throws -> Schedule {
+        guard let type = try await notificationType(key: event.typeKey) else { throw UnknownNotificationType(key: event.typeKey) }
+        try await query(
+            """
+            INSERT INTO schedules (organisation_id, id, name, type_id, event, rule, time_zone, starts_at, next_at)
+            VALUES (\(organisationID), \(id), \(name), \(type.id), \(JSONDocument(event)), \(rule), \(timeZone), \(startsAt), \(nextAt))
+            """)
+        return try await schedule(id)
+    }
+
+    public func schedule(_ id: UUID) async throws -> Schedule {
+        guard
+            let row = try await query(
+                "SELECT \(unescaped: scheduleColumns) \(unescaped: scheduleFrom) WHERE s.organisation_id = \(organisationID) AND s.id = \(id)"
+            ).first
+        else { throw StoreError.notFound("schedule") }
+        return try decodeSchedule(row)
+    }
+
+    /// Schedules, newest first.
+    public func schedules(limit: Int, after cursor: PageCursor?) async throws -> Page<Schedule> {
+        let rows = try await query(
+            """
+            SELECT \(unescaped: scheduleColumns) \(unescaped: scheduleFrom)
+            WHERE s.organisation_id = \(organisationID)
+              AND (\(cursor?.micros)::bigint IS NULL
+                   OR (s.created_at, s.id) < ('epoch'::timestamptz + \(cursor?.micros) * interval '1 microsecond', \(cursor?.id)))
+            ORDER BY s.created_at DESC, s.id DESC
+            LIMIT \(limit + 1)
+            """)
+        return paginate(try rows.map(decodeSchedule), limit: limit) { PageCursor(time: $0.createdAt, id: $0.id) }
+    }
+
+    /// Pauses or resumes. Resuming moves the next occurrence to `resumeAt` (the first after now:
+    /// what came due while paused is not sent).
+    public func setSchedulePaused(_ id: UUID, paused: Bool, resumeAt: Date?) async throws -> Schedule {
+        let rows = try await query(
+            """
+            UPDATE schedules SET paused = \(paused), next_at = CASE WHEN \(paused) THEN next_at ELSE \(resumeAt) END, updated_at = now()
+            WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id
+            """)
+        guard !rows.isEmpty else { throw StoreError.notFound("schedule") }
+        return try await schedule(id)
+    }
+
+    public func deleteSchedule(_ id: UUID) async throws {
+        let rows = try await query("DELETE FROM schedules WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id")
+        guard !rows.isEmpty else { throw StoreError.notFound("schedule") }
+    }
+
+    /// Sends one claimed occurrence, in this transaction: checks the lease (and locks the
+    /// schedule), notifies with the idempotency key `schedule:<id>:<occurrence>` (an occurrence
+    /// already sent under it is not sent again), and moves the schedule to `next` (nil: no
+    /// occurrence left), counting `skipped` missed occurrences.
+    public func sendOccurrence(
+        _ claim: ClaimedSchedule, worker: String, now: Date, next: Date?, skipped: Int
+    ) async throws -> OccurrenceOutcome {
+        guard
+            let row = try await query(
+                """
+                SELECT event FROM schedules
+                WHERE organisation_id = \(organisationID) AND id = \(claim.scheduleID) AND lease_owner = \(worker)
+                  AND attempts = \(claim.attempt)
+                FOR UPDATE
+                """
+            ).first
+        else { return .leaseLost }
+        var request = try row.decode(JSONDocument<EventRequest>.self, table: "schedules").value
+        request.deliverAt = claim.occurrence
+        let key = "schedule:\(claim.scheduleID.lowercased):\(Int64(claim.occurrence.timeIntervalSince1970))"
+        let eventID: UUID
+        let replayed: Bool
+        if let first = try await event(idempotencyKey: key) {
+            (eventID, replayed) = (first.id, true)
+        } else {
+            let planned = try await planEvent(request, eventID: UUID(), now: now, idempotencyKey: key)
+            try await write(planned.event, type: planned.type, plan: planned.plan)
+            (eventID, replayed) = (planned.event.id, false)
+        }
+        try await query(
+            """
+            UPDATE schedules SET sent = sent + 1, skipped = skipped + \(skipped), last_at = \(claim.occurrence), last_event_id = \(eventID),
+                last_error = NULL, failures = 0, next_at = \(next), lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+            WHERE organisation_id = \(organisationID) AND id = \(claim.scheduleID)
+            """)
+        return .sent(eventID: eventID, replayed: replayed)
+    }
+
+    /// Records a failed occurrence and frees the schedule (fenced): it is tried again at the next
+    /// claim, until its fifth failure in a row, which skips it for `next`.
+    public func failOccurrence(_ claim: ClaimedSchedule, worker: String, error: String, next: Date?) async throws {
+        try await query(
+            """
+            UPDATE schedules SET last_error = \(error), failures = CASE WHEN failures + 1 >= 5 THEN 0 ELSE failures + 1 END,
+                next_at = CASE WHEN failures + 1 >= 5 THEN \(next) ELSE next_at END,
+                skipped = skipped + CASE WHEN failures + 1 >= 5 THEN 1 ELSE 0 END,
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+            WHERE organisation_id = \(organisationID) AND id = \(claim.scheduleID) AND lease_owner = \(worker) AND attempts = \(claim.attempt)
+            """)
+    }
+
+    /// Extends the leases `worker` holds on `claims`.
+    public func extendScheduleLeases(worker: String, claims: [ClaimedSchedule], leaseSeconds: Int) async throws {
+        try await query(
+            """
+            UPDATE schedules s SET lease_expires_at = now() + make_interval(secs => \(leaseSeconds)::integer)
+            FROM unnest(\(claims.map(\.scheduleID))::uuid[], \(claims.map(\.attempt))::integer[]) AS c(id, attempt)
+            WHERE s.organisation_id = \(organisationID) AND s.id = c.id AND s.attempts = c.attempt AND s.lease_owner = \(worker)
+            """)
+    }
+}

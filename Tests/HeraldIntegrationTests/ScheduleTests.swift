@@ -1,0 +1,181 @@
+import Foundation
+import HTTPTypes
+import HeraldAPI
+import HeraldCore
+import HummingbirdTesting
+import NIOCore
+import PostgresNIO
+import Testing
+
+@testable import HeraldDelivery
+@testable import HeraldStore
+
+/// Recurring schedules (issue 11): an event on an RRULE in a time zone, each occurrence sent
+/// once (notify and the move to the next occurrence in one transaction, under the idempotency
+/// key schedule:<id>:<occurrence>), against the real database, on an injected clock.
+@Suite("Recurring schedules")
+struct ScheduleTests {
+    /// Runs `count` schedule runners of `organisation` at `now` until nothing is due; how many
+    /// occurrences they took.
+    @discardableResult
+    func runDue(_ organisation: UUID, at now: Date, runners count: Int = 1) async throws -> Int {
+        let env = try await TestEnvironment.shared
+        return try await withThrowingTaskGroup(of: Int.self) { group in
+            for index in 0..<count {
+                group.addTask {
+                    let name = "schedule-test-\(index)-\(UUID().uuidString.prefix(6))"
+                    let runner = WorkRunner(
+                        configuration: WorkRunnerConfiguration(name: name),
+                        queue: ScheduleQueue(database: env.database, organisation: organisation, now: { now }),
+                        handler: ScheduleHandler(database: env.database, worker: name, now: { now }),
+                        bus: NotificationBus(client: env.appClient, logger: env.logger), logger: env.logger)
+                    return try await runner.runDue()
+                }
+            }
+            return try await group.reduce(0, +)
+        }
+    }
+
+    /// The events a schedule sent, by their idempotency keys.
+    func sent(_ org: TestOrganisation, by schedule: UUID) async throws -> [String] {
+        try await org.store { tx in
+            try await tx.query(
+                """
+                SELECT idempotency_key FROM events WHERE organisation_id = \(org.id)
+                  AND idempotency_key LIKE \("schedule:\(schedule.lowercased):%") ORDER BY deliver_at
+                """
+            ).map { try $0.decode(String.self) }
+        }
+    }
+
+    func create(
+        _ client: some TestClientProtocol, _ org: TestOrganisation, rule: String, zone: String = "Europe/Paris"
+    ) async throws -> [String: Any] {
+        let body = """
+            {"name": "Reminder", "rule": "\(rule)", "time_zone": "\(zone)",
+             "event": {"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\(org.memberID.uuidString.lowercased())"]}, "payload": {"title": "Timesheet"}}}
+            """
+        let created = try await client.send(.post, "/v1/schedules", token: org.ownerToken, json: body)
+        #expect(created.status == .created, "\(created.text)")
+        return created.json
+    }
+
+    @Test("a schedule shows its next occurrences in its zone; a bad rule, a fixed time or an unknown audience is refused")
+    func createAndValidate() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let other = try await TestOrganisation.make()
+        try await TestEnvironment.shared.application().test(.router) { client in
+            let schedule = try await create(client, org, rule: "FREQ=WEEKLY;BYDAY=FR;BYHOUR=16;BYMINUTE=0")
+            #expect(schedule["state"] as? String == "ACTIVE" && schedule["type"] as? String == "TASK_ASSIGNED")
+            let next = try #require(schedule["next_occurrences"] as? [String]).compactMap { try? Date($0, strategy: .iso8601) }
+            #expect(next.count == 5)
+            var paris = Calendar(identifier: .gregorian)
+            paris.timeZone = TimeZone(identifier: "Europe/Paris")!
+            #expect(next.allSatisfy { paris.component(.weekday, from: $0) == 6 && paris.component(.hour, from: $0) == 16 })
+            let id = try #require(schedule["id"] as? String)
+            #expect(try await client.send(.get, "/v1/schedules/\(id)", token: org.ownerToken).status == .ok)
+            let listed = try await client.send(.get, "/v1/schedules", token: org.ownerToken)
+            #expect((listed.json["items"] as? [[String: Any]])?.count == 1)
+
+            func refused(_ json: String, _ field: String, _ said: String) async throws {
+                let answer = try await client.send(.post, "/v1/schedules", token: org.ownerToken, json: json)
+                #expect(
+                    answer.isProblem(.unprocessableContent) && answer.text.contains(field) && answer.text.contains(said), "\(answer.text)")
+            }
+            let member = org.memberID.uuidString.lowercased()
+            try await refused(
+                #"{"name": "x", "rule": "FREQ=HOURLY", "event": {"type": "TASK_ASSIGNED", "audience": {"everyone": true}}}"#, "rule",
+                "HOURLY")
+            try await refused(
+                #"{"name": "x", "rule": "FREQ=DAILY;BYSETPOS=1", "event": {"type": "TASK_ASSIGNED", "audience": {"everyone": true}}}"#,
+                "rule",
+                "BYSETPOS")
+            try await refused(
+                #"{"name": "x", "rule": "FREQ=DAILY", "event": {"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "deliver_at": "2027-01-01T00:00:00Z"}}"#,
+                "event.deliver_at", "occurrence")
+            try await refused(
+                #"{"name": "x", "rule": "FREQ=DAILY", "event": {"type": "NOPE", "audience": {"everyone": true}}}"#, "type", "NOPE")
+            try await refused(
+                #"{"name": "x", "rule": "FREQ=DAILY", "event": {"type": "TASK_ASSIGNED", "audience": {"groups": ["ghosts"]}}}"#, "audience",
+                "ghosts")
+            try await refused(
+                #"{"name": "x", "rule": "FREQ=DAILY", "time_zone": "Mars/Olympus", "event": {"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(member)"]}}}"#,
+                "time_zone", "IANA")
+            // Reading needs events.read, creating events.send: a member has neither.
+            #expect(try await client.send(.get, "/v1/schedules", token: org.memberToken).isProblem(.forbidden))
+            // Another organisation's schedule is not there.
+            for (method, path) in [(HTTPRequest.Method.get, ""), (.post, "/pause"), (.post, "/resume"), (.delete, "")] {
+                #expect(try await client.send(method, "/v1/schedules/\(id)\(path)", token: other.ownerToken).isProblem(.notFound))
+            }
+            #expect(try await org.store { tx in try await tx.schedule(UUID(uuidString: id)!) }.paused == false)
+        }
+    }
+
+    @Test("each occurrence is sent once, by one of two runners, under its own idempotency key; COUNT ends the schedule")
+    func occurrencesOnce() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let json = try await TestEnvironment.shared.application().test(.router) { client in
+            try await create(client, org, rule: "FREQ=DAILY;BYHOUR=9;BYMINUTE=0;COUNT=3")
+        }
+        let id = try #require((json["id"] as? String).flatMap(UUID.init(uuidString:)))
+        let occurrences = try #require(json["next_occurrences"] as? [String]).compactMap { try? Date($0, strategy: .iso8601) }
+        #expect(occurrences.count == 3)
+        // Before the first: nothing. At it, two runners: one event.
+        #expect(try await runDue(org.id, at: occurrences[0].addingTimeInterval(-60), runners: 2) == 0)
+        #expect(try await runDue(org.id, at: occurrences[0].addingTimeInterval(60), runners: 2) == 1)
+        #expect(try await sent(org, by: id) == ["schedule:\(id.lowercased):\(Int(occurrences[0].timeIntervalSince1970))"])
+        #expect(try await runDue(org.id, at: occurrences[0].addingTimeInterval(120)) == 0)
+        let schedule = try await org.store { tx in try await tx.schedule(id) }
+        #expect(schedule.sent == 1 && schedule.nextAt == occurrences[1] && schedule.lastEventID != nil)
+        // The event is the member's task, delivered at the occurrence.
+        let event = try await org.store { tx in try await tx.event(schedule.lastEventID!) }
+        // (sent a minute late on this clock, it is delivered when it is sent)
+        #expect(event.typeKey == "TASK_ASSIGNED" && abs(event.deliverAt.timeIntervalSince(occurrences[0])) <= 60, "\(event.deliverAt)")
+        // The rest, then nothing: the schedule is finished.
+        #expect(try await runDue(org.id, at: occurrences[1].addingTimeInterval(60), runners: 2) == 1)
+        #expect(try await runDue(org.id, at: occurrences[2].addingTimeInterval(60), runners: 2) == 1)
+        #expect(try await sent(org, by: id).count == 3)
+        let finished = try await org.store { tx in try await tx.schedule(id) }
+        #expect(finished.nextAt == nil && finished.sent == 3)
+        #expect(try await runDue(org.id, at: occurrences[2].addingTimeInterval(30 * 86_400)) == 0)
+    }
+
+    @Test("an occurrence already sent under its key is not sent again; missed occurrences are skipped, the latest is sent")
+    func idempotencyAndCatchUp() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let env = try await TestEnvironment.shared
+        let json = try await env.application().test(.router) { client in try await create(client, org, rule: "FREQ=DAILY;BYHOUR=9") }
+        let id = try #require((json["id"] as? String).flatMap(UUID.init(uuidString:)))
+        let first = try #require((json["next_occurrences"] as? [String])?.first.flatMap { try? Date($0, strategy: .iso8601) })
+        // A worker sends the first occurrence; then (as if its move to the next had been lost)
+        // the schedule points at it again: the next worker finds it sent under its key.
+        #expect(try await runDue(org.id, at: first.addingTimeInterval(60)) == 1)
+        _ = try await org.store { tx in
+            try await tx.query("UPDATE schedules SET next_at = \(first) WHERE organisation_id = \(org.id) AND id = \(id)")
+        }
+        #expect(try await runDue(org.id, at: first.addingTimeInterval(60)) == 1)
+        #expect(try await sent(org, by: id).count == 1)
+        // Three days without any instance running: one late reminder, two skipped.
+        let late = first.addingTimeInterval(3 * 86_400 + 3_600)
+        #expect(try await runDue(org.id, at: late) == 1)
+        let schedule = try await org.store { tx in try await tx.schedule(id) }
+        #expect(try await sent(org, by: id).count == 2 && schedule.skipped == 2, "skipped \(schedule.skipped)")
+        #expect(schedule.nextAt == first.addingTimeInterval(4 * 86_400))
+
+        // Paused, nothing goes; resumed, it goes on from the first occurrence after now.
+        try await env.application().test(.router) { client in
+            let paused = try await client.send(.post, "/v1/schedules/\(id.lowercased)/pause", token: org.ownerToken)
+            #expect(paused.json["state"] as? String == "PAUSED" && (paused.json["next_occurrences"] as? [Any])?.isEmpty == true)
+            #expect(try await runDue(org.id, at: first.addingTimeInterval(10 * 86_400)) == 0)
+            let resumed = try await client.send(.post, "/v1/schedules/\(id.lowercased)/resume", token: org.ownerToken)
+            #expect(resumed.json["state"] as? String == "ACTIVE", "\(resumed.text)")
+            let next = (resumed.json["next_occurrences"] as? [String])?.first.flatMap { try? Date($0, strategy: .iso8601) }
+            #expect(next.map { $0 > Date() && $0 <= Date().addingTimeInterval(86_400) } == true)
+            #expect(try await client.send(.delete, "/v1/schedules/\(id.lowercased)", token: org.ownerToken).status == .noContent)
+            #expect(try await client.send(.get, "/v1/schedules/\(id.lowercased)", token: org.ownerToken).isProblem(.notFound))
+        }
+    }
+}
