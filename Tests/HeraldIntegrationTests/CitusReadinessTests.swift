@@ -351,6 +351,27 @@ struct CitusReadinessTests {
             _ = try ok(await client.send(.get, "/v1/events/\(first)/explain", token: admin), "explain")
             _ = try ok(await client.send(.get, "/v1/notifications/stats", token: admin), "stats")
 
+            // A recurring schedule, paused and resumed, and one occurrence sent as `herald serve`
+            // sends it (the application role), two days ahead on its clock.
+            let schedule = try ok(
+                await client.send(
+                    .post, "/v1/schedules", token: admin,
+                    json: """
+                        {"name": "Round", "rule": "FREQ=DAILY;BYHOUR=7", "event": {"type": "TASK_ASSIGNED", "audience": {"groups": ["ward-7"]}, "payload": {"title": "Round", "due": "today"}}}
+                        """), "schedule")
+            let scheduleID = try #require(schedule["id"] as? String)
+            _ = try ok(await client.send(.get, "/v1/schedules", token: admin), "schedules")
+            _ = try ok(await client.send(.post, "/v1/schedules/\(scheduleID)/pause", token: admin), "pause schedule")
+            _ = try ok(await client.send(.post, "/v1/schedules/\(scheduleID)/resume", token: admin), "resume schedule")
+            let twoDaysOn = Date().addingTimeInterval(2 * 86_400)
+            let occurrences = WorkRunner(
+                configuration: WorkRunnerConfiguration(name: "citus-schedules"),
+                queue: ScheduleQueue(database: database, organisation: organisationID, now: { twoDaysOn }),
+                handler: ScheduleHandler(database: database, worker: "citus-schedules", now: { twoDaysOn }),
+                bus: NotificationBus(client: appClient, logger: env.logger), logger: env.logger)
+            #expect(try await occurrences.runDue() == 1)
+            _ = try ok(await client.send(.get, "/v1/schedules/\(scheduleID)", token: admin), "schedule")
+
             // The workers send what is due (email, webhook) under the worker role.
             let workerDatabase = Database(client: workerClient, logger: env.logger)
             try await TestWorkers.run(organisationID, database: workerDatabase, listenClient: workerClient) {
