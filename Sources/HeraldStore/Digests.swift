@@ -244,13 +244,8 @@ extension TenantTransaction {
 
     /// Extends the leases `worker` holds on `claims`.
     public func extendDigestLeases(worker: String, claims: [ClaimedDigestRun], leaseSeconds: Int) async throws {
-        try await query(
-            """
-            UPDATE digest_runs r SET lease_expires_at = now() + make_interval(secs => \(leaseSeconds)::integer)
-            FROM unnest(\(claims.map(\.runID))::uuid[], \(claims.map(\.attempt))::integer[]) AS c(id, attempt)
-            WHERE r.organisation_id = \(organisationID) AND r.id = c.id AND r.attempts = c.attempt AND r.lease_owner = \(worker)
-              AND r.status = 'SENDING'
-            """)
+        try await extendLeases(
+            .digestRuns, ids: claims.map(\.runID), attempts: claims.map(\.attempt), worker: worker, leaseSeconds: leaseSeconds)
     }
 
     /// Records how an attempt ended, fenced on (worker, attempt) like a delivery's. A sent run

@@ -300,13 +300,8 @@ extension TenantTransaction {
 
     /// Extends the leases `worker` holds on `claims`.
     public func extendJobLeases(worker: String, claims: [ClaimedJob], leaseSeconds: Int) async throws {
-        try await query(
-            """
-            UPDATE jobs j SET lease_expires_at = now() + make_interval(secs => \(leaseSeconds)::integer)
-            FROM unnest(\(claims.map(\.jobID))::uuid[], \(claims.map(\.attempt))::integer[]) AS c(id, attempt)
-            WHERE j.organisation_id = \(organisationID) AND j.id = c.id AND j.attempts = c.attempt AND j.lease_owner = \(worker)
-              AND j.status = 'RUNNING'
-            """)
+        try await extendLeases(
+            .jobs, ids: claims.map(\.jobID), attempts: claims.map(\.attempt), worker: worker, leaseSeconds: leaseSeconds)
     }
 
     /// Records how a run ended and frees the job, fenced on (worker, attempt); the job's next

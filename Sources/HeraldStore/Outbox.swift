@@ -228,14 +228,8 @@ extension TenantTransaction {
     /// like completion: same worker, same attempt.
     @discardableResult
     public func extendLeases(worker: String, claims: [ClaimedDelivery], leaseSeconds: Int) async throws -> Int {
-        try await query(
-            """
-            UPDATE deliveries d SET lease_expires_at = now() + make_interval(secs => \(leaseSeconds)::integer)
-            FROM unnest(\(claims.map(\.deliveryID))::uuid[], \(claims.map(\.attempt))::integer[]) AS c(id, attempt)
-            WHERE d.organisation_id = \(organisationID) AND d.id = c.id AND d.attempts = c.attempt AND d.lease_owner = \(worker) AND d.status = 'SENDING'
-            RETURNING d.id
-            """
-        ).count
+        try await extendLeases(
+            .deliveries, ids: claims.map(\.deliveryID), attempts: claims.map(\.attempt), worker: worker, leaseSeconds: leaseSeconds)
     }
 
     /// Records how an attempt ended, fenced: only the worker holding the lease for exactly this

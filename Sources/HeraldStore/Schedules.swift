@@ -191,11 +191,7 @@ extension TenantTransaction {
 
     /// Extends the leases `worker` holds on `claims`.
     public func extendScheduleLeases(worker: String, claims: [ClaimedSchedule], leaseSeconds: Int) async throws {
-        try await query(
-            """
-            UPDATE schedules s SET lease_expires_at = now() + make_interval(secs => \(leaseSeconds)::integer)
-            FROM unnest(\(claims.map(\.scheduleID))::uuid[], \(claims.map(\.attempt))::integer[]) AS c(id, attempt)
-            WHERE s.organisation_id = \(organisationID) AND s.id = c.id AND s.attempts = c.attempt AND s.lease_owner = \(worker)
-            """)
+        try await extendLeases(
+            .schedules, ids: claims.map(\.scheduleID), attempts: claims.map(\.attempt), worker: worker, leaseSeconds: leaseSeconds)
     }
 }
