@@ -20,15 +20,9 @@ extension HeraldService {
     func createSchedule(_ input: Operations.CreateSchedule.Input) async throws -> Operations.CreateSchedule.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         let name = try Validate.text(body.name, field: "name")
-        if body.event.deliverAt != nil {
-            throw APIError.unprocessable(
-                ValidationError(field: "event.deliver_at", message: "is each occurrence's own time; leave it out."))
-        }
-        if body.event.expiresAt != nil {
-            throw APIError.unprocessable(
-                ValidationError(field: "event.expires_at", message: "cannot be fixed for a recurring event; leave it out."))
-        }
-        let request = try eventRequest(body.event)
+        // The same validation as notify's: the scheduled event is an event body without its times.
+        let event = try JSONDecoder().decode(Components.Schemas.EventCreate.self, from: JSONEncoder().encode(body.event))
+        let request = try eventRequest(event)
         let zoneName = try body.timeZone.map { v in try Validate.timezone(v, field: "time_zone") }
         let startsAt = body.startsAt ?? now()
         let now = now()
