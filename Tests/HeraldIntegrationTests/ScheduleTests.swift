@@ -94,7 +94,9 @@ struct ScheduleTests {
             // A fixed time has no place in a recurring event: the body says so (400, the schema refuses it).
             let fixed = try await client.send(
                 .post, "/v1/schedules", token: org.ownerToken,
-                json: #"{"name": "x", "rule": "FREQ=DAILY", "event": {"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "deliver_at": "2027-01-01T00:00:00Z"}}"#)
+                json:
+                    #"{"name": "x", "rule": "FREQ=DAILY", "event": {"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "deliver_at": "2027-01-01T00:00:00Z"}}"#
+            )
             #expect(fixed.isProblem(.badRequest) || fixed.isProblem(.unprocessableContent), "\(fixed.text)")
             try await refused(
                 #"{"name": "x", "rule": "FREQ=DAILY", "event": {"type": "NOPE", "audience": {"everyone": true}}}"#, "type", "NOPE")
