@@ -30,6 +30,7 @@ enum AccessRule: Sendable, Equatable {
 /// | listAuditEntries | audit.read |
 /// | listCategories, getCategory | authenticated |
 /// | create/update/deleteCategory, list/get/create/update/deleteNotificationType, put/deleteTemplate, export/importCatalogue | templates.manage (import with preference_defaults: also organisation.manage) |
+/// | listDigestTemplates, putDigestTemplate, deleteDigestTemplate | templates.manage |
 /// | get/replacePreferenceDefaults | organisation.manage |
 /// | getMyPreferences, replaceMyPreferences, getMyResolvedPreferences | preferences.manage |
 /// | getUserPreferences, replaceUserPreferences, getUserResolvedPreferences | users.manage |
@@ -122,6 +123,9 @@ enum RoutePermissions {
         "putTemplate": .permission(.templatesManage),
         "deleteTemplate": .permission(.templatesManage),
         "exportCatalogue": .permission(.templatesManage),
+        "listDigestTemplates": .permission(.templatesManage),
+        "putDigestTemplate": .permission(.templatesManage),
+        "deleteDigestTemplate": .permission(.templatesManage),
         "importCatalogue": .permission(.templatesManage),
         "getPreferenceDefaults": .permission(.organisationManage),
         "replacePreferenceDefaults": .permission(.organisationManage),

@@ -223,33 +223,40 @@ struct DigestMessage {
         return "\(links.baseURL)/v1/unsubscribe/\(links.keys.sign(claims))"
     }
 
+    /// What the digest template sees (see `DigestTemplate`).
+    func context(unsubscribe: String) -> [String: Any] {
+        let first = work.entries[0].rendering
+        let count = work.entries.count
+        return [
+            "recipient": ["display_name": first.recipient.displayName, "email": first.recipient.email],
+            "organisation": ["name": first.input.organisationName],
+            "cadence": work.run.frequency == .weekly ? "weekly" : "daily",
+            "count": count, "count_text": "\(count) notification\(count == 1 ? "" : "s")",
+            "sections": sections().map { section -> [String: Any] in
+                [
+                    "category": section.category,
+                    "items": section.items.map { item -> [String: Any] in
+                        var values: [String: Any] = ["title": item.title]
+                        if !item.body.isEmpty { values["body"] = item.body }
+                        if let link = item.link { values["link"] = link }
+                        return values
+                    },
+                ]
+            },
+            "links": ["unsubscribe": unsubscribe],
+        ]
+    }
+
     func encoded() throws -> [UInt8] {
         let first = work.entries[0].rendering
         let organisation = first.input.organisationName
-        let count = work.entries.count
-        let cadence = work.run.frequency == .weekly ? "weekly" : "daily"
-        let subject = "\(organisation): your \(cadence) digest (\(count) notification\(count == 1 ? "" : "s"))"
         let unsubscribe = unsubscribe()
-        let sections = sections()
-        var text = "Hello \(first.recipient.displayName),\n\nHere is what happened since your last \(cadence) digest.\n"
-        var html =
-            "<p>Hello \(htmlEscaped(first.recipient.displayName)),</p><p>Here is what happened since your last \(cadence) digest.</p>"
-        for (category, items) in sections {
-            text += "\n\(category)\n"
-            html += "<h2>\(htmlEscaped(category))</h2><ul>"
-            for item in items {
-                text += "  - \(item.title)\n"
-                if !item.body.isEmpty { text += "    \(item.body.replacingOccurrences(of: "\n", with: "\n    "))\n" }
-                if let link = item.link { text += "    \(link)\n" }
-                let title = item.link.map { "<a href=\"\(htmlEscaped($0))\">\(htmlEscaped(item.title))</a>" } ?? htmlEscaped(item.title)
-                html += "<li><strong>\(title)</strong>"
-                if !item.body.isEmpty { html += "<br>\(htmlEscaped(item.body))" }
-                html += "</li>"
-            }
-            html += "</ul>"
-        }
-        text += "\n--\n\(organisation). Stop these emails: \(unsubscribe)\n"
-        html += "<hr><p>\(htmlEscaped(organisation)). <a href=\"\(htmlEscaped(unsubscribe))\">Stop these emails</a></p>"
+        // The organisation's template for the recipient's locale, else the built-in default.
+        let template =
+            TemplateRenderer.pick(work.templates, userLocale: first.recipient.locale, organisationLocale: first.input.organisationLocale)?
+            .value ?? DigestTemplate.builtIn
+        let content = TemplateRenderer.render(template, context(unsubscribe: unsubscribe))
+        let (subject, text, html) = (content.subject.trimmingCharacters(in: .whitespacesAndNewlines), content.body, content.html)
         let from = first.email.from ?? defaultFrom
         return try MIMEMessage(
             from: .init(from, name: first.email.fromName ?? organisation),

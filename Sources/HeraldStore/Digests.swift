@@ -73,6 +73,8 @@ public struct DigestWork: Sendable {
     public var entries: [DigestEntry]
     /// Items left out at this attempt, with why.
     public var dropped: [UUID: DigestDrop]
+    /// The organisation's digest templates by locale (none: the built-in default).
+    public var templates: [String: TemplateContent] = [:]
 }
 
 /// A user's digest slots after some instant: the next daily and the next weekly one.
@@ -201,7 +203,8 @@ extension TenantTransaction {
                 WHERE i.organisation_id = \(organisationID) AND i.id = d.id
                 """)
         }
-        return DigestWork(organisationID: organisationID, run: run, entries: entries, dropped: dropped)
+        let templates = Dictionary(try await digestTemplates().map { ($0.locale, $0.content) }, uniquingKeysWith: { first, _ in first })
+        return DigestWork(organisationID: organisationID, run: run, entries: entries, dropped: dropped, templates: templates)
     }
 
     /// Why an item no longer belongs in a digest at `now`, if it does not: the same decision

@@ -165,6 +165,108 @@ struct DigestTests {
         }
     }
 
+    @Test("the clinic: a critical alert for a clinician on a DAILY email digest is in the bell at once and in the next morning's digest")
+    func clinicDailyAlert() async throws {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        let address = "member@\(org.slug).example"
+        try await org.store { tx in
+            try await tx.query("UPDATE users SET timezone = 'Europe/Paris' WHERE organisation_id = \(org.id) AND id = \(org.memberID)")
+            try await tx.replacePreferences(
+                ofUser: org.memberID,
+                with: [
+                    PreferenceCell(
+                        categoryID: catalogue.alerts, channel: .email, setting: PreferenceSetting(enabled: true, frequency: .daily))
+                ])
+        }
+        let (_, plan) = try await org.notify(
+            EventRequest(
+                typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]),
+                payload: .object(["implant": .string("36"), "isq": .number(41), "threshold": .number(55)])))
+        // The bell at once (a critical category always shows in-app); the email waits for the digest.
+        let channels = try #require(plan.traces.first?.channels)
+        #expect(channels.first { $0.decision.channel == .inApp }?.decision.reason == .inAppCreated)
+        #expect(channels.first { $0.decision.channel == .email }?.decision.reason == .digestQueued)
+        #expect(plan.deliveries.isEmpty && plan.digestItems.count == 1)
+        #expect(try await org.notificationIDs(of: org.memberID).count == 1)
+        let slot = try #require(try await items(org, of: org.memberID).first?.slot)
+        var paris = Calendar(identifier: .gregorian)
+        paris.timeZone = TimeZone(identifier: "Europe/Paris")!
+        #expect(paris.component(.hour, from: slot) == 8 && slot > Date() && slot <= Date().addingTimeInterval(86_400))
+        let clock = Mutex(slot.addingTimeInterval(60))
+        try await withDigestRunners(org.id, now: { clock.withLock { $0 } }) { () async throws -> Void in
+            #expect(try await eventually(timeout: .seconds(30)) { try await sent(org, address, runs: 1) })
+        }
+        let mail = try ParsedMail(try #require(try await Peers.mail(to: address).first?["data"] as? String))
+        let text = mail.parts["text/plain"] ?? ""
+        #expect(text.contains("Alerts") && text.contains("Critical ISQ 41"), "\(text)")
+        // One run, sent, with the one alert.
+        let explained = try await org.store { tx in try await tx.digestRuns(of: org.memberID) }
+        #expect(explained.count == 1 && explained[0].status == .sent && explained[0].itemCount == 1)
+    }
+
+    @Test("a digest template per locale renders the digest of members of that locale; a broken one is refused; without one, the default")
+    func digestTemplates() async throws {
+        let (org, _) = try await clubMember()
+        let address = "member@\(org.slug).example"
+        _ = try await org.store { tx in
+            try await tx.query("UPDATE users SET locale = 'fr-CA' WHERE organisation_id = \(org.id) AND id = \(org.memberID)")
+        }
+        let french = #"""
+            {"subject": "{{{organisation.name}}} : votre résumé ({{count}})",
+             "body": "Bonjour {{{recipient.display_name}}},\n{{#sections}}[{{{category}}}]\n{{#items}}* {{{title}}} {{{link}}}\n{{/items}}{{/sections}}Se désabonner : {{{links.unsubscribe}}}\n",
+             "html": "<p>Bonjour {{recipient.display_name}}</p>{{#sections}}<h3>{{category}}</h3>{{#items}}<p>{{title}}</p>{{/items}}{{/sections}}"}
+            """#
+        try await TestEnvironment.shared.application().test(.router) { client in
+            let put = try await client.send(.put, "/v1/digest-templates/fr", token: org.ownerToken, json: french)
+            #expect(put.status == .ok && put.json["locale"] as? String == "fr", "\(put.text)")
+            let broken = try await client.send(
+                .put, "/v1/digest-templates/de", token: org.ownerToken, json: #"{"subject": "{{#sections}}", "body": "x"}"#)
+            #expect(
+                broken.isProblem(.unprocessableContent) && broken.text.contains("subject") && broken.text.contains("line 1"),
+                "\(broken.text)")
+            let listed = try await client.send(.get, "/v1/digest-templates", token: org.ownerToken)
+            #expect((listed.json["items"] as? [[String: Any]])?.map { $0["locale"] as? String } == ["fr"], "\(listed.text)")
+            #expect((listed.json["default"] as? [String: Any])?["subject"] as? String == DigestTemplate.builtIn.subject)
+            #expect(try await client.send(.get, "/v1/digest-templates", token: org.memberToken).isProblem(.forbidden))
+        }
+        _ = try await task(org, "Sortie au lac", url: "https://club.example/outings/9")
+        let slot = try #require(try await items(org, of: org.memberID).first?.slot)
+        let clock = Mutex(slot.addingTimeInterval(60))
+        try await withDigestRunners(org.id, now: { clock.withLock { $0 } }) { () async throws -> Void in
+            #expect(try await eventually(timeout: .seconds(30)) { try await sent(org, address, runs: 1) })
+        }
+        // fr-CA falls back to fr.
+        let mail = try ParsedMail(try #require(try await Peers.mail(to: address).first?["data"] as? String))
+        #expect(mail.headers["Subject"]?.contains(": votre résumé (1)") == true, "\(mail.headers)")
+        let text = mail.parts["text/plain"] ?? ""
+        #expect(
+            text.hasPrefix("Bonjour Member,") && text.contains("[Activity]")
+                && text.contains("* Sortie au lac http://herald.test/v1/links/"), "\(text)")
+        #expect(
+            text.contains("Se désabonner : http://herald.test/v1/unsubscribe/")
+                && mail.parts["text/html"]?.contains("<h3>Activity</h3>") == true)
+
+        // Deleted, the next digest is the built-in default again.
+        try await TestEnvironment.shared.application().test(.router) { client in
+            let deleted = try await client.send(.delete, "/v1/digest-templates/fr", token: org.ownerToken)
+            let again = try await client.send(.delete, "/v1/digest-templates/fr", token: org.ownerToken)
+            #expect(deleted.status == .noContent && again.isProblem(.notFound), "\(again.text)")
+        }
+        // (Notified before today's slot, after its run was frozen: it goes in tomorrow's.)
+        _ = try await task(org, "Second outing")
+        var paris = Calendar(identifier: .gregorian)
+        paris.timeZone = TimeZone(identifier: "Europe/Paris")!
+        let next = try #require(paris.date(byAdding: .day, value: 1, to: slot))
+        clock.withLock { $0 = next.addingTimeInterval(60) }
+        try await withDigestRunners(org.id, now: { clock.withLock { $0 } }) { () async throws -> Void in
+            #expect(try await eventually(timeout: .seconds(30)) { try await sent(org, address, runs: 2) })
+        }
+        let second = try await Peers.mail(to: address).compactMap { $0["data"] as? String }.map(ParsedMail.init)
+        #expect(
+            second.contains { $0.headers["Subject"]?.contains("your daily digest (1 notification)") == true }, "\(second.map(\.headers))")
+    }
+
     @Test("two runners at once: every member gets exactly one digest with every item; nothing twice, nothing lost")
     func exactlyOnceAcrossRunners() async throws {
         let (org, catalogue) = try await clubMember()

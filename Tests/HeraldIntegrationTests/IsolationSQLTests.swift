@@ -81,6 +81,10 @@ struct IsolationSQLTests {
         // Digest runs (0012): the claim makes the runs of every slot due by next week.
         _ = try await env.workerDatabase.claimDigestRuns(
             worker: "fixture", limit: 10, leaseSeconds: 60, now: Date().addingTimeInterval(8 * 86400), organisation: org.id)
+        // A digest template (0016).
+        _ = try await org.store { tx in
+            try await tx.putDigestTemplate(locale: "fr", content: TemplateContent(subject: "Résumé", body: "{{count}}"))
+        }
         // A recurring schedule (0015) of the member's tasks.
         try await org.store { tx in
             _ = try await tx.createSchedule(

@@ -174,3 +174,52 @@ extension TemplateContent {
         if let html { try TemplateRenderer.validate(html, field: field("html")) }
     }
 }
+
+// The digest email's templates (issue 11): one per locale, Mustache, with a built-in default.
+extension HeraldService {
+    func listDigestTemplates(_ input: Operations.ListDigestTemplates.Input) async throws -> Operations.ListDigestTemplates.Output {
+        let templates = try await tenant { tx, _ in try await tx.digestTemplates() }
+        return .ok(
+            .init(
+                body: .json(
+                    .init(
+                        items: templates.map(Components.Schemas.DigestTemplate.init),
+                        _default: .init(locale: "default", content: DigestTemplate.builtIn, updatedAt: nil)))))
+    }
+
+    func putDigestTemplate(_ input: Operations.PutDigestTemplate.Input) async throws -> Operations.PutDigestTemplate.Output {
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let locale = try Validate.locale(input.path.locale)
+        let content = TemplateContent(subject: body.subject, body: body.body, html: body.html)
+        try TemplateRenderer.validate(content.subject, field: "subject")
+        try TemplateRenderer.validate(content.body, field: "body")
+        if let html = content.html { try TemplateRenderer.validate(html, field: "html") }
+        let saved = try await tenant { tx, _ in
+            let record = try await tx.putDigestTemplate(locale: locale, content: content)
+            try await tx.audit(
+                action: "digest_template.put", targetType: "digest_template", targetID: locale, before: nil,
+                after: auditJSON(Components.Schemas.DigestTemplate(record)))
+            return record
+        }
+        return .ok(.init(body: .json(.init(saved))))
+    }
+
+    func deleteDigestTemplate(_ input: Operations.DeleteDigestTemplate.Input) async throws -> Operations.DeleteDigestTemplate.Output {
+        let locale = try Validate.locale(input.path.locale)
+        try await tenant { tx, _ in
+            try await tx.deleteDigestTemplate(locale: locale)
+            try await tx.audit(action: "digest_template.delete", targetType: "digest_template", targetID: locale, before: nil, after: nil)
+        }
+        return .noContent(.init())
+    }
+}
+
+extension Components.Schemas.DigestTemplate {
+    init(_ record: DigestTemplateRecord) {
+        self.init(locale: record.locale, content: record.content, updatedAt: record.updatedAt)
+    }
+
+    init(locale: String, content: TemplateContent, updatedAt: Date?) {
+        self.init(locale: locale, subject: content.subject, body: content.body, html: content.html, updatedAt: updatedAt)
+    }
+}

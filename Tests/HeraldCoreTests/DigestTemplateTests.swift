@@ -1,0 +1,57 @@
+import Foundation
+import Testing
+
+@testable import HeraldCore
+
+/// The built-in digest template (issue 11): what a digest looks like when the organisation set
+/// no template of its own.
+@Suite("The built-in digest template")
+struct DigestTemplateTests {
+    let context: [String: Any] = [
+        "recipient": ["display_name": "Ana <Bo>", "email": "ana@club.example"],
+        "organisation": ["name": "Club & Co"],
+        "cadence": "daily", "count": 2, "count_text": "2 notifications",
+        "sections": [
+            [
+                "category": "Outings",
+                "items": [
+                    ["title": "Hike to the lake", "body": "Annecy, 9:00", "link": "https://h.test/v1/links/a"],
+                    ["title": "Dinner"],
+                ],
+            ]
+        ],
+        "links": ["unsubscribe": "https://h.test/v1/unsubscribe/u"],
+    ]
+
+    @Test("text: one line per item, its body and link indented, the unsubscribe link at the end; nothing escaped")
+    func text() {
+        let rendered = TemplateRenderer.render(DigestTemplate.builtIn, context)
+        #expect(rendered.subject == "Club & Co: your daily digest (2 notifications)")
+        #expect(
+            rendered.body == """
+                Hello Ana <Bo>,
+
+                Here is what happened since your last daily digest.
+
+                Outings
+                  - Hike to the lake
+                    Annecy, 9:00
+                    https://h.test/v1/links/a
+                  - Dinner
+
+                --
+                Club & Co. Stop these emails: https://h.test/v1/unsubscribe/u
+
+                """, "\(rendered.body)")
+    }
+
+    @Test("HTML: escaped, with a link on a title only when the item has one")
+    func html() throws {
+        let html = try #require(TemplateRenderer.render(DigestTemplate.builtIn, context).html)
+        #expect(html.contains("<p>Hello Ana &lt;Bo&gt;,</p>") && html.contains("<h2>Outings</h2>"), "\(html)")
+        #expect(
+            html.contains(#"<li><strong><a href="https://h.test/v1/links/a">Hike to the lake</a></strong><br>Annecy, 9:00</li>"#), "\(html)"
+        )
+        #expect(html.contains("<li><strong>Dinner</strong></li>") && html.contains("Club &amp; Co."), "\(html)")
+    }
+}
