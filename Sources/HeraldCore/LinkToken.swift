@@ -147,6 +147,9 @@ public struct LinkClaims: Sendable, Equatable, Codable {
     public var deliveryID: UUID?
     /// The digest item a click in a digest is recorded against (a digest has no delivery per item).
     public var digestItemID: UUID?
+    /// The digest run an unsubscribe link of a digest names: it unsubscribes from every category
+    /// the digest carried.
+    public var digestRunID: UUID?
     public var notificationID: UUID?
     public var categoryID: UUID?
     public var channel: String?
@@ -155,13 +158,14 @@ public struct LinkClaims: Sendable, Equatable, Codable {
 
     public init(
         scope: LinkScope, organisationID: UUID, userID: UUID, deliveryID: UUID? = nil, digestItemID: UUID? = nil,
-        notificationID: UUID? = nil, categoryID: UUID? = nil, channel: String? = nil, expiresAt: Date
+        digestRunID: UUID? = nil, notificationID: UUID? = nil, categoryID: UUID? = nil, channel: String? = nil, expiresAt: Date
     ) {
         self.scope = scope
         self.organisationID = organisationID
         self.userID = userID
         self.deliveryID = deliveryID
         self.digestItemID = digestItemID
+        self.digestRunID = digestRunID
         self.notificationID = notificationID
         self.categoryID = categoryID
         self.channel = channel
@@ -169,7 +173,7 @@ public struct LinkClaims: Sendable, Equatable, Codable {
     }
 
     private enum CodingKeys: String, CodingKey {
-        case scope = "s", organisationID = "o", userID = "u", deliveryID = "d", digestItemID = "i", notificationID = "n"
+        case scope = "s", organisationID = "o", userID = "u", deliveryID = "d", digestItemID = "i", digestRunID = "r", notificationID = "n"
         case categoryID = "c", channel = "h", expiresAt = "e"
     }
 
@@ -198,6 +202,7 @@ public struct LinkClaims: Sendable, Equatable, Codable {
             userID: try required(.userID),
             deliveryID: try uuid(.deliveryID),
             digestItemID: try uuid(.digestItemID),
+            digestRunID: try uuid(.digestRunID),
             notificationID: try uuid(.notificationID),
             categoryID: try uuid(.categoryID),
             channel: try container.decodeIfPresent(String.self, forKey: .channel),
@@ -213,6 +218,7 @@ public struct LinkClaims: Sendable, Equatable, Codable {
         try container.encode(compact(userID), forKey: .userID)
         try container.encodeIfPresent(deliveryID.map(compact), forKey: .deliveryID)
         try container.encodeIfPresent(digestItemID.map(compact), forKey: .digestItemID)
+        try container.encodeIfPresent(digestRunID.map(compact), forKey: .digestRunID)
         try container.encodeIfPresent(notificationID.map(compact), forKey: .notificationID)
         try container.encodeIfPresent(categoryID.map(compact), forKey: .categoryID)
         try container.encodeIfPresent(channel, forKey: .channel)

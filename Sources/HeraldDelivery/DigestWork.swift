@@ -173,8 +173,8 @@ public struct DigestHandler: WorkHandler {
 
 /// The email of one digest run: the items grouped by category (in the order they first
 /// appear), each with its title, a short body and a tracked link when the event names a URL;
-/// HTML and text; `List-Unsubscribe` with one-click unsubscribe (RFC 8058) from this category's
-/// email (the first category when the digest has several). The Message-ID is the run's, so
+/// HTML and text; `List-Unsubscribe` with one-click unsubscribe (RFC 8058) from the email of
+/// every category the digest carries. The Message-ID is the run's, so
 /// every retry sends the same message.
 struct DigestMessage {
     let work: DigestWork
@@ -216,10 +216,10 @@ struct DigestMessage {
     }
 
     func unsubscribe() -> String {
+        // The run: one-click unsubscribes from every category this digest carried.
         let claims = LinkClaims(
-            scope: .unsubscribe, organisationID: work.organisationID, userID: work.run.userID,
-            categoryID: work.entries.first?.rendering.input.type.categoryID, channel: NotificationChannel.email.rawValue,
-            expiresAt: now.addingTimeInterval(links.unsubscribeLifetime))
+            scope: .unsubscribe, organisationID: work.organisationID, userID: work.run.userID, digestRunID: work.run.id,
+            channel: NotificationChannel.email.rawValue, expiresAt: now.addingTimeInterval(links.unsubscribeLifetime))
         return "\(links.baseURL)/v1/unsubscribe/\(links.keys.sign(claims))"
     }
 

@@ -149,6 +149,16 @@ extension TenantTransaction {
         return try decodeDigestRun(row)
     }
 
+    /// The categories of the items a digest run of `userID` carried, in no particular order.
+    public func digestRunCategories(_ runID: UUID, userID: UUID) async throws -> [UUID] {
+        try await query(
+            """
+            SELECT DISTINCT category_id FROM digest_items
+            WHERE organisation_id = \(organisationID) AND run_id = \(runID) AND user_id = \(userID)
+            """
+        ).map { try $0.decode(UUID.self, table: "digest_items") }
+    }
+
     /// A user's digest runs, newest slot first.
     public func digestRuns(of userID: UUID, limit: Int = 50) async throws -> [DigestRun] {
         try await query(

@@ -267,6 +267,48 @@ struct DigestTests {
             second.contains { $0.headers["Subject"]?.contains("your daily digest (1 notification)") == true }, "\(second.map(\.headers))")
     }
 
+    @Test("one-click unsubscribe from a digest of two categories switches off the email of both")
+    func unsubscribeEveryCategory() async throws {
+        let (org, catalogue) = try await clubMember()
+        let address = "member@\(org.slug).example"
+        try await org.store { tx in
+            let outing = try await tx.createNotificationType(
+                NotificationTypeFields(
+                    key: "OUTING_PUBLISHED", categoryID: catalogue.outings, name: "Outing", description: "", defaultSeverity: .info,
+                    defaultPriority: .normal, defaultChannels: [.inApp]))
+            try await tx.putTemplate(
+                typeID: outing.id, channel: .inApp, locale: "en", content: TemplateContent(subject: "{{payload.title}}", body: ""))
+            try await tx.replacePreferences(
+                ofUser: org.memberID,
+                with: [catalogue.activity, catalogue.outings].map {
+                    PreferenceCell(categoryID: $0, channel: .email, setting: PreferenceSetting(enabled: true, frequency: .daily))
+                })
+        }
+        _ = try await task(org, "Sterilise room 2")
+        try await org.notify(
+            EventRequest(
+                typeKey: "OUTING_PUBLISHED", audience: Audience(userIDs: [org.memberID]), payload: .object(["title": .string("Lake")])))
+        let slot = try #require(try await items(org, of: org.memberID).first?.slot)
+        let clock = Mutex(slot.addingTimeInterval(60))
+        try await withDigestRunners(org.id, now: { clock.withLock { $0 } }) { () async throws -> Void in
+            #expect(try await eventually(timeout: .seconds(30)) { try await sent(org, address, runs: 1) })
+        }
+        let mail = try ParsedMail(try #require(try await Peers.mail(to: address).first?["data"] as? String))
+        let unsubscribe = try #require(mail.headers["List-Unsubscribe"]?.trimmingCharacters(in: CharacterSet(charactersIn: "<>")))
+        let path = String(unsubscribe.dropFirst("http://herald.test".count))
+        try await TestEnvironment.shared.application().test(.router) { client in
+            let page = try await client.send(.get, path)
+            #expect(page.status == .ok && page.text.contains("Activity, Outings"), "\(page.text)")
+            var headers = HTTPFields()
+            headers[.contentType] = "application/x-www-form-urlencoded"
+            let off = try await client.execute(
+                uri: path, method: .post, headers: headers, body: ByteBuffer(string: "List-Unsubscribe=One-Click"))
+            #expect(off.status == .ok && String(buffer: off.body).contains("Activity, Outings"))
+        }
+        let email = try await org.store { tx in try await tx.preferences(ofUser: org.memberID) }.filter { $0.channel == .email }
+        #expect(email.count == 2 && email.allSatisfy { !$0.setting.enabled }, "\(email)")
+    }
+
     @Test("two runners at once: every member gets exactly one digest with every item; nothing twice, nothing lost")
     func exactlyOnceAcrossRunners() async throws {
         let (org, catalogue) = try await clubMember()
@@ -542,14 +584,17 @@ extension DigestTests {
             text.split(separator: "\n").first { $0.contains("http://herald.test/v1/links/") }?.trimmingCharacters(in: .whitespaces))
         let unsubscribe = try #require(mail.headers["List-Unsubscribe"]?.trimmingCharacters(in: CharacterSet(charactersIn: "<>")))
         let env = try await TestEnvironment.shared
+        // The owner last engaged a month ago.
+        _ = try await org.store { tx in
+            try await tx.query(
+                "UPDATE users SET last_engaged_at = now() - interval '30 days' WHERE organisation_id = \(org.id) AND id = \(org.ownerID)")
+        }
+        let clickedAt = Date()
         try await env.application().test(.router) { client in
             let followed = try await client.send(.get, String(link.dropFirst("http://herald.test".count)))
             #expect(followed.status == .found && followed.headers[.location] == "https://club.example/outings/7")
-            let engaged = try await org.store { tx in
-                try await tx.query("SELECT last_engaged_at FROM users WHERE organisation_id = \(org.id) AND id = \(org.ownerID)")
-                    .first?.decode(Date?.self)
-            }
-            #expect(engaged != nil, "the click refreshed the owner's engagement")
+            let engaged = try await org.store { tx in try await tx.user(org.ownerID).lastEngagedAt }
+            #expect(engaged >= clickedAt.addingTimeInterval(-1), "the click refreshed the owner's engagement: \(engaged)")
             // One click (RFC 8058): the owner's outings email is off.
             var headers = HTTPFields()
             headers[.contentType] = "application/x-www-form-urlencoded"

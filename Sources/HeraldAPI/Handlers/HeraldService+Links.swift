@@ -22,11 +22,15 @@ extension HeraldService {
     /// Changes nothing: mail scanners and link previews follow GET links.
     func showUnsubscribe(_ input: Operations.ShowUnsubscribe.Input) async throws -> Operations.ShowUnsubscribe.Output {
         let claims = try verifiedLink()
-        let (category, channel) = try await unsubscribeTarget(claims)
-        let name = try await transaction { tx in try await tx.category(category).name }
+        let (categories, channel) = try await unsubscribeTargets(claims)
+        let names = try await transaction { tx in
+            var names: [String] = []
+            for category in categories { names.append(try await tx.category(category).name) }
+            return names
+        }
         let page = """
             <!doctype html><html lang="en"><head><meta charset="utf-8"><title>Unsubscribe</title></head><body>
-            <p>Stop receiving <strong>\(htmlEscaped(name))</strong> notifications by \(channel.rawValue)?</p>
+            <p>Stop receiving <strong>\(htmlEscaped(names.sorted().joined(separator: ", ")))</strong> notifications by \(channel.rawValue)?</p>
             <form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click"><button type="submit">Unsubscribe</button></form>
             </body></html>
             """
@@ -40,24 +44,29 @@ extension HeraldService {
         guard case .urlEncodedForm(let form) = input.body, form.listUnsubscribe == .oneClick else {
             throw APIError.badRequest("The body must be List-Unsubscribe=One-Click (RFC 8058).")
         }
-        let (category, channel) = try await unsubscribeTarget(claims)
-        let name = try await transaction { tx in
-            let before = try await tx.unsubscribe(userID: claims.userID, categoryID: category, channel: channel)
-            try await tx.audit(
-                action: "preference.unsubscribe", targetType: "user", targetID: claims.userID.lowercased,
-                before: auditJSON([
-                    "category_id": category.lowercased, "channel": channel.rawValue,
-                    "enabled": before.map { String($0.enabled) } ?? "inherited",
-                ]),
-                after: auditJSON([
-                    "category_id": category.lowercased, "channel": channel.rawValue, "enabled": "false",
-                    "via": "one-click unsubscribe, delivery \(claims.deliveryID?.lowercased ?? "-")",
-                ]))
-            return try await tx.category(category).name
+        let (categories, channel) = try await unsubscribeTargets(claims)
+        let names = try await transaction { tx in
+            var names: [String] = []
+            for category in categories {
+                let before = try await tx.unsubscribe(userID: claims.userID, categoryID: category, channel: channel)
+                try await tx.audit(
+                    action: "preference.unsubscribe", targetType: "user", targetID: claims.userID.lowercased,
+                    before: auditJSON([
+                        "category_id": category.lowercased, "channel": channel.rawValue,
+                        "enabled": before.map { String($0.enabled) } ?? "inherited",
+                    ]),
+                    after: auditJSON([
+                        "category_id": category.lowercased, "channel": channel.rawValue, "enabled": "false",
+                        "via": claims.digestRunID.map { "one-click unsubscribe, digest run \($0.lowercased)" }
+                            ?? "one-click unsubscribe, delivery \(claims.deliveryID?.lowercased ?? "-")",
+                    ]))
+                names.append(try await tx.category(category).name)
+            }
+            return names
         }
         let page = """
             <!doctype html><html lang="en"><head><meta charset="utf-8"><title>Unsubscribed</title></head><body>
-            <p>You will no longer receive <strong>\(htmlEscaped(name))</strong> notifications by \(channel.rawValue).</p></body></html>
+            <p>You will no longer receive <strong>\(htmlEscaped(names.sorted().joined(separator: ", ")))</strong> notifications by \(channel.rawValue).</p></body></html>
             """
         return .ok(.init(body: .html(HTTPBody(page))))
     }
@@ -99,10 +108,14 @@ extension HeraldService {
         return claims
     }
 
-    private func unsubscribeTarget(_ claims: LinkClaims) async throws -> (UUID, NotificationChannel) {
-        guard let category = claims.categoryID, let channel = claims.channel.flatMap(NotificationChannel.init(rawValue:)) else {
-            throw APIError.notFound(resource: "link")
-        }
-        return (category, channel)
+    /// The categories and the channel a link unsubscribes from: the message's category, or every
+    /// category of a digest.
+    private func unsubscribeTargets(_ claims: LinkClaims) async throws -> ([UUID], NotificationChannel) {
+        guard let channel = claims.channel.flatMap(NotificationChannel.init(rawValue:)) else { throw APIError.notFound(resource: "link") }
+        if let category = claims.categoryID { return ([category], channel) }
+        guard let run = claims.digestRunID else { throw APIError.notFound(resource: "link") }
+        let categories = try await transaction { tx in try await tx.digestRunCategories(run, userID: claims.userID) }
+        guard !categories.isEmpty else { throw APIError.notFound(resource: "link") }
+        return (categories, channel)
     }
 }
