@@ -100,6 +100,10 @@ struct ScheduleTests {
             #expect(fixed.isProblem(.badRequest) || fixed.isProblem(.unprocessableContent), "\(fixed.text)")
             try await refused(
                 #"{"name": "x", "rule": "FREQ=DAILY", "event": {"type": "NOPE", "audience": {"everyone": true}}}"#, "type", "NOPE")
+            // A start centuries ago is refused at once (occurrences count from the start).
+            try await refused(
+                #"{"name": "x", "rule": "FREQ=DAILY", "starts_at": "0259-08-29T06:16:21Z", "event": {"type": "TASK_ASSIGNED", "audience": {"everyone": true}}}"#,
+                "starts_at", "30 days")
             try await refused(
                 #"{"name": "x", "rule": "FREQ=DAILY", "event": {"type": "TASK_ASSIGNED", "audience": {"groups": ["ghosts"]}}}"#, "audience",
                 "ghosts")

@@ -24,8 +24,14 @@ extension HeraldService {
         let event = try JSONDecoder().decode(Components.Schemas.EventCreate.self, from: JSONEncoder().encode(body.event))
         let request = try eventRequest(event)
         let zoneName = try body.timeZone.map { v in try Validate.timezone(v, field: "time_zone") }
-        let startsAt = body.startsAt ?? now()
         let now = now()
+        let startsAt = body.startsAt ?? now
+        // Occurrences are counted from the start: a start far in the past would make every
+        // computation walk centuries of days.
+        guard startsAt >= now.addingTimeInterval(-30 * 86_400), startsAt <= now.addingTimeInterval(3650 * 86_400) else {
+            throw APIError.unprocessable(
+                ValidationError(field: "starts_at", message: "must be at most 30 days before now and at most 10 years after."))
+        }
         let id = UUID()
         let created = try await tenant { tx, _ in
             var zone = zoneName ?? ""
