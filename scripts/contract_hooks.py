@@ -177,6 +177,12 @@ def _fix_body(case) -> None:
         # A rule the server can read (the RRULE grammar is no schema's business).
         if "rule" in body:
             body["rule"] = _pick(RULES, body["rule"])
+        # A schedule starts at most 30 days back and 10 years ahead (no schema says "now").
+        if "starts_at" in body:
+            start = _instant(body["starts_at"])
+            now = datetime.now(timezone.utc)
+            if start is None or start < now - timedelta(days=29) or start > now + timedelta(days=3649):
+                body["starts_at"] = now.strftime("%Y-%m-%dT%H:%M:%SZ")
         if isinstance(body.get("event"), dict):
             _fix_event(body["event"])
     if path in ("/v1/events", "/v1/events/dry-run"):
