@@ -160,8 +160,17 @@ extension Database {
         ).map { row in
             let (org, job, run, name, attempt, trigger, scheduled, cron, zone, interval) = try row.decode(
                 (UUID, UUID, UUID, SystemJob, Int, JobTrigger, Date, String?, String, Int?).self, table: "jobs")
-            // A schedule the row cannot give (a zone this system lacks) runs daily from now.
-            let schedule = JobSchedule(cron: cron, timeZone: zone, intervalSeconds: interval) ?? .every(seconds: 86_400)
+            // A schedule the row cannot give (a zone this system lacks) runs daily from now, and says so.
+            guard let schedule = JobSchedule(cron: cron, timeZone: zone, intervalSeconds: interval) else {
+                logger.warning(
+                    "job schedule unusable; running it daily instead",
+                    metadata: [
+                        "organisation": "\(org.lowercased)", "job": "\(name.rawValue)", "cron": "\(cron ?? "")", "time_zone": "\(zone)",
+                    ])
+                return ClaimedJob(
+                    organisationID: org, jobID: job, runID: run, name: name, attempt: attempt, trigger: trigger, scheduledFor: scheduled,
+                    schedule: .every(seconds: 86_400))
+            }
             return ClaimedJob(
                 organisationID: org, jobID: job, runID: run, name: name, attempt: attempt, trigger: trigger, scheduledFor: scheduled,
                 schedule: schedule)

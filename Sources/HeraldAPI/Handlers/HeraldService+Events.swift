@@ -74,7 +74,7 @@ extension HeraldService {
                 }
                 typeID = type.id
             }
-            let state = input.query.state.map { EventState(rawValue: $0.rawValue.uppercased()) ?? .delivered }
+            let state = input.query.state.map { mapped($0, to: EventState.self) }
             return try await tx.events(typeID: typeID, state: state, now: now, limit: limit, after: cursor)
         }
         return .ok(.init(body: .json(.init(items: try page.items.map { try .init($0, now: now) }, nextCursor: page.next?.encoded))))
@@ -198,14 +198,15 @@ extension HeraldService {
         let digest = channel.digestItemID.flatMap { recipient.digests[$0] }
         let run: Components.Schemas.ExplainedChannel.DigestRunPayload? = digest?.run.map { run in
             .init(
-                id: run.id.lowercased, status: .init(rawValue: run.status.rawValue) ?? .pending, slotAt: run.slotAt,
+                id: run.id.lowercased, status: mapped(run.status), slotAt: run.slotAt,
                 attempts: run.attempts, sentAt: run.sentAt, lastError: run.lastError)
         }
         let deliveries: [Components.Schemas.ExplainedChannel.DeliveriesPayloadPayload]? =
             channel.deliveryIDs.isEmpty
             ? nil
-            : channel.deliveryIDs.map { id in
-                .init(id: id.lowercased, status: recipient.deliveryStatus[id].map { mapped($0) } ?? .pending)
+            // A delivery the trace names but retention has since deleted is left out.
+            : channel.deliveryIDs.compactMap { id in
+                recipient.deliveryStatus[id].map { .init(id: id.lowercased, status: mapped($0)) }
             }
         return .init(
             channel: mapped(channel.channel), enabled: channel.enabled,
@@ -220,7 +221,7 @@ extension HeraldService {
             digestItemId: channel.digestItemID?.lowercased,
             digestStatus: digest.map { mapped($0.status) },
             digestDueAt: digest?.dueAt,
-            digestDroppedReason: digest?.droppedReason.flatMap { .init(rawValue: $0.rawValue) },
+            digestDroppedReason: digest?.droppedReason.map { mapped($0) },
             digestRun: run)
     }
 
@@ -287,7 +288,7 @@ extension Components.Schemas.Event {
         let audience = e.audience
         self.init(
             id: e.id.lowercased, _type: e.typeKey, status: mapped(e.status),
-            state: .init(rawValue: e.state(at: now).rawValue) ?? .delivered,
+            state: mapped(e.state(at: now)),
             audience: .init(audience),
             payload: try convert(e.payload),
             subject: e.subjectType.map { .init(_type: $0, id: e.subjectID ?? "") },

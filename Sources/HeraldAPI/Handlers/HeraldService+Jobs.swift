@@ -36,9 +36,9 @@ extension HeraldService {
 extension Components.Schemas.Job {
     init(_ job: Job) {
         self.init(
-            id: job.id.lowercased, name: .init(rawValue: job.name.rawValue) ?? .retention, description: job.name.summary, cron: job.cron,
+            id: job.id.lowercased, name: mapped(job.name), description: job.name.summary, cron: job.cron,
             intervalSeconds: job.intervalSeconds, timeZone: job.timeZone, paused: job.paused,
-            status: .init(rawValue: job.status.rawValue) ?? .idle, nextRunAt: job.nextRunAt, runRequestedAt: job.runRequestedAt,
+            status: mapped(job.status), nextRunAt: job.nextRunAt, runRequestedAt: job.runRequestedAt,
             lastRun: job.lastRun.map(Components.Schemas.JobRun.init))
     }
 }
@@ -46,8 +46,8 @@ extension Components.Schemas.Job {
 extension Components.Schemas.JobRun {
     init(_ run: HeraldStore.JobRun) {
         self.init(
-            id: run.id.lowercased, trigger: .init(rawValue: run.trigger.rawValue) ?? .schedule, scheduledFor: run.scheduledFor,
-            attempt: run.attempt, status: .init(rawValue: run.status.rawValue) ?? .failed, startedAt: run.startedAt,
+            id: run.id.lowercased, trigger: mapped(run.trigger), scheduledFor: run.scheduledFor,
+            attempt: run.attempt, status: mapped(run.status), startedAt: run.startedAt,
             finishedAt: run.finishedAt, durationMs: run.durationMilliseconds, counts: .init(additionalProperties: run.counts),
             error: run.error)
     }

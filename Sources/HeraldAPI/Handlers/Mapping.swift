@@ -272,6 +272,67 @@ func mapped(_ outcome: AttemptOutcome) -> Components.Schemas.DeliveryAttempt.Out
     }
 }
 
+func mapped(_ state: EventState) -> Components.Schemas.Event.StatePayload {
+    switch state {
+    case .scheduled: .scheduled
+    case .delivered: .delivered
+    case .cancelled: .cancelled
+    }
+}
+
+func mapped(_ status: DigestRunStatus) -> Components.Schemas.ExplainedChannel.DigestRunPayload.StatusPayload {
+    switch status {
+    case .pending: .pending
+    case .sending: .sending
+    case .failed: .failed
+    case .sent: .sent
+    case .dead: .dead
+    case .empty: .empty
+    }
+}
+
+func mapped(_ drop: DigestDrop) -> Components.Schemas.ExplainedChannel.DigestDroppedReasonPayload {
+    switch drop {
+    case .eventCancelled: .eventCancelled
+    case .eventExpired: .eventExpired
+    case .userInactive: .userInactive
+    case .channelDisabled: .channelDisabled
+    case .frequencyNone: .frequencyNone
+    case .conditionNotMet: .conditionNotMet
+    }
+}
+
+func mapped(_ job: SystemJob) -> Components.Schemas.Job.NamePayload {
+    switch job {
+    case .retention: .retention
+    case .purgeExpired: .purgeExpired
+    case .inactivity: .inactivity
+    }
+}
+
+func mapped(_ status: JobStatus) -> Components.Schemas.Job.StatusPayload {
+    switch status {
+    case .idle: .idle
+    case .running: .running
+    }
+}
+
+func mapped(_ trigger: JobTrigger) -> Components.Schemas.JobRun.TriggerPayload {
+    switch trigger {
+    case .schedule: .schedule
+    case .manual: .manual
+    }
+}
+
+func mapped(_ status: JobRunStatus) -> Components.Schemas.JobRun.StatusPayload {
+    switch status {
+    case .running: .running
+    case .succeeded: .succeeded
+    case .failed: .failed
+    case .abandoned: .abandoned
+    }
+}
+
 // The request's words into the store's vocabulary.
 
 func mapped(_ channel: Components.Schemas.ChannelName, to: NotificationChannel.Type = NotificationChannel.self) -> NotificationChannel {
@@ -376,5 +437,13 @@ func mapped(
     case .normal: .normal
     case .high: .high
     case .critical: .critical
+    }
+}
+
+func mapped(_ state: Operations.ListEvents.Input.Query.StatePayload, to: EventState.Type = EventState.self) -> EventState {
+    switch state {
+    case .scheduled: .scheduled
+    case .delivered: .delivered
+    case .cancelled: .cancelled
     }
 }
