@@ -5,7 +5,8 @@
 #   1. notify fan-out to 10 000 and 100 000 members: time to commit and rows per second,
 #      beside a plain INSERT … SELECT of the same rows in one transaction as the same role;
 #   2. the feed read (unread count, first page) under wrk, beside pgbench running the same SQL
-#      (authentication transaction + handler transaction) at the same concurrency;
+#      (the request's one transaction) at the same concurrency, extended and prepared, and
+#      the transaction the server sent before migration 0017;
 #   3. delivery: 10 000 webhooks to a local receiver and 10 000 emails to a local SMTP server
 #      (scripts/peers.py) by one `herald worker`, beside each receiver's own ceiling (wrk
 #      posting the same body to the receiver; smtplib sending the same message over 4
@@ -176,26 +177,27 @@ done
 TOKEN=$(curl -s -X POST localhost:$HTTP/v1/auth/token -H 'content-type: application/json' \
   -d '{"organisation":"bench","email":"owner@bench.example","password":"bench-owner-password"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
 
-# The SQL the server runs for one feed request: ONE transaction (issue 9): the tenant context
-# (SET LOCAL takes no parameter, so the ids are literals, as the server writes them), the grant,
-# then the handler's statement.
-AUTH_SQL="BEGIN;
+# The SQL the server runs for one feed request: ONE transaction (issue 9) entered by one
+# statement (migration 0017: the SET LOCALs of the tenant context and the caller's grant), then
+# the handler's statement. A feed read also records engagement, which writes nothing when the
+# last was within the hour (as here: the entry's row says so, and the server skips the UPDATE).
+ENTRY_SQL="BEGIN;
+SELECT active, permissions, last_engaged_at, warned FROM enter_tenant_as_user(:org::uuid, :usr::uuid, :usr::uuid);"
+# Before migration 0017 the same request sent each SET LOCAL, the grant and the engagement
+# UPDATE as statements of their own (seven round trips for the first page, six for the count):
+# measured too, as the ceiling the server had before.
+BEFORE_SQL="BEGIN;
 SET LOCAL app.org_id = '$ORG';
 SET LOCAL app.recipient_id = '$OWNER';
 SELECT u.active, coalesce((SELECT array_agg(DISTINCT p.permission) FROM user_roles ur JOIN role_permissions p ON p.organisation_id = ur.organisation_id AND p.role_id = ur.role_id WHERE ur.organisation_id = u.organisation_id AND ur.user_id = u.id), '{}') FROM users u WHERE u.organisation_id = :org::uuid AND u.id = :usr::uuid;"
-cat > .bench/unread.sql <<SQL
-$AUTH_SQL
-SELECT c.key, count(*)::int FROM notifications n JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
+ENGAGEMENT_SQL="UPDATE users SET last_engaged_at = now(), inactivity_warned_at = NULL WHERE organisation_id = :org::uuid AND id = :usr::uuid AND (last_engaged_at < now() - interval '1 hour' OR inactivity_warned_at IS NOT NULL);"
+UNREAD_SQL="SELECT c.key, count(*)::int FROM notifications n JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
 LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
 WHERE n.organisation_id = :org::uuid AND n.user_id = :usr::uuid AND n.read_at IS NULL AND n.archived_at IS NULL AND n.visible_at <= now() AND (n.expires_at IS NULL OR n.expires_at > now())
   AND (n.unread_pinned OR n.id > coalesce((SELECT read_settled FROM feed_state WHERE organisation_id = :org::uuid AND user_id = :usr::uuid), '00000000-0000-0000-0000-000000000000'))
   AND NOT notification_read(n, fs)
-GROUP BY c.key;
-COMMIT;
-SQL
-cat > .bench/page.sql <<SQL
-$AUTH_SQL
-SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, n.title, n.body,
+GROUP BY c.key;"
+PAGE_SQL="SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, n.title, n.body,
        e.subject_type, e.subject_id, notification_read(n, fs) AS read, n.archived_at IS NOT NULL AS archived, n.visible_at, n.expires_at
 FROM notifications n
 JOIN events e ON e.organisation_id = n.organisation_id AND e.id = n.event_id
@@ -203,16 +205,30 @@ JOIN notification_types t ON t.organisation_id = n.organisation_id AND t.id = n.
 JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
 LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
 WHERE n.organisation_id = :org::uuid AND n.user_id = :usr::uuid AND n.visible_at <= now() AND (n.expires_at IS NULL OR n.expires_at > now()) AND n.archived_at IS NULL
-ORDER BY read, id DESC LIMIT 21;
-COMMIT;
-SQL
+ORDER BY read, id DESC LIMIT 21;"
+printf '%s\n%s\nCOMMIT;\n' "$ENTRY_SQL" "$UNREAD_SQL" > .bench/unread.sql
+printf '%s\n%s\nCOMMIT;\n' "$ENTRY_SQL" "$PAGE_SQL" > .bench/page.sql
+printf '%s\n%s\nCOMMIT;\n' "$BEFORE_SQL" "$UNREAD_SQL" > .bench/unread-before.sql
+printf '%s\n%s\n%s\nCOMMIT;\n' "$BEFORE_SQL" "$ENGAGEMENT_SQL" "$PAGE_SQL" > .bench/page-before.sql
+# A server older than migration 0017 (BENCH_HERALD naming an earlier build) has no entry
+# function: its ceiling is the "before" transaction alone.
+HAS_ENTRY=$(psql_app -tAc "SELECT count(*) FROM pg_proc WHERE proname = 'enter_tenant_as_user'")
+
+pgbench_tps() {
+  PGPASSWORD=herald_app "$bindir/pgbench" -n -h 127.0.0.1 -p $PORT -U herald_app -c $CONC -j 2 -T $DURATION -M "$1" \
+    -D org=$ORG -D usr=$OWNER -f "$2" herald_bench 2>/dev/null | awk '/^tps/ {print $3; exit}'
+}
 
 {
 echo
-echo "## feed read, $CONC connections, ${DURATION}s each (wrk -t2 -c$CONC; pgbench -c$CONC -j2 -M extended running the same transaction)"
+echo "## feed read, $CONC connections, ${DURATION}s each (wrk -t2 -c$CONC; pgbench -c$CONC -j2 running the same transaction)"
 echo
-echo "| request | Herald (wrk, requests/s) | pgbench, same SQL (tps) | ratio |"
-echo "|---|---|---|---|"
+echo "Binary: \`$HERALD\`. Ceilings: the server's transaction (BEGIN, the entry, the read, COMMIT) under"
+echo "\`pgbench -M extended\` and \`-M prepared\`; and, for comparison, the transaction the server sent before"
+echo "migration 0017 (BEGIN, two SET LOCAL, the grant, [the engagement UPDATE], the read, COMMIT), \`-M extended\`."
+echo
+echo "| request | Herald (wrk, requests/s) | pgbench extended (tps) | ratio | pgbench prepared (tps) | ratio | before-0017 SQL, extended (tps) |"
+echo "|---|---|---|---|---|---|---|"
 } >> $OUT
 for what in unread page; do
   case $what in
@@ -222,9 +238,14 @@ for what in unread page; do
   say "wrk $NAME"
   RPS=$(wrk -t2 -c$CONC -d${DURATION}s -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$HTTP$URL" | awk '/Requests\/sec/ {print $2}')
   say "pgbench $NAME"
-  TPS=$(PGPASSWORD=herald_app "$bindir/pgbench" -n -h 127.0.0.1 -p $PORT -U herald_app -c $CONC -j 2 -T $DURATION -M extended \
-        -D org=$ORG -D usr=$OWNER -f .bench/$what.sql herald_bench 2>/dev/null | awk '/^tps/ {print $3; exit}')
-  printf '| %s | %.0f | %.0f | %.2f |\n' "$NAME" $RPS $TPS $(echo "$RPS / $TPS" | bc -l) >> $OUT
+  BEFORE=$(pgbench_tps extended .bench/$what-before.sql)
+  if [ "$HAS_ENTRY" = 1 ]; then
+    EXT=$(pgbench_tps extended .bench/$what.sql)
+    PREP=$(pgbench_tps prepared .bench/$what.sql)
+    printf '| %s | %.0f | %.0f | %.2f | %.0f | %.2f | %.0f |\n' "$NAME" $RPS $EXT $(echo "$RPS / $EXT" | bc -l) $PREP $(echo "$RPS / $PREP" | bc -l) $BEFORE >> $OUT
+  else
+    printf '| %s | %.0f | – | – | – | – | %.0f (ratio %.2f) |\n' "$NAME" $RPS $BEFORE $(echo "$RPS / $BEFORE" | bc -l) >> $OUT
+  fi
 done
 fi
 

@@ -16,6 +16,14 @@ enum Credential: Sendable {
         }
     }
 
+    /// Whose grant the request's transaction reads as it enters.
+    var admission: Admission {
+        switch self {
+        case .accessToken(let access): .user(access.userID)
+        case .apiKey(let key): .apiKey(key.id)
+        }
+    }
+
     var actor: Actor {
         switch self {
         case .accessToken(let access): .user(access.userID)

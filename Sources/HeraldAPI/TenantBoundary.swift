@@ -54,7 +54,7 @@ struct TenantBoundary: ServerMiddleware {
         let ownFeed = RoutePermissions.isOwnFeed(operationID)
         return try await database.withTenant(
             credential.organisationID, actor: credential.actor, requestID: scope.requestID,
-            recipient: ownFeed ? credential.actor.userID : nil
+            recipient: ownFeed ? credential.actor.userID : nil, admitting: credential.admission
         ) { tx in
             let principal = try await authenticator.principal(for: credential, in: tx)
             if case .permission(let permission) = rule, !principal.permissions.contains(permission) {

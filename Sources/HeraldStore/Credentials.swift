@@ -30,21 +30,57 @@ public struct Grant: Sendable, Equatable {
     public init(permissions: Set<Permission>) { self.permissions = permissions }
 }
 
+/// The columns of `user_grant` and `enter_tenant_as_user`, and their types.
+let userGrantColumns = "active, permissions, last_engaged_at, warned"
+typealias UserGrantRow = (Bool, [String], Date, Bool)
+
+/// Whose grant a tenant transaction reads as it enters (`Database.withTenant(admitting:)`).
+public enum Admission: Sendable, Equatable {
+    case user(UUID)
+    case apiKey(UUID)
+}
+
+/// What the entry of a tenant transaction read: nothing, or the admitted caller's grant row
+/// (nil when no such user or key exists in the organisation).
+enum Entry: Sendable {
+    case none
+    case user(UUID, PostgresRow?)
+    case apiKey(UUID, PostgresRow?)
+}
+
 extension TenantTransaction {
     // MARK: Principals
 
+    /// Sets the tenant context for the rest of the transaction (`SET LOCAL`, inside the
+    /// functions of migration 0017) and reads the admitted caller's grant, in one round trip.
+    /// The ids travel as bind parameters typed `uuid`, so no text from a request reaches SQL.
+    func enter(recipient: UUID?, admitting admission: Admission?) async throws -> Entry {
+        switch admission {
+        case nil:
+            try await run("SELECT enter_tenant(\(organisationID), \(recipient))")
+            return .none
+        case .user(let id):
+            let rows = try await run(
+                "SELECT \(unescaped: userGrantColumns) FROM enter_tenant_as_user(\(organisationID), \(recipient), \(id))")
+            return .user(id, rows.first)
+        case .apiKey(let id):
+            let rows = try await run(
+                "SELECT secret_hash, expires_at, revoked_at, permissions FROM enter_tenant_as_api_key(\(organisationID), \(id))")
+            return .apiKey(id, rows.first)
+        }
+    }
+
     /// The permissions of an active user, or nil when the user is missing or deactivated.
     public func grant(forUser id: UUID) async throws -> Grant? {
-        let rows = try await query(
-            """
-            SELECT u.active,
-                   coalesce((SELECT array_agg(DISTINCT p.permission) FROM user_roles ur
-                             JOIN role_permissions p ON p.organisation_id = ur.organisation_id AND p.role_id = ur.role_id
-                             WHERE ur.organisation_id = u.organisation_id AND ur.user_id = u.id), '{}')
-            FROM users u WHERE u.organisation_id = \(organisationID) AND u.id = \(id)
-            """)
-        guard let row = rows.first else { return nil }
-        let (active, permissions) = try row.decode((Bool, [String]).self)
+        if case .user(id, let row) = entry { return try Self.userGrant(row) }
+        return try Self.userGrant(
+            try await query("SELECT \(unescaped: userGrantColumns) FROM user_grant(\(organisationID), \(id))").first)
+    }
+
+    /// A `user_grant` row (migration 0017) as a grant: nil when missing or inactive.
+    static func userGrant(_ row: PostgresRow?) throws -> Grant? {
+        guard let row else { return nil }
+        let (active, permissions, _, _) = try row.decode(UserGrantRow.self)
         guard active else { return nil }
         return Grant(permissions: Set(permissions.compactMap(Permission.init(rawValue:))))
     }
@@ -63,14 +99,15 @@ extension TenantTransaction {
     /// The permissions of a live API key whose secret hashes to `secretHash`, or nil.
     /// Marks the key used (at most once a minute, to keep reads cheap).
     public func grant(forApiKey id: UUID, secretHash: Data, now: Date) async throws -> Grant? {
-        let rows = try await query(
-            """
-            SELECT k.secret_hash, k.expires_at, k.revoked_at,
-                   coalesce((SELECT array_agg(p.permission) FROM role_permissions p
-                             WHERE p.organisation_id = k.organisation_id AND p.role_id = k.role_id), '{}')
-            FROM api_keys k WHERE k.organisation_id = \(organisationID) AND k.id = \(id)
-            """)
-        guard let row = rows.first else { return nil }
+        let row: PostgresRow?
+        if case .apiKey(id, let entered) = entry {
+            row = entered
+        } else {
+            row = try await query(
+                "SELECT secret_hash, expires_at, revoked_at, permissions FROM api_key_grant(\(organisationID), \(id))"
+            ).first
+        }
+        guard let row else { return nil }
         let (stored, expires, revoked, permissions) = try row.decode((Data, Date?, Date?, [String]).self)
         guard constantTimeEqual(stored, secretHash), revoked == nil, expires.map({ $0 > now }) ?? true else { return nil }
         try await query(

@@ -57,11 +57,17 @@ public struct Database: Sendable {
     /// `TenantTransaction` is not `Sendable`: it cannot be stored or captured by another task,
     /// so it never outlives `body` (a kept handle could run on a pooled connection that another
     /// tenant's transaction has by then).
+    ///
+    /// The context is set by one call (`enter_tenant`, migration 0017, which runs the
+    /// `SET LOCAL`s); with `admitting`, the same call reads that caller's grant, so a request
+    /// is BEGIN, one statement that enters and reads the grant, the handler's statements,
+    /// COMMIT. `grant(forUser:)` and `grant(forApiKey:…)` answer from what the entry read.
     public func withTenant<Result: Sendable>(
         _ organisationID: UUID,
         actor: Actor = .system,
         requestID: String? = nil,
         recipient: UUID? = nil,
+        admitting admission: Admission? = nil,
         _ body: (TenantTransaction) async throws -> Result
     ) async throws -> Result {
         do {
@@ -70,17 +76,14 @@ public struct Database: Sendable {
                 // Held before BEGIN, so the deadline can close it whichever statement hangs.
                 try await client.withConnection { connection in
                     held.hold(connection)
-                    let tx = TenantTransaction(
+                    var tx = TenantTransaction(
                         connection: connection, organisationID: organisationID, actor: actor,
                         requestID: requestID, logger: logger, deadline: until)
                     // BEGIN and COMMIT by hand, so each is abandonable like every statement.
                     try await tx.run("BEGIN")
                     let result: Result
                     do {
-                        try await tx.run(PostgresQuery(unsafeSQL: "SET LOCAL app.org_id = '\(organisationID.uuidString)'"))
-                        if let recipient {
-                            try await tx.run(PostgresQuery(unsafeSQL: "SET LOCAL app.recipient_id = '\(recipient.uuidString)'"))
-                        }
+                        tx.entry = try await tx.enter(recipient: recipient, admitting: admission)
                         result = try await body(tx)
                     } catch {
                         _ = try? await tx.run("ROLLBACK")
@@ -308,6 +311,8 @@ public struct TenantTransaction {
     let logger: Logger
     /// When the enclosing call's deadline passes.
     let deadline: ContinuousClock.Instant
+    /// The caller's grant as the entry read it (`withTenant(admitting:)`).
+    var entry: Entry = .none
 
     /// One statement without translation, abandoned at the deadline.
     @discardableResult
@@ -346,6 +351,7 @@ public final class TransactionLoan: Sendable {
         let requestID: String?
         let logger: Logger
         let deadline: ContinuousClock.Instant
+        let entry: Entry
     }
 
     /// The transaction's parts while it is open and not in use; nil once closed.
@@ -356,7 +362,7 @@ public final class TransactionLoan: Sendable {
             (
                 Parts(
                     connection: tx.connection, organisationID: tx.organisationID, actor: tx.actor,
-                    requestID: tx.requestID, logger: tx.logger, deadline: tx.deadline), false
+                    requestID: tx.requestID, logger: tx.logger, deadline: tx.deadline, entry: tx.entry), false
             ))
     }
 
@@ -378,9 +384,10 @@ public final class TransactionLoan: Sendable {
             return parts
         }
         defer { state.withLock { $0.busy = false } }
-        let tx = TenantTransaction(
+        var tx = TenantTransaction(
             connection: parts.connection, organisationID: parts.organisationID, actor: parts.actor,
             requestID: parts.requestID, logger: parts.logger, deadline: parts.deadline)
+        tx.entry = parts.entry
         return try await body(tx)
     }
 }

@@ -25,7 +25,8 @@ struct RequestBoundaryTests {
         let env: TestEnvironment
         let database: String
 
-        /// Calls of statements whose text starts with `prefix`, in this database.
+        /// Calls of statements the application role sent whose text starts with `prefix`, in
+        /// this database (every statement with the empty prefix).
         func calls(_ prefix: String) async throws -> Int {
             let client = PostgresClient(configuration: try .fromURL(env.ownerURL), backgroundLogger: env.logger)
             return try await withThrowingTaskGroup(of: Int.self) { group in
@@ -38,6 +39,7 @@ struct RequestBoundaryTests {
                     SELECT coalesce(sum(s.calls), 0)::bigint FROM pg_stat_statements s
                     JOIN pg_database d ON d.oid = s.dbid
                     WHERE d.datname = \(database) AND s.query LIKE \(prefix + "%")
+                      AND s.userid = (SELECT oid FROM pg_roles WHERE rolname = 'herald_app')
                     """, logger: env.logger)
                 var total = 0
                 for try await n in rows.decode(Int.self) { total = n }
@@ -46,7 +48,7 @@ struct RequestBoundaryTests {
         }
     }
 
-    @Test("an authenticated request runs one tenant transaction: grant lookup and handler together")
+    @Test("an authenticated request runs one tenant transaction, entered with its grant in one statement")
     func oneTransactionPerRequest() async throws {
         let name = "boundary_\(UUID().uuidString.prefix(8).lowercased())"
         try await owner { try await $0.query("CREATE DATABASE \(unescaped: name)", logger: env.logger) }
@@ -80,8 +82,15 @@ struct RequestBoundaryTests {
                 #expect(key.status == .created)
                 let apiKey = try #require(key.json["secret"] as? String)
 
-                let (begins, commits, contexts) = (
-                    try await counter.calls("BEGIN"), try await counter.calls("COMMIT"), try await counter.calls("SET LOCAL app.org_id")
+                // The entry: one statement sets the context and reads the caller's grant.
+                let entries = [
+                    "SELECT active, permissions, last_engaged_at, warned FROM enter_tenant_as_user",
+                    "SELECT secret_hash, expires_at, revoked_at, permissions FROM enter_tenant_as_api_key",
+                ]
+                func entered() async throws -> Int { try await counter.calls(entries[0]) + counter.calls(entries[1]) }
+                let (begins, commits, contexts, grants) = (
+                    try await counter.calls("BEGIN"), try await counter.calls("COMMIT"), try await entered(),
+                    try await counter.calls("SELECT active, permissions, last_engaged_at, warned FROM user_grant")
                 )
                 // Reads, a write, the feed (confined to the caller), an API key, a refusal.
                 let requests: [(HTTPRequest.Method, String, String, String?, HTTPResponse.Status)] = [
@@ -98,9 +107,19 @@ struct RequestBoundaryTests {
                     #expect(response.status == status, "\(method) \(path): \(response.text)")
                 }
                 #expect(try await counter.calls("BEGIN") - begins == requests.count)
-                #expect(try await counter.calls("SET LOCAL app.org_id") - contexts == requests.count)
+                #expect(try await entered() - contexts == requests.count)
+                // No request read its grant again, nor set the context by a statement of its own.
+                #expect(try await counter.calls("SELECT active, permissions, last_engaged_at, warned FROM user_grant") == grants)
+                #expect(try await counter.calls("SET LOCAL") == 0)
                 // Each successful one committed once; the refusals rolled back.
                 #expect(try await counter.calls("COMMIT") - commits == requests.count - 2)
+                // A bell's two reads are four round trips each: BEGIN, the entry, the read, COMMIT
+                // (the feed read records engagement only when the last is over an hour old).
+                for path in ["/v1/me/notifications/unread-count", "/v1/me/notifications"] {
+                    let statements = try await counter.calls("")
+                    #expect(try await http.send(.get, path, token: memberToken).status == .ok)
+                    #expect(try await counter.calls("") - statements == 4, "\(path)")
+                }
                 // Public operations open none.
                 let before = try await counter.calls("BEGIN")
                 #expect(try await http.send(.get, "/healthz").status == .ok)

@@ -181,6 +181,17 @@ extension TestResponse {
         (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any] ?? [:]
     }
 
+    /// The body decoded into one of openapi.yaml's generated schema types (`Components.Schemas`),
+    /// with the server's date format. Objects the spec closes (`additionalProperties: false`)
+    /// refuse a key the spec does not declare, so a check written this way also checks the shape.
+    func decoded<T: Decodable>(_ type: T.Type = T.self) throws -> T {
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .custom { decoder in
+            try FlexibleISO8601().decode(try decoder.singleValueContainer().decode(String.self))
+        }
+        return try decoder.decode(T.self, from: Data(text.utf8))
+    }
+
     /// True for an RFC 9457 problem with this status.
     func isProblem(_ status: HTTPResponse.Status) -> Bool {
         self.status == status && headers[.contentType] == "application/problem+json" && (json["status"] as? Int) == status.code
