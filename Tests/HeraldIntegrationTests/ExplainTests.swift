@@ -68,17 +68,18 @@ struct ExplainTests {
                          "groups": ["night-shift"], "everyone": true, "exclude_user_ids": ["\(users.0.uuidString)"]}}
                         """)
                 #expect(sent.status == .accepted, "\(sent.text)")
-                let id = try #require(sent.json["event_id"] as? String)
+                let id = try sent.decoded(Components.Schemas.EventAccepted.self).eventId
                 var cursor: String?
                 repeat {
                     let page = try await client.send(
                         .get, "/v1/events/\(id)/explain?limit=3" + (cursor.map { "&cursor=\($0)" } ?? ""), token: org.ownerToken)
                     #expect(page.status == .ok)
-                    for user in page.json["items"] as? [[String: Any]] ?? [] {
-                        seen.insert(user["reason"] as? String ?? "")
-                        for channel in user["channels"] as? [[String: Any]] ?? [] { seen.insert(channel["reason"] as? String ?? "") }
+                    let explanation = try page.decoded(Components.Schemas.Explanation.self)
+                    for user in explanation.items {
+                        seen.insert(user.reason)
+                        for channel in user.channels { seen.insert(channel.reason) }
                     }
-                    cursor = page.json["next_cursor"] as? String
+                    cursor = explanation.nextCursor
                 } while cursor != nil
             }
             // check
@@ -115,28 +116,28 @@ struct ExplainTests {
             let after = try await rowCounts(org)
             #expect(dry.status == .ok, "\(dry.text)")
             #expect(before == after)
-            #expect(dry.json["dry_run"] as? Bool == true)
-            #expect(dry.json["event_id"] == nil)
+            let dryRun = try dry.decoded(Components.Schemas.Explanation.self)
+            #expect(dryRun.dryRun == true)
+            #expect(dryRun.eventId == nil)
             let sent = try await client.send(.post, "/v1/events", token: org.ownerToken, json: body)
-            #expect(sent.json["counts"] as? [String: Int] == dry.json["counts"] as? [String: Int])
-            let explained = try await client.send(
-                .get, "/v1/events/\(try #require(sent.json["event_id"] as? String))/explain", token: org.ownerToken)
-            func reasons(_ response: TestResponse) -> [String] {
-                (response.json["items"] as? [[String: Any]] ?? []).sorted {
-                    ($0["user_id"] as? String ?? "") < ($1["user_id"] as? String ?? "")
-                }
-                .flatMap { ($0["channels"] as? [[String: Any]] ?? []).compactMap { $0["reason"] as? String } }
+            let accepted = try sent.decoded(Components.Schemas.EventAccepted.self)
+            #expect(accepted.counts == dryRun.counts)
+            let explained = try await client.send(.get, "/v1/events/\(accepted.eventId)/explain", token: org.ownerToken)
+            func reasons(_ response: TestResponse) throws -> [String] {
+                try response.decoded(Components.Schemas.Explanation.self).items.sorted { $0.userId < $1.userId }
+                    .flatMap { $0.channels.map(\.reason) }
             }
-            #expect(reasons(dry) == reasons(explained))
-            #expect(!reasons(dry).isEmpty)
+            #expect(try reasons(dry) == reasons(explained))
+            #expect(try !reasons(dry).isEmpty)
             // A dry run pages like explain: one user per page here, every user once.
             var users: [String] = []
             var cursor: String?
             repeat {
                 let page = try await client.send(
                     .post, "/v1/events/dry-run?limit=1" + (cursor.map { "&cursor=\($0)" } ?? ""), token: org.ownerToken, json: body)
-                users += (page.json["items"] as? [[String: Any]] ?? []).compactMap { $0["user_id"] as? String }
-                cursor = page.json["next_cursor"] as? String
+                let explanation = try page.decoded(Components.Schemas.Explanation.self)
+                users += explanation.items.map(\.userId)
+                cursor = explanation.nextCursor
             } while cursor != nil
             #expect(users.count == 2 && Set(users).count == 2)
         }
@@ -147,16 +148,18 @@ struct ExplainTests {
         try await withCatalogue { org, _, client in
             let none = try await client.send(.get, "/v1/notifications/debug?event=ISQ_CRITICAL", token: org.ownerToken)
             #expect(none.status == .ok, "\(none.text)")
-            #expect(none.json["dry_run"] as? Bool == true)
-            #expect((none.json["items"] as? [[String: Any]])?.allSatisfy { $0["rule"] as? String == "everyone" } == true)
+            let everyone = try none.decoded(Components.Schemas.Explanation.self)
+            #expect(everyone.dryRun == true)
+            #expect(everyone.items.allSatisfy { $0.rule == "everyone" })
             let sent = try await client.send(
                 .post, "/v1/events", token: org.ownerToken,
                 json: #"{"type": "ISQ_CRITICAL", "audience": {"user_ids": ["\#(org.memberID.uuidString)"]}}"#)
             let latest = try await client.send(
                 .get, "/v1/notifications/debug?event=ISQ_CRITICAL&user_id=\(org.memberID.uuidString)", token: org.ownerToken)
-            #expect(latest.json["dry_run"] as? Bool == false)
-            #expect(latest.json["event_id"] as? String == sent.json["event_id"] as? String)
-            #expect((latest.json["items"] as? [[String: Any]])?.count == 1)
+            let explanation = try latest.decoded(Components.Schemas.Explanation.self)
+            #expect(explanation.dryRun == false)
+            #expect(try explanation.eventId == sent.decoded(Components.Schemas.EventAccepted.self).eventId)
+            #expect(explanation.items.count == 1)
             #expect(
                 try await client.send(.get, "/v1/notifications/debug?event=NOPE", token: org.ownerToken).isProblem(.unprocessableContent))
         }
@@ -177,9 +180,9 @@ struct ExplainTests {
                     #"{"type": "ISQ_CRITICAL", "audience": {"user_ids": ["\#(org.memberID.uuidString)"]}, "payload": {"isq": 30, "threshold": 55, "implant": "<IMP>"}}"#
             )
             let feed = try await client.send(.get, "/v1/me/notifications", token: org.memberToken)
-            let item = try #require((feed.json["items"] as? [[String: Any]])?.first)
-            #expect(item["title"] as? String == "ISQ critique 30")
-            #expect((item["body"] as? String)?.contains("&lt;IMP&gt;") == true)
+            let item = try #require(try feed.decoded(Components.Schemas.FeedPage.self).items.first)
+            #expect(item.title == "ISQ critique 30")
+            #expect(item.body.contains("&lt;IMP&gt;"))
         }
     }
 }

@@ -38,9 +38,9 @@ struct FeedTests {
                 let response = try await client.send(
                     .get, "/v1/me/notifications?limit=7" + (cursor.map { "&cursor=\($0)" } ?? ""), token: org.memberToken)
                 #expect(response.status == .ok)
-                let items = response.json["items"] as? [[String: Any]] ?? []
-                seen += items.compactMap { $0["title"] as? String }
-                cursor = response.json["next_cursor"] as? String
+                let feed = try response.decoded(Components.Schemas.FeedPage.self)
+                seen += feed.items.map(\.title)
+                cursor = feed.nextCursor
                 // New notifications arrive between pages.
                 try await task(org, to: [org.memberID], title: "during \(page)")
                 page += 1
@@ -58,38 +58,36 @@ struct FeedTests {
     func readState() async throws {
         try await withCatalogue { org, _, client in
             for i in 0..<5 { try await task(org, to: [org.memberID], title: "t\(i)") }
-            func unread() async throws -> Int? {
-                try await client.send(.get, "/v1/me/notifications/unread-count", token: org.memberToken).json["total"] as? Int
+            func unread() async throws -> Int {
+                try await client.send(.get, "/v1/me/notifications/unread-count", token: org.memberToken)
+                    .decoded(Components.Schemas.UnreadCount.self).total
             }
-            let ids = try #require(
-                (try await client.send(.get, "/v1/me/notifications", token: org.memberToken).json["items"] as? [[String: Any]])?
-                    .compactMap { $0["id"] as? String })
+            func item(_ method: HTTPRequest.Method, _ path: String) async throws -> Components.Schemas.FeedItem {
+                try await client.send(method, path, token: org.memberToken).decoded(Components.Schemas.FeedItem.self)
+            }
+            let ids = try await client.send(.get, "/v1/me/notifications", token: org.memberToken)
+                .decoded(Components.Schemas.FeedPage.self).items.map(\.id)
             #expect(ids.count == 5)
             #expect(try await unread() == 5)
-            #expect(
-                try await client.send(.post, "/v1/me/notifications/\(ids[0])/read", token: org.memberToken).json["read"] as? Bool == true)
+            #expect(try await item(.post, "/v1/me/notifications/\(ids[0])/read").read == true)
             #expect(try await unread() == 4)
             let many = try await client.send(
                 .post, "/v1/me/notifications/mark-read", token: org.memberToken, json: #"{"ids": ["\#(ids[1])", "\#(ids[2])"]}"#)
-            #expect(many.json["count"] as? Int == 2)
+            #expect(try many.decoded(Components.Schemas.Affected.self).count == 2)
             #expect(try await unread() == 2)
-            #expect(
-                try await client.send(.post, "/v1/me/notifications/\(ids[3])/archive", token: org.memberToken).json["archived"] as? Bool
-                    == true)
+            #expect(try await item(.post, "/v1/me/notifications/\(ids[3])/archive").archived == true)
             #expect(try await unread() == 1)
             let archived = try await client.send(.get, "/v1/me/notifications?archived=true", token: org.memberToken)
-            #expect((archived.json["items"] as? [[String: Any]])?.count == 1)
+            #expect(try archived.decoded(Components.Schemas.FeedPage.self).items.count == 1)
             #expect(
                 try await client.send(.post, "/v1/me/notifications/mark-read", token: org.memberToken, json: #"{"all": true}"#).status
                     == .ok)
             #expect(try await unread() == 0)
             // Unread again after "all read": it stays unread until the next "all read".
-            #expect(
-                try await client.send(.post, "/v1/me/notifications/\(ids[0])/unread", token: org.memberToken).json["read"] as? Bool == false
-            )
+            #expect(try await item(.post, "/v1/me/notifications/\(ids[0])/unread").read == false)
             #expect(try await unread() == 1)
             let unreadOnly = try await client.send(.get, "/v1/me/notifications?read=false", token: org.memberToken)
-            #expect((unreadOnly.json["items"] as? [[String: Any]])?.compactMap { $0["id"] as? String } == [ids[0]])
+            #expect(try unreadOnly.decoded(Components.Schemas.FeedPage.self).items.map(\.id) == [ids[0]])
             // New rows after the watermark are unread.
             try await task(org, to: [org.memberID], title: "new")
             #expect(try await unread() == 2)
@@ -98,7 +96,7 @@ struct FeedTests {
             let bad = try await client.send(.post, "/v1/me/notifications/mark-read", token: org.memberToken, json: #"{}"#)
             #expect(bad.isProblem(.unprocessableContent))
             let cleared = try await client.send(.delete, "/v1/me/notifications", token: org.memberToken)
-            #expect(cleared.json["count"] as? Int == 5)
+            #expect(try cleared.decoded(Components.Schemas.Affected.self).count == 5)
             #expect(try await unread() == 0)
         }
     }
@@ -115,7 +113,7 @@ struct FeedTests {
             func titles(_ query: String) async throws -> [String] {
                 let response = try await client.send(.get, "/v1/me/notifications?\(query)", token: org.memberToken)
                 #expect(response.status == .ok, "\(query): \(response.text)")
-                return (response.json["items"] as? [[String: Any]] ?? []).compactMap { $0["title"] as? String }
+                return try response.decoded(Components.Schemas.FeedPage.self).items.map(\.title)
             }
             #expect(try await titles("q=implant").count == 2) // title of one, body of the alert
             #expect(try await titles("q=gloves") == ["Order gloves"])
@@ -125,10 +123,11 @@ struct FeedTests {
             #expect(try await titles("priority=low").isEmpty)
             #expect(try await titles("since=2999-01-01T00:00:00Z").isEmpty)
             let stats = try await client.send(.get, "/v1/me/notifications/stats", token: org.memberToken)
-            #expect(stats.json["total"] as? Int == 3)
-            #expect((stats.json["by_category"] as? [String: Int])?["activity"] == 2)
+            let counted = try stats.decoded(Components.Schemas.Stats.self)
+            #expect(counted.total == 3)
+            #expect(counted.byCategory.additionalProperties["activity"] == 2)
             let orgStats = try await client.send(.get, "/v1/notifications/stats", token: org.ownerToken)
-            #expect((orgStats.json["by_type"] as? [String: Int])?["ISQ_CRITICAL"] == 1)
+            #expect(try orgStats.decoded(Components.Schemas.Stats.self).byType.additionalProperties["ISQ_CRITICAL"] == 1)
         }
     }
 
@@ -138,9 +137,9 @@ struct FeedTests {
             try await task(org, to: [org.ownerID], title: "for the owner")
             try await task(org, to: [org.memberID], title: "for the member")
             let owner = try await client.send(.get, "/v1/me/notifications", token: org.ownerToken)
-            let ownerID = try #require((owner.json["items"] as? [[String: Any]])?.first?["id"] as? String)
+            let ownerID = try #require(try owner.decoded(Components.Schemas.FeedPage.self).items.first?.id)
             let member = try await client.send(.get, "/v1/me/notifications", token: org.memberToken)
-            #expect((member.json["items"] as? [[String: Any]])?.compactMap { $0["title"] as? String } == ["for the member"])
+            #expect(try member.decoded(Components.Schemas.FeedPage.self).items.map(\.title) == ["for the member"])
             for (method, path) in [
                 (HTTPRequest.Method.get, "/v1/me/notifications/\(ownerID)"), (.post, "/v1/me/notifications/\(ownerID)/read"),
                 (.post, "/v1/me/notifications/\(ownerID)/archive"), (.delete, "/v1/me/notifications/\(ownerID)"),
@@ -149,13 +148,14 @@ struct FeedTests {
             }
             let many = try await client.send(
                 .post, "/v1/me/notifications/mark-read", token: org.memberToken, json: #"{"ids": ["\#(ownerID)"]}"#)
-            #expect(many.json["count"] as? Int == 0)
-            #expect(try await client.send(.get, "/v1/me/notifications/unread-count", token: org.ownerToken).json["total"] as? Int == 1)
+            #expect(try many.decoded(Components.Schemas.Affected.self).count == 0)
+            let ownerUnread = try await client.send(.get, "/v1/me/notifications/unread-count", token: org.ownerToken)
+            #expect(try ownerUnread.decoded(Components.Schemas.UnreadCount.self).total == 1)
             // API keys have no feed.
             let serviceRole = try await org.store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
             let key = try await client.send(
                 .post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "k", "role_id": "\#(serviceRole)"}"#)
-            let secret = try #require(key.json["secret"] as? String)
+            let secret = try key.decoded(Components.Schemas.ApiKeyCreated.self).secret
             #expect(try await client.send(.get, "/v1/me/notifications", token: secret).isProblem(.forbidden))
         }
     }

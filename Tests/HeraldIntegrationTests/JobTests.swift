@@ -1,12 +1,12 @@
 import Foundation
 import HTTPTypes
-import HeraldAPI
 import HeraldCore
 import HummingbirdTesting
 import NIOCore
 import PostgresNIO
 import Testing
 
+@testable import HeraldAPI
 @testable import HeraldDelivery
 @testable import HeraldStore
 
@@ -99,17 +99,17 @@ struct JobTests {
             // The zone changed after the jobs were made: retention's next run moved with it.
             let listed = try await client.send(.get, "/v1/jobs", token: org.ownerToken)
             #expect(listed.status == .ok, "\(listed.text)")
-            let items = try #require(listed.json["items"] as? [[String: Any]])
-            #expect(items.compactMap { $0["name"] as? String } == ["inactivity", "purge-expired", "retention"])
-            let retention = try #require(items.first { $0["name"] as? String == "retention" })
-            #expect(retention["cron"] as? String == "30 3 * * *" && retention["time_zone"] as? String == "Europe/Paris")
-            let next = try #require((retention["next_run_at"] as? String).flatMap { try? Date($0, strategy: .iso8601) })
+            let items = try listed.decoded(Components.Schemas.JobList.self).items
+            #expect(items.map(\.name) == [.inactivity, .purgeExpired, .retention])
+            let retention = try #require(items.first { $0.name == .retention })
+            #expect(retention.cron == "30 3 * * *" && retention.timeZone == "Europe/Paris")
+            let next = retention.nextRunAt
             var paris = Calendar(identifier: .gregorian)
             paris.timeZone = TimeZone(identifier: "Europe/Paris")!
             #expect(paris.component(.hour, from: next) == 3 && paris.component(.minute, from: next) == 30)
             #expect(next > Date() && next <= Date().addingTimeInterval(86_400))
-            let purge = try #require(items.first { $0["name"] as? String == "purge-expired" })
-            #expect(purge["interval_seconds"] as? Int == 900 && purge["cron"] == nil && purge["last_run"] == nil)
+            let purge = try #require(items.first { $0.name == .purgeExpired })
+            #expect(purge.intervalSeconds == 900 && purge.cron == nil && purge.lastRun == nil)
             // Reading jobs needs jobs.read: a member has it not.
             #expect(try await client.send(.get, "/v1/jobs", token: org.memberToken).isProblem(.forbidden))
         }
@@ -223,14 +223,16 @@ struct JobTests {
             let path = "/v1/jobs/\(purge.id.lowercased)"
             let asked = try await client.send(.post, path + "/run", token: org.ownerToken)
             #expect(asked.status == .accepted, "\(asked.text)")
-            #expect(asked.json["run_requested_at"] is String && asked.json["name"] as? String == "purge-expired")
+            let requested = try asked.decoded(Components.Schemas.Job.self)
+            #expect(requested.runRequestedAt != nil && requested.name == .purgeExpired)
             #expect(try await runDueJobs(org.id) == 1)
             let shown = try await client.send(.get, path, token: org.ownerToken)
-            let last = try #require(shown.json["last_run"] as? [String: Any], "\(shown.text)")
-            #expect(last["status"] as? String == "SUCCEEDED" && last["trigger"] as? String == "MANUAL")
-            #expect((last["counts"] as? [String: Any])?["notifications"] as? Int == 1 && shown.json["run_requested_at"] == nil)
+            let shownJob = try shown.decoded(Components.Schemas.Job.self)
+            let last = try #require(shownJob.lastRun, "\(shown.text)")
+            #expect(last.status == .succeeded && last.trigger == .manual)
+            #expect(last.counts.additionalProperties["notifications"] == 1 && shownJob.runRequestedAt == nil)
             let runs = try await client.send(.get, path + "/runs?limit=1", token: org.ownerToken)
-            #expect((runs.json["items"] as? [[String: Any]])?.count == 1, "\(runs.text)")
+            #expect(try runs.decoded(Components.Schemas.JobRunPage.self).items.count == 1, "\(runs.text)")
             #expect(try await org.notificationIDs(of: org.memberID).isEmpty)
 
             // Another organisation's job: not found, whatever the verb.
@@ -245,7 +247,8 @@ struct JobTests {
             let zero = try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"retention_days": 0}"#)
             #expect(zero.isProblem(.unprocessableContent) && zero.text.contains("retention_days"), "\(zero.text)")
             let set = try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"retention_days": 30}"#)
-            #expect(set.status == .ok && set.json["retention_days"] as? Int == 30, "\(set.text)")
+            #expect(set.status == .ok, "\(set.text)")
+            #expect(try set.decoded(Components.Schemas.Organisation.self).retentionDays == 30, "\(set.text)")
         }
     }
 
@@ -283,23 +286,21 @@ struct JobTests {
             for (name, at) in [("now", nil), ("tomorrow", tomorrow), ("cancelled", tomorrow)] as [(String, Date?)] {
                 let sent = try await client.send(.post, "/v1/events", token: org.ownerToken, json: task(name, at: at))
                 #expect(sent.status == .accepted || sent.status == .created, "\(sent.text)")
-                ids[name] = try #require(sent.json["event_id"] as? String)
+                ids[name] = try sent.decoded(Components.Schemas.EventAccepted.self).eventId
             }
             #expect(try await client.send(.post, "/v1/events/\(ids["cancelled"]!)/cancel", token: org.ownerToken).status == .ok)
-            func listed(_ state: String) async throws -> [String: String] {
+            func listed(_ state: String) async throws -> [String: Components.Schemas.Event.StatePayload] {
                 let page = try await client.send(.get, "/v1/events?state=\(state)", token: org.ownerToken)
                 #expect(page.status == .ok, "\(page.text)")
-                let items = page.json["items"] as? [[String: Any]] ?? []
-                return Dictionary(
-                    uniqueKeysWithValues: items.compactMap { item in
-                        (item["id"] as? String).map { ($0, item["state"] as? String ?? "") }
-                    })
+                let items = try page.decoded(Components.Schemas.EventPage.self).items
+                return Dictionary(uniqueKeysWithValues: items.map { ($0.id, $0.state) })
             }
-            #expect(try await listed("scheduled") == [ids["tomorrow"]!: "SCHEDULED"])
-            #expect(try await listed("delivered") == [ids["now"]!: "DELIVERED"])
-            #expect(try await listed("cancelled") == [ids["cancelled"]!: "CANCELLED"])
+            #expect(try await listed("scheduled") == [ids["tomorrow"]!: .scheduled])
+            #expect(try await listed("delivered") == [ids["now"]!: .delivered])
+            #expect(try await listed("cancelled") == [ids["cancelled"]!: .cancelled])
             let one = try await client.send(.get, "/v1/events/\(ids["tomorrow"]!)", token: org.ownerToken)
-            #expect(one.json["state"] as? String == "SCHEDULED" && one.json["status"] as? String == "ACCEPTED")
+            let event = try one.decoded(Components.Schemas.Event.self)
+            #expect(event.state == .scheduled && event.status == .accepted)
             #expect(try await client.send(.get, "/v1/events?state=soon", token: org.ownerToken).isProblem(.badRequest))
             return ids
         }
@@ -310,9 +311,9 @@ struct JobTests {
         let token = try await env.tokens.issueAccessToken(organisationID: org.id, userID: org.ownerID, now: then)
         try await later.test(.router) { client in
             let one = try await client.send(.get, "/v1/events/\(ids["tomorrow"]!)", token: token)
-            #expect(one.json["state"] as? String == "DELIVERED", "\(one.text)")
+            #expect(try one.decoded(Components.Schemas.Event.self).state == .delivered, "\(one.text)")
             let scheduled = try await client.send(.get, "/v1/events?state=scheduled", token: token)
-            #expect((scheduled.json["items"] as? [Any])?.isEmpty == true, "\(scheduled.text)")
+            #expect(try scheduled.decoded(Components.Schemas.EventPage.self).items.isEmpty, "\(scheduled.text)")
         }
     }
 }

@@ -1,12 +1,12 @@
 import Foundation
 import HTTPTypes
-import HeraldAPI
 import HeraldCore
 import HummingbirdTesting
 import NIOCore
 import PostgresNIO
 import Testing
 
+@testable import HeraldAPI
 @testable import HeraldDelivery
 @testable import HeraldStore
 
@@ -50,14 +50,14 @@ struct ScheduleTests {
 
     func create(
         _ client: some TestClientProtocol, _ org: TestOrganisation, rule: String, zone: String = "Europe/Paris"
-    ) async throws -> [String: Any] {
+    ) async throws -> Components.Schemas.Schedule {
         let body = """
             {"name": "Reminder", "rule": "\(rule)", "time_zone": "\(zone)",
              "event": {"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\(org.memberID.uuidString.lowercased())"]}, "payload": {"title": "Timesheet"}}}
             """
         let created = try await client.send(.post, "/v1/schedules", token: org.ownerToken, json: body)
         #expect(created.status == .created, "\(created.text)")
-        return created.json
+        return try created.decoded(Components.Schemas.Schedule.self)
     }
 
     @Test("a schedule shows its next occurrences in its zone; a bad rule, a fixed time or an unknown audience is refused")
@@ -67,16 +67,16 @@ struct ScheduleTests {
         let other = try await TestOrganisation.make()
         try await TestEnvironment.shared.application().test(.router) { client in
             let schedule = try await create(client, org, rule: "FREQ=WEEKLY;BYDAY=FR;BYHOUR=16;BYMINUTE=0")
-            #expect(schedule["state"] as? String == "ACTIVE" && schedule["type"] as? String == "TASK_ASSIGNED")
-            let next = try #require(schedule["next_occurrences"] as? [String]).compactMap { try? Date($0, strategy: .iso8601) }
+            #expect(schedule.state == .active && schedule._type == "TASK_ASSIGNED")
+            let next = schedule.nextOccurrences
             #expect(next.count == 5)
             var paris = Calendar(identifier: .gregorian)
             paris.timeZone = TimeZone(identifier: "Europe/Paris")!
             #expect(next.allSatisfy { paris.component(.weekday, from: $0) == 6 && paris.component(.hour, from: $0) == 16 })
-            let id = try #require(schedule["id"] as? String)
+            let id = schedule.id
             #expect(try await client.send(.get, "/v1/schedules/\(id)", token: org.ownerToken).status == .ok)
             let listed = try await client.send(.get, "/v1/schedules", token: org.ownerToken)
-            #expect((listed.json["items"] as? [[String: Any]])?.count == 1)
+            #expect(try listed.decoded(Components.Schemas.SchedulePage.self).items.count == 1)
 
             func refused(_ json: String, _ field: String, _ said: String) async throws {
                 let answer = try await client.send(.post, "/v1/schedules", token: org.ownerToken, json: json)
@@ -124,11 +124,11 @@ struct ScheduleTests {
     func occurrencesOnce() async throws {
         let org = try await TestOrganisation.make()
         _ = try await TestCatalogue.make(in: org)
-        let json = try await TestEnvironment.shared.application().test(.router) { client in
+        let created = try await TestEnvironment.shared.application().test(.router) { client in
             try await create(client, org, rule: "FREQ=DAILY;BYHOUR=9;BYMINUTE=0;COUNT=3")
         }
-        let id = try #require((json["id"] as? String).flatMap(UUID.init(uuidString:)))
-        let occurrences = try #require(json["next_occurrences"] as? [String]).compactMap { try? Date($0, strategy: .iso8601) }
+        let id = try #require(UUID(uuidString: created.id))
+        let occurrences = created.nextOccurrences
         #expect(occurrences.count == 3)
         // Before the first: nothing. At it, two runners: one event.
         #expect(try await runDue(org.id, at: occurrences[0].addingTimeInterval(-60), runners: 2) == 0)
@@ -155,9 +155,9 @@ struct ScheduleTests {
         let org = try await TestOrganisation.make()
         _ = try await TestCatalogue.make(in: org)
         let env = try await TestEnvironment.shared
-        let json = try await env.application().test(.router) { client in try await create(client, org, rule: "FREQ=DAILY;BYHOUR=9") }
-        let id = try #require((json["id"] as? String).flatMap(UUID.init(uuidString:)))
-        let first = try #require((json["next_occurrences"] as? [String])?.first.flatMap { try? Date($0, strategy: .iso8601) })
+        let created = try await env.application().test(.router) { client in try await create(client, org, rule: "FREQ=DAILY;BYHOUR=9") }
+        let id = try #require(UUID(uuidString: created.id))
+        let first = try #require(created.nextOccurrences.first)
         // A worker sends the first occurrence; then (as if its move to the next had been lost)
         // the schedule points at it again: the next worker finds it sent under its key.
         #expect(try await runDue(org.id, at: first.addingTimeInterval(60)) == 1)
@@ -176,11 +176,13 @@ struct ScheduleTests {
         // Paused, nothing goes; resumed, it goes on from the first occurrence after now.
         try await env.application().test(.router) { client in
             let paused = try await client.send(.post, "/v1/schedules/\(id.lowercased)/pause", token: org.ownerToken)
-            #expect(paused.json["state"] as? String == "PAUSED" && (paused.json["next_occurrences"] as? [Any])?.isEmpty == true)
+                .decoded(Components.Schemas.Schedule.self)
+            #expect(paused.state == .paused && paused.nextOccurrences.isEmpty)
             #expect(try await runDue(org.id, at: first.addingTimeInterval(10 * 86_400)) == 0)
             let resumed = try await client.send(.post, "/v1/schedules/\(id.lowercased)/resume", token: org.ownerToken)
-            #expect(resumed.json["state"] as? String == "ACTIVE", "\(resumed.text)")
-            let next = (resumed.json["next_occurrences"] as? [String])?.first.flatMap { try? Date($0, strategy: .iso8601) }
+            let active = try resumed.decoded(Components.Schemas.Schedule.self)
+            #expect(active.state == .active, "\(resumed.text)")
+            let next = active.nextOccurrences.first
             #expect(next.map { $0 > Date() && $0 <= Date().addingTimeInterval(86_400) } == true)
             #expect(try await client.send(.delete, "/v1/schedules/\(id.lowercased)", token: org.ownerToken).status == .noContent)
             #expect(try await client.send(.get, "/v1/schedules/\(id.lowercased)", token: org.ownerToken).isProblem(.notFound))
