@@ -197,15 +197,19 @@ WHERE n.organisation_id = :org::uuid AND n.user_id = :usr::uuid AND n.read_at IS
   AND (n.unread_pinned OR n.id > coalesce((SELECT read_settled FROM feed_state WHERE organisation_id = :org::uuid AND user_id = :usr::uuid), '00000000-0000-0000-0000-000000000000'))
   AND NOT notification_read(n, fs)
 GROUP BY c.key;"
+# The first page as HeraldStore/Feed.swift's FirstFeedPage sends it (the bell's view: no filter).
 PAGE_SQL="SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, n.title, n.body,
-       e.subject_type, e.subject_id, notification_read(n, fs) AS read, n.archived_at IS NOT NULL AS archived, n.visible_at, n.expires_at
+       e.subject_type, e.subject_id, notification_read(n, fs) AS read, n.archived_at IS NOT NULL AS archived,
+       n.visible_at, n.expires_at, e.tags
 FROM notifications n
 JOIN events e ON e.organisation_id = n.organisation_id AND e.id = n.event_id
 JOIN notification_types t ON t.organisation_id = n.organisation_id AND t.id = n.type_id
 JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
 LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
-WHERE n.organisation_id = :org::uuid AND n.user_id = :usr::uuid AND n.visible_at <= now() AND (n.expires_at IS NULL OR n.expires_at > now()) AND n.archived_at IS NULL
-ORDER BY read, id DESC LIMIT 21;"
+WHERE n.organisation_id = :org::uuid AND n.user_id = :usr::uuid AND n.visible_at <= now() AND (n.expires_at IS NULL OR n.expires_at > now())
+  AND n.archived_at IS NULL
+ORDER BY read, n.id DESC
+LIMIT 21;"
 printf '%s\n%s\nCOMMIT;\n' "$ENTRY_SQL" "$UNREAD_SQL" > .bench/unread.sql
 printf '%s\n%s\nCOMMIT;\n' "$ENTRY_SQL" "$PAGE_SQL" > .bench/page.sql
 printf '%s\n%s\nCOMMIT;\n' "$BEFORE_SQL" "$UNREAD_SQL" > .bench/unread-before.sql

@@ -94,6 +94,8 @@ public struct AppConfiguration: Sendable {
     public var streamSweepSeconds: Double = 1
     /// Serves the demo pages (`/demo/bell`); `make run` turns it on, production leaves it off.
     public var demoPages = false
+    /// Whether the hottest reads run as named prepared statements (HERALD_PREPARED_STATEMENTS).
+    public var preparedStatements = true
 
     public init() {}
 
@@ -217,6 +219,12 @@ public struct AppConfiguration: Sendable {
         }
         guard (10...100_000).contains(c.streamMaxBacklog) else {
             throw ConfigurationError(variable: "HERALD_STREAM_MAX_BACKLOG", value: "\(c.streamMaxBacklog) (10 to 100000)")
+        }
+        if let v = value("HERALD_PREPARED_STATEMENTS") {
+            guard ["0", "1", "true", "false"].contains(v) else {
+                throw ConfigurationError(variable: "HERALD_PREPARED_STATEMENTS", value: "\(v) (0, 1, true or false)")
+            }
+            c.preparedStatements = v == "1" || v == "true"
         }
         if let v = value("HERALD_DEMO_PAGES") {
             guard ["0", "1", "true", "false"].contains(v) else { throw ConfigurationError(variable: "HERALD_DEMO_PAGES", value: v) }

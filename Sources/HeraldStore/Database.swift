@@ -35,11 +35,17 @@ public struct Database: Sendable {
     /// PostgresNIO neither times out nor cancels a query in flight, and after a PostgreSQL
     /// restart one can wait for ever (issue 8, item 11), so every call here has this deadline.
     public let deadline: Duration
+    /// Whether `TenantTransaction.query(prepared:)` prepares its statement on the connection
+    /// (plans kept per connection), or sends it as an unnamed one like every other statement.
+    /// Off behind a transaction-mode pooler that does not track prepared statements (PgBouncer
+    /// before 1.21): the next transaction may run on a server connection that never saw it.
+    public let preparedStatements: Bool
 
-    public init(client: PostgresClient, logger: Logger, deadline: Duration = .seconds(30)) {
+    public init(client: PostgresClient, logger: Logger, deadline: Duration = .seconds(30), preparedStatements: Bool = true) {
         self.client = client
         self.logger = logger
         self.deadline = deadline
+        self.preparedStatements = preparedStatements
     }
 
     /// Runs `body` in one transaction with the tenant context set. This is the one place the
@@ -78,7 +84,7 @@ public struct Database: Sendable {
                     held.hold(connection)
                     var tx = TenantTransaction(
                         connection: connection, organisationID: organisationID, actor: actor,
-                        requestID: requestID, logger: logger, deadline: until)
+                        requestID: requestID, logger: logger, deadline: until, prepares: preparedStatements)
                     // BEGIN and COMMIT by hand, so each is abandonable like every statement.
                     try await tx.run("BEGIN")
                     let result: Result
@@ -169,8 +175,15 @@ public struct Database: Sendable {
     /// statement runs in a task of its own that is left behind at the deadline, its connection
     /// closed so the pool does not lend it again.
     static func statement(
-        _ query: PostgresQuery, on connection: PostgresConnection, logger: Logger,
-        until: ContinuousClock.Instant
+        _ query: PostgresQuery, on connection: PostgresConnection, logger: Logger, until: ContinuousClock.Instant
+    ) async throws -> [PostgresRow] {
+        try await statement(on: connection, logger: logger, until: until) { try await connection.query(query, logger: logger).collect() }
+    }
+
+    /// The same for any statement `perform` sends on `connection` (a prepared one).
+    static func statement(
+        on connection: PostgresConnection, logger: Logger, until: ContinuousClock.Instant,
+        _ perform: @escaping @Sendable () async throws -> [PostgresRow]
     ) async throws -> [PostgresRow] {
         let wait = StatementWait()
         return try await withTaskCancellationHandler {
@@ -178,7 +191,7 @@ public struct Database: Sendable {
                 wait.start(continuation)
                 Task {
                     let result: Swift.Result<[PostgresRow], any Error>
-                    do { result = .success(try await connection.query(query, logger: logger).collect()) } catch { result = .failure(error) }
+                    do { result = .success(try await perform()) } catch { result = .failure(error) }
                     wait.finish(result)
                 }
                 // A timer on the connection's event loop, not a sleeping task: it is dropped the
@@ -311,6 +324,8 @@ public struct TenantTransaction {
     let logger: Logger
     /// When the enclosing call's deadline passes.
     let deadline: ContinuousClock.Instant
+    /// Whether `query(prepared:)` prepares (`Database.preparedStatements`).
+    let prepares: Bool
     /// The caller's grant as the entry read it (`withTenant(admitting:)`).
     var entry: Entry = .none
 
@@ -318,6 +333,23 @@ public struct TenantTransaction {
     @discardableResult
     func run(_ query: PostgresQuery) async throws -> [PostgresRow] {
         try await Database.statement(query, on: connection, logger: logger, until: deadline)
+    }
+
+    /// One of the hottest reads, its plan kept per connection: a named prepared statement, or,
+    /// with `Database.preparedStatements` off, the same SQL and binds as an unnamed one.
+    func query<Statement: PostgresPreparedStatement>(prepared statement: Statement) async throws -> [PostgresRow]
+    where Statement.Row == PostgresRow {
+        guard prepares else { return try await query(PostgresQuery(unsafeSQL: Statement.sql, binds: try statement.makeBindings())) }
+        let (connection, logger) = (connection, logger)
+        do {
+            return try await Database.statement(on: connection, logger: logger, until: deadline) {
+                var rows: [PostgresRow] = []
+                for try await row in try await connection.execute(statement, logger: logger) { rows.append(row) }
+                return rows
+            }
+        } catch {
+            throw Database.translate(error)
+        }
     }
 
     /// Runs one statement. Constraint violations surface here as `StoreError`, so a caller
@@ -352,6 +384,7 @@ public final class TransactionLoan: Sendable {
         let logger: Logger
         let deadline: ContinuousClock.Instant
         let entry: Entry
+        let prepares: Bool
     }
 
     /// The transaction's parts while it is open and not in use; nil once closed.
@@ -362,7 +395,7 @@ public final class TransactionLoan: Sendable {
             (
                 Parts(
                     connection: tx.connection, organisationID: tx.organisationID, actor: tx.actor,
-                    requestID: tx.requestID, logger: tx.logger, deadline: tx.deadline, entry: tx.entry), false
+                    requestID: tx.requestID, logger: tx.logger, deadline: tx.deadline, entry: tx.entry, prepares: tx.prepares), false
             ))
     }
 
@@ -386,7 +419,7 @@ public final class TransactionLoan: Sendable {
         defer { state.withLock { $0.busy = false } }
         var tx = TenantTransaction(
             connection: parts.connection, organisationID: parts.organisationID, actor: parts.actor,
-            requestID: parts.requestID, logger: parts.logger, deadline: parts.deadline)
+            requestID: parts.requestID, logger: parts.logger, deadline: parts.deadline, prepares: parts.prepares)
         tx.entry = parts.entry
         return try await body(tx)
     }

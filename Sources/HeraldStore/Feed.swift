@@ -23,7 +23,7 @@ public struct FeedItem: Sendable, Equatable {
 }
 
 /// Filters of the feed; nil means no filter.
-public struct FeedFilter: Sendable {
+public struct FeedFilter: Sendable, Equatable {
     public var typeKey: String?
     public var categoryKey: String?
     public var severity: Severity?
@@ -84,6 +84,11 @@ extension TenantTransaction {
     public func feed(
         of userID: UUID, filter: FeedFilter, limit: Int, after cursor: FeedCursor?, now: Date
     ) async throws -> (items: [FeedItem], next: FeedCursor?) {
+        // The bell's first page (no filter, no cursor) is the hottest read: its plan is kept.
+        if cursor == nil, filter == FeedFilter() {
+            let rows = try await query(prepared: FirstFeedPage(organisationID: organisationID, userID: userID, now: now, limit: limit + 1))
+            return Self.page(try rows.map(decodeFeedItem), limit: limit)
+        }
         let rows = try await query(
             """
             WITH rows AS (
@@ -104,7 +109,11 @@ extension TenantTransaction {
             ORDER BY read, id DESC
             LIMIT \(limit + 1)
             """)
-        let items = try rows.map(decodeFeedItem)
+        return Self.page(try rows.map(decodeFeedItem), limit: limit)
+    }
+
+    /// `limit` items and the cursor after them, from up to `limit + 1` read.
+    private static func page(_ items: [FeedItem], limit: Int) -> (items: [FeedItem], next: FeedCursor?) {
         guard items.count > limit else { return (items, nil) }
         let page = Array(items.prefix(limit))
         return (page, page.last.map { FeedCursor(read: $0.read, id: $0.id) })
@@ -114,17 +123,7 @@ extension TenantTransaction {
     /// settled watermark, or pinned unread, can be unread, so this reads recent rows only
     /// (notifications_unread and notifications_pinned), whatever the size of the feed.
     public func unreadCount(of userID: UUID, now: Date) async throws -> UnreadCount {
-        let rows = try await query(
-            """
-            SELECT c.key, count(*)::int FROM notifications n
-            JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
-            LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
-            WHERE n.organisation_id = \(organisationID) AND n.user_id = \(userID) AND n.read_at IS NULL AND n.archived_at IS NULL
-              AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
-              AND (n.unread_pinned OR n.id > coalesce((SELECT read_settled FROM feed_state WHERE organisation_id = \(organisationID) AND user_id = \(userID)), '00000000-0000-0000-0000-000000000000'))
-              AND NOT notification_read(n, fs)
-            GROUP BY c.key
-            """)
+        let rows = try await query(prepared: UnreadCountByCategory(organisationID: organisationID, userID: userID, now: now))
         var byCategory: [String: Int] = [:]
         for row in rows {
             let (key, count) = try row.decode((String, Int).self)
@@ -250,6 +249,65 @@ extension TenantTransaction {
 }
 
 /// What a feed row shows, with its read flag; callers add the WHERE clause.
+/// The unread count of `unreadCount(of:now:)`, per category: a prepared statement (the bell
+/// asks for it on every page and after every change).
+struct UnreadCountByCategory: PostgresPreparedStatement {
+    typealias Row = PostgresRow
+    static let name = "herald_unread_count_v1"
+    static let sql = """
+        SELECT c.key, count(*)::int FROM notifications n
+        JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
+        LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
+        WHERE n.organisation_id = $1 AND n.user_id = $2 AND n.read_at IS NULL AND n.archived_at IS NULL
+          AND n.visible_at <= $3 AND (n.expires_at IS NULL OR n.expires_at > $3)
+          AND (n.unread_pinned OR n.id > coalesce((SELECT read_settled FROM feed_state WHERE organisation_id = $1 AND user_id = $2), '00000000-0000-0000-0000-000000000000'))
+          AND NOT notification_read(n, fs)
+        GROUP BY c.key
+        """
+    var organisationID: UUID
+    var userID: UUID
+    var now: Date
+
+    func makeBindings() throws -> PostgresBindings {
+        var bindings = PostgresBindings(capacity: 3)
+        bindings.append(organisationID)
+        bindings.append(userID)
+        bindings.append(now)
+        return bindings
+    }
+
+    func decodeRow(_ row: PostgresRow) throws -> PostgresRow { row }
+}
+
+/// The first page of the default feed (unarchived, no filter): what `feed(of:…)` runs without
+/// a filter or a cursor, as a prepared statement. Same rows, same order as the general query.
+struct FirstFeedPage: PostgresPreparedStatement {
+    typealias Row = PostgresRow
+    static let name = "herald_first_feed_page_v1"
+    static let sql = """
+        \(feedSelect)
+        WHERE n.organisation_id = $1 AND n.user_id = $2 AND n.visible_at <= $3 AND (n.expires_at IS NULL OR n.expires_at > $3)
+          AND n.archived_at IS NULL
+        ORDER BY read, n.id DESC
+        LIMIT $4
+        """
+    var organisationID: UUID
+    var userID: UUID
+    var now: Date
+    var limit: Int
+
+    func makeBindings() throws -> PostgresBindings {
+        var bindings = PostgresBindings(capacity: 4)
+        bindings.append(organisationID)
+        bindings.append(userID)
+        bindings.append(now)
+        bindings.append(limit)
+        return bindings
+    }
+
+    func decodeRow(_ row: PostgresRow) throws -> PostgresRow { row }
+}
+
 let feedSelect = """
     SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, n.title, n.body,
            e.subject_type, e.subject_id, notification_read(n, fs) AS read, n.archived_at IS NOT NULL AS archived,

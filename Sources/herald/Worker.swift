@@ -132,7 +132,8 @@ struct DeliveryServices {
 extension AppConfiguration {
     /// The store over `client`, with the configured deadline on every call.
     func database(_ client: PostgresClient, logger: Logger) -> Database {
-        Database(client: client, logger: logger, deadline: .milliseconds(Int64(databaseTimeout * 1000)))
+        Database(
+            client: client, logger: logger, deadline: .milliseconds(Int64(databaseTimeout * 1000)), preparedStatements: preparedStatements)
     }
 }
 

@@ -22,6 +22,36 @@ struct FeedTests {
             EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: users), payload: .object(["title": .string(title)])))
     }
 
+    @Test("the bell's prepared reads give what the general query gives, prepared or not (HERALD_PREPARED_STATEMENTS=0)")
+    func preparedReads() async throws {
+        try await withCatalogue { org, _, _ in
+            for i in 0..<25 { try await task(org, to: [org.memberID], title: "t\(i)") }
+            let now = Date()
+            try await org.store { tx in
+                let some = try await tx.feed(of: org.memberID, filter: FeedFilter(), limit: 4, after: nil, now: now)
+                _ = try await tx.markRead(some.items.map(\.id), of: org.memberID, now: now)
+                _ = try await tx.archive(some.items[0].id, of: org.memberID, now: now)
+            }
+            let unprepared = Database(client: env.appClient, logger: env.logger, preparedStatements: false)
+            for database in [env.database, unprepared] {
+                let (first, general, count) = try await database.withTenant(org.id) { tx in
+                    // A `since` long past selects the same rows through the general query.
+                    (
+                        try await tx.feed(of: org.memberID, filter: FeedFilter(), limit: 20, after: nil, now: now),
+                        try await tx.feed(of: org.memberID, filter: FeedFilter(since: .distantPast), limit: 20, after: nil, now: now),
+                        try await tx.unreadCount(of: org.memberID, now: now)
+                    )
+                }
+                #expect(first.items.map(\.id) == general.items.map(\.id))
+                #expect(first.items.map(\.read) == general.items.map(\.read))
+                #expect(first.next == general.next)
+                #expect(first.items.count == 20)
+                #expect(first.items.filter(\.read).isEmpty, "unread first: 21 unread rows, so the first page holds none read")
+                #expect(count.total == 21)
+            }
+        }
+    }
+
     @Test("pagination returns every row exactly once while new rows keep arriving")
     func paginationUnderInserts() async throws {
         try await withCatalogue { org, _, client in

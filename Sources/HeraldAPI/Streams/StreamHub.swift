@@ -319,7 +319,10 @@ public final class StreamHub: Service, Sendable {
     /// Numbers what is due (new rows, deliver_at and expiry reached) and trims the log: at once
     /// when a notify commits, else every `interval`.
     private func sweep(every interval: Duration) async {
-        let batch = 10_000
+        // Small batches, one after another: each commits and announces its users at once, so
+        // a big fan-out's first streams read and write while later users are still numbered
+        // (one batch of 10 000 made every stream wait for the whole sweep).
+        let batch = 1_000
         while !Task.isCancelled {
             sweepRequested.withLock { $0 = false }
             do {

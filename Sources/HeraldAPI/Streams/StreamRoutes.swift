@@ -117,7 +117,9 @@ struct StreamRoutes: Sendable {
         guard let credential else {
             throw APIError.unauthorized("This stream needs a bearer token, or a ticket (?ticket=) from POST /v1/me/stream-tickets.")
         }
-        return try await database.withTenant(credential.organisationID, actor: credential.actor, requestID: requestID) { tx in
+        return try await database.withTenant(
+            credential.organisationID, actor: credential.actor, requestID: requestID, admitting: credential.admission
+        ) { tx in
             switch credential {
             case .apiKey:
                 // The key is checked first, so a bad key is still a 401.
