@@ -11,20 +11,20 @@ public struct AuditEntry: Sendable, Equatable {
     public var action: String
     public var targetType: String
     public var targetID: String?
-    public var beforeJSON: String?
-    public var afterJSON: String?
+    public var before: JSONValue?
+    public var after: JSONValue?
     public var requestID: String?
 }
 
 extension TenantTransaction {
     /// Records an admin change in the same transaction as the change itself.
     /// `before` and `after` are JSON objects (the API representation of the target).
-    public func audit(action: String, targetType: String, targetID: String?, before: String?, after: String?) async throws {
+    public func audit(action: String, targetType: String, targetID: String?, before: JSONValue?, after: JSONValue?) async throws {
         try await query(
             """
             INSERT INTO audit_log (organisation_id, actor_type, actor_id, action, target_type, target_id, before, after, request_id)
             VALUES (\(organisationID), \(actor.kind), \(actor.id), \(action), \(targetType), \(targetID),
-                    \(before)::jsonb, \(after)::jsonb, \(requestID))
+                    \(before.map { JSONDocument($0) }), \(after.map { JSONDocument($0) }), \(requestID))
             """)
     }
 
@@ -32,7 +32,7 @@ extension TenantTransaction {
     public func auditEntries(action: String?, targetID: String?, limit: Int, after cursor: PageCursor?) async throws -> Page<AuditEntry> {
         let rows = try await query(
             """
-            SELECT id, occurred_at, actor_type, actor_id, action, target_type, target_id, before::text, after::text, request_id
+            SELECT id, occurred_at, actor_type, actor_id, action, target_type, target_id, before, after, request_id
             FROM audit_log
             WHERE organisation_id = \(organisationID)
               AND (\(action)::text IS NULL OR action = \(action))
@@ -45,11 +45,13 @@ extension TenantTransaction {
         var entries: [AuditEntry] = []
         for row in rows {
             let (id, at, actorType, actorID, action, targetType, targetID, before, after, requestID) =
-                try row.decode((UUID, Date, ActorKind, UUID?, String, String, String?, String?, String?, String?).self, table: "audit_log")
+                try row.decode(
+                    (UUID, Date, ActorKind, UUID?, String, String, String?, JSONDocument<JSONValue>?, JSONDocument<JSONValue>?, String?)
+                        .self, table: "audit_log")
             entries.append(
                 AuditEntry(
                     id: id, occurredAt: at, actorType: actorType, actorID: actorID, action: action,
-                    targetType: targetType, targetID: targetID, beforeJSON: before, afterJSON: after, requestID: requestID))
+                    targetType: targetType, targetID: targetID, before: before?.value, after: after?.value, requestID: requestID))
         }
         return paginate(entries, limit: limit) { PageCursor(time: $0.occurredAt, id: $0.id) }
     }

@@ -99,7 +99,7 @@ extension TenantTransaction {
             """)
         try await audit(
             action: "user.inactivity_switch_off", targetType: "user", targetID: userID.lowercased, before: nil,
-            after: "{\"channel\": \"email\", \"categories\": [\(keys.map(jsonQuoted).joined(separator: ", "))], \"via\": \"inactivity\"}")
+            after: .object(["channel": .string("email"), "categories": .array(keys.map { .string($0) }), "via": .string("inactivity")]))
         return keys
     }
 }

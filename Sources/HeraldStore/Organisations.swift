@@ -74,7 +74,7 @@ extension Database {
             try await tx.ensureSystemJobs()
             try await tx.audit(
                 action: "organisation.create", targetType: "organisation", targetID: id.uuidString,
-                before: nil, after: "{\"slug\": \(jsonQuoted(slug))}")
+                before: nil, after: .object(["slug": .string(slug)]))
             try await then(tx)
             return try await tx.organisation()
         }

@@ -18,8 +18,8 @@ public struct User: Sendable, Equatable {
     public var lastEngagedAt: Date
     public var inactivityWarnedAt: Date?
     public var inactivitySwitchedOffAt: Date?
-    /// Free-form attributes as a JSON object, kept as text so no layer reinterprets it.
-    public var attributesJSON: String
+    /// Free-form attributes: a JSON object.
+    public var attributes: JSONValue
     public var roles: [RoleRef]
     public var createdAt: Date
     public var updatedAt: Date
@@ -37,18 +37,18 @@ public struct NewUser: Sendable {
     public var displayName: String
     public var locale: String?
     public var timezone: String?
-    public var attributesJSON: String
+    public var attributes: JSONValue
     public var passwordHash: String?
 
     public init(
-        email: String, displayName: String, locale: String? = nil, timezone: String? = nil, attributesJSON: String = "{}",
+        email: String, displayName: String, locale: String? = nil, timezone: String? = nil, attributes: JSONValue = .object([:]),
         passwordHash: String? = nil
     ) {
         self.email = email
         self.displayName = displayName
         self.locale = locale
         self.timezone = timezone
-        self.attributesJSON = attributesJSON
+        self.attributes = attributes
         self.passwordHash = passwordHash
     }
 }
@@ -59,12 +59,12 @@ public struct UserChange: Sendable {
     public var displayName: String?
     public var locale: String??
     public var timezone: String??
-    public var attributesJSON: String?
+    public var attributes: JSONValue?
     public var digestHour: Int??
     public var digestWeekday: Int??
 
     public init(
-        email: String? = nil, displayName: String? = nil, locale: String?? = nil, timezone: String?? = nil, attributesJSON: String? = nil,
+        email: String? = nil, displayName: String? = nil, locale: String?? = nil, timezone: String?? = nil, attributes: JSONValue? = nil,
         digestHour: Int?? = nil, digestWeekday: Int?? = nil
     ) {
         self.digestHour = digestHour
@@ -73,7 +73,7 @@ public struct UserChange: Sendable {
         self.displayName = displayName
         self.locale = locale
         self.timezone = timezone
-        self.attributesJSON = attributesJSON
+        self.attributes = attributes
     }
 }
 
@@ -138,7 +138,7 @@ extension TenantTransaction {
             """
             INSERT INTO users (organisation_id, email, display_name, locale, timezone, attributes, password_hash)
             VALUES (\(organisationID), \(new.email), \(new.displayName), \(new.locale), \(new.timezone),
-                    \(new.attributesJSON)::jsonb, \(new.passwordHash))
+                    \(JSONDocument(new.attributes)), \(new.passwordHash))
             RETURNING id
             """)
         return try await user(rows[0].decode(UUID.self))
@@ -153,7 +153,7 @@ extension TenantTransaction {
                 display_name = coalesce(\(change.displayName), display_name),
                 locale = CASE WHEN \(change.locale != nil) THEN \(change.locale ?? nil) ELSE locale END,
                 timezone = CASE WHEN \(change.timezone != nil) THEN \(change.timezone ?? nil) ELSE timezone END,
-                attributes = coalesce(\(change.attributesJSON)::jsonb, attributes),
+                attributes = coalesce(\(change.attributes.map { JSONDocument($0) }), attributes),
                 digest_hour = CASE WHEN \(change.digestHour != nil) THEN \(change.digestHour ?? nil)::smallint ELSE digest_hour END,
                 digest_weekday = CASE WHEN \(change.digestWeekday != nil) THEN \(change.digestWeekday ?? nil)::smallint ELSE digest_weekday END,
                 updated_at = now()
@@ -217,7 +217,7 @@ extension TenantTransaction {
 }
 
 private let userColumns = """
-    u.id, u.email, u.display_name, u.locale, u.timezone, u.active, u.attributes::text,
+    u.id, u.email, u.display_name, u.locale, u.timezone, u.active, u.attributes,
     coalesce((SELECT json_agg(json_build_object('id', r.id, 'key', r.key) ORDER BY r.key)
               FROM user_roles ur JOIN roles r ON r.organisation_id = ur.organisation_id AND r.id = ur.role_id
               WHERE ur.organisation_id = u.organisation_id AND ur.user_id = u.id), '[]'),
@@ -228,13 +228,16 @@ private let userColumns = """
 private func decodeUser(_ row: PostgresRow) throws -> User {
     let (id, email, name, locale, timezone, active, attributes, roles, created, updated, digestHour, digestWeekday, engaged, warned, off) =
         try row.decode(
-            (UUID, String, String, String?, String?, Bool, String, JSONDocument<[RoleRef]>, Date, Date, Int?, Int?, Date, Date?, Date?)
-                .self,
+            (
+                UUID, String, String, String?, String?, Bool, JSONDocument<JSONValue>, JSONDocument<[RoleRef]>, Date, Date, Int?, Int?,
+                Date, Date?, Date?
+            )
+            .self,
             table: "users")
     return User(
         id: id, email: email, displayName: name, locale: locale, timezone: timezone, active: active, digestHour: digestHour,
         digestWeekday: digestWeekday, lastEngagedAt: engaged, inactivityWarnedAt: warned, inactivitySwitchedOffAt: off,
-        attributesJSON: attributes, roles: roles.value, createdAt: created, updatedAt: updated)
+        attributes: attributes.value, roles: roles.value, createdAt: created, updatedAt: updated)
 }
 
 extension TenantTransaction {

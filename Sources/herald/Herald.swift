@@ -288,7 +288,7 @@ struct OrganisationCommand: AsyncParsableCommand {
                     _ = try await tx.setUserRoles(owner.id, [try await tx.builtinRole(.owner).id])
                     try await tx.audit(
                         action: "user.create", targetType: "user", targetID: owner.id.uuidString.lowercased(),
-                        before: nil, after: "{\"email\": \"\(owner.email)\", \"roles\": [\"owner\"]}")
+                        before: nil, after: .object(["email": .string(owner.email), "roles": .array([.string("owner")])]))
                     print("organisation: owner \(owner.email) (\(owner.id.uuidString.lowercased()))")
                     if catalogue == "demo" {
                         let types = try await DemoCatalogue.ensure(tx, clinicians: [])

@@ -110,7 +110,8 @@ struct InactivityTests {
         let audit = try await org.store { tx in
             try await tx.auditEntries(action: "user.inactivity_switch_off", targetID: org.ownerID.lowercased, limit: 5, after: nil)
         }
-        #expect(audit.items.count == 1 && audit.items[0].afterJSON?.contains("activity") == true)
+        let switched: [JSONValue] = if case .array(let keys)? = audit.items.first?.after?.value(at: "categories") { keys } else { [] }
+        #expect(audit.items.count == 1 && switched.contains(.string("activity")))
 
         // Explain: the owner's email for a task says why, in its own words.
         let (_, plan) = try await org.notify(

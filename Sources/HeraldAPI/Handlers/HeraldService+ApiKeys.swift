@@ -32,7 +32,7 @@ extension HeraldService {
                 try await tx.createApiKey(
                     id: token.id, name: name, roleID: role.id, secretHash: token.secretHash, expiresAt: body.expiresAt),
                 organisationID: principal.organisationID)
-            try await tx.audit(action: "apikey.create", targetType: "api_key", targetID: key.id, before: nil, after: auditJSON(key))
+            try await tx.audit(action: "apikey.create", targetType: "api_key", targetID: key.id, before: nil, after: try auditValue(key))
             return Components.Schemas.ApiKeyCreated(
                 id: key.id, name: key.name, roleId: key.roleId, prefix: key.prefix, createdAt: key.createdAt,
                 lastUsedAt: key.lastUsedAt, expiresAt: key.expiresAt, revokedAt: key.revokedAt, secret: token.text)
@@ -47,7 +47,8 @@ extension HeraldService {
             guard before.revokedAt == nil else { return }
             let after = Components.Schemas.ApiKey(try await tx.revokeApiKey(id), organisationID: principal.organisationID)
             try await tx.audit(
-                action: "apikey.revoke", targetType: "api_key", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
+                action: "apikey.revoke", targetType: "api_key", targetID: after.id, before: try auditValue(before),
+                after: try auditValue(after))
         }
         return .noContent(.init())
     }

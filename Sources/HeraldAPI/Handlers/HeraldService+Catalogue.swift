@@ -24,7 +24,7 @@ extension HeraldService {
             let category = Components.Schemas.Category(
                 try await tx.createCategory(key: key, name: name, description: body.description ?? "", critical: body.critical ?? false))
             try await tx.audit(
-                action: "category.create", targetType: "category", targetID: category.id, before: nil, after: auditJSON(category))
+                action: "category.create", targetType: "category", targetID: category.id, before: nil, after: try auditValue(category))
             return category
         }
         return .created(.init(body: .json(created)))
@@ -39,7 +39,8 @@ extension HeraldService {
             let after = Components.Schemas.Category(
                 try await tx.updateCategory(id, name: name, description: body.description, critical: body.critical))
             try await tx.audit(
-                action: "category.update", targetType: "category", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
+                action: "category.update", targetType: "category", targetID: after.id, before: try auditValue(before),
+                after: try auditValue(after))
             return after
         }
         return .ok(.init(body: .json(updated)))
@@ -51,7 +52,7 @@ extension HeraldService {
             let before = Components.Schemas.Category(try await tx.category(id))
             try await tx.deleteCategory(id)
             try await tx.audit(
-                action: "category.delete", targetType: "category", targetID: before.id, before: auditJSON(before), after: nil)
+                action: "category.delete", targetType: "category", targetID: before.id, before: try auditValue(before), after: nil)
         }
         return .noContent(.init())
     }
@@ -81,7 +82,8 @@ extension HeraldService {
                 defaultChannels: (body.defaultChannels ?? [.inApp]).map { mapped($0, to: NotificationChannel.self) })
             let type = try Components.Schemas.NotificationType(try await tx.createNotificationType(fields))
             try await tx.audit(
-                action: "notification_type.create", targetType: "notification_type", targetID: type.id, before: nil, after: auditJSON(type))
+                action: "notification_type.create", targetType: "notification_type", targetID: type.id, before: nil,
+                after: try auditValue(type))
             return type
         }
         return .created(.init(body: .json(created)))
@@ -104,7 +106,7 @@ extension HeraldService {
             let after = try Components.Schemas.NotificationType(try await tx.updateNotificationType(id, fields))
             try await tx.audit(
                 action: "notification_type.update", targetType: "notification_type", targetID: after.id,
-                before: auditJSON(try Components.Schemas.NotificationType(existing)), after: auditJSON(after))
+                before: try auditValue(try Components.Schemas.NotificationType(existing)), after: try auditValue(after))
             return after
         }
         return .ok(.init(body: .json(updated)))
@@ -116,7 +118,7 @@ extension HeraldService {
             let before = try Components.Schemas.NotificationType(try await tx.notificationType(id))
             try await tx.deleteNotificationType(id)
             try await tx.audit(
-                action: "notification_type.delete", targetType: "notification_type", targetID: before.id, before: auditJSON(before),
+                action: "notification_type.delete", targetType: "notification_type", targetID: before.id, before: try auditValue(before),
                 after: nil)
         }
         return .noContent(.init())
@@ -133,7 +135,7 @@ extension HeraldService {
             try await tx.putTemplate(typeID: id, channel: channel, locale: locale, content: content)
             try await tx.audit(
                 action: "template.put", targetType: "notification_type", targetID: id.lowercased, before: nil,
-                after: auditJSON(
+                after: try auditValue(
                     Components.Schemas.Template(
                         channel: mapped(channel), locale: locale,
                         subject: content.subject, body: content.body, html: content.html)))
@@ -150,7 +152,7 @@ extension HeraldService {
             if try await tx.deleteTemplate(typeID: id, channel: channel, locale: locale) {
                 try await tx.audit(
                     action: "template.delete", targetType: "notification_type", targetID: id.lowercased,
-                    before: auditJSON(["channel": channel.rawValue, "locale": locale]), after: nil)
+                    before: try auditValue(["channel": channel.rawValue, "locale": locale]), after: nil)
             }
         }
         return .noContent(.init())
@@ -198,7 +200,7 @@ extension HeraldService {
             let record = try await tx.putDigestTemplate(locale: locale, content: content)
             try await tx.audit(
                 action: "digest_template.put", targetType: "digest_template", targetID: locale, before: nil,
-                after: auditJSON(Components.Schemas.DigestTemplate(record)))
+                after: try auditValue(Components.Schemas.DigestTemplate(record)))
             return record
         }
         return .ok(.init(body: .json(.init(saved))))

@@ -21,7 +21,7 @@ extension HeraldService {
             if after != before {
                 try await tx.audit(
                     action: "catalogue.import", targetType: "organisation", targetID: tx.organisationID.lowercased,
-                    before: nil, after: auditJSON(summary))
+                    before: nil, after: try auditValue(summary))
             }
             return after
         }

@@ -37,7 +37,7 @@ extension HeraldService {
                 channel: channel, format: format, name: name, url: url, eventTypes: eventTypes, secret: secret)
             try await tx.audit(
                 action: "endpoint.create", targetType: "endpoint", targetID: endpoint.id.lowercased, before: nil,
-                after: auditJSON(Components.Schemas.Endpoint(endpoint)))
+                after: try auditValue(Components.Schemas.Endpoint(endpoint)))
             return endpoint
         }
         return .created(.init(body: .json(try .init(created, showingSecret: true))))
@@ -60,7 +60,7 @@ extension HeraldService {
             let after = try await tx.updateEndpoint(id, fields)
             try await tx.audit(
                 action: "endpoint.update", targetType: "endpoint", targetID: id.lowercased,
-                before: auditJSON(Components.Schemas.Endpoint(before)), after: auditJSON(Components.Schemas.Endpoint(after)))
+                before: try auditValue(Components.Schemas.Endpoint(before)), after: try auditValue(Components.Schemas.Endpoint(after)))
             return after
         }
         return .ok(.init(body: .json(try .init(endpoint))))
@@ -73,7 +73,7 @@ extension HeraldService {
             try await tx.deleteEndpoint(id)
             try await tx.audit(
                 action: "endpoint.delete", targetType: "endpoint", targetID: id.lowercased,
-                before: auditJSON(Components.Schemas.Endpoint(before)), after: nil)
+                before: try auditValue(Components.Schemas.Endpoint(before)), after: nil)
         }
         return .noContent(.init())
     }
@@ -95,7 +95,7 @@ extension HeraldService {
             let after = try await tx.rotateEndpointSecret(id, newSecret: WebhookSecret.generate().string, overlapUntil: until)
             try await tx.audit(
                 action: "endpoint.rotate_secret", targetType: "endpoint", targetID: id.lowercased,
-                before: auditJSON(Components.Schemas.Endpoint(before)), after: auditJSON(Components.Schemas.Endpoint(after)))
+                before: try auditValue(Components.Schemas.Endpoint(before)), after: try auditValue(Components.Schemas.Endpoint(after)))
             return after
         }
         return .ok(.init(body: .json(try .init(endpoint, showingSecret: true))))

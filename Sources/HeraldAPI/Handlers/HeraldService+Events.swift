@@ -40,7 +40,7 @@ extension HeraldService {
                 // the payload stays out of the audit log.
                 try await tx.audit(
                     action: "event.send_manual", targetType: "event", targetID: event.id.lowercased, before: nil,
-                    after: auditJSON(EventSendAudit(type: event.typeKey, audience: body.audience, counts: try convert(event.counts))))
+                    after: try auditValue(EventSendAudit(type: event.typeKey, audience: body.audience, counts: try convert(event.counts))))
             }
             return .created(event)
         }
@@ -95,7 +95,7 @@ extension HeraldService {
             }
             try await tx.audit(
                 action: "event.cancel", targetType: "event", targetID: id.lowercased, before: nil,
-                after: auditJSON([
+                after: try auditValue([
                     "deliveries": stopped.deliveries, "digest_items": stopped.digestItems, "notifications": stopped.notifications,
                 ]))
             return stopped

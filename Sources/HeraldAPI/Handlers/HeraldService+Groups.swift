@@ -21,7 +21,7 @@ extension HeraldService {
         let (key, name) = (try Validate.key(body.key), try Validate.text(body.name, field: "name"))
         let created = try await tenant { tx, _ in
             let group = Components.Schemas.Group(try await tx.createGroup(key: key, name: name, description: body.description ?? ""))
-            try await tx.audit(action: "group.create", targetType: "group", targetID: group.id, before: nil, after: auditJSON(group))
+            try await tx.audit(action: "group.create", targetType: "group", targetID: group.id, before: nil, after: try auditValue(group))
             return group
         }
         return .created(.init(body: .json(created)))
@@ -35,7 +35,8 @@ extension HeraldService {
             let before = Components.Schemas.Group(try await tx.group(id))
             let after = Components.Schemas.Group(try await tx.updateGroup(id, name: name, description: body.description))
             try await tx.audit(
-                action: "group.update", targetType: "group", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
+                action: "group.update", targetType: "group", targetID: after.id, before: try auditValue(before),
+                after: try auditValue(after))
             return after
         }
         return .ok(.init(body: .json(updated)))
@@ -46,7 +47,7 @@ extension HeraldService {
         try await tenant { tx, _ in
             let before = Components.Schemas.Group(try await tx.group(id))
             try await tx.deleteGroup(id)
-            try await tx.audit(action: "group.delete", targetType: "group", targetID: before.id, before: auditJSON(before), after: nil)
+            try await tx.audit(action: "group.delete", targetType: "group", targetID: before.id, before: try auditValue(before), after: nil)
         }
         return .noContent(.init())
     }
@@ -76,7 +77,7 @@ extension HeraldService {
             if changed {
                 try await tx.audit(
                     action: add ? "group.member.add" : "group.member.remove", targetType: "group",
-                    targetID: groupID.lowercased, before: nil, after: auditJSON(["user_id": userID.lowercased]))
+                    targetID: groupID.lowercased, before: nil, after: try auditValue(["user_id": userID.lowercased]))
             }
         }
     }

@@ -51,11 +51,11 @@ extension HeraldService {
                 let before = try await tx.unsubscribe(userID: claims.userID, categoryID: category, channel: channel)
                 try await tx.audit(
                     action: "preference.unsubscribe", targetType: "user", targetID: claims.userID.lowercased,
-                    before: auditJSON([
+                    before: try auditValue([
                         "category_id": category.lowercased, "channel": channel.rawValue,
                         "enabled": before.map { String($0.enabled) } ?? "inherited",
                     ]),
-                    after: auditJSON([
+                    after: try auditValue([
                         "category_id": category.lowercased, "channel": channel.rawValue, "enabled": "false",
                         "via": claims.digestRunID.map { "one-click unsubscribe, digest run \($0.lowercased)" }
                             ?? "one-click unsubscribe, delivery \(claims.deliveryID?.lowercased ?? "-")",

@@ -56,7 +56,7 @@ extension HeraldService {
                         enabled: body.inactivityEnabled, days: body.inactivityDays, graceDays: body.inactivityGraceDays)))
             try await tx.audit(
                 action: "organisation.update", targetType: "organisation", targetID: after.id,
-                before: auditJSON(before), after: auditJSON(after))
+                before: try auditValue(before), after: try auditValue(after))
             return after
         }
         return .ok(.init(body: .json(updated)))

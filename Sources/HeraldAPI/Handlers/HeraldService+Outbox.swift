@@ -46,7 +46,7 @@ extension HeraldService {
             }
             try await tx.audit(
                 action: "delivery.retry", targetType: "delivery", targetID: id.lowercased,
-                before: auditJSON(["status": before.status]), after: auditJSON(["status": after.status]))
+                before: try auditValue(["status": before.status]), after: try auditValue(["status": after.status]))
             return try Components.Schemas.Delivery(after, attempts: try await tx.deliveryAttempts(id))
         }
         return .ok(.init(body: .json(delivery)))
@@ -61,7 +61,7 @@ extension HeraldService {
             }
             try await tx.audit(
                 action: "delivery.cancel", targetType: "delivery", targetID: id.lowercased,
-                before: auditJSON(["status": before.status]), after: auditJSON(["status": after.status]))
+                before: try auditValue(["status": before.status]), after: try auditValue(["status": after.status]))
             return try Components.Schemas.Delivery(after, attempts: try await tx.deliveryAttempts(id))
         }
         return .ok(.init(body: .json(delivery)))

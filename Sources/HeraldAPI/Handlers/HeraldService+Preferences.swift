@@ -21,7 +21,7 @@ extension HeraldService {
             let after = try await preferenceList(try await tx.preferenceDefaults(), tx)
             try await tx.audit(
                 action: "preference_defaults.replace", targetType: "organisation", targetID: tx.organisationID.lowercased,
-                before: auditJSON(before), after: auditJSON(after))
+                before: try auditValue(before), after: try auditValue(after))
             return after
         }
         return .ok(.init(body: .json(list)))
@@ -92,7 +92,7 @@ extension HeraldService {
             let after = try await preferenceList(try await tx.preferences(ofUser: userID), tx)
             try await tx.audit(
                 action: "preferences.replace", targetType: "user", targetID: userID.lowercased,
-                before: auditJSON(before), after: auditJSON(after))
+                before: try auditValue(before), after: try auditValue(after))
             return after
         }
     }

@@ -25,7 +25,7 @@ extension HeraldService {
             try requireHolds(permissions, principal)
             let role = Components.Schemas.Role(
                 try await tx.createRole(key: key, name: name, description: description, permissions: permissions))
-            try await tx.audit(action: "role.create", targetType: "role", targetID: role.id, before: nil, after: auditJSON(role))
+            try await tx.audit(action: "role.create", targetType: "role", targetID: role.id, before: nil, after: try auditValue(role))
             return role
         }
         return .created(.init(body: .json(created)))
@@ -46,7 +46,7 @@ extension HeraldService {
             let role = try await tx.updateRole(id, name: name, description: body.description, permissions: permissions)
             try await tx.audit(
                 action: "role.update", targetType: "role", targetID: id.lowercased,
-                before: auditJSON(Components.Schemas.Role(existing)), after: auditJSON(Components.Schemas.Role(role)))
+                before: try auditValue(Components.Schemas.Role(existing)), after: try auditValue(Components.Schemas.Role(role)))
             return role
         }
         return .ok(.init(body: .json(.init(updated))))
@@ -61,7 +61,7 @@ extension HeraldService {
             try await tx.deleteRole(id)
             try await tx.audit(
                 action: "role.delete", targetType: "role", targetID: id.lowercased,
-                before: auditJSON(Components.Schemas.Role(existing)), after: nil)
+                before: try auditValue(Components.Schemas.Role(existing)), after: nil)
         }
         return .noContent(.init())
     }

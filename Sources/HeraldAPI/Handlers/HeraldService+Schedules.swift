@@ -49,7 +49,7 @@ extension HeraldService {
                 nextAt: recurrence.occurrences(after: max(now, startsAt.addingTimeInterval(-1)), limit: 1).first)
             try await tx.audit(
                 action: "schedule.create", targetType: "schedule", targetID: id.lowercased, before: nil,
-                after: auditJSON(["name": name, "type": request.typeKey, "rule": body.rule, "time_zone": zone]))
+                after: try auditValue(["name": name, "type": request.typeKey, "rule": body.rule, "time_zone": zone]))
             return schedule
         }
         return .created(.init(body: .json(try .init(created))))
@@ -62,7 +62,7 @@ extension HeraldService {
             try await tx.deleteSchedule(id)
             try await tx.audit(
                 action: "schedule.delete", targetType: "schedule", targetID: id.lowercased,
-                before: auditJSON(["name": before.name, "rule": before.rule]), after: nil)
+                before: try auditValue(["name": before.name, "rule": before.rule]), after: nil)
         }
         return .noContent(.init())
     }

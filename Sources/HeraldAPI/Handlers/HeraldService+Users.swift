@@ -20,14 +20,14 @@ extension HeraldService {
             displayName: try Validate.text(body.displayName, field: "display_name"),
             locale: try body.locale.map { v throws(ValidationError) in try Validate.locale(v) },
             timezone: try body.timezone.map { v throws(ValidationError) in try Validate.timezone(v) })
-        if let attributes = body.attributes { new.attributesJSON = try encodeJSON(attributes) }
+        if let attributes = body.attributes { new.attributes = try convert(attributes) }
         if let password = body.password {
             let checked = try Validate.password(password)
             new.passwordHash = try await passwords.hash(checked)
         }
         let created = try await tenant { tx, _ in
             let user = try Components.Schemas.User(try await tx.createUser(new))
-            try await tx.audit(action: "user.create", targetType: "user", targetID: user.id, before: nil, after: auditJSON(user))
+            try await tx.audit(action: "user.create", targetType: "user", targetID: user.id, before: nil, after: try auditValue(user))
             return user
         }
         return .created(.init(body: .json(created)))
@@ -48,7 +48,7 @@ extension HeraldService {
             // An empty string clears the field, so the organisation default applies.
             locale: try body.locale.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.locale(v) },
             timezone: try body.timezone.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.timezone(v) })
-        if let attributes = body.attributes { change.attributesJSON = try encodeJSON(attributes) }
+        if let attributes = body.attributes { change.attributes = try convert(attributes) }
         // -1 clears the user's own digest hour: the organisation's applies again.
         if let hour = body.digestHour {
             guard hour == -1 || (0...23).contains(hour) else {
@@ -70,7 +70,7 @@ extension HeraldService {
             try requireHolds(try await tx.permissions(ofUser: id).filter { !$0.concernsOnlyTheHolder }, principal)
             let after = try Components.Schemas.User(try await tx.updateUser(id, change))
             try await tx.audit(
-                action: "user.update", targetType: "user", targetID: after.id, before: auditJSON(before), after: auditJSON(after))
+                action: "user.update", targetType: "user", targetID: after.id, before: try auditValue(before), after: try auditValue(after))
             return after
         }
         return .ok(.init(body: .json(updated)))
@@ -97,7 +97,7 @@ extension HeraldService {
             if !active { try await requireAnOwner(tx) }
             try await tx.audit(
                 action: active ? "user.reactivate" : "user.deactivate", targetType: "user", targetID: after.id,
-                before: auditJSON(before), after: auditJSON(after))
+                before: try auditValue(before), after: try auditValue(after))
             return after
         }
     }
@@ -118,7 +118,7 @@ extension HeraldService {
             try await requireAnOwner(tx)
             try await tx.audit(
                 action: "user.roles.set", targetType: "user", targetID: after.id,
-                before: auditJSON(before.roles), after: auditJSON(after.roles))
+                before: try auditValue(before.roles), after: try auditValue(after.roles))
             return after
         }
         return .ok(.init(body: .json(updated)))

@@ -103,22 +103,10 @@ final class LoginLimits: Sendable {
     }
 }
 
-/// JSON text for the audit log, keys sorted so entries compare.
-func auditJSON(_ value: some Encodable) -> String? {
+/// A value as the audit log keeps it: its JSON, dates as ISO 8601 strings. A value that does not
+/// encode fails the request (a logged 500), never leaving an audit entry without it.
+func auditValue(_ value: some Encodable) throws -> JSONValue {
     let encoder = JSONEncoder()
-    encoder.outputFormatting = [.sortedKeys]
     encoder.dateEncodingStrategy = .iso8601
-    return (try? encoder.encode(value)).map { String(decoding: $0, as: UTF8.self) }
-}
-
-/// Decodes JSON text kept by the store into a generated schema type.
-func decodeJSON<T: Decodable>(_ text: String, as type: T.Type = T.self) throws -> T {
-    try JSONDecoder().decode(T.self, from: Data(text.utf8))
-}
-
-/// Encodes a generated schema value as JSON text for the store.
-func encodeJSON(_ value: some Encodable) throws -> String {
-    let encoder = JSONEncoder()
-    encoder.outputFormatting = [.sortedKeys]
-    return String(decoding: try encoder.encode(value), as: UTF8.self)
+    return try JSONDecoder().decode(JSONValue.self, from: try encoder.encode(value))
 }

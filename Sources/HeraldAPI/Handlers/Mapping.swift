@@ -21,7 +21,7 @@ extension Components.Schemas.User {
     init(_ u: User) throws {
         self.init(
             id: u.id.lowercased, email: u.email, displayName: u.displayName, locale: u.locale, timezone: u.timezone,
-            digestHour: u.digestHour, digestWeekday: u.digestWeekday, active: u.active, attributes: try decodeJSON(u.attributesJSON),
+            digestHour: u.digestHour, digestWeekday: u.digestWeekday, active: u.active, attributes: try convert(u.attributes),
             roles: u.roles.map { .init(id: $0.id.lowercased, key: $0.key) }, lastEngagedAt: u.lastEngagedAt,
             inactivityWarnedAt: u.inactivityWarnedAt, inactivitySwitchedOffAt: u.inactivitySwitchedOffAt, createdAt: u.createdAt,
             updatedAt: u.updatedAt)
@@ -59,7 +59,7 @@ extension Components.Schemas.AuditEntry {
             id: e.id.lowercased, occurredAt: e.occurredAt,
             actorType: mapped(e.actorType), actorId: e.actorID?.lowercased,
             action: e.action, targetType: e.targetType, targetId: e.targetID,
-            before: try e.beforeJSON.map { try decodeJSON($0) }, after: try e.afterJSON.map { try decodeJSON($0) },
+            before: try e.before.map { try convert($0) }, after: try e.after.map { try convert($0) },
             requestId: e.requestID)
     }
 }
