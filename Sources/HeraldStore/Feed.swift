@@ -249,6 +249,12 @@ extension TenantTransaction {
 }
 
 /// What a feed row shows, with its read flag; callers add the WHERE clause.
+/// Herald's prepared statements hand back their rows as they come; the caller decodes them
+/// with the same functions as the unprepared reads.
+extension PostgresPreparedStatement where Row == PostgresRow {
+    func decodeRow(_ row: PostgresRow) throws -> PostgresRow { row }
+}
+
 /// The unread count of `unreadCount(of:now:)`, per category: a prepared statement (the bell
 /// asks for it on every page and after every change).
 struct UnreadCountByCategory: PostgresPreparedStatement {
@@ -275,8 +281,6 @@ struct UnreadCountByCategory: PostgresPreparedStatement {
         bindings.append(now)
         return bindings
     }
-
-    func decodeRow(_ row: PostgresRow) throws -> PostgresRow { row }
 }
 
 /// The first page of the default feed (unarchived, no filter): what `feed(of:…)` runs without
@@ -304,8 +308,6 @@ struct FirstFeedPage: PostgresPreparedStatement {
         bindings.append(limit)
         return bindings
     }
-
-    func decodeRow(_ row: PostgresRow) throws -> PostgresRow { row }
 }
 
 let feedSelect = """
