@@ -20,7 +20,7 @@ struct AdminAPITests {
                     {"email": "dr.bob@clinic.example", "display_name": "Dr Bob", "locale": "fr", "timezone": "Europe/Paris", "attributes": {"team": "implants"}}
                     """)
             #expect(created.status == .created)
-            let id = try #require(created.json["id"] as? String)
+            let id = try created.decoded(Components.Schemas.User.self).id
 
             // act
             let updated = try await client.send(
@@ -30,19 +30,22 @@ struct AdminAPITests {
 
             // check
             #expect(updated.status == .ok)
-            #expect(updated.json["display_name"] as? String == "Dr Robert")
-            #expect(updated.json["locale"] == nil)
+            let user = try updated.decoded(Components.Schemas.User.self)
+            #expect(user.displayName == "Dr Robert")
+            #expect(user.locale == nil)
+            // attributes is a free-form object: read through the dictionary.
             #expect((updated.json["attributes"] as? [String: Any])?["team"] as? String == "implants")
-            let found = try #require(search.json["items"] as? [[String: Any]])
-            #expect(found.map { $0["id"] as? String } == [id])
-            let entries = try #require(audit.json["items"] as? [[String: Any]])
-            #expect(entries.map { $0["action"] as? String } == ["user.update", "user.create"])
-            let update = entries[0]
-            #expect(update["actor_type"] as? String == "user")
-            #expect(update["actor_id"] as? String == org.ownerID.uuidString.lowercased())
-            #expect((update["before"] as? [String: Any])?["display_name"] as? String == "Dr Bob")
-            #expect((update["after"] as? [String: Any])?["display_name"] as? String == "Dr Robert")
-            #expect(update["request_id"] is String)
+            #expect(try search.decoded(Components.Schemas.UserPage.self).items.map(\.id) == [id])
+            let entries = try audit.decoded(Components.Schemas.AuditPage.self).items
+            #expect(entries.map(\.action) == ["user.update", "user.create"])
+            let update = try #require(entries.first)
+            #expect(update.actorType == .user)
+            #expect(update.actorId == org.ownerID.uuidString.lowercased())
+            #expect(update.requestId != nil)
+            // before and after are free-form: read through the dictionary.
+            let raw = try #require((audit.json["items"] as? [[String: Any]])?.first)
+            #expect((raw["before"] as? [String: Any])?["display_name"] as? String == "Dr Bob")
+            #expect((raw["after"] as? [String: Any])?["display_name"] as? String == "Dr Robert")
         }
     }
 
@@ -57,8 +60,9 @@ struct AdminAPITests {
             repeat {
                 let page = try await client.send(.get, "/v1/users?limit=7" + (cursor.map { "&cursor=\($0)" } ?? ""), token: org.ownerToken)
                 #expect(page.status == .ok)
-                seen += (page.json["items"] as? [[String: Any]] ?? []).compactMap { $0["id"] as? String }
-                cursor = page.json["next_cursor"] as? String
+                let users = try page.decoded(Components.Schemas.UserPage.self)
+                seen += users.items.map(\.id)
+                cursor = users.nextCursor
             } while cursor != nil
             #expect(seen.count == 27)
             #expect(Set(seen).count == 27)
@@ -143,9 +147,8 @@ struct AdminAPITests {
             #expect(duplicate.isProblem(.conflict))
 
             let roles = try await client.send(.get, "/v1/roles", token: admin)
-            let items = try #require(roles.json["items"] as? [[String: Any]])
-            let owner = try #require(items.first { $0["key"] as? String == "owner" })
-            let ownerID = try #require(owner["id"] as? String)
+            let items = try roles.decoded(Operations.ListRoles.Output.Ok.Body.JsonPayload.self).items
+            let ownerID = try #require(items.first { $0.key == "owner" }).id
             #expect(
                 try await client.send(.patch, "/v1/roles/\(ownerID)", token: org.ownerToken, json: #"{"name": "Boss"}"#).isProblem(
                     .conflict))
@@ -166,16 +169,17 @@ struct AdminAPITests {
         try await withOrganisation { org, client in
             let created = try await client.send(
                 .post, "/v1/groups", token: org.ownerToken, json: #"{"key": "internship-2026", "name": "Internship 2026"}"#)
-            let id = try #require(created.json["id"] as? String)
+            let id = try created.decoded(Components.Schemas.Group.self).id
             let member = org.memberID.uuidString.lowercased()
             #expect(try await client.send(.put, "/v1/groups/\(id)/members/\(member)", token: org.ownerToken).status == .noContent)
             #expect(try await client.send(.put, "/v1/groups/\(id)/members/\(member)", token: org.ownerToken).status == .noContent)
             let group = try await client.send(.get, "/v1/groups/\(id)", token: org.ownerToken)
-            #expect(group.json["member_count"] as? Int == 1)
+            #expect(try group.decoded(Components.Schemas.Group.self).memberCount == 1)
             let members = try await client.send(.get, "/v1/groups/\(id)/members", token: org.ownerToken)
-            #expect((members.json["items"] as? [[String: Any]])?.compactMap { $0["id"] as? String } == [member])
+            #expect(try members.decoded(Components.Schemas.UserPage.self).items.map(\.id) == [member])
             #expect(try await client.send(.delete, "/v1/groups/\(id)/members/\(member)", token: org.ownerToken).status == .noContent)
-            #expect(try await client.send(.get, "/v1/groups/\(id)", token: org.ownerToken).json["member_count"] as? Int == 0)
+            let emptied = try await client.send(.get, "/v1/groups/\(id)", token: org.ownerToken)
+            #expect(try emptied.decoded(Components.Schemas.Group.self).memberCount == 0)
         }
     }
 
@@ -186,14 +190,15 @@ struct AdminAPITests {
             let created = try await client.send(
                 .post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "CRM", "role_id": "\#(serviceRole)"}"#)
             #expect(created.status == .created)
-            let secret = try #require(created.json["secret"] as? String)
-            let id = try #require(created.json["id"] as? String)
+            let apiKey = try created.decoded(Components.Schemas.ApiKeyCreated.self)
+            let secret = apiKey.secret
+            let id = apiKey.id
             let listed = try await client.send(.get, "/v1/api-keys", token: org.ownerToken)
             #expect(!listed.text.contains(secret))
             #expect(!listed.text.contains(String(secret.split(separator: ".").last!)))
 
             let me = try await client.send(.get, "/v1/me", token: secret)
-            #expect(me.json["kind"] as? String == "api_key")
+            #expect(try me.decoded(Components.Schemas.Principal.self).kind == .apiKey)
             #expect(
                 try await client.send(.post, "/v1/users", token: secret, json: #"{"email": "via-key@x.example", "display_name": "K"}"#)
                     .status == .created)
@@ -211,9 +216,9 @@ struct AdminAPITests {
             let role = try await client.send(
                 .post, "/v1/roles", token: org.ownerToken,
                 json: #"{"key": "integrator", "name": "Integrator", "permissions": ["users.read"]}"#)
-            let roleID = try #require(role.json["id"] as? String)
+            let roleID = try role.decoded(Components.Schemas.Role.self).id
             let key = try await client.send(.post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "k", "role_id": "\#(roleID)"}"#)
-            let keyID = try #require(key.json["id"] as? String)
+            let keyID = try key.decoded(Components.Schemas.ApiKeyCreated.self).id
             let blocked = try await client.send(.delete, "/v1/roles/\(roleID)", token: org.ownerToken)
             #expect(blocked.isProblem(.conflict), "\(blocked.text)")
             #expect(try await client.send(.delete, "/v1/api-keys/\(keyID)", token: org.ownerToken).status == .noContent)
@@ -227,7 +232,7 @@ struct AdminAPITests {
             let serviceRole = try await org.store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
             let key = try await client.send(
                 .post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "svc", "role_id": "\#(serviceRole)"}"#)
-            let secret = try #require(key.json["secret"] as? String)
+            let secret = try key.decoded(Components.Schemas.ApiKeyCreated.self).secret
             let owner = org.ownerID.uuidString.lowercased()
             #expect(try await client.send(.post, "/v1/users/\(owner)/deactivate", token: secret).isProblem(.forbidden))
             #expect(
@@ -248,23 +253,26 @@ struct AdminAPITests {
                 json: """
                     {"organisation": "\(org.slug)", "email": "member@\(org.slug).example", "password": "\(TestOrganisation.password)"}
                     """)
-            let refresh = try #require(login.json["refresh_token"] as? String)
+            let refresh = try login.decoded(Components.Schemas.TokenPair.self).refreshToken
             let member = org.memberID.uuidString.lowercased()
-            #expect(try await client.send(.post, "/v1/users/\(member)/deactivate", token: org.ownerToken).json["active"] as? Bool == false)
+            let deactivated = try await client.send(.post, "/v1/users/\(member)/deactivate", token: org.ownerToken)
+            #expect(try deactivated.decoded(Components.Schemas.User.self).active == false)
             #expect(try await client.send(.post, "/v1/auth/refresh", json: #"{"refresh_token": "\#(refresh)"}"#).isProblem(.unauthorized))
             #expect(
                 try await client.send(.post, "/v1/users/\(org.ownerID.uuidString)/deactivate", token: org.ownerToken).isProblem(.conflict))
-            #expect(try await client.send(.post, "/v1/users/\(member)/reactivate", token: org.ownerToken).json["active"] as? Bool == true)
+            let reactivated = try await client.send(.post, "/v1/users/\(member)/reactivate", token: org.ownerToken)
+            #expect(try reactivated.decoded(Components.Schemas.User.self).active == true)
         }
     }
 
     @Test("the organisation: anyone reads it, only organisation.manage changes it")
     func organisation() async throws {
         try await withOrganisation { org, client in
-            #expect(try await client.send(.get, "/v1/organisation", token: org.memberToken).json["slug"] as? String == org.slug)
+            let read = try await client.send(.get, "/v1/organisation", token: org.memberToken)
+            #expect(try read.decoded(Components.Schemas.Organisation.self).slug == org.slug)
             let changed = try await client.send(
                 .patch, "/v1/organisation", token: org.ownerToken, json: #"{"default_locale": "fr", "default_timezone": "Europe/Paris"}"#)
-            #expect(changed.json["default_timezone"] as? String == "Europe/Paris")
+            #expect(try changed.decoded(Components.Schemas.Organisation.self).defaultTimezone == "Europe/Paris")
             #expect(
                 try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"default_timezone": "Nowhere/City"}"#)
                     .isProblem(.unprocessableContent))
@@ -288,7 +296,7 @@ struct OperationsTests {
             #expect(try await client.send(.get, "/healthz").status == .ok)
             let ready = try await client.send(.get, "/readyz")
             #expect(ready.status == .ok)
-            #expect((ready.json["migrations"] as? [String: Any])?["applied"] as? Int == TestEnvironment.migrationVersions.count)
+            #expect(try ready.decoded(Components.Schemas.Readiness.self).migrations.applied == TestEnvironment.migrationVersions.count)
             let echoed = try await client.send(.get, "/healthz", headers: [HTTPField.Name("X-Request-Id")!: "abc-123"])
             #expect(echoed.headers[HTTPField.Name("X-Request-Id")!] == "abc-123")
             let metrics = try await client.send(.get, "/metrics")

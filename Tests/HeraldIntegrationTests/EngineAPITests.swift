@@ -83,70 +83,70 @@ struct MedicalAlertTests {
         let app = try env.application()
         try await app.test(.router) { client in
             let before = try await client.send(.get, "/v1/me/notifications/unread-count", token: clinic.memberToken)
-            #expect(before.json["total"] as? Int == 0)
+            #expect(try before.decoded(Components.Schemas.UnreadCount.self).total == 0)
 
             // act
             let sent = try await client.send(.post, "/v1/events", token: clinic.org.ownerToken, json: Self.reading)
 
             // check: the answer counts each decision
             #expect(sent.status == .accepted, "\(sent.text)")
-            let counts = try #require(sent.json["counts"] as? [String: Int])
-            #expect(counts["considered"] == 5) // five clinicians; the receptionist is not in the audience
-            #expect(counts["targeted"] == 5)
-            #expect(counts["in_app"] == 5) // critical: in-app even for the one who switched everything off
-            #expect(counts["immediate"] == 2) // owner and member: email + immediate by the type's default
-            #expect(counts["digest"] == 1)
-            let eventID = try #require(sent.json["event_id"] as? String)
+            let accepted = try sent.decoded(Components.Schemas.EventAccepted.self)
+            let counts = accepted.counts
+            #expect(counts.considered == 5) // five clinicians; the receptionist is not in the audience
+            #expect(counts.targeted == 5)
+            #expect(counts.inApp == 5) // critical: in-app even for the one who switched everything off
+            #expect(counts.immediate == 2) // owner and member: email + immediate by the type's default
+            #expect(counts.digest == 1)
+            let eventID = accepted.eventId
 
             // The bell: visible at once, unread count up.
             let after = try await client.send(.get, "/v1/me/notifications/unread-count", token: clinic.memberToken)
-            #expect(after.json["total"] as? Int == 1)
-            #expect((after.json["by_category"] as? [String: Int])?["alerts"] == 1)
+                .decoded(Components.Schemas.UnreadCount.self)
+            #expect(after.total == 1)
+            #expect(after.byCategory.additionalProperties["alerts"] == 1)
             let feed = try await client.send(.get, "/v1/me/notifications", token: clinic.memberToken)
-            let item = try #require((feed.json["items"] as? [[String: Any]])?.first)
-            #expect(item["title"] as? String == "Critical ISQ 25")
-            #expect(item["severity"] as? String == "CRITICAL")
-            #expect((item["subject"] as? [String: Any])?["id"] as? String == "IMP-19")
+            let item = try #require(try feed.decoded(Components.Schemas.FeedPage.self).items.first)
+            #expect(item.title == "Critical ISQ 25")
+            #expect(item.severity == .critical)
+            #expect(item.subject?.id == "IMP-19")
             #expect(!feed.text.contains("Jane Doe"), "a payload field the template did not ask for reached the feed")
 
             // Nobody of the other organisation was considered.
             let otherCount = try await client.send(.get, "/v1/me/notifications/unread-count", token: other.memberToken)
-            #expect(otherCount.json["total"] as? Int == 0)
+            #expect(try otherCount.decoded(Components.Schemas.UnreadCount.self).total == 0)
 
             // Explain: each case with its reason.
             let explain = try await client.send(.get, "/v1/events/\(eventID)/explain", token: clinic.org.ownerToken)
             #expect(explain.status == .ok)
-            let users = try #require(explain.json["items"] as? [[String: Any]])
-            func channel(_ user: UUID, _ name: String) -> [String: Any]? {
-                let entry = users.first { $0["user_id"] as? String == user.uuidString.lowercased() }
-                return (entry?["channels"] as? [[String: Any]])?.first { $0["channel"] as? String == name }
+            let users = try explain.decoded(Components.Schemas.Explanation.self).items
+            func channel(_ user: UUID, _ name: Components.Schemas.ChannelName) -> Components.Schemas.ExplainedChannel? {
+                let entry = users.first { $0.userId == user.uuidString.lowercased() }
+                return entry?.channels.first { $0.channel == name }
             }
             #expect(users.count == 5)
-            #expect(users.allSatisfy { $0["rule"] as? String == "role:clinician" && $0["reason"] as? String == "TARGETED_ROLE" })
-            #expect(channel(clinic.org.memberID, "email")?["reason"] as? String == "DELIVERY_QUEUED")
-            #expect(channel(clinic.org.memberID, "email")?["delivery_status"] as? String == "PENDING")
-            #expect(channel(clinic.org.memberID, "email")?["source"] as? String == "type_default")
-            #expect(channel(clinic.emailOff, "email")?["reason"] as? String == "CHANNEL_DISABLED")
-            #expect(channel(clinic.emailOff, "email")?["source"] as? String == "user")
-            #expect(channel(clinic.emailOff, "in_app")?["reason"] as? String == "IN_APP_CREATED")
-            #expect(channel(clinic.org.memberID, "in_app")?["notification_status"] as? String == "UNREAD")
-            #expect(channel(clinic.digest, "email")?["reason"] as? String == "DIGEST_QUEUED")
-            #expect(channel(clinic.digest, "email")?["digest_status"] as? String == "PENDING")
-            #expect(channel(clinic.digest, "email")?["delivery_id"] == nil)
-            #expect(channel(clinic.switchedOff, "in_app")?["source"] as? String == "critical_override")
-            #expect(channel(clinic.switchedOff, "email")?["reason"] as? String == "CHANNEL_DISABLED")
-            #expect(channel(clinic.switchedOff, "webhook")?["reason"] as? String == "CHANNEL_DISABLED")
+            #expect(users.allSatisfy { $0.rule == "role:clinician" && $0.reason == "TARGETED_ROLE" })
+            #expect(channel(clinic.org.memberID, .email)?.reason == "DELIVERY_QUEUED")
+            #expect(channel(clinic.org.memberID, .email)?.deliveryStatus == "PENDING")
+            #expect(channel(clinic.org.memberID, .email)?.source == .typeDefault)
+            #expect(channel(clinic.emailOff, .email)?.reason == "CHANNEL_DISABLED")
+            #expect(channel(clinic.emailOff, .email)?.source == .user)
+            #expect(channel(clinic.emailOff, .inApp)?.reason == "IN_APP_CREATED")
+            #expect(channel(clinic.org.memberID, .inApp)?.notificationStatus == .unread)
+            #expect(channel(clinic.digest, .email)?.reason == "DIGEST_QUEUED")
+            #expect(channel(clinic.digest, .email)?.digestStatus == .pending)
+            #expect(channel(clinic.digest, .email)?.deliveryId == nil)
+            #expect(channel(clinic.switchedOff, .inApp)?.source == .criticalOverride)
+            #expect(channel(clinic.switchedOff, .email)?.reason == "CHANNEL_DISABLED")
+            #expect(channel(clinic.switchedOff, .webhook)?.reason == "CHANNEL_DISABLED")
 
             // Explain follows the in-app row's life: read, then deleted by its user.
-            let notificationID = try #require(channel(clinic.org.memberID, "in_app")?["notification_id"] as? String)
+            let notificationID = try #require(channel(clinic.org.memberID, .inApp)?.notificationId)
             _ = try await client.send(.post, "/v1/me/notifications/\(notificationID)/read", token: clinic.memberToken)
             _ = try await client.send(.delete, "/v1/me/notifications/\(notificationID)", token: clinic.memberToken)
             let again = try await client.send(
                 .get, "/v1/events/\(eventID)/explain?user_id=\(clinic.org.memberID.uuidString)", token: clinic.org.ownerToken)
-            let inApp = ((again.json["items"] as? [[String: Any]])?.first?["channels"] as? [[String: Any]])?.first {
-                $0["channel"] as? String == "in_app"
-            }
-            #expect(inApp?["notification_status"] as? String == "DELETED")
+            let inApp = try again.decoded(Components.Schemas.Explanation.self).items.first?.channels.first { $0.channel == .inApp }
+            #expect(inApp?.notificationStatus == .deleted)
         }
     }
 
@@ -169,14 +169,16 @@ struct MedicalAlertTests {
                     {"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\(clinic.org.memberID.uuidString)"]}, "payload": {"title": "Review"}}
                     """)
             #expect(sent.status == .accepted)
-            #expect((sent.json["counts"] as? [String: Int])?["in_app"] == 0)
-            #expect(try await client.send(.get, "/v1/me/notifications/unread-count", token: clinic.memberToken).json["total"] as? Int == 0)
-            let eventID = try #require(sent.json["event_id"] as? String)
+            let accepted = try sent.decoded(Components.Schemas.EventAccepted.self)
+            #expect(accepted.counts.inApp == 0)
+            let count = try await client.send(.get, "/v1/me/notifications/unread-count", token: clinic.memberToken)
+            #expect(try count.decoded(Components.Schemas.UnreadCount.self).total == 0)
             let explain = try await client.send(
-                .get, "/v1/events/\(eventID)/explain?user_id=\(clinic.org.memberID.uuidString)", token: clinic.org.ownerToken)
-            let channels = try #require(((explain.json["items"] as? [[String: Any]])?.first?["channels"]) as? [[String: Any]])
+                .get, "/v1/events/\(accepted.eventId)/explain?user_id=\(clinic.org.memberID.uuidString)", token: clinic.org.ownerToken)
+            let channels = try #require(try explain.decoded(Components.Schemas.Explanation.self).items.first).channels
             #expect(channels.count == 4)
-            #expect(channels.allSatisfy { $0["reason"] as? String == "CHANNEL_DISABLED" && $0["reason_text"] is String })
+            // reason_text is a required string of ExplainedChannel: the decode checks it.
+            #expect(channels.allSatisfy { $0.reason == "CHANNEL_DISABLED" })
         }
     }
 
@@ -189,21 +191,23 @@ struct MedicalAlertTests {
                 json: #"{"items": [{"category": "alerts", "channel": "email", "enabled": false, "frequency": "NONE"}]}"#)
             #expect(put.status == .ok)
             let resolved = try await client.send(.get, "/v1/me/preferences/resolved?type=ISQ_CRITICAL", token: clinic.memberToken)
-            let cells = try #require(resolved.json["items"] as? [[String: Any]])
-            #expect(cells.first { $0["channel"] as? String == "email" }?["source"] as? String == "user")
-            #expect(cells.first { $0["channel"] as? String == "in_app" }?["source"] as? String == "critical_override")
+            let cells = try resolved.decoded(Components.Schemas.ResolvedPreferences.self).items
+            #expect(cells.first { $0.channel == .email }?.source == .user)
+            #expect(cells.first { $0.channel == .inApp }?.source == .criticalOverride)
             let onlyMember = Self.reading.replacingOccurrences(
                 of: #""roles": ["clinician"]"#, with: #""user_ids": ["\#(clinic.org.memberID.uuidString)"]"#)
             let first = try await client.send(.post, "/v1/events", token: clinic.org.ownerToken, json: onlyMember)
-            #expect((first.json["counts"] as? [String: Int])?["immediate"] == 0)
-            #expect((first.json["counts"] as? [String: Int])?["in_app"] == 1)
+            let firstCounts = try first.decoded(Components.Schemas.EventAccepted.self).counts
+            #expect(firstCounts.immediate == 0)
+            #expect(firstCounts.inApp == 1)
 
             _ = try await client.send(
                 .put, "/v1/me/preferences", token: clinic.memberToken,
                 json: #"{"items": [{"category": "alerts", "channel": "email", "enabled": true, "frequency": "DAILY"}]}"#)
             let second = try await client.send(.post, "/v1/events", token: clinic.org.ownerToken, json: onlyMember)
-            #expect((second.json["counts"] as? [String: Int])?["digest"] == 1)
-            #expect((second.json["counts"] as? [String: Int])?["immediate"] == 0)
+            let secondCounts = try second.decoded(Components.Schemas.EventAccepted.self).counts
+            #expect(secondCounts.digest == 1)
+            #expect(secondCounts.immediate == 0)
         }
     }
 
@@ -240,20 +244,20 @@ struct MedicalAlertTests {
             let body = Self.reading.replacingOccurrences(of: #""subject""#, with: #""deliver_at": "\#(later)", "subject""#)
             let sent = try await client.send(.post, "/v1/events", token: clinic.org.ownerToken, json: body)
             #expect(sent.status == .accepted)
-            let id = try #require(sent.json["event_id"] as? String)
-            #expect(try await client.send(.get, "/v1/me/notifications/unread-count", token: clinic.memberToken).json["total"] as? Int == 0)
+            let id = try sent.decoded(Components.Schemas.EventAccepted.self).eventId
+            let count = try await client.send(.get, "/v1/me/notifications/unread-count", token: clinic.memberToken)
+            #expect(try count.decoded(Components.Schemas.UnreadCount.self).total == 0)
             let cancelled = try await client.send(.post, "/v1/events/\(id)/cancel", token: clinic.org.ownerToken)
             #expect(cancelled.status == .ok)
-            #expect(cancelled.json["deliveries_cancelled"] as? Int == 2)
-            #expect(cancelled.json["digest_items_cancelled"] as? Int == 1)
-            #expect(cancelled.json["notifications_withdrawn"] as? Int == 5)
+            let cancellation = try cancelled.decoded(Components.Schemas.Cancellation.self)
+            #expect(cancellation.deliveriesCancelled == 2)
+            #expect(cancellation.digestItemsCancelled == 1)
+            #expect(cancellation.notificationsWithdrawn == 5)
             #expect(try await client.send(.post, "/v1/events/\(id)/cancel", token: clinic.org.ownerToken).isProblem(.conflict))
             let explain = try await client.send(
                 .get, "/v1/events/\(id)/explain?user_id=\(clinic.org.memberID.uuidString)", token: clinic.org.ownerToken)
-            let email = ((explain.json["items"] as? [[String: Any]])?.first?["channels"] as? [[String: Any]])?.first {
-                $0["channel"] as? String == "email"
-            }
-            #expect(email?["delivery_status"] as? String == "CANCELLED")
+            let email = try explain.decoded(Components.Schemas.Explanation.self).items.first?.channels.first { $0.channel == .email }
+            #expect(email?.deliveryStatus == "CANCELLED")
         }
     }
 }
@@ -327,7 +331,8 @@ struct IdempotencyTests {
             let first = try await send(client, a, key: "shared-key")
             let second = try await send(client, b, key: "shared-key")
             #expect(first.status == .accepted && second.status == .accepted)
-            #expect(first.json["event_id"] as? String != second.json["event_id"] as? String)
+            let firstID = try first.decoded(Components.Schemas.EventAccepted.self).eventId
+            #expect(try second.decoded(Components.Schemas.EventAccepted.self).eventId != firstID)
             #expect(second.headers[HTTPField.Name("Idempotent-Replayed")!] == nil)
         }
     }
