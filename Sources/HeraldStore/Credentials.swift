@@ -41,7 +41,9 @@ public enum Admission: Sendable, Equatable {
 }
 
 /// What the entry of a tenant transaction read: nothing, or the admitted caller's grant row
-/// (nil when no such user or key exists in the organisation).
+/// (nil when no such user or key exists in the organisation). A snapshot of the transaction's
+/// start: the boundary's permission check and the feed's engagement write read it; a handler
+/// that changes the caller's roles and then needs their grant must not (none does).
 enum Entry: Sendable {
     case none
     case user(UUID, PostgresRow?)

@@ -54,8 +54,9 @@ public struct Database: Sendable {
     /// `SET LOCAL` scopes the settings to the transaction, so a pooled connection (or a
     /// transaction-mode pooler) never carries one organisation's context into another's; unlike
     /// `set_config(…, true)` it also reaches the worker nodes of a distributed PostgreSQL
-    /// (Citus). A setting takes no bind parameter, so the values are UUIDs written by
-    /// `UUID.uuidString` (hex digits and hyphens only), never text from a request.
+    /// (Citus). A setting takes no bind parameter: the `SET LOCAL`s run inside `enter_tenant`
+    /// (migration 0017), which receives the ids as bound `uuid` parameters and quotes them with
+    /// `format(%L)`, so no text from a request reaches them.
     ///
     /// `recipient` confines in-app rows to one user as well (the feed), so a user's feed cannot
     /// show another user's rows even within one organisation.
