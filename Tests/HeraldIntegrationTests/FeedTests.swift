@@ -26,29 +26,44 @@ struct FeedTests {
     func preparedReads() async throws {
         try await withCatalogue { org, _, _ in
             for i in 0..<25 { try await task(org, to: [org.memberID], title: "t\(i)") }
-            let now = Date()
-            try await org.store { tx in
-                let some = try await tx.feed(of: org.memberID, filter: FeedFilter(), limit: 4, after: nil, now: now)
-                _ = try await tx.markRead(some.items.map(\.id), of: org.memberID, now: now)
-                _ = try await tx.archive(some.items[0].id, of: org.memberID, now: now)
-            }
             let unprepared = Database(client: env.appClient, logger: env.logger, preparedStatements: false)
-            for database in [env.database, unprepared] {
-                let (first, general, count) = try await database.withTenant(org.id) { tx in
-                    // A `since` long past selects the same rows through the general query.
-                    (
-                        try await tx.feed(of: org.memberID, filter: FeedFilter(), limit: 20, after: nil, now: now),
-                        try await tx.feed(of: org.memberID, filter: FeedFilter(since: .distantPast), limit: 20, after: nil, now: now),
-                        try await tx.unreadCount(of: org.memberID, now: now)
-                    )
+            /// The first page as the bell reads it, against the general query (a `since` long
+            /// past selects the same rows through it), prepared and not.
+            func compare(limit: Int, unread: Int, _ comment: Comment) async throws {
+                let now = Date()
+                for database in [env.database, unprepared] {
+                    let (first, general, count) = try await database.withTenant(org.id) { tx in
+                        (
+                            try await tx.feed(of: org.memberID, filter: FeedFilter(), limit: limit, after: nil, now: now),
+                            try await tx.feed(
+                                of: org.memberID, filter: FeedFilter(since: .distantPast), limit: limit, after: nil, now: now),
+                            try await tx.unreadCount(of: org.memberID, now: now)
+                        )
+                    }
+                    #expect(first.items.map(\.id) == general.items.map(\.id), comment)
+                    #expect(first.items.map(\.read) == general.items.map(\.read), comment)
+                    #expect(first.next == general.next, comment)
+                    #expect(first.items.count == min(limit, general.items.count), comment)
+                    #expect(count.total == unread, comment)
+                    #expect(first.items.filter { !$0.read }.count == min(limit, unread), "unread first: \(comment)")
                 }
-                #expect(first.items.map(\.id) == general.items.map(\.id))
-                #expect(first.items.map(\.read) == general.items.map(\.read))
-                #expect(first.next == general.next)
-                #expect(first.items.count == 20)
-                #expect(first.items.filter(\.read).isEmpty, "unread first: 21 unread rows, so the first page holds none read")
-                #expect(count.total == 21)
             }
+            try await org.store { tx in
+                let some = try await tx.feed(of: org.memberID, filter: FeedFilter(), limit: 4, after: nil, now: Date())
+                _ = try await tx.markRead(some.items.map(\.id), of: org.memberID, now: Date())
+                _ = try await tx.archive(some.items[0].id, of: org.memberID, now: Date())
+            }
+            try await compare(limit: 20, unread: 21, "a page of unread rows only")
+            try await compare(limit: 24, unread: 21, "unread rows, then the newest read ones")
+            // "All read" (a watermark), one row unread again (pinned), two new rows above the mark.
+            let all = try await org.store { tx in
+                try await tx.feed(of: org.memberID, filter: FeedFilter(), limit: 30, after: nil, now: Date()).items
+            }
+            try await org.store { tx in try await tx.markAllRead(of: org.memberID, through: TimeOrderedID.upperBound(at: Date())) }
+            try await org.store { tx in _ = try await tx.setRead(all[10].id, of: org.memberID, read: false, now: Date()) }
+            for i in 0..<2 { try await task(org, to: [org.memberID], title: "after all read \(i)") }
+            try await compare(limit: 20, unread: 3, "after all read: two new rows and one pinned unread first")
+            try await compare(limit: 2, unread: 3, "a page shorter than the unread rows")
         }
     }
 
