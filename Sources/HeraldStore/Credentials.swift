@@ -30,9 +30,34 @@ public struct Grant: Sendable, Equatable {
     public init(permissions: Set<Permission>) { self.permissions = permissions }
 }
 
-/// The columns of `user_grant` and `enter_tenant_as_user`, and their types.
-let userGrantColumns = "active, permissions, last_engaged_at, warned"
-typealias UserGrantRow = (Bool, [String], Date, Bool)
+/// A row of `user_grant` / `enter_tenant_as_user` (migration 0017).
+struct UserGrantRow: Sendable {
+    static let columns = "active, permissions, last_engaged_at, warned"
+    var active: Bool
+    var permissions: [String]
+    var lastEngagedAt: Date
+    var warned: Bool
+
+    init(_ row: PostgresRow) throws {
+        (active, permissions, lastEngagedAt, warned) = try row.decode((Bool, [String], Date, Bool).self, table: "users")
+    }
+
+    /// The grant: nil when the user is deactivated.
+    var grant: Grant? { active ? Grant(permissions: Set(permissions.compactMap(Permission.init(rawValue:)))) : nil }
+}
+
+/// A row of `api_key_grant` / `enter_tenant_as_api_key` (migration 0017).
+struct ApiKeyGrantRow: Sendable {
+    static let columns = "secret_hash, expires_at, revoked_at, permissions"
+    var secretHash: Data
+    var expiresAt: Date?
+    var revokedAt: Date?
+    var permissions: [String]
+
+    init(_ row: PostgresRow) throws {
+        (secretHash, expiresAt, revokedAt, permissions) = try row.decode((Data, Date?, Date?, [String]).self, table: "api_keys")
+    }
+}
 
 /// Whose grant a tenant transaction reads as it enters (`Database.withTenant(admitting:)`).
 public enum Admission: Sendable, Equatable {
@@ -46,8 +71,8 @@ public enum Admission: Sendable, Equatable {
 /// that changes the caller's roles and then needs their grant must not (none does).
 enum Entry: Sendable {
     case none
-    case user(UUID, PostgresRow?)
-    case apiKey(UUID, PostgresRow?)
+    case user(UUID, UserGrantRow?)
+    case apiKey(UUID, ApiKeyGrantRow?)
 }
 
 extension TenantTransaction {
@@ -63,28 +88,20 @@ extension TenantTransaction {
             return .none
         case .user(let id):
             let rows = try await run(
-                "SELECT \(unescaped: userGrantColumns) FROM enter_tenant_as_user(\(organisationID), \(recipient), \(id))")
-            return .user(id, rows.first)
+                "SELECT \(unescaped: UserGrantRow.columns) FROM enter_tenant_as_user(\(organisationID), \(recipient), \(id))")
+            return .user(id, try rows.first.map(UserGrantRow.init))
         case .apiKey(let id):
             let rows = try await run(
-                "SELECT secret_hash, expires_at, revoked_at, permissions FROM enter_tenant_as_api_key(\(organisationID), \(id))")
-            return .apiKey(id, rows.first)
+                "SELECT \(unescaped: ApiKeyGrantRow.columns) FROM enter_tenant_as_api_key(\(organisationID), \(id))")
+            return .apiKey(id, try rows.first.map(ApiKeyGrantRow.init))
         }
     }
 
     /// The permissions of an active user, or nil when the user is missing or deactivated.
     public func grant(forUser id: UUID) async throws -> Grant? {
-        if case .user(id, let row) = entry { return try Self.userGrant(row) }
-        return try Self.userGrant(
-            try await query("SELECT \(unescaped: userGrantColumns) FROM user_grant(\(organisationID), \(id))").first)
-    }
-
-    /// A `user_grant` row (migration 0017) as a grant: nil when missing or inactive.
-    static func userGrant(_ row: PostgresRow?) throws -> Grant? {
-        guard let row else { return nil }
-        let (active, permissions, _, _) = try row.decode(UserGrantRow.self)
-        guard active else { return nil }
-        return Grant(permissions: Set(permissions.compactMap(Permission.init(rawValue:))))
+        if case .user(id, let row) = entry { return row?.grant }
+        let rows = try await query("SELECT \(unescaped: UserGrantRow.columns) FROM user_grant(\(organisationID), \(id))")
+        return try rows.first.map(UserGrantRow.init)?.grant
     }
 
     /// Every permission the user's roles carry, active or not.
@@ -101,23 +118,21 @@ extension TenantTransaction {
     /// The permissions of a live API key whose secret hashes to `secretHash`, or nil.
     /// Marks the key used (at most once a minute, to keep reads cheap).
     public func grant(forApiKey id: UUID, secretHash: Data, now: Date) async throws -> Grant? {
-        let row: PostgresRow?
+        let key: ApiKeyGrantRow?
         if case .apiKey(id, let entered) = entry {
-            row = entered
+            key = entered
         } else {
-            row = try await query(
-                "SELECT secret_hash, expires_at, revoked_at, permissions FROM api_key_grant(\(organisationID), \(id))"
-            ).first
+            let rows = try await query("SELECT \(unescaped: ApiKeyGrantRow.columns) FROM api_key_grant(\(organisationID), \(id))")
+            key = try rows.first.map(ApiKeyGrantRow.init)
         }
-        guard let row else { return nil }
-        let (stored, expires, revoked, permissions) = try row.decode((Data, Date?, Date?, [String]).self)
-        guard constantTimeEqual(stored, secretHash), revoked == nil, expires.map({ $0 > now }) ?? true else { return nil }
+        guard let key, constantTimeEqual(key.secretHash, secretHash), key.revokedAt == nil, key.expiresAt.map({ $0 > now }) ?? true
+        else { return nil }
         try await query(
             """
             UPDATE api_keys SET last_used_at = \(now)
             WHERE organisation_id = \(organisationID) AND id = \(id) AND (last_used_at IS NULL OR last_used_at < \(now) - interval '1 minute')
             """)
-        return Grant(permissions: Set(permissions.compactMap(Permission.init(rawValue:))))
+        return Grant(permissions: Set(key.permissions.compactMap(Permission.init(rawValue:))))
     }
 
     // MARK: API keys

@@ -248,7 +248,6 @@ extension TenantTransaction {
 
 }
 
-/// What a feed row shows, with its read flag; callers add the WHERE clause.
 /// Herald's prepared statements hand back their rows as they come; the caller decodes them
 /// with the same functions as the unprepared reads.
 extension PostgresPreparedStatement where Row == PostgresRow {
@@ -310,6 +309,7 @@ struct FirstFeedPage: PostgresPreparedStatement {
     }
 }
 
+/// What a feed row shows, with its read flag; callers add the WHERE clause.
 let feedSelect = """
     SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, n.title, n.body,
            e.subject_type, e.subject_id, notification_read(n, fs) AS read, n.archived_at IS NOT NULL AS archived,

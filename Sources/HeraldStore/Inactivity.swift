@@ -14,21 +14,22 @@ public struct InactivityCandidate: Sendable, Equatable {
     public var lastEngagedAt: Date
 }
 
+/// Engagement is written at most once per this many seconds per user.
+let engagementGranularity: TimeInterval = 3600
+
 extension TenantTransaction {
     /// Records that `userID` engaged at `now` (a tracked click, a login, a feed read, a "keep me
     /// subscribed" link): at most one write an hour per user, and a pending warning is withdrawn.
     /// When the transaction was entered for this user (a request), the entry has read their
     /// engagement, and a read within the hour with no warning pending writes nothing.
     public func recordEngagement(of userID: UUID, at now: Date) async throws {
-        if case .user(userID, let row?) = entry {
-            let (_, _, engaged, warned) = try row.decode(UserGrantRow.self)
-            if !warned, engaged >= now.addingTimeInterval(-3600) { return }
-        }
+        let since = now.addingTimeInterval(-engagementGranularity)
+        if case .user(userID, let row?) = entry, !row.warned, row.lastEngagedAt >= since { return }
         try await query(
             """
             UPDATE users SET last_engaged_at = \(now), inactivity_warned_at = NULL
             WHERE organisation_id = \(organisationID) AND id = \(userID)
-              AND (last_engaged_at < \(now) - interval '1 hour' OR inactivity_warned_at IS NOT NULL)
+              AND (last_engaged_at < \(since) OR inactivity_warned_at IS NOT NULL)
             """)
     }
 
