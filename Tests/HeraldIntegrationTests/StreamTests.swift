@@ -430,6 +430,22 @@ struct StreamTests {
         #expect(try await eventually(timeout: .seconds(30)) { try await position(org.memberID).seq == 3 })
     }
 
+    @Test("the sweep and the change log are planned on every call, never with a plan cached while the tables were empty (0018)")
+    func sweepPlansEveryCall() async throws {
+        let database = try await TestEnvironment.shared.database
+        let settings = try await database.query(
+            """
+            SELECT p.proname::text, coalesce(array_to_string(p.proconfig, ','), '') FROM pg_proc p
+            JOIN pg_namespace n ON n.oid = p.pronamespace AND n.nspname = 'public'
+            WHERE p.proname IN ('feed_stream_sweep', 'log_feed_changes') ORDER BY p.proname
+            """
+        ).map { try $0.decode((String, String).self) }
+        #expect(settings.map(\.0) == ["feed_stream_sweep", "log_feed_changes"])
+        for (name, config) in settings {
+            #expect(config.split(separator: ",").contains("plan_cache_mode=force_custom_plan"), "\(name): \(config)")
+        }
+    }
+
     @Test("a notify through one instance reaches a stream held by another", arguments: StreamTransport.allCases)
     func acrossInstances(_ transport: StreamTransport) async throws {
         let org = try await organisation()
