@@ -431,9 +431,18 @@ SQL
     HERALD_STREAMS_PER_INSTANCE=$((2 * STREAMS)) HERALD_SQL_DIR=sql $HERALD serve > .bench/stream-server.log 2>&1 &
   SERVER=$!
   for _ in $(seq 50); do curl -sf localhost:$SHTTP/readyz >/dev/null && break; sleep 0.2; done
+  # BENCH_PG_STATS=1: what PostgreSQL spent on each statement over the opens and the fan-out
+  # (.bench/streams-pg-stats.txt), to see where a fan-out's time goes.
+  psql_super() { "$bindir/psql" -X -q -h 127.0.0.1 -p $PORT -U postgres -d herald_bench "$@"; }
+  [ "${BENCH_PG_STATS:-0}" = 1 ] && psql_super -c "ALTER SYSTEM SET pg_stat_statements.track_planning = on" \
+    -c "SELECT pg_reload_conf()" -c "SELECT pg_stat_statements_reset()" >/dev/null
   python3 scripts/bench_streams.py herald --port $SHTTP --pid $SERVER --keys .bench/jwt --users .bench/stream-users.txt \
     --streams $STREAMS --idle ${BENCH_IDLE_SECONDS:-30} --api-key "$APIKEY" --type BENCH_LIVE --group live \
     --pg-port $PORT --pg-user herald_app:herald_app --pg-db herald_bench --out .bench/streams-herald.env --event-out .bench/stream-event.json
+  [ "${BENCH_PG_STATS:-0}" = 1 ] && psql_super -c "SELECT calls, round(total_exec_time::numeric, 1) AS exec_ms,
+      round(total_plan_time::numeric, 1) AS plan_ms, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS query
+    FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT 25" > .bench/streams-pg-stats.txt &&
+    psql_super -c "ALTER SYSTEM RESET pg_stat_statements.track_planning" -c "SELECT pg_reload_conf()" >/dev/null
   kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true
   say "streams: the ceiling, a minimal asyncio SSE server"
   python3 scripts/bench_streams.py ceiling --port $((HTTP + 2)) --streams $STREAMS --event .bench/stream-event.json --out .bench/streams-ceiling.env
