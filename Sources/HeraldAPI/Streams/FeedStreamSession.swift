@@ -113,7 +113,10 @@ struct FeedStreamSession: Sendable {
     private func open() async throws -> StreamStep {
         let settings = hub.settings
         var step = StreamStep(output: [.retry(milliseconds: settings.retryMilliseconds)], cursor: 0)
-        let position = try await read { tx in try await tx.feedStreamPosition(of: start.userID) }
+        // Where the log stands and the unread count, in one transaction.
+        let (position, count) = try await read { tx in
+            (try await tx.feedStreamPosition(of: start.userID), try await tx.unreadCount(of: start.userID, now: now()))
+        }
         step.cursor = position.seq
         if let since = start.since {
             if since < position.purgedThrough || since > position.seq || position.seq - since > Int64(settings.maxBacklog) {
@@ -122,7 +125,6 @@ struct FeedStreamSession: Sendable {
             }
             step.cursor = since
         }
-        let count = try await read { tx in try await tx.unreadCount(of: start.userID, now: now()) }
         step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: StreamJSON.unreadCount(count))))
         return step
     }
