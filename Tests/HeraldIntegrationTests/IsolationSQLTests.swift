@@ -353,6 +353,25 @@ struct IsolationSQLTests {
         }
     }
 
+    @Test(
+        "the feed's change log is written by Herald's own functions only: the application role can neither write it nor call its logger (0019)"
+    )
+    func changeLogClosed() async throws {
+        let org = try await populatedOrganisation()
+        let statements: [PostgresQuery] = [
+            "INSERT INTO feed_changes (organisation_id, user_id, seq, kind) VALUES (\(org.id), \(org.memberID), 1000, 'read_all')",
+            "INSERT INTO feed_streams (organisation_id, user_id, seq) VALUES (\(org.id), \(org.memberID), 1000)",
+            "UPDATE feed_streams SET seq = seq + 1",
+            "SELECT log_feed_changes(ARRAY[\(org.id)]::uuid[], ARRAY[\(org.memberID)]::uuid[], ARRAY['read_all'], ARRAY[NULL]::uuid[])",
+        ]
+        for statement in statements {
+            let state = await sqlState {
+                _ = try await asApp(org.id) { try await $0.query(statement, logger: env.logger).collect().count }
+            }
+            #expect(state == "42501", "\(statement.sql)")
+        }
+    }
+
     @Test("the audit log is append-only for the application role")
     func auditAppendOnly() async throws {
         let org = try await populatedOrganisation()
