@@ -138,6 +138,9 @@ public final class StreamHub: Service, Sendable {
     private let state = Mutex<State>(State())
     /// Set when a notify committed: the sweep numbers its rows at once instead of within a second.
     private let sweepRequested = Mutex(false)
+    /// Streams woken by the bus and waiting for a batched read, by organisation (`gather`).
+    private let gathering = Mutex<[UUID: [(StreamRegistration, Int64)]]>([:])
+    static let batchSize = 1000
 
     private struct State {
         var next: UInt64 = 0
@@ -254,7 +257,7 @@ public final class StreamHub: Service, Sendable {
                 if settled.count >= 2 {
                     let busy = woken.filter { $0.cursor == nil }
                     for stream in busy { stream.changed() }
-                    Task { await self.prefetch(settled, in: organisationID) }
+                    gather(settled, in: organisationID)
                 } else {
                     for stream in woken { stream.changed() }
                 }
@@ -277,6 +280,30 @@ public final class StreamHub: Service, Sendable {
                 sweepRequested.withLock { $0 = true }
             case .feedChanged:
                 break
+            }
+        }
+    }
+
+    /// Collects the streams of one organisation that the bus's messages wake for a batched read.
+    /// A sweep's messages (150 users each) arrive within a few milliseconds: the streams they
+    /// wake are read in batches of up to `batchSize`, each started when full or a few
+    /// milliseconds after its first streams came, instead of a transaction per message.
+    private func gather(_ streams: [(StreamRegistration, Int64)], in organisationID: UUID) {
+        let (opened, full) = gathering.withLock { gathering -> (Bool, [(StreamRegistration, Int64)]?) in
+            let opened = gathering[organisationID] == nil
+            gathering[organisationID, default: []].append(contentsOf: streams)
+            if gathering[organisationID, default: []].count >= Self.batchSize {
+                return (false, gathering.removeValue(forKey: organisationID))
+            }
+            return (opened, nil)
+        }
+        if let full { Task { await self.prefetch(full, in: organisationID) } }
+        if opened {
+            Task {
+                try? await Task.sleep(for: .milliseconds(5))
+                if let rest = self.gathering.withLock({ $0.removeValue(forKey: organisationID) }) {
+                    await self.prefetch(rest, in: organisationID)
+                }
             }
         }
     }
