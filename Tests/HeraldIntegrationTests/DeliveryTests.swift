@@ -324,14 +324,15 @@ struct DeliveryTests {
             let clock = ContinuousClock()
             let start = clock.now
             try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
-            let sent = try await eventually(timeout: .seconds(10), every: .milliseconds(20)) {
+            let sent = try await eventually(timeout: .seconds(60), every: .milliseconds(20)) {
                 try await org.deliveries().first?.status == .sent
             }
             #expect(sent)
             return clock.now - start
         }
-        // With a 10-minute poll, only the notification can have woken the pool.
-        #expect(waited < .seconds(10))
+        // With a 10-minute poll, only the notification can have woken the pool. (Alone it takes
+        // well under a second; beside the whole suite on two cores, 5 to 11 s have been seen.)
+        #expect(waited < .seconds(60))
         print("notify → SENT through NOTIFY in \(waited)")
     }
 
