@@ -66,45 +66,79 @@ struct FeedStreamSession: Sendable {
     /// Runs until the client goes (a write throws), the server ends the stream, or the client
     /// must resynchronise. Each call of `write` gets the events of one step, to be sent
     /// together. Always unregisters.
+    ///
+    /// This frame and the one of `wake` stay in the connection's task for the life of the
+    /// stream (beside those of the transport's writer): each is kept small, and the work of a
+    /// step is in the functions they call, not inlined into them.
     func run(write: ([StreamOutput]) async throws -> Void) async throws {
         defer { hub.close(registration) }
-        let settings = hub.settings
+        guard var place = try await begin(write: write) else { return }
+        for await _ in registration.wakes {
+            if try await wake(&place, write: write) == .stop { return }
+        }
+    }
+
+    /// Where a running stream stands between wakes.
+    struct Place: Sendable {
+        var cursor: Int64
+        var lastWrite: ContinuousClock.Instant
+        /// Whether replay is over: push latency is measured on live changes only (a replay's
+        /// are as old as the client's absence).
+        var live = false
+    }
+
+    enum Next { case go, stop }
+
+    /// The opening read and its words; nil when the stream ends with them (`resync`).
+    @inline(never)
+    private func begin(write: ([StreamOutput]) async throws -> Void) async throws -> Place? {
         let opened = try await inChildTask { try await self.open() }
         try await write(opened.output)
-        if opened.finished { return }
-        var cursor = opened.cursor
-        var lastWrite = ContinuousClock.now
-        // The first wake is already pending (a registration starts dirty): it replays. Push
-        // latency is measured on live changes only (a replay's are as old as the client's absence).
-        var live = false
-        for await _ in registration.wakes {
-            let (dirty, ended) = registration.take()
-            if ended == .clientGone { return }
-            if let ended {
-                try? await write([
-                    .retry(milliseconds: settings.retryMilliseconds),
-                    .event(StreamEvent(id: cursor, name: "end", data: "{\"reason\":\"\(ended.rawValue)\"}")),
-                ])
-                return
+        // The first wake is already pending (a registration starts dirty): it replays.
+        return opened.finished ? nil : Place(cursor: opened.cursor, lastWrite: .now)
+    }
+
+    /// One wake: the end of the stream, new changes to send, or a heartbeat owed.
+    @inline(never)
+    private func wake(_ place: inout Place, write: ([StreamOutput]) async throws -> Void) async throws -> Next {
+        let (dirty, ended) = registration.take()
+        if ended == .clientGone { return .stop }
+        if let ended {
+            try? await write(ending(ended, at: place.cursor))
+            return .stop
+        }
+        if dirty {
+            let step = try await inChildTask { [cursor = place.cursor, live = place.live] in
+                try await self.catchUp(after: cursor, live: live)
             }
-            if dirty {
-                let step = try await inChildTask { [cursor, live] in try await self.catchUp(after: cursor, live: live) }
-                if !step.output.isEmpty {
-                    try await write(step.output)
-                    lastWrite = ContinuousClock.now
-                }
-                for logged in step.logged {
-                    StreamHub.pushLatency.recordNanoseconds(Int64(max(0, Date().timeIntervalSince(logged)) * 1_000_000_000))
-                }
-                if step.finished { return }
-                cursor = step.cursor
-                live = true
-                registration.settle(at: cursor)
+            if !step.output.isEmpty {
+                try await write(step.output)
+                place.lastWrite = .now
             }
-            if ContinuousClock.now - lastWrite >= settings.heartbeat {
-                try await write([.heartbeat])
-                lastWrite = ContinuousClock.now
-            }
+            Self.recordLatency(of: step.logged)
+            if step.finished { return .stop }
+            place.cursor = step.cursor
+            place.live = true
+            registration.settle(at: place.cursor)
+        }
+        if ContinuousClock.now - place.lastWrite >= hub.settings.heartbeat {
+            try await write([.heartbeat])
+            place.lastWrite = .now
+        }
+        return .go
+    }
+
+    /// The last words of a stream the server ends: when to reconnect, and why.
+    private func ending(_ ended: StreamEnd, at cursor: Int64) -> [StreamOutput] {
+        [
+            .retry(milliseconds: hub.settings.retryMilliseconds),
+            .event(StreamEvent(id: cursor, name: "end", data: "{\"reason\":\"\(ended.rawValue)\"}")),
+        ]
+    }
+
+    private static func recordLatency(of logged: [Date]) {
+        for logged in logged {
+            StreamHub.pushLatency.recordNanoseconds(Int64(max(0, Date().timeIntervalSince(logged)) * 1_000_000_000))
         }
     }
 

@@ -54,22 +54,30 @@ struct StreamRoutes: Sendable {
         headers[.cacheControl] = "no-store"
         // Proxies (nginx) must not buffer the stream.
         headers[HTTPField.Name("X-Accel-Buffering")!] = "no"
+        let logger = context.logger
         return Response(
             status: .ok, headers: headers,
             body: ResponseBody { writer in
-                do {
-                    try await session.run { outputs in
-                        // One write (one flush) for everything a step produced.
-                        var buffer = ByteBuffer()
-                        for output in outputs { buffer.writeString(output.sse) }
-                        try await writer.write(buffer)
-                    }
-                } catch {
-                    context.logger.debug("stream ended", metadata: ["error": "\(String(reflecting: error))"])
-                }
+                await Self.pump(session, into: &writer, logger: logger)
                 try? await writer.finish(nil)
                 channel.eventLoop.execute { _ = try? channel.pipeline.syncOperations.removeHandler(name: ClientGoneHandler.name) }
             })
+    }
+
+    /// Runs the stream into the response body. Its frame stays for the life of the stream (see
+    /// `FeedStreamSession.run`): it is not inlined into the body's closure, which captures little.
+    @inline(never)
+    static func pump(_ session: FeedStreamSession, into writer: inout any ResponseBodyWriter, logger: Logger) async {
+        do {
+            try await session.run { outputs in
+                // One write (one flush) for everything a step produced.
+                var buffer = ByteBuffer()
+                for output in outputs { buffer.writeString(output.sse) }
+                try await writer.write(buffer)
+            }
+        } catch {
+            logger.debug("stream ended", metadata: ["error": "\(String(reflecting: error))"])
+        }
     }
 
     func runningHub() throws -> StreamHub {
