@@ -2,9 +2,9 @@
 """Live-feed stream benchmarks for `make bench` (scripts/bench.sh, section "streams").
 
     bench_streams.py herald  …   (a) N idle SSE streams on one `herald serve`: memory per stream and
-                                 CPU at idle; (b) one POST /v1/events to a group whose N members all
-                                 hold a stream: from the 202 until each client has its
-                                 `notification.created`. A plain LISTEN connection (herald_events,
+                                 CPU at idle; (b) POST /v1/events to a group whose N members all
+                                 hold a stream (`--rounds` times, one after the other): from the
+                                 202 until each client has its `notification.created`. A plain LISTEN connection (herald_events,
                                  herald_stream) runs beside it, timing what the bus announces.
     bench_streams.py ceiling …   the same client harness against a minimal asyncio SSE server
                                  (`serve-ceiling`, started here in its own process) that pushes one
@@ -323,42 +323,60 @@ async def bench_herald(args):
     await listener.connect(args.pg_host, args.pg_port, pg_user, pg_password, args.pg_db, ["herald_events", "herald_stream"])
     listening = asyncio.ensure_future(listener.run())
     body = json.dumps({"type": args.type, "audience": {"groups": [args.group]}, "payload": {"isq": 25}}).encode()
-    log(f"POST /v1/events to group {args.group}")
-    harness.timing = True
-    t_sent = time.monotonic()
-    status, t_reply, answer = await http_request(
-        args.host, args.port, "POST", "/v1/events",
-        {"Authorization": "Bearer " + args.api_key, "Content-Type": "application/json"}, body)
-    if status != 202:
-        raise RuntimeError(f"notify answered {status}: {answer[:300]!r}")
-    results["NOTIFY_SECONDS"] = t_reply - t_sent
-    complete = await harness.wait_all(time.monotonic() + args.timeout)
-    await asyncio.sleep(0.5)
+    # Several notifies to the same streams, one after the other: one fan-out's figures vary
+    # from run to run on a shared 2-core machine. The headline figures are the worst round's.
+    rounds = []
+    for number in range(1, args.rounds + 1):
+        for stream in harness.streams:
+            stream.created_at = None
+        listener.messages.clear()
+        log(f"round {number} of {args.rounds}: POST /v1/events to group {args.group}")
+        harness.timing = True
+        t_sent = time.monotonic()
+        status, t_reply, answer = await http_request(
+            args.host, args.port, "POST", "/v1/events",
+            {"Authorization": "Bearer " + args.api_key, "Content-Type": "application/json"}, body)
+        if status != 202:
+            raise RuntimeError(f"notify answered {status}: {answer[:300]!r}")
+        complete = await harness.wait_all(time.monotonic() + args.timeout)
+        await asyncio.sleep(0.5)
+        harness.timing = False
+        figures = {"NOTIFY_SECONDS": t_reply - t_sent}
+        figures.update(summary("HERALD", t_reply, harness.streams))
+        figures["HERALD_BEFORE_202"] = sum(1 for s in harness.streams if s.created_at is not None and s.created_at < t_reply)
+        # The bus, from the same clock: the commit's announcement, then the numbered changes.
+        stream_msgs = [(at, json.loads(p)) for at, ch, p in listener.messages if ch == "herald_stream"]
+        announced = [at for at, ch, _ in listener.messages if ch == "herald_events"]
+        figures["BUS_USERS_ANNOUNCED"] = sum(len(p.get("users", [])) for _, p in stream_msgs)
+        figures["BUS_MESSAGES"] = len(stream_msgs)
+        if announced:
+            figures["BUS_EVENT_ANNOUNCED"] = min(announced) - t_reply
+        if stream_msgs:
+            figures["BUS_FIRST"] = stream_msgs[0][0] - t_reply
+            figures["BUS_LAST"] = stream_msgs[-1][0] - t_reply
+        log(f"notify 202 after {figures['NOTIFY_SECONDS']:.2f} s; {figures['HERALD_RECEIVED']}/{len(users)} clients "
+            f"got {CREATED}; p99 {figures.get('HERALD_P99', float('nan')):.2f} s, last after "
+            f"{figures.get('HERALD_LAST', float('nan')):.2f} s; bus: {figures['BUS_USERS_ANNOUNCED']} users in "
+            f"{figures['BUS_MESSAGES']} messages, last after {figures.get('BUS_LAST', float('nan')):.2f} s")
+        if not complete:
+            log(f"WARNING: only {figures['HERALD_RECEIVED']} of {len(users)} clients received {CREATED} within {args.timeout} s")
+        rounds.append(figures)
+        await asyncio.sleep(2)
     listening.cancel()
     await listening
-    results.update(summary("HERALD", t_reply, harness.streams))
-    early = sum(1 for s in harness.streams if s.created_at is not None and s.created_at < t_reply)
-    results["HERALD_BEFORE_202"] = early
-    # The bus, from the same clock: the commit's announcement, then the numbered changes.
-    stream_msgs = [(at, json.loads(p)) for at, ch, p in listener.messages if ch == "herald_stream"]
-    announced = [at for at, ch, _ in listener.messages if ch == "herald_events"]
-    users_announced = sum(len(p.get("users", [])) for _, p in stream_msgs)
-    results["BUS_USERS_ANNOUNCED"] = users_announced
-    results["BUS_MESSAGES"] = len(stream_msgs)
-    if announced:
-        results["BUS_EVENT_ANNOUNCED"] = min(announced) - t_reply
-    if stream_msgs:
-        results["BUS_FIRST"] = stream_msgs[0][0] - t_reply
-        results["BUS_LAST"] = stream_msgs[-1][0] - t_reply
-    log(f"notify 202 after {results['NOTIFY_SECONDS']:.2f} s; {results['HERALD_RECEIVED']}/{len(users)} clients "
-        f"got {CREATED}; last after {results.get('HERALD_LAST', float('nan')):.2f} s; bus: {users_announced} users in "
-        f"{len(stream_msgs)} messages, last after {results.get('BUS_LAST', float('nan')):.2f} s")
+    worst = max(rounds, key=lambda f: (f["HERALD_RECEIVED"] < len(users), f.get("HERALD_P99", float("inf"))))
+    results.update(worst)
+    results["ROUNDS"] = len(rounds)
+    results["WORST_ROUND"] = rounds.index(worst) + 1
+    # Per round: "notify p50 p99 last bus_last", for the report's table.
+    for number, figures in enumerate(rounds, 1):
+        results[f"ROUND_{number}"] = '"' + " ".join(
+            f"{figures.get(key, float('nan')):.3f}" for key in ("NOTIFY_SECONDS", "HERALD_P50", "HERALD_P99", "HERALD_LAST", "BUS_LAST")
+        ) + f' {figures["HERALD_RECEIVED"]}"'
     if harness.sample:
         with open(args.event_out, "wb") as f:
             f.write(harness.sample + b"\n")
     await harness.close()
-    if not complete:
-        log(f"WARNING: only {results['HERALD_RECEIVED']} of {len(users)} clients received {CREATED} within {args.timeout} s")
     return results
 
 
@@ -456,6 +474,7 @@ def main():
     h.add_argument("--settle", type=float, default=5)
     h.add_argument("--idle", type=float, default=30)
     h.add_argument("--timeout", type=float, default=120)
+    h.add_argument("--rounds", type=int, default=3, help="notifies to the same streams, one after the other")
     h.add_argument("--api-key", required=True)
     h.add_argument("--type", required=True)
     h.add_argument("--group", required=True)
