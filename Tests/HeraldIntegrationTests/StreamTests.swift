@@ -446,6 +446,23 @@ struct StreamTests {
         }
     }
 
+    @Test("a page read in a batch never replaces one whose read started later (batches finish out of order)")
+    func newerPageWins() {
+        let stream = StreamRegistration(id: 1, organisationID: UUID(), userID: UUID(), sessionID: nil)
+        func change(_ seq: Int64) -> LoggedFeedChange {
+            LoggedFeedChange(seq: seq, kind: .read, notificationID: UUID(), item: nil, loggedAt: Date())
+        }
+        // The second read started later and saw both changes; the first finished last.
+        stream.offer(PrefetchedPage(read: 2, after: 0, changes: [change(1), change(2)], count: UnreadCount(total: 2, byCategory: [:])))
+        stream.offer(PrefetchedPage(read: 1, after: 0, changes: [change(1)], count: UnreadCount(total: 1, byCategory: [:])))
+        #expect(stream.takePrefetched(after: 0)?.changes.map(\.seq) == [1, 2])
+        // A later read replaces an earlier one.
+        stream.offer(PrefetchedPage(read: 3, after: 2, changes: [], count: UnreadCount(total: 2, byCategory: [:])))
+        stream.offer(PrefetchedPage(read: 4, after: 2, changes: [change(3)], count: UnreadCount(total: 3, byCategory: [:])))
+        #expect(stream.takePrefetched(after: 2)?.changes.map(\.seq) == [3])
+        #expect(stream.takePrefetched(after: 2) == nil)
+    }
+
     @Test("a notify through one instance reaches a stream held by another", arguments: StreamTransport.allCases)
     func acrossInstances(_ transport: StreamTransport) async throws {
         let org = try await organisation()

@@ -42,6 +42,8 @@ struct StreamStep: Sendable {
     var finished = false
     /// When each live change written was logged: push latency, recorded once it is written.
     var logged: [Date] = []
+    /// How many changes the step has caught up so far (`maxBacklog`).
+    var sent = 0
 }
 
 /// The loop behind one connection, whatever its transport: tell the client where it stands,
@@ -108,8 +110,12 @@ struct FeedStreamSession: Sendable {
             return .stop
         }
         if dirty {
-            let step = try await inChildTask { [cursor = place.cursor, live = place.live] in
-                try await self.catchUp(after: cursor, live: live)
+            // A page the hub read in a batch (a fan-out) becomes events here, without a child
+            // task: that work is synchronous (the thread's stack, not the task's). Reading
+            // more is done in one.
+            var step = StreamStep(cursor: place.cursor)
+            if usePrefetched(into: &step, live: place.live) {
+                step = try await inChildTask { [step, live = place.live] in try await self.catchUp(from: step, live: live) }
             }
             if !step.output.isEmpty {
                 try await write(step.output)
@@ -163,50 +169,54 @@ struct FeedStreamSession: Sendable {
         return step
     }
 
-    /// Everything logged after `cursor`, page by page: the events and the unread count after
-    /// each page; `resync` when there is too much to catch up change by change.
-    private func catchUp(after cursor: Int64, live: Bool) async throws -> StreamStep {
-        let settings = hub.settings
-        var step = StreamStep(cursor: cursor)
-        var sent = 0
-        while true {
-            // A page the hub read in a batch (a fan-out), if it starts where this stream
-            // stands; else this stream reads on its own.
-            let page: ([LoggedFeedChange], UnreadCount?)
-            if let prefetched = registration.takePrefetched(after: step.cursor) {
-                page = (prefetched.changes, prefetched.count)
-            } else {
-                registration.settle(at: nil)
-                let after = step.cursor
-                page = try await read { tx in
-                    let changes = try await tx.feedChanges(of: start.userID, after: after, limit: Self.pageSize, now: now())
-                    let count = changes.isEmpty ? nil : try await tx.unreadCount(of: start.userID, now: now())
-                    return (changes, count)
-                }
+    /// Adds the page the hub read for this stream, if it starts where the stream stands, to
+    /// `step`; true when the log must be read (no such page, or a full one: more may follow).
+    private func usePrefetched(into step: inout StreamStep, live: Bool) -> Bool {
+        guard let page = registration.takePrefetched(after: step.cursor) else { return true }
+        return add(page.changes, count: page.count, to: &step, live: live)
+    }
+
+    /// Everything logged after `step`'s cursor, page by page: the events and the unread count
+    /// after each page; `resync` when there is too much to catch up change by change.
+    private func catchUp(from step: StreamStep, live: Bool) async throws -> StreamStep {
+        var step = step
+        registration.settle(at: nil)
+        while !step.finished {
+            let after = step.cursor
+            let (changes, count) = try await read { tx in
+                let changes = try await tx.feedChanges(of: start.userID, after: after, limit: Self.pageSize, now: now())
+                let count = changes.isEmpty ? nil : try await tx.unreadCount(of: start.userID, now: now())
+                return (changes, count)
             }
-            guard let last = page.0.last else { break }
-            sent += page.0.count
-            if sent > settings.maxBacklog {
-                // Too far behind to catch up change by change: refetch instead.
-                StreamHub.drops.increment()
-                resync(&step, reason: "too_far_behind", at: last.seq)
-                return step
-            }
-            for change in page.0 {
-                if let event = Self.event(for: change) {
-                    step.output.append(.event(event))
-                    Self.events.increment()
-                }
-                if live { step.logged.append(change.loggedAt) }
-                step.cursor = change.seq
-            }
-            if let count = page.1 {
-                step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: StreamJSON.unreadCount(count))))
-            }
-            // Fewer than a page: nothing more was waiting.
-            if page.0.count < Self.pageSize { break }
+            if !add(changes, count: count, to: &step, live: live) { break }
         }
         return step
+    }
+
+    /// One page's events and the unread count after it; true when the page was full (more
+    /// may be waiting). Ends the step with `resync` past the backlog a stream may catch up.
+    private func add(_ changes: [LoggedFeedChange], count: UnreadCount?, to step: inout StreamStep, live: Bool) -> Bool {
+        guard let last = changes.last else { return false }
+        step.sent += changes.count
+        if step.sent > hub.settings.maxBacklog {
+            // Too far behind to catch up change by change: refetch instead.
+            StreamHub.drops.increment()
+            resync(&step, reason: "too_far_behind", at: last.seq)
+            return false
+        }
+        for change in changes {
+            if let event = Self.event(for: change) {
+                step.output.append(.event(event))
+                Self.events.increment()
+            }
+            if live { step.logged.append(change.loggedAt) }
+            step.cursor = change.seq
+        }
+        if let count {
+            step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: StreamJSON.unreadCount(count))))
+        }
+        // Fewer than a page: nothing more was waiting.
+        return changes.count >= Self.pageSize
     }
 
     private func resync(_ step: inout StreamStep, reason: String, at seq: Int64) {

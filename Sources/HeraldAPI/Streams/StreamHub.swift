@@ -95,9 +95,15 @@ final class StreamRegistration: Sendable {
     /// The stream says where it stands (nil: it is reading on its own).
     func settle(at cursor: Int64?) { position.withLock { $0.cursor = cursor } }
 
-    /// Hands the stream a page read in a batch, and wakes it.
+    /// Hands the stream a page read in a batch, and wakes it. A page never replaces one whose
+    /// read started later: batches are read side by side and may finish out of order, and an
+    /// older page taken instead of a newer one would end the stream's step without the newer
+    /// changes, whose wake it would already have used up.
     func offer(_ page: PrefetchedPage) {
-        position.withLock { $0.prefetched = page }
+        position.withLock { position in
+            if let current = position.prefetched, current.read > page.read { return }
+            position.prefetched = page
+        }
         changed()
     }
 
@@ -112,6 +118,9 @@ final class StreamRegistration: Sendable {
 
 /// A stream's next changes and count, read by the hub for many streams in one transaction.
 struct PrefetchedPage: Sendable {
+    /// The order in which the hub started its reads (each read's snapshot is taken after this
+    /// number is drawn): a page with a higher number has seen every change a lower one has.
+    var read: UInt64
     var after: Int64
     var changes: [LoggedFeedChange]
     var count: UnreadCount
@@ -141,6 +150,16 @@ public final class StreamHub: Service, Sendable {
     /// Streams woken by the bus and waiting for a batched read, by organisation (`gather`).
     private let gathering = Mutex<[UUID: [(StreamRegistration, Int64)]]>([:])
     static let batchSize = 1000
+    /// Gathered batches wait here for one of `batchReaders` readers, in the order the bus
+    /// woke them.
+    private let batches: AsyncStream<(UUID, [(StreamRegistration, Int64)])>
+    private let batchQueue: AsyncStream<(UUID, [(StreamRegistration, Int64)])>.Continuation
+    /// A few readers, not one task per batch: batches read all at once shared the cores and
+    /// finished together, and every stream waited for the last; read a few at a time, the
+    /// first batches' streams are written while the next are read.
+    static let batchReaders = 2
+    /// Numbers the batched reads in the order they start (`PrefetchedPage.read`).
+    private let reads = Mutex<UInt64>(0)
 
     private struct State {
         var next: UInt64 = 0
@@ -171,6 +190,7 @@ public final class StreamHub: Service, Sendable {
         var logger = logger
         logger[metadataKey: "component"] = "stream-hub"
         self.logger = logger
+        (batches, batchQueue) = AsyncStream.makeStream()
     }
 
     /// Streams open now.
@@ -219,6 +239,11 @@ public final class StreamHub: Service, Sendable {
             await withTaskGroup(of: Void.self) { group in
                 group.addTask { await self.listen() }
                 group.addTask { await self.beat() }
+                for _ in 0..<Self.batchReaders {
+                    group.addTask {
+                        for await (organisationID, streams) in self.batches { await self.prefetch(streams, in: organisationID) }
+                    }
+                }
                 if let interval = self.settings.sweepInterval {
                     group.addTask { await self.sweep(every: interval) }
                 }
@@ -297,12 +322,12 @@ public final class StreamHub: Service, Sendable {
             }
             return (opened, nil)
         }
-        if let full { Task { await self.prefetch(full, in: organisationID) } }
+        if let full { batchQueue.yield((organisationID, full)) }
         if opened {
             Task {
                 try? await Task.sleep(for: .milliseconds(5))
                 if let rest = self.gathering.withLock({ $0.removeValue(forKey: organisationID) }) {
-                    await self.prefetch(rest, in: organisationID)
+                    self.batchQueue.yield((organisationID, rest))
                 }
             }
         }
@@ -314,6 +339,10 @@ public final class StreamHub: Service, Sendable {
         let pageSize = FeedStreamSession.pageSize
         var positions: [UUID: Int64] = [:]
         for (stream, cursor) in streams { positions[stream.userID] = min(positions[stream.userID] ?? cursor, cursor) }
+        let read = reads.withLock { count in
+            count += 1
+            return count
+        }
         do {
             let now = now()
             let (changes, counts) = try await database.withTenant(organisationID) { tx in
@@ -327,7 +356,7 @@ public final class StreamHub: Service, Sendable {
                     stream.changed()
                     continue
                 }
-                stream.offer(PrefetchedPage(after: cursor, changes: mine, count: count))
+                stream.offer(PrefetchedPage(read: read, after: cursor, changes: mine, count: count))
             }
         } catch {
             logger.warning("batched stream read failed; streams read alone", metadata: ["error": "\(String(reflecting: error))"])
