@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import HeraldCore
 import JWTKit
@@ -58,7 +59,11 @@ struct VerifiedAccess: Sendable, Equatable {
 /// the token; a `kid` must name a configured key (jwt-kit would fall back to a default key);
 /// `exp`, `nbf`, `iss` and `aud` are always checked, with a bounded leeway.
 public struct AccessTokens: Sendable {
+    /// Signs (jwt-kit). Verification does not go through it: `JWTKeyCollection` is an actor, so
+    /// every token check of the process queued on it, two hops per request.
     let keys: JWTKeyCollection
+    /// Each key's public half as swift-crypto holds it, by key id: verification is synchronous.
+    let verifiers: [String: P256.Signing.PublicKey]
     let keyIDs: Set<String>
     let activeKeyID: String
     let publicKeys: [(id: String, key: ES256PublicKey)]
@@ -78,6 +83,11 @@ public struct AccessTokens: Sendable {
             await collection.add(ecdsa: key.privateKey, kid: JWKIdentifier(string: key.id))
         }
         self.keys = collection
+        var verifiers: [String: P256.Signing.PublicKey] = [:]
+        for key in keys {
+            verifiers[key.id] = try P256.Signing.PublicKey(pemRepresentation: key.privateKey.publicKey.pemRepresentation)
+        }
+        self.verifiers = verifiers
         self.keyIDs = Set(keys.map(\.id))
         self.activeKeyID = active
         self.publicKeys = keys.map { ($0.id, $0.privateKey.publicKey) }
@@ -100,19 +110,23 @@ public struct AccessTokens: Sendable {
     }
 
     /// The organisation and user of a valid token, or a rejection.
-    func verify(_ token: String, now: Date) async throws(AccessTokenRejection) -> VerifiedAccess {
+    func verify(_ token: String, now: Date) throws(AccessTokenRejection) -> VerifiedAccess {
         let parts = token.split(separator: ".", omittingEmptySubsequences: false)
         guard parts.count == 3, let headerData = Data(base64URLEncoded: String(parts[0])),
             let header = try? JSONDecoder().decode(Header.self, from: headerData)
         else { throw .malformed }
         guard header.alg == AccessTokenKey.algorithm else { throw .algorithmNotAllowed(header.alg) }
-        guard let kid = header.kid, keyIDs.contains(kid) else { throw .unknownKeyID }
-        let claims: AccessClaims
-        do {
-            claims = try await keys.verify(token, as: AccessClaims.self)
-        } catch {
-            throw .badSignature
-        }
+        guard let kid = header.kid, keyIDs.contains(kid), let verifier = verifiers[kid] else { throw .unknownKeyID }
+        // ES256 (RFC 7518 §3.4): the signature is R and S, 32 bytes each, over the ASCII bytes of
+        // the encoded header, a dot and the encoded payload.
+        let signed = Data(token.utf8.prefix(parts[0].utf8.count + 1 + parts[1].utf8.count))
+        guard let signatureBytes = Data(base64URLEncoded: String(parts[2])),
+            let signature = try? P256.Signing.ECDSASignature(rawRepresentation: signatureBytes),
+            verifier.isValidSignature(signature, for: signed)
+        else { throw .badSignature }
+        guard let payload = Data(base64URLEncoded: String(parts[1])),
+            let claims = try? Self.claimsDecoder.decode(AccessClaims.self, from: payload)
+        else { throw .badClaims }
         guard claims.iss.value == issuer else { throw .wrongIssuer }
         guard claims.aud.value.contains(audience) else { throw .wrongAudience }
         guard now < claims.exp.value.addingTimeInterval(leeway) else { throw .expired }
@@ -135,6 +149,13 @@ public struct AccessTokens: Sendable {
     }
 
     var accessTTL: Int { Int(ttl) }
+
+    /// NumericDate claims are seconds since the epoch (RFC 7519 §2).
+    private static let claimsDecoder: JSONDecoder = {
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .secondsSince1970
+        return decoder
+    }()
 
     private struct Header: Decodable {
         var alg: String

@@ -54,7 +54,7 @@ struct Authenticator: Sendable {
             return .apiKey(key)
         }
         do {
-            return .accessToken(try await tokens.verify(text, now: now()))
+            return .accessToken(try tokens.verify(text, now: now()))
         } catch {
             logger.notice("access token refused", metadata: ["reason": "\(error)"])
             // Saying "expired" tells a client to refresh; any other reason stays unexplained.
