@@ -7,11 +7,41 @@ extension Data {
             .replacingOccurrences(of: "=", with: "")
     }
 
-    /// Decodes base64url with or without padding.
+    /// Decodes base64url with or without padding (the standard alphabet's `+` and `/` are
+    /// accepted too); nil for any other character or an impossible length. Decoded byte by byte:
+    /// it runs for every access token, and Foundation's decoder behind string replacements was
+    /// 5 % of a busy server's CPU.
     public init?(base64URLEncoded text: String) {
-        var base64 = text.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
-        while base64.count % 4 != 0 { base64 += "=" }
-        self.init(base64Encoded: base64)
+        var utf8 = Substring(text).utf8
+        var padding = 0
+        while utf8.last == UInt8(ascii: "="), padding < 2 {
+            utf8.removeLast()
+            padding += 1
+        }
+        guard utf8.count % 4 != 1 else { return nil }
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(utf8.count * 3 / 4)
+        var accumulator: UInt32 = 0
+        var bits = 0
+        for character in utf8 {
+            let value: UInt8
+            switch character {
+            case UInt8(ascii: "A")...UInt8(ascii: "Z"): value = character - UInt8(ascii: "A")
+            case UInt8(ascii: "a")...UInt8(ascii: "z"): value = character - UInt8(ascii: "a") + 26
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): value = character - UInt8(ascii: "0") + 52
+            case UInt8(ascii: "-"), UInt8(ascii: "+"): value = 62
+            case UInt8(ascii: "_"), UInt8(ascii: "/"): value = 63
+            default: return nil
+            }
+            accumulator = accumulator << 6 | UInt32(value)
+            bits += 6
+            if bits >= 8 {
+                bits -= 8
+                bytes.append(UInt8(truncatingIfNeeded: accumulator >> UInt32(bits)))
+                accumulator &= (1 << UInt32(bits)) - 1
+            }
+        }
+        self.init(bytes)
     }
 }
 

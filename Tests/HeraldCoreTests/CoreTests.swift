@@ -167,3 +167,25 @@ struct JSONQuotedTests {
         }
     }
 }
+
+@Suite("Base64url")
+struct Base64URLTests {
+    @Test("decodes what Foundation's base64 decodes, with and without padding, in either alphabet")
+    func matchesFoundation() {
+        var generator = SystemRandomNumberGenerator()
+        for length in 0..<70 {
+            let data = Data((0..<length).map { _ in UInt8.random(in: 0...255, using: &generator) })
+            let standard = data.base64EncodedString()
+            #expect(Data(base64URLEncoded: data.base64URLEncoded) == data, "\(length)")
+            #expect(Data(base64URLEncoded: standard) == data, "padded, standard alphabet: \(length)")
+        }
+        #expect(Data(base64URLEncoded: "-_-_") == Data(base64Encoded: "+/+/"))
+        #expect(Data(base64URLEncoded: "QQ") == Data("A".utf8))
+        #expect(Data(base64URLEncoded: "QQ=") == Data("A".utf8))
+    }
+
+    @Test("refuses other characters and impossible lengths", arguments: ["Q", "QUJDR", "QU JD", "QU.D", "QQ===", "QU=D", "é"])
+    func refuses(_ text: String) {
+        #expect(Data(base64URLEncoded: text) == nil)
+    }
+}

@@ -145,6 +145,26 @@ struct AccessTokenTests {
         }
     }
 
+    @Test("a checked token is remembered, and still expires and is not valid early; a changed one is checked again")
+    func rememberedTokens() async throws {
+        let key = AccessTokenKey(id: "k", privateKey: ES256PrivateKey())
+        let tokens = try await AccessTokens(keys: [key], activeKeyID: nil, issuer: "herald", audience: "herald-api", ttl: 900, leeway: 30)
+        let now = Date(timeIntervalSince1970: 1_800_000_000)
+        let user = UUID()
+        let token = try await tokens.issueAccessToken(organisationID: UUID(), userID: user, now: now)
+        #expect(try tokens.verify(token, now: now).userID == user)
+        #expect(tokens.checkedTokens.lookup(token) != nil)
+        #expect(try tokens.verify(token, now: now.addingTimeInterval(900)).userID == user)
+        #expect(throws: AccessTokenRejection.expired) { try tokens.verify(token, now: now.addingTimeInterval(930)) }
+        #expect(throws: AccessTokenRejection.notYetValid) { try tokens.verify(token, now: now.addingTimeInterval(-31)) }
+        // The same header and claims with another signature: not the remembered text.
+        let parts = token.split(separator: ".")
+        var signature = Array(Data(base64URLEncoded: String(parts[2]))!)
+        signature[5] ^= 1
+        let forged = parts[0] + "." + parts[1] + "." + Data(signature).base64URLEncoded
+        #expect(throws: AccessTokenRejection.badSignature) { try tokens.verify(String(forged), now: now) }
+    }
+
     @Test("two keys live during a rotation: tokens of both verify, the new one signs")
     func rotation() async throws {
         let old = AccessTokenKey(id: "2026-10", privateKey: ES256PrivateKey())
