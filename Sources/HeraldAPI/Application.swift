@@ -125,7 +125,7 @@ public func buildApplication(
 /// connection task lives as long as the stream, and a Swift task keeps the deepest stack of
 /// async frames it ever needed until it ends (its allocator keeps its slabs): with the request
 /// phase (router, middleware, authentication) in a child task, an idle stream keeps only the
-/// frames of its body, about a quarter less memory per stream (docs/benchmarks.md).
+/// frames of its body: about 4 KiB less per idle stream (docs/benchmarks.md).
 struct StreamSplittingResponder<Base: HTTPResponder>: HTTPResponder where Base.Context == HeraldRequestContext {
     let base: Base
 
