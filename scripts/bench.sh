@@ -12,9 +12,9 @@
 #      posting the same body to the receiver; smtplib sending the same message over 4
 #      connections) measured in the same run;
 #   4. live feed streams (scripts/bench_streams.py), on a fresh `herald serve` of their own:
-#      10 000 idle SSE streams (server RSS per stream, CPU at idle), then one notify to a group
-#      whose 10 000 members all hold a stream: from the 202 until each client has its
-#      notification.created (p50, p99, last), beside a plain LISTEN connection (when the bus
+#      10 000 idle SSE streams (server RSS per stream, CPU at idle), then notifies (three, one
+#      after the other: BENCH_STREAM_ROUNDS) to a group whose 10 000 members all hold a stream:
+#      from the 202 until each client has its notification.created (p50, p99, last), beside a plain LISTEN connection (when the bus
 #      announced the rows) and the same client harness against a minimal asyncio SSE server
 #      pushing one event of the same size to 10 000 held connections;
 #   5. digests: 100 000 members (BENCH_DIGEST_USERS) with 5 items each due in the same slot,
