@@ -3,11 +3,14 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 DEV_PORT  ?= 54329
-TEST_PORT ?= 54330
+# The test ports sit below Linux's ephemeral range (32768–60999): after `make bench` (10 000
+# client sockets) a port inside it could still be held in TIME_WAIT, and a test server could
+# not bind it.
+TEST_PORT ?= 24330
 # The test peers (scripts/peers.py): SMTP and an HTTP receiver; `make run` starts a pair too,
 # as a local mail catcher and webhook receiver.
-TEST_SMTP_PORT ?= 54325
-TEST_HTTP_PORT ?= 54326
+TEST_SMTP_PORT ?= 24325
+TEST_HTTP_PORT ?= 24326
 DEV_SMTP_PORT  ?= 2525
 DEV_HTTP_PORT  ?= 2526
 HERALD    := .build/debug/herald

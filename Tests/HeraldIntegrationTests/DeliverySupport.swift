@@ -13,8 +13,8 @@ import Testing
 /// The peers `make test` starts (scripts/peers.py): an SMTP server that keeps every message
 /// and an HTTP receiver whose behaviour each test configures by name.
 enum Peers {
-    static var receiverURL: String { ProcessInfo.processInfo.environment["HERALD_TEST_RECEIVER_URL"] ?? "http://127.0.0.1:54326" }
-    static var smtpURL: String { ProcessInfo.processInfo.environment["HERALD_TEST_SMTP_URL"] ?? "smtp://127.0.0.1:54325" }
+    static var receiverURL: String { ProcessInfo.processInfo.environment["HERALD_TEST_RECEIVER_URL"] ?? "http://127.0.0.1:24326" }
+    static var smtpURL: String { ProcessInfo.processInfo.environment["HERALD_TEST_SMTP_URL"] ?? "smtp://127.0.0.1:24325" }
 
     /// A fresh receiver name and its URL.
     static func hook(_ prefix: String = "hook") -> (name: String, url: String) {

@@ -265,7 +265,7 @@ struct DeliveryTests {
                 "http://169.254.169.254/latest/meta-data", "http://10.0.0.5/hook", "http://172.16.3.4/hook", "http://192.168.1.1/hook",
                 "http://[::1]/hook", "http://[fd00:ec2::254]/hook", "http://[fe80::1]/hook", "http://[::ffff:127.0.0.1]/hook",
                 "http://2130706433/hook", "http://0x7f000001/hook", "http://0177.0.0.1/hook", "http://127.1/hook", "http://localhost/hook",
-                "http://0.0.0.0/hook", "http://127.0.0.1:54326/hooks/x",
+                "http://0.0.0.0/hook", "http://127.0.0.1:24326/hooks/x",
                 // IPv4-translated (RFC 2765) and local-use NAT64 (RFC 8215) forms (issue 8 item 8).
                 "http://[::ffff:0:169.254.169.254]/", "http://[64:ff9b:1::a00:1]/",
             ]

@@ -58,7 +58,7 @@ struct FaultTests {
         var logger = Logger(label: "herald.faults")
         logger.logLevel = .critical
         let client = PostgresClient(
-            configuration: try .fromURL("postgres://herald_app:herald_app@127.0.0.1:54349/herald"), backgroundLogger: logger)
+            configuration: try .fromURL("postgres://herald_app:herald_app@127.0.0.1:24349/herald"), backgroundLogger: logger)
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { await client.run() }
             defer { group.cancelAll() }
@@ -203,12 +203,13 @@ enum FaultWorkers {
 
 /// PostgreSQL restarted twice and stopped for 10 s under notify and delivery load, with two
 /// `herald serve` processes (API and workers), on a cluster of the test's own (.data/faults,
-/// port 54340) so no other suite is disturbed (issue 8, item 11). Afterwards every request got
+/// port 24340, below the ephemeral range like every fixed test port: see the Makefile) so no
+/// other suite is disturbed (issue 8, item 11). Afterwards every request got
 /// an answer (a 5xx during the outage is an answer; a hang is not), nothing is SENDING past its
 /// lease, both processes claim again, and SIGTERM ends each within the bound.
 @Suite("PostgreSQL faults", .serialized)
 struct PostgresFaultTests {
-    static let port = 54340
+    static let port = 24340
     static let appURL = "postgres://herald_app:herald_app@127.0.0.1:\(port)/herald"
     static let ownerURL = "postgres://herald_owner:herald_owner@127.0.0.1:\(port)/herald"
     static let workerURL = "postgres://herald_worker:herald_worker@127.0.0.1:\(port)/herald"
@@ -251,7 +252,7 @@ struct PostgresFaultTests {
             }
             return (organisation.id, key)
         }
-        let servers = try [55090, 55091].map { try ServeProcess(port: $0, keys: keys) }
+        let servers = try [24390, 24391].map { try ServeProcess(port: $0, keys: keys) }
         defer { servers.forEach { $0.kill() } }
         for server in servers {
             #expect(try await eventually(timeout: .seconds(60)) { await server.ready() }, "serve on \(server.port) started")
