@@ -19,30 +19,42 @@ extension Data {
             padding += 1
         }
         guard utf8.count % 4 != 1 else { return nil }
-        var bytes: [UInt8] = []
-        bytes.reserveCapacity(utf8.count * 3 / 4)
-        var accumulator: UInt32 = 0
-        var bits = 0
-        for character in utf8 {
-            let value: UInt8
-            switch character {
-            case UInt8(ascii: "A")...UInt8(ascii: "Z"): value = character - UInt8(ascii: "A")
-            case UInt8(ascii: "a")...UInt8(ascii: "z"): value = character - UInt8(ascii: "a") + 26
-            case UInt8(ascii: "0")...UInt8(ascii: "9"): value = character - UInt8(ascii: "0") + 52
-            case UInt8(ascii: "-"), UInt8(ascii: "+"): value = 62
-            case UInt8(ascii: "_"), UInt8(ascii: "/"): value = 63
-            default: return nil
-            }
-            accumulator = accumulator << 6 | UInt32(value)
-            bits += 6
-            if bits >= 8 {
-                bits -= 8
-                bytes.append(UInt8(truncatingIfNeeded: accumulator >> UInt32(bits)))
-                accumulator &= (1 << UInt32(bits)) - 1
-            }
-        }
-        self.init(bytes)
+        guard let decoded = base64URLSextets(utf8, acceptingStandardAlphabet: true) else { return nil }
+        self.init(decoded.bytes)
     }
+}
+
+/// Base64 characters to bytes: the URL-safe alphabet (and `+`, `/` if asked), no padding. Also
+/// says what is left over: the number of unused trailing bits and their value (a strict decoder
+/// wants fewer than 6, all zero). nil for any other character.
+func base64URLSextets(
+    _ utf8: some Collection<UInt8>, acceptingStandardAlphabet: Bool
+) -> (bytes: [UInt8], leftoverBits: Int, leftover: UInt32)? {
+    var bytes: [UInt8] = []
+    bytes.reserveCapacity(utf8.count * 3 / 4)
+    var buffer: UInt32 = 0
+    var bits = 0
+    for character in utf8 {
+        let sextet: UInt8
+        switch character {
+        case UInt8(ascii: "A")...UInt8(ascii: "Z"): sextet = character - UInt8(ascii: "A")
+        case UInt8(ascii: "a")...UInt8(ascii: "z"): sextet = character - UInt8(ascii: "a") + 26
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): sextet = character - UInt8(ascii: "0") + 52
+        case UInt8(ascii: "-"): sextet = 62
+        case UInt8(ascii: "_"): sextet = 63
+        case UInt8(ascii: "+") where acceptingStandardAlphabet: sextet = 62
+        case UInt8(ascii: "/") where acceptingStandardAlphabet: sextet = 63
+        default: return nil
+        }
+        buffer = buffer << 6 | UInt32(sextet)
+        bits += 6
+        if bits >= 8 {
+            bits -= 8
+            bytes.append(UInt8(truncatingIfNeeded: buffer >> UInt32(bits)))
+            buffer &= (1 << UInt32(bits)) - 1
+        }
+    }
+    return (bytes, bits, buffer)
 }
 
 /// `text` safe inside HTML text and double-quoted attributes (`&`, `<`, `>`, `"`, `'`).

@@ -249,31 +249,10 @@ private func linkTokenBase64URLEncode(_ bytes: some Sequence<UInt8>) -> String {
 /// Strict decoder: URL-safe alphabet only, no padding, and unused trailing bits must be zero — so every byte
 /// string has exactly one accepted encoding and a token cannot be altered without changing its bytes.
 private func linkTokenBase64URLDecode(_ text: Substring) -> [UInt8]? {
-    var output: [UInt8] = []
-    output.reserveCapacity(text.utf8.count * 3 / 4)
-    var buffer: UInt32 = 0
-    var bits = 0
-    for character in text.utf8 {
-        let sextet: UInt8
-        switch character {
-        case UInt8(ascii: "A")...UInt8(ascii: "Z"): sextet = character - UInt8(ascii: "A")
-        case UInt8(ascii: "a")...UInt8(ascii: "z"): sextet = character - UInt8(ascii: "a") + 26
-        case UInt8(ascii: "0")...UInt8(ascii: "9"): sextet = character - UInt8(ascii: "0") + 52
-        case UInt8(ascii: "-"): sextet = 62
-        case UInt8(ascii: "_"): sextet = 63
-        default: return nil
-        }
-        buffer = buffer << 6 | UInt32(sextet)
-        bits += 6
-        if bits >= 8 {
-            bits -= 8
-            output.append(UInt8(truncatingIfNeeded: buffer >> UInt32(bits)))
-            buffer &= (1 << UInt32(bits)) - 1
-        }
-    }
+    guard let decoded = base64URLSextets(text.utf8, acceptingStandardAlphabet: false) else { return nil }
     // 6 leftover bits means a dangling character (length ≡ 1 mod 4); 2 or 4 must be zero padding bits.
-    guard bits < 6, buffer == 0 else { return nil }
-    return output
+    guard decoded.leftoverBits < 6, decoded.leftover == 0 else { return nil }
+    return decoded.bytes
 }
 
 extension LinkKeyRing {
