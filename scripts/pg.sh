@@ -48,6 +48,12 @@ full_page_writes = off
 log_min_messages = warning
 CONF
   fi
+  # A cluster made with another port (the fixed test ports moved below the ephemeral range)
+  # takes the one asked for.
+  if ! grep -q "^port = $port\$" "$dir/postgresql.conf"; then
+    as_owner sed -i "s/^port = .*/port = $port/" "$dir/postgresql.conf"
+    as_owner "$bindir/pg_ctl" -D "$dir" status >/dev/null 2>&1 && as_owner "$bindir/pg_ctl" -D "$dir" -m fast -w restart -l "$dir/server.log" >/dev/null
+  fi
   # pg_stat_statements lets the isolation suite see every statement the application sends
   # (one transaction per request; every tenant statement names its organisation).
   if ! grep -q '^shared_preload_libraries' "$dir/postgresql.conf"; then
