@@ -21,6 +21,8 @@ public final class DeliveryHandler: WorkHandler, Sendable {
     private let endpointSends = Mutex<[UUID: Int]>([:])
     /// The endpoint slot each delivery holds, left once its attempt is recorded.
     private let slots = Mutex<[ClaimedDelivery: UUID]>([:])
+    /// Reads what the deliveries starting together need in one transaction per organisation.
+    private let works: RequestBatcher<ClaimedDelivery, DeliveryWork?>
 
     public init(
         database: Database, sender: DeliverySender, endpointConcurrency: Int, endpointBusyDelay: TimeInterval,
@@ -32,10 +34,16 @@ public final class DeliveryHandler: WorkHandler, Sendable {
         self.endpointBusyDelay = endpointBusyDelay
         self.circuitCooldown = circuitCooldown
         self.retry = retry
+        works = RequestBatcher(maximum: 256) { claims in
+            await RequestBatcher.perOrganisation(claims, key: \.organisationID) { organisation, claims in
+                let works = try await database.withTenant(organisation) { tx in try await tx.deliveryWorks(claims.map(\.deliveryID)) }
+                return claims.map { works[$0.deliveryID] }
+            }
+        }
     }
 
     public func handle(_ claim: ClaimedDelivery, logger: Logger) async throws -> WorkDisposition<DeliveryAttemptRecord> {
-        let work = try await database.withTenant(claim.organisationID) { tx in try await tx.deliveryWork(claim.deliveryID) }
+        guard let work = try await works.submit(claim) else { throw StoreError.notFound("delivery") }
         var slot: UUID?
         if let endpoint = work.endpoint, endpoint.enabled {
             if let (until, why) = try await admit(endpoint, claim, now: Date()) {

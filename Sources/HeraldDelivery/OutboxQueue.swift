@@ -40,11 +40,27 @@ public struct OutboxQueue: WorkQueue {
     /// Confines the queue to one organisation (tests); nil serves every organisation.
     let organisation: UUID?
     let circuit: CircuitRule
+    /// Attempts that end while others are being recorded are recorded together.
+    let completions: RequestBatcher<Completion, Bool>
+
+    /// One ended attempt waiting to be recorded.
+    struct Completion: Sendable {
+        var claim: ClaimedDelivery
+        var worker: String
+        var startedAt: Date
+        var record: DeliveryAttemptRecord
+        var logger: Logger
+    }
 
     public init(database: Database, organisation: UUID?, circuit: CircuitRule) {
         self.database = database
         self.organisation = organisation
         self.circuit = circuit
+        completions = RequestBatcher(maximum: 256) { completions in
+            await RequestBatcher.perOrganisation(completions, key: \.claim.organisationID) { organisation, completions in
+                try await Self.record(completions, organisation: organisation, database: database, circuit: circuit)
+            }
+        }
     }
 
     public var kind: String { "delivery" }
@@ -68,24 +84,46 @@ public struct OutboxQueue: WorkQueue {
     public func complete(
         _ claim: ClaimedDelivery, worker: String, startedAt: Date, outcome: DeliveryAttemptRecord, logger: Logger
     ) async throws -> Bool {
-        let result = outcome.result
-        return try await database.withTenant(claim.organisationID) { tx in
-            let completed = try await tx.completeDelivery(claim, worker: worker, startedAt: startedAt, result: result)
-            guard completed else { return false }
-            if let endpoint = outcome.goneEndpoint {
-                try await tx.disableEndpoint(endpoint, reason: "The receiver answered 410 Gone on \(Date().formatted(.iso8601)).")
+        try await completions.submit(Completion(claim: claim, worker: worker, startedAt: startedAt, record: outcome, logger: logger))
+    }
+
+    /// Records the attempts of one organisation finishing together in one transaction: one
+    /// fenced statement for all of them, then the endpoints' side effects of those recorded, in
+    /// the order the attempts ended (a run of answers clears each breaker once).
+    static func record(_ completions: [Completion], organisation: UUID, database: Database, circuit: CircuitRule) async throws -> [Bool] {
+        try await database.withTenant(organisation) { tx in
+            var recorded: [Bool] = []
+            for worker in Set(completions.map(\.worker)).sorted() {
+                let mine = completions.indices.filter { completions[$0].worker == worker }
+                let done = try await tx.completeDeliveries(
+                    mine.map { (completions[$0].claim, completions[$0].startedAt, completions[$0].record.result) }, worker: worker)
+                if recorded.isEmpty { recorded = [Bool](repeating: false, count: completions.count) }
+                for (position, was) in zip(mine, done) { recorded[position] = was }
             }
-            if let answer = outcome.endpointAnswered {
+            var answered: Set<UUID> = []
+            for (completion, was) in zip(completions, recorded) where was {
+                let outcome = completion.record
+                if let endpoint = outcome.goneEndpoint {
+                    try await tx.recordEndpointAnswers(answered)
+                    answered = []
+                    try await tx.disableEndpoint(endpoint, reason: "The receiver answered 410 Gone on \(Date().formatted(.iso8601)).")
+                }
+                guard let answer = outcome.endpointAnswered else { continue }
                 if answer.answered {
-                    try await tx.recordEndpointAnswer(answer.endpoint)
-                } else if try await tx.recordEndpointNoAnswer(
+                    answered.insert(answer.endpoint)
+                    continue
+                }
+                try await tx.recordEndpointAnswers(answered)
+                answered = []
+                if try await tx.recordEndpointNoAnswer(
                     answer.endpoint, threshold: circuit.failures, cooldown: circuit.cooldown,
-                    reason: "\(circuit.failures) attempts in a row got no answer; the last: \(result.error ?? "no answer")")
+                    reason: "\(circuit.failures) attempts in a row got no answer; the last: \(outcome.result.error ?? "no answer")")
                 {
-                    logger.warning("endpoint circuit opened", metadata: ["endpoint_id": .string(answer.endpoint.lowercased)])
+                    completion.logger.warning("endpoint circuit opened", metadata: ["endpoint_id": .string(answer.endpoint.lowercased)])
                 }
             }
-            return true
+            try await tx.recordEndpointAnswers(answered)
+            return recorded
         }
     }
 

@@ -186,12 +186,13 @@ extension TenantTransaction {
         return try rows.first?.decode(Bool.self) ?? false
     }
 
-    /// The receiver answered (whatever the status): the breaker closes.
-    public func recordEndpointAnswer(_ id: UUID) async throws {
+    /// These endpoints' receivers answered (whatever the status): their breakers close.
+    public func recordEndpointAnswers(_ ids: Set<UUID>) async throws {
+        guard !ids.isEmpty else { return }
         try await query(
             """
             UPDATE endpoints SET circuit_failures = 0, circuit_opened_at = NULL, circuit_retry_at = NULL, circuit_reason = NULL
-            WHERE organisation_id = \(organisationID) AND id = \(id) AND (circuit_failures > 0 OR circuit_opened_at IS NOT NULL)
+            WHERE organisation_id = \(organisationID) AND id = ANY(\(Array(ids))::uuid[]) AND (circuit_failures > 0 OR circuit_opened_at IS NOT NULL)
             """)
     }
 

@@ -81,6 +81,39 @@ public struct DeliveryWork: Sendable {
     public var endpoint: Endpoint?
 }
 
+/// One attempt as `completeDeliveries` sends it (times as seconds since 1970, which
+/// `to_timestamp` reads to the microsecond).
+private struct CompletedAttempt: Codable, Sendable {
+    var position: Int
+    var id: UUID
+    var attempt: Int
+    var status: String
+    var code: Int?
+    var error: String?
+    var retry_at: Double?
+    var response: String?
+    var started_at: Double
+
+    init(position: Int, claim: ClaimedDelivery, startedAt: Date, result: AttemptResult) {
+        self.position = position
+        id = claim.deliveryID
+        attempt = claim.attempt
+        started_at = startedAt.timeIntervalSince1970
+        switch result {
+        case .sent(let code, let response): (status, self.code, self.response) = ("SENT", code, response)
+        case .failed(let code, let error, let retryAt):
+            (status, self.code, self.error, retry_at) = ("FAILED", code, error, retryAt.timeIntervalSince1970)
+        case .dead(let code, let error): (status, self.code, self.error) = ("DEAD", code, error)
+        }
+    }
+}
+
+/// Which rendering: an event for one recipient.
+struct RenderingKey: Hashable {
+    var eventID: UUID
+    var userID: UUID
+}
+
 /// An event as a worker renders it for one recipient (`eventRendering`).
 public struct EventRendering: Sendable {
     /// The event's inputs as notify planned from them (render with `NotificationPlanner.render`).
@@ -139,63 +172,102 @@ extension TenantTransaction {
     /// What sending `id` needs: the delivery, its event, type and templates, recipient,
     /// organisation and endpoint. The worker calls this in the delivery's organisation.
     public func deliveryWork(_ id: UUID) async throws -> DeliveryWork {
-        let delivery = try await delivery(id)
-        guard let rendering = try await eventRendering(delivery.eventID, for: delivery.userID) else {
-            throw StoreError.notFound("delivery")
+        guard let work = try await deliveryWorks([id])[id] else { throw StoreError.notFound("delivery") }
+        return work
+    }
+
+    /// `deliveryWork` for a claimed batch, in a fixed number of statements however many ids it
+    /// holds (issue 12: the worker read each delivery in about ten round trips): the deliveries,
+    /// their events with recipients and the organisation, then each distinct type, category and
+    /// endpoint once. A delivery whose event or recipient is gone is left out.
+    public func deliveryWorks(_ ids: [UUID]) async throws -> [UUID: DeliveryWork] {
+        guard !ids.isEmpty else { return [:] }
+        let deliveries = try await query(
+            "SELECT \(unescaped: deliveryColumns) FROM deliveries WHERE organisation_id = \(organisationID) AND id = ANY(\(ids)::uuid[])"
+        ).map(decodeDelivery)
+        let renderings = try await eventRenderings(deliveries.map { ($0.eventID, $0.userID) })
+        var endpoints: [UUID: Endpoint] = [:]
+        for id in Set(deliveries.compactMap(\.endpointID)) { endpoints[id] = try await endpoint(id) }
+        var works: [UUID: DeliveryWork] = [:]
+        for delivery in deliveries {
+            guard let rendering = renderings[RenderingKey(eventID: delivery.eventID, userID: delivery.userID)] else { continue }
+            works[delivery.id] = DeliveryWork(
+                organisationID: organisationID, delivery: delivery, input: rendering.input, recipient: rendering.recipient,
+                eventStatus: rendering.eventStatus, eventExpiresAt: rendering.eventExpiresAt, url: rendering.url, email: rendering.email,
+                endpoint: delivery.endpointID.flatMap { endpoints[$0] })
         }
-        let endpoint = try await delivery.endpointID.asyncMap { try await self.endpoint($0) }
-        return DeliveryWork(
-            organisationID: organisationID, delivery: delivery, input: rendering.input, recipient: rendering.recipient,
-            eventStatus: rendering.eventStatus, eventExpiresAt: rendering.eventExpiresAt, url: rendering.url, email: rendering.email,
-            endpoint: endpoint)
+        return works
     }
 
     /// An event as a worker renders it for one recipient (a delivery, a digest item): its
     /// inputs, type and templates, the recipient, and the organisation's name and sender. Nil
     /// when the event or the user is not in this organisation.
     public func eventRendering(_ eventID: UUID, for userID: UUID) async throws -> EventRendering? {
-        guard
-            let row = try await query(
-                """
-                SELECT e.type_id, e.payload, e.source_actor, e.subject_type, e.subject_id, e.severity, e.priority, e.deliver_at,
-                       e.expires_at, e.status, e.url, u.email, u.display_name, u.locale, u.timezone, u.attributes, u.active,
-                       o.name, o.slug, o.default_locale, o.default_timezone,
-                       o.settings->>'email_from', o.settings->>'email_from_name', o.settings->>'email_reply_to'
-                FROM events e
-                JOIN users u ON u.organisation_id = e.organisation_id AND u.id = \(userID)
-                JOIN organisations o ON o.id = e.organisation_id
-                WHERE e.organisation_id = \(organisationID) AND e.id = \(eventID)
-                """
-            ).first
-        else { return nil }
-        let (
-            typeID, payload, actor, subjectType, subjectID, severity, priority, deliverAt, expiresAt, status, url,
-            email, name, locale, timezone, attributes, active, orgName, orgSlug, orgLocale, orgTimezone, from, fromName, replyTo
-        ) =
-            try row.decode(
-                (
-                    UUID, JSONDocument<JSONValue>, JSONDocument<JSONValue>?, String?, String?, Severity, Priority, Date, Date?, EventStatus,
-                    String?,
-                    String, String, String?, String?, JSONDocument<JSONValue>, Bool, String, String, String, String, String?, String?,
-                    String?
-                ).self,
-                table: "events")
-        let type = try await notificationType(typeID)
-        let category = try await category(type.categoryID)
-        let recipient = RecipientProfile(
-            candidate: Candidate(userID: userID, active: active, byUser: true), email: email, displayName: name,
-            locale: locale, timezone: timezone, attributes: attributes.value)
-        let profile = TypeProfile(type, category: category)
-        let input = PlanInput(
-            eventID: eventID, type: profile, severity: severity,
-            priority: priority, payload: payload.value,
-            subjectType: subjectType, subjectID: subjectID, deliverAt: deliverAt, organisationName: orgName, organisationSlug: orgSlug,
-            organisationLocale: orgLocale, organisationTimezone: orgTimezone, throttlePerMinute: nil, recipients: [recipient],
-            excluded: [], userPreferences: [:], organisationDefaults: [:], recentCounts: [:],
-            sourceActor: actor?.value)
-        return EventRendering(
-            input: input, recipient: recipient, categoryName: category.name, eventStatus: status, eventExpiresAt: expiresAt, url: url,
-            email: EmailIdentity(from: from, fromName: fromName, replyTo: replyTo))
+        try await eventRenderings([(eventID, userID)])[RenderingKey(eventID: eventID, userID: userID)]
+    }
+
+    /// `eventRendering` for many (event, recipient) pairs: one statement for the events, users
+    /// and organisation, then each distinct type and category once.
+    func eventRenderings(_ pairs: [(eventID: UUID, userID: UUID)]) async throws -> [RenderingKey: EventRendering] {
+        let keys = Array(Set(pairs.map { RenderingKey(eventID: $0.eventID, userID: $0.userID) }))
+        guard !keys.isEmpty else { return [:] }
+        let rows = try await query(
+            """
+            SELECT p.event_id, p.user_id,
+                   e.type_id, e.payload, e.source_actor, e.subject_type, e.subject_id, e.severity, e.priority, e.deliver_at,
+                   e.expires_at, e.status, e.url, u.email, u.display_name, u.locale, u.timezone, u.attributes, u.active,
+                   o.name, o.slug, o.default_locale, o.default_timezone,
+                   o.settings->>'email_from', o.settings->>'email_from_name', o.settings->>'email_reply_to'
+            FROM unnest(\(keys.map(\.eventID))::uuid[], \(keys.map(\.userID))::uuid[]) AS p (event_id, user_id)
+            JOIN events e ON e.organisation_id = \(organisationID) AND e.id = p.event_id
+            JOIN users u ON u.organisation_id = e.organisation_id AND u.id = p.user_id
+            JOIN organisations o ON o.id = e.organisation_id
+            """)
+        var types: [UUID: NotificationType] = [:]
+        var categories: [UUID: Category] = [:]
+        var renderings: [RenderingKey: EventRendering] = [:]
+        for row in rows {
+            let (
+                eventID, userID, typeID, payload, actor, subjectType, subjectID, severity, priority, deliverAt, expiresAt, status, url,
+                email, name, locale, timezone, attributes, active, orgName, orgSlug, orgLocale, orgTimezone, from, fromName, replyTo
+            ) =
+                try row.decode(
+                    (
+                        UUID, UUID, UUID, JSONDocument<JSONValue>, JSONDocument<JSONValue>?, String?, String?, Severity, Priority, Date,
+                        Date?, EventStatus, String?,
+                        String, String, String?, String?, JSONDocument<JSONValue>, Bool, String, String, String, String, String?, String?,
+                        String?
+                    ).self,
+                    table: "events")
+            let type: NotificationType
+            if let known = types[typeID] {
+                type = known
+            } else {
+                type = try await notificationType(typeID)
+                types[typeID] = type
+            }
+            let category: Category
+            if let known = categories[type.categoryID] {
+                category = known
+            } else {
+                category = try await self.category(type.categoryID)
+                categories[type.categoryID] = category
+            }
+            let recipient = RecipientProfile(
+                candidate: Candidate(userID: userID, active: active, byUser: true), email: email, displayName: name,
+                locale: locale, timezone: timezone, attributes: attributes.value)
+            let input = PlanInput(
+                eventID: eventID, type: TypeProfile(type, category: category), severity: severity,
+                priority: priority, payload: payload.value,
+                subjectType: subjectType, subjectID: subjectID, deliverAt: deliverAt, organisationName: orgName, organisationSlug: orgSlug,
+                organisationLocale: orgLocale, organisationTimezone: orgTimezone, throttlePerMinute: nil, recipients: [recipient],
+                excluded: [], userPreferences: [:], organisationDefaults: [:], recentCounts: [:],
+                sourceActor: actor?.value)
+            renderings[RenderingKey(eventID: eventID, userID: userID)] = EventRendering(
+                input: input, recipient: recipient, categoryName: category.name, eventStatus: status, eventExpiresAt: expiresAt, url: url,
+                email: EmailIdentity(from: from, fromName: fromName, replyTo: replyTo))
+        }
+        return renderings
     }
 
     public func delivery(_ id: UUID) async throws -> Delivery {
@@ -237,38 +309,49 @@ extension TenantTransaction {
     /// the row moved on); the attempt is logged as FENCED then, unless the rescuing claim already
     /// logged it as EXPIRED. A failure on the row's last allowed attempt is DEAD.
     public func completeDelivery(_ claim: ClaimedDelivery, worker: String, startedAt: Date, result: AttemptResult) async throws -> Bool {
-        let (status, code, error, retryAt, response): (DeliveryStatus, Int?, String?, Date?, String?) =
-            switch result {
-            case .sent(let code, let response): (.sent, code, nil, nil, response)
-            case .failed(let code, let error, let retryAt): (.failed, code, error, retryAt, nil)
-            case .dead(let code, let error): (.dead, code, error, nil, nil)
-            }
-        let rows = try await query(
-            """
-            UPDATE deliveries SET
-                status = CASE WHEN \(status) = 'FAILED' AND attempts >= max_attempts THEN 'DEAD' ELSE \(status) END,
-                last_response_code = \(code), last_error = \(error), last_response = \(response),
-                next_attempt_at = coalesce(\(retryAt), next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
-                sent_at = CASE WHEN \(status) = 'SENT' THEN now() ELSE sent_at END, updated_at = now()
-            WHERE organisation_id = \(organisationID) AND id = \(claim.deliveryID) AND lease_owner = \(worker) AND attempts = \(claim.attempt) AND status = 'SENDING'
-            RETURNING status
-            """)
-        guard let row = rows.first else {
-            try await query(
-                """
-                INSERT INTO delivery_attempts (organisation_id, delivery_id, attempt, worker, started_at, outcome, response_code, error)
-                VALUES (\(organisationID), \(claim.deliveryID), \(claim.attempt), \(worker), \(startedAt), 'FENCED', \(code), \(error))
-                ON CONFLICT DO NOTHING
-                """)
-            return false
+        try await completeDeliveries([(claim, startedAt, result)], worker: worker)[0]
+    }
+
+    /// `completeDelivery` for many attempts of this organisation in one statement, fenced and
+    /// logged the same way: one attempt row each, FENCED for those whose lease had moved on.
+    /// Returns, in order, whether each was recorded.
+    public func completeDeliveries(
+        _ attempts: [(claim: ClaimedDelivery, startedAt: Date, result: AttemptResult)], worker: String
+    ) async throws -> [Bool] {
+        guard !attempts.isEmpty else { return [] }
+        let rows = attempts.enumerated().map { position, attempt in
+            CompletedAttempt(position: position, claim: attempt.claim, startedAt: attempt.startedAt, result: attempt.result)
         }
-        let final = try row.decode(DeliveryStatus.self)
-        try await query(
+        let recorded = try await query(
             """
-            INSERT INTO delivery_attempts (organisation_id, delivery_id, attempt, worker, started_at, outcome, response_code, error)
-            VALUES (\(organisationID), \(claim.deliveryID), \(claim.attempt), \(worker), \(startedAt), \(final), \(code), \(error))
-            """)
-        return true
+            WITH input AS (
+                SELECT * FROM jsonb_to_recordset(\(JSONDocument(rows))) AS i (
+                    position int, id uuid, attempt int, status text, code int, error text, retry_at double precision,
+                    response text, started_at double precision)
+            ),
+            done AS (
+                UPDATE deliveries d SET
+                    status = CASE WHEN i.status = 'FAILED' AND d.attempts >= d.max_attempts THEN 'DEAD' ELSE i.status END,
+                    last_response_code = i.code, last_error = i.error, last_response = i.response,
+                    next_attempt_at = coalesce(to_timestamp(i.retry_at), d.next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
+                    sent_at = CASE WHEN i.status = 'SENT' THEN now() ELSE d.sent_at END, updated_at = now()
+                FROM input i
+                WHERE d.organisation_id = \(organisationID) AND d.id = i.id AND d.lease_owner = \(worker) AND d.attempts = i.attempt
+                  AND d.status = 'SENDING'
+                RETURNING d.id, d.status
+            ),
+            logged AS (
+                INSERT INTO delivery_attempts (organisation_id, delivery_id, attempt, worker, started_at, outcome, response_code, error)
+                SELECT \(organisationID), i.id, i.attempt, \(worker), to_timestamp(i.started_at), coalesce(done.status, 'FENCED'), i.code, i.error
+                FROM input i LEFT JOIN done ON done.id = i.id
+                ON CONFLICT DO NOTHING
+            )
+            SELECT i.position FROM input i JOIN done ON done.id = i.id
+            """
+        ).map { try $0.decode(Int.self) }
+        var completed = [Bool](repeating: false, count: attempts.count)
+        for position in recorded { completed[position] = true }
+        return completed
     }
 
     /// Gives a claimed delivery back without counting an attempt: the worker did not send it
@@ -368,12 +451,4 @@ private func decodeDelivery(_ row: PostgresRow) throws -> Delivery {
         id: id, eventID: event, userID: user, channel: channel, destination: destination, endpointID: endpoint, status: status,
         attempts: attempts, maxAttempts: maxAttempts, nextAttemptAt: next, leaseOwner: owner, leaseExpiresAt: lease,
         lastError: error, lastResponseCode: code, lastResponse: response, sentAt: sent, createdAt: created, updatedAt: updated)
-}
-
-extension Optional {
-    /// `map` for an async transform.
-    func asyncMap<T>(_ transform: (Wrapped) async throws -> T) async rethrows -> T? {
-        guard let value = self else { return nil }
-        return try await transform(value)
-    }
 }
