@@ -84,7 +84,8 @@ struct DigestsCommand: AsyncParsableCommand {
                 let digests = WorkRunner(
                     configuration: runner, queue: DigestQueue(database: database, organisation: config.workerOrganisation, now: { now }),
                     handler: DigestHandler(
-                        database: database, email: EmailTransport(settings: smtp, defaultFrom: config.smtpFrom), links: links,
+                        database: database, email: EmailTransport(settings: smtp, defaultFrom: config.smtpFrom, threads: runner.batchSize),
+                        links: links,
                         retry: RetryPolicy(
                             baseDelay: config.retryBaseSeconds, factor: config.retryFactor, maximumDelay: config.retryMaxSeconds,
                             jitter: config.retryJitter), worker: runner.name, now: { now }),

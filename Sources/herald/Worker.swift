@@ -84,7 +84,7 @@ struct DeliveryServices {
         worker.retry = RetryPolicy(
             baseDelay: config.retryBaseSeconds, factor: config.retryFactor, maximumDelay: config.retryMaxSeconds,
             jitter: config.retryJitter)
-        let email = EmailTransport(settings: smtp, defaultFrom: config.smtpFrom)
+        let email = EmailTransport(settings: smtp, defaultFrom: config.smtpFrom, threads: config.workers + digestConcurrency)
         let links = LinkBuilder(baseURL: config.linkBaseURL, keys: linkKeys)
         let sender = DeliverySender(email: email, http: http, links: links)
         var ownBus: [any Service] = []
