@@ -322,32 +322,9 @@ extension TenantTransaction {
         let rows = attempts.enumerated().map { position, attempt in
             CompletedAttempt(position: position, claim: attempt.claim, startedAt: attempt.startedAt, result: attempt.result)
         }
+        // complete_deliveries (0020): one fenced UPDATE and one INSERT of the attempts, planned once per connection.
         let recorded = try await query(
-            """
-            WITH input AS (
-                SELECT * FROM jsonb_to_recordset(\(JSONDocument(rows))) AS i (
-                    position int, id uuid, attempt int, status text, code int, error text, retry_at double precision,
-                    response text, started_at double precision)
-            ),
-            done AS (
-                UPDATE deliveries d SET
-                    status = CASE WHEN i.status = 'FAILED' AND d.attempts >= d.max_attempts THEN 'DEAD' ELSE i.status END,
-                    last_response_code = i.code, last_error = i.error, last_response = i.response,
-                    next_attempt_at = coalesce(to_timestamp(i.retry_at), d.next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
-                    sent_at = CASE WHEN i.status = 'SENT' THEN now() ELSE d.sent_at END, updated_at = now()
-                FROM input i
-                WHERE d.organisation_id = \(organisationID) AND d.id = i.id AND d.lease_owner = \(worker) AND d.attempts = i.attempt
-                  AND d.status = 'SENDING'
-                RETURNING d.id, d.status
-            ),
-            logged AS (
-                INSERT INTO delivery_attempts (organisation_id, delivery_id, attempt, worker, started_at, outcome, response_code, error)
-                SELECT \(organisationID), i.id, i.attempt, \(worker), to_timestamp(i.started_at), coalesce(done.status, 'FENCED'), i.code, i.error
-                FROM input i LEFT JOIN done ON done.id = i.id
-                ON CONFLICT DO NOTHING
-            )
-            SELECT i.position FROM input i JOIN done ON done.id = i.id
-            """
+            "SELECT complete_deliveries(\(worker), \(JSONDocument(rows)))"
         ).map { try $0.decode(Int.self) }
         var completed = [Bool](repeating: false, count: attempts.count)
         for position in recorded { completed[position] = true }

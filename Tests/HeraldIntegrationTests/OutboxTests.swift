@@ -70,6 +70,37 @@ struct OutboxTests {
         #expect(rows == ids.count && firstSent == ids.count)
     }
 
+    @Test("attempts recorded in one batch: each fenced on its own, one attempt row each, the right final status")
+    func batchedCompletion() async throws {
+        let (org, ids) = try await outbox(4)
+        try await org.store { tx in try await tx.query("UPDATE deliveries SET max_attempts = 1 WHERE id = \(ids[2])") }
+        let claims = try await claimAll(org, worker: "batcher").sorted {
+            ids.firstIndex(of: $0.deliveryID)! < ids.firstIndex(of: $1.deliveryID)!
+        }
+        #expect(claims.map(\.deliveryID) == ids)
+        // The fourth row's lease moved on (another worker's attempt 2): its result must be refused.
+        try await org.store { tx in
+            try await tx.query("UPDATE deliveries SET attempts = 2, lease_owner = 'other' WHERE id = \(ids[3])")
+        }
+        let retryAt = Date().addingTimeInterval(600)
+        let recorded = try await env.workerDatabase.withTenant(org.id) { tx in
+            try await tx.completeDeliveries(
+                [
+                    (claims[0], Date(), .sent(responseCode: 250, response: "250 ok")),
+                    (claims[1], Date(), .failed(responseCode: 451, error: "busy", retryAt: retryAt)),
+                    (claims[2], Date(), .failed(responseCode: 451, error: "busy", retryAt: retryAt)),
+                    (claims[3], Date(), .sent(responseCode: 250)),
+                ], worker: "batcher")
+        }
+        #expect(recorded == [true, true, true, false])
+        let rows = try await org.store { tx in try await ids.asyncMap { (try await tx.delivery($0), try await tx.deliveryAttempts($0)) } }
+        #expect(rows.map(\.0.status) == [.sent, .failed, .dead, .sending])
+        #expect(rows[0].0.lastResponse == "250 ok" && rows[0].0.sentAt != nil)
+        #expect(abs(rows[1].0.nextAttemptAt.timeIntervalSince(retryAt)) < 0.001)
+        #expect(rows.map { $0.1.map(\.outcome) } == [[.sent], [.failed], [.dead], [.fenced]])
+        #expect(rows[1].1.first?.error == "busy" && rows[1].1.first?.responseCode == 451)
+    }
+
     @Test("a worker whose lease expired cannot complete the row: the rescue logs the lost attempt, the fence refuses the late result")
     func fenceAndRescue() async throws {
         let (org, ids) = try await outbox(1)
