@@ -3,6 +3,7 @@ import Foundation
 import HeraldCore
 import NIOCore
 import NIOHTTP1
+import NIOPosix
 
 /// Posts webhook and chat messages: no redirects followed, bounded time, a capped read of the
 /// reply, and the destination guard applied again just before connecting.
@@ -12,6 +13,10 @@ public final class HTTPTransport: Sendable {
     let timeout: TimeAmount
     /// Most bytes of a reply read (and kept, up to 500 characters, as the attempt's response).
     let maxResponseBytes: Int
+    /// Where the destination guard resolves names (getaddrinfo blocks): threads of the
+    /// transport's own, as many as its connections per host up to 16. Dispatch's global queue
+    /// ran two at a time on two cores.
+    private let resolver: NIOThreadPool
 
     /// `connectionsPerHost` should be at least the sends this process runs at once (its worker
     /// slots): then no send ever waits for a pooled connection, and endpoints that share a host
@@ -30,6 +35,12 @@ public final class HTTPTransport: Sendable {
         self.destinations = destinations
         self.timeout = timeout
         self.maxResponseBytes = maxResponseBytes
+        resolver = NIOThreadPool(numberOfThreads: min(16, max(2, connectionsPerHost)))
+        resolver.start()
+    }
+
+    deinit {
+        resolver.shutdownGracefully { _ in }
     }
 
     public func shutdown() async throws {
@@ -38,7 +49,15 @@ public final class HTTPTransport: Sendable {
 
     public func post(_ url: String, headers: [(String, String)], body: [UInt8]) async -> SendOutcome {
         let vetted: VettedDestination
-        switch await destinations.vetInBackground(url: url) {
+        let verdict: Result<VettedDestination, DestinationRefusal>
+        do {
+            verdict = try await resolver.runIfActive { [destinations] in
+                Result { () throws(DestinationRefusal) in try destinations.vet(url: url) }
+            }
+        } catch {
+            return .deferred(reason: "the HTTP transport is shutting down")
+        }
+        switch verdict {
         case .success(let destination): vetted = destination
         case .failure(let refusal):
             // A name that does not resolve now may resolve later; an address the guard refuses will not change.
