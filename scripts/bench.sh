@@ -296,7 +296,7 @@ INSERT INTO notification_types (organisation_id, key, category_id, name, default
 INSERT INTO endpoints (organisation_id, id, channel, format, name, url, event_types, secret)
   VALUES ('$ORG', gen_random_uuid(), 'webhook', 'standard', 'bench', 'http://127.0.0.1:$RECV_PORT/sink', '{BENCH_HOOK}', '$HOOK_SECRET');
 SQL
-DATABASE_WORKER_URL=postgres://herald_worker:herald_worker@127.0.0.1:$PORT/herald_bench HERALD_WORKERS=$WORKERS HERALD_WORKER_BATCH=$WORKERS \
+DATABASE_WORKER_URL=postgres://herald_worker:herald_worker@127.0.0.1:$PORT/herald_bench HERALD_WORKERS=$WORKERS HERALD_WORKER_BATCH=$WORKERS HERALD_ENDPOINT_CONCURRENCY=$WORKERS \
   HERALD_DESTINATIONS_ALLOW=127.0.0.1/32 HERALD_SMTP_URL=smtp://127.0.0.1:$SMTP_PORT HERALD_LOG_LEVEL=warning \
   $HERALD worker > .bench/worker.log 2>&1 &
 WORKER=$!
