@@ -109,11 +109,18 @@ extension TenantTransaction {
     private func withItems(_ changes: [LoggedFeedChange], of users: [UUID], now: Date) async throws -> [LoggedFeedChange] {
         let ids = Array(Set(changes.compactMap(\.notificationID)))
         guard !ids.isEmpty else { return changes }
+        // One primary-key lookup per id (LIMIT 1: an id names one row, and the limit keeps the
+        // planner from flattening the lookup into a join). Planned as a join, from statistics
+        // that had not seen the fan-out yet, it read every recipient of the event once per
+        // batch: 10 000 rows for a batch of 1 000.
         let rows = try await query(
             """
-            \(unescaped: feedSelect)
-            WHERE n.organisation_id = \(organisationID) AND n.user_id = ANY(\(users)::uuid[]) AND n.id = ANY(\(ids)::uuid[])
-              AND (n.expires_at IS NULL OR n.expires_at > \(now))
+            SELECT x.* FROM unnest(\(ids)::uuid[]) AS w (id) CROSS JOIN LATERAL (
+              \(unescaped: feedSelect)
+              WHERE n.organisation_id = \(organisationID) AND n.id = w.id AND n.user_id = ANY(\(users)::uuid[])
+                AND (n.expires_at IS NULL OR n.expires_at > \(now))
+              LIMIT 1
+            ) x
             """)
         let items = Dictionary(uniqueKeysWithValues: try rows.map(decodeFeedItem).map { ($0.id, $0) })
         return changes.map { change in
@@ -124,17 +131,23 @@ extension TenantTransaction {
     }
 
     /// `unreadCount` for many users in one statement (a user with nothing unread counts 0).
+    /// One index range of `notifications_unread` per user (LATERAL, fenced with OFFSET 0): as one
+    /// join the planner, from statistics that had not seen the fan-out yet, read every unread row
+    /// of the organisation once per batch (30 000 rows to count 3 000; 40 ms instead of 16).
     public func unreadCounts(of users: [UUID], now: Date) async throws -> [UUID: UnreadCount] {
         let rows = try await query(
             """
-            SELECT n.user_id, c.key, count(*)::int FROM notifications n
-            JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
-            LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
-            WHERE n.organisation_id = \(organisationID) AND n.user_id = ANY(\(users)::uuid[]) AND n.read_at IS NULL AND n.archived_at IS NULL
-              AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
-              AND (n.unread_pinned OR n.id > coalesce(fs.read_settled, '00000000-0000-0000-0000-000000000000'))
-              AND NOT notification_read(n, fs)
-            GROUP BY n.user_id, c.key
+            SELECT w.user_id, k.key, k.count FROM unnest(\(users)::uuid[]) AS w (user_id) CROSS JOIN LATERAL (
+              SELECT c.key, count(*)::int AS count FROM notifications n
+              JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
+              LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
+              WHERE n.organisation_id = \(organisationID) AND n.user_id = w.user_id AND n.read_at IS NULL AND n.archived_at IS NULL
+                AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
+                AND (n.unread_pinned OR n.id > coalesce(fs.read_settled, '00000000-0000-0000-0000-000000000000'))
+                AND NOT notification_read(n, fs)
+              GROUP BY c.key
+              OFFSET 0
+            ) k
             """)
         var counts = Dictionary(uniqueKeysWithValues: users.map { ($0, UnreadCount(total: 0, byCategory: [:])) })
         for row in rows {
