@@ -109,18 +109,11 @@ extension TenantTransaction {
     private func withItems(_ changes: [LoggedFeedChange], of users: [UUID], now: Date) async throws -> [LoggedFeedChange] {
         let ids = Array(Set(changes.compactMap(\.notificationID)))
         guard !ids.isEmpty else { return changes }
-        // One primary-key lookup per id (LIMIT 1: an id names one row, and the limit keeps the
-        // planner from flattening the lookup into a join). Planned as a join, from statistics
-        // that had not seen the fan-out yet, it read every recipient of the event once per
-        // batch: 10 000 rows for a batch of 1 000.
         let rows = try await query(
             """
-            SELECT x.* FROM unnest(\(ids)::uuid[]) AS w (id) CROSS JOIN LATERAL (
-              \(unescaped: feedSelect)
-              WHERE n.organisation_id = \(organisationID) AND n.id = w.id AND n.user_id = ANY(\(users)::uuid[])
-                AND (n.expires_at IS NULL OR n.expires_at > \(now))
-              LIMIT 1
-            ) x
+            \(unescaped: feedSelect)
+            WHERE n.organisation_id = \(organisationID) AND n.user_id = ANY(\(users)::uuid[]) AND n.id = ANY(\(ids)::uuid[])
+              AND (n.expires_at IS NULL OR n.expires_at > \(now))
             """)
         let items = Dictionary(uniqueKeysWithValues: try rows.map(decodeFeedItem).map { ($0.id, $0) })
         return changes.map { change in
