@@ -165,6 +165,22 @@ SQL
   ROWS=$((3 * N + 1))
   printf '| %s | %.2f s | %.0f | %.2f s | %.0f | %.2f |\n' $N $T $(echo "$ROWS / $T" | bc -l) $P $(echo "$ROWS / $P" | bc -l) $(echo "$P / $T" | bc -l) >> $OUT
 done
+# Explain (issue 12 goal: the first page of an event with 100 000 recipients in 50 ms or less):
+# GET /v1/events/{id}/explain of each fan-out above, 20 times in a row, the HTTP round trip.
+{
+echo
+echo "## explain: first page of the fan-out's trace (GET /v1/events/{id}/explain, 20 requests one after another)"
+echo
+echo "| recipients | p50 | max | goal |"
+echo "|---|---|---|---|"
+} >> $OUT
+for N in $SIZES; do
+  EVENT=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["event_id"])' .bench/notify-$N.json)
+  for _ in $(seq 20); do
+    curl -s -o .bench/explain.json -w '%{time_total}\n' localhost:$HTTP/v1/events/$EVENT/explain -H "authorization: Bearer $APIKEY"
+  done | sort -n | awk -v n=$N '{t[NR]=$1} END {printf "| %s | %.1f ms | %.1f ms | ≤ 50 ms |\n", n, t[int((NR+1)/2)]*1000, t[NR]*1000}' >> $OUT
+  python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert d.get("items"), d' .bench/explain.json || { echo "bench: explain answered $(head -c 300 .bench/explain.json)"; exit 1; }
+done
 fi
 
 if want feed; then
