@@ -107,6 +107,15 @@ extension TenantTransaction {
         return try decodeEndpoint(row)
     }
 
+    /// The endpoints of `ids` that exist, by id (one statement, for a batch of deliveries).
+    func endpoints(_ ids: Set<UUID>) async throws -> [UUID: Endpoint] {
+        guard !ids.isEmpty else { return [:] }
+        let rows = try await query(
+            "SELECT \(unescaped: endpointColumns) FROM endpoints WHERE organisation_id = \(organisationID) AND id = ANY(\(Array(ids))::uuid[])"
+        )
+        return Dictionary(uniqueKeysWithValues: try rows.map(decodeEndpoint).map { ($0.id, $0) })
+    }
+
     /// Endpoints oldest first.
     public func endpoints(limit: Int, after cursor: PageCursor?) async throws -> Page<Endpoint> {
         let rows = try await query(

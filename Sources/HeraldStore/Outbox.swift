@@ -186,8 +186,8 @@ extension TenantTransaction {
             "SELECT \(unescaped: deliveryColumns) FROM deliveries WHERE organisation_id = \(organisationID) AND id = ANY(\(ids)::uuid[])"
         ).map(decodeDelivery)
         let renderings = try await eventRenderings(deliveries.map { ($0.eventID, $0.userID) })
-        var endpoints: [UUID: Endpoint] = [:]
-        for id in Set(deliveries.compactMap(\.endpointID)) { endpoints[id] = try await endpoint(id) }
+        // An endpoint deleted meanwhile is absent: its deliveries end "not sent" (the sender's rule).
+        let endpoints = try await endpoints(Set(deliveries.compactMap(\.endpointID)))
         var works: [UUID: DeliveryWork] = [:]
         for delivery in deliveries {
             guard let rendering = renderings[RenderingKey(eventID: delivery.eventID, userID: delivery.userID)] else { continue }
