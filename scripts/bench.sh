@@ -41,6 +41,7 @@ export PGPASSWORD=postgres
 bindir=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 APP_URL=postgres://herald_app:herald_app@127.0.0.1:$PORT/herald_bench
 OWNER_URL=postgres://herald_owner:herald_owner@127.0.0.1:$PORT/herald_bench
+psql_super() { "$bindir/psql" -X -q -h 127.0.0.1 -p $PORT -U postgres -d herald_bench "$@"; }
 psql_app() { PGPASSWORD=herald_app "$bindir/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p $PORT -U herald_app -d herald_bench "$@"; }
 now() { date +%s.%N; }
 say() { echo "bench: $*"; }
@@ -131,12 +132,15 @@ if want notify; then
 echo
 echo "## notify fan-out (one POST /v1/events to a group; in-app row + email delivery + trace row per member)"
 echo
-echo "| members | notify: time to commit | rows/s (notify) | plain INSERT … SELECT of the same rows | rows/s (plain) | ratio |"
-echo "|---|---|---|---|---|---|"
+echo "| durability | members | notify: time to commit | rows/s (notify) | plain INSERT … SELECT of the same rows | rows/s (plain) | ratio |"
+echo "|---|---|---|---|---|---|---|"
 } >> $OUT
 
+# Each size twice: as the bench cluster runs (fsync, synchronous_commit and full_page_writes off,
+# like the dev cluster), then as production runs (all three on), set by ALTER SYSTEM and a reload.
+notify_sizes() {
 for N in $SIZES; do
-  say "fan-out to $N members"
+  say "fan-out to $N members ($DURABILITY)"
   T=$(curl -s -o .bench/notify-$N.json -w '%{time_total}' -X POST localhost:$HTTP/v1/events -H "authorization: Bearer $APIKEY" \
       -H 'content-type: application/json' -d "{\"type\":\"BENCH\",\"audience\":{\"groups\":[\"g$N\"]},\"payload\":{\"isq\":25}}")
   grep -q "\"in_app\":$N" .bench/notify-$N.json || { echo "bench: unexpected answer: $(cat .bench/notify-$N.json)"; exit 1; }
@@ -163,8 +167,21 @@ COMMIT;
 SQL
   P=$(echo "$(now) - $S" | bc)
   ROWS=$((3 * N + 1))
-  printf '| %s | %.2f s | %.0f | %.2f s | %.0f | %.2f |\n' $N $T $(echo "$ROWS / $T" | bc -l) $P $(echo "$ROWS / $P" | bc -l) $(echo "$P / $T" | bc -l) >> $OUT
+  printf '| %s | %s | %.2f s | %.0f | %.2f s | %.0f | %.2f |\n' "$DURABILITY" $N $T $(echo "$ROWS / $T" | bc -l) $P $(echo "$ROWS / $P" | bc -l) $(echo "$P / $T" | bc -l) >> $OUT
 done
+}
+DURABILITY="fsync off"
+notify_sizes
+if [ "${BENCH_FSYNC_ON:-1}" = 1 ]; then
+  psql_super -c "ALTER SYSTEM SET fsync = on" -c "ALTER SYSTEM SET synchronous_commit = on" -c "ALTER SYSTEM SET full_page_writes = on" \
+    -c "SELECT pg_reload_conf()" >/dev/null
+  sleep 1
+  [ "$(psql_super -tAc "SHOW fsync")" = on ] || { echo "bench: fsync did not turn on"; exit 1; }
+  DURABILITY="fsync on, synchronous_commit on"
+  notify_sizes
+  psql_super -c "ALTER SYSTEM RESET fsync" -c "ALTER SYSTEM RESET synchronous_commit" -c "ALTER SYSTEM RESET full_page_writes" \
+    -c "SELECT pg_reload_conf()" >/dev/null
+fi
 # Explain (issue 12 goal: the first page of an event with 100 000 recipients in 50 ms or less):
 # GET /v1/events/{id}/explain of each fan-out above, 20 times in a row, the HTTP round trip.
 {
@@ -459,7 +476,6 @@ SQL
   for _ in $(seq 50); do curl -sf localhost:$SHTTP/readyz >/dev/null && break; sleep 0.2; done
   # BENCH_PG_STATS=1: what PostgreSQL spent on each statement over the opens and the fan-out
   # (.bench/streams-pg-stats.txt), to see where a fan-out's time goes.
-  psql_super() { "$bindir/psql" -X -q -h 127.0.0.1 -p $PORT -U postgres -d herald_bench "$@"; }
   [ "${BENCH_PG_STATS:-0}" = 1 ] && psql_super -c "ALTER SYSTEM SET pg_stat_statements.track_planning = on" \
     -c "SELECT pg_reload_conf()" -c "SELECT pg_stat_statements_reset()" >/dev/null
   python3 scripts/bench_streams.py herald --port $SHTTP --pid $SERVER --keys .bench/jwt --users .bench/stream-users.txt \
