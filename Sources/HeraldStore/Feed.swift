@@ -89,27 +89,31 @@ extension TenantTransaction {
             let rows = try await query(prepared: FirstFeedPage(organisationID: organisationID, userID: userID, now: now, limit: limit + 1))
             return Self.page(try rows.map(decodeFeedItem), limit: limit)
         }
-        let rows = try await query(
-            """
-            WITH rows AS (
-              \(unescaped: feedSelect)
-              WHERE n.organisation_id = \(organisationID) AND n.user_id = \(userID) AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
-                AND (n.archived_at IS NOT NULL) = \(filter.archived)
-                AND (\(filter.typeKey)::text IS NULL OR t.key = \(filter.typeKey))
-                AND (\(filter.categoryKey)::text IS NULL OR c.key = \(filter.categoryKey))
-                AND (\(filter.severity)::text IS NULL OR n.severity = \(filter.severity))
-                AND (\(filter.priority)::text IS NULL OR n.priority = \(filter.priority))
-                AND (\(filter.since)::timestamptz IS NULL OR n.visible_at >= \(filter.since))
-                AND (\(filter.search)::text IS NULL OR n.search @@ websearch_to_tsquery('simple', \(filter.search)))
-                AND (\(filter.tags)::text[] IS NULL OR e.tags @> \(filter.tags)::text[])
-            )
-            SELECT * FROM rows
-            WHERE (\(filter.read)::boolean IS NULL OR read = \(filter.read))
-              AND (\(cursor?.id)::uuid IS NULL OR read > \(cursor?.read) OR (read = \(cursor?.read) AND id < \(cursor?.id)))
-            ORDER BY read, id DESC
-            LIMIT \(limit + 1)
-            """)
+        let rows = try await query(feedQuery(of: userID, filter: filter, limit: limit, after: cursor, now: now))
         return Self.page(try rows.map(decodeFeedItem), limit: limit)
+    }
+
+    /// The general statement of `feed` (every page but the bell's first; the plan guards explain it).
+    func feedQuery(of userID: UUID, filter: FeedFilter, limit: Int, after cursor: FeedCursor?, now: Date) -> PostgresQuery {
+        """
+        WITH rows AS (
+          \(unescaped: feedSelect)
+          WHERE n.organisation_id = \(organisationID) AND n.user_id = \(userID) AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
+            AND (n.archived_at IS NOT NULL) = \(filter.archived)
+            AND (\(filter.typeKey)::text IS NULL OR t.key = \(filter.typeKey))
+            AND (\(filter.categoryKey)::text IS NULL OR c.key = \(filter.categoryKey))
+            AND (\(filter.severity)::text IS NULL OR n.severity = \(filter.severity))
+            AND (\(filter.priority)::text IS NULL OR n.priority = \(filter.priority))
+            AND (\(filter.since)::timestamptz IS NULL OR n.visible_at >= \(filter.since))
+            AND (\(filter.search)::text IS NULL OR n.search @@ websearch_to_tsquery('simple', \(filter.search)))
+            AND (\(filter.tags)::text[] IS NULL OR e.tags @> \(filter.tags)::text[])
+        )
+        SELECT * FROM rows
+        WHERE (\(filter.read)::boolean IS NULL OR read = \(filter.read))
+          AND (\(cursor?.id)::uuid IS NULL OR read > \(cursor?.read) OR (read = \(cursor?.read) AND id < \(cursor?.id)))
+        ORDER BY read, id DESC
+        LIMIT \(limit + 1)
+        """
     }
 
     /// `limit` items and the cursor after them, from up to `limit + 1` read.

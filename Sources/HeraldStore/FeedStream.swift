@@ -115,25 +115,7 @@ extension TenantTransaction {
         // it read every notification of the organisation once per batch (10 000 rows for a
         // batch of 1 000 after one fan-out, 30 000 after three). Planned inside one query
         // level with the small tables, the lookups were repeated for each of their rows.
-        let rows = try await query(
-            """
-            WITH x AS MATERIALIZED (
-              SELECT l.n FROM unnest(\(ids)::uuid[]) AS w (id) CROSS JOIN LATERAL (
-                SELECT n FROM notifications n
-                WHERE n.organisation_id = \(organisationID) AND n.id = w.id AND (n.expires_at IS NULL OR n.expires_at > \(now))
-                LIMIT 1
-              ) l
-            )
-            SELECT (x.n).id, (x.n).event_id, t.key AS type_key, c.key AS category_key, (x.n).severity, (x.n).priority,
-                   (x.n).title, (x.n).body, e.subject_type, e.subject_id, notification_read(x.n, fs) AS read,
-                   (x.n).archived_at IS NOT NULL AS archived, (x.n).visible_at, (x.n).expires_at, e.tags
-            FROM x
-            JOIN events e ON e.organisation_id = \(organisationID) AND e.id = (x.n).event_id
-            JOIN notification_types t ON t.organisation_id = \(organisationID) AND t.id = (x.n).type_id
-            JOIN categories c ON c.organisation_id = \(organisationID) AND c.id = (x.n).category_id
-            LEFT JOIN feed_state fs ON fs.organisation_id = \(organisationID) AND fs.user_id = (x.n).user_id
-            WHERE (x.n).user_id = ANY(\(users)::uuid[])
-            """)
+        let rows = try await query(feedItemsQuery(ids: ids, of: users, now: now))
         let items = Dictionary(uniqueKeysWithValues: try rows.map(decodeFeedItem).map { ($0.id, $0) })
         return changes.map { change in
             var change = change
@@ -142,25 +124,34 @@ extension TenantTransaction {
         }
     }
 
+    /// The statement of `withItems` (the plan guards explain it).
+    func feedItemsQuery(ids: [UUID], of users: [UUID], now: Date) -> PostgresQuery {
+        """
+        WITH x AS MATERIALIZED (
+          SELECT l.n FROM unnest(\(ids)::uuid[]) AS w (id) CROSS JOIN LATERAL (
+            SELECT n FROM notifications n
+            WHERE n.organisation_id = \(organisationID) AND n.id = w.id AND (n.expires_at IS NULL OR n.expires_at > \(now))
+            LIMIT 1
+          ) l
+        )
+        SELECT (x.n).id, (x.n).event_id, t.key AS type_key, c.key AS category_key, (x.n).severity, (x.n).priority,
+               (x.n).title, (x.n).body, e.subject_type, e.subject_id, notification_read(x.n, fs) AS read,
+               (x.n).archived_at IS NOT NULL AS archived, (x.n).visible_at, (x.n).expires_at, e.tags
+        FROM x
+        JOIN events e ON e.organisation_id = \(organisationID) AND e.id = (x.n).event_id
+        JOIN notification_types t ON t.organisation_id = \(organisationID) AND t.id = (x.n).type_id
+        JOIN categories c ON c.organisation_id = \(organisationID) AND c.id = (x.n).category_id
+        LEFT JOIN feed_state fs ON fs.organisation_id = \(organisationID) AND fs.user_id = (x.n).user_id
+        WHERE (x.n).user_id = ANY(\(users)::uuid[])
+        """
+    }
+
     /// `unreadCount` for many users in one statement (a user with nothing unread counts 0).
     /// One index range of `notifications_unread` per user (LATERAL, fenced with OFFSET 0): as one
     /// join the planner, from statistics that had not seen the fan-out yet, read every unread row
     /// of the organisation once per batch (30 000 rows to count 3 000; 40 ms instead of 16).
     public func unreadCounts(of users: [UUID], now: Date) async throws -> [UUID: UnreadCount] {
-        let rows = try await query(
-            """
-            SELECT w.user_id, k.key, k.count FROM unnest(\(users)::uuid[]) AS w (user_id) CROSS JOIN LATERAL (
-              SELECT c.key, count(*)::int AS count FROM notifications n
-              JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
-              LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
-              WHERE n.organisation_id = \(organisationID) AND n.user_id = w.user_id AND n.read_at IS NULL AND n.archived_at IS NULL
-                AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
-                AND (n.unread_pinned OR n.id > coalesce(fs.read_settled, '00000000-0000-0000-0000-000000000000'))
-                AND NOT notification_read(n, fs)
-              GROUP BY c.key
-              OFFSET 0
-            ) k
-            """)
+        let rows = try await query(unreadCountsQuery(of: users, now: now))
         var counts = Dictionary(uniqueKeysWithValues: users.map { ($0, UnreadCount(total: 0, byCategory: [:])) })
         for row in rows {
             let (user, key, count) = try row.decode((UUID, String, Int).self)
@@ -168,6 +159,23 @@ extension TenantTransaction {
             counts[user]?.total += count
         }
         return counts
+    }
+
+    /// The statement of `unreadCounts` (the plan guards explain it).
+    func unreadCountsQuery(of users: [UUID], now: Date) -> PostgresQuery {
+        """
+        SELECT w.user_id, k.key, k.count FROM unnest(\(users)::uuid[]) AS w (user_id) CROSS JOIN LATERAL (
+          SELECT c.key, count(*)::int AS count FROM notifications n
+          JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
+          LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
+          WHERE n.organisation_id = \(organisationID) AND n.user_id = w.user_id AND n.read_at IS NULL AND n.archived_at IS NULL
+            AND n.visible_at <= \(now) AND (n.expires_at IS NULL OR n.expires_at > \(now))
+            AND (n.unread_pinned OR n.id > coalesce(fs.read_settled, '00000000-0000-0000-0000-000000000000'))
+            AND NOT notification_read(n, fs)
+          GROUP BY c.key
+          OFFSET 0
+        ) k
+        """
     }
 
     /// Records a ticket (only the hash of its secret) for `userID`, valid until `expiresAt`.

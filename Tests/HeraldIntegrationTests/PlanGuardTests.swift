@@ -1,0 +1,114 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+import Testing
+
+@testable import HeraldStore
+
+/// Query-plan guards (issue 12): the hot reads must read a number of rows that follows what they
+/// return, not the size of the user's feed or of the organisation. Each guard runs the statement
+/// the code sends under `EXPLAIN (ANALYZE, FORMAT JSON)` as the application role and adds up the
+/// rows PostgreSQL read from `notifications` (returned or filtered out, over every loop), so a
+/// plan that sorts a whole feed or filters a whole organisation fails it, whatever its shape.
+@Suite("Query-plan guards")
+struct PlanGuardTests {
+    let env: TestEnvironment
+
+    init() async throws {
+        env = try await TestEnvironment.shared
+    }
+
+    func task(_ org: TestOrganisation, to users: [UUID], title: String) async throws {
+        try await org.notify(
+            EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: users), payload: .object(["title": .string(title)])))
+    }
+
+    /// Rows read from `notifications` by `query`, as `EXPLAIN ANALYZE` counts them.
+    func rowsRead(_ query: PostgresQuery, in tx: TenantTransaction) async throws -> Int {
+        let explain = PostgresQuery(unsafeSQL: "EXPLAIN (ANALYZE, FORMAT JSON) " + query.sql, binds: query.binds)
+        let rows = try await tx.query(explain)
+        let plan = try rows[0].decode(JSONDocument<JSONValue>.self).value
+        return Self.notificationRows(plan)
+    }
+
+    static func notificationRows(_ node: JSONValue) -> Int {
+        switch node {
+        case .array(let items):
+            return items.map(notificationRows).reduce(0, +)
+        case .object(let fields):
+            var total = fields.filter { $0.key != "Plan" && $0.key != "Plans" }.values.map(notificationRows).reduce(0, +)
+            if case .string("notifications") = fields["Relation Name"] {
+                let loops = number(fields["Actual Loops"]) ?? 1
+                let seen = ["Actual Rows", "Rows Removed by Filter", "Rows Removed by Index Recheck"].compactMap { number(fields[$0]) }
+                total += Int((seen.reduce(0, +) * loops).rounded())
+            }
+            if let plan = fields["Plan"] { total += notificationRows(plan) }
+            if let plans = fields["Plans"] { total += notificationRows(plans) }
+            return total
+        default:
+            return 0
+        }
+    }
+
+    static func number(_ value: JSONValue?) -> Double? {
+        if case .number(let number)? = value { return number }
+        return nil
+    }
+
+    @Test("the bell's first page reads about a page of rows, at 3 000 rows as at 20")
+    func firstPageFollowsThePage() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        try await task(org, to: [org.memberID], title: "seed")
+        try await env.database.withTenant(org.id) { tx in try await tx.duplicateFeedForTest(userID: org.memberID, copies: 3_000) }
+        let page = 20
+        func read(_ comment: Comment) async throws {
+            let now = Date()
+            let (first, general) = try await env.database.withTenant(org.id, recipient: org.memberID) { tx in
+                let first = FirstFeedPage(organisationID: org.id, userID: org.memberID, now: now, limit: page + 1)
+                let prepared = PostgresQuery(unsafeSQL: FirstFeedPage.sql, binds: try first.makeBindings())
+                // The general statement (a filter that selects every row) sorts the whole feed: the
+                // measure must see that, or it could not fail.
+                let general = try await rowsRead(
+                    tx.feedQuery(of: org.memberID, filter: FeedFilter(since: .distantPast), limit: page, after: nil, now: now), in: tx)
+                return (try await rowsRead(prepared, in: tx), general)
+            }
+            #expect(first <= 3 * (page + 1), "first page read \(first) rows: \(comment)")
+            #expect(general > 3_000, "the general statement read \(general) rows: \(comment)")
+        }
+        try await read("3 001 unread rows: the unread leg fills the page")
+        // "All read", settled: as when the rows are older than the settling time (15 minutes), the
+        // normal case. Rows inside the settling time are walked by the unread leg, as the unread
+        // count walks them (0002_engine.sql), so the fixture's rows, all made now, say so.
+        let mark = TimeOrderedID.upperBound(at: Date())
+        try await org.store { tx in try await tx.markAllRead(of: org.memberID, through: mark, settled: mark) }
+        for i in 0..<3 { try await task(org, to: [org.memberID], title: "after all read \(i)") }
+        try await read("3 unread above the settled watermark, 3 001 read below it: both legs run")
+    }
+
+    @Test("the batched reads of a stream fan-out follow the batch, not the organisation")
+    func batchedReadsFollowTheBatch() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let users = try await org.store { tx in
+            try await (0..<60).asyncMap { i in try await tx.createUser(NewUser(email: "p\(i)@x.example", displayName: "P\(i)")).id }
+        }
+        for i in 0..<10 { try await task(org, to: users, title: "fan-out \(i)") }
+        let batch = Array(users.prefix(5))
+        let (counted, fetched, returned) = try await env.database.withTenant(org.id) { tx in
+            let now = Date()
+            let ids = try await tx.query(
+                "SELECT id FROM notifications WHERE organisation_id = \(org.id) AND user_id = ANY(\(batch)::uuid[])"
+            ).map { try $0.decode(UUID.self) }
+            return (
+                try await rowsRead(tx.unreadCountsQuery(of: batch, now: now), in: tx),
+                try await rowsRead(tx.feedItemsQuery(ids: ids, of: batch, now: now), in: tx),
+                ids.count
+            )
+        }
+        // 600 rows in the organisation, 50 of them the batch's: reading the batch's own is 50.
+        #expect(returned == 50)
+        #expect(counted <= 2 * returned, "the unread counts of 5 users read \(counted) rows")
+        #expect(fetched <= 2 * returned, "the items of 5 users read \(fetched) rows")
+    }
+}
