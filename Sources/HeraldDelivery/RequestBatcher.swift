@@ -62,20 +62,33 @@ final class RequestBatcher<Request: Sendable, Response: Sendable>: Sendable {
 }
 
 extension RequestBatcher {
-    /// Runs `body` once per organisation of the batch with that organisation's requests, and
-    /// puts its answers (or its error, for each of them) back in the batch's order.
-    static func perOrganisation<Key: Hashable>(
+    /// Runs `body` once per organisation of the batch with that organisation's requests, the
+    /// organisations at the same time (each is its own tenant transaction), and puts their
+    /// answers (or an organisation's error, for each of its requests) back in the batch's order.
+    static func perOrganisation<Key: Hashable & Sendable>(
         _ requests: [Request], key: (Request) -> Key,
-        _ body: (Key, [Request]) async throws -> [Response]
+        _ body: @escaping @Sendable (Key, [Request]) async throws -> [Response]
     ) async -> [Result<Response, any Error>] {
         var results = [Result<Response, any Error>?](repeating: nil, count: requests.count)
         let groups = Dictionary(grouping: requests.indices, by: { key(requests[$0]) })
-        for (group, positions) in groups {
-            do {
-                let answers = try await body(group, positions.map { requests[$0] })
-                for (position, answer) in zip(positions, answers) { results[position] = .success(answer) }
-            } catch {
-                for position in positions { results[position] = .failure(error) }
+        await withTaskGroup(of: ([Int], Result<[Response], any Error>).self) { group in
+            for (organisation, positions) in groups {
+                let mine = positions.map { requests[$0] }
+                group.addTask {
+                    do {
+                        return (positions, .success(try await body(organisation, mine)))
+                    } catch {
+                        return (positions, .failure(error))
+                    }
+                }
+            }
+            for await (positions, answers) in group {
+                switch answers {
+                case .success(let answers):
+                    for (position, answer) in zip(positions, answers) { results[position] = .success(answer) }
+                case .failure(let error):
+                    for position in positions { results[position] = .failure(error) }
+                }
             }
         }
         return results.map { $0 ?? .failure(BatchError.unanswered) }

@@ -63,4 +63,41 @@ struct RequestBatcherTests {
         #expect(results.count == 20)
         for (n, answer) in results { #expect(answer == (n % 2 == 0 ? n + 1 : nil)) }
     }
+
+    @Test("the organisations of one batch run at the same time", .timeLimit(.minutes(1)))
+    func organisationsRunTogether() async throws {
+        // Each organisation's body waits until both have started: run one after the other, the
+        // first would wait for ever (and the time limit fail the test).
+        let latch = Latch(parties: 2)
+        let results = await RequestBatcher<Int, Int>.perOrganisation([0, 1, 2, 3], key: { $0 % 2 }) { _, group in
+            await latch.arriveAndWait()
+            return group.map { $0 * 10 }
+        }
+        let answers = try results.map { try $0.get() }
+        #expect(answers == [0, 10, 20, 30], "answers in the batch's order")
+    }
+}
+
+/// Lets `parties` tasks wait until all of them have arrived.
+final class Latch: Sendable {
+    private let state: Mutex<(arrived: Int, waiting: [CheckedContinuation<Void, Never>])>
+    private let parties: Int
+
+    init(parties: Int) {
+        self.parties = parties
+        state = Mutex((0, []))
+    }
+
+    func arriveAndWait() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let ready: [CheckedContinuation<Void, Never>] = state.withLock { state in
+                state.arrived += 1
+                state.waiting.append(continuation)
+                guard state.arrived >= parties else { return [] }
+                defer { state.waiting = [] }
+                return state.waiting
+            }
+            for waiter in ready { waiter.resume() }
+        }
+    }
 }
