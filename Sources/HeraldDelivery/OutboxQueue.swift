@@ -94,8 +94,7 @@ public struct OutboxQueue: WorkQueue {
         try await database.withTenant(organisation) { tx in
             // (One queue's completions all carry its runner's name; grouping keeps the fence exact anyway.)
             var recorded = [Bool](repeating: false, count: completions.count)
-            for worker in Set(completions.map(\.worker)).sorted() {
-                let mine = completions.indices.filter { completions[$0].worker == worker }
+            for (worker, mine) in Dictionary(grouping: completions.indices, by: { completions[$0].worker }) {
                 let done = try await tx.completeDeliveries(
                     mine.map { (completions[$0].claim, completions[$0].startedAt, completions[$0].record.result) }, worker: worker)
                 for (position, was) in zip(mine, done) { recorded[position] = was }

@@ -169,17 +169,12 @@ extension Database {
 }
 
 extension TenantTransaction {
-    /// What sending `id` needs: the delivery, its event, type and templates, recipient,
-    /// organisation and endpoint. The worker calls this in the delivery's organisation.
-    public func deliveryWork(_ id: UUID) async throws -> DeliveryWork {
-        guard let work = try await deliveryWorks([id])[id] else { throw StoreError.notFound("delivery") }
-        return work
-    }
-
-    /// `deliveryWork` for a claimed batch, in a fixed number of statements however many ids it
-    /// holds (issue 12: the worker read each delivery in about ten round trips): the deliveries,
-    /// their events with recipients and the organisation, then each distinct type, category and
-    /// endpoint once. A delivery whose event or recipient is gone is left out.
+    /// What sending each of `ids` needs: the delivery, its event, type and templates, recipient,
+    /// organisation and endpoint, read in the deliveries' organisation. A claimed batch is read
+    /// in a fixed number of statements however many ids it holds (issue 12: the worker read each
+    /// delivery in about ten round trips): the deliveries, their events with recipients and the
+    /// organisation, then each distinct type, category and the endpoints once. A delivery whose
+    /// event or recipient is gone is left out.
     public func deliveryWorks(_ ids: [UUID]) async throws -> [UUID: DeliveryWork] {
         guard !ids.isEmpty else { return [:] }
         let deliveries = try await query(

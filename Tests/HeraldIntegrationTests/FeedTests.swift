@@ -17,15 +17,10 @@ struct FeedTests {
         env = try await TestEnvironment.shared
     }
 
-    func task(_ org: TestOrganisation, to users: [UUID], title: String) async throws {
-        try await org.notify(
-            EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: users), payload: .object(["title": .string(title)])))
-    }
-
     @Test("the bell's prepared reads give what the general query gives, prepared or not (HERALD_PREPARED_STATEMENTS=0)")
     func preparedReads() async throws {
         try await withCatalogue { org, _, _ in
-            for i in 0..<25 { try await task(org, to: [org.memberID], title: "t\(i)") }
+            for i in 0..<25 { try await org.assignTask(to: [org.memberID], title: "t\(i)") }
             let unprepared = Database(client: env.appClient, logger: env.logger, preparedStatements: false)
             /// The first page as the bell reads it, against the general query (a `since` long
             /// past selects the same rows through it), prepared and not.
@@ -61,7 +56,7 @@ struct FeedTests {
             }
             try await org.store { tx in try await tx.markAllRead(of: org.memberID, through: TimeOrderedID.upperBound(at: Date())) }
             try await org.store { tx in _ = try await tx.setRead(all[10].id, of: org.memberID, read: false, now: Date()) }
-            for i in 0..<2 { try await task(org, to: [org.memberID], title: "after all read \(i)") }
+            for i in 0..<2 { try await org.assignTask(to: [org.memberID], title: "after all read \(i)") }
             try await compare(limit: 20, unread: 3, "after all read: two new rows and one pinned unread first")
             try await compare(limit: 2, unread: 3, "a page shorter than the unread rows")
         }
@@ -70,7 +65,7 @@ struct FeedTests {
     @Test("pagination returns every row exactly once while new rows keep arriving")
     func paginationUnderInserts() async throws {
         try await withCatalogue { org, _, client in
-            for i in 0..<30 { try await task(org, to: [org.memberID], title: "before \(i)") }
+            for i in 0..<30 { try await org.assignTask(to: [org.memberID], title: "before \(i)") }
             try await org.store { tx in
                 // Some read, some unread: the unread-first order has two runs to page through.
                 let page = try await tx.feed(of: org.memberID, filter: FeedFilter(), limit: 10, after: nil, now: Date())
@@ -87,7 +82,7 @@ struct FeedTests {
                 seen += feed.items.map(\.title)
                 cursor = feed.nextCursor
                 // New notifications arrive between pages.
-                try await task(org, to: [org.memberID], title: "during \(page)")
+                try await org.assignTask(to: [org.memberID], title: "during \(page)")
                 page += 1
             } while cursor != nil
             let before = seen.filter { $0.hasPrefix("before") }
@@ -102,7 +97,7 @@ struct FeedTests {
     @Test("read, unread, archive, delete, mark many, mark all, clear; the count follows")
     func readState() async throws {
         try await withCatalogue { org, _, client in
-            for i in 0..<5 { try await task(org, to: [org.memberID], title: "t\(i)") }
+            for i in 0..<5 { try await org.assignTask(to: [org.memberID], title: "t\(i)") }
             func unread() async throws -> Int {
                 try await client.send(.get, "/v1/me/notifications/unread-count", token: org.memberToken)
                     .decoded(Components.Schemas.UnreadCount.self).total
@@ -134,7 +129,7 @@ struct FeedTests {
             let unreadOnly = try await client.send(.get, "/v1/me/notifications?read=false", token: org.memberToken)
             #expect(try unreadOnly.decoded(Components.Schemas.FeedPage.self).items.map(\.id) == [ids[0]])
             // New rows after the watermark are unread.
-            try await task(org, to: [org.memberID], title: "new")
+            try await org.assignTask(to: [org.memberID], title: "new")
             #expect(try await unread() == 2)
             #expect(try await client.send(.delete, "/v1/me/notifications/\(ids[4])", token: org.memberToken).status == .noContent)
             #expect(try await client.send(.get, "/v1/me/notifications/\(ids[4])", token: org.memberToken).isProblem(.notFound))
@@ -149,8 +144,8 @@ struct FeedTests {
     @Test("filters and full-text search in title and body")
     func filtersAndSearch() async throws {
         try await withCatalogue { org, _, client in
-            try await task(org, to: [org.memberID], title: "Review the implant protocol")
-            try await task(org, to: [org.memberID], title: "Order gloves")
+            try await org.assignTask(to: [org.memberID], title: "Review the implant protocol")
+            try await org.assignTask(to: [org.memberID], title: "Order gloves")
             try await org.notify(
                 EventRequest(
                     typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]),
@@ -179,8 +174,8 @@ struct FeedTests {
     @Test("a user never sees another user's rows of the same organisation, through the API")
     func ownRowsOnlyThroughAPI() async throws {
         try await withCatalogue { org, _, client in
-            try await task(org, to: [org.ownerID], title: "for the owner")
-            try await task(org, to: [org.memberID], title: "for the member")
+            try await org.assignTask(to: [org.ownerID], title: "for the owner")
+            try await org.assignTask(to: [org.memberID], title: "for the member")
             let owner = try await client.send(.get, "/v1/me/notifications", token: org.ownerToken)
             let ownerID = try #require(try owner.decoded(Components.Schemas.FeedPage.self).items.first?.id)
             let member = try await client.send(.get, "/v1/me/notifications", token: org.memberToken)
@@ -209,7 +204,7 @@ struct FeedTests {
     func ownRowsOnlyInSQL() async throws {
         let org = try await TestOrganisation.make()
         _ = try await TestCatalogue.make(in: org)
-        try await task(org, to: [org.ownerID, org.memberID], title: "for both")
+        try await org.assignTask(to: [org.ownerID, org.memberID], title: "for both")
         // As the member: the owner's row is invisible even when asked for by user id.
         let counts = try await env.database.withTenant(org.id, actor: .user(org.memberID), recipient: org.memberID) { tx in
             (
@@ -247,7 +242,7 @@ struct FeedTests {
     func markAllDuringFanOut() async throws {
         let org = try await TestOrganisation.make()
         _ = try await TestCatalogue.make(in: org)
-        try await task(org, to: [org.memberID], title: "earlier")
+        try await org.assignTask(to: [org.memberID], title: "earlier")
         let earlier = try await env.database.withTenant(org.id, recipient: org.memberID) { tx in
             try await tx.feed(of: org.memberID, filter: FeedFilter(), limit: 1, after: nil, now: Date()).items[0]
         }
@@ -282,7 +277,7 @@ struct FeedTests {
     func readAllAtScale() async throws {
         let org = try await TestOrganisation.make()
         _ = try await TestCatalogue.make(in: org)
-        try await task(org, to: [org.memberID], title: "seed")
+        try await org.assignTask(to: [org.memberID], title: "seed")
         // 100 000 rows for the member, made in SQL from the seed row (the engine path is benchmarked, not tested for speed).
         try await env.database.withTenant(org.id) { tx in try await tx.duplicateFeedForTest(userID: org.memberID, copies: 100_000) }
         let before = try await updatedTuples()

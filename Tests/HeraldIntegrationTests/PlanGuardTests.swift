@@ -18,11 +18,6 @@ struct PlanGuardTests {
         env = try await TestEnvironment.shared
     }
 
-    func task(_ org: TestOrganisation, to users: [UUID], title: String) async throws {
-        try await org.notify(
-            EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: users), payload: .object(["title": .string(title)])))
-    }
-
     /// Rows read from `notifications` by `query`, as `EXPLAIN ANALYZE` counts them.
     func rowsRead(_ query: PostgresQuery, in tx: TenantTransaction) async throws -> Int {
         let explain = PostgresQuery(unsafeSQL: "EXPLAIN (ANALYZE, FORMAT JSON) " + query.sql, binds: query.binds)
@@ -59,7 +54,7 @@ struct PlanGuardTests {
     func firstPageFollowsThePage() async throws {
         let org = try await TestOrganisation.make()
         _ = try await TestCatalogue.make(in: org)
-        try await task(org, to: [org.memberID], title: "seed")
+        try await org.assignTask(to: [org.memberID], title: "seed")
         try await env.database.withTenant(org.id) { tx in try await tx.duplicateFeedForTest(userID: org.memberID, copies: 3_000) }
         let page = 20
         func read(_ comment: Comment) async throws {
@@ -82,7 +77,7 @@ struct PlanGuardTests {
         // count walks them (0002_engine.sql), so the fixture's rows, all made now, say so.
         let mark = TimeOrderedID.upperBound(at: Date())
         try await org.store { tx in try await tx.markAllRead(of: org.memberID, through: mark, settled: mark) }
-        for i in 0..<3 { try await task(org, to: [org.memberID], title: "after all read \(i)") }
+        for i in 0..<3 { try await org.assignTask(to: [org.memberID], title: "after all read \(i)") }
         try await read("3 unread above the settled watermark, 3 001 read below it: both legs run")
     }
 
@@ -93,7 +88,7 @@ struct PlanGuardTests {
         let users = try await org.store { tx in
             try await (0..<60).asyncMap { i in try await tx.createUser(NewUser(email: "p\(i)@x.example", displayName: "P\(i)")).id }
         }
-        for i in 0..<10 { try await task(org, to: users, title: "fan-out \(i)") }
+        for i in 0..<10 { try await org.assignTask(to: users, title: "fan-out \(i)") }
         let batch = Array(users.prefix(5))
         let (counted, fetched, returned) = try await env.database.withTenant(org.id) { tx in
             let now = Date()

@@ -301,6 +301,12 @@ struct TestCatalogue: Sendable {
 }
 
 extension TestOrganisation {
+    /// A TASK_ASSIGNED notify (`TestCatalogue`'s type) to `users`, titled `title`.
+    func assignTask(to users: [UUID], title: String) async throws {
+        try await notify(
+            EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: users), payload: .object(["title": .string(title)])))
+    }
+
     /// Runs notify through the store, as the system: what `POST /v1/events` does after validation.
     @discardableResult
     func notify(_ request: EventRequest) async throws -> (event: EventRecord, plan: Plan) {
