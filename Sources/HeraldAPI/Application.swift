@@ -67,7 +67,7 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
         expectedMigrations: dependencies.expectedMigrations,
         linkKeys: dependencies.linkKeys,
         destinations: try configuration.destinationGuard(),
-        streamTicketLifetime: configuration.streamTicketSeconds,
+        streamTicketLifetime: configuration.streamTicketSeconds, fanout: configuration.fanout,
         now: dependencies.now)
     // Compact JSON with sorted keys: stable bytes for clients and tests, no pretty-printing cost.
     // The live feed's two routes are hand-written (a stream is not a request/response pair).

@@ -1,5 +1,6 @@
 import Foundation
 import HeraldCore
+import HeraldStore
 import Logging
 
 /// Everything the server reads from its environment. `docs/configuration.md` lists each variable.
@@ -94,6 +95,13 @@ public struct AppConfiguration: Sendable {
     public var streamSweepSeconds: Double = 1
     /// Serves the demo pages (`/demo/bell`); `make run` turns it on, production leaves it off.
     public var demoPages = false
+    /// Audiences of at most this many users are written in notify's own transaction (exact
+    /// counts in the 202); larger ones are accepted at once and written in chunks (issue 12).
+    public var fanoutSyncLimit = 10_000
+    /// Users per chunk of a large fan-out, one transaction each.
+    public var fanoutChunkSize = 10_000
+    /// Large fan-outs this instance expands at once; 0 leaves them to other instances.
+    public var fanoutRunners = 2
     /// Whether the hottest reads run as named prepared statements (HERALD_PREPARED_STATEMENTS).
     public var preparedStatements = true
 
@@ -198,6 +206,18 @@ public struct AppConfiguration: Sendable {
         guard c.circuitCooldownSeconds >= 0 else {
             throw ConfigurationError(variable: "HERALD_CIRCUIT_COOLDOWN_SECONDS", value: "\(c.circuitCooldownSeconds) (0 or more)")
         }
+        try number("HERALD_FANOUT_SYNC_LIMIT", &c.fanoutSyncLimit)
+        try number("HERALD_FANOUT_CHUNK", &c.fanoutChunkSize)
+        try number("HERALD_FANOUT_RUNNERS", &c.fanoutRunners)
+        guard (0...64).contains(c.fanoutRunners) else {
+            throw ConfigurationError(variable: "HERALD_FANOUT_RUNNERS", value: "\(c.fanoutRunners) (0 to 64)")
+        }
+        guard (1...1_000_000).contains(c.fanoutSyncLimit) else {
+            throw ConfigurationError(variable: "HERALD_FANOUT_SYNC_LIMIT", value: "\(c.fanoutSyncLimit) (1 to 1000000)")
+        }
+        guard (1...100_000).contains(c.fanoutChunkSize) else {
+            throw ConfigurationError(variable: "HERALD_FANOUT_CHUNK", value: "\(c.fanoutChunkSize) (1 to 100000)")
+        }
         try number("HERALD_STREAM_HEARTBEAT_SECONDS", &c.streamHeartbeatSeconds)
         try number("HERALD_STREAMS_PER_USER", &c.streamsPerUser)
         try number("HERALD_STREAMS_PER_INSTANCE", &c.streamsPerInstance)
@@ -270,4 +290,9 @@ public struct ConfigurationError: Error, CustomStringConvertible {
         self.variable = variable
         self.value = value
     }
+}
+
+extension AppConfiguration {
+    /// When notify writes recipients itself and when in chunks.
+    public var fanout: FanoutSettings { FanoutSettings(synchronousLimit: fanoutSyncLimit, chunkSize: fanoutChunkSize) }
 }

@@ -83,11 +83,15 @@ public struct ScheduleHandler: WorkHandler {
     let database: Database
     /// The runner's name: the lease owner the schedule is fenced on.
     let worker: String
+    let fanout: FanoutSettings
     let now: @Sendable () -> Date
 
-    public init(database: Database, worker: String, now: @escaping @Sendable () -> Date = { Date() }) {
+    public init(
+        database: Database, worker: String, fanout: FanoutSettings = FanoutSettings(), now: @escaping @Sendable () -> Date = { Date() }
+    ) {
         self.database = database
         self.worker = worker
+        self.fanout = fanout
         self.now = now
     }
 
@@ -98,7 +102,7 @@ public struct ScheduleHandler: WorkHandler {
         // instance ran are skipped (one reminder late, not a burst of stale ones).
         let (next, skipped) = Self.next(after: claim.occurrence, now: now, recurrence: try schedule.recurrence())
         let outcome = try await database.withTenant(claim.organisationID) { tx in
-            try await tx.sendOccurrence(claim, worker: worker, now: now, next: next, skipped: skipped)
+            try await tx.sendOccurrence(claim, worker: worker, now: now, next: next, skipped: skipped, fanout: fanout)
         }
         return .done(outcome)
     }

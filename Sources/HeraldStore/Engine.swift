@@ -49,6 +49,8 @@ public struct PlannedEvent: Sendable {
     public var event: NewEvent
     public var type: TypeProfile
     public var plan: Plan
+    /// The users read (all of the audience, or the chunk's), in id order.
+    public var recipients: [RecipientProfile]
 }
 
 extension TypeProfile {
@@ -61,34 +63,57 @@ extension TypeProfile {
     }
 }
 
+/// One chunk of a large audience (a chunked fan-out, migration 0021): the users after `after`,
+/// at most `limit`, of an event whose delivery time was fixed when it was accepted.
+public struct AudienceChunk: Sendable {
+    public var after: UUID?
+    public var limit: Int
+    public var deliverAt: Date
+
+    public init(after: UUID?, limit: Int, deliverAt: Date) {
+        self.after = after
+        self.limit = limit
+        self.deliverAt = deliverAt
+    }
+}
+
 extension TenantTransaction {
     /// Gathers everything the planner needs in a few set-based queries and runs it. Writes
-    /// nothing: notify writes the result with `write`, a dry run just shows it.
+    /// nothing: notify writes the result with `write`, a dry run just shows it. With `chunk`, it
+    /// plans that chunk of the audience only.
     public func planEvent(
-        _ request: EventRequest, eventID: UUID, now: Date, idempotencyKey: String? = nil, requestHash: String? = nil
+        _ request: EventRequest, eventID: UUID, now: Date, idempotencyKey: String? = nil, requestHash: String? = nil,
+        chunk: AudienceChunk? = nil
     ) async throws -> PlannedEvent {
         guard let type = try await notificationType(key: request.typeKey) else { throw UnknownNotificationType(key: request.typeKey) }
         let category = try await category(type.categoryID)
         let settings = try await engineSettings()
         let profile = TypeProfile(type, category: category)
-        let recipients = try await recipients(for: request.audience)
-        let deliverAt = max(request.deliverAt ?? now, now)
+        let recipients = try await recipients(for: request.audience, after: chunk?.after, limit: chunk?.limit)
+        // A chunk reads the settings of its own users only.
+        let users = chunk.map { _ in recipients.map(\.candidate.userID) }
+        let deliverAt = chunk?.deliverAt ?? max(request.deliverAt ?? now, now)
         let severity = request.severity ?? type.defaultSeverity
         let priority = request.priority ?? type.defaultPriority
-        let input = PlanInput(
+        var input = PlanInput(
             eventID: eventID, type: profile, severity: severity, priority: priority, payload: request.payload,
             subjectType: request.subjectType, subjectID: request.subjectID, deliverAt: deliverAt,
             organisationName: settings.name, organisationSlug: settings.slug, organisationLocale: settings.defaultLocale,
             organisationTimezone: settings.defaultTimezone, throttlePerMinute: settings.throttlePerMinute, recipients: recipients,
-            excluded: Set(request.audience.excludeUserIDs), userPreferences: try await preferences(forCategory: category.id),
+            excluded: Set(request.audience.excludeUserIDs), userPreferences: try await preferences(forCategory: category.id, users: users),
             organisationDefaults: try await preferenceDefaults(forCategory: category.id),
-            recentCounts: settings.throttlePerMinute == nil ? [:] : try await recentNotifiedCounts(categoryID: category.id, now: now),
+            recentCounts: settings.throttlePerMinute == nil
+                ? [:] : try await recentNotifiedCounts(categoryID: category.id, now: now, users: users),
             endpoints: try await endpointTargets(typeKey: type.key), sourceActor: request.sourceActor,
             userThrottlePerMinute: settings.userThrottlePerMinute,
-            recentTotals: settings.userThrottlePerMinute == nil ? [:] : try await recentNotifiedTotals(now: now))
+            recentTotals: settings.userThrottlePerMinute == nil ? [:] : try await recentNotifiedTotals(now: now, users: users))
+        // A chunk's in-app rows are keyed at the time it is written, not the event's: a "mark
+        // all read" clicked while earlier chunks were written must not cover them (the settled
+        // watermark assumes no notify transaction runs longer than the settling time).
+        if chunk != nil { input.notificationTime = max(deliverAt, now) }
         let event = NewEvent(
             id: eventID, typeID: type.id, request: request, severity: severity, priority: priority, deliverAt: deliverAt,
             idempotencyKey: idempotencyKey, requestHash: requestHash)
-        return PlannedEvent(event: event, type: profile, plan: NotificationPlanner.plan(input))
+        return PlannedEvent(event: event, type: profile, plan: NotificationPlanner.plan(input), recipients: recipients)
     }
 }

@@ -35,6 +35,8 @@ public struct EventRecord: Sendable, Equatable {
     public var createdAt: Date
     public var cancelledAt: Date?
     public var tags: [String] = []
+    /// A chunked fan-out's progress; nil when notify wrote every recipient itself.
+    public var fanout: FanoutProgress?
 
     /// Where the event stands at `now`.
     public func state(at now: Date) -> EventState {
@@ -121,33 +123,28 @@ extension TenantTransaction {
             """)
     }
 
-    /// Every user the audience reaches, with how they matched. Unknown names are an error.
-    public func recipients(for audience: Audience) async throws -> [RecipientProfile] {
-        try await checkAudienceNames(audience)
-        // Candidate ids first (each source by its own index), then users by primary key: a
-        // one-user event does not scan the organisation's users.
+    /// Every user the audience reaches, with how they matched, in id order. Unknown names are an
+    /// error. `after` and `limit` read one chunk of a large audience (users after that id, at
+    /// most that many); nil reads them all.
+    public func recipients(for audience: Audience, after: UUID? = nil, limit: Int? = nil) async throws -> [RecipientProfile] {
+        // A chunk's names were checked when its event was accepted.
+        if limit == nil { try await checkAudienceNames(audience) }
+        // Candidate ids first, each source read in user order from its own index
+        // (audience_candidates, 0021), then users by primary key: a one-user event does not scan
+        // the organisation's users, and a chunk costs its size.
         let rows = try await query(
             """
-            WITH by_role AS (
-                SELECT ur.user_id, array_agg(DISTINCT r.key) AS keys FROM user_roles ur
-                JOIN roles r ON r.organisation_id = ur.organisation_id AND r.id = ur.role_id
-                WHERE ur.organisation_id = \(organisationID) AND r.key = ANY(\(audience.roleKeys)::text[]) GROUP BY ur.user_id
-            ), by_group AS (
-                SELECT m.user_id, array_agg(DISTINCT g.key) AS keys FROM group_members m
-                JOIN groups g ON g.organisation_id = m.organisation_id AND g.id = m.group_id
-                WHERE m.organisation_id = \(organisationID) AND g.key = ANY(\(audience.groupKeys)::text[]) GROUP BY m.user_id
-            ), candidates AS (
-                SELECT id AS user_id FROM users WHERE organisation_id = \(organisationID) AND \(audience.everyone)
-                UNION SELECT unnest(\(audience.userIDs)::uuid[])
-                UNION SELECT user_id FROM by_role
-                UNION SELECT user_id FROM by_group
-            )
             SELECT u.id, u.active, u.email, u.display_name, u.locale, u.timezone, u.attributes,
-                   u.id = ANY(\(audience.userIDs)::uuid[]), coalesce(br.keys, '{}'), coalesce(bg.keys, '{}')
-            FROM candidates c
+                   u.id = ANY(\(audience.userIDs)::uuid[]),
+                   ARRAY(SELECT r.key FROM user_roles ur JOIN roles r ON r.organisation_id = ur.organisation_id AND r.id = ur.role_id
+                         WHERE ur.organisation_id = \(organisationID) AND ur.user_id = u.id AND r.key = ANY(\(audience.roleKeys)::text[])
+                         ORDER BY r.key),
+                   ARRAY(SELECT g.key FROM group_members m JOIN groups g ON g.organisation_id = m.organisation_id AND g.id = m.group_id
+                         WHERE m.organisation_id = \(organisationID) AND m.user_id = u.id AND g.key = ANY(\(audience.groupKeys)::text[])
+                         ORDER BY g.key)
+            FROM audience_candidates(\(organisationID), \(audience.everyone), \(audience.userIDs)::uuid[], \(audience.roleKeys)::text[],
+                                     \(audience.groupKeys)::text[], \(after)::uuid, \(limit)::integer) c
             JOIN users u ON u.organisation_id = \(organisationID) AND u.id = c.user_id
-            LEFT JOIN by_role br ON br.user_id = u.id
-            LEFT JOIN by_group bg ON bg.user_id = u.id
             ORDER BY u.id
             """)
         return try rows.map { row in
@@ -162,7 +159,18 @@ extension TenantTransaction {
         }
     }
 
-    private func checkAudienceNames(_ audience: Audience) async throws {
+    /// How many users the audience names now, counting at most `atMost` (nil: all). Explicit
+    /// user ids count as named: notify checks they exist first.
+    public func audienceCount(_ audience: Audience, atMost: Int? = nil) async throws -> Int {
+        let rows = try await query(
+            """
+            SELECT count(*)::int FROM audience_candidates(\(organisationID), \(audience.everyone), \(audience.userIDs)::uuid[],
+                \(audience.roleKeys)::text[], \(audience.groupKeys)::text[], NULL, \(atMost)::integer)
+            """)
+        return try rows[0].decode(Int.self)
+    }
+
+    public func checkAudienceNames(_ audience: Audience) async throws {
         let rows = try await query(
             """
             SELECT
@@ -176,11 +184,15 @@ extension TenantTransaction {
         }
     }
 
-    /// Users' own settings for one category, by user and channel.
-    public func preferences(forCategory categoryID: UUID) async throws -> [UUID: [NotificationChannel: PreferenceSetting]] {
+    /// Users' own settings for one category, by user and channel; `users` confines them.
+    public func preferences(
+        forCategory categoryID: UUID, users: [UUID]? = nil
+    ) async throws -> [UUID: [NotificationChannel: PreferenceSetting]] {
         let rows = try await query(
-            "SELECT user_id, channel, enabled, frequency, conditions, switched_off FROM preferences WHERE organisation_id = \(organisationID) AND category_id = \(categoryID)"
-        )
+            """
+            SELECT user_id, channel, enabled, frequency, conditions, switched_off FROM preferences
+            WHERE organisation_id = \(organisationID) AND category_id = \(categoryID) AND (\(users)::uuid[] IS NULL OR user_id = ANY(\(users)::uuid[]))
+            """)
         var result: [UUID: [NotificationChannel: PreferenceSetting]] = [:]
         for row in rows {
             let (user, channel, enabled, frequency, conditions, switchedOff) =
@@ -199,22 +211,24 @@ extension TenantTransaction {
     }
 
     /// How many notified events of the category each user had in the last minute.
-    public func recentNotifiedCounts(categoryID: UUID, now: Date) async throws -> [UUID: Int] {
+    public func recentNotifiedCounts(categoryID: UUID, now: Date, users: [UUID]? = nil) async throws -> [UUID: Int] {
         let rows = try await query(
             """
             SELECT user_id, count(*)::int FROM event_recipients
             WHERE organisation_id = \(organisationID) AND category_id = \(categoryID) AND notified AND created_at > \(now) - interval '1 minute'
+              AND (\(users)::uuid[] IS NULL OR user_id = ANY(\(users)::uuid[]))
             GROUP BY user_id
             """)
         return Dictionary(uniqueKeysWithValues: try rows.map { try $0.decode((UUID, Int).self) })
     }
 
     /// How many notified events of any category each user had in the last minute.
-    public func recentNotifiedTotals(now: Date) async throws -> [UUID: Int] {
+    public func recentNotifiedTotals(now: Date, users: [UUID]? = nil) async throws -> [UUID: Int] {
         let rows = try await query(
             """
             SELECT user_id, count(*)::int FROM event_recipients
             WHERE organisation_id = \(organisationID) AND notified AND created_at > \(now) - interval '1 minute'
+              AND (\(users)::uuid[] IS NULL OR user_id = ANY(\(users)::uuid[]))
             GROUP BY user_id
             """)
         return Dictionary(uniqueKeysWithValues: try rows.map { try $0.decode((UUID, Int).self) })
@@ -240,16 +254,27 @@ extension TenantTransaction {
     /// Writes the event, its in-app rows, deliveries, digest items and decision trace, and
     /// wakes listeners when the transaction commits.
     public func write(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws {
+        try await insertEvent(event, counts: plan.counts, expanding: false)
+        try await writeRecipients(event, type: type, plan: plan)
+    }
+
+    /// The event row alone; `expanding`: its recipients are written later, in chunks (0021).
+    func insertEvent(_ event: NewEvent, counts: DecisionCounts, expanding: Bool) async throws {
         let request = event.request
         try await query(
             """
             INSERT INTO events (organisation_id, id, type_id, actor_type, actor_id, source_actor, audience, payload, subject_type, subject_id,
-                                severity, priority, deliver_at, expires_at, idempotency_key, request_hash, counts, url, tags)
+                                severity, priority, deliver_at, expires_at, idempotency_key, request_hash, counts, url, tags, fanout_state)
             VALUES (\(organisationID), \(event.id), \(event.typeID), \(actor.kind), \(actor.id), \(request.sourceActor.map { JSONDocument($0) }),
                     \(JSONDocument(request.audience)), \(JSONDocument(request.payload)), \(request.subjectType), \(request.subjectID),
                     \(event.severity), \(event.priority), \(event.deliverAt), \(request.expiresAt), \(event.idempotencyKey), \(event.requestHash),
-                    \(plan.counts), \(request.url), \(request.tags)::text[])
+                    \(counts), \(request.url), \(request.tags)::text[], \(expanding ? "EXPANDING" : nil))
             """)
+    }
+
+    /// The rows of a plan (all of an event's, or one chunk's), and the bus message at commit.
+    func writeRecipients(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws {
+        let request = event.request
         if !plan.notifications.isEmpty {
             let n = plan.notifications
             try await query(
@@ -302,9 +327,13 @@ extension TenantTransaction {
                      AS row(user_id, targeted, rule, reason, notified, channels)
                 """)
         }
-        // Delivered at commit, never for a rolled-back transaction.
+        try await announceEvent(event.id)
+    }
+
+    /// Tells the bus the event committed (delivered at commit, never for a rolled-back transaction).
+    func announceEvent(_ eventID: UUID) async throws {
         try await query(
-            "SELECT pg_notify('herald_events', \(organisationID.uuidString.lowercased() + ":" + event.id.uuidString.lowercased()))")
+            "SELECT pg_notify('herald_events', \(organisationID.uuidString.lowercased() + ":" + eventID.uuidString.lowercased()))")
     }
 
     // MARK: Reading and cancelling events
@@ -409,18 +438,19 @@ public struct TraceChannelRecord: Codable, Sendable, Equatable {
 private let eventColumns = """
     e.id, e.type_id, (SELECT t.key FROM notification_types t WHERE t.organisation_id = e.organisation_id AND t.id = e.type_id),
     e.actor_type, e.actor_id, e.audience, e.payload, e.subject_type, e.subject_id, e.severity, e.priority,
-    e.deliver_at, e.expires_at, e.status, e.idempotency_key, e.request_hash, e.counts, e.created_at, e.cancelled_at, e.tags
+    e.deliver_at, e.expires_at, e.status, e.idempotency_key, e.request_hash, e.counts, e.created_at, e.cancelled_at, e.tags,
+    e.fanout_state, e.fanout_done, e.fanout_expected, e.fanout_finished_at
     """
 
 private func decodeEvent(_ row: PostgresRow) throws -> EventRecord {
     let (
         id, typeID, typeKey, actorType, actorID, audience, payload, subjectType, subjectID, severity, priority,
-        deliverAt, expiresAt, status, key, hash, counts, created, cancelled, tags
+        deliverAt, expiresAt, status, key, hash, counts, created, cancelled, tags, fanoutState, fanoutDone, fanoutExpected, fanoutFinished
     ) =
         try row.decode(
             (
                 UUID, UUID, String, ActorKind, UUID?, JSONDocument<Audience>, JSONDocument<JSONValue>, String?, String?, Severity, Priority,
-                Date, Date?, EventStatus, String?, String?, DecisionCounts, Date, Date?, [String]
+                Date, Date?, EventStatus, String?, String?, DecisionCounts, Date, Date?, [String], FanoutState?, Int, Int?, Date?
             ).self, table: "events")
     return EventRecord(
         id: id, typeID: typeID, typeKey: typeKey, actorType: actorType, actorID: actorID, audience: audience.value, payload: payload.value,
@@ -428,5 +458,6 @@ private func decodeEvent(_ row: PostgresRow) throws -> EventRecord {
         priority: priority, deliverAt: deliverAt, expiresAt: expiresAt, status: status,
         idempotencyKey: key, requestHash: hash,
         counts: counts,
-        createdAt: created, cancelledAt: cancelled, tags: tags)
+        createdAt: created, cancelledAt: cancelled, tags: tags,
+        fanout: fanoutState.map { FanoutProgress(state: $0, done: fanoutDone, expected: fanoutExpected, finishedAt: fanoutFinished) })
 }

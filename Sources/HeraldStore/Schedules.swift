@@ -143,7 +143,7 @@ extension TenantTransaction {
     /// already sent under it is not sent again), and moves the schedule to `next` (nil: no
     /// occurrence left), counting `skipped` missed occurrences.
     public func sendOccurrence(
-        _ claim: ClaimedSchedule, worker: String, now: Date, next: Date?, skipped: Int
+        _ claim: ClaimedSchedule, worker: String, now: Date, next: Date?, skipped: Int, fanout: FanoutSettings = FanoutSettings()
     ) async throws -> OccurrenceOutcome {
         guard
             let row = try await query(
@@ -163,9 +163,7 @@ extension TenantTransaction {
         if let first = try await event(idempotencyKey: key) {
             (eventID, replayed) = (first.id, true)
         } else {
-            let planned = try await planEvent(request, eventID: UUID(), now: now, idempotencyKey: key)
-            try await write(planned.event, type: planned.type, plan: planned.plan)
-            (eventID, replayed) = (planned.event.id, false)
+            (eventID, replayed) = (try await send(request, now: now, idempotencyKey: key, fanout: fanout), false)
         }
         try await query(
             """

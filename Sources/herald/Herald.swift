@@ -48,12 +48,26 @@ struct Serve: AsyncParsableCommand {
         scheduleRunner.pollInterval = .milliseconds(max(1_000, config.workerPollMilliseconds))
         let schedules = WorkRunner(
             configuration: scheduleRunner, queue: ScheduleQueue(database: database),
-            handler: ScheduleHandler(database: database, worker: scheduleRunner.name), bus: bus, logger: logger)
+            handler: ScheduleHandler(database: database, worker: scheduleRunner.name, fanout: config.fanout), bus: bus, logger: logger)
+        // Large audiences' recipients (issue 12): each chunk is notify's write, so here too.
+        var fanouts: [any Service] = []
+        if config.fanoutRunners > 0 {
+            var fanoutRunner = WorkRunnerConfiguration(name: WorkerPoolConfiguration.defaultName() + ":fanout")
+            fanoutRunner.concurrency = config.fanoutRunners
+            fanoutRunner.batchSize = config.fanoutRunners
+            fanoutRunner.leaseSeconds = config.workerLeaseSeconds
+            fanoutRunner.pollInterval = .milliseconds(max(1_000, config.workerPollMilliseconds))
+            fanouts.append(
+                WorkRunner(
+                    configuration: fanoutRunner, queue: FanoutQueue(database: database, organisation: config.workerOrganisation),
+                    handler: FanoutHandler(database: database, worker: fanoutRunner.name, chunkSize: config.fanoutChunkSize), bus: bus,
+                    logger: logger))
+        }
         let dependencies = AppDependencies(
             database: database, postgres: postgres,
             tokens: try await accessTokens(config), passwords: passwordHasher(config),
             metrics: HTTPMetrics(registry: registry), expectedMigrations: try migrations().map(\.version),
-            linkKeys: linkKeys, services: [bus, streams, schedules] + delivery.services, streams: streams)
+            linkKeys: linkKeys, services: [bus, streams, schedules] + fanouts + delivery.services, streams: streams)
         let app = try buildApplication(configuration: config, dependencies: dependencies, logger: logger)
         logger.info("herald listening", metadata: ["address": "\(config.host):\(config.port)", "workers": "\(delivery.workers)"])
         // Listed after the application, so it hears SIGTERM first: streams end (clients

@@ -364,6 +364,8 @@ final class StreamServeProcess: HeraldServeProcess, @unchecked Sendable {
                 "DATABASE_WORKER_URL": "",
                 "HERALD_JWT_KEYS_DIR": keys,
                 "HERALD_WORKERS": "0",
+                // Other suites' chunked fan-outs are theirs to expand.
+                "HERALD_FANOUT_RUNNERS": "0",
                 "HERALD_DEMO_PAGES": "1",
                 "HERALD_SHUTDOWN_SECONDS": "20",
                 "HERALD_LOG_LEVEL": "error",

@@ -32,9 +32,10 @@ extension HeraldService {
             }
             // Checked after the replay: retrying a stored request later still gets its first answer.
             try checkTimes(body)
-            let planned = try await plan(request, tx, now: now, idempotencyKey: key, requestHash: hash)
-            try await tx.write(planned.event, type: planned.type, plan: planned.plan)
-            let event = try await tx.event(planned.event.id)
+            let id = try await mappingEngineErrors {
+                try await tx.send(request, now: now, idempotencyKey: key, requestHash: hash, fanout: fanout)
+            }
+            let event = try await tx.event(id)
             if case .user = tx.actor {
                 // A person sending by hand is audited, as a CRM's `notification.send_manual` is;
                 // the payload stays out of the audit log.
@@ -141,11 +142,14 @@ extension HeraldService {
 
     // MARK: Shared
 
-    func plan(
-        _ request: EventRequest, _ tx: TenantTransaction, now: Date, idempotencyKey: String? = nil, requestHash: String? = nil
-    ) async throws -> PlannedEvent {
+    func plan(_ request: EventRequest, _ tx: TenantTransaction, now: Date) async throws -> PlannedEvent {
+        try await mappingEngineErrors { try await tx.planEvent(request, eventID: UUID(), now: now) }
+    }
+
+    /// Runs `body`, turning the engine's refusals (an unknown type or audience name) into 422s.
+    func mappingEngineErrors<Result>(_ body: () async throws -> Result) async throws -> Result {
         do {
-            return try await tx.planEvent(request, eventID: UUID(), now: now, idempotencyKey: idempotencyKey, requestHash: requestHash)
+            return try await body()
         } catch let unknown as UnknownNotificationType {
             throw APIError.unprocessable(
                 ValidationError(field: "type", message: "\"\(unknown.key)\" is not a notification type of your organisation."))
@@ -269,7 +273,7 @@ extension HeraldService {
         // Always the answer notify first gave (a later cancellation shows on GET /v1/events/{id}).
         .init(
             eventId: event.id.lowercased, status: .accepted, deliverAt: event.deliverAt,
-            counts: try convert(event.counts))
+            counts: try convert(event.counts), fanout: event.fanout.map(Components.Schemas.Fanout.init))
     }
 }
 
@@ -295,7 +299,14 @@ extension Components.Schemas.Event {
             severity: mapped(e.severity), priority: mapped(e.priority),
             deliverAt: e.deliverAt, expiresAt: e.expiresAt, counts: try convert(e.counts), createdAt: e.createdAt,
             cancelledAt: e.cancelledAt,
-            sentBy: .init(_type: mapped(e.actorType), id: e.actorID?.lowercased), tags: e.tags)
+            sentBy: .init(_type: mapped(e.actorType), id: e.actorID?.lowercased), tags: e.tags,
+            fanout: e.fanout.map(Components.Schemas.Fanout.init))
+    }
+}
+
+extension Components.Schemas.Fanout {
+    init(_ progress: FanoutProgress) {
+        self.init(state: mapped(progress.state), done: progress.done, expected: progress.expected, finishedAt: progress.finishedAt)
     }
 }
 

@@ -24,6 +24,8 @@ struct HeraldService: APIProtocol {
     let destinations: DestinationGuard
     /// Seconds a stream ticket stays usable.
     let streamTicketLifetime: TimeInterval
+    /// When notify writes recipients itself and when it leaves them to chunks.
+    let fanout: FanoutSettings
     let now: @Sendable () -> Date
 
     /// Runs `body` in the request's one tenant transaction (opened by `TenantBoundary` in the

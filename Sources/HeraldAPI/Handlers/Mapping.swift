@@ -254,6 +254,14 @@ func mapped(_ status: EventStatus) -> Components.Schemas.Event.StatusPayload {
     }
 }
 
+func mapped(_ state: FanoutState) -> Components.Schemas.Fanout.StatePayload {
+    switch state {
+    case .expanding: .expanding
+    case .done: .done
+    case .cancelled: .cancelled
+    }
+}
+
 func mapped(_ format: EndpointFormat) -> Components.Schemas.Endpoint.FormatPayload {
     switch format {
     case .standard: .standard

@@ -82,6 +82,8 @@ public struct PlanInput: Sendable {
     public var endpoints: [NotificationChannel: [EndpointTarget]]
     /// Who caused the event in the tenant's domain; templates see it as `actor`.
     public var sourceActor: JSONValue?
+    /// The time in-app rows' ids are made at (they sort the feed); nil: `deliverAt`.
+    public var notificationTime: Date?
 
     public init(
         eventID: UUID, type: TypeProfile, severity: Severity, priority: Priority, payload: JSONValue,
@@ -258,7 +260,7 @@ public enum NotificationPlanner {
                 switch decision.outcome {
                 case .inApp:
                     let content = render(input, profile, channel: .inApp, parsed: parsed)
-                    let id = TimeOrderedID.make(at: input.deliverAt)
+                    let id = TimeOrderedID.make(at: input.notificationTime ?? input.deliverAt)
                     plan.notifications.append(
                         PlannedNotification(id: id, userID: target.userID, title: content.subject, body: content.body))
                     traced.notificationID = id

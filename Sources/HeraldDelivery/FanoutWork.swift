@@ -1,0 +1,148 @@
+import Foundation
+import HeraldCore
+import HeraldStore
+import Logging
+import Metrics
+
+// Chunked fan-out, a fifth kind of work on the runner (issue 12, migration 0021): notify accepts
+// an event whose audience is above the synchronous limit without writing its recipients;
+// `FanoutQueue` leases it (`claim_fanouts`) and `FanoutHandler` writes its recipients a chunk
+// per transaction. It runs as the application role (a chunk is notify's write), in `herald serve`.
+
+extension ClaimedFanout: WorkClaim {
+    public var logMetadata: Logger.Metadata {
+        ["organisation_id": .string(organisationID.lowercased), "event_id": .string(eventID.lowercased), "attempt": "\(attempt)"]
+    }
+}
+
+/// How a lease of a fan-out ended.
+public enum FanoutOutcome: Sendable, Equatable {
+    /// Every recipient is written.
+    case finished(done: Int)
+    /// The event was cancelled: the chunks not yet written never will be.
+    case cancelled(done: Int)
+    /// The lease's time budget ran out with chunks left: the lease is freed and the event is
+    /// claimed again (by this instance or another), going on from its cursor.
+    case paused(done: Int)
+    /// The lease moved on: another instance has the event.
+    case leaseLost
+}
+
+/// Events still expanding, as a `WorkQueue`.
+public struct FanoutQueue: WorkQueue {
+    let database: Database
+    let organisation: UUID?
+
+    /// `organisation` confines the claims (tests).
+    public init(database: Database, organisation: UUID? = nil) {
+        self.database = database
+        self.organisation = organisation
+    }
+
+    public var kind: String { "fanout" }
+
+    /// notify announces every event it accepts, a chunked one too.
+    public func wakes(on message: BusMessage) -> Bool {
+        guard case .eventCommitted(let organisationID, _) = message else { return false }
+        return organisation.map { $0 == organisationID } ?? true
+    }
+
+    public func claim(worker: String, limit: Int, leaseSeconds: Int) async throws -> [ClaimedFanout] {
+        try await database.claimFanouts(worker: worker, limit: limit, leaseSeconds: leaseSeconds, organisation: organisation)
+    }
+
+    public func heartbeat(worker: String, organisation: UUID, claims: [ClaimedFanout], leaseSeconds: Int) async throws {
+        try await database.withTenant(organisation) { tx in
+            try await tx.extendFanoutLeases(worker: worker, claims: claims, leaseSeconds: leaseSeconds)
+        }
+    }
+
+    /// Each chunk recorded itself; a paused fan-out frees its lease for the next claim.
+    public func complete(_ claim: ClaimedFanout, worker: String, startedAt: Date, outcome: FanoutOutcome, logger: Logger) async throws -> Bool {
+        switch outcome {
+        case .finished, .cancelled: return true
+        case .leaseLost: return false
+        case .paused:
+            try await release(claim, worker: worker, until: Date(), reason: "time budget")
+            return true
+        }
+    }
+
+    public func release(_ claim: ClaimedFanout, worker: String, until: Date, reason: String) async throws -> Bool {
+        try await database.withTenant(claim.organisationID) { tx in try await tx.releaseFanout(claim, worker: worker) }
+        return true
+    }
+
+    /// A chunk failed (it rolled back whole): the lease is freed and the next claim tries the
+    /// same chunk again.
+    public func fail(_ claim: ClaimedFanout, worker: String, error: any Error) async throws {
+        _ = try await release(claim, worker: worker, until: Date(), reason: String(describing: error))
+    }
+
+    /// Nothing apart: `claim_fanouts` takes events whose lease expired.
+    public func rescueExpired() async throws -> Int { 0 }
+}
+
+/// Writes a leased event's recipients, a chunk per transaction, until they are all written, the
+/// event is cancelled, or the lease's time budget runs out.
+public struct FanoutHandler: WorkHandler {
+    let database: Database
+    /// The runner's name: the lease owner the event is fenced on.
+    let worker: String
+    let chunkSize: Int
+    /// How long one lease writes chunks before giving the event back (under the runner's attempt deadline).
+    let budget: Duration
+    let now: @Sendable () -> Date
+
+    public init(
+        database: Database, worker: String, chunkSize: Int, budget: Duration = .seconds(30), now: @escaping @Sendable () -> Date = { Date() }
+    ) {
+        self.database = database
+        self.worker = worker
+        self.chunkSize = chunkSize
+        self.budget = budget
+        self.now = now
+    }
+
+    public func handle(_ claim: ClaimedFanout, logger: Logger) async throws -> WorkDisposition<FanoutOutcome> {
+        let clock = ContinuousClock()
+        let start = clock.now
+        while true {
+            let chunkStart = Date()
+            let step = try await database.withTenant(claim.organisationID) { tx in
+                try await tx.expandChunk(claim, worker: worker, size: chunkSize, now: now())
+            }
+            switch step {
+            case .leaseLost:
+                return .done(.leaseLost)
+            case .cancelled(let done):
+                return .done(.cancelled(done: done))
+            case .expanded(let done, let finished):
+                Counter(label: "herald_fanout_chunks_total").increment()
+                logger.debug(
+                    "fan-out chunk written", metadata: ["done": "\(done)", "chunk_ms": "\(Int(Date().timeIntervalSince(chunkStart) * 1000))"])
+                if finished { return .done(.finished(done: done)) }
+                if clock.now - start > budget { return .done(.paused(done: done)) }
+            }
+        }
+    }
+
+    public func finished(
+        _ claim: ClaimedFanout, disposition: WorkDisposition<FanoutOutcome>?, recorded: Bool?, duration: Duration, logger: Logger
+    ) {
+        switch disposition {
+        case .done(.finished(let done)):
+            Counter(label: "herald_fanouts_total", dimensions: [("outcome", "finished")]).increment()
+            logger.info("fan-out finished", metadata: ["recipients": "\(done)"])
+        case .done(.cancelled(let done)):
+            Counter(label: "herald_fanouts_total", dimensions: [("outcome", "cancelled")]).increment()
+            logger.info("fan-out stopped: the event was cancelled", metadata: ["recipients": "\(done)"])
+        case .done(.paused(let done)):
+            logger.info("fan-out paused for the next claim", metadata: ["recipients": "\(done)"])
+        case .done(.leaseLost):
+            logger.info("fan-out left: the lease moved on")
+        case .giveBack, nil:
+            Counter(label: "herald_fanouts_total", dimensions: [("outcome", "failed_chunk")]).increment()
+        }
+    }
+}

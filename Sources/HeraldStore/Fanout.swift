@@ -1,0 +1,193 @@
+import Foundation
+import HeraldCore
+import PostgresNIO
+
+// Chunked fan-out (issue 12, migration 0021): notify to an audience above the synchronous limit
+// writes the event alone and answers at once; `herald serve` leases the event (`claim_fanouts`)
+// and writes its recipients a chunk at a time, each chunk a transaction that moves the event's
+// cursor, progress and counts in the same commit.
+
+/// Where a chunked fan-out stands.
+public enum FanoutState: String, Sendable, Codable, StoredWord {
+    /// Recipients are still being written.
+    case expanding = "EXPANDING"
+    /// Every recipient was written.
+    case done = "DONE"
+    /// The event was cancelled before every chunk was written: the rest never will be.
+    case cancelled = "CANCELLED"
+}
+
+/// A chunked fan-out's progress, as `GET /v1/events/{id}` shows it.
+public struct FanoutProgress: Sendable, Equatable {
+    public var state: FanoutState
+    /// Users written so far.
+    public var done: Int
+    /// How many users the audience named when the first chunk was written; nil before that.
+    public var expected: Int?
+    public var finishedAt: Date?
+}
+
+/// When notify writes an event's recipients itself and when it leaves them to chunks.
+public struct FanoutSettings: Sendable {
+    /// Audiences of at most this many users are written in notify's own transaction, with
+    /// exact counts in the answer; larger ones in chunks.
+    public var synchronousLimit = 10_000
+    /// Users per chunk.
+    public var chunkSize = 10_000
+
+    public init(synchronousLimit: Int = 10_000, chunkSize: Int = 10_000) {
+        self.synchronousLimit = synchronousLimit
+        self.chunkSize = chunkSize
+    }
+}
+
+/// An event leased for its next chunks.
+public struct ClaimedFanout: Sendable, Hashable {
+    public var organisationID: UUID
+    public var eventID: UUID
+    /// The fence: the lease's attempt number.
+    public var attempt: Int
+}
+
+/// What one chunk did.
+public enum FanoutStep: Sendable, Equatable {
+    /// Wrote a chunk; `done` users written in all; `finished` when it was the last.
+    case expanded(done: Int, finished: Bool)
+    /// The event was cancelled: no more chunks.
+    case cancelled(done: Int)
+    /// The lease moved on (it expired and another instance took it): nothing was written.
+    case leaseLost
+}
+
+extension DecisionCounts {
+    /// Two chunks' counts together.
+    public static func + (a: DecisionCounts, b: DecisionCounts) -> DecisionCounts {
+        var sum = DecisionCounts()
+        sum.considered = a.considered + b.considered
+        sum.targeted = a.targeted + b.targeted
+        sum.notTargeted = a.notTargeted + b.notTargeted
+        sum.inApp = a.inApp + b.inApp
+        sum.immediate = a.immediate + b.immediate
+        sum.digest = a.digest + b.digest
+        sum.skipped = a.skipped + b.skipped
+        return sum
+    }
+}
+
+extension Database {
+    /// Leases up to `limit` events still expanding (across organisations; `organisation`
+    /// confines it, for tests).
+    public func claimFanouts(worker: String, limit: Int, leaseSeconds: Int, organisation: UUID? = nil) async throws -> [ClaimedFanout] {
+        try await query(
+            """
+            SELECT organisation_id, event_id, attempt
+            FROM claim_fanouts(\(worker), \(limit)::integer, \(leaseSeconds)::integer, \(organisation)::uuid)
+            """
+        ).map { row in
+            let (org, id, attempt) = try row.decode((UUID, UUID, Int).self, table: "events")
+            return ClaimedFanout(organisationID: org, eventID: id, attempt: attempt)
+        }
+    }
+}
+
+extension TenantTransaction {
+    /// notify's write: the whole event when its audience is within the synchronous limit, else
+    /// the event alone, to be expanded in chunks. Returns the event's id.
+    public func send(
+        _ request: EventRequest, eventID: UUID = UUID(), now: Date, idempotencyKey: String? = nil, requestHash: String? = nil,
+        fanout: FanoutSettings
+    ) async throws -> UUID {
+        guard let type = try await notificationType(key: request.typeKey) else { throw UnknownNotificationType(key: request.typeKey) }
+        guard try await audienceCount(request.audience, atMost: fanout.synchronousLimit + 1) > fanout.synchronousLimit else {
+            let planned = try await planEvent(request, eventID: eventID, now: now, idempotencyKey: idempotencyKey, requestHash: requestHash)
+            try await write(planned.event, type: planned.type, plan: planned.plan)
+            return eventID
+        }
+        try await checkAudienceNames(request.audience)
+        let event = NewEvent(
+            id: eventID, typeID: type.id, request: request, severity: request.severity ?? type.defaultSeverity,
+            priority: request.priority ?? type.defaultPriority, deliverAt: max(request.deliverAt ?? now, now),
+            idempotencyKey: idempotencyKey, requestHash: requestHash)
+        try await insertEvent(event, counts: DecisionCounts(), expanding: true)
+        try await announceEvent(eventID)
+        return eventID
+    }
+
+    /// Writes the next chunk of a leased fan-out, fenced on the lease, and moves the event's
+    /// cursor, progress and counts in the same transaction.
+    public func expandChunk(_ claim: ClaimedFanout, worker: String, size: Int, now: Date) async throws -> FanoutStep {
+        guard
+            let row = try await query(
+                """
+                SELECT e.status, e.fanout_state, e.fanout_lease_owner, e.fanout_attempts, e.fanout_cursor, e.fanout_done, e.fanout_expected,
+                       e.counts, t.key, e.audience, e.payload, e.source_actor, e.subject_type, e.subject_id, e.severity, e.priority,
+                       e.deliver_at, e.expires_at, e.url, e.tags
+                FROM events e JOIN notification_types t ON t.organisation_id = e.organisation_id AND t.id = e.type_id
+                WHERE e.organisation_id = \(organisationID) AND e.id = \(claim.eventID)
+                FOR UPDATE OF e
+                """
+            ).first
+        else { return .leaseLost }
+        let (
+            status, state, owner, attempts, cursor, done, expected, counts, typeKey, audience, payload, sourceActor, subjectType, subjectID,
+            severity, priority, deliverAt, expiresAt, url, tags
+        ) = try row.decode(
+            (
+                EventStatus, FanoutState?, String?, Int, UUID?, Int, Int?, DecisionCounts, String, JSONDocument<Audience>,
+                JSONDocument<JSONValue>, JSONDocument<JSONValue>?, String?, String?, Severity, Priority, Date, Date?, String?, [String]
+            ).self, table: "events")
+        guard state == .expanding, owner == worker, attempts == claim.attempt else { return .leaseLost }
+        if status == .cancelled {
+            try await finishFanout(claim.eventID, state: .cancelled)
+            return .cancelled(done: done)
+        }
+        let request = EventRequest(
+            typeKey: typeKey, audience: audience.value, payload: payload.value, sourceActor: sourceActor?.value, subjectType: subjectType,
+            subjectID: subjectID, severity: severity, priority: priority, deliverAt: deliverAt, expiresAt: expiresAt, url: url, tags: tags)
+        let planned = try await planEvent(
+            request, eventID: claim.eventID, now: now, chunk: AudienceChunk(after: cursor, limit: size, deliverAt: deliverAt))
+        try await writeRecipients(planned.event, type: planned.type, plan: planned.plan)
+        let written = planned.recipients.count
+        let finished = written < size
+        var expectedNow = expected
+        if expectedNow == nil { expectedNow = try await audienceCount(audience.value) }
+        try await query(
+            """
+            UPDATE events SET fanout_cursor = coalesce(\(planned.recipients.last?.candidate.userID), fanout_cursor),
+                fanout_done = fanout_done + \(written), fanout_expected = \(expectedNow),
+                counts = \(counts + planned.plan.counts)
+            WHERE organisation_id = \(organisationID) AND id = \(claim.eventID)
+            """)
+        if finished { try await finishFanout(claim.eventID, state: .done) }
+        return .expanded(done: done + written, finished: finished)
+    }
+
+    private func finishFanout(_ eventID: UUID, state: FanoutState) async throws {
+        try await query(
+            """
+            UPDATE events SET fanout_state = \(state), fanout_lease_owner = NULL, fanout_lease_expires_at = NULL, fanout_finished_at = now()
+            WHERE organisation_id = \(organisationID) AND id = \(eventID)
+            """)
+    }
+
+    /// Extends the leases `worker` still holds on `claims` (the heartbeat), fenced like a chunk.
+    public func extendFanoutLeases(worker: String, claims: [ClaimedFanout], leaseSeconds: Int) async throws {
+        try await query(
+            """
+            UPDATE events e SET fanout_lease_expires_at = now() + make_interval(secs => \(leaseSeconds)::integer)
+            FROM unnest(\(claims.map(\.eventID))::uuid[], \(claims.map(\.attempt))::integer[]) AS c(id, attempt)
+            WHERE e.organisation_id = \(organisationID) AND e.id = c.id AND e.fanout_attempts = c.attempt
+              AND e.fanout_lease_owner = \(worker) AND e.fanout_state = 'EXPANDING'
+            """)
+    }
+
+    /// Frees a fan-out's lease after a failed chunk: the next claim goes on from the cursor.
+    public func releaseFanout(_ claim: ClaimedFanout, worker: String) async throws {
+        try await query(
+            """
+            UPDATE events SET fanout_lease_owner = NULL, fanout_lease_expires_at = NULL
+            WHERE organisation_id = \(organisationID) AND id = \(claim.eventID) AND fanout_attempts = \(claim.attempt)
+              AND fanout_lease_owner = \(worker) AND fanout_state = 'EXPANDING'
+            """)
+    }
+}

@@ -1,0 +1,212 @@
+import Foundation
+import HTTPTypes
+import HeraldCore
+import HummingbirdTesting
+import PostgresNIO
+import Testing
+
+@testable import HeraldAPI
+@testable import HeraldDelivery
+@testable import HeraldStore
+
+/// Chunked fan-out (issue 12, migration 0021): an audience above the synchronous limit is
+/// accepted at once and its recipients are written a chunk per transaction, against the real
+/// database. The limits here are small so that 27 users make four chunks.
+@Suite("Chunked fan-out")
+struct FanoutTests {
+    static let settings = FanoutSettings(synchronousLimit: 10, chunkSize: 8)
+
+    /// An organisation with its owner, its member and 25 more users (27), and the test catalogue.
+    func organisation() async throws -> (TestOrganisation, [UUID]) {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        try await org.store { tx in
+            for index in 0..<25 {
+                _ = try await tx.createUser(NewUser(email: "user\(index)@\(org.slug).example", displayName: "User \(index)"))
+            }
+        }
+        let users = try await org.store { tx in
+            try await tx.query("SELECT id FROM users WHERE organisation_id = \(org.id) ORDER BY id").map { try $0.decode(UUID.self) }
+        }
+        return (org, users)
+    }
+
+    func everyone(_ type: String = "TASK_ASSIGNED") -> EventRequest {
+        EventRequest(typeKey: type, audience: Audience(everyone: true), payload: .object(["title": .string("All hands"), "isq": .number(25)]))
+    }
+
+    /// Rows of `table` the event has, and how many distinct users they cover.
+    func rows(_ org: TestOrganisation, _ table: String, event: UUID) async throws -> (rows: Int, users: Int) {
+        try await org.store { tx in
+            let row = try await tx.query(
+                "SELECT count(*)::int, count(DISTINCT user_id)::int FROM \(unescaped: table) WHERE organisation_id = \(org.id) AND event_id = \(event)"
+            ).first!
+            return try row.decode((Int, Int).self)
+        }
+    }
+
+    func claim(_ org: TestOrganisation, worker: String) async throws -> ClaimedFanout? {
+        try await TestEnvironment.shared.database.claimFanouts(worker: worker, limit: 1, leaseSeconds: 60, organisation: org.id).first
+    }
+
+    func chunk(_ org: TestOrganisation, _ claim: ClaimedFanout, worker: String, now: Date = Date()) async throws -> FanoutStep {
+        try await org.store { tx in try await tx.expandChunk(claim, worker: worker, size: Self.settings.chunkSize, now: now) }
+    }
+
+    @Test("a large audience is answered at once, written in chunks by the runner, and ends as a synchronous notify would")
+    func chunkedThroughTheAPI() async throws {
+        let (org, users) = try await organisation()
+        let env = try await TestEnvironment.shared
+        let app = try env.application(configure: {
+            $0.fanoutSyncLimit = Self.settings.synchronousLimit
+            $0.fanoutChunkSize = Self.settings.chunkSize
+        })
+        try await app.test(.router) { client in
+            let body = #"{"type": "ISQ_CRITICAL", "audience": {"everyone": true}, "payload": {"isq": 25, "threshold": 55}}"#
+            let accepted = try await client.send(.post, "/v1/events", token: org.ownerToken, json: body)
+            #expect(accepted.status == .accepted, "\(accepted.text)")
+            let answer = try accepted.decoded(Components.Schemas.EventAccepted.self)
+            #expect(answer.fanout?.state == .expanding && answer.fanout?.done == 0)
+            #expect(answer.counts.considered == 0)
+            let id = try #require(UUID(uuidString: answer.eventId))
+            #expect(try await rows(org, "notifications", event: id).rows == 0)
+
+            let name = "fanout-test-\(UUID().uuidString.prefix(6))"
+            let runner = WorkRunner(
+                configuration: WorkRunnerConfiguration(name: name), queue: FanoutQueue(database: env.database, organisation: org.id),
+                handler: FanoutHandler(database: env.database, worker: name, chunkSize: Self.settings.chunkSize),
+                bus: NotificationBus(client: env.appClient, logger: env.logger), logger: env.logger)
+            #expect(try await runner.runDue() == 1)
+
+            let event = try await client.send(.get, "/v1/events/\(answer.eventId)", token: org.ownerToken).decoded(Components.Schemas.Event.self)
+            #expect(event.fanout?.state == .done)
+            #expect(event.fanout?.done == users.count && event.fanout?.expected == users.count)
+            #expect(event.fanout?.finishedAt != nil)
+            #expect(event.counts.considered == users.count && event.counts.inApp == users.count && event.counts.immediate == users.count)
+            // Every user exactly once, in every table.
+            #expect(try await rows(org, "notifications", event: id) == (users.count, users.count))
+            #expect(try await rows(org, "deliveries", event: id) == (users.count, users.count))
+            #expect(try await rows(org, "event_recipients", event: id) == (users.count, users.count))
+
+            // The same body within the limit is written by notify itself, with the same counts.
+            let small = try await client.send(
+                .post, "/v1/events", token: org.ownerToken,
+                json: #"{"type": "ISQ_CRITICAL", "audience": {"user_ids": ["\#(org.memberID.lowercased)"]}, "payload": {"isq": 25}}"#)
+            let smallAnswer = try small.decoded(Components.Schemas.EventAccepted.self)
+            #expect(smallAnswer.fanout == nil && smallAnswer.counts.inApp == 1)
+            let direct = try await org.notify(everyone("ISQ_CRITICAL"))
+            #expect(direct.event.fanout == nil)
+            #expect(try convert(direct.event.counts) == event.counts)
+
+            // Explain reads the chunked event's trace like any other.
+            let explained = try await client.send(.get, "/v1/events/\(answer.eventId)/explain?limit=100", token: org.ownerToken)
+            #expect(try explained.decoded(Components.Schemas.Explanation.self).items.count == users.count)
+        }
+    }
+
+    @Test("cancelling half-way stops the chunks not yet written and cancels what the written ones queued")
+    func cancelledHalfWay() async throws {
+        let (org, users) = try await organisation()
+        let id = try await org.store { tx in try await tx.send(everyone("ISQ_CRITICAL"), now: Date(), fanout: Self.settings) }
+        let worker = "fanout-cancel-\(UUID().uuidString.prefix(6))"
+        let lease = try #require(try await claim(org, worker: worker))
+        #expect(try await chunk(org, lease, worker: worker) == .expanded(done: 8, finished: false))
+        #expect(try await chunk(org, lease, worker: worker) == .expanded(done: 16, finished: false))
+
+        let cancellation = try #require(try await org.store { tx in try await tx.cancelEvent(id, now: Date()) })
+        #expect(cancellation.deliveries == 16)
+        #expect(try await chunk(org, lease, worker: worker) == .cancelled(done: 16))
+
+        let event = try await org.store { tx in try await tx.event(id) }
+        #expect(event.fanout?.state == .cancelled && event.fanout?.done == 16)
+        #expect(event.counts.considered == 16)
+        #expect(try await rows(org, "notifications", event: id) == (16, 16))
+        #expect(try await rows(org, "event_recipients", event: id) == (16, 16))
+        let pending = try await org.store { tx in
+            try await tx.query(
+                "SELECT count(*)::int FROM deliveries WHERE organisation_id = \(org.id) AND event_id = \(id) AND status <> 'CANCELLED'"
+            ).first!.decode(Int.self)
+        }
+        #expect(pending == 0)
+        // Nothing is left to claim, and users after the cursor were never written.
+        #expect(try await claim(org, worker: worker) == nil)
+        #expect(users.count == 27)
+    }
+
+    @Test("a lease that expires mid-way moves to another instance, which goes on from the cursor: every user once")
+    func leaseMovesOn() async throws {
+        let (org, users) = try await organisation()
+        let id = try await org.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings) }
+        let first = "fanout-a-\(UUID().uuidString.prefix(6))", second = "fanout-b-\(UUID().uuidString.prefix(6))"
+        let lease = try #require(try await claim(org, worker: first))
+        #expect(try await chunk(org, lease, worker: first) == .expanded(done: 8, finished: false))
+        // The first instance stalls; its lease runs out.
+        try await org.store { tx in
+            try await tx.query(
+                "UPDATE events SET fanout_lease_expires_at = now() - interval '1 second' WHERE organisation_id = \(org.id) AND id = \(id)")
+        }
+        let taken = try #require(try await claim(org, worker: second))
+        #expect(taken.attempt == lease.attempt + 1)
+        // The stalled instance wakes up: fenced, it writes nothing.
+        #expect(try await chunk(org, lease, worker: first) == .leaseLost)
+        #expect(try await chunk(org, taken, worker: second) == .expanded(done: 16, finished: false))
+        #expect(try await chunk(org, taken, worker: second) == .expanded(done: 24, finished: false))
+        #expect(try await chunk(org, taken, worker: second) == .expanded(done: 27, finished: true))
+        #expect(try await rows(org, "notifications", event: id) == (users.count, users.count))
+        #expect(try await rows(org, "event_recipients", event: id) == (users.count, users.count))
+        #expect(try await chunk(org, taken, worker: second) == .leaseLost)
+    }
+
+    @Test("a mark-all-read clicked during a chunked fan-out leaves the chunks written after it unread")
+    func markAllDuringFanout() async throws {
+        let (org, users) = try await organisation()
+        let start = Date().addingTimeInterval(-3600)
+        let id = try await org.store { tx in try await tx.send(everyone(), now: start, fanout: Self.settings) }
+        let worker = "fanout-mark-\(UUID().uuidString.prefix(6))"
+        let lease = try #require(try await claim(org, worker: worker))
+        #expect(try await chunk(org, lease, worker: worker, now: start) == .expanded(done: 8, finished: false))
+        // Twenty minutes later (past the settling time of "mark all read"), with chunks still to
+        // come, the first and the last user mark everything read.
+        let click = start.addingTimeInterval(20 * 60)
+        let (early, late) = (users[0], users[26])
+        try await org.store { tx in
+            for user in [early, late] {
+                try await tx.markAllRead(
+                    of: user, through: TimeOrderedID.upperBound(at: click),
+                    settled: TimeOrderedID.upperBound(at: click.addingTimeInterval(-TimeOrderedID.settlingTime)))
+            }
+        }
+        let later = click.addingTimeInterval(60)
+        while case .expanded(_, false) = try await chunk(org, lease, worker: worker, now: later) {}
+        let (earlyCount, lateCount) = try await org.store { tx in
+            (try await tx.unreadCount(of: early, now: Date()).total, try await tx.unreadCount(of: late, now: Date()).total)
+        }
+        #expect(earlyCount == 0, "the first chunk was written before the click")
+        #expect(lateCount == 1, "the last chunk was written after the click")
+        #expect(try await rows(org, "notifications", event: id).rows == users.count)
+    }
+
+    @Test("unknown audience names are refused before anything is accepted, and chunks stay in their organisation")
+    func refusalsAndIsolation() async throws {
+        let (org, _) = try await organisation()
+        let (other, otherUsers) = try await organisation()
+        await #expect(throws: UnknownAudience.self) {
+            try await org.store { tx in
+                try await tx.send(
+                    EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(groupKeys: ["nobody"], everyone: true), payload: .object([:])),
+                    now: Date(), fanout: Self.settings)
+            }
+        }
+        #expect(try await claim(org, worker: "fanout-none") == nil)
+        // Another organisation's fan-out is neither claimable under this one nor readable.
+        let theirs = try await other.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings) }
+        #expect(try await claim(org, worker: "fanout-iso") == nil)
+        await #expect(throws: StoreError.self) { try await org.store { tx in try await tx.event(theirs) } }
+        let worker = "fanout-iso-\(UUID().uuidString.prefix(6))"
+        let lease = try #require(try await claim(other, worker: worker))
+        // A chunk run in the wrong organisation finds no event and writes nothing.
+        #expect(try await chunk(org, lease, worker: worker) == .leaseLost)
+        #expect(try await chunk(other, lease, worker: worker) == .expanded(done: 8, finished: false))
+        #expect(otherUsers.count == 27)
+    }
+}
