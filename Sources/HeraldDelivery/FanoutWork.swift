@@ -58,7 +58,9 @@ public struct FanoutQueue: WorkQueue {
     }
 
     /// Each chunk recorded itself; a paused fan-out frees its lease for the next claim.
-    public func complete(_ claim: ClaimedFanout, worker: String, startedAt: Date, outcome: FanoutOutcome, logger: Logger) async throws -> Bool {
+    public func complete(
+        _ claim: ClaimedFanout, worker: String, startedAt: Date, outcome: FanoutOutcome, logger: Logger
+    ) async throws -> Bool {
         switch outcome {
         case .finished, .cancelled: return true
         case .leaseLost: return false
@@ -95,7 +97,8 @@ public struct FanoutHandler: WorkHandler {
     let now: @Sendable () -> Date
 
     public init(
-        database: Database, worker: String, chunkSize: Int, budget: Duration = .seconds(30), now: @escaping @Sendable () -> Date = { Date() }
+        database: Database, worker: String, chunkSize: Int, budget: Duration = .seconds(30),
+        now: @escaping @Sendable () -> Date = { Date() }
     ) {
         self.database = database
         self.worker = worker
@@ -120,7 +123,8 @@ public struct FanoutHandler: WorkHandler {
             case .expanded(let done, let finished):
                 Counter(label: "herald_fanout_chunks_total").increment()
                 logger.debug(
-                    "fan-out chunk written", metadata: ["done": "\(done)", "chunk_ms": "\(Int(Date().timeIntervalSince(chunkStart) * 1000))"])
+                    "fan-out chunk written",
+                    metadata: ["done": "\(done)", "chunk_ms": "\(Int(Date().timeIntervalSince(chunkStart) * 1000))"])
                 if finished { return .done(.finished(done: done)) }
                 if clock.now - start > budget { return .done(.paused(done: done)) }
             }

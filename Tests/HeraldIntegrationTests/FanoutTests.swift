@@ -32,7 +32,8 @@ struct FanoutTests {
     }
 
     func everyone(_ type: String = "TASK_ASSIGNED") -> EventRequest {
-        EventRequest(typeKey: type, audience: Audience(everyone: true), payload: .object(["title": .string("All hands"), "isq": .number(25)]))
+        EventRequest(
+            typeKey: type, audience: Audience(everyone: true), payload: .object(["title": .string("All hands"), "isq": .number(25)]))
     }
 
     /// Rows of `table` the event has, and how many distinct users they cover.
@@ -78,7 +79,8 @@ struct FanoutTests {
                 bus: NotificationBus(client: env.appClient, logger: env.logger), logger: env.logger)
             #expect(try await runner.runDue() == 1)
 
-            let event = try await client.send(.get, "/v1/events/\(answer.eventId)", token: org.ownerToken).decoded(Components.Schemas.Event.self)
+            let event = try await client.send(.get, "/v1/events/\(answer.eventId)", token: org.ownerToken).decoded(
+                Components.Schemas.Event.self)
             #expect(event.fanout?.state == .done)
             #expect(event.fanout?.done == users.count && event.fanout?.expected == users.count)
             #expect(event.fanout?.finishedAt != nil)
@@ -193,7 +195,8 @@ struct FanoutTests {
         await #expect(throws: UnknownAudience.self) {
             try await org.store { tx in
                 try await tx.send(
-                    EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(groupKeys: ["nobody"], everyone: true), payload: .object([:])),
+                    EventRequest(
+                        typeKey: "TASK_ASSIGNED", audience: Audience(groupKeys: ["nobody"], everyone: true), payload: .object([:])),
                     now: Date(), fanout: Self.settings)
             }
         }
