@@ -81,6 +81,9 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
             TenantBoundary(
                 database: dependencies.database, authenticator: authenticator,
                 linkKeys: dependencies.linkKeys, contract: ContractChecks(maxBodyBytes: configuration.maxBodyBytes),
+                rateLimits: OrganisationRateLimits(
+                    requests: configuration.rateLimitRequests, events: configuration.rateLimitEvents,
+                    burstSeconds: configuration.rateLimitBurstSeconds),
                 now: dependencies.now)
         ])
     return router

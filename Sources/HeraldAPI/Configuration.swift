@@ -102,6 +102,12 @@ public struct AppConfiguration: Sendable {
     public var fanoutChunkSize = 10_000
     /// Large fan-outs this instance expands at once; 0 leaves them to other instances.
     public var fanoutRunners = 2
+    /// Requests per second one organisation may make to this instance (0: no limit), and
+    /// `POST /v1/events` per second; bursts of `rateLimitBurstSeconds` worth. An organisation's
+    /// own limits (`herald organisation rate-limits`) replace them.
+    public var rateLimitRequests: Double = 500
+    public var rateLimitEvents: Double = 50
+    public var rateLimitBurstSeconds: Double = 2
     /// Whether the hottest reads run as named prepared statements (HERALD_PREPARED_STATEMENTS).
     public var preparedStatements = true
 
@@ -205,6 +211,16 @@ public struct AppConfiguration: Sendable {
         }
         guard c.circuitCooldownSeconds >= 0 else {
             throw ConfigurationError(variable: "HERALD_CIRCUIT_COOLDOWN_SECONDS", value: "\(c.circuitCooldownSeconds) (0 or more)")
+        }
+        try number("HERALD_RATE_LIMIT_REQUESTS", &c.rateLimitRequests)
+        try number("HERALD_RATE_LIMIT_EVENTS", &c.rateLimitEvents)
+        try number("HERALD_RATE_LIMIT_BURST_SECONDS", &c.rateLimitBurstSeconds)
+        guard c.rateLimitRequests >= 0, c.rateLimitEvents >= 0 else {
+            throw ConfigurationError(
+                variable: "HERALD_RATE_LIMIT_REQUESTS", value: "\(c.rateLimitRequests)/\(c.rateLimitEvents) (0 or more)")
+        }
+        guard (1...3600).contains(c.rateLimitBurstSeconds) else {
+            throw ConfigurationError(variable: "HERALD_RATE_LIMIT_BURST_SECONDS", value: "\(c.rateLimitBurstSeconds) (1 to 3600)")
         }
         try number("HERALD_FANOUT_SYNC_LIMIT", &c.fanoutSyncLimit)
         try number("HERALD_FANOUT_CHUNK", &c.fanoutChunkSize)

@@ -17,6 +17,8 @@ public enum APIError: Error, Sendable, Equatable {
     case conflict(String)
     case unprocessable(ValidationError)
     case tooManyRequests(String, retryAfter: Int)
+    /// The organisation's request rate on this instance is used up (`RateLimiter`).
+    case rateLimited(RateLimitDecision)
     case contentTooLarge(limit: Int?)
     case notReady(String)
     case internalError
@@ -30,7 +32,7 @@ public enum APIError: Error, Sendable, Equatable {
         case .methodNotAllowed: .methodNotAllowed
         case .conflict: .conflict
         case .unprocessable: .unprocessableContent
-        case .tooManyRequests: .tooManyRequests
+        case .tooManyRequests, .rateLimited: .tooManyRequests
         case .contentTooLarge: .contentTooLarge
         case .notReady: .serviceUnavailable
         case .internalError: .internalServerError
@@ -47,7 +49,7 @@ public enum APIError: Error, Sendable, Equatable {
             case .methodNotAllowed: "method-not-allowed"
             case .conflict: "conflict"
             case .unprocessable: "validation"
-            case .tooManyRequests: "rate-limited"
+            case .tooManyRequests, .rateLimited: "rate-limited"
             case .contentTooLarge: "content-too-large"
             case .notReady: "not-ready"
             case .internalError: "internal"
@@ -72,6 +74,10 @@ public enum APIError: Error, Sendable, Equatable {
             "\(error.field): \(error.message)"
         case .tooManyRequests(let detail, _):
             detail
+        case .rateLimited(let decision):
+            decision.policy.name == "events"
+                ? "Your organisation sends more than \(decision.policy.rateText) events per second to this instance; retry after \(decision.retryAfter) s."
+                : "Your organisation makes more than \(decision.policy.rateText) requests per second to this instance; retry after \(decision.retryAfter) s."
         case .contentTooLarge(let limit):
             limit.map { "The request body is larger than \($0) bytes." } ?? "The request body is too large."
         case .internalError:
@@ -82,7 +88,7 @@ public enum APIError: Error, Sendable, Equatable {
     var logLevel: Logger.Level {
         switch self {
         case .internalError, .notReady: .error
-        case .unauthorized, .forbidden, .tooManyRequests: .notice
+        case .unauthorized, .forbidden, .tooManyRequests, .rateLimited: .notice
         default: .debug
         }
     }
@@ -92,6 +98,9 @@ public enum APIError: Error, Sendable, Equatable {
         switch self {
         case .unauthorized: fields[.wwwAuthenticate] = "Bearer"
         case .tooManyRequests(_, let seconds): fields[.retryAfter] = String(seconds)
+        case .rateLimited(let decision):
+            fields[.retryAfter] = String(max(1, decision.retryAfter))
+            fields.append(contentsOf: decision.headers)
         case .methodNotAllowed(_, let allowed): fields[.allow] = allowed.joined(separator: ", ")
         default: break
         }

@@ -24,6 +24,8 @@ struct TenantBoundary: ServerMiddleware {
     let authenticator: Authenticator
     let linkKeys: LinkKeyRing
     let contract: ContractChecks
+    /// Per-organisation request rates; nil: none.
+    let rateLimits: OrganisationRateLimits?
     let now: @Sendable () -> Date
 
     func intercept(
@@ -57,6 +59,12 @@ struct TenantBoundary: ServerMiddleware {
             recipient: ownFeed ? credential.actor.userID : nil, admitting: credential.admission
         ) { tx in
             let principal = try await authenticator.principal(for: credential, in: tx)
+            // Counted once the credential is proven (a forged key cannot spend an organisation's
+            // rate), before the operation's work.
+            let limit = try await rateLimits?.take(credential.organisationID, operationID: operationID, now: now()) {
+                try await tx.rateLimitSettings()
+            }
+            if let limit, !limit.allowed { throw APIError.rateLimited(limit) }
             if case .permission(let permission) = rule, !principal.permissions.contains(permission) {
                 throw APIError.forbidden(permission)
             }
@@ -67,7 +75,9 @@ struct TenantBoundary: ServerMiddleware {
             }
             var bound = scope
             bound.principal = principal
-            return try await Self.run(proceed, in: tx, scope: bound)
+            var (response, body) = try await Self.run(proceed, in: tx, scope: bound)
+            if let limit { response.headerFields.append(contentsOf: limit.headers) }
+            return (response, body)
         }
     }
 

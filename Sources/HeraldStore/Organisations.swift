@@ -175,3 +175,36 @@ extension TenantTransaction {
         }
     }
 }
+
+/// An organisation's own limits, set by the operator; nil: the instance's default.
+public struct RateLimitSettings: Sendable, Equatable, Codable {
+    public var requestsPerSecond: Double?
+    public var eventsPerSecond: Double?
+
+    public init(requestsPerSecond: Double? = nil, eventsPerSecond: Double? = nil) {
+        self.requestsPerSecond = requestsPerSecond
+        self.eventsPerSecond = eventsPerSecond
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case requestsPerSecond = "requests_per_second", eventsPerSecond = "events_per_second"
+    }
+}
+
+extension RateLimitSettings: StoredDocument {}
+
+extension TenantTransaction {
+    /// The organisation's own request limits (issue 12), set by the operator.
+    public func rateLimitSettings() async throws -> RateLimitSettings {
+        try await query(
+            "SELECT coalesce(settings->'rate_limits', '{}'::jsonb) FROM organisations WHERE id = \(organisationID)"
+        ).first?.decode(RateLimitSettings.self) ?? RateLimitSettings()
+    }
+
+    /// Sets the organisation's own request limits; nil fields fall back to the instance's defaults.
+    public func setRateLimits(_ limits: RateLimitSettings) async throws {
+        try await query(
+            "UPDATE organisations SET settings = settings || jsonb_build_object('rate_limits', \(limits)::jsonb), updated_at = now() WHERE id = \(organisationID)"
+        )
+    }
+}

@@ -251,7 +251,7 @@ struct PurgeExpired: AsyncParsableCommand {
 /// `herald organisation create`: an operator creates a tenant and its first owner.
 struct OrganisationCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "organisation", abstract: "Manage organisations (operators only).", subcommands: [Create.self])
+        commandName: "organisation", abstract: "Manage organisations (operators only).", subcommands: [Create.self, RateLimits.self])
 
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -312,6 +312,62 @@ struct OrganisationCommand: AsyncParsableCommand {
                     }
                 }
                 print("organisation: created \(organisation.slug) (\(organisation.id.uuidString.lowercased()))")
+            }
+        }
+    }
+
+    struct RateLimits: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "rate-limits",
+            abstract: "Show or set an organisation's own request limits per instance (docs/operations.md#rate-limits).",
+            discussion: """
+                Without options it prints the organisation's limits. A value replaces the instance's default \
+                (HERALD_RATE_LIMIT_REQUESTS, HERALD_RATE_LIMIT_EVENTS) for this organisation; 0 means no limit; \
+                `default` goes back to the instance's. Instances read the change within 30 s.
+                """)
+
+        @Option(help: "The organisation's slug.") var slug: String
+        @Option(help: "Requests per second, any operation (a number, 0 for none, or `default`).") var requestsPerSecond: String?
+        @Option(help: "POST /v1/events per second (a number, 0 for none, or `default`).") var eventsPerSecond: String?
+
+        func run() async throws {
+            let config = try AppConfiguration.fromEnvironment()
+            let logger = Logger(label: "herald.organisation")
+            @Sendable func parse(_ value: String?, _ option: String, current: Double?) throws -> Double? {
+                guard let value else { return current }
+                if value == "default" { return nil }
+                guard let rate = Double(value), rate >= 0, rate <= 1_000_000 else {
+                    throw ValidationError("--\(option) must be a number from 0 to 1000000, or `default`.")
+                }
+                return rate
+            }
+            try await withPostgres(url: config.databaseURL, logger: logger) { client in
+                let database = Database(client: client, logger: logger)
+                guard let id = try await database.organisationID(slug: slug) else {
+                    throw ValidationError("No organisation has the slug \(slug).")
+                }
+                let limits = try await database.withTenant(id) { tx in
+                    var limits = try await tx.rateLimitSettings()
+                    if requestsPerSecond != nil || eventsPerSecond != nil {
+                        limits.requestsPerSecond = try parse(requestsPerSecond, "requests-per-second", current: limits.requestsPerSecond)
+                        limits.eventsPerSecond = try parse(eventsPerSecond, "events-per-second", current: limits.eventsPerSecond)
+                        try await tx.setRateLimits(limits)
+                        try await tx.audit(
+                            action: "organisation.rate_limits", targetType: "organisation", targetID: id.uuidString.lowercased(),
+                            before: nil,
+                            after: .object([
+                                "requests_per_second": limits.requestsPerSecond.map { .number($0) } ?? .null,
+                                "events_per_second": limits.eventsPerSecond.map { .number($0) } ?? .null,
+                            ]))
+                    }
+                    return limits
+                }
+                func shown(_ rate: Double?, _ variable: String) -> String {
+                    rate.map { $0 == 0 ? "no limit" : "\($0 == $0.rounded() ? String(Int($0)) : String($0)) per second" }
+                        ?? "the instance's default (\(variable))"
+                }
+                print("rate-limits: \(slug) requests: \(shown(limits.requestsPerSecond, "HERALD_RATE_LIMIT_REQUESTS"))")
+                print("rate-limits: \(slug) events: \(shown(limits.eventsPerSecond, "HERALD_RATE_LIMIT_EVENTS"))")
             }
         }
     }

@@ -1,0 +1,110 @@
+import Foundation
+import HTTPTypes
+import HeraldCore
+import HummingbirdTesting
+import PostgresNIO
+import Synchronization
+import Testing
+
+@testable import HeraldAPI
+@testable import HeraldStore
+
+/// Per-organisation request rates (issue 12, fairness): past its rate an organisation gets a 429
+/// problem with `Retry-After` and `RateLimit` headers before anything runs, other organisations
+/// do not notice, and the bucket refills with time (an injected clock).
+@Suite("Rate limits")
+struct RateLimitTests {
+    final class Clock: Sendable {
+        let value = Mutex(Date())
+        func now() -> Date { value.withLock { $0 } }
+        func advance(_ seconds: TimeInterval) { value.withLock { $0 = $0.addingTimeInterval(seconds) } }
+    }
+
+    func task(_ org: TestOrganisation, _ title: String) -> String {
+        #"{"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(org.memberID.lowercased)"]}, "payload": {"title": "\#(title)"}}"#
+    }
+
+    func events(_ org: TestOrganisation) async throws -> Int {
+        try await org.store { tx in
+            try await tx.query("SELECT count(*)::int FROM events WHERE organisation_id = \(org.id)").first!.decode(Int.self)
+        }
+    }
+
+    @Test("past its events rate an organisation gets a 429 problem with RateLimit headers, writes nothing, and others go on")
+    func eventsRate() async throws {
+        let (org, other) = (try await TestOrganisation.make(), try await TestOrganisation.make())
+        _ = try await TestCatalogue.make(in: org)
+        _ = try await TestCatalogue.make(in: other)
+        let clock = Clock()
+        let app = try await TestEnvironment.shared.application(
+            now: { clock.now() },
+            configure: {
+                $0.rateLimitEvents = 2
+                $0.rateLimitBurstSeconds = 1
+                $0.rateLimitRequests = 0
+            })
+        try await app.test(.router) { client in
+            for remaining in [1, 0] {
+                let sent = try await client.send(.post, "/v1/events", token: org.ownerToken, json: task(org, "ok"))
+                #expect(sent.status == .accepted, "\(sent.text)")
+                #expect(sent.headers[HTTPField.Name("RateLimit-Policy")!] == #""events";q=2;w=1"#)
+                #expect(sent.headers[HTTPField.Name("RateLimit")!]?.hasPrefix(#""events";r=\#(remaining);"#) == true)
+            }
+            let refused = try await client.send(.post, "/v1/events", token: org.ownerToken, json: task(org, "too many"))
+            #expect(refused.isProblem(.tooManyRequests), "\(refused.text)")
+            #expect(refused.headers[.retryAfter] == "1")
+            #expect(refused.headers[HTTPField.Name("RateLimit")!] == #""events";r=0;t=1"#)
+            #expect((refused.json["detail"] as? String)?.contains("more than 2 events per second") == true, "\(refused.text)")
+            #expect(try await events(org) == 2, "a refused notify writes nothing")
+
+            // Reads are not events; another organisation has its own bucket.
+            #expect(try await client.send(.get, "/v1/events", token: org.ownerToken).status == .ok)
+            #expect(try await client.send(.post, "/v1/events", token: other.ownerToken, json: task(other, "theirs")).status == .accepted)
+
+            // Half a second later the bucket has one more (two a second).
+            clock.advance(0.5)
+            #expect(try await client.send(.post, "/v1/events", token: org.ownerToken, json: task(org, "later")).status == .accepted)
+            #expect(try await client.send(.post, "/v1/events", token: org.ownerToken, json: task(org, "again")).status == .tooManyRequests)
+        }
+    }
+
+    @Test("an organisation's own limits, set with `herald organisation rate-limits`, replace the instance's")
+    func organisationLimits() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let env = try await TestEnvironment.shared
+        let shown = try runHerald(
+            ["organisation", "rate-limits", "--slug", org.slug, "--events-per-second", "0", "--requests-per-second", "3"],
+            ["DATABASE_URL": env.appURL])
+        #expect(shown.contains("events: no limit") && shown.contains("requests: 3 per second"), "\(shown)")
+        #expect(
+            try await org.store { tx in try await tx.rateLimitSettings() } == RateLimitSettings(requestsPerSecond: 3, eventsPerSecond: 0))
+        let refused = try runHeraldExit(
+            ["organisation", "rate-limits", "--slug", org.slug, "--events-per-second", "lots"], ["DATABASE_URL": env.appURL])
+        #expect(refused.status != 0 && refused.output.contains("--events-per-second must be a number"), "\(refused.output)")
+
+        let clock = Clock()
+        let app = try env.application(
+            now: { clock.now() },
+            configure: {
+                $0.rateLimitEvents = 1
+                $0.rateLimitBurstSeconds = 1
+                $0.rateLimitRequests = 1000
+            })
+        try await app.test(.router) { client in
+            // Events: no limit of its own, although the instance's is 1 per second; requests: 3.
+            for _ in 0..<3 {
+                #expect(try await client.send(.post, "/v1/events", token: org.ownerToken, json: task(org, "ok")).status == .accepted)
+            }
+            let refused = try await client.send(.get, "/v1/events", token: org.ownerToken)
+            #expect(refused.isProblem(.tooManyRequests))
+            #expect(refused.headers[HTTPField.Name("RateLimit-Policy")!] == #""requests";q=3;w=1"#)
+            #expect((refused.json["detail"] as? String)?.contains("more than 3 requests per second") == true, "\(refused.text)")
+        }
+        // `default` goes back to the instance's.
+        _ = try runHerald(
+            ["organisation", "rate-limits", "--slug", org.slug, "--events-per-second", "default", "--requests-per-second", "default"],
+            ["DATABASE_URL": env.appURL])
+        #expect(try await org.store { tx in try await tx.rateLimitSettings() } == RateLimitSettings())
+    }
+}
