@@ -22,7 +22,7 @@
 #      the same size (smtplib, 4 connections), in the same run.
 # Results go to .bench/results.md; docs/benchmarks.md records them with this command.
 #
-# BENCH_SECTIONS picks sections (default "notify feed delivery digests streams"; e.g.
+# BENCH_SECTIONS picks sections (default "notify feed delivery digests streams fairness"; e.g.
 # BENCH_SECTIONS=streams); BENCH_BUILD=0 uses the release binary as it is, without building;
 # BENCH_HERALD names another binary (a debug build, when trying the script).
 set -euo pipefail
@@ -30,7 +30,7 @@ cd "$(dirname "$0")/.."
 PORT=${BENCH_PG_PORT:-54331}
 CLUSTER=${BENCH_CLUSTER:-bench}
 HTTP=${BENCH_HTTP:-18080}
-SECTIONS=" ${BENCH_SECTIONS:-notify feed delivery digests streams} "
+SECTIONS=" ${BENCH_SECTIONS:-notify feed delivery digests streams fairness} "
 want() { [[ $SECTIONS == *" $1 "* ]]; }
 CONC=${BENCH_CONCURRENCY:-32}
 DURATION=${BENCH_DURATION:-20}
@@ -114,11 +114,12 @@ SQL
 APIKEY="hk.$ORG.$KEYID.$SECRET"
 
 say "starting the release server on :$HTTP"
-# No delivery workers in the API process (part 3 measures one `herald worker`; `make` exports
+# No rate limits (the sections measure what one instance can do; the fairness section starts a
+# server with them). No delivery workers in the API process (part 3 measures one `herald worker`; `make` exports
 # DATABASE_WORKER_URL for the dev cluster), and a database deadline long enough for the largest
 # fan-out, which is one transaction (the 30 s default cuts a 100 000-member notify on a busy machine).
 DATABASE_URL=$APP_URL HERALD_PORT=$HTTP HERALD_JWT_KEYS_DIR=.bench/jwt HERALD_LOG_LEVEL=warning HERALD_ACCESS_TOKEN_TTL=3600 \
-  HERALD_WORKERS=0 HERALD_DATABASE_TIMEOUT=${BENCH_DATABASE_TIMEOUT:-300} \
+  HERALD_WORKERS=0 HERALD_DATABASE_TIMEOUT=${BENCH_DATABASE_TIMEOUT:-300} HERALD_RATE_LIMIT_REQUESTS=0 HERALD_RATE_LIMIT_EVENTS=0 \
   HERALD_DATABASE_POOL_SIZE=$CONC HERALD_SQL_DIR=sql $HERALD serve > .bench/server.log 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; scripts/pg.sh down $CLUSTER >/dev/null' EXIT
@@ -531,6 +532,69 @@ SQL
     printf '| %s | %s | %s | %s | %s | %s | %s |\n' $n "$(ms $1)" "$(ms $2)" "$(ms $3)" "$(ms $4)" "$(ms $5)" $6
   done
   } >> $OUT
+fi
+if want fairness; then
+  # 6. Fairness (issue 12): organisation B sends one notify every 100 ms (one user, one request
+  # at a time) for FAIR_SECONDS, alone, then while organisation A floods POST /v1/events with
+  # wrk (32 connections). B's p95 with the flood ÷ without, on the server without rate limits
+  # and on one with the default limits (HERALD_RATE_LIMIT_EVENTS 50/s per organisation).
+  FS=${BENCH_FAIR_SECONDS:-15}
+  say "fairness: a second organisation, and a server with the default rate limits"
+  HERALD_OWNER_PASSWORD=bench-owner-password DATABASE_URL=$APP_URL HERALD_ARGON2_MEMORY_KIB=8192 \
+    $HERALD organisation create --slug bench-b --name "Bench B" --owner-email owner@bench-b.example >/dev/null
+  ORG_B=$(psql_app -tAc "SELECT organisation_id_for_slug('bench-b')")
+  OWNER_B=$(psql_app -tAc "SELECT set_config('app.org_id', '$ORG_B', false); SELECT id FROM users WHERE email = 'owner@bench-b.example'" | tail -1)
+  SECRET_B=benchsecret$RANDOM$RANDOM
+  KEY_B=$(cat /proc/sys/kernel/random/uuid)
+  psql_app <<SQL >/dev/null
+SELECT set_config('app.org_id', '$ORG_B', false);
+INSERT INTO categories (organisation_id, key, name) VALUES ('$ORG_B', 'alerts', 'Alerts');
+INSERT INTO notification_types (organisation_id, key, category_id, name, default_channels)
+  SELECT '$ORG_B', 'BENCH', id, 'Bench', '{in_app,email}' FROM categories WHERE key = 'alerts';
+INSERT INTO templates (organisation_id, type_id, channel, locale, subject, body)
+  SELECT '$ORG_B', id, 'in_app', 'en', 'Reading {{payload.isq}}', 'Hello {{recipient.display_name}}, reading {{payload.isq}}.' FROM notification_types;
+INSERT INTO api_keys (organisation_id, id, name, role_id, secret_hash)
+  SELECT '$ORG_B', '$KEY_B', 'bench', id, decode('$(printf '%s' "$SECRET_B" | sha256sum | cut -d' ' -f1)', 'hex') FROM roles WHERE key = 'service';
+SQL
+  APIKEY_B="hk.$ORG_B.$KEY_B.$SECRET_B"
+  LHTTP=$((HTTP + 2))
+  DATABASE_URL=$APP_URL HERALD_PORT=$LHTTP HERALD_JWT_KEYS_DIR=.bench/jwt HERALD_LOG_LEVEL=warning HERALD_WORKERS=0 \
+    HERALD_DATABASE_POOL_SIZE=$CONC HERALD_SQL_DIR=sql $HERALD serve > .bench/server-limited.log 2>&1 &
+  LIMITED=$!
+  trap 'kill $SERVER $LIMITED 2>/dev/null || true; wait $SERVER $LIMITED 2>/dev/null || true; scripts/pg.sh down $CLUSTER >/dev/null' EXIT
+  for _ in $(seq 50); do curl -sf localhost:$LHTTP/readyz >/dev/null && break; sleep 0.2; done
+  cat > .bench/flood.lua <<LUA
+wrk.method = "POST"
+wrk.headers["content-type"] = "application/json"
+wrk.headers["authorization"] = "Bearer $APIKEY"
+wrk.body = '{"type":"BENCH","audience":{"user_ids":["$OWNER"]},"payload":{"isq":1}}'
+LUA
+  PROBE_BODY="{\"type\":\"BENCH\",\"audience\":{\"user_ids\":[\"$OWNER_B\"]},\"payload\":{\"isq\":2}}"
+  fair_row() { # label port → a table row
+    local alone flooded a_rate a_refused a_total
+    read -r _ alone _ _ < <(python3 scripts/bench_probe.py http://localhost:$2 "$APIKEY_B" "$PROBE_BODY" 10 $FS)
+    python3 scripts/bench_probe.py http://localhost:$2 "$APIKEY_B" "$PROBE_BODY" 10 $FS > .bench/probe.out &
+    local probe=$!
+    wrk -t2 -c32 -d${FS}s -s .bench/flood.lua http://localhost:$2/v1/events > .bench/flood.out
+    wait $probe
+    read -r _ flooded b_refused _ < .bench/probe.out
+    a_total=$(awk '/requests in/ {print $1}' .bench/flood.out)
+    a_refused=$(awk '/Non-2xx/ {print $NF}' .bench/flood.out)
+    a_rate=$(echo "(${a_total:-0} - ${a_refused:-0}) / $FS" | bc -l)
+    printf '| %s | %.1f ms | %.1f ms | %.2f | %.0f accepted/s, %s of %s refused (429) | %s |\n' "$1" $alone $flooded \
+      $(echo "$flooded / $alone" | bc -l) $a_rate ${a_refused:-0} ${a_total:-0} $b_refused >> $OUT
+  }
+  {
+  echo
+  echo "## fairness: organisation B's notify p95 while organisation A floods POST /v1/events (wrk -c32, ${FS} s; B: 10 requests/s, one at a time)"
+  echo
+  echo "| server | B's p95 alone | B's p95 with A flooding | ratio (goal ≤ 1.2) | A | B's requests refused |"
+  echo "|---|---|---|---|---|---|"
+  } >> $OUT
+  say "fairness: without rate limits"
+  fair_row "no rate limits" $HTTP
+  say "fairness: with the default rate limits"
+  fair_row "default limits (events 50/s, requests 500/s per organisation)" $LHTTP
 fi
 say "done: $OUT"
 cat $OUT
