@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import HTTPTypes
 import HeraldStore
@@ -103,6 +104,8 @@ public final class OrganisationRateLimits: Sendable {
     let burstSeconds: Double
     let limiter = RateLimiter()
     private let cache = Mutex<[UUID: (settings: RateLimitSettings, read: Date)]>([:])
+    /// API keys the database accepted lately, by id: a digest of the secret and when.
+    private let provenKeys = Mutex<[UUID: (digest: Data, at: Date)]>([:])
 
     public init(requests: Double?, events: Double?, burstSeconds: Double) {
         self.requests = requests
@@ -118,12 +121,48 @@ public final class OrganisationRateLimits: Sendable {
         _ organisation: UUID, operationID: String, now: Date, load: () async throws -> RateLimitSettings
     ) async throws -> RateLimitDecision? {
         let settings: RateLimitSettings
-        if let cached = cache.withLock({ $0[organisation] }), abs(now.timeIntervalSince(cached.read)) < 30 {
-            settings = cached.settings
+        if let cached = cachedSettings(organisation, now: now) {
+            settings = cached
         } else {
             settings = try await load()
             cache.withLock { $0[organisation] = (settings, now) }
         }
+        return take(organisation, operationID: operationID, settings: settings, now: now)
+    }
+
+    /// The same without the database, for a credential already proven (a signed access token,
+    /// or an API key that passed the database within 30 s) of an organisation whose limits are
+    /// known: a flood is refused before it takes a connection. Nil: go through the database.
+    func takeEarly(_ credential: Credential, operationID: String, now: Date) -> RateLimitDecision?? {
+        guard isProven(credential, now: now), let settings = cachedSettings(credential.organisationID, now: now) else { return nil }
+        return .some(take(credential.organisationID, operationID: operationID, settings: settings, now: now))
+    }
+
+    /// Remembers an API key the database just accepted (by a digest of its secret).
+    func proven(_ credential: Credential, now: Date) {
+        guard case .apiKey(let key) = credential else { return }
+        let digest = Data(SHA256.hash(data: Data(key.secret.utf8)))
+        provenKeys.withLock { keys in
+            if keys.count > 10_000 { keys = keys.filter { now.timeIntervalSince($0.value.at) < 30 } }
+            keys[key.id] = (digest, now)
+        }
+    }
+
+    private func isProven(_ credential: Credential, now: Date) -> Bool {
+        switch credential {
+        case .accessToken: return true
+        case .apiKey(let key):
+            guard let known = provenKeys.withLock({ $0[key.id] }), abs(now.timeIntervalSince(known.at)) < 30 else { return false }
+            return known.digest == Data(SHA256.hash(data: Data(key.secret.utf8)))
+        }
+    }
+
+    private func cachedSettings(_ organisation: UUID, now: Date) -> RateLimitSettings? {
+        guard let cached = cache.withLock({ $0[organisation] }), abs(now.timeIntervalSince(cached.read)) < 30 else { return nil }
+        return cached.settings
+    }
+
+    private func take(_ organisation: UUID, operationID: String, settings: RateLimitSettings, now: Date) -> RateLimitDecision? {
         var policies: [RateLimitPolicy] = []
         if let rate = settings.requestsPerSecond ?? requests, rate > 0 {
             policies.append(RateLimitPolicy(name: "requests", perSecond: rate, burst: rate * burstSeconds))

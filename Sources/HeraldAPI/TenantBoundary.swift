@@ -53,6 +53,9 @@ struct TenantBoundary: ServerMiddleware {
         guard let credential = scope.credential else {
             throw APIError.unauthorized("This operation needs a bearer token or an API key.")
         }
+        // A proven credential of an organisation over its rate is refused here, without a connection.
+        let early = rateLimits?.takeEarly(credential, operationID: operationID, now: now())
+        if let early, let decision = early, !decision.allowed { throw APIError.rateLimited(decision) }
         let ownFeed = RoutePermissions.isOwnFeed(operationID)
         return try await database.withTenant(
             credential.organisationID, actor: credential.actor, requestID: scope.requestID,
@@ -61,8 +64,14 @@ struct TenantBoundary: ServerMiddleware {
             let principal = try await authenticator.principal(for: credential, in: tx)
             // Counted once the credential is proven (a forged key cannot spend an organisation's
             // rate), before the operation's work.
-            let limit = try await rateLimits?.take(credential.organisationID, operationID: operationID, now: now()) {
-                try await tx.rateLimitSettings()
+            let limit: RateLimitDecision?
+            if let early {
+                limit = early
+            } else {
+                limit = try await rateLimits?.take(credential.organisationID, operationID: operationID, now: now()) {
+                    try await tx.rateLimitSettings()
+                }
+                rateLimits?.proven(credential, now: now())
             }
             if let limit, !limit.allowed { throw APIError.rateLimited(limit) }
             if case .permission(let permission) = rule, !principal.permissions.contains(permission) {

@@ -107,4 +107,34 @@ struct RateLimitTests {
             ["DATABASE_URL": env.appURL])
         #expect(try await org.store { tx in try await tx.rateLimitSettings() } == RateLimitSettings())
     }
+
+    @Test("over its rate, an organisation's real API key gets 429 and a forged one still gets 401: nobody spends another's rate")
+    func forgedKeys() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let key = OpaqueToken(kind: .apiKey, organisationID: org.id)
+        try await org.store { tx in
+            _ = try await tx.createApiKey(
+                id: key.id, name: "k", roleID: try await tx.builtinRole(.service).id, secretHash: key.secretHash, expiresAt: nil)
+        }
+        let forged = try #require(OpaqueToken(parsing: "hk.\(org.id.lowercased).\(key.id.lowercased).not-the-secret", kind: .apiKey))
+        let clock = Clock()
+        let app = try await TestEnvironment.shared.application(
+            now: { clock.now() },
+            configure: {
+                $0.rateLimitRequests = 2
+                $0.rateLimitBurstSeconds = 1
+            })
+        try await app.test(.router) { (client: any TestClientProtocol) async throws in
+            #expect(try await client.send(.get, "/v1/events", token: key.text).status == .ok)
+            #expect(try await client.send(.get, "/v1/events", token: key.text).status == .ok)
+            // The bucket is empty: the proven key is refused before the database...
+            #expect(try await client.send(.get, "/v1/events", token: key.text).isProblem(.tooManyRequests))
+            // ...and a forged key with the same id is still checked there first, and refused as such.
+            #expect(try await client.send(.get, "/v1/events", token: forged.text).isProblem(.unauthorized))
+            #expect(try await client.send(.get, "/v1/events", token: forged.text).isProblem(.unauthorized))
+            clock.advance(0.5)
+            #expect(try await client.send(.get, "/v1/events", token: key.text).status == .ok)
+        }
+    }
 }
