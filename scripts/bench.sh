@@ -559,7 +559,8 @@ SQL
   APIKEY_B="hk.$ORG_B.$KEY_B.$SECRET_B"
   LHTTP=$((HTTP + 2))
   DATABASE_URL=$APP_URL HERALD_PORT=$LHTTP HERALD_JWT_KEYS_DIR=.bench/jwt HERALD_LOG_LEVEL=warning HERALD_WORKERS=0 \
-    HERALD_DATABASE_POOL_SIZE=$CONC HERALD_SQL_DIR=sql $HERALD serve > .bench/server-limited.log 2>&1 &
+    HERALD_RATE_LIMIT_EVENTS=${BENCH_FAIR_EVENTS:-50} HERALD_DATABASE_POOL_SIZE=$CONC HERALD_SQL_DIR=sql \
+    $HERALD serve > .bench/server-limited.log 2>&1 &
   LIMITED=$!
   trap 'kill $SERVER $LIMITED 2>/dev/null || true; wait $SERVER $LIMITED 2>/dev/null || true; scripts/pg.sh down $CLUSTER >/dev/null' EXIT
   for _ in $(seq 50); do curl -sf localhost:$LHTTP/readyz >/dev/null && break; sleep 0.2; done
@@ -569,32 +570,40 @@ wrk.headers["content-type"] = "application/json"
 wrk.headers["authorization"] = "Bearer $APIKEY"
 wrk.body = '{"type":"BENCH","audience":{"user_ids":["$OWNER"]},"payload":{"isq":1}}'
 LUA
+  FLOOD_BODY="{\"type\":\"BENCH\",\"audience\":{\"user_ids\":[\"$OWNER\"]},\"payload\":{\"isq\":1}}"
   PROBE_BODY="{\"type\":\"BENCH\",\"audience\":{\"user_ids\":[\"$OWNER_B\"]},\"payload\":{\"isq\":2}}"
-  fair_row() { # label port → a table row
-    local alone flooded a_rate a_refused a_total
+  fair_row() { # label port flood(wrk|client) → a table row
+    local alone flooded b_refused a_rate a_refused a_total
     read -r _ alone _ _ < <(python3 scripts/bench_probe.py http://localhost:$2 "$APIKEY_B" "$PROBE_BODY" 10 $FS)
     python3 scripts/bench_probe.py http://localhost:$2 "$APIKEY_B" "$PROBE_BODY" 10 $FS > .bench/probe.out &
     local probe=$!
-    wrk -t2 -c32 -d${FS}s -s .bench/flood.lua http://localhost:$2/v1/events > .bench/flood.out
+    if [ "$3" = wrk ]; then
+      wrk -t2 -c32 -d${FS}s -s .bench/flood.lua http://localhost:$2/v1/events > .bench/flood.out
+      a_total=$(awk '/requests in/ {print $1}' .bench/flood.out)
+      a_refused=$(awk '/Non-2xx/ {print $NF}' .bench/flood.out)
+      a_refused=${a_refused:-0}
+      a_rate=$(echo "($a_total - $a_refused) / $FS" | bc -l)
+    else
+      read -r a_rate a_refused a_total < <(python3 scripts/bench_flood.py http://localhost:$2 "$APIKEY" "$FLOOD_BODY" 32 $FS)
+    fi
     wait $probe
     read -r _ flooded b_refused _ < .bench/probe.out
-    a_total=$(awk '/requests in/ {print $1}' .bench/flood.out)
-    a_refused=$(awk '/Non-2xx/ {print $NF}' .bench/flood.out)
-    a_rate=$(echo "(${a_total:-0} - ${a_refused:-0}) / $FS" | bc -l)
     printf '| %s | %.1f ms | %.1f ms | %.2f | %.0f accepted/s, %s of %s refused (429) | %s |\n' "$1" $alone $flooded \
-      $(echo "$flooded / $alone" | bc -l) $a_rate ${a_refused:-0} ${a_total:-0} $b_refused >> $OUT
+      $(echo "$flooded / $alone" | bc -l) $a_rate $a_refused $a_total $b_refused >> $OUT
   }
   {
   echo
-  echo "## fairness: organisation B's notify p95 while organisation A floods POST /v1/events (wrk -c32, ${FS} s; B: 10 requests/s, one at a time)"
+  echo "## fairness: organisation B's notify p95 while organisation A floods POST /v1/events (32 connections, ${FS} s; B: 10 requests/s, one at a time)"
   echo
   echo "| server | B's p95 alone | B's p95 with A flooding | ratio (goal ≤ 1.2) | A | B's requests refused |"
   echo "|---|---|---|---|---|---|"
   } >> $OUT
   say "fairness: without rate limits"
-  fair_row "no rate limits" $HTTP
+  fair_row "no rate limits; A: wrk" $HTTP wrk
   say "fairness: with the default rate limits"
-  fair_row "default limits (events 50/s, requests 500/s per organisation)" $LHTTP
+  LIMITS="events ${BENCH_FAIR_EVENTS:-50}/s, requests 500/s per organisation"
+  fair_row "$LIMITS; A: wrk, which ignores Retry-After" $LHTTP wrk
+  fair_row "$LIMITS; A: 32 connections that wait Retry-After after a 429" $LHTTP client
 fi
 say "done: $OUT"
 cat $OUT
