@@ -80,14 +80,19 @@ HERALD_OWNER_PASSWORD=bench-owner-password DATABASE_URL=$APP_URL HERALD_ARGON2_M
   $HERALD organisation create --slug bench --name Bench --owner-email owner@bench.example >/dev/null
 ORG=$(psql_app -tAc "SELECT organisation_id_for_slug('bench')")
 OWNER=$(psql_app -tAc "SELECT set_config('app.org_id', '$ORG', false); SELECT id FROM users WHERE email = 'owner@bench.example'" | tail -1)
-psql_app <<SQL
-SELECT set_config('app.org_id', '$ORG', false);
-INSERT INTO categories (organisation_id, key, name) VALUES ('$ORG', 'alerts', 'Alerts');
+# The bench catalogue (category alerts, type BENCH with in-app and email, an in-app template) in
+# the organisation $1, as SQL.
+catalogue_sql() {
+  cat <<SQL
+SELECT set_config('app.org_id', '$1', false);
+INSERT INTO categories (organisation_id, key, name) VALUES ('$1', 'alerts', 'Alerts');
 INSERT INTO notification_types (organisation_id, key, category_id, name, default_channels)
-  SELECT '$ORG', 'BENCH', id, 'Bench', '{in_app,email}' FROM categories WHERE key = 'alerts';
+  SELECT '$1', 'BENCH', id, 'Bench', '{in_app,email}' FROM categories WHERE key = 'alerts';
 INSERT INTO templates (organisation_id, type_id, channel, locale, subject, body)
-  SELECT '$ORG', id, 'in_app', 'en', 'Reading {{payload.isq}}', 'Hello {{recipient.display_name}}, reading {{payload.isq}}.' FROM notification_types;
+  SELECT '$1', id, 'in_app', 'en', 'Reading {{payload.isq}}', 'Hello {{recipient.display_name}}, reading {{payload.isq}}.' FROM notification_types;
 SQL
+}
+catalogue_sql "$ORG" | psql_app
 want notify || want delivery || SIZES=""
 # The million-member fan-out of the notify section (BENCH_MILLION=0 leaves it out).
 MILLION=""
@@ -546,13 +551,9 @@ if want fairness; then
   OWNER_B=$(psql_app -tAc "SELECT set_config('app.org_id', '$ORG_B', false); SELECT id FROM users WHERE email = 'owner@bench-b.example'" | tail -1)
   SECRET_B=benchsecret$RANDOM$RANDOM
   KEY_B=$(cat /proc/sys/kernel/random/uuid)
+  catalogue_sql "$ORG_B" | psql_app >/dev/null
   psql_app <<SQL >/dev/null
 SELECT set_config('app.org_id', '$ORG_B', false);
-INSERT INTO categories (organisation_id, key, name) VALUES ('$ORG_B', 'alerts', 'Alerts');
-INSERT INTO notification_types (organisation_id, key, category_id, name, default_channels)
-  SELECT '$ORG_B', 'BENCH', id, 'Bench', '{in_app,email}' FROM categories WHERE key = 'alerts';
-INSERT INTO templates (organisation_id, type_id, channel, locale, subject, body)
-  SELECT '$ORG_B', id, 'in_app', 'en', 'Reading {{payload.isq}}', 'Hello {{recipient.display_name}}, reading {{payload.isq}}.' FROM notification_types;
 INSERT INTO api_keys (organisation_id, id, name, role_id, secret_hash)
   SELECT '$ORG_B', '$KEY_B', 'bench', id, decode('$(printf '%s' "$SECRET_B" | sha256sum | cut -d' ' -f1)', 'hex') FROM roles WHERE key = 'service';
 SQL

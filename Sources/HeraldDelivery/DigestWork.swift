@@ -89,7 +89,7 @@ public final class DigestQueue: WorkQueue {
     public func fail(_ claim: ClaimedDigestRun, worker: String, error: any Error) async throws {}
 
     /// Nothing apart: `claim_digest_runs` rescues expired leases before each claim.
-    public func rescueExpired() async throws -> Int { 0 }
+    public func rescueExpired(worker: String) async throws -> Int { 0 }
 }
 
 /// The fence refused a run before it was sent: another worker holds it now.

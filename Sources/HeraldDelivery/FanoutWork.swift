@@ -82,7 +82,7 @@ public struct FanoutQueue: WorkQueue {
     }
 
     /// Nothing apart: `claim_fanouts` takes events whose lease expired.
-    public func rescueExpired() async throws -> Int { 0 }
+    public func rescueExpired(worker: String) async throws -> Int { 0 }
 }
 
 /// Writes a leased event's recipients, a chunk per transaction, until they are all written, the

@@ -75,7 +75,7 @@ public struct JobQueue: WorkQueue {
     }
 
     /// Nothing apart: `claim_jobs` rescues expired leases before each claim.
-    public func rescueExpired() async throws -> Int { 0 }
+    public func rescueExpired(worker: String) async throws -> Int { 0 }
 }
 
 /// Runs one job by name. A job that fails reports its error in its run (FAILED), with the

@@ -71,8 +71,36 @@ public struct OutboxQueue: WorkQueue {
         return organisation.map { $0 == organisationID } ?? true
     }
 
+    /// Claims for each organisation with due work its share of `limit` (fair claiming, issue 12):
+    /// an organisation with a million due rows takes no slot another organisation's single due
+    /// row needs. A queue confined to one organisation claims from it alone.
     public func claim(worker: String, limit: Int, leaseSeconds: Int) async throws -> [ClaimedDelivery] {
-        try await database.claimDeliveries(worker: worker, limit: limit, leaseSeconds: leaseSeconds, organisation: organisation)
+        if let organisation {
+            return try await database.claimDeliveries(worker: worker, limit: limit, leaseSeconds: leaseSeconds, organisation: organisation)
+        }
+        var claimed: [ClaimedDelivery] = []
+        for (organisation, share) in Self.shares(of: limit, among: try await database.dueDeliveryOrganisations(limit: limit)) {
+            claimed += try await database.claimDeliveries(
+                worker: worker, limit: share, leaseSeconds: leaseSeconds, organisation: organisation)
+        }
+        return claimed
+    }
+
+    /// Splits `limit` slots among organisations with `due` rows each: from the one with the least
+    /// up, each takes what it has due, at most an equal part of what is left. Every organisation
+    /// listed gets at least one slot while slots remain; unused parts go to the larger ones.
+    static func shares(of limit: Int, among due: [(organisation: UUID, due: Int)]) -> [(UUID, Int)] {
+        var remaining = limit
+        var result: [(UUID, Int)] = []
+        // Stable: organisations with as much due keep the order given (the longest waiting first).
+        let ordered = due.enumerated().sorted { ($0.element.due, $0.offset) < ($1.element.due, $1.offset) }.map(\.element)
+        for (index, entry) in ordered.enumerated() where remaining > 0 {
+            let left = ordered.count - index
+            let share = min(entry.due, (remaining + left - 1) / left)
+            if share > 0 { result.append((entry.organisation, share)) }
+            remaining -= share
+        }
+        return result
     }
 
     public func heartbeat(worker: String, organisation: UUID, claims: [ClaimedDelivery], leaseSeconds: Int) async throws {
@@ -134,10 +162,15 @@ public struct OutboxQueue: WorkQueue {
         return released
     }
 
-    /// Nothing: the lease expires, and the next claim rescues the row and logs the attempt as
-    /// EXPIRED (counted, so a delivery that always fails this way ends DEAD).
+    /// Nothing: the lease expires, and the next claim of its organisation (or the heartbeat's
+    /// rescue) puts the row back and logs the attempt as EXPIRED (counted, so a delivery that always fails this way ends DEAD).
     public func fail(_ claim: ClaimedDelivery, worker: String, error: any Error) async throws {}
 
-    /// Nothing to do apart: `claim_deliveries` rescues expired leases before each claim.
-    public func rescueExpired() async throws -> Int { 0 }
+    /// Claims rescue the expired leases of the organisations they claim from; this rescues them
+    /// everywhere (an organisation with nothing else due gets its stalled rows back too). A
+    /// confined queue's claims rescue its organisation's.
+    public func rescueExpired(worker: String) async throws -> Int {
+        guard organisation == nil else { return 0 }
+        return try await database.rescueExpiredDeliveries(worker: worker)
+    }
 }

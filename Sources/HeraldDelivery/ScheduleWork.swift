@@ -70,7 +70,7 @@ public struct ScheduleQueue: WorkQueue {
     }
 
     /// Nothing apart: `claim_schedules` frees expired leases before each claim.
-    public func rescueExpired() async throws -> Int { 0 }
+    public func rescueExpired(worker: String) async throws -> Int { 0 }
 }
 
 struct OccurrenceGivenBack: Error, CustomStringConvertible {

@@ -50,7 +50,7 @@ public protocol WorkQueue: Sendable {
     /// The handler threw or its result could not be recorded: what becomes of the item.
     func fail(_ claim: Claim, worker: String, error: any Error) async throws
     /// Puts items whose lease expired back in the queue; returns how many.
-    func rescueExpired() async throws -> Int
+    func rescueExpired(worker: String) async throws -> Int
 }
 
 /// What a handler made of one item.
@@ -214,7 +214,7 @@ where Handler.Claim == Queue.Claim, Handler.Outcome == Queue.Outcome {
                 }
             }
             do {
-                let rescued = try await queue.rescueExpired()
+                let rescued = try await queue.rescueExpired(worker: configuration.name)
                 if rescued > 0 { logger.info("expired leases rescued", metadata: ["count": "\(rescued)"]) }
             } catch {
                 logger.warning("rescuing expired leases failed", metadata: ["error": "\(String(reflecting: error))"])

@@ -157,6 +157,21 @@ extension Database {
     /// Claims up to `limit` due deliveries across organisations (the one cross-tenant path, a
     /// SECURITY DEFINER function): each comes back leased to `worker` with its attempt number.
     /// `organisation` confines the claim to one organisation.
+    /// The organisations with deliveries due now (migration 0023), the one waiting longest
+    /// first, at most `limit`, with how many rows each has due (counted up to `limit`).
+    public func dueDeliveryOrganisations(limit: Int) async throws -> [(organisation: UUID, due: Int)] {
+        try await query("SELECT organisation_id, due FROM due_delivery_organisations(\(limit)::integer)").map { row in
+            let (organisation, due) = try row.decode((UUID, Int).self)
+            return (organisation, due)
+        }
+    }
+
+    /// Puts every delivery whose lease expired back in the queue (or DEAD without attempts
+    /// left), logging the lost attempt EXPIRED; returns how many.
+    public func rescueExpiredDeliveries(worker: String) async throws -> Int {
+        try await query("SELECT rescue_expired_deliveries(\(worker))").first?.decode(Int.self) ?? 0
+    }
+
     public func claimDeliveries(worker: String, limit: Int, leaseSeconds: Int, organisation: UUID? = nil) async throws -> [ClaimedDelivery]
     {
         try await query(
