@@ -516,7 +516,10 @@ struct CitusReadinessTests {
     // MARK: Databases and the binary
 
     /// `base` with its database replaced.
-    func url(_ base: String, database: String) -> String {
+    func url(_ base: String, database: String) -> String { Self.url(base, database: database) }
+
+    /// `base` naming another database.
+    static func url(_ base: String, database: String) -> String {
         var components = URLComponents(string: base)!
         components.path = "/" + database
         return components.string!

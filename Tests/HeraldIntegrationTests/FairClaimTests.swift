@@ -32,23 +32,23 @@ struct FairClaimTests {
     func claimsTakeTurns() async throws {
         let env = try await TestEnvironment.shared
         let name = "fair_\(UUID().uuidString.prefix(8).lowercased())"
-        try await Self.withClient(env.ownerURL, env.logger) {
+        try await CitusReadinessTests.withClient(env.ownerURL, env.logger) {
             _ = try await $0.query("CREATE DATABASE \(unescaped: name)", logger: env.logger)
         }
         do {
-            _ = try runHerald(["migrate"], ["DATABASE_OWNER_URL": Self.url(env.ownerURL, database: name)])
-            try await Self.withClient(Self.url(env.appURL, database: name), env.logger) { app in
-                try await Self.withClient(Self.url(env.workerURL, database: name), env.logger) { worker in
+            _ = try runHerald(["migrate"], ["DATABASE_OWNER_URL": CitusReadinessTests.url(env.ownerURL, database: name)])
+            try await CitusReadinessTests.withClient(CitusReadinessTests.url(env.appURL, database: name), env.logger) { app in
+                try await CitusReadinessTests.withClient(CitusReadinessTests.url(env.workerURL, database: name), env.logger) { worker in
                     try await check(app: Database(client: app, logger: env.logger), worker: Database(client: worker, logger: env.logger))
                 }
             }
         } catch {
-            try? await Self.withClient(env.ownerURL, env.logger) {
+            try? await CitusReadinessTests.withClient(env.ownerURL, env.logger) {
                 _ = try await $0.query("DROP DATABASE \(unescaped: name) WITH (FORCE)", logger: env.logger)
             }
             throw error
         }
-        try? await Self.withClient(env.ownerURL, env.logger) {
+        try? await CitusReadinessTests.withClient(env.ownerURL, env.logger) {
             _ = try await $0.query("DROP DATABASE \(unescaped: name) WITH (FORCE)", logger: env.logger)
         }
     }
@@ -106,20 +106,5 @@ struct FairClaimTests {
             }
         }
         return id
-    }
-
-    static func url(_ base: String, database: String) -> String {
-        var components = URLComponents(string: base)!
-        components.path = "/" + database
-        return components.string!
-    }
-
-    static func withClient(_ url: String, _ logger: Logger, _ body: (PostgresClient) async throws -> Void) async throws {
-        let client = PostgresClient(configuration: try .fromURL(url), backgroundLogger: logger)
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask { await client.run() }
-            defer { group.cancelAll() }
-            try await body(client)
-        }
     }
 }
