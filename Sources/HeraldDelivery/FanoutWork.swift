@@ -75,10 +75,15 @@ public struct FanoutQueue: WorkQueue {
         return true
     }
 
-    /// A chunk failed (it rolled back whole): the lease is freed and the next claim tries the
-    /// same chunk again.
+    /// A chunk failed (it rolled back whole): counted, and the lease is freed; the next claim
+    /// tries the same chunk again. The tenth failure in a row ends the fan-out FAILED (0024).
     public func fail(_ claim: ClaimedFanout, worker: String, error: any Error) async throws {
-        _ = try await release(claim, worker: worker, until: Date(), reason: String(describing: error))
+        let state = try await database.withTenant(claim.organisationID) { tx in
+            try await tx.failFanout(claim, worker: worker, error: String(describing: error))
+        }
+        if state == .failed {
+            Counter(label: "herald_fanouts_total", dimensions: [("outcome", "failed")]).increment()
+        }
     }
 
     /// Nothing apart: `claim_fanouts` takes events whose lease expired.

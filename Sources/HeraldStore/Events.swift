@@ -439,18 +439,19 @@ private let eventColumns = """
     e.id, e.type_id, (SELECT t.key FROM notification_types t WHERE t.organisation_id = e.organisation_id AND t.id = e.type_id),
     e.actor_type, e.actor_id, e.audience, e.payload, e.subject_type, e.subject_id, e.severity, e.priority,
     e.deliver_at, e.expires_at, e.status, e.idempotency_key, e.request_hash, e.counts, e.created_at, e.cancelled_at, e.tags,
-    e.fanout_state, e.fanout_done, e.fanout_expected, e.fanout_finished_at
+    e.fanout_state, e.fanout_done, e.fanout_expected, e.fanout_finished_at, e.fanout_error
     """
 
 private func decodeEvent(_ row: PostgresRow) throws -> EventRecord {
     let (
         id, typeID, typeKey, actorType, actorID, audience, payload, subjectType, subjectID, severity, priority,
-        deliverAt, expiresAt, status, key, hash, counts, created, cancelled, tags, fanoutState, fanoutDone, fanoutExpected, fanoutFinished
+        deliverAt, expiresAt, status, key, hash, counts, created, cancelled, tags, fanoutState, fanoutDone, fanoutExpected, fanoutFinished,
+        fanoutError
     ) =
         try row.decode(
             (
                 UUID, UUID, String, ActorKind, UUID?, JSONDocument<Audience>, JSONDocument<JSONValue>, String?, String?, Severity, Priority,
-                Date, Date?, EventStatus, String?, String?, DecisionCounts, Date, Date?, [String], FanoutState?, Int, Int?, Date?
+                Date, Date?, EventStatus, String?, String?, DecisionCounts, Date, Date?, [String], FanoutState?, Int, Int?, Date?, String?
             ).self, table: "events")
     return EventRecord(
         id: id, typeID: typeID, typeKey: typeKey, actorType: actorType, actorID: actorID, audience: audience.value, payload: payload.value,
@@ -459,5 +460,7 @@ private func decodeEvent(_ row: PostgresRow) throws -> EventRecord {
         idempotencyKey: key, requestHash: hash,
         counts: counts,
         createdAt: created, cancelledAt: cancelled, tags: tags,
-        fanout: fanoutState.map { FanoutProgress(state: $0, done: fanoutDone, expected: fanoutExpected, finishedAt: fanoutFinished) })
+        fanout: fanoutState.map {
+            FanoutProgress(state: $0, done: fanoutDone, expected: fanoutExpected, finishedAt: fanoutFinished, error: fanoutError)
+        })
 }

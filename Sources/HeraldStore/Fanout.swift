@@ -15,6 +15,8 @@ public enum FanoutState: String, Sendable, Codable, StoredWord {
     case done = "DONE"
     /// The event was cancelled before every chunk was written: the rest never will be.
     case cancelled = "CANCELLED"
+    /// A chunk failed ten times in a row (0024): the rest will not be written.
+    case failed = "FAILED"
 }
 
 /// A chunked fan-out's progress, as `GET /v1/events/{id}` shows it.
@@ -25,6 +27,8 @@ public struct FanoutProgress: Sendable, Equatable {
     /// How many users the audience named when the first chunk was written; nil before that.
     public var expected: Int?
     public var finishedAt: Date?
+    /// The last chunk failure's error, while failures are counted or once the fan-out FAILED.
+    public var error: String?
 }
 
 /// When notify writes an event's recipients itself and when it leaves them to chunks.
@@ -155,7 +159,7 @@ extension TenantTransaction {
             """
             UPDATE events SET fanout_cursor = coalesce(\(planned.recipients.last?.candidate.userID), fanout_cursor),
                 fanout_done = fanout_done + \(written), fanout_expected = \(expectedNow),
-                counts = \(counts + planned.plan.counts)
+                counts = \(counts + planned.plan.counts), fanout_failures = 0, fanout_error = NULL
             WHERE organisation_id = \(organisationID) AND id = \(claim.eventID)
             """)
         if finished { try await finishFanout(claim.eventID, state: .done) }
@@ -179,6 +183,24 @@ extension TenantTransaction {
             WHERE e.organisation_id = \(organisationID) AND e.id = c.id AND e.fanout_attempts = c.attempt
               AND e.fanout_lease_owner = \(worker) AND e.fanout_state = 'EXPANDING'
             """)
+    }
+
+    /// Records a failed chunk (it rolled back whole) and frees the lease, fenced: the next claim
+    /// tries the same chunk again, unless this was the `giveUpAfter`-th failure in a row, which
+    /// ends the fan-out FAILED. Returns the state after.
+    @discardableResult
+    public func failFanout(_ claim: ClaimedFanout, worker: String, error: String, giveUpAfter: Int = 10) async throws -> FanoutState? {
+        try await query(
+            """
+            UPDATE events SET fanout_failures = fanout_failures + 1, fanout_error = \(String(error.prefix(1000))),
+                fanout_state = CASE WHEN fanout_failures + 1 >= \(giveUpAfter) THEN 'FAILED' ELSE fanout_state END,
+                fanout_finished_at = CASE WHEN fanout_failures + 1 >= \(giveUpAfter) THEN now() ELSE fanout_finished_at END,
+                fanout_lease_owner = NULL, fanout_lease_expires_at = NULL
+            WHERE organisation_id = \(organisationID) AND id = \(claim.eventID) AND fanout_attempts = \(claim.attempt)
+              AND fanout_lease_owner = \(worker) AND fanout_state = 'EXPANDING'
+            RETURNING fanout_state
+            """
+        ).first?.decode(FanoutState.self)
     }
 
     /// Frees a fan-out's lease after a failed chunk: the next claim goes on from the cursor.

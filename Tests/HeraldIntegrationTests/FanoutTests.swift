@@ -212,4 +212,31 @@ struct FanoutTests {
         #expect(try await chunk(other, lease, worker: worker) == .expanded(done: 8, finished: false))
         #expect(otherUsers.count == 27)
     }
+
+    @Test("a chunk that keeps failing is retried, a success resets the count, and the tenth failure in a row ends the fan-out FAILED")
+    func failingChunks() async throws {
+        let (org, _) = try await organisation()
+        let id = try await org.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings) }
+        let env = try await TestEnvironment.shared
+        let queue = FanoutQueue(database: env.database, organisation: org.id)
+        struct Broken: Error, CustomStringConvertible { var description: String { "the chunk could not be written" } }
+        let worker = "fanout-fail-\(UUID().uuidString.prefix(6))"
+        // Three failures, then a chunk that works: the count starts again.
+        for _ in 0..<3 { try await queue.fail(try #require(try await claim(org, worker: worker)), worker: worker, error: Broken()) }
+        var event = try await org.store { tx in try await tx.event(id) }
+        #expect(event.fanout?.state == .expanding && event.fanout?.error == "the chunk could not be written")
+        let lease = try #require(try await claim(org, worker: worker))
+        #expect(try await chunk(org, lease, worker: worker) == .expanded(done: 8, finished: false))
+        event = try await org.store { tx in try await tx.event(id) }
+        #expect(event.fanout?.error == nil)
+        // A stale worker's failure is fenced out.
+        #expect(try await org.store { tx in try await tx.failFanout(lease, worker: "someone-else", error: "x") } == nil)
+        try await org.store { tx in try await tx.releaseFanout(lease, worker: worker) }
+        // Ten in a row: FAILED, what was written stays, nothing is left to claim.
+        for _ in 0..<10 { try await queue.fail(try #require(try await claim(org, worker: worker)), worker: worker, error: Broken()) }
+        event = try await org.store { tx in try await tx.event(id) }
+        #expect(event.fanout?.state == .failed && event.fanout?.done == 8 && event.fanout?.finishedAt != nil)
+        #expect(try await rows(org, "notifications", event: id).rows == 8)
+        #expect(try await claim(org, worker: worker) == nil)
+    }
 }

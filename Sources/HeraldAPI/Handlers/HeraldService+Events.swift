@@ -306,7 +306,9 @@ extension Components.Schemas.Event {
 
 extension Components.Schemas.Fanout {
     init(_ progress: FanoutProgress) {
-        self.init(state: mapped(progress.state), done: progress.done, expected: progress.expected, finishedAt: progress.finishedAt)
+        self.init(
+            state: mapped(progress.state), done: progress.done, expected: progress.expected, finishedAt: progress.finishedAt,
+            error: progress.error)
     }
 }
 

@@ -259,6 +259,7 @@ func mapped(_ state: FanoutState) -> Components.Schemas.Fanout.StatePayload {
     case .expanding: .expanding
     case .done: .done
     case .cancelled: .cancelled
+    case .failed: .failed
     }
 }
 
