@@ -1,4 +1,3 @@
-import Crypto
 import Foundation
 import HTTPTypes
 import HeraldStore
@@ -63,6 +62,10 @@ public final class RateLimiter: Sendable {
     private struct Bucket {
         var tokens: Double
         var updated: Date
+        var policy: RateLimitPolicy
+
+        /// Whether the bucket has refilled by `now` (a new one would be the same).
+        func isFull(at now: Date) -> Bool { tokens + now.timeIntervalSince(updated) * policy.perSecond >= policy.burst }
     }
 
     private let buckets = Mutex<[Key: Bucket]>([:])
@@ -73,7 +76,8 @@ public final class RateLimiter: Sendable {
     public func take(_ organisation: UUID, _ policy: RateLimitPolicy, now: Date) -> RateLimitDecision {
         buckets.withLock { buckets in
             let key = Key(organisation: organisation, policy: policy.name)
-            var bucket = buckets[key] ?? Bucket(tokens: policy.burst, updated: now)
+            var bucket = buckets[key] ?? Bucket(tokens: policy.burst, updated: now, policy: policy)
+            bucket.policy = policy
             let elapsed = max(0, now.timeIntervalSince(bucket.updated))
             bucket.tokens = min(policy.burst, bucket.tokens + elapsed * policy.perSecond)
             bucket.updated = now
@@ -82,7 +86,7 @@ public final class RateLimiter: Sendable {
             buckets[key] = bucket
             // A full bucket says nothing a new one would not: forget idle organisations.
             if buckets.count > 10_000 {
-                buckets = buckets.filter { $0.value.tokens + now.timeIntervalSince($0.value.updated) * policy.perSecond < policy.burst }
+                buckets = buckets.filter { !$0.value.isFull(at: now) }
             }
             let wait = allowed ? 0 : (1 - bucket.tokens) / policy.perSecond
             return RateLimitDecision(
@@ -141,10 +145,9 @@ public final class OrganisationRateLimits: Sendable {
     /// Remembers an API key the database just accepted (by a digest of its secret).
     func proven(_ credential: Credential, now: Date) {
         guard case .apiKey(let key) = credential else { return }
-        let digest = Data(SHA256.hash(data: Data(key.secret.utf8)))
         provenKeys.withLock { keys in
             if keys.count > 10_000 { keys = keys.filter { now.timeIntervalSince($0.value.at) < 30 } }
-            keys[key.id] = (digest, now)
+            keys[key.id] = (key.secretHash, now)
         }
     }
 
@@ -153,7 +156,7 @@ public final class OrganisationRateLimits: Sendable {
         case .accessToken: return true
         case .apiKey(let key):
             guard let known = provenKeys.withLock({ $0[key.id] }), abs(now.timeIntervalSince(known.at)) < 30 else { return false }
-            return known.digest == Data(SHA256.hash(data: Data(key.secret.utf8)))
+            return known.digest == key.secretHash
         }
     }
 

@@ -136,12 +136,15 @@ extension TenantTransaction {
             """
             SELECT u.id, u.active, u.email, u.display_name, u.locale, u.timezone, u.attributes,
                    u.id = ANY(\(audience.userIDs)::uuid[]),
+                   -- Which of the audience's roles and groups each user holds (none asked: not looked up).
+                   CASE WHEN cardinality(\(audience.roleKeys)::text[]) = 0 THEN '{}'::text[] ELSE
                    ARRAY(SELECT r.key FROM user_roles ur JOIN roles r ON r.organisation_id = ur.organisation_id AND r.id = ur.role_id
                          WHERE ur.organisation_id = \(organisationID) AND ur.user_id = u.id AND r.key = ANY(\(audience.roleKeys)::text[])
-                         ORDER BY r.key),
+                         ORDER BY r.key) END,
+                   CASE WHEN cardinality(\(audience.groupKeys)::text[]) = 0 THEN '{}'::text[] ELSE
                    ARRAY(SELECT g.key FROM group_members m JOIN groups g ON g.organisation_id = m.organisation_id AND g.id = m.group_id
                          WHERE m.organisation_id = \(organisationID) AND m.user_id = u.id AND g.key = ANY(\(audience.groupKeys)::text[])
-                         ORDER BY g.key)
+                         ORDER BY g.key) END
             FROM audience_candidates(\(organisationID), \(audience.everyone), \(audience.userIDs)::uuid[], \(audience.roleKeys)::text[],
                                      \(audience.groupKeys)::text[], \(after)::uuid, \(limit)::integer) c
             JOIN users u ON u.organisation_id = \(organisationID) AND u.id = c.user_id

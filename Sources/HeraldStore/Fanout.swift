@@ -101,12 +101,13 @@ extension TenantTransaction {
         _ request: EventRequest, eventID: UUID = UUID(), now: Date, idempotencyKey: String? = nil, requestHash: String? = nil,
         fanout: FanoutSettings
     ) async throws -> UUID {
-        guard let type = try await notificationType(key: request.typeKey) else { throw UnknownNotificationType(key: request.typeKey) }
         guard try await audienceCount(request.audience, atMost: fanout.synchronousLimit + 1) > fanout.synchronousLimit else {
+            // planEvent checks the type and the audience's names itself.
             let planned = try await planEvent(request, eventID: eventID, now: now, idempotencyKey: idempotencyKey, requestHash: requestHash)
             try await write(planned.event, type: planned.type, plan: planned.plan)
             return eventID
         }
+        guard let type = try await notificationType(key: request.typeKey) else { throw UnknownNotificationType(key: request.typeKey) }
         try await checkAudienceNames(request.audience)
         let event = NewEvent(
             id: eventID, typeID: type.id, request: request, severity: request.severity ?? type.defaultSeverity,
