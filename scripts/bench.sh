@@ -164,8 +164,10 @@ BEGIN;
 SELECT set_config('app.org_id', '$ORG', true);
 INSERT INTO events (organisation_id, id, type_id, actor_type, audience, severity, priority, deliver_at)
   SELECT '$ORG', '$EV', id, 'system', '{}', 'INFO', 'normal', now() FROM notification_types WHERE key = 'BENCH';
-INSERT INTO notifications (organisation_id, id, event_id, user_id, type_id, category_id, severity, priority, title, body, visible_at)
-  SELECT '$ORG', gen_random_uuid(), '$EV', m.user_id, t.id, t.category_id, 'INFO', 'normal', 'Reading 25', 'Hello ' || u.display_name || ', reading 25.', now()
+INSERT INTO notification_contents (organisation_id, id, event_id, title, body)
+  VALUES ('$ORG', '$EV', '$EV', 'Reading 25', 'Hello , reading 25.');
+INSERT INTO notifications (organisation_id, id, event_id, user_id, type_id, category_id, severity, priority, content_id, title, body, visible_at)
+  SELECT '$ORG', gen_random_uuid(), '$EV', m.user_id, t.id, t.category_id, 'INFO', 'normal', '$EV', 'Reading 25', 'Hello ' || u.display_name || ', reading 25.', now()
   FROM group_members m JOIN users u ON u.organisation_id = m.organisation_id AND u.id = m.user_id, notification_types t
   WHERE m.group_id = (SELECT id FROM groups WHERE key = 'g$N') AND t.key = 'BENCH';
 INSERT INTO deliveries (organisation_id, id, event_id, user_id, channel, destination, next_attempt_at)
@@ -288,9 +290,9 @@ for what in unread page big; do
       say "feed: 99 700 more rows for the reader"
       psql_app >/dev/null <<SQL
 SELECT set_config('app.org_id', '$ORG', false);
-INSERT INTO notifications (organisation_id, id, event_id, user_id, type_id, category_id, severity, priority, title, body, visible_at, read_at)
+INSERT INTO notifications (organisation_id, id, event_id, user_id, type_id, category_id, severity, priority, content_id, title, body, visible_at, read_at)
   SELECT n.organisation_id, overlay(gen_random_uuid()::text placing lpad(to_hex(g), 8, '0') from 1 for 8)::uuid, n.event_id, n.user_id,
-         n.type_id, n.category_id, n.severity, n.priority, n.title, n.body,
+         n.type_id, n.category_id, n.severity, n.priority, n.content_id, n.title, n.body,
          n.visible_at - make_interval(secs => g), CASE WHEN g % 10 = 0 THEN NULL ELSE now() END
   FROM (SELECT * FROM notifications WHERE user_id = '$OWNER' LIMIT 1) n, generate_series(1, 99700) g;
 SQL

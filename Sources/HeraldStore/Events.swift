@@ -279,15 +279,39 @@ extension TenantTransaction {
     func writeRecipients(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws {
         let request = event.request
         if !plan.notifications.isEmpty {
+            // What the event says is stored once per distinct shared text (migration 0025); a
+            // row keeps its own title and body only when its template made them personal.
             let n = plan.notifications
+            var contentOf: [NotificationText: UUID] = [:]
+            var contents: [(id: UUID, text: NotificationText)] = []
+            let contentIDs = n.map { row in
+                let text = NotificationText(title: row.shared.subject, body: row.shared.body)
+                if let id = contentOf[text] { return id }
+                let id = UUID()
+                contentOf[text] = id
+                contents.append((id, text))
+                return id
+            }
+            let personal = n.map { $0.title != $0.shared.subject || $0.body != $0.shared.body }
+            let titles = zip(n, personal).map { $1 ? $0.title : "" }
+            let bodies = zip(n, personal).map { $1 ? $0.body : "" }
+            try await query(
+                """
+                INSERT INTO notification_contents (organisation_id, id, event_id, title, body)
+                SELECT \(organisationID), id, \(event.id), title, body
+                FROM unnest(\(contents.map(\.id))::uuid[], \(contents.map(\.text.title))::text[], \(contents.map(\.text.body))::text[])
+                     AS row(id, title, body)
+                """)
             try await query(
                 """
                 INSERT INTO notifications (organisation_id, id, event_id, user_id, type_id, category_id, severity, priority,
-                                           title, body, visible_at, expires_at)
+                                           content_id, title, body, visible_at, expires_at)
                 SELECT \(organisationID), id, \(event.id), user_id, \(type.id), \(type.categoryID), \(event.severity),
-                       \(event.priority), title, body, \(event.deliverAt), \(request.expiresAt)
-                FROM unnest(\(n.map(\.id))::uuid[], \(n.map(\.userID))::uuid[], \(n.map(\.title))::text[], \(n.map(\.body))::text[])
-                     AS row(id, user_id, title, body)
+                       \(event.priority), content_id, CASE WHEN personal THEN title END, CASE WHEN personal THEN body END,
+                       \(event.deliverAt), \(request.expiresAt)
+                FROM unnest(\(n.map(\.id))::uuid[], \(n.map(\.userID))::uuid[], \(contentIDs)::uuid[], \(personal)::boolean[],
+                            \(titles)::text[], \(bodies)::text[])
+                     AS row(id, user_id, content_id, personal, title, body)
                 """)
         }
         if !plan.deliveries.isEmpty {
@@ -400,6 +424,12 @@ extension TenantTransaction {
         ).count
         return Cancellation(deliveries: deliveries, digestItems: digest, notifications: notifications)
     }
+}
+
+/// What an in-app row says: stored once per event for all the rows that say the same.
+private struct NotificationText: Hashable {
+    var title: String
+    var body: String
 }
 
 /// One channel of the trace as stored in `event_recipients.channels`.

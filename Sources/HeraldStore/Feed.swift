@@ -105,7 +105,7 @@ extension TenantTransaction {
             AND (\(filter.severity)::text IS NULL OR n.severity = \(filter.severity))
             AND (\(filter.priority)::text IS NULL OR n.priority = \(filter.priority))
             AND (\(filter.since)::timestamptz IS NULL OR n.visible_at >= \(filter.since))
-            AND (\(filter.search)::text IS NULL OR n.search @@ websearch_to_tsquery('simple', \(filter.search)))
+            AND (\(filter.search)::text IS NULL OR nc.search @@ websearch_to_tsquery('simple', \(filter.search)))
             AND (\(filter.tags)::text[] IS NULL OR e.tags @> \(filter.tags)::text[])
         )
         SELECT * FROM rows
@@ -335,10 +335,11 @@ struct FirstFeedPage: PostgresPreparedStatement {
         page AS (
           SELECT n, false AS read FROM unread UNION ALL SELECT n, true FROM read
         )
-        SELECT (p.n).id, (p.n).event_id, t.key AS type_key, c.key AS category_key, (p.n).severity, (p.n).priority, (p.n).title,
-               (p.n).body, e.subject_type, e.subject_id, p.read, (p.n).archived_at IS NOT NULL AS archived, (p.n).visible_at,
+        SELECT (p.n).id, (p.n).event_id, t.key AS type_key, c.key AS category_key, (p.n).severity, (p.n).priority, coalesce((p.n).title, nc.title),
+               coalesce((p.n).body, nc.body), e.subject_type, e.subject_id, p.read, (p.n).archived_at IS NOT NULL AS archived, (p.n).visible_at,
                (p.n).expires_at, e.tags
         FROM page p
+        JOIN notification_contents nc ON nc.organisation_id = $1 AND nc.id = (p.n).content_id
         JOIN events e ON e.organisation_id = $1 AND e.id = (p.n).event_id
         JOIN notification_types t ON t.organisation_id = $1 AND t.id = (p.n).type_id
         JOIN categories c ON c.organisation_id = $1 AND c.id = (p.n).category_id
@@ -362,10 +363,11 @@ struct FirstFeedPage: PostgresPreparedStatement {
 
 /// What a feed row shows, with its read flag; callers add the WHERE clause.
 let feedSelect = """
-    SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, n.title, n.body,
+    SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, coalesce(n.title, nc.title), coalesce(n.body, nc.body),
            e.subject_type, e.subject_id, notification_read(n, fs) AS read, n.archived_at IS NOT NULL AS archived,
            n.visible_at, n.expires_at, e.tags
     FROM notifications n
+    JOIN notification_contents nc ON nc.organisation_id = n.organisation_id AND nc.id = n.content_id
     JOIN events e ON e.organisation_id = n.organisation_id AND e.id = n.event_id
     JOIN notification_types t ON t.organisation_id = n.organisation_id AND t.id = n.type_id
     JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id

@@ -229,6 +229,10 @@ struct PlannerTests {
         #expect(titles[en] == "ISQ 25")
         #expect(titles[fr] == "ISQ critique 25")
         #expect(plan.notifications.first { $0.userID == en }?.body == "For &lt;b&gt;Bob&lt;/b&gt;")
+        // What the event says to anyone, stored once per locale: the recipient's name left empty.
+        let shared = Dictionary(uniqueKeysWithValues: plan.notifications.map { ($0.userID, $0.shared) })
+        #expect(shared[en] == TemplateContent(subject: "ISQ 25", body: "For "))
+        #expect(shared[fr]?.subject == "ISQ critique 25")
     }
 
     @Test("counts add up: every channel of every targeted user is decided once")

@@ -51,6 +51,14 @@ public struct RecipientProfile: Sendable, Equatable {
     }
 }
 
+extension RecipientProfile {
+    /// The profile with what is personal to the recipient left empty (their locale stays, as it
+    /// picks the template).
+    var withoutPersonalDetails: RecipientProfile {
+        RecipientProfile(candidate: candidate, email: "", displayName: "", locale: locale, timezone: nil, attributes: .object([:]))
+    }
+}
+
 /// Everything one call of notify decides from, gathered by the store.
 public struct PlanInput: Sendable {
     public var eventID: UUID
@@ -153,6 +161,10 @@ public struct PlannedNotification: Sendable, Equatable {
     public var userID: UUID
     public var title: String
     public var body: String
+    /// What the recipient's template says to anyone: rendered with the recipient's name, email
+    /// and attributes left empty. Stored once per event and searched; `title` and `body` are
+    /// stored with the row only when they differ from it (migration 0025).
+    public var shared: TemplateContent
 }
 
 /// An outbox row to write.
@@ -228,6 +240,8 @@ public enum NotificationPlanner {
         var plan = Plan(traces: [], notifications: [], deliveries: [], digestItems: [], counts: DecisionCounts())
         // Each template is parsed once, not once per recipient.
         let parsed = input.type.templates.mapValues { $0.mapValues(ParsedTemplate.init) }
+        // The in-app text every recipient of a locale shares, rendered once per locale.
+        var shared: [String: TemplateContent] = [:]
         for target in targeting {
             plan.counts.considered += 1
             guard target.targeted, let profile = profiles[target.userID] else {
@@ -260,9 +274,13 @@ public enum NotificationPlanner {
                 switch decision.outcome {
                 case .inApp:
                     let content = render(input, profile, channel: .inApp, parsed: parsed)
+                    let key = profile.locale ?? ""
+                    let common = shared[key] ?? render(input, profile.withoutPersonalDetails, channel: .inApp, parsed: parsed)
+                    shared[key] = common
                     let id = TimeOrderedID.make(at: input.notificationTime ?? input.deliverAt)
                     plan.notifications.append(
-                        PlannedNotification(id: id, userID: target.userID, title: content.subject, body: content.body))
+                        PlannedNotification(
+                            id: id, userID: target.userID, title: content.subject, body: content.body, shared: common))
                     traced.notificationID = id
                     plan.counts.inApp += 1
                 case .immediate:
