@@ -115,10 +115,24 @@ public struct FanoutHandler: WorkHandler {
     public func handle(_ claim: ClaimedFanout, logger: Logger) async throws -> WorkDisposition<FanoutOutcome> {
         let clock = ContinuousClock()
         let start = clock.now
+        // Each chunk is planned while the one before it is written, in a transaction of its own:
+        // reading and planning (the server's work) overlap the previous chunk's writes
+        // (PostgreSQL's). A chunk that cannot be planned ahead (the event was cancelled, or the
+        // lease moved) goes through expandChunk, which settles it.
+        var next = try await prepare(claim, from: .storedCursor)
         while true {
             let chunkStart = Date()
-            let step = try await database.withTenant(claim.organisationID) { tx in
-                try await tx.expandChunk(claim, worker: worker, size: chunkSize, now: now())
+            let step: FanoutStep
+            if let chunk = next {
+                async let following = prepare(claim, after: chunk)
+                step = try await database.withTenant(claim.organisationID) { tx in
+                    try await tx.writeChunk(claim, chunk, worker: worker)
+                }
+                next = try await following
+            } else {
+                step = try await database.withTenant(claim.organisationID) { tx in
+                    try await tx.expandChunk(claim, worker: worker, size: chunkSize, now: now())
+                }
             }
             switch step {
             case .leaseLost:
@@ -132,7 +146,20 @@ public struct FanoutHandler: WorkHandler {
                     metadata: ["done": "\(done)", "chunk_ms": "\(Int(Date().timeIntervalSince(chunkStart) * 1000))"])
                 if finished { return .done(.finished(done: done)) }
                 if clock.now - start > budget { return .done(.paused(done: done)) }
+                if next == nil { next = try await prepare(claim, from: .storedCursor) }
             }
+        }
+    }
+
+    /// The chunk after `chunk`, planned while `chunk` is written; nil after the last.
+    private func prepare(_ claim: ClaimedFanout, after chunk: PreparedChunk) async throws -> PreparedChunk? {
+        guard !chunk.finished, let last = chunk.last else { return nil }
+        return try await prepare(claim, from: .after(last))
+    }
+
+    private func prepare(_ claim: ClaimedFanout, from start: ChunkStart) async throws -> PreparedChunk? {
+        try await database.withTenant(claim.organisationID) { tx in
+            try await tx.prepareChunk(claim, worker: worker, from: start, size: chunkSize, now: now())
         }
     }
 

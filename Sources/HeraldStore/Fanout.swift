@@ -53,6 +53,45 @@ public struct ClaimedFanout: Sendable, Hashable {
     public var attempt: Int
 }
 
+/// Where a chunk planned ahead starts.
+public enum ChunkStart: Sendable {
+    /// At the event's cursor, as the last committed chunk left it.
+    case storedCursor
+    /// After this user: the chunk planned before it is being written.
+    case after(UUID)
+}
+
+/// A chunk planned, not yet written (`prepareChunk`, `writeChunk`).
+public struct PreparedChunk: Sendable {
+    /// The user the chunk starts after (nil: the first).
+    public let after: UUID?
+    let planned: PlannedEvent
+    let size: Int
+
+    /// The chunk's last user, where the next chunk starts.
+    public var last: UUID? { planned.recipients.last?.candidate.userID }
+    /// Fewer users than asked for: the audience ends with this chunk.
+    public var finished: Bool { planned.recipients.count < size }
+}
+
+/// An expanding event as a chunk reads it.
+struct FanoutRow {
+    var status: EventStatus
+    var state: FanoutState?
+    var owner: String?
+    var attempts: Int
+    var cursor: UUID?
+    var done: Int
+    var expected: Int?
+    var counts: DecisionCounts
+    var request: EventRequest
+    var deliverAt: Date
+
+    func isLeased(by worker: String, _ claim: ClaimedFanout) -> Bool {
+        state == .expanding && owner == worker && attempts == claim.attempt
+    }
+}
+
 /// What one chunk did.
 public enum FanoutStep: Sendable, Equatable {
     /// Wrote a chunk; `done` users written in all; `finished` when it was the last.
@@ -121,6 +160,45 @@ extension TenantTransaction {
     /// Writes the next chunk of a leased fan-out, fenced on the lease, and moves the event's
     /// cursor, progress and counts in the same transaction.
     public func expandChunk(_ claim: ClaimedFanout, worker: String, size: Int, now: Date) async throws -> FanoutStep {
+        guard let row = try await fanoutEvent(claim, locked: true), row.isLeased(by: worker, claim) else { return .leaseLost }
+        if row.status == .cancelled {
+            try await finishFanout(claim.eventID, state: .cancelled)
+            return .cancelled(done: row.done)
+        }
+        return try await record(claim, row, try await planChunk(claim, row, after: row.cursor, size: size, now: now))
+    }
+
+    /// Plans the chunk that starts at `start` without writing it or locking the event, so that
+    /// a fan-out plans its next chunk while this one is written (`writeChunk`). Nil when the event
+    /// is no longer this lease's to expand, or was cancelled: `expandChunk` then settles it.
+    public func prepareChunk(
+        _ claim: ClaimedFanout, worker: String, from start: ChunkStart, size: Int, now: Date
+    ) async throws -> PreparedChunk? {
+        guard let row = try await fanoutEvent(claim, locked: false), row.isLeased(by: worker, claim), row.status != .cancelled
+        else { return nil }
+        let after: UUID? =
+            switch start {
+            case .storedCursor: row.cursor
+            case .after(let id): id
+            }
+        return try await planChunk(claim, row, after: after, size: size, now: now)
+    }
+
+    /// Writes a chunk `prepareChunk` planned, fenced like `expandChunk`, and only if the event's
+    /// cursor is still where the chunk starts (it always is while this lease holds: only the
+    /// lease's holder writes chunks, one after another).
+    public func writeChunk(_ claim: ClaimedFanout, _ chunk: PreparedChunk, worker: String) async throws -> FanoutStep {
+        guard let row = try await fanoutEvent(claim, locked: true), row.isLeased(by: worker, claim) else { return .leaseLost }
+        if row.status == .cancelled {
+            try await finishFanout(claim.eventID, state: .cancelled)
+            return .cancelled(done: row.done)
+        }
+        guard row.cursor == chunk.after else { return .leaseLost }
+        return try await record(claim, row, chunk)
+    }
+
+    /// The event as a chunk needs it; `locked` takes its row lock (a chunk that writes).
+    private func fanoutEvent(_ claim: ClaimedFanout, locked: Bool) async throws -> FanoutRow? {
         guard
             let row = try await query(
                 """
@@ -129,10 +207,10 @@ extension TenantTransaction {
                        e.deliver_at, e.expires_at, e.url, e.tags
                 FROM events e JOIN notification_types t ON t.organisation_id = e.organisation_id AND t.id = e.type_id
                 WHERE e.organisation_id = \(organisationID) AND e.id = \(claim.eventID)
-                FOR UPDATE OF e
+                \(unescaped: locked ? "FOR UPDATE OF e" : "")
                 """
             ).first
-        else { return .leaseLost }
+        else { return nil }
         let (
             status, state, owner, attempts, cursor, done, expected, counts, typeKey, audience, payload, sourceActor, subjectType, subjectID,
             severity, priority, deliverAt, expiresAt, url, tags
@@ -141,30 +219,36 @@ extension TenantTransaction {
                 EventStatus, FanoutState?, String?, Int, UUID?, Int, Int?, DecisionCounts, String, JSONDocument<Audience>,
                 JSONDocument<JSONValue>, JSONDocument<JSONValue>?, String?, String?, Severity, Priority, Date, Date?, String?, [String]
             ).self, table: "events")
-        guard state == .expanding, owner == worker, attempts == claim.attempt else { return .leaseLost }
-        if status == .cancelled {
-            try await finishFanout(claim.eventID, state: .cancelled)
-            return .cancelled(done: done)
-        }
         let request = EventRequest(
             typeKey: typeKey, audience: audience.value, payload: payload.value, sourceActor: sourceActor?.value, subjectType: subjectType,
             subjectID: subjectID, severity: severity, priority: priority, deliverAt: deliverAt, expiresAt: expiresAt, url: url, tags: tags)
+        return FanoutRow(
+            status: status, state: state, owner: owner, attempts: attempts, cursor: cursor, done: done, expected: expected, counts: counts,
+            request: request, deliverAt: deliverAt)
+    }
+
+    private func planChunk(_ claim: ClaimedFanout, _ row: FanoutRow, after: UUID?, size: Int, now: Date) async throws -> PreparedChunk {
         let planned = try await planEvent(
-            request, eventID: claim.eventID, now: now, chunk: AudienceChunk(after: cursor, limit: size, deliverAt: deliverAt))
+            row.request, eventID: claim.eventID, now: now, chunk: AudienceChunk(after: after, limit: size, deliverAt: row.deliverAt))
+        return PreparedChunk(after: after, planned: planned, size: size)
+    }
+
+    /// Writes a planned chunk and moves the event's cursor, progress and counts.
+    private func record(_ claim: ClaimedFanout, _ row: FanoutRow, _ chunk: PreparedChunk) async throws -> FanoutStep {
+        let planned = chunk.planned
         try await writeRecipients(planned.event, type: planned.type, plan: planned.plan)
         let written = planned.recipients.count
-        let finished = written < size
-        var expectedNow = expected
-        if expectedNow == nil { expectedNow = try await audienceCount(audience.value) }
+        var expected = row.expected
+        if expected == nil { expected = try await audienceCount(row.request.audience) }
         try await query(
             """
-            UPDATE events SET fanout_cursor = coalesce(\(planned.recipients.last?.candidate.userID), fanout_cursor),
-                fanout_done = fanout_done + \(written), fanout_expected = \(expectedNow),
-                counts = \(counts + planned.plan.counts), fanout_failures = 0, fanout_error = NULL
+            UPDATE events SET fanout_cursor = coalesce(\(chunk.last), fanout_cursor),
+                fanout_done = fanout_done + \(written), fanout_expected = \(expected),
+                counts = \(row.counts + planned.plan.counts), fanout_failures = 0, fanout_error = NULL
             WHERE organisation_id = \(organisationID) AND id = \(claim.eventID)
             """)
-        if finished { try await finishFanout(claim.eventID, state: .done) }
-        return .expanded(done: done + written, finished: finished)
+        if chunk.finished { try await finishFanout(claim.eventID, state: .done) }
+        return .expanded(done: row.done + written, finished: chunk.finished)
     }
 
     private func finishFanout(_ eventID: UUID, state: FanoutState) async throws {

@@ -135,6 +135,44 @@ struct FanoutTests {
         #expect(users.count == 27)
     }
 
+    @Test("a chunk planned ahead is written only where the cursor is, and a cancel between its planning and its write wins")
+    func plannedAhead() async throws {
+        let (org, _) = try await organisation()
+        let id = try await org.store { tx in try await tx.send(everyone("ISQ_CRITICAL"), now: Date(), fanout: Self.settings) }
+        let worker = "fanout-ahead-\(UUID().uuidString.prefix(6))"
+        let lease = try #require(try await claim(org, worker: worker))
+        func prepare(_ start: ChunkStart) async throws -> PreparedChunk {
+            try #require(
+                try await org.store { tx in
+                    try await tx.prepareChunk(lease, worker: worker, from: start, size: Self.settings.chunkSize, now: Date())
+                })
+        }
+        func write(_ chunk: PreparedChunk) async throws -> FanoutStep {
+            try await org.store { tx in try await tx.writeChunk(lease, chunk, worker: worker) }
+        }
+        let first = try await prepare(.storedCursor)
+        let second = try await prepare(.after(try #require(first.last)))
+        // The second chunk starts after the first, which is not written yet: refused, nothing written.
+        #expect(try await write(second) == .leaseLost)
+        #expect(try await rows(org, "notifications", event: id) == (0, 0))
+        #expect(try await write(first) == .expanded(done: 8, finished: false))
+        #expect(try await write(second) == .expanded(done: 16, finished: false))
+        // Another instance's worker name is not the lease's.
+        #expect(
+            try await org.store { tx in try await tx.writeChunk(lease, try await prepare(.storedCursor), worker: "someone-else") }
+                == .leaseLost)
+
+        let third = try await prepare(.after(try #require(second.last)))
+        _ = try #require(try await org.store { tx in try await tx.cancelEvent(id, now: Date()) })
+        #expect(try await write(third) == .cancelled(done: 16))
+        #expect(try await rows(org, "notifications", event: id) == (16, 16))
+        #expect(try await rows(org, "event_recipients", event: id) == (16, 16))
+        // A cancelled event is no longer planned ahead.
+        #expect(
+            try await org.store { tx in try await tx.prepareChunk(lease, worker: worker, from: .storedCursor, size: 8, now: Date()) } == nil
+        )
+    }
+
     @Test("a lease that expires mid-way moves to another instance, which goes on from the cursor: every user once")
     func leaseMovesOn() async throws {
         let (org, users) = try await organisation()
