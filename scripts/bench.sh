@@ -72,7 +72,7 @@ HERALD=${BENCH_HERALD:-.build/release/herald}
 say "fresh database on 127.0.0.1:$PORT"
 scripts/pg.sh up $CLUSTER $PORT >/dev/null
 scripts/pg.sh recreate-db $CLUSTER $PORT herald_bench >/dev/null
-DATABASE_OWNER_URL=$OWNER_URL $HERALD migrate >/dev/null
+DATABASE_OWNER_URL=$OWNER_URL HERALD_SQL_DIR=sql $HERALD migrate >/dev/null
 rm -rf .bench/jwt && $HERALD jwt-keygen --dir .bench/jwt >/dev/null
 
 say "organisation, catalogue and $(echo $SIZES | tr ' ' '/') members"
@@ -192,7 +192,13 @@ if [ -n "$MILLION" ] && [ "$DURABILITY" = "fsync off" ]; then
 fi
 }
 DURABILITY="fsync off"
+# BENCH_PG_STATS=1: what PostgreSQL spent on each statement over the fan-outs
+# (.bench/notify-pg-stats.txt).
+[ "${BENCH_PG_STATS:-0}" = 1 ] && psql_super -c "SELECT pg_stat_statements_reset()" >/dev/null
 notify_sizes
+[ "${BENCH_PG_STATS:-0}" = 1 ] && psql_super -c "SELECT calls, round(total_exec_time::numeric, 1) AS exec_ms, rows,
+    left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS query
+  FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 25" > .bench/notify-pg-stats.txt
 if [ "${BENCH_FSYNC_ON:-1}" = 1 ]; then
   psql_super -c "ALTER SYSTEM SET fsync = on" -c "ALTER SYSTEM SET synchronous_commit = on" -c "ALTER SYSTEM SET full_page_writes = on" \
     -c "SELECT pg_reload_conf()" >/dev/null
