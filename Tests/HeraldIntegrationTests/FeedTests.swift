@@ -305,24 +305,18 @@ extension TenantTransaction {
     func duplicateFeedForTest(userID: UUID, copies: Int, from source: UUID? = nil) async throws {
         try await connection.query(
             """
-            WITH source AS (
-              SELECT n.organisation_id, n.event_id, n.user_id, n.type_id, n.category_id, n.severity, n.priority, n.visible_at,
-                     coalesce(n.title, c.title) AS title, coalesce(n.body, c.body) AS body
-              FROM notifications n
-              JOIN notification_contents c ON c.organisation_id = n.organisation_id AND c.id = n.content_id
-              WHERE n.user_id = \(userID) AND (\(source)::uuid IS NULL OR n.id = \(source)) ORDER BY n.id DESC LIMIT 1
-            ), copies AS MATERIALIZED (
-              SELECT s.*, g, gen_random_uuid() AS new_content,
-                     -- a UUID v7 of now: 48 bits of milliseconds over a random UUID
-                     encode(overlay(uuid_send(gen_random_uuid()) PLACING substring(int8send((extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3) FROM 1 FOR 6), 'hex')::uuid AS new_id
-              FROM source s, generate_series(1, \(copies)) g
-            ), contents AS (
-              INSERT INTO notification_contents (organisation_id, id, event_id, title, body)
-              SELECT organisation_id, new_content, event_id, title || ' ' || g, body FROM copies
-            )
-            INSERT INTO notifications (organisation_id, id, event_id, user_id, type_id, category_id, severity, priority, content_id, visible_at)
-            SELECT organisation_id, new_id, event_id, user_id, type_id, category_id, severity, priority, new_content, visible_at - interval '1 second'
-            FROM copies
+            -- Each copy keeps the source's content and says its own title (a personal row), so
+            -- 100 000 copies write no content rows and no search entries.
+            INSERT INTO notifications (organisation_id, id, event_id, user_id, type_id, category_id, severity, priority, content_id,
+                                       title, body, visible_at)
+            SELECT n.organisation_id,
+                   -- a UUID v7 of now: 48 bits of milliseconds over a random UUID
+                   encode(overlay(uuid_send(gen_random_uuid()) PLACING substring(int8send((extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3) FROM 1 FOR 6), 'hex')::uuid,
+                   n.event_id, n.user_id, n.type_id, n.category_id, n.severity, n.priority, n.content_id,
+                   coalesce(n.title, c.title) || ' ' || g, coalesce(n.body, c.body), n.visible_at - interval '1 second'
+            FROM (SELECT * FROM notifications WHERE user_id = \(userID) AND (\(source)::uuid IS NULL OR id = \(source)) ORDER BY id DESC LIMIT 1) n
+            JOIN notification_contents c ON c.organisation_id = n.organisation_id AND c.id = n.content_id,
+                 generate_series(1, \(copies)) g
             """, logger: logger)
     }
 }
