@@ -286,13 +286,14 @@ public enum NotificationPlanner {
                 case .immediate:
                     let planned = destinations.map {
                         PlannedDelivery(
-                            id: UUID(), userID: target.userID, channel: channel, destination: $0.address, endpointID: $0.endpointID)
+                            id: TimeOrderedID.make(), userID: target.userID, channel: channel, destination: $0.address,
+                            endpointID: $0.endpointID)
                     }
                     plan.deliveries += planned
                     traced.deliveryIDs = planned.map(\.id)
                     plan.counts.immediate += planned.count
                 case .digest:
-                    let id = UUID()
+                    let id = TimeOrderedID.make()
                     plan.digestItems.append(
                         PlannedDigestItem(id: id, userID: target.userID, channel: channel, frequency: preference.frequency))
                     traced.digestItemID = id

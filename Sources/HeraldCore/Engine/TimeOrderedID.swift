@@ -5,17 +5,20 @@ import Foundation
 /// pagination of the feed relies on.
 public enum TimeOrderedID {
     public static func make(at date: Date = Date()) -> UUID {
-        let millis = UInt64(max(0, date.timeIntervalSince1970 * 1000))
+        // Two draws of the system generator (a getrandom call each on Linux), not one per byte:
+        // a fan-out makes one or more of these per recipient.
         var generator = SystemRandomNumberGenerator()
-        var bytes = (0..<16).map { _ in UInt8.random(in: 0...255, using: &generator) }
-        for i in 0..<6 { bytes[i] = UInt8((millis >> (8 * (5 - UInt64(i)))) & 0xFF) }
-        bytes[6] = (bytes[6] & 0x0F) | 0x70 // version 7
-        bytes[8] = (bytes[8] & 0x3F) | 0x80 // RFC 4122 variant
-        return UUID(
-            uuid: (
-                bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
-                bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15]
-            ))
+        let high = millis(of: date) << 16 | 0x7000 | (generator.next() & 0x0FFF) // version 7
+        let low = generator.next() & 0x3FFF_FFFF_FFFF_FFFF | 0x8000_0000_0000_0000 // RFC 4122 variant
+        return uuid(high: high, low: low)
+    }
+
+    static func millis(of date: Date) -> UInt64 {
+        UInt64(max(0, date.timeIntervalSince1970 * 1000))
+    }
+
+    static func uuid(high: UInt64, low: UInt64) -> UUID {
+        withUnsafeBytes(of: (high.bigEndian, low.bigEndian)) { UUID(uuid: $0.load(as: uuid_t.self)) }
     }
 }
 
@@ -26,15 +29,6 @@ extension TimeOrderedID {
 
     /// The largest UUID v7 of the millisecond of `date`: every row made up to then sorts at or below it.
     public static func upperBound(at date: Date) -> UUID {
-        let millis = UInt64(max(0, date.timeIntervalSince1970 * 1000))
-        var bytes = [UInt8](repeating: 0xFF, count: 16)
-        for i in 0..<6 { bytes[i] = UInt8((millis >> (8 * (5 - UInt64(i)))) & 0xFF) }
-        bytes[6] = 0x7F
-        bytes[8] = 0xBF
-        return UUID(
-            uuid: (
-                bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
-                bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15]
-            ))
+        uuid(high: millis(of: date) << 16 | 0x7FFF, low: 0xBFFF_FFFF_FFFF_FFFF)
     }
 }
