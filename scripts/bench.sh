@@ -156,7 +156,8 @@ for N in $SIZES; do
   say "fan-out to $N members ($DURABILITY)"
   read -r A T MEM _ < <(python3 scripts/bench_notify.py http://localhost:$HTTP "$APIKEY" g$N $N $SERVER .bench/notify-$N.json) || exit 1
   # The same rows, written by PostgreSQL alone: event, N in-app rows with the same text shape,
-  # N deliveries, N trace rows, as the application role under forced RLS.
+  # N deliveries, N trace rows sharing one decision set (0028), as the application role under
+  # forced RLS.
   EV=$(cat /proc/sys/kernel/random/uuid)
   S=$(now)
   psql_app <<SQL
@@ -173,8 +174,10 @@ INSERT INTO notifications (organisation_id, id, event_id, user_id, type_id, cate
 INSERT INTO deliveries (organisation_id, id, event_id, user_id, channel, destination, next_attempt_at)
   SELECT '$ORG', gen_random_uuid(), '$EV', m.user_id, 'email', u.email, now()
   FROM group_members m JOIN users u ON u.organisation_id = m.organisation_id AND u.id = m.user_id WHERE m.group_id = (SELECT id FROM groups WHERE key = 'g$N');
-INSERT INTO event_recipients (organisation_id, event_id, user_id, category_id, targeted, rule, reason, notified, channels)
-  SELECT '$ORG', '$EV', m.user_id, t.category_id, true, 'group:g$N', 'TARGETED_GROUP', true, '[{"channel":"in_app","outcome":"IN_APP"}]'
+INSERT INTO event_decisions (organisation_id, id, event_id, channels)
+  VALUES ('$ORG', '$EV', '$EV', '[{"channel":"in_app","outcome":"IN_APP","records":1},{"channel":"email","outcome":"IMMEDIATE","records":1}]');
+INSERT INTO event_recipients (organisation_id, event_id, user_id, category_id, targeted, rule, reason, notified, decision_id, record_ids)
+  SELECT '$ORG', '$EV', m.user_id, t.category_id, true, 'group:g$N', 'TARGETED_GROUP', true, '$EV', ARRAY[gen_random_uuid(), gen_random_uuid()]
   FROM group_members m, notification_types t WHERE m.group_id = (SELECT id FROM groups WHERE key = 'g$N') AND t.key = 'BENCH';
 COMMIT;
 SQL

@@ -129,11 +129,30 @@ extension TenantTransaction {
     public func recipients(for audience: Audience, after: UUID? = nil, limit: Int? = nil) async throws -> [RecipientProfile] {
         // A chunk's names were checked when its event was accepted.
         if limit == nil { try await checkAudienceNames(audience) }
+        let rows = try await query(recipientsQuery(for: audience, after: after, limit: limit))
+        return try rows.map { row in
+            let (id, active, email, name, locale, timezone, attributes, byUser, byRoles, byGroups) =
+                try row.decode(
+                    (UUID, Bool, String, String, String?, String?, JSONDocument<JSONValue>, Bool, [String], [String]).self, table: "users")
+            return RecipientProfile(
+                candidate: Candidate(
+                    userID: id, active: active, byUser: byUser, byRoles: byRoles, byGroups: byGroups, byEveryone: audience.everyone),
+                email: email, displayName: name, locale: locale, timezone: timezone,
+                attributes: attributes.value)
+        }
+    }
+
+    /// The statement `recipients` runs (the plan guards explain it).
+    func recipientsQuery(for audience: Audience, after: UUID?, limit: Int?) -> PostgresQuery {
         // Candidate ids first, each source read in user order from its own index
         // (audience_candidates, 0021), then users by primary key: a one-user event does not scan
-        // the organisation's users, and a chunk costs its size.
-        let rows = try await query(
-            """
+        // the organisation's users, and a chunk costs its size. Each candidate's user is looked up
+        // by itself (a lateral subquery that OFFSET 0 keeps from being flattened): joined, the
+        // planner (which guesses a function's rows) merged the candidates with the organisation's
+        // users read from the first, so the millionth member's chunk read the 990 000 before it,
+        // and as "id = ANY(candidates)" it filtered the whole organisation when its statistics
+        // were from before a bulk import (PlanGuardTests).
+        return """
             SELECT u.id, u.active, u.email, u.display_name, u.locale, u.timezone, u.attributes,
                    u.id = ANY(\(audience.userIDs)::uuid[]),
                    -- Which of the audience's roles and groups each user holds (none asked: not looked up).
@@ -147,19 +166,9 @@ extension TenantTransaction {
                          ORDER BY g.key) END
             FROM audience_candidates(\(organisationID), \(audience.everyone), \(audience.userIDs)::uuid[], \(audience.roleKeys)::text[],
                                      \(audience.groupKeys)::text[], \(after)::uuid, \(limit)::integer) c
-            JOIN users u ON u.organisation_id = \(organisationID) AND u.id = c.user_id
+            CROSS JOIN LATERAL (SELECT * FROM users u WHERE u.organisation_id = \(organisationID) AND u.id = c.user_id OFFSET 0) u
             ORDER BY u.id
-            """)
-        return try rows.map { row in
-            let (id, active, email, name, locale, timezone, attributes, byUser, byRoles, byGroups) =
-                try row.decode(
-                    (UUID, Bool, String, String, String?, String?, JSONDocument<JSONValue>, Bool, [String], [String]).self, table: "users")
-            return RecipientProfile(
-                candidate: Candidate(
-                    userID: id, active: active, byUser: byUser, byRoles: byRoles, byGroups: byGroups, byEveryone: audience.everyone),
-                email: email, displayName: name, locale: locale, timezone: timezone,
-                attributes: attributes.value)
-        }
+            """
     }
 
     /// How many users the audience names now, counting at most `atMost` (nil: all). Explicit
@@ -343,15 +352,43 @@ extension TenantTransaction {
                 """)
         }
         if !plan.traces.isEmpty {
+            // Recipients whose channels were decided alike share one event_decisions row (0028);
+            // each trace row keeps the ids of its own rows, in channel order.
             let t = plan.traces
-            let channels = t.map { JSONDocument($0.channels.map(TraceChannelRecord.init)) }
+            var decisionOf: [[SharedChannelDecision]: UUID] = [:]
+            var decisions: [(id: UUID, channels: [SharedChannelDecision])] = []
+            var decisionIDs: [UUID] = []
+            var recordIDs: [String] = []
+            decisionIDs.reserveCapacity(t.count)
+            recordIDs.reserveCapacity(t.count)
+            for trace in t {
+                let shared = trace.channels.map(SharedChannelDecision.init)
+                if let id = decisionOf[shared] {
+                    decisionIDs.append(id)
+                } else {
+                    let id = UUID()
+                    decisionOf[shared] = id
+                    decisions.append((id, shared))
+                    decisionIDs.append(id)
+                }
+                recordIDs.append("{" + trace.channels.flatMap(\.recordIDs).map(\.uuidString).joined(separator: ",") + "}")
+            }
             try await query(
                 """
-                INSERT INTO event_recipients (organisation_id, event_id, user_id, category_id, targeted, rule, reason, notified, channels)
-                SELECT \(organisationID), \(event.id), user_id, \(type.categoryID), targeted, rule, reason, notified, channels
+                INSERT INTO event_decisions (organisation_id, id, event_id, channels)
+                SELECT \(organisationID), id, \(event.id), channels
+                FROM unnest(\(decisions.map(\.id))::uuid[], \(decisions.map { JSONDocument($0.channels) })::jsonb[]) AS row(id, channels)
+                """)
+            try await query(
+                """
+                INSERT INTO event_recipients (organisation_id, event_id, user_id, category_id, targeted, rule, reason, notified,
+                                              decision_id, record_ids)
+                SELECT \(organisationID), \(event.id), user_id, \(type.categoryID), targeted, rule, reason, notified,
+                       decision_id, record_ids::uuid[]
                 FROM unnest(\(t.map(\.targeting.userID))::uuid[], \(t.map(\.targeting.targeted))::boolean[], \(t.map(\.targeting.rule))::text[],
-                            \(t.map(\.targeting.reason))::text[], \(t.map(\.notified))::boolean[], \(channels)::jsonb[])
-                     AS row(user_id, targeted, rule, reason, notified, channels)
+                            \(t.map(\.targeting.reason))::text[], \(t.map(\.notified))::boolean[], \(decisionIDs)::uuid[],
+                            \(recordIDs)::text[])
+                     AS row(user_id, targeted, rule, reason, notified, decision_id, record_ids)
                 """)
         }
         try await announceEvent(event.id)
@@ -432,7 +469,38 @@ private struct NotificationText: Hashable {
     var body: String
 }
 
-/// One channel of the trace as stored in `event_recipients.channels`.
+/// One channel of a decision set as stored in `event_decisions.channels` (0028): the trace's
+/// record without the ids of the rows it made, and how many it made.
+struct SharedChannelDecision: Codable, Hashable {
+    var channel: NotificationChannel
+    var enabled: Bool
+    var frequency: Frequency
+    var conditions: [Condition]
+    var source: PreferenceSource
+    var outcome: ChannelOutcome
+    var reason: ReasonCode
+    var records: Int
+
+    init(_ traced: TracedChannel) {
+        channel = traced.decision.channel
+        enabled = traced.decision.preference.enabled
+        frequency = traced.decision.preference.frequency
+        conditions = traced.decision.preference.conditions
+        source = traced.decision.preference.source
+        outcome = traced.decision.outcome
+        reason = traced.decision.reason
+        records = traced.recordIDs.count
+    }
+}
+
+extension TracedChannel {
+    /// The rows the channel made, in the order a trace row lists them: the in-app row, the
+    /// outbox rows, the digest item (a channel makes one kind, by its outcome).
+    var recordIDs: [UUID] { [notificationID].compactMap { $0 } + deliveryIDs + [digestItemID].compactMap { $0 } }
+}
+
+/// One channel of the trace as stored in `event_recipients.channels` (rows from before 0028),
+/// or put back together from a decision set and a trace row's ids.
 public struct TraceChannelRecord: Codable, Sendable, Equatable {
     public var channel: NotificationChannel
     public var enabled: Bool
@@ -448,6 +516,22 @@ public struct TraceChannelRecord: Codable, Sendable, Equatable {
 
     /// The first outbox row.
     public var deliveryID: UUID? { deliveryIDs.first }
+
+    /// A channel of a decision set, with the ids of its rows taken from the front of `ids`.
+    init(_ shared: SharedChannelDecision, ids: inout ArraySlice<UUID>) {
+        let own = ids.prefix(shared.records)
+        ids = ids.dropFirst(shared.records)
+        channel = shared.channel
+        enabled = shared.enabled
+        frequency = shared.frequency
+        conditions = shared.conditions
+        source = shared.source
+        outcome = shared.outcome
+        reason = shared.reason
+        notificationID = shared.outcome == .inApp ? own.first : nil
+        deliveryIDs = shared.outcome == .immediate ? Array(own) : []
+        digestItemID = shared.outcome == .digest ? own.first : nil
+    }
 
     init(_ traced: TracedChannel) {
         channel = traced.decision.channel

@@ -58,20 +58,27 @@ extension TenantTransaction {
         _ = try await event(eventID)
         let rows = try await query(
             """
-            SELECT r.user_id, u.email, u.display_name, r.targeted, r.rule, r.reason, r.channels
+            SELECT r.user_id, u.email, u.display_name, r.targeted, r.rule, r.reason, r.channels, d.channels, r.record_ids
             FROM event_recipients r JOIN users u ON u.organisation_id = r.organisation_id AND u.id = r.user_id
+            LEFT JOIN event_decisions d ON d.organisation_id = r.organisation_id AND d.id = r.decision_id
             WHERE r.organisation_id = \(organisationID) AND r.event_id = \(eventID) AND (\(userID)::uuid IS NULL OR r.user_id = \(userID))
               AND (\(after)::uuid IS NULL OR r.user_id > \(after))
             ORDER BY r.user_id
             LIMIT \(limit + 1)
             """)
         var items: [ExplainedRecipient] = try rows.prefix(limit).map { row in
-            let (user, email, name, targeted, rule, reason, channels) =
+            let (user, email, name, targeted, rule, reason, ownChannels, shared, recordIDs) =
                 try row.decode(
-                    (UUID, String, String, Bool, String, ReasonCode, JSONDocument<[TraceChannelRecord]>).self, table: "event_recipients")
+                    (
+                        UUID, String, String, Bool, String, ReasonCode, JSONDocument<[TraceChannelRecord]>,
+                        JSONDocument<[SharedChannelDecision]>?, [UUID]?
+                    ).self, table: "event_recipients")
+            // Since 0028 a row names the decisions it shares and lists its own rows' ids.
+            var ids = (recordIDs ?? [])[...]
+            let channels = shared.map { $0.value.map { TraceChannelRecord($0, ids: &ids) } } ?? ownChannels.value
             return ExplainedRecipient(
                 userID: user, email: email, displayName: name, targeted: targeted, rule: rule,
-                reason: reason, channels: channels.value, deliveryStatus: [:], digestStatus: [:])
+                reason: reason, channels: channels, deliveryStatus: [:], digestStatus: [:])
         }
         let notificationIDs = items.flatMap { $0.channels.compactMap(\.notificationID) }
         var notifications: [UUID: FeedItemStatus] = [:]

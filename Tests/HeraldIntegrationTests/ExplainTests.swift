@@ -1,13 +1,13 @@
 import Foundation
 import HTTPTypes
 import HeraldCore
-import HeraldStore
 import Hummingbird
 import HummingbirdTesting
 import PostgresNIO
 import Testing
 
 @testable import HeraldAPI
+@testable import HeraldStore
 
 @Suite("Explain and dry run")
 struct ExplainTests {
@@ -87,6 +87,36 @@ struct ExplainTests {
             #expect(expected.subtracting(seen).isEmpty, "never explained: \(expected.subtracting(seen).sorted())")
             #expect(seen.subtracting(expected).isEmpty, "unknown codes: \(seen.subtracting(expected).sorted())")
         }
+    }
+
+    @Test("recipients decided alike share one decision set, and explain still names each one's own rows (0028)")
+    func sharedDecisionsKeepOwnRows() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let users =
+            [org.ownerID, org.memberID]
+            + (try await org.store { tx in
+                try await (0..<3).asyncMap { i in try await tx.createUser(NewUser(email: "d\(i)@x.example", displayName: "D\(i)")).id }
+            })
+        let (event, plan) = try await org.notify(
+            EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: users), payload: .object(["title": .string("ids")])))
+        let (explained, sets) = try await org.store { tx in
+            (
+                try await tx.explain(eventID: event.id, userID: nil, limit: 10, after: nil).items,
+                try await tx.query(
+                    "SELECT count(*)::int FROM event_decisions WHERE organisation_id = \(org.id) AND event_id = \(event.id)")[0]
+                    .decode(Int.self)
+            )
+        }
+        let planned = Dictionary(uniqueKeysWithValues: plan.traces.map { ($0.targeting.userID, $0.channels.map(TraceChannelRecord.init)) })
+        #expect(explained.count == users.count)
+        for recipient in explained {
+            #expect(recipient.channels == planned[recipient.userID], "\(recipient.userID)")
+            #expect(recipient.channels.contains { $0.notificationID != nil || !$0.deliveryIDs.isEmpty })
+        }
+        let distinct = Set(plan.traces.map { $0.channels.map(SharedChannelDecision.init) }).count
+        #expect(sets == distinct)
+        #expect(distinct < users.count, "the three new users were decided alike")
     }
 
     /// Rows in every tenant table of the organisation.

@@ -18,27 +18,27 @@ struct PlanGuardTests {
         env = try await TestEnvironment.shared
     }
 
-    /// Rows read from `notifications` by `query`, as `EXPLAIN ANALYZE` counts them.
-    func rowsRead(_ query: PostgresQuery, in tx: TenantTransaction) async throws -> Int {
+    /// Rows read from `relation` by `query`, as `EXPLAIN ANALYZE` counts them.
+    func rowsRead(_ query: PostgresQuery, in tx: TenantTransaction, from relation: String = "notifications") async throws -> Int {
         let explain = PostgresQuery(unsafeSQL: "EXPLAIN (ANALYZE, FORMAT JSON) " + query.sql, binds: query.binds)
         let rows = try await tx.query(explain)
         let plan = try rows[0].decode(JSONDocument<JSONValue>.self).value
-        return Self.notificationRows(plan)
+        return Self.rows(of: relation, in: plan)
     }
 
-    static func notificationRows(_ node: JSONValue) -> Int {
+    static func rows(of relation: String, in node: JSONValue) -> Int {
         switch node {
         case .array(let items):
-            return items.map(notificationRows).reduce(0, +)
+            return items.map { rows(of: relation, in: $0) }.reduce(0, +)
         case .object(let fields):
-            var total = fields.filter { $0.key != "Plan" && $0.key != "Plans" }.values.map(notificationRows).reduce(0, +)
-            if case .string("notifications") = fields["Relation Name"] {
+            var total = fields.filter { $0.key != "Plan" && $0.key != "Plans" }.values.map { rows(of: relation, in: $0) }.reduce(0, +)
+            if case .string(relation) = fields["Relation Name"] {
                 let loops = number(fields["Actual Loops"]) ?? 1
                 let seen = ["Actual Rows", "Rows Removed by Filter", "Rows Removed by Index Recheck"].compactMap { number(fields[$0]) }
                 total += Int((seen.reduce(0, +) * loops).rounded())
             }
-            if let plan = fields["Plan"] { total += notificationRows(plan) }
-            if let plans = fields["Plans"] { total += notificationRows(plans) }
+            if let plan = fields["Plan"] { total += rows(of: relation, in: plan) }
+            if let plans = fields["Plans"] { total += rows(of: relation, in: plans) }
             return total
         default:
             return 0
@@ -105,5 +105,28 @@ struct PlanGuardTests {
         #expect(returned == 50)
         #expect(counted <= 2 * returned, "the unread counts of 5 users read \(counted) rows")
         #expect(fetched <= 2 * returned, "the items of 5 users read \(fetched) rows")
+    }
+
+    @Test("a chunk of a large audience reads its chunk of users, not the users before it")
+    func audienceChunkFollowsTheChunk() async throws {
+        let org = try await TestOrganisation.make()
+        let (everyone, chunk) = try await env.database.withTenant(org.id) { tx in
+            _ = try await tx.query(
+                """
+                INSERT INTO users (organisation_id, email, display_name)
+                SELECT \(org.id), 'a' || g || '@audience.example', 'A' || g FROM generate_series(1, 2000) g
+                """)
+            let after = try await tx.query(
+                "SELECT id FROM users WHERE organisation_id = \(org.id) ORDER BY id OFFSET 1800 LIMIT 1"
+            )[0].decode(UUID.self)
+            let audience = Audience(everyone: true)
+            // The whole audience reads every user: the measure sees the rows, or it could not fail.
+            return (
+                try await rowsRead(tx.recipientsQuery(for: audience, after: nil, limit: nil), in: tx, from: "users"),
+                try await rowsRead(tx.recipientsQuery(for: audience, after: after, limit: 100), in: tx, from: "users")
+            )
+        }
+        #expect(everyone > 2_000, "the whole audience read \(everyone) users")
+        #expect(chunk <= 2 * 100 + 10, "a chunk of 100 after the 1 800th user read \(chunk) users")
     }
 }

@@ -107,7 +107,7 @@ public struct ConditionSubject: Sendable {
 /// Saturday or Sunday" is two conditions, both of which must hold. A condition may also look at
 /// the event's type and the recipient's attributes ("only new outings", "only while my licence
 /// is valid"): see `ConditionSubject` and docs/engine.md.
-public struct Condition: Sendable, Equatable, Codable {
+public struct Condition: Sendable, Hashable, Codable {
     public enum Operator: String, Sendable, Codable, CaseIterable {
         /// The payload field equals `value`.
         case equals
