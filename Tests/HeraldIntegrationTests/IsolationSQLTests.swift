@@ -353,6 +353,45 @@ struct IsolationSQLTests {
         }
     }
 
+    @Test("a row naming an event its organisation does not have is refused, and deleting an event deletes its rows (0029)")
+    func eventReferencesPerStatement() async throws {
+        let a = try await populatedOrganisation()
+        let b = try await populatedOrganisation()
+        let theirs = try await asApp(b.id) { connection in
+            try await connection.query("SELECT id FROM events LIMIT 1", logger: env.logger).collect()[0].decode(UUID.self)
+        }
+        let tables = ["notifications", "deliveries", "digest_items", "event_recipients"]
+        for table in tables {
+            for event in [theirs, UUID()] {
+                // One of A's own rows (A's user), naming B's event or none at all.
+                let row = try await asApp(a.id) { connection in
+                    let rows = try await connection.query(
+                        """
+                        SELECT (to_jsonb(t) || jsonb_build_object('event_id', \(event.uuidString))
+                                || CASE WHEN to_jsonb(t) ? 'id' THEN jsonb_build_object('id', gen_random_uuid()) ELSE '{}'::jsonb END)::text
+                        FROM \(unescaped: table) t LIMIT 1
+                        """, logger: env.logger)
+                    for try await json in rows.decode(String.self) { return json }
+                    return "{}"
+                }
+                let state = await insertState(table, row: row, as: a.id)
+                #expect(state == "23503", "\(table): a row of A naming event \(event) gave \(state ?? "success")")
+            }
+        }
+        // Deleting an event (retention does, as the worker) deletes its rows, as the keys' cascade did.
+        let event = try await asApp(a.id) { connection in
+            try await connection.query("SELECT event_id FROM digest_items LIMIT 1", logger: env.logger).collect()[0].decode(UUID.self)
+        }
+        try await env.workerClient.withTransaction(logger: env.logger) { connection in
+            try await connection.query("SELECT set_config('app.org_id', \(a.id.uuidString), true)", logger: env.logger)
+            try await connection.query("DELETE FROM events WHERE organisation_id = \(a.id) AND id = \(event)", logger: env.logger)
+        }
+        for table in tables {
+            let left = try await asApp(a.id) { try await count($0, "SELECT count(*)::int FROM \(table) WHERE event_id =", event) }
+            #expect(left == 0, "\(table): \(left) rows of a deleted event")
+        }
+    }
+
     @Test(
         "the feed's change log is written by Herald's own functions only: the application role can neither write it nor call its logger (0019)"
     )
