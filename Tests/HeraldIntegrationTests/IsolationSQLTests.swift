@@ -353,21 +353,26 @@ struct IsolationSQLTests {
         }
     }
 
-    @Test("a row naming an event its organisation does not have is refused, and deleting an event deletes its rows (0029)")
-    func eventReferencesPerStatement() async throws {
+    @Test(
+        "a row naming an event or a user its organisation does not have is refused, and deleting either deletes its rows (0029, 0030)"
+    )
+    func referencesPerStatement() async throws {
         let a = try await populatedOrganisation()
         let b = try await populatedOrganisation()
-        let theirs = try await asApp(b.id) { connection in
-            try await connection.query("SELECT id FROM events LIMIT 1", logger: env.logger).collect()[0].decode(UUID.self)
+        let (theirEvent, theirUser) = try await asApp(b.id) { connection in
+            (
+                try await connection.query("SELECT id FROM events LIMIT 1", logger: env.logger).collect()[0].decode(UUID.self),
+                try await connection.query("SELECT id FROM users LIMIT 1", logger: env.logger).collect()[0].decode(UUID.self)
+            )
         }
         let tables = ["notifications", "deliveries", "digest_items", "event_recipients"]
         for table in tables {
-            for event in [theirs, UUID()] {
-                // One of A's own rows (A's user), naming B's event or none at all.
+            for (column, value) in [("event_id", theirEvent), ("event_id", UUID()), ("user_id", theirUser), ("user_id", UUID())] {
+                // One of A's own rows, naming B's event or user, or none at all.
                 let row = try await asApp(a.id) { connection in
                     let rows = try await connection.query(
                         """
-                        SELECT (to_jsonb(t) || jsonb_build_object('event_id', \(event.uuidString))
+                        SELECT (to_jsonb(t) || jsonb_build_object(\(column), \(value.uuidString))
                                 || CASE WHEN to_jsonb(t) ? 'id' THEN jsonb_build_object('id', gen_random_uuid()) ELSE '{}'::jsonb END)::text
                         FROM \(unescaped: table) t LIMIT 1
                         """, logger: env.logger)
@@ -375,7 +380,7 @@ struct IsolationSQLTests {
                     return "{}"
                 }
                 let state = await insertState(table, row: row, as: a.id)
-                #expect(state == "23503", "\(table): a row of A naming event \(event) gave \(state ?? "success")")
+                #expect(state == "23503", "\(table): a row of A with \(column) \(value) gave \(state ?? "success")")
             }
         }
         // Deleting an event (retention does, as the worker) deletes its rows, as the keys' cascade did.
@@ -389,6 +394,18 @@ struct IsolationSQLTests {
         for table in tables {
             let left = try await asApp(a.id) { try await count($0, "SELECT count(*)::int FROM \(table) WHERE event_id =", event) }
             #expect(left == 0, "\(table): \(left) rows of a deleted event")
+        }
+        // And deleting a user deletes theirs.
+        let before = try await asApp(a.id) {
+            try await count($0, "SELECT count(*)::int FROM notifications WHERE user_id =", a.memberID)
+        }
+        #expect(before > 0)
+        try await asApp(a.id) { connection in
+            _ = try await connection.query("DELETE FROM users WHERE organisation_id = \(a.id) AND id = \(a.memberID)", logger: env.logger)
+        }
+        for table in tables {
+            let left = try await asApp(a.id) { try await count($0, "SELECT count(*)::int FROM \(table) WHERE user_id =", a.memberID) }
+            #expect(left == 0, "\(table): \(left) rows of a deleted user")
         }
     }
 
