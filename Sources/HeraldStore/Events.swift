@@ -534,16 +534,8 @@ public struct TraceChannelRecord: Codable, Sendable, Equatable {
     }
 
     init(_ traced: TracedChannel) {
-        channel = traced.decision.channel
-        enabled = traced.decision.preference.enabled
-        frequency = traced.decision.preference.frequency
-        conditions = traced.decision.preference.conditions
-        source = traced.decision.preference.source
-        outcome = traced.decision.outcome
-        reason = traced.decision.reason
-        notificationID = traced.notificationID
-        deliveryIDs = traced.deliveryIDs
-        digestItemID = traced.digestItemID
+        var ids = traced.recordIDs[...]
+        self.init(SharedChannelDecision(traced), ids: &ids)
     }
 
     enum CodingKeys: String, CodingKey {

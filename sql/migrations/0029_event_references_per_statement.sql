@@ -25,68 +25,79 @@ ALTER TABLE digest_items DROP CONSTRAINT digest_items_event_id_fk;
 ALTER TABLE event_recipients DROP CONSTRAINT event_recipients_event_id_fk;
 ALTER TABLE feed_due DROP CONSTRAINT feed_due_notification_id_fk;
 
-CREATE FUNCTION check_event_references() RETURNS trigger
+-- One pair of functions for every such reference (0030 uses them for users): TG_ARGV[0] is the
+-- referenced table, TG_ARGV[1] the referencing column (the key is (organisation_id, column)).
+CREATE FUNCTION check_references() RETURNS trigger
     LANGUAGE plpgsql
     SET search_path = pg_catalog, public
 AS $$
 DECLARE
-    missing record;
+    missing uuid[];
 BEGIN
-    FOR missing IN
-        SELECT a.organisation_id, a.event_id
-        FROM (SELECT DISTINCT organisation_id, event_id FROM added) a
-        LEFT JOIN LATERAL (
-            SELECT true AS present FROM public.events e
-            WHERE e.organisation_id = a.organisation_id AND e.id = a.event_id
-            FOR KEY SHARE
-        ) e ON true
-        WHERE e.present IS NULL
-        LIMIT 1
-    LOOP
-        RAISE EXCEPTION 'insert or update on table "%" violates foreign key constraint "%"', TG_TABLE_NAME, TG_TABLE_NAME || '_event_id_fk'
-            USING ERRCODE = 'foreign_key_violation', CONSTRAINT = TG_TABLE_NAME || '_event_id_fk', TABLE = TG_TABLE_NAME,
-                  DETAIL = format('Key (organisation_id, event_id)=(%s, %s) is not present in table "events".', missing.organisation_id, missing.event_id);
-    END LOOP;
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION check_event_reference_moved() RETURNS trigger
-    LANGUAGE plpgsql
-    SET search_path = pg_catalog, public
-AS $$
-BEGIN
-    PERFORM 1 FROM public.events e WHERE e.organisation_id = NEW.organisation_id AND e.id = NEW.event_id FOR KEY SHARE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'insert or update on table "%" violates foreign key constraint "%"', TG_TABLE_NAME, TG_TABLE_NAME || '_event_id_fk'
-            USING ERRCODE = 'foreign_key_violation', CONSTRAINT = TG_TABLE_NAME || '_event_id_fk', TABLE = TG_TABLE_NAME,
-                  DETAIL = format('Key (organisation_id, event_id)=(%s, %s) is not present in table "events".', NEW.organisation_id, NEW.event_id);
+    EXECUTE format(
+        'SELECT ARRAY[a.organisation_id, a.ref] FROM (SELECT DISTINCT organisation_id, %1$I AS ref FROM added) a
+         LEFT JOIN LATERAL (SELECT true AS present FROM public.%2$I r WHERE r.organisation_id = a.organisation_id AND r.id = a.ref
+                            FOR KEY SHARE) r ON true
+         WHERE r.present IS NULL LIMIT 1', TG_ARGV[1], TG_ARGV[0])
+    INTO missing;
+    IF missing IS NOT NULL THEN
+        PERFORM raise_reference_missing(TG_TABLE_NAME, TG_ARGV[0], TG_ARGV[1], missing[1], missing[2]);
     END IF;
     RETURN NULL;
 END
 $$;
 
+CREATE FUNCTION check_reference_moved() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, public
+AS $$
+DECLARE
+    ref uuid := (to_jsonb(NEW) ->> TG_ARGV[1])::uuid;
+    present boolean;
+BEGIN
+    EXECUTE format('SELECT true FROM public.%I r WHERE r.organisation_id = $1 AND r.id = $2 FOR KEY SHARE', TG_ARGV[0])
+        INTO present USING NEW.organisation_id, ref;
+    IF present IS NULL THEN
+        PERFORM raise_reference_missing(TG_TABLE_NAME, TG_ARGV[0], TG_ARGV[1], NEW.organisation_id, ref);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- The error a foreign key gives, under the name the key had (<table>_<column minus _id>_id_fk).
+CREATE FUNCTION raise_reference_missing(p_table text, p_referenced text, p_column text, p_organisation uuid, p_ref uuid)
+    RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, public
+AS $$
+BEGIN
+    RAISE EXCEPTION 'insert or update on table "%" violates foreign key constraint "%"', p_table, p_table || '_' || p_column || '_fk'
+        USING ERRCODE = 'foreign_key_violation', CONSTRAINT = p_table || '_' || p_column || '_fk', TABLE = p_table,
+              DETAIL = format('Key (organisation_id, %s)=(%s, %s) is not present in table "%s".', p_column, p_organisation, p_ref, p_referenced);
+END
+$$;
+
 CREATE TRIGGER notifications_event_exists AFTER INSERT ON notifications
-    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION check_event_references();
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION check_references('events', 'event_id');
 CREATE TRIGGER deliveries_event_exists AFTER INSERT ON deliveries
-    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION check_event_references();
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION check_references('events', 'event_id');
 CREATE TRIGGER digest_items_event_exists AFTER INSERT ON digest_items
-    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION check_event_references();
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION check_references('events', 'event_id');
 CREATE TRIGGER event_recipients_event_exists AFTER INSERT ON event_recipients
-    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION check_event_references();
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION check_references('events', 'event_id');
 
 CREATE TRIGGER notifications_event_moved AFTER UPDATE OF organisation_id, event_id ON notifications FOR EACH ROW
     WHEN (OLD.organisation_id IS DISTINCT FROM NEW.organisation_id OR OLD.event_id IS DISTINCT FROM NEW.event_id)
-    EXECUTE FUNCTION check_event_reference_moved();
+    EXECUTE FUNCTION check_reference_moved('events', 'event_id');
 CREATE TRIGGER deliveries_event_moved AFTER UPDATE OF organisation_id, event_id ON deliveries FOR EACH ROW
     WHEN (OLD.organisation_id IS DISTINCT FROM NEW.organisation_id OR OLD.event_id IS DISTINCT FROM NEW.event_id)
-    EXECUTE FUNCTION check_event_reference_moved();
+    EXECUTE FUNCTION check_reference_moved('events', 'event_id');
 CREATE TRIGGER digest_items_event_moved AFTER UPDATE OF organisation_id, event_id ON digest_items FOR EACH ROW
     WHEN (OLD.organisation_id IS DISTINCT FROM NEW.organisation_id OR OLD.event_id IS DISTINCT FROM NEW.event_id)
-    EXECUTE FUNCTION check_event_reference_moved();
+    EXECUTE FUNCTION check_reference_moved('events', 'event_id');
 CREATE TRIGGER event_recipients_event_moved AFTER UPDATE OF organisation_id, event_id ON event_recipients FOR EACH ROW
     WHEN (OLD.organisation_id IS DISTINCT FROM NEW.organisation_id OR OLD.event_id IS DISTINCT FROM NEW.event_id)
-    EXECUTE FUNCTION check_event_reference_moved();
+    EXECUTE FUNCTION check_reference_moved('events', 'event_id');
 
 -- SECURITY DEFINER, as a key's cascade ran as the tables' owner: whoever may delete an event
 -- deletes its rows. The tenant policy still applies (the owner is subject to it).

@@ -4,7 +4,7 @@
 -- On the scratch database of 0029 (10 000 recipients, in-app row + email delivery + trace row):
 -- about 375 ms of the inserts' 1 380 ms were these three keys.
 --
--- Each key is replaced by what it did, per statement, as in 0029: an insert looks up the
+-- Each key is replaced by what it did, per statement, with 0029's functions: an insert looks up the
 -- distinct users its rows name and locks them FOR KEY SHARE (a user already locked by the
 -- transaction, as by the chunk's first insert, costs only the lookup), and a missing one is the
 -- key's own error (SQLSTATE 23503, the old constraint's name); an update that moves a row to
@@ -14,63 +14,22 @@ ALTER TABLE notifications DROP CONSTRAINT notifications_user_id_fk;
 ALTER TABLE deliveries DROP CONSTRAINT deliveries_user_id_fk;
 ALTER TABLE event_recipients DROP CONSTRAINT event_recipients_user_id_fk;
 
-CREATE FUNCTION check_user_references() RETURNS trigger
-    LANGUAGE plpgsql
-    SET search_path = pg_catalog, public
-AS $$
-DECLARE
-    missing record;
-BEGIN
-    FOR missing IN
-        SELECT a.organisation_id, a.user_id
-        FROM (SELECT DISTINCT organisation_id, user_id FROM added) a
-        LEFT JOIN LATERAL (
-            SELECT true AS present FROM public.users u
-            WHERE u.organisation_id = a.organisation_id AND u.id = a.user_id
-            FOR KEY SHARE
-        ) u ON true
-        WHERE u.present IS NULL
-        LIMIT 1
-    LOOP
-        RAISE EXCEPTION 'insert or update on table "%" violates foreign key constraint "%"', TG_TABLE_NAME, TG_TABLE_NAME || '_user_id_fk'
-            USING ERRCODE = 'foreign_key_violation', CONSTRAINT = TG_TABLE_NAME || '_user_id_fk', TABLE = TG_TABLE_NAME,
-                  DETAIL = format('Key (organisation_id, user_id)=(%s, %s) is not present in table "users".', missing.organisation_id, missing.user_id);
-    END LOOP;
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION check_user_reference_moved() RETURNS trigger
-    LANGUAGE plpgsql
-    SET search_path = pg_catalog, public
-AS $$
-BEGIN
-    PERFORM 1 FROM public.users u WHERE u.organisation_id = NEW.organisation_id AND u.id = NEW.user_id FOR KEY SHARE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'insert or update on table "%" violates foreign key constraint "%"', TG_TABLE_NAME, TG_TABLE_NAME || '_user_id_fk'
-            USING ERRCODE = 'foreign_key_violation', CONSTRAINT = TG_TABLE_NAME || '_user_id_fk', TABLE = TG_TABLE_NAME,
-                  DETAIL = format('Key (organisation_id, user_id)=(%s, %s) is not present in table "users".', NEW.organisation_id, NEW.user_id);
-    END IF;
-    RETURN NULL;
-END
-$$;
-
 CREATE TRIGGER notifications_user_exists AFTER INSERT ON notifications
-    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION check_user_references();
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION check_references('users', 'user_id');
 CREATE TRIGGER deliveries_user_exists AFTER INSERT ON deliveries
-    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION check_user_references();
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION check_references('users', 'user_id');
 CREATE TRIGGER event_recipients_user_exists AFTER INSERT ON event_recipients
-    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION check_user_references();
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION check_references('users', 'user_id');
 
 CREATE TRIGGER notifications_user_moved AFTER UPDATE OF organisation_id, user_id ON notifications FOR EACH ROW
     WHEN (OLD.organisation_id IS DISTINCT FROM NEW.organisation_id OR OLD.user_id IS DISTINCT FROM NEW.user_id)
-    EXECUTE FUNCTION check_user_reference_moved();
+    EXECUTE FUNCTION check_reference_moved('users', 'user_id');
 CREATE TRIGGER deliveries_user_moved AFTER UPDATE OF organisation_id, user_id ON deliveries FOR EACH ROW
     WHEN (OLD.organisation_id IS DISTINCT FROM NEW.organisation_id OR OLD.user_id IS DISTINCT FROM NEW.user_id)
-    EXECUTE FUNCTION check_user_reference_moved();
+    EXECUTE FUNCTION check_reference_moved('users', 'user_id');
 CREATE TRIGGER event_recipients_user_moved AFTER UPDATE OF organisation_id, user_id ON event_recipients FOR EACH ROW
     WHEN (OLD.organisation_id IS DISTINCT FROM NEW.organisation_id OR OLD.user_id IS DISTINCT FROM NEW.user_id)
-    EXECUTE FUNCTION check_user_reference_moved();
+    EXECUTE FUNCTION check_reference_moved('users', 'user_id');
 
 -- SECURITY DEFINER, as the keys' cascades ran as the tables' owner (see delete_event_rows, 0029).
 CREATE FUNCTION delete_user_rows() RETURNS trigger
