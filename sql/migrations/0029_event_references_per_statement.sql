@@ -64,7 +64,7 @@ BEGIN
 END
 $$;
 
--- The error a foreign key gives, under the name the key had (<table>_<column minus _id>_id_fk).
+-- The error a foreign key gives, under the name the key had (<table>_<column>_fk).
 CREATE FUNCTION raise_reference_missing(p_table text, p_referenced text, p_column text, p_organisation uuid, p_ref uuid)
     RETURNS void
     LANGUAGE plpgsql
@@ -99,36 +99,28 @@ CREATE TRIGGER event_recipients_event_moved AFTER UPDATE OF organisation_id, eve
     WHEN (OLD.organisation_id IS DISTINCT FROM NEW.organisation_id OR OLD.event_id IS DISTINCT FROM NEW.event_id)
     EXECUTE FUNCTION check_reference_moved('events', 'event_id');
 
--- SECURITY DEFINER, as a key's cascade ran as the tables' owner: whoever may delete an event
--- deletes its rows. The tenant policy still applies (the owner is subject to it).
-CREATE FUNCTION delete_event_rows() RETURNS trigger
+-- Deletes the rows that name the deleted ones, as ON DELETE CASCADE did: TG_ARGV[0] is the
+-- referencing column, the rest are the referencing tables (0030 uses it for users).
+-- SECURITY DEFINER, as a key's cascade ran as the tables' owner: whoever may delete the row
+-- deletes what names it. The tenant policy still applies (the owner is subject to it).
+CREATE FUNCTION delete_referencing_rows() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, public
 AS $$
 BEGIN
-    DELETE FROM public.notifications n USING removed r WHERE n.organisation_id = r.organisation_id AND n.event_id = r.id;
-    DELETE FROM public.deliveries d USING removed r WHERE d.organisation_id = r.organisation_id AND d.event_id = r.id;
-    DELETE FROM public.digest_items i USING removed r WHERE i.organisation_id = r.organisation_id AND i.event_id = r.id;
-    DELETE FROM public.event_recipients t USING removed r WHERE t.organisation_id = r.organisation_id AND t.event_id = r.id;
+    FOR i IN 1 .. TG_NARGS - 1 LOOP
+        EXECUTE format('DELETE FROM public.%I t USING removed r WHERE t.organisation_id = r.organisation_id AND t.%I = r.id',
+                       TG_ARGV[i], TG_ARGV[0]);
+    END LOOP;
     RETURN NULL;
 END
 $$;
-REVOKE ALL ON FUNCTION delete_event_rows() FROM PUBLIC;
+REVOKE ALL ON FUNCTION delete_referencing_rows() FROM PUBLIC;
 CREATE TRIGGER events_delete_rows AFTER DELETE ON events
-    REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION delete_event_rows();
-
-CREATE FUNCTION forget_feed_due() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path = pg_catalog, public
-AS $$
-BEGIN
-    DELETE FROM public.feed_due d USING removed r WHERE d.organisation_id = r.organisation_id AND d.notification_id = r.id;
-    RETURN NULL;
-END
-$$;
-REVOKE ALL ON FUNCTION forget_feed_due() FROM PUBLIC;
+    REFERENCING OLD TABLE AS removed FOR EACH STATEMENT
+    EXECUTE FUNCTION delete_referencing_rows('event_id', 'notifications', 'deliveries', 'digest_items', 'event_recipients');
 CREATE TRIGGER notifications_forget_due AFTER DELETE ON notifications
-    REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION forget_feed_due();
+    REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION delete_referencing_rows('notification_id', 'feed_due');
 
 ALTER FUNCTION log_feed_insert() SECURITY DEFINER;
 REVOKE ALL ON FUNCTION log_feed_insert() FROM PUBLIC;

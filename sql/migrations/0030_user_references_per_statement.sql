@@ -31,18 +31,6 @@ CREATE TRIGGER event_recipients_user_moved AFTER UPDATE OF organisation_id, user
     WHEN (OLD.organisation_id IS DISTINCT FROM NEW.organisation_id OR OLD.user_id IS DISTINCT FROM NEW.user_id)
     EXECUTE FUNCTION check_reference_moved('users', 'user_id');
 
--- SECURITY DEFINER, as the keys' cascades ran as the tables' owner (see delete_event_rows, 0029).
-CREATE FUNCTION delete_user_rows() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path = pg_catalog, public
-AS $$
-BEGIN
-    DELETE FROM public.notifications n USING removed r WHERE n.organisation_id = r.organisation_id AND n.user_id = r.id;
-    DELETE FROM public.deliveries d USING removed r WHERE d.organisation_id = r.organisation_id AND d.user_id = r.id;
-    DELETE FROM public.event_recipients t USING removed r WHERE t.organisation_id = r.organisation_id AND t.user_id = r.id;
-    RETURN NULL;
-END
-$$;
-REVOKE ALL ON FUNCTION delete_user_rows() FROM PUBLIC;
 CREATE TRIGGER users_delete_rows AFTER DELETE ON users
-    REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION delete_user_rows();
+    REFERENCING OLD TABLE AS removed FOR EACH STATEMENT
+    EXECUTE FUNCTION delete_referencing_rows('user_id', 'notifications', 'deliveries', 'event_recipients');
