@@ -284,9 +284,21 @@ echo "Binary: \`$HERALD\`. Ceilings: the server's transaction (BEGIN, the entry,
 echo "\`pgbench -M extended\` and \`-M prepared\`; and, for comparison, the transaction the server sent before"
 echo "migration 0017 (BEGIN, two SET LOCAL, the grant, [the engagement UPDATE], the read, COMMIT), \`-M extended\`."
 echo
-echo "| request | Herald (wrk, requests/s) | pgbench extended (tps) | ratio | pgbench prepared (tps) | ratio | before-0017 SQL, extended (tps) |"
-echo "|---|---|---|---|---|---|---|"
+echo "Herald serves these reads from its per-user cache (FeedCache, HERALD_FEED_CACHE_SECONDS=5) while nothing changes the"
+echo "reader's feed, so wrk's requests after the first are hits; the \"cache off\" columns are a second server with"
+echo "HERALD_FEED_CACHE_SECONDS=0, where every request runs the transaction."
+echo
+echo "| request | Herald (wrk, requests/s) | pgbench extended (tps) | ratio | pgbench prepared (tps) | ratio | Herald, cache off (requests/s) | ratio to prepared | before-0017 SQL, extended (tps) |"
+echo "|---|---|---|---|---|---|---|---|---|"
 } >> $OUT
+# The same server without the feed cache, for the reads' cost when every one goes to the database.
+NHTTP=$((HTTP + 3))
+DATABASE_URL=$APP_URL HERALD_PORT=$NHTTP HERALD_JWT_KEYS_DIR=.bench/jwt HERALD_LOG_LEVEL=warning HERALD_ACCESS_TOKEN_TTL=3600 \
+  HERALD_WORKERS=0 HERALD_RATE_LIMIT_REQUESTS=0 HERALD_RATE_LIMIT_EVENTS=0 HERALD_FEED_CACHE_SECONDS=0 HERALD_STREAM_SWEEP_SECONDS=0 \
+  HERALD_DATABASE_POOL_SIZE=$CONC HERALD_SQL_DIR=sql $HERALD serve > .bench/server-nocache.log 2>&1 &
+NOCACHE=$!
+trap 'kill $SERVER $NOCACHE 2>/dev/null || true; wait $SERVER $NOCACHE 2>/dev/null || true; scripts/pg.sh down $CLUSTER >/dev/null' EXIT
+for _ in $(seq 50); do curl -sf localhost:$NHTTP/readyz >/dev/null && break; sleep 0.2; done
 for what in unread page big; do
   case $what in
     unread) URL="/v1/me/notifications/unread-count"; NAME="unread count";;
@@ -314,16 +326,21 @@ SQL
   esac
   say "wrk $NAME"
   RPS=$(wrk -t2 -c$CONC -d${DURATION}s -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$HTTP$URL" | awk '/Requests\/sec/ {print $2}')
+  say "wrk $NAME, cache off"
+  NRPS=$(wrk -t2 -c$CONC -d${DURATION}s -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$NHTTP$URL" | awk '/Requests\/sec/ {print $2}')
   say "pgbench $NAME"
   BEFORE=$(pgbench_tps extended .bench/$what-before.sql)
   if [ "$HAS_ENTRY" = 1 ]; then
     EXT=$(pgbench_tps extended .bench/$what.sql)
     PREP=$(pgbench_tps prepared .bench/$what.sql)
-    printf '| %s | %.0f | %.0f | %.2f | %.0f | %.2f | %.0f |\n' "$NAME" $RPS $EXT $(echo "$RPS / $EXT" | bc -l) $PREP $(echo "$RPS / $PREP" | bc -l) $BEFORE >> $OUT
+    printf '| %s | %.0f | %.0f | %.2f | %.0f | %.2f | %.0f | %.2f | %.0f |\n' "$NAME" $RPS $EXT $(echo "$RPS / $EXT" | bc -l) $PREP $(echo "$RPS / $PREP" | bc -l) \
+      $NRPS $(echo "$NRPS / $PREP" | bc -l) $BEFORE >> $OUT
   else
-    printf '| %s | %.0f | – | – | – | – | %.0f (ratio %.2f) |\n' "$NAME" $RPS $BEFORE $(echo "$RPS / $BEFORE" | bc -l) >> $OUT
+    printf '| %s | %.0f | – | – | – | – | %.0f | – | %.0f (ratio %.2f) |\n' "$NAME" $RPS $NRPS $BEFORE $(echo "$RPS / $BEFORE" | bc -l) >> $OUT
   fi
 done
+kill $NOCACHE 2>/dev/null || true; wait $NOCACHE 2>/dev/null || true
+trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; scripts/pg.sh down $CLUSTER >/dev/null' EXIT
 fi
 
 if want delivery; then

@@ -25,14 +25,18 @@ public struct AppDependencies: Sendable {
     public var services: [any Service]
     /// The live streams of this instance (issue 10); nil: the stream routes answer 503.
     public var streams: StreamHub?
+    /// The bell's reads kept per user (`FeedCache`); nil: every read goes to the database.
+    public var feedCache: FeedCache?
     public var now: @Sendable () -> Date
 
     public init(
         database: Database, postgres: PostgresClient, tokens: AccessTokens, passwords: PasswordHasher,
         metrics: HTTPMetrics = HTTPMetrics(), expectedMigrations: [Int], linkKeys: LinkKeyRing = .ephemeral(),
-        services: [any Service] = [], streams: StreamHub? = nil, now: @escaping @Sendable () -> Date = { Date() }
+        services: [any Service] = [], streams: StreamHub? = nil, feedCache: FeedCache? = nil,
+        now: @escaping @Sendable () -> Date = { Date() }
     ) {
         self.streams = streams
+        self.feedCache = feedCache
         self.linkKeys = linkKeys
         self.services = services
         self.database = database
@@ -84,7 +88,7 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
                 rateLimits: OrganisationRateLimits(
                     requests: configuration.rateLimitRequests, events: configuration.rateLimitEvents,
                     burstSeconds: configuration.rateLimitBurstSeconds),
-                now: dependencies.now)
+                feedCache: dependencies.feedCache, now: dependencies.now)
         ])
     return router
 }

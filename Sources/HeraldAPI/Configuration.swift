@@ -93,6 +93,9 @@ public struct AppConfiguration: Sendable {
     public var streamMaxBacklog = 1000
     /// Seconds between sweeps that push rows whose deliver_at or expiry has come (0: none).
     public var streamSweepSeconds: Double = 1
+    /// Seconds the bell's reads (first page, unread count) are kept per user (`FeedCache`),
+    /// dropped at once when the bus or this instance says the feed changed; 0: not kept.
+    public var feedCacheSeconds: Double = 5
     /// Serves the demo pages (`/demo/bell`); `make run` turns it on, production leaves it off.
     public var demoPages = false
     /// Audiences of at most this many users are written in notify's own transaction (exact
@@ -241,6 +244,10 @@ public struct AppConfiguration: Sendable {
         try number("HERALD_STREAM_RETENTION_SECONDS", &c.streamRetentionSeconds)
         try number("HERALD_STREAM_MAX_BACKLOG", &c.streamMaxBacklog)
         try number("HERALD_STREAM_SWEEP_SECONDS", &c.streamSweepSeconds)
+        try number("HERALD_FEED_CACHE_SECONDS", &c.feedCacheSeconds)
+        guard (0...300).contains(c.feedCacheSeconds) else {
+            throw ConfigurationError(variable: "HERALD_FEED_CACHE_SECONDS", value: "\(c.feedCacheSeconds) (0 to 300)")
+        }
         guard (1...300).contains(c.streamHeartbeatSeconds) else {
             throw ConfigurationError(variable: "HERALD_STREAM_HEARTBEAT_SECONDS", value: "\(c.streamHeartbeatSeconds) (1 to 300)")
         }

@@ -26,6 +26,8 @@ struct TenantBoundary: ServerMiddleware {
     let contract: ContractChecks
     /// Per-organisation request rates; nil: none.
     let rateLimits: OrganisationRateLimits?
+    /// The bell's reads kept per user for a few seconds; nil: none.
+    let feedCache: FeedCache?
     let now: @Sendable () -> Date
 
     func intercept(
@@ -56,6 +58,44 @@ struct TenantBoundary: ServerMiddleware {
         // A proven credential of an organisation over its rate is refused here, without a connection.
         let early = rateLimits?.takeEarly(credential, operationID: operationID, now: now())
         if let early, let decision = early, !decision.allowed { throw APIError.rateLimited(decision) }
+        // The bell's reads from the cache (FeedCache): only for a caller whose credential this
+        // instance has proven, when rate limits are on, since a hit does not enter the database.
+        var cached: (key: FeedCache.Key, ticket: UInt64)?
+        if let feedCache, request.method == .get, FeedCache.operations.contains(operationID),
+            case .accessToken(let access) = credential, rateLimits == nil || early != nil
+        {
+            let key = FeedCache.Key(organisationID: access.organisationID, userID: access.userID, target: request.path ?? "")
+            if let hit = feedCache.lookup(key) {
+                var response = hit.response
+                if let early, let limit = early { response.headerFields.append(contentsOf: limit.headers) }
+                return (response, HTTPBody(hit.body))
+            }
+            cached = (key, feedCache.ticket())
+        }
+        let (response, body) = try await authenticated(
+            credential, rule: rule, early: early, operationID: operationID, scope: scope, proceed)
+        if let feedCache {
+            if let cached, response.status == .ok, let body {
+                // Its limit headers are not kept: a hit gets its own.
+                var kept = response
+                kept.headerFields[.rateLimit] = nil
+                kept.headerFields[.rateLimitPolicy] = nil
+                let bytes = try await [UInt8](collecting: body, upTo: 16 << 20)
+                feedCache.store(cached.key, response: kept, body: bytes, ticket: cached.ticket)
+                return (response, HTTPBody(bytes))
+            }
+            // What may have written drops the organisation's entries before its answer leaves.
+            if request.method != .get, request.method != .head { feedCache.invalidate(organisationID: credential.organisationID) }
+        }
+        return (response, body)
+    }
+
+    /// The credential's one tenant transaction: its grant read, its rate counted, its permission
+    /// checked, and the operation run in it.
+    private func authenticated(
+        _ credential: Credential, rule: AccessRule, early: RateLimitDecision??, operationID: String, scope: RequestScope,
+        _ proceed: () async throws -> (HTTPResponse, HTTPBody?)
+    ) async throws -> (HTTPResponse, HTTPBody?) {
         let ownFeed = RoutePermissions.isOwnFeed(operationID)
         return try await database.withTenant(
             credential.organisationID, actor: credential.actor, requestID: scope.requestID,
@@ -101,8 +141,9 @@ struct TenantBoundary: ServerMiddleware {
         else {
             throw APIError.notFound(resource: "link")
         }
+        let answer: (HTTPResponse, HTTPBody?)
         do {
-            return try await database.withTenant(claims.organisationID, actor: .user(claims.userID), requestID: scope.requestID) { tx in
+            answer = try await database.withTenant(claims.organisationID, actor: .user(claims.userID), requestID: scope.requestID) { tx in
                 var bound = scope
                 bound.link = claims
                 return try await Self.run(next, in: tx, scope: bound)
@@ -110,6 +151,9 @@ struct TenantBoundary: ServerMiddleware {
         } catch StoreError.notFound {
             throw APIError.notFound(resource: "link")
         }
+        // A link may change what the user's feed shows (a click marks its row read).
+        feedCache?.invalidate(organisationID: claims.organisationID)
+        return answer
     }
 
     /// Runs the operation with `scope` bound and `tx` lent to it for as long as it runs.

@@ -63,11 +63,13 @@ struct Serve: AsyncParsableCommand {
                     handler: FanoutHandler(database: database, worker: fanoutRunner.name, chunkSize: config.fanoutChunkSize), bus: bus,
                     logger: logger))
         }
+        let feedCache = config.feedCacheSeconds > 0 ? FeedCache(lifetime: config.feedCacheSeconds, bus: bus) : nil
         let dependencies = AppDependencies(
             database: database, postgres: postgres,
             tokens: try await accessTokens(config), passwords: passwordHasher(config),
             metrics: HTTPMetrics(registry: registry), expectedMigrations: try migrations().map(\.version),
-            linkKeys: linkKeys, services: [bus, streams, schedules] + fanouts + delivery.services, streams: streams)
+            linkKeys: linkKeys, services: [bus, streams, schedules] + fanouts + (feedCache.map { [$0] } ?? []) + delivery.services,
+            streams: streams, feedCache: feedCache)
         let app = try buildApplication(configuration: config, dependencies: dependencies, logger: logger)
         logger.info("herald listening", metadata: ["address": "\(config.host):\(config.port)", "workers": "\(delivery.workers)"])
         // Listed after the application, so it hears SIGTERM first: streams end (clients

@@ -51,12 +51,15 @@ extension StreamHost {
 struct StreamServer: StreamHost {
     let port: Int
     let hub: StreamHub
+    /// The instance's feed cache, when it was started with one.
+    var cache: FeedCache? = nil
 
     /// Runs `body` with a server (or several: `count`) on free ports, stopped afterwards.
     static func with(
         count: Int = 1,
         now: @escaping @Sendable () -> Date = { Date() },
         settings: @escaping @Sendable (inout StreamSettings) -> Void = { _ in },
+        feedCacheSeconds: TimeInterval? = nil,
         _ body: ([StreamServer]) async throws -> Void
     ) async throws {
         let env = try await TestEnvironment.shared
@@ -71,10 +74,11 @@ struct StreamServer: StreamHost {
             var streamSettings = StreamSettings()
             settings(&streamSettings)
             let hub = StreamHub(bus: bus, database: database, settings: streamSettings, logger: env.logger, now: now)
+            let cache = feedCacheSeconds.map { FeedCache(lifetime: $0, bus: bus, now: now) }
             let dependencies = AppDependencies(
                 database: database, postgres: postgres, tokens: env.tokens, passwords: env.passwords,
                 expectedMigrations: TestEnvironment.migrationVersions, linkKeys: TestEnvironment.linkKeys,
-                services: [bus, hub], streams: hub, now: now)
+                services: [bus, hub] + (cache.map { [$0] } ?? []), streams: hub, feedCache: cache, now: now)
             let configuration = env.configuration { $0.port = 0 }
             let listening = AsyncStream<Int>.makeStream()
             let app = try buildApplication(
@@ -91,7 +95,7 @@ struct StreamServer: StreamHost {
             var bound: Int?
             for await port in listening.stream { bound = port }
             guard let bound else { throw ServerDidNotStart() }
-            servers.append(StreamServer(port: bound, hub: hub))
+            servers.append(StreamServer(port: bound, hub: hub, cache: cache))
         }
         // The bus says `missedMessages` once it listens; until then a notify could go unheard.
         for server in servers { try await server.waitUntilListening() }

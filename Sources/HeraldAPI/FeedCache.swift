@@ -1,0 +1,192 @@
+import Foundation
+import HTTPTypes
+import HeraldStore
+import Metrics
+import ServiceLifecycle
+import Synchronization
+
+/// The responses of the bell's two reads (`GET /v1/me/notifications`, `GET
+/// /v1/me/notifications/unread-count`) kept for a few seconds per user, so a burst of reads (a
+/// page load, several tabs, a poller) costs the database one read (issue 12; docs/scaling.md).
+///
+/// An entry is dropped as soon as anything says the user's feed may have changed:
+/// - the bus (`NotificationBus`): a statement that changed the user's rows (`herald_feed`),
+///   new numbered changes for the user (`herald_stream`: rows shown, expired), an event of the
+///   organisation committed (`herald_events`: every user of the organisation), a deactivation;
+///   the bus's `missedMessages` drops everything;
+/// - this instance's own requests: any request that may write (not GET or HEAD) and every
+///   signed link drops the organisation's entries when it succeeds, before its response leaves,
+///   so a client reads its own writes here without waiting for the bus;
+/// - the time: an entry is served for at most `lifetime` by the injected clock, which bounds
+///   what no message announces (a role or catalogue change made through another instance).
+///
+/// While the bus is not listening nothing is served from the cache (its messages would be
+/// lost). A read that started before an invalidation is not kept: each read takes a ticket
+/// before it reads, and an entry is stored only if nothing of its user or organisation was
+/// invalidated after that ticket.
+public final class FeedCache: Service, Sendable {
+    /// The operations whose responses are kept.
+    static let operations: Set<String> = ["listMyNotifications", "getMyUnreadCount"]
+
+    struct Key: Hashable, Sendable {
+        var organisationID: UUID
+        var userID: UUID
+        /// The request's path with its query: each page, filter and size is its own entry.
+        var target: String
+    }
+
+    struct Entry: Sendable {
+        var response: HTTPResponse
+        var body: [UInt8]
+        var stored: Date
+    }
+
+    private struct UserKey: Hashable {
+        var organisationID: UUID
+        var userID: UUID
+    }
+
+    private struct State {
+        var entries: [UUID: [UUID: [String: Entry]]] = [:]
+        var bytes = 0
+        /// Increases with every ticket and invalidation.
+        var clock: UInt64 = 0
+        /// When each organisation and user was last invalidated (the clock's value).
+        var organisationInvalidated: [UUID: UInt64] = [:]
+        var userInvalidated: [UserKey: UInt64] = [:]
+        /// Tickets below it may not store: the invalidation records before it were forgotten.
+        var floor: UInt64 = 0
+    }
+
+    let lifetime: TimeInterval
+    let maxBytes: Int
+    let bus: NotificationBus
+    let now: @Sendable () -> Date
+    private let state = Mutex(State())
+
+    static let hits = Counter(label: "herald_feed_cache_hits_total")
+    static let misses = Counter(label: "herald_feed_cache_misses_total")
+
+    /// `lifetime` in seconds (more than 0); `maxBytes`: past it the cache starts again empty.
+    public init(
+        lifetime: TimeInterval, maxBytes: Int = 32 << 20, bus: NotificationBus,
+        now: @escaping @Sendable () -> Date = { Date() }
+    ) {
+        self.lifetime = lifetime
+        self.maxBytes = maxBytes
+        self.bus = bus
+        self.now = now
+    }
+
+    /// The kept response, if it is younger than `lifetime` and the bus is listening.
+    func lookup(_ key: Key) -> Entry? {
+        guard bus.listenerProcessID != nil else { return nil }
+        let now = now()
+        let entry = state.withLock { $0.entries[key.organisationID]?[key.userID]?[key.target] }
+        guard let entry, now >= entry.stored, now.timeIntervalSince(entry.stored) < lifetime else {
+            Self.misses.increment()
+            return nil
+        }
+        Self.hits.increment()
+        return entry
+    }
+
+    /// Taken before a read whose response may be stored.
+    func ticket() -> UInt64 {
+        state.withLock { state in
+            state.clock += 1
+            return state.clock
+        }
+    }
+
+    /// Keeps a response read after `ticket`, unless its user or organisation was invalidated
+    /// since.
+    func store(_ key: Key, response: HTTPResponse, body: [UInt8], ticket: UInt64) {
+        let entry = Entry(response: response, body: body, stored: now())
+        state.withLock { state in
+            let user = UserKey(organisationID: key.organisationID, userID: key.userID)
+            guard ticket >= state.floor, ticket > state.organisationInvalidated[key.organisationID] ?? 0,
+                ticket > state.userInvalidated[user] ?? 0
+            else { return }
+            if state.bytes + body.count > maxBytes {
+                state.entries = [:]
+                state.bytes = 0
+            }
+            let replaced = state.entries[key.organisationID, default: [:]][key.userID, default: [:]].updateValue(entry, forKey: key.target)
+            state.bytes += body.count - (replaced?.body.count ?? 0)
+        }
+    }
+
+    /// Drops the entries of these users of the organisation, and what is being read for them.
+    public func invalidate(organisationID: UUID, users: [UUID]) {
+        state.withLock { state in
+            state.clock += 1
+            for user in users {
+                if let dropped = state.entries[organisationID]?.removeValue(forKey: user) {
+                    state.bytes -= dropped.values.reduce(0) { $0 + $1.body.count }
+                }
+                state.userInvalidated[UserKey(organisationID: organisationID, userID: user)] = state.clock
+            }
+            Self.forgetOldRecords(&state)
+        }
+    }
+
+    /// Drops every entry of the organisation, and what is being read for it.
+    public func invalidate(organisationID: UUID) {
+        state.withLock { state in
+            state.clock += 1
+            if let dropped = state.entries.removeValue(forKey: organisationID) {
+                state.bytes -= dropped.values.reduce(0) { total, targets in total + targets.values.reduce(0) { $0 + $1.body.count } }
+            }
+            state.organisationInvalidated[organisationID] = state.clock
+            Self.forgetOldRecords(&state)
+        }
+    }
+
+    /// Drops everything, and what is being read.
+    public func invalidateAll() {
+        state.withLock { state in
+            state.clock += 1
+            state.entries = [:]
+            state.bytes = 0
+            state.organisationInvalidated = [:]
+            state.userInvalidated = [:]
+            state.floor = state.clock + 1
+        }
+    }
+
+    /// Invalidation records are kept until there are many; then all are forgotten at once and
+    /// reads that started before may no longer store (they read again next time).
+    private static func forgetOldRecords(_ state: inout State) {
+        guard state.userInvalidated.count + state.organisationInvalidated.count > 100_000 else { return }
+        state.organisationInvalidated = [:]
+        state.userInvalidated = [:]
+        state.floor = state.clock + 1
+    }
+
+    /// Follows the bus until shutdown.
+    public func run() async throws {
+        await cancelWhenGracefulShutdown {
+            for await message in self.bus.subscribe() {
+                if Task.isCancelled { return }
+                self.apply(message)
+            }
+        }
+    }
+
+    func apply(_ message: BusMessage) {
+        switch message {
+        case .feedChanged(let organisationID, let userID, _), .userDeactivated(let organisationID, let userID):
+            invalidate(organisationID: organisationID, users: [userID])
+        case .streamsAdvanced(let organisationID, let userIDs):
+            invalidate(organisationID: organisationID, users: userIDs)
+        case .eventCommitted(let organisationID, _):
+            invalidate(organisationID: organisationID)
+        case .missedMessages:
+            invalidateAll()
+        case .sessionRevoked:
+            // Access tokens outlive their session's revocation until they expire, cached or not.
+            break
+        }
+    }
+}

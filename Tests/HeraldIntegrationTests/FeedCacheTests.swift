@@ -1,0 +1,187 @@
+import Foundation
+import HTTPTypes
+import HeraldCore
+import NIOHTTP1
+import PostgresNIO
+import Synchronization
+import Testing
+
+@testable import HeraldAPI
+@testable import HeraldStore
+
+/// The bell's reads kept per user (`FeedCache`, issue 12): served again while nothing says the
+/// feed changed, dropped at once by this instance's own writes and by the bus (another
+/// instance's writes, notify through any path, a deactivation), and never older than the
+/// lifetime by the injected clock. Real servers on ports, each with its own bus, as in
+/// `StreamTests`; the clock stands still unless a test moves it, so a fresh answer is never the
+/// lifetime's doing unless the test says so.
+@Suite("Feed cache")
+struct FeedCacheTests {
+    /// Starts two minutes ahead: rows notified during the test (at the real time) are visible
+    /// by it.
+    final class Clock: Sendable {
+        let value = Mutex(Date().addingTimeInterval(120))
+        func now() -> Date { value.withLock { $0 } }
+        func advance(_ seconds: TimeInterval) { value.withLock { $0 = $0.addingTimeInterval(seconds) } }
+    }
+
+    func organisation() async throws -> TestOrganisation {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        return org
+    }
+
+    func task(_ org: TestOrganisation, _ title: String) async throws {
+        try await org.notify(
+            EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: [org.memberID]), payload: .object(["title": .string(title)]))
+        )
+    }
+
+    /// The first page's items (title, read, category) and the unread total, as the server answers.
+    func bell(_ server: StreamServer, _ org: TestOrganisation) async throws -> (items: [[String: Any]], unread: Int) {
+        let (pageStatus, page) = try await server.send(.GET, "/v1/me/notifications?limit=20", token: org.memberToken)
+        #expect(pageStatus == 200, "\(page)")
+        let (countStatus, count) = try await server.send(.GET, "/v1/me/notifications/unread-count", token: org.memberToken)
+        #expect(countStatus == 200, "\(count)")
+        return (json(page)["items"] as? [[String: Any]] ?? [], json(count)["total"] as? Int ?? -1)
+    }
+
+    /// Polls `server` until `done` holds for the bell (real time, at most 10 s).
+    func eventually(
+        _ server: StreamServer, _ org: TestOrganisation, what: String, _ done: ([[String: Any]], Int) -> Bool
+    ) async throws {
+        let deadline = ContinuousClock.now + .seconds(10)
+        while true {
+            let (items, unread) = try await bell(server, org)
+            if done(items, unread) { return }
+            guard ContinuousClock.now < deadline else { throw StreamTestTimeout(what: what) }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    /// Waits until the bus has brought `server` every message about the member's rows so far:
+    /// the sweep has numbered them (its message is on `herald_stream`), then a marker sent on the
+    /// same channel after it has dropped an entry kept for the purpose.
+    func settle(_ server: StreamServer, _ org: TestOrganisation) async throws {
+        let cache = try #require(server.cache)
+        let deadline = ContinuousClock.now + .seconds(10)
+        while try await org.store({ tx in
+            try await tx.query("SELECT count(*)::int FROM feed_due WHERE organisation_id = \(org.id) AND user_id = \(org.memberID)")
+                .first!.decode(Int.self)
+        }) > 0 {
+            guard ContinuousClock.now < deadline else { throw StreamTestTimeout(what: "the sweep") }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        let marker = FeedCache.Key(organisationID: org.id, userID: org.ownerID, target: "marker")
+        cache.store(marker, response: HTTPResponse(status: .ok), body: [], ticket: cache.ticket())
+        let payload = #"{"org": "\#(org.id.lowercased)", "users": ["\#(org.ownerID.lowercased)"]}"#
+        try await org.store { tx in try await tx.query("SELECT pg_notify('herald_stream', \(payload))") }
+        while cache.lookup(marker) != nil {
+            guard ContinuousClock.now < deadline else { throw StreamTestTimeout(what: "the marker on the bus") }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    @Test("a read is served again until the lifetime passes; what no message announces shows then")
+    func servedUntilLifetime() async throws {
+        let org = try await organisation()
+        let clock = Clock()
+        try await StreamServer.with(now: { clock.now() }, feedCacheSeconds: 5) { servers in
+            let server = servers[0]
+            try await task(org, "first")
+            try await eventually(server, org, what: "the first row") { items, _ in items.count == 1 }
+            try await settle(server, org)
+            let before = try await bell(server, org)
+            #expect(before.items.first?["category"] as? String == "activity")
+            // A catalogue change made in SQL, through no instance: no message says the feed changed.
+            try await org.store { tx in
+                try await tx.query("UPDATE categories SET key = 'chores' WHERE organisation_id = \(org.id) AND key = 'activity'")
+            }
+            clock.advance(4)
+            #expect(try await bell(server, org).items.first?["category"] as? String == "activity")
+            clock.advance(1.5)
+            #expect(try await bell(server, org).items.first?["category"] as? String == "chores")
+        }
+    }
+
+    @Test("this instance's own writes show at once in the next read of the page and the count")
+    func ownWrites() async throws {
+        let org = try await organisation()
+        let clock = Clock()
+        try await StreamServer.with(now: { clock.now() }, feedCacheSeconds: 60) { servers in
+            let server = servers[0]
+            try await task(org, "one")
+            try await task(org, "two")
+            try await eventually(server, org, what: "two unread rows") { items, unread in items.count == 2 && unread == 2 }
+            let id = try #require(try await bell(server, org).items.first?["id"] as? String)
+            #expect(try await server.send(.POST, "/v1/me/notifications/\(id)/read", token: org.memberToken).status == 200)
+            let after = try await bell(server, org)
+            #expect(after.unread == 1)
+            #expect(after.items.first { $0["id"] as? String == id }?["read"] as? Bool == true)
+            #expect(
+                try await server.send(.POST, "/v1/me/notifications/mark-read", token: org.memberToken, json: #"{"all": true}"#).status
+                    == 200)
+            #expect(try await bell(server, org).unread == 0)
+        }
+    }
+
+    @Test("another instance's writes, a notify through the store and a deactivation reach the cache through the bus")
+    func otherInstances() async throws {
+        let (org, other) = (try await organisation(), try await organisation())
+        let clock = Clock()
+        try await StreamServer.with(count: 2, now: { clock.now() }, feedCacheSeconds: 300) { servers in
+            let (cached, writer) = (servers[0], servers[1])
+            try await task(org, "one")
+            try await eventually(cached, org, what: "the first row") { items, unread in items.count == 1 && unread == 1 }
+            let id = try #require(try await bell(cached, org).items.first?["id"] as? String)
+            // Another organisation's notify leaves this one's entries alone (and shows nowhere here).
+            try await task(other, "elsewhere")
+            #expect(try await bell(cached, org).unread == 1)
+            #expect(try await writer.send(.POST, "/v1/me/notifications/\(id)/read", token: org.memberToken).status == 200)
+            try await eventually(cached, org, what: "the read made through the other instance") { items, unread in
+                unread == 0 && items.first?["read"] as? Bool == true
+            }
+            try await task(org, "two")
+            try await eventually(cached, org, what: "the row notified through the store") { items, unread in
+                items.count == 2 && unread == 1
+            }
+            // Deactivated through the other instance: refused here too, cache or not.
+            let deactivated = try await writer.send(.POST, "/v1/users/\(org.memberID.lowercased)/deactivate", token: org.ownerToken)
+            #expect(deactivated.status == 200, "\(deactivated.text)")
+            let deadline = ContinuousClock.now + .seconds(10)
+            while try await cached.send(.GET, "/v1/me/notifications?limit=20", token: org.memberToken).status != 401 {
+                guard ContinuousClock.now < deadline else { throw StreamTestTimeout(what: "the deactivated user's refusal") }
+                try await Task.sleep(for: .milliseconds(20))
+            }
+        }
+    }
+
+    @Test("a read that started before an invalidation is not kept; one that started after is")
+    func readsRacingInvalidations() async throws {
+        let org = try await organisation()
+        try await StreamServer.with(feedCacheSeconds: 60) { servers in
+            let cache = try #require(servers[0].cache)
+            let key = FeedCache.Key(organisationID: org.id, userID: org.memberID, target: "/v1/me/notifications")
+            let response = HTTPResponse(status: .ok)
+            let early = cache.ticket()
+            cache.invalidate(organisationID: org.id, users: [org.memberID])
+            cache.store(key, response: response, body: Array("old".utf8), ticket: early)
+            #expect(cache.lookup(key) == nil)
+            let late = cache.ticket()
+            cache.invalidate(organisationID: org.id, users: [org.ownerID])
+            cache.store(key, response: response, body: Array("new".utf8), ticket: late)
+            #expect(cache.lookup(key)?.body == Array("new".utf8))
+            let beforeOrganisation = cache.ticket()
+            cache.invalidate(organisationID: org.id)
+            #expect(cache.lookup(key) == nil)
+            cache.store(key, response: response, body: Array("stale".utf8), ticket: beforeOrganisation)
+            #expect(cache.lookup(key) == nil)
+            cache.apply(.missedMessages)
+            let afterAll = cache.ticket()
+            cache.store(key, response: response, body: Array("fresh".utf8), ticket: afterAll)
+            #expect(cache.lookup(key)?.body == Array("fresh".utf8))
+            cache.apply(.feedChanged(organisationID: org.id, userID: org.memberID, kind: .read))
+            #expect(cache.lookup(key) == nil)
+        }
+    }
+}
