@@ -75,8 +75,10 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
         now: dependencies.now)
     // Compact JSON with sorted keys: stable bytes for clients and tests, no pretty-printing cost.
     // The live feed's two routes are hand-written (a stream is not a request/response pair).
-    StreamRoutes(hub: dependencies.streams, database: dependencies.database, authenticator: authenticator, now: dependencies.now)
-        .register(on: router)
+    StreamRoutes(
+        hub: dependencies.streams, database: dependencies.database, authenticator: authenticator, feedCache: dependencies.feedCache,
+        now: dependencies.now
+    ).register(on: router)
     if configuration.demoPages { DemoPages.register(on: router) }
     try service.registerHandlers(
         on: SkippingTransport(router: router, skipped: StreamRoutes.handWritten),
@@ -118,7 +120,8 @@ public func buildApplication(
     // The feed's WebSocket upgrades through a router of its own (StreamRoutes.webSocketRouter).
     let sockets = StreamRoutes(
         hub: dependencies.streams, database: dependencies.database,
-        authenticator: Authenticator(tokens: dependencies.tokens, now: dependencies.now), now: dependencies.now)
+        authenticator: Authenticator(tokens: dependencies.tokens, now: dependencies.now), feedCache: dependencies.feedCache,
+        now: dependencies.now)
     return Application(
         responder: StreamSplittingResponder(base: router.buildResponder()),
         server: .http1WebSocketUpgrade(webSocketRouter: sockets.webSocketRouter()),

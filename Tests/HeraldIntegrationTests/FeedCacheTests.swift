@@ -122,6 +122,12 @@ struct FeedCacheTests {
                 try await server.send(.POST, "/v1/me/notifications/mark-read", token: org.memberToken, json: #"{"all": true}"#).status
                     == 200)
             #expect(try await bell(server, org).unread == 0)
+            // A command on the live feed's socket is a write of this instance too.
+            let socket = try await StreamProbe.open(.socket, on: server, token: org.memberToken)
+            try await socket.next("unread_count")
+            socket.send(#"{"command": "mark_unread", "id": "\#(id)", "ref": "c1"}"#)
+            try await socket.next("ack")
+            #expect(try await bell(server, org).unread == 1)
         }
     }
 

@@ -22,6 +22,8 @@ struct StreamRoutes: Sendable {
     let hub: StreamHub?
     let database: Database
     let authenticator: Authenticator
+    /// Dropped for the user after a socket command changes their feed, as the API's writes do.
+    var feedCache: FeedCache? = nil
     let now: @Sendable () -> Date
 
     func register(on router: Router<HeraldRequestContext>) {

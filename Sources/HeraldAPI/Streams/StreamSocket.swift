@@ -152,6 +152,8 @@ extension StreamRoutes {
                     throw APIError.unprocessable(ValidationError(field: "id", message: "is required by \(command.command.rawValue)."))
                 }
             }
+            // A read after the ack sees the change here without waiting for the bus.
+            feedCache?.invalidate(organisationID: start.organisationID, users: [start.userID])
             return "{\"event\":\"ack\",\"ref\":\(ref)}"
         } catch {
             let problem = RequestMiddleware.apiError(for: error)
