@@ -47,6 +47,8 @@ public struct AppConfiguration: Sendable {
     public var workerPollMilliseconds = 1000
     /// Confines this process's workers to one organisation (a dedicated worker); nil: all.
     public var workerOrganisation: UUID?
+    /// `herald worker` serves `/metrics` and `/healthz` on this port of `host`; 0: no HTTP at all.
+    public var workerMetricsPort = 0
     /// Retry schedule: base delay, factor, cap, jitter share.
     public var retryBaseSeconds: Double = 10
     public var retryFactor: Double = 2
@@ -166,6 +168,10 @@ public struct AppConfiguration: Sendable {
         if let v = value("HERALD_WORKER_ORGANISATION") {
             guard let id = UUID(uuidString: v) else { throw ConfigurationError(variable: "HERALD_WORKER_ORGANISATION", value: v) }
             c.workerOrganisation = id
+        }
+        try number("HERALD_WORKER_METRICS_PORT", &c.workerMetricsPort)
+        guard (0...65535).contains(c.workerMetricsPort) else {
+            throw ConfigurationError(variable: "HERALD_WORKER_METRICS_PORT", value: "\(c.workerMetricsPort) (0 to 65535)")
         }
         try number("HERALD_RETRY_BASE_SECONDS", &c.retryBaseSeconds)
         try number("HERALD_RETRY_FACTOR", &c.retryFactor)

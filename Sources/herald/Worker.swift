@@ -4,6 +4,7 @@ import HeraldAPI
 import HeraldCore
 import HeraldDelivery
 import HeraldStore
+import Hummingbird
 import Logging
 import Metrics
 import PostgresNIO
@@ -22,17 +23,46 @@ struct Worker: AsyncParsableCommand {
         var config = try AppConfiguration.fromEnvironment()
         if config.workers == 0 { config.workers = AppConfiguration().workers }
         bootstrapLogging(config)
-        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: PrometheusCollectorRegistry()))
+        let registry = PrometheusCollectorRegistry()
+        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
         let logger = Logger(label: "herald.worker")
         // No bus given: the workers' own pool lends one connection to the process's bus.
         let delivery = try DeliveryServices(config, linkKeys: try config.linkKeyRing(), bus: nil, logger: logger)
         guard delivery.workers > 0 else {
             throw ValidationError("DATABASE_WORKER_URL is not set: the workers connect as the worker role (herald_worker).")
         }
-        logger.info("herald worker started", metadata: ["workers": "\(delivery.workers)"])
-        try await runUntilSignalled(delivery.services, shutdownSeconds: config.shutdownSeconds, logger: logger)
+        // Listed first: it stops last, so the final figures can still be scraped while the pool drains.
+        let metrics: [any Service] = config.workerMetricsPort > 0 ? [metricsServer(registry, config: config, logger: logger)] : []
+        logger.info(
+            "herald worker started",
+            metadata: [
+                "workers": "\(delivery.workers)",
+                "metrics_port": "\(config.workerMetricsPort > 0 ? "\(config.workerMetricsPort)" : "none")",
+            ])
+        try await runUntilSignalled(metrics + delivery.services, shutdownSeconds: config.shutdownSeconds, logger: logger)
         try await delivery.shutdown()
     }
+}
+
+/// The worker's own HTTP server: `GET /metrics` (Prometheus text, the same metrics the workers
+/// record inside `herald serve`) and `GET /healthz`, nothing else.
+private func metricsServer(_ registry: PrometheusCollectorRegistry, config: AppConfiguration, logger: Logger) -> some Service {
+    let router = Router()
+    router.get("/metrics") { _, _ -> Response in
+        var buffer: [UInt8] = []
+        registry.emit(into: &buffer)
+        return Response(
+            status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+            body: ResponseBody(byteBuffer: ByteBuffer(bytes: buffer)))
+    }
+    router.get("/healthz") { _, _ -> Response in
+        Response(
+            status: .ok, headers: [.contentType: "application/json"],
+            body: ResponseBody(byteBuffer: ByteBuffer(string: #"{"status":"ok"}"#)))
+    }
+    return Application(
+        router: router, configuration: .init(address: .hostname(config.host, port: config.workerMetricsPort), serverName: "herald-worker"),
+        logger: logger)
 }
 
 /// The worker role's PostgreSQL pool and the delivery worker pool, as services; empty when

@@ -64,7 +64,7 @@ struct CrashTests {
 final class WorkerProcess: @unchecked Sendable {
     let process = Process()
 
-    init(organisation: UUID, workerURL: String) throws {
+    init(organisation: UUID, workerURL: String, metricsPort: Int? = nil) throws {
         let env = ProcessInfo.processInfo.environment
         process.executableURL = URL(fileURLWithPath: env["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
         process.arguments = ["worker"]
@@ -78,6 +78,7 @@ final class WorkerProcess: @unchecked Sendable {
             "HERALD_DESTINATIONS_ALLOW": "127.0.0.1/32",
             "HERALD_SMTP_URL": Peers.smtpURL,
             "HERALD_LOG_LEVEL": "error",
+            "HERALD_WORKER_METRICS_PORT": metricsPort.map(String.init) ?? "0",
         ]) { _, new in new }
         process.standardOutput = FileHandle.nullDevice
         try process.run()
