@@ -56,6 +56,22 @@ public final class FeedCache: Service, Sendable {
         var userInvalidated: [UserKey: UInt64] = [:]
         /// Tickets below it may not store: the invalidation records before it were forgotten.
         var floor: UInt64 = 0
+        /// The read under way for a key, by its ticket, and the requests waiting for it.
+        var flights: [Key: (ticket: UInt64, waiters: [CheckedContinuation<Entry?, Never>])] = [:]
+
+        /// Whether a read that took `ticket` before reading may still be kept for `key`.
+        func keeps(_ ticket: UInt64, for key: Key) -> Bool {
+            ticket >= floor && ticket > organisationInvalidated[key.organisationID] ?? 0
+                && ticket > userInvalidated[UserKey(organisationID: key.organisationID, userID: key.userID)] ?? 0
+        }
+    }
+
+    /// What a request does about a cacheable read.
+    enum Begin {
+        /// Answer with the kept response.
+        case hit(Entry)
+        /// Read, then `finish` with this ticket (`leads`: other requests may be waiting for it).
+        case read(ticket: UInt64, leads: Bool)
     }
 
     let lifetime: TimeInterval
@@ -78,20 +94,59 @@ public final class FeedCache: Service, Sendable {
         self.now = now
     }
 
-    /// The kept response, if it is younger than `lifetime` and the bus is listening.
-    func lookup(_ key: Key) -> Entry? {
-        guard bus.listenerProcessID != nil else { return nil }
-        let now = now()
-        let entry = state.withLock { $0.entries[key.organisationID]?[key.userID]?[key.target] }
-        guard let entry, now >= entry.stored, now.timeIntervalSince(entry.stored) < lifetime else {
-            Self.misses.increment()
-            return nil
+    /// A kept response younger than `lifetime`, else the read this request is to make. Requests
+    /// that miss while the same read is under way (and nothing invalidated it since it started)
+    /// wait for it instead of reading too: the tabs that all miss after a change cost one read.
+    /// Nothing is kept or shared while the bus is not listening.
+    func begin(_ key: Key) async -> Begin {
+        guard bus.listenerProcessID != nil else { return .read(ticket: 0, leads: false) }
+        enum Step {
+            case hit(Entry)
+            case lead(UInt64, abandoned: [CheckedContinuation<Entry?, Never>])
+            case follow
         }
-        Self.hits.increment()
-        return entry
+        let now = now()
+        let step = state.withLock { state -> Step in
+            if let entry = state.entries[key.organisationID]?[key.userID]?[key.target], now >= entry.stored,
+                now.timeIntervalSince(entry.stored) < lifetime
+            {
+                return .hit(entry)
+            }
+            if let flight = state.flights[key], state.keeps(flight.ticket, for: key) { return .follow }
+            // A read that can no longer be kept is not waited for; its waiters read for themselves.
+            let abandoned = state.flights[key]?.waiters ?? []
+            state.clock += 1
+            state.flights[key] = (state.clock, [])
+            return .lead(state.clock, abandoned: abandoned)
+        }
+        switch step {
+        case .hit(let entry):
+            Self.hits.increment()
+            return .hit(entry)
+        case .lead(let ticket, let abandoned):
+            for waiter in abandoned { waiter.resume(returning: nil) }
+            Self.misses.increment()
+            return .read(ticket: ticket, leads: true)
+        case .follow:
+            let shared = await withCheckedContinuation { continuation in
+                let joined = state.withLock { state -> Bool in
+                    guard var flight = state.flights[key], state.keeps(flight.ticket, for: key) else { return false }
+                    flight.waiters.append(continuation)
+                    state.flights[key] = flight
+                    return true
+                }
+                if !joined { continuation.resume(returning: nil) }
+            }
+            if let shared {
+                Self.hits.increment()
+                return .hit(shared)
+            }
+            Self.misses.increment()
+            return .read(ticket: ticket(), leads: false)
+        }
     }
 
-    /// Taken before a read whose response may be stored.
+    /// Taken before a read whose response may be kept.
     func ticket() -> UInt64 {
         state.withLock { state in
             state.clock += 1
@@ -99,22 +154,32 @@ public final class FeedCache: Service, Sendable {
         }
     }
 
-    /// Keeps a response read after `ticket`, unless its user or organisation was invalidated
-    /// since.
-    func store(_ key: Key, response: HTTPResponse, body: [UInt8], ticket: UInt64) {
-        let entry = Entry(response: response, body: body, stored: now())
-        state.withLock { state in
-            let user = UserKey(organisationID: key.organisationID, userID: key.userID)
-            guard ticket >= state.floor, ticket > state.organisationInvalidated[key.organisationID] ?? 0,
-                ticket > state.userInvalidated[user] ?? 0
-            else { return }
-            if state.bytes + body.count > maxBytes {
+    /// Ends the read that `begin` asked for: keeps `response` (nil: the read failed or is not
+    /// to be kept) unless its user or organisation was invalidated after `ticket`, and hands
+    /// what was kept to the requests waiting for it (nil: they read for themselves).
+    func finish(_ key: Key, ticket: UInt64, response: (HTTPResponse, [UInt8])?) {
+        let entry = response.map { Entry(response: $0.0, body: $0.1, stored: now()) }
+        let (kept, waiters) = state.withLock { state -> (Entry?, [CheckedContinuation<Entry?, Never>]) in
+            var waiters: [CheckedContinuation<Entry?, Never>] = []
+            if let flight = state.flights[key], flight.ticket == ticket {
+                waiters = flight.waiters
+                state.flights[key] = nil
+            }
+            guard let entry, ticket > 0, state.keeps(ticket, for: key) else { return (nil, waiters) }
+            if state.bytes + entry.body.count > maxBytes {
                 state.entries = [:]
                 state.bytes = 0
             }
             let replaced = state.entries[key.organisationID, default: [:]][key.userID, default: [:]].updateValue(entry, forKey: key.target)
-            state.bytes += body.count - (replaced?.body.count ?? 0)
+            state.bytes += entry.body.count - (replaced?.body.count ?? 0)
+            return (entry, waiters)
         }
+        for waiter in waiters { waiter.resume(returning: kept) }
+    }
+
+    /// The requests waiting for the read under way for `key` (tests).
+    func waiting(for key: Key) -> Int {
+        state.withLock { $0.flights[key]?.waiters.count ?? 0 }
     }
 
     /// Drops the entries of these users of the organisation, and what is being read for them.

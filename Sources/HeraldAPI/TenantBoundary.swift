@@ -60,34 +60,45 @@ struct TenantBoundary: ServerMiddleware {
         if let early, let decision = early, !decision.allowed { throw APIError.rateLimited(decision) }
         // The bell's reads from the cache (FeedCache): only for a caller whose credential this
         // instance has proven, when rate limits are on, since a hit does not enter the database.
-        var cached: (key: FeedCache.Key, ticket: UInt64)?
-        if let feedCache, request.method == .get, FeedCache.operations.contains(operationID),
-            case .accessToken(let access) = credential, rateLimits == nil || early != nil
-        {
-            let key = FeedCache.Key(organisationID: access.organisationID, userID: access.userID, target: request.path ?? "")
-            if let hit = feedCache.lookup(key) {
-                var response = hit.response
-                if let early, let limit = early { response.headerFields.append(contentsOf: limit.headers) }
-                return (response, HTTPBody(hit.body))
-            }
-            cached = (key, feedCache.ticket())
+        guard let feedCache else {
+            return try await authenticated(credential, rule: rule, early: early, operationID: operationID, scope: scope, proceed)
         }
-        let (response, body) = try await authenticated(
-            credential, rule: rule, early: early, operationID: operationID, scope: scope, proceed)
-        if let feedCache {
-            if let cached, response.status == .ok, let body {
-                // Its limit headers are not kept: a hit gets its own.
-                var kept = response
-                kept.headerFields[.rateLimit] = nil
-                kept.headerFields[.rateLimitPolicy] = nil
-                let bytes = try await [UInt8](collecting: body, upTo: 16 << 20)
-                feedCache.store(cached.key, response: kept, body: bytes, ticket: cached.ticket)
-                return (response, HTTPBody(bytes))
-            }
+        guard request.method == .get, FeedCache.operations.contains(operationID), case .accessToken(let access) = credential,
+            rateLimits == nil || early != nil
+        else {
+            let answer = try await authenticated(credential, rule: rule, early: early, operationID: operationID, scope: scope, proceed)
             // What may have written drops the organisation's entries before its answer leaves.
             if request.method != .get, request.method != .head { feedCache.invalidate(organisationID: credential.organisationID) }
+            return answer
         }
-        return (response, body)
+        let key = FeedCache.Key(organisationID: access.organisationID, userID: access.userID, target: request.path ?? "")
+        let ticket: UInt64
+        switch await feedCache.begin(key) {
+        case .hit(let entry):
+            var response = entry.response
+            if let early, let limit = early { response.headerFields.append(contentsOf: limit.headers) }
+            return (response, HTTPBody(entry.body))
+        case .read(let given, _):
+            ticket = given
+        }
+        do {
+            let (response, body) = try await authenticated(
+                credential, rule: rule, early: early, operationID: operationID, scope: scope, proceed)
+            guard response.status == .ok, let body else {
+                feedCache.finish(key, ticket: ticket, response: nil)
+                return (response, body)
+            }
+            let bytes = try await [UInt8](collecting: body, upTo: 16 << 20)
+            // Its limit headers are not kept: a hit gets its own.
+            var kept = response
+            kept.headerFields[.rateLimit] = nil
+            kept.headerFields[.rateLimitPolicy] = nil
+            feedCache.finish(key, ticket: ticket, response: (kept, bytes))
+            return (response, HTTPBody(bytes))
+        } catch {
+            feedCache.finish(key, ticket: ticket, response: nil)
+            throw error
+        }
     }
 
     /// The credential's one tenant transaction: its grant read, its rate counted, its permission

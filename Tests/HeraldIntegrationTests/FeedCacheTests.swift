@@ -73,10 +73,13 @@ struct FeedCacheTests {
             try await Task.sleep(for: .milliseconds(20))
         }
         let marker = FeedCache.Key(organisationID: org.id, userID: org.ownerID, target: "marker")
-        cache.store(marker, response: HTTPResponse(status: .ok), body: [], ticket: cache.ticket())
+        if case .read(let ticket, _) = await cache.begin(marker) {
+            cache.finish(marker, ticket: ticket, response: (HTTPResponse(status: .ok), []))
+        }
+        #expect(await kept(cache, marker) != nil)
         let payload = #"{"org": "\#(org.id.lowercased)", "users": ["\#(org.ownerID.lowercased)"]}"#
         try await org.store { tx in try await tx.query("SELECT pg_notify('herald_stream', \(payload))") }
-        while cache.lookup(marker) != nil {
+        while await kept(cache, marker) != nil {
             guard ContinuousClock.now < deadline else { throw StreamTestTimeout(what: "the marker on the bus") }
             try await Task.sleep(for: .milliseconds(20))
         }
@@ -162,32 +165,87 @@ struct FeedCacheTests {
         }
     }
 
-    @Test("a read that started before an invalidation is not kept; one that started after is")
+    /// What the cache answers for `key` now: the kept body, or nil (the read it asks for is
+    /// ended at once, kept nowhere).
+    func kept(_ cache: FeedCache, _ key: FeedCache.Key) async -> String? {
+        switch await cache.begin(key) {
+        case .hit(let entry): return String(decoding: entry.body, as: UTF8.self)
+        case .read(let ticket, _):
+            cache.finish(key, ticket: ticket, response: nil)
+            return nil
+        }
+    }
+
+    /// Ends the read `begin` asks for `key` with `body`; false if it was a hit.
+    func read(_ cache: FeedCache, _ key: FeedCache.Key, then: () -> Void = {}, answer body: String) async -> Bool {
+        guard case .read(let ticket, _) = await cache.begin(key) else { return false }
+        then()
+        cache.finish(key, ticket: ticket, response: (HTTPResponse(status: .ok), Array(body.utf8)))
+        return true
+    }
+
+    /// Waits (real time, at most 10 s) until `count` requests wait for the read under way.
+    func waitForWaiters(_ cache: FeedCache, _ key: FeedCache.Key, _ count: Int) async throws {
+        let deadline = ContinuousClock.now + .seconds(10)
+        while cache.waiting(for: key) < count {
+            guard ContinuousClock.now < deadline else { throw StreamTestTimeout(what: "\(count) waiting requests") }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+    }
+
+    @Test("a read that started before an invalidation is not kept; misses of a read under way wait for it")
     func readsRacingInvalidations() async throws {
         let org = try await organisation()
         try await StreamServer.with(feedCacheSeconds: 60) { servers in
             let cache = try #require(servers[0].cache)
             let key = FeedCache.Key(organisationID: org.id, userID: org.memberID, target: "/v1/me/notifications")
-            let response = HTTPResponse(status: .ok)
-            let early = cache.ticket()
-            cache.invalidate(organisationID: org.id, users: [org.memberID])
-            cache.store(key, response: response, body: Array("old".utf8), ticket: early)
-            #expect(cache.lookup(key) == nil)
-            let late = cache.ticket()
-            cache.invalidate(organisationID: org.id, users: [org.ownerID])
-            cache.store(key, response: response, body: Array("new".utf8), ticket: late)
-            #expect(cache.lookup(key)?.body == Array("new".utf8))
-            let beforeOrganisation = cache.ticket()
+            // Invalidated while reading: not kept.
+            #expect(await read(cache, key, then: { cache.invalidate(organisationID: org.id, users: [org.memberID]) }, answer: "old"))
+            #expect(await kept(cache, key) == nil)
+            // Another user's invalidation does not concern it.
+            #expect(await read(cache, key, then: { cache.invalidate(organisationID: org.id, users: [org.ownerID]) }, answer: "new"))
+            #expect(await kept(cache, key) == "new")
+            // The organisation's drops it, and a read under way when it came.
             cache.invalidate(organisationID: org.id)
-            #expect(cache.lookup(key) == nil)
-            cache.store(key, response: response, body: Array("stale".utf8), ticket: beforeOrganisation)
-            #expect(cache.lookup(key) == nil)
-            cache.apply(.missedMessages)
-            let afterAll = cache.ticket()
-            cache.store(key, response: response, body: Array("fresh".utf8), ticket: afterAll)
-            #expect(cache.lookup(key)?.body == Array("fresh".utf8))
+            #expect(await read(cache, key, then: { cache.invalidate(organisationID: org.id) }, answer: "stale"))
+            #expect(await kept(cache, key) == nil)
+            // Requests that miss while a read is under way wait for it and get its answer.
+            guard case .read(let ticket, let leads) = await cache.begin(key) else {
+                Issue.record("a hit after an invalidation")
+                return
+            }
+            #expect(leads)
+            async let first = cache.begin(key)
+            async let second = cache.begin(key)
+            try await waitForWaiters(cache, key, 2)
+            cache.finish(key, ticket: ticket, response: (HTTPResponse(status: .ok), Array("shared".utf8)))
+            for answer in await [first, second] {
+                guard case .hit(let entry) = answer else {
+                    Issue.record("a waiting request read for itself")
+                    continue
+                }
+                #expect(entry.body == Array("shared".utf8))
+            }
+            // Invalidated while they wait: they read for themselves, and nothing is kept.
             cache.apply(.feedChanged(organisationID: org.id, userID: org.memberID, kind: .read))
-            #expect(cache.lookup(key) == nil)
+            guard case .read(let again, _) = await cache.begin(key) else {
+                Issue.record("a hit after an invalidation")
+                return
+            }
+            async let waiter = cache.begin(key)
+            try await waitForWaiters(cache, key, 1)
+            cache.apply(.streamsAdvanced(organisationID: org.id, userIDs: [org.memberID]))
+            cache.finish(key, ticket: again, response: (HTTPResponse(status: .ok), Array("before".utf8)))
+            guard case .read(let own, let ownLeads) = await waiter else {
+                Issue.record("a waiting request got an answer read before an invalidation")
+                return
+            }
+            #expect(!ownLeads)
+            cache.finish(key, ticket: own, response: (HTTPResponse(status: .ok), Array("after".utf8)))
+            #expect(await kept(cache, key) == "after")
+            // Missed messages drop everything.
+            cache.apply(.missedMessages)
+            #expect(await kept(cache, key) == nil)
         }
     }
 }
