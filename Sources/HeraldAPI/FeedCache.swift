@@ -28,6 +28,16 @@ public final class FeedCache: Service, Sendable {
     /// The operations whose responses are kept.
     static let operations: Set<String> = ["listMyNotifications", "getMyUnreadCount"]
 
+    /// Whether `target` (path and query) is one of the bell's reads: the count, and a first page
+    /// with at most a size. Pages with a cursor, a search or filters are not kept, so one user
+    /// cannot fill the cache with a key per query.
+    static func keeps(operationID: String, target: String) -> Bool {
+        guard operations.contains(operationID) else { return false }
+        guard let query = target.split(separator: "?", maxSplits: 1).dropFirst().first else { return true }
+        let items = query.split(separator: "&")
+        return items.count == 1 && items[0].hasPrefix("limit=") && items[0].dropFirst(6).allSatisfy(\.isNumber)
+    }
+
     struct Key: Hashable, Sendable {
         var organisationID: UUID
         var userID: UUID
@@ -39,6 +49,11 @@ public final class FeedCache: Service, Sendable {
         var response: HTTPResponse
         var body: [UInt8]
         var stored: Date
+
+        /// What the entry holds in memory, about: its body, its target and its header fields.
+        func size(_ key: Key) -> Int {
+            body.count + key.target.utf8.count + response.headerFields.reduce(64) { $0 + $1.name.rawName.utf8.count + $1.value.utf8.count }
+        }
     }
 
     private struct UserKey: Hashable {
@@ -79,6 +94,11 @@ public final class FeedCache: Service, Sendable {
     let bus: NotificationBus
     let now: @Sendable () -> Date
     private let state = Mutex(State())
+    /// The bus's connection generation whose `missedMessages` this cache has handled: until it
+    /// is the bus's current one, messages may have been lost and nothing is served.
+    private let synced = Atomic<UInt64>(0)
+    /// Requests answered from the cache and reads made, for tests (the metrics are process-wide).
+    let counts = Mutex<(hits: Int, reads: Int)>((0, 0))
 
     static let hits = Counter(label: "herald_feed_cache_hits_total")
     static let misses = Counter(label: "herald_feed_cache_misses_total")
@@ -99,7 +119,7 @@ public final class FeedCache: Service, Sendable {
     /// wait for it instead of reading too: the tabs that all miss after a change cost one read.
     /// Nothing is kept or shared while the bus is not listening.
     func begin(_ key: Key) async -> Begin {
-        guard bus.listenerProcessID != nil else { return .read(ticket: 0, leads: false) }
+        guard isServing else { return .read(ticket: 0, leads: false) }
         enum Step {
             case hit(Entry)
             case lead(UInt64, abandoned: [CheckedContinuation<Entry?, Never>])
@@ -107,10 +127,10 @@ public final class FeedCache: Service, Sendable {
         }
         let now = now()
         let step = state.withLock { state -> Step in
-            if let entry = state.entries[key.organisationID]?[key.userID]?[key.target], now >= entry.stored,
-                now.timeIntervalSince(entry.stored) < lifetime
-            {
-                return .hit(entry)
+            if let entry = state.entries[key.organisationID]?[key.userID]?[key.target] {
+                if now >= entry.stored, now.timeIntervalSince(entry.stored) < lifetime { return .hit(entry) }
+                state.entries[key.organisationID]?[key.userID]?[key.target] = nil
+                state.bytes -= entry.size(key)
             }
             if let flight = state.flights[key], state.keeps(flight.ticket, for: key) { return .follow }
             // A read that can no longer be kept is not waited for; its waiters read for themselves.
@@ -122,10 +142,12 @@ public final class FeedCache: Service, Sendable {
         switch step {
         case .hit(let entry):
             Self.hits.increment()
+            counts.withLock { $0.hits += 1 }
             return .hit(entry)
         case .lead(let ticket, let abandoned):
             for waiter in abandoned { waiter.resume(returning: nil) }
             Self.misses.increment()
+            counts.withLock { $0.reads += 1 }
             return .read(ticket: ticket, leads: true)
         case .follow:
             let shared = await withCheckedContinuation { continuation in
@@ -139,9 +161,11 @@ public final class FeedCache: Service, Sendable {
             }
             if let shared {
                 Self.hits.increment()
+                counts.withLock { $0.hits += 1 }
                 return .hit(shared)
             }
             Self.misses.increment()
+            counts.withLock { $0.reads += 1 }
             return .read(ticket: ticket(), leads: false)
         }
     }
@@ -165,16 +189,22 @@ public final class FeedCache: Service, Sendable {
                 waiters = flight.waiters
                 state.flights[key] = nil
             }
-            guard let entry, ticket > 0, state.keeps(ticket, for: key) else { return (nil, waiters) }
-            if state.bytes + entry.body.count > maxBytes {
+            guard let entry, ticket > 0, state.keeps(ticket, for: key), entry.size(key) <= maxBytes / 64 else { return (nil, waiters) }
+            if state.bytes + entry.size(key) > maxBytes {
                 state.entries = [:]
                 state.bytes = 0
             }
             let replaced = state.entries[key.organisationID, default: [:]][key.userID, default: [:]].updateValue(entry, forKey: key.target)
-            state.bytes += entry.body.count - (replaced?.body.count ?? 0)
+            state.bytes += entry.size(key) - (replaced?.size(key) ?? 0)
             return (entry, waiters)
         }
         for waiter in waiters { waiter.resume(returning: kept) }
+    }
+
+    /// Whether the cache may serve now: the bus listens and no message of its current
+    /// connection can have been lost to this cache.
+    var isServing: Bool {
+        bus.listenerProcessID != nil && synced.load(ordering: .acquiring) == bus.connectionGeneration
     }
 
     /// The requests waiting for the read under way for `key` (tests).
@@ -188,7 +218,9 @@ public final class FeedCache: Service, Sendable {
             state.clock += 1
             for user in users {
                 if let dropped = state.entries[organisationID]?.removeValue(forKey: user) {
-                    state.bytes -= dropped.values.reduce(0) { $0 + $1.body.count }
+                    state.bytes -= dropped.reduce(0) {
+                        $0 + $1.value.size(Key(organisationID: organisationID, userID: user, target: $1.key))
+                    }
                 }
                 state.userInvalidated[UserKey(organisationID: organisationID, userID: user)] = state.clock
             }
@@ -201,7 +233,11 @@ public final class FeedCache: Service, Sendable {
         state.withLock { state in
             state.clock += 1
             if let dropped = state.entries.removeValue(forKey: organisationID) {
-                state.bytes -= dropped.values.reduce(0) { total, targets in total + targets.values.reduce(0) { $0 + $1.body.count } }
+                for (user, targets) in dropped {
+                    state.bytes -= targets.reduce(0) {
+                        $0 + $1.value.size(Key(organisationID: organisationID, userID: user, target: $1.key))
+                    }
+                }
             }
             state.organisationInvalidated[organisationID] = state.clock
             Self.forgetOldRecords(&state)
@@ -232,7 +268,11 @@ public final class FeedCache: Service, Sendable {
     /// Follows the bus until shutdown.
     public func run() async throws {
         await cancelWhenGracefulShutdown {
-            for await message in self.bus.subscribe() {
+            let messages = self.bus.subscribe()
+            // From here on no message is lost to this cache (it is empty, or emptied now).
+            self.invalidateAll()
+            self.synced.store(self.bus.connectionGeneration, ordering: .releasing)
+            for await message in messages {
                 if Task.isCancelled { return }
                 self.apply(message)
             }
@@ -248,7 +288,9 @@ public final class FeedCache: Service, Sendable {
         case .eventCommitted(let organisationID, _):
             invalidate(organisationID: organisationID)
         case .missedMessages:
+            // The generation read after emptying: a reconnection after it sends another.
             invalidateAll()
+            synced.store(bus.connectionGeneration, ordering: .releasing)
         case .sessionRevoked:
             // Access tokens outlive their session's revocation until they expire, cached or not.
             break

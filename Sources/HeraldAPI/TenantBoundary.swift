@@ -63,8 +63,8 @@ struct TenantBoundary: ServerMiddleware {
         guard let feedCache else {
             return try await authenticated(credential, rule: rule, early: early, operationID: operationID, scope: scope, proceed)
         }
-        guard request.method == .get, FeedCache.operations.contains(operationID), case .accessToken(let access) = credential,
-            rateLimits == nil || early != nil
+        guard request.method == .get, FeedCache.keeps(operationID: operationID, target: request.path ?? ""),
+            case .accessToken(let access) = credential, rateLimits == nil || early != nil
         else {
             let answer = try await authenticated(credential, rule: rule, early: early, operationID: operationID, scope: scope, proceed)
             // What may have written drops the organisation's entries before its answer leaves.
@@ -84,11 +84,12 @@ struct TenantBoundary: ServerMiddleware {
         do {
             let (response, body) = try await authenticated(
                 credential, rule: rule, early: early, operationID: operationID, scope: scope, proceed)
-            guard response.status == .ok, let body else {
+            // Only a complete answer of known, modest size is kept; any other passes through.
+            guard response.status == .ok, let body, case .known(let length) = body.length, length <= feedCache.maxBytes / 64 else {
                 feedCache.finish(key, ticket: ticket, response: nil)
                 return (response, body)
             }
-            let bytes = try await [UInt8](collecting: body, upTo: 16 << 20)
+            let bytes = try await [UInt8](collecting: body, upTo: Int(length))
             // Its limit headers are not kept: a hit gets its own.
             var kept = response
             kept.headerFields[.rateLimit] = nil

@@ -85,6 +85,7 @@ public final class NotificationBus: Service, Sendable {
     private let nextSubscriber = Atomic<UInt64>(0)
     /// The backend process id of the listening connection while it is up.
     private let listener = Mutex<Int32?>(nil)
+    private let generation = Atomic<UInt64>(0)
 
     private struct Subscriber: Sendable {
         var organisation: UUID?
@@ -117,6 +118,11 @@ public final class NotificationBus: Service, Sendable {
     /// The PostgreSQL backend process id of the listening connection, nil while disconnected
     /// (operators and tests find the connection by it).
     public var listenerProcessID: Int32? { listener.withLock { $0 } }
+
+    /// How many times `LISTEN` has been put in place: each time, messages may have been lost
+    /// before it, and `missedMessages` follows. A subscriber that keeps what the messages
+    /// invalidate trusts it only once it has handled the `missedMessages` of this generation.
+    public var connectionGeneration: UInt64 { generation.load(ordering: .acquiring) }
 
     public func run() async throws {
         await cancelWhenGracefulShutdown {
@@ -181,6 +187,7 @@ public final class NotificationBus: Service, Sendable {
         try await connection.listen(on: Self.eventsChannel) { events in
             try await connection.listen(on: Self.feedChannel) { feed in
                 try await connection.listen(on: Self.streamChannel) { stream in
+                    generation.add(1, ordering: .releasing)
                     listener.withLock { $0 = pid ?? 0 }
                     logger.info("notification bus listening", metadata: ["backend_pid": "\(pid.map(String.init) ?? "-")"])
                     // Anything committed while nobody listened is lost: subscribers read again.

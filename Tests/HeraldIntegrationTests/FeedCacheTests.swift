@@ -117,6 +117,10 @@ struct FeedCacheTests {
             try await task(org, "two")
             try await eventually(server, org, what: "two unread rows") { items, unread in items.count == 2 && unread == 2 }
             let id = try #require(try await bell(server, org).items.first?["id"] as? String)
+            // Kept: the same reads again are answered from the cache.
+            let hits = try #require(server.cache).counts.withLock { $0.hits }
+            _ = try await bell(server, org)
+            #expect(try #require(server.cache).counts.withLock { $0.hits } == hits + 2)
             #expect(try await server.send(.POST, "/v1/me/notifications/\(id)/read", token: org.memberToken).status == 200)
             let after = try await bell(server, org)
             #expect(after.unread == 1)
@@ -134,6 +138,33 @@ struct FeedCacheTests {
         }
     }
 
+    @Test("a kept answer is its user's own: other users and organisations asking the same path get theirs; the token is still checked")
+    func perUser() async throws {
+        let (org, other) = (try await organisation(), try await organisation())
+        try await StreamServer.with(feedCacheSeconds: 60) { servers in
+            let server = servers[0]
+            try await task(org, "for the member")
+            try await eventually(server, org, what: "the member's row") { items, unread in items.count == 1 && unread == 1 }
+            _ = try await bell(server, org)
+            let path = "/v1/me/notifications?limit=20"
+            for token in [org.ownerToken, other.memberToken, other.ownerToken] {
+                for _ in 0..<2 {
+                    let (status, text) = try await server.send(.GET, path, token: token)
+                    #expect(status == 200 && (json(text)["items"] as? [Any])?.isEmpty == true, "\(text)")
+                }
+            }
+            let env = try await TestEnvironment.shared
+            let expired = try await env.tokens.issueAccessToken(
+                organisationID: org.id, userID: org.memberID, now: Date().addingTimeInterval(-7200))
+            #expect(try await server.send(.GET, path, token: expired).status == 401)
+            #expect(try await server.send(.GET, path, token: org.memberToken + "x").status == 401)
+            // Searches, filters and cursors are not kept: each goes to the database.
+            let reads = try #require(server.cache).counts.withLock { $0.reads }
+            for _ in 0..<2 { _ = try await server.send(.GET, "/v1/me/notifications?limit=20&read=false", token: org.memberToken) }
+            #expect(try #require(server.cache).counts.withLock { $0.reads } == reads)
+        }
+    }
+
     @Test("another instance's writes, a notify through the store and a deactivation reach the cache through the bus")
     func otherInstances() async throws {
         let (org, other) = (try await organisation(), try await organisation())
@@ -143,9 +174,7 @@ struct FeedCacheTests {
             try await task(org, "one")
             try await eventually(cached, org, what: "the first row") { items, unread in items.count == 1 && unread == 1 }
             let id = try #require(try await bell(cached, org).items.first?["id"] as? String)
-            // Another organisation's notify leaves this one's entries alone (and shows nowhere here).
             try await task(other, "elsewhere")
-            #expect(try await bell(cached, org).unread == 1)
             #expect(try await writer.send(.POST, "/v1/me/notifications/\(id)/read", token: org.memberToken).status == 200)
             try await eventually(cached, org, what: "the read made through the other instance") { items, unread in
                 unread == 0 && items.first?["read"] as? Bool == true

@@ -106,7 +106,7 @@ struct StreamServer: StreamHost {
 
     func waitUntilListening() async throws {
         let deadline = ContinuousClock.now + .seconds(10)
-        while hub.bus.listenerProcessID == nil {
+        while hub.bus.listenerProcessID == nil || cache.map({ !$0.isServing }) == true {
             guard ContinuousClock.now < deadline else { throw StreamTestTimeout(what: "the bus to listen") }
             try await Task.sleep(for: .milliseconds(20))
         }

@@ -32,7 +32,7 @@ struct WorkerMetricsTests {
         #expect(
             try await eventually(timeout: .seconds(20)) {
                 text = (try? await Self.get("http://127.0.0.1:\(port)/metrics")) ?? ""
-                return text.contains(#"herald_delivery_attempts_total{channel="webhook",outcome="SENT"} 1"#)
+                return text.split(separator: "\n").contains(#"herald_delivery_attempts_total{channel="webhook",outcome="SENT"} 1"#)
             }, "\(text.prefix(2000))")
         #expect(try await Self.get("http://127.0.0.1:\(port)/healthz") == #"{"status":"ok"}"#)
     }
