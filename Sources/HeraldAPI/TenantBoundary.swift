@@ -67,8 +67,16 @@ struct TenantBoundary: ServerMiddleware {
             case .accessToken(let access) = credential, rateLimits == nil || early != nil
         else {
             let answer = try await authenticated(credential, rule: rule, early: early, operationID: operationID, scope: scope, proceed)
-            // What may have written drops the organisation's entries before its answer leaves.
-            if request.method != .get, request.method != .head { feedCache.invalidate(organisationID: credential.organisationID) }
+            // What may have written drops entries before its answer leaves: a user's own routes
+            // (`/v1/me/…`: their feed, preferences, stream tickets) only theirs, any other the
+            // organisation's.
+            if request.method != .get, request.method != .head {
+                if let user = credential.actor.userID, request.path?.hasPrefix("/v1/me/") == true {
+                    feedCache.invalidate(organisationID: credential.organisationID, users: [user])
+                } else {
+                    feedCache.invalidate(organisationID: credential.organisationID)
+                }
+            }
             return answer
         }
         let key = FeedCache.Key(organisationID: access.organisationID, userID: access.userID, target: request.path ?? "")

@@ -158,6 +158,13 @@ struct FeedCacheTests {
                 organisationID: org.id, userID: org.memberID, now: Date().addingTimeInterval(-7200))
             #expect(try await server.send(.GET, path, token: expired).status == 401)
             #expect(try await server.send(.GET, path, token: org.memberToken + "x").status == 401)
+            // Another user's own writes (a stream ticket, a preference) leave the member's answers kept.
+            try await settle(server, org)
+            _ = try await server.send(.GET, path, token: org.memberToken)
+            let kept = try #require(server.cache).counts.withLock { $0.hits }
+            #expect(try await server.send(.POST, "/v1/me/stream-tickets", token: org.ownerToken).status == 201)
+            _ = try await server.send(.GET, path, token: org.memberToken)
+            #expect(try #require(server.cache).counts.withLock { $0.hits } == kept + 1)
             // Searches, filters and cursors are not kept: each goes to the database.
             let reads = try #require(server.cache).counts.withLock { $0.reads }
             for _ in 0..<2 { _ = try await server.send(.GET, "/v1/me/notifications?limit=20&read=false", token: org.memberToken) }
