@@ -212,6 +212,17 @@ public final class FeedCache: Service, Sendable {
         state.withLock { $0.flights[key]?.waiters.count ?? 0 }
     }
 
+    /// After a request of this instance that may have written, before its answer leaves: a
+    /// user's own routes (`/v1/me/…`: their feed, preferences, stream tickets) drop only that
+    /// user's entries, any other write the organisation's.
+    func wrote(organisationID: UUID, by userID: UUID?, path: String) {
+        if let userID, path.hasPrefix("/v1/me/") {
+            invalidate(organisationID: organisationID, users: [userID])
+        } else {
+            invalidate(organisationID: organisationID)
+        }
+    }
+
     /// Drops the entries of these users of the organisation, and what is being read for them.
     public func invalidate(organisationID: UUID, users: [UUID]) {
         state.withLock { state in

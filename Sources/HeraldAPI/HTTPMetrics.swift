@@ -33,8 +33,8 @@ public struct HTTPMetrics: Sendable {
             .recordNanoseconds(duration.nanoseconds)
     }
 
-    /// The exposition text.
-    func render() -> String {
+    /// The exposition text (`/metrics` of `herald serve` and of `herald worker`).
+    public func render() -> String {
         var buffer: [UInt8] = []
         registry.emit(into: &buffer)
         return String(decoding: buffer, as: UTF8.self)

@@ -60,22 +60,17 @@ struct TenantBoundary: ServerMiddleware {
         if let early, let decision = early, !decision.allowed { throw APIError.rateLimited(decision) }
         // The bell's reads from the cache (FeedCache): only for a caller whose credential this
         // instance has proven, when rate limits are on, since a hit does not enter the database.
-        guard let feedCache else {
-            return try await authenticated(credential, rule: rule, early: early, operationID: operationID, scope: scope, proceed)
+        func authenticate() async throws -> (HTTPResponse, HTTPBody?) {
+            try await authenticated(credential, rule: rule, early: early, operationID: operationID, scope: scope, proceed)
         }
+        guard let feedCache else { return try await authenticate() }
         guard request.method == .get, FeedCache.keeps(operationID: operationID, target: request.path ?? ""),
             case .accessToken(let access) = credential, rateLimits == nil || early != nil
         else {
-            let answer = try await authenticated(credential, rule: rule, early: early, operationID: operationID, scope: scope, proceed)
-            // What may have written drops entries before its answer leaves: a user's own routes
-            // (`/v1/me/…`: their feed, preferences, stream tickets) only theirs, any other the
-            // organisation's.
+            let answer = try await authenticate()
+            // What may have written drops entries before its answer leaves.
             if request.method != .get, request.method != .head {
-                if let user = credential.actor.userID, request.path?.hasPrefix("/v1/me/") == true {
-                    feedCache.invalidate(organisationID: credential.organisationID, users: [user])
-                } else {
-                    feedCache.invalidate(organisationID: credential.organisationID)
-                }
+                feedCache.wrote(organisationID: credential.organisationID, by: credential.actor.userID, path: request.path ?? "")
             }
             return answer
         }
@@ -90,8 +85,7 @@ struct TenantBoundary: ServerMiddleware {
             ticket = given
         }
         do {
-            let (response, body) = try await authenticated(
-                credential, rule: rule, early: early, operationID: operationID, scope: scope, proceed)
+            let (response, body) = try await authenticate()
             // Only a complete answer of known, modest size is kept; any other passes through.
             guard response.status == .ok, let body, case .known(let length) = body.length, length <= feedCache.maxBytes / 64 else {
                 feedCache.finish(key, ticket: ticket, response: nil)

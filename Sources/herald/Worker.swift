@@ -48,12 +48,11 @@ struct Worker: AsyncParsableCommand {
 /// record inside `herald serve`) and `GET /healthz`, nothing else.
 private func metricsServer(_ registry: PrometheusCollectorRegistry, config: AppConfiguration, logger: Logger) -> some Service {
     let router = Router()
+    let metrics = HTTPMetrics(registry: registry)
     router.get("/metrics") { _, _ -> Response in
-        var buffer: [UInt8] = []
-        registry.emit(into: &buffer)
-        return Response(
+        Response(
             status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
-            body: ResponseBody(byteBuffer: ByteBuffer(bytes: buffer)))
+            body: ResponseBody(byteBuffer: ByteBuffer(string: metrics.render())))
     }
     router.get("/healthz") { _, _ -> Response in
         Response(
