@@ -593,7 +593,8 @@ if want fairness; then
   # 6. Fairness (issue 12): organisation B sends one notify every 100 ms (one user, one request
   # at a time) for FAIR_SECONDS, alone, then while organisation A floods POST /v1/events with
   # wrk (32 connections). B's p95 with the flood ÷ without, on the server without rate limits
-  # and on one with the default limits (HERALD_RATE_LIMIT_EVENTS 50/s per organisation).
+  # (with and without the organisation gate) and on one with the default limits
+  # (HERALD_RATE_LIMIT_EVENTS 50/s per organisation).
   FS=${BENCH_FAIR_SECONDS:-15}
   say "fairness: a second organisation, and a server with the default rate limits"
   HERALD_OWNER_PASSWORD=bench-owner-password DATABASE_URL=$APP_URL HERALD_ARGON2_MEMORY_KIB=8192 \
@@ -614,8 +615,17 @@ SQL
     HERALD_RATE_LIMIT_EVENTS=${BENCH_FAIR_EVENTS:-50} HERALD_DATABASE_POOL_SIZE=$CONC HERALD_SQL_DIR=sql \
     $HERALD serve > .bench/server-limited.log 2>&1 &
   LIMITED=$!
-  trap 'kill $SERVER $LIMITED 2>/dev/null || true; wait $SERVER $LIMITED 2>/dev/null || true; scripts/pg.sh down $CLUSTER >/dev/null' EXIT
-  for _ in $(seq 50); do curl -sf localhost:$LHTTP/readyz >/dev/null && break; sleep 0.2; done
+  # The same server as the first without its organisation gate (HERALD_ORGANISATION_CONCURRENCY=0):
+  # every request of A's flood takes a connection at once, as before the gate.
+  UHTTP=$((HTTP + 4))
+  DATABASE_URL=$APP_URL HERALD_PORT=$UHTTP HERALD_JWT_KEYS_DIR=.bench/jwt HERALD_LOG_LEVEL=warning HERALD_WORKERS=0 \
+    HERALD_RATE_LIMIT_REQUESTS=0 HERALD_RATE_LIMIT_EVENTS=0 HERALD_ORGANISATION_CONCURRENCY=0 \
+    HERALD_DATABASE_POOL_SIZE=$CONC HERALD_SQL_DIR=sql $HERALD serve > .bench/server-ungated.log 2>&1 &
+  UNGATED=$!
+  trap 'kill $SERVER $LIMITED $UNGATED 2>/dev/null || true; wait $SERVER $LIMITED $UNGATED 2>/dev/null || true; scripts/pg.sh down $CLUSTER >/dev/null' EXIT
+  for port in $LHTTP $UHTTP; do
+    for _ in $(seq 50); do curl -sf localhost:$port/readyz >/dev/null && break; sleep 0.2; done
+  done
   cat > .bench/flood.lua <<LUA
 wrk.method = "POST"
 wrk.headers["content-type"] = "application/json"
@@ -647,9 +657,13 @@ LUA
   echo
   echo "## fairness: organisation B's notify p95 while organisation A floods POST /v1/events (32 connections, ${FS} s; B: 10 requests/s, one at a time)"
   echo
+  echo "Organisation gate: ${HERALD_ORGANISATION_CONCURRENCY:-$(( $(nproc) > 2 ? $(nproc) : 2 ))} requests of one organisation in the database at once (HERALD_ORGANISATION_CONCURRENCY; the default is the instance's cores, at least 2), except where the row says none."
+  echo
   echo "| server | B's p95 alone | B's p95 with A flooding | ratio (goal ≤ 1.2) | A | B's requests refused |"
   echo "|---|---|---|---|---|---|"
   } >> $OUT
+  say "fairness: without rate limits or the organisation gate"
+  fair_row "no rate limits, no organisation gate; A: wrk" $UHTTP wrk
   say "fairness: without rate limits"
   fair_row "no rate limits; A: wrk" $HTTP wrk
   say "fairness: with the default rate limits"

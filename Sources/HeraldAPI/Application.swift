@@ -27,16 +27,19 @@ public struct AppDependencies: Sendable {
     public var streams: StreamHub?
     /// The bell's reads kept per user (`FeedCache`); nil: every read goes to the database.
     public var feedCache: FeedCache?
+    /// Each organisation's requests in the database at once; nil: a gate from the configuration.
+    public var gate: OrganisationGate?
     public var now: @Sendable () -> Date
 
     public init(
         database: Database, postgres: PostgresClient, tokens: AccessTokens, passwords: PasswordHasher,
         metrics: HTTPMetrics = HTTPMetrics(), expectedMigrations: [Int], linkKeys: LinkKeyRing = .ephemeral(),
         services: [any Service] = [], streams: StreamHub? = nil, feedCache: FeedCache? = nil,
-        now: @escaping @Sendable () -> Date = { Date() }
+        gate: OrganisationGate? = nil, now: @escaping @Sendable () -> Date = { Date() }
     ) {
         self.streams = streams
         self.feedCache = feedCache
+        self.gate = gate
         self.linkKeys = linkKeys
         self.services = services
         self.database = database
@@ -90,7 +93,10 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
                 rateLimits: OrganisationRateLimits(
                     requests: configuration.rateLimitRequests, events: configuration.rateLimitEvents,
                     burstSeconds: configuration.rateLimitBurstSeconds),
-                feedCache: dependencies.feedCache, now: dependencies.now)
+                feedCache: dependencies.feedCache,
+                gate: dependencies.gate
+                    ?? OrganisationGate(limit: configuration.organisationConcurrency, queueLimit: configuration.organisationQueue),
+                now: dependencies.now)
         ])
     return router
 }

@@ -113,6 +113,11 @@ public struct AppConfiguration: Sendable {
     public var rateLimitRequests: Double = 500
     public var rateLimitEvents: Double = 50
     public var rateLimitBurstSeconds: Double = 2
+    /// Requests of one organisation this instance runs in the database at once, per lane (its
+    /// users' feed, its other calls; 0: no bound), and how many more may wait for a place before
+    /// a 429 (`OrganisationGate`). By default as many as the instance has cores (at least 2).
+    public var organisationConcurrency = max(2, ProcessInfo.processInfo.activeProcessorCount)
+    public var organisationQueue = 256
     /// Whether the hottest reads run as named prepared statements (HERALD_PREPARED_STATEMENTS).
     public var preparedStatements = true
 
@@ -230,6 +235,14 @@ public struct AppConfiguration: Sendable {
         }
         guard (1...3600).contains(c.rateLimitBurstSeconds) else {
             throw ConfigurationError(variable: "HERALD_RATE_LIMIT_BURST_SECONDS", value: "\(c.rateLimitBurstSeconds) (1 to 3600)")
+        }
+        try number("HERALD_ORGANISATION_CONCURRENCY", &c.organisationConcurrency)
+        try number("HERALD_ORGANISATION_QUEUE", &c.organisationQueue)
+        guard (0...10_000).contains(c.organisationConcurrency) else {
+            throw ConfigurationError(variable: "HERALD_ORGANISATION_CONCURRENCY", value: "\(c.organisationConcurrency) (0 to 10000)")
+        }
+        guard (0...100_000).contains(c.organisationQueue) else {
+            throw ConfigurationError(variable: "HERALD_ORGANISATION_QUEUE", value: "\(c.organisationQueue) (0 to 100000)")
         }
         try number("HERALD_FANOUT_SYNC_LIMIT", &c.fanoutSyncLimit)
         try number("HERALD_FANOUT_CHUNK", &c.fanoutChunkSize)

@@ -151,7 +151,9 @@ public final class OrganisationRateLimits: Sendable {
         }
     }
 
-    private func isProven(_ credential: Credential, now: Date) -> Bool {
+    /// Whether the credential's organisation is known to be its own: a signed access token, or
+    /// an API key the database accepted within 30 s.
+    func isProven(_ credential: Credential, now: Date) -> Bool {
         switch credential {
         case .accessToken: return true
         case .apiKey(let key):

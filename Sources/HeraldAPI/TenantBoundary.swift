@@ -28,6 +28,8 @@ struct TenantBoundary: ServerMiddleware {
     let rateLimits: OrganisationRateLimits?
     /// The bell's reads kept per user for a few seconds; nil: none.
     let feedCache: FeedCache?
+    /// Each organisation's requests in the database at once.
+    let gate: OrganisationGate
     let now: @Sendable () -> Date
 
     func intercept(
@@ -111,37 +113,55 @@ struct TenantBoundary: ServerMiddleware {
         _ proceed: () async throws -> (HTTPResponse, HTTPBody?)
     ) async throws -> (HTTPResponse, HTTPBody?) {
         let ownFeed = RoutePermissions.isOwnFeed(operationID)
-        return try await database.withTenant(
-            credential.organisationID, actor: credential.actor, requestID: scope.requestID,
-            recipient: ownFeed ? credential.actor.userID : nil, admitting: credential.admission
-        ) { tx in
-            let principal = try await authenticator.principal(for: credential, in: tx)
-            // Counted once the credential is proven (a forged key cannot spend an organisation's
-            // rate), before the operation's work.
-            let limit: RateLimitDecision?
-            if let early {
-                limit = early
-            } else {
-                limit = try await rateLimits?.take(credential.organisationID, operationID: operationID, now: now()) {
-                    try await tx.rateLimitSettings()
+        return try await admitted(credential, ownFeed: ownFeed) {
+            try await database.withTenant(
+                credential.organisationID, actor: credential.actor, requestID: scope.requestID,
+                recipient: ownFeed ? credential.actor.userID : nil, admitting: credential.admission
+            ) { tx in
+                let principal = try await authenticator.principal(for: credential, in: tx)
+                // Counted once the credential is proven (a forged key cannot spend an organisation's
+                // rate), before the operation's work.
+                let limit: RateLimitDecision?
+                if let early {
+                    limit = early
+                } else {
+                    limit = try await rateLimits?.take(credential.organisationID, operationID: operationID, now: now()) {
+                        try await tx.rateLimitSettings()
+                    }
+                    rateLimits?.proven(credential, now: now())
                 }
-                rateLimits?.proven(credential, now: now())
+                if let limit, !limit.allowed { throw APIError.rateLimited(limit) }
+                if case .permission(let permission) = rule, !principal.permissions.contains(permission) {
+                    throw APIError.forbidden(permission)
+                }
+                // An API key has no feed: refused before any handler could run unconfined.
+                if ownFeed, credential.actor.userID == nil {
+                    throw APIError.badRequest(
+                        "This operation concerns the calling user's own data; call it with a user's access token, not an API key.")
+                }
+                var bound = scope
+                bound.principal = principal
+                var (response, body) = try await Self.run(proceed, in: tx, scope: bound)
+                if let limit { response.headerFields.append(contentsOf: limit.headers) }
+                return (response, body)
             }
-            if let limit, !limit.allowed { throw APIError.rateLimited(limit) }
-            if case .permission(let permission) = rule, !principal.permissions.contains(permission) {
-                throw APIError.forbidden(permission)
-            }
-            // An API key has no feed: refused before any handler could run unconfined.
-            if ownFeed, credential.actor.userID == nil {
-                throw APIError.badRequest(
-                    "This operation concerns the calling user's own data; call it with a user's access token, not an API key.")
-            }
-            var bound = scope
-            bound.principal = principal
-            var (response, body) = try await Self.run(proceed, in: tx, scope: bound)
-            if let limit { response.headerFields.append(contentsOf: limit.headers) }
-            return (response, body)
         }
+    }
+
+    /// `body` once the credential's organisation has a place in the gate: its own lane when
+    /// the credential is proven, else the lane that unproven credentials share.
+    private func admitted<Result>(
+        _ credential: Credential, ownFeed: Bool, _ body: () async throws -> Result
+    ) async throws -> Result {
+        let proven: Bool
+        if let rateLimits {
+            proven = rateLimits.isProven(credential, now: now())
+        } else if case .accessToken = credential {
+            proven = true
+        } else {
+            proven = false
+        }
+        return try await gate.run(.init(organisationID: proven ? credential.organisationID : nil, ownFeed: ownFeed), body)
     }
 
     /// A signed link's token is the credential: it names the organisation and the user the
@@ -157,10 +177,13 @@ struct TenantBoundary: ServerMiddleware {
         }
         let answer: (HTTPResponse, HTTPBody?)
         do {
-            answer = try await database.withTenant(claims.organisationID, actor: .user(claims.userID), requestID: scope.requestID) { tx in
-                var bound = scope
-                bound.link = claims
-                return try await Self.run(next, in: tx, scope: bound)
+            // Signed by this deployment: the organisation is proven.
+            answer = try await gate.run(.init(organisationID: claims.organisationID, ownFeed: false)) {
+                try await database.withTenant(claims.organisationID, actor: .user(claims.userID), requestID: scope.requestID) { tx in
+                    var bound = scope
+                    bound.link = claims
+                    return try await Self.run(next, in: tx, scope: bound)
+                }
             }
         } catch StoreError.notFound {
             throw APIError.notFound(resource: "link")

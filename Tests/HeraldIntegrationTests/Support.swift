@@ -104,11 +104,12 @@ final class TestEnvironment: Sendable {
         expectedMigrations: [Int] = TestEnvironment.migrationVersions,
         logger: Logger? = nil,
         database: Database? = nil,
+        gate: OrganisationGate? = nil,
         configure: (inout AppConfiguration) -> Void = { _ in }
     ) throws -> some ApplicationProtocol {
         let dependencies = AppDependencies(
             database: database ?? self.database, postgres: appClient, tokens: tokens, passwords: passwords,
-            expectedMigrations: expectedMigrations, linkKeys: TestEnvironment.linkKeys, now: now)
+            expectedMigrations: expectedMigrations, linkKeys: TestEnvironment.linkKeys, gate: gate, now: now)
         let router = try buildRouter(configuration: configuration(configure), dependencies: dependencies)
         return Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)), logger: logger ?? self.logger)
     }

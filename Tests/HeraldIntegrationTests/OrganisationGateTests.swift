@@ -1,0 +1,110 @@
+import Foundation
+import HTTPTypes
+import HeraldCore
+import HummingbirdTesting
+import PostgresNIO
+import Synchronization
+import Testing
+
+@testable import HeraldAPI
+@testable import HeraldStore
+
+/// Each organisation's requests in the database at once (issue 12, fairness): past its places
+/// an organisation's requests wait in line before they take a connection, past its queue they
+/// get a 429 problem, and another organisation's requests, and its own users' bells, go
+/// straight through meanwhile.
+@Suite("Organisation gate")
+struct OrganisationGateTests {
+    /// Polls `condition` every 10 ms for up to 10 s (the state it waits for is reached by other
+    /// tasks, not by time).
+    func eventually(_ what: String, _ condition: () -> Bool) async throws {
+        for _ in 0..<1000 {
+            if condition() { return }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        Issue.record("never: \(what)")
+        throw CancellationError()
+    }
+
+    @Test("a request held in the database keeps its organisation's next one waiting and the one after refused; others go through")
+    func heldRequest() async throws {
+        let (org, other) = (try await TestOrganisation.make(), try await TestOrganisation.make())
+        let gate = OrganisationGate(limit: 1, queueLimit: 1)
+        let lane = OrganisationGate.LaneKey(organisationID: org.id, ownFeed: false)
+        let app = try await TestEnvironment.shared.application(gate: gate)
+        try await app.test(.router) { client in
+            // A transaction of our own holds the member's row, so the owner's change of it blocks
+            // in the database with its place taken.
+            let (locked, lockedGo) = AsyncStream.makeStream(of: Void.self)
+            let (release, releaseGo) = AsyncStream.makeStream(of: Void.self)
+            let holder = Task {
+                try await org.store { tx in
+                    try await tx.query("SELECT 1 FROM users WHERE id = \(org.memberID) FOR UPDATE")
+                    lockedGo.yield()
+                    for await _ in release { break }
+                }
+            }
+            for await _ in locked { break }
+            let held = Task {
+                try await client.send(.patch, "/v1/users/\(org.memberID)", token: org.ownerToken, json: #"{"display_name": "Held"}"#)
+            }
+            try await eventually("the change runs") { gate.load(lane) == (1, 0) }
+            let waiting = Task { try await client.send(.get, "/v1/events", token: org.ownerToken) }
+            try await eventually("the next request waits") { gate.load(lane) == (1, 1) }
+
+            let refused = try await client.send(.get, "/v1/users", token: org.ownerToken)
+            #expect(refused.isProblem(.tooManyRequests), "\(refused.text)")
+            #expect(refused.headers[.retryAfter] == "1")
+            #expect((refused.json["detail"] as? String)?.contains("(1 running, 1 waiting)") == true, "\(refused.text)")
+
+            // Another organisation, and the organisation's own users' feed, are not in that line.
+            #expect(try await client.send(.get, "/v1/events", token: other.ownerToken).status == .ok)
+            #expect(try await client.send(.get, "/v1/me/notifications", token: org.memberToken).status == .ok)
+            #expect(gate.load(lane) == (1, 1), "the waiting request has not run")
+
+            releaseGo.yield()
+            try await holder.value
+            let changed = try await held.value
+            #expect(changed.status == .ok, "\(changed.text)")
+            #expect(changed.json["display_name"] as? String == "Held")
+            #expect(try await waiting.value.status == .ok)
+            #expect(gate.load(lane) == (0, 0))
+        }
+    }
+
+    @Test("the gate admits in order, and a cancelled waiter leaves no place taken")
+    func orderAndCancellation() async throws {
+        let gate = OrganisationGate(limit: 1, queueLimit: 3)
+        let lane = OrganisationGate.LaneKey(organisationID: UUID(), ownFeed: false)
+        let (release, releaseGo) = AsyncStream.makeStream(of: Void.self)
+        let first = Task { try await gate.run(lane) { for await _ in release { break } } }
+        try await eventually("the first runs") { gate.load(lane) == (1, 0) }
+
+        let order = Order()
+        var waiters: [Task<Void, any Error>] = []
+        for index in 0..<3 {
+            waiters.append(Task { try await gate.run(lane) { order.append(index) } })
+            try await eventually("waiter \(index) waits") { gate.load(lane) == (1, index + 1) }
+        }
+        waiters[1].cancel()
+        await #expect(throws: CancellationError.self) { try await waiters[1].value }
+        #expect(gate.load(lane) == (1, 2))
+
+        releaseGo.yield()
+        try await first.value
+        try await waiters[0].value
+        try await waiters[2].value
+        #expect(order.values == [0, 2])
+        #expect(gate.load(lane) == (0, 0))
+
+        // Without a bound, nothing waits.
+        let open = OrganisationGate(limit: 0, queueLimit: 0)
+        try await open.run(lane) { try await open.run(lane) { #expect(open.load(lane) == (0, 0)) } }
+    }
+
+    final class Order: Sendable {
+        let list = Mutex<[Int]>([])
+        func append(_ value: Int) { list.withLock { $0.append(value) } }
+        var values: [Int] { list.withLock { $0 } }
+    }
+}
