@@ -95,7 +95,9 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
                     burstSeconds: configuration.rateLimitBurstSeconds),
                 feedCache: dependencies.feedCache,
                 gate: dependencies.gate
-                    ?? OrganisationGate(limit: configuration.organisationConcurrency, queueLimit: configuration.organisationQueue),
+                    ?? OrganisationGate(
+                        limit: configuration.organisationConcurrency, queueLimit: configuration.organisationQueue,
+                        now: dependencies.now),
                 now: dependencies.now)
         ])
     return router

@@ -6,9 +6,16 @@ import Synchronization
 /// (issue 12, fairness). Rate limits bound an organisation's requests per second; they do not
 /// stop its accepted requests from arriving together (a client that waits `Retry-After` sends
 /// its whole backlog again a second later) and taking every connection and every core of the
-/// database for a while. Past `limit`, an organisation's requests wait here, in order, before
-/// they take a connection, so another organisation's request finds one free and competes with
-/// at most `limit` of theirs. Past `queueLimit` waiting, a request is refused with a 429.
+/// database for a while. While another organisation uses the instance, an organisation's
+/// requests past `limit` wait here, in order, before they take a connection, so the other's
+/// request finds one free and competes with at most `limit` of theirs. Past `queueLimit`
+/// waiting, a request is refused with a 429.
+///
+/// The bound holds only while it protects someone (work-conserving, like a fair scheduler): an
+/// organisation alone on the instance runs as many requests at once as it sends. The instance
+/// is shared while another organisation has a request running, and for `window` after requests
+/// of two organisations followed each other, so an organisation that sends now and then is
+/// protected between its requests too.
 ///
 /// Each organisation has two lanes: its users' own feed (`/v1/me/notifications…`, the bell),
 /// and everything else (its integration's and admins' calls), so a batch of large notifies does
@@ -19,6 +26,9 @@ import Synchronization
 public final class OrganisationGate: Sendable {
     public let limit: Int
     public let queueLimit: Int
+    /// How long the instance counts as shared after requests of two organisations met.
+    public let window: TimeInterval
+    private let now: @Sendable () -> Date
 
     private struct Waiter {
         let id: UInt64
@@ -45,7 +55,18 @@ public final class OrganisationGate: Sendable {
 
     private struct State {
         var lanes: [LaneKey: Lane] = [:]
+        /// Requests running, per organisation (both lanes).
+        var running: [UUID?: Int] = [:]
+        /// The organisation of the last request that came in (the outer nil: none yet).
+        var last: UUID?? = nil
+        /// Until when the instance counts as shared since two organisations' requests met.
+        var sharedUntil = Date.distantPast
         var nextID: UInt64 = 0
+
+        /// Whether another organisation than `organisation` uses the instance.
+        func shared(for organisation: UUID?, at now: Date) -> Bool {
+            now < sharedUntil || running.count > 1 || (running.count == 1 && running[organisation] == nil)
+        }
     }
 
     private let state = Mutex(State())
@@ -53,11 +74,14 @@ public final class OrganisationGate: Sendable {
     static let waits = Counter(label: "herald_organisation_gate_waits_total")
     static let refusals = Counter(label: "herald_organisation_gate_refusals_total")
 
-    /// `limit` requests of one organisation at once (at least 1; 0: no bound); `queueLimit`
-    /// more waiting.
-    public init(limit: Int, queueLimit: Int) {
+    /// `limit` requests of one organisation at once while the instance is shared (at least 1;
+    /// 0: no bound); `queueLimit` more waiting; shared for `window` seconds after two
+    /// organisations' requests met.
+    public init(limit: Int, queueLimit: Int, window: TimeInterval = 1, now: @escaping @Sendable () -> Date = { Date() }) {
         self.limit = limit <= 0 ? .max : limit
         self.queueLimit = max(0, queueLimit)
+        self.window = window
+        self.now = now
     }
 
     /// No bound: every request runs at once.
@@ -79,6 +103,7 @@ public final class OrganisationGate: Sendable {
     }
 
     private func enter(_ key: LaneKey) async throws {
+        let at = now()
         let id = state.withLock { state in
             state.nextID &+= 1
             return state.nextID
@@ -86,10 +111,14 @@ public final class OrganisationGate: Sendable {
         try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
                 let outcome: Result<Void, any Error>? = state.withLock { state in
+                    if let last = state.last, last != key.organisationID { state.sharedUntil = at.addingTimeInterval(window) }
+                    state.last = .some(key.organisationID)
                     var lane = state.lanes[key] ?? Lane()
-                    if lane.running < limit {
+                    let bound = state.shared(for: key.organisationID, at: at) ? limit : .max
+                    if lane.waiting.isEmpty, lane.running < bound {
                         lane.running += 1
                         state.lanes[key] = lane
+                        state.running[key.organisationID, default: 0] += 1
                         return .success(())
                     }
                     // A cancellation flags the task before its handler runs, and the handler
@@ -124,19 +153,25 @@ public final class OrganisationGate: Sendable {
         }
     }
 
-    /// Hands the place to the lane's first waiter, or gives it back.
+    /// Gives the place back, then lets in as many of the lane's waiters as its bound now allows
+    /// (one, or all of them once the organisation is alone).
     private func leave(_ key: LaneKey) {
-        let next: Waiter? = state.withLock { state in
-            guard var lane = state.lanes[key] else { return nil }
-            if !lane.waiting.isEmpty {
-                let next = lane.waiting.removeFirst()
-                state.lanes[key] = lane
-                return next
-            }
+        let at = now()
+        let admitted: [Waiter] = state.withLock { state in
+            guard var lane = state.lanes[key] else { return [] }
             lane.running -= 1
-            state.lanes[key] = lane.running == 0 ? nil : lane
-            return nil
+            let left = (state.running[key.organisationID] ?? 1) - 1
+            state.running[key.organisationID] = left > 0 ? left : nil
+            let bound = state.shared(for: key.organisationID, at: at) ? limit : .max
+            var admitted: [Waiter] = []
+            while lane.running < bound, !lane.waiting.isEmpty {
+                admitted.append(lane.waiting.removeFirst())
+                lane.running += 1
+                state.running[key.organisationID, default: 0] += 1
+            }
+            state.lanes[key] = lane.running == 0 && lane.waiting.isEmpty ? nil : lane
+            return admitted
         }
-        next?.continuation.resume()
+        for waiter in admitted { waiter.continuation.resume() }
     }
 }

@@ -9,10 +9,11 @@ import Testing
 @testable import HeraldAPI
 @testable import HeraldStore
 
-/// Each organisation's requests in the database at once (issue 12, fairness): past its places
-/// an organisation's requests wait in line before they take a connection, past its queue they
-/// get a 429 problem, and another organisation's requests, and its own users' bells, go
-/// straight through meanwhile.
+/// Each organisation's requests in the database at once (issue 12, fairness): while another
+/// organisation uses the instance, past its places an organisation's requests wait in line
+/// before they take a connection, past its queue they get a 429 problem, and the other
+/// organisation's requests, and its own users' bells, go straight through meanwhile. Alone, it
+/// is not bounded. The clock is injected.
 @Suite("Organisation gate")
 struct OrganisationGateTests {
     /// Polls `condition` every 10 ms for up to 10 s (the state it waits for is reached by other
@@ -26,28 +27,63 @@ struct OrganisationGateTests {
         throw CancellationError()
     }
 
-    @Test("a request held in the database keeps its organisation's next one waiting and the one after refused; others go through")
+    final class Clock: Sendable {
+        let value = Mutex(Date())
+        func now() -> Date { value.withLock { $0 } }
+        func advance(_ seconds: TimeInterval) { value.withLock { $0 = $0.addingTimeInterval(seconds) } }
+    }
+
+    /// The owner's change of the member, held in the database by a transaction of ours that
+    /// holds the member's row, until `release` is called.
+    struct HeldChange {
+        let change: Task<TestResponse, any Error>
+        let holder: Task<Void, any Error>
+        let release: @Sendable () -> Void
+
+        func finish() async throws -> TestResponse {
+            release()
+            try await holder.value
+            return try await change.value
+        }
+    }
+
+    func holdChange(_ org: TestOrganisation, _ client: any TestClientProtocol, _ name: String) async throws -> HeldChange {
+        let (locked, lockedGo) = AsyncStream.makeStream(of: Void.self)
+        let (release, releaseGo) = AsyncStream.makeStream(of: Void.self)
+        let holder = Task {
+            try await org.store { tx in
+                try await tx.query("SELECT 1 FROM users WHERE id = \(org.memberID) FOR UPDATE")
+                lockedGo.yield()
+                for await _ in release { break }
+            }
+        }
+        for await _ in locked { break }
+        let change = Task {
+            try await client.send(.patch, "/v1/users/\(org.memberID)", token: org.ownerToken, json: #"{"display_name": "\#(name)"}"#)
+        }
+        return HeldChange(change: change, holder: holder, release: { releaseGo.yield() })
+    }
+
+    @Test(
+        "while another organisation uses the instance, a request held in the database keeps its organisation's next one waiting and the one after refused"
+    )
     func heldRequest() async throws {
         let (org, other) = (try await TestOrganisation.make(), try await TestOrganisation.make())
-        let gate = OrganisationGate(limit: 1, queueLimit: 1)
+        let clock = Clock()
+        let gate = OrganisationGate(limit: 1, queueLimit: 1, window: 1, now: { clock.now() })
         let lane = OrganisationGate.LaneKey(organisationID: org.id, ownFeed: false)
-        let app = try await TestEnvironment.shared.application(gate: gate)
+        let app = try await TestEnvironment.shared.application(now: { clock.now() }, gate: gate)
         try await app.test(.router) { client in
-            // A transaction of our own holds the member's row, so the owner's change of it blocks
-            // in the database with its place taken.
-            let (locked, lockedGo) = AsyncStream.makeStream(of: Void.self)
-            let (release, releaseGo) = AsyncStream.makeStream(of: Void.self)
-            let holder = Task {
-                try await org.store { tx in
-                    try await tx.query("SELECT 1 FROM users WHERE id = \(org.memberID) FOR UPDATE")
-                    lockedGo.yield()
-                    for await _ in release { break }
-                }
-            }
-            for await _ in locked { break }
-            let held = Task {
-                try await client.send(.patch, "/v1/users/\(org.memberID)", token: org.ownerToken, json: #"{"display_name": "Held"}"#)
-            }
+            // Alone on the instance, the organisation is not bounded: a second request runs
+            // beside the held one.
+            let first = try await holdChange(org, client, "First")
+            try await eventually("the change runs") { gate.load(lane) == (1, 0) }
+            #expect(try await client.send(.get, "/v1/events", token: org.ownerToken).status == .ok)
+            #expect(try await first.finish().status == .ok)
+
+            // Another organisation's request makes the instance shared for a second.
+            #expect(try await client.send(.get, "/v1/events", token: other.ownerToken).status == .ok)
+            let held = try await holdChange(org, client, "Held")
             try await eventually("the change runs") { gate.load(lane) == (1, 0) }
             let waiting = Task { try await client.send(.get, "/v1/events", token: org.ownerToken) }
             try await eventually("the next request waits") { gate.load(lane) == (1, 1) }
@@ -62,20 +98,28 @@ struct OrganisationGateTests {
             #expect(try await client.send(.get, "/v1/me/notifications", token: org.memberToken).status == .ok)
             #expect(gate.load(lane) == (1, 1), "the waiting request has not run")
 
-            releaseGo.yield()
-            try await holder.value
-            let changed = try await held.value
+            let changed = try await held.finish()
             #expect(changed.status == .ok, "\(changed.text)")
             #expect(changed.json["display_name"] as? String == "Held")
             #expect(try await waiting.value.status == .ok)
             #expect(gate.load(lane) == (0, 0))
+
+            // A second after the other organisation's last request, the organisation is alone again.
+            clock.advance(1.5)
+            let alone = try await holdChange(org, client, "Alone")
+            try await eventually("the change runs") { gate.load(lane) == (1, 0) }
+            #expect(try await client.send(.get, "/v1/events", token: org.ownerToken).status == .ok)
+            #expect(try await alone.finish().status == .ok)
         }
     }
 
     @Test("the gate admits in order, and a cancelled waiter leaves no place taken")
     func orderAndCancellation() async throws {
-        let gate = OrganisationGate(limit: 1, queueLimit: 3)
+        let fixed = Date()
+        let gate = OrganisationGate(limit: 1, queueLimit: 3, window: 1, now: { fixed })
         let lane = OrganisationGate.LaneKey(organisationID: UUID(), ownFeed: false)
+        // Another organisation came first: the instance is shared (the clock stands still).
+        try await gate.run(.init(organisationID: UUID(), ownFeed: false)) {}
         let (release, releaseGo) = AsyncStream.makeStream(of: Void.self)
         let first = Task { try await gate.run(lane) { for await _ in release { break } } }
         try await eventually("the first runs") { gate.load(lane) == (1, 0) }
