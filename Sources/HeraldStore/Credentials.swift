@@ -116,7 +116,9 @@ extension TenantTransaction {
     }
 
     /// The permissions of a live API key whose secret hashes to `secretHash`, or nil.
-    /// Marks the key used (at most once a minute, to keep reads cheap).
+    /// Marks the key used, at most once a minute (to keep reads cheap), and never waits for
+    /// another request marking it: the row lock would be held to the end of that request's
+    /// transaction, and every request of the key would queue behind it (issue 12).
     public func grant(forApiKey id: UUID, secretHash: Data, now: Date) async throws -> Grant? {
         let key: ApiKeyGrantRow?
         if case .apiKey(id, let entered) = entry {
@@ -130,7 +132,10 @@ extension TenantTransaction {
         try await query(
             """
             UPDATE api_keys SET last_used_at = \(now)
-            WHERE organisation_id = \(organisationID) AND id = \(id) AND (last_used_at IS NULL OR last_used_at < \(now) - interval '1 minute')
+            WHERE organisation_id = \(organisationID) AND id = (
+                SELECT id FROM api_keys
+                WHERE organisation_id = \(organisationID) AND id = \(id) AND (last_used_at IS NULL OR last_used_at < \(now) - interval '1 minute')
+                FOR UPDATE SKIP LOCKED)
             """)
         return Grant(permissions: Set(key.permissions.compactMap(Permission.init(rawValue:))))
     }

@@ -64,7 +64,7 @@ struct FeedCacheTests {
     /// same channel after it has dropped an entry kept for the purpose.
     func settle(_ server: StreamServer, _ org: TestOrganisation) async throws {
         let cache = try #require(server.cache)
-        let deadline = ContinuousClock.now + .seconds(10)
+        let deadline = ContinuousClock.now + .seconds(30)
         while try await org.store({ tx in
             try await tx.query("SELECT count(*)::int FROM feed_due WHERE organisation_id = \(org.id) AND user_id = \(org.memberID)")
                 .first!.decode(Int.self)

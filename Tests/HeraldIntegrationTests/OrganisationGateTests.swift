@@ -146,6 +146,41 @@ struct OrganisationGateTests {
         try await open.run(lane) { try await open.run(lane) { #expect(open.load(lane) == (0, 0)) } }
     }
 
+    @Test("two requests with one API key never wait on each other to mark it used")
+    func markingKeysUsedNeverWaits() async throws {
+        let org = try await TestOrganisation.make()
+        let key = OpaqueToken(kind: .apiKey, organisationID: org.id)
+        try await org.store { tx in
+            _ = try await tx.createApiKey(
+                id: key.id, name: "k", roleID: try await tx.builtinRole(.service).id, secretHash: key.secretHash, expiresAt: nil)
+        }
+        let start = Date()
+        let (marked, markedGo) = AsyncStream.makeStream(of: Void.self)
+        let (done, doneGo) = AsyncStream.makeStream(of: Void.self)
+        // The first request marks the key used and holds its row until the second has finished.
+        let first = Task {
+            try await org.store { tx in
+                let grant = try await tx.grant(forApiKey: key.id, secretHash: key.secretHash, now: start)
+                #expect(grant != nil)
+                markedGo.yield()
+                for await _ in done { break }
+            }
+        }
+        for await _ in marked { break }
+        // Two minutes later by its clock the second would mark it too, but the row is held: it
+        // goes on without (waiting would block until the database deadline, and fail).
+        let second = try await org.store { tx in
+            try await tx.grant(forApiKey: key.id, secretHash: key.secretHash, now: start.addingTimeInterval(120))
+        }
+        #expect(second != nil)
+        doneGo.yield()
+        try await first.value
+        let used = try await org.store { tx in
+            try await tx.query("SELECT last_used_at FROM api_keys WHERE id = \(key.id)").first!.decode(Date.self)
+        }
+        #expect(abs(used.timeIntervalSince(start)) < 1, "the first request's mark stands")
+    }
+
     final class Order: Sendable {
         let list = Mutex<[Int]>([])
         func append(_ value: Int) { list.withLock { $0.append(value) } }
