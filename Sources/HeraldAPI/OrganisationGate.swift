@@ -17,12 +17,11 @@ import Synchronization
 /// of two organisations followed each other, so an organisation that sends now and then is
 /// protected between its requests too.
 ///
-/// Each organisation has two lanes: its users' own feed (`/v1/me/notifications…`, the bell),
-/// and everything else (its integration's and admins' calls), so a batch of large notifies does
-/// not hold up its users' bells. Requests go to the organisation their credential names once the
-/// credential is proven (a signed access token or link, or an API key the database accepted
-/// lately); credentials not yet proven share one lane of their own, so forged keys naming an
-/// organisation cannot take its places. Per instance, like the rate limits.
+/// Each organisation has three lanes, each with its own bound: its users' own feed
+/// (`/v1/me/notifications…`, the bell), its other calls (its integration's and admins'), so a
+/// batch of large notifies does not hold up its users' bells, and calls with an API key the
+/// database has not accepted in the last 30 s, so forged keys naming an organisation cannot take
+/// the places of its proven requests. Per instance, like the rate limits.
 public final class OrganisationGate: Sendable {
     public let limit: Int
     public let queueLimit: Int
@@ -40,31 +39,39 @@ public final class OrganisationGate: Sendable {
         var waiting: [Waiter] = []
     }
 
-    /// Which requests wait in line together.
+    /// Which requests wait in line together: an organisation's, of one kind.
     public struct LaneKey: Hashable, Sendable {
-        /// nil: credentials not yet proven.
-        public var organisationID: UUID?
-        /// The users' own feed, apart from the organisation's other calls.
-        public var ownFeed: Bool
+        public var organisationID: UUID
+        public var kind: Kind
 
-        public init(organisationID: UUID?, ownFeed: Bool) {
+        public enum Kind: Hashable, Sendable {
+            /// Its users' own feed (`/v1/me/notifications…`).
+            case ownFeed
+            /// Its other calls, with a proven credential.
+            case calls
+            /// Calls with an API key the database has not accepted lately: forged keys naming
+            /// the organisation wait here, not in its other lanes.
+            case unproven
+        }
+
+        public init(organisationID: UUID, kind: Kind) {
             self.organisationID = organisationID
-            self.ownFeed = ownFeed
+            self.kind = kind
         }
     }
 
     private struct State {
         var lanes: [LaneKey: Lane] = [:]
         /// Requests running, per organisation (both lanes).
-        var running: [UUID?: Int] = [:]
-        /// The organisation of the last request that came in (the outer nil: none yet).
-        var last: UUID?? = nil
+        var running: [UUID: Int] = [:]
+        /// The organisation of the last request that came in.
+        var last: UUID?
         /// Until when the instance counts as shared since two organisations' requests met.
         var sharedUntil = Date.distantPast
         var nextID: UInt64 = 0
 
         /// Whether another organisation than `organisation` uses the instance.
-        func shared(for organisation: UUID?, at now: Date) -> Bool {
+        func shared(for organisation: UUID, at now: Date) -> Bool {
             now < sharedUntil || running.count > 1 || (running.count == 1 && running[organisation] == nil)
         }
     }
@@ -112,7 +119,7 @@ public final class OrganisationGate: Sendable {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
                 let outcome: Result<Void, any Error>? = state.withLock { state in
                     if let last = state.last, last != key.organisationID { state.sharedUntil = at.addingTimeInterval(window) }
-                    state.last = .some(key.organisationID)
+                    state.last = key.organisationID
                     var lane = state.lanes[key] ?? Lane()
                     let bound = state.shared(for: key.organisationID, at: at) ? limit : .max
                     if lane.waiting.isEmpty, lane.running < bound {

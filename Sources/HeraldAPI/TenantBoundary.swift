@@ -148,20 +148,17 @@ struct TenantBoundary: ServerMiddleware {
         }
     }
 
-    /// `body` once the credential's organisation has a place in the gate: its own lane when
-    /// the credential is proven, else the lane that unproven credentials share.
+    /// `body` once the credential's organisation has a place in the gate, in the lane of the
+    /// request's kind: its users' own feed, its other calls, or calls with a key not yet proven.
     private func admitted<Result>(
         _ credential: Credential, ownFeed: Bool, _ body: () async throws -> Result
     ) async throws -> Result {
-        let proven: Bool
-        if let rateLimits {
-            proven = rateLimits.isProven(credential, now: now())
-        } else if case .accessToken = credential {
-            proven = true
-        } else {
-            proven = false
+        let kind: OrganisationGate.LaneKey.Kind
+        switch credential {
+        case .accessToken: kind = ownFeed ? .ownFeed : .calls
+        case .apiKey: kind = rateLimits?.isProven(credential, now: now()) == true ? .calls : .unproven
         }
-        return try await gate.run(.init(organisationID: proven ? credential.organisationID : nil, ownFeed: ownFeed), body)
+        return try await gate.run(.init(organisationID: credential.organisationID, kind: kind), body)
     }
 
     /// A signed link's token is the credential: it names the organisation and the user the

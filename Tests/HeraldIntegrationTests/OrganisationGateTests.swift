@@ -71,7 +71,7 @@ struct OrganisationGateTests {
         let (org, other) = (try await TestOrganisation.make(), try await TestOrganisation.make())
         let clock = Clock()
         let gate = OrganisationGate(limit: 1, queueLimit: 1, window: 1, now: { clock.now() })
-        let lane = OrganisationGate.LaneKey(organisationID: org.id, ownFeed: false)
+        let lane = OrganisationGate.LaneKey(organisationID: org.id, kind: .calls)
         let app = try await TestEnvironment.shared.application(now: { clock.now() }, gate: gate)
         try await app.test(.router) { client in
             // Alone on the instance, the organisation is not bounded: a second request runs
@@ -93,6 +93,10 @@ struct OrganisationGateTests {
             #expect(refused.headers[.retryAfter] == "1")
             #expect((refused.json["detail"] as? String)?.contains("(1 running, 1 waiting)") == true, "\(refused.text)")
 
+            // A forged API key naming the organisation waits in a lane of its own (in this
+            // one, whose queue is full, it would get a 429): it is checked, and refused as such.
+            let forged = "hk.\(org.id.lowercased).\(UUID().lowercased).not-a-secret"
+            #expect(try await client.send(.get, "/v1/events", token: forged).isProblem(.unauthorized))
             // Another organisation, and the organisation's own users' feed, are not in that line.
             #expect(try await client.send(.get, "/v1/events", token: other.ownerToken).status == .ok)
             #expect(try await client.send(.get, "/v1/me/notifications", token: org.memberToken).status == .ok)
@@ -117,9 +121,9 @@ struct OrganisationGateTests {
     func orderAndCancellation() async throws {
         let fixed = Date()
         let gate = OrganisationGate(limit: 1, queueLimit: 3, window: 1, now: { fixed })
-        let lane = OrganisationGate.LaneKey(organisationID: UUID(), ownFeed: false)
+        let lane = OrganisationGate.LaneKey(organisationID: UUID(), kind: .calls)
         // Another organisation came first: the instance is shared (the clock stands still).
-        try await gate.run(.init(organisationID: UUID(), ownFeed: false)) {}
+        try await gate.run(.init(organisationID: UUID(), kind: .calls)) {}
         let (release, releaseGo) = AsyncStream.makeStream(of: Void.self)
         let first = Task { try await gate.run(lane) { for await _ in release { break } } }
         try await eventually("the first runs") { gate.load(lane) == (1, 0) }
