@@ -113,9 +113,10 @@ public struct AppConfiguration: Sendable {
     public var rateLimitRequests: Double = 500
     public var rateLimitEvents: Double = 50
     public var rateLimitBurstSeconds: Double = 2
-    /// Requests of one organisation this instance runs in the database at once, per lane (its
-    /// users' feed, its other calls; 0: no bound), and how many more may wait for a place before
-    /// a 429 (`OrganisationGate`). By default as many as the instance has cores (at least 2).
+    /// Requests of one organisation this instance runs in the database at once while another
+    /// organisation uses it, per lane (its users' feed, its other calls, calls with a key not yet
+    /// proven; 0: no bound), and how many more may wait in a lane before a 429
+    /// (`OrganisationGate`). By default as many as the instance has cores (at least 2).
     public var organisationConcurrency = max(2, ProcessInfo.processInfo.activeProcessorCount)
     public var organisationQueue = 256
     /// Whether the hottest reads run as named prepared statements (HERALD_PREPARED_STATEMENTS).

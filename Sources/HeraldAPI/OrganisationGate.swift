@@ -62,17 +62,52 @@ public final class OrganisationGate: Sendable {
 
     private struct State {
         var lanes: [LaneKey: Lane] = [:]
-        /// Requests running, per organisation (both lanes).
+        /// Requests running per organisation, in its proven lanes.
         var running: [UUID: Int] = [:]
-        /// The organisation of the last request that came in.
+        /// The organisation of the last proven request that came in.
         var last: UUID?
         /// Until when the instance counts as shared since two organisations' requests met.
         var sharedUntil = Date.distantPast
         var nextID: UInt64 = 0
 
+        /// Whether a lane's requests say who uses the instance. Unproven keys do not: a trickle
+        /// of forged keys naming made-up organisations would keep every instance shared.
+        static func counts(_ key: LaneKey) -> Bool { key.kind != .unproven }
+
         /// Whether another organisation than `organisation` uses the instance.
         func shared(for organisation: UUID, at now: Date) -> Bool {
             now < sharedUntil || running.count > 1 || (running.count == 1 && running[organisation] == nil)
+        }
+
+        /// A proven request of `key`'s organisation came in at `now`.
+        mutating func arrived(_ key: LaneKey, at now: Date, window: TimeInterval) {
+            guard Self.counts(key) else { return }
+            if let last, last != key.organisationID { sharedUntil = now.addingTimeInterval(window) }
+            last = key.organisationID
+        }
+
+        mutating func started(_ key: LaneKey) {
+            if Self.counts(key) { running[key.organisationID, default: 0] += 1 }
+        }
+
+        mutating func stopped(_ key: LaneKey) {
+            guard Self.counts(key), let count = running[key.organisationID] else { return }
+            running[key.organisationID] = count > 1 ? count - 1 : nil
+        }
+
+        /// Lets in the lane's first waiters while its bound allows: one as a place frees, all
+        /// of them once the organisation is alone. The caller resumes them.
+        mutating func admitWaiters(_ key: LaneKey, at now: Date, limit: Int) -> [Waiter] {
+            guard var lane = lanes[key], !lane.waiting.isEmpty else { return [] }
+            let bound = shared(for: key.organisationID, at: now) ? limit : .max
+            var admitted: [Waiter] = []
+            while lane.running < bound, !lane.waiting.isEmpty {
+                admitted.append(lane.waiting.removeFirst())
+                lane.running += 1
+                started(key)
+            }
+            lanes[key] = lane
+            return admitted
         }
     }
 
@@ -117,30 +152,32 @@ public final class OrganisationGate: Sendable {
         }
         try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-                let outcome: Result<Void, any Error>? = state.withLock { state in
-                    if let last = state.last, last != key.organisationID { state.sharedUntil = at.addingTimeInterval(window) }
-                    state.last = key.organisationID
+                let (outcome, admitted): (Result<Void, any Error>?, [Waiter]) = state.withLock { state in
+                    state.arrived(key, at: at, window: window)
+                    // Those waiting first: the bound may have risen since they came (the
+                    // organisation is alone now).
+                    let admitted = state.admitWaiters(key, at: at, limit: limit)
                     var lane = state.lanes[key] ?? Lane()
                     let bound = state.shared(for: key.organisationID, at: at) ? limit : .max
                     if lane.waiting.isEmpty, lane.running < bound {
                         lane.running += 1
                         state.lanes[key] = lane
-                        state.running[key.organisationID, default: 0] += 1
-                        return .success(())
+                        state.started(key)
+                        return (.success(()), admitted)
                     }
                     // A cancellation flags the task before its handler runs, and the handler
                     // takes this lock: checked here, no waiter is left behind.
-                    if Task.isCancelled { return .failure(CancellationError()) }
+                    if Task.isCancelled { return (.failure(CancellationError()), admitted) }
                     guard lane.waiting.count < queueLimit else {
-                        return .failure(
-                            APIError.tooManyRequests(
-                                "Too many of your organisation's requests are in progress on this instance at once (\(lane.running) running, \(lane.waiting.count) waiting); retry after 1 s.",
-                                retryAfter: 1))
+                        let detail =
+                            "Too many of your organisation's requests are in progress on this instance at once (\(lane.running) running, \(lane.waiting.count) waiting); retry after 1 s."
+                        return (.failure(APIError.tooManyRequests(detail, retryAfter: 1)), admitted)
                     }
                     lane.waiting.append(Waiter(id: id, continuation: continuation))
                     state.lanes[key] = lane
-                    return nil
+                    return (nil, admitted)
                 }
+                for waiter in admitted { waiter.continuation.resume() }
                 switch outcome {
                 case .none: Self.waits.increment()
                 case .failure(let error as APIError):
@@ -160,23 +197,23 @@ public final class OrganisationGate: Sendable {
         }
     }
 
-    /// Gives the place back, then lets in as many of the lane's waiters as its bound now allows
-    /// (one, or all of them once the organisation is alone).
+    /// Gives the place back, then lets in as many of the lane's waiters as its bound now allows;
+    /// when the organisation's last request ends, other organisations may be alone now, so their
+    /// waiters too.
     private func leave(_ key: LaneKey) {
         let at = now()
         let admitted: [Waiter] = state.withLock { state in
             guard var lane = state.lanes[key] else { return [] }
             lane.running -= 1
-            let left = (state.running[key.organisationID] ?? 1) - 1
-            state.running[key.organisationID] = left > 0 ? left : nil
-            let bound = state.shared(for: key.organisationID, at: at) ? limit : .max
-            var admitted: [Waiter] = []
-            while lane.running < bound, !lane.waiting.isEmpty {
-                admitted.append(lane.waiting.removeFirst())
-                lane.running += 1
-                state.running[key.organisationID, default: 0] += 1
+            state.lanes[key] = lane
+            state.stopped(key)
+            var admitted = state.admitWaiters(key, at: at, limit: limit)
+            if State.counts(key), state.running[key.organisationID] == nil {
+                for other in Array(state.lanes.keys) where other != key && state.lanes[other]?.waiting.isEmpty == false {
+                    admitted += state.admitWaiters(other, at: at, limit: limit)
+                }
             }
-            state.lanes[key] = lane.running == 0 && lane.waiting.isEmpty ? nil : lane
+            if let left = state.lanes[key], left.running == 0, left.waiting.isEmpty { state.lanes[key] = nil }
             return admitted
         }
         for waiter in admitted { waiter.continuation.resume() }

@@ -128,8 +128,10 @@ struct TenantBoundary: ServerMiddleware {
                     limit = try await rateLimits?.take(credential.organisationID, operationID: operationID, now: now()) {
                         try await tx.rateLimitSettings()
                     }
-                    rateLimits?.proven(credential, now: now())
                 }
+                // On every request, so a key in constant use stays proven (refused early when
+                // over its rate, in its organisation's lane of the gate).
+                rateLimits?.proven(credential, now: now())
                 if let limit, !limit.allowed { throw APIError.rateLimited(limit) }
                 if case .permission(let permission) = rule, !principal.permissions.contains(permission) {
                     throw APIError.forbidden(permission)

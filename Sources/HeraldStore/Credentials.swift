@@ -135,7 +135,7 @@ extension TenantTransaction {
             WHERE organisation_id = \(organisationID) AND id = (
                 SELECT id FROM api_keys
                 WHERE organisation_id = \(organisationID) AND id = \(id) AND (last_used_at IS NULL OR last_used_at < \(now) - interval '1 minute')
-                FOR UPDATE SKIP LOCKED)
+                FOR NO KEY UPDATE SKIP LOCKED)
             """)
         return Grant(permissions: Set(key.permissions.compactMap(Permission.init(rawValue:))))
     }

@@ -144,10 +144,34 @@ struct OrganisationGateTests {
         try await waiters[2].value
         #expect(order.values == [0, 2])
         #expect(gate.load(lane) == (0, 0))
+    }
 
-        // Without a bound, nothing waits.
-        let open = OrganisationGate(limit: 0, queueLimit: 0)
-        try await open.run(lane) { try await open.run(lane) { #expect(open.load(lane) == (0, 0)) } }
+    @Test(
+        "once an organisation is alone again, its waiting requests are let in; forged keys do not make it shared",
+        .timeLimit(.minutes(1)))
+    func sharingEnds() async throws {
+        let clock = Clock()
+        let gate = OrganisationGate(limit: 1, queueLimit: 3, window: 1, now: { clock.now() })
+        let lane = OrganisationGate.LaneKey(organisationID: UUID(), kind: .calls)
+        // A key not yet proven, naming another organisation, does not make the instance shared...
+        try await gate.run(.init(organisationID: UUID(), kind: .unproven)) {}
+        let (release, releaseGo) = AsyncStream.makeStream(of: Void.self)
+        let first = Task { try await gate.run(lane) { for await _ in release { break } } }
+        try await eventually("the first runs") { gate.load(lane) == (1, 0) }
+        try await gate.run(lane) { #expect(gate.load(lane) == (2, 0), "alone: a second runs beside the first") }
+        // ...another organisation's proven request does.
+        try await gate.run(.init(organisationID: UUID(), kind: .calls)) {}
+        let waiter = Task { try await gate.run(lane) {} }
+        try await eventually("the next waits") { gate.load(lane) == (1, 1) }
+        // A second later the organisation is alone: the next request lets the waiter in first,
+        // then runs too, while the first still holds its place.
+        clock.advance(1.5)
+        try await gate.run(lane) {}
+        try await waiter.value
+        #expect(gate.load(lane) == (1, 0))
+        releaseGo.yield()
+        try await first.value
+        #expect(gate.load(lane) == (0, 0))
     }
 
     @Test("two requests with one API key never wait on each other to mark it used")
