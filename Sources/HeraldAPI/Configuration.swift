@@ -133,6 +133,13 @@ public struct AppConfiguration: Sendable {
             guard let parsed = T(raw) else { throw ConfigurationError(variable: name, value: raw) }
             target = parsed
         }
+        /// A number that must lie in `range`.
+        func number<T: LosslessStringConvertible & Comparable>(_ name: String, _ target: inout T, in range: ClosedRange<T>) throws {
+            try number(name, &target)
+            guard range.contains(target) else {
+                throw ConfigurationError(variable: name, value: "\(target) (\(range.lowerBound) to \(range.upperBound))")
+            }
+        }
         if let v = value("HERALD_HOST") { c.host = v }
         try number("HERALD_PORT", &c.port)
         if let v = value("DATABASE_URL") { c.databaseURL = v }
@@ -237,14 +244,8 @@ public struct AppConfiguration: Sendable {
         guard (1...3600).contains(c.rateLimitBurstSeconds) else {
             throw ConfigurationError(variable: "HERALD_RATE_LIMIT_BURST_SECONDS", value: "\(c.rateLimitBurstSeconds) (1 to 3600)")
         }
-        try number("HERALD_ORGANISATION_CONCURRENCY", &c.organisationConcurrency)
-        try number("HERALD_ORGANISATION_QUEUE", &c.organisationQueue)
-        guard (0...10_000).contains(c.organisationConcurrency) else {
-            throw ConfigurationError(variable: "HERALD_ORGANISATION_CONCURRENCY", value: "\(c.organisationConcurrency) (0 to 10000)")
-        }
-        guard (0...100_000).contains(c.organisationQueue) else {
-            throw ConfigurationError(variable: "HERALD_ORGANISATION_QUEUE", value: "\(c.organisationQueue) (0 to 100000)")
-        }
+        try number("HERALD_ORGANISATION_CONCURRENCY", &c.organisationConcurrency, in: 0...10_000)
+        try number("HERALD_ORGANISATION_QUEUE", &c.organisationQueue, in: 0...100_000)
         try number("HERALD_FANOUT_SYNC_LIMIT", &c.fanoutSyncLimit)
         try number("HERALD_FANOUT_CHUNK", &c.fanoutChunkSize)
         try number("HERALD_FANOUT_RUNNERS", &c.fanoutRunners)

@@ -209,6 +209,20 @@ struct OrganisationGateTests {
         #expect(abs(used.timeIntervalSince(start)) < 1, "the first request's mark stands")
     }
 
+    @Test("the bound and the queue come from the environment, in range")
+    func configuration() throws {
+        let base = ["DATABASE_URL": "postgres://u@127.0.0.1/db"]
+        let defaults = try AppConfiguration.fromEnvironment(base)
+        #expect(defaults.organisationConcurrency == max(2, ProcessInfo.processInfo.activeProcessorCount))
+        #expect(defaults.organisationQueue == 256)
+        let set = try AppConfiguration.fromEnvironment(
+            base.merging(["HERALD_ORGANISATION_CONCURRENCY": "0", "HERALD_ORGANISATION_QUEUE": "10"]) { $1 })
+        #expect(set.organisationConcurrency == 0 && set.organisationQueue == 10)
+        for (name, value) in [("HERALD_ORGANISATION_CONCURRENCY", "-1"), ("HERALD_ORGANISATION_QUEUE", "lots")] {
+            #expect(throws: ConfigurationError.self) { try AppConfiguration.fromEnvironment(base.merging([name: value]) { $1 }) }
+        }
+    }
+
     final class Order: Sendable {
         let list = Mutex<[Int]>([])
         func append(_ value: Int) { list.withLock { $0.append(value) } }
