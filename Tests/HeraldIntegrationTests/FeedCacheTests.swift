@@ -17,13 +17,8 @@ import Testing
 /// lifetime's doing unless the test says so.
 @Suite("Feed cache")
 struct FeedCacheTests {
-    /// Starts two minutes ahead: rows notified during the test (at the real time) are visible
-    /// by it.
-    final class Clock: Sendable {
-        let value = Mutex(Date().addingTimeInterval(120))
-        func now() -> Date { value.withLock { $0 } }
-        func advance(_ seconds: TimeInterval) { value.withLock { $0 = $0.addingTimeInterval(seconds) } }
-    }
+    /// Two minutes ahead: rows notified during the test (at the real time) are visible by it.
+    static func clock() -> TestClock { TestClock(Date().addingTimeInterval(120)) }
 
     func organisation() async throws -> TestOrganisation {
         let org = try await TestOrganisation.make()
@@ -88,7 +83,7 @@ struct FeedCacheTests {
     @Test("a read is served again until the lifetime passes; what no message announces shows then")
     func servedUntilLifetime() async throws {
         let org = try await organisation()
-        let clock = Clock()
+        let clock = Self.clock()
         try await StreamServer.with(now: { clock.now() }, feedCacheSeconds: 5) { servers in
             let server = servers[0]
             try await task(org, "first")
@@ -110,7 +105,7 @@ struct FeedCacheTests {
     @Test("this instance's own writes show at once in the next read of the page and the count")
     func ownWrites() async throws {
         let org = try await organisation()
-        let clock = Clock()
+        let clock = Self.clock()
         try await StreamServer.with(now: { clock.now() }, feedCacheSeconds: 60) { servers in
             let server = servers[0]
             try await task(org, "one")
@@ -175,7 +170,7 @@ struct FeedCacheTests {
     @Test("another instance's writes, a notify through the store and a deactivation reach the cache through the bus")
     func otherInstances() async throws {
         let (org, other) = (try await organisation(), try await organisation())
-        let clock = Clock()
+        let clock = Self.clock()
         try await StreamServer.with(count: 2, now: { clock.now() }, feedCacheSeconds: 300) { servers in
             let (cached, writer) = (servers[0], servers[1])
             try await task(org, "one")

@@ -16,21 +16,9 @@ import Testing
 /// is not bounded. The clock is injected.
 @Suite("Organisation gate")
 struct OrganisationGateTests {
-    /// Polls `condition` every 10 ms for up to 10 s (the state it waits for is reached by other
-    /// tasks, not by time).
-    func eventually(_ what: String, _ condition: () -> Bool) async throws {
-        for _ in 0..<1000 {
-            if condition() { return }
-            try await Task.sleep(for: .milliseconds(10))
-        }
-        Issue.record("never: \(what)")
-        throw CancellationError()
-    }
-
-    final class Clock: Sendable {
-        let value = Mutex(Date())
-        func now() -> Date { value.withLock { $0 } }
-        func advance(_ seconds: TimeInterval) { value.withLock { $0 = $0.addingTimeInterval(seconds) } }
+    /// Waits (polling every 10 ms, at most 10 s) for a state other tasks reach, not time.
+    func waitFor(_ what: String, _ condition: () -> Bool) async throws {
+        try #require(try await eventually(timeout: .seconds(10), every: .milliseconds(10)) { condition() }, "never: \(what)")
     }
 
     /// The owner's change of the member, held in the database by a transaction of ours that
@@ -69,7 +57,7 @@ struct OrganisationGateTests {
     )
     func heldRequest() async throws {
         let (org, other) = (try await TestOrganisation.make(), try await TestOrganisation.make())
-        let clock = Clock()
+        let clock = TestClock()
         let gate = OrganisationGate(limit: 1, queueLimit: 1, window: 1, now: { clock.now() })
         let lane = OrganisationGate.LaneKey(organisationID: org.id, kind: .calls)
         let app = try await TestEnvironment.shared.application(now: { clock.now() }, gate: gate)
@@ -77,16 +65,16 @@ struct OrganisationGateTests {
             // Alone on the instance, the organisation is not bounded: a second request runs
             // beside the held one.
             let first = try await holdChange(org, client, "First")
-            try await eventually("the change runs") { gate.load(lane) == (1, 0) }
+            try await waitFor("the change runs") { gate.load(lane) == (1, 0) }
             #expect(try await client.send(.get, "/v1/events", token: org.ownerToken).status == .ok)
             #expect(try await first.finish().status == .ok)
 
             // Another organisation's request makes the instance shared for a second.
             #expect(try await client.send(.get, "/v1/events", token: other.ownerToken).status == .ok)
             let held = try await holdChange(org, client, "Held")
-            try await eventually("the change runs") { gate.load(lane) == (1, 0) }
+            try await waitFor("the change runs") { gate.load(lane) == (1, 0) }
             let waiting = Task { try await client.send(.get, "/v1/events", token: org.ownerToken) }
-            try await eventually("the next request waits") { gate.load(lane) == (1, 1) }
+            try await waitFor("the next request waits") { gate.load(lane) == (1, 1) }
 
             let refused = try await client.send(.get, "/v1/users", token: org.ownerToken)
             #expect(refused.isProblem(.tooManyRequests), "\(refused.text)")
@@ -111,7 +99,7 @@ struct OrganisationGateTests {
             // A second after the other organisation's last request, the organisation is alone again.
             clock.advance(1.5)
             let alone = try await holdChange(org, client, "Alone")
-            try await eventually("the change runs") { gate.load(lane) == (1, 0) }
+            try await waitFor("the change runs") { gate.load(lane) == (1, 0) }
             #expect(try await client.send(.get, "/v1/events", token: org.ownerToken).status == .ok)
             #expect(try await alone.finish().status == .ok)
         }
@@ -126,13 +114,13 @@ struct OrganisationGateTests {
         try await gate.run(.init(organisationID: UUID(), kind: .calls)) {}
         let (release, releaseGo) = AsyncStream.makeStream(of: Void.self)
         let first = Task { try await gate.run(lane) { for await _ in release { break } } }
-        try await eventually("the first runs") { gate.load(lane) == (1, 0) }
+        try await waitFor("the first runs") { gate.load(lane) == (1, 0) }
 
         let order = Order()
         var waiters: [Task<Void, any Error>] = []
         for index in 0..<3 {
             waiters.append(Task { try await gate.run(lane) { order.append(index) } })
-            try await eventually("waiter \(index) waits") { gate.load(lane) == (1, index + 1) }
+            try await waitFor("waiter \(index) waits") { gate.load(lane) == (1, index + 1) }
         }
         waiters[1].cancel()
         await #expect(throws: CancellationError.self) { try await waiters[1].value }
@@ -150,19 +138,19 @@ struct OrganisationGateTests {
         "once an organisation is alone again, its waiting requests are let in; forged keys do not make it shared",
         .timeLimit(.minutes(1)))
     func sharingEnds() async throws {
-        let clock = Clock()
+        let clock = TestClock()
         let gate = OrganisationGate(limit: 1, queueLimit: 3, window: 1, now: { clock.now() })
         let lane = OrganisationGate.LaneKey(organisationID: UUID(), kind: .calls)
         // A key not yet proven, naming another organisation, does not make the instance shared...
         try await gate.run(.init(organisationID: UUID(), kind: .unproven)) {}
         let (release, releaseGo) = AsyncStream.makeStream(of: Void.self)
         let first = Task { try await gate.run(lane) { for await _ in release { break } } }
-        try await eventually("the first runs") { gate.load(lane) == (1, 0) }
+        try await waitFor("the first runs") { gate.load(lane) == (1, 0) }
         try await gate.run(lane) { #expect(gate.load(lane) == (2, 0), "alone: a second runs beside the first") }
         // ...another organisation's proven request does.
         try await gate.run(.init(organisationID: UUID(), kind: .calls)) {}
         let waiter = Task { try await gate.run(lane) {} }
-        try await eventually("the next waits") { gate.load(lane) == (1, 1) }
+        try await waitFor("the next waits") { gate.load(lane) == (1, 1) }
         // A second later the organisation is alone: the next request lets the waiter in first,
         // then runs too, while the first still holds its place.
         clock.advance(1.5)

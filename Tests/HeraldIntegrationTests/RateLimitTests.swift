@@ -14,11 +14,6 @@ import Testing
 /// do not notice, and the bucket refills with time (an injected clock).
 @Suite("Rate limits")
 struct RateLimitTests {
-    final class Clock: Sendable {
-        let value = Mutex(Date())
-        func now() -> Date { value.withLock { $0 } }
-        func advance(_ seconds: TimeInterval) { value.withLock { $0 = $0.addingTimeInterval(seconds) } }
-    }
 
     func task(_ org: TestOrganisation, _ title: String) -> String {
         #"{"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(org.memberID.lowercased)"]}, "payload": {"title": "\#(title)"}}"#
@@ -35,7 +30,7 @@ struct RateLimitTests {
         let (org, other) = (try await TestOrganisation.make(), try await TestOrganisation.make())
         _ = try await TestCatalogue.make(in: org)
         _ = try await TestCatalogue.make(in: other)
-        let clock = Clock()
+        let clock = TestClock()
         let app = try await TestEnvironment.shared.application(
             now: { clock.now() },
             configure: {
@@ -83,7 +78,7 @@ struct RateLimitTests {
             ["organisation", "rate-limits", "--slug", org.slug, "--events-per-second", "lots"], ["DATABASE_URL": env.appURL])
         #expect(refused.status != 0 && refused.output.contains("--events-per-second must be a number"), "\(refused.output)")
 
-        let clock = Clock()
+        let clock = TestClock()
         let app = try env.application(
             now: { clock.now() },
             configure: {
@@ -118,7 +113,7 @@ struct RateLimitTests {
                 id: key.id, name: "k", roleID: try await tx.builtinRole(.service).id, secretHash: key.secretHash, expiresAt: nil)
         }
         let forged = try #require(OpaqueToken(parsing: "hk.\(org.id.lowercased).\(key.id.lowercased).not-the-secret", kind: .apiKey))
-        let clock = Clock()
+        let clock = TestClock()
         let app = try await TestEnvironment.shared.application(
             now: { clock.now() },
             configure: {

@@ -377,3 +377,13 @@ func runHeraldExit(_ arguments: [String], _ environment: [String: String]) throw
     process.waitUntilExit()
     return (process.terminationStatus, String(decoding: data, as: UTF8.self))
 }
+
+/// An injected clock that stands still unless a test moves it.
+final class TestClock: Sendable {
+    let value: Mutex<Date>
+
+    init(_ start: Date = Date()) { value = Mutex(start) }
+
+    func now() -> Date { value.withLock { $0 } }
+    func advance(_ seconds: TimeInterval) { value.withLock { $0 = $0.addingTimeInterval(seconds) } }
+}
