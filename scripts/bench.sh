@@ -5,8 +5,8 @@
 #   1. notify fan-out to 10 000 and 100 000 members: time to commit and rows per second,
 #      beside a plain INSERT … SELECT of the same rows in one transaction as the same role;
 #   2. the feed read (unread count, first page) under wrk, beside pgbench running the same SQL
-#      (the request's one transaction) at the same concurrency, extended and prepared, and
-#      the transaction the server sent before migration 0017;
+#      (the request's one statement, migration 0031) at the same concurrency, extended and
+#      prepared, and the general path's transaction for the same read;
 #   3. delivery: 10 000 webhooks to a local receiver and 10 000 emails to a local SMTP server
 #      (scripts/peers.py) by one `herald worker`, beside each receiver's own ceiling (wrk
 #      posting the same body to the receiver; smtplib sending the same message over 4
@@ -240,36 +240,17 @@ done
 TOKEN=$(curl -s -X POST localhost:$HTTP/v1/auth/token -H 'content-type: application/json' \
   -d '{"organisation":"bench","email":"owner@bench.example","password":"bench-owner-password"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
 
-# The SQL the server runs for one feed request: ONE transaction (issue 9) entered by one
-# statement (migration 0017: the SET LOCALs of the tenant context and the caller's grant), then
-# the handler's statement. A feed read also records engagement, which writes nothing when the
-# last was within the hour (as here: the entry's row says so, and the server skips the UPDATE).
+# The SQL the server runs for one bell read (migration 0031): ONE statement, which enters the
+# tenant, checks the caller's grant and reads (an engagement within the hour, as here, has nothing
+# to write). The general path's transaction for the same read (BEGIN, the entry of migration 0017,
+# the read, COMMIT: what the server ran before 0031, and still runs for any other feed read) is
+# measured beside it.
 ENTRY_SQL="BEGIN;
 SELECT active, permissions, last_engaged_at, warned FROM enter_tenant_as_user(:org::uuid, :usr::uuid, :usr::uuid);"
-# Before migration 0017 the same request sent each SET LOCAL, the grant and the engagement
-# UPDATE as statements of their own (seven round trips for the first page, six for the count):
-# measured too, as the ceiling the server had before.
-BEFORE_SQL="BEGIN;
-SET LOCAL app.org_id = '$ORG';
-SET LOCAL app.recipient_id = '$OWNER';
-SELECT u.active, coalesce((SELECT array_agg(DISTINCT p.permission) FROM user_roles ur JOIN role_permissions p ON p.organisation_id = ur.organisation_id AND p.role_id = ur.role_id WHERE ur.organisation_id = u.organisation_id AND ur.user_id = u.id), '{}') FROM users u WHERE u.organisation_id = :org::uuid AND u.id = :usr::uuid;"
-ENGAGEMENT_SQL="UPDATE users SET last_engaged_at = now(), inactivity_warned_at = NULL WHERE organisation_id = :org::uuid AND id = :usr::uuid AND (last_engaged_at < now() - interval '1 hour' OR inactivity_warned_at IS NOT NULL);"
-UNREAD_SQL="SELECT c.key, count(*)::int FROM notifications n JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
-LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
-WHERE n.organisation_id = :org::uuid AND n.user_id = :usr::uuid AND n.read_at IS NULL AND n.archived_at IS NULL AND n.visible_at <= now() AND (n.expires_at IS NULL OR n.expires_at > now())
-  AND (n.unread_pinned OR n.id > coalesce((SELECT read_settled FROM feed_state WHERE organisation_id = :org::uuid AND user_id = :usr::uuid), '00000000-0000-0000-0000-000000000000'))
-  AND NOT notification_read(n, fs)
-GROUP BY c.key;"
-# The first page as HeraldStore/Feed.swift's FirstFeedPage sends it (the bell's view: no
-# filter), read from the source.
-PAGE_SQL="$(python3 scripts/first_page_sql.py)"
-printf '%s\n%s\nCOMMIT;\n' "$ENTRY_SQL" "$UNREAD_SQL" > .bench/unread.sql
-printf '%s\n%s\nCOMMIT;\n' "$ENTRY_SQL" "$PAGE_SQL" > .bench/page.sql
-printf '%s\n%s\nCOMMIT;\n' "$BEFORE_SQL" "$UNREAD_SQL" > .bench/unread-before.sql
-printf '%s\n%s\n%s\nCOMMIT;\n' "$BEFORE_SQL" "$ENGAGEMENT_SQL" "$PAGE_SQL" > .bench/page-before.sql
-# A server older than migration 0017 (BENCH_HERALD naming an earlier build) has no entry
-# function: its ceiling is the "before" transaction alone.
-HAS_ENTRY=$(psql_app -tAc "SELECT count(*) FROM pg_proc WHERE proname = 'enter_tenant_as_user'")
+echo "SELECT * FROM bell_unread_count(:org::uuid, :usr::uuid, now(), 'notifications.read');" > .bench/unread.sql
+echo "SELECT * FROM bell_first_page(:org::uuid, :usr::uuid, now(), 21, 'notifications.read', now() - interval '1 hour');" > .bench/page.sql
+printf '%s\n%s\nCOMMIT;\n' "$ENTRY_SQL" "SELECT * FROM feed_unread_count(:org::uuid, :usr::uuid, now());" > .bench/unread-general.sql
+printf '%s\n%s\nCOMMIT;\n' "$ENTRY_SQL" "SELECT * FROM feed_first_page(:org::uuid, :usr::uuid, now(), 21);" > .bench/page-general.sql
 
 pgbench_tps() {
   PGPASSWORD=herald_app "$bindir/pgbench" -n -h 127.0.0.1 -p $PORT -U herald_app -c $CONC -j 2 -T $DURATION -M "$1" \
@@ -280,15 +261,15 @@ pgbench_tps() {
 echo
 echo "## feed read, $CONC connections, ${DURATION}s each (wrk -t2 -c$CONC; pgbench -c$CONC -j2 running the same transaction)"
 echo
-echo "Binary: \`$HERALD\`. Ceilings: the server's transaction (BEGIN, the entry, the read, COMMIT) under"
-echo "\`pgbench -M extended\` and \`-M prepared\`; and, for comparison, the transaction the server sent before"
-echo "migration 0017 (BEGIN, two SET LOCAL, the grant, [the engagement UPDATE], the read, COMMIT), \`-M extended\`."
+echo "Binary: \`$HERALD\`. Ceilings: the server's one statement per read (migration 0031: the tenant, the grant and the"
+echo "read) under \`pgbench -M extended\` and \`-M prepared\`; and, for comparison, the general path's transaction for the"
+echo "same read (BEGIN, the entry of 0017, the read, COMMIT), \`-M prepared\`."
 echo
 echo "Herald serves these reads from its per-user cache (FeedCache, HERALD_FEED_CACHE_SECONDS=5) while nothing changes the"
 echo "reader's feed, so wrk's requests after the first are hits; the \"cache off\" columns are a second server with"
-echo "HERALD_FEED_CACHE_SECONDS=0, where every request runs the transaction."
+echo "HERALD_FEED_CACHE_SECONDS=0, where every request goes to the database."
 echo
-echo "| request | Herald (wrk, requests/s) | pgbench extended (tps) | ratio | pgbench prepared (tps) | ratio | Herald, cache off (requests/s) | ratio to prepared | before-0017 SQL, extended (tps) |"
+echo "| request | Herald (wrk, requests/s) | pgbench extended (tps) | ratio | pgbench prepared (tps) | ratio | Herald, cache off (requests/s) | ratio to prepared | general path's transaction, prepared (tps) |"
 echo "|---|---|---|---|---|---|---|---|---|"
 } >> $OUT
 # The same server without the feed cache, for the reads' cost when every one goes to the database.
@@ -321,7 +302,7 @@ SQL
         [ "$(psql_app -tAc "SELECT set_config('app.org_id', '$ORG', false); SELECT count(*) FROM feed_due WHERE due_at <= now()" | tail -1)" = 0 ] && break
         sleep 1
       done
-      cp .bench/page.sql .bench/big.sql; cp .bench/page-before.sql .bench/big-before.sql
+      cp .bench/page.sql .bench/big.sql; cp .bench/page-general.sql .bench/big-general.sql
       URL="/v1/me/notifications?limit=20"; NAME="first page (20 of 100 000)";;
   esac
   say "wrk $NAME"
@@ -329,15 +310,11 @@ SQL
   say "wrk $NAME, cache off"
   NRPS=$(wrk -t2 -c$CONC -d${DURATION}s -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$NHTTP$URL" | awk '/Requests\/sec/ {print $2}')
   say "pgbench $NAME"
-  BEFORE=$(pgbench_tps extended .bench/$what-before.sql)
-  if [ "$HAS_ENTRY" = 1 ]; then
-    EXT=$(pgbench_tps extended .bench/$what.sql)
-    PREP=$(pgbench_tps prepared .bench/$what.sql)
-    printf '| %s | %.0f | %.0f | %.2f | %.0f | %.2f | %.0f | %.2f | %.0f |\n' "$NAME" $RPS $EXT $(echo "$RPS / $EXT" | bc -l) $PREP $(echo "$RPS / $PREP" | bc -l) \
-      $NRPS $(echo "$NRPS / $PREP" | bc -l) $BEFORE >> $OUT
-  else
-    printf '| %s | %.0f | – | – | – | – | %.0f | – | %.0f (ratio %.2f) |\n' "$NAME" $RPS $NRPS $BEFORE $(echo "$RPS / $BEFORE" | bc -l) >> $OUT
-  fi
+  GENERAL=$(pgbench_tps prepared .bench/$what-general.sql)
+  EXT=$(pgbench_tps extended .bench/$what.sql)
+  PREP=$(pgbench_tps prepared .bench/$what.sql)
+  printf '| %s | %.0f | %.0f | %.2f | %.0f | %.2f | %.0f | %.2f | %.0f |\n' "$NAME" $RPS $EXT $(echo "$RPS / $EXT" | bc -l) $PREP $(echo "$RPS / $PREP" | bc -l) \
+    $NRPS $(echo "$NRPS / $PREP" | bc -l) $GENERAL >> $OUT
 done
 # The first page while the reader's feed changes: a notify to the reader every 100 ms through
 # the API, each of which drops the reader's cached reads, so some reads miss. The ceiling is the

@@ -63,7 +63,7 @@ struct TenantBoundary: ServerMiddleware {
         // The bell's reads from the cache (FeedCache): only for a caller whose credential this
         // instance has proven, when rate limits are on, since a hit does not enter the database.
         func authenticate() async throws -> (HTTPResponse, HTTPBody?) {
-            try await authenticated(credential, rule: rule, early: early, operationID: operationID, scope: scope, proceed)
+            try await authenticated(credential, rule: rule, early: early, operationID: operationID, request: request, scope: scope, proceed)
         }
         guard let feedCache else { return try await authenticate() }
         guard request.method == .get, FeedCache.keeps(operationID: operationID, target: request.path ?? ""),
@@ -109,12 +109,13 @@ struct TenantBoundary: ServerMiddleware {
     /// The credential's one tenant transaction: its grant read, its rate counted, its permission
     /// checked, and the operation run in it.
     private func authenticated(
-        _ credential: Credential, rule: AccessRule, early: RateLimitDecision??, operationID: String, scope: RequestScope,
-        _ proceed: () async throws -> (HTTPResponse, HTTPBody?)
+        _ credential: Credential, rule: AccessRule, early: RateLimitDecision??, operationID: String, request: HTTPRequest,
+        scope: RequestScope, _ proceed: () async throws -> (HTTPResponse, HTTPBody?)
     ) async throws -> (HTTPResponse, HTTPBody?) {
         let ownFeed = RoutePermissions.isOwnFeed(operationID)
         return try await admitted(credential, ownFeed: ownFeed) {
-            try await database.withTenant(
+            if let answer = try await bellRead(credential, early: early, operationID: operationID, request: request) { return answer }
+            return try await database.withTenant(
                 credential.organisationID, actor: credential.actor, requestID: scope.requestID,
                 recipient: ownFeed ? credential.actor.userID : nil, admitting: credential.admission
             ) { tx in
@@ -148,6 +149,22 @@ struct TenantBoundary: ServerMiddleware {
                 return (response, body)
             }
         }
+    }
+
+    /// The bell's reads in one statement (`BellReads`): for a user's access token whose rate, when
+    /// there are rate limits, this instance has already counted (`takeEarly`); nil for any other
+    /// request, and for a read the database did not admit (the general path says why).
+    private func bellRead(
+        _ credential: Credential, early: RateLimitDecision??, operationID: String, request: HTTPRequest
+    ) async throws -> (HTTPResponse, HTTPBody?)? {
+        guard case .accessToken(let access) = credential, rateLimits == nil || early != nil,
+            let read = BellReads.read(operationID: operationID, request: request),
+            let answer = try await BellReads.answer(read, for: access, database: database, now: now())
+        else { return nil }
+        rateLimits?.proven(credential, now: now())
+        var response = answer.0
+        if let early, let limit = early { response.headerFields.append(contentsOf: limit.headers) }
+        return (response, answer.1)
     }
 
     /// `body` once the credential's organisation has a place in the gate, in the lane of the

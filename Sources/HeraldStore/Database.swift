@@ -210,6 +210,39 @@ public struct Database: Sendable {
         }
     }
 
+    /// A named prepared statement, under the same deadline.
+    static func statement<Statement: PostgresPreparedStatement>(
+        prepared statement: Statement, on connection: PostgresConnection, logger: Logger, until: ContinuousClock.Instant
+    ) async throws -> [PostgresRow] where Statement.Row == PostgresRow {
+        try await Self.statement(on: connection, logger: logger, until: until) {
+            var rows: [PostgresRow] = []
+            for try await row in try await connection.execute(statement, logger: logger) { rows.append(row) }
+            return rows
+        }
+    }
+
+    /// One of the hottest reads as ONE statement outside a tenant transaction (its own implicit
+    /// transaction), its plan kept per connection as `TenantTransaction.query(prepared:)` keeps it.
+    /// Only for functions that enter the tenant themselves (migration 0031): as the application
+    /// role with no tenant context, row-level security shows no row.
+    func query<Statement: PostgresPreparedStatement>(prepared statement: Statement) async throws -> [PostgresRow]
+    where Statement.Row == PostgresRow {
+        guard preparedStatements else {
+            return try await query(PostgresQuery(unsafeSQL: Statement.sql, binds: try statement.makeBindings()))
+        }
+        do {
+            let until = ContinuousClock.now + deadline
+            return try await withDeadline { held in
+                try await client.withConnection { connection in
+                    held.hold(connection)
+                    return try await Self.statement(prepared: statement, on: connection, logger: logger, until: until)
+                }
+            }
+        } catch {
+            throw Self.translate(error)
+        }
+    }
+
     /// Maps PostgreSQL's SQLSTATE codes to `StoreError`; anything else passes through.
     static func translate(_ error: any Error) -> any Error {
         guard let psql = error as? PSQLError, let state = psql.serverInfo?[.sqlState] else { return error }
@@ -341,13 +374,8 @@ public struct TenantTransaction {
     func query<Statement: PostgresPreparedStatement>(prepared statement: Statement) async throws -> [PostgresRow]
     where Statement.Row == PostgresRow {
         guard prepares else { return try await query(PostgresQuery(unsafeSQL: Statement.sql, binds: try statement.makeBindings())) }
-        let (connection, logger) = (connection, logger)
         do {
-            return try await Database.statement(on: connection, logger: logger, until: deadline) {
-                var rows: [PostgresRow] = []
-                for try await row in try await connection.execute(statement, logger: logger) { rows.append(row) }
-                return rows
-            }
+            return try await Database.statement(prepared: statement, on: connection, logger: logger, until: deadline)
         } catch {
             throw Database.translate(error)
         }

@@ -117,7 +117,7 @@ extension TenantTransaction {
     }
 
     /// `limit` items and the cursor after them, from up to `limit + 1` read.
-    private static func page(_ items: [FeedItem], limit: Int) -> (items: [FeedItem], next: FeedCursor?) {
+    static func page(_ items: [FeedItem], limit: Int) -> (items: [FeedItem], next: FeedCursor?) {
         guard items.count > limit else { return (items, nil) }
         let page = Array(items.prefix(limit))
         return (page, page.last.map { FeedCursor(read: $0.read, id: $0.id) })
@@ -127,13 +127,7 @@ extension TenantTransaction {
     /// settled watermark, or pinned unread, can be unread, so this reads recent rows only
     /// (notifications_unread and notifications_pinned), whatever the size of the feed.
     public func unreadCount(of userID: UUID, now: Date) async throws -> UnreadCount {
-        let rows = try await query(prepared: UnreadCountByCategory(organisationID: organisationID, userID: userID, now: now))
-        var byCategory: [String: Int] = [:]
-        for row in rows {
-            let (key, count) = try row.decode((String, Int).self)
-            byCategory[key] = count
-        }
-        return UnreadCount(total: byCategory.values.reduce(0, +), byCategory: byCategory)
+        try UnreadCount(rows: try await query(prepared: UnreadCountByCategory(organisationID: organisationID, userID: userID, now: now)))
     }
 
     /// One row of the user's feed.
@@ -259,20 +253,12 @@ extension PostgresPreparedStatement where Row == PostgresRow {
 }
 
 /// The unread count of `unreadCount(of:now:)`, per category: a prepared statement (the bell
-/// asks for it on every page and after every change).
+/// asks for it on every page and after every change). The statement is `feed_unread_count`
+/// (migration 0031), which `bell_unread_count` runs too.
 struct UnreadCountByCategory: PostgresPreparedStatement {
     typealias Row = PostgresRow
-    static let name = "herald_unread_count_v1"
-    static let sql = """
-        SELECT c.key, count(*)::int FROM notifications n
-        JOIN categories c ON c.organisation_id = n.organisation_id AND c.id = n.category_id
-        LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
-        WHERE n.organisation_id = $1 AND n.user_id = $2 AND n.read_at IS NULL AND n.archived_at IS NULL
-          AND n.visible_at <= $3 AND (n.expires_at IS NULL OR n.expires_at > $3)
-          AND (n.unread_pinned OR n.id > coalesce((SELECT read_settled FROM feed_state WHERE organisation_id = $1 AND user_id = $2), '00000000-0000-0000-0000-000000000000'))
-          AND NOT notification_read(n, fs)
-        GROUP BY c.key
-        """
+    static let name = "herald_unread_count_v2"
+    static let sql = "SELECT category_key, unread FROM feed_unread_count($1, $2, $3)"
     var organisationID: UUID
     var userID: UUID
     var now: Date
@@ -288,64 +274,15 @@ struct UnreadCountByCategory: PostgresPreparedStatement {
 
 /// The first page of the default feed (unarchived, no filter): what `feed(of:…)` runs without
 /// a filter or a cursor, as a prepared statement. Same rows, same order as the general query.
+///
+/// The statement is `feed_first_page` (migration 0031, which `bell_first_page` runs too), an SQL
+/// function the planner inlines: unread first, newest first within each, in two legs that walk
+/// indexes newest first and stop at the page's size, so the cost follows the page, not the feed
+/// (issue 12: sorting every row of the user by its read flag took 624 ms at 100 000 rows).
 struct FirstFeedPage: PostgresPreparedStatement {
     typealias Row = PostgresRow
-    static let name = "herald_first_feed_page_v2"
-    /// Unread first, newest first within each, in two legs that walk indexes newest first and
-    /// stop at the page's size, so the cost follows the page, not the feed (issue 12: sorting
-    /// every row of the user by its read flag took 624 ms at 100 000 rows).
-    ///
-    /// - Unread rows are either pinned unread (`notifications_pinned`) or have no `read_at` and
-    ///   are newer than the settled "all read" watermark (`notifications_unread` from that id):
-    ///   the two index walks, merged newest first.
-    /// - Read rows only when fewer unread than the page's size were found (a one-time filter:
-    ///   the walk of `notifications_feed` never starts otherwise), then newest first, skipping
-    ///   the few unread ones.
-    /// The rows are read whole (`n`) so `notification_read` sees them as the feed does.
-    static let sql = """
-        WITH fs AS MATERIALIZED (
-          SELECT f FROM feed_state f WHERE f.organisation_id = $1 AND f.user_id = $2
-        ),
-        settled AS MATERIALIZED (
-          SELECT coalesce((SELECT (f).read_settled FROM fs), '00000000-0000-0000-0000-000000000000'::uuid) AS id
-        ),
-        unread AS MATERIALIZED (
-          SELECT u.n FROM (
-            (SELECT n FROM notifications n
-             WHERE n.organisation_id = $1 AND n.user_id = $2 AND n.read_at IS NULL AND n.id > (SELECT id FROM settled)
-               AND n.archived_at IS NULL AND n.visible_at <= $3 AND (n.expires_at IS NULL OR n.expires_at > $3)
-               AND NOT notification_read(n, (SELECT f FROM fs))
-             ORDER BY n.id DESC LIMIT $4)
-            UNION ALL
-            (SELECT n FROM notifications n
-             WHERE n.organisation_id = $1 AND n.user_id = $2 AND n.unread_pinned AND NOT (n.read_at IS NULL AND n.id > (SELECT id FROM settled))
-               AND n.archived_at IS NULL AND n.visible_at <= $3 AND (n.expires_at IS NULL OR n.expires_at > $3)
-             ORDER BY n.id DESC LIMIT $4)
-          ) u
-          ORDER BY (u.n).id DESC LIMIT $4
-        ),
-        read AS MATERIALIZED (
-          SELECT n FROM notifications n
-          WHERE (SELECT count(*) FROM unread) < $4
-            AND n.organisation_id = $1 AND n.user_id = $2
-            AND n.archived_at IS NULL AND n.visible_at <= $3 AND (n.expires_at IS NULL OR n.expires_at > $3)
-            AND notification_read(n, (SELECT f FROM fs))
-          ORDER BY n.id DESC LIMIT $4
-        ),
-        page AS (
-          SELECT n, false AS read FROM unread UNION ALL SELECT n, true FROM read
-        )
-        SELECT (p.n).id, (p.n).event_id, t.key AS type_key, c.key AS category_key, (p.n).severity, (p.n).priority, coalesce((p.n).title, nc.title),
-               coalesce((p.n).body, nc.body), e.subject_type, e.subject_id, p.read, (p.n).archived_at IS NOT NULL AS archived, (p.n).visible_at,
-               (p.n).expires_at, e.tags
-        FROM page p
-        JOIN notification_contents nc ON nc.organisation_id = $1 AND nc.id = (p.n).content_id
-        JOIN events e ON e.organisation_id = $1 AND e.id = (p.n).event_id
-        JOIN notification_types t ON t.organisation_id = $1 AND t.id = (p.n).type_id
-        JOIN categories c ON c.organisation_id = $1 AND c.id = (p.n).category_id
-        ORDER BY p.read, (p.n).id DESC
-        LIMIT $4
-        """
+    static let name = "herald_first_feed_page_v3"
+    static let sql = "SELECT * FROM feed_first_page($1, $2, $3, $4)"
     var organisationID: UUID
     var userID: UUID
     var now: Date
@@ -374,13 +311,21 @@ let feedSelect = """
     LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
     """
 
+/// A row of `feedSelect` or `feed_first_page`, cell by cell: the variadic `row.decode((…).self)`
+/// went through generic metadata lookups per column, 8 % of a first page's CPU (issue 12).
 func decodeFeedItem(_ row: PostgresRow) throws -> FeedItem {
-    let (id, event, type, category, severity, priority, title, body, subjectType, subjectID, read, archived, created, expires, tags) =
-        try row.decode(
-            (UUID, UUID, String, String, Severity, Priority, String, String, String?, String?, Bool, Bool, Date, Date?, [String]).self,
-            table: "notifications")
+    var cells = row.makeIterator()
+    func next<Value: PostgresDecodable>(_: Value.Type) throws -> Value {
+        guard let cell = cells.next() else { throw StoredValueError(column: "notifications", problem: "a column is missing") }
+        do {
+            return try cell.decode(Value.self)
+        } catch let error as PostgresDecodingError {
+            throw StoredValueError(column: "notifications.\(error.columnName)", problem: "not a \(error.targetType) (\(error.code))")
+        }
+    }
     return FeedItem(
-        id: id, eventID: event, typeKey: type, categoryKey: category, severity: severity,
-        priority: priority, title: title, body: body, subjectType: subjectType,
-        subjectID: subjectID, read: read, archived: archived, createdAt: created, expiresAt: expires, tags: tags)
+        id: try next(UUID.self), eventID: try next(UUID.self), typeKey: try next(String.self), categoryKey: try next(String.self),
+        severity: try next(Severity.self), priority: try next(Priority.self), title: try next(String.self), body: try next(String.self),
+        subjectType: try next(String?.self), subjectID: try next(String?.self), read: try next(Bool.self), archived: try next(Bool.self),
+        createdAt: try next(Date.self), expiresAt: try next(Date?.self), tags: try next([String].self))
 }

@@ -180,6 +180,24 @@ struct Base64URLTests {
             #expect(Data(base64URLEncoded: standard) == data, "padded, standard alphabet: \(length)")
         }
         #expect(Data(base64URLEncoded: "-_-_") == Data(base64Encoded: "+/+/"))
+        // The encoder writes Foundation's base64 in the URL alphabet, unpadded.
+        for length in 0..<70 {
+            let data = Data((0..<length).map { _ in UInt8.random(in: 0...255, using: &generator) })
+            let foundation = data.base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
+                .replacingOccurrences(of: "=", with: "")
+            #expect(data.base64URLEncoded == foundation, "\(length)")
+        }
+    }
+
+    @Test("a UUID's text forms are uuidString's, in either case")
+    func uuidText() {
+        for uuid in [
+            UUID(), UUID(), UUID(uuid: (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)),
+            UUID(uuidString: "FFFFFFFF-FFFF-FFFF-FFFF-FFFFFFFFFFFF")!,
+        ] {
+            #expect(uuid.uppercased == uuid.uuidString)
+            #expect(uuid.lowercased == uuid.uuidString.lowercased())
+        }
         #expect(Data(base64URLEncoded: "QQ") == Data("A".utf8))
         #expect(Data(base64URLEncoded: "QQ=") == Data("A".utf8))
     }

@@ -17,7 +17,9 @@ struct FeedTests {
         env = try await TestEnvironment.shared
     }
 
-    @Test("the bell's prepared reads give what the general query gives, prepared or not (HERALD_PREPARED_STATEMENTS=0)")
+    @Test(
+        "the bell's prepared reads, and the same in one statement, give what the general query gives, prepared or not (HERALD_PREPARED_STATEMENTS=0)"
+    )
     func preparedReads() async throws {
         try await withCatalogue { org, _, _ in
             for i in 0..<25 { try await org.assignTask(to: [org.memberID], title: "t\(i)") }
@@ -41,6 +43,16 @@ struct FeedTests {
                     #expect(first.items.count == min(limit, general.items.count), comment)
                     #expect(count.total == unread, comment)
                     #expect(first.items.filter { !$0.read }.count == min(limit, unread), "unread first: \(comment)")
+                    // The same reads in one statement each (migration 0031), prepared and not.
+                    let bell = try #require(
+                        try await database.bellFirstPage(
+                            organisationID: org.id, userID: org.memberID, now: now, limit: limit,
+                            permission: Permission.notificationsRead.rawValue))
+                    #expect(bell.items == first.items, comment)
+                    #expect(bell.next == first.next, comment)
+                    let bellCount = try await database.bellUnreadCount(
+                        organisationID: org.id, userID: org.memberID, now: now, permission: Permission.notificationsRead.rawValue)
+                    #expect(bellCount == count, comment)
                 }
             }
             try await org.store { tx in

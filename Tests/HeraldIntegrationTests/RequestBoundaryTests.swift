@@ -106,20 +106,28 @@ struct RequestBoundaryTests {
                     let response = try await http.send(method, path, token: token, json: body)
                     #expect(response.status == status, "\(method) \(path): \(response.text)")
                 }
-                #expect(try await counter.calls("BEGIN") - begins == requests.count)
-                #expect(try await entered() - contexts == requests.count)
+                // The bell's two reads are one statement each (migration 0031), no transaction.
+                let bellReads = 2
+                #expect(try await counter.calls("BEGIN") - begins == requests.count - bellReads)
+                #expect(try await entered() - contexts == requests.count - bellReads)
                 // No request read its grant again, nor set the context by a statement of its own.
                 #expect(try await counter.calls("SELECT active, permissions, last_engaged_at, warned FROM user_grant") == grants)
                 #expect(try await counter.calls("SET LOCAL") == 0)
                 // Each successful one committed once; the refusals rolled back.
-                #expect(try await counter.calls("COMMIT") - commits == requests.count - 2)
-                // A bell's two reads are four round trips each: BEGIN, the entry, the read, COMMIT
-                // (the feed read records engagement only when the last is over an hour old).
-                for path in ["/v1/me/notifications/unread-count", "/v1/me/notifications"] {
-                    let statements = try await counter.calls("")
+                #expect(try await counter.calls("COMMIT") - commits == requests.count - bellReads - 2)
+                // A bell's two reads are one round trip each: the function enters the tenant, checks
+                // the grant and reads (the feed read records engagement, through the general path,
+                // only when the last is over an hour old). Any other feed read is four: BEGIN, the
+                // entry, the read, COMMIT.
+                for path in ["/v1/me/notifications/unread-count", "/v1/me/notifications", "/v1/me/notifications?limit=20"] {
+                    let (statements, bells) = (try await counter.calls(""), try await counter.calls("SELECT * FROM bell_"))
                     #expect(try await http.send(.get, path, token: memberToken).status == .ok)
-                    #expect(try await counter.calls("") - statements == 4, "\(path)")
+                    #expect(try await counter.calls("") - statements == 1, "\(path)")
+                    #expect(try await counter.calls("SELECT * FROM bell_") - bells == 1, "\(path)")
                 }
+                let statements = try await counter.calls("")
+                #expect(try await http.send(.get, "/v1/me/notifications?read=false", token: memberToken).status == .ok)
+                #expect(try await counter.calls("") - statements == 4)
                 // Public operations open none.
                 let before = try await counter.calls("BEGIN")
                 #expect(try await http.send(.get, "/healthz").status == .ok)

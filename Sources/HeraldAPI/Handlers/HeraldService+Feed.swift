@@ -117,7 +117,9 @@ extension HeraldService {
 extension FeedCursor {
     /// The cursor as a client sees it: base64url of a small JSON object.
     var encoded: String {
-        ((try? JSONEncoder().encode(self)) ?? Data()).base64URLEncoded
+        // What `JSONEncoder().encode(self)` writes (its fields in declaration order, the id as
+        // `uuidString`), without the encoder: a cursor ends every full first page.
+        base64URLEncodedString("{\"read\":\(read),\"id\":\"\(id.uppercased)\"}".utf8)
     }
 
     init(encoded: String) throws(ValidationError) {

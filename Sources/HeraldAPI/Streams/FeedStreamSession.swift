@@ -165,7 +165,7 @@ struct FeedStreamSession: Sendable {
             }
             step.cursor = since
         }
-        step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: StreamJSON.unreadCount(count))))
+        step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: FeedJSON.unreadCount(count))))
         return step
     }
 
@@ -213,7 +213,7 @@ struct FeedStreamSession: Sendable {
             step.cursor = change.seq
         }
         if let count {
-            step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: StreamJSON.unreadCount(count))))
+            step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: FeedJSON.unreadCount(count))))
         }
         // Fewer than a page: nothing more was waiting.
         return changes.count >= Self.pageSize
@@ -237,11 +237,11 @@ struct FeedStreamSession: Sendable {
         switch change.kind {
         case .created:
             guard let item = change.item else { return nil }
-            return StreamEvent(id: change.seq, name: "notification.created", data: StreamJSON.feedItem(item))
+            return StreamEvent(id: change.seq, name: "notification.created", data: FeedJSON.feedItem(item))
         case .read, .unread, .archived, .deleted, .expired:
             guard let id = change.notificationID else { return nil }
             let data =
-                "{\"change\":\"\(change.kind.rawValue)\",\"id\":\"\(id.uuidString.lowercased())\",\"notification\":\(change.item.map(StreamJSON.feedItem) ?? "null")}"
+                "{\"change\":\"\(change.kind.rawValue)\",\"id\":\"\(id.uuidString.lowercased())\",\"notification\":\(change.item.map(FeedJSON.feedItem) ?? "null")}"
             return StreamEvent(id: change.seq, name: "notification.updated", data: data)
         case .readAll:
             return StreamEvent(id: change.seq, name: "feed.read_all", data: "{}")

@@ -2,12 +2,30 @@ import Foundation
 import HeraldCore
 import HeraldStore
 
-/// The JSON of the two events a fan-out writes to every stream (`notification.created`'s feed
-/// item and `unread_count`), written by hand: `JSONEncoder` was half of a stream's work in a
-/// fan-out (`perf`, issue 10's benchmark). The bytes are the encoder's (sorted keys, unescaped
-/// slashes, RFC 3339 dates without fractions), which `StreamJSONTests` checks item by item
-/// against `FeedStreamSession.json`.
-enum StreamJSON {
+/// The JSON of a feed item, a first page and an unread count, written by hand: `JSONEncoder` was
+/// half of a stream's work in a fan-out (`perf`, issue 10's benchmark) and 14 % of the server's
+/// CPU on a first page read from the database (issue 12). Streams write the items and counts they
+/// push; the bell's reads (`BellReads`) write their answers. The bytes are the encoder's (sorted
+/// keys, unescaped slashes, RFC 3339 dates without fractions), which `FeedJSONTests` checks item
+/// by item against `FeedStreamSession.json` and against the generated types' encoding.
+enum FeedJSON {
+    /// A `FeedPage`: the items and the cursor after them.
+    static func feedPage(_ items: [FeedItem], next: String?) -> String {
+        var out = "{\"items\":["
+        out.reserveCapacity(64 + items.count * 400)
+        for (index, item) in items.enumerated() {
+            if index > 0 { out += "," }
+            out += feedItem(item)
+        }
+        out += "]"
+        if let next {
+            out += ",\"next_cursor\":"
+            out += jsonQuoted(next)
+        }
+        out += "}"
+        return out
+    }
+
     static func feedItem(_ item: FeedItem) -> String {
         var out = "{\"archived\":"
         out.reserveCapacity(256 + item.title.utf8.count + item.body.utf8.count)

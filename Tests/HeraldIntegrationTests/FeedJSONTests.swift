@@ -5,10 +5,11 @@ import Testing
 @testable import HeraldAPI
 @testable import HeraldStore
 
-/// The hand-written JSON of stream events must be the encoder's bytes, field for field: a
-/// client reads the same item from the stream and from `GET /v1/me/notifications`.
-@Suite("Stream events' JSON is the encoder's JSON")
-struct StreamJSONTests {
+/// The hand-written JSON of stream events and of the bell's reads must be the encoder's bytes,
+/// field for field: a client reads the same item from the stream and from `GET
+/// /v1/me/notifications`, whichever path answered it.
+@Suite("Hand-written feed JSON is the encoder's JSON")
+struct FeedJSONTests {
     func encoded(_ item: FeedItem) throws -> String {
         try FeedStreamSession.json(Components.Schemas.FeedItem(item))
     }
@@ -39,7 +40,31 @@ struct StreamJSONTests {
             item(title: "", body: ""),
         ]
         for item in items {
-            #expect(StreamJSON.feedItem(item) == (try encoded(item)))
+            #expect(FeedJSON.feedItem(item) == (try encoded(item)))
+        }
+    }
+
+    @Test("first pages: empty, one item, several with a cursor after them")
+    func feedPages() throws {
+        let several = [item(), item(subject: ("implant", "IMP-19"), tags: ["a/b"], read: true), item(title: "\"q\"")]
+        let pages: [([FeedItem], String?)] = [([], nil), ([item()], nil), (several, FeedCursor(read: true, id: UUID()).encoded)]
+        for (items, next) in pages {
+            let page = Components.Schemas.FeedPage(items: try items.map(Components.Schemas.FeedItem.init), nextCursor: next)
+            let encoded = try FeedStreamSession.json(page)
+            #expect(FeedJSON.feedPage(items, next: next) == encoded)
+        }
+    }
+
+    @Test("a feed cursor is JSONEncoder's object in base64url: it reads back, and so do cursors JSONEncoder wrote")
+    func cursors() throws {
+        for cursor in [FeedCursor(read: false, id: UUID()), FeedCursor(read: true, id: UUID())] {
+            #expect(try FeedCursor(encoded: cursor.encoded) == cursor)
+            let written = try JSONEncoder().encode(cursor)
+            #expect(try FeedCursor(encoded: written.base64URLEncoded) == cursor)
+            // The same object (JSONEncoder's key order is not fixed without .sortedKeys).
+            let mine = try #require(Data(base64URLEncoded: cursor.encoded))
+            let (object, expected) = (try JSONSerialization.jsonObject(with: mine), try JSONSerialization.jsonObject(with: written))
+            #expect(object as? NSDictionary == expected as? NSDictionary)
         }
     }
 
@@ -53,7 +78,7 @@ struct StreamJSONTests {
         for count in counts {
             let encoded = try FeedStreamSession.json(
                 Components.Schemas.UnreadCount(total: count.total, byCategory: .init(additionalProperties: count.byCategory)))
-            #expect(StreamJSON.unreadCount(count) == encoded)
+            #expect(FeedJSON.unreadCount(count) == encoded)
         }
     }
 }
