@@ -10,9 +10,10 @@ import OpenAPIRuntime
 ///
 /// Only an exact bell read takes this path: `GET /v1/me/notifications/unread-count` with no
 /// query, or `GET /v1/me/notifications` with no query or only `limit` (1…200), called with a
-/// user's access token. Anything else, and any read the database does not admit (the user gone,
-/// deactivated or without `notifications.read`, or an engagement to record), takes the general
-/// path, which answers with the same bytes or says why not. `BellReadsTests` compares the two.
+/// user's access token and no body. Anything else, and any read the database does not admit (the
+/// user gone, deactivated or without the operation's permission, or an engagement to record),
+/// takes the general path, which answers with the same bytes or says why not. `BellReadsTests`
+/// compares the two.
 enum BellReads {
     enum Read: Equatable {
         case unreadCount
@@ -21,7 +22,9 @@ enum BellReads {
 
     /// The bell read `request` is, if it is exactly one.
     static func read(operationID: String, request: HTTPRequest) -> Read? {
-        guard request.method == .get, acceptsJSON(request.headerFields[.accept]) else { return nil }
+        // A GET with a body goes to the general path, whose contract checks refuse what it may hold.
+        let bodiless = (request.headerFields[.contentLength] ?? "0") == "0" && request.headerFields[.transferEncoding] == nil
+        guard request.method == .get, bodiless, acceptsJSON(request.headerFields[.accept]) else { return nil }
         let query = request.path?.split(separator: "?", maxSplits: 1).dropFirst().first
         switch operationID {
         case "getMyUnreadCount":
@@ -39,8 +42,10 @@ enum BellReads {
     }
 
     /// The answer, or nil when the database did not admit the read (take the general path).
-    static func answer(_ read: Read, for access: VerifiedAccess, database: Database, now: Date) async throws -> (HTTPResponse, HTTPBody?)? {
-        let permission = Permission.notificationsRead.rawValue
+    static func answer(
+        _ read: Read, for access: VerifiedAccess, permission: Permission, database: Database, now: Date
+    ) async throws -> (HTTPResponse, HTTPBody?)? {
+        let permission = permission.rawValue
         let json: String
         switch read {
         case .unreadCount:

@@ -114,7 +114,9 @@ struct TenantBoundary: ServerMiddleware {
     ) async throws -> (HTTPResponse, HTTPBody?) {
         let ownFeed = RoutePermissions.isOwnFeed(operationID)
         return try await admitted(credential, ownFeed: ownFeed) {
-            if let answer = try await bellRead(credential, early: early, operationID: operationID, request: request) { return answer }
+            if let answer = try await bellRead(credential, rule: rule, early: early, operationID: operationID, request: request) {
+                return answer
+            }
             return try await database.withTenant(
                 credential.organisationID, actor: credential.actor, requestID: scope.requestID,
                 recipient: ownFeed ? credential.actor.userID : nil, admitting: credential.admission
@@ -153,13 +155,14 @@ struct TenantBoundary: ServerMiddleware {
 
     /// The bell's reads in one statement (`BellReads`): for a user's access token whose rate, when
     /// there are rate limits, this instance has already counted (`takeEarly`); nil for any other
-    /// request, and for a read the database did not admit (the general path says why).
+    /// request, and for a read the database did not admit (the general path says why). The
+    /// database checks the permission of the operation's rule, as the general path would.
     private func bellRead(
-        _ credential: Credential, early: RateLimitDecision??, operationID: String, request: HTTPRequest
+        _ credential: Credential, rule: AccessRule, early: RateLimitDecision??, operationID: String, request: HTTPRequest
     ) async throws -> (HTTPResponse, HTTPBody?)? {
-        guard case .accessToken(let access) = credential, rateLimits == nil || early != nil,
+        guard case .accessToken(let access) = credential, case .permission(let permission) = rule, rateLimits == nil || early != nil,
             let read = BellReads.read(operationID: operationID, request: request),
-            let answer = try await BellReads.answer(read, for: access, database: database, now: now())
+            let answer = try await BellReads.answer(read, for: access, permission: permission, database: database, now: now())
         else { return nil }
         rateLimits?.proven(credential, now: now())
         var response = answer.0

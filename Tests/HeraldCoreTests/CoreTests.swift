@@ -180,6 +180,8 @@ struct Base64URLTests {
             #expect(Data(base64URLEncoded: standard) == data, "padded, standard alphabet: \(length)")
         }
         #expect(Data(base64URLEncoded: "-_-_") == Data(base64Encoded: "+/+/"))
+        #expect(Data(base64URLEncoded: "QQ") == Data("A".utf8))
+        #expect(Data(base64URLEncoded: "QQ=") == Data("A".utf8))
         // The encoder writes Foundation's base64 in the URL alphabet, unpadded.
         for length in 0..<70 {
             let data = Data((0..<length).map { _ in UInt8.random(in: 0...255, using: &generator) })
@@ -198,8 +200,6 @@ struct Base64URLTests {
             #expect(uuid.uppercased == uuid.uuidString)
             #expect(uuid.lowercased == uuid.uuidString.lowercased())
         }
-        #expect(Data(base64URLEncoded: "QQ") == Data("A".utf8))
-        #expect(Data(base64URLEncoded: "QQ=") == Data("A".utf8))
     }
 
     @Test("refuses other characters and impossible lengths", arguments: ["Q", "QUJDR", "QU JD", "QU.D", "QQ===", "QU=D", "é"])

@@ -23,7 +23,8 @@ struct BellReadsTests {
     /// Whether the read is answered in one statement (else the general path takes it).
     func answered(_ read: BellReads.Read, _ organisationID: UUID, _ userID: UUID) async throws -> Bool {
         try await BellReads.answer(
-            read, for: VerifiedAccess(organisationID: organisationID, userID: userID), database: env.database, now: Date()) != nil
+            read, for: VerifiedAccess(organisationID: organisationID, userID: userID), permission: .notificationsRead,
+            database: env.database, now: Date()) != nil
     }
 
     func setMember(_ org: TestOrganisation, _ assignment: String) async throws {
@@ -118,6 +119,17 @@ struct BellReadsTests {
             #expect(!(try await answered(.firstPage(limit: 20), other.id, org.memberID)))
             #expect(!(try await answered(.unreadCount, other.id, org.memberID)))
 
+            // Deactivated, still holding the member's role: only `active` refuses.
+            try await setMember(org, "active = false")
+            #expect(!(try await answered(.firstPage(limit: 20), org.id, org.memberID)))
+            #expect(!(try await answered(.unreadCount, org.id, org.memberID)))
+            for path in ["/v1/me/notifications?limit=20", "/v1/me/notifications/unread-count"] {
+                #expect(try await client.send(.get, path, token: org.memberToken).status == .unauthorized, "\(path)")
+            }
+            try await setMember(org, "active = true")
+            #expect(try await answered(.firstPage(limit: 20), org.id, org.memberID), "active again, with the role")
+
+            // Active, without a role that holds the permission.
             try await org.store { tx in
                 try await tx.query("DELETE FROM user_roles WHERE organisation_id = \(org.id) AND user_id = \(org.memberID)")
             }
@@ -128,19 +140,15 @@ struct BellReadsTests {
                 #expect(response.status == .forbidden, "\(path): \(response.text)")
                 #expect(response.headers[.contentType] == "application/problem+json")
             }
-
-            try await setMember(org, "active = false")
-            #expect(!(try await answered(.unreadCount, org.id, org.memberID)))
-            for path in ["/v1/me/notifications?limit=20", "/v1/me/notifications/unread-count"] {
-                #expect(try await client.send(.get, path, token: org.memberToken).status == .unauthorized, "\(path)")
-            }
         }
     }
 
     @Test("only the exact bell reads take the one statement")
     func exactReads() {
-        func read(_ operationID: String, _ path: String, method: HTTPRequest.Method = .get, accept: String? = nil) -> BellReads.Read? {
-            var request = HTTPRequest(method: method, scheme: "http", authority: "x", path: path)
+        func read(
+            _ operationID: String, _ path: String, method: HTTPRequest.Method = .get, accept: String? = nil, headers: HTTPFields = [:]
+        ) -> BellReads.Read? {
+            var request = HTTPRequest(method: method, scheme: "http", authority: "x", path: path, headerFields: headers)
             if let accept { request.headerFields[.accept] = accept }
             return BellReads.read(operationID: operationID, request: request)
         }
@@ -162,6 +170,9 @@ struct BellReadsTests {
         }
         #expect(read(page, "/v1/me/notifications?limit=20", accept: "text/html") == nil)
         #expect(read(page, "/v1/me/notifications", method: .head) == nil)
+        #expect(read(page, "/v1/me/notifications", headers: [.contentLength: "0"]) == .firstPage(limit: PageSize.default))
+        #expect(read(page, "/v1/me/notifications", headers: [.contentLength: "2"]) == nil, "a body: the general path checks it")
+        #expect(read(count, "/v1/me/notifications/unread-count", headers: [.transferEncoding: "chunked"]) == nil)
         #expect(read(count, "/v1/me/notifications/unread-count?x=1") == nil)
         #expect(read("getMyNotification", "/v1/me/notifications/abc") == nil)
     }

@@ -69,6 +69,9 @@ struct PlanGuardTests {
                 return (try await rowsRead(prepared, in: tx), general)
             }
             #expect(first <= 3 * (page + 1), "first page read \(first) rows: \(comment)")
+            // And at least the page: the plan shows the rows it read (feed_first_page is inlined, not a
+            // function scan that would hide them).
+            #expect(first >= page, "first page read \(first) rows: \(comment)")
             #expect(general > 3_000, "the general statement read \(general) rows: \(comment)")
         }
         try await read("3 001 unread rows: the unread leg fills the page")

@@ -95,6 +95,12 @@ CREATE FUNCTION bell_first_page(p_organisation uuid, p_user uuid, p_now timestam
     RETURNS TABLE (id uuid, event_id uuid, type_key text, category_key text, severity text, priority text, title text, body text,
         subject_type text, subject_id text, read boolean, archived boolean, visible_at timestamptz, expires_at timestamptz, tags text[])
     LANGUAGE plpgsql VOLATILE
+    -- The page's plan is the same whatever the bind values: PL/pgSQL's plan cache otherwise kept
+    -- planning it per call (the generic plan's estimate, not knowing the page's size, lost to the
+    -- custom one), 4–5 ms of planning for 1 ms of execution once the feed held 100 000 rows (pgbench
+    -- of this function: 860 tps with the default, 2 934 with the generic plan). The count keeps the
+    -- default.
+    SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
