@@ -90,6 +90,23 @@ WHERE n.organisation_id = $1 AND n.user_id = $2 AND n.read_at IS NULL AND n.arch
 GROUP BY c.key
 $$;
 
+-- Steps 1 and 2 of both functions: the tenant context, then whether the caller's grant lets the
+-- read be answered here. p_engaged_since NULL: no engagement to look at (the count).
+CREATE FUNCTION bell_admits(p_organisation uuid, p_user uuid, p_permission text, p_engaged_since timestamptz)
+    RETURNS boolean
+    LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    g record;
+BEGIN
+    PERFORM enter_tenant(p_organisation, p_user);
+    SELECT * INTO g FROM user_grant(p_organisation, p_user);
+    -- Never NULL: a NULL would read as "not refused" to the caller's IF NOT.
+    RETURN coalesce(FOUND AND g.active AND p_permission = ANY (g.permissions)
+        AND (p_engaged_since IS NULL OR (NOT g.warned AND g.last_engaged_at >= p_engaged_since)), false);
+END
+$$;
+
 CREATE FUNCTION bell_first_page(p_organisation uuid, p_user uuid, p_now timestamptz, p_limit bigint,
                                 p_permission text, p_engaged_since timestamptz)
     RETURNS TABLE (id uuid, event_id uuid, type_key text, category_key text, severity text, priority text, title text, body text,
@@ -102,13 +119,8 @@ CREATE FUNCTION bell_first_page(p_organisation uuid, p_user uuid, p_now timestam
     -- default.
     SET plan_cache_mode = force_generic_plan
 AS $$
-#variable_conflict use_column
-DECLARE
-    g record;
 BEGIN
-    PERFORM enter_tenant(p_organisation, p_user);
-    SELECT * INTO g FROM user_grant(p_organisation, p_user);
-    IF NOT FOUND OR NOT g.active OR NOT p_permission = ANY (g.permissions) OR g.warned OR g.last_engaged_at < p_engaged_since THEN
+    IF NOT bell_admits(p_organisation, p_user, p_permission, p_engaged_since) THEN
         RETURN NEXT;
         RETURN;
     END IF;
@@ -120,13 +132,8 @@ CREATE FUNCTION bell_unread_count(p_organisation uuid, p_user uuid, p_now timest
     RETURNS TABLE (category_key text, unread integer)
     LANGUAGE plpgsql VOLATILE
 AS $$
-#variable_conflict use_column
-DECLARE
-    g record;
 BEGIN
-    PERFORM enter_tenant(p_organisation, p_user);
-    SELECT * INTO g FROM user_grant(p_organisation, p_user);
-    IF NOT FOUND OR NOT g.active OR NOT p_permission = ANY (g.permissions) THEN
+    IF NOT bell_admits(p_organisation, p_user, p_permission, NULL) THEN
         RETURN NEXT;
         RETURN;
     END IF;
@@ -135,5 +142,6 @@ END
 $$;
 
 GRANT EXECUTE ON FUNCTION feed_first_page(uuid, uuid, timestamptz, bigint), feed_unread_count(uuid, uuid, timestamptz),
+    bell_admits(uuid, uuid, text, timestamptz),
     bell_first_page(uuid, uuid, timestamptz, bigint, text, timestamptz), bell_unread_count(uuid, uuid, timestamptz, text)
     TO herald_app, herald_worker;
