@@ -59,16 +59,21 @@ struct PlanGuardTests {
         let page = 20
         func read(_ comment: Comment) async throws {
             let now = Date()
-            let (first, general) = try await env.database.withTenant(org.id, recipient: org.memberID) { tx in
+            let (first, generic, general) = try await env.database.withTenant(org.id, recipient: org.memberID) { tx in
                 let first = FirstFeedPage(organisationID: org.id, userID: org.memberID, now: now, limit: page + 1)
                 let prepared = PostgresQuery(unsafeSQL: FirstFeedPage.sql, binds: try first.makeBindings())
                 // The general statement (a filter that selects every row) sorts the whole feed: the
                 // measure must see that, or it could not fail.
                 let general = try await rowsRead(
                     tx.feedQuery(of: org.memberID, filter: FeedFilter(since: .distantPast), limit: page, after: nil, now: now), in: tx)
-                return (try await rowsRead(prepared, in: tx), general)
+                let custom = try await rowsRead(prepared, in: tx)
+                // bell_first_page runs the same statement with its generic plan (migration 0031).
+                try await tx.query("SET LOCAL plan_cache_mode = force_generic_plan")
+                return (custom, try await rowsRead(prepared, in: tx), general)
             }
             #expect(first <= 3 * (page + 1), "first page read \(first) rows: \(comment)")
+            #expect(generic <= 3 * (page + 1), "first page's generic plan read \(generic) rows: \(comment)")
+            #expect(generic >= page, "first page's generic plan read \(generic) rows: \(comment)")
             // And at least the page: the plan shows the rows it read (feed_first_page is inlined, not a
             // function scan that would hide them).
             #expect(first >= page, "first page read \(first) rows: \(comment)")
