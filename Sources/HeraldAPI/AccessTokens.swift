@@ -105,10 +105,10 @@ public struct AccessTokens: Sendable {
         // Whole seconds: NumericDate may be fractional, but not every verifier accepts that.
         let now = Date(timeIntervalSince1970: now.timeIntervalSince1970.rounded(.down))
         let claims = AccessClaims(
-            iss: .init(value: issuer), aud: .init(value: [audience]), sub: .init(value: userID.uuidString.lowercased()),
-            org: organisationID.uuidString.lowercased(), exp: .init(value: now.addingTimeInterval(ttl)),
-            nbf: .init(value: now), iat: .init(value: now), jti: .init(value: UUID().uuidString.lowercased()),
-            sid: sessionID?.uuidString.lowercased())
+            iss: .init(value: issuer), aud: .init(value: [audience]), sub: .init(value: userID.lowercased),
+            org: organisationID.lowercased, exp: .init(value: now.addingTimeInterval(ttl)),
+            nbf: .init(value: now), iat: .init(value: now), jti: .init(value: UUID().lowercased),
+            sid: sessionID?.lowercased)
         return try await keys.sign(claims, kid: JWKIdentifier(string: activeKeyID))
     }
 

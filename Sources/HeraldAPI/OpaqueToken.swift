@@ -37,14 +37,14 @@ public struct OpaqueToken: Sendable, Equatable {
     }
 
     /// The whole token, as the client stores it.
-    public var text: String { "\(kind.rawValue).\(organisationID.uuidString.lowercased()).\(id.uuidString.lowercased()).\(secret)" }
+    public var text: String { "\(kind.rawValue).\(organisationID.lowercased).\(id.lowercased).\(secret)" }
 
     /// What identifies the token to a person without revealing it.
     public var prefix: String { Self.prefix(kind: kind, organisationID: organisationID, id: id) }
 
     /// The prefix of the token with this id, for listings that never see the secret.
     public static func prefix(kind: Kind, organisationID: UUID, id: UUID) -> String {
-        "\(kind.rawValue).\(organisationID.uuidString.lowercased()).\(id.uuidString.lowercased().prefix(8))"
+        "\(kind.rawValue).\(organisationID.lowercased).\(id.lowercased.prefix(8))"
     }
 
     /// SHA-256 of the secret: what the database keeps.

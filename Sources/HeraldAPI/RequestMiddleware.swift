@@ -39,8 +39,8 @@ struct RequestMiddleware: RouterMiddleware {
             }
             let credential = try await authenticator.credential(from: request.headers[.authorization], logger: logger)
             if let credential {
-                logger[metadataKey: "organisation_id"] = "\(credential.organisationID.uuidString.lowercased())"
-                logger[metadataKey: "actor"] = "\(credential.actor.kind.rawValue):\(credential.actor.id?.uuidString.lowercased() ?? "-")"
+                logger[metadataKey: "organisation_id"] = "\(credential.organisationID.lowercased)"
+                logger[metadataKey: "actor"] = "\(credential.actor.kind.rawValue):\(credential.actor.id?.lowercased ?? "-")"
             }
             let scope = RequestScope(
                 requestID: requestID, clientAddress: context.remoteAddress?.ipAddress, credential: credential, logger: logger)
@@ -84,7 +84,7 @@ struct RequestMiddleware: RouterMiddleware {
         {
             return header
         }
-        return UUID().uuidString.lowercased()
+        return UUID().lowercased
     }
 
     /// Maps any error to a problem+json response. Internal details go to the log, never the client.

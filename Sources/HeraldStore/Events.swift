@@ -397,7 +397,7 @@ extension TenantTransaction {
     /// Tells the bus the event committed (delivered at commit, never for a rolled-back transaction).
     func announceEvent(_ eventID: UUID) async throws {
         try await query(
-            "SELECT pg_notify('herald_events', \(organisationID.uuidString.lowercased() + ":" + eventID.uuidString.lowercased()))")
+            "SELECT pg_notify('herald_events', \(organisationID.lowercased + ":" + eventID.lowercased))")
     }
 
     // MARK: Reading and cancelling events

@@ -56,7 +56,7 @@ struct DigestsCommand: AsyncParsableCommand {
                 for organisation in try await database.allOrganisationIDs() {
                     for due in try await database.withTenant(organisation, { tx in try await tx.dueDigests(now: now) }) {
                         print(
-                            "due: organisation \(organisation.uuidString.lowercased()) \(due.email) \(due.frequency.rawValue) slot \(due.slotAt.formatted(.iso8601)): \(due.items) item(s)"
+                            "due: organisation \(organisation.lowercased) \(due.email) \(due.frequency.rawValue) slot \(due.slotAt.formatted(.iso8601)): \(due.items) item(s)"
                         )
                         digests += 1
                         items += due.items

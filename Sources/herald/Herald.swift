@@ -138,12 +138,12 @@ struct SeedDemo: AsyncParsableCommand {
             let organisationID: UUID
             if let existing = try await database.organisationID(slug: "demo") {
                 organisationID = existing
-                print("seed-demo: organisation 'demo' exists (\(existing.uuidString.lowercased()))")
+                print("seed-demo: organisation 'demo' exists (\(existing.lowercased))")
             } else {
                 organisationID = try await database.createOrganisation(
                     slug: "demo", name: "Demo Clinic", defaultLocale: "en", defaultTimezone: "Europe/Paris"
                 ).id
-                print("seed-demo: created organisation 'demo' (\(organisationID.uuidString.lowercased()))")
+                print("seed-demo: created organisation 'demo' (\(organisationID.lowercased))")
             }
             let adminHash = try await hasher.hash(adminPassword)
             let memberHash = try await hasher.hash(memberPassword)
@@ -159,7 +159,7 @@ struct SeedDemo: AsyncParsableCommand {
                 _ = try await tx.createApiKey(
                     id: token.id, name: "seed-demo", roleID: service.id, secretHash: token.secretHash, expiresAt: nil)
                 try await tx.audit(
-                    action: "apikey.create", targetType: "api_key", targetID: token.id.uuidString.lowercased(), before: nil, after: nil)
+                    action: "apikey.create", targetType: "api_key", targetID: token.id.lowercased, before: nil, after: nil)
                 let types = try await DemoCatalogue.ensure(tx, clinicians: [admin, member])
                 print("seed-demo: catalogue ready (\(types) notification types: medical alerts, club outings, CRM events)")
                 return (admin, member, token.text)
@@ -242,7 +242,7 @@ struct PurgeExpired: AsyncParsableCommand {
             var total = 0
             for id in organisations {
                 let removed = try await database.purgeExpired(organisation: id, now: Date(), batch: 5_000)
-                if removed > 0 { print("purge-expired: \(removed) from organisation \(id.uuidString.lowercased())") }
+                if removed > 0 { print("purge-expired: \(removed) from organisation \(id.lowercased)") }
                 total += removed
             }
             print("purge-expired: \(total) notification(s) removed across \(organisations.count) organisation(s)")
@@ -303,9 +303,9 @@ struct OrganisationCommand: AsyncParsableCommand {
                     let owner = try await tx.createUser(NewUser(email: checked.1, displayName: checked.1, passwordHash: hash))
                     _ = try await tx.setUserRoles(owner.id, [try await tx.builtinRole(.owner).id])
                     try await tx.audit(
-                        action: "user.create", targetType: "user", targetID: owner.id.uuidString.lowercased(),
+                        action: "user.create", targetType: "user", targetID: owner.id.lowercased,
                         before: nil, after: .object(["email": .string(owner.email), "roles": .array([.string("owner")])]))
-                    print("organisation: owner \(owner.email) (\(owner.id.uuidString.lowercased()))")
+                    print("organisation: owner \(owner.email) (\(owner.id.lowercased))")
                     if catalogue == "demo" {
                         let types = try await DemoCatalogue.ensure(tx, clinicians: [])
                         print(
@@ -313,7 +313,7 @@ struct OrganisationCommand: AsyncParsableCommand {
                         )
                     }
                 }
-                print("organisation: created \(organisation.slug) (\(organisation.id.uuidString.lowercased()))")
+                print("organisation: created \(organisation.slug) (\(organisation.id.lowercased))")
             }
         }
     }
@@ -355,7 +355,7 @@ struct OrganisationCommand: AsyncParsableCommand {
                         limits.eventsPerSecond = try parse(eventsPerSecond, "events-per-second", current: limits.eventsPerSecond)
                         try await tx.setRateLimits(limits)
                         try await tx.audit(
-                            action: "organisation.rate_limits", targetType: "organisation", targetID: id.uuidString.lowercased(),
+                            action: "organisation.rate_limits", targetType: "organisation", targetID: id.lowercased,
                             before: nil,
                             after: .object([
                                 "requests_per_second": limits.requestsPerSecond.map { .number($0) } ?? .null,

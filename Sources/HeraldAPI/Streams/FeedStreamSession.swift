@@ -241,7 +241,7 @@ struct FeedStreamSession: Sendable {
         case .read, .unread, .archived, .deleted, .expired:
             guard let id = change.notificationID else { return nil }
             let data =
-                "{\"change\":\"\(change.kind.rawValue)\",\"id\":\"\(id.uuidString.lowercased())\",\"notification\":\(change.item.map(FeedJSON.feedItem) ?? "null")}"
+                "{\"change\":\"\(change.kind.rawValue)\",\"id\":\"\(id.lowercased)\",\"notification\":\(change.item.map(FeedJSON.feedItem) ?? "null")}"
             return StreamEvent(id: change.seq, name: "notification.updated", data: data)
         case .readAll:
             return StreamEvent(id: change.seq, name: "feed.read_all", data: "{}")

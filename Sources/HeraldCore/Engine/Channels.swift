@@ -42,7 +42,7 @@ extension NotificationChannel {
     /// reached on it (no endpoint takes the type). The feed's "destination" is the recipient.
     public func destinations(for profile: RecipientProfile, endpoints: [EndpointTarget]) -> [ChannelDestination] {
         switch reach {
-        case .feed: [ChannelDestination(address: profile.candidate.userID.uuidString.lowercased())]
+        case .feed: [ChannelDestination(address: profile.candidate.userID.lowercased)]
         case .recipientAddress: profile.email.isEmpty ? [] : [ChannelDestination(address: profile.email)]
         case .endpoints: endpoints.map { ChannelDestination(address: $0.url, endpointID: $0.id) }
         }

@@ -322,7 +322,7 @@ public enum NotificationPlanner {
             "organisation": ["name": input.organisationName, "slug": input.organisationSlug],
             "actor": input.sourceActor?.plain ?? [String: Any](),
             "event": [
-                "id": input.eventID.uuidString.lowercased(), "type": input.type.key, "severity": input.severity.rawValue,
+                "id": input.eventID.lowercased, "type": input.type.key, "severity": input.severity.rawValue,
                 "priority": input.priority.rawValue, "subject_type": input.subjectType ?? "", "subject_id": input.subjectID ?? "",
             ],
         ]
