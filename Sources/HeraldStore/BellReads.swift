@@ -17,7 +17,7 @@ extension Database {
     ) async throws -> (items: [FeedItem], next: FeedCursor?)? {
         let rows = try await query(
             prepared: BellFirstPage(
-                organisationID: organisationID, userID: userID, now: now, limit: limit + 1, permission: permission,
+                page: FirstFeedPage(organisationID: organisationID, userID: userID, now: now, limit: limit + 1), permission: permission,
                 engagedSince: now.addingTimeInterval(-engagementGranularity)))
         if let first = rows.first, Self.refused(first) { return nil }
         return TenantTransaction.page(try rows.map(decodeFeedItem), limit: limit)
@@ -26,7 +26,8 @@ extension Database {
     /// What `unreadCount(of:now:)` reads, or nil (see above).
     public func bellUnreadCount(organisationID: UUID, userID: UUID, now: Date, permission: String) async throws -> UnreadCount? {
         let rows = try await query(
-            prepared: BellUnreadCount(organisationID: organisationID, userID: userID, now: now, permission: permission))
+            prepared: BellUnreadCount(
+                count: UnreadCountByCategory(organisationID: organisationID, userID: userID, now: now), permission: permission))
         if let first = rows.first, Self.refused(first) { return nil }
         return try UnreadCount(rows: rows)
     }
@@ -51,45 +52,35 @@ extension UnreadCount {
     }
 }
 
-/// `bell_first_page` (migration 0031).
+/// `bell_first_page` (migration 0031): the general path's first page (`FirstFeedPage`, its first
+/// four parameters) and what the grant is checked against.
 struct BellFirstPage: PostgresPreparedStatement {
     typealias Row = PostgresRow
     static let name = "herald_bell_first_page_v1"
     static let sql = "SELECT * FROM bell_first_page($1, $2, $3, $4, $5, $6)"
-    var organisationID: UUID
-    var userID: UUID
-    var now: Date
-    var limit: Int
+    var page: FirstFeedPage
     var permission: String
     var engagedSince: Date
 
     func makeBindings() throws -> PostgresBindings {
-        var bindings = PostgresBindings(capacity: 6)
-        bindings.append(organisationID)
-        bindings.append(userID)
-        bindings.append(now)
-        bindings.append(limit)
+        var bindings = try page.makeBindings()
         bindings.append(permission)
         bindings.append(engagedSince)
         return bindings
     }
 }
 
-/// `bell_unread_count` (migration 0031).
+/// `bell_unread_count` (migration 0031): the general path's count (`UnreadCountByCategory`, its
+/// first three parameters) and the permission the grant must hold.
 struct BellUnreadCount: PostgresPreparedStatement {
     typealias Row = PostgresRow
     static let name = "herald_bell_unread_count_v1"
     static let sql = "SELECT * FROM bell_unread_count($1, $2, $3, $4)"
-    var organisationID: UUID
-    var userID: UUID
-    var now: Date
+    var count: UnreadCountByCategory
     var permission: String
 
     func makeBindings() throws -> PostgresBindings {
-        var bindings = PostgresBindings(capacity: 4)
-        bindings.append(organisationID)
-        bindings.append(userID)
-        bindings.append(now)
+        var bindings = try count.makeBindings()
         bindings.append(permission)
         return bindings
     }

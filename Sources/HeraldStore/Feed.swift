@@ -320,7 +320,7 @@ func decodeFeedItem(_ row: PostgresRow) throws -> FeedItem {
         do {
             return try cell.decode(Value.self)
         } catch let error as PostgresDecodingError {
-            throw StoredValueError(column: "notifications.\(error.columnName)", problem: "not a \(error.targetType) (\(error.code))")
+            throw StoredValueError(error, table: "notifications")
         }
     }
     return FeedItem(

@@ -94,7 +94,14 @@ extension PostgresRow {
         do {
             return try decode(columns)
         } catch let error as PostgresDecodingError {
-            throw StoredValueError(column: "\(table).\(error.columnName)", problem: "not a \(error.targetType) (\(error.code))")
+            throw StoredValueError(error, table: table)
         }
+    }
+}
+
+extension StoredValueError {
+    /// What PostgresNIO could not decode, named `table.column`, without the value.
+    init(_ error: PostgresDecodingError, table: String) {
+        self.init(column: "\(table).\(error.columnName)", problem: "not a \(error.targetType) (\(error.code))")
     }
 }
