@@ -404,8 +404,14 @@ DATABASE_WORKER_URL=postgres://herald_worker:herald_worker@127.0.0.1:$PORT/heral
   $HERALD worker > .bench/worker.log 2>&1 &
 WORKER=$!
 sleep 1
-deliver() { # type channel → seconds from notify to every delivery of the event settled
-  local body event start
+# CPU seconds (user + system) spent so far by one process, and by every backend of the bench's
+# cluster: the machine's two cores are shared by the worker, PostgreSQL and the receiver, so the
+# rate moves with load, while the CPU a message costs each of them does not.
+cpu_of() { awk '{printf "%.2f\n", ($14 + $15) / 100}' /proc/$1/stat 2>/dev/null || echo 0; }
+cpu_pg() { local total=0 pid; for pid in $(pgrep -P "$(head -1 .data/$CLUSTER/postmaster.pid)"); do total=$(echo "$total + $(cpu_of $pid)" | bc); done; echo $total; }
+deliver() { # type channel → seconds from notify to every delivery of the event settled; sets W_CPU and PG_CPU (seconds)
+  local body event start w0 p0
+  w0=$(cpu_of $WORKER); p0=$(cpu_pg)
   start=$(now)
   body=$(curl -s -X POST localhost:$HTTP/v1/events -H "authorization: Bearer $APIKEY" -H 'content-type: application/json' \
          -d "{\"type\":\"$1\",\"audience\":{\"groups\":[\"g$N\"]},\"payload\":{\"isq\":25}}")
@@ -417,10 +423,11 @@ deliver() { # type channel → seconds from notify to every delivery of the even
   done
   sent=$(psql_app -tAc "SELECT set_config('app.org_id', '$ORG', false); SELECT count(*) FROM deliveries WHERE event_id = '$event' AND channel = '$2' AND status = 'SENT'" | tail -1)
   [ "$sent" = "$N" ] || { echo "bench: only $sent of $N $2 deliveries were SENT"; exit 1; }
-  echo "$(now) - $start" | bc
+  DELIVER_T=$(echo "$(now) - $start" | bc)
+  W_CPU=$(echo "$(cpu_of $WORKER) - $w0" | bc); PG_CPU=$(echo "$(cpu_pg) - $p0" | bc)
 }
-HOOK_T=$(deliver BENCH_HOOK webhook)
-MAIL_T=$(deliver BENCH email)
+deliver BENCH_HOOK webhook; HOOK_T=$DELIVER_T; HOOK_W=$W_CPU; HOOK_PG=$PG_CPU
+deliver BENCH email; MAIL_T=$DELIVER_T; MAIL_W=$W_CPU; MAIL_PG=$PG_CPU
 kill -TERM $WORKER; wait $WORKER 2>/dev/null || true
 {
 echo
@@ -430,6 +437,13 @@ echo "| channel | Herald (deliveries/s) | the receiver's own ceiling | ratio | i
 echo "|---|---|---|---|---|"
 printf '| webhook (Standard Webhooks, signed) | %.0f | %.0f requests/s (wrk -c%s, same body) | %.2f | 0.04 → ≥ 0.5 |\n' $(echo "$N / $HOOK_T" | bc -l) $HOOK_CEILING $WORKERS $(echo "$N / $HOOK_T / $HOOK_CEILING" | bc -l)
 printf '| email (SMTP via libcurl, multipart) | %.0f | %.0f messages/s (smtplib, 4 connections) | %.2f | 0.13 → ≥ 0.7 |\n' $(echo "$N / $MAIL_T" | bc -l) $SMTP_CEILING $(echo "$N / $MAIL_T / $SMTP_CEILING" | bc -l)
+echo
+echo "CPU per message over the same runs (user + system, from \`/proc\`), which the load on the two cores moves far less than the rates:"
+echo
+echo "| channel | the worker (ms per message) | PostgreSQL's backends (ms per message) |"
+echo "|---|---|---|"
+printf '| webhook | %.3f | %.3f |\n' $(echo "$HOOK_W * 1000 / $N" | bc -l) $(echo "$HOOK_PG * 1000 / $N" | bc -l)
+printf '| email | %.3f | %.3f |\n' $(echo "$MAIL_W * 1000 / $N" | bc -l) $(echo "$MAIL_PG * 1000 / $N" | bc -l)
 } >> $OUT
 fi
 

@@ -15,7 +15,7 @@ public struct EmailAddress: Sendable, Hashable, CustomStringConvertible {
 
     /// Parses `text` (surrounding spaces trimmed) or throws the reason it cannot be sent to.
     public init(_ text: String) throws(EmailAddressError) {
-        let address = text.trimmingCharacters(in: .whitespaces).precomposedStringWithCanonicalMapping
+        let address = Self.trimmedNFC(text)
         guard !address.isEmpty else { throw .init("it is empty") }
         let parts = address.split(separator: "@", omittingEmptySubsequences: false)
         guard parts.count >= 2 else { throw .init("it has no @") }
@@ -27,6 +27,19 @@ public struct EmailAddress: Sendable, Hashable, CustomStringConvertible {
         guard address.utf8.count <= 254 else { throw .init("it is longer than 254 bytes") }
         self.localPart = local
         self.domain = domain
+    }
+
+    /// `text` without the spaces around it, in NFC. ASCII with no space or tab at either end is
+    /// already both, and is returned as it is: Foundation's trimming and normalisation were most
+    /// of the 3 % of the worker's CPU that checking each message's addresses took (issue 12).
+    private static func trimmedNFC(_ text: String) -> String {
+        let utf8 = text.utf8
+        if let first = utf8.first, let last = utf8.last, utf8.allSatisfy({ $0 < 0x80 }),
+            first != UInt8(ascii: " "), first != UInt8(ascii: "\t"), last != UInt8(ascii: " "), last != UInt8(ascii: "\t")
+        {
+            return text
+        }
+        return text.trimmingCharacters(in: .whitespaces).precomposedStringWithCanonicalMapping
     }
 
     /// `local@domain`.
@@ -52,7 +65,9 @@ public struct EmailAddress: Sendable, Hashable, CustomStringConvertible {
         for scalar in local.unicodeScalars {
             let allowed: Bool
             if scalar.isASCII {
-                allowed = scalar.properties.isAlphabetic || ("0"..."9").contains(scalar) || scalar == "." || atextSymbols.contains(scalar)
+                allowed =
+                    ("a"..."z").contains(scalar) || ("A"..."Z").contains(scalar) || ("0"..."9").contains(scalar) || scalar == "."
+                    || atextSymbols.contains(scalar)
             } else {
                 allowed = isWordLike(scalar)
             }

@@ -1,7 +1,8 @@
 import Crypto
 import Foundation
-import HeraldCore
 import Testing
+
+@testable import HeraldCore
 
 @Suite struct LinkTokenTests {
     static let secretA = Data(repeating: 0xA1, count: 32).base64EncodedString()
@@ -13,6 +14,20 @@ import Testing
         LinkClaims(
             scope: .unsubscribe, organisationID: UUID(), userID: UUID(), deliveryID: UUID(), notificationID: UUID(),
             categoryID: UUID(), channel: "email", expiresAt: now.addingTimeInterval(86_400.75))
+    }
+
+    @Test("the claims' JSON is the bytes JSONEncoder writes with sorted keys, for every combination of optional claims")
+    func claimsJSON() throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        for mask in 0..<64 {
+            func some(_ bit: Int) -> UUID? { mask & (1 << bit) != 0 ? UUID() : nil }
+            let claims = LinkClaims(
+                scope: mask % 3 == 0 ? .click : .unsubscribe, organisationID: UUID(), userID: UUID(), deliveryID: some(0),
+                digestItemID: some(1), digestRunID: some(2), notificationID: some(3), categoryID: some(4),
+                channel: mask & 32 != 0 ? "e\"m/a\\il\n" : nil, expiresAt: now.addingTimeInterval(Double(mask) * 1000.5))
+            #expect(claims.json == String(decoding: try encoder.encode(claims), as: UTF8.self))
+        }
     }
 
     @Test func roundTrip() throws {

@@ -1,9 +1,9 @@
 import Foundation
 import HeraldCore
-import HeraldStore
 import Testing
 
 @testable import HeraldDelivery
+@testable import HeraldStore
 
 /// The channel registry (issue 9, part 4): one transport per outbox channel, registered once.
 @Suite("Channel transports")
@@ -49,5 +49,61 @@ struct ChannelTransportTests {
             NotificationChannel.chat.destinations(for: profile, endpoints: [endpoint]) == [
                 ChannelDestination(address: endpoint.url, endpointID: endpoint.id)
             ])
+    }
+
+    /// What `WebhookMessage.body` wrote with `JSONEncoder` before it was written by hand.
+    struct EncodedBody: Encodable {
+        struct Recipient: Encodable { var id, email, display_name: String }
+        struct Subject: Encodable { var type, id: String }
+        struct Payload: Encodable {
+            var event_id, delivery_id, notification_type, category, severity, priority: String
+            var recipient: Recipient
+            var subject: Subject?
+            var title, body: String
+            var url: String?
+        }
+        var type = "notification.created"
+        var timestamp: Date
+        var data: Payload
+    }
+
+    @Test(
+        "a webhook's body is the bytes JSONEncoder wrote (sorted keys, unescaped slashes, whole seconds), with and without subject and url",
+        arguments: [false, true])
+    func webhookBody(optionals: Bool) throws {
+        let type = TypeProfile(
+            id: UUID(), key: "WARD_ALERT", name: "Ward", categoryID: UUID(), categoryKey: "alerts", categoryIsCritical: false,
+            defaultChannels: [.webhook], defaultSeverity: .warning, defaultPriority: .high, templates: [:])
+        let recipient = RecipientProfile(
+            candidate: Candidate(userID: UUID(), active: true), email: "zoë+\"q\"@example.com", displayName: "Zoë \\ \"Z\"\n\u{01}/",
+            locale: nil, timezone: nil, attributes: .object([:]))
+        let input = PlanInput(
+            eventID: UUID(), type: type, severity: .critical, priority: .high, payload: .object([:]),
+            subjectType: optionals ? "bed/\"7\"" : nil, subjectID: optionals ? "b\t7" : nil,
+            deliverAt: Date(timeIntervalSince1970: 1_795_000_123.987), organisationName: "Ward", organisationSlug: "ward",
+            organisationLocale: "en", organisationTimezone: "UTC", throttlePerMinute: nil, recipients: [recipient], excluded: [],
+            userPreferences: [:], organisationDefaults: [:], recentCounts: [:])
+        let delivery = Delivery(
+            id: UUID(), eventID: input.eventID, userID: recipient.candidate.userID, channel: .webhook, destination: "https://h.example/x",
+            endpointID: UUID(), status: .sending, attempts: 1, maxAttempts: 8, nextAttemptAt: Date(), createdAt: Date(), updatedAt: Date())
+        let work = DeliveryWork(
+            organisationID: UUID(), delivery: delivery, input: input, recipient: recipient, eventStatus: .accepted, eventExpiresAt: nil,
+            url: nil, email: EmailIdentity(), endpoint: nil)
+        let content = TemplateContent(subject: "Bed \"7\" </b> ✓", body: "line 1\nline 2\r\t\u{7f} é")
+        let url = optionals ? "https://app.example/beds/7?a=1&b=\"2\"" : nil
+
+        let expected = EncodedBody(
+            timestamp: input.deliverAt,
+            data: .init(
+                event_id: input.eventID.lowercased, delivery_id: delivery.id.lowercased, notification_type: type.key,
+                category: type.categoryKey, severity: input.severity.rawValue, priority: input.priority.rawValue,
+                recipient: .init(id: recipient.candidate.userID.lowercased, email: recipient.email, display_name: recipient.displayName),
+                subject: input.subjectType.map { .init(type: $0, id: input.subjectID ?? "") }, title: content.subject,
+                body: content.body, url: url))
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        encoder.dateEncodingStrategy = .iso8601
+        let written = WebhookMessage.body(work, content: content, url: url)
+        #expect(String(decoding: written, as: UTF8.self) == String(decoding: try encoder.encode(expected), as: UTF8.self))
     }
 }

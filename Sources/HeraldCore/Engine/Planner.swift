@@ -333,14 +333,18 @@ public enum NotificationPlanner {
         _ input: PlanInput, _ profile: RecipientProfile, channel: NotificationChannel,
         parsed: [NotificationChannel: [String: ParsedTemplate]]? = nil, links: [String: String] = [:]
     ) -> TemplateContent {
-        let templates = parsed ?? input.type.templates.mapValues { $0.mapValues(ParsedTemplate.init) }
-        guard
-            let picked = TemplateRenderer.pick(
-                templates[channel] ?? [:], userLocale: profile.locale,
-                organisationLocale: input.organisationLocale)
-        else {
-            return TemplateContent(subject: input.type.name, body: "")
+        let template: ParsedTemplate?
+        if let parsed {
+            template =
+                TemplateRenderer.pick(parsed[channel] ?? [:], userLocale: profile.locale, organisationLocale: input.organisationLocale)?
+                .value
+        } else {
+            // Only the template picked is parsed (or found parsed): not every channel and locale of the type.
+            template = TemplateRenderer.pick(
+                input.type.templates[channel] ?? [:], userLocale: profile.locale, organisationLocale: input.organisationLocale
+            ).map { ParsedTemplate.cached($0.value) }
         }
-        return picked.value.render(context(input, profile, links: links))
+        guard let template else { return TemplateContent(subject: input.type.name, body: "") }
+        return template.render(context(input, profile, links: links))
     }
 }

@@ -1,9 +1,10 @@
 import Foundation
 import Mustache
+import Synchronization
 
 /// A message template for one channel and locale, in Mustache. `subject` is the in-app title
 /// or the email subject; `body` the text; `html` the email's HTML part.
-public struct TemplateContent: Sendable, Equatable, Codable {
+public struct TemplateContent: Sendable, Hashable, Codable {
     public var subject: String
     public var body: String
     public var html: String?
@@ -39,9 +40,9 @@ public enum TemplateRenderer {
         return template.render(context)
     }
 
-    /// Renders every part of `content`.
+    /// Renders every part of `content` (parsed once per process: `ParsedTemplate.cached`).
     public static func render(_ content: TemplateContent, _ context: [String: Any]) -> TemplateContent {
-        ParsedTemplate(content).render(context)
+        ParsedTemplate.cached(content).render(context)
     }
 }
 
@@ -58,6 +59,23 @@ public struct ParsedTemplate: Sendable {
         body = try? MustacheTemplate(string: content.body)
         html = content.html.flatMap { try? MustacheTemplate(string: $0) }
     }
+
+    /// The parsed form of `content`, parsed once per process while it is among the last few
+    /// hundred used. The key is the content itself, so an edited template is a new entry and
+    /// nothing needs invalidating. (The worker parsed every template of a type for every
+    /// message it sent: issue 12.)
+    public static func cached(_ content: TemplateContent) -> ParsedTemplate {
+        if let known = cache.withLock({ $0[content] }) { return known }
+        let parsed = ParsedTemplate(content)
+        cache.withLock { cache in
+            if cache.count >= cacheLimit { cache.removeAll(keepingCapacity: true) }
+            cache[content] = parsed
+        }
+        return parsed
+    }
+
+    private static let cacheLimit = 512
+    private static let cache = Mutex<[TemplateContent: ParsedTemplate]>([:])
 
     /// The content for one recipient (a part that does not parse renders as its source).
     public func render(_ context: [String: Any]) -> TemplateContent {
