@@ -146,7 +146,9 @@ let package = Package(
         ),
         .testTarget(
             name: "HeraldDeliveryTests",
-            dependencies: ["HeraldDelivery", "HeraldCore", "HeraldStore"],
+            dependencies: [
+                "HeraldDelivery", "HeraldCore", "HeraldStore", .product(name: "NIOEmbedded", package: "swift-nio"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(

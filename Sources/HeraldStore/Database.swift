@@ -195,10 +195,10 @@ public struct Database: Sendable {
                     do { result = .success(try await perform()) } catch { result = .failure(error) }
                     wait.finish(result)
                 }
-                // A timer on the connection's event loop, not a sleeping task: it is dropped the
-                // moment the statement finishes (see `EventLoopTimer`).
+                // A deadline in the shared watch, not a sleeping task or a timer of its own: it is
+                // dropped the moment the statement finishes, and wakes nothing (`DeadlineWatch`).
                 wait.arm(
-                    connection.eventLoop.scheduleTask(in: .nanoseconds((until - ContinuousClock.now).nanoseconds)) {
+                    DeadlineWatch.shared.watch(until: NIODeadline(until)) {
                         wait.finish(
                             .failure(DatabaseUnavailable(deadline: .zero, underlying: "a statement was abandoned at the call's deadline")),
                             closing: connection)
@@ -296,7 +296,7 @@ final class HeldConnection: Sendable {
 
 /// Who resumes a statement's caller first: the statement, its deadline or a cancellation.
 final class StatementWait: Sendable {
-    private let state = Mutex<(continuation: CheckedContinuation<[PostgresRow], any Error>?, timer: Scheduled<Void>?, done: Bool)>(
+    private let state = Mutex<(continuation: CheckedContinuation<[PostgresRow], any Error>?, deadline: DeadlineWatch.Ticket?, done: Bool)>(
         (nil, nil, false))
 
     func start(_ continuation: CheckedContinuation<[PostgresRow], any Error>) {
@@ -307,12 +307,12 @@ final class StatementWait: Sendable {
         if cancelled { continuation.resume(throwing: CancellationError()) }
     }
 
-    func arm(_ timer: Scheduled<Void>) {
+    func arm(_ deadline: DeadlineWatch.Ticket) {
         let cancel = state.withLock { state in
-            state.timer = timer
+            state.deadline = deadline
             return state.done
         }
-        if cancel { timer.cancel() }
+        if cancel { DeadlineWatch.shared.cancel(deadline) }
     }
 
     /// Resumes the caller unless something did already; true when this call did. With
@@ -321,13 +321,13 @@ final class StatementWait: Sendable {
     /// another request just before the close kills that request's statement.
     @discardableResult
     func finish(_ result: Swift.Result<[PostgresRow], any Error>, closing connection: PostgresConnection? = nil) -> Bool {
-        let (continuation, timer) = state.withLock { state in
-            let taken = (state.continuation, state.timer)
+        let (continuation, deadline) = state.withLock { state in
+            let taken = (state.continuation, state.deadline)
             state.continuation = nil
             state.done = true
             return taken
         }
-        timer?.cancel()
+        if let deadline { DeadlineWatch.shared.cancel(deadline) }
         guard let continuation else { return false }
         if let connection {
             connection.close().whenComplete { _ in continuation.resume(with: result) }
