@@ -424,6 +424,10 @@ ROUTES = [(method, re.compile(pattern), func) for method, pattern, func in [
 
 class QuietHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's listen backlog is 5: a sender opening 32 or more keep-alive connections at
+    # once overflowed it, and some of its first requests were reset (a real receiver's backlog
+    # is in the hundreds: nginx 511, the kernel's somaxconn 4096).
+    request_queue_size = 512
 
     def handle_error(self, request, client_address):
         # Benchmark clients (wrk) reset keep-alive connections when done;
