@@ -1,0 +1,95 @@
+import Foundation
+import HeraldStore
+import Logging
+import PostgresNIO
+import Synchronization
+import Testing
+
+@testable import HeraldDelivery
+
+/// When the runner claims while items are in flight (issue 12): half a batch at a time, but free
+/// slots never wait much longer than a poll interval behind sends that hold the others.
+@Suite("Work runner claims")
+struct WorkRunnerClaimTests {
+    struct Item: WorkClaim {
+        var id: Int
+        var organisationID: UUID { UUID(uuidString: "00000000-0000-0000-0000-000000000001")! }
+        var logMetadata: Logger.Metadata { ["item": "\(id)"] }
+    }
+
+    /// An in-memory queue: `due` items are claimed in order; records each claim's size.
+    final class Queue: WorkQueue, Sendable {
+        let state = Mutex<(due: [Item], claims: [Int], done: [Int])>(([], [], []))
+        var kind: String { "test" }
+        func wakes(on message: BusMessage) -> Bool { false }
+        func add(_ items: [Item]) { state.withLock { $0.due += items } }
+        var claims: [Int] { state.withLock { $0.claims } }
+        var done: [Int] { state.withLock { $0.done } }
+        func claim(worker: String, limit: Int, leaseSeconds: Int) async throws -> [Item] {
+            state.withLock { state in
+                let taken = Array(state.due.prefix(limit))
+                state.due.removeFirst(taken.count)
+                if !taken.isEmpty { state.claims.append(taken.count) }
+                return taken
+            }
+        }
+        func heartbeat(worker: String, organisation: UUID, claims: [Item], leaseSeconds: Int) async throws {}
+        func complete(_ claim: Item, worker: String, startedAt: Date, outcome: Bool, logger: Logger) async throws -> Bool {
+            state.withLock { $0.done.append(claim.id) }
+            return true
+        }
+        func release(_ claim: Item, worker: String, until: Date, reason: String) async throws -> Bool { true }
+        func fail(_ claim: Item, worker: String, error: any Error) async throws {}
+        func rescueExpired(worker: String) async throws -> Int { 0 }
+    }
+
+    /// Items below 100 finish at once; the others hold their slot until `release`.
+    final class Handler: WorkHandler, Sendable {
+        let held = Mutex<[CheckedContinuation<Void, Never>]>([])
+        func handle(_ claim: Item, logger: Logger) async throws -> WorkDisposition<Bool> {
+            if claim.id >= 100 { await withCheckedContinuation { continuation in held.withLock { $0.append(continuation) } } }
+            return .done(true)
+        }
+        func finished(_ claim: Item, disposition: WorkDisposition<Bool>?, recorded: Bool?, duration: Duration, logger: Logger) {}
+        func release() {
+            for continuation in held.withLock({ held in
+                defer { held = [] }; return held
+            }) { continuation.resume() }
+        }
+    }
+
+    func waitFor(_ condition: () -> Bool) async throws {
+        for _ in 0..<500 where !condition() { try await Task.sleep(for: .milliseconds(10)) }
+    }
+
+    @Test("with 3 of 4 slots held by slow sends, the free slot is claimed after about a poll interval, not when a slow send ends")
+    func freeSlotsDoNotWaitForSlowSends() async throws {
+        let queue = Queue()
+        let handler = Handler()
+        var configuration = WorkRunnerConfiguration(name: "claims-test")
+        configuration.concurrency = 4
+        configuration.batchSize = 4
+        configuration.pollInterval = .milliseconds(100)
+        // A bus that is never run: the runner polls.
+        let client = PostgresClient(
+            configuration: .init(host: "127.0.0.1", port: 1, username: "nobody", password: nil, database: nil, tls: .disable))
+        let runner = WorkRunner(
+            configuration: configuration, queue: queue, handler: handler,
+            bus: NotificationBus(client: client, logger: Logger(label: "test")), logger: Logger(label: "test"))
+        let running = Task { try await runner.run() }
+        defer { running.cancel() }
+
+        // Three slow items and one fast one take the four slots in one claim.
+        queue.add([Item(id: 100), Item(id: 101), Item(id: 102), Item(id: 1)])
+        try await waitFor { queue.done == [1] }
+        #expect(queue.claims == [4])
+        // One slot is free: fewer than half a batch (2). Work arrives; the slow sends still run.
+        queue.add([Item(id: 2), Item(id: 3)])
+        try await waitFor { queue.done.count == 3 }
+        #expect(queue.done == [1, 2, 3], "the free slot was claimed while the slow sends held the others")
+        #expect(queue.claims.dropFirst().allSatisfy { $0 == 1 })
+        handler.release()
+        try await waitFor { queue.done.count == 6 }
+        #expect(Set(queue.done) == [1, 2, 3, 100, 101, 102])
+    }
+}
