@@ -52,13 +52,7 @@ enum FeedJSON {
         out += item.read ? "true" : "false"
         out += ",\"severity\":"
         out += jsonQuoted(item.severity.rawValue)
-        if let type = item.subjectType {
-            out += ",\"subject\":{\"id\":"
-            out += jsonQuoted(item.subjectID ?? "")
-            out += ",\"type\":"
-            out += jsonQuoted(type)
-            out += "}"
-        }
+        out += jsonSubjectMember(type: item.subjectType, id: item.subjectID)
         if !item.tags.isEmpty {
             out += ",\"tags\":["
             for (index, tag) in item.tags.enumerated() {

@@ -123,13 +123,7 @@ enum WebhookMessage {
         out += work.recipient.candidate.userID.lowercased
         out += "\"},\"severity\":"
         out += jsonQuoted(input.severity.rawValue)
-        if let type = input.subjectType {
-            out += ",\"subject\":{\"id\":"
-            out += jsonQuoted(input.subjectID ?? "")
-            out += ",\"type\":"
-            out += jsonQuoted(type)
-            out += "}"
-        }
+        out += jsonSubjectMember(type: input.subjectType, id: input.subjectID)
         out += ",\"title\":"
         out += jsonQuoted(content.subject)
         if let url {

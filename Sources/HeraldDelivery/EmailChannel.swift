@@ -24,11 +24,9 @@ struct EmailChannel: ChannelTransport {
                 date: now,
                 extraHeaders: [("List-Unsubscribe", "<\(unsubscribe)>"), ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]
             ).encoded()
-        } catch let error as MIMEError {
-            // A sentence a tenant admin can read (MIMEError describes itself in words).
-            return .refused(code: nil, error: "The message could not be built: \(error.description)", permanent: true, retryAfter: nil)
         } catch {
-            return .refused(code: nil, error: "The message could not be built.", permanent: true, retryAfter: nil)
+            // `encoded()` throws only MIMEError, a sentence a tenant admin can read.
+            return .refused(code: nil, error: "The message could not be built: \(error.description)", permanent: true, retryAfter: nil)
         }
         return await transport.send(from: from, to: work.recipient.email, message: message)
     }
