@@ -140,12 +140,12 @@ where Handler.Claim == Queue.Claim, Handler.Outcome == Queue.Outcome {
         logger.info("\(queue.kind) workers stopped")
     }
 
-    /// The fewest free slots worth a claim while items are in flight: half a batch. A claim, the
-    /// batch's read and its completions cost about the same for 4 rows as for 16, so bigger
-    /// batches cost less CPU per item, in the worker and in PostgreSQL (issue 12: a quarter
-    /// batch cost 0.80 ms of the worker's CPU per email and 0.61 ms of PostgreSQL's, half a batch
-    /// 0.66–0.70 and 0.45–0.47). Slots held by slow sends cannot keep the others idle for long:
-    /// once free slots have waited a poll interval, any number of them is claimed.
+    /// The fewest free slots worth a claim while items are in flight: half the slots (or half a
+    /// batch, if smaller). A claim, the batch's read and its completions cost about the same for
+    /// 4 rows as for 16, so bigger claims cost less CPU per item, in the worker and in PostgreSQL
+    /// (issue 12; docs/benchmarks.md, "CPU per message"). Slots held by slow sends cannot keep
+    /// the others idle for long: once free slots have waited a poll interval, any number of them
+    /// is claimed at the loop's next wake-up (at most about two poll intervals in all).
     private var claimThreshold: Int { max(1, min(configuration.batchSize, configuration.concurrency) / 2) }
 
     /// Claims while there is room, runs each claim in its own task, and sleeps until the bus,
@@ -161,7 +161,7 @@ where Handler.Claim == Queue.Claim, Handler.Outcome == Queue.Outcome {
                 var claims: [Queue.Claim] = []
                 let now = ContinuousClock.now
                 if room > 0 { waitingSince = waitingSince ?? now } else { waitingSince = nil }
-                // While items run, wait until half a batch is free (every item that ends wakes
+                // While items run, wait until half the slots are free (every item that ends wakes
                 // the loop), or until the free slots have waited a poll interval.
                 let waitedLong = waitingSince.map { now - $0 >= configuration.pollInterval } ?? false
                 if room > 0 && (running == 0 || room >= claimThreshold || waitedLong) {

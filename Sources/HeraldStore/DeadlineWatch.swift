@@ -8,10 +8,11 @@ import Synchronization
 /// timer of its own on a NIO event loop, each cost two wake-ups of that loop from another thread,
 /// one to schedule the timer and one to cancel it: two `eventfd` writes, and often two context
 /// switches, per statement (`perf` of the worker and of the bell's reads, issue 12). The watch
-/// keeps the deadlines in a table and schedules one timer, for the earliest. Deadlines are nearly
+/// keeps the deadlines in a table and schedules a timer for the earliest. Deadlines are nearly
 /// always "now plus the same duration", later than the one already armed, so adding one and
-/// cancelling one take a lock and wake nothing. The timer still fires at the earliest deadline
-/// exactly: what expires, expires on time.
+/// cancelling one take a lock and wake nothing. Only a deadline earlier than the armed one
+/// schedules another timer (the one it replaces is left to fire, finds nothing due and re-arms
+/// nothing earlier). A timer fires at the earliest deadline exactly: what expires, expires on time.
 public final class DeadlineWatch: Sendable {
     /// The process's watch, on one loop of NIO's shared event loop group.
     public static let shared = DeadlineWatch(on: MultiThreadedEventLoopGroup.singleton.next())

@@ -46,6 +46,35 @@ struct DeadlineWatchTests {
         try await loop.shutdownGracefully()
     }
 
+    @Test("a deadline later than the armed one expires after it, when the one timer is re-armed; so do those after a cancelled earliest")
+    func rearms() async throws {
+        let loop = NIOAsyncTestingEventLoop()
+        let watch = DeadlineWatch(on: loop)
+        let expiries = Expiries()
+        let start = loop.now
+        // Each later than the armed timer (10 s): none arms a timer of its own.
+        _ = watch.watch(until: start + .seconds(10), expiries.record("10 s"))
+        _ = watch.watch(until: start + .seconds(30), expiries.record("30 s"))
+        _ = watch.watch(until: start + .seconds(50), expiries.record("50 s"))
+        await loop.advanceTime(to: start + .seconds(10))
+        #expect(expiries.all == ["10 s"])
+        await loop.advanceTime(to: start + .seconds(30))
+        #expect(expiries.all == ["10 s", "30 s"])
+
+        // The earliest (the armed one) cancelled: the timer fires for nothing and re-arms.
+        let earliest = watch.watch(until: start + .seconds(35), expiries.record("35 s"))
+        _ = watch.watch(until: start + .seconds(60), expiries.record("60 s"))
+        #expect(watch.cancel(earliest))
+        await loop.advanceTime(to: start + .seconds(49))
+        #expect(expiries.all == ["10 s", "30 s"])
+        await loop.advanceTime(to: start + .seconds(50))
+        #expect(expiries.all == ["10 s", "30 s", "50 s"])
+        await loop.advanceTime(to: start + .seconds(60))
+        #expect(expiries.all == ["10 s", "30 s", "50 s", "60 s"])
+        #expect(watch.watched == 0)
+        try await loop.shutdownGracefully()
+    }
+
     @Test("deadlines cancelled before they pass leave nothing behind, however many")
     func cancelledLeaveNothing() async throws {
         let loop = NIOAsyncTestingEventLoop()

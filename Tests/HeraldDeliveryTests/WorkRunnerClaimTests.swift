@@ -62,21 +62,42 @@ struct WorkRunnerClaimTests {
         for _ in 0..<500 where !condition() { try await Task.sleep(for: .milliseconds(10)) }
     }
 
-    @Test("with 3 of 4 slots held by slow sends, the free slot is claimed after about a poll interval, not when a slow send ends")
+    func runner(_ queue: Queue, _ handler: Handler, slots: Int, poll: Duration) -> WorkRunner<Queue, Handler> {
+        var configuration = WorkRunnerConfiguration(name: "claims-test")
+        configuration.concurrency = slots
+        configuration.batchSize = slots
+        configuration.pollInterval = poll
+        // A bus that is never run: the runner wakes on finished items and polls.
+        let client = PostgresClient(
+            configuration: .init(host: "127.0.0.1", port: 1, username: "nobody", password: nil, database: nil, tls: .disable))
+        return WorkRunner(
+            configuration: configuration, queue: queue, handler: handler,
+            bus: NotificationBus(client: client, logger: Logger(label: "test")), logger: Logger(label: "test"))
+    }
+
+    @Test("while items run, fewer free slots than half a batch are not claimed when items end (8 slots: 2 free wait, 4 free are claimed)")
+    func halfABatch() async throws {
+        let queue = Queue()
+        let handler = Handler()
+        // A poll interval longer than the test: only finished items wake the loop.
+        let running = Task { try await runner(queue, handler, slots: 8, poll: .seconds(60)).run() }
+        defer { running.cancel() }
+        queue.add((100..<106).map { Item(id: $0) } + (1...20).map { Item(id: $0) })
+        try await waitFor { queue.done.count == 2 }
+        // Two fast items ended, two slots free, and more is due: a quarter-batch rule claimed them.
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(queue.claims == [8], "\(queue.claims)")
+        // The slow items end: the free slots are claimed, and every item runs.
+        handler.release()
+        try await waitFor { queue.done.count == 26 }
+        #expect(Set(queue.done) == Set((100..<106).map { $0 } + (1...20).map { $0 }))
+    }
+
+    @Test("with 3 of 4 slots held by slow sends, the free slot is claimed once it has waited a poll interval, before any slow send ends")
     func freeSlotsDoNotWaitForSlowSends() async throws {
         let queue = Queue()
         let handler = Handler()
-        var configuration = WorkRunnerConfiguration(name: "claims-test")
-        configuration.concurrency = 4
-        configuration.batchSize = 4
-        configuration.pollInterval = .milliseconds(100)
-        // A bus that is never run: the runner polls.
-        let client = PostgresClient(
-            configuration: .init(host: "127.0.0.1", port: 1, username: "nobody", password: nil, database: nil, tls: .disable))
-        let runner = WorkRunner(
-            configuration: configuration, queue: queue, handler: handler,
-            bus: NotificationBus(client: client, logger: Logger(label: "test")), logger: Logger(label: "test"))
-        let running = Task { try await runner.run() }
+        let running = Task { try await runner(queue, handler, slots: 4, poll: .milliseconds(100)).run() }
         defer { running.cancel() }
 
         // Three slow items and one fast one take the four slots in one claim.

@@ -4,7 +4,7 @@ import Synchronization
 
 /// A message template for one channel and locale, in Mustache. `subject` is the in-app title
 /// or the email subject; `body` the text; `html` the email's HTML part.
-public struct TemplateContent: Sendable, Hashable, Codable {
+public struct TemplateContent: Sendable, Equatable, Codable {
     public var subject: String
     public var body: String
     public var html: String?
@@ -65,17 +65,31 @@ public struct ParsedTemplate: Sendable {
     /// nothing needs invalidating. (The worker parsed every template of a type for every
     /// message it sent: issue 12.)
     public static func cached(_ content: TemplateContent) -> ParsedTemplate {
-        if let known = cache.withLock({ $0[content] }) { return known }
+        let key = CacheKey(content)
+        if let known = cache.withLock({ $0[key] }) { return known }
         let parsed = ParsedTemplate(content)
         cache.withLock { cache in
             if cache.count >= cacheLimit { cache.removeAll(keepingCapacity: true) }
-            cache[content] = parsed
+            cache[key] = parsed
         }
         return parsed
     }
 
+    /// The content's bytes: `String` equality is canonical equivalence, and two templates that
+    /// differ only in their Unicode normalisation must each render as written.
+    private struct CacheKey: Hashable {
+        let subject: [UInt8]
+        let body: [UInt8]
+        let html: [UInt8]?
+        init(_ content: TemplateContent) {
+            subject = Array(content.subject.utf8)
+            body = Array(content.body.utf8)
+            html = content.html.map { Array($0.utf8) }
+        }
+    }
+
     private static let cacheLimit = 512
-    private static let cache = Mutex<[TemplateContent: ParsedTemplate]>([:])
+    private static let cache = Mutex<[CacheKey: ParsedTemplate]>([:])
 
     /// The content for one recipient (a part that does not parse renders as its source).
     public func render(_ context: [String: Any]) -> TemplateContent {
