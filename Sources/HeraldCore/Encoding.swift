@@ -23,12 +23,14 @@ extension Data {
     }
 }
 
+private let base64URLAlphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".utf8)
+
 /// `bytes` as base64url without padding, byte by byte (Foundation's encoder behind three string
-/// replacements was 3 % of a feed read's CPU, for the cursor).
-public func base64URLEncodedString(_ bytes: some Collection<UInt8>) -> String {
-    let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".utf8)
+/// replacements was 3 % of a feed read's CPU, for the cursor): cursors, link tokens, JWT parts.
+public func base64URLEncodedString(_ bytes: some Sequence<UInt8>) -> String {
+    let alphabet = base64URLAlphabet
     var out: [UInt8] = []
-    out.reserveCapacity((bytes.count * 4 + 2) / 3)
+    out.reserveCapacity((bytes.underestimatedCount * 4 + 2) / 3)
     var buffer: UInt32 = 0
     var bits = 0
     for byte in bytes {

@@ -43,7 +43,7 @@ struct DeadlineWatchTests {
         await loop.advanceTime(to: start + .seconds(40))
         #expect(expiries.all == ["10 s", "30 s", "40 s"])
         #expect(!watch.cancel(late))
-        try await loop.shutdownGracefully()
+        await loop.shutdownGracefully()
     }
 
     @Test("a deadline later than the armed one expires after it, when the one timer is re-armed; so do those after a cancelled earliest")
@@ -72,7 +72,7 @@ struct DeadlineWatchTests {
         await loop.advanceTime(to: start + .seconds(60))
         #expect(expiries.all == ["10 s", "30 s", "50 s", "60 s"])
         #expect(watch.watched == 0)
-        try await loop.shutdownGracefully()
+        await loop.shutdownGracefully()
     }
 
     @Test("deadlines cancelled before they pass leave nothing behind, however many")
@@ -85,6 +85,6 @@ struct DeadlineWatchTests {
         #expect(watch.watched == 0)
         await loop.advanceTime(by: .seconds(2000))
         #expect(expiries.all.isEmpty)
-        try await loop.shutdownGracefully()
+        await loop.shutdownGracefully()
     }
 }
