@@ -179,7 +179,7 @@ extension TenantTransaction {
                 """
                 SELECT \(unescaped: digestRunColumns) FROM digest_runs
                 WHERE organisation_id = \(organisationID) AND id = \(claim.runID) AND lease_owner = \(worker)
-                  AND attempts = \(claim.attempt) AND status = 'SENDING'
+                  AND attempts = \(claim.attempt) AND (status = 'SENDING') IS TRUE -- by key, not by the lease index (0032)
                 FOR UPDATE
                 """
             ).first
@@ -283,7 +283,7 @@ extension TenantTransaction {
                 lease_owner = NULL, lease_expires_at = NULL, sent_at = CASE WHEN \(status) = 'SENT' THEN now() ELSE sent_at END,
                 updated_at = now()
             WHERE organisation_id = \(organisationID) AND id = \(claim.runID) AND lease_owner = \(worker) AND attempts = \(claim.attempt)
-              AND status = 'SENDING'
+              AND (status = 'SENDING') IS TRUE -- by key, not by the lease index (0032)
             RETURNING status
             """)
         guard let row = rows.first else { return false }
@@ -304,7 +304,7 @@ extension TenantTransaction {
             UPDATE digest_runs SET status = CASE WHEN attempts <= 1 THEN 'PENDING' ELSE 'FAILED' END, attempts = attempts - 1,
                 next_attempt_at = \(until), lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
             WHERE organisation_id = \(organisationID) AND id = \(claim.runID) AND lease_owner = \(worker) AND attempts = \(claim.attempt)
-              AND status = 'SENDING'
+              AND (status = 'SENDING') IS TRUE -- by key, not by the lease index (0032)
             RETURNING id
             """
         ).isEmpty

@@ -325,7 +325,7 @@ extension TenantTransaction {
                 UPDATE jobs SET status = 'IDLE', lease_owner = NULL, lease_expires_at = NULL,
                     next_run_at = CASE WHEN next_run_at <= \(now) THEN \(nextRunAt) ELSE next_run_at END, updated_at = now()
                 WHERE organisation_id = \(organisationID) AND id = \(claim.jobID) AND lease_owner = \(worker)
-                  AND attempts = \(claim.attempt) AND status = 'RUNNING'
+                  AND attempts = \(claim.attempt) AND (status = 'RUNNING') IS TRUE -- by key, not by the lease index (0032)
                 RETURNING id
             )
             UPDATE job_runs r SET status = \(outcome.error == nil ? JobRunStatus.succeeded : .failed), finished_at = now(),

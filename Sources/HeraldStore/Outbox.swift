@@ -346,14 +346,23 @@ extension TenantTransaction {
     /// Fenced like completion; the row is due again at `until`. Nothing is logged as an attempt.
     @discardableResult
     public func releaseDelivery(_ claim: ClaimedDelivery, worker: String, until: Date) async throws -> Bool {
-        try await !query(
-            """
-            UPDATE deliveries SET status = CASE WHEN attempts <= 1 THEN 'PENDING' ELSE 'FAILED' END, attempts = attempts - 1,
-                next_attempt_at = \(until), lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-            WHERE organisation_id = \(organisationID) AND id = \(claim.deliveryID) AND lease_owner = \(worker) AND attempts = \(claim.attempt) AND status = 'SENDING'
-            RETURNING id
-            """
-        ).isEmpty
+        try await releaseDeliveries([(claim, until)], worker: worker)[0]
+    }
+
+    /// `releaseDelivery` for many deliveries of this organisation in one statement (a full
+    /// endpoint gives back most of a claimed batch at once). Returns, in order, whether each
+    /// was given back.
+    public func releaseDeliveries(_ releases: [(claim: ClaimedDelivery, until: Date)], worker: String) async throws -> [Bool] {
+        guard !releases.isEmpty else { return [] }
+        // release_deliveries (0032): each row by its key, whatever the statistics say of the organisation.
+        let released = Set(
+            try await query(
+                """
+                SELECT release_deliveries(\(worker), \(releases.map(\.claim.deliveryID))::uuid[], \(releases.map(\.claim.attempt))::integer[],
+                                          \(releases.map(\.until))::timestamptz[])
+                """
+            ).map { try $0.decode(UUID.self) })
+        return releases.map { released.contains($0.claim.deliveryID) }
     }
 
     /// Deliveries newest first.

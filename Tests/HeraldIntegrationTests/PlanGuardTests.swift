@@ -137,4 +137,68 @@ struct PlanGuardTests {
         #expect(everyone > 2_000, "the whole audience read \(everyone) users")
         #expect(chunk <= 2 * 100 + 10, "a chunk of 100 after the 1 800th user read \(chunk) users")
     }
+
+    /// Entries read from every index of `relation`, and its rows read by sequential scans, as this
+    /// connection's pending counters have them (they see inside functions too; PostgreSQL clears
+    /// them only between transactions, so compare two readings of one transaction).
+    func entriesRead(of relation: String, in tx: TenantTransaction) async throws -> Int {
+        try await tx.query(
+            """
+            SELECT (coalesce(sum(pg_stat_get_xact_tuples_returned(i.indexrelid)), 0)
+                    + pg_stat_get_xact_tuples_returned(\(relation)::regclass))::bigint
+            FROM pg_index i WHERE i.indrelid = \(relation)::regclass
+            """
+        )[0].decode(Int.self)
+    }
+
+    @Test("give-backs, heartbeats and completions find their rows by key, not by walking every lease in flight")
+    func fencesFindRowsByKey() async throws {
+        /// An organisation with `count` email deliveries due now.
+        func outbox(_ count: Int) async throws -> TestOrganisation {
+            let org = try await TestOrganisation.make()
+            _ = try await TestCatalogue.make(in: org)
+            let users = try await env.database.withTenant(org.id) { tx in
+                try await tx.query(
+                    """
+                    INSERT INTO users (organisation_id, email, display_name)
+                    SELECT \(org.id), 'f' || g || '@fence.example', 'F' || g FROM generate_series(1, \(count)) g RETURNING id
+                    """
+                ).map { try $0.decode(UUID.self) }
+            }
+            _ = try await org.notify(EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: users), payload: .object([:])))
+            return org
+        }
+        // 400 emails of another organisation in flight, their leases not expired: the entries of
+        // deliveries_lease_claim (which is not per organisation) that a fence written as
+        // "status = 'SENDING'" can walk under a generic plan.
+        let busy = try await outbox(400)
+        let org = try await outbox(20)
+        // Statistics from before the claims, which know both organisations and believe few rows
+        // are in flight: as after a burst, and as on the bench's database where the fence walked
+        // the leases.
+        try await CitusReadinessTests.withClient(env.ownerURL, env.logger) {
+            _ = try await $0.query("ANALYZE deliveries", logger: env.logger)
+        }
+        let held = try await env.workerDatabase.claimDeliveries(worker: "held", limit: 400, leaseSeconds: 600, organisation: busy.id)
+        #expect(held.count == 400)
+        let claimed = try await env.workerDatabase.claimDeliveries(worker: "fence", limit: 20, leaseSeconds: 60, organisation: org.id)
+        let (fenceRead, given, recorded) = try await env.workerDatabase.withTenant(org.id) { tx in
+            // The plans PL/pgSQL keeps after a few calls, and prepared statements have.
+            _ = try await tx.query("SET LOCAL plan_cache_mode = force_generic_plan")
+            let start = try await entriesRead(of: "deliveries", in: tx)
+            // Given back for an hour, so that no other test's worker picks them up.
+            let given = try await tx.releaseDeliveries(claimed.prefix(5).map { ($0, Date().addingTimeInterval(3600)) }, worker: "fence")
+            _ = try await tx.extendLeases(worker: "fence", claims: Array(claimed.dropFirst(5)), leaseSeconds: 60)
+            let recorded = try await tx.completeDeliveries(
+                claimed.dropFirst(5).map { ($0, Date(), AttemptResult.sent(responseCode: 250)) }, worker: "fence")
+            let end = try await entriesRead(of: "deliveries", in: tx)
+            return (end - start, given, recorded)
+        }
+        #expect(claimed.count == 20)
+        #expect(given == Array(repeating: true, count: 5) && recorded == Array(repeating: true, count: 15))
+        // 35 rows found by key: a few index entries each (one per version of the row that vacuum
+        // has not cleared yet, and the attempt's foreign-key check). Walking the 400 leases in
+        // flight for each row would read thousands.
+        #expect(fenceRead > 0 && fenceRead <= 10 * 35, "the fenced statements by key read \(fenceRead) index entries and rows")
+    }
 }
