@@ -411,6 +411,8 @@ cpu_of() { awk '{printf "%.2f\n", ($14 + $15) / 100}' /proc/$1/stat 2>/dev/null 
 cpu_pg() { local total=0 pid; for pid in $(pgrep -P "$(head -1 .data/$CLUSTER/postmaster.pid)"); do total=$(echo "$total + $(cpu_of $pid)" | bc); done; echo $total; }
 deliver() { # type channel → seconds from notify to every delivery of the event settled; sets W_CPU and PG_CPU (seconds)
   local body event start w0 p0
+  # BENCH_PG_STATS=1: what PostgreSQL spent on each statement per channel (.bench/delivery-CHANNEL-pg-stats.txt).
+  [ "${BENCH_PG_STATS:-0}" = 1 ] && psql_super -c "SELECT pg_stat_statements_reset()" >/dev/null
   w0=$(cpu_of $WORKER); p0=$(cpu_pg)
   start=$(now)
   body=$(curl -s -X POST localhost:$HTTP/v1/events -H "authorization: Bearer $APIKEY" -H 'content-type: application/json' \
@@ -425,6 +427,10 @@ deliver() { # type channel → seconds from notify to every delivery of the even
   [ "$sent" = "$N" ] || { echo "bench: only $sent of $N $2 deliveries were SENT"; exit 1; }
   DELIVER_T=$(echo "$(now) - $start" | bc)
   W_CPU=$(echo "$(cpu_of $WORKER) - $w0" | bc); PG_CPU=$(echo "$(cpu_pg) - $p0" | bc)
+  [ "${BENCH_PG_STATS:-0}" = 1 ] && psql_super -c "SELECT calls, round(total_exec_time::numeric, 1) AS exec_ms, rows,
+      left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS query
+    FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 25" > .bench/delivery-$2-pg-stats.txt
+  return 0
 }
 deliver BENCH_HOOK webhook; HOOK_T=$DELIVER_T; HOOK_W=$W_CPU; HOOK_PG=$PG_CPU
 deliver BENCH email; MAIL_T=$DELIVER_T; MAIL_W=$W_CPU; MAIL_PG=$PG_CPU

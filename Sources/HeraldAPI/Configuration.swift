@@ -38,9 +38,17 @@ public struct AppConfiguration: Sendable {
     // MARK: Delivery
     /// The worker role's connection URL (`herald_worker`); the delivery workers need it.
     public var workerDatabaseURL: String?
-    /// Delivery workers in this process (`herald serve` and `herald worker`); 0 switches them off.
-    public var workers = 16
+    /// Delivery workers in this process (`herald serve` and `herald worker`): its sends in
+    /// flight at once; 0 switches them off.
+    public var workers = 32
     public var workerBatchSize = 32
+    /// PostgreSQL connections the deliveries' claims, reads, completions and give-backs share;
+    /// nil: as many as `workers`, at most 16. Sends hold none: the work of the sends that start
+    /// or end together goes in one transaction per organisation.
+    public var workerConnections: Int?
+
+    /// The connections this process's deliveries share: `workerConnections`, or its default.
+    public var deliveryConnections: Int { workerConnections ?? min(workers, 16) }
     /// Digest runs in flight at once (issue 11); nil: a quarter of `workers`, at least one.
     public var digestWorkers: Int?
     public var workerLeaseSeconds = 60
@@ -168,6 +176,11 @@ public struct AppConfiguration: Sendable {
         c.workerDatabaseURL = value("DATABASE_WORKER_URL")
         try number("HERALD_WORKERS", &c.workers)
         try number("HERALD_WORKER_BATCH", &c.workerBatchSize)
+        if value("HERALD_WORKER_CONNECTIONS") != nil {
+            var connections = 0
+            try number("HERALD_WORKER_CONNECTIONS", &connections, in: 1...1000)
+            c.workerConnections = connections
+        }
         if value("HERALD_DIGEST_WORKERS") != nil {
             var digests = 0
             try number("HERALD_DIGEST_WORKERS", &digests)

@@ -42,6 +42,8 @@ public struct OutboxQueue: WorkQueue {
     let circuit: CircuitRule
     /// Attempts that end while others are being recorded are recorded together.
     let completions: RequestBatcher<Completion, Bool>
+    /// Deliveries given back while others are being given back go back together.
+    let releases: RequestBatcher<Release, Bool>
 
     /// One ended attempt waiting to be recorded.
     struct Completion: Sendable {
@@ -52,6 +54,13 @@ public struct OutboxQueue: WorkQueue {
         var logger: Logger
     }
 
+    /// One claimed delivery given back unsent.
+    struct Release: Sendable {
+        var claim: ClaimedDelivery
+        var worker: String
+        var until: Date
+    }
+
     public init(database: Database, organisation: UUID?, circuit: CircuitRule) {
         self.database = database
         self.organisation = organisation
@@ -59,6 +68,15 @@ public struct OutboxQueue: WorkQueue {
         completions = RequestBatcher(maximum: 256) { completions in
             await RequestBatcher.perOrganisation(completions, key: \.claim.organisationID) { organisation, completions in
                 try await Self.record(completions, organisation: organisation, database: database, circuit: circuit)
+            }
+        }
+        releases = RequestBatcher(maximum: 256) { releases in
+            await RequestBatcher.perOrganisation(releases, key: \.claim.organisationID) { organisation, releases in
+                try await database.withTenant(organisation) { tx in
+                    try await perWorker(releases, worker: \.worker) { worker, mine in
+                        try await tx.releaseDeliveries(mine.map { ($0.claim, $0.until) }, worker: worker)
+                    }
+                }
             }
         }
     }
@@ -120,12 +138,8 @@ public struct OutboxQueue: WorkQueue {
     /// the order the attempts ended (a run of answers clears each breaker once).
     static func record(_ completions: [Completion], organisation: UUID, database: Database, circuit: CircuitRule) async throws -> [Bool] {
         try await database.withTenant(organisation) { tx in
-            // (One queue's completions all carry its runner's name; grouping keeps the fence exact anyway.)
-            var recorded = [Bool](repeating: false, count: completions.count)
-            for (worker, mine) in Dictionary(grouping: completions.indices, by: { completions[$0].worker }) {
-                let done = try await tx.completeDeliveries(
-                    mine.map { (completions[$0].claim, completions[$0].startedAt, completions[$0].record.result) }, worker: worker)
-                for (position, was) in zip(mine, done) { recorded[position] = was }
+            let recorded = try await perWorker(completions, worker: \.worker) { worker, mine in
+                try await tx.completeDeliveries(mine.map { ($0.claim, $0.startedAt, $0.record.result) }, worker: worker)
             }
             var answered: Set<UUID> = []
             for (completion, was) in zip(completions, recorded) where was {
@@ -155,9 +169,7 @@ public struct OutboxQueue: WorkQueue {
     }
 
     public func release(_ claim: ClaimedDelivery, worker: String, until: Date, reason: String) async throws -> Bool {
-        let released = try await database.withTenant(claim.organisationID) { tx in
-            try await tx.releaseDelivery(claim, worker: worker, until: until)
-        }
+        let released = try await releases.submit(Release(claim: claim, worker: worker, until: until))
         Counter(label: "herald_delivery_released_total", dimensions: [("reason", reason)]).increment()
         return released
     }
@@ -173,4 +185,17 @@ public struct OutboxQueue: WorkQueue {
         guard organisation == nil else { return 0 }
         return try await database.rescueExpiredDeliveries(worker: worker)
     }
+}
+
+/// Runs `body` once per worker name among `items`, with that worker's items, and puts its
+/// answers back in the items' order. One queue's items all carry its runner's name; grouping
+/// keeps the lease fence exact anyway.
+private func perWorker<Item>(
+    _ items: [Item], worker: (Item) -> String, _ body: (String, [Item]) async throws -> [Bool]
+) async throws -> [Bool] {
+    var answers = [Bool](repeating: false, count: items.count)
+    for (name, positions) in Dictionary(grouping: items.indices, by: { worker(items[$0]) }) {
+        for (position, answer) in zip(positions, try await body(name, positions.map { items[$0] })) { answers[position] = answer }
+    }
+    return answers
 }

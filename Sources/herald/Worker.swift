@@ -88,11 +88,13 @@ struct DeliveryServices {
             throw ConfigurationError(variable: "HERALD_SMTP_URL", value: config.smtpURL)
         }
         var pool = try PostgresClient.Configuration.fromURL(url)
-        // One connection per send in flight, one for the bus's LISTEN (when it is ours), one for claims and heartbeats.
-        // Digest runs (issue 11): HERALD_DIGEST_WORKERS, else a quarter of the sends in flight.
+        // The deliveries' shared connections (a send holds none: the sends starting or ending
+        // together are read, recorded or given back in one transaction per organisation; more
+        // requests wait for a free connection), one for the bus's LISTEN (when it is ours), one
+        // for claims and heartbeats. Digest runs (issue 11): HERALD_DIGEST_WORKERS, else a quarter
+        // of the sends in flight, a connection each. Scheduled jobs: two at a time, one each.
         let digestConcurrency = config.digestWorkers ?? max(1, config.workers / 4)
-        // Scheduled jobs (issue 11): two at a time, one connection each.
-        pool.options.maximumConnections = config.workers + digestConcurrency + 2 + Self.jobConcurrency
+        pool.options.maximumConnections = config.deliveryConnections + digestConcurrency + 2 + Self.jobConcurrency
         let postgres = PostgresClient(configuration: pool, backgroundLogger: logger)
         // As many connections per host as sends in flight: no send waits for a connection.
         let http = HTTPTransport(

@@ -120,6 +120,22 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test("the workers' sends in flight and their shared connections: defaults, the setting, and a bad value refused at start")
+    func workerConnectionsAreASettingOfTheirOwn() throws {
+        let base = ["DATABASE_URL": "postgres://u@127.0.0.1/db"]
+        let defaults = try AppConfiguration.fromEnvironment(base)
+        #expect(defaults.workers == 32 && defaults.deliveryConnections == 16)
+        let few = try AppConfiguration.fromEnvironment(base.merging(["HERALD_WORKERS": "4"]) { $1 })
+        #expect(few.deliveryConnections == 4, "never more connections than sends in flight by default")
+        let many = try AppConfiguration.fromEnvironment(base.merging(["HERALD_WORKERS": "256", "HERALD_WORKER_CONNECTIONS": "8"]) { $1 })
+        #expect(many.workers == 256 && many.deliveryConnections == 8)
+        for bad in ["0", "1001", "eight"] {
+            #expect(throws: ConfigurationError.self, "HERALD_WORKER_CONNECTIONS=\(bad)") {
+                try AppConfiguration.fromEnvironment(base.merging(["HERALD_WORKER_CONNECTIONS": bad]) { $1 })
+            }
+        }
+    }
+
     @Test("signed-link tokens (credentials) never reach the log")
     func linkTokensAreNotLogged() async throws {
         let log = CapturedLog()
