@@ -17,7 +17,7 @@
 #      from the 202 until each client has its notification.created (p50, p99, last), beside a plain LISTEN connection (when the bus
 #      announced the rows) and the same client harness against a minimal asyncio SSE server
 #      pushing one event of the same size to 10 000 held connections;
-#   5. digests: 100 000 members (BENCH_DIGEST_USERS) with 5 items each due in the same slot,
+#   5. digests: 10 000 members (BENCH_DIGEST_USERS; 100 000 for the full size) with 5 items each due in the same slot,
 #      sent by one `herald worker`, beside the SMTP server's ceiling for as many messages of
 #      the same size (smtplib, 4 connections), in the same run.
 # Results go to .bench/results.md; docs/benchmarks.md records them with this command.
@@ -123,12 +123,16 @@ say "starting the release server on :$HTTP"
 # server with them). No delivery workers in the API process (part 3 measures one `herald worker`; `make` exports
 # DATABASE_WORKER_URL for the dev cluster), and a database deadline long enough for the largest
 # fan-out, which is one transaction (the 30 s default cuts a 100 000-member notify on a busy machine).
-DATABASE_URL=$APP_URL HERALD_PORT=$HTTP HERALD_JWT_KEYS_DIR=.bench/jwt HERALD_LOG_LEVEL=warning HERALD_ACCESS_TOKEN_TTL=3600 \
-  HERALD_WORKERS=0 HERALD_DATABASE_TIMEOUT=${BENCH_DATABASE_TIMEOUT:-300} HERALD_RATE_LIMIT_REQUESTS=0 HERALD_RATE_LIMIT_EVENTS=0 \
-  HERALD_DATABASE_POOL_SIZE=$CONC HERALD_SQL_DIR=sql $HERALD serve > .bench/server.log 2>&1 &
-SERVER=$!
+start_server() { # the measuring server on :$HTTP; sets SERVER
+  DATABASE_URL=$APP_URL HERALD_PORT=$HTTP HERALD_JWT_KEYS_DIR=.bench/jwt HERALD_LOG_LEVEL=warning HERALD_ACCESS_TOKEN_TTL=3600 \
+    HERALD_WORKERS=0 HERALD_DATABASE_TIMEOUT=${BENCH_DATABASE_TIMEOUT:-300} HERALD_RATE_LIMIT_REQUESTS=0 HERALD_RATE_LIMIT_EVENTS=0 \
+    HERALD_DATABASE_POOL_SIZE=$CONC HERALD_SQL_DIR=sql $HERALD serve >> .bench/server.log 2>&1 &
+  SERVER=$!
+  for _ in $(seq 50); do curl -sf localhost:$HTTP/readyz >/dev/null && break; sleep 0.2; done
+}
+: > .bench/server.log
+start_server
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; scripts/pg.sh down $CLUSTER >/dev/null' EXIT
-for _ in $(seq 50); do curl -sf localhost:$HTTP/readyz >/dev/null && break; sleep 0.2; done
 
 {
 echo "# Benchmark run $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -457,7 +461,9 @@ if want digests; then
   # 5. Digests (issue 11): members who each have 5 items in a DAILY email digest, all due in the
   # same slot; one `herald worker` sends them. Time from its start until every run is SENT,
   # beside the SMTP server's own ceiling for as many messages of the same size.
-  D=${BENCH_DIGEST_USERS:-100000}
+  # 10 000 by default: at about 100 digests a second, the section's former 100 000 took 20 minutes
+  # of a make bench that should take less than 20 in all (BENCH_DIGEST_USERS=100000 for the full size).
+  D=${BENCH_DIGEST_USERS:-10000}
   DW=${BENCH_DIGEST_WORKERS:-16}
   say "digests: $D members with 5 due items each"
   DSMTP=54337; DRECV=54338
@@ -566,6 +572,9 @@ SQL
     FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT 25" > .bench/streams-pg-stats.txt &&
     psql_super -c "ALTER SYSTEM RESET pg_stat_statements.track_planning" -c "SELECT pg_reload_conf()" >/dev/null
   kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true
+  # The measuring server again, for the sections after this one (fairness probes it): a full
+  # make bench stopped there with "connection refused" before it was restarted here.
+  start_server
   say "streams: the ceiling, a minimal asyncio SSE server"
   python3 scripts/bench_streams.py ceiling --port $((HTTP + 2)) --streams $STREAMS --event .bench/stream-event.json --out .bench/streams-ceiling.env
   # shellcheck disable=SC1091

@@ -195,7 +195,9 @@ private func perWorker<Item>(
 ) async throws -> [Bool] {
     var answers = [Bool](repeating: false, count: items.count)
     for (name, positions) in Dictionary(grouping: items.indices, by: { worker(items[$0]) }) {
-        for (position, answer) in zip(positions, try await body(name, positions.map { items[$0] })) { answers[position] = answer }
+        let mine = try await body(name, positions.map { items[$0] })
+        precondition(mine.count == positions.count, "one answer per item")
+        for (position, answer) in zip(positions, mine) { answers[position] = answer }
     }
     return answers
 }

@@ -266,7 +266,7 @@ extension TenantTransaction {
             UPDATE events e SET fanout_lease_expires_at = now() + make_interval(secs => \(leaseSeconds)::integer)
             FROM unnest(\(claims.map(\.eventID))::uuid[], \(claims.map(\.attempt))::integer[]) AS c(id, attempt)
             WHERE e.organisation_id = \(organisationID) AND e.id = c.id AND e.fanout_attempts = c.attempt
-              AND e.fanout_lease_owner = \(worker) AND e.fanout_state = 'EXPANDING'
+              AND e.fanout_lease_owner = \(worker) AND (e.fanout_state = 'EXPANDING') IS TRUE -- by key, not by events_fanout_claim (0032)
             """)
     }
 
@@ -282,7 +282,7 @@ extension TenantTransaction {
                 fanout_finished_at = CASE WHEN fanout_failures + 1 >= \(giveUpAfter) THEN now() ELSE fanout_finished_at END,
                 fanout_lease_owner = NULL, fanout_lease_expires_at = NULL
             WHERE organisation_id = \(organisationID) AND id = \(claim.eventID) AND fanout_attempts = \(claim.attempt)
-              AND fanout_lease_owner = \(worker) AND fanout_state = 'EXPANDING'
+              AND fanout_lease_owner = \(worker) AND (fanout_state = 'EXPANDING') IS TRUE -- by key, not by events_fanout_claim (0032)
             RETURNING fanout_state
             """
         ).first?.decode(FanoutState.self)
@@ -294,7 +294,7 @@ extension TenantTransaction {
             """
             UPDATE events SET fanout_lease_owner = NULL, fanout_lease_expires_at = NULL
             WHERE organisation_id = \(organisationID) AND id = \(claim.eventID) AND fanout_attempts = \(claim.attempt)
-              AND fanout_lease_owner = \(worker) AND fanout_state = 'EXPANDING'
+              AND fanout_lease_owner = \(worker) AND (fanout_state = 'EXPANDING') IS TRUE -- by key, not by events_fanout_claim (0032)
             """)
     }
 }

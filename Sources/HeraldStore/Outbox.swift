@@ -355,14 +355,15 @@ extension TenantTransaction {
     public func releaseDeliveries(_ releases: [(claim: ClaimedDelivery, until: Date)], worker: String) async throws -> [Bool] {
         guard !releases.isEmpty else { return [] }
         // release_deliveries (0032): each row by its key, whatever the statistics say of the organisation.
-        let released = Set(
-            try await query(
-                """
-                SELECT release_deliveries(\(worker), \(releases.map(\.claim.deliveryID))::uuid[], \(releases.map(\.claim.attempt))::integer[],
-                                          \(releases.map(\.until))::timestamptz[])
-                """
-            ).map { try $0.decode(UUID.self) })
-        return releases.map { released.contains($0.claim.deliveryID) }
+        let positions = try await query(
+            """
+            SELECT release_deliveries(\(worker), \(releases.map(\.claim.deliveryID))::uuid[], \(releases.map(\.claim.attempt))::integer[],
+                                      \(releases.map(\.until))::timestamptz[])
+            """
+        ).map { try $0.decode(Int.self) }
+        var released = [Bool](repeating: false, count: releases.count)
+        for position in positions { released[position] = true }
+        return released
     }
 
     /// Deliveries newest first.

@@ -149,7 +149,7 @@ extension TenantTransaction {
             let row = try await query(
                 """
                 SELECT event FROM schedules
-                WHERE organisation_id = \(organisationID) AND id = \(claim.scheduleID) AND lease_owner = \(worker)
+                WHERE organisation_id = \(organisationID) AND id = \(claim.scheduleID) AND (lease_owner = \(worker)) IS TRUE
                   AND attempts = \(claim.attempt)
                 FOR UPDATE
                 """
@@ -183,7 +183,7 @@ extension TenantTransaction {
                 next_at = CASE WHEN failures + 1 >= 5 THEN \(next) ELSE next_at END,
                 skipped = skipped + CASE WHEN failures + 1 >= 5 THEN 1 ELSE 0 END,
                 lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-            WHERE organisation_id = \(organisationID) AND id = \(claim.scheduleID) AND lease_owner = \(worker) AND attempts = \(claim.attempt)
+            WHERE organisation_id = \(organisationID) AND id = \(claim.scheduleID) AND (lease_owner = \(worker)) IS TRUE AND attempts = \(claim.attempt)
             """)
     }
 

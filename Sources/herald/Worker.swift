@@ -92,7 +92,8 @@ struct DeliveryServices {
         // together are read, recorded or given back in one transaction per organisation; more
         // requests wait for a free connection), one for the bus's LISTEN (when it is ours), one
         // for claims and heartbeats. Digest runs (issue 11): HERALD_DIGEST_WORKERS, else a quarter
-        // of the sends in flight, a connection each. Scheduled jobs: two at a time, one each.
+        // of the sends in flight, room for one each (a run reads and records with one, and sends
+        // with none). Scheduled jobs: two at a time, one each.
         let digestConcurrency = config.digestWorkers ?? max(1, config.workers / 4)
         pool.options.maximumConnections = config.deliveryConnections + digestConcurrency + 2 + Self.jobConcurrency
         let postgres = PostgresClient(configuration: pool, backgroundLogger: logger)

@@ -30,35 +30,15 @@ struct FairClaimTests {
 
     @Test("a backlog of one organisation leaves slots for another's newer deliveries; expired leases are rescued everywhere")
     func claimsTakeTurns() async throws {
-        let env = try await TestEnvironment.shared
-        let name = "fair_\(UUID().uuidString.prefix(8).lowercased())"
-        try await CitusReadinessTests.withClient(env.ownerURL, env.logger) {
-            _ = try await $0.query("CREATE DATABASE \(unescaped: name)", logger: env.logger)
-        }
-        do {
-            _ = try runHerald(["migrate"], ["DATABASE_OWNER_URL": CitusReadinessTests.url(env.ownerURL, database: name)])
-            try await CitusReadinessTests.withClient(CitusReadinessTests.url(env.appURL, database: name), env.logger) { app in
-                try await CitusReadinessTests.withClient(CitusReadinessTests.url(env.workerURL, database: name), env.logger) { worker in
-                    try await check(app: Database(client: app, logger: env.logger), worker: Database(client: worker, logger: env.logger))
-                }
-            }
-        } catch {
-            try? await CitusReadinessTests.withClient(env.ownerURL, env.logger) {
-                _ = try await $0.query("DROP DATABASE \(unescaped: name) WITH (FORCE)", logger: env.logger)
-            }
-            throw error
-        }
-        try? await CitusReadinessTests.withClient(env.ownerURL, env.logger) {
-            _ = try await $0.query("DROP DATABASE \(unescaped: name) WITH (FORCE)", logger: env.logger)
-        }
+        try await TestEnvironment.shared.withScratchDatabase("fair") { app, worker, _ in try await check(app: app, worker: worker) }
     }
 
     func check(app: Database, worker: Database) async throws {
         // setup: organisation A with 40 due emails, then B with 2 (newer), then C with 1 whose
         // lease expired while it was being sent
-        let a = try await organisation("a", app, emails: 40)
-        let b = try await organisation("b", app, emails: 2)
-        let c = try await organisation("c", app, emails: 1)
+        let a = try await app.emailOutbox("fair-a", users: 1, events: 40)
+        let b = try await app.emailOutbox("fair-b", users: 1, events: 2)
+        let c = try await app.emailOutbox("fair-c", users: 1, events: 1)
         let stalled = try await worker.claimDeliveries(worker: "crashed", limit: 1, leaseSeconds: 60, organisation: c)
         #expect(stalled.count == 1)
         try await worker.withTenant(c) { tx in
@@ -86,25 +66,5 @@ struct FairClaimTests {
         }
         #expect(status == "FAILED" && logged == 1)
         #expect(try await queue.claim(worker: "fair", limit: 10, leaseSeconds: 60).map(\.organisationID).contains(c))
-    }
-
-    /// An organisation whose one user has `emails` email deliveries due.
-    func organisation(_ slug: String, _ database: Database, emails: Int) async throws -> UUID {
-        let id = try await database.createOrganisation(slug: "fair-\(slug)", name: "Fair \(slug)").id
-        try await database.withTenant(id) { tx in
-            let category = try await tx.createCategory(key: "news", name: "News", description: "", critical: false)
-            _ = try await tx.createNotificationType(
-                NotificationTypeFields(
-                    key: "NEWS", categoryID: category.id, name: "News", description: "", defaultSeverity: .info, defaultPriority: .normal,
-                    defaultChannels: [.email]))
-            let user = try await tx.createUser(NewUser(email: "reader@\(slug).example", displayName: "Reader"))
-            for _ in 0..<emails {
-                let planned = try await tx.planEvent(
-                    EventRequest(typeKey: "NEWS", audience: Audience(userIDs: [user.id]), payload: .object([:])), eventID: UUID(),
-                    now: Date())
-                try await tx.write(planned.event, type: planned.type, plan: planned.plan)
-            }
-        }
-        return id
     }
 }

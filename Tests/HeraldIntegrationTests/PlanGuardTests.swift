@@ -153,52 +153,42 @@ struct PlanGuardTests {
 
     @Test("give-backs, heartbeats and completions find their rows by key, not by walking every lease in flight")
     func fencesFindRowsByKey() async throws {
-        /// An organisation with `count` email deliveries due now.
-        func outbox(_ count: Int) async throws -> TestOrganisation {
-            let org = try await TestOrganisation.make()
-            _ = try await TestCatalogue.make(in: org)
-            let users = try await env.database.withTenant(org.id) { tx in
-                try await tx.query(
-                    """
-                    INSERT INTO users (organisation_id, email, display_name)
-                    SELECT \(org.id), 'f' || g || '@fence.example', 'F' || g FROM generate_series(1, \(count)) g RETURNING id
-                    """
-                ).map { try $0.decode(UUID.self) }
+        // A database of its own: the statistics below must see exactly these rows, and taking
+        // them must not change the plans of suites running beside this one.
+        try await env.withScratchDatabase("fence") { app, worker, ownerURL in
+            let busy = try await app.emailOutbox("fence-busy", users: 400, events: 1)
+            let org = try await app.emailOutbox("fence", users: 100, events: 1)
+            // Statistics from before the claims, which know both organisations and believe no row
+            // is in flight: as after a burst, and as on the bench's database where the fence walked
+            // the leases.
+            try await CitusReadinessTests.withClient(ownerURL, env.logger) { _ = try await $0.query("ANALYZE", logger: env.logger) }
+            // The other organisation's 400 emails in flight: the entries of deliveries_lease_claim
+            // (not per organisation) that a fence written as "status = 'SENDING'" can walk.
+            let held = try await worker.claimDeliveries(worker: "held", limit: 400, leaseSeconds: 600, organisation: busy)
+            #expect(held.count == 400)
+            let claimed = try await worker.claimDeliveries(worker: "fence", limit: 20, leaseSeconds: 60, organisation: org)
+            #expect(claimed.count == 20)
+            let (reads, given, extended, recorded) = try await worker.withTenant(org) { tx in
+                // The plans PL/pgSQL keeps after a few calls, and prepared statements have.
+                _ = try await tx.query("SET LOCAL plan_cache_mode = force_generic_plan")
+                var reads = [try await entriesRead(of: "deliveries", in: tx)]
+                let given = try await tx.releaseDeliveries(claimed.prefix(5).map { ($0, Date()) }, worker: "fence")
+                reads.append(try await entriesRead(of: "deliveries", in: tx))
+                let extended = try await tx.extendLeases(worker: "fence", claims: Array(claimed.dropFirst(5)), leaseSeconds: 60)
+                reads.append(try await entriesRead(of: "deliveries", in: tx))
+                let recorded = try await tx.completeDeliveries(
+                    claimed.dropFirst(5).map { ($0, Date(), AttemptResult.sent(responseCode: 250)) }, worker: "fence")
+                reads.append(try await entriesRead(of: "deliveries", in: tx))
+                return (zip(reads.dropFirst(), reads).map { $0 - $1 }, given, extended, recorded)
             }
-            _ = try await org.notify(EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: users), payload: .object([:])))
-            return org
+            #expect(given == Array(repeating: true, count: 5) && extended == 15 && recorded == Array(repeating: true, count: 15))
+            // Each row found by its key reads one index entry per version of it that vacuum has not
+            // cleared (two or three here), and a completion once more for its attempt's foreign
+            // key. Reading the organisation's 100 rows, or the 400 leases in flight, for each
+            // statement or row would read hundreds or thousands.
+            #expect(reads[0] > 0 && reads[0] <= 4 * 5, "giving back 5 read \(reads[0]) index entries and rows")
+            #expect(reads[1] > 0 && reads[1] <= 4 * 15, "extending 15 leases read \(reads[1]) index entries and rows")
+            #expect(reads[2] > 0 && reads[2] <= 8 * 15, "recording 15 attempts read \(reads[2]) index entries and rows")
         }
-        // 400 emails of another organisation in flight, their leases not expired: the entries of
-        // deliveries_lease_claim (which is not per organisation) that a fence written as
-        // "status = 'SENDING'" can walk under a generic plan.
-        let busy = try await outbox(400)
-        let org = try await outbox(20)
-        // Statistics from before the claims, which know both organisations and believe few rows
-        // are in flight: as after a burst, and as on the bench's database where the fence walked
-        // the leases.
-        try await CitusReadinessTests.withClient(env.ownerURL, env.logger) {
-            _ = try await $0.query("ANALYZE deliveries", logger: env.logger)
-        }
-        let held = try await env.workerDatabase.claimDeliveries(worker: "held", limit: 400, leaseSeconds: 600, organisation: busy.id)
-        #expect(held.count == 400)
-        let claimed = try await env.workerDatabase.claimDeliveries(worker: "fence", limit: 20, leaseSeconds: 60, organisation: org.id)
-        let (fenceRead, given, recorded) = try await env.workerDatabase.withTenant(org.id) { tx in
-            // The plans PL/pgSQL keeps after a few calls, and prepared statements have.
-            _ = try await tx.query("SET LOCAL plan_cache_mode = force_generic_plan")
-            let start = try await entriesRead(of: "deliveries", in: tx)
-            // Given back for an hour, so that no other test's worker picks them up.
-            let given = try await tx.releaseDeliveries(claimed.prefix(5).map { ($0, Date().addingTimeInterval(3600)) }, worker: "fence")
-            _ = try await tx.extendLeases(worker: "fence", claims: Array(claimed.dropFirst(5)), leaseSeconds: 60)
-            let recorded = try await tx.completeDeliveries(
-                claimed.dropFirst(5).map { ($0, Date(), AttemptResult.sent(responseCode: 250)) }, worker: "fence")
-            let end = try await entriesRead(of: "deliveries", in: tx)
-            return (end - start, given, recorded)
-        }
-        #expect(claimed.count == 20)
-        #expect(given == Array(repeating: true, count: 5) && recorded == Array(repeating: true, count: 15))
-        // 35 rows found by key: a few index entries each (one per version of the row that vacuum
-        // has not cleared yet, and the attempt's foreign-key check). Walking the 400 leases in
-        // flight for each row would read thousands.
-        #expect(fenceRead > 0 && fenceRead <= 10 * 35, "the fenced statements by key read \(fenceRead) index entries and rows")
     }
 }

@@ -1,7 +1,6 @@
 import Foundation
 import HTTPTypes
 import HeraldCore
-import HeraldStore
 import Hummingbird
 import HummingbirdTesting
 import JWTKit
@@ -12,6 +11,7 @@ import Synchronization
 import Testing
 
 @testable import HeraldAPI
+@testable import HeraldStore
 
 /// The real PostgreSQL that `make test` starts, reached as the application role (what the
 /// server uses) and as the owner (what migrations use). Shared by every test in the process;
@@ -386,4 +386,65 @@ final class TestClock: Sendable {
 
     func now() -> Date { value.withLock { $0 } }
     func advance(_ seconds: TimeInterval) { value.withLock { $0 = $0.addingTimeInterval(seconds) } }
+}
+
+extension TestEnvironment {
+    /// Runs `body` against a database of its own, migrated by the herald binary and dropped
+    /// afterwards, through the application's and the worker's roles; `ownerURL` reaches it as
+    /// the owner. For tests whose subject is database-wide: claims across every organisation,
+    /// or plans under statistics that must see exactly the test's rows.
+    func withScratchDatabase(
+        _ prefix: String, _ body: (_ app: Database, _ worker: Database, _ ownerURL: String) async throws -> Void
+    ) async throws {
+        let name = "\(prefix)_\(UUID().uuidString.prefix(8).lowercased())"
+        try await CitusReadinessTests.withClient(ownerURL, logger) {
+            _ = try await $0.query("CREATE DATABASE \(unescaped: name)", logger: logger)
+        }
+        do {
+            let owner = CitusReadinessTests.url(ownerURL, database: name)
+            _ = try runHerald(["migrate"], ["DATABASE_OWNER_URL": owner])
+            try await CitusReadinessTests.withClient(CitusReadinessTests.url(appURL, database: name), logger) { app in
+                try await CitusReadinessTests.withClient(CitusReadinessTests.url(workerURL, database: name), logger) { worker in
+                    try await body(Database(client: app, logger: logger), Database(client: worker, logger: logger), owner)
+                }
+            }
+        } catch {
+            try? await CitusReadinessTests.withClient(ownerURL, logger) {
+                _ = try await $0.query("DROP DATABASE \(unescaped: name) WITH (FORCE)", logger: logger)
+            }
+            throw error
+        }
+        try? await CitusReadinessTests.withClient(ownerURL, logger) {
+            _ = try await $0.query("DROP DATABASE \(unescaped: name) WITH (FORCE)", logger: logger)
+        }
+    }
+}
+
+extension Database {
+    /// A new organisation with one email type, `users` users and `events` events to all of them:
+    /// `users × events` email deliveries due now.
+    func emailOutbox(_ slug: String, users: Int, events: Int) async throws -> UUID {
+        let id = try await createOrganisation(slug: slug, name: "Outbox \(slug)").id
+        try await withTenant(id) { tx in
+            let category = try await tx.createCategory(key: "news", name: "News", description: "", critical: false)
+            _ = try await tx.createNotificationType(
+                NotificationTypeFields(
+                    key: "NEWS", categoryID: category.id, name: "News", description: "", defaultSeverity: .info, defaultPriority: .normal,
+                    defaultChannels: [.email]))
+            let readers = try await tx.query(
+                """
+                INSERT INTO users (organisation_id, email, display_name)
+                SELECT \(id), 'reader' || g || '@\(unescaped: slug).example', 'Reader ' || g FROM generate_series(1, \(users)) g
+                RETURNING id
+                """
+            ).map { try $0.decode(UUID.self) }
+            for _ in 0..<events {
+                let planned = try await tx.planEvent(
+                    EventRequest(typeKey: "NEWS", audience: Audience(userIDs: readers), payload: .object([:])), eventID: UUID(), now: Date()
+                )
+                try await tx.write(planned.event, type: planned.type, plan: planned.plan)
+            }
+        }
+        return id
+    }
 }

@@ -10,7 +10,7 @@
 --    took 17 s instead of 1.1 s (`psql`, one transaction). The fence is now written
 --    "(status = 'SENDING') IS TRUE", which means the same for a NOT NULL column but proves no index
 --    predicate, so the row is found by its key. The server's fenced statements by key (digest
---    runs, jobs) are written the same way (docs/decisions.md).
+--    runs, jobs, schedules, fan-outs) are written the same way (docs/decisions.md).
 --
 -- 2. Give-backs and heartbeats read the whole organisation. They were one set-based UPDATE …
 --    FROM unnest(ids) each. With statistics that do not know the organisation yet (a fan-out
@@ -65,28 +65,30 @@ END
 $$;
 
 -- Gives claimed deliveries back without counting an attempt, due again at p_until[i]; fenced like
--- completion. Returns the ids given back. Runs in the caller's tenant transaction.
+-- completion. Returns the positions (from 0) of those given back. Runs in the caller's tenant
+-- transaction.
 CREATE FUNCTION release_deliveries(p_worker text, p_ids uuid[], p_attempts integer[], p_until timestamptz[])
-    RETURNS SETOF uuid
+    RETURNS SETOF integer
     LANGUAGE plpgsql VOLATILE
     SET search_path = pg_catalog, public
 AS $$
 DECLARE
     org uuid := nullif(current_setting('app.org_id', true), '')::uuid;
-    released uuid;
 BEGIN
     IF org IS NULL THEN
         RAISE EXCEPTION 'release_deliveries: runs in a tenant transaction';
     END IF;
-    FOR i IN 1 .. coalesce(array_length(p_ids, 1), 0) LOOP
+    IF cardinality(p_attempts) <> cardinality(p_ids) OR cardinality(p_until) <> cardinality(p_ids) THEN
+        RAISE EXCEPTION 'release_deliveries: one attempt and one time per id';
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(p_ids), 0) LOOP
         UPDATE public.deliveries d
         SET status = CASE WHEN d.attempts <= 1 THEN 'PENDING' ELSE 'FAILED' END, attempts = d.attempts - 1,
             next_attempt_at = p_until[i], lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
         WHERE d.organisation_id = org AND d.id = p_ids[i] AND d.lease_owner = p_worker AND d.attempts = p_attempts[i]
-          AND (d.status = 'SENDING') IS TRUE
-        RETURNING d.id INTO released;
+          AND (d.status = 'SENDING') IS TRUE;
         IF FOUND THEN
-            RETURN NEXT released;
+            RETURN NEXT i - 1;
         END IF;
     END LOOP;
 END
@@ -97,9 +99,9 @@ GRANT EXECUTE ON FUNCTION release_deliveries(text, uuid[], integer[], timestampt
 -- The heartbeat: extends the leases p_worker still holds on the rows p_ids (at the attempts
 -- p_attempts) of a leased table, fenced like completion; returns how many it extended. One
 -- statement per row, planned for its key (the table is a parameter; a heartbeat every third of
--- a lease is no hot path). What a held row says of itself is written "(…) IS TRUE", and the
--- owner compared as "lease_owner || '' = …", so that neither proves a lease index's predicate
--- (schedules_lease_claim's is "lease_owner IS NOT NULL").
+-- a lease is no hot path). The owner, and what a held row says of itself, are written
+-- "(…) IS TRUE", so that neither proves a lease index's predicate (schedules_lease_claim's is
+-- "lease_owner IS NOT NULL", which a plain "lease_owner = …" implies).
 CREATE FUNCTION extend_leases(p_table text, p_worker text, p_ids uuid[], p_attempts integer[], p_lease_seconds integer)
     RETURNS integer
     LANGUAGE plpgsql VOLATILE
@@ -121,10 +123,13 @@ BEGIN
     IF held IS NULL THEN
         RAISE EXCEPTION 'extend_leases: % is not a leased table', p_table;
     END IF;
-    FOR i IN 1 .. coalesce(array_length(p_ids, 1), 0) LOOP
+    IF cardinality(p_attempts) <> cardinality(p_ids) THEN
+        RAISE EXCEPTION 'extend_leases: one attempt per id';
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(p_ids), 0) LOOP
         EXECUTE format(
             'UPDATE public.%I SET lease_expires_at = now() + make_interval(secs => $1) '
-            'WHERE organisation_id = $2 AND id = $3 AND attempts = $4 AND lease_owner || '''' = $5 AND %s',
+            'WHERE organisation_id = $2 AND id = $3 AND attempts = $4 AND (lease_owner = $5) IS TRUE AND %s',
             p_table, held)
         USING p_lease_seconds, org, p_ids[i], p_attempts[i], p_worker;
         GET DIAGNOSTICS touched = ROW_COUNT;
