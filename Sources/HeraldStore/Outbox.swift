@@ -341,17 +341,10 @@ extension TenantTransaction {
         return completed
     }
 
-    /// Gives a claimed delivery back without counting an attempt: the worker did not send it
-    /// (no send slot for its endpoint, the endpoint's circuit is open, no pooled connection).
-    /// Fenced like completion; the row is due again at `until`. Nothing is logged as an attempt.
-    @discardableResult
-    public func releaseDelivery(_ claim: ClaimedDelivery, worker: String, until: Date) async throws -> Bool {
-        try await releaseDeliveries([(claim, until)], worker: worker)[0]
-    }
-
-    /// `releaseDelivery` for many deliveries of this organisation in one statement (a full
-    /// endpoint gives back most of a claimed batch at once). Returns, in order, whether each
-    /// was given back.
+    /// Gives claimed deliveries of this organisation back without counting an attempt: the worker
+    /// did not send them (no send slot for their endpoint, the endpoint's circuit is open, no
+    /// pooled connection). Fenced like completion; each row is due again at its `until`. Nothing
+    /// is logged as an attempt. Returns, in order, whether each was given back.
     public func releaseDeliveries(_ releases: [(claim: ClaimedDelivery, until: Date)], worker: String) async throws -> [Bool] {
         guard !releases.isEmpty else { return [] }
         // release_deliveries (0032): each row by its key, whatever the statistics say of the organisation.

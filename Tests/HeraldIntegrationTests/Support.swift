@@ -434,7 +434,7 @@ extension Database {
             let readers = try await tx.query(
                 """
                 INSERT INTO users (organisation_id, email, display_name)
-                SELECT \(id), 'reader' || g || '@\(unescaped: slug).example', 'Reader ' || g FROM generate_series(1, \(users)) g
+                SELECT \(id), 'reader' || g || '@' || \(slug) || '.example', 'Reader ' || g FROM generate_series(1, \(users)) g
                 RETURNING id
                 """
             ).map { try $0.decode(UUID.self) }
