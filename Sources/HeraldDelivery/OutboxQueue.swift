@@ -72,7 +72,7 @@ public struct OutboxQueue: WorkQueue {
         }
         releases = RequestBatcher(maximum: 256) { releases in
             await RequestBatcher.perOrganisation(releases, key: \.claim.organisationID) { organisation, releases in
-                try await database.withTenant(organisation) { tx in
+                try await database.withTenantRetryingConflicts(organisation) { tx in
                     try await perWorker(releases, worker: \.worker) { worker, mine in
                         try await tx.releaseDeliveries(mine.map { ($0.claim, $0.until) }, worker: worker)
                     }
@@ -136,8 +136,10 @@ public struct OutboxQueue: WorkQueue {
     /// Records the attempts of one organisation finishing together in one transaction: one
     /// fenced statement for all of them, then the endpoints' side effects of those recorded, in
     /// the order the attempts ended (a run of answers clears each breaker once).
+    /// A deadlock or serialization failure runs the transaction again: lost, the attempts'
+    /// leases would expire and their messages go out a second time.
     static func record(_ completions: [Completion], organisation: UUID, database: Database, circuit: CircuitRule) async throws -> [Bool] {
-        try await database.withTenant(organisation) { tx in
+        try await database.withTenantRetryingConflicts(organisation) { tx in
             let recorded = try await perWorker(completions, worker: \.worker) { worker, mine in
                 try await tx.completeDeliveries(mine.map { ($0.claim, $0.startedAt, $0.record.result) }, worker: worker)
             }

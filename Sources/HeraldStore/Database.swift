@@ -107,6 +107,32 @@ public struct Database: Sendable {
         }
     }
 
+    /// `withTenant`, run again (at most `attempts` runs in all) when PostgreSQL rolled the
+    /// transaction back for a deadlock (40P01) or a serialization failure (40001). Nothing of a
+    /// rolled-back run was kept, so the next one starts clean; `body` must have no effect outside
+    /// the transaction. For work whose loss costs more than a second run: recording a delivery
+    /// that was sent (lost, its lease expires and the message goes out again).
+    public func withTenantRetryingConflicts<Result: Sendable>(
+        _ organisationID: UUID, attempts: Int = 3, _ body: (TenantTransaction) async throws -> Result
+    ) async throws -> Result {
+        var run = 1
+        while true {
+            do {
+                return try await withTenant(organisationID, body)
+            } catch let error as PSQLError where run < attempts && Self.isConflict(error) {
+                logger.warning(
+                    "transaction rolled back by a conflict; running it again",
+                    metadata: ["sql_state": .string(error.serverInfo?[.sqlState] ?? "-"), "run": "\(run)"])
+                run += 1
+            }
+        }
+    }
+
+    /// A deadlock or a serialization failure: the transaction lost to another, and may be run again.
+    static func isConflict(_ error: PSQLError) -> Bool {
+        ["40P01", "40001"].contains(error.serverInfo?[.sqlState] ?? "")
+    }
+
     /// The organisation with this slug, through the one function that may look across tenants.
     public func organisationID(slug: String) async throws -> UUID? {
         try await query("SELECT organisation_id_for_slug(\(slug))").first?.decode(UUID?.self)

@@ -134,6 +134,56 @@ struct OutboxTests {
         #expect(attempts.map(\.outcome) == [.expired, .sent])
     }
 
+    @Test("a heartbeat skips a row another transaction holds instead of waiting for it, so it cannot deadlock with a completion")
+    func heartbeatNeverWaits() async throws {
+        let (org, ids) = try await outbox(3)
+        let claims = try await claimAll(org, worker: "beating", lease: 30)
+        #expect(Set(claims.map(\.deliveryID)) == Set(ids))
+        let held = ids[0]
+        // A completion of the first row is under way (its row locked, not committed) while the
+        // heartbeat runs on another connection. Waiting for it would fail on the lock timeout.
+        let extended = try await env.workerDatabase.withTenant(org.id) { holder in
+            try await holder.query("SELECT 1 FROM deliveries WHERE id = \(held) FOR UPDATE")
+            return try await env.workerDatabase.withTenant(org.id) { tx in
+                try await tx.query("SET LOCAL lock_timeout = '5s'")
+                return try await tx.extendLeases(worker: "beating", claims: claims, leaseSeconds: 600)
+            }
+        }
+        #expect(extended == 2)
+        let leases = try await org.store { tx in
+            try await ids.asyncMap { id in
+                try await tx.query("SELECT lease_expires_at > now() + interval '5 minutes' FROM deliveries WHERE id = \(id)")[0].decode(
+                    Bool.self)
+            }
+        }
+        #expect(leases == [false, true, true])
+    }
+
+    @Test("a transaction rolled back by a deadlock runs again from a clean start; other errors are not retried")
+    func conflictsRunAgain() async throws {
+        let org = try await TestOrganisation.make()
+        var runs = 0
+        let answer = try await env.database.withTenantRetryingConflicts(org.id) { tx in
+            runs += 1
+            _ = try await tx.createUser(NewUser(email: "once@retry.example", displayName: "Once"))
+            if runs == 1 { try await tx.query("DO $$ BEGIN RAISE EXCEPTION 'lost to another' USING ERRCODE = '40P01'; END $$") }
+            return runs
+        }
+        #expect(answer == 2)
+        let users = try await org.store { tx in
+            try await tx.query("SELECT count(*)::int FROM users WHERE email = 'once@retry.example'")[0].decode(Int.self)
+        }
+        #expect(users == 1)
+        runs = 0
+        await #expect(throws: PSQLError.self) {
+            try await env.database.withTenantRetryingConflicts(org.id) { tx in
+                runs += 1
+                try await tx.query("DO $$ BEGIN RAISE EXCEPTION 'a fault' USING ERRCODE = 'P0001'; END $$")
+            }
+        }
+        #expect(runs == 1)
+    }
+
     @Test("a row whose worker keeps crashing goes DEAD at its last attempt instead of being claimed forever")
     func crashLoopGoesDead() async throws {
         let (org, ids) = try await outbox(1)
