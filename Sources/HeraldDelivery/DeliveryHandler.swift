@@ -19,8 +19,6 @@ public final class DeliveryHandler: WorkHandler, Sendable {
     let retry: RetryPolicy
     /// Sends in flight per endpoint.
     private let endpointSends = Mutex<[UUID: Int]>([:])
-    /// The endpoint slot each delivery holds, left once its attempt is recorded.
-    private let slots = Mutex<[ClaimedDelivery: UUID]>([:])
     /// Reads what the deliveries starting together need in one transaction per organisation.
     private let works: RequestBatcher<ClaimedDelivery, DeliveryWork?>
 
@@ -50,8 +48,11 @@ public final class DeliveryHandler: WorkHandler, Sendable {
                 return .giveBack(until: until, reason: why)
             }
             slot = endpoint.id
-            slots.withLock { $0[claim] = endpoint.id }
         }
+        // Left when the send ends, before the attempt is recorded: the slots bound the sends to
+        // a receiver. A half-open circuit's trial stays one at a time all the same: the database
+        // holds it (takeCircuitTrial) until the trial's answer is recorded.
+        defer { if let slot { leave(slot) } }
         let outcome = await sender.send(work, attempt: claim.attempt, logger: logger)
         if case .deferred(let why) = outcome {
             return .giveBack(until: Date().addingTimeInterval(endpointBusyDelay), reason: why)
@@ -63,13 +64,11 @@ public final class DeliveryHandler: WorkHandler, Sendable {
         return .done(record)
     }
 
-    /// Leaves the endpoint's send slot (held until the attempt is recorded, as the breaker's
-    /// state is), and counts and logs the attempt.
+    /// Counts and logs the attempt.
     public func finished(
         _ claim: ClaimedDelivery, disposition: WorkDisposition<DeliveryAttemptRecord>?, recorded: Bool?,
         duration: Duration, logger: Logger
     ) {
-        if let slot = slots.withLock({ $0.removeValue(forKey: claim) }) { leave(slot) }
         guard case .done(let record)? = disposition, let recorded else { return }
         let result = record.result
         let outcome = (recorded ? result.outcome : .fenced).rawValue

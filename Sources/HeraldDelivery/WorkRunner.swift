@@ -78,7 +78,8 @@ public protocol WorkHandler: Sendable {
 public struct WorkRunnerConfiguration: Sendable {
     /// The lease owner's name: unique per runner (host, process, random suffix).
     public var name: String
-    /// Items in flight at once.
+    /// Items handled (sent) at once. An item whose handling ended no longer takes one while its
+    /// outcome is recorded; at most as many again may wait for their recording.
     public var concurrency = 16
     /// Most items claimed in one round trip.
     public var batchSize = 32
@@ -108,6 +109,8 @@ where Handler.Claim == Queue.Claim, Handler.Outcome == Queue.Outcome {
     let logger: Logger
     /// Each item in flight with its deadline; the heartbeat skips those past it.
     private let inFlight = Mutex<[Queue.Claim: ContinuousClock.Instant]>([:])
+    /// Items in flight whose handler has not returned yet: what `concurrency` bounds.
+    private let handling = Atomic<Int>(0)
     private let stopping = Atomic<Bool>(false)
 
     public init(configuration: WorkRunnerConfiguration, queue: Queue, handler: Handler, bus: NotificationBus, logger: Logger) {
@@ -156,8 +159,13 @@ where Handler.Claim == Queue.Claim, Handler.Outcome == Queue.Outcome {
             // Since when the free slots have waited for a claim (nil: none free, or just claimed).
             var waitingSince: ContinuousClock.Instant?
             while !stopping.load(ordering: .relaxed) && !Task.isCancelled {
-                let running = inFlight.withLock { $0.count }
-                let room = min(configuration.batchSize, configuration.concurrency - running)
+                // Recording an outcome is a database round trip in a batch, not a send: the next
+                // sends start while it runs (the slots moved in lockstep, claim, send, record,
+                // when they waited for it). Items still being recorded count against a second
+                // `concurrency`, so a slow database holds the claims back.
+                let running = handling.load(ordering: .relaxed)
+                let held = inFlight.withLock { $0.count }
+                let room = min(configuration.batchSize, configuration.concurrency - running, 2 * configuration.concurrency - held)
                 var claims: [Queue.Claim] = []
                 let now = ContinuousClock.now
                 if room > 0 { waitingSince = waitingSince ?? now } else { waitingSince = nil }
@@ -176,8 +184,14 @@ where Handler.Claim == Queue.Claim, Handler.Outcome == Queue.Outcome {
                 }
                 for claim in claims {
                     inFlight.withLock { $0[claim] = .now + configuration.attemptDeadline }
+                    handling.add(1, ordering: .relaxed)
                     items.addTask {
-                        await self.runWithinDeadline(claim)
+                        let slot = HandlingSlot {
+                            self.handling.subtract(1, ordering: .relaxed)
+                            wake.yield()
+                        }
+                        await self.runWithinDeadline(claim, slot: slot)
+                        slot.leave()
                         self.inFlight.withLock { _ = $0.removeValue(forKey: claim) }
                         wake.yield()
                     }
@@ -235,10 +249,10 @@ where Handler.Claim == Queue.Claim, Handler.Outcome == Queue.Outcome {
 
     /// `run` raced against the item's deadline. Past it the item is abandoned: the heartbeat
     /// already skips it, and cancelling it ends a send or a wait for a connection.
-    private func runWithinDeadline(_ claim: Queue.Claim) async {
+    private func runWithinDeadline(_ claim: Queue.Claim, slot: HandlingSlot? = nil) async {
         await withTaskGroup(of: Bool.self) { group in
             group.addTask {
-                await self.perform(claim); return true
+                await self.perform(claim, slot: slot); return true
             }
             group.addTask { (try? await EventLoopTimer.sleep(for: self.configuration.attemptDeadline)) != nil ? false : true }
             if await group.next() == false {
@@ -268,8 +282,9 @@ where Handler.Claim == Queue.Claim, Handler.Outcome == Queue.Outcome {
         }
     }
 
-    /// One item: handle it, then record what came of it through the queue (fenced).
-    func perform(_ claim: Queue.Claim) async {
+    /// One item: handle it, then record what came of it through the queue (fenced). `slot` is
+    /// left as soon as the handler returns, before the recording.
+    func perform(_ claim: Queue.Claim, slot: HandlingSlot? = nil) async {
         let clock = ContinuousClock()
         let start = clock.now
         let started = Date()
@@ -278,7 +293,14 @@ where Handler.Claim == Queue.Claim, Handler.Outcome == Queue.Outcome {
         var disposition: WorkDisposition<Queue.Outcome>?
         var recorded: Bool?
         do {
-            let done = try await handler.handle(claim, logger: logger)
+            let done: WorkDisposition<Queue.Outcome>
+            do {
+                done = try await handler.handle(claim, logger: logger)
+                slot?.leave()
+            } catch {
+                slot?.leave()
+                throw error
+            }
             disposition = done
             switch done {
             case .done(let outcome):
@@ -297,5 +319,20 @@ where Handler.Claim == Queue.Claim, Handler.Outcome == Queue.Outcome {
             }
         }
         handler.finished(claim, disposition: disposition, recorded: recorded, duration: clock.now - start, logger: logger)
+    }
+}
+
+/// A runner's handling slot, left once: when the handler returns, or when the item ends
+/// another way (its deadline passed).
+final class HandlingSlot: Sendable {
+    private let left = Atomic<Bool>(false)
+    private let onLeave: @Sendable () -> Void
+
+    init(_ onLeave: @escaping @Sendable () -> Void) {
+        self.onLeave = onLeave
+    }
+
+    func leave() {
+        if !left.exchange(true, ordering: .relaxed) { onLeave() }
     }
 }

@@ -20,6 +20,8 @@ struct WorkRunnerClaimTests {
     /// An in-memory queue: `due` items are claimed in order; records each claim's size.
     final class Queue: WorkQueue, Sendable {
         let state = Mutex<(due: [Item], claims: [Int], done: [Int])>(([], [], []))
+        /// While `hold` is set, recordings wait in `waiting` (a slow database).
+        let recordings = Mutex<(hold: Bool, waiting: [CheckedContinuation<Void, Never>])>((false, []))
         var kind: String { "test" }
         func wakes(on message: BusMessage) -> Bool { false }
         func add(_ items: [Item]) { state.withLock { $0.due += items } }
@@ -35,19 +37,35 @@ struct WorkRunnerClaimTests {
         }
         func heartbeat(worker: String, organisation: UUID, claims: [Item], leaseSeconds: Int) async throws {}
         func complete(_ claim: Item, worker: String, startedAt: Date, outcome: Bool, logger: Logger) async throws -> Bool {
+            await withCheckedContinuation { continuation in
+                let waits = recordings.withLock { recordings in
+                    if recordings.hold { recordings.waiting.append(continuation) }
+                    return recordings.hold
+                }
+                if !waits { continuation.resume() }
+            }
             state.withLock { $0.done.append(claim.id) }
             return true
         }
         func release(_ claim: Item, worker: String, until: Date, reason: String) async throws -> Bool { true }
         func fail(_ claim: Item, worker: String, error: any Error) async throws {}
         func rescueExpired(worker: String) async throws -> Int { 0 }
+        var waitingRecordings: Int { recordings.withLock { $0.waiting.count } }
+        func holdRecordings() { recordings.withLock { $0.hold = true } }
+        func recordAll() {
+            for continuation in recordings.withLock({ recordings in
+                defer { recordings = (false, []) }; return recordings.waiting
+            }) { continuation.resume() }
+        }
     }
 
     /// Items below 100 finish at once; the others hold their slot until `release`.
     final class Handler: WorkHandler, Sendable {
         let held = Mutex<[CheckedContinuation<Void, Never>]>([])
+        let handled = Mutex(0)
         func handle(_ claim: Item, logger: Logger) async throws -> WorkDisposition<Bool> {
             if claim.id >= 100 { await withCheckedContinuation { continuation in held.withLock { $0.append(continuation) } } }
+            handled.withLock { $0 += 1 }
             return .done(true)
         }
         func finished(_ claim: Item, disposition: WorkDisposition<Bool>?, recorded: Bool?, duration: Duration, logger: Logger) {}
@@ -112,5 +130,25 @@ struct WorkRunnerClaimTests {
         handler.release()
         try await waitFor { queue.done.count == 6 }
         #expect(Set(queue.done) == [1, 2, 3, 100, 101, 102])
+    }
+
+    @Test("an item being recorded leaves its slot to the next send; at most as many again wait for their recording")
+    func recordingFreesTheSlot() async throws {
+        let queue = Queue()
+        let handler = Handler()
+        queue.holdRecordings()
+        let running = Task { try await runner(queue, handler, slots: 4, poll: .milliseconds(50)).run() }
+        defer { running.cancel() }
+        queue.add((1...20).map { Item(id: $0) })
+        // The database holds every recording: the first 4 sends end and wait, the next 4 are
+        // claimed and sent, and then the runner stops claiming (8 leases held for 4 slots).
+        try await waitFor { queue.waitingRecordings == 8 }
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(handler.handled.withLock { $0 } == 8)
+        #expect(queue.claims.reduce(0, +) == 8, "\(queue.claims)")
+        #expect(queue.done.isEmpty)
+        queue.recordAll()
+        try await waitFor { queue.done.count == 20 }
+        #expect(Set(queue.done) == Set(1...20))
     }
 }
