@@ -108,6 +108,10 @@ public struct AppConfiguration: Sendable {
     public var feedCacheSeconds: Double = 5
     /// Serves the demo pages (`/demo/bell`); `make run` turns it on, production leaves it off.
     public var demoPages = false
+    /// Runs Swift's tasks on SwiftNIO's event loops (`herald serve` and `herald worker`), so that
+    /// a task that awaits a database answer or a socket resumes without a hop between two
+    /// thread pools (docs/decisions.md).
+    public var tasksOnEventLoops = true
     /// Audiences of at most this many users are written in notify's own transaction (exact
     /// counts in the 202); larger ones are accepted at once and written in chunks (issue 12).
     public var fanoutSyncLimit = 10_000
@@ -302,6 +306,12 @@ public struct AppConfiguration: Sendable {
                 throw ConfigurationError(variable: "HERALD_PREPARED_STATEMENTS", value: "\(v) (0, 1, true or false)")
             }
             c.preparedStatements = v == "1" || v == "true"
+        }
+        if let v = value("HERALD_TASKS_ON_EVENT_LOOPS") {
+            guard ["0", "1", "true", "false"].contains(v) else {
+                throw ConfigurationError(variable: "HERALD_TASKS_ON_EVENT_LOOPS", value: "\(v) (0, 1, true or false)")
+            }
+            c.tasksOnEventLoops = v == "1" || v == "true"
         }
         if let v = value("HERALD_DEMO_PAGES") {
             guard ["0", "1", "true", "false"].contains(v) else { throw ConfigurationError(variable: "HERALD_DEMO_PAGES", value: v) }

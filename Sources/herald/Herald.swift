@@ -8,6 +8,7 @@ import Hummingbird
 import JWTKit
 import Logging
 import Metrics
+import NIOPosix
 import PostgresNIO
 import Prometheus
 import ServiceLifecycle
@@ -32,6 +33,7 @@ struct Serve: AsyncParsableCommand {
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
         let logger = Logger(label: "herald")
+        runTasksOnEventLoops(config, logger: logger)
         let postgres = PostgresClient(configuration: try poolConfiguration(config), backgroundLogger: logger)
         let linkKeys = try config.linkKeyRing()
         // The process's one notification bus, on the API's pool: the workers and the live feed
@@ -411,6 +413,17 @@ func bootstrapLogging(_ config: AppConfiguration) {
         handler.logLevel = config.logLevel
         return handler
     }
+}
+
+/// Makes SwiftNIO's event loops run Swift's tasks too (`HERALD_TASKS_ON_EVENT_LOOPS`, on by
+/// default), before the process starts any of its own. Without it, every database answer and
+/// socket read arrives on an event loop and wakes a task on another thread; the worker spent
+/// about a tenth of its CPU switching threads (docs/decisions.md). Blocking calls stay off both:
+/// libcurl and argon2 run on thread pools of their own.
+func runTasksOnEventLoops(_ config: AppConfiguration, logger: Logger) {
+    guard config.tasksOnEventLoops else { return }
+    let installed = NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
+    logger.debug("tasks on SwiftNIO's event loops", metadata: ["installed": "\(installed)"])
 }
 
 func poolConfiguration(_ config: AppConfiguration) throws -> PostgresClient.Configuration {

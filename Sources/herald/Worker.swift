@@ -26,6 +26,7 @@ struct Worker: AsyncParsableCommand {
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
         let logger = Logger(label: "herald.worker")
+        runTasksOnEventLoops(config, logger: logger)
         // No bus given: the workers' own pool lends one connection to the process's bus.
         let delivery = try DeliveryServices(config, linkKeys: try config.linkKeyRing(), bus: nil, logger: logger)
         guard delivery.workers > 0 else {

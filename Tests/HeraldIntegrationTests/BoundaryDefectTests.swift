@@ -136,6 +136,16 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test("tasks run on the event loops unless HERALD_TASKS_ON_EVENT_LOOPS=0; another value is refused at start")
+    func tasksOnEventLoopsIsASetting() throws {
+        let base = ["DATABASE_URL": "postgres://u@127.0.0.1/db"]
+        #expect(try AppConfiguration.fromEnvironment(base).tasksOnEventLoops)
+        #expect(try !AppConfiguration.fromEnvironment(base.merging(["HERALD_TASKS_ON_EVENT_LOOPS": "0"]) { $1 }).tasksOnEventLoops)
+        #expect(throws: ConfigurationError.self) {
+            try AppConfiguration.fromEnvironment(base.merging(["HERALD_TASKS_ON_EVENT_LOOPS": "yes"]) { $1 })
+        }
+    }
+
     @Test("signed-link tokens (credentials) never reach the log")
     func linkTokensAreNotLogged() async throws {
         let log = CapturedLog()
