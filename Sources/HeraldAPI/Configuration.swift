@@ -108,9 +108,9 @@ public struct AppConfiguration: Sendable {
     public var feedCacheSeconds: Double = 5
     /// Serves the demo pages (`/demo/bell`); `make run` turns it on, production leaves it off.
     public var demoPages = false
-    /// Runs Swift's tasks on SwiftNIO's event loops (`herald serve` and `herald worker`), so that
-    /// a task that awaits a database answer or a socket resumes without a hop between two
-    /// thread pools (docs/decisions.md).
+    /// `herald worker` runs Swift's tasks on SwiftNIO's event loops, so that a task that awaits
+    /// a database answer or a socket resumes without a hop between two thread pools
+    /// (docs/decisions.md).
     public var tasksOnEventLoops = true
     /// Audiences of at most this many users are written in notify's own transaction (exact
     /// counts in the 202); larger ones are accepted at once and written in chunks (issue 12).

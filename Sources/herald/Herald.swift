@@ -33,7 +33,6 @@ struct Serve: AsyncParsableCommand {
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
         let logger = Logger(label: "herald")
-        runTasksOnEventLoops(config, logger: logger)
         let postgres = PostgresClient(configuration: try poolConfiguration(config), backgroundLogger: logger)
         let linkKeys = try config.linkKeyRing()
         // The process's one notification bus, on the API's pool: the workers and the live feed
@@ -416,9 +415,10 @@ func bootstrapLogging(_ config: AppConfiguration) {
 }
 
 /// Makes SwiftNIO's event loops run Swift's tasks too (`HERALD_TASKS_ON_EVENT_LOOPS`, on by
-/// default), before the process starts any of its own. Without it, every database answer and
-/// socket read arrives on an event loop and wakes a task on another thread; the worker spent
-/// about a tenth of its CPU switching threads (docs/decisions.md). Blocking calls stay off both:
+/// default in `herald worker`), before the process starts any of its own. Without it, every
+/// database answer and socket read arrives on an event loop and wakes a task on another thread;
+/// the worker spent about a tenth of its CPU switching threads. `herald serve` does not: its
+/// uncached feed reads were slower with it (docs/decisions.md). Blocking calls stay off both:
 /// libcurl and argon2 run on thread pools of their own.
 func runTasksOnEventLoops(_ config: AppConfiguration, logger: Logger) {
     guard config.tasksOnEventLoops else { return }

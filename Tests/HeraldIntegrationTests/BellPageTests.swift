@@ -25,6 +25,8 @@ struct BellPageTests {
         // `herald serve` as a process of its own, so that "the server dies" is a real death
         // (SIGKILL: the kernel cuts every connection, nothing says goodbye).
         let keys = try StreamServeProcess.keysDirectory()
+        // The private key goes with the test (deferred first, so removed after the servers stop).
+        defer { try? FileManager.default.removeItem(atPath: keys) }
         var server = try await StreamServeProcess.start(keys: keys)
         defer { server.kill() }
         let port = server.port

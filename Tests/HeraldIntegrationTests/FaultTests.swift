@@ -235,6 +235,8 @@ struct PostgresFaultTests {
         try herald(["migrate"], env: ["DATABASE_OWNER_URL": Self.ownerURL])
         let keys = FileManager.default.temporaryDirectory.appendingPathComponent("herald-faults-\(UUID().uuidString.prefix(8))").path
         try herald(["jwt-keygen", "--dir", keys])
+        // The private key goes with the test (deferred first, so removed after the servers stop).
+        defer { try? FileManager.default.removeItem(atPath: keys) }
         var logger = Logger(label: "herald.faults")
         logger.logLevel = .error
         let client = PostgresClient(configuration: try .fromURL(Self.appURL), backgroundLogger: logger)

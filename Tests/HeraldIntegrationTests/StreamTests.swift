@@ -485,6 +485,8 @@ struct StreamTests {
     func twoProcesses() async throws {
         let org = try await organisation()
         let keys = try StreamServeProcess.keysDirectory()
+        // The private key goes with the test (deferred first, so removed after the servers stop).
+        defer { try? FileManager.default.removeItem(atPath: keys) }
         let first = try await StreamServeProcess.start(keys: keys)
         defer { first.kill() }
         let second = try await StreamServeProcess.start(keys: keys)
