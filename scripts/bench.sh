@@ -420,7 +420,7 @@ cpu_of() { awk '{printf "%.2f\n", ($14 + $15) / 100}' /proc/$1/stat 2>/dev/null 
 cpu_pg() { local total=0 pid; for pid in $(pgrep -P "$(head -1 .data/$CLUSTER/postmaster.pid)"); do total=$(echo "$total + $(cpu_of $pid)" | bc); done; echo $total; }
 deliver() { # type channel → seconds from notify to every delivery of the event settled (DELIVER_T), and from the
   # notify's answer, when its rows are committed, to the same (SEND_T); sets W_CPU and PG_CPU (seconds)
-  local body event start w0 p0
+  local body event start committed w0 p0
   # BENCH_PG_STATS=1: what PostgreSQL spent on each statement per channel (.bench/delivery-CHANNEL-pg-stats.txt).
   [ "${BENCH_PG_STATS:-0}" = 1 ] && psql_super -c "SELECT pg_stat_statements_reset()" >/dev/null
   w0=$(cpu_of $WORKER); p0=$(cpu_pg)
@@ -455,8 +455,8 @@ echo "|---|---|---|---|---|"
 printf '| webhook (Standard Webhooks, signed) | %.0f | %.0f requests/s (wrk -c%s, same body) | %.2f | 0.04 → ≥ 0.5 |\n' $(echo "$N / $HOOK_T" | bc -l) $HOOK_CEILING $WORKERS $(echo "$N / $HOOK_T / $HOOK_CEILING" | bc -l)
 printf '| email (SMTP via libcurl, multipart) | %.0f | %.0f messages/s (smtplib, 4 connections) | %.2f | 0.13 → ≥ 0.7 |\n' $(echo "$N / $MAIL_T" | bc -l) $SMTP_CEILING $(echo "$N / $MAIL_T / $SMTP_CEILING" | bc -l)
 echo
-printf 'The rates above include the notify that writes the rows (about a second and a half of 10 000). From the notify'"'"'s answer, when the rows are committed, to every row SENT: webhooks %.0f/s (%.2f of the ceiling), emails %.0f/s (%.2f).\n' \
-  $(echo "$N / $HOOK_S" | bc -l) $(echo "$N / $HOOK_S / $HOOK_CEILING" | bc -l) $(echo "$N / $MAIL_S" | bc -l) $(echo "$N / $MAIL_S / $SMTP_CEILING" | bc -l)
+printf 'The rates above include the notify that writes the rows (about a second and a half of 10 000). From the notify'"'"'s answer (for %s members, at most HERALD_FANOUT_SYNC_LIMIT, after its rows are committed) to every row SENT: webhooks %.0f/s (%.2f of the ceiling), emails %.0f/s (%.2f).\n' \
+  $N $(echo "$N / $HOOK_S" | bc -l) $(echo "$N / $HOOK_S / $HOOK_CEILING" | bc -l) $(echo "$N / $MAIL_S" | bc -l) $(echo "$N / $MAIL_S / $SMTP_CEILING" | bc -l)
 echo
 echo "CPU per message over the same runs (user + system, from \`/proc\`), which the load on the two cores moves far less than the rates:"
 echo

@@ -50,8 +50,8 @@ public final class DeliveryHandler: WorkHandler, Sendable {
             slot = endpoint.id
         }
         // Left when the send ends, before the attempt is recorded: the slots bound the sends to
-        // a receiver. A half-open circuit's trial stays one at a time all the same: the database
-        // holds it (takeCircuitTrial) until the trial's answer is recorded.
+        // a receiver. A half-open circuit lets one trial through per cool-down whatever the
+        // slots: taking it (takeCircuitTrial) moves the cool-down's end on in the database.
         defer { if let slot { leave(slot) } }
         let outcome = await sender.send(work, attempt: claim.attempt, logger: logger)
         if case .deferred(let why) = outcome {

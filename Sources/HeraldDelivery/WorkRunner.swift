@@ -322,8 +322,8 @@ where Handler.Claim == Queue.Claim, Handler.Outcome == Queue.Outcome {
     }
 }
 
-/// A runner's handling slot, left once: when the handler returns, or when the item ends
-/// another way (its deadline passed).
+/// A runner's handling slot, left once: when the handler returns or throws (cancelled at the
+/// deadline, it returns or throws too), and again, to no effect, when the item ends.
 final class HandlingSlot: Sendable {
     private let left = Atomic<Bool>(false)
     private let onLeave: @Sendable () -> Void

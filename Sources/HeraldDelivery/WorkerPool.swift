@@ -6,7 +6,7 @@ import ServiceLifecycle
 
 /// How a pool of delivery workers behaves.
 public struct WorkerPoolConfiguration: Sendable {
-    /// Deliveries in flight at once.
+    /// Deliveries sent at once; as many again may wait for their attempt's recording.
     public var concurrency = 16
     /// Most deliveries claimed in one round trip.
     public var batchSize = 32

@@ -421,9 +421,12 @@ func bootstrapLogging(_ config: AppConfiguration) {
 /// uncached feed reads were slower with it (docs/decisions.md). Blocking calls stay off both:
 /// libcurl and argon2 run on thread pools of their own.
 func runTasksOnEventLoops(_ config: AppConfiguration, logger: Logger) {
-    guard config.tasksOnEventLoops else { return }
-    let installed = NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
-    logger.debug("tasks on SwiftNIO's event loops", metadata: ["installed": "\(installed)"])
+    // Linux only: on Darwin, NIO insists on the main thread, which an async command's `run` is not.
+    #if os(Linux)
+        guard config.tasksOnEventLoops else { return }
+        let installed = NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
+        logger.debug("tasks on SwiftNIO's event loops", metadata: ["installed": "\(installed)"])
+    #endif
 }
 
 func poolConfiguration(_ config: AppConfiguration) throws -> PostgresClient.Configuration {

@@ -20,6 +20,7 @@ struct WorkRunnerClaimTests {
     /// An in-memory queue: `due` items are claimed in order; records each claim's size.
     final class Queue: WorkQueue, Sendable {
         let state = Mutex<(due: [Item], claims: [Int], done: [Int])>(([], [], []))
+        let ended = Mutex<(released: [Int], failed: [Int])>(([], []))
         /// While `hold` is set, recordings wait in `waiting` (a slow database).
         let recordings = Mutex<(hold: Bool, waiting: [CheckedContinuation<Void, Never>])>((false, []))
         var kind: String { "test" }
@@ -47,8 +48,11 @@ struct WorkRunnerClaimTests {
             state.withLock { $0.done.append(claim.id) }
             return true
         }
-        func release(_ claim: Item, worker: String, until: Date, reason: String) async throws -> Bool { true }
-        func fail(_ claim: Item, worker: String, error: any Error) async throws {}
+        func release(_ claim: Item, worker: String, until: Date, reason: String) async throws -> Bool {
+            ended.withLock { $0.released.append(claim.id) }
+            return true
+        }
+        func fail(_ claim: Item, worker: String, error: any Error) async throws { ended.withLock { $0.failed.append(claim.id) } }
         func rescueExpired(worker: String) async throws -> Int { 0 }
         var waitingRecordings: Int { recordings.withLock { $0.waiting.count } }
         func holdRecordings() { recordings.withLock { $0.hold = true } }
@@ -59,11 +63,16 @@ struct WorkRunnerClaimTests {
         }
     }
 
-    /// Items below 100 finish at once; the others hold their slot until `release`.
+    struct Failure: Error {}
+
+    /// Items below 100 finish at once; 100–199 hold their slot until `release`; 200–299 throw;
+    /// 300 and above are given back.
     final class Handler: WorkHandler, Sendable {
         let held = Mutex<[CheckedContinuation<Void, Never>]>([])
         let handled = Mutex(0)
         func handle(_ claim: Item, logger: Logger) async throws -> WorkDisposition<Bool> {
+            if claim.id >= 300 { return .giveBack(until: Date(), reason: "test") }
+            if claim.id >= 200 { throw Failure() }
             if claim.id >= 100 { await withCheckedContinuation { continuation in held.withLock { $0.append(continuation) } } }
             handled.withLock { $0 += 1 }
             return .done(true)
@@ -150,5 +159,18 @@ struct WorkRunnerClaimTests {
         queue.recordAll()
         try await waitFor { queue.done.count == 20 }
         #expect(Set(queue.done) == Set(1...20))
+    }
+
+    @Test("items that throw or are given back leave their slots: 2 slots serve 6 failures, 6 give-backs and 6 sends")
+    func failuresLeaveTheirSlots() async throws {
+        let queue = Queue()
+        let handler = Handler()
+        let running = Task { try await runner(queue, handler, slots: 2, poll: .milliseconds(50)).run() }
+        defer { running.cancel() }
+        queue.add((200..<206).map { Item(id: $0) } + (300..<306).map { Item(id: $0) } + (1...6).map { Item(id: $0) })
+        try await waitFor { queue.done.count == 6 }
+        #expect(Set(queue.done) == Set(1...6))
+        let ended = queue.ended.withLock { $0 }
+        #expect(Set(ended.failed) == Set(200..<206) && Set(ended.released) == Set(300..<306))
     }
 }

@@ -10,7 +10,9 @@
 --
 -- A row another transaction holds is one that is being completed, given back or rescued: its
 -- lease is that transaction's to settle, so the heartbeat skips it (FOR UPDATE SKIP LOCKED).
--- It never waits, so it can be in no cycle of waits.
+-- It never waits, so it can be in no cycle of waits. The outer statement names the row's key as
+-- well as its ctid: every statement names its organisation (on a distributed PostgreSQL a ctid
+-- means nothing outside its shard).
 CREATE OR REPLACE FUNCTION extend_leases(p_table text, p_worker text, p_ids uuid[], p_attempts integer[], p_lease_seconds integer)
     RETURNS integer
     LANGUAGE plpgsql VOLATILE
@@ -38,7 +40,7 @@ BEGIN
     FOR i IN 1 .. coalesce(cardinality(p_ids), 0) LOOP
         EXECUTE format(
             'UPDATE public.%1$I SET lease_expires_at = now() + make_interval(secs => $1) '
-            'WHERE ctid = (SELECT ctid FROM public.%1$I '
+            'WHERE organisation_id = $2 AND id = $3 AND ctid = (SELECT ctid FROM public.%1$I '
             'WHERE organisation_id = $2 AND id = $3 AND attempts = $4 AND (lease_owner = $5) IS TRUE AND %2$s '
             'FOR UPDATE SKIP LOCKED)',
             p_table, held)
