@@ -94,7 +94,8 @@ struct DeliveryServices {
         // requests wait for a free connection), one for the bus's LISTEN (when it is ours), one
         // for claims and heartbeats. Digest runs (issue 11): HERALD_DIGEST_WORKERS, else a quarter
         // of the sends in flight, room for one each (a run reads and records with one, and sends
-        // with none). Scheduled jobs: two at a time, one each.
+        // with none; while some runs are recorded others may read, as the runner holds up to twice
+        // its slots, and those wait for a connection). Scheduled jobs: two at a time, one each.
         let digestConcurrency = config.digestWorkers ?? max(1, config.workers / 4)
         pool.options.maximumConnections = config.deliveryConnections + digestConcurrency + 2 + Self.jobConcurrency
         let postgres = PostgresClient(configuration: pool, backgroundLogger: logger)
