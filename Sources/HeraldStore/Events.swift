@@ -144,28 +144,18 @@ extension TenantTransaction {
 
     /// The statement `recipients` runs (the plan guards explain it).
     func recipientsQuery(for audience: Audience, after: UUID?, limit: Int?) -> PostgresQuery {
-        // Candidate ids first, each source read in user order from its own index
-        // (audience_candidates, 0021), then users by primary key: a one-user event does not scan
-        // the organisation's users, and a chunk costs its size. Each candidate's user is looked up
-        // by itself (a lateral subquery that OFFSET 0 keeps from being flattened): joined, the
-        // planner (which guesses a function's rows) merged the candidates with the organisation's
-        // users read from the first, so the millionth member's chunk read the 990 000 before it,
-        // and as "id = ANY(candidates)" it filtered the whole organisation when its statistics
-        // were from before a bulk import (PlanGuardTests).
+        // Candidate ids first, each source read in user order from its own index and each id
+        // with the sources that named it (audience_members, 0036), then users by primary key: a
+        // one-user event does not scan the organisation's users, and a chunk costs its size. Each
+        // candidate's user is looked up by itself (a lateral subquery that OFFSET 0 keeps from
+        // being flattened): joined, the planner (which guesses a function's rows) merged the
+        // candidates with the organisation's users read from the first, so the millionth member's
+        // chunk read the 990 000 before it, and as "id = ANY(candidates)" it filtered the whole
+        // organisation when its statistics were from before a bulk import (PlanGuardTests).
         return """
-            SELECT u.id, u.active, u.email, u.display_name, u.locale, u.timezone, u.attributes,
-                   u.id = ANY(\(audience.userIDs)::uuid[]),
-                   -- Which of the audience's roles and groups each user holds (none asked: not looked up).
-                   CASE WHEN cardinality(\(audience.roleKeys)::text[]) = 0 THEN '{}'::text[] ELSE
-                   ARRAY(SELECT r.key FROM user_roles ur JOIN roles r ON r.organisation_id = ur.organisation_id AND r.id = ur.role_id
-                         WHERE ur.organisation_id = \(organisationID) AND ur.user_id = u.id AND r.key = ANY(\(audience.roleKeys)::text[])
-                         ORDER BY r.key) END,
-                   CASE WHEN cardinality(\(audience.groupKeys)::text[]) = 0 THEN '{}'::text[] ELSE
-                   ARRAY(SELECT g.key FROM group_members m JOIN groups g ON g.organisation_id = m.organisation_id AND g.id = m.group_id
-                         WHERE m.organisation_id = \(organisationID) AND m.user_id = u.id AND g.key = ANY(\(audience.groupKeys)::text[])
-                         ORDER BY g.key) END
-            FROM audience_candidates(\(organisationID), \(audience.everyone), \(audience.userIDs)::uuid[], \(audience.roleKeys)::text[],
-                                     \(audience.groupKeys)::text[], \(after)::uuid, \(limit)::integer) c
+            SELECT u.id, u.active, u.email, u.display_name, u.locale, u.timezone, u.attributes, c.by_user, c.role_keys, c.group_keys
+            FROM audience_members(\(organisationID), \(audience.everyone), \(audience.userIDs)::uuid[], \(audience.roleKeys)::text[],
+                                  \(audience.groupKeys)::text[], \(after)::uuid, \(limit)::integer) c
             CROSS JOIN LATERAL (SELECT * FROM users u WHERE u.organisation_id = \(organisationID) AND u.id = c.user_id OFFSET 0) u
             ORDER BY u.id
             """

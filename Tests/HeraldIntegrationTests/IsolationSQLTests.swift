@@ -410,6 +410,47 @@ struct IsolationSQLTests {
     }
 
     @Test(
+        "a statement's users are checked as one set: a missing one among many is named and nothing is written, and those found stay locked until commit (0035)"
+    )
+    func referencesAsSets() async throws {
+        let a = try await populatedOrganisation()
+        let missing = UUID()
+        // Two rows for the member (two channels) and one naming a user A does not have, in one statement.
+        func insert(_ users: [UUID]) -> PostgresQuery {
+            """
+            INSERT INTO deliveries (organisation_id, id, event_id, user_id, channel, destination, next_attempt_at)
+            SELECT \(a.id), gen_random_uuid(), (SELECT id FROM events LIMIT 1), u, c, 'someone@example.com', now()
+            FROM unnest(\(users)::uuid[], \(users.indices.map { $0 % 2 == 0 ? "email" : "chat" })::text[]) AS r(u, c)
+            """
+        }
+        let before = try await asApp(a.id) { try await count($0, "SELECT count(*)::int FROM deliveries") }
+        var detail: String?
+        do {
+            _ = try await asApp(a.id) {
+                try await $0.query(insert([a.memberID, a.memberID, missing, a.ownerID]), logger: env.logger).collect()
+            }
+        } catch let error as PSQLError {
+            #expect(error.serverInfo?[.sqlState] == "23503")
+            detail = error.serverInfo?[.detail]
+        }
+        #expect(detail?.contains(missing.uuidString.lowercased()) == true, "detail: \(detail ?? "no error")")
+        #expect(try await asApp(a.id) { try await count($0, "SELECT count(*)::int FROM deliveries") } == before)
+
+        // Found users are locked FOR KEY SHARE until the inserting transaction ends: deleting one waits.
+        let deleteState = try await asApp(a.id) { connection in
+            _ = try await connection.query(insert([a.memberID, a.memberID, a.ownerID]), logger: env.logger).collect()
+            return await sqlState {
+                try await asApp(a.id) { other in
+                    try await other.query("SET LOCAL lock_timeout = '300ms'", logger: env.logger)
+                    _ = try await other.query("DELETE FROM users WHERE organisation_id = \(a.id) AND id = \(a.ownerID)", logger: env.logger)
+                }
+            }
+        }
+        #expect(deleteState == "55P03", "deleting a user named by an uncommitted insert gave \(deleteState ?? "success")")
+        #expect(try await asApp(a.id) { try await count($0, "SELECT count(*)::int FROM deliveries") } == before + 3)
+    }
+
+    @Test(
         "the feed's change log is written by Herald's own functions only: the application role can neither write it nor call its logger (0019)"
     )
     func changeLogClosed() async throws {

@@ -138,6 +138,41 @@ struct PlanGuardTests {
         #expect(chunk <= 2 * 100 + 10, "a chunk of 100 after the 1 800th user read \(chunk) users")
     }
 
+    @Test(
+        "a chunk of a group's and a role's members reads the chunk's entries, not the members before it, and says which sources named each user (0036)"
+    )
+    func audienceChunkOfMembersFollowsTheChunk() async throws {
+        let org = try await TestOrganisation.make()
+        let (chunk, groupEntries, roleEntries, named) = try await env.database.withTenant(org.id) { tx in
+            let group = try await tx.createGroup(key: "big", name: "Big", description: "")
+            let role = try await tx.builtinRole(.service)
+            _ = try await tx.query(
+                """
+                WITH added AS (
+                    INSERT INTO users (organisation_id, email, display_name)
+                    SELECT \(org.id), 'm' || g || '@members.example', 'M' || g FROM generate_series(1, 2000) g RETURNING id),
+                members AS (INSERT INTO group_members (organisation_id, group_id, user_id) SELECT \(org.id), \(group.id), id FROM added)
+                INSERT INTO user_roles (organisation_id, user_id, role_id) SELECT \(org.id), id, \(role.id) FROM added
+                """)
+            let ids = try await tx.query(
+                "SELECT id FROM users WHERE organisation_id = \(org.id) AND email LIKE '%@members.example' ORDER BY id"
+            ).map { try $0.decode(UUID.self) }
+            let after = ids[1800]
+            let named = ids[1810]
+            let audience = Audience(userIDs: [named], roleKeys: ["service"], groupKeys: ["big"])
+            let (group0, role0) = (try await entriesRead(of: "group_members", in: tx), try await entriesRead(of: "user_roles", in: tx))
+            let chunk = try await tx.recipients(for: audience, after: after, limit: 100)
+            let (group1, role1) = (try await entriesRead(of: "group_members", in: tx), try await entriesRead(of: "user_roles", in: tx))
+            return (chunk, group1 - group0, role1 - role0, named)
+        }
+        // The 100 users after the 1 800th: each named by the group and the role, one also by id.
+        #expect(chunk.count == 100)
+        #expect(chunk.allSatisfy { $0.candidate.byGroups == ["big"] && $0.candidate.byRoles == ["service"] })
+        #expect(chunk.filter(\.candidate.byUser).map(\.candidate.userID) == [named])
+        #expect(groupEntries <= 2 * 100 + 10, "a chunk of 100 after the 1 800th member read \(groupEntries) group entries")
+        #expect(roleEntries <= 2 * 100 + 10, "a chunk of 100 after the 1 800th member read \(roleEntries) role entries")
+    }
+
     /// Entries read from every index of `relation`, and its rows read by sequential scans, as this
     /// connection's pending counters have them (they see inside functions too; PostgreSQL clears
     /// them only between transactions, so compare two readings of one transaction).
