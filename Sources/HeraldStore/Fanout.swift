@@ -259,15 +259,26 @@ extension TenantTransaction {
             """)
     }
 
-    /// Extends the leases `worker` still holds on `claims` (the heartbeat), fenced like a chunk.
-    public func extendFanoutLeases(worker: String, claims: [ClaimedFanout], leaseSeconds: Int) async throws {
+    /// Extends the leases `worker` still holds on `claims` (the heartbeat), fenced like a chunk;
+    /// returns how many it extended. An event whose row another transaction holds is skipped, not
+    /// waited for: that is the lease's own chunk being written (its holder is alive, and `herald
+    /// serve` gives an event back after half its lease's length), and waiting would hold the other
+    /// fan-outs' heartbeats, and their next chunks, behind it.
+    @discardableResult
+    public func extendFanoutLeases(worker: String, claims: [ClaimedFanout], leaseSeconds: Int) async throws -> Int {
         try await query(
             """
             UPDATE events e SET fanout_lease_expires_at = now() + make_interval(secs => \(leaseSeconds)::integer)
-            FROM unnest(\(claims.map(\.eventID))::uuid[], \(claims.map(\.attempt))::integer[]) AS c(id, attempt)
-            WHERE e.organisation_id = \(organisationID) AND e.id = c.id AND e.fanout_attempts = c.attempt
-              AND e.fanout_lease_owner = \(worker) AND (e.fanout_state = 'EXPANDING') IS TRUE -- by key, not by events_fanout_claim (0032)
-            """)
+            FROM (SELECT l.organisation_id, l.id FROM events l
+                  JOIN unnest(\(claims.map(\.eventID))::uuid[], \(claims.map(\.attempt))::integer[]) AS c(id, attempt)
+                    ON l.id = c.id AND l.fanout_attempts = c.attempt
+                  WHERE l.organisation_id = \(organisationID) AND l.fanout_lease_owner = \(worker)
+                    AND (l.fanout_state = 'EXPANDING') IS TRUE -- by key, not by events_fanout_claim (0032)
+                  FOR UPDATE OF l SKIP LOCKED) held
+            WHERE e.organisation_id = held.organisation_id AND e.id = held.id
+            RETURNING e.id
+            """
+        ).count
     }
 
     /// Records a failed chunk (it rolled back whole) and frees the lease, fenced: the next claim

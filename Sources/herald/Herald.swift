@@ -61,7 +61,12 @@ struct Serve: AsyncParsableCommand {
             fanouts.append(
                 WorkRunner(
                     configuration: fanoutRunner, queue: FanoutQueue(database: database, organisation: config.workerOrganisation),
-                    handler: FanoutHandler(database: database, worker: fanoutRunner.name, chunkSize: config.fanoutChunkSize), bus: bus,
+                    // A lease writes chunks for at most half its length before giving the event back, so
+                    // the lease outlives it even when every heartbeat finds a chunk holding the row.
+                    handler: FanoutHandler(
+                        database: database, worker: fanoutRunner.name, chunkSize: config.fanoutChunkSize,
+                        budget: .seconds(max(1, min(30, config.workerLeaseSeconds / 2)))),
+                    bus: bus,
                     logger: logger))
         }
         let feedCache = config.feedCacheSeconds > 0 ? FeedCache(lifetime: config.feedCacheSeconds, bus: bus) : nil

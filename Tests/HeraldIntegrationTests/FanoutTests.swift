@@ -277,4 +277,31 @@ struct FanoutTests {
         #expect(try await rows(org, "notifications", event: id).rows == 8)
         #expect(try await claim(org, worker: worker) == nil)
     }
+
+    @Test("a fan-out heartbeat skips an event whose chunk holds its row instead of waiting for the chunk's commit")
+    func heartbeatSkipsABusyEvent() async throws {
+        let (org, _) = try await organisation()
+        let env = try await TestEnvironment.shared
+        let first = try await org.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings) }
+        let second = try await org.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings) }
+        let claims = try await env.database.claimFanouts(worker: "beating", limit: 2, leaseSeconds: 60, organisation: org.id)
+        #expect(Set(claims.map(\.eventID)) == [first, second])
+        // A chunk of the first event holds its row (not committed) while the heartbeat runs on
+        // another connection: waiting for it would fail on the lock timeout.
+        let extended = try await env.database.withTenant(org.id) { chunk in
+            try await chunk.query("SELECT 1 FROM events WHERE id = \(first) FOR UPDATE")
+            return try await env.database.withTenant(org.id) { tx in
+                try await tx.query("SET LOCAL lock_timeout = '5s'")
+                return try await tx.extendFanoutLeases(worker: "beating", claims: claims, leaseSeconds: 600)
+            }
+        }
+        #expect(extended == 1)
+        let leases = try await org.store { tx in
+            try await [first, second].asyncMap { id in
+                try await tx.query("SELECT fanout_lease_expires_at > now() + interval '5 minutes' FROM events WHERE id = \(id)")[0]
+                    .decode(Bool.self)
+            }
+        }
+        #expect(leases == [false, true])
+    }
 }
