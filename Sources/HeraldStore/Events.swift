@@ -145,7 +145,7 @@ extension TenantTransaction {
     /// The statement `recipients` runs (the plan guards explain it).
     func recipientsQuery(for audience: Audience, after: UUID?, limit: Int?) -> PostgresQuery {
         // Candidate ids first, each source read in user order from its own index and each id
-        // with the sources that named it (audience_members, 0036), then users by primary key: a
+        // with the sources that named it (audience_members, 0035), then users by primary key: a
         // one-user event does not scan the organisation's users, and a chunk costs its size. Each
         // candidate's user is looked up by itself (a lateral subquery that OFFSET 0 keeps from
         // being flattened): joined, the planner (which guesses a function's rows) merged the

@@ -410,7 +410,7 @@ struct IsolationSQLTests {
     }
 
     @Test(
-        "a statement's users are checked as one set: a missing one among many is named and nothing is written, and those found stay locked until commit (0035)"
+        "a statement's users are checked together: a missing one among many is named and nothing is written, and those found stay locked until commit (0030)"
     )
     func referencesAsSets() async throws {
         let a = try await populatedOrganisation()

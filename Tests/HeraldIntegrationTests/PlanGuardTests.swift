@@ -139,7 +139,7 @@ struct PlanGuardTests {
     }
 
     @Test(
-        "a chunk of a group's and a role's members reads the chunk's entries, not the members before it, and says which sources named each user (0036)"
+        "a chunk of a group's and a role's members reads the chunk's entries, not the members before it, and says which sources named each user (0035)"
     )
     func audienceChunkOfMembersFollowsTheChunk() async throws {
         let org = try await TestOrganisation.make()
