@@ -20,77 +20,66 @@
 -- Every user of a chunk is named by every source that holds it: a source is cut at p_limit users
 -- in user order, and a user among the first p_limit of the union has at most p_limit − 1 users
 -- before it in any one source.
+-- Each source of an audience in user order from its own index, after p_after and cut at
+-- p_limit users: one row per (source, user), with the role's or group's key.
+CREATE FUNCTION audience_sources(p_organisation uuid, p_everyone boolean, p_users uuid[], p_roles text[], p_groups text[],
+                                 p_after uuid, p_limit integer)
+    RETURNS TABLE (source text, key text, user_id uuid)
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, public
+AS $$
+    (SELECT 'everyone', NULL::text, u.id FROM users u
+     WHERE p_everyone AND u.organisation_id = p_organisation
+       AND u.id >= CASE WHEN p_after IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid ELSE p_after END AND (p_after IS NULL OR u.id > p_after)
+     ORDER BY u.id LIMIT p_limit)
+    UNION ALL
+    SELECT 'user', NULL, x FROM unnest(p_users) x WHERE p_after IS NULL OR x > p_after
+    UNION ALL
+    SELECT 'group', g.key, m.user_id FROM groups g
+    CROSS JOIN LATERAL (
+        SELECT gm.user_id FROM group_members gm
+        WHERE gm.organisation_id = p_organisation AND gm.group_id = g.id
+          AND gm.user_id >= CASE WHEN p_after IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid ELSE p_after END AND (p_after IS NULL OR gm.user_id > p_after)
+        ORDER BY gm.user_id LIMIT p_limit) m
+    WHERE g.organisation_id = p_organisation AND g.key = ANY(p_groups)
+    UNION ALL
+    SELECT 'role', r.key, h.user_id FROM roles r
+    CROSS JOIN LATERAL (
+        SELECT ur.user_id FROM user_roles ur
+        WHERE ur.organisation_id = p_organisation AND ur.role_id = r.id
+          AND ur.user_id >= CASE WHEN p_after IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid ELSE p_after END AND (p_after IS NULL OR ur.user_id > p_after)
+        ORDER BY ur.user_id LIMIT p_limit) h
+    WHERE r.organisation_id = p_organisation AND r.key = ANY(p_roles)
+$$;
+REVOKE ALL ON FUNCTION audience_sources(uuid, boolean, uuid[], text[], text[], uuid, integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION audience_sources(uuid, boolean, uuid[], text[], text[], uuid, integer) TO herald_app;
+
+-- A chunk's users, each with the sources that named it.
 CREATE FUNCTION audience_members(p_organisation uuid, p_everyone boolean, p_users uuid[], p_roles text[], p_groups text[],
                                  p_after uuid, p_limit integer)
     RETURNS TABLE (user_id uuid, by_user boolean, role_keys text[], group_keys text[])
     LANGUAGE sql STABLE
     SET search_path = pg_catalog, public
 AS $$
-    SELECT c.user_id, bool_or(c.source = 'user'),
-           coalesce(array_agg(DISTINCT c.key ORDER BY c.key) FILTER (WHERE c.source = 'role'), '{}'),
-           coalesce(array_agg(DISTINCT c.key ORDER BY c.key) FILTER (WHERE c.source = 'group'), '{}')
-    FROM (
-        (SELECT 'everyone' AS source, NULL::text AS key, u.id AS user_id FROM users u
-         WHERE p_everyone AND u.organisation_id = p_organisation
-           AND u.id >= CASE WHEN p_after IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid ELSE p_after END AND (p_after IS NULL OR u.id > p_after)
-         ORDER BY u.id LIMIT p_limit)
-        UNION ALL
-        SELECT 'user', NULL, x FROM unnest(p_users) x WHERE p_after IS NULL OR x > p_after
-        UNION ALL
-        SELECT 'group', g.key, m.user_id FROM groups g
-        CROSS JOIN LATERAL (
-            SELECT gm.user_id FROM group_members gm
-            WHERE gm.organisation_id = p_organisation AND gm.group_id = g.id
-              AND gm.user_id >= CASE WHEN p_after IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid ELSE p_after END AND (p_after IS NULL OR gm.user_id > p_after)
-            ORDER BY gm.user_id LIMIT p_limit) m
-        WHERE g.organisation_id = p_organisation AND g.key = ANY(p_groups)
-        UNION ALL
-        SELECT 'role', r.key, h.user_id FROM roles r
-        CROSS JOIN LATERAL (
-            SELECT ur.user_id FROM user_roles ur
-            WHERE ur.organisation_id = p_organisation AND ur.role_id = r.id
-              AND ur.user_id >= CASE WHEN p_after IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid ELSE p_after END AND (p_after IS NULL OR ur.user_id > p_after)
-            ORDER BY ur.user_id LIMIT p_limit) h
-        WHERE r.organisation_id = p_organisation AND r.key = ANY(p_roles)
-    ) c
-    GROUP BY c.user_id
-    ORDER BY c.user_id
+    SELECT s.user_id, bool_or(s.source = 'user'),
+           coalesce(array_agg(DISTINCT s.key ORDER BY s.key) FILTER (WHERE s.source = 'role'), '{}'),
+           coalesce(array_agg(DISTINCT s.key ORDER BY s.key) FILTER (WHERE s.source = 'group'), '{}')
+    FROM audience_sources(p_organisation, p_everyone, p_users, p_roles, p_groups, p_after, p_limit) s
+    GROUP BY s.user_id
+    ORDER BY s.user_id
     LIMIT p_limit
 $$;
 REVOKE ALL ON FUNCTION audience_members(uuid, boolean, uuid[], text[], text[], uuid, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION audience_members(uuid, boolean, uuid[], text[], text[], uuid, integer) TO herald_app;
 
--- The count notify asks for (how many users an audience names, up to a limit), with the same bounds.
+-- The ids alone, as notify counts them (how many users an audience names, up to a limit).
 CREATE OR REPLACE FUNCTION audience_candidates(p_organisation uuid, p_everyone boolean, p_users uuid[], p_roles text[], p_groups text[],
                                                p_after uuid, p_limit integer)
     RETURNS TABLE (user_id uuid)
     LANGUAGE sql STABLE
     SET search_path = pg_catalog, public
 AS $$
-    SELECT c.user_id FROM (
-        (SELECT u.id AS user_id FROM users u
-         WHERE p_everyone AND u.organisation_id = p_organisation
-           AND u.id >= CASE WHEN p_after IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid ELSE p_after END AND (p_after IS NULL OR u.id > p_after)
-         ORDER BY u.id LIMIT p_limit)
-        UNION
-        SELECT x FROM unnest(p_users) x WHERE p_after IS NULL OR x > p_after
-        UNION
-        SELECT m.user_id FROM groups g
-        CROSS JOIN LATERAL (
-            SELECT gm.user_id FROM group_members gm
-            WHERE gm.organisation_id = p_organisation AND gm.group_id = g.id
-              AND gm.user_id >= CASE WHEN p_after IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid ELSE p_after END AND (p_after IS NULL OR gm.user_id > p_after)
-            ORDER BY gm.user_id LIMIT p_limit) m
-        WHERE g.organisation_id = p_organisation AND g.key = ANY(p_groups)
-        UNION
-        SELECT h.user_id FROM roles r
-        CROSS JOIN LATERAL (
-            SELECT ur.user_id FROM user_roles ur
-            WHERE ur.organisation_id = p_organisation AND ur.role_id = r.id
-              AND ur.user_id >= CASE WHEN p_after IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid ELSE p_after END AND (p_after IS NULL OR ur.user_id > p_after)
-            ORDER BY ur.user_id LIMIT p_limit) h
-        WHERE r.organisation_id = p_organisation AND r.key = ANY(p_roles)
-    ) c
-    ORDER BY c.user_id
+    SELECT DISTINCT s.user_id FROM audience_sources(p_organisation, p_everyone, p_users, p_roles, p_groups, p_after, p_limit) s
+    ORDER BY s.user_id
     LIMIT p_limit
 $$;
