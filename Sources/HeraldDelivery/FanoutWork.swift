@@ -97,17 +97,20 @@ public struct FanoutHandler: WorkHandler {
     /// The runner's name: the lease owner the event is fenced on.
     let worker: String
     let chunkSize: Int
+    /// How long the lease runs from each chunk's commit (the runner's `leaseSeconds`).
+    let leaseSeconds: Int
     /// How long one lease writes chunks before giving the event back (under the runner's attempt deadline).
     let budget: Duration
     let now: @Sendable () -> Date
 
     public init(
-        database: Database, worker: String, chunkSize: Int, budget: Duration = .seconds(30),
+        database: Database, worker: String, chunkSize: Int, leaseSeconds: Int = 60, budget: Duration = .seconds(30),
         now: @escaping @Sendable () -> Date = { Date() }
     ) {
         self.database = database
         self.worker = worker
         self.chunkSize = chunkSize
+        self.leaseSeconds = leaseSeconds
         self.budget = budget
         self.now = now
     }
@@ -126,12 +129,12 @@ public struct FanoutHandler: WorkHandler {
             if let chunk = next {
                 async let following = prepare(claim, after: chunk)
                 step = try await database.withTenant(claim.organisationID) { tx in
-                    try await tx.writeChunk(claim, chunk, worker: worker)
+                    try await tx.writeChunk(claim, chunk, worker: worker, leaseSeconds: leaseSeconds)
                 }
                 next = try await following
             } else {
                 step = try await database.withTenant(claim.organisationID) { tx in
-                    try await tx.expandChunk(claim, worker: worker, size: chunkSize, now: now())
+                    try await tx.expandChunk(claim, worker: worker, size: chunkSize, now: now(), leaseSeconds: leaseSeconds)
                 }
             }
             switch step {

@@ -158,14 +158,16 @@ extension TenantTransaction {
     }
 
     /// Writes the next chunk of a leased fan-out, fenced on the lease, and moves the event's
-    /// cursor, progress and counts in the same transaction.
-    public func expandChunk(_ claim: ClaimedFanout, worker: String, size: Int, now: Date) async throws -> FanoutStep {
+    /// cursor, progress and counts in the same transaction; the lease then runs `leaseSeconds`
+    /// from the chunk's commit.
+    public func expandChunk(_ claim: ClaimedFanout, worker: String, size: Int, now: Date, leaseSeconds: Int) async throws -> FanoutStep {
         guard let row = try await fanoutEvent(claim, locked: true), row.isLeased(by: worker, claim) else { return .leaseLost }
         if row.status == .cancelled {
             try await finishFanout(claim.eventID, state: .cancelled)
             return .cancelled(done: row.done)
         }
-        return try await record(claim, row, try await planChunk(claim, row, after: row.cursor, size: size, now: now))
+        return try await record(
+            claim, row, try await planChunk(claim, row, after: row.cursor, size: size, now: now), leaseSeconds: leaseSeconds)
     }
 
     /// Plans the chunk that starts at `start` without writing it or locking the event, so that
@@ -187,14 +189,14 @@ extension TenantTransaction {
     /// Writes a chunk `prepareChunk` planned, fenced like `expandChunk`, and only if the event's
     /// cursor is still where the chunk starts (it always is while this lease holds: only the
     /// lease's holder writes chunks, one after another).
-    public func writeChunk(_ claim: ClaimedFanout, _ chunk: PreparedChunk, worker: String) async throws -> FanoutStep {
+    public func writeChunk(_ claim: ClaimedFanout, _ chunk: PreparedChunk, worker: String, leaseSeconds: Int) async throws -> FanoutStep {
         guard let row = try await fanoutEvent(claim, locked: true), row.isLeased(by: worker, claim) else { return .leaseLost }
         if row.status == .cancelled {
             try await finishFanout(claim.eventID, state: .cancelled)
             return .cancelled(done: row.done)
         }
         guard row.cursor == chunk.after else { return .leaseLost }
-        return try await record(claim, row, chunk)
+        return try await record(claim, row, chunk, leaseSeconds: leaseSeconds)
     }
 
     /// The event as a chunk needs it; `locked` takes its row lock (a chunk that writes).
@@ -233,8 +235,11 @@ extension TenantTransaction {
         return PreparedChunk(after: after, planned: planned, size: size)
     }
 
-    /// Writes a planned chunk and moves the event's cursor, progress and counts.
-    private func record(_ claim: ClaimedFanout, _ row: FanoutRow, _ chunk: PreparedChunk) async throws -> FanoutStep {
+    /// Writes a planned chunk and moves the event's cursor, progress and counts, and the lease's
+    /// end to `leaseSeconds` after the commit: the chunk holds the event's row while it is
+    /// written, so the heartbeat skips it (`extendFanoutLeases`), and the holder shows itself
+    /// alive by each chunk it commits.
+    private func record(_ claim: ClaimedFanout, _ row: FanoutRow, _ chunk: PreparedChunk, leaseSeconds: Int) async throws -> FanoutStep {
         let planned = chunk.planned
         try await writeRecipients(planned.event, type: planned.type, plan: planned.plan)
         let written = planned.recipients.count
@@ -244,7 +249,8 @@ extension TenantTransaction {
             """
             UPDATE events SET fanout_cursor = coalesce(\(chunk.last), fanout_cursor),
                 fanout_done = fanout_done + \(written), fanout_expected = \(expected),
-                counts = \(row.counts + planned.plan.counts), fanout_failures = 0, fanout_error = NULL
+                counts = \(row.counts + planned.plan.counts), fanout_failures = 0, fanout_error = NULL,
+                fanout_lease_expires_at = greatest(fanout_lease_expires_at, clock_timestamp() + make_interval(secs => \(leaseSeconds)::integer))
             WHERE organisation_id = \(organisationID) AND id = \(claim.eventID)
             """)
         if chunk.finished { try await finishFanout(claim.eventID, state: .done) }
@@ -261,9 +267,8 @@ extension TenantTransaction {
 
     /// Extends the leases `worker` still holds on `claims` (the heartbeat), fenced like a chunk;
     /// returns how many it extended. An event whose row another transaction holds is skipped, not
-    /// waited for: that is the lease's own chunk being written (its holder is alive, and `herald
-    /// serve` gives an event back after half its lease's length), and waiting would hold the other
-    /// fan-outs' heartbeats, and their next chunks, behind it.
+    /// waited for: that is the lease's own chunk being written, whose commit moves the lease's end
+    /// itself, and waiting would hold the other fan-outs' heartbeats, and their next chunks, behind it.
     @discardableResult
     public func extendFanoutLeases(worker: String, claims: [ClaimedFanout], leaseSeconds: Int) async throws -> Int {
         try await query(
@@ -274,8 +279,8 @@ extension TenantTransaction {
                     ON l.id = c.id AND l.fanout_attempts = c.attempt
                   WHERE l.organisation_id = \(organisationID) AND l.fanout_lease_owner = \(worker)
                     AND (l.fanout_state = 'EXPANDING') IS TRUE -- by key, not by events_fanout_claim (0032)
-                  FOR UPDATE OF l SKIP LOCKED) held
-            WHERE e.organisation_id = held.organisation_id AND e.id = held.id
+                  FOR NO KEY UPDATE OF l SKIP LOCKED) held
+            WHERE e.organisation_id = \(organisationID) AND e.organisation_id = held.organisation_id AND e.id = held.id
             RETURNING e.id
             """
         ).count

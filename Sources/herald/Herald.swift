@@ -61,11 +61,9 @@ struct Serve: AsyncParsableCommand {
             fanouts.append(
                 WorkRunner(
                     configuration: fanoutRunner, queue: FanoutQueue(database: database, organisation: config.workerOrganisation),
-                    // A lease writes chunks for at most half its length before giving the event back, so
-                    // the lease outlives it even when every heartbeat finds a chunk holding the row.
                     handler: FanoutHandler(
                         database: database, worker: fanoutRunner.name, chunkSize: config.fanoutChunkSize,
-                        budget: .seconds(max(1, min(30, config.workerLeaseSeconds / 2)))),
+                        leaseSeconds: config.workerLeaseSeconds),
                     bus: bus,
                     logger: logger))
         }

@@ -51,7 +51,9 @@ struct FanoutTests {
     }
 
     func chunk(_ org: TestOrganisation, _ claim: ClaimedFanout, worker: String, now: Date = Date()) async throws -> FanoutStep {
-        try await org.store { tx in try await tx.expandChunk(claim, worker: worker, size: Self.settings.chunkSize, now: now) }
+        try await org.store { tx in
+            try await tx.expandChunk(claim, worker: worker, size: Self.settings.chunkSize, now: now, leaseSeconds: 60)
+        }
     }
 
     @Test("a large audience is answered at once, written in chunks by the runner, and ends as a synchronous notify would")
@@ -148,7 +150,7 @@ struct FanoutTests {
                 })
         }
         func write(_ chunk: PreparedChunk) async throws -> FanoutStep {
-            try await org.store { tx in try await tx.writeChunk(lease, chunk, worker: worker) }
+            try await org.store { tx in try await tx.writeChunk(lease, chunk, worker: worker, leaseSeconds: 60) }
         }
         let first = try await prepare(.storedCursor)
         let second = try await prepare(.after(try #require(first.last)))
@@ -159,7 +161,9 @@ struct FanoutTests {
         #expect(try await write(second) == .expanded(done: 16, finished: false))
         // Another instance's worker name is not the lease's.
         #expect(
-            try await org.store { tx in try await tx.writeChunk(lease, try await prepare(.storedCursor), worker: "someone-else") }
+            try await org.store { tx in
+                try await tx.writeChunk(lease, try await prepare(.storedCursor), worker: "someone-else", leaseSeconds: 60)
+            }
                 == .leaseLost)
 
         let third = try await prepare(.after(try #require(second.last)))
@@ -278,7 +282,8 @@ struct FanoutTests {
         #expect(try await claim(org, worker: worker) == nil)
     }
 
-    @Test("a fan-out heartbeat skips an event whose chunk holds its row instead of waiting for the chunk's commit")
+    @Test(
+        "a fan-out heartbeat skips an event whose chunk holds its row instead of waiting for it; the chunk's commit moves the lease's end")
     func heartbeatSkipsABusyEvent() async throws {
         let (org, _) = try await organisation()
         let env = try await TestEnvironment.shared
@@ -303,5 +308,16 @@ struct FanoutTests {
             }
         }
         #expect(leases == [false, true])
+        // The chunk's own commit moves its lease's end instead.
+        let firstClaim = try #require(claims.first { $0.eventID == first })
+        let step = try await org.store { tx in
+            try await tx.expandChunk(firstClaim, worker: "beating", size: Self.settings.chunkSize, now: Date(), leaseSeconds: 900)
+        }
+        #expect(step == .expanded(done: Self.settings.chunkSize, finished: false))
+        let renewed = try await org.store { tx in
+            try await tx.query("SELECT fanout_lease_expires_at > now() + interval '10 minutes' FROM events WHERE id = \(first)")[0]
+                .decode(Bool.self)
+        }
+        #expect(renewed)
     }
 }

