@@ -111,7 +111,9 @@ public struct Database: Sendable {
     /// transaction back for a deadlock (40P01) or a serialization failure (40001). Nothing of a
     /// rolled-back run was kept, so the next one starts clean; `body` must have no effect outside
     /// the transaction. For work whose loss costs more than a second run: recording a delivery
-    /// that was sent (lost, its lease expires and the message goes out again).
+    /// that was sent (lost, its lease expires and the message goes out again). Each run after
+    /// the first waits a few random milliseconds, more each time, so that two transactions that
+    /// deadlocked do not meet again in step.
     public func withTenantRetryingConflicts<Result: Sendable>(
         _ organisationID: UUID, attempts: Int = 3, _ body: (TenantTransaction) async throws -> Result
     ) async throws -> Result {
@@ -123,6 +125,7 @@ public struct Database: Sendable {
                 logger.warning(
                     "transaction rolled back by a conflict; running it again",
                     metadata: ["sql_state": .string(error.serverInfo?[.sqlState] ?? "-"), "run": "\(run)"])
+                try await Task.sleep(for: .milliseconds(Int.random(in: 5...20) * run))
                 run += 1
             }
         }
