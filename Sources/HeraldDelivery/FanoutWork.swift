@@ -97,14 +97,15 @@ public struct FanoutHandler: WorkHandler {
     /// The runner's name: the lease owner the event is fenced on.
     let worker: String
     let chunkSize: Int
-    /// How long the lease runs from each chunk's commit (the runner's `leaseSeconds`).
+    /// How long the lease runs from each chunk's commit: the runner's `leaseSeconds`.
     let leaseSeconds: Int
     /// How long one lease writes chunks before giving the event back (under the runner's attempt deadline).
     let budget: Duration
     let now: @Sendable () -> Date
 
     public init(
-        database: Database, worker: String, chunkSize: Int, leaseSeconds: Int = 60, budget: Duration = .seconds(30),
+        database: Database, worker: String, chunkSize: Int, leaseSeconds: Int = WorkRunnerConfiguration.defaultLeaseSeconds,
+        budget: Duration = .seconds(30),
         now: @escaping @Sendable () -> Date = { Date() }
     ) {
         self.database = database

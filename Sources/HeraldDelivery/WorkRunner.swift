@@ -83,8 +83,10 @@ public struct WorkRunnerConfiguration: Sendable {
     public var concurrency = 16
     /// Most items claimed in one round trip.
     public var batchSize = 32
+    /// How long a claim holds an item when nothing else is said.
+    public static let defaultLeaseSeconds = 60
     /// How long a claim holds an item; the heartbeat extends it every third of that.
-    public var leaseSeconds = 60
+    public var leaseSeconds = Self.defaultLeaseSeconds
     /// How often to look for due work without a wake-up (retries come due this way).
     public var pollInterval: Duration = .seconds(1)
     /// The most one item may take, handling and recording. Past it the item is abandoned: its

@@ -63,7 +63,7 @@ struct Serve: AsyncParsableCommand {
                     configuration: fanoutRunner, queue: FanoutQueue(database: database, organisation: config.workerOrganisation),
                     handler: FanoutHandler(
                         database: database, worker: fanoutRunner.name, chunkSize: config.fanoutChunkSize,
-                        leaseSeconds: config.workerLeaseSeconds),
+                        leaseSeconds: fanoutRunner.leaseSeconds),
                     bus: bus,
                     logger: logger))
         }
