@@ -480,6 +480,39 @@ struct StreamTests {
         }
     }
 
+    @Test("an instance sweeps at once, in one call, after a commit of an organisation it holds a stream of, and not for the others")
+    func sweepsForItsOrganisations() async throws {
+        let (org, other) = (try await organisation(), try await organisation())
+        // An hour between sweeps: after the first, every sweep here is one a commit asked for.
+        try await StreamServer.with(settings: { $0.sweepInterval = .seconds(3600) }) { servers in
+            let server = servers[0]
+            let member = try await StreamProbe.open(.sse, on: server, token: org.memberToken)
+            try await member.next("unread_count")
+            // The sweeps of the start (the first, and the one the bus's missedMessages asks for) are over.
+            var settled = server.hub.sweepsRun
+            let deadline = ContinuousClock.now + .seconds(30)
+            while true {
+                try await Task.sleep(for: .milliseconds(300))
+                if server.hub.sweepsRun == settled { break }
+                settled = server.hub.sweepsRun
+                guard ContinuousClock.now < deadline else { throw StreamTestTimeout(what: "the sweeps of the start") }
+            }
+            // A commit of an organisation with no stream here: heard, and no sweep.
+            let heard = server.hub.bus.subscribe(organisation: other.id)
+            try await task(other, to: [other.memberID], title: "nobody streams this here")
+            for await message in heard {
+                if case .eventCommitted = message { break }
+            }
+            try await Task.sleep(for: .milliseconds(300))
+            #expect(server.hub.sweepsRun == settled, "a commit of an organisation without a stream here made this instance sweep")
+            // A commit of the streamed organisation, to one user: one sweep, which numbers it.
+            try await task(org, to: [org.memberID], title: "streamed")
+            #expect(try await member.next("notification.created", within: .seconds(10)).object["title"] as? String == "streamed")
+            #expect(server.hub.sweepsRun == settled + 1)
+            await member.close()
+        }
+    }
+
     @Test(
         "two herald serve processes: a notify through one reaches a stream on the other; SIGTERM ends the stream at once with a retry hint")
     func twoProcesses() async throws {
