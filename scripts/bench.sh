@@ -422,7 +422,8 @@ deliver() { # type channel → seconds from notify to every delivery of the even
   # notify's answer, when its rows are committed, to the same (SEND_T); sets W_CPU and PG_CPU (seconds)
   local body event start committed w0 p0
   # BENCH_PG_STATS=1: what PostgreSQL spent on each statement per channel (.bench/delivery-CHANNEL-pg-stats.txt).
-  [ "${BENCH_PG_STATS:-0}" = 1 ] && psql_super -c "SELECT pg_stat_statements_reset()" >/dev/null
+  [ "${BENCH_PG_STATS:-0}" = 1 ] && psql_super -c "ALTER SYSTEM SET pg_stat_statements.track_planning = on" \
+    -c "SELECT pg_reload_conf()" -c "SELECT pg_stat_statements_reset()" >/dev/null
   w0=$(cpu_of $WORKER); p0=$(cpu_pg)
   start=$(now)
   body=$(curl -s -X POST localhost:$HTTP/v1/events -H "authorization: Bearer $APIKEY" -H 'content-type: application/json' \
@@ -438,9 +439,11 @@ deliver() { # type channel → seconds from notify to every delivery of the even
   [ "$sent" = "$N" ] || { echo "bench: only $sent of $N $2 deliveries were SENT"; exit 1; }
   DELIVER_T=$(echo "$(now) - $start" | bc); SEND_T=$(echo "$(now) - $committed" | bc)
   W_CPU=$(echo "$(cpu_of $WORKER) - $w0" | bc); PG_CPU=$(echo "$(cpu_pg) - $p0" | bc)
-  [ "${BENCH_PG_STATS:-0}" = 1 ] && psql_super -c "SELECT calls, round(total_exec_time::numeric, 1) AS exec_ms, rows,
-      left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS query
-    FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 25" > .bench/delivery-$2-pg-stats.txt
+  # Planning is counted too: the statements are sent unnamed, so each is planned on every call.
+  [ "${BENCH_PG_STATS:-0}" = 1 ] && psql_super -c "SELECT calls, round(total_exec_time::numeric, 1) AS exec_ms,
+      round(total_plan_time::numeric, 1) AS plan_ms, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS query
+    FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT 25" > .bench/delivery-$2-pg-stats.txt &&
+    psql_super -c "ALTER SYSTEM RESET pg_stat_statements.track_planning" -c "SELECT pg_reload_conf()" >/dev/null
   return 0
 }
 deliver BENCH_HOOK webhook; HOOK_T=$DELIVER_T; HOOK_S=$SEND_T; HOOK_W=$W_CPU; HOOK_PG=$PG_CPU
