@@ -124,11 +124,15 @@ public struct FanoutHandler: WorkHandler {
         // (PostgreSQL's). A chunk that cannot be planned ahead (the event was cancelled, or the
         // lease moved) goes through expandChunk, which settles it.
         var next = try await prepare(claim, from: .storedCursor)
+        // The chunk planned beside the first write also counts the audience for the progress.
+        var countAudience = true
         while true {
             let chunkStart = Date()
             let step: FanoutStep
             if let chunk = next {
-                async let following = prepare(claim, after: chunk)
+                let counting = countAudience
+                countAudience = false
+                async let following = prepare(claim, after: chunk, countAudience: counting)
                 step = try await database.withTenant(claim.organisationID) { tx in
                     try await tx.writeChunk(claim, chunk, worker: worker, leaseSeconds: leaseSeconds)
                 }
@@ -156,14 +160,14 @@ public struct FanoutHandler: WorkHandler {
     }
 
     /// The chunk after `chunk`, planned while `chunk` is written; nil after the last.
-    private func prepare(_ claim: ClaimedFanout, after chunk: PreparedChunk) async throws -> PreparedChunk? {
+    private func prepare(_ claim: ClaimedFanout, after chunk: PreparedChunk, countAudience: Bool) async throws -> PreparedChunk? {
         guard !chunk.finished, let last = chunk.last else { return nil }
-        return try await prepare(claim, from: .after(last))
+        return try await prepare(claim, from: .after(last), countAudience: countAudience)
     }
 
-    private func prepare(_ claim: ClaimedFanout, from start: ChunkStart) async throws -> PreparedChunk? {
+    private func prepare(_ claim: ClaimedFanout, from start: ChunkStart, countAudience: Bool = false) async throws -> PreparedChunk? {
         try await database.withTenant(claim.organisationID) { tx in
-            try await tx.prepareChunk(claim, worker: worker, from: start, size: chunkSize, now: now())
+            try await tx.prepareChunk(claim, worker: worker, from: start, size: chunkSize, now: now(), countAudience: countAudience)
         }
     }
 

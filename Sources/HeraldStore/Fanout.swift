@@ -67,6 +67,8 @@ public struct PreparedChunk: Sendable {
     public let after: UUID?
     let planned: PlannedEvent
     let size: Int
+    /// How many users the audience names, when this chunk's planning counted them.
+    var expected: Int? = nil
 
     /// The chunk's last user, where the next chunk starts.
     public var last: UUID? { planned.recipients.last?.candidate.userID }
@@ -173,8 +175,12 @@ extension TenantTransaction {
     /// Plans the chunk that starts at `start` without writing it or locking the event, so that
     /// a fan-out plans its next chunk while this one is written (`writeChunk`). Nil when the event
     /// is no longer this lease's to expand, or was cancelled: `expandChunk` then settles it.
+    ///
+    /// `countAudience` also counts the audience for the event's progress (`fanout.expected`), if
+    /// it is not counted yet: the handler asks it of the chunk it plans while the first is written,
+    /// so the count (seconds for a million users) runs beside a write, not under the event's row lock.
     public func prepareChunk(
-        _ claim: ClaimedFanout, worker: String, from start: ChunkStart, size: Int, now: Date
+        _ claim: ClaimedFanout, worker: String, from start: ChunkStart, size: Int, now: Date, countAudience: Bool = false
     ) async throws -> PreparedChunk? {
         guard let row = try await fanoutEvent(claim, locked: false), row.isLeased(by: worker, claim), row.status != .cancelled
         else { return nil }
@@ -183,7 +189,9 @@ extension TenantTransaction {
             case .storedCursor: row.cursor
             case .after(let id): id
             }
-        return try await planChunk(claim, row, after: after, size: size, now: now)
+        var chunk = try await planChunk(claim, row, after: after, size: size, now: now)
+        if countAudience, row.expected == nil { chunk.expected = try await audienceCount(row.request.audience) }
+        return chunk
     }
 
     /// Writes a chunk `prepareChunk` planned, fenced like `expandChunk`, and only if the event's
@@ -243,12 +251,13 @@ extension TenantTransaction {
         let planned = chunk.planned
         try await writeRecipients(planned.event, type: planned.type, plan: planned.plan)
         let written = planned.recipients.count
-        var expected = row.expected
-        if expected == nil { expected = try await audienceCount(row.request.audience) }
+        // Counted while a chunk was planned (prepareChunk); at the end, at the latest, what was written.
+        var expected = row.expected ?? chunk.expected
+        if expected == nil, chunk.finished { expected = row.done + written }
         try await query(
             """
             UPDATE events SET fanout_cursor = coalesce(\(chunk.last), fanout_cursor),
-                fanout_done = fanout_done + \(written), fanout_expected = \(expected),
+                fanout_done = fanout_done + \(written), fanout_expected = coalesce(\(expected), fanout_expected),
                 counts = \(row.counts + planned.plan.counts), fanout_failures = 0, fanout_error = NULL,
                 fanout_lease_expires_at = greatest(fanout_lease_expires_at, clock_timestamp() + make_interval(secs => \(leaseSeconds)::integer))
             WHERE organisation_id = \(organisationID) AND id = \(claim.eventID)

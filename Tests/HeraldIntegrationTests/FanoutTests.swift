@@ -139,26 +139,33 @@ struct FanoutTests {
 
     @Test("a chunk planned ahead is written only where the cursor is, and a cancel between its planning and its write wins")
     func plannedAhead() async throws {
-        let (org, _) = try await organisation()
+        let (org, users) = try await organisation()
         let id = try await org.store { tx in try await tx.send(everyone("ISQ_CRITICAL"), now: Date(), fanout: Self.settings) }
         let worker = "fanout-ahead-\(UUID().uuidString.prefix(6))"
         let lease = try #require(try await claim(org, worker: worker))
-        func prepare(_ start: ChunkStart) async throws -> PreparedChunk {
+        func prepare(_ start: ChunkStart, countAudience: Bool = false) async throws -> PreparedChunk {
             try #require(
                 try await org.store { tx in
-                    try await tx.prepareChunk(lease, worker: worker, from: start, size: Self.settings.chunkSize, now: Date())
+                    try await tx.prepareChunk(
+                        lease, worker: worker, from: start, size: Self.settings.chunkSize, now: Date(), countAudience: countAudience)
                 })
         }
         func write(_ chunk: PreparedChunk) async throws -> FanoutStep {
             try await org.store { tx in try await tx.writeChunk(lease, chunk, worker: worker, leaseSeconds: 60) }
         }
+        func expected() async throws -> Int? { try await org.store { tx in try await tx.event(id) }.fanout?.expected }
         let first = try await prepare(.storedCursor)
-        let second = try await prepare(.after(try #require(first.last)))
+        // Planned beside the first chunk's write, the second counts the audience for the progress.
+        let second = try await prepare(.after(try #require(first.last)), countAudience: true)
+        #expect(second.expected == users.count)
         // The second chunk starts after the first, which is not written yet: refused, nothing written.
         #expect(try await write(second) == .leaseLost)
         #expect(try await rows(org, "notifications", event: id) == (0, 0))
         #expect(try await write(first) == .expanded(done: 8, finished: false))
+        // The first chunk's write counts nothing under the event's row lock.
+        #expect(try await expected() == nil)
         #expect(try await write(second) == .expanded(done: 16, finished: false))
+        #expect(try await expected() == users.count)
         // Another instance's worker name is not the lease's.
         #expect(
             try await org.store { tx in
