@@ -296,7 +296,7 @@ public final class FeedCache: Service, Sendable {
             invalidate(organisationID: organisationID, users: [userID])
         case .streamsAdvanced(let organisationID, let userIDs):
             invalidate(organisationID: organisationID, users: userIDs)
-        case .eventCommitted(let organisationID, _):
+        case .eventCommitted(let organisationID, _, _):
             invalidate(organisationID: organisationID)
         case .missedMessages:
             // The generation read after emptying: a reconnection after it sends another.

@@ -41,9 +41,10 @@ public struct FanoutQueue: WorkQueue {
 
     public var kind: String { "fanout" }
 
-    /// notify announces every event it accepts, a chunked one too.
+    /// notify announces an event it accepts for a chunked fan-out as such; the other events, and
+    /// the chunks' own commits, leave the fan-out runners asleep.
     public func wakes(on message: BusMessage) -> Bool {
-        guard case .eventCommitted(let organisationID, _) = message else { return false }
+        guard case .eventCommitted(let organisationID, _, let work) = message, work.contains(.fanout) else { return false }
         return organisation.map { $0 == organisationID } ?? true
     }
 

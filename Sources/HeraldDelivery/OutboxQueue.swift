@@ -83,9 +83,9 @@ public struct OutboxQueue: WorkQueue {
 
     public var kind: String { "delivery" }
 
-    /// A committed event may have written deliveries.
+    /// A committed event that wrote deliveries.
     public func wakes(on message: BusMessage) -> Bool {
-        guard case .eventCommitted(let organisationID, _) = message else { return false }
+        guard case .eventCommitted(let organisationID, _, let work) = message, work.contains(.deliveries) else { return false }
         return organisation.map { $0 == organisationID } ?? true
     }
 

@@ -381,13 +381,14 @@ extension TenantTransaction {
                      AS row(user_id, targeted, rule, reason, notified, decision_id, record_ids)
                 """)
         }
-        try await announceEvent(event.id)
+        try await announceEvent(event.id, work: plan.deliveries.isEmpty ? [] : .deliveries)
     }
 
-    /// Tells the bus the event committed (delivered at commit, never for a rolled-back transaction).
-    func announceEvent(_ eventID: UUID) async throws {
+    /// Tells the bus the event committed (delivered at commit, never for a rolled-back
+    /// transaction), and what it left for the work runners.
+    func announceEvent(_ eventID: UUID, work: EventWork) async throws {
         try await query(
-            "SELECT pg_notify('herald_events', \(organisationID.lowercased + ":" + eventID.lowercased))")
+            "SELECT pg_notify('herald_events', \(organisationID.lowercased + ":" + eventID.lowercased + ":" + work.flags))")
     }
 
     // MARK: Reading and cancelling events

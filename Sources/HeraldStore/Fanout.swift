@@ -155,7 +155,7 @@ extension TenantTransaction {
             priority: request.priority ?? type.defaultPriority, deliverAt: max(request.deliverAt ?? now, now),
             idempotencyKey: idempotencyKey, requestHash: requestHash)
         try await insertEvent(event, counts: DecisionCounts(), expanding: true)
-        try await announceEvent(eventID)
+        try await announceEvent(eventID, work: .fanout)
         return eventID
     }
 

@@ -16,10 +16,35 @@ public enum FeedChange: String, Sendable, Codable, CaseIterable {
     case allRead = "all_read"
 }
 
+/// What a committed event left for the work runners, as its `herald_events` message says.
+public struct EventWork: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt8
+    public init(rawValue: UInt8) { self.rawValue = rawValue }
+
+    /// It wrote deliveries (the outbox has work).
+    public static let deliveries = EventWork(rawValue: 1)
+    /// It was accepted for a chunked fan-out (its recipients are still to be written).
+    public static let fanout = EventWork(rawValue: 2)
+    /// A message that does not say (from a build before the flags): every runner looks.
+    public static let unknown: EventWork = [.deliveries, .fanout]
+
+    /// The payload's suffix: `d` and `f`.
+    var flags: String { (contains(.deliveries) ? "d" : "") + (contains(.fanout) ? "f" : "") }
+
+    init(flags: Substring) {
+        self = []
+        if flags.contains("d") { insert(.deliveries) }
+        if flags.contains("f") { insert(.fanout) }
+    }
+}
+
 /// One message of the bus: what committed, in which organisation.
 public enum BusMessage: Sendable, Equatable {
-    /// Notify committed an event (its in-app rows and its deliveries).
-    case eventCommitted(organisationID: UUID, eventID: UUID)
+    /// Notify, or a chunk of a fan-out, committed an event's rows (its in-app rows and its
+    /// deliveries), or notify accepted an event for a chunked fan-out; `work` says which runners it
+    /// concerns, so that an in-app notify wakes no outbox and only an accepted fan-out wakes the
+    /// fan-out runners.
+    case eventCommitted(organisationID: UUID, eventID: UUID, work: EventWork)
     /// A statement changed the feed of `userID`.
     case feedChanged(organisationID: UUID, userID: UUID, kind: FeedChange)
     /// New numbered changes were logged for these users' feeds (migration 0010): live streams
@@ -36,7 +61,7 @@ public enum BusMessage: Sendable, Equatable {
     /// The organisation the message is about; nil for `missedMessages`, which concerns all.
     public var organisationID: UUID? {
         switch self {
-        case .eventCommitted(let organisation, _), .feedChanged(let organisation, _, _),
+        case .eventCommitted(let organisation, _, _), .feedChanged(let organisation, _, _),
             .streamsAdvanced(let organisation, _), .userDeactivated(let organisation, _), .sessionRevoked(let organisation, _):
             organisation
         case .missedMessages: nil
@@ -263,12 +288,15 @@ extension BusMessage {
     init?(channel: String, payload: String) {
         switch channel {
         case NotificationBus.eventsChannel:
-            let parts = payload.split(separator: ":")
-            guard parts.count == 2, let organisation = UUID(uuidString: String(parts[0])), let event = UUID(uuidString: String(parts[1]))
+            // `<organisation>:<event>:<flags>`; without the flags (a build before them), every runner looks.
+            let parts = payload.split(separator: ":", omittingEmptySubsequences: false)
+            guard parts.count == 2 || parts.count == 3, let organisation = UUID(uuidString: String(parts[0])),
+                let event = UUID(uuidString: String(parts[1]))
             else {
                 return nil
             }
-            self = .eventCommitted(organisationID: organisation, eventID: event)
+            self = .eventCommitted(
+                organisationID: organisation, eventID: event, work: parts.count == 3 ? EventWork(flags: parts[2]) : .unknown)
         case NotificationBus.feedChannel:
             guard let decoded = try? JSONDecoder().decode(FeedPayload.self, from: Data(payload.utf8)) else { return nil }
             self = .feedChanged(organisationID: decoded.org, userID: decoded.user, kind: decoded.kind)

@@ -6,6 +6,7 @@ import Synchronization
 import Testing
 
 @testable import HeraldAPI
+@testable import HeraldDelivery
 @testable import HeraldStore
 
 /// The notification bus (issue 9, part 2): one LISTEN connection whose messages say what
@@ -82,6 +83,43 @@ struct BusTests {
             let feedMessages = heard.messages.filter { if case .streamsAdvanced = $0 { false } else { true } }
             #expect(feedMessages == [.missedMessages, read, .missedMessages, unread])
             #expect(heard.messages.contains(.streamsAdvanced(organisationID: org.id, userIDs: [org.memberID])))
+        }
+    }
+
+    @Test("an event's message says what it left: deliveries wake the outbox, an accepted fan-out the fan-out runners, in-app rows neither")
+    func eventWork() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        try await withBus(organisation: org.id) { _, heard in
+            #expect(try await eventually { heard.messages.contains(.missedMessages) })
+            // TASK_ASSIGNED is in-app only; ISQ_CRITICAL also emails; everyone above a limit of 1 is chunked.
+            let inApp = try await org.notify(
+                EventRequest(
+                    typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: [org.memberID]), payload: .object(["title": .string("t")]))
+            ).event.id
+            let mailed = try await org.notify(
+                EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]), payload: .object([:]))
+            ).event.id
+            let chunked = try await org.store { tx in
+                try await tx.send(
+                    EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(everyone: true), payload: .object(["title": .string("all")])),
+                    now: Date(), fanout: FanoutSettings(synchronousLimit: 1, chunkSize: 1))
+            }
+            let expected: [BusMessage] = [
+                .eventCommitted(organisationID: org.id, eventID: inApp, work: []),
+                .eventCommitted(organisationID: org.id, eventID: mailed, work: .deliveries),
+                .eventCommitted(organisationID: org.id, eventID: chunked, work: .fanout),
+            ]
+            #expect(try await eventually { expected.allSatisfy(heard.messages.contains) })
+            let outbox = OutboxQueue(database: env.database, organisation: nil, circuit: CircuitRule(failures: 5, cooldown: 60))
+            let fanouts = FanoutQueue(database: env.database)
+            #expect(expected.map(outbox.wakes(on:)) == [false, true, false])
+            #expect(expected.map(fanouts.wakes(on:)) == [false, false, true])
+            // A message without the flags (a build before them): every runner looks.
+            let old = try #require(BusMessage(channel: NotificationBus.eventsChannel, payload: "\(org.id.lowercased):\(inApp.lowercased)"))
+            #expect(old == .eventCommitted(organisationID: org.id, eventID: inApp, work: .unknown))
+            #expect(outbox.wakes(on: old) && fanouts.wakes(on: old))
+            _ = try await org.store { tx in try await tx.cancelEvent(chunked, now: Date()) }
         }
     }
 

@@ -326,7 +326,8 @@ struct OutboxTests {
         let sent = heard.first { $0.hasPrefix("sent:") }?.dropFirst(5)
         let payload = heard.first { !$0.hasPrefix("sent:") }
         #expect(payload != "timeout")
-        #expect(payload == "\(org.id.lowercased):\(sent ?? "")")
+        // `d`: the event wrote deliveries, so outboxes wake (EventWork).
+        #expect(payload == "\(org.id.lowercased):\(sent ?? ""):d")
     }
 }
 

@@ -312,7 +312,7 @@ public final class StreamHub: Service, Sendable {
                 // The bus may have lost messages: sweep, and every stream reads its log again.
                 sweepRequested.withLock { $0 = true }
                 for stream in state.withLock({ Array($0.streams.values) }) { stream.changed() }
-            case .eventCommitted(let organisationID, _):
+            case .eventCommitted(let organisationID, _, _):
                 // Its rows wait in feed_due: number them now if a stream here may be waiting for
                 // them. Every instance hears every commit; one with no stream of the organisation
                 // leaves the rows to the instances that have one (they sweep on the same message)
