@@ -72,6 +72,9 @@ HERALD=${BENCH_HERALD:-.build/release/herald}
 say "fresh database on 127.0.0.1:$PORT"
 scripts/pg.sh up $CLUSTER $PORT >/dev/null
 scripts/pg.sh recreate-db $CLUSTER $PORT herald_bench >/dev/null
+# What a run cut short may have left set (BENCH_PG_STATS, the fsync rows): the cluster is reused.
+psql_super -c "ALTER SYSTEM RESET pg_stat_statements.track_planning" -c "ALTER SYSTEM RESET fsync" \
+  -c "ALTER SYSTEM RESET synchronous_commit" -c "ALTER SYSTEM RESET full_page_writes" -c "SELECT pg_reload_conf()" >/dev/null
 DATABASE_OWNER_URL=$OWNER_URL HERALD_SQL_DIR=sql $HERALD migrate >/dev/null
 rm -rf .bench/jwt && $HERALD jwt-keygen --dir .bench/jwt >/dev/null
 

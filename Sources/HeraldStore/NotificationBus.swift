@@ -90,7 +90,8 @@ public struct NotificationBusConfiguration: Sendable {
 /// into `BusMessage`s and fans them out to in-process subscribers (the work runners today; live
 /// feed streams and cache invalidation next).
 ///
-/// Channels: `herald_events` (`'<organisation id>:<event id>'`, sent by notify) and
+/// Channels: `herald_events` (`'<organisation id>:<event id>:<flags>'`, sent by notify and each
+/// fan-out chunk; `EventWork`) and
 /// `herald_feed` (JSON `{"org", "user", "kind"}`, sent by the feed tables' statement triggers) and
 /// `herald_stream` (migration 0010: numbered feed changes, deactivations, revoked sessions).
 /// The bus carries every organisation; a subscriber names the one it wants.

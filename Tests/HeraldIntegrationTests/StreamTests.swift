@@ -57,6 +57,19 @@ struct StreamTests {
         return log + "; sessions waiting or idle in a transaction: \(sessions)"
     }
 
+    /// Waits until a sweep has numbered every row of `user` (nothing of theirs waits in feed_due).
+    func numbered(_ org: TestOrganisation, user: UUID) async throws {
+        let deadline = ContinuousClock.now + .seconds(30)
+        while try await org.store({ tx in
+            try await tx.query(
+                "SELECT count(*)::int FROM feed_due WHERE organisation_id = \(org.id) AND user_id = \(user) AND due_at <= now()"
+            ).first!.decode(Int.self)
+        }) > 0 {
+            guard ContinuousClock.now < deadline else { throw StreamTestTimeout(what: "the sweep") }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
     func organisation() async throws -> TestOrganisation {
         let org = try await TestOrganisation.make()
         _ = try await TestCatalogue.make(in: org)
@@ -380,6 +393,8 @@ struct StreamTests {
         try await StreamServer.with(settings: { $0.maxBacklog = 10 }) { servers in
             let server = servers[0]
             for i in 0..<15 { try await task(org, to: [org.memberID], title: "row \(i)") }
+            // Numbered: with no stream of the organisation open here, by a sweep within the second.
+            try await numbered(org, user: org.memberID)
             let behind = try await StreamProbe.open(.sse, on: server, token: org.memberToken, query: "since=0")
             #expect(try await behind.next("resync").object["reason"] as? String == "too_far_behind")
             try await behind.waitUntilClosed()
@@ -480,15 +495,37 @@ struct StreamTests {
         }
     }
 
-    @Test("an instance sweeps at once, in one call, after a commit of an organisation it holds a stream of, and not for the others")
+    @Test("an instance whose periodic sweep is off still numbers at once the rows of organisations it streams, and nothing else")
+    func sweepOffServesItsStreams() async throws {
+        let org = try await organisation()
+        try await StreamServer.with(settings: { $0.sweepInterval = nil }) { servers in
+            let server = servers[0]
+            let member = try await StreamProbe.open(.sse, on: server, token: org.memberToken)
+            try await member.next("unread_count")
+            try await task(org, to: [org.memberID], title: "streamed")
+            #expect(try await member.next("notification.created", within: .seconds(10)).object["title"] as? String == "streamed")
+            // Two sweeps of the organisation: its first stream's here, and its commit's; none of every organisation.
+            let deadline = ContinuousClock.now + .seconds(30)
+            while server.hub.sweepsRun < 2 {
+                guard ContinuousClock.now < deadline else { throw StreamTestTimeout(what: "the organisation's sweeps") }
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            try await Task.sleep(for: .milliseconds(300))
+            #expect(server.hub.sweepsRun == 2)
+            await member.close()
+        }
+    }
+
+    @Test("an instance sweeps at once, in one call of the organisation, after a commit of one it holds a stream of, and not for the others")
     func sweepsForItsOrganisations() async throws {
         let (org, other) = (try await organisation(), try await organisation())
-        // An hour between sweeps: after the first, every sweep here is one a commit asked for.
+        // An hour between sweeps of every organisation: after the first, every sweep here is one a
+        // commit or a stream asked for.
         try await StreamServer.with(settings: { $0.sweepInterval = .seconds(3600) }) { servers in
             let server = servers[0]
             let member = try await StreamProbe.open(.sse, on: server, token: org.memberToken)
             try await member.next("unread_count")
-            // The sweeps of the start (the first, and the one the bus's missedMessages asks for) are over.
+            // The sweeps of the start (the first, and the one the organisation's first stream asks for) are over.
             var settled = server.hub.sweepsRun
             let deadline = ContinuousClock.now + .seconds(30)
             while true {
@@ -497,7 +534,8 @@ struct StreamTests {
                 settled = server.hub.sweepsRun
                 guard ContinuousClock.now < deadline else { throw StreamTestTimeout(what: "the sweeps of the start") }
             }
-            // A commit of an organisation with no stream here: heard, and no sweep.
+            // A commit of an organisation with no stream here: heard, and no sweep (a sweep would
+            // start within 20 ms of the message; the test gives it 300).
             let heard = server.hub.bus.subscribe(organisation: other.id)
             try await task(other, to: [other.memberID], title: "nobody streams this here")
             for await message in heard {
@@ -505,9 +543,15 @@ struct StreamTests {
             }
             try await Task.sleep(for: .milliseconds(300))
             #expect(server.hub.sweepsRun == settled, "a commit of an organisation without a stream here made this instance sweep")
-            // A commit of the streamed organisation, to one user: one sweep, which numbers it.
+            // A commit of the streamed organisation, to one user: one sweep here. (Another test's
+            // instance may number the row first: the stream's message does not say whose sweep it was.)
             try await task(org, to: [org.memberID], title: "streamed")
             #expect(try await member.next("notification.created", within: .seconds(10)).object["title"] as? String == "streamed")
+            while server.hub.sweepsRun == settled {
+                guard ContinuousClock.now < deadline else { throw StreamTestTimeout(what: "the sweep the commit asked for") }
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            try await Task.sleep(for: .milliseconds(300))
             #expect(server.hub.sweepsRun == settled + 1)
             await member.close()
         }

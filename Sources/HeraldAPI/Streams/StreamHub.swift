@@ -145,8 +145,10 @@ public final class StreamHub: Service, Sendable {
     let logger: Logger
     let now: @Sendable () -> Date
     private let state = Mutex<State>(State())
-    /// Set when a notify committed: the sweep numbers its rows at once instead of within a second.
-    private let sweepRequested = Mutex(false)
+    /// Organisations whose new rows a stream here waits for (a commit of theirs, their first
+    /// stream here, a bus that lost messages): the sweep numbers them at once, confined to them,
+    /// instead of within its interval.
+    private let sweepRequests = Mutex<Set<UUID>>([])
     /// Streams woken by the bus and waiting for a batched read, by organisation (`gather`).
     private let gathering = Mutex<[UUID: [(StreamRegistration, Int64)]]>([:])
     static let batchSize = 1000
@@ -223,6 +225,8 @@ public final class StreamHub: Service, Sendable {
         }
         switch result {
         case .success(let registration):
+            // Rows committed while no stream of the organisation was here were left to the interval.
+            if state.withLock({ $0.byOrganisation[organisationID] == 1 }) { sweepRequests.withLock { _ = $0.insert(organisationID) } }
             Self.active.record(count)
             return registration
         case .failure(let refusal):
@@ -256,9 +260,7 @@ public final class StreamHub: Service, Sendable {
                         for await (organisationID, streams) in self.batches { await self.prefetch(streams, in: organisationID) }
                     }
                 }
-                if let interval = self.settings.sweepInterval {
-                    group.addTask { await self.sweep(every: interval) }
-                }
+                group.addTask { await self.sweep(every: self.settings.sweepInterval) }
                 await group.waitForAll()
             }
         }
@@ -309,8 +311,10 @@ public final class StreamHub: Service, Sendable {
                 }
                 for stream in ended { stream.end(.sessionRevoked) }
             case .missedMessages:
-                // The bus may have lost messages: sweep, and every stream reads its log again.
-                sweepRequested.withLock { $0 = true }
+                // The bus may have lost messages: sweep for the organisations streamed here, and
+                // every stream reads its log again.
+                let streamed = Set(state.withLock { $0.byOrganisation.keys })
+                sweepRequests.withLock { $0.formUnion(streamed) }
                 for stream in state.withLock({ Array($0.streams.values) }) { stream.changed() }
             case .eventCommitted(let organisationID, _, _):
                 // Its rows wait in feed_due: number them now if a stream here may be waiting for
@@ -320,7 +324,7 @@ public final class StreamHub: Service, Sendable {
                 // commit anywhere: under one organisation's flood of notifies (make bench,
                 // fairness) three instances ran 145 sweeps a second, 1.4 cores of PostgreSQL.
                 if state.withLock({ $0.byOrganisation[organisationID] != nil }) {
-                    sweepRequested.withLock { $0 = true }
+                    sweepRequests.withLock { _ = $0.insert(organisationID) }
                 }
             case .feedChanged:
                 break
@@ -391,16 +395,20 @@ public final class StreamHub: Service, Sendable {
         }
     }
 
-    /// One call of `feed_stream_sweep`: numbers up to `limit` due rows; returns how many.
-    private func sweepOnce(limit: Int, now: Date) async throws -> Int {
+    /// One call of `feed_stream_sweep`: numbers up to `limit` due rows (of `organisation`, or of
+    /// every organisation); returns how many.
+    private func sweepOnce(limit: Int, now: Date, organisation: UUID? = nil) async throws -> Int {
         sweepCalls.withLock { $0 += 1 }
         Self.sweeps.increment()
-        return try await database.sweepFeedStreams(limit: limit, retention: settings.retention, now: now)
+        return try await database.sweepFeedStreams(limit: limit, retention: settings.retention, now: now, organisation: organisation)
     }
 
-    /// Numbers what is due (new rows, deliver_at and expiry reached) and trims the log: at once
-    /// when a notify of an organisation with a stream here commits, else every `interval`.
-    private func sweep(every interval: Duration) async {
+    /// Numbers what is due (new rows, deliver_at and expiry reached) and trims the log: every
+    /// `interval` for every organisation (nil: never, another instance does), and at once for an
+    /// organisation whose rows a stream here waits for (`sweepRequests`), confined to it so that
+    /// another organisation's backlog (a fan-out nobody streams, numbered within the interval)
+    /// does not hold it back.
+    private func sweep(every interval: Duration?) async {
         // One batch of up to 10 000. Batches of 1 000 (each announcing its users at its commit,
         // so early streams could read while later users were numbered) were measured slower:
         // the ten sweeps of a 10 000-member fan-out ended 2.2 s after the 202 instead of 0.5 s,
@@ -415,37 +423,63 @@ public final class StreamHub: Service, Sendable {
         // about a millisecond even when nothing is due).
         let sweepers = 2
         let share = batch / sweepers
+        // Two sweeps of every organisation at once: full batches keep coming.
         var parallel = false
+        // One sweep of every organisation: at the start, each interval, after a parallel round.
+        var alone = interval != nil
+        // Organisations asked for and not yet swept.
+        var asked: Set<UUID> = []
         while !Task.isCancelled {
-            sweepRequested.withLock { $0 = false }
             do {
                 if parallel {
+                    asked = []
                     let now = now()
                     let logged = try await withThrowingTaskGroup(of: Int.self) { group in
                         for _ in 0..<sweepers {
-                            group.addTask {
-                                try await self.sweepOnce(limit: share, now: now)
-                            }
+                            group.addTask { try await self.sweepOnce(limit: share, now: now) }
                         }
                         return try await group.reduce(0, +)
                     }
                     // Full: more are due at once. Else one sweep alone for what each skipped.
                     parallel = logged >= batch
-                    if logged > 0 { continue }
-                } else {
-                    let logged = try await sweepOnce(limit: share, now: now())
+                    alone = !parallel && logged > 0
+                    if parallel || alone { continue }
+                } else if alone {
+                    asked = []
+                    alone = false
                     // A full share: more are due, in parallel.
-                    if logged >= share {
+                    if try await sweepOnce(limit: share, now: now()) >= share {
+                        parallel = true
+                        continue
+                    }
+                } else if !asked.isEmpty {
+                    var full = false
+                    for organisation in asked {
+                        if try await sweepOnce(limit: share, now: now(), organisation: organisation) >= share { full = true }
+                    }
+                    asked = []
+                    if full {
                         parallel = true
                         continue
                     }
                 }
             } catch {
-                parallel = false
+                (parallel, alone, asked) = (false, false, [])
                 logger.warning("stream sweep failed", metadata: ["error": "\(String(reflecting: error))"])
             }
-            let next = ContinuousClock.now + interval
-            while ContinuousClock.now < next, !Task.isCancelled, !sweepRequested.withLock({ $0 }) {
+            // Until the interval passes or an organisation is asked for.
+            let next = interval.map { ContinuousClock.now + $0 }
+            while !Task.isCancelled {
+                asked.formUnion(
+                    sweepRequests.withLock { requests in
+                        defer { requests = [] }
+                        return requests
+                    })
+                if !asked.isEmpty { break }
+                if let next, ContinuousClock.now >= next {
+                    alone = true
+                    break
+                }
                 try? await Task.sleep(for: .milliseconds(20))
             }
         }
