@@ -154,7 +154,15 @@ public struct FanoutHandler: WorkHandler {
                     "fan-out chunk written",
                     metadata: ["done": "\(done)", "chunk_ms": "\(Int(Date().timeIntervalSince(chunkStart) * 1000))"])
                 if finished { return .done(.finished(done: done)) }
-                if clock.now - start > budget { return .done(.paused(done: done)) }
+                if clock.now - start > budget {
+                    // The chunk planned ahead is not written by this lease: keep its count.
+                    if let expected = next?.expected {
+                        try await database.withTenant(claim.organisationID) { tx in
+                            try await tx.recordFanoutExpected(claim, worker: worker, expected: expected)
+                        }
+                    }
+                    return .done(.paused(done: done))
+                }
                 if next == nil { next = try await prepare(claim, from: .storedCursor) }
             }
         }

@@ -68,7 +68,7 @@ public struct PreparedChunk: Sendable {
     let planned: PlannedEvent
     let size: Int
     /// How many users the audience names, when this chunk's planning counted them.
-    var expected: Int? = nil
+    public internal(set) var expected: Int? = nil
 
     /// The chunk's last user, where the next chunk starts.
     public var last: UUID? { planned.recipients.last?.candidate.userID }
@@ -311,6 +311,17 @@ extension TenantTransaction {
             RETURNING fanout_state
             """
         ).first?.decode(FanoutState.self)
+    }
+
+    /// Records the audience's count that a lease made while planning a chunk it will not write
+    /// (its time budget ran out), fenced on the lease; a count already recorded stays.
+    public func recordFanoutExpected(_ claim: ClaimedFanout, worker: String, expected: Int) async throws {
+        try await query(
+            """
+            UPDATE events SET fanout_expected = coalesce(fanout_expected, \(expected))
+            WHERE organisation_id = \(organisationID) AND id = \(claim.eventID) AND fanout_attempts = \(claim.attempt)
+              AND fanout_lease_owner = \(worker) AND (fanout_state = 'EXPANDING') IS TRUE -- by key, not by events_fanout_claim (0032)
+            """)
     }
 
     /// Frees a fan-out's lease after a failed chunk: the next claim goes on from the cursor.

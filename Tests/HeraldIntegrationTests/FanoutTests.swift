@@ -137,6 +137,24 @@ struct FanoutTests {
         #expect(users.count == 27)
     }
 
+    @Test("the runner counts the audience beside the first chunk's write; a lease that pauses after it leaves the total shown")
+    func countedBesideTheFirstChunk() async throws {
+        let (org, users) = try await organisation()
+        let id = try await org.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings) }
+        let worker = "fanout-count-\(UUID().uuidString.prefix(6))"
+        let lease = try #require(try await claim(org, worker: worker))
+        let env = try await TestEnvironment.shared
+        // No time budget: the lease writes one chunk, plans the next beside it, and pauses.
+        let handler = FanoutHandler(database: env.database, worker: worker, chunkSize: Self.settings.chunkSize, budget: .zero)
+        guard case .done(.paused(let done)) = try await handler.handle(lease, logger: env.logger) else {
+            Issue.record("the lease did not pause after its first chunk")
+            return
+        }
+        #expect(done == Self.settings.chunkSize)
+        let progress = try await org.store { tx in try await tx.event(id) }.fanout
+        #expect(progress?.done == Self.settings.chunkSize && progress?.expected == users.count)
+    }
+
     @Test("a chunk planned ahead is written only where the cursor is, and a cancel between its planning and its write wins")
     func plannedAhead() async throws {
         let (org, users) = try await organisation()
