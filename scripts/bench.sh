@@ -44,6 +44,21 @@ OWNER_URL=postgres://herald_owner:herald_owner@127.0.0.1:$PORT/herald_bench
 psql_super() { "$bindir/psql" -X -q -h 127.0.0.1 -p $PORT -U postgres -d herald_bench "$@"; }
 psql_app() { PGPASSWORD=herald_app "$bindir/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p $PORT -U herald_app -d herald_bench "$@"; }
 now() { date +%s.%N; }
+# BENCH_PG_STATS=1: pg_stats_begin resets pg_stat_statements and counts planning too (the server's
+# statements are sent unnamed, so each is planned on every call); pg_stats_end FILE writes the
+# top 25 statements by execution plus planning time and turns planning back off.
+pg_stats_begin() {
+  [ "${BENCH_PG_STATS:-0}" = 1 ] || return 0
+  psql_super -c "ALTER SYSTEM SET pg_stat_statements.track_planning = on" -c "SELECT pg_reload_conf()" \
+    -c "SELECT pg_stat_statements_reset()" >/dev/null
+}
+pg_stats_end() {
+  [ "${BENCH_PG_STATS:-0}" = 1 ] || return 0
+  psql_super -c "SELECT calls, round(total_exec_time::numeric, 1) AS exec_ms,
+      round(total_plan_time::numeric, 1) AS plan_ms, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS query
+    FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT 25" > "$1"
+  psql_super -c "ALTER SYSTEM RESET pg_stat_statements.track_planning" -c "SELECT pg_reload_conf()" >/dev/null
+}
 say() { echo "bench: $*"; }
 # The SMTP server's own ceiling: messages/s Python's smtplib reaches sending $2 copies of the
 # message in file $3 to 127.0.0.1:$1 over 4 reused connections.
@@ -425,8 +440,7 @@ deliver() { # type channel → seconds from notify to every delivery of the even
   # notify's answer, when its rows are committed, to the same (SEND_T); sets W_CPU and PG_CPU (seconds)
   local body event start committed w0 p0
   # BENCH_PG_STATS=1: what PostgreSQL spent on each statement per channel (.bench/delivery-CHANNEL-pg-stats.txt).
-  [ "${BENCH_PG_STATS:-0}" = 1 ] && psql_super -c "ALTER SYSTEM SET pg_stat_statements.track_planning = on" \
-    -c "SELECT pg_reload_conf()" -c "SELECT pg_stat_statements_reset()" >/dev/null
+  pg_stats_begin
   w0=$(cpu_of $WORKER); p0=$(cpu_pg)
   start=$(now)
   body=$(curl -s -X POST localhost:$HTTP/v1/events -H "authorization: Bearer $APIKEY" -H 'content-type: application/json' \
@@ -442,12 +456,7 @@ deliver() { # type channel → seconds from notify to every delivery of the even
   [ "$sent" = "$N" ] || { echo "bench: only $sent of $N $2 deliveries were SENT"; exit 1; }
   DELIVER_T=$(echo "$(now) - $start" | bc); SEND_T=$(echo "$(now) - $committed" | bc)
   W_CPU=$(echo "$(cpu_of $WORKER) - $w0" | bc); PG_CPU=$(echo "$(cpu_pg) - $p0" | bc)
-  # Planning is counted too: the statements are sent unnamed, so each is planned on every call.
-  [ "${BENCH_PG_STATS:-0}" = 1 ] && psql_super -c "SELECT calls, round(total_exec_time::numeric, 1) AS exec_ms,
-      round(total_plan_time::numeric, 1) AS plan_ms, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS query
-    FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT 25" > .bench/delivery-$2-pg-stats.txt &&
-    psql_super -c "ALTER SYSTEM RESET pg_stat_statements.track_planning" -c "SELECT pg_reload_conf()" >/dev/null
-  return 0
+  pg_stats_end .bench/delivery-$2-pg-stats.txt
 }
 deliver BENCH_HOOK webhook; HOOK_T=$DELIVER_T; HOOK_S=$SEND_T; HOOK_W=$W_CPU; HOOK_PG=$PG_CPU
 deliver BENCH email; MAIL_T=$DELIVER_T; MAIL_S=$SEND_T; MAIL_W=$W_CPU; MAIL_PG=$PG_CPU
@@ -578,15 +587,11 @@ SQL
   for _ in $(seq 50); do curl -sf localhost:$SHTTP/readyz >/dev/null && break; sleep 0.2; done
   # BENCH_PG_STATS=1: what PostgreSQL spent on each statement over the opens and the fan-out
   # (.bench/streams-pg-stats.txt), to see where a fan-out's time goes.
-  [ "${BENCH_PG_STATS:-0}" = 1 ] && psql_super -c "ALTER SYSTEM SET pg_stat_statements.track_planning = on" \
-    -c "SELECT pg_reload_conf()" -c "SELECT pg_stat_statements_reset()" >/dev/null
+  pg_stats_begin
   python3 scripts/bench_streams.py herald --port $SHTTP --pid $SERVER --keys .bench/jwt --users .bench/stream-users.txt \
     --streams $STREAMS --idle ${BENCH_IDLE_SECONDS:-30} --rounds ${BENCH_STREAM_ROUNDS:-3} --api-key "$APIKEY" --type BENCH_LIVE --group live \
     --pg-port $PORT --pg-user herald_app:herald_app --pg-db herald_bench --out .bench/streams-herald.env --event-out .bench/stream-event.json
-  [ "${BENCH_PG_STATS:-0}" = 1 ] && psql_super -c "SELECT calls, round(total_exec_time::numeric, 1) AS exec_ms,
-      round(total_plan_time::numeric, 1) AS plan_ms, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS query
-    FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT 25" > .bench/streams-pg-stats.txt &&
-    psql_super -c "ALTER SYSTEM RESET pg_stat_statements.track_planning" -c "SELECT pg_reload_conf()" >/dev/null
+  pg_stats_end .bench/streams-pg-stats.txt
   kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true
   # The measuring server again, for the sections after this one (fairness probes it): a full
   # make bench stopped there with "connection refused" before it was restarted here.

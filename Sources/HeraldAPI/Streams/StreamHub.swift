@@ -209,7 +209,8 @@ public final class StreamHub: Service, Sendable {
 
     /// Registers a stream of `userID`, within the per-user and per-instance limits.
     func open(organisationID: UUID, userID: UUID, sessionID: UUID?) throws(StreamRefusal) -> StreamRegistration {
-        let result: Result<StreamRegistration, StreamRefusal> = state.withLock { state in
+        // With whether it is the organisation's first stream here.
+        let result: Result<(StreamRegistration, Bool), StreamRefusal> = state.withLock { state in
             guard !state.closing else { return .failure(.shuttingDown) }
             guard state.streams.count < settings.perInstance else { return .failure(.instanceFull) }
             let key = UserKey(organisationID: organisationID, userID: userID)
@@ -221,12 +222,12 @@ public final class StreamHub: Service, Sendable {
             state.streams[registration.id] = registration
             state.byUser[key, default: []].insert(registration.id)
             state.byOrganisation[organisationID, default: 0] += 1
-            return .success(registration)
+            return .success((registration, state.byOrganisation[organisationID] == 1))
         }
         switch result {
-        case .success(let registration):
+        case .success(let (registration, first)):
             // Rows committed while no stream of the organisation was here were left to the interval.
-            if state.withLock({ $0.byOrganisation[organisationID] == 1 }) { sweepRequests.withLock { _ = $0.insert(organisationID) } }
+            if first { sweepRequests.withLock { _ = $0.insert(organisationID) } }
             Self.active.record(count)
             return registration
         case .failure(let refusal):
