@@ -236,7 +236,9 @@ struct PlanGuardTests {
         try await env.withScratchDatabase("due") { app, worker, ownerURL in
             // Statistics taken while no delivery existed (a new database, as the bench's before its
             // delivery run): the burst of due rows below is not in them.
-            try await CitusReadinessTests.withClient(ownerURL, env.logger) { _ = try await $0.query("VACUUM ANALYZE deliveries", logger: env.logger) }
+            try await CitusReadinessTests.withClient(ownerURL, env.logger) {
+                _ = try await $0.query("VACUUM ANALYZE deliveries", logger: env.logger)
+            }
             let due = try await app.emailOutbox("due", users: 2_000, events: 1)
             let (found, read) = try await worker.withTenant(due) { tx in
                 // The plan PL/pgSQL keeps after a few calls.

@@ -3,6 +3,7 @@ import Foundation
 import HeraldCore
 import NIOCore
 import NIOHTTP1
+import NIOPosix
 import PostgresNIO
 import Synchronization
 import Testing
@@ -318,6 +319,37 @@ struct StreamTests {
             }
             #expect(reopened.all.contains { $0.event == ":retry" })
             #expect(try await StreamProbe.open(.sse, on: server, token: org.ownerToken).status == 503)
+        }
+    }
+
+    @Test("a client that leaves before its stream's answer does not keep its place")
+    func leftBeforeTheAnswer() async throws {
+        let org = try await organisation()
+        try await StreamServer.with(settings: { $0.perUser = 2 }) { servers in
+            let server = servers[0]
+            // Each asks for a stream and hangs up at once: the server authenticates and registers
+            // the stream after the connection is gone, so its answer (and the stream's body) is
+            // never written. Each must give its place back when its connection closes.
+            for attempt in 0..<40 {
+                // Reset, not closed: the server's channel goes inactive at once, before or after the
+                // stream registered, as the sleep below varies.
+                let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                    .connect(host: "127.0.0.1", port: server.port).get()
+                try await (channel as? SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0)).get()
+                let request =
+                    "GET \(StreamRoutes.streamPath) HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \(org.memberToken)\r\n\r\n"
+                try await channel.writeAndFlush(ByteBuffer(string: request)).get()
+                try await Task.sleep(for: .microseconds(250 * (attempt % 20)))
+                try await channel.close().get()
+            }
+            let deadline = ContinuousClock.now + .seconds(10)
+            while server.hub.count > 0, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+            #expect(server.hub.count == 0, "\(server.hub.count) streams still registered after their clients left")
+            let a = try await StreamProbe.open(.sse, on: server, token: org.memberToken)
+            let b = try await StreamProbe.open(.sse, on: server, token: org.memberToken)
+            #expect(a.status == 200 && b.status == 200)
+            await a.close()
+            await b.close()
         }
     }
 

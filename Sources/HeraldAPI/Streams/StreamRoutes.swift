@@ -45,8 +45,14 @@ struct StreamRoutes: Sendable {
         // place (the per-user limit) is free again. The server allows half-closed connections,
         // so a client's FIN does not close the channel: a handler at the front of the pipeline
         // watches for it.
+        // A connection that closes before the response is written never runs the body, whose
+        // session closes the registration: the channel's close does it too (closing twice is
+        // nothing), or the user's place would stay taken for the life of the process.
         let channel = context.channel
-        channel.closeFuture.whenComplete { _ in registration.end(.clientGone) }
+        channel.closeFuture.whenComplete { _ in
+            registration.end(.clientGone)
+            hub.close(registration)
+        }
         channel.eventLoop.execute {
             try? channel.pipeline.syncOperations.addHandler(
                 ClientGoneHandler { registration.end(.clientGone) }, name: ClientGoneHandler.name, position: .first)
