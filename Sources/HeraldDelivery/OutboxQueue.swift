@@ -139,7 +139,17 @@ public struct OutboxQueue: WorkQueue {
     /// A deadlock or serialization failure runs the transaction again: lost, the attempts'
     /// leases would expire and their messages go out a second time.
     static func record(_ completions: [Completion], organisation: UUID, database: Database, circuit: CircuitRule) async throws -> [Bool] {
-        try await database.withTenantRetryingConflicts(organisation) { tx in
+        // Most batches only record attempts and clear the breakers of endpoints that answered:
+        // one statement (migration 0039). A 410 Gone or an unanswered attempt needs the
+        // transaction below, which applies each endpoint's effects in the order the attempts ended.
+        if completions.allSatisfy({ $0.record.goneEndpoint == nil && $0.record.endpointAnswered?.answered != false }) {
+            return try await perWorker(completions, worker: \.worker) { worker, mine in
+                try await database.recordDeliveryAttempts(
+                    mine.map { ($0.claim, $0.startedAt, $0.record.result, $0.record.endpointAnswered?.endpoint) }, organisation: organisation,
+                    worker: worker)
+            }
+        }
+        return try await database.withTenantRetryingConflicts(organisation) { tx in
             let recorded = try await perWorker(completions, worker: \.worker) { worker, mine in
                 try await tx.completeDeliveries(mine.map { ($0.claim, $0.startedAt, $0.record.result) }, worker: worker)
             }

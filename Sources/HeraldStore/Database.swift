@@ -117,10 +117,16 @@ public struct Database: Sendable {
     public func withTenantRetryingConflicts<Result: Sendable>(
         _ organisationID: UUID, attempts: Int = 3, _ body: (TenantTransaction) async throws -> Result
     ) async throws -> Result {
+        try await retryingConflicts(attempts: attempts) { try await withTenant(organisationID, body) }
+    }
+
+    /// Runs `body` (a transaction, or one statement in its own) again when PostgreSQL rolled it
+    /// back for a conflict, as `withTenantRetryingConflicts` says.
+    func retryingConflicts<Result: Sendable>(attempts: Int = 3, _ body: () async throws -> Result) async throws -> Result {
         var run = 1
         while true {
             do {
-                return try await withTenant(organisationID, body)
+                return try await body()
             } catch let error as PSQLError where run < attempts && Self.isConflict(error) {
                 logger.warning(
                     "transaction rolled back by a conflict; running it again",

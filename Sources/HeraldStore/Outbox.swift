@@ -93,9 +93,12 @@ private struct CompletedAttempt: Codable, Sendable {
     var retry_at: Double?
     var response: String?
     var started_at: Double
+    /// The endpoint that answered this attempt, whose breaker its recording clears (0039).
+    var answered: UUID?
 
-    init(position: Int, claim: ClaimedDelivery, startedAt: Date, result: AttemptResult) {
+    init(position: Int, claim: ClaimedDelivery, startedAt: Date, result: AttemptResult, answered: UUID? = nil) {
         self.position = position
+        self.answered = answered
         id = claim.deliveryID
         attempt = claim.attempt
         started_at = startedAt.timeIntervalSince1970
@@ -170,6 +173,26 @@ extension Database {
     /// left), logging the lost attempt EXPIRED; returns how many.
     public func rescueExpiredDeliveries(worker: String) async throws -> Int {
         try await query("SELECT rescue_expired_deliveries(\(worker))").first?.decode(Int.self) ?? 0
+    }
+
+    /// `TenantTransaction.completeDeliveries` for attempts of `organisation`, then the breakers of
+    /// the endpoints that answered those recorded cleared (`recordEndpointAnswers`), in ONE
+    /// statement in its own transaction (migration 0039) instead of a transaction of four or five
+    /// round trips; run again after a deadlock or serialization failure. Returns, in order,
+    /// whether each was recorded.
+    public func recordDeliveryAttempts(
+        _ attempts: [(claim: ClaimedDelivery, startedAt: Date, result: AttemptResult, answered: UUID?)], organisation: UUID, worker: String
+    ) async throws -> [Bool] {
+        guard !attempts.isEmpty else { return [] }
+        let rows = attempts.enumerated().map { position, attempt in
+            CompletedAttempt(position: position, claim: attempt.claim, startedAt: attempt.startedAt, result: attempt.result, answered: attempt.answered)
+        }
+        let recorded = try await retryingConflicts {
+            try await query("SELECT record_delivery_attempts(\(organisation), \(worker), \(JSONDocument(rows)))").map { try $0.decode(Int.self) }
+        }
+        var completed = [Bool](repeating: false, count: attempts.count)
+        for position in recorded { completed[position] = true }
+        return completed
     }
 
     public func claimDeliveries(worker: String, limit: Int, leaseSeconds: Int, organisation: UUID? = nil) async throws -> [ClaimedDelivery]

@@ -101,6 +101,44 @@ struct OutboxTests {
         #expect(rows[1].1.first?.error == "busy" && rows[1].1.first?.responseCode == 451)
     }
 
+    @Test("attempts recorded in one statement: fenced and logged as in a transaction, and only a recorded answer clears its endpoint's breaker")
+    func recordedInOneStatement() async throws {
+        let (org, ids) = try await outbox(3)
+        let endpoints = try await org.store { tx in
+            try await ["a", "b"].asyncMap { name in
+                let id = try await tx.createEndpoint(
+                    channel: .webhook, format: .standard, name: name, url: "https://hooks.example/\(name)", eventTypes: [],
+                    secret: WebhookSecret.generate().string
+                ).id
+                try await tx.query("UPDATE endpoints SET circuit_failures = 2, circuit_reason = 'timeouts' WHERE id = \(id)")
+                return id
+            }
+        }
+        let claims = try await claimAll(org, worker: "one").sorted { ids.firstIndex(of: $0.deliveryID)! < ids.firstIndex(of: $1.deliveryID)! }
+        // The second row's lease moved on: its result (and the answer it carries) must be refused.
+        try await org.store { tx in try await tx.query("UPDATE deliveries SET attempts = 2, lease_owner = 'other' WHERE id = \(ids[1])") }
+        let recorded = try await env.workerDatabase.recordDeliveryAttempts(
+            [
+                (claims[0], Date(), .sent(responseCode: 200), endpoints[0]),
+                (claims[1], Date(), .sent(responseCode: 200), endpoints[1]),
+                (claims[2], Date(), .failed(responseCode: 451, error: "busy", retryAt: Date().addingTimeInterval(600)), nil),
+            ], organisation: org.id, worker: "one")
+        #expect(recorded == [true, false, true])
+        let rows = try await org.store { tx in try await ids.asyncMap { (try await tx.delivery($0), try await tx.deliveryAttempts($0)) } }
+        #expect(rows.map(\.0.status) == [.sent, .sending, .failed])
+        #expect(rows.map { $0.1.map(\.outcome) } == [[.sent], [.fenced], [.failed]])
+        let breakers = try await org.store { tx in try await endpoints.asyncMap { try await tx.endpoint($0).circuit.failures } }
+        #expect(breakers == [0, 2], "the recorded answer clears its endpoint's failures; the fenced one leaves them")
+        // Under another organisation's context the rows are not there: the attempt is refused (its
+        // FENCED log row names a delivery that organisation does not have) and nothing is cleared.
+        let other = try await TestOrganisation.make()
+        await #expect(throws: StoreError.self) {
+            try await env.workerDatabase.recordDeliveryAttempts(
+                [(claims[1], Date(), .sent(responseCode: 200), endpoints[1])], organisation: other.id, worker: "other")
+        }
+        #expect(try await org.store { tx in try await tx.endpoint(endpoints[1]).circuit.failures } == 2)
+    }
+
     @Test("a worker whose lease expired cannot complete the row: the rescue logs the lost attempt, the fence refuses the late result")
     func fenceAndRescue() async throws {
         let (org, ids) = try await outbox(1)
