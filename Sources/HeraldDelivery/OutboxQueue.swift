@@ -133,11 +133,12 @@ public struct OutboxQueue: WorkQueue {
         try await completions.submit(Completion(claim: claim, worker: worker, startedAt: startedAt, record: outcome, logger: logger))
     }
 
-    /// Records the attempts of one organisation finishing together in one transaction: one
-    /// fenced statement for all of them, then the endpoints' side effects of those recorded, in
-    /// the order the attempts ended (a run of answers clears each breaker once).
-    /// A deadlock or serialization failure runs the transaction again: lost, the attempts'
-    /// leases would expire and their messages go out a second time.
+    /// Records the attempts of one organisation finishing together: one fenced statement for all
+    /// of them, then the endpoints' side effects of those recorded, in the order the attempts
+    /// ended (a run of answers clears each breaker once); in one statement when the only effect
+    /// is clearing breakers, else in one transaction.
+    /// A deadlock or serialization failure runs it again: lost, the attempts' leases would
+    /// expire and their messages go out a second time.
     static func record(_ completions: [Completion], organisation: UUID, database: Database, circuit: CircuitRule) async throws -> [Bool] {
         // Most batches only record attempts and clear the breakers of endpoints that answered:
         // one statement (migration 0039). A 410 Gone or an unanswered attempt needs the
@@ -145,7 +146,8 @@ public struct OutboxQueue: WorkQueue {
         if completions.allSatisfy({ $0.record.goneEndpoint == nil && $0.record.endpointAnswered?.answered != false }) {
             return try await perWorker(completions, worker: \.worker) { worker, mine in
                 try await database.recordDeliveryAttempts(
-                    mine.map { ($0.claim, $0.startedAt, $0.record.result, $0.record.endpointAnswered?.endpoint) }, organisation: organisation,
+                    mine.map { ($0.claim, $0.startedAt, $0.record.result, $0.record.endpointAnswered?.endpoint) },
+                    organisation: organisation,
                     worker: worker)
             }
         }

@@ -111,6 +111,13 @@ private struct CompletedAttempt: Codable, Sendable {
     }
 }
 
+/// `count` flags in order, true at the `positions` (from 0) a fenced function returned.
+private func flags(_ positions: [Int], count: Int) -> [Bool] {
+    var flags = [Bool](repeating: false, count: count)
+    for position in positions { flags[position] = true }
+    return flags
+}
+
 /// Which rendering: an event for one recipient.
 struct RenderingKey: Hashable {
     var eventID: UUID
@@ -185,14 +192,15 @@ extension Database {
     ) async throws -> [Bool] {
         guard !attempts.isEmpty else { return [] }
         let rows = attempts.enumerated().map { position, attempt in
-            CompletedAttempt(position: position, claim: attempt.claim, startedAt: attempt.startedAt, result: attempt.result, answered: attempt.answered)
+            CompletedAttempt(
+                position: position, claim: attempt.claim, startedAt: attempt.startedAt, result: attempt.result, answered: attempt.answered)
         }
         let recorded = try await retryingConflicts {
-            try await query("SELECT record_delivery_attempts(\(organisation), \(worker), \(JSONDocument(rows)))").map { try $0.decode(Int.self) }
+            try await query("SELECT record_delivery_attempts(\(organisation), \(worker), \(JSONDocument(rows)))").map {
+                try $0.decode(Int.self)
+            }
         }
-        var completed = [Bool](repeating: false, count: attempts.count)
-        for position in recorded { completed[position] = true }
-        return completed
+        return flags(recorded, count: attempts.count)
     }
 
     public func claimDeliveries(worker: String, limit: Int, leaseSeconds: Int, organisation: UUID? = nil) async throws -> [ClaimedDelivery]
@@ -359,9 +367,7 @@ extension TenantTransaction {
         let recorded = try await query(
             "SELECT complete_deliveries(\(worker), \(JSONDocument(rows)))"
         ).map { try $0.decode(Int.self) }
-        var completed = [Bool](repeating: false, count: attempts.count)
-        for position in recorded { completed[position] = true }
-        return completed
+        return flags(recorded, count: attempts.count)
     }
 
     /// Gives claimed deliveries of this organisation back without counting an attempt: the worker
@@ -377,9 +383,7 @@ extension TenantTransaction {
                                       \(releases.map(\.until))::timestamptz[])
             """
         ).map { try $0.decode(Int.self) }
-        var released = [Bool](repeating: false, count: releases.count)
-        for position in positions { released[position] = true }
-        return released
+        return flags(positions, count: releases.count)
     }
 
     /// Deliveries newest first.

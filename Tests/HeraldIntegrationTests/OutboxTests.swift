@@ -101,7 +101,9 @@ struct OutboxTests {
         #expect(rows[1].1.first?.error == "busy" && rows[1].1.first?.responseCode == 451)
     }
 
-    @Test("attempts recorded in one statement: fenced and logged as in a transaction, and only a recorded answer clears its endpoint's breaker")
+    @Test(
+        "attempts recorded in one statement: fenced and logged as in a transaction, and only a recorded answer clears its endpoint's breaker"
+    )
     func recordedInOneStatement() async throws {
         let (org, ids) = try await outbox(3)
         let endpoints = try await org.store { tx in
@@ -114,7 +116,9 @@ struct OutboxTests {
                 return id
             }
         }
-        let claims = try await claimAll(org, worker: "one").sorted { ids.firstIndex(of: $0.deliveryID)! < ids.firstIndex(of: $1.deliveryID)! }
+        let claims = try await claimAll(org, worker: "one").sorted {
+            ids.firstIndex(of: $0.deliveryID)! < ids.firstIndex(of: $1.deliveryID)!
+        }
         // The second row's lease moved on: its result (and the answer it carries) must be refused.
         try await org.store { tx in try await tx.query("UPDATE deliveries SET attempts = 2, lease_owner = 'other' WHERE id = \(ids[1])") }
         let recorded = try await env.workerDatabase.recordDeliveryAttempts(
