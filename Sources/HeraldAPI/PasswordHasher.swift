@@ -52,7 +52,7 @@ public struct PasswordHasher: Sendable {
                 salt, salt.count, 32, &encoded, length)
         }
         guard result == ARGON2_OK.rawValue else { throw PasswordHashError(code: result) }
-        return String(cString: encoded)
+        return String(decoding: encoded.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 }
 

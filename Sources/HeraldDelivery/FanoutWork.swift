@@ -53,7 +53,7 @@ public struct FanoutQueue: WorkQueue {
     }
 
     public func heartbeat(worker: String, organisation: UUID, claims: [ClaimedFanout], leaseSeconds: Int) async throws {
-        try await database.withTenant(organisation) { tx in
+        _ = try await database.withTenant(organisation) { tx in
             try await tx.extendFanoutLeases(worker: worker, claims: claims, leaseSeconds: leaseSeconds)
         }
     }
@@ -66,7 +66,7 @@ public struct FanoutQueue: WorkQueue {
         case .finished, .cancelled: return true
         case .leaseLost: return false
         case .paused:
-            try await release(claim, worker: worker, until: Date(), reason: "time budget")
+            _ = try await release(claim, worker: worker, until: Date(), reason: "time budget")
             return true
         }
     }

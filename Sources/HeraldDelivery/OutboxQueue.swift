@@ -122,7 +122,7 @@ public struct OutboxQueue: WorkQueue {
     }
 
     public func heartbeat(worker: String, organisation: UUID, claims: [ClaimedDelivery], leaseSeconds: Int) async throws {
-        try await database.withTenant(organisation) { tx in
+        _ = try await database.withTenant(organisation) { tx in
             try await tx.extendLeases(worker: worker, claims: claims, leaseSeconds: leaseSeconds)
         }
     }

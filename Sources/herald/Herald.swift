@@ -396,7 +396,9 @@ struct JWTKeygen: AsyncParsableCommand {
         let path = (dir as NSString).appendingPathComponent("\(kid).pem")
         guard !FileManager.default.fileExists(atPath: path) else { throw ValidationError("\(path) exists already") }
         let key = ES256PrivateKey()
-        FileManager.default.createFile(atPath: path, contents: Data(key.pemRepresentation.utf8), attributes: [.posixPermissions: 0o600])
+        guard
+            FileManager.default.createFile(atPath: path, contents: Data(key.pemRepresentation.utf8), attributes: [.posixPermissions: 0o600])
+        else { throw ValidationError("could not write \(path)") }
         print("jwt-keygen: wrote \(path) (kid \(kid))")
     }
 }

@@ -39,7 +39,7 @@ struct BellPageTests {
             for tab in tabs {
                 try await signIn(tab, as: "member@\(org.slug).example", of: org)
                 // Set once: still there at the end means no tab was reloaded.
-                try await tab.evaluate("window.sameDocument = true")
+                _ = try await tab.evaluate("window.sameDocument = true")
             }
             let signedIn = try await poll(until: ["connected", "connected"], within: .seconds(30)) { try await statuses(tabs) }
             #expect(signedIn == ["connected", "connected"])
@@ -125,7 +125,7 @@ struct BellPageTests {
         try await tab.fill("#org", org.slug)
         try await tab.fill("#email", email)
         try await tab.fill("#password", TestOrganisation.password)
-        try await tab.evaluate("document.querySelector('#signin-form').requestSubmit()")
+        _ = try await tab.evaluate("document.querySelector('#signin-form').requestSubmit()")
     }
 
     func badges(_ tabs: [Tab]) async throws -> [String?] {

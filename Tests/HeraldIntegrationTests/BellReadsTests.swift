@@ -28,7 +28,7 @@ struct BellReadsTests {
     }
 
     func setMember(_ org: TestOrganisation, _ assignment: String) async throws {
-        try await org.store { tx in
+        _ = try await org.store { tx in
             try await tx.query(
                 PostgresQuery(
                     unsafeSQL: "UPDATE users SET \(assignment) WHERE organisation_id = $1 AND id = $2",
@@ -130,7 +130,7 @@ struct BellReadsTests {
             #expect(try await answered(.firstPage(limit: 20), org.id, org.memberID), "active again, with the role")
 
             // Active, without a role that holds the permission.
-            try await org.store { tx in
+            _ = try await org.store { tx in
                 try await tx.query("DELETE FROM user_roles WHERE organisation_id = \(org.id) AND user_id = \(org.memberID)")
             }
             #expect(!(try await answered(.firstPage(limit: 20), org.id, org.memberID)))

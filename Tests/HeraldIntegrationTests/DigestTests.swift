@@ -382,7 +382,7 @@ struct DigestTests {
         var paris = Calendar(identifier: .gregorian)
         paris.timeZone = TimeZone(identifier: "Europe/Paris")!
         let next = try #require(paris.date(byAdding: .day, value: 1, to: slot))
-        try await org.store { tx in
+        _ = try await org.store { tx in
             try await tx.query(
                 "UPDATE preferences SET enabled = false WHERE organisation_id = \(org.id) AND user_id = \(org.memberID) AND channel = 'email'"
             )
@@ -468,7 +468,7 @@ extension DigestTests {
         _ = try await task(org, "Outing by the lake")
         _ = try await task(org, "Outing in the hills")
         // Their slot has come (the command runs on the real clock).
-        try await org.store { tx in
+        _ = try await org.store { tx in
             try await tx.query("UPDATE digest_items SET slot_at = now() - interval '1 minute' WHERE organisation_id = \(org.id)")
         }
         let listed = try runHerald(["digests", "send", "--dry-run"], ["DATABASE_OWNER_URL": env.ownerURL])

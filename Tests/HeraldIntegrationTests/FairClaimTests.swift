@@ -41,7 +41,7 @@ struct FairClaimTests {
         let c = try await app.emailOutbox("fair-c", users: 1, events: 1)
         let stalled = try await worker.claimDeliveries(worker: "crashed", limit: 1, leaseSeconds: 60, organisation: c)
         #expect(stalled.count == 1)
-        try await worker.withTenant(c) { tx in
+        _ = try await worker.withTenant(c) { tx in
             try await tx.query("UPDATE deliveries SET lease_expires_at = now() - interval '1 second' WHERE organisation_id = \(c)")
         }
 

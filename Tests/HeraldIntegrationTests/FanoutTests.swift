@@ -210,7 +210,7 @@ struct FanoutTests {
         let lease = try #require(try await claim(org, worker: first))
         #expect(try await chunk(org, lease, worker: first) == .expanded(done: 8, finished: false))
         // The first instance stalls; its lease runs out.
-        try await org.store { tx in
+        _ = try await org.store { tx in
             try await tx.query(
                 "UPDATE events SET fanout_lease_expires_at = now() - interval '1 second' WHERE organisation_id = \(org.id) AND id = \(id)")
         }

@@ -33,7 +33,7 @@ struct FaultTests {
         let started = ContinuousClock.now
         var failure: (any Error)?
         do {
-            try await database.withTenant(org.id) { tx in try await tx.query("SELECT pg_sleep(20)") }
+            _ = try await database.withTenant(org.id) { tx in try await tx.query("SELECT pg_sleep(20)") }
         } catch {
             failure = error
         }
@@ -372,7 +372,7 @@ final class ServeProcess: HeraldServeProcess, @unchecked Sendable {
         let env = ProcessInfo.processInfo.environment
         var log = FileHandle.nullDevice
         if let path = env["HERALD_TEST_FAULT_LOG"] {
-            FileManager.default.createFile(atPath: "\(path).\(port)", contents: nil)
+            _ = FileManager.default.createFile(atPath: "\(path).\(port)", contents: nil)
             log = FileHandle(forWritingAtPath: "\(path).\(port)") ?? log
         }
         try super.init(

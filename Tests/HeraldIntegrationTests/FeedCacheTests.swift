@@ -73,7 +73,7 @@ struct FeedCacheTests {
         }
         #expect(await kept(cache, marker) != nil)
         let payload = #"{"org": "\#(org.id.lowercased)", "users": ["\#(org.ownerID.lowercased)"]}"#
-        try await org.store { tx in try await tx.query("SELECT pg_notify('herald_stream', \(payload))") }
+        _ = try await org.store { tx in try await tx.query("SELECT pg_notify('herald_stream', \(payload))") }
         while await kept(cache, marker) != nil {
             guard ContinuousClock.now < deadline else { throw StreamTestTimeout(what: "the marker on the bus") }
             try await Task.sleep(for: .milliseconds(20))
@@ -92,7 +92,7 @@ struct FeedCacheTests {
             let before = try await bell(server, org)
             #expect(before.items.first?["category"] as? String == "activity")
             // A catalogue change made in SQL, through no instance: no message says the feed changed.
-            try await org.store { tx in
+            _ = try await org.store { tx in
                 try await tx.query("UPDATE categories SET key = 'chores' WHERE organisation_id = \(org.id) AND key = 'activity'")
             }
             clock.advance(4)

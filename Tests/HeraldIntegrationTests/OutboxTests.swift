@@ -73,13 +73,13 @@ struct OutboxTests {
     @Test("attempts recorded in one batch: each fenced on its own, one attempt row each, the right final status")
     func batchedCompletion() async throws {
         let (org, ids) = try await outbox(4)
-        try await org.store { tx in try await tx.query("UPDATE deliveries SET max_attempts = 1 WHERE id = \(ids[2])") }
+        _ = try await org.store { tx in try await tx.query("UPDATE deliveries SET max_attempts = 1 WHERE id = \(ids[2])") }
         let claims = try await claimAll(org, worker: "batcher").sorted {
             ids.firstIndex(of: $0.deliveryID)! < ids.firstIndex(of: $1.deliveryID)!
         }
         #expect(claims.map(\.deliveryID) == ids)
         // The fourth row's lease moved on (another worker's attempt 2): its result must be refused.
-        try await org.store { tx in
+        _ = try await org.store { tx in
             try await tx.query("UPDATE deliveries SET attempts = 2, lease_owner = 'other' WHERE id = \(ids[3])")
         }
         let retryAt = Date().addingTimeInterval(600)
@@ -120,7 +120,8 @@ struct OutboxTests {
             ids.firstIndex(of: $0.deliveryID)! < ids.firstIndex(of: $1.deliveryID)!
         }
         // The second row's lease moved on: its result (and the answer it carries) must be refused.
-        try await org.store { tx in try await tx.query("UPDATE deliveries SET attempts = 2, lease_owner = 'other' WHERE id = \(ids[1])") }
+        _ = try await org.store { tx in try await tx.query("UPDATE deliveries SET attempts = 2, lease_owner = 'other' WHERE id = \(ids[1])")
+        }
         let recorded = try await env.workerDatabase.recordDeliveryAttempts(
             [
                 (claims[0], Date(), .sent(responseCode: 200), endpoints[0]),
@@ -229,7 +230,7 @@ struct OutboxTests {
     @Test("a row whose worker keeps crashing goes DEAD at its last attempt instead of being claimed forever")
     func crashLoopGoesDead() async throws {
         let (org, ids) = try await outbox(1)
-        try await org.store { tx in try await tx.query("UPDATE deliveries SET max_attempts = 2 WHERE id = \(ids[0])") }
+        _ = try await org.store { tx in try await tx.query("UPDATE deliveries SET max_attempts = 2 WHERE id = \(ids[0])") }
         for _ in 0..<2 {
             _ = try await env.workerDatabase.claimDeliveries(worker: "crashy", limit: 10, leaseSeconds: 1, organisation: org.id)
             try await Task.sleep(for: .milliseconds(1200))
@@ -258,7 +259,7 @@ struct OutboxTests {
     func retriesThenDead() async throws {
         let (org, ids) = try await outbox(1)
         // The row allows three attempts; the policy would allow eight: the row decides.
-        try await org.store { tx in try await tx.query("UPDATE deliveries SET max_attempts = 3 WHERE id = \(ids[0])") }
+        _ = try await org.store { tx in try await tx.query("UPDATE deliveries SET max_attempts = 3 WHERE id = \(ids[0])") }
         let policy = RetryPolicy(baseDelay: 60, factor: 2, maximumDelay: 3600, maximumAttempts: 8, jitter: 0)
         var retryTimes: [Date] = []
         for attempt in 1...3 {
@@ -279,7 +280,7 @@ struct OutboxTests {
             #expect(abs(stored.nextAttemptAt.timeIntervalSince(next)) < 0.001)
             #expect(try await claimAll(org, worker: "early").isEmpty)
             // … and claimable once it comes (the test moves the clock of the row, not the test's).
-            try await org.store { tx in try await tx.query("UPDATE deliveries SET next_attempt_at = now() WHERE id = \(ids[0])") }
+            _ = try await org.store { tx in try await tx.query("UPDATE deliveries SET next_attempt_at = now() WHERE id = \(ids[0])") }
         }
         let (delivery, attempts) = try await org.store { tx in (try await tx.delivery(ids[0]), try await tx.deliveryAttempts(ids[0])) }
         #expect(delivery.status == .dead)

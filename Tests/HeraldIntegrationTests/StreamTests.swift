@@ -335,7 +335,7 @@ struct StreamTests {
                 // stream registered, as the sleep below varies.
                 let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
                     .connect(host: "127.0.0.1", port: server.port).get()
-                try await (channel as? SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0)).get()
+                try await (channel as? any SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0)).get()
                 let request =
                     "GET \(StreamRoutes.streamPath) HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \(org.memberToken)\r\n\r\n"
                 try await channel.writeAndFlush(ByteBuffer(string: request)).get()

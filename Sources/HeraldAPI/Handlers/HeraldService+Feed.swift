@@ -134,7 +134,7 @@ extension Components.Schemas.FeedItem {
     init(_ n: FeedItem) throws {
         self.init(
             id: n.id.lowercased, eventId: n.eventID.lowercased, _type: n.typeKey, category: n.categoryKey,
-            severity: try mapped(n.severity), priority: try mapped(n.priority), title: n.title, body: n.body,
+            severity: mapped(n.severity), priority: mapped(n.priority), title: n.title, body: n.body,
             subject: n.subjectType.map { .init(_type: $0, id: n.subjectID ?? "") }, read: n.read, archived: n.archived,
             createdAt: n.createdAt, expiresAt: n.expiresAt, tags: n.tags.isEmpty ? nil : n.tags)
     }

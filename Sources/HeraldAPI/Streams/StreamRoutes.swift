@@ -68,7 +68,7 @@ struct StreamRoutes: Sendable {
             body: ResponseBody { writer in
                 await Self.pump(session, into: &writer, logger: logger)
                 try? await writer.finish(nil)
-                channel.eventLoop.execute { _ = try? channel.pipeline.syncOperations.removeHandler(name: ClientGoneHandler.name) }
+                channel.eventLoop.execute { _ = channel.pipeline.syncOperations.removeHandler(name: ClientGoneHandler.name) }
             })
     }
 
