@@ -256,4 +256,35 @@ struct PlanGuardTests {
             #expect(read > 0 && read <= 16 + 16, "finding 1 organisation with 2 000 due rows read \(read) index entries and rows")
         }
     }
+
+    @Test("a digest claim reads about a claim's worth of due runs, not every due run")
+    func digestClaimFollowsTheClaim() async throws {
+        try await env.withScratchDatabase("digestclaim") { app, worker, ownerURL in
+            // Statistics taken while no run existed, then 2 000 runs due at once (a slot's runs).
+            try await CitusReadinessTests.withClient(ownerURL, env.logger) {
+                _ = try await $0.query("VACUUM ANALYZE digest_runs", logger: env.logger)
+            }
+            let org = try await app.emailOutbox("digestclaim", users: 2_000, events: 0)
+            // Runs are the claim's to make (only the owner may insert them directly).
+            try await CitusReadinessTests.withClient(ownerURL, env.logger) { client in
+                try await client.withConnection { connection in
+                    _ = try await connection.query("SELECT set_config('app.org_id', \(org.lowercased), false)", logger: env.logger)
+                    _ = try await connection.query(
+                        """
+                        INSERT INTO digest_runs (organisation_id, id, user_id, frequency, slot_at, next_attempt_at, frozen_at)
+                        SELECT organisation_id, gen_random_uuid(), id, 'DAILY', now() - interval '1 minute', now() - interval '1 minute', now()
+                        FROM users
+                        """, logger: env.logger)
+                }
+            }
+            let (claimed, read) = try await worker.withTenant(org) { tx in
+                let before = try await entriesRead(of: "digest_runs", in: tx)
+                let claimed = try await tx.query("SELECT run_id FROM claim_digest_runs('guard', 8, 60, now(), NULL, false)").count
+                return (claimed, try await entriesRead(of: "digest_runs", in: tx) - before)
+            }
+            #expect(claimed == 8)
+            // The 8 claimed (and their updates' lookups by key); a bitmap scan read all 2 000.
+            #expect(read > 0 && read <= 8 * 4, "claiming 8 of 2 000 due runs read \(read) index entries and rows")
+        }
+    }
 }
