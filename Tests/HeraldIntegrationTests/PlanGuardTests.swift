@@ -190,6 +190,13 @@ struct PlanGuardTests {
         )[0].decode(Int.self)
     }
 
+    /// What `body` returns, and the entries it read from `relation`'s indexes and sequential scans.
+    func reading<Result>(_ relation: String, in tx: TenantTransaction, _ body: () async throws -> Result) async throws -> (Result, Int) {
+        let before = try await entriesRead(of: relation, in: tx)
+        let result = try await body()
+        return (result, try await entriesRead(of: relation, in: tx) - before)
+    }
+
     @Test("give-backs, heartbeats and completions find their rows by key, not by walking every lease in flight")
     func fencesFindRowsByKey() async throws {
         // A database of its own: the statistics below must see exactly these rows, and taking
@@ -243,11 +250,11 @@ struct PlanGuardTests {
             let (found, read) = try await worker.withTenant(due) { tx in
                 // The plan PL/pgSQL keeps after a few calls.
                 _ = try await tx.query("SET LOCAL plan_cache_mode = force_generic_plan")
-                let before = try await entriesRead(of: "deliveries", in: tx)
-                let found = try await tx.query("SELECT organisation_id, due FROM due_delivery_organisations(16)").map {
-                    try $0.decode((UUID, Int).self)
+                return try await reading("deliveries", in: tx) {
+                    try await tx.query("SELECT organisation_id, due FROM due_delivery_organisations(16)").map {
+                        try $0.decode((UUID, Int).self)
+                    }
                 }
-                return (found, try await entriesRead(of: "deliveries", in: tx) - before)
             }
             #expect(found.map(\.0) == [due] && found.map(\.1) == [16])
             // The first due entry of each organisation, and up to a claim's worth of its due rows
@@ -278,9 +285,9 @@ struct PlanGuardTests {
                 }
             }
             let (claimed, read) = try await worker.withTenant(org) { tx in
-                let before = try await entriesRead(of: "digest_runs", in: tx)
-                let claimed = try await tx.query("SELECT run_id FROM claim_digest_runs('guard', 8, 60, now(), NULL, false)").count
-                return (claimed, try await entriesRead(of: "digest_runs", in: tx) - before)
+                try await reading("digest_runs", in: tx) {
+                    try await tx.query("SELECT run_id FROM claim_digest_runs('guard', 8, 60, now(), NULL, false)").count
+                }
             }
             #expect(claimed == 8)
             // The 8 claimed (and their updates' lookups by key); a bitmap scan read all 2 000.
