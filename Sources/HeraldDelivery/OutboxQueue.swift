@@ -11,7 +11,8 @@ extension ClaimedDelivery: WorkClaim {
 }
 
 /// How one delivery attempt ended, as the outbox records it with the attempt's side effects on
-/// its endpoint, all in one tenant transaction.
+/// its endpoint (in one statement, or one tenant transaction when an endpoint went or did not
+/// answer: `OutboxQueue.record`).
 public struct DeliveryAttemptRecord: Sendable {
     /// The delivery's channel (metric label).
     public var channel: NotificationChannel

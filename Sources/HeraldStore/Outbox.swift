@@ -111,6 +111,15 @@ private struct CompletedAttempt: Codable, Sendable {
     }
 }
 
+extension CompletedAttempt {
+    /// The attempts in order, numbered from 0: the positions the fenced functions return.
+    static func numbered(_ attempts: [(claim: ClaimedDelivery, startedAt: Date, result: AttemptResult, answered: UUID?)]) -> [Self] {
+        attempts.enumerated().map { position, attempt in
+            Self(position: position, claim: attempt.claim, startedAt: attempt.startedAt, result: attempt.result, answered: attempt.answered)
+        }
+    }
+}
+
 /// `count` flags in order, true at the `positions` (from 0) a fenced function returned.
 private func flags(_ positions: [Int], count: Int) -> [Bool] {
     var flags = [Bool](repeating: false, count: count)
@@ -191,10 +200,7 @@ extension Database {
         _ attempts: [(claim: ClaimedDelivery, startedAt: Date, result: AttemptResult, answered: UUID?)], organisation: UUID, worker: String
     ) async throws -> [Bool] {
         guard !attempts.isEmpty else { return [] }
-        let rows = attempts.enumerated().map { position, attempt in
-            CompletedAttempt(
-                position: position, claim: attempt.claim, startedAt: attempt.startedAt, result: attempt.result, answered: attempt.answered)
-        }
+        let rows = CompletedAttempt.numbered(attempts)
         let recorded = try await retryingConflicts {
             try await query("SELECT record_delivery_attempts(\(organisation), \(worker), \(JSONDocument(rows)))").map {
                 try $0.decode(Int.self)
@@ -360,9 +366,7 @@ extension TenantTransaction {
         _ attempts: [(claim: ClaimedDelivery, startedAt: Date, result: AttemptResult)], worker: String
     ) async throws -> [Bool] {
         guard !attempts.isEmpty else { return [] }
-        let rows = attempts.enumerated().map { position, attempt in
-            CompletedAttempt(position: position, claim: attempt.claim, startedAt: attempt.startedAt, result: attempt.result)
-        }
+        let rows = CompletedAttempt.numbered(attempts.map { ($0.claim, $0.startedAt, $0.result, nil) })
         // complete_deliveries (0020): one fenced UPDATE and one INSERT of the attempts, planned once per connection.
         let recorded = try await query(
             "SELECT complete_deliveries(\(worker), \(JSONDocument(rows)))"

@@ -398,9 +398,15 @@ struct JWTKeygen: AsyncParsableCommand {
         let key = ES256PrivateKey()
         guard
             FileManager.default.createFile(atPath: path, contents: Data(key.pemRepresentation.utf8), attributes: [.posixPermissions: 0o600])
-        else { throw ValidationError("could not write \(path)") }
+        else { throw KeyNotWritten(path: path) }
         print("jwt-keygen: wrote \(path) (kid \(kid))")
     }
+}
+
+/// `herald jwt-keygen` could not write its key file (a directory it may not write to, a full disk).
+struct KeyNotWritten: Error, CustomStringConvertible {
+    var path: String
+    var description: String { "jwt-keygen: could not write \(path)" }
 }
 
 // MARK: Shared set-up

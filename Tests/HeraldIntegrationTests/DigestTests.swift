@@ -165,6 +165,46 @@ struct DigestTests {
         }
     }
 
+    @Test("a late item moves to the next slot in the same pass that makes another member's run")
+    func lateItemBesideNewRuns() async throws {
+        let env = try await TestEnvironment.shared
+        let (org, catalogue) = try await clubMember()
+        let second = try await org.store { tx in
+            let id = try await tx.createUser(NewUser(email: "second@\(org.slug).example", displayName: "Second")).id
+            _ = try await tx.query("UPDATE users SET timezone = 'Europe/Paris' WHERE organisation_id = \(org.id) AND id = \(id)")
+            try await tx.replacePreferences(
+                ofUser: id,
+                with: [
+                    PreferenceCell(
+                        categoryID: catalogue.activity, channel: .email, setting: PreferenceSetting(enabled: true, frequency: .daily))
+                ])
+            return id
+        }
+        _ = try await task(org, "First", to: [org.memberID])
+        let slot = try #require(try await items(org, of: org.memberID).first?.slot)
+        let after = slot.addingTimeInterval(60)
+        func pass() async throws {
+            _ = try await env.workerDatabase.claimDigestRuns(
+                worker: "late-pass", limit: 1, leaseSeconds: 60, now: after, organisation: org.id)
+        }
+        // The slot comes: the member's run is made, and frozen.
+        try await pass()
+        #expect(try await items(org, of: org.memberID).first?.run != nil)
+        // A late item for the member (stamped with the same slot: the real clock is still before
+        // it), and the second member's first item, also due.
+        _ = try await task(org, "Late", to: [org.memberID])
+        _ = try await task(org, "Second's", to: [second])
+        #expect(try await items(org, of: org.memberID).last?.slot == slot)
+        // One pass makes the second member's run and moves the late item to the next slot.
+        try await pass()
+        #expect(try await items(org, of: second).first?.run != nil)
+        var paris = Calendar(identifier: .gregorian)
+        paris.timeZone = TimeZone(identifier: "Europe/Paris")!
+        let next = try #require(paris.date(byAdding: .day, value: 1, to: slot))
+        let late = try #require(try await items(org, of: org.memberID).last)
+        #expect(late.slot == next && late.run == nil, "the late item waits for the next slot: \(late)")
+    }
+
     @Test("the clinic: a critical alert for a clinician on a DAILY email digest is in the bell at once and in the next morning's digest")
     func clinicDailyAlert() async throws {
         let org = try await TestOrganisation.make()

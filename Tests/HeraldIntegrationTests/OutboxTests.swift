@@ -134,13 +134,14 @@ struct OutboxTests {
         #expect(rows.map { $0.1.map(\.outcome) } == [[.sent], [.fenced], [.failed]])
         let breakers = try await org.store { tx in try await endpoints.asyncMap { try await tx.endpoint($0).circuit.failures } }
         #expect(breakers == [0, 2], "the recorded answer clears its endpoint's failures; the fenced one leaves them")
-        // Under another organisation's context the rows are not there: the attempt is refused (its
-        // FENCED log row names a delivery that organisation does not have) and nothing is cleared.
-        let other = try await TestOrganisation.make()
-        await #expect(throws: StoreError.self) {
-            try await env.workerDatabase.recordDeliveryAttempts(
-                [(claims[1], Date(), .sent(responseCode: 200), endpoints[1])], organisation: other.id, worker: "other")
-        }
+        // Another organisation's recording cannot clear this organisation's breaker, even when an
+        // attempt of its own names this organisation's endpoint as the one that answered.
+        let (other, otherIDs) = try await outbox(1)
+        let theirs = try await claimAll(other, worker: "theirs")
+        #expect(theirs.map(\.deliveryID) == otherIDs)
+        let recordedThere = try await env.workerDatabase.recordDeliveryAttempts(
+            [(theirs[0], Date(), .sent(responseCode: 200), endpoints[1])], organisation: other.id, worker: "theirs")
+        #expect(recordedThere == [true])
         #expect(try await org.store { tx in try await tx.endpoint(endpoints[1]).circuit.failures } == 2)
     }
 
