@@ -133,7 +133,7 @@ struct RenderingKey: Hashable {
     var userID: UUID
 }
 
-/// An event as a worker renders it for one recipient (`eventRendering`).
+/// An event as a worker renders it for one recipient (`eventRenderings`).
 public struct EventRendering: Sendable {
     /// The event's inputs as notify planned from them (render with `NotificationPlanner.render`).
     public var input: PlanInput
@@ -246,15 +246,10 @@ extension TenantTransaction {
         return works
     }
 
-    /// An event as a worker renders it for one recipient (a delivery, a digest item): its
-    /// inputs, type and templates, the recipient, and the organisation's name and sender. Nil
-    /// when the event or the user is not in this organisation.
-    public func eventRendering(_ eventID: UUID, for userID: UUID) async throws -> EventRendering? {
-        try await eventRenderings([(eventID, userID)])[RenderingKey(eventID: eventID, userID: userID)]
-    }
-
-    /// `eventRendering` for many (event, recipient) pairs: one statement for the events, users
-    /// and organisation, then each distinct type and category once.
+    /// Events as a worker renders them for their recipients (deliveries, a digest's items), by
+    /// (event, recipient): inputs, type and templates, the recipient, and the organisation's name
+    /// and sender; a pair whose event or user is not in this organisation is absent. One
+    /// statement for the events, users and organisation, then each distinct type and category once.
     func eventRenderings(_ pairs: [(eventID: UUID, userID: UUID)]) async throws -> [RenderingKey: EventRendering] {
         let keys = Array(Set(pairs.map { RenderingKey(eventID: $0.eventID, userID: $0.userID) }))
         guard !keys.isEmpty else { return [:] }
