@@ -130,14 +130,72 @@ extension TenantTransaction {
     }
 
     public func notificationType(key: String) async throws -> NotificationType? {
-        guard
-            let row = try await query(
-                "SELECT \(unescaped: typeColumns) FROM notification_types t WHERE t.organisation_id = \(organisationID) AND t.key = \(key)"
-            ).first
-        else {
-            return nil
+        let (found, templates) = try await read(typeRead(key: key), templatesRead(typeKey: key))
+        return found.map { type in
+            var type = type
+            type.templates = templates
+            return type
         }
-        return try await withTemplates([try decodeType(row)])[0]
+    }
+
+    /// The type with this key, without its templates (`templatesRead`), or nil.
+    func typeRead(key: String) -> StoreRead<NotificationType?> {
+        StoreRead(
+            statement:
+                "SELECT \(unescaped: typeColumns) FROM notification_types t WHERE t.organisation_id = \(organisationID) AND t.key = \(key)",
+            decode: { try $0.first.map(decodeType) })
+    }
+
+    /// The templates of the type with this key, by channel and locale.
+    func templatesRead(typeKey: String) -> StoreRead<[NotificationChannel: [String: TemplateContent]]> {
+        StoreRead(
+            statement: """
+                SELECT type_id, channel, locale, subject, body, html FROM templates
+                WHERE organisation_id = \(organisationID)
+                  AND type_id = (SELECT id FROM notification_types WHERE organisation_id = \(organisationID) AND key = \(typeKey))
+                """,
+            decode: { rows in try templatesByType(rows).first?.value ?? [:] })
+    }
+
+    /// The types with these ids, without their templates (`templatesRead(typeIDs:)`), by id.
+    func typesRead(ids: [UUID]) -> StoreRead<[UUID: NotificationType]> {
+        StoreRead(
+            statement: """
+                SELECT \(unescaped: typeColumns) FROM notification_types t WHERE t.organisation_id = \(organisationID) AND t.id = ANY(\(ids)::uuid[])
+                """,
+            decode: { rows in Dictionary(try rows.map(decodeType).map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first }) })
+    }
+
+    /// The templates of the types with these ids, by type, channel and locale.
+    func templatesRead(typeIDs ids: [UUID]) -> StoreRead<[UUID: [NotificationChannel: [String: TemplateContent]]]> {
+        StoreRead(
+            statement: """
+                SELECT type_id, channel, locale, subject, body, html FROM templates
+                WHERE organisation_id = \(organisationID) AND type_id = ANY(\(ids)::uuid[])
+                """,
+            decode: templatesByType)
+    }
+
+    /// The categories of the types with these ids, by id.
+    func categoriesRead(ofTypes ids: [UUID]) -> StoreRead<[UUID: Category]> {
+        StoreRead(
+            statement: """
+                SELECT \(unescaped: categoryColumns) FROM categories
+                WHERE organisation_id = \(organisationID)
+                  AND id IN (SELECT category_id FROM notification_types WHERE organisation_id = \(organisationID) AND id = ANY(\(ids)::uuid[]))
+                """,
+            decode: { rows in Dictionary(try rows.map(decodeCategory).map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first }) })
+    }
+
+    /// The category of the type with this key, or nil.
+    func categoryRead(typeKey: String) -> StoreRead<Category?> {
+        StoreRead(
+            statement: """
+                SELECT \(unescaped: categoryColumns) FROM categories
+                WHERE organisation_id = \(organisationID)
+                  AND id = (SELECT category_id FROM notification_types WHERE organisation_id = \(organisationID) AND key = \(typeKey))
+                """,
+            decode: { try $0.first.map(decodeCategory) })
     }
 
     public func createNotificationType(_ fields: NotificationTypeFields) async throws -> NotificationType {
@@ -195,21 +253,24 @@ extension TenantTransaction {
 
     private func withTemplates(_ types: [NotificationType]) async throws -> [NotificationType] {
         guard !types.isEmpty else { return types }
-        let rows = try await query(
-            "SELECT type_id, channel, locale, subject, body, html FROM templates WHERE organisation_id = \(organisationID) AND type_id = ANY(\(types.map(\.id))::uuid[])"
-        )
-        var byType: [UUID: [NotificationChannel: [String: TemplateContent]]] = [:]
-        for row in rows {
-            let (typeID, channel, locale, subject, body, html) = try row.decode((UUID, String, String, String, String, String?).self)
-            guard let channel = NotificationChannel(rawValue: channel) else { continue }
-            byType[typeID, default: [:]][channel, default: [:]][locale] = TemplateContent(subject: subject, body: body, html: html)
-        }
+        let byType = try await read(templatesRead(typeIDs: types.map(\.id)))
         return types.map { type in
             var type = type
             type.templates = byType[type.id] ?? [:]
             return type
         }
     }
+}
+
+/// Template rows (type_id, channel, locale, subject, body, html) by type, channel and locale.
+private func templatesByType(_ rows: [PostgresRow]) throws -> [UUID: [NotificationChannel: [String: TemplateContent]]] {
+    var byType: [UUID: [NotificationChannel: [String: TemplateContent]]] = [:]
+    for row in rows {
+        let (typeID, channel, locale, subject, body, html) = try row.decode((UUID, String, String, String, String, String?).self)
+        guard let channel = NotificationChannel(rawValue: channel) else { continue }
+        byType[typeID, default: [:]][channel, default: [:]][locale] = TemplateContent(subject: subject, body: body, html: html)
+    }
+    return byType
 }
 
 private let categoryColumns = "id, key, name, description, critical, created_at, updated_at"

@@ -1,6 +1,7 @@
 import Foundation
 import HeraldCore
 import PostgresNIO
+import Synchronization
 
 /// An integrator's credential. The secret is never stored, only its hash.
 public struct ApiKey: Sendable, Equatable {
@@ -75,25 +76,47 @@ enum Entry: Sendable {
     case apiKey(UUID, ApiKeyGrantRow?)
 }
 
+/// When this process last marked each API key used (`grant(forApiKey:)`), so that it sends
+/// the mark at most once a minute per key. A mark whose transaction rolled back is not sent
+/// again before the minute is out: `last_used_at` is a hint to operators, at most a minute late.
+final class ApiKeyMarks: Sendable {
+    static let shared = ApiKeyMarks()
+    private let marked = Mutex<[UUID: Date]>([:])
+
+    /// Whether `key` is due a mark at `now`; if it is, it counts as marked from `now`.
+    func due(_ key: UUID, now: Date) -> Bool {
+        marked.withLock { marked in
+            if let last = marked[key], last <= now, now.timeIntervalSince(last) < 60 { return false }
+            if marked.count >= 10_000 { marked = marked.filter { now.timeIntervalSince($0.value) < 60 } }
+            marked[key] = now
+            return true
+        }
+    }
+}
+
 extension TenantTransaction {
     // MARK: Principals
 
-    /// Sets the tenant context for the rest of the transaction (`SET LOCAL`, inside the
-    /// functions of migration 0017) and reads the admitted caller's grant, in one round trip.
-    /// The ids travel as bind parameters typed `uuid`, so no text from a request reaches SQL.
-    func enter(recipient: UUID?, admitting admission: Admission?) async throws -> Entry {
+    /// The statement that sets the tenant context for the rest of the transaction (`SET LOCAL`,
+    /// inside the functions of migration 0017) and reads the admitted caller's grant, in one
+    /// round trip; `entry(admitting:from:)` reads its answer. `Database.withTenant` sends it
+    /// together with BEGIN. The ids travel as bind parameters typed `uuid`, so no text from a
+    /// request reaches SQL.
+    func entryStatement(recipient: UUID?, admitting admission: Admission?) -> PostgresQuery {
         switch admission {
-        case nil:
-            try await run("SELECT enter_tenant(\(organisationID), \(recipient))")
-            return .none
+        case nil: "SELECT enter_tenant(\(organisationID), \(recipient))"
         case .user(let id):
-            let rows = try await run(
-                "SELECT \(unescaped: UserGrantRow.columns) FROM enter_tenant_as_user(\(organisationID), \(recipient), \(id))")
-            return .user(id, try rows.first.map(UserGrantRow.init))
-        case .apiKey(let id):
-            let rows = try await run(
-                "SELECT \(unescaped: ApiKeyGrantRow.columns) FROM enter_tenant_as_api_key(\(organisationID), \(id))")
-            return .apiKey(id, try rows.first.map(ApiKeyGrantRow.init))
+            "SELECT \(unescaped: UserGrantRow.columns) FROM enter_tenant_as_user(\(organisationID), \(recipient), \(id))"
+        case .apiKey(let id): "SELECT \(unescaped: ApiKeyGrantRow.columns) FROM enter_tenant_as_api_key(\(organisationID), \(id))"
+        }
+    }
+
+    /// What `entryStatement` read.
+    func entry(admitting admission: Admission?, from rows: [PostgresRow]) throws -> Entry {
+        switch admission {
+        case nil: .none
+        case .user(let id): .user(id, try rows.first.map(UserGrantRow.init))
+        case .apiKey(let id): .apiKey(id, try rows.first.map(ApiKeyGrantRow.init))
         }
     }
 
@@ -129,6 +152,11 @@ extension TenantTransaction {
         }
         guard let key, constantTimeEqual(key.secretHash, secretHash), key.revokedAt == nil, key.expiresAt.map({ $0 > now }) ?? true
         else { return nil }
+        // A key this process marked less than a minute ago is not asked again: the statement
+        // would change nothing, and it was a round trip of every request made with a key.
+        guard ApiKeyMarks.shared.due(id, now: now) else {
+            return Grant(permissions: Set(key.permissions.compactMap(Permission.init(rawValue:))))
+        }
         try await query(
             """
             UPDATE api_keys SET last_used_at = \(now)

@@ -86,11 +86,12 @@ public struct Database: Sendable {
                     var tx = TenantTransaction(
                         connection: connection, organisationID: organisationID, actor: actor,
                         requestID: requestID, logger: logger, deadline: until, prepares: preparedStatements)
-                    // BEGIN and COMMIT by hand, so each is abandonable like every statement.
-                    try await tx.run("BEGIN")
+                    // BEGIN and COMMIT by hand, so each is abandonable like every statement; BEGIN
+                    // goes with the entry, in one exchange.
                     let result: Result
                     do {
-                        tx.entry = try await tx.enter(recipient: recipient, admitting: admission)
+                        let opened = try await tx.run(["BEGIN", tx.entryStatement(recipient: recipient, admitting: admission)])
+                        tx.entry = try tx.entry(admitting: admission, from: opened[1])
                         result = try await body(tx)
                     } catch {
                         _ = try? await tx.run("ROLLBACK")
@@ -207,29 +208,72 @@ public struct Database: Sendable {
 
     /// Runs one statement, abandoned at `until`. A statement in flight when PostgreSQL drops
     /// its connections can wait for ever with no error, even once the connection is closed
-    /// (FACTS: PostgreSQL restarts), and a task awaiting it cannot be cancelled; so the
-    /// statement runs in a task of its own that is left behind at the deadline, its connection
-    /// closed so the pool does not lend it again.
+    /// (FACTS: PostgreSQL restarts), and a task awaiting it cannot be cancelled; so the caller
+    /// waits on a continuation that the statement, the deadline or a cancellation resumes, and
+    /// at the deadline the statement is left behind, its connection closed so the pool does not
+    /// lend it again.
     static func statement(
         _ query: PostgresQuery, on connection: PostgresConnection, logger: Logger, until: ContinuousClock.Instant
     ) async throws -> [PostgresRow] {
-        try await statement(on: connection, logger: logger, until: until) { try await connection.query(query, logger: logger).collect() }
+        // PostgresNIO's future interface: the rows are gathered on the connection's event loop and
+        // the caller is resumed from there, with no task of its own per statement and no row
+        // sequence to iterate (each was a hop between threads on every statement).
+        try await statement(on: connection, until: until) { wait in
+            connection.query(query, logger: logger).whenComplete { wait.finish($0.map(\.rows)) }
+        }
     }
 
-    /// The same for any statement `perform` sends on `connection` (a prepared one).
+    /// The same for any statement `perform` sends on `connection` (a prepared one), in a task of
+    /// its own (PostgresNIO has no future interface for prepared statements).
     static func statement(
-        on connection: PostgresConnection, logger: Logger, until: ContinuousClock.Instant,
-        _ perform: @escaping @Sendable () async throws -> [PostgresRow]
+        on connection: PostgresConnection, until: ContinuousClock.Instant, _ perform: @escaping @Sendable () async throws -> [PostgresRow]
     ) async throws -> [PostgresRow] {
-        let wait = StatementWait()
+        try await statement(on: connection, until: until) { wait in
+            Task {
+                let result: Swift.Result<[PostgresRow], any Error>
+                do { result = .success(try await perform()) } catch { result = .failure(error) }
+                wait.finish(result)
+            }
+        }
+    }
+
+    /// Statements sent together (a pipeline): PostgresNIO queues them on the connection and sends
+    /// each as soon as the one before ends, on the connection's event loop, so the caller is
+    /// resumed once for all of them instead of once each (a thread hop either way per statement
+    /// was most of a small request's cost: issue 12). Returns each statement's rows, in order;
+    /// the first that failed is the error (those after it fail too, in an aborted transaction).
+    static func statements(
+        _ queries: [PostgresQuery], on connection: PostgresConnection, logger: Logger, until: ContinuousClock.Instant
+    ) async throws -> [[PostgresRow]] {
+        guard !queries.isEmpty else { return [] }
+        return try await statement(on: connection, until: until) { wait in
+            let sent = queries.map { connection.query($0, logger: logger) }
+            EventLoopFuture.whenAllComplete(sent, on: connection.eventLoop).whenSuccess { results in
+                var rows: [[PostgresRow]] = []
+                rows.reserveCapacity(results.count)
+                for result in results {
+                    switch result {
+                    case .success(let answer): rows.append(answer.rows)
+                    case .failure(let error):
+                        wait.finish(.failure(error))
+                        return
+                    }
+                }
+                wait.finish(.success(rows))
+            }
+        }
+    }
+
+    /// Starts a statement with `send`, which calls `finish` on the wait it is given when the
+    /// statement ends, and resumes the caller at the first of that, the deadline and a cancellation.
+    private static func statement<Value: Sendable>(
+        on connection: PostgresConnection, until: ContinuousClock.Instant, send: (StatementWait<Value>) -> Void
+    ) async throws -> Value {
+        let wait = StatementWait<Value>()
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { continuation in
                 wait.start(continuation)
-                Task {
-                    let result: Swift.Result<[PostgresRow], any Error>
-                    do { result = .success(try await perform()) } catch { result = .failure(error) }
-                    wait.finish(result)
-                }
+                send(wait)
                 // A deadline in the shared watch, not a sleeping task or a timer of its own: it is
                 // dropped the moment the statement finishes, and wakes nothing (`DeadlineWatch`).
                 wait.arm(
@@ -249,7 +293,7 @@ public struct Database: Sendable {
     static func statement<Statement: PostgresPreparedStatement>(
         prepared statement: Statement, on connection: PostgresConnection, logger: Logger, until: ContinuousClock.Instant
     ) async throws -> [PostgresRow] where Statement.Row == PostgresRow {
-        try await Self.statement(on: connection, logger: logger, until: until) {
+        try await Self.statement(on: connection, until: until) {
             var rows: [PostgresRow] = []
             for try await row in try await connection.execute(statement, logger: logger) { rows.append(row) }
             return rows
@@ -330,11 +374,11 @@ final class HeldConnection: Sendable {
 }
 
 /// Who resumes a statement's caller first: the statement, its deadline or a cancellation.
-final class StatementWait: Sendable {
-    private let state = Mutex<(continuation: CheckedContinuation<[PostgresRow], any Error>?, deadline: DeadlineWatch.Ticket?, done: Bool)>(
+final class StatementWait<Value: Sendable>: Sendable {
+    private let state = Mutex<(continuation: CheckedContinuation<Value, any Error>?, deadline: DeadlineWatch.Ticket?, done: Bool)>(
         (nil, nil, false))
 
-    func start(_ continuation: CheckedContinuation<[PostgresRow], any Error>) {
+    func start(_ continuation: CheckedContinuation<Value, any Error>) {
         let cancelled = state.withLock { state in
             if !state.done { state.continuation = continuation }
             return state.done
@@ -355,7 +399,7 @@ final class StatementWait: Sendable {
     /// earlier, the caller would hand the connection back to the pool, which could lend it to
     /// another request just before the close kills that request's statement.
     @discardableResult
-    func finish(_ result: Swift.Result<[PostgresRow], any Error>, closing connection: PostgresConnection? = nil) -> Bool {
+    func finish(_ result: Swift.Result<Value, any Error>, closing connection: PostgresConnection? = nil) -> Bool {
         let (continuation, deadline) = state.withLock { state in
             let taken = (state.continuation, state.deadline)
             state.continuation = nil
@@ -371,6 +415,13 @@ final class StatementWait: Sendable {
         }
         return true
     }
+}
+
+/// One read as a statement and what its rows mean, so that several can go out together
+/// (`TenantTransaction.read`).
+struct StoreRead<Value> {
+    var statement: PostgresQuery
+    var decode: ([PostgresRow]) throws -> Value
 }
 
 /// Lets a non-escaping, non-Sendable closure run in a child task of a group that the caller
@@ -402,6 +453,36 @@ public struct TenantTransaction {
     @discardableResult
     func run(_ query: PostgresQuery) async throws -> [PostgresRow] {
         try await Database.statement(query, on: connection, logger: logger, until: deadline)
+    }
+
+    /// Statements sent together, without translation (`Database.statements`): each one's rows.
+    func run(_ queries: [PostgresQuery]) async throws -> [[PostgresRow]] {
+        try await Database.statements(queries, on: connection, logger: logger, until: deadline)
+    }
+
+    /// Reads that do not depend on each other's answers, sent together (`Database.statements`):
+    /// one exchange with the database for all of them, each answer decoded by its own read.
+    func read<each Value>(_ reads: repeat StoreRead<each Value>) async throws -> (repeat each Value) {
+        var statements: [PostgresQuery] = []
+        for read in repeat each reads { statements.append(read.statement) }
+        let answers = try await query(statements)
+        var position = 0
+        func decode<V>(_ read: StoreRead<V>) throws -> V {
+            defer { position += 1 }
+            return try read.decode(answers[position])
+        }
+        return (repeat try decode(each reads))
+    }
+
+    /// Statements that do not depend on each other's answers, sent together and answered in
+    /// order (`Database.statements`). Constraint violations surface as `StoreError`, as from `query`.
+    @discardableResult
+    func query(_ queries: [PostgresQuery]) async throws -> [[PostgresRow]] {
+        do {
+            return try await run(queries)
+        } catch {
+            throw Database.translate(error)
+        }
     }
 
     /// One of the hottest reads, its plan kept per connection: a named prepared statement, or,

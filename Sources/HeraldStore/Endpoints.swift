@@ -107,13 +107,15 @@ extension TenantTransaction {
         return try decodeEndpoint(row)
     }
 
-    /// The endpoints of `ids` that exist, by id (one statement, for a batch of deliveries).
-    func endpoints(_ ids: Set<UUID>) async throws -> [UUID: Endpoint] {
-        guard !ids.isEmpty else { return [:] }
-        let rows = try await query(
-            "SELECT \(unescaped: endpointColumns) FROM endpoints WHERE organisation_id = \(organisationID) AND id = ANY(\(Array(ids))::uuid[])"
-        )
-        return Dictionary(uniqueKeysWithValues: try rows.map(decodeEndpoint).map { ($0.id, $0) })
+    /// The endpoints the deliveries with these ids name, by id.
+    func endpointsRead(ofDeliveries ids: [UUID]) -> StoreRead<[UUID: Endpoint]> {
+        StoreRead(
+            statement: """
+                SELECT \(unescaped: endpointColumns) FROM endpoints
+                WHERE organisation_id = \(organisationID)
+                  AND id IN (SELECT endpoint_id FROM deliveries WHERE organisation_id = \(organisationID) AND id = ANY(\(ids)::uuid[]))
+                """,
+            decode: { rows in Dictionary(try rows.map(decodeEndpoint).map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first }) })
     }
 
     /// Endpoints oldest first.
@@ -219,19 +221,26 @@ extension TenantTransaction {
 
     /// The enabled endpoints that take notifications of `typeKey`, by channel.
     func endpointTargets(typeKey: String) async throws -> [NotificationChannel: [EndpointTarget]] {
-        var targets: [NotificationChannel: [EndpointTarget]] = [:]
-        for row in try await query(
-            """
-            SELECT channel, id, url FROM endpoints
-            WHERE organisation_id = \(organisationID) AND enabled AND (event_types = '{}' OR \(typeKey) = ANY(event_types))
-            ORDER BY created_at, id
-            """)
-        {
-            let (channel, id, url) = try row.decode((String, UUID, String).self)
-            guard let channel = NotificationChannel(rawValue: channel) else { continue }
-            targets[channel, default: []].append(EndpointTarget(id: id, url: url))
-        }
-        return targets
+        try await read(endpointTargetsRead(typeKey: typeKey))
+    }
+
+    /// `endpointTargets` as a read that can go out with others.
+    func endpointTargetsRead(typeKey: String) -> StoreRead<[NotificationChannel: [EndpointTarget]]> {
+        StoreRead(
+            statement: """
+                SELECT channel, id, url FROM endpoints
+                WHERE organisation_id = \(organisationID) AND enabled AND (event_types = '{}' OR \(typeKey) = ANY(event_types))
+                ORDER BY created_at, id
+                """,
+            decode: { rows in
+                var targets: [NotificationChannel: [EndpointTarget]] = [:]
+                for row in rows {
+                    let (channel, id, url) = try row.decode((String, UUID, String).self)
+                    guard let channel = NotificationChannel(rawValue: channel) else { continue }
+                    targets[channel, default: []].append(EndpointTarget(id: id, url: url))
+                }
+                return targets
+            })
     }
 }
 

@@ -85,13 +85,23 @@ extension TenantTransaction {
         _ request: EventRequest, eventID: UUID, now: Date, idempotencyKey: String? = nil, requestHash: String? = nil,
         chunk: AudienceChunk? = nil
     ) async throws -> PlannedEvent {
-        guard let type = try await notificationType(key: request.typeKey) else { throw UnknownNotificationType(key: request.typeKey) }
-        let category = try await category(type.categoryID)
-        let settings = try await engineSettings()
+        // What does not depend on another answer goes out together, in one exchange: the type,
+        // its templates and category, the organisation's settings and defaults, the endpoints,
+        // the audience's unknown names (a chunk's were checked when its event was accepted) and
+        // its users.
+        let key = request.typeKey
+        let (found, templates, foundCategory, settings, defaults, endpoints, unknown, recipients) = try await read(
+            typeRead(key: key), templatesRead(typeKey: key), categoryRead(typeKey: key), engineSettingsRead(), preferenceDefaultsRead(),
+            endpointTargetsRead(typeKey: key), unknownAudienceRead(chunk == nil ? request.audience : Audience()),
+            recipientsRead(for: request.audience, after: chunk?.after, limit: chunk?.limit))
+        guard var type = found else { throw UnknownNotificationType(key: key) }
+        type.templates = templates
+        guard let category = foundCategory else { throw StoreError.notFound("category") }
+        if let unknown { throw unknown }
         let profile = TypeProfile(type, category: category)
-        let recipients = try await recipients(for: request.audience, after: chunk?.after, limit: chunk?.limit)
-        // A chunk reads the settings of its own users only.
-        let users = chunk.map { _ in recipients.map(\.candidate.userID) }
+        // The recipients' own settings only (a one-user notify read every user's of the category),
+        // unless they are too many to name in a statement (a dry run to everyone).
+        let users = chunk != nil || recipients.count <= 10_000 ? recipients.map(\.candidate.userID) : nil
         let deliverAt = chunk?.deliverAt ?? max(request.deliverAt ?? now, now)
         let severity = request.severity ?? type.defaultSeverity
         let priority = request.priority ?? type.defaultPriority
@@ -100,11 +110,13 @@ extension TenantTransaction {
             subjectType: request.subjectType, subjectID: request.subjectID, deliverAt: deliverAt,
             organisationName: settings.name, organisationSlug: settings.slug, organisationLocale: settings.defaultLocale,
             organisationTimezone: settings.defaultTimezone, throttlePerMinute: settings.throttlePerMinute, recipients: recipients,
-            excluded: Set(request.audience.excludeUserIDs), userPreferences: try await preferences(forCategory: category.id, users: users),
-            organisationDefaults: try await preferenceDefaults(forCategory: category.id),
+            excluded: Set(request.audience.excludeUserIDs),
+            userPreferences: try await read(preferencesRead(forCategory: category.id, users: users)),
+            organisationDefaults: Dictionary(
+                defaults.filter { $0.categoryID == category.id }.map { ($0.channel, $0.setting) }, uniquingKeysWith: { first, _ in first }),
             recentCounts: settings.throttlePerMinute == nil
                 ? [:] : try await recentNotifiedCounts(categoryID: category.id, now: now, users: users),
-            endpoints: try await endpointTargets(typeKey: type.key), sourceActor: request.sourceActor,
+            endpoints: endpoints, sourceActor: request.sourceActor,
             userThrottlePerMinute: settings.userThrottlePerMinute,
             recentTotals: settings.userThrottlePerMinute == nil ? [:] : try await recentNotifiedTotals(now: now, users: users))
         // A chunk's in-app rows are keyed at the time it is written, not the event's: a "mark

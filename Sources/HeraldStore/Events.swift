@@ -88,19 +88,25 @@ extension TenantTransaction {
 
     /// The organisation's name, defaults and throttle.
     public func engineSettings() async throws -> EngineSettings {
-        guard
-            let row = try await query(
-                """
+        try await read(engineSettingsRead())
+    }
+
+    /// `engineSettings` as a read that can go out with others.
+    func engineSettingsRead() -> StoreRead<EngineSettings> {
+        StoreRead(
+            statement: """
                 SELECT name, slug, default_locale, default_timezone, (settings->>'throttle_per_minute')::int,
                        (settings->>'user_throttle_per_minute')::int
                 FROM organisations WHERE id = \(organisationID)
-                """
-            ).first
-        else { throw StoreError.notFound("organisation") }
-        let (name, slug, locale, timezone, throttle, userThrottle) = try row.decode((String, String, String, String, Int?, Int?).self)
-        return EngineSettings(
-            name: name, slug: slug, defaultLocale: locale, defaultTimezone: timezone, throttlePerMinute: throttle,
-            userThrottlePerMinute: userThrottle)
+                """,
+            decode: { rows in
+                guard let row = rows.first else { throw StoreError.notFound("organisation") }
+                let (name, slug, locale, timezone, throttle, userThrottle) = try row.decode(
+                    (String, String, String, String, Int?, Int?).self)
+                return EngineSettings(
+                    name: name, slug: slug, defaultLocale: locale, defaultTimezone: timezone, throttlePerMinute: throttle,
+                    userThrottlePerMinute: userThrottle)
+            })
     }
 
     /// Sets the per-user throttle across all categories (nil or 0 switches it off).
@@ -129,16 +135,24 @@ extension TenantTransaction {
     public func recipients(for audience: Audience, after: UUID? = nil, limit: Int? = nil) async throws -> [RecipientProfile] {
         // A chunk's names were checked when its event was accepted.
         if limit == nil { try await checkAudienceNames(audience) }
-        let rows = try await query(recipientsQuery(for: audience, after: after, limit: limit))
-        return try rows.map { row in
-            let (id, active, email, name, locale, timezone, attributes, byUser, byRoles, byGroups) =
-                try row.decode(
-                    (UUID, Bool, String, String, String?, String?, JSONDocument<JSONValue>, Bool, [String], [String]).self, table: "users")
-            return RecipientProfile(
-                candidate: Candidate(
-                    userID: id, active: active, byUser: byUser, byRoles: byRoles, byGroups: byGroups, byEveryone: audience.everyone),
-                email: email, displayName: name, locale: locale, timezone: timezone,
-                attributes: attributes.value)
+        return try await read(recipientsRead(for: audience, after: after, limit: limit))
+    }
+
+    /// The users of `recipients`, without checking the audience's names, as a read that can go
+    /// out with others.
+    func recipientsRead(for audience: Audience, after: UUID?, limit: Int?) -> StoreRead<[RecipientProfile]> {
+        StoreRead(statement: recipientsQuery(for: audience, after: after, limit: limit)) { rows in
+            try rows.map { row in
+                let (id, active, email, name, locale, timezone, attributes, byUser, byRoles, byGroups) =
+                    try row.decode(
+                        (UUID, Bool, String, String, String?, String?, JSONDocument<JSONValue>, Bool, [String], [String]).self,
+                        table: "users")
+                return RecipientProfile(
+                    candidate: Candidate(
+                        userID: id, active: active, byUser: byUser, byRoles: byRoles, byGroups: byGroups, byEveryone: audience.everyone),
+                    email: email, displayName: name, locale: locale, timezone: timezone,
+                    attributes: attributes.value)
+            }
         }
     }
 
@@ -173,36 +187,53 @@ extension TenantTransaction {
     }
 
     public func checkAudienceNames(_ audience: Audience) async throws {
-        let rows = try await query(
-            """
-            SELECT
-              ARRAY(SELECT x FROM unnest(\(audience.userIDs)::uuid[]) x WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.organisation_id = \(organisationID) AND u.id = x)),
-              ARRAY(SELECT x FROM unnest(\(audience.roleKeys)::text[]) x WHERE NOT EXISTS (SELECT 1 FROM roles r WHERE r.organisation_id = \(organisationID) AND r.key = x)),
-              ARRAY(SELECT x FROM unnest(\(audience.groupKeys)::text[]) x WHERE NOT EXISTS (SELECT 1 FROM groups g WHERE g.organisation_id = \(organisationID) AND g.key = x))
-            """)
-        let (users, roles, groups) = try rows[0].decode(([UUID], [String], [String]).self)
-        if !users.isEmpty || !roles.isEmpty || !groups.isEmpty {
-            throw UnknownAudience(userIDs: users, roleKeys: roles, groupKeys: groups)
-        }
+        let unknown: UnknownAudience? = try await read(unknownAudienceRead(audience))
+        if let unknown { throw unknown }
+    }
+
+    /// The names in `audience` that this organisation does not have, if any, as a read that can
+    /// go out with others.
+    func unknownAudienceRead(_ audience: Audience) -> StoreRead<UnknownAudience?> {
+        StoreRead(
+            statement: """
+                SELECT
+                  ARRAY(SELECT x FROM unnest(\(audience.userIDs)::uuid[]) x WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.organisation_id = \(organisationID) AND u.id = x)),
+                  ARRAY(SELECT x FROM unnest(\(audience.roleKeys)::text[]) x WHERE NOT EXISTS (SELECT 1 FROM roles r WHERE r.organisation_id = \(organisationID) AND r.key = x)),
+                  ARRAY(SELECT x FROM unnest(\(audience.groupKeys)::text[]) x WHERE NOT EXISTS (SELECT 1 FROM groups g WHERE g.organisation_id = \(organisationID) AND g.key = x))
+                """,
+            decode: { rows in
+                let (users, roles, groups) = try rows[0].decode(([UUID], [String], [String]).self)
+                guard !users.isEmpty || !roles.isEmpty || !groups.isEmpty else { return nil }
+                return UnknownAudience(userIDs: users, roleKeys: roles, groupKeys: groups)
+            })
     }
 
     /// Users' own settings for one category, by user and channel; `users` confines them.
     public func preferences(
         forCategory categoryID: UUID, users: [UUID]? = nil
     ) async throws -> [UUID: [NotificationChannel: PreferenceSetting]] {
-        let rows = try await query(
-            """
-            SELECT user_id, channel, enabled, frequency, conditions, switched_off FROM preferences
-            WHERE organisation_id = \(organisationID) AND category_id = \(categoryID) AND (\(users)::uuid[] IS NULL OR user_id = ANY(\(users)::uuid[]))
-            """)
-        var result: [UUID: [NotificationChannel: PreferenceSetting]] = [:]
-        for row in rows {
-            let (user, channel, enabled, frequency, conditions, switchedOff) =
-                try row.decode((UUID, NotificationChannel, Bool, Frequency, JSONDocument<[Condition]>, String?).self, table: "preferences")
-            result[user, default: [:]][channel] = PreferenceSetting(
-                enabled: enabled, frequency: frequency, conditions: conditions.value, switchedOff: switchedOff.flatMap(SwitchOff.init))
-        }
-        return result
+        try await read(preferencesRead(forCategory: categoryID, users: users))
+    }
+
+    /// `preferences` as a read that can go out with others.
+    func preferencesRead(forCategory categoryID: UUID, users: [UUID]?) -> StoreRead<[UUID: [NotificationChannel: PreferenceSetting]]> {
+        StoreRead(
+            statement: """
+                SELECT user_id, channel, enabled, frequency, conditions, switched_off FROM preferences
+                WHERE organisation_id = \(organisationID) AND category_id = \(categoryID) AND (\(users)::uuid[] IS NULL OR user_id = ANY(\(users)::uuid[]))
+                """,
+            decode: { rows in
+                var result: [UUID: [NotificationChannel: PreferenceSetting]] = [:]
+                for row in rows {
+                    let (user, channel, enabled, frequency, conditions, switchedOff) =
+                        try row.decode(
+                            (UUID, NotificationChannel, Bool, Frequency, JSONDocument<[Condition]>, String?).self, table: "preferences")
+                    result[user, default: [:]][channel] = PreferenceSetting(
+                        enabled: enabled, frequency: frequency, conditions: conditions.value,
+                        switchedOff: switchedOff.flatMap(SwitchOff.init))
+                }
+                return result
+            })
     }
 
     /// The organisation's defaults for one category, by channel.
@@ -256,27 +287,38 @@ extension TenantTransaction {
     /// Writes the event, its in-app rows, deliveries, digest items and decision trace, and
     /// wakes listeners when the transaction commits.
     public func write(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws {
-        try await insertEvent(event, counts: plan.counts, expanding: false)
-        try await writeRecipients(event, type: type, plan: plan)
+        try await query(
+            [try insertEventStatement(event, counts: plan.counts, expanding: false)] + recipientStatements(event, type: type, plan: plan))
     }
 
     /// The event row alone; `expanding`: its recipients are written later, in chunks (0021).
     func insertEvent(_ event: NewEvent, counts: DecisionCounts, expanding: Bool) async throws {
+        try await query(try insertEventStatement(event, counts: counts, expanding: expanding))
+    }
+
+    /// The statement of `insertEvent`.
+    private func insertEventStatement(_ event: NewEvent, counts: DecisionCounts, expanding: Bool) throws -> PostgresQuery {
         let request = event.request
-        try await query(
-            """
-            INSERT INTO events (organisation_id, id, type_id, actor_type, actor_id, source_actor, audience, payload, subject_type, subject_id,
-                                severity, priority, deliver_at, expires_at, idempotency_key, request_hash, counts, url, tags, fanout_state)
-            VALUES (\(organisationID), \(event.id), \(event.typeID), \(actor.kind), \(actor.id), \(request.sourceActor.map { JSONDocument($0) }),
-                    \(JSONDocument(request.audience)), \(JSONDocument(request.payload)), \(request.subjectType), \(request.subjectID),
-                    \(event.severity), \(event.priority), \(event.deliverAt), \(request.expiresAt), \(event.idempotencyKey), \(event.requestHash),
-                    \(counts), \(request.url), \(request.tags)::text[], \(expanding ? "EXPANDING" : nil))
-            """)
+        return try """
+        INSERT INTO events (organisation_id, id, type_id, actor_type, actor_id, source_actor, audience, payload, subject_type, subject_id,
+                            severity, priority, deliver_at, expires_at, idempotency_key, request_hash, counts, url, tags, fanout_state)
+        VALUES (\(organisationID), \(event.id), \(event.typeID), \(actor.kind), \(actor.id), \(request.sourceActor.map { JSONDocument($0) }),
+                \(JSONDocument(request.audience)), \(JSONDocument(request.payload)), \(request.subjectType), \(request.subjectID),
+                \(event.severity), \(event.priority), \(event.deliverAt), \(request.expiresAt), \(event.idempotencyKey), \(event.requestHash),
+                \(counts), \(request.url), \(request.tags)::text[], \(expanding ? "EXPANDING" : nil))
+        """
     }
 
     /// The rows of a plan (all of an event's, or one chunk's), and the bus message at commit.
     func writeRecipients(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws {
+        try await query(try await recipientStatements(event, type: type, plan: plan))
+    }
+
+    /// The statements of `writeRecipients`, sent together (`query(_:)` of several): one exchange
+    /// with the database instead of one per table.
+    private func recipientStatements(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws -> [PostgresQuery] {
         let request = event.request
+        var statements: [PostgresQuery] = []
         if !plan.notifications.isEmpty {
             // What the event says is stored once per distinct shared text (migration 0025); a
             // row keeps its own title and body only when its template made them personal.
@@ -294,14 +336,14 @@ extension TenantTransaction {
             let personal = n.map { $0.title != $0.shared.subject || $0.body != $0.shared.body }
             let titles = zip(n, personal).map { $1 ? $0.title : "" }
             let bodies = zip(n, personal).map { $1 ? $0.body : "" }
-            try await query(
+            statements.append(
                 """
                 INSERT INTO notification_contents (organisation_id, id, event_id, title, body)
                 SELECT \(organisationID), id, \(event.id), title, body
                 FROM unnest(\(contents.map(\.id))::uuid[], \(contents.map(\.text.title))::text[], \(contents.map(\.text.body))::text[])
                      AS row(id, title, body)
                 """)
-            try await query(
+            statements.append(
                 """
                 INSERT INTO notifications (organisation_id, id, event_id, user_id, type_id, category_id, severity, priority,
                                            content_id, title, body, visible_at, expires_at)
@@ -315,7 +357,7 @@ extension TenantTransaction {
         }
         if !plan.deliveries.isEmpty {
             let d = plan.deliveries
-            try await query(
+            statements.append(
                 """
                 INSERT INTO deliveries (organisation_id, id, event_id, user_id, channel, destination, endpoint_id, next_attempt_at)
                 SELECT \(organisationID), id, \(event.id), user_id, channel, destination, nullif(endpoint_id, '')::uuid, \(event.deliverAt)
@@ -332,7 +374,7 @@ extension TenantTransaction {
                 guard let slots = slots[item.userID] else { throw StoreError.notFound("user") }
                 return slots.slot(item.frequency)
             }
-            try await query(
+            statements.append(
                 """
                 INSERT INTO digest_items (organisation_id, id, event_id, user_id, category_id, channel, frequency, due_after, slot_at)
                 SELECT \(organisationID), id, \(event.id), user_id, \(type.categoryID), channel, frequency, \(event.deliverAt), slot_at
@@ -363,13 +405,13 @@ extension TenantTransaction {
                 }
                 recordIDs.append("{" + trace.channels.flatMap(\.recordIDs).map(\.uuidString).joined(separator: ",") + "}")
             }
-            try await query(
-                """
+            statements.append(
+                try """
                 INSERT INTO event_decisions (organisation_id, id, event_id, channels)
                 SELECT \(organisationID), id, \(event.id), channels
                 FROM unnest(\(decisions.map(\.id))::uuid[], \(decisions.map { JSONDocument($0.channels) })::jsonb[]) AS row(id, channels)
                 """)
-            try await query(
+            statements.append(
                 """
                 INSERT INTO event_recipients (organisation_id, event_id, user_id, category_id, targeted, rule, reason, notified,
                                               decision_id, record_ids)
@@ -381,14 +423,19 @@ extension TenantTransaction {
                      AS row(user_id, targeted, rule, reason, notified, decision_id, record_ids)
                 """)
         }
-        try await announceEvent(event.id, work: plan.deliveries.isEmpty ? [] : .deliveries)
+        statements.append(announceStatement(event.id, work: plan.deliveries.isEmpty ? [] : .deliveries))
+        return statements
     }
 
     /// Tells the bus the event committed (delivered at commit, never for a rolled-back
     /// transaction), and what it left for the work runners.
     func announceEvent(_ eventID: UUID, work: EventWork) async throws {
-        try await query(
-            "SELECT pg_notify('herald_events', \(organisationID.lowercased + ":" + eventID.lowercased + ":" + work.flags))")
+        try await query(announceStatement(eventID, work: work))
+    }
+
+    /// The statement of `announceEvent`.
+    private func announceStatement(_ eventID: UUID, work: EventWork) -> PostgresQuery {
+        "SELECT pg_notify('herald_events', \(organisationID.lowercased + ":" + eventID.lowercased + ":" + work.flags))"
     }
 
     // MARK: Reading and cancelling events

@@ -133,6 +133,38 @@ struct RenderingKey: Hashable {
     var userID: UUID
 }
 
+/// What a worker reads of one (event, recipient) before adding its type (`renderingRowsRead`).
+private struct RenderingRow {
+    var eventID: UUID
+    var typeID: UUID
+    var payload: JSONValue
+    var actor: JSONValue?
+    var subjectType: String?
+    var subjectID: String?
+    var severity: Severity
+    var priority: Priority
+    var deliverAt: Date
+    var expiresAt: Date?
+    var status: EventStatus
+    var url: String?
+    var recipient: RecipientProfile
+    var organisationName: String
+    var organisationSlug: String
+    var organisationLocale: String
+    var organisationTimezone: String
+    var email: EmailIdentity
+}
+
+/// The columns `renderingRowsRead` decodes, from `p` (event_id, user_id), `e` (events), `u`
+/// (users) and `o` (organisations).
+private let renderingColumns = """
+    p.event_id, p.user_id,
+    e.type_id, e.payload, e.source_actor, e.subject_type, e.subject_id, e.severity, e.priority, e.deliver_at,
+    e.expires_at, e.status, e.url, u.email, u.display_name, u.locale, u.timezone, u.attributes, u.active,
+    o.name, o.slug, o.default_locale, o.default_timezone,
+    o.settings->>'email_from', o.settings->>'email_from_name', o.settings->>'email_reply_to'
+    """
+
 /// An event as a worker renders it for one recipient (`eventRenderings`).
 public struct EventRendering: Sendable {
     /// The event's inputs as notify planned from them (render with `NotificationPlanner.render`).
@@ -223,18 +255,29 @@ extension Database {
 extension TenantTransaction {
     /// What sending each of `ids` needs: the delivery, its event, type and templates, recipient,
     /// organisation and endpoint, read in the deliveries' organisation. A claimed batch is read
-    /// in a fixed number of statements however many ids it holds (issue 12: the worker read each
-    /// delivery in about ten round trips): the deliveries, their events with recipients and the
-    /// organisation, then each distinct type, category and the endpoints once. A delivery whose
-    /// event or recipient is gone is left out.
+    /// in two exchanges however many ids it holds (issue 12: the worker read each delivery in
+    /// about ten round trips, then a batch in nine): the deliveries, their events with recipients
+    /// and the organisation, and their endpoints together; then each distinct type with its
+    /// templates and category together. A delivery whose event or recipient is gone is left out.
     public func deliveryWorks(_ ids: [UUID]) async throws -> [UUID: DeliveryWork] {
         guard !ids.isEmpty else { return [:] }
-        let deliveries = try await query(
-            "SELECT \(unescaped: deliveryColumns) FROM deliveries WHERE organisation_id = \(organisationID) AND id = ANY(\(ids)::uuid[])"
-        ).map(decodeDelivery)
-        let renderings = try await eventRenderings(deliveries.map { ($0.eventID, $0.userID) })
-        // An endpoint deleted meanwhile is absent: its deliveries end "not sent" (the sender's rule).
-        let endpoints = try await endpoints(Set(deliveries.compactMap(\.endpointID)))
+        let (deliveries, rows, endpoints) = try await read(
+            StoreRead(
+                statement:
+                    "SELECT \(unescaped: deliveryColumns) FROM deliveries WHERE organisation_id = \(organisationID) AND id = ANY(\(ids)::uuid[])",
+                decode: { try $0.map(decodeDelivery) }),
+            renderingRowsRead(
+                """
+                SELECT \(unescaped: renderingColumns)
+                FROM deliveries p
+                JOIN events e ON e.organisation_id = p.organisation_id AND e.id = p.event_id
+                JOIN users u ON u.organisation_id = p.organisation_id AND u.id = p.user_id
+                JOIN organisations o ON o.id = p.organisation_id
+                WHERE p.organisation_id = \(organisationID) AND p.id = ANY(\(ids)::uuid[])
+                """),
+            // An endpoint deleted meanwhile is absent: its deliveries end "not sent" (the sender's rule).
+            endpointsRead(ofDeliveries: ids))
+        let renderings = try await renderings(of: rows)
         var works: [UUID: DeliveryWork] = [:]
         for delivery in deliveries {
             guard let rendering = renderings[RenderingKey(eventID: delivery.eventID, userID: delivery.userID)] else { continue }
@@ -249,65 +292,75 @@ extension TenantTransaction {
     /// Events as a worker renders them for their recipients (deliveries, a digest's items), by
     /// (event, recipient): inputs, type and templates, the recipient, and the organisation's name
     /// and sender; a pair whose event or user is not in this organisation is absent. One
-    /// statement for the events, users and organisation, then each distinct type and category once.
+    /// statement for the events, users and organisation, then each distinct type with its
+    /// templates and category in one exchange.
     func eventRenderings(_ pairs: [(eventID: UUID, userID: UUID)]) async throws -> [RenderingKey: EventRendering] {
         let keys = Array(Set(pairs.map { RenderingKey(eventID: $0.eventID, userID: $0.userID) }))
         guard !keys.isEmpty else { return [:] }
-        let rows = try await query(
-            """
-            SELECT p.event_id, p.user_id,
-                   e.type_id, e.payload, e.source_actor, e.subject_type, e.subject_id, e.severity, e.priority, e.deliver_at,
-                   e.expires_at, e.status, e.url, u.email, u.display_name, u.locale, u.timezone, u.attributes, u.active,
-                   o.name, o.slug, o.default_locale, o.default_timezone,
-                   o.settings->>'email_from', o.settings->>'email_from_name', o.settings->>'email_reply_to'
-            FROM unnest(\(keys.map(\.eventID))::uuid[], \(keys.map(\.userID))::uuid[]) AS p (event_id, user_id)
-            JOIN events e ON e.organisation_id = \(organisationID) AND e.id = p.event_id
-            JOIN users u ON u.organisation_id = e.organisation_id AND u.id = p.user_id
-            JOIN organisations o ON o.id = e.organisation_id
-            """)
-        var types: [UUID: NotificationType] = [:]
-        var categories: [UUID: Category] = [:]
+        let rows = try await read(
+            renderingRowsRead(
+                """
+                SELECT \(unescaped: renderingColumns)
+                FROM unnest(\(keys.map(\.eventID))::uuid[], \(keys.map(\.userID))::uuid[]) AS p (event_id, user_id)
+                JOIN events e ON e.organisation_id = \(organisationID) AND e.id = p.event_id
+                JOIN users u ON u.organisation_id = e.organisation_id AND u.id = p.user_id
+                JOIN organisations o ON o.id = e.organisation_id
+                """))
+        return try await renderings(of: rows)
+    }
+
+    /// The rows of a statement selecting `renderingColumns`, decoded.
+    private func renderingRowsRead(_ statement: PostgresQuery) -> StoreRead<[RenderingRow]> {
+        StoreRead(statement: statement) { rows in
+            try rows.map { row in
+                let (
+                    eventID, userID, typeID, payload, actor, subjectType, subjectID, severity, priority, deliverAt, expiresAt, status, url,
+                    email, name, locale, timezone, attributes, active, orgName, orgSlug, orgLocale, orgTimezone, from, fromName, replyTo
+                ) =
+                    try row.decode(
+                        (
+                            UUID, UUID, UUID, JSONDocument<JSONValue>, JSONDocument<JSONValue>?, String?, String?, Severity, Priority, Date,
+                            Date?, EventStatus, String?,
+                            String, String, String?, String?, JSONDocument<JSONValue>, Bool, String, String, String, String, String?,
+                            String?,
+                            String?
+                        ).self,
+                        table: "events")
+                let recipient = RecipientProfile(
+                    candidate: Candidate(userID: userID, active: active, byUser: true), email: email, displayName: name,
+                    locale: locale, timezone: timezone, attributes: attributes.value)
+                return RenderingRow(
+                    eventID: eventID, typeID: typeID, payload: payload.value, actor: actor?.value, subjectType: subjectType,
+                    subjectID: subjectID, severity: severity, priority: priority, deliverAt: deliverAt, expiresAt: expiresAt,
+                    status: status,
+                    url: url, recipient: recipient, organisationName: orgName, organisationSlug: orgSlug, organisationLocale: orgLocale,
+                    organisationTimezone: orgTimezone, email: EmailIdentity(from: from, fromName: fromName, replyTo: replyTo))
+            }
+        }
+    }
+
+    /// `rows` with their types, templates and categories, read together.
+    private func renderings(of rows: [RenderingRow]) async throws -> [RenderingKey: EventRendering] {
+        let typeIDs = Array(Set(rows.map(\.typeID)))
+        guard !typeIDs.isEmpty else { return [:] }
+        let (types, templates, categories) = try await read(
+            typesRead(ids: typeIDs), templatesRead(typeIDs: typeIDs), categoriesRead(ofTypes: typeIDs))
         var renderings: [RenderingKey: EventRendering] = [:]
         for row in rows {
-            let (
-                eventID, userID, typeID, payload, actor, subjectType, subjectID, severity, priority, deliverAt, expiresAt, status, url,
-                email, name, locale, timezone, attributes, active, orgName, orgSlug, orgLocale, orgTimezone, from, fromName, replyTo
-            ) =
-                try row.decode(
-                    (
-                        UUID, UUID, UUID, JSONDocument<JSONValue>, JSONDocument<JSONValue>?, String?, String?, Severity, Priority, Date,
-                        Date?, EventStatus, String?,
-                        String, String, String?, String?, JSONDocument<JSONValue>, Bool, String, String, String, String, String?, String?,
-                        String?
-                    ).self,
-                    table: "events")
-            let type: NotificationType
-            if let known = types[typeID] {
-                type = known
-            } else {
-                type = try await notificationType(typeID)
-                types[typeID] = type
-            }
-            let category: Category
-            if let known = categories[type.categoryID] {
-                category = known
-            } else {
-                category = try await self.category(type.categoryID)
-                categories[type.categoryID] = category
-            }
-            let recipient = RecipientProfile(
-                candidate: Candidate(userID: userID, active: active, byUser: true), email: email, displayName: name,
-                locale: locale, timezone: timezone, attributes: attributes.value)
+            guard var type = types[row.typeID] else { throw StoreError.notFound("notification type") }
+            type.templates = templates[type.id] ?? [:]
+            guard let category = categories[type.categoryID] else { throw StoreError.notFound("category") }
             let input = PlanInput(
-                eventID: eventID, type: TypeProfile(type, category: category), severity: severity,
-                priority: priority, payload: payload.value,
-                subjectType: subjectType, subjectID: subjectID, deliverAt: deliverAt, organisationName: orgName, organisationSlug: orgSlug,
-                organisationLocale: orgLocale, organisationTimezone: orgTimezone, throttlePerMinute: nil, recipients: [recipient],
+                eventID: row.eventID, type: TypeProfile(type, category: category), severity: row.severity,
+                priority: row.priority, payload: row.payload,
+                subjectType: row.subjectType, subjectID: row.subjectID, deliverAt: row.deliverAt, organisationName: row.organisationName,
+                organisationSlug: row.organisationSlug, organisationLocale: row.organisationLocale,
+                organisationTimezone: row.organisationTimezone, throttlePerMinute: nil, recipients: [row.recipient],
                 excluded: [], userPreferences: [:], organisationDefaults: [:], recentCounts: [:],
-                sourceActor: actor?.value)
-            renderings[RenderingKey(eventID: eventID, userID: userID)] = EventRendering(
-                input: input, recipient: recipient, categoryName: category.name, eventStatus: status, eventExpiresAt: expiresAt, url: url,
-                email: EmailIdentity(from: from, fromName: fromName, replyTo: replyTo))
+                sourceActor: row.actor)
+            renderings[RenderingKey(eventID: row.eventID, userID: row.recipient.candidate.userID)] = EventRendering(
+                input: input, recipient: row.recipient, categoryName: category.name, eventStatus: row.status,
+                eventExpiresAt: row.expiresAt, url: row.url, email: row.email)
         }
         return renderings
     }

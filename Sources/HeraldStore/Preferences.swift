@@ -39,9 +39,15 @@ extension TenantTransaction {
 
     /// The organisation's defaults.
     public func preferenceDefaults() async throws -> [PreferenceCell] {
-        try await query(
-            "SELECT category_id, channel, enabled, frequency, conditions, NULL::text FROM preference_defaults WHERE organisation_id = \(organisationID) ORDER BY category_id, channel"
-        ).map(decodeCell)
+        try await read(preferenceDefaultsRead())
+    }
+
+    /// `preferenceDefaults` as a read that can go out with others.
+    func preferenceDefaultsRead() -> StoreRead<[PreferenceCell]> {
+        StoreRead(
+            statement:
+                "SELECT category_id, channel, enabled, frequency, conditions, NULL::text FROM preference_defaults WHERE organisation_id = \(organisationID) ORDER BY category_id, channel",
+            decode: { try $0.map(decodeCell) })
     }
 
     /// Replaces the organisation's defaults with `cells`.
