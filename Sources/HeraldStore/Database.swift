@@ -474,6 +474,12 @@ public struct TenantTransaction {
         return (repeat try decode(each reads))
     }
 
+    /// `statements`, then `read`, sent together: what `read` found once the statements ran.
+    func query<Value>(_ statements: [PostgresQuery], then read: StoreRead<Value>) async throws -> Value {
+        let answers = try await query(statements + [read.statement])
+        return try read.decode(answers[answers.count - 1])
+    }
+
     /// Statements that do not depend on each other's answers, sent together and answered in
     /// order (`Database.statements`). Constraint violations surface as `StoreError`, as from `query`.
     @discardableResult

@@ -107,14 +107,11 @@ extension TenantTransaction {
         return try decodeEndpoint(row)
     }
 
-    /// The endpoints the deliveries with these ids name, by id.
-    func endpointsRead(ofDeliveries ids: [UUID]) -> StoreRead<[UUID: Endpoint]> {
+    /// The endpoints of `ids` that exist, by id.
+    func endpointsRead(_ ids: [UUID]) -> StoreRead<[UUID: Endpoint]> {
         StoreRead(
-            statement: """
-                SELECT \(unescaped: endpointColumns) FROM endpoints
-                WHERE organisation_id = \(organisationID)
-                  AND id IN (SELECT endpoint_id FROM deliveries WHERE organisation_id = \(organisationID) AND id = ANY(\(ids)::uuid[]))
-                """,
+            statement:
+                "SELECT \(unescaped: endpointColumns) FROM endpoints WHERE organisation_id = \(organisationID) AND id = ANY(\(ids)::uuid[])",
             decode: { rows in Dictionary(try rows.map(decodeEndpoint).map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first }) })
     }
 

@@ -89,11 +89,15 @@ extension TenantTransaction {
         // its templates and category, the organisation's settings and defaults, the endpoints,
         // the audience's unknown names (a chunk's were checked when its event was accepted) and
         // its users.
+        // An audience of named users only (most notifies) has its users' settings read with them.
         let key = request.typeKey
-        let (found, templates, foundCategory, settings, defaults, endpoints, unknown, recipients) = try await read(
+        let audience = request.audience
+        let named = chunk == nil && !audience.everyone && audience.roleKeys.isEmpty && audience.groupKeys.isEmpty
+        let (found, templates, foundCategory, settings, defaults, endpoints, unknown, recipients, namedPreferences) = try await read(
             typeRead(key: key), templatesRead(typeKey: key), categoryRead(typeKey: key), engineSettingsRead(), preferenceDefaultsRead(),
-            endpointTargetsRead(typeKey: key), unknownAudienceRead(chunk == nil ? request.audience : Audience()),
-            recipientsRead(for: request.audience, after: chunk?.after, limit: chunk?.limit))
+            endpointTargetsRead(typeKey: key), unknownAudienceRead(chunk == nil ? audience : Audience()),
+            recipientsRead(for: audience, after: chunk?.after, limit: chunk?.limit),
+            preferencesRead(forTypeKey: key, users: named ? audience.userIDs : []))
         guard var type = found else { throw UnknownNotificationType(key: key) }
         type.templates = templates
         guard let category = foundCategory else { throw StoreError.notFound("category") }
@@ -111,7 +115,7 @@ extension TenantTransaction {
             organisationName: settings.name, organisationSlug: settings.slug, organisationLocale: settings.defaultLocale,
             organisationTimezone: settings.defaultTimezone, throttlePerMinute: settings.throttlePerMinute, recipients: recipients,
             excluded: Set(request.audience.excludeUserIDs),
-            userPreferences: try await read(preferencesRead(forCategory: category.id, users: users)),
+            userPreferences: named ? namedPreferences : try await read(preferencesRead(forCategory: category.id, users: users)),
             organisationDefaults: Dictionary(
                 defaults.filter { $0.categoryID == category.id }.map { ($0.channel, $0.setting) }, uniquingKeysWith: { first, _ in first }),
             recentCounts: settings.throttlePerMinute == nil

@@ -222,18 +222,19 @@ extension TenantTransaction {
                 SELECT user_id, channel, enabled, frequency, conditions, switched_off FROM preferences
                 WHERE organisation_id = \(organisationID) AND category_id = \(categoryID) AND (\(users)::uuid[] IS NULL OR user_id = ANY(\(users)::uuid[]))
                 """,
-            decode: { rows in
-                var result: [UUID: [NotificationChannel: PreferenceSetting]] = [:]
-                for row in rows {
-                    let (user, channel, enabled, frequency, conditions, switchedOff) =
-                        try row.decode(
-                            (UUID, NotificationChannel, Bool, Frequency, JSONDocument<[Condition]>, String?).self, table: "preferences")
-                    result[user, default: [:]][channel] = PreferenceSetting(
-                        enabled: enabled, frequency: frequency, conditions: conditions.value,
-                        switchedOff: switchedOff.flatMap(SwitchOff.init))
-                }
-                return result
-            })
+            decode: decodePreferences)
+    }
+
+    /// The settings of `users` for the category of the type with this key, as a read that can go
+    /// out before the type is known.
+    func preferencesRead(forTypeKey typeKey: String, users: [UUID]) -> StoreRead<[UUID: [NotificationChannel: PreferenceSetting]]> {
+        StoreRead(
+            statement: """
+                SELECT user_id, channel, enabled, frequency, conditions, switched_off FROM preferences
+                WHERE organisation_id = \(organisationID) AND user_id = ANY(\(users)::uuid[])
+                  AND category_id = (SELECT category_id FROM notification_types WHERE organisation_id = \(organisationID) AND key = \(typeKey))
+                """,
+            decode: decodePreferences)
     }
 
     /// The organisation's defaults for one category, by channel.
@@ -286,17 +287,23 @@ extension TenantTransaction {
 
     /// Writes the event, its in-app rows, deliveries, digest items and decision trace, and
     /// wakes listeners when the transaction commits.
-    public func write(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws {
+    /// Returns the event as stored, read in the same exchange.
+    @discardableResult
+    public func write(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws -> EventRecord {
         try await query(
-            [try insertEventStatement(event, counts: plan.counts, expanding: false)] + recipientStatements(event, type: type, plan: plan))
+            [try insertEventStatement(event, counts: plan.counts, expanding: false)] + recipientStatements(event, type: type, plan: plan),
+            then: eventRead(event.id))
+    }
+
+    /// The event row of a fan-out to expand in chunks and its bus message; returns the event as
+    /// stored, all in one exchange.
+    func writeExpandingEvent(_ event: NewEvent) async throws -> EventRecord {
+        try await query(
+            [try insertEventStatement(event, counts: DecisionCounts(), expanding: true), announceStatement(event.id, work: .fanout)],
+            then: eventRead(event.id))
     }
 
     /// The event row alone; `expanding`: its recipients are written later, in chunks (0021).
-    func insertEvent(_ event: NewEvent, counts: DecisionCounts, expanding: Bool) async throws {
-        try await query(try insertEventStatement(event, counts: counts, expanding: expanding))
-    }
-
-    /// The statement of `insertEvent`.
     private func insertEventStatement(_ event: NewEvent, counts: DecisionCounts, expanding: Bool) throws -> PostgresQuery {
         let request = event.request
         return try """
@@ -429,11 +436,6 @@ extension TenantTransaction {
 
     /// Tells the bus the event committed (delivered at commit, never for a rolled-back
     /// transaction), and what it left for the work runners.
-    func announceEvent(_ eventID: UUID, work: EventWork) async throws {
-        try await query(announceStatement(eventID, work: work))
-    }
-
-    /// The statement of `announceEvent`.
     private func announceStatement(_ eventID: UUID, work: EventWork) -> PostgresQuery {
         "SELECT pg_notify('herald_events', \(organisationID.lowercased + ":" + eventID.lowercased + ":" + work.flags))"
     }
@@ -441,14 +443,17 @@ extension TenantTransaction {
     // MARK: Reading and cancelling events
 
     public func event(_ id: UUID) async throws -> EventRecord {
-        guard
-            let row = try await query(
-                "SELECT \(unescaped: eventColumns) FROM events e WHERE e.organisation_id = \(organisationID) AND e.id = \(id)"
-            ).first
-        else {
-            throw StoreError.notFound("event")
+        try await read(eventRead(id))
+    }
+
+    /// `event(_:)` as a read that can go out with other statements.
+    func eventRead(_ id: UUID) -> StoreRead<EventRecord> {
+        StoreRead(statement: "SELECT \(unescaped: eventColumns) FROM events e WHERE e.organisation_id = \(organisationID) AND e.id = \(id)")
+        {
+            rows in
+            guard let row = rows.first else { throw StoreError.notFound("event") }
+            return try decodeEvent(row)
         }
-        return try decodeEvent(row)
     }
 
     /// The newest event of a type, if any.
@@ -610,4 +615,16 @@ private func decodeEvent(_ row: PostgresRow) throws -> EventRecord {
         fanout: fanoutState.map {
             FanoutProgress(state: $0, done: fanoutDone, expected: fanoutExpected, finishedAt: fanoutFinished, error: fanoutError)
         })
+}
+
+/// Preference rows (user_id, channel, enabled, frequency, conditions, switched_off) by user and channel.
+private func decodePreferences(_ rows: [PostgresRow]) throws -> [UUID: [NotificationChannel: PreferenceSetting]] {
+    var result: [UUID: [NotificationChannel: PreferenceSetting]] = [:]
+    for row in rows {
+        let (user, channel, enabled, frequency, conditions, switchedOff) =
+            try row.decode((UUID, NotificationChannel, Bool, Frequency, JSONDocument<[Condition]>, String?).self, table: "preferences")
+        result[user, default: [:]][channel] = PreferenceSetting(
+            enabled: enabled, frequency: frequency, conditions: conditions.value, switchedOff: switchedOff.flatMap(SwitchOff.init))
+    }
+    return result
 }

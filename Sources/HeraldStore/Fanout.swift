@@ -137,16 +137,16 @@ extension Database {
 
 extension TenantTransaction {
     /// notify's write: the whole event when its audience is within the synchronous limit, else
-    /// the event alone, to be expanded in chunks. Returns the event's id.
+    /// the event alone, to be expanded in chunks. Returns the event as stored.
+    @discardableResult
     public func send(
         _ request: EventRequest, eventID: UUID = UUID(), now: Date, idempotencyKey: String? = nil, requestHash: String? = nil,
         fanout: FanoutSettings
-    ) async throws -> UUID {
+    ) async throws -> EventRecord {
         guard try await audienceCount(request.audience, atMost: fanout.synchronousLimit + 1) > fanout.synchronousLimit else {
             // planEvent checks the type and the audience's names itself.
             let planned = try await planEvent(request, eventID: eventID, now: now, idempotencyKey: idempotencyKey, requestHash: requestHash)
-            try await write(planned.event, type: planned.type, plan: planned.plan)
-            return eventID
+            return try await write(planned.event, type: planned.type, plan: planned.plan)
         }
         guard let type = try await notificationType(key: request.typeKey) else { throw UnknownNotificationType(key: request.typeKey) }
         try await checkAudienceNames(request.audience)
@@ -154,9 +154,7 @@ extension TenantTransaction {
             id: eventID, typeID: type.id, request: request, severity: request.severity ?? type.defaultSeverity,
             priority: request.priority ?? type.defaultPriority, deliverAt: max(request.deliverAt ?? now, now),
             idempotencyKey: idempotencyKey, requestHash: requestHash)
-        try await insertEvent(event, counts: DecisionCounts(), expanding: true)
-        try await announceEvent(eventID, work: .fanout)
-        return eventID
+        return try await writeExpandingEvent(event)
     }
 
     /// Writes the next chunk of a leased fan-out, fenced on the lease, and moves the event's

@@ -163,7 +163,7 @@ extension TenantTransaction {
         if let first = try await event(idempotencyKey: key) {
             (eventID, replayed) = (first.id, true)
         } else {
-            (eventID, replayed) = (try await send(request, now: now, idempotencyKey: key, fanout: fanout), false)
+            (eventID, replayed) = (try await send(request, now: now, idempotencyKey: key, fanout: fanout).id, false)
         }
         try await query(
             """

@@ -105,7 +105,8 @@ struct BusTests {
             let chunked = try await org.store { tx in
                 try await tx.send(
                     EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(everyone: true), payload: .object(["title": .string("all")])),
-                    now: Date(), fanout: FanoutSettings(synchronousLimit: 1, chunkSize: 1))
+                    now: Date(), fanout: FanoutSettings(synchronousLimit: 1, chunkSize: 1)
+                ).id
             }
             let expected: [BusMessage] = [
                 .eventCommitted(organisationID: org.id, eventID: inApp, work: []),

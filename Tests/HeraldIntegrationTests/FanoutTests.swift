@@ -111,7 +111,7 @@ struct FanoutTests {
     @Test("cancelling half-way stops the chunks not yet written and cancels what the written ones queued")
     func cancelledHalfWay() async throws {
         let (org, users) = try await organisation()
-        let id = try await org.store { tx in try await tx.send(everyone("ISQ_CRITICAL"), now: Date(), fanout: Self.settings) }
+        let id = try await org.store { tx in try await tx.send(everyone("ISQ_CRITICAL"), now: Date(), fanout: Self.settings).id }
         let worker = "fanout-cancel-\(UUID().uuidString.prefix(6))"
         let lease = try #require(try await claim(org, worker: worker))
         #expect(try await chunk(org, lease, worker: worker) == .expanded(done: 8, finished: false))
@@ -140,7 +140,7 @@ struct FanoutTests {
     @Test("the runner counts the audience beside the first chunk's write; a lease that pauses after it leaves the total shown")
     func countedBesideTheFirstChunk() async throws {
         let (org, users) = try await organisation()
-        let id = try await org.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings) }
+        let id = try await org.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings).id }
         let worker = "fanout-count-\(UUID().uuidString.prefix(6))"
         let lease = try #require(try await claim(org, worker: worker))
         let env = try await TestEnvironment.shared
@@ -158,7 +158,7 @@ struct FanoutTests {
     @Test("a chunk planned ahead is written only where the cursor is, and a cancel between its planning and its write wins")
     func plannedAhead() async throws {
         let (org, users) = try await organisation()
-        let id = try await org.store { tx in try await tx.send(everyone("ISQ_CRITICAL"), now: Date(), fanout: Self.settings) }
+        let id = try await org.store { tx in try await tx.send(everyone("ISQ_CRITICAL"), now: Date(), fanout: Self.settings).id }
         let worker = "fanout-ahead-\(UUID().uuidString.prefix(6))"
         let lease = try #require(try await claim(org, worker: worker))
         func prepare(_ start: ChunkStart, countAudience: Bool = false) async throws -> PreparedChunk {
@@ -205,7 +205,7 @@ struct FanoutTests {
     @Test("a lease that expires mid-way moves to another instance, which goes on from the cursor: every user once")
     func leaseMovesOn() async throws {
         let (org, users) = try await organisation()
-        let id = try await org.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings) }
+        let id = try await org.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings).id }
         let first = "fanout-a-\(UUID().uuidString.prefix(6))", second = "fanout-b-\(UUID().uuidString.prefix(6))"
         let lease = try #require(try await claim(org, worker: first))
         #expect(try await chunk(org, lease, worker: first) == .expanded(done: 8, finished: false))
@@ -230,7 +230,7 @@ struct FanoutTests {
     func markAllDuringFanout() async throws {
         let (org, users) = try await organisation()
         let start = Date().addingTimeInterval(-3600)
-        let id = try await org.store { tx in try await tx.send(everyone(), now: start, fanout: Self.settings) }
+        let id = try await org.store { tx in try await tx.send(everyone(), now: start, fanout: Self.settings).id }
         let worker = "fanout-mark-\(UUID().uuidString.prefix(6))"
         let lease = try #require(try await claim(org, worker: worker))
         #expect(try await chunk(org, lease, worker: worker, now: start) == .expanded(done: 8, finished: false))
@@ -269,7 +269,7 @@ struct FanoutTests {
         }
         #expect(try await claim(org, worker: "fanout-none") == nil)
         // Another organisation's fan-out is neither claimable under this one nor readable.
-        let theirs = try await other.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings) }
+        let theirs = try await other.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings).id }
         #expect(try await claim(org, worker: "fanout-iso") == nil)
         await #expect(throws: StoreError.self) { try await org.store { tx in try await tx.event(theirs) } }
         let worker = "fanout-iso-\(UUID().uuidString.prefix(6))"
@@ -283,7 +283,7 @@ struct FanoutTests {
     @Test("a chunk that keeps failing is retried, a success resets the count, and the tenth failure in a row ends the fan-out FAILED")
     func failingChunks() async throws {
         let (org, _) = try await organisation()
-        let id = try await org.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings) }
+        let id = try await org.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings).id }
         let env = try await TestEnvironment.shared
         let queue = FanoutQueue(database: env.database, organisation: org.id)
         struct Broken: Error, CustomStringConvertible { var description: String { "the chunk could not be written" } }
@@ -312,8 +312,8 @@ struct FanoutTests {
     func heartbeatSkipsABusyEvent() async throws {
         let (org, _) = try await organisation()
         let env = try await TestEnvironment.shared
-        let first = try await org.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings) }
-        let second = try await org.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings) }
+        let first = try await org.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings).id }
+        let second = try await org.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings).id }
         let claims = try await env.database.claimFanouts(worker: "beating", limit: 2, leaseSeconds: 60, organisation: org.id)
         #expect(Set(claims.map(\.eventID)) == [first, second])
         // A chunk of the first event holds its row (not committed) while the heartbeat runs on

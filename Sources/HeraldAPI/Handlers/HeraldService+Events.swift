@@ -32,10 +32,9 @@ extension HeraldService {
             }
             // Checked after the replay: retrying a stored request later still gets its first answer.
             try checkTimes(body)
-            let id = try await mappingEngineErrors {
+            let event = try await mappingEngineErrors {
                 try await tx.send(request, now: now, idempotencyKey: key, requestHash: hash, fanout: fanout)
             }
-            let event = try await tx.event(id)
             if case .user = tx.actor {
                 // A person sending by hand is audited, as a CRM's `notification.send_manual` is;
                 // the payload stays out of the audit log.
