@@ -176,15 +176,25 @@ extension TenantTransaction {
             decode: templatesByType)
     }
 
-    /// The categories of the types with these ids, by id.
+    /// The category each of the types with these ids is in, by type id (a join, so a type
+    /// moved to another category meanwhile still finds the category it is read with).
     func categoriesRead(ofTypes ids: [UUID]) -> StoreRead<[UUID: Category]> {
         StoreRead(
             statement: """
-                SELECT \(unescaped: categoryColumns) FROM categories
-                WHERE organisation_id = \(organisationID)
-                  AND id IN (SELECT category_id FROM notification_types WHERE organisation_id = \(organisationID) AND id = ANY(\(ids)::uuid[]))
+                SELECT t.id, c.id, c.key, c.name, c.description, c.critical, c.created_at, c.updated_at
+                FROM notification_types t JOIN categories c ON c.organisation_id = t.organisation_id AND c.id = t.category_id
+                WHERE t.organisation_id = \(organisationID) AND t.id = ANY(\(ids)::uuid[])
                 """,
-            decode: { rows in Dictionary(try rows.map(decodeCategory).map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first }) })
+            decode: { rows in
+                var byType: [UUID: Category] = [:]
+                for row in rows {
+                    let (type, id, key, name, description, critical, created, updated) = try row.decode(
+                        (UUID, UUID, String, String, String, Bool, Date, Date).self, table: "categories")
+                    byType[type] = Category(
+                        id: id, key: key, name: name, description: description, critical: critical, createdAt: created, updatedAt: updated)
+                }
+                return byType
+            })
     }
 
     /// The category of the type with this key, or nil.

@@ -1,7 +1,6 @@
 import Foundation
 import HeraldCore
 import PostgresNIO
-import Synchronization
 
 /// An integrator's credential. The secret is never stored, only its hash.
 public struct ApiKey: Sendable, Equatable {
@@ -49,14 +48,17 @@ struct UserGrantRow: Sendable {
 
 /// A row of `api_key_grant` / `enter_tenant_as_api_key` (migration 0017).
 struct ApiKeyGrantRow: Sendable {
-    static let columns = "secret_hash, expires_at, revoked_at, permissions"
+    static let columns = "secret_hash, expires_at, revoked_at, permissions, last_used_at"
     var secretHash: Data
     var expiresAt: Date?
     var revokedAt: Date?
     var permissions: [String]
+    /// When the key was last marked used (at most once a minute: `grant(forApiKey:)`).
+    var lastUsedAt: Date?
 
     init(_ row: PostgresRow) throws {
-        (secretHash, expiresAt, revokedAt, permissions) = try row.decode((Data, Date?, Date?, [String]).self, table: "api_keys")
+        (secretHash, expiresAt, revokedAt, permissions, lastUsedAt) = try row.decode(
+            (Data, Date?, Date?, [String], Date?).self, table: "api_keys")
     }
 }
 
@@ -76,24 +78,6 @@ enum Entry: Sendable {
     case apiKey(UUID, ApiKeyGrantRow?)
 }
 
-/// When this process last marked each API key used (`grant(forApiKey:)`), so that it sends
-/// the mark at most once a minute per key. A mark whose transaction rolled back is not sent
-/// again before the minute is out: `last_used_at` is a hint to operators, at most a minute late.
-final class ApiKeyMarks: Sendable {
-    static let shared = ApiKeyMarks()
-    private let marked = Mutex<[UUID: Date]>([:])
-
-    /// Whether `key` is due a mark at `now`; if it is, it counts as marked from `now`.
-    func due(_ key: UUID, now: Date) -> Bool {
-        marked.withLock { marked in
-            if let last = marked[key], last <= now, now.timeIntervalSince(last) < 60 { return false }
-            if marked.count >= 10_000 { marked = marked.filter { now.timeIntervalSince($0.value) < 60 } }
-            marked[key] = now
-            return true
-        }
-    }
-}
-
 extension TenantTransaction {
     // MARK: Principals
 
@@ -107,7 +91,7 @@ extension TenantTransaction {
         case nil: "SELECT enter_tenant(\(organisationID), \(recipient))"
         case .user(let id):
             "SELECT \(unescaped: UserGrantRow.columns) FROM enter_tenant_as_user(\(organisationID), \(recipient), \(id))"
-        case .apiKey(let id): "SELECT \(unescaped: ApiKeyGrantRow.columns) FROM enter_tenant_as_api_key(\(organisationID), \(id))"
+        case .apiKey(let id): "SELECT \(unescaped: ApiKeyGrantRow.columns) FROM enter_tenant_with_api_key(\(organisationID), \(id))"
         }
     }
 
@@ -147,16 +131,15 @@ extension TenantTransaction {
         if case .apiKey(id, let entered) = entry {
             key = entered
         } else {
-            let rows = try await query("SELECT \(unescaped: ApiKeyGrantRow.columns) FROM api_key_grant(\(organisationID), \(id))")
+            let rows = try await query("SELECT \(unescaped: ApiKeyGrantRow.columns) FROM api_key_grant_with_use(\(organisationID), \(id))")
             key = try rows.first.map(ApiKeyGrantRow.init)
         }
         guard let key, constantTimeEqual(key.secretHash, secretHash), key.revokedAt == nil, key.expiresAt.map({ $0 > now }) ?? true
         else { return nil }
-        // A key this process marked less than a minute ago is not asked again: the statement
-        // would change nothing, and it was a round trip of every request made with a key.
-        guard ApiKeyMarks.shared.due(id, now: now) else {
-            return Grant(permissions: Set(key.permissions.compactMap(Permission.init(rawValue:))))
-        }
+        let grant = Grant(permissions: Set(key.permissions.compactMap(Permission.init(rawValue:))))
+        // A key marked less than a minute ago (as the entry read it, migration 0042) is not marked
+        // again: the statement would change nothing, and it was one of every request's.
+        if let last = key.lastUsedAt, now.timeIntervalSince(last) < 60 { return grant }
         try await query(
             """
             UPDATE api_keys SET last_used_at = \(now)
@@ -165,7 +148,7 @@ extension TenantTransaction {
                 WHERE organisation_id = \(organisationID) AND id = \(id) AND (last_used_at IS NULL OR last_used_at < \(now) - interval '1 minute')
                 FOR NO KEY UPDATE SKIP LOCKED)
             """)
-        return Grant(permissions: Set(key.permissions.compactMap(Permission.init(rawValue:))))
+        return grant
     }
 
     // MARK: API keys

@@ -87,7 +87,7 @@ public struct Database: Sendable {
                         connection: connection, organisationID: organisationID, actor: actor,
                         requestID: requestID, logger: logger, deadline: until, prepares: preparedStatements)
                     // BEGIN and COMMIT by hand, so each is abandonable like every statement; BEGIN
-                    // goes with the entry, in one exchange.
+                    // is sent with the entry, and the caller waits once for both.
                     let result: Result
                     do {
                         let opened = try await tx.run(["BEGIN", tx.entryStatement(recipient: recipient, admitting: admission)])
@@ -237,11 +237,13 @@ public struct Database: Sendable {
         }
     }
 
-    /// Statements sent together (a pipeline): PostgresNIO queues them on the connection and sends
-    /// each as soon as the one before ends, on the connection's event loop, so the caller is
-    /// resumed once for all of them instead of once each (a thread hop either way per statement
-    /// was most of a small request's cost: issue 12). Returns each statement's rows, in order;
-    /// the first that failed is the error (those after it fail too, in an aborted transaction).
+    /// Statements sent together: PostgresNIO queues them on the connection and sends each as
+    /// soon as the one before is answered, from the connection's event loop, so the caller waits
+    /// and is resumed once for all of them instead of once each (the hops between threads around
+    /// each statement were most of a small request's cost: issue 12). Each is still its own
+    /// round trip to PostgreSQL. Returns each statement's rows, in order; the first that failed
+    /// is the error. For statements inside a transaction, which those after a failed one then
+    /// fail too (aborted): outside one, each would commit on its own.
     static func statements(
         _ queries: [PostgresQuery], on connection: PostgresConnection, logger: Logger, until: ContinuousClock.Instant
     ) async throws -> [[PostgresRow]] {
@@ -418,10 +420,22 @@ final class StatementWait<Value: Sendable>: Sendable {
 }
 
 /// One read as a statement and what its rows mean, so that several can go out together
-/// (`TenantTransaction.read`).
+/// (`TenantTransaction.read`); or an answer known without asking (no statement).
 struct StoreRead<Value> {
-    var statement: PostgresQuery
+    var statement: PostgresQuery?
     var decode: ([PostgresRow]) throws -> Value
+
+    init(statement: PostgresQuery, decode: @escaping ([PostgresRow]) throws -> Value) {
+        self.statement = statement
+        self.decode = decode
+    }
+
+    /// A read that sends nothing and answers `value`.
+    static func ready(_ value: Value) -> Self {
+        var read = Self(statement: "", decode: { _ in value })
+        read.statement = nil
+        return read
+    }
 }
 
 /// Lets a non-escaping, non-Sendable closure run in a child task of a group that the caller
@@ -461,13 +475,16 @@ public struct TenantTransaction {
     }
 
     /// Reads that do not depend on each other's answers, sent together (`Database.statements`):
-    /// one exchange with the database for all of them, each answer decoded by its own read.
+    /// the caller waits once for all of them, and each answer is decoded by its own read.
     func read<each Value>(_ reads: repeat StoreRead<each Value>) async throws -> (repeat each Value) {
         var statements: [PostgresQuery] = []
-        for read in repeat each reads { statements.append(read.statement) }
+        for read in repeat each reads {
+            if let statement = read.statement { statements.append(statement) }
+        }
         let answers = try await query(statements)
         var position = 0
         func decode<V>(_ read: StoreRead<V>) throws -> V {
+            guard read.statement != nil else { return try read.decode([]) }
             defer { position += 1 }
             return try read.decode(answers[position])
         }
@@ -476,7 +493,11 @@ public struct TenantTransaction {
 
     /// `statements`, then `read`, sent together: what `read` found once the statements ran.
     func query<Value>(_ statements: [PostgresQuery], then read: StoreRead<Value>) async throws -> Value {
-        let answers = try await query(statements + [read.statement])
+        guard let last = read.statement else {
+            try await query(statements)
+            return try read.decode([])
+        }
+        let answers = try await query(statements + [last])
         return try read.decode(answers[answers.count - 1])
     }
 

@@ -109,7 +109,8 @@ extension TenantTransaction {
 
     /// The endpoints of `ids` that exist, by id.
     func endpointsRead(_ ids: [UUID]) -> StoreRead<[UUID: Endpoint]> {
-        StoreRead(
+        guard !ids.isEmpty else { return .ready([:]) }
+        return StoreRead(
             statement:
                 "SELECT \(unescaped: endpointColumns) FROM endpoints WHERE organisation_id = \(organisationID) AND id = ANY(\(ids)::uuid[])",
             decode: { rows in Dictionary(try rows.map(decodeEndpoint).map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first }) })

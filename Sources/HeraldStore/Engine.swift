@@ -85,10 +85,10 @@ extension TenantTransaction {
         _ request: EventRequest, eventID: UUID, now: Date, idempotencyKey: String? = nil, requestHash: String? = nil,
         chunk: AudienceChunk? = nil
     ) async throws -> PlannedEvent {
-        // What does not depend on another answer goes out together, in one exchange: the type,
-        // its templates and category, the organisation's settings and defaults, the endpoints,
-        // the audience's unknown names (a chunk's were checked when its event was accepted) and
-        // its users.
+        // What does not depend on another answer is sent together (`read`: one wait, not one a
+        // statement): the type, its templates and category, the organisation's settings and
+        // defaults, the endpoints, the audience's unknown names (a chunk's were checked when its
+        // event was accepted) and its users.
         // An audience of named users only (most notifies) has its users' settings read with them.
         let key = request.typeKey
         let audience = request.audience
@@ -100,7 +100,8 @@ extension TenantTransaction {
             preferencesRead(forTypeKey: key, users: named ? audience.userIDs : []))
         guard var type = found else { throw UnknownNotificationType(key: key) }
         type.templates = templates
-        guard let category = foundCategory else { throw StoreError.notFound("category") }
+        // The category is read through the type's key: none means the type went meanwhile.
+        guard let category = foundCategory else { throw UnknownNotificationType(key: key) }
         if let unknown { throw unknown }
         let profile = TypeProfile(type, category: category)
         // The recipients' own settings only (a one-user notify read every user's of the category),
@@ -116,8 +117,7 @@ extension TenantTransaction {
             organisationTimezone: settings.defaultTimezone, throttlePerMinute: settings.throttlePerMinute, recipients: recipients,
             excluded: Set(request.audience.excludeUserIDs),
             userPreferences: named ? namedPreferences : try await read(preferencesRead(forCategory: category.id, users: users)),
-            organisationDefaults: Dictionary(
-                defaults.filter { $0.categoryID == category.id }.map { ($0.channel, $0.setting) }, uniquingKeysWith: { first, _ in first }),
+            organisationDefaults: defaults.settings(forCategory: category.id),
             recentCounts: settings.throttlePerMinute == nil
                 ? [:] : try await recentNotifiedCounts(categoryID: category.id, now: now, users: users),
             endpoints: endpoints, sourceActor: request.sourceActor,

@@ -194,7 +194,8 @@ extension TenantTransaction {
     /// The names in `audience` that this organisation does not have, if any, as a read that can
     /// go out with others.
     func unknownAudienceRead(_ audience: Audience) -> StoreRead<UnknownAudience?> {
-        StoreRead(
+        guard !audience.userIDs.isEmpty || !audience.roleKeys.isEmpty || !audience.groupKeys.isEmpty else { return .ready(nil) }
+        return StoreRead(
             statement: """
                 SELECT
                   ARRAY(SELECT x FROM unnest(\(audience.userIDs)::uuid[]) x WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.organisation_id = \(organisationID) AND u.id = x)),
@@ -228,20 +229,14 @@ extension TenantTransaction {
     /// The settings of `users` for the category of the type with this key, as a read that can go
     /// out before the type is known.
     func preferencesRead(forTypeKey typeKey: String, users: [UUID]) -> StoreRead<[UUID: [NotificationChannel: PreferenceSetting]]> {
-        StoreRead(
+        guard !users.isEmpty else { return .ready([:]) }
+        return StoreRead(
             statement: """
                 SELECT user_id, channel, enabled, frequency, conditions, switched_off FROM preferences
                 WHERE organisation_id = \(organisationID) AND user_id = ANY(\(users)::uuid[])
                   AND category_id = (SELECT category_id FROM notification_types WHERE organisation_id = \(organisationID) AND key = \(typeKey))
                 """,
             decode: decodePreferences)
-    }
-
-    /// The organisation's defaults for one category, by channel.
-    public func preferenceDefaults(forCategory categoryID: UUID) async throws -> [NotificationChannel: PreferenceSetting] {
-        Dictionary(
-            try await preferenceDefaults().filter { $0.categoryID == categoryID }.map { ($0.channel, $0.setting) },
-            uniquingKeysWith: { first, _ in first })
     }
 
     /// How many notified events of the category each user had in the last minute.
@@ -287,7 +282,7 @@ extension TenantTransaction {
 
     /// Writes the event, its in-app rows, deliveries, digest items and decision trace, and
     /// wakes listeners when the transaction commits.
-    /// Returns the event as stored, read in the same exchange.
+    /// Returns the event as stored, read back with the writes (sent together: one wait).
     @discardableResult
     public func write(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws -> EventRecord {
         try await query(
@@ -296,7 +291,7 @@ extension TenantTransaction {
     }
 
     /// The event row of a fan-out to expand in chunks and its bus message; returns the event as
-    /// stored, all in one exchange.
+    /// stored, all sent together.
     func writeExpandingEvent(_ event: NewEvent) async throws -> EventRecord {
         try await query(
             [try insertEventStatement(event, counts: DecisionCounts(), expanding: true), announceStatement(event.id, work: .fanout)],
@@ -321,8 +316,8 @@ extension TenantTransaction {
         try await query(try await recipientStatements(event, type: type, plan: plan))
     }
 
-    /// The statements of `writeRecipients`, sent together (`query(_:)` of several): one exchange
-    /// with the database instead of one per table.
+    /// The statements of `writeRecipients`, to be sent together (`query(_:)` of several): one
+    /// wait for all the tables instead of one per table.
     private func recipientStatements(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws -> [PostgresQuery] {
         let request = event.request
         var statements: [PostgresQuery] = []
@@ -627,4 +622,11 @@ private func decodePreferences(_ rows: [PostgresRow]) throws -> [UUID: [Notifica
             enabled: enabled, frequency: frequency, conditions: conditions.value, switchedOff: switchedOff.flatMap(SwitchOff.init))
     }
     return result
+}
+
+extension [PreferenceCell] {
+    /// The organisation's defaults (`preferenceDefaults`) for one category, by channel.
+    func settings(forCategory categoryID: UUID) -> [NotificationChannel: PreferenceSetting] {
+        Dictionary(filter { $0.categoryID == categoryID }.map { ($0.channel, $0.setting) }, uniquingKeysWith: { first, _ in first })
+    }
 }

@@ -245,10 +245,10 @@ extension Database {
 extension TenantTransaction {
     /// What sending each of `ids` needs: the delivery, its event, type and templates, recipient,
     /// organisation and endpoint, read in the deliveries' organisation. A claimed batch is read
-    /// in three exchanges however many ids it holds (issue 12: the worker read each delivery in
-    /// about ten round trips, then a batch in nine): the deliveries; their events with recipients
-    /// and the organisation, and their endpoints, together; then each distinct type with its
-    /// templates and category, together. A delivery whose event or recipient is gone is left out.
+    /// in three waits however many ids it holds (issue 12: the worker read each delivery in
+    /// about ten round trips, then a batch in nine, each a wait): the deliveries; their events
+    /// with recipients and the organisation, and their endpoints, sent together; then each
+    /// distinct type with its templates and category, sent together. A delivery whose event or recipient is gone is left out.
     /// (Read from the deliveries in one statement, the events and users were joined by hash, each
     /// call reading every user: 3.6 ms a batch against well under one.)
     public func deliveryWorks(_ ids: [UUID]) async throws -> [UUID: DeliveryWork] {
@@ -277,7 +277,7 @@ extension TenantTransaction {
     /// (event, recipient): inputs, type and templates, the recipient, and the organisation's name
     /// and sender; a pair whose event or user is not in this organisation is absent. One
     /// statement for the events, users and organisation, then each distinct type with its
-    /// templates and category in one exchange.
+    /// templates and category sent together.
     func eventRenderings(_ pairs: [(eventID: UUID, userID: UUID)]) async throws -> [RenderingKey: EventRendering] {
         guard !pairs.isEmpty else { return [:] }
         return try await renderings(of: try await read(renderingRowsRead(pairs)))
@@ -335,7 +335,7 @@ extension TenantTransaction {
         for row in rows {
             guard var type = types[row.typeID] else { throw StoreError.notFound("notification type") }
             type.templates = templates[type.id] ?? [:]
-            guard let category = categories[type.categoryID] else { throw StoreError.notFound("category") }
+            guard let category = categories[type.id] else { throw StoreError.notFound("notification type") }
             let input = PlanInput(
                 eventID: row.eventID, type: TypeProfile(type, category: category), severity: row.severity,
                 priority: row.priority, payload: row.payload,

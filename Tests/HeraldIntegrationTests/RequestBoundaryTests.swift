@@ -41,7 +41,7 @@ struct RequestBoundaryTests {
                     SELECT coalesce(sum(s.calls), 0)::bigint FROM pg_stat_statements s
                     JOIN pg_database d ON d.oid = s.dbid
                     WHERE d.datname = \(database) AND s.query LIKE \(prefix + "%")
-                      AND s.query NOT LIKE 'SELECT coalesce(settings->%rate_limits%' AND s.query NOT LIKE 'SELECT coalesce(settings->$%'
+                      AND s.query NOT LIKE 'SELECT coalesce(settings->$%'
                       AND s.userid = (SELECT oid FROM pg_roles WHERE rolname = 'herald_app')
                     """, logger: env.logger)
                 var total = 0
@@ -88,7 +88,7 @@ struct RequestBoundaryTests {
                 // The entry: one statement sets the context and reads the caller's grant.
                 let entries = [
                     "SELECT active, permissions, last_engaged_at, warned FROM enter_tenant_as_user",
-                    "SELECT secret_hash, expires_at, revoked_at, permissions FROM enter_tenant_as_api_key",
+                    "SELECT secret_hash, expires_at, revoked_at, permissions, last_used_at FROM enter_tenant_with_api_key",
                 ]
                 func entered() async throws -> Int { try await counter.calls(entries[0]) + counter.calls(entries[1]) }
                 let (begins, commits, contexts, grants) = (
@@ -118,6 +118,12 @@ struct RequestBoundaryTests {
                 #expect(try await counter.calls("SET LOCAL") == 0)
                 // Each successful one committed once; the refusals rolled back.
                 #expect(try await counter.calls("COMMIT") - commits == requests.count - bellReads - 2)
+                // The key was marked used by its first request; its next, within the minute, sends
+                // no mark (the entry reads when it was marked, migration 0042).
+                let marks = try await counter.calls("UPDATE api_keys SET last_used_at")
+                #expect(marks == 1)
+                #expect(try await http.send(.get, "/v1/events", token: apiKey).status == .ok)
+                #expect(try await counter.calls("UPDATE api_keys SET last_used_at") == marks)
                 // A bell's two reads are one round trip each: the function enters the tenant, checks
                 // the grant and reads (the feed read records engagement, through the general path,
                 // only when the last is over an hour old). Any other feed read is four: BEGIN, the
