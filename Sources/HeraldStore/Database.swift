@@ -422,20 +422,21 @@ final class StatementWait<Value: Sendable>: Sendable {
 /// One read as a statement and what its rows mean, so that several can go out together
 /// (`TenantTransaction.read`); or an answer known without asking (no statement).
 struct StoreRead<Value> {
-    var statement: PostgresQuery?
-    var decode: ([PostgresRow]) throws -> Value
+    let statement: PostgresQuery?
+    let decode: ([PostgresRow]) throws -> Value
 
     init(statement: PostgresQuery, decode: @escaping ([PostgresRow]) throws -> Value) {
         self.statement = statement
         self.decode = decode
     }
 
-    /// A read that sends nothing and answers `value`.
-    static func ready(_ value: Value) -> Self {
-        var read = Self(statement: "", decode: { _ in value })
-        read.statement = nil
-        return read
+    private init(ready value: Value) {
+        statement = nil
+        decode = { _ in value }
     }
+
+    /// A read that sends nothing and answers `value`.
+    static func ready(_ value: Value) -> Self { Self(ready: value) }
 }
 
 /// Lets a non-escaping, non-Sendable closure run in a child task of a group that the caller

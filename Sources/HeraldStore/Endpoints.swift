@@ -217,12 +217,8 @@ extension TenantTransaction {
         ).isEmpty
     }
 
-    /// The enabled endpoints that take notifications of `typeKey`, by channel.
-    func endpointTargets(typeKey: String) async throws -> [NotificationChannel: [EndpointTarget]] {
-        try await read(endpointTargetsRead(typeKey: typeKey))
-    }
-
-    /// `endpointTargets` as a read that can go out with others.
+    /// The enabled endpoints that take notifications of `typeKey`, by channel, as a read that can
+    /// go out with others.
     func endpointTargetsRead(typeKey: String) -> StoreRead<[NotificationChannel: [EndpointTarget]]> {
         StoreRead(
             statement: """

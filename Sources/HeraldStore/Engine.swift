@@ -107,6 +107,11 @@ extension TenantTransaction {
         // The recipients' own settings only (a one-user notify read every user's of the category),
         // unless they are too many to name in a statement (a dry run to everyone).
         let users = chunk != nil || recipients.count <= 10_000 ? recipients.map(\.candidate.userID) : nil
+        // What needs the category or the users: sent together, each only when it is needed.
+        let (userPreferences, recentCounts, recentTotals) = try await read(
+            named ? .ready(namedPreferences) : preferencesRead(forCategory: category.id, users: users),
+            settings.throttlePerMinute == nil ? .ready([:]) : recentNotifiedRead(categoryID: category.id, now: now, users: users),
+            settings.userThrottlePerMinute == nil ? .ready([:]) : recentNotifiedRead(categoryID: nil, now: now, users: users))
         let deliverAt = chunk?.deliverAt ?? max(request.deliverAt ?? now, now)
         let severity = request.severity ?? type.defaultSeverity
         let priority = request.priority ?? type.defaultPriority
@@ -115,14 +120,10 @@ extension TenantTransaction {
             subjectType: request.subjectType, subjectID: request.subjectID, deliverAt: deliverAt,
             organisationName: settings.name, organisationSlug: settings.slug, organisationLocale: settings.defaultLocale,
             organisationTimezone: settings.defaultTimezone, throttlePerMinute: settings.throttlePerMinute, recipients: recipients,
-            excluded: Set(request.audience.excludeUserIDs),
-            userPreferences: named ? namedPreferences : try await read(preferencesRead(forCategory: category.id, users: users)),
-            organisationDefaults: defaults.settings(forCategory: category.id),
-            recentCounts: settings.throttlePerMinute == nil
-                ? [:] : try await recentNotifiedCounts(categoryID: category.id, now: now, users: users),
+            excluded: Set(request.audience.excludeUserIDs), userPreferences: userPreferences,
+            organisationDefaults: defaults.settings(forCategory: category.id), recentCounts: recentCounts,
             endpoints: endpoints, sourceActor: request.sourceActor,
-            userThrottlePerMinute: settings.userThrottlePerMinute,
-            recentTotals: settings.userThrottlePerMinute == nil ? [:] : try await recentNotifiedTotals(now: now, users: users))
+            userThrottlePerMinute: settings.userThrottlePerMinute, recentTotals: recentTotals)
         // A chunk's in-app rows are keyed at the time it is written, not the event's: a "mark
         // all read" clicked while earlier chunks were written must not cover them (the settled
         // watermark assumes no notify transaction runs longer than the settling time).

@@ -86,12 +86,7 @@ public struct EngineSettings: Sendable {
 extension TenantTransaction {
     // MARK: Gathering what the planner needs
 
-    /// The organisation's name, defaults and throttle.
-    public func engineSettings() async throws -> EngineSettings {
-        try await read(engineSettingsRead())
-    }
-
-    /// `engineSettings` as a read that can go out with others.
+    /// The organisation's name, defaults and throttle, as a read that can go out with others.
     func engineSettingsRead() -> StoreRead<EngineSettings> {
         StoreRead(
             statement: """
@@ -210,17 +205,10 @@ extension TenantTransaction {
     }
 
     /// Users' own settings for one category, by user and channel; `users` confines them.
-    public func preferences(
-        forCategory categoryID: UUID, users: [UUID]? = nil
-    ) async throws -> [UUID: [NotificationChannel: PreferenceSetting]] {
-        try await read(preferencesRead(forCategory: categoryID, users: users))
-    }
-
-    /// `preferences` as a read that can go out with others.
     func preferencesRead(forCategory categoryID: UUID, users: [UUID]?) -> StoreRead<[UUID: [NotificationChannel: PreferenceSetting]]> {
         StoreRead(
             statement: """
-                SELECT user_id, channel, enabled, frequency, conditions, switched_off FROM preferences
+                SELECT \(unescaped: preferenceColumns) FROM preferences
                 WHERE organisation_id = \(organisationID) AND category_id = \(categoryID) AND (\(users)::uuid[] IS NULL OR user_id = ANY(\(users)::uuid[]))
                 """,
             decode: decodePreferences)
@@ -232,35 +220,25 @@ extension TenantTransaction {
         guard !users.isEmpty else { return .ready([:]) }
         return StoreRead(
             statement: """
-                SELECT user_id, channel, enabled, frequency, conditions, switched_off FROM preferences
+                SELECT \(unescaped: preferenceColumns) FROM preferences
                 WHERE organisation_id = \(organisationID) AND user_id = ANY(\(users)::uuid[])
                   AND category_id = (SELECT category_id FROM notification_types WHERE organisation_id = \(organisationID) AND key = \(typeKey))
                 """,
             decode: decodePreferences)
     }
 
-    /// How many notified events of the category each user had in the last minute.
-    public func recentNotifiedCounts(categoryID: UUID, now: Date, users: [UUID]? = nil) async throws -> [UUID: Int] {
-        let rows = try await query(
-            """
-            SELECT user_id, count(*)::int FROM event_recipients
-            WHERE organisation_id = \(organisationID) AND category_id = \(categoryID) AND notified AND created_at > \(now) - interval '1 minute'
-              AND (\(users)::uuid[] IS NULL OR user_id = ANY(\(users)::uuid[]))
-            GROUP BY user_id
-            """)
-        return Dictionary(uniqueKeysWithValues: try rows.map { try $0.decode((UUID, Int).self) })
-    }
-
-    /// How many notified events of any category each user had in the last minute.
-    public func recentNotifiedTotals(now: Date, users: [UUID]? = nil) async throws -> [UUID: Int] {
-        let rows = try await query(
-            """
-            SELECT user_id, count(*)::int FROM event_recipients
-            WHERE organisation_id = \(organisationID) AND notified AND created_at > \(now) - interval '1 minute'
-              AND (\(users)::uuid[] IS NULL OR user_id = ANY(\(users)::uuid[]))
-            GROUP BY user_id
-            """)
-        return Dictionary(uniqueKeysWithValues: try rows.map { try $0.decode((UUID, Int).self) })
+    /// How many notified events of the category (of any category: nil) each user had in the
+    /// last minute, as a read that can go out with others.
+    func recentNotifiedRead(categoryID: UUID?, now: Date, users: [UUID]?) -> StoreRead<[UUID: Int]> {
+        StoreRead(
+            statement: """
+                SELECT user_id, count(*)::int FROM event_recipients
+                WHERE organisation_id = \(organisationID) AND (\(categoryID)::uuid IS NULL OR category_id = \(categoryID))
+                  AND notified AND created_at > \(now) - interval '1 minute'
+                  AND (\(users)::uuid[] IS NULL OR user_id = ANY(\(users)::uuid[]))
+                GROUP BY user_id
+                """,
+            decode: { rows in Dictionary(uniqueKeysWithValues: try rows.map { try $0.decode((UUID, Int).self) }) })
     }
 
     // MARK: Writing an event and its plan
@@ -612,7 +590,10 @@ private func decodeEvent(_ row: PostgresRow) throws -> EventRecord {
         })
 }
 
-/// Preference rows (user_id, channel, enabled, frequency, conditions, switched_off) by user and channel.
+/// What a preference read selects (`decodePreferences`).
+private let preferenceColumns = "user_id, channel, enabled, frequency, conditions, switched_off"
+
+/// Preference rows (`preferenceColumns`) by user and channel.
 private func decodePreferences(_ rows: [PostgresRow]) throws -> [UUID: [NotificationChannel: PreferenceSetting]] {
     var result: [UUID: [NotificationChannel: PreferenceSetting]] = [:]
     for row in rows {

@@ -148,8 +148,10 @@ extension TenantTransaction {
             let planned = try await planEvent(request, eventID: eventID, now: now, idempotencyKey: idempotencyKey, requestHash: requestHash)
             return try await write(planned.event, type: planned.type, plan: planned.plan)
         }
-        guard let type = try await notificationType(key: request.typeKey) else { throw UnknownNotificationType(key: request.typeKey) }
-        try await checkAudienceNames(request.audience)
+        // The type (its templates are read by each chunk) and the audience's unknown names, together.
+        let (found, unknown) = try await read(typeRead(key: request.typeKey), unknownAudienceRead(request.audience))
+        guard let type = found else { throw UnknownNotificationType(key: request.typeKey) }
+        if let unknown { throw unknown }
         let event = NewEvent(
             id: eventID, typeID: type.id, request: request, severity: request.severity ?? type.defaultSeverity,
             priority: request.priority ?? type.defaultPriority, deliverAt: max(request.deliverAt ?? now, now),

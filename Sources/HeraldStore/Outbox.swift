@@ -248,7 +248,8 @@ extension TenantTransaction {
     /// in three waits however many ids it holds (issue 12: the worker read each delivery in
     /// about ten round trips, then a batch in nine, each a wait): the deliveries; their events
     /// with recipients and the organisation, and their endpoints, sent together; then each
-    /// distinct type with its templates and category, sent together. A delivery whose event or recipient is gone is left out.
+    /// distinct type with its templates and category, sent together. A delivery whose event or
+    /// recipient is gone is left out.
     /// (Read from the deliveries in one statement, the events and users were joined by hash, each
     /// call reading every user: 3.6 ms a batch against well under one.)
     public func deliveryWorks(_ ids: [UUID]) async throws -> [UUID: DeliveryWork] {
