@@ -176,9 +176,21 @@ extension PostgresClient.Configuration {
         case "disable": tls = .disable
         default: throw ConfigurationError(variable: "DATABASE_URL", value: "sslmode=\(sslmode)")
         }
-        return PostgresClient.Configuration(
+        var configuration = PostgresClient.Configuration(
             host: url.host ?? "127.0.0.1", port: url.port ?? 5432, username: user.removingPercentEncoding ?? user,
             password: url.password?.removingPercentEncoding, database: database.isEmpty ? nil : database, tls: tls)
+        configuration.keepAlive(every: 0)
+        return configuration
+    }
+
+    /// Keep-alive queries on idle connections every `seconds`; 0: none (Herald's default). The
+    /// driver arms a keep-alive timer, a task of the pool's, each time a connection goes back to
+    /// the pool, and cancels it when the connection is lent again: about 7 % of the server's
+    /// CPU for a feed read (docs/decisions.md, "no keep-alive queries"). A connection that died idle is
+    /// found by the statement's deadline instead; set this where something between Herald and
+    /// PostgreSQL drops idle connections silently.
+    public mutating func keepAlive(every seconds: TimeInterval) {
+        options.keepAliveBehavior = seconds > 0 ? Options.KeepAliveBehavior(frequency: .milliseconds(Int64(seconds * 1000))) : nil
     }
 }
 

@@ -11,6 +11,8 @@ public struct AppConfiguration: Sendable {
     public var databaseURL = "postgres://herald_app:herald_app@127.0.0.1:5432/herald"
     /// Largest connection pool the server opens.
     public var databasePoolSize = 20
+    /// Seconds between keep-alive queries on an idle pooled connection; 0: none.
+    public var databaseKeepAlive: TimeInterval = 0
     /// A directory of `<kid>.pem` ES256 private keys; all verify, `jwtActiveKeyID` signs.
     public var jwtKeysDirectory = ".data/jwt"
     /// The key id that signs new tokens; default: the last file name in sort order.
@@ -155,7 +157,8 @@ public struct AppConfiguration: Sendable {
         if let v = value("HERALD_HOST") { c.host = v }
         try number("HERALD_PORT", &c.port)
         if let v = value("DATABASE_URL") { c.databaseURL = v }
-        try number("HERALD_DATABASE_POOL_SIZE", &c.databasePoolSize)
+        try number("HERALD_DATABASE_POOL_SIZE", &c.databasePoolSize, in: 1...10_000)
+        try number("HERALD_DATABASE_KEEPALIVE_SECONDS", &c.databaseKeepAlive, in: 0...86_400)
         if let v = value("HERALD_JWT_KEYS_DIR") { c.jwtKeysDirectory = v }
         c.jwtActiveKeyID = value("HERALD_JWT_ACTIVE_KID")
         if let v = value("HERALD_JWT_ISSUER") { c.jwtIssuer = v }

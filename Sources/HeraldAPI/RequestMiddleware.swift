@@ -84,7 +84,7 @@ struct RequestMiddleware: RouterMiddleware {
         {
             return header
         }
-        return UUID().lowercased
+        return TimeOrderedID.make().lowercased
     }
 
     /// Maps any error to a problem+json response. Internal details go to the log, never the client.

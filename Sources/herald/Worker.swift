@@ -89,6 +89,7 @@ struct DeliveryServices {
             throw ConfigurationError(variable: "HERALD_SMTP_URL", value: config.smtpURL)
         }
         var pool = try PostgresClient.Configuration.fromURL(url)
+        pool.keepAlive(every: config.databaseKeepAlive)
         // The deliveries' shared connections (a send holds none: the sends starting or ending
         // together are read, recorded or given back in one transaction per organisation; more
         // requests wait for a free connection), one for the bus's LISTEN (when it is ours), one

@@ -136,6 +136,25 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test("the pool: no keep-alive queries by default; the setting, and bad values refused at start")
+    func poolSettings() throws {
+        let base = ["DATABASE_URL": "postgres://u@127.0.0.1/db"]
+        let defaults = try AppConfiguration.fromEnvironment(base)
+        #expect(defaults.databasePoolSize == 20 && defaults.databaseKeepAlive == 0)
+        #expect(try PostgresClient.Configuration.fromURL(base["DATABASE_URL"]!).options.keepAliveBehavior == nil)
+        let set = try AppConfiguration.fromEnvironment(
+            base.merging(["HERALD_DATABASE_POOL_SIZE": "8", "HERALD_DATABASE_KEEPALIVE_SECONDS": "45"]) { $1 })
+        #expect(set.databasePoolSize == 8 && set.databaseKeepAlive == 45)
+        var pool = try PostgresClient.Configuration.fromURL(base["DATABASE_URL"]!)
+        pool.keepAlive(every: set.databaseKeepAlive)
+        #expect(pool.options.keepAliveBehavior?.frequency == .seconds(45))
+        for bad in [
+            ["HERALD_DATABASE_POOL_SIZE": "0"], ["HERALD_DATABASE_KEEPALIVE_SECONDS": "-5"], ["HERALD_DATABASE_KEEPALIVE_SECONDS": "often"],
+        ] {
+            #expect(throws: ConfigurationError.self, "\(bad)") { try AppConfiguration.fromEnvironment(base.merging(bad) { $1 }) }
+        }
+    }
+
     @Test("tasks run on the event loops unless HERALD_TASKS_ON_EVENT_LOOPS=0; another value is refused at start")
     func tasksOnEventLoopsIsASetting() throws {
         let base = ["DATABASE_URL": "postgres://u@127.0.0.1/db"]
