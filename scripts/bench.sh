@@ -697,7 +697,7 @@ LUA
   echo
   echo "## fairness: organisation B's notify p95 while organisation A floods POST /v1/events (32 connections, ${FS} s; B: 10 requests/s, one at a time)"
   echo
-  echo "Organisation gate: ${HERALD_ORGANISATION_CONCURRENCY:-$(( $(nproc) > 2 ? $(nproc) : 2 ))} requests of one organisation in the database at once (HERALD_ORGANISATION_CONCURRENCY; the default is the instance's cores, at least 2), except where the row says none."
+  echo "Organisation gate: ${HERALD_ORGANISATION_CONCURRENCY:-$(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 ))} requests of one organisation in the database at once (HERALD_ORGANISATION_CONCURRENCY; the default is half the instance's cores, at least 1), except where the row says none."
   echo
   echo "| server | B's p95 alone | B's p95 with A flooding | ratio (goal ≤ 1.2) | A | B's requests refused |"
   echo "|---|---|---|---|---|---|"

@@ -130,8 +130,9 @@ public struct AppConfiguration: Sendable {
     /// Requests of one organisation this instance runs in the database at once while another
     /// organisation uses it, per lane (its users' feed, its other calls, calls with a key not yet
     /// proven; 0: no bound), and how many more may wait in a lane before a 429
-    /// (`OrganisationGate`). By default as many as the instance has cores (at least 2).
-    public var organisationConcurrency = max(2, ProcessInfo.processInfo.activeProcessorCount)
+    /// (`OrganisationGate`). By default half the instance's cores (at least 1): two organisations
+    /// at once get half each (docs/decisions.md, "half the cores").
+    public var organisationConcurrency = max(1, ProcessInfo.processInfo.activeProcessorCount / 2)
     public var organisationQueue = 256
     /// Whether the hottest reads run as named prepared statements (HERALD_PREPARED_STATEMENTS).
     public var preparedStatements = true

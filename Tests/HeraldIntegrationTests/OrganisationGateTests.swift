@@ -201,7 +201,7 @@ struct OrganisationGateTests {
     func configuration() throws {
         let base = ["DATABASE_URL": "postgres://u@127.0.0.1/db"]
         let defaults = try AppConfiguration.fromEnvironment(base)
-        #expect(defaults.organisationConcurrency == max(2, ProcessInfo.processInfo.activeProcessorCount))
+        #expect(defaults.organisationConcurrency == max(1, ProcessInfo.processInfo.activeProcessorCount / 2))
         #expect(defaults.organisationQueue == 256)
         let set = try AppConfiguration.fromEnvironment(
             base.merging(["HERALD_ORGANISATION_CONCURRENCY": "0", "HERALD_ORGANISATION_QUEUE": "10"]) { $1 })
