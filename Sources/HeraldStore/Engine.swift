@@ -96,7 +96,7 @@ extension TenantTransaction {
         let (found, templates, foundCategory, settings, defaults, endpoints, unknown, recipients, namedPreferences) = try await read(
             typeRead(key: key), templatesRead(typeKey: key), categoryRead(typeKey: key), engineSettingsRead(), preferenceDefaultsRead(),
             endpointTargetsRead(typeKey: key), unknownAudienceRead(chunk == nil ? audience : Audience()),
-            recipientsRead(for: audience, after: chunk?.after, limit: chunk?.limit),
+            recipientsRead(for: audience, after: chunk?.after, limit: chunk?.limit, typeKey: key),
             preferencesRead(forTypeKey: key, users: named ? audience.userIDs : []))
         guard var type = found else { throw UnknownNotificationType(key: key) }
         type.templates = templates

@@ -134,9 +134,11 @@ extension TenantTransaction {
     }
 
     /// The users of `recipients`, without checking the audience's names, as a read that can go
-    /// out with others.
-    func recipientsRead(for audience: Audience, after: UUID?, limit: Int?) -> StoreRead<[RecipientProfile]> {
-        StoreRead(statement: recipientsQuery(for: audience, after: after, limit: limit)) { rows in
+    /// out with others. With `typeKey`, none unless the organisation has that type: the read goes
+    /// out with the type's, and a misspelt type in a dry run to everyone read every user before
+    /// its 422 (1.3 s for 110 000).
+    func recipientsRead(for audience: Audience, after: UUID?, limit: Int?, typeKey: String? = nil) -> StoreRead<[RecipientProfile]> {
+        StoreRead(statement: recipientsQuery(for: audience, after: after, limit: limit, typeKey: typeKey)) { rows in
             try rows.map { row in
                 let (id, active, email, name, locale, timezone, attributes, byUser, byRoles, byGroups) =
                     try row.decode(
@@ -152,7 +154,7 @@ extension TenantTransaction {
     }
 
     /// The statement `recipients` runs (the plan guards explain it).
-    func recipientsQuery(for audience: Audience, after: UUID?, limit: Int?) -> PostgresQuery {
+    func recipientsQuery(for audience: Audience, after: UUID?, limit: Int?, typeKey: String? = nil) -> PostgresQuery {
         // Candidate ids first, each source read in user order from its own index and each id
         // with the sources that named it (audience_members, 0035), then users by primary key: a
         // one-user event does not scan the organisation's users, and a chunk costs its size. Each
@@ -166,6 +168,8 @@ extension TenantTransaction {
             FROM audience_members(\(organisationID), \(audience.everyone), \(audience.userIDs)::uuid[], \(audience.roleKeys)::text[],
                                   \(audience.groupKeys)::text[], \(after)::uuid, \(limit)::integer) c
             CROSS JOIN LATERAL (SELECT * FROM users u WHERE u.organisation_id = \(organisationID) AND u.id = c.user_id OFFSET 0) u
+            WHERE \(typeKey)::text IS NULL
+               OR EXISTS (SELECT FROM notification_types t WHERE t.organisation_id = \(organisationID) AND t.key = \(typeKey)::text)
             ORDER BY u.id
             """
     }

@@ -1,5 +1,8 @@
 import Foundation
+import HTTPTypes
 import HeraldCore
+import Hummingbird
+import HummingbirdTesting
 import PostgresNIO
 import Testing
 
@@ -136,6 +139,38 @@ struct PlanGuardTests {
         }
         #expect(everyone > 2_000, "the whole audience read \(everyone) users")
         #expect(chunk <= 2 * 100 + 10, "a chunk of 100 after the 1 800th user read \(chunk) users")
+    }
+
+    @Test("the audience of a type the organisation does not have reads no user (a misspelt type in a dry run to everyone)")
+    func audienceOfAnUnknownTypeReadsNothing() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let (known, unknown, found) = try await env.database.withTenant(org.id) { tx in
+            _ = try await tx.query(
+                """
+                INSERT INTO users (organisation_id, email, display_name)
+                SELECT \(org.id), 'u' || g || '@unknown-type.example', 'U' || g FROM generate_series(1, 500) g
+                """)
+            let everyone = Audience(everyone: true)
+            return (
+                try await rowsRead(
+                    tx.recipientsQuery(for: everyone, after: nil, limit: nil, typeKey: "ISQ_CRITICAL"), in: tx, from: "users"),
+                try await rowsRead(
+                    tx.recipientsQuery(for: everyone, after: nil, limit: nil, typeKey: "ISQ_CRITCAL"), in: tx, from: "users"),
+                try await tx.query(tx.recipientsQuery(for: everyone, after: nil, limit: nil, typeKey: "ISQ_CRITCAL")).count
+            )
+        }
+        // The known type's read is measured the same way, or the unknown one's 0 could not fail.
+        #expect(known >= 500, "the audience of a known type read \(known) users")
+        #expect(unknown == 0 && found == 0, "the audience of an unknown type read \(unknown) users and returned \(found)")
+        // Through the API: the same 422 as before.
+        let app = try env.application()
+        try await app.test(.router) { client in
+            let answer = try await client.send(
+                .post, "/v1/events/dry-run", token: org.ownerToken, json: #"{"type": "ISQ_CRITCAL", "audience": {"everyone": true}}"#)
+            #expect(answer.isProblem(.unprocessableContent), "\(answer.text)")
+            #expect(answer.text.contains("ISQ_CRITCAL"), "\(answer.text)")
+        }
     }
 
     @Test(
