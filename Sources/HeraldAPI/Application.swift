@@ -185,12 +185,16 @@ extension PostgresClient.Configuration {
 
     /// Keep-alive queries on idle connections every `seconds`; 0: none (Herald's default). The
     /// driver arms a keep-alive timer, a task of the pool's, each time a connection goes back to
-    /// the pool, and cancels it when the connection is lent again: about 7 % of the server's
-    /// CPU for a feed read (docs/decisions.md, "no keep-alive queries"). A connection that died idle is
-    /// found by the statement's deadline instead; set this where something between Herald and
-    /// PostgreSQL drops idle connections silently.
+    /// the pool, and cancels it when the connection is lent again: about 8 % of Herald's CPU for an
+    /// uncached feed read (docs/decisions.md, "no keep-alive queries"). A connection that died idle
+    /// is found by the statement's deadline instead; set this where something between Herald and
+    /// PostgreSQL drops connections idle for less than the pool's minute. At least a second.
     public mutating func keepAlive(every seconds: TimeInterval) {
-        options.keepAliveBehavior = seconds > 0 ? Options.KeepAliveBehavior(frequency: .milliseconds(Int64(seconds * 1000))) : nil
+        guard seconds.isFinite, seconds > 0 else {
+            options.keepAliveBehavior = nil
+            return
+        }
+        options.keepAliveBehavior = Options.KeepAliveBehavior(frequency: .milliseconds(Int64(max(seconds, 1) * 1000)))
     }
 }
 

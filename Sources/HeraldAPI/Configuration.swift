@@ -130,8 +130,8 @@ public struct AppConfiguration: Sendable {
     /// Requests of one organisation this instance runs in the database at once while another
     /// organisation uses it, per lane (its users' feed, its other calls, calls with a key not yet
     /// proven; 0: no bound), and how many more may wait in a lane before a 429
-    /// (`OrganisationGate`). By default half the instance's cores (at least 1): two organisations
-    /// at once get half each (docs/decisions.md, "half the cores").
+    /// (`OrganisationGate`). By default half the instance's cores (at least 1), per lane
+    /// (docs/decisions.md, "half the cores").
     public var organisationConcurrency = max(1, ProcessInfo.processInfo.activeProcessorCount / 2)
     public var organisationQueue = 256
     /// Whether the hottest reads run as named prepared statements (HERALD_PREPARED_STATEMENTS).
@@ -160,6 +160,9 @@ public struct AppConfiguration: Sendable {
         if let v = value("DATABASE_URL") { c.databaseURL = v }
         try number("HERALD_DATABASE_POOL_SIZE", &c.databasePoolSize, in: 1...10_000)
         try number("HERALD_DATABASE_KEEPALIVE_SECONDS", &c.databaseKeepAlive, in: 0...86_400)
+        if c.databaseKeepAlive > 0 && c.databaseKeepAlive < 1 {
+            throw ConfigurationError(variable: "HERALD_DATABASE_KEEPALIVE_SECONDS", value: "\(c.databaseKeepAlive) (0, or 1 to 86400)")
+        }
         if let v = value("HERALD_JWT_KEYS_DIR") { c.jwtKeysDirectory = v }
         c.jwtActiveKeyID = value("HERALD_JWT_ACTIVE_KID")
         if let v = value("HERALD_JWT_ISSUER") { c.jwtIssuer = v }

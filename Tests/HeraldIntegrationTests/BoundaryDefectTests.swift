@@ -149,7 +149,8 @@ struct BoundaryDefectTests {
         pool.keepAlive(every: set.databaseKeepAlive)
         #expect(pool.options.keepAliveBehavior?.frequency == .seconds(45))
         for bad in [
-            ["HERALD_DATABASE_POOL_SIZE": "0"], ["HERALD_DATABASE_KEEPALIVE_SECONDS": "-5"], ["HERALD_DATABASE_KEEPALIVE_SECONDS": "often"],
+            ["HERALD_DATABASE_POOL_SIZE": "0"], ["HERALD_DATABASE_KEEPALIVE_SECONDS": "-5"], ["HERALD_DATABASE_KEEPALIVE_SECONDS": "0.5"],
+            ["HERALD_DATABASE_KEEPALIVE_SECONDS": "often"],
         ] {
             #expect(throws: ConfigurationError.self, "\(bad)") { try AppConfiguration.fromEnvironment(base.merging(bad) { $1 }) }
         }

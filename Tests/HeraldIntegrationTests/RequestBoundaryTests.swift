@@ -178,10 +178,9 @@ struct RequestBoundaryTests {
     }
 
     private func client(_ url: String, _ body: @Sendable (PostgresClient) async throws -> Void) async throws {
-        var configuration = try PostgresClient.Configuration.fromURL(url)
-        // No keep-alive: the pool sends `SELECT 1` on a connection idle for 30 s, and on a loaded
-        // machine one landing between two readings was counted as a request's statement.
-        configuration.options.keepAliveBehavior = nil
+        // No keep-alive (`fromURL`'s default): a `SELECT 1` landing between two readings would be
+        // counted as a request's statement.
+        let configuration = try PostgresClient.Configuration.fromURL(url)
         let client = PostgresClient(configuration: configuration, backgroundLogger: env.logger)
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { await client.run() }
