@@ -265,7 +265,6 @@ extension TenantTransaction {
     /// Writes the event, its in-app rows, deliveries, digest items and decision trace, and
     /// wakes listeners when the transaction commits.
     /// Returns the event as stored, read back with the writes (sent together: one wait).
-    @discardableResult
     public func write(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws -> EventRecord {
         try await query(
             [try insertEventStatement(event, counts: plan.counts, expanding: false)] + recipientStatements(event, type: type, plan: plan),

@@ -444,9 +444,10 @@ func poolConfiguration(_ config: AppConfiguration) throws -> PostgresClient.Conf
     var pool = try PostgresClient.Configuration.fromURL(config.databaseURL)
     // One more than configured: the notification bus holds one for its LISTEN.
     pool.options.maximumConnections = config.databasePoolSize + 1
-    // No minimum: the driver's pool (this version) traps on a precondition when a connection is
-    // asked for while it refills its minimum during a database outage (FaultTests found it), so it
-    // keeps arming an idle timer each time a connection goes back (docs/decisions.md, "no keep-alive queries").
+    // The minimum stays 0, though the pool then arms an idle timer each time a connection goes
+    // back: with one, this PostgresNIO traps on a precondition when a connection is asked for
+    // while it refills its minimum during a database outage (FaultTests found it). No keep-alive
+    // queries unless configured (docs/decisions.md, "no keep-alive queries").
     pool.keepAlive(every: config.databaseKeepAlive)
     return pool
 }
