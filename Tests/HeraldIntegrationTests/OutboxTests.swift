@@ -327,7 +327,7 @@ struct OutboxTests {
                 let planned = try await tx.planEvent(
                     EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]), payload: .object([:])),
                     eventID: UUID(), now: Date())
-                try await tx.write(planned.event, type: planned.type, plan: planned.plan)
+                _ = try await tx.write(planned.event, type: planned.type, plan: planned.plan)
                 throw Rollback()
             }
         }
