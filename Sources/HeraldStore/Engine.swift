@@ -69,12 +69,26 @@ public struct AudienceChunk: Sendable {
     public var after: UUID?
     public var limit: Int
     public var deliverAt: Date
+    /// Whether the audience's names are checked (a dry run's first chunk); a fan-out's were
+    /// checked when its event was accepted.
+    public var checksNames: Bool
 
-    public init(after: UUID?, limit: Int, deliverAt: Date) {
+    public init(after: UUID?, limit: Int, deliverAt: Date, checksNames: Bool = false) {
         self.after = after
         self.limit = limit
         self.deliverAt = deliverAt
+        self.checksNames = checksNames
     }
+}
+
+/// A dry run's plan (`planDryRun`): the counts of the whole audience and the decisions of one
+/// page of it.
+public struct DryRunPlan: Sendable {
+    public var counts = DecisionCounts()
+    /// The first users of the page, by user id.
+    public var traces: [RecipientTrace] = []
+    /// More users follow the page.
+    public var more = false
 }
 
 extension TenantTransaction {
@@ -95,7 +109,7 @@ extension TenantTransaction {
         let named = chunk == nil && !audience.everyone && audience.roleKeys.isEmpty && audience.groupKeys.isEmpty
         let (found, templates, foundCategory, settings, defaults, endpoints, unknown, recipients, namedPreferences) = try await read(
             typeRead(key: key), templatesRead(typeKey: key), categoryRead(typeKey: key), engineSettingsRead(), preferenceDefaultsRead(),
-            endpointTargetsRead(typeKey: key), unknownAudienceRead(chunk == nil ? audience : Audience()),
+            endpointTargetsRead(typeKey: key), unknownAudienceRead(chunk?.checksNames ?? true ? audience : Audience()),
             recipientsRead(for: audience, after: chunk?.after, limit: chunk?.limit, typeKey: key),
             preferencesRead(forTypeKey: key, users: named ? audience.userIDs : []))
         guard var type = found else { throw UnknownNotificationType(key: key) }
@@ -132,5 +146,31 @@ extension TenantTransaction {
             id: eventID, typeID: type.id, request: request, severity: severity, priority: priority, deliverAt: deliverAt,
             idempotencyKey: idempotencyKey, requestHash: requestHash)
         return PlannedEvent(event: event, type: profile, plan: NotificationPlanner.plan(input), recipients: recipients)
+    }
+
+    /// Plans `request` as notify would, writing nothing, `chunkSize` users at a time in the order
+    /// a chunked fan-out writes them (by user id), so that one chunk's users, settings and plan are
+    /// in memory at a time, not the whole audience's: a dry run to everyone of an organisation of a
+    /// million users held the million (about 1.5 KB each). The counts cover the whole audience; the
+    /// page is the first `limit` users after `after`.
+    public func planDryRun(_ request: EventRequest, now: Date, limit: Int, after: UUID?, chunkSize: Int) async throws -> DryRunPlan {
+        let eventID = UUID()
+        let deliverAt = max(request.deliverAt ?? now, now)
+        let start = after?.uuidString
+        var result = DryRunPlan()
+        var cursor: UUID?
+        repeat {
+            let planned = try await planEvent(
+                request, eventID: eventID, now: now,
+                chunk: AudienceChunk(after: cursor, limit: chunkSize, deliverAt: deliverAt, checksNames: cursor == nil))
+            result.counts = result.counts + planned.plan.counts
+            // uuidString's order is the bytes' order, PostgreSQL's for uuid.
+            let ordered = planned.plan.traces.map { ($0.targeting.userID.uuidString, $0) }.sorted { $0.0 < $1.0 }
+            for (id, trace) in ordered where start.map({ id > $0 }) ?? true {
+                if result.traces.count < limit { result.traces.append(trace) } else { result.more = true }
+            }
+            cursor = planned.recipients.count < chunkSize ? nil : planned.recipients.last?.candidate.userID
+        } while cursor != nil
+        return result
     }
 }

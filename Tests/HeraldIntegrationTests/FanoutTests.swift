@@ -202,6 +202,48 @@ struct FanoutTests {
         )
     }
 
+    @Test("a dry run plans its audience a chunk at a time, with the counts and pages of one plan of the whole audience")
+    func dryRunInChunks() async throws {
+        let (org, users) = try await organisation()
+        let env = try await TestEnvironment.shared
+        let app = try env.application(configure: { $0.fanoutChunkSize = Self.settings.chunkSize })
+        // The oracle: the planner over the whole audience at once.
+        let whole = try await org.store { tx in try await tx.planEvent(everyone("ISQ_CRITICAL"), eventID: UUID(), now: Date()) }
+        #expect(whole.plan.traces.count == users.count)
+        try await app.test(.router) { client in
+            let body = #"{"type": "ISQ_CRITICAL", "audience": {"everyone": true}, "payload": {"title": "All hands", "isq": 25}}"#
+            var paged: [String] = []
+            var cursor: String?
+            var pages: [Components.Schemas.Explanation] = []
+            repeat {
+                let page = try await client.send(
+                    .post, "/v1/events/dry-run?limit=10" + (cursor.map { "&cursor=\($0)" } ?? ""), token: org.ownerToken, json: body)
+                #expect(page.status == .ok, "\(page.text)")
+                let explanation = try page.decoded(Components.Schemas.Explanation.self)
+                pages.append(explanation)
+                paged += explanation.items.map(\.userId)
+                cursor = explanation.nextCursor
+            } while cursor != nil && pages.count < 10
+            // 27 users in chunks of 8, pages of 10: every user once, in id order, on three pages.
+            #expect(paged == users.map(\.uuidString).map { $0.lowercased() })
+            #expect(pages.map(\.items.count) == [10, 10, 7])
+            let counts = whole.plan.counts
+            let planned: [Int] = [
+                counts.considered, counts.targeted, counts.notTargeted, counts.inApp, counts.immediate, counts.digest, counts.skipped,
+            ]
+            for page in pages {
+                let c = try #require(page.counts)
+                let shown: [Int] = [c.considered, c.targeted, c.notTargeted, c.inApp, c.immediate, c.digest, c.skipped]
+                #expect(shown == planned)
+            }
+            #expect(counts.considered == users.count && counts.inApp > 0)
+            // The audience's names are still checked (by the first chunk).
+            let unknown = try await client.send(
+                .post, "/v1/events/dry-run", token: org.ownerToken, json: #"{"type": "ISQ_CRITICAL", "audience": {"groups": ["nope"]}}"#)
+            #expect(unknown.isProblem(.unprocessableContent), "\(unknown.text)")
+        }
+    }
+
     @Test("a lease that expires mid-way moves to another instance, which goes on from the cursor: every user once")
     func leaseMovesOn() async throws {
         let (org, users) = try await organisation()

@@ -163,22 +163,21 @@ extension HeraldService {
     }
 
     /// The planner's decisions, a page of users at a time (by user id, like explain); the counts
-    /// cover the whole audience.
+    /// cover the whole audience, planned a fan-out chunk at a time (`planDryRun`).
     private func dryRun(
         _ request: EventRequest, _ tx: TenantTransaction, limit: Int, after: UUID? = nil
     ) async throws -> Components.Schemas.Explanation {
-        let planned = try await plan(request, tx, now: now())
-        let ordered = planned.plan.traces.sorted { $0.targeting.userID.uuidString < $1.targeting.userID.uuidString }
-            .filter { after == nil || $0.targeting.userID.uuidString > after!.uuidString }
-        let page = ordered.prefix(limit)
+        let planned = try await mappingEngineErrors {
+            try await tx.planDryRun(request, now: now(), limit: limit, after: after, chunkSize: fanout.chunkSize)
+        }
+        let page = planned.traces
         let users = Dictionary(
             try await tx.users(ids: page.map(\.targeting.userID)).map { ($0.id, $0) },
             uniquingKeysWith: { a, _ in a })
         let items = try page.map { trace in try explained(ExplainedRecipient(planned: trace, user: users[trace.targeting.userID])) }
         let next =
-            ordered.count > limit
-            ? page.last.map { PageCursor(time: Date(timeIntervalSince1970: 0), id: $0.targeting.userID).encoded } : nil
-        return .init(_type: request.typeKey, dryRun: true, counts: try convert(planned.plan.counts), items: items, nextCursor: next)
+            planned.more ? page.last.map { PageCursor(time: Date(timeIntervalSince1970: 0), id: $0.targeting.userID).encoded } : nil
+        return .init(_type: request.typeKey, dryRun: true, counts: try convert(planned.counts), items: items, nextCursor: next)
     }
 
     private func explanationOf(
