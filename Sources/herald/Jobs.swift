@@ -103,8 +103,11 @@ private func runNow(_ job: SystemJob, organisation: String?, label: String, now:
         runner.leaseSeconds = config.workerLeaseSeconds
         runner.batchSize = 4
         runner.attemptDeadline = .seconds(24 * 3600)
+        // The run asked for is claimed and recorded on the real clock, so that an instant given to
+        // try the rule (`--at`, a year ahead) neither runs the scheduled run early nor moves the
+        // schedule past that instant; only the job's work acts as if it were then.
         let jobs = WorkRunner(
-            configuration: runner, queue: JobQueue(database: database, name: job, now: { now }),
+            configuration: runner, queue: JobQueue(database: database, name: job, now: { Date() }),
             handler: JobHandler(database: database, mailer: mailer, now: { now }), bus: NotificationBus(client: client, logger: logger),
             logger: logger)
         let total = try await jobs.runDue { batch, total in

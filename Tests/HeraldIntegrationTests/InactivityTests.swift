@@ -132,6 +132,33 @@ struct InactivityTests {
         #expect(again.traces.first?.channels.first { $0.decision.channel == .email }?.decision.reason == .channelDisabled)
     }
 
+    @Test("herald maintenance inactivity --at tries the rule at another instant and leaves the job's schedule as it was")
+    func commandAt() async throws {
+        let env = try await TestEnvironment.shared
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let before = try await org.store { tx in
+            _ = try await tx.updateOrganisation(
+                name: nil, defaultLocale: nil, defaultTimezone: nil, inactivity: InactivityChange(enabled: true))
+            try await tx.ensureSystemJobs()
+            return try await tx.job(named: .inactivity)
+        }
+        let at = Date().addingTimeInterval(366 * 86_400)
+        let output = try runHerald(
+            ["maintenance", "inactivity", "--organisation", org.slug, "--at", at.formatted(.iso8601)],
+            ["DATABASE_OWNER_URL": env.ownerURL, "HERALD_SMTP_URL": Peers.smtpURL])
+        let after = try await org.store { tx in try await tx.job(named: .inactivity) }
+        // The next scheduled run is where it was (a clock a year ahead moved it a year on).
+        #expect(after.nextRunAt == before.nextRunAt)
+        let runs = try await org.store { tx in try await tx.jobRuns(of: after.id, limit: 10, after: nil) }.items
+        // One run, the one asked for (the scheduled run, due tomorrow, did not run at once).
+        #expect(runs.map(\.trigger) == [.manual], "\(runs)")
+        #expect(runs.first?.counts["warned"] == 2, "\(runs)")
+        // The summary reports that run's counts.
+        #expect(output.contains("organisation \(org.id.lowercased): SUCCEEDED manual"), "\(output)")
+        #expect(output.contains("warned"), "\(output)")
+    }
+
     @Test("a tracked click and a feed read are engagement, recorded at most hourly")
     func engagement() async throws {
         let org = try await TestOrganisation.make()
