@@ -218,6 +218,39 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test("an update that names no field is a 400 and changes and audits nothing (the schemas' minProperties)")
+    func emptyUpdates() async throws {
+        try await withCatalogue { org, catalogue, client in
+            let created = try await client.send(.post, "/v1/groups", token: org.ownerToken, json: #"{"key": "g-empty", "name": "G"}"#)
+            let group = try #require(created.json["id"] as? String)
+            let role = try #require(
+                try await client.send(.post, "/v1/roles", token: org.ownerToken, json: #"{"key": "r-empty", "name": "R", "permissions": []}"#)
+                    .json["id"] as? String)
+            // Written directly: this app's destination guard refuses the local receiver.
+            let endpoint = try await org.store { tx in
+                try await tx.createEndpoint(
+                    channel: .webhook, format: .standard, name: "Ward system", url: Peers.hook("empty-update").url, eventTypes: [],
+                    secret: "whsec_" + Data(repeating: 7, count: 32).base64EncodedString())
+            }
+            let audited = { @Sendable in try await client.send(.get, "/v1/audit-log?limit=100", token: org.ownerToken).json["items"] as? [Any] }
+            let before = try await audited()?.count
+            var paths = [
+                "/v1/organisation", "/v1/users/\(org.memberID.uuidString)", "/v1/groups/\(group)", "/v1/roles/\(role)",
+                "/v1/categories/\(catalogue.activity.uuidString)", "/v1/notification-types/\(catalogue.taskAssigned.uuidString)",
+            ]
+            paths.append("/v1/endpoints/\(endpoint.id.uuidString)")
+            for path in paths {
+                let response = try await client.send(.patch, path, token: org.ownerToken, json: "{}")
+                #expect(response.isProblem(.badRequest), "PATCH \(path): \(response.text.prefix(300))")
+                #expect((response.json["detail"] as? String)?.contains("no field") == true, "\(response.text.prefix(300))")
+            }
+            #expect(try await audited()?.count == before)
+            // One field is enough.
+            let renamed = try await client.send(.patch, "/v1/groups/\(group)", token: org.ownerToken, json: #"{"name": "G2"}"#)
+            #expect(renamed.status == .ok, "\(renamed.text)")
+        }
+    }
+
     @Test("unknown query parameters are refused (400 naming them); declared ones work")
     func unknownQueryParameters() async throws {
         try await withOrganisation { org, client in

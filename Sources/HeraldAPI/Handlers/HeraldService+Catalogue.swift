@@ -33,6 +33,7 @@ extension HeraldService {
     func updateCategory(_ input: Operations.UpdateCategory.Input) async throws -> Operations.UpdateCategory.Output {
         let id = try id(input.path.categoryId, "category")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        try requireSomeChange(body)
         let name = try body.name.map { v in try Validate.text(v, field: "name") }
         let updated = try await tenant { tx, _ in
             let before = Components.Schemas.Category(try await tx.category(id))
@@ -92,6 +93,7 @@ extension HeraldService {
     func updateNotificationType(_ input: Operations.UpdateNotificationType.Input) async throws -> Operations.UpdateNotificationType.Output {
         let id = try id(input.path.typeId, "notification type")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        try requireSomeChange(body)
         let name = try body.name.map { v in try Validate.text(v, field: "name") }
         let updated = try await tenant { tx, _ in
             let existing = try await tx.notificationType(id)

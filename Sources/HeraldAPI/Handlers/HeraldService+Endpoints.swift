@@ -46,6 +46,7 @@ extension HeraldService {
     func updateEndpoint(_ input: Operations.UpdateEndpoint.Input) async throws -> Operations.UpdateEndpoint.Output {
         let id = try id(input.path.endpointId, "endpoint")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        try requireSomeChange(body)
         var url: String?
         if let given = body.url { url = try await vetted(given) }
         let fields = EndpointFields(

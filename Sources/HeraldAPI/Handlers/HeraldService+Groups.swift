@@ -30,6 +30,7 @@ extension HeraldService {
     func updateGroup(_ input: Operations.UpdateGroup.Input) async throws -> Operations.UpdateGroup.Output {
         let id = try id(input.path.groupId, "group")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        try requireSomeChange(body)
         let name = try body.name.map { v in try Validate.text(v, field: "name") }
         let updated = try await tenant { tx, _ in
             let before = Components.Schemas.Group(try await tx.group(id))

@@ -11,6 +11,7 @@ extension HeraldService {
 
     func updateOrganisation(_ input: Operations.UpdateOrganisation.Input) async throws -> Operations.UpdateOrganisation.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        try requireSomeChange(body)
         let name = try body.name.map { name in try Validate.text(name, field: "name") }
         let locale = try body.defaultLocale.map { v in try Validate.locale(v, field: "default_locale") }
         if let throttle = body.throttlePerMinute, !(0...100_000).contains(throttle) {

@@ -34,6 +34,7 @@ extension HeraldService {
     func updateRole(_ input: Operations.UpdateRole.Input) async throws -> Operations.UpdateRole.Output {
         let id = try id(input.path.roleId, "role")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        try requireSomeChange(body)
         let name = try body.name.map { v in try Validate.text(v, field: "name") }
         let permissions = try body.permissions.map { v in try Validate.permissions(v) }
         let updated = try await tenant { tx, principal in

@@ -42,6 +42,7 @@ extension HeraldService {
     func updateUser(_ input: Operations.UpdateUser.Input) async throws -> Operations.UpdateUser.Output {
         let id = try id(input.path.userId, "user")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        try requireSomeChange(body)
         var change = UserChange(
             email: try body.email.map { v throws(ValidationError) in try Validate.emailAddress(v) },
             displayName: try body.displayName.map { v throws(ValidationError) in try Validate.text(v, field: "display_name") },

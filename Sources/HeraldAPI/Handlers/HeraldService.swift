@@ -112,3 +112,13 @@ func auditValue(_ value: some Encodable) throws -> JSONValue {
     encoder.dateEncodingStrategy = .iso8601
     return try JSONDecoder().decode(JSONValue.self, from: try encoder.encode(value))
 }
+
+/// The update schemas' `minProperties: 1`, which the generated types do not check: an update
+/// that names no field (`{}`, or only nulls) is refused before anything is read or audited.
+func requireSomeChange<Update>(_ body: Update) throws {
+    let named = Mirror(reflecting: body).children.contains { child in
+        let value = Mirror(reflecting: child.value)
+        return value.displayStyle != .optional || !value.children.isEmpty
+    }
+    guard named else { throw APIError.badRequest("The body names no field to change: give at least one.") }
+}
