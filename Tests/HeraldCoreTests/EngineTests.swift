@@ -171,6 +171,15 @@ struct ChannelDecisionTests {
         #expect(throws: ValidationError.self) { try Condition(field: "recipient.email", op: .equals, value: .bool(true)).validate() }
         #expect(throws: ValidationError.self) { try Condition(field: "level", op: .atLeast).validate() }
         #expect(throws: ValidationError.self) { try Condition(field: "level", op: .atMost, value: .bool(true)).validate() }
+        // gte and lte compare with a number, an ISO date (one the calendar has), a date-time or today.
+        for text in ["yesterday", "2027-02-30", "2027-13-01", "2027-1-01", "27-01-01", "2027-01-01T25:00:00Z", ""] {
+            #expect(throws: ValidationError.self, "\(text)") {
+                try Condition(field: "starts_on", op: .atLeast, value: .string(text)).validate()
+            }
+        }
+        for text in ["today", "2027-03-31", "2028-02-29", "2027-03-31T08:00:00+02:00"] {
+            #expect(throws: Never.self, "\(text)") { try Condition(field: "starts_on", op: .atMost, value: .string(text)).validate() }
+        }
     }
 }
 
