@@ -301,21 +301,26 @@ struct OrganisationCommand: AsyncParsableCommand {
             let hash = try await passwordHasher(config).hash(checked.2)
             try await withPostgres(url: config.databaseURL, logger: logger) { client in
                 let database = Database(client: client, logger: logger)
-                let organisation = try await database.createOrganisation(
-                    slug: checked.0, name: name, defaultLocale: checked.3, defaultTimezone: checked.4
-                ) { tx in
-                    let owner = try await tx.createUser(NewUser(email: checked.1, displayName: checked.1, passwordHash: hash))
-                    _ = try await tx.setUserRoles(owner.id, [try await tx.builtinRole(.owner).id])
-                    try await tx.audit(
-                        action: "user.create", targetType: "user", targetID: owner.id.lowercased,
-                        before: nil, after: .object(["email": .string(owner.email), "roles": .array([.string("owner")])]))
-                    print("organisation: owner \(owner.email) (\(owner.id.lowercased))")
-                    if catalogue == "demo" {
-                        let types = try await DemoCatalogue.ensure(tx, clinicians: [])
-                        print(
-                            "organisation: demo catalogue with \(DemoCatalogue.categories.count) categories and \(types) notification types"
-                        )
+                let organisation: Organisation
+                do {
+                    organisation = try await database.createOrganisation(
+                        slug: checked.0, name: name, defaultLocale: checked.3, defaultTimezone: checked.4
+                    ) { tx in
+                        let owner = try await tx.createUser(NewUser(email: checked.1, displayName: checked.1, passwordHash: hash))
+                        _ = try await tx.setUserRoles(owner.id, [try await tx.builtinRole(.owner).id])
+                        try await tx.audit(
+                            action: "user.create", targetType: "user", targetID: owner.id.lowercased,
+                            before: nil, after: .object(["email": .string(owner.email), "roles": .array([.string("owner")])]))
+                        print("organisation: owner \(owner.email) (\(owner.id.lowercased))")
+                        if catalogue == "demo" {
+                            let types = try await DemoCatalogue.ensure(tx, clinicians: [])
+                            print(
+                                "organisation: demo catalogue with \(DemoCatalogue.categories.count) categories and \(types) notification types"
+                            )
+                        }
                     }
+                } catch StoreError.conflict(constraint: "organisations_slug_unique") {
+                    throw ValidationError("An organisation with the slug \(checked.0) already exists: choose another --slug.")
                 }
                 print("organisation: created \(organisation.slug) (\(organisation.id.lowercased))")
             }

@@ -224,15 +224,19 @@ struct BoundaryDefectTests {
             let created = try await client.send(.post, "/v1/groups", token: org.ownerToken, json: #"{"key": "g-empty", "name": "G"}"#)
             let group = try #require(created.json["id"] as? String)
             let role = try #require(
-                try await client.send(.post, "/v1/roles", token: org.ownerToken, json: #"{"key": "r-empty", "name": "R", "permissions": []}"#)
-                    .json["id"] as? String)
+                try await client.send(
+                    .post, "/v1/roles", token: org.ownerToken, json: #"{"key": "r-empty", "name": "R", "permissions": []}"#
+                )
+                .json["id"] as? String)
             // Written directly: this app's destination guard refuses the local receiver.
             let endpoint = try await org.store { tx in
                 try await tx.createEndpoint(
                     channel: .webhook, format: .standard, name: "Ward system", url: Peers.hook("empty-update").url, eventTypes: [],
                     secret: "whsec_" + Data(repeating: 7, count: 32).base64EncodedString())
             }
-            let audited = { @Sendable in try await client.send(.get, "/v1/audit-log?limit=100", token: org.ownerToken).json["items"] as? [Any] }
+            let audited = { @Sendable in
+                try await client.send(.get, "/v1/audit-log?limit=100", token: org.ownerToken).json["items"] as? [Any]
+            }
             let before = try await audited()?.count
             var paths = [
                 "/v1/organisation", "/v1/users/\(org.memberID.uuidString)", "/v1/groups/\(group)", "/v1/roles/\(role)",
@@ -458,6 +462,28 @@ struct CatalogueDocumentTests {
         env = try await TestEnvironment.shared
     }
 
+    @Test("a key without organisation.manage exports the catalogue without the preference defaults, and can apply it again")
+    func exportWithoutDefaults() async throws {
+        try await withCatalogue { org, _, client in
+            let key = try await org.serviceKey()
+            #expect(
+                try await client.send(
+                    .put, "/v1/organisation/preference-defaults", token: org.ownerToken,
+                    json: #"{"items": [{"category": "activity", "channel": "email", "enabled": true, "frequency": "DAILY"}]}"#
+                ).status == .ok)
+            // The dedicated route refuses the key; the document does not show them either.
+            #expect(try await client.send(.get, "/v1/organisation/preference-defaults", token: key).isProblem(.forbidden))
+            let exported = try await client.send(.get, "/v1/catalogue", token: key)
+            #expect(exported.status == .ok, "\(exported.text.prefix(300))")
+            #expect(exported.json["preference_defaults"] == nil && (exported.json["types"] as? [Any])?.isEmpty == false)
+            let applied = try await client.send(.put, "/v1/catalogue", token: key, json: exported.text)
+            #expect(applied.status == .ok, "\(applied.text.prefix(300))")
+            // The owner still sees them, unchanged.
+            let owner = try await client.send(.get, "/v1/catalogue", token: org.ownerToken)
+            #expect((owner.json["preference_defaults"] as? [Any])?.count == 1, "\(owner.text.prefix(300))")
+        }
+    }
+
     @Test("export, import into an empty organisation, import again: the same catalogue, one audit entry, events work")
     func exportImport() async throws {
         // setup: A has the test catalogue and a preference default, B is empty
@@ -540,5 +566,10 @@ struct CatalogueDocumentTests {
         let id = try #require(try await env.database.organisationID(slug: slug))
         let types = try await env.database.withTenant(id) { tx in try await tx.notificationTypes().map(\.key) }
         #expect(types.contains("ISQ_CRITICAL") && types.contains("TASK_ASSIGNED"))
+        // The same slug again: refused in words, nothing written.
+        let again = try runHeraldExit(
+            ["organisation", "create", "--slug", slug, "--name", "Again", "--owner-email", "again@\(slug).example"],
+            ["DATABASE_URL": env.appURL, "HERALD_OWNER_PASSWORD": "a long enough passphrase", "HERALD_ARGON2_ITERATIONS": "1"])
+        #expect(again.status != 0 && again.output.contains("already exists: choose another --slug"), "\(again.output)")
     }
 }

@@ -6,7 +6,7 @@ import HeraldStore
 /// tenant's repository, applied in one transaction, idempotent.
 extension HeraldService {
     func exportCatalogue(_ input: Operations.ExportCatalogue.Input) async throws -> Operations.ExportCatalogue.Output {
-        let document = try await tenant { tx, _ in try await catalogueDocument(tx) }
+        let document = try await tenant { tx, principal in try await catalogueDocument(tx, for: principal) }
         return .ok(.init(body: .json(document)))
     }
 
@@ -15,9 +15,9 @@ extension HeraldService {
         let plan = try CataloguePlan(document)
         let after = try await tenant { tx, principal in
             if document.preferenceDefaults != nil { try requireHolds([.organisationManage], principal) }
-            let before = try await catalogueDocument(tx)
+            let before = try await catalogueDocument(tx, for: principal)
             let summary = try await apply(plan, document, tx)
-            let after = try await catalogueDocument(tx)
+            let after = try await catalogueDocument(tx, for: principal)
             if after != before {
                 try await tx.audit(
                     action: "catalogue.import", targetType: "organisation", targetID: tx.organisationID.lowercased,
@@ -28,8 +28,11 @@ extension HeraldService {
         return .ok(.init(body: .json(after)))
     }
 
-    /// The current catalogue, in the document's shape and a stable order.
-    func catalogueDocument(_ tx: TenantTransaction) async throws -> Components.Schemas.Catalogue {
+    /// The current catalogue, in the document's shape and a stable order. The preference
+    /// defaults are in it only for a caller who may read them (`organisation.manage`, as `GET
+    /// /v1/organisation/preference-defaults`), so that a key with `templates.manage` alone can
+    /// export the document and apply it again.
+    func catalogueDocument(_ tx: TenantTransaction, for principal: Principal) async throws -> Components.Schemas.Catalogue {
         let categories = try await tx.categories().sorted { $0.key < $1.key }
         let types = try await tx.notificationTypes()
         return .init(
@@ -43,7 +46,8 @@ extension HeraldService {
                         .init(channel: $0.channel, locale: $0.locale, subject: $0.subject, body: $0.body, html: $0.html)
                     })
             },
-            preferenceDefaults: try await preferenceList(try await tx.preferenceDefaults(), tx).items)
+            preferenceDefaults: principal.permissions.contains(.organisationManage)
+                ? try await preferenceList(try await tx.preferenceDefaults(), tx).items : nil)
     }
 
     /// Writes the document: categories, then types and their templates, then defaults.
