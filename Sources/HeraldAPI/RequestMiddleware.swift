@@ -128,7 +128,13 @@ struct RequestMiddleware: RouterMiddleware {
                 return error.operationInput == nil ? .badRequest(describe(decoding)) : .internalError
             }
             if (400..<500).contains(error.httpStatus.code) {
-                if error.httpStatus == .unsupportedMediaType { return .badRequest("Send the body as application/json.") }
+                if error.httpStatus == .unsupportedMediaType {
+                    // The one operation that takes forms (RFC 8058); every other body is JSON.
+                    if error.operationID == "unsubscribe" {
+                        return .badRequest("Send the body as multipart/form-data or application/x-www-form-urlencoded (RFC 8058).")
+                    }
+                    return .badRequest("Send the body as application/json.")
+                }
                 return .badRequest(error.causeDescription)
             }
             return .internalError

@@ -82,10 +82,27 @@ struct DeliveryTests {
                 headers: [.contentType: "application/x-www-form-urlencoded"], body: ByteBuffer(string: "List-Unsubscribe=One-Click"))
             #expect(wrongScope.isProblem(.notFound), "a click token cannot unsubscribe")
 
-            let oneClick = try await client.execute(
-                uri: unsubscribePath, method: .post, headers: [.contentType: "application/x-www-form-urlencoded"],
-                body: ByteBuffer(string: "List-Unsubscribe=One-Click"))
-            #expect(oneClick.status == .ok)
+            // RFC 8058 asks mail receivers for multipart/form-data (a URL-encoded form works too:
+            // CitusReadinessTests). A wrong value, a JSON body, a broken multipart: 400, nothing changed.
+            func form(_ value: String, boundary: String = "xYz") -> ByteBuffer {
+                ByteBuffer(
+                    string:
+                        "--\(boundary)\r\nContent-Disposition: form-data; name=\"List-Unsubscribe\"\r\n\r\n\(value)\r\n--\(boundary)--\r\n")
+            }
+            let multipart: HTTPFields = [.contentType: "multipart/form-data; boundary=xYz"]
+            let refused = [
+                try await client.execute(uri: unsubscribePath, method: .post, headers: multipart, body: form("Nope")),
+                try await client.execute(
+                    uri: unsubscribePath, method: .post, headers: multipart, body: form("One-Click", boundary: "other")),
+                try await client.execute(
+                    uri: unsubscribePath, method: .post, headers: [.contentType: "application/json"],
+                    body: ByteBuffer(string: #"{"List-Unsubscribe": "One-Click"}"#)),
+            ]
+            for response in refused { #expect(response.isProblem(.badRequest), "\(response.text.prefix(200))") }
+            #expect(refused[2].text.contains("multipart/form-data"), "\(refused[2].text.prefix(200))")
+            #expect(try await org.store { tx in try await tx.preferences(ofUser: org.memberID) }.isEmpty)
+            let oneClick = try await client.execute(uri: unsubscribePath, method: .post, headers: multipart, body: form("One-Click"))
+            #expect(oneClick.status == .ok, "\(oneClick.text.prefix(200))")
             #expect(oneClick.headers[.location] == nil)
             let cells = try await org.store { tx in try await tx.preferences(ofUser: org.memberID) }
             #expect(

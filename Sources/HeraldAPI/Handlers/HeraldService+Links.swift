@@ -37,13 +37,36 @@ extension HeraldService {
         return .ok(.init(body: .html(HTTPBody(page))))
     }
 
+    /// Whether a `multipart/form-data` body (what RFC 8058 asks mail receivers to send) has the
+    /// part `List-Unsubscribe` saying `One-Click`; other parts are read past.
+    static func saysOneClick(_ parts: MultipartBody<Operations.Unsubscribe.Input.Body.MultipartFormPayload>) async throws -> Bool {
+        var found = false
+        do {
+            for try await part in parts {
+                switch part {
+                case .listUnsubscribe(let field):
+                    found = try await String(collecting: field.payload.body, upTo: 64) == "One-Click"
+                case .undocumented(let other):
+                    _ = try await [UInt8](collecting: other.body, upTo: 64 * 1024)
+                }
+            }
+        } catch {
+            // A body that is not the multipart it says it is, or that lacks the part: the client's.
+            throw APIError.badRequest("The body must be List-Unsubscribe=One-Click (RFC 8058), as form-data or a URL-encoded form.")
+        }
+        return found
+    }
+
     /// RFC 8058 one-click: the body must say `List-Unsubscribe=One-Click`; no cookies, no login,
     /// 200 without a redirect.
     func unsubscribe(_ input: Operations.Unsubscribe.Input) async throws -> Operations.Unsubscribe.Output {
         let claims = try verifiedLink()
-        guard case .urlEncodedForm(let form) = input.body, form.listUnsubscribe == .oneClick else {
-            throw APIError.badRequest("The body must be List-Unsubscribe=One-Click (RFC 8058).")
+        let oneClick: Bool
+        switch input.body {
+        case .urlEncodedForm(let form): oneClick = form.listUnsubscribe == .oneClick
+        case .multipartForm(let parts): oneClick = try await Self.saysOneClick(parts)
         }
+        guard oneClick else { throw APIError.badRequest("The body must be List-Unsubscribe=One-Click (RFC 8058).") }
         let (categories, channel) = try await unsubscribeTargets(claims)
         let names = try await transaction { tx in
             var names: [String] = []
