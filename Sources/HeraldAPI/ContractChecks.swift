@@ -7,6 +7,8 @@ import OpenAPIRuntime
 ///   filter must not silently return everything.
 /// - Every `maxLength`/`maxItems` `openapi.yaml` declares under the body is enforced (422 naming
 ///   the field), from the table `scripts/spec-routes.py` generates (`SpecRoutes`).
+/// - A query or path parameter of the wrong kind (`limit=abc`, `severity=BAD`, a channel the
+///   path does not take) is a 400 naming it and what it takes; one longer than declared a 422.
 /// - A request without content has no body. The transport hands over an empty body, which the
 ///   generated code fails to decode as JSON, so an optional body (`rotate-secret`) could not be
 ///   left out. A required body that is missing is still refused by the generated code.
@@ -37,6 +39,7 @@ struct ContractChecks: Sendable {
                 "Unknown query parameter \"\(name)\". "
                     + (accepted.isEmpty ? "This operation takes none." : "This operation takes: \(accepted.joined(separator: ", "))."))
         }
+        if let problem = SpecRoutes.byOperationID[operationID]?.parameterProblem(in: request.path ?? "") { throw problem }
         let hasContent =
             request.headerFields[.transferEncoding] != nil
             || (request.headerFields[.contentLength].flatMap { Int($0) } ?? 0) > 0

@@ -11,6 +11,9 @@ struct SpecRoute: Sendable {
     var query: Set<String>
     /// JSON path → the most characters (or, for `path#items`, items) the contract allows there.
     var limits: [String: Int] = [:]
+    /// Query or path parameter → what its value must be: `integer`, `boolean`, `enum:A|B`,
+    /// `date-time` or `string:MAXLENGTH` (`scripts/spec-routes.py`).
+    var parameterRules: [String: String] = [:]
 
     /// How many segments of the template are fixed words, not `{…}` parameters.
     var literalSegments: Int { path.split(separator: "/").filter { !$0.hasPrefix("{") }.count }
@@ -52,6 +55,48 @@ extension SpecRoutes {
 }
 
 extension SpecRoute {
+    /// The first query or path parameter of `path` (with its query string) whose value the
+    /// contract does not allow, as a problem naming it: 400 for a value of the wrong kind, 422
+    /// for one too long. The generated decoders would refuse it too, without saying which
+    /// parameter or what it takes.
+    func parameterProblem(in path: String) -> APIError? {
+        let parts = path.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+        var values: [(String, String)] = []
+        let template = self.path.split(separator: "/", omittingEmptySubsequences: false)
+        let segments = parts[0].split(separator: "/", omittingEmptySubsequences: false)
+        for (name, segment) in zip(template, segments) where name.hasPrefix("{") && name.hasSuffix("}") {
+            values.append((String(name.dropFirst().dropLast()), String(segment).removingPercentEncoding ?? String(segment)))
+        }
+        for pair in (parts.count > 1 ? parts[1] : "").split(separator: "&") where !pair.isEmpty {
+            let halves = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map {
+                String($0).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String($0)
+            }
+            values.append((halves[0], halves.count > 1 ? halves[1] : ""))
+        }
+        for (name, value) in values {
+            guard let rule = parameterRules[name] else { continue }
+            let shown = value.count > 40 ? "\"\(value.prefix(40))…\"" : "\"\(value)\""
+            switch rule {
+            case "integer" where Int(value) == nil:
+                return .badRequest("\(name): \(shown) is not a whole number.")
+            case "boolean" where value != "true" && value != "false":
+                return .badRequest("\(name): \(shown) is not true or false.")
+            case "date-time" where RFC3339.date(from: value) == nil:
+                return .badRequest("\(name): \(shown) is not an RFC 3339 date-time such as 2027-03-31T08:00:00Z.")
+            case let rule where rule.hasPrefix("enum:"):
+                let allowed = rule.dropFirst("enum:".count).split(separator: "|").map(String.init)
+                if !allowed.contains(value) { return .badRequest("\(name): \(shown) is not one of \(allowed.joined(separator: ", ")).") }
+            case let rule where rule.hasPrefix("string:"):
+                if let limit = Int(rule.dropFirst("string:".count)), value.unicodeScalars.count > limit {
+                    return .unprocessable(ValidationError(field: name, message: "must be at most \(limit) characters."))
+                }
+            default:
+                continue
+            }
+        }
+        return nil
+    }
+
     /// The first value of `json` longer than the contract allows, as a 422's field and message.
     /// Lengths count Unicode code points, as JSON Schema's `maxLength` does.
     func lengthViolation(in json: Any) -> ValidationError? {

@@ -255,6 +255,37 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test("a query or path parameter of the wrong kind is a 400 naming it and what it takes; one too long a 422")
+    func malformedParameters() async throws {
+        try await withCatalogue { org, catalogue, client in
+            let type = catalogue.taskAssigned.uuidString
+            let cases: [(HTTPRequest.Method, String, String, HTTPResponse.Status, String)] = [
+                (.get, "/v1/users?limit=abc", "limit", .badRequest, "whole number"),
+                (.get, "/v1/users?limit=1.5", "limit", .badRequest, "whole number"),
+                (.get, "/v1/me/notifications?read=maybe", "read", .badRequest, "true or false"),
+                (.get, "/v1/me/notifications?severity=BAD", "severity", .badRequest, "INFO, WARNING, CRITICAL"),
+                (.get, "/v1/events?state=SCHEDULED", "state", .badRequest, "scheduled, delivered, cancelled"),
+                (.get, "/v1/deliveries?status=BOGUS", "status", .badRequest, "PENDING"),
+                (.get, "/v1/deliveries?since=yesterday", "since", .badRequest, "RFC 3339"),
+                (.get, "/v1/me/notifications?q=" + String(repeating: "x", count: 201), "q", .unprocessableContent, "at most 200"),
+                (.put, "/v1/notification-types/\(type)/templates/sms/en", "channel", .badRequest, "in_app, email"),
+            ]
+            for (method, path, name, status, says) in cases {
+                let token = path.hasPrefix("/v1/me/") ? org.memberToken : org.ownerToken
+                let response = try await client.send(method, path, token: token, json: #"{"subject": "s", "body": "b"}"#)
+                let detail = response.json["detail"] as? String ?? ""
+                #expect(response.isProblem(status), "\(method) \(path.prefix(80)): \(response.text.prefix(300))")
+                #expect(detail.hasPrefix("\(name)") && detail.contains(says), "\(path.prefix(80)): \(detail)")
+                #expect(!detail.contains("Payload") && !detail.contains("convert"), "\(detail)")
+            }
+            // Well-formed values still work.
+            for path in ["/v1/users?limit=5", "/v1/events?state=scheduled", "/v1/deliveries?status=SENT&since=2026-01-01T00:00:00Z"] {
+                #expect(try await client.send(.get, path, token: org.ownerToken).status == .ok, "\(path)")
+            }
+            #expect(try await client.send(.get, "/v1/me/notifications?read=false&severity=INFO", token: org.memberToken).status == .ok)
+        }
+    }
+
     @Test("unknown query parameters are refused (400 naming them); declared ones work")
     func unknownQueryParameters() async throws {
         try await withOrganisation { org, client in
