@@ -8,7 +8,7 @@ import OpenAPIRuntime
 /// - Every `maxLength`/`maxItems` `openapi.yaml` declares under the body is enforced (422 naming
 ///   the field), from the table `scripts/spec-routes.py` generates (`SpecRoutes`).
 /// - A query or path parameter of the wrong kind (`limit=abc`, `severity=BAD`, a channel the
-///   path does not take) is a 400 naming it and what it takes; one longer than declared a 422.
+///   path does not take, one longer than declared) is a 400 naming it and what it takes.
 /// - A request without content has no body. The transport hands over an empty body, which the
 ///   generated code fails to decode as JSON, so an optional body (`rotate-secret`) could not be
 ///   left out. A required body that is missing is still refused by the generated code.

@@ -56,9 +56,8 @@ extension SpecRoutes {
 
 extension SpecRoute {
     /// The first query or path parameter of `path` (with its query string) whose value the
-    /// contract does not allow, as a problem naming it: 400 for a value of the wrong kind, 422
-    /// for one too long. The generated decoders would refuse it too, without saying which
-    /// parameter or what it takes.
+    /// contract does not allow, as a 400 naming it and what it takes. The generated decoders
+    /// would refuse most of these too, without saying which parameter or what it takes.
     func parameterProblem(in path: String) -> APIError? {
         let parts = path.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
         var values: [(String, String)] = []
@@ -88,7 +87,7 @@ extension SpecRoute {
                 if !allowed.contains(value) { return .badRequest("\(name): \(shown) is not one of \(allowed.joined(separator: ", ")).") }
             case let rule where rule.hasPrefix("string:"):
                 if let limit = Int(rule.dropFirst("string:".count)), value.unicodeScalars.count > limit {
-                    return .unprocessable(ValidationError(field: name, message: "must be at most \(limit) characters."))
+                    return .badRequest("\(name): must be at most \(limit) characters.")
                 }
             default:
                 continue

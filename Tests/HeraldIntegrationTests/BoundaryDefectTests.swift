@@ -255,7 +255,7 @@ struct BoundaryDefectTests {
         }
     }
 
-    @Test("a query or path parameter of the wrong kind is a 400 naming it and what it takes; one too long a 422")
+    @Test("a query or path parameter of the wrong kind or too long is a 400 naming it and what it takes")
     func malformedParameters() async throws {
         try await withCatalogue { org, catalogue, client in
             let type = catalogue.taskAssigned.uuidString
@@ -267,7 +267,7 @@ struct BoundaryDefectTests {
                 (.get, "/v1/events?state=SCHEDULED", "state", .badRequest, "scheduled, delivered, cancelled"),
                 (.get, "/v1/deliveries?status=BOGUS", "status", .badRequest, "PENDING"),
                 (.get, "/v1/deliveries?since=yesterday", "since", .badRequest, "RFC 3339"),
-                (.get, "/v1/me/notifications?q=" + String(repeating: "x", count: 201), "q", .unprocessableContent, "at most 200"),
+                (.get, "/v1/me/notifications?q=" + String(repeating: "x", count: 201), "q", .badRequest, "at most 200"),
                 (.put, "/v1/notification-types/\(type)/templates/sms/en", "channel", .badRequest, "in_app, email"),
             ]
             for (method, path, name, status, says) in cases {
@@ -283,6 +283,28 @@ struct BoundaryDefectTests {
                 #expect(try await client.send(.get, path, token: org.ownerToken).status == .ok, "\(path)")
             }
             #expect(try await client.send(.get, "/v1/me/notifications?read=false&severity=INFO", token: org.memberToken).status == .ok)
+        }
+    }
+
+    @Test("gte and lte conditions take a number, a calendar date, a date-time or today through the API; other text is a 422")
+    func boundConditions() async throws {
+        try await withCatalogue { org, _, client in
+            func put(_ value: String) async throws -> TestResponse {
+                try await client.send(
+                    .put, "/v1/me/preferences", token: org.memberToken,
+                    json: #"{"items": [{"category": "outings", "channel": "in_app", "enabled": true, "frequency": "IMMEDIATE", "#
+                        + #""conditions": [{"field": "starts_on", "op": "gte", "value": \#(value)}]}]}"#)
+            }
+            for value in [#""today""#, #""2027-03-31""#, "5", #""2027-03-31T08:00:00Z""#] {
+                let saved = try await put(value)
+                #expect(saved.status == .ok, "\(value): \(saved.text.prefix(300))")
+                #expect(saved.text.contains(#""value":\#(value)"#), "\(value): \(saved.text.prefix(300))")
+            }
+            for value in [#""yesterday""#, #""2027-02-30""#] {
+                let refused = try await put(value)
+                #expect(refused.isProblem(.unprocessableContent), "\(value): \(refused.text.prefix(300))")
+                #expect((refused.json["detail"] as? String)?.contains("conditions[0]") == true, "\(refused.text.prefix(300))")
+            }
         }
     }
 
