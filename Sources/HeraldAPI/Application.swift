@@ -104,7 +104,8 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
 }
 
 /// The router as the generated code's transport, minus the operations served by hand-written
-/// routes (registering a path twice would stop the process).
+/// routes (registering a path twice would stop the process). Each GET also answers HEAD, whose
+/// body `RequestMiddleware` leaves out.
 struct SkippingTransport: ServerTransport {
     let router: Router<HeraldRequestContext>
     let skipped: Set<String>
@@ -115,6 +116,7 @@ struct SkippingTransport: ServerTransport {
     ) throws {
         guard !skipped.contains(path) else { return }
         router.register(handler, method: method, path: path)
+        if method == .get { router.register(handler, method: .head, path: path) }
     }
 }
 

@@ -23,6 +23,9 @@ struct RequestMiddleware: RouterMiddleware {
         let requestID = Self.requestID(from: request.headers[.requestID])
         var logger = context.logger
         logger[metadataKey: "request_id"] = "\(requestID)"
+        // HEAD is GET without the body (RFC 9110 §9.3.2), for uptime checks and link scanners: the
+        // GET's handler answers (`SkippingTransport`), and the body is left out here.
+        let head = request.method == .head && Self.servesHead(path: request.uri.path)
         var response: Response
         do {
             var request = request
@@ -43,7 +46,7 @@ struct RequestMiddleware: RouterMiddleware {
                 logger[metadataKey: "actor"] = "\(credential.actor.kind.rawValue):\(credential.actor.id?.lowercased ?? "-")"
             }
             let scope = RequestScope(
-                requestID: requestID, clientAddress: context.remoteAddress?.ipAddress, credential: credential, logger: logger)
+                requestID: requestID, clientAddress: context.remoteAddress?.ipAddress, credential: credential, logger: logger, head: head)
             response = try await RequestScope.$current.withValue(scope) {
                 try await next(request, context)
             }
@@ -51,6 +54,11 @@ struct RequestMiddleware: RouterMiddleware {
             response = Self.problemResponse(for: error, request: request, logger: logger)
         }
         response.headers[.requestID] = requestID
+        if head {
+            let length = response.headers[.contentLength]
+            response.body = ResponseBody()
+            response.headers[.contentLength] = length
+        }
         if response.status == .contentTooLarge {
             // Reading the rest of a refused body (to keep the connection) would take as long and
             // as much as accepting it: answer, then close instead (RFC 9110 §15.5.14).
@@ -77,6 +85,12 @@ struct RequestMiddleware: RouterMiddleware {
         return response
     }
 
+    /// Whether HEAD on `path` is served as its GET: the contract has a GET there and it is not a
+    /// stream (an SSE or WebSocket answer has no end to leave out).
+    static func servesHead(path: String) -> Bool {
+        !path.hasSuffix("/stream") && !path.hasSuffix("/socket") && SpecRoutes.allowedMethods(path: path).contains("GET")
+    }
+
     /// A client's `X-Request-Id` if it is short and plain, else a fresh one.
     static func requestID(from header: String?) -> String {
         if let header, (1...64).contains(header.count),
@@ -91,7 +105,8 @@ struct RequestMiddleware: RouterMiddleware {
     static func problemResponse(for error: any Error, request: Request, logger: Logger) -> Response {
         var problem = apiError(for: error)
         if problem == .notFound(resource: "route") {
-            let allowed = SpecRoutes.allowedMethods(path: request.uri.path)
+            var allowed = SpecRoutes.allowedMethods(path: request.uri.path)
+            if servesHead(path: request.uri.path) { allowed = (allowed + ["HEAD"]).sorted() }
             problem =
                 allowed.isEmpty || allowed.contains(request.method.rawValue)
                 ? .noRoute(method: request.method.rawValue, path: request.uri.path)

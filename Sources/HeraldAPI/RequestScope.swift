@@ -29,6 +29,8 @@ struct RequestScope: Sendable {
     /// The request's one tenant transaction, on operations that have a credential.
     var transaction: TransactionLoan?
     var logger: Logger
+    /// A HEAD request, served as its GET without the body: a tracked link counts no click.
+    var head = false
 
     /// The scope of the request this task serves; only missing outside a request (a bug).
     static func get() throws -> RequestScope {

@@ -17,8 +17,8 @@ public enum TrackedLink: Sendable, Equatable {
 extension TenantTransaction {
     /// Records a click on a tracked link (which must be `userID`'s): a delivery's, or an item's
     /// in a digest. Refreshes the user's engagement date and returns the one target the
-    /// notification carries.
-    public func recordClick(on link: TrackedLink, userID: UUID, at now: Date = Date()) async throws -> Click {
+    /// notification carries. Not `counted` (a HEAD from a link scanner): the target only.
+    public func recordClick(on link: TrackedLink, userID: UUID, at now: Date = Date(), counted: Bool = true) async throws -> Click {
         let (deliveryID, digestItemID): (UUID?, UUID?) =
             switch link {
             case .delivery(let id): (id, nil)
@@ -37,6 +37,7 @@ extension TenantTransaction {
                 """
             ).first
         else { throw StoreError.notFound("link") }
+        guard counted else { return Click(url: try row.decode(String?.self)) }
         try await query(
             """
             INSERT INTO link_clicks (organisation_id, delivery_id, digest_item_id, user_id)

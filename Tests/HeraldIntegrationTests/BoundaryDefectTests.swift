@@ -355,17 +355,26 @@ struct BoundaryDefectTests {
         try await withOrganisation { org, client in
             let trace = try await client.send(.init("TRACE")!, "/v1/me", token: org.ownerToken)
             #expect(trace.isProblem(.methodNotAllowed))
-            #expect(trace.headers[.allow] == "GET")
+            #expect(trace.headers[.allow] == "GET, HEAD")
             let put = try await client.send(.put, "/v1/events", token: org.ownerToken, json: "{}")
             #expect(put.isProblem(.methodNotAllowed))
-            #expect(put.headers[.allow] == "GET, POST")
+            #expect(put.headers[.allow] == "GET, HEAD, POST")
             // A fixed path beside a templated one answers with its own methods.
             let markRead = try await client.send(.get, "/v1/me/notifications/mark-read", token: org.memberToken)
             #expect(markRead.isProblem(.methodNotAllowed))
             #expect(markRead.headers[.allow] == "POST")
             let unread = try await client.send(.post, "/v1/me/notifications/unread-count", token: org.memberToken)
-            #expect(unread.headers[.allow] == "GET")
+            #expect(unread.headers[.allow] == "GET, HEAD")
             #expect(try await client.send(.get, "/v1/nothing-here", token: org.ownerToken).isProblem(.notFound))
+            // HEAD is the GET without its body (RFC 9110 §9.3.2), problems included; a path with no GET refuses it.
+            let head = try await client.send(.head, "/v1/me", token: org.ownerToken)
+            #expect(head.status == .ok && head.text.isEmpty, "\(head.text.prefix(200))")
+            #expect(head.headers[.contentType]?.hasPrefix("application/json") == true)
+            #expect(try await client.send(.head, "/healthz").status == .ok)
+            let anonymous = try await client.send(.head, "/v1/me")
+            #expect(anonymous.status == .unauthorized && anonymous.text.isEmpty)
+            let noGet = try await client.send(.head, "/v1/me/notifications/mark-read", token: org.memberToken)
+            #expect(noGet.status == .methodNotAllowed && noGet.headers[.allow] == "POST")
         }
     }
 

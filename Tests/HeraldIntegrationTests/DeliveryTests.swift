@@ -65,6 +65,10 @@ struct DeliveryTests {
             // one-click unsubscribe works without a login.
             let open = try #require(text.firstMatch(of: /http:\/\/herald\.test(\/v1\/links\/[A-Za-z0-9._-]+)/)).1
             let unsubscribePath = String(unsubscribe.dropFirst("<http://herald.test".count).dropLast())
+            // A link scanner's HEAD sees the redirect and counts no click.
+            let scanned = try await client.send(.head, String(open))
+            #expect(scanned.status == .found && scanned.headers[.location] == "https://ward.example.org/patients/7")
+            #expect(try await org.store { tx in try await tx.clickCount(deliveryID: delivery.id) } == 0)
             let click = try await client.send(.get, String(open))
             #expect(click.status == .found)
             #expect(click.headers[.location] == "https://ward.example.org/patients/7")

@@ -13,8 +13,9 @@ extension HeraldService {
             throw APIError.notFound(resource: "link")
         }
         let now = now()
-        // A tracked click is engagement (the inactivity rule).
-        let click = try await transaction { tx in try await tx.recordClick(on: link, userID: claims.userID, at: now) }
+        // A tracked click is engagement (the inactivity rule); a HEAD (a link scanner) is not a click.
+        let counted = RequestScope.current?.head != true
+        let click = try await transaction { tx in try await tx.recordClick(on: link, userID: claims.userID, at: now, counted: counted) }
         guard let url = click.url else { throw APIError.notFound(resource: "link") }
         return .found(.init(headers: .init(location: url)))
     }
