@@ -11,7 +11,9 @@ struct EmailChannel: ChannelTransport {
         let unsubscribe = links.unsubscribe(work, now: now)
         var linkValues = ["unsubscribe": unsubscribe]
         if let open = links.open(work, now: now) { linkValues["open"] = open }
-        let content = content(work, links: linkValues)
+        // The Subject header and the text/plain part are text: a payload's "Anne & O'Neil" stays
+        // as written there, not "Anne &amp; O&#39;Neil"; the HTML part is escaped.
+        let content = content(work, links: linkValues, plainText: true)
         let from = work.email.from ?? transport.defaultFrom
         let message: [UInt8]
         do {

@@ -26,8 +26,9 @@ struct DeliveryTests {
                     content: TemplateContent(
                         subject: "Critical ISQ {{payload.isq}} for implant {{payload.implant}}",
                         body:
-                            "Stability {{payload.isq}} is below {{payload.threshold}}.\nOpen: {{{links.open}}}\nUnsubscribe: {{{links.unsubscribe}}}",
-                        html: "<p>Stability <b>{{payload.isq}}</b> is below {{payload.threshold}}.</p><a href=\"{{{links.open}}}\">Open</a>"
+                            "Stability {{payload.isq}} is below {{payload.threshold}}.\nImplant {{payload.implant}}\nOpen: {{{links.open}}}\nUnsubscribe: {{{links.unsubscribe}}}",
+                        html:
+                            "<p>Stability <b>{{payload.isq}}</b> is below {{payload.threshold}}.</p><p>Implant {{payload.implant}}</p><a href=\"{{{links.open}}}\">Open</a>"
                     ))
                 try await tx.setEmailIdentity(from: "alerts@clinic.example", fromName: "Clinic Alerts", replyTo: "desk@clinic.example")
             }
@@ -35,7 +36,7 @@ struct DeliveryTests {
                 EventRequest(
                     typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]),
                     payload: .object([
-                        "isq": .number(25), "implant": .string("A-12"), "threshold": .number(60), "patient_secret": .string("SECRET-7731"),
+                        "isq": .number(25), "implant": .string("A-12 & O'Neil <x>"), "threshold": .number(60), "patient_secret": .string("SECRET-7731"),
                     ]),
                     url: "https://ward.example.org/patients/7"))
             let deliveries = try await TestWorkers.run(org.id) { try await org.settled() }
@@ -48,7 +49,8 @@ struct DeliveryTests {
             try #require(mails.count == 1)
             let raw = try #require(mails[0]["data"] as? String)
             let mail = try ParsedMail(raw)
-            #expect(mail.headers["Subject"] == "Critical ISQ 25 for implant A-12")
+            // The Subject and the text part are text: the payload's value as written; the HTML part escapes it.
+            #expect(mail.headers["Subject"] == "Critical ISQ 25 for implant A-12 & O'Neil <x>")
             #expect(mail.headers["From"] == "Clinic Alerts <alerts@clinic.example>")
             #expect(mail.headers["Reply-To"] == "desk@clinic.example")
             #expect(mail.headers["Message-ID"] == "<\(delivery.id.lowercased)@clinic.example>")
@@ -58,6 +60,8 @@ struct DeliveryTests {
             let text = try #require(mail.parts["text/plain"])
             let html = try #require(mail.parts["text/html"])
             #expect(text.contains("Stability 25 is below 60."))
+            #expect(text.contains("Implant A-12 & O'Neil <x>"), "\(text)")
+            #expect(html.contains("Implant A-12 &amp; O&#39;Neil &lt;x&gt;"), "\(html)")
             #expect(html.contains("<b>25</b>"))
             #expect(!raw.contains("SECRET-7731") && !text.contains("SECRET-7731") && !html.contains("SECRET-7731"))
 

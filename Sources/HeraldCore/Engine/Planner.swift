@@ -239,7 +239,7 @@ public enum NotificationPlanner {
         let profiles = Dictionary(input.recipients.map { ($0.candidate.userID, $0) }, uniquingKeysWith: { first, _ in first })
         var plan = Plan(traces: [], notifications: [], deliveries: [], digestItems: [], counts: DecisionCounts())
         // Each template is parsed once, not once per recipient.
-        let parsed = input.type.templates.mapValues { $0.mapValues(ParsedTemplate.init) }
+        let parsed = input.type.templates.mapValues { $0.mapValues { ParsedTemplate($0) } }
         // The in-app text every recipient of a locale shares, rendered once per locale.
         var shared: [String: TemplateContent] = [:]
         for target in targeting {
@@ -329,12 +329,13 @@ public enum NotificationPlanner {
     }
 
     /// The recipient's content for `channel`: the template in their locale, or the type's name.
+    /// `plainText`: the subject and text unescaped (an email's header and text part).
     public static func render(
         _ input: PlanInput, _ profile: RecipientProfile, channel: NotificationChannel,
-        parsed: [NotificationChannel: [String: ParsedTemplate]]? = nil, links: [String: String] = [:]
+        parsed: [NotificationChannel: [String: ParsedTemplate]]? = nil, links: [String: String] = [:], plainText: Bool = false
     ) -> TemplateContent {
         let template: ParsedTemplate?
-        if let parsed {
+        if let parsed, !plainText {
             template =
                 TemplateRenderer.pick(parsed[channel] ?? [:], userLocale: profile.locale, organisationLocale: input.organisationLocale)?
                 .value
@@ -342,7 +343,7 @@ public enum NotificationPlanner {
             // Only the template picked is parsed (or found parsed): not every channel and locale of the type.
             template = TemplateRenderer.pick(
                 input.type.templates[channel] ?? [:], userLocale: profile.locale, organisationLocale: input.organisationLocale
-            ).map { ParsedTemplate.cached($0.value) }
+            ).map { ParsedTemplate.cached($0.value, plainText: plainText) }
         }
         guard let template else { return TemplateContent(subject: input.type.name, body: "") }
         return template.render(context(input, profile, links: links))

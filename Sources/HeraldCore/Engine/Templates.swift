@@ -53,10 +53,14 @@ public struct ParsedTemplate: Sendable {
     let html: MustacheTemplate?
     let source: TemplateContent
 
-    public init(_ content: TemplateContent) {
+    /// `plainText` renders the subject and the text body without HTML escaping (an email's
+    /// Subject header and text/plain part, which no client reads as HTML); the HTML part is
+    /// always escaped.
+    public init(_ content: TemplateContent, plainText: Bool = false) {
         source = content
-        subject = try? MustacheTemplate(string: content.subject)
-        body = try? MustacheTemplate(string: content.body)
+        let pragma = plainText ? "{{% CONTENT_TYPE: TEXT}}" : ""
+        subject = try? MustacheTemplate(string: pragma + content.subject)
+        body = try? MustacheTemplate(string: pragma + content.body)
         html = content.html.flatMap { try? MustacheTemplate(string: $0) }
     }
 
@@ -64,10 +68,10 @@ public struct ParsedTemplate: Sendable {
     /// hundred used. The key is the content itself, so an edited template is a new entry and
     /// nothing needs invalidating. (The worker parsed every template of a type for every
     /// message it sent: issue 12.)
-    public static func cached(_ content: TemplateContent) -> ParsedTemplate {
-        let key = CacheKey(content)
+    public static func cached(_ content: TemplateContent, plainText: Bool = false) -> ParsedTemplate {
+        let key = CacheKey(content, plainText: plainText)
         if let known = cache.withLock({ $0[key] }) { return known }
-        let parsed = ParsedTemplate(content)
+        let parsed = ParsedTemplate(content, plainText: plainText)
         cache.withLock { cache in
             if cache.count >= cacheLimit { cache.removeAll(keepingCapacity: true) }
             cache[key] = parsed
@@ -81,10 +85,12 @@ public struct ParsedTemplate: Sendable {
         let subject: [UInt8]
         let body: [UInt8]
         let html: [UInt8]?
-        init(_ content: TemplateContent) {
+        let plainText: Bool
+        init(_ content: TemplateContent, plainText: Bool) {
             subject = Array(content.subject.utf8)
             body = Array(content.body.utf8)
             html = content.html.map { Array($0.utf8) }
+            self.plainText = plainText
         }
     }
 
