@@ -171,7 +171,17 @@ struct StreamTests {
             // A command that names another user's row is the same 404 as a missing one.
             tabs[1].send("{\"command\":\"mark_read\",\"id\":\"\(UUID().uuidString)\",\"ref\":\"c4\"}")
             let refused = try await tabs[1].next("error")
-            #expect(refused.description.contains("404"))
+            #expect(refused.description.contains("404") && refused.data.contains(#""ref":"c4""#))
+            // The command schema is closed: a field it does not declare is refused, not run.
+            tabs[1].send(#"{"command":"mark_all_read","ref":"c5","extra":1}"#)
+            let extra = try await tabs[1].next("error") { $0.data.contains(#""ref":"c5""#) }
+            #expect(extra.data.contains("extra") && extra.data.contains("400"), "\(extra.data)")
+            // A command that cannot be read is answered by its ref too; without a ref, the answer has none (never null).
+            tabs[1].send(#"{"command":"bogus","ref":"c6"}"#)
+            _ = try await tabs[1].next("error") { $0.data.contains(#""ref":"c6""#) }
+            tabs[1].send(#"{"command":"bogus"}"#)
+            let bare = try await tabs[1].next("error")
+            #expect(!bare.data.contains(#"},"ref""#) && bare.data.hasSuffix("}}"), "\(bare.data)")
             for tab in tabs { await tab.close() }
         }
     }

@@ -117,21 +117,32 @@ extension StreamRoutes {
     /// or an `error` with the problem, carrying the command's `ref`. The changes themselves
     /// come back as events, on this socket and every other stream of the user.
     func command(_ text: String, of start: StreamStart) async -> String {
-        var ref = "null"
+        // The answer's `ref`, JSON-encoded; left out when the command has none (no field of a
+        // message is null). Read before the command, so that a refused command is answered by it too.
+        var ref: String?
         do {
-            let command: StreamSocketCommand
-            do {
-                command = try JSONDecoder().decode(StreamSocketCommand.self, from: Data(text.utf8))
-            } catch {
-                throw APIError.badRequest(
-                    "A command is {\"command\": \"mark_read\"|\"mark_unread\"|\"archive\"|\"mark_all_read\", \"id\": \"<notification id>\", \"ref\": \"…\"}."
-                )
-            }
-            if let given = command.ref {
+            let usage =
+                "A command is {\"command\": \"mark_read\"|\"mark_unread\"|\"archive\"|\"mark_all_read\", \"id\": \"<notification id>\", \"ref\": \"…\"}."
+            let data = Data(text.utf8)
+            guard let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else { throw APIError.badRequest(usage) }
+            if let given = object["ref"] {
+                guard let given = given as? String else {
+                    throw APIError.unprocessable(ValidationError(field: "ref", message: "must be a string."))
+                }
                 guard given.count <= 100 else {
                     throw APIError.unprocessable(ValidationError(field: "ref", message: "is longer than 100 characters."))
                 }
                 ref = try FeedStreamSession.json(given)
+            }
+            // `StreamSocketCommand` is closed (additionalProperties: false), as the HTTP bodies are.
+            if let unknown = object.keys.filter({ !["command", "id", "ref"].contains($0) }).sorted().first {
+                throw APIError.badRequest("Unknown field \"\(unknown)\" in a command. \(usage)")
+            }
+            let command: StreamSocketCommand
+            do {
+                command = try JSONDecoder().decode(StreamSocketCommand.self, from: data)
+            } catch {
+                throw APIError.badRequest(usage)
             }
             let now = now()
             let target: UUID? = try command.id.map { text in
@@ -154,13 +165,13 @@ extension StreamRoutes {
             }
             // A read after the ack sees the change here without waiting for the bus.
             feedCache?.invalidate(organisationID: start.organisationID, users: [start.userID])
-            return "{\"event\":\"ack\",\"ref\":\(ref)}"
+            return "{\"event\":\"ack\"\(ref.map { ",\"ref\":\($0)" } ?? "")}"
         } catch {
             let problem = RequestMiddleware.apiError(for: error)
             if problem == .internalError {
                 hub?.logger.error("socket command failed", metadata: ["error": "\(String(reflecting: type(of: error)))"])
             }
-            return "{\"event\":\"error\",\"problem\":\(String(decoding: problem.body, as: UTF8.self)),\"ref\":\(ref)}"
+            return "{\"event\":\"error\",\"problem\":\(String(decoding: problem.body, as: UTF8.self))\(ref.map { ",\"ref\":\($0)" } ?? "")}"
         }
     }
 }
