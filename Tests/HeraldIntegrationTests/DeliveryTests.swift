@@ -36,7 +36,8 @@ struct DeliveryTests {
                 EventRequest(
                     typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [org.memberID]),
                     payload: .object([
-                        "isq": .number(25), "implant": .string("A-12 & O'Neil <x>"), "threshold": .number(60), "patient_secret": .string("SECRET-7731"),
+                        "isq": .number(25), "implant": .string("A-12 & O'Neil <x>"), "threshold": .number(60),
+                        "patient_secret": .string("SECRET-7731"),
                     ]),
                     url: "https://ward.example.org/patients/7"))
             let deliveries = try await TestWorkers.run(org.id) { try await org.settled() }
