@@ -185,6 +185,15 @@ extension TenantTransaction {
         return try rows[0].decode(Int.self)
     }
 
+    /// Checks what notify checks before it plans (the type, the audience's names) without
+    /// reading a user: a request kept for later, such as a schedule's event, is checked at once
+    /// and costs the same for an audience of a million.
+    public func checkEventRequest(_ request: EventRequest) async throws {
+        let (found, unknown) = try await read(typeRead(key: request.typeKey), unknownAudienceRead(request.audience))
+        guard found != nil else { throw UnknownNotificationType(key: request.typeKey) }
+        if let unknown { throw unknown }
+    }
+
     public func checkAudienceNames(_ audience: Audience) async throws {
         let unknown: UnknownAudience? = try await read(unknownAudienceRead(audience))
         if let unknown { throw unknown }

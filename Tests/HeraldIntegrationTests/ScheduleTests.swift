@@ -178,10 +178,23 @@ struct ScheduleTests {
             let paused = try await client.send(.post, "/v1/schedules/\(id.lowercased)/pause", token: org.ownerToken)
                 .decoded(Components.Schemas.Schedule.self)
             #expect(paused.state == .paused && paused.nextOccurrences.isEmpty)
+            // Pausing again changes nothing and audits nothing.
+            let again = try await client.send(.post, "/v1/schedules/\(id.lowercased)/pause", token: org.ownerToken)
+            #expect(try again.decoded(Components.Schemas.Schedule.self).state == .paused)
             #expect(try await runDue(org.id, at: first.addingTimeInterval(10 * 86_400)) == 0)
             let resumed = try await client.send(.post, "/v1/schedules/\(id.lowercased)/resume", token: org.ownerToken)
             let active = try resumed.decoded(Components.Schemas.Schedule.self)
             #expect(active.state == .active, "\(resumed.text)")
+            _ = try await client.send(.post, "/v1/schedules/\(id.lowercased)/resume", token: org.ownerToken)
+            // One entry each, with the schedule as the API shows it before and after.
+            let audited = try await client.send(.get, "/v1/audit-log?target_id=\(id.lowercased)", token: org.ownerToken)
+            let entries = (audited.json["items"] as? [[String: Any]]) ?? []
+            let actions = entries.compactMap { $0["action"] as? String }
+            #expect(
+                actions.filter { $0 == "schedule.pause" }.count == 1 && actions.filter { $0 == "schedule.resume" }.count == 1, "\(actions)")
+            let pause = entries.first { $0["action"] as? String == "schedule.pause" }
+            #expect((pause?["before"] as? [String: Any])?["state"] as? String == "ACTIVE", "\(audited.text.prefix(500))")
+            #expect((pause?["after"] as? [String: Any])?["state"] as? String == "PAUSED")
             let next = active.nextOccurrences.first
             #expect(next.map { $0 > Date() && $0 <= Date().addingTimeInterval(86_400) } == true)
             #expect(try await client.send(.delete, "/v1/schedules/\(id.lowercased)", token: org.ownerToken).status == .noContent)

@@ -141,10 +141,6 @@ extension HeraldService {
 
     // MARK: Shared
 
-    func plan(_ request: EventRequest, _ tx: TenantTransaction, now: Date) async throws -> PlannedEvent {
-        try await mappingEngineErrors { try await tx.planEvent(request, eventID: UUID(), now: now) }
-    }
-
     /// Runs `body`, turning the engine's refusals (an unknown type or audience name) into 422s.
     func mappingEngineErrors<Result>(_ body: () async throws -> Result) async throws -> Result {
         do {

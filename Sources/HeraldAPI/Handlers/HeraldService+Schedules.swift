@@ -42,14 +42,15 @@ extension HeraldService {
             } catch let invalid as Recurrence.Invalid {
                 throw APIError.unprocessable(ValidationError(field: "rule", message: invalid.description))
             }
-            // The type and the audience are checked as notify checks them (nothing is written).
-            _ = try await plan(request, tx, now: now)
+            // The type and the audience's names are checked as notify checks them (nothing is read
+            // of the audience's users: planning it held every user in memory).
+            try await mappingEngineErrors { try await tx.checkEventRequest(request) }
             let schedule = try await tx.createSchedule(
                 id: id, name: name, event: request, rule: body.rule, timeZone: zone, startsAt: startsAt,
                 nextAt: recurrence.occurrences(after: max(now, startsAt.addingTimeInterval(-1)), limit: 1).first)
             try await tx.audit(
                 action: "schedule.create", targetType: "schedule", targetID: id.lowercased, before: nil,
-                after: try auditValue(["name": name, "type": request.typeKey, "rule": body.rule, "time_zone": zone]))
+                after: try auditValue(Components.Schemas.Schedule(schedule)))
             return schedule
         }
         return .created(.init(body: .json(try .init(created))))
@@ -62,7 +63,7 @@ extension HeraldService {
             try await tx.deleteSchedule(id)
             try await tx.audit(
                 action: "schedule.delete", targetType: "schedule", targetID: id.lowercased,
-                before: try auditValue(["name": before.name, "rule": before.rule]), after: nil)
+                before: try auditValue(Components.Schemas.Schedule(before)), after: nil)
         }
         return .noContent(.init())
     }
@@ -70,8 +71,13 @@ extension HeraldService {
     func pauseSchedule(_ input: Operations.PauseSchedule.Input) async throws -> Operations.PauseSchedule.Output {
         let id = try id(input.path.scheduleId, "schedule")
         let schedule = try await tenant { tx, _ in
+            let current = try await tx.schedule(id)
+            // Paused already, or finished (no occurrence left): nothing changes, nothing is audited.
+            guard !current.paused, current.nextAt != nil else { return current }
             let paused = try await tx.setSchedulePaused(id, paused: true, resumeAt: nil)
-            try await tx.audit(action: "schedule.pause", targetType: "schedule", targetID: id.lowercased, before: nil, after: nil)
+            try await tx.audit(
+                action: "schedule.pause", targetType: "schedule", targetID: id.lowercased,
+                before: try auditValue(Components.Schemas.Schedule(current)), after: try auditValue(Components.Schemas.Schedule(paused)))
             return paused
         }
         return .ok(.init(body: .json(try .init(schedule))))
@@ -82,9 +88,13 @@ extension HeraldService {
         let now = now()
         let schedule = try await tenant { tx, _ in
             let current = try await tx.schedule(id)
+            // Not paused: nothing changes, nothing is audited.
+            guard current.paused else { return current }
             let next = try current.recurrence().occurrences(after: now, limit: 1).first
             let resumed = try await tx.setSchedulePaused(id, paused: false, resumeAt: next)
-            try await tx.audit(action: "schedule.resume", targetType: "schedule", targetID: id.lowercased, before: nil, after: nil)
+            try await tx.audit(
+                action: "schedule.resume", targetType: "schedule", targetID: id.lowercased,
+                before: try auditValue(Components.Schemas.Schedule(current)), after: try auditValue(Components.Schemas.Schedule(resumed)))
             return resumed
         }
         return .ok(.init(body: .json(try .init(schedule))))
