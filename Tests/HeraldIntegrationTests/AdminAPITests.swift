@@ -223,6 +223,11 @@ struct AdminAPITests {
             #expect(blocked.isProblem(.conflict), "\(blocked.text)")
             #expect(try await client.send(.delete, "/v1/api-keys/\(keyID)", token: org.ownerToken).status == .noContent)
             #expect(try await client.send(.delete, "/v1/roles/\(roleID)", token: org.ownerToken).status == .noContent)
+            // The revoked key went with the role, and the audit log says so.
+            #expect(try await client.send(.get, "/v1/api-keys/\(keyID)", token: org.ownerToken).isProblem(.notFound))
+            let audited = try await client.send(.get, "/v1/audit-log?target_id=\(keyID)", token: org.ownerToken)
+            let actions = ((audited.json["items"] as? [[String: Any]]) ?? []).compactMap { $0["action"] as? String }
+            #expect(actions.contains("apikey.delete") && actions.contains("apikey.revoke"), "\(actions)")
         }
     }
 

@@ -59,7 +59,13 @@ extension HeraldService {
             let existing = try await tx.role(id)
             guard !existing.builtin else { throw APIError.conflict("Built-in roles cannot be deleted.") }
             try requireHolds(existing.permissions, principal)
+            // The role's revoked keys go with it (`deleteRole`): each removal is audited too.
+            let revoked = try await tx.apiKeys().filter { $0.roleID == id && $0.revokedAt != nil }
             try await tx.deleteRole(id)
+            for key in revoked {
+                let shown = Components.Schemas.ApiKey(key, organisationID: principal.organisationID)
+                try await tx.audit(action: "apikey.delete", targetType: "api_key", targetID: shown.id, before: try auditValue(shown), after: nil)
+            }
             try await tx.audit(
                 action: "role.delete", targetType: "role", targetID: id.lowercased,
                 before: try auditValue(Components.Schemas.Role(existing)), after: nil)
