@@ -64,7 +64,8 @@ extension HeraldService {
             try await tx.deleteRole(id)
             for key in revoked {
                 let shown = Components.Schemas.ApiKey(key, organisationID: principal.organisationID)
-                try await tx.audit(action: "apikey.delete", targetType: "api_key", targetID: shown.id, before: try auditValue(shown), after: nil)
+                try await tx.audit(
+                    action: "apikey.delete", targetType: "api_key", targetID: shown.id, before: try auditValue(shown), after: nil)
             }
             try await tx.audit(
                 action: "role.delete", targetType: "role", targetID: id.lowercased,
