@@ -24,8 +24,9 @@ struct RequestMiddleware: RouterMiddleware {
         var logger = context.logger
         logger[metadataKey: "request_id"] = "\(requestID)"
         // HEAD is GET without the body (RFC 9110 §9.3.2), for uptime checks and link scanners: the
-        // GET's handler answers (`SkippingTransport`), and the body is left out here.
-        let head = request.method == .head && Self.servesHead(path: request.uri.path)
+        // GET's handler answers (`SkippingTransport`). Every answer to a HEAD leaves its body out
+        // here, a problem's too (NIO refuses to write a body after a HEAD's head).
+        let head = request.method == .head
         var response: Response
         do {
             var request = request

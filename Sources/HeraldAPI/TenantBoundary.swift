@@ -206,8 +206,8 @@ struct TenantBoundary: ServerMiddleware {
         } catch StoreError.notFound {
             throw APIError.notFound(resource: "link")
         }
-        // A link may change what the user's feed shows (a click marks its row read).
-        feedCache?.invalidate(organisationID: claims.organisationID)
+        // A link may change what the user's feed shows (a click marks its row read); a HEAD does not.
+        if !scope.head { feedCache?.invalidate(organisationID: claims.organisationID) }
         return answer
     }
 

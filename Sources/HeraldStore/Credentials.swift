@@ -235,6 +235,18 @@ public func constantTimeEqual(_ a: Data, _ b: Data) -> Bool {
     return difference == 0
 }
 
+extension TenantTransaction {
+    /// Deletes the revoked API keys of a role (the role is being deleted), returning them.
+    func deleteRevokedApiKeys(ofRole id: UUID) async throws -> [ApiKey] {
+        try await query(
+            """
+            DELETE FROM api_keys WHERE organisation_id = \(organisationID) AND role_id = \(id) AND revoked_at IS NOT NULL
+            RETURNING \(unescaped: apiKeyColumns)
+            """
+        ).map(decodeApiKey)
+    }
+}
+
 private let apiKeyColumns = "id, name, role_id, created_at, last_used_at, expires_at, revoked_at"
 
 private func decodeApiKey(_ row: PostgresRow) throws -> ApiKey {

@@ -79,12 +79,15 @@ extension TenantTransaction {
     }
 
     /// Deletes a custom role; users holding it lose it. An API key holds exactly one role, so a
-    /// live key blocks the deletion (`invalidReference`); revoked keys of the role go with it.
-    public func deleteRole(_ id: UUID) async throws {
-        try await query("DELETE FROM api_keys WHERE organisation_id = \(organisationID) AND role_id = \(id) AND revoked_at IS NOT NULL")
+    /// live key blocks the deletion (`invalidReference`); revoked keys of the role go with it,
+    /// and are returned (to be audited).
+    @discardableResult
+    public func deleteRole(_ id: UUID) async throws -> [ApiKey] {
+        let removed = try await deleteRevokedApiKeys(ofRole: id)
         let rows = try await query(
             "DELETE FROM roles WHERE organisation_id = \(organisationID) AND id = \(id) AND NOT builtin RETURNING id")
         guard !rows.isEmpty else { throw StoreError.notFound("role") }
+        return removed
     }
 
     /// Replaces a role's permissions.

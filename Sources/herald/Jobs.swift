@@ -103,13 +103,17 @@ private func runNow(_ job: SystemJob, organisation: String?, label: String, now:
         runner.leaseSeconds = config.workerLeaseSeconds
         runner.batchSize = 4
         runner.attemptDeadline = .seconds(24 * 3600)
-        // The run asked for is claimed and recorded on the real clock, so that an instant given to
-        // try the rule (`--at`, a year ahead) neither runs the scheduled run early nor moves the
-        // schedule past that instant; only the job's work acts as if it were then.
+        // Runs are claimed and recorded on the real clock, so that an instant given to try the rule
+        // (`--at`, a year ahead) neither runs the scheduled run early nor moves the schedule past
+        // that instant; only the runs this command asked for act as if it were then. Any other
+        // run the claim takes (due now for real, or asked for through the API) runs at the real time.
         let jobs = WorkRunner(
-            configuration: runner, queue: JobQueue(database: database, name: job, now: { Date() }),
-            handler: JobHandler(database: database, mailer: mailer, now: { now }), bus: NotificationBus(client: client, logger: logger),
-            logger: logger)
+            configuration: runner,
+            queue: JobQueue(database: database, organisation: targets.count == 1 ? targets.first : nil, name: job, now: { Date() }),
+            handler: TryingAt(
+                trying: JobHandler(database: database, mailer: mailer, now: { now }),
+                real: JobHandler(database: database, mailer: mailer), organisations: Set(targets)),
+            bus: NotificationBus(client: client, logger: logger), logger: logger)
         let total = try await jobs.runDue { batch, total in
             print("\(label): \(batch) organisation(s) done (\(total) so far)")
         }
@@ -119,6 +123,23 @@ private func runNow(_ job: SystemJob, organisation: String?, label: String, now:
             }
         }
         print("\(label): \(total) run(s) finished")
+    }
+}
+
+/// A job handler for a command's runs: the ones it asked for (MANUAL, in its organisations) act at
+/// the command's instant, any other at the real time.
+private struct TryingAt: WorkHandler {
+    let trying: JobHandler
+    let real: JobHandler
+    let organisations: Set<UUID>
+
+    func handle(_ claim: ClaimedJob, logger: Logger) async throws -> WorkDisposition<JobOutcome> {
+        let asked = claim.trigger == .manual && organisations.contains(claim.organisationID)
+        return try await (asked ? trying : real).handle(claim, logger: logger)
+    }
+
+    func finished(_ claim: ClaimedJob, disposition: WorkDisposition<JobOutcome>?, recorded: Bool?, duration: Duration, logger: Logger) {
+        real.finished(claim, disposition: disposition, recorded: recorded, duration: duration, logger: logger)
     }
 }
 

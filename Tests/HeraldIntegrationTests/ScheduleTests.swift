@@ -195,6 +195,8 @@ struct ScheduleTests {
             let pause = entries.first { $0["action"] as? String == "schedule.pause" }
             #expect((pause?["before"] as? [String: Any])?["state"] as? String == "ACTIVE", "\(audited.text.prefix(500))")
             #expect((pause?["after"] as? [String: Any])?["state"] as? String == "PAUSED")
+            // Never the event's payload: the audit log is kept for good.
+            #expect((pause?["before"] as? [String: Any])?["payload"] == nil && (pause?["before"] as? [String: Any])?["name"] != nil)
             let next = active.nextOccurrences.first
             #expect(next.map { $0 > Date() && $0 <= Date().addingTimeInterval(86_400) } == true)
             #expect(try await client.send(.delete, "/v1/schedules/\(id.lowercased)", token: org.ownerToken).status == .noContent)

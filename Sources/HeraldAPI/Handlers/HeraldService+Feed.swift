@@ -21,8 +21,9 @@ extension HeraldService {
             })
         let now = now()
         let page = try await tenant { tx, _ in
-            // Reading one's feed is engagement (the inactivity rule; written at most hourly).
-            try await tx.recordEngagement(of: user, at: now)
+            // Reading one's feed is engagement (the inactivity rule; written at most hourly); a
+            // HEAD changes nothing.
+            if RequestScope.current?.head != true { try await tx.recordEngagement(of: user, at: now) }
             return try await tx.feed(of: user, filter: filter, limit: limit, after: cursor, now: now)
         }
         return .ok(.init(body: .json(.init(items: try page.items.map(Components.Schemas.FeedItem.init), nextCursor: page.next?.encoded))))

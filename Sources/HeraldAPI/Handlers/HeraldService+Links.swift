@@ -51,9 +51,11 @@ extension HeraldService {
                     _ = try await [UInt8](collecting: other.body, upTo: 64 * 1024)
                 }
             }
+        } catch is CancellationError {
+            throw CancellationError()
         } catch {
             // A body that is not the multipart it says it is, or that lacks the part: the client's.
-            throw APIError.badRequest("The body must be List-Unsubscribe=One-Click (RFC 8058), as form-data or a URL-encoded form.")
+            throw APIError.badRequest("The body must be List-Unsubscribe=One-Click (RFC 8058).")
         }
         return found
     }

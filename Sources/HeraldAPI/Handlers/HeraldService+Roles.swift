@@ -60,9 +60,7 @@ extension HeraldService {
             guard !existing.builtin else { throw APIError.conflict("Built-in roles cannot be deleted.") }
             try requireHolds(existing.permissions, principal)
             // The role's revoked keys go with it (`deleteRole`): each removal is audited too.
-            let revoked = try await tx.apiKeys().filter { $0.roleID == id && $0.revokedAt != nil }
-            try await tx.deleteRole(id)
-            for key in revoked {
+            for key in try await tx.deleteRole(id) {
                 let shown = Components.Schemas.ApiKey(key, organisationID: principal.organisationID)
                 try await tx.audit(
                     action: "apikey.delete", targetType: "api_key", targetID: shown.id, before: try auditValue(shown), after: nil)

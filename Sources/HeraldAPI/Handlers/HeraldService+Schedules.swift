@@ -50,7 +50,7 @@ extension HeraldService {
                 nextAt: recurrence.occurrences(after: max(now, startsAt.addingTimeInterval(-1)), limit: 1).first)
             try await tx.audit(
                 action: "schedule.create", targetType: "schedule", targetID: id.lowercased, before: nil,
-                after: try auditValue(Components.Schemas.Schedule(schedule)))
+                after: try scheduleAudit(schedule))
             return schedule
         }
         return .created(.init(body: .json(try .init(created))))
@@ -63,7 +63,7 @@ extension HeraldService {
             try await tx.deleteSchedule(id)
             try await tx.audit(
                 action: "schedule.delete", targetType: "schedule", targetID: id.lowercased,
-                before: try auditValue(Components.Schemas.Schedule(before)), after: nil)
+                before: try scheduleAudit(before), after: nil)
         }
         return .noContent(.init())
     }
@@ -77,7 +77,7 @@ extension HeraldService {
             let paused = try await tx.setSchedulePaused(id, paused: true, resumeAt: nil)
             try await tx.audit(
                 action: "schedule.pause", targetType: "schedule", targetID: id.lowercased,
-                before: try auditValue(Components.Schemas.Schedule(current)), after: try auditValue(Components.Schemas.Schedule(paused)))
+                before: try scheduleAudit(current), after: try scheduleAudit(paused))
             return paused
         }
         return .ok(.init(body: .json(try .init(schedule))))
@@ -94,11 +94,19 @@ extension HeraldService {
             let resumed = try await tx.setSchedulePaused(id, paused: false, resumeAt: next)
             try await tx.audit(
                 action: "schedule.resume", targetType: "schedule", targetID: id.lowercased,
-                before: try auditValue(Components.Schemas.Schedule(current)), after: try auditValue(Components.Schemas.Schedule(resumed)))
+                before: try scheduleAudit(current), after: try scheduleAudit(resumed))
             return resumed
         }
         return .ok(.init(body: .json(try .init(schedule))))
     }
+}
+
+/// A schedule as the audit log keeps it: as the API shows it, without its event's payload (the
+/// audit log is kept for good; `event.send_manual` leaves the payload out too).
+private func scheduleAudit(_ schedule: Schedule) throws -> JSONValue {
+    guard case .object(var shown) = try auditValue(Components.Schemas.Schedule(schedule)) else { return .null }
+    shown["payload"] = nil
+    return .object(shown)
 }
 
 extension Components.Schemas.Schedule {

@@ -30,7 +30,6 @@ struct StreamSocketCommand: Decodable {
     }
     var command: Name
     var id: String?
-    var ref: String?
 }
 
 extension StreamRoutes {
@@ -126,10 +125,8 @@ extension StreamRoutes {
             let data = Data(text.utf8)
             guard let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else { throw APIError.badRequest(usage) }
             if let given = object["ref"] {
-                guard let given = given as? String else {
-                    throw APIError.unprocessable(ValidationError(field: "ref", message: "must be a string."))
-                }
-                guard given.count <= 100 else {
+                guard let given = given as? String else { throw APIError.badRequest("ref: must be a string.") }
+                guard given.unicodeScalars.count <= 100 else {
                     throw APIError.unprocessable(ValidationError(field: "ref", message: "is longer than 100 characters."))
                 }
                 ref = try FeedStreamSession.json(given)
