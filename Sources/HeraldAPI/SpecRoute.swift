@@ -42,15 +42,20 @@ extension SpecRoutes {
 
     /// The first query parameter this operation does not declare, if any.
     static func undeclaredQueryParameter(operationID: String, path: String) -> String? {
-        guard let route = byOperationID[operationID],
-            let query = path.split(separator: "?", maxSplits: 1).dropFirst().first
-        else { return nil }
-        for pair in query.split(separator: "&") where !pair.isEmpty {
-            let rawName = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)[0]
-            let name = String(rawName).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(rawName)
-            if !route.query.contains(name) { return name }
+        guard let route = byOperationID[operationID] else { return nil }
+        return queryPairs(of: path).first { !route.query.contains($0.name) }?.name
+    }
+
+    /// The query string's names and values, `+` and percent escapes decoded (form style, as the
+    /// generated decoders read them).
+    static func queryPairs(of path: String) -> [(name: String, value: String)] {
+        guard let query = path.split(separator: "?", maxSplits: 1).dropFirst().first else { return [] }
+        return query.split(separator: "&").filter { !$0.isEmpty }.map { pair in
+            let halves = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map {
+                String($0).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String($0)
+            }
+            return (halves[0], halves.count > 1 ? halves[1] : "")
         }
-        return nil
     }
 }
 
@@ -66,12 +71,7 @@ extension SpecRoute {
         for (name, segment) in zip(template, segments) where name.hasPrefix("{") && name.hasSuffix("}") {
             values.append((String(name.dropFirst().dropLast()), String(segment).removingPercentEncoding ?? String(segment)))
         }
-        for pair in (parts.count > 1 ? parts[1] : "").split(separator: "&") where !pair.isEmpty {
-            let halves = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map {
-                String($0).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String($0)
-            }
-            values.append((halves[0], halves.count > 1 ? halves[1] : ""))
-        }
+        values += SpecRoutes.queryPairs(of: path).map { ($0.name, $0.value) }
         for (name, value) in values {
             guard let rule = parameterRules[name] else { continue }
             let shown = value.count > 40 ? "\"\(value.prefix(40))…\"" : "\"\(value)\""

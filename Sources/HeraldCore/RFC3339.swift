@@ -74,6 +74,19 @@ public enum RFC3339 {
         return "\(yearText)-\(two(month))-\(two(dayOfMonth))T\(two(second / 3600)):\(two(second % 3600 / 60)):\(two(second % 60))Z"
     }
 
+    /// Whether `text` is `YYYY-MM-DD` naming a day the calendar has (RFC 3339's `full-date`;
+    /// not `2027-02-30`).
+    public static func isFullDate(_ text: String) -> Bool {
+        let s = Array(text.utf8)
+        guard s.count == 10, s[4] == UInt8(ascii: "-"), s[7] == UInt8(ascii: "-") else { return false }
+        func number(_ range: Range<Int>) -> Int? {
+            range.allSatisfy { (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(s[$0]) }
+                ? range.reduce(0) { $0 * 10 + Int(s[$1] - UInt8(ascii: "0")) } : nil
+        }
+        guard let year = number(0..<4), let month = number(5..<7), let day = number(8..<10), (1...12).contains(month) else { return false }
+        return (1...daysIn(month, of: year)).contains(day)
+    }
+
     private static func daysIn(_ month: Int, of year: Int) -> Int {
         switch month {
         case 2: (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 ? 29 : 28

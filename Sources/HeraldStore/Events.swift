@@ -188,10 +188,12 @@ extension TenantTransaction {
     /// Checks what notify checks before it plans (the type, the audience's names) without
     /// reading a user: a request kept for later, such as a schedule's event, is checked at once
     /// and costs the same for an audience of a million.
-    public func checkEventRequest(_ request: EventRequest) async throws {
+    @discardableResult
+    public func checkEventRequest(_ request: EventRequest) async throws -> NotificationType {
         let (found, unknown) = try await read(typeRead(key: request.typeKey), unknownAudienceRead(request.audience))
-        guard found != nil else { throw UnknownNotificationType(key: request.typeKey) }
+        guard let type = found else { throw UnknownNotificationType(key: request.typeKey) }
         if let unknown { throw unknown }
+        return type
     }
 
     public func checkAudienceNames(_ audience: Audience) async throws {

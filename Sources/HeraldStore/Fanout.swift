@@ -149,9 +149,7 @@ extension TenantTransaction {
             return try await write(planned.event, type: planned.type, plan: planned.plan)
         }
         // The type (its templates are read by each chunk) and the audience's unknown names, together.
-        let (found, unknown) = try await read(typeRead(key: request.typeKey), unknownAudienceRead(request.audience))
-        guard let type = found else { throw UnknownNotificationType(key: request.typeKey) }
-        if let unknown { throw unknown }
+        let type = try await checkEventRequest(request)
         let event = NewEvent(
             id: eventID, typeID: type.id, request: request, severity: request.severity ?? type.defaultSeverity,
             priority: request.priority ?? type.defaultPriority, deliverAt: max(request.deliverAt ?? now, now),

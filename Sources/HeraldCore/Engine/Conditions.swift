@@ -151,17 +151,6 @@ public struct Condition: Sendable, Hashable, Codable {
 
     static let weekdays = ["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"]
 
-    /// `YYYY-MM-DD` naming a day the calendar has (not `2027-02-30`).
-    static func isCalendarDate(_ text: String) -> Bool {
-        let parts = text.split(separator: "-", omittingEmptySubsequences: false)
-        guard text.utf8.count == 10, parts.count == 3, parts.allSatisfy({ $0.allSatisfy(\.isASCII) && $0.allSatisfy(\.isNumber) }),
-            let year = Int(parts[0]), let month = Int(parts[1]), let day = Int(parts[2]), (1...12).contains(month), day >= 1
-        else { return false }
-        let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
-        let days = [31, leap ? 29 : 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31][month - 1]
-        return day <= days
-    }
-
     /// Refuses a condition that can never be evaluated.
     public func validate(field name: String = "conditions") throws(ValidationError) {
         guard !field.isEmpty, field.count <= 200 else { throw ValidationError(field: name, message: "a condition needs a payload field.") }
@@ -178,7 +167,7 @@ public struct Condition: Sendable, Hashable, Codable {
         case .atLeast, .atMost:
             switch value {
             case .number: break
-            case .string(let text) where text == "today" || Self.isCalendarDate(text) || RFC3339.date(from: text) != nil: break
+            case .string(let text) where text == "today" || RFC3339.isFullDate(text) || RFC3339.date(from: text) != nil: break
             default:
                 throw ValidationError(
                     field: name,
