@@ -50,7 +50,10 @@ public struct NotificationTypeFields: Sendable {
         self.description = description
         self.defaultSeverity = defaultSeverity
         self.defaultPriority = defaultPriority
-        self.defaultChannels = defaultChannels
+        // Each channel once, in the order given (`["in_app", "in_app"]` was stored as sent).
+        self.defaultChannels = defaultChannels.reduce(into: []) { kept, channel in
+            if !kept.contains(channel) { kept.append(channel) }
+        }
     }
 }
 

@@ -308,6 +308,21 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test("a type's default channels are kept once each, in the order given")
+    func defaultChannelsOnce() async throws {
+        try await withCatalogue { org, catalogue, client in
+            let created = try await client.send(
+                .post, "/v1/notification-types", token: org.ownerToken,
+                json: #"{"key": "TWICE", "category": "activity", "name": "Twice", "default_channels": ["email", "in_app", "email"]}"#)
+            #expect(created.status == .created, "\(created.text.prefix(300))")
+            #expect(created.json["default_channels"] as? [String] == ["email", "in_app"], "\(created.text.prefix(300))")
+            let patched = try await client.send(
+                .patch, "/v1/notification-types/\(catalogue.taskAssigned.uuidString)", token: org.ownerToken,
+                json: #"{"default_channels": ["in_app", "in_app"]}"#)
+            #expect(patched.json["default_channels"] as? [String] == ["in_app"], "\(patched.text.prefix(300))")
+        }
+    }
+
     @Test("unknown query parameters are refused (400 naming them); declared ones work")
     func unknownQueryParameters() async throws {
         try await withOrganisation { org, client in
