@@ -33,20 +33,25 @@ struct ContractChecks: Sendable {
         if let query = request.path?.split(separator: "?", maxSplits: 1).dropFirst().first, query.lowercased().contains("%00") {
             throw APIError.badRequest("A query parameter contains the character U+0000, which Herald does not accept in text.")
         }
-        if let name = SpecRoutes.undeclaredQueryParameter(operationID: operationID, path: request.path ?? "") {
-            let accepted = SpecRoutes.byOperationID[operationID]?.query.sorted() ?? []
-            throw APIError.badRequest(
-                "Unknown query parameter \"\(name)\". "
-                    + (accepted.isEmpty ? "This operation takes none." : "This operation takes: \(accepted.joined(separator: ", "))."))
+        let route = SpecRoutes.byOperationID[operationID]
+        if let route {
+            // The query string is read once for both checks.
+            let path = request.path ?? ""
+            let pairs = SpecRoutes.queryPairs(of: path)
+            if let name = pairs.first(where: { !route.query.contains($0.name) })?.name {
+                let accepted = route.query.sorted()
+                throw APIError.badRequest(
+                    "Unknown query parameter \"\(name)\". "
+                        + (accepted.isEmpty ? "This operation takes none." : "This operation takes: \(accepted.joined(separator: ", "))."))
+            }
+            if let problem = route.parameterProblem(in: path, query: pairs) { throw problem }
         }
-        if let problem = SpecRoutes.byOperationID[operationID]?.parameterProblem(in: request.path ?? "") { throw problem }
         let hasContent =
             request.headerFields[.transferEncoding] != nil
             || (request.headerFields[.contentLength].flatMap { Int($0) } ?? 0) > 0
         guard let body, hasContent, body.length != .known(0) else { return nil }
         guard request.headerFields[.contentType]?.lowercased().hasPrefix("application/json") == true else { return body }
         let data = try await Data(collecting: body, upTo: maxBodyBytes)
-        let route = SpecRoutes.byOperationID[operationID]
         let needsLimits = !(route?.limits.isEmpty ?? true)
         if needsLimits || Self.mayHoldNull(data), let json = try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]) {
             if let problem = Self.problem(in: json, at: "") { throw APIError.badRequest(problem) }

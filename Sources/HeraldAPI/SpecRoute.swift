@@ -40,12 +40,6 @@ extension SpecRoutes {
         return Set(matching.filter { $0.literalSegments == best }.map(\.method)).sorted()
     }
 
-    /// The first query parameter this operation does not declare, if any.
-    static func undeclaredQueryParameter(operationID: String, path: String) -> String? {
-        guard let route = byOperationID[operationID] else { return nil }
-        return queryPairs(of: path).first { !route.query.contains($0.name) }?.name
-    }
-
     /// The query string's names and values, `+` and percent escapes decoded (form style, as the
     /// generated decoders read them).
     static func queryPairs(of path: String) -> [(name: String, value: String)] {
@@ -60,10 +54,10 @@ extension SpecRoutes {
 }
 
 extension SpecRoute {
-    /// The first query or path parameter of `path` (with its query string) whose value the
+    /// The first query or path parameter of `path` (`query`: its query string's pairs) whose value the
     /// contract does not allow, as a 400 naming it and what it takes. The generated decoders
     /// would refuse most of these too, without saying which parameter or what it takes.
-    func parameterProblem(in path: String) -> APIError? {
+    func parameterProblem(in path: String, query: [(name: String, value: String)]) -> APIError? {
         let parts = path.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
         var values: [(String, String)] = []
         let template = self.path.split(separator: "/", omittingEmptySubsequences: false)
@@ -71,7 +65,7 @@ extension SpecRoute {
         for (name, segment) in zip(template, segments) where name.hasPrefix("{") && name.hasSuffix("}") {
             values.append((String(name.dropFirst().dropLast()), String(segment).removingPercentEncoding ?? String(segment)))
         }
-        values += SpecRoutes.queryPairs(of: path).map { ($0.name, $0.value) }
+        values += query.map { ($0.name, $0.value) }
         for (name, value) in values {
             guard let rule = parameterRules[name] else { continue }
             let shown = value.count > 40 ? "\"\(value.prefix(40))…\"" : "\"\(value)\""
