@@ -283,16 +283,26 @@ struct StreamTests {
             let none = try await StreamProbe.open(.sse, on: server)
             #expect(none.status == 401)
             #expect(none.refusal.contains("\"status\":401"))
-            let key = OpaqueToken(kind: .apiKey, organisationID: org.id)
-            try await org.store { tx in
-                _ = try await tx.createApiKey(
-                    id: key.id, name: "k", roleID: try await tx.builtinRole(.service).id, secretHash: key.secretHash, expiresAt: nil)
+            // As on GET /v1/me/notifications: a key without notifications.read is a 403, a key
+            // with it a 400 (an API key has no feed).
+            for (role, status, said) in [(BuiltinRole.service, 403, "notifications.read"), (.admin, 400, "not an API key")] {
+                let key = OpaqueToken(kind: .apiKey, organisationID: org.id)
+                try await org.store { tx in
+                    _ = try await tx.createApiKey(
+                        id: key.id, name: "k-\(role)", roleID: try await tx.builtinRole(role).id, secretHash: key.secretHash,
+                        expiresAt: nil)
+                }
+                let viaKey = try await StreamProbe.open(.sse, on: server, token: key.text)
+                #expect(viaKey.status == status, "\(role): \(viaKey.refusal)")
+                #expect(viaKey.refusal.contains(said), "\(role): \(viaKey.refusal)")
+                let feed = try await server.send(.GET, "/v1/me/notifications", token: key.text)
+                #expect(feed.status == status, "\(role): the feed answered \(feed.text)")
             }
-            let viaKey = try await StreamProbe.open(.sse, on: server, token: key.text)
-            #expect(viaKey.status == 400)
-            #expect(viaKey.refusal.contains("not an API key"))
             #expect(try await StreamProbe.open(.sse, on: server, token: org.memberToken, query: "team=sales").status == 400)
-            #expect(try await StreamProbe.open(.sse, on: server, token: org.memberToken, query: "since=-1").status == 422)
+            for (query, named) in [("since=-1", "since"), ("since=abc", "since")] {
+                let bad = try await StreamProbe.open(.sse, on: server, token: org.memberToken, query: query)
+                #expect(bad.status == 400 && bad.refusal.contains(named), "\(query): \(bad.refusal)")
+            }
             #expect(try await server.send(.GET, StreamRoutes.socketPath, token: org.memberToken).status == 426)
         }
     }

@@ -115,7 +115,9 @@ struct StreamRoutes: Sendable {
         if let unknown = query.map({ String($0.key) }).sorted().first(where: { !accepted.contains($0) }) {
             throw APIError.badRequest("Unknown query parameter '\(unknown)'; this operation accepts: since, ticket.")
         }
-        let since = try Self.since(lastEventID ?? query["since"].map(String.init))
+        let since =
+            try lastEventID.map { try Self.since($0, named: "Last-Event-ID") }
+            ?? query["since"].map { try Self.since(String($0), named: "since") }
         let requestID = RequestScope.current?.requestID
         if let text = query["ticket"].map(String.init) {
             let refused = APIError.unauthorized("The stream ticket is not valid (each works once, for about a minute); ask for a new one.")
@@ -138,8 +140,10 @@ struct StreamRoutes: Sendable {
         ) { tx in
             switch credential {
             case .apiKey:
-                // The key is checked first, so a bad key is still a 401.
-                _ = try await authenticator.principal(for: credential, in: tx)
+                // The key is checked first, so a bad key is still a 401, and a key without
+                // notifications.read a 403, as on the feed's other routes.
+                let principal = try await authenticator.principal(for: credential, in: tx)
+                guard principal.permissions.contains(.notificationsRead) else { throw APIError.forbidden(.notificationsRead) }
                 throw APIError.badRequest(
                     "This operation concerns the calling user's own data; call it with a user's access token, not an API key.")
             case .accessToken(let access):
@@ -159,11 +163,12 @@ struct StreamRoutes: Sendable {
         }
     }
 
-    static func since(_ text: String?) throws -> Int64? {
-        guard let text else { return nil }
+    /// A resume point: a 400 naming the parameter (or header) when it is not one, as every other
+    /// query parameter the contract types is refused.
+    static func since(_ text: String, named name: String) throws -> Int64 {
         guard let value = Int64(text.trimmingCharacters(in: .whitespaces)), value >= 0 else {
-            throw APIError.unprocessable(
-                ValidationError(field: "since", message: "must be an event id this stream sent (a whole number, 0 or more)."))
+            let shown = text.count > 40 ? "\"\(text.prefix(40))…\"" : "\"\(text)\""
+            throw APIError.badRequest("\(name): \(shown) is not an event id this stream sent (a whole number, 0 or more).")
         }
         return value
     }

@@ -36,7 +36,7 @@ extension StreamRoutes {
     /// The upgrade router: every upgrade of the socket path is accepted, and the credential is
     /// checked on the socket, so that a refusal reaches a browser (which never sees the status
     /// of a failed handshake) as an `error` message with the problem, then a close code of
-    /// 4000 + the HTTP status (4401, 4403, 4429, 4503).
+    /// 4000 + the HTTP status (4400, 4401, 4403, 4429, 4503).
     func webSocketRouter() -> Router<StreamSocketContext> {
         let router = Router(context: StreamSocketContext.self)
         router.ws(RouterPath(stringLiteral: Self.socketPath)) { inbound, outbound, context in
