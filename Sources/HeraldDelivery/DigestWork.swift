@@ -197,7 +197,9 @@ struct DigestMessage {
         for entry in work.entries {
             let rendering = entry.rendering
             let own = !(rendering.input.type.templates[.email] ?? [:]).isEmpty
-            let content = NotificationPlanner.render(rendering.input, rendering.recipient, channel: own ? .email : .inApp)
+            // As written (not HTML-escaped): the digest template escapes its HTML part itself.
+            let content = NotificationPlanner.render(
+                rendering.input, rendering.recipient, channel: own ? .email : .inApp, plainText: true)
             var body = content.body.trimmingCharacters(in: .whitespacesAndNewlines)
             if body.count > Self.bodyLimit { body = String(body.prefix(Self.bodyLimit - 1)) + "…" }
             let link = rendering.url.map { _ in click(entry) }
@@ -255,7 +257,8 @@ struct DigestMessage {
         let template =
             TemplateRenderer.pick(work.templates, userLocale: first.recipient.locale, organisationLocale: first.input.organisationLocale)?
             .value ?? DigestTemplate.builtIn
-        let content = TemplateRenderer.render(template, context(unsubscribe: unsubscribe))
+        // The subject and the text part unescaped, the HTML part escaped (as a per-event email).
+        let content = TemplateRenderer.render(template, context(unsubscribe: unsubscribe), plainText: true)
         let (subject, text, html) = (content.subject.trimmingCharacters(in: .whitespacesAndNewlines), content.body, content.html)
         let from = first.email.from ?? defaultFrom
         return try MIMEMessage(

@@ -25,7 +25,7 @@ struct DigestTemplateTests {
 
     @Test("text: one line per item, its body and link indented, the unsubscribe link at the end; nothing escaped")
     func text() {
-        let rendered = TemplateRenderer.render(DigestTemplate.builtIn, context)
+        let rendered = TemplateRenderer.render(DigestTemplate.builtIn, context, plainText: true)
         #expect(rendered.subject == "Club & Co: your daily digest (2 notifications)")
         #expect(
             rendered.body == """
@@ -47,7 +47,7 @@ struct DigestTemplateTests {
 
     @Test("HTML: escaped, with a link on a title only when the item has one")
     func html() throws {
-        let html = try #require(TemplateRenderer.render(DigestTemplate.builtIn, context).html)
+        let html = try #require(TemplateRenderer.render(DigestTemplate.builtIn, context, plainText: true).html)
         #expect(html.contains("<p>Hello Ana &lt;Bo&gt;,</p>") && html.contains("<h2>Outings</h2>"), "\(html)")
         #expect(
             html.contains(#"<li><strong><a href="https://h.test/v1/links/a">Hike to the lake</a></strong><br>Annecy, 9:00</li>"#), "\(html)"

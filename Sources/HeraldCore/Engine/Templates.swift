@@ -40,9 +40,10 @@ public enum TemplateRenderer {
         return template.render(context)
     }
 
-    /// Renders every part of `content` (parsed once per process: `ParsedTemplate.cached`).
-    public static func render(_ content: TemplateContent, _ context: [String: Any]) -> TemplateContent {
-        ParsedTemplate.cached(content).render(context)
+    /// Renders every part of `content` (parsed once per process: `ParsedTemplate.cached`);
+    /// `plainText` as in `ParsedTemplate`.
+    public static func render(_ content: TemplateContent, _ context: [String: Any], plainText: Bool = false) -> TemplateContent {
+        ParsedTemplate.cached(content, plainText: plainText).render(context)
     }
 }
 
