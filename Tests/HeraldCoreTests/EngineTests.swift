@@ -138,6 +138,15 @@ struct ChannelDecisionTests {
             (Condition(field: "recipient.attributes.renewed", op: .atLeast, value: .string("today")), true),
             (Condition(field: "recipient.attributes.missing", op: .atLeast, value: .string("today")), false),
             (Condition(field: "level", op: .atLeast, value: .string("today")), false),
+            // Date-times are instants: 09:00Z is after 10:00+02:00 (08:00Z), whatever the text says.
+            (Condition(field: "recipient.attributes.renewed", op: .atLeast, value: .string("2026-11-23T10:00:00+02:00")), true),
+            (Condition(field: "recipient.attributes.renewed", op: .atMost, value: .string("2026-11-23T10:00:00+02:00")), false),
+            (Condition(field: "recipient.attributes.renewed", op: .atMost, value: .string("2026-11-23T09:00:00.000Z")), true),
+            (Condition(field: "recipient.attributes.renewed", op: .atLeast, value: .string("2026-11-23T04:30:00-05:00")), false),
+            // A date with a date-time: by their dates as written.
+            (Condition(field: "recipient.attributes.renewed", op: .atMost, value: .string("2026-11-23")), true),
+            (Condition(field: "recipient.attributes.renewed", op: .atLeast, value: .string("2026-11-24")), false),
+            (Condition(field: "starts_on", op: .atLeast, value: .string("2026-11-21T23:00:00-05:00")), true),
         ])
     func conditionsOnTypeAndRecipient(_ condition: Condition, met: Bool) throws {
         try condition.validate()

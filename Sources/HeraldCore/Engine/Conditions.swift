@@ -118,9 +118,9 @@ public struct Condition: Sendable, Hashable, Codable {
         /// The payload field is a date (or date-time) whose weekday is one of `values`
         /// (`monday` … `sunday`), in the recipient's time zone for date-times.
         case weekdayIn = "weekday_in"
-        /// The field is at least `value`: numbers by value, text (ISO dates) in order; the value
-        /// `"today"` is the recipient's local date, compared with the field's date. A missing
-        /// field fails.
+        /// The field is at least `value`: numbers by value, date-times as instants, dates and
+        /// other text in order; the value `"today"` is the recipient's local date, compared with
+        /// the field's date. A missing field fails (see `compare`).
         case atLeast = "gte"
         /// The field is at most `value`, as `gte`.
         case atMost = "lte"
@@ -214,16 +214,26 @@ public struct Condition: Sendable, Hashable, Codable {
         }
     }
 
-    /// How `actual` compares with `bound`: numbers by value, text in order (ISO dates sort as
-    /// dates); `"today"` stands for the recipient's local date and is compared with the
-    /// field's first ten characters (its date). Nil when they cannot be compared.
+    /// How `actual` compares with `bound`: numbers by value; two RFC 3339 date-times as instants
+    /// (`10:00:00+02:00` is before `09:30:00Z`); a date with a date-time by their dates as written
+    /// (the first ten characters); other text in order (ISO dates sort as dates). `"today"`
+    /// stands for the recipient's local date, compared with the field's date. Nil when they
+    /// cannot be compared.
     static func compare(_ actual: JSONValue, _ bound: JSONValue?, today: String) -> ComparisonResult? {
+        func order<T: Comparable>(_ a: T, _ b: T) -> ComparisonResult {
+            a < b ? .orderedAscending : a > b ? .orderedDescending : .orderedSame
+        }
         switch (actual, bound) {
         case (.number(let a), .number(let b)):
-            return a < b ? .orderedAscending : a > b ? .orderedDescending : .orderedSame
+            return order(a, b)
         case (.string(let a), .string(let b)):
-            let (left, right) = b == "today" ? (String(a.prefix(10)), today) : (a, b)
-            return left < right ? .orderedAscending : left > right ? .orderedDescending : .orderedSame
+            if b == "today" { return order(String(a.prefix(10)), today) }
+            let (instantA, instantB) = (RFC3339.date(from: a), RFC3339.date(from: b))
+            if let instantA, let instantB { return order(instantA, instantB) }
+            if (instantA != nil && RFC3339.isFullDate(b)) || (instantB != nil && RFC3339.isFullDate(a)) {
+                return order(String(a.prefix(10)), String(b.prefix(10)))
+            }
+            return order(a, b)
         default:
             return nil
         }
