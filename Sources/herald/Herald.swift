@@ -409,6 +409,15 @@ struct JWTKeygen: AsyncParsableCommand {
 }
 
 /// `herald jwt-keygen` could not write its key file (a directory it may not write to, a full disk).
+struct DatabaseUnreachable: Error, CustomStringConvertible {
+    var host: String
+    var port: Int
+    var reason: String
+    var description: String {
+        "Cannot reach PostgreSQL at \(host):\(port) (\(reason)): is it running, and is the URL's host and port right?"
+    }
+}
+
 struct KeyNotWritten: Error, CustomStringConvertible {
     var path: String
     var description: String { "jwt-keygen: could not write \(path)" }
@@ -467,11 +476,23 @@ func passwordHasher(_ config: AppConfiguration) -> PasswordHasher {
     PasswordHasher(iterations: config.argon2Iterations, memoryKiB: config.argon2MemoryKiB, parallelism: config.argon2Parallelism)
 }
 
-/// Runs `body` with a connected client, then shuts the client down.
+/// Runs `body` with a connected client, then shuts the client down. A command fails at once,
+/// naming the address, when nothing listens there (the pool would retry until the database
+/// deadline, 30 s by default).
 func withPostgres<T: Sendable>(url: String, logger: Logger, _ body: @Sendable (PostgresClient) async throws -> T) async throws -> T {
     var background = logger
     background.logLevel = .error // the pool's start-up chatter is not news to a CLI user
-    let client = PostgresClient(configuration: try PostgresClient.Configuration.fromURL(url), backgroundLogger: background)
+    let configuration = try PostgresClient.Configuration.fromURL(url)
+    if let host = configuration.host, let port = configuration.port {
+        do {
+            let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .connectTimeout(.seconds(5)).connect(host: host, port: port).get()
+            try? await channel.close()
+        } catch {
+            throw DatabaseUnreachable(host: host, port: port, reason: "\(error)")
+        }
+    }
+    let client = PostgresClient(configuration: configuration, backgroundLogger: background)
     return try await withThrowingTaskGroup(of: Void.self) { group in
         group.addTask { await client.run() }
         defer { group.cancelAll() }
