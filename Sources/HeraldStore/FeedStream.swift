@@ -44,10 +44,20 @@ public struct StreamTicketHolder: Sendable, Equatable {
 }
 
 extension TenantTransaction {
-    /// The user's position in their change log (0, 0 before their first change).
+    /// The user's position in their change log (0, 0 before their first stream opened).
     public func feedStreamPosition(of userID: UUID) async throws -> FeedStreamPosition {
         let rows = try await query(
             "SELECT seq, purged_through FROM feed_streams WHERE organisation_id = \(organisationID) AND user_id = \(userID)")
+        guard let row = rows.first else { return FeedStreamPosition(seq: 0, purgedThrough: 0) }
+        let (seq, purged) = try row.decode((Int64, Int64).self, table: "feed_streams")
+        return FeedStreamPosition(seq: seq, purgedThrough: purged)
+    }
+
+    /// A stream's start: `feedStreamPosition`, creating the user's log the first time (migration
+    /// 0043: only users who have opened a stream have their changes numbered and logged). Read
+    /// the unread count after it, in the same transaction.
+    public func openFeedStream(of userID: UUID) async throws -> FeedStreamPosition {
+        let rows = try await query("SELECT seq, purged_through FROM feed_stream_open(\(userID))")
         guard let row = rows.first else { return FeedStreamPosition(seq: 0, purgedThrough: 0) }
         let (seq, purged) = try row.decode((Int64, Int64).self, table: "feed_streams")
         return FeedStreamPosition(seq: seq, purgedThrough: purged)

@@ -67,7 +67,11 @@ struct IsolationSQLTests {
                 typeKey: "ISQ_CRITICAL", audience: Audience(roleKeys: ["clinician"]),
                 payload: .object(["isq": .number(25)])))
         #expect(!plan.deliveries.isEmpty && !plan.digestItems.isEmpty && !plan.notifications.isEmpty)
-        try await org.store { tx in try await tx.markAllRead(of: org.ownerID, through: TimeOrderedID.upperBound(at: Date())) }
+        // The owner has opened a stream (0043), so their "all read" is numbered and logged.
+        try await org.store { tx in
+            _ = try await tx.openFeedStream(of: org.ownerID)
+            try await tx.markAllRead(of: org.ownerID, through: TimeOrderedID.upperBound(at: Date()))
+        }
         // Live streams (0010): a row scheduled for next month waits in feed_due (the streams'
         // sweep leaves it there until then), and a stream ticket.
         try await org.notify(

@@ -191,6 +191,8 @@ struct StreamTests {
         let org = try await organisation()
         try await StreamServer.with { servers in
             let server = servers[0]
+            // The member's log begins with their first stream (0043): here, before the writer.
+            _ = try await org.store { tx in try await tx.openFeedStream(of: org.memberID) }
             let writer = Task {
                 for i in 0..<60 {
                     try await task(org, to: [org.memberID], title: "row \(i)")
@@ -198,7 +200,7 @@ struct StreamTests {
                 }
             }
             var received: [String] = []
-            // From the start of the member's log (a new user's is empty: 0), not from "now": the
+            // From the start of the member's log (begun above, empty: 0), not from "now": the
             // writer may have had a row numbered before the first connection opens, and a stream
             // from now rightly leaves that row to the list the client reads first.
             var lastID: Int64 = 0
@@ -367,7 +369,9 @@ struct StreamTests {
             #expect(server.hub.count == 0, "\(server.hub.count) streams still registered after their clients left")
             let a = try await StreamProbe.open(.sse, on: server, token: org.memberToken)
             let b = try await StreamProbe.open(.sse, on: server, token: org.memberToken)
-            #expect(a.status == 200 && b.status == 200)
+            if a.status != 200 || b.status != 200 {
+                Issue.record("\(a.status) \(a.refusal); \(b.status) \(b.refusal); \(try await logState(org, user: org.memberID))")
+            }
             await a.close()
             await b.close()
         }
@@ -444,6 +448,8 @@ struct StreamTests {
         let org = try await organisation()
         try await StreamServer.with(settings: { $0.maxBacklog = 10 }) { servers in
             let server = servers[0]
+            // The member's log begins with their first stream (0043).
+            _ = try await org.store { tx in try await tx.openFeedStream(of: org.memberID) }
             for i in 0..<15 { try await task(org, to: [org.memberID], title: "row \(i)") }
             // Numbered: with no stream of the organisation open here, by a sweep within the second.
             try await numbered(org, user: org.memberID)
@@ -472,6 +478,8 @@ struct StreamTests {
             _ = try await database.sweepFeedStreams(limit: 1000, retention: retention, now: now, organisation: org.id)
         }
         let position = { @Sendable (user: UUID) in try await org.store { tx in try await tx.feedStreamPosition(of: user) } }
+        // Both have opened a stream, so their changes are logged (0043).
+        for user in [org.memberID, org.ownerID] { _ = try await org.store { tx in try await tx.openFeedStream(of: user) } }
         try await task(org, to: [org.memberID], title: "first")
         try await sweep(Date(), .seconds(86400))
         #expect(try await eventually(timeout: .seconds(30)) { try await position(org.memberID).seq == 1 })
@@ -495,6 +503,51 @@ struct StreamTests {
         // Committed: the read took the next number, and the member's new row the one after it.
         try await sweep(Date(), .seconds(86400))
         #expect(try await eventually(timeout: .seconds(30)) { try await position(org.memberID).seq == 3 })
+    }
+
+    @Test("changes are logged once a user has opened a stream; a first stream opening while a change is logged waits for it (0043)")
+    func logBeginsWithTheFirstStream() async throws {
+        let org = try await organisation()
+        let database = try await TestEnvironment.shared.database
+        try await StreamServer.with { servers in
+            let server = servers[0]
+            // No stream yet: the rows' due entries are swept, nothing is numbered or logged.
+            try await task(org, to: [org.memberID], title: "one")
+            try await task(org, to: [org.memberID], title: "two")
+            _ = try await database.sweepFeedStreams(limit: 1000, retention: .seconds(86400), now: Date(), organisation: org.id)
+            try await numbered(org, user: org.memberID)
+            let logged = try await org.store { tx in
+                try await tx.query(
+                    "SELECT (SELECT count(*) FROM feed_streams WHERE user_id = \(org.memberID))::int, (SELECT count(*) FROM feed_changes WHERE user_id = \(org.memberID))::int"
+                ).first!.decode((Int, Int).self)
+            }
+            #expect(logged == (0, 0), "no log for a user who never opened a stream")
+            let first = try #require(try await org.notificationIDs(of: org.memberID).first)
+            // The first stream opens while a request that read a row has logged its change and
+            // not committed: the stream waits for it, then starts from the count after it.
+            let stream = try await org.store { (held: TenantTransaction) async throws -> Task<StreamProbe, any Error> in
+                #expect(try await held.markRead([first], of: org.memberID, now: Date()) == 1)
+                let opening = Task { try await StreamProbe.open(.sse, on: server, token: org.memberToken) }
+                #expect(
+                    try await eventually(timeout: .seconds(10)) {
+                        try await database.query(
+                            """
+                            SELECT count(*)::int FROM pg_stat_activity
+                            WHERE datname = current_database() AND wait_event = 'advisory' AND query LIKE '%feed_stream_open%'
+                            """
+                        ).first!.decode(Int.self) == 1
+                    }, "the opening stream waits on its user's stream lock")
+                return opening
+            }.value
+            let start = try await stream.next("unread_count")
+            #expect(start.object["total"] as? Int == 1, "the read committed before the stream's count: \(start.object)")
+            // From here its changes are logged and pushed.
+            try await task(org, to: [org.memberID], title: "three")
+            #expect(try await stream.next("notification.created").object["title"] as? String == "three")
+            try await stream.next("unread_count") { $0.object["total"] as? Int == 2 }
+            #expect(try await org.store { tx in try await tx.feedStreamPosition(of: org.memberID) }.seq >= 1)
+            await stream.close()
+        }
     }
 
     @Test("the sweep and the change log are planned on every call, never with a plan cached while the tables were empty (0018)")

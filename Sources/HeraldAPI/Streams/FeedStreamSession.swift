@@ -153,9 +153,10 @@ struct FeedStreamSession: Sendable {
     private func open() async throws -> StreamStep {
         let settings = hub.settings
         var step = StreamStep(output: [.retry(milliseconds: settings.retryMilliseconds)], cursor: 0)
-        // Where the log stands and the unread count, in one transaction.
+        // Where the log stands (begun here, the user's first stream ever), then the unread
+        // count, in one transaction: the order migration 0043 relies on.
         let (position, count) = try await read { tx in
-            (try await tx.feedStreamPosition(of: start.userID), try await tx.unreadCount(of: start.userID, now: now()))
+            (try await tx.openFeedStream(of: start.userID), try await tx.unreadCount(of: start.userID, now: now()))
         }
         step.cursor = position.seq
         if let since = start.since {
