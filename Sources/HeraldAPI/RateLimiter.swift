@@ -34,11 +34,13 @@ public struct RateLimitDecision: Sendable, Equatable {
     /// Seconds until the bucket is full again, rounded up.
     public var reset: Int
 
-    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-08): the quota
-    /// per window of one second, and what is left of it.
+    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-08): the bucket
+    /// as a quota (the burst) per window (the seconds the bucket takes to fill), so that what is
+    /// left (`r`) never exceeds the quota (`q`), and what is left of it.
     var headers: HTTPFields {
-        [
-            .rateLimitPolicy: "\"\(policy.name)\";q=\(Int(policy.perSecond.rounded(.up)));w=1",
+        let window = max(1, Int((policy.burst / policy.perSecond).rounded(.up)))
+        return [
+            .rateLimitPolicy: "\"\(policy.name)\";q=\(Int(policy.burst.rounded(.down)));w=\(window)",
             .rateLimit: "\"\(policy.name)\";r=\(remaining);t=\(reset)",
         ]
     }

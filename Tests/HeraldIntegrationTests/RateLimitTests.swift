@@ -63,6 +63,17 @@ struct RateLimitTests {
         }
     }
 
+    @Test("the RateLimit headers describe the bucket: q its size, w the seconds it takes to refill, so r is never above q")
+    func headersDescribeTheBucket() {
+        let limiter = RateLimiter()
+        let policy = RateLimitPolicy(name: "events", perSecond: 50, burst: 100)
+        let first = limiter.take(UUID(), policy, now: Date())
+        #expect(first.headers[HTTPField.Name("RateLimit-Policy")!] == #""events";q=100;w=2"#)
+        #expect(first.headers[HTTPField.Name("RateLimit")!] == #""events";r=99;t=1"#)
+        let slow = RateLimitPolicy(name: "requests", perSecond: 0.5, burst: 1)
+        #expect(limiter.take(UUID(), slow, now: Date()).headers[HTTPField.Name("RateLimit-Policy")!] == #""requests";q=1;w=2"#)
+    }
+
     @Test("an organisation's own limits, set with `herald organisation rate-limits`, replace the instance's")
     func organisationLimits() async throws {
         let org = try await TestOrganisation.make()
