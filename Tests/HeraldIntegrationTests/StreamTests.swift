@@ -461,7 +461,13 @@ struct StreamTests {
             // Within the window it replays.
             let near = try await StreamProbe.open(.sse, on: server, token: org.memberToken, query: "since=10")
             for _ in 0..<5 { try await near.next("notification.created") }
+            let count = try await near.next("unread_count")
             await near.close()
+            // The replay first, then the count after it, under the id of the last change it
+            // reflects (not the count of now under the id resumed from).
+            let events = near.all.filter { $0.event != ":retry" }
+            #expect(events.map(\.event) == Array(repeating: "notification.created", count: 5) + ["unread_count"], "\(events)")
+            #expect(count.id == 15 && count.object["total"] as? Int == 15, "\(count)")
             // The retention sweep removes old changes: the position is gone, so resync.
             _ = try await server.hub.database.sweepFeedStreams(
                 limit: 1000, retention: .seconds(60), now: Date().addingTimeInterval(120), organisation: org.id)

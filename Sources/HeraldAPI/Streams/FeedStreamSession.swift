@@ -149,7 +149,8 @@ struct FeedStreamSession: Sendable {
     }
 
     /// The stream's first words: the retry hint and the unread count where it starts (now, or
-    /// after `since`), or `resync` when it cannot start there.
+    /// `since` when nothing came after it; a replay ends with its own), or `resync` when it
+    /// cannot start there.
     private func open() async throws -> StreamStep {
         let settings = hub.settings
         var step = StreamStep(output: [.retry(milliseconds: settings.retryMilliseconds)], cursor: 0)
@@ -165,6 +166,9 @@ struct FeedStreamSession: Sendable {
                 return step
             }
             step.cursor = since
+            // Behind: the replay's pages each end with the count after them. A count now would
+            // reflect changes not yet sent, under the id the client resumed from.
+            if since < position.seq { return step }
         }
         step.output.append(.event(StreamEvent(id: step.cursor, name: "unread_count", data: FeedJSON.unreadCount(count))))
         return step
