@@ -141,6 +141,16 @@ extension TenantTransaction {
         }
     }
 
+    /// Those of `keys` that name no notification type of the organisation, in the order given.
+    public func unknownTypeKeys(_ keys: [String]) async throws -> [String] {
+        guard !keys.isEmpty else { return [] }
+        let known = Set(
+            try await query(
+                "SELECT key FROM notification_types WHERE organisation_id = \(organisationID) AND key = ANY(\(keys)::text[])"
+            ).map { try $0.decode(String.self) })
+        return keys.filter { !known.contains($0) }
+    }
+
     /// The type with this key, without its templates (`templatesRead`), or nil.
     func typeRead(key: String) -> StoreRead<NotificationType?> {
         StoreRead(

@@ -255,6 +255,27 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test("an endpoint's event types must be types of the catalogue: a misspelt one is a 422 naming it, and nothing changes")
+    func endpointEventTypesAreKnown() async throws {
+        try await withCatalogue { org, _, client in
+            // Written directly: this app's destination guard refuses the local receiver.
+            let endpoint = try await org.store { tx in
+                try await tx.createEndpoint(
+                    channel: .webhook, format: .standard, name: "Ward system", url: Peers.hook("event-types").url, eventTypes: [],
+                    secret: "whsec_" + Data(repeating: 7, count: 32).base64EncodedString())
+            }
+            let path = "/v1/endpoints/\(endpoint.id.uuidString)"
+            let misspelt = try await client.send(
+                .patch, path, token: org.ownerToken, json: #"{"event_types": ["TASK_ASSIGNED", "TASK_ASIGNED"]}"#)
+            #expect(
+                misspelt.isProblem(.unprocessableContent) && misspelt.text.contains("TASK_ASIGNED")
+                    && misspelt.text.contains("event_types"), "\(misspelt.text)")
+            #expect(try await org.store { tx in try await tx.endpoint(endpoint.id) }.eventTypes == [], "nothing changed")
+            let fixed = try await client.send(.patch, path, token: org.ownerToken, json: #"{"event_types": ["TASK_ASSIGNED"]}"#)
+            #expect(fixed.status == .ok && (fixed.json["event_types"] as? [String]) == ["TASK_ASSIGNED"], "\(fixed.text)")
+        }
+    }
+
     @Test("a query or path parameter of the wrong kind or too long is a 400 naming it and what it takes")
     func malformedParameters() async throws {
         try await withCatalogue { org, catalogue, client in

@@ -33,6 +33,7 @@ extension HeraldService {
         let url = try await vetted(body.url)
         let secret = channel == .webhook ? WebhookSecret.generate().string : nil
         let created = try await tenant { tx, _ in
+            try await requireKnownTypes(eventTypes, in: tx)
             let endpoint = try await tx.createEndpoint(
                 channel: channel, format: format, name: name, url: url, eventTypes: eventTypes, secret: secret)
             try await tx.audit(
@@ -58,6 +59,7 @@ extension HeraldService {
             enabled: body.enabled)
         let endpoint = try await tenant { tx, _ in
             let before = try await tx.endpoint(id)
+            try await requireKnownTypes(fields.eventTypes ?? [], in: tx)
             let after = try await tx.updateEndpoint(id, fields)
             try await tx.audit(
                 action: "endpoint.update", targetType: "endpoint", targetID: id.lowercased,
@@ -65,6 +67,14 @@ extension HeraldService {
             return after
         }
         return .ok(.init(body: .json(try .init(endpoint))))
+    }
+
+    /// An endpoint's event types name types of the catalogue: a misspelt one would leave the
+    /// endpoint silent for ever. (A type deleted later stays in the list, matching nothing.)
+    private func requireKnownTypes(_ keys: [String], in tx: TenantTransaction) async throws {
+        guard let unknown = try await tx.unknownTypeKeys(keys).first else { return }
+        throw APIError.unprocessable(
+            ValidationError(field: "event_types", message: "\"\(unknown)\" is not a notification type of your organisation."))
     }
 
     func deleteEndpoint(_ input: Operations.DeleteEndpoint.Input) async throws -> Operations.DeleteEndpoint.Output {
