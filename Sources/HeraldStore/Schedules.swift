@@ -98,10 +98,15 @@ extension TenantTransaction {
         return try await schedule(id)
     }
 
-    public func schedule(_ id: UUID) async throws -> Schedule {
+    /// `locking`: the row stays locked to the transaction's end, so two requests that change the
+    /// schedule from what they read (pause, resume) take turns, and the second reads the first's.
+    public func schedule(_ id: UUID, locking: Bool = false) async throws -> Schedule {
         guard
             let row = try await query(
-                "SELECT \(unescaped: scheduleColumns) \(unescaped: scheduleFrom) WHERE s.organisation_id = \(organisationID) AND s.id = \(id)"
+                """
+                SELECT \(unescaped: scheduleColumns) \(unescaped: scheduleFrom) WHERE s.organisation_id = \(organisationID) AND s.id = \(id)
+                \(unescaped: locking ? "FOR NO KEY UPDATE OF s" : "")
+                """
             ).first
         else { throw StoreError.notFound("schedule") }
         return try decodeSchedule(row)

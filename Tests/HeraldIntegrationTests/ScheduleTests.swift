@@ -175,8 +175,17 @@ struct ScheduleTests {
 
         // Paused, nothing goes; resumed, it goes on from the first occurrence after now.
         try await env.application().test(.router) { client in
-            let paused = try await client.send(.post, "/v1/schedules/\(id.lowercased)/pause", token: org.ownerToken)
-                .decoded(Components.Schemas.Schedule.self)
+            // Eight at once: each answers the paused schedule, one changes it (and is audited).
+            let answers = try await withThrowingTaskGroup(of: TestResponse.self) { group in
+                for _ in 0..<8 {
+                    group.addTask { try await client.send(.post, "/v1/schedules/\(id.lowercased)/pause", token: org.ownerToken) }
+                }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            for answer in answers {
+                #expect(try answer.decoded(Components.Schemas.Schedule.self).state == .paused, "\(answer.text)")
+            }
+            let paused = try answers[0].decoded(Components.Schemas.Schedule.self)
             #expect(paused.state == .paused && paused.nextOccurrences.isEmpty)
             // Pausing again changes nothing and audits nothing.
             let again = try await client.send(.post, "/v1/schedules/\(id.lowercased)/pause", token: org.ownerToken)

@@ -71,7 +71,7 @@ extension HeraldService {
     func pauseSchedule(_ input: Operations.PauseSchedule.Input) async throws -> Operations.PauseSchedule.Output {
         let id = try id(input.path.scheduleId, "schedule")
         let schedule = try await tenant { tx, _ in
-            let current = try await tx.schedule(id)
+            let current = try await tx.schedule(id, locking: true)
             // Paused already, or finished (no occurrence left): nothing changes, nothing is audited.
             guard !current.paused, current.nextAt != nil else { return current }
             let paused = try await tx.setSchedulePaused(id, paused: true, resumeAt: nil)
@@ -87,7 +87,7 @@ extension HeraldService {
         let id = try id(input.path.scheduleId, "schedule")
         let now = now()
         let schedule = try await tenant { tx, _ in
-            let current = try await tx.schedule(id)
+            let current = try await tx.schedule(id, locking: true)
             // Not paused: nothing changes, nothing is audited.
             guard current.paused else { return current }
             let next = try current.recurrence().occurrences(after: now, limit: 1).first
