@@ -408,7 +408,7 @@ struct JWTKeygen: AsyncParsableCommand {
     }
 }
 
-/// `herald jwt-keygen` could not write its key file (a directory it may not write to, a full disk).
+/// A command's database URL names an address where nothing answers (or a host that does not resolve).
 struct DatabaseUnreachable: Error, CustomStringConvertible {
     var host: String
     var port: Int
@@ -418,6 +418,7 @@ struct DatabaseUnreachable: Error, CustomStringConvertible {
     }
 }
 
+/// `herald jwt-keygen` could not write its key file (a directory it may not write to, a full disk).
 struct KeyNotWritten: Error, CustomStringConvertible {
     var path: String
     var description: String { "jwt-keygen: could not write \(path)" }
