@@ -121,6 +121,13 @@ extension TenantTransaction {
     /// Each user's next daily and weekly slot strictly after `instant`: their own hour and
     /// weekday, else the organisation's, in their time zone, else the organisation's.
     func digestSlots(for users: [UUID], after instant: Date) async throws -> [UUID: DigestSlots] {
+        try await digestSchedules(for: users).mapValues { schedules in
+            DigestSlots(daily: schedules.daily.slot(after: instant), weekly: schedules.weekly.slot(after: instant))
+        }
+    }
+
+    /// Each user's daily and weekly digest schedule, as `digestSlots` reads them.
+    private func digestSchedules(for users: [UUID]) async throws -> [UUID: (daily: DigestSchedule, weekly: DigestSchedule)] {
         let rows = try await query(
             """
             SELECT u.id, coalesce(u.timezone, o.default_timezone), coalesce(u.digest_hour, o.digest_hour)::int,
@@ -128,16 +135,51 @@ extension TenantTransaction {
             FROM users u JOIN organisations o ON o.id = u.organisation_id
             WHERE u.organisation_id = \(organisationID) AND u.id = ANY(\(users)::uuid[])
             """)
-        var slots: [UUID: DigestSlots] = [:]
+        var schedules: [UUID: (daily: DigestSchedule, weekly: DigestSchedule)] = [:]
         for row in rows {
             let (user, zone, hour, weekday) = try row.decode((UUID, String, Int, Int).self, table: "users")
             let timeZone = TimeZone(identifier: zone) ?? .gmt
             guard let daily = DigestSchedule(cadence: .daily, hour: hour, timeZone: timeZone),
                 let weekly = DigestSchedule(cadence: .weekly(weekday: weekday), hour: hour, timeZone: timeZone)
             else { throw StoreError.notFound("digest schedule") }
-            slots[user] = DigestSlots(daily: daily.slot(after: instant), weekly: weekly.slot(after: instant))
+            schedules[user] = (daily, weekly)
         }
-        return slots
+        return schedules
+    }
+
+    /// Moves the items still waiting for a digest (no run made, their slot still to come) of
+    /// `users` (nil: every user of the organisation) to the slot their schedule gives now: the
+    /// first after the later of `now` and the item's due time. After a change of digest hour,
+    /// weekday or time zone, what was waiting goes out once, at the new time, not partly at the
+    /// old time and partly at the new (two "daily" digests in a day). Returns how many moved.
+    @discardableResult
+    public func reslotWaitingDigestItems(of users: [UUID]?, now: Date) async throws -> Int {
+        let waiting = try await query(
+            """
+            SELECT id, user_id, frequency, due_after, slot_at FROM digest_items
+            WHERE organisation_id = \(organisationID) AND run_id IS NULL AND sent_at IS NULL AND cancelled_at IS NULL
+              AND slot_at > \(now) AND (\(users)::uuid[] IS NULL OR user_id = ANY(\(users)::uuid[]))
+            """
+        ).map { try $0.decode((UUID, UUID, Frequency, Date, Date).self, table: "digest_items") }
+        guard !waiting.isEmpty else { return 0 }
+        let schedules = try await digestSchedules(for: Array(Set(waiting.map(\.1))))
+        var moved: [(id: UUID, slot: Date)] = []
+        for (id, user, frequency, dueAfter, slot) in waiting {
+            guard let schedule = schedules[user] else { continue }
+            let fresh = (frequency == .weekly ? schedule.weekly : schedule.daily).slot(after: max(now, dueAfter))
+            if fresh != slot { moved.append((id, fresh)) }
+        }
+        guard !moved.isEmpty else { return 0 }
+        // Fenced as read: an item a run took meanwhile keeps its run's slot.
+        return try await query(
+            """
+            UPDATE digest_items i SET slot_at = m.slot_at
+            FROM unnest(\(moved.map(\.id))::uuid[], \(moved.map(\.slot))::timestamptz[]) AS m (id, slot_at)
+            WHERE i.organisation_id = \(organisationID) AND i.id = m.id AND i.run_id IS NULL AND i.sent_at IS NULL
+              AND i.cancelled_at IS NULL AND i.slot_at > \(now)
+            RETURNING i.id
+            """
+        ).count
     }
 
     public func digestRun(_ id: UUID) async throws -> DigestRun {

@@ -208,6 +208,43 @@ struct DigestTests {
         #expect(late.slot == next && late.run == nil, "the late item waits for the next slot: \(late)")
     }
 
+    @Test("a new digest hour moves what waits: one digest that day, at the new hour, with every item (not one at each hour)")
+    func newHourMovesWaitingItems() async throws {
+        let (org, _) = try await clubMember()
+        let address = "member@\(org.slug).example"
+        _ = try await task(org, "Before the change")
+        let paris = TimeZone(identifier: "Europe/Paris")!
+        func hour(_ date: Date) -> Int {
+            var calendar = Calendar(identifier: .gregorian)
+            calendar.timeZone = paris
+            return calendar.component(.hour, from: date)
+        }
+        #expect(try await items(org, of: org.memberID).map { hour($0.slot) } == [8])
+        try await TestEnvironment.shared.application().test(.router) { client in
+            let patched = try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"digest_hour": 7}"#)
+            #expect(patched.status == .ok, "\(patched.text)")
+        }
+        _ = try await task(org, "After the change")
+        let waiting = try await items(org, of: org.memberID)
+        #expect(waiting.map { hour($0.slot) } == [7, 7], "both wait for 07:00 now: \(waiting)")
+        // The member's own hour moves them again.
+        try await TestEnvironment.shared.application().test(.router) { client in
+            let patched = try await client.send(
+                .patch, "/v1/users/\(org.memberID.uuidString)", token: org.ownerToken, json: #"{"digest_hour": 9}"#)
+            #expect(patched.status == .ok, "\(patched.text)")
+        }
+        let moved = try await items(org, of: org.memberID)
+        #expect(moved.map { hour($0.slot) } == [9, 9] && Set(moved.map(\.slot)).count == 1, "\(moved)")
+        // One digest, with both.
+        let slot = try #require(moved.first?.slot)
+        let clock = Mutex(slot.addingTimeInterval(60))
+        try await withDigestRunners(org.id, now: { clock.withLock { $0 } }) { () async throws -> Void in
+            #expect(try await eventually(timeout: .seconds(30)) { try await sent(org, address, runs: 1) })
+            let runs = try await org.store { tx in try await tx.digestRuns(of: org.memberID) }
+            #expect(runs.count == 1 && runs[0].itemCount == 2, "\(runs)")
+        }
+    }
+
     @Test("the clinic: a critical alert for a clinician on a DAILY email digest is in the bell at once and in the next morning's digest")
     func clinicDailyAlert() async throws {
         let org = try await TestOrganisation.make()
@@ -469,7 +506,11 @@ extension DigestTests {
             let back = try await client.send(.patch, "/v1/users/\(member)", token: org.ownerToken, json: #"{"digest_hour": -1}"#)
             #expect(back.status == .ok && back.json["digest_hour"] == nil)
             _ = try await task(org, "Outing at dusk")
-            #expect(paris.component(.hour, from: try #require(try await items(org, of: org.memberID).last?.slot)) == 18)
+            // The waiting item moved with the hour: both go at 18:00, in one digest.
+            let waiting = try await items(org, of: org.memberID)
+            #expect(waiting.map { paris.component(.hour, from: $0.slot) } == [18, 18], "\(waiting)")
+            let dueSlot = try #require(waiting.first?.slot)
+            #expect(dueSlot != slot && waiting.last?.slot == dueSlot)
 
             // Explain: before sending, the item, its slot and no run.
             func digestChannel() async throws -> [String: Any] {
@@ -480,17 +521,17 @@ extension DigestTests {
             }
             let before = try await digestChannel()
             #expect(before["outcome"] as? String == "DIGEST" && before["digest_status"] as? String == "PENDING")
-            #expect((before["digest_due_at"] as? String).flatMap { try? Date($0, strategy: .iso8601) } == slot)
+            #expect((before["digest_due_at"] as? String).flatMap { try? Date($0, strategy: .iso8601) } == dueSlot)
             #expect(before["digest_run"] == nil)
 
             // The event expires before its slot: the run drops it and, empty, sends nothing.
-            let clock = Mutex(slot.addingTimeInterval(3 * 86400))
+            let clock = Mutex(dueSlot.addingTimeInterval(3 * 86400))
             try await withDigestRunners(org.id, now: { clock.withLock { $0 } }) { () async throws -> Void in
                 // Until the run is recorded (the drop is written before the run completes).
                 #expect(
                     try await eventually(timeout: .seconds(30)) {
                         let runs = try await org.store { tx in try await tx.digestRuns(of: org.memberID) }
-                        return runs.contains { $0.slotAt == slot && [.empty, .sent].contains($0.status) }
+                        return runs.contains { $0.slotAt == dueSlot && [.empty, .sent].contains($0.status) }
                     })
             }
             let after = try await digestChannel()

@@ -55,6 +55,10 @@ extension HeraldService {
                     digestWeekday: body.digestWeekday, retentionDays: body.retentionDays,
                     inactivity: InactivityChange(
                         enabled: body.inactivityEnabled, days: body.inactivityDays, graceDays: body.inactivityGraceDays)))
+            // A new digest hour, weekday or time zone: what waits goes out once, at the new time.
+            if body.digestHour != nil || body.digestWeekday != nil || timezone != nil {
+                try await tx.reslotWaitingDigestItems(of: nil, now: now())
+            }
             try await tx.audit(
                 action: "organisation.update", targetType: "organisation", targetID: after.id,
                 before: try auditValue(before), after: try auditValue(after))

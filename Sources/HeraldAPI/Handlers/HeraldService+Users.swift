@@ -70,6 +70,10 @@ extension HeraldService {
             let before = try Components.Schemas.User(try await tx.user(id))
             try requireHolds(try await tx.permissions(ofUser: id).filter { !$0.concernsOnlyTheHolder }, principal)
             let after = try Components.Schemas.User(try await tx.updateUser(id, change))
+            // A new digest hour, weekday or time zone: what waits goes out once, at the new time.
+            if body.digestHour != nil || body.digestWeekday != nil || body.timezone != nil {
+                try await tx.reslotWaitingDigestItems(of: [id], now: now())
+            }
             try await tx.audit(
                 action: "user.update", targetType: "user", targetID: after.id, before: try auditValue(before), after: try auditValue(after))
             return after
