@@ -163,26 +163,63 @@ struct StreamSplittingResponder<Base: HTTPResponder>: HTTPResponder where Base.C
     }
 }
 
-extension PostgresClient.Configuration {
-    /// Parses `postgres://user:password@host:port/database[?sslmode=disable|prefer|require]`.
-    public static func fromURL(_ text: String) throws -> PostgresClient.Configuration {
+/// A `postgres://user:password@host:port/database[?sslmode=disable|prefer|require]` URL, read
+/// once for a pool (`PostgresClient`) or a single connection (a command's first check).
+public struct DatabaseURL: Sendable {
+    public var host: String
+    public var port: Int
+    public var username: String
+    public var password: String?
+    public var database: String?
+    /// `disable`, `prefer` or `require` (`verify-ca` and `verify-full` are `require`).
+    public var tls: String
+
+    /// `variable` names the setting in errors (`DATABASE_URL`, `DATABASE_OWNER_URL`).
+    public init(_ text: String, variable: String = "DATABASE_URL") throws {
         guard let url = URLComponents(string: text), ["postgres", "postgresql"].contains(url.scheme ?? ""),
             let user = url.user
-        else { throw ConfigurationError(variable: "DATABASE_URL", value: "(not a postgres:// URL)") }
+        else { throw ConfigurationError(variable: variable, value: "(not a postgres:// URL)") }
         let database = url.path.hasPrefix("/") ? String(url.path.dropFirst()) : url.path
         let sslmode = url.queryItems?.first(where: { $0.name == "sslmode" })?.value ?? "disable"
-        let tls: PostgresClient.Configuration.TLS
         switch sslmode {
-        case "require", "verify-ca", "verify-full": tls = .require(.makeClientConfiguration())
-        case "prefer", "allow": tls = .prefer(.makeClientConfiguration())
-        case "disable": tls = .disable
-        default: throw ConfigurationError(variable: "DATABASE_URL", value: "sslmode=\(sslmode)")
+        case "require", "verify-ca", "verify-full": tls = "require"
+        case "prefer", "allow": tls = "prefer"
+        case "disable": tls = "disable"
+        default: throw ConfigurationError(variable: variable, value: "sslmode=\(sslmode)")
         }
+        host = url.host ?? "127.0.0.1"
+        port = url.port ?? 5432
+        username = user.removingPercentEncoding ?? user
+        password = url.password?.removingPercentEncoding
+        self.database = database.isEmpty ? nil : database
+    }
+
+    public var clientConfiguration: PostgresClient.Configuration {
+        let tls: PostgresClient.Configuration.TLS =
+            switch self.tls {
+            case "require": .require(.makeClientConfiguration())
+            case "prefer": .prefer(.makeClientConfiguration())
+            default: .disable
+            }
         var configuration = PostgresClient.Configuration(
-            host: url.host ?? "127.0.0.1", port: url.port ?? 5432, username: user.removingPercentEncoding ?? user,
-            password: url.password?.removingPercentEncoding, database: database.isEmpty ? nil : database, tls: tls)
+            host: host, port: port, username: username, password: password, database: database, tls: tls)
         configuration.keepAlive(every: 0)
         return configuration
+    }
+
+    /// One connection's configuration, for a URL without TLS (`sslmode=disable`, the default);
+    /// nil with TLS.
+    public var plainConnectionConfiguration: PostgresConnection.Configuration? {
+        guard tls == "disable" else { return nil }
+        return PostgresConnection.Configuration(
+            host: host, port: port, username: username, password: password, database: database, tls: .disable)
+    }
+}
+
+extension PostgresClient.Configuration {
+    /// Parses `postgres://user:password@host:port/database[?sslmode=disable|prefer|require]`.
+    public static func fromURL(_ text: String, variable: String = "DATABASE_URL") throws -> PostgresClient.Configuration {
+        try DatabaseURL(text, variable: variable).clientConfiguration
     }
 
     /// Keep-alive queries on idle connections every `seconds`; 0: none (Herald's default). The

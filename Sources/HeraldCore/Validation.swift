@@ -28,11 +28,19 @@ public enum Validate {
 
     /// An IANA time zone known to this system, such as `Europe/Paris`.
     public static func timezone(_ value: String, field: String = "timezone") throws(ValidationError) -> String {
-        guard TimeZone(identifier: value) != nil, value.count <= 64 else {
-            throw ValidationError(field: field, message: "\"\(value)\" is not an IANA time zone.")
+        // A name of the tz database (Foundation also takes "UTC+2" and "GMT+0530", which are
+        // not): the system's list when it has one, else what Foundation can open.
+        let known = ianaZones.isEmpty ? TimeZone(identifier: value) != nil : ianaZones.contains(value)
+        guard known, value.count <= 64 else {
+            throw ValidationError(field: field, message: "\"\(value)\" is not an IANA time zone (such as Europe/Paris or UTC).")
         }
         return value
     }
+
+    private static let ianaZones: Set<String> = {
+        let zones = Set(TimeZone.knownTimeZoneIdentifiers)
+        return zones.isEmpty ? zones : zones.union(["UTC", "GMT"])
+    }()
 
     /// A machine key: lowercase letters, digits, `-` and `_`, 2 to 64 characters.
     public static func key(_ value: String, field: String = "key") throws(ValidationError) -> String {
@@ -60,8 +68,13 @@ public enum Validate {
     /// Non-empty text with at most `max` characters, trimmed.
     public static func text(_ value: String, field: String, max: Int = 200) throws(ValidationError) -> String {
         let trimmed = value.trimmingCharacters(in: .whitespacesAndNewlines)
+        if trimmed.isEmpty, !value.isEmpty { throw ValidationError(field: field, message: "must not be blank.") }
         guard !trimmed.isEmpty, trimmed.count <= max else {
             throw ValidationError(field: field, message: "must be 1 to \(max) characters.")
+        }
+        // Names go into headers (an email's From and To): one line, no control characters.
+        if trimmed.unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) {
+            throw ValidationError(field: field, message: "must be one line of text, without line breaks, tabs or other control characters.")
         }
         return trimmed
     }

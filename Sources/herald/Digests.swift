@@ -49,7 +49,7 @@ struct DigestsCommand: AsyncParsableCommand {
                 throw ValidationError(
                     "DATABASE_OWNER_URL is not set: listing walks every organisation, which only the owner role can list.")
             }
-            try await withPostgres(url: url, logger: logger) { client in
+            try await withPostgres(url: url, variable: "DATABASE_OWNER_URL", logger: logger) { client in
                 let database = Database(client: client, logger: logger)
                 var digests = 0
                 var items = 0
@@ -76,7 +76,7 @@ struct DigestsCommand: AsyncParsableCommand {
                     url: config.smtpURL, username: config.smtpUsername, password: config.smtpPassword, timeout: config.smtpTimeout)
             else { throw ValidationError("HERALD_SMTP_URL is not an smtp:// or smtps:// URL: \(config.smtpURL)") }
             let links = LinkBuilder(baseURL: config.linkBaseURL, keys: try config.linkKeyRing())
-            try await withPostgres(url: url, logger: logger) { client in
+            try await withPostgres(url: url, variable: "DATABASE_OWNER_URL", logger: logger) { client in
                 let database = config.database(client, logger: logger)
                 var runner = WorkRunnerConfiguration(name: "cli:" + WorkerPoolConfiguration.defaultName())
                 runner.leaseSeconds = config.workerLeaseSeconds

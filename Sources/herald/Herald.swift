@@ -107,7 +107,7 @@ struct Migrate: AsyncParsableCommand {
         let logger = Logger(label: "herald.migrate")
         let all = try migrations()
         print("migrate: \(all.count) migration file(s) in \(Migration.shippedDirectory().path)")
-        try await withPostgres(url: url, logger: logger) { client in
+        try await withPostgres(url: url, variable: "DATABASE_OWNER_URL", logger: logger) { client in
             let applied = try await Migrator(client: client, logger: logger).migrate(all) { print("migrate: \($0)") }
             print("migrate: \(applied.count) applied, \(all.count - applied.count) already current")
             let database = Database(client: client, logger: logger)
@@ -240,7 +240,7 @@ struct PurgeExpired: AsyncParsableCommand {
             throw ValidationError("DATABASE_OWNER_URL is not set: purging walks every organisation, which only the owner role can list.")
         }
         let logger = Logger(label: "herald.purge")
-        try await withPostgres(url: url, logger: logger) { client in
+        try await withPostgres(url: url, variable: "DATABASE_OWNER_URL", logger: logger) { client in
             let database = Database(client: client, logger: logger)
             let organisations = try await database.allOrganisationIDs()
             var total = 0
@@ -289,7 +289,9 @@ struct OrganisationCommand: AsyncParsableCommand {
                     "--catalogue: \"\(catalogue)\" is not `demo` or `none`; apply other catalogues with PUT /v1/catalogue.")
             }
             let checked: (String, String, String, String, String)
+            let name: String
             do {
+                name = try Validate.text(self.name, field: "name")
                 checked = (
                     try Validate.slug(slug), try Validate.emailAddress(ownerEmail, field: "owner-email"), try Validate.password(password),
                     try Validate.locale(locale), try Validate.timezone(timezone)
@@ -408,13 +410,35 @@ struct JWTKeygen: AsyncParsableCommand {
     }
 }
 
-/// A command's database URL names an address where nothing answers (or a host that does not resolve).
+/// A command could not connect with its database URL: nothing answers there, the host does not
+/// resolve, or PostgreSQL refused the user, the password or the database.
 struct DatabaseUnreachable: Error, CustomStringConvertible {
-    var host: String
-    var port: Int
+    var variable: String
+    var url: DatabaseURL
     var reason: String
     var description: String {
-        "Cannot reach PostgreSQL at \(host):\(port) (\(reason)): is it running, and is the URL's host and port right?"
+        "Cannot connect to PostgreSQL at \(url.host):\(url.port) as \(url.username)\(url.database.map { ", database \($0)" } ?? "") "
+            + "(\(variable)): \(reason)"
+    }
+}
+
+/// A statement of a command that PostgreSQL refused, in PostgreSQL's words (PostgresNIO's own
+/// description of an error hides them).
+struct CommandDatabaseError: Error, CustomStringConvertible {
+    var message: String
+    var description: String { "PostgreSQL refused: \(message)" }
+
+    static func words(of error: any Error) -> String {
+        if let error = error as? PSQLError {
+            if let message = error.serverInfo?[.message] {
+                return message + (error.serverInfo?[.sqlState].map { " (SQLSTATE \($0))" } ?? "")
+            }
+            if let underlying = error.underlying {
+                return "\(underlying); is it running, and are the URL's host and port right?"
+            }
+            return "\(error.code)"
+        }
+        return "\(error)"
     }
 }
 
@@ -478,21 +502,38 @@ func passwordHasher(_ config: AppConfiguration) -> PasswordHasher {
 }
 
 /// Runs `body` with a connected client, then shuts the client down. A command fails at once,
-/// naming the address, when nothing listens there (the pool would retry until the database
-/// deadline, 30 s by default).
-func withPostgres<T: Sendable>(url: String, logger: Logger, _ body: @Sendable (PostgresClient) async throws -> T) async throws -> T {
+/// naming the setting, when the database cannot be reached or refuses the URL's user, password
+/// or database (the pool would retry until its breaker trips, a minute later), and PostgreSQL's
+/// own words are shown for a statement it refused.
+func withPostgres<T: Sendable>(
+    url: String, variable: String = "DATABASE_URL", logger: Logger, _ body: @Sendable (PostgresClient) async throws -> T
+) async throws -> T {
     var background = logger
     background.logLevel = .error // the pool's start-up chatter is not news to a CLI user
-    let configuration = try PostgresClient.Configuration.fromURL(url)
-    if let host = configuration.host, let port = configuration.port {
-        do {
+    let parsed = try DatabaseURL(url, variable: variable)
+    let configuration = parsed.clientConfiguration
+    do {
+        if let single = parsed.plainConnectionConfiguration {
+            let connection = try await PostgresConnection.connect(configuration: single, id: 0, logger: background)
+            try await connection.close()
+        } else {
             let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-                .connectTimeout(.seconds(5)).connect(host: host, port: port).get()
+                .connectTimeout(.seconds(5)).connect(host: parsed.host, port: parsed.port).get()
             try? await channel.close()
-        } catch {
-            throw DatabaseUnreachable(host: host, port: port, reason: "\(error)")
         }
+    } catch {
+        throw DatabaseUnreachable(variable: variable, url: parsed, reason: CommandDatabaseError.words(of: error))
     }
+    do {
+        return try await withPostgresClient(configuration, logger: background, body)
+    } catch let error as PSQLError {
+        throw CommandDatabaseError(message: CommandDatabaseError.words(of: error))
+    }
+}
+
+private func withPostgresClient<T: Sendable>(
+    _ configuration: PostgresClient.Configuration, logger background: Logger, _ body: @Sendable (PostgresClient) async throws -> T
+) async throws -> T {
     let client = PostgresClient(configuration: configuration, backgroundLogger: background)
     return try await withThrowingTaskGroup(of: Void.self) { group in
         group.addTask { await client.run() }

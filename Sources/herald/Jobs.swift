@@ -151,7 +151,7 @@ private func withOwnerDatabase(
         throw ValidationError("DATABASE_OWNER_URL is not set: jobs walk every organisation, which only the owner role can list.")
     }
     let logger = Logger(label: "herald.jobs")
-    try await withPostgres(url: url, logger: logger) { client in
+    try await withPostgres(url: url, variable: "DATABASE_OWNER_URL", logger: logger) { client in
         try await body(Database(client: client, logger: logger), client, logger)
     }
 }

@@ -63,9 +63,23 @@ struct ValidationTests {
 
     @Test(
         "time zones",
-        arguments: [("Europe/Paris", true), ("UTC", true), ("America/Argentina/Buenos_Aires", true), ("Mars/Olympus", false), ("", false)])
+        arguments: [
+            ("Europe/Paris", true), ("UTC", true), ("America/Argentina/Buenos_Aires", true), ("Mars/Olympus", false), ("", false),
+            // Foundation opens these, but they are not names of the tz database.
+            ("UTC+2", false), ("GMT+0530", false),
+        ])
     func timezones(value: String, valid: Bool) {
         #expect(((try? Validate.timezone(value)) != nil) == valid)
+    }
+
+    @Test(
+        "names: trimmed, not blank, one line",
+        arguments: [
+            ("  Ward 3 ", "Ward 3"), ("Évelyne O'Neil", "Évelyne O'Neil"), ("   ", nil), ("", nil), ("Evil\r\nBcc: x@y.example", nil),
+            ("tab\there", nil), (String(repeating: "a", count: 201), nil),
+        ])
+    func names(value: String, kept: String?) {
+        #expect((try? Validate.text(value, field: "name")) == kept)
     }
 
     @Test("keys and slugs")

@@ -669,5 +669,40 @@ struct CatalogueDocumentTests {
             ["organisation", "create", "--slug", slug, "--name", "Again", "--owner-email", "again@\(slug).example"],
             ["DATABASE_URL": env.appURL, "HERALD_OWNER_PASSWORD": "a long enough passphrase", "HERALD_ARGON2_ITERATIONS": "1"])
         #expect(again.status != 0 && again.output.contains("already exists: choose another --slug"), "\(again.output)")
+        // A blank name is refused before anything is written.
+        let blank = try runHeraldExit(
+            ["organisation", "create", "--slug", slug + "-b", "--name", "   ", "--owner-email", "b@\(slug).example"],
+            ["DATABASE_URL": env.appURL, "HERALD_OWNER_PASSWORD": "a long enough passphrase", "HERALD_ARGON2_ITERATIONS": "1"])
+        #expect(blank.status != 0 && blank.output.contains("name: must not be blank"), "\(blank.output)")
+        #expect(try await env.database.organisationID(slug: slug + "-b") == nil)
+    }
+
+    @Test("a command whose database refuses its URL says so at once, in PostgreSQL's words, naming the setting")
+    func commandDatabaseErrors() async throws {
+        let env = try await TestEnvironment.shared
+        let owner = try #require(URLComponents(string: env.ownerURL))
+        func migrate(_ url: String) throws -> (status: Int32, output: String) {
+            try runHeraldExit(["migrate"], ["DATABASE_OWNER_URL": url])
+        }
+        var wrongPassword = owner
+        wrongPassword.password = "not-the-password"
+        let refused = try migrate(try #require(wrongPassword.string))
+        #expect(
+            refused.status != 0 && refused.output.contains("DATABASE_OWNER_URL")
+                && refused.output.contains("password authentication failed"),
+            "\(refused.output)")
+        var noDatabase = owner
+        noDatabase.path = "/herald_no_such_database"
+        let missing = try migrate(try #require(noDatabase.string))
+        #expect(missing.status != 0 && missing.output.contains("does not exist"), "\(missing.output)")
+        var closed = owner
+        closed.port = 1
+        let unreachable = try migrate(try #require(closed.string))
+        #expect(unreachable.status != 0 && unreachable.output.contains("Cannot connect to PostgreSQL at"), "\(unreachable.output)")
+        let notURL = try migrate("not a url")
+        #expect(notURL.status != 0 && notURL.output.contains("DATABASE_OWNER_URL="), "\(notURL.output)")
+        // The application role is not the schema's owner: PostgreSQL's refusal, in its words.
+        let asApp = try migrate(env.appURL)
+        #expect(asApp.status != 0 && asApp.output.contains("permission denied"), "\(asApp.output)")
     }
 }
