@@ -52,9 +52,10 @@ struct ContractChecks: Sendable {
         guard let body, hasContent, body.length != .known(0) else { return nil }
         guard request.headerFields[.contentType]?.lowercased().hasPrefix("application/json") == true else { return body }
         let data = try await Data(collecting: body, upTo: maxBodyBytes)
-        let needsLimits = !(route?.limits.isEmpty ?? true)
-        if needsLimits || Self.mayHoldNull(data), let json = try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]) {
+        let needsWalk = !(route?.limits.isEmpty ?? true) || !(route?.bodyRules.isEmpty ?? true)
+        if needsWalk || Self.mayHoldNull(data), let json = try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]) {
             if let problem = Self.problem(in: json, at: "") { throw APIError.badRequest(problem) }
+            if let problem = route?.bodyProblem(in: json) { throw problem }
             if let violation = route?.lengthViolation(in: json) { throw APIError.unprocessable(violation) }
         }
         return HTTPBody(data)

@@ -197,6 +197,25 @@ struct RequestMiddleware: RouterMiddleware {
         }
     }
 
+    /// The generated decoders' words for a value that is not what the contract says, in words
+    /// for the integrator (they name Swift types and decoder internals).
+    static func sentence(_ words: String, at path: String) -> String {
+        if words.hasPrefix("Additional properties are disabled") {
+            return "holds a field this operation does not take (each field is in openapi.yaml; unknown ones are refused)."
+        }
+        if words.hasPrefix("The oneOf structure did not decode") {
+            if path.range(of: #"conditions\[\d+\]$"#, options: .regularExpression) != nil {
+                return "is not a condition: give \"field\" and \"op\", with \"value\" for equals, gte and lte, or \"values\" for in, "
+                    + "not_in and weekday_in (monday … sunday, lowercase), and no other key."
+            }
+            return "matches none of the forms this field takes (see openapi.yaml)."
+        }
+        if let range = words.range(of: "from invalid String value ") {
+            return "\"\(words[range.upperBound...])\" is not a value this field takes (see openapi.yaml)."
+        }
+        return words
+    }
+
     /// A decoding failure in words a client can act on.
     static func describe(_ error: DecodingError) -> String {
         func path(_ context: DecodingError.Context) -> String {
@@ -208,14 +227,14 @@ struct RequestMiddleware: RouterMiddleware {
             let parent = path(context)
             return "The request body is missing the required field \"\(key.stringValue)\"" + (parent == "body" ? "." : " in \(parent).")
         case .typeMismatch(_, let context), .valueNotFound(_, let context):
-            return "\(path(context)): \(context.debugDescription)"
+            return "\(path(context)): \(sentence(context.debugDescription, at: path(context)))"
         case .dataCorrupted(let context):
             if context.underlyingError != nil, context.codingPath.isEmpty {
                 return "The request body is not valid JSON."
             }
             // A value decoder (dates) knows the value, not where it stood: its message says it all.
             if context.codingPath.isEmpty { return context.debugDescription }
-            return "\(path(context)): \(context.debugDescription)"
+            return "\(path(context)): \(sentence(context.debugDescription, at: path(context)))"
         @unknown default:
             return "The request body is not valid."
         }

@@ -14,6 +14,8 @@ struct SpecRoute: Sendable {
     /// Query or path parameter → what its value must be: `integer`, `boolean`, `enum:A|B`,
     /// `date-time` or `string:MAXLENGTH` (`scripts/spec-routes.py`).
     var parameterRules: [String: String] = [:]
+    /// JSON path of the body → what a value there must be: `enum:A|B`, `date-time` or `integer`.
+    var bodyRules: [String: String] = [:]
 
     /// How many segments of the template are fixed words, not `{…}` parameters.
     var literalSegments: Int { path.split(separator: "/").filter { !$0.hasPrefix("{") }.count }
@@ -68,26 +70,55 @@ extension SpecRoute {
         values += query.map { ($0.name, $0.value) }
         for (name, value) in values {
             guard let rule = parameterRules[name] else { continue }
-            let shown = value.count > 40 ? "\"\(value.prefix(40))…\"" : "\"\(value)\""
-            switch rule {
-            case "integer" where Int(value) == nil:
-                return .badRequest("\(name): \(shown) is not a whole number.")
-            case "boolean" where value != "true" && value != "false":
-                return .badRequest("\(name): \(shown) is not true or false.")
-            case "date-time" where RFC3339.date(from: value) == nil:
-                return .badRequest("\(name): \(shown) is not an RFC 3339 date-time such as 2027-03-31T08:00:00Z.")
-            case let rule where rule.hasPrefix("enum:"):
-                let allowed = rule.dropFirst("enum:".count).split(separator: "|").map(String.init)
-                if !allowed.contains(value) { return .badRequest("\(name): \(shown) is not one of \(allowed.joined(separator: ", ")).") }
-            case let rule where rule.hasPrefix("string:"):
-                if let limit = Int(rule.dropFirst("string:".count)), value.unicodeScalars.count > limit {
-                    return .badRequest("\(name): must be at most \(limit) characters.")
-                }
-            default:
-                continue
-            }
+            if let problem = Self.ruleProblem(name: name, value: value, rule: rule) { return .badRequest(problem) }
         }
         return nil
+    }
+
+    /// The first string of the body `json` that the contract's enumerations or date-times
+    /// refuse, as a 400 naming the field and what it takes (the generated decoders name the
+    /// Swift type instead, and for a date not even the field).
+    func bodyProblem(in json: Any) -> APIError? {
+        for (path, rule) in bodyRules.sorted(by: { $0.key < $1.key }) {
+            var problem: String?
+            Self.visit(json, path.split(separator: ".").map(String.init)[...], label: "") { value, field in
+                guard problem == nil else { return }
+                if let text = value as? String {
+                    problem = Self.ruleProblem(name: field, value: text, rule: rule)
+                } else if rule == "integer", let number = value as? NSNumber {
+                    // Another type is the decoders' to name; a fraction or a number past 2^53 is ours.
+                    let double = number.doubleValue
+                    if double.rounded() != double || abs(double) > 9_007_199_254_740_991 {
+                        problem = "\(field): \(number) is not a whole number Herald can take."
+                    }
+                }
+            }
+            if let problem { return .badRequest(problem) }
+        }
+        return nil
+    }
+
+    /// What is wrong with `value` of `name` under `rule` (`parameterRules`, `bodyRules`), or nil.
+    static func ruleProblem(name: String, value: String, rule: String) -> String? {
+        let shown = value.count > 40 ? "\"\(value.prefix(40))…\"" : "\"\(value)\""
+        switch rule {
+        case "integer" where Int(value) == nil:
+            return "\(name): \(shown) is not a whole number."
+        case "boolean" where value != "true" && value != "false":
+            return "\(name): \(shown) is not true or false."
+        case "date-time" where RFC3339.date(from: value) == nil:
+            return "\(name): \(shown) is not an RFC 3339 date-time such as 2027-03-31T08:00:00Z."
+        case let rule where rule.hasPrefix("enum:"):
+            let allowed = rule.dropFirst("enum:".count).split(separator: "|").map(String.init)
+            return allowed.contains(value) ? nil : "\(name): \(shown) is not one of \(allowed.joined(separator: ", "))."
+        case let rule where rule.hasPrefix("string:"):
+            if let limit = Int(rule.dropFirst("string:".count)), value.unicodeScalars.count > limit {
+                return "\(name): must be at most \(limit) characters."
+            }
+            return nil
+        default:
+            return nil
+        }
     }
 
     /// The first value of `json` longer than the contract allows, as a 422's field and message.
@@ -97,40 +128,39 @@ extension SpecRoute {
             let items = path.hasSuffix("#items")
             let bare = items ? String(path.dropLast("#items".count)) : path
             let segments = bare == "$" ? [] : bare.split(separator: ".").map(String.init)
-            if let violation = Self.find(json, segments[...], label: "", limit: limit, items: items) { return violation }
+            var violation: ValidationError?
+            Self.visit(json, segments[...], label: "") { value, field in
+                guard violation == nil else { return }
+                if items, let array = value as? [Any], array.count > limit {
+                    violation = ValidationError(field: field, message: "must have at most \(limit) items.")
+                } else if !items, let text = value as? String, text.unicodeScalars.count > limit {
+                    violation = ValidationError(field: field, message: "must be at most \(limit) characters.")
+                }
+            }
+            if let violation { return violation }
         }
         return nil
     }
 
-    private static func find(_ value: Any, _ segments: ArraySlice<String>, label: String, limit: Int, items: Bool) -> ValidationError? {
+    /// Calls `leaf` with each value at the JSON path `segments` (`a.b`, `list[]`, `map.*`) of
+    /// `value`, and its field as a client reads it (`items[2].channel`; `body` for the root).
+    static func visit(_ value: Any, _ segments: ArraySlice<String>, label: String, _ leaf: (Any, String) -> Void) {
         guard var name = segments.first else {
-            let field = label.isEmpty ? "body" : label
-            if items, let array = value as? [Any], array.count > limit {
-                return ValidationError(field: field, message: "must have at most \(limit) items.")
-            }
-            if !items, let text = value as? String, text.unicodeScalars.count > limit {
-                return ValidationError(field: field, message: "must be at most \(limit) characters.")
-            }
-            return nil
+            leaf(value, label.isEmpty ? "body" : label)
+            return
         }
         var depth = 0
         while name.hasSuffix("[]") { name.removeLast(2); depth += 1 }
         let rest = segments.dropFirst()
-        func descend(_ child: Any, _ depth: Int, _ label: String) -> ValidationError? {
-            guard depth > 0 else { return find(child, rest, label: label, limit: limit, items: items) }
-            guard let array = child as? [Any] else { return nil }
-            for (index, element) in array.enumerated() {
-                if let found = descend(element, depth - 1, "\(label)[\(index)]") { return found }
-            }
-            return nil
+        func descend(_ child: Any, _ depth: Int, _ label: String) {
+            guard depth > 0 else { return visit(child, rest, label: label, leaf) }
+            guard let array = child as? [Any] else { return }
+            for (index, element) in array.enumerated() { descend(element, depth - 1, "\(label)[\(index)]") }
         }
         if name.isEmpty { return descend(value, depth, label) }
-        guard let object = value as? [String: Any] else { return nil }
+        guard let object = value as? [String: Any] else { return }
         let children: [(String, Any)] =
             name == "*" ? object.sorted { $0.key < $1.key }.map { ($0.key, $0.value) } : object[name].map { [(name, $0)] } ?? []
-        for (key, child) in children {
-            if let found = descend(child, depth, label.isEmpty ? key : "\(label).\(key)") { return found }
-        }
-        return nil
+        for (key, child) in children { descend(child, depth, label.isEmpty ? key : "\(label).\(key)") }
     }
 }

@@ -307,6 +307,42 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test("a body value of the wrong kind is a 400 naming its field and what it takes, in the contract's words, not the decoder's")
+    func malformedBodyValues() async throws {
+        try await withCatalogue { org, _, client in
+            let event = #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "t"}, "#
+            let cases: [(HTTPRequest.Method, String, String, String, String)] = [
+                (.post, "/v1/events", event + #""deliver_at": "tomorrow"}"#, "deliver_at", "RFC 3339"),
+                (.post, "/v1/events", event + #""severity": "LOW"}"#, "severity", "is not one of INFO, WARNING, CRITICAL"),
+                (.post, "/v1/events", event + #""priority": "urgent"}"#, "priority", "is not one of low, normal, high, critical"),
+                (.patch, "/v1/organisation", #"{"retention_days": 30.5}"#, "retention_days", "whole number"),
+                (.patch, "/v1/organisation", #"{"retention_days": 99999999999999999999}"#, "retention_days", "whole number"),
+                (.patch, "/v1/organisation", #"{"name": "N", "organisation_id": "x"}"#, "organisation_id", "does not take"),
+                (
+                    .post, "/v1/endpoints", #"{"channel": "sms", "name": "n", "url": "https://hooks.example.org/x"}"#, "channel",
+                    "is not one of webhook, chat"
+                ),
+                (
+                    .put, "/v1/me/preferences",
+                    #"{"items": [{"category": "outings", "channel": "in_app", "enabled": true, "frequency": "IMMEDIATE", "#
+                        + #""conditions": [{"field": "d", "op": "weekday_in", "values": ["Monday"]}]}]}"#,
+                    "items[0].conditions[0]", "is not a condition"
+                ),
+            ]
+            for (method, path, body, name, says) in cases {
+                let token = path.hasPrefix("/v1/me/") ? org.memberToken : org.ownerToken
+                let response = try await client.send(method, path, token: token, json: body)
+                let detail = response.json["detail"] as? String ?? ""
+                #expect(response.isProblem(.badRequest), "\(method) \(path) \(body): \(response.text.prefix(300))")
+                #expect(detail.hasPrefix(name) && detail.contains(says), "\(body): \(detail)")
+                #expect(!detail.contains("Payload") && !detail.contains("initialize") && !detail.contains("oneOf"), "\(detail)")
+            }
+            #expect(
+                try await client.send(.post, "/v1/events", token: org.ownerToken, json: event + #""severity": "INFO"}"#).status == .accepted
+            )
+        }
+    }
+
     @Test("gte and lte conditions take a number, a calendar date, a date-time or today through the API; other text is a 422")
     func boundConditions() async throws {
         try await withCatalogue { org, _, client in
