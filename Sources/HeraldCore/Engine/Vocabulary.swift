@@ -77,11 +77,11 @@ public enum ReasonCode: String, CaseIterable, Sendable, Codable {
         case .inAppCreated: "An in-app notification was created."
         case .deliveryQueued: "A delivery was queued for immediate sending."
         case .digestQueued: "The event was added to the user's next digest."
-        case .channelDisabled: "The preference for this category and channel is switched off."
+        case .channelDisabled: "This channel is off for this category: by a preference, or, with none, by the type's default channels."
         case .switchedOffInactive:
             "Herald switched this email subscription off: the user did not engage for the organisation's inactivity period, nor after the warning. The user can switch it on again."
         case .frequencyNone: "The preference's frequency is NONE."
-        case .conditionNotMet: "The event does not meet the conditions of the preference."
+        case .conditionNotMet: "A condition of the preference is not met by the event or its recipient."
         case .throttled:
             "The user already received the most notifications allowed in a minute (the organisation's limit per category or per user)."
         case .noDestination: "There is nowhere to send this channel for this user (no endpoint configured)."
