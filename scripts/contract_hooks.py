@@ -134,11 +134,27 @@ def _one_cell_each(value) -> None:
             _one_cell_each(item)
 
 
+def _plain_templates(value) -> None:
+    """Template text must parse as Mustache (a 422 naming the line otherwise), which drawn
+    braces seldom do: they become parentheses, and the rest of the text is sent as drawn."""
+    if isinstance(value, dict):
+        for key, member in value.items():
+            if key in ("subject", "body", "html") and isinstance(member, str):
+                value[key] = member.replace("{", "(").replace("}", ")")
+            else:
+                _plain_templates(member)
+    elif isinstance(value, list):
+        for item in value:
+            _plain_templates(item)
+
+
 def _fix_body(case) -> None:
     body, path, method = case.body, case.operation.path, case.method.upper()
     if not isinstance(body, dict):
         return
     _fix_conditions(body)
+    if path == "/v1/catalogue" or "/templates" in path or path.startswith("/v1/digest-templates"):
+        _plain_templates(body)
     for field in ("timezone", "default_timezone", "time_zone"):
         if isinstance(body.get(field), str) and body[field] != "":
             body[field] = _pick(TIME_ZONES, body[field])
