@@ -65,7 +65,10 @@ public enum APIError: Error, Sendable, Equatable {
             "This operation needs the permission \"\(permission.rawValue)\"."
         case .notFound(let resource):
             // Never echo the id: another organisation's id must answer byte for byte like a missing one.
-            "No \(resource) with this id exists in your organisation."
+            // A digest template is named by its locale, not an id.
+            resource == "digest template"
+                ? "Your organisation has no digest template of this locale."
+                : "No \(resource) with this id exists in your organisation."
         case .noRoute(let method, let path):
             "There is no operation \(method) \(path); openapi.yaml lists them."
         case .methodNotAllowed(let method, let allowed):

@@ -128,3 +128,12 @@ public enum Validate {
         return value
     }
 }
+
+extension Array where Element: Equatable {
+    /// Each element once, where it first stands (`["in_app", "in_app"]` was stored as sent).
+    public func keepingFirstOfEach() -> [Element] {
+        reduce(into: []) { kept, element in
+            if !kept.contains(element) { kept.append(element) }
+        }
+    }
+}

@@ -50,10 +50,7 @@ public struct NotificationTypeFields: Sendable {
         self.description = description
         self.defaultSeverity = defaultSeverity
         self.defaultPriority = defaultPriority
-        // Each channel once, in the order given (`["in_app", "in_app"]` was stored as sent).
-        self.defaultChannels = defaultChannels.reduce(into: []) { kept, channel in
-            if !kept.contains(channel) { kept.append(channel) }
-        }
+        self.defaultChannels = defaultChannels.keepingFirstOfEach()
     }
 }
 
@@ -252,7 +249,8 @@ extension TenantTransaction {
         else { throw StoreError.notFound("notification type") }
     }
 
-    /// Creates or replaces the template of a type for a channel and locale.
+    /// Creates or replaces the template of a type for a channel and locale; the type's
+    /// `updated_at` moves with it (a template is part of the type).
     public func putTemplate(typeID: UUID, channel: NotificationChannel, locale: String, content: TemplateContent) async throws {
         _ = try await notificationType(typeID)
         try await query(
@@ -262,16 +260,23 @@ extension TenantTransaction {
             ON CONFLICT (organisation_id, type_id, channel, locale)
             DO UPDATE SET subject = excluded.subject, body = excluded.body, html = excluded.html, updated_at = now()
             """)
+        try await touchType(typeID)
+    }
+
+    private func touchType(_ typeID: UUID) async throws {
+        try await query("UPDATE notification_types SET updated_at = now() WHERE organisation_id = \(organisationID) AND id = \(typeID)")
     }
 
     /// Deletes a template; returns false when there was none.
     @discardableResult
     public func deleteTemplate(typeID: UUID, channel: NotificationChannel, locale: String) async throws -> Bool {
         _ = try await notificationType(typeID)
-        return
+        let deleted =
             !(try await query(
                 "DELETE FROM templates WHERE organisation_id = \(organisationID) AND type_id = \(typeID) AND channel = \(channel) AND locale = \(locale) RETURNING locale"
             )).isEmpty
+        if deleted { try await touchType(typeID) }
+        return deleted
     }
 
     private func withTemplates(_ types: [NotificationType]) async throws -> [NotificationType] {

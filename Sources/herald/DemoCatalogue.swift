@@ -44,8 +44,10 @@ enum DemoCatalogue {
                     TemplateContent(
                         subject: "Critical implant stability reading",
                         body:
-                            "Hello {{recipient.display_name}},\n\nA reading of {{payload.isq}} needs your attention. Open Herald to see it.",
-                        html: "<p>Hello {{recipient.display_name}},</p><p>A reading of <b>{{payload.isq}}</b> needs your attention.</p>")
+                            "Hello {{recipient.display_name}},\n\nA reading of {{payload.isq}} needs your attention. Open Herald to see it."
+                            + "{{#links.open}}\n\nOpen the reading: {{links.open}}{{/links.open}}",
+                        html: "<p>Hello {{recipient.display_name}},</p><p>A reading of <b>{{payload.isq}}</b> needs your attention.</p>"
+                            + "{{#links.open}}<p><a href=\"{{links.open}}\">Open the reading</a></p>{{/links.open}}")
                 ),
             ]),
         TypeSeed(

@@ -163,7 +163,8 @@ struct SeedDemo: AsyncParsableCommand {
                 _ = try await tx.createApiKey(
                     id: token.id, name: "seed-demo", roleID: service.id, secretHash: token.secretHash, expiresAt: nil)
                 try await tx.audit(
-                    action: "apikey.create", targetType: "api_key", targetID: token.id.lowercased, before: nil, after: nil)
+                    action: "apikey.create", targetType: "api_key", targetID: token.id.lowercased, before: nil,
+                    after: .object(["name": .string("seed-demo"), "role": .string("service")]))
                 let types = try await DemoCatalogue.ensure(tx, clinicians: [admin, member])
                 print("seed-demo: catalogue ready (\(types) notification types: medical alerts, club outings, CRM events)")
                 return (admin, member, token.text)
@@ -340,8 +341,11 @@ struct OrganisationCommand: AsyncParsableCommand {
                 """)
 
         @Option(help: "The organisation's slug.") var slug: String
-        @Option(help: "Requests per second, any operation (a number, 0 for none, or `default`).") var requestsPerSecond: String?
-        @Option(help: "POST /v1/events per second (a number, 0 for none, or `default`).") var eventsPerSecond: String?
+        // Unconditional: a value such as -5 is read as the value (and refused in words), not as an option.
+        @Option(parsing: .unconditional, help: "Requests per second, any operation (a number, 0 for none, or `default`).")
+        var requestsPerSecond: String?
+        @Option(parsing: .unconditional, help: "POST /v1/events per second (a number, 0 for none, or `default`).")
+        var eventsPerSecond: String?
 
         func run() async throws {
             let config = try AppConfiguration.fromEnvironment()

@@ -255,6 +255,33 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test("replacing or deleting a template moves its type's updated_at")
+    func templateTouchesItsType() async throws {
+        try await withCatalogue { org, catalogue, client in
+            let path = "/v1/notification-types/\(catalogue.taskAssigned.uuidString)"
+            func updatedAt() async throws -> String {
+                try #require(try await client.send(.get, path, token: org.ownerToken).json["updated_at"] as? String)
+            }
+            // Set back in time, so that a change shows whatever the clock's resolution.
+            let age = { @Sendable in
+                try await org.store { tx in
+                    try await tx.query(
+                        "UPDATE notification_types SET updated_at = '2020-01-01T00:00:00Z' WHERE organisation_id = \(org.id) AND id = \(catalogue.taskAssigned)"
+                    )
+                }
+            }
+            try await age()
+            #expect(try await updatedAt() == "2020-01-01T00:00:00Z")
+            let put = try await client.send(
+                .put, path + "/templates/email/fr", token: org.ownerToken, json: #"{"subject": "s", "body": "b"}"#)
+            #expect(put.status == .ok, "\(put.text)")
+            #expect(try await updatedAt() > "2020-01-01T00:00:00Z")
+            try await age()
+            #expect(try await client.send(.delete, path + "/templates/email/fr", token: org.ownerToken).status == .noContent)
+            #expect(try await updatedAt() > "2020-01-01T00:00:00Z")
+        }
+    }
+
     @Test("an endpoint's event types must be types of the catalogue: a misspelt one is a 422 naming it, and nothing changes")
     func endpointEventTypesAreKnown() async throws {
         try await withCatalogue { org, _, client in
@@ -271,7 +298,9 @@ struct BoundaryDefectTests {
                 misspelt.isProblem(.unprocessableContent) && misspelt.text.contains("TASK_ASIGNED")
                     && misspelt.text.contains("event_types"), "\(misspelt.text)")
             #expect(try await org.store { tx in try await tx.endpoint(endpoint.id) }.eventTypes == [], "nothing changed")
-            let fixed = try await client.send(.patch, path, token: org.ownerToken, json: #"{"event_types": ["TASK_ASSIGNED"]}"#)
+            // Each once, as given.
+            let fixed = try await client.send(
+                .patch, path, token: org.ownerToken, json: #"{"event_types": ["TASK_ASSIGNED", "TASK_ASSIGNED"]}"#)
             #expect(fixed.status == .ok && (fixed.json["event_types"] as? [String]) == ["TASK_ASSIGNED"], "\(fixed.text)")
         }
     }

@@ -332,6 +332,7 @@ struct DigestTests {
             let deleted = try await client.send(.delete, "/v1/digest-templates/fr", token: org.ownerToken)
             let again = try await client.send(.delete, "/v1/digest-templates/fr", token: org.ownerToken)
             #expect(deleted.status == .noContent && again.isProblem(.notFound), "\(again.text)")
+            #expect((again.json["detail"] as? String)?.contains("no digest template of this locale") == true, "\(again.text)")
         }
         // (Notified before today's slot, after its run was frozen: it goes in tomorrow's.)
         _ = try await task(org, "Second outing")

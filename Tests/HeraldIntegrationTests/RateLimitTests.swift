@@ -88,6 +88,10 @@ struct RateLimitTests {
         let refused = try runHeraldExit(
             ["organisation", "rate-limits", "--slug", org.slug, "--events-per-second", "lots"], ["DATABASE_URL": env.appURL])
         #expect(refused.status != 0 && refused.output.contains("--events-per-second must be a number"), "\(refused.output)")
+        // A negative value is a value, refused in words (not "Missing value").
+        let negative = try runHeraldExit(
+            ["organisation", "rate-limits", "--slug", org.slug, "--events-per-second", "-5"], ["DATABASE_URL": env.appURL])
+        #expect(negative.status != 0 && negative.output.contains("--events-per-second must be a number"), "\(negative.output)")
 
         let clock = TestClock()
         let app = try env.application(

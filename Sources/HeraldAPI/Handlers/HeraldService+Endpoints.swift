@@ -29,6 +29,7 @@ extension HeraldService {
         let (name, eventTypes) = (
             try Validate.text(body.name, field: "name"),
             try (body.eventTypes ?? []).map { v throws(ValidationError) in try Validate.typeKey(v, field: "event_types") }
+                .keepingFirstOfEach()
         )
         let url = try await vetted(body.url)
         let secret = channel == .webhook ? WebhookSecret.generate().string : nil
@@ -54,7 +55,7 @@ extension HeraldService {
             name: try body.name.map { name in try Validate.text(name, field: "name") },
             url: url,
             eventTypes: try body.eventTypes.map { types in
-                try types.map { v throws(ValidationError) in try Validate.typeKey(v, field: "event_types") }
+                try types.map { v throws(ValidationError) in try Validate.typeKey(v, field: "event_types") }.keepingFirstOfEach()
             },
             enabled: body.enabled)
         let endpoint = try await tenant { tx, _ in
