@@ -44,12 +44,25 @@ struct ContractChecks: Sendable {
                     "Unknown query parameter \"\(name)\". "
                         + (accepted.isEmpty ? "This operation takes none." : "This operation takes: \(accepted.joined(separator: ", "))."))
             }
+            var seen = Set<String>()
+            if let name = pairs.map(\.name).first(where: { !seen.insert($0).inserted && !route.repeatable.contains($0) }) {
+                throw APIError.badRequest("Query parameter \"\(name)\" is given more than once; it takes one value.")
+            }
             if let problem = route.parameterProblem(in: path, query: pairs) { throw problem }
         }
         let hasContent =
             request.headerFields[.transferEncoding] != nil
             || (request.headerFields[.contentLength].flatMap { Int($0) } ?? 0) > 0
         guard let body, hasContent, body.length != .known(0) else { return nil }
+        if let route, !route.takesBody {
+            // Nothing is silently ignored; an empty JSON object, as some clients send with every POST, is nothing.
+            let data = try await Data(collecting: body, upTo: maxBodyBytes)
+            let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+            guard text.isEmpty || text == "{}" else {
+                throw APIError.badRequest("This operation takes no request body; send none (openapi.yaml lists what each operation takes).")
+            }
+            return nil
+        }
         guard request.headerFields[.contentType]?.lowercased().hasPrefix("application/json") == true else { return body }
         let data = try await Data(collecting: body, upTo: maxBodyBytes)
         let needsWalk = !(route?.limits.isEmpty ?? true) || !(route?.bodyRules.isEmpty ?? true)

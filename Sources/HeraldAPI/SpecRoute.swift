@@ -16,6 +16,10 @@ struct SpecRoute: Sendable {
     var parameterRules: [String: String] = [:]
     /// JSON path of the body → what a value there must be: `enum:A|B`, `date-time` or `integer`.
     var bodyRules: [String: String] = [:]
+    /// The query parameters that may be given more than once (arrays); any other twice is a 400.
+    var repeatable: Set<String> = []
+    /// Whether the operation declares a request body; a body sent to one that does not is a 400.
+    var takesBody = true
 
     /// How many segments of the template are fixed words, not `{…}` parameters.
     var literalSegments: Int { path.split(separator: "/").filter { !$0.hasPrefix("{") }.count }

@@ -255,6 +255,23 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test("nothing is silently ignored: a parameter given twice, or a body sent to an operation that takes none, is a 400")
+    func nothingIgnored() async throws {
+        try await withCatalogue { org, _, client in
+            let twice = try await client.send(.get, "/v1/users?limit=1&limit=2", token: org.ownerToken)
+            #expect(twice.isProblem(.badRequest) && twice.text.contains("limit") && twice.text.contains("more than once"), "\(twice.text)")
+            // An array parameter repeats.
+            let tags = try await client.send(.get, "/v1/me/notifications?tag=team:a&tag=team:b", token: org.memberToken)
+            #expect(tags.status == .ok, "\(tags.text)")
+            let body = try await client.send(.post, "/v1/me/stream-tickets", token: org.memberToken, json: #"{"ttl": 600}"#)
+            #expect(body.isProblem(.badRequest) && body.text.contains("takes no request body"), "\(body.text)")
+            // An empty object, as some clients send with every POST, is nothing.
+            let empty = try await client.send(.post, "/v1/me/stream-tickets", token: org.memberToken, json: "{}")
+            #expect(empty.status.code / 100 == 2, "\(empty.text)")
+            #expect(try await client.send(.post, "/v1/me/stream-tickets", token: org.memberToken).status.code / 100 == 2)
+        }
+    }
+
     @Test("replacing or deleting a template moves its type's updated_at")
     func templateTouchesItsType() async throws {
         try await withCatalogue { org, catalogue, client in
