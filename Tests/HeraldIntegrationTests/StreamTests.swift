@@ -173,6 +173,10 @@ struct StreamTests {
             let refused = try await tabs[1].next("error")
             #expect(refused.description.contains("404") && refused.data.contains(#""ref":"c4""#))
             // The command schema is closed: a field it does not declare is refused, not run.
+            // A malformed id is a 422 naming it, as in the REST body.
+            tabs[1].send(#"{"command":"mark_read","id":"bad","ref":"c4b"}"#)
+            let malformed = try await tabs[1].next("error") { $0.data.contains(#""ref":"c4b""#) }
+            #expect(malformed.data.contains(#""status":422"#) && malformed.data.contains("id:"), "\(malformed.data)")
             tabs[1].send(#"{"command":"mark_all_read","ref":"c5","extra":1}"#)
             let extra = try await tabs[1].next("error") { $0.data.contains(#""ref":"c5""#) }
             #expect(extra.data.contains("extra") && extra.data.contains("400"), "\(extra.data)")

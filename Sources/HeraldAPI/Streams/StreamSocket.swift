@@ -142,10 +142,8 @@ extension StreamRoutes {
                 throw APIError.badRequest(usage)
             }
             let now = now()
-            let target: UUID? = try command.id.map { text in
-                guard let id = UUID(uuidString: text) else { throw APIError.notFound(resource: "notification") }
-                return id
-            }
+            // A malformed id is a 422 naming it, as in the REST body (`ids`).
+            let target: UUID? = try command.id.map { text throws(ValidationError) in try Validate.uuid(text, field: "id") }
             try await database.withTenant(start.organisationID, actor: .user(start.userID), recipient: start.userID) { tx in
                 switch (command.command, target) {
                 case (.markAllRead, _):
