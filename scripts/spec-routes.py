@@ -12,51 +12,51 @@ def resolve(schema):
     return schema
 
 
-def collect_limits(schema, prefix, out, depth):
-    """Every string's maxLength and every array's maxItems under a request body, by JSON path
-    (`a.b`, `list[]`, `map.*`; `$` for the body itself): the server enforces what the contract declares."""
+def walk(schema, prefix, visit, alternatives, depth=0):
+    """Calls `visit(schema, path)` for every schema under a request body, by JSON path (`a.b`,
+    `list[]`, `map.*`; "" for the body itself), through allOf, and through oneOf and anyOf when
+    `alternatives` is true."""
     if depth > 8:
         return
     schema = resolve(schema)
-    for alternative in schema.get("oneOf", []) + schema.get("anyOf", []) + schema.get("allOf", []):
-        collect_limits(alternative, prefix, out, depth + 1)
-    if "maxLength" in schema:
-        out[prefix or "$"] = min(schema["maxLength"], out.get(prefix or "$", 1 << 30))
-    if "maxItems" in schema:
-        key = (prefix or "$") + "#items"
-        out[key] = min(schema["maxItems"], out.get(key, 1 << 30))
+    parts = schema.get("allOf", []) + (schema.get("oneOf", []) + schema.get("anyOf", []) if alternatives else [])
+    for part in parts:
+        walk(part, prefix, visit, alternatives, depth + 1)
+    visit(schema, prefix)
     for name, sub in (schema.get("properties") or {}).items():
-        collect_limits(sub, prefix + "." + name if prefix else name, out, depth + 1)
+        walk(sub, prefix + "." + name if prefix else name, visit, alternatives, depth + 1)
     if isinstance(schema.get("additionalProperties"), dict):
-        collect_limits(schema["additionalProperties"], (prefix + "." if prefix else "") + "*", out, depth + 1)
+        walk(schema["additionalProperties"], (prefix + "." if prefix else "") + "*", visit, alternatives, depth + 1)
     if "items" in schema:
-        collect_limits(schema["items"], (prefix or "") + "[]", out, depth + 1)
+        walk(schema["items"], (prefix or "") + "[]", visit, alternatives, depth + 1)
 
 
-def collect_rules(schema, prefix, out, depth):
-    """What the string and integer values of a request body must be, by JSON path (as
-    `collect_limits`): `enum:A|B`, `date-time` or `integer`, so the boundary names the field and
-    what it takes (the generated decoders say "Cannot initialize SeverityName from invalid String
-    value LOW", and for a date or a fraction where a whole number goes, not even which field). Alternatives of a oneOf or anyOf are left to the decoders: a
-    value one refuses another may take."""
-    if depth > 8:
-        return
-    schema = resolve(schema)
-    for part in schema.get("allOf", []):
-        collect_rules(part, prefix, out, depth + 1)
-    if prefix and schema.get("type") in ("string", "integer"):
+def collect_limits(schema, out):
+    """Every string's maxLength and every array's maxItems under a request body, by JSON path
+    (`$` for the body itself): the server enforces what the contract declares."""
+    def visit(schema, prefix):
+        if "maxLength" in schema:
+            out[prefix or "$"] = min(schema["maxLength"], out.get(prefix or "$", 1 << 30))
+        if "maxItems" in schema:
+            key = (prefix or "$") + "#items"
+            out[key] = min(schema["maxItems"], out.get(key, 1 << 30))
+    walk(schema, "", visit, alternatives=True)
+
+
+def collect_rules(schema, out):
+    """What the string and integer values of a request body must be, by JSON path:
+    `enum:A|B`, `date-time` or `integer`, so the boundary names the field and what it takes (the
+    generated decoders say "Cannot initialize SeverityName from invalid String value LOW", and
+    for a date or a fraction where a whole number goes, not even which field). Alternatives of a
+    oneOf or anyOf are left to the decoders: a value one refuses another may take."""
+    def visit(schema, prefix):
+        if not prefix or schema.get("type") not in ("string", "integer"):
+            return
         rule = parameter_rule(schema)
         if rule and (rule.startswith("enum:") or rule in ("date-time", "integer")):
-            if out.get(prefix, rule) != rule:
-                out[prefix] = None  # two schemas disagree: leave it to the decoders
-            else:
-                out[prefix] = rule
-    for name, sub in (schema.get("properties") or {}).items():
-        collect_rules(sub, prefix + "." + name if prefix else name, out, depth + 1)
-    if isinstance(schema.get("additionalProperties"), dict):
-        collect_rules(schema["additionalProperties"], (prefix + "." if prefix else "") + "*", out, depth + 1)
-    if "items" in schema:
-        collect_rules(schema["items"], (prefix or "") + "[]", out, depth + 1)
+            # Two schemas that disagree on a path leave it to the decoders (None).
+            out[prefix] = rule if out.get(prefix, rule) == rule else None
+    walk(schema, "", visit, alternatives=False)
 
 
 def parameter_rule(schema):
@@ -107,8 +107,8 @@ for path, item in spec["paths"].items():
         body_rules = {}
         body = (op.get("requestBody") or {}).get("content", {}).get("application/json")
         if body:
-            collect_limits(body.get("schema", {}), "", limits, 0)
-            collect_rules(body.get("schema", {}), "", body_rules, 0)
+            collect_limits(body.get("schema", {}), limits)
+            collect_rules(body.get("schema", {}), body_rules)
         body_rules = {k: v for k, v in body_rules.items() if v}
         takes_body = "requestBody" in op
         rows.append((op["operationId"], method.upper(), path, sorted(query), limits, rules, body_rules, sorted(repeatable), takes_body))
