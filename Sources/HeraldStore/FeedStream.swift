@@ -54,8 +54,8 @@ extension TenantTransaction {
     }
 
     /// A stream's start: `feedStreamPosition`, creating the user's log the first time (migration
-    /// 0043: only users who have opened a stream have their changes numbered and logged). Read
-    /// the unread count after it, in the same transaction.
+    /// 0043: only users who have opened a stream have their changes numbered and logged). In a
+    /// transaction of its own: read the position and the unread count after it committed.
     public func openFeedStream(of userID: UUID) async throws -> FeedStreamPosition {
         let rows = try await query("SELECT seq, purged_through FROM feed_stream_open(\(userID))")
         guard let row = rows.first else { return FeedStreamPosition(seq: 0, purgedThrough: 0) }

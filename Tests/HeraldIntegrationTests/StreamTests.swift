@@ -557,6 +557,28 @@ struct StreamTests {
             try await stream.next("unread_count") { $0.object["total"] as? Int == 2 }
             #expect(try await org.store { tx in try await tx.feedStreamPosition(of: org.memberID) }.seq >= 1)
             await stream.close()
+
+            // The other order: a first open holds its user's lock (its transaction left open
+            // here); a read of that user's row waits for it, then is logged.
+            try await task(org, to: [org.ownerID], title: "for the owner")
+            let ownerRow = try #require(try await org.notificationIDs(of: org.ownerID).first)
+            let marking = try await org.store { (held: TenantTransaction) async throws -> Task<Int, any Error> in
+                _ = try await held.openFeedStream(of: org.ownerID)
+                let marking = Task { try await org.store { tx in try await tx.markRead([ownerRow], of: org.ownerID, now: Date()) } }
+                #expect(
+                    try await eventually(timeout: .seconds(10)) {
+                        try await database.query(
+                            """
+                            SELECT count(*)::int FROM pg_stat_activity
+                            WHERE datname = current_database() AND wait_event = 'advisory' AND query LIKE '%SET read_at%'
+                            """
+                        ).first!.decode(Int.self) >= 1
+                    }, "the read waits for the first open")
+                return marking
+            }
+            #expect(try await marking.value == 1)
+            let ownerLog = try await org.store { tx in try await tx.feedChanges(of: org.ownerID, after: 0, limit: 10, now: Date()) }
+            #expect(ownerLog.map(\.kind) == [FeedChangeKind.read], "\(ownerLog)")
         }
     }
 

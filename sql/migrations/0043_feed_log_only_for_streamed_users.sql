@@ -16,15 +16,19 @@
 -- The race: a user's first stream opening while a change of theirs is being logged. The stream's
 -- first read (its position and the unread count) must see the change, or be followed by it in
 -- the log. log_feed_changes() takes its users' stream locks shared, then looks for their rows;
--- feed_stream_open() takes the user's exclusively, creates the row, and the caller reads
--- the count in the same transaction. Either the logging transaction committed first (the open
--- waited for it, and its count sees the change), or the logging looked after the open committed
--- (each statement of a VOLATILE function takes a new snapshot, so it sees the row and logs the
--- change, numbered after the stream's start). The lock is taken by the statements that log
--- changes (a sweep's batch, a mark-read), which are short: never by a notify's chunk, which only
--- writes feed_due. A user's stream takes it exclusively once, the first time ever.
+-- feed_stream_open() takes the user's exclusively and creates the row, in a transaction of its
+-- own; the stream reads its position and count after that committed. Either the logging
+-- transaction committed first (the open waited for it, and the count sees the change), or the
+-- logging looked after the open committed (each statement of a VOLATILE function takes a new
+-- snapshot, so it sees the row and logs the change, numbered after the stream's start or seen by
+-- its first read). The lock is taken shared by the statements that log changes (a sweep's batch,
+-- a mark-read), which are short, never by a notify's chunk, which only writes feed_due; and
+-- exclusively by a user's stream once, the first time ever, for one statement. While a first
+-- open waits for a shared holder (a sweep's batch, some milliseconds), later logging statements
+-- on the same key wait behind it: 64 keys shared by every organisation keep that rare.
 
--- The stream lock of a user: one of 64 advisory locks, so first streams opening at once (a new
+-- The stream lock of a user: one of 64 advisory locks (a single-number key, beside other
+-- single-number advisory locks: none in Herald), so first streams opening at once (a new
 -- organisation's users signing in) seldom wait for each other, and a statement logging many
 -- users' changes takes at most 64. Inlined where it is called (no SET clause, qualified names):
 -- with a text hash and a search_path of its own it cost 485 ms of a 100 000-member fan-out.
@@ -46,9 +50,10 @@ BEGIN
     IF coalesce(cardinality(p_users), 0) = 0 THEN
         RETURN;
     END IF;
+    -- In key order, so two statements never wait for each other's keys.
     PERFORM pg_advisory_xact_lock_shared(l.key)
     FROM (SELECT DISTINCT feed_stream_lock_key(x.organisation_id, x.user_id) AS key
-          FROM unnest(p_organisations, p_users) AS x (organisation_id, user_id)) l;
+          FROM unnest(p_organisations, p_users) AS x (organisation_id, user_id) ORDER BY 1) l;
 
     WITH x AS (
         SELECT * FROM unnest(p_organisations, p_users, p_kinds, p_notifications) WITH ORDINALITY
@@ -90,9 +95,11 @@ END
 $$;
 
 -- A stream's start: the user's position in their log, created (under the user's stream lock, held
--- exclusively to the caller's commit) the first time. The caller, in a tenant
--- transaction whose recipient is the user, reads the unread count after it in the same
--- transaction. The owner's, as log_feed_changes() is: the roles do not write feed_streams (0019).
+-- exclusively to the caller's commit) the first time. The caller runs it in a transaction of its
+-- own, whose recipient is the user, and reads the position and the unread count after that one
+-- committed, so the lock is held for this one statement. The owner's, as log_feed_changes() is:
+-- the roles do not write feed_streams (0019). READ COMMITTED only: the argument above needs each
+-- logging statement to look with a snapshot taken after the lock.
 CREATE FUNCTION feed_stream_open(p_user uuid, OUT seq bigint, OUT purged_through bigint)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, public
@@ -104,6 +111,9 @@ BEGIN
     FROM public.feed_streams s WHERE s.organisation_id = organisation AND s.user_id = p_user;
     IF FOUND THEN
         RETURN;
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'feed_stream_open: needs READ COMMITTED (the stream lock''s argument)';
     END IF;
     IF NOT EXISTS (SELECT 1 FROM public.users u WHERE u.organisation_id = organisation AND u.id = p_user) THEN
         RAISE EXCEPTION 'feed_stream_open: no such user in this organisation' USING ERRCODE = 'foreign_key_violation';

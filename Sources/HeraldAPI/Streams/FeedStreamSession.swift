@@ -154,10 +154,12 @@ struct FeedStreamSession: Sendable {
     private func open() async throws -> StreamStep {
         let settings = hub.settings
         var step = StreamStep(output: [.retry(milliseconds: settings.retryMilliseconds)], cursor: 0)
-        // Where the log stands (begun here, the user's first stream ever), then the unread
-        // count, in one transaction: the order migration 0043 relies on.
+        // The user's log, begun here on their first stream ever, in a transaction of its own
+        // (its lock held for one statement); then where it stands and the unread count, in one
+        // transaction: the order migration 0043 relies on.
+        _ = try await read { tx in try await tx.openFeedStream(of: start.userID) }
         let (position, count) = try await read { tx in
-            (try await tx.openFeedStream(of: start.userID), try await tx.unreadCount(of: start.userID, now: now()))
+            (try await tx.feedStreamPosition(of: start.userID), try await tx.unreadCount(of: start.userID, now: now()))
         }
         step.cursor = position.seq
         if let since = start.since {
