@@ -254,9 +254,10 @@ struct DigestMessage {
         let organisation = first.input.organisationName
         let unsubscribe = unsubscribe()
         // The organisation's template for the recipient's locale, else the built-in default.
-        let template =
+        var template =
             TemplateRenderer.pick(work.templates, userLocale: first.recipient.locale, organisationLocale: first.input.organisationLocale)?
             .value ?? DigestTemplate.builtIn
+        template.html = template.html.map(DigestTemplate.escapingEveryValue)
         // The subject and the text part unescaped, the HTML part escaped (as a per-event email).
         let content = TemplateRenderer.render(template, context(unsubscribe: unsubscribe), plainText: true)
         let (subject, text, html) = (content.subject.trimmingCharacters(in: .whitespacesAndNewlines), content.body, content.html)

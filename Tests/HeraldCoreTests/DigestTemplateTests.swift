@@ -45,6 +45,17 @@ struct DigestTemplateTests {
                 """, "\(rendered.body)")
     }
 
+    @Test("HTML: every value escaped, triple mustache included (items arrive as written)")
+    func tripleMustacheEscaped() throws {
+        var template = DigestTemplate.builtIn
+        template.html = "{{#sections}}{{#items}}<p>{{{title}}}|{{& body}}|{{{ title }}}</p>{{/items}}{{/sections}}"
+        template.html = template.html.map(DigestTemplate.escapingEveryValue)
+        var context = self.context
+        context["sections"] = [["category": "C", "items": [["title": "<b>x</b>", "body": "a & b"]]]]
+        let html = try #require(TemplateRenderer.render(template, context, plainText: true).html)
+        #expect(html == "<p>&lt;b&gt;x&lt;/b&gt;|a &amp; b|&lt;b&gt;x&lt;/b&gt;</p>", "\(html)")
+    }
+
     @Test("HTML: escaped, with a link on a title only when the item has one")
     func html() throws {
         let html = try #require(TemplateRenderer.render(DigestTemplate.builtIn, context, plainText: true).html)

@@ -12,8 +12,18 @@ import Foundation
 ///   when the event names no URL);
 /// - `links.unsubscribe`: the one-click unsubscribe link of the digest.
 ///
-/// `{{x}}` is HTML-escaped; the subject and the text part use `{{{x}}}`.
+/// The subject and the text part are rendered as text (nothing escaped); in the HTML part every
+/// value is escaped, `{{{x}}}` included (`escapingEveryValue`).
 public enum DigestTemplate {
+    /// The HTML part with every value escaped: `{{{x}}}` and `{{& x}}` read as `{{x}}`. Items
+    /// reached a digest template escaped once, and the docs said to insert them with
+    /// `{{{title}}}`; they now arrive as written, so a stored template's triple mustache must
+    /// not put a payload's markup into the email.
+    public static func escapingEveryValue(_ html: String) -> String {
+        html.replacingOccurrences(of: #"\{\{\{\s*([^{}]+?)\s*\}\}\}"#, with: "{{$1}}", options: .regularExpression)
+            .replacingOccurrences(of: #"\{\{&\s*([^{}]+?)\s*\}\}"#, with: "{{$1}}", options: .regularExpression)
+    }
+
     public static let builtIn = TemplateContent(
         subject: "{{{organisation.name}}}: your {{cadence}} digest ({{count_text}})",
         body: """
