@@ -151,35 +151,52 @@ extension TenantTransaction {
     /// `users` (nil: every user of the organisation) to the slot their schedule gives now: the
     /// first after the later of `now` and the item's due time. After a change of digest hour,
     /// weekday or time zone, what was waiting goes out once, at the new time, not partly at the
-    /// old time and partly at the new (two "daily" digests in a day). Returns how many moved.
+    /// old time and partly at the new (two "daily" digests in a day). A thousand users at a time,
+    /// so an organisation's change holds one batch in memory. Returns how many moved.
     @discardableResult
     public func reslotWaitingDigestItems(of users: [UUID]?, now: Date) async throws -> Int {
-        let waiting = try await query(
-            """
-            SELECT id, user_id, frequency, due_after, slot_at FROM digest_items
-            WHERE organisation_id = \(organisationID) AND run_id IS NULL AND sent_at IS NULL AND cancelled_at IS NULL
-              AND slot_at > \(now) AND (\(users)::uuid[] IS NULL OR user_id = ANY(\(users)::uuid[]))
-            """
-        ).map { try $0.decode((UUID, UUID, Frequency, Date, Date).self, table: "digest_items") }
-        guard !waiting.isEmpty else { return 0 }
-        let schedules = try await digestSchedules(for: Array(Set(waiting.map(\.1))))
-        var moved: [(id: UUID, slot: Date)] = []
-        for (id, user, frequency, dueAfter, slot) in waiting {
-            guard let schedule = schedules[user] else { continue }
-            let fresh = (frequency == .weekly ? schedule.weekly : schedule.daily).slot(after: max(now, dueAfter))
-            if fresh != slot { moved.append((id, fresh)) }
+        // Not a slot that has come by either clock: its run is being made (`claim_digest_runs`).
+        var waitingUsers = users ?? []
+        if users == nil {
+            waitingUsers = try await query(
+                """
+                SELECT DISTINCT user_id FROM digest_items
+                WHERE organisation_id = \(organisationID) AND run_id IS NULL AND sent_at IS NULL AND cancelled_at IS NULL
+                  AND slot_at > greatest(\(now), now())
+                """
+            ).map { try $0.decode(UUID.self) }
         }
-        guard !moved.isEmpty else { return 0 }
-        // Fenced as read: an item a run took meanwhile keeps its run's slot.
-        return try await query(
-            """
-            UPDATE digest_items i SET slot_at = m.slot_at
-            FROM unnest(\(moved.map(\.id))::uuid[], \(moved.map(\.slot))::timestamptz[]) AS m (id, slot_at)
-            WHERE i.organisation_id = \(organisationID) AND i.id = m.id AND i.run_id IS NULL AND i.sent_at IS NULL
-              AND i.cancelled_at IS NULL AND i.slot_at > \(now)
-            RETURNING i.id
-            """
-        ).count
+        var movedCount = 0
+        for start in stride(from: 0, to: waitingUsers.count, by: 1000) {
+            let batch = Array(waitingUsers[start..<min(start + 1000, waitingUsers.count)])
+            let waiting = try await query(
+                """
+                SELECT id, user_id, frequency, due_after, slot_at FROM digest_items
+                WHERE organisation_id = \(organisationID) AND user_id = ANY(\(batch)::uuid[]) AND run_id IS NULL
+                  AND sent_at IS NULL AND cancelled_at IS NULL AND slot_at > greatest(\(now), now())
+                """
+            ).map { try $0.decode((UUID, UUID, Frequency, Date, Date).self, table: "digest_items") }
+            guard !waiting.isEmpty else { continue }
+            let schedules = try await digestSchedules(for: Array(Set(waiting.map(\.1))))
+            var moved: [(id: UUID, slot: Date)] = []
+            for (id, user, frequency, dueAfter, slot) in waiting {
+                guard let schedule = schedules[user] else { continue }
+                let fresh = (frequency == .weekly ? schedule.weekly : schedule.daily).slot(after: max(now, dueAfter))
+                if fresh != slot { moved.append((id, fresh)) }
+            }
+            guard !moved.isEmpty else { continue }
+            // Fenced as read: an item a run took meanwhile keeps its run's slot.
+            movedCount += try await query(
+                """
+                UPDATE digest_items i SET slot_at = m.slot_at
+                FROM unnest(\(moved.map(\.id))::uuid[], \(moved.map(\.slot))::timestamptz[]) AS m (id, slot_at)
+                WHERE i.organisation_id = \(organisationID) AND i.id = m.id AND i.run_id IS NULL AND i.sent_at IS NULL
+                  AND i.cancelled_at IS NULL AND i.slot_at > greatest(\(now), now())
+                RETURNING i.id
+                """
+            ).count
+        }
+        return movedCount
     }
 
     public func digestRun(_ id: UUID) async throws -> DigestRun {
