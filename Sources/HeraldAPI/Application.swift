@@ -189,8 +189,9 @@ public struct DatabaseURL: Sendable {
         }
         host = url.host ?? "127.0.0.1"
         port = url.port ?? 5432
-        username = user.removingPercentEncoding ?? user
-        password = url.password?.removingPercentEncoding
+        // URLComponents decodes `user` and `password` already: decoding again turned `p%25ss` into nil.
+        username = user
+        password = url.password
         self.database = database.isEmpty ? nil : database
     }
 

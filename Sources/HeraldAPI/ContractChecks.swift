@@ -58,7 +58,8 @@ struct ContractChecks: Sendable {
             // Nothing is silently ignored; an empty JSON object, as some clients send with every POST, is nothing.
             let data = try await Data(collecting: body, upTo: maxBodyBytes)
             let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-            guard text.isEmpty || text == "{}" else {
+            let emptyObject = (try? JSONSerialization.jsonObject(with: data) as? [String: Any])?.isEmpty == true
+            guard text.isEmpty || emptyObject else {
                 throw APIError.badRequest("This operation takes no request body; send none (openapi.yaml lists what each operation takes).")
             }
             return nil
