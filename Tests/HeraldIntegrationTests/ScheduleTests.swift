@@ -91,6 +91,10 @@ struct ScheduleTests {
                 #"{"name": "x", "rule": "FREQ=DAILY;BYSETPOS=1", "event": {"type": "TASK_ASSIGNED", "audience": {"everyone": true}}}"#,
                 "rule",
                 "BYSETPOS")
+            // A rule that ended before now would never send.
+            try await refused(
+                #"{"name": "x", "rule": "FREQ=DAILY;UNTIL=20001231T000000Z", "event": {"type": "TASK_ASSIGNED", "audience": {"everyone": true}}}"#,
+                "rule", "no occurrence from now on")
             // A fixed time has no place in a recurring event: the body says so (400, the schema refuses it).
             let fixed = try await client.send(
                 .post, "/v1/schedules", token: org.ownerToken,

@@ -45,9 +45,14 @@ extension HeraldService {
             // The type and the audience's names are checked as notify checks them (nothing is read
             // of the audience's users: planning it held every user in memory).
             try await mappingEngineErrors { try await tx.checkEventRequest(request) }
+            // A rule whose UNTIL or COUNT ended before now would make a schedule that never sends.
+            guard let first = recurrence.occurrences(after: max(now, startsAt.addingTimeInterval(-1)), limit: 1).first else {
+                throw APIError.unprocessable(
+                    ValidationError(
+                        field: "rule", message: "has no occurrence from now on (its UNTIL or COUNT ends before): nothing would be sent."))
+            }
             let schedule = try await tx.createSchedule(
-                id: id, name: name, event: request, rule: body.rule, timeZone: zone, startsAt: startsAt,
-                nextAt: recurrence.occurrences(after: max(now, startsAt.addingTimeInterval(-1)), limit: 1).first)
+                id: id, name: name, event: request, rule: body.rule, timeZone: zone, startsAt: startsAt, nextAt: first)
             try await tx.audit(
                 action: "schedule.create", targetType: "schedule", targetID: id.lowercased, before: nil,
                 after: try scheduleAudit(schedule))
