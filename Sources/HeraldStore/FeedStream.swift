@@ -46,9 +46,15 @@ public struct StreamTicketHolder: Sendable, Equatable {
 extension TenantTransaction {
     /// The user's position in their change log (0, 0 before their first stream opened).
     public func feedStreamPosition(of userID: UUID) async throws -> FeedStreamPosition {
+        try await feedStream(of: userID) ?? FeedStreamPosition(seq: 0, purgedThrough: 0)
+    }
+
+    /// The user's position in their change log, or nil when they never opened a stream (their
+    /// changes are not logged: `openFeedStream` begins the log).
+    public func feedStream(of userID: UUID) async throws -> FeedStreamPosition? {
         let rows = try await query(
             "SELECT seq, purged_through FROM feed_streams WHERE organisation_id = \(organisationID) AND user_id = \(userID)")
-        guard let row = rows.first else { return FeedStreamPosition(seq: 0, purgedThrough: 0) }
+        guard let row = rows.first else { return nil }
         let (seq, purged) = try row.decode((Int64, Int64).self, table: "feed_streams")
         return FeedStreamPosition(seq: seq, purgedThrough: purged)
     }

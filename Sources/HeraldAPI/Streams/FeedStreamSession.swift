@@ -154,13 +154,20 @@ struct FeedStreamSession: Sendable {
     private func open() async throws -> StreamStep {
         let settings = hub.settings
         var step = StreamStep(output: [.retry(milliseconds: settings.retryMilliseconds)], cursor: 0)
-        // The user's log, begun here on their first stream ever, in a transaction of its own
-        // (its lock held for one statement); then where it stands and the unread count, in one
-        // transaction: the order migration 0043 relies on.
-        _ = try await read { tx in try await tx.openFeedStream(of: start.userID) }
-        let (position, count) = try await read { tx in
-            (try await tx.feedStreamPosition(of: start.userID), try await tx.unreadCount(of: start.userID, now: now()))
+        // Where the user's log stands and the unread count, in one transaction. On the user's
+        // first stream ever there is no log yet: it is begun in a transaction of its own (its lock
+        // held for one statement), then both are read again, the order migration 0043 relies on.
+        let positionAndCount = { @Sendable () async throws -> (FeedStreamPosition?, UnreadCount) in
+            try await read { tx in
+                (try await tx.feedStream(of: start.userID), try await tx.unreadCount(of: start.userID, now: now()))
+            }
         }
+        var (found, count) = try await positionAndCount()
+        if found == nil {
+            _ = try await read { tx in try await tx.openFeedStream(of: start.userID) }
+            (found, count) = try await positionAndCount()
+        }
+        let position = found ?? FeedStreamPosition(seq: 0, purgedThrough: 0)
         step.cursor = position.seq
         if let since = start.since {
             if since < position.purgedThrough || since > position.seq || position.seq - since > Int64(settings.maxBacklog) {
