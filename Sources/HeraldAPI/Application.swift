@@ -60,7 +60,8 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
         middleware: RequestMiddleware(
             authenticator: authenticator,
             maxBodyBytes: configuration.maxBodyBytes,
-            metrics: dependencies.metrics))
+            metrics: dependencies.metrics,
+            crossOrigin: configuration.crossOrigin))
     let service = HeraldService(
         database: dependencies.database,
         tokens: dependencies.tokens,

@@ -110,6 +110,8 @@ public struct AppConfiguration: Sendable {
     public var feedCacheSeconds: Double = 5
     /// Serves the demo pages (`/demo/bell`); `make run` turns it on, production leaves it off.
     public var demoPages = false
+    /// The web origins whose pages may call `/v1/` from a browser (`HERALD_CORS_ORIGINS`).
+    public var crossOrigin = CrossOriginPolicy.none
     /// `herald worker` runs Swift's tasks on SwiftNIO's event loops, so that a task that awaits
     /// a database answer or a socket resumes without a hop between two thread pools
     /// (docs/decisions.md).
@@ -324,6 +326,7 @@ public struct AppConfiguration: Sendable {
             guard ["0", "1", "true", "false"].contains(v) else { throw ConfigurationError(variable: "HERALD_DEMO_PAGES", value: v) }
             c.demoPages = v == "1" || v == "true"
         }
+        if let v = value("HERALD_CORS_ORIGINS") { c.crossOrigin = try CrossOriginPolicy(setting: v) }
         if let v = value("HERALD_LOG_FORMAT") {
             guard ["json", "text"].contains(v) else { throw ConfigurationError(variable: "HERALD_LOG_FORMAT", value: v) }
             c.logFormat = v

@@ -10,6 +10,8 @@ public enum APIError: Error, Sendable, Equatable {
     case badRequest(String)
     case unauthorized(String)
     case forbidden(Permission)
+    /// A browser's preflight from an origin `HERALD_CORS_ORIGINS` does not list.
+    case originNotAllowed(String)
     case notFound(resource: String)
     case noRoute(method: String, path: String)
     /// The path exists with other methods (RFC 9110 §15.5.6: 405 with `Allow`).
@@ -27,7 +29,7 @@ public enum APIError: Error, Sendable, Equatable {
         switch self {
         case .badRequest: .badRequest
         case .unauthorized: .unauthorized
-        case .forbidden: .forbidden
+        case .forbidden, .originNotAllowed: .forbidden
         case .notFound, .noRoute: .notFound
         case .methodNotAllowed: .methodNotAllowed
         case .conflict: .conflict
@@ -44,7 +46,7 @@ public enum APIError: Error, Sendable, Equatable {
             switch self {
             case .badRequest: "bad-request"
             case .unauthorized: "unauthorized"
-            case .forbidden: "forbidden"
+            case .forbidden, .originNotAllowed: "forbidden"
             case .notFound, .noRoute: "not-found"
             case .methodNotAllowed: "method-not-allowed"
             case .conflict: "conflict"
@@ -69,6 +71,8 @@ public enum APIError: Error, Sendable, Equatable {
             resource == "digest template"
                 ? "Your organisation has no digest template of this locale."
                 : "No \(resource) with this id exists in your organisation."
+        case .originNotAllowed(let origin):
+            "Pages of \(origin) may not call this API: the origins that may are listed in the server's HERALD_CORS_ORIGINS."
         case .noRoute(let method, let path):
             "There is no operation \(method) \(path); openapi.yaml lists them."
         case .methodNotAllowed(let method, let allowed):
@@ -91,7 +95,7 @@ public enum APIError: Error, Sendable, Equatable {
     var logLevel: Logger.Level {
         switch self {
         case .internalError, .notReady: .error
-        case .unauthorized, .forbidden, .tooManyRequests, .rateLimited: .notice
+        case .unauthorized, .forbidden, .originNotAllowed, .tooManyRequests, .rateLimited: .notice
         default: .debug
         }
     }

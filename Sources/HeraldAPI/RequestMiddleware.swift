@@ -17,6 +17,7 @@ struct RequestMiddleware: RouterMiddleware {
     let authenticator: Authenticator
     let maxBodyBytes: Int
     let metrics: HTTPMetrics
+    var crossOrigin = CrossOriginPolicy.none
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         let started = ContinuousClock.now
@@ -29,32 +30,39 @@ struct RequestMiddleware: RouterMiddleware {
         let head = request.method == .head
         var response: Response
         do {
-            var request = request
-            if let length = request.headers[.contentLength].flatMap(Int.init), length > maxBodyBytes {
-                throw APIError.contentTooLarge(limit: maxBodyBytes)
-            }
-            do {
-                _ = try await request.collectBody(upTo: maxBodyBytes)
-            } catch is NIOTooManyBytesError {
-                // A chunked body (no Content-Length) crossed the limit while being read.
-                throw APIError.contentTooLarge(limit: maxBodyBytes)
-            } catch let error as HTTPError where error.status == .contentTooLarge {
-                throw APIError.contentTooLarge(limit: maxBodyBytes)
-            }
-            let credential = try await authenticator.credential(from: request.headers[.authorization], logger: logger)
-            if let credential {
-                logger[metadataKey: "organisation_id"] = "\(credential.organisationID.lowercased)"
-                logger[metadataKey: "actor"] = "\(credential.actor.kind.rawValue):\(credential.actor.id?.lowercased ?? "-")"
-            }
-            let scope = RequestScope(
-                requestID: requestID, clientAddress: context.remoteAddress?.ipAddress, credential: credential, logger: logger, head: head)
-            response = try await RequestScope.$current.withValue(scope) {
-                try await next(request, context)
+            if let preflight = try crossOrigin.preflight(request) {
+                // A browser asking whether its page may call: no body, no credential.
+                response = preflight
+            } else {
+                var request = request
+                if let length = request.headers[.contentLength].flatMap(Int.init), length > maxBodyBytes {
+                    throw APIError.contentTooLarge(limit: maxBodyBytes)
+                }
+                do {
+                    _ = try await request.collectBody(upTo: maxBodyBytes)
+                } catch is NIOTooManyBytesError {
+                    // A chunked body (no Content-Length) crossed the limit while being read.
+                    throw APIError.contentTooLarge(limit: maxBodyBytes)
+                } catch let error as HTTPError where error.status == .contentTooLarge {
+                    throw APIError.contentTooLarge(limit: maxBodyBytes)
+                }
+                let credential = try await authenticator.credential(from: request.headers[.authorization], logger: logger)
+                if let credential {
+                    logger[metadataKey: "organisation_id"] = "\(credential.organisationID.lowercased)"
+                    logger[metadataKey: "actor"] = "\(credential.actor.kind.rawValue):\(credential.actor.id?.lowercased ?? "-")"
+                }
+                let scope = RequestScope(
+                    requestID: requestID, clientAddress: context.remoteAddress?.ipAddress, credential: credential, logger: logger,
+                    head: head)
+                response = try await RequestScope.$current.withValue(scope) {
+                    try await next(request, context)
+                }
             }
         } catch {
             response = Self.problemResponse(for: error, request: request, logger: logger)
         }
         response.headers[.requestID] = requestID
+        crossOrigin.decorate(&response, for: request)
         if head {
             let length = response.headers[.contentLength]
             response.body = ResponseBody()

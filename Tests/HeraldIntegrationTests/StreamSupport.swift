@@ -359,11 +359,12 @@ class HeraldServeProcess: StreamHost, @unchecked Sendable {
 /// `herald serve` with live streams and the demo pages on the shared test database, signing
 /// with the keys of `keysDirectory()`: its tokens come from `login`.
 final class StreamServeProcess: HeraldServeProcess, @unchecked Sendable {
-    init(port: Int, keys: String) throws {
+    /// `extra`: more settings, given the port the process listens on.
+    init(port: Int, keys: String, extra: (Int) -> [String: String] = { _ in [:] }) throws {
         let env = ProcessInfo.processInfo.environment
         try super.init(
             port: port,
-            environment: [
+            environment: extra(port).merging([
                 "DATABASE_URL": env["HERALD_TEST_DATABASE_URL"] ?? "",
                 "DATABASE_WORKER_URL": "",
                 "HERALD_JWT_KEYS_DIR": keys,
@@ -374,7 +375,7 @@ final class StreamServeProcess: HeraldServeProcess, @unchecked Sendable {
                 "HERALD_SHUTDOWN_SECONDS": "20",
                 "HERALD_LOG_LEVEL": "error",
                 "HERALD_LOG_FORMAT": "text",
-            ])
+            ]) { mine, _ in mine })
     }
 
     /// A directory with a fresh signing key, made by `herald jwt-keygen`.
@@ -400,10 +401,10 @@ final class StreamServeProcess: HeraldServeProcess, @unchecked Sendable {
 
     /// A process on a random port, started again on another port if it exits before it is
     /// ready (the port was taken: the range is inside the kernel's ephemeral ports).
-    static func start(keys: String) async throws -> StreamServeProcess {
+    static func start(keys: String, extra: (Int) -> [String: String] = { _ in [:] }) async throws -> StreamServeProcess {
         var attempt = 1
         while true {
-            let server = try StreamServeProcess(port: Int.random(in: 41_000..<49_000), keys: keys)
+            let server = try StreamServeProcess(port: Int.random(in: 41_000..<49_000), keys: keys, extra: extra)
             do {
                 try await server.waitUntilReady()
                 return server
