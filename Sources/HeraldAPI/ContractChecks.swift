@@ -17,6 +17,8 @@ import OpenAPIRuntime
 ///   actor, attributes, condition values) `null` is an ordinary value. See docs/decisions.md.
 /// - Text with U+0000 is refused (400): PostgreSQL cannot store it in `text` or `jsonb`, so it
 ///   used to end as a 500.
+/// - A JSON body must be RFC 8259 JSON (`StrictJSON`): no trailing comma, no key twice in one
+///   object, no number beyond a 64-bit float (400 naming where).
 ///
 /// `TenantBoundary` runs these checks once the caller may call the operation, so a stranger
 /// learns nothing of the contract before a 401 or 403.
@@ -66,6 +68,7 @@ struct ContractChecks: Sendable {
         }
         guard request.headerFields[.contentType]?.lowercased().hasPrefix("application/json") == true else { return body }
         let data = try await Data(collecting: body, upTo: maxBodyBytes)
+        if let problem = StrictJSON.problem(in: data) { throw APIError.badRequest(problem) }
         let needsWalk = !(route?.limits.isEmpty ?? true) || !(route?.bodyRules.isEmpty ?? true)
         if needsWalk || Self.mayHoldNull(data), let json = try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]) {
             if let problem = Self.problem(in: json, at: "") { throw APIError.badRequest(problem) }

@@ -510,6 +510,8 @@ struct SharedChannelDecision: Codable, Hashable {
     var outcome: ChannelOutcome
     var reason: ReasonCode
     var records: Int
+    /// For CONDITION_NOT_MET, which condition (absent from sets stored before it was kept).
+    var failedCondition: Int?
 
     init(_ traced: TracedChannel) {
         channel = traced.decision.channel
@@ -520,6 +522,7 @@ struct SharedChannelDecision: Codable, Hashable {
         outcome = traced.decision.outcome
         reason = traced.decision.reason
         records = traced.recordIDs.count
+        failedCondition = traced.decision.failedCondition
     }
 }
 
@@ -539,6 +542,8 @@ public struct TraceChannelRecord: Codable, Sendable, Equatable {
     public var source: PreferenceSource
     public var outcome: ChannelOutcome
     public var reason: ReasonCode
+    /// For CONDITION_NOT_MET, the index in `conditions` of the first one not met.
+    public var failedCondition: Int?
     public var notificationID: UUID?
     /// Every outbox row of the channel (webhook and chat: one per endpoint).
     public var deliveryIDs: [UUID]
@@ -558,6 +563,7 @@ public struct TraceChannelRecord: Codable, Sendable, Equatable {
         source = shared.source
         outcome = shared.outcome
         reason = shared.reason
+        failedCondition = shared.failedCondition
         notificationID = shared.outcome == .inApp ? own.first : nil
         deliveryIDs = shared.outcome == .immediate ? Array(own) : []
         digestItemID = shared.outcome == .digest ? own.first : nil
@@ -570,6 +576,7 @@ public struct TraceChannelRecord: Codable, Sendable, Equatable {
 
     enum CodingKeys: String, CodingKey {
         case channel, enabled, frequency, conditions, source, outcome, reason
+        case failedCondition = "failed_condition"
         case notificationID = "notification_id", deliveryIDs = "delivery_ids", digestItemID = "digest_item_id"
     }
 }

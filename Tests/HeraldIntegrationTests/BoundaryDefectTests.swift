@@ -274,6 +274,61 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test(
+        "a body must be RFC 8259 JSON: a trailing comma, a key given twice or a number beyond a float is a 400 naming where, and nothing is sent"
+    )
+    func strictJSON() async throws {
+        // The reader itself, case by case.
+        let accepted = [
+            #"{}"#, #"[]"#, #" {"a": [1, -0.5, 2e10, 1E-3, true, false, null, "x\"\\\/\b\f\n\r\t\u00e9\ud83d\ude00"]} "#,
+            #"{"a": {"b": 1}, "b": {"b": 2}}"#, #""text""#, "12",
+        ]
+        for text in accepted { #expect(StrictJSON.problem(in: Data(text.utf8)) == nil, "\(text)") }
+        let refused: [(String, String)] = [
+            (#"{"a": 1,}"#, "a comma before } at line 1, column 9"),
+            ("[1,\n 2,\n]", "a comma before ] at line 3, column 1"),
+            (#"{"a": 1, "a": 2}"#, #"body: the key "a" appears twice"#),
+            (#"{"payload": {"title": "x", "t\u0069tle": "y"}}"#, #"payload: the key "title" appears twice"#),
+            (#"{"payload": {"amount": 1e400}}"#, "payload.amount: the number 1e400 is beyond the range"),
+            (#"{"a": [0, -1e999]}"#, "a[1]: the number -1e999"),
+            (#"{"a": 01}"#, "leading zero"), (#"{"a": 'x'}"#, "expected a value"), (#"{"a": "\x"}"#, #"\x is not an escape"#),
+            ("{\"a\": \"line\nbreak\"}", "a control character"), (#"{"a": 1} {}"#, "more after the end"),
+            (#"{"a": tru}"#, "expected a value"), (#"{"a" 1}"#, "a colon after a key"), (#"{"a": 1"#, "a comma or }"),
+            (String(repeating: "[", count: 101) + String(repeating: "]", count: 101), "deeper than 100 levels"),
+        ]
+        for (text, words) in refused {
+            let problem = StrictJSON.problem(in: Data(text.utf8))
+            #expect(problem?.contains(words) == true, "\(text): \(problem ?? "accepted")")
+        }
+        #expect(StrictJSON.problem(in: Data((String(repeating: "[", count: 100) + String(repeating: "]", count: 100)).utf8)) == nil)
+
+        // Through the API: refused before anything is written.
+        try await withCatalogue { org, _, client in
+            let member = org.memberID.uuidString.lowercased()
+            let cases = [
+                #"{"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(member)"]}, "payload": {"title": "A"},}"#,
+                #"{"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(member)"]}, "payload": {"title": "A", "title": "B"}}"#,
+                #"{"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(member)"]}, "payload": {"title": "A", "amount": 1e400}}"#,
+            ]
+            func eventCount() async throws -> Int? {
+                (try await client.send(.get, "/v1/events", token: org.ownerToken).json["items"] as? [Any])?.count
+            }
+            let before = try await eventCount()
+            for body in cases {
+                let sent = try await client.send(.post, "/v1/events", token: org.ownerToken, json: body)
+                #expect(sent.isProblem(.badRequest), "\(body): \(sent.text)")
+            }
+            let duplicate = try await client.send(.post, "/v1/events", token: org.ownerToken, json: cases[1])
+            #expect(
+                (duplicate.json["detail"] as? String)?.hasPrefix(#"payload: the key "title" appears twice"#) == true, "\(duplicate.text)")
+            #expect(try await eventCount() == before)
+            let fine = try await client.send(
+                .post, "/v1/events", token: org.ownerToken,
+                json: #"{"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(member)"]}, "payload": {"title": "A", "amount": 1e300}}"#)
+            #expect(fine.status == .accepted, "\(fine.text)")
+        }
+    }
+
     @Test("replacing or deleting a template moves its type's updated_at")
     func templateTouchesItsType() async throws {
         try await withCatalogue { org, catalogue, client in

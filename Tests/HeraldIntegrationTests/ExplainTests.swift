@@ -137,6 +137,56 @@ struct ExplainTests {
         }
     }
 
+    @Test("a condition not met is named: its index and the condition in words, in explain and in a dry run")
+    func failedConditionNamed() async throws {
+        try await withCatalogue { org, catalogue, client in
+            try await org.store { tx in
+                try await tx.replacePreferences(
+                    ofUser: org.memberID,
+                    with: [
+                        PreferenceCell(
+                            categoryID: catalogue.activity, channel: .inApp,
+                            setting: PreferenceSetting(
+                                enabled: true, frequency: .immediate,
+                                conditions: [
+                                    Condition(field: "title", op: .in, values: [.string("Review"), .string("Sign")]),
+                                    Condition(field: "payload.points", op: .atLeast, value: .number(5)),
+                                ]))
+                    ])
+            }
+            func inApp(_ response: TestResponse) throws -> Components.Schemas.ExplainedChannel {
+                let explanation = try response.decoded(Components.Schemas.Explanation.self)
+                let user = try #require(explanation.items.first { $0.userId == org.memberID.uuidString.lowercased() })
+                return try #require(user.channels.first { $0.channel == .inApp })
+            }
+            let body =
+                #"{"type": "TASK_ASSIGNED", "payload": {"title": "Review", "points": 3}, "audience": {"user_ids": ["\#(org.memberID)"]}}"#
+            let sent = try await client.send(.post, "/v1/events", token: org.ownerToken, json: body)
+            #expect(sent.status == .accepted, "\(sent.text)")
+            let id = try sent.decoded(Components.Schemas.EventAccepted.self).eventId
+            let explained = try inApp(try await client.send(.get, "/v1/events/\(id)/explain", token: org.ownerToken))
+            let dry = try inApp(try await client.send(.post, "/v1/events/dry-run", token: org.ownerToken, json: body))
+            for channel in [explained, dry] {
+                #expect(channel.reason == "CONDITION_NOT_MET")
+                #expect(channel.failedCondition == 1)
+                #expect(
+                    channel.reasonText
+                        == "Condition 2 of 2 of the preference, payload.points gte 5, is not met by the event or its recipient.")
+            }
+            // The first condition failing instead, and a channel decided otherwise: no index.
+            let other =
+                #"{"type": "TASK_ASSIGNED", "payload": {"title": "File", "points": 9}, "audience": {"user_ids": ["\#(org.memberID)"]}}"#
+            let first = try inApp(try await client.send(.post, "/v1/events/dry-run", token: org.ownerToken, json: other))
+            #expect(first.failedCondition == 0)
+            #expect(first.reasonText.contains(#"title in ["Review","Sign"]"#), "\(first.reasonText)")
+            let met =
+                #"{"type": "TASK_ASSIGNED", "payload": {"title": "Sign", "points": 9}, "audience": {"user_ids": ["\#(org.memberID)"]}}"#
+            let created = try inApp(try await client.send(.post, "/v1/events/dry-run", token: org.ownerToken, json: met))
+            #expect(created.reason == "IN_APP_CREATED")
+            #expect(created.failedCondition == nil)
+        }
+    }
+
     @Test("a dry run shows the same decisions as notify and writes nothing")
     func dryRunWritesNothing() async throws {
         try await withCatalogue { org, _, client in

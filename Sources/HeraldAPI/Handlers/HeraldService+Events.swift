@@ -210,7 +210,8 @@ extension HeraldService {
             channel: mapped(channel.channel), enabled: channel.enabled,
             frequency: mapped(channel.frequency), conditions: try convert(channel.conditions),
             source: mapped(channel.source), outcome: mapped(channel.outcome),
-            reason: channel.reason.rawValue, reasonText: channel.reason.sentence,
+            reason: channel.reason.rawValue, reasonText: channel.reasonText,
+            failedCondition: channel.failedCondition,
             notificationId: channel.notificationID?.lowercased,
             notificationStatus: channel.notificationID.flatMap { recipient.notificationStatus[$0] }.map { mapped($0) },
             deliveryId: channel.deliveryID?.lowercased,
@@ -311,4 +312,13 @@ private struct EventSendAudit: Encodable {
     var type: String
     var audience: Components.Schemas.AudienceSpec
     var counts: Components.Schemas.DecisionCounts
+}
+
+extension TraceChannelRecord {
+    /// The reason in words; a condition not met is named, with its place among the preference's.
+    var reasonText: String {
+        guard reason == .conditionNotMet, let failed = failedCondition, conditions.indices.contains(failed) else { return reason.sentence }
+        let place = conditions.count == 1 ? "The condition" : "Condition \(failed + 1) of \(conditions.count)"
+        return "\(place) of the preference, \(conditions[failed].summary), is not met by the event or its recipient."
+    }
 }

@@ -149,6 +149,17 @@ public struct Condition: Sendable, Hashable, Codable {
         values = try container.decodeIfPresent([JSONValue].self, forKey: .values)
     }
 
+    /// The condition as explain shows it: `payload.activity in ["hike","ride"]`.
+    public var summary: String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        func literal(_ value: JSONValue) -> String { (try? encoder.encode(value)).map { String(decoding: $0, as: UTF8.self) } ?? "?" }
+        switch op {
+        case .equals, .atLeast, .atMost: return "\(field) \(op.rawValue) \(literal(value ?? .null))"
+        case .in, .notIn, .weekdayIn: return "\(field) \(op.rawValue) \(literal(.array(values ?? [])))"
+        }
+    }
+
     static let weekdays = ["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"]
 
     /// Refuses a condition that can never be evaluated.

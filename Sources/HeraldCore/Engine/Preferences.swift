@@ -89,12 +89,19 @@ public struct ChannelDecision: Sendable, Equatable, Codable {
     public var preference: EffectivePreference
     public var outcome: ChannelOutcome
     public var reason: ReasonCode
+    /// For `CONDITION_NOT_MET`: the index in `preference.conditions` of the first condition
+    /// the event or its recipient did not meet.
+    public var failedCondition: Int?
 
-    public init(channel: NotificationChannel, preference: EffectivePreference, outcome: ChannelOutcome, reason: ReasonCode) {
+    public init(
+        channel: NotificationChannel, preference: EffectivePreference, outcome: ChannelOutcome, reason: ReasonCode,
+        failedCondition: Int? = nil
+    ) {
         self.channel = channel
         self.preference = preference
         self.outcome = outcome
         self.reason = reason
+        self.failedCondition = failedCondition
     }
 }
 
@@ -128,7 +135,10 @@ public enum ChannelDecider {
         }
         guard preference.enabled else { return skip(preference.switchedOff == .inactivity ? .switchedOffInactive : .channelDisabled) }
         guard preference.frequency != .none else { return skip(.frequencyNone) }
-        guard preference.conditions.allSatisfy({ $0.isMet(by: subject) }) else { return skip(.conditionNotMet) }
+        if let failed = preference.conditions.firstIndex(where: { !$0.isMet(by: subject) }) {
+            return ChannelDecision(
+                channel: channel, preference: preference, outcome: .skipped, reason: .conditionNotMet, failedCondition: failed)
+        }
         // A critical override is never throttled: a critical alert always reaches the bell.
         if throttled, preference.source != .criticalOverride { return skip(.throttled) }
         guard hasDestination else { return skip(.noDestination) }
