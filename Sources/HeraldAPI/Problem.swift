@@ -139,6 +139,8 @@ public enum APIError: Error, Sendable, Equatable {
         case .stillReferenced(let constraint):
             return .conflict(
                 stillReferencedMessages[constraint] ?? "Other data still refers to this \(resource(of: constraint)); remove it first.")
+        case .inUse(let sentence):
+            return .conflict(sentence)
         case .checkViolation(let constraint):
             return .unprocessable(ValidationError(field: constraint, message: "has a value Herald does not accept."))
         }

@@ -65,6 +65,23 @@ public enum Validate {
         return value
     }
 
+    /// The largest a user's attributes may be, as compact JSON: they are read with every
+    /// recipient of every notify whose audience holds the user.
+    public static let maxAttributeBytes = 16 * 1024
+
+    /// A user's attributes, at most `maxAttributeBytes` as JSON.
+    public static func attributes(_ value: JSONValue, field: String = "attributes") throws(ValidationError) -> JSONValue {
+        let size = (try? JSONEncoder().encode(value).count) ?? 0
+        guard size <= maxAttributeBytes else {
+            throw ValidationError(
+                field: field,
+                message:
+                    "is \(size) bytes as JSON, more than the \(maxAttributeBytes) a user's attributes may hold: keep what conditions test here, the rest in your own system."
+            )
+        }
+        return value
+    }
+
     /// Non-empty text with at most `max` characters, trimmed.
     public static func text(_ value: String, field: String, max: Int = 200) throws(ValidationError) -> String {
         let trimmed = value.trimmingCharacters(in: .whitespacesAndNewlines)

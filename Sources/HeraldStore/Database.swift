@@ -21,6 +21,9 @@ public enum StoreError: Error, Sendable, Equatable {
     /// The row is still referenced by others (the constraint or rule says by what), so it
     /// cannot be deleted.
     case stillReferenced(constraint: String)
+    /// The row is still needed by others, in the store's words (a schedule whose audience names
+    /// the group): a 409 with this sentence.
+    case inUse(String)
     /// A CHECK constraint refused the value.
     case checkViolation(constraint: String)
 }

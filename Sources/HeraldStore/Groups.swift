@@ -60,6 +60,8 @@ extension TenantTransaction {
 
     /// Deletes a group and its memberships.
     public func deleteGroup(_ id: UUID) async throws {
+        let group = try await group(id)
+        try await refuseIfSchedulesSend(to: "groupKeys", key: group.key, what: "group")
         let rows = try await query("DELETE FROM groups WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id")
         guard !rows.isEmpty else { throw StoreError.notFound("group") }
     }

@@ -83,6 +83,8 @@ extension TenantTransaction {
     /// and are returned (to be audited).
     @discardableResult
     public func deleteRole(_ id: UUID) async throws -> [ApiKey] {
+        let role = try await role(id)
+        if !role.builtin { try await refuseIfSchedulesSend(to: "roleKeys", key: role.key, what: "role") }
         let removed = try await deleteRevokedApiKeys(ofRole: id)
         let rows = try await query(
             "DELETE FROM roles WHERE organisation_id = \(organisationID) AND id = \(id) AND NOT builtin RETURNING id")

@@ -85,6 +85,23 @@ extension Database {
 }
 
 extension TenantTransaction {
+    /// Refuses (409) to delete a group or role that the audience of a schedule with occurrences
+    /// left names (`member`: `groupKeys` or `roleKeys` of its stored audience): its next
+    /// occurrence would fail. The schedules found are locked, so a change of their audience waits
+    /// for this transaction.
+    func refuseIfSchedulesSend(to member: String, key: String, what: String) async throws {
+        let rows = try await query(
+            """
+            SELECT name FROM schedules WHERE organisation_id = \(organisationID) AND next_at IS NOT NULL
+              AND event->'audience'->\(member) ? \(key) ORDER BY name, id FOR SHARE
+            """)
+        let names = try rows.map { try $0.decode(String.self) }
+        guard let first = names.first else { return }
+        let named = names.count == 1 ? "The schedule \"\(first)\" sends" : "\(names.count) schedules (\"\(first)\" among them) send"
+        throw StoreError.inUse(
+            "\(named) to this \(what); change their audience or delete them first (a paused schedule counts: it would fail when resumed).")
+    }
+
     /// Saves a schedule whose first occurrence is `nextAt` (nil: the rule has none).
     public func createSchedule(
         id: UUID, name: String, event: EventRequest, rule: String, timeZone: String, startsAt: Date, nextAt: Date?

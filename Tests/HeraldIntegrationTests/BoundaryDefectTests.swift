@@ -329,6 +329,31 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test("a user's attributes hold at most 16 KiB of JSON: more is a 422 naming them, on create and on update, and nothing changes")
+    func attributesBounded() async throws {
+        try await withCatalogue { org, _, client in
+            let fits = String(repeating: "x", count: 16 * 1024 - 20)
+            let big = String(repeating: "x", count: 16 * 1024)
+            let created = try await client.send(
+                .post, "/v1/users", token: org.ownerToken,
+                json: #"{"email": "a@\#(org.slug).example", "display_name": "A", "attributes": {"notes": "\#(fits)"}}"#)
+            #expect(created.status == .created, "\(created.text)")
+            let id = try #require(created.json["id"] as? String)
+            let refused = try await client.send(
+                .post, "/v1/users", token: org.ownerToken,
+                json: #"{"email": "b@\#(org.slug).example", "display_name": "B", "attributes": {"notes": "\#(big)"}}"#)
+            #expect(refused.isProblem(.unprocessableContent), "\(refused.text.prefix(300))")
+            #expect(
+                (refused.json["detail"] as? String)?.hasPrefix("attributes: is 1639") == true
+                    && refused.text.contains("more than the 16384"), "\(refused.text.prefix(300))")
+            let patched = try await client.send(
+                .patch, "/v1/users/\(id)", token: org.ownerToken, json: #"{"attributes": {"notes": "\#(big)"}}"#)
+            #expect(patched.isProblem(.unprocessableContent), "\(patched.text.prefix(300))")
+            let user = try await client.send(.get, "/v1/users/\(id)", token: org.ownerToken)
+            #expect(((user.json["attributes"] as? [String: Any])?["notes"] as? String)?.count == fits.count)
+        }
+    }
+
     @Test("replacing or deleting a template moves its type's updated_at")
     func templateTouchesItsType() async throws {
         try await withCatalogue { org, catalogue, client in

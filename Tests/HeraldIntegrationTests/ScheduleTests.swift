@@ -124,6 +124,44 @@ struct ScheduleTests {
         }
     }
 
+    @Test(
+        "a group or role that a schedule with occurrences left sends to cannot be deleted (409 naming the schedule); once the schedule is gone it can"
+    )
+    func audienceInUse() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        try await TestEnvironment.shared.application().test(.router) { client in
+            let group = try await client.send(
+                .post, "/v1/groups", token: org.ownerToken, json: #"{"key": "night-shift", "name": "Night shift"}"#)
+            #expect(group.status == .created, "\(group.text)")
+            let role = try await client.send(
+                .post, "/v1/roles", token: org.ownerToken,
+                json: #"{"key": "triage", "name": "Triage", "permissions": ["notifications.read"]}"#)
+            #expect(role.status == .created, "\(role.text)")
+            let (groupID, roleID) = (try #require(group.json["id"] as? String), try #require(role.json["id"] as? String))
+            let created = try await client.send(
+                .post, "/v1/schedules", token: org.ownerToken,
+                json: """
+                    {"name": "Night round", "rule": "FREQ=DAILY;BYHOUR=22;BYMINUTE=0", "time_zone": "Europe/Paris",
+                     "event": {"type": "TASK_ASSIGNED", "audience": {"groups": ["night-shift"], "roles": ["triage"]}, "payload": {"title": "Round"}}}
+                    """)
+            #expect(created.status == .created, "\(created.text)")
+            let schedule = try #require(created.json["id"] as? String)
+            // Paused, it still counts: resuming would fail.
+            #expect(try await client.send(.post, "/v1/schedules/\(schedule)/pause", token: org.ownerToken).status == .ok)
+            for path in ["/v1/groups/\(groupID)", "/v1/roles/\(roleID)"] {
+                let refused = try await client.send(.delete, path, token: org.ownerToken)
+                #expect(refused.isProblem(.conflict), "\(refused.text)")
+                #expect(
+                    (refused.json["detail"] as? String)?.hasPrefix(#"The schedule "Night round" sends to this"#) == true, "\(refused.text)")
+            }
+            #expect(try await client.send(.get, "/v1/groups/\(groupID)", token: org.ownerToken).status == .ok)
+            #expect(try await client.send(.delete, "/v1/schedules/\(schedule)", token: org.ownerToken).status == .noContent)
+            #expect(try await client.send(.delete, "/v1/groups/\(groupID)", token: org.ownerToken).status == .noContent)
+            #expect(try await client.send(.delete, "/v1/roles/\(roleID)", token: org.ownerToken).status == .noContent)
+        }
+    }
+
     @Test("each occurrence is sent once, by one of two runners, under its own idempotency key; COUNT ends the schedule")
     func occurrencesOnce() async throws {
         let org = try await TestOrganisation.make()

@@ -20,7 +20,7 @@ extension HeraldService {
             displayName: try Validate.text(body.displayName, field: "display_name"),
             locale: try body.locale.map { v throws(ValidationError) in try Validate.locale(v) },
             timezone: try body.timezone.map { v throws(ValidationError) in try Validate.timezone(v) })
-        if let attributes = body.attributes { new.attributes = try convert(attributes) }
+        if let attributes = body.attributes { new.attributes = try Validate.attributes(try convert(attributes)) }
         if let password = body.password {
             let checked = try Validate.password(password)
             new.passwordHash = try await passwords.hash(checked)
@@ -49,7 +49,7 @@ extension HeraldService {
             // An empty string clears the field, so the organisation default applies.
             locale: try body.locale.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.locale(v) },
             timezone: try body.timezone.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.timezone(v) })
-        if let attributes = body.attributes { change.attributes = try convert(attributes) }
+        if let attributes = body.attributes { change.attributes = try Validate.attributes(try convert(attributes)) }
         // -1 clears the user's own digest hour: the organisation's applies again.
         if let hour = body.digestHour {
             guard hour == -1 || (0...23).contains(hour) else {
