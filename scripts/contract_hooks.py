@@ -189,7 +189,7 @@ def _fix_body(case) -> None:
         for item in body["items"]:
             _fix_category(item)
     _one_cell_each(body)
-    if path == "/v1/schedules" and method == "POST":
+    if (path == "/v1/schedules" and method == "POST") or (path == "/v1/schedules/{scheduleId}" and method == "PATCH"):
         # A rule the server can read (the RRULE grammar is no schema's business).
         if "rule" in body:
             body["rule"] = _pick(RULES, body["rule"])

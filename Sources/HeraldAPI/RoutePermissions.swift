@@ -42,7 +42,7 @@ enum AccessRule: Sendable, Equatable {
 /// | listDeliveries, getDeliveryStats, getDelivery | deliveries.read |
 /// | retryDelivery, cancelDelivery | deliveries.retry |
 /// | listSchedules, getSchedule | events.read |
-/// | createSchedule, deleteSchedule, pauseSchedule, resumeSchedule | events.send |
+/// | createSchedule, updateSchedule, deleteSchedule, pauseSchedule, resumeSchedule | events.send |
 /// | listJobs, getJob, listJobRuns | jobs.read |
 /// | runJob | jobs.manage |
 enum RoutePermissions {
@@ -167,6 +167,7 @@ enum RoutePermissions {
         "createSchedule": .permission(.eventsSend),
         "deleteSchedule": .permission(.eventsSend),
         "pauseSchedule": .permission(.eventsSend),
+        "updateSchedule": .permission(.eventsSend),
         "resumeSchedule": .permission(.eventsSend),
         "listJobs": .permission(.jobsRead),
         "getJob": .permission(.jobsRead),

@@ -115,6 +115,24 @@ extension TenantTransaction {
         return try await schedule(id)
     }
 
+    /// Replaces what a schedule sends and when. Frees its lease: an occurrence a runner claimed
+    /// under the old schedule is not sent (its fenced send finds the lease gone), and the next
+    /// claim follows this one.
+    public func updateSchedule(
+        _ id: UUID, name: String, event: EventRequest, rule: String, timeZone: String, startsAt: Date, nextAt: Date?
+    ) async throws -> Schedule {
+        guard let type = try await notificationType(key: event.typeKey) else { throw UnknownNotificationType(key: event.typeKey) }
+        let rows = try await query(
+            """
+            UPDATE schedules SET name = \(name), type_id = \(type.id), event = \(JSONDocument(event)), rule = \(rule),
+                time_zone = \(timeZone), starts_at = \(startsAt), next_at = \(nextAt), lease_owner = NULL, lease_expires_at = NULL,
+                updated_at = now()
+            WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id
+            """)
+        guard !rows.isEmpty else { throw StoreError.notFound("schedule") }
+        return try await schedule(id)
+    }
+
     /// `locking`: the row stays locked to the transaction's end, so two requests that change the
     /// schedule from what they read (pause, resume) take turns, and the second reads the first's.
     public func schedule(_ id: UUID, locking: Bool = false) async throws -> Schedule {

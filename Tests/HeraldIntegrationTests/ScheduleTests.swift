@@ -162,6 +162,93 @@ struct ScheduleTests {
         }
     }
 
+    @Test(
+        "PATCH changes a schedule: a new rule moves the next occurrence, a name keeps it, bad parts are refused, a claimed occurrence is not sent"
+    )
+    func update() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let other = try await TestOrganisation.make()
+        try await TestEnvironment.shared.application().test(.router) { client in
+            let schedule = try await create(client, org, rule: "FREQ=WEEKLY;BYDAY=FR;BYHOUR=16;BYMINUTE=0")
+            let path = "/v1/schedules/\(schedule.id)"
+            var paris = Calendar(identifier: .gregorian)
+            paris.timeZone = TimeZone(identifier: "Europe/Paris")!
+
+            // A new rule: the next occurrences follow it at once.
+            let moved = try await client.send(
+                .patch, path, token: org.ownerToken, json: #"{"rule": "FREQ=WEEKLY;BYDAY=MO;BYHOUR=8;BYMINUTE=30"}"#)
+            #expect(moved.status == .ok, "\(moved.text)")
+            let monday = try moved.decoded(Components.Schemas.Schedule.self)
+            #expect(monday.rule == "FREQ=WEEKLY;BYDAY=MO;BYHOUR=8;BYMINUTE=30" && monday.nextOccurrences.count == 5)
+            #expect(
+                monday.nextOccurrences.allSatisfy {
+                    paris.component(.weekday, from: $0) == 2 && paris.component(.hour, from: $0) == 8
+                        && paris.component(.minute, from: $0) == 30
+                })
+            // Another zone: the same wall time there.
+            let tokyo = try await client.send(.patch, path, token: org.ownerToken, json: #"{"time_zone": "Asia/Tokyo"}"#)
+            var japan = Calendar(identifier: .gregorian)
+            japan.timeZone = TimeZone(identifier: "Asia/Tokyo")!
+            let inTokyo = try tokyo.decoded(Components.Schemas.Schedule.self)
+            #expect(inTokyo.timeZone == "Asia/Tokyo" && inTokyo.nextOccurrences.allSatisfy { japan.component(.hour, from: $0) == 8 })
+            // A new name and event: the next occurrence stays, the event is the new one.
+            let renamed = try await client.send(
+                .patch, path, token: org.ownerToken,
+                json:
+                    #"{"name": "Monday round", "event": {"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(org.memberID)"]}, "payload": {"title": "Round"}}}"#
+            )
+            let round = try renamed.decoded(Components.Schemas.Schedule.self)
+            #expect(round.name == "Monday round" && round.nextOccurrences == inTokyo.nextOccurrences)
+            #expect((renamed.json["payload"] as? [String: Any])?["title"] as? String == "Round")
+
+            // Refused, and nothing changes: a bad rule, a rule already over, an unknown type, an
+            // unknown field, nothing at all; another organisation's schedule is not there.
+            for (body, status, words) in [
+                (#"{"rule": "FREQ=HOURLY"}"#, HTTPResponse.Status.unprocessableContent, "HOURLY"),
+                (#"{"rule": "FREQ=DAILY;UNTIL=20001231T000000Z"}"#, .unprocessableContent, "no occurrence from now on"),
+                (#"{"event": {"type": "NOPE", "audience": {"everyone": true}}}"#, .unprocessableContent, "NOPE"),
+                (#"{"time_zone": "Mars/Olympus"}"#, .unprocessableContent, "time_zone"),
+                (#"{"paused": true}"#, .badRequest, "does not take"),
+                ("{}", .badRequest, "names no field"),
+            ] {
+                let refused = try await client.send(.patch, path, token: org.ownerToken, json: body)
+                #expect(refused.isProblem(status) && refused.text.contains(words), "\(body): \(refused.text)")
+            }
+            #expect(try await client.send(.patch, path, token: other.ownerToken, json: #"{"name": "x"}"#).isProblem(.notFound))
+            #expect(try await client.send(.patch, path, token: org.memberToken, json: #"{"name": "x"}"#).isProblem(.forbidden))
+            let unchanged = try await client.send(.get, path, token: org.ownerToken).decoded(Components.Schemas.Schedule.self)
+            #expect(unchanged.name == "Monday round" && unchanged.timeZone == "Asia/Tokyo")
+
+            // An occurrence a runner claimed before the change is not sent: its fenced send finds
+            // the lease gone.
+            let id = try #require(UUID(uuidString: schedule.id))
+            let claim = try await org.store { tx in
+                let row = try #require(
+                    try await tx.query(
+                        """
+                        UPDATE schedules SET lease_owner = 'runner', lease_expires_at = now() + interval '1 minute', attempts = attempts + 1
+                        WHERE organisation_id = \(org.id) AND id = \(id) RETURNING attempts, next_at
+                        """
+                    ).first)
+                let (attempt, next) = try row.decode((Int, Date).self)
+                return ClaimedSchedule(organisationID: org.id, scheduleID: id, attempt: attempt, occurrence: next)
+            }
+            #expect(try await client.send(.patch, path, token: org.ownerToken, json: #"{"rule": "FREQ=DAILY;BYHOUR=7"}"#).status == .ok)
+            let outcome = try await org.store { tx in
+                try await tx.sendOccurrence(claim, worker: "runner", now: claim.occurrence, next: nil, skipped: 0)
+            }
+            #expect(outcome == .leaseLost)
+            #expect(try await sent(org, by: id).isEmpty)
+            let audited = try await org.store { tx in
+                try await tx.query(
+                    "SELECT count(*)::int FROM audit_log WHERE organisation_id = \(org.id) AND action = 'schedule.update' AND target_id = \(schedule.id)"
+                ).first?.decode(Int.self)
+            }
+            #expect(audited == 4)
+        }
+    }
+
     @Test("each occurrence is sent once, by one of two runners, under its own idempotency key; COUNT ends the schedule")
     func occurrencesOnce() async throws {
         let org = try await TestOrganisation.make()

@@ -20,37 +20,18 @@ extension HeraldService {
     func createSchedule(_ input: Operations.CreateSchedule.Input) async throws -> Operations.CreateSchedule.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         let name = try Validate.text(body.name, field: "name")
-        // The same validation as notify's: the scheduled event is an event body without its times.
-        let event = try JSONDecoder().decode(Components.Schemas.EventCreate.self, from: JSONEncoder().encode(body.event))
-        let request = try eventRequest(event)
+        let request = try scheduledEventRequest(body.event)
         let zoneName = try body.timeZone.map { v in try Validate.timezone(v, field: "time_zone") }
         let now = now()
-        let startsAt = body.startsAt ?? now
-        // Occurrences are counted from the start: a start far in the past would make every
-        // computation walk centuries of days.
-        guard startsAt >= now.addingTimeInterval(-30 * 86_400), startsAt <= now.addingTimeInterval(3650 * 86_400) else {
-            throw APIError.unprocessable(
-                ValidationError(field: "starts_at", message: "must be at most 30 days before now and at most 10 years after."))
-        }
+        let startsAt = try checkedStart(body.startsAt ?? now, now: now)
         let id = UUID()
         let created = try await tenant { tx, _ in
             var zone = zoneName ?? ""
             if zoneName == nil { zone = try await tx.organisation().defaultTimezone }
-            let recurrence: Recurrence
-            do {
-                recurrence = try Recurrence(rule: body.rule, start: startsAt, timeZone: TimeZone(identifier: zone) ?? .gmt)
-            } catch let invalid as Recurrence.Invalid {
-                throw APIError.unprocessable(ValidationError(field: "rule", message: invalid.description))
-            }
             // The type and the audience's names are checked as notify checks them (nothing is read
             // of the audience's users: planning it held every user in memory).
-            try await mappingEngineErrors { try await tx.checkEventRequest(request) }
-            // A rule whose UNTIL or COUNT ended before now would make a schedule that never sends.
-            guard let first = recurrence.occurrences(after: max(now, startsAt.addingTimeInterval(-1)), limit: 1).first else {
-                throw APIError.unprocessable(
-                    ValidationError(
-                        field: "rule", message: "has no occurrence from now on (its UNTIL or COUNT ends before): nothing would be sent."))
-            }
+            _ = try await mappingEngineErrors { try await tx.checkEventRequest(request) }
+            let first = try firstOccurrence(rule: body.rule, timeZone: zone, startsAt: startsAt, now: now)
             let schedule = try await tx.createSchedule(
                 id: id, name: name, event: request, rule: body.rule, timeZone: zone, startsAt: startsAt, nextAt: first)
             try await tx.audit(
@@ -59,6 +40,73 @@ extension HeraldService {
             return schedule
         }
         return .created(.init(body: .json(try .init(created))))
+    }
+
+    func updateSchedule(_ input: Operations.UpdateSchedule.Input) async throws -> Operations.UpdateSchedule.Output {
+        let id = try id(input.path.scheduleId, "schedule")
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        try requireSomeChange(body)
+        let name = try body.name.map { v throws(ValidationError) in try Validate.text(v, field: "name") }
+        let request = try body.event.map(scheduledEventRequest)
+        let zoneName = try body.timeZone.map { v in try Validate.timezone(v, field: "time_zone") }
+        let now = now()
+        var newStart: Date?
+        if let startsAt = body.startsAt { newStart = try checkedStart(startsAt, now: now) }
+        let schedule = try await tenant { tx, _ in
+            let current = try await tx.schedule(id, locking: true)
+            if let request { _ = try await mappingEngineErrors { try await tx.checkEventRequest(request) } }
+            let rule = body.rule ?? current.rule
+            let zone = zoneName ?? current.timeZone
+            let startsAt = newStart ?? current.startsAt
+            // A new rhythm starts from now: its first occurrence after now (what the old rule had
+            // due is not sent). The same rhythm keeps its next occurrence.
+            var next = current.nextAt
+            if body.rule != nil || zoneName != nil || newStart != nil {
+                next = try firstOccurrence(rule: rule, timeZone: zone, startsAt: startsAt, now: now)
+            }
+            let updated = try await tx.updateSchedule(
+                id, name: name ?? current.name, event: request ?? current.event, rule: rule, timeZone: zone, startsAt: startsAt,
+                nextAt: next)
+            try await tx.audit(
+                action: "schedule.update", targetType: "schedule", targetID: id.lowercased,
+                before: try scheduleAudit(current), after: try scheduleAudit(updated))
+            return updated
+        }
+        return .ok(.init(body: .json(try .init(schedule))))
+    }
+
+    /// A scheduled event as an engine request, validated as notify validates its body (a scheduled
+    /// event is an event body without its times).
+    private func scheduledEventRequest(_ event: Components.Schemas.ScheduledEvent) throws -> EventRequest {
+        try eventRequest(try JSONDecoder().decode(Components.Schemas.EventCreate.self, from: JSONEncoder().encode(event)))
+    }
+
+    /// Occurrences are counted from the start: a start far in the past would make every
+    /// computation walk centuries of days.
+    private func checkedStart(_ startsAt: Date, now: Date) throws -> Date {
+        guard startsAt >= now.addingTimeInterval(-30 * 86_400), startsAt <= now.addingTimeInterval(3650 * 86_400) else {
+            throw APIError.unprocessable(
+                ValidationError(field: "starts_at", message: "must be at most 30 days before now and at most 10 years after."))
+        }
+        return startsAt
+    }
+
+    /// The first occurrence of `rule` from now on (and from its start); a 422 naming `rule` when
+    /// it is not a rule Herald takes, or when its UNTIL or COUNT ended before now (a schedule
+    /// that would never send).
+    private func firstOccurrence(rule: String, timeZone zone: String, startsAt: Date, now: Date) throws -> Date {
+        let recurrence: Recurrence
+        do {
+            recurrence = try Recurrence(rule: rule, start: startsAt, timeZone: TimeZone(identifier: zone) ?? .gmt)
+        } catch {
+            throw APIError.unprocessable(ValidationError(field: "rule", message: error.description))
+        }
+        guard let first = recurrence.occurrences(after: max(now, startsAt.addingTimeInterval(-1)), limit: 1).first else {
+            throw APIError.unprocessable(
+                ValidationError(
+                    field: "rule", message: "has no occurrence from now on (its UNTIL or COUNT ends before): nothing would be sent."))
+        }
+        return first
     }
 
     func deleteSchedule(_ input: Operations.DeleteSchedule.Input) async throws -> Operations.DeleteSchedule.Output {
