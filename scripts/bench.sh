@@ -406,7 +406,7 @@ for _ in $(seq 50); do test -s .bench/peers.pid && break; sleep 0.1; done
 WORKER=""
 trap 'kill $SERVER 2>/dev/null || true; kill $(cat .bench/peers.pid 2>/dev/null) 2>/dev/null || true; [ -z "$WORKER" ] || kill $WORKER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; scripts/pg.sh down $CLUSTER >/dev/null' EXIT
 N=${BENCH_DELIVERIES:-10000}
-WORKERS=${BENCH_WORKERS:-32}
+WORKERS=${BENCH_WORKERS:-64}
 # A webhook body of the size Herald sends, posted by wrk to the receiver's counting route.
 python3 - > .bench/hook-body.json <<'PY'
 import json

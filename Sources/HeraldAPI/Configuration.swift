@@ -42,8 +42,12 @@ public struct AppConfiguration: Sendable {
     public var workerDatabaseURL: String?
     /// Delivery workers in this process (`herald serve` and `herald worker`): its sends in
     /// flight at once; 0 switches them off.
-    public var workers = 32
-    public var workerBatchSize = 32
+    public var workers = 64
+    public var workerBatchSize = 64
+    /// SMTP connections this process opens at most (deliveries and digests together): an email
+    /// beyond them waits for one. Separate from `workers`, because relays limit the connections
+    /// of one client (Postfix: 50 by default) while webhooks and batch sizes gain from more slots.
+    public var smtpConnections = 40
     /// PostgreSQL connections the deliveries' claims, reads, completions and give-backs share;
     /// nil: as many as `workers`, at most 16. Sends hold none: the work of the sends that start
     /// or end together goes in one transaction per organisation.
@@ -51,7 +55,9 @@ public struct AppConfiguration: Sendable {
 
     /// The connections this process's deliveries share: `workerConnections`, or its default.
     public var deliveryConnections: Int { workerConnections ?? min(workers, 16) }
-    /// Digest runs in flight at once (issue 11); nil: a quarter of `workers`, at least one.
+    /// Digest runs in flight at once: `digestWorkers`, or its default.
+    public var digestConcurrency: Int { digestWorkers ?? max(1, min(workers / 4, 8)) }
+    /// Digest runs in flight at once (issue 11); nil: a quarter of `workers`, from 1 to 8.
     public var digestWorkers: Int?
     public var workerLeaseSeconds = 60
     public var workerPollMilliseconds = 1000
@@ -189,6 +195,7 @@ public struct AppConfiguration: Sendable {
         c.workerDatabaseURL = value("DATABASE_WORKER_URL")
         try number("HERALD_WORKERS", &c.workers)
         try number("HERALD_WORKER_BATCH", &c.workerBatchSize)
+        try number("HERALD_SMTP_CONNECTIONS", &c.smtpConnections, in: 1...1000)
         if value("HERALD_WORKER_CONNECTIONS") != nil {
             var connections = 0
             try number("HERALD_WORKER_CONNECTIONS", &connections, in: 1...1000)

@@ -97,7 +97,7 @@ struct DeliveryServices {
         // of the sends in flight, room for one each (a run reads and records with one, and sends
         // with none; while some runs are recorded others may read, as the runner holds up to twice
         // its slots, and those wait for a connection). Scheduled jobs: two at a time, one each.
-        let digestConcurrency = config.digestWorkers ?? max(1, config.workers / 4)
+        let digestConcurrency = config.digestConcurrency
         pool.options.maximumConnections = config.deliveryConnections + digestConcurrency + 2 + Self.jobConcurrency
         let postgres = PostgresClient(configuration: pool, backgroundLogger: logger)
         // As many connections per host as sends in flight: no send waits for a connection.
@@ -119,7 +119,9 @@ struct DeliveryServices {
         worker.retry = RetryPolicy(
             baseDelay: config.retryBaseSeconds, factor: config.retryFactor, maximumDelay: config.retryMaxSeconds,
             jitter: config.retryJitter)
-        let email = EmailTransport(settings: smtp, defaultFrom: config.smtpFrom, threads: config.workers + digestConcurrency)
+        // Each email being sent holds one of HERALD_SMTP_CONNECTIONS; more wait for one.
+        let email = EmailTransport(
+            settings: smtp, defaultFrom: config.smtpFrom, threads: min(config.workers + digestConcurrency, config.smtpConnections))
         let links = LinkBuilder(baseURL: config.linkBaseURL, keys: linkKeys)
         let sender = DeliverySender(email: email, http: http, links: links)
         var ownBus: [any Service] = []

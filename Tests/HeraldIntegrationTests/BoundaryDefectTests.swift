@@ -124,7 +124,17 @@ struct BoundaryDefectTests {
     func workerConnectionsAreASettingOfTheirOwn() throws {
         let base = ["DATABASE_URL": "postgres://u@127.0.0.1/db"]
         let defaults = try AppConfiguration.fromEnvironment(base)
-        #expect(defaults.workers == 32 && defaults.deliveryConnections == 16)
+        #expect(defaults.workers == 64 && defaults.workerBatchSize == 64 && defaults.deliveryConnections == 16)
+        // Emails are capped apart from the slots (a relay limits one client's connections); digests
+        // take a quarter of the slots, at most 8.
+        #expect(defaults.smtpConnections == 40 && defaults.digestConcurrency == 8)
+        #expect(try AppConfiguration.fromEnvironment(base.merging(["HERALD_WORKERS": "8"]) { $1 }).digestConcurrency == 2)
+        #expect(try AppConfiguration.fromEnvironment(base.merging(["HERALD_SMTP_CONNECTIONS": "10"]) { $1 }).smtpConnections == 10)
+        for bad in ["0", "1001", "ten"] {
+            #expect(throws: ConfigurationError.self, "HERALD_SMTP_CONNECTIONS=\(bad)") {
+                try AppConfiguration.fromEnvironment(base.merging(["HERALD_SMTP_CONNECTIONS": bad]) { $1 })
+            }
+        }
         let few = try AppConfiguration.fromEnvironment(base.merging(["HERALD_WORKERS": "4"]) { $1 })
         #expect(few.deliveryConnections == 4, "never more connections than sends in flight by default")
         let many = try AppConfiguration.fromEnvironment(base.merging(["HERALD_WORKERS": "256", "HERALD_WORKER_CONNECTIONS": "8"]) { $1 })
