@@ -50,8 +50,9 @@ jwt-key:
 	@test -s .data/link-keys || (umask 077; echo "k1:$$(head -c 32 /dev/urandom | base64 -w0)" > .data/link-keys)
 
 # Email goes to a local catcher (GET http://127.0.0.1:$(DEV_HTTP_PORT)/_mail lists it) unless
-# HERALD_SMTP_URL says otherwise; webhooks to 127.0.0.1 are allowed for the walkthrough, and
-# pages of any origin may call the API (a local web app on its own port; unset it: HERALD_CORS_ORIGINS=).
+# HERALD_SMTP_URL says otherwise; webhooks to 127.0.0.1 are allowed for the walkthrough. Pages of
+# other origins may not call the API unless HERALD_CORS_ORIGINS lists them (a local web app:
+# HERALD_CORS_ORIGINS=http://localhost:5173 make run); never `*` here, beside the demo's known passwords.
 run: build $(RUN_DB_UP) jwt-key
 	$(HERALD) migrate
 	$(HERALD) seed-demo
@@ -61,7 +62,6 @@ run: build $(RUN_DB_UP) jwt-key
 	HERALD_SMTP_URL=$${HERALD_SMTP_URL:-smtp://127.0.0.1:$(DEV_SMTP_PORT)} \
 	HERALD_DESTINATIONS_ALLOW=$${HERALD_DESTINATIONS_ALLOW:-127.0.0.1/32} \
 	HERALD_DEMO_PAGES=$${HERALD_DEMO_PAGES:-1} \
-	HERALD_CORS_ORIGINS=$${HERALD_CORS_ORIGINS-*} \
 	HERALD_LOG_FORMAT=$${HERALD_LOG_FORMAT:-text} $(HERALD) serve
 
 # The suite needs a database it can create and drop: always a private cluster, stopped after.

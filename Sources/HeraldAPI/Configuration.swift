@@ -57,7 +57,7 @@ public struct AppConfiguration: Sendable {
     public var deliveryConnections: Int { workerConnections ?? min(workers, 16) }
     /// Digest runs in flight at once: `digestWorkers`, or its default.
     public var digestConcurrency: Int { digestWorkers ?? max(1, min(workers / 4, 8)) }
-    /// Digest runs in flight at once (issue 11); nil: a quarter of `workers`, from 1 to 8.
+    /// `HERALD_DIGEST_WORKERS` (issue 11); nil: a quarter of `workers`, from 1 to 8.
     public var digestWorkers: Int?
     public var workerLeaseSeconds = 60
     public var workerPollMilliseconds = 1000

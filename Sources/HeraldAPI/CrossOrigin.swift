@@ -7,7 +7,7 @@ import Hummingbird
 /// Herald's, reading its users' feed and stream. Only `/v1/` answers across origins (never
 /// `/metrics`, the health checks or the demo pages), and never with credentials: Herald's
 /// credentials are bearer tokens and stream tickets that a page of another origin does not
-/// have, so there is no cookie to ride along and `*` is safe to allow.
+/// have, so there is no cookie to ride along. `*` still leaves out the sign-in routes.
 public struct CrossOriginPolicy: Sendable, Equatable {
     /// nil: no origin (no CORS headers at all, as a same-origin deployment wants).
     let origins: Origins?
@@ -54,13 +54,22 @@ public struct CrossOriginPolicy: Sendable, Equatable {
         return "\(scheme)://\(host)" + (port.map { ":\($0)" } ?? "")
     }
 
-    /// What `Access-Control-Allow-Origin` answers `origin` with, nil when it may not call.
-    func allowedOrigin(_ origin: String) -> String? {
+    /// What `Access-Control-Allow-Origin` answers `origin` with on `path`, nil when it may not
+    /// call. `*` leaves out the sign-in routes (`/v1/auth/`): any page could otherwise guess
+    /// passwords from its visitors' browsers and read the tokens; a web app that signs its users
+    /// in itself lists its origin.
+    func allowedOrigin(_ origin: String, path: String) -> String? {
         switch origins {
         case nil: nil
-        case .any: "*"
+        case .any: path.hasPrefix("/v1/auth/") ? nil : "*"
         case .listed(let listed): listed.contains(origin) ? origin : nil
         }
+    }
+
+    /// Whether answers under `/v1/` depend on the request's `Origin` (a list), so caches must
+    /// keep them apart (`Vary: Origin`), whatever the origin was.
+    var variesByOrigin: Bool {
+        if case .listed = origins { true } else { false }
     }
 
     /// The request headers a page may send: what the contract reads.
@@ -80,7 +89,7 @@ public struct CrossOriginPolicy: Sendable, Equatable {
         else { return nil }
         var methods = SpecRoutes.allowedMethods(path: request.uri.path)
         guard !methods.isEmpty else { return nil }
-        guard let allowed = allowedOrigin(origin) else {
+        guard let allowed = allowedOrigin(origin, path: request.uri.path) else {
             throw .originNotAllowed(origin)
         }
         if RequestMiddleware.servesHead(path: request.uri.path) { methods = (methods + ["HEAD"]).sorted() }
@@ -90,17 +99,16 @@ public struct CrossOriginPolicy: Sendable, Equatable {
             .accessControlAllowHeaders: Self.allowedHeaders,
             .accessControlMaxAge: Self.maxAge,
         ]
-        if allowed != "*" { headers[.vary] = "Origin" }
+        if variesByOrigin { headers[.vary] = "Origin" }
         return Response(status: .noContent, headers: headers)
     }
 
     /// Lets the page of an allowed origin read `response` (any answer, a problem's too).
     func decorate(_ response: inout Response, for request: Request) {
-        guard origins != nil, request.uri.path.hasPrefix("/v1/"), let origin = request.headers[.origin],
-            let allowed = allowedOrigin(origin), response.headers[.accessControlAllowOrigin] == nil
-        else { return }
+        guard origins != nil, request.uri.path.hasPrefix("/v1/"), response.headers[.accessControlAllowOrigin] == nil else { return }
+        if variesByOrigin { response.headers.append(HTTPField(name: .vary, value: "Origin")) }
+        guard let origin = request.headers[.origin], let allowed = allowedOrigin(origin, path: request.uri.path) else { return }
         response.headers[.accessControlAllowOrigin] = allowed
         response.headers[.accessControlExposeHeaders] = Self.exposedHeaders
-        if allowed != "*" { response.headers.append(HTTPField(name: .vary, value: "Origin")) }
     }
 }

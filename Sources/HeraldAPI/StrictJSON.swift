@@ -14,6 +14,8 @@ enum StrictJSON {
     static func problem(in data: Data) -> String? {
         data.withUnsafeBytes { raw in
             var reader = Reader(bytes: raw.bindMemory(to: UInt8.self))
+            // A UTF-8 byte order mark may be ignored (RFC 8259 §8.1); some clients send one.
+            if raw.count >= 3, raw[0] == 0xEF, raw[1] == 0xBB, raw[2] == 0xBF { reader.at = 3 }
             do {
                 reader.skipSpace()
                 try reader.value(depth: 0, path: "")

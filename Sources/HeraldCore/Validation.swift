@@ -71,7 +71,9 @@ public enum Validate {
 
     /// A user's attributes, at most `maxAttributeBytes` as JSON.
     public static func attributes(_ value: JSONValue, field: String = "attributes") throws(ValidationError) -> JSONValue {
-        let size = (try? JSONEncoder().encode(value).count) ?? 0
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .withoutEscapingSlashes
+        let size = (try? encoder.encode(value).count) ?? 0
         guard size <= maxAttributeBytes else {
             throw ValidationError(
                 field: field,

@@ -15,9 +15,13 @@ public struct Group: Sendable, Equatable {
 
 extension TenantTransaction {
     /// The group with this id.
-    public func group(_ id: UUID) async throws -> Group {
+    /// `locking`: the row stays locked (`FOR UPDATE`) to the transaction's end (a deletion).
+    public func group(_ id: UUID, locking: Bool = false) async throws -> Group {
         let rows = try await query(
-            "SELECT \(unescaped: groupColumns) FROM groups g WHERE g.organisation_id = \(organisationID) AND g.id = \(id)")
+            """
+            SELECT \(unescaped: groupColumns) FROM groups g WHERE g.organisation_id = \(organisationID) AND g.id = \(id)
+            \(unescaped: locking ? "FOR UPDATE OF g" : "")
+            """)
         guard let row = rows.first else { throw StoreError.notFound("group") }
         return try decodeGroup(row)
     }
@@ -60,7 +64,7 @@ extension TenantTransaction {
 
     /// Deletes a group and its memberships.
     public func deleteGroup(_ id: UUID) async throws {
-        let group = try await group(id)
+        let group = try await group(id, locking: true)
         try await refuseIfSchedulesSend(to: "groupKeys", key: group.key, what: "group")
         let rows = try await query("DELETE FROM groups WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id")
         guard !rows.isEmpty else { throw StoreError.notFound("group") }

@@ -83,6 +83,8 @@ extension TenantTransaction {
     /// and are returned (to be audited).
     @discardableResult
     public func deleteRole(_ id: UUID) async throws -> [ApiKey] {
+        // Locked first: a schedule being saved with this role in its audience holds it (`lockAudienceNames`).
+        try await query("SELECT 1 FROM roles WHERE organisation_id = \(organisationID) AND id = \(id) FOR UPDATE")
         let role = try await role(id)
         if !role.builtin { try await refuseIfSchedulesSend(to: "roleKeys", key: role.key, what: "role") }
         let removed = try await deleteRevokedApiKeys(ofRole: id)

@@ -89,6 +89,10 @@ extension TenantTransaction {
     /// left names (`member`: `groupKeys` or `roleKeys` of its stored audience): its next
     /// occurrence would fail. The schedules found are locked, so a change of their audience waits
     /// for this transaction.
+    ///
+    /// The caller has locked the group or role row (`FOR UPDATE`), and a schedule being created
+    /// or changed holds its audience's names `FOR KEY SHARE` (`lockAudienceNames`): whichever
+    /// comes second waits for the first to commit, then sees it.
     func refuseIfSchedulesSend(to member: String, key: String, what: String) async throws {
         let rows = try await query(
             """
@@ -115,18 +119,36 @@ extension TenantTransaction {
         return try await schedule(id)
     }
 
-    /// Replaces what a schedule sends and when. Frees its lease: an occurrence a runner claimed
-    /// under the old schedule is not sent (its fenced send finds the lease gone), and the next
-    /// claim follows this one.
+    /// Locks the groups and roles `audience` names (`FOR KEY SHARE`) until this transaction ends,
+    /// so that a deletion waits for it and then finds what it saved. Names that do not exist lock
+    /// nothing (the check that follows refuses them).
+    public func lockAudienceNames(_ audience: Audience) async throws {
+        guard !audience.groupKeys.isEmpty || !audience.roleKeys.isEmpty else { return }
+        try await query(
+            """
+            SELECT 1 FROM groups WHERE organisation_id = \(organisationID) AND key = ANY (\(audience.groupKeys)::text[]) FOR KEY SHARE
+            """)
+        try await query(
+            """
+            SELECT 1 FROM roles WHERE organisation_id = \(organisationID) AND key = ANY (\(audience.roleKeys)::text[]) FOR KEY SHARE
+            """)
+    }
+
+    /// Replaces what a schedule sends and when. `releasingLease` (a new rhythm) frees its lease:
+    /// an occurrence a runner claimed under the old rule is not sent (its fenced send finds the
+    /// lease gone), and the next claim follows the new one. A runner reads the event when it
+    /// sends, so a new event or name needs no such thing.
     public func updateSchedule(
-        _ id: UUID, name: String, event: EventRequest, rule: String, timeZone: String, startsAt: Date, nextAt: Date?
+        _ id: UUID, name: String, event: EventRequest, rule: String, timeZone: String, startsAt: Date, nextAt: Date?,
+        releasingLease: Bool
     ) async throws -> Schedule {
         guard let type = try await notificationType(key: event.typeKey) else { throw UnknownNotificationType(key: event.typeKey) }
         let rows = try await query(
             """
             UPDATE schedules SET name = \(name), type_id = \(type.id), event = \(JSONDocument(event)), rule = \(rule),
-                time_zone = \(timeZone), starts_at = \(startsAt), next_at = \(nextAt), lease_owner = NULL, lease_expires_at = NULL,
-                updated_at = now()
+                time_zone = \(timeZone), starts_at = \(startsAt), next_at = \(nextAt),
+                lease_owner = CASE WHEN \(releasingLease) THEN NULL ELSE lease_owner END,
+                lease_expires_at = CASE WHEN \(releasingLease) THEN NULL ELSE lease_expires_at END, updated_at = now()
             WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id
             """)
         guard !rows.isEmpty else { throw StoreError.notFound("schedule") }

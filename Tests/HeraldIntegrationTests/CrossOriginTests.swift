@@ -75,6 +75,9 @@ struct CrossOriginTests {
                 .get, "/v1/me/notifications", token: org.memberToken, headers: [.origin: "https://evil.example"])
             #expect(foreign.status == .ok)
             #expect(foreign.headers[.accessControlAllowOrigin] == nil)
+            // A listed policy makes every /v1/ answer depend on Origin: caches must keep them apart.
+            #expect(foreign.headers[.vary] == "Origin")
+            #expect(try await client.send(.get, "/v1/me/notifications", token: org.memberToken).headers[.vary] == "Origin")
 
             // Outside /v1/ nothing answers across origins.
             let health = try await client.send(.get, "/healthz", headers: [.origin: "https://app.example"])
@@ -83,6 +86,28 @@ struct CrossOriginTests {
             let metricsPreflight = try await client.execute(
                 uri: "/metrics", method: .options, headers: [.origin: "https://app.example", .accessControlRequestMethod: "GET"])
             #expect(metricsPreflight.status == .methodNotAllowed)
+        }
+    }
+
+    @Test("* answers every page, but not on the sign-in routes")
+    func anyOrigin() async throws {
+        let env = try await TestEnvironment.shared
+        let org = try await TestOrganisation.make()
+        let policy = try CrossOriginPolicy(setting: "*")
+        try await env.application(configure: { $0.crossOrigin = policy }).test(.router) { client in
+            let feed = try await client.send(
+                .get, "/v1/me/notifications", token: org.memberToken, headers: [.origin: "https://any.example"])
+            #expect(feed.headers[.accessControlAllowOrigin] == "*" && feed.headers[.vary] == nil)
+            let preflight = try await client.execute(
+                uri: "/v1/auth/token", method: .options, headers: [.origin: "https://any.example", .accessControlRequestMethod: "POST"])
+            #expect(preflight.isProblem(.forbidden), "\(preflight.text)")
+            let login = try await client.send(
+                .post, "/v1/auth/token",
+                json:
+                    #"{"organisation": "\#(org.slug)", "email": "member@\#(org.slug).example", "password": "\#(TestOrganisation.password)"}"#,
+                headers: [.origin: "https://any.example"])
+            #expect(login.status == .ok)
+            #expect(login.headers[.accessControlAllowOrigin] == nil)
         }
     }
 

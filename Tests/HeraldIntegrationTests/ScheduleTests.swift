@@ -201,6 +201,10 @@ struct ScheduleTests {
             let round = try renamed.decoded(Components.Schemas.Schedule.self)
             #expect(round.name == "Monday round" && round.nextOccurrences == inTokyo.nextOccurrences)
             #expect((renamed.json["payload"] as? [String: Any])?["title"] as? String == "Round")
+            // The same rule sent back (a client saving what it read) is no change of rhythm.
+            let same = try await client.send(
+                .patch, path, token: org.ownerToken, json: #"{"rule": "\#(round.rule)", "time_zone": "Asia/Tokyo"}"#)
+            #expect(try same.decoded(Components.Schemas.Schedule.self).nextOccurrences == round.nextOccurrences)
 
             // Refused, and nothing changes: a bad rule, a rule already over, an unknown type, an
             // unknown field, nothing at all; another organisation's schedule is not there.
@@ -245,7 +249,30 @@ struct ScheduleTests {
                     "SELECT count(*)::int FROM audit_log WHERE organisation_id = \(org.id) AND action = 'schedule.update' AND target_id = \(schedule.id)"
                 ).first?.decode(Int.self)
             }
-            #expect(audited == 4)
+            #expect(audited == 5)
+        }
+    }
+
+    @Test("a finished schedule whose group was deleted since cannot be brought back by a new rule (422), and deleting it no longer blocks")
+    func finishedScheduleKeepsNoGroup() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        try await TestEnvironment.shared.application().test(.router) { client in
+            let group = try await client.send(
+                .post, "/v1/groups", token: org.ownerToken, json: #"{"key": "day-shift", "name": "Day shift"}"#)
+            let groupID = try #require(group.json["id"] as? String)
+            let created = try await client.send(
+                .post, "/v1/schedules", token: org.ownerToken,
+                json:
+                    #"{"name": "Once", "rule": "FREQ=DAILY;BYHOUR=9;COUNT=1", "event": {"type": "TASK_ASSIGNED", "audience": {"groups": ["day-shift"]}}}"#
+            )
+            let schedule = try created.decoded(Components.Schemas.Schedule.self)
+            #expect(try await runDue(org.id, at: try #require(schedule.nextOccurrences.first).addingTimeInterval(60)) == 1)
+            // Finished: the group may go.
+            #expect(try await client.send(.delete, "/v1/groups/\(groupID)", token: org.ownerToken).status == .noContent)
+            let revived = try await client.send(
+                .patch, "/v1/schedules/\(schedule.id)", token: org.ownerToken, json: #"{"rule": "FREQ=DAILY;BYHOUR=9"}"#)
+            #expect(revived.isProblem(.unprocessableContent) && revived.text.contains("day-shift"), "\(revived.text)")
         }
     }
 

@@ -7,11 +7,14 @@
 -- 10 000 emails). Replaying the same batches in psql as the worker role (10 000 attempts,
 -- batches of 32, alternated twice): 570 and 587 ms in the loop, 310 and 309 ms as below.
 --
--- The fence, the outcome and what is returned are unchanged: one UPDATE of the batch's rows by
--- key, fenced by (lease owner, attempt, SENDING); one INSERT of an attempt row for each attempt,
--- with the row's final status, or FENCED where the fence refused (a row the rescuing claim
--- logged EXPIRED is kept: ON CONFLICT DO NOTHING, as before for fenced ones). The positions of
--- the recorded attempts are returned.
+-- The fence and the outcomes are unchanged: one UPDATE of the batch's rows by key, fenced by
+-- (lease owner, attempt, SENDING); one INSERT of an attempt row for each attempt, with the row's
+-- final status, or FENCED where the fence refused (a row the rescuing claim logged EXPIRED is
+-- kept). The positions of the recorded attempts are returned, in no particular order (the caller
+-- reads them as a set). One difference: ON CONFLICT DO NOTHING now covers a recorded attempt too,
+-- whose row the loop inserted without it. Its key (delivery, attempt) can only exist already if
+-- the fence passed for an attempt that was logged before, which the fence rules out; had it
+-- happened, the loop failed the whole recording, and this records it without a second row.
 --
 -- 0032 found a set-based UPDATE … FROM reading a whole organisation through deliveries_created
 -- when the statistics did not know it yet, and a first form of this one, joined to the batch

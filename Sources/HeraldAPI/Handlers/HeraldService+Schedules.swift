@@ -29,7 +29,9 @@ extension HeraldService {
             var zone = zoneName ?? ""
             if zoneName == nil { zone = try await tx.organisation().defaultTimezone }
             // The type and the audience's names are checked as notify checks them (nothing is read
-            // of the audience's users: planning it held every user in memory).
+            // of the audience's users: planning it held every user in memory), its groups and
+            // roles locked first so that none is deleted before this commits.
+            try await tx.lockAudienceNames(request.audience)
             _ = try await mappingEngineErrors { try await tx.checkEventRequest(request) }
             let first = try firstOccurrence(rule: body.rule, timeZone: zone, startsAt: startsAt, now: now)
             let schedule = try await tx.createSchedule(
@@ -54,19 +56,23 @@ extension HeraldService {
         if let startsAt = body.startsAt { newStart = try checkedStart(startsAt, now: now) }
         let schedule = try await tenant { tx, _ in
             let current = try await tx.schedule(id, locking: true)
-            if let request { _ = try await mappingEngineErrors { try await tx.checkEventRequest(request) } }
+            // The event is checked even when unchanged: a group it names may have gone since an
+            // old schedule finished, and a new rule would bring it back to fail.
+            let event = request ?? current.event
+            try await tx.lockAudienceNames(event.audience)
+            _ = try await mappingEngineErrors { try await tx.checkEventRequest(event) }
             let rule = body.rule ?? current.rule
             let zone = zoneName ?? current.timeZone
             let startsAt = newStart ?? current.startsAt
             // A new rhythm starts from now: its first occurrence after now (what the old rule had
-            // due is not sent). The same rhythm keeps its next occurrence.
+            // due is not sent). The same rhythm (a client sending back what it read) keeps its next
+            // occurrence and its lease.
             var next = current.nextAt
-            if body.rule != nil || zoneName != nil || newStart != nil {
-                next = try firstOccurrence(rule: rule, timeZone: zone, startsAt: startsAt, now: now)
-            }
+            let rhythmChanged = rule != current.rule || zone != current.timeZone || startsAt != current.startsAt
+            if rhythmChanged { next = try firstOccurrence(rule: rule, timeZone: zone, startsAt: startsAt, now: now) }
             let updated = try await tx.updateSchedule(
-                id, name: name ?? current.name, event: request ?? current.event, rule: rule, timeZone: zone, startsAt: startsAt,
-                nextAt: next)
+                id, name: name ?? current.name, event: event, rule: rule, timeZone: zone, startsAt: startsAt,
+                nextAt: next, releasingLease: rhythmChanged)
             try await tx.audit(
                 action: "schedule.update", targetType: "schedule", targetID: id.lowercased,
                 before: try scheduleAudit(current), after: try scheduleAudit(updated))
