@@ -134,9 +134,23 @@ public enum Validate {
         return id
     }
 
-    /// An absolute http or https URL with a host, no spaces or control characters, at most
-    /// 2048 characters: where a notification leads.
+    /// An absolute http or https URL with a host, at most 2048 characters, written as RFC 3986
+    /// says (ASCII, other characters percent-encoded, one `#` at most): where a notification
+    /// leads. The same pattern as `openapi.yaml`'s, so that what is stored is what the contract
+    /// promises when it is shown again.
     public static func linkURL(_ value: String, field: String) throws(ValidationError) -> String {
+        let value = try httpURL(value, field: field)
+        guard value.range(of: linkURLPattern, options: .regularExpression) != nil else {
+            throw ValidationError(
+                field: field,
+                message: "must be an absolute http or https URL, in ASCII (percent-encode other characters), with at most one #.")
+        }
+        return value
+    }
+
+    /// An absolute http or https URL with a host, no spaces or control characters, at most 2048
+    /// characters (an endpoint's, whose host may be an IP literal the SSRF guard then judges).
+    public static func httpURL(_ value: String, field: String) throws(ValidationError) -> String {
         guard value.count <= 2048 else { throw ValidationError(field: field, message: "must be at most 2048 characters.") }
         guard !value.unicodeScalars.contains(where: { $0.properties.isWhitespace || $0.value < 0x20 || $0.value == 0x7F }),
             let url = URLComponents(string: value), let scheme = url.scheme?.lowercased(), scheme == "https" || scheme == "http",
@@ -146,6 +160,10 @@ public enum Validate {
         }
         return value
     }
+
+    /// `openapi.yaml`'s pattern for a link: scheme, host, optional port, path and query, fragment.
+    public static let linkURLPattern =
+        #"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?([/?]([A-Za-z0-9._~:/?@!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)?(#([A-Za-z0-9._~:/?@!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)?$"#
 }
 
 extension Array where Element: Equatable {

@@ -364,6 +364,25 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test("a link is an RFC 3986 URL, as openapi.yaml's pattern says: what is stored can be shown again as a uri")
+    func linkURLs() throws {
+        for good in [
+            "https://app.example/tasks/42?x=1&y=%C3%A9#top", "http://localhost:8080/p", "HTTPS://A.example", "https://a.example/#/route?x",
+        ] {
+            #expect(throws: Never.self, "\(good)") { try Validate.linkURL(good, field: "url") }
+        }
+        for bad in [
+            "HTtp://XmxTFT0qG#%d2#", "https://例え.jp/", "https://app.example/a b", "ftp://app.example", "https://", "https://a.example/%zz",
+        ] {
+            #expect(throws: ValidationError.self, "\(bad)") { try Validate.linkURL(bad, field: "url") }
+        }
+        // The contract's pattern is the validator's, at every url it declares.
+        let spec = try String(contentsOfFile: "openapi.yaml", encoding: .utf8)
+        let declared = spec.components(separatedBy: "pattern: '").dropFirst().map { $0.components(separatedBy: "', description")[0] }
+            .filter { $0.hasPrefix("^[Hh][Tt][Tt][Pp]") }.map { $0.replacingOccurrences(of: "''", with: "'") }
+        #expect(declared.count == 4 && declared.allSatisfy { $0 == Validate.linkURLPattern }, "\(declared)")
+    }
+
     @Test("replacing or deleting a template moves its type's updated_at")
     func templateTouchesItsType() async throws {
         try await withCatalogue { org, catalogue, client in

@@ -196,11 +196,15 @@ struct ScheduleTests {
             let renamed = try await client.send(
                 .patch, path, token: org.ownerToken,
                 json:
-                    #"{"name": "Monday round", "event": {"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(org.memberID)"]}, "payload": {"title": "Round"}}}"#
+                    #"{"name": "Monday round", "event": {"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(org.memberID)"]}, "payload": {"title": "Round"}, "severity": "WARNING", "priority": "high", "tags": ["team:ward"], "url": "https://ward.example/round", "subject": {"type": "ward", "id": "W2"}, "actor": {"name": "Ana"}}}"#
             )
             let round = try renamed.decoded(Components.Schemas.Schedule.self)
             #expect(round.name == "Monday round" && round.nextOccurrences == inTokyo.nextOccurrences)
             #expect((renamed.json["payload"] as? [String: Any])?["title"] as? String == "Round")
+            // The response shows the whole event, as PATCH takes it back.
+            #expect(round.event._type == "TASK_ASSIGNED" && round.event.severity == .warning && round.event.priority == .high)
+            #expect(round.event.tags == ["team:ward"] && round.event.url == "https://ward.example/round" && round.event.subject?.id == "W2")
+            #expect(((renamed.json["event"] as? [String: Any])?["actor"] as? [String: Any])?["name"] as? String == "Ana")
             // The same rule sent back (a client saving what it read) is no change of rhythm.
             let same = try await client.send(
                 .patch, path, token: org.ownerToken, json: #"{"rule": "\#(round.rule)", "time_zone": "Asia/Tokyo"}"#)

@@ -116,7 +116,7 @@ extension HeraldService {
     /// The URL as given, once the destination guard accepts it (syntax, scheme, and every
     /// address its host resolves to). The worker checks again before each connection.
     private func vetted(_ url: String) async throws -> String {
-        _ = try Validate.linkURL(url, field: "url")
+        _ = try Validate.httpURL(url, field: "url")
         if case .failure(let refusal) = await destinations.vetInBackground(url: url) {
             throw APIError.unprocessable(ValidationError(field: "url", message: refusal.detail))
         }

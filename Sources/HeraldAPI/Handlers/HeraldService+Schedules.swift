@@ -177,8 +177,20 @@ extension Components.Schemas.Schedule {
         }
         self.init(
             id: schedule.id.lowercased, name: schedule.name, _type: schedule.typeKey, audience: .init(schedule.event.audience),
-            payload: try convert(schedule.event.payload), rule: schedule.rule, timeZone: schedule.timeZone, startsAt: schedule.startsAt,
+            payload: try convert(schedule.event.payload), event: try .init(schedule.event, typeKey: schedule.typeKey), rule: schedule.rule,
+            timeZone: schedule.timeZone, startsAt: schedule.startsAt,
             state: state, nextOccurrences: next, sent: schedule.sent, skipped: schedule.skipped, lastOccurrenceAt: schedule.lastAt,
             lastEventId: schedule.lastEventID?.lowercased, lastError: schedule.lastError, createdAt: schedule.createdAt)
+    }
+}
+
+extension Components.Schemas.ScheduledEvent {
+    /// What each occurrence sends, whole, as `POST` and `PATCH /v1/schedules` take it.
+    init(_ event: EventRequest, typeKey: String) throws {
+        self.init(
+            _type: typeKey, actor: try event.sourceActor.map { try convert($0) }, audience: .init(event.audience),
+            payload: try convert(event.payload), subject: event.subjectType.map { .init(_type: $0, id: event.subjectID ?? "") },
+            severity: event.severity.map { mapped($0) }, priority: event.priority.map { mapped($0) }, url: event.url,
+            tags: event.tags.isEmpty ? nil : event.tags)
     }
 }
