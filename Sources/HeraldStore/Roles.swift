@@ -24,9 +24,13 @@ extension TenantTransaction {
 
     /// The role with this id. `field` names the request field that referred to it, when the
     /// role is not the operation's target (a missing one is then that field's fault, a 422).
-    public func role(_ id: UUID, referencedBy field: String? = nil) async throws -> Role {
+    /// `locking`: the row stays locked (`FOR UPDATE`) to the transaction's end (a deletion).
+    public func role(_ id: UUID, referencedBy field: String? = nil, locking: Bool = false) async throws -> Role {
         let rows = try await query(
-            "SELECT \(unescaped: roleColumns) FROM roles r WHERE r.organisation_id = \(organisationID) AND r.id = \(id)")
+            """
+            SELECT \(unescaped: roleColumns) FROM roles r WHERE r.organisation_id = \(organisationID) AND r.id = \(id)
+            \(unescaped: locking ? "FOR UPDATE OF r" : "")
+            """)
         guard let row = rows.first else {
             throw field.map { StoreError.unknownReference(field: $0, resource: "role") } ?? StoreError.notFound("role")
         }
@@ -83,9 +87,8 @@ extension TenantTransaction {
     /// and are returned (to be audited).
     @discardableResult
     public func deleteRole(_ id: UUID) async throws -> [ApiKey] {
-        // Locked first: a schedule being saved with this role in its audience holds it (`lockAudienceNames`).
-        try await query("SELECT 1 FROM roles WHERE organisation_id = \(organisationID) AND id = \(id) FOR UPDATE")
-        let role = try await role(id)
+        // Locked: a schedule being saved with this role in its audience holds it (`lockAudienceNames`).
+        let role = try await role(id, locking: true)
         if !role.builtin { try await refuseIfSchedulesSend(to: "roleKeys", key: role.key, what: "role") }
         let removed = try await deleteRevokedApiKeys(ofRole: id)
         let rows = try await query(

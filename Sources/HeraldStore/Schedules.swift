@@ -123,15 +123,18 @@ extension TenantTransaction {
     /// so that a deletion waits for it and then finds what it saved. Names that do not exist lock
     /// nothing (the check that follows refuses them).
     public func lockAudienceNames(_ audience: Audience) async throws {
-        guard !audience.groupKeys.isEmpty || !audience.roleKeys.isEmpty else { return }
-        try await query(
-            """
-            SELECT 1 FROM groups WHERE organisation_id = \(organisationID) AND key = ANY (\(audience.groupKeys)::text[]) FOR KEY SHARE
-            """)
-        try await query(
-            """
-            SELECT 1 FROM roles WHERE organisation_id = \(organisationID) AND key = ANY (\(audience.roleKeys)::text[]) FOR KEY SHARE
-            """)
+        if !audience.groupKeys.isEmpty {
+            try await query(
+                """
+                SELECT 1 FROM groups WHERE organisation_id = \(organisationID) AND key = ANY (\(audience.groupKeys)::text[]) FOR KEY SHARE
+                """)
+        }
+        if !audience.roleKeys.isEmpty {
+            try await query(
+                """
+                SELECT 1 FROM roles WHERE organisation_id = \(organisationID) AND key = ANY (\(audience.roleKeys)::text[]) FOR KEY SHARE
+                """)
+        }
     }
 
     /// Replaces what a schedule sends and when. `releasingLease` (a new rhythm) frees its lease:
