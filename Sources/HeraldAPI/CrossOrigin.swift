@@ -87,12 +87,11 @@ public struct CrossOriginPolicy: Sendable, Equatable {
         guard origins != nil, request.method == .options, request.uri.path.hasPrefix("/v1/"),
             let origin = request.headers[.origin], request.headers[.accessControlRequestMethod] != nil
         else { return nil }
-        var methods = SpecRoutes.allowedMethods(path: request.uri.path)
+        let methods = RequestMiddleware.allowedMethods(path: request.uri.path).filter { $0 != "OPTIONS" }
         guard !methods.isEmpty else { return nil }
         guard let allowed = allowedOrigin(origin, path: request.uri.path) else {
             throw .originNotAllowed(origin)
         }
-        if RequestMiddleware.servesHead(path: request.uri.path) { methods = (methods + ["HEAD"]).sorted() }
         var headers: HTTPFields = [
             .accessControlAllowOrigin: allowed,
             .accessControlAllowMethods: methods.joined(separator: ", "),

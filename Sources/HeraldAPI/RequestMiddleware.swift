@@ -33,6 +33,9 @@ struct RequestMiddleware: RouterMiddleware {
             if let preflight = try crossOrigin.preflight(request) {
                 // A browser asking whether its page may call: no body, no credential.
                 response = preflight
+            } else if request.method == .options, case let allowed = Self.allowedMethods(path: request.uri.path), !allowed.isEmpty {
+                // Any other OPTIONS asks what the path takes (RFC 9110 §9.3.7): no body, no credential.
+                response = Response(status: .noContent, headers: [.allow: allowed.joined(separator: ", ")])
             } else {
                 var request = request
                 if let length = request.headers[.contentLength].flatMap(Int.init), length > maxBodyBytes {
@@ -100,6 +103,15 @@ struct RequestMiddleware: RouterMiddleware {
         !path.hasSuffix("/stream") && !path.hasSuffix("/socket") && SpecRoutes.allowedMethods(path: path).contains("GET")
     }
 
+    /// What `Allow` lists for `path` (its operations in the contract, HEAD where its GET serves
+    /// one, and OPTIONS); empty for a path the contract does not have.
+    static func allowedMethods(path: String) -> [String] {
+        var allowed = SpecRoutes.allowedMethods(path: path)
+        guard !allowed.isEmpty else { return [] }
+        if servesHead(path: path) { allowed.append("HEAD") }
+        return (allowed + ["OPTIONS"]).sorted()
+    }
+
     /// A client's `X-Request-Id` if it is short and plain, else a fresh one.
     static func requestID(from header: String?) -> String {
         if let header, (1...64).contains(header.count),
@@ -114,8 +126,7 @@ struct RequestMiddleware: RouterMiddleware {
     static func problemResponse(for error: any Error, request: Request, logger: Logger) -> Response {
         var problem = apiError(for: error)
         if problem == .notFound(resource: "route") {
-            var allowed = SpecRoutes.allowedMethods(path: request.uri.path)
-            if servesHead(path: request.uri.path) { allowed = (allowed + ["HEAD"]).sorted() }
+            let allowed = allowedMethods(path: request.uri.path)
             problem =
                 allowed.isEmpty || allowed.contains(request.method.rawValue)
                 ? .noRoute(method: request.method.rawValue, path: request.uri.path)

@@ -42,7 +42,7 @@ enum AccessRule: Sendable, Equatable {
 /// | listDeliveries, getDeliveryStats, getDelivery | deliveries.read |
 /// | retryDelivery, cancelDelivery | deliveries.retry |
 /// | listSchedules, getSchedule | events.read |
-/// | createSchedule, updateSchedule, deleteSchedule, pauseSchedule, resumeSchedule | events.send |
+/// | createSchedule, updateSchedule, deleteSchedule, pauseSchedule, resumeSchedule, runSchedule | events.send |
 /// | listJobs, getJob, listJobRuns | jobs.read |
 /// | runJob | jobs.manage |
 enum RoutePermissions {
@@ -169,6 +169,7 @@ enum RoutePermissions {
         "pauseSchedule": .permission(.eventsSend),
         "updateSchedule": .permission(.eventsSend),
         "resumeSchedule": .permission(.eventsSend),
+        "runSchedule": .permission(.eventsSend),
         "listJobs": .permission(.jobsRead),
         "getJob": .permission(.jobsRead),
         "listJobRuns": .permission(.jobsRead),

@@ -16,6 +16,59 @@ public struct AuditEntry: Sendable, Equatable {
     public var requestID: String?
 }
 
+/// The actions Herald records, for checking a filter: a name outside it is a typo, not an empty
+/// log. `AuditActionTests` checks it against every `audit(action:)` in the sources.
+public enum AuditAction {
+    public static let known: Set<String> = [
+        "apikey.create",
+        "apikey.delete",
+        "apikey.revoke",
+        "catalogue.import",
+        "category.create",
+        "category.delete",
+        "category.update",
+        "delivery.cancel",
+        "delivery.retry",
+        "digest_template.delete",
+        "digest_template.put",
+        "endpoint.create",
+        "endpoint.delete",
+        "endpoint.rotate_secret",
+        "endpoint.update",
+        "event.cancel",
+        "event.send_manual",
+        "group.create",
+        "group.delete",
+        "group.update",
+        "job.run",
+        "notification_type.create",
+        "notification_type.delete",
+        "notification_type.update",
+        "organisation.create",
+        "organisation.rate_limits",
+        "organisation.update",
+        "preference.unsubscribe",
+        "preference_defaults.replace",
+        "preferences.replace",
+        "role.create",
+        "role.delete",
+        "role.update",
+        "schedule.create",
+        "schedule.delete",
+        "schedule.pause",
+        "schedule.resume",
+        "schedule.run",
+        "schedule.update",
+        "template.delete",
+        "template.put",
+        "user.create",
+        "user.inactivity_switch_off",
+        "user.keep_subscribed",
+        "user.roles.set",
+        "user.update",
+    ]
+}
+
 extension TenantTransaction {
     /// Records an admin change in the same transaction as the change itself.
     /// `before` and `after` are JSON objects (the API representation of the target).

@@ -37,6 +37,8 @@ public struct EventRecord: Sendable, Equatable {
     public var tags: [String] = []
     /// A chunked fan-out's progress; nil when notify wrote every recipient itself.
     public var fanout: FanoutProgress?
+    /// The schedule that sent it (an occurrence, or a run by hand); nil for a notify.
+    public var scheduleID: UUID?
 
     /// Where the event stands at `now`.
     public func state(at now: Date) -> EventState {
@@ -450,15 +452,16 @@ extension TenantTransaction {
         ).first.map(decodeEvent)
     }
 
-    /// Events newest first, optionally of one type.
+    /// Events newest first, optionally of one type, in one state, or sent by one schedule.
     public func events(
-        typeID: UUID?, state: EventState? = nil, now: Date = Date(), limit: Int, after cursor: PageCursor?
+        typeID: UUID?, state: EventState? = nil, scheduleID: UUID? = nil, now: Date = Date(), limit: Int, after cursor: PageCursor?
     ) async throws -> Page<EventRecord> {
         let rows = try await query(
             """
             SELECT \(unescaped: eventColumns) FROM events e
             WHERE e.organisation_id = \(organisationID)
               AND (\(typeID)::uuid IS NULL OR e.type_id = \(typeID))
+              AND (\(scheduleID)::uuid IS NULL OR e.schedule_id = \(scheduleID))
               AND CASE \(state?.rawValue)::text
                   WHEN 'SCHEDULED' THEN e.status = 'ACCEPTED' AND e.deliver_at > \(now)
                   WHEN 'DELIVERED' THEN e.status = 'ACCEPTED' AND e.deliver_at <= \(now)
@@ -585,19 +588,20 @@ private let eventColumns = """
     e.id, e.type_id, (SELECT t.key FROM notification_types t WHERE t.organisation_id = e.organisation_id AND t.id = e.type_id),
     e.actor_type, e.actor_id, e.audience, e.payload, e.subject_type, e.subject_id, e.severity, e.priority,
     e.deliver_at, e.expires_at, e.status, e.idempotency_key, e.request_hash, e.counts, e.created_at, e.cancelled_at, e.tags,
-    e.fanout_state, e.fanout_done, e.fanout_expected, e.fanout_finished_at, e.fanout_error
+    e.fanout_state, e.fanout_done, e.fanout_expected, e.fanout_finished_at, e.fanout_error, e.schedule_id
     """
 
 private func decodeEvent(_ row: PostgresRow) throws -> EventRecord {
     let (
         id, typeID, typeKey, actorType, actorID, audience, payload, subjectType, subjectID, severity, priority,
         deliverAt, expiresAt, status, key, hash, counts, created, cancelled, tags, fanoutState, fanoutDone, fanoutExpected, fanoutFinished,
-        fanoutError
+        fanoutError, scheduleID
     ) =
         try row.decode(
             (
                 UUID, UUID, String, ActorKind, UUID?, JSONDocument<Audience>, JSONDocument<JSONValue>, String?, String?, Severity, Priority,
-                Date, Date?, EventStatus, String?, String?, DecisionCounts, Date, Date?, [String], FanoutState?, Int, Int?, Date?, String?
+                Date, Date?, EventStatus, String?, String?, DecisionCounts, Date, Date?, [String], FanoutState?, Int, Int?, Date?, String?,
+                UUID?
             ).self, table: "events")
     return EventRecord(
         id: id, typeID: typeID, typeKey: typeKey, actorType: actorType, actorID: actorID, audience: audience.value, payload: payload.value,
@@ -608,7 +612,7 @@ private func decodeEvent(_ row: PostgresRow) throws -> EventRecord {
         createdAt: created, cancelledAt: cancelled, tags: tags,
         fanout: fanoutState.map {
             FanoutProgress(state: $0, done: fanoutDone, expected: fanoutExpected, finishedAt: fanoutFinished, error: fanoutError)
-        })
+        }, scheduleID: scheduleID)
 }
 
 /// What a preference read selects (`decodePreferences`).

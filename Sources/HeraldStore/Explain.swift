@@ -55,7 +55,12 @@ extension ExplainedRecipient {
 extension TenantTransaction {
     /// The trace of an event, by user id, optionally for one user.
     public func explain(eventID: UUID, userID: UUID?, limit: Int, after: UUID?) async throws -> (items: [ExplainedRecipient], next: UUID?) {
-        _ = try await event(eventID)
+        let event = try await event(eventID)
+        // Every in-app row of an event is shown at its deliver_at, and a cancellation deletes the
+        // rows not shown yet; the user can delete only rows shown. So a row missing from a
+        // cancelled event whose time had not come was withdrawn, any other was deleted.
+        let missing: FeedItemStatus =
+            if let cancelled = event.cancelledAt, event.deliverAt > cancelled { .withdrawn } else { .deleted }
         let rows = try await query(
             """
             SELECT r.user_id, u.email, u.display_name, r.targeted, r.rule, r.reason, r.channels, d.channels, r.record_ids
@@ -136,7 +141,7 @@ extension TenantTransaction {
                     items[index].digestStatus[id] = digests[id]?.status
                     items[index].digests[id] = digests[id]
                 }
-                if let id = channel.notificationID { items[index].notificationStatus[id] = notifications[id] ?? .deleted }
+                if let id = channel.notificationID { items[index].notificationStatus[id] = notifications[id] ?? missing }
             }
         }
         return (items, rows.count > limit ? items.last?.userID : nil)

@@ -9,6 +9,9 @@ import PostgresNIO
 
 /// A recurring schedule.
 public struct Schedule: Sendable, Equatable {
+    /// How the idempotency keys of occurrences begin (`schedule:<id>:<occurrence>`); reserved.
+    public static let idempotencyPrefix = "schedule:"
+
     public var id: UUID
     public var name: String
     public var typeKey: String
@@ -222,7 +225,7 @@ extension TenantTransaction {
         else { return .leaseLost }
         var request = try row.decode(JSONDocument<EventRequest>.self, table: "schedules").value
         request.deliverAt = claim.occurrence
-        let key = "schedule:\(claim.scheduleID.lowercased):\(Int64(claim.occurrence.timeIntervalSince1970))"
+        let key = "\(Schedule.idempotencyPrefix)\(claim.scheduleID.lowercased):\(Int64(claim.occurrence.timeIntervalSince1970))"
         let eventID: UUID
         let replayed: Bool
         if let first = try await event(idempotencyKey: key) {

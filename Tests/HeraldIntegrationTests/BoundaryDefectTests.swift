@@ -584,16 +584,16 @@ struct BoundaryDefectTests {
         try await withOrganisation { org, client in
             let trace = try await client.send(.init("TRACE")!, "/v1/me", token: org.ownerToken)
             #expect(trace.isProblem(.methodNotAllowed))
-            #expect(trace.headers[.allow] == "GET, HEAD")
+            #expect(trace.headers[.allow] == "GET, HEAD, OPTIONS")
             let put = try await client.send(.put, "/v1/events", token: org.ownerToken, json: "{}")
             #expect(put.isProblem(.methodNotAllowed))
-            #expect(put.headers[.allow] == "GET, HEAD, POST")
+            #expect(put.headers[.allow] == "GET, HEAD, OPTIONS, POST")
             // A fixed path beside a templated one answers with its own methods.
             let markRead = try await client.send(.get, "/v1/me/notifications/mark-read", token: org.memberToken)
             #expect(markRead.isProblem(.methodNotAllowed))
-            #expect(markRead.headers[.allow] == "POST")
+            #expect(markRead.headers[.allow] == "OPTIONS, POST")
             let unread = try await client.send(.post, "/v1/me/notifications/unread-count", token: org.memberToken)
-            #expect(unread.headers[.allow] == "GET, HEAD")
+            #expect(unread.headers[.allow] == "GET, HEAD, OPTIONS")
             #expect(try await client.send(.get, "/v1/nothing-here", token: org.ownerToken).isProblem(.notFound))
             // HEAD is the GET without its body (RFC 9110 §9.3.2), problems included; a path with no GET refuses it.
             let head = try await client.send(.head, "/v1/me", token: org.ownerToken)
@@ -603,7 +603,7 @@ struct BoundaryDefectTests {
             let anonymous = try await client.send(.head, "/v1/me")
             #expect(anonymous.status == .unauthorized && anonymous.text.isEmpty)
             let noGet = try await client.send(.head, "/v1/me/notifications/mark-read", token: org.memberToken)
-            #expect(noGet.status == .methodNotAllowed && noGet.headers[.allow] == "POST")
+            #expect(noGet.status == .methodNotAllowed && noGet.headers[.allow] == "OPTIONS, POST")
         }
     }
 

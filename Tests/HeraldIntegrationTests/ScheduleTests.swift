@@ -301,6 +301,7 @@ struct ScheduleTests {
         let event = try await org.store { tx in try await tx.event(schedule.lastEventID!) }
         // (sent a minute late on this clock, it is delivered when it is sent)
         #expect(event.typeKey == "TASK_ASSIGNED" && abs(event.deliverAt.timeIntervalSince(occurrences[0])) <= 60, "\(event.deliverAt)")
+        #expect(event.scheduleID == id)
         // The rest, then nothing: the schedule is finished.
         #expect(try await runDue(org.id, at: occurrences[1].addingTimeInterval(60), runners: 2) == 1)
         #expect(try await runDue(org.id, at: occurrences[2].addingTimeInterval(60), runners: 2) == 1)
@@ -308,6 +309,47 @@ struct ScheduleTests {
         let finished = try await org.store { tx in try await tx.schedule(id) }
         #expect(finished.nextAt == nil && finished.sent == 3)
         #expect(try await runDue(org.id, at: occurrences[2].addingTimeInterval(30 * 86_400)) == 0)
+    }
+
+    @Test("run now: the event is sent at once, names its schedule, lists under it (also once deleted); a key sends it once; the rhythm is kept")
+    func runNow() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        try await TestEnvironment.shared.application().test(.router) { client in
+            let schedule = try await create(client, org, rule: "FREQ=WEEKLY;BYDAY=FR;BYHOUR=16;BYMINUTE=0")
+            let run = try await client.send(.post, "/v1/schedules/\(schedule.id)/run", token: org.ownerToken)
+            #expect(run.status == .accepted && run.headers[.init("Idempotent-Replayed")!] == nil, "\(run.text)")
+            let accepted = try run.decoded(Components.Schemas.EventAccepted.self)
+            #expect(accepted.counts.inApp == 1)
+            // The member sees it now; the event names the schedule and who ran it.
+            let feed = try await client.send(.get, "/v1/me/notifications", token: org.memberToken)
+            #expect(try feed.decoded(Components.Schemas.FeedPage.self).items.map(\.eventId) == [accepted.eventId])
+            let event = try await client.send(.get, "/v1/events/\(accepted.eventId)", token: org.ownerToken)
+                .decoded(Components.Schemas.Event.self)
+            #expect(event.scheduleId == schedule.id && event.sentBy.id == org.ownerID.uuidString.lowercased())
+            // With a key: once, then the first answer again.
+            let key: HTTPFields = [.init("Idempotency-Key")!: "try-1"]
+            let first = try await client.send(.post, "/v1/schedules/\(schedule.id)/run", token: org.ownerToken, headers: key)
+            let again = try await client.send(.post, "/v1/schedules/\(schedule.id)/run", token: org.ownerToken, headers: key)
+            #expect(again.status == .accepted && again.headers[.init("Idempotent-Replayed")!] == "true")
+            #expect(try first.decoded(Components.Schemas.EventAccepted.self).eventId == again.decoded(Components.Schemas.EventAccepted.self).eventId)
+            // Not an occurrence: the schedule's count and next occurrences stay.
+            let after = try await client.send(.get, "/v1/schedules/\(schedule.id)", token: org.ownerToken)
+                .decoded(Components.Schemas.Schedule.self)
+            #expect(after.sent == 0 && after.nextOccurrences == schedule.nextOccurrences)
+            let audited = try await client.send(.get, "/v1/audit-log?action=schedule.run", token: org.ownerToken)
+            #expect((audited.json["items"] as? [Any])?.count == 2)
+            // What the schedule sent, also after it is deleted; another event is not listed.
+            _ = try await client.send(
+                .post, "/v1/events", token: org.ownerToken,
+                json: #"{"type":"TASK_ASSIGNED","audience":{"user_ids":["\#(org.memberID.uuidString.lowercased())"]},"payload":{}}"#)
+            #expect(try await client.send(.delete, "/v1/schedules/\(schedule.id)", token: org.ownerToken).status == .noContent)
+            let listed = try await client.send(.get, "/v1/events?schedule_id=\(schedule.id)", token: org.ownerToken)
+                .decoded(Components.Schemas.EventPage.self)
+            #expect(listed.items.count == 2 && listed.items.allSatisfy { $0.scheduleId == schedule.id })
+            #expect(try await client.send(.get, "/v1/events", token: org.ownerToken).decoded(Components.Schemas.EventPage.self).items.count == 3)
+            #expect(try await client.send(.post, "/v1/schedules/\(schedule.id)/run", token: org.ownerToken).isProblem(.notFound))
+        }
     }
 
     @Test("an occurrence already sent under its key is not sent again; missed occurrences are skipped, the latest is sent")

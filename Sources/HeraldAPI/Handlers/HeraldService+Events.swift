@@ -14,6 +14,12 @@ extension HeraldService {
         if let key, !(1...255).contains(key.utf8.count) {
             throw APIError.unprocessable(ValidationError(field: "Idempotency-Key", message: "must be 1 to 255 bytes."))
         }
+        if let key, key.hasPrefix(Schedule.idempotencyPrefix) {
+            // A schedule's occurrences are keyed so; a client's event under such a key would stand
+            // in for the occurrence, which then would not be sent.
+            throw APIError.unprocessable(
+                ValidationError(field: "Idempotency-Key", message: "must not begin with \"schedule:\" (the keys of schedules' occurrences)."))
+        }
         let hash = try requestHash(body)
         let now = now()
         enum Outcome: Sendable { case created(EventRecord), replayed(EventRecord) }
@@ -75,7 +81,8 @@ extension HeraldService {
                 typeID = type.id
             }
             let state = input.query.state.map { mapped($0, to: EventState.self) }
-            return try await tx.events(typeID: typeID, state: state, now: now, limit: limit, after: cursor)
+            let schedule = try input.query.scheduleId.map { v in try Validate.uuid(v, field: "schedule_id") }
+            return try await tx.events(typeID: typeID, state: state, scheduleID: schedule, now: now, limit: limit, after: cursor)
         }
         return .ok(.init(body: .json(.init(items: try page.items.map { try .init($0, now: now) }, nextCursor: page.next?.encoded))))
     }
@@ -130,6 +137,8 @@ extension HeraldService {
                 throw APIError.unprocessable(
                     ValidationError(field: "event", message: "\"\(key)\" is not a notification type of your organisation."))
             }
+            // An unknown user is a 404, as for stats, not an explanation with nobody in it.
+            if let user { _ = try await tx.user(user) }
             if let latest = try await tx.latestEvent(typeID: type.id) {
                 return try await explanationOf(latest, tx, userID: user, limit: limit, after: after)
             }
@@ -264,7 +273,7 @@ extension HeraldService {
         return SHA256.hash(data: try encoder.encode(body)).map { String(format: "%02x", $0) }.joined()
     }
 
-    private func accepted(_ event: EventRecord) throws -> Components.Schemas.EventAccepted {
+    func accepted(_ event: EventRecord) throws -> Components.Schemas.EventAccepted {
         // Always the answer notify first gave (a later cancellation shows on GET /v1/events/{id}).
         .init(
             eventId: event.id.lowercased, status: .accepted, deliverAt: event.deliverAt,
@@ -295,7 +304,7 @@ extension Components.Schemas.Event {
             deliverAt: e.deliverAt, expiresAt: e.expiresAt, counts: try convert(e.counts), createdAt: e.createdAt,
             cancelledAt: e.cancelledAt,
             sentBy: .init(_type: mapped(e.actorType), id: e.actorID?.lowercased), tags: e.tags,
-            fanout: e.fanout.map(Components.Schemas.Fanout.init))
+            fanout: e.fanout.map(Components.Schemas.Fanout.init), scheduleId: e.scheduleID?.lowercased)
     }
 }
 

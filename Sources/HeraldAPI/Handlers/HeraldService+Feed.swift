@@ -24,9 +24,23 @@ extension HeraldService {
             // Reading one's feed is engagement (the inactivity rule; written at most hourly); a
             // HEAD changes nothing.
             if RequestScope.current?.head != true { try await tx.recordEngagement(of: user, at: now) }
-            return try await tx.feed(of: user, filter: filter, limit: limit, after: cursor, now: now)
+            let page = try await tx.feed(of: user, filter: filter, limit: limit, after: cursor, now: now)
+            if page.items.isEmpty { try await refuseUnknownCatalogueKeys(filter, tx) }
+            return page
         }
         return .ok(.init(body: .json(.init(items: try page.items.map(Components.Schemas.FeedItem.init), nextCursor: page.next?.encoded))))
+    }
+
+    /// An empty page filtered by a type or category key that is not in the catalogue is a typo,
+    /// not an empty feed (neither can be deleted while a notification has it): 422 naming it.
+    /// Checked only when the page is empty, so a feed with rows pays nothing for it.
+    private func refuseUnknownCatalogueKeys(_ filter: FeedFilter, _ tx: TenantTransaction) async throws {
+        if let key = filter.typeKey, try await tx.notificationType(key: key) == nil {
+            throw APIError.unprocessable(ValidationError(field: "type", message: "\"\(key)\" is not a notification type of your organisation."))
+        }
+        if let key = filter.categoryKey, try await tx.category(key: key) == nil {
+            throw APIError.unprocessable(ValidationError(field: "category", message: "\"\(key)\" is not a category of your organisation."))
+        }
     }
 
     func getMyUnreadCount(_ input: Operations.GetMyUnreadCount.Input) async throws -> Operations.GetMyUnreadCount.Output {
@@ -73,9 +87,14 @@ extension HeraldService {
     func markNotificationsRead(_ input: Operations.MarkNotificationsRead.Input) async throws -> Operations.MarkNotificationsRead.Output {
         let user = try requireUser()
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        // Exactly one of the two (the schema's min/maxProperties); `"all": false` marks nothing, as `"ids": []` does.
+        // Exactly one of the two (the schema's min/maxProperties).
         guard (body.all == nil) != (body.ids == nil) else {
             throw APIError.unprocessable(ValidationError(field: "body", message: "give either ids or \"all\": true."))
+        }
+        if body.all == false {
+            // Not "nothing": a client that sends false most likely meant something else.
+            throw APIError.unprocessable(
+                ValidationError(field: "all", message: "must be true (mark everything visible now read); to mark some, give their ids."))
         }
         let all = body.all ?? false
         let ids = try (body.ids ?? []).map { v throws(ValidationError) in try Validate.uuid(v, field: "ids") }

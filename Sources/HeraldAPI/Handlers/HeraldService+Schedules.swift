@@ -142,6 +142,34 @@ extension HeraldService {
         return .ok(.init(body: .json(try .init(schedule))))
     }
 
+    /// The schedule's event now, once, outside its rhythm: keyed `schedule:<id>:run:<key>` (the
+    /// client's Idempotency-Key, else a fresh one), so it names the schedule and a retry with the
+    /// same key sends nothing twice.
+    func runSchedule(_ input: Operations.RunSchedule.Input) async throws -> Operations.RunSchedule.Output {
+        let id = try id(input.path.scheduleId, "schedule")
+        if let key = input.headers.idempotencyKey, !(1...200).contains(key.utf8.count) {
+            throw APIError.unprocessable(ValidationError(field: "Idempotency-Key", message: "must be 1 to 200 bytes."))
+        }
+        let key = "\(Schedule.idempotencyPrefix)\(id.lowercased):run:\(input.headers.idempotencyKey ?? UUID().uuidString.lowercased())"
+        let now = now()
+        let (event, replayed): (EventRecord, Bool) = try await tenant { tx, _ in
+            let schedule = try await tx.schedule(id)
+            guard try await tx.lockIdempotencyKey(key) else {
+                throw APIError.conflict("A run with this Idempotency-Key is still being processed; retry later.")
+            }
+            if let first = try await tx.event(idempotencyKey: key) { return (first, true) }
+            var request = schedule.event
+            request.deliverAt = nil
+            try await tx.lockAudienceNames(request.audience)
+            let event = try await mappingEngineErrors { try await tx.send(request, now: now, idempotencyKey: key, fanout: fanout) }
+            try await tx.audit(
+                action: "schedule.run", targetType: "schedule", targetID: id.lowercased, before: nil,
+                after: .object(["event_id": .string(event.id.lowercased)]))
+            return (event, false)
+        }
+        return .accepted(.init(headers: .init(idempotentReplayed: replayed ? "true" : nil), body: .json(try accepted(event))))
+    }
+
     func resumeSchedule(_ input: Operations.ResumeSchedule.Input) async throws -> Operations.ResumeSchedule.Output {
         let id = try id(input.path.scheduleId, "schedule")
         let now = now()

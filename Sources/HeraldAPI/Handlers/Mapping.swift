@@ -235,6 +235,7 @@ func mapped(_ status: FeedItemStatus) -> Components.Schemas.ExplainedChannel.Not
     case .read: .read
     case .archived: .archived
     case .deleted: .deleted
+    case .withdrawn: .withdrawn
     }
 }
 

@@ -1,0 +1,133 @@
+import Foundation
+import HTTPTypes
+import HeraldCore
+import HummingbirdTesting
+import PostgresNIO
+import Testing
+
+@testable import HeraldAPI
+@testable import HeraldStore
+
+/// What earlier trials of Herald (a newcomer following the README and the docs) found answered
+/// wrongly: a typo answered as an empty list, a request that did nothing answered as a success,
+/// a state reported by the wrong name.
+@Suite("Trials: typos, no-ops and states said plainly")
+struct TrialGapTests {
+    @Test("a feed filter by a type or category not in the catalogue is a 422 naming it; a known one with no rows is an empty page")
+    func feedFilterTypos() async throws {
+        try await withCatalogue { org, _, client in
+            let type = try await client.send(.get, "/v1/me/notifications?type=ISQ_CRITICLA", token: org.memberToken)
+            #expect(type.isProblem(.unprocessableContent) && type.text.contains("ISQ_CRITICLA"), "\(type.text)")
+            let category = try await client.send(.get, "/v1/me/notifications?category=alert", token: org.memberToken)
+            #expect(category.isProblem(.unprocessableContent) && category.text.contains("\\\"alert\\\""), "\(category.text)")
+            for query in ["type=ISQ_CRITICAL", "category=alerts", "type=TASK_ASSIGNED&category=activity"] {
+                let known = try await client.send(.get, "/v1/me/notifications?\(query)", token: org.memberToken)
+                #expect(known.status == .ok && known.text.contains("\"items\":[]"), "\(query): \(known.text)")
+            }
+        }
+    }
+
+    @Test("the audit log refuses an action Herald never records (422 with the actions of that kind); every recorded action is known")
+    func auditActionTypos() async throws {
+        try await withOrganisation { org, client in
+            let typo = try await client.send(.get, "/v1/audit-log?action=user.creat", token: org.ownerToken)
+            #expect(typo.isProblem(.unprocessableContent) && typo.text.contains("user.create"), "\(typo.text)")
+            let known = try await client.send(.get, "/v1/audit-log?action=schedule.run", token: org.ownerToken)
+            #expect(known.status == .ok, "\(known.text)")
+        }
+        // Every action the sources record is in the list the filter checks.
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let sources = root.appendingPathComponent("Sources")
+        var recorded: Set<String> = []
+        let files = try #require(FileManager.default.enumerator(at: sources, includingPropertiesForKeys: nil))
+        let pattern = try Regex(#"action: "([a-z_]+\.[a-z_.]+)""#)
+        for case let file as URL in files where file.pathExtension == "swift" {
+            let text = try String(contentsOf: file, encoding: .utf8)
+            for match in text.matches(of: pattern) { recorded.insert(String(text[match.range]).dropFirst(9).dropLast().description) }
+        }
+        #expect(recorded.count > 40)
+        #expect(recorded.subtracting(AuditAction.known).isEmpty, "not in AuditAction.known: \(recorded.subtracting(AuditAction.known))")
+        #expect(AuditAction.known.subtracting(recorded).isEmpty, "recorded nowhere: \(AuditAction.known.subtracting(recorded))")
+    }
+
+    @Test("mark-read with \"all\": false is a 422, and marks nothing")
+    func markReadAllFalse() async throws {
+        try await withCatalogue { org, _, client in
+            _ = try await client.send(
+                .post, "/v1/events", token: org.ownerToken,
+                json: #"{"type":"TASK_ASSIGNED","audience":{"user_ids":["\#(org.memberID.uuidString.lowercased())"]},"payload":{}}"#)
+            let refused = try await client.send(.post, "/v1/me/notifications/mark-read", token: org.memberToken, json: #"{"all":false}"#)
+            #expect(refused.isProblem(.unprocessableContent) && refused.text.contains("all"), "\(refused.text)")
+            let count = try await client.send(.get, "/v1/me/notifications/unread-count", token: org.memberToken)
+            #expect(count.text.contains("\"total\":1"), "\(count.text)")
+        }
+    }
+
+    @Test("explain and stats answer an unknown user alike: 404")
+    func unknownUserIsNotFound() async throws {
+        try await withCatalogue { org, _, client in
+            let nobody = UUID().uuidString.lowercased()
+            let stats = try await client.send(.get, "/v1/notifications/stats?user_id=\(nobody)", token: org.ownerToken)
+            let debug = try await client.send(.get, "/v1/notifications/debug?event=ISQ_CRITICAL&user_id=\(nobody)", token: org.ownerToken)
+            #expect(stats.isProblem(.notFound) && debug.isProblem(.notFound), "\(stats.text) \(debug.text)")
+            let member = org.memberID.uuidString.lowercased()
+            #expect(
+                try await client.send(.get, "/v1/notifications/debug?event=ISQ_CRITICAL&user_id=\(member)", token: org.ownerToken).status
+                    == .ok)
+        }
+    }
+
+    @Test("OPTIONS on a path of the contract is a 204 with Allow, no credential needed; an unknown path stays 404")
+    func plainOptions() async throws {
+        try await withOrganisation { _, client in
+            let me = try await client.send(.options, "/v1/me")
+            #expect(me.status == .noContent && me.headers[.allow] == "GET, HEAD, OPTIONS" && me.text.isEmpty, "\(me.text)")
+            let events = try await client.send(.options, "/v1/events")
+            #expect(events.headers[.allow] == "GET, HEAD, OPTIONS, POST")
+            #expect(try await client.send(.options, "/v1/nothing-here").isProblem(.notFound))
+        }
+    }
+
+    @Test("an Idempotency-Key beginning with schedule: is a 422: those name schedules' occurrences")
+    func scheduleKeysReserved() async throws {
+        try await withCatalogue { org, _, client in
+            let body = #"{"type":"TASK_ASSIGNED","audience":{"user_ids":["\#(org.memberID.uuidString.lowercased())"]},"payload":{}}"#
+            let refused = try await client.send(
+                .post, "/v1/events", token: org.ownerToken, json: body,
+                headers: [.init("Idempotency-Key")!: "schedule:\(UUID().uuidString.lowercased()):1"])
+            #expect(refused.isProblem(.unprocessableContent) && refused.text.contains("Idempotency-Key"), "\(refused.text)")
+            let count = try await org.store { tx in try await tx.query("SELECT count(*) FROM events").first!.decode(Int.self) }
+            #expect(count == 0)
+        }
+    }
+
+    @Test("explain says WITHDRAWN for the in-app row a cancel took back before it was shown, DELETED for one its user deleted")
+    func withdrawnIsNotDeleted() async throws {
+        try await withCatalogue { org, _, client in
+            let member = org.memberID.uuidString.lowercased()
+            func notify(_ extra: String) async throws -> String {
+                let sent = try await client.send(
+                    .post, "/v1/events", token: org.ownerToken,
+                    json: #"{"type":"TASK_ASSIGNED","audience":{"user_ids":["\#(member)"]},"payload":{}\#(extra)}"#)
+                #expect(sent.status == .accepted, "\(sent.text)")
+                return try sent.decoded(Components.Schemas.EventAccepted.self).eventId
+            }
+            func status(_ event: String) async throws -> String? {
+                let explained = try await client.send(.get, "/v1/events/\(event)/explain", token: org.ownerToken)
+                let body = try explained.decoded(Components.Schemas.Explanation.self)
+                return body.items.first?.channels.first { $0.channel == .inApp }?.notificationStatus?.rawValue
+            }
+            let later = ISO8601DateFormatter().string(from: Date().addingTimeInterval(3_600))
+            let scheduled = try await notify(#","deliver_at":"\#(later)""#)
+            #expect(try await client.send(.post, "/v1/events/\(scheduled)/cancel", token: org.ownerToken).status == .ok)
+            #expect(try await status(scheduled) == "WITHDRAWN")
+            let shown = try await notify("")
+            let feed = try await client.send(.get, "/v1/me/notifications", token: org.memberToken)
+            let row = try #require(try feed.decoded(Components.Schemas.FeedPage.self).items.first { $0.eventId == shown })
+            #expect(try await client.send(.delete, "/v1/me/notifications/\(row.id)", token: org.memberToken).status == .noContent)
+            // Cancelled after it was shown and deleted: still the user's doing.
+            _ = try await client.send(.post, "/v1/events/\(shown)/cancel", token: org.ownerToken)
+            #expect(try await status(shown) == "DELETED")
+        }
+    }
+}
