@@ -50,8 +50,15 @@ def _fix_query(case) -> None:
         return
     if "cursor" in query:
         query["cursor"] = FEED_CURSOR if case.operation.path == "/v1/me/notifications" else PAGE_CURSOR
-    if case.operation.path in ("/v1/events", "/v1/me/preferences/resolved", "/v1/users/{userId}/preferences/resolved") and "type" in query:
+    if case.operation.path in (
+        "/v1/events", "/v1/me/notifications", "/v1/me/preferences/resolved", "/v1/users/{userId}/preferences/resolved"
+    ) and "type" in query:
         query["type"] = _pick(FIXTURES.get("types", []), query["type"])
+    if case.operation.path == "/v1/me/notifications":
+        _fix_category(query)
+    if case.operation.path == "/v1/audit-log" and "action" in query:
+        # An action Herald never records is a typo (422); these it records in every run.
+        query["action"] = _pick(["user.create", "user.update", "apikey.create", "schedule.create"], query["action"])
     if case.operation.path == "/v1/notifications/debug":
         if "event" in query:
             query["event"] = _pick(FIXTURES.get("types", []), query["event"])

@@ -311,7 +311,9 @@ struct ScheduleTests {
         #expect(try await runDue(org.id, at: occurrences[2].addingTimeInterval(30 * 86_400)) == 0)
     }
 
-    @Test("run now: the event is sent at once, names its schedule, lists under it (also once deleted); a key sends it once; the rhythm is kept")
+    @Test(
+        "run now: the event is sent at once, names its schedule, lists under it (also once deleted); a key sends it once; the rhythm is kept"
+    )
     func runNow() async throws {
         let org = try await TestOrganisation.make()
         _ = try await TestCatalogue.make(in: org)
@@ -332,7 +334,9 @@ struct ScheduleTests {
             let first = try await client.send(.post, "/v1/schedules/\(schedule.id)/run", token: org.ownerToken, headers: key)
             let again = try await client.send(.post, "/v1/schedules/\(schedule.id)/run", token: org.ownerToken, headers: key)
             #expect(again.status == .accepted && again.headers[.init("Idempotent-Replayed")!] == "true")
-            #expect(try first.decoded(Components.Schemas.EventAccepted.self).eventId == again.decoded(Components.Schemas.EventAccepted.self).eventId)
+            #expect(
+                try first.decoded(Components.Schemas.EventAccepted.self).eventId
+                    == again.decoded(Components.Schemas.EventAccepted.self).eventId)
             // Not an occurrence: the schedule's count and next occurrences stay.
             let after = try await client.send(.get, "/v1/schedules/\(schedule.id)", token: org.ownerToken)
                 .decoded(Components.Schemas.Schedule.self)
@@ -347,7 +351,9 @@ struct ScheduleTests {
             let listed = try await client.send(.get, "/v1/events?schedule_id=\(schedule.id)", token: org.ownerToken)
                 .decoded(Components.Schemas.EventPage.self)
             #expect(listed.items.count == 2 && listed.items.allSatisfy { $0.scheduleId == schedule.id })
-            #expect(try await client.send(.get, "/v1/events", token: org.ownerToken).decoded(Components.Schemas.EventPage.self).items.count == 3)
+            #expect(
+                try await client.send(.get, "/v1/events", token: org.ownerToken).decoded(Components.Schemas.EventPage.self).items.count == 3
+            )
             #expect(try await client.send(.post, "/v1/schedules/\(schedule.id)/run", token: org.ownerToken).isProblem(.notFound))
         }
     }

@@ -18,7 +18,8 @@ extension HeraldService {
             // A schedule's occurrences are keyed so; a client's event under such a key would stand
             // in for the occurrence, which then would not be sent.
             throw APIError.unprocessable(
-                ValidationError(field: "Idempotency-Key", message: "must not begin with \"schedule:\" (the keys of schedules' occurrences)."))
+                ValidationError(
+                    field: "Idempotency-Key", message: "must not begin with \"schedule:\" (the keys of schedules' occurrences)."))
         }
         let hash = try requestHash(body)
         let now = now()
