@@ -17,7 +17,7 @@ public struct AuditEntry: Sendable, Equatable {
 }
 
 /// The actions Herald records, for checking a filter: a name outside it is a typo, not an empty
-/// log. `AuditActionTests` checks it against every `audit(action:)` in the sources.
+/// log. `TrialGapTests.auditActionTypos` checks it against every `audit(action:)` in the sources.
 public enum AuditAction {
     public static let known: Set<String> = [
         "apikey.create",
