@@ -175,6 +175,11 @@ def _fix_body(case) -> None:
         instant = _instant(body["expires_at"])
         if instant is None or instant <= datetime.now(timezone.utc):
             body["expires_at"] = _later("")
+    if path in ("/v1/events", "/v1/events/dry-run") and isinstance(body.get("deliver_at"), str):
+        # At most 366 days ahead (a later one is a typo the server refuses).
+        instant = _instant(body["deliver_at"])
+        if instant is not None and instant > datetime.now(timezone.utc) + timedelta(days=365):
+            body["deliver_at"] = _later("")
     if path in ("/v1/events", "/v1/events/dry-run") and isinstance(body.get("expires_at"), str):
         start = max(_instant(body.get("deliver_at")) or datetime.min.replace(tzinfo=timezone.utc), datetime.now(timezone.utc))
         end = _instant(body["expires_at"])

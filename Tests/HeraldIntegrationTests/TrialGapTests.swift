@@ -101,6 +101,25 @@ struct TrialGapTests {
         }
     }
 
+    @Test("deliver_at at most 366 days ahead: later is a 422 naming it, and nothing is written")
+    func deliverAtBound() async throws {
+        try await withCatalogue { org, _, client in
+            func notify(inDays days: Double) async throws -> TestResponse {
+                let at = ISO8601DateFormatter().string(from: Date().addingTimeInterval(days * 86_400))
+                return try await client.send(
+                    .post, "/v1/events", token: org.ownerToken,
+                    json:
+                        #"{"type":"TASK_ASSIGNED","audience":{"user_ids":["\#(org.memberID.uuidString.lowercased())"]},"deliver_at":"\#(at)"}"#
+                )
+            }
+            let far = try await notify(inDays: 2 * 365)
+            #expect(far.isProblem(.unprocessableContent) && far.text.contains("deliver_at"), "\(far.text)")
+            let count = try await org.store { tx in try await tx.query("SELECT count(*) FROM events").first!.decode(Int.self) }
+            #expect(count == 0)
+            #expect(try await notify(inDays: 300).status == .accepted)
+        }
+    }
+
     @Test("explain says WITHDRAWN for the in-app row a cancel took back before it was shown, DELETED for one its user deleted")
     func withdrawnIsNotDeleted() async throws {
         try await withCatalogue { org, _, client in

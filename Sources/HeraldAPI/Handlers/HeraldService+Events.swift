@@ -259,10 +259,20 @@ extension HeraldService {
             deliverAt: body.deliverAt, expiresAt: body.expiresAt, url: url, tags: tags)
     }
 
+    /// How far ahead `deliver_at` may be: 366 days.
+    static let longestNotice: TimeInterval = 366 * 86_400
+
     /// Checks that depend on the time of the request (not part of what a replay compares).
     private func checkTimes(_ body: Components.Schemas.EventCreate) throws {
-        if let expiresAt = body.expiresAt, expiresAt <= now() {
+        let now = now()
+        if let expiresAt = body.expiresAt, expiresAt <= now {
             throw APIError.unprocessable(ValidationError(field: "expires_at", message: "must be in the future."))
+        }
+        // A year is the longest notice a notification gives; a later instant is a mistake (a year
+        // typed wrong, milliseconds read as seconds) that would sit unseen in the outbox.
+        if let deliverAt = body.deliverAt, deliverAt > now.addingTimeInterval(Self.longestNotice) {
+            throw APIError.unprocessable(
+                ValidationError(field: "deliver_at", message: "must be at most 366 days from now; for a later reminder, use a schedule."))
         }
     }
 
