@@ -120,8 +120,18 @@ private func decodeDigestRun(_ row: PostgresRow) throws -> DigestRun {
 extension TenantTransaction {
     /// Each user's next daily and weekly slot strictly after `instant`: their own hour and
     /// weekday, else the organisation's, in their time zone, else the organisation's.
+    ///
+    /// For the items notify writes, so the organisation's row is first held FOR SHARE until the
+    /// transaction ends: a change of digest hour, weekday or time zone (the organisation's, or
+    /// a user's after `holdDigestSchedules`) takes the row before it changes anything, so it
+    /// either waits for these items to commit and then moves them too, or commits first and the
+    /// schedule read below (a statement of its own, so it sees that commit) slots them by it.
+    /// Never an item slotted by the old schedule after the re-slot ran: two "daily" digests in
+    /// a day. One row, whatever the audience, and no lock on the users (their own updates, the
+    /// inactivity sweep's among them, go on).
     func digestSlots(for users: [UUID], after instant: Date) async throws -> [UUID: DigestSlots] {
-        try await digestSchedules(for: users).mapValues { schedules in
+        try await query("SELECT 1 FROM organisations WHERE id = \(organisationID) FOR SHARE")
+        return try await digestSchedules(for: users).mapValues { schedules in
             DigestSlots(daily: schedules.daily.slot(after: instant), weekly: schedules.weekly.slot(after: instant))
         }
     }
@@ -145,6 +155,14 @@ extension TenantTransaction {
             schedules[user] = (daily, weekly)
         }
         return schedules
+    }
+
+    /// Holds the organisation's row against the notifies writing digest items (`digestSlots`)
+    /// until this transaction ends: call it before changing a user's digest hour, weekday or
+    /// time zone, then `reslotWaitingDigestItems`. (A change of the organisation's own updates
+    /// that row, which holds it the same way.)
+    public func holdDigestSchedules() async throws {
+        try await query("SELECT 1 FROM organisations WHERE id = \(organisationID) FOR NO KEY UPDATE")
     }
 
     /// Moves the items still waiting for a digest (no run made, their slot still to come) of

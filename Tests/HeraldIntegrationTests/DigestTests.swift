@@ -245,6 +245,57 @@ struct DigestTests {
         }
     }
 
+    @Test("a notify in flight while the digest hour changes: its items go in the new hour's slot, whichever commits first")
+    func notifyInFlightDuringHourChange() async throws {
+        let (org, _) = try await clubMember()
+        let env = try await TestEnvironment.shared
+        let paris = TimeZone(identifier: "Europe/Paris")!
+        func hours() async throws -> [Int] {
+            var calendar = Calendar(identifier: .gregorian)
+            calendar.timeZone = paris
+            return try await items(org, of: org.memberID).map { calendar.component(.hour, from: $0.slot) }
+        }
+        @Sendable func waiting(on statement: String) async throws -> Bool {
+            try await eventually(timeout: .seconds(10)) {
+                try await env.database.query(
+                    """
+                    SELECT count(*)::int FROM pg_stat_activity
+                    WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE \("%\(statement)%")
+                    """
+                ).first!.decode(Int.self) == 1
+            }
+        }
+        // The organisation's change first, not committed: the notify waits for it, then reads
+        // the new hour (before, it read 08:00 and its item kept it after the re-slot had run).
+        let notifying = try await org.store { (held: TenantTransaction) async throws -> Task<UUID, any Error> in
+            try await held.query("UPDATE organisations SET digest_hour = 7 WHERE id = \(org.id)")
+            #expect(try await held.reslotWaitingDigestItems(of: nil, now: Date()) == 0)
+            let notifying = Task { try await task(org, "While the hour changes") }
+            #expect(try await waiting(on: "FOR SHARE"), "the notify waits for the change")
+            return notifying
+        }
+        _ = try await notifying.value
+        #expect(try await hours() == [7])
+        // The notify first, not committed: the member's change waits for it, then moves its item.
+        try await env.application().test(.router) { client in
+            let patching = try await org.store { (held: TenantTransaction) async throws -> Task<TestResponse, any Error> in
+                _ = try await held.send(
+                    EventRequest(
+                        typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: [org.memberID]),
+                        payload: .object(["title": .string("Second")])),
+                    now: Date(), fanout: FanoutSettings())
+                let patching = Task {
+                    try await client.send(
+                        .patch, "/v1/users/\(org.memberID.uuidString)", token: org.ownerToken, json: #"{"digest_hour": 9}"#)
+                }
+                #expect(try await waiting(on: "FOR NO KEY UPDATE"), "the change waits for the notify")
+                return patching
+            }
+            #expect(try await patching.value.status == .ok)
+        }
+        #expect(try await hours() == [9, 9], "both items moved to the member's new hour")
+    }
+
     @Test("the clinic: a critical alert for a clinician on a DAILY email digest is in the bell at once and in the next morning's digest")
     func clinicDailyAlert() async throws {
         let org = try await TestOrganisation.make()

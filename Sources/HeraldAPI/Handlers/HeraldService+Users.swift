@@ -66,14 +66,16 @@ extension HeraldService {
             }
             change.digestWeekday = .some(weekday == 0 ? nil : weekday)
         }
+        let reslots = body.digestHour != nil || body.digestWeekday != nil || body.timezone != nil
         let updated = try await tenant { tx, principal in
+            // Before anything changes: a notify writing this user's digest items commits first
+            // (and is moved below), or waits and slots them by the new schedule.
+            if reslots { try await tx.holdDigestSchedules() }
             let before = try Components.Schemas.User(try await tx.user(id))
             try requireHolds(try await tx.permissions(ofUser: id).filter { !$0.concernsOnlyTheHolder }, principal)
             let after = try Components.Schemas.User(try await tx.updateUser(id, change))
             // A new digest hour, weekday or time zone: what waits goes out once, at the new time.
-            if body.digestHour != nil || body.digestWeekday != nil || body.timezone != nil {
-                try await tx.reslotWaitingDigestItems(of: [id], now: now())
-            }
+            if reslots { try await tx.reslotWaitingDigestItems(of: [id], now: now()) }
             try await tx.audit(
                 action: "user.update", targetType: "user", targetID: after.id, before: try auditValue(before), after: try auditValue(after))
             return after
