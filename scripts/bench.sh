@@ -673,7 +673,8 @@ SQL
     HERALD_RATE_LIMIT_REQUESTS=0 HERALD_RATE_LIMIT_EVENTS=0 HERALD_ORGANISATION_CONCURRENCY=0 \
     HERALD_DATABASE_POOL_SIZE=$CONC HERALD_SQL_DIR=sql $HERALD serve > .bench/server-ungated.log 2>&1 &
   UNGATED=$!
-  trap 'kill $SERVER $LIMITED $UNGATED 2>/dev/null || true; wait $SERVER $LIMITED $UNGATED 2>/dev/null || true; scripts/pg.sh down $CLUSTER >/dev/null' EXIT
+  # The peers of the delivery and digest sections too (this trap replaces theirs).
+  trap 'kill $SERVER $LIMITED $UNGATED 2>/dev/null || true; kill $(cat .bench/peers.pid .bench/digest-peers.pid 2>/dev/null) 2>/dev/null || true; wait $SERVER $LIMITED $UNGATED 2>/dev/null || true; scripts/pg.sh down $CLUSTER >/dev/null' EXIT
   for port in $LHTTP $UHTTP; do
     for _ in $(seq 50); do curl -sf localhost:$port/readyz >/dev/null && break; sleep 0.2; done
   done
