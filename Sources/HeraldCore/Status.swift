@@ -34,14 +34,16 @@ public enum DigestItemStatus: String, CaseIterable, Sendable, Codable {
     case dropped = "DROPPED"
 }
 
-/// Where an in-app notification stands for its recipient; `deleted` once the user deleted it,
-/// `withdrawn` when its event was cancelled before it was shown.
+/// Where an in-app notification stands for its recipient; `scheduled` until it is shown (its
+/// event's `deliver_at`), `deleted` once the user deleted it, `withdrawn` when its event was
+/// cancelled before it was shown.
 public enum FeedItemStatus: String, CaseIterable, Sendable, Codable {
     case unread = "UNREAD"
     case read = "READ"
     case archived = "ARCHIVED"
     case deleted = "DELETED"
     case withdrawn = "WITHDRAWN"
+    case scheduled = "SCHEDULED"
 }
 
 /// How a webhook or chat endpoint's messages are shaped: Standard Webhooks for a webhook, a

@@ -90,7 +90,8 @@ extension TenantTransaction {
         if !notificationIDs.isEmpty {
             for row in try await query(
                 """
-                SELECT n.id, CASE WHEN n.archived_at IS NOT NULL THEN 'ARCHIVED' WHEN notification_read(n, fs) THEN 'READ' ELSE 'UNREAD' END
+                SELECT n.id, CASE WHEN n.visible_at > now() THEN 'SCHEDULED' WHEN n.archived_at IS NOT NULL THEN 'ARCHIVED'
+                            WHEN notification_read(n, fs) THEN 'READ' ELSE 'UNREAD' END
                 FROM notifications n LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
                 WHERE n.organisation_id = \(organisationID) AND n.id = ANY(\(notificationIDs)::uuid[])
                 """)

@@ -236,6 +236,7 @@ func mapped(_ status: FeedItemStatus) -> Components.Schemas.ExplainedChannel.Not
     case .archived: .archived
     case .deleted: .deleted
     case .withdrawn: .withdrawn
+    case .scheduled: .scheduled
     }
 }
 
