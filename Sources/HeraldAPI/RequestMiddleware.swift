@@ -29,6 +29,8 @@ struct RequestMiddleware: RouterMiddleware {
         // here, a problem's too (NIO refuses to write a body after a HEAD's head).
         let head = request.method == .head
         var response: Response
+        // The body as read, for a problem about it (a misspelt field's name); nil until read.
+        var body: ByteBuffer?
         do {
             if let preflight = try crossOrigin.preflight(request) {
                 // A browser asking whether its page may call: no body, no credential.
@@ -42,7 +44,7 @@ struct RequestMiddleware: RouterMiddleware {
                     throw APIError.contentTooLarge(limit: maxBodyBytes)
                 }
                 do {
-                    _ = try await request.collectBody(upTo: maxBodyBytes)
+                    body = try await request.collectBody(upTo: maxBodyBytes)
                 } catch is NIOTooManyBytesError {
                     // A chunked body (no Content-Length) crossed the limit while being read.
                     throw APIError.contentTooLarge(limit: maxBodyBytes)
@@ -62,7 +64,7 @@ struct RequestMiddleware: RouterMiddleware {
                 }
             }
         } catch {
-            response = Self.problemResponse(for: error, request: request, logger: logger)
+            response = Self.problemResponse(for: error, request: request, body: body, logger: logger)
         }
         response.headers[.requestID] = requestID
         crossOrigin.decorate(&response, for: request)
@@ -123,8 +125,11 @@ struct RequestMiddleware: RouterMiddleware {
     }
 
     /// Maps any error to a problem+json response. Internal details go to the log, never the client.
-    static func problemResponse(for error: any Error, request: Request, logger: Logger) -> Response {
+    static func problemResponse(for error: any Error, request: Request, body: ByteBuffer? = nil, logger: Logger) -> Response {
         var problem = apiError(for: error)
+        if case .badRequest(let detail) = problem, let body, let hint = misspeltField(error, in: body) {
+            problem = .badRequest(detail + hint)
+        }
         if problem == .notFound(resource: "route") {
             let allowed = allowedMethods(path: request.uri.path)
             problem =
@@ -170,7 +175,7 @@ struct RequestMiddleware: RouterMiddleware {
                     }
                     return .badRequest("Send the body as application/json.")
                 }
-                return .badRequest(error.causeDescription)
+                return .badRequest(plainCause(error.causeDescription))
             }
             return .internalError
         case let error as HTTPError:
@@ -232,7 +237,74 @@ struct RequestMiddleware: RouterMiddleware {
         if let range = words.range(of: "from invalid String value ") {
             return "\"\(words[range.upperBound...])\" is not a value this field takes (see openapi.yaml)."
         }
+        // "Expected to decode Bool but found a string instead."
+        if let match = words.wholeMatch(of: /Expected to decode (\w+)(<[^>]*>)? but found (an? [\w ]+?)( value)? instead\./) {
+            let wanted: String? =
+                switch match.1 {
+                case "Dictionary": "a JSON object"
+                case "Array": "an array"
+                case "String": "a string"
+                case "Bool": "true or false"
+                case "Int", "Int32", "Int64": "a whole number"
+                case "Double", "Float": "a number"
+                default: nil
+                }
+            let found = match.3 == "a dictionary" ? "an object" : String(match.3)
+            if let wanted { return "must be \(wanted), not \(found)." }
+        }
         return words
+    }
+
+    /// The generator's words for a missing body or parameter, in the API's.
+    static func plainCause(_ cause: String) -> String {
+        if cause.hasPrefix("Missing required request body") { return "Send a JSON body (Content-Type: application/json)." }
+        for (prefix, location) in [
+            ("Missing required query parameter named: ", "query parameter"), ("Missing required header field named: ", "header"),
+        ]
+        where cause.hasPrefix(prefix) {
+            return "\(cause.dropFirst(prefix.count)): this \(location) is required."
+        }
+        return cause
+    }
+
+    /// For a required field missing from an object that has a field of a near name (one or two
+    /// letters apart: `audiance` for `audience`), a sentence naming it; nil otherwise. The
+    /// decoder stops at the missing field before it would refuse the unknown one.
+    static func misspeltField(_ error: any Error, in body: ByteBuffer) -> String? {
+        guard let decoding = (error as? ServerError)?.underlyingError as? DecodingError,
+            case .keyNotFound(let key, let context) = decoding,
+            var value = try? JSONSerialization.jsonObject(with: Data(body.readableBytesView), options: [.fragmentsAllowed])
+        else { return nil }
+        for step in context.codingPath {
+            if let index = step.intValue, let array = value as? [Any], array.indices.contains(index) {
+                value = array[index]
+            } else if let object = value as? [String: Any], let member = object[step.stringValue] {
+                value = member
+            } else {
+                return nil
+            }
+        }
+        guard let object = value as? [String: Any] else { return nil }
+        let wanted = key.stringValue
+        let near = object.keys.filter { $0 != wanted && editDistance($0, wanted, atMost: 2) <= 2 }.sorted()
+        guard let first = near.first else { return nil }
+        return " The body has \"\(first)\": a misspelling of \"\(wanted)\"?"
+    }
+
+    /// Levenshtein distance, giving up (returning `limit + 1`) once it exceeds `limit`.
+    static func editDistance(_ a: String, _ b: String, atMost limit: Int) -> Int {
+        let (a, b) = (Array(a.utf8), Array(b.utf8))
+        guard abs(a.count - b.count) <= limit else { return limit + 1 }
+        var previous = Array(0...b.count)
+        for i in 1...max(a.count, 1) where !a.isEmpty {
+            var current = [i] + Array(repeating: 0, count: b.count)
+            for j in 1...max(b.count, 1) where !b.isEmpty {
+                current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1))
+            }
+            if current.min()! > limit { return limit + 1 }
+            previous = current
+        }
+        return previous[b.count]
     }
 
     /// A decoding failure in words a client can act on.

@@ -103,13 +103,14 @@ struct ScheduleTests {
             )
             #expect(fixed.isProblem(.badRequest) || fixed.isProblem(.unprocessableContent), "\(fixed.text)")
             try await refused(
-                #"{"name": "x", "rule": "FREQ=DAILY", "event": {"type": "NOPE", "audience": {"everyone": true}}}"#, "type", "NOPE")
+                #"{"name": "x", "rule": "FREQ=DAILY", "event": {"type": "NOPE", "audience": {"everyone": true}}}"#, "event.type", "NOPE")
             // A start centuries ago is refused at once (occurrences count from the start).
             try await refused(
                 #"{"name": "x", "rule": "FREQ=DAILY", "starts_at": "0259-08-29T06:16:21Z", "event": {"type": "TASK_ASSIGNED", "audience": {"everyone": true}}}"#,
                 "starts_at", "30 days")
             try await refused(
-                #"{"name": "x", "rule": "FREQ=DAILY", "event": {"type": "TASK_ASSIGNED", "audience": {"groups": ["ghosts"]}}}"#, "audience",
+                #"{"name": "x", "rule": "FREQ=DAILY", "event": {"type": "TASK_ASSIGNED", "audience": {"groups": ["ghosts"]}}}"#,
+                "event.audience",
                 "ghosts")
             try await refused(
                 #"{"name": "x", "rule": "FREQ=DAILY", "time_zone": "Mars/Olympus", "event": {"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(member)"]}}}"#,

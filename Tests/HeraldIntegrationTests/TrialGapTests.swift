@@ -106,6 +106,25 @@ struct TrialGapTests {
         }
     }
 
+    @Test("a wrong body or a missing part is a 400 in the API's words: what the field takes, a misspelt field named")
+    func boundaryWords() async throws {
+        try await withCatalogue { org, _, client in
+            func detail(_ response: TestResponse) -> String { (response.json["detail"] as? String) ?? response.text }
+            let array = try await client.send(
+                .post, "/v1/events", token: org.ownerToken, json: #"{"type":"ISQ_CRITICAL","audience":{"everyone":true},"payload":[1]}"#)
+            #expect(array.isProblem(.badRequest) && detail(array) == "payload: must be a JSON object, not an array.", "\(array.text)")
+            let string = try await client.send(.post, "/v1/me/notifications/mark-read", token: org.memberToken, json: #"{"all":"true"}"#)
+            #expect(detail(string) == "all: must be true or false, not a string.", "\(string.text)")
+            let misspelt = try await client.send(
+                .post, "/v1/events", token: org.ownerToken, json: #"{"type":"ISQ_CRITICAL","audiance":{"everyone":true}}"#)
+            #expect(misspelt.isProblem(.badRequest) && detail(misspelt).contains(#"The body has "audiance""#), "\(misspelt.text)")
+            let missing = try await client.send(.get, "/v1/notifications/debug", token: org.ownerToken)
+            #expect(missing.isProblem(.badRequest) && detail(missing) == "event: this query parameter is required.", "\(missing.text)")
+            let none = try await client.send(.post, "/v1/events", token: org.ownerToken)
+            #expect(none.isProblem(.badRequest) && detail(none).contains("JSON body"), "\(none.text)")
+        }
+    }
+
     @Test("deliver_at at most 366 days ahead: later is a 422 naming it, and nothing is written")
     func deliverAtBound() async throws {
         try await withCatalogue { org, _, client in

@@ -314,7 +314,7 @@ extension Components.Schemas.Event {
             severity: mapped(e.severity), priority: mapped(e.priority),
             deliverAt: e.deliverAt, expiresAt: e.expiresAt, counts: try convert(e.counts), createdAt: e.createdAt,
             cancelledAt: e.cancelledAt,
-            sentBy: .init(_type: mapped(e.actorType), id: e.actorID?.lowercased), tags: e.tags,
+            sentBy: .init(_type: mapped(e.actorType), id: e.actorID?.lowercased), tags: e.tags.isEmpty ? nil : e.tags,
             fanout: e.fanout.map(Components.Schemas.Fanout.init), scheduleId: e.scheduleID?.lowercased)
     }
 }

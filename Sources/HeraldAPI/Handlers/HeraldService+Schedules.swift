@@ -32,7 +32,7 @@ extension HeraldService {
             // of the audience's users: planning it held every user in memory), its groups and
             // roles locked first so that none is deleted before this commits.
             try await tx.lockAudienceNames(request.audience)
-            _ = try await mappingEngineErrors { try await tx.checkEventRequest(request) }
+            _ = try await inEvent { try await mappingEngineErrors { try await tx.checkEventRequest(request) } }
             let first = try firstOccurrence(rule: body.rule, timeZone: zone, startsAt: startsAt, now: now)
             let schedule = try await tx.createSchedule(
                 id: id, name: name, event: request, rule: body.rule, timeZone: zone, startsAt: startsAt, nextAt: first)
@@ -60,7 +60,7 @@ extension HeraldService {
             // old schedule finished, and a new rule would bring it back to fail.
             let event = request ?? current.event
             try await tx.lockAudienceNames(event.audience)
-            _ = try await mappingEngineErrors { try await tx.checkEventRequest(event) }
+            _ = try await inEvent { try await mappingEngineErrors { try await tx.checkEventRequest(event) } }
             let rule = body.rule ?? current.rule
             let zone = zoneName ?? current.timeZone
             let startsAt = newStart ?? current.startsAt
@@ -84,7 +84,26 @@ extension HeraldService {
     /// A scheduled event as an engine request, validated as notify validates its body (a scheduled
     /// event is an event body without its times).
     private func scheduledEventRequest(_ event: Components.Schemas.ScheduledEvent) throws -> EventRequest {
-        try eventRequest(try JSONDecoder().decode(Components.Schemas.EventCreate.self, from: JSONEncoder().encode(event)))
+        try inEvent { try eventRequest(try JSONDecoder().decode(Components.Schemas.EventCreate.self, from: JSONEncoder().encode(event))) }
+    }
+
+    /// Runs `body`, naming the fields of its 422s as fields of the schedule's `event`
+    /// (`event.type`, not `type`).
+    private func inEvent<Result>(_ body: () async throws -> Result) async throws -> Result {
+        do { return try await body() } catch let error { throw Self.inEvent(error) }
+    }
+
+    private func inEvent<Result>(_ body: () throws -> Result) throws -> Result {
+        do { return try body() } catch let error { throw Self.inEvent(error) }
+    }
+
+    private static func inEvent(_ error: any Error) -> any Error {
+        switch error {
+        case APIError.unprocessable(let invalid):
+            APIError.unprocessable(ValidationError(field: "event.\(invalid.field)", message: invalid.message))
+        case let invalid as ValidationError: ValidationError(field: "event.\(invalid.field)", message: invalid.message)
+        default: error
+        }
     }
 
     /// Occurrences are counted from the start: a start far in the past would make every
@@ -161,7 +180,9 @@ extension HeraldService {
             var request = schedule.event
             request.deliverAt = nil
             try await tx.lockAudienceNames(request.audience)
-            let event = try await mappingEngineErrors { try await tx.send(request, now: now, idempotencyKey: key, fanout: fanout) }
+            let event = try await inEvent {
+                try await mappingEngineErrors { try await tx.send(request, now: now, idempotencyKey: key, fanout: fanout) }
+            }
             try await tx.audit(
                 action: "schedule.run", targetType: "schedule", targetID: id.lowercased, before: nil,
                 after: .object(["event_id": .string(event.id.lowercased)]))
