@@ -5,12 +5,15 @@ import Hummingbird
 /// build step. Served only with `HERALD_DEMO_PAGES=1` (`make run` sets it).
 enum DemoPages {
     static func register(on router: Router<HeraldRequestContext>) {
-        router.get("/demo/bell") { _, _ in
-            var headers = HTTPFields()
-            headers[.contentType] = "text/html; charset=utf-8"
-            headers[.cacheControl] = "no-store"
-            headers[.contentSecurityPolicy] = "default-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'"
-            return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: bellPage)))
+        // HEAD as GET (RequestMiddleware leaves out the body), as every page of the API.
+        for method in [HTTPRequest.Method.get, .head] {
+            router.on("/demo/bell", method: method) { _, _ in
+                var headers = HTTPFields()
+                headers[.contentType] = "text/html; charset=utf-8"
+                headers[.cacheControl] = "no-store"
+                headers[.contentSecurityPolicy] = "default-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'"
+                return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: bellPage)))
+            }
         }
     }
 

@@ -93,6 +93,16 @@ struct TrialGapTests {
         }
     }
 
+    @Test("the demo page answers HEAD as GET, without the body")
+    func demoPageHead() async throws {
+        try await withOrganisation(configure: { $0.demoPages = true }) { _, client in
+            let get = try await client.send(.get, "/demo/bell")
+            let head = try await client.send(.head, "/demo/bell")
+            #expect(get.status == .ok && !get.text.isEmpty)
+            #expect(head.status == .ok && head.text.isEmpty && head.headers[.contentType] == get.headers[.contentType])
+        }
+    }
+
     @Test("an Idempotency-Key beginning with schedule: is a 422: those name schedules' occurrences")
     func scheduleKeysReserved() async throws {
         try await withCatalogue { org, _, client in
