@@ -113,7 +113,7 @@ struct StreamRoutes: Sendable {
         let query = request.uri.queryParameters
         let accepted: Set<String> = ["ticket", "since"]
         if let unknown = query.map({ String($0.key) }).sorted().first(where: { !accepted.contains($0) }) {
-            throw APIError.badRequest("Unknown query parameter '\(unknown)'; this operation accepts: since, ticket.")
+            throw APIError.badRequest("Unknown query parameter \"\(unknown)\". This operation takes: since, ticket.")
         }
         let since =
             try lastEventID.map { try Self.since($0, named: "Last-Event-ID") }
