@@ -31,6 +31,8 @@ struct RequestMiddleware: RouterMiddleware {
         var response: Response
         // The body as read, for a problem about it (a misspelt field's name); nil until read.
         var body: ByteBuffer?
+        // The request's scope once made (its rate, for a problem's answer).
+        var scope: RequestScope?
         do {
             if let preflight = try crossOrigin.preflight(request) {
                 // A browser asking whether its page may call: no body, no credential.
@@ -56,15 +58,18 @@ struct RequestMiddleware: RouterMiddleware {
                     logger[metadataKey: "organisation_id"] = "\(credential.organisationID.lowercased)"
                     logger[metadataKey: "actor"] = "\(credential.actor.kind.rawValue):\(credential.actor.id?.lowercased ?? "-")"
                 }
-                let scope = RequestScope(
+                let made = RequestScope(
                     requestID: requestID, clientAddress: context.remoteAddress?.ipAddress, credential: credential, logger: logger,
                     head: head)
-                response = try await RequestScope.$current.withValue(scope) {
+                scope = made
+                response = try await RequestScope.$current.withValue(made) {
                     try await next(request, context)
                 }
             }
         } catch {
             response = Self.problemResponse(for: error, request: request, body: body, logger: logger)
+            // Every authenticated answer says the organisation's rate, a refusal's too.
+            if response.headers[.rateLimit] == nil, let scope { response.headers.append(contentsOf: scope.rateLimit.headers) }
         }
         response.headers[.requestID] = requestID
         crossOrigin.decorate(&response, for: request)
@@ -175,7 +180,7 @@ struct RequestMiddleware: RouterMiddleware {
                     }
                     return .badRequest("Send the body as application/json.")
                 }
-                return .badRequest(plainCause(error.causeDescription))
+                return .badRequest(plainCause(error.causeDescription, operation: error.operationID))
             }
             return .internalError
         case let error as HTTPError:
@@ -234,6 +239,7 @@ struct RequestMiddleware: RouterMiddleware {
             }
             return "matches none of the forms this field takes (see openapi.yaml)."
         }
+        if path == "List-Unsubscribe" { return "must be One-Click (RFC 8058)." }
         if let range = words.range(of: "from invalid String value ") {
             return "\"\(words[range.upperBound...])\" is not a value this field takes (see openapi.yaml)."
         }
@@ -256,8 +262,13 @@ struct RequestMiddleware: RouterMiddleware {
     }
 
     /// The generator's words for a missing body or parameter, in the API's.
-    static func plainCause(_ cause: String) -> String {
-        if cause.hasPrefix("Missing required request body") { return "Send a JSON body (Content-Type: application/json)." }
+    static func plainCause(_ cause: String, operation: String? = nil) -> String {
+        if cause.hasPrefix("Missing required request body") {
+            // The one operation that takes forms (RFC 8058); every other body is JSON.
+            return operation == "unsubscribe"
+                ? "Send List-Unsubscribe=One-Click as multipart/form-data or application/x-www-form-urlencoded (RFC 8058)."
+                : "Send a JSON body (Content-Type: application/json)."
+        }
         for (prefix, location) in [
             ("Missing required query parameter named: ", "query parameter"), ("Missing required header field named: ", "header"),
         ]

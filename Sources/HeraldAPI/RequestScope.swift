@@ -1,7 +1,9 @@
 import Foundation
+import HTTPTypes
 import HeraldCore
 import HeraldStore
 import Logging
+import Synchronization
 
 /// Who is calling: the organisation, the acting user or API key, and what they may do.
 public struct Principal: Sendable, Equatable {
@@ -31,6 +33,9 @@ struct RequestScope: Sendable {
     var logger: Logger
     /// A HEAD request, served as its GET without the body: a tracked link counts no click.
     var head = false
+    /// The organisation's rate as counted for this request, for a problem's answer too (a success
+    /// carries it from the boundary; a thrown error leaves it here for the middleware).
+    let rateLimit = RateLimitNote()
 
     /// The scope of the request this task serves; only missing outside a request (a bug).
     static func get() throws -> RequestScope {
@@ -43,4 +48,11 @@ struct RequestScope: Sendable {
         guard let principal else { throw APIError.unauthorized("This operation needs a bearer token or an API key.") }
         return principal
     }
+}
+
+/// The `RateLimit` headers of one request, set once its rate is counted.
+final class RateLimitNote: Sendable {
+    private let fields = Mutex<HTTPFields>([:])
+    func set(_ headers: HTTPFields) { fields.withLock { $0 = headers } }
+    var headers: HTTPFields { fields.withLock { $0 } }
 }

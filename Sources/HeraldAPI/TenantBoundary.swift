@@ -136,6 +136,8 @@ struct TenantBoundary: ServerMiddleware {
                 // over its rate, in its organisation's lane of the gate).
                 rateLimits?.proven(credential, now: now())
                 if let limit, !limit.allowed { throw APIError.rateLimited(limit) }
+                // A refusal below (a 403, a handler's 4xx) carries the rate too (RequestMiddleware).
+                if let limit { scope.rateLimit.set(limit.headers) }
                 if case .permission(let permission) = rule, !principal.permissions.contains(permission) {
                     throw APIError.forbidden(permission)
                 }

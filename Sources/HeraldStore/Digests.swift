@@ -226,12 +226,15 @@ extension TenantTransaction {
         return try decodeDigestRun(row)
     }
 
-    /// The categories of the items a digest run of `userID` carried, in no particular order.
+    /// The categories of the items a digest run of `userID` carried, in no particular order: not
+    /// those of items the run dropped at send time (a condition no longer met) or that were
+    /// cancelled, which the email did not show.
     public func digestRunCategories(_ runID: UUID, userID: UUID) async throws -> [UUID] {
         try await query(
             """
             SELECT DISTINCT category_id FROM digest_items
             WHERE organisation_id = \(organisationID) AND run_id = \(runID) AND user_id = \(userID)
+              AND dropped_reason IS NULL AND cancelled_at IS NULL
             """
         ).map { try $0.decode(UUID.self, table: "digest_items") }
     }

@@ -614,11 +614,17 @@ extension DigestTests {
         #expect(try await Peers.mail(to: address).isEmpty)
         #expect(try await org.store { tx in try await tx.digestRuns(of: org.memberID) }.isEmpty)
 
+        // Without the servers' link keys its links would be dead: refused, nothing sent.
+        let keyless = try runHeraldExit(
+            ["digests", "send"],
+            ["DATABASE_WORKER_URL": env.workerURL, "HERALD_WORKER_ORGANISATION": org.id.uuidString, "HERALD_SMTP_URL": Peers.smtpURL])
+        #expect(keyless.status != 0 && keyless.output.contains("HERALD_LINK_KEYS is not set"), "\(keyless.output)")
+        #expect(try await Peers.mail(to: address).isEmpty)
         let sent = try runHerald(
             ["digests", "send"],
             [
                 "DATABASE_WORKER_URL": env.workerURL, "HERALD_WORKER_ORGANISATION": org.id.uuidString, "HERALD_SMTP_URL": Peers.smtpURL,
-                "HERALD_LOG_LEVEL": "error",
+                "HERALD_LOG_LEVEL": "error", "HERALD_LINK_KEYS": TestEnvironment.linkKeysSetting,
             ])
         #expect(sent.contains("digests send: 1 run(s) attempted"), "\(sent)")
         #expect(try await Peers.mail(to: address).count == 1)
@@ -626,7 +632,10 @@ extension DigestTests {
         // Nothing is due any more.
         let again = try runHerald(
             ["digests", "send"],
-            ["DATABASE_WORKER_URL": env.workerURL, "HERALD_WORKER_ORGANISATION": org.id.uuidString, "HERALD_SMTP_URL": Peers.smtpURL])
+            [
+                "DATABASE_WORKER_URL": env.workerURL, "HERALD_WORKER_ORGANISATION": org.id.uuidString, "HERALD_SMTP_URL": Peers.smtpURL,
+                "HERALD_LINK_KEYS": TestEnvironment.linkKeysSetting,
+            ])
         #expect(again.contains("0 run(s) attempted"), "\(again)")
         #expect(try await Peers.mail(to: address).count == 1)
     }

@@ -146,7 +146,7 @@ struct InactivityTests {
         let at = Date().addingTimeInterval(366 * 86_400)
         let output = try runHerald(
             ["maintenance", "inactivity", "--organisation", org.slug, "--at", at.formatted(.iso8601)],
-            ["DATABASE_OWNER_URL": env.ownerURL, "HERALD_SMTP_URL": Peers.smtpURL])
+            ["DATABASE_OWNER_URL": env.ownerURL, "HERALD_SMTP_URL": Peers.smtpURL, "HERALD_LINK_KEYS": TestEnvironment.linkKeysSetting])
         let after = try await org.store { tx in try await tx.job(named: .inactivity) }
         // The next scheduled run is where it was (a clock a year ahead moved it a year on).
         #expect(after.nextRunAt == before.nextRunAt)

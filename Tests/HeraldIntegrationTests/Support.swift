@@ -85,6 +85,8 @@ final class TestEnvironment: Sendable {
 
     /// The link keys the test applications verify and the test workers sign with.
     static let linkKeys = LinkKeyRing.ephemeral()
+    /// A HERALD_LINK_KEYS value for the commands the tests run (`digests send`, the inactivity rule).
+    static let linkKeysSetting = "k1:" + Data((0..<32).map { _ in UInt8.random(in: 0...255) }).base64EncodedString()
 
     /// The migration versions this build ships (sql/migrations, a package resource).
     static var migrationVersions: [Int] {

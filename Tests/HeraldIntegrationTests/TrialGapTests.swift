@@ -93,6 +93,29 @@ struct TrialGapTests {
         }
     }
 
+    @Test("refusals to a proven credential carry the organisation's rate, as its successes do")
+    func refusalsCarryTheRate() async throws {
+        try await withOrganisation(configure: {
+            $0.rateLimitRequests = 100
+            $0.rateLimitBurstSeconds = 1
+        }) { org, client in
+            let policy = HTTPField.Name("RateLimit-Policy")!
+            let ok = try await client.send(.get, "/v1/me", token: org.memberToken)
+            let forbidden = try await client.send(.get, "/v1/users", token: org.memberToken)
+            let missing = try await client.send(.get, "/v1/users/\(UUID().uuidString.lowercased())", token: org.ownerToken)
+            let invalid = try await client.send(.post, "/v1/groups", token: org.ownerToken, json: #"{"key":"x y","name":"X"}"#)
+            for (answer, status) in [
+                (ok, HTTPResponse.Status.ok), (forbidden, .forbidden), (missing, .notFound), (invalid, .unprocessableContent),
+            ] {
+                #expect(answer.status == status, "\(answer.text)")
+                #expect(answer.headers[policy] == #""requests";q=100;w=1"#, "\(status): \(answer.headers)")
+                #expect(answer.headers[values: HTTPField.Name("RateLimit")!].count == 1)
+            }
+            // No credential, no organisation: no rate to say.
+            #expect(try await client.send(.get, "/v1/users").headers[policy] == nil)
+        }
+    }
+
     @Test("the demo page answers HEAD as GET, without the body")
     func demoPageHead() async throws {
         try await withOrganisation(configure: { $0.demoPages = true }) { _, client in

@@ -75,6 +75,9 @@ extension HeraldService {
             var names: [String] = []
             for category in categories {
                 let before = try await tx.unsubscribe(userID: claims.userID, categoryID: category, channel: channel)
+                names.append(try await tx.category(category).name)
+                // Switched off already (a second click, a mail scanner's POST): nothing changed.
+                if before?.enabled == false { continue }
                 try await tx.audit(
                     action: "preference.unsubscribe", targetType: "user", targetID: claims.userID.lowercased,
                     before: try auditValue([
@@ -86,7 +89,6 @@ extension HeraldService {
                         "via": claims.digestRunID.map { "one-click unsubscribe, digest run \($0.lowercased)" }
                             ?? "one-click unsubscribe, delivery \(claims.deliveryID?.lowercased ?? "-")",
                     ]))
-                names.append(try await tx.category(category).name)
             }
             return names
         }
