@@ -436,9 +436,32 @@ struct DigestTests {
             let off = try await client.execute(
                 uri: path, method: .post, headers: headers, body: ByteBuffer(string: "List-Unsubscribe=One-Click"))
             #expect(off.status == .ok && String(buffer: off.body).contains("Activity, Outings"))
+            // A second POST (a mail scanner, a second click) changes nothing and audits nothing.
+            let again = try await client.execute(
+                uri: path, method: .post, headers: headers, body: ByteBuffer(string: "List-Unsubscribe=One-Click"))
+            #expect(again.status == .ok)
         }
         let email = try await org.store { tx in try await tx.preferences(ofUser: org.memberID) }.filter { $0.channel == .email }
         #expect(email.count == 2 && email.allSatisfy { !$0.setting.enabled }, "\(email)")
+        let audited = try await org.store { tx in
+            try await tx.auditEntries(action: "preference.unsubscribe", targetID: nil, limit: 10, after: nil)
+        }
+        #expect(audited.items.count == 2, "one entry per category switched off, none for the second POST")
+        // A category whose items the digest dropped at send time was not in the email: its link
+        // does not reach it.
+        let run = try #require(try await org.store { tx in try await tx.digestRuns(of: org.memberID) }.first)
+        #expect(
+            Set(try await org.store { tx in try await tx.digestRunCategories(run.id, userID: org.memberID) }) == [
+                catalogue.activity, catalogue.outings,
+            ])
+        _ = try await org.store { tx in
+            try await tx.query(
+                """
+                UPDATE digest_items SET dropped_reason = 'CONDITION_NOT_MET'
+                WHERE organisation_id = \(org.id) AND run_id = \(run.id) AND category_id = \(catalogue.outings)
+                """)
+        }
+        #expect(try await org.store { tx in try await tx.digestRunCategories(run.id, userID: org.memberID) } == [catalogue.activity])
     }
 
     @Test("two runners at once: every member gets exactly one digest with every item; nothing twice, nothing lost")
