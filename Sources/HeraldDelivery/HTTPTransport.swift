@@ -26,17 +26,29 @@ public final class HTTPTransport: Sendable {
         destinations: DestinationGuard, timeout: TimeAmount = .seconds(10), maxResponseBytes: Int = 16 * 1024,
         connectionsPerHost: Int = 16
     ) {
-        var configuration = HTTPClient.Configuration(
-            redirectConfiguration: .disallow,
-            timeout: .init(connect: .seconds(5), read: timeout))
-        configuration.httpVersion = .http1Only
-        configuration.connectionPool.concurrentHTTP1ConnectionsPerHostSoftLimit = max(8, connectionsPerHost)
-        client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+        client = HTTPClient(
+            eventLoopGroupProvider: .singleton,
+            configuration: Self.clientConfiguration(timeout: timeout, connectionsPerHost: connectionsPerHost))
         self.destinations = destinations
         self.timeout = timeout
         self.maxResponseBytes = maxResponseBytes
         resolver = NIOThreadPool(numberOfThreads: min(16, max(2, connectionsPerHost)))
         resolver.start()
+    }
+
+    /// The client's settings: no redirects, bounded time, HTTP/1 with a connection per send in
+    /// flight.
+    static func clientConfiguration(timeout: TimeAmount, connectionsPerHost: Int) -> HTTPClient.Configuration {
+        var configuration = HTTPClient.Configuration(
+            redirectConfiguration: .disallow,
+            timeout: .init(connect: .seconds(5), read: timeout))
+        configuration.httpVersion = .http1Only
+        // A refused or unreachable receiver fails its attempt at once; retrying the connection
+        // until the connect timeout held a send slot 5 s for nothing (the attempt is retried
+        // later by the delivery's own backoff).
+        configuration.connectionPool.retryConnectionEstablishment = false
+        configuration.connectionPool.concurrentHTTP1ConnectionsPerHostSoftLimit = max(8, connectionsPerHost)
+        return configuration
     }
 
     deinit {
@@ -88,8 +100,33 @@ public final class HTTPTransport: Sendable {
             // Waiting for a connection says nothing about the receiver: not an attempt.
             return .deferred(reason: "no connection to the receiver's host was free")
         } catch {
-            return .refused(code: nil, error: "The request failed: \(error)", permanent: false, retryAfter: nil)
+            return .refused(code: nil, error: Self.words(for: error), permanent: false, retryAfter: nil)
         }
+    }
+
+    /// A failed request in words a tenant admin can act on (a delivery's `last_error`).
+    static func words(for error: any Error) -> String {
+        if let client = error as? HTTPClientError {
+            if client == .connectTimeout { return "The connection to the receiver timed out." }
+            if client == .tlsHandshakeTimeout { return "The TLS handshake with the receiver timed out." }
+            if client == .readTimeout || client == .deadlineExceeded { return "The receiver did not answer in time." }
+            if client == .remoteConnectionClosed { return "The receiver closed the connection before answering." }
+        }
+        switch errnoCode(of: error) {
+        case ECONNREFUSED: return "The receiver refused the connection: nothing listens at its address and port."
+        case ECONNRESET: return "The receiver reset the connection."
+        case EHOSTUNREACH, ENETUNREACH: return "The receiver's address cannot be reached."
+        default: return "The request failed: \(error)"
+        }
+    }
+
+    /// The system error under a connection failure, if there is one.
+    private static func errnoCode(of error: any Error) -> Int32? {
+        if let io = error as? IOError { return io.errnoCode }
+        if let connection = error as? NIOConnectionError {
+            return connection.connectionErrors.lazy.compactMap { errnoCode(of: $0.error) }.first
+        }
+        return nil
     }
 
     /// For plain http the connection goes to the address the guard vetted, so a name that

@@ -1,5 +1,7 @@
+import AsyncHTTPClient
 import Foundation
 import HeraldCore
+import NIOCore
 import Testing
 
 @testable import HeraldDelivery
@@ -12,6 +14,24 @@ struct ChannelTransportTests {
     struct Silent: ChannelTransport {
         var channel: NotificationChannel
         func send(_ work: DeliveryWork, links: LinkBuilder, now: Date) async -> SendOutcome { .notSent(reason: "silent") }
+    }
+
+    @Test("a receiver that refuses the connection fails the attempt at once, in words")
+    func refusedConnection() async throws {
+        // Port 9 (discard) has no listener here: the kernel refuses the connection.
+        let http = HTTPTransport(destinations: DestinationGuard(allowed: [IPNetwork("127.0.0.1/32")!]), connectionsPerHost: 1)
+        // Not retried until the connect timeout (5 s of a send slot, then the same refusal).
+        #expect(
+            HTTPTransport.clientConfiguration(timeout: .seconds(10), connectionsPerHost: 1).connectionPool.retryConnectionEstablishment
+                == false)
+        let outcome = await http.post("http://127.0.0.1:9/hook", headers: [], body: Array("{}".utf8))
+        try await http.shutdown()
+        guard case .refused(let code, let error, let permanent, _) = outcome else {
+            Issue.record("not refused: \(outcome)")
+            return
+        }
+        #expect(code == nil && !permanent)
+        #expect(error == "The receiver refused the connection: nothing listens at its address and port.", "\(error)")
     }
 
     @Test("a channel registered twice, or the feed registered as a transport, is refused")
