@@ -10,6 +10,9 @@ public enum APIError: Error, Sendable, Equatable {
     case badRequest(String)
     case unauthorized(String)
     case forbidden(Permission)
+    /// The caller has the operation's permission, but not one that the change would give away,
+    /// take away or act on (`requireHolds`: no privilege escalation).
+    case notHeld(Permission)
     /// A browser's preflight from an origin `HERALD_CORS_ORIGINS` does not list.
     case originNotAllowed(String)
     case notFound(resource: String)
@@ -29,7 +32,7 @@ public enum APIError: Error, Sendable, Equatable {
         switch self {
         case .badRequest: .badRequest
         case .unauthorized: .unauthorized
-        case .forbidden, .originNotAllowed: .forbidden
+        case .forbidden, .notHeld, .originNotAllowed: .forbidden
         case .notFound, .noRoute: .notFound
         case .methodNotAllowed: .methodNotAllowed
         case .conflict: .conflict
@@ -46,7 +49,7 @@ public enum APIError: Error, Sendable, Equatable {
             switch self {
             case .badRequest: "bad-request"
             case .unauthorized: "unauthorized"
-            case .forbidden, .originNotAllowed: "forbidden"
+            case .forbidden, .notHeld, .originNotAllowed: "forbidden"
             case .notFound, .noRoute: "not-found"
             case .methodNotAllowed: "method-not-allowed"
             case .conflict: "conflict"
@@ -63,6 +66,9 @@ public enum APIError: Error, Sendable, Equatable {
         switch self {
         case .badRequest(let detail), .unauthorized(let detail), .conflict(let detail), .notReady(let detail):
             detail
+        case .notHeld(let permission):
+            "This change concerns the permission \"\(permission.rawValue)\", which you do not hold: you can only grant, take away "
+                + "or act on what you hold yourself (a role with it, a user who holds it, a key of such a role)."
         case .forbidden(let permission):
             "This operation needs the permission \"\(permission.rawValue)\"."
         case .notFound(let resource):
@@ -95,7 +101,7 @@ public enum APIError: Error, Sendable, Equatable {
     var logLevel: Logger.Level {
         switch self {
         case .internalError, .notReady: .error
-        case .unauthorized, .forbidden, .originNotAllowed, .tooManyRequests, .rateLimited: .notice
+        case .unauthorized, .forbidden, .notHeld, .originNotAllowed, .tooManyRequests, .rateLimited: .notice
         default: .debug
         }
     }

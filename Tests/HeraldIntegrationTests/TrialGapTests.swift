@@ -116,6 +116,23 @@ struct TrialGapTests {
         }
     }
 
+    @Test("users.manage does not reach a user who holds more: a 403 that says why, and nothing changes")
+    func escalationSaysWhy() async throws {
+        try await withOrganisation { org, client in
+            try await org.store { tx in
+                let helpdesk = try await tx.createRole(
+                    key: "helpdesk", name: "Helpdesk", description: "", permissions: [.usersRead, .usersManage])
+                _ = try await tx.setUserRoles(org.memberID, [helpdesk.id])
+            }
+            let refused = try await client.send(
+                .post, "/v1/users/\(org.ownerID.uuidString.lowercased())/deactivate", token: org.memberToken)
+            #expect(refused.isProblem(.forbidden), "\(refused.text)")
+            #expect((refused.json["detail"] as? String)?.contains("which you do not hold") == true, "\(refused.text)")
+            let owner = try await org.store { tx in try await tx.user(org.ownerID) }
+            #expect(owner.active)
+        }
+    }
+
     @Test("the demo page answers HEAD as GET, without the body")
     func demoPageHead() async throws {
         try await withOrganisation(configure: { $0.demoPages = true }) { _, client in

@@ -69,7 +69,7 @@ struct HeraldService: APIProtocol {
     /// more than the caller (no privilege escalation through roles, API keys or user changes).
     func requireHolds(_ permissions: Set<Permission>, _ principal: Principal) throws {
         if let missing = permissions.subtracting(principal.permissions).sorted().first {
-            throw APIError.forbidden(missing)
+            throw APIError.notHeld(missing)
         }
     }
 }
