@@ -333,6 +333,18 @@ struct PlannerTests {
         } catch {
             #expect(error.message.contains("line"))
         }
+        // In words, not the parser's names (`overflow`, `expectedSectionEnd`, …).
+        for (source, said) in [
+            ("Hi {{payload.x", "never closed with }}"), ("{{#items}}x", "never closed ({{#name}}"),
+            ("{{#a}}x{{/b}}", "closed with another name"),
+        ] {
+            do {
+                try TemplateRenderer.validate(source, field: "subject")
+                Issue.record("\(source) was accepted")
+            } catch {
+                #expect(error.message.contains(said), "\(source): \(error.message)")
+            }
+        }
         let byLocale = ["en": "en", "fr": "fr", "de-AT": "de-AT"]
         #expect(TemplateRenderer.pick(byLocale, userLocale: "fr-CA", organisationLocale: "de")?.value == "fr")
         #expect(TemplateRenderer.pick(byLocale, userLocale: "de-AT", organisationLocale: "fr")?.value == "de-AT")

@@ -27,10 +27,23 @@ public enum TemplateRenderer {
             throw ValidationError(
                 field: field,
                 message:
-                    "line \(error.context.lineNumber), column \(error.context.columnNumber): \(error.error) near \"\(error.context.line.trimmingCharacters(in: .whitespaces))\"."
+                    "line \(error.context.lineNumber), column \(error.context.columnNumber): \(problem(error.error)) near \"\(error.context.line.trimmingCharacters(in: .whitespaces))\"."
             )
         } catch {
             throw ValidationError(field: field, message: "is not a valid Mustache template: \(error).")
+        }
+    }
+
+    /// The parser's error in words (its names are the library's: `overflow` is the end of the
+    /// text reached inside a tag).
+    static func problem(_ error: any Error) -> String {
+        switch String(describing: error) {
+        case "overflow": "a tag opened with {{ is never closed with }}"
+        case "unfinishedName": "a tag's name is not finished"
+        case "expectedSectionEnd": "a section is opened and never closed ({{#name}} or {{^name}} needs its {{/name}})"
+        case "sectionCloseNameIncorrect": "a section is closed with another name than it was opened with ({{#a}} … {{/a}})"
+        case "invalidSetDelimiter": "the delimiters set with {{= =}} are not valid"
+        case let other: "the template cannot be read (\(other))"
         }
     }
 
