@@ -132,8 +132,9 @@ struct RequestMiddleware: RouterMiddleware {
     /// Maps any error to a problem+json response. Internal details go to the log, never the client.
     static func problemResponse(for error: any Error, request: Request, body: ByteBuffer? = nil, logger: Logger) -> Response {
         var problem = apiError(for: error)
-        if case .badRequest(let detail) = problem, let body, let hint = misspeltField(error, in: body) {
-            problem = .badRequest(detail + hint)
+        if case .badRequest(let detail) = problem, let body {
+            if let hint = misspeltField(error, in: body) { problem = .badRequest(detail + hint) }
+            if let said = conditionProblem(error, in: body) { problem = .badRequest(said) }
         }
         if problem == .notFound(resource: "route") {
             let allowed = allowedMethods(path: request.uri.path)
@@ -284,9 +285,20 @@ struct RequestMiddleware: RouterMiddleware {
     static func misspeltField(_ error: any Error, in body: ByteBuffer) -> String? {
         guard let decoding = (error as? ServerError)?.underlyingError as? DecodingError,
             case .keyNotFound(let key, let context) = decoding,
-            var value = try? JSONSerialization.jsonObject(with: Data(body.readableBytesView), options: [.fragmentsAllowed])
+            let object = jsonValue(at: context.codingPath, in: body) as? [String: Any]
         else { return nil }
-        for step in context.codingPath {
+        let wanted = key.stringValue
+        let near = object.keys.filter { $0 != wanted && editDistance($0, wanted, atMost: 2) <= 2 }.sorted()
+        guard let first = near.first else { return nil }
+        return " The body has \"\(first)\": a misspelling of \"\(wanted)\"?"
+    }
+
+    /// The value at `path` in the JSON `body`; nil when the body or the path is not there.
+    static func jsonValue(at path: [any CodingKey], in body: ByteBuffer) -> Any? {
+        guard var value = try? JSONSerialization.jsonObject(with: Data(body.readableBytesView), options: [.fragmentsAllowed]) else {
+            return nil
+        }
+        for step in path {
             if let index = step.intValue, let array = value as? [Any], array.indices.contains(index) {
                 value = array[index]
             } else if let object = value as? [String: Any], let member = object[step.stringValue] {
@@ -295,11 +307,55 @@ struct RequestMiddleware: RouterMiddleware {
                 return nil
             }
         }
-        guard let object = value as? [String: Any] else { return nil }
-        let wanted = key.stringValue
-        let near = object.keys.filter { $0 != wanted && editDistance($0, wanted, atMost: 2) <= 2 }.sorted()
-        guard let first = near.first else { return nil }
-        return " The body has \"\(first)\": a misspelling of \"\(wanted)\"?"
+        return value
+    }
+
+    /// For a preference condition the decoder could not read (it only knows none of the four
+    /// forms matched), what is wrong with it, read off the body; nil for anything else.
+    static func conditionProblem(_ error: any Error, in body: ByteBuffer) -> String? {
+        guard let decoding = (error as? ServerError)?.underlyingError as? DecodingError else { return nil }
+        let context: DecodingError.Context
+        switch decoding {
+        case .typeMismatch(_, let c), .valueNotFound(_, let c), .dataCorrupted(let c): context = c
+        default: return nil
+        }
+        // The condition itself, or a member of it the decoder went into.
+        guard let at = context.codingPath.lastIndex(where: { $0.intValue != nil }), at > 0,
+            context.codingPath[at - 1].stringValue == "conditions"
+        else { return nil }
+        let path = Array(context.codingPath[...at])
+        let name = path.map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }.joined(separator: ".").replacingOccurrences(
+            of: ".[", with: "[")
+        guard let condition = jsonValue(at: path, in: body) else { return nil }
+        guard let object = condition as? [String: Any] else { return "\(name): must be an object with \"field\" and \"op\"." }
+        let ops = ["equals", "in", "not_in", "weekday_in", "gte", "lte"]
+        guard let op = object["op"] as? String else { return "\(name): needs an \"op\": \(ops.joined(separator: ", "))." }
+        guard ops.contains(op) else { return "\(name): op \"\(op)\" is not one of \(ops.joined(separator: ", "))." }
+        guard let field = object["field"] as? String, !field.isEmpty else {
+            return "\(name): needs a \"field\": a path such as payload.isq or recipient.attributes.team."
+        }
+        let takes = op == "equals" || op == "gte" || op == "lte" ? "value" : "values"
+        if let extra = object.keys.sorted().first(where: { !["field", "op", takes].contains($0) }) {
+            return "\(name): \(op) takes \"field\", \"op\" and \"\(takes)\", not \"\(extra)\"."
+        }
+        switch op {
+        case "equals":
+            if object["value"] == nil { return "\(name): equals needs a \"value\" (any JSON value, null included)." }
+        case "gte", "lte":
+            let value = object["value"]
+            if value == nil || value is Bool || !(value is String || value is NSNumber) {
+                return "\(name): \(op) takes a \"value\" that is a number, a date (2027-03-31), a date-time or \"today\"."
+            }
+        default:
+            guard let values = object["values"] as? [Any], (1...100).contains(values.count) else {
+                return "\(name): \(op) needs \"values\": a list of 1 to 100 values."
+            }
+            let days = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+            if op == "weekday_in", let wrong = values.first(where: { !days.contains(($0 as? String) ?? "") }) {
+                return "\(name): \"\(wrong)\" is not a weekday: monday … sunday, lowercase."
+            }
+        }
+        return nil
     }
 
     /// Levenshtein distance, giving up (returning `limit + 1`) once it exceeds `limit`.

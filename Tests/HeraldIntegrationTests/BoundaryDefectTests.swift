@@ -483,7 +483,7 @@ struct BoundaryDefectTests {
                     .put, "/v1/me/preferences",
                     #"{"items": [{"category": "outings", "channel": "in_app", "enabled": true, "frequency": "IMMEDIATE", "#
                         + #""conditions": [{"field": "d", "op": "weekday_in", "values": ["Monday"]}]}]}"#,
-                    "items[0].conditions[0]", "is not a condition"
+                    "items[0].conditions[0]", #""Monday" is not a weekday: monday … sunday, lowercase."#
                 ),
             ]
             for (method, path, body, name, says) in cases {

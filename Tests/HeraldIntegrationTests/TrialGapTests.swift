@@ -175,6 +175,34 @@ struct TrialGapTests {
         }
     }
 
+    @Test("a condition the decoder cannot read is a 400 saying what is wrong with it")
+    func conditionWords() async throws {
+        try await withCatalogue { org, _, client in
+            func put(_ condition: String) async throws -> String {
+                let answer = try await client.send(
+                    .put, "/v1/me/preferences", token: org.memberToken,
+                    json:
+                        #"{"items":[{"category":"activity","channel":"email","enabled":true,"frequency":"IMMEDIATE","conditions":[\#(condition)]}]}"#
+                )
+                #expect(answer.isProblem(.badRequest), "\(condition): \(answer.text)")
+                return (answer.json["detail"] as? String) ?? answer.text
+            }
+            let said = [
+                try await put(#"{"field":"payload.n","op":"between","value":1}"#),
+                try await put(#"{"field":"payload.n","op":"gte","value":true}"#),
+                try await put(#"{"field":"payload.d","op":"weekday_in","values":["Monday"]}"#),
+                try await put(#"{"field":"payload.n","op":"in","value":1}"#),
+                try await put(#"{"op":"equals","value":1}"#),
+            ]
+            for (detail, part) in zip(
+                said,
+                [#"op "between" is not one of"#, "a number, a date", #""Monday" is not a weekday"#, #"not "value""#, #"needs a "field""#])
+            {
+                #expect(detail.hasPrefix("items[0].conditions[0]: ") && detail.contains(part), "\(detail)")
+            }
+        }
+    }
+
     @Test("deliver_at at most 366 days ahead: later is a 422 naming it, and nothing is written")
     func deliverAtBound() async throws {
         try await withCatalogue { org, _, client in

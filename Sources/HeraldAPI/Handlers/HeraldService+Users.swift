@@ -100,6 +100,8 @@ extension HeraldService {
             let before = try Components.Schemas.User(try await tx.user(id))
             // Changing someone needs every permission they hold: a service key cannot lock out an owner.
             try requireHolds(try await tx.permissions(ofUser: id).filter { !$0.concernsOnlyTheHolder }, principal)
+            // Already so (a retry, a second click): nothing changes, nothing is audited.
+            if before.active == active { return before }
             let after = try Components.Schemas.User(try await tx.setUserActive(id, active))
             if !active { try await requireAnOwner(tx) }
             try await tx.audit(
