@@ -231,7 +231,7 @@ struct RequestMiddleware: RouterMiddleware {
     /// for the integrator (they name Swift types and decoder internals).
     static func sentence(_ words: String, at path: String) -> String {
         if words.hasPrefix("Additional properties are disabled") {
-            return "holds a field this operation does not take (each field is in openapi.yaml; unknown ones are refused)."
+            return "is not a field this operation takes (each field is in openapi.yaml; unknown ones are refused)."
         }
         if words.hasPrefix("The oneOf structure did not decode") {
             if path.range(of: #"conditions\[\d+\]$"#, options: .regularExpression) != nil {

@@ -218,7 +218,7 @@ struct ScheduleTests {
                 (#"{"rule": "FREQ=DAILY;UNTIL=20001231T000000Z"}"#, .unprocessableContent, "no occurrence from now on"),
                 (#"{"event": {"type": "NOPE", "audience": {"everyone": true}}}"#, .unprocessableContent, "NOPE"),
                 (#"{"time_zone": "Mars/Olympus"}"#, .unprocessableContent, "time_zone"),
-                (#"{"paused": true}"#, .badRequest, "does not take"),
+                (#"{"paused": true}"#, .badRequest, "is not a field this operation takes"),
                 ("{}", .badRequest, "names no field"),
             ] {
                 let refused = try await client.send(.patch, path, token: org.ownerToken, json: body)
