@@ -474,7 +474,10 @@ struct BoundaryDefectTests {
                 (.post, "/v1/events", event + #""priority": "urgent"}"#, "priority", "is not one of low, normal, high, critical"),
                 (.patch, "/v1/organisation", #"{"retention_days": 30.5}"#, "retention_days", "whole number"),
                 (.patch, "/v1/organisation", #"{"retention_days": 99999999999999999999}"#, "retention_days", "whole number"),
-                (.patch, "/v1/organisation", #"{"name": "N", "organisation_id": "x"}"#, "organisation_id", "is not a field this operation takes"),
+                (
+                    .patch, "/v1/organisation", #"{"name": "N", "organisation_id": "x"}"#, "organisation_id",
+                    "is not a field this operation takes"
+                ),
                 (
                     .post, "/v1/endpoints", #"{"channel": "sms", "name": "n", "url": "https://hooks.example.org/x"}"#, "channel",
                     "is not one of webhook, chat"
