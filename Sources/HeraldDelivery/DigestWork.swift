@@ -196,10 +196,14 @@ struct DigestMessage {
         var byCategory: [String: [Item]] = [:]
         for entry in work.entries {
             let rendering = entry.rendering
-            let own = !(rendering.input.type.templates[.email] ?? [:]).isEmpty
+            // The in-app wording, written to be read in a list (as in the bell), rather than the
+            // email's, a whole letter with its greeting that each item of a digest repeated; the
+            // email's when the type has only that.
+            let templates = rendering.input.type.templates
+            let channel: NotificationChannel =
+                (templates[.inApp] ?? [:]).isEmpty && !(templates[.email] ?? [:]).isEmpty ? .email : .inApp
             // As written (not HTML-escaped): the digest template escapes its HTML part itself.
-            let content = NotificationPlanner.render(
-                rendering.input, rendering.recipient, channel: own ? .email : .inApp, plainText: true)
+            let content = NotificationPlanner.render(rendering.input, rendering.recipient, channel: channel, plainText: true)
             var body = content.body.trimmingCharacters(in: .whitespacesAndNewlines)
             if body.count > Self.bodyLimit { body = String(body.prefix(Self.bodyLimit - 1)) + "…" }
             let link = rendering.url.map { _ in click(entry) }

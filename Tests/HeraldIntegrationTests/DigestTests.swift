@@ -399,6 +399,30 @@ struct DigestTests {
             second.contains { $0.headers["Subject"]?.contains("your daily digest (1 notification)") == true }, "\(second.map(\.headers))")
     }
 
+    @Test("a digest's items read as the bell shows them (the in-app wording), not as letters repeating the email's greeting")
+    func itemsInTheBellsWords() async throws {
+        let (org, catalogue) = try await clubMember()
+        let address = "member@\(org.slug).example"
+        try await org.store { tx in
+            try await tx.putTemplate(
+                typeID: catalogue.taskAssigned, channel: .email, locale: "en",
+                content: TemplateContent(
+                    subject: "New task: {{payload.title}}", body: "Hello {{recipient.display_name}},\n\nA task for you."))
+        }
+        _ = try await task(org, "Sterilise room 2")
+        _ = try await task(org, "Order implants")
+        let slot = try #require(try await items(org, of: org.memberID).first?.slot)
+        let clock = Mutex(slot.addingTimeInterval(60))
+        try await withDigestRunners(org.id, now: { clock.withLock { $0 } }) { () async throws -> Void in
+            #expect(try await eventually(timeout: .seconds(30)) { try await sent(org, address, runs: 1) })
+        }
+        let mail = try ParsedMail(try #require(try await Peers.mail(to: address).first?["data"] as? String))
+        let text = try #require(mail.parts["text/plain"])
+        #expect(text.contains("Sterilise room 2") && text.contains("Assigned to Member"), "\(text)")
+        // The digest greets once; its items do not.
+        #expect(text.components(separatedBy: "Hello Member").count == 2 && !text.contains("A task for you"), "\(text)")
+    }
+
     @Test("one-click unsubscribe from a digest of two categories switches off the email of both")
     func unsubscribeEveryCategory() async throws {
         let (org, catalogue) = try await clubMember()
