@@ -84,7 +84,7 @@ public enum ReasonCode: String, CaseIterable, Sendable, Codable {
         case .conditionNotMet: "A condition of the preference is not met by the event or its recipient."
         case .throttled:
             "The user already received the most notifications allowed in a minute (the organisation's limit per category or per user)."
-        case .noDestination: "There is nowhere to send this channel for this user (no endpoint configured)."
+        case .noDestination: "No enabled endpoint of this channel takes this notification type (none is configured, or none lists the type in its event_types)."
         }
     }
 }
