@@ -84,7 +84,8 @@ public enum ReasonCode: String, CaseIterable, Sendable, Codable {
         case .conditionNotMet: "A condition of the preference is not met by the event or its recipient."
         case .throttled:
             "The user already received the most notifications allowed in a minute (the organisation's limit per category or per user)."
-        case .noDestination: "No enabled endpoint of this channel takes this notification type (none is configured, or none lists the type in its event_types)."
+        case .noDestination:
+            "No enabled endpoint of this channel takes this notification type (none is configured, or none lists the type in its event_types)."
         }
     }
 }
