@@ -354,6 +354,14 @@ extension AppConfiguration {
         }
     }
 
+    /// The link key ring for a command whose messages other processes must verify (a digest's
+    /// unsubscribe link, an inactivity warning's "keep me subscribed"): `HERALD_LINK_KEYS`
+    /// itself, never a key of this process alone, whose links no server could verify.
+    public func sharedLinkKeyRing(for what: String) throws -> LinkKeyRing {
+        guard linkKeys != nil else { throw LinkKeysUnset(what: what) }
+        return try linkKeyRing()
+    }
+
     /// The SSRF guard with the configured allowances.
     public func destinationGuard() throws -> DestinationGuard {
         let allowed = try destinationsAllowed.map { cidr in
@@ -365,6 +373,15 @@ extension AppConfiguration {
 }
 
 /// An environment variable whose value Herald cannot use.
+/// `HERALD_LINK_KEYS` unset where links must outlive the process that signs them.
+public struct LinkKeysUnset: Error, CustomStringConvertible {
+    public var what: String
+    public var description: String {
+        "HERALD_LINK_KEYS is not set: the links of \(what) would be signed by a key no server knows (dead unsubscribe links). "
+            + "Set it to the servers' HERALD_LINK_KEYS."
+    }
+}
+
 public struct ConfigurationError: Error, CustomStringConvertible {
     public var variable: String
     public var value: String

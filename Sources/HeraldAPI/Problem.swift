@@ -28,6 +28,11 @@ public enum APIError: Error, Sendable, Equatable {
     case notReady(String)
     case internalError
 
+    /// A type key the organisation's catalogue does not have, named by `field`.
+    static func unknownType(_ key: String, field: String) -> APIError {
+        .unprocessable(ValidationError(field: field, message: "\"\(key)\" is not a notification type of your organisation."))
+    }
+
     var status: HTTPResponse.Status {
         switch self {
         case .badRequest: .badRequest

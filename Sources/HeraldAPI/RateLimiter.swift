@@ -169,12 +169,16 @@ public final class OrganisationRateLimits: Sendable {
         return cached.settings
     }
 
+    /// The operations that send an event (a notify, or a schedule run by hand): each spends the
+    /// organisation's `events` rate as well as its requests.
+    static let sendsEvents: Set<String> = ["sendEvent", "runSchedule"]
+
     private func take(_ organisation: UUID, operationID: String, settings: RateLimitSettings, now: Date) -> RateLimitDecision? {
         var policies: [RateLimitPolicy] = []
         if let rate = settings.requestsPerSecond ?? requests, rate > 0 {
             policies.append(RateLimitPolicy(name: "requests", perSecond: rate, burst: rate * burstSeconds))
         }
-        if operationID == "sendEvent", let rate = settings.eventsPerSecond ?? events, rate > 0 {
+        if Self.sendsEvents.contains(operationID), let rate = settings.eventsPerSecond ?? events, rate > 0 {
             policies.append(RateLimitPolicy(name: "events", perSecond: rate, burst: rate * burstSeconds))
         }
         var last: RateLimitDecision?

@@ -270,12 +270,8 @@ struct RequestMiddleware: RouterMiddleware {
                 ? "Send List-Unsubscribe=One-Click as multipart/form-data or application/x-www-form-urlencoded (RFC 8058)."
                 : "Send a JSON body (Content-Type: application/json)."
         }
-        for (prefix, location) in [
-            ("Missing required query parameter named: ", "query parameter"), ("Missing required header field named: ", "header"),
-        ]
-        where cause.hasPrefix(prefix) {
-            return "\(cause.dropFirst(prefix.count)): this \(location) is required."
-        }
+        let prefix = "Missing required query parameter named: "
+        if cause.hasPrefix(prefix) { return "\(cause.dropFirst(prefix.count)): this query parameter is required." }
         return cause
     }
 
@@ -290,7 +286,7 @@ struct RequestMiddleware: RouterMiddleware {
         let wanted = key.stringValue
         let near = object.keys.filter { $0 != wanted && editDistance($0, wanted, atMost: 2) <= 2 }.sorted()
         guard let first = near.first else { return nil }
-        return " The body has \"\(first)\": a misspelling of \"\(wanted)\"?"
+        return " The body has \(shortJSON(first)): a misspelling of \"\(wanted)\"?"
     }
 
     /// The value at `path` in the JSON `body`; nil when the body or the path is not there.
@@ -330,13 +326,13 @@ struct RequestMiddleware: RouterMiddleware {
         guard let object = condition as? [String: Any] else { return "\(name): must be an object with \"field\" and \"op\"." }
         let ops = ["equals", "in", "not_in", "weekday_in", "gte", "lte"]
         guard let op = object["op"] as? String else { return "\(name): needs an \"op\": \(ops.joined(separator: ", "))." }
-        guard ops.contains(op) else { return "\(name): op \"\(op)\" is not one of \(ops.joined(separator: ", "))." }
+        guard ops.contains(op) else { return "\(name): op \(shortJSON(op)) is not one of \(ops.joined(separator: ", "))." }
         guard let field = object["field"] as? String, !field.isEmpty else {
             return "\(name): needs a \"field\": a path such as payload.isq or recipient.attributes.team."
         }
         let takes = op == "equals" || op == "gte" || op == "lte" ? "value" : "values"
         if let extra = object.keys.sorted().first(where: { !["field", "op", takes].contains($0) }) {
-            return "\(name): \(op) takes \"field\", \"op\" and \"\(takes)\", not \"\(extra)\"."
+            return "\(name): \(op) takes \"field\", \"op\" and \"\(takes)\", not \(shortJSON(extra))."
         }
         switch op {
         case "equals":
@@ -352,10 +348,18 @@ struct RequestMiddleware: RouterMiddleware {
             }
             let days = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
             if op == "weekday_in", let wrong = values.first(where: { !days.contains(($0 as? String) ?? "") }) {
-                return "\(name): \"\(wrong)\" is not a weekday: monday … sunday, lowercase."
+                return "\(name): \(shortJSON(wrong)) is not a weekday: monday … sunday, lowercase."
             }
         }
         return nil
+    }
+
+    /// A value of the request as compact JSON, at most 60 characters: what a problem may quote
+    /// of it (never the whole of a large value).
+    static func shortJSON(_ value: Any) -> String {
+        let data = try? JSONSerialization.data(withJSONObject: value, options: [.fragmentsAllowed, .sortedKeys, .withoutEscapingSlashes])
+        let text = data.flatMap { String(data: $0, encoding: .utf8) } ?? "a value"
+        return text.count > 60 ? String(text.prefix(59)) + "…" : text
     }
 
     /// Levenshtein distance, giving up (returning `limit + 1`) once it exceeds `limit`.

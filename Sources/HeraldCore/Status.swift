@@ -35,8 +35,8 @@ public enum DigestItemStatus: String, CaseIterable, Sendable, Codable {
 }
 
 /// Where an in-app notification stands for its recipient; `scheduled` until it is shown (its
-/// event's `deliver_at`), `deleted` once the user deleted it, `withdrawn` when its event was
-/// cancelled before it was shown.
+/// event's `deliver_at`), `expired` past its `expires_at` (hidden, or purged since), `deleted`
+/// once the user deleted it, `withdrawn` when its event was cancelled before it was shown.
 public enum FeedItemStatus: String, CaseIterable, Sendable, Codable {
     case unread = "UNREAD"
     case read = "READ"
@@ -44,6 +44,7 @@ public enum FeedItemStatus: String, CaseIterable, Sendable, Codable {
     case deleted = "DELETED"
     case withdrawn = "WITHDRAWN"
     case scheduled = "SCHEDULED"
+    case expired = "EXPIRED"
 }
 
 /// How a webhook or chat endpoint's messages are shaped: Standard Webhooks for a webhook, a

@@ -43,10 +43,9 @@ public final class HTTPTransport: Sendable {
             redirectConfiguration: .disallow,
             timeout: .init(connect: .seconds(5), read: timeout))
         configuration.httpVersion = .http1Only
-        // A refused or unreachable receiver fails its attempt at once; retrying the connection
-        // until the connect timeout held a send slot 5 s for nothing (the attempt is retried
-        // later by the delivery's own backoff).
-        configuration.connectionPool.retryConnectionEstablishment = false
+        // Failed connections are retried until the connect timeout (AsyncHTTPClient's default):
+        // without the retries, one failed connect fails every send waiting for that host's
+        // pool, each counted as an attempt (and toward the endpoint's breaker).
         configuration.connectionPool.concurrentHTTP1ConnectionsPerHostSoftLimit = max(8, connectionsPerHost)
         return configuration
     }

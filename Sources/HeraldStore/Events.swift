@@ -297,11 +297,13 @@ extension TenantTransaction {
         let request = event.request
         return try """
         INSERT INTO events (organisation_id, id, type_id, actor_type, actor_id, source_actor, audience, payload, subject_type, subject_id,
-                            severity, priority, deliver_at, expires_at, idempotency_key, request_hash, counts, url, tags, fanout_state)
+                            severity, priority, deliver_at, expires_at, idempotency_key, request_hash, counts, url, tags, fanout_state,
+                            schedule_id)
         VALUES (\(organisationID), \(event.id), \(event.typeID), \(actor.kind), \(actor.id), \(request.sourceActor.map { JSONDocument($0) }),
                 \(JSONDocument(request.audience)), \(JSONDocument(request.payload)), \(request.subjectType), \(request.subjectID),
                 \(event.severity), \(event.priority), \(event.deliverAt), \(request.expiresAt), \(event.idempotencyKey), \(event.requestHash),
-                \(counts), \(request.url), \(request.tags)::text[], \(expanding ? "EXPANDING" : nil))
+                \(counts), \(request.url), \(request.tags)::text[], \(expanding ? "EXPANDING" : nil),
+                schedule_of_key(\(event.idempotencyKey)::text))
         """
     }
 

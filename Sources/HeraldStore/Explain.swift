@@ -54,13 +54,23 @@ extension ExplainedRecipient {
 
 extension TenantTransaction {
     /// The trace of an event, by user id, optionally for one user.
-    public func explain(eventID: UUID, userID: UUID?, limit: Int, after: UUID?) async throws -> (items: [ExplainedRecipient], next: UUID?) {
+    public func explain(
+        eventID: UUID, userID: UUID?, limit: Int, after: UUID?, now: Date = Date()
+    ) async throws -> (items: [ExplainedRecipient], next: UUID?) {
         let event = try await event(eventID)
         // Every in-app row of an event is shown at its deliver_at, and a cancellation deletes the
-        // rows not shown yet; the user can delete only rows shown. So a row missing from a
-        // cancelled event whose time had not come was withdrawn, any other was deleted.
+        // rows not shown yet; the user can delete only rows shown; purge-expired deletes rows
+        // past their expires_at (the event's). So a row missing from a cancelled event whose time
+        // had not come was withdrawn, one of an event that has expired was purged (or deleted by
+        // its user before: the store no longer says which), any other was deleted by its user.
         let missing: FeedItemStatus =
-            if let cancelled = event.cancelledAt, event.deliverAt > cancelled { .withdrawn } else { .deleted }
+            if let cancelled = event.cancelledAt, event.deliverAt > cancelled {
+                .withdrawn
+            } else if let expiry = event.expiresAt, expiry <= now {
+                .expired
+            } else {
+                .deleted
+            }
         let rows = try await query(
             """
             SELECT r.user_id, u.email, u.display_name, r.targeted, r.rule, r.reason, r.channels, d.channels, r.record_ids
@@ -90,7 +100,8 @@ extension TenantTransaction {
         if !notificationIDs.isEmpty {
             for row in try await query(
                 """
-                SELECT n.id, CASE WHEN n.visible_at > now() THEN 'SCHEDULED' WHEN n.archived_at IS NOT NULL THEN 'ARCHIVED'
+                SELECT n.id, CASE WHEN n.visible_at > \(now) THEN 'SCHEDULED' WHEN n.expires_at <= \(now) THEN 'EXPIRED'
+                            WHEN n.archived_at IS NOT NULL THEN 'ARCHIVED'
                             WHEN notification_read(n, fs) THEN 'READ' ELSE 'UNREAD' END
                 FROM notifications n LEFT JOIN feed_state fs ON fs.organisation_id = n.organisation_id AND fs.user_id = n.user_id
                 WHERE n.organisation_id = \(organisationID) AND n.id = ANY(\(notificationIDs)::uuid[])

@@ -75,14 +75,9 @@ struct DigestsCommand: AsyncParsableCommand {
                 let smtp = EmailTransport.settings(
                     url: config.smtpURL, username: config.smtpUsername, password: config.smtpPassword, timeout: config.smtpTimeout)
             else { throw ValidationError("HERALD_SMTP_URL is not an smtp:// or smtps:// URL: \(config.smtpURL)") }
-            // A key of this process alone would sign links no server can verify: every unsubscribe
-            // link of the digests sent here would be dead, and a sent digest is not sent again.
-            guard config.linkKeys != nil else {
-                throw ValidationError(
-                    "HERALD_LINK_KEYS is not set: the digests' links (unsubscribe, tracked links) would be signed by a key no server knows. "
-                        + "Set it to the servers' HERALD_LINK_KEYS.")
-            }
-            let links = LinkBuilder(baseURL: config.linkBaseURL, keys: try config.linkKeyRing())
+            // Not a key of this process alone: every unsubscribe link of the digests sent here
+            // would be dead, and a sent digest is not sent again.
+            let links = LinkBuilder(baseURL: config.linkBaseURL, keys: try config.sharedLinkKeyRing(for: "the digests sent"))
             try await withPostgres(url: url, variable: "DATABASE_OWNER_URL", logger: logger) { client in
                 let database = config.database(client, logger: logger)
                 var runner = WorkRunnerConfiguration(name: "cli:" + WorkerPoolConfiguration.defaultName())

@@ -35,6 +35,7 @@ struct Serve: AsyncParsableCommand {
         let logger = Logger(label: "herald")
         let postgres = PostgresClient(configuration: try poolConfiguration(config), backgroundLogger: logger)
         let linkKeys = try config.linkKeyRing()
+        warnOfProcessLinkKeys(config, logger: logger)
         // The process's one notification bus, on the API's pool: the workers and the live feed
         // streams wake on it.
         let bus = NotificationBus(client: postgres, logger: logger)

@@ -82,15 +82,10 @@ struct MaintenanceCommand: AsyncParsableCommand {
 private func runNow(_ job: SystemJob, organisation: String?, label: String, now: Date = Date()) async throws {
     let config = try AppConfiguration.fromEnvironment()
     var mailer: InactivityMailer?
-    // Warnings carry a "keep me subscribed" link: without the servers' keys it would be dead.
-    if job == .inactivity, config.linkKeys == nil {
-        throw ValidationError(
-            "HERALD_LINK_KEYS is not set: the inactivity warnings' links would be signed by a key no server knows. "
-                + "Set it to the servers' HERALD_LINK_KEYS.")
-    }
+    // Warnings carry a "keep me subscribed" link: with a key of this process alone it would be dead.
+    let keys = job == .inactivity ? try config.sharedLinkKeyRing(for: "the inactivity warnings") : try config.linkKeyRing()
     if let smtp = EmailTransport.settings(
-        url: config.smtpURL, username: config.smtpUsername, password: config.smtpPassword, timeout: config.smtpTimeout),
-        let keys = try? config.linkKeyRing()
+        url: config.smtpURL, username: config.smtpUsername, password: config.smtpPassword, timeout: config.smtpTimeout)
     {
         mailer = InactivityMailer(
             email: EmailTransport(settings: smtp, defaultFrom: config.smtpFrom), links: LinkBuilder(baseURL: config.linkBaseURL, keys: keys)

@@ -28,6 +28,7 @@ struct Worker: AsyncParsableCommand {
         let logger = Logger(label: "herald.worker")
         runTasksOnEventLoops(config, logger: logger)
         // No bus given: the workers' own pool lends one connection to the process's bus.
+        warnOfProcessLinkKeys(config, logger: logger)
         let delivery = try DeliveryServices(config, linkKeys: try config.linkKeyRing(), bus: nil, logger: logger)
         guard delivery.workers > 0 else {
             throw ValidationError("DATABASE_WORKER_URL is not set: the workers connect as the worker role (herald_worker).")
@@ -201,4 +202,15 @@ struct ShutdownDeadline: Service {
             exit(2)
         }
     }
+}
+
+/// Without `HERALD_LINK_KEYS` a process signs its links with a key of its own: they work while it
+/// runs, on it alone (one instance, a demo), and are dead after a restart or on another instance.
+func warnOfProcessLinkKeys(_ config: AppConfiguration, logger: Logger) {
+    guard config.linkKeys == nil else { return }
+    logger.warning(
+        """
+        HERALD_LINK_KEYS is not set: this process signs its links (unsubscribe, tracked links) with a key of its own; \
+        they stop working when it restarts and on other instances
+        """)
 }

@@ -75,6 +75,12 @@ struct TrialGapTests {
             let stats = try await client.send(.get, "/v1/notifications/stats?user_id=\(nobody)", token: org.ownerToken)
             let debug = try await client.send(.get, "/v1/notifications/debug?event=ISQ_CRITICAL&user_id=\(nobody)", token: org.ownerToken)
             #expect(stats.isProblem(.notFound) && debug.isProblem(.notFound), "\(stats.text) \(debug.text)")
+            let sent = try await client.send(
+                .post, "/v1/events", token: org.ownerToken,
+                json: #"{"type":"TASK_ASSIGNED","audience":{"user_ids":["\#(org.memberID.uuidString.lowercased())"]},"payload":{}}"#)
+            let event = try sent.decoded(Components.Schemas.EventAccepted.self).eventId
+            #expect(
+                try await client.send(.get, "/v1/events/\(event)/explain?user_id=\(nobody)", token: org.ownerToken).isProblem(.notFound))
             let member = org.memberID.uuidString.lowercased()
             #expect(
                 try await client.send(.get, "/v1/notifications/debug?event=ISQ_CRITICAL&user_id=\(member)", token: org.ownerToken).status
@@ -130,6 +136,75 @@ struct TrialGapTests {
             #expect((refused.json["detail"] as? String)?.contains("which you do not hold") == true, "\(refused.text)")
             let owner = try await org.store { tx in try await tx.user(org.ownerID) }
             #expect(owner.active)
+        }
+    }
+
+    @Test("running a schedule by hand spends the organisation's events rate, as a notify does")
+    func runSpendsEvents() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        // A clock that stands still: the bucket does not refill between the two runs.
+        let clock = TestClock()
+        let app = try await TestEnvironment.shared.application(
+            now: { clock.now() },
+            configure: {
+                $0.rateLimitEvents = 1
+                $0.rateLimitBurstSeconds = 1
+                $0.rateLimitRequests = 0
+            })
+        try await app.test(.router) { client in
+            let created = try await client.send(
+                .post, "/v1/schedules", token: org.ownerToken,
+                json:
+                    #"{"name":"R","rule":"FREQ=DAILY;BYHOUR=9","event":{"type":"TASK_ASSIGNED","audience":{"user_ids":["\#(org.memberID.uuidString.lowercased())"]}}}"#
+            )
+            let id = try created.decoded(Components.Schemas.Schedule.self).id
+            let first = try await client.send(.post, "/v1/schedules/\(id)/run", token: org.ownerToken)
+            #expect(
+                first.status == .accepted && first.headers[HTTPField.Name("RateLimit-Policy")!] == #""events";q=1;w=1"#, "\(first.headers)")
+            let second = try await client.send(.post, "/v1/schedules/\(id)/run", token: org.ownerToken)
+            #expect(second.isProblem(.tooManyRequests), "\(second.text)")
+        }
+    }
+
+    @Test("explain says EXPIRED for an in-app row past its expires_at, before and after it is purged")
+    func expiredIsNotDeleted() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let clock = TestClock()
+        try await TestEnvironment.shared.application(now: { clock.now() }).test(.router) { client in
+            let until = ISO8601DateFormatter().string(from: clock.now().addingTimeInterval(60))
+            let sent = try await client.send(
+                .post, "/v1/events", token: org.ownerToken,
+                json:
+                    #"{"type":"TASK_ASSIGNED","audience":{"user_ids":["\#(org.memberID.uuidString.lowercased())"]},"expires_at":"\#(until)"}"#
+            )
+            let event = try sent.decoded(Components.Schemas.EventAccepted.self).eventId
+            func status() async throws -> String? {
+                let explained = try await client.send(.get, "/v1/events/\(event)/explain", token: org.ownerToken)
+                return try explained.decoded(Components.Schemas.Explanation.self).items.first?.channels.first { $0.channel == .inApp }?
+                    .notificationStatus?.rawValue
+            }
+            #expect(try await status() == "UNREAD")
+            clock.advance(120) // (within the access token's 15 minutes)
+            #expect(try await status() == "EXPIRED")
+            _ = try await org.store { tx in try await tx.query("DELETE FROM notifications WHERE organisation_id = \(org.id)") }
+            #expect(try await status() == "EXPIRED", "purged after expiry, not deleted by its user")
+        }
+    }
+
+    @Test("importing preference defaults without organisation.manage is a 403 naming it")
+    func catalogueNeedsOrganisationManage() async throws {
+        try await withOrganisation { org, client in
+            try await org.store { tx in
+                let editor = try await tx.createRole(key: "editor", name: "Editor", description: "", permissions: [.templatesManage])
+                _ = try await tx.setUserRoles(org.memberID, [editor.id])
+            }
+            let refused = try await client.send(
+                .put, "/v1/catalogue", token: org.memberToken, json: #"{"categories":[],"types":[],"preference_defaults":[]}"#)
+            #expect(refused.isProblem(.forbidden), "\(refused.text)")
+            #expect(
+                (refused.json["detail"] as? String) == #"This operation needs the permission "organisation.manage"."#, "\(refused.text)")
         }
     }
 

@@ -14,7 +14,10 @@ extension HeraldService {
         guard case .json(let document) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         let plan = try CataloguePlan(document)
         let after = try await tenant { tx, principal in
-            if document.preferenceDefaults != nil { try requireHolds([.organisationManage], principal) }
+            // The defaults are the organisation's settings: the permission of PUT /v1/preference-defaults.
+            if document.preferenceDefaults != nil, !principal.permissions.contains(.organisationManage) {
+                throw APIError.forbidden(.organisationManage)
+            }
             let before = try await catalogueDocument(tx, for: principal)
             let summary = try await apply(plan, document, tx)
             let after = try await catalogueDocument(tx, for: principal)

@@ -74,8 +74,7 @@ extension HeraldService {
     /// endpoint silent for ever. (A type deleted later stays in the list, matching nothing.)
     private func requireKnownTypes(_ keys: [String], in tx: TenantTransaction) async throws {
         guard let unknown = try await tx.unknownTypeKeys(keys).first else { return }
-        throw APIError.unprocessable(
-            ValidationError(field: "event_types", message: "\"\(unknown)\" is not a notification type of your organisation."))
+        throw APIError.unknownType(unknown, field: "event_types")
     }
 
     func deleteEndpoint(_ input: Operations.DeleteEndpoint.Input) async throws -> Operations.DeleteEndpoint.Output {

@@ -76,8 +76,7 @@ extension HeraldService {
             var typeID: UUID?
             if let key = input.query._type {
                 guard let type = try await tx.notificationType(key: key) else {
-                    throw APIError.unprocessable(
-                        ValidationError(field: "type", message: "\"\(key)\" is not a notification type of your organisation."))
+                    throw APIError.unknownType(key, field: "type")
                 }
                 typeID = type.id
             }
@@ -122,7 +121,10 @@ extension HeraldService {
         let after = try input.query.cursor.map { c in try PageCursor(encoded: c).id }
         let user = try input.query.userId.map { v in try Validate.uuid(v, field: "user_id") }
         let explanation = try await tenant { tx, _ in
-            try await explanationOf(try await tx.event(id), tx, userID: user, limit: limit, after: after)
+            let event = try await tx.event(id)
+            // An unknown user is a 404 (as in the debug form and stats), not an empty explanation.
+            if let user { _ = try await tx.user(user) }
+            return try await explanationOf(event, tx, userID: user, limit: limit, after: after)
         }
         return .ok(.init(body: .json(explanation)))
     }
@@ -135,8 +137,7 @@ extension HeraldService {
         let key = input.query.event
         let explanation = try await tenant { tx, _ in
             guard let type = try await tx.notificationType(key: key) else {
-                throw APIError.unprocessable(
-                    ValidationError(field: "event", message: "\"\(key)\" is not a notification type of your organisation."))
+                throw APIError.unknownType(key, field: "event")
             }
             // An unknown user is a 404, as for stats, not an explanation with nobody in it.
             if let user { _ = try await tx.user(user) }
@@ -156,8 +157,7 @@ extension HeraldService {
         do {
             return try await body()
         } catch let unknown as UnknownNotificationType {
-            throw APIError.unprocessable(
-                ValidationError(field: "type", message: "\"\(unknown.key)\" is not a notification type of your organisation."))
+            throw APIError.unknownType(unknown.key, field: "type")
         } catch let unknown as UnknownAudience {
             let names =
                 unknown.userIDs.map { "user \($0.lowercased)" } + unknown.roleKeys.map { "role \($0)" }
@@ -189,7 +189,7 @@ extension HeraldService {
     private func explanationOf(
         _ event: EventRecord, _ tx: TenantTransaction, userID: UUID?, limit: Int, after: UUID?
     ) async throws -> Components.Schemas.Explanation {
-        let (items, next) = try await tx.explain(eventID: event.id, userID: userID, limit: limit, after: after)
+        let (items, next) = try await tx.explain(eventID: event.id, userID: userID, limit: limit, after: after, now: now())
         return .init(
             eventId: event.id.lowercased, _type: event.typeKey, dryRun: false, counts: try convert(event.counts),
             items: try items.map(explained), nextCursor: next.map { PageCursor(time: Date(timeIntervalSince1970: 0), id: $0).encoded })

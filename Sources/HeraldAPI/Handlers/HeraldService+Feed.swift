@@ -36,8 +36,7 @@ extension HeraldService {
     /// Checked only when the page is empty, so a feed with rows pays nothing for it.
     private func refuseUnknownCatalogueKeys(_ filter: FeedFilter, _ tx: TenantTransaction) async throws {
         if let key = filter.typeKey, try await tx.notificationType(key: key) == nil {
-            throw APIError.unprocessable(
-                ValidationError(field: "type", message: "\"\(key)\" is not a notification type of your organisation."))
+            throw APIError.unknownType(key, field: "type")
         }
         if let key = filter.categoryKey, try await tx.category(key: key) == nil {
             throw APIError.unprocessable(ValidationError(field: "category", message: "\"\(key)\" is not a category of your organisation."))

@@ -106,8 +106,7 @@ extension HeraldService {
             var categories = try await tx.categories()
             if let typeKey {
                 guard let type = try await tx.notificationType(key: typeKey) else {
-                    throw APIError.unprocessable(
-                        ValidationError(field: "type", message: "\"\(typeKey)\" is not a notification type of your organisation."))
+                    throw APIError.unknownType(typeKey, field: "type")
                 }
                 typeChannels = Set(type.defaultChannels)
                 categories = categories.filter { $0.id == type.categoryID }

@@ -237,6 +237,7 @@ func mapped(_ status: FeedItemStatus) -> Components.Schemas.ExplainedChannel.Not
     case .deleted: .deleted
     case .withdrawn: .withdrawn
     case .scheduled: .scheduled
+    case .expired: .expired
     }
 }
 

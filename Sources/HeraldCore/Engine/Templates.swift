@@ -37,14 +37,18 @@ public enum TemplateRenderer {
     /// The parser's error in words (its names are the library's: `overflow` is the end of the
     /// text reached inside a tag).
     static func problem(_ error: any Error) -> String {
-        switch String(describing: error) {
-        case "overflow": "a tag opened with {{ is never closed with }}"
-        case "unfinishedName": "a tag's name is not finished"
-        case "expectedSectionEnd": "a section is opened and never closed ({{#name}} or {{^name}} needs its {{/name}})"
-        case "sectionCloseNameIncorrect": "a section is closed with another name than it was opened with ({{#a}} … {{/a}})"
-        case "invalidSetDelimiter": "the delimiters set with {{= =}} are not valid"
-        case let other: "the template cannot be read (\(other))"
+        if let known = error as? MustacheTemplate.Error {
+            switch known {
+            case .unfinishedName: return "a tag's name is not finished"
+            case .expectedSectionEnd: return "a section is opened and never closed ({{#name}} or {{^name}} needs its {{/name}})"
+            case .sectionCloseNameIncorrect: return "a section is closed with another name than it was opened with ({{#a}} … {{/a}})"
+            case .invalidSetDelimiter: return "the delimiters set with {{= =}} are not valid"
+            default: return "the template cannot be read (\(known))"
+            }
         }
+        // The scanner's own error (internal to the library) when the text ends inside a tag.
+        if String(describing: error) == "overflow" { return "a tag opened with {{ is never closed with }}" }
+        return "the template cannot be read (\(error))"
     }
 
     /// Renders a template that passed `validate`; an unparsable one renders as its source.
