@@ -471,6 +471,13 @@ struct DigestTests {
             try await tx.auditEntries(action: "preference.unsubscribe", targetID: nil, limit: 10, after: nil)
         }
         #expect(audited.items.count == 2, "one entry per category switched off, none for the second POST")
+        // Each as the preference API shows a cell: the category's key, not its id.
+        let keys = audited.items.compactMap { entry -> String? in
+            guard case .object(let after) = entry.after, case .string(let key) = after["category"], after["enabled"] == .bool(false)
+            else { return nil }
+            return key
+        }
+        #expect(Set(keys) == ["activity", "outings"], "\(audited.items.map(\.after))")
         // A category whose items the digest dropped at send time was not in the email: its link
         // does not reach it.
         let run = try #require(try await org.store { tx in try await tx.digestRuns(of: org.memberID) }.first)

@@ -75,20 +75,20 @@ extension HeraldService {
             var names: [String] = []
             for category in categories {
                 let before = try await tx.unsubscribe(userID: claims.userID, categoryID: category, channel: channel)
-                names.append(try await tx.category(category).name)
+                let shown = try await tx.category(category)
+                names.append(shown.name)
                 // Switched off already (a second click, a mail scanner's POST): nothing changed.
                 if before?.enabled == false { continue }
+                // As the preference API shows a cell (category key, channel, enabled, frequency);
+                // no `before` when the user had no setting of their own (the default applied).
                 try await tx.audit(
                     action: "preference.unsubscribe", targetType: "user", targetID: claims.userID.lowercased,
-                    before: try auditValue([
-                        "category_id": category.lowercased, "channel": channel.rawValue,
-                        "enabled": before.map { String($0.enabled) } ?? "inherited",
-                    ]),
-                    after: try auditValue([
-                        "category_id": category.lowercased, "channel": channel.rawValue, "enabled": "false",
-                        "via": claims.digestRunID.map { "one-click unsubscribe, digest run \($0.lowercased)" }
-                            ?? "one-click unsubscribe, delivery \(claims.deliveryID?.lowercased ?? "-")",
-                    ]))
+                    before: try before.map { try auditValue(UnsubscribeAudit(shown.key, channel, $0, via: nil)) },
+                    after: try auditValue(
+                        UnsubscribeAudit(
+                            shown.key, channel, PreferenceSetting(enabled: false, frequency: before?.frequency ?? .none),
+                            via: claims.digestRunID.map { "one-click unsubscribe, digest run \($0.lowercased)" }
+                                ?? "one-click unsubscribe, delivery \(claims.deliveryID?.lowercased ?? "-")")))
             }
             return names
         }
@@ -145,5 +145,22 @@ extension HeraldService {
         let categories = try await transaction { tx in try await tx.digestRunCategories(run, userID: claims.userID) }
         guard !categories.isEmpty else { throw APIError.notFound(resource: "link") }
         return (categories, channel)
+    }
+}
+
+/// A preference cell as the audit log keeps an unsubscribe: the API's fields, and how it came.
+private struct UnsubscribeAudit: Encodable {
+    var category: String
+    var channel: String
+    var enabled: Bool
+    var frequency: String
+    var via: String?
+
+    init(_ category: String, _ channel: NotificationChannel, _ setting: PreferenceSetting, via: String?) {
+        self.category = category
+        self.channel = channel.rawValue
+        enabled = setting.enabled
+        frequency = setting.frequency.rawValue
+        self.via = via
     }
 }
