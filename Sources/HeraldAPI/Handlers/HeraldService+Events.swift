@@ -25,17 +25,12 @@ extension HeraldService {
         let now = now()
         enum Outcome: Sendable { case created(EventRecord), replayed(EventRecord) }
         let outcome: Outcome = try await tenant { tx, _ in
-            if let key {
-                guard try await tx.lockIdempotencyKey(key) else {
-                    throw APIError.conflict("A request with this Idempotency-Key is still being processed; retry later.")
+            if let first = try await firstEvent(under: key, tx) {
+                guard first.requestHash == hash else {
+                    throw APIError.unprocessable(
+                        ValidationError(field: "Idempotency-Key", message: "was already used with a different body."))
                 }
-                if let first = try await tx.event(idempotencyKey: key) {
-                    guard first.requestHash == hash else {
-                        throw APIError.unprocessable(
-                            ValidationError(field: "Idempotency-Key", message: "was already used with a different body."))
-                    }
-                    return .replayed(first)
-                }
+                return .replayed(first)
             }
             // Checked after the replay: retrying a stored request later still gets its first answer.
             try checkTimes(body)
@@ -57,6 +52,16 @@ extension HeraldService {
         case .replayed(let event):
             return .accepted(.init(headers: .init(idempotentReplayed: "true"), body: .json(try accepted(event))))
         }
+    }
+
+    /// The event already sent under `key` (nil without a key, or when none is), once the key's
+    /// lock is taken: a second request with the same key while the first runs is a 409.
+    func firstEvent(under key: String?, _ tx: TenantTransaction) async throws -> EventRecord? {
+        guard let key else { return nil }
+        guard try await tx.lockIdempotencyKey(key) else {
+            throw APIError.conflict("A request with this Idempotency-Key is still being processed; retry later.")
+        }
+        return try await tx.event(idempotencyKey: key)
     }
 
     func dryRunEvent(_ input: Operations.DryRunEvent.Input) async throws -> Operations.DryRunEvent.Output {

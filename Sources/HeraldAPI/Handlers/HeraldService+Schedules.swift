@@ -173,10 +173,7 @@ extension HeraldService {
         let now = now()
         let (event, replayed): (EventRecord, Bool) = try await tenant { tx, _ in
             let schedule = try await tx.schedule(id)
-            guard try await tx.lockIdempotencyKey(key) else {
-                throw APIError.conflict("A run with this Idempotency-Key is still being processed; retry later.")
-            }
-            if let first = try await tx.event(idempotencyKey: key) { return (first, true) }
+            if let first = try await firstEvent(under: key, tx) { return (first, true) }
             var request = schedule.event
             request.deliverAt = nil
             try await tx.lockAudienceNames(request.audience)
