@@ -26,19 +26,6 @@ public final class HTTPTransport: Sendable {
         destinations: DestinationGuard, timeout: TimeAmount = .seconds(10), maxResponseBytes: Int = 16 * 1024,
         connectionsPerHost: Int = 16
     ) {
-        client = HTTPClient(
-            eventLoopGroupProvider: .singleton,
-            configuration: Self.clientConfiguration(timeout: timeout, connectionsPerHost: connectionsPerHost))
-        self.destinations = destinations
-        self.timeout = timeout
-        self.maxResponseBytes = maxResponseBytes
-        resolver = NIOThreadPool(numberOfThreads: min(16, max(2, connectionsPerHost)))
-        resolver.start()
-    }
-
-    /// The client's settings: no redirects, bounded time, HTTP/1 with a connection per send in
-    /// flight.
-    static func clientConfiguration(timeout: TimeAmount, connectionsPerHost: Int) -> HTTPClient.Configuration {
         var configuration = HTTPClient.Configuration(
             redirectConfiguration: .disallow,
             timeout: .init(connect: .seconds(5), read: timeout))
@@ -47,7 +34,12 @@ public final class HTTPTransport: Sendable {
         // without the retries, one failed connect fails every send waiting for that host's
         // pool, each counted as an attempt (and toward the endpoint's breaker).
         configuration.connectionPool.concurrentHTTP1ConnectionsPerHostSoftLimit = max(8, connectionsPerHost)
-        return configuration
+        client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+        self.destinations = destinations
+        self.timeout = timeout
+        self.maxResponseBytes = maxResponseBytes
+        resolver = NIOThreadPool(numberOfThreads: min(16, max(2, connectionsPerHost)))
+        resolver.start()
     }
 
     deinit {

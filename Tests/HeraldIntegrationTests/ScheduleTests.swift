@@ -359,6 +359,29 @@ struct ScheduleTests {
         }
     }
 
+    @Test("running a schedule by hand spends the organisation's events rate, as a notify does")
+    func runSpendsEvents() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        // A clock that stands still: the bucket does not refill between the two runs.
+        let clock = TestClock()
+        let app = try await TestEnvironment.shared.application(
+            now: { clock.now() },
+            configure: {
+                $0.rateLimitEvents = 1
+                $0.rateLimitBurstSeconds = 1
+                $0.rateLimitRequests = 0
+            })
+        try await app.test(.router) { client in
+            let id = try await create(client, org, rule: "FREQ=DAILY;BYHOUR=9").id
+            let first = try await client.send(.post, "/v1/schedules/\(id)/run", token: org.ownerToken)
+            #expect(
+                first.status == .accepted && first.headers[HTTPField.Name("RateLimit-Policy")!] == #""events";q=1;w=1"#, "\(first.headers)")
+            let second = try await client.send(.post, "/v1/schedules/\(id)/run", token: org.ownerToken)
+            #expect(second.isProblem(.tooManyRequests), "\(second.text)")
+        }
+    }
+
     @Test("an occurrence already sent under its key is not sent again; missed occurrences are skipped, the latest is sent")
     func idempotencyAndCatchUp() async throws {
         let org = try await TestOrganisation.make()

@@ -84,17 +84,15 @@ extension HeraldService {
     /// A scheduled event as an engine request, validated as notify validates its body (a scheduled
     /// event is an event body without its times).
     private func scheduledEventRequest(_ event: Components.Schemas.ScheduledEvent) throws -> EventRequest {
-        try inEvent { try eventRequest(try JSONDecoder().decode(Components.Schemas.EventCreate.self, from: JSONEncoder().encode(event))) }
+        do {
+            return try eventRequest(try JSONDecoder().decode(Components.Schemas.EventCreate.self, from: JSONEncoder().encode(event)))
+        } catch { throw Self.inEvent(error) }
     }
 
     /// Runs `body`, naming the fields of its 422s as fields of the schedule's `event`
     /// (`event.type`, not `type`).
     private func inEvent<Result>(_ body: () async throws -> Result) async throws -> Result {
         do { return try await body() } catch let error { throw Self.inEvent(error) }
-    }
-
-    private func inEvent<Result>(_ body: () throws -> Result) throws -> Result {
-        do { return try body() } catch let error { throw Self.inEvent(error) }
     }
 
     private static func inEvent(_ error: any Error) -> any Error {
