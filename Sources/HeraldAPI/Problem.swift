@@ -25,6 +25,8 @@ public enum APIError: Error, Sendable, Equatable {
     /// The organisation's request rate on this instance is used up (`RateLimiter`).
     case rateLimited(RateLimitDecision)
     case contentTooLarge(limit: Int?)
+    /// A body in a media type the operation does not take (RFC 9110 §15.5.16).
+    case unsupportedMediaType(String)
     case notReady(String)
     case internalError
 
@@ -44,6 +46,7 @@ public enum APIError: Error, Sendable, Equatable {
         case .unprocessable: .unprocessableContent
         case .tooManyRequests, .rateLimited: .tooManyRequests
         case .contentTooLarge: .contentTooLarge
+        case .unsupportedMediaType: .unsupportedMediaType
         case .notReady: .serviceUnavailable
         case .internalError: .internalServerError
         }
@@ -61,6 +64,7 @@ public enum APIError: Error, Sendable, Equatable {
             case .unprocessable: "validation"
             case .tooManyRequests, .rateLimited: "rate-limited"
             case .contentTooLarge: "content-too-large"
+            case .unsupportedMediaType: "unsupported-media-type"
             case .notReady: "not-ready"
             case .internalError: "internal"
             }
@@ -69,7 +73,8 @@ public enum APIError: Error, Sendable, Equatable {
 
     var detail: String {
         switch self {
-        case .badRequest(let detail), .unauthorized(let detail), .conflict(let detail), .notReady(let detail):
+        case .badRequest(let detail), .unauthorized(let detail), .conflict(let detail), .notReady(let detail),
+            .unsupportedMediaType(let detail):
             detail
         case .notHeld(let permission):
             "This change concerns the permission \"\(permission.rawValue)\", which you do not hold: you can only grant, take away "
@@ -79,9 +84,11 @@ public enum APIError: Error, Sendable, Equatable {
         case .notFound(let resource):
             // Never echo the id: another organisation's id must answer byte for byte like a missing one.
             // A digest template is named by its locale, not an id.
-            resource == "digest template"
-                ? "Your organisation has no digest template of this locale."
-                : "No \(resource) with this id exists in your organisation."
+            switch resource {
+            case "digest template": "Your organisation has no digest template of this locale."
+            case "template": "This notification type has no template of this channel and locale."
+            default: "No \(resource) with this id exists in your organisation."
+            }
         case .originNotAllowed(let origin):
             "Pages of \(origin) may not call this API: the origins that may are listed in the server's HERALD_CORS_ORIGINS."
         case .noRoute(let method, let path):

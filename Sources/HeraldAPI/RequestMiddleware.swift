@@ -177,9 +177,12 @@ struct RequestMiddleware: RouterMiddleware {
                 if error.httpStatus == .unsupportedMediaType {
                     // The one operation that takes forms (RFC 8058); every other body is JSON.
                     if error.operationID == "unsubscribe" {
-                        return .badRequest("Send the body as multipart/form-data or application/x-www-form-urlencoded (RFC 8058).")
+                        return .unsupportedMediaType(
+                            "Send the body as multipart/form-data or application/x-www-form-urlencoded (RFC 8058).")
                     }
-                    return .badRequest("Send the body as application/json.")
+                    return .unsupportedMediaType(
+                        "This operation takes a JSON body: send it with Content-Type: application/json "
+                            + "(curl -d sends application/x-www-form-urlencoded unless told).")
                 }
                 return .badRequest(plainCause(error.causeDescription, operation: error.operationID))
             }

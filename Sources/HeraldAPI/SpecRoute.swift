@@ -114,7 +114,12 @@ extension SpecRoute {
             return "\(name): \(shown) is not an RFC 3339 date-time such as 2027-03-31T08:00:00Z."
         case let rule where rule.hasPrefix("enum:"):
             let allowed = rule.dropFirst("enum:".count).split(separator: "|").map(String.init)
-            return allowed.contains(value) ? nil : "\(name): \(shown) is not one of \(allowed.joined(separator: ", "))."
+            if allowed.contains(value) { return nil }
+            // `state=SCHEDULED` where the filter is lowercase (or the other way round): say which.
+            if let spelt = allowed.first(where: { $0.caseInsensitiveCompare(value) == .orderedSame }) {
+                return "\(name): \(shown) is not one of \(allowed.joined(separator: ", ")): write \"\(spelt)\"."
+            }
+            return "\(name): \(shown) is not one of \(allowed.joined(separator: ", "))."
         case let rule where rule.hasPrefix("string:"):
             if let limit = Int(rule.dropFirst("string:".count)), value.unicodeScalars.count > limit {
                 return "\(name): must be at most \(limit) characters."

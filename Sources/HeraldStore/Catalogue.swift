@@ -269,14 +269,15 @@ extension TenantTransaction {
 
     /// Deletes a template; returns false when there was none.
     @discardableResult
-    public func deleteTemplate(typeID: UUID, channel: NotificationChannel, locale: String) async throws -> Bool {
+    /// Deletes one template; `notFound("template")` when the type has none for that channel and
+    /// locale, as a digest template's delete does.
+    public func deleteTemplate(typeID: UUID, channel: NotificationChannel, locale: String) async throws {
         _ = try await notificationType(typeID)
-        let deleted =
-            !(try await query(
-                "DELETE FROM templates WHERE organisation_id = \(organisationID) AND type_id = \(typeID) AND channel = \(channel) AND locale = \(locale) RETURNING locale"
-            )).isEmpty
-        if deleted { try await touchType(typeID) }
-        return deleted
+        let deleted = try await query(
+            "DELETE FROM templates WHERE organisation_id = \(organisationID) AND type_id = \(typeID) AND channel = \(channel) AND locale = \(locale) RETURNING locale"
+        )
+        guard !deleted.isEmpty else { throw StoreError.notFound("template") }
+        try await touchType(typeID)
     }
 
     private func withTemplates(_ types: [NotificationType]) async throws -> [NotificationType] {

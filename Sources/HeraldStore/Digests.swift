@@ -400,24 +400,41 @@ public struct DueDigest: Sendable, Equatable {
     public var frequency: Frequency
     public var slotAt: Date
     public var items: Int
+    /// Attempts a run already made for this slot has had (a retry is due); 0 for a run the
+    /// next claim will make.
+    public var attempts: Int = 0
 }
 
 extension TenantTransaction {
-    /// The organisation's pending email digest items whose slot is at or before `now`, by user,
-    /// frequency and slot: what the next claim would make runs of.
+    /// What `herald digests send` would attempt by `now`, as the claim decides it
+    /// (`claim_digest_runs`): a run per (user, frequency, slot) whose slot has come and has
+    /// pending email items and no run yet, and the runs already made whose retry is due. Items
+    /// of a slot whose run was made before they committed are not listed: the claim moves them
+    /// to the next slot.
     public func dueDigests(now: Date) async throws -> [DueDigest] {
         try await query(
             """
-            SELECT i.user_id, u.email, i.frequency, i.slot_at, count(*)::int FROM digest_items i
-            JOIN users u ON u.organisation_id = i.organisation_id AND u.id = i.user_id
-            WHERE i.organisation_id = \(organisationID) AND i.run_id IS NULL AND i.sent_at IS NULL AND i.cancelled_at IS NULL
-              AND i.channel = 'email' AND i.slot_at <= \(now)
-            GROUP BY i.user_id, u.email, i.frequency, i.slot_at
-            ORDER BY i.slot_at, u.email
+            SELECT user_id, email, frequency, slot_at, items, attempts FROM (
+                SELECT i.user_id, u.email, i.frequency, i.slot_at, count(*)::int AS items, 0 AS attempts FROM digest_items i
+                JOIN users u ON u.organisation_id = i.organisation_id AND u.id = i.user_id
+                WHERE i.organisation_id = \(organisationID) AND i.run_id IS NULL AND i.sent_at IS NULL AND i.cancelled_at IS NULL
+                  AND i.channel = 'email' AND i.slot_at <= \(now)
+                  AND NOT EXISTS (
+                      SELECT 1 FROM digest_runs r
+                      WHERE r.organisation_id = i.organisation_id AND r.user_id = i.user_id AND r.frequency = i.frequency
+                        AND r.slot_at = i.slot_at)
+                GROUP BY i.user_id, u.email, i.frequency, i.slot_at
+                UNION ALL
+                SELECT r.user_id, u.email, r.frequency, r.slot_at, r.item_count, r.attempts FROM digest_runs r
+                JOIN users u ON u.organisation_id = r.organisation_id AND u.id = r.user_id
+                WHERE r.organisation_id = \(organisationID) AND r.status IN ('PENDING', 'FAILED') AND r.next_attempt_at <= \(now)
+            ) due
+            ORDER BY slot_at, email
             """
         ).map { row in
-            let (user, email, frequency, slot, items) = try row.decode((UUID, String, Frequency, Date, Int).self, table: "digest_items")
-            return DueDigest(userID: user, email: email, frequency: frequency, slotAt: slot, items: items)
+            let (user, email, frequency, slot, items, attempts) = try row.decode(
+                (UUID, String, Frequency, Date, Int, Int).self, table: "digest_items")
+            return DueDigest(userID: user, email: email, frequency: frequency, slotAt: slot, items: items, attempts: attempts)
         }
     }
 }

@@ -37,14 +37,15 @@ struct DigestsCommand: AsyncParsableCommand {
                 now = instant
             }
             if dryRun {
-                try await list(now: now, logger: logger)
+                try await list(now: now, organisation: config.workerOrganisation, logger: logger)
             } else {
                 try await send(config, now: now, logger: logger)
             }
         }
 
-        /// As the owner role, organisation by organisation (only it can list them), reading only.
-        func list(now: Date, logger: Logger) async throws {
+        /// As the owner role, organisation by organisation (only it can list them), reading only;
+        /// one organisation when `HERALD_WORKER_ORGANISATION` confines the send to it.
+        func list(now: Date, organisation only: UUID?, logger: Logger) async throws {
             guard let url = ProcessInfo.processInfo.environment["DATABASE_OWNER_URL"], !url.isEmpty else {
                 throw ValidationError(
                     "DATABASE_OWNER_URL is not set: listing walks every organisation, which only the owner role can list.")
@@ -53,10 +54,12 @@ struct DigestsCommand: AsyncParsableCommand {
                 let database = Database(client: client, logger: logger)
                 var digests = 0
                 var items = 0
-                for organisation in try await database.allOrganisationIDs() {
+                let organisations = try await database.allOrganisationIDs().filter { only == nil || $0 == only }
+                for organisation in organisations {
                     for due in try await database.withTenant(organisation, { tx in try await tx.dueDigests(now: now) }) {
+                        let retry = due.attempts > 0 ? " (a retry: \(due.attempts) attempt(s) so far)" : ""
                         print(
-                            "due: organisation \(organisation.lowercased) \(due.email) \(due.frequency.rawValue) slot \(due.slotAt.formatted(.iso8601)): \(due.items) item(s)"
+                            "due: organisation \(organisation.lowercased) \(due.email) \(due.frequency.rawValue) slot \(due.slotAt.formatted(.iso8601)): \(due.items) item(s)\(retry)"
                         )
                         digests += 1
                         items += due.items
@@ -78,7 +81,7 @@ struct DigestsCommand: AsyncParsableCommand {
             // Not a key of this process alone: every unsubscribe link of the digests sent here
             // would be dead, and a sent digest is not sent again.
             let links = LinkBuilder(baseURL: config.linkBaseURL, keys: try config.sharedLinkKeyRing(for: "the digests sent"))
-            try await withPostgres(url: url, variable: "DATABASE_OWNER_URL", logger: logger) { client in
+            try await withPostgres(url: url, variable: "DATABASE_WORKER_URL", logger: logger) { client in
                 let database = config.database(client, logger: logger)
                 var runner = WorkRunnerConfiguration(name: "cli:" + WorkerPoolConfiguration.defaultName())
                 runner.leaseSeconds = config.workerLeaseSeconds

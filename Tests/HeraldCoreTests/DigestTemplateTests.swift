@@ -61,7 +61,9 @@ struct DigestTemplateTests {
         let html = try #require(TemplateRenderer.render(DigestTemplate.builtIn, context, plainText: true).html)
         #expect(html.contains("<p>Hello Ana &lt;Bo&gt;,</p>") && html.contains("<h2>Outings</h2>"), "\(html)")
         #expect(
-            html.contains(#"<li><strong><a href="https://h.test/v1/links/a">Hike to the lake</a></strong><br>Annecy, 9:00</li>"#), "\(html)"
+            html.contains(
+                #"<li><strong><a href="https://h.test/v1/links/a">Hike to the lake</a></strong><br><span style="white-space:pre-line">Annecy, 9:00</span></li>"#
+            ), "\(html)"
         )
         #expect(html.contains("<li><strong>Dinner</strong></li>") && html.contains("Club &amp; Co."), "\(html)")
     }

@@ -407,6 +407,11 @@ struct BoundaryDefectTests {
             try await age()
             #expect(try await client.send(.delete, path + "/templates/email/fr", token: org.ownerToken).status == .noContent)
             #expect(try await updatedAt() > "2020-01-01T00:00:00Z")
+            // A template that is not there is a 404, as a digest template's is, and changes nothing.
+            try await age()
+            let again = try await client.send(.delete, path + "/templates/email/fr", token: org.ownerToken)
+            #expect(again.status == .notFound && again.text.contains("template"), "\(again.text)")
+            #expect(try await updatedAt() == "2020-01-01T00:00:00Z")
         }
     }
 
@@ -442,7 +447,8 @@ struct BoundaryDefectTests {
                 (.get, "/v1/users?limit=1.5", "limit", .badRequest, "whole number"),
                 (.get, "/v1/me/notifications?read=maybe", "read", .badRequest, "true or false"),
                 (.get, "/v1/me/notifications?severity=BAD", "severity", .badRequest, "INFO, WARNING, CRITICAL"),
-                (.get, "/v1/events?state=SCHEDULED", "state", .badRequest, "scheduled, delivered, cancelled"),
+                (.get, "/v1/events?state=SCHEDULED", "state", .badRequest, #"scheduled, delivered, cancelled: write "scheduled"."#),
+                (.get, "/v1/deliveries?status=sent", "status", .badRequest, #"write "SENT"."#),
                 (.get, "/v1/deliveries?status=BOGUS", "status", .badRequest, "PENDING"),
                 (.get, "/v1/deliveries?since=yesterday", "since", .badRequest, "RFC 3339"),
                 (.get, "/v1/me/notifications?q=" + String(repeating: "x", count: 201), "q", .badRequest, "at most 200"),
@@ -500,6 +506,26 @@ struct BoundaryDefectTests {
             #expect(
                 try await client.send(.post, "/v1/events", token: org.ownerToken, json: event + #""severity": "INFO"}"#).status == .accepted
             )
+        }
+    }
+
+    @Test("a JSON body sent as a form (curl -d without a Content-Type) is a 415 saying what to send, and writes nothing")
+    func bodyInAnotherMediaType() async throws {
+        try await withCatalogue { org, _, client in
+            let event = #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "t"}}"#
+            for type in ["application/x-www-form-urlencoded", "text/plain"] {
+                let response = try await client.execute(
+                    uri: "/v1/events", method: .post,
+                    headers: [.authorization: "Bearer \(org.ownerToken)", .contentType: type], body: ByteBuffer(string: event))
+                #expect(response.isProblem(.unsupportedMediaType), "\(type): \(response.text)")
+                #expect((response.json["detail"] as? String ?? "").contains("Content-Type: application/json"), "\(response.text)")
+            }
+            let events = try await client.send(.get, "/v1/events", token: org.ownerToken)
+            #expect((events.json["items"] as? [Any])?.isEmpty == true, "\(events.text)")
+            // Without a Content-Type the body is read as JSON, as the contract's only media type.
+            let bare = try await client.execute(
+                uri: "/v1/events", method: .post, headers: [.authorization: "Bearer \(org.ownerToken)"], body: ByteBuffer(string: event))
+            #expect(bare.status == .accepted, "\(bare.text)")
         }
     }
 

@@ -692,6 +692,22 @@ extension DigestTests {
             ])
         #expect(again.contains("0 run(s) attempted"), "\(again)")
         #expect(try await Peers.mail(to: address).count == 1)
+
+        // An item committed after its slot's run was made goes to the next slot: the list does not
+        // say it is due in this one. A run whose retry has come is listed as a retry.
+        let run = try #require(try await org.store { tx in try await tx.digestRuns(of: org.memberID) }.first)
+        _ = try await task(org, "Late outing")
+        _ = try await org.store { tx in
+            try await tx.query("UPDATE digest_items SET slot_at = \(run.slotAt) WHERE organisation_id = \(org.id) AND run_id IS NULL")
+        }
+        _ = try await env.workerDatabase.withTenant(org.id) { tx in // runs are the worker role's to change
+            try await tx.query(
+                "UPDATE digest_runs SET status = 'FAILED', next_attempt_at = now() - interval '1 second' WHERE organisation_id = \(org.id)")
+        }
+        let late = try runHerald(
+            ["digests", "send", "--dry-run"], ["DATABASE_OWNER_URL": env.ownerURL, "HERALD_WORKER_ORGANISATION": org.id.uuidString])
+        #expect(late.contains("1 digest(s) due with 2 item(s)") && late.contains("(a retry: 1 attempt(s) so far)"), "\(late)")
+        #expect(!late.contains(": 1 item(s)"), "\(late)")
     }
 }
 

@@ -151,11 +151,10 @@ extension HeraldService {
         let channel = mapped(input.path.channel, to: NotificationChannel.self)
         let locale = input.path.locale
         try await tenant { tx, _ in
-            if try await tx.deleteTemplate(typeID: id, channel: channel, locale: locale) {
-                try await tx.audit(
-                    action: "template.delete", targetType: "notification_type", targetID: id.lowercased,
-                    before: try auditValue(["channel": channel.rawValue, "locale": locale]), after: nil)
-            }
+            try await tx.deleteTemplate(typeID: id, channel: channel, locale: locale)
+            try await tx.audit(
+                action: "template.delete", targetType: "notification_type", targetID: id.lowercased,
+                before: try auditValue(["channel": channel.rawValue, "locale": locale]), after: nil)
         }
         return .noContent(.init())
     }

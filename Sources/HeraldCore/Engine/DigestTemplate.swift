@@ -13,7 +13,8 @@ import Foundation
 /// - `links.unsubscribe`: the one-click unsubscribe link of the digest.
 ///
 /// The subject and the text part are rendered as text (nothing escaped); in the HTML part every
-/// value is escaped, `{{{x}}}` included (`escapingEveryValue`).
+/// value is escaped, `{{{x}}}` included (`escapingEveryValue`). The built-in HTML keeps an item's
+/// line breaks (`white-space: pre-line`), as its text part does.
 public enum DigestTemplate {
     /// The HTML part with every value escaped: `{{{x}}}` and `{{& x}}` read as `{{x}}`. Items
     /// reached a digest template escaped once, and the docs said to insert them with
@@ -51,7 +52,7 @@ public enum DigestTemplate {
         html: """
             <p>Hello {{recipient.display_name}},</p><p>Here is what happened since your last {{cadence}} digest.</p>\
             {{#sections}}<h2>{{category}}</h2><ul>{{#items}}<li><strong>{{#link}}<a href="{{link}}">{{title}}</a>{{/link}}\
-            {{^link}}{{title}}{{/link}}</strong>{{#body}}<br>{{body}}{{/body}}</li>{{/items}}</ul>{{/sections}}\
+            {{^link}}{{title}}{{/link}}</strong>{{#body}}<br><span style="white-space:pre-line">{{body}}</span>{{/body}}</li>{{/items}}</ul>{{/sections}}\
             <hr><p>{{organisation.name}}. <a href="{{links.unsubscribe}}">Stop these emails</a></p>
             """)
 }
