@@ -589,6 +589,61 @@ struct StreamTests {
         }
     }
 
+    @Test(
+        "a row shown at once waits in feed_due only for a user with a stream; a first stream opening while one is written waits for it and counts it (0046)"
+    )
+    func dueOnlyForStreams() async throws {
+        let org = try await organisation()
+        let database = try await TestEnvironment.shared.database
+        try await StreamServer.with { servers in
+            let server = servers[0]
+            let member = org.memberID
+            @Sendable func due() async throws -> [String] {
+                try await org.store { tx in
+                    try await tx.query("SELECT kind FROM feed_due WHERE organisation_id = \(org.id) AND user_id = \(member) ORDER BY kind")
+                        .map { try $0.decode(String.self) }
+                }
+            }
+            try await task(org, to: [member], title: "one")
+            #expect(try await due() == [], "shown at once to a user without a stream: nothing waits")
+            // Shown later, or expiring: it waits, as the caches learn of it from the sweep at its time.
+            try await task(
+                org, to: [member], title: "later", deliverAt: Date().addingTimeInterval(3600), expiresAt: Date().addingTimeInterval(7200))
+            #expect(try await due() == ["created", "expired"])
+
+            // The first stream opens while a row shown at once is written and not committed: the
+            // stream waits for it, then counts it.
+            let stream = try await org.store { (held: TenantTransaction) async throws -> Task<StreamProbe, any Error> in
+                try await held.query(
+                    """
+                    INSERT INTO notifications (organisation_id, id, event_id, user_id, type_id, category_id, severity, priority, content_id,
+                                               title, body, visible_at)
+                    SELECT organisation_id, gen_random_uuid(), event_id, user_id, type_id, category_id, severity, priority, content_id,
+                           title, body, now()
+                    FROM notifications WHERE organisation_id = \(org.id) AND user_id = \(member) AND visible_at <= now() LIMIT 1
+                    """)
+                let opening = Task { try await StreamProbe.open(.sse, on: server, token: org.memberToken) }
+                #expect(
+                    try await eventually(timeout: .seconds(10)) {
+                        try await database.query(
+                            """
+                            SELECT count(*)::int FROM pg_stat_activity
+                            WHERE datname = current_database() AND wait_event = 'advisory' AND query LIKE '%feed_stream_open%'
+                            """
+                        ).first!.decode(Int.self) == 1
+                    }, "the opening stream waits for the row's writer")
+                return opening
+            }.value
+            let start = try await stream.next("unread_count")
+            #expect(start.object["total"] as? Int == 2, "the row committed before the stream's count: \(start.object)")
+            // With a stream, a row shown at once is logged and pushed.
+            try await task(org, to: [member], title: "three")
+            #expect(try await stream.next("notification.created").object["title"] as? String == "three")
+            try await stream.next("unread_count") { $0.object["total"] as? Int == 3 }
+            await stream.close()
+        }
+    }
+
     @Test("the sweep and the change log are planned on every call, never with a plan cached while the tables were empty (0018)")
     func sweepPlansEveryCall() async throws {
         let database = try await TestEnvironment.shared.database
