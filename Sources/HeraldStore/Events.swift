@@ -317,6 +317,9 @@ extension TenantTransaction {
     private func recipientStatements(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws -> [PostgresQuery] {
         let request = event.request
         var statements: [PostgresQuery] = []
+        // The in-app rows go last: their trigger takes the recipients' stream locks shared
+        // (0046), held to the commit, which a first stream opening waits for.
+        var inApp: PostgresQuery?
         if !plan.notifications.isEmpty {
             // What the event says is stored once per distinct shared text (migration 0025); a
             // row keeps its own title and body only when its template made them personal.
@@ -341,7 +344,7 @@ extension TenantTransaction {
                 FROM unnest(\(contents.map(\.id))::uuid[], \(contents.map(\.text.title))::text[], \(contents.map(\.text.body))::text[])
                      AS row(id, title, body)
                 """)
-            statements.append(
+            inApp =
                 """
                 INSERT INTO notifications (organisation_id, id, event_id, user_id, type_id, category_id, severity, priority,
                                            content_id, title, body, visible_at, expires_at)
@@ -351,7 +354,7 @@ extension TenantTransaction {
                 FROM unnest(\(n.map(\.id))::uuid[], \(n.map(\.userID))::uuid[], \(contentIDs)::uuid[], \(personal)::boolean[],
                             \(titles)::text[], \(bodies)::text[])
                      AS row(id, user_id, content_id, personal, title, body)
-                """)
+                """
         }
         if !plan.deliveries.isEmpty {
             let d = plan.deliveries
@@ -421,6 +424,7 @@ extension TenantTransaction {
                      AS row(user_id, targeted, rule, reason, notified, decision_id, record_ids)
                 """)
         }
+        if let inApp { statements.append(inApp) }
         statements.append(announceStatement(event.id, work: plan.deliveries.isEmpty ? [] : .deliveries))
         return statements
     }
