@@ -120,41 +120,58 @@ public struct FanoutHandler: WorkHandler {
     public func handle(_ claim: ClaimedFanout, logger: Logger) async throws -> WorkDisposition<FanoutOutcome> {
         let clock = ContinuousClock()
         let start = clock.now
-        // Each chunk is planned while the one before it is written, in a transaction of its own:
-        // reading and planning (the server's work) overlap the previous chunk's writes
-        // (PostgreSQL's). A chunk that cannot be planned ahead (the event was cancelled, or the
-        // lease moved) goes through expandChunk, which settles it.
+        // Two chunks are written at once, each in a transaction of its own, while the one after
+        // them is planned: a chunk's write is one backend's work, and planning (the server's
+        // work, and PostgreSQL's reads) overlaps the writes. The second write locks the event's
+        // row only after its recipients are written (`writeChunkBehind`), so it waits for the
+        // first to commit only at its end. A chunk that cannot be planned ahead or written behind
+        // (the event was cancelled, or the lease moved) goes through expandChunk, which settles it.
         var next = try await prepare(claim, from: .storedCursor)
         // The chunk planned beside the first write also counts the audience for the progress.
         var countAudience = true
-        while true {
-            let chunkStart = Date()
-            let step: FanoutStep
-            if let chunk = next {
-                let counting = countAudience
-                countAudience = false
-                async let following = prepare(claim, after: chunk, countAudience: counting)
-                step = try await database.withTenant(claim.organisationID) { tx in
-                    try await tx.writeChunk(claim, chunk, worker: worker, leaseSeconds: leaseSeconds)
+        // The write of the chunk before `next`, not yet settled.
+        var writing: (task: Task<FanoutStep?, any Error>, started: Date)?
+        // Users written so far, as the last chunk settled said (nil: none settled by this lease).
+        var done: Int?
+        do {
+            while true {
+                // A lease writes its first chunk whatever its budget, and starts no write after it.
+                if let chunk = next, (writing == nil && done == nil) || clock.now - start <= budget {
+                    let counting = countAudience
+                    countAudience = false
+                    let behind = writing != nil
+                    let previous = writing
+                    writing = (Task { try await write(claim, chunk, behind: behind) }, Date())
+                    async let following = prepare(claim, after: chunk, countAudience: counting)
+                    if let previous {
+                        switch try settle(await previous.task.value, started: previous.started, logger: logger) {
+                        case .end(let outcome):
+                            _ = try? await writing?.task.value
+                            return .done(outcome)
+                        case .goOn(let written):
+                            done = written
+                        case .resettle:
+                            // The write behind it fails its fence too: the event is settled below.
+                            _ = try? await writing?.task.value
+                            writing = nil
+                            _ = try? await following
+                            next = nil
+                            continue
+                        }
+                    }
+                    next = try await following
+                    continue
                 }
-                next = try await following
-            } else {
-                step = try await database.withTenant(claim.organisationID) { tx in
-                    try await tx.expandChunk(claim, worker: worker, size: chunkSize, now: now(), leaseSeconds: leaseSeconds)
+                // Nothing planned ahead, or the time budget ran out: the write in flight ends first.
+                if let previous = writing {
+                    writing = nil
+                    switch try settle(await previous.task.value, started: previous.started, logger: logger) {
+                    case .end(let outcome): return .done(outcome)
+                    case .goOn(let written): done = written
+                    case .resettle: next = nil
+                    }
                 }
-            }
-            switch step {
-            case .leaseLost:
-                return .done(.leaseLost)
-            case .cancelled(let done):
-                return .done(.cancelled(done: done))
-            case .expanded(let done, let finished):
-                Counter(label: "herald_fanout_chunks_total").increment()
-                logger.debug(
-                    "fan-out chunk written",
-                    metadata: ["done": "\(done)", "chunk_ms": "\(Int(Date().timeIntervalSince(chunkStart) * 1000))"])
-                if finished { return .done(.finished(done: done)) }
-                if clock.now - start > budget {
+                if let done, clock.now - start > budget {
                     // The chunk planned ahead is not written by this lease: keep its count.
                     if let expected = next?.expected {
                         try await database.withTenant(claim.organisationID) { tx in
@@ -163,8 +180,59 @@ public struct FanoutHandler: WorkHandler {
                     }
                     return .done(.paused(done: done))
                 }
-                if next == nil { next = try await prepare(claim, from: .storedCursor) }
+                if next != nil { continue }
+                let started = Date()
+                let step = try await database.withTenant(claim.organisationID) { tx in
+                    try await tx.expandChunk(claim, worker: worker, size: chunkSize, now: now(), leaseSeconds: leaseSeconds)
+                }
+                switch settle(step, started: started, logger: logger) {
+                case .end(let outcome): return .done(outcome)
+                case .goOn(let written): done = written
+                case .resettle: break  // expandChunk never rolls back on its own
+                }
+                next = try await prepare(claim, from: .storedCursor)
             }
+        } catch {
+            if let writing { _ = try? await writing.task.value }
+            throw error
+        }
+    }
+
+    /// What a written chunk means for the lease: go on, end, or (a chunk written behind another
+    /// was rolled back) settle the event through `expandChunk`.
+    private enum Settled {
+        case goOn(done: Int)
+        case end(FanoutOutcome)
+        case resettle
+    }
+
+    private func settle(_ step: FanoutStep?, started: Date, logger: Logger) -> Settled {
+        switch step {
+        case nil:
+            return .resettle
+        case .leaseLost:
+            return .end(.leaseLost)
+        case .cancelled(let done):
+            return .end(.cancelled(done: done))
+        case .expanded(let done, let finished):
+            Counter(label: "herald_fanout_chunks_total").increment()
+            logger.debug(
+                "fan-out chunk written", metadata: ["done": "\(done)", "chunk_ms": "\(Int(Date().timeIntervalSince(started) * 1000))"])
+            return finished ? .end(.finished(done: done)) : .goOn(done: done)
+        }
+    }
+
+    /// Writes a chunk planned ahead: fenced on the event's row from the start, or, `behind`
+    /// another chunk's write, fenced at its end (nil when that fence failed and it rolled back).
+    private func write(_ claim: ClaimedFanout, _ chunk: PreparedChunk, behind: Bool) async throws -> FanoutStep? {
+        do {
+            return try await database.withTenant(claim.organisationID) { tx in
+                behind
+                    ? try await tx.writeChunkBehind(claim, chunk, worker: worker, leaseSeconds: leaseSeconds)
+                    : try await tx.writeChunk(claim, chunk, worker: worker, leaseSeconds: leaseSeconds)
+            }
+        } catch is ChunkNotWritten {
+            return nil
         }
     }
 

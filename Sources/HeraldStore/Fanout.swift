@@ -94,6 +94,12 @@ struct FanoutRow {
     }
 }
 
+/// A chunk written beside the one before it could not be recorded (`writeChunkBehind`): its
+/// transaction rolls back.
+public struct ChunkNotWritten: Error {
+    public init() {}
+}
+
 /// What one chunk did.
 public enum FanoutStep: Sendable, Equatable {
     /// Wrote a chunk; `done` users written in all; `finished` when it was the last.
@@ -205,7 +211,24 @@ extension TenantTransaction {
         return try await record(claim, row, chunk, leaseSeconds: leaseSeconds)
     }
 
-    /// The event as a chunk needs it; `locked` takes its row lock (a chunk that writes).
+    /// Writes a chunk `prepareChunk` planned while the chunk before it is still being written,
+    /// which holds the event's row: the recipients first, beside that write, then the event's
+    /// row is locked, which waits for the chunk before to commit, and the chunk is fenced like
+    /// `writeChunk`. When the lease moved, the event was cancelled or the cursor is not where the
+    /// chunk starts (the chunk before did not commit), it throws `ChunkNotWritten`, which rolls
+    /// back what it wrote: the caller then settles the event through `expandChunk`.
+    public func writeChunkBehind(_ claim: ClaimedFanout, _ chunk: PreparedChunk, worker: String, leaseSeconds: Int) async throws -> FanoutStep {
+        let planned = chunk.planned
+        try await writeRecipients(planned.event, type: planned.type, plan: planned.plan)
+        guard let row = try await fanoutEvent(claim, locked: true), row.isLeased(by: worker, claim), row.status != .cancelled,
+            row.cursor == chunk.after
+        else { throw ChunkNotWritten() }
+        return try await recordProgress(claim, row, chunk, leaseSeconds: leaseSeconds)
+    }
+
+    /// The event as a chunk needs it; `locked` takes its row lock (a chunk that writes): a lock
+    /// for a change of the row but not of its key, so that the next chunk's rows, whose reference
+    /// checks share the key's lock (`check_event_references`), are written beside it.
     private func fanoutEvent(_ claim: ClaimedFanout, locked: Bool) async throws -> FanoutRow? {
         guard
             let row = try await query(
@@ -215,7 +238,7 @@ extension TenantTransaction {
                        e.deliver_at, e.expires_at, e.url, e.tags
                 FROM events e JOIN notification_types t ON t.organisation_id = e.organisation_id AND t.id = e.type_id
                 WHERE e.organisation_id = \(organisationID) AND e.id = \(claim.eventID)
-                \(unescaped: locked ? "FOR UPDATE OF e" : "")
+                \(unescaped: locked ? "FOR NO KEY UPDATE OF e" : "")
                 """
             ).first
         else { return nil }
@@ -248,6 +271,12 @@ extension TenantTransaction {
     private func record(_ claim: ClaimedFanout, _ row: FanoutRow, _ chunk: PreparedChunk, leaseSeconds: Int) async throws -> FanoutStep {
         let planned = chunk.planned
         try await writeRecipients(planned.event, type: planned.type, plan: planned.plan)
+        return try await recordProgress(claim, row, chunk, leaseSeconds: leaseSeconds)
+    }
+
+    /// Moves the event's cursor, progress and counts past a chunk written in this transaction.
+    private func recordProgress(_ claim: ClaimedFanout, _ row: FanoutRow, _ chunk: PreparedChunk, leaseSeconds: Int) async throws -> FanoutStep {
+        let planned = chunk.planned
         let written = planned.recipients.count
         // Counted while a chunk was planned (prepareChunk); at the end, at the latest, what was written.
         var expected = row.expected ?? chunk.expected

@@ -244,6 +244,79 @@ struct FanoutTests {
         }
     }
 
+    @Test(
+        "a chunk written behind the one before writes its rows beside it and records itself after that commit; a failed fence rolls it back whole"
+    )
+    func writtenBehind() async throws {
+        let (org, _) = try await organisation()
+        let id = try await org.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings).id }
+        let worker = "fanout-behind-\(UUID().uuidString.prefix(6))"
+        let lease = try #require(try await claim(org, worker: worker))
+        func prepare(_ start: ChunkStart) async throws -> PreparedChunk {
+            try #require(
+                try await org.store { tx in try await tx.prepareChunk(lease, worker: worker, from: start, size: Self.settings.chunkSize, now: Date()) })
+        }
+        func behind(_ chunk: PreparedChunk) async throws -> FanoutStep? {
+            do {
+                return try await org.store { tx in try await tx.writeChunkBehind(lease, chunk, worker: worker, leaseSeconds: 60) }
+            } catch is ChunkNotWritten {
+                return nil
+            }
+        }
+        func written() async throws -> [Int] {
+            var counts: [Int] = []
+            for table in ["notifications", "deliveries", "event_recipients"] { counts.append(try await rows(org, table, event: id).rows) }
+            return counts
+        }
+        let first = try await prepare(.storedCursor)
+        let second = try await prepare(.after(try #require(first.last)))
+        // The chunk before is not written: the fence fails after the rows, which roll back with it.
+        #expect(try await behind(second) == nil)
+        #expect(try await written() == [0, 0, 0])
+
+        // The first chunk's transaction holds the event's row until it is let go.
+        let (firstWritten, firstWrittenSignal) = AsyncStream.makeStream(of: Int32.self)
+        let (letGo, letGoSignal) = AsyncStream.makeStream(of: Void.self)
+        let firstWrite = Task {
+            try await org.store { tx in
+                let step = try await tx.writeChunk(lease, first, worker: worker, leaseSeconds: 60)
+                firstWrittenSignal.yield(try await tx.query("SELECT pg_backend_pid()").first!.decode(Int32.self))
+                for await _ in letGo { break }
+                return step
+            }
+        }
+        var holder: Int32?
+        for await pid in firstWritten {
+            holder = pid
+            break
+        }
+        let firstPID = try #require(holder)
+        let secondWrite = Task { try await behind(second) }
+        // The second chunk's rows are written beside the first's transaction (their reference checks
+        // share the event key's lock): what waits for the first is the lock on the event's row.
+        var waiting: String?
+        for _ in 0..<200 where waiting == nil {
+            waiting = try await TestEnvironment.shared.database.query(
+                "SELECT query FROM pg_stat_activity WHERE \(firstPID) = ANY(pg_blocking_pids(pid))"
+            ).first?.decode(String.self)
+            if waiting == nil { try await Task.sleep(for: .milliseconds(50)) }
+        }
+        letGoSignal.yield()
+        letGoSignal.finish()
+        #expect(waiting?.contains("FOR NO KEY UPDATE OF e") == true, "blocked: \(waiting ?? "nothing")")
+        #expect(try await firstWrite.value == .expanded(done: 8, finished: false))
+        #expect(try await secondWrite.value == .expanded(done: 16, finished: false))
+        let both = try await written()
+        #expect(both[0] == 16 && both[2] == 16)
+
+        // Cancelled between its planning and its write: rolled back whole.
+        let third = try await prepare(.after(try #require(second.last)))
+        let before = try await written()
+        _ = try #require(try await org.store { tx in try await tx.cancelEvent(id, now: Date()) })
+        #expect(try await behind(third) == nil)
+        #expect(try await written() == before)
+    }
+
     @Test("a lease that expires mid-way moves to another instance, which goes on from the cursor: every user once")
     func leaseMovesOn() async throws {
         let (org, users) = try await organisation()
