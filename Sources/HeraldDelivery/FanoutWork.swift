@@ -188,7 +188,7 @@ public struct FanoutHandler: WorkHandler {
                 switch settle(step, started: started, logger: logger) {
                 case .end(let outcome): return .done(outcome)
                 case .goOn(let written): done = written
-                case .resettle: break  // expandChunk never rolls back on its own
+                case .resettle: break // expandChunk never rolls back on its own
                 }
                 next = try await prepare(claim, from: .storedCursor)
             }

@@ -217,7 +217,9 @@ extension TenantTransaction {
     /// `writeChunk`. When the lease moved, the event was cancelled or the cursor is not where the
     /// chunk starts (the chunk before did not commit), it throws `ChunkNotWritten`, which rolls
     /// back what it wrote: the caller then settles the event through `expandChunk`.
-    public func writeChunkBehind(_ claim: ClaimedFanout, _ chunk: PreparedChunk, worker: String, leaseSeconds: Int) async throws -> FanoutStep {
+    public func writeChunkBehind(
+        _ claim: ClaimedFanout, _ chunk: PreparedChunk, worker: String, leaseSeconds: Int
+    ) async throws -> FanoutStep {
         let planned = chunk.planned
         try await writeRecipients(planned.event, type: planned.type, plan: planned.plan)
         guard let row = try await fanoutEvent(claim, locked: true), row.isLeased(by: worker, claim), row.status != .cancelled,
@@ -275,7 +277,9 @@ extension TenantTransaction {
     }
 
     /// Moves the event's cursor, progress and counts past a chunk written in this transaction.
-    private func recordProgress(_ claim: ClaimedFanout, _ row: FanoutRow, _ chunk: PreparedChunk, leaseSeconds: Int) async throws -> FanoutStep {
+    private func recordProgress(
+        _ claim: ClaimedFanout, _ row: FanoutRow, _ chunk: PreparedChunk, leaseSeconds: Int
+    ) async throws -> FanoutStep {
         let planned = chunk.planned
         let written = planned.recipients.count
         // Counted while a chunk was planned (prepareChunk); at the end, at the latest, what was written.

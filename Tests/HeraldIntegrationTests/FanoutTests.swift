@@ -254,7 +254,9 @@ struct FanoutTests {
         let lease = try #require(try await claim(org, worker: worker))
         func prepare(_ start: ChunkStart) async throws -> PreparedChunk {
             try #require(
-                try await org.store { tx in try await tx.prepareChunk(lease, worker: worker, from: start, size: Self.settings.chunkSize, now: Date()) })
+                try await org.store { tx in
+                    try await tx.prepareChunk(lease, worker: worker, from: start, size: Self.settings.chunkSize, now: Date())
+                })
         }
         func behind(_ chunk: PreparedChunk) async throws -> FanoutStep? {
             do {
