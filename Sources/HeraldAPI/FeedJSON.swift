@@ -65,6 +65,10 @@ enum FeedJSON {
         out += jsonQuoted(item.title)
         out += ",\"type\":"
         out += jsonQuoted(item.typeKey)
+        if let url = item.url {
+            out += ",\"url\":"
+            out += jsonQuoted(url)
+        }
         out += "}"
         return out
     }

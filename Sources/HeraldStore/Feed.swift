@@ -20,6 +20,8 @@ public struct FeedItem: Sendable, Equatable {
     public var expiresAt: Date?
     /// The event's tags (`team:sales`).
     public var tags: [String] = []
+    /// Where the notification leads: its event's `url` (0047).
+    public var url: String?
 }
 
 /// Filters of the feed; nil means no filter.
@@ -302,7 +304,7 @@ struct FirstFeedPage: PostgresPreparedStatement {
 let feedSelect = """
     SELECT n.id, n.event_id, t.key AS type_key, c.key AS category_key, n.severity, n.priority, coalesce(n.title, nc.title), coalesce(n.body, nc.body),
            e.subject_type, e.subject_id, notification_read(n, fs) AS read, n.archived_at IS NOT NULL AS archived,
-           n.visible_at, n.expires_at, e.tags
+           n.visible_at, n.expires_at, e.tags, e.url
     FROM notifications n
     JOIN notification_contents nc ON nc.organisation_id = n.organisation_id AND nc.id = n.content_id
     JOIN events e ON e.organisation_id = n.organisation_id AND e.id = n.event_id
@@ -327,5 +329,5 @@ func decodeFeedItem(_ row: PostgresRow) throws -> FeedItem {
         id: try next(UUID.self), eventID: try next(UUID.self), typeKey: try next(String.self), categoryKey: try next(String.self),
         severity: try next(Severity.self), priority: try next(Priority.self), title: try next(String.self), body: try next(String.self),
         subjectType: try next(String?.self), subjectID: try next(String?.self), read: try next(Bool.self), archived: try next(Bool.self),
-        createdAt: try next(Date.self), expiresAt: try next(Date?.self), tags: try next([String].self))
+        createdAt: try next(Date.self), expiresAt: try next(Date?.self), tags: try next([String].self), url: try next(String?.self))
 }

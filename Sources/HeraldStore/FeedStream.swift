@@ -152,7 +152,7 @@ extension TenantTransaction {
         )
         SELECT (x.n).id, (x.n).event_id, t.key AS type_key, c.key AS category_key, (x.n).severity, (x.n).priority,
                coalesce((x.n).title, nc.title), coalesce((x.n).body, nc.body), e.subject_type, e.subject_id, notification_read(x.n, fs) AS read,
-               (x.n).archived_at IS NOT NULL AS archived, (x.n).visible_at, (x.n).expires_at, e.tags
+               (x.n).archived_at IS NOT NULL AS archived, (x.n).visible_at, (x.n).expires_at, e.tags, e.url
         FROM x
         JOIN notification_contents nc ON nc.organisation_id = \(organisationID) AND nc.id = (x.n).content_id
         JOIN events e ON e.organisation_id = \(organisationID) AND e.id = (x.n).event_id

@@ -16,12 +16,13 @@ struct FeedJSONTests {
 
     func item(
         title: String = "Critical ISQ 25", body: String = "Implant stability 25 is below 55.", subject: (String, String?)? = nil,
-        tags: [String] = [], createdAt: Date = Date(timeIntervalSince1970: 1_795_255_200), expiresAt: Date? = nil, read: Bool = false
+        tags: [String] = [], createdAt: Date = Date(timeIntervalSince1970: 1_795_255_200), expiresAt: Date? = nil, read: Bool = false,
+        url: String? = nil
     ) -> FeedItem {
         FeedItem(
             id: UUID(), eventID: UUID(), typeKey: "ISQ_CRITICAL", categoryKey: "alerts", severity: .critical, priority: .high,
             title: title, body: body, subjectType: subject?.0, subjectID: subject?.1, read: read, archived: !read, createdAt: createdAt,
-            expiresAt: expiresAt, tags: tags)
+            expiresAt: expiresAt, tags: tags, url: url)
     }
 
     @Test("feed items: every optional field present or absent, awkward characters, odd instants")
@@ -31,6 +32,7 @@ struct FeedJSONTests {
             item(),
             item(subject: ("implant", "IMP-19"), tags: ["team:sales", "site/lyon"], expiresAt: Date(timeIntervalSince1970: 1_800_000_000)),
             item(subject: ("patient", nil), read: true),
+            item(url: "https://clinic.example/patients/p-17?tab=implants&x=\"q\"#top"),
             item(title: "Quote \" backslash \\ slash / tab \t newline \n", body: control + "\u{7F}"),
             item(title: "Ünïcödé — 東京 🦷 \u{2028}\u{2029}", body: "<b>&amp;</b> 'single'"),
             item(createdAt: Date(timeIntervalSince1970: 1_795_255_200.999)),
@@ -46,7 +48,9 @@ struct FeedJSONTests {
 
     @Test("first pages: empty, one item, several with a cursor after them")
     func feedPages() throws {
-        let several = [item(), item(subject: ("implant", "IMP-19"), tags: ["a/b"], read: true), item(title: "\"q\"")]
+        let several = [
+            item(), item(subject: ("implant", "IMP-19"), tags: ["a/b"], read: true, url: "https://a.example/b"), item(title: "\"q\""),
+        ]
         let pages: [([FeedItem], String?)] = [([], nil), ([item()], nil), (several, FeedCursor(read: true, id: UUID()).encoded)]
         for (items, next) in pages {
             let page = Components.Schemas.FeedPage(items: try items.map(Components.Schemas.FeedItem.init), nextCursor: next)

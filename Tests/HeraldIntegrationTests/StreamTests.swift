@@ -644,6 +644,31 @@ struct StreamTests {
         }
     }
 
+    @Test("a feed item carries its event's link: on the stream, the bell's first page and a filtered page (0047)")
+    func itemsCarryTheirLink() async throws {
+        let org = try await organisation()
+        try await StreamServer.with { servers in
+            let server = servers[0]
+            let stream = try await StreamProbe.open(.sse, on: server, token: org.memberToken)
+            _ = try await stream.next("unread_count")
+            let link = "https://crm.example/deals/42?tab=notes"
+            try await org.notify(
+                EventRequest(
+                    typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: [org.memberID]), payload: .object(["title": .string("linked")]),
+                    url: link))
+            try await task(org, to: [org.memberID], title: "plain")
+            #expect(try await stream.next("notification.created").object["url"] as? String == link)
+            let plain = try await stream.next("notification.created").object
+            #expect(plain["title"] as? String == "plain" && plain["url"] == nil, "\(plain)")
+            for path in ["/v1/me/notifications", "/v1/me/notifications?read=false"] {
+                let (status, text) = try await server.send(.GET, path, token: org.memberToken)
+                let items = json(text)["items"] as? [[String: Any]] ?? []
+                #expect(status == 200 && items.map { $0["url"] as? String } == [nil, link], "\(path): \(text)")
+            }
+            await stream.close()
+        }
+    }
+
     @Test("the sweep and the change log are planned on every call, never with a plan cached while the tables were empty (0018)")
     func sweepPlansEveryCall() async throws {
         let database = try await TestEnvironment.shared.database

@@ -156,7 +156,7 @@ extension Components.Schemas.FeedItem {
             id: n.id.lowercased, eventId: n.eventID.lowercased, _type: n.typeKey, category: n.categoryKey,
             severity: mapped(n.severity), priority: mapped(n.priority), title: n.title, body: n.body,
             subject: n.subjectType.map { .init(_type: $0, id: n.subjectID ?? "") }, read: n.read, archived: n.archived,
-            createdAt: n.createdAt, expiresAt: n.expiresAt, tags: n.tags.isEmpty ? nil : n.tags)
+            createdAt: n.createdAt, expiresAt: n.expiresAt, tags: n.tags.isEmpty ? nil : n.tags, url: n.url)
     }
 }
 
