@@ -131,9 +131,31 @@ extension TenantTransaction {
     /// inactivity sweep's among them, go on).
     func digestSlots(for users: [UUID], after instant: Date) async throws -> [UUID: DigestSlots] {
         try await query("SELECT 1 FROM organisations WHERE id = \(organisationID) FOR SHARE")
-        return try await digestSchedules(for: users).mapValues { schedules in
+        let schedules = try await digestSchedules(for: users)
+        var slots = schedules.mapValues { schedules in
             DigestSlots(daily: schedules.daily.slot(after: instant), weekly: schedules.weekly.slot(after: instant))
         }
+        // A slot whose digest was already made (`herald digests send --at` ahead of its time) is
+        // not this item's: the next one is. (Left there, the item waited for a claim to move it,
+        // and explain showed a due time that would not be kept.)
+        let made = try await query(
+            """
+            SELECT user_id, frequency, slot_at FROM digest_runs
+            WHERE organisation_id = \(organisationID) AND user_id = ANY(\(users)::uuid[]) AND slot_at > \(instant)
+            """
+        ).map { try $0.decode((UUID, Frequency, Date).self, table: "digest_runs") }
+        guard !made.isEmpty else { return slots }
+        let taken = Set(made.map { "\($0.0):\($0.1.rawValue):\($0.2.timeIntervalSince1970)" })
+        func isTaken(_ user: UUID, _ frequency: Frequency, _ slot: Date) -> Bool {
+            taken.contains("\(user):\(frequency.rawValue):\(slot.timeIntervalSince1970)")
+        }
+        for user in Set(made.map(\.0)) {
+            guard let schedule = schedules[user], var slot = slots[user] else { continue }
+            while isTaken(user, .daily, slot.daily) { slot.daily = schedule.daily.slot(after: slot.daily) }
+            while isTaken(user, .weekly, slot.weekly) { slot.weekly = schedule.weekly.slot(after: slot.weekly) }
+            slots[user] = slot
+        }
+        return slots
     }
 
     /// Each user's daily and weekly digest schedule, as `digestSlots` reads them.

@@ -193,9 +193,14 @@ struct DigestTests {
         // The slot comes: the member's run is made, and frozen.
         try await pass()
         #expect(try await items(org, of: org.memberID).first?.run != nil)
-        // A late item for the member (stamped with the same slot: the real clock is still before
-        // it), and the second member's first item, also due.
+        // A late item for the member, and the second member's first item, also due. A notify now
+        // sees the run and takes the next slot (`slotAlreadyMade`); a late item is one whose notify
+        // read the slots before the run was made and committed after: stamped with the same slot.
         _ = try await task(org, "Late", to: [org.memberID])
+        _ = try await org.store { tx in
+            try await tx.query(
+                "UPDATE digest_items SET slot_at = \(slot) WHERE organisation_id = \(org.id) AND user_id = \(org.memberID) AND run_id IS NULL")
+        }
         _ = try await task(org, "Second's", to: [second])
         #expect(try await items(org, of: org.memberID).last?.slot == slot)
         // One pass makes the second member's run and moves the late item to the next slot.
@@ -646,6 +651,26 @@ extension DigestTests {
             let run = try #require(after["digest_run"] as? [String: Any])
             #expect(["EMPTY", "SENT"].contains(run["status"] as? String) && run["attempts"] as? Int == 1, "\(run)")
         }
+    }
+}
+
+extension DigestTests {
+    @Test("an item whose slot's digest was already made (digests send --at ahead of its time) goes to the next slot at once")
+    func slotAlreadyMade() async throws {
+        let (org, _) = try await clubMember()
+        let env = try await TestEnvironment.shared
+        _ = try await task(org, "Before the run")
+        let first = try #require(try await items(org, of: org.memberID).first).slot
+        // The run of that slot made ahead of its time, as `herald digests send --at` makes it.
+        let claimed = try await env.workerDatabase.claimDigestRuns(
+            worker: "ahead", limit: 10, leaseSeconds: 60, now: first.addingTimeInterval(60), organisation: org.id)
+        #expect(claimed.count == 1)
+        _ = try await task(org, "After the run")
+        let slots = try await items(org, of: org.memberID).map(\.slot)
+        var paris = Calendar(identifier: .gregorian)
+        paris.timeZone = TimeZone(identifier: "Europe/Paris")!
+        let next = try #require(paris.date(byAdding: .day, value: 1, to: first))
+        #expect(slots == [first, next], "\(slots)")
     }
 }
 
