@@ -199,7 +199,8 @@ struct DigestTests {
         _ = try await task(org, "Late", to: [org.memberID])
         _ = try await org.store { tx in
             try await tx.query(
-                "UPDATE digest_items SET slot_at = \(slot) WHERE organisation_id = \(org.id) AND user_id = \(org.memberID) AND run_id IS NULL")
+                "UPDATE digest_items SET slot_at = \(slot) WHERE organisation_id = \(org.id) AND user_id = \(org.memberID) AND run_id IS NULL"
+            )
         }
         _ = try await task(org, "Second's", to: [second])
         #expect(try await items(org, of: org.memberID).last?.slot == slot)
