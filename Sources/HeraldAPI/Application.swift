@@ -5,6 +5,8 @@ import HeraldStore
 import Hummingbird
 import HummingbirdWebSocket
 import Logging
+import NIOCore
+import NIOPosix
 import OpenAPIHummingbird
 import OpenAPIRuntime
 import PostgresNIO
@@ -76,7 +78,7 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
         linkKeys: dependencies.linkKeys,
         destinations: try configuration.destinationGuard(),
         streamTicketLifetime: configuration.streamTicketSeconds, fanout: configuration.fanout,
-        now: dependencies.now)
+        databaseURL: try? DatabaseURL(configuration.databaseURL), now: dependencies.now)
     // Compact JSON with sorted keys: stable bytes for clients and tests, no pretty-printing cost.
     // The live feed's two routes are hand-written (a stream is not a request/response pair).
     StreamRoutes(
@@ -161,6 +163,46 @@ struct StreamSplittingResponder<Base: HTTPResponder>: HTTPResponder where Base.C
     @inline(never)
     func passing(_ request: Request, context: HeraldRequestContext) async throws -> Response {
         try await base.respond(to: request, context: context)
+    }
+}
+
+/// What PostgreSQL or the socket said of a failed call, in their words: PostgresNIO's own
+/// description of an error hides them.
+public enum DatabaseWords {
+    public static func of(_ error: any Error) -> String {
+        if let error = error as? PSQLError {
+            if let message = error.serverInfo?[.message] {
+                return message + (error.serverInfo?[.sqlState].map { " (SQLSTATE \($0))" } ?? "")
+            }
+            if let underlying = error.underlying {
+                return "\(underlying); is it running, and are the URL's host and port right?"
+            }
+            return "\(error.code)"
+        }
+        return "\(error)"
+    }
+}
+
+extension DatabaseURL {
+    /// Why a connection with this URL fails now, in PostgreSQL's words (its message for a refused
+    /// user, password or database; the socket's error when nothing answers), or nil when one
+    /// succeeds. A URL without TLS is checked through the login; one with TLS to the TCP
+    /// connection. Not through a pool: a pool that cannot connect only times out.
+    public func unreachableReason(timeout: TimeAmount = .seconds(5), logger: Logger) async -> String? {
+        do {
+            if var single = plainConnectionConfiguration {
+                single.options.connectTimeout = timeout
+                let connection = try await PostgresConnection.connect(configuration: single, id: 0, logger: logger)
+                try? await connection.close()
+            } else {
+                let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                    .connectTimeout(timeout).connect(host: host, port: port).get()
+                try? await channel.close()
+            }
+            return nil
+        } catch {
+            return DatabaseWords.of(error)
+        }
     }
 }
 

@@ -77,6 +77,16 @@ struct Serve: AsyncParsableCommand {
             streams: streams, feedCache: feedCache)
         let app = try buildApplication(configuration: config, dependencies: dependencies, logger: logger)
         logger.info("herald listening", metadata: ["address": "\(config.host):\(config.port)", "workers": "\(delivery.workers)"])
+        // The pool only times out when it cannot connect; say why at once, in PostgreSQL's words.
+        if let url = try? DatabaseURL(config.databaseURL) {
+            Task {
+                if let reason = await url.unreachableReason(logger: Logger(label: "herald.database-check", factory: { _ in SwiftLogNoOpLogHandler() })) {
+                    logger.error(
+                        "the database is not reachable: requests fail and /readyz answers 503 until it is",
+                        metadata: ["variable": "DATABASE_URL", "host": "\(url.host):\(url.port)", "user": "\(url.username)", "reason": "\(reason)"])
+                }
+            }
+        }
         // Listed after the application, so it hears SIGTERM first: streams end (clients
         // reconnect elsewhere) before the HTTP server drains its requests.
         try await runUntilSignalled([app, EndStreamsOnShutdown(hub: streams)], shutdownSeconds: config.shutdownSeconds, logger: logger)
@@ -432,19 +442,6 @@ struct DatabaseUnreachable: Error, CustomStringConvertible {
 struct CommandDatabaseError: Error, CustomStringConvertible {
     var message: String
     var description: String { "PostgreSQL refused: \(message)" }
-
-    static func words(of error: any Error) -> String {
-        if let error = error as? PSQLError {
-            if let message = error.serverInfo?[.message] {
-                return message + (error.serverInfo?[.sqlState].map { " (SQLSTATE \($0))" } ?? "")
-            }
-            if let underlying = error.underlying {
-                return "\(underlying); is it running, and are the URL's host and port right?"
-            }
-            return "\(error.code)"
-        }
-        return "\(error)"
-    }
 }
 
 /// `herald jwt-keygen` could not write its key file (a directory it may not write to, a full disk).
@@ -516,23 +513,13 @@ func withPostgres<T: Sendable>(
     var background = logger
     background.logLevel = .error // the pool's start-up chatter is not news to a CLI user
     let parsed = try DatabaseURL(url, variable: variable)
-    let configuration = parsed.clientConfiguration
-    do {
-        if let single = parsed.plainConnectionConfiguration {
-            let connection = try await PostgresConnection.connect(configuration: single, id: 0, logger: background)
-            try await connection.close()
-        } else {
-            let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-                .connectTimeout(.seconds(5)).connect(host: parsed.host, port: parsed.port).get()
-            try? await channel.close()
-        }
-    } catch {
-        throw DatabaseUnreachable(variable: variable, url: parsed, reason: CommandDatabaseError.words(of: error))
+    if let reason = await parsed.unreachableReason(logger: background) {
+        throw DatabaseUnreachable(variable: variable, url: parsed, reason: reason)
     }
     do {
-        return try await withPostgresClient(configuration, logger: background, body)
+        return try await withPostgresClient(parsed.clientConfiguration, logger: background, body)
     } catch let error as PSQLError {
-        throw CommandDatabaseError(message: CommandDatabaseError.words(of: error))
+        throw CommandDatabaseError(message: DatabaseWords.of(error))
     }
 }
 

@@ -72,6 +72,35 @@ struct FaultTests {
         }
     }
 
+    /// A pool whose password PostgreSQL refuses can only time out, after the database call's
+    /// deadline (30 s by default): readiness answers within its own, and says why in the log.
+    @Test("readiness answers 503 at its own deadline when PostgreSQL refuses the pool, and the log says why in PostgreSQL's words")
+    func readinessSaysWhy() async throws {
+        let env = try await TestEnvironment.shared
+        var quiet = Logger(label: "herald.faults")
+        quiet.logLevel = .critical
+        var url = try DatabaseURL(env.appURL)
+        url.password = "not-the-password"
+        let refused = "postgres://\(url.username):not-the-password@\(url.host):\(url.port)/\(url.database ?? "")"
+        let client = PostgresClient(configuration: url.clientConfiguration, backgroundLogger: quiet)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { await client.run() }
+            defer { group.cancelAll() }
+            let log = CapturedLog()
+            let app = try env.application(
+                logger: log.logger(level: .error), database: Database(client: client, logger: quiet, deadline: .seconds(60))
+            ) { $0.databaseURL = refused }
+            try await app.test(.router) { http in
+                let started = ContinuousClock.now
+                let response = try await http.send(.get, "/readyz")
+                #expect(response.isProblem(.serviceUnavailable), "\(response.text)")
+                #expect(ContinuousClock.now - started < .seconds(20), "not the database call's deadline")
+                #expect(log.text.contains("readiness: the database is not reachable"), "\(log.text)")
+                #expect(log.text.contains("password authentication failed"), "\(log.text)")
+            }
+        }
+    }
+
     /// Many deliveries to an endpoint that never answers and some to a healthy endpoint on the
     /// same host (same address and port): the healthy ones go out at once, each at attempt 1.
     /// Before: the hanging ones took every worker slot and every pooled connection to the host,

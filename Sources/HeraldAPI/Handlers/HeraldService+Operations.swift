@@ -2,6 +2,7 @@ import Foundation
 import HeraldCore
 import HeraldStore
 import Logging
+import NIOCore
 import OpenAPIRuntime
 
 extension HeraldService {
@@ -9,13 +10,35 @@ extension HeraldService {
         .ok(.init(body: .json(.init(status: .ok))))
     }
 
-    /// Ready when the database answers and every migration this build ships is applied.
+    /// How long readiness waits for the database: a probe must get an answer in its own time
+    /// (Kubernetes waits 1 s by default), not after a database call's 30 s.
+    static let readinessDeadline: Duration = .seconds(2)
+
+    /// Ready when the database answers within `readinessDeadline` and every migration this build
+    /// ships is applied. When it does not answer, the log says why, in PostgreSQL's words (the
+    /// pool that cannot connect only times out): a connection is tried on its own.
     func getReadiness(_ input: Operations.GetReadiness.Input) async throws -> Operations.GetReadiness.Output {
         let applied: [Int]
         do {
-            applied = try await database.appliedMigrationVersions()
+            applied = try await withThrowingTaskGroup(of: [Int]?.self) { group in
+                group.addTask { try await database.appliedMigrationVersions() }
+                group.addTask {
+                    try await Task.sleep(for: Self.readinessDeadline)
+                    return nil
+                }
+                defer { group.cancelAll() }
+                guard let first = try await group.next(), let applied = first else {
+                    throw ReadinessTimedOut()
+                }
+                return applied
+            }
         } catch {
-            try RequestScope.get().logger.error("readiness: database check failed", metadata: ["error": "\(String(reflecting: error))"])
+            let quiet = Logger(label: "herald.readiness", factory: { _ in SwiftLogNoOpLogHandler() })
+            let reason =
+                await databaseURL?.unreachableReason(timeout: .seconds(2), logger: quiet)
+                ?? "a connection succeeds, but the check did not answer within \(Self.readinessDeadline)"
+            try RequestScope.get().logger.error(
+                "readiness: the database is not reachable", metadata: ["error": "\(String(reflecting: error))", "reason": "\(reason)"])
             throw APIError.notReady("The database is not reachable.")
         }
         let pending = Set(expectedMigrations).subtracting(applied)
@@ -31,6 +54,9 @@ extension HeraldService {
                         status: .ready, database: .ok,
                         migrations: .init(applied: applied.count, expected: expectedMigrations.count)))))
     }
+
+    /// The readiness check did not answer within `readinessDeadline`.
+    struct ReadinessTimedOut: Error {}
 
     func getMetrics(_ input: Operations.GetMetrics.Input) async throws -> Operations.GetMetrics.Output {
         .ok(.init(body: .plainText(HTTPBody(metrics.render()))))

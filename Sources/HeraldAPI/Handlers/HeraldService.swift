@@ -26,6 +26,8 @@ struct HeraldService: APIProtocol {
     let streamTicketLifetime: TimeInterval
     /// When notify writes recipients itself and when it leaves them to chunks.
     let fanout: FanoutSettings
+    /// The API's database, for readiness to say why it cannot be reached (nil: not a URL it can read).
+    let databaseURL: DatabaseURL?
     let now: @Sendable () -> Date
 
     /// Runs `body` in the request's one tenant transaction (opened by `TenantBoundary` in the
