@@ -80,10 +80,14 @@ struct Serve: AsyncParsableCommand {
         // The pool only times out when it cannot connect; say why at once, in PostgreSQL's words.
         if let url = try? DatabaseURL(config.databaseURL) {
             Task {
-                if let reason = await url.unreachableReason(logger: Logger(label: "herald.database-check", factory: { _ in SwiftLogNoOpLogHandler() })) {
+                if let reason = await url.unreachableReason(
+                    logger: Logger(label: "herald.database-check", factory: { _ in SwiftLogNoOpLogHandler() }))
+                {
                     logger.error(
                         "the database is not reachable: requests fail and /readyz answers 503 until it is",
-                        metadata: ["variable": "DATABASE_URL", "host": "\(url.host):\(url.port)", "user": "\(url.username)", "reason": "\(reason)"])
+                        metadata: [
+                            "variable": "DATABASE_URL", "host": "\(url.host):\(url.port)", "user": "\(url.username)", "reason": "\(reason)",
+                        ])
                 }
             }
         }
