@@ -411,7 +411,19 @@ struct JWTKeygen: AsyncParsableCommand {
         commandName: "jwt-keygen", abstract: "Write a new ES256 private key as <dir>/<kid>.pem.")
 
     @Option(help: "Directory of signing keys.") var dir = ".data/jwt"
-    @Option(help: "Key id; default: the current UTC time.") var kid: String?
+    @Option(help: "Key id (letters, digits, '.', '_' and '-'; 1 to 64); default: the current UTC time.") var kid: String?
+
+    func validate() throws {
+        // The id names the file: no path of its own (`../x` wrote outside --dir), nothing hidden.
+        if let kid,
+            !(1...64).contains(kid.count) || kid.hasPrefix(".")
+                || !kid.unicodeScalars.allSatisfy({
+                    $0.isASCII && (CharacterSet.alphanumerics.contains($0) || "._-".unicodeScalars.contains($0))
+                })
+        {
+            throw ValidationError("--kid \(kid): a key id is 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'.")
+        }
+    }
 
     func run() async throws {
         let kid =

@@ -899,6 +899,21 @@ struct CatalogueDocumentTests {
         #expect(try await env.database.organisationID(slug: slug + "-b") == nil)
     }
 
+    @Test("jwt-keygen refuses a key id that is a path (../x wrote outside --dir), and writes the key it is given inside --dir")
+    func keygenKeyIDs() throws {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("keygen-\(UUID().uuidString.prefix(8))")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let keys = root.appendingPathComponent("jwt").path
+        for kid in ["../evil", "a/b", ".hidden", "", String(repeating: "k", count: 65)] {
+            let refused = try runHeraldExit(["jwt-keygen", "--dir", keys, "--kid", kid], [:])
+            #expect(refused.status != 0 && refused.output.contains("a key id is 1 to 64 letters"), "\(kid): \(refused.output)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: root.appendingPathComponent("evil.pem").path))
+        let made = try runHerald(["jwt-keygen", "--dir", keys, "--kid", "2026-12-06.k_1"], [:])
+        #expect(made.contains("2026-12-06.k_1.pem"), "\(made)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: keys) == ["2026-12-06.k_1.pem"])
+    }
+
     @Test("a command whose database refuses its URL says so at once, in PostgreSQL's words, naming the setting")
     func commandDatabaseErrors() async throws {
         let env = try await TestEnvironment.shared
