@@ -32,6 +32,7 @@ struct Serve: AsyncParsableCommand {
         bootstrapLogging(config)
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        MetricsAtZero.register()
         let logger = Logger(label: "herald")
         let postgres = PostgresClient(configuration: try poolConfiguration(config), backgroundLogger: logger)
         let linkKeys = try config.linkKeyRing()

@@ -25,6 +25,7 @@ struct Worker: AsyncParsableCommand {
         bootstrapLogging(config)
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        MetricsAtZero.register()
         let logger = Logger(label: "herald.worker")
         runTasksOnEventLoops(config, logger: logger)
         // No bus given: the workers' own pool lends one connection to the process's bus.

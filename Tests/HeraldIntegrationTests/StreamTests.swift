@@ -793,6 +793,16 @@ struct StreamTests {
         let second = try await StreamServeProcess.start(keys: keys)
         defer { second.kill() }
         let processes = [first, second]
+        // Every counter of fixed labels is on /metrics from the start, at zero, for alerts to name.
+        let (metricsStatus, metrics) = try await first.send(.GET, "/metrics")
+        #expect(metricsStatus == 200)
+        for series in [
+            "herald_stream_drops_total 0", #"herald_delivery_attempts_total{channel="email",outcome="DEAD"} 0"#,
+            #"herald_job_runs_total{job="retention",outcome="failed"} 0"#, #"herald_digests_total{outcome="failed"} 0"#,
+            "herald_organisation_gate_refusals_total 0",
+        ] {
+            #expect(metrics.contains(series), "\(series)")
+        }
         let member = try await processes[1].login("member@\(org.slug).example", of: org)
         let owner = try await processes[0].login("owner@\(org.slug).example", of: org)
         let probe = try await StreamProbe.open(.sse, on: processes[1], query: "ticket=\(try await processes[1].ticket(member))")
