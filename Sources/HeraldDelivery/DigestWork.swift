@@ -272,7 +272,9 @@ struct DigestMessage {
             to: .init(first.recipient.email, name: first.recipient.displayName),
             subject: subject, textBody: text, htmlBody: html,
             messageID: "digest-\(work.run.id.lowercased)@\(from.split(separator: "@").last.map(String.init) ?? "herald")",
-            date: now,
+            // When the message was written (the wall clock), not the instant the run was decided
+            // for: `herald digests send --at` tomorrow must not date today's mail tomorrow.
+            date: Date(),
             extraHeaders: [("List-Unsubscribe", "<\(unsubscribe)>"), ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]
         ).encoded()
     }

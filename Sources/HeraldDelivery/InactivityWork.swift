@@ -46,7 +46,8 @@ public struct InactivityMailer: Sendable {
         return try MIMEMessage(
             from: .init(from, name: organisation.emailFromName ?? name), replyTo: organisation.emailReplyTo.map { .init($0) },
             to: .init(user.email, name: user.displayName), subject: subject, textBody: text, htmlBody: html,
-            messageID: "inactivity-\(user.userID.lowercased)-\(Int(now.timeIntervalSince1970))@\(domain)", date: now, extraHeaders: []
+            // Dated by the wall clock, not by `--at`'s instant (see DigestWork).
+            messageID: "inactivity-\(user.userID.lowercased)-\(Int(now.timeIntervalSince1970))@\(domain)", date: Date(), extraHeaders: []
         ).encoded()
     }
 }
