@@ -96,6 +96,8 @@ final class TestEnvironment: Sendable {
     func configuration(_ change: (inout AppConfiguration) -> Void = { _ in }) -> AppConfiguration {
         var config = AppConfiguration()
         config.maxBodyBytes = 64 * 1024
+        // The pools are the environment's; the URL is what readiness tries on its own.
+        config.databaseURL = appURL
         change(&config)
         return config
     }

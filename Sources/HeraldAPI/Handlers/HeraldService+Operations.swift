@@ -10,13 +10,16 @@ extension HeraldService {
         .ok(.init(body: .json(.init(status: .ok))))
     }
 
-    /// How long readiness waits for the database: a probe must get an answer in its own time
-    /// (Kubernetes waits 1 s by default), not after a database call's 30 s.
+    /// How long readiness waits for the database before it tries a connection of its own: a
+    /// pool that cannot connect only times out (after a database call's 30 s), and a probe must
+    /// get an answer in its own time (Kubernetes waits 1 s by default).
     static let readinessDeadline: Duration = .seconds(2)
 
-    /// Ready when the database answers within `readinessDeadline` and every migration this build
-    /// ships is applied. When it does not answer, the log says why, in PostgreSQL's words (the
-    /// pool that cannot connect only times out): a connection is tried on its own.
+    /// Ready when the database answers and every migration this build ships is applied. When the
+    /// pool has not answered within `readinessDeadline`, a connection is tried on its own: if
+    /// PostgreSQL refuses it or nothing answers, readiness is 503 at once and the log says why, in
+    /// PostgreSQL's or the socket's words; if it connects (the pool is only busy), readiness waits
+    /// for the pool's answer, so a loaded instance does not leave its load balancer.
     func getReadiness(_ input: Operations.GetReadiness.Input) async throws -> Operations.GetReadiness.Output {
         let applied: [Int]
         do {
@@ -24,19 +27,19 @@ extension HeraldService {
                 group.addTask { try await database.appliedMigrationVersions() }
                 group.addTask {
                     try await Task.sleep(for: Self.readinessDeadline)
+                    let quiet = Logger(label: "herald.readiness", factory: { _ in SwiftLogNoOpLogHandler() })
+                    if let reason = await databaseURL?.unreachableReason(timeout: .seconds(2), logger: quiet) {
+                        throw DatabaseRefused(reason: reason)
+                    }
+                    try await Task.sleep(for: .seconds(24 * 3600)) // the pool's call ends first, at its deadline
                     return nil
                 }
                 defer { group.cancelAll() }
-                guard let first = try await group.next(), let applied = first else {
-                    throw ReadinessTimedOut()
-                }
+                guard let first = try await group.next(), let applied = first else { throw CancellationError() }
                 return applied
             }
         } catch {
-            let quiet = Logger(label: "herald.readiness", factory: { _ in SwiftLogNoOpLogHandler() })
-            let reason =
-                await databaseURL?.unreachableReason(timeout: .seconds(2), logger: quiet)
-                ?? "a connection succeeds, but the check did not answer within \(Self.readinessDeadline)"
+            let reason = (error as? DatabaseRefused)?.reason ?? "a connection succeeds, but the pool's call failed"
             try RequestScope.get().logger.error(
                 "readiness: the database is not reachable", metadata: ["error": "\(String(reflecting: error))", "reason": "\(reason)"])
             throw APIError.notReady("The database is not reachable.")
@@ -55,8 +58,10 @@ extension HeraldService {
                         migrations: .init(applied: applied.count, expected: expectedMigrations.count)))))
     }
 
-    /// The readiness check did not answer within `readinessDeadline`.
-    struct ReadinessTimedOut: Error {}
+    /// A connection of readiness's own failed: PostgreSQL's or the socket's words.
+    struct DatabaseRefused: Error {
+        var reason: String
+    }
 
     func getMetrics(_ input: Operations.GetMetrics.Input) async throws -> Operations.GetMetrics.Output {
         .ok(.init(body: .plainText(HTTPBody(metrics.render()))))

@@ -242,6 +242,8 @@ public enum NotificationPlanner {
         let parsed = input.type.templates.mapValues { $0.mapValues { ParsedTemplate($0) } }
         // The in-app text every recipient of a locale shares, rendered once per locale.
         var shared: [String: TemplateContent] = [:]
+        // What the context says of the event, built once: only `recipient` differs per recipient.
+        let eventContext = context(input)
         for target in targeting {
             plan.counts.considered += 1
             guard target.targeted, let profile = profiles[target.userID] else {
@@ -273,9 +275,11 @@ public enum NotificationPlanner {
                 var traced = TracedChannel(decision: decision)
                 switch decision.outcome {
                 case .inApp:
-                    let content = render(input, profile, channel: .inApp, parsed: parsed)
+                    let content = render(input, profile, channel: .inApp, parsed: parsed, eventContext: eventContext)
                     let key = profile.locale ?? ""
-                    let common = shared[key] ?? render(input, profile.withoutPersonalDetails, channel: .inApp, parsed: parsed)
+                    let common =
+                        shared[key]
+                        ?? render(input, profile.withoutPersonalDetails, channel: .inApp, parsed: parsed, eventContext: eventContext)
                     shared[key] = common
                     let id = TimeOrderedID.make(at: input.notificationTime ?? input.deliverAt)
                     plan.notifications.append(
@@ -311,14 +315,14 @@ public enum NotificationPlanner {
     /// The rendering context a template sees: `payload`, `recipient`, `organisation`, `event`.
     /// `links` (the tracked link and the unsubscribe link) exist only when a delivery is sent.
     public static func context(_ input: PlanInput, _ profile: RecipientProfile, links: [String: String] = [:]) -> [String: Any] {
+        context(input, profile, links: links, eventContext: context(input))
+    }
+
+    /// The parts of the context that are the same for every recipient of the event (`payload`,
+    /// `organisation`, `actor`, `event`): a plan builds them once, not once per recipient.
+    static func context(_ input: PlanInput) -> [String: Any] {
         [
-            "links": links,
             "payload": input.payload.plain,
-            "recipient": [
-                "display_name": profile.displayName, "email": profile.email,
-                "locale": profile.locale ?? input.organisationLocale, "timezone": profile.timezone ?? input.organisationTimezone,
-                "attributes": profile.attributes.plain,
-            ] as [String: Any],
             "organisation": ["name": input.organisationName, "slug": input.organisationSlug],
             "actor": input.sourceActor?.plain ?? [String: Any](),
             "event": [
@@ -328,11 +332,35 @@ public enum NotificationPlanner {
         ]
     }
 
+    /// `eventContext` with the recipient's part and the links.
+    static func context(
+        _ input: PlanInput, _ profile: RecipientProfile, links: [String: String], eventContext: [String: Any]
+    ) -> [String: Any] {
+        var context = eventContext
+        context["links"] = links
+        context["recipient"] =
+            [
+                "display_name": profile.displayName, "email": profile.email,
+                "locale": profile.locale ?? input.organisationLocale, "timezone": profile.timezone ?? input.organisationTimezone,
+                "attributes": profile.attributes.plain,
+            ] as [String: Any]
+        return context
+    }
+
     /// The recipient's content for `channel`: the template in their locale, or the type's name.
     /// `plainText`: the subject and text unescaped (an email's header and text part).
     public static func render(
         _ input: PlanInput, _ profile: RecipientProfile, channel: NotificationChannel,
         parsed: [NotificationChannel: [String: ParsedTemplate]]? = nil, links: [String: String] = [:], plainText: Bool = false
+    ) -> TemplateContent {
+        render(input, profile, channel: channel, parsed: parsed, links: links, plainText: plainText, eventContext: nil)
+    }
+
+    /// `render`, with the event's part of the context built already (`context(_:)`) when given.
+    static func render(
+        _ input: PlanInput, _ profile: RecipientProfile, channel: NotificationChannel,
+        parsed: [NotificationChannel: [String: ParsedTemplate]]?, links: [String: String] = [:], plainText: Bool = false,
+        eventContext: [String: Any]?
     ) -> TemplateContent {
         let template: ParsedTemplate?
         if let parsed, !plainText {
@@ -346,6 +374,6 @@ public enum NotificationPlanner {
             ).map { ParsedTemplate.cached($0.value, plainText: plainText) }
         }
         guard let template else { return TemplateContent(subject: input.type.name, body: "") }
-        return template.render(context(input, profile, links: links))
+        return template.render(context(input, profile, links: links, eventContext: eventContext ?? context(input)))
     }
 }
