@@ -142,7 +142,8 @@ let package = Package(
         ),
         .testTarget(
             name: "HeraldCoreTests",
-            dependencies: ["HeraldCore"],
+            // Mustache: templates of text and variables are checked against its rendering.
+            dependencies: ["HeraldCore", .product(name: "Mustache", package: "swift-mustache")],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -70,6 +70,11 @@ public struct ParsedTemplate: Sendable {
     let body: MustacheTemplate?
     let html: MustacheTemplate?
     let source: TemplateContent
+    /// The same parts when they are only text and variables (`PlainTemplate`), which render
+    /// without Mustache's lookups; nil for a part that holds anything else.
+    let plainSubject: PlainTemplate?
+    let plainBody: PlainTemplate?
+    let plainHTML: PlainTemplate?
 
     /// `plainText` renders the subject and the text body without HTML escaping (an email's
     /// Subject header and text/plain part, which no client reads as HTML); the HTML part is
@@ -80,6 +85,9 @@ public struct ParsedTemplate: Sendable {
         subject = try? MustacheTemplate(string: pragma + content.subject)
         body = try? MustacheTemplate(string: pragma + content.body)
         html = content.html.flatMap { try? MustacheTemplate(string: $0) }
+        plainSubject = subject == nil ? nil : PlainTemplate(content.subject, escaping: !plainText)
+        plainBody = body == nil ? nil : PlainTemplate(content.body, escaping: !plainText)
+        plainHTML = html == nil ? nil : content.html.flatMap { PlainTemplate($0, escaping: true) }
     }
 
     /// The parsed form of `content`, parsed once per process while it is among the last few
@@ -118,8 +126,112 @@ public struct ParsedTemplate: Sendable {
     /// The content for one recipient (a part that does not parse renders as its source).
     public func render(_ context: [String: Any]) -> TemplateContent {
         TemplateContent(
-            subject: subject?.render(context) ?? source.subject, body: body?.render(context) ?? source.body,
-            html: source.html.map { html?.render(context) ?? $0 })
+            subject: plainSubject?.render(context) ?? subject?.render(context) ?? source.subject,
+            body: plainBody?.render(context) ?? body?.render(context) ?? source.body,
+            html: source.html.map { plainHTML?.render(context) ?? html?.render(context) ?? $0 })
+    }
+}
+
+/// A template made only of text and variables (`{{a.b}}`, `{{{a.b}}}`, `{{&a.b}}`), rendered by
+/// walking the context's dictionaries: Mustache looks each name up through dynamic casts, which
+/// was 30 % of a fan-out's planning (issue 12). Anything else in the template (a section, a
+/// partial, a comment, a pragma, a delimiter change, a transform) leaves it to Mustache, and so
+/// does, at render time, a value other than a string, an integer or a boolean: the two render the
+/// same bytes (`PlainTemplateTests` renders both ways).
+struct PlainTemplate: Sendable {
+    enum Part: Sendable {
+        case text(String)
+        case value(path: [String], escaped: Bool)
+    }
+    let parts: [Part]
+
+    /// Nil when `source` holds more than text and variables. `escaping`: `{{x}}` is HTML-escaped
+    /// (Mustache's default); false for a part rendered as text (the pragma `CONTENT_TYPE: TEXT`).
+    init?(_ source: String, escaping: Bool) {
+        var parts: [Part] = []
+        var rest = source[...]
+        while let open = rest.range(of: "{{") {
+            if open.lowerBound > rest.startIndex { parts.append(.text(String(rest[..<open.lowerBound]))) }
+            var tag = rest[open.upperBound...]
+            var escaped = escaping
+            let close: String
+            if tag.first == "{" {
+                tag = tag.dropFirst()
+                escaped = false
+                close = "}}}"
+            } else {
+                close = "}}"
+                if tag.first == "&" {
+                    tag = tag.dropFirst()
+                    escaped = false
+                }
+            }
+            guard let end = tag.range(of: close) else { return nil }
+            let name = tag[..<end.lowerBound].trimmingCharacters(in: .whitespaces)
+            guard Self.isPlain(name) else { return nil }
+            parts.append(.value(path: name.split(separator: ".").map(String.init), escaped: escaped))
+            rest = tag[end.upperBound...]
+        }
+        if !rest.isEmpty { parts.append(.text(String(rest))) }
+        self.parts = parts
+    }
+
+    /// `a`, `a.b_c`, `a.b-2`: names and dots, no leading, trailing or double dot.
+    static func isPlain(_ name: String) -> Bool {
+        !name.isEmpty
+            && name.split(separator: ".", omittingEmptySubsequences: false).allSatisfy { part in
+                !part.isEmpty
+                    && part.unicodeScalars.allSatisfy {
+                        $0.isASCII && ($0.properties.isAlphabetic || ("0"..."9").contains($0) || $0 == "_" || $0 == "-")
+                    }
+            }
+    }
+
+    /// The rendered text; nil when a value is neither a string, an integer nor a boolean (or a
+    /// name goes through something that is not a dictionary), for Mustache to render instead.
+    func render(_ context: [String: Any]) -> String? {
+        var out = ""
+        for part in parts {
+            switch part {
+            case .text(let text):
+                out += text
+            case .value(let path, let escaped):
+                var value: Any? = context
+                for name in path {
+                    guard let object = value else { break }
+                    guard let dictionary = object as? [String: Any] else { return nil }
+                    value = dictionary[name]
+                }
+                guard let value else { continue } // a name not there renders nothing, as in Mustache
+                let text: String
+                switch value {
+                case let string as String: text = string
+                case let number as Int: text = String(number)
+                case let flag as Bool: text = flag ? "true" : "false"
+                default: return nil
+                }
+                out += escaped ? Self.htmlEscaped(text) : text
+            }
+        }
+        return out
+    }
+
+    /// Mustache's HTML escape, character for character.
+    static func htmlEscaped(_ text: String) -> String {
+        guard text.contains(where: { $0 == "<" || $0 == ">" || $0 == "&" || $0 == "\"" || $0 == "'" }) else { return text }
+        var out = ""
+        out.reserveCapacity(text.utf8.count + 16)
+        for character in text {
+            switch character {
+            case "<": out += "&lt;"
+            case ">": out += "&gt;"
+            case "&": out += "&amp;"
+            case "\"": out += "&quot;"
+            case "'": out += "&#39;"
+            default: out.append(character)
+            }
+        }
+        return out
     }
 }
 

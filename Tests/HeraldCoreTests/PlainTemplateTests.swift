@@ -1,0 +1,66 @@
+import Foundation
+import Mustache
+import Testing
+
+@testable import HeraldCore
+
+/// A template of text and variables renders without Mustache (`PlainTemplate`): byte for byte
+/// what Mustache renders, or nothing (and Mustache renders it).
+@Suite("Templates of text and variables render as Mustache renders them")
+struct PlainTemplateTests {
+    let context: [String: Any] = [
+        "payload": [
+            "title": "Hike <to> the \"lake\" & 'back'", "isq": 25, "urgent": true, "ratio": 2.5, "none": Optional<String>.none as Any,
+            "list": ["a", "b"], "nested": ["deeper": ["name": "Zoë — 東京 🦷"]], "empty": "", "dash-key": "dashed",
+            "combining": "&\u{301} and &",
+        ] as [String: Any],
+        "recipient": ["display_name": "Ana <Bo>", "email": "ana@club.example", "attributes": [String: Any]()] as [String: Any],
+        "organisation": ["name": "Club & Co", "slug": "club"],
+        "links": [String: String](),
+    ]
+
+    func mustache(_ source: String, escaping: Bool) throws -> String {
+        try MustacheTemplate(string: (escaping ? "" : "{{% CONTENT_TYPE: TEXT}}") + source).render(context)
+    }
+
+    @Test("text and variables: the same bytes as Mustache, HTML-escaped or as text")
+    func sameBytes() throws {
+        let templates = [
+            "Hello {{recipient.display_name}}, reading {{payload.isq}}.",
+            "{{payload.title}}|{{{payload.title}}}|{{&payload.title}}|{{ payload.title }}|{{{ payload.title }}}",
+            "{{payload.urgent}} {{payload.missing}} {{missing.deeper}} {{payload.nested.deeper.name}} [{{payload.empty}}]",
+            "{{payload.dash-key}} {{organisation.name}}{{organisation.slug}}", "no tags at all", "", "{{payload.combining}}",
+            "a } b }} c {{payload.isq}}}", "line one\nline two {{payload.isq}}\n\n", "{{payload.nested.deeper.missing.more}}",
+        ]
+        for source in templates {
+            for escaping in [true, false] {
+                let plain = try #require(PlainTemplate(source, escaping: escaping), "\(source)")
+                #expect(plain.render(context) == (try mustache(source, escaping: escaping)), "\(source) escaping \(escaping)")
+            }
+        }
+    }
+
+    @Test("anything else is left to Mustache: sections, comments, partials, pragmas, delimiters, transforms, broken tags")
+    func leftToMustache() {
+        for source in [
+            "{{#payload.urgent}}!{{/payload.urgent}}", "{{^a}}x{{/a}}", "{{! note }}", "{{> part}}", "{{% CONTENT_TYPE: TEXT}}x",
+            "{{=<% %>=}}<% a %>", "{{uppercased(payload.title)}}", "{{.}}", "{{payload.title", "{{{payload.title}}", "{{}}",
+            "{{ &payload.title}}", "{{a..b}}", "{{.a}}", "{{a b}}",
+        ] {
+            #expect(PlainTemplate(source, escaping: true) == nil, "\(source)")
+        }
+    }
+
+    @Test("a value that is not a string, an integer or a boolean is left to Mustache")
+    func otherValues() throws {
+        for source in ["{{payload.ratio}}", "{{payload.list}}", "{{payload.none}}", "{{payload.nested}}", "{{payload.title.more}}"] {
+            let plain = try #require(PlainTemplate(source, escaping: true))
+            #expect(plain.render(context) == nil, "\(source)")
+        }
+        // ParsedTemplate takes Mustache's answer for those, and the plain one for the others.
+        let parsed = ParsedTemplate(TemplateContent(subject: "{{payload.ratio}} {{payload.isq}}", body: "{{payload.title}}"))
+        let rendered = parsed.render(context)
+        #expect(rendered.subject == (try mustache("{{payload.ratio}} {{payload.isq}}", escaping: true)))
+        #expect(rendered.body == (try mustache("{{payload.title}}", escaping: true)))
+    }
+}
