@@ -325,6 +325,23 @@ struct PlannerTests {
         #expect(id.uuidString.dropFirst(14).first == "7")
     }
 
+    @Test("ids drawn from the random pool across many refills: all distinct, version 7, RFC 4122 variant, random bits spread")
+    func randomPool() {
+        let now = Date()
+        let ids = (0..<5_000).map { _ in TimeOrderedID.make(at: now) }
+        #expect(Set(ids).count == ids.count)
+        for id in ids {
+            let bytes = id.uuid
+            #expect(bytes.6 >> 4 == 7 && bytes.8 >> 6 == 0b10)
+        }
+        // Each random bit of the low half is set in about half of the ids (not a zeroed pool).
+        let lows = ids.map { UInt64(bigEndian: withUnsafeBytes(of: $0.uuid) { $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self) }) }
+        for bit in 0..<62 {
+            let set = lows.filter { $0 & (1 << UInt64(bit)) != 0 }.count
+            #expect((2_000...3_000).contains(set), "bit \(bit): \(set) of 5000")
+        }
+    }
+
     @Test("templates are validated with the line of the error, and pick the locale")
     func templates() {
         #expect(throws: ValidationError.self) { try TemplateRenderer.validate("Hello\n{{#items}}\n{{name}}", field: "body") }
