@@ -391,9 +391,16 @@ extension TenantTransaction {
             var decisionOf: [[SharedChannelDecision]: UUID] = [:]
             var decisions: [(id: UUID, channels: [SharedChannelDecision])] = []
             var decisionIDs: [UUID] = []
-            var recordIDs: [String] = []
+            // Each trace's own rows, as a slice of one array of every id (1-based, inclusive:
+            // `records[first:last]`, empty when last < first); was a text array literal per
+            // recipient, formatted here and parsed by PostgreSQL.
+            var records: [UUID] = []
+            var firsts: [Int32] = []
+            var lasts: [Int32] = []
             decisionIDs.reserveCapacity(t.count)
-            recordIDs.reserveCapacity(t.count)
+            firsts.reserveCapacity(t.count)
+            lasts.reserveCapacity(t.count)
+            records.reserveCapacity(t.count * 2)
             for trace in t {
                 let shared = trace.channels.map(SharedChannelDecision.init)
                 if let id = decisionOf[shared] {
@@ -404,7 +411,9 @@ extension TenantTransaction {
                     decisions.append((id, shared))
                     decisionIDs.append(id)
                 }
-                recordIDs.append("{" + trace.channels.flatMap(\.recordIDs).map(\.uuidString).joined(separator: ",") + "}")
+                firsts.append(Int32(records.count + 1))
+                for channel in trace.channels { records += channel.recordIDs }
+                lasts.append(Int32(records.count))
             }
             statements.append(
                 try """
@@ -417,11 +426,11 @@ extension TenantTransaction {
                 INSERT INTO event_recipients (organisation_id, event_id, user_id, category_id, targeted, rule, reason, notified,
                                               decision_id, record_ids)
                 SELECT \(organisationID), \(event.id), user_id, \(type.categoryID), targeted, rule, reason, notified,
-                       decision_id, record_ids::uuid[]
+                       decision_id, coalesce((\(records)::uuid[])[first:last], '{}')
                 FROM unnest(\(t.map(\.targeting.userID))::uuid[], \(t.map(\.targeting.targeted))::boolean[], \(t.map(\.targeting.rule))::text[],
                             \(t.map(\.targeting.reason))::text[], \(t.map(\.notified))::boolean[], \(decisionIDs)::uuid[],
-                            \(recordIDs)::text[])
-                     AS row(user_id, targeted, rule, reason, notified, decision_id, record_ids)
+                            \(firsts)::integer[], \(lasts)::integer[])
+                     AS row(user_id, targeted, rule, reason, notified, decision_id, first, last)
                 """)
         }
         if let inApp { statements.append(inApp) }
