@@ -81,6 +81,7 @@ func base64URLSextets(
 
 /// `text` safe inside HTML text and double-quoted attributes (`&`, `<`, `>`, `"`, `'`).
 public func htmlEscaped(_ text: String) -> String {
+    guard text.contains(where: { $0 == "&" || $0 == "<" || $0 == ">" || $0 == "\"" || $0 == "'" }) else { return text }
     var out = ""
     out.reserveCapacity(text.utf8.count)
     for character in text {

@@ -140,8 +140,13 @@ enum WebhookMessage {
 /// A Slack or Mattermost incoming-webhook message: both take `text` with their Markdown.
 enum ChatMessage {
     static func body(format: EndpointFormat, content: TemplateContent, url: String?) -> [UInt8] {
-        var lines = [format == .slack ? "*\(content.subject)*" : "**\(content.subject)**"]
-        if !content.body.isEmpty { lines.append(content.body) }
+        // The text arrives HTML-escaped (templates escape values); Slack decodes only &amp;, &lt;
+        // and &gt; (its own escapes), so the other two would show as written.
+        let text = { (value: String) in
+            format == .slack ? value.replacingOccurrences(of: "&#39;", with: "'").replacingOccurrences(of: "&quot;", with: "\"") : value
+        }
+        var lines = [format == .slack ? "*\(text(content.subject))*" : "**\(content.subject)**"]
+        if !content.body.isEmpty { lines.append(text(content.body)) }
         if let url { lines.append(format == .slack ? "<\(url)|Open>" : "[Open](\(url))") }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]

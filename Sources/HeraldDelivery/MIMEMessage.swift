@@ -59,7 +59,7 @@ public struct MIMEMessage: Sendable {
         self.from = from
         self.replyTo = replyTo
         self.to = to
-        self.subject = subject
+        self.subject = Self.oneLine(subject)
         self.textBody = textBody
         self.htmlBody = htmlBody
         self.messageID = messageID
@@ -171,11 +171,34 @@ public struct MIMEMessage: Sendable {
         return "\(EncodedWord.encode(name)) <\(address)>"
     }
 
-    /// Free text such as Subject: ASCII is folded at spaces, anything else is RFC 2047 encoded.
+    /// A subject as one line: a line break (from a payload value, or a template's text) is a
+    /// space, as any other control character is, and runs of them one space. A Subject header
+    /// cannot hold a line break, and refusing one ended the delivery `DEAD` over ordinary data.
+    static func oneLine(_ text: String) -> String {
+        guard text.unicodeScalars.contains(where: { ($0.value < 0x20 && $0 != "\t") || $0.value == 0x7F }) else { return text }
+        var out = ""
+        var spaced = false
+        for scalar in text.unicodeScalars {
+            if (scalar.value < 0x20 && scalar != "\t") || scalar.value == 0x7F {
+                if !spaced { out.unicodeScalars.append(" ") }
+                spaced = true
+            } else {
+                out.unicodeScalars.append(scalar)
+                spaced = false
+            }
+        }
+        return out
+    }
+
+    /// Free text such as Subject: ASCII is folded at spaces, anything else is RFC 2047 encoded,
+    /// and so is ASCII with a word too long for a line (RFC 5321's 998 characters: an unbroken
+    /// token in a payload value made the mail server refuse the message).
     private static func unstructured(_ value: String, header: String) throws(MIMEError) -> String {
         try refuseControlCharacters(value, header: header)
         // "=?" in plain text could be misread as an encoded word, so encode those too.
-        guard value.unicodeScalars.allSatisfy(\.isASCII), !value.contains("=?") else {
+        guard value.unicodeScalars.allSatisfy(\.isASCII), !value.contains("=?"),
+            !value.split(separator: " ").contains(where: { $0.utf8.count > 900 })
+        else {
             return EncodedWord.encode(value)
         }
         // Fold before a space once a line would pass 78 characters (RFC 5322 2.1.1).

@@ -73,7 +73,7 @@ extension Database {
             try await tx.ensureBuiltinRoles()
             try await tx.ensureSystemJobs()
             try await tx.audit(
-                action: "organisation.create", targetType: "organisation", targetID: id.uuidString,
+                action: "organisation.create", targetType: "organisation", targetID: id.lowercased,
                 before: nil, after: .object(["slug": .string(slug)]))
             try await then(tx)
             return try await tx.organisation()

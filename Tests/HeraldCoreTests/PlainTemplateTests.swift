@@ -51,6 +51,20 @@ struct PlainTemplateTests {
         }
     }
 
+    @Test("payload values as a reader expects them: null renders nothing, whole numbers without .0")
+    func payloadValues() {
+        let payload = JSONValue.object([
+            "f": .null, "b": .number(1_234_567_890_123_456), "e": .number(-0.0), "r": .number(2.5), "n": .number(25),
+        ])
+        let rendered = TemplateRenderer.render(
+            TemplateContent(
+                subject: "f=[{{payload.f}}] b={{payload.b}} e={{payload.e}} r={{payload.r}}",
+                body: "{{#payload.f}}x{{/payload.f}}n={{payload.n}}"),
+            ["payload": payload.plain])
+        #expect(rendered.subject == "f=[] b=1234567890123456 e=0 r=2.5", "\(rendered.subject)")
+        #expect(rendered.body == "n=25", "\(rendered.body)")
+    }
+
     @Test("a value that is not a string, an integer or a boolean is left to Mustache")
     func otherValues() throws {
         for source in ["{{payload.ratio}}", "{{payload.list}}", "{{payload.none}}", "{{payload.nested}}", "{{payload.title.more}}"] {

@@ -177,6 +177,25 @@ struct MIMEMessageTests {
         #expect(throws: MIMEError.self) { try message.encoded() }
     }
 
+    /// A subject rendered from a payload value with a line break, or an unbroken token longer
+    /// than a line, is written (both once ended the delivery DEAD); set after the fact, a line
+    /// break is still refused (above).
+    @Test func subjectsFromDataAreWritten() throws {
+        let broken = Self.message(subject: "Line one\nLine two\r\n\tand\u{7}three")
+        #expect(broken.subject == "Line one Line two \tand three")
+        let (headers, _) = split(try broken.encoded())
+        #expect(headers.contains("Subject: Line one Line two \tand three"))
+        let token = "deal-" + String(repeating: "x", count: 1_200)
+        let long = try Self.message(subject: "Won: " + token).encoded()
+        let (folded, _) = split(long, unfold: false)
+        let start = try #require(folded.firstIndex { $0.hasPrefix("Subject: ") })
+        let lines = [folded[start]] + folded[(start + 1)...].prefix { $0.hasPrefix(" ") }
+        #expect(lines.allSatisfy { $0.utf8.count <= 76 } && lines.count > 20)
+        let (unfolded, _) = split(long)
+        let subject = try #require(unfolded.first { $0.hasPrefix("Subject: ") })
+        #expect(decodeEncodedWords(String(subject.dropFirst(9))) == "Won: " + token)
+    }
+
     @Test func extraHeadersCannotDuplicateGeneratedOnes() {
         let message = Self.message(extraHeaders: [("content-type", "text/plain")])
         #expect(throws: MIMEError.invalidHeader(name: "content-type", reason: "Herald writes this header itself")) {

@@ -886,6 +886,13 @@ struct CatalogueDocumentTests {
         let id = try #require(try await env.database.organisationID(slug: slug))
         let types = try await env.database.withTenant(id) { tx in try await tx.notificationTypes().map(\.key) }
         #expect(types.contains("ISQ_CRITICAL") && types.contains("TASK_ASSIGNED"))
+        // Audited under the organisation's id as every id is written (lowercase), so the audit
+        // filter by target_id finds it.
+        let audited = try await env.database.withTenant(id) { tx in
+            try await tx.query("SELECT target_id FROM audit_log WHERE organisation_id = \(id) AND action = 'organisation.create'")
+                .map { try $0.decode(String.self) }
+        }
+        #expect(audited == [id.lowercased], "\(audited)")
         // The same slug again: refused in words, nothing written.
         let again = try runHeraldExit(
             ["organisation", "create", "--slug", slug, "--name", "Again", "--owner-email", "again@\(slug).example"],

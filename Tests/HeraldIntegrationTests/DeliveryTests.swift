@@ -278,12 +278,13 @@ struct DeliveryTests {
         try await org.notify(
             EventRequest(
                 typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]),
-                payload: .object(["ward": .string("3B"), "bed": .number(12)])))
+                payload: .object(["ward": .string("3B <East> & \"O'Neil\""), "bed": .number(12)])))
         let delivery = try #require(try await TestWorkers.run(org.id) { try await org.settled() }.first)
         #expect(delivery.status == .sent && delivery.channel == .chat)
         let body = try #require(try await Peers.requests(hook.name).first?["body"] as? String)
         let json = try #require(try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: String])
-        #expect(json == ["text": "*Ward 3B*\nBed 12 needs a nurse"])
+        // Slack's own escapes only (&amp; &lt; &gt;), which Slack shows as the characters.
+        #expect(json == ["text": "*Ward 3B &lt;East&gt; &amp; \"O'Neil\"*\nBed 12 needs a nurse"], "\(json)")
     }
 
     @Test("SSRF: private, loopback, link-local, metadata and disguised addresses are refused at creation and again at connect time")

@@ -390,6 +390,12 @@ struct DigestTests {
             let again = try await client.send(.delete, "/v1/digest-templates/fr", token: org.ownerToken)
             #expect(deleted.status == .noContent && again.isProblem(.notFound), "\(again.text)")
             #expect((again.json["detail"] as? String)?.contains("no digest template of this locale") == true, "\(again.text)")
+            // A blank subject or body is refused (the contract's minLength), and nothing is stored.
+            for body in [#"{"subject": "", "body": "x"}"#, #"{"subject": "s", "body": "  \n "}"#] {
+                let blank = try await client.send(.put, "/v1/digest-templates/de", token: org.ownerToken, json: body)
+                #expect(blank.isProblem(.unprocessableContent) && blank.text.contains("must not be blank"), "\(blank.text)")
+            }
+            #expect(try await org.store { tx in try await tx.digestTemplates() }.isEmpty)
         }
         // (Notified before today's slot, after its run was frozen: it goes in tomorrow's.)
         _ = try await task(org, "Second outing")

@@ -287,6 +287,12 @@ struct IdempotencyTests {
             #expect(second.headers[HTTPField.Name("Idempotent-Replayed")!] == "true")
             #expect(first.headers[HTTPField.Name("Idempotent-Replayed")!] == nil)
             #expect(try await org.store { tx in try await tx.events(typeID: nil, limit: 10, after: nil).items.count } == 1)
+            // Cancelled since: the replay says so (a retrying client must not believe it is still going out).
+            let id = try #require(first.json["event_id"] as? String)
+            #expect(try await client.send(.post, "/v1/events/\(id)/cancel", token: org.ownerToken).status == .ok)
+            let third = try await send(client, org, key: "reading-1")
+            #expect(third.status == .accepted && third.json["status"] as? String == "CANCELLED", "\(third.text)")
+            #expect(third.headers[HTTPField.Name("Idempotent-Replayed")!] == "true")
         }
     }
 

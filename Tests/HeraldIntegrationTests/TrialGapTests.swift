@@ -139,6 +139,29 @@ struct TrialGapTests {
         }
     }
 
+    @Test("apikeys.manage does not revoke a key whose role holds more: a 403 that says why, and the key still works")
+    func revokeNeedsWhatTheKeyHolds() async throws {
+        try await withOrganisation { org, client in
+            let (strong, weak) = try await org.store { tx in
+                let lead = try await tx.createRole(
+                    key: "support-lead", name: "Support lead", description: "", permissions: [.apikeysManage, .usersRead])
+                _ = try await tx.setUserRoles(org.memberID, [lead.id])
+                let owner = try #require(try await tx.roles().first { $0.key == "owner" })
+                let strong = try await tx.createApiKey(
+                    id: UUID(), name: "integration", roleID: owner.id, secretHash: Data(repeating: 1, count: 32), expiresAt: nil)
+                let weak = try await tx.createApiKey(
+                    id: UUID(), name: "helper", roleID: lead.id, secretHash: Data(repeating: 2, count: 32), expiresAt: nil)
+                return (strong.id, weak.id)
+            }
+            let refused = try await client.send(.delete, "/v1/api-keys/\(strong.uuidString.lowercased())", token: org.memberToken)
+            #expect(refused.isProblem(.forbidden) && refused.text.contains("which you do not hold"), "\(refused.text)")
+            #expect(try await org.store { tx in try await tx.apiKey(strong) }.revokedAt == nil)
+            // A key of what the caller holds is theirs to revoke.
+            let revoked = try await client.send(.delete, "/v1/api-keys/\(weak.uuidString.lowercased())", token: org.memberToken)
+            #expect(revoked.status == .noContent, "\(revoked.text)")
+        }
+    }
+
     @Test("explain says EXPIRED for an in-app row past its expires_at, before and after it is purged")
     func expiredIsNotDeleted() async throws {
         let org = try await TestOrganisation.make()

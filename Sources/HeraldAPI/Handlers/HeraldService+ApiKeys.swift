@@ -43,7 +43,11 @@ extension HeraldService {
     func revokeApiKey(_ input: Operations.RevokeApiKey.Input) async throws -> Operations.RevokeApiKey.Output {
         let id = try id(input.path.keyId, "API key")
         try await tenant { tx, principal in
-            let before = Components.Schemas.ApiKey(try await tx.apiKey(id), organisationID: principal.organisationID)
+            let key = try await tx.apiKey(id)
+            // Acting on a key is acting on what its role holds, as making one is: a junior admin
+            // with apikeys.manage cannot cut off the integration a stronger role's key serves.
+            try requireHolds(try await tx.role(key.roleID).permissions, principal)
+            let before = Components.Schemas.ApiKey(key, organisationID: principal.organisationID)
             guard before.revokedAt == nil else { return }
             let after = Components.Schemas.ApiKey(try await tx.revokeApiKey(id), organisationID: principal.organisationID)
             try await tx.audit(

@@ -194,6 +194,11 @@ extension HeraldService {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         let locale = try Validate.locale(input.path.locale)
         let content = TemplateContent(subject: body.subject, body: body.body, html: body.html)
+        // The contract's minLength 1, and blank is no better: a digest with no subject or no text.
+        for (field, value) in [("subject", content.subject), ("body", content.body)]
+        where value.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty {
+            throw APIError.unprocessable(ValidationError(field: field, message: "must not be blank."))
+        }
         try TemplateRenderer.validate(content.subject, field: "subject")
         try TemplateRenderer.validate(content.body, field: "body")
         if let html = content.html { try TemplateRenderer.validate(html, field: "html") }

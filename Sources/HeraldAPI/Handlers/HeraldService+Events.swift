@@ -290,9 +290,10 @@ extension HeraldService {
     }
 
     func accepted(_ event: EventRecord) throws -> Components.Schemas.EventAccepted {
-        // Always the answer notify first gave (a later cancellation shows on GET /v1/events/{id}).
+        // Rebuilt from the stored event: a replay after a cancellation says CANCELLED (api.md), so
+        // a client that retries does not believe the notification is still going out.
         .init(
-            eventId: event.id.lowercased, status: .accepted, deliverAt: event.deliverAt,
+            eventId: event.id.lowercased, status: event.status == .cancelled ? .cancelled : .accepted, deliverAt: event.deliverAt,
             counts: try convert(event.counts), fanout: event.fanout.map(Components.Schemas.Fanout.init))
     }
 }

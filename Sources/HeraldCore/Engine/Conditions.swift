@@ -52,9 +52,14 @@ public indirect enum JSONValue: Sendable, Equatable, Codable, Hashable {
     public var plain: Any {
         switch self {
         case .string(let v): v
-        case .number(let v): v.rounded() == v && abs(v) < 1e15 ? Int(v) as Any : v as Any
+        // A whole number prints as one (`1234567890123456`, not `1234567890123456.0`) as far as
+        // an Int holds it; JSON numbers are doubles here, so past 2^53 digits are already lost
+        // (send such ids as strings).
+        case .number(let v): v.rounded() == v && abs(v) < 9.2e18 ? Int(v) as Any : v as Any
         case .bool(let v): v
-        case .null: Optional<String>.none as Any
+        // Mustache renders NSNull as nothing and treats it as false in a section (a nil Optional
+        // printed "nil").
+        case .null: NSNull()
         case .array(let v): v.map(\.plain)
         case .object(let v): v.mapValues(\.plain)
         }

@@ -210,25 +210,7 @@ struct PlainTemplate: Sendable {
                 case let flag as Bool: text = flag ? "true" : "false"
                 default: return nil
                 }
-                out += escaped ? Self.htmlEscaped(text) : text
-            }
-        }
-        return out
-    }
-
-    /// Mustache's HTML escape, character for character.
-    static func htmlEscaped(_ text: String) -> String {
-        guard text.contains(where: { $0 == "<" || $0 == ">" || $0 == "&" || $0 == "\"" || $0 == "'" }) else { return text }
-        var out = ""
-        out.reserveCapacity(text.utf8.count + 16)
-        for character in text {
-            switch character {
-            case "<": out += "&lt;"
-            case ">": out += "&gt;"
-            case "&": out += "&amp;"
-            case "\"": out += "&quot;"
-            case "'": out += "&#39;"
-            default: out.append(character)
+                out += escaped ? htmlEscaped(text) : text // Mustache's escape, character for character
             }
         }
         return out
