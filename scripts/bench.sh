@@ -294,9 +294,9 @@ TOKEN=$(curl -s -X POST localhost:$HTTP/v1/auth/token -H 'content-type: applicat
 ENTRY_SQL="BEGIN;
 SELECT active, permissions, last_engaged_at, warned FROM enter_tenant_as_user(:org::uuid, :usr::uuid, :usr::uuid);"
 echo "SELECT * FROM bell_unread_count(:org::uuid, :usr::uuid, now(), 'notifications.read');" > .bench/unread.sql
-echo "SELECT * FROM bell_first_page(:org::uuid, :usr::uuid, now(), 21, 'notifications.read', now() - interval '1 hour');" > .bench/page.sql
+echo "SELECT * FROM bell_first_page_v2(:org::uuid, :usr::uuid, now(), 21, 'notifications.read', now() - interval '1 hour');" > .bench/page.sql
 printf '%s\n%s\nCOMMIT;\n' "$ENTRY_SQL" "SELECT * FROM feed_unread_count(:org::uuid, :usr::uuid, now());" > .bench/unread-general.sql
-printf '%s\n%s\nCOMMIT;\n' "$ENTRY_SQL" "SELECT * FROM feed_first_page(:org::uuid, :usr::uuid, now(), 21);" > .bench/page-general.sql
+printf '%s\n%s\nCOMMIT;\n' "$ENTRY_SQL" "SELECT * FROM feed_first_page_v2(:org::uuid, :usr::uuid, now(), 21);" > .bench/page-general.sql
 
 pgbench_tps() {
   PGPASSWORD=herald_app "$bindir/pgbench" -n -h 127.0.0.1 -p $PORT -U herald_app -c $CONC -j 2 -T $DURATION -M "$1" \

@@ -169,6 +169,12 @@ struct StreamSplittingResponder<Base: HTTPResponder>: HTTPResponder where Base.C
 /// What PostgreSQL or the socket said of a failed call, in their words: PostgresNIO's own
 /// description of an error hides them.
 public enum DatabaseWords {
+    /// Whether PostgreSQL answered that it is full rather than refusing this client: too many
+    /// connections (SQLSTATE 53300) or out of resources (53xxx).
+    public static func isBusy(_ error: any Error) -> Bool {
+        (error as? PSQLError)?.serverInfo?[.sqlState]?.hasPrefix("53") == true
+    }
+
     public static func of(_ error: any Error) -> String {
         if let error = error as? PSQLError {
             if let message = error.serverInfo?[.message] {
@@ -189,6 +195,11 @@ extension DatabaseURL {
     /// succeeds. A URL without TLS is checked through the login; one with TLS to the TCP
     /// connection. Not through a pool: a pool that cannot connect only times out.
     public func unreachableReason(timeout: TimeAmount = .seconds(5), logger: Logger) async -> String? {
+        await probe(timeout: timeout, logger: logger).map(DatabaseWords.of)
+    }
+
+    /// The error of a connection tried with this URL (`unreachableReason`), nil when it succeeds.
+    public func probe(timeout: TimeAmount = .seconds(5), logger: Logger) async -> (any Error)? {
         do {
             if var single = plainConnectionConfiguration {
                 single.options.connectTimeout = timeout
@@ -201,7 +212,7 @@ extension DatabaseURL {
             }
             return nil
         } catch {
-            return DatabaseWords.of(error)
+            return error
         }
     }
 }

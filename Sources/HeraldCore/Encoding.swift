@@ -79,19 +79,21 @@ func base64URLSextets(
     return (bytes, bits, buffer)
 }
 
-/// `text` safe inside HTML text and double-quoted attributes (`&`, `<`, `>`, `"`, `'`).
+/// `text` safe inside HTML text and double-quoted attributes (`&`, `<`, `>`, `"`, `'`), code
+/// point by code point: compared as characters, `"` followed by a combining mark (U+0301) is one
+/// character that is not `"`, and went out as a raw quote that closes an attribute.
 public func htmlEscaped(_ text: String) -> String {
-    guard text.contains(where: { $0 == "&" || $0 == "<" || $0 == ">" || $0 == "\"" || $0 == "'" }) else { return text }
+    guard text.utf8.contains(where: { $0 == 0x26 || $0 == 0x3C || $0 == 0x3E || $0 == 0x22 || $0 == 0x27 }) else { return text }
     var out = ""
-    out.reserveCapacity(text.utf8.count)
-    for character in text {
-        switch character {
+    out.reserveCapacity(text.utf8.count + 16)
+    for scalar in text.unicodeScalars {
+        switch scalar {
         case "&": out += "&amp;"
         case "<": out += "&lt;"
         case ">": out += "&gt;"
         case "\"": out += "&quot;"
         case "'": out += "&#39;"
-        default: out.append(character)
+        default: out.unicodeScalars.append(scalar)
         }
     }
     return out

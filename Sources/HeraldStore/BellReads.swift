@@ -52,12 +52,12 @@ extension UnreadCount {
     }
 }
 
-/// `bell_first_page` (migration 0031): the general path's first page (`FirstFeedPage`, its first
+/// `bell_first_page_v2` (migrations 0031, 0048): the general path's first page (`FirstFeedPage`, its first
 /// four parameters) and what the grant is checked against.
 struct BellFirstPage: PostgresPreparedStatement {
     typealias Row = PostgresRow
-    static let name = "herald_bell_first_page_v1"
-    static let sql = "SELECT * FROM bell_first_page($1, $2, $3, $4, $5, $6)"
+    static let name = "herald_bell_first_page_v2"
+    static let sql = "SELECT * FROM bell_first_page_v2($1, $2, $3, $4, $5, $6)"
     var page: FirstFeedPage
     var permission: String
     var engagedSince: Date

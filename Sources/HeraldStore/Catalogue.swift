@@ -267,8 +267,6 @@ extension TenantTransaction {
         try await query("UPDATE notification_types SET updated_at = now() WHERE organisation_id = \(organisationID) AND id = \(typeID)")
     }
 
-    /// Deletes a template; returns false when there was none.
-    @discardableResult
     /// Deletes one template; `notFound("template")` when the type has none for that channel and
     /// locale, as a digest template's delete does.
     public func deleteTemplate(typeID: UUID, channel: NotificationChannel, locale: String) async throws {

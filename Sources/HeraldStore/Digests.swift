@@ -449,7 +449,10 @@ extension TenantTransaction {
                 UNION ALL
                 SELECT r.user_id, u.email, r.frequency, r.slot_at, r.item_count, r.attempts FROM digest_runs r
                 JOIN users u ON u.organisation_id = r.organisation_id AND u.id = r.user_id
-                WHERE r.organisation_id = \(organisationID) AND r.status IN ('PENDING', 'FAILED') AND r.next_attempt_at <= \(now)
+                WHERE r.organisation_id = \(organisationID)
+                  AND (r.status IN ('PENDING', 'FAILED') AND r.next_attempt_at <= \(now)
+                       -- a run whose worker died: the claim fails it and takes it again
+                       OR r.status = 'SENDING' AND r.lease_expires_at < now() AND r.attempts < r.max_attempts)
             ) due
             ORDER BY slot_at, email
             """

@@ -312,9 +312,24 @@ extension TenantTransaction {
         try await query(try await recipientStatements(event, type: type, plan: plan))
     }
 
+    /// `writeRecipients` in two steps, for a chunk written beside the one before it
+    /// (`writeChunkBehind`): every row but the in-app ones, then (`inApp`), once the chunk is
+    /// fenced, the in-app rows, whose trigger takes the recipients' stream locks (0046): held
+    /// from there to the commit only, never while this chunk waits for the one before.
+    func writeRecipientsButInApp(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws -> PostgresQuery? {
+        var statements = try await recipientStatements(event, type: type, plan: plan, inAppSeparately: true)
+        let inApp = plan.notifications.isEmpty ? nil : statements.removeLast()
+        try await query(statements)
+        return inApp
+    }
+
     /// The statements of `writeRecipients`, to be sent together (`query(_:)` of several): one
     /// wait for all the tables instead of one per table.
-    private func recipientStatements(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws -> [PostgresQuery] {
+    /// `inAppSeparately`: the in-app rows' statement last, after the bus message (for
+    /// `writeRecipientsButInApp` to take it off).
+    private func recipientStatements(
+        _ event: NewEvent, type: TypeProfile, plan: Plan, inAppSeparately: Bool = false
+    ) async throws -> [PostgresQuery] {
         let request = event.request
         var statements: [PostgresQuery] = []
         // The in-app rows go last: their trigger takes the recipients' stream locks shared
@@ -433,8 +448,14 @@ extension TenantTransaction {
                      AS row(user_id, targeted, rule, reason, notified, decision_id, first, last)
                 """)
         }
-        if let inApp { statements.append(inApp) }
-        statements.append(announceStatement(event.id, work: plan.deliveries.isEmpty ? [] : .deliveries))
+        let announce = announceStatement(event.id, work: plan.deliveries.isEmpty ? [] : .deliveries)
+        if inAppSeparately {
+            statements.append(announce)
+            if let inApp { statements.append(inApp) }
+        } else {
+            if let inApp { statements.append(inApp) }
+            statements.append(announce)
+        }
         return statements
     }
 

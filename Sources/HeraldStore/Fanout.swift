@@ -221,10 +221,13 @@ extension TenantTransaction {
         _ claim: ClaimedFanout, _ chunk: PreparedChunk, worker: String, leaseSeconds: Int
     ) async throws -> FanoutStep {
         let planned = chunk.planned
-        try await writeRecipients(planned.event, type: planned.type, plan: planned.plan)
+        let inApp = try await writeRecipientsButInApp(planned.event, type: planned.type, plan: planned.plan)
         guard let row = try await fanoutEvent(claim, locked: true), row.isLeased(by: worker, claim), row.status != .cancelled,
             row.cursor == chunk.after
         else { throw ChunkNotWritten() }
+        // The in-app rows after the fence: their stream locks (0046) are not held while this
+        // chunk waits for the one before (a first stream queued on one would stall both).
+        if let inApp { try await query(inApp) }
         return try await recordProgress(claim, row, chunk, leaseSeconds: leaseSeconds)
     }
 

@@ -277,14 +277,15 @@ struct UnreadCountByCategory: PostgresPreparedStatement {
 /// The first page of the default feed (unarchived, no filter): what `feed(of:…)` runs without
 /// a filter or a cursor, as a prepared statement. Same rows, same order as the general query.
 ///
-/// The statement is `feed_first_page` (migration 0031, which `bell_first_page` runs too), an SQL
+/// The statement is `feed_first_page_v2` (migration 0031, with the event's link since 0047 and
+/// under this name since 0048; `bell_first_page_v2` runs it too), an SQL
 /// function the planner inlines: unread first, newest first within each, in two legs that walk
 /// indexes newest first and stop at the page's size, so the cost follows the page, not the feed
 /// (issue 12: sorting every row of the user by its read flag took 624 ms at 100 000 rows).
 struct FirstFeedPage: PostgresPreparedStatement {
     typealias Row = PostgresRow
-    static let name = "herald_first_feed_page_v3"
-    static let sql = "SELECT * FROM feed_first_page($1, $2, $3, $4)"
+    static let name = "herald_first_feed_page_v4"
+    static let sql = "SELECT * FROM feed_first_page_v2($1, $2, $3, $4)"
     var organisationID: UUID
     var userID: UUID
     var now: Date

@@ -20,7 +20,7 @@ struct PlainTemplateTests {
     ]
 
     func mustache(_ source: String, escaping: Bool) throws -> String {
-        try MustacheTemplate(string: (escaping ? "" : "{{% CONTENT_TYPE: TEXT}}") + source).render(context)
+        try MustacheTemplate(string: (escaping ? HTMLEscaping.pragma : "{{% CONTENT_TYPE: TEXT}}") + source).render(context)
     }
 
     @Test("text and variables: the same bytes as Mustache, HTML-escaped or as text")
@@ -38,6 +38,16 @@ struct PlainTemplateTests {
                 #expect(plain.render(context) == (try mustache(source, escaping: escaping)), "\(source) escaping \(escaping)")
             }
         }
+    }
+
+    @Test("HTML escaping is code point by code point: a quote or < with a combining mark after it is still escaped")
+    func combiningMarks() throws {
+        let context: [String: Any] = ["x": "\"\u{301} onmouseover=alert(1) <\u{338}b>"]
+        let expected = "&quot;\u{301} onmouseover=alert(1) &lt;\u{338}b&gt;"
+        #expect(try #require(PlainTemplate("{{x}}", escaping: true)).render(context) == expected)
+        #expect(try MustacheTemplate(string: HTMLEscaping.pragma + "{{x}}").render(context) == expected)
+        #expect(TemplateRenderer.render(TemplateContent(subject: "{{x}}", body: "{{#y}}{{/y}}{{x}}"), context).body == expected)
+        #expect(htmlEscaped("a\"\u{301}") == "a&quot;\u{301}")
     }
 
     @Test("anything else is left to Mustache: sections, comments, partials, pragmas, delimiters, transforms, broken tags")

@@ -28,8 +28,10 @@ extension HeraldService {
                 group.addTask {
                     try await Task.sleep(for: Self.readinessDeadline)
                     let quiet = Logger(label: "herald.readiness", factory: { _ in SwiftLogNoOpLogHandler() })
-                    if let reason = await databaseURL?.unreachableReason(timeout: .seconds(2), logger: quiet) {
-                        throw DatabaseRefused(reason: reason)
+                    // Full (too many connections) is busy, not down: wait for the pool's answer
+                    // like the instances beside this one, rather than all leaving at once.
+                    if let error = await databaseURL?.probe(timeout: .seconds(2), logger: quiet), !DatabaseWords.isBusy(error) {
+                        throw DatabaseRefused(reason: DatabaseWords.of(error))
                     }
                     try await Task.sleep(for: .seconds(24 * 3600)) // the pool's call ends first, at its deadline
                     return nil
@@ -39,7 +41,9 @@ extension HeraldService {
                 return applied
             }
         } catch {
-            let reason = (error as? DatabaseRefused)?.reason ?? "a connection succeeds, but the pool's call failed"
+            let reason =
+                (error as? DatabaseRefused)?.reason
+                ?? "the pool's call failed (a connection of readiness's own was refused as busy, or not tried)"
             try RequestScope.get().logger.error(
                 "readiness: the database is not reachable", metadata: ["error": "\(String(reflecting: error))", "reason": "\(reason)"])
             throw APIError.notReady("The database is not reachable.")

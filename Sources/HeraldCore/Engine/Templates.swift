@@ -53,7 +53,7 @@ public enum TemplateRenderer {
 
     /// Renders a template that passed `validate`; an unparsable one renders as its source.
     public static func render(_ source: String, _ context: [String: Any]) -> String {
-        guard let template = try? MustacheTemplate(string: source) else { return source }
+        guard let template = try? MustacheTemplate(string: HTMLEscaping.pragma + source) else { return source }
         return template.render(context)
     }
 
@@ -62,6 +62,22 @@ public enum TemplateRenderer {
     public static func render(_ content: TemplateContent, _ context: [String: Any], plainText: Bool = false) -> TemplateContent {
         ParsedTemplate.cached(content, plainText: plainText).render(context)
     }
+}
+
+/// Mustache's HTML escaping, code point by code point (`htmlEscaped`): its own compares whole
+/// characters, so `"` with a combining mark after it went out as a raw quote. Every template
+/// Herald renders as HTML starts with this pragma.
+enum HTMLEscaping: MustacheContentType {
+    case scalars
+
+    static let name = "HERALD_HTML"
+    /// Registered with Mustache the first time a template asks for it.
+    static let pragma: String = {
+        MustacheContentTypes.register(HTMLEscaping.scalars, named: name)
+        return "{{% CONTENT_TYPE: \(name)}}"
+    }()
+
+    func escapeText(_ text: String) -> String { htmlEscaped(text) }
 }
 
 /// A template parsed once, rendered for many recipients.
@@ -81,10 +97,10 @@ public struct ParsedTemplate: Sendable {
     /// always escaped.
     public init(_ content: TemplateContent, plainText: Bool = false) {
         source = content
-        let pragma = plainText ? "{{% CONTENT_TYPE: TEXT}}" : ""
+        let pragma = plainText ? "{{% CONTENT_TYPE: TEXT}}" : HTMLEscaping.pragma
         subject = try? MustacheTemplate(string: pragma + content.subject)
         body = try? MustacheTemplate(string: pragma + content.body)
-        html = content.html.flatMap { try? MustacheTemplate(string: $0) }
+        html = content.html.flatMap { try? MustacheTemplate(string: HTMLEscaping.pragma + $0) }
         plainSubject = subject == nil ? nil : PlainTemplate(content.subject, escaping: !plainText)
         plainBody = body == nil ? nil : PlainTemplate(content.body, escaping: !plainText)
         plainHTML = html == nil ? nil : content.html.flatMap { PlainTemplate($0, escaping: true) }
@@ -210,7 +226,7 @@ struct PlainTemplate: Sendable {
                 case let flag as Bool: text = flag ? "true" : "false"
                 default: return nil
                 }
-                out += escaped ? htmlEscaped(text) : text // Mustache's escape, character for character
+                out += escaped ? htmlEscaped(text) : text // as `HTMLEscaping` escapes for Mustache
             }
         }
         return out
