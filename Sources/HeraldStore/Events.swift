@@ -39,6 +39,10 @@ public struct EventRecord: Sendable, Equatable {
     public var fanout: FanoutProgress?
     /// The schedule that sent it (an occurrence, or a run by hand); nil for a notify.
     public var scheduleID: UUID?
+    /// Where the notification leads, as sent; nil when the event named none.
+    public var url: String?
+    /// Who caused the event in the integrator's domain (the request's `actor`), as sent.
+    public var sourceActor: JSONValue?
 
     /// Where the event stands at `now`.
     public func state(at now: Date) -> EventState {
@@ -624,20 +628,20 @@ private let eventColumns = """
     e.id, e.type_id, (SELECT t.key FROM notification_types t WHERE t.organisation_id = e.organisation_id AND t.id = e.type_id),
     e.actor_type, e.actor_id, e.audience, e.payload, e.subject_type, e.subject_id, e.severity, e.priority,
     e.deliver_at, e.expires_at, e.status, e.idempotency_key, e.request_hash, e.counts, e.created_at, e.cancelled_at, e.tags,
-    e.fanout_state, e.fanout_done, e.fanout_expected, e.fanout_finished_at, e.fanout_error, e.schedule_id
+    e.fanout_state, e.fanout_done, e.fanout_expected, e.fanout_finished_at, e.fanout_error, e.schedule_id, e.url, e.source_actor
     """
 
 private func decodeEvent(_ row: PostgresRow) throws -> EventRecord {
     let (
         id, typeID, typeKey, actorType, actorID, audience, payload, subjectType, subjectID, severity, priority,
         deliverAt, expiresAt, status, key, hash, counts, created, cancelled, tags, fanoutState, fanoutDone, fanoutExpected, fanoutFinished,
-        fanoutError, scheduleID
+        fanoutError, scheduleID, url, sourceActor
     ) =
         try row.decode(
             (
                 UUID, UUID, String, ActorKind, UUID?, JSONDocument<Audience>, JSONDocument<JSONValue>, String?, String?, Severity, Priority,
                 Date, Date?, EventStatus, String?, String?, DecisionCounts, Date, Date?, [String], FanoutState?, Int, Int?, Date?, String?,
-                UUID?
+                UUID?, String?, JSONDocument<JSONValue>?
             ).self, table: "events")
     return EventRecord(
         id: id, typeID: typeID, typeKey: typeKey, actorType: actorType, actorID: actorID, audience: audience.value, payload: payload.value,
@@ -648,7 +652,7 @@ private func decodeEvent(_ row: PostgresRow) throws -> EventRecord {
         createdAt: created, cancelledAt: cancelled, tags: tags,
         fanout: fanoutState.map {
             FanoutProgress(state: $0, done: fanoutDone, expected: fanoutExpected, finishedAt: fanoutFinished, error: fanoutError)
-        }, scheduleID: scheduleID)
+        }, scheduleID: scheduleID, url: url, sourceActor: sourceActor?.value)
 }
 
 /// What a preference read selects (`decodePreferences`).

@@ -325,6 +325,19 @@ struct PlannerTests {
         #expect(id.uuidString.dropFirst(14).first == "7")
     }
 
+    @Test("an in-app title and body are bounded (1 000 and 10 000 characters), cut with an ellipsis and never inside an entity")
+    func inAppTextBounded() {
+        let long = String(repeating: "x", count: 5_000)
+        #expect(InAppText.cut(long, to: 1_000) == String(repeating: "x", count: 999) + "…")
+        #expect(InAppText.cut("short", to: 1_000) == "short")
+        let entity = String(repeating: "y", count: 996) + "&amp;zz"
+        #expect(InAppText.cut(entity, to: 1_000) == String(repeating: "y", count: 996) + "…")
+        let bounded = InAppText.bounded(TemplateContent(subject: long, body: long + long + long))
+        #expect(bounded.body.count == 10_000 && bounded.body.hasSuffix("x…"))
+        let exact = InAppText.bounded(TemplateContent(subject: "t", body: long + long))
+        #expect(bounded.subject.count == 1_000 && exact.body == long + long)
+    }
+
     @Test("ids drawn from the random pool across many refills: all distinct, version 7, RFC 4122 variant, random bits spread")
     func randomPool() {
         let now = Date()

@@ -649,10 +649,10 @@ struct StreamTests {
             let stream = try await StreamProbe.open(.sse, on: server, token: org.memberToken)
             _ = try await stream.next("unread_count")
             let link = "https://crm.example/deals/42?tab=notes"
-            try await org.notify(
+            let linked = try await org.notify(
                 EventRequest(
                     typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: [org.memberID]), payload: .object(["title": .string("linked")]),
-                    url: link))
+                    sourceActor: .object(["name": .string("Ana")]), url: link))
             try await task(org, to: [org.memberID], title: "plain")
             #expect(try await stream.next("notification.created").object["url"] as? String == link)
             let plain = try await stream.next("notification.created").object
@@ -662,6 +662,11 @@ struct StreamTests {
                 let items = json(text)["items"] as? [[String: Any]] ?? []
                 #expect(status == 200 && items.map { $0["url"] as? String } == [nil, link], "\(path): \(text)")
             }
+            // The event shows its link and its actor, as sent.
+            let (status, text) = try await server.send(.GET, "/v1/events/\(linked.event.id.lowercased)", token: org.ownerToken)
+            let event = json(text)
+            #expect(status == 200 && event["url"] as? String == link, "\(text)")
+            #expect((event["actor"] as? [String: Any])?["name"] as? String == "Ana", "\(text)")
             await stream.close()
         }
     }

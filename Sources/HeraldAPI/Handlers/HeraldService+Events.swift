@@ -321,7 +321,8 @@ extension Components.Schemas.Event {
             deliverAt: e.deliverAt, expiresAt: e.expiresAt, counts: try convert(e.counts), createdAt: e.createdAt,
             cancelledAt: e.cancelledAt,
             sentBy: .init(_type: mapped(e.actorType), id: e.actorID?.lowercased), tags: e.tags.isEmpty ? nil : e.tags,
-            fanout: e.fanout.map(Components.Schemas.Fanout.init), scheduleId: e.scheduleID?.lowercased)
+            fanout: e.fanout.map(Components.Schemas.Fanout.init), scheduleId: e.scheduleID?.lowercased, url: e.url,
+            actor: try e.sourceActor.map { try convert($0) })
     }
 }
 

@@ -275,11 +275,12 @@ public enum NotificationPlanner {
                 var traced = TracedChannel(decision: decision)
                 switch decision.outcome {
                 case .inApp:
-                    let content = render(input, profile, channel: .inApp, parsed: parsed, eventContext: eventContext)
+                    let content = InAppText.bounded(render(input, profile, channel: .inApp, parsed: parsed, eventContext: eventContext))
                     let key = profile.locale ?? ""
                     let common =
                         shared[key]
-                        ?? render(input, profile.withoutPersonalDetails, channel: .inApp, parsed: parsed, eventContext: eventContext)
+                        ?? InAppText.bounded(
+                            render(input, profile.withoutPersonalDetails, channel: .inApp, parsed: parsed, eventContext: eventContext))
                     shared[key] = common
                     let id = TimeOrderedID.make(at: input.notificationTime ?? input.deliverAt)
                     plan.notifications.append(
@@ -375,5 +376,28 @@ public enum NotificationPlanner {
         }
         guard let template else { return TemplateContent(subject: input.type.name, body: "") }
         return template.render(context(input, profile, links: links, eventContext: eventContext ?? context(input)))
+    }
+}
+
+/// The bounds of an in-app row's text: a template that prints a large payload value (a whole
+/// document) would otherwise make a title of that size in every feed page that shows it (a trial
+/// made a 900 KB title and a 1.8 MB page). Cut text ends with "…", never inside an HTML entity.
+public enum InAppText {
+    public static let titleLimit = 1_000
+    public static let bodyLimit = 10_000
+
+    static func bounded(_ content: TemplateContent) -> TemplateContent {
+        var content = content
+        content.subject = cut(content.subject, to: titleLimit)
+        content.body = cut(content.body, to: bodyLimit)
+        return content
+    }
+
+    static func cut(_ text: String, to limit: Int) -> String {
+        guard text.count > limit else { return text }
+        var kept = text.prefix(limit - 1)
+        // An entity (`&amp;`) cut in two would show as text: cut before it instead.
+        if let amp = kept.lastIndex(of: "&"), !kept[amp...].contains(";") { kept = kept[..<amp] }
+        return kept + "…"
     }
 }
