@@ -78,6 +78,27 @@ public struct DigestWork: Sendable {
 }
 
 /// A user's digest slots after some instant: the next daily and the next weekly one.
+/// Slots whose digest run is already made (`herald digests send --at` ahead of its time): an
+/// item goes to the next one instead.
+struct MadeSlots {
+    struct Slot: Hashable {
+        var user: UUID
+        var frequency: Frequency
+        var at: Date
+    }
+    var taken: Set<Slot>
+
+    var isEmpty: Bool { taken.isEmpty }
+    func map<T>(_ transform: (Slot) -> T) -> [T] { taken.map(transform) }
+
+    /// `slot`, or the first slot of `schedule` after it whose digest is not made yet.
+    func free(_ slot: Date, of user: UUID, _ frequency: Frequency, in schedule: DigestSchedule) -> Date {
+        var slot = slot
+        while taken.contains(Slot(user: user, frequency: frequency, at: slot)) { slot = schedule.slot(after: slot) }
+        return slot
+    }
+}
+
 struct DigestSlots {
     var daily: Date
     var weekly: Date
@@ -138,24 +159,30 @@ extension TenantTransaction {
         // A slot whose digest was already made (`herald digests send --at` ahead of its time) is
         // not this item's: the next one is. (Left there, the item waited for a claim to move it,
         // and explain showed a due time that would not be kept.)
-        let made = try await query(
-            """
-            SELECT user_id, frequency, slot_at FROM digest_runs
-            WHERE organisation_id = \(organisationID) AND user_id = ANY(\(users)::uuid[]) AND slot_at > \(instant)
-            """
-        ).map { try $0.decode((UUID, Frequency, Date).self, table: "digest_runs") }
+        let made = try await madeSlots(for: users, after: instant)
         guard !made.isEmpty else { return slots }
-        let taken = Set(made.map { "\($0.0):\($0.1.rawValue):\($0.2.timeIntervalSince1970)" })
-        func isTaken(_ user: UUID, _ frequency: Frequency, _ slot: Date) -> Bool {
-            taken.contains("\(user):\(frequency.rawValue):\(slot.timeIntervalSince1970)")
-        }
-        for user in Set(made.map(\.0)) {
+        for user in Set(made.map(\.user)) {
             guard let schedule = schedules[user], var slot = slots[user] else { continue }
-            while isTaken(user, .daily, slot.daily) { slot.daily = schedule.daily.slot(after: slot.daily) }
-            while isTaken(user, .weekly, slot.weekly) { slot.weekly = schedule.weekly.slot(after: slot.weekly) }
+            slot.daily = made.free(slot.daily, of: user, .daily, in: schedule.daily)
+            slot.weekly = made.free(slot.weekly, of: user, .weekly, in: schedule.weekly)
             slots[user] = slot
         }
         return slots
+    }
+
+    /// The slots after `instant` whose digest is already made for `users`.
+    private func madeSlots(for users: [UUID], after instant: Date) async throws -> MadeSlots {
+        MadeSlots(
+            taken: Set(
+                try await query(
+                    """
+                    SELECT user_id, frequency, slot_at FROM digest_runs
+                    WHERE organisation_id = \(organisationID) AND user_id = ANY(\(users)::uuid[]) AND slot_at > \(instant)
+                    """
+                ).map { row in
+                    let (user, frequency, slot) = try row.decode((UUID, Frequency, Date).self, table: "digest_runs")
+                    return MadeSlots.Slot(user: user, frequency: frequency, at: slot)
+                }))
     }
 
     /// Each user's daily and weekly digest schedule, as `digestSlots` reads them.
@@ -217,11 +244,15 @@ extension TenantTransaction {
                 """
             ).map { try $0.decode((UUID, UUID, Frequency, Date, Date).self, table: "digest_items") }
             guard !waiting.isEmpty else { continue }
-            let schedules = try await digestSchedules(for: Array(Set(waiting.map(\.1))))
+            let users = Array(Set(waiting.map(\.1)))
+            let schedules = try await digestSchedules(for: users)
+            // Nor into a slot whose digest is already made (as `digestSlots`).
+            let made = try await madeSlots(for: users, after: now)
             var moved: [(id: UUID, slot: Date)] = []
             for (id, user, frequency, dueAfter, slot) in waiting {
-                guard let schedule = schedules[user] else { continue }
-                let fresh = (frequency == .weekly ? schedule.weekly : schedule.daily).slot(after: max(now, dueAfter))
+                guard let schedules = schedules[user] else { continue }
+                let schedule = frequency == .weekly ? schedules.weekly : schedules.daily
+                let fresh = made.free(schedule.slot(after: max(now, dueAfter)), of: user, frequency, in: schedule)
                 if fresh != slot { moved.append((id, fresh)) }
             }
             guard !moved.isEmpty else { continue }

@@ -678,6 +678,9 @@ extension DigestTests {
         paris.timeZone = TimeZone(identifier: "Europe/Paris")!
         let next = try #require(paris.date(byAdding: .day, value: 1, to: first))
         #expect(slots == [first, next], "\(slots)")
+        // A re-slot (a change of hour, weekday or zone runs one) does not move it back either.
+        _ = try await org.store { tx in try await tx.reslotWaitingDigestItems(of: [org.memberID], now: Date()) }
+        #expect(try await items(org, of: org.memberID).map(\.slot) == [first, next])
     }
 }
 
