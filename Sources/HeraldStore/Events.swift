@@ -321,7 +321,7 @@ extension TenantTransaction {
     /// fenced, the in-app rows, whose trigger takes the recipients' stream locks (0046): held
     /// from there to the commit only, never while this chunk waits for the one before.
     func writeRecipientsButInApp(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws -> PostgresQuery? {
-        var statements = try await recipientStatements(event, type: type, plan: plan, inAppSeparately: true)
+        var statements = try await recipientStatements(event, type: type, plan: plan)
         let inApp = plan.notifications.isEmpty ? nil : statements.removeLast()
         try await query(statements)
         return inApp
@@ -329,11 +329,9 @@ extension TenantTransaction {
 
     /// The statements of `writeRecipients`, to be sent together (`query(_:)` of several): one
     /// wait for all the tables instead of one per table.
-    /// `inAppSeparately`: the in-app rows' statement last, after the bus message (for
-    /// `writeRecipientsButInApp` to take it off).
-    private func recipientStatements(
-        _ event: NewEvent, type: TypeProfile, plan: Plan, inAppSeparately: Bool = false
-    ) async throws -> [PostgresQuery] {
+    /// The in-app rows' statement is the last (`writeRecipientsButInApp` takes it off); the bus
+    /// message before it is sent at the commit whatever its place.
+    private func recipientStatements(_ event: NewEvent, type: TypeProfile, plan: Plan) async throws -> [PostgresQuery] {
         let request = event.request
         var statements: [PostgresQuery] = []
         // The in-app rows go last: their trigger takes the recipients' stream locks shared
@@ -452,14 +450,8 @@ extension TenantTransaction {
                      AS row(user_id, targeted, rule, reason, notified, decision_id, first, last)
                 """)
         }
-        let announce = announceStatement(event.id, work: plan.deliveries.isEmpty ? [] : .deliveries)
-        if inAppSeparately {
-            statements.append(announce)
-            if let inApp { statements.append(inApp) }
-        } else {
-            if let inApp { statements.append(inApp) }
-            statements.append(announce)
-        }
+        statements.append(announceStatement(event.id, work: plan.deliveries.isEmpty ? [] : .deliveries))
+        if let inApp { statements.append(inApp) }
         return statements
     }
 

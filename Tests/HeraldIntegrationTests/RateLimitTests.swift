@@ -31,13 +31,7 @@ struct RateLimitTests {
         _ = try await TestCatalogue.make(in: org)
         _ = try await TestCatalogue.make(in: other)
         let clock = TestClock()
-        let app = try await TestEnvironment.shared.application(
-            now: { clock.now() },
-            configure: {
-                $0.rateLimitEvents = 2
-                $0.rateLimitBurstSeconds = 1
-                $0.rateLimitRequests = 0
-            })
+        let app = try await TestEnvironment.shared.rateLimited(events: 2, requests: 0, clock: clock)
         try await app.test(.router) { client in
             for remaining in [1, 0] {
                 let sent = try await client.send(.post, "/v1/events", token: org.ownerToken, json: task(org, "ok"))
@@ -94,13 +88,7 @@ struct RateLimitTests {
         #expect(negative.status != 0 && negative.output.contains("--events-per-second must be a number"), "\(negative.output)")
 
         let clock = TestClock()
-        let app = try env.application(
-            now: { clock.now() },
-            configure: {
-                $0.rateLimitEvents = 1
-                $0.rateLimitBurstSeconds = 1
-                $0.rateLimitRequests = 1000
-            })
+        let app = try env.rateLimited(events: 1, requests: 1000, clock: clock)
         try await app.test(.router) { client in
             // Events: no limit of its own, although the instance's is 1 per second; requests: 3.
             for _ in 0..<3 {
@@ -129,12 +117,7 @@ struct RateLimitTests {
         }
         let forged = try #require(OpaqueToken(parsing: "hk.\(org.id.lowercased).\(key.id.lowercased).not-the-secret", kind: .apiKey))
         let clock = TestClock()
-        let app = try await TestEnvironment.shared.application(
-            now: { clock.now() },
-            configure: {
-                $0.rateLimitRequests = 2
-                $0.rateLimitBurstSeconds = 1
-            })
+        let app = try await TestEnvironment.shared.rateLimited(requests: 2, clock: clock)
         try await app.test(.router) { (client: any TestClientProtocol) async throws in
             #expect(try await client.send(.get, "/v1/events", token: key.text).status == .ok)
             #expect(try await client.send(.get, "/v1/events", token: key.text).status == .ok)

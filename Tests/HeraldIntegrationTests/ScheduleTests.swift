@@ -365,13 +365,7 @@ struct ScheduleTests {
         _ = try await TestCatalogue.make(in: org)
         // A clock that stands still: the bucket does not refill between the two runs.
         let clock = TestClock()
-        let app = try await TestEnvironment.shared.application(
-            now: { clock.now() },
-            configure: {
-                $0.rateLimitEvents = 1
-                $0.rateLimitBurstSeconds = 1
-                $0.rateLimitRequests = 0
-            })
+        let app = try await TestEnvironment.shared.rateLimited(events: 1, requests: 0, clock: clock)
         try await app.test(.router) { client in
             let id = try await create(client, org, rule: "FREQ=DAILY;BYHOUR=9").id
             let first = try await client.send(.post, "/v1/schedules/\(id)/run", token: org.ownerToken)

@@ -119,6 +119,21 @@ final class TestEnvironment: Sendable {
     }
 }
 
+extension TestEnvironment {
+    /// An application on `clock` whose organisations may send `events` and make `requests` a
+    /// second (0: no limit; nil: the default), with a burst of one second: a clock that stands
+    /// still refills nothing between requests.
+    func rateLimited(events: Double? = nil, requests: Double, clock: TestClock) throws -> some ApplicationProtocol {
+        try application(
+            now: { clock.now() },
+            configure: {
+                if let events { $0.rateLimitEvents = events }
+                $0.rateLimitBurstSeconds = 1
+                $0.rateLimitRequests = requests
+            })
+    }
+}
+
 /// The suite runs against a real database or not at all.
 struct MissingDatabase: Error, CustomStringConvertible {
     var description: String {
