@@ -249,17 +249,44 @@ extension TenantTransaction {
     }
 
     /// How many notified events of the category (of any category: nil) each user had in the
-    /// last minute, as a read that can go out with others.
+    /// last minute, as a read that can go out with others. Both read the index kept for the
+    /// category's count (`event_recipients_throttle`); for every category, one minute of each
+    /// category the trace names, found by stepping from one category to the next in that index
+    /// (a loose index scan: one lookup per category), so deleted categories still count.
     func recentNotifiedRead(categoryID: UUID?, now: Date, users: [UUID]?) -> StoreRead<[UUID: Int]> {
-        StoreRead(
+        let decode: ([PostgresRow]) throws -> [UUID: Int] = { rows in
+            Dictionary(uniqueKeysWithValues: try rows.map { try $0.decode((UUID, Int).self) })
+        }
+        guard let categoryID else {
+            return StoreRead(
+                statement: """
+                    WITH RECURSIVE traced(category_id) AS (
+                        SELECT (SELECT category_id FROM event_recipients WHERE organisation_id = \(organisationID) AND notified
+                                ORDER BY category_id LIMIT 1)
+                        UNION ALL
+                        SELECT (SELECT r.category_id FROM event_recipients r
+                                WHERE r.organisation_id = \(organisationID) AND r.notified AND r.category_id > t.category_id
+                                ORDER BY r.category_id LIMIT 1)
+                        FROM traced t WHERE t.category_id IS NOT NULL)
+                    SELECT r.user_id, count(*)::int FROM traced t
+                    CROSS JOIN LATERAL (
+                        SELECT r.user_id FROM event_recipients r
+                        WHERE r.organisation_id = \(organisationID) AND r.category_id = t.category_id
+                          AND r.notified AND r.created_at > \(now) - interval '1 minute'
+                          AND (\(users)::uuid[] IS NULL OR r.user_id = ANY(\(users)::uuid[]))) r
+                    GROUP BY r.user_id
+                    """,
+                decode: decode)
+        }
+        return StoreRead(
             statement: """
                 SELECT user_id, count(*)::int FROM event_recipients
-                WHERE organisation_id = \(organisationID) AND (\(categoryID)::uuid IS NULL OR category_id = \(categoryID))
+                WHERE organisation_id = \(organisationID) AND category_id = \(categoryID)
                   AND notified AND created_at > \(now) - interval '1 minute'
                   AND (\(users)::uuid[] IS NULL OR user_id = ANY(\(users)::uuid[]))
                 GROUP BY user_id
                 """,
-            decode: { rows in Dictionary(uniqueKeysWithValues: try rows.map { try $0.decode((UUID, Int).self) }) })
+            decode: decode)
     }
 
     // MARK: Writing an event and its plan

@@ -317,6 +317,51 @@ struct OutboxTests {
         }
     }
 
+    @Test("the deliveries list pages newest first, each delivery once; since leaves older ones out")
+    func deliveriesNewestFirst() async throws {
+        // setup: two events to the same three users, a moment apart
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let users = try await org.store { tx in
+            try await (0..<3).asyncMap { i in try await tx.createUser(NewUser(email: "n\(i)@x.example", displayName: "N\(i)")).id }
+        }
+        func notify() async throws -> Set<String> {
+            let (_, plan) = try await org.notify(
+                EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: users), payload: .object([:])))
+            return Set(plan.deliveries.map { $0.id.uuidString.lowercased() })
+        }
+        let older = try await notify()
+        let between = Date()
+        let newer = try await notify()
+        let since: String = {
+            let format = ISO8601DateFormatter()
+            format.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+            return format.string(from: between)
+        }()
+        let app = try env.application()
+        try await app.test(.router) { client in
+            // act: every page of two
+            func list(_ query: String) async throws -> [String] {
+                var ids: [String] = []
+                var cursor: String?
+                repeat {
+                    let page = try await client.send(
+                        .get, "/v1/deliveries?limit=2\(query)" + (cursor.map { "&cursor=\($0)" } ?? ""), token: org.ownerToken)
+                    ids += (page.json["items"] as? [[String: Any]] ?? []).compactMap { $0["id"] as? String }
+                    cursor = page.json["next_cursor"] as? String
+                } while cursor != nil
+                return ids
+            }
+            let all = try await list("")
+            let recent = try await list("&since=\(since)")
+            // check
+            #expect(all.count == 6 && Set(all) == older.union(newer))
+            #expect(all == all.sorted(by: >))
+            #expect(Set(all.prefix(3)) == newer)
+            #expect(recent.count == 3 && Set(recent) == newer)
+        }
+    }
+
     @Test("rolling back a notify leaves no delivery; a committed one is announced on NOTIFY")
     func rollbackAndNotify() async throws {
         let org = try await TestOrganisation.make()

@@ -72,4 +72,9 @@ extension TimeOrderedID {
     public static func upperBound(at date: Date) -> UUID {
         uuid(high: millis(of: date) << 16 | 0x7FFF, low: 0xBFFF_FFFF_FFFF_FFFF)
     }
+
+    /// The smallest UUID v7 of the millisecond of `date`: every row made from then on sorts at or above it.
+    public static func lowerBound(at date: Date) -> UUID {
+        uuid(high: millis(of: date) << 16 | 0x7000, low: 0x8000_0000_0000_0000)
+    }
 }
