@@ -137,7 +137,9 @@ public func buildApplication(
         now: dependencies.now)
     return Application(
         responder: StreamSplittingResponder(base: router.buildResponder()),
-        server: .http1WebSocketUpgrade(webSocketRouter: sockets.webSocketRouter()),
+        server: .http1WebSocketUpgrade(
+            webSocketRouter: sockets.webSocketRouter(),
+            configuration: .init(http1: .init(idleTimeout: .seconds(Int64(configuration.httpIdleSeconds))))),
         configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: "herald"),
         services: [dependencies.postgres] + dependencies.services,
         onServerRunning: { channel in await onServerRunning(channel.localAddress?.port ?? configuration.port) },

@@ -33,6 +33,10 @@ public struct AppConfiguration: Sendable {
     public var loginWindow: TimeInterval = 15 * 60
     /// Largest request body accepted, in bytes.
     public var maxBodyBytes = 1 << 20
+    /// Seconds a connection may stay silent while a request is read, or between requests, before
+    /// it is closed (`HERALD_HTTP_IDLE_SECONDS`): a body shorter than its Content-Length held a
+    /// connection open forever. A request being answered (a stream included) is not idle.
+    public var httpIdleSeconds = 60
     public var logLevel: Logger.Level = .info
     /// `json` (production) or `text`.
     public var logFormat = "json"
@@ -188,6 +192,7 @@ public struct AppConfiguration: Sendable {
         try number("HERALD_LOGIN_ATTEMPTS_PER_ADDRESS", &c.loginAttemptsPerAddress)
         try number("HERALD_LOGIN_WINDOW", &c.loginWindow)
         try number("HERALD_MAX_BODY_BYTES", &c.maxBodyBytes)
+        try number("HERALD_HTTP_IDLE_SECONDS", &c.httpIdleSeconds, in: 1...86_400)
         if let v = value("HERALD_LOG_LEVEL") {
             guard let level = Logger.Level(rawValue: v) else { throw ConfigurationError(variable: "HERALD_LOG_LEVEL", value: v) }
             c.logLevel = level

@@ -28,9 +28,14 @@ public enum Validate {
 
     /// An IANA time zone known to this system, such as `Europe/Paris`.
     public static func timezone(_ value: String, field: String = "timezone") throws(ValidationError) -> String {
-        // A name of the tz database (Foundation also takes "UTC+2" and "GMT+0530", which are
-        // not): the system's list when it has one, else what Foundation can open.
-        let known = ianaZones.isEmpty ? TimeZone(identifier: value) != nil : ianaZones.contains(value)
+        // A name of the tz database: Foundation's list (ICU's canonical names, which lack many
+        // current ones: Asia/Kolkata, Etc/UTC, US/Pacific), or a name of the database's shape
+        // that the system's database opens. Foundation also opens "UTC+2" and "GMT+0530",
+        // which are not names of the database.
+        let shaped =
+            value.wholeMatch(of: /[A-Za-z][A-Za-z0-9_+-]*(\/[A-Za-z0-9_+-]+)*/) != nil
+            && value.wholeMatch(of: /(UTC|GMT)[+-].*/) == nil
+        let known = ianaZones.contains(value) || (shaped && TimeZone(identifier: value) != nil)
         guard known, value.count <= 64 else {
             throw ValidationError(field: field, message: "\"\(value)\" is not an IANA time zone (such as Europe/Paris or UTC).")
         }
@@ -126,9 +131,15 @@ public enum Validate {
             "is not a tag such as \"team:sales\" (key: 1-32 of a-z 0-9 _ . -; value: 1-64 characters, no spaces or commas).")
     }
 
-    /// A UUID in its canonical text form.
+    /// A UUID in its canonical text form, and nothing after it: Foundation's parser reads a C
+    /// string, so it stops at a U+0000 and takes "<uuid>\0junk" for the UUID.
+    public static func uuid(_ value: String) -> UUID? {
+        value.utf8.count == 36 ? UUID(uuidString: value) : nil
+    }
+
+    /// `uuid(_:)`, or 422 naming `field`.
     public static func uuid(_ value: String, field: String) throws(ValidationError) -> UUID {
-        guard let id = UUID(uuidString: value) else {
+        guard let id = uuid(value) else {
             throw ValidationError(field: field, message: "\"\(value)\" is not a UUID.")
         }
         return id

@@ -241,8 +241,14 @@ extension TenantTransaction {
         return try await notificationType(id)
     }
 
-    /// Deletes a type and its templates; a type with events blocks the deletion (`stillReferenced`).
+    /// Deletes a type and its templates; a type with events (`stillReferenced`) or a schedule with
+    /// occurrences left (`inUse`) blocks the deletion; finished schedules go with it.
     public func deleteNotificationType(_ id: UUID) async throws {
+        guard
+            !(try await query("SELECT 1 FROM notification_types WHERE organisation_id = \(organisationID) AND id = \(id) FOR UPDATE"))
+                .isEmpty
+        else { throw StoreError.notFound("notification type") }
+        try await refuseIfSchedulesSend(typeID: id)
         guard
             !(try await query("DELETE FROM notification_types WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id"))
                 .isEmpty

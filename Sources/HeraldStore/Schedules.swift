@@ -102,11 +102,27 @@ extension TenantTransaction {
             SELECT name FROM schedules WHERE organisation_id = \(organisationID) AND next_at IS NOT NULL
               AND event->'audience'->\(member) ? \(key) ORDER BY name, id FOR SHARE
             """)
-        let names = try rows.map { try $0.decode(String.self) }
+        try refuseIfAny(try rows.map { try $0.decode(String.self) }, send: "to this \(what)", unless: "change their audience")
+    }
+
+    /// Refuses (409) to delete a notification type that a schedule with occurrences left sends
+    /// (its events would have no type; the schedule was deleted with the type, unaudited). The
+    /// caller has locked the type's row (`FOR UPDATE`); a schedule being saved with the type holds
+    /// it `FOR KEY SHARE` (its foreign key), so whichever comes second sees the other.
+    func refuseIfSchedulesSend(typeID: UUID) async throws {
+        let rows = try await query(
+            """
+            SELECT name FROM schedules WHERE organisation_id = \(organisationID) AND type_id = \(typeID) AND next_at IS NOT NULL
+            ORDER BY name, id FOR SHARE
+            """)
+        try refuseIfAny(try rows.map { try $0.decode(String.self) }, send: "this notification type", unless: "change their type")
+    }
+
+    private func refuseIfAny(_ names: [String], send what: String, unless change: String) throws {
         guard let first = names.first else { return }
         let named = names.count == 1 ? "The schedule \"\(first)\" sends" : "\(names.count) schedules (\"\(first)\" among them) send"
         throw StoreError.inUse(
-            "\(named) to this \(what); change their audience or delete them first (a paused schedule counts: it would fail when resumed).")
+            "\(named) \(what); \(change) or delete them first (a paused schedule counts: it would fail when resumed).")
     }
 
     /// Saves a schedule whose first occurrence is `nextAt` (nil: the rule has none).

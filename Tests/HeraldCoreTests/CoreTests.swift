@@ -66,7 +66,10 @@ struct ValidationTests {
         arguments: [
             ("Europe/Paris", true), ("UTC", true), ("America/Argentina/Buenos_Aires", true), ("Mars/Olympus", false), ("", false),
             // Foundation opens these, but they are not names of the tz database.
-            ("UTC+2", false), ("GMT+0530", false),
+            ("UTC+2", false), ("GMT+0530", false), ("../etc/passwd", false), ("utc", false),
+            // Names of the database that ICU's canonical list (Foundation's) leaves out.
+            ("Asia/Kolkata", true), ("Etc/UTC", true), ("Etc/GMT-14", true), ("Etc/GMT+5", true), ("US/Pacific", true),
+            ("EST5EDT", true), ("Asia/Saigon", true), ("Asia/Calcutta", true),
         ])
     func timezones(value: String, valid: Bool) {
         #expect(((try? Validate.timezone(value)) != nil) == valid)

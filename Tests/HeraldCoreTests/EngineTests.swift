@@ -88,6 +88,10 @@ struct ChannelDecisionTests {
         #expect(decide(preference(true, .immediate)).reason == .deliveryQueued)
         #expect(decide(preference(true, .daily)).outcome == .digest)
         #expect(decide(preference(true, .weekly)).reason == .digestQueued)
+        // Digests go by email only: a webhook or chat setting of DAILY or WEEKLY sends at once
+        // rather than waiting for a digest that never gathers it.
+        #expect(decide(preference(true, .daily), channel: .webhook).reason == .deliveryQueued)
+        #expect(decide(preference(true, .weekly), channel: .chat).outcome == .immediate)
         #expect(decide(preference(false, .immediate)).reason == .channelDisabled)
         #expect(decide(preference(true, .none)).reason == .frequencyNone)
         #expect(decide(preference(true, .immediate), throttled: true).reason == .throttled)

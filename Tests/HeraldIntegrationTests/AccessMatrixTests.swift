@@ -108,6 +108,11 @@ struct AccessMatrixTests {
             let service = try await tx.builtinRole(.service)
             let key = OpaqueToken(kind: .apiKey, organisationID: org.id)
             _ = try await tx.createApiKey(id: key.id, name: "k", roleID: service.id, secretHash: key.secretHash, expiresAt: nil)
+            // The schedule sends a type of its own: a type a schedule sends cannot be deleted.
+            let scheduled = try await tx.createNotificationType(
+                NotificationTypeFields(
+                    key: "S_\(suffix)", categoryID: type.categoryID, name: "S", description: "",
+                    defaultSeverity: .info, defaultPriority: .normal, defaultChannels: [.inApp]))
             let endpoint = try await tx.createEndpoint(
                 channel: .webhook, format: .standard, name: "e", url: "https://93.184.216.34/hook",
                 eventTypes: [], secret: WebhookSecret.generate().string)
@@ -117,7 +122,7 @@ struct AccessMatrixTests {
                 "jobId": try await tx.job(named: .retention).id,
                 "scheduleId": try await tx.createSchedule(
                     id: UUID(), name: "s",
-                    event: EventRequest(typeKey: type.key, audience: Audience(userIDs: [user.id]), payload: .object([:])),
+                    event: EventRequest(typeKey: scheduled.key, audience: Audience(userIDs: [user.id]), payload: .object([:])),
                     rule: "FREQ=DAILY", timeZone: "UTC", startsAt: Date(), nextAt: Date().addingTimeInterval(86_400)
                 ).id,
             ]

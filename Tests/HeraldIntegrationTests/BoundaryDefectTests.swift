@@ -13,6 +13,10 @@ import Testing
 @testable import HeraldAPI
 @testable import HeraldStore
 
+#if canImport(Glibc)
+    import Glibc
+#endif
+
 /// Issue 8: defects found by using Herald as an integrator, a frontend and an admin would, at
 /// the request boundary (errors, logs, contract) and in the engine's gaps.
 @Suite("Issue 8: the request boundary")
@@ -46,6 +50,39 @@ struct BoundaryDefectTests {
                 #expect(response.headers.first(name: "Content-Type") == "application/problem+json")
                 #expect(String(buffer: body).contains("larger than 65536 bytes"))
             }
+        }
+    }
+
+    @Test("a body shorter than its Content-Length does not hold the connection: closed after HERALD_HTTP_IDLE_SECONDS")
+    func shortBodyIsClosed() async throws {
+        try await StreamServer.with(configure: { $0.httpIdleSeconds = 1 }) { servers in
+            // act: 11 bytes of a promised 100, then silence; the reply is waited for up to 15 s
+            let port = servers[0].port
+            let (closed, waited) = try await Task.detached { () throws -> (Bool, Duration) in
+                let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+                defer { close(fd) }
+                var address = sockaddr_in()
+                address.sin_family = sa_family_t(AF_INET)
+                address.sin_port = in_port_t(UInt16(port).bigEndian)
+                address.sin_addr.s_addr = inet_addr("127.0.0.1")
+                let connected = withUnsafePointer(to: &address) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+                }
+                #expect(connected == 0)
+                var timeout = timeval(tv_sec: 15, tv_usec: 0)
+                setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+                let request =
+                    "POST /v1/schedules HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"name\": 1}"
+                _ = request.withCString { send(fd, $0, strlen($0), 0) }
+                let start = ContinuousClock.now
+                var buffer = [UInt8](repeating: 0, count: 4096)
+                var read = 0
+                repeat { read = recv(fd, &buffer, buffer.count, 0) } while read > 0
+                return (read == 0, ContinuousClock.now - start)
+            }.value
+            // check: the server closed it (end of stream), well before the client's 15 s
+            #expect(closed)
+            #expect(waited < .seconds(10))
         }
     }
 
@@ -605,6 +642,19 @@ struct BoundaryDefectTests {
                 #expect(noUser.isProblem(.notFound))
                 #expect(noUser.text.contains("No user with this id"))
             }
+        }
+    }
+
+    @Test("a path id with anything after its 36 characters (a %00 and junk) is not that id: 404, and nothing is deleted")
+    func pathIDWithTrailingJunk() async throws {
+        try await withOrganisation { org, client in
+            let group = try await client.send(.post, "/v1/groups", token: org.ownerToken, json: #"{"key": "ward", "name": "Ward"}"#)
+            let groupID = try #require(group.json["id"] as? String)
+            for suffix in ["%00abc", "%00", "abc", "%20"] {
+                #expect(try await client.send(.get, "/v1/groups/\(groupID)\(suffix)", token: org.ownerToken).isProblem(.notFound))
+                #expect(try await client.send(.delete, "/v1/groups/\(groupID)\(suffix)", token: org.ownerToken).isProblem(.notFound))
+            }
+            #expect(try await client.send(.get, "/v1/groups/\(groupID)", token: org.ownerToken).status == .ok)
         }
     }
 

@@ -208,6 +208,13 @@ struct MedicalAlertTests {
             let secondCounts = try second.decoded(Components.Schemas.EventAccepted.self).counts
             #expect(secondCounts.digest == 1)
             #expect(secondCounts.immediate == 0)
+
+            // Digests go by email only: a chat channel set to WEEKLY is kept as set, and sent at
+            // once (DELIVERY_QUEUED in the trace; EngineTests.outcomes) rather than held.
+            let chat = try await client.send(
+                .put, "/v1/me/preferences", token: clinic.memberToken,
+                json: #"{"items": [{"category": "alerts", "channel": "chat", "enabled": true, "frequency": "WEEKLY"}]}"#)
+            #expect(chat.status == .ok, "\(chat.text)")
         }
     }
 

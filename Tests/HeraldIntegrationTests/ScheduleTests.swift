@@ -163,6 +163,33 @@ struct ScheduleTests {
         }
     }
 
+    @Test("a notification type that a schedule with occurrences left sends cannot be deleted (409 naming it); once it is gone it can")
+    func typeInUse() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        try await TestEnvironment.shared.application().test(.router) { client in
+            let type = try await client.send(
+                .post, "/v1/notification-types", token: org.ownerToken,
+                json: #"{"key": "TEMP_TYPE", "name": "Temp", "category": "activity", "default_channels": ["in_app"]}"#)
+            #expect(type.status == .created, "\(type.text)")
+            let typeID = try #require(type.json["id"] as? String)
+            let created = try await client.send(
+                .post, "/v1/schedules", token: org.ownerToken,
+                json: """
+                    {"name": "Every morning", "rule": "FREQ=DAILY;BYHOUR=9;BYMINUTE=0", "time_zone": "UTC",
+                     "event": {"type": "TEMP_TYPE", "audience": {"user_ids": ["\(org.memberID.uuidString.lowercased())"]}, "payload": {}}}
+                    """)
+            #expect(created.status == .created, "\(created.text)")
+            let schedule = try #require(created.json["id"] as? String)
+            let refused = try await client.send(.delete, "/v1/notification-types/\(typeID)", token: org.ownerToken)
+            #expect(refused.isProblem(.conflict), "\(refused.text)")
+            #expect((refused.json["detail"] as? String)?.hasPrefix(#"The schedule "Every morning" sends this notification type"#) == true)
+            #expect(try await client.send(.get, "/v1/schedules/\(schedule)", token: org.ownerToken).status == .ok)
+            #expect(try await client.send(.delete, "/v1/schedules/\(schedule)", token: org.ownerToken).status == .noContent)
+            #expect(try await client.send(.delete, "/v1/notification-types/\(typeID)", token: org.ownerToken).status == .noContent)
+        }
+    }
+
     @Test(
         "PATCH changes a schedule: a new rule moves the next occurrence, a name keeps it, bad parts are refused, a claimed occurrence is not sent"
     )

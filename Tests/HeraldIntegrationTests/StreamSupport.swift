@@ -60,6 +60,7 @@ struct StreamServer: StreamHost {
         now: @escaping @Sendable () -> Date = { Date() },
         settings: @escaping @Sendable (inout StreamSettings) -> Void = { _ in },
         feedCacheSeconds: TimeInterval? = nil,
+        configure: (inout AppConfiguration) -> Void = { _ in },
         _ body: ([StreamServer]) async throws -> Void
     ) async throws {
         let env = try await TestEnvironment.shared
@@ -79,7 +80,10 @@ struct StreamServer: StreamHost {
                 database: database, postgres: postgres, tokens: env.tokens, passwords: env.passwords,
                 expectedMigrations: TestEnvironment.migrationVersions, linkKeys: TestEnvironment.linkKeys,
                 services: [bus, hub] + (cache.map { [$0] } ?? []), streams: hub, feedCache: cache, now: now)
-            let configuration = env.configuration { $0.port = 0 }
+            let configuration = env.configuration {
+                $0.port = 0
+                configure(&$0)
+            }
             let listening = AsyncStream<Int>.makeStream()
             let app = try buildApplication(
                 configuration: configuration, dependencies: dependencies, logger: env.logger,

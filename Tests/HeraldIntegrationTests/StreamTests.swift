@@ -117,6 +117,22 @@ struct StreamTests {
         }
     }
 
+    @Test(
+        "an open stream is not an idle connection: quiet for longer than HERALD_HTTP_IDLE_SECONDS, it still gets what follows",
+        arguments: StreamTransport.allCases)
+    func streamOutlivesIdleTimeout(_ transport: StreamTransport) async throws {
+        let org = try await organisation()
+        try await StreamServer.with(configure: { $0.httpIdleSeconds = 1 }) { servers in
+            let member = try await StreamProbe.open(transport, on: servers[0], token: org.memberToken)
+            #expect(try await member.next("unread_count").object["total"] as? Int == 0)
+            // The idle timeout is real time (the server's channel timer), so the wait is too.
+            try await Task.sleep(for: .seconds(3))
+            try await task(org, to: [org.memberID], title: "after a quiet spell")
+            #expect(try await member.next("notification.created").object["title"] as? String == "after a quiet spell")
+            await member.close()
+        }
+    }
+
     @Test("read, unread, archive, delete, mark all and clear reach every open tab of the user")
     func readStateAcrossTabs() async throws {
         let org = try await organisation()

@@ -127,7 +127,10 @@ extension HeraldService {
         guard let first = recurrence.occurrences(after: max(now, startsAt.addingTimeInterval(-1)), limit: 1).first else {
             throw APIError.unprocessable(
                 ValidationError(
-                    field: "rule", message: "has no occurrence from now on (its UNTIL or COUNT ends before): nothing would be sent."))
+                    field: "rule",
+                    message:
+                        "has no occurrence from now on (its UNTIL or COUNT ends before, or no date matches it, such as a 30th in a rule of February only): nothing would be sent."
+                ))
         }
         return first
     }

@@ -63,7 +63,7 @@ struct HeraldService: APIProtocol {
 
     /// A path id; one that is not a UUID is as missing as one that does not exist.
     func id(_ text: String, _ resource: String) throws -> UUID {
-        guard let id = UUID(uuidString: text) else { throw APIError.notFound(resource: resource) }
+        guard let id = Validate.uuid(text) else { throw APIError.notFound(resource: resource) }
         return id
     }
 

@@ -145,8 +145,10 @@ public enum ChannelDecider {
         if channel.reach == .feed {
             return ChannelDecision(channel: channel, preference: preference, outcome: .inApp, reason: .inAppCreated)
         }
+        // Digests go by email only; a webhook or chat channel set to DAILY or WEEKLY is sent at
+        // once, as in-app ignores them, never held for a digest that would not gather it.
         switch preference.frequency {
-        case .daily, .weekly:
+        case .daily where channel == .email, .weekly where channel == .email:
             return ChannelDecision(channel: channel, preference: preference, outcome: .digest, reason: .digestQueued)
         default:
             return ChannelDecision(channel: channel, preference: preference, outcome: .immediate, reason: .deliveryQueued)
