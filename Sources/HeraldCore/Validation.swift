@@ -30,12 +30,15 @@ public enum Validate {
     public static func timezone(_ value: String, field: String = "timezone") throws(ValidationError) -> String {
         // A name of the tz database: Foundation's list (ICU's canonical names, which lack many
         // current ones: Asia/Kolkata, Etc/UTC, US/Pacific), or a name of the database's shape
-        // that the system's database opens. Foundation also opens "UTC+2" and "GMT+0530",
-        // which are not names of the database.
+        // that both Foundation and the system's database (/usr/share/zoneinfo, which Debian's
+        // PostgreSQL reads too) open. Foundation alone also opens "UTC+2", "GMT+0530" and ICU's
+        // three-letter names ("IST", "CTT"), which PostgreSQL does not know or reads otherwise.
         let shaped =
             value.wholeMatch(of: /[A-Za-z][A-Za-z0-9_+-]*(\/[A-Za-z0-9_+-]+)*/) != nil
             && value.wholeMatch(of: /(UTC|GMT)[+-].*/) == nil
-        let known = ianaZones.contains(value) || (shaped && TimeZone(identifier: value) != nil)
+        let known =
+            ianaZones.contains(value)
+            || (shaped && TimeZone(identifier: value) != nil && FileManager.default.fileExists(atPath: "/usr/share/zoneinfo/" + value))
         guard known, value.count <= 64 else {
             throw ValidationError(field: field, message: "\"\(value)\" is not an IANA time zone (such as Europe/Paris or UTC).")
         }

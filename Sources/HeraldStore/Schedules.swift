@@ -107,15 +107,19 @@ extension TenantTransaction {
 
     /// Refuses (409) to delete a notification type that a schedule with occurrences left sends
     /// (its events would have no type; the schedule was deleted with the type, unaudited). The
-    /// caller has locked the type's row (`FOR UPDATE`); a schedule being saved with the type holds
-    /// it `FOR KEY SHARE` (its foreign key), so whichever comes second sees the other.
+    /// caller has locked the type's row (`FOR UPDATE`): a schedule being created with the type
+    /// holds it `FOR KEY SHARE` (its foreign key) and is seen once it commits. Every schedule of
+    /// the type is locked and its `next_at` read from the locked row, not filtered in the scan:
+    /// a PATCH giving a finished schedule a new rule (no key check, the type unchanged) is waited
+    /// for and then seen with its occurrences.
     func refuseIfSchedulesSend(typeID: UUID) async throws {
         let rows = try await query(
             """
-            SELECT name FROM schedules WHERE organisation_id = \(organisationID) AND type_id = \(typeID) AND next_at IS NOT NULL
+            SELECT name, next_at IS NOT NULL FROM schedules WHERE organisation_id = \(organisationID) AND type_id = \(typeID)
             ORDER BY name, id FOR SHARE
             """)
-        try refuseIfAny(try rows.map { try $0.decode(String.self) }, send: "this notification type", unless: "change their type")
+        let sending = try rows.map { try $0.decode((String, Bool).self) }.filter(\.1).map(\.0)
+        try refuseIfAny(sending, send: "this notification type", unless: "change their type")
     }
 
     private func refuseIfAny(_ names: [String], send what: String, unless change: String) throws {

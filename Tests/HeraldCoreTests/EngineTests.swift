@@ -327,6 +327,12 @@ struct PlannerTests {
         #expect(id.uuidString <= bound.uuidString)
         #expect(bound.uuidString < TimeOrderedID.make(at: now.addingTimeInterval(0.002)).uuidString)
         #expect(id.uuidString.dropFirst(14).first == "7")
+        // The lower bound (the deliveries list's `since`) sorts at or below every id of its
+        // millisecond and above every id of the one before.
+        let floor = TimeOrderedID.lowerBound(at: now)
+        #expect(floor.uuidString <= id.uuidString)
+        #expect(TimeOrderedID.make(at: now.addingTimeInterval(-0.002)).uuidString < floor.uuidString)
+        #expect((0..<200).allSatisfy { _ in floor.uuidString <= TimeOrderedID.make(at: now).uuidString })
     }
 
     @Test("an in-app title and body are bounded (1 000 and 10 000 characters), cut with an ellipsis and never inside an entity")
