@@ -27,7 +27,7 @@ public struct OpaqueToken: Sendable, Equatable {
     public init?(parsing text: String, kind: Kind) {
         let parts = text.split(separator: ".", omittingEmptySubsequences: false)
         guard parts.count == 4, parts[0] == kind.rawValue,
-            let org = UUID(uuidString: String(parts[1])), let id = UUID(uuidString: String(parts[2])),
+            let org = Validate.uuid(String(parts[1])), let id = Validate.uuid(String(parts[2])),
             !parts[3].isEmpty, parts[3].count <= 64
         else { return nil }
         self.kind = kind
