@@ -107,8 +107,27 @@ public final class HTTPTransport: Sendable {
         case ECONNREFUSED: return "The receiver refused the connection: nothing listens at its address and port."
         case ECONNRESET: return "The receiver reset the connection."
         case EHOSTUNREACH, ENETUNREACH: return "The receiver's address cannot be reached."
-        default: return "The request failed: \(error)"
+        default: return tlsWords(for: "\(error)") ?? "The request failed (\(Self.firstWord(of: "\(error)")))."
         }
+    }
+
+    /// A TLS failure in words; its description names the TLS library's internals, down to a
+    /// source path of this build, which a tenant must not see (a trial read one in `last_error`).
+    static func tlsWords(for text: String) -> String? {
+        guard text.contains("SSL") || text.contains("handshake") || text.contains("ertificate") else { return nil }
+        if text.contains("WRONG_VERSION_NUMBER") {
+            return "The TLS handshake with the receiver failed: it does not speak TLS on this port (an http:// server at an https:// URL?)."
+        }
+        if text.contains("ertificate") || text.contains("CERTIFICATE") {
+            return "The receiver's TLS certificate is not trusted for its name."
+        }
+        return "The TLS handshake with the receiver failed."
+    }
+
+    /// The error's case, without what it carries (`handshakeFailed(…)` → `handshakeFailed`).
+    static func firstWord(of text: String) -> String {
+        let head = text.prefix { $0 != "(" && $0 != ":" && $0 != " " }.split(separator: ".").last.map(String.init) ?? ""
+        return head.isEmpty ? "unknown error" : String(head.prefix(60))
     }
 
     /// The system error under a connection failure, if there is one.

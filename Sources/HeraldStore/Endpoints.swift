@@ -19,17 +19,38 @@ public struct Endpoint: Sendable, Equatable {
     /// The secret before the last rotation, still signing until `previousSecretExpiresAt`.
     public var previousSecret: String?
     public var previousSecretExpiresAt: Date?
+    /// Secrets rotated away before that one while still in their overlap, each signing until its
+    /// own time (0051): a second rotation does not cut the first one's overlap short.
+    public var olderSecrets: [(secret: String, until: Date)] = []
     public var createdAt: Date
     public var updatedAt: Date
     /// The circuit breaker: consecutive attempts that got no answer, and when (and why) it opened.
     public var circuit = EndpointCircuit()
 
-    /// The secrets that sign a message sent at `now`: the current one, and the previous one
-    /// during a rotation's overlap.
+    /// The secrets that sign a message sent at `now`: the current one, and each earlier one
+    /// still within the overlap its rotation promised.
     public func signingSecrets(at now: Date) -> [String] {
         guard let secret else { return [] }
-        guard let previousSecret, let until = previousSecretExpiresAt, until > now else { return [secret] }
-        return [secret, previousSecret]
+        return [secret] + overlapping(at: now).map(\.secret)
+    }
+
+    /// The secrets rotated away that still sign at `now`, newest first, with their ends.
+    public func overlapping(at now: Date) -> [(secret: String, until: Date)] {
+        let previous = previousSecret.flatMap { secret in previousSecretExpiresAt.map { (secret, $0) } }
+        return ((previous.map { [$0] } ?? []) + olderSecrets).filter { $0.until > now }
+    }
+
+    /// Until when a secret rotated away still signs; nil once none does.
+    public func overlapEnds(at now: Date) -> Date? {
+        overlapping(at: now).map(\.until).max()
+    }
+
+    public static func == (a: Endpoint, b: Endpoint) -> Bool {
+        a.id == b.id && a.channel == b.channel && a.format == b.format && a.name == b.name && a.url == b.url
+            && a.eventTypes == b.eventTypes && a.enabled == b.enabled && a.disabledReason == b.disabledReason && a.secret == b.secret
+            && a.previousSecret == b.previousSecret && a.previousSecretExpiresAt == b.previousSecretExpiresAt
+            && a.olderSecrets.map(\.secret) == b.olderSecrets.map(\.secret) && a.olderSecrets.map(\.until) == b.olderSecrets.map(\.until)
+            && a.createdAt == b.createdAt && a.updatedAt == b.updatedAt && a.circuit == b.circuit
     }
 }
 
@@ -160,11 +181,18 @@ extension TenantTransaction {
         }
     }
 
-    /// Replaces a webhook endpoint's secret; the old one keeps signing until `overlapUntil`.
-    public func rotateEndpointSecret(_ id: UUID, newSecret: String, overlapUntil: Date) async throws -> Endpoint {
+    /// Replaces a webhook endpoint's secret; the old one keeps signing until `overlapUntil`, and
+    /// those rotated away before it until the ends they were promised (at most eight; none when
+    /// `overlapUntil` is not after `now`: no overlap ends every one).
+    public func rotateEndpointSecret(_ id: UUID, newSecret: String, overlapUntil: Date, now: Date) async throws -> Endpoint {
+        let locked = try await query(
+            "SELECT \(unescaped: endpointColumns) FROM endpoints WHERE organisation_id = \(organisationID) AND id = \(id) FOR UPDATE")
+        guard let before = try locked.first.map(decodeEndpoint) else { throw StoreError.notFound("endpoint") }
+        let older = overlapUntil > now ? Array(before.overlapping(at: now).sorted { $0.until > $1.until }.prefix(8)) : []
         let rows = try await query(
             """
-            UPDATE endpoints SET previous_secret = secret, previous_secret_expires_at = \(overlapUntil), secret = \(newSecret), updated_at = now()
+            UPDATE endpoints SET previous_secret = secret, previous_secret_expires_at = \(overlapUntil), secret = \(newSecret),
+                older_secrets = \(older.map(\.secret))::text[], older_secrets_until = \(older.map(\.until))::timestamptz[], updated_at = now()
             WHERE organisation_id = \(organisationID) AND id = \(id) AND channel = 'webhook' RETURNING id
             """)
         guard !rows.isEmpty else { throw StoreError.notFound("endpoint") }
@@ -240,23 +268,24 @@ extension TenantTransaction {
 
 private let endpointColumns = """
     id, channel, format, name, url, event_types, enabled, disabled_reason, secret, previous_secret, previous_secret_expires_at,
-    created_at, updated_at, circuit_failures, circuit_opened_at, circuit_retry_at, circuit_reason
+    created_at, updated_at, circuit_failures, circuit_opened_at, circuit_retry_at, circuit_reason, older_secrets, older_secrets_until
     """
 
 func decodeEndpoint(_ row: PostgresRow) throws -> Endpoint {
     let (
         id, channel, format, name, url, types, enabled, reason, secret, previous, previousUntil, created, updated, failures, openedAt,
-        retryAt, circuitReason
+        retryAt, circuitReason, older, olderUntil
     ) =
         try row.decode(
             (
                 UUID, NotificationChannel, EndpointFormat, String, String, [String], Bool, String?, String?, String?, Date?, Date, Date,
                 Int, Date?,
-                Date?, String?
+                Date?, String?, [String], [Date]
             ).self, table: "endpoints")
     return Endpoint(
         id: id, channel: channel, format: format, name: name, url: url,
         eventTypes: types, enabled: enabled, disabledReason: reason, secret: secret, previousSecret: previous,
-        previousSecretExpiresAt: previousUntil, createdAt: created, updatedAt: updated,
+        previousSecretExpiresAt: previousUntil, olderSecrets: Array(zip(older, olderUntil)).map { (secret: $0.0, until: $0.1) },
+        createdAt: created, updatedAt: updated,
         circuit: EndpointCircuit(failures: failures, openedAt: openedAt, retryAt: retryAt, reason: circuitReason))
 }

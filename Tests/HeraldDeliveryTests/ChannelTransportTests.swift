@@ -121,4 +121,24 @@ struct ChannelTransportTests {
         let written = WebhookMessage.body(work, content: content, url: url)
         #expect(String(decoding: written, as: UTF8.self) == String(decoding: try encoder.encode(expected), as: UTF8.self))
     }
+
+    /// An error described as NIOSSL describes a failed handshake with a plain-HTTP receiver.
+    struct Described: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    @Test("a failed request's words never carry the library's description (internals, this build's paths)")
+    func failureWords() {
+        let tls = Described(
+            description:
+                "handshakeFailed(NIOSSL.BoringSSLError.sslError([Error: 268435703 error:100000f7:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER at /tmp/x/.build/checkouts/swift-nio-ssl/Sources/CNIOBoringSSL/ssl/tls_record.cc:127]))"
+        )
+        let words = HTTPTransport.words(for: tls)
+        #expect(words.hasPrefix("The TLS handshake with the receiver failed: it does not speak TLS on this port"))
+        #expect(!words.contains("/") || words.contains("http://"))
+        #expect(!words.contains(".build"))
+        #expect(
+            HTTPTransport.words(for: Described(description: "Module.SomeError.oddCase(\"/secret/path\")"))
+                == "The request failed (oddCase).")
+    }
 }

@@ -252,7 +252,7 @@ struct DeliveryTests {
         try await org.store { tx in
             let endpoint = try await tx.createEndpoint(
                 channel: .webhook, format: .standard, name: "w", url: hook.url, eventTypes: [], secret: old)
-            _ = try await tx.rotateEndpointSecret(endpoint.id, newSecret: new, overlapUntil: Date().addingTimeInterval(3600))
+            _ = try await tx.rotateEndpointSecret(endpoint.id, newSecret: new, overlapUntil: Date().addingTimeInterval(3600), now: Date())
         }
         try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
         _ = try await TestWorkers.run(org.id) { try await org.settled() }
@@ -262,6 +262,30 @@ struct DeliveryTests {
         #expect(signature.split(separator: " ").filter { $0.hasPrefix("v1,") }.count == 2)
         #expect(try await Peers.verify(hook.name, secret: old).verified == 1)
         #expect(try await Peers.verify(hook.name, secret: new).verified == 1)
+    }
+
+    @Test("webhook: a rotation during another's overlap keeps every secret within its promised overlap; no overlap ends them all")
+    func rotationDuringOverlap() async throws {
+        let org = try await TestOrganisation.make()
+        let secrets = (0..<4).map { _ in WebhookSecret.generate().string }
+        let now = Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded()) // whole seconds: stored and read back exactly
+        try await org.store { tx in
+            let endpoint = try await tx.createEndpoint(
+                channel: .webhook, format: .standard, name: "w", url: "https://93.184.216.34/hook", eventTypes: [], secret: secrets[0])
+            // Twice within the first overlap (a client retrying a rotation that timed out):
+            // the first secret keeps its 24 hours, the second its own.
+            _ = try await tx.rotateEndpointSecret(endpoint.id, newSecret: secrets[1], overlapUntil: now + 86_400, now: now)
+            let twice = try await tx.rotateEndpointSecret(endpoint.id, newSecret: secrets[2], overlapUntil: now + 3_600, now: now + 1)
+            #expect(twice.signingSecrets(at: now + 2) == [secrets[2], secrets[1], secrets[0]])
+            #expect(twice.signingSecrets(at: now + 7_200) == [secrets[2], secrets[0]])
+            #expect(twice.signingSecrets(at: now + 86_401) == [secrets[2]])
+            #expect(twice.overlapEnds(at: now + 2) == now + 86_400)
+            #expect(twice.overlapEnds(at: now + 86_401) == nil)
+            // No overlap: only the new secret signs, at once.
+            let cut = try await tx.rotateEndpointSecret(endpoint.id, newSecret: secrets[3], overlapUntil: now + 2, now: now + 2)
+            #expect(cut.signingSecrets(at: now + 2) == [secrets[3]])
+            #expect(cut.overlapEnds(at: now + 2) == nil)
+        }
     }
 
     @Test("chat: a Slack incoming webhook gets the type's chat template as text")

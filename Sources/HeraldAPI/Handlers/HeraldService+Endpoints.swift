@@ -103,7 +103,7 @@ extension HeraldService {
             guard before.channel == .webhook else {
                 throw APIError.conflict("This is a chat endpoint; only webhook endpoints have a secret.")
             }
-            let after = try await tx.rotateEndpointSecret(id, newSecret: WebhookSecret.generate().string, overlapUntil: until)
+            let after = try await tx.rotateEndpointSecret(id, newSecret: WebhookSecret.generate().string, overlapUntil: until, now: now())
             try await tx.audit(
                 action: "endpoint.rotate_secret", targetType: "endpoint", targetID: id.lowercased,
                 before: try auditValue(Components.Schemas.Endpoint(before)), after: try auditValue(Components.Schemas.Endpoint(after)))
@@ -129,7 +129,7 @@ extension Components.Schemas.Endpoint {
         self.init(
             id: e.id.lowercased, channel: try mapped(e.channel), format: mapped(e.format),
             name: e.name, url: e.url, eventTypes: e.eventTypes, enabled: e.enabled, disabledReason: e.disabledReason,
-            secret: showingSecret ? e.secret : nil, previousSecretExpiresAt: e.previousSecret == nil ? nil : e.previousSecretExpiresAt,
+            secret: showingSecret ? e.secret : nil, previousSecretExpiresAt: e.overlapEnds(at: Date()),
             circuit: .init(e.circuit, now: Date()), createdAt: e.createdAt, updatedAt: e.updatedAt)
     }
 }
