@@ -538,14 +538,54 @@ struct StreamTests {
         #expect(try await eventually(timeout: .seconds(30)) { try await position(org.memberID).seq == 3 })
     }
 
-    /// Whether a first stream's opening is waiting on a stream lock (within 10 s). At least one:
-    /// the suite's tests run at once, and two of them hold a first stream waiting.
+    @Test("a first stream waiting for its stream lock holds up no other feed change on that lock (0052)")
+    func firstStreamQueuesNoOne() async throws {
+        let org = try await organisation()
+        let database = try await TestEnvironment.shared.database
+        // A user whose stream lock is the member's (64 keys for everyone).
+        func key(_ user: UUID) async throws -> Int64 {
+            try await org.store { tx in try await tx.query("SELECT feed_stream_lock_key(\(org.id), \(user))").first!.decode(Int64.self) }
+        }
+        let memberKey = try await key(org.memberID)
+        var twin: UUID?
+        for i in 0..<1_000 where twin == nil {
+            let user = try await org.store { tx in try await tx.createUser(NewUser(email: "k\(i)@x.example", displayName: "K\(i)")).id }
+            if try await key(user) == memberKey { twin = user }
+        }
+        let sharer = try #require(twin)
+        try await task(org, to: [org.memberID], title: "one")
+        try await task(org, to: [org.memberID], title: "two")
+        let ids = try await org.notificationIDs(of: org.memberID)
+        try #require(ids.count == 2)
+        try await org.store { held in
+            // A change to the member's feed, logged and not committed: the lock is held shared.
+            #expect(try await held.markRead([ids[0]], of: org.memberID, now: Date()) == 1)
+            // The twin's first stream waits for it...
+            let opening = Task { try await org.store { tx in try await tx.openFeedStream(of: sharer) } }
+            #expect(try await firstOpenWaits(database))
+            // ...and another change to the member's feed does not wait behind that stream (queued
+            // for the lock, it would: and this transaction, which it waits for, waits for it).
+            let finished = FinishedFlag()
+            let other = Task {
+                defer { finished.set() }
+                return try await org.store { tx in try await tx.markRead([ids[1]], of: org.memberID, now: Date()) }
+            }
+            let done = try await eventually(timeout: .seconds(4)) { finished.value }
+            #expect(done, "a feed change waited behind a first stream's lock request")
+            _ = other
+            _ = opening
+        }
+    }
+
+    /// Whether a first stream's opening is waiting on a stream lock (within 10 s): retrying it
+    /// (asleep between tries, 0052) or queued for it. At least one: the suite's tests run at once,
+    /// and two of them hold a first stream waiting.
     func firstOpenWaits(_ database: Database) async throws -> Bool {
         try await eventually(timeout: .seconds(10)) {
             try await database.query(
                 """
                 SELECT count(*)::int FROM pg_stat_activity
-                WHERE datname = current_database() AND wait_event = 'advisory' AND query LIKE '%feed_stream_open%'
+                WHERE datname = current_database() AND wait_event IN ('advisory', 'PgSleep') AND query LIKE '%feed_stream_open%'
                 """
             ).first!.decode(Int.self) >= 1
         }
@@ -872,4 +912,11 @@ struct StreamTests {
             for probe in [member, owner] { await probe.close() }
         }
     }
+}
+
+/// A flag a task sets when it ends, read by another.
+final class FinishedFlag: Sendable {
+    private let state = Mutex(false)
+    var value: Bool { state.withLock { $0 } }
+    func set() { state.withLock { $0 = true } }
 }
