@@ -21,7 +21,7 @@ public struct Endpoint: Sendable, Equatable {
     public var previousSecretExpiresAt: Date?
     /// Secrets rotated away before that one while still in their overlap, each signing until its
     /// own time (0051): a second rotation does not cut the first one's overlap short.
-    public var olderSecrets: [(secret: String, until: Date)] = []
+    public var olderSecrets: [RotatedSecret] = []
     public var createdAt: Date
     public var updatedAt: Date
     /// The circuit breaker: consecutive attempts that got no answer, and when (and why) it opened.
@@ -34,9 +34,9 @@ public struct Endpoint: Sendable, Equatable {
         return [secret] + overlapping(at: now).map(\.secret)
     }
 
-    /// The secrets rotated away that still sign at `now`, newest first, with their ends.
-    public func overlapping(at now: Date) -> [(secret: String, until: Date)] {
-        let previous = previousSecret.flatMap { secret in previousSecretExpiresAt.map { (secret, $0) } }
+    /// The secrets rotated away that still sign at `now`, the previous one first, with their ends.
+    public func overlapping(at now: Date) -> [RotatedSecret] {
+        let previous = previousSecret.flatMap { secret in previousSecretExpiresAt.map { RotatedSecret(secret: secret, until: $0) } }
         return ((previous.map { [$0] } ?? []) + olderSecrets).filter { $0.until > now }
     }
 
@@ -44,14 +44,12 @@ public struct Endpoint: Sendable, Equatable {
     public func overlapEnds(at now: Date) -> Date? {
         overlapping(at: now).map(\.until).max()
     }
+}
 
-    public static func == (a: Endpoint, b: Endpoint) -> Bool {
-        a.id == b.id && a.channel == b.channel && a.format == b.format && a.name == b.name && a.url == b.url
-            && a.eventTypes == b.eventTypes && a.enabled == b.enabled && a.disabledReason == b.disabledReason && a.secret == b.secret
-            && a.previousSecret == b.previousSecret && a.previousSecretExpiresAt == b.previousSecretExpiresAt
-            && a.olderSecrets.map(\.secret) == b.olderSecrets.map(\.secret) && a.olderSecrets.map(\.until) == b.olderSecrets.map(\.until)
-            && a.createdAt == b.createdAt && a.updatedAt == b.updatedAt && a.circuit == b.circuit
-    }
+/// A webhook secret rotated away, and until when it still signs.
+public struct RotatedSecret: Sendable, Equatable {
+    public var secret: String
+    public var until: Date
 }
 
 /// An endpoint's circuit breaker as stored (issue 8, item 13).
@@ -193,10 +191,10 @@ extension TenantTransaction {
             """
             UPDATE endpoints SET previous_secret = secret, previous_secret_expires_at = \(overlapUntil), secret = \(newSecret),
                 older_secrets = \(older.map(\.secret))::text[], older_secrets_until = \(older.map(\.until))::timestamptz[], updated_at = now()
-            WHERE organisation_id = \(organisationID) AND id = \(id) AND channel = 'webhook' RETURNING id
+            WHERE organisation_id = \(organisationID) AND id = \(id) AND channel = 'webhook' RETURNING \(unescaped: endpointColumns)
             """)
-        guard !rows.isEmpty else { throw StoreError.notFound("endpoint") }
-        return try await endpoint(id)
+        guard let after = try rows.first.map(decodeEndpoint) else { throw StoreError.notFound("endpoint") }
+        return after
     }
 
     /// Switches an endpoint off (a receiver answered 410 Gone), saying why.
@@ -285,7 +283,7 @@ func decodeEndpoint(_ row: PostgresRow) throws -> Endpoint {
     return Endpoint(
         id: id, channel: channel, format: format, name: name, url: url,
         eventTypes: types, enabled: enabled, disabledReason: reason, secret: secret, previousSecret: previous,
-        previousSecretExpiresAt: previousUntil, olderSecrets: Array(zip(older, olderUntil)).map { (secret: $0.0, until: $0.1) },
+        previousSecretExpiresAt: previousUntil, olderSecrets: zip(older, olderUntil).map(RotatedSecret.init),
         createdAt: created, updatedAt: updated,
         circuit: EndpointCircuit(failures: failures, openedAt: openedAt, retryAt: retryAt, reason: circuitReason))
 }
