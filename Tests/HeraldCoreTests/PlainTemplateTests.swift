@@ -75,6 +75,34 @@ struct PlainTemplateTests {
         #expect(rendered.body == "n=25", "\(rendered.body)")
     }
 
+    @Test("an array or object of the payload prints as JSON; sections, paths and transforms work on it as on Mustache's own")
+    func arraysAndObjects() {
+        let payload = JSONValue.object([
+            "tags": .array([.string("a\"<b>"), .number(2), .number(2.5), .null, .bool(true)]),
+            "visit": .object(["city": .string("Lyon"), "zip": .string("69001"), "rooms": .array([.number(1), .number(2)])]),
+            "empty": .array([]),
+        ])
+        let rendered = TemplateRenderer.render(
+            TemplateContent(
+                subject: "{{payload.tags}} {{payload.visit}} {{payload.visit.city}} [{{payload.empty}}]",
+                body:
+                    "{{#payload.visit.rooms}}<{{.}}>{{/payload.visit.rooms}} {{count(payload.tags)}} {{#payload.visit}}{{zip}}{{/payload.visit}}"
+                    + "{{^payload.empty}} none{{/payload.empty}} {{{payload.tags}}}"),
+            ["payload": payload.plain])
+        #expect(
+            rendered.subject
+                == #"[&quot;a\&quot;&lt;b&gt;&quot;,2,2.5,null,true] {&quot;city&quot;:&quot;Lyon&quot;,&quot;rooms&quot;:[1,2],&quot;zip&quot;:&quot;69001&quot;} Lyon [[]]"#,
+            "\(rendered.subject)")
+        #expect(rendered.body == #"<1><2> 5 69001 none ["a\"<b>",2,2.5,null,true]"#, "\(rendered.body)")
+        // As text (an email's subject): unescaped.
+        let text = TemplateRenderer.render(
+            TemplateContent(subject: "{{payload.visit.rooms}}", body: ""), ["payload": payload.plain], plainText: true)
+        #expect(text.subject == "[1,2]")
+        // A plain template walks into an object of the payload; an array or object is Mustache's to print.
+        #expect(PlainTemplate("{{payload.visit.city}}", escaping: true)?.render(["payload": payload.plain]) == "Lyon")
+        #expect(PlainTemplate("{{payload.visit}}", escaping: true)?.render(["payload": payload.plain]) == .some(nil))
+    }
+
     @Test("a value that is not a string, an integer or a boolean is left to Mustache")
     func otherValues() throws {
         for source in ["{{payload.ratio}}", "{{payload.list}}", "{{payload.none}}", "{{payload.nested}}", "{{payload.title.more}}"] {

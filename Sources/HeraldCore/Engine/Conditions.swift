@@ -60,8 +60,9 @@ public indirect enum JSONValue: Sendable, Equatable, Codable, Hashable {
         // Mustache renders NSNull as nothing and treats it as false in a section (a nil Optional
         // printed "nil").
         case .null: NSNull()
-        case .array(let v): v.map(\.plain)
-        case .object(let v): v.mapValues(\.plain)
+        // Printed as JSON by `{{name}}` (`TemplateList`, `TemplateObject`).
+        case .array(let v): TemplateList(items: v.map(\.plain), json: self)
+        case .object(let v): TemplateObject(fields: v.mapValues(\.plain), json: self)
         }
     }
 }

@@ -215,8 +215,13 @@ struct PlainTemplate: Sendable {
                 var value: Any? = context
                 for name in path {
                     guard let object = value else { break }
-                    guard let dictionary = object as? [String: Any] else { return nil }
-                    value = dictionary[name]
+                    if let dictionary = object as? [String: Any] {
+                        value = dictionary[name]
+                    } else if let object = object as? TemplateObject {
+                        value = object.fields[name]
+                    } else {
+                        return nil
+                    }
                 }
                 guard let value else { continue } // a name not there renders nothing, as in Mustache
                 let text: String

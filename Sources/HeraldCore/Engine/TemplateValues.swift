@@ -1,0 +1,76 @@
+import Foundation
+import Mustache
+
+/// A JSON array of a payload, attributes or actor as a template sees it: a section iterates it
+/// and the transforms apply (`{{#items}}…{{/items}}`, `{{count(items)}}`) as on an array, and
+/// `{{items}}` prints it as JSON (was Swift's description: `["a", "b"]`, `[1.5, nil]`).
+struct TemplateList: MustacheSequence, MustacheCustomRenderable, MustacheTransformable {
+    let items: [Any]
+    let json: JSONValue
+
+    func makeIterator() -> IndexingIterator<[Any]> { items.makeIterator() }
+    var renderText: String { json.compactText }
+    var isNull: Bool { false }
+    func transform(_ name: String) -> Any? { items.transform(name) }
+}
+
+/// A JSON object as a template sees it: names are looked up in it (`{{payload.visit.city}}`) and
+/// a section enters it, as with a dictionary, and `{{payload.visit}}` prints it as JSON.
+struct TemplateObject: MustacheParent, MustacheCustomRenderable, MustacheTransformable {
+    let fields: [String: Any]
+    let json: JSONValue
+
+    func child(named name: String) -> Any? { fields[name] }
+    var renderText: String { json.compactText }
+    var isNull: Bool { false }
+    func transform(_ name: String) -> Any? { fields.transform(name) }
+}
+
+extension JSONValue {
+    /// Compact JSON with sorted keys; a whole number prints as one, as `plain` renders it.
+    var compactText: String {
+        var out = ""
+        write(into: &out)
+        return out
+    }
+
+    private func write(into out: inout String) {
+        switch self {
+        case .string(let v): out += Self.quoted(v)
+        case .number(let v): out += v.rounded() == v && abs(v) < 9.2e18 ? String(Int(v)) : (v.isFinite ? "\(v)" : "null")
+        case .bool(let v): out += v ? "true" : "false"
+        case .null: out += "null"
+        case .array(let v):
+            out += "["
+            for (index, item) in v.enumerated() {
+                if index > 0 { out += "," }
+                item.write(into: &out)
+            }
+            out += "]"
+        case .object(let v):
+            out += "{"
+            for (index, key) in v.keys.sorted().enumerated() {
+                if index > 0 { out += "," }
+                out += Self.quoted(key) + ":"
+                v[key]!.write(into: &out)
+            }
+            out += "}"
+        }
+    }
+
+    private static func quoted(_ text: String) -> String {
+        var out = "\""
+        for scalar in text.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case let s where s.value < 0x20: out += String(format: "\\u%04x", s.value)
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        return out + "\""
+    }
+}
