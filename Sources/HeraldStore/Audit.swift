@@ -33,6 +33,7 @@ public enum AuditAction {
         "digest_template.put",
         "endpoint.create",
         "endpoint.delete",
+        "endpoint.disable",
         "endpoint.rotate_secret",
         "endpoint.update",
         "event.cancel",
@@ -76,13 +77,22 @@ public enum AuditAction {
 extension TenantTransaction {
     /// Records an admin change in the same transaction as the change itself.
     /// `before` and `after` are JSON objects (the API representation of the target).
+    /// A change that changed nothing (a PATCH or PUT of the values already there: `before` and
+    /// `after` the same but for `updated_at`) is not recorded.
     public func audit(action: String, targetType: String, targetID: String?, before: JSONValue?, after: JSONValue?) async throws {
+        if let before, let after, Self.withoutTimestamp(before) == Self.withoutTimestamp(after) { return }
         try await query(
             """
             INSERT INTO audit_log (organisation_id, actor_type, actor_id, action, target_type, target_id, before, after, request_id)
             VALUES (\(organisationID), \(actor.kind), \(actor.id), \(action), \(targetType), \(targetID),
                     \(before.map { JSONDocument($0) }), \(after.map { JSONDocument($0) }), \(requestID))
             """)
+    }
+
+    private static func withoutTimestamp(_ value: JSONValue) -> JSONValue {
+        guard case .object(var fields) = value else { return value }
+        fields["updated_at"] = nil
+        return .object(fields)
     }
 
     /// Audit entries, newest first, after `cursor`.

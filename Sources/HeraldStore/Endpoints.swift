@@ -198,10 +198,16 @@ extension TenantTransaction {
     }
 
     /// Switches an endpoint off (a receiver answered 410 Gone), saying why.
+    /// Disables an enabled endpoint for `reason` (a receiver's 410 Gone), audited as
+    /// `endpoint.disable` by the system, in the same transaction; nothing when it was disabled already.
     public func disableEndpoint(_ id: UUID, reason: String) async throws {
-        try await query(
-            "UPDATE endpoints SET enabled = false, disabled_reason = \(reason), updated_at = now() WHERE organisation_id = \(organisationID) AND id = \(id) AND enabled"
+        let disabled = try await query(
+            "UPDATE endpoints SET enabled = false, disabled_reason = \(reason), updated_at = now() WHERE organisation_id = \(organisationID) AND id = \(id) AND enabled RETURNING id"
         )
+        guard !disabled.isEmpty else { return }
+        try await audit(
+            action: "endpoint.disable", targetType: "endpoint", targetID: id.lowercased, before: .object(["enabled": .bool(true)]),
+            after: .object(["enabled": .bool(false), "disabled_reason": .string(reason)]))
     }
 
     /// Counts an attempt that got no answer; at `threshold` in a row the breaker opens (again,

@@ -46,6 +46,12 @@ struct AdminAPITests {
             let raw = try #require((audit.json["items"] as? [[String: Any]])?.first)
             #expect((raw["before"] as? [String: Any])?["display_name"] as? String == "Dr Bob")
             #expect((raw["after"] as? [String: Any])?["display_name"] as? String == "Dr Robert")
+            // The same PATCH again changes nothing, and writes no entry.
+            let again = try await client.send(
+                .patch, "/v1/users/\(id)", token: org.ownerToken, json: #"{"display_name": "Dr Robert", "locale": ""}"#)
+            #expect(again.status == .ok)
+            let afterAgain = try await client.send(.get, "/v1/audit-log?target_id=\(id)", token: org.ownerToken)
+            #expect(try afterAgain.decoded(Components.Schemas.AuditPage.self).items.map(\.action) == ["user.update", "user.create"])
         }
     }
 

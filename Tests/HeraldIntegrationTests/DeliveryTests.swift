@@ -237,6 +237,12 @@ struct DeliveryTests {
         #expect(delivery.status == .dead && delivery.attempts == 1 && delivery.lastResponseCode == 410)
         let after = try await org.store { tx in try await tx.endpoint(endpoint.id) }
         #expect(!after.enabled && after.disabledReason?.contains("410") == true)
+        // The system's change is in the audit log, once.
+        let audited = try await org.store { tx in
+            try await tx.auditEntries(action: "endpoint.disable", targetID: endpoint.id.lowercased, limit: 10, after: nil).items
+        }
+        #expect(audited.count == 1 && audited.first?.actorType == .system, "\(audited)")
+        #expect(audited.first?.after?.value(at: "disabled_reason") == .string(after.disabledReason ?? ""))
         let (_, plan) = try await org.notify(
             EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
         #expect(plan.traces[0].channels.first { $0.decision.channel == .webhook }?.decision.reason == .noDestination)
