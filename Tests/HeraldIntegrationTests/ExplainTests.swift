@@ -240,6 +240,13 @@ struct ExplainTests {
             #expect(explanation.dryRun == false)
             #expect(try explanation.eventId == sent.decoded(Components.Schemas.EventAccepted.self).eventId)
             #expect(explanation.items.count == 1)
+            // A user the event did not reach is said to be outside its audience, not an empty list.
+            let outside = try await client.send(
+                .get, "/v1/notifications/debug?event=ISQ_CRITICAL&user_id=\(org.ownerID.uuidString)", token: org.ownerToken)
+            let untraced = try outside.decoded(Components.Schemas.Explanation.self).items
+            #expect(untraced.map(\.reason) == ["NOT_IN_AUDIENCE"] && untraced.first?.targeted == false, "\(outside.text)")
+            #expect(untraced.first?.userId == org.ownerID.uuidString.lowercased() && untraced.first?.channels == [])
+            #expect(untraced.first?.rule == "none" && untraced.first?.reasonText.contains("audience") == true)
             #expect(
                 try await client.send(.get, "/v1/notifications/debug?event=NOPE", token: org.ownerToken).isProblem(.unprocessableContent))
         }

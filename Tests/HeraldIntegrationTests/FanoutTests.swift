@@ -135,6 +135,10 @@ struct FanoutTests {
         // Nothing is left to claim, and users after the cursor were never written.
         #expect(try await claim(org, worker: worker) == nil)
         #expect(users.count == 27)
+        // Explain, asked about a user the trace does not hold, says the fan-out stopped first.
+        let owner = try await org.store { tx in try await tx.user(org.ownerID) }
+        #expect(HeraldService.untraced(owner, fanout: event.fanout).reason == "NOT_WRITTEN")
+        #expect(HeraldService.untraced(owner, fanout: nil).reason == "NOT_IN_AUDIENCE")
     }
 
     @Test("the runner counts the audience beside the first chunk's write; a lease that pauses after it leaves the total shown")

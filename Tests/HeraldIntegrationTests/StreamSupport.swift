@@ -233,30 +233,41 @@ final class StreamProbe: Sendable {
         let url = "ws://127.0.0.1:\(server.port)\(StreamRoutes.socketPath)" + (query.isEmpty ? "" : "?\(query)")
         let logger = Logger(label: "stream-probe")
         let task = Task {
-            _ = try? await WebSocketClient.connect(
-                url: url, configuration: .init(additionalHeaders: headers), logger: logger
-            ) { inbound, outbound, _ in
-                try await withThrowingTaskGroup(of: Void.self) { group in
-                    group.addTask {
-                        for try await message in inbound.messages(maxSize: 1 << 20) {
-                            guard case .text(let text) = message else { continue }
-                            let object = json(text)
-                            let event = object["event"] as? String ?? "?"
-                            let data =
-                                object["data"].flatMap { try? JSONSerialization.data(withJSONObject: $0) }
-                                .map { String(decoding: $0, as: UTF8.self) } ?? text
-                            probe.received.withLock {
-                                $0.append(StreamMessage(id: (object["id"] as? NSNumber)?.int64Value, event: event, data: data))
+            // A failed connection or handshake is kept as a `:failed` message, so that a test
+            // waiting for a message says why none came.
+            do {
+                let closeFrame = try await WebSocketClient.connect(
+                    url: url, configuration: .init(additionalHeaders: headers), logger: logger
+                ) { inbound, outbound, _ in
+                    try await withThrowingTaskGroup(of: Void.self) { group in
+                        group.addTask {
+                            for try await message in inbound.messages(maxSize: 1 << 20) {
+                                guard case .text(let text) = message else { continue }
+                                let object = json(text)
+                                let event = object["event"] as? String ?? "?"
+                                let data =
+                                    object["data"].flatMap { try? JSONSerialization.data(withJSONObject: $0) }
+                                    .map { String(decoding: $0, as: UTF8.self) } ?? text
+                                probe.received.withLock {
+                                    $0.append(StreamMessage(id: (object["id"] as? NSNumber)?.int64Value, event: event, data: data))
+                                }
                             }
                         }
+                        group.addTask {
+                            for await command in commands { try await outbound.write(.text(command)) }
+                            try await outbound.close(.normalClosure, reason: nil)
+                        }
+                        try await group.next()
+                        group.cancelAll()
                     }
-                    group.addTask {
-                        for await command in commands { try await outbound.write(.text(command)) }
-                        try await outbound.close(.normalClosure, reason: nil)
-                    }
-                    try await group.next()
-                    group.cancelAll()
                 }
+                if let closeFrame {
+                    probe.received.withLock {
+                        $0.append(StreamMessage(id: nil, event: ":closed", data: "\(closeFrame.closeCode) \(closeFrame.reason ?? "")"))
+                    }
+                }
+            } catch {
+                probe.received.withLock { $0.append(StreamMessage(id: nil, event: ":failed", data: "\(error)")) }
             }
             probe.closed.withLock { $0 = true }
         }
@@ -292,7 +303,8 @@ final class StreamProbe: Sendable {
             }
             if let found { return found }
             guard ContinuousClock.now < deadline else {
-                throw StreamTestTimeout(what: "\(event) (received: \(all.map(\.description).joined(separator: " | ")))")
+                throw StreamTestTimeout(
+                    what: "\(event) (received: \(all.map(\.description).joined(separator: " | ")); closed: \(isClosed))")
             }
             try await Task.sleep(for: .milliseconds(10))
         }

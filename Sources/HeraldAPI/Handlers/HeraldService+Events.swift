@@ -128,8 +128,9 @@ extension HeraldService {
         let explanation = try await tenant { tx, _ in
             let event = try await tx.event(id)
             // An unknown user is a 404 (as in the debug form and stats), not an empty explanation.
-            if let user { _ = try await tx.user(user) }
-            return try await explanationOf(event, tx, userID: user, limit: limit, after: after)
+            var known: User?
+            if let user { known = try await tx.user(user) }
+            return try await explanationOf(event, tx, user: known, limit: limit, after: after)
         }
         return .ok(.init(body: .json(explanation)))
     }
@@ -145,9 +146,10 @@ extension HeraldService {
                 throw APIError.unknownType(key, field: "event")
             }
             // An unknown user is a 404, as for stats, not an explanation with nobody in it.
-            if let user { _ = try await tx.user(user) }
+            var known: User?
+            if let user { known = try await tx.user(user) }
             if let latest = try await tx.latestEvent(typeID: type.id) {
-                return try await explanationOf(latest, tx, userID: user, limit: limit, after: after)
+                return try await explanationOf(latest, tx, user: known, limit: limit, after: after)
             }
             let audience = user.map { Audience(userIDs: [$0]) } ?? Audience(everyone: true)
             return try await dryRun(EventRequest(typeKey: key, audience: audience, payload: .object([:])), tx, limit: limit, after: after)
@@ -191,13 +193,43 @@ extension HeraldService {
         return .init(_type: request.typeKey, dryRun: true, counts: try convert(planned.counts), items: items, nextCursor: next)
     }
 
+    /// The event's trace, a page of it or `user`'s part. A user the trace does not hold gets an
+    /// item that says why (`NOT_IN_AUDIENCE`, or `NOT_WRITTEN` while, or because, a chunked
+    /// fan-out did not reach them), not an empty list.
     private func explanationOf(
-        _ event: EventRecord, _ tx: TenantTransaction, userID: UUID?, limit: Int, after: UUID?
+        _ event: EventRecord, _ tx: TenantTransaction, user: User?, limit: Int, after: UUID?
     ) async throws -> Components.Schemas.Explanation {
-        let (items, next) = try await tx.explain(eventID: event.id, userID: userID, limit: limit, after: after, now: now())
+        let (items, next) = try await tx.explain(eventID: event.id, userID: user?.id, limit: limit, after: after, now: now())
+        var explainedItems = try items.map(explained)
+        if let user, explainedItems.isEmpty, after == nil {
+            explainedItems = [Self.untraced(user, fanout: event.fanout)]
+        }
         return .init(
             eventId: event.id.lowercased, _type: event.typeKey, dryRun: false, counts: try convert(event.counts),
-            items: try items.map(explained), nextCursor: next.map { PageCursor(time: Date(timeIntervalSince1970: 0), id: $0).encoded })
+            items: explainedItems, nextCursor: next.map { PageCursor(time: Date(timeIntervalSince1970: 0), id: $0).encoded })
+    }
+
+    /// A user the event's trace does not hold: outside its audience, or not written (yet) by a
+    /// chunked fan-out that is still running, was cancelled or failed.
+    static func untraced(_ user: User, fanout: FanoutProgress?) -> Components.Schemas.ExplainedUser {
+        let (reason, text): (String, String) =
+            switch fanout?.state {
+            case .expanding?:
+                ("NOT_WRITTEN", "The event's recipients are still being written, in chunks; this user's decision is not written yet.")
+            case .cancelled?, .failed?:
+                (
+                    "NOT_WRITTEN",
+                    "The event's fan-out stopped (cancelled or failed) before this user's decision was written, if the audience reached them."
+                )
+            default:
+                (
+                    "NOT_IN_AUDIENCE",
+                    "The event's audience did not reach this user: not named, in none of its roles or groups, and not sent to everyone (when it was sent)."
+                )
+            }
+        return .init(
+            userId: user.id.lowercased, email: user.email, displayName: user.displayName, targeted: false, rule: "none", reason: reason,
+            reasonText: text, channels: [])
     }
 
     private func explained(_ recipient: ExplainedRecipient) throws -> Components.Schemas.ExplainedUser {
