@@ -87,7 +87,8 @@ struct ContractChecks: Sendable {
     static func problem(in value: Any, at path: String, freeForm: Bool = false) -> String? {
         switch value {
         case is NSNull:
-            return freeForm ? nil : "\(path.isEmpty ? "body" : path): null is not accepted; leave the field out instead."
+            return freeForm
+                ? nil : "\(path.isEmpty ? "body" : path): null is not accepted: give a value, or leave the field out where it is optional."
         case let text as String:
             return text.unicodeScalars.contains("\u{0}")
                 ? "\(path.isEmpty ? "body" : path): contains the character U+0000, which Herald does not accept in text." : nil

@@ -248,7 +248,8 @@ struct RequestMiddleware: RouterMiddleware {
             return "\"\(words[range.upperBound...])\" is not a value this field takes (see openapi.yaml)."
         }
         // "Expected to decode Bool but found a string instead."
-        if let match = words.wholeMatch(of: /Expected to decode (\w+)(<[^>]*>)? but found (an? [\w ]+?)( value)? instead\./) {
+        // Foundation writes "found number" without an article for some kinds.
+        if let match = words.wholeMatch(of: /Expected to decode (\w+)(<[^>]*>)? but found ((?:an? )?[\w ]+?)( value)? instead\./) {
             let wanted: String? =
                 switch match.1 {
                 case "Dictionary": "a JSON object"
@@ -259,7 +260,10 @@ struct RequestMiddleware: RouterMiddleware {
                 case "Double", "Float": "a number"
                 default: nil
                 }
-            let found = match.3 == "a dictionary" ? "an object" : String(match.3)
+            let kind =
+                match.3.hasPrefix("a ") || match.3.hasPrefix("an ")
+                ? String(match.3) : ("aeiou".contains(match.3.first ?? "x") ? "an " : "a ") + match.3
+            let found = kind == "a dictionary" ? "an object" : kind
             if let wanted { return "must be \(wanted), not \(found)." }
         }
         return words

@@ -171,7 +171,14 @@ enum StrictJSON {
                                 at = mark
                             }
                         }
-                        scalars.append(Unicode.Scalar(unit) ?? "\u{FFFD}")
+                        // Half of a surrogate pair without its other half is no character: the
+                        // decoders behind the generated code refuse it in their own words.
+                        guard let scalar = Unicode.Scalar(unit) else {
+                            throw .syntax(
+                                "\\u\(String(unit, radix: 16, uppercase: true)) is half of a UTF-16 surrogate pair without its other half "
+                                    + "(text must be valid Unicode)")
+                        }
+                        scalars.append(scalar)
                     default:
                         throw .syntax("\\\(Character(Unicode.Scalar(escaped))) is not an escape JSON has")
                     }

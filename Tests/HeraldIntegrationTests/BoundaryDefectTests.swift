@@ -525,6 +525,15 @@ struct BoundaryDefectTests {
                     .post, "/v1/endpoints", #"{"channel": "sms", "name": "n", "url": "https://hooks.example.org/x"}"#, "channel",
                     "is not one of webhook, chat"
                 ),
+                (.post, "/v1/endpoints", #"{"channel": "webhook", "name": "n", "url": 5}"#, "url", "must be a string"),
+                (.post, "/v1/api-keys", #"{"name": 5, "role": "service"}"#, "name", "must be a string"),
+                (.post, "/v1/api-keys", #"{"name": null, "role": "service"}"#, "name", "null is not accepted: give a value"),
+                (.post, "/v1/events", event + #""tags": [5]}"#, "tags[0]", "must be a string"),
+                (
+                    .post, "/v1/events", #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "\ud800"}}"#,
+                    "The request body",
+                    "\\uD800 is half of a UTF-16 surrogate pair without its other half"
+                ),
                 (
                     .put, "/v1/me/preferences",
                     #"{"items": [{"category": "outings", "channel": "in_app", "enabled": true, "frequency": "IMMEDIATE", "#
