@@ -250,7 +250,7 @@ extension TenantTransaction {
 
     /// How many notified events of the category (of any category: nil) each user had in the
     /// last minute, as a read that can go out with others. Both read the index kept for the
-    /// category's count (`event_recipients_throttle`); for every category, one minute of each
+    /// limits (`event_recipients_limited`: rows written while a limit was set, 0053); for every category, one minute of each
     /// category the trace names, found by stepping from one category to the next in that index
     /// (a loose index scan: one lookup per category), so deleted categories still count.
     func recentNotifiedRead(categoryID: UUID?, now: Date, users: [UUID]?) -> StoreRead<[UUID: Int]> {
@@ -261,18 +261,20 @@ extension TenantTransaction {
             return StoreRead(
                 statement: """
                     WITH RECURSIVE traced(category_id) AS (
-                        SELECT (SELECT category_id FROM event_recipients WHERE organisation_id = \(organisationID) AND notified
+                        SELECT (SELECT category_id FROM event_recipients
+                                WHERE organisation_id = \(organisationID) AND notified AND counted_by_limits IS NOT FALSE
                                 ORDER BY category_id LIMIT 1)
                         UNION ALL
                         SELECT (SELECT r.category_id FROM event_recipients r
-                                WHERE r.organisation_id = \(organisationID) AND r.notified AND r.category_id > t.category_id
+                                WHERE r.organisation_id = \(organisationID) AND r.notified AND r.counted_by_limits IS NOT FALSE
+                                  AND r.category_id > t.category_id
                                 ORDER BY r.category_id LIMIT 1)
                         FROM traced t WHERE t.category_id IS NOT NULL)
                     SELECT r.user_id, count(*)::int FROM traced t
                     CROSS JOIN LATERAL (
                         SELECT r.user_id FROM event_recipients r
                         WHERE r.organisation_id = \(organisationID) AND r.category_id = t.category_id
-                          AND r.notified AND r.created_at > \(now) - interval '1 minute'
+                          AND r.notified AND r.counted_by_limits IS NOT FALSE AND r.created_at > \(now) - interval '1 minute'
                           AND (\(users)::uuid[] IS NULL OR r.user_id = ANY(\(users)::uuid[]))) r
                     GROUP BY r.user_id
                     """,
@@ -282,7 +284,7 @@ extension TenantTransaction {
             statement: """
                 SELECT user_id, count(*)::int FROM event_recipients
                 WHERE organisation_id = \(organisationID) AND category_id = \(categoryID)
-                  AND notified AND created_at > \(now) - interval '1 minute'
+                  AND notified AND counted_by_limits IS NOT FALSE AND created_at > \(now) - interval '1 minute'
                   AND (\(users)::uuid[] IS NULL OR user_id = ANY(\(users)::uuid[]))
                 GROUP BY user_id
                 """,
@@ -468,9 +470,9 @@ extension TenantTransaction {
             statements.append(
                 """
                 INSERT INTO event_recipients (organisation_id, event_id, user_id, category_id, targeted, rule, reason, notified,
-                                              decision_id, record_ids)
+                                              decision_id, record_ids, counted_by_limits)
                 SELECT \(organisationID), \(event.id), user_id, \(type.categoryID), targeted, rule, reason, notified,
-                       decision_id, coalesce((\(records)::uuid[])[first:last], '{}')
+                       decision_id, coalesce((\(records)::uuid[])[first:last], '{}'), \(plan.countedByLimits)
                 FROM unnest(\(t.map(\.targeting.userID))::uuid[], \(t.map(\.targeting.targeted))::boolean[], \(t.map(\.targeting.rule))::text[],
                             \(t.map(\.targeting.reason))::text[], \(t.map(\.notified))::boolean[], \(decisionIDs)::uuid[],
                             \(firsts)::integer[], \(lasts)::integer[])

@@ -772,6 +772,35 @@ struct IntegratorGapTests {
         }
     }
 
+    @Test("a per-minute limit counts what was sent while a limit was set: one set now starts its count at zero (0053)")
+    func limitCountsFromWhenSet() async throws {
+        try await withCatalogue { org, _, client in
+            let member = org.memberID.uuidString.lowercased()
+            func send() async throws -> Int? {
+                let answer = try await client.send(
+                    .post, "/v1/events", token: org.ownerToken,
+                    json: #"{"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(member)"]}, "payload": {"title": "t"}}"#)
+                return (answer.json["counts"] as? [String: Any])?["in_app"] as? Int
+            }
+            // Two events with no limit set: their trace rows stay out of the limits' index.
+            #expect(try await send() == 1)
+            #expect(try await send() == 1)
+            let uncounted = try await org.store { tx in
+                try await tx.query(
+                    "SELECT count(*)::int FROM event_recipients WHERE organisation_id = \(org.id) AND counted_by_limits = false AND notified"
+                )[0].decode(Int.self)
+            }
+            #expect(uncounted == 2)
+            // A limit of two a minute, per category and per user: the two before it do not count.
+            let set = try await client.send(
+                .patch, "/v1/organisation", token: org.ownerToken, json: #"{"throttle_per_minute": 2, "user_throttle_per_minute": 2}"#)
+            #expect(set.status == .ok, "\(set.text)")
+            #expect(try await send() == 1)
+            #expect(try await send() == 1)
+            #expect(try await send() == 0, "the third since the limit was set is throttled")
+        }
+    }
+
     @Test("events carry tags, feed items show them, and the feed filters by them (ANDed)")
     func tags() async throws {
         // setup

@@ -230,6 +230,9 @@ public struct Plan: Sendable {
     public var deliveries: [PlannedDelivery]
     public var digestItems: [PlannedDigestItem]
     public var counts: DecisionCounts
+    /// The organisation had a per-minute limit set (per category or per user): the trace rows
+    /// of this plan count toward the limits of later events (0053).
+    public var countedByLimits = false
 }
 
 /// The engine's decisions for one event, as a pure function of its inputs.
@@ -238,6 +241,7 @@ public enum NotificationPlanner {
         let targeting = AudienceResolver.decide(input.recipients.map(\.candidate), excluding: input.excluded)
         let profiles = Dictionary(input.recipients.map { ($0.candidate.userID, $0) }, uniquingKeysWith: { first, _ in first })
         var plan = Plan(traces: [], notifications: [], deliveries: [], digestItems: [], counts: DecisionCounts())
+        plan.countedByLimits = input.throttlePerMinute != nil || input.userThrottlePerMinute != nil
         // Each template is parsed once, not once per recipient.
         let parsed = input.type.templates.mapValues { $0.mapValues { ParsedTemplate($0) } }
         // The in-app text every recipient of a locale shares, rendered once per locale.
