@@ -402,10 +402,14 @@ extension TenantTransaction {
                      AS row(id, user_id, content_id, personal, title, body)
                 """
         }
+        // The deliveries go after the trace rows, whose check locks the users once for the
+        // chunk: a delivery (or an in-app row) whose trace row this transaction wrote needs no
+        // check of its own (0054).
+        var deliveries: PostgresQuery?
         if !plan.deliveries.isEmpty {
             let d = plan.deliveries
-            statements.append(
-                """
+            deliveries =
+                ("""
                 INSERT INTO deliveries (organisation_id, id, event_id, user_id, channel, destination, endpoint_id, next_attempt_at)
                 SELECT \(organisationID), id, \(event.id), user_id, channel, destination, nullif(endpoint_id, '')::uuid, \(event.deliverAt)
                 FROM unnest(\(d.map(\.id))::uuid[], \(d.map(\.userID))::uuid[], \(d.map(\.channel))::text[], \(d.map(\.destination))::text[],
@@ -479,6 +483,7 @@ extension TenantTransaction {
                      AS row(user_id, targeted, rule, reason, notified, decision_id, first, last)
                 """)
         }
+        if let deliveries { statements.append(deliveries) }
         statements.append(announceStatement(event.id, work: plan.deliveries.isEmpty ? [] : .deliveries))
         if let inApp { statements.append(inApp) }
         return statements

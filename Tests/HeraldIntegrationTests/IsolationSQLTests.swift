@@ -455,6 +455,53 @@ struct IsolationSQLTests {
     }
 
     @Test(
+        "a chunk's users are probed once: a delivery whose trace row this transaction wrote is not checked again, and the trace's check keeps the user locked (0054)"
+    )
+    func usersCheckedOncePerChunk() async throws {
+        let a = try await populatedOrganisation()
+        // An event of A that reached the member only: the owner has no trace row for it.
+        let (event, _) = try await a.notify(
+            EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: [a.memberID]), payload: .object(["title": .string("t")])))
+        func delivery(_ user: UUID) -> PostgresQuery {
+            """
+            INSERT INTO deliveries (organisation_id, id, event_id, user_id, channel, destination, next_attempt_at)
+            VALUES (\(a.id), gen_random_uuid(), \(event.id), \(user), 'email', 'someone@example.com', now())
+            """
+        }
+        // The probes of users this transaction made so far.
+        func userScans(_ connection: PostgresConnection) async throws -> Int {
+            try await count(
+                connection, "SELECT coalesce(sum(idx_scan + seq_scan), 0)::int FROM pg_stat_xact_user_tables WHERE relname = 'users'")
+        }
+        let deleteState = try await asApp(a.id) { connection in
+            // The owner's trace row, written here: its check probes (and locks) the owner.
+            _ = try await connection.query(
+                """
+                INSERT INTO event_recipients (organisation_id, event_id, user_id, category_id, targeted, rule, reason, notified)
+                SELECT organisation_id, event_id, \(a.ownerID), category_id, targeted, rule, reason, notified FROM event_recipients
+                WHERE organisation_id = \(a.id) AND event_id = \(event.id) AND user_id = \(a.memberID)
+                """, logger: env.logger
+            ).collect()
+            let traced = try await userScans(connection)
+            #expect(traced >= 1)
+            // A delivery for the owner: its trace row is this transaction's, so users is not read again.
+            _ = try await connection.query(delivery(a.ownerID), logger: env.logger).collect()
+            #expect(try await userScans(connection) == traced, "a delivery whose trace row this transaction wrote probed users")
+            // One for the member, whose trace row an earlier transaction wrote: probed (and locked) as before.
+            _ = try await connection.query(delivery(a.memberID), logger: env.logger).collect()
+            #expect(try await userScans(connection) > traced)
+            // The owner stays locked until the commit: deleting them waits.
+            return await sqlState {
+                try await asApp(a.id) { other in
+                    try await other.query("SET LOCAL lock_timeout = '300ms'", logger: env.logger)
+                    _ = try await other.query("DELETE FROM users WHERE organisation_id = \(a.id) AND id = \(a.ownerID)", logger: env.logger)
+                }
+            }
+        }
+        #expect(deleteState == "55P03", "deleting a user named by an uncommitted trace row gave \(deleteState ?? "success")")
+    }
+
+    @Test(
         "the feed's change log is written by Herald's own functions only: the application role can neither write it nor call its logger (0019)"
     )
     func changeLogClosed() async throws {
