@@ -74,13 +74,23 @@ public enum AuditAction {
     ]
 }
 
+extension AuditAction {
+    /// The actions that set values to what the request says (PATCH, PUT, a replaced list): one
+    /// that leaves every value as it was is no change.
+    static func edits(_ action: String) -> Bool {
+        action.hasSuffix(".update") || action.hasSuffix(".replace") || action.hasSuffix(".put") || action == "user.roles.set"
+            || action == "organisation.rate_limits"
+    }
+}
+
 extension TenantTransaction {
     /// Records an admin change in the same transaction as the change itself.
     /// `before` and `after` are JSON objects (the API representation of the target).
-    /// A change that changed nothing (a PATCH or PUT of the values already there: `before` and
-    /// `after` the same but for `updated_at`) is not recorded.
+    /// An edit that changed nothing (a PATCH or PUT of the values already there: `before` and
+    /// `after` the same but for `updated_at`) is not recorded. Other actions always are: a secret
+    /// rotated shows the same representation before and after, and is a change all the same.
     public func audit(action: String, targetType: String, targetID: String?, before: JSONValue?, after: JSONValue?) async throws {
-        if let before, let after, Self.withoutTimestamp(before) == Self.withoutTimestamp(after) { return }
+        if AuditAction.edits(action), let before, let after, Self.withoutTimestamp(before) == Self.withoutTimestamp(after) { return }
         try await query(
             """
             INSERT INTO audit_log (organisation_id, actor_type, actor_id, action, target_type, target_id, before, after, request_id)

@@ -197,7 +197,6 @@ extension TenantTransaction {
         return after
     }
 
-    /// Switches an endpoint off (a receiver answered 410 Gone), saying why.
     /// Disables an enabled endpoint for `reason` (a receiver's 410 Gone), audited as
     /// `endpoint.disable` by the system, in the same transaction; nothing when it was disabled already.
     public func disableEndpoint(_ id: UUID, reason: String) async throws {

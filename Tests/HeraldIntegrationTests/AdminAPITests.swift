@@ -52,6 +52,16 @@ struct AdminAPITests {
             #expect(again.status == .ok)
             let afterAgain = try await client.send(.get, "/v1/audit-log?target_id=\(id)", token: org.ownerToken)
             #expect(try afterAgain.decoded(Components.Schemas.AuditPage.self).items.map(\.action) == ["user.update", "user.create"])
+            // Only edits are skipped when nothing shows a change: a secret rotated with no overlap
+            // looks the same before and after, and is recorded.
+            let same = JSONValue.object(["name": .string("w"), "updated_at": .string("2026-01-01T00:00:00Z")])
+            let moved = JSONValue.object(["name": .string("w"), "updated_at": .string("2026-01-02T00:00:00Z")])
+            let recorded = try await org.store { tx in
+                try await tx.audit(action: "endpoint.rotate_secret", targetType: "endpoint", targetID: "e1", before: same, after: moved)
+                try await tx.audit(action: "endpoint.update", targetType: "endpoint", targetID: "e1", before: same, after: moved)
+                return try await tx.auditEntries(action: nil, targetID: "e1", limit: 10, after: nil).items.map(\.action)
+            }
+            #expect(recorded == ["endpoint.rotate_secret"])
         }
     }
 

@@ -19,17 +19,21 @@ CREATE FUNCTION check_traced_user_references() RETURNS trigger
 AS $$
 DECLARE
     missing uuid[];
-    own xid := pg_current_xact_id()::xid;
+    this_xact xid := pg_current_xact_id()::xid;
 BEGIN
-    SELECT ARRAY[a.organisation_id, a.ref] INTO missing
-    FROM (SELECT DISTINCT s.organisation_id, s.user_id AS ref
-          FROM (SELECT DISTINCT organisation_id, event_id, user_id FROM added) s
-          WHERE NOT EXISTS (SELECT 1 FROM public.event_recipients t
-                            WHERE t.organisation_id = s.organisation_id AND t.event_id = s.event_id AND t.user_id = s.user_id
-                              AND t.xmin = own)) a
-    LEFT JOIN LATERAL (SELECT true AS present FROM public.users r WHERE r.organisation_id = a.organisation_id AND r.id = a.ref
+    -- Probes by key, one (event, user) at a time (LATERAL with LIMIT, so that the planner cannot
+    -- turn the lookups into a scan of every trace row), and the user only where no trace row of
+    -- this transaction was found.
+    SELECT ARRAY[s.organisation_id, s.user_id] INTO missing
+    FROM (SELECT DISTINCT organisation_id, event_id, user_id FROM added) s
+    LEFT JOIN LATERAL (SELECT true AS own FROM public.event_recipients t
+                       WHERE t.organisation_id = s.organisation_id AND t.event_id = s.event_id AND t.user_id = s.user_id
+                         AND t.xmin = this_xact
+                       LIMIT 1) t ON true
+    LEFT JOIN LATERAL (SELECT true AS present FROM public.users r
+                       WHERE t.own IS NULL AND r.organisation_id = s.organisation_id AND r.id = s.user_id
                        FOR KEY SHARE) r ON true
-    WHERE r.present IS NULL LIMIT 1;
+    WHERE t.own IS NULL AND r.present IS NULL LIMIT 1;
     IF missing IS NOT NULL THEN
         PERFORM raise_reference_missing(TG_TABLE_NAME, 'users', 'user_id', missing[1], missing[2]);
     END IF;
