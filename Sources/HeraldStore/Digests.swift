@@ -150,6 +150,12 @@ extension TenantTransaction {
     /// Never an item slotted by the old schedule after the re-slot ran: two "daily" digests in
     /// a day. One row, whatever the audience, and no lock on the users (their own updates, the
     /// inactivity sweep's among them, go on).
+    /// When a digest item made now for each of `users` would be due, daily and weekly (a dry run
+    /// shows it): the slot an item of an event due at `instant` would join.
+    public func digestDueTimes(for users: [UUID], after instant: Date) async throws -> [UUID: (daily: Date, weekly: Date)] {
+        try await digestSlots(for: users, after: instant).mapValues { ($0.daily, $0.weekly) }
+    }
+
     func digestSlots(for users: [UUID], after instant: Date) async throws -> [UUID: DigestSlots] {
         try await query("SELECT 1 FROM organisations WHERE id = \(organisationID) FOR SHARE")
         let schedules = try await digestSchedules(for: users)

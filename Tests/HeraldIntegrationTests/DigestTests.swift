@@ -641,6 +641,14 @@ extension DigestTests {
             #expect(before["outcome"] as? String == "DIGEST" && before["digest_status"] as? String == "PENDING")
             #expect((before["digest_due_at"] as? String).flatMap { try? Date($0, strategy: .iso8601) } == dueSlot)
             #expect(before["digest_run"] == nil)
+            // A dry run of the same event shows the same slot for the digest it would join.
+            let dry = try await client.send(
+                .post, "/v1/events/dry-run", token: org.ownerToken,
+                json: #"{"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(member)"]}, "payload": {"title": "Dry"}}"#)
+            let dryChannels = (dry.json["items"] as? [[String: Any]])?.first?["channels"] as? [[String: Any]] ?? []
+            let dryEmail = dryChannels.first { $0["channel"] as? String == "email" } ?? [:]
+            #expect(dryEmail["outcome"] as? String == "DIGEST", "\(dry.text)")
+            #expect((dryEmail["digest_due_at"] as? String).flatMap { try? Date($0, strategy: .iso8601) } == dueSlot, "\(dryEmail)")
 
             // The event expires before its slot: the run drops it and, empty, sends nothing.
             let clock = Mutex(dueSlot.addingTimeInterval(3 * 86400))

@@ -187,7 +187,19 @@ extension HeraldService {
         let users = Dictionary(
             try await tx.users(ids: page.map(\.targeting.userID)).map { ($0.id, $0) },
             uniquingKeysWith: { a, _ in a })
-        let items = try page.map { trace in try explained(ExplainedRecipient(planned: trace, user: users[trace.targeting.userID])) }
+        var items = try page.map { trace in try explained(ExplainedRecipient(planned: trace, user: users[trace.targeting.userID])) }
+        // A digest decision shows when its digest would go, as explain shows it for an item made.
+        let digestUsers = page.filter { $0.channels.contains { $0.decision.outcome == .digest } }.map(\.targeting.userID)
+        if !digestUsers.isEmpty {
+            let now = now()
+            let due = try await tx.digestDueTimes(for: digestUsers, after: max(request.deliverAt ?? now, now))
+            for i in items.indices {
+                guard let times = UUID(uuidString: items[i].userId).flatMap({ due[$0] }) else { continue }
+                for c in items[i].channels.indices where items[i].channels[c].outcome == .digest {
+                    items[i].channels[c].digestDueAt = items[i].channels[c].frequency == .weekly ? times.weekly : times.daily
+                }
+            }
+        }
         let next =
             planned.more ? page.last.map { PageCursor(time: Date(timeIntervalSince1970: 0), id: $0.targeting.userID).encoded } : nil
         return .init(_type: request.typeKey, dryRun: true, counts: try convert(planned.counts), items: items, nextCursor: next)
