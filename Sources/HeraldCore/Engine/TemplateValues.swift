@@ -36,7 +36,7 @@ extension JSONValue {
 
     private func write(into out: inout String) {
         switch self {
-        case .string(let v): out += Self.quoted(v)
+        case .string(let v): out += jsonQuoted(v)
         case .number(let v): out += v.rounded() == v && abs(v) < 9.2e18 ? String(Int(v)) : (v.isFinite ? "\(v)" : "null")
         case .bool(let v): out += v ? "true" : "false"
         case .null: out += "null"
@@ -51,26 +51,10 @@ extension JSONValue {
             out += "{"
             for (index, key) in v.keys.sorted().enumerated() {
                 if index > 0 { out += "," }
-                out += Self.quoted(key) + ":"
+                out += jsonQuoted(key) + ":"
                 v[key]!.write(into: &out)
             }
             out += "}"
         }
-    }
-
-    private static func quoted(_ text: String) -> String {
-        var out = "\""
-        for scalar in text.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            case let s where s.value < 0x20: out += String(format: "\\u%04x", s.value)
-            default: out.unicodeScalars.append(scalar)
-            }
-        }
-        return out + "\""
     }
 }
