@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Checks the live server against openapi.yaml with schemathesis (issue 8, item 10).
 #
-#   scripts/contract.sh BASE_URL   against a running server
+#   scripts/contract.sh BASE_URL   against a running server; it CHANGES ITS DATA (every
+#                                  operation is called with generated values: users renamed and
+#                                  deactivated, keys revoked, categories deleted), so only
+#                                  against a scratch database
 #   scripts/contract.sh --serve    starts `herald serve` on a free port against DATABASE_URL
 #                                  (migrated with DATABASE_OWNER_URL, seeded with seed-demo),
 #                                  runs the check, stops the server (what `make test` does)

@@ -134,12 +134,16 @@ public func buildApplication(
     let sockets = StreamRoutes(
         hub: dependencies.streams, database: dependencies.database,
         authenticator: Authenticator(tokens: dependencies.tokens, now: dependencies.now), feedCache: dependencies.feedCache,
-        now: dependencies.now)
+        now: dependencies.now, metrics: dependencies.metrics)
     return Application(
         responder: StreamSplittingResponder(base: router.buildResponder()),
         server: .http1WebSocketUpgrade(
             webSocketRouter: sockets.webSocketRouter(),
-            configuration: .init(http1: .init(idleTimeout: .seconds(Int64(configuration.httpIdleSeconds))))),
+            configuration: .init(
+                http1: .init(idleTimeout: .seconds(Int64(configuration.httpIdleSeconds))),
+                // Frames up to 64 KiB reach the socket's handler, which answers a command over
+                // its 16 KiB with an `error` message instead of a bare close (1009).
+                ws: .init(maxFrameSize: StreamRoutes.socketFrameLimit))),
         configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: "herald"),
         services: [dependencies.postgres] + dependencies.services,
         onServerRunning: { channel in await onServerRunning(channel.localAddress?.port ?? configuration.port) },
@@ -175,6 +179,26 @@ public enum DatabaseWords {
     /// connections (SQLSTATE 53300) or out of resources (53xxx).
     public static func isBusy(_ error: any Error) -> Bool {
         (error as? PSQLError)?.serverInfo?[.sqlState]?.hasPrefix("53") == true
+    }
+
+    /// Whether a call failed because PostgreSQL cannot be reached or used just now (down,
+    /// restarting, shutting down, full, or no answer in time), rather than for what it asked:
+    /// the API answers such a failure 503 with Retry-After, not a 500.
+    public static func isUnavailable(_ error: any Error) -> Bool {
+        switch error {
+        case is DatabaseUnavailable:
+            return true
+        case let error as PostgresTransactionError:
+            return [error.closureError, error.beginError, error.commitError].contains { $0.map(isUnavailable) ?? false }
+        case let error as PSQLError:
+            if let state = error.serverInfo?[.sqlState] {
+                // 53: insufficient resources; 57P01-57P03: shutting down, crashed, not accepting connections yet.
+                return state.hasPrefix("53") || ["57P01", "57P02", "57P03"].contains(state)
+            }
+            return [.connectionError, .serverClosedConnection, .clientClosedConnection, .uncleanShutdown].contains(error.code)
+        default:
+            return false
+        }
     }
 
     public static func of(_ error: any Error) -> String {

@@ -19,17 +19,36 @@ public struct JSONLogHandler: LogHandler {
     }
 
     public func log(event: LogEvent) {
-        var object: [String: String] = [
-            "time": Date().formatted(.iso8601.year().month().day().time(includingFractionalSeconds: true)),
+        guard var data = line(event, at: Date()) else { return }
+        data.append(0x0A)
+        FileHandle.standardError.write(data)
+    }
+
+    /// The JSON object of one line.
+    func line(_ event: LogEvent, at date: Date) -> Data? {
+        var object: [String: Any] = [
+            // UTC with its `Z`, to the millisecond.
+            "time": date.formatted(Self.time),
             "level": event.level.rawValue,
             "logger": label,
             "message": event.message.description,
         ]
-        for (key, value) in metadata.merging(event.metadata ?? [:], uniquingKeysWith: { $1 }) {
-            object[key] = "\(value)"
+        let merged = metadata.merging(event.metadata ?? [:], uniquingKeysWith: { $1 })
+        for (key, value) in merged {
+            // Hummingbird's own request id beside Herald's (the X-Request-Id) says nothing more.
+            if key == "hb.request.id", merged["request_id"] != nil { continue }
+            let text = "\(value)"
+            object[key] = Self.isNumeric(key) ? (Int(text).map { $0 as Any } ?? Double(text).map { $0 as Any } ?? text) : text
         }
-        guard var data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else { return }
-        data.append(0x0A)
-        FileHandle.standardError.write(data)
+        return try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
+    }
+
+    private static let time = Date.ISO8601FormatStyle(includingFractionalSeconds: true)
+
+    /// Fields written as JSON numbers (metadata values are text): a status, a process id, a
+    /// count, and durations (`_ms`, `_seconds`), so that log tooling can compare them.
+    static func isNumeric(_ key: String) -> Bool {
+        ["status", "backend_pid", "pid", "port", "attempt", "attempts", "count"].contains(key) || key.hasSuffix("_ms")
+            || key.hasSuffix("_seconds") || key.hasSuffix("_count")
     }
 }

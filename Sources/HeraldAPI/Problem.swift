@@ -30,6 +30,10 @@ public enum APIError: Error, Sendable, Equatable {
     case notReady(String)
     case internalError
 
+    /// PostgreSQL cannot be reached or used just now (`DatabaseWords.isUnavailable`).
+    static let databaseUnavailable = APIError.notReady(
+        "Herald cannot reach its database just now; retry in a few seconds (with the same Idempotency-Key for an event).")
+
     /// A type key the organisation's catalogue does not have, named by `field`.
     static func unknownType(_ key: String, field: String) -> APIError {
         .unprocessable(ValidationError(field: field, message: "\"\(key)\" is not a notification type of your organisation."))
@@ -112,7 +116,9 @@ public enum APIError: Error, Sendable, Equatable {
 
     var logLevel: Logger.Level {
         switch self {
-        case .internalError, .notReady: .error
+        case .internalError: .error
+        // Expected while PostgreSQL is away or the instance stops; the operator's alert is readiness.
+        case .notReady: .warning
         case .unauthorized, .forbidden, .notHeld, .originNotAllowed, .tooManyRequests, .rateLimited: .notice
         default: .debug
         }
@@ -123,6 +129,7 @@ public enum APIError: Error, Sendable, Equatable {
         switch self {
         case .unauthorized: fields[.wwwAuthenticate] = "Bearer"
         case .tooManyRequests(_, let seconds): fields[.retryAfter] = String(seconds)
+        case .notReady: fields[.retryAfter] = "5"
         case .rateLimited(let decision):
             fields[.retryAfter] = String(max(1, decision.retryAfter))
             fields.append(contentsOf: decision.headers)

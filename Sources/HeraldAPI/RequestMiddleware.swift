@@ -157,6 +157,7 @@ struct RequestMiddleware: RouterMiddleware {
     }
 
     static func apiError(for error: any Error) -> APIError {
+        if DatabaseWords.isUnavailable((error as? ServerError)?.underlyingError ?? error) { return .databaseUnavailable }
         switch error {
         case let error as APIError:
             return error

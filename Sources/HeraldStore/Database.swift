@@ -44,7 +44,14 @@ public struct Database: Sendable {
     /// before 1.21): the next transaction may run on a server connection that never saw it.
     public let preparedStatements: Bool
 
-    public init(client: PostgresClient, logger: Logger, deadline: Duration = .seconds(30), preparedStatements: Bool = true) {
+    /// How long a call waits for a pooled connection (see `withDeadline`).
+    let connectionWait: Duration
+
+    public init(
+        client: PostgresClient, logger: Logger, deadline: Duration = .seconds(30), connectionWait: Duration = .seconds(10),
+        preparedStatements: Bool = true
+    ) {
+        self.connectionWait = connectionWait
         self.client = client
         self.logger = logger
         self.deadline = deadline
@@ -181,15 +188,21 @@ public struct Database: Sendable {
     /// for a pooled connection) and the connection `body` holds is closed (which fails a query
     /// in flight: PostgresNIO does not cancel one), and the call throws `DatabaseUnavailable`.
     /// The pool replaces a closed connection, so it recovers once the server is back.
+    ///
+    /// A call that gets no connection within `connectionWait` (10 s, or the deadline if shorter)
+    /// is abandoned then: with PostgreSQL down the pool keeps trying to connect, and a request
+    /// waiting the whole deadline outlived a graceful shutdown (its client got no answer).
     func withDeadline<R: Sendable>(_ body: (HeldConnection) async throws -> R) async throws -> R {
         let held = HeldConnection()
         let deadline = self.deadline
+        let connectionWait = min(deadline, self.connectionWait)
         return try await withoutActuallyEscaping(body) { body in
             let work = UncheckedSendable(body)
             return try await withThrowingTaskGroup(of: R?.self) { group in
                 group.addTask { try await work.value(held) }
                 group.addTask {
-                    try await EventLoopTimer.sleep(for: deadline)
+                    try await EventLoopTimer.sleep(for: connectionWait)
+                    if held.holds { try await EventLoopTimer.sleep(for: deadline - connectionWait) }
                     return nil
                 }
                 defer { group.cancelAll() }
@@ -201,8 +214,13 @@ public struct Database: Sendable {
                     if held.expired { throw DatabaseUnavailable(deadline: deadline, underlying: "\(error)") }
                     throw error
                 }
+                let lent = held.holds
                 held.expire()
                 group.cancelAll()
+                guard lent else {
+                    logger.warning("database call got no connection in time", metadata: ["wait": "\(connectionWait)"])
+                    throw DatabaseUnavailable(deadline: connectionWait, underlying: "no connection from the pool")
+                }
                 logger.warning("database call abandoned at its deadline", metadata: ["deadline": "\(deadline)"])
                 throw DatabaseUnavailable(deadline: deadline, underlying: nil)
             }
@@ -358,6 +376,8 @@ final class HeldConnection: Sendable {
     private let state = Mutex<(connection: PostgresConnection?, expired: Bool)>((nil, false))
 
     var expired: Bool { state.withLock { $0.expired } }
+    /// Whether the pool lent the call its connection yet.
+    var holds: Bool { state.withLock { $0.connection != nil } }
 
     /// Records the connection; closes it at once when the deadline already passed.
     func hold(_ connection: PostgresConnection) {

@@ -185,6 +185,7 @@ func runUntilSignalled(_ services: [any Service], shutdownSeconds: Double, logge
         gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
     configuration.maximumGracefulShutdownDuration = .milliseconds(Int64(shutdownSeconds * 800))
     try await ServiceGroup(configuration: configuration).run()
+    logger.info("stopped")
 }
 
 /// The last resort of a bounded shutdown. Listed last, it hears of the shutdown first (a
@@ -196,6 +197,7 @@ struct ShutdownDeadline: Service {
 
     func run() async throws {
         try? await gracefulShutdown()
+        logger.info("shutting down: finishing what is in flight", metadata: ["shutdown_seconds": "\(seconds)"])
         let seconds = seconds, logger = logger
         Thread.detachNewThread {
             Thread.sleep(forTimeInterval: seconds)

@@ -1042,3 +1042,23 @@ struct CatalogueDocumentTests {
         #expect(asApp.status != 0 && asApp.output.contains("permission denied"), "\(asApp.output)")
     }
 }
+
+extension BoundaryDefectTests {
+    @Test("a JSON log line: UTC time with its Z, statuses, pids and durations as numbers, one request id")
+    func jsonLogLine() throws {
+        let handler = JSONLogHandler(label: "herald", level: .info)
+        let event = LogEvent(
+            level: .info, message: "request",
+            metadata: [
+                "status": "200", "duration_ms": "18.38", "backend_pid": "17801", "request_id": "abc", "hb.request.id": "abc",
+                "route": "/v1/me", "shutdown_seconds": "20",
+            ], source: nil, file: #fileID, function: #function, line: #line)
+        let data = try #require(handler.line(event, at: Date(timeIntervalSince1970: 1_796_000_000.5)))
+        let object = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        #expect(object["time"] as? String == "2026-11-30T00:53:20.500Z", "\(object)")
+        #expect(object["status"] as? Int == 200 && object["backend_pid"] as? Int == 17801 && object["shutdown_seconds"] as? Int == 20)
+        #expect(object["duration_ms"] as? Double == 18.38)
+        #expect(object["route"] as? String == "/v1/me" && object["request_id"] as? String == "abc")
+        #expect(object["hb.request.id"] == nil)
+    }
+}

@@ -88,7 +88,7 @@ struct FaultTests {
             defer { group.cancelAll() }
             let log = CapturedLog()
             let app = try env.application(
-                logger: log.logger(level: .error), database: Database(client: client, logger: quiet, deadline: .seconds(60))
+                logger: log.logger(level: .warning), database: Database(client: client, logger: quiet, deadline: .seconds(60))
             ) { $0.databaseURL = refused }
             try await app.test(.router) { http in
                 let started = ContinuousClock.now
@@ -99,6 +99,36 @@ struct FaultTests {
                 #expect(log.text.contains("password authentication failed"), "\(log.text)")
             }
         }
+    }
+
+    /// With PostgreSQL unreachable (here: it refuses the pool's password, so the pool keeps
+    /// trying), an API call answers 503 with Retry-After once it has waited its connection wait,
+    /// not a 500 after the whole deadline: a client can tell "retry" from a fault, and a request
+    /// in flight when the instance stops gets its answer before the process exits.
+    @Test("an API call while PostgreSQL cannot be reached answers 503 with Retry-After after the connection wait, not a 500")
+    func databaseUnreachableIs503() async throws {
+        let env = try await TestEnvironment.shared
+        let org = try await TestOrganisation.make()
+        var quiet = Logger(label: "herald.faults")
+        quiet.logLevel = .critical
+        var url = try DatabaseURL(env.appURL)
+        url.password = "not-the-password"
+        let client = PostgresClient(configuration: url.clientConfiguration, backgroundLogger: quiet)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { await client.run() }
+            defer { group.cancelAll() }
+            let database = Database(client: client, logger: quiet, deadline: .seconds(60), connectionWait: .seconds(1))
+            let app = try env.application(database: database)
+            try await app.test(.router) { http in
+                let started = ContinuousClock.now
+                let response = try await http.send(.get, "/v1/me/notifications", token: org.memberToken)
+                #expect(response.isProblem(.serviceUnavailable), "\(response.text)")
+                #expect(response.headers[.retryAfter] == "5")
+                #expect((response.json["detail"] as? String ?? "").contains("cannot reach its database"), "\(response.text)")
+                #expect(ContinuousClock.now - started < .seconds(20), "the connection wait, not the deadline")
+            }
+        }
+        #expect(DatabaseWords.isUnavailable(DatabaseUnavailable(deadline: .seconds(1), underlying: nil)))
     }
 
     /// Many deliveries to an endpoint that never answers and some to a healthy endpoint on the

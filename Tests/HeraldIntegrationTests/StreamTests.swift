@@ -202,6 +202,16 @@ struct StreamTests {
             tabs[1].send(#"{"command":"bogus"}"#)
             let bare = try await tabs[1].next("error")
             #expect(!bare.data.contains(#"},"ref""#) && bare.data.hasSuffix("}}"), "\(bare.data)")
+            // mark_all_read naming a row is refused (the client meant one row), as the REST route refuses ids with "all".
+            tabs[1].send(#"{"command":"mark_all_read","id":"\#(UUID().uuidString)","ref":"c7"}"#)
+            let named = try await tabs[1].next("error") { $0.data.contains(#""ref":"c7""#) }
+            #expect(named.data.contains(#""status":422"#) && named.data.contains("mark_all_read"), "\(named.data)")
+            // A command over 16 KiB is answered with a 413, and the socket stays open.
+            tabs[1].send(#"{"command":"mark_all_read","ref":""# + String(repeating: "x", count: 17_000) + #""}"#)
+            let large = try await tabs[1].next("error") { $0.data.contains(#""status":413"#) }
+            #expect(large.data.contains("16384"), "\(large.data.prefix(300))")
+            tabs[1].send(#"{"command":"bogus","ref":"c8"}"#)
+            _ = try await tabs[1].next("error") { $0.data.contains(#""ref":"c8""#) }
             for tab in tabs { await tab.close() }
         }
     }
@@ -326,6 +336,13 @@ struct StreamTests {
                 #expect(bad.status == 400 && bad.refusal.contains(named), "\(query): \(bad.refusal)")
             }
             #expect(try await server.send(.GET, StreamRoutes.socketPath, token: org.memberToken).status == 426)
+            // The socket's upgrades are counted with the router's requests: opened (101), refused (401).
+            let (_, metrics) = try await server.send(.GET, "/metrics")
+            for status in ["101", "401", "426"] {
+                #expect(
+                    metrics.contains(#"herald_http_requests_total{method="GET",route="/v1/me/notifications/socket",status="\#(status)"}"#),
+                    "\(status): \(metrics.split(separator: "\n").filter { $0.contains("socket") })")
+            }
         }
     }
 
@@ -428,8 +445,11 @@ struct StreamTests {
                 try await probe.waitUntilClosed()
             }
             #expect(!otherSession.isClosed)
-            // A new stream of the ended session is refused.
+            // A new stream of the ended session is refused, and so is a ticket for one (not
+            // issued only to be refused by the stream).
             #expect(try await StreamProbe.open(.sse, on: server, token: access).status == 401)
+            let ticket = try await server.send(.POST, "/v1/me/stream-tickets", token: access)
+            #expect(ticket.status == 401 && ticket.text.contains("session"), "\(ticket.text)")
             // Deactivating the user ends the rest.
             let deactivated = try await server.send(
                 .POST, "/v1/users/\(org.memberID.uuidString.lowercased())/deactivate", token: org.ownerToken)
@@ -919,4 +939,30 @@ final class FinishedFlag: Sendable {
     private let state = Mutex(false)
     var value: Bool { state.withLock { $0 } }
     func set() { state.withLock { $0 = true } }
+}
+
+extension StreamTests {
+    /// The hub wakes every stream each quarter of the heartbeat (a little late, as timers are);
+    /// whenever a stream last wrote, it writes again within the heartbeat, and a quiet stream not
+    /// much more often than that. Simulated on the rule itself: a test that waits for real
+    /// heartbeats would measure the machine's load.
+    @Test("a stream woken each quarter heartbeat is never silent longer than the heartbeat, and a quiet one beats every 15 to 20 s")
+    func heartbeatGaps() {
+        let heartbeat = Duration.seconds(20)
+        for lastWrite in stride(from: 0, to: 5_000, by: 137) { // the last event's time, in ms after a wake
+            var now = Duration.zero
+            var written = Duration.milliseconds(lastWrite)
+            var gaps: [Duration] = []
+            while now < .seconds(200) {
+                now += heartbeat / 4 + .milliseconds(3) // a wake, 3 ms late
+                guard now > written else { continue }
+                if FeedStreamSession.owesHeartbeat(sinceLastWrite: now - written, heartbeat: heartbeat) {
+                    gaps.append(now - written)
+                    written = now
+                }
+            }
+            #expect(gaps.allSatisfy { $0 <= heartbeat + .milliseconds(3) }, "after a write at \(lastWrite) ms: \(gaps)")
+            #expect(gaps.dropFirst().allSatisfy { $0 >= .seconds(15) }, "\(gaps)")
+        }
+    }
 }

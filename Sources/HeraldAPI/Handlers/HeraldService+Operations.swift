@@ -44,7 +44,9 @@ extension HeraldService {
             let reason =
                 (error as? DatabaseRefused)?.reason
                 ?? "the pool's call failed (a connection of readiness's own was refused as busy, or not tried)"
-            try RequestScope.get().logger.error(
+            // A warning: a probe every few seconds during an outage; each request that failed
+            // for it logs its own 503.
+            try RequestScope.get().logger.warning(
                 "readiness: the database is not reachable", metadata: ["error": "\(String(reflecting: error))", "reason": "\(reason)"])
             throw APIError.notReady("The database is not reachable.")
         }

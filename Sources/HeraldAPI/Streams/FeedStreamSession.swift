@@ -127,11 +127,18 @@ struct FeedStreamSession: Sendable {
             place.live = true
             registration.settle(at: place.cursor)
         }
-        if ContinuousClock.now - place.lastWrite >= hub.settings.heartbeat {
+        if Self.owesHeartbeat(sinceLastWrite: ContinuousClock.now - place.lastWrite, heartbeat: hub.settings.heartbeat) {
             try await write([.heartbeat])
             place.lastWrite = .now
         }
         return .go
+    }
+
+    /// Whether a wake of the hub's beat (every quarter of `heartbeat`) owes a heartbeat: when
+    /// the next wake would come past `heartbeat` since the last write. So a quiet stream writes
+    /// something every 15 to 20 s (with the default 20 s), never more than `heartbeat` apart.
+    static func owesHeartbeat(sinceLastWrite elapsed: Duration, heartbeat: Duration) -> Bool {
+        elapsed >= heartbeat - heartbeat / 4
     }
 
     /// The last words of a stream the server ends: when to reconnect, and why.

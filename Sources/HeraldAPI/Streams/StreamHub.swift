@@ -388,10 +388,13 @@ public final class StreamHub: Service, Sendable {
         }
     }
 
-    /// Wakes every stream once per heartbeat interval; each decides whether it owes one.
+    /// Wakes every stream four times per heartbeat interval; each decides whether it owes one
+    /// (`FeedStreamSession.owesHeartbeat`). Woken twice per interval, a stream that wrote just
+    /// after a wake went up to one and a half intervals without a byte (30 s: past a proxy's
+    /// 30 s idle timeout).
     private func beat() async {
         while !Task.isCancelled {
-            try? await Task.sleep(for: settings.heartbeat / 2)
+            try? await Task.sleep(for: settings.heartbeat / 4)
             for stream in state.withLock({ Array($0.streams.values) }) { stream.tick() }
         }
     }

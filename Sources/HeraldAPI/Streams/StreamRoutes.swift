@@ -25,6 +25,9 @@ struct StreamRoutes: Sendable {
     /// Dropped for the user after a socket command changes their feed, as the API's writes do.
     var feedCache: FeedCache? = nil
     let now: @Sendable () -> Date
+    /// Where the socket's upgrades are counted (`herald_http_requests_total`: 101 when it
+    /// opens, or the status of its refusal's problem), as the router counts every request.
+    var metrics: HTTPMetrics? = nil
 
     func register(on router: Router<HeraldRequestContext>) {
         router.get(RouterPath(stringLiteral: Self.streamPath)) { request, context in

@@ -64,6 +64,10 @@ extension StreamRoutes {
 
     func socket(request: Request, inbound: WebSocketInboundStream, outbound: WebSocketOutboundWriter, logger: Logger) async {
         let session: FeedStreamSession
+        let started = ContinuousClock.now
+        func count(_ status: Int) {
+            metrics?.record(method: "GET", route: Self.socketPath, status: status, duration: ContinuousClock.now - started)
+        }
         do {
             let hub = try runningHub()
             let start = try await inChildTask {
@@ -71,10 +75,12 @@ extension StreamRoutes {
                 return try await authenticate(request, credential: credential, lastEventID: nil)
             }
             session = FeedStreamSession(hub: hub, registration: try openStream(start, on: hub), start: start, now: now, logger: logger)
+            count(101)
         } catch {
             let problem = RequestMiddleware.apiError(for: error)
+            count(Int(problem.status.code))
             if problem == .internalError { logger.error("socket refused", metadata: ["error": "\(String(reflecting: type(of: error)))"]) }
-            try? await outbound.write(.text("{\"event\":\"error\",\"problem\":\(String(decoding: problem.body, as: UTF8.self))}"))
+            try? await outbound.write(.text(Self.refusal(problem, ref: nil)))
             try? await outbound.close(.unknown(4000 + UInt16(problem.status.code)), reason: String(problem.detail.prefix(120)))
             return
         }
@@ -97,9 +103,13 @@ extension StreamRoutes {
             }
             group.addTask {
                 do {
-                    for try await message in inbound.messages(maxSize: 16 * 1024) {
+                    for try await message in inbound.messages(maxSize: Self.socketFrameLimit) {
                         guard case .text(let text) = message else { continue }
-                        let answer = await self.command(text, of: session.start)
+                        let answer =
+                            text.utf8.count > Self.commandLimit
+                            ? Self.refusal(
+                                APIError.contentTooLarge(limit: Self.commandLimit), ref: nil)
+                            : await self.command(text, of: session.start)
                         try await outbound.write(.text(answer))
                     }
                 } catch {
@@ -110,6 +120,17 @@ extension StreamRoutes {
             await group.next()
             group.cancelAll()
         }
+    }
+
+    /// A command is at most 16 KiB (a mark_read is about a hundred bytes). A message up to
+    /// `socketFrameLimit` is answered with an `error` when longer; past that, the socket closes
+    /// with 1009 (message too big).
+    static let commandLimit = 16 * 1024
+    static let socketFrameLimit = 64 * 1024
+
+    /// The `error` message for a refused command.
+    static func refusal(_ problem: APIError, ref: String?) -> String {
+        "{\"event\":\"error\",\"problem\":\(String(decoding: problem.body, as: UTF8.self))\(ref.map { ",\"ref\":\($0)" } ?? "")}"
     }
 
     /// Runs one command in a transaction confined to the user's rows; the answer is an `ack`
@@ -146,8 +167,14 @@ extension StreamRoutes {
             let target: UUID? = try command.id.map { text throws(ValidationError) in try Validate.uuid(text, field: "id") }
             try await database.withTenant(start.organisationID, actor: .user(start.userID), recipient: start.userID) { tx in
                 switch (command.command, target) {
-                case (.markAllRead, _):
+                case (.markAllRead, nil):
                     try await tx.markAllRead(of: start.userID, through: TimeOrderedID.upperBound(at: now))
+                case (.markAllRead, _?):
+                    // As the REST route refuses ids with "all": a client that meant one row must
+                    // not clear the whole badge.
+                    throw APIError.unprocessable(
+                        ValidationError(
+                            field: "id", message: "is not taken by mark_all_read, which marks every row read; send mark_read for one row."))
                 case (.markRead, let id?):
                     _ = try await tx.setRead(id, of: start.userID, read: true, now: now)
                 case (.markUnread, let id?):
@@ -166,7 +193,7 @@ extension StreamRoutes {
             if problem == .internalError {
                 hub?.logger.error("socket command failed", metadata: ["error": "\(String(reflecting: type(of: error)))"])
             }
-            return "{\"event\":\"error\",\"problem\":\(String(decoding: problem.body, as: UTF8.self))\(ref.map { ",\"ref\":\($0)" } ?? "")}"
+            return Self.refusal(problem, ref: ref)
         }
     }
 }
