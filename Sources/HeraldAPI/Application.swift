@@ -181,19 +181,22 @@ public enum DatabaseWords {
         (error as? PSQLError)?.serverInfo?[.sqlState]?.hasPrefix("53") == true
     }
 
-    /// Whether a call failed because PostgreSQL cannot be reached or used just now (down,
-    /// restarting, shutting down, full, or no answer in time), rather than for what it asked:
-    /// the API answers such a failure 503 with Retry-After, not a 500.
+    /// Whether a call failed because PostgreSQL cannot be reached just now (down, restarting,
+    /// shutting down, out of connections, or no connection lent within the wait), rather than
+    /// for what it asked: the API answers such a failure 503 with Retry-After, not a 500. A
+    /// statement that outlived its deadline on a connection, and a connection lost during its
+    /// COMMIT (`CommitOutcomeUnknown`), stay 500s: the first is a fault to look into, the second
+    /// may have committed.
     public static func isUnavailable(_ error: any Error) -> Bool {
         switch error {
-        case is DatabaseUnavailable:
-            return true
+        case let error as DatabaseUnavailable:
+            return !error.connected
         case let error as PostgresTransactionError:
-            return [error.closureError, error.beginError, error.commitError].contains { $0.map(isUnavailable) ?? false }
+            return [error.closureError, error.beginError].contains { $0.map(isUnavailable) ?? false }
         case let error as PSQLError:
             if let state = error.serverInfo?[.sqlState] {
-                // 53: insufficient resources; 57P01-57P03: shutting down, crashed, not accepting connections yet.
-                return state.hasPrefix("53") || ["57P01", "57P02", "57P03"].contains(state)
+                // 53300: too many connections; 57P01-57P03: shutting down, crashed, not accepting connections yet.
+                return state == "53300" || ["57P01", "57P02", "57P03"].contains(state)
             }
             return [.connectionError, .serverClosedConnection, .clientClosedConnection, .uncleanShutdown].contains(error.code)
         default:

@@ -38,7 +38,9 @@ public struct JSONLogHandler: LogHandler {
             // Hummingbird's own request id beside Herald's (the X-Request-Id) says nothing more.
             if key == "hb.request.id", merged["request_id"] != nil { continue }
             let text = "\(value)"
-            object[key] = Self.isNumeric(key) ? (Int(text).map { $0 as Any } ?? Double(text).map { $0 as Any } ?? text) : text
+            // A number only when it is one JSON can hold (not "inf" or "nan", which would lose the line).
+            let number: Any? = Int(text) ?? Double(text).flatMap { $0.isFinite ? $0 : nil }
+            object[key] = Self.isNumeric(key) ? (number ?? text) : text
         }
         return try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
     }

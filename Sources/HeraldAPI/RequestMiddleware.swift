@@ -147,6 +147,9 @@ struct RequestMiddleware: RouterMiddleware {
             // Never the error's reflection: it carries the request's headers (credentials) and
             // its decoded body (event payloads). The request id ties this line to the request.
             logger.error("request failed", metadata: ["error": "\(redacted(error))"])
+        } else if problem == .databaseUnavailable {
+            // The cause, for the operator: refused, reset, shutting down, or no connection in time.
+            logger.warning("request refused: the database is unavailable", metadata: ["error": "\(redacted(error))"])
         } else {
             logger.log(
                 level: problem.logLevel, "request refused", metadata: ["problem": "\(problem.problemType)", "detail": "\(problem.detail)"])
@@ -220,6 +223,10 @@ struct RequestMiddleware: RouterMiddleware {
                 }
             return "DecodingError at \(path?.codingPath.map(\.stringValue).joined(separator: ".") ?? "?")"
         case let error as UnmappableValue:
+            return "\(error)"
+        case let error as DatabaseUnavailable:
+            return "\(error)"
+        case let error as CommitOutcomeUnknown:
             return "\(error)"
         case let error as StoredValueError:
             return "\(error)"

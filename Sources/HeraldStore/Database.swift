@@ -44,14 +44,15 @@ public struct Database: Sendable {
     /// before 1.21): the next transaction may run on a server connection that never saw it.
     public let preparedStatements: Bool
 
-    /// How long a call waits for a pooled connection (see `withDeadline`).
+    /// How long a call waits for a pooled connection (see `withDeadline`): the deadline unless
+    /// said (the API's: 10 s; a worker's call may wait its whole deadline for a busy pool).
     let connectionWait: Duration
 
     public init(
-        client: PostgresClient, logger: Logger, deadline: Duration = .seconds(30), connectionWait: Duration = .seconds(10),
+        client: PostgresClient, logger: Logger, deadline: Duration = .seconds(30), connectionWait: Duration? = nil,
         preparedStatements: Bool = true
     ) {
-        self.connectionWait = connectionWait
+        self.connectionWait = connectionWait ?? deadline
         self.client = client
         self.logger = logger
         self.deadline = deadline
@@ -107,7 +108,11 @@ public struct Database: Sendable {
                         _ = try? await tx.run("ROLLBACK")
                         throw error
                     }
-                    try await tx.run("COMMIT")
+                    do {
+                        try await tx.run("COMMIT")
+                    } catch {
+                        throw CommitOutcomeUnknown(underlying: "\(error)")
+                    }
                     return result
                 }
             }
@@ -189,9 +194,9 @@ public struct Database: Sendable {
     /// in flight: PostgresNIO does not cancel one), and the call throws `DatabaseUnavailable`.
     /// The pool replaces a closed connection, so it recovers once the server is back.
     ///
-    /// A call that gets no connection within `connectionWait` (10 s, or the deadline if shorter)
-    /// is abandoned then: with PostgreSQL down the pool keeps trying to connect, and a request
-    /// waiting the whole deadline outlived a graceful shutdown (its client got no answer).
+    /// A call that gets no connection within `connectionWait` (the API's 10 s, or the deadline
+    /// if shorter) is abandoned then: with PostgreSQL down the pool keeps trying to connect, and
+    /// a request waiting the whole deadline outlived a graceful shutdown (its client got no answer).
     func withDeadline<R: Sendable>(_ body: (HeldConnection) async throws -> R) async throws -> R {
         let held = HeldConnection()
         let deadline = self.deadline
@@ -202,27 +207,29 @@ public struct Database: Sendable {
                 group.addTask { try await work.value(held) }
                 group.addTask {
                     try await EventLoopTimer.sleep(for: connectionWait)
-                    if held.holds { try await EventLoopTimer.sleep(for: deadline - connectionWait) }
+                    // Given up only if still no connection, decided under the lock that lends
+                    // one: a connection lent after this is closed at once (`hold`).
+                    if held.expireIfWaiting() { throw DatabaseUnavailable(deadline: connectionWait, connected: false) }
+                    try await EventLoopTimer.sleep(for: deadline - connectionWait)
                     return nil
                 }
                 defer { group.cancelAll() }
                 do {
                     if let first = try await group.next(), let result = first { return result }
+                } catch let error as DatabaseUnavailable where !error.connected {
+                    group.cancelAll()
+                    logger.warning("database call got no connection in time", metadata: ["wait": "\(connectionWait)"])
+                    throw error
                 } catch is CancellationError where held.expired {
                     // the body saw its own cancellation after the deadline: report the deadline
                 } catch {
-                    if held.expired { throw DatabaseUnavailable(deadline: deadline, underlying: "\(error)") }
+                    if held.expired { throw DatabaseUnavailable(deadline: deadline, connected: held.holds, underlying: "\(error)") }
                     throw error
                 }
-                let lent = held.holds
                 held.expire()
                 group.cancelAll()
-                guard lent else {
-                    logger.warning("database call got no connection in time", metadata: ["wait": "\(connectionWait)"])
-                    throw DatabaseUnavailable(deadline: connectionWait, underlying: "no connection from the pool")
-                }
                 logger.warning("database call abandoned at its deadline", metadata: ["deadline": "\(deadline)"])
-                throw DatabaseUnavailable(deadline: deadline, underlying: nil)
+                throw DatabaseUnavailable(deadline: deadline, connected: true, underlying: nil)
             }
         }
     }
@@ -365,10 +372,22 @@ public struct Database: Sendable {
 /// A database call that did not finish within `Database.deadline` and was abandoned.
 public struct DatabaseUnavailable: Error, CustomStringConvertible, Sendable {
     public var deadline: Duration
+    /// False when the call never got a connection (PostgreSQL unreachable, or the pool exhausted
+    /// for the whole wait); true when a statement on a connection outlived the deadline.
+    public var connected: Bool = true
     var underlying: String?
     public var description: String {
-        "The database did not answer in time\(deadline == .zero ? "" : " (\(deadline))")\(underlying.map { ": \($0)" } ?? "")."
+        connected
+            ? "The database did not answer in time\(deadline == .zero ? "" : " (\(deadline))")\(underlying.map { ": \($0)" } ?? "")."
+            : "No database connection within \(deadline)\(underlying.map { ": \($0)" } ?? "")."
     }
+}
+
+/// The connection failed while its COMMIT was in flight: the transaction may or may not have
+/// committed, so the caller must not be told to simply retry.
+public struct CommitOutcomeUnknown: Error, CustomStringConvertible, Sendable {
+    public var underlying: String
+    public var description: String { "The connection failed during COMMIT; the outcome is unknown: \(underlying)" }
 }
 
 /// The connection a call under a deadline holds, so the deadline can close it.
@@ -378,6 +397,15 @@ final class HeldConnection: Sendable {
     var expired: Bool { state.withLock { $0.expired } }
     /// Whether the pool lent the call its connection yet.
     var holds: Bool { state.withLock { $0.connection != nil } }
+
+    /// Expires the call if it holds no connection yet; true when it did so.
+    func expireIfWaiting() -> Bool {
+        state.withLock { state in
+            guard state.connection == nil else { return false }
+            state.expired = true
+            return true
+        }
+    }
 
     /// Records the connection; closes it at once when the deadline already passed.
     func hold(_ connection: PostgresConnection) {

@@ -139,6 +139,13 @@ private func decodeDigestRun(_ row: PostgresRow) throws -> DigestRun {
 }
 
 extension TenantTransaction {
+    /// When a digest item made now for each of `users` would be due, daily and weekly (a dry run
+    /// shows it): the slot an item of an event due at `instant` would join. Nothing is locked:
+    /// a dry run writes nothing, and holds nothing either.
+    public func digestDueTimes(for users: [UUID], after instant: Date) async throws -> [UUID: (daily: Date, weekly: Date)] {
+        try await digestSlots(for: users, after: instant, holdingSchedules: false).mapValues { ($0.daily, $0.weekly) }
+    }
+
     /// Each user's next daily and weekly slot strictly after `instant`: their own hour and
     /// weekday, else the organisation's, in their time zone, else the organisation's.
     ///
@@ -149,15 +156,9 @@ extension TenantTransaction {
     /// schedule read below (a statement of its own, so it sees that commit) slots them by it.
     /// Never an item slotted by the old schedule after the re-slot ran: two "daily" digests in
     /// a day. One row, whatever the audience, and no lock on the users (their own updates, the
-    /// inactivity sweep's among them, go on).
-    /// When a digest item made now for each of `users` would be due, daily and weekly (a dry run
-    /// shows it): the slot an item of an event due at `instant` would join.
-    public func digestDueTimes(for users: [UUID], after instant: Date) async throws -> [UUID: (daily: Date, weekly: Date)] {
-        try await digestSlots(for: users, after: instant).mapValues { ($0.daily, $0.weekly) }
-    }
-
-    func digestSlots(for users: [UUID], after instant: Date) async throws -> [UUID: DigestSlots] {
-        try await query("SELECT 1 FROM organisations WHERE id = \(organisationID) FOR SHARE")
+    /// inactivity sweep's among them, go on). `holdingSchedules: false` reads without that hold.
+    func digestSlots(for users: [UUID], after instant: Date, holdingSchedules: Bool = true) async throws -> [UUID: DigestSlots] {
+        if holdingSchedules { try await query("SELECT 1 FROM organisations WHERE id = \(organisationID) FOR SHARE") }
         let schedules = try await digestSchedules(for: users)
         var slots = schedules.mapValues { schedules in
             DigestSlots(daily: schedules.daily.slot(after: instant), weekly: schedules.weekly.slot(after: instant))

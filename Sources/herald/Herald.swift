@@ -41,8 +41,11 @@ struct Serve: AsyncParsableCommand {
         // streams wake on it.
         let bus = NotificationBus(client: postgres, logger: logger)
         let delivery = try DeliveryServices(config, linkKeys: linkKeys, bus: bus, logger: logger)
+        // The runners' calls wait their whole deadline for a connection; the API's give up
+        // after 10 s (503: the database is unavailable).
         let database = config.database(postgres, logger: logger)
-        let streams = StreamHub(bus: bus, database: database, settings: StreamSettings(config), logger: logger)
+        let apiDatabase = config.database(postgres, logger: logger, connectionWait: .seconds(10))
+        let streams = StreamHub(bus: bus, database: apiDatabase, settings: StreamSettings(config), logger: logger)
         // Recurring schedules: each occurrence is a notify, so they run here, as the API's role.
         var scheduleRunner = WorkRunnerConfiguration(name: WorkerPoolConfiguration.defaultName() + ":schedule")
         scheduleRunner.concurrency = 4
@@ -71,7 +74,7 @@ struct Serve: AsyncParsableCommand {
         }
         let feedCache = config.feedCacheSeconds > 0 ? FeedCache(lifetime: config.feedCacheSeconds, bus: bus) : nil
         let dependencies = AppDependencies(
-            database: database, postgres: postgres,
+            database: apiDatabase, postgres: postgres,
             tokens: try await accessTokens(config), passwords: passwordHasher(config),
             metrics: HTTPMetrics(registry: registry), expectedMigrations: try migrations().map(\.version),
             linkKeys: linkKeys, services: [bus, streams, schedules] + fanouts + (feedCache.map { [$0] } ?? []) + delivery.services,

@@ -170,9 +170,13 @@ struct DeliveryServices {
 
 extension AppConfiguration {
     /// The store over `client`, with the configured deadline on every call.
-    func database(_ client: PostgresClient, logger: Logger) -> Database {
+    /// `connectionWait`: how long a call waits for a pooled connection before it gives up (the
+    /// API's requests: 10 s, so that an outage answers 503 before a graceful shutdown ends);
+    /// nil: the whole deadline (work runners, which retry, and whose loss costs more).
+    func database(_ client: PostgresClient, logger: Logger, connectionWait: Duration? = nil) -> Database {
         Database(
-            client: client, logger: logger, deadline: .milliseconds(Int64(databaseTimeout * 1000)), preparedStatements: preparedStatements)
+            client: client, logger: logger, deadline: .milliseconds(Int64(databaseTimeout * 1000)), connectionWait: connectionWait,
+            preparedStatements: preparedStatements)
     }
 }
 

@@ -128,7 +128,6 @@ struct FaultTests {
                 #expect(ContinuousClock.now - started < .seconds(20), "the connection wait, not the deadline")
             }
         }
-        #expect(DatabaseWords.isUnavailable(DatabaseUnavailable(deadline: .seconds(1), underlying: nil)))
     }
 
     /// Many deliveries to an endpoint that never answers and some to a healthy endpoint on the

@@ -487,6 +487,17 @@ struct IsolationSQLTests {
             // A delivery for the owner: its trace row is this transaction's, so users is not read again.
             _ = try await connection.query(delivery(a.ownerID), logger: env.logger).collect()
             #expect(try await userScans(connection) == traced, "a delivery whose trace row this transaction wrote probed users")
+            // Nor for an in-app row of the owner.
+            _ = try await connection.query(
+                """
+                INSERT INTO notifications (organisation_id, id, event_id, user_id, type_id, category_id, severity, priority, content_id,
+                                           title, body, visible_at, expires_at)
+                SELECT organisation_id, gen_random_uuid(), event_id, \(a.ownerID), type_id, category_id, severity, priority, content_id,
+                       title, body, visible_at, expires_at
+                FROM notifications WHERE organisation_id = \(a.id) AND event_id = \(event.id) AND user_id = \(a.memberID)
+                """, logger: env.logger
+            ).collect()
+            #expect(try await userScans(connection) == traced, "an in-app row whose trace row this transaction wrote probed users")
             // One for the member, whose trace row an earlier transaction wrote: probed (and locked) as before.
             _ = try await connection.query(delivery(a.memberID), logger: env.logger).collect()
             #expect(try await userScans(connection) > traced)

@@ -954,7 +954,7 @@ extension StreamTests {
             var written = Duration.milliseconds(lastWrite)
             var gaps: [Duration] = []
             while now < .seconds(200) {
-                now += heartbeat / 4 + .milliseconds(3) // a wake, 3 ms late
+                now += heartbeat / StreamHub.beatsPerHeartbeat + .milliseconds(3) // a wake of the hub's beat, 3 ms late
                 guard now > written else { continue }
                 if FeedStreamSession.owesHeartbeat(sinceLastWrite: now - written, heartbeat: heartbeat) {
                     gaps.append(now - written)

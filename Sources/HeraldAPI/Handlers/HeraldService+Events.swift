@@ -128,9 +128,7 @@ extension HeraldService {
         let explanation = try await tenant { tx, _ in
             let event = try await tx.event(id)
             // An unknown user is a 404 (as in the debug form and stats), not an empty explanation.
-            var known: User?
-            if let user { known = try await tx.user(user) }
-            return try await explanationOf(event, tx, user: known, limit: limit, after: after)
+            return try await explanationOf(event, tx, user: try await knownUser(user, in: tx), limit: limit, after: after)
         }
         return .ok(.init(body: .json(explanation)))
     }
@@ -146,8 +144,7 @@ extension HeraldService {
                 throw APIError.unknownType(key, field: "event")
             }
             // An unknown user is a 404, as for stats, not an explanation with nobody in it.
-            var known: User?
-            if let user { known = try await tx.user(user) }
+            let known = try await knownUser(user, in: tx)
             if let latest = try await tx.latestEvent(typeID: type.id) {
                 return try await explanationOf(latest, tx, user: known, limit: limit, after: after)
             }
@@ -205,6 +202,12 @@ extension HeraldService {
         return .init(_type: request.typeKey, dryRun: true, counts: try convert(planned.counts), items: items, nextCursor: next)
     }
 
+    /// The user an explanation is asked about; a 404 when there is no such user.
+    private func knownUser(_ id: UUID?, in tx: TenantTransaction) async throws -> User? {
+        guard let id else { return nil }
+        return try await tx.user(id)
+    }
+
     /// The event's trace, a page of it or `user`'s part. A user the trace does not hold gets an
     /// item that says why (`NOT_IN_AUDIENCE`, or `NOT_WRITTEN` while, or because, a chunked
     /// fan-out did not reach them), not an empty list.
@@ -236,7 +239,7 @@ extension HeraldService {
             default:
                 (
                     "NOT_IN_AUDIENCE",
-                    "The event's audience did not reach this user: not named, in none of its roles or groups, and not sent to everyone (when it was sent)."
+                    "The event's audience did not reach this user when it was sent: not named, in none of its roles or groups, and not sent to everyone (or the user did not exist yet)."
                 )
             }
         return .init(

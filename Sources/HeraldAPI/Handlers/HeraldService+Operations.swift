@@ -11,7 +11,7 @@ extension HeraldService {
     }
 
     /// How long readiness waits for the database before it tries a connection of its own: a
-    /// pool that cannot connect only times out (after a database call's 30 s), and a probe must
+    /// pool that cannot connect only times out (after the API's 10 s wait for a connection), and a probe must
     /// get an answer in its own time (Kubernetes waits 1 s by default).
     static let readinessDeadline: Duration = .seconds(2)
 

@@ -18,9 +18,7 @@ extension HeraldService {
             // A ticket a stream would refuse is not issued: the stream checks that the session
             // behind the credential is live (signed out, or ended with a deactivation), so the
             // ticket's request says so first, as the stream would.
-            if let session, !(try await tx.sessionIsLive(session, of: user, now: issued)) {
-                throw APIError.unauthorized("The session behind this credential has ended; sign in again.")
-            }
+            try await tx.requireLiveSession(session, of: user, now: issued)
             let ticket = OpaqueToken(kind: .streamTicket, organisationID: tx.organisationID)
             try await tx.createStreamTicket(
                 id: ticket.id, userID: user, sessionID: session, secretHash: ticket.secretHash, expiresAt: expires)

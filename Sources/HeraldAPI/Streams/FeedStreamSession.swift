@@ -138,7 +138,7 @@ struct FeedStreamSession: Sendable {
     /// the next wake would come past `heartbeat` since the last write. So a quiet stream writes
     /// something every 15 to 20 s (with the default 20 s), never more than `heartbeat` apart.
     static func owesHeartbeat(sinceLastWrite elapsed: Duration, heartbeat: Duration) -> Bool {
-        elapsed >= heartbeat - heartbeat / 4
+        elapsed >= heartbeat - heartbeat / StreamHub.beatsPerHeartbeat
     }
 
     /// The last words of a stream the server ends: when to reconnect, and why.

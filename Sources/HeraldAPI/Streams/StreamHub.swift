@@ -388,13 +388,16 @@ public final class StreamHub: Service, Sendable {
         }
     }
 
+    /// How many times per heartbeat interval the hub wakes every stream.
+    static let beatsPerHeartbeat = 4
+
     /// Wakes every stream four times per heartbeat interval; each decides whether it owes one
     /// (`FeedStreamSession.owesHeartbeat`). Woken twice per interval, a stream that wrote just
     /// after a wake went up to one and a half intervals without a byte (30 s: past a proxy's
     /// 30 s idle timeout).
     private func beat() async {
         while !Task.isCancelled {
-            try? await Task.sleep(for: settings.heartbeat / 4)
+            try? await Task.sleep(for: settings.heartbeat / Self.beatsPerHeartbeat)
             for stream in state.withLock({ Array($0.streams.values) }) { stream.tick() }
         }
     }

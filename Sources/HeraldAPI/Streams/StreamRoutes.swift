@@ -161,9 +161,7 @@ struct StreamRoutes: Sendable {
     private func check(_ access: VerifiedAccess, in tx: TenantTransaction) async throws {
         let principal = try await authenticator.principal(for: .accessToken(access), in: tx)
         guard principal.permissions.contains(.notificationsRead) else { throw APIError.forbidden(.notificationsRead) }
-        if let session = access.sessionID, !(try await tx.sessionIsLive(session, of: access.userID, now: now())) {
-            throw APIError.unauthorized("The session behind this credential has ended; sign in again.")
-        }
+        try await tx.requireLiveSession(access.sessionID, of: access.userID, now: now())
     }
 
     /// A resume point: a 400 naming the parameter (or header) when it is not one, as every other
@@ -174,6 +172,16 @@ struct StreamRoutes: Sendable {
             throw APIError.badRequest("\(name): \(shown) is not an event id this stream sent (a whole number, 0 or more).")
         }
         return value
+    }
+}
+
+extension TenantTransaction {
+    /// A 401 when the session a credential came from has ended (signed out, or ended with a
+    /// deactivation): a stream is refused then, and so is a ticket for one. No session: nothing.
+    func requireLiveSession(_ session: UUID?, of user: UUID, now: Date) async throws {
+        if let session, !(try await sessionIsLive(session, of: user, now: now)) {
+            throw APIError.unauthorized("The session behind this credential has ended; sign in again.")
+        }
     }
 }
 

@@ -165,16 +165,17 @@ extension StreamRoutes {
             let now = now()
             // A malformed id is a 422 naming it, as in the REST body (`ids`).
             let target: UUID? = try command.id.map { text throws(ValidationError) in try Validate.uuid(text, field: "id") }
+            if command.command == .markAllRead, target != nil {
+                // As the REST route refuses ids with "all": a client that meant one row must
+                // not clear the whole badge.
+                throw APIError.unprocessable(
+                    ValidationError(
+                        field: "id", message: "is not taken by mark_all_read, which marks every row read; send mark_read for one row."))
+            }
             try await database.withTenant(start.organisationID, actor: .user(start.userID), recipient: start.userID) { tx in
                 switch (command.command, target) {
-                case (.markAllRead, nil):
+                case (.markAllRead, _): // with an id: refused above
                     try await tx.markAllRead(of: start.userID, through: TimeOrderedID.upperBound(at: now))
-                case (.markAllRead, _?):
-                    // As the REST route refuses ids with "all": a client that meant one row must
-                    // not clear the whole badge.
-                    throw APIError.unprocessable(
-                        ValidationError(
-                            field: "id", message: "is not taken by mark_all_read, which marks every row read; send mark_read for one row."))
                 case (.markRead, let id?):
                     _ = try await tx.setRead(id, of: start.userID, read: true, now: now)
                 case (.markUnread, let id?):

@@ -4,9 +4,12 @@ import Mustache
 /// A JSON array of a payload, attributes or actor as a template sees it: a section iterates it
 /// and the transforms apply (`{{#items}}…{{/items}}`, `{{count(items)}}`) as on an array, and
 /// `{{items}}` prints it as JSON (was Swift's description: `["a", "b"]`, `[1.5, nil]`).
-struct TemplateList: MustacheSequence, MustacheCustomRenderable, MustacheTransformable {
+struct TemplateList: MustacheSequence, MustacheCustomRenderable, MustacheTransformable, MustacheParent {
     let items: [Any]
     let json: JSONValue
+
+    /// An array has no names (without this, Mustache's reflection would show `items` and `json`).
+    func child(named name: String) -> Any? { nil }
 
     func makeIterator() -> IndexingIterator<[Any]> { items.makeIterator() }
     var renderText: String { json.compactText }
