@@ -239,6 +239,8 @@ final class StreamProbe: Sendable {
                 let closeFrame = try await WebSocketClient.connect(
                     url: url, configuration: .init(additionalHeaders: headers), logger: logger
                 ) { inbound, outbound, _ in
+                    // The handshake is done: a wait that times out after this was the server's.
+                    probe.received.withLock { $0.append(StreamMessage(id: nil, event: ":upgraded", data: "")) }
                     try await withThrowingTaskGroup(of: Void.self) { group in
                         group.addTask {
                             for try await message in inbound.messages(maxSize: 1 << 20) {

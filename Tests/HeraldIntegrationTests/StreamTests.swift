@@ -308,7 +308,22 @@ struct StreamTests {
             try await socket.next("unread_count")
             await socket.close()
             let reused = try await StreamProbe.open(.socket, on: server, query: "ticket=\(socketTicket)")
-            let error = try await reused.next("error")
+            let error: StreamMessage
+            do {
+                error = try await reused.next("error")
+            } catch {
+                // Seen rarely with other suites running: the handshake done, then nothing for 30 s.
+                // What the database was doing then, to find out why.
+                let env = try await TestEnvironment.shared
+                let activity = try await env.appClient.query(
+                    """
+                    SELECT concat_ws(' | ', pid, state, wait_event_type, wait_event, now() - query_start, left(query, 120))
+                    FROM pg_stat_activity WHERE datname = current_database() AND state <> 'idle' AND pid <> pg_backend_pid()
+                    """, logger: env.logger
+                ).collect().map { row in try row.decode(String.self) }
+                Issue.record("no refusal on the reused socket; pg_stat_activity: \(activity)")
+                throw error
+            }
             #expect(error.description.contains("401"))
             try await reused.waitUntilClosed()
             // No credential, an API key, bad parameters.
