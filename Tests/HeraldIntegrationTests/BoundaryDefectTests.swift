@@ -967,8 +967,11 @@ struct CatalogueDocumentTests {
         process.standardOutput = output
         // act
         try process.run()
-        let printed = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
+        let printed = try await offPool { [process] in
+            let data = output.fileHandleForReading.readDataToEndOfFile()
+            process.waitUntilExit()
+            return String(decoding: data, as: UTF8.self)
+        }
         // check
         #expect(process.terminationStatus == 0, "\(printed)")
         #expect(printed.contains("demo catalogue"))
@@ -983,12 +986,12 @@ struct CatalogueDocumentTests {
         }
         #expect(audited == [id.lowercased], "\(audited)")
         // The same slug again: refused in words, nothing written.
-        let again = try runHeraldExit(
+        let again = try await runHeraldExit(
             ["organisation", "create", "--slug", slug, "--name", "Again", "--owner-email", "again@\(slug).example"],
             ["DATABASE_URL": env.appURL, "HERALD_OWNER_PASSWORD": "a long enough passphrase", "HERALD_ARGON2_ITERATIONS": "1"])
         #expect(again.status != 0 && again.output.contains("already exists: choose another --slug"), "\(again.output)")
         // A blank name is refused before anything is written.
-        let blank = try runHeraldExit(
+        let blank = try await runHeraldExit(
             ["organisation", "create", "--slug", slug + "-b", "--name", "   ", "--owner-email", "b@\(slug).example"],
             ["DATABASE_URL": env.appURL, "HERALD_OWNER_PASSWORD": "a long enough passphrase", "HERALD_ARGON2_ITERATIONS": "1"])
         #expect(blank.status != 0 && blank.output.contains("name: must not be blank"), "\(blank.output)")
@@ -996,16 +999,16 @@ struct CatalogueDocumentTests {
     }
 
     @Test("jwt-keygen refuses a key id that is a path (../x wrote outside --dir), and writes the key it is given inside --dir")
-    func keygenKeyIDs() throws {
+    func keygenKeyIDs() async throws {
         let root = FileManager.default.temporaryDirectory.appendingPathComponent("keygen-\(UUID().uuidString.prefix(8))")
         defer { try? FileManager.default.removeItem(at: root) }
         let keys = root.appendingPathComponent("jwt").path
         for kid in ["../evil", "a/b", ".hidden", "", String(repeating: "k", count: 65)] {
-            let refused = try runHeraldExit(["jwt-keygen", "--dir", keys, "--kid", kid], [:])
+            let refused = try await runHeraldExit(["jwt-keygen", "--dir", keys, "--kid", kid], [:])
             #expect(refused.status != 0 && refused.output.contains("a key id is 1 to 64 letters"), "\(kid): \(refused.output)")
         }
         #expect(!FileManager.default.fileExists(atPath: root.appendingPathComponent("evil.pem").path))
-        let made = try runHerald(["jwt-keygen", "--dir", keys, "--kid", "2026-12-06.k_1"], [:])
+        let made = try await runHerald(["jwt-keygen", "--dir", keys, "--kid", "2026-12-06.k_1"], [:])
         #expect(made.contains("2026-12-06.k_1.pem"), "\(made)")
         #expect(try FileManager.default.contentsOfDirectory(atPath: keys) == ["2026-12-06.k_1.pem"])
     }
@@ -1017,28 +1020,28 @@ struct CatalogueDocumentTests {
         let escaped = try DatabaseURL("postgres://herald%20owner:p%25ss%2541@db.example:6432/herald?sslmode=require")
         #expect(escaped.username == "herald owner" && escaped.password == "p%ss%41" && escaped.port == 6432 && escaped.tls == "require")
         let owner = try #require(URLComponents(string: env.ownerURL))
-        func migrate(_ url: String) throws -> (status: Int32, output: String) {
-            try runHeraldExit(["migrate"], ["DATABASE_OWNER_URL": url])
+        func migrate(_ url: String) async throws -> (status: Int32, output: String) {
+            try await runHeraldExit(["migrate"], ["DATABASE_OWNER_URL": url])
         }
         var wrongPassword = owner
         wrongPassword.password = "not-the-password"
-        let refused = try migrate(try #require(wrongPassword.string))
+        let refused = try await migrate(try #require(wrongPassword.string))
         #expect(
             refused.status != 0 && refused.output.contains("DATABASE_OWNER_URL")
                 && refused.output.contains("password authentication failed"),
             "\(refused.output)")
         var noDatabase = owner
         noDatabase.path = "/herald_no_such_database"
-        let missing = try migrate(try #require(noDatabase.string))
+        let missing = try await migrate(try #require(noDatabase.string))
         #expect(missing.status != 0 && missing.output.contains("does not exist"), "\(missing.output)")
         var closed = owner
         closed.port = 1
-        let unreachable = try migrate(try #require(closed.string))
+        let unreachable = try await migrate(try #require(closed.string))
         #expect(unreachable.status != 0 && unreachable.output.contains("Cannot connect to PostgreSQL at"), "\(unreachable.output)")
-        let notURL = try migrate("not a url")
+        let notURL = try await migrate("not a url")
         #expect(notURL.status != 0 && notURL.output.contains("DATABASE_OWNER_URL="), "\(notURL.output)")
         // The application role is not the schema's owner: PostgreSQL's refusal, in its words.
-        let asApp = try migrate(env.appURL)
+        let asApp = try await migrate(env.appURL)
         #expect(asApp.status != 0 && asApp.output.contains("permission denied"), "\(asApp.output)")
     }
 }

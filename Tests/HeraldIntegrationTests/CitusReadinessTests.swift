@@ -59,11 +59,11 @@ struct CitusReadinessTests {
 
     func runAndCheck(database name: String) async throws {
         // setup: migrated from /tmp by the binary (the migrations come with the build)
-        let migrated = try herald(["migrate"], ["DATABASE_OWNER_URL": url(env.ownerURL, database: name)])
+        let migrated = try await herald(["migrate"], ["DATABASE_OWNER_URL": url(env.ownerURL, database: name)])
         #expect(migrated.contains("applied"), "herald migrate from /tmp: \(migrated)")
         let slug = "citus-\(UUID().uuidString.prefix(6).lowercased())"
         let password = "correct horse battery staple"
-        _ = try herald(
+        _ = try await herald(
             [
                 "organisation", "create", "--slug", slug, "--name", "Citus Clinic", "--owner-email", "owner@\(slug).example",
                 "--catalogue", "demo",
@@ -540,7 +540,7 @@ struct CitusReadinessTests {
 
     /// Runs the herald binary from the temporary directory, without HERALD_SQL_DIR: what it
     /// needs must come with the build. Returns what it printed.
-    func herald(_ arguments: [String], _ environment: [String: String]) throws -> String {
-        try runHerald(arguments, environment)
+    func herald(_ arguments: [String], _ environment: [String: String]) async throws -> String {
+        try await runHerald(arguments, environment)
     }
 }

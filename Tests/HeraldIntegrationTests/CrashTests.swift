@@ -37,8 +37,8 @@ struct CrashTests {
         let killedAt = try await Peers.ids(hook.name)["total"] as? Int ?? 0
         let restarted = try WorkerProcess(organisation: org.id, workerURL: env.workerURL)
         let deliveries = try await org.settled(timeout: .seconds(240))
-        second.stop()
-        restarted.stop()
+        try await second.stop()
+        try await restarted.stop()
         #expect(second.exitStatus == 0 && restarted.exitStatus == 0, "SIGTERM drains and exits cleanly")
 
         let statuses = Dictionary(grouping: deliveries, by: \.status).mapValues(\.count)
@@ -90,9 +90,15 @@ final class WorkerProcess: @unchecked Sendable {
     }
 
     /// SIGTERM, then wait: the pool drains what is in flight and exits.
-    func stop() {
+    func stop() async throws {
         process.terminate()
-        process.waitUntilExit()
+        try await offPool { [process] in process.waitUntilExit() }
+    }
+
+    /// `stop` for a `defer`, which cannot wait asynchronously: SIGTERM, and the exit is left to
+    /// the process (the test does not wait on a cooperative thread for its drain).
+    func signal() {
+        process.terminate()
     }
 
     var exitStatus: Int32 { process.terminationStatus }
@@ -144,8 +150,8 @@ struct DigestCrashTests {
         let killedAt = try await sentRuns()
         let restarted = try WorkerProcess(organisation: org.id, workerURL: env.workerURL)
         #expect(try await eventually(timeout: .seconds(240)) { try await sentRuns() == Self.members })
-        second.stop()
-        restarted.stop()
+        try await second.stop()
+        try await restarted.stop()
         #expect(second.exitStatus == 0 && restarted.exitStatus == 0, "SIGTERM drains and exits cleanly")
 
         let (runs, users, unsent) = try await org.store { tx in

@@ -704,7 +704,7 @@ extension DigestTests {
         _ = try await org.store { tx in
             try await tx.query("UPDATE digest_items SET slot_at = now() - interval '1 minute' WHERE organisation_id = \(org.id)")
         }
-        let listed = try runHerald(["digests", "send", "--dry-run"], ["DATABASE_OWNER_URL": env.ownerURL])
+        let listed = try await runHerald(["digests", "send", "--dry-run"], ["DATABASE_OWNER_URL": env.ownerURL])
         #expect(listed.contains("due: organisation \(org.id.uuidString.lowercased()) \(address) DAILY slot "), "\(listed)")
         #expect(listed.contains("\(address) DAILY slot") && listed.contains(": 2 item(s)"))
         #expect(listed.contains("nothing sent"))
@@ -712,12 +712,12 @@ extension DigestTests {
         #expect(try await org.store { tx in try await tx.digestRuns(of: org.memberID) }.isEmpty)
 
         // Without the servers' link keys its links would be dead: refused, nothing sent.
-        let keyless = try runHeraldExit(
+        let keyless = try await runHeraldExit(
             ["digests", "send"],
             ["DATABASE_WORKER_URL": env.workerURL, "HERALD_WORKER_ORGANISATION": org.id.uuidString, "HERALD_SMTP_URL": Peers.smtpURL])
         #expect(keyless.status != 0 && keyless.output.contains("HERALD_LINK_KEYS is not set"), "\(keyless.output)")
         #expect(try await Peers.mail(to: address).isEmpty)
-        let sent = try runHerald(
+        let sent = try await runHerald(
             ["digests", "send"],
             [
                 "DATABASE_WORKER_URL": env.workerURL, "HERALD_WORKER_ORGANISATION": org.id.uuidString, "HERALD_SMTP_URL": Peers.smtpURL,
@@ -727,7 +727,7 @@ extension DigestTests {
         #expect(try await Peers.mail(to: address).count == 1)
         #expect(try await org.store { tx in try await tx.digestRuns(of: org.memberID) }.map(\.status) == [.sent])
         // Nothing is due any more.
-        let again = try runHerald(
+        let again = try await runHerald(
             ["digests", "send"],
             [
                 "DATABASE_WORKER_URL": env.workerURL, "HERALD_WORKER_ORGANISATION": org.id.uuidString, "HERALD_SMTP_URL": Peers.smtpURL,
@@ -747,7 +747,7 @@ extension DigestTests {
             try await tx.query(
                 "UPDATE digest_runs SET status = 'FAILED', next_attempt_at = now() - interval '1 second' WHERE organisation_id = \(org.id)")
         }
-        let late = try runHerald(
+        let late = try await runHerald(
             ["digests", "send", "--dry-run"], ["DATABASE_OWNER_URL": env.ownerURL, "HERALD_WORKER_ORGANISATION": org.id.uuidString])
         #expect(late.contains("1 digest(s) due with 2 item(s)") && late.contains("(a retry: 1 attempt(s) so far)"), "\(late)")
         #expect(!late.contains(": 1 item(s)"), "\(late)")

@@ -288,11 +288,11 @@ struct PostgresFaultTests {
     @Test("PostgreSQL restarted twice and stopped for 10 s under load: no hang, no stuck lease, bounded SIGTERM")
     func restarts() async throws {
         // setup: the cluster, the schema, an organisation with an API key, 10 recipients and a webhook endpoint
-        try shell("scripts/pg.sh", "up", "faults", "\(Self.port)")
-        try shell("scripts/pg.sh", "recreate-db", "faults", "\(Self.port)", "herald")
-        try herald(["migrate"], env: ["DATABASE_OWNER_URL": Self.ownerURL])
+        try await shell("scripts/pg.sh", "up", "faults", "\(Self.port)")
+        try await shell("scripts/pg.sh", "recreate-db", "faults", "\(Self.port)", "herald")
+        try await herald(["migrate"], env: ["DATABASE_OWNER_URL": Self.ownerURL])
         let keys = FileManager.default.temporaryDirectory.appendingPathComponent("herald-faults-\(UUID().uuidString.prefix(8))").path
-        try herald(["jwt-keygen", "--dir", keys])
+        try await herald(["jwt-keygen", "--dir", keys])
         // The private key goes with the test (deferred first, so removed after the servers stop).
         defer { try? FileManager.default.removeItem(atPath: keys) }
         var logger = Logger(label: "herald.faults")
@@ -336,13 +336,13 @@ struct PostgresFaultTests {
         let loading = Task { await load.run() }
         try await Task.sleep(for: .seconds(4))
         for _ in 0..<2 {
-            try shell("scripts/pg.sh", "down", "faults")
-            try shell("scripts/pg.sh", "up", "faults", "\(Self.port)")
+            try await shell("scripts/pg.sh", "down", "faults")
+            try await shell("scripts/pg.sh", "up", "faults", "\(Self.port)")
             try await Task.sleep(for: .seconds(6))
         }
-        try shell("scripts/pg.sh", "down", "faults")
+        try await shell("scripts/pg.sh", "down", "faults")
         try await Task.sleep(for: .seconds(10))
-        try shell("scripts/pg.sh", "up", "faults", "\(Self.port)")
+        try await shell("scripts/pg.sh", "up", "faults", "\(Self.port)")
         let recovered = Date()
         try await Task.sleep(for: .seconds(3))
         load.recovered()
@@ -385,16 +385,22 @@ struct PostgresFaultTests {
         #expect(state.2 == 0, "nothing is SENDING past its lease")
         #expect(state.1 == Set(servers.map { "\($0.pid)" }), "both processes claimed after the outage: \(state.1)")
         for server in servers {
-            let took = server.terminate()
+            let took = try await server.terminate()
             print("postgres faults: SIGTERM to exit on \(server.port): \(took)")
             #expect(took < .seconds(30), "SIGTERM ends the process within the bound (\(took))")
         }
-        try shell("scripts/pg.sh", "down", "faults")
+        try await shell("scripts/pg.sh", "down", "faults")
     }
 
     /// Runs a command from the package directory and waits for it. (posix_spawn and waitpid:
     /// Foundation's `Process` did not notice the exit of `pg.sh up`, whose server lives on.)
-    private func shell(_ arguments: String...) throws {
+    /// Off Swift's cooperative threads (`offPool`): a blocking wait of seconds there stalls
+    /// every in-process server of the test run.
+    private func shell(_ arguments: String...) async throws {
+        try await offPool { [arguments] in try Self.spawn(arguments) }
+    }
+
+    private static func spawn(_ arguments: [String]) throws {
         let argv = (["/usr/bin/env"] + arguments).map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
         var actions = posix_spawn_file_actions_t()
@@ -410,14 +416,14 @@ struct PostgresFaultTests {
         guard status == 0 else { throw ShellFailure(command: arguments.joined(separator: " ")) }
     }
 
-    private func herald(_ arguments: [String], env: [String: String] = [:]) throws {
+    private func herald(_ arguments: [String], env: [String: String] = [:]) async throws {
         let process = Process()
         process.executableURL = HeraldServeProcess.binary
         process.arguments = arguments
         process.environment = ProcessInfo.processInfo.environment.merging(env) { _, new in new }
         process.standardOutput = FileHandle.nullDevice
         try process.run()
-        process.waitUntilExit()
+        try await offPool { [process] in process.waitUntilExit() }
         guard process.terminationStatus == 0 else { throw ShellFailure(command: "herald " + arguments.joined(separator: " ")) }
     }
 

@@ -144,7 +144,7 @@ struct InactivityTests {
             return try await tx.job(named: .inactivity)
         }
         let at = Date().addingTimeInterval(366 * 86_400)
-        let output = try runHerald(
+        let output = try await runHerald(
             ["maintenance", "inactivity", "--organisation", org.slug, "--at", at.formatted(.iso8601)],
             ["DATABASE_OWNER_URL": env.ownerURL, "HERALD_SMTP_URL": Peers.smtpURL, "HERALD_LINK_KEYS": TestEnvironment.linkKeysSetting])
         let after = try await org.store { tx in try await tx.job(named: .inactivity) }

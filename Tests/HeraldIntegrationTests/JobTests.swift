@@ -267,16 +267,16 @@ struct JobTests {
         let env = try await TestEnvironment.shared
         let org = try await TestOrganisation.make()
         let owner = ["DATABASE_OWNER_URL": env.ownerURL]
-        let listed = try runHerald(["jobs", "list", "--organisation", org.slug], owner)
+        let listed = try await runHerald(["jobs", "list", "--organisation", org.slug], owner)
         #expect(listed.contains("\(org.id.lowercased) retention: cron '30 3 * * *' UTC") && listed.contains("purge-expired: every 900 s"))
         #expect(listed.contains("last run: none"), "\(listed)")
-        let ran = try runHerald(["jobs", "run", "retention", "--organisation", org.slug], owner)
+        let ran = try await runHerald(["jobs", "run", "retention", "--organisation", org.slug], owner)
         #expect(ran.contains("jobs run retention: asked for a run in 1 organisation(s)"), "\(ran)")
         #expect(ran.contains("organisation \(org.id.lowercased): SUCCEEDED manual") && ran.contains("1 run(s) finished"), "\(ran)")
         let job = try await org.store { tx in try await tx.job(named: .retention) }
         #expect(job.lastRun?.status == .succeeded && job.runRequestedAt == nil)
         // An unknown job is refused by name.
-        let unknown = try runHeraldExit(["jobs", "run", "vacuum"], owner)
+        let unknown = try await runHeraldExit(["jobs", "run", "vacuum"], owner)
         #expect(unknown.status != 0 && unknown.output.contains("No job is called 'vacuum'"), "\(unknown.output)")
     }
 

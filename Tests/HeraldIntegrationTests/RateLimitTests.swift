@@ -73,17 +73,17 @@ struct RateLimitTests {
         let org = try await TestOrganisation.make()
         _ = try await TestCatalogue.make(in: org)
         let env = try await TestEnvironment.shared
-        let shown = try runHerald(
+        let shown = try await runHerald(
             ["organisation", "rate-limits", "--slug", org.slug, "--events-per-second", "0", "--requests-per-second", "3"],
             ["DATABASE_URL": env.appURL])
         #expect(shown.contains("events: no limit") && shown.contains("requests: 3 per second"), "\(shown)")
         #expect(
             try await org.store { tx in try await tx.rateLimitSettings() } == RateLimitSettings(requestsPerSecond: 3, eventsPerSecond: 0))
-        let refused = try runHeraldExit(
+        let refused = try await runHeraldExit(
             ["organisation", "rate-limits", "--slug", org.slug, "--events-per-second", "lots"], ["DATABASE_URL": env.appURL])
         #expect(refused.status != 0 && refused.output.contains("--events-per-second must be a number"), "\(refused.output)")
         // A negative value is a value, refused in words (not "Missing value").
-        let negative = try runHeraldExit(
+        let negative = try await runHeraldExit(
             ["organisation", "rate-limits", "--slug", org.slug, "--events-per-second", "-5"], ["DATABASE_URL": env.appURL])
         #expect(negative.status != 0 && negative.output.contains("--events-per-second must be a number"), "\(negative.output)")
 
@@ -100,7 +100,7 @@ struct RateLimitTests {
             #expect((refused.json["detail"] as? String)?.contains("more than 3 requests per second") == true, "\(refused.text)")
         }
         // `default` goes back to the instance's.
-        _ = try runHerald(
+        _ = try await runHerald(
             ["organisation", "rate-limits", "--slug", org.slug, "--events-per-second", "default", "--requests-per-second", "default"],
             ["DATABASE_URL": env.appURL])
         #expect(try await org.store { tx in try await tx.rateLimitSettings() } == RateLimitSettings())

@@ -360,10 +360,10 @@ class HeraldServeProcess: StreamHost, @unchecked Sendable {
     var pid: Int32 { process.processIdentifier }
 
     /// SIGTERM, and how long until the process exited.
-    func terminate() -> Duration {
+    func terminate() async throws -> Duration {
         let started = ContinuousClock.now
         process.terminate()
-        process.waitUntilExit()
+        try await offPool { [process] in process.waitUntilExit() }
         return ContinuousClock.now - started
     }
 

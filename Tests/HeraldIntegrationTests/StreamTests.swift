@@ -914,7 +914,7 @@ struct StreamTests {
         #expect(try await probe.next("end", within: .seconds(5)).object["reason"] as? String == "shutdown")
         #expect(probe.all.filter { $0.event == ":retry" }.count == 2)
         try await probe.waitUntilClosed()
-        processes[1].process.waitUntilExit()
+        try await offPool { [process = processes[1].process] in process.waitUntilExit() }
         let took = ContinuousClock.now - signalled
         #expect(took < .seconds(22), "exit took \(took)")
     }

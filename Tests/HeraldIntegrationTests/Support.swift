@@ -373,14 +373,14 @@ final class CapturedLog: Sendable {
 
 /// Runs the `herald` binary of this build (`HERALD_TEST_BINARY`) from the temporary directory
 /// with `environment` over the test's own, and returns what it printed; a non-zero exit fails.
-func runHerald(_ arguments: [String], _ environment: [String: String]) throws -> String {
-    let (status, text) = try runHeraldExit(arguments, environment)
+func runHerald(_ arguments: [String], _ environment: [String: String]) async throws -> String {
+    let (status, text) = try await runHeraldExit(arguments, environment)
     try #require(status == 0, "herald \(arguments.joined(separator: " ")): \(text)")
     return text
 }
 
 /// `runHerald` that returns the exit status with the output, for commands expected to fail.
-func runHeraldExit(_ arguments: [String], _ environment: [String: String]) throws -> (status: Int32, output: String) {
+func runHeraldExit(_ arguments: [String], _ environment: [String: String]) async throws -> (status: Int32, output: String) {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: ProcessInfo.processInfo.environment["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
     process.arguments = arguments
@@ -392,9 +392,22 @@ func runHeraldExit(_ arguments: [String], _ environment: [String: String]) throw
     process.standardOutput = output
     process.standardError = output
     try process.run()
-    let data = output.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
+    let data = try await offPool {
+        let data = output.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return data
+    }
     return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+}
+
+/// Runs `work`, a blocking wait (for a process, or a pipe until it closes), on a thread of its
+/// own. On one of Swift's cooperative threads (two on this machine) a CLI run or a graceful
+/// shutdown blocked it for seconds; two at once stalled every in-process server of the test run
+/// (a WebSocket refusal that never came within 30 s, reads seconds late).
+func offPool<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        Thread.detachNewThread { continuation.resume(with: Result { try work() }) }
+    }
 }
 
 /// An injected clock that stands still unless a test moves it.
@@ -421,7 +434,7 @@ extension TestEnvironment {
         }
         do {
             let owner = CitusReadinessTests.url(ownerURL, database: name)
-            _ = try runHerald(["migrate"], ["DATABASE_OWNER_URL": owner])
+            _ = try await runHerald(["migrate"], ["DATABASE_OWNER_URL": owner])
             try await CitusReadinessTests.withClient(CitusReadinessTests.url(appURL, database: name), logger) { app in
                 try await CitusReadinessTests.withClient(CitusReadinessTests.url(workerURL, database: name), logger) { worker in
                     try await body(Database(client: app, logger: logger), Database(client: worker, logger: logger), owner)

@@ -24,7 +24,7 @@ struct WorkerMetricsTests {
         }
         let port = Int.random(in: 20_000..<30_000)
         let worker = try WorkerProcess(organisation: org.id, workerURL: env.workerURL, metricsPort: port)
-        defer { worker.stop() }
+        defer { worker.signal() }
         _ = try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
         _ = try await org.settled(timeout: .seconds(60))
         // The attempt is counted once it is recorded; the scrape may come just before.
