@@ -190,8 +190,9 @@ extension HeraldService {
         if !digestUsers.isEmpty {
             let now = now()
             let due = try await tx.digestDueTimes(for: digestUsers, after: max(request.deliverAt ?? now, now))
-            for i in items.indices {
-                guard let times = UUID(uuidString: items[i].userId).flatMap({ due[$0] }) else { continue }
+            // `items` are `page`'s traces, in order.
+            for (i, trace) in page.enumerated() {
+                guard let times = due[trace.targeting.userID] else { continue }
                 for c in items[i].channels.indices where items[i].channels[c].outcome == .digest {
                     items[i].channels[c].digestDueAt = items[i].channels[c].frequency == .weekly ? times.weekly : times.daily
                 }

@@ -48,6 +48,12 @@ public indirect enum JSONValue: Sendable, Equatable, Codable, Hashable {
         return current
     }
 
+    /// A JSON number as templates print it: an `Int` while it is whole and an Int holds it, else
+    /// the `Double` (`plain`, and `compactText`'s numbers).
+    static func printed(_ number: Double) -> Any {
+        number.rounded() == number && abs(number) < 9.2e18 ? Int(number) as Any : number as Any
+    }
+
     /// A plain Swift value (for template rendering).
     public var plain: Any {
         switch self {
@@ -55,7 +61,7 @@ public indirect enum JSONValue: Sendable, Equatable, Codable, Hashable {
         // A whole number prints as one (`1234567890123456`, not `1234567890123456.0`) as far as
         // an Int holds it; JSON numbers are doubles here, so past 2^53 digits are already lost
         // (send such ids as strings).
-        case .number(let v): v.rounded() == v && abs(v) < 9.2e18 ? Int(v) as Any : v as Any
+        case .number(let v): Self.printed(v)
         case .bool(let v): v
         // Mustache renders NSNull as nothing and treats it as false in a section (a nil Optional
         // printed "nil").

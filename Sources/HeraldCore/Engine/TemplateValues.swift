@@ -40,7 +40,7 @@ extension JSONValue {
     private func write(into out: inout String) {
         switch self {
         case .string(let v): out += jsonQuoted(v)
-        case .number(let v): out += v.rounded() == v && abs(v) < 9.2e18 ? String(Int(v)) : (v.isFinite ? "\(v)" : "null")
+        case .number(let v): out += v.isFinite ? "\(Self.printed(v))" : "null"
         case .bool(let v): out += v ? "true" : "false"
         case .null: out += "null"
         case .array(let v):
