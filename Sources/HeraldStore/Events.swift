@@ -397,7 +397,7 @@ extension TenantTransaction {
                 SELECT \(organisationID), id, \(event.id), user_id, \(type.id), \(type.categoryID), \(event.severity),
                        \(event.priority), content_id, CASE WHEN personal THEN title END, CASE WHEN personal THEN body END,
                        \(event.deliverAt), \(request.expiresAt)
-                FROM unnest(\(n.map(\.id))::uuid[], \(n.map(\.userID))::uuid[], \(contentIDs)::uuid[], \(personal)::boolean[],
+                FROM unnest(\(UUIDArray(n.map(\.id)))::uuid[], \(UUIDArray(n.map(\.userID)))::uuid[], \(UUIDArray(contentIDs))::uuid[], \(personal)::boolean[],
                             \(titles)::text[], \(bodies)::text[])
                      AS row(id, user_id, content_id, personal, title, body)
                 """
@@ -412,7 +412,7 @@ extension TenantTransaction {
                 ("""
                 INSERT INTO deliveries (organisation_id, id, event_id, user_id, channel, destination, endpoint_id, next_attempt_at)
                 SELECT \(organisationID), id, \(event.id), user_id, channel, destination, nullif(endpoint_id, '')::uuid, \(event.deliverAt)
-                FROM unnest(\(d.map(\.id))::uuid[], \(d.map(\.userID))::uuid[], \(d.map(\.channel))::text[], \(d.map(\.destination))::text[],
+                FROM unnest(\(UUIDArray(d.map(\.id)))::uuid[], \(UUIDArray(d.map(\.userID)))::uuid[], \(d.map(\.channel))::text[], \(d.map(\.destination))::text[],
                             \(d.map { $0.endpointID?.uuidString ?? "" })::text[])
                      AS row(id, user_id, channel, destination, endpoint_id)
                 """)
@@ -451,18 +451,27 @@ extension TenantTransaction {
             firsts.reserveCapacity(t.count)
             lasts.reserveCapacity(t.count)
             records.reserveCapacity(t.count * 2)
+            // Recipients in a row mostly share their decisions: a trace decided as the one before
+            // it takes its set without building and hashing the set again.
+            var previous: (channels: [TracedChannel], id: UUID)?
             for trace in t {
-                let shared = trace.channels.map(SharedChannelDecision.init)
-                if let id = decisionOf[shared] {
-                    decisionIDs.append(id)
+                if let previous, Self.decidedAlike(trace.channels, previous.channels) {
+                    decisionIDs.append(previous.id)
                 } else {
-                    let id = UUID()
-                    decisionOf[shared] = id
-                    decisions.append((id, shared))
+                    let shared = trace.channels.map(SharedChannelDecision.init)
+                    let id: UUID
+                    if let known = decisionOf[shared] {
+                        id = known
+                    } else {
+                        id = UUID()
+                        decisionOf[shared] = id
+                        decisions.append((id, shared))
+                    }
                     decisionIDs.append(id)
+                    previous = (trace.channels, id)
                 }
                 firsts.append(Int32(records.count + 1))
-                for channel in trace.channels { records += channel.recordIDs }
+                for channel in trace.channels { channel.appendRecordIDs(to: &records) }
                 lasts.append(Int32(records.count))
             }
             statements.append(
@@ -476,9 +485,9 @@ extension TenantTransaction {
                 INSERT INTO event_recipients (organisation_id, event_id, user_id, category_id, targeted, rule, reason, notified,
                                               decision_id, record_ids, counted_by_limits)
                 SELECT \(organisationID), \(event.id), user_id, \(type.categoryID), targeted, rule, reason, notified,
-                       decision_id, coalesce((\(records)::uuid[])[first:last], '{}'), \(plan.countedByLimits)
-                FROM unnest(\(t.map(\.targeting.userID))::uuid[], \(t.map(\.targeting.targeted))::boolean[], \(t.map(\.targeting.rule))::text[],
-                            \(t.map(\.targeting.reason))::text[], \(t.map(\.notified))::boolean[], \(decisionIDs)::uuid[],
+                       decision_id, coalesce((\(UUIDArray(records))::uuid[])[first:last], '{}'), \(plan.countedByLimits)
+                FROM unnest(\(UUIDArray(t.map(\.targeting.userID)))::uuid[], \(t.map(\.targeting.targeted))::boolean[], \(t.map(\.targeting.rule))::text[],
+                            \(t.map(\.targeting.reason))::text[], \(t.map(\.notified))::boolean[], \(UUIDArray(decisionIDs))::uuid[],
                             \(firsts)::integer[], \(lasts)::integer[])
                      AS row(user_id, targeted, rule, reason, notified, decision_id, first, last)
                 """)
@@ -487,6 +496,12 @@ extension TenantTransaction {
         statements.append(announceStatement(event.id, work: plan.deliveries.isEmpty ? [] : .deliveries))
         if let inApp { statements.append(inApp) }
         return statements
+    }
+
+    /// Whether two recipients' channels share one decision set (`SharedChannelDecision`): the same
+    /// decisions, each with as many rows.
+    static func decidedAlike(_ a: [TracedChannel], _ b: [TracedChannel]) -> Bool {
+        a.count == b.count && zip(a, b).allSatisfy { $0.decision == $1.decision && $0.recordCount == $1.recordCount }
     }
 
     /// Tells the bus the event committed (delivered at commit, never for a rolled-back
@@ -590,7 +605,7 @@ struct SharedChannelDecision: Codable, Hashable {
         source = traced.decision.preference.source
         outcome = traced.decision.outcome
         reason = traced.decision.reason
-        records = traced.recordIDs.count
+        records = traced.recordCount
         failedCondition = traced.decision.failedCondition
     }
 }
@@ -598,7 +613,21 @@ struct SharedChannelDecision: Codable, Hashable {
 extension TracedChannel {
     /// The rows the channel made, in the order a trace row lists them: the in-app row, the
     /// outbox rows, the digest item (a channel makes one kind, by its outcome).
-    var recordIDs: [UUID] { [notificationID].compactMap { $0 } + deliveryIDs + [digestItemID].compactMap { $0 } }
+    var recordIDs: [UUID] {
+        var ids: [UUID] = []
+        appendRecordIDs(to: &ids)
+        return ids
+    }
+
+    /// How many `recordIDs` there are, without building them.
+    var recordCount: Int { (notificationID == nil ? 0 : 1) + deliveryIDs.count + (digestItemID == nil ? 0 : 1) }
+
+    /// Appends `recordIDs` to `ids`: a fan-out chunk lists 10 000 recipients' ids in one array.
+    func appendRecordIDs(to ids: inout [UUID]) {
+        if let notificationID { ids.append(notificationID) }
+        ids += deliveryIDs
+        if let digestItemID { ids.append(digestItemID) }
+    }
 }
 
 /// One channel of the trace as stored in `event_recipients.channels` (rows from before 0028),

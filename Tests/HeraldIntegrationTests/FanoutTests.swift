@@ -56,6 +56,21 @@ struct FanoutTests {
         }
     }
 
+    @Test("a chunk's id arrays, written in one pass (UUIDArray), reach PostgreSQL as PostgresNIO's own encoding does: empty, one, many")
+    func idArraysAsPostgresNIOWritesThem() async throws {
+        let env = try await TestEnvironment.shared
+        for ids in [[], [UUID()], (0..<1_000).map { _ in UUID() }] {
+            let rows = try await env.appClient.query(
+                "SELECT \(UUIDArray(ids))::uuid[] = \(ids)::uuid[], cardinality(\(UUIDArray(ids))::uuid[]), (\(UUIDArray(ids))::uuid[])[1:2]",
+                logger: env.logger)
+            for try await (same, count, head) in rows.decode((Bool, Int, [UUID]).self) {
+                #expect(same, "\(ids.count) ids")
+                #expect(count == ids.count)
+                #expect(head == Array(ids.prefix(2)))
+            }
+        }
+    }
+
     @Test("a large audience is answered at once, written in chunks by the runner, and ends as a synchronous notify would")
     func chunkedThroughTheAPI() async throws {
         let (org, users) = try await organisation()
