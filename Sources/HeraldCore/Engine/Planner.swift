@@ -244,8 +244,10 @@ public enum NotificationPlanner {
         plan.countedByLimits = input.throttlePerMinute != nil || input.userThrottlePerMinute != nil
         // Each template is parsed once, not once per recipient.
         let parsed = input.type.templates.mapValues { $0.mapValues { ParsedTemplate($0) } }
-        // The in-app text every recipient of a locale shares, rendered once per locale.
+        // The in-app text every recipient of a locale shares, rendered once per locale, and the
+        // in-app template picked for each locale once (by the recipient's locale, "" for none).
         var shared: [String: TemplateContent] = [:]
+        var inAppTemplates: [String: ParsedTemplate?] = [:]
         // What the context says of the event, built once: only `recipient` differs per recipient.
         let eventContext = context(input)
         for target in targeting {
@@ -279,12 +281,21 @@ public enum NotificationPlanner {
                 var traced = TracedChannel(decision: decision)
                 switch decision.outcome {
                 case .inApp:
-                    let content = InAppText.bounded(render(input, profile, channel: .inApp, parsed: parsed, eventContext: eventContext))
                     let key = profile.locale ?? ""
+                    let template: ParsedTemplate?
+                    if let picked = inAppTemplates[key] {
+                        template = picked
+                    } else {
+                        template =
+                            TemplateRenderer.pick(
+                                parsed[.inApp] ?? [:], userLocale: profile.locale, organisationLocale: input.organisationLocale)?
+                            .value
+                        inAppTemplates[key] = template
+                    }
+                    let content = InAppText.bounded(render(template, input, profile, eventContext: eventContext))
                     let common =
                         shared[key]
-                        ?? InAppText.bounded(
-                            render(input, profile.withoutPersonalDetails, channel: .inApp, parsed: parsed, eventContext: eventContext))
+                        ?? InAppText.bounded(render(template, input, profile.withoutPersonalDetails, eventContext: eventContext))
                     shared[key] = common
                     let id = TimeOrderedID.make(at: input.notificationTime ?? input.deliverAt)
                     plan.notifications.append(
@@ -341,15 +352,23 @@ public enum NotificationPlanner {
     static func context(
         _ input: PlanInput, _ profile: RecipientProfile, links: [String: String], eventContext: [String: Any]
     ) -> [String: Any] {
-        var context = eventContext
-        context["links"] = links
-        context["recipient"] =
-            [
-                "display_name": profile.displayName, "email": profile.email,
-                "locale": profile.locale ?? input.organisationLocale, "timezone": profile.timezone ?? input.organisationTimezone,
-                "attributes": profile.attributes.plain,
-            ] as [String: Any]
-        return context
+        scope(input, profile, links: links, eventContext: eventContext).merged
+    }
+
+    /// The same context, the recipient's part apart from the event's.
+    static func scope(
+        _ input: PlanInput, _ profile: RecipientProfile, links: [String: String], eventContext: [String: Any]
+    ) -> TemplateScope {
+        TemplateScope(
+            shared: eventContext,
+            own: [
+                "links": links,
+                "recipient": [
+                    "display_name": profile.displayName, "email": profile.email,
+                    "locale": profile.locale ?? input.organisationLocale, "timezone": profile.timezone ?? input.organisationTimezone,
+                    "attributes": profile.attributes.plain,
+                ] as [String: Any],
+            ])
     }
 
     /// The recipient's content for `channel`: the template in their locale, or the type's name.
@@ -378,8 +397,16 @@ public enum NotificationPlanner {
                 input.type.templates[channel] ?? [:], userLocale: profile.locale, organisationLocale: input.organisationLocale
             ).map { ParsedTemplate.cached($0.value, plainText: plainText) }
         }
+        return render(template, input, profile, links: links, eventContext: eventContext ?? context(input))
+    }
+
+    /// The recipient's content from a template already picked (nil: the type's name).
+    static func render(
+        _ template: ParsedTemplate?, _ input: PlanInput, _ profile: RecipientProfile, links: [String: String] = [:],
+        eventContext: [String: Any]
+    ) -> TemplateContent {
         guard let template else { return TemplateContent(subject: input.type.name, body: "") }
-        return template.render(context(input, profile, links: links, eventContext: eventContext ?? context(input)))
+        return template.render(scope(input, profile, links: links, eventContext: eventContext))
     }
 }
 

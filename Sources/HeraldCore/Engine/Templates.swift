@@ -141,11 +141,37 @@ public struct ParsedTemplate: Sendable {
 
     /// The content for one recipient (a part that does not parse renders as its source).
     public func render(_ context: [String: Any]) -> TemplateContent {
-        TemplateContent(
-            subject: plainSubject?.render(context) ?? subject?.render(context) ?? source.subject,
-            body: plainBody?.render(context) ?? body?.render(context) ?? source.body,
-            html: source.html.map { plainHTML?.render(context) ?? html?.render(context) ?? $0 })
+        render(TemplateScope(shared: context, own: [:]))
     }
+
+    /// `render`, with the context in two parts that are merged only if Mustache renders.
+    func render(_ scope: TemplateScope) -> TemplateContent {
+        var merged: [String: Any]?
+        func context() -> [String: Any] {
+            if let merged { return merged }
+            let built = scope.merged
+            merged = built
+            return built
+        }
+        return TemplateContent(
+            subject: plainSubject?.render(scope) ?? subject?.render(context()) ?? source.subject,
+            body: plainBody?.render(scope) ?? body?.render(context()) ?? source.body,
+            html: source.html.map { plainHTML?.render(scope) ?? html?.render(context()) ?? $0 })
+    }
+}
+
+/// A rendering context in two parts: what every recipient of an event shares (`payload`,
+/// `organisation`, `event`…), built once per plan, and what is the recipient's own (`recipient`,
+/// `links`), whose names win. A fan-out copied the shared dictionary into a new one for each of
+/// its recipients (issue 12); now only Mustache, for a template that is more than text and
+/// variables, gets them merged.
+struct TemplateScope {
+    var shared: [String: Any]
+    var own: [String: Any]
+
+    func value(_ name: String) -> Any? { own[name] ?? shared[name] }
+
+    var merged: [String: Any] { own.isEmpty ? shared : shared.merging(own) { $1 } }
 }
 
 /// A template made only of text and variables (`{{a.b}}`, `{{{a.b}}}`, `{{&a.b}}`), rendered by
@@ -206,14 +232,18 @@ struct PlainTemplate: Sendable {
     /// The rendered text; nil when a value is neither a string, an integer nor a boolean (or a
     /// name goes through something that is not a dictionary), for Mustache to render instead.
     func render(_ context: [String: Any]) -> String? {
+        render(TemplateScope(shared: context, own: [:]))
+    }
+
+    func render(_ scope: TemplateScope) -> String? {
         var out = ""
         for part in parts {
             switch part {
             case .text(let text):
                 out += text
             case .value(let path, let escaped):
-                var value: Any? = context
-                for name in path {
+                var value: Any? = scope.value(path[0])
+                for name in path.dropFirst() {
                     guard let object = value else { break }
                     if let dictionary = object as? [String: Any] {
                         value = dictionary[name]
