@@ -67,8 +67,8 @@ public struct PreparedChunk: Sendable {
     public let after: UUID?
     let planned: PlannedEvent
     let size: Int
-    /// How many users the audience names, when this chunk's planning counted them.
-    public internal(set) var expected: Int? = nil
+    /// How many users the audience names, when they were counted before this chunk was written.
+    public var expected: Int? = nil
 
     /// The chunk's last user, where the next chunk starts.
     public var last: UUID? { planned.recipients.last?.candidate.userID }
@@ -179,12 +179,8 @@ extension TenantTransaction {
     /// Plans the chunk that starts at `start` without writing it or locking the event, so that
     /// a fan-out plans its next chunk while this one is written (`writeChunk`). Nil when the event
     /// is no longer this lease's to expand, or was cancelled: `expandChunk` then settles it.
-    ///
-    /// `countAudience` also counts the audience for the event's progress (`fanout.expected`), if
-    /// it is not counted yet: the handler asks it of the chunk it plans while the first is written,
-    /// so the count (seconds for a million users) runs beside a write, not under the event's row lock.
     public func prepareChunk(
-        _ claim: ClaimedFanout, worker: String, from start: ChunkStart, size: Int, now: Date, countAudience: Bool = false
+        _ claim: ClaimedFanout, worker: String, from start: ChunkStart, size: Int, now: Date
     ) async throws -> PreparedChunk? {
         guard let row = try await fanoutEvent(claim, locked: false), row.isLeased(by: worker, claim), row.status != .cancelled
         else { return nil }
@@ -193,9 +189,17 @@ extension TenantTransaction {
             case .storedCursor: row.cursor
             case .after(let id): id
             }
-        var chunk = try await planChunk(claim, row, after: after, size: size, now: now)
-        if countAudience, row.expected == nil { chunk.expected = try await audienceCount(row.request.audience) }
-        return chunk
+        return try await planChunk(claim, row, after: after, size: size, now: now)
+    }
+
+    /// How many users the event's audience names, for its progress (`fanout.expected`): nil when
+    /// it is counted already or the event is no longer this lease's. The handler counts beside the
+    /// chunks' writes (a second for a million users), never under the event's row lock, and a
+    /// chunk written after the count records it (`PreparedChunk.expected`).
+    public func countFanoutAudience(_ claim: ClaimedFanout, worker: String) async throws -> Int? {
+        guard let row = try await fanoutEvent(claim, locked: false), row.isLeased(by: worker, claim), row.expected == nil
+        else { return nil }
+        return try await audienceCount(row.request.audience)
     }
 
     /// Writes a chunk `prepareChunk` planned, fenced like `expandChunk`, and only if the event's
@@ -285,7 +289,7 @@ extension TenantTransaction {
     ) async throws -> FanoutStep {
         let planned = chunk.planned
         let written = planned.recipients.count
-        // Counted while a chunk was planned (prepareChunk); at the end, at the latest, what was written.
+        // Counted beside the chunks (countFanoutAudience); at the end, at the latest, what was written.
         var expected = row.expected ?? chunk.expected
         if expected == nil, chunk.finished { expected = row.done + written }
         try await query(

@@ -156,7 +156,7 @@ struct FanoutTests {
         #expect(HeraldService.untraced(owner, fanout: nil).reason == "NOT_IN_AUDIENCE")
     }
 
-    @Test("the runner counts the audience beside the first chunk's write; a lease that pauses after it leaves the total shown")
+    @Test("the runner counts the audience beside the chunks' writes; a lease that pauses after its first chunk leaves the total shown")
     func countedBesideTheFirstChunk() async throws {
         let (org, users) = try await organisation()
         let id = try await org.store { tx in try await tx.send(everyone(), now: Date(), fanout: Self.settings).id }
@@ -180,11 +180,10 @@ struct FanoutTests {
         let id = try await org.store { tx in try await tx.send(everyone("ISQ_CRITICAL"), now: Date(), fanout: Self.settings).id }
         let worker = "fanout-ahead-\(UUID().uuidString.prefix(6))"
         let lease = try #require(try await claim(org, worker: worker))
-        func prepare(_ start: ChunkStart, countAudience: Bool = false) async throws -> PreparedChunk {
+        func prepare(_ start: ChunkStart) async throws -> PreparedChunk {
             try #require(
                 try await org.store { tx in
-                    try await tx.prepareChunk(
-                        lease, worker: worker, from: start, size: Self.settings.chunkSize, now: Date(), countAudience: countAudience)
+                    try await tx.prepareChunk(lease, worker: worker, from: start, size: Self.settings.chunkSize, now: Date())
                 })
         }
         func write(_ chunk: PreparedChunk) async throws -> FanoutStep {
@@ -192,9 +191,11 @@ struct FanoutTests {
         }
         func expected() async throws -> Int? { try await org.store { tx in try await tx.event(id) }.fanout?.expected }
         let first = try await prepare(.storedCursor)
-        // Planned beside the first chunk's write, the second counts the audience for the progress.
-        let second = try await prepare(.after(try #require(first.last)), countAudience: true)
+        // Counted beside the chunks, the audience goes with the next chunk written.
+        var second = try await prepare(.after(try #require(first.last)))
+        second.expected = try await org.store { tx in try await tx.countFanoutAudience(lease, worker: worker) }
         #expect(second.expected == users.count)
+        #expect(try await org.store { tx in try await tx.countFanoutAudience(lease, worker: "someone-else") } == nil)
         // The second chunk starts after the first, which is not written yet: refused, nothing written.
         #expect(try await write(second) == .leaseLost)
         #expect(try await rows(org, "notifications", event: id) == (0, 0))
