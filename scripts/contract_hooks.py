@@ -235,10 +235,10 @@ def _fix_event(body: dict) -> None:
     if "type" in body:
         body["type"] = _pick(FIXTURES.get("types", []), body["type"])
     if "audience" in body:
-        # Someone who exists, by role key; exclusions are kept as drawn.
+        # Someone who exists, by role key; exclusions name users who exist (an unknown one is a 422).
         audience = {"roles": [_pick(FIXTURES.get("role_keys", []), "member")]}
-        if isinstance(body["audience"], dict) and "exclude_user_ids" in body["audience"]:
-            audience["exclude_user_ids"] = body["audience"]["exclude_user_ids"]
+        if isinstance(body["audience"], dict) and isinstance(body["audience"].get("exclude_user_ids"), list):
+            audience["exclude_user_ids"] = [_pick(FIXTURES.get("users", []), u) for u in body["audience"]["exclude_user_ids"]]
         body["audience"] = audience
 
 

@@ -68,6 +68,8 @@ public struct AccessTokens: Sendable {
     let keyIDs: Set<String>
     /// Tokens already checked (`CheckedTokens`).
     let checkedTokens = CheckedTokens()
+    /// Whether each token's session is still live (`SessionLiveness`).
+    let sessions: SessionLiveness
     let activeKeyID: String
     let publicKeys: [(id: String, key: ES256PublicKey)]
     let issuer: String
@@ -76,7 +78,8 @@ public struct AccessTokens: Sendable {
     let leeway: TimeInterval
 
     public init(
-        keys: [AccessTokenKey], activeKeyID: String?, issuer: String, audience: String, ttl: TimeInterval, leeway: TimeInterval
+        keys: [AccessTokenKey], activeKeyID: String?, issuer: String, audience: String, ttl: TimeInterval, leeway: TimeInterval,
+        sessionCheckSeconds: TimeInterval = 30
     ) async throws {
         guard let last = keys.last else { throw AccessTokenConfigurationError.noKeys }
         let active = activeKeyID ?? last.id
@@ -98,6 +101,7 @@ public struct AccessTokens: Sendable {
         self.audience = audience
         self.ttl = ttl
         self.leeway = min(leeway, 60)
+        self.sessions = SessionLiveness(seconds: sessionCheckSeconds)
     }
 
     /// A signed access token for `userID` in `organisationID`.

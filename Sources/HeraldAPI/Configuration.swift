@@ -118,6 +118,9 @@ public struct AppConfiguration: Sendable {
     /// Seconds the bell's reads (first page, unread count) are kept per user (`FeedCache`),
     /// dropped at once when the bus or this instance says the feed changed; 0: not kept.
     public var feedCacheSeconds: Double = 5
+    /// How long an instance trusts its last answer that a token's session is live
+    /// (`SessionLiveness`); 0: it asks the database on every request.
+    public var sessionCheckSeconds: Double = 30
     /// Serves the demo pages (`/demo/bell`); `make run` turns it on, production leaves it off.
     public var demoPages = false
     /// The web origins whose pages may call `/v1/` from a browser (`HERALD_CORS_ORIGINS`).
@@ -303,6 +306,10 @@ public struct AppConfiguration: Sendable {
         try number("HERALD_STREAM_RETENTION_SECONDS", &c.streamRetentionSeconds)
         try number("HERALD_STREAM_MAX_BACKLOG", &c.streamMaxBacklog)
         try number("HERALD_STREAM_SWEEP_SECONDS", &c.streamSweepSeconds)
+        try number("HERALD_SESSION_CHECK_SECONDS", &c.sessionCheckSeconds)
+        guard (0...900).contains(c.sessionCheckSeconds) else {
+            throw ConfigurationError(variable: "HERALD_SESSION_CHECK_SECONDS", value: "\(c.sessionCheckSeconds) (0 to 900)")
+        }
         try number("HERALD_FEED_CACHE_SECONDS", &c.feedCacheSeconds)
         guard (0...300).contains(c.feedCacheSeconds) else {
             throw ConfigurationError(variable: "HERALD_FEED_CACHE_SECONDS", value: "\(c.feedCacheSeconds) (0 to 300)")

@@ -39,6 +39,7 @@ struct ContractChecks: Sendable {
         if let route {
             // The query string is read once for both checks.
             let path = request.path ?? ""
+            if let problem = SpecRoutes.undecodableQueryPart(of: path) { throw APIError.badRequest(problem) }
             let pairs = SpecRoutes.queryPairs(of: path)
             if let name = pairs.first(where: { !route.query.contains($0.name) })?.name {
                 let accepted = route.query.sorted()
@@ -49,6 +50,11 @@ struct ContractChecks: Sendable {
             var seen = Set<String>()
             if let name = pairs.map(\.name).first(where: { !seen.insert($0).inserted && !route.repeatable.contains($0) }) {
                 throw APIError.badRequest("Query parameter \"\(name)\" is given more than once; it takes one value.")
+            }
+            // Checked here, not left to the generated decoders: with another parameter given, they
+            // named the missing one "body" ("body: Value not found.", a trial).
+            if let name = route.requiredQuery.sorted().first(where: { name in !pairs.contains { $0.name == name } }) {
+                throw APIError.badRequest("\(name): this query parameter is required.")
             }
             if let problem = route.parameterProblem(in: path, query: pairs) { throw problem }
         }

@@ -303,7 +303,7 @@ public final class FeedCache: Service, Sendable {
             invalidateAll()
             synced.store(bus.connectionGeneration, ordering: .releasing)
         case .sessionRevoked:
-            // Access tokens outlive their session's revocation until they expire, cached or not.
+            // A hit is refused before the cache is asked (SessionLiveness): nothing to drop.
             break
         }
     }

@@ -91,6 +91,8 @@ public enum APIError: Error, Sendable, Equatable {
             switch resource {
             case "digest template": "Your organisation has no digest template of this locale."
             case "template": "This notification type has no template of this channel and locale."
+            // A signed link is answered on a public route, with no organisation in sight.
+            case "link": "This link is not valid, or has expired or been used up."
             default: "No \(resource) with this id exists in your organisation."
             }
         case .originNotAllowed(let origin):

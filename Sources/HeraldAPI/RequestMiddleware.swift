@@ -84,6 +84,12 @@ struct RequestMiddleware: RouterMiddleware {
             response.headers[.connection] = "close"
             context.channel.close(mode: .input, promise: nil)
         }
+        // A page (the unsubscribe confirmation, the demo pages) is never shown inside another
+        // site's frame, where a click could be borrowed (a trial of the confirmation page).
+        if response.headers[.contentType]?.hasPrefix("text/html") == true {
+            response.headers[.xFrameOptions] = "DENY"
+            if response.headers[.contentSecurityPolicy] == nil { response.headers[.contentSecurityPolicy] = "frame-ancestors 'none'" }
+        }
         // The generated code percent-encodes header values (URI "simple" style), which turns a
         // redirect's absolute URL into one opaque token; Location is a URI already (RFC 9110).
         if let location = response.headers[.location], location.contains("%3A%2F%2F") {
@@ -420,4 +426,5 @@ struct RequestMiddleware: RouterMiddleware {
 
 extension HTTPField.Name {
     static let requestID = HTTPField.Name("X-Request-Id")!
+    static let xFrameOptions = HTTPField.Name("X-Frame-Options")!
 }

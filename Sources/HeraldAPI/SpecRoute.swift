@@ -20,6 +20,8 @@ struct SpecRoute: Sendable {
     var repeatable: Set<String> = []
     /// Whether the operation declares a request body; a body sent to one that does not is a 400.
     var takesBody = true
+    /// The query parameters the operation requires; a request without one is a 400 naming it.
+    var requiredQuery: Set<String> = []
 
     /// How many segments of the template are fixed words, not `{…}` parameters.
     var literalSegments: Int { path.split(separator: "/").filter { !$0.hasPrefix("{") }.count }
@@ -44,6 +46,24 @@ extension SpecRoutes {
         let matching = operations.filter { $0.matches(path: bare) }
         let best = matching.map(\.literalSegments).max() ?? 0
         return Set(matching.filter { $0.literalSegments == best }.map(\.method)).sorted()
+    }
+
+    /// The first name or value of the query string whose percent escapes do not decode (a `%` not
+    /// followed by two hexadecimal digits, or bytes that are not UTF-8), as a sentence naming it.
+    /// The generated decoders read such a value as empty, and an empty filter is no filter: a
+    /// search for `memb%ZZ` answered every user (a trial).
+    static func undecodableQueryPart(of path: String) -> String? {
+        guard let query = path.split(separator: "?", maxSplits: 1).dropFirst().first else { return nil }
+        for pair in query.split(separator: "&") where !pair.isEmpty {
+            let halves = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
+            for half in halves where half.removingPercentEncoding == nil {
+                let name = halves[0].removingPercentEncoding ?? halves[0]
+                let shown = half.count > 40 ? "\(half.prefix(40))…" : half
+                return "Query parameter \"\(name)\": \"\(shown)\" is not valid percent-encoding (each % takes two hexadecimal digits, "
+                    + "and the bytes must be UTF-8); encode the value, e.g. with curl's --data-urlencode and -G."
+            }
+        }
+        return nil
     }
 
     /// The query string's names and values, `+` and percent escapes decoded (form style, as the

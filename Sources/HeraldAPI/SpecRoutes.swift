@@ -5,7 +5,8 @@
 /// the length limits (`maxLength`, `maxItems` as `path#items`) of its JSON body by JSON path, and
 /// what its query and path parameters' values must be (`SpecRoute.parameterRules`), and what
 /// its JSON body's enumerated and date-time strings must be, by JSON path (`SpecRoute.bodyRules`);
-/// the query parameters that may be given more than once (arrays), and whether it takes a body.
+/// the query parameters that may be given more than once (arrays), whether it takes a body,
+/// and the query parameters it requires.
 enum SpecRoutes {
     static let operations: [SpecRoute] = [
         SpecRoute(operationID: "getJWKS", method: "GET", path: "/.well-known/jwks.json", query: [],
@@ -392,7 +393,7 @@ enum SpecRoutes {
                   limits: [:],
                   parameterRules: ["cursor": "string:500", "event": "string:100", "limit": "integer"],
                   bodyRules: [:],
-                  repeatable: [], takesBody: false),
+                  repeatable: [], takesBody: false, requiredQuery: ["event"]),
         SpecRoute(operationID: "getNotificationStats", method: "GET", path: "/v1/notifications/stats", query: ["since", "until", "user_id"],
                   limits: [:],
                   parameterRules: ["since": "date-time", "until": "date-time"],

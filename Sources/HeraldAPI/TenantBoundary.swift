@@ -57,6 +57,7 @@ struct TenantBoundary: ServerMiddleware {
         guard let credential = scope.credential else {
             throw APIError.unauthorized("This operation needs a bearer token or an API key.")
         }
+        if case .accessToken(let access) = credential { try await requireLiveSession(access) }
         // A proven credential of an organisation over its rate is refused here, without a connection.
         let early = rateLimits?.takeEarly(credential, operationID: operationID, now: now())
         if let early, let decision = early, !decision.allowed { throw APIError.rateLimited(decision) }
@@ -153,6 +154,16 @@ struct TenantBoundary: ServerMiddleware {
                 return (response, body)
             }
         }
+    }
+
+    /// A 401 when the session `access` was issued with has ended (`SessionLiveness`): signed out,
+    /// its refresh token used twice, or its user deactivated. The streams check the same.
+    private func requireLiveSession(_ access: VerifiedAccess) async throws {
+        let now = now()
+        let live = try await authenticator.tokens.sessions.isLive(access, now: now) { session in
+            try await database.withTenant(access.organisationID) { tx in try await tx.sessionIsLive(session, of: access.userID, now: now) }
+        }
+        if !live { throw APIError.unauthorized("The session behind this credential has ended; sign in again.") }
     }
 
     /// The bell's reads in one statement (`BellReads`): for a user's access token whose rate, when

@@ -225,6 +225,22 @@ extension TenantTransaction {
             })
     }
 
+    /// The `exclude_user_ids` of `audience` that this organisation has no user for (each once, at
+    /// most 20). The API refuses
+    /// them as it refuses unknown `user_ids` (so that an event never stores another organisation's
+    /// ids, and a mistyped exclusion is not silently an exclusion of nobody: a trial); a schedule's
+    /// occurrence does not, since excluding a user deleted since changes nothing.
+    public func unknownExclusions(_ audience: Audience) async throws -> [UUID] {
+        guard !audience.excludeUserIDs.isEmpty else { return [] }
+        return try await query(
+            """
+            SELECT DISTINCT x FROM unnest(\(audience.excludeUserIDs)::uuid[]) x
+            WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.organisation_id = \(organisationID) AND u.id = x)
+            ORDER BY x LIMIT 20
+            """
+        ).map { try $0.decode(UUID.self) }
+    }
+
     /// Users' own settings for one category, by user and channel; `users` confines them.
     func preferencesRead(forCategory categoryID: UUID, users: [UUID]?) -> StoreRead<[UUID: [NotificationChannel: PreferenceSetting]]> {
         StoreRead(

@@ -45,9 +45,11 @@ enum DemoCatalogue {
                         subject: "Critical implant stability reading",
                         body:
                             "Hello {{recipient.display_name}},\n\nA reading of {{payload.isq}} needs your attention. Open Herald to see it."
-                            + "{{#links.open}}\n\nOpen the reading: {{links.open}}{{/links.open}}",
+                            + "{{#links.open}}\n\nOpen the reading: {{links.open}}{{/links.open}}"
+                            + "{{#links.unsubscribe}}\n\nStop these emails: {{links.unsubscribe}}{{/links.unsubscribe}}",
                         html: "<p>Hello {{recipient.display_name}},</p><p>A reading of <b>{{payload.isq}}</b> needs your attention.</p>"
-                            + "{{#links.open}}<p><a href=\"{{links.open}}\">Open the reading</a></p>{{/links.open}}")
+                            + "{{#links.open}}<p><a href=\"{{links.open}}\">Open the reading</a></p>{{/links.open}}"
+                            + "{{#links.unsubscribe}}<p><a href=\"{{links.unsubscribe}}\">Stop these emails</a></p>{{/links.unsubscribe}}")
                 ),
             ]),
         TypeSeed(
@@ -62,7 +64,10 @@ enum DemoCatalogue {
                 ),
                 (
                     .email, "en",
-                    TemplateContent(subject: "New outing: {{payload.title}}", body: "{{payload.activity}} on {{payload.starts_on}}.")
+                    TemplateContent(
+                        subject: "New outing: {{payload.title}}",
+                        body: "{{payload.activity}} on {{payload.starts_on}}."
+                            + "{{#links.unsubscribe}}\n\nStop these emails: {{links.unsubscribe}}{{/links.unsubscribe}}")
                 ),
             ]),
         TypeSeed(

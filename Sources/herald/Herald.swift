@@ -73,11 +73,14 @@ struct Serve: AsyncParsableCommand {
                     logger: logger))
         }
         let feedCache = config.feedCacheSeconds > 0 ? FeedCache(lifetime: config.feedCacheSeconds, bus: bus) : nil
+        let tokens = try await accessTokens(config)
         let dependencies = AppDependencies(
             database: apiDatabase, postgres: postgres,
-            tokens: try await accessTokens(config), passwords: passwordHasher(config),
+            tokens: tokens, passwords: passwordHasher(config),
             metrics: HTTPMetrics(registry: registry), expectedMigrations: try migrations().map(\.version),
-            linkKeys: linkKeys, services: [bus, streams, schedules] + fanouts + (feedCache.map { [$0] } ?? []) + delivery.services,
+            linkKeys: linkKeys,
+            services: [bus, streams, schedules, SessionWatch(bus: bus, tokens: tokens)] + fanouts + (feedCache.map { [$0] } ?? [])
+                + delivery.services,
             streams: streams, feedCache: feedCache)
         let app = try buildApplication(configuration: config, dependencies: dependencies, logger: logger)
         logger.info("herald listening", metadata: ["address": "\(config.host):\(config.port)", "workers": "\(delivery.workers)"])
@@ -148,10 +151,16 @@ struct SeedDemo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "seed-demo", abstract: "Create the demo organisation and print tokens and curl examples.")
 
-    @Option(help: "Base URL printed in the examples.") var baseURL = "http://127.0.0.1:8080"
+    @Option(help: "Base URL printed in the examples (default: HERALD_PUBLIC_URL, else 127.0.0.1 on HERALD_PORT).")
+    var baseURL: String?
 
     func run() async throws {
         let config = try AppConfiguration.fromEnvironment()
+        // The server `make run` starts next listens where HERALD_PORT says: examples for 8080
+        // talked to nothing, or to another instance, when it was changed (a trial).
+        let baseURL =
+            baseURL ?? config.publicURL.map { $0.hasSuffix("/") ? String($0.dropLast()) : $0 } ?? "http://127.0.0.1:\(config.port)"
+
         let logger = Logger(label: "herald.seed")
         let tokens = try await accessTokens(config)
         let hasher = passwordHasher(config)
@@ -516,7 +525,8 @@ func poolConfiguration(_ config: AppConfiguration) throws -> PostgresClient.Conf
 func accessTokens(_ config: AppConfiguration) async throws -> AccessTokens {
     try await AccessTokens(
         keys: try AccessTokenKey.load(directory: config.jwtKeysDirectory), activeKeyID: config.jwtActiveKeyID,
-        issuer: config.jwtIssuer, audience: config.jwtAudience, ttl: config.accessTokenTTL, leeway: config.jwtLeeway)
+        issuer: config.jwtIssuer, audience: config.jwtAudience, ttl: config.accessTokenTTL, leeway: config.jwtLeeway,
+        sessionCheckSeconds: config.sessionCheckSeconds)
 }
 
 func passwordHasher(_ config: AppConfiguration) -> PasswordHasher {

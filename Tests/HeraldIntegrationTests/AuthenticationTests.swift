@@ -311,4 +311,80 @@ struct SessionTests {
             #expect(try await refresh(client, token).isProblem(.unauthorized))
         }
     }
+
+    /// A 401 saying the session ended, for `access` on a plain call and on the bell's read.
+    func expectEnded(_ client: some TestClientProtocol, _ access: String, _ comment: Comment) async throws {
+        for path in ["/v1/me", "/v1/me/notifications/unread-count"] {
+            let response = try await client.send(.get, path, token: access)
+            #expect(
+                response.isProblem(.unauthorized) && response.text.contains("session"), "\(path), \(comment): \(response.text.prefix(200))")
+        }
+    }
+
+    @Test(
+        "an access token stops with its session: at logout, when its family is revoked for a reused refresh token, and at deactivation, for good"
+    )
+    func accessTokensEndWithTheSession() async throws {
+        try await withOrganisation { org, client in
+            let member = "member@\(org.slug).example"
+            // Logout: the access token of the session stops at once (it lived on for 15 minutes).
+            let first = try await login(client, org, email: member)
+            let access = try #require(first.json["access_token"] as? String)
+            #expect(try await client.send(.get, "/v1/me/notifications/unread-count", token: access).status == .ok)
+            #expect(
+                try await client.send(.post, "/v1/auth/logout", json: #"{"refresh_token": "\#(first.json["refresh_token"] as! String)"}"#)
+                    .status
+                    == .noContent)
+            try await expectEnded(client, access, "after logout")
+            // Another session of the same user is not touched.
+            let second = try await login(client, org, email: member)
+            let secondAccess = try #require(second.json["access_token"] as? String)
+            #expect(try await client.send(.get, "/v1/me", token: secondAccess).status == .ok)
+            // A spent refresh token used again revokes the family: the old and the new access token stop.
+            let spent = try #require(second.json["refresh_token"] as? String)
+            let rotated = try await refresh(client, spent)
+            let newest = try #require(rotated.json["access_token"] as? String)
+            #expect(try await client.send(.get, "/v1/me", token: newest).status == .ok)
+            #expect(try await refresh(client, spent).isProblem(.unauthorized))
+            try await expectEnded(client, secondAccess, "the family revoked")
+            try await expectEnded(client, newest, "the family revoked")
+            // Deactivation ends every session; a reactivation does not bring their tokens back.
+            let third = try #require(try await login(client, org, email: member).json["access_token"] as? String)
+            #expect(try await client.send(.get, "/v1/me", token: third).status == .ok)
+            #expect(try await client.send(.post, "/v1/users/\(org.memberID)/deactivate", token: org.ownerToken).status == .ok)
+            #expect(try await client.send(.post, "/v1/users/\(org.memberID)/reactivate", token: org.ownerToken).status == .ok)
+            try await expectEnded(client, third, "deactivated, then reactivated")
+            // A new login works.
+            let fourth = try #require(try await login(client, org, email: member).json["access_token"] as? String)
+            #expect(try await client.send(.get, "/v1/me", token: fourth).status == .ok)
+        }
+    }
+
+    @Test("an instance trusts a live session for HERALD_SESSION_CHECK_SECONDS, and learns an end at once from itself or the bus")
+    func sessionAnswersKept() async throws {
+        let sessions = SessionLiveness(seconds: 30)
+        let access = VerifiedAccess(organisationID: UUID(), userID: UUID(), sessionID: UUID())
+        let start = Date()
+        var asked = 0
+        func live(at now: Date, database: Bool = true) async throws -> Bool {
+            try await sessions.isLive(access, now: now) { _ in
+                asked += 1
+                return database
+            }
+        }
+        #expect(try await live(at: start) && asked == 1)
+        #expect(try await live(at: start.addingTimeInterval(29)) && asked == 1, "kept for 30 s")
+        #expect(try await live(at: start.addingTimeInterval(31)) && asked == 2, "asked again after")
+        // The bus says the session ended: refused without asking, for good.
+        sessions.ended(session: access.sessionID!)
+        #expect(try await live(at: start.addingTimeInterval(41)) == false && asked == 2)
+        #expect(try await live(at: start.addingTimeInterval(500)) == false && asked == 2)
+        // A user's deactivation ends what was found live for them.
+        let fresh = VerifiedAccess(organisationID: UUID(), userID: UUID(), sessionID: UUID())
+        #expect(try await sessions.isLive(fresh, now: start) { _ in true })
+        sessions.ended(user: fresh.userID)
+        #expect(try await sessions.isLive(fresh, now: start.addingTimeInterval(1)) { _ in true } == false)
+        // No session (a token from outside a login): nothing to ask.
+        #expect(try await sessions.isLive(VerifiedAccess(organisationID: UUID(), userID: UUID()), now: start) { _ in false })
+    }
 }

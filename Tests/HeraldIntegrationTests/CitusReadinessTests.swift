@@ -151,8 +151,17 @@ struct CitusReadinessTests {
             let refreshed = try ok(
                 await client.send(.post, "/v1/auth/refresh", json: #"{"refresh_token": "\#(login["refresh_token"] as? String ?? "")"}"#),
                 "refresh")
+            // The access token works while its session lives; a logout ends it (and its tokens):
+            // the calls below use the first session's token, so a second session logs out.
+            _ = try ok(await client.send(.get, "/v1/me", token: try #require(refreshed["access_token"] as? String)), "me, refreshed")
+            let second = try ok(
+                await client.send(
+                    .post, "/v1/auth/token",
+                    json: """
+                        {"organisation": "\(slug)", "email": "owner@\(slug).example", "password": "\(password)"}
+                        """), "second login")
             _ = try ok(
-                await client.send(.post, "/v1/auth/logout", json: #"{"refresh_token": "\#(refreshed["refresh_token"] as? String ?? "")"}"#),
+                await client.send(.post, "/v1/auth/logout", json: #"{"refresh_token": "\#(second["refresh_token"] as? String ?? "")"}"#),
                 "logout")
             let me = try ok(await client.send(.get, "/v1/me", token: admin), "me")
             let ownerID = try #require(me["user_id"] as? String)

@@ -81,11 +81,14 @@ struct DeliveryTests {
 
             let page = try await client.send(.get, unsubscribePath)
             #expect(page.status == .ok && page.text.contains("Unsubscribe"))
+            // The page's button is never shown inside another site's frame.
+            #expect(page.headers[.xFrameOptions] == "DENY" && page.headers[.contentSecurityPolicy] == "frame-ancestors 'none'")
             let untouched = try await org.store { tx in try await tx.preferences(ofUser: org.memberID) }
             #expect(untouched.isEmpty, "GET changes nothing")
 
             let tampered = try await client.send(.get, String(unsubscribePath.dropLast()) + (unsubscribePath.hasSuffix("A") ? "B" : "A"))
             #expect(tampered.isProblem(.notFound))
+            #expect(tampered.text.contains("This link is not valid") && !tampered.text.contains("organisation"), "\(tampered.text)")
             let wrongScope = try await client.execute(
                 uri: String(open).replacingOccurrences(of: "/v1/links/", with: "/v1/unsubscribe/"), method: .post,
                 headers: [.contentType: "application/x-www-form-urlencoded"], body: ByteBuffer(string: "List-Unsubscribe=One-Click"))

@@ -41,7 +41,7 @@ extension HeraldService {
         let refused = APIError.unauthorized("The refresh token is not valid.")
         guard let token = OpaqueToken(parsing: body.refreshToken, kind: .refresh) else { throw refused }
         let now = now()
-        enum Outcome: Sendable { case rotate(Components.Schemas.TokenPair), reused, invalid }
+        enum Outcome: Sendable { case rotate(Components.Schemas.TokenPair), reused(session: UUID), invalid }
         // Decide, record and issue in one transaction; a reuse must commit its revocation before refusing.
         let outcome: Outcome = try await transaction(in: token.organisationID) { tx in
             guard let stored = try await tx.lockRefreshToken(token.id),
@@ -49,7 +49,7 @@ extension HeraldService {
             else { return .invalid }
             if stored.usedAt != nil {
                 try await tx.revokeRefreshFamily(stored.familyID, at: now)
-                return .reused
+                return .reused(session: stored.familyID)
             }
             guard stored.revokedAt == nil, stored.expiresAt > now,
                 try await tx.grant(forUser: stored.userID) != nil
@@ -60,7 +60,10 @@ extension HeraldService {
         switch outcome {
         case .invalid:
             throw refused
-        case .reused:
+        case .reused(let session):
+            // The access tokens of the family stop at once here, on other instances within
+            // HERALD_SESSION_CHECK_SECONDS.
+            tokens.sessions.ended(session: session)
             try RequestScope.get().logger.warning("refresh token reused; family revoked", metadata: ["token_id": "\(token.id)"])
             throw refused
         case .rotate(let pair):
@@ -75,14 +78,16 @@ extension HeraldService {
             throw APIError.unauthorized("The refresh token is not valid.")
         }
         let now = now()
-        let revoked = try await transaction(in: token.organisationID) { tx in
+        let revoked: UUID? = try await transaction(in: token.organisationID) { tx in
             guard let stored = try await tx.lockRefreshToken(token.id),
                 constantTimeEqual(stored.secretHash, token.secretHash)
-            else { return false }
+            else { return nil }
             try await tx.revokeRefreshFamily(stored.familyID, at: now)
-            return true
+            return stored.familyID
         }
-        guard revoked else { throw APIError.unauthorized("The refresh token is not valid.") }
+        guard let revoked else { throw APIError.unauthorized("The refresh token is not valid.") }
+        // Its access tokens stop at once here; other instances hear it on the bus (SessionWatch).
+        tokens.sessions.ended(session: revoked)
         return .noContent(.init())
     }
 

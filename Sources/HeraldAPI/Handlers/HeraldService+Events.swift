@@ -34,6 +34,7 @@ extension HeraldService {
             }
             // Checked after the replay: retrying a stored request later still gets its first answer.
             try checkTimes(body)
+            try await checkExclusions(request.audience, tx)
             let event = try await mappingEngineErrors {
                 try await tx.send(request, now: now, idempotencyKey: key, requestHash: hash, fanout: fanout)
             }
@@ -157,6 +158,17 @@ extension HeraldService {
     // MARK: Shared
 
     /// Runs `body`, turning the engine's refusals (an unknown type or audience name) into 422s.
+    /// A 422 naming the `exclude_user_ids` the organisation does not have, as unknown `user_ids` get.
+    func checkExclusions(_ audience: Audience, _ tx: TenantTransaction) async throws {
+        let unknown = try await tx.unknownExclusions(audience)
+        guard !unknown.isEmpty else { return }
+        throw APIError.unprocessable(
+            ValidationError(
+                field: "audience.exclude_user_ids",
+                message:
+                    "names what does not exist in your organisation: \(unknown.map { "user \($0.lowercased)" }.joined(separator: ", "))."))
+    }
+
     func mappingEngineErrors<Result>(_ body: () async throws -> Result) async throws -> Result {
         do {
             return try await body()
@@ -177,6 +189,7 @@ extension HeraldService {
     private func dryRun(
         _ request: EventRequest, _ tx: TenantTransaction, limit: Int, after: UUID? = nil
     ) async throws -> Components.Schemas.Explanation {
+        try await checkExclusions(request.audience, tx)
         let planned = try await mappingEngineErrors {
             try await tx.planDryRun(request, now: now(), limit: limit, after: after, chunkSize: fanout.chunkSize)
         }

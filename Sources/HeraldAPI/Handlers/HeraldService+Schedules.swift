@@ -33,6 +33,7 @@ extension HeraldService {
             // roles locked first so that none is deleted before this commits.
             try await tx.lockAudienceNames(request.audience)
             _ = try await inEvent { try await mappingEngineErrors { try await tx.checkEventRequest(request) } }
+            try await inEvent { try await checkExclusions(request.audience, tx) }
             let first = try firstOccurrence(rule: body.rule, timeZone: zone, startsAt: startsAt, now: now)
             let schedule = try await tx.createSchedule(
                 id: id, name: name, event: request, rule: body.rule, timeZone: zone, startsAt: startsAt, nextAt: first)
@@ -61,6 +62,8 @@ extension HeraldService {
             let event = request ?? current.event
             try await tx.lockAudienceNames(event.audience)
             _ = try await inEvent { try await mappingEngineErrors { try await tx.checkEventRequest(event) } }
+            // Exclusions only when the event is new: one deleted since excludes nobody either way.
+            if let request { try await inEvent { try await checkExclusions(request.audience, tx) } }
             let rule = body.rule ?? current.rule
             let zone = zoneName ?? current.timeZone
             let startsAt = newStart ?? current.startsAt

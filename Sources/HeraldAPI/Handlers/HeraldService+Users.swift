@@ -93,7 +93,7 @@ extension HeraldService {
 
     private func setActive(_ rawID: String, _ active: Bool) async throws -> Components.Schemas.User {
         let id = try id(rawID, "user")
-        return try await tenant { tx, principal in
+        let user = try await tenant { tx, principal in
             if !active, principal.actor.userID == id {
                 throw APIError.conflict("You cannot deactivate yourself.")
             }
@@ -109,6 +109,10 @@ extension HeraldService {
                 before: try auditValue(before), after: try auditValue(after))
             return after
         }
+        // A deactivation ended the user's sessions (their refresh tokens are revoked): their access
+        // tokens stop here at once, and stay stopped after a reactivation.
+        if !active { tokens.sessions.ended(user: id) }
+        return user
     }
 
     func setUserRoles(_ input: Operations.SetUserRoles.Input) async throws -> Operations.SetUserRoles.Output {
