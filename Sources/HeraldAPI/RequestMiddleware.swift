@@ -88,7 +88,10 @@ struct RequestMiddleware: RouterMiddleware {
         // site's frame, where a click could be borrowed (a trial of the confirmation page).
         if response.headers[.contentType]?.hasPrefix("text/html") == true {
             response.headers[.xFrameOptions] = "DENY"
-            if response.headers[.contentSecurityPolicy] == nil { response.headers[.contentSecurityPolicy] = "frame-ancestors 'none'" }
+            let policy = response.headers[.contentSecurityPolicy]
+            if policy?.contains("frame-ancestors") != true {
+                response.headers[.contentSecurityPolicy] = policy.map { "\($0); frame-ancestors 'none'" } ?? "frame-ancestors 'none'"
+            }
         }
         // The generated code percent-encodes header values (URI "simple" style), which turns a
         // redirect's absolute URL into one opaque token; Location is a URI already (RFC 9110).

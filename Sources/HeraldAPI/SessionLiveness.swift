@@ -21,16 +21,21 @@ public final class SessionLiveness: Sendable {
     let seconds: TimeInterval
     private let state = Mutex(State())
 
-    private struct Key: Hashable {
-        var session: UUID
+    private struct Answer {
         var userID: UUID
+        var live: Bool
+        /// When the check that gave it started.
+        var at: Date
     }
 
     private struct State {
-        /// The database's last answer for a session of a user, and when it was given.
-        var answers: [Key: (live: Bool, at: Date)] = [:]
+        /// The database's last answer for each session (a session is one user's).
+        var answers: [UUID: Answer] = [:]
         /// Sessions known to have ended (this instance ended them, or the bus said so).
         var ended: Set<UUID> = []
+        /// When each user's sessions were last ended all at once (a deactivation): an answer from
+        /// a check that started before then is not trusted.
+        var usersEnded: [UUID: Date] = [:]
     }
 
     init(seconds: TimeInterval) {
@@ -40,11 +45,10 @@ public final class SessionLiveness: Sendable {
     /// Whether `access`'s session is live: the answer kept, or `check`'s (the database's), kept.
     func isLive(_ access: VerifiedAccess, now: Date, check: (UUID) async throws -> Bool) async throws -> Bool {
         guard let session = access.sessionID else { return true }
-        let key = Key(session: session, userID: access.userID)
         let known: Bool? = state.withLock { state in
             if state.ended.contains(session) { return false }
-            guard let answer = state.answers[key] else { return nil }
-            if !answer.live { return false }
+            guard let answer = state.answers[session], answer.userID == access.userID, answer.live else { return nil }
+            if let ended = state.usersEnded[access.userID], answer.at <= ended { return nil }
             let age = now.timeIntervalSince(answer.at)
             return age >= 0 && age < seconds ? true : nil
         }
@@ -53,24 +57,38 @@ public final class SessionLiveness: Sendable {
         return state.withLock { state in
             // An end recorded while the check ran wins: a check never revives a session.
             if state.ended.contains(session) { return false }
-            if state.answers.count >= Self.capacity { state.answers.removeAll(keepingCapacity: true) }
-            state.answers[key] = (live, now)
+            // A deactivation recorded since the check started may or may not be in its answer:
+            // the answer stands for this request and is not kept, so the next one asks again.
+            if let ended = state.usersEnded[access.userID], ended >= now { return live }
+            Self.makeRoom(&state.answers, now: now, seconds: seconds)
+            state.answers[session] = Answer(userID: access.userID, live: live, at: now)
             return live
         }
+    }
+
+    /// At capacity, answers past their time go first; then all of them.
+    private static func makeRoom(_ answers: inout [UUID: Answer], now: Date, seconds: TimeInterval) {
+        guard answers.count >= capacity else { return }
+        answers = answers.filter { !$0.value.live || now.timeIntervalSince($0.value.at) < seconds }
+        if answers.count >= capacity { answers.removeAll(keepingCapacity: true) }
     }
 
     /// `session` ended (logout, a refresh token used twice, an announcement on the bus).
     func ended(session: UUID) {
         state.withLock { state in
+            state.answers[session] = nil
             if state.ended.count >= Self.capacity { state.ended.removeAll(keepingCapacity: true) }
             state.ended.insert(session)
         }
     }
 
-    /// Every session of `userID` ended (a deactivation revokes them all).
-    func ended(user userID: UUID) {
+    /// Every session of `userID` ended at `now` (a deactivation revokes them all): what was found
+    /// live for them before is asked again. Nothing is refused for good here, so a deactivation
+    /// whose transaction then fails costs only a check.
+    func ended(user userID: UUID, now: Date) {
         state.withLock { state in
-            for key in state.answers.keys where key.userID == userID { state.answers[key]?.live = false }
+            if state.usersEnded.count >= Self.capacity { state.usersEnded.removeAll(keepingCapacity: true) }
+            state.usersEnded[userID] = now
         }
     }
 
@@ -100,11 +118,16 @@ public struct SessionWatch: Service {
                 if Task.isCancelled { return }
                 switch message {
                 case .sessionRevoked(_, let session): sessions.ended(session: session)
-                case .userDeactivated(_, let user): sessions.ended(user: user)
+                case .userDeactivated(_, let user): sessions.ended(user: user, now: Date())
                 case .missedMessages: sessions.forgetLive()
                 case .eventCommitted, .feedChanged, .streamsAdvanced: break
                 }
             }
         }
     }
+}
+
+extension APIError {
+    /// The session a credential came from has ended: a 401 that tells the client to sign in again.
+    static var sessionEnded: APIError { .unauthorized("The session behind this credential has ended; sign in again.") }
 }

@@ -163,7 +163,7 @@ struct TenantBoundary: ServerMiddleware {
         let live = try await authenticator.tokens.sessions.isLive(access, now: now) { session in
             try await database.withTenant(access.organisationID) { tx in try await tx.sessionIsLive(session, of: access.userID, now: now) }
         }
-        if !live { throw APIError.unauthorized("The session behind this credential has ended; sign in again.") }
+        if !live { throw APIError.sessionEnded }
     }
 
     /// The bell's reads in one statement (`BellReads`): for a user's access token whose rate, when

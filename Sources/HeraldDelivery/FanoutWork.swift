@@ -119,30 +119,38 @@ public struct FanoutHandler: WorkHandler {
     }
 
     public func handle(_ claim: ClaimedFanout, logger: Logger) async throws -> WorkDisposition<FanoutOutcome> {
+        let first = try await prepare(claim, from: .storedCursor)
         // The audience is counted for the event's progress (`fanout.expected`) in a task of its
         // own, beside the chunks, and the count goes with the first chunk written after it ends.
-        // Counted inside the second chunk's planning, it held that chunk's write back: with the
-        // first chunk committed, one core waited (about 0.4 s of a 100 000-member fan-out, a
-        // second of a million's). The lease ends only once the count has.
+        // Counted inside the second chunk's planning, it held that chunk's write back once the
+        // first had committed (one core idle for up to half a second in a sampled 100 000-member
+        // fan-out; the count of a million takes about a second). An audience the first chunk
+        // covers is not counted: its end says the total. The lease ends once the count has.
         let counted = Mutex<Int?>(nil)
-        let counting = Task { [database, worker] in
-            let count = try? await database.withTenant(claim.organisationID) { tx in
-                try await tx.countFanoutAudience(claim, worker: worker)
+        let counting: Task<Void, Never>? =
+            first.map({ !$0.finished }) == true
+            ? Task { [database, worker] in
+                let count = try? await database.withTenant(claim.organisationID) { tx in
+                    try await tx.countFanoutAudience(claim, worker: worker)
+                }
+                if let count { counted.withLock { $0 = count } }
+            } : nil
+        return try await withTaskCancellationHandler {
+            do {
+                let outcome = try await expand(claim, first: first, counted: counted, counting: counting, logger: logger)
+                await counting?.value
+                return outcome
+            } catch {
+                await counting?.value
+                throw error
             }
-            if let count { counted.withLock { $0 = count } }
-        }
-        do {
-            let outcome = try await expand(claim, counted: counted, counting: counting, logger: logger)
-            await counting.value
-            return outcome
-        } catch {
-            await counting.value
-            throw error
+        } onCancel: {
+            counting?.cancel()
         }
     }
 
     private func expand(
-        _ claim: ClaimedFanout, counted: borrowing Mutex<Int?>, counting: Task<Void, Never>, logger: Logger
+        _ claim: ClaimedFanout, first: PreparedChunk?, counted: borrowing Mutex<Int?>, counting: Task<Void, Never>?, logger: Logger
     ) async throws -> WorkDisposition<FanoutOutcome> {
         let clock = ContinuousClock()
         let start = clock.now
@@ -152,7 +160,7 @@ public struct FanoutHandler: WorkHandler {
         // row only after its recipients are written (`writeChunkBehind`), so it waits for the
         // first to commit only at its end. A chunk that cannot be planned ahead or written behind
         // (the event was cancelled, or the lease moved) goes through expandChunk, which settles it.
-        var next = try await prepare(claim, from: .storedCursor)
+        var next = first
         // The write of the chunk before `next`, not yet settled.
         var writing: (task: Task<FanoutStep?, any Error>, started: Date)?
         // Users written so far, as the last chunk settled said (nil: none settled by this lease).
@@ -196,7 +204,7 @@ public struct FanoutHandler: WorkHandler {
                 }
                 if let done, clock.now - start > budget {
                     // The lease gives the event back: the count goes with it.
-                    await counting.value
+                    await counting?.value
                     if let expected = counted.withLock({ $0 }) {
                         try await database.withTenant(claim.organisationID) { tx in
                             try await tx.recordFanoutExpected(claim, worker: worker, expected: expected)

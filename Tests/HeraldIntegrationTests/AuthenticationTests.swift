@@ -360,7 +360,8 @@ struct SessionTests {
         }
     }
 
-    @Test("an instance trusts a live session for HERALD_SESSION_CHECK_SECONDS, and learns an end at once from itself or the bus")
+    @Test(
+        "an instance trusts a live session for HERALD_SESSION_CHECK_SECONDS, and an end it is told of (by itself or SessionWatch) at once")
     func sessionAnswersKept() async throws {
         let sessions = SessionLiveness(seconds: 30)
         let access = VerifiedAccess(organisationID: UUID(), userID: UUID(), sessionID: UUID())
@@ -379,11 +380,31 @@ struct SessionTests {
         sessions.ended(session: access.sessionID!)
         #expect(try await live(at: start.addingTimeInterval(41)) == false && asked == 2)
         #expect(try await live(at: start.addingTimeInterval(500)) == false && asked == 2)
-        // A user's deactivation ends what was found live for them.
+        // A user's deactivation: what was found live for them before is asked again (and the
+        // database, which revoked their sessions, says no); a check that started before the end
+        // is not kept.
         let fresh = VerifiedAccess(organisationID: UUID(), userID: UUID(), sessionID: UUID())
         #expect(try await sessions.isLive(fresh, now: start) { _ in true })
-        sessions.ended(user: fresh.userID)
-        #expect(try await sessions.isLive(fresh, now: start.addingTimeInterval(1)) { _ in true } == false)
+        sessions.ended(user: fresh.userID, now: start.addingTimeInterval(1))
+        var askedAgain = false
+        #expect(
+            try await sessions.isLive(fresh, now: start.addingTimeInterval(2)) { _ in
+                askedAgain = true
+                return false
+            } == false)
+        #expect(askedAgain)
+        let racing = VerifiedAccess(organisationID: UUID(), userID: UUID(), sessionID: UUID())
+        #expect(
+            try await sessions.isLive(racing, now: start) { _ in
+                sessions.ended(user: racing.userID, now: start.addingTimeInterval(1))
+                return true
+            })
+        var askedAfterRace = false
+        _ = try await sessions.isLive(racing, now: start.addingTimeInterval(2)) { _ in
+            askedAfterRace = true
+            return false
+        }
+        #expect(askedAfterRace, "an answer from a check that raced a deactivation is not kept")
         // No session (a token from outside a login): nothing to ask.
         #expect(try await sessions.isLive(VerifiedAccess(organisationID: UUID(), userID: UUID()), now: start) { _ in false })
     }

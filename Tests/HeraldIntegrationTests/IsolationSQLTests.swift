@@ -513,7 +513,7 @@ struct IsolationSQLTests {
     }
 
     @Test(
-        "a chunk's deliveries are checked against the trace rows in the chunk's range only, and a delivery for a user the organisation does not have is still refused (0056)"
+        "a chunk's deliveries are checked against the trace rows in the chunk's range only; a user traced by an earlier transaction is still locked, one the organisation does not have refused (0056)"
     )
     func ownTraceRowsReadAsARange() async throws {
         let a = try await populatedOrganisation()
@@ -536,11 +536,16 @@ struct IsolationSQLTests {
         try await CitusReadinessTests.withClient(env.ownerURL, env.logger) {
             _ = try await $0.query("ANALYZE event_recipients", logger: env.logger)
         }
-        // An event that reached the member only; a chunk of five of the new users written for it here.
+        // An event that reached the member only (its trace row committed), and a chunk of the new
+        // users around the member in id order, whose trace rows are written here: the member's
+        // committed row lies inside the chunk's range.
         let (event, _) = try await a.notify(
             EventRequest(typeKey: "TASK_ASSIGNED", audience: Audience(userIDs: [a.memberID]), payload: .object(["title": .string("t")])))
-        let chunk = Array(users.sorted { $0.uuidString.lowercased() < $1.uuidString.lowercased() }[100..<105])
-        let (read, missingState) = try await asApp(a.id) { connection in
+        let ordered = (users + [a.memberID]).sorted { $0.uuidString.lowercased() < $1.uuidString.lowercased() }
+        let at = try #require(ordered.firstIndex(of: a.memberID))
+        let window = Array(ordered[max(0, min(at - 2, ordered.count - 5))...].prefix(5))
+        let chunk = window.filter { $0 != a.memberID }
+        let (read, lockState, missingState) = try await asApp(a.id) { connection in
             _ = try await connection.query(
                 """
                 INSERT INTO event_recipients (organisation_id, event_id, user_id, category_id, targeted, rule, reason, notified)
@@ -559,10 +564,19 @@ struct IsolationSQLTests {
             _ = try await connection.query(
                 """
                 INSERT INTO deliveries (organisation_id, id, event_id, user_id, channel, destination, next_attempt_at)
-                SELECT \(a.id), gen_random_uuid(), \(event.id), u, 'email', 'someone@example.com', now() FROM unnest(\(chunk)::uuid[]) u
+                SELECT \(a.id), gen_random_uuid(), \(event.id), u, 'email', 'someone@example.com', now() FROM unnest(\(window)::uuid[]) u
                 """, logger: env.logger
             ).collect()
             let read = try await traceRowsRead() - before
+            // The member's trace row is an earlier transaction's: the member was probed and stays
+            // locked until this commits, so deleting them waits.
+            let lockState = await sqlState {
+                try await asApp(a.id) { other in
+                    try await other.query("SET LOCAL lock_timeout = '300ms'", logger: env.logger)
+                    _ = try await other.query(
+                        "DELETE FROM users WHERE organisation_id = \(a.id) AND id = \(a.memberID)", logger: env.logger)
+                }
+            }
             // A delivery beside them for a user with no trace row for the event and none in the
             // organisation: refused, and the statement's other rows with it.
             let state = await sqlState {
@@ -574,10 +588,43 @@ struct IsolationSQLTests {
                     """, logger: env.logger
                 ).collect()
             }
-            return (read, state)
+            return (read, lockState, state)
         }
-        #expect(read >= chunk.count && read <= chunk.count + 1, "the check of 5 deliveries read \(read) trace rows")
+        // The range holds the window's rows: the four written here and the member's.
+        #expect(read >= window.count - 1 && read <= window.count, "the check of \(window.count) deliveries read \(read) trace rows")
+        #expect(lockState == "55P03", "deleting a user whose trace row an earlier transaction wrote gave \(lockState ?? "success")")
         #expect(missingState == "23503")
+    }
+
+    @Test("audience_members lists a user's role and group keys once each, in key order (0055)")
+    func audienceKeysInOrder() async throws {
+        let a = try await populatedOrganisation()
+        let (roles, groups) = try await asApp(a.id) { connection in
+            // The member in groups "zz" and "g1" and "aa", and holding "admin" beside their own role.
+            _ = try await connection.query(
+                """
+                WITH g AS (INSERT INTO groups (organisation_id, key, name) VALUES (\(a.id), 'zz', 'Z'), (\(a.id), 'aa', 'A') RETURNING id)
+                INSERT INTO group_members (organisation_id, group_id, user_id) SELECT \(a.id), id, \(a.memberID) FROM g
+                """, logger: env.logger
+            ).collect()
+            _ = try await connection.query(
+                """
+                INSERT INTO user_roles (organisation_id, user_id, role_id)
+                SELECT \(a.id), \(a.memberID), id FROM roles WHERE organisation_id = \(a.id) AND key = 'admin'
+                ON CONFLICT DO NOTHING
+                """, logger: env.logger
+            ).collect()
+            let rows = try await connection.query(
+                """
+                SELECT role_keys, group_keys FROM audience_members(\(a.id), false, '{}', ARRAY['member', 'admin', 'member'],
+                                                                ARRAY['zz', 'g1', 'aa', 'g1'], NULL, NULL)
+                WHERE user_id = \(a.memberID)
+                """, logger: env.logger)
+            for try await pair in rows.decode(([String], [String]).self) { return pair }
+            return ([], [])
+        }
+        #expect(groups == ["aa", "g1", "zz"])
+        #expect(roles == ["admin", "member"])
     }
 
     @Test(

@@ -157,7 +157,6 @@ extension HeraldService {
 
     // MARK: Shared
 
-    /// Runs `body`, turning the engine's refusals (an unknown type or audience name) into 422s.
     /// A 422 naming the `exclude_user_ids` the organisation does not have, as unknown `user_ids` get.
     func checkExclusions(_ audience: Audience, _ tx: TenantTransaction) async throws {
         let unknown = try await tx.unknownExclusions(audience)
@@ -169,6 +168,7 @@ extension HeraldService {
                     "names what does not exist in your organisation: \(unknown.map { "user \($0.lowercased)" }.joined(separator: ", "))."))
     }
 
+    /// Runs `body`, turning the engine's refusals (an unknown type or audience name) into 422s.
     func mappingEngineErrors<Result>(_ body: () async throws -> Result) async throws -> Result {
         do {
             return try await body()

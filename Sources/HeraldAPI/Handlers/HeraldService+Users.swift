@@ -109,9 +109,10 @@ extension HeraldService {
                 before: try auditValue(before), after: try auditValue(after))
             return after
         }
-        // A deactivation ended the user's sessions (their refresh tokens are revoked): their access
-        // tokens stop here at once, and stay stopped after a reactivation.
-        if !active { tokens.sessions.ended(user: id) }
+        // A deactivation ends the user's sessions (their refresh tokens are revoked): this
+        // instance asks the database again for their tokens from now on (the commit follows the
+        // handler; other instances hear the bus), and a reactivation does not revive them.
+        if !active { tokens.sessions.ended(user: id, now: now()) }
         return user
     }
 

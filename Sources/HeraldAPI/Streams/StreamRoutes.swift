@@ -180,7 +180,7 @@ extension TenantTransaction {
     /// deactivation): a stream is refused then, and so is a ticket for one. No session: nothing.
     func requireLiveSession(_ session: UUID?, of user: UUID, now: Date) async throws {
         if let session, !(try await sessionIsLive(session, of: user, now: now)) {
-            throw APIError.unauthorized("The session behind this credential has ended; sign in again.")
+            throw APIError.sessionEnded
         }
     }
 }
