@@ -21,15 +21,14 @@ public final class SessionLiveness: Sendable {
     let seconds: TimeInterval
     private let state = Mutex(State())
 
+    /// The database said the session is live, for a check that started `at`.
     private struct Answer {
         var userID: UUID
-        var live: Bool
-        /// When the check that gave it started.
         var at: Date
     }
 
     private struct State {
-        /// The database's last answer for each session (a session is one user's).
+        /// Sessions the database last said were live (a session is one user's).
         var answers: [UUID: Answer] = [:]
         /// Sessions known to have ended (this instance ended them, or the bus said so).
         var ended: Set<UUID> = []
@@ -47,7 +46,7 @@ public final class SessionLiveness: Sendable {
         guard let session = access.sessionID else { return true }
         let known: Bool? = state.withLock { state in
             if state.ended.contains(session) { return false }
-            guard let answer = state.answers[session], answer.userID == access.userID, answer.live else { return nil }
+            guard let answer = state.answers[session], answer.userID == access.userID else { return nil }
             if let ended = state.usersEnded[access.userID], answer.at <= ended { return nil }
             let age = now.timeIntervalSince(answer.at)
             return age >= 0 && age < seconds ? true : nil
@@ -60,26 +59,30 @@ public final class SessionLiveness: Sendable {
             // A deactivation recorded since the check started may or may not be in its answer:
             // the answer stands for this request and is not kept, so the next one asks again.
             if let ended = state.usersEnded[access.userID], ended >= now { return live }
-            Self.makeRoom(&state.answers, now: now, seconds: seconds)
-            state.answers[session] = Answer(userID: access.userID, live: live, at: now)
-            return live
+            // A session found ended stays ended (its refresh tokens are revoked or expired).
+            guard live else {
+                Self.record(ended: session, in: &state)
+                return false
+            }
+            if state.answers.count >= Self.capacity {
+                // Answers past their time go first; then all of them.
+                state.answers = state.answers.filter { now.timeIntervalSince($0.value.at) < seconds }
+                if state.answers.count >= Self.capacity { state.answers.removeAll(keepingCapacity: true) }
+            }
+            state.answers[session] = Answer(userID: access.userID, at: now)
+            return true
         }
     }
 
-    /// At capacity, answers past their time go first; then all of them.
-    private static func makeRoom(_ answers: inout [UUID: Answer], now: Date, seconds: TimeInterval) {
-        guard answers.count >= capacity else { return }
-        answers = answers.filter { !$0.value.live || now.timeIntervalSince($0.value.at) < seconds }
-        if answers.count >= capacity { answers.removeAll(keepingCapacity: true) }
+    private static func record(ended session: UUID, in state: inout State) {
+        state.answers[session] = nil
+        if state.ended.count >= capacity { state.ended.removeAll(keepingCapacity: true) }
+        state.ended.insert(session)
     }
 
     /// `session` ended (logout, a refresh token used twice, an announcement on the bus).
     func ended(session: UUID) {
-        state.withLock { state in
-            state.answers[session] = nil
-            if state.ended.count >= Self.capacity { state.ended.removeAll(keepingCapacity: true) }
-            state.ended.insert(session)
-        }
+        state.withLock { state in Self.record(ended: session, in: &state) }
     }
 
     /// Every session of `userID` ended at `now` (a deactivation revokes them all): what was found
@@ -94,7 +97,7 @@ public final class SessionLiveness: Sendable {
 
     /// The bus may have lost an end: every live answer is asked again.
     func forgetLive() {
-        state.withLock { state in state.answers = state.answers.filter { !$0.value.live } }
+        state.withLock { state in state.answers.removeAll() }
     }
 }
 
