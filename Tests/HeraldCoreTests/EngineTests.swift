@@ -225,6 +225,18 @@ struct PlannerTests {
             excluded: excluded, userPreferences: preferences, organisationDefaults: [:], recentCounts: recent, endpoints: endpoints)
     }
 
+    @Test("a subject that is missing or renders empty is the type's name, on every channel (a trial)")
+    func emptySubjectIsTheTypeName() {
+        let user = profile(Candidate(userID: UUID(), active: true, byUser: true), locale: "it")
+        var plan = input([user])
+        plan.type.templates[.inApp]?["it"] = TemplateContent(subject: "", body: "Grazie {{payload.isq}}")
+        plan.type.templates[.email] = ["it": TemplateContent(subject: "{{payload.missing}} ", body: "Corpo")]
+        let inApp = NotificationPlanner.render(plan, user, channel: .inApp)
+        #expect(inApp.subject == "Critical ISQ" && inApp.body == "Grazie 25")
+        #expect(NotificationPlanner.render(plan, user, channel: .email, plainText: true).subject == "Critical ISQ")
+        #expect(NotificationPlanner.plan(plan).notifications.first?.title == "Critical ISQ")
+    }
+
     @Test("targeting reports the most specific rule; exclusions and inactive users are considered, not targeted")
     func targeting() {
         let (a, b, c, d, e) = (UUID(), UUID(), UUID(), UUID(), UUID())
@@ -377,6 +389,10 @@ struct PlannerTests {
         for (source, said) in [
             ("Hi {{payload.x", "never closed with }}"), ("{{#items}}x", "never closed ({{#name}}"),
             ("{{#a}}x{{/b}}", "closed with another name"),
+            // What the parser let through and rendered as nothing (a trial).
+            ("ok {{", "line 1, column 4: a tag opened with {{ is never closed with }}"),
+            ("a\nb {{>partial}}", "line 2, column 3: partials"),
+            ("{{}}", "a tag has no name"), ("{{ }}", "a tag has no name"), ("{{% NOT_A_PRAGMA }}", "pragma is not one Mustache knows"),
         ] {
             do {
                 try TemplateRenderer.validate(source, field: "subject")
@@ -385,11 +401,21 @@ struct PlannerTests {
                 #expect(error.message.contains(said), "\(source): \(error.message)")
             }
         }
+        // What renders stays accepted: a triple mustache, a comment, a section, a pragma.
+        for source in ["{{{payload.html}}} {{! note }} {{#a}}x{{/a}}", "{{% CONTENT_TYPE: TEXT}}{{x}}", "no tags at all"] {
+            #expect(throws: Never.self, "\(source)") { try TemplateRenderer.validate(source, field: "body") }
+        }
         let byLocale = ["en": "en", "fr": "fr", "de-AT": "de-AT"]
         #expect(TemplateRenderer.pick(byLocale, userLocale: "fr-CA", organisationLocale: "de")?.value == "fr")
         #expect(TemplateRenderer.pick(byLocale, userLocale: "de-AT", organisationLocale: "fr")?.value == "de-AT")
         #expect(TemplateRenderer.pick(byLocale, userLocale: nil, organisationLocale: "it")?.value == "en")
         #expect(TemplateRenderer.pick(["es": "es"], userLocale: "fr", organisationLocale: "it") == nil)
+        // RFC 4647 lookup: every shorter tag before the language, a singleton with its subtag.
+        let chinese = ["zh": "zh", "zh-Hant": "zh-Hant"]
+        #expect(TemplateRenderer.pick(chinese, userLocale: "zh-Hant-TW", organisationLocale: "en")?.value == "zh-Hant")
+        #expect(TemplateRenderer.pick(chinese, userLocale: "zh-Hans-CN", organisationLocale: "en")?.value == "zh")
+        #expect(
+            TemplateRenderer.pick(["sr-Latn": "sr-Latn"], userLocale: "sr-Latn-RS-x-work", organisationLocale: "en")?.value == "sr-Latn")
     }
 }
 

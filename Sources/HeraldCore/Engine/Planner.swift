@@ -406,7 +406,11 @@ public enum NotificationPlanner {
         eventContext: [String: Any]
     ) -> TemplateContent {
         guard let template else { return TemplateContent(subject: input.type.name, body: "") }
-        return template.render(scope(input, profile, links: links, eventContext: eventContext))
+        var content = template.render(scope(input, profile, links: links, eventContext: eventContext))
+        // A subject that renders empty (none given, or a variable the payload lacks) is the type's
+        // name, as with no template: not an email without a Subject, nor a bell row without a title.
+        if content.subject.allSatisfy(\.isWhitespace) { content.subject = input.type.name }
+        return content
     }
 }
 

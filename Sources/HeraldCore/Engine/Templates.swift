@@ -23,6 +23,18 @@ public enum TemplateRenderer {
     public static func validate(_ source: String, field: String) throws(ValidationError) {
         do {
             _ = try MustacheTemplate(string: source)
+            if let (offset, problem) = unsupportedTag(in: source) {
+                let before = source[..<source.index(source.startIndex, offsetBy: offset)]
+                let line = before.split(separator: "\n", omittingEmptySubsequences: false)
+                let text = source.split(separator: "\n", omittingEmptySubsequences: false)[line.count - 1]
+                throw ValidationError(
+                    field: field,
+                    message:
+                        "line \(line.count), column \((line.last?.count ?? 0) + 1): \(problem) near \"\(text.trimmingCharacters(in: .whitespaces))\"."
+                )
+            }
+        } catch let error as ValidationError {
+            throw error
         } catch let error as MustacheTemplate.ParserError {
             throw ValidationError(
                 field: field,
@@ -34,6 +46,31 @@ public enum TemplateRenderer {
         }
     }
 
+    /// What the parser lets through and renders as nothing, found in `source` (the character
+    /// offset of the tag, and why): a `{{` never closed at the end of the text, a partial (Herald
+    /// has no way to define one) and a tag with no name. A trial saved each, and its text lost
+    /// them silently. Nil when there is none, or when the template changes its delimiters.
+    static func unsupportedTag(in source: String) -> (offset: Int, problem: String)? {
+        guard !source.contains("{{=") else { return nil }
+        let characters = Array(source)
+        var index = 0
+        while index + 1 < characters.count {
+            guard characters[index] == "{", characters[index + 1] == "{" else {
+                index += 1
+                continue
+            }
+            var close = index + 2
+            while close + 1 < characters.count, !(characters[close] == "}" && characters[close + 1] == "}") { close += 1 }
+            guard close + 1 < characters.count else { return (index, "a tag opened with {{ is never closed with }}") }
+            let inside = String(characters[(index + 2)..<close]).trimmingCharacters(in: .whitespaces)
+            let name = inside.hasPrefix("{") ? String(inside.dropFirst()).trimmingCharacters(in: .whitespaces) : inside
+            if name.isEmpty { return (index, "a tag has no name ({{}})") }
+            if name.hasPrefix(">") { return (index, "partials ({{>name}}) are not supported: Herald has no way to define one") }
+            index = close + 2
+        }
+        return nil
+    }
+
     /// The parser's error in words (its names are the library's: `overflow` is the end of the
     /// text reached inside a tag).
     static func problem(_ error: any Error) -> String {
@@ -43,6 +80,8 @@ public enum TemplateRenderer {
             case .expectedSectionEnd: return "a section is opened and never closed ({{#name}} or {{^name}} needs its {{/name}})"
             case .sectionCloseNameIncorrect: return "a section is closed with another name than it was opened with ({{#a}} … {{/a}})"
             case .invalidSetDelimiter: return "the delimiters set with {{= =}} are not valid"
+            case .invalidConfigVariableSyntax, .unrecognisedConfigVariable:
+                return "a {{% … }} pragma is not one Mustache knows (CONTENT_TYPE: TEXT is)"
             default: return "the template cannot be read (\(known))"
             }
         }
@@ -270,13 +309,21 @@ struct PlainTemplate: Sendable {
 
 extension TemplateRenderer {
 
-    /// The template to use for a recipient: their locale, its language, the organisation's
-    /// default, its language, then `en`.
+    /// The template to use for a recipient: their locale and each shorter tag of it (RFC 4647's
+    /// lookup: `zh-Hant-TW`, `zh-Hant`, `zh`), the organisation's default likewise, then `en`. (Only
+    /// the language was tried after the whole tag, so a `zh-Hant-TW` reader got the `zh` text, not
+    /// the `zh-Hant` one: a trial.)
     public static func pick<T>(_ byLocale: [String: T], userLocale: String?, organisationLocale: String) -> (locale: String, value: T)? {
         var order: [String] = []
         for locale in [userLocale, organisationLocale].compactMap({ $0 }) {
-            order.append(locale)
-            if let language = locale.split(separator: "-").first.map(String.init), language != locale { order.append(language) }
+            var tag = Substring(locale)
+            while !tag.isEmpty {
+                order.append(String(tag))
+                guard let dash = tag.lastIndex(of: "-") else { break }
+                tag = tag[..<dash]
+                // A singleton (an extension's or private use's letter) goes with the subtag after it.
+                if let dash = tag.lastIndex(of: "-"), tag.distance(from: dash, to: tag.endIndex) == 2 { tag = tag[..<dash] }
+            }
         }
         order.append("en")
         for locale in order { if let value = byLocale[locale] { return (locale, value) } }
