@@ -240,7 +240,8 @@ public struct AppConfiguration: Sendable {
         guard (1...3600).contains(c.workerLeaseSeconds) else {
             throw ConfigurationError(variable: "HERALD_WORKER_LEASE_SECONDS", value: "\(c.workerLeaseSeconds) (1 to 3600)")
         }
-        c.publicURL = value("HERALD_PUBLIC_URL")
+        // A trailing "/" is dropped here, once, for every use (links, seed-demo's examples).
+        c.publicURL = value("HERALD_PUBLIC_URL").map { $0.hasSuffix("/") ? String($0.dropLast()) : $0 }
         c.linkKeys = value("HERALD_LINK_KEYS")
         if let v = value("HERALD_SMTP_URL") { c.smtpURL = v }
         c.smtpUsername = value("HERALD_SMTP_USERNAME")

@@ -159,7 +159,7 @@ struct SeedDemo: AsyncParsableCommand {
         // The server `make run` starts next listens where HERALD_PORT says: examples for 8080
         // talked to nothing, or to another instance, when it was changed (a trial).
         let baseURL =
-            baseURL ?? config.publicURL.map { $0.hasSuffix("/") ? String($0.dropLast()) : $0 } ?? "http://127.0.0.1:\(config.port)"
+            baseURL ?? config.publicURL ?? "http://127.0.0.1:\(config.port)"
 
         let logger = Logger(label: "herald.seed")
         let tokens = try await accessTokens(config)
