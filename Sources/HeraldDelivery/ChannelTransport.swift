@@ -19,12 +19,12 @@ public protocol ChannelTransport: Sendable {
 
 extension ChannelTransport {
     /// The recipient's content for this channel, from its own template, or the in-app one when
-    /// the type has none for it. Templates see `links.open` and `links.unsubscribe`. `plainText`
-    /// leaves the subject and text unescaped (`ParsedTemplate`).
-    func content(_ work: DeliveryWork, links: [String: String] = [:], plainText: Bool = false) -> TemplateContent {
+    /// the type has none for it. Templates see `links.open` and `links.unsubscribe`. `escaping`:
+    /// how values in the subject and text are escaped (`ValueEscaping`).
+    func content(_ work: DeliveryWork, links: [String: String] = [:], escaping: ValueEscaping = .html) -> TemplateContent {
         let own = !(work.input.type.templates[channel] ?? [:]).isEmpty
         return NotificationPlanner.render(
-            work.input, work.recipient, channel: own ? channel : .inApp, links: links, plainText: plainText)
+            work.input, work.recipient, channel: own ? channel : .inApp, links: links, escaping: escaping)
     }
 }
 

@@ -12,7 +12,7 @@ struct PlainTemplateTests {
         "payload": [
             "title": "Hike <to> the \"lake\" & 'back'", "isq": 25, "urgent": true, "ratio": 2.5, "none": Optional<String>.none as Any,
             "list": ["a", "b"], "nested": ["deeper": ["name": "Zoë — 東京 🦷"]], "empty": "", "dash-key": "dashed",
-            "combining": "&\u{301} and &",
+            "combining": "&\u{301} and &", "markdown": "[x](https://evil.example) @here `c` a_b # h ~s~ | t \\ *e*",
         ] as [String: Any],
         "recipient": ["display_name": "Ana <Bo>", "email": "ana@club.example", "attributes": [String: Any]()] as [String: Any],
         "organisation": ["name": "Club & Co", "slug": "club"],
@@ -20,10 +20,14 @@ struct PlainTemplateTests {
     ]
 
     func mustache(_ source: String, escaping: Bool) throws -> String {
-        try MustacheTemplate(string: (escaping ? HTMLEscaping.pragma : "{{% CONTENT_TYPE: TEXT}}") + source).render(context)
+        try mustache(source, escape: escaping ? .html : .text)
     }
 
-    @Test("text and variables: the same bytes as Mustache, HTML-escaped or as text")
+    func mustache(_ source: String, escape: ValueEscaping) throws -> String {
+        try MustacheTemplate(string: escape.pragma + source).render(context)
+    }
+
+    @Test("text and variables: the same bytes as Mustache, HTML-escaped, as text or for Mattermost's Markdown")
     func sameBytes() throws {
         let templates = [
             "Hello {{recipient.display_name}}, reading {{payload.isq}}.",
@@ -31,13 +35,24 @@ struct PlainTemplateTests {
             "{{payload.urgent}} {{payload.missing}} {{missing.deeper}} {{payload.nested.deeper.name}} [{{payload.empty}}]",
             "{{payload.dash-key}} {{organisation.name}}{{organisation.slug}}", "no tags at all", "", "{{payload.combining}}",
             "a } b }} c {{payload.isq}}}", "line one\nline two {{payload.isq}}\n\n", "{{payload.nested.deeper.missing.more}}",
+            "{{payload.markdown}} *{{recipient.email}}*",
         ]
         for source in templates {
-            for escaping in [true, false] {
-                let plain = try #require(PlainTemplate(source, escaping: escaping), "\(source)")
-                #expect(plain.render(context) == (try mustache(source, escaping: escaping)), "\(source) escaping \(escaping)")
+            for escape in [ValueEscaping.html, .text, .mattermost] {
+                let plain = try #require(PlainTemplate(source, escape: escape), "\(source)")
+                #expect(plain.render(context) == (try mustache(source, escape: escape)), "\(source) escaping \(escape)")
             }
         }
+    }
+
+    @Test("Mattermost: a value's link, image, emphasis, code, heading and table marks are backslash-escaped and @ cannot mention")
+    func mattermostEscaping() {
+        #expect(
+            ValueEscaping.mattermost.escape("[a](u) ![i](u) *b* _c_ `d` # e ~f~ | g \\ @channel <h> & ok-1.")
+                == "\\[a\\](u) !\\[i\\](u) \\*b\\* \\_c\\_ \\`d\\` \\# e \\~f\\~ \\| g \\\\ @\u{2060}channel &lt;h&gt; &amp; ok-1.")
+        #expect(ValueEscaping.mattermost.escape("plain text, 2026-12-07") == "plain text, 2026-12-07")
+        #expect(ValueEscaping.text.escape("<a & b>") == "<a & b>")
+        #expect(ValueEscaping.html.escape("<a & b>") == "&lt;a &amp; b&gt;")
     }
 
     @Test("HTML escaping is code point by code point: a quote or < with a combining mark after it is still escaped")

@@ -320,6 +320,38 @@ struct DeliveryTests {
         #expect(json == ["text": "*Ward 3B &lt;East&gt; &amp; \"O'Neil\"*\nBed 12 needs a nurse"], "\(json)")
     }
 
+    @Test("chat: a Mattermost message shows values' Markdown as written (no link, image or mention), the template's own Markdown kept")
+    func mattermostValuesEscaped() async throws {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType(
+            "WARD_NOTE", category: catalogue.activity, channels: [.chat],
+            templates: [
+                .chat: TemplateContent(
+                    subject: "Note from {{payload.author}}", body: "_{{payload.note}}_ {{#payload.urgent}}**urgent**{{/payload.urgent}}")
+            ])
+        let hook = Peers.hook("mattermost")
+        _ = try await org.store { tx in
+            try await tx.createEndpoint(channel: .chat, format: .mattermost, name: "ward", url: hook.url, eventTypes: [], secret: nil)
+        }
+        try await org.notify(
+            EventRequest(
+                typeKey: "WARD_NOTE", audience: Audience(userIDs: [org.memberID]),
+                payload: .object([
+                    "author": .string("*Dr* @channel"),
+                    "note": .string("[Reset your password](https://evil.example) ![x](https://evil.example/p.png) # 2 `rm` a_b <b>"),
+                    "urgent": .bool(true),
+                ])))
+        let delivery = try #require(try await TestWorkers.run(org.id) { try await org.settled() }.first)
+        #expect(delivery.status == .sent && delivery.channel == .chat)
+        let body = try #require(try await Peers.requests(hook.name).first?["body"] as? String)
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: String])
+        let expected =
+            "**Note from \\*Dr\\* @\u{2060}channel**\n"
+            + "_\\[Reset your password\\](https://evil.example) !\\[x\\](https://evil.example/p.png) \\# 2 \\`rm\\` a\\_b &lt;b&gt;_ **urgent**"
+        #expect(json == ["text": expected], "\(json)")
+    }
+
     @Test("SSRF: private, loopback, link-local, metadata and disguised addresses are refused at creation and again at connect time")
     func ssrf() async throws {
         try await withOrganisation { org, client in

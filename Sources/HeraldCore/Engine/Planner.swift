@@ -377,17 +377,26 @@ public enum NotificationPlanner {
         _ input: PlanInput, _ profile: RecipientProfile, channel: NotificationChannel,
         parsed: [NotificationChannel: [String: ParsedTemplate]]? = nil, links: [String: String] = [:], plainText: Bool = false
     ) -> TemplateContent {
-        render(input, profile, channel: channel, parsed: parsed, links: links, plainText: plainText, eventContext: nil)
+        render(input, profile, channel: channel, parsed: parsed, links: links, escaping: plainText ? .text : .html, eventContext: nil)
+    }
+
+    /// `render`, the subject and text escaped by `escaping` (a Mattermost message's Markdown).
+    public static func render(
+        _ input: PlanInput, _ profile: RecipientProfile, channel: NotificationChannel, links: [String: String] = [:],
+        escaping: ValueEscaping
+    ) -> TemplateContent {
+        render(input, profile, channel: channel, parsed: nil, links: links, escaping: escaping, eventContext: nil)
     }
 
     /// `render`, with the event's part of the context built already (`context(_:)`) when given.
+    /// `parsed` templates are parsed for HTML: used only when `escaping` is `.html`.
     static func render(
         _ input: PlanInput, _ profile: RecipientProfile, channel: NotificationChannel,
-        parsed: [NotificationChannel: [String: ParsedTemplate]]?, links: [String: String] = [:], plainText: Bool = false,
+        parsed: [NotificationChannel: [String: ParsedTemplate]]?, links: [String: String] = [:], escaping: ValueEscaping = .html,
         eventContext: [String: Any]?
     ) -> TemplateContent {
         let template: ParsedTemplate?
-        if let parsed, !plainText {
+        if let parsed, escaping == .html {
             template =
                 TemplateRenderer.pick(parsed[channel] ?? [:], userLocale: profile.locale, organisationLocale: input.organisationLocale)?
                 .value
@@ -395,7 +404,7 @@ public enum NotificationPlanner {
             // Only the template picked is parsed (or found parsed): not every channel and locale of the type.
             template = TemplateRenderer.pick(
                 input.type.templates[channel] ?? [:], userLocale: profile.locale, organisationLocale: input.organisationLocale
-            ).map { ParsedTemplate.cached($0.value, plainText: plainText) }
+            ).map { ParsedTemplate.cached($0.value, escaping: escaping) }
         }
         return render(template, input, profile, links: links, eventContext: eventContext ?? context(input))
     }

@@ -99,8 +99,69 @@ public enum TemplateRenderer {
     /// Renders every part of `content` (parsed once per process: `ParsedTemplate.cached`);
     /// `plainText` as in `ParsedTemplate`.
     public static func render(_ content: TemplateContent, _ context: [String: Any], plainText: Bool = false) -> TemplateContent {
-        ParsedTemplate.cached(content, plainText: plainText).render(context)
+        ParsedTemplate.cached(content, escaping: plainText ? .text : .html).render(context)
     }
+}
+
+/// How a template's `{{values}}` are escaped for where its text goes (`{{{x}}}` and `{{& x}}`
+/// never are). The email's HTML part is always `html`.
+public enum ValueEscaping: Sendable, Hashable {
+    /// HTML's five characters: the in-app text, webhook bodies, Slack (whose own escapes are
+    /// `&amp;`, `&lt;` and `&gt;`, so a value makes no link or mention there).
+    case html
+    /// Nothing: an email's Subject header and text/plain part, which no client reads as HTML.
+    case text
+    /// HTML's, then Mattermost's Markdown: a value could make a link, an image that loads when
+    /// the message is shown, a heading or a channel-wide mention (a trial). Markdown's
+    /// punctuation is escaped with a backslash, and a word joiner after `@` keeps `@channel`,
+    /// `@all` and `@here` from notifying everyone while they read as written.
+    case mattermost
+
+    /// `text` escaped this way.
+    public func escape(_ text: String) -> String {
+        switch self {
+        case .text: text
+        case .html: htmlEscaped(text)
+        case .mattermost: markdownEscaped(htmlEscaped(text))
+        }
+    }
+
+    /// The Mustache pragma that makes `{{x}}` escape this way.
+    var pragma: String {
+        switch self {
+        case .text: "{{% CONTENT_TYPE: TEXT}}"
+        case .html: HTMLEscaping.pragma
+        case .mattermost: MattermostEscaping.pragma
+        }
+    }
+}
+
+/// CommonMark's backslash escapes for the punctuation that makes links and images (`[`, `]`),
+/// emphasis, code, headings and tables, and a word joiner (U+2060) after every `@`. `&`, `<` and
+/// `>` arrive as HTML entities already (no autolink, HTML or quote).
+func markdownEscaped(_ text: String) -> String {
+    let special: Set<Unicode.Scalar> = ["\\", "`", "*", "_", "[", "]", "#", "~", "|"]
+    guard text.unicodeScalars.contains(where: { special.contains($0) || $0 == "@" }) else { return text }
+    var out = String.UnicodeScalarView()
+    for scalar in text.unicodeScalars {
+        if special.contains(scalar) { out.append("\\") }
+        out.append(scalar)
+        if scalar == "@" { out.append("\u{2060}") }
+    }
+    return String(out)
+}
+
+/// `ValueEscaping.mattermost` for Mustache.
+enum MattermostEscaping: MustacheContentType {
+    case markdown
+
+    static let name = "HERALD_MATTERMOST"
+    static let pragma: String = {
+        MustacheContentTypes.register(MattermostEscaping.markdown, named: name)
+        return "{{% CONTENT_TYPE: \(name)}}"
+    }()
+
+    func escapeText(_ text: String) -> String { ValueEscaping.mattermost.escape(text) }
 }
 
 /// Mustache's HTML escaping, code point by code point (`htmlEscaped`): its own compares whole
@@ -135,14 +196,18 @@ public struct ParsedTemplate: Sendable {
     /// Subject header and text/plain part, which no client reads as HTML); the HTML part is
     /// always escaped.
     public init(_ content: TemplateContent, plainText: Bool = false) {
+        self.init(content, escaping: plainText ? .text : .html)
+    }
+
+    /// The subject and the text body escaped by `escaping`; the HTML part always as HTML.
+    public init(_ content: TemplateContent, escaping: ValueEscaping) {
         source = content
-        let pragma = plainText ? "{{% CONTENT_TYPE: TEXT}}" : HTMLEscaping.pragma
-        subject = try? MustacheTemplate(string: pragma + content.subject)
-        body = try? MustacheTemplate(string: pragma + content.body)
+        subject = try? MustacheTemplate(string: escaping.pragma + content.subject)
+        body = try? MustacheTemplate(string: escaping.pragma + content.body)
         html = content.html.flatMap { try? MustacheTemplate(string: HTMLEscaping.pragma + $0) }
-        plainSubject = subject == nil ? nil : PlainTemplate(content.subject, escaping: !plainText)
-        plainBody = body == nil ? nil : PlainTemplate(content.body, escaping: !plainText)
-        plainHTML = html == nil ? nil : content.html.flatMap { PlainTemplate($0, escaping: true) }
+        plainSubject = subject == nil ? nil : PlainTemplate(content.subject, escape: escaping)
+        plainBody = body == nil ? nil : PlainTemplate(content.body, escape: escaping)
+        plainHTML = html == nil ? nil : content.html.flatMap { PlainTemplate($0, escape: .html) }
     }
 
     /// The parsed form of `content`, parsed once per process while it is among the last few
@@ -150,9 +215,14 @@ public struct ParsedTemplate: Sendable {
     /// nothing needs invalidating. (The worker parsed every template of a type for every
     /// message it sent: issue 12.)
     public static func cached(_ content: TemplateContent, plainText: Bool = false) -> ParsedTemplate {
-        let key = CacheKey(content, plainText: plainText)
+        cached(content, escaping: plainText ? .text : .html)
+    }
+
+    /// `cached`, escaping values by `escaping`.
+    public static func cached(_ content: TemplateContent, escaping: ValueEscaping) -> ParsedTemplate {
+        let key = CacheKey(content, escaping: escaping)
         if let known = cache.withLock({ $0[key] }) { return known }
-        let parsed = ParsedTemplate(content, plainText: plainText)
+        let parsed = ParsedTemplate(content, escaping: escaping)
         cache.withLock { cache in
             if cache.count >= cacheLimit { cache.removeAll(keepingCapacity: true) }
             cache[key] = parsed
@@ -166,12 +236,12 @@ public struct ParsedTemplate: Sendable {
         let subject: [UInt8]
         let body: [UInt8]
         let html: [UInt8]?
-        let plainText: Bool
-        init(_ content: TemplateContent, plainText: Bool) {
+        let escaping: ValueEscaping
+        init(_ content: TemplateContent, escaping: ValueEscaping) {
             subject = Array(content.subject.utf8)
             body = Array(content.body.utf8)
             html = content.html.map { Array($0.utf8) }
-            self.plainText = plainText
+            self.escaping = escaping
         }
     }
 
@@ -225,16 +295,24 @@ struct PlainTemplate: Sendable {
         case value(path: [String], escaped: Bool)
     }
     let parts: [Part]
+    /// How an escaped `{{x}}` is escaped.
+    let escape: ValueEscaping
 
     /// Nil when `source` holds more than text and variables. `escaping`: `{{x}}` is HTML-escaped
     /// (Mustache's default); false for a part rendered as text (the pragma `CONTENT_TYPE: TEXT`).
     init?(_ source: String, escaping: Bool) {
+        self.init(source, escape: escaping ? .html : .text)
+    }
+
+    /// Nil when `source` holds more than text and variables; `{{x}}` escaped by `escape`.
+    init?(_ source: String, escape: ValueEscaping) {
+        self.escape = escape
         var parts: [Part] = []
         var rest = source[...]
         while let open = rest.range(of: "{{") {
             if open.lowerBound > rest.startIndex { parts.append(.text(String(rest[..<open.lowerBound]))) }
             var tag = rest[open.upperBound...]
-            var escaped = escaping
+            var escaped = escape != .text
             let close: String
             if tag.first == "{" {
                 tag = tag.dropFirst()
@@ -300,7 +378,7 @@ struct PlainTemplate: Sendable {
                 case let flag as Bool: text = flag ? "true" : "false"
                 default: return nil
                 }
-                out += escaped ? htmlEscaped(text) : text // as `HTMLEscaping` escapes for Mustache
+                out += escaped ? escape.escape(text) : text // as the pragma's content type escapes for Mustache
             }
         }
         return out
