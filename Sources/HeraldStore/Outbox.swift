@@ -456,7 +456,7 @@ extension TenantTransaction {
         let rows = try await query(
             """
             UPDATE deliveries d SET status = 'PENDING', next_attempt_at = now(), max_attempts = greatest(d.max_attempts, d.attempts + 1),
-                last_error = NULL, last_response_code = NULL, updated_at = now()
+                last_error = NULL, last_response_code = NULL, waiting_since = NULL, updated_at = now()
             WHERE d.organisation_id = \(organisationID) AND d.id = \(id) AND d.status IN ('FAILED', 'DEAD', 'CANCELLED') AND d.attempts < 100
               AND NOT EXISTS (SELECT 1 FROM events e WHERE e.organisation_id = d.organisation_id AND e.id = d.event_id AND e.status = 'CANCELLED')
             RETURNING d.id
@@ -473,7 +473,9 @@ extension TenantTransaction {
         return rows.isEmpty ? nil : try await delivery(id)
     }
 
-    /// Counts by status and channel, and how long the oldest due delivery has waited.
+    /// Counts by status and channel, and how long the oldest delivery still waiting has been due:
+    /// since its `next_attempt_at`, or, for a row given back unsent (its endpoint busy, its circuit
+    /// open: due again a little later), since it first came due (`waiting_since`, migration 0057).
     public func outboxStats(now: Date) async throws -> OutboxStats {
         var stats = OutboxStats(byStatus: [:], byChannel: [:], oldestPendingAge: nil)
         for row in try await query(
@@ -484,7 +486,13 @@ extension TenantTransaction {
             stats.byChannel[channel, default: 0] += count
         }
         let oldest = try await query(
-            "SELECT min(next_attempt_at) FROM deliveries WHERE organisation_id = \(organisationID) AND status IN ('PENDING', 'FAILED') AND next_attempt_at <= \(now)"
+            """
+            SELECT least(
+                (SELECT min(next_attempt_at) FROM deliveries
+                 WHERE organisation_id = \(organisationID) AND status IN ('PENDING', 'FAILED') AND next_attempt_at <= \(now)),
+                (SELECT min(waiting_since) FROM deliveries
+                 WHERE organisation_id = \(organisationID) AND status IN ('PENDING', 'FAILED') AND waiting_since <= \(now)))
+            """
         )
         if let due = try oldest.first?.decode(Date?.self) { stats.oldestPendingAge = now.timeIntervalSince(due) }
         return stats

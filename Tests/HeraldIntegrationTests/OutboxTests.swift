@@ -294,6 +294,36 @@ struct OutboxTests {
         #expect(abs(retryTimes[1].timeIntervalSince(attempts[1].startedAt) - 120) < 1)
     }
 
+    @Test("the backlog's age counts a row given back unsent (its endpoint busy) from when it first came due, until an attempt is recorded")
+    func backlogAgeAcrossGiveBacks() async throws {
+        let (org, ids) = try await outbox(1)
+        let stats = { try await org.store { tx in try await tx.outboxStats(now: Date()) } }
+        // Due 50 s ago, claimed, and given back twice, each time due again a minute later.
+        _ = try await org.store { tx in
+            try await tx.query("UPDATE deliveries SET next_attempt_at = now() - interval '50 seconds' WHERE id = \(ids[0])")
+        }
+        #expect(try await stats().oldestPendingAge.map { $0 >= 49 && $0 < 60 } == true)
+        for _ in 0..<2 {
+            let claim = try #require(try await claimAll(org, worker: "busy").first)
+            let given = try await org.store { tx in
+                try await tx.releaseDeliveries([(claim, Date().addingTimeInterval(60))], worker: "busy")
+            }
+            #expect(given == [true])
+            // Not due for a minute, and still counted from 50 s ago (the age said nothing before 0057).
+            #expect(try await stats().oldestPendingAge.map { $0 >= 49 && $0 < 60 } == true)
+            _ = try await org.store { tx in try await tx.query("UPDATE deliveries SET next_attempt_at = now() WHERE id = \(ids[0])") }
+        }
+        // An attempt recorded (a failure, retried in a minute): nothing waits any more.
+        let claim = try #require(try await claimAll(org, worker: "busy").first)
+        let recorded = try await org.store { tx in
+            try await tx.completeDelivery(
+                claim, worker: "busy", startedAt: Date(),
+                result: .failed(responseCode: 503, error: "busy", retryAt: Date().addingTimeInterval(60)))
+        }
+        #expect(recorded)
+        #expect(try await stats().oldestPendingAge == nil)
+    }
+
     @Test("retry and cancel through the API, with their states checked")
     func retryAndCancelAPI() async throws {
         let (org, ids) = try await outbox(2)
@@ -301,6 +331,8 @@ struct OutboxTests {
         try await app.test(.router) { client in
             let retryPending = try await client.send(.post, "/v1/deliveries/\(ids[0])/retry", token: org.ownerToken)
             #expect(retryPending.isProblem(.conflict))
+            #expect(
+                retryPending.json["detail"] as? String == "Only a FAILED, DEAD or CANCELLED delivery can be retried; this one is PENDING.")
             let cancelled = try await client.send(.post, "/v1/deliveries/\(ids[0])/cancel", token: org.ownerToken)
             #expect(cancelled.json["status"] as? String == "CANCELLED")
             #expect(try await client.send(.post, "/v1/deliveries/\(ids[0])/cancel", token: org.ownerToken).isProblem(.conflict))
@@ -313,6 +345,15 @@ struct OutboxTests {
             #expect(stats.json["oldest_pending_age_seconds"] is Double)
             let one = try await client.send(.get, "/v1/deliveries/\(ids[0])", token: org.ownerToken)
             #expect(one.json["attempt_log"] is [Any])
+            // The event cancelled: its cancelled delivery cannot be retried, and the answer says why.
+            let event = try #require(one.json["event_id"] as? String)
+            _ = try await client.send(.post, "/v1/events/\(event)/cancel", token: org.ownerToken)
+            let ofCancelled = try await client.send(.post, "/v1/deliveries/\(ids[0])/retry", token: org.ownerToken)
+            #expect(ofCancelled.isProblem(.conflict))
+            #expect(
+                ofCancelled.json["detail"] as? String
+                    == "This delivery's event was cancelled; a delivery of a cancelled event cannot be retried.",
+                "\(ofCancelled.text)")
             #expect(try await client.send(.get, "/v1/deliveries", token: org.memberToken).isProblem(.forbidden))
         }
     }

@@ -40,9 +40,17 @@ extension HeraldService {
         let delivery = try await tenant { tx, _ in
             let before = try await tx.delivery(id)
             guard let after = try await tx.retryDelivery(id) else {
-                throw APIError.conflict(
-                    "Only a FAILED, DEAD or CANCELLED delivery of an event that is not cancelled, with fewer than 100 attempts, can be retried; this one is \(before.status.rawValue)."
-                )
+                // The one rule that refused it, named (a DEAD row of a cancelled event was told
+                // "this one is DEAD", a state that may be retried: a trial).
+                let why =
+                    if ![.failed, .dead, .cancelled].contains(before.status) {
+                        "Only a FAILED, DEAD or CANCELLED delivery can be retried; this one is \(before.status.rawValue)."
+                    } else if before.attempts >= 100 {
+                        "This delivery has used \(before.attempts) attempts, the most a delivery may have (100)."
+                    } else {
+                        "This delivery's event was cancelled; a delivery of a cancelled event cannot be retried."
+                    }
+                throw APIError.conflict(why)
             }
             try await tx.audit(
                 action: "delivery.retry", targetType: "delivery", targetID: id.lowercased,
