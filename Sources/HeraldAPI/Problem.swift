@@ -107,8 +107,8 @@ public enum APIError: Error, Sendable, Equatable {
             detail
         case .rateLimited(let decision):
             decision.policy.name == "events"
-                ? "Your organisation sends more than \(decision.policy.rateText) \(decision.policy.perSecond == 1 ? "event" : "events") per second to this instance; retry after \(decision.retryAfter) s."
-                : "Your organisation makes more than \(decision.policy.rateText) \(decision.policy.perSecond == 1 ? "request" : "requests") per second to this instance; retry after \(decision.retryAfter) s."
+                ? "Your organisation sends more than \(decision.policy.rateText(of: "event")) per second to this instance; retry after \(decision.retryAfter) s."
+                : "Your organisation makes more than \(decision.policy.rateText(of: "request")) per second to this instance; retry after \(decision.retryAfter) s."
         case .contentTooLarge(let limit):
             limit.map { "The request body is larger than \($0) bytes." } ?? "The request body is too large."
         case .internalError:

@@ -16,6 +16,11 @@ public struct RateLimitPolicy: Sendable, Equatable {
         perSecond == perSecond.rounded() && perSecond < 1e15 ? String(Int(perSecond)) : String(perSecond)
     }
 
+    /// The rate with its noun: "1 request", "2.5 requests".
+    func rateText(of noun: String) -> String {
+        "\(rateText) \(perSecond == 1 ? noun : noun + "s")"
+    }
+
     public init(name: String, perSecond: Double, burst: Double) {
         self.name = name
         self.perSecond = perSecond

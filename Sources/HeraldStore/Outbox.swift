@@ -402,7 +402,7 @@ extension TenantTransaction {
     ) async throws -> [Bool] {
         guard !attempts.isEmpty else { return [] }
         let rows = CompletedAttempt.numbered(attempts.map { ($0.claim, $0.startedAt, $0.result, nil) })
-        // complete_deliveries (0020): one fenced UPDATE and one INSERT of the attempts, planned once per connection.
+        // complete_deliveries (0020; 0044 as a set, 0057 clears waiting_since): one fenced UPDATE and one INSERT of the attempts.
         let recorded = try await query(
             "SELECT complete_deliveries(\(worker), \(JSONDocument(rows)))"
         ).map { try $0.decode(Int.self) }
@@ -415,7 +415,7 @@ extension TenantTransaction {
     /// is logged as an attempt. Returns, in order, whether each was given back.
     public func releaseDeliveries(_ releases: [(claim: ClaimedDelivery, until: Date)], worker: String) async throws -> [Bool] {
         guard !releases.isEmpty else { return [] }
-        // release_deliveries (0032): each row by its key, whatever the statistics say of the organisation.
+        // release_deliveries (0032; 0057 keeps the first due time): each row by its key, whatever the statistics say.
         let positions = try await query(
             """
             SELECT release_deliveries(\(worker), \(releases.map(\.claim.deliveryID))::uuid[], \(releases.map(\.claim.attempt))::integer[],

@@ -51,6 +51,18 @@ struct PlainTemplateTests {
             ValueEscaping.mattermost.escape("[a](u) ![i](u) *b* _c_ `d` # e ~f~ | g \\ @channel <h> & ok-1.")
                 == "\\[a\\](u) !\\[i\\](u) \\*b\\* \\_c\\_ \\`d\\` \\# e \\~f\\~ \\| g \\\\ @\u{2060}channel &lt;h&gt; &amp; ok-1.")
         #expect(ValueEscaping.mattermost.escape("plain text, 2026-12-07") == "plain text, 2026-12-07")
+        // Quotes read as written (HTML's entities, made after Markdown's escapes, keep a bare #).
+        #expect(ValueEscaping.mattermost.escape("O'Neil said \"hi\" #1") == "O&#39;Neil said &quot;hi&quot; \\#1")
+        // Web addresses keep their punctuation (Mattermost links them from the raw text); an
+        // address is only up to a space, and one with [ or ] is escaped like any text; an email
+        // address keeps its @, a mention does not.
+        #expect(
+            ValueEscaping.mattermost.escape(
+                "https://h.example/v1/links/a_b#c www.h.example/*x* ana@club.example (@here) HTTPS://H.example/_")
+                == "https://h.example/v1/links/a_b#c www.h.example/*x* ana@club.example (@\u{2060}here) HTTPS://H.example/_")
+        #expect(
+            ValueEscaping.mattermost.escape("https://h.example/[a](https://evil.example) www._x_")
+                == "https://h.example/\\[a\\](https://evil.example) www.\\_x\\_")
         #expect(ValueEscaping.text.escape("<a & b>") == "<a & b>")
         #expect(ValueEscaping.html.escape("<a & b>") == "&lt;a &amp; b&gt;")
     }

@@ -338,8 +338,10 @@ struct DeliveryTests {
             EventRequest(
                 typeKey: "WARD_NOTE", audience: Audience(userIDs: [org.memberID]),
                 payload: .object([
-                    "author": .string("*Dr* @channel"),
-                    "note": .string("[Reset your password](https://evil.example) ![x](https://evil.example/p.png) # 2 `rm` a_b <b>"),
+                    "author": .string("*Dr* O'Neil @channel"),
+                    "note": .string(
+                        "[Reset your password](https://evil.example) ![x](https://evil.example/p.png) # 2 `rm` a_b <b> https://h.example/a_b"
+                    ),
                     "urgent": .bool(true),
                 ])))
         let delivery = try #require(try await TestWorkers.run(org.id) { try await org.settled() }.first)
@@ -347,8 +349,9 @@ struct DeliveryTests {
         let body = try #require(try await Peers.requests(hook.name).first?["body"] as? String)
         let json = try #require(try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: String])
         let expected =
-            "**Note from \\*Dr\\* @\u{2060}channel**\n"
-            + "_\\[Reset your password\\](https://evil.example) !\\[x\\](https://evil.example/p.png) \\# 2 \\`rm\\` a\\_b &lt;b&gt;_ **urgent**"
+            "**Note from \\*Dr\\* O&#39;Neil @\u{2060}channel**\n"
+            + "_\\[Reset your password\\](https://evil.example) !\\[x\\](https://evil.example/p.png) \\# 2 \\`rm\\` a\\_b &lt;b&gt; "
+            + "https://h.example/a_b_ **urgent**"
         #expect(json == ["text": expected], "\(json)")
     }
 

@@ -66,6 +66,10 @@ struct RateLimitTests {
         #expect(first.headers[HTTPField.Name("RateLimit")!] == #""events";r=99;t=1"#)
         let slow = RateLimitPolicy(name: "requests", perSecond: 0.5, burst: 1)
         #expect(limiter.take(UUID(), slow, now: Date()).headers[HTTPField.Name("RateLimit-Policy")!] == #""requests";q=1;w=2"#)
+        // The 429's detail says the rate as people write it ("1 event", not "1 events": a trial).
+        #expect(RateLimitPolicy(name: "events", perSecond: 1, burst: 1).rateText(of: "event") == "1 event")
+        #expect(slow.rateText(of: "request") == "0.5 requests")
+        #expect(policy.rateText(of: "event") == "50 events")
     }
 
     @Test("an organisation's own limits, set with `herald organisation rate-limits`, replace the instance's")

@@ -40,13 +40,14 @@ extension HeraldService {
         let delivery = try await tenant { tx, _ in
             let before = try await tx.delivery(id)
             guard let after = try await tx.retryDelivery(id) else {
-                // The one rule that refused it, named (a DEAD row of a cancelled event was told
-                // "this one is DEAD", a state that may be retried: a trial).
+                // The one rule that refused it, named, from the row as it is now (a DEAD row of a
+                // cancelled event was told "this one is DEAD", a state that may be retried: a trial).
+                let now = try await tx.delivery(id)
                 let why =
-                    if ![.failed, .dead, .cancelled].contains(before.status) {
-                        "Only a FAILED, DEAD or CANCELLED delivery can be retried; this one is \(before.status.rawValue)."
-                    } else if before.attempts >= 100 {
-                        "This delivery has used \(before.attempts) attempts, the most a delivery may have (100)."
+                    if ![.failed, .dead, .cancelled].contains(now.status) {
+                        "Only a FAILED, DEAD or CANCELLED delivery can be retried; this one is \(now.status.rawValue)."
+                    } else if now.attempts >= 100 {
+                        "This delivery has used \(now.attempts) attempts, the most a delivery may have (100)."
                     } else {
                         "This delivery's event was cancelled; a delivery of a cancelled event cannot be retried."
                     }

@@ -122,7 +122,8 @@ public enum ValueEscaping: Sendable, Hashable {
         switch self {
         case .text: text
         case .html: htmlEscaped(text)
-        case .mattermost: markdownEscaped(htmlEscaped(text))
+        // Markdown's escapes first: HTML's entities (`&#39;`) hold a `#` that must stay bare.
+        case .mattermost: htmlEscaped(markdownEscaped(text))
         }
     }
 
@@ -131,53 +132,74 @@ public enum ValueEscaping: Sendable, Hashable {
         switch self {
         case .text: "{{% CONTENT_TYPE: TEXT}}"
         case .html: HTMLEscaping.pragma
-        case .mattermost: MattermostEscaping.pragma
+        case .mattermost: HTMLEscaping.mattermostPragma
         }
     }
 }
 
 /// CommonMark's backslash escapes for the punctuation that makes links and images (`[`, `]`),
-/// emphasis, code, headings and tables, and a word joiner (U+2060) after every `@`. `&`, `<` and
-/// `>` arrive as HTML entities already (no autolink, HTML or quote).
+/// emphasis, code, ATX headings and tables, and a word joiner (U+2060) after an `@` that starts a
+/// word (a mention; `ana@club.example` keeps its bytes). `&`, `<` and `>` become HTML entities
+/// after this (no HTML, autolink or quote). A web address (`http://`, `https://` or `www.` and a
+/// letter or digit, up to the next space, with no `[` or `]` in it) keeps its punctuation:
+/// Mattermost links it by itself from the raw text, so a backslash would end up in the link (a
+/// tracked link's token holds `_`: a review). Its `@`s are treated as anywhere else.
 func markdownEscaped(_ text: String) -> String {
     let special: Set<Unicode.Scalar> = ["\\", "`", "*", "_", "[", "]", "#", "~", "|"]
     guard text.unicodeScalars.contains(where: { special.contains($0) || $0 == "@" }) else { return text }
     var out = String.UnicodeScalarView()
-    for scalar in text.unicodeScalars {
-        if special.contains(scalar) { out.append("\\") }
+    let scalars = Array(text.unicodeScalars)
+    var addressEnd = 0
+    for (index, scalar) in scalars.enumerated() {
+        let startsWord = index == 0 || !isWordScalar(scalars[index - 1])
+        if index >= addressEnd && startsWord { addressEnd = webAddressEnd(scalars, from: index) ?? index }
+        if index >= addressEnd && special.contains(scalar) { out.append("\\") }
         out.append(scalar)
-        if scalar == "@" { out.append("\u{2060}") }
+        if scalar == "@" && startsWord { out.append("\u{2060}") }
     }
     return String(out)
 }
 
-/// `ValueEscaping.mattermost` for Mustache.
-enum MattermostEscaping: MustacheContentType {
-    case markdown
-
-    static let name = "HERALD_MATTERMOST"
-    static let pragma: String = {
-        MustacheContentTypes.register(MattermostEscaping.markdown, named: name)
-        return "{{% CONTENT_TYPE: \(name)}}"
-    }()
-
-    func escapeText(_ text: String) -> String { ValueEscaping.mattermost.escape(text) }
+private func isWordScalar(_ scalar: Unicode.Scalar) -> Bool {
+    scalar.properties.isAlphabetic || ("0"..."9").contains(scalar)
 }
 
-/// Mustache's HTML escaping, code point by code point (`htmlEscaped`): its own compares whole
-/// characters, so `"` with a combining mark after it went out as a raw quote. Every template
-/// Herald renders as HTML starts with this pragma.
-enum HTMLEscaping: MustacheContentType {
-    case scalars
+/// Where a web address starting at `start` ends (the next white space); nil when none starts
+/// there, or when it holds a `[` or `]` (which could make a Markdown link where the address is not
+/// linked by itself).
+private func webAddressEnd(_ scalars: [Unicode.Scalar], from start: Int) -> Int? {
+    let prefix = ["https://", "http://", "www."].first { prefix in
+        let p = Array(prefix.unicodeScalars)
+        return start + p.count < scalars.count
+            && zip(scalars[start..<start + p.count], p).allSatisfy { $0.properties.lowercaseMapping == String($1) }
+            && isWordScalar(scalars[start + p.count])
+    }
+    guard prefix != nil else { return nil }
+    var end = start
+    while end < scalars.count && !scalars[end].properties.isWhitespace {
+        if scalars[end] == "[" || scalars[end] == "]" { return nil }
+        end += 1
+    }
+    return end
+}
 
-    static let name = "HERALD_HTML"
-    /// Registered with Mustache the first time a template asks for it.
-    static let pragma: String = {
-        MustacheContentTypes.register(HTMLEscaping.scalars, named: name)
+/// Herald's escapings as Mustache content types, each registered the first time a template asks
+/// for its pragma. HTML is escaped code point by code point (`htmlEscaped`): Mustache's own
+/// compares whole characters, so `"` with a combining mark after it went out as a raw quote.
+/// Every template Herald renders as HTML starts with `HTMLEscaping.pragma`.
+struct HTMLEscaping: MustacheContentType {
+    let escaping: ValueEscaping
+
+    func escapeText(_ text: String) -> String { escaping.escape(text) }
+
+    static let pragma = register(.html, named: "HERALD_HTML")
+    /// `ValueEscaping.mattermost`.
+    static let mattermostPragma = register(.mattermost, named: "HERALD_MATTERMOST")
+
+    private static func register(_ escaping: ValueEscaping, named name: String) -> String {
+        MustacheContentTypes.register(HTMLEscaping(escaping: escaping), named: name)
         return "{{% CONTENT_TYPE: \(name)}}"
-    }()
-
-    func escapeText(_ text: String) -> String { htmlEscaped(text) }
+    }
 }
 
 /// A template parsed once, rendered for many recipients.
