@@ -393,13 +393,17 @@ struct OrganisationCommand: AsyncParsableCommand {
                 }
                 let limits = try await database.withTenant(id) { tx in
                     var limits = try await tx.rateLimitSettings()
+                    let before = limits
                     if requestsPerSecond != nil || eventsPerSecond != nil {
                         limits.requestsPerSecond = try parse(requestsPerSecond, "requests-per-second", current: limits.requestsPerSecond)
                         limits.eventsPerSecond = try parse(eventsPerSecond, "events-per-second", current: limits.eventsPerSecond)
                         try await tx.setRateLimits(limits)
                         try await tx.audit(
                             action: "organisation.rate_limits", targetType: "organisation", targetID: id.lowercased,
-                            before: nil,
+                            before: .object([
+                                "requests_per_second": before.requestsPerSecond.map { .number($0) } ?? .null,
+                                "events_per_second": before.eventsPerSecond.map { .number($0) } ?? .null,
+                            ]),
                             after: .object([
                                 "requests_per_second": limits.requestsPerSecond.map { .number($0) } ?? .null,
                                 "events_per_second": limits.eventsPerSecond.map { .number($0) } ?? .null,
@@ -407,12 +411,17 @@ struct OrganisationCommand: AsyncParsableCommand {
                     }
                     return limits
                 }
-                func shown(_ rate: Double?, _ variable: String) -> String {
-                    rate.map { $0 == 0 ? "no limit" : "\($0 == $0.rounded() ? String(Int($0)) : String($0)) per second" }
-                        ?? "the instance's default (\(variable))"
+                func rate(_ rate: Double) -> String {
+                    rate == 0 ? "no limit" : "\(rate == rate.rounded() ? String(Int(rate)) : String(rate)) per second"
                 }
-                print("rate-limits: \(slug) requests: \(shown(limits.requestsPerSecond, "HERALD_RATE_LIMIT_REQUESTS"))")
-                print("rate-limits: \(slug) events: \(shown(limits.eventsPerSecond, "HERALD_RATE_LIMIT_EVENTS"))")
+                // The default as this command's environment sets it: the servers' own may differ.
+                func shown(_ own: Double?, _ variable: String, _ fallback: Double) -> String {
+                    own.map(rate) ?? "the instance's default, \(variable) (\(rate(fallback)) where this command runs)"
+                }
+                print(
+                    "rate-limits: \(slug) requests: \(shown(limits.requestsPerSecond, "HERALD_RATE_LIMIT_REQUESTS", config.rateLimitRequests))"
+                )
+                print("rate-limits: \(slug) events: \(shown(limits.eventsPerSecond, "HERALD_RATE_LIMIT_EVENTS", config.rateLimitEvents))")
             }
         }
     }

@@ -103,11 +103,22 @@ struct RateLimitTests {
             #expect(refused.headers[HTTPField.Name("RateLimit-Policy")!] == #""requests";q=3;w=1"#)
             #expect((refused.json["detail"] as? String)?.contains("more than 3 requests per second") == true, "\(refused.text)")
         }
-        // `default` goes back to the instance's.
-        _ = try await runHerald(
+        // `default` goes back to the instance's, and says what that is where the command runs.
+        let defaults = try await runHerald(
             ["organisation", "rate-limits", "--slug", org.slug, "--events-per-second", "default", "--requests-per-second", "default"],
-            ["DATABASE_URL": env.appURL])
+            ["DATABASE_URL": env.appURL, "HERALD_RATE_LIMIT_REQUESTS": "500", "HERALD_RATE_LIMIT_EVENTS": "2.5"])
+        #expect(
+            defaults.contains("requests: the instance's default, HERALD_RATE_LIMIT_REQUESTS (500 per second where this command runs)")
+                && defaults.contains("events: the instance's default, HERALD_RATE_LIMIT_EVENTS (2.5 per second where this command runs)"),
+            "\(defaults)")
         #expect(try await org.store { tx in try await tx.rateLimitSettings() } == RateLimitSettings())
+        // Each change is audited with what it replaced.
+        let entry = try await org.store { tx in
+            try await tx.query(
+                "SELECT before::text FROM audit_log WHERE action = 'organisation.rate_limits' ORDER BY occurred_at DESC, id DESC LIMIT 1"
+            ).first?.decode(String?.self)
+        }
+        #expect(entry?.contains("3") == true && entry?.contains("events_per_second") == true, "\(String(describing: entry))")
     }
 
     @Test("over its rate, an organisation's real API key gets 429 and a forged one still gets 401: nobody spends another's rate")
