@@ -203,7 +203,7 @@ struct DigestMessage {
             let channel: NotificationChannel =
                 (templates[.inApp] ?? [:]).isEmpty && !(templates[.email] ?? [:]).isEmpty ? .email : .inApp
             // As written (not HTML-escaped): the digest template escapes its HTML part itself.
-            let content = NotificationPlanner.render(rendering.input, rendering.recipient, channel: channel, plainText: true)
+            let content = NotificationPlanner.render(rendering.input, rendering.recipient, channel: channel, escaping: .text)
             var body = content.body.trimmingCharacters(in: .whitespacesAndNewlines)
             if body.count > Self.bodyLimit { body = String(body.prefix(Self.bodyLimit - 1)) + "…" }
             let link = rendering.url.map { _ in click(entry) }
@@ -263,7 +263,7 @@ struct DigestMessage {
             .value ?? DigestTemplate.builtIn
         template.html = template.html.map(DigestTemplate.escapingEveryValue)
         // The subject and the text part unescaped, the HTML part escaped (as a per-event email).
-        let content = TemplateRenderer.render(template, context(unsubscribe: unsubscribe), plainText: true)
+        let content = TemplateRenderer.render(template, context(unsubscribe: unsubscribe), escaping: .text)
         let (subject, text, html) = (content.subject.trimmingCharacters(in: .whitespacesAndNewlines), content.body, content.html)
         let from = first.email.from ?? defaultFrom
         return try MIMEMessage(

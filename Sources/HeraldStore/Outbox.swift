@@ -448,16 +448,22 @@ extension TenantTransaction {
         return paginate(try rows.map(decodeDelivery), limit: limit) { PageCursor(time: $0.createdAt, id: $0.id) }
     }
 
+    /// The states a delivery may be retried from, and the attempts it may have in all: the rule
+    /// `retryDelivery` applies (and the API's 409 names).
+    public static let retryableStatuses: [DeliveryStatus] = [.failed, .dead, .cancelled]
+    public static let mostAttempts = 100
+
     /// Puts a FAILED, DEAD or CANCELLED delivery back in the queue now, with its attempts
-    /// budget extended by one (up to 100). Nil when the delivery is in another state, has used
-    /// 100 attempts, or its event was cancelled.
+    /// budget extended by one (up to `mostAttempts`). Nil when the delivery is in another state,
+    /// has used them all, or its event was cancelled.
     public func retryDelivery(_ id: UUID) async throws -> Delivery? {
         _ = try await delivery(id)
         let rows = try await query(
             """
             UPDATE deliveries d SET status = 'PENDING', next_attempt_at = now(), max_attempts = greatest(d.max_attempts, d.attempts + 1),
                 last_error = NULL, last_response_code = NULL, waiting_since = NULL, updated_at = now()
-            WHERE d.organisation_id = \(organisationID) AND d.id = \(id) AND d.status IN ('FAILED', 'DEAD', 'CANCELLED') AND d.attempts < 100
+            WHERE d.organisation_id = \(organisationID) AND d.id = \(id)
+              AND d.status = ANY(\(Self.retryableStatuses.map(\.rawValue))::text[]) AND d.attempts < \(Self.mostAttempts)
               AND NOT EXISTS (SELECT 1 FROM events e WHERE e.organisation_id = d.organisation_id AND e.id = d.event_id AND e.status = 'CANCELLED')
             RETURNING d.id
             """)

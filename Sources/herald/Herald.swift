@@ -391,6 +391,13 @@ struct OrganisationCommand: AsyncParsableCommand {
                 guard let id = try await database.organisationID(slug: slug) else {
                     throw ValidationError("No organisation has the slug \(slug).")
                 }
+                // As the audit log keeps them: null for the instance's default.
+                @Sendable func audited(_ limits: RateLimitSettings) -> JSONValue {
+                    .object([
+                        "requests_per_second": limits.requestsPerSecond.map { .number($0) } ?? .null,
+                        "events_per_second": limits.eventsPerSecond.map { .number($0) } ?? .null,
+                    ])
+                }
                 let limits = try await database.withTenant(id) { tx in
                     var limits = try await tx.rateLimitSettings()
                     let before = limits
@@ -400,14 +407,7 @@ struct OrganisationCommand: AsyncParsableCommand {
                         try await tx.setRateLimits(limits)
                         try await tx.audit(
                             action: "organisation.rate_limits", targetType: "organisation", targetID: id.lowercased,
-                            before: .object([
-                                "requests_per_second": before.requestsPerSecond.map { .number($0) } ?? .null,
-                                "events_per_second": before.eventsPerSecond.map { .number($0) } ?? .null,
-                            ]),
-                            after: .object([
-                                "requests_per_second": limits.requestsPerSecond.map { .number($0) } ?? .null,
-                                "events_per_second": limits.eventsPerSecond.map { .number($0) } ?? .null,
-                            ]))
+                            before: audited(before), after: audited(limits))
                     }
                     return limits
                 }

@@ -25,7 +25,7 @@ struct DigestTemplateTests {
 
     @Test("text: one line per item, its body and link indented, the unsubscribe link at the end; nothing escaped")
     func text() {
-        let rendered = TemplateRenderer.render(DigestTemplate.builtIn, context, plainText: true)
+        let rendered = TemplateRenderer.render(DigestTemplate.builtIn, context, escaping: .text)
         #expect(rendered.subject == "Club & Co: your daily digest (2 notifications)")
         #expect(
             rendered.body == """
@@ -52,13 +52,13 @@ struct DigestTemplateTests {
         template.html = template.html.map(DigestTemplate.escapingEveryValue)
         var context = self.context
         context["sections"] = [["category": "C", "items": [["title": "<b>x</b>", "body": "a & b"]]]]
-        let html = try #require(TemplateRenderer.render(template, context, plainText: true).html)
+        let html = try #require(TemplateRenderer.render(template, context, escaping: .text).html)
         #expect(html == "<p>&lt;b&gt;x&lt;/b&gt;|a &amp; b|&lt;b&gt;x&lt;/b&gt;</p>", "\(html)")
     }
 
     @Test("HTML: escaped, with a link on a title only when the item has one")
     func html() throws {
-        let html = try #require(TemplateRenderer.render(DigestTemplate.builtIn, context, plainText: true).html)
+        let html = try #require(TemplateRenderer.render(DigestTemplate.builtIn, context, escaping: .text).html)
         #expect(html.contains("<p>Hello Ana &lt;Bo&gt;,</p>") && html.contains("<h2>Outings</h2>"), "\(html)")
         #expect(
             html.contains(

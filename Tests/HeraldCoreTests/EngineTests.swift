@@ -233,7 +233,7 @@ struct PlannerTests {
         plan.type.templates[.email] = ["it": TemplateContent(subject: "{{payload.missing}} ", body: "Corpo")]
         let inApp = NotificationPlanner.render(plan, user, channel: .inApp)
         #expect(inApp.subject == "Critical ISQ" && inApp.body == "Grazie 25")
-        #expect(NotificationPlanner.render(plan, user, channel: .email, plainText: true).subject == "Critical ISQ")
+        #expect(NotificationPlanner.render(plan, user, channel: .email, escaping: .text).subject == "Critical ISQ")
         #expect(NotificationPlanner.plan(plan).notifications.first?.title == "Critical ISQ")
     }
 

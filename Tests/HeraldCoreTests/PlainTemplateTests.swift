@@ -19,12 +19,8 @@ struct PlainTemplateTests {
         "links": [String: String](),
     ]
 
-    func mustache(_ source: String, escaping: Bool) throws -> String {
-        try mustache(source, escape: escaping ? .html : .text)
-    }
-
-    func mustache(_ source: String, escape: ValueEscaping) throws -> String {
-        try MustacheTemplate(string: escape.pragma + source).render(context)
+    func mustache(_ source: String, escaping: ValueEscaping) throws -> String {
+        try MustacheTemplate(string: escaping.pragma + source).render(context)
     }
 
     @Test("text and variables: the same bytes as Mustache, HTML-escaped, as text or for Mattermost's Markdown")
@@ -39,8 +35,8 @@ struct PlainTemplateTests {
         ]
         for source in templates {
             for escape in [ValueEscaping.html, .text, .mattermost] {
-                let plain = try #require(PlainTemplate(source, escape: escape), "\(source)")
-                #expect(plain.render(context) == (try mustache(source, escape: escape)), "\(source) escaping \(escape)")
+                let plain = try #require(PlainTemplate(source, escaping: escape), "\(source)")
+                #expect(plain.render(context) == (try mustache(source, escaping: escape)), "\(source) escaping \(escape)")
             }
         }
     }
@@ -71,7 +67,7 @@ struct PlainTemplateTests {
     func combiningMarks() throws {
         let context: [String: Any] = ["x": "\"\u{301} onmouseover=alert(1) <\u{338}b>"]
         let expected = "&quot;\u{301} onmouseover=alert(1) &lt;\u{338}b&gt;"
-        #expect(try #require(PlainTemplate("{{x}}", escaping: true)).render(context) == expected)
+        #expect(try #require(PlainTemplate("{{x}}", escaping: .html)).render(context) == expected)
         #expect(try MustacheTemplate(string: HTMLEscaping.pragma + "{{x}}").render(context) == expected)
         #expect(TemplateRenderer.render(TemplateContent(subject: "{{x}}", body: "{{#y}}{{/y}}{{x}}"), context).body == expected)
         #expect(htmlEscaped("a\"\u{301}") == "a&quot;\u{301}")
@@ -84,7 +80,7 @@ struct PlainTemplateTests {
             "{{=<% %>=}}<% a %>", "{{uppercased(payload.title)}}", "{{.}}", "{{payload.title", "{{{payload.title}}", "{{}}",
             "{{ &payload.title}}", "{{a..b}}", "{{.a}}", "{{a b}}",
         ] {
-            #expect(PlainTemplate(source, escaping: true) == nil, "\(source)")
+            #expect(PlainTemplate(source, escaping: .html) == nil, "\(source)")
         }
     }
 
@@ -123,23 +119,23 @@ struct PlainTemplateTests {
         #expect(rendered.body == #"<1><2> 5 69001 none ["a\"<b>",2,2.5,null,true]"#, "\(rendered.body)")
         // As text (an email's subject): unescaped.
         let text = TemplateRenderer.render(
-            TemplateContent(subject: "{{payload.visit.rooms}}", body: ""), ["payload": payload.plain], plainText: true)
+            TemplateContent(subject: "{{payload.visit.rooms}}", body: ""), ["payload": payload.plain], escaping: .text)
         #expect(text.subject == "[1,2]")
         // A plain template walks into an object of the payload; an array or object is Mustache's to print.
-        #expect(PlainTemplate("{{payload.visit.city}}", escaping: true)?.render(["payload": payload.plain]) == "Lyon")
-        #expect(PlainTemplate("{{payload.visit}}", escaping: true)?.render(["payload": payload.plain]) == .some(nil))
+        #expect(PlainTemplate("{{payload.visit.city}}", escaping: .html)?.render(["payload": payload.plain]) == "Lyon")
+        #expect(PlainTemplate("{{payload.visit}}", escaping: .html)?.render(["payload": payload.plain]) == .some(nil))
     }
 
     @Test("a value that is not a string, an integer or a boolean is left to Mustache")
     func otherValues() throws {
         for source in ["{{payload.ratio}}", "{{payload.list}}", "{{payload.none}}", "{{payload.nested}}", "{{payload.title.more}}"] {
-            let plain = try #require(PlainTemplate(source, escaping: true))
+            let plain = try #require(PlainTemplate(source, escaping: .html))
             #expect(plain.render(context) == nil, "\(source)")
         }
         // ParsedTemplate takes Mustache's answer for those, and the plain one for the others.
         let parsed = ParsedTemplate(TemplateContent(subject: "{{payload.ratio}} {{payload.isq}}", body: "{{payload.title}}"))
         let rendered = parsed.render(context)
-        #expect(rendered.subject == (try mustache("{{payload.ratio}} {{payload.isq}}", escaping: true)))
-        #expect(rendered.body == (try mustache("{{payload.title}}", escaping: true)))
+        #expect(rendered.subject == (try mustache("{{payload.ratio}} {{payload.isq}}", escaping: .html)))
+        #expect(rendered.body == (try mustache("{{payload.title}}", escaping: .html)))
     }
 }

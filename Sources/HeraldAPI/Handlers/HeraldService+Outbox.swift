@@ -44,10 +44,10 @@ extension HeraldService {
                 // cancelled event was told "this one is DEAD", a state that may be retried: a trial).
                 let now = try await tx.delivery(id)
                 let why =
-                    if ![.failed, .dead, .cancelled].contains(now.status) {
+                    if !TenantTransaction.retryableStatuses.contains(now.status) {
                         "Only a FAILED, DEAD or CANCELLED delivery can be retried; this one is \(now.status.rawValue)."
-                    } else if now.attempts >= 100 {
-                        "This delivery has used \(now.attempts) attempts, the most a delivery may have (100)."
+                    } else if now.attempts >= TenantTransaction.mostAttempts {
+                        "This delivery has used \(now.attempts) attempts, the most a delivery may have (\(TenantTransaction.mostAttempts))."
                     } else {
                         "This delivery's event was cancelled; a delivery of a cancelled event cannot be retried."
                     }

@@ -372,20 +372,13 @@ public enum NotificationPlanner {
     }
 
     /// The recipient's content for `channel`: the template in their locale, or the type's name.
-    /// `plainText`: the subject and text unescaped (an email's header and text part).
+    /// `escaping`: how values in the subject and text are escaped (`.text` for an email's header
+    /// and text part, `.mattermost` for its Markdown).
     public static func render(
         _ input: PlanInput, _ profile: RecipientProfile, channel: NotificationChannel,
-        parsed: [NotificationChannel: [String: ParsedTemplate]]? = nil, links: [String: String] = [:], plainText: Bool = false
+        parsed: [NotificationChannel: [String: ParsedTemplate]]? = nil, links: [String: String] = [:], escaping: ValueEscaping = .html
     ) -> TemplateContent {
-        render(input, profile, channel: channel, parsed: parsed, links: links, escaping: plainText ? .text : .html, eventContext: nil)
-    }
-
-    /// `render`, the subject and text escaped by `escaping` (a Mattermost message's Markdown).
-    public static func render(
-        _ input: PlanInput, _ profile: RecipientProfile, channel: NotificationChannel, links: [String: String] = [:],
-        escaping: ValueEscaping
-    ) -> TemplateContent {
-        render(input, profile, channel: channel, parsed: nil, links: links, escaping: escaping, eventContext: nil)
+        render(input, profile, channel: channel, parsed: parsed, links: links, escaping: escaping, eventContext: nil)
     }
 
     /// `render`, with the event's part of the context built already (`context(_:)`) when given.

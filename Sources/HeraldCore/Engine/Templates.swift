@@ -97,9 +97,9 @@ public enum TemplateRenderer {
     }
 
     /// Renders every part of `content` (parsed once per process: `ParsedTemplate.cached`);
-    /// `plainText` as in `ParsedTemplate`.
-    public static func render(_ content: TemplateContent, _ context: [String: Any], plainText: Bool = false) -> TemplateContent {
-        ParsedTemplate.cached(content, escaping: plainText ? .text : .html).render(context)
+    /// `escaping` as in `ParsedTemplate`.
+    public static func render(_ content: TemplateContent, _ context: [String: Any], escaping: ValueEscaping = .html) -> TemplateContent {
+        ParsedTemplate.cached(content, escaping: escaping).render(context)
     }
 }
 
@@ -214,34 +214,23 @@ public struct ParsedTemplate: Sendable {
     let plainBody: PlainTemplate?
     let plainHTML: PlainTemplate?
 
-    /// `plainText` renders the subject and the text body without HTML escaping (an email's
-    /// Subject header and text/plain part, which no client reads as HTML); the HTML part is
-    /// always escaped.
-    public init(_ content: TemplateContent, plainText: Bool = false) {
-        self.init(content, escaping: plainText ? .text : .html)
-    }
-
-    /// The subject and the text body escaped by `escaping`; the HTML part always as HTML.
-    public init(_ content: TemplateContent, escaping: ValueEscaping) {
+    /// The subject and the text body escaped by `escaping` (`.text` for an email's Subject header
+    /// and text/plain part, which no client reads as HTML); the HTML part always as HTML.
+    public init(_ content: TemplateContent, escaping: ValueEscaping = .html) {
         source = content
         subject = try? MustacheTemplate(string: escaping.pragma + content.subject)
         body = try? MustacheTemplate(string: escaping.pragma + content.body)
         html = content.html.flatMap { try? MustacheTemplate(string: HTMLEscaping.pragma + $0) }
-        plainSubject = subject == nil ? nil : PlainTemplate(content.subject, escape: escaping)
-        plainBody = body == nil ? nil : PlainTemplate(content.body, escape: escaping)
-        plainHTML = html == nil ? nil : content.html.flatMap { PlainTemplate($0, escape: .html) }
+        plainSubject = subject == nil ? nil : PlainTemplate(content.subject, escaping: escaping)
+        plainBody = body == nil ? nil : PlainTemplate(content.body, escaping: escaping)
+        plainHTML = html == nil ? nil : content.html.flatMap { PlainTemplate($0, escaping: .html) }
     }
 
     /// The parsed form of `content`, parsed once per process while it is among the last few
     /// hundred used. The key is the content itself, so an edited template is a new entry and
     /// nothing needs invalidating. (The worker parsed every template of a type for every
     /// message it sent: issue 12.)
-    public static func cached(_ content: TemplateContent, plainText: Bool = false) -> ParsedTemplate {
-        cached(content, escaping: plainText ? .text : .html)
-    }
-
-    /// `cached`, escaping values by `escaping`.
-    public static func cached(_ content: TemplateContent, escaping: ValueEscaping) -> ParsedTemplate {
+    public static func cached(_ content: TemplateContent, escaping: ValueEscaping = .html) -> ParsedTemplate {
         let key = CacheKey(content, escaping: escaping)
         if let known = cache.withLock({ $0[key] }) { return known }
         let parsed = ParsedTemplate(content, escaping: escaping)
@@ -318,23 +307,18 @@ struct PlainTemplate: Sendable {
     }
     let parts: [Part]
     /// How an escaped `{{x}}` is escaped.
-    let escape: ValueEscaping
+    let escaping: ValueEscaping
 
-    /// Nil when `source` holds more than text and variables. `escaping`: `{{x}}` is HTML-escaped
-    /// (Mustache's default); false for a part rendered as text (the pragma `CONTENT_TYPE: TEXT`).
-    init?(_ source: String, escaping: Bool) {
-        self.init(source, escape: escaping ? .html : .text)
-    }
-
-    /// Nil when `source` holds more than text and variables; `{{x}}` escaped by `escape`.
-    init?(_ source: String, escape: ValueEscaping) {
-        self.escape = escape
+    /// Nil when `source` holds more than text and variables; `{{x}}` escaped by `escaping`
+    /// (`.text`: not at all, as under the pragma `CONTENT_TYPE: TEXT`).
+    init?(_ source: String, escaping: ValueEscaping) {
+        self.escaping = escaping
         var parts: [Part] = []
         var rest = source[...]
         while let open = rest.range(of: "{{") {
             if open.lowerBound > rest.startIndex { parts.append(.text(String(rest[..<open.lowerBound]))) }
             var tag = rest[open.upperBound...]
-            var escaped = escape != .text
+            var escaped = escaping != .text
             let close: String
             if tag.first == "{" {
                 tag = tag.dropFirst()
@@ -400,7 +384,7 @@ struct PlainTemplate: Sendable {
                 case let flag as Bool: text = flag ? "true" : "false"
                 default: return nil
                 }
-                out += escaped ? escape.escape(text) : text // as the pragma's content type escapes for Mustache
+                out += escaped ? escaping.escape(text) : text // as the pragma's content type escapes for Mustache
             }
         }
         return out
