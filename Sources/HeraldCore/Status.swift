@@ -16,11 +16,13 @@ public enum EventStatus: String, CaseIterable, Sendable, Codable {
 }
 
 /// How one attempt of a delivery ended (`delivery_attempts.outcome`): the three ends of a send,
-/// a late completion the fence refused, or a lease that ran out and was rescued.
+/// a delivery its event's cancel stopped while a worker held it, a late completion the fence
+/// refused, or a lease that ran out and was rescued.
 public enum AttemptOutcome: String, CaseIterable, Sendable, Codable {
     case sent = "SENT"
     case failed = "FAILED"
     case dead = "DEAD"
+    case cancelled = "CANCELLED"
     case fenced = "FENCED"
     case expired = "EXPIRED"
 }

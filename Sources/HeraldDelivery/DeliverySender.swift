@@ -15,9 +15,12 @@ public enum SendOutcome: Sendable, Equatable {
     /// Nothing was sent, for a reason of this process and not of the receiver (no connection
     /// was free): the delivery is given back without counting an attempt.
     case deferred(reason: String)
-    /// Nothing was sent and nothing will be: the event was cancelled or expired, the recipient
-    /// deactivated, the endpoint deleted or disabled.
+    /// Nothing was sent and nothing will be: the event expired, the recipient was deactivated,
+    /// the endpoint deleted or disabled. The delivery ends `DEAD` with the reason.
     case notSent(reason: String)
+    /// Nothing was sent and nothing will be: the event was cancelled after the delivery was
+    /// claimed. It ends `CANCELLED`, as the cancel ends the rows nobody held.
+    case cancelled(reason: String)
 
     /// The attempt's record: retried on the policy's schedule while attempts remain.
     public func result(
@@ -38,6 +41,8 @@ public enum SendOutcome: Sendable, Equatable {
             return .failed(responseCode: code, error: error, retryAt: next)
         case .notSent(let reason):
             return .dead(responseCode: nil, error: reason)
+        case .cancelled(let reason):
+            return .cancelled(error: reason)
         case .deferred(let reason):
             // Only reached when a caller records a deferral as an attempt; the pool releases instead.
             guard let next = policy.nextAttempt(after: attempt, failedAt: now, retryAfter: nil, random: random) else {
@@ -53,7 +58,7 @@ public enum SendOutcome: Sendable, Equatable {
         switch self {
         case .accepted, .gone: true
         case .refused(let code, _, let permanent, _): permanent ? nil : code != nil
-        case .deferred, .notSent: nil
+        case .deferred, .notSent, .cancelled: nil
         }
     }
 }
@@ -77,7 +82,7 @@ public struct DeliverySender: Sendable {
     }
 
     public func send(_ work: DeliveryWork, attempt: Int, logger: Logger, now: Date = Date()) async -> SendOutcome {
-        if work.eventStatus == .cancelled { return .notSent(reason: "Not sent: the event was cancelled.") }
+        if work.eventStatus == .cancelled { return .cancelled(reason: "Not sent: the event was cancelled.") }
         if let expiry = work.eventExpiresAt, expiry <= now { return .notSent(reason: "Not sent: the event expired first.") }
         if !work.recipient.candidate.active { return .notSent(reason: "Not sent: the recipient was deactivated.") }
         let channel = work.delivery.channel

@@ -164,7 +164,7 @@ public struct DigestHandler: WorkHandler {
         case .sent:
             Self.sent.increment()
             logger.info("digest sent", metadata: ["items": "\(record.items)"])
-        case .failed(_, let error, _), .dead(_, let error):
+        case .failed(_, let error, _), .dead(_, let error), .cancelled(let error):
             Self.failed.increment()
             logger.warning("digest not sent", metadata: ["error": .string(error)])
         }

@@ -88,19 +88,21 @@ extension AttemptResult {
         case .sent: .sent
         case .failed: .failed
         case .dead: .dead
+        case .cancelled: .cancelled
         }
     }
 
     var responseCode: Int? {
         switch self {
         case .sent(let code, _), .failed(let code, _, _), .dead(let code, _): code
+        case .cancelled: nil
         }
     }
 
     var error: String? {
         switch self {
         case .sent: nil
-        case .failed(_, let error, _), .dead(_, let error): error
+        case .failed(_, let error, _), .dead(_, let error), .cancelled(let error): error
         }
     }
 }

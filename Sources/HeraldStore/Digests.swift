@@ -416,6 +416,9 @@ extension TenantTransaction {
             case .sent(_, let response): (empty ? .empty : .sent, nil, nil, response)
             case .failed(_, let error, let retryAt): (.failed, error, retryAt, nil)
             case .dead(_, let error): (.dead, error, nil, nil)
+            // A run is never cancelled whole (a cancelled event's items are dropped from it at
+            // send time); should a send say so, the run ends like any other that cannot be sent.
+            case .cancelled(let error): (.dead, error, nil, nil)
             }
         let rows = try await query(
             """

@@ -51,6 +51,9 @@ public enum AttemptResult: Sendable, Equatable {
     case failed(responseCode: Int?, error: String, retryAt: Date)
     /// No more attempts.
     case dead(responseCode: Int?, error: String)
+    /// Not sent and never will be: its event was cancelled while a worker held it. It ends
+    /// `CANCELLED`, like the rows the cancel reached first (migration 0058).
+    case cancelled(error: String)
 }
 
 /// The organisation's sender identity for email.
@@ -107,6 +110,7 @@ private struct CompletedAttempt: Codable, Sendable {
         case .failed(let code, let error, let retryAt):
             (status, self.code, self.error, retry_at) = ("FAILED", code, error, retryAt.timeIntervalSince1970)
         case .dead(let code, let error): (status, self.code, self.error) = ("DEAD", code, error)
+        case .cancelled(let error): (status, self.error) = ("CANCELLED", error)
         }
     }
 }

@@ -86,14 +86,7 @@ enum TestWorkers {
         _ body: @Sendable () async throws -> T
     ) async throws -> T {
         let env = try await TestEnvironment.shared
-        let http = HTTPTransport(
-            destinations: DestinationGuard(allowed: settings.allowed.compactMap { IPNetwork($0) }), timeout: settings.sendTimeout,
-            connectionsPerHost: settings.concurrency)
-        let sender = DeliverySender(
-            email: EmailTransport(
-                settings: EmailTransport.settings(url: Peers.smtpURL, username: nil, password: nil, timeout: 10)!,
-                defaultFrom: "herald@herald.test"),
-            http: http, links: LinkBuilder(baseURL: "http://herald.test", keys: TestEnvironment.linkKeys))
+        let (sender, http) = Self.sender(settings)
         // The pools share one bus, as the workers of one process do.
         let bus = NotificationBus(client: listenClient ?? env.workerClient, logger: env.logger)
         let pools = (0..<settings.pools).map { index in
@@ -128,6 +121,19 @@ enum TestWorkers {
         }
         try await http.shutdown()
         return result
+    }
+
+    /// The sender the pools use, to the test peers; shut the HTTP transport down after use.
+    static func sender(_ settings: Settings = Settings()) -> (DeliverySender, HTTPTransport) {
+        let http = HTTPTransport(
+            destinations: DestinationGuard(allowed: settings.allowed.compactMap { IPNetwork($0) }), timeout: settings.sendTimeout,
+            connectionsPerHost: settings.concurrency)
+        let sender = DeliverySender(
+            email: EmailTransport(
+                settings: EmailTransport.settings(url: Peers.smtpURL, username: nil, password: nil, timeout: 10)!,
+                defaultFrom: "herald@herald.test"),
+            http: http, links: LinkBuilder(baseURL: "http://herald.test", keys: TestEnvironment.linkKeys))
+        return (sender, http)
     }
 }
 

@@ -251,6 +251,61 @@ struct DeliveryTests {
         #expect(plan.traces[0].channels.first { $0.decision.channel == .webhook }?.decision.reason == .noDestination)
     }
 
+    @Test(
+        "a delivery claimed before its event was cancelled ends CANCELLED, unsent; one whose recipient was deactivated after the claim ends DEAD with the reason"
+    )
+    func stoppedAfterTheClaim() async throws {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
+        let hook = Peers.hook()
+        _ = try await org.store { tx in
+            try await tx.createEndpoint(
+                channel: .webhook, format: .standard, name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+        }
+        let env = try await TestEnvironment.shared
+        let (sender, http) = TestWorkers.sender()
+        defer { Task { try? await http.shutdown() } }
+        let handler = DeliveryHandler(
+            database: env.workerDatabase, sender: sender, endpointConcurrency: 4, endpointBusyDelay: 1, circuitCooldown: 60,
+            retry: RetryPolicy())
+        let queue = OutboxQueue(database: env.workerDatabase, organisation: org.id, circuit: CircuitRule(failures: 5, cooldown: 60))
+        let worker = "stopped-\(UUID().uuidString.prefix(6))"
+        /// Notifies, claims the delivery as a worker would, lets `between` change the world, then
+        /// runs the attempt and records it: the delivery as it ended and its attempt log.
+        func attempt(between: (_ event: UUID) async throws -> Void) async throws -> (Delivery, [DeliveryAttempt]) {
+            let (event, _) = try await org.notify(
+                EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
+            let claims = try await env.workerDatabase.claimDeliveries(worker: worker, limit: 10, leaseSeconds: 30, organisation: org.id)
+            try #require(claims.count == 1)
+            let claim = claims[0]
+            try await between(event.id)
+            guard case .done(let record) = try await handler.handle(claim, logger: env.logger) else {
+                Issue.record("the attempt was given back")
+                throw CancellationError()
+            }
+            #expect(try await queue.complete(claim, worker: worker, startedAt: Date(), outcome: record, logger: env.logger))
+            let delivery = try await org.store { tx in try await tx.delivery(claim.deliveryID) }
+            #expect(delivery.eventID == event.id)
+            return (delivery, try await org.store { tx in try await tx.deliveryAttempts(claim.deliveryID) })
+        }
+
+        let (cancelled, cancelledLog) = try await attempt { event in
+            let cancellation = try await org.store { tx in try await tx.cancelEvent(event, now: Date()) }
+            #expect(cancellation?.deliveries == 0, "the claimed row is the worker's")
+        }
+        #expect(cancelled.status == .cancelled && cancelled.lastError == "Not sent: the event was cancelled.", "\(cancelled)")
+        #expect(cancelledLog.map(\.outcome) == [.cancelled] && cancelledLog.first?.error == "Not sent: the event was cancelled.")
+
+        let (dead, deadLog) = try await attempt { _ in
+            _ = try await org.store { tx in try await tx.setUserActive(org.memberID, false) }
+        }
+        #expect(dead.status == .dead && dead.lastError == "Not sent: the recipient was deactivated.", "\(dead)")
+        #expect(deadLog.map(\.outcome) == [.dead])
+        // Neither reached the receiver.
+        #expect(try await Peers.requests(hook.name).isEmpty)
+    }
+
     @Test("webhook: during a secret rotation both secrets sign, and each verifies independently")
     func rotation() async throws {
         let org = try await TestOrganisation.make()

@@ -279,6 +279,7 @@ func mapped(_ outcome: AttemptOutcome) -> Components.Schemas.DeliveryAttempt.Out
     case .sent: .sent
     case .failed: .failed
     case .dead: .dead
+    case .cancelled: .cancelled
     case .fenced: .fenced
     case .expired: .expired
     }
