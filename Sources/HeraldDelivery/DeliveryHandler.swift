@@ -5,30 +5,72 @@ import Logging
 import Metrics
 import Synchronization
 
-/// Sends one claimed delivery: reads it in its organisation, takes a send slot of its endpoint
-/// (or gives it back while the endpoint is full or its circuit open), sends, and says how the
-/// attempt ended. The runner records that through `OutboxQueue`.
+/// The send slots of each endpoint in one pool (issue 8, item 13): a claimed delivery of an
+/// endpoint holds one from its claim until its send ends (or it is given back, or its handling
+/// ends another way). The claim asks the database for no more rows of an endpoint than it has
+/// room for (`claim_deliveries`, migration 0059), so a full endpoint's rows stay due in the
+/// database instead of being claimed, read and handed back.
+public final class EndpointSlots: Sendable {
+    /// Sends in flight at once to one endpoint in this pool.
+    public let limit: Int
+    private struct State {
+        var held: [ClaimedDelivery: UUID] = [:]
+        var counts: [UUID: Int] = [:]
+    }
+    private let state = Mutex(State())
+
+    public init(limit: Int) {
+        precondition(limit > 0)
+        self.limit = limit
+    }
+
+    /// What a claim may take now: the room left of each endpoint holding slots.
+    var room: EndpointRoom {
+        EndpointRoom(limit: limit, busy: state.withLock { $0.counts.mapValues { limit - $0 } })
+    }
+
+    /// Takes a slot of each claim's endpoint (a claim without one takes none).
+    func hold(_ claims: [ClaimedDelivery]) {
+        state.withLock { state in
+            for claim in claims {
+                guard let endpoint = claim.endpointID, state.held.updateValue(endpoint, forKey: claim) == nil else { continue }
+                state.counts[endpoint, default: 0] += 1
+            }
+        }
+    }
+
+    /// Leaves the slot `claim` holds; a second call does nothing.
+    func leave(_ claim: ClaimedDelivery) {
+        state.withLock { state in
+            guard let endpoint = state.held.removeValue(forKey: claim) else { return }
+            state.counts[endpoint, default: 1] -= 1
+            if state.counts[endpoint] == 0 { state.counts[endpoint] = nil }
+        }
+    }
+}
+
+/// Sends one claimed delivery: reads it in its organisation, checks its endpoint's circuit (or
+/// gives it back while it is open), sends, and says how the attempt ended. The runner records
+/// that through `OutboxQueue`. Its endpoint's send slot was taken at the claim (`EndpointSlots`).
 public final class DeliveryHandler: WorkHandler, Sendable {
     let database: Database
     let sender: DeliverySender
-    /// Sends in flight at once to one endpoint in this process (issue 8, item 13).
-    let endpointConcurrency: Int
-    /// How long a delivery given back for a full endpoint waits.
+    /// The pool's send slots per endpoint, shared with its `OutboxQueue`.
+    let slots: EndpointSlots
+    /// How long a delivery given back for a busy circuit trial waits.
     let endpointBusyDelay: TimeInterval
     let circuitCooldown: TimeInterval
     let retry: RetryPolicy
-    /// Sends in flight per endpoint.
-    private let endpointSends = Mutex<[UUID: Int]>([:])
     /// Reads what the deliveries starting together need in one transaction per organisation.
     private let works: RequestBatcher<ClaimedDelivery, DeliveryWork?>
 
     public init(
-        database: Database, sender: DeliverySender, endpointConcurrency: Int, endpointBusyDelay: TimeInterval,
+        database: Database, sender: DeliverySender, slots: EndpointSlots, endpointBusyDelay: TimeInterval,
         circuitCooldown: TimeInterval, retry: RetryPolicy
     ) {
         self.database = database
         self.sender = sender
-        self.endpointConcurrency = endpointConcurrency
+        self.slots = slots
         self.endpointBusyDelay = endpointBusyDelay
         self.circuitCooldown = circuitCooldown
         self.retry = retry
@@ -41,18 +83,13 @@ public final class DeliveryHandler: WorkHandler, Sendable {
     }
 
     public func handle(_ claim: ClaimedDelivery, logger: Logger) async throws -> WorkDisposition<DeliveryAttemptRecord> {
+        // The slot is left when the send ends, before the attempt is recorded: the slots bound
+        // the sends to a receiver. (`finished` leaves it too, for the ways out before a send.)
+        defer { slots.leave(claim) }
         guard let work = try await works.submit(claim) else { throw StoreError.notFound("delivery") }
-        var slot: UUID?
-        if let endpoint = work.endpoint, endpoint.enabled {
-            if let (until, why) = try await admit(endpoint, claim, now: Date()) {
-                return .giveBack(until: until, reason: why)
-            }
-            slot = endpoint.id
+        if let endpoint = work.endpoint, endpoint.enabled, let (until, why) = try await admit(endpoint, claim, now: Date()) {
+            return .giveBack(until: until, reason: why)
         }
-        // Left when the send ends, before the attempt is recorded: the slots bound the sends to
-        // a receiver. A half-open circuit lets one trial through per cool-down whatever the
-        // slots: taking it (takeCircuitTrial) moves the cool-down's end on in the database.
-        defer { if let slot { leave(slot) } }
         let outcome = await sender.send(work, attempt: claim.attempt, logger: logger)
         if case .deferred(let why) = outcome {
             return .giveBack(until: Date().addingTimeInterval(endpointBusyDelay), reason: why)
@@ -60,15 +97,18 @@ public final class DeliveryHandler: WorkHandler, Sendable {
         let result = outcome.result(attempt: claim.attempt, maxAttempts: work.delivery.maxAttempts, policy: retry, now: Date())
         var record = DeliveryAttemptRecord(channel: work.delivery.channel, result: result)
         if case .gone = outcome, let endpoint = work.endpoint { record.goneEndpoint = endpoint.id }
-        if let slot, let answered = outcome.receiverAnswered { record.endpointAnswered = (slot, answered) }
+        if let endpoint = work.endpoint, endpoint.enabled, let answered = outcome.receiverAnswered {
+            record.endpointAnswered = (endpoint.id, answered)
+        }
         return .done(record)
     }
 
-    /// Counts and logs the attempt.
+    /// Leaves the endpoint's slot if the handling did not, counts and logs the attempt.
     public func finished(
         _ claim: ClaimedDelivery, disposition: WorkDisposition<DeliveryAttemptRecord>?, recorded: Bool?,
         duration: Duration, logger: Logger
     ) {
+        slots.leave(claim)
         guard case .done(let record)? = disposition, let recorded else { return }
         let result = record.result
         let outcome = (recorded ? result.outcome : .fenced).rawValue
@@ -85,43 +125,22 @@ public final class DeliveryHandler: WorkHandler, Sendable {
             ])
     }
 
-    /// Takes a send slot of `endpoint`, or says until when to give the delivery back: while its
-    /// circuit is open, while another worker runs the half-open trial, or while its slots are full.
+    /// Says until when to give the delivery back while `endpoint`'s circuit is open or another
+    /// worker runs its half-open trial; nil to send. (A claim takes no row of an endpoint whose
+    /// circuit is open, and one of a half-open one; another pool may have opened it since.)
     private func admit(_ endpoint: Endpoint, _ claim: ClaimedDelivery, now: Date) async throws -> (until: Date, why: String)? {
-        let busy = now.addingTimeInterval(endpointBusyDelay + Double.random(in: 0..<1))
         let state = endpoint.circuit.state(at: now)
         if state == .open, let retryAt = endpoint.circuit.retryAt {
             return (retryAt, "circuit open")
         }
-        let limit = endpointConcurrency
-        let entered = endpointSends.withLock { sends in
-            guard sends[endpoint.id, default: 0] < limit else { return false }
-            sends[endpoint.id, default: 0] += 1
-            return true
-        }
-        guard entered else { return (busy, "endpoint busy") }
+        // A half-open circuit lets one trial through per cool-down: taking it (takeCircuitTrial)
+        // moves the cool-down's end on in the database.
         if state == .halfOpen {
-            let trial: Bool
-            do {
-                trial = try await database.withTenant(claim.organisationID) { tx in
-                    try await tx.takeCircuitTrial(endpoint.id, cooldown: circuitCooldown)
-                }
-            } catch {
-                leave(endpoint.id)
-                throw error
+            let trial = try await database.withTenant(claim.organisationID) { tx in
+                try await tx.takeCircuitTrial(endpoint.id, cooldown: circuitCooldown)
             }
-            if !trial {
-                leave(endpoint.id)
-                return (busy, "circuit trial running")
-            }
+            if !trial { return (now.addingTimeInterval(endpointBusyDelay + Double.random(in: 0..<1)), "circuit trial running") }
         }
         return nil
-    }
-
-    private func leave(_ endpoint: UUID) {
-        endpointSends.withLock { sends in
-            sends[endpoint, default: 1] -= 1
-            if sends[endpoint] == 0 { sends[endpoint] = nil }
-        }
     }
 }

@@ -41,6 +41,9 @@ public struct OutboxQueue: WorkQueue {
     /// Confines the queue to one organisation (tests); nil serves every organisation.
     let organisation: UUID?
     let circuit: CircuitRule
+    /// The pool's send slots per endpoint: a claim takes no more rows of an endpoint than it has
+    /// room for, and holds a slot for each it took.
+    let slots: EndpointSlots
     /// Attempts that end while others are being recorded are recorded together.
     let completions: RequestBatcher<Completion, Bool>
     /// Deliveries given back while others are being given back go back together.
@@ -62,10 +65,11 @@ public struct OutboxQueue: WorkQueue {
         var until: Date
     }
 
-    public init(database: Database, organisation: UUID?, circuit: CircuitRule) {
+    public init(database: Database, organisation: UUID?, circuit: CircuitRule, slots: EndpointSlots) {
         self.database = database
         self.organisation = organisation
         self.circuit = circuit
+        self.slots = slots
         completions = RequestBatcher(maximum: 256) { completions in
             await RequestBatcher.perOrganisation(completions, key: \.claim.organisationID) { organisation, completions in
                 try await Self.record(completions, organisation: organisation, database: database, circuit: circuit)
@@ -92,15 +96,21 @@ public struct OutboxQueue: WorkQueue {
 
     /// Claims for each organisation with due work its share of `limit` (fair claiming, issue 12):
     /// an organisation with a million due rows takes no slot another organisation's single due
-    /// row needs. A queue confined to one organisation claims from it alone.
+    /// row needs. A queue confined to one organisation claims from it alone. Each claim takes
+    /// no more rows of an endpoint than the pool's slots have room for, and holds them.
     public func claim(worker: String, limit: Int, leaseSeconds: Int) async throws -> [ClaimedDelivery] {
+        let due: [(organisation: UUID, due: Int)]
         if let organisation {
-            return try await database.claimDeliveries(worker: worker, limit: limit, leaseSeconds: leaseSeconds, organisation: organisation)
+            due = [(organisation, limit)]
+        } else {
+            due = try await database.dueDeliveryOrganisations(limit: limit)
         }
         var claimed: [ClaimedDelivery] = []
-        for (organisation, share) in Self.shares(of: limit, among: try await database.dueDeliveryOrganisations(limit: limit)) {
-            claimed += try await database.claimDeliveries(
-                worker: worker, limit: share, leaseSeconds: leaseSeconds, organisation: organisation)
+        for (organisation, share) in Self.shares(of: limit, among: due) {
+            let mine = try await database.claimDeliveries(
+                worker: worker, limit: share, leaseSeconds: leaseSeconds, organisation: organisation, room: slots.room)
+            slots.hold(mine)
+            claimed += mine
         }
         return claimed
     }

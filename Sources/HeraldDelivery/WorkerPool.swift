@@ -19,10 +19,11 @@ public struct WorkerPoolConfiguration: Sendable {
     /// claim rescues the row (issue 8, item 11). Keep it above the database deadline three
     /// times over plus the transport's timeout.
     public var attemptDeadline: Duration = .seconds(90)
-    /// Sends in flight at once to one endpoint in this process, so a slow or dead receiver only
-    /// slows itself (issue 8, item 13). A delivery that finds its endpoint full is given back
-    /// without counting an attempt, due again after `endpointBusyDelay`.
+    /// Sends in flight at once to one endpoint in this pool, so a slow or dead receiver only
+    /// slows itself (issue 8, item 13). A claim takes no more of an endpoint's rows than it has
+    /// room for: the others stay due in the database until a slot is free (migration 0059).
     public var endpointConcurrency = 8
+    /// How long a delivery given back while another worker runs its endpoint's circuit trial waits.
     public var endpointBusyDelay: TimeInterval = 2
     /// The circuit breaker: this many attempts in a row without an answer pause the endpoint
     /// for `circuitCooldown`; then one delivery is sent as a trial.
@@ -66,11 +67,12 @@ public final class DeliveryWorkerPool: Service, Sendable {
         runner.pollInterval = configuration.pollInterval
         runner.attemptDeadline = configuration.attemptDeadline
         let circuit = CircuitRule(failures: configuration.circuitFailures, cooldown: configuration.circuitCooldown)
+        let slots = EndpointSlots(limit: configuration.endpointConcurrency)
         self.runner = WorkRunner(
             configuration: runner,
-            queue: OutboxQueue(database: database, organisation: configuration.organisation, circuit: circuit),
+            queue: OutboxQueue(database: database, organisation: configuration.organisation, circuit: circuit, slots: slots),
             handler: DeliveryHandler(
-                database: database, sender: sender, endpointConcurrency: configuration.endpointConcurrency,
+                database: database, sender: sender, slots: slots,
                 endpointBusyDelay: configuration.endpointBusyDelay, circuitCooldown: configuration.circuitCooldown,
                 retry: configuration.retry),
             bus: bus, logger: logger)

@@ -42,6 +42,28 @@ public struct ClaimedDelivery: Sendable, Equatable, Hashable {
     public var organisationID: UUID
     public var deliveryID: UUID
     public var attempt: Int
+    /// The webhook or chat endpoint it goes to (nil for email): what the claiming worker counts
+    /// against the endpoint's send slots.
+    public var endpointID: UUID?
+
+    public init(organisationID: UUID, deliveryID: UUID, attempt: Int, endpointID: UUID? = nil) {
+        self.organisationID = organisationID
+        self.deliveryID = deliveryID
+        self.attempt = attempt
+        self.endpointID = endpointID
+    }
+}
+
+/// How many sends of each endpoint a claim may take (migration 0059): `room` for each busy
+/// endpoint, `limit` for any other. A claim without it takes any number.
+public struct EndpointRoom: Sendable, Equatable {
+    public var limit: Int
+    public var busy: [UUID: Int]
+
+    public init(limit: Int, busy: [UUID: Int] = [:]) {
+        self.limit = limit
+        self.busy = busy
+    }
 }
 
 /// How an attempt ended.
@@ -199,9 +221,6 @@ public struct OutboxStats: Sendable, Equatable {
 }
 
 extension Database {
-    /// Claims up to `limit` due deliveries across organisations (the one cross-tenant path, a
-    /// SECURITY DEFINER function): each comes back leased to `worker` with its attempt number.
-    /// `organisation` confines the claim to one organisation.
     /// The organisations with deliveries due now (migration 0023), the one waiting longest
     /// first, at most `limit`, with how many rows each has due (counted up to `limit`).
     public func dueDeliveryOrganisations(limit: Int) async throws -> [(organisation: UUID, due: Int)] {
@@ -235,13 +254,23 @@ extension Database {
         return flags(recorded, count: attempts.count)
     }
 
-    public func claimDeliveries(worker: String, limit: Int, leaseSeconds: Int, organisation: UUID? = nil) async throws -> [ClaimedDelivery]
-    {
-        try await query(
-            "SELECT organisation_id, delivery_id, attempt FROM claim_deliveries(\(worker), \(limit)::integer, \(leaseSeconds)::integer, \(organisation)::uuid)"
+    /// Claims up to `limit` due deliveries across organisations (the one cross-tenant path, a
+    /// SECURITY DEFINER function): each comes back leased to `worker` with its attempt number
+    /// and endpoint. `organisation` confines the claim to one organisation; there, `room` bounds
+    /// the rows of each endpoint (migration 0059: a full endpoint's rows stay due, untouched).
+    public func claimDeliveries(
+        worker: String, limit: Int, leaseSeconds: Int, organisation: UUID? = nil, room: EndpointRoom? = nil
+    ) async throws -> [ClaimedDelivery] {
+        let busy = (room?.busy ?? [:]).sorted { $0.key.uuidString < $1.key.uuidString }
+        return try await query(
+            """
+            SELECT organisation_id, delivery_id, attempt, endpoint_id
+            FROM claim_deliveries(\(worker), \(limit)::integer, \(leaseSeconds)::integer, \(organisation)::uuid,
+                                  \(room?.limit ?? 1000)::integer, \(busy.map(\.key))::uuid[], \(busy.map { max(0, $0.value) })::integer[])
+            """
         ).map { row in
-            let (org, id, attempt) = try row.decode((UUID, UUID, Int).self)
-            return ClaimedDelivery(organisationID: org, deliveryID: id, attempt: attempt)
+            let (org, id, attempt, endpoint) = try row.decode((UUID, UUID, Int, UUID?).self)
+            return ClaimedDelivery(organisationID: org, deliveryID: id, attempt: attempt, endpointID: endpoint)
         }
     }
 }

@@ -114,7 +114,8 @@ struct BusTests {
                 .eventCommitted(organisationID: org.id, eventID: chunked, work: .fanout),
             ]
             #expect(try await eventually { expected.allSatisfy(heard.messages.contains) })
-            let outbox = OutboxQueue(database: env.database, organisation: nil, circuit: CircuitRule(failures: 5, cooldown: 60))
+            let outbox = OutboxQueue(
+                database: env.database, organisation: nil, circuit: CircuitRule(failures: 5, cooldown: 60), slots: EndpointSlots(limit: 8))
             let fanouts = FanoutQueue(database: env.database)
             #expect(expected.map(outbox.wakes(on:)) == [false, true, false])
             #expect(expected.map(fanouts.wakes(on:)) == [false, false, true])

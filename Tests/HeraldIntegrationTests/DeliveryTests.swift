@@ -266,17 +266,18 @@ struct DeliveryTests {
         let env = try await TestEnvironment.shared
         let (sender, http) = TestWorkers.sender()
         defer { Task { try? await http.shutdown() } }
+        let slots = EndpointSlots(limit: 4)
         let handler = DeliveryHandler(
-            database: env.workerDatabase, sender: sender, endpointConcurrency: 4, endpointBusyDelay: 1, circuitCooldown: 60,
-            retry: RetryPolicy())
-        let queue = OutboxQueue(database: env.workerDatabase, organisation: org.id, circuit: CircuitRule(failures: 5, cooldown: 60))
+            database: env.workerDatabase, sender: sender, slots: slots, endpointBusyDelay: 1, circuitCooldown: 60, retry: RetryPolicy())
+        let queue = OutboxQueue(
+            database: env.workerDatabase, organisation: org.id, circuit: CircuitRule(failures: 5, cooldown: 60), slots: slots)
         let worker = "stopped-\(UUID().uuidString.prefix(6))"
         /// Notifies, claims the delivery as a worker would, lets `between` change the world, then
         /// runs the attempt and records it: the delivery as it ended and its attempt log.
         func attempt(between: (_ event: UUID) async throws -> Void) async throws -> (Delivery, [DeliveryAttempt]) {
             let (event, _) = try await org.notify(
                 EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
-            let claims = try await env.workerDatabase.claimDeliveries(worker: worker, limit: 10, leaseSeconds: 30, organisation: org.id)
+            let claims = try await queue.claim(worker: worker, limit: 10, leaseSeconds: 30)
             try #require(claims.count == 1)
             let claim = claims[0]
             try await between(event.id)

@@ -46,7 +46,8 @@ struct FairClaimTests {
         }
 
         // act: one unconfined claim of 10
-        let queue = OutboxQueue(database: worker, organisation: nil, circuit: CircuitRule(failures: 5, cooldown: 60))
+        let queue = OutboxQueue(
+            database: worker, organisation: nil, circuit: CircuitRule(failures: 5, cooldown: 60), slots: EndpointSlots(limit: 8))
         let claimed = try await queue.claim(worker: "fair", limit: 10, leaseSeconds: 60)
 
         // check: B's two are in, A takes the rest; a FIFO claim would have taken A's ten oldest

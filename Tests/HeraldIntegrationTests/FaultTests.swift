@@ -191,6 +191,53 @@ struct FaultTests {
 
     /// An endpoint that keeps timing out is paused: its circuit opens, shows on the endpoint, and
     /// its deliveries wait without using attempts.
+    @Test(
+        "A slow endpoint's rows wait in the database, never claimed beyond its send slots nor handed back, while the organisation's emails go out"
+    )
+    func slowEndpointRowsWaitUnclaimed() async throws {
+        // setup: 20 webhooks to a receiver that takes 400 ms each, 2 at a time (4 s in all),
+        // and 20 emails of a later event
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
+        try await org.deliveryType("WARD_MAIL", category: catalogue.activity, channels: [.email])
+        try await org.addUsers(18) // 20 recipients
+        let slow = Peers.hook("slow-room")
+        try await Peers.configure(slow.name, ["delay_ms": 400])
+        _ = try await org.store { tx in
+            try await tx.createEndpoint(
+                channel: .webhook, format: .standard, name: "slow", url: slow.url, eventTypes: [], secret: WebhookSecret.generate().string)
+        }
+        try await org.notify(EventRequest(typeKey: "WARD_ALERT", audience: Audience(everyone: true), payload: .object([:])))
+        try await org.notify(EventRequest(typeKey: "WARD_MAIL", audience: Audience(everyone: true), payload: .object([:])))
+        var settings = FaultWorkers.Settings()
+        settings.endpointConcurrency = 2
+
+        // act and check, while it runs
+        try await FaultWorkers.run(org.id, settings) {
+            var mostClaimed = 0, handedBack = 0
+            var webhooksLeftWhenMailsWent: Int?
+            let done = try await eventually(timeout: .seconds(60), every: .milliseconds(50)) {
+                let deliveries = try await org.deliveries()
+                let hooks = deliveries.filter { $0.channel == .webhook }, mails = deliveries.filter { $0.channel == .email }
+                mostClaimed = max(mostClaimed, hooks.filter { $0.status == .sending }.count)
+                handedBack += try await org.store { tx in
+                    try await tx.query("SELECT count(*)::int FROM deliveries WHERE waiting_since IS NOT NULL")[0].decode(Int.self)
+                }
+                if webhooksLeftWhenMailsWent == nil && mails.allSatisfy({ $0.status == .sent }) {
+                    webhooksLeftWhenMailsWent = hooks.filter { $0.status != .sent }.count
+                }
+                return deliveries.allSatisfy { $0.status == .sent }
+            }
+            #expect(done)
+            #expect(mostClaimed >= 1 && mostClaimed <= 2, "at most the endpoint's 2 slots claimed at once (\(mostClaimed))")
+            #expect(handedBack == 0, "no row was handed back for a full endpoint")
+            #expect((webhooksLeftWhenMailsWent ?? 0) > 0, "the emails did not wait behind the slow endpoint's rows")
+            #expect(try await org.deliveries().allSatisfy { $0.attempts == 1 })
+        }
+        try await Peers.configure(slow.name, [:])
+    }
+
     @Test("An endpoint that keeps timing out is paused by its circuit breaker, visible on the endpoint")
     func circuitBreaker() async throws {
         // setup

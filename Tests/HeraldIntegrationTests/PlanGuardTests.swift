@@ -305,6 +305,79 @@ struct PlanGuardTests {
         }
     }
 
+    @Test(
+        "a claim takes no more of an endpoint's rows than it has room for, reads no more of them, and finds the emails behind them; an open circuit's rows stay due"
+    )
+    func claimFollowsEndpointRoom() async throws {
+        try await env.withScratchDatabase("room") { app, worker, ownerURL in
+            // Statistics taken while no delivery existed, as for the organisations above.
+            try await CitusReadinessTests.withClient(ownerURL, env.logger) {
+                _ = try await $0.query("VACUUM ANALYZE deliveries", logger: env.logger)
+            }
+            let org = try await app.emailOutbox("room", users: 2_000, events: 0)
+            // 2 000 webhook rows to one endpoint, then 3 emails of a later event behind them.
+            let endpoint = try await app.withTenant(org) { tx in
+                let endpoint = try await tx.createEndpoint(
+                    channel: .webhook, format: .standard, name: "one", url: "http://127.0.0.1:9/hook", eventTypes: [],
+                    secret: WebhookSecret.generate().string)
+                let category = try #require(try await tx.categories().first)
+                _ = try await tx.createNotificationType(
+                    NotificationTypeFields(
+                        key: "HOOK", categoryID: category.id, name: "Hook", description: "", defaultSeverity: .info,
+                        defaultPriority: .normal, defaultChannels: [.webhook]))
+                let users = try await tx.query("SELECT id FROM users ORDER BY email").map { try $0.decode(UUID.self) }
+                for (type, audience) in [("HOOK", users), ("NEWS", Array(users.prefix(3)))] {
+                    let planned = try await tx.planEvent(
+                        EventRequest(typeKey: type, audience: Audience(userIDs: audience), payload: .object([:])), eventID: UUID(),
+                        now: Date())
+                    try await tx.write(planned.event, type: planned.type, plan: planned.plan)
+                }
+                _ = try await tx.query("UPDATE deliveries SET next_attempt_at = now() - interval '1 minute' WHERE endpoint_id IS NOT NULL")
+                return endpoint
+            }
+            /// One claim of up to 16 with 4 slots per endpoint, `busy` as the pool says; the
+            /// rows claimed (their endpoints) and the entries of deliveries read.
+            func claim(_ busy: [UUID: Int]) async throws -> ([UUID?], Int) {
+                try await worker.withTenant(org) { tx in
+                    _ = try await tx.query("SET LOCAL plan_cache_mode = force_generic_plan")
+                    let keys = Array(busy.keys), rooms = keys.map { busy[$0]! }
+                    return try await reading("deliveries", in: tx) {
+                        try await tx.query(
+                            "SELECT endpoint_id FROM claim_deliveries('guard', 16, 60, \(org), 4, \(keys)::uuid[], \(rooms)::integer[])"
+                        ).map { try $0.decode(UUID?.self) }
+                    }
+                }
+            }
+            let (first, firstRead) = try await claim([:])
+            #expect(first.filter { $0 == endpoint.id }.count == 4 && first.filter { $0 == nil }.count == 3, "\(first)")
+            // The endpoint's 4, the 3 emails, the organisation's endpoints; not the 2 000 rows.
+            #expect(firstRead > 0 && firstRead <= 4 * (4 + 3) + 8, "a claim behind 2 000 rows of a full endpoint read \(firstRead)")
+            // The pool holds the 4: its next claims take none, and read next to nothing.
+            let (full, fullRead) = try await claim([endpoint.id: 0])
+            #expect(full.isEmpty && fullRead <= 4, "\(full), read \(fullRead)")
+            #expect(try await claim([endpoint.id: 1]).0 == [endpoint.id])
+            // An open circuit: none; half-open: one (the trial).
+            let opened = { (retry: String) in
+                try await app.withTenant(org) { tx in
+                    _ = try await tx.query(
+                        "UPDATE endpoints SET circuit_opened_at = now(), circuit_retry_at = now() + \(retry)::interval WHERE id = \(endpoint.id)"
+                    )
+                }
+            }
+            try await opened("1 minute")
+            #expect(try await claim([:]).0.isEmpty)
+            try await opened("-1 second")
+            #expect(try await claim([:]).0 == [endpoint.id])
+            // The rows not claimed were not touched: still due, never handed back.
+            let untouched = try await app.withTenant(org) { tx in
+                try await tx.query(
+                    "SELECT count(*)::int FROM deliveries WHERE endpoint_id IS NOT NULL AND status = 'PENDING' AND attempts = 0 AND waiting_since IS NULL"
+                )[0].decode(Int.self)
+            }
+            #expect(untouched == 2_000 - 6)
+        }
+    }
+
     @Test("a digest claim reads about a claim's worth of due runs, not every due run")
     func digestClaimFollowsTheClaim() async throws {
         try await env.withScratchDatabase("digestclaim") { app, worker, ownerURL in
