@@ -450,8 +450,12 @@ INSERT INTO notification_types (organisation_id, key, category_id, name, default
 INSERT INTO endpoints (organisation_id, id, channel, format, name, url, event_types, secret)
   VALUES ('$ORG', gen_random_uuid(), 'webhook', 'standard', 'bench', 'http://127.0.0.1:$RECV_PORT/sink', '{BENCH_HOOK}', '$HOOK_SECRET');
 SQL
-DATABASE_WORKER_URL=postgres://herald_worker:herald_worker@127.0.0.1:$PORT/herald_bench HERALD_WORKERS=$WORKERS HERALD_WORKER_BATCH=$WORKERS HERALD_ENDPOINT_CONCURRENCY=$WORKERS \
-  HERALD_DESTINATIONS_ALLOW=127.0.0.1/32 HERALD_SMTP_URL=smtp://127.0.0.1:$SMTP_PORT HERALD_LOG_LEVEL=warning \
+# BENCH_ENDPOINT_CONCURRENCY: the send slots of the one endpoint (all the worker's by default;
+# HERALD_ENDPOINT_CONCURRENCY's own default, 8, is what a platform trial ran with).
+ENDPOINT_SLOTS=${BENCH_ENDPOINT_CONCURRENCY:-$WORKERS}
+WORKER_METRICS=54339
+DATABASE_WORKER_URL=postgres://herald_worker:herald_worker@127.0.0.1:$PORT/herald_bench HERALD_WORKERS=$WORKERS HERALD_WORKER_BATCH=$WORKERS HERALD_ENDPOINT_CONCURRENCY=$ENDPOINT_SLOTS \
+  HERALD_WORKER_METRICS_PORT=$WORKER_METRICS HERALD_DESTINATIONS_ALLOW=127.0.0.1/32 HERALD_SMTP_URL=smtp://127.0.0.1:$SMTP_PORT HERALD_LOG_LEVEL=warning \
   $HERALD worker > .bench/worker.log 2>&1 &
 WORKER=$!
 sleep 1
@@ -486,6 +490,8 @@ poll_open
 deliver BENCH_HOOK webhook; HOOK_T=$DELIVER_T; HOOK_S=$SEND_T; HOOK_W=$W_CPU; HOOK_PG=$PG_CPU
 deliver BENCH email; MAIL_T=$DELIVER_T; MAIL_S=$SEND_T; MAIL_W=$W_CPU; MAIL_PG=$PG_CPU
 poll_close
+# Deliveries the worker claimed and handed back unsent (herald_delivery_released_total, every reason).
+GIVEN_BACK=$(curl -s localhost:$WORKER_METRICS/metrics | awk '/^herald_delivery_released_total/ {n += $NF} END {printf "%d", n}')
 kill -TERM $WORKER; wait $WORKER 2>/dev/null || true
 {
 echo
@@ -505,6 +511,8 @@ echo "| channel | the worker (ms per message) | PostgreSQL's backends (ms per me
 echo "|---|---|---|"
 printf '| webhook | %.3f | %.3f |\n' $(echo "$HOOK_W * 1000 / $N" | bc -l) $(echo "$HOOK_PG * 1000 / $N" | bc -l)
 printf '| email | %.3f | %.3f |\n' $(echo "$MAIL_W * 1000 / $N" | bc -l) $(echo "$MAIL_PG * 1000 / $N" | bc -l)
+echo
+echo "The endpoint had $ENDPOINT_SLOTS send slots; the worker handed back $GIVEN_BACK claimed deliveries unsent (herald_delivery_released_total)."
 } >> $OUT
 fi
 
