@@ -524,13 +524,27 @@ extension TenantTransaction {
             stats.byStatus[status, default: 0] += count
             stats.byChannel[channel, default: 0] += count
         }
+        // Each leg says which of the two due indexes (0059) it walks: emails by due time, each
+        // endpoint's rows by due time, and the waits of rows given back among the due rows.
         let oldest = try await query(
             """
             SELECT least(
                 (SELECT min(next_attempt_at) FROM deliveries
-                 WHERE organisation_id = \(organisationID) AND status IN ('PENDING', 'FAILED') AND next_attempt_at <= \(now)),
+                 WHERE organisation_id = \(organisationID) AND endpoint_id IS NULL AND status IN ('PENDING', 'FAILED')
+                   AND next_attempt_at <= \(now)),
+                (SELECT min(f.next_attempt_at) FROM endpoints e
+                 CROSS JOIN LATERAL (
+                     SELECT d.next_attempt_at FROM deliveries d
+                     WHERE d.organisation_id = \(organisationID) AND d.endpoint_id = e.id AND d.status IN ('PENDING', 'FAILED')
+                       AND d.next_attempt_at <= \(now)
+                     ORDER BY d.next_attempt_at LIMIT 1) f
+                 WHERE e.organisation_id = \(organisationID)),
                 (SELECT min(waiting_since) FROM deliveries
-                 WHERE organisation_id = \(organisationID) AND status IN ('PENDING', 'FAILED') AND waiting_since <= \(now)))
+                 WHERE organisation_id = \(organisationID) AND endpoint_id IS NULL AND status IN ('PENDING', 'FAILED')
+                   AND waiting_since <= \(now)),
+                (SELECT min(waiting_since) FROM deliveries
+                 WHERE organisation_id = \(organisationID) AND endpoint_id IS NOT NULL AND status IN ('PENDING', 'FAILED')
+                   AND waiting_since <= \(now)))
             """
         )
         if let due = try oldest.first?.decode(Date?.self) { stats.oldestPendingAge = now.timeIntervalSince(due) }

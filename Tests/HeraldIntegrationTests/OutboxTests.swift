@@ -294,7 +294,9 @@ struct OutboxTests {
         #expect(abs(retryTimes[1].timeIntervalSince(attempts[1].startedAt) - 120) < 1)
     }
 
-    @Test("the backlog's age counts a row given back unsent (its endpoint busy) from when it first came due, until an attempt is recorded")
+    @Test(
+        "the backlog's age counts a row given back unsent (its endpoint's circuit open) from when it first came due, until an attempt is recorded"
+    )
     func backlogAgeAcrossGiveBacks() async throws {
         let (org, ids) = try await outbox(1)
         let stats = { try await org.store { tx in try await tx.outboxStats(now: Date()) } }

@@ -375,6 +375,9 @@ struct PlanGuardTests {
                 )[0].decode(Int.self)
             }
             #expect(untouched == 2_000 - 6)
+            // The backlog's age counts the endpoint's rows (due a minute ago), not only the emails.
+            let age = try await app.withTenant(org) { tx in try await tx.outboxStats(now: Date()).oldestPendingAge }
+            #expect(age.map { $0 >= 59 } == true, "\(String(describing: age))")
         }
     }
 
