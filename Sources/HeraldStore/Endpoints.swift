@@ -166,6 +166,16 @@ extension TenantTransaction {
             WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id
             """)
         guard !rows.isEmpty else { throw StoreError.notFound("endpoint") }
+        // The rows still waiting go to the new URL: their `destination` says so (a trial read
+        // the old URL on rows the worker then sent to the new one). Rows already sent keep the
+        // URL they went to. By deliveries_due_endpoint.
+        if let url = fields.url {
+            try await query(
+                """
+                UPDATE deliveries SET destination = \(url), updated_at = now()
+                WHERE organisation_id = \(organisationID) AND endpoint_id = \(id) AND status IN ('PENDING', 'FAILED') AND destination <> \(url)
+                """)
+        }
         return try await endpoint(id)
     }
 

@@ -307,6 +307,34 @@ struct DeliveryTests {
         #expect(try await Peers.requests(hook.name).isEmpty)
     }
 
+    @Test("webhook: an endpoint's new URL is where its waiting rows go and what they say; a sent row keeps the URL it went to")
+    func endpointMoved() async throws {
+        try await withCatalogue(configure: { $0.destinationsAllowed = ["127.0.0.1/32"] }) { org, catalogue, client in
+            try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
+            let before = Peers.hook(), after = Peers.hook()
+            let endpoint = try await org.store { tx in
+                try await tx.createEndpoint(
+                    channel: .webhook, format: .standard, name: "w", url: before.url, eventTypes: [],
+                    secret: WebhookSecret.generate().string)
+            }
+            let request = EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:]))
+            let (sent, _) = try await org.notify(request)
+            _ = try await TestWorkers.run(org.id) { try await org.settled() }
+            let (waiting, _) = try await org.notify(request)
+            let moved = try await client.send(
+                .patch, "/v1/endpoints/\(endpoint.id.lowercased)", token: org.ownerToken, json: "{\"url\": \"\(after.url)\"}")
+            #expect(moved.status == .ok, "\(moved.text)")
+            let destinations = { (event: UUID) in
+                try await org.deliveries().filter { $0.eventID == event }.map(\.destination)
+            }
+            #expect(try await destinations(sent.id) == [before.url])
+            #expect(try await destinations(waiting.id) == [after.url])
+            _ = try await TestWorkers.run(org.id) { try await org.settled() }
+            #expect(try await Peers.requests(before.name).count == 1)
+            #expect(try await Peers.requests(after.name).count == 1)
+        }
+    }
+
     @Test("webhook: during a secret rotation both secrets sign, and each verifies independently")
     func rotation() async throws {
         let org = try await TestOrganisation.make()
