@@ -408,7 +408,7 @@ if want delivery; then
 say "delivery: peers and ceilings"
 psql_app -c "SELECT set_config('app.org_id', '$ORG', false)" -c "UPDATE deliveries SET status = 'CANCELLED' WHERE status IN ('PENDING', 'FAILED')" >/dev/null
 # Vacuumed at once (as the owner: the application role's VACUUM skips tables it does not own):
-# the cancelled rows' dead entries at the head of deliveries_due would otherwise be walked by every
+# the cancelled rows' dead entries at the head of deliveries_due_direct would otherwise be walked by every
 # due_delivery_organisations call until autovacuum came (4.4 ms a call after 110 000 cancelled
 # rows, against 0.3 ms), which the delivery figures would count as Herald's.
 psql_super -c "VACUUM ANALYZE deliveries" >/dev/null

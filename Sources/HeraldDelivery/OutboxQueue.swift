@@ -103,17 +103,27 @@ public struct OutboxQueue: WorkQueue {
         if let organisation {
             due = [(organisation, limit)]
         } else {
-            due = try await database.dueDeliveryOrganisations(limit: limit)
+            due = try await database.dueDeliveryOrganisations(limit: limit, room: slots.room)
         }
         var claimed: [ClaimedDelivery] = []
         for (organisation, share) in Self.shares(of: limit, among: due) {
-            let mine = try await database.claimDeliveries(
-                worker: worker, limit: share, leaseSeconds: leaseSeconds, organisation: organisation, room: slots.room)
-            slots.hold(mine)
-            claimed += mine
+            do {
+                let mine = try await database.claimDeliveries(
+                    worker: worker, limit: share, leaseSeconds: leaseSeconds, organisation: organisation, room: slots.room)
+                slots.hold(mine)
+                claimed += mine
+            } catch  where !claimed.isEmpty {
+                // What the organisations before it gave is leased to this worker and holds its
+                // endpoints' slots: it is handled, and the error comes back with the next claim.
+                break
+            }
         }
         return claimed
     }
+
+    /// A short claim means nothing more was due, or the endpoints' slots were full: both free
+    /// up as sends end, so the runner waits for half of them before claiming again.
+    public var pacesShortClaims: Bool { true }
 
     /// Splits `limit` slots among organisations with `due` rows each: from the one with the least
     /// up, each takes what it has due, at most an equal part of what is left. Every organisation

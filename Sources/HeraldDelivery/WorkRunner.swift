@@ -51,13 +51,23 @@ public protocol WorkQueue: Sendable {
     func fail(_ claim: Claim, worker: String, error: any Error) async throws
     /// Puts items whose lease expired back in the queue; returns how many.
     func rescueExpired(worker: String) async throws -> Int
+    /// Whether, after a claim that found less than it had room for, the runner waits for half
+    /// the items then running to end before it claims again (the bus, an idle runner or a poll
+    /// interval claims at once). Right for items that wait for slots the running ones free
+    /// (deliveries behind an endpoint's send slots); wrong where an item ending makes the next
+    /// due (a fan-out's chunks). False unless the queue says so.
+    var pacesShortClaims: Bool { get }
+}
+
+extension WorkQueue {
+    public var pacesShortClaims: Bool { false }
 }
 
 /// What a handler made of one item.
 public enum WorkDisposition<Outcome: Sendable>: Sendable {
     /// Done (well or not): the queue records `outcome`, fenced.
     case done(Outcome)
-    /// Not attempted, for a reason of this process (a full send slot, an open circuit): the
+    /// Not attempted, for a reason of this process (an open circuit, no connection free): the
     /// item goes back, due at `until`, without counting an attempt.
     case giveBack(until: Date, reason: String)
 }
@@ -183,7 +193,7 @@ where Handler.Claim == Queue.Claim, Handler.Outcome == Queue.Outcome {
                 // the loop), or until the free slots have waited a poll interval.
                 let waitedLong = waitingSince.map { now - $0 >= configuration.pollInterval } ?? false
                 var claiming = room > 0 && (running == 0 || room >= claimThreshold || waitedLong)
-                if claiming, running > 0, !waitedLong, let before = runningAfterShortClaim, running > before / 2 {
+                if claiming, queue.pacesShortClaims, running > 0, !waitedLong, let before = runningAfterShortClaim, running > before / 2 {
                     claiming = announced.load(ordering: .relaxed)
                 }
                 if claiming {

@@ -64,6 +64,15 @@ public struct EndpointRoom: Sendable, Equatable {
         self.limit = limit
         self.busy = busy
     }
+
+    /// Any number of rows of any endpoint (the SQL functions' defaults).
+    static let unbounded = EndpointRoom(limit: 1000)
+
+    /// The busy endpoints and their room, in a stable order, as the SQL functions take them.
+    var busyColumns: (endpoints: [UUID], rooms: [Int]) {
+        let sorted = busy.sorted { $0.key.uuidString < $1.key.uuidString }
+        return (sorted.map(\.key), sorted.map { max(0, $0.value) })
+    }
 }
 
 /// How an attempt ended.
@@ -223,8 +232,16 @@ public struct OutboxStats: Sendable, Equatable {
 extension Database {
     /// The organisations with deliveries due now (migration 0023), the one waiting longest
     /// first, at most `limit`, with how many rows each has due (counted up to `limit`).
-    public func dueDeliveryOrganisations(limit: Int) async throws -> [(organisation: UUID, due: Int)] {
-        try await query("SELECT organisation_id, due FROM due_delivery_organisations(\(limit)::integer)").map { row in
+    /// `room` counts only what a claim with it could take (migration 0060): an organisation whose
+    /// due rows all wait for full endpoints, or endpoints whose circuit is open, is not listed.
+    public func dueDeliveryOrganisations(limit: Int, room: EndpointRoom? = nil) async throws -> [(organisation: UUID, due: Int)] {
+        let room = room ?? .unbounded, (endpoints, rooms) = room.busyColumns
+        return try await query(
+            """
+            SELECT organisation_id, due
+            FROM due_delivery_organisations(\(limit)::integer, \(room.limit)::integer, \(endpoints)::uuid[], \(rooms)::integer[])
+            """
+        ).map { row in
             let (organisation, due) = try row.decode((UUID, Int).self)
             return (organisation, due)
         }
@@ -261,12 +278,12 @@ extension Database {
     public func claimDeliveries(
         worker: String, limit: Int, leaseSeconds: Int, organisation: UUID? = nil, room: EndpointRoom? = nil
     ) async throws -> [ClaimedDelivery] {
-        let busy = (room?.busy ?? [:]).sorted { $0.key.uuidString < $1.key.uuidString }
+        let room = room ?? .unbounded, (endpoints, rooms) = room.busyColumns
         return try await query(
             """
             SELECT organisation_id, delivery_id, attempt, endpoint_id
             FROM claim_deliveries(\(worker), \(limit)::integer, \(leaseSeconds)::integer, \(organisation)::uuid,
-                                  \(room?.limit ?? 1000)::integer, \(busy.map(\.key))::uuid[], \(busy.map { max(0, $0.value) })::integer[])
+                                  \(room.limit)::integer, \(endpoints)::uuid[], \(rooms)::integer[])
             """
         ).map { row in
             let (org, id, attempt, endpoint) = try row.decode((UUID, UUID, Int, UUID?).self)
@@ -513,7 +530,7 @@ extension TenantTransaction {
     }
 
     /// Counts by status and channel, and how long the oldest delivery still waiting has been due:
-    /// since its `next_attempt_at`, or, for a row given back unsent (its endpoint busy, its circuit
+    /// since its `next_attempt_at`, or, for a row given back unsent (its circuit
     /// open: due again a little later), since it first came due (`waiting_since`, migration 0057).
     public func outboxStats(now: Date) async throws -> OutboxStats {
         var stats = OutboxStats(byStatus: [:], byChannel: [:], oldestPendingAge: nil)

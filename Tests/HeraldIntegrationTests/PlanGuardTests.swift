@@ -375,6 +375,27 @@ struct PlanGuardTests {
                 )[0].decode(Int.self)
             }
             #expect(untouched == 2_000 - 6)
+            // The organisations a claim would serve count what it could take (0060): the
+            // half-open endpoint's one row, nothing while the pool's slots of it are full or its
+            // circuit open; read by the endpoint's own range, not its 1 994 waiting rows (the
+            // organisations' walks of both indexes and the emails' leg read a few entries each).
+            func due(_ busy: [UUID: Int]) async throws -> ([Int], Int) {
+                try await worker.withTenant(org) { tx in
+                    _ = try await tx.query("SET LOCAL plan_cache_mode = force_generic_plan")
+                    let keys = Array(busy.keys), rooms = keys.map { busy[$0]! }
+                    return try await reading("deliveries", in: tx) {
+                        try await tx.query(
+                            "SELECT due FROM due_delivery_organisations(16, 4, \(keys)::uuid[], \(rooms)::integer[]) WHERE organisation_id = \(org)"
+                        ).map { try $0.decode(Int.self) }
+                    }
+                }
+            }
+            let (halfOpen, halfOpenRead) = try await due([:])
+            #expect(halfOpen == [1] && halfOpenRead <= 24, "\(halfOpen), read \(halfOpenRead)")
+            #expect(try await due([endpoint.id: 0]).0.isEmpty)
+            try await opened("1 minute")
+            let (open, openRead) = try await due([:])
+            #expect(open.isEmpty && openRead <= 24, "\(open), read \(openRead)")
             // The backlog's age counts the endpoint's rows (due a minute ago), not only the emails.
             let age = try await app.withTenant(org) { tx in try await tx.outboxStats(now: Date()).oldestPendingAge }
             #expect(age.map { $0 >= 59 } == true, "\(String(describing: age))")
