@@ -78,7 +78,11 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
         linkKeys: dependencies.linkKeys,
         destinations: try configuration.destinationGuard(),
         streamTicketLifetime: configuration.streamTicketSeconds, fanout: configuration.fanout,
-        databaseURL: try? DatabaseURL(configuration.databaseURL), now: dependencies.now)
+        databaseURL: try? DatabaseURL(configuration.databaseURL),
+        rateLimits: InstanceRateLimits(
+            requests: configuration.rateLimitRequests, events: configuration.rateLimitEvents,
+            burstSeconds: configuration.rateLimitBurstSeconds),
+        now: dependencies.now)
     // Compact JSON with sorted keys: stable bytes for clients and tests, no pretty-printing cost.
     // The live feed's two routes are hand-written (a stream is not a request/response pair).
     StreamRoutes(

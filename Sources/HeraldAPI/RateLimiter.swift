@@ -103,6 +103,14 @@ public final class RateLimiter: Sendable {
     }
 }
 
+/// The instance's default limits (`HERALD_RATE_LIMIT_REQUESTS`, `HERALD_RATE_LIMIT_EVENTS`, 0:
+/// none) and bursts (`HERALD_RATE_LIMIT_BURST_SECONDS`).
+struct InstanceRateLimits: Sendable {
+    var requests: Double
+    var events: Double
+    var burstSeconds: Double
+}
+
 /// The limits of each organisation: the operator's defaults (`HERALD_RATE_LIMIT_REQUESTS`,
 /// `HERALD_RATE_LIMIT_EVENTS`), or what `herald organisation rate-limits` set for it, read again
 /// every 30 s.

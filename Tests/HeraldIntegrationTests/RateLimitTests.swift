@@ -121,6 +121,20 @@ struct RateLimitTests {
         #expect(entry?.contains("3") == true && entry?.contains("events_per_second") == true, "\(String(describing: entry))")
     }
 
+    @Test("GET /v1/organisation shows the limits the organisation runs under and where each comes from")
+    func limitsShown() async throws {
+        let org = try await TestOrganisation.make()
+        try await org.store { tx in try await tx.setRateLimits(RateLimitSettings(eventsPerSecond: 0)) }
+        let app = try (try await TestEnvironment.shared).rateLimited(events: 1, requests: 1000, clock: TestClock())
+        try await app.test(.router) { client in
+            let shown = try await client.send(.get, "/v1/organisation", token: org.ownerToken)
+            let limits = try #require(shown.json["rate_limits"] as? [String: Any], "\(shown.text)")
+            #expect(limits["requests_per_second"] as? Double == 1000 && limits["requests_source"] as? String == "instance", "\(limits)")
+            #expect(limits["events_per_second"] as? Double == 0 && limits["events_source"] as? String == "organisation", "\(limits)")
+            #expect((limits["burst_seconds"] as? Double ?? 0) > 0, "\(limits)")
+        }
+    }
+
     @Test("over its rate, an organisation's real API key gets 429 and a forged one still gets 401: nobody spends another's rate")
     func forgedKeys() async throws {
         let org = try await TestOrganisation.make()

@@ -5,8 +5,10 @@ import Logging
 
 extension HeraldService {
     func getOrganisation(_ input: Operations.GetOrganisation.Input) async throws -> Operations.GetOrganisation.Output {
-        let organisation = try await tenant { tx, _ in try await tx.organisation() }
-        return .ok(.init(body: .json(.init(organisation))))
+        let organisation = try await tenant { tx, _ in
+            Components.Schemas.Organisation(try await tx.organisation(), limits: try await tx.rateLimitSettings(), instance: rateLimits)
+        }
+        return .ok(.init(body: .json(organisation)))
     }
 
     func updateOrganisation(_ input: Operations.UpdateOrganisation.Input) async throws -> Operations.UpdateOrganisation.Output {
@@ -43,7 +45,8 @@ extension HeraldService {
         )
         let fromName = try body.emailFromName.map { v in v.isEmpty ? v : try Validate.text(v, field: "email_from_name") }
         let updated = try await tenant { tx, _ in
-            let before = Components.Schemas.Organisation(try await tx.organisation())
+            let limits = try await tx.rateLimitSettings()
+            let before = Components.Schemas.Organisation(try await tx.organisation(), limits: limits, instance: rateLimits)
             if let throttle = body.throttlePerMinute { try await tx.setThrottle(perMinute: throttle) }
             if let throttle = body.userThrottlePerMinute { try await tx.setUserThrottle(perMinute: throttle) }
             if from != nil || fromName != nil || replyTo != nil {
@@ -54,7 +57,8 @@ extension HeraldService {
                     name: name, defaultLocale: locale, defaultTimezone: timezone, digestHour: body.digestHour,
                     digestWeekday: body.digestWeekday, retentionDays: body.retentionDays,
                     inactivity: InactivityChange(
-                        enabled: body.inactivityEnabled, days: body.inactivityDays, graceDays: body.inactivityGraceDays)))
+                        enabled: body.inactivityEnabled, days: body.inactivityDays, graceDays: body.inactivityGraceDays)),
+                limits: limits, instance: rateLimits)
             // A new digest hour, weekday or time zone: what waits goes out once, at the new time.
             if body.digestHour != nil || body.digestWeekday != nil || timezone != nil {
                 try await tx.reslotWaitingDigestItems(of: nil, now: now())

@@ -28,6 +28,9 @@ struct HeraldService: APIProtocol {
     let fanout: FanoutSettings
     /// The API's database, for readiness to say why it cannot be reached (nil: not a URL it can read).
     let databaseURL: DatabaseURL?
+    /// The instance's default request limits, which `GET /v1/organisation` shows where the
+    /// organisation has none of its own.
+    let rateLimits: InstanceRateLimits
     let now: @Sendable () -> Date
 
     /// Runs `body` in the request's one tenant transaction (opened by `TenantBoundary` in the

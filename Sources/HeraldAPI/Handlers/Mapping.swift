@@ -6,14 +6,22 @@ import Logging
 // Domain values → the generated API schemas. The only place that knows both shapes.
 
 extension Components.Schemas.Organisation {
-    init(_ o: Organisation) {
+    /// The organisation with the limits it runs under: its own where the operator set them, the
+    /// instance's otherwise.
+    init(_ o: Organisation, limits own: RateLimitSettings, instance: InstanceRateLimits) {
         self.init(
             id: o.id.lowercased, slug: o.slug, name: o.name, defaultLocale: o.defaultLocale,
             defaultTimezone: o.defaultTimezone, throttlePerMinute: o.throttlePerMinute,
             userThrottlePerMinute: o.userThrottlePerMinute, emailFrom: o.emailFrom,
             emailFromName: o.emailFromName, emailReplyTo: o.emailReplyTo, digestHour: o.digestHour, digestWeekday: o.digestWeekday,
             retentionDays: o.retentionDays, inactivityEnabled: o.inactivity.enabled, inactivityDays: o.inactivity.days,
-            inactivityGraceDays: o.inactivity.graceDays, createdAt: o.createdAt, updatedAt: o.updatedAt)
+            inactivityGraceDays: o.inactivity.graceDays,
+            rateLimits: .init(
+                requestsPerSecond: own.requestsPerSecond ?? instance.requests,
+                requestsSource: own.requestsPerSecond == nil ? .instance : .organisation,
+                eventsPerSecond: own.eventsPerSecond ?? instance.events,
+                eventsSource: own.eventsPerSecond == nil ? .instance : .organisation, burstSeconds: instance.burstSeconds),
+            createdAt: o.createdAt, updatedAt: o.updatedAt)
     }
 }
 
