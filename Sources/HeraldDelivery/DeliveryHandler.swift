@@ -84,13 +84,23 @@ public final class DeliveryHandler: WorkHandler, Sendable {
 
     public func handle(_ claim: ClaimedDelivery, logger: Logger) async throws -> WorkDisposition<DeliveryAttemptRecord> {
         // The slot is left when the send ends, before the attempt is recorded: the slots bound
-        // the sends to a receiver. (`finished` leaves it too, for the ways out before a send.)
-        defer { slots.leave(claim) }
+        // the sends to a receiver. A send the receiver did not answer keeps it until its attempt
+        // is recorded (`finished`), which may open the endpoint's circuit: the slot's next claim
+        // then sees it open, instead of sending another wave into the silence (a trial: 16
+        // timed-out sends with 8 slots, where 5 in a row open the circuit).
+        var keepUntilRecorded = false
+        defer { if !keepUntilRecorded { slots.leave(claim) } }
         guard let work = try await works.submit(claim) else { throw StoreError.notFound("delivery") }
-        if let endpoint = work.endpoint, endpoint.enabled, let (until, why) = try await admit(endpoint, claim, now: Date()) {
-            return .giveBack(until: until, reason: why)
+        let outcome: SendOutcome
+        if let stop = sender.stop(work, now: Date()) {
+            outcome = stop
+        } else {
+            if let endpoint = work.endpoint, let (until, why) = try await admit(endpoint, claim, now: Date()) {
+                return .giveBack(until: until, reason: why)
+            }
+            outcome = await sender.send(work, attempt: claim.attempt, logger: logger)
         }
-        let outcome = await sender.send(work, attempt: claim.attempt, logger: logger)
+        keepUntilRecorded = outcome.receiverAnswered == false
         if case .deferred(let why) = outcome {
             return .giveBack(until: Date().addingTimeInterval(endpointBusyDelay), reason: why)
         }
@@ -99,6 +109,7 @@ public final class DeliveryHandler: WorkHandler, Sendable {
         if case .gone = outcome, let endpoint = work.endpoint { record.goneEndpoint = endpoint.id }
         if let endpoint = work.endpoint, endpoint.enabled, let answered = outcome.receiverAnswered {
             record.endpointAnswered = (endpoint.id, answered)
+            if endpoint.url != work.delivery.destination { record.destination = endpoint.url }
         }
         return .done(record)
     }

@@ -82,20 +82,27 @@ public struct DeliverySender: Sendable {
     }
 
     public func send(_ work: DeliveryWork, attempt: Int, logger: Logger, now: Date = Date()) async -> SendOutcome {
-        if work.eventStatus == .cancelled { return .cancelled(reason: "Not sent: the event was cancelled.") }
-        if let expiry = work.eventExpiresAt, expiry <= now { return .notSent(reason: "Not sent: the event expired first.") }
-        if !work.recipient.candidate.active { return .notSent(reason: "Not sent: the recipient was deactivated.") }
+        if let stop = stop(work, now: now) { return stop }
         let channel = work.delivery.channel
         guard let transport = transports[channel] else {
             return .notSent(reason: "Not sent: \(channel.rawValue) is not an outbox channel.")
         }
-        if channel.reach == .endpoints {
+        return await transport.send(work, links: links, now: now)
+    }
+
+    /// Why `work` will not be sent, checked before anything else (and before an endpoint's
+    /// circuit trial is taken for it: a trial that sends nothing proves nothing): nil to send.
+    public func stop(_ work: DeliveryWork, now: Date) -> SendOutcome? {
+        if work.eventStatus == .cancelled { return .cancelled(reason: "Not sent: the event was cancelled.") }
+        if let expiry = work.eventExpiresAt, expiry <= now { return .notSent(reason: "Not sent: the event expired first.") }
+        if !work.recipient.candidate.active { return .notSent(reason: "Not sent: the recipient was deactivated.") }
+        if work.delivery.channel.reach == .endpoints {
             guard let endpoint = work.endpoint else { return .notSent(reason: "Not sent: the endpoint was deleted.") }
             guard endpoint.enabled else {
                 return .notSent(reason: "Not sent: the endpoint is disabled\(endpoint.disabledReason.map { " (\($0))" } ?? "").")
             }
         }
-        return await transport.send(work, links: links, now: now)
+        return nil
     }
 }
 

@@ -22,6 +22,8 @@ public struct DeliveryAttemptRecord: Sendable {
     /// Whether the endpoint answered at all, when the attempt held one of its send slots: what
     /// the circuit breaker counts.
     public var endpointAnswered: (endpoint: UUID, answered: Bool)?
+    /// The URL it was sent to, when the delivery row names another (the endpoint moved since).
+    public var destination: String?
 }
 
 /// The circuit breaker's rule: this many attempts in a row without an answer pause an endpoint
@@ -56,6 +58,12 @@ public struct OutboxQueue: WorkQueue {
         var startedAt: Date
         var record: DeliveryAttemptRecord
         var logger: Logger
+
+        var recorded: RecordedAttempt {
+            RecordedAttempt(
+                claim: claim, startedAt: startedAt, result: record.result, answered: record.endpointAnswered?.endpoint,
+                destination: record.destination)
+        }
     }
 
     /// One claimed delivery given back unsent.
@@ -167,14 +175,14 @@ public struct OutboxQueue: WorkQueue {
         if completions.allSatisfy({ $0.record.goneEndpoint == nil && $0.record.endpointAnswered?.answered != false }) {
             return try await perWorker(completions, worker: \.worker) { worker, mine in
                 try await database.recordDeliveryAttempts(
-                    mine.map { ($0.claim, $0.startedAt, $0.record.result, $0.record.endpointAnswered?.endpoint) },
+                    mine.map(\.recorded),
                     organisation: organisation,
                     worker: worker)
             }
         }
         return try await database.withTenantRetryingConflicts(organisation) { tx in
             let recorded = try await perWorker(completions, worker: \.worker) { worker, mine in
-                try await tx.completeDeliveries(mine.map { ($0.claim, $0.startedAt, $0.record.result) }, worker: worker)
+                try await tx.completeDeliveries(mine.map(\.recorded), worker: worker)
             }
             var answered: Set<UUID> = []
             for (completion, was) in zip(completions, recorded) where was {

@@ -151,6 +151,8 @@ extension TenantTransaction {
 
     /// Changes the fields given. Enabling an endpoint clears the reason it was disabled.
     public func updateEndpoint(_ id: UUID, _ fields: EndpointFields) async throws -> Endpoint {
+        // Enabling it, or giving it a new URL, closes its circuit: what the breaker counted was
+        // another receiver's silence (a trial waited out a cool-down for a healthy new URL).
         let rows = try await query(
             """
             UPDATE endpoints SET
@@ -158,10 +160,10 @@ extension TenantTransaction {
                 event_types = coalesce(\(fields.eventTypes)::text[], event_types),
                 enabled = coalesce(\(fields.enabled)::boolean, enabled),
                 disabled_reason = CASE WHEN \(fields.enabled)::boolean THEN NULL ELSE disabled_reason END,
-                circuit_failures = CASE WHEN \(fields.enabled)::boolean THEN 0 ELSE circuit_failures END,
-                circuit_opened_at = CASE WHEN \(fields.enabled)::boolean THEN NULL ELSE circuit_opened_at END,
-                circuit_retry_at = CASE WHEN \(fields.enabled)::boolean THEN NULL ELSE circuit_retry_at END,
-                circuit_reason = CASE WHEN \(fields.enabled)::boolean THEN NULL ELSE circuit_reason END,
+                circuit_failures = CASE WHEN \(fields.enabled)::boolean OR \(fields.url)::text <> url THEN 0 ELSE circuit_failures END,
+                circuit_opened_at = CASE WHEN \(fields.enabled)::boolean OR \(fields.url)::text <> url THEN NULL ELSE circuit_opened_at END,
+                circuit_retry_at = CASE WHEN \(fields.enabled)::boolean OR \(fields.url)::text <> url THEN NULL ELSE circuit_retry_at END,
+                circuit_reason = CASE WHEN \(fields.enabled)::boolean OR \(fields.url)::text <> url THEN NULL ELSE circuit_reason END,
                 updated_at = now()
             WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id
             """)

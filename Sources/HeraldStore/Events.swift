@@ -581,7 +581,10 @@ extension TenantTransaction {
         )
         guard !updated.isEmpty else { return nil }
         let deliveries = try await query(
-            "UPDATE deliveries SET status = 'CANCELLED', updated_at = \(now) WHERE organisation_id = \(organisationID) AND event_id = \(id) AND status IN ('PENDING', 'FAILED') RETURNING id"
+            """
+            UPDATE deliveries SET status = 'CANCELLED', last_error = 'Not sent: the event was cancelled.', updated_at = \(now)
+            WHERE organisation_id = \(organisationID) AND event_id = \(id) AND status IN ('PENDING', 'FAILED') RETURNING id
+            """
         ).count
         let digest = try await query(
             "UPDATE digest_items SET cancelled_at = \(now) WHERE organisation_id = \(organisationID) AND event_id = \(id) AND sent_at IS NULL AND cancelled_at IS NULL RETURNING id"

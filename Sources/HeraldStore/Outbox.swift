@@ -115,6 +115,26 @@ public struct DeliveryWork: Sendable {
     public var endpoint: Endpoint?
 }
 
+/// One ended attempt to record.
+public struct RecordedAttempt: Sendable {
+    public var claim: ClaimedDelivery
+    public var startedAt: Date
+    public var result: AttemptResult
+    /// The endpoint that answered it, whose breaker its recording clears (0039).
+    public var answered: UUID?
+    /// Where it was sent, when the row says otherwise (its endpoint's URL changed after the row
+    /// was written or last moved): the row's `destination` becomes it (0061).
+    public var destination: String?
+
+    public init(claim: ClaimedDelivery, startedAt: Date, result: AttemptResult, answered: UUID? = nil, destination: String? = nil) {
+        self.claim = claim
+        self.startedAt = startedAt
+        self.result = result
+        self.answered = answered
+        self.destination = destination
+    }
+}
+
 /// One attempt as `completeDeliveries` sends it (times as seconds since 1970, which
 /// `to_timestamp` reads to the microsecond).
 private struct CompletedAttempt: Codable, Sendable {
@@ -129,14 +149,16 @@ private struct CompletedAttempt: Codable, Sendable {
     var started_at: Double
     /// The endpoint that answered this attempt, whose breaker its recording clears (0039).
     var answered: UUID?
+    var destination: String?
 
-    init(position: Int, claim: ClaimedDelivery, startedAt: Date, result: AttemptResult, answered: UUID? = nil) {
+    init(position: Int, _ recorded: RecordedAttempt) {
         self.position = position
-        self.answered = answered
-        id = claim.deliveryID
-        attempt = claim.attempt
-        started_at = startedAt.timeIntervalSince1970
-        switch result {
+        answered = recorded.answered
+        destination = recorded.destination
+        id = recorded.claim.deliveryID
+        attempt = recorded.claim.attempt
+        started_at = recorded.startedAt.timeIntervalSince1970
+        switch recorded.result {
         case .sent(let code, let response): (status, self.code, self.response) = ("SENT", code, response)
         case .failed(let code, let error, let retryAt):
             (status, self.code, self.error, retry_at) = ("FAILED", code, error, retryAt.timeIntervalSince1970)
@@ -148,10 +170,8 @@ private struct CompletedAttempt: Codable, Sendable {
 
 extension CompletedAttempt {
     /// The attempts in order, numbered from 0: the positions the fenced functions return.
-    static func numbered(_ attempts: [(claim: ClaimedDelivery, startedAt: Date, result: AttemptResult, answered: UUID?)]) -> [Self] {
-        attempts.enumerated().map { position, attempt in
-            Self(position: position, claim: attempt.claim, startedAt: attempt.startedAt, result: attempt.result, answered: attempt.answered)
-        }
+    static func numbered(_ attempts: [RecordedAttempt]) -> [Self] {
+        attempts.enumerated().map { Self(position: $0, $1) }
     }
 }
 
@@ -259,7 +279,7 @@ extension Database {
     /// round trips; run again after a deadlock or serialization failure. Returns, in order,
     /// whether each was recorded.
     public func recordDeliveryAttempts(
-        _ attempts: [(claim: ClaimedDelivery, startedAt: Date, result: AttemptResult, answered: UUID?)], organisation: UUID, worker: String
+        _ attempts: [RecordedAttempt], organisation: UUID, worker: String
     ) async throws -> [Bool] {
         guard !attempts.isEmpty else { return [] }
         let rows = CompletedAttempt.numbered(attempts)
@@ -450,8 +470,14 @@ extension TenantTransaction {
     public func completeDeliveries(
         _ attempts: [(claim: ClaimedDelivery, startedAt: Date, result: AttemptResult)], worker: String
     ) async throws -> [Bool] {
+        try await completeDeliveries(
+            attempts.map { RecordedAttempt(claim: $0.claim, startedAt: $0.startedAt, result: $0.result) }, worker: worker)
+    }
+
+    /// The same, with where each was sent when the row says otherwise.
+    public func completeDeliveries(_ attempts: [RecordedAttempt], worker: String) async throws -> [Bool] {
         guard !attempts.isEmpty else { return [] }
-        let rows = CompletedAttempt.numbered(attempts.map { ($0.claim, $0.startedAt, $0.result, nil) })
+        let rows = CompletedAttempt.numbered(attempts)
         // complete_deliveries (0020; 0044 as a set, 0057 clears waiting_since): one fenced UPDATE and one INSERT of the attempts.
         let recorded = try await query(
             "SELECT complete_deliveries(\(worker), \(JSONDocument(rows)))"
@@ -524,7 +550,10 @@ extension TenantTransaction {
     public func cancelDelivery(_ id: UUID) async throws -> Delivery? {
         _ = try await delivery(id)
         let rows = try await query(
-            "UPDATE deliveries SET status = 'CANCELLED', updated_at = now() WHERE organisation_id = \(organisationID) AND id = \(id) AND status IN ('PENDING', 'FAILED') RETURNING id"
+            """
+            UPDATE deliveries SET status = 'CANCELLED', last_error = 'Not sent: the delivery was cancelled.', updated_at = now()
+            WHERE organisation_id = \(organisationID) AND id = \(id) AND status IN ('PENDING', 'FAILED') RETURNING id
+            """
         )
         return rows.isEmpty ? nil : try await delivery(id)
     }

@@ -307,6 +307,84 @@ struct DeliveryTests {
         #expect(try await Peers.requests(hook.name).isEmpty)
     }
 
+    @Test(
+        "a cancel during a send: a failed send ends CANCELLED, not retried; a row that will not be sent takes no circuit trial; a row sent after its endpoint moved names the URL it went to"
+    )
+    func cancelAndMoveDuringASend() async throws {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook])
+        let before = Peers.hook(), after = Peers.hook()
+        let endpoint = try await org.store { tx in
+            try await tx.createEndpoint(
+                channel: .webhook, format: .standard, name: "w", url: before.url, eventTypes: [], secret: WebhookSecret.generate().string)
+        }
+        let env = try await TestEnvironment.shared
+        let (sender, http) = TestWorkers.sender()
+        defer { Task { try? await http.shutdown() } }
+        let slots = EndpointSlots(limit: 4)
+        let handler = DeliveryHandler(
+            database: env.workerDatabase, sender: sender, slots: slots, endpointBusyDelay: 1, circuitCooldown: 60, retry: RetryPolicy())
+        let queue = OutboxQueue(
+            database: env.workerDatabase, organisation: org.id, circuit: CircuitRule(failures: 5, cooldown: 60), slots: slots)
+        let worker = "during-\(UUID().uuidString.prefix(6))"
+        let request = EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:]))
+        func claimOne() async throws -> ClaimedDelivery {
+            let claims = try await queue.claim(worker: worker, limit: 10, leaseSeconds: 30)
+            try #require(claims.count == 1)
+            return claims[0]
+        }
+
+        // A send under way when its event is cancelled, which the receiver did not answer.
+        let (first, _) = try await org.notify(request)
+        let inFlight = try await claimOne()
+        _ = try await org.store { tx in try await tx.cancelEvent(first.id, now: Date()) }
+        var timedOut = DeliveryAttemptRecord(
+            channel: .webhook,
+            result: .failed(responseCode: nil, error: "The receiver did not answer in time.", retryAt: Date().addingTimeInterval(30)))
+        timedOut.endpointAnswered = (endpoint.id, false)
+        #expect(try await queue.complete(inFlight, worker: worker, startedAt: Date(), outcome: timedOut, logger: env.logger))
+        let ended = try await org.store { tx in try await tx.delivery(inFlight.deliveryID) }
+        #expect(ended.status == .cancelled, "a failed send of a cancelled event is not retried: \(ended.status)")
+        #expect(try await org.store { tx in try await tx.deliveryAttempts(inFlight.deliveryID) }.map(\.outcome) == [.failed])
+        slots.leave(inFlight)
+
+        // A half-open circuit: a row of a cancelled event does not take the trial.
+        let (second, _) = try await org.notify(request)
+        let retryAt = try await org.store { tx in
+            try await tx.query(
+                "UPDATE endpoints SET circuit_opened_at = now() - interval '2 minutes', circuit_retry_at = now() - interval '1 second' WHERE id = \(endpoint.id) RETURNING circuit_retry_at"
+            )[0].decode(Date.self)
+        }
+        let stopped = try await claimOne()
+        _ = try await org.store { tx in try await tx.cancelEvent(second.id, now: Date()) }
+        guard case .done(let record) = try await handler.handle(stopped, logger: env.logger) else {
+            Issue.record("the row was given back")
+            return
+        }
+        #expect(record.result == .cancelled(error: "Not sent: the event was cancelled."))
+        #expect(try await org.store { tx in try await tx.endpoint(endpoint.id) }.circuit.retryAt == retryAt, "no trial was taken")
+        _ = try await queue.complete(stopped, worker: worker, startedAt: Date(), outcome: record, logger: env.logger)
+
+        // Moved while its row was claimed: sent to the new URL, and the row says so. The move
+        // closed the circuit too.
+        _ = try await org.notify(request)
+        let moving = try await claimOne()
+        let moved = try await org.store { tx in
+            try await tx.updateEndpoint(endpoint.id, EndpointFields(url: after.url))
+        }
+        #expect(moved.circuit.openedAt == nil && moved.circuit.failures == 0)
+        guard case .done(let sent) = try await handler.handle(moving, logger: env.logger) else {
+            Issue.record("the row was given back")
+            return
+        }
+        #expect(try await queue.complete(moving, worker: worker, startedAt: Date(), outcome: sent, logger: env.logger))
+        let delivered = try await org.store { tx in try await tx.delivery(moving.deliveryID) }
+        #expect(delivered.status == .sent && delivered.destination == after.url, "\(delivered.status) \(delivered.destination)")
+        #expect(try await Peers.requests(after.name).count == 1)
+        #expect(try await Peers.requests(before.name).isEmpty)
+    }
+
     @Test("webhook: an endpoint's new URL is where its waiting rows go and what they say; a sent row keeps the URL it went to")
     func endpointMoved() async throws {
         try await withCatalogue(configure: { $0.destinationsAllowed = ["127.0.0.1/32"] }) { org, catalogue, client in

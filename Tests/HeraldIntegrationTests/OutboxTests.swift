@@ -124,9 +124,11 @@ struct OutboxTests {
         }
         let recorded = try await env.workerDatabase.recordDeliveryAttempts(
             [
-                (claims[0], Date(), .sent(responseCode: 200), endpoints[0]),
-                (claims[1], Date(), .sent(responseCode: 200), endpoints[1]),
-                (claims[2], Date(), .failed(responseCode: 451, error: "busy", retryAt: Date().addingTimeInterval(600)), nil),
+                RecordedAttempt(claim: claims[0], startedAt: Date(), result: .sent(responseCode: 200), answered: endpoints[0]),
+                RecordedAttempt(claim: claims[1], startedAt: Date(), result: .sent(responseCode: 200), answered: endpoints[1]),
+                RecordedAttempt(
+                    claim: claims[2], startedAt: Date(),
+                    result: .failed(responseCode: 451, error: "busy", retryAt: Date().addingTimeInterval(600))),
             ], organisation: org.id, worker: "one")
         #expect(recorded == [true, false, true])
         let rows = try await org.store { tx in try await ids.asyncMap { (try await tx.delivery($0), try await tx.deliveryAttempts($0)) } }
@@ -140,7 +142,8 @@ struct OutboxTests {
         let theirs = try await claimAll(other, worker: "theirs")
         #expect(theirs.map(\.deliveryID) == otherIDs)
         let recordedThere = try await env.workerDatabase.recordDeliveryAttempts(
-            [(theirs[0], Date(), .sent(responseCode: 200), endpoints[1])], organisation: other.id, worker: "theirs")
+            [RecordedAttempt(claim: theirs[0], startedAt: Date(), result: .sent(responseCode: 200), answered: endpoints[1])],
+            organisation: other.id, worker: "theirs")
         #expect(recordedThere == [true])
         #expect(try await org.store { tx in try await tx.endpoint(endpoints[1]).circuit.failures } == 2)
     }
@@ -341,6 +344,7 @@ struct OutboxTests {
                 retryPending.json["detail"] as? String == "Only a FAILED, DEAD or CANCELLED delivery can be retried; this one is PENDING.")
             let cancelled = try await client.send(.post, "/v1/deliveries/\(ids[0])/cancel", token: org.ownerToken)
             #expect(cancelled.json["status"] as? String == "CANCELLED")
+            #expect(cancelled.json["last_error"] as? String == "Not sent: the delivery was cancelled.", "\(cancelled.text)")
             #expect(try await client.send(.post, "/v1/deliveries/\(ids[0])/cancel", token: org.ownerToken).isProblem(.conflict))
             let retried = try await client.send(.post, "/v1/deliveries/\(ids[0])/retry", token: org.ownerToken)
             #expect(retried.json["status"] as? String == "PENDING")
@@ -354,6 +358,9 @@ struct OutboxTests {
             // The event cancelled: its cancelled delivery cannot be retried, and the answer says why.
             let event = try #require(one.json["event_id"] as? String)
             _ = try await client.send(.post, "/v1/events/\(event)/cancel", token: org.ownerToken)
+            let byEvent = try await client.send(.get, "/v1/deliveries/\(ids[1])", token: org.ownerToken)
+            #expect(byEvent.json["status"] as? String == "CANCELLED")
+            #expect(byEvent.json["last_error"] as? String == "Not sent: the event was cancelled.", "\(byEvent.text)")
             let ofCancelled = try await client.send(.post, "/v1/deliveries/\(ids[0])/retry", token: org.ownerToken)
             #expect(ofCancelled.isProblem(.conflict))
             #expect(
