@@ -6,8 +6,8 @@ import Metrics
 import Synchronization
 
 /// The send slots of each endpoint in one pool (issue 8, item 13): a claimed delivery of an
-/// endpoint holds one from its claim until its send ends (or it is given back, or its handling
-/// ends another way). The claim asks the database for no more rows of an endpoint than it has
+/// endpoint holds one from its claim until its send ends (until its attempt is recorded when the
+/// receiver did not answer; until it is given back, or its handling ends another way). The claim asks the database for no more rows of an endpoint than it has
 /// room for (`claim_deliveries`, migration 0059), so a full endpoint's rows stay due in the
 /// database instead of being claimed, read and handed back.
 public final class EndpointSlots: Sendable {

@@ -137,6 +137,39 @@ enum TestWorkers {
     }
 }
 
+/// One pool's queue and handler without its runner, confined to one organisation, for tests
+/// that take an attempt step by step: claim, change the world, handle, record. Shut `http` down
+/// after use.
+struct DirectWorker {
+    let queue: OutboxQueue
+    let handler: DeliveryHandler
+    let slots = EndpointSlots(limit: 4)
+    let http: HTTPTransport
+    let name = "direct-\(UUID().uuidString.prefix(6))"
+    let logger: Logger
+
+    init(_ organisation: UUID) async throws {
+        let env = try await TestEnvironment.shared
+        let (sender, http) = TestWorkers.sender()
+        self.http = http
+        logger = env.logger
+        handler = DeliveryHandler(
+            database: env.workerDatabase, sender: sender, slots: slots, endpointBusyDelay: 1, circuitCooldown: 60, retry: RetryPolicy())
+        queue = OutboxQueue(
+            database: env.workerDatabase, organisation: organisation, circuit: CircuitRule(failures: 5, cooldown: 60), slots: slots)
+    }
+
+    /// Claims what is due, as the pool would (up to 10).
+    func claim() async throws -> [ClaimedDelivery] {
+        try await queue.claim(worker: name, limit: 10, leaseSeconds: 30)
+    }
+
+    /// Records how an attempt ended, as the runner would; false when the fence refused.
+    func complete(_ claim: ClaimedDelivery, _ record: DeliveryAttemptRecord) async throws -> Bool {
+        try await queue.complete(claim, worker: name, startedAt: Date(), outcome: record, logger: logger)
+    }
+}
+
 /// Polls `condition` until it holds or `timeout` passes; returns whether it held.
 func eventually(
     timeout: Duration = .seconds(30), every interval: Duration = .milliseconds(100),

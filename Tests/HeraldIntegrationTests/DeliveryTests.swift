@@ -264,28 +264,22 @@ struct DeliveryTests {
                 channel: .webhook, format: .standard, name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
         }
         let env = try await TestEnvironment.shared
-        let (sender, http) = TestWorkers.sender()
-        defer { Task { try? await http.shutdown() } }
-        let slots = EndpointSlots(limit: 4)
-        let handler = DeliveryHandler(
-            database: env.workerDatabase, sender: sender, slots: slots, endpointBusyDelay: 1, circuitCooldown: 60, retry: RetryPolicy())
-        let queue = OutboxQueue(
-            database: env.workerDatabase, organisation: org.id, circuit: CircuitRule(failures: 5, cooldown: 60), slots: slots)
-        let worker = "stopped-\(UUID().uuidString.prefix(6))"
+        let worker = try await DirectWorker(org.id)
+        defer { Task { try? await worker.http.shutdown() } }
         /// Notifies, claims the delivery as a worker would, lets `between` change the world, then
         /// runs the attempt and records it: the delivery as it ended and its attempt log.
         func attempt(between: (_ event: UUID) async throws -> Void) async throws -> (Delivery, [DeliveryAttempt]) {
             let (event, _) = try await org.notify(
                 EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:])))
-            let claims = try await queue.claim(worker: worker, limit: 10, leaseSeconds: 30)
+            let claims = try await worker.claim()
             try #require(claims.count == 1)
             let claim = claims[0]
             try await between(event.id)
-            guard case .done(let record) = try await handler.handle(claim, logger: env.logger) else {
+            guard case .done(let record) = try await worker.handler.handle(claim, logger: env.logger) else {
                 Issue.record("the attempt was given back")
                 throw CancellationError()
             }
-            #expect(try await queue.complete(claim, worker: worker, startedAt: Date(), outcome: record, logger: env.logger))
+            #expect(try await worker.complete(claim, record))
             let delivery = try await org.store { tx in try await tx.delivery(claim.deliveryID) }
             #expect(delivery.eventID == event.id)
             return (delivery, try await org.store { tx in try await tx.deliveryAttempts(claim.deliveryID) })
@@ -320,17 +314,11 @@ struct DeliveryTests {
                 channel: .webhook, format: .standard, name: "w", url: before.url, eventTypes: [], secret: WebhookSecret.generate().string)
         }
         let env = try await TestEnvironment.shared
-        let (sender, http) = TestWorkers.sender()
-        defer { Task { try? await http.shutdown() } }
-        let slots = EndpointSlots(limit: 4)
-        let handler = DeliveryHandler(
-            database: env.workerDatabase, sender: sender, slots: slots, endpointBusyDelay: 1, circuitCooldown: 60, retry: RetryPolicy())
-        let queue = OutboxQueue(
-            database: env.workerDatabase, organisation: org.id, circuit: CircuitRule(failures: 5, cooldown: 60), slots: slots)
-        let worker = "during-\(UUID().uuidString.prefix(6))"
+        let worker = try await DirectWorker(org.id)
+        defer { Task { try? await worker.http.shutdown() } }
         let request = EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:]))
         func claimOne() async throws -> ClaimedDelivery {
-            let claims = try await queue.claim(worker: worker, limit: 10, leaseSeconds: 30)
+            let claims = try await worker.claim()
             try #require(claims.count == 1)
             return claims[0]
         }
@@ -343,11 +331,11 @@ struct DeliveryTests {
             channel: .webhook,
             result: .failed(responseCode: nil, error: "The receiver did not answer in time.", retryAt: Date().addingTimeInterval(30)))
         timedOut.endpointAnswered = (endpoint.id, false)
-        #expect(try await queue.complete(inFlight, worker: worker, startedAt: Date(), outcome: timedOut, logger: env.logger))
+        #expect(try await worker.complete(inFlight, timedOut))
         let ended = try await org.store { tx in try await tx.delivery(inFlight.deliveryID) }
         #expect(ended.status == .cancelled, "a failed send of a cancelled event is not retried: \(ended.status)")
         #expect(try await org.store { tx in try await tx.deliveryAttempts(inFlight.deliveryID) }.map(\.outcome) == [.failed])
-        slots.leave(inFlight)
+        worker.slots.leave(inFlight)
 
         // A half-open circuit: a row of a cancelled event does not take the trial.
         let (second, _) = try await org.notify(request)
@@ -358,13 +346,13 @@ struct DeliveryTests {
         }
         let stopped = try await claimOne()
         _ = try await org.store { tx in try await tx.cancelEvent(second.id, now: Date()) }
-        guard case .done(let record) = try await handler.handle(stopped, logger: env.logger) else {
+        guard case .done(let record) = try await worker.handler.handle(stopped, logger: env.logger) else {
             Issue.record("the row was given back")
             return
         }
         #expect(record.result == .cancelled(error: "Not sent: the event was cancelled."))
         #expect(try await org.store { tx in try await tx.endpoint(endpoint.id) }.circuit.retryAt == retryAt, "no trial was taken")
-        _ = try await queue.complete(stopped, worker: worker, startedAt: Date(), outcome: record, logger: env.logger)
+        _ = try await worker.complete(stopped, record)
 
         // Moved while its row was claimed: sent to the new URL, and the row says so. The move
         // closed the circuit too.
@@ -374,11 +362,11 @@ struct DeliveryTests {
             try await tx.updateEndpoint(endpoint.id, EndpointFields(url: after.url))
         }
         #expect(moved.circuit.openedAt == nil && moved.circuit.failures == 0)
-        guard case .done(let sent) = try await handler.handle(moving, logger: env.logger) else {
+        guard case .done(let sent) = try await worker.handler.handle(moving, logger: env.logger) else {
             Issue.record("the row was given back")
             return
         }
-        #expect(try await queue.complete(moving, worker: worker, startedAt: Date(), outcome: sent, logger: env.logger))
+        #expect(try await worker.complete(moving, sent))
         let delivered = try await org.store { tx in try await tx.delivery(moving.deliveryID) }
         #expect(delivered.status == .sent && delivered.destination == after.url, "\(delivered.status) \(delivered.destination)")
         #expect(try await Peers.requests(after.name).count == 1)
