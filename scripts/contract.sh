@@ -117,6 +117,15 @@ def get(path, token=os.environ["USER_TOKEN"]):
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)
 
+def post(path, body):
+    request = urllib.request.Request(os.environ["BASE_URL"] + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"authorization": "Bearer " + os.environ["USER_TOKEN"], "content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+# A group for imports to add users to (the demo has none), protected like the credentials.
+groups = [g for g in get("/v1/groups?limit=100")["items"] if g["key"] == "contract-import"] \
+    or [post("/v1/groups", {"key": "contract-import", "name": "Contract import"})]
 # Built-in roles cannot be deleted; the categories and types used are protected like the credentials.
 roles = [r for r in get("/v1/roles")["items"] if r["builtin"]]
 categories, types = get("/v1/categories")["items"], get("/v1/notification-types")["items"]
@@ -128,8 +137,9 @@ print(json.dumps({
     "role_ids": [r["id"] for r in roles],
     "role_keys": [r["key"] for r in roles],
     "users": [u["id"] for u in get("/v1/users?limit=20")["items"]],
+    "group_ids": [g["id"] for g in groups],
     "protect": [v for v in (me.get("user_id"), key.get("api_key_id"), os.environ["KEY_ID"]) if v]
-               + [c["id"] for c in categories] + [t["id"] for t in types],
+               + [c["id"] for c in categories] + [t["id"] for t in types] + [g["id"] for g in groups],
     "receiver": os.environ["RECEIVER"],
 }))
 PY

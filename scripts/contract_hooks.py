@@ -185,6 +185,12 @@ def _fix_body(case) -> None:
         end = _instant(body["expires_at"])
         if end is not None and end <= start:
             body["expires_at"] = _later(start.isoformat())
+    if path == "/v1/users/import" and isinstance(body.get("group_ids"), list):
+        body["group_ids"] = [_pick(FIXTURES.get("group_ids", []), g) for g in body["group_ids"]]
+    if path == "/v1/users/import" and isinstance(body.get("users"), list):
+        for user in body["users"]:
+            if isinstance(user, dict) and isinstance(user.get("timezone"), str) and user["timezone"] != "":
+                user["timezone"] = _pick(TIME_ZONES, user["timezone"])
     if path == "/v1/users/{userId}/roles" and isinstance(body.get("role_ids"), list):
         body["role_ids"] = [_pick(FIXTURES.get("role_ids", []), r) for r in body["role_ids"]]
     if path.startswith("/v1/notification-types"):

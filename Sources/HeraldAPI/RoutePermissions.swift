@@ -21,7 +21,7 @@ enum AccessRule: Sendable, Equatable {
 /// | getMe, listPermissions, getOrganisation | authenticated |
 /// | updateOrganisation | organisation.manage |
 /// | listUsers, getUser | users.read |
-/// | createUser, updateUser, deactivateUser, reactivateUser | users.manage |
+/// | createUser, importUsers (and groups.manage with group_ids), updateUser, deactivateUser, reactivateUser | users.manage |
 /// | listRoles, getRole | roles.read |
 /// | createRole, updateRole, deleteRole, setUserRoles | roles.manage |
 /// | listGroups, getGroup, listGroupMembers | groups.read |
@@ -88,6 +88,7 @@ enum RoutePermissions {
         "listUsers": .permission(.usersRead),
         "getUser": .permission(.usersRead),
         "createUser": .permission(.usersManage),
+        "importUsers": .permission(.usersManage),
         "updateUser": .permission(.usersManage),
         "deactivateUser": .permission(.usersManage),
         "reactivateUser": .permission(.usersManage),

@@ -64,7 +64,7 @@ public enum AuditAction {
         "schedule.update",
         "template.delete",
         "template.put",
-        "user.create",
+        "user.create", "user.import",
         "user.deactivate",
         "user.inactivity_switch_off",
         "user.keep_subscribed",

@@ -144,6 +144,59 @@ extension TenantTransaction {
         return try await user(rows[0].decode(UUID.self))
     }
 
+    /// Creates `users` in one statement (an import), leaving as it is any user whose address is
+    /// already taken, then adds every user of the call to `groups`. Returns, in the order given,
+    /// each user's id and whether this call created it. The caller checks the items (as
+    /// `createUser`'s are), that no address is given twice, and whether an existing one may stay
+    /// (it throws inside the transaction otherwise: nothing is written).
+    public func importUsers(_ users: [NewUser], groups: [UUID]) async throws -> [(id: UUID, created: Bool)] {
+        let known = try await query("SELECT id FROM groups WHERE organisation_id = \(organisationID) AND id = ANY(\(groups)::uuid[])")
+            .map { try $0.decode(UUID.self) }
+        guard groups.allSatisfy(known.contains) else { throw StoreError.unknownReference(field: "group_ids", resource: "group") }
+        // A set-based insert keeps its RETURNING (on a distributed PostgreSQL an INSERT … SELECT
+        // without one becomes a COPY, which row-level security refuses).
+        let created = try await query(
+            """
+            INSERT INTO users (organisation_id, email, display_name, locale, timezone, attributes)
+            SELECT \(organisationID), u.email, u.display_name, nullif(u.locale, ''), nullif(u.timezone, ''), u.attributes
+            FROM unnest(\(users.map(\.email))::text[], \(users.map(\.displayName))::text[], \(users.map { $0.locale ?? "" })::text[],
+                        \(users.map { $0.timezone ?? "" })::text[], \(users.map { JSONDocument($0.attributes) })::jsonb[])
+                 AS u (email, display_name, locale, timezone, attributes)
+            ON CONFLICT (organisation_id, lower(email)) DO NOTHING
+            RETURNING id, email
+            """
+        ).map { try $0.decode((UUID, String).self) }
+        // By the address as given (PostgreSQL's lower() and Swift's need not agree on every letter).
+        var ids: [String: (id: UUID, created: Bool)] = [:]
+        for (id, email) in created { ids[email] = (id, true) }
+        let others = users.map(\.email).filter { ids[$0] == nil }
+        if !others.isEmpty {
+            for row in try await query(
+                """
+                SELECT u.id, i.email FROM unnest(\(others)::text[]) AS i (email)
+                JOIN users u ON u.organisation_id = \(organisationID) AND lower(u.email) = lower(i.email)
+                """)
+            {
+                let (id, email) = try row.decode((UUID, String).self)
+                ids[email] = (id, false)
+            }
+        }
+        let result = try users.map { user in
+            guard let entry = ids[user.email] else { throw StoreError.notFound("user") }
+            return entry
+        }
+        if !groups.isEmpty {
+            try await query(
+                """
+                INSERT INTO group_members (organisation_id, group_id, user_id)
+                SELECT \(organisationID), g, u FROM unnest(\(groups)::uuid[]) g CROSS JOIN unnest(\(result.map { $0.id })::uuid[]) u
+                ON CONFLICT DO NOTHING
+                RETURNING user_id
+                """)
+        }
+        return result
+    }
+
     /// Applies `change` to the user's profile.
     public func updateUser(_ id: UUID, _ change: UserChange) async throws -> User {
         let rows = try await query(

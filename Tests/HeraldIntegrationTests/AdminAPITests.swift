@@ -1,12 +1,13 @@
 import Foundation
 import HTTPTypes
 import HeraldCore
-import HeraldStore
 import Hummingbird
 import HummingbirdTesting
+import PostgresNIO
 import Testing
 
 @testable import HeraldAPI
+@testable import HeraldStore
 
 @Suite("Admin API")
 struct AdminAPITests {
@@ -177,6 +178,61 @@ struct AdminAPITests {
             let demote = try await client.send(
                 .put, "/v1/users/\(org.ownerID.uuidString)/roles", token: org.ownerToken, json: #"{"role_ids": []}"#)
             #expect(demote.isProblem(.conflict))
+        }
+    }
+
+    @Test(
+        "an import creates many users in one call and adds them to a group; all or none: a bad item is a 422 naming it, a taken address a 409 unless skipped"
+    )
+    func importUsers() async throws {
+        try await withOrganisation { org, client in
+            let group = try await client.send(.post, "/v1/groups", token: org.ownerToken, json: #"{"key": "import", "name": "Import"}"#)
+            let groupID = try group.decoded(Components.Schemas.Group.self).id
+            let users = try await org.store { tx in try await tx.query("SELECT count(*)::int FROM users")[0].decode(Int.self) }
+            func send(_ json: String) async throws -> TestResponse {
+                try await client.send(.post, "/v1/users/import", token: org.ownerToken, json: json)
+            }
+            // A bad item, a repeated address, an address taken without skip_existing: nothing written.
+            let bad = try await send(
+                #"{"users": [{"email": "a@imp.example", "display_name": "A"}, {"email": "not an address", "display_name": "B"}]}"#)
+            #expect(
+                bad.isProblem(.unprocessableContent) && (bad.json["detail"] as? String)?.contains("users[1].email") == true, "\(bad.text)")
+            let twice = try await send(
+                #"{"users": [{"email": "a@imp.example", "display_name": "A"}, {"email": "A@imp.example", "display_name": "A2"}]}"#)
+            #expect(
+                twice.isProblem(.conflict) && (twice.json["detail"] as? String)?.contains("users[0]") == true, "\(twice.text)")
+            let taken = try await send(
+                #"{"users": [{"email": "a@imp.example", "display_name": "A"}, {"email": "member@\#(org.slug).example", "display_name": "M"}], "group_ids": ["\#(groupID)"]}"#
+            )
+            #expect(taken.isProblem(.conflict) && (taken.json["detail"] as? String)?.contains("users[1].email") == true, "\(taken.text)")
+            #expect(try await org.store { tx in try await tx.query("SELECT count(*)::int FROM users")[0].decode(Int.self) } == users)
+            #expect(try await client.send(.get, "/v1/groups/\(groupID)", token: org.ownerToken).json["member_count"] as? Int == 0)
+
+            // Skipped: the member stays as it is, both join the group.
+            let imported = try await send(
+                #"{"users": [{"email": "a@imp.example", "display_name": "A", "locale": "fr", "attributes": {"team": "x"}}, {"email": "member@\#(org.slug).example", "display_name": "M"}], "skip_existing": true, "group_ids": ["\#(groupID)"]}"#
+            )
+            #expect(imported.status == .ok, "\(imported.text)")
+            let result = try imported.decoded(Components.Schemas.UserImportResult.self)
+            #expect(result.created == 1 && result.existing == 1 && result.users.map(\.created) == [true, false])
+            #expect(result.users[1].id == org.memberID.lowercased)
+            let made = try await client.send(.get, "/v1/users/\(result.users[0].id)", token: org.ownerToken)
+            #expect(made.json["locale"] as? String == "fr" && (made.json["attributes"] as? [String: Any])?["team"] as? String == "x")
+            #expect(
+                try await client.send(.get, "/v1/users/\(org.memberID.lowercased)", token: org.ownerToken).json["display_name"] as? String
+                    != "M")
+            #expect(try await client.send(.get, "/v1/groups/\(groupID)", token: org.ownerToken).json["member_count"] as? Int == 2)
+            // Audited once.
+            let audited = try await org.store { tx in
+                try await tx.query("SELECT count(*)::int FROM audit_log WHERE action = 'user.import'")[0].decode(Int.self)
+            }
+            #expect(audited == 1)
+            // A member without users.manage cannot.
+            #expect(
+                try await client.send(
+                    .post, "/v1/users/import", token: org.memberToken,
+                    json: #"{"users": [{"email": "b@imp.example", "display_name": "B"}]}"#
+                ).isProblem(.forbidden))
         }
     }
 
