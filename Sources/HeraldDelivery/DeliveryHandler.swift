@@ -98,7 +98,7 @@ public final class DeliveryHandler: WorkHandler, Sendable {
             if let endpoint = work.endpoint, let (until, why) = try await admit(endpoint, claim, now: Date()) {
                 return .giveBack(until: until, reason: why)
             }
-            outcome = await sender.send(work, attempt: claim.attempt, logger: logger)
+            outcome = await sender.deliver(work)
         }
         keepUntilRecorded = outcome.receiverAnswered == false
         if case .deferred(let why) = outcome {

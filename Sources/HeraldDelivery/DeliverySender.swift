@@ -83,6 +83,11 @@ public struct DeliverySender: Sendable {
 
     public func send(_ work: DeliveryWork, attempt: Int, logger: Logger, now: Date = Date()) async -> SendOutcome {
         if let stop = stop(work, now: now) { return stop }
+        return await deliver(work, now: now)
+    }
+
+    /// Hands `work` to its channel's transport, for a caller that has just asked `stop`.
+    func deliver(_ work: DeliveryWork, now: Date = Date()) async -> SendOutcome {
         let channel = work.delivery.channel
         guard let transport = transports[channel] else {
             return .notSent(reason: "Not sent: \(channel.rawValue) is not an outbox channel.")

@@ -66,7 +66,7 @@ public struct EndpointRoom: Sendable, Equatable {
     }
 
     /// Any number of rows of any endpoint (the SQL functions' defaults).
-    static let unbounded = EndpointRoom(limit: 1000)
+    public static let unbounded = EndpointRoom(limit: 1000)
 
     /// The busy endpoints and their room, in a stable order, as the SQL functions take them.
     var busyColumns: (endpoints: [UUID], rooms: [Int]) {
@@ -254,8 +254,8 @@ extension Database {
     /// first, at most `limit`, with how many rows each has due (counted up to `limit`).
     /// `room` counts only what a claim with it could take (migration 0060): an organisation whose
     /// due rows all wait for full endpoints, or endpoints whose circuit is open, is not listed.
-    public func dueDeliveryOrganisations(limit: Int, room: EndpointRoom? = nil) async throws -> [(organisation: UUID, due: Int)] {
-        let room = room ?? .unbounded, (endpoints, rooms) = room.busyColumns
+    public func dueDeliveryOrganisations(limit: Int, room: EndpointRoom = .unbounded) async throws -> [(organisation: UUID, due: Int)] {
+        let (endpoints, rooms) = room.busyColumns
         return try await query(
             """
             SELECT organisation_id, due
@@ -296,9 +296,9 @@ extension Database {
     /// and endpoint. `organisation` confines the claim to one organisation; there, `room` bounds
     /// the rows of each endpoint (migration 0059: a full endpoint's rows stay due, untouched).
     public func claimDeliveries(
-        worker: String, limit: Int, leaseSeconds: Int, organisation: UUID? = nil, room: EndpointRoom? = nil
+        worker: String, limit: Int, leaseSeconds: Int, organisation: UUID? = nil, room: EndpointRoom = .unbounded
     ) async throws -> [ClaimedDelivery] {
-        let room = room ?? .unbounded, (endpoints, rooms) = room.busyColumns
+        let (endpoints, rooms) = room.busyColumns
         return try await query(
             """
             SELECT organisation_id, delivery_id, attempt, endpoint_id
