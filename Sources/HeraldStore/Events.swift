@@ -426,8 +426,9 @@ extension TenantTransaction {
             let d = plan.deliveries
             deliveries =
                 ("""
-                INSERT INTO deliveries (organisation_id, id, event_id, user_id, channel, destination, endpoint_id, next_attempt_at)
-                SELECT \(organisationID), id, \(event.id), user_id, channel, destination, nullif(endpoint_id, '')::uuid, \(event.deliverAt)
+                INSERT INTO deliveries (organisation_id, id, event_id, user_id, channel, destination, endpoint_id, next_attempt_at, urgent)
+                SELECT \(organisationID), id, \(event.id), user_id, channel, destination, nullif(endpoint_id, '')::uuid, \(event.deliverAt),
+                       \(event.priority.isUrgent)
                 FROM unnest(\(UUIDArray(d.map(\.id)))::uuid[], \(UUIDArray(d.map(\.userID)))::uuid[], \(d.map(\.channel))::text[], \(d.map(\.destination))::text[],
                             \(d.map { $0.endpointID?.uuidString ?? "" })::text[])
                      AS row(id, user_id, channel, destination, endpoint_id)

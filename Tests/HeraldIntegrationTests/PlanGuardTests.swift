@@ -402,6 +402,67 @@ struct PlanGuardTests {
         }
     }
 
+    @Test("a claim takes an organisation's urgent rows first, without reading the backlog before them")
+    func claimTakesUrgentRowsFirst() async throws {
+        try await env.withScratchDatabase("urgent") { app, worker, ownerURL in
+            try await CitusReadinessTests.withClient(ownerURL, env.logger) {
+                _ = try await $0.query("VACUUM ANALYZE deliveries", logger: env.logger)
+            }
+            let org = try await app.emailOutbox("urgent", users: 2_000, events: 0)
+            // A backlog of normal rows due a minute ago: 2 000 webhooks to one endpoint and 2 000
+            // emails; then, due now, a low-priority email (the backlog's lane), a critical
+            // webhook and a high-priority email.
+            let (endpoint, urgent, low) = try await app.withTenant(org) { tx in
+                let endpoint = try await tx.createEndpoint(
+                    channel: .webhook, format: .standard, name: "one", url: "http://127.0.0.1:9/hook", eventTypes: [],
+                    secret: WebhookSecret.generate().string)
+                let category = try #require(try await tx.categories().first)
+                _ = try await tx.createNotificationType(
+                    NotificationTypeFields(
+                        key: "HOOK", categoryID: category.id, name: "Hook", description: "", defaultSeverity: .info,
+                        defaultPriority: .normal, defaultChannels: [.webhook]))
+                let users = try await tx.query("SELECT id FROM users ORDER BY email").map { try $0.decode(UUID.self) }
+                func write(_ type: String, _ audience: [UUID], _ priority: Priority? = nil) async throws -> UUID {
+                    let planned = try await tx.planEvent(
+                        EventRequest(typeKey: type, audience: Audience(userIDs: audience), payload: .object([:]), priority: priority),
+                        eventID: UUID(), now: Date())
+                    try await tx.write(planned.event, type: planned.type, plan: planned.plan)
+                    return planned.event.id
+                }
+                _ = try await write("HOOK", users)
+                _ = try await write("NEWS", users)
+                _ = try await tx.query("UPDATE deliveries SET next_attempt_at = now() - interval '1 minute'")
+                // Written before the urgent rows: were it urgent, it would be the first of them.
+                let low = try await write("NEWS", [users[2]], .low)
+                let urgent = [try await write("HOOK", [users[0]], .critical), try await write("NEWS", [users[1]], .high)]
+                return (endpoint, urgent, low)
+            }
+            /// One claim of up to `limit` with 4 slots per endpoint and the endpoint's room as
+            /// given: the events of the rows claimed, and the entries of deliveries read.
+            func claim(_ limit: Int, room: Int) async throws -> ([UUID], Int) {
+                try await worker.withTenant(org) { tx in
+                    _ = try await tx.query("SET LOCAL plan_cache_mode = force_generic_plan")
+                    return try await reading("deliveries", in: tx) {
+                        try await tx.query(
+                            """
+                            SELECT d.event_id FROM claim_deliveries('guard', \(limit)::integer, 60, \(org), 4, ARRAY[\(endpoint.id)]::uuid[], ARRAY[\(room)]::integer[]) c
+                            JOIN deliveries d ON d.organisation_id = c.organisation_id AND d.id = c.delivery_id
+                            """
+                        ).map { try $0.decode(UUID.self) }
+                    }
+                }
+            }
+            // Room for one webhook and one more row: the two urgent rows, though 4 000 rows came
+            // due a minute before them.
+            let (first, read) = try await claim(2, room: 1)
+            #expect(Set(first) == Set(urgent), "\(first)")
+            #expect(read > 0 && read <= 16, "the urgent rows behind 4 000 others read \(read) entries")
+            // Then the backlog, oldest first, before the low-priority email due after it.
+            let (next, _) = try await claim(10, room: 4)
+            #expect(next.count == 10 && !next.contains(low) && Set(next).isDisjoint(with: urgent), "\(next)")
+        }
+    }
+
     @Test("a digest claim reads about a claim's worth of due runs, not every due run")
     func digestClaimFollowsTheClaim() async throws {
         try await env.withScratchDatabase("digestclaim") { app, worker, ownerURL in

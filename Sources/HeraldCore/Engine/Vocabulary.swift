@@ -30,6 +30,10 @@ public enum Severity: String, CaseIterable, Sendable, Codable {
 /// How urgent an event is.
 public enum Priority: String, CaseIterable, Sendable, Codable {
     case low, normal, high, critical
+
+    /// A high or critical event's deliveries are claimed before the organisation's others that
+    /// are due (migration 0062); low and normal share one lane.
+    public var isUrgent: Bool { self == .high || self == .critical }
 }
 
 /// Where an effective preference came from.
