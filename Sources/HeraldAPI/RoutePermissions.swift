@@ -40,7 +40,7 @@ enum AccessRule: Sendable, Equatable {
 /// | getNotificationStats | stats.read |
 /// | every /v1/me/notifications operation | notifications.read |
 /// | listDeliveries, getDeliveryStats, getDelivery | deliveries.read |
-/// | retryDelivery, cancelDelivery | deliveries.retry |
+/// | retryDelivery, retryDeliveries, cancelDelivery | deliveries.retry |
 /// | listSchedules, getSchedule | events.read |
 /// | createSchedule, updateSchedule, deleteSchedule, pauseSchedule, resumeSchedule, runSchedule | events.send |
 /// | listJobs, getJob, listJobRuns | jobs.read |
@@ -162,6 +162,7 @@ enum RoutePermissions {
         "getDeliveryStats": .permission(.deliveriesRead),
         "getDelivery": .permission(.deliveriesRead),
         "retryDelivery": .permission(.deliveriesRetry),
+        "retryDeliveries": .permission(.deliveriesRetry),
         "cancelDelivery": .permission(.deliveriesRetry),
         "listSchedules": .permission(.eventsRead),
         "getSchedule": .permission(.eventsRead),

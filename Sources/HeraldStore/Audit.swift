@@ -29,6 +29,7 @@ public enum AuditAction {
         "category.update",
         "delivery.cancel",
         "delivery.retry",
+        "delivery.retry_many",
         "digest_template.delete",
         "digest_template.put",
         "endpoint.create",

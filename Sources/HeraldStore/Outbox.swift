@@ -228,16 +228,23 @@ public struct DeliveryFilter: Sendable {
     public var channel: NotificationChannel?
     public var userID: UUID?
     public var eventID: UUID?
+    public var endpointID: UUID?
+    /// Created at or after.
     public var since: Date?
+    /// Created before.
+    public var until: Date?
 
     public init(
-        status: DeliveryStatus? = nil, channel: NotificationChannel? = nil, userID: UUID? = nil, eventID: UUID? = nil, since: Date? = nil
+        status: DeliveryStatus? = nil, channel: NotificationChannel? = nil, userID: UUID? = nil, eventID: UUID? = nil,
+        endpointID: UUID? = nil, since: Date? = nil, until: Date? = nil
     ) {
         self.status = status
         self.channel = channel
         self.userID = userID
         self.eventID = eventID
+        self.endpointID = endpointID
         self.since = since
+        self.until = until
     }
 }
 
@@ -516,7 +523,9 @@ extension TenantTransaction {
               AND (\(filter.channel)::text IS NULL OR channel = \(filter.channel))
               AND (\(filter.userID)::uuid IS NULL OR user_id = \(filter.userID))
               AND (\(filter.eventID)::uuid IS NULL OR event_id = \(filter.eventID))
+              AND (\(filter.endpointID)::uuid IS NULL OR endpoint_id = \(filter.endpointID))
               AND (\(filter.since)::timestamptz IS NULL OR (created_at >= \(filter.since) AND id >= \(earliestID)))
+              AND (\(filter.until)::timestamptz IS NULL OR created_at < \(filter.until))
               AND (\(cursor?.id)::uuid IS NULL OR id < \(cursor?.id))
             ORDER BY id DESC
             LIMIT \(limit + 1)
@@ -544,6 +553,43 @@ extension TenantTransaction {
             RETURNING d.id
             """)
         return rows.isEmpty ? nil : try await delivery(id)
+    }
+
+    /// `retryDelivery` for every delivery `filter` matches (in its status, DEAD when it names
+    /// none; a status outside `retryableStatuses` matches nothing), oldest first, up to `limit`, in one statement: those of a cancelled
+    /// event and those at `mostAttempts` are left as they are. Returns how many were retried and
+    /// whether more match (the ones retried no longer do: the caller may repeat the call).
+    public func retryDeliveries(_ filter: DeliveryFilter, limit: Int) async throws -> (retried: Int, more: Bool) {
+        let earliestID = filter.since.map { TimeOrderedID.lowerBound(at: $0.addingTimeInterval(-60)) }
+        let row = try await query(
+            """
+            WITH matching AS MATERIALIZED (
+                SELECT d.id FROM deliveries d
+                WHERE d.organisation_id = \(organisationID) AND d.status = \(filter.status ?? .dead)
+                  AND d.status = ANY(\(Self.retryableStatuses.map(\.rawValue))::text[])
+                  AND (\(filter.channel)::text IS NULL OR d.channel = \(filter.channel))
+                  AND (\(filter.userID)::uuid IS NULL OR d.user_id = \(filter.userID))
+                  AND (\(filter.eventID)::uuid IS NULL OR d.event_id = \(filter.eventID))
+                  AND (\(filter.endpointID)::uuid IS NULL OR d.endpoint_id = \(filter.endpointID))
+                  AND (\(filter.since)::timestamptz IS NULL OR (d.created_at >= \(filter.since) AND d.id >= \(earliestID)))
+                  AND (\(filter.until)::timestamptz IS NULL OR d.created_at < \(filter.until))
+                  AND d.attempts < \(Self.mostAttempts)
+                  AND NOT EXISTS (
+                      SELECT 1 FROM events e WHERE e.organisation_id = d.organisation_id AND e.id = d.event_id AND e.status = 'CANCELLED')
+                ORDER BY d.id
+                LIMIT \(limit + 1)
+                FOR UPDATE OF d
+            ), retried AS (
+                UPDATE deliveries d SET status = 'PENDING', next_attempt_at = now(), max_attempts = greatest(d.max_attempts, d.attempts + 1),
+                    last_error = NULL, last_response_code = NULL, waiting_since = NULL, updated_at = now()
+                FROM (SELECT id FROM matching ORDER BY id LIMIT \(limit)) m
+                WHERE d.organisation_id = \(organisationID) AND d.id = m.id
+                RETURNING d.id
+            )
+            SELECT (SELECT count(*) FROM retried)::int, (SELECT count(*) FROM matching)::int
+            """)
+        let (retried, matching) = try row[0].decode((Int, Int).self)
+        return (retried, matching > limit)
     }
 
     /// Cancels a delivery that has not gone out (PENDING or FAILED). Nil in any other state.

@@ -371,6 +371,57 @@ struct OutboxTests {
         }
     }
 
+    @Test("a bulk retry puts back what a filter matches, oldest first, a limit at a time; audited once a call")
+    func retryManyAPI() async throws {
+        let since = Date().addingTimeInterval(-5)
+        let (org, ids) = try await outbox(5)
+        let sorted = ids.sorted { $0.uuidString.lowercased() < $1.uuidString.lowercased() }
+        // Four DEAD, one of them out of attempts; the fifth still PENDING.
+        _ = try await org.store { tx in
+            _ = try await tx.query(
+                "UPDATE deliveries SET status = 'DEAD', attempts = 8, last_error = 'no answer' WHERE id = ANY(\(Array(sorted.prefix(4)))::uuid[])"
+            )
+            _ = try await tx.query("UPDATE deliveries SET attempts = 100 WHERE id = \(sorted[1])")
+        }
+        let stamp = ISO8601DateFormatter().string(from: since)
+        let app = try env.application()
+        try await app.test(.router) { client in
+            func retry(_ body: String, token: String? = nil) async throws -> TestResponse {
+                try await client.send(.post, "/v1/deliveries/retry", token: token ?? org.ownerToken, json: body)
+            }
+            // Filters that leave the DEAD emails out: another channel, another state, an empty
+            // range, a later since.
+            for body in [
+                #"{"since": "\#(stamp)", "channel": "webhook"}"#, #"{"since": "\#(stamp)", "status": "FAILED"}"#,
+                #"{"since": "\#(stamp)", "until": "2000-01-01T00:00:00Z"}"#, #"{"since": "2999-01-01T00:00:00Z"}"#,
+            ] {
+                let none = try await retry(body)
+                #expect(
+                    none.status == .ok && none.json["retried"] as? Int == 0 && none.json["more"] as? Bool == false, "\(body): \(none.text)")
+            }
+            let first = try await retry(#"{"since": "\#(stamp)", "limit": 2}"#)
+            #expect(first.status == .ok && first.json["retried"] as? Int == 2 && first.json["more"] as? Bool == true, "\(first.text)")
+            let second = try await retry(#"{"since": "\#(stamp)", "limit": 2}"#)
+            #expect(second.json["retried"] as? Int == 1 && second.json["more"] as? Bool == false, "\(second.text)")
+            let third = try await retry(#"{"since": "\#(stamp)"}"#)
+            #expect(third.json["retried"] as? Int == 0 && third.json["more"] as? Bool == false, "\(third.text)")
+            // Oldest first: the first call took the two oldest retryable rows.
+            let states = try await org.store { tx in try await sorted.asyncMap { try await tx.delivery($0) } }
+            #expect(states.map(\.status) == [.pending, .dead, .pending, .pending, .pending], "\(states.map(\.status))")
+            #expect(states[0].maxAttempts == 9 && states[0].lastError == nil)
+            // The limits, and who may.
+            let zero = try await retry(#"{"since": "\#(stamp)", "limit": 0}"#)
+            #expect(zero.isProblem(.unprocessableContent) && (zero.json["detail"] as? String ?? "").contains("limit"), "\(zero.text)")
+            #expect(try await retry(#"{"limit": 5}"#).status.code >= 400)
+            #expect(try await retry(#"{"since": "\#(stamp)"}"#, token: org.memberToken).isProblem(.forbidden))
+            // Two calls changed something: two entries, with the count and the filter.
+            let audit = try await client.send(.get, "/v1/audit-log?action=delivery.retry_many", token: org.ownerToken)
+            let entries = audit.json["items"] as? [[String: Any]] ?? []
+            #expect(entries.count == 2, "\(audit.text)")
+            #expect(Set(entries.compactMap { ($0["after"] as? [String: Any])?["retried"] as? Int }) == [1, 2], "\(audit.text)")
+        }
+    }
+
     @Test("the deliveries list pages newest first, each delivery once; since leaves older ones out")
     func deliveriesNewestFirst() async throws {
         // setup: two events to the same three users, a moment apart

@@ -385,6 +385,24 @@ func mapped(
 }
 
 func mapped(
+    _ channel: Components.Schemas.DeliveryRetryMany.ChannelPayload, to: NotificationChannel.Type = NotificationChannel.self
+) -> NotificationChannel {
+    switch channel {
+    case .email: .email
+    case .webhook: .webhook
+    case .chat: .chat
+    }
+}
+
+func mapped(_ status: Components.Schemas.DeliveryRetryMany.StatusPayload, to: DeliveryStatus.Type = DeliveryStatus.self) -> DeliveryStatus {
+    switch status {
+    case .failed: .failed
+    case .dead: .dead
+    case .cancelled: .cancelled
+    }
+}
+
+func mapped(
     _ channel: Components.Schemas.EndpointCreate.ChannelPayload, to: NotificationChannel.Type = NotificationChannel.self
 )
     -> NotificationChannel
