@@ -6,6 +6,25 @@ import sys, yaml, pathlib
 
 root = pathlib.Path(__file__).resolve().parent.parent
 spec = yaml.safe_load(open(root / "openapi.yaml"))
+
+
+def nulls(node, path=""):
+    """Keys whose value is null: in openapi.yaml, always an unquoted comma in a flow mapping
+    (`{description: a, b}` reads as the description "a" and a key "b"), which cut a trial's
+    descriptions short."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if value is None:
+                yield f"{path}/{key}"
+            yield from nulls(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from nulls(value, f"{path}[{index}]")
+
+
+broken = list(nulls(spec))
+if broken:
+    sys.exit("openapi.yaml: a value cut short by an unquoted comma (quote it): " + ", ".join(broken))
 def resolve(schema):
     while "$ref" in schema:
         schema = spec["components"]["schemas"][schema["$ref"].split("/")[-1]]

@@ -118,7 +118,10 @@ struct TenantBoundary: ServerMiddleware {
             if let answer = try await bellRead(credential, rule: rule, early: early, operationID: operationID, request: request) {
                 return answer
             }
-            return try await database.withTenant(
+            // A refusal before the operation runs is answered once the transaction commits: it
+            // wrote nothing but the key's use, which an administrator looking for keys still in
+            // use must see (a trial's key, refused four times, looked unused).
+            let answer: Result<(HTTPResponse, HTTPBody?), APIError> = try await database.withTenant(
                 credential.organisationID, actor: credential.actor, requestID: scope.requestID,
                 recipient: ownFeed ? credential.actor.userID : nil, admitting: credential.admission
             ) { tx in
@@ -136,23 +139,25 @@ struct TenantBoundary: ServerMiddleware {
                 // On every request, so a key in constant use stays proven (refused early when
                 // over its rate, in its organisation's lane of the gate).
                 rateLimits?.proven(credential, now: now())
-                if let limit, !limit.allowed { throw APIError.rateLimited(limit) }
+                if let limit, !limit.allowed { return .failure(APIError.rateLimited(limit)) }
                 // A refusal below (a 403, a handler's 4xx) carries the rate too (RequestMiddleware).
                 if let limit { scope.rateLimit.set(limit.headers) }
                 if case .permission(let permission) = rule, !principal.permissions.contains(permission) {
-                    throw APIError.forbidden(permission)
+                    return .failure(APIError.forbidden(permission))
                 }
                 // An API key has no feed: refused before any handler could run unconfined.
                 if ownFeed, credential.actor.userID == nil {
-                    throw APIError.badRequest(
-                        "This operation concerns the calling user's own data; call it with a user's access token, not an API key.")
+                    return .failure(
+                        APIError.badRequest(
+                            "This operation concerns the calling user's own data; call it with a user's access token, not an API key."))
                 }
                 var bound = scope
                 bound.principal = principal
                 var (response, body) = try await Self.run(proceed, in: tx, scope: bound)
                 if let limit { response.headerFields.append(contentsOf: limit.headers) }
-                return (response, body)
+                return .success((response, body))
             }
+            return try answer.get()
         }
     }
 

@@ -84,6 +84,20 @@ public struct UserCredentials: Sendable {
     public var passwordHash: String?
 }
 
+/// One user of an import: created by it, or already there (its stored address and state).
+public struct ImportedUser: Sendable {
+    public var id: UUID
+    public var email: String
+    public var created: Bool
+    public var active: Bool
+}
+
+/// What an import did: its users in the order given, and the members each group gained.
+public struct UserImport: Sendable {
+    public var users: [ImportedUser]
+    public var addedToGroups: [UUID: [UUID]]
+}
+
 extension TenantTransaction {
     /// The user with this id, with their roles.
     public func user(_ id: UUID) async throws -> User {
@@ -149,10 +163,15 @@ extension TenantTransaction {
     /// each user's id and whether this call created it. The caller checks the items (as
     /// `createUser`'s are), that no address is given twice, and whether an existing one may stay
     /// (it throws inside the transaction otherwise: nothing is written).
-    public func importUsers(_ users: [NewUser], groups: [UUID]) async throws -> [(id: UUID, created: Bool)] {
-        let known = try await query("SELECT id FROM groups WHERE organisation_id = \(organisationID) AND id = ANY(\(groups)::uuid[])")
-            .map { try $0.decode(UUID.self) }
-        guard groups.allSatisfy(known.contains) else { throw StoreError.unknownReference(field: "group_ids", resource: "group") }
+    public func importUsers(_ users: [NewUser], groups: [UUID]) async throws -> UserImport {
+        // Locked against a deletion while this runs (a trial's import beside a group's deletion
+        // got the foreign key's words instead of the group's).
+        let known = try await query(
+            "SELECT id FROM groups WHERE organisation_id = \(organisationID) AND id = ANY(\(groups)::uuid[]) FOR KEY SHARE"
+        ).map { try $0.decode(UUID.self) }
+        if let missing = groups.firstIndex(where: { !known.contains($0) }) {
+            throw StoreError.unknownReference(field: "group_ids[\(missing)]", resource: "group")
+        }
         // A set-based insert keeps its RETURNING (on a distributed PostgreSQL an INSERT … SELECT
         // without one becomes a COPY, which row-level security refuses).
         let created = try await query(
@@ -167,34 +186,39 @@ extension TenantTransaction {
             """
         ).map { try $0.decode((UUID, String).self) }
         // By the address as given (PostgreSQL's lower() and Swift's need not agree on every letter).
-        var ids: [String: (id: UUID, created: Bool)] = [:]
-        for (id, email) in created { ids[email] = (id, true) }
+        var ids: [String: ImportedUser] = [:]
+        for (id, email) in created { ids[email] = ImportedUser(id: id, email: email, created: true, active: true) }
         let others = users.map(\.email).filter { ids[$0] == nil }
         if !others.isEmpty {
             for row in try await query(
                 """
-                SELECT u.id, i.email FROM unnest(\(others)::text[]) AS i (email)
+                SELECT u.id, i.email, u.email, u.active FROM unnest(\(others)::text[]) AS i (email)
                 JOIN users u ON u.organisation_id = \(organisationID) AND lower(u.email) = lower(i.email)
                 """)
             {
-                let (id, email) = try row.decode((UUID, String).self)
-                ids[email] = (id, false)
+                let (id, given, stored, active) = try row.decode((UUID, String, String, Bool).self)
+                ids[given] = ImportedUser(id: id, email: stored, created: false, active: active)
             }
         }
         let result = try users.map { user in
             guard let entry = ids[user.email] else { throw StoreError.notFound("user") }
             return entry
         }
+        var added: [UUID: [UUID]] = [:]
         if !groups.isEmpty {
-            try await query(
+            for row in try await query(
                 """
                 INSERT INTO group_members (organisation_id, group_id, user_id)
-                SELECT \(organisationID), g, u FROM unnest(\(groups)::uuid[]) g CROSS JOIN unnest(\(result.map { $0.id })::uuid[]) u
+                SELECT \(organisationID), g, u FROM unnest(\(groups)::uuid[]) g CROSS JOIN unnest(\(result.map(\.id))::uuid[]) u
                 ON CONFLICT DO NOTHING
-                RETURNING user_id
+                RETURNING group_id, user_id
                 """)
+            {
+                let (group, user) = try row.decode((UUID, UUID).self)
+                added[group, default: []].append(user)
+            }
         }
-        return result
+        return UserImport(users: result, addedToGroups: added)
     }
 
     /// Applies `change` to the user's profile.

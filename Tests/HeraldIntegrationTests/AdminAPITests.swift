@@ -222,17 +222,43 @@ struct AdminAPITests {
                 try await client.send(.get, "/v1/users/\(org.memberID.lowercased)", token: org.ownerToken).json["display_name"] as? String
                     != "M")
             #expect(try await client.send(.get, "/v1/groups/\(groupID)", token: org.ownerToken).json["member_count"] as? Int == 2)
-            // Audited once.
+            // Audited once, and the group's new members under the group, by their ids.
             let audited = try await org.store { tx in
                 try await tx.query("SELECT count(*)::int FROM audit_log WHERE action = 'user.import'")[0].decode(Int.self)
             }
             #expect(audited == 1)
+            let groupLog = try await client.send(.get, "/v1/audit-log?target_id=\(groupID)&action=group.member.add", token: org.ownerToken)
+            let added = (groupLog.json["items"] as? [[String: Any]])?.first?["after"] as? [String: Any]
+            #expect(Set(added?["user_ids"] as? [String] ?? []) == Set(result.users.map(\.id)), "\(groupLog.text)")
             // A member without users.manage cannot.
             #expect(
                 try await client.send(
                     .post, "/v1/users/import", token: org.memberToken,
                     json: #"{"users": [{"email": "b@imp.example", "display_name": "B"}]}"#
                 ).isProblem(.forbidden))
+            // Again, with the address in other letters and the member deactivated: nothing is
+            // created or added, so nothing is audited; the answer gives the address as stored.
+            _ = try await client.send(.post, "/v1/users/\(org.memberID.lowercased)/deactivate", token: org.ownerToken)
+            let again = try await send(
+                #"{"users": [{"email": "MEMBER@\#(org.slug.uppercased()).example", "display_name": "M"}], "skip_existing": true, "group_ids": ["\#(groupID)"]}"#
+            )
+            let repeated = try again.decoded(Components.Schemas.UserImportResult.self)
+            #expect(
+                repeated.users.map(\.email) == ["member@\(org.slug).example"] && repeated.users.map(\.active) == [false], "\(again.text)")
+            let entries = try await org.store { tx in
+                try await tx.query("SELECT count(*)::int FROM audit_log WHERE action IN ('user.import', 'group.member.add')")[0].decode(
+                    Int.self)
+            }
+            #expect(entries == 2)
+            // An empty import, and a group that is not there, named by its place.
+            let empty = try await send(#"{"users": []}"#)
+            #expect(
+                empty.isProblem(.unprocessableContent) && (empty.json["detail"] as? String)?.hasPrefix("users") == true, "\(empty.text)")
+            let unknown = try await send(
+                #"{"users": [{"email": "c@imp.example", "display_name": "C"}], "group_ids": ["\#(groupID)", "\#(UUID().uuidString)"]}"#)
+            #expect(
+                unknown.isProblem(.unprocessableContent) && (unknown.json["detail"] as? String)?.hasPrefix("group_ids[1]") == true,
+                "\(unknown.text)")
         }
     }
 
@@ -275,6 +301,14 @@ struct AdminAPITests {
                 try await client.send(.post, "/v1/users", token: secret, json: #"{"email": "via-key@x.example", "display_name": "K"}"#)
                     .status == .created)
             #expect(try await client.send(.get, "/v1/audit-log", token: secret).isProblem(.forbidden))
+            // A key whose every call is refused has still been used: an administrator looking
+            // for keys in use must see it (a trial's key, refused four times, looked unused).
+            let refused = try await client.send(
+                .post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "Refused", "role_id": "\#(serviceRole)"}"#
+            ).decoded(Components.Schemas.ApiKeyCreated.self)
+            #expect(try await client.send(.get, "/v1/audit-log", token: refused.secret).isProblem(.forbidden))
+            let seen = try await client.send(.get, "/v1/api-keys/\(refused.id)", token: org.ownerToken)
+            #expect(seen.json["last_used_at"] is String, "\(seen.text)")
 
             #expect(try await client.send(.delete, "/v1/api-keys/\(id)", token: org.ownerToken).status == .noContent)
             #expect(try await client.send(.get, "/v1/me", token: secret).isProblem(.unauthorized))

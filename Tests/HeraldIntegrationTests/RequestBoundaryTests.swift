@@ -117,8 +117,9 @@ struct RequestBoundaryTests {
                 // No request read its grant again, nor set the context by a statement of its own.
                 #expect(try await counter.calls("SELECT active, permissions, last_engaged_at, warned FROM user_grant") == grants)
                 #expect(try await counter.calls("SET LOCAL") == 0)
-                // Each successful one committed once; the refusals rolled back.
-                #expect(try await counter.calls("COMMIT") - commits == requests.count - bellReads - 2)
+                // Each successful one committed once, and so did the 403, refused before the
+                // operation ran (it keeps the caller's mark of use); the handler's 404 rolled back.
+                #expect(try await counter.calls("COMMIT") - commits == requests.count - bellReads - 1)
                 // The key was marked used by its first request; its next, within the minute, sends
                 // no mark (the entry reads when it was marked, migration 0042).
                 let marks = try await counter.calls("UPDATE api_keys SET last_used_at")

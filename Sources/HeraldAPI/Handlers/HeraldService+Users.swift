@@ -19,7 +19,7 @@ extension HeraldService {
             email: try Validate.emailAddress(body.email),
             displayName: try Validate.text(body.displayName, field: "display_name"),
             locale: try body.locale.map { v throws(ValidationError) in try Validate.locale(v) },
-            timezone: try body.timezone.map { v throws(ValidationError) in try Validate.timezone(v) })
+            timezone: try body.timezone.flatMap { v throws(ValidationError) in v.isEmpty ? nil : try Validate.timezone(v) })
         if let attributes = body.attributes { new.attributes = try Validate.attributes(try convert(attributes)) }
         if let password = body.password {
             let checked = try Validate.password(password)
@@ -37,6 +37,9 @@ extension HeraldService {
     /// 3 000 users and their group).
     func importUsers(_ input: Operations.ImportUsers.Input) async throws -> Operations.ImportUsers.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        guard !body.users.isEmpty else {
+            throw APIError.unprocessable(ValidationError(field: "users", message: "must have at least 1 item."))
+        }
         var seen: [String: Int] = [:]
         let users = try body.users.enumerated().map { index, item in
             let at = "users[\(index)]"
@@ -66,22 +69,34 @@ extension HeraldService {
         let result = try await tenant { tx, principal in
             if !groups.isEmpty, !principal.permissions.contains(.groupsManage) { throw APIError.forbidden(.groupsManage) }
             let imported = try await tx.importUsers(users, groups: groups)
-            if !skipExisting, let index = imported.firstIndex(where: { !$0.created }) {
+            if !skipExisting, let index = imported.users.firstIndex(where: { !$0.created }) {
                 throw APIError.conflict(
                     "users[\(index)].email: \(users[index].email) already has a user; nothing was imported (skip_existing: true leaves existing users as they are)."
                 )
             }
-            let created = imported.filter(\.created).map { $0.id.lowercased }
-            try await tx.audit(
-                action: "user.import", targetType: "organisation", targetID: tx.organisationID.lowercased, before: nil,
-                after: try auditValue(
-                    [
-                        "created": .array(created.map(JSONValue.string)), "existing": .number(Double(imported.count - created.count)),
-                        "group_ids": .array(groups.map { .string($0.lowercased) }),
-                    ] as [String: JSONValue]))
+            let created = imported.users.filter(\.created).map { JSONValue.string($0.id.lowercased) }
+            let existing = imported.users.filter { !$0.created }.map { JSONValue.string($0.id.lowercased) }
+            // Each group's new members under the group, as one add would be (found by its id);
+            // the import itself when it created someone. A call that changed nothing leaves no entry.
+            for group in groups {
+                guard let members = imported.addedToGroups[group], !members.isEmpty else { continue }
+                try await tx.audit(
+                    action: "group.member.add", targetType: "group", targetID: group.lowercased, before: nil,
+                    after: try auditValue(
+                        ["user_ids": .array(members.map { .string($0.lowercased) }), "by": .string("user.import")] as [String: JSONValue]))
+            }
+            if !created.isEmpty {
+                try await tx.audit(
+                    action: "user.import", targetType: "organisation", targetID: tx.organisationID.lowercased, before: nil,
+                    after: try auditValue(
+                        [
+                            "created": .array(created), "existing": .array(existing),
+                            "group_ids": .array(groups.map { .string($0.lowercased) }),
+                        ] as [String: JSONValue]))
+            }
             return Components.Schemas.UserImportResult(
-                created: created.count, existing: imported.count - created.count,
-                users: zip(users, imported).map { .init(id: $1.id.lowercased, email: $0.email, created: $1.created) })
+                created: created.count, existing: existing.count,
+                users: imported.users.map { .init(id: $0.id.lowercased, email: $0.email, created: $0.created, active: $0.active) })
         }
         return .ok(.init(body: .json(result)))
     }
