@@ -21,7 +21,7 @@ enum AccessRule: Sendable, Equatable {
 /// | getMe, listPermissions, getOrganisation | authenticated |
 /// | updateOrganisation | organisation.manage |
 /// | listUsers, getUser | users.read |
-/// | createUser, importUsers (and groups.manage with group_ids), updateUser, deactivateUser, reactivateUser | users.manage |
+/// | createUser, importUsers (and groups.manage with group_ids), updateUser, deleteUser, deactivateUser, reactivateUser | users.manage |
 /// | listRoles, getRole | roles.read |
 /// | createRole, updateRole, deleteRole, setUserRoles | roles.manage |
 /// | listGroups, getGroup, listGroupMembers | groups.read |
@@ -91,6 +91,7 @@ enum RoutePermissions {
         "importUsers": .permission(.usersManage),
         "updateUser": .permission(.usersManage),
         "deactivateUser": .permission(.usersManage),
+        "deleteUser": .permission(.usersManage),
         "reactivateUser": .permission(.usersManage),
         "setUserRoles": .permission(.rolesManage),
         "listRoles": .permission(.rolesRead),

@@ -65,7 +65,7 @@ public enum AuditAction {
         "schedule.update",
         "template.delete",
         "template.put",
-        "user.create", "user.import",
+        "user.create", "user.delete", "user.import",
         "user.deactivate",
         "user.inactivity_switch_off",
         "user.keep_subscribed",

@@ -221,6 +221,60 @@ extension TenantTransaction {
         return UserImport(users: result, addedToGroups: added)
     }
 
+    /// Erases a user and everything recorded about them (GDPR article 17): their in-app rows,
+    /// deliveries and attempt logs, decision trace rows, digest items and runs, preferences,
+    /// group memberships, roles, sessions and feed state; keys they created stay, without their
+    /// creator. The audit log keeps what it recorded. Refused (409) while a message to them is
+    /// being sent, or a schedule with occurrences left names them: those would fail or go out
+    /// after the erasure. Returns the deliveries and in-app rows removed.
+    public func eraseUser(_ id: UUID) async throws -> [String: Int] {
+        // Locked first: a fan-out chunk writing to the user holds it FOR KEY SHARE until it commits.
+        guard try await !query("SELECT id FROM users WHERE organisation_id = \(organisationID) AND id = \(id) FOR UPDATE").isEmpty else {
+            throw StoreError.notFound("user")
+        }
+        let schedules = try await query(
+            """
+            SELECT name FROM schedules s WHERE s.organisation_id = \(organisationID) AND s.next_at IS NOT NULL
+              AND EXISTS (
+                  SELECT 1 FROM jsonb_array_elements_text(coalesce(s.event->'audience'->'userIDs', '[]') || coalesce(s.event->'audience'->'excludeUserIDs', '[]')) u
+                  WHERE lower(u) = \(id.lowercased))
+            ORDER BY name, id FOR SHARE
+            """
+        ).map { try $0.decode(String.self) }
+        if let first = schedules.first {
+            let named =
+                schedules.count == 1 ? "The schedule \"\(first)\" names" : "\(schedules.count) schedules (\"\(first)\" among them) name"
+            throw StoreError.inUse("\(named) this user in its audience; change their audience or delete them first.")
+        }
+        // Their deliveries locked: a claim skips them from here, and one claimed before is seen
+        // as it committed. A message being sent would fail to record, or go out, once erased.
+        let (sending, deliveries) = try await query(
+            """
+            SELECT count(*) FILTER (WHERE d.status = 'SENDING')::int, count(*)::int FROM (
+                SELECT status FROM deliveries WHERE organisation_id = \(organisationID) AND user_id = \(id) FOR UPDATE) d
+            """
+        )[0].decode((Int, Int).self)
+        let digests = try await query(
+            "SELECT count(*)::int FROM digest_runs WHERE organisation_id = \(organisationID) AND user_id = \(id) AND status = 'SENDING'"
+        )[0].decode(Int.self)
+        guard sending + digests == 0 else {
+            let count = sending + digests
+            throw StoreError.inUse(
+                "\(count == 1 ? "A message to this user is" : "\(count) messages to this user are") being sent right now; try again in a few seconds."
+            )
+        }
+        let notifications = try await query(
+            "SELECT count(*)::int FROM notifications WHERE organisation_id = \(organisationID) AND user_id = \(id)"
+        )[0].decode(Int.self)
+        try await query(
+            "UPDATE api_keys SET created_by_user_id = NULL WHERE organisation_id = \(organisationID) AND created_by_user_id = \(id)")
+        // Deactivated first: its announcement ends the user's open streams on every instance.
+        _ = try await setUserActive(id, false)
+        // The rest goes with the row: by foreign key, and by users_delete_rows (0030, 0063).
+        try await query("DELETE FROM users WHERE organisation_id = \(organisationID) AND id = \(id)")
+        return ["deliveries": deliveries, "notifications": notifications]
+    }
+
     /// Applies `change` to the user's profile.
     public func updateUser(_ id: UUID, _ change: UserChange) async throws -> User {
         let rows = try await query(

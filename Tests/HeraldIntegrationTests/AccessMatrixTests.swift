@@ -122,7 +122,8 @@ struct AccessMatrixTests {
                 "jobId": try await tx.job(named: .retention).id,
                 "scheduleId": try await tx.createSchedule(
                     id: UUID(), name: "s",
-                    event: EventRequest(typeKey: scheduled.key, audience: Audience(userIDs: [user.id]), payload: .object([:])),
+                    // The owner: a schedule naming the path's user would keep it from being deleted.
+                    event: EventRequest(typeKey: scheduled.key, audience: Audience(userIDs: [org.ownerID]), payload: .object([:])),
                     rule: "FREQ=DAILY", timeZone: "UTC", startsAt: Date(), nextAt: Date().addingTimeInterval(86_400)
                 ).id,
             ]

@@ -262,6 +262,73 @@ struct AdminAPITests {
         }
     }
 
+    @Test(
+        "a user is erased with everything recorded about them; not while a message to them is being sent, nor while a schedule names them")
+    func eraseUser() async throws {
+        try await withCatalogue { org, _, client in
+            let member = org.memberID
+            let group = try await client.send(.post, "/v1/groups", token: org.ownerToken, json: #"{"key": "erase", "name": "Erase"}"#)
+            let groupID = try group.decoded(Components.Schemas.Group.self).id
+            #expect(
+                try await client.send(.put, "/v1/groups/\(groupID)/members/\(member.lowercased)", token: org.ownerToken).status
+                    == .noContent)
+            // An event to the member (in-app and email) and another user, so the event stays.
+            let other = try await org.store { tx in try await tx.createUser(NewUser(email: "other@x.example", displayName: "Other")).id }
+            let (event, _) = try await org.notify(
+                EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [member, other]), payload: .object([:])))
+            func rows(of user: UUID) async throws -> [Int] {
+                let counts = try await org.store { tx in
+                    try await tx.query(
+                        """
+                        SELECT (SELECT count(*) FROM users WHERE id = \(user))::int, (SELECT count(*) FROM notifications WHERE user_id = \(user))::int,
+                               (SELECT count(*) FROM deliveries WHERE user_id = \(user))::int, (SELECT count(*) FROM event_recipients WHERE user_id = \(user))::int,
+                               (SELECT count(*) FROM group_members WHERE user_id = \(user))::int, (SELECT count(*) FROM user_roles WHERE user_id = \(user))::int
+                        """
+                    )[0].decode((Int, Int, Int, Int, Int, Int).self)
+                }
+                return [counts.0, counts.1, counts.2, counts.3, counts.4, counts.5]
+            }
+            let before = try await rows(of: member)
+            #expect(before.allSatisfy { $0 > 0 }, "\(before)")
+            // Refused while a schedule names the member, and while their email is being sent.
+            let schedule = try await org.store { tx in
+                try await tx.createSchedule(
+                    id: UUID(), name: "weekly",
+                    event: EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [member]), payload: .object([:])),
+                    rule: "FREQ=DAILY", timeZone: "UTC", startsAt: Date(), nextAt: Date().addingTimeInterval(86_400)
+                ).id
+            }
+            let named = try await client.send(.delete, "/v1/users/\(member.lowercased)", token: org.ownerToken)
+            #expect(named.isProblem(.conflict) && (named.json["detail"] as? String)?.contains("weekly") == true, "\(named.text)")
+            #expect(try await client.send(.delete, "/v1/schedules/\(schedule.lowercased)", token: org.ownerToken).status == .noContent)
+            let env = try await TestEnvironment.shared
+            let claimed = try await env.workerDatabase.claimDeliveries(worker: "erase", limit: 10, leaseSeconds: 60, organisation: org.id)
+            let sending = try await client.send(.delete, "/v1/users/\(member.lowercased)", token: org.ownerToken)
+            #expect(sending.isProblem(.conflict) && (sending.json["detail"] as? String)?.contains("being sent") == true, "\(sending.text)")
+            #expect(try await rows(of: member) == before, "a refusal leaves everything")
+            _ = try await org.store { tx in
+                try await tx.releaseDeliveries(claimed.map { ($0, Date()) }, worker: "erase")
+            }
+            // Not yourself; nor by someone who lacks what the user holds.
+            #expect(try await client.send(.delete, "/v1/users/\(org.ownerID.lowercased)", token: org.ownerToken).isProblem(.conflict))
+            #expect(try await client.send(.delete, "/v1/users/\(org.ownerID.lowercased)", token: org.memberToken).isProblem(.forbidden))
+            // Erased: the rows about them, their token; the event stays for the other recipient.
+            let erased = try await client.send(.delete, "/v1/users/\(member.lowercased)", token: org.ownerToken)
+            #expect(erased.status == .noContent, "\(erased.text)")
+            #expect(try await rows(of: member) == [0, 0, 0, 0, 0, 0])
+            #expect(try await rows(of: other)[1...3] == [1, 1, 1])
+            #expect(try await client.send(.get, "/v1/users/\(member.lowercased)", token: org.ownerToken).isProblem(.notFound))
+            #expect(try await client.send(.get, "/v1/me", token: org.memberToken).status == .unauthorized)
+            #expect(try await client.send(.get, "/v1/events/\(event.id.lowercased)", token: org.ownerToken).status == .ok)
+            #expect(try await client.send(.delete, "/v1/users/\(member.lowercased)", token: org.ownerToken).isProblem(.notFound))
+            // Audited by id and counts, without the address.
+            let log = try await client.send(.get, "/v1/audit-log?action=user.delete", token: org.ownerToken)
+            let entry = try #require((log.json["items"] as? [[String: Any]])?.first)
+            #expect(entry["target_id"] as? String == member.lowercased && !log.text.contains("member@"), "\(log.text)")
+            #expect(((entry["after"] as? [String: Any])?["erased"] as? [String: Any])?["deliveries"] as? Int == 1, "\(log.text)")
+        }
+    }
+
     @Test("groups hold members; membership changes are idempotent")
     func groups() async throws {
         try await withOrganisation { org, client in

@@ -184,6 +184,26 @@ extension HeraldService {
         return user
     }
 
+    /// Erases the user and what Herald recorded about them (a trial: a mistaken import could not
+    /// be undone, and an erasure request had no answer). Audited by id alone: the entry must not
+    /// keep what was erased.
+    func deleteUser(_ input: Operations.DeleteUser.Input) async throws -> Operations.DeleteUser.Output {
+        let id = try id(input.path.userId, "user")
+        try await tenant { tx, principal in
+            if principal.actor.userID == id { throw APIError.conflict("You cannot delete yourself.") }
+            _ = try await tx.user(id)
+            try requireHolds(try await tx.permissions(ofUser: id).filter { !$0.concernsOnlyTheHolder }, principal)
+            let removed = try await tx.eraseUser(id)
+            try await requireAnOwner(tx)
+            try await tx.audit(
+                action: "user.delete", targetType: "user", targetID: id.lowercased,
+                before: try auditValue(["id": JSONValue.string(id.lowercased)]),
+                after: try auditValue(["erased": JSONValue.object(removed.mapValues { .number(Double($0)) })]))
+        }
+        tokens.sessions.ended(user: id, now: now())
+        return .noContent(.init())
+    }
+
     func setUserRoles(_ input: Operations.SetUserRoles.Input) async throws -> Operations.SetUserRoles.Output {
         let id = try id(input.path.userId, "user")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
