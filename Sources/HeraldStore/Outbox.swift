@@ -556,40 +556,51 @@ extension TenantTransaction {
     }
 
     /// `retryDelivery` for every delivery `filter` matches (in its status, DEAD when it names
-    /// none; a status outside `retryableStatuses` matches nothing), oldest first, up to `limit`, in one statement: those of a cancelled
-    /// event and those at `mostAttempts` are left as they are. Returns how many were retried and
-    /// whether more match (the ones retried no longer do: the caller may repeat the call).
-    public func retryDeliveries(_ filter: DeliveryFilter, limit: Int) async throws -> (retried: Int, more: Bool) {
-        let earliestID = filter.since.map { TimeOrderedID.lowerBound(at: $0.addingTimeInterval(-60)) }
+    /// none; a status outside `retryableStatuses` matches nothing), the ones that reached it
+    /// first first, up to `limit`, in one statement. `since` and `until` bound when a row reached
+    /// its state (its last change), not when it was made: after an outage, the rows that ended
+    /// during it (a trial's recovery "since the outage" missed rows made before it and dead
+    /// during it). Those of a cancelled event and those at `mostAttempts` are left as they are,
+    /// and counted. Returns how many were retried, whether more match (the ones retried no longer
+    /// do: the caller may repeat the call), and how many matched but were left.
+    public func retryDeliveries(_ filter: DeliveryFilter, limit: Int) async throws -> (retried: Int, more: Bool, skipped: Int) {
         let row = try await query(
             """
-            WITH matching AS MATERIALIZED (
-                SELECT d.id FROM deliveries d
+            WITH filtered AS MATERIALIZED (
+                SELECT d.id, d.updated_at,
+                       d.attempts < \(Self.mostAttempts) AND NOT EXISTS (
+                           SELECT 1 FROM events e WHERE e.organisation_id = d.organisation_id AND e.id = d.event_id AND e.status = 'CANCELLED'
+                       ) AS retryable
+                FROM deliveries d
                 WHERE d.organisation_id = \(organisationID) AND d.status = \(filter.status ?? .dead)
                   AND d.status = ANY(\(Self.retryableStatuses.map(\.rawValue))::text[])
                   AND (\(filter.channel)::text IS NULL OR d.channel = \(filter.channel))
                   AND (\(filter.userID)::uuid IS NULL OR d.user_id = \(filter.userID))
                   AND (\(filter.eventID)::uuid IS NULL OR d.event_id = \(filter.eventID))
                   AND (\(filter.endpointID)::uuid IS NULL OR d.endpoint_id = \(filter.endpointID))
-                  AND (\(filter.since)::timestamptz IS NULL OR (d.created_at >= \(filter.since) AND d.id >= \(earliestID)))
-                  AND (\(filter.until)::timestamptz IS NULL OR d.created_at < \(filter.until))
-                  AND d.attempts < \(Self.mostAttempts)
-                  AND NOT EXISTS (
-                      SELECT 1 FROM events e WHERE e.organisation_id = d.organisation_id AND e.id = d.event_id AND e.status = 'CANCELLED')
-                ORDER BY d.id
+                  AND (\(filter.since)::timestamptz IS NULL OR d.updated_at >= \(filter.since))
+                  AND (\(filter.until)::timestamptz IS NULL OR d.updated_at < \(filter.until))
+            ), matching AS MATERIALIZED (
+                -- Locked, and checked again as locked: a row another call or a worker changed
+                -- meanwhile is no longer in its state.
+                SELECT d.id, f.updated_at FROM filtered f
+                JOIN deliveries d ON d.organisation_id = \(organisationID) AND d.id = f.id
+                WHERE f.retryable AND d.status = \(filter.status ?? .dead)
+                ORDER BY f.updated_at, f.id
                 LIMIT \(limit + 1)
                 FOR UPDATE OF d
             ), retried AS (
                 UPDATE deliveries d SET status = 'PENDING', next_attempt_at = now(), max_attempts = greatest(d.max_attempts, d.attempts + 1),
                     last_error = NULL, last_response_code = NULL, waiting_since = NULL, updated_at = now()
-                FROM (SELECT id FROM matching ORDER BY id LIMIT \(limit)) m
+                FROM (SELECT id FROM matching ORDER BY updated_at, id LIMIT \(limit)) m
                 WHERE d.organisation_id = \(organisationID) AND d.id = m.id
                 RETURNING d.id
             )
-            SELECT (SELECT count(*) FROM retried)::int, (SELECT count(*) FROM matching)::int
+            SELECT (SELECT count(*) FROM retried)::int, (SELECT count(*) FROM matching)::int,
+                   (SELECT count(*) FROM filtered WHERE NOT retryable)::int
             """)
-        let (retried, matching) = try row[0].decode((Int, Int).self)
-        return (retried, matching > limit)
+        let (retried, matching, skipped) = try row[0].decode((Int, Int, Int).self)
+        return (retried, matching > limit, skipped)
     }
 
     /// Cancels a delivery that has not gone out (PENDING or FAILED). Nil in any other state.

@@ -129,7 +129,11 @@ private func decodeRole(_ row: PostgresRow) throws -> Role {
 
 extension TenantTransaction {
     /// Active users holding the built-in owner role.
+    /// Counted under a lock held to the commit, after the caller's change: two owners removing
+    /// each other at once are counted one after the other, and the second sees the first's change
+    /// (a review: both saw the other still there, and the organisation was left with none).
     public func activeOwnerCount() async throws -> Int {
+        try await query("SELECT pg_advisory_xact_lock(hashtextextended('herald.owners:' || \(organisationID.lowercased), 0))")
         let rows = try await query(
             """
             SELECT count(*) FROM users u

@@ -224,7 +224,8 @@ extension TenantTransaction {
     /// Erases a user and everything recorded about them (GDPR article 17): their in-app rows,
     /// deliveries and attempt logs, decision trace rows, digest items and runs, preferences,
     /// group memberships, roles, sessions and feed state; keys they created stay, without their
-    /// creator. The audit log keeps what it recorded. Refused (409) while a message to them is
+    /// creator. The audit log keeps its entries about them without the values they recorded.
+    /// Refused (409) while a message to them is
     /// being sent, or a schedule with occurrences left names them: those would fail or go out
     /// after the erasure. Returns the deliveries and in-app rows removed.
     public func eraseUser(_ id: UUID) async throws -> [String: Int] {
@@ -254,9 +255,9 @@ extension TenantTransaction {
                 SELECT status FROM deliveries WHERE organisation_id = \(organisationID) AND user_id = \(id) FOR UPDATE) d
             """
         )[0].decode((Int, Int).self)
-        let digests = try await query(
-            "SELECT count(*)::int FROM digest_runs WHERE organisation_id = \(organisationID) AND user_id = \(id) AND status = 'SENDING'"
-        )[0].decode(Int.self)
+        // Their digest runs locked the same way, their old in-app texts and the audit's values
+        // about them removed (0063: what the application may not do itself).
+        let digests = sending > 0 ? 0 : try await query("SELECT erase_user_records(\(id))")[0].decode(Int.self)
         guard sending + digests == 0 else {
             let count = sending + digests
             throw StoreError.inUse(

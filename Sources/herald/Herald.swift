@@ -184,8 +184,14 @@ struct SeedDemo: AsyncParsableCommand {
                 let member = try await ensureUser(
                     tx, email: "member@demo.example", name: "Demo Member", role: .member, passwordHash: memberHash)
                 let service = try await tx.builtinRole(.service)
+                // The key the last run printed stops working: audited, as a revocation through
+                // the API would be (a trial's key stopped with no trace in the log).
                 for old in try await tx.apiKeys() where old.name == "seed-demo" && old.revokedAt == nil {
                     _ = try await tx.revokeApiKey(old.id)
+                    try await tx.audit(
+                        action: "apikey.revoke", targetType: "api_key", targetID: old.id.lowercased,
+                        before: .object(["name": .string("seed-demo")]), after: .object(["revoked_by": .string("seed-demo")]))
+                    print("seed-demo: revoked the API key the last run printed (\(old.id.lowercased)); use the new one below")
                 }
                 let token = OpaqueToken(kind: .apiKey, organisationID: organisationID)
                 _ = try await tx.createApiKey(

@@ -272,7 +272,13 @@ struct AdminAPITests {
             #expect(
                 try await client.send(.put, "/v1/groups/\(groupID)/members/\(member.lowercased)", token: org.ownerToken).status
                     == .noContent)
-            // An event to the member (in-app and email) and another user, so the event stays.
+            // The member renamed (an audit entry with their name), with a stream open (their
+            // changes are logged), then an event to them (in-app and email) and to another user,
+            // so the event stays.
+            let renamed = try await client.send(
+                .patch, "/v1/users/\(member.lowercased)", token: org.ownerToken, json: #"{"display_name": "Dr Member"}"#)
+            #expect(renamed.status == .ok)
+            _ = try await org.store { tx in try await tx.openFeedStream(of: member) }
             let other = try await org.store { tx in try await tx.createUser(NewUser(email: "other@x.example", displayName: "Other")).id }
             let (event, _) = try await org.notify(
                 EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [member, other]), payload: .object([:])))
@@ -282,11 +288,12 @@ struct AdminAPITests {
                         """
                         SELECT (SELECT count(*) FROM users WHERE id = \(user))::int, (SELECT count(*) FROM notifications WHERE user_id = \(user))::int,
                                (SELECT count(*) FROM deliveries WHERE user_id = \(user))::int, (SELECT count(*) FROM event_recipients WHERE user_id = \(user))::int,
-                               (SELECT count(*) FROM group_members WHERE user_id = \(user))::int, (SELECT count(*) FROM user_roles WHERE user_id = \(user))::int
+                               (SELECT count(*) FROM group_members WHERE user_id = \(user))::int, (SELECT count(*) FROM user_roles WHERE user_id = \(user))::int,
+                               (SELECT count(*) FROM feed_streams WHERE user_id = \(user))::int, ((SELECT count(*) FROM feed_due WHERE user_id = \(user)) + (SELECT count(*) FROM feed_changes WHERE user_id = \(user)))::int
                         """
-                    )[0].decode((Int, Int, Int, Int, Int, Int).self)
+                    )[0].decode((Int, Int, Int, Int, Int, Int, Int, Int).self)
                 }
-                return [counts.0, counts.1, counts.2, counts.3, counts.4, counts.5]
+                return [counts.0, counts.1, counts.2, counts.3, counts.4, counts.5, counts.6, counts.7]
             }
             let before = try await rows(of: member)
             #expect(before.allSatisfy { $0 > 0 }, "\(before)")
@@ -315,17 +322,20 @@ struct AdminAPITests {
             // Erased: the rows about them, their token; the event stays for the other recipient.
             let erased = try await client.send(.delete, "/v1/users/\(member.lowercased)", token: org.ownerToken)
             #expect(erased.status == .noContent, "\(erased.text)")
-            #expect(try await rows(of: member) == [0, 0, 0, 0, 0, 0])
+            #expect(try await rows(of: member) == [0, 0, 0, 0, 0, 0, 0, 0])
             #expect(try await rows(of: other)[1...3] == [1, 1, 1])
             #expect(try await client.send(.get, "/v1/users/\(member.lowercased)", token: org.ownerToken).isProblem(.notFound))
             #expect(try await client.send(.get, "/v1/me", token: org.memberToken).status == .unauthorized)
             #expect(try await client.send(.get, "/v1/events/\(event.id.lowercased)", token: org.ownerToken).status == .ok)
             #expect(try await client.send(.delete, "/v1/users/\(member.lowercased)", token: org.ownerToken).isProblem(.notFound))
-            // Audited by id and counts, without the address.
-            let log = try await client.send(.get, "/v1/audit-log?action=user.delete", token: org.ownerToken)
-            let entry = try #require((log.json["items"] as? [[String: Any]])?.first)
-            #expect(entry["target_id"] as? String == member.lowercased && !log.text.contains("member@"), "\(log.text)")
-            #expect(((entry["after"] as? [String: Any])?["erased"] as? [String: Any])?["deliveries"] as? Int == 1, "\(log.text)")
+            // Audited by id and counts; the earlier entry about the member keeps its action, not
+            // their name or address.
+            let log = try await client.send(.get, "/v1/audit-log?target_id=\(member.lowercased)", token: org.ownerToken)
+            let entries = log.json["items"] as? [[String: Any]] ?? []
+            #expect(entries.map { $0["action"] as? String } == ["user.delete", "user.update"], "\(log.text)")
+            #expect(!log.text.contains("member@") && !log.text.contains("Dr Member"), "\(log.text)")
+            #expect(((entries.first?["after"] as? [String: Any])?["erased"] as? [String: Any])?["deliveries"] as? Int == 1, "\(log.text)")
+            #expect((entries.last?["before"] as? [String: Any])?["erased"] as? Bool == true, "\(log.text)")
         }
     }
 

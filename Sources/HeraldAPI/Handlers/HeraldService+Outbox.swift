@@ -77,7 +77,7 @@ extension HeraldService {
         guard (1...10_000).contains(limit) else {
             throw APIError.unprocessable(ValidationError(field: "limit", message: "must be between 1 and 10000."))
         }
-        let (retried, more) = try await tenant { tx, _ in
+        let (retried, more, skipped) = try await tenant { tx, _ in
             let result = try await tx.retryDeliveries(filter, limit: limit)
             if result.retried > 0 {
                 try await tx.audit(
@@ -90,7 +90,7 @@ extension HeraldService {
             }
             return result
         }
-        return .ok(.init(body: .json(.init(retried: retried, more: more))))
+        return .ok(.init(body: .json(.init(retried: retried, more: more, skipped: skipped))))
     }
 
     func cancelDelivery(_ input: Operations.CancelDelivery.Input) async throws -> Operations.CancelDelivery.Output {
