@@ -142,7 +142,7 @@ extension TenantTransaction {
         return try await schedule(id)
     }
 
-    /// Locks the groups and roles `audience` names (`FOR KEY SHARE`) until this transaction ends,
+    /// Locks the groups, roles and users `audience` names (`FOR KEY SHARE`) until this transaction ends,
     /// so that a deletion waits for it and then finds what it saved. Names that do not exist lock
     /// nothing (the check that follows refuses them).
     public func lockAudienceNames(_ audience: Audience) async throws {
@@ -157,6 +157,13 @@ extension TenantTransaction {
                 """
                 SELECT 1 FROM roles WHERE organisation_id = \(organisationID) AND key = ANY (\(audience.roleKeys)::text[]) FOR KEY SHARE
                 """)
+        }
+        // Named users too: an erasure (`eraseUser`) holds its user `FOR UPDATE`, so a schedule
+        // saved meanwhile waits for it, then finds the user gone (a 422), instead of naming them.
+        let users = audience.userIDs + audience.excludeUserIDs
+        if !users.isEmpty {
+            try await query(
+                "SELECT 1 FROM users WHERE organisation_id = \(organisationID) AND id = ANY (\(UUIDArray(users))::uuid[]) FOR KEY SHARE")
         }
     }
 
