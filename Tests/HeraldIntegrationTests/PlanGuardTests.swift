@@ -317,20 +317,9 @@ struct PlanGuardTests {
             let org = try await app.emailOutbox("room", users: 2_000, events: 0)
             // 2 000 webhook rows to one endpoint, then 3 emails of a later event behind them.
             let endpoint = try await app.withTenant(org) { tx in
-                let endpoint = try await tx.createEndpoint(
-                    channel: .webhook, format: .standard, name: "one", url: "http://127.0.0.1:9/hook", eventTypes: [],
-                    secret: WebhookSecret.generate().string)
-                let category = try #require(try await tx.categories().first)
-                _ = try await tx.createNotificationType(
-                    NotificationTypeFields(
-                        key: "HOOK", categoryID: category.id, name: "Hook", description: "", defaultSeverity: .info,
-                        defaultPriority: .normal, defaultChannels: [.webhook]))
-                let users = try await tx.query("SELECT id FROM users ORDER BY email").map { try $0.decode(UUID.self) }
+                let (endpoint, users) = try await hookEndpoint(tx)
                 for (type, audience) in [("HOOK", users), ("NEWS", Array(users.prefix(3)))] {
-                    let planned = try await tx.planEvent(
-                        EventRequest(typeKey: type, audience: Audience(userIDs: audience), payload: .object([:])), eventID: UUID(),
-                        now: Date())
-                    try await tx.write(planned.event, type: planned.type, plan: planned.plan)
+                    _ = try await writeEvent(tx, type, to: audience)
                 }
                 _ = try await tx.query("UPDATE deliveries SET next_attempt_at = now() - interval '1 minute' WHERE endpoint_id IS NOT NULL")
                 return endpoint
@@ -413,21 +402,9 @@ struct PlanGuardTests {
             // emails; then, due now, a low-priority email (the backlog's lane), a critical
             // webhook and a high-priority email.
             let (endpoint, urgent, low) = try await app.withTenant(org) { tx in
-                let endpoint = try await tx.createEndpoint(
-                    channel: .webhook, format: .standard, name: "one", url: "http://127.0.0.1:9/hook", eventTypes: [],
-                    secret: WebhookSecret.generate().string)
-                let category = try #require(try await tx.categories().first)
-                _ = try await tx.createNotificationType(
-                    NotificationTypeFields(
-                        key: "HOOK", categoryID: category.id, name: "Hook", description: "", defaultSeverity: .info,
-                        defaultPriority: .normal, defaultChannels: [.webhook]))
-                let users = try await tx.query("SELECT id FROM users ORDER BY email").map { try $0.decode(UUID.self) }
+                let (endpoint, users) = try await hookEndpoint(tx)
                 func write(_ type: String, _ audience: [UUID], _ priority: Priority? = nil) async throws -> UUID {
-                    let planned = try await tx.planEvent(
-                        EventRequest(typeKey: type, audience: Audience(userIDs: audience), payload: .object([:]), priority: priority),
-                        eventID: UUID(), now: Date())
-                    try await tx.write(planned.event, type: planned.type, plan: planned.plan)
-                    return planned.event.id
+                    try await writeEvent(tx, type, to: audience, priority: priority)
                 }
                 _ = try await write("HOOK", users)
                 _ = try await write("NEWS", users)
@@ -493,4 +470,27 @@ struct PlanGuardTests {
             #expect(read > 0 && read <= 8 * 4, "claiming 8 of 2 000 due runs read \(read) index entries and rows")
         }
     }
+}
+
+/// A webhook endpoint where nothing listens and a type `HOOK` that sends to it, in an organisation
+/// `emailOutbox` made; with the organisation's users by address.
+private func hookEndpoint(_ tx: TenantTransaction) async throws -> (Endpoint, [UUID]) {
+    let endpoint = try await tx.createEndpoint(
+        channel: .webhook, format: .standard, name: "one", url: "http://127.0.0.1:9/hook", eventTypes: [],
+        secret: WebhookSecret.generate().string)
+    let category = try #require(try await tx.categories().first)
+    _ = try await tx.createNotificationType(
+        NotificationTypeFields(
+            key: "HOOK", categoryID: category.id, name: "Hook", description: "", defaultSeverity: .info,
+            defaultPriority: .normal, defaultChannels: [.webhook]))
+    return (endpoint, try await tx.query("SELECT id FROM users ORDER BY email").map { try $0.decode(UUID.self) })
+}
+
+/// An event of `type` to `audience`, planned and written as notify would; its id.
+private func writeEvent(_ tx: TenantTransaction, _ type: String, to audience: [UUID], priority: Priority? = nil) async throws -> UUID {
+    let planned = try await tx.planEvent(
+        EventRequest(typeKey: type, audience: Audience(userIDs: audience), payload: .object([:]), priority: priority), eventID: UUID(),
+        now: Date())
+    try await tx.write(planned.event, type: planned.type, plan: planned.plan)
+    return planned.event.id
 }
