@@ -301,6 +301,32 @@ struct DeliveryTests {
         #expect(try await Peers.requests(hook.name).isEmpty)
     }
 
+    @Test("the worker's claim takes a critical event's email and webhook before the backlog of normal ones waiting before them")
+    func urgentFirst() async throws {
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("WARD_ALERT", category: catalogue.activity, channels: [.webhook, .email])
+        let hook = Peers.hook()
+        _ = try await org.store { tx in
+            try await tx.createEndpoint(
+                channel: .webhook, format: .standard, name: "w", url: hook.url, eventTypes: [], secret: WebhookSecret.generate().string)
+        }
+        let worker = try await DirectWorker(org.id)
+        defer { Task { try? await worker.http.shutdown() } }
+        // A backlog of 12 normal events (12 webhooks, 12 emails), then a critical one.
+        let request = { (priority: Priority?) in
+            EventRequest(typeKey: "WARD_ALERT", audience: Audience(userIDs: [org.memberID]), payload: .object([:]), priority: priority)
+        }
+        for _ in 0..<12 { _ = try await org.notify(request(nil)) }
+        let (_, critical) = try await org.notify(request(.critical))
+        #expect(critical.deliveries.count == 2)
+        // The pool's claim (10 at most, 4 per endpoint): the critical webhook within the endpoint's
+        // 4, the critical email among the rest.
+        let claimed = Set(try await worker.claim().map(\.deliveryID))
+        #expect(claimed.count == 10)
+        #expect(Set(critical.deliveries.map(\.id)).isSubset(of: claimed), "\(claimed)")
+    }
+
     @Test(
         "a cancel during a send: a failed send ends CANCELLED, not retried; a row that will not be sent takes no circuit trial; a row sent after its endpoint moved names the URL it went to"
     )
