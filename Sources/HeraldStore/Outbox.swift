@@ -229,9 +229,10 @@ public struct DeliveryFilter: Sendable {
     public var userID: UUID?
     public var eventID: UUID?
     public var endpointID: UUID?
-    /// Created at or after.
+    /// A list (`deliveries`): made at or after. A bulk retry (`retryDeliveries`): reached its
+    /// state at or after.
     public var since: Date?
-    /// Created before.
+    /// A bulk retry: reached its state before (lists take no `until`).
     public var until: Date?
 
     public init(
@@ -525,7 +526,6 @@ extension TenantTransaction {
               AND (\(filter.eventID)::uuid IS NULL OR event_id = \(filter.eventID))
               AND (\(filter.endpointID)::uuid IS NULL OR endpoint_id = \(filter.endpointID))
               AND (\(filter.since)::timestamptz IS NULL OR (created_at >= \(filter.since) AND id >= \(earliestID)))
-              AND (\(filter.until)::timestamptz IS NULL OR created_at < \(filter.until))
               AND (\(cursor?.id)::uuid IS NULL OR id < \(cursor?.id))
             ORDER BY id DESC
             LIMIT \(limit + 1)
@@ -545,11 +545,10 @@ extension TenantTransaction {
         _ = try await delivery(id)
         let rows = try await query(
             """
-            UPDATE deliveries d SET status = 'PENDING', next_attempt_at = now(), max_attempts = greatest(d.max_attempts, d.attempts + 1),
-                last_error = NULL, last_response_code = NULL, waiting_since = NULL, updated_at = now()
+            UPDATE deliveries d SET \(unescaped: retriedState)
             WHERE d.organisation_id = \(organisationID) AND d.id = \(id)
               AND d.status = ANY(\(Self.retryableStatuses.map(\.rawValue))::text[]) AND d.attempts < \(Self.mostAttempts)
-              AND NOT EXISTS (SELECT 1 FROM events e WHERE e.organisation_id = d.organisation_id AND e.id = d.event_id AND e.status = 'CANCELLED')
+              AND NOT \(unescaped: eventCancelled)
             RETURNING d.id
             """)
         return rows.isEmpty ? nil : try await delivery(id)
@@ -568,9 +567,7 @@ extension TenantTransaction {
             """
             WITH filtered AS MATERIALIZED (
                 SELECT d.id, d.updated_at,
-                       d.attempts < \(Self.mostAttempts) AND NOT EXISTS (
-                           SELECT 1 FROM events e WHERE e.organisation_id = d.organisation_id AND e.id = d.event_id AND e.status = 'CANCELLED'
-                       ) AS retryable
+                       d.attempts < \(Self.mostAttempts) AND NOT \(unescaped: eventCancelled) AS retryable
                 FROM deliveries d
                 WHERE d.organisation_id = \(organisationID) AND d.status = \(filter.status ?? .dead)
                   AND d.status = ANY(\(Self.retryableStatuses.map(\.rawValue))::text[])
@@ -590,8 +587,7 @@ extension TenantTransaction {
                 LIMIT \(limit + 1)
                 FOR UPDATE OF d
             ), retried AS (
-                UPDATE deliveries d SET status = 'PENDING', next_attempt_at = now(), max_attempts = greatest(d.max_attempts, d.attempts + 1),
-                    last_error = NULL, last_response_code = NULL, waiting_since = NULL, updated_at = now()
+                UPDATE deliveries d SET \(unescaped: retriedState)
                 FROM (SELECT id FROM matching ORDER BY updated_at, id LIMIT \(limit)) m
                 WHERE d.organisation_id = \(organisationID) AND d.id = m.id
                 RETURNING d.id
@@ -654,6 +650,18 @@ extension TenantTransaction {
         return stats
     }
 }
+
+/// What a retry makes of a delivery `d` (one or many): due now, with one attempt more than it has
+/// used, its last error cleared.
+private let retriedState = """
+    status = 'PENDING', next_attempt_at = now(), max_attempts = greatest(d.max_attempts, d.attempts + 1),
+    last_error = NULL, last_response_code = NULL, waiting_since = NULL, updated_at = now()
+    """
+
+/// Whether delivery `d`'s event was cancelled: its deliveries are never retried.
+private let eventCancelled = """
+    EXISTS (SELECT 1 FROM events e WHERE e.organisation_id = d.organisation_id AND e.id = d.event_id AND e.status = 'CANCELLED')
+    """
 
 private let deliveryColumns = """
     id, event_id, user_id, channel, destination, endpoint_id, status, attempts, max_attempts, next_attempt_at, lease_owner, lease_expires_at,

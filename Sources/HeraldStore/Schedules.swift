@@ -105,6 +105,21 @@ extension TenantTransaction {
         try refuseIfAny(try rows.map { try $0.decode(String.self) }, send: "to this \(what)", unless: "change their audience")
     }
 
+    /// Refuses (409) to erase a user whom a schedule with occurrences left names in its audience
+    /// (as a recipient or an exclusion: every occurrence would fail). A schedule being saved holds
+    /// the users it names `FOR KEY SHARE` (`lockAudienceNames`) against the caller's `FOR UPDATE`.
+    func refuseIfSchedulesName(user id: UUID) async throws {
+        let rows = try await query(
+            """
+            SELECT name FROM schedules s WHERE s.organisation_id = \(organisationID) AND s.next_at IS NOT NULL
+              AND EXISTS (
+                  SELECT 1 FROM jsonb_array_elements_text(coalesce(s.event->'audience'->'userIDs', '[]') || coalesce(s.event->'audience'->'excludeUserIDs', '[]')) u
+                  WHERE lower(u) = \(id.lowercased))
+            ORDER BY name, id FOR SHARE
+            """)
+        try refuseIfAny(try rows.map { try $0.decode(String.self) }, send: "to this user or names them", unless: "change their audience")
+    }
+
     /// Refuses (409) to delete a notification type that a schedule with occurrences left sends
     /// (its events would have no type; the schedule was deleted with the type, unaudited). The
     /// caller has locked the type's row (`FOR UPDATE`): a schedule being created with the type

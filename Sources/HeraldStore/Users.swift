@@ -225,28 +225,15 @@ extension TenantTransaction {
     /// deliveries and attempt logs, decision trace rows, digest items and runs, preferences,
     /// group memberships, roles, sessions and feed state; keys they created stay, without their
     /// creator. The audit log keeps its entries about them without the values they recorded.
-    /// Refused (409) while a message to them is
-    /// being sent, or a schedule with occurrences left names them: those would fail or go out
-    /// after the erasure. Returns the deliveries and in-app rows removed.
+    /// Refused (409) while a message or digest to them is being sent, or a schedule with
+    /// occurrences left names them: those would fail or go out after the erasure. Returns the
+    /// deliveries and in-app rows removed.
     public func eraseUser(_ id: UUID) async throws -> [String: Int] {
         // Locked first: a fan-out chunk writing to the user holds it FOR KEY SHARE until it commits.
         guard try await !query("SELECT id FROM users WHERE organisation_id = \(organisationID) AND id = \(id) FOR UPDATE").isEmpty else {
             throw StoreError.notFound("user")
         }
-        let schedules = try await query(
-            """
-            SELECT name FROM schedules s WHERE s.organisation_id = \(organisationID) AND s.next_at IS NOT NULL
-              AND EXISTS (
-                  SELECT 1 FROM jsonb_array_elements_text(coalesce(s.event->'audience'->'userIDs', '[]') || coalesce(s.event->'audience'->'excludeUserIDs', '[]')) u
-                  WHERE lower(u) = \(id.lowercased))
-            ORDER BY name, id FOR SHARE
-            """
-        ).map { try $0.decode(String.self) }
-        if let first = schedules.first {
-            let named =
-                schedules.count == 1 ? "The schedule \"\(first)\" names" : "\(schedules.count) schedules (\"\(first)\" among them) name"
-            throw StoreError.inUse("\(named) this user in its audience; change their audience or delete them first.")
-        }
+        try await refuseIfSchedulesName(user: id)
         // Their deliveries locked: a claim skips them from here, and one claimed before is seen
         // as it committed. A message being sent would fail to record, or go out, once erased.
         let (sending, deliveries) = try await query(

@@ -66,8 +66,9 @@ extension HeraldService {
     /// one call each after an outage: 14.2 s).
     func retryDeliveries(_ input: Operations.RetryDeliveries.Input) async throws -> Operations.RetryDeliveries.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let status = body.status.map { mapped($0, to: DeliveryStatus.self) } ?? .dead
         let filter = DeliveryFilter(
-            status: body.status.map { mapped($0, to: DeliveryStatus.self) } ?? .dead,
+            status: status,
             channel: body.channel.map { mapped($0, to: NotificationChannel.self) },
             userID: try body.userId.map { v throws(ValidationError) in try Validate.uuid(v, field: "user_id") },
             eventID: try body.eventId.map { v throws(ValidationError) in try Validate.uuid(v, field: "event_id") },
@@ -84,7 +85,7 @@ extension HeraldService {
                     action: "delivery.retry_many", targetType: "organisation", targetID: tx.organisationID.lowercased, before: nil,
                     after: try auditValue(
                         [
-                            "retried": .number(Double(result.retried)), "status": .string(filter.status?.rawValue ?? "DEAD"),
+                            "retried": .number(Double(result.retried)), "status": .string(status.rawValue),
                             "filter": try auditValue(body),
                         ] as [String: JSONValue]))
             }

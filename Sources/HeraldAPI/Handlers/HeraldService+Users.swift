@@ -191,7 +191,7 @@ extension HeraldService {
         let id = try id(input.path.userId, "user")
         try await tenant { tx, principal in
             if principal.actor.userID == id { throw APIError.conflict("You cannot delete yourself.") }
-            _ = try await tx.user(id)
+            // A missing user holds nothing; the erasure answers its 404.
             try requireHolds(try await tx.permissions(ofUser: id).filter { !$0.concernsOnlyTheHolder }, principal)
             let removed = try await tx.eraseUser(id)
             try await requireAnOwner(tx)
