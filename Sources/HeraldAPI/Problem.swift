@@ -89,7 +89,8 @@ public enum APIError: Error, Sendable, Equatable {
             // Never echo the id: another organisation's id must answer byte for byte like a missing one.
             // A digest template is named by its locale, not an id.
             switch resource {
-            case "digest template": "Your organisation has no digest template of this locale."
+            case "digest template":
+                "Your organisation has no digest template of this locale; its recipients get the next locale of their fallback, or the built-in default (GET /v1/digest-templates lists both)."
             case "template": "This notification type has no template of this channel and locale."
             // A signed link is answered on a public route, with no organisation in sight.
             case "link": "This link is not valid, or has expired or been used up."

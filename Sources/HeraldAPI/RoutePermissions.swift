@@ -30,7 +30,7 @@ enum AccessRule: Sendable, Equatable {
 /// | listAuditEntries | audit.read |
 /// | listCategories, getCategory | authenticated |
 /// | create/update/deleteCategory, list/get/create/update/deleteNotificationType, put/deleteTemplate, export/importCatalogue | templates.manage (import with preference_defaults: also organisation.manage) |
-/// | listDigestTemplates, putDigestTemplate, deleteDigestTemplate | templates.manage |
+/// | listDigestTemplates, getDigestTemplate, putDigestTemplate, deleteDigestTemplate | templates.manage |
 /// | get/replacePreferenceDefaults | organisation.manage |
 /// | getMyPreferences, replaceMyPreferences, getMyResolvedPreferences | preferences.manage |
 /// | getUserPreferences, replaceUserPreferences, getUserResolvedPreferences | users.manage |
@@ -126,6 +126,7 @@ enum RoutePermissions {
         "deleteTemplate": .permission(.templatesManage),
         "exportCatalogue": .permission(.templatesManage),
         "listDigestTemplates": .permission(.templatesManage),
+        "getDigestTemplate": .permission(.templatesManage),
         "putDigestTemplate": .permission(.templatesManage),
         "deleteDigestTemplate": .permission(.templatesManage),
         "importCatalogue": .permission(.templatesManage),

@@ -140,6 +140,15 @@ public enum Validate {
         value.utf8.count == 36 ? UUID(uuidString: value) : nil
     }
 
+    /// A time window whose `until` is not before its `since`, or 422 naming `until`: a reversed
+    /// window is a mistake (the two swapped), not a question whose answer is "nothing".
+    public static func window(since: Date?, until: Date?) throws(ValidationError) {
+        guard let since, let until, until < since else { return }
+        throw ValidationError(
+            field: "until",
+            message: "\(until.formatted(.iso8601)) is before since (\(since.formatted(.iso8601))); until ends the window since starts.")
+    }
+
     /// `uuid(_:)`, or 422 naming `field`.
     public static func uuid(_ value: String, field: String) throws(ValidationError) -> UUID {
         guard let id = uuid(value) else {

@@ -9,17 +9,29 @@ public struct DigestTemplateRecord: Sendable, Equatable {
     public var updatedAt: Date
 }
 
+extension DigestTemplateRecord {
+    init(_ row: PostgresRow) throws {
+        let (locale, subject, body, html, updated) = try row.decode((String, String, String, String?, Date).self, table: "digest_templates")
+        self.init(locale: locale, content: TemplateContent(subject: subject, body: body, html: html), updatedAt: updated)
+    }
+}
+
 extension TenantTransaction {
     /// The organisation's digest templates, by locale.
     public func digestTemplates() async throws -> [DigestTemplateRecord] {
         try await query(
             "SELECT locale, subject, body, html, updated_at FROM digest_templates WHERE organisation_id = \(organisationID) ORDER BY locale"
-        ).map { row in
-            let (locale, subject, body, html, updated) = try row.decode(
-                (String, String, String, String?, Date).self, table: "digest_templates")
-            return DigestTemplateRecord(
-                locale: locale, content: TemplateContent(subject: subject, body: body, html: html), updatedAt: updated)
-        }
+        ).map(DigestTemplateRecord.init)
+    }
+
+    /// The digest template stored for exactly `locale`, if any (no fallback).
+    public func digestTemplate(locale: String) async throws -> DigestTemplateRecord? {
+        try await query(
+            """
+            SELECT locale, subject, body, html, updated_at FROM digest_templates
+            WHERE organisation_id = \(organisationID) AND locale = \(locale)
+            """
+        ).first.map(DigestTemplateRecord.init)
     }
 
     /// Sets the digest template of `locale` (validated by the caller).
@@ -31,7 +43,7 @@ extension TenantTransaction {
             ON CONFLICT (organisation_id, locale) DO UPDATE
                 SET subject = excluded.subject, body = excluded.body, html = excluded.html, updated_at = now()
             """)
-        guard let record = try await digestTemplates().first(where: { $0.locale == locale }) else {
+        guard let record = try await digestTemplate(locale: locale) else {
             throw StoreError.notFound("digest template")
         }
         return record

@@ -906,9 +906,15 @@ struct CatalogueDocumentTests {
                     .put, "/v1/organisation/preference-defaults", token: a.ownerToken,
                     json: #"{"items": [{"category": "activity", "channel": "email", "enabled": true, "frequency": "DAILY"}]}"#
                 ).status == .ok)
+            #expect(
+                try await client.send(
+                    .put, "/v1/digest-templates/fr", token: a.ownerToken,
+                    json: #"{"subject": "{{{organisation.name}}} : résumé", "body": "Bonjour {{{recipient.display_name}}}"}"#
+                ).status == .ok)
             let exported = try await client.send(.get, "/v1/catalogue", token: a.ownerToken)
             #expect(exported.status == .ok)
             #expect(exported.text.contains("ISQ_CRITICAL") && exported.text.contains("Critical ISQ {{payload.isq}}"))
+            #expect(exported.text.contains("Bonjour {{{recipient.display_name}}}"), "\(exported.text)")
             // act
             let first = try await client.send(.put, "/v1/catalogue", token: b.ownerToken, json: exported.text)
             let second = try await client.send(.put, "/v1/catalogue", token: b.ownerToken, json: exported.text)
@@ -925,6 +931,63 @@ struct CatalogueDocumentTests {
                 json: #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "first"}}"#)
             #expect(sent.status == .accepted)
             #expect(try await client.send(.get, "/v1/catalogue", token: b.memberToken).isProblem(.forbidden))
+        }
+    }
+
+    @Test("digest templates in the document: absent leaves them, present replaces them, a bad one refuses the document")
+    func digestTemplatesInDocument() async throws {
+        try await withOrganisation { org, client in
+            func put(_ document: String) async throws -> TestResponse {
+                try await client.send(.put, "/v1/catalogue", token: org.ownerToken, json: document)
+            }
+            func locales() async throws -> [String] {
+                let listed = try await client.send(.get, "/v1/digest-templates", token: org.ownerToken)
+                return (listed.json["items"] as? [[String: Any]] ?? []).compactMap { $0["locale"] as? String }
+            }
+            let two = #"""
+                {"categories": [], "types": [], "digest_templates": [
+                  {"locale": "fr", "subject": "Résumé", "body": "Bonjour"},
+                  {"locale": "de", "subject": "Zusammenfassung", "body": "Hallo", "html": "<p>Hallo</p>"}]}
+                """#
+            #expect(try await put(two).status == .ok)
+            #expect(try await locales() == ["de", "fr"])
+            // Absent: left as they are.
+            #expect(try await put(#"{"categories": [], "types": []}"#).status == .ok)
+            #expect(try await locales() == ["de", "fr"])
+            // Present: replaced; fr is gone, de changed.
+            let one = #"{"categories": [], "types": [], "digest_templates": [{"locale": "de", "subject": "Neu", "body": "Hallo"}]}"#
+            #expect(try await put(one).status == .ok)
+            #expect(try await locales() == ["de"])
+            let de = try await client.send(.get, "/v1/digest-templates/de", token: org.ownerToken)
+            #expect(de.json["subject"] as? String == "Neu" && de.json["html"] == nil, "\(de.text)")
+            // A blank, broken or doubled template refuses the whole document, naming it; nothing changes.
+            for (document, field) in [
+                (
+                    #"{"categories": [], "types": [], "digest_templates": [{"locale": "fr", "subject": " ", "body": "x"}]}"#,
+                    "digest_templates[0].subject"
+                ),
+                (
+                    #"{"categories": [], "types": [], "digest_templates": [{"locale": "fr", "subject": "s", "body": "{{#open}}"}]}"#,
+                    "digest_templates[0].body"
+                ),
+                (
+                    #"{"categories": [], "types": [], "digest_templates": [{"locale": "fr", "subject": "s", "body": "b"}, {"locale": "FR", "subject": "s", "body": "b"}]}"#,
+                    "digest_templates[1].locale"
+                ),
+                (#"{"categories": [], "types": [], "digest_templates": []}"#, nil),
+            ] {
+                let answer = try await put(document)
+                if let field {
+                    #expect(
+                        answer.isProblem(.unprocessableContent) && (answer.json["detail"] as? String ?? "").hasPrefix(field),
+                        "\(answer.text)")
+                    #expect(try await locales() == ["de"])
+                } else {
+                    // An empty list deletes them all.
+                    #expect(answer.status == .ok && (answer.json["digest_templates"] as? [Any])?.isEmpty == true, "\(answer.text)")
+                    #expect(try await locales() == [])
+                }
+            }
         }
     }
 

@@ -366,6 +366,16 @@ struct DigestTests {
             #expect((listed.json["items"] as? [[String: Any]])?.map { $0["locale"] as? String } == ["fr"], "\(listed.text)")
             #expect((listed.json["default"] as? [String: Any])?["subject"] as? String == DigestTemplate.builtIn.subject)
             #expect(try await client.send(.get, "/v1/digest-templates", token: org.memberToken).isProblem(.forbidden))
+            // One locale, exactly: fr as stored; fr-CA (which falls back to fr when sending) is not stored.
+            let one = try await client.send(.get, "/v1/digest-templates/fr", token: org.ownerToken)
+            #expect(
+                one.status == .ok && one.json["locale"] as? String == "fr"
+                    && (one.json["html"] as? String)?.hasPrefix("<p>Bonjour") == true, "\(one.text)")
+            let unstored = try await client.send(.get, "/v1/digest-templates/fr-CA", token: org.ownerToken)
+            #expect(unstored.isProblem(.notFound) && (unstored.json["detail"] as? String ?? "").contains("fallback"), "\(unstored.text)")
+            #expect(try await client.send(.get, "/v1/digest-templates/fr", token: org.memberToken).isProblem(.forbidden))
+            #expect(
+                try await client.send(.get, "/v1/digest-templates/not_a_locale", token: org.ownerToken).isProblem(.unprocessableContent))
         }
         _ = try await task(org, "Sortie au lac", url: "https://club.example/outings/9")
         let slot = try #require(try await items(org, of: org.memberID).first?.slot)

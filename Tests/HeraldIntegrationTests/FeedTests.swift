@@ -180,6 +180,13 @@ struct FeedTests {
             #expect(counted.byCategory.additionalProperties["activity"] == 2)
             let orgStats = try await client.send(.get, "/v1/notifications/stats", token: org.ownerToken)
             #expect(try orgStats.decoded(Components.Schemas.Stats.self).byType.additionalProperties["ISQ_CRITICAL"] == 1)
+            // A window that ends before it starts is refused, naming until, on both.
+            for (path, token) in [("/v1/me/notifications/stats", org.memberToken), ("/v1/notifications/stats", org.ownerToken)] {
+                let reversed = try await client.send(.get, "\(path)?since=2026-12-02T00:00:00Z&until=2026-12-01T00:00:00Z", token: token)
+                #expect(
+                    reversed.isProblem(.unprocessableContent) && (reversed.json["detail"] as? String ?? "").contains("until"),
+                    "\(reversed.text)")
+            }
         }
     }
 

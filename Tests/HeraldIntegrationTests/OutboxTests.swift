@@ -394,7 +394,7 @@ struct OutboxTests {
             // range, a later since.
             for body in [
                 #"{"since": "\#(stamp)", "channel": "webhook"}"#, #"{"since": "\#(stamp)", "status": "FAILED"}"#,
-                #"{"since": "\#(stamp)", "until": "2000-01-01T00:00:00Z"}"#, #"{"since": "2999-01-01T00:00:00Z"}"#,
+                #"{"since": "\#(stamp)", "until": "\#(stamp)"}"#, #"{"since": "2999-01-01T00:00:00Z"}"#,
                 #"{"since": "\#(stamp)", "event_id": "\#(UUID().uuidString)"}"#,
                 #"{"since": "\#(stamp)", "user_id": "\#(UUID().uuidString)"}"#,
                 #"{"since": "\#(stamp)", "endpoint_id": "\#(UUID().uuidString)"}"#,
@@ -419,6 +419,11 @@ struct OutboxTests {
             // The limits, and who may.
             let zero = try await retry(#"{"since": "\#(stamp)", "limit": 0}"#)
             #expect(zero.isProblem(.unprocessableContent) && (zero.json["detail"] as? String ?? "").contains("limit"), "\(zero.text)")
+            // A window that ends before it starts is a mistake, not an empty answer.
+            let reversed = try await retry(#"{"since": "\#(stamp)", "until": "2000-01-01T00:00:00Z"}"#)
+            #expect(
+                reversed.isProblem(.unprocessableContent) && (reversed.json["detail"] as? String ?? "").contains("until"),
+                "\(reversed.text)")
             let noSince = try await retry(#"{"limit": 5}"#)
             #expect(noSince.isProblem(.badRequest) || noSince.isProblem(.unprocessableContent), "\(noSince.text)")
             #expect((noSince.json["detail"] as? String ?? "").contains("since"), "\(noSince.text)")

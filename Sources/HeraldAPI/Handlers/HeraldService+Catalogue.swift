@@ -176,6 +176,15 @@ extension TemplateContent {
         try TemplateRenderer.validate(body, field: field("body"))
         if let html { try TemplateRenderer.validate(html, field: field("html")) }
     }
+
+    /// A digest template: `validate(at:)`, and neither subject nor text blank (the contract's
+    /// minLength 1, and blank is no better: a digest with no subject or no text).
+    func validateDigest(at prefix: String?) throws(ValidationError) {
+        for (part, value) in [("subject", subject), ("body", body)] where value.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty {
+            throw ValidationError(field: prefix.map { "\($0).\(part)" } ?? part, message: "must not be blank.")
+        }
+        try validate(at: prefix)
+    }
 }
 
 // The digest email's templates (issue 11): one per locale, Mustache, with a built-in default.
@@ -190,18 +199,19 @@ extension HeraldService {
                         _default: .init(locale: "default", content: DigestTemplate.builtIn, updatedAt: nil)))))
     }
 
+    func getDigestTemplate(_ input: Operations.GetDigestTemplate.Input) async throws -> Operations.GetDigestTemplate.Output {
+        let locale = try Validate.locale(input.path.locale)
+        guard let record = try await tenant({ tx, _ in try await tx.digestTemplate(locale: locale) }) else {
+            throw APIError.notFound(resource: "digest template")
+        }
+        return .ok(.init(body: .json(.init(record))))
+    }
+
     func putDigestTemplate(_ input: Operations.PutDigestTemplate.Input) async throws -> Operations.PutDigestTemplate.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         let locale = try Validate.locale(input.path.locale)
         let content = TemplateContent(subject: body.subject, body: body.body, html: body.html)
-        // The contract's minLength 1, and blank is no better: a digest with no subject or no text.
-        for (field, value) in [("subject", content.subject), ("body", content.body)]
-        where value.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty {
-            throw APIError.unprocessable(ValidationError(field: field, message: "must not be blank."))
-        }
-        try TemplateRenderer.validate(content.subject, field: "subject")
-        try TemplateRenderer.validate(content.body, field: "body")
-        if let html = content.html { try TemplateRenderer.validate(html, field: "html") }
+        try content.validateDigest(at: nil)
         let saved = try await tenant { tx, _ in
             let record = try await tx.putDigestTemplate(locale: locale, content: content)
             try await tx.audit(

@@ -50,7 +50,10 @@ extension HeraldService {
                     })
             },
             preferenceDefaults: principal.permissions.contains(.organisationManage)
-                ? try await preferenceList(try await tx.preferenceDefaults(), tx).items : nil)
+                ? try await preferenceList(try await tx.preferenceDefaults(), tx).items : nil,
+            digestTemplates: try await tx.digestTemplates().map {
+                .init(locale: $0.locale, subject: $0.content.subject, body: $0.content.body, html: $0.content.html)
+            })
     }
 
     /// Writes the document: categories, then types and their templates, then defaults.
@@ -99,6 +102,16 @@ extension HeraldService {
             try await tx.replacePreferenceDefaults(with: try await cells(.init(items: defaults), tx))
             summary.preferenceDefaults = defaults.count
         }
+        if let digestTemplates = plan.digestTemplates {
+            let wanted = Set(digestTemplates.map(\.locale))
+            for stored in try await tx.digestTemplates() where !wanted.contains(stored.locale) {
+                try await tx.deleteDigestTemplate(locale: stored.locale)
+            }
+            for template in digestTemplates {
+                _ = try await tx.putDigestTemplate(locale: template.locale, content: template.content)
+            }
+            summary.digestTemplates = digestTemplates.count
+        }
         return summary
     }
 }
@@ -109,10 +122,12 @@ private struct CatalogueSummary: Encodable {
     var types = 0
     var templates = 0
     var preferenceDefaults = 0
+    var digestTemplates = 0
 
     enum CodingKeys: String, CodingKey {
         case categories, types, templates
         case preferenceDefaults = "preference_defaults"
+        case digestTemplates = "digest_templates"
     }
 }
 
@@ -125,6 +140,8 @@ private struct CataloguePlan {
 
     var categories: [CategoryItem] = []
     var types: [TypeItem] = []
+    /// nil: the document leaves the digest templates as they are.
+    var digestTemplates: [(locale: String, content: TemplateContent)]?
 
     init(_ document: Components.Schemas.Catalogue) throws {
         var categoryKeys = Set<String>()
@@ -163,6 +180,17 @@ private struct CataloguePlan {
                 defaultPriority: t.defaultPriority.map { mapped($0, to: Priority.self) } ?? .normal,
                 defaultChannels: (t.defaultChannels ?? [.inApp]).map { mapped($0, to: NotificationChannel.self) })
             types.append(TypeItem(categoryKey: t.category, fields: fields, templates: templates))
+        }
+        var locales = Set<String>()
+        digestTemplates = try document.digestTemplates?.enumerated().map { index, template in
+            let at = "digest_templates[\(index)]"
+            let locale = try Validate.locale(template.locale, field: "\(at).locale")
+            guard locales.insert(locale).inserted else {
+                throw APIError.unprocessable(ValidationError(field: "\(at).locale", message: "\"\(locale)\" is named twice."))
+            }
+            let content = TemplateContent(subject: template.subject, body: template.body, html: template.html)
+            try content.validateDigest(at: at)
+            return (locale, content)
         }
     }
 }

@@ -118,6 +118,7 @@ extension HeraldService {
 
     func getMyNotificationStats(_ input: Operations.GetMyNotificationStats.Input) async throws -> Operations.GetMyNotificationStats.Output {
         let user = try requireUser()
+        try Validate.window(since: input.query.since, until: input.query.until)
         let stats = try await tenant { tx, _ in
             try await tx.notificationStats(userID: user, since: input.query.since, until: input.query.until)
         }
@@ -126,6 +127,7 @@ extension HeraldService {
 
     func getNotificationStats(_ input: Operations.GetNotificationStats.Input) async throws -> Operations.GetNotificationStats.Output {
         let user = try input.query.userId.map { v in try Validate.uuid(v, field: "user_id") }
+        try Validate.window(since: input.query.since, until: input.query.until)
         let stats = try await tenant { tx, _ in
             if let user { _ = try await tx.user(user) }
             return try await tx.notificationStats(userID: user, since: input.query.since, until: input.query.until)

@@ -74,6 +74,7 @@ extension HeraldService {
             eventID: try body.eventId.map { v throws(ValidationError) in try Validate.uuid(v, field: "event_id") },
             endpointID: try body.endpointId.map { v throws(ValidationError) in try Validate.uuid(v, field: "endpoint_id") },
             since: body.since, until: body.until)
+        try Validate.window(since: body.since, until: body.until)
         let limit = body.limit ?? 1_000
         guard (1...10_000).contains(limit) else {
             throw APIError.unprocessable(ValidationError(field: "limit", message: "must be between 1 and 10000."))
