@@ -30,7 +30,7 @@ enum AccessRule: Sendable, Equatable {
 /// | listAuditEntries | audit.read |
 /// | listCategories, getCategory | authenticated |
 /// | create/update/deleteCategory, list/get/create/update/deleteNotificationType, put/deleteTemplate, export/importCatalogue | templates.manage (import with preference_defaults: also organisation.manage) |
-/// | listDigestTemplates, getDigestTemplate, putDigestTemplate, deleteDigestTemplate | templates.manage |
+/// | listDigestTemplates, getDigestTemplate, putDigestTemplate, deleteDigestTemplate, previewTemplate | templates.manage |
 /// | get/replacePreferenceDefaults | organisation.manage |
 /// | getMyPreferences, replaceMyPreferences, getMyResolvedPreferences | preferences.manage |
 /// | getUserPreferences, replaceUserPreferences, getUserResolvedPreferences | users.manage |
@@ -127,6 +127,7 @@ enum RoutePermissions {
         "exportCatalogue": .permission(.templatesManage),
         "listDigestTemplates": .permission(.templatesManage),
         "getDigestTemplate": .permission(.templatesManage),
+        "previewTemplate": .permission(.templatesManage),
         "putDigestTemplate": .permission(.templatesManage),
         "deleteDigestTemplate": .permission(.templatesManage),
         "importCatalogue": .permission(.templatesManage),

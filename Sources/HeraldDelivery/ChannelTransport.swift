@@ -22,9 +22,7 @@ extension ChannelTransport {
     /// the type has none for it. Templates see `links.open` and `links.unsubscribe`. `escaping`:
     /// how values in the subject and text are escaped (`ValueEscaping`).
     func content(_ work: DeliveryWork, links: [String: String] = [:], escaping: ValueEscaping = .html) -> TemplateContent {
-        let own = !(work.input.type.templates[channel] ?? [:]).isEmpty
-        return NotificationPlanner.render(
-            work.input, work.recipient, channel: own ? channel : .inApp, links: links, escaping: escaping)
+        NotificationPlanner.outboxContent(work.input, work.recipient, channel: channel, links: links, escaping: escaping)
     }
 }
 

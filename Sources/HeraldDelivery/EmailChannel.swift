@@ -13,7 +13,7 @@ struct EmailChannel: ChannelTransport {
         if let open = links.open(work, now: now) { linkValues["open"] = open }
         // The Subject header and the text/plain part are text: a payload's "Anne & O'Neil" stays
         // as written there, not "Anne &amp; O&#39;Neil"; the HTML part is escaped.
-        let content = content(work, links: linkValues, escaping: .text)
+        let content = content(work, links: linkValues, escaping: .of(.email))
         let from = work.email.from ?? transport.defaultFrom
         let message: [UInt8]
         do {

@@ -16,7 +16,7 @@ struct EndpointChannel: ChannelTransport {
         guard let endpoint = work.endpoint else { return .notSent(reason: "Not sent: the endpoint was deleted.") }
         let open = links.open(work, now: now)
         // Mattermost reads values' Markdown (links, images, mentions): escaped for it.
-        let escaping: ValueEscaping = channel == .chat && endpoint.format == .mattermost ? .mattermost : .html
+        let escaping = ValueEscaping.of(channel, format: endpoint.format)
         let (headers, body) = request(work, endpoint, content(work, links: open.map { ["open": $0] } ?? [:], escaping: escaping), open, now)
         return await http.post(endpoint.url, headers: headers + [("content-type", "application/json")], body: body)
     }

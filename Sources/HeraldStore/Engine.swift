@@ -148,6 +148,23 @@ extension TenantTransaction {
         return PlannedEvent(event: event, type: profile, plan: NotificationPlanner.plan(input), recipients: recipients)
     }
 
+    /// What a template preview renders with: the type of `request` with its stored templates,
+    /// and the organisation's name and defaults, as notify reads them, with no audience.
+    public func previewInput(_ request: EventRequest, now: Date) async throws -> PlanInput {
+        let key = request.typeKey
+        let (found, templates, foundCategory, settings) = try await read(
+            typeRead(key: key), templatesRead(typeKey: key), categoryRead(typeKey: key), engineSettingsRead())
+        guard var type = found, let category = foundCategory else { throw UnknownNotificationType(key: key) }
+        type.templates = templates
+        return PlanInput(
+            eventID: UUID(), type: TypeProfile(type, category: category), severity: request.severity ?? type.defaultSeverity,
+            priority: request.priority ?? type.defaultPriority, payload: request.payload, subjectType: request.subjectType,
+            subjectID: request.subjectID, deliverAt: max(request.deliverAt ?? now, now), organisationName: settings.name,
+            organisationSlug: settings.slug, organisationLocale: settings.defaultLocale, organisationTimezone: settings.defaultTimezone,
+            throttlePerMinute: nil, recipients: [], excluded: [], userPreferences: [:], organisationDefaults: [:], recentCounts: [:],
+            endpoints: [:], sourceActor: request.sourceActor, userThrottlePerMinute: nil, recentTotals: [:])
+    }
+
     /// Plans `request` as notify would, writing nothing, `chunkSize` users at a time in the order
     /// a chunked fan-out writes them (by user id), so that one chunk's users, settings and plan are
     /// in memory at a time, not the whole audience's: a dry run to everyone of an organisation of a

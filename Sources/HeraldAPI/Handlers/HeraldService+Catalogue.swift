@@ -159,6 +159,65 @@ extension HeraldService {
         return .noContent(.init())
     }
 
+    func previewTemplate(_ input: Operations.PreviewTemplate.Input) async throws -> Operations.PreviewTemplate.Output {
+        let id = try id(input.path.typeId, "notification type")
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let channel = mapped(body.channel, to: NotificationChannel.self)
+        let userID = try body.userId.map { v throws(ValidationError) in try Validate.uuid(v, field: "user_id") }
+        let locale = try body.locale.map { v throws(ValidationError) in try Validate.locale(v) }
+        let draft = body.template.map { TemplateContent(subject: $0.subject ?? "", body: $0.body, html: $0.html) }
+        try draft?.validate(at: "template")
+        let url = try body.url.map { v throws(ValidationError) in try Validate.linkURL(v, field: "url") }
+        let format = body.format.map { EndpointFormat(rawValue: $0.rawValue) ?? .slack }
+        let (planned, user) = try await tenant { tx, _ in
+            let type = try await tx.notificationType(id)
+            let request = EventRequest(
+                typeKey: type.key, audience: Audience(), payload: try convert(body.payload ?? .init()),
+                sourceActor: try body.actor.map { try convert($0) }, subjectType: body.subject?._type, subjectID: body.subject?.id,
+                severity: body.severity.map { mapped($0, to: Severity.self) },
+                priority: body.priority.map { mapped($0, to: Priority.self) },
+                url: url)
+            var user: User?
+            if let userID {
+                do { user = try await tx.user(userID) } catch StoreError.notFound {
+                    throw APIError.unprocessable(ValidationError(field: "user_id", message: "is not a user of your organisation."))
+                }
+            }
+            return (try await tx.previewInput(request, now: now()), user)
+        }
+        var planInput = planned
+        let recipient = RecipientProfile(
+            candidate: Candidate(userID: user?.id ?? UUID(), active: true), email: user?.email ?? "ada@example.com",
+            displayName: user?.displayName ?? "Ada Lovelace", locale: locale ?? user?.locale, timezone: user?.timezone,
+            attributes: user?.attributes ?? .object([:]))
+        if let draft { planInput.type.templates[channel] = [recipient.locale ?? planInput.organisationLocale: draft] }
+        let source = channel == .inApp ? .inApp : NotificationPlanner.templateChannel(planInput, for: channel)
+        let picked = TemplateRenderer.pick(
+            planInput.type.templates[source] ?? [:], userLocale: recipient.locale, organisationLocale: planInput.organisationLocale)
+        let content: TemplateContent
+        if channel == .inApp {
+            content = NotificationPlanner.inAppContent(planInput, recipient)
+        } else {
+            // The workers' links are signed per delivery; a preview shows where they go.
+            var links: [String: String] = [:]
+            if url != nil { links["open"] = "https://herald.invalid/v1/links/preview" }
+            if channel == .email { links["unsubscribe"] = "https://herald.invalid/v1/unsubscribe/preview" }
+            content = NotificationPlanner.outboxContent(
+                planInput, recipient, channel: channel, links: links, escaping: .of(channel, format: format))
+        }
+        return .ok(
+            .init(
+                body: .json(
+                    .init(
+                        channel: body.channel,
+                        template: .init(channel: picked.map { _ in mapped(source) }, locale: picked?.locale, draft: draft != nil),
+                        recipient: .init(
+                            userId: user?.id.lowercased, displayName: recipient.displayName, email: recipient.email,
+                            locale: recipient.locale ?? planInput.organisationLocale,
+                            timezone: recipient.timezone ?? planInput.organisationTimezone),
+                        subject: content.subject, body: content.body, html: channel == .email ? content.html : nil))))
+    }
+
     /// A category named by key in a request body; an unknown key is a 422.
     func categoryID(key: String, _ tx: TenantTransaction) async throws -> UUID {
         guard let category = try await tx.category(key: key) else {

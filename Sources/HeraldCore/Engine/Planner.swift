@@ -381,6 +381,25 @@ public enum NotificationPlanner {
         render(input, profile, channel: channel, parsed: parsed, links: links, escaping: escaping, eventContext: nil)
     }
 
+    /// What the recipient gets on an outbox channel (email, webhook, chat): its own template, or
+    /// the in-app one when the type has none for it, escaped as the channel needs
+    /// (`ValueEscaping.of`). The workers send this; a preview shows it.
+    public static func outboxContent(
+        _ input: PlanInput, _ profile: RecipientProfile, channel: NotificationChannel, links: [String: String], escaping: ValueEscaping
+    ) -> TemplateContent {
+        render(input, profile, channel: templateChannel(input, for: channel), links: links, escaping: escaping)
+    }
+
+    /// The channel whose templates render `channel`: its own, or in-app's when it has none.
+    public static func templateChannel(_ input: PlanInput, for channel: NotificationChannel) -> NotificationChannel {
+        (input.type.templates[channel] ?? [:]).isEmpty ? .inApp : channel
+    }
+
+    /// The in-app row's title and text for the recipient, as notify writes it (bounded).
+    public static func inAppContent(_ input: PlanInput, _ profile: RecipientProfile) -> TemplateContent {
+        InAppText.bounded(render(input, profile, channel: .inApp))
+    }
+
     /// `render`, with the event's part of the context built already (`context(_:)`) when given.
     /// `parsed` templates are parsed for HTML: used only when `escaping` is `.html`.
     static func render(

@@ -117,6 +117,16 @@ public enum ValueEscaping: Sendable, Hashable {
     /// `@all` and `@here` from notifying everyone while they read as written.
     case mattermost
 
+    /// How `channel`'s subject and text escape values: an email's are text, a Mattermost chat's
+    /// Markdown, every other HTML (`format`: the endpoint's, for chat).
+    public static func of(_ channel: NotificationChannel, format: EndpointFormat? = nil) -> ValueEscaping {
+        switch channel {
+        case .email: .text
+        case .chat where format == .mattermost: .mattermost
+        default: .html
+        }
+    }
+
     /// `text` escaped this way.
     public func escape(_ text: String) -> String {
         switch self {
