@@ -44,10 +44,18 @@ def _fix_category(holder: dict) -> None:
         holder["category"] = _pick(FIXTURES.get("categories", []), holder["category"])
 
 
+def _ordered_window(holder: dict) -> None:
+    """`until` not before `since` (a reversed window is a 422 no schema can express)."""
+    since, until = _instant(holder.get("since")), _instant(holder.get("until"))
+    if since is not None and until is not None and until < since:
+        holder["until"] = holder["since"]
+
+
 def _fix_query(case) -> None:
     query = case.query
     if not isinstance(query, dict):
         return
+    _ordered_window(query)
     if "cursor" in query:
         query["cursor"] = FEED_CURSOR if case.operation.path == "/v1/me/notifications" else PAGE_CURSOR
     if case.operation.path in (
@@ -118,7 +126,7 @@ def _fix_conditions(value) -> None:
 
 
 # What a list may name only once: a key; a preference cell; a template's channel and locale.
-UNIQUE_BY = [("key",), ("category", "channel"), ("channel", "locale")]
+UNIQUE_BY = [("key",), ("category", "channel"), ("channel", "locale"), ("locale",)]
 
 
 def _one_cell_each(value) -> None:
@@ -130,7 +138,8 @@ def _one_cell_each(value) -> None:
             if fields is not None:
                 seen, cells = set(), []
                 for item in member:
-                    cell = repr(tuple(item[n] for n in fields))
+                    # A locale is compared as the server canonicalises it (`FR` is `fr`).
+                    cell = repr(tuple(str(item[n]).lower() if n == "locale" else item[n] for n in fields))
                     if cell not in seen:
                         seen.add(cell)
                         cells.append(item)
@@ -160,6 +169,7 @@ def _fix_body(case) -> None:
     if not isinstance(body, dict):
         return
     _fix_conditions(body)
+    _ordered_window(body)
     if path == "/v1/catalogue" or "/templates" in path or path.startswith("/v1/digest-templates"):
         _plain_templates(body)
     for field in ("timezone", "default_timezone", "time_zone"):
@@ -195,6 +205,13 @@ def _fix_body(case) -> None:
         body["role_ids"] = [_pick(FIXTURES.get("role_ids", []), r) for r in body["role_ids"]]
     if path.startswith("/v1/notification-types"):
         _fix_category(body)
+    if path == "/v1/notification-types/{typeId}/preview":
+        # A draft must parse; a user must exist; a url must be one the server links to.
+        _plain_templates(body)
+        if "user_id" in body:
+            body["user_id"] = _pick(FIXTURES.get("users", []), body["user_id"])
+        if "url" in body:
+            body["url"] = "https://clinic.example/implants/42"
     if path == "/v1/catalogue":
         # A catalogue document may name its own categories or the organisation's.
         own = [c.get("key") for c in body.get("categories") or [] if isinstance(c, dict)]
