@@ -222,11 +222,16 @@ extension TenantTransaction {
     }
 
     /// Moves the items still waiting for a digest (no run made, their slot still to come) of
-    /// `users` (nil: every user of the organisation) to the slot their schedule gives now: the
-    /// first after the later of `now` and the item's due time. After a change of digest hour,
-    /// weekday or time zone, what was waiting goes out once, at the new time, not partly at the
-    /// old time and partly at the new (two "daily" digests in a day). A thousand users at a time,
-    /// so an organisation's change holds one batch in memory. Returns how many moved.
+    /// `users` (nil: every user of the organisation) to the slot their schedule and their
+    /// preference give now: the first after the later of `now` and the item's due time. After a
+    /// change of digest hour, weekday or time zone, what was waiting goes out once, at the new
+    /// time, not partly at the old time and partly at the new (two "daily" digests in a day).
+    /// After a change of the email frequency (the user's, or the organisation's default they
+    /// inherit): `DAILY` ↔ `WEEKLY` moves the items to the other cadence's slot (a trial's user
+    /// who chose weekly got the daily digest of what was waiting); `IMMEDIATE` makes them due at
+    /// once, as one digest of what waited rather than one email each; off or `NONE` leaves them
+    /// for the send to drop. A thousand users at a time, so an organisation's change holds one
+    /// batch in memory. Returns how many moved.
     @discardableResult
     public func reslotWaitingDigestItems(of users: [UUID]?, now: Date) async throws -> Int {
         // Not a slot that has come by either clock: its run is being made (`claim_digest_runs`).
@@ -243,31 +248,53 @@ extension TenantTransaction {
         var movedCount = 0
         for start in stride(from: 0, to: waitingUsers.count, by: 1000) {
             let batch = Array(waitingUsers[start..<min(start + 1000, waitingUsers.count)])
+            // The frequency each item's cell resolves to now (PreferenceResolver: the user's
+            // setting, else the organisation's default, else the type's: immediate on its default
+            // channels); an item whose type is gone keeps its own.
             let waiting = try await query(
                 """
-                SELECT id, user_id, frequency, due_after, slot_at FROM digest_items
-                WHERE organisation_id = \(organisationID) AND user_id = ANY(\(batch)::uuid[]) AND run_id IS NULL
-                  AND sent_at IS NULL AND cancelled_at IS NULL AND slot_at > greatest(\(now), now())
+                SELECT i.id, i.user_id, i.frequency, i.due_after, i.slot_at, coalesce(
+                    (SELECT CASE WHEN p.enabled THEN p.frequency ELSE 'NONE' END FROM preferences p
+                     WHERE p.organisation_id = i.organisation_id AND p.user_id = i.user_id AND p.category_id = i.category_id
+                       AND p.channel = i.channel),
+                    (SELECT CASE WHEN d.enabled THEN d.frequency ELSE 'NONE' END FROM preference_defaults d
+                     WHERE d.organisation_id = i.organisation_id AND d.category_id = i.category_id AND d.channel = i.channel),
+                    (SELECT CASE WHEN i.channel::text = ANY(t.default_channels) THEN 'IMMEDIATE' ELSE 'NONE' END
+                     FROM events e JOIN notification_types t ON t.organisation_id = e.organisation_id AND t.id = e.type_id
+                     WHERE e.organisation_id = i.organisation_id AND e.id = i.event_id),
+                    i.frequency)
+                FROM digest_items i
+                WHERE i.organisation_id = \(organisationID) AND i.user_id = ANY(\(batch)::uuid[]) AND i.run_id IS NULL
+                  AND i.sent_at IS NULL AND i.cancelled_at IS NULL AND i.slot_at > greatest(\(now), now())
                 """
-            ).map { try $0.decode((UUID, UUID, Frequency, Date, Date).self, table: "digest_items") }
+            ).map { try $0.decode((UUID, UUID, Frequency, Date, Date, Frequency).self, table: "digest_items") }
             guard !waiting.isEmpty else { continue }
             let users = Array(Set(waiting.map(\.1)))
             let schedules = try await digestSchedules(for: users)
             // Nor into a slot whose digest is already made (as `digestSlots`).
             let made = try await madeSlots(for: users, after: now)
-            var moved: [(id: UUID, slot: Date)] = []
-            for (id, user, frequency, dueAfter, slot) in waiting {
+            var moved: [(id: UUID, frequency: Frequency, slot: Date)] = []
+            for (id, user, current, dueAfter, slot, wanted) in waiting {
                 guard let schedules = schedules[user] else { continue }
-                let schedule = frequency == .weekly ? schedules.weekly : schedules.daily
-                let fresh = made.free(schedule.slot(after: max(now, dueAfter)), of: user, frequency, in: schedule)
-                if fresh != slot { moved.append((id, fresh)) }
+                switch wanted {
+                case .daily, .weekly:
+                    let schedule = wanted == .weekly ? schedules.weekly : schedules.daily
+                    let fresh = made.free(schedule.slot(after: max(now, dueAfter)), of: user, wanted, in: schedule)
+                    if fresh != slot || wanted != current { moved.append((id, wanted, fresh)) }
+                case .immediate:
+                    // Due at once (or at the event's own later time): the next claim makes its run.
+                    moved.append((id, current, max(now, dueAfter)))
+                case .none:
+                    continue
+                }
             }
             guard !moved.isEmpty else { continue }
             // Fenced as read: an item a run took meanwhile keeps its run's slot.
             movedCount += try await query(
                 """
-                UPDATE digest_items i SET slot_at = m.slot_at
-                FROM unnest(\(moved.map(\.id))::uuid[], \(moved.map(\.slot))::timestamptz[]) AS m (id, slot_at)
+                UPDATE digest_items i SET slot_at = m.slot_at, frequency = m.frequency
+                FROM unnest(\(moved.map(\.id))::uuid[], \(moved.map(\.frequency))::text[], \(moved.map(\.slot))::timestamptz[])
+                     AS m (id, frequency, slot_at)
                 WHERE i.organisation_id = \(organisationID) AND i.id = m.id AND i.run_id IS NULL AND i.sent_at IS NULL
                   AND i.cancelled_at IS NULL AND i.slot_at > greatest(\(now), now())
                 RETURNING i.id

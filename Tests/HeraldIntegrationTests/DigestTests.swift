@@ -251,6 +251,66 @@ struct DigestTests {
         }
     }
 
+    @Test(
+        "a new email frequency moves what waits: weekly to the weekly slot, daily back, immediate at once as one digest; an organisation default moves those who inherit it"
+    )
+    func newFrequencyMovesWaitingItems() async throws {
+        let (org, _) = try await clubMember()
+        let address = "member@\(org.slug).example"
+        _ = try await task(org, "Waiting one")
+        _ = try await task(org, "Waiting two")
+        @Sendable func waiting() async throws -> [(frequency: String, slot: Date)] {
+            try await org.store { tx in
+                try await tx.query(
+                    """
+                    SELECT frequency, slot_at FROM digest_items
+                    WHERE organisation_id = \(org.id) AND user_id = \(org.memberID) AND run_id IS NULL AND sent_at IS NULL
+                    ORDER BY created_at
+                    """
+                ).map { try $0.decode((String, Date).self) }
+            }.map { (frequency: $0.0, slot: $0.1) }
+        }
+        let due = try #require(try await org.store { tx in try await tx.digestDueTimes(for: [org.memberID], after: Date()) }[org.memberID])
+        #expect(due.daily != due.weekly)
+        #expect(try await waiting().map(\.frequency) == ["DAILY", "DAILY"])
+        try await TestEnvironment.shared.application().test(.router) { client in
+            func choose(_ frequency: String, token: String, path: String = "/v1/me/preferences") async throws {
+                let put = try await client.send(
+                    .put, path, token: token,
+                    json: #"{"items": [{"category": "activity", "channel": "email", "enabled": true, "frequency": "\#(frequency)"}]}"#)
+                #expect(put.status == .ok, "\(put.text)")
+            }
+            // Weekly: both move to the weekly slot; no daily digest has them.
+            try await choose("WEEKLY", token: org.memberToken)
+            #expect(try await waiting().map { "\($0.frequency) \($0.slot)" } == Array(repeating: "WEEKLY \(due.weekly)", count: 2))
+            // Daily again: back to the next daily slot.
+            try await choose("DAILY", token: org.memberToken)
+            #expect(try await waiting().map { "\($0.frequency) \($0.slot)" } == Array(repeating: "DAILY \(due.daily)", count: 2))
+            // Off: they stay, for the send to drop.
+            try await choose("NONE", token: org.memberToken)
+            #expect(try await waiting().map(\.slot) == [due.daily, due.daily])
+            // Immediate: due now, and sent at once as one digest of both.
+            try await choose("IMMEDIATE", token: org.memberToken)
+            let now = try await waiting()
+            #expect(now.count == 2 && now.allSatisfy { $0.slot <= Date() }, "\(now)")
+            let clock = Mutex(Date().addingTimeInterval(1))
+            try await withDigestRunners(org.id, now: { clock.withLock { $0 } }) { () async throws -> Void in
+                #expect(try await eventually(timeout: .seconds(30)) { try await sent(org, address, runs: 1) })
+                let runs = try await org.store { tx in try await tx.digestRuns(of: org.memberID) }
+                #expect(runs.count == 1 && runs[0].itemCount == 2, "\(runs)")
+            }
+            // An organisation default moves those who inherit it: the member's own cell gone, a
+            // DAILY default makes a daily item, and a WEEKLY default moves it.
+            let cleared = try await client.send(.put, "/v1/me/preferences", token: org.memberToken, json: #"{"items": []}"#)
+            #expect(cleared.status == .ok, "\(cleared.text)")
+            try await choose("DAILY", token: org.ownerToken, path: "/v1/organisation/preference-defaults")
+            _ = try await task(org, "Inherits the default")
+            #expect(try await waiting().map(\.frequency) == ["DAILY"])
+            try await choose("WEEKLY", token: org.ownerToken, path: "/v1/organisation/preference-defaults")
+            #expect(try await waiting().map { "\($0.frequency) \($0.slot)" } == ["WEEKLY \(due.weekly)"])
+        }
+    }
+
     @Test("a notify in flight while the digest hour changes: its items go in the new hour's slot, whichever commits first")
     func notifyInFlightDuringHourChange() async throws {
         let (org, _) = try await clubMember()

@@ -99,7 +99,9 @@ extension HeraldService {
             summary.types += 1
         }
         if let defaults = document.preferenceDefaults {
+            try await tx.holdDigestSchedules()
             try await tx.replacePreferenceDefaults(with: try await cells(.init(items: defaults), tx))
+            try await tx.reslotWaitingDigestItems(of: nil, now: now())
             summary.preferenceDefaults = defaults.count
         }
         if let digestTemplates = plan.digestTemplates {

@@ -17,7 +17,10 @@ extension HeraldService {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         let list = try await tenant { tx, _ in
             let before = try await preferenceList(try await tx.preferenceDefaults(), tx)
+            try await tx.holdDigestSchedules()
             try await tx.replacePreferenceDefaults(with: try await cells(body, tx))
+            // A new default frequency: what waits for a digest follows it (those who inherit it).
+            try await tx.reslotWaitingDigestItems(of: nil, now: now())
             let after = try await preferenceList(try await tx.preferenceDefaults(), tx)
             try await tx.audit(
                 action: "preference_defaults.replace", targetType: "organisation", targetID: tx.organisationID.lowercased,
@@ -88,7 +91,10 @@ extension HeraldService {
                 try requireHolds(try await tx.permissions(ofUser: userID).filter { !$0.concernsOnlyTheHolder }, principal)
             }
             let before = try await preferenceList(try await tx.preferences(ofUser: userID), tx)
+            try await tx.holdDigestSchedules()
             try await tx.replacePreferences(ofUser: userID, with: try await cells(body, tx))
+            // A new frequency: what waits for a digest follows it (weekly, daily, or now).
+            try await tx.reslotWaitingDigestItems(of: [userID], now: now())
             let after = try await preferenceList(try await tx.preferences(ofUser: userID), tx)
             try await tx.audit(
                 action: "preferences.replace", targetType: "user", targetID: userID.lowercased,
