@@ -145,16 +145,33 @@ extension TenantTransaction {
     }
 
     /// Saves a schedule whose first occurrence is `nextAt` (nil: the rule has none).
+    /// `idempotencyKey` and `requestHash`: what `schedule(idempotencyKey:)` finds it by.
     public func createSchedule(
-        id: UUID, name: String, event: EventRequest, rule: String, timeZone: String, startsAt: Date, nextAt: Date?
+        id: UUID, name: String, event: EventRequest, rule: String, timeZone: String, startsAt: Date, nextAt: Date?,
+        idempotencyKey: String? = nil, requestHash: String? = nil
     ) async throws -> Schedule {
         guard let type = try await notificationType(key: event.typeKey) else { throw UnknownNotificationType(key: event.typeKey) }
         try await query(
             """
-            INSERT INTO schedules (organisation_id, id, name, type_id, event, rule, time_zone, starts_at, next_at)
-            VALUES (\(organisationID), \(id), \(name), \(type.id), \(JSONDocument(event)), \(rule), \(timeZone), \(startsAt), \(nextAt))
+            INSERT INTO schedules (
+                organisation_id, id, name, type_id, event, rule, time_zone, starts_at, next_at, idempotency_key, request_hash)
+            VALUES (
+                \(organisationID), \(id), \(name), \(type.id), \(JSONDocument(event)), \(rule), \(timeZone), \(startsAt), \(nextAt),
+                \(idempotencyKey), \(requestHash))
             """)
         return try await schedule(id)
+    }
+
+    /// The schedule a create with `key` made, with the hash of that request; nil when none
+    /// (never made, or deleted since). Take `lockIdempotencyKey` first.
+    public func schedule(idempotencyKey key: String) async throws -> (schedule: Schedule, requestHash: String?)? {
+        guard
+            let row = try await query(
+                "SELECT id, request_hash FROM schedules WHERE organisation_id = \(organisationID) AND idempotency_key = \(key)"
+            ).first
+        else { return nil }
+        let (id, hash) = try row.decode((UUID, String?).self, table: "schedules")
+        return (try await schedule(id), hash)
     }
 
     /// Locks the groups, roles and users `audience` names (`FOR KEY SHARE`) until this transaction ends,

@@ -163,6 +163,50 @@ struct ScheduleTests {
         }
     }
 
+    @Test("a create retried with its Idempotency-Key answers the first schedule: one schedule, one audit entry; another body is 422")
+    func createIsIdempotent() async throws {
+        try await withCatalogue { org, _, client in
+            func create(_ name: String, key: String?) async throws -> TestResponse {
+                let body = """
+                    {"name": "\(name)", "rule": "FREQ=WEEKLY;BYDAY=FR;BYHOUR=16", "time_zone": "Europe/Paris",
+                     "event": {"type": "TASK_ASSIGNED", "audience": {"roles": ["clinician"]}, "payload": {"title": "Timesheet"}}}
+                    """
+                return try await client.send(
+                    .post, "/v1/schedules", token: org.ownerToken, json: body,
+                    headers: key.map { [HTTPField.Name("Idempotency-Key")!: $0] } ?? [:])
+            }
+            let first = try await create("Weekly", key: "weekly-1")
+            let second = try await create("Weekly", key: "weekly-1")
+            #expect(first.status == .created && second.status == .created, "\(second.text)")
+            #expect(first.json["id"] as? String == second.json["id"] as? String)
+            #expect(first.headers[HTTPField.Name("Idempotent-Replayed")!] == nil)
+            #expect(second.headers[HTTPField.Name("Idempotent-Replayed")!] == "true")
+            let other = try await create("Another name", key: "weekly-1")
+            #expect(
+                other.isProblem(.unprocessableContent) && (other.json["detail"] as? String ?? "").contains("Idempotency-Key"),
+                "\(other.text)")
+            // An event may use the same key: the namespaces are apart.
+            let event = try await client.send(
+                .post, "/v1/events", token: org.ownerToken,
+                json: #"{"type": "TASK_ASSIGNED", "audience": {"roles": ["clinician"]}, "payload": {"title": "x"}}"#,
+                headers: [HTTPField.Name("Idempotency-Key")!: "weekly-1"])
+            #expect(event.status == .accepted, "\(event.text)")
+            // Without a key, two creates are two schedules.
+            _ = try await create("Weekly", key: nil)
+            let listed = try await client.send(.get, "/v1/schedules", token: org.ownerToken)
+            #expect((listed.json["items"] as? [[String: Any]])?.count == 2, "\(listed.text)")
+            let audit = try await client.send(.get, "/v1/audit-log?action=schedule.create", token: org.ownerToken)
+            #expect((audit.json["items"] as? [Any])?.count == 2, "\(audit.text)")
+            // Deleted, the key is free again.
+            let id = try #require(first.json["id"] as? String)
+            #expect(try await client.send(.delete, "/v1/schedules/\(id)", token: org.ownerToken).status == .noContent)
+            let again = try await create("Weekly", key: "weekly-1")
+            #expect(
+                again.status == .created && again.json["id"] as? String != id
+                    && again.headers[HTTPField.Name("Idempotent-Replayed")!] == nil)
+        }
+    }
+
     @Test("a notification type that a schedule with occurrences left sends cannot be deleted (409 naming it); once it is gone it can")
     func typeInUse() async throws {
         let org = try await TestOrganisation.make()

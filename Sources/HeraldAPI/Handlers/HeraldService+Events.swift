@@ -343,7 +343,7 @@ extension HeraldService {
     }
 
     /// SHA-256 of the body with sorted keys: the same request twice hashes the same.
-    private func requestHash(_ body: Components.Schemas.EventCreate) throws -> String {
+    func requestHash(_ body: some Encodable) throws -> String {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         encoder.dateEncodingStrategy = .millisecondsSince1970

@@ -22,10 +22,31 @@ extension HeraldService {
         let name = try Validate.text(body.name, field: "name")
         let request = try scheduledEventRequest(body.event)
         let zoneName = try body.timeZone.map { v in try Validate.timezone(v, field: "time_zone") }
+        let key = input.headers.idempotencyKey
+        if let key, !(1...255).contains(key.utf8.count) {
+            throw APIError.unprocessable(ValidationError(field: "Idempotency-Key", message: "must be 1 to 255 bytes."))
+        }
+        let hash = try requestHash(body)
         let now = now()
-        let startsAt = try checkedStart(body.startsAt ?? now, now: now)
         let id = UUID()
-        let created = try await tenant { tx, _ in
+        enum Outcome: Sendable { case created(Schedule), replayed(Schedule) }
+        let outcome: Outcome = try await tenant { tx, _ in
+            // A retried create answers the schedule the first one made: never two schedules
+            // sending every occurrence twice. Apart from events' keys (a prefix of their own).
+            if let key {
+                guard try await tx.lockIdempotencyKey("schedules.create:\(key)") else {
+                    throw APIError.conflict("A request with this Idempotency-Key is still being processed; retry later.")
+                }
+                if let (first, firstHash) = try await tx.schedule(idempotencyKey: key) {
+                    guard firstHash == hash else {
+                        throw APIError.unprocessable(
+                            ValidationError(field: "Idempotency-Key", message: "was already used with a different body."))
+                    }
+                    return .replayed(first)
+                }
+            }
+            // Checked after the replay: retrying a stored request later still gets its first answer.
+            let startsAt = try checkedStart(body.startsAt ?? now, now: now)
             var zone = zoneName ?? ""
             if zoneName == nil { zone = try await tx.organisation().defaultTimezone }
             // The type and the audience's names are checked as notify checks them (nothing is read
@@ -36,13 +57,19 @@ extension HeraldService {
             try await inEvent { try await checkExclusions(request.audience, tx) }
             let first = try firstOccurrence(rule: body.rule, timeZone: zone, startsAt: startsAt, now: now)
             let schedule = try await tx.createSchedule(
-                id: id, name: name, event: request, rule: body.rule, timeZone: zone, startsAt: startsAt, nextAt: first)
+                id: id, name: name, event: request, rule: body.rule, timeZone: zone, startsAt: startsAt, nextAt: first,
+                idempotencyKey: key, requestHash: key == nil ? nil : hash)
             try await tx.audit(
                 action: "schedule.create", targetType: "schedule", targetID: id.lowercased, before: nil,
                 after: try scheduleAudit(schedule))
-            return schedule
+            return .created(schedule)
         }
-        return .created(.init(body: .json(try .init(created))))
+        switch outcome {
+        case .created(let schedule):
+            return .created(.init(headers: .init(idempotentReplayed: nil), body: .json(try .init(schedule))))
+        case .replayed(let schedule):
+            return .created(.init(headers: .init(idempotentReplayed: "true"), body: .json(try .init(schedule))))
+        }
     }
 
     func updateSchedule(_ input: Operations.UpdateSchedule.Input) async throws -> Operations.UpdateSchedule.Output {
