@@ -32,7 +32,7 @@ enum AccessRule: Sendable, Equatable {
 /// | create/update/deleteCategory, list/get/create/update/deleteNotificationType, put/deleteTemplate, export/importCatalogue | templates.manage (import with preference_defaults: also organisation.manage) |
 /// | listDigestTemplates, getDigestTemplate, putDigestTemplate, deleteDigestTemplate, previewTemplate | templates.manage |
 /// | get/replacePreferenceDefaults | organisation.manage |
-/// | getMyPreferences, replaceMyPreferences, getMyResolvedPreferences | preferences.manage |
+/// | getMyPreferences, replaceMyPreferences, getMyResolvedPreferences, updateMe | preferences.manage |
 /// | getUserPreferences, replaceUserPreferences, getUserResolvedPreferences | users.manage |
 /// | sendEvent, cancelEvent | events.send |
 /// | listEvents, getEvent | events.read |
@@ -82,6 +82,7 @@ enum RoutePermissions {
         "deleteEndpoint": .permission(.endpointsManage),
         "rotateEndpointSecret": .permission(.endpointsManage),
         "getMe": .authenticated,
+        "updateMe": .permission(.preferencesManage),
         "listPermissions": .authenticated,
         "getOrganisation": .authenticated,
         "updateOrganisation": .permission(.organisationManage),

@@ -311,6 +311,50 @@ struct DigestTests {
         }
     }
 
+    @Test("a member sets their own time zone and digest hour (PATCH /v1/me): the profile shows own and effective values, what waits moves")
+    func ownProfile() async throws {
+        let (org, _) = try await clubMember()
+        _ = try await task(org, "Waiting")
+        try await TestEnvironment.shared.application().test(.router) { client in
+            let me = try await client.send(.get, "/v1/me", token: org.memberToken)
+            let profile = try #require(me.json["profile"] as? [String: Any], "\(me.text)")
+            #expect(profile["timezone"] as? String == "Europe/Paris" && profile["digest_hour"] == nil, "\(me.text)")
+            let effective = profile["effective"] as? [String: Any]
+            #expect(effective?["digest_hour"] as? Int == 8 && effective?["timezone"] as? String == "Europe/Paris", "\(me.text)")
+            // Evenings in Kathmandu: the profile and the waiting item follow.
+            let changed = try await client.send(
+                .patch, "/v1/me", token: org.memberToken, json: #"{"timezone": "Asia/Kathmandu", "digest_hour": 18, "display_name": "Mem"}"#
+            )
+            #expect(changed.status == .ok, "\(changed.text)")
+            let now = changed.json["profile"] as? [String: Any]
+            #expect(
+                now?["timezone"] as? String == "Asia/Kathmandu" && now?["digest_hour"] as? Int == 18
+                    && now?["display_name"] as? String == "Mem")
+            var calendar = Calendar(identifier: .gregorian)
+            calendar.timeZone = TimeZone(identifier: "Asia/Kathmandu")!
+            let slot = try #require(try await items(org, of: org.memberID).first?.slot)
+            #expect(calendar.component(.hour, from: slot) == 18 && calendar.component(.minute, from: slot) == 0, "\(slot)")
+            // -1 and "" give the organisation's back; effective shows it.
+            let cleared = try await client.send(.patch, "/v1/me", token: org.memberToken, json: #"{"timezone": "", "digest_hour": -1}"#)
+            let back = cleared.json["profile"] as? [String: Any]
+            #expect(back?["timezone"] == nil && (back?["effective"] as? [String: Any])?["timezone"] as? String == "UTC", "\(cleared.text)")
+            // Not the address, not attributes (an administrator's); not a bad zone; not an API key; audited.
+            for body in [#"{"email": "x@y.example"}"#, #"{"attributes": {}}"#] {
+                let refused = try await client.send(.patch, "/v1/me", token: org.memberToken, json: body)
+                #expect(refused.isProblem(.badRequest), "\(refused.text)")
+            }
+            let zone = try await client.send(.patch, "/v1/me", token: org.memberToken, json: #"{"timezone": "Mars/Olympus"}"#)
+            #expect(zone.isProblem(.unprocessableContent) && (zone.json["detail"] as? String ?? "").hasPrefix("timezone"), "\(zone.text)")
+            let apiKey = try await org.serviceKey()
+            let key = try await client.send(.patch, "/v1/me", token: apiKey, json: #"{"digest_hour": 9}"#)
+            // The built-in service role has no preferences.manage; a key whose role has it is a 400 (requireUser).
+            #expect(key.isProblem(.forbidden), "\(key.text)")
+            #expect(try await client.send(.get, "/v1/me", token: apiKey).json["profile"] == nil)
+            let audit = try await client.send(.get, "/v1/audit-log?action=user.update", token: org.ownerToken)
+            #expect((audit.json["items"] as? [[String: Any]])?.count == 2, "\(audit.text)")
+        }
+    }
+
     @Test("a notify in flight while the digest hour changes: its items go in the new hour's slot, whichever commits first")
     func notifyInFlightDuringHourChange() async throws {
         let (org, _) = try await clubMember()

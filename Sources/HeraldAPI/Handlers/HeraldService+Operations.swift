@@ -82,15 +82,33 @@ extension HeraldService {
 
     func getMe(_ input: Operations.GetMe.Input) async throws -> Operations.GetMe.Output {
         let principal = try RequestScope.get().requirePrincipal()
+        var profile: Components.Schemas.Profile?
+        if let user = principal.actor.userID {
+            profile = try await tenant { tx, _ in try await self.profile(of: user, tx) }
+        }
+        return .ok(.init(body: .json(me(principal, profile: profile))))
+    }
+
+    /// Who the credential acts as (`GET /v1/me`), with the user's profile when a user acts.
+    func me(_ principal: Principal, profile: Components.Schemas.Profile?) -> Components.Schemas.Principal {
         let kind: Components.Schemas.Principal.KindPayload = if case .apiKey = principal.actor { .apiKey } else { .user }
         var apiKeyID: String?
         if case .apiKey(let id) = principal.actor { apiKeyID = id.lowercased }
-        return .ok(
-            .init(
-                body: .json(
-                    .init(
-                        organisationId: principal.organisationID.lowercased, kind: kind, userId: principal.actor.userID?.lowercased,
-                        apiKeyId: apiKeyID, permissions: principal.permissions.sorted().map(\.rawValue)))))
+        return .init(
+            organisationId: principal.organisationID.lowercased, kind: kind, userId: principal.actor.userID?.lowercased,
+            apiKeyId: apiKeyID, permissions: principal.permissions.sorted().map(\.rawValue), profile: profile)
+    }
+
+    /// A user's own settings and, beside them, what applies (the organisation's where theirs are unset).
+    func profile(of user: UUID, _ tx: TenantTransaction) async throws -> Components.Schemas.Profile {
+        let (record, organisation) = (try await tx.user(user), try await tx.organisation())
+        return .init(
+            email: record.email, displayName: record.displayName, locale: record.locale, timezone: record.timezone,
+            digestHour: record.digestHour, digestWeekday: record.digestWeekday,
+            effective: .init(
+                locale: record.locale ?? organisation.defaultLocale, timezone: record.timezone ?? organisation.defaultTimezone,
+                digestHour: record.digestHour ?? organisation.digestHour, digestWeekday: record.digestWeekday ?? organisation.digestWeekday)
+        )
     }
 
     func listPermissions(_ input: Operations.ListPermissions.Input) async throws -> Operations.ListPermissions.Output {

@@ -111,15 +111,46 @@ extension HeraldService {
         let id = try id(input.path.userId, "user")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         try requireSomeChange(body)
-        var change = UserChange(
-            email: try body.email.map { v throws(ValidationError) in try Validate.emailAddress(v) },
-            displayName: try body.displayName.map { v throws(ValidationError) in try Validate.text(v, field: "display_name") },
-            // An empty string clears the field, so the organisation default applies.
-            locale: try body.locale.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.locale(v) },
-            timezone: try body.timezone.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.timezone(v) })
+        var change = try profileChange(
+            displayName: body.displayName, locale: body.locale, timezone: body.timezone, digestHour: body.digestHour,
+            digestWeekday: body.digestWeekday)
+        change.email = try body.email.map { v throws(ValidationError) in try Validate.emailAddress(v) }
         if let attributes = body.attributes { change.attributes = try Validate.attributes(try convert(attributes)) }
+        let updated = try await tenant { tx, principal in
+            try await applyUserChange(id, change, tx) {
+                try requireHolds(try await tx.permissions(ofUser: id).filter { !$0.concernsOnlyTheHolder }, principal)
+            }
+        }
+        return .ok(.init(body: .json(updated)))
+    }
+
+    /// A user's own settings, from `PATCH /v1/me`: what `updateUser` changes of them, on themselves.
+    func updateMe(_ input: Operations.UpdateMe.Input) async throws -> Operations.UpdateMe.Output {
+        let user = try requireUser()
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        try requireSomeChange(body)
+        let change = try profileChange(
+            displayName: body.displayName, locale: body.locale, timezone: body.timezone, digestHour: body.digestHour,
+            digestWeekday: body.digestWeekday)
+        let principal = try RequestScope.get().requirePrincipal()
+        let profile = try await tenant { tx, _ in
+            _ = try await applyUserChange(user, change, tx) {}
+            return try await self.profile(of: user, tx)
+        }
+        return .ok(.init(body: .json(me(principal, profile: profile))))
+    }
+
+    /// The fields a user may change of themselves, validated: an empty locale or time zone, an
+    /// hour of -1 or a weekday of 0 clears it, so the organisation's applies.
+    func profileChange(
+        displayName: String?, locale: String?, timezone: String?, digestHour: Int?, digestWeekday: Int?
+    ) throws -> UserChange {
+        var change = UserChange(
+            displayName: try displayName.map { v throws(ValidationError) in try Validate.text(v, field: "display_name") },
+            locale: try locale.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.locale(v) },
+            timezone: try timezone.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.timezone(v) })
         // -1 clears the user's own digest hour: the organisation's applies again.
-        if let hour = body.digestHour {
+        if let hour = digestHour {
             guard hour == -1 || (0...23).contains(hour) else {
                 throw APIError.unprocessable(
                     ValidationError(field: "digest_hour", message: "must be 0 to 23, or -1 for the organisation's."))
@@ -127,28 +158,33 @@ extension HeraldService {
             change.digestHour = .some(hour == -1 ? nil : hour)
         }
         // 0 clears the user's own weekday (0 is no weekday; the hour uses -1, since 0 is midnight).
-        if let weekday = body.digestWeekday {
+        if let weekday = digestWeekday {
             guard (0...7).contains(weekday) else {
                 throw APIError.unprocessable(
                     ValidationError(field: "digest_weekday", message: "must be 1 (Monday) to 7 (Sunday), or 0 for the organisation's."))
             }
             change.digestWeekday = .some(weekday == 0 ? nil : weekday)
         }
-        let reslots = body.digestHour != nil || body.digestWeekday != nil || body.timezone != nil
-        let updated = try await tenant { tx, principal in
-            // Before anything changes: a notify writing this user's digest items commits first
-            // (and is moved below), or waits and slots them by the new schedule.
-            if reslots { try await tx.holdDigestSchedules() }
-            let before = try Components.Schemas.User(try await tx.user(id))
-            try requireHolds(try await tx.permissions(ofUser: id).filter { !$0.concernsOnlyTheHolder }, principal)
-            let after = try Components.Schemas.User(try await tx.updateUser(id, change))
-            // A new digest hour, weekday or time zone: what waits goes out once, at the new time.
-            if reslots { try await tx.reslotWaitingDigestItems(of: [id], now: now()) }
-            try await tx.audit(
-                action: "user.update", targetType: "user", targetID: after.id, before: try auditValue(before), after: try auditValue(after))
-            return after
-        }
-        return .ok(.init(body: .json(updated)))
+        return change
+    }
+
+    /// Changes user `id` (after `check`, with the user as it was read) and audits `user.update`;
+    /// a new digest hour, weekday or time zone moves what waits for a digest to the new time.
+    private func applyUserChange(
+        _ id: UUID, _ change: UserChange, _ tx: TenantTransaction, check: () async throws -> Void
+    ) async throws -> Components.Schemas.User {
+        let reslots = change.digestHour != nil || change.digestWeekday != nil || change.timezone != nil
+        // Before anything changes: a notify writing this user's digest items commits first
+        // (and is moved below), or waits and slots them by the new schedule.
+        if reslots { try await tx.holdDigestSchedules() }
+        let before = try Components.Schemas.User(try await tx.user(id))
+        try await check()
+        let after = try Components.Schemas.User(try await tx.updateUser(id, change))
+        // A new digest hour, weekday or time zone: what waits goes out once, at the new time.
+        if reslots { try await tx.reslotWaitingDigestItems(of: [id], now: now()) }
+        try await tx.audit(
+            action: "user.update", targetType: "user", targetID: after.id, before: try auditValue(before), after: try auditValue(after))
+        return after
     }
 
     func deactivateUser(_ input: Operations.DeactivateUser.Input) async throws -> Operations.DeactivateUser.Output {
