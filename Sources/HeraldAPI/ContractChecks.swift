@@ -84,6 +84,10 @@ struct ContractChecks: Sendable {
         return HTTPBody(data)
     }
 
+    /// The value that clears a field which has one (the organisation's setting applies again).
+    /// (Only names that mean the same wherever a body has them.)
+    static let clearingValues = ["digest_hour": "-1", "digest_weekday": "0", "timezone": "\"\""]
+
     /// Whether the raw bytes contain `null` or `\u0000` at all: most bodies need no parse here.
     static func mayHoldNull(_ data: Data) -> Bool {
         data.range(of: Data("null".utf8)) != nil || data.range(of: Data("u0000".utf8)) != nil
@@ -93,8 +97,12 @@ struct ContractChecks: Sendable {
     static func problem(in value: Any, at path: String, freeForm: Bool = false) -> String? {
         switch value {
         case is NSNull:
-            return freeForm
-                ? nil : "\(path.isEmpty ? "body" : path): null is not accepted: give a value, or leave the field out where it is optional."
+            guard !freeForm else { return nil }
+            let field = path.split(separator: ".").last.map(String.init) ?? ""
+            // Fields that a value clears say which: null is the usual guess.
+            let clear = Self.clearingValues[field].map { " To clear \(field), send \($0)." } ?? ""
+            return
+                "\(path.isEmpty ? "body" : path): null is not accepted: give a value, or leave the field out where it is optional.\(clear)"
         case let text as String:
             return text.unicodeScalars.contains("\u{0}")
                 ? "\(path.isEmpty ? "body" : path): contains the character U+0000, which Herald does not accept in text." : nil

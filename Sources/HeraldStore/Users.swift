@@ -227,7 +227,7 @@ extension TenantTransaction {
     /// creator. The audit log keeps its entries about them without the values they recorded.
     /// Refused (409) while a message or digest to them is being sent, or a schedule with
     /// occurrences left names them: those would fail or go out after the erasure. Returns the
-    /// deliveries and in-app rows removed.
+    /// deliveries, in-app rows and digest items removed.
     public func eraseUser(_ id: UUID) async throws -> [String: Int] {
         // Locked first: a fan-out chunk writing to the user holds it FOR KEY SHARE until it commits.
         guard try await !query("SELECT id FROM users WHERE organisation_id = \(organisationID) AND id = \(id) FOR UPDATE").isEmpty else {
@@ -251,16 +251,19 @@ extension TenantTransaction {
                 "\(count == 1 ? "A message to this user is" : "\(count) messages to this user are") being sent right now; try again in a few seconds."
             )
         }
-        let notifications = try await query(
-            "SELECT count(*)::int FROM notifications WHERE organisation_id = \(organisationID) AND user_id = \(id)"
-        )[0].decode(Int.self)
+        let (notifications, digestItems) = try await query(
+            """
+            SELECT (SELECT count(*)::int FROM notifications WHERE organisation_id = \(organisationID) AND user_id = \(id)),
+                   (SELECT count(*)::int FROM digest_items WHERE organisation_id = \(organisationID) AND user_id = \(id))
+            """
+        )[0].decode((Int, Int).self)
         try await query(
             "UPDATE api_keys SET created_by_user_id = NULL WHERE organisation_id = \(organisationID) AND created_by_user_id = \(id)")
         // Deactivated first: its announcement ends the user's open streams on every instance.
         _ = try await setUserActive(id, false)
         // The rest goes with the row: by foreign key, and by users_delete_rows (0030, 0063).
         try await query("DELETE FROM users WHERE organisation_id = \(organisationID) AND id = \(id)")
-        return ["deliveries": deliveries, "notifications": notifications]
+        return ["deliveries": deliveries, "notifications": notifications, "digest_items": digestItems]
     }
 
     /// Applies `change` to the user's profile.

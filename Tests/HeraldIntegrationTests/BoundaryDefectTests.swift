@@ -492,7 +492,7 @@ struct BoundaryDefectTests {
                 (.put, "/v1/notification-types/\(type)/templates/sms/en", "channel", .badRequest, "in_app, email"),
             ]
             for (method, path, name, status, says) in cases {
-                let token = path.hasPrefix("/v1/me/") ? org.memberToken : org.ownerToken
+                let token = path.hasPrefix("/v1/me") ? org.memberToken : org.ownerToken
                 let response = try await client.send(method, path, token: token, json: #"{"subject": "s", "body": "b"}"#)
                 let detail = response.json["detail"] as? String ?? ""
                 #expect(response.isProblem(status), "\(method) \(path.prefix(80)): \(response.text.prefix(300))")
@@ -528,6 +528,10 @@ struct BoundaryDefectTests {
                 (.post, "/v1/endpoints", #"{"channel": "webhook", "name": "n", "url": 5}"#, "url", "must be a string"),
                 (.post, "/v1/api-keys", #"{"name": 5, "role": "service"}"#, "name", "must be a string"),
                 (.post, "/v1/api-keys", #"{"name": null, "role": "service"}"#, "name", "null is not accepted: give a value"),
+                (
+                    .patch, "/v1/me", #"{"digest_hour": null}"#, "digest_hour",
+                    "null is not accepted: give a value, or leave the field out where it is optional. To clear digest_hour, send -1."
+                ),
                 (.post, "/v1/events", event + #""tags": [5]}"#, "tags[0]", "must be a string"),
                 (
                     .post, "/v1/events", #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "\ud800"}}"#,
@@ -542,7 +546,7 @@ struct BoundaryDefectTests {
                 ),
             ]
             for (method, path, body, name, says) in cases {
-                let token = path.hasPrefix("/v1/me/") ? org.memberToken : org.ownerToken
+                let token = path.hasPrefix("/v1/me") ? org.memberToken : org.ownerToken
                 let response = try await client.send(method, path, token: token, json: body)
                 let detail = response.json["detail"] as? String ?? ""
                 #expect(response.isProblem(.badRequest), "\(method) \(path) \(body): \(response.text.prefix(300))")
@@ -672,7 +676,7 @@ struct BoundaryDefectTests {
         try await withOrganisation { org, client in
             let trace = try await client.send(.init("TRACE")!, "/v1/me", token: org.ownerToken)
             #expect(trace.isProblem(.methodNotAllowed))
-            #expect(trace.headers[.allow] == "GET, HEAD, OPTIONS")
+            #expect(trace.headers[.allow] == "GET, HEAD, OPTIONS, PATCH")
             let put = try await client.send(.put, "/v1/events", token: org.ownerToken, json: "{}")
             #expect(put.isProblem(.methodNotAllowed))
             #expect(put.headers[.allow] == "GET, HEAD, OPTIONS, POST")

@@ -92,7 +92,7 @@ struct TrialGapTests {
     func plainOptions() async throws {
         try await withOrganisation { _, client in
             let me = try await client.send(.options, "/v1/me")
-            #expect(me.status == .noContent && me.headers[.allow] == "GET, HEAD, OPTIONS" && me.text.isEmpty, "\(me.text)")
+            #expect(me.status == .noContent && me.headers[.allow] == "GET, HEAD, OPTIONS, PATCH" && me.text.isEmpty, "\(me.text)")
             let events = try await client.send(.options, "/v1/events")
             #expect(events.headers[.allow] == "GET, HEAD, OPTIONS, POST")
             #expect(try await client.send(.options, "/v1/nothing-here").isProblem(.notFound))
