@@ -359,6 +359,15 @@ extension AppConfiguration {
     /// Where links in messages point.
     public var linkBaseURL: String { publicURL ?? "http://\(host):\(port)" }
 
+    /// Where the links of the emails a command sends lead, and from which setting: a command run
+    /// beside a server on another port, without `HERALD_PUBLIC_URL`, would send links that lead
+    /// nowhere (a trial), and an email sent is not sent again.
+    public var linkBaseNote: String {
+        publicURL != nil
+            ? "links in the emails lead to \(linkBaseURL) (HERALD_PUBLIC_URL)"
+            : "links in the emails lead to \(linkBaseURL): HERALD_PUBLIC_URL is not set, so this host and HERALD_PORT; set it to the API's public URL"
+    }
+
     /// The link key ring from `HERALD_LINK_KEYS`, or a fresh key for this process.
     public func linkKeyRing() throws -> LinkKeyRing {
         guard let linkKeys else { return LinkKeyRing.ephemeral() }

@@ -95,7 +95,7 @@ struct DigestsCommand: AsyncParsableCommand {
                             baseDelay: config.retryBaseSeconds, factor: config.retryFactor, maximumDelay: config.retryMaxSeconds,
                             jitter: config.retryJitter), worker: runner.name, now: { now }),
                     bus: NotificationBus(client: client, logger: logger), logger: logger)
-                print("digests send: sending what is due now")
+                print("digests send: sending what is due now; \(config.linkBaseNote)")
                 let total = try await digests.runDue { batch, total in print("digests send: \(batch) run(s) done (\(total) so far)") }
                 print("digests send: \(total) run(s) attempted; see GET /v1/events/{id}/explain or the logs for each outcome")
             }

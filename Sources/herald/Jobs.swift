@@ -90,6 +90,7 @@ private func runNow(_ job: SystemJob, organisation: String?, label: String, now:
         mailer = InactivityMailer(
             email: EmailTransport(settings: smtp, defaultFrom: config.smtpFrom), links: LinkBuilder(baseURL: config.linkBaseURL, keys: keys)
         )
+        if job == .inactivity { print("\(label): \(config.linkBaseNote)") }
     }
     try await withOwnerDatabase { [mailer] database, client, logger in
         let targets = try await organisations(database, only: organisation)

@@ -836,9 +836,14 @@ extension DigestTests {
             [
                 "DATABASE_WORKER_URL": env.workerURL, "HERALD_WORKER_ORGANISATION": org.id.uuidString, "HERALD_SMTP_URL": Peers.smtpURL,
                 "HERALD_LOG_LEVEL": "error", "HERALD_LINK_KEYS": TestEnvironment.linkKeysSetting,
+                "HERALD_PUBLIC_URL": "https://herald.clinic.example",
             ])
         #expect(sent.contains("digests send: 1 run(s) attempted"), "\(sent)")
+        // Where its links lead, said first and used in the email.
+        #expect(sent.contains("links in the emails lead to https://herald.clinic.example (HERALD_PUBLIC_URL)"), "\(sent)")
         #expect(try await Peers.mail(to: address).count == 1)
+        let mail = try #require(try await Peers.mail(to: address).first?["data"] as? String)
+        #expect(mail.contains("List-Unsubscribe: <https://herald.clinic.example/v1/unsubscribe/"), "\(mail.prefix(2000))")
         #expect(try await org.store { tx in try await tx.digestRuns(of: org.memberID) }.map(\.status) == [.sent])
         // Nothing is due any more.
         let again = try await runHerald(
@@ -848,6 +853,7 @@ extension DigestTests {
                 "HERALD_LINK_KEYS": TestEnvironment.linkKeysSetting,
             ])
         #expect(again.contains("0 run(s) attempted"), "\(again)")
+        #expect(again.contains("HERALD_PUBLIC_URL is not set"), "\(again)")
         #expect(try await Peers.mail(to: address).count == 1)
 
         // An item committed after its slot's run was made goes to the next slot: the list does not
