@@ -39,11 +39,16 @@ public struct NewUser: Sendable {
     public var timezone: String?
     public var attributes: JSONValue
     public var passwordHash: String?
+    /// The user's own digest hour (0–23) and ISO weekday (1–7); nil: the organisation's.
+    public var digestHour: Int?
+    public var digestWeekday: Int?
 
     public init(
         email: String, displayName: String, locale: String? = nil, timezone: String? = nil, attributes: JSONValue = .object([:]),
-        passwordHash: String? = nil
+        passwordHash: String? = nil, digestHour: Int? = nil, digestWeekday: Int? = nil
     ) {
+        self.digestHour = digestHour
+        self.digestWeekday = digestWeekday
         self.email = email
         self.displayName = displayName
         self.locale = locale
@@ -150,9 +155,9 @@ extension TenantTransaction {
     public func createUser(_ new: NewUser) async throws -> User {
         let rows = try await query(
             """
-            INSERT INTO users (organisation_id, email, display_name, locale, timezone, attributes, password_hash)
+            INSERT INTO users (organisation_id, email, display_name, locale, timezone, attributes, password_hash, digest_hour, digest_weekday)
             VALUES (\(organisationID), \(new.email), \(new.displayName), \(new.locale), \(new.timezone),
-                    \(JSONDocument(new.attributes)), \(new.passwordHash))
+                    \(JSONDocument(new.attributes)), \(new.passwordHash), \(new.digestHour)::smallint, \(new.digestWeekday)::smallint)
             RETURNING id
             """)
         return try await user(rows[0].decode(UUID.self))
@@ -176,11 +181,13 @@ extension TenantTransaction {
         // without one becomes a COPY, which row-level security refuses).
         let created = try await query(
             """
-            INSERT INTO users (organisation_id, email, display_name, locale, timezone, attributes)
-            SELECT \(organisationID), u.email, u.display_name, nullif(u.locale, ''), nullif(u.timezone, ''), u.attributes
+            INSERT INTO users (organisation_id, email, display_name, locale, timezone, attributes, digest_hour, digest_weekday)
+            SELECT \(organisationID), u.email, u.display_name, nullif(u.locale, ''), nullif(u.timezone, ''), u.attributes,
+                   nullif(u.digest_hour, -1)::smallint, nullif(u.digest_weekday, 0)::smallint
             FROM unnest(\(users.map(\.email))::text[], \(users.map(\.displayName))::text[], \(users.map { $0.locale ?? "" })::text[],
-                        \(users.map { $0.timezone ?? "" })::text[], \(users.map { JSONDocument($0.attributes) })::jsonb[])
-                 AS u (email, display_name, locale, timezone, attributes)
+                        \(users.map { $0.timezone ?? "" })::text[], \(users.map { JSONDocument($0.attributes) })::jsonb[],
+                        \(users.map { $0.digestHour ?? -1 })::integer[], \(users.map { $0.digestWeekday ?? 0 })::integer[])
+                 AS u (email, display_name, locale, timezone, attributes, digest_hour, digest_weekday)
             ON CONFLICT (organisation_id, lower(email)) DO NOTHING
             RETURNING id, email
             """

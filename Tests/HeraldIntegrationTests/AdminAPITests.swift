@@ -210,7 +210,7 @@ struct AdminAPITests {
 
             // Skipped: the member stays as it is, both join the group.
             let imported = try await send(
-                #"{"users": [{"email": "a@imp.example", "display_name": "A", "locale": "fr", "attributes": {"team": "x"}}, {"email": "member@\#(org.slug).example", "display_name": "M"}], "skip_existing": true, "group_ids": ["\#(groupID)"]}"#
+                #"{"users": [{"email": "a@imp.example", "display_name": "A", "locale": "fr", "attributes": {"team": "x"}, "digest_hour": 14, "digest_weekday": 2}, {"email": "member@\#(org.slug).example", "display_name": "M"}], "skip_existing": true, "group_ids": ["\#(groupID)"]}"#
             )
             #expect(imported.status == .ok, "\(imported.text)")
             let result = try imported.decoded(Components.Schemas.UserImportResult.self)
@@ -218,6 +218,17 @@ struct AdminAPITests {
             #expect(result.users[1].id == org.memberID.lowercased)
             let made = try await client.send(.get, "/v1/users/\(result.users[0].id)", token: org.ownerToken)
             #expect(made.json["locale"] as? String == "fr" && (made.json["attributes"] as? [String: Any])?["team"] as? String == "x")
+            // Their own digest time, given with the import (a trial needed a PATCH per user).
+            #expect(made.json["digest_hour"] as? Int == 14 && made.json["digest_weekday"] as? Int == 2, "\(made.text)")
+            let created = try await client.send(
+                .post, "/v1/users", token: org.ownerToken, json: #"{"email": "b@imp.example", "display_name": "B", "digest_hour": 0}"#)
+            #expect(
+                created.status == .created && created.json["digest_hour"] as? Int == 0 && created.json["digest_weekday"] == nil,
+                "\(created.text)")
+            let late = try await send(#"{"users": [{"email": "c@imp.example", "display_name": "C", "digest_hour": 24}]}"#)
+            #expect(
+                late.isProblem(.badRequest) || (late.isProblem(.unprocessableContent) && late.text.contains("users[0].digest_hour")),
+                "\(late.text)")
             #expect(
                 try await client.send(.get, "/v1/users/\(org.memberID.lowercased)", token: org.ownerToken).json["display_name"] as? String
                     != "M")

@@ -21,6 +21,7 @@ extension HeraldService {
             locale: try body.locale.map { v throws(ValidationError) in try Validate.locale(v) },
             timezone: try body.timezone.flatMap { v throws(ValidationError) in v.isEmpty ? nil : try Validate.timezone(v) })
         if let attributes = body.attributes { new.attributes = try Validate.attributes(try convert(attributes)) }
+        (new.digestHour, new.digestWeekday) = try digestTime(hour: body.digestHour, weekday: body.digestWeekday)
         if let password = body.password {
             let checked = try Validate.password(password)
             new.passwordHash = try await passwords.hash(checked)
@@ -53,6 +54,7 @@ extension HeraldService {
             if let attributes = item.attributes {
                 new.attributes = try Validate.attributes(try convert(attributes), field: "\(at).attributes")
             }
+            (new.digestHour, new.digestWeekday) = try digestTime(hour: item.digestHour, weekday: item.digestWeekday, at: "\(at).")
             // A conflict, as with an existing user's (the schema allows it; the data does not).
             if let first = seen.updateValue(index, forKey: new.email.lowercased()) {
                 throw APIError.conflict("\(at).email: the same address as users[\(first)]; nothing was imported.")
@@ -149,23 +151,25 @@ extension HeraldService {
             displayName: try displayName.map { v throws(ValidationError) in try Validate.text(v, field: "display_name") },
             locale: try locale.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.locale(v) },
             timezone: try timezone.map { v throws(ValidationError) in v.isEmpty ? nil : try Validate.timezone(v) })
-        // -1 clears the user's own digest hour: the organisation's applies again.
-        if let hour = digestHour {
-            guard hour == -1 || (0...23).contains(hour) else {
-                throw APIError.unprocessable(
-                    ValidationError(field: "digest_hour", message: "must be 0 to 23, or -1 for the organisation's."))
-            }
-            change.digestHour = .some(hour == -1 ? nil : hour)
-        }
-        // 0 clears the user's own weekday (0 is no weekday; the hour uses -1, since 0 is midnight).
-        if let weekday = digestWeekday {
-            guard (0...7).contains(weekday) else {
-                throw APIError.unprocessable(
-                    ValidationError(field: "digest_weekday", message: "must be 1 (Monday) to 7 (Sunday), or 0 for the organisation's."))
-            }
-            change.digestWeekday = .some(weekday == 0 ? nil : weekday)
-        }
+        let (hour, weekday) = try digestTime(hour: digestHour, weekday: digestWeekday)
+        if digestHour != nil { change.digestHour = .some(hour) }
+        if digestWeekday != nil { change.digestWeekday = .some(weekday) }
         return change
+    }
+
+    /// A user's own digest hour and weekday as sent: -1 (the hour; 0 is midnight) and 0 (the
+    /// weekday) mean none, so the organisation's applies. `at` prefixes the field's name.
+    func digestTime(hour: Int?, weekday: Int?, at prefix: String = "") throws -> (hour: Int?, weekday: Int?) {
+        if let hour, !(hour == -1 || (0...23).contains(hour)) {
+            throw APIError.unprocessable(
+                ValidationError(field: "\(prefix)digest_hour", message: "must be 0 to 23, or -1 for the organisation's."))
+        }
+        if let weekday, !(0...7).contains(weekday) {
+            throw APIError.unprocessable(
+                ValidationError(field: "\(prefix)digest_weekday", message: "must be 1 (Monday) to 7 (Sunday), or 0 for the organisation's.")
+            )
+        }
+        return (hour == -1 ? nil : hour, weekday == 0 ? nil : weekday)
     }
 
     /// Changes user `id` (after `check`, with the user as it was read) and audits `user.update`;
