@@ -18,6 +18,14 @@ public struct EventRequest: Sendable, Codable, Equatable {
     public var url: String?
     /// Short `key:value` labels (`team:sales`), stored once on the event; the feed filters by them.
     public var tags: [String]
+    /// A schedule's: each occurrence's in-app rows expire this long after it is sent (a weekly
+    /// reminder does not pile up in the feed). Notify itself takes `expiresAt`.
+    public var expiresAfter: TimeInterval?
+
+    /// `expiresAt` from `expiresAfter` for an occurrence sent at `instant`.
+    public mutating func expiring(from instant: Date) {
+        if let expiresAfter { expiresAt = instant.addingTimeInterval(expiresAfter) }
+    }
 
     public init(
         typeKey: String, audience: Audience, payload: JSONValue, sourceActor: JSONValue? = nil, subjectType: String? = nil,

@@ -284,6 +284,7 @@ extension TenantTransaction {
         else { return .leaseLost }
         var request = try row.decode(JSONDocument<EventRequest>.self, table: "schedules").value
         request.deliverAt = claim.occurrence
+        request.expiring(from: claim.occurrence)
         let key = "\(Schedule.idempotencyPrefix)\(claim.scheduleID.lowercased):\(Int64(claim.occurrence.timeIntervalSince1970))"
         let eventID: UUID
         let replayed: Bool

@@ -207,6 +207,52 @@ struct ScheduleTests {
         }
     }
 
+    @Test("a reminder's rows expire a set time after each occurrence (expires_after_seconds), run by hand or on its rhythm")
+    func occurrencesExpire() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let env = try await TestEnvironment.shared
+        let created = try await env.application().test(.router) { client in
+            let body = """
+                {"name": "Weekly", "rule": "FREQ=DAILY;BYHOUR=9", "time_zone": "Europe/Paris",
+                 "event": {"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\(org.memberID.uuidString.lowercased())"]},
+                           "payload": {"title": "Timesheet"}, "expires_after_seconds": 86400}}
+                """
+            let answer = try await client.send(.post, "/v1/schedules", token: org.ownerToken, json: body)
+            #expect(answer.status == .created, "\(answer.text)")
+            #expect((answer.json["event"] as? [String: Any])?["expires_after_seconds"] as? Int == 86_400, "\(answer.text)")
+            let short = body.replacingOccurrences(of: "86400", with: "59")
+            let refused = try await client.send(.post, "/v1/schedules", token: org.ownerToken, json: short)
+            #expect(
+                refused.isProblem(.badRequest)
+                    || (refused.isProblem(.unprocessableContent) && refused.text.contains("event.expires_after_seconds")), "\(refused.text)"
+            )
+            let schedule = try answer.decoded(Components.Schemas.Schedule.self)
+            let run = try await client.send(.post, "/v1/schedules/\(schedule.id)/run", token: org.ownerToken)
+            #expect(run.status == .accepted, "\(run.text)")
+            return schedule
+        }
+        func expiries() async throws -> [(deliver: Date, expires: Date?)] {
+            try await org.store { tx in
+                try await tx.query(
+                    """
+                    SELECT n.visible_at, n.expires_at FROM notifications n
+                    WHERE n.organisation_id = \(org.id) AND n.user_id = \(org.memberID) ORDER BY n.visible_at
+                    """
+                ).map { try $0.decode((Date, Date?).self) }
+            }.map { (deliver: $0.0, expires: $0.1) }
+        }
+        // By hand: a day after it was sent.
+        let byHand = try #require(try await expiries().first)
+        #expect(byHand.expires.map { abs($0.timeIntervalSince(byHand.deliver) - 86_400) < 5 } == true, "\(byHand)")
+        // On its rhythm: a day after the occurrence (sent a minute late, shown from then).
+        let first = try #require(created.nextOccurrences.first)
+        #expect(try await runDue(org.id, at: first.addingTimeInterval(60)) == 1)
+        let occurrence = try #require(try await expiries().last)
+        #expect(
+            occurrence.deliver == first.addingTimeInterval(60) && occurrence.expires == first.addingTimeInterval(86_400), "\(occurrence)")
+    }
+
     @Test("a notification type that a schedule with occurrences left sends cannot be deleted (409 naming it); once it is gone it can")
     func typeInUse() async throws {
         let org = try await TestOrganisation.make()

@@ -114,9 +114,21 @@ extension HeraldService {
     /// A scheduled event as an engine request, validated as notify validates its body (a scheduled
     /// event is an event body without its times).
     private func scheduledEventRequest(_ event: Components.Schemas.ScheduledEvent) throws -> EventRequest {
+        var body = event
+        let expiresAfter = body.expiresAfterSeconds
+        body.expiresAfterSeconds = nil // not a field of notify's body
+        var request: EventRequest
         do {
-            return try eventRequest(try JSONDecoder().decode(Components.Schemas.EventCreate.self, from: JSONEncoder().encode(event)))
+            request = try eventRequest(try JSONDecoder().decode(Components.Schemas.EventCreate.self, from: JSONEncoder().encode(body)))
         } catch { throw Self.inEvent(error) }
+        if let expiresAfter {
+            guard (60...Int(Self.longestNotice)).contains(expiresAfter) else {
+                throw APIError.unprocessable(
+                    ValidationError(field: "event.expires_after_seconds", message: "must be 60 (a minute) to 31622400 (366 days)."))
+            }
+            request.expiresAfter = TimeInterval(expiresAfter)
+        }
+        return request
     }
 
     /// Runs `body`, naming the fields of its 422s as fields of the schedule's `event`
@@ -207,6 +219,7 @@ extension HeraldService {
             if let first = try await firstEvent(under: key, tx) { return (first, true) }
             var request = schedule.event
             request.deliverAt = nil
+            request.expiring(from: now)
             try await tx.lockAudienceNames(request.audience)
             let event = try await inEvent {
                 try await mappingEngineErrors { try await tx.send(request, now: now, idempotencyKey: key, fanout: fanout) }
@@ -268,6 +281,6 @@ extension Components.Schemas.ScheduledEvent {
             _type: typeKey, actor: try event.sourceActor.map { try convert($0) }, audience: .init(event.audience),
             payload: try convert(event.payload), subject: event.subjectType.map { .init(_type: $0, id: event.subjectID ?? "") },
             severity: event.severity.map { mapped($0) }, priority: event.priority.map { mapped($0) }, url: event.url,
-            tags: event.tags.isEmpty ? nil : event.tags)
+            tags: event.tags.isEmpty ? nil : event.tags, expiresAfterSeconds: event.expiresAfter.map { Int($0) })
     }
 }
