@@ -39,8 +39,8 @@ enum AccessRule: Sendable, Equatable {
 /// | dryRunEvent, explainEvent, debugNotifications | debug.explain |
 /// | getNotificationStats | stats.read |
 /// | every /v1/me/notifications operation | notifications.read |
-/// | listDeliveries, getDeliveryStats, getDelivery | deliveries.read |
-/// | retryDelivery, retryDeliveries, cancelDelivery | deliveries.retry |
+/// | listDeliveries, getDeliveryStats, getDelivery, listUserDigests | deliveries.read |
+/// | retryDelivery, retryDeliveries, cancelDelivery, retryDigestRun | deliveries.retry |
 /// | listSchedules, getSchedule | events.read |
 /// | createSchedule, updateSchedule, deleteSchedule, pauseSchedule, resumeSchedule, runSchedule | events.send |
 /// | listJobs, getJob, listJobRuns | jobs.read |
@@ -168,6 +168,8 @@ enum RoutePermissions {
         "retryDelivery": .permission(.deliveriesRetry),
         "retryDeliveries": .permission(.deliveriesRetry),
         "cancelDelivery": .permission(.deliveriesRetry),
+        "listUserDigests": .permission(.deliveriesRead),
+        "retryDigestRun": .permission(.deliveriesRetry),
         "listSchedules": .permission(.eventsRead),
         "getSchedule": .permission(.eventsRead),
         "createSchedule": .permission(.eventsSend),

@@ -30,6 +30,7 @@ public enum AuditAction {
         "delivery.cancel",
         "delivery.retry",
         "delivery.retry_many",
+        "digest_run.retry",
         "digest_template.delete",
         "digest_template.put",
         "endpoint.create",

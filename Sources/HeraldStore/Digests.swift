@@ -49,6 +49,13 @@ public struct DigestRun: Sendable, Equatable {
     public var sentAt: Date?
 }
 
+/// The email items of a user waiting for the digest of one slot (no run made yet).
+public struct WaitingDigest: Sendable, Equatable {
+    public var frequency: Frequency
+    public var slotAt: Date
+    public var items: Int
+}
+
 /// Why an item attached to a run was left out of it when the run was sent.
 public enum DigestDrop: String, Sendable, Codable, CaseIterable {
     case eventCancelled = "EVENT_CANCELLED"
@@ -326,14 +333,65 @@ extension TenantTransaction {
         ).map { try $0.decode(UUID.self, table: "digest_items") }
     }
 
-    /// A user's digest runs, newest slot first.
+    /// A user's digest runs, newest slot first (the first page of `digestRuns(of:limit:after:)`).
     public func digestRuns(of userID: UUID, limit: Int = 50) async throws -> [DigestRun] {
-        try await query(
+        try await digestRuns(of: userID, limit: limit, after: nil).items
+    }
+
+    /// A page of a user's digest runs, newest slot first (then by id: a user has one run per
+    /// frequency and slot). A user the organisation does not have is not found, not an empty page.
+    public func digestRuns(of userID: UUID, limit: Int, after cursor: PageCursor?) async throws -> Page<DigestRun> {
+        _ = try await user(userID)
+        let rows = try await query(
             """
             SELECT \(unescaped: digestRunColumns) FROM digest_runs
-            WHERE organisation_id = \(organisationID) AND user_id = \(userID) ORDER BY slot_at DESC LIMIT \(limit)
+            WHERE organisation_id = \(organisationID) AND user_id = \(userID)
+              AND (\(cursor?.micros)::bigint IS NULL
+                   OR (slot_at, id) < ('epoch'::timestamptz + \(cursor?.micros) * interval '1 microsecond', \(cursor?.id)))
+            ORDER BY slot_at DESC, id DESC
+            LIMIT \(limit + 1)
+            """)
+        return paginate(try rows.map(decodeDigestRun), limit: limit) { PageCursor(time: $0.slotAt, id: $0.id) }
+    }
+
+    /// What waits for a user's next digests: the email items no run has taken yet (not sent, not
+    /// cancelled), counted by frequency and slot, soonest first. Usually one slot a frequency; a
+    /// slot that has come is still listed until the claim makes its run.
+    public func waitingDigests(of userID: UUID) async throws -> [WaitingDigest] {
+        try await query(
             """
-        ).map(decodeDigestRun)
+            SELECT frequency, slot_at, count(*)::int FROM digest_items
+            WHERE organisation_id = \(organisationID) AND user_id = \(userID) AND run_id IS NULL AND sent_at IS NULL
+              AND cancelled_at IS NULL AND channel = 'email'
+            GROUP BY frequency, slot_at
+            ORDER BY slot_at, frequency
+            """
+        ).map { row in
+            let (frequency, slot, items) = try row.decode((Frequency, Date, Int).self, table: "digest_items")
+            return WaitingDigest(frequency: frequency, slotAt: slot, items: items)
+        }
+    }
+
+    /// The states a digest run may be retried from (the rule `retryDigestRun` applies, and the
+    /// API's 409 names). A run still to be tried, being sent, sent or EMPTY has nothing to retry.
+    public static let retryableDigestRunStatuses: [DigestRunStatus] = [.failed, .dead]
+
+    /// Puts a FAILED or DEAD run back in the queue, due at `now` (the workers' clock of due
+    /// times), with its attempts budget extended by one (up to `mostAttempts`), as
+    /// `retryDelivery` does a delivery's. Its items stay attached as the run froze them: a DEAD
+    /// run marks none sent nor dropped, so the next attempt sends them, under the same
+    /// Message-ID, each item checked again (an item that no longer qualifies is dropped then).
+    /// Nil when the run is in another state, has used `mostAttempts`, or does not exist.
+    public func retryDigestRun(_ id: UUID, now: Date) async throws -> DigestRun? {
+        let rows = try await query(
+            """
+            UPDATE digest_runs SET status = 'PENDING', next_attempt_at = \(now), max_attempts = greatest(max_attempts, attempts + 1),
+                last_error = NULL, last_response = NULL, updated_at = now()
+            WHERE organisation_id = \(organisationID) AND id = \(id)
+              AND status = ANY(\(Self.retryableDigestRunStatuses.map(\.rawValue))::text[]) AND attempts < \(Self.mostAttempts)
+            RETURNING \(unescaped: digestRunColumns)
+            """)
+        return try rows.first.map(decodeDigestRun)
     }
 
     /// Readies a claimed run for sending, fenced on the lease: reads the items attached to it

@@ -92,6 +92,12 @@ struct AccessMatrixTests {
         let delivery = try #require(plan.deliveries.first).id
         // A retry needs a delivery that has stopped; a cancel one that has not gone out.
         if operation == "retryDelivery" { _ = try await org.store { tx in try await tx.cancelDelivery(delivery) } }
+        // A digest run exists once the workers made one; a retry needs one that did not go.
+        let run =
+            operation == "retryDigestRun"
+            ? try await org.digestRun(
+                of: org.memberID, slot: Date().addingTimeInterval(-60), ending: .dead(responseCode: 550, error: "refused"))
+            : UUID()
         let ids: [String: UUID] = try await org.store { tx in
             let suffix = UUID().uuidString.prefix(6).lowercased()
             let category = try await tx.createCategory(key: "c-\(suffix)", name: "C", description: "", critical: false)
@@ -119,7 +125,7 @@ struct AccessMatrixTests {
             return [
                 "userId": user.id, "roleId": role.id, "groupId": group.id, "keyId": key.id, "categoryId": category.id,
                 "typeId": type.id, "eventId": event.id, "notificationId": notification, "deliveryId": delivery, "endpointId": endpoint.id,
-                "jobId": try await tx.job(named: .retention).id,
+                "jobId": try await tx.job(named: .retention).id, "runId": run,
                 "scheduleId": try await tx.createSchedule(
                     id: UUID(), name: "s",
                     // The owner: a schedule naming the path's user would keep it from being deleted.

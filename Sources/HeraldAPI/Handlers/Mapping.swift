@@ -143,6 +143,15 @@ func mapped(_ channel: NotificationChannel) throws -> Components.Schemas.Endpoin
     }
 }
 
+/// A digest's cadence: DAILY or WEEKLY (the tables refuse any other).
+func mapped(_ frequency: Frequency) throws -> Components.Schemas.DigestFrequency {
+    switch frequency {
+    case .daily: .daily
+    case .weekly: .weekly
+    case .immediate, .none: throw UnmappableValue(type: "DigestFrequency", value: frequency.rawValue)
+    }
+}
+
 func mapped(_ severity: Severity) -> Components.Schemas.SeverityName {
     switch severity {
     case .info: .info
@@ -301,7 +310,7 @@ func mapped(_ state: EventState) -> Components.Schemas.Event.StatePayload {
     }
 }
 
-func mapped(_ status: DigestRunStatus) -> Components.Schemas.ExplainedChannel.DigestRunPayload.StatusPayload {
+func mapped(_ status: DigestRunStatus) -> Components.Schemas.DigestRunStatus {
     switch status {
     case .pending: .pending
     case .sending: .sending
