@@ -64,6 +64,14 @@ struct RecurrenceTests {
                 at("2026-05-01T08:00:00Z"), at("2026-05-08T08:00:00Z"), at("2026-05-15T08:00:00Z"), at("2026-05-22T08:00:00Z"),
                 at("2026-05-29T08:00:00Z"), at("2026-06-05T08:00:00Z"),
             ])
+        // The last day of each month (-1 counts from the end, RFC 5545), and the second to last.
+        let last = try rule("FREQ=MONTHLY;BYMONTHDAY=-1;BYHOUR=18;BYMINUTE=0", from: "2026-01-01T00:00:00Z", in: utc)
+        #expect(
+            last.occurrences(limit: 4) == [
+                at("2026-01-31T18:00:00Z"), at("2026-02-28T18:00:00Z"), at("2026-03-31T18:00:00Z"), at("2026-04-30T18:00:00Z"),
+            ])
+        let secondToLast = try rule("FREQ=DAILY;BYMONTHDAY=-2;BYHOUR=9;BYMINUTE=0", from: "2028-02-01T00:00:00Z", in: utc)
+        #expect(secondToLast.occurrences(limit: 2) == [at("2028-02-28T09:00:00Z"), at("2028-03-30T09:00:00Z")])
         let fifteenth = try rule("FREQ=MONTHLY", from: "2026-01-15T09:00:00Z", in: utc)
         #expect(fifteenth.occurrences(limit: 3) == [at("2026-01-15T09:00:00Z"), at("2026-02-15T09:00:00Z"), at("2026-03-15T09:00:00Z")])
     }
@@ -94,6 +102,8 @@ struct RecurrenceTests {
         #expect(reason("FREQ=DAILY;COUNT=3;UNTIL=20260105T000000Z")?.contains("COUNT and UNTIL") == true)
         #expect(reason("FREQ=WEEKLY;BYMONTHDAY=1")?.contains("BYMONTHDAY cannot be used with FREQ=WEEKLY") == true)
         #expect(reason("FREQ=DAILY;INTERVAL=0")?.contains("INTERVAL takes numbers from 1") == true)
+        #expect(reason("FREQ=MONTHLY;BYMONTHDAY=0")?.contains("-1 (the month's last day)") == true)
+        #expect(reason("FREQ=MONTHLY;BYMONTHDAY=-32")?.contains("'-32'") == true)
         #expect(reason("FREQ=DAILY;BYHOUR=24")?.contains("'24'") == true)
         #expect(reason("FREQ=DAILY;FREQ=WEEKLY")?.contains("given twice") == true)
         #expect(reason("FREQ=DAILY;UNTIL=tomorrow")?.contains("UNTIL must be") == true)

@@ -4,7 +4,8 @@ import Foundation
 /// for reminders on a rhythm (issue 11), in an IANA time zone.
 ///
 /// Supported parts: `FREQ` (`DAILY`, `WEEKLY`, `MONTHLY`), `INTERVAL`, `BYDAY` (weekdays
-/// without ordinals: `MO,WE`), `BYMONTHDAY` (1 to 31; not with `WEEKLY`), `BYHOUR`, `BYMINUTE`,
+/// without ordinals: `MO,WE`), `BYMONTHDAY` (1 to 31, or -1 for the month's last day to -31, as
+/// RFC 5545 counts from the end; not with `WEEKLY`), `BYHOUR`, `BYMINUTE`,
 /// `COUNT`, `UNTIL` (RFC 3339 or the iCalendar UTC form `20261231T235959Z`; not with `COUNT`).
 /// Anything else (`BYSETPOS`, `BYWEEKNO`, ordinals like `1MO`, `WKST`, `SECONDLY`…) is refused
 /// by name. Weeks start on Monday.
@@ -65,7 +66,10 @@ public struct Recurrence: Sendable, Equatable {
         self.timeZone = timeZone
         interval = try Self.numbers(parts["INTERVAL"], "INTERVAL", in: 1...1000).first ?? 1
         weekdays = try Self.weekdays(parts["BYDAY"])
-        monthDays = try Self.numbers(parts["BYMONTHDAY"], "BYMONTHDAY", in: 1...31)
+        monthDays = try Self.numbers(parts["BYMONTHDAY"], "BYMONTHDAY", in: -31...31)
+        if monthDays.contains(0) {
+            throw Invalid(description: "BYMONTHDAY takes 1 to 31, or -1 (the month's last day) to -31; '0' is not one.")
+        }
         hours = try Self.numbers(parts["BYHOUR"], "BYHOUR", in: 0...23)
         minutes = try Self.numbers(parts["BYMINUTE"], "BYMINUTE", in: 0...59)
         count = try Self.numbers(parts["COUNT"], "COUNT", in: 1...100_000).first
@@ -127,8 +131,11 @@ public struct Recurrence: Sendable, Equatable {
         return Array(Set(days.flatMap { day in times.map { day.instant(hour: $0.0, minute: $0.1, in: timeZone) } })).sorted()
     }
 
+    /// Whether `day` is one of the rule's: its weekday, and its day of the month counted from
+    /// the start (1) or from the end (-1, the last).
     private func matches(_ day: LocalDate) -> Bool {
-        (weekdays.isEmpty || weekdays.contains(day.isoWeekday)) && (monthDays.isEmpty || monthDays.contains(day.day))
+        (weekdays.isEmpty || weekdays.contains(day.isoWeekday))
+            && (monthDays.isEmpty || monthDays.contains(day.day) || monthDays.contains(day.day - day.daysInMonth - 1))
     }
 
     private static func numbers(_ text: String?, _ name: String, in range: ClosedRange<Int>) throws(Invalid) -> [Int] {
