@@ -77,16 +77,21 @@ struct ContractChecks: Sendable {
         if let problem = StrictJSON.problem(in: data) { throw APIError.badRequest(problem) }
         let needsWalk = !(route?.limits.isEmpty ?? true) || !(route?.bodyRules.isEmpty ?? true)
         if needsWalk || Self.mayHoldNull(data), let json = try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]) {
-            if let problem = Self.problem(in: json, at: "") { throw APIError.badRequest(problem) }
+            if let problem = Self.problem(in: json, at: "", clearing: Self.userClearingValues(route?.operationID)) {
+                throw APIError.badRequest(problem)
+            }
             if let problem = route?.bodyProblem(in: json) { throw problem }
             if let violation = route?.lengthViolation(in: json) { throw APIError.unprocessable(violation) }
         }
         return HTTPBody(data)
     }
 
-    /// The value that clears a field which has one (the organisation's setting applies again).
-    /// (Only names that mean the same wherever a body has them.)
-    static let clearingValues = ["digest_hour": "-1", "digest_weekday": "0", "timezone": "\"\""]
+    /// The values that clear a user's own setting (the organisation's applies again), for the
+    /// operations that change a user; elsewhere (the organisation's own digest hour) none does.
+    static func userClearingValues(_ operation: String?) -> [String: String] {
+        ["createUser", "importUsers", "updateUser", "updateMe"].contains(operation ?? "")
+            ? ["digest_hour": "-1", "digest_weekday": "0", "timezone": "\"\""] : [:]
+    }
 
     /// Whether the raw bytes contain `null` or `\u0000` at all: most bodies need no parse here.
     static func mayHoldNull(_ data: Data) -> Bool {
@@ -94,13 +99,13 @@ struct ContractChecks: Sendable {
     }
 
     /// The first `null` field or U+0000 in `value`, as a sentence naming where it is.
-    static func problem(in value: Any, at path: String, freeForm: Bool = false) -> String? {
+    static func problem(in value: Any, at path: String, freeForm: Bool = false, clearing: [String: String] = [:]) -> String? {
         switch value {
         case is NSNull:
             guard !freeForm else { return nil }
             let field = path.split(separator: ".").last.map(String.init) ?? ""
             // Fields that a value clears say which: null is the usual guess.
-            let clear = Self.clearingValues[field].map { " To clear \(field), send \($0)." } ?? ""
+            let clear = clearing[field].map { " To clear \(field), send \($0)." } ?? ""
             return
                 "\(path.isEmpty ? "body" : path): null is not accepted: give a value, or leave the field out where it is optional.\(clear)"
         case let text as String:
@@ -111,14 +116,14 @@ struct ContractChecks: Sendable {
                 let here = path.isEmpty ? key : "\(path).\(key)"
                 if key.unicodeScalars.contains("\u{0}") { return "\(path.isEmpty ? "body" : path): a key contains the character U+0000." }
                 let ownJSON = Self.anyValue.contains(key) || (Self.freeForm.contains(key) && !(member is NSNull))
-                if let found = problem(in: member, at: here, freeForm: freeForm || ownJSON) {
+                if let found = problem(in: member, at: here, freeForm: freeForm || ownJSON, clearing: clearing) {
                     return found
                 }
             }
             return nil
         case let array as [Any]:
             for (index, item) in array.enumerated() {
-                if let found = problem(in: item, at: "\(path)[\(index)]", freeForm: freeForm) { return found }
+                if let found = problem(in: item, at: "\(path)[\(index)]", freeForm: freeForm, clearing: clearing) { return found }
             }
             return nil
         default:

@@ -221,8 +221,9 @@ extension TenantTransaction {
     }
 
     /// Holds the organisation's row against the notifies writing digest items (`digestSlots`)
-    /// until this transaction ends: call it before changing a user's digest hour, weekday or
-    /// time zone, then `reslotWaitingDigestItems`. (A change of the organisation's own updates
+    /// until this transaction ends: call it before changing a user's digest hour, weekday, time
+    /// zone or email preferences (or the organisation's default ones), then
+    /// `reslotWaitingDigestItems`. (A change of the organisation's own updates
     /// that row, which holds it the same way.)
     public func holdDigestSchedules() async throws {
         try await query("SELECT 1 FROM organisations WHERE id = \(organisationID) FOR NO KEY UPDATE")
@@ -236,8 +237,9 @@ extension TenantTransaction {
     /// After a change of the email frequency (the user's, or the organisation's default they
     /// inherit): `DAILY` ↔ `WEEKLY` moves the items to the other cadence's slot (a trial's user
     /// who chose weekly got the daily digest of what was waiting); `IMMEDIATE` makes them due at
-    /// once, as one digest of what waited rather than one email each; off or `NONE` leaves them
-    /// for the send to drop. A thousand users at a time, so an organisation's change holds one
+    /// once, as one digest of what waited rather than one email each (an item of an event due
+    /// later waits for that time); off or `NONE` leaves them for the send to drop. The cell is
+    /// resolved by `PreferenceResolver`, as notify resolves it. A thousand users at a time, so an organisation's change holds one
     /// batch in memory. Returns how many moved.
     @discardableResult
     public func reslotWaitingDigestItems(of users: [UUID]?, now: Date) async throws -> Int {
@@ -255,42 +257,58 @@ extension TenantTransaction {
         var movedCount = 0
         for start in stride(from: 0, to: waitingUsers.count, by: 1000) {
             let batch = Array(waitingUsers[start..<min(start + 1000, waitingUsers.count)])
-            // The frequency each item's cell resolves to now (PreferenceResolver: the user's
-            // setting, else the organisation's default, else the type's: immediate on its default
-            // channels); an item whose type is gone keeps its own.
+            // Each item with what its cell resolves from now (`PreferenceResolver`): the user's
+            // setting, the organisation's default, the type's default channels (none when the
+            // type is gone: the item keeps its frequency) and whether the category is critical.
             let waiting = try await query(
                 """
-                SELECT i.id, i.user_id, i.frequency, i.due_after, i.slot_at, coalesce(
-                    (SELECT CASE WHEN p.enabled THEN p.frequency ELSE 'NONE' END FROM preferences p
-                     WHERE p.organisation_id = i.organisation_id AND p.user_id = i.user_id AND p.category_id = i.category_id
-                       AND p.channel = i.channel),
-                    (SELECT CASE WHEN d.enabled THEN d.frequency ELSE 'NONE' END FROM preference_defaults d
-                     WHERE d.organisation_id = i.organisation_id AND d.category_id = i.category_id AND d.channel = i.channel),
-                    (SELECT CASE WHEN i.channel::text = ANY(t.default_channels) THEN 'IMMEDIATE' ELSE 'NONE' END
-                     FROM events e JOIN notification_types t ON t.organisation_id = e.organisation_id AND t.id = e.type_id
-                     WHERE e.organisation_id = i.organisation_id AND e.id = i.event_id),
-                    i.frequency)
+                SELECT i.id, i.user_id, i.channel, i.frequency, i.due_after, i.slot_at, p.enabled, p.frequency, d.enabled, d.frequency,
+                       t.default_channels, c.critical
                 FROM digest_items i
+                LEFT JOIN preferences p ON p.organisation_id = i.organisation_id AND p.user_id = i.user_id
+                     AND p.category_id = i.category_id AND p.channel = i.channel
+                LEFT JOIN preference_defaults d ON d.organisation_id = i.organisation_id AND d.category_id = i.category_id
+                     AND d.channel = i.channel
+                LEFT JOIN events e ON e.organisation_id = i.organisation_id AND e.id = i.event_id
+                LEFT JOIN notification_types t ON t.organisation_id = e.organisation_id AND t.id = e.type_id
+                LEFT JOIN categories c ON c.organisation_id = i.organisation_id AND c.id = i.category_id
                 WHERE i.organisation_id = \(organisationID) AND i.user_id = ANY(\(batch)::uuid[]) AND i.run_id IS NULL
                   AND i.sent_at IS NULL AND i.cancelled_at IS NULL AND i.slot_at > greatest(\(now), now())
                 """
-            ).map { try $0.decode((UUID, UUID, Frequency, Date, Date, Frequency).self, table: "digest_items") }
+            ).map { row in
+                let (id, user, channel, current, dueAfter, slot, own, ownFrequency, fallback, fallbackFrequency, channels, critical) =
+                    try row.decode(
+                        (UUID, UUID, NotificationChannel, Frequency, Date, Date, Bool?, Frequency?, Bool?, Frequency?, [String]?, Bool?)
+                            .self,
+                        table: "digest_items")
+                var wanted = current
+                if let channels {
+                    let resolved = PreferenceResolver.resolve(
+                        channel: channel, categoryIsCritical: critical ?? false,
+                        typeDefaultChannels: Set(channels.compactMap(NotificationChannel.init(rawValue:))),
+                        user: own.map { PreferenceSetting(enabled: $0, frequency: ownFrequency ?? .none) },
+                        organisationDefault: fallback.map { PreferenceSetting(enabled: $0, frequency: fallbackFrequency ?? .none) })
+                    wanted = resolved.enabled ? resolved.frequency : .none
+                }
+                return (id: id, user: user, current: current, dueAfter: dueAfter, slot: slot, wanted: wanted)
+            }
             guard !waiting.isEmpty else { continue }
-            let users = Array(Set(waiting.map(\.1)))
+            let users = Array(Set(waiting.map(\.user)))
             let schedules = try await digestSchedules(for: users)
             // Nor into a slot whose digest is already made (as `digestSlots`).
             let made = try await madeSlots(for: users, after: now)
             var moved: [(id: UUID, frequency: Frequency, slot: Date)] = []
-            for (id, user, current, dueAfter, slot, wanted) in waiting {
-                guard let schedules = schedules[user] else { continue }
-                switch wanted {
+            for item in waiting {
+                guard let schedules = schedules[item.user] else { continue }
+                switch item.wanted {
                 case .daily, .weekly:
-                    let schedule = wanted == .weekly ? schedules.weekly : schedules.daily
-                    let fresh = made.free(schedule.slot(after: max(now, dueAfter)), of: user, wanted, in: schedule)
-                    if fresh != slot || wanted != current { moved.append((id, wanted, fresh)) }
+                    let schedule = item.wanted == .weekly ? schedules.weekly : schedules.daily
+                    let fresh = made.free(schedule.slot(after: max(now, item.dueAfter)), of: item.user, item.wanted, in: schedule)
+                    if fresh != item.slot || item.wanted != item.current { moved.append((item.id, item.wanted, fresh)) }
                 case .immediate:
-                    // Due at once (or at the event's own later time): the next claim makes its run.
-                    moved.append((id, current, max(now, dueAfter)))
+                    // Due at once, all under one frequency and one slot, so the next claim makes
+                    // one run of them (an item of an event due later waits for its own time).
+                    moved.append((item.id, .daily, max(now, item.dueAfter)))
                 case .none:
                     continue
                 }
@@ -379,8 +397,8 @@ extension TenantTransaction {
     /// Puts a FAILED or DEAD run back in the queue, due at `now` (the workers' clock of due
     /// times), with its attempts budget extended by one (up to `mostAttempts`), as
     /// `retryDelivery` does a delivery's. Its items stay attached as the run froze them: a DEAD
-    /// run marks none sent nor dropped, so the next attempt sends them, under the same
-    /// Message-ID, each item checked again (an item that no longer qualifies is dropped then).
+    /// run marks none sent, so the next attempt sends them, under the same Message-ID, each item
+    /// checked again (those an attempt dropped as no longer qualifying stay dropped).
     /// Nil when the run is in another state, has used `mostAttempts`, or does not exist.
     public func retryDigestRun(_ id: UUID, now: Date) async throws -> DigestRun? {
         let rows = try await query(

@@ -276,7 +276,7 @@ struct AdminAPITests {
     @Test(
         "a user is erased with everything recorded about them; not while a message to them is being sent, nor while a schedule names them")
     func eraseUser() async throws {
-        try await withCatalogue { org, _, client in
+        try await withCatalogue { org, catalogue, client in
             let member = org.memberID
             let group = try await client.send(.post, "/v1/groups", token: org.ownerToken, json: #"{"key": "erase", "name": "Erase"}"#)
             let groupID = try group.decoded(Components.Schemas.Group.self).id
@@ -293,6 +293,16 @@ struct AdminAPITests {
             let other = try await org.store { tx in try await tx.createUser(NewUser(email: "other@x.example", displayName: "Other")).id }
             let (event, _) = try await org.notify(
                 EventRequest(typeKey: "ISQ_CRITICAL", audience: Audience(userIDs: [member, other]), payload: .object([:])))
+            // And a task waiting for the member's daily digest.
+            try await org.store { tx in
+                try await tx.replacePreferences(
+                    ofUser: member,
+                    with: [
+                        PreferenceCell(
+                            categoryID: catalogue.activity, channel: .email, setting: PreferenceSetting(enabled: true, frequency: .daily))
+                    ])
+            }
+            try await org.assignTask(to: [member], title: "waits for the digest")
             func rows(of user: UUID) async throws -> [Int] {
                 let counts = try await org.store { tx in
                     try await tx.query(
@@ -346,7 +356,7 @@ struct AdminAPITests {
             #expect(entries.map { $0["action"] as? String } == ["user.delete", "user.update"], "\(log.text)")
             #expect(!log.text.contains("member@") && !log.text.contains("Dr Member"), "\(log.text)")
             let counted = (entries.first?["after"] as? [String: Any])?["erased"] as? [String: Any]
-            #expect(counted?["deliveries"] as? Int == 1 && counted?["digest_items"] as? Int == 0, "\(log.text)")
+            #expect(counted?["deliveries"] as? Int == 1 && counted?["digest_items"] as? Int == 1, "\(log.text)")
             #expect((entries.last?["before"] as? [String: Any])?["erased"] as? Bool == true, "\(log.text)")
         }
     }

@@ -856,8 +856,22 @@ struct IntegratorGapTests {
 extension TestOrganisation {
     /// A new API key of the built-in service role (an integrator's backend), made by the owner.
     func serviceKey() async throws -> String {
+        try await apiKey(role: try await store { tx in try await tx.builtinRole(.service).id })
+    }
+
+    /// The secret of an API key whose role has exactly `permissions` (a role made for it).
+    func apiKey(permissions: [Permission]) async throws -> String {
+        try await apiKey(
+            role: try await store { tx in
+                try await tx.createRole(
+                    key: "key-\(UUID().uuidString.prefix(6).lowercased())", name: "Key", description: "", permissions: Set(permissions)
+                ).id
+            })
+    }
+
+    private func apiKey(role: UUID) async throws -> String {
         let env = try await TestEnvironment.shared
-        let service = try await store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
+        let service = role.uuidString.lowercased()
         let app = try env.application()
         return try await app.test(.router) { client in
             let created = try await client.send(

@@ -345,10 +345,10 @@ struct DigestTests {
             }
             let zone = try await client.send(.patch, "/v1/me", token: org.memberToken, json: #"{"timezone": "Mars/Olympus"}"#)
             #expect(zone.isProblem(.unprocessableContent) && (zone.json["detail"] as? String ?? "").hasPrefix("timezone"), "\(zone.text)")
-            let apiKey = try await org.serviceKey()
+            // A key, even one whose role has preferences.manage, is no user: 400 saying to use a user's token.
+            let apiKey = try await org.apiKey(permissions: [.preferencesManage])
             let key = try await client.send(.patch, "/v1/me", token: apiKey, json: #"{"digest_hour": 9}"#)
-            // The built-in service role has no preferences.manage; a key whose role has it is a 400 (requireUser).
-            #expect(key.isProblem(.forbidden), "\(key.text)")
+            #expect(key.isProblem(.badRequest) && (key.json["detail"] as? String ?? "").contains("user's access token"), "\(key.text)")
             #expect(try await client.send(.get, "/v1/me", token: apiKey).json["profile"] == nil)
             let audit = try await client.send(.get, "/v1/audit-log?action=user.update", token: org.ownerToken)
             #expect((audit.json["items"] as? [[String: Any]])?.count == 2, "\(audit.text)")

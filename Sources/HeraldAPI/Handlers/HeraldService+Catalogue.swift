@@ -169,7 +169,10 @@ extension HeraldService {
         try draft?.validate(at: "template")
         let url = try body.url.map { v throws(ValidationError) in try Validate.linkURL(v, field: "url") }
         let format = body.format.map { EndpointFormat(rawValue: $0.rawValue) ?? .slack }
-        let (planned, user) = try await tenant { tx, _ in
+        let (planned, user) = try await tenant { tx, principal in
+            // A user's name, address and attributes are what `users.read` shows: a key that may
+            // only edit templates previews with the sample recipient.
+            if userID != nil, !principal.permissions.contains(.usersRead) { throw APIError.forbidden(.usersRead) }
             let type = try await tx.notificationType(id)
             let request = EventRequest(
                 typeKey: type.key, audience: Audience(), payload: try convert(body.payload ?? .init()),

@@ -99,9 +99,10 @@ extension HeraldService {
             summary.types += 1
         }
         if let defaults = document.preferenceDefaults {
-            try await tx.holdDigestSchedules()
-            try await tx.replacePreferenceDefaults(with: try await cells(.init(items: defaults), tx))
-            try await tx.reslotWaitingDigestItems(of: nil, now: now())
+            let new = try await cells(.init(items: defaults), tx)
+            try await replacing(try await tx.preferenceDefaults(), with: new, of: nil, tx) {
+                try await tx.replacePreferenceDefaults(with: new)
+            }
             summary.preferenceDefaults = defaults.count
         }
         if let digestTemplates = plan.digestTemplates {

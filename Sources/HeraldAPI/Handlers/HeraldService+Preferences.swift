@@ -16,11 +16,10 @@ extension HeraldService {
     ) async throws -> Operations.ReplacePreferenceDefaults.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         let list = try await tenant { tx, _ in
-            let before = try await preferenceList(try await tx.preferenceDefaults(), tx)
-            try await tx.holdDigestSchedules()
-            try await tx.replacePreferenceDefaults(with: try await cells(body, tx))
-            // A new default frequency: what waits for a digest follows it (those who inherit it).
-            try await tx.reslotWaitingDigestItems(of: nil, now: now())
+            let current = try await tx.preferenceDefaults()
+            let before = try await preferenceList(current, tx)
+            let new = try await cells(body, tx)
+            try await replacing(current, with: new, of: nil, tx) { try await tx.replacePreferenceDefaults(with: new) }
             let after = try await preferenceList(try await tx.preferenceDefaults(), tx)
             try await tx.audit(
                 action: "preference_defaults.replace", targetType: "organisation", targetID: tx.organisationID.lowercased,
@@ -81,6 +80,24 @@ extension HeraldService {
         return user
     }
 
+    /// Runs `write`, which replaces the cells `current` with `new` (a user's, or with `users`
+    /// nil the organisation's defaults). When an email cell changes, the digest items that wait
+    /// follow the new frequency (`reslotWaitingDigestItems`: weekly, daily, or now), the
+    /// organisation's row held first against notifies writing items (`holdDigestSchedules`);
+    /// other changes hold nothing.
+    func replacing(
+        _ current: [PreferenceCell], with new: [PreferenceCell], of users: [UUID]?, _ tx: TenantTransaction,
+        write: () async throws -> Void
+    ) async throws {
+        let email = { (cells: [PreferenceCell]) in
+            Set(cells.filter { $0.channel == .email }.map { "\($0.categoryID)|\($0.setting.enabled)|\($0.setting.frequency.rawValue)" })
+        }
+        let reslots = email(current) != email(new)
+        if reslots { try await tx.holdDigestSchedules() }
+        try await write()
+        if reslots { try await tx.reslotWaitingDigestItems(of: users, now: now()) }
+    }
+
     private func replacePreferences(
         of userID: UUID, _ body: Components.Schemas.PreferenceList
     ) async throws -> Components.Schemas.PreferenceList {
@@ -90,11 +107,10 @@ extension HeraldService {
             if principal.actor.userID != userID {
                 try requireHolds(try await tx.permissions(ofUser: userID).filter { !$0.concernsOnlyTheHolder }, principal)
             }
-            let before = try await preferenceList(try await tx.preferences(ofUser: userID), tx)
-            try await tx.holdDigestSchedules()
-            try await tx.replacePreferences(ofUser: userID, with: try await cells(body, tx))
-            // A new frequency: what waits for a digest follows it (weekly, daily, or now).
-            try await tx.reslotWaitingDigestItems(of: [userID], now: now())
+            let current = try await tx.preferences(ofUser: userID)
+            let before = try await preferenceList(current, tx)
+            let new = try await cells(body, tx)
+            try await replacing(current, with: new, of: [userID], tx) { try await tx.replacePreferences(ofUser: userID, with: new) }
             let after = try await preferenceList(try await tx.preferences(ofUser: userID), tx)
             try await tx.audit(
                 action: "preferences.replace", targetType: "user", targetID: userID.lowercased,

@@ -32,9 +32,10 @@ extension HeraldService {
         enum Outcome: Sendable { case created(Schedule), replayed(Schedule) }
         let outcome: Outcome = try await tenant { tx, _ in
             // A retried create answers the schedule the first one made: never two schedules
-            // sending every occurrence twice. Apart from events' keys (a prefix of their own).
+            // sending every occurrence twice. Locked apart from events' keys: theirs may not begin
+            // with `schedule:`, and occurrences' go on with a schedule's id, not `create`.
             if let key {
-                guard try await tx.lockIdempotencyKey("schedules.create:\(key)") else {
+                guard try await tx.lockIdempotencyKey("\(Schedule.idempotencyPrefix)create:\(key)") else {
                     throw APIError.conflict("A request with this Idempotency-Key is still being processed; retry later.")
                 }
                 if let (first, firstHash) = try await tx.schedule(idempotencyKey: key) {

@@ -395,7 +395,9 @@ public enum NotificationPlanner {
         (input.type.templates[channel] ?? [:]).isEmpty ? .inApp : channel
     }
 
-    /// The in-app row's title and text for the recipient, as notify writes it (bounded).
+    /// The in-app row's title and text for the recipient: the template notify picks, with the
+    /// context and bounds notify gives it (notify itself renders through its cache of parsed
+    /// templates and the event's shared context, to the same result).
     public static func inAppContent(_ input: PlanInput, _ profile: RecipientProfile) -> TemplateContent {
         InAppText.bounded(render(input, profile, channel: .inApp))
     }
