@@ -14,7 +14,12 @@ public enum EventState: String, Sendable, CaseIterable {
     case cancelled = "CANCELLED"
 }
 
-public struct EventRecord: Sendable, Equatable {
+/// Something a request with an Idempotency-Key made, with the hash of that request's body.
+public protocol HasRequestHash {
+    var requestHash: String? { get }
+}
+
+public struct EventRecord: Sendable, Equatable, HasRequestHash {
     public var id: UUID
     public var typeID: UUID
     public var typeKey: String

@@ -46,6 +46,12 @@ public struct ClaimedSchedule: Sendable, Hashable {
     public var occurrence: Date
 }
 
+/// A schedule a create with an Idempotency-Key made (`schedule(idempotencyKey:)`).
+public struct KeyedSchedule: Sendable, HasRequestHash {
+    public var schedule: Schedule
+    public var requestHash: String?
+}
+
 /// What sending one occurrence did.
 public enum OccurrenceOutcome: Sendable, Equatable {
     /// Sent as this event (or found already sent under its idempotency key).
@@ -164,14 +170,14 @@ extension TenantTransaction {
 
     /// The schedule a create with `key` made, with the hash of that request; nil when none
     /// (never made, or deleted since). Take `lockIdempotencyKey` first.
-    public func schedule(idempotencyKey key: String) async throws -> (schedule: Schedule, requestHash: String?)? {
+    public func schedule(idempotencyKey key: String) async throws -> KeyedSchedule? {
         guard
             let row = try await query(
                 "SELECT id, request_hash FROM schedules WHERE organisation_id = \(organisationID) AND idempotency_key = \(key)"
             ).first
         else { return nil }
         let (id, hash) = try row.decode((UUID, String?).self, table: "schedules")
-        return (try await schedule(id), hash)
+        return KeyedSchedule(schedule: try await schedule(id), requestHash: hash)
     }
 
     /// Locks the groups, roles and users `audience` names (`FOR KEY SHARE`) until this transaction ends,

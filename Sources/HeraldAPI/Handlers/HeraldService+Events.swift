@@ -25,11 +25,7 @@ extension HeraldService {
         let now = now()
         enum Outcome: Sendable { case created(EventRecord), replayed(EventRecord) }
         let outcome: Outcome = try await tenant { tx, _ in
-            if let first = try await firstEvent(under: key, tx) {
-                guard first.requestHash == hash else {
-                    throw APIError.unprocessable(
-                        ValidationError(field: "Idempotency-Key", message: "was already used with a different body."))
-                }
+            if let key, let first = try await firstAnswer(lock: key, hash: hash, tx, find: { try await tx.event(idempotencyKey: key) }) {
                 return .replayed(first)
             }
             // Checked after the replay: retrying a stored request later still gets its first answer.
@@ -59,10 +55,28 @@ extension HeraldService {
     /// lock is taken: a second request with the same key while the first runs is a 409.
     func firstEvent(under key: String?, _ tx: TenantTransaction) async throws -> EventRecord? {
         guard let key else { return nil }
+        try await lockIdempotencyKey(key, tx)
+        return try await tx.event(idempotencyKey: key)
+    }
+
+    /// What the first request with an Idempotency-Key made (`find`, with its request's hash), to
+    /// answer again; nil when none did. Under the key's lock (`lock`): a second request while the
+    /// first runs is a 409, and one with another body (`hash`) a 422.
+    func firstAnswer<Record: HasRequestHash>(
+        lock: String, hash: String, _ tx: TenantTransaction, find: () async throws -> Record?
+    ) async throws -> Record? {
+        try await lockIdempotencyKey(lock, tx)
+        guard let first = try await find() else { return nil }
+        guard first.requestHash == hash else {
+            throw APIError.unprocessable(ValidationError(field: "Idempotency-Key", message: "was already used with a different body."))
+        }
+        return first
+    }
+
+    private func lockIdempotencyKey(_ key: String, _ tx: TenantTransaction) async throws {
         guard try await tx.lockIdempotencyKey(key) else {
             throw APIError.conflict("A request with this Idempotency-Key is still being processed; retry later.")
         }
-        return try await tx.event(idempotencyKey: key)
     }
 
     func dryRunEvent(_ input: Operations.DryRunEvent.Input) async throws -> Operations.DryRunEvent.Output {

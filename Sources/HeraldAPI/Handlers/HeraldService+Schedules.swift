@@ -34,17 +34,12 @@ extension HeraldService {
             // A retried create answers the schedule the first one made: never two schedules
             // sending every occurrence twice. Locked apart from events' keys: theirs may not begin
             // with `schedule:`, and occurrences' go on with a schedule's id, not `create`.
-            if let key {
-                guard try await tx.lockIdempotencyKey("\(Schedule.idempotencyPrefix)create:\(key)") else {
-                    throw APIError.conflict("A request with this Idempotency-Key is still being processed; retry later.")
-                }
-                if let (first, firstHash) = try await tx.schedule(idempotencyKey: key) {
-                    guard firstHash == hash else {
-                        throw APIError.unprocessable(
-                            ValidationError(field: "Idempotency-Key", message: "was already used with a different body."))
-                    }
-                    return .replayed(first)
-                }
+            if let key,
+                let first = try await firstAnswer(
+                    lock: "\(Schedule.idempotencyPrefix)create:\(key)", hash: hash, tx, find: { try await tx.schedule(idempotencyKey: key) }
+                )
+            {
+                return .replayed(first.schedule)
             }
             // Checked after the replay: retrying a stored request later still gets its first answer.
             let startsAt = try checkedStart(body.startsAt ?? now, now: now)
