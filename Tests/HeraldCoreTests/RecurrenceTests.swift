@@ -72,6 +72,12 @@ struct RecurrenceTests {
             ])
         let secondToLast = try rule("FREQ=DAILY;BYMONTHDAY=-2;BYHOUR=9;BYMINUTE=0", from: "2028-02-01T00:00:00Z", in: utc)
         #expect(secondToLast.occurrences(limit: 2) == [at("2028-02-28T09:00:00Z"), at("2028-03-30T09:00:00Z")])
+        // BYHOUR without BYMINUTE is on the hour, whatever minute the start has; with neither,
+        // the start's hour and minute.
+        let onTheHour = try rule("FREQ=MONTHLY;BYMONTHDAY=1;BYHOUR=17", from: "2026-01-01T09:45:00Z", in: utc)
+        #expect(onTheHour.occurrences(limit: 2) == [at("2026-01-01T17:00:00Z"), at("2026-02-01T17:00:00Z")])
+        let asStarted = try rule("FREQ=DAILY", from: "2026-01-01T09:45:00Z", in: utc)
+        #expect(asStarted.occurrences(limit: 1) == [at("2026-01-01T09:45:00Z")])
         let fifteenth = try rule("FREQ=MONTHLY", from: "2026-01-15T09:00:00Z", in: utc)
         #expect(fifteenth.occurrences(limit: 3) == [at("2026-01-15T09:00:00Z"), at("2026-02-15T09:00:00Z"), at("2026-03-15T09:00:00Z")])
     }

@@ -14,8 +14,10 @@ import Foundation
 /// occurrence unless the rule matches it (iCalendar always counts DTSTART); and wall times that
 /// daylight saving time skips or repeats follow the digest slots' rules (`DigestSchedule`): a
 /// skipped time moves to the next minute that exists, a repeated one happens once, the first.
-/// Parts left out default from `start` in the zone: its hour and minute, its weekday (`WEEKLY`),
-/// its day of the month (`MONTHLY`; a month without that day has no occurrence).
+/// Parts left out default from `start` in the zone: its hour and minute (with `BYHOUR` given,
+/// the minute is 0: RFC 5545 would take DTSTART's, but Herald's start defaults to the moment the
+/// schedule is saved), its weekday (`WEEKLY`), its day of the month (`MONTHLY`; a month without
+/// that day has no occurrence).
 public struct Recurrence: Sendable, Equatable {
     public enum Frequency: String, Sendable {
         case daily = "DAILY"
@@ -79,8 +81,10 @@ public struct Recurrence: Sendable, Equatable {
         if parts["INTERVAL"]?.contains(",") == true || parts["COUNT"]?.contains(",") == true {
             throw Invalid(description: "INTERVAL and COUNT take one number.")
         }
+        // `BYHOUR=17` alone is 17:00, not 17 and the minute the schedule happened to be saved at
+        // (a trial's reminder went at 09:45): the start's minute only goes with the start's hour.
+        if minutes.isEmpty { minutes = [hours.isEmpty ? clock % 3600 / 60 : 0] }
         if hours.isEmpty { hours = [clock / 3600] }
-        if minutes.isEmpty { minutes = [clock % 3600 / 60] }
         if frequency == .weekly, weekdays.isEmpty { weekdays = [local.isoWeekday] }
         if frequency == .monthly, weekdays.isEmpty, monthDays.isEmpty { monthDays = [local.day] }
     }
