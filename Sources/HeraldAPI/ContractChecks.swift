@@ -77,7 +77,7 @@ struct ContractChecks: Sendable {
         if let problem = StrictJSON.problem(in: data) { throw APIError.badRequest(problem) }
         let needsWalk = !(route?.limits.isEmpty ?? true) || !(route?.bodyRules.isEmpty ?? true)
         if needsWalk || Self.mayHoldNull(data), let json = try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]) {
-            if let problem = Self.problem(in: json, at: "", clearing: Self.userClearingValues(route?.operationID)) {
+            if let problem = Self.problem(in: json, at: "", operation: route?.operationID) {
                 throw APIError.badRequest(problem)
             }
             if let problem = route?.bodyProblem(in: json) { throw problem }
@@ -86,11 +86,11 @@ struct ContractChecks: Sendable {
         return HTTPBody(data)
     }
 
-    /// The values that clear a user's own setting (the organisation's applies again), for the
-    /// operations that change a user; elsewhere (the organisation's own digest hour) none does.
-    static func userClearingValues(_ operation: String?) -> [String: String] {
-        ["createUser", "importUsers", "updateUser", "updateMe"].contains(operation ?? "")
-            ? ["digest_hour": "-1", "digest_weekday": "0", "timezone": "\"\""] : [:]
+    /// The value that clears a user's own setting `field` (the organisation's applies again), in
+    /// the operations that change a user; elsewhere (the organisation's own digest hour) none does.
+    static func clearingValue(of field: String, in operation: String?) -> String? {
+        guard let operation, ["createUser", "importUsers", "updateUser", "updateMe"].contains(operation) else { return nil }
+        return ["digest_hour": "-1", "digest_weekday": "0", "timezone": "\"\""][field]
     }
 
     /// Whether the raw bytes contain `null` or `\u0000` at all: most bodies need no parse here.
@@ -99,13 +99,13 @@ struct ContractChecks: Sendable {
     }
 
     /// The first `null` field or U+0000 in `value`, as a sentence naming where it is.
-    static func problem(in value: Any, at path: String, freeForm: Bool = false, clearing: [String: String] = [:]) -> String? {
+    static func problem(in value: Any, at path: String, freeForm: Bool = false, operation: String? = nil) -> String? {
         switch value {
         case is NSNull:
             guard !freeForm else { return nil }
             let field = path.split(separator: ".").last.map(String.init) ?? ""
             // Fields that a value clears say which: null is the usual guess.
-            let clear = clearing[field].map { " To clear \(field), send \($0)." } ?? ""
+            let clear = Self.clearingValue(of: field, in: operation).map { " To clear \(field), send \($0)." } ?? ""
             return
                 "\(path.isEmpty ? "body" : path): null is not accepted: give a value, or leave the field out where it is optional.\(clear)"
         case let text as String:
@@ -116,14 +116,14 @@ struct ContractChecks: Sendable {
                 let here = path.isEmpty ? key : "\(path).\(key)"
                 if key.unicodeScalars.contains("\u{0}") { return "\(path.isEmpty ? "body" : path): a key contains the character U+0000." }
                 let ownJSON = Self.anyValue.contains(key) || (Self.freeForm.contains(key) && !(member is NSNull))
-                if let found = problem(in: member, at: here, freeForm: freeForm || ownJSON, clearing: clearing) {
+                if let found = problem(in: member, at: here, freeForm: freeForm || ownJSON, operation: operation) {
                     return found
                 }
             }
             return nil
         case let array as [Any]:
             for (index, item) in array.enumerated() {
-                if let found = problem(in: item, at: "\(path)[\(index)]", freeForm: freeForm, clearing: clearing) { return found }
+                if let found = problem(in: item, at: "\(path)[\(index)]", freeForm: freeForm, operation: operation) { return found }
             }
             return nil
         default:
