@@ -15,6 +15,9 @@ public enum APIError: Error, Sendable, Equatable {
     case notHeld(Permission)
     /// A browser's preflight from an origin `HERALD_CORS_ORIGINS` does not list.
     case originNotAllowed(String)
+    /// The caller may call the operation, but what it proved does not hold (a wrong current
+    /// password): 403 with `detail`.
+    case refused(String)
     case notFound(resource: String)
     case noRoute(method: String, path: String)
     /// The path exists with other methods (RFC 9110 §15.5.6: 405 with `Allow`).
@@ -43,7 +46,7 @@ public enum APIError: Error, Sendable, Equatable {
         switch self {
         case .badRequest: .badRequest
         case .unauthorized: .unauthorized
-        case .forbidden, .notHeld, .originNotAllowed: .forbidden
+        case .forbidden, .notHeld, .originNotAllowed, .refused: .forbidden
         case .notFound, .noRoute: .notFound
         case .methodNotAllowed: .methodNotAllowed
         case .conflict: .conflict
@@ -61,7 +64,7 @@ public enum APIError: Error, Sendable, Equatable {
             switch self {
             case .badRequest: "bad-request"
             case .unauthorized: "unauthorized"
-            case .forbidden, .notHeld, .originNotAllowed: "forbidden"
+            case .forbidden, .notHeld, .originNotAllowed, .refused: "forbidden"
             case .notFound, .noRoute: "not-found"
             case .methodNotAllowed: "method-not-allowed"
             case .conflict: "conflict"
@@ -78,7 +81,7 @@ public enum APIError: Error, Sendable, Equatable {
     var detail: String {
         switch self {
         case .badRequest(let detail), .unauthorized(let detail), .conflict(let detail), .notReady(let detail),
-            .unsupportedMediaType(let detail):
+            .unsupportedMediaType(let detail), .refused(let detail):
             detail
         case .notHeld(let permission):
             "This change concerns the permission \"\(permission.rawValue)\", which you do not hold: you can only grant, take away "
@@ -122,7 +125,7 @@ public enum APIError: Error, Sendable, Equatable {
         case .internalError: .error
         // Expected while PostgreSQL is away or the instance stops; the operator's alert is readiness.
         case .notReady: .warning
-        case .unauthorized, .forbidden, .notHeld, .originNotAllowed, .tooManyRequests, .rateLimited: .notice
+        case .unauthorized, .forbidden, .notHeld, .originNotAllowed, .refused, .tooManyRequests, .rateLimited: .notice
         default: .debug
         }
     }

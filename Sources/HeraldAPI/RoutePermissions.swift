@@ -18,10 +18,10 @@ enum AccessRule: Sendable, Equatable {
 /// | getHealth, getReadiness, getMetrics, getJWKS, createToken, refreshToken, logout | public |
 /// | followLink, showUnsubscribe, unsubscribe, showKeepSubscribed, keepSubscribed (the signed token is the credential) | public |
 /// | list/create/get/update/deleteEndpoint, rotateEndpointSecret | endpoints.manage |
-/// | getMe, listPermissions, getOrganisation | authenticated |
+/// | getMe, changeMyPassword, listPermissions, getOrganisation | authenticated |
 /// | updateOrganisation | organisation.manage |
 /// | listUsers, getUser | users.read |
-/// | createUser, importUsers (and groups.manage with group_ids), updateUser, deleteUser, deactivateUser, reactivateUser | users.manage |
+/// | createUser, importUsers (and groups.manage with group_ids), updateUser, setUserPassword, deleteUser, deactivateUser, reactivateUser | users.manage |
 /// | listRoles, getRole | roles.read |
 /// | createRole, updateRole, deleteRole, setUserRoles | roles.manage |
 /// | listGroups, getGroup, listGroupMembers | groups.read |
@@ -82,6 +82,7 @@ enum RoutePermissions {
         "deleteEndpoint": .permission(.endpointsManage),
         "rotateEndpointSecret": .permission(.endpointsManage),
         "getMe": .authenticated,
+        "changeMyPassword": .authenticated,
         "updateMe": .permission(.preferencesManage),
         "listPermissions": .authenticated,
         "getOrganisation": .authenticated,
@@ -91,6 +92,7 @@ enum RoutePermissions {
         "createUser": .permission(.usersManage),
         "importUsers": .permission(.usersManage),
         "updateUser": .permission(.usersManage),
+        "setUserPassword": .permission(.usersManage),
         "deactivateUser": .permission(.usersManage),
         "deleteUser": .permission(.usersManage),
         "reactivateUser": .permission(.usersManage),

@@ -108,7 +108,8 @@ public enum Validate {
 
     /// A password of 12 to 1024 characters (NIST SP 800-63B: length over composition rules).
     public static func password(_ value: String, field: String = "password") throws(ValidationError) -> String {
-        guard value.count >= 12, value.count <= 1024 else {
+        // Counted in Unicode code points, as the schema's minLength and maxLength count.
+        guard value.unicodeScalars.count >= 12, value.unicodeScalars.count <= 1024 else {
             throw ValidationError(field: field, message: "must be 12 to 1024 characters.")
         }
         return value

@@ -70,6 +70,8 @@ public enum AuditAction {
         "user.deactivate",
         "user.inactivity_switch_off",
         "user.keep_subscribed",
+        "user.password.change",
+        "user.password.set",
         "user.reactivate",
         "user.roles.set",
         "user.update",

@@ -225,6 +225,19 @@ extension TenantTransaction {
         )
         return rows.count
     }
+
+    /// Revokes every live refresh token of `userID` but those of the session `keeping` (a change
+    /// of password ends the user's other sessions); returns the families it ended.
+    public func revokeRefreshTokens(ofUser userID: UUID, keeping: UUID?, at now: Date) async throws -> Set<UUID> {
+        let rows = try await query(
+            """
+            UPDATE refresh_tokens SET revoked_at = \(now)
+            WHERE organisation_id = \(organisationID) AND user_id = \(userID) AND revoked_at IS NULL
+              AND family_id IS DISTINCT FROM \(keeping)
+            RETURNING family_id
+            """)
+        return Set(try rows.map { try $0.decode(UUID.self) })
+    }
 }
 
 /// Compares two hashes without an early exit, so timing says nothing about where they differ.

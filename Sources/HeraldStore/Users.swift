@@ -336,6 +336,26 @@ extension TenantTransaction {
         return UserCredentials(id: id, active: active, passwordHash: hash)
     }
 
+    /// The email, state and password hash of user `id`, for a change of password.
+    public func credentials(of id: UUID) async throws -> (email: String, credentials: UserCredentials) {
+        let rows = try await query(
+            "SELECT email, active, password_hash FROM users WHERE organisation_id = \(organisationID) AND id = \(id)")
+        guard let row = rows.first else { throw StoreError.notFound("user") }
+        let (email, active, hash) = try row.decode((String, Bool, String?).self)
+        return (email, UserCredentials(id: id, active: active, passwordHash: hash))
+    }
+
+    /// Replaces the password hash `current` with `hash`; false when it was not `current` any more
+    /// (a change that ran meanwhile).
+    public func replacePasswordHash(_ id: UUID, _ current: String, with hash: String) async throws -> Bool {
+        let rows = try await query(
+            """
+            UPDATE users SET password_hash = \(hash), updated_at = now()
+            WHERE organisation_id = \(organisationID) AND id = \(id) AND password_hash = \(current) RETURNING id
+            """)
+        return !rows.isEmpty
+    }
+
     /// Sets a new password hash.
     public func setPasswordHash(_ id: UUID, _ hash: String) async throws {
         let rows = try await query(

@@ -312,6 +312,113 @@ struct SessionTests {
         }
     }
 
+    @Test(
+        "a user changes their own password with the current one: this session goes on, the others end, the old password stops; wrong tries are limited"
+    )
+    func changeOwnPassword() async throws {
+        try await withOrganisation(configure: { $0.loginAttemptsPerAccount = 3 }) { org, client in
+            let member = "member@\(org.slug).example"
+            let here = try await login(client, org, email: member)
+            let access = try #require(here.json["access_token"] as? String)
+            let elsewhere = try await login(client, org, email: member)
+            let otherAccess = try #require(elsewhere.json["access_token"] as? String)
+            let otherRefresh = try #require(elsewhere.json["refresh_token"] as? String)
+            let newPassword = "a much longer passphrase"
+            func change(_ current: String, _ new: String, token: String? = nil) async throws -> TestResponse {
+                try await client.send(
+                    .put, "/v1/me/password", token: token ?? access,
+                    json: #"{"current_password": "\#(current)", "new_password": "\#(new)"}"#)
+            }
+            // Refusals change nothing: a short new password, an API key, a wrong current one.
+            let short = try await change(TestOrganisation.password, "short")
+            #expect(short.isProblem(.unprocessableContent) && short.text.contains("new_password"), "\(short.text)")
+            let key = try await org.serviceKey()
+            #expect(try await change(TestOrganisation.password, newPassword, token: key).isProblem(.badRequest))
+            let wrong = try await change("not my password at all", newPassword)
+            #expect(wrong.isProblem(.forbidden) && wrong.text.contains("current password"), "\(wrong.text)")
+            #expect(try await login(client, org, email: member).status == .ok, "nothing changed")
+
+            #expect(try await change(TestOrganisation.password, newPassword).status == .noContent)
+            // This session goes on; the other one ends, its refresh token too.
+            #expect(try await client.send(.get, "/v1/me", token: access).status == .ok)
+            try await expectEnded(client, otherAccess, "after a change of password elsewhere")
+            #expect(try await refresh(client, otherRefresh).isProblem(.unauthorized))
+            #expect(try await refresh(client, try #require(here.json["refresh_token"] as? String)).status == .ok)
+            // The old password stops; the new one works.
+            #expect(try await login(client, org, email: member).isProblem(.unauthorized))
+            #expect(try await login(client, org, password: newPassword, email: member).status == .ok)
+            let entry = try #require(
+                try await org.store { tx in try await tx.auditEntries(action: "user.password.change", targetID: nil, limit: 5, after: nil) }
+                    .items.first)
+            #expect(entry.actorID == org.memberID && entry.targetID == org.memberID.uuidString.lowercased())
+            // The other session, and the one the check of "nothing changed" opened.
+            #expect(entry.after == .object(["sessions_ended": .number(2)]))
+
+            // Three wrong tries (the account limit here; the change above reset the count) lock
+            // the change, even with the right one.
+            for _ in 0..<3 { #expect(try await change("not my password at all", "another long passphrase").isProblem(.forbidden)) }
+            let locked = try await change(newPassword, "another long passphrase")
+            #expect(locked.isProblem(.tooManyRequests) && Int(locked.headers[.retryAfter] ?? "") ?? 0 > 0, "\(locked.text)")
+            // A user created without a password has none to change.
+            let noPassword = try await org.store { tx in try await tx.createUser(NewUser(email: "np@\(org.slug).example", displayName: "N"))
+            }
+            let token = try await env.tokens.issueAccessToken(organisationID: org.id, userID: noPassword.id, now: Date())
+            #expect(try await change("whatever it was", newPassword, token: token).isProblem(.conflict))
+        }
+    }
+
+    @Test(
+        "an administrator sets a user's password: every session of theirs ends, a login lock is lifted; not an owner's, not their own"
+    )
+    func administratorSetsPassword() async throws {
+        try await withOrganisation(configure: { $0.loginAttemptsPerAccount = 2 }) { org, client in
+            let member = "member@\(org.slug).example"
+            let session = try await login(client, org, email: member)
+            let access = try #require(session.json["access_token"] as? String)
+            // The member forgot their password and locked their account trying.
+            for _ in 0..<2 { #expect(try await login(client, org, password: "a wrong guess here", email: member).status == .unauthorized) }
+            #expect(try await login(client, org, email: member).isProblem(.tooManyRequests))
+
+            let reset = "a temporary passphrase"
+            let set = try await client.send(
+                .put, "/v1/users/\(org.memberID)/password", token: org.ownerToken, json: #"{"password": "\#(reset)"}"#)
+            #expect(set.status == .noContent, "\(set.text)")
+            try await expectEnded(client, access, "after an administrator set the password")
+            #expect(try await refresh(client, try #require(session.json["refresh_token"] as? String)).isProblem(.unauthorized))
+            #expect(try await login(client, org, email: member).isProblem(.unauthorized), "the old password")
+            #expect(try await login(client, org, password: reset, email: member).status == .ok, "the lock was lifted")
+
+            // An admin (everything but the organisation's settings) cannot take over the owner.
+            let adminID = try await org.store { tx in
+                let admin = try await tx.createUser(NewUser(email: "admin@\(org.slug).example", displayName: "A"))
+                _ = try await tx.setUserRoles(admin.id, [try await tx.builtinRole(.admin).id])
+                return admin.id
+            }
+            let admin = try await env.tokens.issueAccessToken(organisationID: org.id, userID: adminID, now: Date())
+            let takeover = try await client.send(
+                .put, "/v1/users/\(org.ownerID)/password", token: admin, json: #"{"password": "\#(reset)"}"#)
+            #expect(takeover.isProblem(.forbidden) && takeover.text.contains("organisation.manage"), "\(takeover.text)")
+            #expect(try await login(client, org).status == .ok, "the owner's password is unchanged")
+            // Their own goes through PUT /v1/me/password; a short one is a 422; a member may not.
+            #expect(
+                try await client.send(.put, "/v1/users/\(adminID)/password", token: admin, json: #"{"password": "\#(reset)"}"#)
+                    .isProblem(.conflict))
+            #expect(
+                try await client.send(.put, "/v1/users/\(org.memberID)/password", token: admin, json: #"{"password": "short"}"#)
+                    .isProblem(.unprocessableContent))
+            #expect(
+                try await client.send(
+                    .put, "/v1/users/\(org.ownerID)/password", token: org.memberToken, json: #"{"password": "\#(reset)"}"#
+                )
+                .isProblem(.forbidden))
+            let entries = try await org.store { tx in
+                try await tx.auditEntries(action: "user.password.set", targetID: nil, limit: 5, after: nil).items
+            }
+            #expect(entries.count == 1 && entries.first?.targetID == org.memberID.uuidString.lowercased())
+            #expect(!String(describing: entries).contains("argon2"), "no hash in the audit log")
+        }
+    }
+
     /// A 401 saying the session ended, for `access` on a plain call and on the bell's read.
     func expectEnded(_ client: some TestClientProtocol, _ access: String, _ comment: Comment) async throws {
         for path in ["/v1/me", "/v1/me/notifications/unread-count"] {

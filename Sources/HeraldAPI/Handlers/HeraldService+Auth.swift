@@ -9,7 +9,7 @@ extension HeraldService {
     func createToken(_ input: Operations.CreateToken.Input) async throws -> Operations.CreateToken.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
         let scope = try RequestScope.get()
-        let account = "\(body.organisation.lowercased())|\(body.email.lowercased())"
+        let account = LoginLimits.account(organisation: body.organisation, email: body.email)
         try loginLimits.check(account: account, address: scope.clientAddress, now: now())
         let refused = APIError.unauthorized("The organisation, email or password is not right.")
 
@@ -102,5 +102,43 @@ extension HeraldService {
         return .init(
             accessToken: access, tokenType: .bearer, expiresIn: tokens.accessTTL,
             refreshToken: refresh.text, refreshExpiresIn: Int(refreshTokenTTL))
+    }
+}
+
+extension HeraldService {
+    /// Changes the caller's own password, which needs the current one. The caller's other
+    /// sessions end: someone who changes a password may fear it is known.
+    func changeMyPassword(_ input: Operations.ChangeMyPassword.Input) async throws -> Operations.ChangeMyPassword.Output {
+        let userID = try requireUser()
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let new = try Validate.password(body.newPassword, field: "new_password")
+        let now = now()
+        try loginLimits.checkPasswordChange(of: userID, now: now)
+        let keeping: UUID? = if case .accessToken(let access) = try RequestScope.get().credential { access.sessionID } else { nil }
+        let stored = try await tenant { tx, _ in try await tx.credentials(of: userID).credentials }
+        guard let current = stored.passwordHash else {
+            throw APIError.conflict(
+                "You have no password to change (you were created without one): an administrator sets one with PUT /v1/users/{userId}/password."
+            )
+        }
+        guard try await passwords.verify(body.currentPassword, against: current) else {
+            loginLimits.recordPasswordChange(of: userID, succeeded: false, now: now)
+            throw APIError.refused("The current password is not right.")
+        }
+        loginLimits.recordPasswordChange(of: userID, succeeded: true, now: now)
+        let hash = try await passwords.hash(new)
+        let ended = try await tenant { tx, _ in
+            guard try await tx.replacePasswordHash(userID, current, with: hash) else {
+                throw APIError.conflict("Your password was changed by another request meanwhile; nothing was changed by this one.")
+            }
+            let ended = try await tx.revokeRefreshTokens(ofUser: userID, keeping: keeping, at: now)
+            try await tx.audit(
+                action: "user.password.change", targetType: "user", targetID: userID.lowercased, before: nil,
+                after: try auditValue(["sessions_ended": ended.count]))
+            return ended
+        }
+        // Those sessions' access tokens stop here at once; other instances hear the revocations.
+        for session in ended { tokens.sessions.ended(session: session) }
+        return .noContent(.init())
     }
 }

@@ -224,6 +224,33 @@ extension HeraldService {
         return user
     }
 
+    /// Sets a user's password (an administrator's reset, or a first one): every session of
+    /// theirs ends and a login lock on their account is lifted.
+    func setUserPassword(_ input: Operations.SetUserPassword.Input) async throws -> Operations.SetUserPassword.Output {
+        let id = try id(input.path.userId, "user")
+        guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let hash = try await passwords.hash(try Validate.password(body.password))
+        let now = now()
+        let account = try await tenant { tx, principal in
+            if principal.actor.userID == id {
+                throw APIError.conflict("Change your own password with PUT /v1/me/password, which asks for the current one.")
+            }
+            // Taking over a user needs every permission they hold: a user administrator cannot
+            // set an owner's password and sign in as the owner. A missing user holds nothing.
+            try requireHolds(try await tx.permissions(ofUser: id).filter { !$0.concernsOnlyTheHolder }, principal)
+            let email = try await tx.credentials(of: id).email
+            try await tx.setPasswordHash(id, hash)
+            let ended = try await tx.revokeRefreshTokens(ofUser: id, keeping: nil, at: now)
+            try await tx.audit(
+                action: "user.password.set", targetType: "user", targetID: id.lowercased, before: nil,
+                after: try auditValue(["sessions_ended": ended.count]))
+            return LoginLimits.account(organisation: try await tx.organisation().slug, email: email)
+        }
+        loginLimits.recordSuccess(account: account)
+        tokens.sessions.ended(user: id, now: now)
+        return .noContent(.init())
+    }
+
     /// Erases the user and what Herald recorded about them (a trial: a mistaken import could not
     /// be undone, and an erasure request had no answer). Audited by id alone: the entry must not
     /// keep what was erased.

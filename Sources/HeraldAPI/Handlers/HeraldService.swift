@@ -108,6 +108,28 @@ final class LoginLimits: Sendable {
     func recordSuccess(account: String) {
         perAccount.withLock { $0.reset(account) }
     }
+
+    /// The account's key for logins: the organisation's slug and the address, as typed, lowercased.
+    static func account(organisation: String, email: String) -> String {
+        "\(organisation.lowercased())|\(email.lowercased())"
+    }
+
+    /// A change of password tries the current one: its failures count per user, apart from
+    /// logins (the caller is signed in; a stolen access token must not try passwords at will).
+    func checkPasswordChange(of user: UUID, now: Date) throws {
+        if let wait = perAccount.withLock({ $0.retryAfter(Self.passwordChange(user), now: now) }) {
+            throw APIError.tooManyRequests(
+                "Too many wrong current passwords for this user; try again later.", retryAfter: Int(wait.rounded(.up)))
+        }
+    }
+
+    func recordPasswordChange(of user: UUID, succeeded: Bool, now: Date) {
+        perAccount.withLock {
+            if succeeded { $0.reset(Self.passwordChange(user)) } else { $0.record(Self.passwordChange(user), now: now) }
+        }
+    }
+
+    private static func passwordChange(_ user: UUID) -> String { "password-change|\(user)" }
 }
 
 /// A value as the audit log keeps it: its JSON, dates as ISO 8601 strings. A value that does not
