@@ -31,7 +31,7 @@ struct DigestTemplateTests {
             rendered.body == """
                 Hello Ana <Bo>,
 
-                Here is what happened since your last daily digest.
+                Here is your daily digest of what is new.
 
                 Outings
                   - Hike to the lake

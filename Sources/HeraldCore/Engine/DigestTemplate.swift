@@ -30,7 +30,7 @@ public enum DigestTemplate {
         body: """
             Hello {{{recipient.display_name}}},
 
-            Here is what happened since your last {{cadence}} digest.
+            Here is your {{cadence}} digest of what is new.
             {{#sections}}
 
             {{{category}}}
@@ -50,7 +50,7 @@ public enum DigestTemplate {
 
             """,
         html: """
-            <p>Hello {{recipient.display_name}},</p><p>Here is what happened since your last {{cadence}} digest.</p>\
+            <p>Hello {{recipient.display_name}},</p><p>Here is your {{cadence}} digest of what is new.</p>\
             {{#sections}}<h2>{{category}}</h2><ul>{{#items}}<li><strong>{{#link}}<a href="{{link}}">{{title}}</a>{{/link}}\
             {{^link}}{{title}}{{/link}}</strong>{{#body}}<br><span style="white-space:pre-line">{{body}}</span>{{/body}}</li>{{/items}}</ul>{{/sections}}\
             <hr><p>{{organisation.name}}. <a href="{{links.unsubscribe}}">Stop these emails</a></p>
