@@ -377,6 +377,33 @@ struct PlannerTests {
         }
     }
 
+    @Test("sections nest at most 50 deep: deeper is refused before parsing, whatever the delimiters (a trial crashed the server with 800)")
+    func sectionDepthLimited() {
+        func nested(_ depth: Int, open: String = "{{", close: String = "}}", sigil: String = "#") -> String {
+            (0..<depth).map { "\(open)\(sigil)a\($0)\(close)" }.joined() + "x"
+                + (0..<depth).reversed().map { "\(open)/a\($0)\(close)" }.joined()
+        }
+        #expect(throws: Never.self) { try TemplateRenderer.validate(nested(50), field: "body") }
+        #expect(TemplateRenderer.render(nested(3), ["a0": true, "a1": true, "a2": true]) == "x")
+        for (source, comment) in [
+            (nested(51), "one too deep"), (nested(51, sigil: "^"), "inverted"), (nested(800), "the trial's"),
+            (nested(100_000), "a megabyte of them"), ("{{=<% %>=}}" + nested(5_000, open: "<%", close: "%>"), "other delimiters"),
+            ("{{= | | =}}" + nested(5_000, open: "|", close: "|"), "one-character delimiters"),
+            ("{{#a}}" + nested(60, sigil: "$"), "blocks"),
+        ] {
+            do {
+                try TemplateRenderer.validate(source, field: "body")
+                Issue.record("\(comment) was accepted")
+            } catch {
+                #expect(error.field == "body" && error.message.contains("nest deeper than 50"), "\(comment): \(error.message)")
+            }
+        }
+        // What was saved before the limit renders as its source instead of reaching the parser.
+        let stored = nested(800)
+        #expect(TemplateRenderer.render(stored, [:]) == stored)
+        #expect(TemplateRenderer.render(TemplateContent(subject: stored, body: "b"), [:]).subject == stored)
+    }
+
     @Test("templates are validated with the line of the error, and pick the locale")
     func templates() {
         #expect(throws: ValidationError.self) { try TemplateRenderer.validate("Hello\n{{#items}}\n{{name}}", field: "body") }

@@ -228,6 +228,30 @@ struct BoundaryDefectTests {
         #expect(!log.text.contains("SECRETLINKTOKEN"))
     }
 
+    @Test("a template nesting sections too deep is a 422 wherever a template is given, and the server goes on (a trial's crashed it)")
+    func deepTemplatesRefused() async throws {
+        try await withCatalogue { org, catalogue, client in
+            let deep = String(repeating: "{{#a}}", count: 800) + "x" + String(repeating: "{{/a}}", count: 800)
+            let type = catalogue.taskAssigned.uuidString
+            let cases: [(HTTPRequest.Method, String, String, String)] = [
+                (.put, "/v1/notification-types/\(type)/templates/in_app/de", #"{"subject": "s", "body": "\#(deep)"}"#, "body"),
+                (
+                    .post, "/v1/notification-types/\(type)/preview",
+                    #"{"channel": "in_app", "template": {"subject": "s", "body": "\#(deep)"}}"#, "template.body"
+                ),
+                (.put, "/v1/digest-templates/de", #"{"subject": "s", "body": "b", "html": "\#(deep)"}"#, "html"),
+            ]
+            for (method, path, json, field) in cases {
+                let response = try await client.send(method, path, token: org.ownerToken, json: json)
+                #expect(response.isProblem(.unprocessableContent), "\(path): \(response.status)")
+                #expect(
+                    (response.json["detail"] as? String)?.hasPrefix("\(field): line 1, column ") == true, "\(response.text.prefix(300))")
+                #expect(response.text.contains("nest deeper than 50"))
+            }
+            #expect(try await client.send(.get, "/v1/me", token: org.ownerToken).status == .ok)
+        }
+    }
+
     @Test("what openapi.yaml declares as a maximum length, the server enforces (422 naming the field)")
     func declaredMaxLengths() async throws {
         try await withCatalogue { org, catalogue, client in

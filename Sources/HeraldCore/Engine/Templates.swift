@@ -19,9 +19,21 @@ public struct TemplateContent: Sendable, Equatable, Codable {
 /// Mustache templates: validated when saved, rendered with the event payload, the recipient
 /// and the organisation. Values are HTML-escaped unless a template uses `{{{triple}}}`.
 public enum TemplateRenderer {
+    /// How deep sections may nest (`{{#a}}{{#b}}…`). The parser reads a section by recursion: a
+    /// trial's template of 700 nested sections overflowed the stack and crashed the server for
+    /// every organisation. Templates people write nest a few levels.
+    public static let maximumSectionDepth = 50
+
     /// Parses `source`; a broken template is a validation error that names the line.
     public static func validate(_ source: String, field: String) throws(ValidationError) {
         do {
+            if let offset = tooDeep(source) {
+                throw ValidationError(
+                    field: field,
+                    message:
+                        "\(position(of: offset, in: source)): sections nest deeper than \(maximumSectionDepth) levels; nest fewer."
+                )
+            }
             _ = try MustacheTemplate(string: source)
             if let (offset, problem) = unsupportedTag(in: source) {
                 let before = source[..<source.index(source.startIndex, offsetBy: offset)]
@@ -44,6 +56,56 @@ public enum TemplateRenderer {
         } catch {
             throw ValidationError(field: field, message: "is not a valid Mustache template: \(error).")
         }
+    }
+
+    /// "line L, column C" of the UTF-8 offset `offset` in `source`.
+    static func position(of offset: Int, in source: String) -> String {
+        let index = source.utf8.index(source.utf8.startIndex, offsetBy: min(offset, source.utf8.count))
+        let lines = source[..<index].split(separator: "\n", omittingEmptySubsequences: false)
+        return "line \(lines.count), column \((lines.last?.count ?? 0) + 1)"
+    }
+
+    /// The UTF-8 offset of the first tag that opens a section (`#`, `^`, and the inheritance
+    /// tags `$` and `<`) deeper than `maximumSectionDepth`, following the delimiters that
+    /// `{{=<% %>=}}` sets as the parser does; nil when there is none. Counted before parsing,
+    /// so that no input reaches the parser's recursion that could exhaust the stack.
+    static func tooDeep(_ source: String) -> Int? {
+        let bytes = Array(source.utf8)
+        var open = Array("{{".utf8)
+        var close = Array("}}".utf8)
+        func find(_ needle: [UInt8], from start: Int) -> Int? {
+            guard !needle.isEmpty, start + needle.count <= bytes.count else { return nil }
+            var index = start
+            while index + needle.count <= bytes.count {
+                if bytes[index] == needle[0], bytes[index..<(index + needle.count)].elementsEqual(needle) { return index }
+                index += 1
+            }
+            return nil
+        }
+        var depth = 0
+        var cursor = 0
+        while let start = find(open, from: cursor) {
+            let inside = start + open.count
+            guard let end = find(close, from: inside) else { return nil }
+            let tag = bytes[inside..<end].drop { $0 == 0x20 || $0 == 0x09 }
+            switch tag.first {
+            case UInt8(ascii: "#"), UInt8(ascii: "^"), UInt8(ascii: "$"), UInt8(ascii: "<"):
+                depth += 1
+                if depth > maximumSectionDepth { return start }
+            case UInt8(ascii: "/"):
+                depth = max(0, depth - 1)
+            case UInt8(ascii: "="):
+                // {{=<% %>=}}: the new opening and closing delimiters, as the parser takes them.
+                let words = tag.dropFirst().split(whereSeparator: { $0 == 0x20 || $0 == 0x09 || $0 == UInt8(ascii: "=") })
+                guard words.count == 2 else { return nil }
+                open = Array(words[0])
+                close = Array(words[1])
+            default:
+                break
+            }
+            cursor = end + close.count
+        }
+        return nil
     }
 
     /// What the parser lets through and renders as nothing, found in `source` (the character
@@ -92,7 +154,7 @@ public enum TemplateRenderer {
 
     /// Renders a template that passed `validate`; an unparsable one renders as its source.
     public static func render(_ source: String, _ context: [String: Any]) -> String {
-        guard let template = try? MustacheTemplate(string: HTMLEscaping.pragma + source) else { return source }
+        guard tooDeep(source) == nil, let template = try? MustacheTemplate(string: HTMLEscaping.pragma + source) else { return source }
         return template.render(context)
     }
 
@@ -228,9 +290,14 @@ public struct ParsedTemplate: Sendable {
     /// and text/plain part, which no client reads as HTML); the HTML part always as HTML.
     public init(_ content: TemplateContent, escaping: ValueEscaping = .html) {
         source = content
-        subject = try? MustacheTemplate(string: escaping.pragma + content.subject)
-        body = try? MustacheTemplate(string: escaping.pragma + content.body)
-        html = content.html.flatMap { try? MustacheTemplate(string: HTMLEscaping.pragma + $0) }
+        // Saved templates passed `validate`; the depth is checked again so that no stored text
+        // reaches the parser's recursion unchecked (it renders as its source instead).
+        func parsed(_ text: String, _ pragma: String) -> MustacheTemplate? {
+            TemplateRenderer.tooDeep(text) == nil ? try? MustacheTemplate(string: pragma + text) : nil
+        }
+        subject = parsed(content.subject, escaping.pragma)
+        body = parsed(content.body, escaping.pragma)
+        html = content.html.flatMap { parsed($0, HTMLEscaping.pragma) }
         plainSubject = subject == nil ? nil : PlainTemplate(content.subject, escaping: escaping)
         plainBody = body == nil ? nil : PlainTemplate(content.body, escaping: escaping)
         plainHTML = html == nil ? nil : content.html.flatMap { PlainTemplate($0, escaping: .html) }
