@@ -3,6 +3,7 @@ import HTTPTypes
 import HeraldCore
 import HeraldStore
 import Hummingbird
+import HummingbirdCore
 import HummingbirdWebSocket
 import Logging
 import NIOCore
@@ -141,7 +142,7 @@ public func buildApplication(
         now: dependencies.now, metrics: dependencies.metrics)
     return Application(
         responder: StreamSplittingResponder(base: router.buildResponder()),
-        server: .http1WebSocketUpgrade(
+        server: guardedHTTP1WebSocketUpgrade(
             webSocketRouter: sockets.webSocketRouter(),
             configuration: .init(
                 http1: .init(idleTimeout: .seconds(Int64(configuration.httpIdleSeconds))),
@@ -152,6 +153,21 @@ public func buildApplication(
         services: [dependencies.postgres] + dependencies.services,
         onServerRunning: { channel in await onServerRunning(channel.localAddress?.port ?? configuration.port) },
         logger: logger)
+}
+
+/// `HTTPServerBuilder.http1WebSocketUpgrade(webSocketRouter:configuration:)` with each
+/// connection's first request head guarded (`RequestHeadGuard`): a head the decoder refuses is
+/// answered and closed, and one that does not arrive within the idle timeout is closed.
+func guardedHTTP1WebSocketUpgrade<Sockets: HTTPResponderBuilder & _HB_SendableMetatype>(
+    webSocketRouter: Sockets, configuration: HTTP1WebSocketUpgradeChannel.Configuration
+) -> HTTPServerBuilder where Sockets.Responder.Context: WebSocketRequestContext {
+    let sockets = webSocketRouter.buildResponder()
+    let headTimeout = configuration.http1.idleTimeout ?? .seconds(60)
+    return HTTPServerBuilder { responder in
+        GuardedChildChannel(
+            base: HTTP1WebSocketUpgradeChannel(responder: responder, webSocketResponder: sockets, configuration: configuration),
+            headTimeout: headTimeout)
+    }
 }
 
 /// Serves the live feed's requests in a child task of the connection's task. A stream's

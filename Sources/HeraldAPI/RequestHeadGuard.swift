@@ -1,0 +1,129 @@
+import Foundation
+import HeraldCore
+import Hummingbird
+import HummingbirdCore
+import Logging
+import NIOCore
+import NIOHTTP1
+
+/// Answers what arrives before a connection's first request is read, which Hummingbird's
+/// WebSocket-upgrading pipeline leaves to no one (a trial): a request whose header fields are
+/// larger than the decoder takes (80 KiB), or that the decoder cannot read, got no answer and its
+/// connection stayed open for good, past the idle timeout (installed only once a request is
+/// read) and past a graceful shutdown, which waited for it. So does a client that never finishes
+/// its first request's head. This child channel puts `RequestHeadGuard` behind the upgrade
+/// handler: a parser error is answered with a problem (431 for header fields too large, else 400)
+/// and the connection closed; a head not read within the idle timeout closes it. Once a head is
+/// read the guard leaves the pipeline, and Hummingbird's own handling takes over.
+struct GuardedChildChannel<Base: ServerChildChannel>: ServerChildChannel {
+    typealias Value = Base.Value
+    let base: Base
+    let headTimeout: TimeAmount
+
+    func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
+        base.setup(channel: channel, logger: logger).flatMapThrowing { value in
+            try channel.pipeline.syncOperations.addHandler(RequestHeadGuard(timeout: headTimeout, logger: logger))
+            return value
+        }
+    }
+
+    func handle(value: Value, logger: Logger) async {
+        await base.handle(value: value, logger: logger)
+    }
+}
+
+final class RequestHeadGuard: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let timeout: TimeAmount
+    private let logger: Logger
+    private var deadline: Scheduled<Void>?
+    private var answered = false
+
+    init(timeout: TimeAmount, logger: Logger) {
+        self.timeout = timeout
+        self.logger = logger
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        deadline = context.eventLoop.scheduleTask(in: timeout) {
+            let (guardian, context) = loopBound.value
+            guardian.answered = true
+            guardian.logger.notice("connection closed: no request head within the idle timeout")
+            guardian.end(context)
+        }
+    }
+
+    /// Closes the connection as the upgrade handler closes one whose client half-closed it (its
+    /// negotiation then ends quietly instead of with an error in the log).
+    private func end(_ context: ChannelHandlerContext) {
+        context.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        context.close(promise: nil)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        deadline = nil
+    }
+
+    /// A graceful shutdown closes a connection that has not sent a whole request head yet
+    /// (Hummingbird's handlers, which close idle connections on it, are not installed until then:
+    /// five such connections held a shutdown to its 25 s limit).
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is ChannelShouldQuiesceEvent, !answered {
+            answered = true
+            end(context)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if case .head = unwrapInboundIn(data) {
+            // A request is read: from here Hummingbird answers and times out.
+            deadline?.cancel()
+            deadline = nil
+            context.fireChannelRead(data)
+            context.pipeline.syncOperations.removeHandler(self, promise: nil)
+            return
+        }
+        context.fireChannelRead(data)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard let parserError = error as? HTTPParserError, !answered else {
+            context.fireErrorCaught(error)
+            return
+        }
+        answered = true
+        let tooLarge = parserError == .headerOverflow
+        let (status, slug, detail): (HTTPResponseStatus, String, String) =
+            tooLarge
+            ? (
+                .requestHeaderFieldsTooLarge, "request-header-fields-too-large",
+                "The request's header fields are larger than Herald takes (80 KiB in all, 80 KiB for one, 1 000 fields); send smaller ones."
+            )
+            : (.badRequest, "bad-request", "The request is not HTTP/1.1 that Herald can read (\(parserError)).")
+        logger.notice("request refused before it was read", metadata: ["status": "\(status.code)", "error": "\(parserError)"])
+        let body =
+            "{\"type\":\(jsonQuoted("https://herald.dev/problems/\(slug)")),\"title\":\(jsonQuoted(status.reasonPhrase)),"
+            + "\"status\":\(status.code),\"detail\":\(jsonQuoted(detail))}"
+        var buffer = context.channel.allocator.buffer(capacity: body.utf8.count)
+        buffer.writeString(body)
+        let head = HTTPResponseHead(
+            version: .http1_1, status: status,
+            headers: [
+                "Content-Type": "application/problem+json", "Content-Length": "\(buffer.readableBytes)", "Connection": "close",
+            ])
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
+            let (guardian, context) = loopBound.value
+            guardian.end(context)
+        }
+    }
+}
