@@ -185,9 +185,31 @@ enum StrictJSON {
                     start = at
                 case 0x00..<0x20:
                     throw .syntax("a control character in a string (write it as an escape such as \\n)")
+                case 0x80...0xFF:
+                    // A trial's byte 0xFF was refused in the decoders' words, saying nowhere where.
+                    guard let length = utf8Sequence() else { throw .syntax("bytes that are not UTF-8 in a string (JSON text is UTF-8)") }
+                    at += length
                 default:
                     at += 1
                 }
+            }
+        }
+
+        /// The length of the well-formed UTF-8 sequence at `at` (RFC 3629 §4: no overlong form,
+        /// no surrogate, nothing past U+10FFFF), or nil.
+        func utf8Sequence() -> Int? {
+            func continuation(_ offset: Int, _ range: ClosedRange<UInt8> = 0x80...0xBF) -> Bool {
+                at + offset < bytes.count && range.contains(bytes[at + offset])
+            }
+            switch bytes[at] {
+            case 0xC2...0xDF: return continuation(1) ? 2 : nil
+            case 0xE0: return continuation(1, 0xA0...0xBF) && continuation(2) ? 3 : nil
+            case 0xE1...0xEC, 0xEE...0xEF: return continuation(1) && continuation(2) ? 3 : nil
+            case 0xED: return continuation(1, 0x80...0x9F) && continuation(2) ? 3 : nil
+            case 0xF0: return continuation(1, 0x90...0xBF) && continuation(2) && continuation(3) ? 4 : nil
+            case 0xF1...0xF3: return continuation(1) && continuation(2) && continuation(3) ? 4 : nil
+            case 0xF4: return continuation(1, 0x80...0x8F) && continuation(2) && continuation(3) ? 4 : nil
+            default: return nil
             }
         }
 

@@ -25,7 +25,10 @@ public struct PageCursor: Sendable, Equatable, Codable {
 
     /// Parses a cursor a client sent back; throws a validation error for anything else.
     public init(encoded: String) throws(ValidationError) {
-        guard let data = Data(base64URLEncoded: encoded), let cursor = try? JSONDecoder().decode(PageCursor.self, from: data) else {
+        // A time PostgreSQL can hold (years 1 to 9999): a crafted one past its range was a 500.
+        guard let data = Data(base64URLEncoded: encoded), let cursor = try? JSONDecoder().decode(PageCursor.self, from: data),
+            (-62_135_596_800_000_000...253_402_300_799_999_999).contains(cursor.micros)
+        else {
             throw ValidationError(field: "cursor", message: "is not a cursor returned by this API.")
         }
         self = cursor

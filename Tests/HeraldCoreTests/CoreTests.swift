@@ -120,7 +120,12 @@ struct PageCursorTests {
         #expect(decoded.micros == 1_795_259_776_123_456)
     }
 
-    @Test("refuses what it did not make", arguments: ["", "not-base64!", "eyJ4IjoxfQ"])
+    @Test(
+        "refuses what it did not make, and times PostgreSQL cannot hold (a trial's crafted cursors were 500s)",
+        arguments: [
+            "", "not-base64!", "eyJ4IjoxfQ", "eyJ0Ijo5MjIzMzcyMDM2ODU0Nzc1ODA3LCJpIjoiMDAwMDAwMDAtMDAwMC0wMDAwLTAwMDAtMDAwMDAwMDAwMDAwIn0",
+            "eyJ0IjotOTIyMzM3MjAzNjg1NDc3NTgwOCwiaSI6IjAwMDAwMDAwLTAwMDAtMDAwMC0wMDAwLTAwMDAwMDAwMDAwMCJ9",
+        ])
     func refuses(text: String) {
         #expect(throws: ValidationError.self) { try PageCursor(encoded: text) }
     }

@@ -412,6 +412,16 @@ struct BoundaryDefectTests {
             #expect(problem?.contains(words) == true, "\(text): \(problem ?? "accepted")")
         }
         #expect(StrictJSON.problem(in: Data((String(repeating: "[", count: 100) + String(repeating: "]", count: 100)).utf8)) == nil)
+        // Bytes that are not UTF-8 in a string say where (a trial got the decoders' "not valid JSON").
+        for bytes: [UInt8] in [[0xFF], [0xC3], [0xC0, 0xAF], [0xED, 0xA0, 0x80], [0xF4, 0x90, 0x80, 0x80], [0xE2, 0x82]] {
+            let text = Array(#"{"name": "ab"#.utf8) + bytes + Array(#""}"#.utf8)
+            let problem = StrictJSON.problem(in: Data(text))
+            #expect(
+                problem
+                    == "The request body is not valid JSON: bytes that are not UTF-8 in a string (JSON text is UTF-8) at line 1, column 13.",
+                "\(bytes): \(problem ?? "accepted")")
+        }
+        #expect(StrictJSON.problem(in: Data(#"{"name": "é€😀"}"#.utf8)) == nil)
 
         // Through the API: refused before anything is written.
         try await withCatalogue { org, _, client in
