@@ -404,6 +404,25 @@ struct PlannerTests {
         #expect(TemplateRenderer.render(TemplateContent(subject: stored, body: "b"), [:]).subject == stored)
     }
 
+    @Test("a name that holds other names prints as compact JSON, never Swift's description of it (a trial)")
+    func objectsPrintAsJSON() {
+        let attributes = JSONValue.object(["team": .string("a&b"), "level": .number(3), "tags": .array([.string("x")])])
+        let context: [String: Any] = [
+            "recipient": ["display_name": "Ana", "attributes": attributes.plain, "active": true] as [String: Any],
+            "links": ["unsubscribe": "https://h.test/u"],
+            "payload": JSONValue.object(["n": .number(1.5)]).plain,
+        ]
+        #expect(
+            TemplateRenderer.render("{{{recipient}}}", context)
+                == #"{"active":true,"attributes":{"level":3,"tags":["x"],"team":"a&b"},"display_name":"Ana"}"#)
+        #expect(TemplateRenderer.render("{{recipient}}", context).contains("&quot;team&quot;:&quot;a&amp;b&quot;"))
+        #expect(TemplateRenderer.render("{{{links}}}", context) == #"{"unsubscribe":"https://h.test/u"}"#)
+        let whole = TemplateRenderer.render("{{{.}}}", context)
+        #expect(whole.hasPrefix(#"{"links":{"unsubscribe""#) && !whole.contains("HeraldCore"), "\(whole)")
+        // Sections still enter them.
+        #expect(TemplateRenderer.render("{{#recipient}}{{display_name}}{{/recipient}}", context) == "Ana")
+    }
+
     @Test("templates are validated with the line of the error, and pick the locale")
     func templates() {
         #expect(throws: ValidationError.self) { try TemplateRenderer.validate("Hello\n{{#items}}\n{{name}}", field: "body") }

@@ -61,3 +61,32 @@ extension JSONValue {
         }
     }
 }
+
+/// A name of the context that holds other names (`{{recipient}}`, `{{event}}`, `{{links}}`, the
+/// whole context as `{{.}}`) prints as compact JSON, as a payload's objects do; it printed Swift's
+/// description of its storage (a trial: `["attributes": HeraldCore.TemplateObject(fields: …`).
+extension Dictionary: @retroactive MustacheCustomRenderable where Key == String {
+    public var renderText: String { TemplateJSON.text(of: self) }
+    public var isNull: Bool { false }
+}
+
+enum TemplateJSON {
+    /// `value` of a rendering context as compact JSON, keys sorted.
+    static func text(of value: Any?) -> String {
+        switch value {
+        case nil, is NSNull: return "null"
+        case let string as String: return jsonQuoted(string)
+        case let bool as Bool: return bool ? "true" : "false"
+        case let number as Int: return String(number)
+        case let number as Double: return number.isFinite ? JSONValue.number(number).compactText : "null"
+        case let object as TemplateObject: return object.json.compactText
+        case let list as TemplateList: return list.json.compactText
+        case let dictionary as [String: Any]:
+            return "{" + dictionary.keys.sorted().map { jsonQuoted($0) + ":" + text(of: dictionary[$0]!) }.joined(separator: ",") + "}"
+        case let dictionary as [String: String]:
+            return "{" + dictionary.keys.sorted().map { jsonQuoted($0) + ":" + jsonQuoted(dictionary[$0]!) }.joined(separator: ",") + "}"
+        case let array as [Any]: return "[" + array.map { text(of: $0) }.joined(separator: ",") + "]"
+        default: return jsonQuoted(String(describing: value!))
+        }
+    }
+}
