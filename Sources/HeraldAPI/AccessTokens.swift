@@ -135,7 +135,14 @@ public struct AccessTokens: Sendable {
     /// audience and identifiers.
     private func check(_ token: String) throws(AccessTokenRejection) -> CheckedToken {
         let parts = token.split(separator: ".", omittingEmptySubsequences: false)
-        guard parts.count == 3, let headerData = Data(base64URLEncoded: String(parts[0])),
+        // One spelling per token (RFC 7515 §2: base64url without padding, and no stray bits in
+        // the last character): a trial's token was accepted with "=" added or its last character
+        // changed. (An ECDSA signature's mirror (r, n − s) verifies too, as RFC 7518 allows:
+        // tokens are told apart by their claims, never by their text.)
+        guard parts.count == 3, parts.allSatisfy({ Data(base64URLEncoded: String($0))?.base64URLEncoded == String($0) }) else {
+            throw .malformed
+        }
+        guard let headerData = Data(base64URLEncoded: String(parts[0])),
             let header = try? JSONDecoder().decode(Header.self, from: headerData)
         else { throw .malformed }
         guard header.alg == AccessTokenKey.algorithm else { throw .algorithmNotAllowed(header.alg) }

@@ -62,7 +62,7 @@ struct AccessTokenTests {
         "forged and stale tokens are refused with 401 problem+json",
         arguments: [
             "alg none", "HS256 signed with the public key", "unknown kid", "no kid", "expired", "nbf in the future",
-            "wrong aud", "wrong iss", "tampered payload", "tampered signature", "not a JWT",
+            "wrong aud", "wrong iss", "tampered payload", "tampered signature", "not a JWT", "padded", "stray bits",
         ])
     func refused(case name: String) async throws {
         let org = try await TestOrganisation.make()
@@ -98,6 +98,16 @@ struct AccessTokenTests {
             signature[5] ^= 0x01
             parts[2] = base64url(signature)
             token = parts.joined(separator: ".")
+        case "padded":
+            // A valid token, spelled with base64 padding (a trial: accepted).
+            token = try signed(claims(org)) + "=="
+        case "stray bits":
+            // A valid token whose last character differs only in bits no byte uses (a trial: accepted).
+            let valid = try signed(claims(org))
+            let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+            let last = try #require(alphabet.firstIndex(of: valid.last!))
+            token = String(valid.dropLast()) + String(alphabet[last ^ 1])
+            #expect(try await status(of: valid).status == .ok, "the token itself is valid")
         default:
             token = "hello"
         }
