@@ -32,6 +32,11 @@ public struct AttemptLimiter: Sendable {
         attempts[key] = nil
     }
 
+    /// Forgets every key that starts with `prefix`.
+    public mutating func reset(prefix: String) {
+        attempts = attempts.filter { key, _ in !key.hasPrefix(prefix) }
+    }
+
     private mutating func prune(now: Date) {
         attempts = attempts.filter { _, dates in dates.contains { now.timeIntervalSince($0) < window } }
     }

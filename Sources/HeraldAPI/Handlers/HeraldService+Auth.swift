@@ -25,7 +25,7 @@ extension HeraldService {
             scope.logger.notice("login refused", metadata: ["organisation": "\(body.organisation)"])
             throw refused
         }
-        loginLimits.recordSuccess(account: account)
+        loginLimits.recordSuccess(account: account, address: scope.clientAddress)
         // A second transaction: the password check (about 0.2 s of argon2) holds no connection.
         let now = now()
         let pair = try await transaction(in: organisationID, actor: .user(credentials.id)) { tx in

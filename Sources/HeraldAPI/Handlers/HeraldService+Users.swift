@@ -246,7 +246,7 @@ extension HeraldService {
                 after: try auditValue(["sessions_ended": ended.count]))
             return LoginLimits.account(organisation: try await tx.organisation().slug, email: email)
         }
-        loginLimits.recordSuccess(account: account)
+        loginLimits.lift(account: account)
         tokens.sessions.ended(user: id, now: now)
         return .noContent(.init())
     }

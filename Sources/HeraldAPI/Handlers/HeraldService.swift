@@ -81,17 +81,32 @@ struct HeraldService: APIProtocol {
 
 /// Failed-login counters per account and per client address, shared by all requests of this
 /// instance (see docs/decisions.md on why they are per instance).
+/// Failed logins, counted in memory per instance (docs/security.md). An account locks for the
+/// address that failed (`accountLimit` from one address), so that a stranger who knows an
+/// organisation's slug and an email cannot lock its user out from everywhere (a trial); an
+/// account failed from many addresses locks for all of them at ten times that, and an address
+/// that fails across accounts at `addressLimit`.
 final class LoginLimits: Sendable {
+    private let perAccountAndAddress: Mutex<AttemptLimiter>
     private let perAccount: Mutex<AttemptLimiter>
     private let perAddress: Mutex<AttemptLimiter>
 
     init(accountLimit: Int, addressLimit: Int, window: TimeInterval) {
-        perAccount = Mutex(AttemptLimiter(limit: accountLimit, window: window))
+        perAccountAndAddress = Mutex(AttemptLimiter(limit: accountLimit, window: window))
+        perAccount = Mutex(AttemptLimiter(limit: accountLimit * Self.addressesPerAccount, window: window))
         perAddress = Mutex(AttemptLimiter(limit: addressLimit, window: window))
     }
 
-    /// 429 when either the account or the address has failed too often.
+    /// How many addresses' worth of failures lock an account everywhere.
+    static let addressesPerAccount = 10
+
+    /// 429 when the account has failed too often from this address or from everywhere, or the
+    /// address too often across accounts.
     func check(account: String, address: String?, now: Date) throws {
+        if let wait = perAccountAndAddress.withLock({ $0.retryAfter(Self.pair(account, address), now: now) }) {
+            throw APIError.tooManyRequests(
+                "Too many failed logins for this account from this address; try again later.", retryAfter: Int(wait.rounded(.up)))
+        }
         if let wait = perAccount.withLock({ $0.retryAfter(account, now: now) }) {
             throw APIError.tooManyRequests("Too many failed logins for this account; try again later.", retryAfter: Int(wait.rounded(.up)))
         }
@@ -101,13 +116,25 @@ final class LoginLimits: Sendable {
     }
 
     func recordFailure(account: String, address: String?, now: Date) {
+        perAccountAndAddress.withLock { $0.record(Self.pair(account, address), now: now) }
         perAccount.withLock { $0.record(account, now: now) }
         if let address { perAddress.withLock { $0.record(address, now: now) } }
     }
 
-    func recordSuccess(account: String) {
+    /// A login succeeded: the account's counts from this address and from everywhere start again
+    /// (not the address's across accounts).
+    func recordSuccess(account: String, address: String?) {
+        perAccountAndAddress.withLock { $0.reset(Self.pair(account, address)) }
         perAccount.withLock { $0.reset(account) }
     }
+
+    /// An administrator set the account's password: every lock on it is lifted.
+    func lift(account: String) {
+        perAccountAndAddress.withLock { $0.reset(prefix: Self.pair(account, nil)) }
+        perAccount.withLock { $0.reset(account) }
+    }
+
+    private static func pair(_ account: String, _ address: String?) -> String { "\(account)|\(address ?? "")" }
 
     /// The account's key for logins: the organisation's slug and the address, as typed, lowercased.
     static func account(organisation: String, email: String) -> String {
@@ -117,14 +144,14 @@ final class LoginLimits: Sendable {
     /// A change of password tries the current one: its failures count per user, apart from
     /// logins (the caller is signed in; a stolen access token must not try passwords at will).
     func checkPasswordChange(of user: UUID, now: Date) throws {
-        if let wait = perAccount.withLock({ $0.retryAfter(Self.passwordChange(user), now: now) }) {
+        if let wait = perAccountAndAddress.withLock({ $0.retryAfter(Self.passwordChange(user), now: now) }) {
             throw APIError.tooManyRequests(
                 "Too many wrong current passwords for this user; try again later.", retryAfter: Int(wait.rounded(.up)))
         }
     }
 
     func recordPasswordChange(of user: UUID, succeeded: Bool, now: Date) {
-        perAccount.withLock {
+        perAccountAndAddress.withLock {
             if succeeded { $0.reset(Self.passwordChange(user)) } else { $0.record(Self.passwordChange(user), now: now) }
         }
     }
