@@ -2,6 +2,7 @@ import Foundation
 import HeraldCore
 import Hummingbird
 import HummingbirdCore
+import HummingbirdWebSocket
 import Logging
 import NIOCore
 import NIOHTTP1
@@ -15,14 +16,23 @@ import NIOHTTP1
 /// handler: a parser error is answered with a problem (431 for header fields too large, else 400)
 /// and the connection closed; a head not read within the idle timeout closes it. Once a head is
 /// read the guard leaves the pipeline, and Hummingbird's own handling takes over.
-struct GuardedChildChannel<Base: ServerChildChannel>: ServerChildChannel {
-    typealias Value = Base.Value
-    let base: Base
+struct GuardedChildChannel: ServerChildChannel {
+    typealias Value = HTTP1WebSocketUpgradeChannel.Value
+    let base: HTTP1WebSocketUpgradeChannel
     let headTimeout: TimeAmount
 
     func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
         base.setup(channel: channel, logger: logger).flatMapThrowing { value in
-            try channel.pipeline.syncOperations.addHandler(RequestHeadGuard(timeout: headTimeout, logger: logger))
+            let pipeline = channel.pipeline.syncOperations
+            let upgrader = try pipeline.handler(type: NIOTypedHTTPServerUpgradeHandler<HTTP1WebSocketUpgradeChannel.UpgradeResult>.self)
+            let guardian = RequestHeadGuard(timeout: headTimeout, logger: logger)
+            try pipeline.addHandler(guardian)
+            // Once the first request is negotiated (HTTP, or a WebSocket whose frames are no
+            // HTTP parts), Hummingbird's handlers take over: the guard leaves before anything
+            // the negotiation held back reaches it.
+            upgrader.upgradeResultFuture.whenComplete { _ in
+                channel.pipeline.syncOperations.removeHandler(guardian, promise: nil)
+            }
             return value
         }
     }

@@ -953,7 +953,8 @@ extension DigestTests {
         let mail = try ParsedMail(try #require(try await Peers.mail(to: ownerAddress).first?["data"] as? String))
         let text = (mail.parts["text/plain"] ?? "").replacingOccurrences(of: "\r\n", with: "\n")
         #expect(
-            text.contains("your weekly digest of what is new") && text.contains("Outings\n  - Hike to the lake") && !text.contains("Hike moved"),
+            text.contains("your weekly digest of what is new") && text.contains("Outings\n  - Hike to the lake")
+                && !text.contains("Hike moved"),
             "\(text)"
         )
 
