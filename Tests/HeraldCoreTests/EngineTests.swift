@@ -377,28 +377,44 @@ struct PlannerTests {
         }
     }
 
-    @Test("sections nest at most 50 deep: deeper is refused before parsing, whatever the delimiters (a trial crashed the server with 800)")
-    func sectionDepthLimited() {
-        func nested(_ depth: Int, open: String = "{{", close: String = "}}", sigil: String = "#") -> String {
+    @Test(
+        "what would reach the parser's recursion is refused before parsing: over 100 sections, over 8 nested transforms, delimiter changes (a trial crashed the server with 800 nested sections)"
+    )
+    func parserRecursionBounded() {
+        func nested(_ depth: Int, open: String = "{{", close: String = "}}", sigil: String = "#", between: String = "") -> String {
             (0..<depth).map { "\(open)\(sigil)a\($0)\(close)" }.joined() + "x"
-                + (0..<depth).reversed().map { "\(open)/a\($0)\(close)" }.joined()
+                + (0..<depth).reversed().map { "\(between)\(open)/a\($0)\(close)" }.joined()
         }
-        #expect(throws: Never.self) { try TemplateRenderer.validate(nested(50), field: "body") }
+        #expect(throws: Never.self) { try TemplateRenderer.validate(nested(100), field: "body") }
+        #expect(throws: Never.self) {
+            try TemplateRenderer.validate("{{uppercased(trimmed(payload.title))}} (((not a tag)))", field: "body")
+        }
         #expect(TemplateRenderer.render(nested(3), ["a0": true, "a1": true, "a2": true]) == "x")
-        for (source, comment) in [
-            (nested(51), "one too deep"), (nested(51, sigil: "^"), "inverted"), (nested(800), "the trial's"),
-            (nested(100_000), "a megabyte of them"), ("{{=<% %>=}}" + nested(5_000, open: "<%", close: "%>"), "other delimiters"),
-            ("{{= | | =}}" + nested(5_000, open: "|", close: "|"), "one-character delimiters"),
-            ("{{#a}}" + nested(60, sigil: "$"), "blocks"),
-        ] {
+        let transforms = (0..<9).map { _ in "a(" }.joined() + "b" + String(repeating: ")", count: 9)
+        let refused: [(String, String, String)] = [
+            (nested(101), "more than 100 sections", "one too many"), (nested(101, sigil: "^"), "more than 100 sections", "inverted"),
+            (nested(800), "more than 100 sections", "the trial's"), (nested(100_000), "more than 100 sections", "a megabyte of them"),
+            ("{{#a}}" + nested(110, sigil: "$"), "more than 100 sections", "blocks"),
+            // A close the parser reads as text (a prepended character joins its brace) cannot
+            // lower a count (the review's way past a depth counter).
+            (
+                String(repeating: "{{#a}}\u{600}{{/a}}", count: 150) + String(repeating: "{{/a}}", count: 150), "more than 100 sections",
+                "hidden closes"
+            ),
+            ("{{=<% %>=}}" + nested(5_000, open: "<%", close: "%>"), "changing the delimiters", "other delimiters"),
+            ("{{=<%\n%>=}}" + nested(5_000, open: "<%", close: "%>"), "changing the delimiters", "a newline in the delimiters"),
+            ("a {{" + transforms + "}}", "more than 8 transforms", "nine transforms"),
+            ("{{ " + String(repeating: "a(", count: 20_000) + "b}}", "more than 8 transforms", "twenty thousand"),
+        ]
+        for (source, said, comment) in refused {
             do {
                 try TemplateRenderer.validate(source, field: "body")
                 Issue.record("\(comment) was accepted")
             } catch {
-                #expect(error.field == "body" && error.message.contains("nest deeper than 50"), "\(comment): \(error.message)")
+                #expect(error.field == "body" && error.message.contains(said), "\(comment): \(error.message)")
             }
         }
-        // What was saved before the limit renders as its source instead of reaching the parser.
+        // What was saved before the limits renders as its source instead of reaching the parser.
         let stored = nested(800)
         #expect(TemplateRenderer.render(stored, [:]) == stored)
         #expect(TemplateRenderer.render(TemplateContent(subject: stored, body: "b"), [:]).subject == stored)

@@ -288,7 +288,7 @@ struct SessionTests {
         let body = #"{"organisation": "\#(org.slug)", "email": "owner@\#(org.slug).example", "password": "\#(password)"}"#
         let request =
             "POST /v1/auth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n\(body)"
-        return try await Task.detached { () throws -> Int in
+        return try await onThread { () throws -> Int in
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
             defer { close(fd) }
             func address(_ host: String, _ port: Int) -> sockaddr_in {
@@ -307,6 +307,8 @@ struct SessionTests {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
             }
             guard bound == 0, connected == 0 else { return -1 }
+            var timeout = timeval(tv_sec: 15, tv_usec: 0)
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
             _ = request.withCString { send(fd, $0, strlen($0), 0) }
             var buffer = [UInt8](repeating: 0, count: 4096)
             var reply: [UInt8] = []
@@ -317,7 +319,7 @@ struct SessionTests {
             } while read > 0
             // "HTTP/1.1 200 OK"
             return Int(String(decoding: reply.prefix(12).suffix(3), as: UTF8.self)) ?? -1
-        }.value
+        }
     }
 
     @Test(

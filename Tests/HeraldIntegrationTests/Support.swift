@@ -480,3 +480,12 @@ extension Database {
         return id
     }
 }
+
+/// Runs `body`, which blocks (a socket's `recv`), on a thread of its own: on a thread of the
+/// cooperative pool (`Task.detached`) it held one of the machine's two while the server it waits
+/// for, in the same process, needed it, and the suite stalled.
+func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        Thread { continuation.resume(with: Result { try body() }) }.start()
+    }
+}

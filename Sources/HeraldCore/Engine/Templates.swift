@@ -19,20 +19,19 @@ public struct TemplateContent: Sendable, Equatable, Codable {
 /// Mustache templates: validated when saved, rendered with the event payload, the recipient
 /// and the organisation. Values are HTML-escaped unless a template uses `{{{triple}}}`.
 public enum TemplateRenderer {
-    /// How deep sections may nest (`{{#a}}{{#b}}…`). The parser reads a section by recursion: a
-    /// trial's template of 700 nested sections overflowed the stack and crashed the server for
-    /// every organisation. Templates people write nest a few levels.
-    public static let maximumSectionDepth = 50
+    /// How many sections a template may hold (`{{#a}}`, `{{^a}}`, and the inheritance tags
+    /// `{{$a}}` and `{{<a}}`), and how many transforms one tag may nest (`{{a(b(c))}}`). The parser
+    /// reads each nested section, and each nested transform, by recursion: a trial's template of
+    /// 700 nested sections overflowed the stack and crashed the server for every organisation.
+    /// Templates people write hold a few of each.
+    public static let maximumSections = 100
+    public static let maximumNestedTransforms = 8
 
     /// Parses `source`; a broken template is a validation error that names the line.
     public static func validate(_ source: String, field: String) throws(ValidationError) {
         do {
-            if let offset = tooDeep(source) {
-                throw ValidationError(
-                    field: field,
-                    message:
-                        "\(position(of: offset, in: source)): sections nest deeper than \(maximumSectionDepth) levels; nest fewer."
-                )
+            if let (offset, problem) = beyondParser(source) {
+                throw ValidationError(field: field, message: "\(position(of: offset, in: source)): \(problem).")
             }
             _ = try MustacheTemplate(string: source)
             if let (offset, problem) = unsupportedTag(in: source) {
@@ -65,45 +64,51 @@ public enum TemplateRenderer {
         return "line \(lines.count), column \((lines.last?.count ?? 0) + 1)"
     }
 
-    /// The UTF-8 offset of the first tag that opens a section (`#`, `^`, and the inheritance
-    /// tags `$` and `<`) deeper than `maximumSectionDepth`, following the delimiters that
-    /// `{{=<% %>=}}` sets as the parser does; nil when there is none. Counted before parsing,
-    /// so that no input reaches the parser's recursion that could exhaust the stack.
-    static func tooDeep(_ source: String) -> Int? {
+    /// Why `source` must not reach the parser (the UTF-8 offset of the tag, and why), or nil.
+    /// Counted on bytes before anything is parsed, and never fewer than the parser would find:
+    /// the parser's tags are `{{` followed at once by the tag's character, and a `{{` it sees is
+    /// always these two bytes (a `{` joined to a mark is another character to it, one more here).
+    /// Sections are counted, not their depth: a `{{/a}}` the parser would read as text cannot
+    /// lower the count. Delimiter changes (`{{=<% %>=}}`) are refused, so no tag hides behind
+    /// delimiters these bytes do not know.
+    static func beyondParser(_ source: String) -> (offset: Int, problem: String)? {
         let bytes = Array(source.utf8)
-        var open = Array("{{".utf8)
-        var close = Array("}}".utf8)
-        func find(_ needle: [UInt8], from start: Int) -> Int? {
-            guard !needle.isEmpty, start + needle.count <= bytes.count else { return nil }
-            var index = start
-            while index + needle.count <= bytes.count {
-                if bytes[index] == needle[0], bytes[index..<(index + needle.count)].elementsEqual(needle) { return index }
+        let nameBytes = Set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-_?()*".utf8)
+        var sections = 0
+        var index = 0
+        while index + 2 < bytes.count {
+            guard bytes[index] == UInt8(ascii: "{"), bytes[index + 1] == UInt8(ascii: "{") else {
                 index += 1
+                continue
             }
-            return nil
-        }
-        var depth = 0
-        var cursor = 0
-        while let start = find(open, from: cursor) {
-            let inside = start + open.count
-            guard let end = find(close, from: inside) else { return nil }
-            let tag = bytes[inside..<end].drop { $0 == 0x20 || $0 == 0x09 }
-            switch tag.first {
-            case UInt8(ascii: "#"), UInt8(ascii: "^"), UInt8(ascii: "$"), UInt8(ascii: "<"):
-                depth += 1
-                if depth > maximumSectionDepth { return start }
-            case UInt8(ascii: "/"):
-                depth = max(0, depth - 1)
+            let start = index
+            var at = index + 2
+            switch bytes[at] {
             case UInt8(ascii: "="):
-                // {{=<% %>=}}: the new opening and closing delimiters, as the parser takes them.
-                let words = tag.dropFirst().split(whereSeparator: { $0 == 0x20 || $0 == 0x09 || $0 == UInt8(ascii: "=") })
-                guard words.count == 2 else { return nil }
-                open = Array(words[0])
-                close = Array(words[1])
+                return (start, "changing the delimiters ({{= =}}) is not supported; write the tags with {{ and }}")
+            case UInt8(ascii: "#"), UInt8(ascii: "^"), UInt8(ascii: "$"), UInt8(ascii: "<"):
+                sections += 1
+                if sections > maximumSections {
+                    return (start, "more than \(maximumSections) sections ({{#…}}, {{^…}}); use fewer")
+                }
+                at += 1
+            case UInt8(ascii: "{"), UInt8(ascii: "&"), UInt8(ascii: "/"):
+                at += 1
             default:
                 break
             }
-            cursor = end + close.count
+            // The tag's name as the parser reads it: spaces (and, to be safe, any byte of a
+            // character that is not ASCII), then name characters; each "(" nests a transform.
+            while at < bytes.count, bytes[at] == 0x20 || (0x09...0x0D).contains(bytes[at]) || bytes[at] >= 0x80 { at += 1 }
+            var brackets = 0
+            while at < bytes.count, nameBytes.contains(bytes[at]) {
+                if bytes[at] == UInt8(ascii: "(") { brackets += 1 }
+                at += 1
+            }
+            if brackets > maximumNestedTransforms {
+                return (start, "more than \(maximumNestedTransforms) transforms in one tag ({{a(b(c))}}); use fewer")
+            }
+            index = start + 2
         }
         return nil
     }
@@ -154,7 +159,9 @@ public enum TemplateRenderer {
 
     /// Renders a template that passed `validate`; an unparsable one renders as its source.
     public static func render(_ source: String, _ context: [String: Any]) -> String {
-        guard tooDeep(source) == nil, let template = try? MustacheTemplate(string: HTMLEscaping.pragma + source) else { return source }
+        guard beyondParser(source) == nil, let template = try? MustacheTemplate(string: HTMLEscaping.pragma + source) else {
+            return source
+        }
         return template.render(context)
     }
 
@@ -290,10 +297,10 @@ public struct ParsedTemplate: Sendable {
     /// and text/plain part, which no client reads as HTML); the HTML part always as HTML.
     public init(_ content: TemplateContent, escaping: ValueEscaping = .html) {
         source = content
-        // Saved templates passed `validate`; the depth is checked again so that no stored text
+        // Saved templates passed `validate`; the limits are checked again so that no stored text
         // reaches the parser's recursion unchecked (it renders as its source instead).
         func parsed(_ text: String, _ pragma: String) -> MustacheTemplate? {
-            TemplateRenderer.tooDeep(text) == nil ? try? MustacheTemplate(string: pragma + text) : nil
+            TemplateRenderer.beyondParser(text) == nil ? try? MustacheTemplate(string: pragma + text) : nil
         }
         subject = parsed(content.subject, escaping.pragma)
         body = parsed(content.body, escaping.pragma)
