@@ -14,8 +14,9 @@ import NIOHTTP1
 /// read) and past a graceful shutdown, which waited for it. So does a client that never finishes
 /// its first request's head. This child channel puts `RequestHeadGuard` behind the upgrade
 /// handler: a parser error is answered with a problem (431 for header fields too large, else 400)
-/// and the connection closed; a head not read within the idle timeout closes it. Once a head is
-/// read the guard leaves the pipeline, and Hummingbird's own handling takes over.
+/// and the connection closed; a head not read within the idle timeout closes it. Once the first
+/// request is negotiated (its head read) the guard leaves the pipeline, and Hummingbird's own
+/// handling takes over.
 struct GuardedChildChannel: ServerChildChannel {
     typealias Value = HTTP1WebSocketUpgradeChannel.Value
     let base: HTTP1WebSocketUpgradeChannel
@@ -91,18 +92,6 @@ final class RequestHeadGuard: ChannelInboundHandler, RemovableChannelHandler {
         context.fireUserInboundEventTriggered(event)
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if case .head = unwrapInboundIn(data) {
-            // A request is read: from here Hummingbird answers and times out.
-            deadline?.cancel()
-            deadline = nil
-            context.fireChannelRead(data)
-            context.pipeline.syncOperations.removeHandler(self, promise: nil)
-            return
-        }
-        context.fireChannelRead(data)
-    }
-
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         guard let parserError = error as? HTTPParserError, !answered else {
             context.fireErrorCaught(error)
@@ -114,7 +103,7 @@ final class RequestHeadGuard: ChannelInboundHandler, RemovableChannelHandler {
             tooLarge
             ? (
                 .requestHeaderFieldsTooLarge, "request-header-fields-too-large",
-                "The request's header fields are larger than Herald takes (80 KiB in all, 80 KiB for one, 1 000 fields); send smaller ones."
+                "The request's head is larger than Herald reads (80 KiB of header fields in all, 80 KiB for one, 1 000 fields, or a URI over 80 KiB); send a smaller one."
             )
             : (.badRequest, "bad-request", "The request is not HTTP/1.1 that Herald can read (\(parserError)).")
         logger.notice("request refused before it was read", metadata: ["status": "\(status.code)", "error": "\(parserError)"])

@@ -198,6 +198,23 @@ extension TenantTransaction {
             """)
     }
 
+    /// The user a refresh token belongs to (read without a lock: the caller locks the user, then
+    /// the token, in the order a change of password or a deactivation takes them).
+    public func refreshTokenUser(_ id: UUID) async throws -> UUID? {
+        try await query("SELECT user_id FROM refresh_tokens WHERE organisation_id = \(organisationID) AND id = \(id)").first?
+            .decode(UUID.self)
+    }
+
+    /// The user's state and password hash, the row held (`FOR SHARE`) to the end of the
+    /// transaction: a change of password, a reset or a deactivation, which update the row and
+    /// then revoke the user's refresh tokens, waits for this transaction, or this one for it, so
+    /// a session this transaction starts is either revoked with the others or never started.
+    public func holdUserCredentials(_ id: UUID) async throws -> (active: Bool, passwordHash: String?)? {
+        try await query(
+            "SELECT active, password_hash FROM users WHERE organisation_id = \(organisationID) AND id = \(id) FOR SHARE"
+        ).first?.decode((Bool, String?).self)
+    }
+
     /// The refresh token with this id, locked for the rest of the transaction so that two
     /// concurrent refreshes with the same token cannot both succeed.
     public func lockRefreshToken(_ id: UUID) async throws -> StoredRefreshToken? {

@@ -2,13 +2,14 @@ import Crypto
 import Foundation
 import HTTPTypes
 import HeraldCore
-import HeraldStore
 import Hummingbird
 import HummingbirdTesting
 import JWTKit
+import PostgresNIO
 import Testing
 
 @testable import HeraldAPI
+@testable import HeraldStore
 
 /// RFC 8725 in practice: each way a forged or stale token can arrive is refused with 401.
 @Suite("Access tokens")
@@ -437,6 +438,44 @@ struct SessionTests {
             let token = try await env.tokens.issueAccessToken(organisationID: org.id, userID: noPassword.id, now: Date())
             #expect(try await change("whatever it was", newPassword, token: token).isProblem(.conflict))
         }
+    }
+
+    @Test(
+        "a refresh or login holding the user makes a password reset wait, and the reset then revokes the token it issued (a review: it outlived the reset)"
+    )
+    func sessionStartedDuringResetIsRevoked() async throws {
+        let org = try await TestOrganisation.make()
+        let member = org.memberID
+        let (held, holding) = AsyncStream.makeStream(of: Void.self)
+        let (release, releasing) = AsyncStream.makeStream(of: Void.self)
+        // A refresh's transaction: the user held, a new token written, not yet committed.
+        let refresh = Task {
+            try await org.store { tx in
+                _ = try await tx.holdUserCredentials(member)
+                try await tx.insertRefreshToken(
+                    id: UUID(), familyID: UUID(), userID: member, secretHash: Data(repeating: 1, count: 32),
+                    expiresAt: Date().addingTimeInterval(3600))
+                holding.yield()
+                for await _ in release { break }
+            }
+        }
+        for await _ in held { break }
+        // The reset: it waits for the refresh's commit, then revokes what it wrote.
+        let reset = Task {
+            try await org.store { tx in
+                try await tx.setPasswordHash(member, "reset")
+                return try await tx.revokeRefreshTokens(ofUser: member, keeping: nil, at: Date())
+            }
+        }
+        try await Task.sleep(for: .milliseconds(300)) // the reset reaches the held row (if it did not, it sees the commit)
+        releasing.yield()
+        try await refresh.value
+        #expect(try await reset.value.count == 1)
+        let live = try await org.store { tx in
+            try await tx.query("SELECT count(*)::int FROM refresh_tokens WHERE user_id = \(member) AND revoked_at IS NULL")[0].decode(
+                Int.self)
+        }
+        #expect(live == 0, "the token written during the reset is revoked with the others")
     }
 
     @Test(

@@ -83,7 +83,9 @@ struct BoundaryDefectTests {
                 read = recv(fd, &buffer, buffer.count, 0)
                 if read > 0 { reply += buffer[0..<read] }
             } while read > 0
-            return (String(decoding: reply, as: UTF8.self), read == 0, ContinuousClock.now - start)
+            // A reset after the answer (the server closed with bytes of ours unread) is a close too.
+            let closed = read == 0 || (read < 0 && errno == ECONNRESET)
+            return (String(decoding: reply, as: UTF8.self), closed, ContinuousClock.now - start)
         }
     }
 
@@ -109,7 +111,7 @@ struct BoundaryDefectTests {
             let big = try await Self.rawExchange(
                 port: port, Array("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: \(String(repeating: "a", count: 100_000))\r\n\r\n".utf8))
             #expect(big.reply.hasPrefix("HTTP/1.1 431 Request Header Fields Too Large\r\n"), "\(big.reply.prefix(200))")
-            #expect(big.reply.contains("application/problem+json") && big.reply.contains("header fields are larger than Herald takes"))
+            #expect(big.reply.contains("application/problem+json") && big.reply.contains("head is larger than Herald reads"))
             #expect(big.closed && big.waited < .seconds(10))
             let many = (0..<1_100).map { "X-\($0): a\r\n" }.joined()
             let fields = try await Self.rawExchange(port: port, Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\(many)\r\n".utf8))

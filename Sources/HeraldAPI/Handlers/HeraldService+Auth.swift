@@ -19,19 +19,28 @@ extension HeraldService {
             credentials = try await transaction(in: organisationID) { tx in try await tx.credentials(email: body.email) }
         }
         let hash = credentials?.passwordHash ?? decoyHash
+        // The account's attempt counts before the check, so that attempts sent together cannot
+        // all pass the limit while each is checked; a success takes it back.
+        loginLimits.recordAttempt(account: account, address: scope.clientAddress, now: now())
         let passwordMatches = try await passwords.verify(body.password, against: hash)
-        guard let organisationID, let credentials, credentials.active, credentials.passwordHash != nil, passwordMatches else {
-            loginLimits.recordFailure(account: account, address: scope.clientAddress, now: now())
+        guard let organisationID, let credentials, credentials.active, let verified = credentials.passwordHash, passwordMatches else {
+            loginLimits.recordFailure(address: scope.clientAddress, now: now())
             scope.logger.notice("login refused", metadata: ["organisation": "\(body.organisation)"])
             throw refused
         }
-        loginLimits.recordSuccess(account: account, address: scope.clientAddress)
         // A second transaction: the password check (about 0.2 s of argon2) holds no connection.
+        // The user is held there and read again: a password changed or a user deactivated since
+        // the check must not gain a session after the others were ended.
         let now = now()
-        let pair = try await transaction(in: organisationID, actor: .user(credentials.id)) { tx in
+        let pair: Components.Schemas.TokenPair? = try await transaction(in: organisationID, actor: .user(credentials.id)) { tx in
+            guard let current = try await tx.holdUserCredentials(credentials.id), current.active, current.passwordHash == verified else {
+                return nil
+            }
             try await tx.recordEngagement(of: credentials.id, at: now) // a login is engagement
             return try await issuePair(tx, userID: credentials.id, familyID: UUID())
         }
+        guard let pair else { throw refused }
+        loginLimits.recordSuccess(account: account, address: scope.clientAddress)
         return .ok(.init(body: .json(pair)))
     }
 
@@ -44,6 +53,11 @@ extension HeraldService {
         enum Outcome: Sendable { case rotate(Components.Schemas.TokenPair), reused(session: UUID), invalid }
         // Decide, record and issue in one transaction; a reuse must commit its revocation before refusing.
         let outcome: Outcome = try await transaction(in: token.organisationID) { tx in
+            // The user first, then the token: the order in which a change of password, a reset
+            // or a deactivation takes them, so the token this refresh issues is revoked with
+            // the others, or the refresh finds its token revoked.
+            guard let owner = try await tx.refreshTokenUser(token.id) else { return .invalid }
+            _ = try await tx.holdUserCredentials(owner)
             guard let stored = try await tx.lockRefreshToken(token.id),
                 constantTimeEqual(stored.secretHash, token.secretHash)
             else { return .invalid }
@@ -114,6 +128,8 @@ extension HeraldService {
         let new = try Validate.password(body.newPassword, field: "new_password")
         let now = now()
         try loginLimits.checkPasswordChange(of: userID, now: now)
+        // Counted before the check, so that tries sent together cannot all pass the limit.
+        loginLimits.recordPasswordChange(of: userID, succeeded: false, now: now)
         let keeping: UUID? = if case .accessToken(let access) = try RequestScope.get().credential { access.sessionID } else { nil }
         let stored = try await tenant { tx, _ in try await tx.credentials(of: userID).credentials }
         guard let current = stored.passwordHash else {
@@ -122,7 +138,6 @@ extension HeraldService {
             )
         }
         guard try await passwords.verify(body.currentPassword, against: current) else {
-            loginLimits.recordPasswordChange(of: userID, succeeded: false, now: now)
             throw APIError.refused("The current password is not right.")
         }
         loginLimits.recordPasswordChange(of: userID, succeeded: true, now: now)
@@ -137,8 +152,10 @@ extension HeraldService {
                 after: try auditValue(["sessions_ended": ended.count]))
             return ended
         }
-        // Those sessions' access tokens stop here at once; other instances hear the revocations.
-        for session in ended { tokens.sessions.ended(session: session) }
+        // The user's sessions are asked of the database again here (the ended ones stop once
+        // this commits; nothing is refused for good should it not); other instances hear the
+        // revocations.
+        if !ended.isEmpty { tokens.sessions.ended(user: userID, now: now) }
         return .noContent(.init())
     }
 }

@@ -79,13 +79,11 @@ struct HeraldService: APIProtocol {
     }
 }
 
-/// Failed-login counters per account and per client address, shared by all requests of this
-/// instance (see docs/decisions.md on why they are per instance).
-/// Failed logins, counted in memory per instance (docs/security.md). An account locks for the
-/// address that failed (`accountLimit` from one address), so that a stranger who knows an
-/// organisation's slug and an email cannot lock its user out from everywhere (a trial); an
-/// account failed from many addresses locks for all of them at ten times that, and an address
-/// that fails across accounts at `addressLimit`.
+/// Failed logins, counted in memory per instance (docs/security.md, docs/decisions.md). An
+/// account locks for the address that failed (`accountLimit` from one address, an IPv6 /64
+/// counting as one), so that one stranger who knows an organisation's slug and an email cannot
+/// lock its user out from everywhere (a trial); failures from ten addresses' worth lock it for
+/// all of them, and an address that fails across accounts locks at `addressLimit`.
 final class LoginLimits: Sendable {
     private let perAccountAndAddress: Mutex<AttemptLimiter>
     private let perAccount: Mutex<AttemptLimiter>
@@ -110,15 +108,22 @@ final class LoginLimits: Sendable {
         if let wait = perAccount.withLock({ $0.retryAfter(account, now: now) }) {
             throw APIError.tooManyRequests("Too many failed logins for this account; try again later.", retryAfter: Int(wait.rounded(.up)))
         }
-        if let address, let wait = perAddress.withLock({ $0.retryAfter(address, now: now) }) {
+        if let address = Self.source(address), let wait = perAddress.withLock({ $0.retryAfter(address, now: now) }) {
             throw APIError.tooManyRequests("Too many failed logins from this address; try again later.", retryAfter: Int(wait.rounded(.up)))
         }
     }
 
-    func recordFailure(account: String, address: String?, now: Date) {
+    /// A login of `account` from `address` is about to be checked: it counts against the account
+    /// (from the address, and from everywhere) until a success takes it back, so that attempts
+    /// sent together cannot all pass the limit while each is checked.
+    func recordAttempt(account: String, address: String?, now: Date) {
         perAccountAndAddress.withLock { $0.record(Self.pair(account, address), now: now) }
         perAccount.withLock { $0.record(account, now: now) }
-        if let address { perAddress.withLock { $0.record(address, now: now) } }
+    }
+
+    /// The login failed: it counts against the address too (across accounts).
+    func recordFailure(address: String?, now: Date) {
+        if let address = Self.source(address) { perAddress.withLock { $0.record(address, now: now) } }
     }
 
     /// A login succeeded: the account's counts from this address and from everywhere start again
@@ -134,7 +139,16 @@ final class LoginLimits: Sendable {
         perAccount.withLock { $0.reset(account) }
     }
 
-    private static func pair(_ account: String, _ address: String?) -> String { "\(account)|\(address ?? "")" }
+    private static func pair(_ account: String, _ address: String?) -> String { "\(account)|\(source(address) ?? "")" }
+
+    /// Where attempts come from: the address, or for IPv6 its /64 (one host is given a whole
+    /// /64, and would otherwise have as many addresses as it likes).
+    static func source(_ address: String?) -> String? {
+        guard let address, address.contains(":") else { return address }
+        var bytes = [UInt8](repeating: 0, count: 16)
+        guard inet_pton(AF_INET6, address, &bytes) == 1 else { return address }
+        return bytes.prefix(8).map { String(format: "%02x", $0) }.joined() + "::/64"
+    }
 
     /// The account's key for logins: the organisation's slug and the address, as typed, lowercased.
     static func account(organisation: String, email: String) -> String {

@@ -83,8 +83,6 @@ enum TemplateJSON {
         case let list as TemplateList: return list.json.compactText
         case let dictionary as [String: Any]:
             return "{" + dictionary.keys.sorted().map { jsonQuoted($0) + ":" + text(of: dictionary[$0]!) }.joined(separator: ",") + "}"
-        case let dictionary as [String: String]:
-            return "{" + dictionary.keys.sorted().map { jsonQuoted($0) + ":" + jsonQuoted(dictionary[$0]!) }.joined(separator: ",") + "}"
         case let array as [Any]: return "[" + array.map { text(of: $0) }.joined(separator: ",") + "]"
         default: return jsonQuoted(String(describing: value!))
         }
