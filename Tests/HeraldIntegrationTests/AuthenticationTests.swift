@@ -283,44 +283,15 @@ struct SessionTests {
         }
     }
 
-    /// A login sent from the local address `from` (127.0.0.x: Linux answers the whole of
-    /// 127/8) to `port`: the status code of the answer.
+    /// A login sent from the local address `from` (127.0.0.x) to `port`: the status code of the
+    /// answer.
     func login(from: String, port: Int, _ org: TestOrganisation, password: String) async throws -> Int {
         let body = #"{"organisation": "\#(org.slug)", "email": "owner@\#(org.slug).example", "password": "\#(password)"}"#
         let request =
             "POST /v1/auth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n\(body)"
-        return try await onThread { () throws -> Int in
-            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            defer { close(fd) }
-            func address(_ host: String, _ port: Int) -> sockaddr_in {
-                var address = sockaddr_in()
-                address.sin_family = sa_family_t(AF_INET)
-                address.sin_port = in_port_t(UInt16(port).bigEndian)
-                address.sin_addr.s_addr = inet_addr(host)
-                return address
-            }
-            var local = address(from, 0)
-            var remote = address("127.0.0.1", port)
-            let bound = withUnsafePointer(to: &local) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-            }
-            let connected = withUnsafePointer(to: &remote) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-            }
-            guard bound == 0, connected == 0 else { return -1 }
-            var timeout = timeval(tv_sec: 15, tv_usec: 0)
-            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-            _ = request.withCString { send(fd, $0, strlen($0), 0) }
-            var buffer = [UInt8](repeating: 0, count: 4096)
-            var reply: [UInt8] = []
-            var read = 0
-            repeat {
-                read = recv(fd, &buffer, buffer.count, 0)
-                if read > 0 { reply += buffer[0..<read] }
-            } while read > 0
-            // "HTTP/1.1 200 OK"
-            return Int(String(decoding: reply.prefix(12).suffix(3), as: UTF8.self)) ?? -1
-        }
+        let reply = try await rawExchange(port: port, from: from, Array(request.utf8)).reply
+        // "HTTP/1.1 200 OK"
+        return Int(reply.dropFirst(9).prefix(3)) ?? -1
     }
 
     @Test(

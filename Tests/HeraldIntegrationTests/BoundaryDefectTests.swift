@@ -53,49 +53,13 @@ struct BoundaryDefectTests {
         }
     }
 
-    /// Sends `request` as raw bytes on a new connection to `port` and reads until the server
-    /// closes it or 15 s pass: what came back, whether the server closed it, and how long it took.
-    static func rawExchange(port: Int, _ request: [UInt8]) async throws -> (reply: String, closed: Bool, waited: Duration) {
-        try await onThread { () throws -> (String, Bool, Duration) in
-            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            defer { close(fd) }
-            var address = sockaddr_in()
-            address.sin_family = sa_family_t(AF_INET)
-            address.sin_port = in_port_t(UInt16(port).bigEndian)
-            address.sin_addr.s_addr = inet_addr("127.0.0.1")
-            let connected = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-            }
-            #expect(connected == 0)
-            var timeout = timeval(tv_sec: 15, tv_usec: 0)
-            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-            var sent = 0
-            while sent < request.count {
-                let n = request[sent...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
-                guard n > 0 else { break } // the server may refuse before reading it all
-                sent += n
-            }
-            let start = ContinuousClock.now
-            var reply: [UInt8] = []
-            var buffer = [UInt8](repeating: 0, count: 4096)
-            var read = 0
-            repeat {
-                read = recv(fd, &buffer, buffer.count, 0)
-                if read > 0 { reply += buffer[0..<read] }
-            } while read > 0
-            // A reset after the answer (the server closed with bytes of ours unread) is a close too.
-            let closed = read == 0 || (read < 0 && errno == ECONNRESET)
-            return (String(decoding: reply, as: UTF8.self), closed, ContinuousClock.now - start)
-        }
-    }
-
     @Test("a body shorter than its Content-Length does not hold the connection: closed after HERALD_HTTP_IDLE_SECONDS")
     func shortBodyIsClosed() async throws {
         try await StreamServer.with(configure: { $0.httpIdleSeconds = 1 }) { servers in
             // act: 11 bytes of a promised 100, then silence; the reply is waited for up to 15 s
             let request =
                 "POST /v1/schedules HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"name\": 1}"
-            let (_, closed, waited) = try await Self.rawExchange(port: servers[0].port, Array(request.utf8))
+            let (_, closed, waited) = try await rawExchange(port: servers[0].port, Array(request.utf8))
             // check: the server closed it (end of stream), well before the client's 15 s
             #expect(closed)
             #expect(waited < .seconds(10))
@@ -108,22 +72,22 @@ struct BoundaryDefectTests {
     func unreadableHeadsAnswered() async throws {
         try await StreamServer.with(configure: { $0.httpIdleSeconds = 1 }) { servers in
             let port = servers[0].port
-            let big = try await Self.rawExchange(
+            let big = try await rawExchange(
                 port: port, Array("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: \(String(repeating: "a", count: 100_000))\r\n\r\n".utf8))
             #expect(big.reply.hasPrefix("HTTP/1.1 431 Request Header Fields Too Large\r\n"), "\(big.reply.prefix(200))")
             #expect(big.reply.contains("application/problem+json") && big.reply.contains("head is larger than Herald reads"))
             #expect(big.closed && big.waited < .seconds(10))
             let many = (0..<1_100).map { "X-\($0): a\r\n" }.joined()
-            let fields = try await Self.rawExchange(port: port, Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\(many)\r\n".utf8))
+            let fields = try await rawExchange(port: port, Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\(many)\r\n".utf8))
             #expect(fields.reply.hasPrefix("HTTP/1.1 431 "), "\(fields.reply.prefix(200))")
-            let garbage = try await Self.rawExchange(port: port, [0x16, 0x03, 0x01] + Array("garbage\r\n\r\n".utf8))
+            let garbage = try await rawExchange(port: port, [0x16, 0x03, 0x01] + Array("garbage\r\n\r\n".utf8))
             #expect(garbage.reply.hasPrefix("HTTP/1.1 400 Bad Request\r\n") && garbage.reply.contains("\"status\":400"), "\(garbage.reply)")
             #expect(garbage.closed)
             // A head that never ends: closed at the idle timeout, with nothing to answer.
-            let half = try await Self.rawExchange(port: port, Array("GET /healthz HTTP/1.1\r\nHost: x\r\n".utf8))
+            let half = try await rawExchange(port: port, Array("GET /healthz HTTP/1.1\r\nHost: x\r\n".utf8))
             #expect(half.reply.isEmpty && half.closed && half.waited < .seconds(10), "\(half.reply)")
             // A whole request is served as before.
-            let fine = try await Self.rawExchange(port: port, Array("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+            let fine = try await rawExchange(port: port, Array("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
             #expect(fine.reply.hasPrefix("HTTP/1.1 200 OK\r\n"), "\(fine.reply.prefix(200))")
         }
     }

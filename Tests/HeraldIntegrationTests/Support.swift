@@ -13,6 +13,10 @@ import Testing
 @testable import HeraldAPI
 @testable import HeraldStore
 
+#if canImport(Glibc)
+    import Glibc
+#endif
+
 /// The real PostgreSQL that `make test` starts, reached as the application role (what the
 /// server uses) and as the owner (what migrations use). Shared by every test in the process;
 /// tests stay independent because each makes its own organisations.
@@ -487,5 +491,51 @@ extension Database {
 func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
     try await withCheckedThrowingContinuation { continuation in
         Thread { continuation.resume(with: Result { try body() }) }.start()
+    }
+}
+
+/// Sends `request` as raw bytes on a new connection to `port` (from the local address `from`,
+/// 127.0.0.x: Linux answers the whole of 127/8) and reads until the server closes it or 15 s
+/// pass: what came back, whether the server closed it, and how long it took.
+func rawExchange(port: Int, from: String = "127.0.0.1", _ request: [UInt8]) async throws -> (reply: String, closed: Bool, waited: Duration)
+{
+    try await onThread { () throws -> (String, Bool, Duration) in
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        func address(_ host: String, _ port: Int) -> sockaddr_in {
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_port = in_port_t(UInt16(port).bigEndian)
+            address.sin_addr.s_addr = inet_addr(host)
+            return address
+        }
+        var local = address(from, 0)
+        var remote = address("127.0.0.1", port)
+        let bound = withUnsafePointer(to: &local) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        let connected = withUnsafePointer(to: &remote) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        #expect(bound == 0 && connected == 0)
+        var timeout = timeval(tv_sec: 15, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        var sent = 0
+        while sent < request.count {
+            let n = request[sent...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
+            guard n > 0 else { break } // the server may refuse before reading it all
+            sent += n
+        }
+        let start = ContinuousClock.now
+        var reply: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        var read = 0
+        repeat {
+            read = recv(fd, &buffer, buffer.count, 0)
+            if read > 0 { reply += buffer[0..<read] }
+        } while read > 0
+        // A reset after the answer (the server closed with bytes of ours unread) is a close too.
+        let closed = read == 0 || (read < 0 && errno == ECONNRESET)
+        return (String(decoding: reply, as: UTF8.self), closed, ContinuousClock.now - start)
     }
 }
