@@ -92,6 +92,36 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test(
+        "a graceful shutdown closes connections whose first request's head is not finished (a trial: they held SIGTERM to its 25 s limit)"
+    )
+    func shutdownClosesHalfSentHeads() async throws {
+        let keys = try StreamServeProcess.keysDirectory()
+        defer { try? FileManager.default.removeItem(atPath: keys) }
+        let server = try await StreamServeProcess.start(keys: keys)
+        defer { server.kill() }
+        let port = server.port
+        // Five connections that sent half a head each, held open.
+        let sockets = try await offPool { () -> [Int32] in
+            (0..<5).map { _ in
+                let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+                var address = sockaddr_in()
+                address.sin_family = sa_family_t(AF_INET)
+                address.sin_port = in_port_t(UInt16(port).bigEndian)
+                address.sin_addr.s_addr = inet_addr("127.0.0.1")
+                _ = withUnsafePointer(to: &address) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+                }
+                _ = "GET /healthz HTTP/1.1\r\nHost: x\r\n".withCString { send(fd, $0, strlen($0), 0) }
+                return fd
+            }
+        }
+        defer { for fd in sockets { close(fd) } }
+        try await Task.sleep(for: .milliseconds(200)) // the server has read them
+        let took = try await server.terminate()
+        #expect(took < .seconds(10), "SIGTERM with five half-sent heads open took \(took)")
+    }
+
     @Test("the audit log lists entries whose before/after are arrays (role assignments), also by target")
     func auditLogWithArrays() async throws {
         // setup: assigning roles writes before/after as JSON arrays

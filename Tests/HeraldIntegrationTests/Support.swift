@@ -485,21 +485,12 @@ extension Database {
     }
 }
 
-/// Runs `body`, which blocks (a socket's `recv`), on a thread of its own: on a thread of the
-/// cooperative pool (`Task.detached`) it held one of the machine's two while the server it waits
-/// for, in the same process, needed it, and the suite stalled.
-func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
-    try await withCheckedThrowingContinuation { continuation in
-        Thread { continuation.resume(with: Result { try body() }) }.start()
-    }
-}
-
 /// Sends `request` as raw bytes on a new connection to `port` (from the local address `from`,
 /// 127.0.0.x: Linux answers the whole of 127/8) and reads until the server closes it or 15 s
 /// pass: what came back, whether the server closed it, and how long it took.
 func rawExchange(port: Int, from: String = "127.0.0.1", _ request: [UInt8]) async throws -> (reply: String, closed: Bool, waited: Duration)
 {
-    try await onThread { () throws -> (String, Bool, Duration) in
+    try await offPool { () throws -> (String, Bool, Duration) in
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         defer { close(fd) }
         func address(_ host: String, _ port: Int) -> sockaddr_in {
