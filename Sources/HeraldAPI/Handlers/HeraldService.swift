@@ -88,8 +88,11 @@ final class LoginLimits: Sendable {
     private let perAccountAndAddress: Mutex<AttemptLimiter>
     private let perAccount: Mutex<AttemptLimiter>
     private let perAddress: Mutex<AttemptLimiter>
+    /// Wrong current passwords of `PUT /v1/me/password`, per user (the account's limit).
+    private let passwordChanges: Mutex<AttemptLimiter>
 
     init(accountLimit: Int, addressLimit: Int, window: TimeInterval) {
+        passwordChanges = Mutex(AttemptLimiter(limit: accountLimit, window: window))
         perAccountAndAddress = Mutex(AttemptLimiter(limit: accountLimit, window: window))
         perAccount = Mutex(AttemptLimiter(limit: accountLimit * Self.addressesPerAccount, window: window))
         perAddress = Mutex(AttemptLimiter(limit: addressLimit, window: window))
@@ -158,19 +161,15 @@ final class LoginLimits: Sendable {
     /// A change of password tries the current one: its failures count per user, apart from
     /// logins (the caller is signed in; a stolen access token must not try passwords at will).
     func checkPasswordChange(of user: UUID, now: Date) throws {
-        if let wait = perAccountAndAddress.withLock({ $0.retryAfter(Self.passwordChange(user), now: now) }) {
+        if let wait = passwordChanges.withLock({ $0.retryAfter(user.uuidString, now: now) }) {
             throw APIError.tooManyRequests(
                 "Too many wrong current passwords for this user; try again later.", retryAfter: Int(wait.rounded(.up)))
         }
     }
 
     func recordPasswordChange(of user: UUID, succeeded: Bool, now: Date) {
-        perAccountAndAddress.withLock {
-            if succeeded { $0.reset(Self.passwordChange(user)) } else { $0.record(Self.passwordChange(user), now: now) }
-        }
+        passwordChanges.withLock { if succeeded { $0.reset(user.uuidString) } else { $0.record(user.uuidString, now: now) } }
     }
-
-    private static func passwordChange(_ user: UUID) -> String { "password-change|\(user)" }
 }
 
 /// A value as the audit log keeps it: its JSON, dates as ISO 8601 strings. A value that does not

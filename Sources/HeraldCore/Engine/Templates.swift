@@ -159,10 +159,14 @@ public enum TemplateRenderer {
 
     /// Renders a template that passed `validate`; an unparsable one renders as its source.
     public static func render(_ source: String, _ context: [String: Any]) -> String {
-        guard beyondParser(source) == nil, let template = try? MustacheTemplate(string: HTMLEscaping.pragma + source) else {
-            return source
-        }
-        return template.render(context)
+        parsed(source, pragma: HTMLEscaping.pragma)?.render(context) ?? source
+    }
+
+    /// `source` parsed after `pragma`, or nil when it does not parse or is beyond what the
+    /// parser's recursion may be given (`beyondParser`): saved templates passed `validate`, and
+    /// the limits are checked again so that no stored text reaches the parser unchecked.
+    static func parsed(_ source: String, pragma: String) -> MustacheTemplate? {
+        beyondParser(source) == nil ? try? MustacheTemplate(string: pragma + source) : nil
     }
 
     /// Renders every part of `content` (parsed once per process: `ParsedTemplate.cached`);
@@ -297,14 +301,9 @@ public struct ParsedTemplate: Sendable {
     /// and text/plain part, which no client reads as HTML); the HTML part always as HTML.
     public init(_ content: TemplateContent, escaping: ValueEscaping = .html) {
         source = content
-        // Saved templates passed `validate`; the limits are checked again so that no stored text
-        // reaches the parser's recursion unchecked (it renders as its source instead).
-        func parsed(_ text: String, _ pragma: String) -> MustacheTemplate? {
-            TemplateRenderer.beyondParser(text) == nil ? try? MustacheTemplate(string: pragma + text) : nil
-        }
-        subject = parsed(content.subject, escaping.pragma)
-        body = parsed(content.body, escaping.pragma)
-        html = content.html.flatMap { parsed($0, HTMLEscaping.pragma) }
+        subject = TemplateRenderer.parsed(content.subject, pragma: escaping.pragma)
+        body = TemplateRenderer.parsed(content.body, pragma: escaping.pragma)
+        html = content.html.flatMap { TemplateRenderer.parsed($0, pragma: HTMLEscaping.pragma) }
         plainSubject = subject == nil ? nil : PlainTemplate(content.subject, escaping: escaping)
         plainBody = body == nil ? nil : PlainTemplate(content.body, escaping: escaping)
         plainHTML = html == nil ? nil : content.html.flatMap { PlainTemplate($0, escaping: .html) }
