@@ -164,10 +164,25 @@ def _plain_templates(value) -> None:
             _plain_templates(item)
 
 
+def _whole_quiet_hours(holder) -> None:
+    """Quiet hours with both times or none, and not equal (a window no schema can describe)."""
+    window = holder.get("quiet_hours") if isinstance(holder, dict) else None
+    if not isinstance(window, dict):
+        return
+    if ("start" in window) != ("end" in window):
+        window.pop("start", None)
+        window.pop("end", None)
+    elif window.get("start") == window.get("end") and isinstance(window.get("start"), str):
+        window["end"] = "07:00" if window["start"] != "07:00" else "08:00"
+
+
 def _fix_body(case) -> None:
     body, path, method = case.body, case.operation.path, case.method.upper()
     if not isinstance(body, dict):
         return
+    _whole_quiet_hours(body)
+    for user in body.get("users") or [] if path == "/v1/users/import" else []:
+        _whole_quiet_hours(user)
     _fix_conditions(body)
     _ordered_window(body)
     if path == "/v1/catalogue" or "/templates" in path or path.startswith("/v1/digest-templates"):

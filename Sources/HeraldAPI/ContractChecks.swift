@@ -90,7 +90,7 @@ struct ContractChecks: Sendable {
     /// the operations that change a user; elsewhere (the organisation's own digest hour) none does.
     static func clearingValue(of field: String, in operation: String?) -> String? {
         guard let operation, ["createUser", "importUsers", "updateUser", "updateMe"].contains(operation) else { return nil }
-        return ["digest_hour": "-1", "digest_weekday": "0", "timezone": "\"\""][field]
+        return ["digest_hour": "-1", "digest_weekday": "0", "timezone": "\"\"", "quiet_hours": "{}"][field]
     }
 
     /// Whether the raw bytes contain `null` or `\u0000` at all: most bodies need no parse here.

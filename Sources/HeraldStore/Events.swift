@@ -151,15 +151,15 @@ extension TenantTransaction {
     func recipientsRead(for audience: Audience, after: UUID?, limit: Int?, typeKey: String? = nil) -> StoreRead<[RecipientProfile]> {
         StoreRead(statement: recipientsQuery(for: audience, after: after, limit: limit, typeKey: typeKey)) { rows in
             try rows.map { row in
-                let (id, active, email, name, locale, timezone, attributes, byUser, byRoles, byGroups) =
+                let (id, active, email, name, locale, timezone, attributes, byUser, byRoles, byGroups, quietStart, quietEnd) =
                     try row.decode(
-                        (UUID, Bool, String, String, String?, String?, JSONDocument<JSONValue>, Bool, [String], [String]).self,
+                        (UUID, Bool, String, String, String?, String?, JSONDocument<JSONValue>, Bool, [String], [String], Int?, Int?).self,
                         table: "users")
                 return RecipientProfile(
                     candidate: Candidate(
                         userID: id, active: active, byUser: byUser, byRoles: byRoles, byGroups: byGroups, byEveryone: audience.everyone),
                     email: email, displayName: name, locale: locale, timezone: timezone,
-                    attributes: attributes.value)
+                    attributes: attributes.value, quietHours: QuietHours.stored(start: quietStart, end: quietEnd))
             }
         }
     }
@@ -175,7 +175,8 @@ extension TenantTransaction {
         // chunk read the 990 000 before it, and as "id = ANY(candidates)" it filtered the whole
         // organisation when its statistics were from before a bulk import (PlanGuardTests).
         return """
-            SELECT u.id, u.active, u.email, u.display_name, u.locale, u.timezone, u.attributes, c.by_user, c.role_keys, c.group_keys
+            SELECT u.id, u.active, u.email, u.display_name, u.locale, u.timezone, u.attributes, c.by_user, c.role_keys, c.group_keys,
+                   u.quiet_hours_start::int, u.quiet_hours_end::int
             FROM audience_members(\(organisationID), \(audience.everyone), \(audience.userIDs)::uuid[], \(audience.roleKeys)::text[],
                                   \(audience.groupKeys)::text[], \(after)::uuid, \(limit)::integer) c
             CROSS JOIN LATERAL (SELECT * FROM users u WHERE u.organisation_id = \(organisationID) AND u.id = c.user_id OFFSET 0) u
@@ -429,14 +430,18 @@ extension TenantTransaction {
         var deliveries: PostgresQuery?
         if !plan.deliveries.isEmpty {
             let d = plan.deliveries
+            // A row held for its recipient's quiet hours is due when they end, the others when the
+            // event is: the times are sent only when some row is held (unnest pads the empty
+            // array with nulls).
+            let heldUntil = d.contains { $0.notBefore != nil } ? d.map { $0.notBefore ?? event.deliverAt } : []
             deliveries =
                 ("""
                 INSERT INTO deliveries (organisation_id, id, event_id, user_id, channel, destination, endpoint_id, next_attempt_at, urgent)
-                SELECT \(organisationID), id, \(event.id), user_id, channel, destination, nullif(endpoint_id, '')::uuid, \(event.deliverAt),
-                       \(event.priority.isUrgent)
+                SELECT \(organisationID), id, \(event.id), user_id, channel, destination, nullif(endpoint_id, '')::uuid,
+                       coalesce(due_at, \(event.deliverAt)), \(event.priority.isUrgent)
                 FROM unnest(\(UUIDArray(d.map(\.id)))::uuid[], \(UUIDArray(d.map(\.userID)))::uuid[], \(d.map(\.channel))::text[], \(d.map(\.destination))::text[],
-                            \(d.map { $0.endpointID?.uuidString ?? "" })::text[])
-                     AS row(id, user_id, channel, destination, endpoint_id)
+                            \(d.map { $0.endpointID?.uuidString ?? "" })::text[], \(heldUntil)::timestamptz[])
+                     AS row(id, user_id, channel, destination, endpoint_id, due_at)
                 """)
         }
         if !plan.digestItems.isEmpty {

@@ -13,6 +13,8 @@ public struct User: Sendable, Equatable {
     /// The user's own digest hour (0–23) and ISO weekday (1–7); nil: the organisation's.
     public var digestHour: Int?
     public var digestWeekday: Int?
+    /// When the user wants no email but critical ones, in their time zone; nil: none.
+    public var quietHours: QuietHours?
     /// The last tracked click, login or feed read (the inactivity rule's clock; recorded at most
     /// hourly), and when the rule warned the user (cleared by engagement) or switched their email off.
     public var lastEngagedAt: Date
@@ -42,11 +44,13 @@ public struct NewUser: Sendable {
     /// The user's own digest hour (0–23) and ISO weekday (1–7); nil: the organisation's.
     public var digestHour: Int?
     public var digestWeekday: Int?
+    public var quietHours: QuietHours?
 
     public init(
         email: String, displayName: String, locale: String? = nil, timezone: String? = nil, attributes: JSONValue = .object([:]),
-        passwordHash: String? = nil, digestHour: Int? = nil, digestWeekday: Int? = nil
+        passwordHash: String? = nil, digestHour: Int? = nil, digestWeekday: Int? = nil, quietHours: QuietHours? = nil
     ) {
+        self.quietHours = quietHours
         self.digestHour = digestHour
         self.digestWeekday = digestWeekday
         self.email = email
@@ -67,11 +71,13 @@ public struct UserChange: Sendable {
     public var attributes: JSONValue?
     public var digestHour: Int??
     public var digestWeekday: Int??
+    public var quietHours: QuietHours??
 
     public init(
         email: String? = nil, displayName: String? = nil, locale: String?? = nil, timezone: String?? = nil, attributes: JSONValue? = nil,
-        digestHour: Int?? = nil, digestWeekday: Int?? = nil
+        digestHour: Int?? = nil, digestWeekday: Int?? = nil, quietHours: QuietHours?? = nil
     ) {
+        self.quietHours = quietHours
         self.digestHour = digestHour
         self.digestWeekday = digestWeekday
         self.email = email
@@ -155,9 +161,11 @@ extension TenantTransaction {
     public func createUser(_ new: NewUser) async throws -> User {
         let rows = try await query(
             """
-            INSERT INTO users (organisation_id, email, display_name, locale, timezone, attributes, password_hash, digest_hour, digest_weekday)
+            INSERT INTO users (organisation_id, email, display_name, locale, timezone, attributes, password_hash, digest_hour, digest_weekday,
+                               quiet_hours_start, quiet_hours_end)
             VALUES (\(organisationID), \(new.email), \(new.displayName), \(new.locale), \(new.timezone),
-                    \(JSONDocument(new.attributes)), \(new.passwordHash), \(new.digestHour)::smallint, \(new.digestWeekday)::smallint)
+                    \(JSONDocument(new.attributes)), \(new.passwordHash), \(new.digestHour)::smallint, \(new.digestWeekday)::smallint,
+                    \(new.quietHours?.start)::smallint, \(new.quietHours?.end)::smallint)
             RETURNING id
             """)
         return try await user(rows[0].decode(UUID.self))
@@ -181,13 +189,16 @@ extension TenantTransaction {
         // without one becomes a COPY, which row-level security refuses).
         let created = try await query(
             """
-            INSERT INTO users (organisation_id, email, display_name, locale, timezone, attributes, digest_hour, digest_weekday)
+            INSERT INTO users (organisation_id, email, display_name, locale, timezone, attributes, digest_hour, digest_weekday,
+                               quiet_hours_start, quiet_hours_end)
             SELECT \(organisationID), u.email, u.display_name, nullif(u.locale, ''), nullif(u.timezone, ''), u.attributes,
-                   nullif(u.digest_hour, -1)::smallint, nullif(u.digest_weekday, 0)::smallint
+                   nullif(u.digest_hour, -1)::smallint, nullif(u.digest_weekday, 0)::smallint,
+                   nullif(u.quiet_start, -1)::smallint, nullif(u.quiet_end, -1)::smallint
             FROM unnest(\(users.map(\.email))::text[], \(users.map(\.displayName))::text[], \(users.map { $0.locale ?? "" })::text[],
                         \(users.map { $0.timezone ?? "" })::text[], \(users.map { JSONDocument($0.attributes) })::jsonb[],
-                        \(users.map { $0.digestHour ?? -1 })::integer[], \(users.map { $0.digestWeekday ?? 0 })::integer[])
-                 AS u (email, display_name, locale, timezone, attributes, digest_hour, digest_weekday)
+                        \(users.map { $0.digestHour ?? -1 })::integer[], \(users.map { $0.digestWeekday ?? 0 })::integer[],
+                        \(users.map { $0.quietHours?.start ?? -1 })::integer[], \(users.map { $0.quietHours?.end ?? -1 })::integer[])
+                 AS u (email, display_name, locale, timezone, attributes, digest_hour, digest_weekday, quiet_start, quiet_end)
             ON CONFLICT (organisation_id, lower(email)) DO NOTHING
             RETURNING id, email
             """
@@ -285,6 +296,8 @@ extension TenantTransaction {
                 attributes = coalesce(\(change.attributes.map { JSONDocument($0) }), attributes),
                 digest_hour = CASE WHEN \(change.digestHour != nil) THEN \(change.digestHour ?? nil)::smallint ELSE digest_hour END,
                 digest_weekday = CASE WHEN \(change.digestWeekday != nil) THEN \(change.digestWeekday ?? nil)::smallint ELSE digest_weekday END,
+                quiet_hours_start = CASE WHEN \(change.quietHours != nil) THEN \(change.quietHours??.start)::smallint ELSE quiet_hours_start END,
+                quiet_hours_end = CASE WHEN \(change.quietHours != nil) THEN \(change.quietHours??.end)::smallint ELSE quiet_hours_end END,
                 updated_at = now()
             WHERE organisation_id = \(organisationID) AND id = \(id)
             RETURNING id
@@ -371,21 +384,25 @@ private let userColumns = """
               FROM user_roles ur JOIN roles r ON r.organisation_id = ur.organisation_id AND r.id = ur.role_id
               WHERE ur.organisation_id = u.organisation_id AND ur.user_id = u.id), '[]'),
     u.created_at, u.updated_at, u.digest_hour::int, u.digest_weekday::int, u.last_engaged_at, u.inactivity_warned_at,
-    u.inactivity_switched_off_at
+    u.inactivity_switched_off_at, u.quiet_hours_start::int, u.quiet_hours_end::int
     """
 
 private func decodeUser(_ row: PostgresRow) throws -> User {
-    let (id, email, name, locale, timezone, active, attributes, roles, created, updated, digestHour, digestWeekday, engaged, warned, off) =
+    let (
+        id, email, name, locale, timezone, active, attributes, roles, created, updated, digestHour, digestWeekday, engaged, warned, off,
+        quietStart, quietEnd
+    ) =
         try row.decode(
             (
                 UUID, String, String, String?, String?, Bool, JSONDocument<JSONValue>, JSONDocument<[RoleRef]>, Date, Date, Int?, Int?,
-                Date, Date?, Date?
+                Date, Date?, Date?, Int?, Int?
             )
             .self,
             table: "users")
     return User(
         id: id, email: email, displayName: name, locale: locale, timezone: timezone, active: active, digestHour: digestHour,
-        digestWeekday: digestWeekday, lastEngagedAt: engaged, inactivityWarnedAt: warned, inactivitySwitchedOffAt: off,
+        digestWeekday: digestWeekday, quietHours: QuietHours.stored(start: quietStart, end: quietEnd), lastEngagedAt: engaged,
+        inactivityWarnedAt: warned, inactivitySwitchedOffAt: off,
         attributes: attributes.value, roles: roles.value, createdAt: created, updatedAt: updated)
 }
 

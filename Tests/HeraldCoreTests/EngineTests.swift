@@ -291,6 +291,60 @@ struct PlannerTests {
         #expect(plan.deliveries.count == 2 && plan.digestItems.count == 1 && plan.notifications.count == 4)
     }
 
+    @Test("quiet hours hold an email until they end, in the recipient's zone, unless the event or category is critical")
+    func quietHoursHoldEmail() throws {
+        func at(_ text: String) -> Date { RFC3339.date(from: text)! }
+        let paris = try #require(TimeZone(identifier: "Europe/Paris"))
+        let nights = try #require(QuietHours(start: "22:00", end: "07:00"))
+        // 23:30 in Paris (22:30 UTC in winter): inside, held until 07:00 Paris, 06:00 UTC.
+        #expect(nights.heldUntil(at("2026-12-07T22:30:00Z"), in: paris) == at("2026-12-08T06:00:00Z"))
+        // 06:59 is inside, 07:00 and 21:59 are not; 22:00 is.
+        #expect(nights.contains(at("2026-12-08T05:59:00Z"), in: paris))
+        #expect(!nights.contains(at("2026-12-08T06:00:00Z"), in: paris))
+        #expect(!nights.contains(at("2026-12-08T20:59:00Z"), in: paris))
+        #expect(nights.heldUntil(at("2026-12-08T21:00:00Z"), in: paris) == at("2026-12-09T06:00:00Z"))
+        // A window within one day; the end follows summer time (07:00 Paris is 05:00 UTC in July).
+        let lunch = try #require(QuietHours(start: "12:00", end: "13:30"))
+        #expect(lunch.heldUntil(at("2026-07-01T10:15:00Z"), in: paris) == at("2026-07-01T11:30:00Z"))
+        #expect(lunch.heldUntil(at("2026-07-01T11:30:00Z"), in: paris) == nil)
+        #expect(nights.heldUntil(at("2026-07-01T04:00:00Z"), in: paris) == at("2026-07-01T05:00:00Z"))
+        // The night the clocks go back (25 October 2026): 07:00 comes an hour later in UTC.
+        #expect(nights.heldUntil(at("2026-10-24T21:00:00Z"), in: paris) == at("2026-10-25T06:00:00Z"))
+        // What is not a window.
+        #expect(QuietHours(start: "22:00", end: "22:00") == nil)
+        for text in ["7:00", "24:00", "07:60", "07-00", "0700", " 07:00", "07:00:00", "ab:cd", "٠٧:٠٠"] {
+            #expect(QuietHours.minutes(text) == nil, "\(text)")
+        }
+        #expect(QuietHours.minutes("23:59") == 1439 && QuietHours.text(425) == "07:05")
+
+        // The planner: the email of a recipient inside their quiet hours is due when they end, with
+        // its own reason; the in-app row is not held; someone else's email is not held.
+        let (sleeper, awake) = (UUID(), UUID())
+        var sleeping = profile(Candidate(userID: sleeper, active: true, byUser: true))
+        sleeping.timezone = "Europe/Paris"
+        sleeping.quietHours = nights
+        var plan = input([sleeping, profile(Candidate(userID: awake, active: true, byUser: true))], critical: false)
+        plan.priority = .normal
+        plan.deliverAt = at("2026-12-07T22:30:00Z")
+        let planned = NotificationPlanner.plan(plan)
+        let held = try #require(planned.deliveries.first { $0.userID == sleeper })
+        #expect(held.notBefore == at("2026-12-08T06:00:00Z"))
+        #expect(planned.deliveries.first { $0.userID == awake }?.notBefore == nil)
+        let email = planned.traces.first { $0.targeting.userID == sleeper }?.channels.first { $0.decision.channel == .email }
+        #expect(email?.decision.reason == .heldForQuietHours && email?.decision.outcome == .immediate)
+        #expect(planned.counts.immediate == 2 && planned.notifications.count == 2)
+        // A critical event, or an event of a critical category, is sent at once.
+        var urgent = plan
+        urgent.priority = .critical
+        #expect(NotificationPlanner.plan(urgent).deliveries.allSatisfy { $0.notBefore == nil })
+        var alarm = plan
+        alarm.type.categoryIsCritical = true
+        #expect(NotificationPlanner.plan(alarm).deliveries.allSatisfy { $0.notBefore == nil })
+        // Outside the window nothing is held.
+        plan.deliverAt = at("2026-12-08T09:00:00Z")
+        #expect(NotificationPlanner.plan(plan).deliveries.allSatisfy { $0.notBefore == nil })
+    }
+
     @Test("webhook and chat: one delivery per recipient per matching endpoint, NO_DESTINATION without one")
     func endpoints() {
         let user = UUID()

@@ -218,6 +218,77 @@ struct MedicalAlertTests {
         }
     }
 
+    @Test("quiet hours hold a member's email until they end in their zone; critical events and the bell are not held")
+    func quietHoursThroughAPI() async throws {
+        try await withCatalogue { org, catalogue, client in
+            // A member's own quiet hours, shown back in their profile and to an administrator.
+            let set = try await client.send(
+                .patch, "/v1/me", token: org.memberToken,
+                json: #"{"timezone": "Europe/Paris", "quiet_hours": {"start": "22:00", "end": "07:00"}}"#)
+            #expect(set.status == .ok, "\(set.text)")
+            let profile = try set.decoded(Components.Schemas.Principal.self).profile
+            #expect(profile?.quietHours == .init(start: "22:00", end: "07:00"))
+            let shown = try await client.send(.get, "/v1/users/\(org.memberID.uuidString)", token: org.ownerToken)
+            #expect(try shown.decoded(Components.Schemas.User.self).quietHours == .init(start: "22:00", end: "07:00"))
+            // What is not a window: 422 naming the field; a null says what clears them.
+            for (body, field) in [
+                (#"{"quiet_hours": {"start": "22:00"}}"#, "quiet_hours"),
+                (#"{"quiet_hours": {"start": "7:00", "end": "09:00"}}"#, "quiet_hours.start"),
+                (#"{"quiet_hours": {"start": "08:00", "end": "24:00"}}"#, "quiet_hours.end"),
+                (#"{"quiet_hours": {"start": "08:00", "end": "08:00"}}"#, "quiet_hours"),
+            ] {
+                let refused = try await client.send(.patch, "/v1/me", token: org.memberToken, json: body)
+                #expect(refused.isProblem(.unprocessableContent), "\(body) → \(refused.text)")
+                #expect((refused.json["detail"] as? String)?.hasPrefix(field) == true, "\(refused.text)")
+            }
+            let null = try await client.send(.patch, "/v1/me", token: org.memberToken, json: #"{"quiet_hours": null}"#)
+            #expect(null.isProblem(.badRequest) && null.text.contains("{}"), "\(null.text)")
+
+            // Email on for the member's activity; an event due at 23:30 in Paris, two days ahead.
+            let email = try await client.send(
+                .put, "/v1/me/preferences", token: org.memberToken,
+                json: #"{"items": [{"category": "activity", "channel": "email", "enabled": true, "frequency": "IMMEDIATE"}]}"#)
+            #expect(email.status == .ok, "\(email.text)")
+            let paris = try #require(TimeZone(identifier: "Europe/Paris"))
+            var calendar = Calendar(identifier: .gregorian)
+            calendar.timeZone = paris
+            let day = try #require(calendar.date(byAdding: .day, value: 2, to: Date()))
+            let due = try #require(calendar.date(bySettingHour: 23, minute: 30, second: 0, of: day))
+            let nextDay = try #require(calendar.date(byAdding: .day, value: 1, to: day))
+            let morning = try #require(calendar.date(bySettingHour: 7, minute: 0, second: 0, of: nextDay))
+            func send(priority: String) async throws -> String {
+                let sent = try await client.send(
+                    .post, "/v1/events", token: org.ownerToken,
+                    json: """
+                        {"type": "TASK_ASSIGNED", "priority": "\(priority)", "deliver_at": "\(RFC3339.wholeSeconds(due))",
+                         "payload": {"title": "Review"}, "audience": {"user_ids": ["\(org.memberID.uuidString)"]}}
+                        """)
+                #expect(sent.status == .accepted, "\(sent.text)")
+                return try sent.decoded(Components.Schemas.EventAccepted.self).eventId
+            }
+            func emailOf(_ event: String) async throws -> (reason: String?, due: Date?) {
+                let explain = try await client.send(
+                    .get, "/v1/events/\(event)/explain?user_id=\(org.memberID.uuidString)", token: org.ownerToken)
+                let channel = try explain.decoded(Components.Schemas.Explanation.self).items.first?.channels.first { $0.channel == .email }
+                let deliveries = try await client.send(.get, "/v1/deliveries?event_id=\(event)", token: org.ownerToken)
+                return (channel?.reason, try deliveries.decoded(Components.Schemas.DeliveryPage.self).items.first?.nextAttemptAt)
+            }
+            let held = try await emailOf(try await send(priority: "normal"))
+            #expect(held.reason == "HELD_QUIET_HOURS")
+            #expect(held.due.map { abs($0.timeIntervalSince(morning)) < 1 } == true, "\(String(describing: held.due)) against \(morning)")
+            let critical = try await emailOf(try await send(priority: "critical"))
+            #expect(critical.reason == "DELIVERY_QUEUED")
+            #expect(critical.due.map { abs($0.timeIntervalSince(due)) < 1 } == true)
+
+            // {} clears them: the next event's email is due with it.
+            let cleared = try await client.send(.patch, "/v1/me", token: org.memberToken, json: #"{"quiet_hours": {}}"#)
+            #expect(try cleared.decoded(Components.Schemas.Principal.self).profile?.quietHours == nil)
+            let after = try await emailOf(try await send(priority: "normal"))
+            #expect(after.reason == "DELIVERY_QUEUED" && after.due.map { abs($0.timeIntervalSince(due)) < 1 } == true)
+            _ = catalogue
+        }
+    }
+
     @Test("bad events are refused and write nothing")
     func badEvents() async throws {
         try await withCatalogue { org, catalogue, client in

@@ -55,7 +55,15 @@ struct ExplainTests {
                 // The inactivity rule switched this one's email off (SWITCHED_OFF_INACTIVE).
                 let dormant = try await user("dormant")
                 _ = try await tx.switchOffEmail(of: dormant, now: Date())
-                return (excluded, [grouped, everyone, excluded, inactive, picky, muted, none, webhook, digest, dormant])
+                // Quiet hours from an hour ago to an hour from now, in UTC (HELD_QUIET_HOURS).
+                let minute = Int(Date().timeIntervalSince1970 / 60) % 1440
+                let sleeper = try await tx.createUser(
+                    NewUser(
+                        email: "sleeper@x.example", displayName: "sleeper", timezone: "UTC",
+                        quietHours: QuietHours(start: (minute + 1380) % 1440, end: (minute + 60) % 1440))
+                ).id
+                try await prefer(sleeper, .email, true, .immediate)
+                return (excluded, [grouped, everyone, excluded, inactive, picky, muted, none, webhook, digest, dormant, sleeper])
             }
             var seen = Set<String>()
             // A throttle of one a minute: the second event throttles whoever the first one notified.

@@ -105,6 +105,7 @@ extension HeraldService {
         return .init(
             email: record.email, displayName: record.displayName, locale: record.locale, timezone: record.timezone,
             digestHour: record.digestHour, digestWeekday: record.digestWeekday,
+            quietHours: record.quietHours.map(Components.Schemas.QuietHours.init),
             effective: .init(
                 locale: record.locale ?? organisation.defaultLocale, timezone: record.timezone ?? organisation.defaultTimezone,
                 digestHour: record.digestHour ?? organisation.digestHour, digestWeekday: record.digestWeekday ?? organisation.digestWeekday)

@@ -22,6 +22,7 @@ extension HeraldService {
             timezone: try body.timezone.flatMap { v throws(ValidationError) in v.isEmpty ? nil : try Validate.timezone(v) })
         if let attributes = body.attributes { new.attributes = try Validate.attributes(try convert(attributes)) }
         (new.digestHour, new.digestWeekday) = try digestTime(hour: body.digestHour, weekday: body.digestWeekday)
+        new.quietHours = try quietHours(body.quietHours) ?? nil
         if let password = body.password {
             let checked = try Validate.password(password)
             new.passwordHash = try await passwords.hash(checked)
@@ -55,6 +56,7 @@ extension HeraldService {
                 new.attributes = try Validate.attributes(try convert(attributes), field: "\(at).attributes")
             }
             (new.digestHour, new.digestWeekday) = try digestTime(hour: item.digestHour, weekday: item.digestWeekday, at: "\(at).")
+            new.quietHours = try quietHours(item.quietHours, at: "\(at).") ?? nil
             // A conflict, as with an existing user's (the schema allows it; the data does not).
             if let first = seen.updateValue(index, forKey: new.email.lowercased()) {
                 throw APIError.conflict("\(at).email: the same address as users[\(first)]; nothing was imported.")
@@ -115,7 +117,7 @@ extension HeraldService {
         try requireSomeChange(body)
         var change = try profileChange(
             displayName: body.displayName, locale: body.locale, timezone: body.timezone, digestHour: body.digestHour,
-            digestWeekday: body.digestWeekday)
+            digestWeekday: body.digestWeekday, quietHours: body.quietHours)
         change.email = try body.email.map { v throws(ValidationError) in try Validate.emailAddress(v) }
         if let attributes = body.attributes { change.attributes = try Validate.attributes(try convert(attributes)) }
         let updated = try await tenant { tx, principal in
@@ -133,7 +135,7 @@ extension HeraldService {
         try requireSomeChange(body)
         let change = try profileChange(
             displayName: body.displayName, locale: body.locale, timezone: body.timezone, digestHour: body.digestHour,
-            digestWeekday: body.digestWeekday)
+            digestWeekday: body.digestWeekday, quietHours: body.quietHours)
         let principal = try RequestScope.get().requirePrincipal()
         let profile = try await tenant { tx, _ in
             _ = try await applyUserChange(user, change, tx) {}
@@ -143,9 +145,11 @@ extension HeraldService {
     }
 
     /// The fields a user may change of themselves, validated: an empty locale or time zone, an
-    /// hour of -1 or a weekday of 0 clears it, so the organisation's applies.
+    /// hour of -1 or a weekday of 0 clears it, so the organisation's applies; quiet hours of `{}`
+    /// clear them.
     func profileChange(
-        displayName: String?, locale: String?, timezone: String?, digestHour: Int?, digestWeekday: Int?
+        displayName: String?, locale: String?, timezone: String?, digestHour: Int?, digestWeekday: Int?,
+        quietHours setting: Components.Schemas.QuietHoursSetting?
     ) throws -> UserChange {
         var change = UserChange(
             displayName: try displayName.map { v throws(ValidationError) in try Validate.text(v, field: "display_name") },
@@ -154,7 +158,32 @@ extension HeraldService {
         let (hour, weekday) = try digestTime(hour: digestHour, weekday: digestWeekday)
         if digestHour != nil { change.digestHour = .some(hour) }
         if digestWeekday != nil { change.digestWeekday = .some(weekday) }
+        change.quietHours = try quietHours(setting)
         return change
+    }
+
+    /// Quiet hours as sent: nil when absent, `.some(nil)` for `{}` (none), else the window. One
+    /// time without the other, a time that is not HH:MM, or two equal times are a 422.
+    func quietHours(_ setting: Components.Schemas.QuietHoursSetting?, at prefix: String = "") throws -> QuietHours?? {
+        guard let setting else { return nil }
+        let field = "\(prefix)quiet_hours"
+        switch (setting.start, setting.end) {
+        case (nil, nil):
+            return .some(nil)
+        case (let start?, let end?):
+            for (name, value) in [("start", start), ("end", end)] where QuietHours.minutes(value) == nil {
+                throw APIError.unprocessable(
+                    ValidationError(field: "\(field).\(name)", message: "must be a time of day as HH:MM (24-hour clock, 00:00 to 23:59)."))
+            }
+            guard let window = QuietHours(start: start, end: end) else {
+                throw APIError.unprocessable(
+                    ValidationError(field: field, message: "must end at another time than it starts; send {} for no quiet hours."))
+            }
+            return .some(window)
+        default:
+            throw APIError.unprocessable(
+                ValidationError(field: field, message: "needs both start and end (HH:MM), or neither ({}) for no quiet hours."))
+        }
     }
 
     /// A user's own digest hour and weekday as sent: -1 (the hour; 0 is midnight) and 0 (the

@@ -29,10 +29,17 @@ extension Components.Schemas.User {
     init(_ u: User) throws {
         self.init(
             id: u.id.lowercased, email: u.email, displayName: u.displayName, locale: u.locale, timezone: u.timezone,
-            digestHour: u.digestHour, digestWeekday: u.digestWeekday, active: u.active, attributes: try convert(u.attributes),
+            digestHour: u.digestHour, digestWeekday: u.digestWeekday, quietHours: u.quietHours.map(Components.Schemas.QuietHours.init),
+            active: u.active, attributes: try convert(u.attributes),
             roles: u.roles.map { .init(id: $0.id.lowercased, key: $0.key) }, lastEngagedAt: u.lastEngagedAt,
             inactivityWarnedAt: u.inactivityWarnedAt, inactivitySwitchedOffAt: u.inactivitySwitchedOffAt, createdAt: u.createdAt,
             updatedAt: u.updatedAt)
+    }
+}
+
+extension Components.Schemas.QuietHours {
+    init(_ q: QuietHours) {
+        self.init(start: q.startText, end: q.endText)
     }
 }
 

@@ -40,14 +40,21 @@ public struct RecipientProfile: Sendable, Equatable {
     public var locale: String?
     public var timezone: String?
     public var attributes: JSONValue
+    /// When the recipient wants no email but critical ones (in `timezone`, else the
+    /// organisation's); nil: none.
+    public var quietHours: QuietHours?
 
-    public init(candidate: Candidate, email: String, displayName: String, locale: String?, timezone: String?, attributes: JSONValue) {
+    public init(
+        candidate: Candidate, email: String, displayName: String, locale: String?, timezone: String?, attributes: JSONValue,
+        quietHours: QuietHours? = nil
+    ) {
         self.candidate = candidate
         self.email = email
         self.displayName = displayName
         self.locale = locale
         self.timezone = timezone
         self.attributes = attributes
+        self.quietHours = quietHours
     }
 }
 
@@ -176,13 +183,18 @@ public struct PlannedDelivery: Sendable, Equatable {
     public var destination: String
     /// The webhook or chat endpoint; nil for email.
     public var endpointID: UUID?
+    /// When it may be sent, if later than the event: the end of the recipient's quiet hours.
+    public var notBefore: Date?
 
-    public init(id: UUID, userID: UUID, channel: NotificationChannel, destination: String, endpointID: UUID? = nil) {
+    public init(
+        id: UUID, userID: UUID, channel: NotificationChannel, destination: String, endpointID: UUID? = nil, notBefore: Date? = nil
+    ) {
         self.id = id
         self.userID = userID
         self.channel = channel
         self.destination = destination
         self.endpointID = endpointID
+        self.notBefore = notBefore
     }
 }
 
@@ -250,6 +262,8 @@ public enum NotificationPlanner {
         var inAppTemplates: [String: ParsedTemplate?] = [:]
         // What the context says of the event, built once: only `recipient` differs per recipient.
         let eventContext = context(input)
+        // A critical category or a critical event is sent whatever the recipient's quiet hours.
+        let critical = input.type.categoryIsCritical || input.priority == .critical
         for target in targeting {
             plan.counts.considered += 1
             guard target.targeted, let profile = profiles[target.userID] else {
@@ -304,10 +318,15 @@ public enum NotificationPlanner {
                     traced.notificationID = id
                     plan.counts.inApp += 1
                 case .immediate:
+                    // An email inside the recipient's quiet hours waits for their end, unless it is critical.
+                    let held =
+                        channel == .email && !critical
+                        ? profile.quietHours?.heldUntil(input.deliverAt, in: timeZone) : nil
+                    if held != nil { traced.decision.reason = .heldForQuietHours }
                     let planned = destinations.map {
                         PlannedDelivery(
                             id: TimeOrderedID.make(), userID: target.userID, channel: channel, destination: $0.address,
-                            endpointID: $0.endpointID)
+                            endpointID: $0.endpointID, notBefore: held)
                     }
                     plan.deliveries += planned
                     traced.deliveryIDs = planned.map(\.id)

@@ -61,6 +61,7 @@ public enum ReasonCode: String, CaseIterable, Sendable, Codable {
     // NotificationChannel decisions
     case inAppCreated = "IN_APP_CREATED"
     case deliveryQueued = "DELIVERY_QUEUED"
+    case heldForQuietHours = "HELD_QUIET_HOURS"
     case digestQueued = "DIGEST_QUEUED"
     case channelDisabled = "CHANNEL_DISABLED"
     case switchedOffInactive = "SWITCHED_OFF_INACTIVE"
@@ -80,6 +81,8 @@ public enum ReasonCode: String, CaseIterable, Sendable, Codable {
         case .userInactive: "The user is deactivated; deactivated users receive nothing."
         case .inAppCreated: "An in-app notification was created."
         case .deliveryQueued: "A delivery was queued for immediate sending."
+        case .heldForQuietHours:
+            "A delivery was queued to be sent when the user's quiet hours end (the event came during them, and neither its category nor its priority is critical)."
         case .digestQueued: "The event was added to the user's next digest."
         case .channelDisabled: "This channel is off for this category: by a preference, or, with none, by the type's default channels."
         case .switchedOffInactive:
