@@ -171,7 +171,7 @@ public struct AppConfiguration: Sendable {
             }
         }
         if let v = value("HERALD_HOST") { c.host = v }
-        try number("HERALD_PORT", &c.port)
+        try number("HERALD_PORT", &c.port, in: 1...65_535)
         if let v = value("DATABASE_URL") { c.databaseURL = v }
         try number("HERALD_DATABASE_POOL_SIZE", &c.databasePoolSize, in: 1...10_000)
         try number("HERALD_DATABASE_KEEPALIVE_SECONDS", &c.databaseKeepAlive, in: 0...86_400)
@@ -182,26 +182,26 @@ public struct AppConfiguration: Sendable {
         c.jwtActiveKeyID = value("HERALD_JWT_ACTIVE_KID")
         if let v = value("HERALD_JWT_ISSUER") { c.jwtIssuer = v }
         if let v = value("HERALD_JWT_AUDIENCE") { c.jwtAudience = v }
-        try number("HERALD_ACCESS_TOKEN_TTL", &c.accessTokenTTL)
-        try number("HERALD_REFRESH_TOKEN_TTL", &c.refreshTokenTTL)
+        try number("HERALD_ACCESS_TOKEN_TTL", &c.accessTokenTTL, in: 10...86_400)
+        try number("HERALD_REFRESH_TOKEN_TTL", &c.refreshTokenTTL, in: 60...31_622_400)
         try number("HERALD_JWT_LEEWAY", &c.jwtLeeway)
         guard (0...60).contains(c.jwtLeeway) else {
             throw ConfigurationError(variable: "HERALD_JWT_LEEWAY", value: "\(c.jwtLeeway) (0 to 60)")
         }
-        try number("HERALD_ARGON2_ITERATIONS", &c.argon2Iterations)
-        try number("HERALD_ARGON2_MEMORY_KIB", &c.argon2MemoryKiB)
-        try number("HERALD_ARGON2_PARALLELISM", &c.argon2Parallelism)
-        try number("HERALD_LOGIN_ATTEMPTS_PER_ACCOUNT", &c.loginAttemptsPerAccount)
-        try number("HERALD_LOGIN_ATTEMPTS_PER_ADDRESS", &c.loginAttemptsPerAddress)
-        try number("HERALD_LOGIN_WINDOW", &c.loginWindow)
-        try number("HERALD_MAX_BODY_BYTES", &c.maxBodyBytes)
+        try number("HERALD_ARGON2_ITERATIONS", &c.argon2Iterations, in: 1...1_000)
+        try number("HERALD_ARGON2_MEMORY_KIB", &c.argon2MemoryKiB, in: 8...4_194_304)
+        try number("HERALD_ARGON2_PARALLELISM", &c.argon2Parallelism, in: 1...64)
+        try number("HERALD_LOGIN_ATTEMPTS_PER_ACCOUNT", &c.loginAttemptsPerAccount, in: 1...1_000_000)
+        try number("HERALD_LOGIN_ATTEMPTS_PER_ADDRESS", &c.loginAttemptsPerAddress, in: 1...1_000_000)
+        try number("HERALD_LOGIN_WINDOW", &c.loginWindow, in: 1...604_800)
+        try number("HERALD_MAX_BODY_BYTES", &c.maxBodyBytes, in: 1_024...1_073_741_824)
         try number("HERALD_HTTP_IDLE_SECONDS", &c.httpIdleSeconds, in: 1...86_400)
         if let v = value("HERALD_LOG_LEVEL") {
             guard let level = Logger.Level(rawValue: v) else { throw ConfigurationError(variable: "HERALD_LOG_LEVEL", value: v) }
             c.logLevel = level
         }
         c.workerDatabaseURL = value("DATABASE_WORKER_URL")
-        try number("HERALD_WORKERS", &c.workers)
+        try number("HERALD_WORKERS", &c.workers, in: 0...4_096)
         try number("HERALD_WORKER_BATCH", &c.workerBatchSize)
         try number("HERALD_SMTP_CONNECTIONS", &c.smtpConnections, in: 1...1000)
         if value("HERALD_WORKER_CONNECTIONS") != nil {
@@ -218,7 +218,7 @@ public struct AppConfiguration: Sendable {
             c.digestWorkers = digests
         }
         try number("HERALD_WORKER_LEASE_SECONDS", &c.workerLeaseSeconds)
-        try number("HERALD_WORKER_POLL_MS", &c.workerPollMilliseconds)
+        try number("HERALD_WORKER_POLL_MS", &c.workerPollMilliseconds, in: 10...3_600_000)
         if let v = value("HERALD_WORKER_ORGANISATION") {
             guard let id = UUID(uuidString: v) else { throw ConfigurationError(variable: "HERALD_WORKER_ORGANISATION", value: v) }
             c.workerOrganisation = id
@@ -227,9 +227,14 @@ public struct AppConfiguration: Sendable {
         guard (0...65535).contains(c.workerMetricsPort) else {
             throw ConfigurationError(variable: "HERALD_WORKER_METRICS_PORT", value: "\(c.workerMetricsPort) (0 to 65535)")
         }
-        try number("HERALD_RETRY_BASE_SECONDS", &c.retryBaseSeconds)
-        try number("HERALD_RETRY_FACTOR", &c.retryFactor)
-        try number("HERALD_RETRY_MAX_SECONDS", &c.retryMaxSeconds)
+        try number("HERALD_RETRY_BASE_SECONDS", &c.retryBaseSeconds, in: 0.001...86_400)
+        try number("HERALD_RETRY_FACTOR", &c.retryFactor, in: 1...100)
+        try number("HERALD_RETRY_MAX_SECONDS", &c.retryMaxSeconds, in: 0.001...2_592_000)
+        guard c.retryMaxSeconds >= c.retryBaseSeconds else {
+            throw ConfigurationError(
+                variable: "HERALD_RETRY_MAX_SECONDS",
+                value: "\(c.retryMaxSeconds) (at least HERALD_RETRY_BASE_SECONDS, \(c.retryBaseSeconds))")
+        }
         try number("HERALD_RETRY_JITTER", &c.retryJitter)
         guard (0...1).contains(c.retryJitter) else {
             throw ConfigurationError(variable: "HERALD_RETRY_JITTER", value: "\(c.retryJitter) (0 to 1)")
@@ -242,8 +247,20 @@ public struct AppConfiguration: Sendable {
         }
         // A trailing "/" is dropped here, once, for every use (links, seed-demo's examples).
         c.publicURL = value("HERALD_PUBLIC_URL").map { $0.hasSuffix("/") ? String($0.dropLast()) : $0 }
+        if let url = c.publicURL {
+            let parts = URLComponents(string: url)
+            guard let parts, ["http", "https"].contains(parts.scheme?.lowercased() ?? ""), !(parts.host ?? "").isEmpty,
+                parts.query == nil, parts.fragment == nil
+            else {
+                throw ConfigurationError(
+                    variable: "HERALD_PUBLIC_URL", value: "\(url) (an http or https URL of the API, such as https://herald.example.com)")
+            }
+        }
         c.linkKeys = value("HERALD_LINK_KEYS")
         if let v = value("HERALD_SMTP_URL") { c.smtpURL = v }
+        if let problem = SMTPURL.problem(c.smtpURL) {
+            throw ConfigurationError(variable: "HERALD_SMTP_URL", value: "\(SMTPURL.redacted(c.smtpURL)) (\(problem))")
+        }
         c.smtpUsername = value("HERALD_SMTP_USERNAME")
         c.smtpPassword = value("HERALD_SMTP_PASSWORD")
         if let v = value("HERALD_SMTP_FROM") { c.smtpFrom = v }
@@ -251,11 +268,11 @@ public struct AppConfiguration: Sendable {
         do { c.smtpFrom = try Validate.emailAddress(c.smtpFrom, field: "HERALD_SMTP_FROM") } catch {
             throw ConfigurationError(variable: "HERALD_SMTP_FROM", value: "\(c.smtpFrom) (\(error.message))")
         }
-        try number("HERALD_SMTP_TIMEOUT", &c.smtpTimeout)
+        try number("HERALD_SMTP_TIMEOUT", &c.smtpTimeout, in: 1...3_600)
         if let v = value("HERALD_DESTINATIONS_ALLOW") {
             c.destinationsAllowed = v.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
         }
-        try number("HERALD_WEBHOOK_TIMEOUT", &c.webhookTimeout)
+        try number("HERALD_WEBHOOK_TIMEOUT", &c.webhookTimeout, in: 0.1...3_600)
         try number("HERALD_DATABASE_TIMEOUT", &c.databaseTimeout)
         try number("HERALD_SHUTDOWN_SECONDS", &c.shutdownSeconds)
         try number("HERALD_ENDPOINT_CONCURRENCY", &c.endpointConcurrency)
@@ -306,7 +323,7 @@ public struct AppConfiguration: Sendable {
         try number("HERALD_STREAM_TICKET_SECONDS", &c.streamTicketSeconds)
         try number("HERALD_STREAM_RETENTION_SECONDS", &c.streamRetentionSeconds)
         try number("HERALD_STREAM_MAX_BACKLOG", &c.streamMaxBacklog)
-        try number("HERALD_STREAM_SWEEP_SECONDS", &c.streamSweepSeconds)
+        try number("HERALD_STREAM_SWEEP_SECONDS", &c.streamSweepSeconds, in: 0...3_600)
         try number("HERALD_SESSION_CHECK_SECONDS", &c.sessionCheckSeconds)
         guard (0...900).contains(c.sessionCheckSeconds) else {
             throw ConfigurationError(variable: "HERALD_SESSION_CHECK_SECONDS", value: "\(c.sessionCheckSeconds) (0 to 900)")
@@ -318,8 +335,11 @@ public struct AppConfiguration: Sendable {
         guard (1...300).contains(c.streamHeartbeatSeconds) else {
             throw ConfigurationError(variable: "HERALD_STREAM_HEARTBEAT_SECONDS", value: "\(c.streamHeartbeatSeconds) (1 to 300)")
         }
-        guard c.streamsPerUser >= 1, c.streamsPerInstance >= 1 else {
-            throw ConfigurationError(variable: "HERALD_STREAMS_PER_USER", value: "\(c.streamsPerUser)/\(c.streamsPerInstance) (at least 1)")
+        guard c.streamsPerUser >= 1 else {
+            throw ConfigurationError(variable: "HERALD_STREAMS_PER_USER", value: "\(c.streamsPerUser) (at least 1)")
+        }
+        guard c.streamsPerInstance >= 1 else {
+            throw ConfigurationError(variable: "HERALD_STREAMS_PER_INSTANCE", value: "\(c.streamsPerInstance) (at least 1)")
         }
         guard (5...3600).contains(c.streamTicketSeconds) else {
             throw ConfigurationError(variable: "HERALD_STREAM_TICKET_SECONDS", value: "\(c.streamTicketSeconds) (5 to 3600)")

@@ -1,4 +1,5 @@
 import Foundation
+import HeraldCore
 import NIOPosix
 import Synchronization
 
@@ -26,8 +27,11 @@ public final class EmailTransport: Sendable {
     }
 
     /// `smtp://host:port` (plain; `?starttls=required` upgrades) or `smtps://host:port` (implicit TLS).
+    /// nil for anything `SMTPURL.problem` refuses.
     public static func settings(url: String, username: String?, password: String?, timeout: TimeInterval) -> SMTPSettings? {
-        guard let components = URLComponents(string: url), let host = components.host, let scheme = components.scheme?.lowercased() else {
+        guard SMTPURL.problem(url) == nil, let components = URLComponents(string: url), let host = components.host,
+            let scheme = components.scheme?.lowercased()
+        else {
             return nil
         }
         let starttls = components.queryItems?.first { $0.name == "starttls" }?.value == "required"

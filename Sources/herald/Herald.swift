@@ -41,6 +41,17 @@ struct Serve: AsyncParsableCommand {
         // streams wake on it.
         let bus = NotificationBus(client: postgres, logger: logger)
         let delivery = try DeliveryServices(config, linkKeys: linkKeys, bus: bus, logger: logger)
+        try await delivery.whileRunning {
+            try await serve(
+                config, registry: registry, logger: logger, postgres: postgres, linkKeys: linkKeys, bus: bus, delivery: delivery)
+        }
+    }
+
+    /// The rest of `run`, once the delivery services exist (they are shut down however it ends).
+    private func serve(
+        _ config: AppConfiguration, registry: PrometheusCollectorRegistry, logger: Logger, postgres: PostgresClient,
+        linkKeys: LinkKeyRing, bus: NotificationBus, delivery: DeliveryServices
+    ) async throws {
         // The runners' calls wait their whole deadline for a connection; the API's give up
         // after 10 s (503: the database is unavailable).
         let database = config.database(postgres, logger: logger)
@@ -101,7 +112,6 @@ struct Serve: AsyncParsableCommand {
         // Listed after the application, so it hears SIGTERM first: streams end (clients
         // reconnect elsewhere) before the HTTP server drains its requests.
         try await runUntilSignalled([app, EndStreamsOnShutdown(hub: streams)], shutdownSeconds: config.shutdownSeconds, logger: logger)
-        try await delivery.shutdown()
     }
 }
 

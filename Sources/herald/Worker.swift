@@ -31,19 +31,20 @@ struct Worker: AsyncParsableCommand {
         // No bus given: the workers' own pool lends one connection to the process's bus.
         warnOfProcessLinkKeys(config, logger: logger)
         let delivery = try DeliveryServices(config, linkKeys: try config.linkKeyRing(), bus: nil, logger: logger)
-        guard delivery.workers > 0 else {
-            throw ValidationError("DATABASE_WORKER_URL is not set: the workers connect as the worker role (herald_worker).")
+        try await delivery.whileRunning {
+            guard delivery.workers > 0 else {
+                throw ValidationError("DATABASE_WORKER_URL is not set: the workers connect as the worker role (herald_worker).")
+            }
+            // Listed first: it stops last, so the final figures can still be scraped while the pool drains.
+            let metrics: [any Service] = config.workerMetricsPort > 0 ? [metricsServer(registry, config: config, logger: logger)] : []
+            logger.info(
+                "herald worker started",
+                metadata: [
+                    "workers": "\(delivery.workers)",
+                    "metrics_port": "\(config.workerMetricsPort > 0 ? "\(config.workerMetricsPort)" : "none")",
+                ])
+            try await runUntilSignalled(metrics + delivery.services, shutdownSeconds: config.shutdownSeconds, logger: logger)
         }
-        // Listed first: it stops last, so the final figures can still be scraped while the pool drains.
-        let metrics: [any Service] = config.workerMetricsPort > 0 ? [metricsServer(registry, config: config, logger: logger)] : []
-        logger.info(
-            "herald worker started",
-            metadata: [
-                "workers": "\(delivery.workers)",
-                "metrics_port": "\(config.workerMetricsPort > 0 ? "\(config.workerMetricsPort)" : "none")",
-            ])
-        try await runUntilSignalled(metrics + delivery.services, shutdownSeconds: config.shutdownSeconds, logger: logger)
-        try await delivery.shutdown()
     }
 }
 
@@ -165,6 +166,20 @@ struct DeliveryServices {
 
     func shutdown() async throws {
         try await transport?.shutdown()
+    }
+
+    /// Runs `body`, then shuts the services' HTTP client down, whether `body` returned or threw:
+    /// AsyncHTTPClient stops the process when a client is released without a shutdown, so a
+    /// start-up that failed after the services were made (a bad JWT key directory, a port in
+    /// use) crashed with its backtrace instead of saying why (a trial).
+    func whileRunning(_ body: () async throws -> Void) async throws {
+        do {
+            try await body()
+        } catch {
+            try? await shutdown()
+            throw error
+        }
+        try await shutdown()
     }
 }
 

@@ -193,6 +193,54 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test("an operator's wrong values stop the start naming the variable (trial: some crashed later, spun or were misread)")
+    func operatorValuesAreRangeChecked() throws {
+        let base = ["DATABASE_URL": "postgres://u@127.0.0.1/db"]
+        let refused: [(String, String, String)] = [
+            ("HERALD_PORT", "99999", "1 to 65535"), ("HERALD_PORT", "-1", "1 to 65535"),
+            ("HERALD_MAX_BODY_BYTES", "-1", "1024 to"), ("HERALD_WORKERS", "-1", "0 to 4096"),
+            ("HERALD_WORKER_POLL_MS", "0", "10 to"), ("HERALD_SMTP_TIMEOUT", "0", "1.0 to"),
+            ("HERALD_WEBHOOK_TIMEOUT", "-1", "0.1 to"), ("HERALD_RETRY_BASE_SECONDS", "-1", "0.001 to"),
+            ("HERALD_RETRY_FACTOR", "0", "1.0 to"), ("HERALD_ACCESS_TOKEN_TTL", "-5", "10.0 to"),
+            ("HERALD_LOGIN_ATTEMPTS_PER_ACCOUNT", "-1", "1 to"), ("HERALD_LOGIN_WINDOW", "-5", "1.0 to"),
+            ("HERALD_STREAM_SWEEP_SECONDS", "-1", "0.0 to"), ("HERALD_STREAMS_PER_INSTANCE", "0", "HERALD_STREAMS_PER_INSTANCE=0"),
+            ("HERALD_PUBLIC_URL", "not-a-url", "http or https"), ("HERALD_PUBLIC_URL", "ftp://x.example", "http or https"),
+            ("HERALD_SMTP_URL", "smtp://127.0.0.1:2525?starttls=require", "one value: required"),
+            ("HERALD_SMTP_URL", "smtp://", "no host"), ("HERALD_SMTP_URL", "smtp://mail.example:99999", "URL"),
+            ("HERALD_SMTP_URL", "smtps://mail.example?starttls=required", "does not apply"),
+            ("HERALD_SMTP_URL", "smtp://mail.example?tls=on", "unknown parameter"),
+            ("HERALD_SMTP_URL", "http://mail.example", "smtp or smtps"),
+        ]
+        for (name, value, words) in refused {
+            #expect(throws: ConfigurationError.self, "\(name)=\(value)") {
+                try AppConfiguration.fromEnvironment(base.merging([name: value]) { $1 })
+            }
+            do {
+                _ = try AppConfiguration.fromEnvironment(base.merging([name: value]) { $1 })
+            } catch {
+                #expect("\(error)".hasPrefix(name) && "\(error)".contains(words), "\(error)")
+            }
+        }
+        // Credentials in the URL are refused without being repeated.
+        do {
+            _ = try AppConfiguration.fromEnvironment(base.merging(["HERALD_SMTP_URL": "smtp://me:s3cret@mail.example"]) { $1 })
+            Issue.record("credentials in HERALD_SMTP_URL were accepted")
+        } catch {
+            #expect("\(error)".contains("HERALD_SMTP_PASSWORD") && !"\(error)".contains("s3cret"), "\(error)")
+        }
+        let accepted = try AppConfiguration.fromEnvironment(
+            base.merging([
+                "HERALD_SMTP_URL": "smtp://mail.example:587?starttls=required", "HERALD_PUBLIC_URL": "https://herald.example.com/",
+                "HERALD_STREAM_SWEEP_SECONDS": "0", "HERALD_WORKERS": "0", "HERALD_RETRY_BASE_SECONDS": "0.5",
+                "HERALD_RETRY_MAX_SECONDS": "2",
+            ]) { $1 })
+        #expect(accepted.publicURL == "https://herald.example.com" && accepted.workers == 0)
+        #expect(throws: ConfigurationError.self) {
+            try AppConfiguration.fromEnvironment(
+                base.merging(["HERALD_RETRY_BASE_SECONDS": "60", "HERALD_RETRY_MAX_SECONDS": "10"]) { $1 })
+        }
+    }
+
     @Test("the workers' sends in flight and their shared connections: defaults, the setting, and a bad value refused at start")
     func workerConnectionsAreASettingOfTheirOwn() throws {
         let base = ["DATABASE_URL": "postgres://u@127.0.0.1/db"]
