@@ -91,7 +91,9 @@ struct Serve: AsyncParsableCommand {
             metrics: HTTPMetrics(registry: registry), expectedMigrations: try migrations().map(\.version),
             linkKeys: linkKeys,
             services: [bus, streams, schedules, SessionWatch(bus: bus, tokens: tokens)] + fanouts + (feedCache.map { [$0] } ?? [])
-                + delivery.services,
+                + delivery.services
+                + [DatabaseRoleCheck(client: postgres, needs: .application, variable: "DATABASE_URL", logger: logger)]
+                + delivery.roleCheck(logger: logger),
             streams: streams, feedCache: feedCache)
         let app = try buildApplication(configuration: config, dependencies: dependencies, logger: logger)
         logger.info("herald listening", metadata: ["address": "\(config.host):\(config.port)", "workers": "\(delivery.workers)"])

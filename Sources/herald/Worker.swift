@@ -43,7 +43,8 @@ struct Worker: AsyncParsableCommand {
                     "workers": "\(delivery.workers)",
                     "metrics_port": "\(config.workerMetricsPort > 0 ? "\(config.workerMetricsPort)" : "none")",
                 ])
-            try await runUntilSignalled(metrics + delivery.services, shutdownSeconds: config.shutdownSeconds, logger: logger)
+            try await runUntilSignalled(
+                metrics + delivery.services + delivery.roleCheck(logger: logger), shutdownSeconds: config.shutdownSeconds, logger: logger)
         }
     }
 }
@@ -76,6 +77,8 @@ struct DeliveryServices {
     var services: [any Service] = []
     var workers = 0
     private var transport: HTTPTransport?
+    /// The worker role's pool, for `roleCheck`.
+    private var client: PostgresClient?
     static let jobConcurrency = 2
 
     init(_ config: AppConfiguration, linkKeys: LinkKeyRing, bus: NotificationBus?, logger: Logger) throws {
@@ -162,10 +165,16 @@ struct DeliveryServices {
         services = [postgres] + ownBus + [deliveryPool, digests, jobs]
         workers = config.workers
         transport = http
+        client = postgres
     }
 
     func shutdown() async throws {
         try await transport?.shutdown()
+    }
+
+    /// The check that the workers' role may claim work and bypasses nothing (empty without workers).
+    func roleCheck(logger: Logger) -> [any Service] {
+        client.map { [DatabaseRoleCheck(client: $0, needs: .worker, variable: "DATABASE_WORKER_URL", logger: logger)] } ?? []
     }
 
     /// Runs `body`, then shuts the services' HTTP client down, whether `body` returned or threw:

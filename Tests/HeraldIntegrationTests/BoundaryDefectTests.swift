@@ -1197,6 +1197,28 @@ struct CatalogueDocumentTests {
         #expect(try await env.database.organisationID(slug: slug + "-b") == nil)
     }
 
+    @Test("serve as the schema's owner and a worker that may not claim stop at once, saying which role to use (operator trial)")
+    func wrongDatabaseRolesStop() async throws {
+        let env = try await TestEnvironment.shared
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("roles-\(UUID().uuidString.prefix(8))")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let keys = root.appendingPathComponent("jwt").path
+        _ = try await runHerald(["jwt-keygen", "--dir", keys], [:])
+        let owner = try await runHeraldExit(
+            ["serve"],
+            [
+                "DATABASE_URL": env.ownerURL, "HERALD_JWT_KEYS_DIR": keys, "HERALD_WORKERS": "0",
+                "HERALD_PORT": "\(Int.random(in: 30_000..<40_000))",
+            ], timeout: 30)
+        #expect(
+            owner.status == 1 && owner.output.contains("DATABASE_URL connects as herald_owner, which owns the schema"), "\(owner.output)")
+        let worker = try await runHeraldExit(
+            ["worker"], ["DATABASE_WORKER_URL": env.appURL, "HERALD_WORKER_METRICS_PORT": "0"], timeout: 30)
+        #expect(
+            worker.status == 1 && worker.output.contains("DATABASE_WORKER_URL connects as herald_app, which may not claim work"),
+            "\(worker.output)")
+    }
+
     @Test("jwt-keygen refuses a key id that is a path (../x wrote outside --dir), and writes the key it is given inside --dir")
     func keygenKeyIDs() async throws {
         let root = FileManager.default.temporaryDirectory.appendingPathComponent("keygen-\(UUID().uuidString.prefix(8))")

@@ -383,8 +383,12 @@ func runHerald(_ arguments: [String], _ environment: [String: String]) async thr
     return text
 }
 
-/// `runHerald` that returns the exit status with the output, for commands expected to fail.
-func runHeraldExit(_ arguments: [String], _ environment: [String: String]) async throws -> (status: Int32, output: String) {
+/// `runHerald` that returns the exit status with the output, for commands expected to fail;
+/// `timeout`: a command still running then is stopped (SIGKILL), so one that should have
+/// stopped by itself fails its test instead of hanging it.
+func runHeraldExit(
+    _ arguments: [String], _ environment: [String: String], timeout: TimeInterval? = nil
+) async throws -> (status: Int32, output: String) {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: ProcessInfo.processInfo.environment["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
     process.arguments = arguments
@@ -396,6 +400,12 @@ func runHeraldExit(_ arguments: [String], _ environment: [String: String]) async
     process.standardOutput = output
     process.standardError = output
     try process.run()
+    if let timeout {
+        Thread.detachNewThread {
+            Thread.sleep(forTimeInterval: timeout)
+            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        }
+    }
     let data = try await offPool {
         let data = output.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
