@@ -64,7 +64,8 @@ public func buildRouter(configuration: AppConfiguration, dependencies: AppDepend
             authenticator: authenticator,
             maxBodyBytes: configuration.maxBodyBytes,
             metrics: dependencies.metrics,
-            crossOrigin: configuration.crossOrigin))
+            crossOrigin: configuration.crossOrigin,
+            trustedProxies: configuration.trustedProxies))
     let service = HeraldService(
         database: dependencies.database,
         tokens: dependencies.tokens,

@@ -89,6 +89,8 @@ public struct AppConfiguration: Sendable {
     /// CIDR ranges that webhook and chat targets may resolve to although private (e.g.
     /// `127.0.0.1/32` for a local receiver). Empty: only public addresses.
     public var destinationsAllowed: [String] = []
+    /// The proxies whose `X-Forwarded-For` names the client (`HERALD_TRUSTED_PROXIES`); none by default.
+    public var trustedProxies = TrustedProxies([])
     public var webhookTimeout: Double = 10
     /// Seconds one database call may take before it is abandoned (issue 8, item 11).
     public var databaseTimeout: Double = 30
@@ -269,6 +271,12 @@ public struct AppConfiguration: Sendable {
             throw ConfigurationError(variable: "HERALD_SMTP_FROM", value: "\(c.smtpFrom) (\(error.message))")
         }
         try number("HERALD_SMTP_TIMEOUT", &c.smtpTimeout, in: 1...3_600)
+        if let v = value("HERALD_TRUSTED_PROXIES") {
+            guard let proxies = TrustedProxies(setting: v) else {
+                throw ConfigurationError(variable: "HERALD_TRUSTED_PROXIES", value: "\(v) (addresses or CIDR blocks, separated by commas)")
+            }
+            c.trustedProxies = proxies
+        }
         if let v = value("HERALD_DESTINATIONS_ALLOW") {
             c.destinationsAllowed = v.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
         }

@@ -18,6 +18,8 @@ struct RequestMiddleware: RouterMiddleware {
     let maxBodyBytes: Int
     let metrics: HTTPMetrics
     var crossOrigin = CrossOriginPolicy.none
+    /// Behind these, the client is who `X-Forwarded-For` names (the login limits count by it).
+    var trustedProxies = TrustedProxies([])
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         let started = ContinuousClock.now
@@ -59,7 +61,10 @@ struct RequestMiddleware: RouterMiddleware {
                     logger[metadataKey: "actor"] = "\(credential.actor.kind.rawValue):\(credential.actor.id?.lowercased ?? "-")"
                 }
                 let made = RequestScope(
-                    requestID: requestID, clientAddress: context.remoteAddress?.ipAddress, credential: credential, logger: logger,
+                    requestID: requestID,
+                    clientAddress: trustedProxies.client(
+                        peer: context.remoteAddress?.ipAddress, forwardedFor: request.headers[values: .forwardedFor]),
+                    credential: credential, logger: logger,
                     head: head)
                 scope = made
                 response = try await RequestScope.$current.withValue(made) {
@@ -430,4 +435,5 @@ struct RequestMiddleware: RouterMiddleware {
 extension HTTPField.Name {
     static let requestID = HTTPField.Name("X-Request-Id")!
     static let xFrameOptions = HTTPField.Name("X-Frame-Options")!
+    static let forwardedFor = HTTPField.Name("X-Forwarded-For")!
 }

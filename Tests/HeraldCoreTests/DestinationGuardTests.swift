@@ -170,3 +170,23 @@ import Testing
         #expect(IPAddress("2001:0db8:0:0:0:0:0:1")?.description == "2001:db8::1")
     }
 }
+
+@Suite("Trusted proxies")
+struct TrustedProxiesTests {
+    @Test("the client is the nearest hop that is not a trusted proxy, read only from a trusted proxy's connection")
+    func client() throws {
+        let proxies = try #require(TrustedProxies(setting: "10.0.0.0/8, 192.168.1.7, fd00::/8"))
+        #expect(proxies.client(peer: "10.1.1.1", forwardedFor: ["203.0.113.5"]) == "203.0.113.5")
+        #expect(proxies.client(peer: "10.1.1.1", forwardedFor: ["1.1.1.1, 203.0.113.5", "192.168.1.7"]) == "203.0.113.5")
+        // Every hop trusted: the leftmost; a hop that is not an address: the hop after it.
+        #expect(proxies.client(peer: "10.1.1.1", forwardedFor: ["10.2.2.2, 10.3.3.3"]) == "10.2.2.2")
+        #expect(proxies.client(peer: "10.1.1.1", forwardedFor: ["203.0.113.5, unknown, 10.3.3.3"]) == "10.3.3.3")
+        #expect(proxies.client(peer: "10.1.1.1", forwardedFor: []) == "10.1.1.1")
+        #expect(proxies.client(peer: "fd00::1", forwardedFor: ["2001:db8::5"]) == "2001:db8::5")
+        // Not from a trusted proxy: the header is the client's own words.
+        #expect(proxies.client(peer: "203.0.113.9", forwardedFor: ["10.0.0.1"]) == "203.0.113.9")
+        #expect(TrustedProxies([]).client(peer: "10.1.1.1", forwardedFor: ["203.0.113.5"]) == "10.1.1.1")
+        #expect(TrustedProxies(setting: "10.0.0.0/8, ten") == nil)
+        #expect(TrustedProxies(setting: "10.0.0.0/33") == nil)
+    }
+}

@@ -285,10 +285,11 @@ struct SessionTests {
 
     /// A login sent from the local address `from` (127.0.0.x) to `port`: the status code of the
     /// answer.
-    func login(from: String, port: Int, _ org: TestOrganisation, password: String) async throws -> Int {
+    func login(from: String, port: Int, _ org: TestOrganisation, password: String, forwardedFor: String? = nil) async throws -> Int {
         let body = #"{"organisation": "\#(org.slug)", "email": "owner@\#(org.slug).example", "password": "\#(password)"}"#
+        let forwarded = forwardedFor.map { "X-Forwarded-For: \($0)\r\n" } ?? ""
         let request =
-            "POST /v1/auth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n\(body)"
+            "POST /v1/auth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n\(forwarded)Connection: close\r\n\r\n\(body)"
         let reply = try await rawExchange(port: port, from: from, Array(request.utf8)).reply
         // "HTTP/1.1 200 OK"
         return Int(reply.dropFirst(9).prefix(3)) ?? -1
@@ -313,6 +314,43 @@ struct SessionTests {
             // Twenty failures (ten addresses' worth) lock the account for every address.
             for n in 10..<30 { #expect(try await login(from: "127.0.0.\(n)", port: port, org, password: wrong) == 401) }
             #expect(try await login(from: "127.0.0.3", port: port, org, password: TestOrganisation.password) == 429)
+        }
+    }
+
+    @Test("behind a trusted proxy the login limits count the client X-Forwarded-For names; from anyone else the header is ignored")
+    func trustedProxyNamesTheClient() async throws {
+        let org = try await TestOrganisation.make()
+        let app = try env.application(configure: {
+            $0.loginAttemptsPerAccount = 2
+            $0.trustedProxies = TrustedProxies(setting: "127.0.0.9, 10.0.0.0/8")!
+            $0.port = 0
+        })
+        try await app.test(.live) { client in
+            let port = try #require(client.port)
+            let wrong = "not the password at all"
+            // Through the proxy (127.0.0.9), one client fails twice and is locked out...
+            for _ in 0..<2 {
+                #expect(try await login(from: "127.0.0.9", port: port, org, password: wrong, forwardedFor: "203.0.113.5") == 401)
+            }
+            #expect(
+                try await login(from: "127.0.0.9", port: port, org, password: TestOrganisation.password, forwardedFor: "203.0.113.5")
+                    == 429)
+            // ...while another client through the same proxy signs in (an inner proxy's hop is passed over,
+            // and what the client wrote on the left is not believed).
+            #expect(
+                try await login(
+                    from: "127.0.0.9", port: port, org, password: TestOrganisation.password,
+                    forwardedFor: "203.0.113.5, 203.0.113.6, 10.1.2.3")
+                    == 200)
+            // A client that is not a trusted proxy cannot pick its address: its own header is ignored.
+            for _ in 0..<2 {
+                #expect(
+                    try await login(
+                        from: "127.0.0.4", port: port, org, password: wrong, forwardedFor: "198.51.100.\(Int.random(in: 1..<250))") == 401)
+            }
+            #expect(
+                try await login(from: "127.0.0.4", port: port, org, password: TestOrganisation.password, forwardedFor: "198.51.100.7")
+                    == 429)
         }
     }
 
