@@ -52,6 +52,15 @@ public enum SendOutcome: Sendable, Equatable {
         }
     }
 
+    /// The outcome's error in words, if it has one.
+    var error: String? {
+        switch self {
+        case .refused(_, let error, _, _), .gone(_, let error): error
+        case .accepted: nil
+        case .notSent(let reason), .cancelled(let reason), .deferred(let reason): reason
+        }
+    }
+
     /// The receiver gave no answer at all (timed out, refused or reset the connection): what
     /// the circuit breaker counts. Nil when the outcome says nothing about the receiver.
     var receiverAnswered: Bool? {

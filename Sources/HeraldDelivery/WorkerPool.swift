@@ -74,7 +74,8 @@ public final class DeliveryWorkerPool: Service, Sendable {
             handler: DeliveryHandler(
                 database: database, sender: sender, slots: slots,
                 endpointBusyDelay: configuration.endpointBusyDelay, circuitCooldown: configuration.circuitCooldown,
-                retry: configuration.retry),
+                retry: configuration.retry,
+                relay: RelayCircuit(threshold: configuration.circuitFailures, cooldown: configuration.circuitCooldown)),
             bus: bus, logger: logger)
     }
 

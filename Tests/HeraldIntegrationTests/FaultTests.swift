@@ -189,6 +189,57 @@ struct FaultTests {
         try await Peers.configure(hanging.name, [:])
     }
 
+    @Test("A mail server that does not answer opens the relay's circuit: the emails after it wait unattempted instead of going DEAD")
+    func unreachableMailServerPausesEmail() async throws {
+        // setup: 5 emails, a worker whose SMTP server is a port nothing listens on, and a relay
+        // circuit that opens after 2 sends in a row without an answer
+        let org = try await TestOrganisation.make()
+        let catalogue = try await TestCatalogue.make(in: org)
+        try await org.deliveryType("NIGHT_MAIL", category: catalogue.activity, channels: [.email])
+        try await org.addUsers(3) // 5 recipients
+        try await org.notify(EventRequest(typeKey: "NIGHT_MAIL", audience: Audience(everyone: true), payload: .object([:])))
+        let env = try await TestEnvironment.shared
+        let http = HTTPTransport(destinations: DestinationGuard(allowed: []), timeout: .seconds(2))
+        let sender = DeliverySender(
+            email: EmailTransport(
+                settings: EmailTransport.settings(url: "smtp://127.0.0.1:1", username: nil, password: nil, timeout: 2)!,
+                defaultFrom: "herald@herald.test"),
+            http: http, links: LinkBuilder(baseURL: "http://herald.test", keys: TestEnvironment.linkKeys))
+        let slots = EndpointSlots(limit: 4)
+        let relay = RelayCircuit(threshold: 2, cooldown: 60)
+        let handler = DeliveryHandler(
+            database: env.workerDatabase, sender: sender, slots: slots, endpointBusyDelay: 1, circuitCooldown: 60,
+            retry: RetryPolicy(), relay: relay)
+        let queue = OutboxQueue(
+            database: env.workerDatabase, organisation: org.id, circuit: CircuitRule(failures: 5, cooldown: 60), slots: slots)
+
+        // act: each claimed email handled in turn, as one send slot would
+        let claims = try await queue.claim(worker: "relay-test", limit: 10, leaseSeconds: 30)
+        #expect(claims.count == 5)
+        var attempted = 0, waited: [Date] = []
+        for claim in claims {
+            switch try await handler.handle(claim, logger: env.logger) {
+            case .done(let record):
+                attempted += 1
+                #expect(record.result.outcome == .failed, "\(record.result)")
+            case .giveBack(let until, let reason):
+                waited.append(until)
+                #expect(reason.contains("mail server"), "\(reason)")
+            }
+        }
+        try await http.shutdown()
+
+        // check: two attempts, then the circuit open and the other three given back for a minute
+        #expect(attempted == 2 && waited.count == 3 && relay.isOpen)
+        #expect(waited.allSatisfy { $0.timeIntervalSinceNow > 50 && $0.timeIntervalSinceNow <= 60 })
+        // A send after the cool-down tries the relay alone; its answer closes the circuit.
+        let later = Date().addingTimeInterval(61)
+        #expect(relay.admit(now: later) == .send)
+        if case .wait = relay.admit(now: later) {} else { Issue.record("a second send went with the trial") }
+        relay.record(answered: true, now: later)
+        #expect(!relay.isOpen && relay.admit(now: later) == .send)
+    }
+
     /// An endpoint that keeps timing out is paused: its circuit opens, shows on the endpoint, and
     /// its deliveries wait without using attempts.
     @Test(
