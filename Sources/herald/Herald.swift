@@ -95,8 +95,11 @@ struct Serve: AsyncParsableCommand {
                 + [DatabaseRoleCheck(client: postgres, needs: .application, variable: "DATABASE_URL", logger: logger)]
                 + delivery.roleCheck(logger: logger),
             streams: streams, feedCache: feedCache)
-        let app = try buildApplication(configuration: config, dependencies: dependencies, logger: logger)
-        logger.info("herald listening", metadata: ["address": "\(config.host):\(config.port)", "workers": "\(delivery.workers)"])
+        // Said once the socket is bound: a port in use fails before it, with its own error.
+        let workers = delivery.workers
+        let app = try buildApplication(configuration: config, dependencies: dependencies, logger: logger) { port in
+            logger.info("herald listening", metadata: ["address": "\(config.host):\(port)", "workers": "\(workers)"])
+        }
         // The pool only times out when it cannot connect; say why at once, in PostgreSQL's words.
         if let url = try? DatabaseURL(config.databaseURL) {
             Task {
