@@ -4,6 +4,7 @@ import HeraldCore
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import Synchronization
 
 /// Posts webhook and chat messages: no redirects followed, bounded time, a capped read of the
 /// reply, and the destination guard applied again just before connecting.
@@ -17,6 +18,14 @@ public final class HTTPTransport: Sendable {
     /// transport's own, as many as its connections per host up to 16. Dispatch's global queue
     /// ran two at a time on two cores.
     private let resolver: NIOThreadPool
+    /// Destinations the guard passed, by URL, for `vettedLifetime`: each send to an endpoint
+    /// resolved its name again on a thread of the resolver (a DNS query per webhook where the
+    /// system does not cache, and two thread switches per send). A cached destination is still
+    /// one the guard vetted, and plain http still connects to its address; a name that moves
+    /// is followed within the lifetime. Refusals are not kept (a name may resolve later).
+    private let vetted = Mutex<[String: (destination: VettedDestination, until: ContinuousClock.Instant)]>([:])
+    static let vettedLifetime: Duration = .seconds(30)
+    static let vettedLimit = 10_000
 
     /// `connectionsPerHost` should be at least the sends this process runs at once (its worker
     /// slots): then no send ever waits for a pooled connection, and endpoints that share a host
@@ -54,9 +63,7 @@ public final class HTTPTransport: Sendable {
         let vetted: VettedDestination
         let verdict: Result<VettedDestination, DestinationRefusal>
         do {
-            verdict = try await resolver.runIfActive { [destinations] in
-                Result { () throws(DestinationRefusal) in try destinations.vet(url: url) }
-            }
+            verdict = try await vet(url)
         } catch {
             return .deferred(reason: "the HTTP transport is shutting down")
         }
@@ -93,6 +100,23 @@ public final class HTTPTransport: Sendable {
         } catch {
             return .refused(code: nil, error: Self.words(for: error), permanent: false, retryAfter: nil)
         }
+    }
+
+    /// The guard's verdict on `url`: a destination it passed in the last `vettedLifetime`, or
+    /// its verdict now, from the resolver's threads (name resolution blocks).
+    private func vet(_ url: String) async throws -> Result<VettedDestination, DestinationRefusal> {
+        let now = ContinuousClock.now
+        if let kept = vetted.withLock({ $0[url] }), kept.until > now { return .success(kept.destination) }
+        let verdict = try await resolver.runIfActive { [destinations] in
+            Result { () throws(DestinationRefusal) in try destinations.vet(url: url) }
+        }
+        if case .success(let destination) = verdict {
+            vetted.withLock { kept in
+                if kept.count >= Self.vettedLimit { kept.removeAll(keepingCapacity: true) }
+                kept[url] = (destination, now + Self.vettedLifetime)
+            }
+        }
+        return verdict
     }
 
     /// A failed request in words a tenant admin can act on (a delivery's `last_error`).
