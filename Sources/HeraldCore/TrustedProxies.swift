@@ -32,15 +32,35 @@ public struct TrustedProxies: Sendable, Equatable {
 
     /// The client's address: `peer` (the connection's), or, when `peer` is a trusted proxy, the
     /// nearest address in `forwardedFor` (the `X-Forwarded-For` values in order) that is not.
+    /// Entries may carry a port (`203.0.113.5:4711`, `[2001:db8::5]:443`); an IPv4 address seen
+    /// as IPv6 (`::ffff:10.1.2.3`, a listener on `::`) is read as IPv4.
     public func client(peer: String?, forwardedFor: [String]) -> String? {
-        guard !networks.isEmpty, let peer, let peerAddress = IPAddress(peer), trusts(peerAddress) else { return peer }
-        let hops = forwardedFor.flatMap { $0.split(separator: ",") }.map { $0.trimmingCharacters(in: .whitespaces) }
-        var client = peer
+        guard !networks.isEmpty, let peer, let peerAddress = Self.address(peer), trusts(peerAddress) else { return peer }
+        let hops = forwardedFor.flatMap { $0.split(separator: ",") }.map(String.init)
+        var client = peerAddress
         for hop in hops.reversed() {
-            guard let address = IPAddress(hop) else { break }
-            client = hop
+            guard let address = Self.address(hop) else { break }
+            client = address
             if !trusts(address) { break }
         }
-        return client
+        return client.description
+    }
+
+    /// An address as a proxy or a socket writes it: with or without a port, IPv6 in brackets
+    /// when it has one, an IPv4-mapped IPv6 address as its IPv4 one.
+    static func address(_ text: String) -> IPAddress? {
+        var host = Substring(text.trimmingCharacters(in: .whitespaces))
+        if host.hasPrefix("[") {
+            guard let close = host.firstIndex(of: "]") else { return nil }
+            host = host[host.index(after: host.startIndex)..<close]
+        } else if host.filter({ $0 == ":" }).count == 1, let colon = host.firstIndex(of: ":") {
+            host = host[..<colon]
+        }
+        guard let address = IPAddress(String(host)) else { return nil }
+        let bytes = address.bytes
+        if bytes.count == 16, bytes[0..<10].allSatisfy({ $0 == 0 }), bytes[10] == 0xFF, bytes[11] == 0xFF {
+            return .v4(Array(bytes[12..<16]))
+        }
+        return address
     }
 }

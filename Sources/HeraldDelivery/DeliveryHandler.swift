@@ -61,16 +61,13 @@ public final class DeliveryHandler: WorkHandler, Sendable {
     let endpointBusyDelay: TimeInterval
     let circuitCooldown: TimeInterval
     let retry: RetryPolicy
-    /// The SMTP server's circuit in this process (endpoints keep theirs in the database).
-    let relay: RelayCircuit
     /// Reads what the deliveries starting together need in one transaction per organisation.
     private let works: RequestBatcher<ClaimedDelivery, DeliveryWork?>
 
     public init(
         database: Database, sender: DeliverySender, slots: EndpointSlots, endpointBusyDelay: TimeInterval,
-        circuitCooldown: TimeInterval, retry: RetryPolicy, relay: RelayCircuit? = nil
+        circuitCooldown: TimeInterval, retry: RetryPolicy
     ) {
-        self.relay = relay ?? RelayCircuit(threshold: 5, cooldown: circuitCooldown)
         self.database = database
         self.sender = sender
         self.slots = slots
@@ -101,19 +98,10 @@ public final class DeliveryHandler: WorkHandler, Sendable {
             if let endpoint = work.endpoint, let (until, why) = try await admit(endpoint, claim, now: Date()) {
                 return .giveBack(until: until, reason: why)
             }
-            let email = work.delivery.channel == .email
-            if email, case .wait(let until, let why) = relay.admit(now: Date()) {
-                return .giveBack(until: until, reason: why)
-            }
             outcome = await sender.deliver(work)
-            if email, relay.record(answered: outcome.receiverAnswered, now: Date()) {
-                logger.warning(
-                    "mail server circuit opened: emails wait unattempted until it answers",
-                    metadata: [
-                        "failures": "\(relay.threshold)", "cooldown_seconds": "\(relay.cooldown)", "error": "\(outcome.error ?? "")",
-                    ])
-            }
         }
+        // The mail server's circuit is open (`RelayCircuit`): back, unattempted, until it may be tried.
+        if case .paused(let until, let why) = outcome { return .giveBack(until: until, reason: why) }
         keepUntilRecorded = outcome.receiverAnswered == false
         if case .deferred(let why) = outcome {
             return .giveBack(until: Date().addingTimeInterval(endpointBusyDelay), reason: why)

@@ -15,6 +15,9 @@ public enum SendOutcome: Sendable, Equatable {
     /// Nothing was sent, for a reason of this process and not of the receiver (no connection
     /// was free): the delivery is given back without counting an attempt.
     case deferred(reason: String)
+    /// Nothing was sent: the mail server's circuit is open (`RelayCircuit`). Given back without
+    /// counting an attempt, due when it may be tried again.
+    case paused(until: Date, reason: String)
     /// Nothing was sent and nothing will be: the event expired, the recipient was deactivated,
     /// the endpoint deleted or disabled. The delivery ends `DEAD` with the reason.
     case notSent(reason: String)
@@ -43,21 +46,12 @@ public enum SendOutcome: Sendable, Equatable {
             return .dead(responseCode: nil, error: reason)
         case .cancelled(let reason):
             return .cancelled(error: reason)
-        case .deferred(let reason):
+        case .deferred(let reason), .paused(_, let reason):
             // Only reached when a caller records a deferral as an attempt; the pool releases instead.
             guard let next = policy.nextAttempt(after: attempt, failedAt: now, retryAfter: nil, random: random) else {
                 return .dead(responseCode: nil, error: "Not sent: \(reason).")
             }
             return .failed(responseCode: nil, error: "Not sent: \(reason).", retryAt: next)
-        }
-    }
-
-    /// The outcome's error in words, if it has one.
-    var error: String? {
-        switch self {
-        case .refused(_, let error, _, _), .gone(_, let error): error
-        case .accepted: nil
-        case .notSent(let reason), .cancelled(let reason), .deferred(let reason): reason
         }
     }
 
@@ -67,7 +61,7 @@ public enum SendOutcome: Sendable, Equatable {
         switch self {
         case .accepted, .gone: true
         case .refused(let code, _, let permanent, _): permanent ? nil : code != nil
-        case .deferred, .notSent, .cancelled: nil
+        case .deferred, .paused, .notSent, .cancelled: nil
         }
     }
 }

@@ -149,6 +149,7 @@ public struct DigestHandler: WorkHandler {
         }
         let outcome = await email.send(from: from, to: first.rendering.recipient.email, message: message)
         if case .deferred(let reason) = outcome { return .giveBack(until: now.addingTimeInterval(2), reason: reason) }
+        if case .paused(let until, let reason) = outcome { return .giveBack(until: until, reason: reason) }
         let result = outcome.result(attempt: claim.attempt, maxAttempts: work.run.maxAttempts, policy: retry, now: now)
         return .done(DigestAttemptRecord(result: result, empty: false, items: work.entries.count))
     }

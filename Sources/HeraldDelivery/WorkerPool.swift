@@ -74,8 +74,7 @@ public final class DeliveryWorkerPool: Service, Sendable {
             handler: DeliveryHandler(
                 database: database, sender: sender, slots: slots,
                 endpointBusyDelay: configuration.endpointBusyDelay, circuitCooldown: configuration.circuitCooldown,
-                retry: configuration.retry,
-                relay: RelayCircuit(threshold: configuration.circuitFailures, cooldown: configuration.circuitCooldown)),
+                retry: configuration.retry),
             bus: bus, logger: logger)
     }
 

@@ -150,6 +150,7 @@ extension TenantTransaction {
         // all read" clicked while earlier chunks were written must not cover them (the settled
         // watermark assumes no notify transaction runs longer than the settling time).
         if chunk != nil { input.notificationTime = max(deliverAt, now) }
+        input.expiresAt = request.expiresAt
         let event = NewEvent(
             id: eventID, typeID: type.id, request: request, severity: severity, priority: priority, deliverAt: deliverAt,
             idempotencyKey: idempotencyKey, requestHash: requestHash)

@@ -27,21 +27,16 @@ struct DatabaseRoleCheck: Service {
 
     func run() async throws {
         while !Task.isCancelled {
-            let verdict: String??
+            let verdict: String?
             do { verdict = try await problem() } catch {
                 // Not reachable yet (readiness and the pool say why): try again shortly.
                 try? await Task.sleep(for: .seconds(5))
                 continue
             }
-            // nil: the claim functions are not there yet (migrations to come); try again.
-            guard let verdict else {
-                try? await Task.sleep(for: .seconds(5))
-                continue
-            }
-            if let problem = verdict {
+            if let verdict {
                 logger.critical(
-                    "the database role is wrong for this command; stopping", metadata: ["variable": "\(variable)", "problem": "\(problem)"])
-                throw WrongRole(description: "\(variable) \(problem)")
+                    "the database role is wrong for this command; stopping", metadata: ["variable": "\(variable)", "problem": "\(verdict)"])
+                throw WrongRole(description: "\(variable) \(verdict)")
             }
             break
         }
@@ -49,40 +44,35 @@ struct DatabaseRoleCheck: Service {
         try? await gracefulShutdown()
     }
 
-    /// `.some(nil)` when the role is right, `.some(why)` when not, nil when the answer must wait
-    /// for migrations.
-    private func problem() async throws -> String?? {
+    /// Why the role is wrong for the command, or nil. Membership counts as much as the role
+    /// itself (a member of the owner's role can switch row-level security off), and the schema's
+    /// owner is known before any migration has run (`public`, which the bootstrap gives to
+    /// `herald_owner`).
+    private func problem() async throws -> String? {
         let rows = try await client.query(
             """
-            SELECT current_user::text, r.rolsuper, r.rolbypassrls,
-                   EXISTS (SELECT 1 FROM pg_class c WHERE c.relowner = r.oid AND c.relnamespace = 'public'::regnamespace),
-                   (SELECT count(*)::int FROM pg_proc p
-                    WHERE p.pronamespace = 'public'::regnamespace AND p.proname IN ('claim_deliveries', 'claim_digest_runs', 'claim_jobs')),
-                   (SELECT coalesce(bool_and(has_function_privilege(p.oid, 'EXECUTE')), false) FROM pg_proc p
-                    WHERE p.pronamespace = 'public'::regnamespace AND p.proname IN ('claim_deliveries', 'claim_digest_runs', 'claim_jobs'))
-            FROM pg_roles r WHERE r.rolname = current_user
+            SELECT current_user::text,
+                   EXISTS (SELECT 1 FROM pg_roles r WHERE (r.rolsuper OR r.rolbypassrls) AND pg_has_role(current_user, r.oid, 'MEMBER')),
+                   pg_has_role(current_user, (SELECT n.nspowner FROM pg_namespace n WHERE n.nspname = 'public'), 'MEMBER')
+                     OR EXISTS (SELECT 1 FROM pg_class c
+                                WHERE c.relnamespace = 'public'::regnamespace AND pg_has_role(current_user, c.relowner, 'MEMBER')),
+                   coalesce((SELECT pg_has_role(current_user, w.oid, 'USAGE') FROM pg_roles w WHERE w.rolname = 'herald_worker'), false)
             """, logger: logger)
-        var user = "", superuser = false, bypasses = false, owns = false, functions = 0, claims = false
-        for try await (u, s, b, o, f, c) in rows.decode((String, Bool, Bool, Bool, Int, Bool).self) {
-            (user, superuser, bypasses, owns, functions, claims) = (u, s, b, o, f, c)
-        }
+        var user = "", bypasses = false, owns = false, worker = false
+        for try await (u, b, o, w) in rows.decode((String, Bool, Bool, Bool).self) { (user, bypasses, owns, worker) = (u, b, o, w) }
         let expected = needs == .worker ? "herald_worker" : "herald_app"
-        if superuser || bypasses {
-            return .some(
-                "connects as \(user), which bypasses row-level security: every organisation's rows are open to it. Connect as \(expected).")
+        if bypasses {
+            return
+                "connects as \(user), which is or belongs to a superuser or a role that bypasses row-level security: every organisation's rows are open to it. Connect as \(expected)."
         }
         if owns {
-            return .some(
-                "connects as \(user), which owns the schema (the migrations' role): it can switch row-level security off. Connect as \(expected)."
-            )
+            return
+                "connects as \(user), which owns the schema or belongs to its owner (the migrations' role): it can switch row-level security off. Connect as \(expected)."
         }
-        guard needs == .worker else { return .some(nil) }
-        if functions < 3 { return nil }
-        if !claims {
-            return .some(
-                "connects as \(user), which may not claim work (claim_deliveries, claim_digest_runs, claim_jobs): the workers would fail every claim. Connect as herald_worker."
-            )
+        if needs == .worker, !worker {
+            return
+                "connects as \(user), which is not herald_worker and does not belong to it: it may not claim work (claim_deliveries, claim_digest_runs, claim_jobs), so every claim would fail. Connect as herald_worker."
         }
-        return .some(nil)
+        return nil
     }
 }

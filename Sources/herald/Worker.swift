@@ -126,8 +126,10 @@ struct DeliveryServices {
             baseDelay: config.retryBaseSeconds, factor: config.retryFactor, maximumDelay: config.retryMaxSeconds,
             jitter: config.retryJitter)
         // Each email being sent holds one of HERALD_SMTP_CONNECTIONS; more wait for one.
+        // The SMTP server's circuit breaker: the endpoints' rule, in memory (docs/delivery.md).
         let email = EmailTransport(
-            settings: smtp, defaultFrom: config.smtpFrom, threads: min(config.workers + digestConcurrency, config.smtpConnections))
+            settings: smtp, defaultFrom: config.smtpFrom, threads: min(config.workers + digestConcurrency, config.smtpConnections),
+            relay: RelayCircuit(threshold: config.circuitFailures, cooldown: config.circuitCooldownSeconds))
         let links = LinkBuilder(baseURL: config.linkBaseURL, keys: linkKeys)
         let sender = DeliverySender(email: email, http: http, links: links)
         var ownBus: [any Service] = []

@@ -186,6 +186,9 @@ struct TrustedProxiesTests {
         // Not from a trusted proxy: the header is the client's own words.
         #expect(proxies.client(peer: "203.0.113.9", forwardedFor: ["10.0.0.1"]) == "203.0.113.9")
         #expect(TrustedProxies([]).client(peer: "10.1.1.1", forwardedFor: ["203.0.113.5"]) == "10.1.1.1")
+        // Ports, brackets, and an IPv4 peer seen through an IPv6 listener.
+        #expect(proxies.client(peer: "::ffff:10.1.1.1", forwardedFor: ["203.0.113.5:4711"]) == "203.0.113.5")
+        #expect(proxies.client(peer: "10.1.1.1", forwardedFor: ["[2001:db8::5]:443, 10.2.2.2:80"]) == "2001:db8::5")
         #expect(TrustedProxies(setting: "10.0.0.0/8, ten") == nil)
         #expect(TrustedProxies(setting: "10.0.0.0/33") == nil)
     }

@@ -310,6 +310,13 @@ struct PlannerTests {
         #expect(nights.heldUntil(at("2026-07-01T04:00:00Z"), in: paris) == at("2026-07-01T05:00:00Z"))
         // The night the clocks go back (25 October 2026): 07:00 comes an hour later in UTC.
         #expect(nights.heldUntil(at("2026-10-24T21:00:00Z"), in: paris) == at("2026-10-25T06:00:00Z"))
+        // An end in the hour the clocks repeat (Paris, 25 October 2026, 02:00–03:00 twice): an
+        // email at the second 02:10 waits for the second 02:30, not the next night's.
+        let early = try #require(QuietHours(start: "22:00", end: "02:30"))
+        #expect(early.heldUntil(at("2026-10-25T01:10:00Z"), in: paris) == at("2026-10-25T01:30:00Z"))
+        #expect(early.heldUntil(at("2026-10-24T23:10:00Z"), in: paris) == at("2026-10-25T00:30:00Z"))
+        // An end in the hour the clocks skip (29 March 2026, 02:00–03:00): at the transition.
+        #expect(early.heldUntil(at("2026-03-28T23:00:00Z"), in: paris) == at("2026-03-29T01:00:00Z"))
         // What is not a window.
         #expect(QuietHours(start: "22:00", end: "22:00") == nil)
         for text in ["7:00", "24:00", "07:60", "07-00", "0700", " 07:00", "07:00:00", "ab:cd", "٠٧:٠٠"] {
@@ -333,6 +340,15 @@ struct PlannerTests {
         let email = planned.traces.first { $0.targeting.userID == sleeper }?.channels.first { $0.decision.channel == .email }
         #expect(email?.decision.reason == .heldForQuietHours && email?.decision.outcome == .immediate)
         #expect(planned.counts.immediate == 2 && planned.notifications.count == 2)
+        // An event that expires before the quiet hours end queues no email for the sleeper.
+        var brief = plan
+        brief.expiresAt = at("2026-12-08T05:00:00Z")
+        let briefPlan = NotificationPlanner.plan(brief)
+        #expect(briefPlan.deliveries.map(\.userID) == [awake])
+        let skipped = briefPlan.traces.first { $0.targeting.userID == sleeper }?.channels.first { $0.decision.channel == .email }
+        #expect(skipped?.decision.outcome == .skipped && skipped?.decision.reason == .expiresInQuietHours)
+        brief.expiresAt = at("2026-12-08T06:00:01Z")
+        #expect(NotificationPlanner.plan(brief).deliveries.count == 2)
         // A critical event, or an event of a critical category, is sent at once.
         var urgent = plan
         urgent.priority = .critical

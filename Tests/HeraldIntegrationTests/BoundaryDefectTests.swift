@@ -1208,14 +1208,14 @@ struct CatalogueDocumentTests {
             ["serve"],
             [
                 "DATABASE_URL": env.ownerURL, "HERALD_JWT_KEYS_DIR": keys, "HERALD_WORKERS": "0",
-                "HERALD_PORT": "\(Int.random(in: 30_000..<40_000))",
+                "HERALD_PORT": "\(Int.random(in: 20_000..<30_000))",
             ], timeout: 30)
         #expect(
             owner.status == 1 && owner.output.contains("DATABASE_URL connects as herald_owner, which owns the schema"), "\(owner.output)")
         let worker = try await runHeraldExit(
             ["worker"], ["DATABASE_WORKER_URL": env.appURL, "HERALD_WORKER_METRICS_PORT": "0"], timeout: 30)
         #expect(
-            worker.status == 1 && worker.output.contains("DATABASE_WORKER_URL connects as herald_app, which may not claim work"),
+            worker.status == 1 && worker.output.contains("DATABASE_WORKER_URL connects as herald_app, which is not herald_worker"),
             "\(worker.output)")
     }
 

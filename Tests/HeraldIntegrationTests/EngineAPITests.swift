@@ -230,6 +230,32 @@ struct MedicalAlertTests {
             #expect(profile?.quietHours == .init(start: "22:00", end: "07:00"))
             let shown = try await client.send(.get, "/v1/users/\(org.memberID.uuidString)", token: org.ownerToken)
             #expect(try shown.decoded(Components.Schemas.User.self).quietHours == .init(start: "22:00", end: "07:00"))
+            // Given when a user is made, one at a time or imported, and changed by an administrator.
+            let made = try await client.send(
+                .post, "/v1/users", token: org.ownerToken,
+                json: #"{"email": "night@x.example", "display_name": "Night", "quiet_hours": {"start": "23:00", "end": "06:00"}}"#)
+            #expect(made.status == .created, "\(made.text)")
+            let madeUser = try made.decoded(Components.Schemas.User.self)
+            #expect(madeUser.quietHours == .init(start: "23:00", end: "06:00"))
+            let imported = try await client.send(
+                .post, "/v1/users/import", token: org.ownerToken,
+                json: """
+                    {"users": [{"email": "owl@x.example", "display_name": "Owl", "quiet_hours": {"start": "01:00", "end": "09:30"}},
+                               {"email": "lark@x.example", "display_name": "Lark", "quiet_hours": {}}]}
+                    """)
+            #expect(imported.status == .ok, "\(imported.text)")
+            let importedIDs = try imported.decoded(Components.Schemas.UserImportResult.self).users.map(\.id)
+            let owl = try await client.send(.get, "/v1/users/\(importedIDs[0])", token: org.ownerToken)
+            #expect(try owl.decoded(Components.Schemas.User.self).quietHours == .init(start: "01:00", end: "09:30"))
+            let lark = try await client.send(.get, "/v1/users/\(importedIDs[1])", token: org.ownerToken)
+            #expect(try lark.decoded(Components.Schemas.User.self).quietHours == nil)
+            let changed = try await client.send(
+                .patch, "/v1/users/\(madeUser.id)", token: org.ownerToken, json: #"{"quiet_hours": {"start": "21:00", "end": "05:00"}}"#)
+            #expect(try changed.decoded(Components.Schemas.User.self).quietHours == .init(start: "21:00", end: "05:00"))
+            let badImport = try await client.send(
+                .post, "/v1/users/import", token: org.ownerToken,
+                json: #"{"users": [{"email": "bat@x.example", "display_name": "Bat", "quiet_hours": {"end": "05:00"}}]}"#)
+            #expect(badImport.isProblem(.unprocessableContent) && badImport.text.contains("users[0].quiet_hours"), "\(badImport.text)")
             // What is not a window: 422 naming the field; a null says what clears them.
             for (body, field) in [
                 (#"{"quiet_hours": {"start": "22:00"}}"#, "quiet_hours"),

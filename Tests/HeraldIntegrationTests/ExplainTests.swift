@@ -90,6 +90,23 @@ struct ExplainTests {
                     cursor = explanation.nextCursor
                 } while cursor != nil
             }
+            // An event for the sleeper that expires before their quiet hours end (the throttle off,
+            // which the two above used up): its email is not queued (EXPIRES_IN_QUIET_HOURS).
+            _ = try await client.send(.patch, "/v1/organisation", token: org.ownerToken, json: #"{"throttle_per_minute": 0}"#)
+            let sleeper = try #require(users.1.last)
+            let soon = RFC3339.wholeSeconds(Date().addingTimeInterval(1800))
+            let expiring = try await client.send(
+                .post, "/v1/events", token: org.ownerToken,
+                json: """
+                    {"type": "TASK_ASSIGNED", "payload": {"title": "Today only"}, "expires_at": "\(soon)",
+                     "audience": {"user_ids": ["\(sleeper.uuidString)"]}}
+                    """)
+            #expect(expiring.status == .accepted, "\(expiring.text)")
+            let expiringID = try expiring.decoded(Components.Schemas.EventAccepted.self).eventId
+            let explained = try await client.send(.get, "/v1/events/\(expiringID)/explain", token: org.ownerToken)
+            for user in try explained.decoded(Components.Schemas.Explanation.self).items {
+                for channel in user.channels { seen.insert(channel.reason) }
+            }
             // check
             let expected = Set(ReasonCode.allCases.map(\.rawValue))
             #expect(expected.subtracting(seen).isEmpty, "never explained: \(expected.subtracting(seen).sorted())")

@@ -123,6 +123,49 @@ struct FanoutTests {
         }
     }
 
+    @Test("a chunked fan-out holds the emails of recipients in their quiet hours, and only theirs, in every chunk")
+    func quietHoursInChunks() async throws {
+        let (org, users) = try await organisation()
+        let activity = try await org.store { tx in
+            try await tx.query("SELECT id FROM categories WHERE organisation_id = \(org.id) AND key = 'activity'")[0].decode(UUID.self)
+        }
+        try await org.deliveryType("NIGHT_NOTE", category: activity, channels: [.inApp, .email])
+        // Five users, one in each chunk's range and more, sleep from 22:00 to 07:00 UTC.
+        let sleepers = Set(stride(from: 0, to: users.count, by: 6).map { users[$0] })
+        let nights = try #require(QuietHours(start: "22:00", end: "07:00"))
+        try await org.store { tx in
+            for id in sleepers { _ = try await tx.updateUser(id, UserChange(timezone: .some("UTC"), quietHours: .some(nights))) }
+            for id in users where !sleepers.contains(id) { _ = try await tx.updateUser(id, UserChange(timezone: .some("UTC"))) }
+        }
+        // Due at 23:00 UTC tomorrow: held until 07:00 the day after.
+        var calendar = Calendar(identifier: .gregorian)
+        calendar.timeZone = .gmt
+        let tomorrow = try #require(calendar.date(byAdding: .day, value: 1, to: Date()))
+        let due = try #require(calendar.date(bySettingHour: 23, minute: 0, second: 0, of: tomorrow))
+        let morning = due.addingTimeInterval(8 * 3600)
+        var request = everyone("NIGHT_NOTE")
+        request.deliverAt = due
+        let id = try await org.store { tx in try await tx.send(request, now: Date(), fanout: Self.settings).id }
+        let worker = "fanout-quiet-\(UUID().uuidString.prefix(6))"
+        let lease = try #require(try await claim(org, worker: worker))
+        var step = try await chunk(org, lease, worker: worker)
+        while case .expanded(_, false) = step { step = try await chunk(org, lease, worker: worker) }
+        #expect(step == .expanded(done: users.count, finished: true))
+
+        let dueTimes = try await org.store { tx in
+            try await tx.query(
+                "SELECT user_id, next_attempt_at FROM deliveries WHERE organisation_id = \(org.id) AND event_id = \(id)"
+            ).map { try $0.decode((UUID, Date).self) }
+        }
+        #expect(dueTimes.count == users.count)
+        for (user, at) in dueTimes {
+            let expected = sleepers.contains(user) ? morning : due
+            #expect(abs(at.timeIntervalSince(expected)) < 1, "\(user): \(at) against \(expected)")
+        }
+        // Their bell rows are not held.
+        #expect(try await rows(org, "notifications", event: id) == (users.count, users.count))
+    }
+
     @Test("cancelling half-way stops the chunks not yet written and cancels what the written ones queued")
     func cancelledHalfWay() async throws {
         let (org, users) = try await organisation()

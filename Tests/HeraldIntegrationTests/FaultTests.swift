@@ -200,16 +200,15 @@ struct FaultTests {
         try await org.notify(EventRequest(typeKey: "NIGHT_MAIL", audience: Audience(everyone: true), payload: .object([:])))
         let env = try await TestEnvironment.shared
         let http = HTTPTransport(destinations: DestinationGuard(allowed: []), timeout: .seconds(2))
+        let relay = RelayCircuit(threshold: 2, cooldown: 60)
         let sender = DeliverySender(
             email: EmailTransport(
                 settings: EmailTransport.settings(url: "smtp://127.0.0.1:1", username: nil, password: nil, timeout: 2)!,
-                defaultFrom: "herald@herald.test"),
+                defaultFrom: "herald@herald.test", relay: relay),
             http: http, links: LinkBuilder(baseURL: "http://herald.test", keys: TestEnvironment.linkKeys))
         let slots = EndpointSlots(limit: 4)
-        let relay = RelayCircuit(threshold: 2, cooldown: 60)
         let handler = DeliveryHandler(
-            database: env.workerDatabase, sender: sender, slots: slots, endpointBusyDelay: 1, circuitCooldown: 60,
-            retry: RetryPolicy(), relay: relay)
+            database: env.workerDatabase, sender: sender, slots: slots, endpointBusyDelay: 1, circuitCooldown: 60, retry: RetryPolicy())
         let queue = OutboxQueue(
             database: env.workerDatabase, organisation: org.id, circuit: CircuitRule(failures: 5, cooldown: 60), slots: slots)
 
@@ -232,12 +231,20 @@ struct FaultTests {
         // check: two attempts, then the circuit open and the other three given back for a minute
         #expect(attempted == 2 && waited.count == 3 && relay.isOpen)
         #expect(waited.allSatisfy { $0.timeIntervalSinceNow > 50 && $0.timeIntervalSinceNow <= 60 })
-        // A send after the cool-down tries the relay alone; its answer closes the circuit.
+        // A send after the cool-down tries the relay alone, pushing the pause on for the others; a
+        // send of before that ends says nothing of the trial; the trial's silence opens the circuit
+        // again, its answer closes it.
         let later = Date().addingTimeInterval(61)
-        #expect(relay.admit(now: later) == .send)
-        if case .wait = relay.admit(now: later) {} else { Issue.record("a second send went with the trial") }
-        relay.record(answered: true, now: later)
-        #expect(!relay.isOpen && relay.admit(now: later) == .send)
+        #expect(relay.admit(now: later) == .trial)
+        guard case .wait(let until, _) = relay.admit(now: later) else { Issue.record("a second send went with the trial"); return }
+        #expect(until > later.addingTimeInterval(50))
+        relay.record(answered: nil, trial: false, now: later)
+        if case .wait = relay.admit(now: later) {} else { Issue.record("another send went while the trial ran") }
+        relay.record(answered: false, trial: true, now: later)
+        let evenLater = later.addingTimeInterval(61)
+        #expect(relay.isOpen && relay.admit(now: later.addingTimeInterval(30)) != .trial && relay.admit(now: evenLater) == .trial)
+        relay.record(answered: true, trial: true, now: evenLater)
+        #expect(!relay.isOpen && relay.admit(now: evenLater) == .send)
     }
 
     /// An endpoint that keeps timing out is paused: its circuit opens, shows on the endpoint, and

@@ -118,6 +118,12 @@ struct LocalDate: Sendable, Equatable {
     /// The earliest instant whose wall time in `zone` is this day at `minutes` past midnight
     /// (which may run into the next day); nil when that wall time does not exist.
     private func firstInstant(minutes: Int, in zone: TimeZone) -> Date? {
+        instants(minutes: minutes, in: zone).first
+    }
+
+    /// Every instant whose wall time in `zone` is this day at `minutes` past midnight, earliest
+    /// first: none in a skipped hour, two in a repeated one.
+    func instants(minutes: Int, in zone: TimeZone) -> [Date] {
         let wall = midnightUTC.addingTimeInterval(TimeInterval(minutes * 60))
         // The offsets in force around that wall time: before and after any transition near it.
         let offsets = Set([-86_400, 0, 86_400].map { zone.secondsFromGMT(for: wall.addingTimeInterval(TimeInterval($0))) })
@@ -125,7 +131,7 @@ struct LocalDate: Sendable, Equatable {
             offsets
             .map { wall.addingTimeInterval(TimeInterval(-$0)) }
             .filter { Self.wallSeconds($0, in: zone) == Int(wall.timeIntervalSince1970) }
-            .min()
+            .sorted()
     }
 
     /// Seconds since the epoch of `instant`'s wall clock in `zone`, to compare wall times.

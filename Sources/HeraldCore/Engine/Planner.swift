@@ -99,6 +99,8 @@ public struct PlanInput: Sendable {
     public var sourceActor: JSONValue?
     /// The time in-app rows' ids are made at (they sort the feed); nil: `deliverAt`.
     public var notificationTime: Date?
+    /// When the event expires (nothing is sent after it); nil: never.
+    public var expiresAt: Date?
 
     public init(
         eventID: UUID, type: TypeProfile, severity: Severity, priority: Priority, payload: JSONValue,
@@ -289,9 +291,23 @@ public enum NotificationPlanner {
                     typeDefaultChannels: input.type.defaultChannels,
                     user: input.userPreferences[target.userID]?[channel], organisationDefault: input.organisationDefaults[channel])
                 let destinations = channel.destinations(for: profile, endpoints: input.endpoints[channel] ?? [])
-                let decision = ChannelDecider.decide(
+                var decision = ChannelDecider.decide(
                     channel: channel, preference: preference, subject: subject, throttled: throttled,
                     hasDestination: !destinations.isEmpty)
+                // An email inside the recipient's quiet hours waits for their end, unless it is
+                // critical; one whose event expires first is not queued at all.
+                var held: Date?
+                if decision.outcome == .immediate, channel == .email, !critical,
+                    let until = profile.quietHours?.heldUntil(input.deliverAt, in: timeZone)
+                {
+                    if let expiry = input.expiresAt, expiry <= until {
+                        decision = ChannelDecision(
+                            channel: channel, preference: decision.preference, outcome: .skipped, reason: .expiresInQuietHours)
+                    } else {
+                        decision.reason = .heldForQuietHours
+                        held = until
+                    }
+                }
                 var traced = TracedChannel(decision: decision)
                 switch decision.outcome {
                 case .inApp:
@@ -318,11 +334,6 @@ public enum NotificationPlanner {
                     traced.notificationID = id
                     plan.counts.inApp += 1
                 case .immediate:
-                    // An email inside the recipient's quiet hours waits for their end, unless it is critical.
-                    let held =
-                        channel == .email && !critical
-                        ? profile.quietHours?.heldUntil(input.deliverAt, in: timeZone) : nil
-                    if held != nil { traced.decision.reason = .heldForQuietHours }
                     let planned = destinations.map {
                         PlannedDelivery(
                             id: TimeOrderedID.make(), userID: target.userID, channel: channel, destination: $0.address,

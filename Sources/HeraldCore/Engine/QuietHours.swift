@@ -47,22 +47,31 @@ public struct QuietHours: Sendable, Equatable, Hashable {
     public var startText: String { Self.text(start) }
     public var endText: String { Self.text(end) }
 
-    /// Whether `instant` falls inside the window, read on the wall clock of `timeZone`.
+    /// Whether `instant` falls inside the window, read on the wall clock of `timeZone` (in a
+    /// repeated hour, the wall clock says the same time twice).
     public func contains(_ instant: Date, in timeZone: TimeZone) -> Bool {
-        let seconds = Int(instant.timeIntervalSince1970.rounded(.down)) + timeZone.secondsFromGMT(for: instant)
-        let minute = ((seconds / 60) % 1440 + 1440) % 1440
+        let minute = (Int(floor(Double(LocalDate.wallSeconds(instant, in: timeZone)) / 60)) % 1440 + 1440) % 1440
         return start < end ? (start..<end).contains(minute) : (minute >= start || minute < end)
     }
 
-    /// When an email due at `instant` may go: the window's end (the first `end` of the local
-    /// clock after `instant`) when `instant` is inside the window, nil when it is not. Across a
-    /// daylight saving change the end follows `DigestSchedule`'s rules (a skipped time moves to
-    /// the transition, a repeated one counts once).
+    /// When an email due at `instant` may go: the window's end (the first instant after
+    /// `instant` whose local wall time is `end`) when `instant` is inside the window, nil when it
+    /// is not. An end in a skipped hour moves to the transition, as a digest slot does; an end in
+    /// a repeated hour is whichever of its two instants comes first after `instant` (an email
+    /// at the second 02:10 of the night the clocks go back waits for the second 02:30, not for
+    /// the next night's).
     public func heldUntil(_ instant: Date, in timeZone: TimeZone) -> Date? {
-        guard contains(instant, in: timeZone),
-            let close = DigestSchedule(cadence: .daily, hour: end / 60, minute: end % 60, timeZone: timeZone)
-        else { return nil }
-        return close.slot(after: instant)
+        guard contains(instant, in: timeZone) else { return nil }
+        var day = LocalDate(instant, in: timeZone)
+        // The end comes within a day of any instant inside the window; three days cover a
+        // transition on either side.
+        for _ in 0..<3 {
+            let ends = day.instants(minutes: end, in: timeZone)
+            let candidates = ends.isEmpty ? [day.instant(hour: end / 60, minute: end % 60, in: timeZone)] : ends
+            if let next = candidates.filter({ $0 > instant }).min() { return next }
+            day = day.adding(days: 1)
+        }
+        preconditionFailure("a window's end comes within three days")
     }
 }
 

@@ -66,6 +66,7 @@ public enum ReasonCode: String, CaseIterable, Sendable, Codable {
     case channelDisabled = "CHANNEL_DISABLED"
     case switchedOffInactive = "SWITCHED_OFF_INACTIVE"
     case frequencyNone = "FREQUENCY_NONE"
+    case expiresInQuietHours = "EXPIRES_IN_QUIET_HOURS"
     case conditionNotMet = "CONDITION_NOT_MET"
     case throttled = "THROTTLED"
     case noDestination = "NO_DESTINATION"
@@ -88,6 +89,8 @@ public enum ReasonCode: String, CaseIterable, Sendable, Codable {
         case .switchedOffInactive:
             "Herald switched this email subscription off: the user did not engage for the organisation's inactivity period, nor after the warning. The user can switch it on again."
         case .frequencyNone: "The preference's frequency is NONE."
+        case .expiresInQuietHours:
+            "The event came during the user's quiet hours and expires before they end: no email was queued (it would have gone out expired)."
         case .conditionNotMet: "A condition of the preference is not met by the event or its recipient."
         case .throttled:
             "The user already received the most notifications allowed in a minute (the organisation's limit per category or per user)."
