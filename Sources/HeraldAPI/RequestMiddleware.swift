@@ -44,6 +44,10 @@ struct RequestMiddleware: RouterMiddleware {
                 response = Response(status: .noContent, headers: [.allow: allowed.joined(separator: ", ")])
             } else {
                 var request = request
+                // Two keys would be joined into a third ("a, b") that matches neither (a trial).
+                if request.headers[values: .idempotencyKey].count > 1 {
+                    throw APIError.badRequest("Idempotency-Key: the header is given more than once; give it once.")
+                }
                 if let length = request.headers[.contentLength].flatMap(Int.init), length > maxBodyBytes {
                     throw APIError.contentTooLarge(limit: maxBodyBytes)
                 }
@@ -436,4 +440,5 @@ extension HTTPField.Name {
     static let requestID = HTTPField.Name("X-Request-Id")!
     static let xFrameOptions = HTTPField.Name("X-Frame-Options")!
     static let forwardedFor = HTTPField.Name("X-Forwarded-For")!
+    static let idempotencyKey = HTTPField.Name("Idempotency-Key")!
 }

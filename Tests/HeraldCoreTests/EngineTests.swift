@@ -291,6 +291,22 @@ struct PlannerTests {
         #expect(plan.deliveries.count == 2 && plan.digestItems.count == 1 && plan.notifications.count == 4)
     }
 
+    @Test("a throttled user still gets a critical event's bell row, as a critical category's; its email is throttled (a trial)")
+    func criticalEventPassesTheThrottleToTheBell() {
+        let user = UUID()
+        var plan = input([profile(Candidate(userID: user, active: true, byUser: true))], throttle: 1, recent: [user: 5], critical: false)
+        plan.priority = .critical
+        let planned = NotificationPlanner.plan(plan)
+        let reasons = Dictionary(uniqueKeysWithValues: planned.traces[0].channels.map { ($0.decision.channel, $0.decision.reason) })
+        #expect(reasons[.inApp] == .inAppCreated && reasons[.email] == .throttled)
+        plan.priority = .high
+        #expect(
+            NotificationPlanner.plan(plan).traces[0].channels.allSatisfy {
+                $0.decision.reason == .throttled || $0.decision.outcome == .skipped
+            })
+        #expect(NotificationPlanner.plan(plan).notifications.isEmpty)
+    }
+
     @Test("quiet hours hold an email until they end, in the recipient's zone, unless the event or category is critical")
     func quietHoursHoldEmail() throws {
         func at(_ text: String) -> Date { RFC3339.date(from: text)! }
@@ -394,7 +410,9 @@ struct PlannerTests {
         let trace = critical.traces.first { $0.targeting.userID == busy }!
         #expect(trace.channels.first { $0.decision.channel == .email }?.decision.reason == .throttled)
         #expect(trace.channels.first { $0.decision.channel == .inApp }?.decision.reason == .inAppCreated)
-        let ordinary = NotificationPlanner.plan(input(recipients, throttle: 20, recent: [busy: 20], critical: false))
+        var normal = input(recipients, throttle: 20, recent: [busy: 20], critical: false)
+        normal.priority = .normal
+        let ordinary = NotificationPlanner.plan(normal)
         #expect(ordinary.traces.first { $0.targeting.userID == busy }!.channels.allSatisfy { $0.decision.outcome == .skipped })
         #expect(ordinary.notifications.map(\.userID) == [calm])
     }

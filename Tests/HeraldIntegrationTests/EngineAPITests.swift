@@ -381,6 +381,22 @@ struct IdempotencyTests {
             headers: [HTTPField.Name("Idempotency-Key")!: key])
     }
 
+    @Test("a key given twice is a 400, not a third key made of both (a trial)")
+    func keyGivenTwice() async throws {
+        try await withCatalogue { org, _, client in
+            var headers = HTTPFields()
+            headers.append(HTTPField(name: .authorization, value: "Bearer \(org.ownerToken)"))
+            headers.append(HTTPField(name: .contentType, value: "application/json"))
+            headers.append(HTTPField(name: HTTPField.Name("Idempotency-Key")!, value: "reading-a"))
+            headers.append(HTTPField(name: HTTPField.Name("Idempotency-Key")!, value: "reading-b"))
+            let body = #"{"type": "ISQ_CRITICAL", "audience": {"roles": ["clinician"]}, "payload": {"isq": 25}}"#
+            let response = try await client.execute(uri: "/v1/events", method: .post, headers: headers, body: ByteBuffer(string: body))
+            #expect(response.status == .badRequest)
+            #expect(String(buffer: response.body).contains("Idempotency-Key: the header is given more than once"))
+            #expect(try await org.store { tx in try await tx.events(typeID: nil, limit: 10, after: nil).items.count } == 0)
+        }
+    }
+
     @Test("the same key and body answer the first response again, and write nothing more")
     func replay() async throws {
         try await withCatalogue { org, _, client in

@@ -291,8 +291,10 @@ public enum NotificationPlanner {
                     typeDefaultChannels: input.type.defaultChannels,
                     user: input.userPreferences[target.userID]?[channel], organisationDefault: input.organisationDefaults[channel])
                 let destinations = channel.destinations(for: profile, endpoints: input.endpoints[channel] ?? [])
+                // The bell row of a critical event passes the limits, as a critical category's does.
                 var decision = ChannelDecider.decide(
-                    channel: channel, preference: preference, subject: subject, throttled: throttled,
+                    channel: channel, preference: preference, subject: subject,
+                    throttled: throttled && !(channel == .inApp && input.priority == .critical),
                     hasDestination: !destinations.isEmpty)
                 // An email inside the recipient's quiet hours waits for their end, unless it is
                 // critical; one whose event expires first is not queued at all.
