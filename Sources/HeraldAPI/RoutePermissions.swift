@@ -21,7 +21,7 @@ enum AccessRule: Sendable, Equatable {
 /// | getMe, changeMyPassword, listPermissions, getOrganisation | authenticated |
 /// | updateOrganisation | organisation.manage |
 /// | listUsers, getUser | users.read |
-/// | createUser, importUsers (and groups.manage with group_ids), updateUser, setUserPassword, deleteUser, deactivateUser, reactivateUser | users.manage |
+/// | createUser, importUsers (and groups.manage with group_ids), updateUser, setUserPassword, createUserSession, deleteUser, deactivateUser, reactivateUser | users.manage |
 /// | listRoles, getRole | roles.read |
 /// | createRole, updateRole, deleteRole, setUserRoles | roles.manage |
 /// | listGroups, getGroup, listGroupMembers | groups.read |
@@ -93,6 +93,7 @@ enum RoutePermissions {
         "importUsers": .permission(.usersManage),
         "updateUser": .permission(.usersManage),
         "setUserPassword": .permission(.usersManage),
+        "createUserSession": .permission(.usersManage),
         "deactivateUser": .permission(.usersManage),
         "deleteUser": .permission(.usersManage),
         "reactivateUser": .permission(.usersManage),

@@ -609,5 +609,10 @@ enum SpecRoutes {
                   parameterRules: [:],
                   bodyRules: [:],
                   repeatable: [], takesBody: true),
+        SpecRoute(operationID: "createUserSession", method: "POST", path: "/v1/users/{userId}/sessions", query: [],
+                  limits: [:],
+                  parameterRules: [:],
+                  bodyRules: [:],
+                  repeatable: [], takesBody: false),
     ]
 }

@@ -74,6 +74,7 @@ public enum AuditAction {
         "user.password.set",
         "user.reactivate",
         "user.roles.set",
+        "user.session.start",
         "user.update",
     ]
 }

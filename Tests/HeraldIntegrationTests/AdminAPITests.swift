@@ -388,6 +388,41 @@ struct AdminAPITests {
         }
     }
 
+    @Test("a backend's key starts a session for one of its users (the bell embedded without a Herald password), within what it holds")
+    func backendStartsUserSessions() async throws {
+        try await withOrganisation { org, client in
+            let serviceRole = try await org.store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
+            let created = try await client.send(
+                .post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "CRM", "role_id": "\#(serviceRole)"}"#)
+            let key = try created.decoded(Components.Schemas.ApiKeyCreated.self).secret
+            // The member's session: their own feed, their own permissions, and it ends at logout.
+            let started = try await client.send(.post, "/v1/users/\(org.memberID.uuidString)/sessions", token: key)
+            #expect(started.status == .created, "\(started.text)")
+            let pair = try started.decoded(Components.Schemas.TokenPair.self)
+            #expect(try await client.send(.get, "/v1/me/notifications/unread-count", token: pair.accessToken).status == .ok)
+            let me = try await client.send(.get, "/v1/me", token: pair.accessToken).decoded(Components.Schemas.Principal.self)
+            #expect(me.userId == org.memberID.lowercased && me.kind == .user)
+            #expect(try await client.send(.get, "/v1/users", token: pair.accessToken).isProblem(.forbidden))
+            #expect(try await client.send(.post, "/v1/auth/refresh", json: #"{"refresh_token": "\#(pair.refreshToken)"}"#).status == .ok)
+            let audited = try await org.store { tx in
+                try await tx.query(
+                    "SELECT count(*)::int FROM audit_log WHERE organisation_id = \(org.id) AND action = 'user.session.start' AND target_id = \(org.memberID.lowercased)"
+                )[0].decode(Int.self)
+            }
+            #expect(audited == 1)
+            // Not the owner's (the key lacks organisation.manage), nor anyone's of another organisation.
+            #expect(try await client.send(.post, "/v1/users/\(org.ownerID.uuidString)/sessions", token: key).isProblem(.forbidden))
+            let other = try await TestOrganisation.make()
+            #expect(try await client.send(.post, "/v1/users/\(other.memberID.uuidString)/sessions", token: key).isProblem(.notFound))
+            // A member cannot start sessions; a deactivated user gets none.
+            #expect(
+                try await client.send(.post, "/v1/users/\(org.ownerID.uuidString)/sessions", token: org.memberToken).isProblem(.forbidden))
+            _ = try await client.send(.post, "/v1/users/\(org.memberID.uuidString)/deactivate", token: org.ownerToken)
+            #expect(try await client.send(.post, "/v1/users/\(org.memberID.uuidString)/sessions", token: key).isProblem(.conflict))
+            #expect(try await client.send(.get, "/v1/me", token: pair.accessToken).isProblem(.unauthorized))
+        }
+    }
+
     @Test("API keys: the secret is shown once, works as a credential, and stops working when revoked")
     func apiKeys() async throws {
         try await withOrganisation { org, client in

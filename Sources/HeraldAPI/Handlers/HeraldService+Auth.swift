@@ -106,6 +106,27 @@ extension HeraldService {
     }
 
     /// A new access token and the next refresh token of `familyID`, recorded in `tx`.
+    /// A session for a user, started by the caller's backend (the bell embedded in the tenant's
+    /// product, whose users sign in there, not to Herald; a trial): the same session as a login
+    /// makes. Needs every permission the user holds, as setting their password does, which gives
+    /// the same power; a deactivated user gets none.
+    func createUserSession(_ input: Operations.CreateUserSession.Input) async throws -> Operations.CreateUserSession.Output {
+        let id = try id(input.path.userId, "user")
+        let pair = try await tenant { tx, principal in
+            try requireHolds(try await tx.permissions(ofUser: id).filter { !$0.concernsOnlyTheHolder }, principal)
+            // Held to the commit: a deactivation or a password reset meanwhile ends this session too.
+            guard let user = try await tx.holdUserCredentials(id) else { throw StoreError.notFound("user") }
+            guard user.active else { throw APIError.conflict("The user is deactivated: reactivate them first.") }
+            let family = UUID()
+            let pair = try await issuePair(tx, userID: id, familyID: family)
+            try await tx.audit(
+                action: "user.session.start", targetType: "user", targetID: id.lowercased, before: nil,
+                after: try auditValue(["session": JSONValue.string(family.lowercased)]))
+            return pair
+        }
+        return .created(.init(body: .json(pair)))
+    }
+
     private func issuePair(_ tx: TenantTransaction, userID: UUID, familyID: UUID) async throws -> Components.Schemas.TokenPair {
         let now = now()
         let refresh = OpaqueToken(kind: .refresh, organisationID: tx.organisationID)
