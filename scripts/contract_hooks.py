@@ -100,6 +100,13 @@ def _fix_condition(condition) -> None:
         values = condition.get("values")
         if not values or not all(isinstance(v, str) and v.lower() in WEEKDAYS for v in values):
             condition["values"] = ["monday"]
+    # A condition on event.type names types of the organisation (a typo is a 422).
+    if condition.get("field") == "event.type" and op in ("equals", "in", "not_in"):
+        types = FIXTURES.get("types", [])
+        if isinstance(condition.get("value"), str):
+            condition["value"] = _pick(types, condition["value"])
+        if isinstance(condition.get("values"), list):
+            condition["values"] = [_pick(types, v) if isinstance(v, str) else v for v in condition["values"]]
 
 
 def _later(text: str) -> str:

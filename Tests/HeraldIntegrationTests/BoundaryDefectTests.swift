@@ -570,6 +570,25 @@ struct BoundaryDefectTests {
         }
     }
 
+    @Test("a preference condition on event.type names types of the catalogue: a misspelt one is a 422 naming it (a trial)")
+    func conditionTypesExist() async throws {
+        try await withCatalogue { org, _, client in
+            let misspelt = try await client.send(
+                .put, "/v1/me/preferences", token: org.memberToken,
+                json:
+                    #"{"items": [{"category": "activity", "channel": "in_app", "enabled": true, "frequency": "IMMEDIATE", "conditions": [{"field": "event.type", "op": "in", "values": ["TASK_ASSIGNED", "TASK_ASIGNED"]}]}]}"#
+            )
+            #expect(misspelt.isProblem(.unprocessableContent) && misspelt.text.contains("TASK_ASIGNED"), "\(misspelt.text)")
+            #expect(misspelt.text.contains("items[0].conditions[0]"), "\(misspelt.text)")
+            let right = try await client.send(
+                .put, "/v1/me/preferences", token: org.memberToken,
+                json:
+                    #"{"items": [{"category": "activity", "channel": "in_app", "enabled": true, "frequency": "IMMEDIATE", "conditions": [{"field": "event.type", "op": "in", "values": ["TASK_ASSIGNED"]}]}]}"#
+            )
+            #expect(right.status == .ok, "\(right.text)")
+        }
+    }
+
     @Test("an endpoint's event types must be types of the catalogue: a misspelt one is a 422 naming it, and nothing changes")
     func endpointEventTypesAreKnown() async throws {
         try await withCatalogue { org, _, client in

@@ -173,6 +173,10 @@ extension HeraldService {
     /// Validates a list of cells: known categories, one cell per category and channel, valid conditions.
     func cells(_ list: Components.Schemas.PreferenceList, _ tx: TenantTransaction) async throws -> [PreferenceCell] {
         let categories = Dictionary(try await tx.categories().map { ($0.key, $0.id) }, uniquingKeysWith: { a, _ in a })
+        // A condition on event.type names types: a typo would make it never hold, silently (a trial).
+        let typeKeys =
+            try list.items.contains { item in try (convert(item.conditions ?? []) as [Condition]).contains { $0.field == "event.type" } }
+            ? Set(try await tx.notificationTypes().map(\.key)) : []
         var seen = Set<String>()
         return try list.items.enumerated().map { index, item in
             let field = "items[\(index)]"
@@ -185,7 +189,19 @@ extension HeraldService {
                     ValidationError(field: field, message: "lists \(item.category) × \(item.channel.rawValue) twice."))
             }
             let conditions: [Condition] = try convert(item.conditions ?? [])
-            for (n, condition) in conditions.enumerated() { try condition.validate(field: "\(field).conditions[\(n)]") }
+            for (n, condition) in conditions.enumerated() {
+                try condition.validate(field: "\(field).conditions[\(n)]")
+                guard condition.field == "event.type", [.equals, .in, .notIn].contains(condition.op) else { continue }
+                let named = (condition.value.map { [$0] } ?? []) + (condition.values ?? [])
+                for case .string(let key) in named where !typeKeys.contains(key) {
+                    throw APIError.unprocessable(
+                        ValidationError(
+                            field: "\(field).conditions[\(n)]",
+                            message:
+                                "names \"\(key)\", which is not a notification type of your organisation (the condition would never hold).")
+                    )
+                }
+            }
             return PreferenceCell(
                 categoryID: category, channel: mapped(item.channel, to: NotificationChannel.self),
                 setting: PreferenceSetting(
