@@ -13,6 +13,9 @@ public struct ExplainedRecipient: Sendable, Equatable {
     public var channels: [TraceChannelRecord]
     /// Current status of each delivery the engine queued (PENDING, SENT, CANCELLED, …).
     public var deliveryStatus: [UUID: DeliveryStatus]
+    /// When each delivery still waiting (PENDING or FAILED) is due: the end of the user's quiet
+    /// hours, or a retry's time.
+    public var deliveryDue: [UUID: Date] = [:]
     /// Current state of each digest item.
     public var digestStatus: [UUID: DigestItemStatus]
     /// Each digest item's slot, run and drop reason.
@@ -114,12 +117,17 @@ extension TenantTransaction {
         let deliveryIDs = items.flatMap { $0.channels.flatMap(\.deliveryIDs) }
         let digestIDs = items.flatMap { $0.channels.compactMap(\.digestItemID) }
         var deliveries: [UUID: DeliveryStatus] = [:]
+        var due: [UUID: Date] = [:]
         if !deliveryIDs.isEmpty {
             for row in try await query(
-                "SELECT id, status FROM deliveries WHERE organisation_id = \(organisationID) AND id = ANY(\(deliveryIDs)::uuid[])")
+                """
+                SELECT id, status, next_attempt_at FROM deliveries
+                WHERE organisation_id = \(organisationID) AND id = ANY(\(deliveryIDs)::uuid[])
+                """)
             {
-                let (id, status) = try row.decode((UUID, DeliveryStatus).self, table: "deliveries")
+                let (id, status, next) = try row.decode((UUID, DeliveryStatus, Date).self, table: "deliveries")
                 deliveries[id] = status
+                if status == .pending || status == .failed { due[id] = next }
             }
         }
         var digests: [UUID: ExplainedDigestItem] = [:]
@@ -148,7 +156,10 @@ extension TenantTransaction {
         }
         for index in items.indices {
             for channel in items[index].channels {
-                for id in channel.deliveryIDs { items[index].deliveryStatus[id] = deliveries[id] }
+                for id in channel.deliveryIDs {
+                    items[index].deliveryStatus[id] = deliveries[id]
+                    items[index].deliveryDue[id] = due[id]
+                }
                 if let id = channel.digestItemID {
                     items[index].digestStatus[id] = digests[id]?.status
                     items[index].digests[id] = digests[id]

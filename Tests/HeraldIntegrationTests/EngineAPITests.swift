@@ -292,15 +292,20 @@ struct MedicalAlertTests {
                 #expect(sent.status == .accepted, "\(sent.text)")
                 return try sent.decoded(Components.Schemas.EventAccepted.self).eventId
             }
-            func emailOf(_ event: String) async throws -> (reason: String?, due: Date?) {
+            func emailOf(_ event: String) async throws -> (reason: String?, due: Date?, explainedDue: Date?) {
                 let explain = try await client.send(
                     .get, "/v1/events/\(event)/explain?user_id=\(org.memberID.uuidString)", token: org.ownerToken)
                 let channel = try explain.decoded(Components.Schemas.Explanation.self).items.first?.channels.first { $0.channel == .email }
                 let deliveries = try await client.send(.get, "/v1/deliveries?event_id=\(event)", token: org.ownerToken)
-                return (channel?.reason, try deliveries.decoded(Components.Schemas.DeliveryPage.self).items.first?.nextAttemptAt)
+                return (
+                    channel?.reason, try deliveries.decoded(Components.Schemas.DeliveryPage.self).items.first?.nextAttemptAt,
+                    channel?.deliveryDueAt
+                )
             }
             let held = try await emailOf(try await send(priority: "normal"))
             #expect(held.reason == "HELD_QUIET_HOURS")
+            // Explain says when it goes, as the delivery list does.
+            #expect(held.explainedDue.map { abs($0.timeIntervalSince(morning)) < 1 } == true)
             #expect(held.due.map { abs($0.timeIntervalSince(morning)) < 1 } == true, "\(String(describing: held.due)) against \(morning)")
             let critical = try await emailOf(try await send(priority: "critical"))
             #expect(critical.reason == "DELIVERY_QUEUED")

@@ -306,6 +306,7 @@ extension HeraldService {
             notificationStatus: channel.notificationID.flatMap { recipient.notificationStatus[$0] }.map { mapped($0) },
             deliveryId: channel.deliveryID?.lowercased,
             deliveryStatus: channel.deliveryID.flatMap { recipient.deliveryStatus[$0]?.rawValue },
+            deliveryDueAt: channel.deliveryID.flatMap { recipient.deliveryDue[$0] },
             deliveries: deliveries,
             digestItemId: channel.digestItemID?.lowercased,
             digestStatus: digest.map { mapped($0.status) },
