@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Herald benchmarks (make bench). Everything runs on this machine against a private cluster
-# (.data/bench, port 54331) and a release build of the server on 127.0.0.1:18080.
+# (.data/bench, port 25331) and a release build of the server on 127.0.0.1:18080.
 #
 #   1. notify fan-out to 10 000 and 100 000 members: time to commit and rows per second,
 #      beside a plain INSERT … SELECT of the same rows in one transaction as the same role;
@@ -27,7 +27,10 @@
 # BENCH_HERALD names another binary (a debug build, when trying the script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PORT=${BENCH_PG_PORT:-54331}
+# Fixed ports below Linux's ephemeral range (32768–60999), as the test ports are: the digest
+# section's receiver on 54338 once found its port held by an outgoing connection of the sections
+# before it, and the run waited on a mail server that never started.
+PORT=${BENCH_PG_PORT:-25331}
 CLUSTER=${BENCH_CLUSTER:-bench}
 HTTP=${BENCH_HTTP:-18080}
 SECTIONS=" ${BENCH_SECTIONS:-notify feed delivery digests streams fairness} "
@@ -412,7 +415,7 @@ psql_app -c "SELECT set_config('app.org_id', '$ORG', false)" -c "UPDATE deliveri
 # due_delivery_organisations call until autovacuum came (4.4 ms a call after 110 000 cancelled
 # rows, against 0.3 ms), which the delivery figures would count as Herald's.
 psql_super -c "VACUUM ANALYZE deliveries" >/dev/null
-SMTP_PORT=54335; RECV_PORT=54336
+SMTP_PORT=25335; RECV_PORT=25336
 rm -f .bench/peers.pid
 python3 scripts/peers.py --smtp 127.0.0.1:$SMTP_PORT --http 127.0.0.1:$RECV_PORT --pidfile .bench/peers.pid >/dev/null &
 for _ in $(seq 50); do test -s .bench/peers.pid && break; sleep 0.1; done
@@ -453,7 +456,7 @@ SQL
 # BENCH_ENDPOINT_CONCURRENCY: the send slots of the one endpoint (all the worker's by default;
 # HERALD_ENDPOINT_CONCURRENCY's own default, 8, is what a platform trial ran with).
 ENDPOINT_SLOTS=${BENCH_ENDPOINT_CONCURRENCY:-$WORKERS}
-WORKER_METRICS=54339
+WORKER_METRICS=25339
 DATABASE_WORKER_URL=postgres://herald_worker:herald_worker@127.0.0.1:$PORT/herald_bench HERALD_WORKERS=$WORKERS HERALD_WORKER_BATCH=$WORKERS HERALD_ENDPOINT_CONCURRENCY=$ENDPOINT_SLOTS \
   HERALD_WORKER_METRICS_PORT=$WORKER_METRICS HERALD_DESTINATIONS_ALLOW=127.0.0.1/32 HERALD_SMTP_URL=smtp://127.0.0.1:$SMTP_PORT HERALD_LOG_LEVEL=warning \
   $HERALD worker > .bench/worker.log 2>&1 &
@@ -525,7 +528,7 @@ if want digests; then
   D=${BENCH_DIGEST_USERS:-10000}
   DW=${BENCH_DIGEST_WORKERS:-16}
   say "digests: $D members with 5 due items each"
-  DSMTP=54337; DRECV=54338
+  DSMTP=25337; DRECV=25338
   rm -f .bench/digest-peers.pid
   python3 scripts/peers.py --smtp 127.0.0.1:$DSMTP --http 127.0.0.1:$DRECV --pidfile .bench/digest-peers.pid >/dev/null &
   for _ in $(seq 50); do test -s .bench/digest-peers.pid && break; sleep 0.1; done
