@@ -388,13 +388,18 @@ struct AdminAPITests {
         }
     }
 
+    /// A key of the built-in service role, made through the API by the owner; its secret.
+    func serviceKey(_ org: TestOrganisation, _ client: some TestClientProtocol, name: String) async throws -> String {
+        let serviceRole = try await org.store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
+        let created = try await client.send(
+            .post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "\#(name)", "role_id": "\#(serviceRole)"}"#)
+        return try created.decoded(Components.Schemas.ApiKeyCreated.self).secret
+    }
+
     @Test("a backend's key starts a session for one of its users (the bell embedded without a Herald password), within what it holds")
     func backendStartsUserSessions() async throws {
         try await withOrganisation { org, client in
-            let serviceRole = try await org.store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
-            let created = try await client.send(
-                .post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "CRM", "role_id": "\#(serviceRole)"}"#)
-            let key = try created.decoded(Components.Schemas.ApiKeyCreated.self).secret
+            let key = try await serviceKey(org, client, name: "CRM")
             // The member's session: their own feed, their own permissions, and it ends at logout.
             let started = try await client.send(.post, "/v1/users/\(org.memberID.uuidString)/sessions", token: key)
             #expect(started.status == .created, "\(started.text)")
@@ -482,10 +487,7 @@ struct AdminAPITests {
     @Test("a caller cannot change or deactivate someone who holds more than it does")
     func noEscalationThroughUserChanges() async throws {
         try await withOrganisation { org, client in
-            let serviceRole = try await org.store { tx in try await tx.builtinRole(.service).id.uuidString.lowercased() }
-            let key = try await client.send(
-                .post, "/v1/api-keys", token: org.ownerToken, json: #"{"name": "svc", "role_id": "\#(serviceRole)"}"#)
-            let secret = try key.decoded(Components.Schemas.ApiKeyCreated.self).secret
+            let secret = try await serviceKey(org, client, name: "svc")
             let owner = org.ownerID.uuidString.lowercased()
             #expect(try await client.send(.post, "/v1/users/\(owner)/deactivate", token: secret).isProblem(.forbidden))
             #expect(
