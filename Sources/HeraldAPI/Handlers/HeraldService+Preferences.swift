@@ -174,9 +174,9 @@ extension HeraldService {
     func cells(_ list: Components.Schemas.PreferenceList, _ tx: TenantTransaction) async throws -> [PreferenceCell] {
         let categories = Dictionary(try await tx.categories().map { ($0.key, $0.id) }, uniquingKeysWith: { a, _ in a })
         // A condition on event.type names types: a typo would make it never hold, silently (a trial).
+        let conditionsOf: [[Condition]] = try list.items.map { try convert($0.conditions ?? []) }
         let typeKeys =
-            try list.items.contains { item in try (convert(item.conditions ?? []) as [Condition]).contains { $0.field == "event.type" } }
-            ? Set(try await tx.notificationTypes().map(\.key)) : []
+            conditionsOf.contains { $0.contains { $0.field == "event.type" } } ? Set(try await tx.notificationTypes().map(\.key)) : []
         var seen = Set<String>()
         return try list.items.enumerated().map { index, item in
             let field = "items[\(index)]"
@@ -188,7 +188,7 @@ extension HeraldService {
                 throw APIError.unprocessable(
                     ValidationError(field: field, message: "lists \(item.category) × \(item.channel.rawValue) twice."))
             }
-            let conditions: [Condition] = try convert(item.conditions ?? [])
+            let conditions = conditionsOf[index]
             for (n, condition) in conditions.enumerated() {
                 try condition.validate(field: "\(field).conditions[\(n)]")
                 guard condition.field == "event.type", [.equals, .in, .notIn].contains(condition.op) else { continue }

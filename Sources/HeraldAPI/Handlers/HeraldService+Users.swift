@@ -171,11 +171,15 @@ extension HeraldService {
         case (nil, nil):
             return .some(nil)
         case (let start?, let end?):
-            for (name, value) in [("start", start), ("end", end)] where QuietHours.minutes(value) == nil {
-                throw APIError.unprocessable(
-                    ValidationError(field: "\(field).\(name)", message: "must be a time of day as HH:MM (24-hour clock, 00:00 to 23:59)."))
+            func minutes(_ name: String, _ text: String) throws -> Int {
+                guard let minutes = QuietHours.minutes(text) else {
+                    throw APIError.unprocessable(
+                        ValidationError(
+                            field: "\(field).\(name)", message: "must be a time of day as HH:MM (24-hour clock, 00:00 to 23:59)."))
+                }
+                return minutes
             }
-            guard let window = QuietHours(start: start, end: end) else {
+            guard let window = QuietHours(start: try minutes("start", start), end: try minutes("end", end)) else {
                 throw APIError.unprocessable(
                     ValidationError(field: field, message: "must end at another time than it starts; send {} for no quiet hours."))
             }
