@@ -117,6 +117,8 @@ public struct AppConfiguration: Sendable {
     public var streamMaxBacklog = 1000
     /// Seconds between sweeps that push rows whose deliver_at or expiry has come (0: none).
     public var streamSweepSeconds: Double = 1
+    /// Seconds between the workers' reads of the outbox's backlog for its gauges (0: none).
+    public var backlogSeconds: Double = 15
     /// Seconds the bell's reads (first page, unread count) are kept per user (`FeedCache`),
     /// dropped at once when the bus or this instance says the feed changed; 0: not kept.
     public var feedCacheSeconds: Double = 5
@@ -332,6 +334,7 @@ public struct AppConfiguration: Sendable {
         try number("HERALD_STREAM_RETENTION_SECONDS", &c.streamRetentionSeconds)
         try number("HERALD_STREAM_MAX_BACKLOG", &c.streamMaxBacklog)
         try number("HERALD_STREAM_SWEEP_SECONDS", &c.streamSweepSeconds, in: 0...3_600)
+        try number("HERALD_BACKLOG_SECONDS", &c.backlogSeconds, in: 0...3_600)
         try number("HERALD_SESSION_CHECK_SECONDS", &c.sessionCheckSeconds)
         guard (0...900).contains(c.sessionCheckSeconds) else {
             throw ConfigurationError(variable: "HERALD_SESSION_CHECK_SECONDS", value: "\(c.sessionCheckSeconds) (0 to 900)")

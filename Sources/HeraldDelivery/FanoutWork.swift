@@ -258,11 +258,13 @@ public struct FanoutHandler: WorkHandler {
     /// another chunk's write, fenced at its end (nil when that fence failed and it rolled back).
     private func write(_ claim: ClaimedFanout, _ chunk: PreparedChunk, behind: Bool) async throws -> FanoutStep? {
         do {
-            return try await database.withTenant(claim.organisationID) { tx in
+            let step = try await database.withTenant(claim.organisationID) { tx in
                 behind
                     ? try await tx.writeChunkBehind(claim, chunk, worker: worker, leaseSeconds: leaseSeconds)
                     : try await tx.writeChunk(claim, chunk, worker: worker, leaseSeconds: leaseSeconds)
             }
+            if case .expanded = step { EngineMetrics.decided(chunk.counts) }
+            return step
         } catch is ChunkNotWritten {
             return nil
         }

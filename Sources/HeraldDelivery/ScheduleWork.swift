@@ -127,9 +127,10 @@ public struct ScheduleHandler: WorkHandler {
         _ claim: ClaimedSchedule, disposition: WorkDisposition<OccurrenceOutcome>?, recorded: Bool?, duration: Duration, logger: Logger
     ) {
         switch disposition {
-        case .done(.sent(let eventID, let replayed)):
-            Counter(label: "herald_schedule_occurrences_total", dimensions: [("outcome", replayed ? "replayed" : "sent")]).increment()
-            logger.info("schedule occurrence sent", metadata: ["event_id": .string(eventID.lowercased), "replayed": "\(replayed)"])
+        case .done(.sent(let eventID, let counts)):
+            Counter(label: "herald_schedule_occurrences_total", dimensions: [("outcome", counts == nil ? "replayed" : "sent")]).increment()
+            if let counts { EngineMetrics.accepted(.schedule, counts: counts) }
+            logger.info("schedule occurrence sent", metadata: ["event_id": .string(eventID.lowercased), "replayed": "\(counts == nil)"])
         case .done(.leaseLost):
             logger.info("schedule occurrence not sent: the lease moved on")
         case .giveBack, nil:

@@ -74,6 +74,8 @@ public struct PreparedChunk: Sendable {
     public var last: UUID? { planned.recipients.last?.candidate.userID }
     /// Fewer users than asked for: the audience ends with this chunk.
     public var finished: Bool { planned.recipients.count < size }
+    /// What the engine decided for the chunk's users.
+    public var counts: DecisionCounts { planned.plan.counts }
 }
 
 /// An expanding event as a chunk reads it.
@@ -121,6 +123,8 @@ extension DecisionCounts {
         sum.immediate = a.immediate + b.immediate
         sum.digest = a.digest + b.digest
         sum.skipped = a.skipped + b.skipped
+        sum.throttled = a.throttled + b.throttled
+        sum.held = a.held + b.held
         return sum
     }
 }

@@ -54,8 +54,8 @@ public struct KeyedSchedule: Sendable, HasRequestHash {
 
 /// What sending one occurrence did.
 public enum OccurrenceOutcome: Sendable, Equatable {
-    /// Sent as this event (or found already sent under its idempotency key).
-    case sent(eventID: UUID, replayed: Bool)
+    /// Sent as this event (or found already sent under its idempotency key: `counts` nil).
+    case sent(eventID: UUID, counts: DecisionCounts?)
     /// The fence refused: another worker holds the schedule now.
     case leaseLost
 }
@@ -293,11 +293,12 @@ extension TenantTransaction {
         request.expiring(from: claim.occurrence)
         let key = "\(Schedule.idempotencyPrefix)\(claim.scheduleID.lowercased):\(Int64(claim.occurrence.timeIntervalSince1970))"
         let eventID: UUID
-        let replayed: Bool
+        let counts: DecisionCounts?
         if let first = try await event(idempotencyKey: key) {
-            (eventID, replayed) = (first.id, true)
+            (eventID, counts) = (first.id, nil)
         } else {
-            (eventID, replayed) = (try await send(request, now: now, idempotencyKey: key, fanout: fanout).id, false)
+            let event = try await send(request, now: now, idempotencyKey: key, fanout: fanout)
+            (eventID, counts) = (event.id, event.counts)
         }
         try await query(
             """
@@ -305,7 +306,7 @@ extension TenantTransaction {
                 last_error = NULL, failures = 0, next_at = \(next), lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
             WHERE organisation_id = \(organisationID) AND id = \(claim.scheduleID)
             """)
-        return .sent(eventID: eventID, replayed: replayed)
+        return .sent(eventID: eventID, counts: counts)
     }
 
     /// Records a failed occurrence and frees the schedule (fenced): it is tried again at the next

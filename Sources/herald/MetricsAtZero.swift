@@ -37,6 +37,7 @@ enum MetricsAtZero {
         for outcome in ["finished", "cancelled", "failed", "failed_chunk"] {
             _ = Counter(label: "herald_fanouts_total", dimensions: [("outcome", outcome)])
         }
+        EngineMetrics.register()
         for outcome in ["sent", "replayed", "failed"] {
             _ = Counter(label: "herald_schedule_occurrences_total", dimensions: [("outcome", outcome)])
         }

@@ -102,9 +102,11 @@ struct DeliveryServices {
         // for claims and heartbeats. Digest runs (issue 11): HERALD_DIGEST_WORKERS, else a quarter
         // of the sends in flight, room for one each (a run reads and records with one, and sends
         // with none; while some runs are recorded others may read, as the runner holds up to twice
-        // its slots, and those wait for a connection). Scheduled jobs: two at a time, one each.
+        // its slots, and those wait for a connection). Scheduled jobs: two at a time, one each. The
+        // backlog's gauges: one.
         let digestConcurrency = config.digestConcurrency
-        pool.options.maximumConnections = config.deliveryConnections + digestConcurrency + 2 + Self.jobConcurrency
+        pool.options.maximumConnections =
+            config.deliveryConnections + digestConcurrency + 2 + Self.jobConcurrency + (config.backlogSeconds > 0 ? 1 : 0)
         let postgres = PostgresClient(configuration: pool, backgroundLogger: logger)
         // As many connections per host as sends in flight: no send waits for a connection.
         let http = HTTPTransport(
@@ -164,7 +166,11 @@ struct DeliveryServices {
         let jobs = WorkRunner(
             configuration: jobRunner, queue: JobQueue(database: database, organisation: config.workerOrganisation),
             handler: JobHandler(database: database, mailer: InactivityMailer(email: email, links: links)), bus: processBus, logger: logger)
-        services = [postgres] + ownBus + [deliveryPool, digests, jobs]
+        // The backlog's gauges, read over the same pool (one connection every HERALD_BACKLOG_SECONDS).
+        let backlog: [any Service] =
+            config.backlogSeconds > 0
+            ? [BacklogProbe(database: database, interval: .milliseconds(Int64(config.backlogSeconds * 1000)), logger: logger)] : []
+        services = [postgres] + ownBus + [deliveryPool, digests, jobs] + backlog
         workers = config.workers
         transport = http
         client = postgres

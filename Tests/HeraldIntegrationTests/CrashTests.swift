@@ -64,22 +64,24 @@ struct CrashTests {
 final class WorkerProcess: @unchecked Sendable {
     let process = Process()
 
-    init(organisation: UUID, workerURL: String, metricsPort: Int? = nil) throws {
+    init(organisation: UUID, workerURL: String, metricsPort: Int? = nil, environment: [String: String] = [:]) throws {
         let env = ProcessInfo.processInfo.environment
         process.executableURL = URL(fileURLWithPath: env["HERALD_TEST_BINARY"] ?? ".build/debug/herald")
         process.arguments = ["worker"]
-        process.environment = env.merging([
-            "DATABASE_WORKER_URL": workerURL,
-            "HERALD_WORKER_ORGANISATION": organisation.uuidString,
-            "HERALD_WORKERS": "16",
-            "HERALD_WORKER_LEASE_SECONDS": "3",
-            "HERALD_WORKER_POLL_MS": "200",
-            "HERALD_RETRY_BASE_SECONDS": "0.5",
-            "HERALD_DESTINATIONS_ALLOW": "127.0.0.1/32",
-            "HERALD_SMTP_URL": Peers.smtpURL,
-            "HERALD_LOG_LEVEL": "error",
-            "HERALD_WORKER_METRICS_PORT": metricsPort.map(String.init) ?? "0",
-        ]) { _, new in new }
+        process.environment = env.merging(
+            [
+                "DATABASE_WORKER_URL": workerURL,
+                "HERALD_WORKER_ORGANISATION": organisation.uuidString,
+                "HERALD_WORKERS": "16",
+                "HERALD_WORKER_LEASE_SECONDS": "3",
+                "HERALD_WORKER_POLL_MS": "200",
+                "HERALD_RETRY_BASE_SECONDS": "0.5",
+                "HERALD_DESTINATIONS_ALLOW": "127.0.0.1/32",
+                "HERALD_SMTP_URL": Peers.smtpURL,
+                "HERALD_LOG_LEVEL": "error",
+                "HERALD_WORKER_METRICS_PORT": metricsPort.map(String.init) ?? "0",
+            ].merging(environment) { _, new in new }
+        ) { _, new in new }
         process.standardOutput = FileHandle.nullDevice
         try process.run()
     }

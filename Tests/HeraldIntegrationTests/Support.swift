@@ -496,10 +496,11 @@ extension Database {
 }
 
 /// Sends `request` as raw bytes on a new connection to `port` (from the local address `from`,
-/// 127.0.0.x: Linux answers the whole of 127/8) and reads until the server closes it or 15 s
-/// pass: what came back, whether the server closed it, and how long it took.
-func rawExchange(port: Int, from: String = "127.0.0.1", _ request: [UInt8]) async throws -> (reply: String, closed: Bool, waited: Duration)
-{
+/// 127.0.0.x: Linux answers the whole of 127/8) and reads until the server closes it or
+/// `silence` seconds pass without a byte: what came back, whether the server closed it, and how long it took.
+func rawExchange(
+    port: Int, from: String = "127.0.0.1", silence: Int = 15, _ request: [UInt8]
+) async throws -> (reply: String, closed: Bool, waited: Duration) {
     try await offPool { () throws -> (String, Bool, Duration) in
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         defer { close(fd) }
@@ -519,7 +520,7 @@ func rawExchange(port: Int, from: String = "127.0.0.1", _ request: [UInt8]) asyn
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         }
         #expect(bound == 0 && connected == 0)
-        var timeout = timeval(tv_sec: 15, tv_usec: 0)
+        var timeout = timeval(tv_sec: silence, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         var sent = 0
         while sent < request.count {

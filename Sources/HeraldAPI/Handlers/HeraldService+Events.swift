@@ -45,6 +45,7 @@ extension HeraldService {
         }
         switch outcome {
         case .created(let event):
+            EngineMetrics.accepted(.notify, counts: event.counts)
             return .accepted(.init(headers: .init(idempotentReplayed: nil), body: .json(try accepted(event))))
         case .replayed(let event):
             return .accepted(.init(headers: .init(idempotentReplayed: "true"), body: .json(try accepted(event))))

@@ -225,6 +225,7 @@ extension HeraldService {
                 after: .object(["event_id": .string(event.id.lowercased)]))
             return (event, false)
         }
+        if !replayed { EngineMetrics.accepted(.schedule, counts: event.counts) }
         return .accepted(.init(headers: .init(idempotentReplayed: replayed ? "true" : nil), body: .json(try accepted(event))))
     }
 

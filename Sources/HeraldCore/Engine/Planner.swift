@@ -228,12 +228,30 @@ public struct DecisionCounts: Sendable, Equatable, Codable {
     public var immediate = 0
     public var digest = 0
     public var skipped = 0
+    /// Of `skipped`: channels a per-minute limit stopped (THROTTLED).
+    public var throttled = 0
+    /// Of `immediate`: emails held until the recipient's quiet hours end (HELD_QUIET_HOURS).
+    public var held = 0
 
     public init() {}
 
     enum CodingKeys: String, CodingKey {
-        case considered, targeted, inApp = "in_app", immediate, digest, skipped
+        case considered, targeted, inApp = "in_app", immediate, digest, skipped, throttled, held
         case notTargeted = "not_targeted"
+    }
+
+    /// Events stored before `throttled` and `held` were counted read them as 0.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        considered = try c.decode(Int.self, forKey: .considered)
+        targeted = try c.decode(Int.self, forKey: .targeted)
+        notTargeted = try c.decode(Int.self, forKey: .notTargeted)
+        inApp = try c.decode(Int.self, forKey: .inApp)
+        immediate = try c.decode(Int.self, forKey: .immediate)
+        digest = try c.decode(Int.self, forKey: .digest)
+        skipped = try c.decode(Int.self, forKey: .skipped)
+        throttled = try c.decodeIfPresent(Int.self, forKey: .throttled) ?? 0
+        held = try c.decodeIfPresent(Int.self, forKey: .held) ?? 0
     }
 }
 
@@ -308,6 +326,7 @@ public enum NotificationPlanner {
                     } else {
                         decision.reason = .heldForQuietHours
                         held = until
+                        plan.counts.held += 1
                     }
                 }
                 var traced = TracedChannel(decision: decision)
@@ -352,6 +371,7 @@ public enum NotificationPlanner {
                     plan.counts.digest += 1
                 case .skipped:
                     plan.counts.skipped += 1
+                    if decision.reason == .throttled { plan.counts.throttled += 1 }
                 }
                 channels.append(traced)
             }
