@@ -182,6 +182,57 @@ struct MedicalAlertTests {
         }
     }
 
+    @Test("resolved preferences without a type follow the category's types' defaults and name them; ?category= narrows")
+    func resolvedWithoutType() async throws {
+        try await withCatalogue { org, catalogue, client in
+            let billing = try await org.store { tx in
+                try await tx.createCategory(key: "billing", name: "Billing", description: "", critical: false).id
+            }
+            try await org.deliveryType("INVOICE_PAID", category: billing, channels: [.email])
+            try await org.deliveryType("TRIAL_ENDING", category: billing, channels: [.inApp])
+            func cells(_ query: String, token: String? = nil) async throws -> [Components.Schemas.ResolvedPreference] {
+                let answer = try await client.send(.get, "/v1/me/preferences/resolved\(query)", token: token ?? org.memberToken)
+                #expect(answer.status == .ok, "\(query) → \(answer.text)")
+                return try answer.decoded(Components.Schemas.ResolvedPreferences.self).items
+            }
+            // Email is on: one of the category's types sends by email by default (an email-only
+            // category's cells read "in-app only" before, though its events went by email).
+            let all = try await cells("?category=billing")
+            #expect(Set(all.map(\.category)) == ["billing"] && all.count == 4)
+            let email = try #require(all.first { $0.channel == .email })
+            #expect(email.enabled && email.frequency == .immediate && email.source == .typeDefault)
+            #expect(email.defaultForTypes == ["INVOICE_PAID"])
+            #expect(all.first { $0.channel == .inApp }?.defaultForTypes == ["TRIAL_ENDING"])
+            let webhook = try #require(all.first { $0.channel == .webhook })
+            #expect(!webhook.enabled && webhook.defaultForTypes == [])
+            // Every category without ?category=; a category without types stays in-app only.
+            let every = try await cells("")
+            #expect(Set(every.map(\.category)).isSuperset(of: ["alerts", "activity", "billing"]))
+            #expect(every.first { $0.category == "billing" && $0.channel == .email }?.enabled == true)
+            // With a type, its own defaults, and no list of types.
+            let trial = try await cells("?type=TRIAL_ENDING&category=billing")
+            #expect(trial.first { $0.channel == .email }.map { !$0.enabled && $0.defaultForTypes == nil } == true)
+            // The user's own setting wins and names no types.
+            let put = try await client.send(
+                .put, "/v1/me/preferences", token: org.memberToken,
+                json: #"{"items": [{"category": "billing", "channel": "email", "enabled": false, "frequency": "NONE"}]}"#)
+            #expect(put.status == .ok)
+            let own = try #require(try await cells("?category=billing").first { $0.channel == .email })
+            #expect(!own.enabled && own.source == .user && own.defaultForTypes == nil)
+            // An admin reads the same for the user.
+            let admin = try await client.send(
+                .get, "/v1/users/\(org.memberID)/preferences/resolved?category=billing", token: org.ownerToken)
+            #expect(try admin.decoded(Components.Schemas.ResolvedPreferences.self).items.count == 4)
+            // Unknown category, or a type of another category: 422 naming the parameter.
+            for (query, field) in [("?category=nope", "category"), ("?type=INVOICE_PAID&category=alerts", "type")] {
+                let refused = try await client.send(.get, "/v1/me/preferences/resolved\(query)", token: org.memberToken)
+                #expect(refused.isProblem(.unprocessableContent), "\(query) → \(refused.text)")
+                #expect((refused.json["detail"] as? String)?.hasPrefix(field) == true, "\(refused.text)")
+            }
+            _ = catalogue
+        }
+    }
+
     @Test("switching email off through the API leaves in-app only; DAILY makes a digest item, no email")
     func preferencesThroughAPI() async throws {
         try await withCatalogue { org, catalogue, client in

@@ -43,7 +43,10 @@ extension HeraldService {
     func getMyResolvedPreferences(
         _ input: Operations.GetMyResolvedPreferences.Input
     ) async throws -> Operations.GetMyResolvedPreferences.Output {
-        .ok(.init(body: .json(try await resolvedPreferences(of: try requireUser(), typeKey: input.query._type))))
+        .ok(
+            .init(
+                body: .json(
+                    try await resolvedPreferences(of: try requireUser(), typeKey: input.query._type, categoryKey: input.query.category))))
     }
 
     func getUserPreferences(_ input: Operations.GetUserPreferences.Input) async throws -> Operations.GetUserPreferences.Output {
@@ -65,7 +68,7 @@ extension HeraldService {
         _ input: Operations.GetUserResolvedPreferences.Input
     ) async throws -> Operations.GetUserResolvedPreferences.Output {
         let id = try id(input.path.userId, "user")
-        return .ok(.init(body: .json(try await resolvedPreferences(of: id, typeKey: input.query._type))))
+        return .ok(.init(body: .json(try await resolvedPreferences(of: id, typeKey: input.query._type, categoryKey: input.query.category))))
     }
 
     // MARK: Shared
@@ -120,18 +123,38 @@ extension HeraldService {
     }
 
     /// Every category × channel with its effective value and source. With a type, its default
-    /// channels decide the type default; without, a category defaults to in-app only.
-    private func resolvedPreferences(of userID: UUID, typeKey: String?) async throws -> Components.Schemas.ResolvedPreferences {
+    /// channels decide the type default. Without, a category's cell that falls back to the type
+    /// default is on when any of its types sends on the channel by default, and names those types
+    /// (`default_for_types`); a category without types defaults to in-app only.
+    private func resolvedPreferences(
+        of userID: UUID, typeKey: String?, categoryKey: String?
+    ) async throws -> Components.Schemas.ResolvedPreferences {
         try await tenant { tx, _ in
             _ = try await tx.user(userID)
-            var typeChannels: Set<NotificationChannel> = [.inApp]
             var categories = try await tx.categories()
+            if let categoryKey {
+                categories = categories.filter { $0.key == categoryKey }
+                guard !categories.isEmpty else {
+                    throw APIError.unprocessable(
+                        ValidationError(field: "category", message: "names no category of this organisation (\(categoryKey)).")
+                    )
+                }
+            }
+            // Per category, the types whose defaults the cells fall back to.
+            var types: [UUID: [NotificationType]]
             if let typeKey {
                 guard let type = try await tx.notificationType(key: typeKey) else {
                     throw APIError.unknownType(typeKey, field: "type")
                 }
-                typeChannels = Set(type.defaultChannels)
+                guard categoryKey == nil || categories.contains(where: { $0.id == type.categoryID }) else {
+                    throw APIError.unprocessable(
+                        ValidationError(field: "type", message: "is not in the category \(categoryKey ?? "") (\(typeKey)).")
+                    )
+                }
                 categories = categories.filter { $0.id == type.categoryID }
+                types = [type.categoryID: [type]]
+            } else {
+                types = Dictionary(grouping: try await tx.notificationTypes(), by: \.categoryID)
             }
             let own = Dictionary(
                 try await tx.preferences(ofUser: userID).map { ("\($0.categoryID)|\($0.channel.rawValue)", $0.setting) },
@@ -141,17 +164,22 @@ extension HeraldService {
                 uniquingKeysWith: { a, _ in a })
             var items: [Components.Schemas.ResolvedPreference] = []
             for category in categories {
+                let ofCategory = (types[category.id] ?? []).sorted { $0.key < $1.key }
+                let typeChannels = ofCategory.isEmpty ? [.inApp] : Set(ofCategory.flatMap(\.defaultChannels))
                 for channel in NotificationChannel.allCases {
                     let key = "\(category.id)|\(channel.rawValue)"
                     let effective = PreferenceResolver.resolve(
                         channel: channel, categoryIsCritical: category.critical, typeDefaultChannels: typeChannels,
                         user: own[key], organisationDefault: defaults[key])
+                    let defaultFor =
+                        typeKey == nil && effective.source == .typeDefault
+                        ? ofCategory.filter { $0.defaultChannels.contains(channel) }.map(\.key) : nil
                     items.append(
                         .init(
                             category: category.key, channel: mapped(channel), enabled: effective.enabled,
                             frequency: mapped(effective.frequency),
                             conditions: try convert(effective.conditions),
-                            source: mapped(effective.source)))
+                            source: mapped(effective.source), defaultForTypes: defaultFor))
                 }
             }
             return Components.Schemas.ResolvedPreferences(items: items)
