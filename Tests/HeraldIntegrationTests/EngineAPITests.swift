@@ -182,6 +182,37 @@ struct MedicalAlertTests {
         }
     }
 
+    @Test("an in-app cell of a critical category that the override would overrule is refused, for a user and as a default")
+    func criticalInAppCellRefused() async throws {
+        try await withCatalogue { org, _, client in
+            for (path, token) in [("/v1/me/preferences", org.memberToken), ("/v1/organisation/preference-defaults", org.ownerToken)] {
+                for cell in [
+                    #"{"category": "alerts", "channel": "in_app", "enabled": false, "frequency": "NONE"}"#,
+                    #"{"category": "alerts", "channel": "in_app", "enabled": true, "frequency": "DAILY"}"#,
+                    #"{"category": "alerts", "channel": "in_app", "enabled": true, "frequency": "IMMEDIATE", "conditions": [{"field": "payload.isq", "op": "lte", "value": 40}]}"#,
+                ] {
+                    let refused = try await client.send(
+                        .put, path, token: token,
+                        json: #"{"items": [{"category": "activity", "channel": "email", "enabled": false, "frequency": "NONE"}, \#(cell)]}"#
+                    )
+                    #expect(refused.isProblem(.unprocessableContent), "\(path) \(cell) → \(refused.text)")
+                    #expect((refused.json["detail"] as? String)?.hasPrefix("items[1]") == true, "\(refused.text)")
+                    #expect((refused.json["detail"] as? String)?.contains("always on") == true, "\(refused.text)")
+                }
+                // Nothing of the refused list was stored.
+                let stored = try await client.send(.get, path, token: token)
+                #expect(try stored.decoded(Components.Schemas.PreferenceList.self).items.isEmpty, "\(path) \(stored.text)")
+                // The cell as the override has it is accepted; email of a critical category is the user's to switch off.
+                let accepted = try await client.send(
+                    .put, path, token: token,
+                    json:
+                        #"{"items": [{"category": "alerts", "channel": "in_app", "enabled": true, "frequency": "IMMEDIATE"}, {"category": "alerts", "channel": "email", "enabled": false, "frequency": "NONE"}]}"#
+                )
+                #expect(accepted.status == .ok, "\(path) \(accepted.text)")
+            }
+        }
+    }
+
     @Test("resolved preferences without a type follow the category's types' defaults and name them; ?category= narrows")
     func resolvedWithoutType() async throws {
         try await withCatalogue { org, catalogue, client in

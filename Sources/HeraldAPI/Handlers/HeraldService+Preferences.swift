@@ -198,9 +198,11 @@ extension HeraldService {
             }.sorted { ($0.category, $0.channel.rawValue) < ($1.category, $1.channel.rawValue) })
     }
 
-    /// Validates a list of cells: known categories, one cell per category and channel, valid conditions.
+    /// Validates a list of cells: known categories, one cell per category and channel, valid
+    /// conditions, and no in-app cell of a critical category that the critical override would
+    /// silently overrule.
     func cells(_ list: Components.Schemas.PreferenceList, _ tx: TenantTransaction) async throws -> [PreferenceCell] {
-        let categories = Dictionary(try await tx.categories().map { ($0.key, $0.id) }, uniquingKeysWith: { a, _ in a })
+        let categories = Dictionary(try await tx.categories().map { ($0.key, $0) }, uniquingKeysWith: { a, _ in a })
         // A condition on event.type names types: a typo would make it never hold, silently (a trial).
         let conditionsOf: [[Condition]] = try list.items.map { try convert($0.conditions ?? []) }
         let typeKeys =
@@ -211,6 +213,17 @@ extension HeraldService {
             guard let category = categories[item.category] else {
                 throw APIError.unprocessable(
                     ValidationError(field: "\(field).category", message: "\"\(item.category)\" is not a category of your organisation."))
+            }
+            // Stored, such a cell would read as set while every alert still reached the bell (a trial).
+            if category.critical, item.channel == .inApp,
+                !item.enabled || item.frequency != .immediate || !(item.conditions ?? []).isEmpty
+            {
+                throw APIError.unprocessable(
+                    ValidationError(
+                        field: field,
+                        message:
+                            "in-app of the critical category \(item.category) is always on, at once and without conditions (the critical override); leave the cell out, or send it enabled, IMMEDIATE and without conditions."
+                    ))
             }
             guard seen.insert("\(item.category)|\(item.channel.rawValue)").inserted else {
                 throw APIError.unprocessable(
@@ -231,7 +244,7 @@ extension HeraldService {
                 }
             }
             return PreferenceCell(
-                categoryID: category, channel: mapped(item.channel, to: NotificationChannel.self),
+                categoryID: category.id, channel: mapped(item.channel, to: NotificationChannel.self),
                 setting: PreferenceSetting(
                     enabled: item.enabled, frequency: mapped(item.frequency, to: Frequency.self), conditions: conditions))
         }
