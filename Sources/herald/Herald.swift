@@ -194,7 +194,8 @@ struct SeedDemo: AsyncParsableCommand {
             }
             let adminHash = try await hasher.hash(adminPassword)
             let memberHash = try await hasher.hash(memberPassword)
-            let (adminID, memberID, apiKey) = try await database.withTenant(organisationID) { tx in
+            let (adminID, memberID, apiKey) = try await database.withTenant(organisationID, requestID: commandRequestID("seed-demo")) {
+                tx in
                 let admin = try await ensureUser(tx, email: "admin@demo.example", name: "Demo Admin", role: .owner, passwordHash: adminHash)
                 let member = try await ensureUser(
                     tx, email: "member@demo.example", name: "Demo Member", role: .member, passwordHash: memberHash)
@@ -419,7 +420,7 @@ struct OrganisationCommand: AsyncParsableCommand {
                         "events_per_second": limits.eventsPerSecond.map { .number($0) } ?? .null,
                     ])
                 }
-                let limits = try await database.withTenant(id) { tx in
+                let limits = try await database.withTenant(id, requestID: commandRequestID("organisation rate-limits")) { tx in
                     var limits = try await tx.rateLimitSettings()
                     let before = limits
                     if requestsPerSecond != nil || eventsPerSecond != nil {

@@ -64,7 +64,7 @@ struct MaintenanceCommand: AsyncParsableCommand {
         @Option(help: "Act as if it were this instant (RFC 3339), e.g. to try the rule without waiting a year.") var at: String?
 
         func run() async throws {
-            var now = Date()
+            var now: Date?
             if let at {
                 guard let instant = try? Date(at, strategy: .iso8601) else {
                     throw ValidationError("--at \(at) is not an RFC 3339 instant such as 2027-12-03T08:01:00Z.")
@@ -79,7 +79,9 @@ struct MaintenanceCommand: AsyncParsableCommand {
 /// Asks for a run of `job` in every organisation (or one) and runs them here, through the same
 /// claim, lease and fence as the workers, printing progress and each organisation's outcome.
 /// The inactivity rule's warnings go through HERALD_SMTP_URL, with links signed by HERALD_LINK_KEYS.
-private func runNow(_ job: SystemJob, organisation: String?, label: String, now: Date = Date()) async throws {
+private func runNow(_ job: SystemJob, organisation: String?, label: String, now: Date? = nil) async throws {
+    let tryingAt = now
+    let now = now ?? Date()
     let config = try AppConfiguration.fromEnvironment()
     var mailer: InactivityMailer?
     // Warnings carry a "keep me subscribed" link: with a key of this process alone it would be dead.
@@ -94,10 +96,16 @@ private func runNow(_ job: SystemJob, organisation: String?, label: String, now:
     }
     try await withOwnerDatabase { [mailer] database, client, logger in
         let targets = try await organisations(database, only: organisation)
+        // Audited in each organisation as a run asked for through the API is, naming the operator.
+        let request = commandRequestID(label)
         for id in targets {
-            try await database.withTenant(id) { tx in
+            try await database.withTenant(id, requestID: request) { tx in
                 try await tx.ensureSystemJobs()
-                _ = try await tx.requestJobRun(try await tx.job(named: job).id)
+                let asked = try await tx.job(named: job).id
+                _ = try await tx.requestJobRun(asked)
+                try await tx.audit(
+                    action: "job.run", targetType: "job", targetID: asked.lowercased, before: nil,
+                    after: tryingAt.map { .object(["trying_at": .string($0.formatted(.iso8601))]) })
             }
         }
         print("\(label): asked for a run in \(targets.count) organisation(s)")
@@ -185,4 +193,13 @@ private func describe(_ run: JobRun) -> String {
     text += counts.isEmpty ? ", nothing to do" : ", " + counts.joined(separator: ", ")
     if let error = run.error { text += ", error: \(error)" }
     return text
+}
+
+/// What the audit log records as the request of a command run by an operator: the command and
+/// who ran it where (`cli herald jobs run retention by alice@ops-1`), for the `request_id` of its
+/// entries, whose actor is `system`.
+func commandRequestID(_ command: String) -> String {
+    let environment = ProcessInfo.processInfo.environment
+    let user = environment["SUDO_USER"] ?? environment["USER"] ?? environment["LOGNAME"] ?? "uid \(getuid())"
+    return "cli herald \(command) by \(user)@\(ProcessInfo.processInfo.hostName)"
 }

@@ -275,6 +275,14 @@ struct JobTests {
         #expect(ran.contains("organisation \(org.id.lowercased): SUCCEEDED manual") && ran.contains("1 run(s) finished"), "\(ran)")
         let job = try await org.store { tx in try await tx.job(named: .retention) }
         #expect(job.lastRun?.status == .succeeded && job.runRequestedAt == nil)
+        // Audited as a run asked for through the API, naming the command and who ran it where.
+        let audited = try await org.store { tx in
+            try await tx.query(
+                "SELECT actor_type, target_id, request_id FROM audit_log WHERE organisation_id = \(org.id) AND action = 'job.run'"
+            ).map { try $0.decode((String, String, String).self) }
+        }
+        #expect(audited.count == 1 && audited.first?.0 == "system" && audited.first?.1 == job.id.lowercased, "\(audited)")
+        #expect(audited.first?.2.hasPrefix("cli herald jobs run retention by ") == true, "\(audited)")
         // An unknown job is refused by name.
         let unknown = try await runHeraldExit(["jobs", "run", "vacuum"], owner)
         #expect(unknown.status != 0 && unknown.output.contains("No job is called 'vacuum'"), "\(unknown.output)")

@@ -83,6 +83,12 @@ struct RateLimitTests {
         #expect(shown.contains("events: no limit") && shown.contains("requests: 3 per second"), "\(shown)")
         #expect(
             try await org.store { tx in try await tx.rateLimitSettings() } == RateLimitSettings(requestsPerSecond: 3, eventsPerSecond: 0))
+        let operators = try await org.store { tx in
+            try await tx.query(
+                "SELECT request_id FROM audit_log WHERE organisation_id = \(org.id) AND action = 'organisation.rate_limits'"
+            ).map { try $0.decode(String.self) }
+        }
+        #expect(operators.first?.hasPrefix("cli herald organisation rate-limits by ") == true, "\(operators)")
         let refused = try await runHeraldExit(
             ["organisation", "rate-limits", "--slug", org.slug, "--events-per-second", "lots"], ["DATABASE_URL": env.appURL])
         #expect(refused.status != 0 && refused.output.contains("--events-per-second must be a number"), "\(refused.output)")
