@@ -60,11 +60,11 @@ extension Database {
     /// `then` runs in the same transaction (e.g. to create the first owner), so a failure there
     /// leaves no organisation behind.
     public func createOrganisation(
-        slug: String, name: String, defaultLocale: String = "en", defaultTimezone: String = "UTC",
+        slug: String, name: String, defaultLocale: String = "en", defaultTimezone: String = "UTC", requestID: String? = nil,
         then: (TenantTransaction) async throws -> Void = { _ in }
     ) async throws -> Organisation {
         let id = UUID()
-        return try await withTenant(id) { tx in
+        return try await withTenant(id, requestID: requestID) { tx in
             try await tx.query(
                 """
                 INSERT INTO organisations (id, slug, name, default_locale, default_timezone)

@@ -188,7 +188,8 @@ struct SeedDemo: AsyncParsableCommand {
                 print("seed-demo: organisation 'demo' exists (\(existing.lowercased))")
             } else {
                 organisationID = try await database.createOrganisation(
-                    slug: "demo", name: "Demo Clinic", defaultLocale: "en", defaultTimezone: "Europe/Paris"
+                    slug: "demo", name: "Demo Clinic", defaultLocale: "en", defaultTimezone: "Europe/Paris",
+                    requestID: commandRequestID("seed-demo")
                 ).id
                 print("seed-demo: created organisation 'demo' (\(organisationID.lowercased))")
             }
@@ -357,7 +358,8 @@ struct OrganisationCommand: AsyncParsableCommand {
                 let organisation: Organisation
                 do {
                     organisation = try await database.createOrganisation(
-                        slug: checked.0, name: name, defaultLocale: checked.3, defaultTimezone: checked.4
+                        slug: checked.0, name: name, defaultLocale: checked.3, defaultTimezone: checked.4,
+                        requestID: commandRequestID("organisation create")
                     ) { tx in
                         let owner = try await tx.createUser(NewUser(email: checked.1, displayName: checked.1, passwordHash: hash))
                         _ = try await tx.setUserRoles(owner.id, [try await tx.builtinRole(.owner).id])

@@ -1199,10 +1199,13 @@ struct CatalogueDocumentTests {
         // Audited under the organisation's id as every id is written (lowercase), so the audit
         // filter by target_id finds it.
         let audited = try await env.database.withTenant(id) { tx in
-            try await tx.query("SELECT target_id FROM audit_log WHERE organisation_id = \(id) AND action = 'organisation.create'")
-                .map { try $0.decode(String.self) }
+            try await tx.query(
+                "SELECT target_id, request_id FROM audit_log WHERE organisation_id = \(id) AND action = 'organisation.create'"
+            ).map { try $0.decode((String, String).self) }
         }
-        #expect(audited == [id.lowercased], "\(audited)")
+        #expect(audited.map(\.0) == [id.lowercased], "\(audited)")
+        // The operator is named: the command, who ran it, where.
+        #expect(audited.first?.1.hasPrefix("cli herald organisation create by ") == true, "\(audited)")
         // The same slug again: refused in words, nothing written.
         let again = try await runHeraldExit(
             ["organisation", "create", "--slug", slug, "--name", "Again", "--owner-email", "again@\(slug).example"],
