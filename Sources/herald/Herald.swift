@@ -21,6 +21,35 @@ struct Herald: AsyncParsableCommand {
             Serve.self, Worker.self, Migrate.self, SeedDemo.self, OrganisationCommand.self, JWTKeygen.self, PurgeExpired.self,
             JobsCommand.self, MaintenanceCommand.self, DigestsCommand.self,
         ])
+
+    /// ArgumentParser's own, but `serve` and `worker` logging JSON (`HERALD_LOG_FORMAT`, the
+    /// default) end a failure with its reason as a JSON line like every other (`"message": "herald
+    /// stopped"`, the reason in `error`), not a plain `Error: …` line a log collector cannot read
+    /// (an SRE trial). Usage errors, help and the operator commands stay plain text: a person typed them.
+    static func main() async {
+        var command: any ParsableCommand
+        do {
+            command = try parseAsRoot()
+        } catch {
+            exit(withError: error)
+        }
+        do {
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            let code = exitCode(for: error)
+            let service = command is Serve || command is Worker
+            guard service, ProcessInfo.processInfo.environment["HERALD_LOG_FORMAT"] ?? "json" == "json", code != .success else {
+                exit(withError: error)
+            }
+            let logger = Logger(label: "herald") { JSONLogHandler(label: $0, level: .critical) }
+            logger.critical("herald stopped", metadata: ["error": "\(message(for: error))", "exit_code": "\(code.rawValue)"])
+            Foundation.exit(code.rawValue)
+        }
+    }
 }
 
 /// `herald serve`: the HTTP API.

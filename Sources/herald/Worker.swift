@@ -216,12 +216,35 @@ extension AppConfiguration {
 /// whatever hangs (issue 8, item 11): four fifths of it for a graceful drain, then the
 /// services are cancelled, and at the end the process exits with status 2.
 func runUntilSignalled(_ services: [any Service], shutdownSeconds: Double, logger: Logger) async throws {
+    let reported: [any Service] = services.map { FailureReported(service: $0, logger: logger) }
+    let all: [any Service] = reported + [ShutdownDeadline(seconds: shutdownSeconds, logger: logger)]
     var configuration = ServiceGroupConfiguration(
-        services: (services + [ShutdownDeadline(seconds: shutdownSeconds, logger: logger)]).map { .init(service: $0) },
+        services: all.map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) },
         gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
     configuration.maximumGracefulShutdownDuration = .milliseconds(Int64(shutdownSeconds * 800))
     try await ServiceGroup(configuration: configuration).run()
     logger.info("stopped")
+}
+
+/// A service whose failure is logged as it happens, naming the service: the group then shuts the
+/// others down, and the reason came only after "shutting down" before (a port in use, a trial).
+struct FailureReported: Service, CustomStringConvertible {
+    let service: any Service
+    let logger: Logger
+
+    /// The service's type without its generic parameters (`Application`, `PostgresClient`).
+    var description: String { String(String(describing: type(of: service)).prefix { $0 != "<" }) }
+
+    func run() async throws {
+        do {
+            try await service.run()
+        } catch is CancellationError {
+            throw CancellationError()
+        } catch {
+            logger.error("\(description) failed: shutting down", metadata: ["error": "\(String(describing: error))"])
+            throw error
+        }
+    }
 }
 
 /// The last resort of a bounded shutdown. Listed last, it hears of the shutdown first (a

@@ -1241,6 +1241,48 @@ struct CatalogueDocumentTests {
             "\(worker.output)")
     }
 
+    @Test("serve on a port in use names the failure before it shuts down, and ends with it as a JSON line (an SRE trial)")
+    func portInUseReported() async throws {
+        let env = try await TestEnvironment.shared
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("port-\(UUID().uuidString.prefix(8))")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let keys = root.appendingPathComponent("jwt").path
+        _ = try await runHerald(["jwt-keygen", "--dir", keys], [:])
+        // A port held by a listener of this test.
+        let held = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(held) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(held, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        #expect(bound == 0 && listen(held, 1) == 0)
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(held, $0, &length) }
+        }
+        let port = Int(UInt16(bigEndian: address.sin_port))
+        let run = try await runHeraldExit(
+            ["serve"],
+            [
+                "DATABASE_URL": env.appURL, "HERALD_JWT_KEYS_DIR": keys, "HERALD_WORKERS": "0", "HERALD_HOST": "127.0.0.1",
+                "HERALD_PORT": "\(port)", "HERALD_LOG_FORMAT": "json", "HERALD_FANOUT_RUNNERS": "0",
+            ], timeout: 60)
+        #expect(run.status == 1, "\(run.output)")
+        let lines = run.output.split(separator: "\n").compactMap {
+            (try? JSONSerialization.jsonObject(with: Data($0.utf8))) as? [String: Any]
+        }
+        // Every line is JSON, the last one too.
+        #expect(lines.count == run.output.split(separator: "\n").count, "\(run.output)")
+        let messages = lines.compactMap { $0["message"] as? String }
+        let failed = try #require(messages.firstIndex { $0 == "Application failed: shutting down" }, "\(run.output)")
+        let shutting = try #require(messages.firstIndex { $0.hasPrefix("shutting down") }, "\(run.output)")
+        #expect(failed < shutting)
+        #expect(messages.last == "herald stopped")
+        #expect((lines.last?["error"] as? String)?.contains("Address already in use") == true, "\(run.output)")
+    }
+
     @Test("jwt-keygen refuses a key id that is a path (../x wrote outside --dir), and writes the key it is given inside --dir")
     func keygenKeyIDs() async throws {
         let root = FileManager.default.temporaryDirectory.appendingPathComponent("keygen-\(UUID().uuidString.prefix(8))")
