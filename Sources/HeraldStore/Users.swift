@@ -340,6 +340,18 @@ extension TenantTransaction {
         return try await user(id)
     }
 
+    /// Gives `users` the built-in member role (their own feed and preferences), in one statement.
+    public func grantMemberRole(to users: [UUID]) async throws {
+        guard !users.isEmpty else { return }
+        let member = try await builtinRole(.member)
+        try await query(
+            """
+            INSERT INTO user_roles (organisation_id, user_id, role_id)
+            SELECT \(organisationID), u, \(member.id) FROM unnest(\(users)::uuid[]) AS u
+            ON CONFLICT DO NOTHING
+            """)
+    }
+
     /// The password hash and state of the user with this email, for login.
     public func credentials(email: String) async throws -> UserCredentials? {
         let rows = try await query(

@@ -428,6 +428,32 @@ struct AdminAPITests {
         }
     }
 
+    @Test("users a backend creates or imports with its key are members: their session reads their own feed (a trial's bell got 403)")
+    func createdUsersAreMembers() async throws {
+        try await withOrganisation { org, client in
+            let key = try await serviceKey(org, client, name: "CRM")
+            let made = try await client.send(
+                .post, "/v1/users", token: key, json: #"{"email": "ny@\#(org.slug).example", "display_name": "New York"}"#)
+            #expect(made.status == .created, "\(made.text)")
+            let user = try made.decoded(Components.Schemas.User.self)
+            #expect(user.roles.map(\.key) == ["member"], "\(made.text)")
+            let imported = try await client.send(
+                .post, "/v1/users/import", token: key,
+                json: #"{"users": [{"email": "tk@\#(org.slug).example", "display_name": "Tokyo"}]}"#)
+            #expect(imported.status == .ok, "\(imported.text)")
+            let importedID = try #require(try imported.decoded(Components.Schemas.UserImportResult.self).users.first?.id)
+            for id in [user.id, importedID] {
+                let started = try await client.send(.post, "/v1/users/\(id)/sessions", token: key)
+                #expect(started.status == .created, "\(started.text)")
+                let token = try started.decoded(Components.Schemas.TokenPair.self).accessToken
+                #expect(try await client.send(.get, "/v1/me/notifications", token: token).status == .ok)
+                #expect(try await client.send(.get, "/v1/me/preferences/resolved", token: token).status == .ok)
+                // Nothing beyond their own feed and settings.
+                #expect(try await client.send(.get, "/v1/users", token: token).isProblem(.forbidden))
+            }
+        }
+    }
+
     @Test("API keys: the secret is shown once, works as a credential, and stops working when revoked")
     func apiKeys() async throws {
         try await withOrganisation { org, client in

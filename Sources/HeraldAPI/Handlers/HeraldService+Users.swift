@@ -28,7 +28,11 @@ extension HeraldService {
             new.passwordHash = try await passwords.hash(checked)
         }
         let created = try await tenant { tx, _ in
-            let user = try Components.Schemas.User(try await tx.createUser(new))
+            // A new user reads their own feed and edits their own preferences: the member role,
+            // which holds only that (a backend's users got no role, and their bell answered 403).
+            let made = try await tx.createUser(new)
+            try await tx.grantMemberRole(to: [made.id])
+            let user = try Components.Schemas.User(try await tx.user(made.id))
             try await tx.audit(action: "user.create", targetType: "user", targetID: user.id, before: nil, after: try auditValue(user))
             return user
         }
@@ -78,6 +82,7 @@ extension HeraldService {
                     "users[\(index)].email: \(users[index].email) already has a user; nothing was imported (skip_existing: true leaves existing users as they are)."
                 )
             }
+            try await tx.grantMemberRole(to: imported.users.filter(\.created).map(\.id))
             let created = imported.users.filter(\.created).map { JSONValue.string($0.id.lowercased) }
             let existing = imported.users.filter { !$0.created }.map { JSONValue.string($0.id.lowercased) }
             // Each group's new members under the group, as one add would be (found by its id);
