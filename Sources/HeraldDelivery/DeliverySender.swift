@@ -104,6 +104,11 @@ public struct DeliverySender: Sendable {
         if work.eventStatus == .cancelled { return .cancelled(reason: "Not sent: the event was cancelled.") }
         if let expiry = work.eventExpiresAt, expiry <= now { return .notSent(reason: "Not sent: the event expired first.") }
         if !work.recipient.candidate.active { return .notSent(reason: "Not sent: the recipient was deactivated.") }
+        if work.emailSwitchedOff {
+            return .cancelled(
+                reason:
+                    "Not sent: the recipient switched email off for \(work.categoryName) after the event (an unsubscribe or a preference).")
+        }
         if work.delivery.channel.reach == .endpoints {
             guard let endpoint = work.endpoint else { return .notSent(reason: "Not sent: the endpoint was deleted.") }
             guard endpoint.enabled else {

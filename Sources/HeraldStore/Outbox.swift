@@ -113,6 +113,10 @@ public struct DeliveryWork: Sendable {
     public var url: String?
     public var email: EmailIdentity
     public var endpoint: Endpoint?
+    /// An email whose recipient switched email off for its category since notify: not sent.
+    public var emailSwitchedOff = false
+    /// The event's category, as its recipient's settings name it.
+    public var categoryName = ""
 }
 
 /// One ended attempt to record.
@@ -208,6 +212,7 @@ private struct RenderingRow {
     var organisationLocale: String
     var organisationTimezone: String
     var email: EmailIdentity
+    var emailSwitchedOff: Bool
 }
 
 /// An event as a worker renders it for one recipient (`eventRenderings`).
@@ -220,6 +225,8 @@ public struct EventRendering: Sendable {
     public var eventExpiresAt: Date?
     public var url: String?
     public var email: EmailIdentity
+    /// The recipient's email for the event's category is off now (read only for deliveries).
+    public var emailSwitchedOff = false
 }
 
 /// Filters of the outbox listing.
@@ -337,7 +344,9 @@ extension TenantTransaction {
         ).map(decodeDelivery)
         guard !deliveries.isEmpty else { return [:] }
         let (rows, endpoints) = try await read(
-            renderingRowsRead(deliveries.map { ($0.eventID, $0.userID) }),
+            renderingRowsRead(
+                deliveries.map { ($0.eventID, $0.userID) },
+                emailChecked: Set(deliveries.filter { $0.channel == .email }.map { RenderingKey(eventID: $0.eventID, userID: $0.userID) })),
             // An endpoint deleted meanwhile is absent: its deliveries end "not sent" (the sender's rule).
             endpointsRead(Array(Set(deliveries.compactMap(\.endpointID)))))
         let renderings = try await renderings(of: rows)
@@ -347,7 +356,8 @@ extension TenantTransaction {
             works[delivery.id] = DeliveryWork(
                 organisationID: organisationID, delivery: delivery, input: rendering.input, recipient: rendering.recipient,
                 eventStatus: rendering.eventStatus, eventExpiresAt: rendering.eventExpiresAt, url: rendering.url, email: rendering.email,
-                endpoint: delivery.endpointID.flatMap { endpoints[$0] })
+                endpoint: delivery.endpointID.flatMap { endpoints[$0] },
+                emailSwitchedOff: delivery.channel == .email && rendering.emailSwitchedOff, categoryName: rendering.categoryName)
         }
         return works
     }
@@ -362,16 +372,33 @@ extension TenantTransaction {
         return try await renderings(of: try await read(renderingRowsRead(pairs)))
     }
 
-    /// Each (event, recipient) of `pairs` once, with what rendering needs but its type.
-    private func renderingRowsRead(_ pairs: [(eventID: UUID, userID: UUID)]) -> StoreRead<[RenderingRow]> {
+    /// Each (event, recipient) of `pairs` once, with what rendering needs but its type. For the
+    /// pairs of `emailChecked`, whether the recipient's email for the event's category is off now
+    /// (their own setting, else the organisation's default, says disabled or NONE): an
+    /// unsubscribe or a preference changed after notify stops an email not yet sent (a trial's
+    /// scheduled reminder went out after a one-click unsubscribe). Two key lookups per such pair.
+    private func renderingRowsRead(
+        _ pairs: [(eventID: UUID, userID: UUID)], emailChecked: Set<RenderingKey> = []
+    ) -> StoreRead<[RenderingRow]> {
         let keys = Array(Set(pairs.map { RenderingKey(eventID: $0.eventID, userID: $0.userID) }))
         let statement: PostgresQuery = """
             SELECT p.event_id, p.user_id,
                    e.type_id, e.payload, e.source_actor, e.subject_type, e.subject_id, e.severity, e.priority, e.deliver_at,
                    e.expires_at, e.status, e.url, u.email, u.display_name, u.locale, u.timezone, u.attributes, u.active,
                    o.name, o.slug, o.default_locale, o.default_timezone,
-                   o.settings->>'email_from', o.settings->>'email_from_name', o.settings->>'email_reply_to'
-            FROM unnest(\(keys.map(\.eventID))::uuid[], \(keys.map(\.userID))::uuid[]) AS p (event_id, user_id)
+                   o.settings->>'email_from', o.settings->>'email_from_name', o.settings->>'email_reply_to',
+                   p.checked AND coalesce(
+                       (SELECT NOT (x.enabled AND x.frequency <> 'NONE') FROM preferences x
+                        WHERE x.organisation_id = e.organisation_id AND x.user_id = u.id AND x.channel = 'email'
+                          AND x.category_id = (SELECT t.category_id FROM notification_types t
+                                               WHERE t.organisation_id = e.organisation_id AND t.id = e.type_id)),
+                       (SELECT NOT (x.enabled AND x.frequency <> 'NONE') FROM preference_defaults x
+                        WHERE x.organisation_id = e.organisation_id AND x.channel = 'email'
+                          AND x.category_id = (SELECT t.category_id FROM notification_types t
+                                               WHERE t.organisation_id = e.organisation_id AND t.id = e.type_id)),
+                       false)
+            FROM unnest(\(keys.map(\.eventID))::uuid[], \(keys.map(\.userID))::uuid[], \(keys.map { emailChecked.contains($0) })::boolean[])
+                 AS p (event_id, user_id, checked)
             JOIN events e ON e.organisation_id = \(organisationID) AND e.id = p.event_id
             JOIN users u ON u.organisation_id = e.organisation_id AND u.id = p.user_id
             JOIN organisations o ON o.id = e.organisation_id
@@ -380,7 +407,8 @@ extension TenantTransaction {
             try rows.map { row in
                 let (
                     eventID, userID, typeID, payload, actor, subjectType, subjectID, severity, priority, deliverAt, expiresAt, status, url,
-                    email, name, locale, timezone, attributes, active, orgName, orgSlug, orgLocale, orgTimezone, from, fromName, replyTo
+                    email, name, locale, timezone, attributes, active, orgName, orgSlug, orgLocale, orgTimezone, from, fromName, replyTo,
+                    emailOff
                 ) =
                     try row.decode(
                         (
@@ -388,7 +416,7 @@ extension TenantTransaction {
                             Date?, EventStatus, String?,
                             String, String, String?, String?, JSONDocument<JSONValue>, Bool, String, String, String, String, String?,
                             String?,
-                            String?
+                            String?, Bool
                         ).self,
                         table: "events")
                 let recipient = RecipientProfile(
@@ -399,7 +427,8 @@ extension TenantTransaction {
                     subjectID: subjectID, severity: severity, priority: priority, deliverAt: deliverAt, expiresAt: expiresAt,
                     status: status,
                     url: url, recipient: recipient, organisationName: orgName, organisationSlug: orgSlug, organisationLocale: orgLocale,
-                    organisationTimezone: orgTimezone, email: EmailIdentity(from: from, fromName: fromName, replyTo: replyTo))
+                    organisationTimezone: orgTimezone, email: EmailIdentity(from: from, fromName: fromName, replyTo: replyTo),
+                    emailSwitchedOff: emailOff)
             }
         }
     }
@@ -425,7 +454,7 @@ extension TenantTransaction {
                 sourceActor: row.actor)
             renderings[RenderingKey(eventID: row.eventID, userID: row.recipient.candidate.userID)] = EventRendering(
                 input: input, recipient: row.recipient, categoryName: category.name, eventStatus: row.status,
-                eventExpiresAt: row.expiresAt, url: row.url, email: row.email)
+                eventExpiresAt: row.expiresAt, url: row.url, email: row.email, emailSwitchedOff: row.emailSwitchedOff)
         }
         return renderings
     }

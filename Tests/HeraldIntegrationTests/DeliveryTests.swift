@@ -180,6 +180,44 @@ struct DeliveryTests {
         #expect(!body.contains("NOPE-99"))
     }
 
+    @Test("an email whose recipient switched email off after the event is not sent (CANCELLED, with why); on again, a retry sends it")
+    func emailSwitchedOffBeforeSending() async throws {
+        try await withCatalogue { org, catalogue, client in
+            try await org.deliveryType("REMINDER", category: catalogue.activity, channels: [.email])
+            let request = EventRequest(
+                typeKey: "REMINDER", audience: Audience(userIDs: [org.memberID, org.ownerID]), payload: .object([:]))
+            try await org.notify(request)
+            // After notify, before the workers: the member switches email off for the category.
+            let off = try await client.send(
+                .put, "/v1/me/preferences", token: org.memberToken,
+                json: #"{"items": [{"category": "activity", "channel": "email", "enabled": false, "frequency": "NONE"}]}"#)
+            #expect(off.status == .ok, "\(off.text)")
+            var deliveries = try await TestWorkers.run(org.id) { try await org.settled() }
+            let member = try #require(deliveries.first { $0.userID == org.memberID })
+            #expect(member.status == .cancelled)
+            #expect(member.lastError?.contains("switched email off for Activity") == true, "\(member.lastError ?? "")")
+            #expect(deliveries.first { $0.userID == org.ownerID }?.status == .sent)
+            #expect(try await Peers.mail(to: "member@\(org.slug).example").isEmpty)
+            // The organisation's default off stops the owner's, who set nothing of their own.
+            try await org.notify(EventRequest(typeKey: "REMINDER", audience: Audience(userIDs: [org.ownerID]), payload: .object([:])))
+            let defaults = try await client.send(
+                .put, "/v1/organisation/preference-defaults", token: org.ownerToken,
+                json: #"{"items": [{"category": "activity", "channel": "email", "enabled": false, "frequency": "NONE"}]}"#)
+            #expect(defaults.status == .ok, "\(defaults.text)")
+            deliveries = try await TestWorkers.run(org.id) { try await org.settled() }
+            #expect(
+                deliveries.filter { $0.userID == org.ownerID }.map(\.status).sorted { $0.rawValue < $1.rawValue } == [.cancelled, .sent])
+            // On again: a retry of the member's sends it.
+            _ = try await client.send(.put, "/v1/me/preferences", token: org.memberToken, json: #"{"items": []}"#)
+            _ = try await client.send(.put, "/v1/organisation/preference-defaults", token: org.ownerToken, json: #"{"items": []}"#)
+            let retried = try await client.send(.post, "/v1/deliveries/\(member.id.lowercased)/retry", token: org.ownerToken)
+            #expect(retried.status == .ok || retried.status == .accepted, "\(retried.text)")
+            deliveries = try await TestWorkers.run(org.id) { try await org.settled() }
+            #expect(deliveries.first { $0.id == member.id }?.status == .sent)
+            #expect(try await Peers.mail(to: "member@\(org.slug).example").count == 1)
+        }
+    }
+
     @Test("webhook: Retry-After is honoured")
     func retryAfter() async throws {
         let org = try await TestOrganisation.make()
