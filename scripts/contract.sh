@@ -132,6 +132,7 @@ categories, types = get("/v1/categories")["items"], get("/v1/notification-types"
 me, key = get("/v1/me"), get("/v1/me", os.environ["API_KEY"])
 print(json.dumps({
     "categories": [c["key"] for c in categories],
+    "critical_categories": [c["key"] for c in categories if c.get("critical")],
     "types": [t["key"] for t in types],
     "permissions": [p["key"] for p in get("/v1/permissions")["items"]],
     "role_ids": [r["id"] for r in roles],

@@ -44,6 +44,17 @@ def _fix_category(holder: dict) -> None:
         holder["category"] = _pick(FIXTURES.get("categories", []), holder["category"])
 
 
+def _settable_cell(cell, personal: bool, critical=()) -> None:
+    """A preference cell the server can store: a user's names in-app or email (webhook and chat are
+    the organisation's), and a critical category's in-app cell is as the critical override has it."""
+    if not isinstance(cell, dict):
+        return
+    if personal and cell.get("channel") in ("webhook", "chat"):
+        cell["channel"] = "email"
+    if cell.get("channel") == "in_app" and cell.get("category") in list(critical) + FIXTURES.get("critical_categories", []):
+        cell.update({"enabled": True, "frequency": "IMMEDIATE", "conditions": []})
+
+
 def _ordered_window(holder: dict) -> None:
     """`until` not before `since` (a reversed window is a 422 no schema can express)."""
     since, until = _instant(holder.get("since")), _instant(holder.get("until"))
@@ -62,8 +73,10 @@ def _fix_query(case) -> None:
         "/v1/events", "/v1/me/notifications", "/v1/me/preferences/resolved", "/v1/users/{userId}/preferences/resolved"
     ) and "type" in query:
         query["type"] = _pick(FIXTURES.get("types", []), query["type"])
-    if case.operation.path == "/v1/me/notifications":
+    if case.operation.path in ("/v1/me/notifications", "/v1/me/preferences/resolved", "/v1/users/{userId}/preferences/resolved"):
         _fix_category(query)
+    if "preferences/resolved" in case.operation.path and "type" in query and "category" in query:
+        del query["category"]  # a type of another category is a 422
     if case.operation.path == "/v1/audit-log" and "action" in query:
         # An action Herald never records is a typo (422); these it records in every run.
         query["action"] = _pick(["user.create", "user.update", "apikey.create", "schedule.create"], query["action"])
@@ -245,6 +258,11 @@ def _fix_body(case) -> None:
     if isinstance(body.get("items"), list) and "/preference" in path:
         for item in body["items"]:
             _fix_category(item)
+            _settable_cell(item, personal=path in ("/v1/me/preferences", "/v1/users/{userId}/preferences"))
+    if path == "/v1/catalogue":
+        own = [c.get("key") for c in body.get("categories") or [] if isinstance(c, dict) and c.get("critical")]
+        for item in body.get("preference_defaults") or []:
+            _settable_cell(item, personal=False, critical=own)
     _one_cell_each(body)
     if (path == "/v1/schedules" and method == "POST") or (path == "/v1/schedules/{scheduleId}" and method == "PATCH"):
         # A rule the server can read (the RRULE grammar is no schema's business).

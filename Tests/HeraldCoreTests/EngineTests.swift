@@ -381,16 +381,12 @@ struct PlannerTests {
     func endpoints() {
         let user = UUID()
         let hooks = [EndpointTarget(id: UUID(), url: "https://a.example/hook"), EndpointTarget(id: UUID(), url: "https://b.example/hook")]
-        let preferences: [UUID: [NotificationChannel: PreferenceSetting]] = [
-            user: [
-                .webhook: PreferenceSetting(enabled: true, frequency: .immediate),
-                .chat: PreferenceSetting(enabled: true, frequency: .immediate),
-            ]
+        var planned = input([profile(Candidate(userID: user, active: true, byUser: true))], endpoints: [.webhook: hooks])
+        planned.organisationDefaults = [
+            .webhook: PreferenceSetting(enabled: true, frequency: .immediate),
+            .chat: PreferenceSetting(enabled: true, frequency: .immediate),
         ]
-        let plan = NotificationPlanner.plan(
-            input(
-                [profile(Candidate(userID: user, active: true, byUser: true))], preferences: preferences,
-                endpoints: [.webhook: hooks]))
+        let plan = NotificationPlanner.plan(planned)
         let webhook = plan.deliveries.filter { $0.channel == .webhook }
         #expect(webhook.map(\.endpointID) == hooks.map(\.id))
         #expect(webhook.map(\.destination) == hooks.map(\.url))
@@ -398,6 +394,33 @@ struct PlannerTests {
         #expect(channels.first { $0.decision.channel == .webhook }?.deliveryIDs == webhook.map(\.id))
         #expect(channels.first { $0.decision.channel == .chat }?.decision.reason == .noDestination)
         #expect(plan.counts.immediate == 3) // the email and two webhooks
+    }
+
+    @Test("a user's own webhook and chat settings do not apply: the organisation's endpoints follow its defaults and the type (a trial)")
+    func endpointChannelsAreNotPersonal() {
+        let user = UUID()
+        let hook = [EndpointTarget(id: UUID(), url: "https://a.example/hook")]
+        let chat = [EndpointTarget(id: UUID(), url: "https://chat.example/hook")]
+        // The user switched the team's chat on and the backend's webhook off, for themself.
+        var planned = input(
+            [profile(Candidate(userID: user, active: true, byUser: true))],
+            preferences: [
+                user: [
+                    .webhook: PreferenceSetting(enabled: false, frequency: .none),
+                    .chat: PreferenceSetting(enabled: true, frequency: .immediate),
+                ]
+            ], endpoints: [.webhook: hook, .chat: chat])
+        planned.type.defaultChannels = [.inApp, .email, .webhook]
+        let channels = NotificationPlanner.plan(planned).traces[0].channels
+        let webhook = channels.first { $0.decision.channel == .webhook }?.decision
+        #expect(webhook?.reason == .deliveryQueued && webhook?.preference.source == .typeDefault)
+        let teamChat = channels.first { $0.decision.channel == .chat }?.decision
+        #expect(teamChat?.reason == .channelDisabled && teamChat?.preference.source == .typeDefault)
+        // Email stays the user's to switch off.
+        planned.userPreferences[user]?[.email] = PreferenceSetting(enabled: false, frequency: .none)
+        #expect(
+            NotificationPlanner.plan(planned).traces[0].channels.first { $0.decision.channel == .email }?.decision.reason
+                == .channelDisabled)
     }
 
     @Test("the throttle skips a user at the limit, but never a critical in-app alert")

@@ -291,10 +291,19 @@ struct MedicalAlertTests {
             #expect(secondCounts.digest == 1)
             #expect(secondCounts.immediate == 0)
 
-            // Digests go by email only: a chat channel set to WEEKLY is kept as set, and sent at
-            // once (DELIVERY_QUEUED in the trace; EngineTests.outcomes) rather than held.
+            // Webhook and chat go to the organisation's endpoints: a user's own cell for them is
+            // refused (a trial's member switched the team's Slack on for their own alerts).
+            for channel in ["chat", "webhook"] {
+                let mine = try await client.send(
+                    .put, "/v1/me/preferences", token: clinic.memberToken,
+                    json: #"{"items": [{"category": "alerts", "channel": "\#(channel)", "enabled": true, "frequency": "IMMEDIATE"}]}"#)
+                #expect(mine.isProblem(.unprocessableContent), "\(mine.text)")
+                #expect((mine.json["detail"] as? String)?.hasPrefix("items[0].channel") == true, "\(mine.text)")
+            }
+            // Digests go by email only: the organisation's chat default set to WEEKLY is kept as
+            // set, and sent at once (DELIVERY_QUEUED in the trace; EngineTests.outcomes) rather than held.
             let chat = try await client.send(
-                .put, "/v1/me/preferences", token: clinic.memberToken,
+                .put, "/v1/organisation/preference-defaults", token: clinic.org.ownerToken,
                 json: #"{"items": [{"category": "alerts", "channel": "chat", "enabled": true, "frequency": "WEEKLY"}]}"#)
             #expect(chat.status == .ok, "\(chat.text)")
         }

@@ -112,7 +112,7 @@ extension HeraldService {
             }
             let current = try await tx.preferences(ofUser: userID)
             let before = try await preferenceList(current, tx)
-            let new = try await cells(body, tx)
+            let new = try await cells(body, tx, personal: true)
             try await replacing(current, with: new, of: [userID], tx) { try await tx.replacePreferences(ofUser: userID, with: new) }
             let after = try await preferenceList(try await tx.preferences(ofUser: userID), tx)
             try await tx.audit(
@@ -170,7 +170,7 @@ extension HeraldService {
                     let key = "\(category.id)|\(channel.rawValue)"
                     let effective = PreferenceResolver.resolve(
                         channel: channel, categoryIsCritical: category.critical, typeDefaultChannels: typeChannels,
-                        user: own[key], organisationDefault: defaults[key])
+                        user: channel.isPersonal ? own[key] : nil, organisationDefault: defaults[key])
                     let defaultFor =
                         typeKey == nil && effective.source == .typeDefault
                         ? ofCategory.filter { $0.defaultChannels.contains(channel) }.map(\.key) : nil
@@ -200,8 +200,11 @@ extension HeraldService {
 
     /// Validates a list of cells: known categories, one cell per category and channel, valid
     /// conditions, and no in-app cell of a critical category that the critical override would
-    /// silently overrule.
-    func cells(_ list: Components.Schemas.PreferenceList, _ tx: TenantTransaction) async throws -> [PreferenceCell] {
+    /// silently overrule. `personal`: a user's own, which may not name the organisation's
+    /// endpoints' channels (webhook, chat): the organisation's defaults decide those.
+    func cells(
+        _ list: Components.Schemas.PreferenceList, _ tx: TenantTransaction, personal: Bool = false
+    ) async throws -> [PreferenceCell] {
         let categories = Dictionary(try await tx.categories().map { ($0.key, $0) }, uniquingKeysWith: { a, _ in a })
         // A condition on event.type names types: a typo would make it never hold, silently (a trial).
         let conditionsOf: [[Condition]] = try list.items.map { try convert($0.conditions ?? []) }
@@ -213,6 +216,15 @@ extension HeraldService {
             guard let category = categories[item.category] else {
                 throw APIError.unprocessable(
                     ValidationError(field: "\(field).category", message: "\"\(item.category)\" is not a category of your organisation."))
+            }
+            let channel = mapped(item.channel, to: NotificationChannel.self)
+            if personal, !channel.isPersonal {
+                throw APIError.unprocessable(
+                    ValidationError(
+                        field: "\(field).channel",
+                        message:
+                            "\(channel.rawValue) goes to your organisation's endpoints, not to one person: the organisation's defaults decide it (PUT /v1/organisation/preference-defaults), not a user's settings."
+                    ))
             }
             // Stored, such a cell would read as set while every alert still reached the bell (a trial).
             if category.critical, item.channel == .inApp,
@@ -244,7 +256,7 @@ extension HeraldService {
                 }
             }
             return PreferenceCell(
-                categoryID: category.id, channel: mapped(item.channel, to: NotificationChannel.self),
+                categoryID: category.id, channel: channel,
                 setting: PreferenceSetting(
                     enabled: item.enabled, frequency: mapped(item.frequency, to: Frequency.self), conditions: conditions))
         }

@@ -35,6 +35,11 @@ extension NotificationChannel {
         }
     }
 
+    /// Whether a user's own setting applies to this channel: not for the organisation's endpoints
+    /// (webhook, chat), which the organisation's defaults and the type's channels decide (a trial's
+    /// member switched the team's Slack on for their own alerts, and the backend's webhook off).
+    public var isPersonal: Bool { reach != .endpoints }
+
     /// Whether this channel's messages are deliveries in the outbox.
     public var isOutbox: Bool { reach != .feed }
 

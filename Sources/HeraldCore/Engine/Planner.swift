@@ -307,7 +307,8 @@ public enum NotificationPlanner {
                 let preference = PreferenceResolver.resolve(
                     channel: channel, categoryIsCritical: input.type.categoryIsCritical,
                     typeDefaultChannels: input.type.defaultChannels,
-                    user: input.userPreferences[target.userID]?[channel], organisationDefault: input.organisationDefaults[channel])
+                    user: channel.isPersonal ? input.userPreferences[target.userID]?[channel] : nil,
+                    organisationDefault: input.organisationDefaults[channel])
                 let destinations = channel.destinations(for: profile, endpoints: input.endpoints[channel] ?? [])
                 // The bell row of a critical event passes the limits, as a critical category's does.
                 var decision = ChannelDecider.decide(
