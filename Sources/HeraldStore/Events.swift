@@ -562,12 +562,14 @@ extension TenantTransaction {
 
     /// Events newest first, optionally of one type, in one state, or sent by one schedule.
     public func events(
-        typeID: UUID?, state: EventState? = nil, scheduleID: UUID? = nil, now: Date = Date(), limit: Int, after cursor: PageCursor?
+        typeID: UUID?, state: EventState? = nil, scheduleID: UUID? = nil, idempotencyKey: String? = nil, now: Date = Date(), limit: Int,
+        after cursor: PageCursor?
     ) async throws -> Page<EventRecord> {
         let rows = try await query(
             """
             SELECT \(unescaped: eventColumns) FROM events e
             WHERE e.organisation_id = \(organisationID)
+              AND (\(idempotencyKey)::text IS NULL OR e.idempotency_key = \(idempotencyKey))
               AND (\(typeID)::uuid IS NULL OR e.type_id = \(typeID))
               AND (\(scheduleID)::uuid IS NULL OR e.schedule_id = \(scheduleID))
               AND CASE \(state?.rawValue)::text

@@ -146,8 +146,9 @@ extension TenantTransaction {
     private func refuseIfAny(_ names: [String], send what: String, unless change: String) throws {
         guard let first = names.first else { return }
         let named = names.count == 1 ? "The schedule \"\(first)\" sends" : "\(names.count) schedules (\"\(first)\" among them) send"
+        let schedules = names.count == 1 ? "that schedule" : "those schedules"
         throw StoreError.inUse(
-            "\(named) \(what); \(change) or delete them first (a paused schedule counts: it would fail when resumed).")
+            "\(named) \(what); \(change) or delete \(schedules) first (a paused schedule counts: it would fail when resumed).")
     }
 
     /// Saves a schedule whose first occurrence is `nextAt` (nil: the rule has none).

@@ -182,6 +182,29 @@ struct MedicalAlertTests {
         }
     }
 
+    @Test("a reminder scheduled under the caller's own key is found by that key and cancelled (a trial kept no event ids)")
+    func eventByIdempotencyKey() async throws {
+        try await withCatalogue { org, _, client in
+            let later = Date().addingTimeInterval(3 * 86_400).formatted(.iso8601)
+            let body =
+                #"{"type": "TASK_ASSIGNED", "audience": {"user_ids": ["\#(org.memberID.lowercased)"]}, "payload": {"title": "Trial ends"}, "deliver_at": "\#(later)"}"#
+            let key = HTTPField.Name("Idempotency-Key")!
+            let sent = try await client.send(.post, "/v1/events", token: org.ownerToken, json: body, headers: [key: "trial-ends-4411"])
+            #expect(sent.status == .accepted, "\(sent.text)")
+            let id = try sent.decoded(Components.Schemas.EventAccepted.self).eventId
+            _ = try await client.send(.post, "/v1/events", token: org.ownerToken, json: body, headers: [key: "trial-ends-9999"])
+            let found = try await client.send(.get, "/v1/events?idempotency_key=trial-ends-4411&state=scheduled", token: org.ownerToken)
+            #expect(try found.decoded(Components.Schemas.EventPage.self).items.map(\.id) == [id], "\(found.text)")
+            #expect(try await client.send(.post, "/v1/events/\(id)/cancel", token: org.ownerToken).status == .ok)
+            let none = try await client.send(.get, "/v1/events?idempotency_key=trial-ends-4411&state=scheduled", token: org.ownerToken)
+            #expect(try none.decoded(Components.Schemas.EventPage.self).items.isEmpty)
+            // Another organisation's key names nothing here.
+            let other = try await TestOrganisation.make()
+            let elsewhere = try await client.send(.get, "/v1/events?idempotency_key=trial-ends-4411", token: other.ownerToken)
+            #expect(try elsewhere.decoded(Components.Schemas.EventPage.self).items.isEmpty, "\(elsewhere.text)")
+        }
+    }
+
     @Test("an in-app cell of a critical category that the override would overrule is refused, for a user and as a default")
     func criticalInAppCellRefused() async throws {
         try await withCatalogue { org, _, client in

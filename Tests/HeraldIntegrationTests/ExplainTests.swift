@@ -49,7 +49,13 @@ struct ExplainTests {
                     picky, .inApp, true, .immediate, [Condition(field: "title", op: .equals, value: .string("something else"))])
                 try await prefer(muted, .inApp, false, .none)
                 try await prefer(none, .inApp, true, .none)
-                try await prefer(webhook, .webhook, true, .immediate)
+                // Webhooks on by the organisation's default (a user's own cell does not apply), with
+                // no endpoint to go to (NO_DESTINATION).
+                try await tx.replacePreferenceDefaults(with: [
+                    PreferenceCell(
+                        categoryID: catalogue.activity, channel: .webhook, setting: PreferenceSetting(enabled: true, frequency: .immediate))
+                ])
+                _ = webhook
                 try await prefer(digest, .email, true, .daily)
                 try await prefer(org.memberID, .email, true, .immediate)
                 // The inactivity rule switched this one's email off (SWITCHED_OFF_INACTIVE).

@@ -103,7 +103,9 @@ extension HeraldService {
             }
             let state = input.query.state.map { mapped($0, to: EventState.self) }
             let schedule = try input.query.scheduleId.map { v in try Validate.uuid(v, field: "schedule_id") }
-            return try await tx.events(typeID: typeID, state: state, scheduleID: schedule, now: now, limit: limit, after: cursor)
+            return try await tx.events(
+                typeID: typeID, state: state, scheduleID: schedule, idempotencyKey: input.query.idempotencyKey, now: now, limit: limit,
+                after: cursor)
         }
         return .ok(.init(body: .json(.init(items: try page.items.map { try .init($0, now: now) }, nextCursor: page.next?.encoded))))
     }
