@@ -507,22 +507,103 @@ extension TenantTransaction {
                 SELECT \(organisationID), id, \(event.id), channels
                 FROM unnest(\(decisions.map(\.id))::uuid[], \(decisions.map { JSONDocument($0.channels) })::jsonb[]) AS row(id, channels)
                 """)
-            statements.append(
-                """
-                INSERT INTO event_recipients (organisation_id, event_id, user_id, category_id, targeted, rule, reason, notified,
-                                              decision_id, record_ids, counted_by_limits)
-                SELECT \(organisationID), \(event.id), user_id, \(type.categoryID), targeted, rule, reason, notified,
-                       decision_id, coalesce((\(UUIDArray(records))::uuid[])[first:last], '{}'), \(plan.countedByLimits)
-                FROM unnest(\(UUIDArray(t.map(\.targeting.userID)))::uuid[], \(t.map(\.targeting.targeted))::boolean[], \(t.map(\.targeting.rule))::text[],
-                            \(t.map(\.targeting.reason))::text[], \(t.map(\.notified))::boolean[], \(UUIDArray(decisionIDs))::uuid[],
-                            \(firsts)::integer[], \(lasts)::integer[])
-                     AS row(user_id, targeted, rule, reason, notified, decision_id, first, last)
-                """)
+            // The many recipients decided alike, by one rule, are one row of a run (0069) rather
+            // than a row each, when no per-minute limit counts the rows (the limits read
+            // event_recipients) and there are enough of them for it to matter.
+            var own = Array(t.indices)
+            if !plan.countedByLimits, let run = Self.traceRun(t, decisionIDs: decisionIDs) {
+                let each = Int(lasts[run[0]] - firsts[run[0]] + 1)
+                // Their rows' ids end to end, 16 bytes each (0069: a page reads its bytes alone).
+                var runRecords = ByteBuffer()
+                runRecords.reserveCapacity(run.count * each * 16)
+                for index in run where each > 0 {
+                    for id in records[Int(firsts[index] - 1)..<Int(lasts[index])] {
+                        withUnsafeBytes(of: id.uuid) { _ = runRecords.writeBytes($0) }
+                    }
+                }
+                let first = t[run[0]]
+                let users = run.map { t[$0].targeting.userID }
+                statements.append(
+                    """
+                    INSERT INTO event_recipient_runs (organisation_id, event_id, first_user, last_user, category_id, targeted, rule, reason,
+                                                      notified, decision_id, records_each, size, user_ids, records)
+                    VALUES (\(organisationID), \(event.id), \(users[0]), \(users[users.count - 1]), \(type.categoryID),
+                            \(first.targeting.targeted), \(first.targeting.rule), \(first.targeting.reason.rawValue), \(first.notified),
+                            \(decisionIDs[run[0]]), \(each), \(users.count), \(UUIDArray(users))::uuid[], \(runRecords)::bytea)
+                    """)
+                let inRun = Set(run)
+                own = own.filter { !inRun.contains($0) }
+            }
+            if !own.isEmpty {
+                let o = own.map { t[$0] }
+                // With a run, the other rows' ids alone (their slices renumbered).
+                var ownRecords = records
+                var ownFirsts = own.map { firsts[$0] }
+                var ownLasts = own.map { lasts[$0] }
+                if own.count < t.count {
+                    ownRecords = []
+                    for (position, index) in own.enumerated() {
+                        ownFirsts[position] = Int32(ownRecords.count + 1)
+                        if lasts[index] >= firsts[index] { ownRecords += records[Int(firsts[index] - 1)..<Int(lasts[index])] }
+                        ownLasts[position] = Int32(ownRecords.count)
+                    }
+                }
+                statements.append(
+                    """
+                    INSERT INTO event_recipients (organisation_id, event_id, user_id, category_id, targeted, rule, reason, notified,
+                                                  decision_id, record_ids, counted_by_limits)
+                    SELECT \(organisationID), \(event.id), user_id, \(type.categoryID), targeted, rule, reason, notified,
+                           decision_id, coalesce((\(UUIDArray(ownRecords))::uuid[])[first:last], '{}'), \(plan.countedByLimits)
+                    FROM unnest(\(UUIDArray(o.map(\.targeting.userID)))::uuid[], \(o.map(\.targeting.targeted))::boolean[], \(o.map(\.targeting.rule))::text[],
+                                \(o.map(\.targeting.reason))::text[], \(o.map(\.notified))::boolean[], \(UUIDArray(own.map { decisionIDs[$0] }))::uuid[],
+                                \(ownFirsts)::integer[], \(ownLasts)::integer[])
+                         AS row(user_id, targeted, rule, reason, notified, decision_id, first, last)
+                    """)
+            }
         }
         if let deliveries { statements.append(deliveries) }
         statements.append(announceStatement(event.id, work: plan.deliveries.isEmpty ? [] : .deliveries))
         if let inApp { statements.append(inApp) }
         return statements
+    }
+
+    /// Recipients written as one run of the trace (0069), at least this many.
+    static let traceRunMinimum = 1_000
+
+    /// The indices of `traces` that make the write's run, in their users' order (as uuid sorts):
+    /// the largest set of targeted recipients with the same decisions and rule, when it has
+    /// `traceRunMinimum` or more; nil otherwise.
+    static func traceRun(_ traces: [RecipientTrace], decisionIDs: [UUID]) -> [Int]? {
+        guard traces.count >= traceRunMinimum else { return nil }
+        struct Key: Hashable {
+            var decision: UUID
+            var rule: String
+            var reason: ReasonCode
+            var notified: Bool
+        }
+        var members: [Key: [Int]] = [:]
+        var previous: (key: Key, index: Int)?
+        for (index, trace) in traces.enumerated() where trace.targeting.targeted {
+            // Neighbours mostly share a key: the last one is reused without hashing a new one.
+            let key: Key
+            if let previous, decisionIDs[previous.index] == decisionIDs[index],
+                traces[previous.index].targeting.rule == trace.targeting.rule,
+                traces[previous.index].targeting.reason == trace.targeting.reason, traces[previous.index].notified == trace.notified
+            {
+                key = previous.key
+            } else {
+                key = Key(
+                    decision: decisionIDs[index], rule: trace.targeting.rule, reason: trace.targeting.reason, notified: trace.notified)
+            }
+            members[key, default: []].append(index)
+            previous = (key, index)
+        }
+        guard var run = members.values.max(by: { $0.count < $1.count }), run.count >= traceRunMinimum else { return nil }
+        let user = { (index: Int) in traces[index].targeting.userID }
+        if !zip(run, run.dropFirst()).allSatisfy({ uuidPrecedes(user($0), user($1)) }) {
+            run.sort { uuidPrecedes(user($0), user($1)) }
+        }
+        return run
     }
 
     /// Whether two recipients' channels share one decision set (`SharedChannelDecision`): the same

@@ -74,15 +74,51 @@ extension TenantTransaction {
             } else {
                 .deleted
             }
+        // The recipients with a row of their own and those of the event's runs (0069), each side
+        // in user order up to the page, merged. The runs of an event do not overlap, so their
+        // users in order are the runs by first user, each one's ids in order: a page unnests the
+        // first run it reaches and the next ones until they hold a page (`before`, the users of
+        // the runs ahead, counted from the second), and reads each recipient's rows' ids alone
+        // (`records` is bytea stored uncompressed, so a slice reads only its bytes).
+        let page = limit + 1
         let rows = try await query(
             """
+            WITH own AS (
+                SELECT r.user_id, r.targeted, r.rule, r.reason, r.channels, r.decision_id, r.record_ids
+                FROM event_recipients r
+                WHERE r.organisation_id = \(organisationID) AND r.event_id = \(eventID) AND (\(userID)::uuid IS NULL OR r.user_id = \(userID))
+                  AND (\(after)::uuid IS NULL OR r.user_id > \(after))
+                ORDER BY r.user_id
+                LIMIT \(page)
+            ), reached AS (
+                SELECT s.first_user, row_number() OVER w AS n, sum(s.size) OVER w - s.size - first_value(s.size) OVER w AS before
+                FROM event_recipient_runs s
+                WHERE s.organisation_id = \(organisationID) AND s.event_id = \(eventID)
+                  AND (\(after)::uuid IS NULL OR s.last_user > \(after))
+                  AND (\(userID)::uuid IS NULL OR (s.first_user <= \(userID) AND s.last_user >= \(userID)))
+                WINDOW w AS (ORDER BY s.first_user)
+            ), taken AS (
+                SELECT s.first_user, x.user_id, x.at::integer AS at
+                FROM reached k
+                JOIN event_recipient_runs s ON s.organisation_id = \(organisationID) AND s.event_id = \(eventID) AND s.first_user = k.first_user
+                CROSS JOIN LATERAL unnest(s.user_ids) WITH ORDINALITY AS x(user_id, at)
+                WHERE (k.n = 1 OR k.before < \(page))
+                  AND (\(after)::uuid IS NULL OR x.user_id > \(after)) AND (\(userID)::uuid IS NULL OR x.user_id = \(userID))
+                ORDER BY s.first_user, x.at
+                LIMIT \(page)
+            ), shared AS (
+                SELECT t.user_id, s.targeted, s.rule, s.reason, '[]'::jsonb AS channels, s.decision_id,
+                       ARRAY(SELECT encode(substring(s.records FROM ((t.at - 1) * s.records_each + i) * 16 + 1 FOR 16), 'hex')::uuid
+                             FROM generate_series(0, s.records_each - 1) AS i ORDER BY i) AS record_ids
+                FROM taken t
+                JOIN event_recipient_runs s ON s.organisation_id = \(organisationID) AND s.event_id = \(eventID) AND s.first_user = t.first_user
+            )
             SELECT r.user_id, u.email, u.display_name, r.targeted, r.rule, r.reason, r.channels, d.channels, r.record_ids
-            FROM event_recipients r JOIN users u ON u.organisation_id = r.organisation_id AND u.id = r.user_id
-            LEFT JOIN event_decisions d ON d.organisation_id = r.organisation_id AND d.id = r.decision_id
-            WHERE r.organisation_id = \(organisationID) AND r.event_id = \(eventID) AND (\(userID)::uuid IS NULL OR r.user_id = \(userID))
-              AND (\(after)::uuid IS NULL OR r.user_id > \(after))
+            FROM (SELECT * FROM own UNION ALL SELECT * FROM shared) r
+            JOIN users u ON u.organisation_id = \(organisationID) AND u.id = r.user_id
+            LEFT JOIN event_decisions d ON d.organisation_id = \(organisationID) AND d.id = r.decision_id
             ORDER BY r.user_id
-            LIMIT \(limit + 1)
+            LIMIT \(page)
             """)
         var items: [ExplainedRecipient] = try rows.prefix(limit).map { row in
             let (user, email, name, targeted, rule, reason, ownChannels, shared, recordIDs) =

@@ -38,3 +38,10 @@ struct UUIDArray: PostgresNonThrowingEncodable {
         }
     }
 }
+
+/// Whether `a` sorts before `b` as PostgreSQL sorts uuids (their 16 bytes in order).
+func uuidPrecedes(_ a: UUID, _ b: UUID) -> Bool {
+    withUnsafeBytes(of: a.uuid) { x in
+        withUnsafeBytes(of: b.uuid) { y in memcmp(x.baseAddress!, y.baseAddress!, 16) < 0 }
+    }
+}

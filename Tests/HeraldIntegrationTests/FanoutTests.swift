@@ -71,6 +71,136 @@ struct FanoutTests {
         }
     }
 
+    @Test(
+        "a thousand recipients decided alike are one run of the trace; explain pages them in order, finds one by id, and erasure takes one out"
+    )
+    func traceRuns() async throws {
+        let org = try await TestOrganisation.make()
+        _ = try await TestCatalogue.make(in: org)
+        let env = try await TestEnvironment.shared
+        // 2 400 users; one switched in-app off (a decision of their own), one excluded (not targeted).
+        let users = try await org.store { tx in
+            try await tx.query(
+                """
+                INSERT INTO users (organisation_id, email, display_name)
+                SELECT \(org.id), 'reader' || g || '@' || \(org.slug) || '.example', 'Reader ' || g FROM generate_series(1, 2400) g
+                """)
+            return try await tx.query("SELECT id FROM users WHERE organisation_id = \(org.id) ORDER BY id").map { try $0.decode(UUID.self) }
+        }
+        let activity = try await org.store { tx in
+            try await tx.query("SELECT id FROM categories WHERE organisation_id = \(org.id) AND key = 'activity'")[0].decode(UUID.self)
+        }
+        let (muted, excluded) = (users[700], users[1500])
+        try await org.store { tx in
+            try await tx.replacePreferences(
+                ofUser: muted,
+                with: [PreferenceCell(categoryID: activity, channel: .inApp, setting: PreferenceSetting(enabled: false, frequency: .none))])
+        }
+        let app = try env.application(configure: {
+            $0.fanoutSyncLimit = 10_000; $0.fanoutChunkSize = 1_300
+        })
+        try await app.test(.router) { client in
+            let body =
+                #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true, "exclude_user_ids": ["\#(excluded.lowercased)"]}, "payload": {"title": "All hands"}}"#
+            let sent = try await client.send(.post, "/v1/events", token: org.ownerToken, json: body)
+            #expect(sent.status == .accepted, "\(sent.text)")
+            let eventID = try sent.decoded(Components.Schemas.EventAccepted.self).eventId
+            // One run for everyone decided alike; own rows for the muted and the excluded users.
+            let (own, runs, inRuns) = try await org.store { tx in
+                let own = try await tx.query(
+                    "SELECT user_id FROM event_recipients WHERE organisation_id = \(org.id) AND event_id = \(eventID)::uuid ORDER BY user_id"
+                ).map { try $0.decode(UUID.self) }
+                let runs = try await tx.query(
+                    "SELECT count(*)::int, coalesce(sum(cardinality(user_ids)), 0)::int FROM event_recipient_runs WHERE organisation_id = \(org.id) AND event_id = \(eventID)::uuid"
+                )[0].decode((Int, Int).self)
+                return (own, runs.0, runs.1)
+            }
+            #expect(Set(own) == [muted, excluded] && runs == 1 && inRuns == users.count - 2, "\(own) \(runs) \(inRuns)")
+            // Explain pages every user once, in order; each in-app id is the user's own row.
+            let rows = try await org.store { tx in
+                Dictionary(
+                    uniqueKeysWithValues: try await tx.query(
+                        "SELECT user_id, id FROM notifications WHERE organisation_id = \(org.id) AND event_id = \(eventID)::uuid"
+                    ).map { try $0.decode((UUID, UUID).self) })
+            }
+            var seen: [UUID] = []
+            var cursor: String?
+            repeat {
+                let page = try await client.send(
+                    .get, "/v1/events/\(eventID)/explain?limit=200" + (cursor.map { "&cursor=\($0)" } ?? ""), token: org.ownerToken)
+                try #require(page.status == .ok, "\(page.text)")
+                let explanation = try page.decoded(Components.Schemas.Explanation.self)
+                for item in explanation.items {
+                    let user = try #require(UUID(uuidString: item.userId))
+                    seen.append(user)
+                    let inApp = item.channels.first { $0.channel == .inApp }
+                    if user == muted {
+                        #expect(inApp?.reason == "CHANNEL_DISABLED")
+                    } else if user == excluded {
+                        #expect(item.reason == "EXCLUDED")
+                    } else {
+                        #expect(inApp?.notificationId == rows[user]?.lowercased, "\(user)")
+                    }
+                }
+                cursor = explanation.nextCursor
+            } while cursor != nil
+            #expect(seen == users)
+            // One user by id, in the run and not.
+            for user in [users[1200], muted] {
+                let one = try await client.send(.get, "/v1/events/\(eventID)/explain?user_id=\(user.lowercased)", token: org.ownerToken)
+                try #require(one.status == .ok, "\(one.text)")
+                #expect(try one.decoded(Components.Schemas.Explanation.self).items.map(\.userId) == [user.lowercased], "\(one.text)")
+            }
+            // Erased: out of the run, and the next user's rows are still theirs.
+            let erased = users[1200]
+            #expect(try await client.send(.delete, "/v1/users/\(erased)", token: org.ownerToken).status == .noContent)
+            let gone = try await client.send(.get, "/v1/events/\(eventID)/explain?user_id=\(erased.lowercased)", token: org.ownerToken)
+            #expect(gone.isProblem(.notFound), "\(gone.text)")
+            let next = try await client.send(.get, "/v1/events/\(eventID)/explain?user_id=\(users[1201].lowercased)", token: org.ownerToken)
+            let channels = try #require(try next.decoded(Components.Schemas.Explanation.self).items.first).channels
+            #expect(channels.first { $0.channel == .inApp }?.notificationId == rows[users[1201]]?.lowercased)
+            let left = try await org.store { tx in
+                try await tx.query(
+                    "SELECT cardinality(user_ids), length(records) / 16, \(erased) = ANY(user_ids) FROM event_recipient_runs WHERE organisation_id = \(org.id) AND event_id = \(eventID)::uuid"
+                )[0].decode((Int, Int, Bool).self)
+            }
+            #expect(left.0 == users.count - 3 && left.1 == left.0 && !left.2, "\(left)")
+        }
+        // Written in chunks of 1 300: a run per chunk, and a page that crosses from one to the next.
+        let chunked = try env.application(configure: {
+            $0.fanoutSyncLimit = 1_000; $0.fanoutChunkSize = 1_300
+        })
+        try await chunked.test(.router) { client in
+            let body = #"{"type": "TASK_ASSIGNED", "audience": {"everyone": true}, "payload": {"title": "Again"}}"#
+            let eventID = try await client.send(.post, "/v1/events", token: org.ownerToken, json: body).decoded(
+                Components.Schemas.EventAccepted.self
+            ).eventId
+            let name = "fanout-runs-\(UUID().uuidString.prefix(6))"
+            let runner = WorkRunner(
+                configuration: WorkRunnerConfiguration(name: name), queue: FanoutQueue(database: env.database, organisation: org.id),
+                handler: FanoutHandler(database: env.database, worker: name, chunkSize: 1_300),
+                bus: NotificationBus(client: env.appClient, logger: env.logger), logger: env.logger)
+            #expect(try await runner.runDue() == 1)
+            let runs = try await org.store { tx in
+                try await tx.query(
+                    "SELECT count(*)::int FROM event_recipient_runs WHERE organisation_id = \(org.id) AND event_id = \(eventID)::uuid"
+                )[0].decode(Int.self)
+            }
+            #expect(runs == 2)
+            var seen: [UUID] = []
+            var cursor: String?
+            repeat {
+                let page = try await client.send(
+                    .get, "/v1/events/\(eventID)/explain?limit=170" + (cursor.map { "&cursor=\($0)" } ?? ""), token: org.ownerToken)
+                try #require(page.status == .ok, "\(page.text)")
+                let explanation = try page.decoded(Components.Schemas.Explanation.self)
+                seen += explanation.items.compactMap { UUID(uuidString: $0.userId) }
+                cursor = explanation.nextCursor
+            } while cursor != nil
+            #expect(seen == users.filter { $0 != users[1200] })
+        }
+    }
+
     @Test("a large audience is answered at once, written in chunks by the runner, and ends as a synchronous notify would")
     func chunkedThroughTheAPI() async throws {
         let (org, users) = try await organisation()

@@ -67,6 +67,17 @@ struct IsolationSQLTests {
                 typeKey: "ISQ_CRITICAL", audience: Audience(roleKeys: ["clinician"]),
                 payload: .object(["isq": .number(25)])))
         #expect(!plan.deliveries.isEmpty && !plan.digestItems.isEmpty && !plan.notifications.isEmpty)
+        // A run of the trace (0069), as a fan-out of a thousand recipients decided alike writes one.
+        try await org.store { tx in
+            try await tx.query(
+                """
+                INSERT INTO event_recipient_runs (organisation_id, event_id, first_user, last_user, category_id, targeted, rule, reason,
+                                                  notified, decision_id, records_each, size, user_ids, records)
+                SELECT organisation_id, event_id, user_id, user_id, category_id, targeted, rule, reason, notified,
+                       coalesce(decision_id, gen_random_uuid()), 0, 1, ARRAY[user_id], ''::bytea
+                FROM event_recipients WHERE organisation_id = \(org.id) LIMIT 1
+                """)
+        }
         // The owner has opened a stream (0043), so their "all read" is numbered and logged.
         try await org.store { tx in
             _ = try await tx.openFeedStream(of: org.ownerID)
