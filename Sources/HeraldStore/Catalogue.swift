@@ -95,6 +95,17 @@ extension TenantTransaction {
             WHERE organisation_id = \(organisationID) AND id = \(id) RETURNING id
             """)
         guard !rows.isEmpty else { throw StoreError.notFound("category") }
+        if critical == true {
+            // In-app of a critical category is always on, at once, without conditions: settings
+            // that said otherwise would never apply, and could not be saved again (a 422).
+            for table in ["preferences", "preference_defaults"] {
+                try await query(
+                    """
+                    DELETE FROM \(unescaped: table) WHERE organisation_id = \(organisationID) AND category_id = \(id) AND channel = 'in_app'
+                      AND (NOT enabled OR frequency <> 'IMMEDIATE' OR conditions <> '[]'::jsonb)
+                    """)
+            }
+        }
         return try await category(id)
     }
 

@@ -42,7 +42,9 @@ struct Herald: AsyncParsableCommand {
         } catch {
             let code = exitCode(for: error)
             let service = command is Serve || command is Worker
-            guard service, ProcessInfo.processInfo.environment["HERALD_LOG_FORMAT"] ?? "json" == "json", code != .success else {
+            // Unset or empty: JSON, as the configuration reads it.
+            let format = ProcessInfo.processInfo.environment["HERALD_LOG_FORMAT"].flatMap { $0.isEmpty ? nil : $0 } ?? "json"
+            guard service, format == "json", code != .success else {
                 exit(withError: error)
             }
             let logger = Logger(label: "herald") { JSONLogHandler(label: $0, level: .critical) }

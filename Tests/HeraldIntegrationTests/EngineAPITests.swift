@@ -207,7 +207,7 @@ struct MedicalAlertTests {
 
     @Test("an in-app cell of a critical category that the override would overrule is refused, for a user and as a default")
     func criticalInAppCellRefused() async throws {
-        try await withCatalogue { org, _, client in
+        try await withCatalogue { org, catalogue, client in
             for (path, token) in [("/v1/me/preferences", org.memberToken), ("/v1/organisation/preference-defaults", org.ownerToken)] {
                 for cell in [
                     #"{"category": "alerts", "channel": "in_app", "enabled": false, "frequency": "NONE"}"#,
@@ -233,6 +233,16 @@ struct MedicalAlertTests {
                 )
                 #expect(accepted.status == .ok, "\(path) \(accepted.text)")
             }
+            // A category made critical loses the in-app cells that would now be ignored.
+            let muted = try await client.send(
+                .put, "/v1/me/preferences", token: org.memberToken,
+                json: #"{"items": [{"category": "activity", "channel": "in_app", "enabled": false, "frequency": "NONE"}]}"#)
+            #expect(muted.status == .ok, "\(muted.text)")
+            let critical = try await client.send(
+                .patch, "/v1/categories/\(catalogue.activity.lowercased)", token: org.ownerToken, json: #"{"critical": true}"#)
+            #expect(critical.status == .ok, "\(critical.text)")
+            let kept = try await client.send(.get, "/v1/me/preferences", token: org.memberToken)
+            #expect(try kept.decoded(Components.Schemas.PreferenceList.self).items.allSatisfy { $0.category != "activity" }, "\(kept.text)")
         }
     }
 

@@ -165,6 +165,23 @@ struct FanoutTests {
                 )[0].decode((Int, Int, Bool).self)
             }
             #expect(left.0 == users.count - 3 && left.1 == left.0 && !left.2, "\(left)")
+            // Two erasures at once, the run's first user and its last: each takes out its own.
+            async let first = client.send(.delete, "/v1/users/\(users[0])", token: org.ownerToken)
+            async let last = client.send(.delete, "/v1/users/\(users[users.count - 1])", token: org.ownerToken)
+            let (firstGone, lastGone) = try await (first, last)
+            #expect(firstGone.status == .noContent && lastGone.status == .noContent, "\(firstGone.text) \(lastGone.text)")
+            let shrunk = try await org.store { tx in
+                try await tx.query(
+                    "SELECT first_user, last_user, size, cardinality(user_ids), length(records) / 16 FROM event_recipient_runs WHERE organisation_id = \(org.id) AND event_id = \(eventID)::uuid"
+                )[0].decode((UUID, UUID, Int, Int, Int).self)
+            }
+            #expect(shrunk.0 == users[1] && shrunk.1 == users[users.count - 2], "\(shrunk)")
+            #expect(shrunk.2 == users.count - 5 && shrunk.3 == shrunk.2 && shrunk.4 == shrunk.2, "\(shrunk)")
+            for user in [users[1], users[users.count - 2]] {
+                let one = try await client.send(.get, "/v1/events/\(eventID)/explain?user_id=\(user.lowercased)", token: org.ownerToken)
+                let item = try #require(try one.decoded(Components.Schemas.Explanation.self).items.first)
+                #expect(item.channels.first { $0.channel == .inApp }?.notificationId == rows[user]?.lowercased)
+            }
         }
         // Written in chunks of 1 300: a run per chunk, and a page that crosses from one to the next.
         let chunked = try env.application(configure: {
@@ -197,7 +214,7 @@ struct FanoutTests {
                 seen += explanation.items.compactMap { UUID(uuidString: $0.userId) }
                 cursor = explanation.nextCursor
             } while cursor != nil
-            #expect(seen == users.filter { $0 != users[1200] })
+            #expect(seen == users.filter { ![users[0], users[1200], users[users.count - 1]].contains($0) })
         }
     }
 

@@ -40,7 +40,7 @@ CREATE TABLE event_recipient_runs (
     PRIMARY KEY (organisation_id, event_id, first_user),
     FOREIGN KEY (organisation_id, event_id) REFERENCES events (organisation_id, id) ON DELETE CASCADE,
     CONSTRAINT event_recipient_runs_shape CHECK (
-        size >= 1 AND cardinality(user_ids) = size AND user_ids[1] = first_user AND user_ids[size] = last_user
+        size >= 0 AND cardinality(user_ids) = size AND user_ids[1] = first_user AND user_ids[size] = last_user
         AND length(records) = size * records_each * 16)
 );
 ALTER TABLE event_recipient_runs ALTER COLUMN records SET STORAGE EXTERNAL;
@@ -144,19 +144,19 @@ BEGIN
     SET before = CASE WHEN before IS NULL THEN NULL ELSE '{"erased": true}'::jsonb END,
         after = CASE WHEN after IS NULL THEN NULL ELSE '{"erased": true}'::jsonb END
     WHERE organisation_id = org AND target_type = 'user' AND lower(target_id) = p_user::text;
-    DELETE FROM public.event_recipient_runs
-    WHERE organisation_id = org AND first_user = p_user AND last_user = p_user;
+    -- The user's place is read from the row being changed (array_position in the SET list), so
+    -- that two erasures of one run's users at once each take out their own: the second waits for
+    -- the first's row and is then applied to the row as the first left it. A run left empty (a
+    -- moment's state, allowed by its check) is deleted after.
     UPDATE public.event_recipient_runs r
-    SET user_ids = r.user_ids[:f.at - 1] || r.user_ids[f.at + 1:],
-        records = substring(r.records FROM 1 FOR (f.at - 1) * r.records_each * 16)
-                  || substring(r.records FROM f.at * r.records_each * 16 + 1),
+    SET user_ids = r.user_ids[:array_position(r.user_ids, p_user) - 1] || r.user_ids[array_position(r.user_ids, p_user) + 1:],
+        records = substring(r.records FROM 1 FOR (array_position(r.user_ids, p_user) - 1) * r.records_each * 16)
+                  || substring(r.records FROM array_position(r.user_ids, p_user) * r.records_each * 16 + 1),
         size = r.size - 1,
-        first_user = CASE WHEN f.at = 1 THEN r.user_ids[2] ELSE r.first_user END,
-        last_user = CASE WHEN f.at = r.size THEN r.user_ids[f.at - 1] ELSE r.last_user END
-    FROM (SELECT s.event_id, s.first_user, array_position(s.user_ids, p_user) AS at
-          FROM public.event_recipient_runs s
-          WHERE s.organisation_id = org AND s.first_user <= p_user AND s.last_user >= p_user) f
-    WHERE r.organisation_id = org AND r.event_id = f.event_id AND r.first_user = f.first_user AND f.at IS NOT NULL;
+        first_user = CASE WHEN r.size > 1 AND r.first_user = p_user THEN r.user_ids[2] ELSE r.first_user END,
+        last_user = CASE WHEN r.size > 1 AND r.last_user = p_user THEN r.user_ids[r.size - 1] ELSE r.last_user END
+    WHERE r.organisation_id = org AND r.first_user <= p_user AND r.last_user >= p_user AND p_user = ANY(r.user_ids);
+    DELETE FROM public.event_recipient_runs WHERE organisation_id = org AND size = 0;
     RETURN 0;
 END
 $$;
