@@ -102,8 +102,6 @@ extension TenantTransaction {
                 FROM reached k
                 JOIN event_recipient_runs s ON s.organisation_id = \(organisationID) AND s.event_id = \(eventID) AND s.first_user = k.first_user
                 CROSS JOIN LATERAL unnest(s.user_ids) WITH ORDINALITY AS x(user_id, at)
-                -- A user deleted without erase_user_records (no foreign key holds a run's ids) is not counted in the page.
-                JOIN users u ON u.organisation_id = \(organisationID) AND u.id = x.user_id
                 WHERE (k.n = 1 OR k.before < \(page))
                   AND (\(after)::uuid IS NULL OR x.user_id > \(after)) AND (\(userID)::uuid IS NULL OR x.user_id = \(userID))
                 ORDER BY s.first_user, x.at
