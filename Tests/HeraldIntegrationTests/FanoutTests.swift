@@ -31,6 +31,23 @@ struct FanoutTests {
         return (org, users)
     }
 
+    /// Every user of an event's explanation, read page by page (`pages` a page), in its order.
+    func explained(
+        _ client: some TestClientProtocol, _ org: TestOrganisation, event: String, pages: Int
+    ) async throws -> [Components.Schemas.ExplainedUser] {
+        var items: [Components.Schemas.ExplainedUser] = []
+        var cursor: String?
+        repeat {
+            let page = try await client.send(
+                .get, "/v1/events/\(event)/explain?limit=\(pages)" + (cursor.map { "&cursor=\($0)" } ?? ""), token: org.ownerToken)
+            try #require(page.status == .ok, "\(page.text)")
+            let explanation = try page.decoded(Components.Schemas.Explanation.self)
+            items += explanation.items
+            cursor = explanation.nextCursor
+        } while cursor != nil
+        return items
+    }
+
     func everyone(_ type: String = "TASK_ASSIGNED") -> EventRequest {
         EventRequest(
             typeKey: type, audience: Audience(everyone: true), payload: .object(["title": .string("All hands"), "isq": .number(25)]))
@@ -124,26 +141,18 @@ struct FanoutTests {
                     ).map { try $0.decode((UUID, UUID).self) })
             }
             var seen: [UUID] = []
-            var cursor: String?
-            repeat {
-                let page = try await client.send(
-                    .get, "/v1/events/\(eventID)/explain?limit=200" + (cursor.map { "&cursor=\($0)" } ?? ""), token: org.ownerToken)
-                try #require(page.status == .ok, "\(page.text)")
-                let explanation = try page.decoded(Components.Schemas.Explanation.self)
-                for item in explanation.items {
-                    let user = try #require(UUID(uuidString: item.userId))
-                    seen.append(user)
-                    let inApp = item.channels.first { $0.channel == .inApp }
-                    if user == muted {
-                        #expect(inApp?.reason == "CHANNEL_DISABLED")
-                    } else if user == excluded {
-                        #expect(item.reason == "EXCLUDED")
-                    } else {
-                        #expect(inApp?.notificationId == rows[user]?.lowercased, "\(user)")
-                    }
+            for item in try await explained(client, org, event: eventID, pages: 200) {
+                let user = try #require(UUID(uuidString: item.userId))
+                seen.append(user)
+                let inApp = item.channels.first { $0.channel == .inApp }
+                if user == muted {
+                    #expect(inApp?.reason == "CHANNEL_DISABLED")
+                } else if user == excluded {
+                    #expect(item.reason == "EXCLUDED")
+                } else {
+                    #expect(inApp?.notificationId == rows[user]?.lowercased, "\(user)")
                 }
-                cursor = explanation.nextCursor
-            } while cursor != nil
+            }
             #expect(seen == users)
             // One user by id, in the run and not.
             for user in [users[1200], muted] {
@@ -204,16 +213,7 @@ struct FanoutTests {
                 )[0].decode(Int.self)
             }
             #expect(runs == 2)
-            var seen: [UUID] = []
-            var cursor: String?
-            repeat {
-                let page = try await client.send(
-                    .get, "/v1/events/\(eventID)/explain?limit=170" + (cursor.map { "&cursor=\($0)" } ?? ""), token: org.ownerToken)
-                try #require(page.status == .ok, "\(page.text)")
-                let explanation = try page.decoded(Components.Schemas.Explanation.self)
-                seen += explanation.items.compactMap { UUID(uuidString: $0.userId) }
-                cursor = explanation.nextCursor
-            } while cursor != nil
+            let seen = try await explained(client, org, event: eventID, pages: 170).compactMap { UUID(uuidString: $0.userId) }
             #expect(seen == users.filter { ![users[0], users[1200], users[users.count - 1]].contains($0) })
         }
     }
