@@ -1244,10 +1244,8 @@ struct CatalogueDocumentTests {
     @Test("serve on a port in use names the failure before it shuts down, and ends with it as a JSON line (an SRE trial)")
     func portInUseReported() async throws {
         let env = try await TestEnvironment.shared
-        let root = FileManager.default.temporaryDirectory.appendingPathComponent("port-\(UUID().uuidString.prefix(8))")
-        defer { try? FileManager.default.removeItem(at: root) }
-        let keys = root.appendingPathComponent("jwt").path
-        _ = try await runHerald(["jwt-keygen", "--dir", keys], [:])
+        let keys = try StreamServeProcess.keysDirectory()
+        defer { try? FileManager.default.removeItem(atPath: keys) }
         // A port held by a listener of this test.
         let held = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         defer { close(held) }
