@@ -259,6 +259,13 @@ def _fix_body(case) -> None:
         for item in body["items"]:
             _fix_category(item)
             _settable_cell(item, personal=path in ("/v1/me/preferences", "/v1/users/{userId}/preferences"))
+    if isinstance(body.get("inherit"), list) and "/preference" in path:
+        # A PATCH's cells to inherit: known categories, none also in items (a 422).
+        for item in body["inherit"]:
+            _fix_category(item)
+        set_keys = {repr((i.get("category"), i.get("channel"))) for i in body.get("items") or [] if isinstance(i, dict)}
+        body["inherit"] = [i for i in body["inherit"]
+                           if not isinstance(i, dict) or repr((i.get("category"), i.get("channel"))) not in set_keys]
     if path == "/v1/catalogue":
         own = [c.get("key") for c in body.get("categories") or [] if isinstance(c, dict) and c.get("critical")]
         for item in body.get("preference_defaults") or []:

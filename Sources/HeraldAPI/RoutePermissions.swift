@@ -32,7 +32,7 @@ enum AccessRule: Sendable, Equatable {
 /// | create/update/deleteCategory, list/get/create/update/deleteNotificationType, put/deleteTemplate, export/importCatalogue | templates.manage (import with preference_defaults: also organisation.manage) |
 /// | listDigestTemplates, getDigestTemplate, putDigestTemplate, deleteDigestTemplate, previewTemplate | templates.manage |
 /// | get/replacePreferenceDefaults | organisation.manage |
-/// | getMyPreferences, replaceMyPreferences, getMyResolvedPreferences, updateMe | preferences.manage |
+/// | getMyPreferences, replaceMyPreferences, updateMyPreferences, getMyResolvedPreferences, updateMe | preferences.manage |
 /// | getUserPreferences, replaceUserPreferences, getUserResolvedPreferences | users.manage |
 /// | sendEvent, cancelEvent | events.send |
 /// | listEvents, getEvent | events.read |
@@ -139,6 +139,7 @@ enum RoutePermissions {
         "replacePreferenceDefaults": .permission(.organisationManage),
         "getMyPreferences": .permission(.preferencesManage),
         "replaceMyPreferences": .permission(.preferencesManage),
+        "updateMyPreferences": .permission(.preferencesManage),
         "getMyResolvedPreferences": .permission(.preferencesManage),
         "getUserPreferences": .permission(.usersManage),
         "replaceUserPreferences": .permission(.usersManage),

@@ -246,6 +246,56 @@ struct MedicalAlertTests {
         }
     }
 
+    @Test(
+        "PATCH sets and clears some cells and leaves the others: a section saved alone does not undo another (a trial lost its digest settings)"
+    )
+    func patchPreferences() async throws {
+        try await withCatalogue { org, _, client in
+            let put = try await client.send(
+                .put, "/v1/me/preferences", token: org.memberToken,
+                json:
+                    #"{"items": [{"category": "activity", "channel": "email", "enabled": true, "frequency": "DAILY"}, {"category": "alerts", "channel": "email", "enabled": true, "frequency": "WEEKLY"}]}"#
+            )
+            #expect(put.status == .ok, "\(put.text)")
+            func cells(_ response: TestResponse) throws -> [String: Components.Schemas.FrequencyName] {
+                Dictionary(
+                    uniqueKeysWithValues: try response.decoded(Components.Schemas.PreferenceList.self).items.map {
+                        ("\($0.category)/\($0.channel.rawValue)", $0.frequency)
+                    })
+            }
+            // Another section: in-app of activity off. Both digest settings stay.
+            let patched = try await client.send(
+                .patch, "/v1/me/preferences", token: org.memberToken,
+                json: #"{"items": [{"category": "activity", "channel": "in_app", "enabled": false, "frequency": "NONE"}]}"#)
+            #expect(patched.status == .ok, "\(patched.text)")
+            #expect(try cells(patched) == ["activity/email": .daily, "alerts/email": .weekly, "activity/in_app": .none])
+            // A cell set again and one put back to inheriting.
+            let again = try await client.send(
+                .patch, "/v1/me/preferences", token: org.memberToken,
+                json:
+                    #"{"items": [{"category": "activity", "channel": "email", "enabled": true, "frequency": "WEEKLY"}], "inherit": [{"category": "alerts", "channel": "email"}]}"#
+            )
+            #expect(try cells(again) == ["activity/email": .weekly, "activity/in_app": .none], "\(again.text)")
+            #expect(try cells(try await client.send(.get, "/v1/me/preferences", token: org.memberToken)) == (try cells(again)))
+            // Checked as a PUT of the result: a chat cell, a cell both set and inherited; nothing changes.
+            for (body, field) in [
+                (
+                    #"{"items": [{"category": "activity", "channel": "chat", "enabled": true, "frequency": "IMMEDIATE"}]}"#,
+                    "items[2].channel"
+                ),
+                (
+                    #"{"items": [{"category": "activity", "channel": "email", "enabled": false, "frequency": "NONE"}], "inherit": [{"category": "activity", "channel": "email"}]}"#,
+                    "inherit[0]"
+                ),
+            ] {
+                let refused = try await client.send(.patch, "/v1/me/preferences", token: org.memberToken, json: body)
+                #expect(refused.isProblem(.unprocessableContent), "\(refused.text)")
+                #expect((refused.json["detail"] as? String)?.hasPrefix(field) == true, "\(refused.text)")
+            }
+            #expect(try cells(try await client.send(.get, "/v1/me/preferences", token: org.memberToken)) == (try cells(again)))
+        }
+    }
+
     @Test("resolved preferences without a type follow the category's types' defaults and name them; ?category= narrows")
     func resolvedWithoutType() async throws {
         try await withCatalogue { org, catalogue, client in

@@ -40,6 +40,29 @@ extension HeraldService {
         return .ok(.init(body: .json(try await replacePreferences(of: try requireUser(), body))))
     }
 
+    func updateMyPreferences(_ input: Operations.UpdateMyPreferences.Input) async throws -> Operations.UpdateMyPreferences.Output {
+        guard case .json(let patch) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        let set = patch.items ?? []
+        let inherit = patch.inherit ?? []
+        @Sendable func keyOf(_ category: String, _ channel: Components.Schemas.ChannelName) -> String { "\(category)|\(channel.rawValue)" }
+        let setKeys = Set(set.map { keyOf($0.category, $0.channel) })
+        if let index = inherit.firstIndex(where: { setKeys.contains(keyOf($0.category, $0.channel)) }) {
+            throw APIError.unprocessable(
+                ValidationError(
+                    field: "inherit[\(index)]",
+                    message:
+                        "\(inherit[index].category) × \(inherit[index].channel.rawValue) is also in items: set it or inherit it, not both.")
+            )
+        }
+        // Read, changed and written in one transaction: a concurrent change of other cells stays.
+        let list = try await replacePreferences(of: try requireUser(), Components.Schemas.PreferenceList(items: [])) { current in
+            let dropped = setKeys.union(inherit.map { keyOf($0.category, $0.channel) })
+            return Components.Schemas.PreferenceList(
+                items: current.items.filter { !dropped.contains(keyOf($0.category, $0.channel)) } + set)
+        }
+        return .ok(.init(body: .json(list)))
+    }
+
     func getMyResolvedPreferences(
         _ input: Operations.GetMyResolvedPreferences.Input
     ) async throws -> Operations.GetMyResolvedPreferences.Output {
@@ -101,8 +124,11 @@ extension HeraldService {
         if reslots { try await tx.reslotWaitingDigestItems(of: users, now: now()) }
     }
 
+    /// Replaces a user's cells with `body`, or with what `change` makes of the current list (a
+    /// PATCH), read in the same transaction.
     private func replacePreferences(
-        of userID: UUID, _ body: Components.Schemas.PreferenceList
+        of userID: UUID, _ body: Components.Schemas.PreferenceList,
+        change: (@Sendable (Components.Schemas.PreferenceList) throws -> Components.Schemas.PreferenceList)? = nil
     ) async throws -> Components.Schemas.PreferenceList {
         try await tenant { tx, principal in
             _ = try await tx.user(userID)
@@ -112,7 +138,7 @@ extension HeraldService {
             }
             let current = try await tx.preferences(ofUser: userID)
             let before = try await preferenceList(current, tx)
-            let new = try await cells(body, tx, personal: true)
+            let new = try await cells(try change?(before) ?? body, tx, personal: true)
             try await replacing(current, with: new, of: [userID], tx) { try await tx.replacePreferences(ofUser: userID, with: new) }
             let after = try await preferenceList(try await tx.preferences(ofUser: userID), tx)
             try await tx.audit(
