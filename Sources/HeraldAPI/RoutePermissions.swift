@@ -33,7 +33,7 @@ enum AccessRule: Sendable, Equatable {
 /// | listDigestTemplates, getDigestTemplate, putDigestTemplate, deleteDigestTemplate, previewTemplate | templates.manage |
 /// | get/replacePreferenceDefaults | organisation.manage |
 /// | getMyPreferences, replaceMyPreferences, updateMyPreferences, getMyResolvedPreferences, updateMe | preferences.manage |
-/// | getUserPreferences, replaceUserPreferences, getUserResolvedPreferences | users.manage |
+/// | getUserPreferences, replaceUserPreferences, updateUserPreferences, getUserResolvedPreferences | users.manage |
 /// | sendEvent, cancelEvent | events.send |
 /// | listEvents, getEvent | events.read |
 /// | dryRunEvent, explainEvent, debugNotifications | debug.explain |
@@ -143,6 +143,7 @@ enum RoutePermissions {
         "getMyResolvedPreferences": .permission(.preferencesManage),
         "getUserPreferences": .permission(.usersManage),
         "replaceUserPreferences": .permission(.usersManage),
+        "updateUserPreferences": .permission(.usersManage),
         "getUserResolvedPreferences": .permission(.usersManage),
         "sendEvent": .permission(.eventsSend),
         "listEvents": .permission(.eventsRead),

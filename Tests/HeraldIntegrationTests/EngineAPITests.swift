@@ -293,6 +293,14 @@ struct MedicalAlertTests {
                 #expect((refused.json["detail"] as? String)?.hasPrefix(field) == true, "\(refused.text)")
             }
             #expect(try cells(try await client.send(.get, "/v1/me/preferences", token: org.memberToken)) == (try cells(again)))
+            // An admin changes one of the member's cells the same way; the member cannot change the owner's.
+            let admin = try await client.send(
+                .patch, "/v1/users/\(org.memberID.lowercased)/preferences", token: org.ownerToken,
+                json: #"{"inherit": [{"category": "activity", "channel": "in_app"}]}"#)
+            #expect(try cells(admin) == ["activity/email": .weekly], "\(admin.text)")
+            let member = try await client.send(
+                .patch, "/v1/users/\(org.ownerID.lowercased)/preferences", token: org.memberToken, json: #"{"items": []}"#)
+            #expect(member.isProblem(.forbidden), "\(member.text)")
         }
     }
 

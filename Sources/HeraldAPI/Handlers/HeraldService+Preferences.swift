@@ -42,6 +42,19 @@ extension HeraldService {
 
     func updateMyPreferences(_ input: Operations.UpdateMyPreferences.Input) async throws -> Operations.UpdateMyPreferences.Output {
         guard case .json(let patch) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        return .ok(.init(body: .json(try await patchPreferences(of: try requireUser(), patch))))
+    }
+
+    func updateUserPreferences(_ input: Operations.UpdateUserPreferences.Input) async throws -> Operations.UpdateUserPreferences.Output {
+        let id = try id(input.path.userId, "user")
+        guard case .json(let patch) = input.body else { throw APIError.badRequest("Send a JSON body.") }
+        return .ok(.init(body: .json(try await patchPreferences(of: id, patch))))
+    }
+
+    /// Sets `patch.items`, puts `patch.inherit` back to inheriting and keeps the user's other cells.
+    private func patchPreferences(
+        of userID: UUID, _ patch: Components.Schemas.PreferencePatch
+    ) async throws -> Components.Schemas.PreferenceList {
         let set = patch.items ?? []
         let inherit = patch.inherit ?? []
         @Sendable func keyOf(_ category: String, _ channel: Components.Schemas.ChannelName) -> String { "\(category)|\(channel.rawValue)" }
@@ -55,12 +68,11 @@ extension HeraldService {
             )
         }
         // Read, changed and written in one transaction: a concurrent change of other cells stays.
-        let list = try await replacePreferences(of: try requireUser(), Components.Schemas.PreferenceList(items: [])) { current in
+        return try await replacePreferences(of: userID, Components.Schemas.PreferenceList(items: [])) { current in
             let dropped = setKeys.union(inherit.map { keyOf($0.category, $0.channel) })
             return Components.Schemas.PreferenceList(
                 items: current.items.filter { !dropped.contains(keyOf($0.category, $0.channel)) } + set)
         }
-        return .ok(.init(body: .json(list)))
     }
 
     func getMyResolvedPreferences(
