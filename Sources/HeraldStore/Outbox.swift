@@ -387,21 +387,21 @@ extension TenantTransaction {
                    e.expires_at, e.status, e.url, u.email, u.display_name, u.locale, u.timezone, u.attributes, u.active,
                    o.name, o.slug, o.default_locale, o.default_timezone,
                    o.settings->>'email_from', o.settings->>'email_from_name', o.settings->>'email_reply_to',
-                   p.checked AND coalesce(
+                   coalesce(
                        (SELECT NOT (x.enabled AND x.frequency <> 'NONE') FROM preferences x
                         WHERE x.organisation_id = e.organisation_id AND x.user_id = u.id AND x.channel = 'email'
-                          AND x.category_id = (SELECT t.category_id FROM notification_types t
-                                               WHERE t.organisation_id = e.organisation_id AND t.id = e.type_id)),
+                          AND x.category_id = t.category_id),
                        (SELECT NOT (x.enabled AND x.frequency <> 'NONE') FROM preference_defaults x
-                        WHERE x.organisation_id = e.organisation_id AND x.channel = 'email'
-                          AND x.category_id = (SELECT t.category_id FROM notification_types t
-                                               WHERE t.organisation_id = e.organisation_id AND t.id = e.type_id)),
+                        WHERE x.organisation_id = e.organisation_id AND x.channel = 'email' AND x.category_id = t.category_id),
                        false)
             FROM unnest(\(keys.map(\.eventID))::uuid[], \(keys.map(\.userID))::uuid[], \(keys.map { emailChecked.contains($0) })::boolean[])
                  AS p (event_id, user_id, checked)
             JOIN events e ON e.organisation_id = \(organisationID) AND e.id = p.event_id
             JOIN users u ON u.organisation_id = e.organisation_id AND u.id = p.user_id
             JOIN organisations o ON o.id = e.organisation_id
+            -- The event's category, looked up once and only for the pairs checked (none: no lookups).
+            LEFT JOIN LATERAL (SELECT t.category_id FROM notification_types t
+                               WHERE p.checked AND t.organisation_id = e.organisation_id AND t.id = e.type_id) t ON true
             """
         return StoreRead(statement: statement) { rows in
             try rows.map { row in

@@ -37,7 +37,7 @@ extension HeraldService {
 
     func replaceMyPreferences(_ input: Operations.ReplaceMyPreferences.Input) async throws -> Operations.ReplaceMyPreferences.Output {
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        return .ok(.init(body: .json(try await replacePreferences(of: try requireUser(), body))))
+        return .ok(.init(body: .json(try await replacePreferences(of: try requireUser()) { _ in body })))
     }
 
     func updateMyPreferences(_ input: Operations.UpdateMyPreferences.Input) async throws -> Operations.UpdateMyPreferences.Output {
@@ -68,7 +68,7 @@ extension HeraldService {
             )
         }
         // Read, changed and written in one transaction: a concurrent change of other cells stays.
-        return try await replacePreferences(of: userID, Components.Schemas.PreferenceList(items: [])) { current in
+        return try await replacePreferences(of: userID) { current in
             let dropped = setKeys.union(inherit.map { keyOf($0.category, $0.channel) })
             return Components.Schemas.PreferenceList(
                 items: current.items.filter { !dropped.contains(keyOf($0.category, $0.channel)) } + set)
@@ -96,7 +96,7 @@ extension HeraldService {
     func replaceUserPreferences(_ input: Operations.ReplaceUserPreferences.Input) async throws -> Operations.ReplaceUserPreferences.Output {
         let id = try id(input.path.userId, "user")
         guard case .json(let body) = input.body else { throw APIError.badRequest("Send a JSON body.") }
-        return .ok(.init(body: .json(try await replacePreferences(of: id, body))))
+        return .ok(.init(body: .json(try await replacePreferences(of: id) { _ in body })))
     }
 
     func getUserResolvedPreferences(
@@ -136,11 +136,10 @@ extension HeraldService {
         if reslots { try await tx.reslotWaitingDigestItems(of: users, now: now()) }
     }
 
-    /// Replaces a user's cells with `body`, or with what `change` makes of the current list (a
-    /// PATCH), read in the same transaction.
+    /// Replaces a user's cells with what `change` makes of the current list (a PUT's body, or a
+    /// PATCH applied), read in the same transaction.
     private func replacePreferences(
-        of userID: UUID, _ body: Components.Schemas.PreferenceList,
-        change: (@Sendable (Components.Schemas.PreferenceList) throws -> Components.Schemas.PreferenceList)? = nil
+        of userID: UUID, _ change: @Sendable (Components.Schemas.PreferenceList) throws -> Components.Schemas.PreferenceList
     ) async throws -> Components.Schemas.PreferenceList {
         try await tenant { tx, principal in
             _ = try await tx.user(userID)
@@ -150,7 +149,7 @@ extension HeraldService {
             }
             let current = try await tx.preferences(ofUser: userID)
             let before = try await preferenceList(current, tx)
-            let new = try await cells(try change?(before) ?? body, tx, personal: true)
+            let new = try await cells(try change(before), tx, personal: true)
             try await replacing(current, with: new, of: [userID], tx) { try await tx.replacePreferences(ofUser: userID, with: new) }
             let after = try await preferenceList(try await tx.preferences(ofUser: userID), tx)
             try await tx.audit(
